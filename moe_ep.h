@@ -1,0 +1,1702 @@
+/* moe_ep.h -- Mixture-of-Experts expert parallelism in one header -- v0.1.0 -- MIT or public domain
+
+   moe_ep routes tokens to experts, sends every token to the ranks that hold its
+   experts (all-to-all "dispatch"), runs the local experts and brings the results
+   back to be summed with the routing weights (all-to-all "combine"). Ranks are
+   CPU threads, processes or GPUs; the transport that connects them is a small
+   struct of callbacks, chosen by which transport header a program includes.
+
+   DO THIS
+   =======
+   In exactly one C or C++ file:
+
+       #define MOE_EP_IMPLEMENTATION
+       #include "moe_ep.h"                      (or a transport header, which includes it)
+
+   Everywhere else include the header without the define. The switch builds the
+   core and every transport header included in that file, each exactly once.
+
+   TRANSPORTS
+   ==========
+   built in                        one rank, no threads (transport = NULL in the desc)
+   transports/moe_ep_pthreads.h    N ranks as N threads of one process; link -pthread
+   transports/moe_ep_mpi.h         one rank per MPI process; compile with mpicc
+   transports/moe_ep_nccl.h        one rank per GPU, rows in device memory
+   your own                        fill a moe_ep_transport (WRITING A CUSTOM TRANSPORT)
+
+   CONFIGURATION MACROS
+   ====================
+   MOE_EP_IMPLEMENTATION   (undefined)   build the implementation in this file
+   MOE_EP_STATIC           (undefined)   make every public function static
+   MOE_EP_API              extern        prefix of every public declaration
+   MOE_EP_ASSERT(c)        assert(c)     internal invariants only, never user input
+   Compile with -fopenmp (or your compiler's flag) for OpenMP expert compute; without
+   it everything runs on the calling thread and the results are bitwise the same.
+
+   STEP BY STEP
+   ============
+   1. Make a transport (or pass NULL for one rank), e.g. with the pthreads helper
+      moe_ep_pthreads_run(), which runs one function per rank thread.
+   2. moe_ep_create(&(moe_ep_desc){ .d_model = 1024, .d_ff = 2816, .num_experts = 64,
+          .top_k = 2, .router_weight = wg, .experts = my_local_experts,
+          .transport = &transport }, &ctx);                          collective
+   3. moe_ep_forward(ctx, &(moe_ep_forward_args){ .tokens = T, .x = x, .y = y });
+                                                                      collective
+      or the stages one by one:
+          moe_ep_route()         x -> topk_idx, topk_weight, statistics   (local)
+          moe_ep_plan_create()   routing -> counts, permutation; exchanges counts
+          moe_ep_dispatch()      token rows to the experts' ranks, grouped by local expert
+          moe_ep_experts()       the local expert FFNs (or your own kernel in between)
+          moe_ep_combine()       rows back, y[t] = sum over k-slots of w * expert(x)
+          moe_ep_plan_destroy()
+   4. moe_ep_destroy(ctx); then destroy the transport.
+
+   moe_ep DOES NOT
+   ===============
+   - initialise MPI, pick GPUs, or create threads other than OpenMP's and the
+     pthreads helper's;
+   - own your buffers: x, y, weights and routing arrays stay yours. Expert weights
+     are copied once at create into a layout the kernel streams well;
+   - print, abort or exit: errors are returned (ERRORS AND LOGGING);
+   - train: there is no backward pass. The router statistics (loads, aux loss,
+     z-loss) are reported for monitoring.
+
+   THREADING AND COLLECTIVE SEMANTICS
+   ==================================
+   One context per rank. Calls marked "Collective: yes" must be made by every rank
+   of the transport, in the same order, with the same collective parameters
+   (d_model, d_ff, num_experts, top_k, activation, router scoring, renormalisation,
+   capacity factor, placement). moe_ep_create checks that they agree (a fingerprint
+   exchange) and fails with MOE_EP_ERROR_RANK_MISMATCH on every rank if they do not.
+   A context is used by one thread at a time. Distinct contexts are independent.
+
+   Determinism: on the CPU the output of a layer is bitwise identical for any world
+   size, any transport and any thread count. Combine sums a token's k contributions
+   in k-slot order in fp32, and the expert kernel's reduction order for one output
+   element never depends on how many rows it got or how rows were split over threads.
+
+   Failure: a rank whose arguments are bad, or whose expert callback fails, still
+   takes part in the next exchange and tells the others; every rank then returns an
+   error (its own cause, or MOE_EP_ERROR_ABORTED "rank N failed") instead of waiting
+   for a rank that will never come. Transports add their own way out (the pthreads
+   transport's abort flag and timeout).
+
+   ERRORS AND LOGGING
+   ==================
+   Every fallible call returns a moe_ep_result; moe_ep_result_string() names it. The
+   precise cause, in words that name the field and the rule, is kept per context:
+   moe_ep_last_error(ctx). Out-params are untouched on failure. The optional logger
+   hook gets the same text with the rank; it is called from rank threads
+   concurrently and must be re-entrant. The library is silent without it.
+
+   MEMORY
+   ======
+   Every host allocation goes through desc.allocator {alloc_fn, free_fn, user_data}
+   (both or neither; default malloc/free). Allocations inside MPI, NCCL or CUDA are
+   not covered. moe_ep_destroy releases everything the context allocated.
+
+   WRITING A CUSTOM TRANSPORT
+   ==========================
+   Fill a moe_ep_transport: rank, world_size, exchange_counts and all_to_all_v are
+   required; the rest is optional (see the comment above the struct). The core calls
+   the callbacks from the rank's own thread, never from an OpenMP region.
+
+   LICENSE
+   =======
+   At the end of this file.
+*/
+#ifndef MOE_EP_H_INCLUDED
+#define MOE_EP_H_INCLUDED
+
+#include <stddef.h>
+#include <stdint.h>
+#include <stdbool.h>
+
+#define MOE_EP_VERSION_MAJOR 0
+#define MOE_EP_VERSION_MINOR 1
+#define MOE_EP_VERSION_PATCH 0
+#define MOE_EP_VERSION_STRING "0.1.0"
+
+#ifndef MOE_EP_API
+#ifdef MOE_EP_STATIC
+#define MOE_EP_API static
+#else
+#define MOE_EP_API extern
+#endif
+#endif
+
+#ifdef __cplusplus
+extern "C" {
+#endif
+
+/* >>results: one list gives the enum and the strings. */
+#define MOE_EP_RESULT_LIST(X) \
+    X(OK,                     "ok") \
+    X(ERROR_INVALID_ARGUMENT, "invalid argument") \
+    X(ERROR_OUT_OF_MEMORY,    "out of memory") \
+    X(ERROR_TRANSPORT,        "transport failure") \
+    X(ERROR_RANK_MISMATCH,    "ranks disagree on the collective parameters") \
+    X(ERROR_TIMEOUT,          "timed out waiting for other ranks") \
+    X(ERROR_ABORTED,          "aborted: another rank failed or left") \
+    X(ERROR_UNSUPPORTED,      "unsupported") \
+    X(ERROR_CALLBACK,         "user callback failed") \
+    X(ERROR_INTERNAL,         "internal error")
+
+typedef enum moe_ep_result {
+#define MOE_EP_RESULT_ENUM(name, text) MOE_EP_##name,
+    MOE_EP_RESULT_LIST(MOE_EP_RESULT_ENUM)
+#undef MOE_EP_RESULT_ENUM
+    MOE_EP_RESULT_COUNT
+} moe_ep_result;
+
+/* Expert FFN. SwiGLU: w2 . (silu(w1 x) * (w3 x)); GELU and ReLU: w2 . act(w1 x). */
+typedef enum moe_ep_activation {
+    MOE_EP_ACTIVATION_DEFAULT = 0,  /* SwiGLU */
+    MOE_EP_ACTIVATION_SWIGLU,
+    MOE_EP_ACTIVATION_GELU,         /* exact erf form */
+    MOE_EP_ACTIVATION_RELU,
+    MOE_EP_ACTIVATION_COUNT,
+    MOE_EP_ACTIVATION_FORCE_U32 = 0x7FFFFFFF
+} moe_ep_activation;
+
+typedef enum moe_ep_scoring {
+    MOE_EP_SCORING_DEFAULT = 0,     /* softmax */
+    MOE_EP_SCORING_SOFTMAX,         /* softmax over all E logits, then top-k */
+    MOE_EP_SCORING_COUNT,
+    MOE_EP_SCORING_FORCE_U32 = 0x7FFFFFFF
+} moe_ep_scoring;
+
+typedef enum moe_ep_placement_kind {
+    MOE_EP_PLACEMENT_DEFAULT = 0,   /* contiguous */
+    MOE_EP_PLACEMENT_CONTIGUOUS,    /* rank = expert / experts_per_rank; the first E % R ranks hold one more */
+    MOE_EP_PLACEMENT_ROUND_ROBIN,   /* rank = expert % R */
+    MOE_EP_PLACEMENT_TABLE,         /* rank = table[expert] */
+    MOE_EP_PLACEMENT_COUNT,
+    MOE_EP_PLACEMENT_FORCE_U32 = 0x7FFFFFFF
+} moe_ep_placement_kind;
+
+/* Where a buffer lives: the core's CPU paths use host memory; the NCCL transport device memory. */
+typedef enum moe_ep_memory_space {
+    MOE_EP_MEMORY_DEFAULT = 0,      /* host */
+    MOE_EP_MEMORY_HOST,
+    MOE_EP_MEMORY_DEVICE,
+    MOE_EP_MEMORY_COUNT,
+    MOE_EP_MEMORY_FORCE_U32 = 0x7FFFFFFF
+} moe_ep_memory_space;
+
+typedef struct moe_ep_allocator {
+    void* (*alloc_fn)(size_t size, void* user_data);
+    void (*free_fn)(void* ptr, void* user_data);
+    void* user_data;
+} moe_ep_allocator;
+
+/* level: 1 error, 2 warning, 3 info. Called concurrently from rank threads. */
+typedef struct moe_ep_logger {
+    void (*func)(const char* tag, uint32_t level, int rank, const char* message, void* user_data);
+    void* user_data;
+} moe_ep_logger;
+
+/* Placement of experts on ranks. The table (kind TABLE) has num_experts entries, each
+   a rank in [0, world_size); it is copied at create. */
+typedef struct moe_ep_placement {
+    moe_ep_placement_kind kind;
+    const int* table;
+} moe_ep_placement;
+
+/* >>transport
+   The contract between the core and a transport.
+
+   exchange_counts (required): an all-to-all of int64 values, `count` values per peer:
+       send[p*count .. p*count+count) goes to rank p, and recv[q*count ..) is what rank q
+       sent to this rank. Blocking. Used for routing counts, status words and the
+       create-time fingerprint.
+   all_to_all_v (required): moves rows of args->row_bytes bytes. Each peer's message is
+       split into args->segments segments; segment s for peer p is send_counts[p*S+s]
+       rows at row offset send_offsets[p*S+s] of args->send, and it lands at row offset
+       recv_offsets[q*S+s] of args->recv on rank p, where q is this rank and
+       recv_counts[q*S+s] on p equals send_counts[p*S+s] here. Offsets are in rows.
+       Both buffers are in args->memory_space (with args->stream for device memory).
+       Blocking: when it returns, recv holds the data and send may be reused.
+   all_to_all_v_begin / all_to_all_v_end (optional, both or neither): the split-phase
+       form; begin starts the exchange and stores a handle in *request; end completes
+       it. Buffers and arrays of args must stay valid until end returns. Without them
+       the core calls all_to_all_v in begin and does nothing in end.
+   barrier (optional): without it the core exchanges one count per peer.
+   abort (optional): called by the core never; by a helper such as moe_ep_pthreads_run
+       when a rank fails, so that peers blocked in a call return MOE_EP_ERROR_ABORTED.
+   destroy (optional): releases impl; called by the transport's own destroy function.
+   local_ranks: how many ranks of this transport share this process (pthreads: all of
+       them, MPI: 1); the default OpenMP thread count is divided by it. 0 means 1.
+
+   All callbacks are called from the rank's own thread, never inside an OpenMP region,
+   and return MOE_EP_OK or an error; a transport may write a description of the error
+   into err_text (err_size bytes, may be NULL) for the context's last-error text. */
+typedef struct moe_ep_a2a_args {
+    const void* send;
+    void* recv;
+    size_t row_bytes;
+    int segments;                   /* S >= 1 */
+    const int64_t* send_counts;     /* [world_size * S] rows */
+    const int64_t* send_offsets;    /* [world_size * S] rows */
+    const int64_t* recv_counts;     /* [world_size * S] rows */
+    const int64_t* recv_offsets;    /* [world_size * S] rows */
+    moe_ep_memory_space memory_space;
+    void* stream;                   /* cudaStream_t for device memory, else NULL */
+} moe_ep_a2a_args;
+
+typedef struct moe_ep_transport {
+    void* impl;
+    const char* name;
+    int rank;
+    int world_size;
+    int local_ranks;
+    moe_ep_result (*exchange_counts)(void* impl, const int64_t* send, int64_t* recv, int count,
+                                     char* err_text, size_t err_size);
+    moe_ep_result (*all_to_all_v)(void* impl, const moe_ep_a2a_args* args, char* err_text, size_t err_size);
+    moe_ep_result (*all_to_all_v_begin)(void* impl, const moe_ep_a2a_args* args, void** request,
+                                        char* err_text, size_t err_size);
+    moe_ep_result (*all_to_all_v_end)(void* impl, void* request, char* err_text, size_t err_size);
+    moe_ep_result (*barrier)(void* impl, char* err_text, size_t err_size);
+    void (*abort)(void* impl);
+    void (*destroy)(void* impl);
+} moe_ep_transport;
+
+/* The weights of one expert in the PyTorch nn.Linear layout, row-major:
+   w1, w3: [d_ff, d_model]; w2: [d_model, d_ff]. w3 is used by SwiGLU only. */
+typedef struct moe_ep_expert_weights {
+    const float* w1;
+    const float* w3;
+    const float* w2;
+} moe_ep_expert_weights;
+
+/* A replacement for the built-in expert compute, e.g. an accelerator kernel.
+   rows: [row_count, d_model] inputs of local expert `local_expert` (global id
+   `expert`); out: [row_count, d_model]. Return 0 on success, non-zero on failure
+   (the layer then fails with MOE_EP_ERROR_CALLBACK on this rank and ABORTED on the others). */
+typedef int (*moe_ep_expert_fn)(int local_expert, int expert, const float* rows, int64_t row_count,
+                                int d_model, float* out, void* user_data);
+
+/* Setup of one MoE layer on one rank. Zero means default everywhere. */
+typedef struct moe_ep_desc {
+    int d_model;                    /* required, > 0 */
+    int d_ff;                       /* required, > 0 (unless expert_fn is set; then 0 is allowed) */
+    int num_experts;                /* required, > 0 */
+    int top_k;                      /* default 1; 1 <= top_k <= num_experts */
+    moe_ep_activation activation;   /* default SwiGLU */
+    moe_ep_scoring scoring;         /* default softmax */
+    bool normalize_topk;            /* default false: divide the k weights by their sum */
+    float capacity_factor;          /* default 0 = dropless; else > 0 */
+    moe_ep_placement placement;     /* default contiguous */
+    int num_threads;                /* default 0 = OpenMP's default divided by transport.local_ranks */
+    const float* router_weight;     /* [num_experts, d_model]; required unless every call hands in routing */
+    const moe_ep_expert_weights* experts;  /* [local expert count]; required unless expert_fn is set */
+    moe_ep_expert_fn expert_fn;     /* default NULL: built-in kernel */
+    void* expert_user_data;
+    const moe_ep_transport* transport;     /* default NULL: built-in single rank; copied at create */
+    moe_ep_allocator allocator;     /* default malloc/free */
+    moe_ep_logger logger;           /* default none */
+} moe_ep_desc;
+
+/* Router statistics of one call over this rank's tokens. All arrays optional (NULL). */
+typedef struct moe_ep_router_stats {
+    int64_t* tokens_per_expert;     /* [num_experts] out: assignments (token, slot) per expert */
+    double aux_loss;                /* out: E * sum_i f_i * P_i, f_i = tokens_per_expert[i] / (T*k),
+                                       P_i = mean over tokens of the router probability of i.
+                                       1.0 at perfect balance; 0 when T = 0. */
+    double z_loss;                  /* out: mean over tokens of logsumexp(logits)^2; 0 when T = 0 */
+} moe_ep_router_stats;
+
+typedef struct moe_ep_plan moe_ep_plan;
+typedef struct moe_ep_context moe_ep_context;
+
+/* What a plan knows. Pointers stay valid until moe_ep_plan_destroy. */
+typedef struct moe_ep_plan_info {
+    int world_size;
+    int local_experts;
+    int64_t tokens;                 /* this rank's tokens */
+    int64_t capacity;               /* rows each expert accepts from this rank; -1 = dropless */
+    const int64_t* send_counts;     /* [world_size] rows this rank sends to each rank */
+    const int64_t* recv_counts;     /* [world_size] rows this rank receives from each rank */
+    const int64_t* local_expert_counts;  /* [local_experts] received rows per local expert */
+    const int64_t* local_expert_offsets; /* [local_experts] first row of each local expert */
+    int64_t recv_rows;              /* rows received = sum of local_expert_counts */
+    int64_t send_rows;              /* rows sent = kept assignments of this rank */
+    const int64_t* expert_counts;   /* [num_experts] assignments of this rank per expert, before capacity */
+    const int64_t* expert_kept;     /* [num_experts] the same after capacity */
+    const int64_t* permutation;     /* [send_rows] token of each send row, in send order */
+} moe_ep_plan_info;
+
+/* One layer call. x: [tokens, d_model]; y: [tokens, d_model] (written in full).
+   topk_idx/topk_weight [tokens, top_k]: when routing_in is true they are read as the
+   caller's routing (validated); otherwise, if non-NULL, the router's choice is written
+   there. stats may be NULL. */
+typedef struct moe_ep_forward_args {
+    int64_t tokens;
+    const float* x;
+    float* y;
+    bool routing_in;
+    int32_t* topk_idx;
+    float* topk_weight;
+    moe_ep_router_stats* stats;
+} moe_ep_forward_args;
+
+/* >>api */
+MOE_EP_API const char* moe_ep_result_string(moe_ep_result result);
+
+/* Create a context for one rank. Collective: yes (fingerprint exchange).
+   out: untouched on failure. On failure the cause is written to the logger (no
+   context exists to hold it). */
+MOE_EP_API moe_ep_result moe_ep_create(const moe_ep_desc* desc, moe_ep_context** out);
+MOE_EP_API void moe_ep_destroy(moe_ep_context* ctx);
+/* The resolved desc (defaults filled in). */
+MOE_EP_API moe_ep_desc moe_ep_query_desc(const moe_ep_context* ctx);
+/* The cause of the last failure on this context, "" if none. */
+MOE_EP_API const char* moe_ep_last_error(const moe_ep_context* ctx);
+MOE_EP_API int moe_ep_rank(const moe_ep_context* ctx);
+MOE_EP_API int moe_ep_world_size(const moe_ep_context* ctx);
+
+/* Placement queries. Collective: no. */
+MOE_EP_API int moe_ep_expert_owner(const moe_ep_context* ctx, int expert);          /* -1 if out of range */
+MOE_EP_API int moe_ep_expert_local_index(const moe_ep_context* ctx, int expert);    /* index on its owner */
+MOE_EP_API int moe_ep_rank_expert_count(const moe_ep_context* ctx, int rank);
+/* Writes up to max experts of `rank` in ascending order; returns how many it holds. */
+MOE_EP_API int moe_ep_rank_experts(const moe_ep_context* ctx, int rank, int* experts, int max);
+/* The same arithmetic without a context, for tables and tests. owner_of: [num_experts] out. */
+MOE_EP_API moe_ep_result moe_ep_placement_compute(const moe_ep_placement* placement, int num_experts,
+                                                  int world_size, int* owner_of);
+
+/* Route this rank's tokens. Collective: no. topk_idx/topk_weight: [tokens, top_k] out. */
+MOE_EP_API moe_ep_result moe_ep_route(moe_ep_context* ctx, const float* x, int64_t tokens,
+                                      int32_t* topk_idx, float* topk_weight, moe_ep_router_stats* stats);
+
+/* Build the dispatch plan from routing and exchange the counts. Collective: yes.
+   The routing arrays are copied; the plan is reused by dispatch and combine. */
+MOE_EP_API moe_ep_result moe_ep_plan_create(moe_ep_context* ctx, int64_t tokens, const int32_t* topk_idx,
+                                            const float* topk_weight, moe_ep_plan** out);
+MOE_EP_API void moe_ep_plan_destroy(moe_ep_plan* plan);
+MOE_EP_API moe_ep_plan_info moe_ep_plan_query(const moe_ep_plan* plan);
+
+/* Send token rows to the experts' ranks. x: [tokens, d_model] of this rank;
+   recv_rows: [info.recv_rows, d_model], grouped by local expert (local_expert_offsets),
+   within an expert by source rank, then by token. Collective: yes. */
+MOE_EP_API moe_ep_result moe_ep_dispatch(moe_ep_context* ctx, moe_ep_plan* plan, const float* x, float* recv_rows);
+/* Split-phase dispatch: buffers must stay valid until end returns. Collective: yes (both). */
+MOE_EP_API moe_ep_result moe_ep_dispatch_begin(moe_ep_context* ctx, moe_ep_plan* plan, const float* x, float* recv_rows);
+MOE_EP_API moe_ep_result moe_ep_dispatch_end(moe_ep_context* ctx, moe_ep_plan* plan);
+
+/* Run the local experts: rows and out are [info.recv_rows, d_model] in dispatch's order.
+   Collective: no (but a failure is reported to the peers by the next combine). */
+MOE_EP_API moe_ep_result moe_ep_experts(moe_ep_context* ctx, const moe_ep_plan* plan, const float* rows, float* out);
+
+/* Bring expert outputs back and sum them: y[t] = sum_j topk_weight[t,j] * out_j, in
+   k-slot order, fp32; dropped assignments add nothing. y: [tokens, d_model], written
+   in full. expert_out: [info.recv_rows, d_model]. Collective: yes. */
+MOE_EP_API moe_ep_result moe_ep_combine(moe_ep_context* ctx, moe_ep_plan* plan, const float* expert_out, float* y);
+MOE_EP_API moe_ep_result moe_ep_combine_begin(moe_ep_context* ctx, moe_ep_plan* plan, const float* expert_out);
+MOE_EP_API moe_ep_result moe_ep_combine_end(moe_ep_context* ctx, moe_ep_plan* plan, float* y);
+
+/* The whole layer: route (or take routing), plan, dispatch, experts, combine. Collective: yes. */
+MOE_EP_API moe_ep_result moe_ep_forward(moe_ep_context* ctx, const moe_ep_forward_args* args);
+
+/* The built-in expert FFN on rows of one expert, for tests and custom pipelines.
+   Uses desc's d_model, d_ff, activation and thread count. Collective: no. */
+MOE_EP_API moe_ep_result moe_ep_expert_ffn(moe_ep_context* ctx, int local_expert, const float* rows,
+                                           int64_t row_count, float* out);
+
+/* The single-rank transport (what transport = NULL uses). */
+MOE_EP_API moe_ep_transport moe_ep_single_rank_transport(void);
+
+/* A logger that writes "moe_ep[rank] level: message" lines to stderr. */
+MOE_EP_API void moe_ep_log_stderr(const char* tag, uint32_t level, int rank, const char* message, void* user_data);
+
+#ifdef __cplusplus
+}
+#endif
+#endif /* MOE_EP_H_INCLUDED */
+
+/* ======================================================================== */
+#ifdef MOE_EP_IMPLEMENTATION
+#ifndef MOE_EP_IMPL_INCLUDED
+#define MOE_EP_IMPL_INCLUDED
+
+#include <stdlib.h>
+#include <string.h>
+#include <stdio.h>
+#include <stdarg.h>
+#include <math.h>
+#ifndef MOE_EP_ASSERT
+#include <assert.h>
+#define MOE_EP_ASSERT(c) assert(c)
+#endif
+#ifdef _OPENMP
+#include <omp.h>
+#endif
+
+#define MOE_EP_PRIVATE static
+#define MOE_EP__DEF(value, def) ((value) == 0 ? (def) : (value))
+#define MOE_EP__MIN(a, b) ((a) < (b) ? (a) : (b))
+#define MOE_EP__MAX(a, b) ((a) > (b) ? (a) : (b))
+#define MOE_EP__ERR_SIZE 512
+
+/* Kernel tiling: rows per micro-tile and columns per packed weight panel. The
+   reduction over the inner dimension is always sequential (k = 0, 1, ...), so the
+   tiling changes speed, never results. */
+#define MOE_EP__MR 4
+#define MOE_EP__NB 32
+
+struct moe_ep_context {
+    moe_ep_desc desc;               /* resolved */
+    moe_ep_transport transport;
+    int rank, world_size, num_threads;
+    int local_experts, max_local_experts;
+    int* owner_of;                  /* [E] */
+    int* local_index_of;            /* [E] */
+    int* rank_expert_count;         /* [R] */
+    int* rank_expert_start;         /* [R+1] offsets into rank_expert_list */
+    int* rank_expert_list;          /* [E] experts sorted by (owner, id) */
+    int* placement_table;           /* [E] copy of desc.placement.table or NULL */
+    float* router_weight;           /* NULL: borrowed from desc (router weights are not repacked) */
+    float** packed_up;              /* [local] w1 (and w3) panels */
+    float** packed_down;            /* [local] w2 panels */
+    float* hidden;                  /* workspace [hidden_rows, d_ff] */
+    int64_t hidden_rows;
+    float* recv_rows;               /* forward workspaces */
+    float* expert_out;
+    int64_t recv_capacity;
+    int32_t* topk_idx;
+    float* topk_weight;
+    int64_t routing_capacity;
+    char last_error[MOE_EP__ERR_SIZE];
+};
+
+struct moe_ep_plan {
+    moe_ep_context* ctx;
+    int64_t tokens;
+    int top_k, segments;
+    int64_t capacity;
+    int64_t send_rows, recv_rows;
+    int64_t* send_counts;           /* [R] */
+    int64_t* recv_counts;           /* [R] */
+    int64_t* seg_send_counts;       /* [R*S] */
+    int64_t* seg_send_offsets;      /* [R*S] */
+    int64_t* seg_recv_counts;       /* [R*S] */
+    int64_t* seg_recv_offsets;      /* [R*S] */
+    int64_t* local_expert_counts;   /* [S] */
+    int64_t* local_expert_offsets;  /* [S] */
+    int64_t* expert_counts;         /* [E] */
+    int64_t* expert_kept;           /* [E] */
+    int64_t* permutation;           /* [send_rows] */
+    int64_t* slot_row;              /* [T*k] send row of (t, j), -1 if dropped */
+    float* topk_weight;             /* [T*k] copy */
+    float* send_buffer;             /* [send_rows, d] */
+    void* request;                  /* split-phase handle */
+    int pending;                    /* 0 none, 1 dispatch, 2 combine */
+    moe_ep_a2a_args args;
+};
+
+/* >>results */
+MOE_EP_API const char* moe_ep_result_string(moe_ep_result result) {
+    static const char* const strings[] = {
+#define MOE_EP__RESULT_STRING(name, text) text,
+        MOE_EP_RESULT_LIST(MOE_EP__RESULT_STRING)
+#undef MOE_EP__RESULT_STRING
+    };
+    if ((int)result < 0 || result >= MOE_EP_RESULT_COUNT) return "unknown result code";
+    return strings[result];
+}
+
+/* >>memory */
+MOE_EP_PRIVATE void* moe_ep__malloc(const moe_ep_allocator* allocator, size_t size) {
+    if (size == 0) size = 1;
+    if (allocator->alloc_fn) return allocator->alloc_fn(size, allocator->user_data);
+    return malloc(size);
+}
+
+MOE_EP_PRIVATE void moe_ep__free(const moe_ep_allocator* allocator, void* ptr) {
+    if (!ptr) return;
+    if (allocator->free_fn) allocator->free_fn(ptr, allocator->user_data);
+    else free(ptr);
+}
+
+/* size = count * each, or 0 on overflow (callers treat 0 for a non-zero count as out of memory). */
+MOE_EP_PRIVATE void* moe_ep__calloc(const moe_ep_allocator* allocator, int64_t count, size_t each) {
+    void* ptr;
+    size_t size;
+    if (count < 0 || (count > 0 && (uint64_t)count > (uint64_t)(SIZE_MAX / each))) return NULL;
+    size = (size_t)count * each;
+    ptr = moe_ep__malloc(allocator, size);
+    if (ptr) memset(ptr, 0, size == 0 ? 1 : size);
+    return ptr;
+}
+
+/* >>logging */
+MOE_EP_API void moe_ep_log_stderr(const char* tag, uint32_t level, int rank, const char* message, void* user_data) {
+    static const char* const levels[] = { "panic", "error", "warning", "info" };
+    (void)user_data;
+    fprintf(stderr, "%s[%d] %s: %s\n", tag, rank, level < 4 ? levels[level] : "log", message);
+}
+
+MOE_EP_PRIVATE void moe_ep__vlog(const moe_ep_logger* logger, int rank, uint32_t level, const char* fmt, va_list ap,
+                                 char* keep, size_t keep_size) {
+    char text[MOE_EP__ERR_SIZE];
+    vsnprintf(text, sizeof text, fmt, ap);
+    if (keep) {
+        size_t n = strlen(text);
+        if (n >= keep_size) n = keep_size - 1;
+        memcpy(keep, text, n);
+        keep[n] = '\0';
+    }
+    if (logger && logger->func) logger->func("moe_ep", level, rank, text, logger->user_data);
+}
+
+/* Records the cause on the context and logs it; returns `result` for `return moe_ep__fail(...)`. */
+MOE_EP_PRIVATE moe_ep_result moe_ep__fail(moe_ep_context* ctx, moe_ep_result result, const char* fmt, ...) {
+    va_list ap;
+    va_start(ap, fmt);
+    moe_ep__vlog(&ctx->desc.logger, ctx->rank, 1, fmt, ap, ctx->last_error, sizeof ctx->last_error);
+    va_end(ap);
+    return result;
+}
+
+/* The same before a context exists. */
+MOE_EP_PRIVATE moe_ep_result moe_ep__fail_desc(const moe_ep_desc* desc, int rank, moe_ep_result result,
+                                               const char* fmt, ...) {
+    va_list ap;
+    va_start(ap, fmt);
+    moe_ep__vlog(desc ? &desc->logger : NULL, rank, 1, fmt, ap, NULL, 0);
+    va_end(ap);
+    return result;
+}
+
+/* A transport error: keep the transport's own text beside ours. */
+MOE_EP_PRIVATE moe_ep_result moe_ep__transport_fail(moe_ep_context* ctx, moe_ep_result result, const char* what,
+                                                    const char* err_text) {
+    return moe_ep__fail(ctx, result, "%s: transport '%s' failed: %s%s%s", what,
+                        ctx->transport.name ? ctx->transport.name : "?", moe_ep_result_string(result),
+                        err_text[0] ? ": " : "", err_text);
+}
+
+/* >>single-rank transport */
+MOE_EP_PRIVATE moe_ep_result moe_ep__single_exchange(void* impl, const int64_t* send, int64_t* recv, int count,
+                                                     char* err_text, size_t err_size) {
+    (void)impl; (void)err_text; (void)err_size;
+    memmove(recv, send, (size_t)count * sizeof *send);
+    return MOE_EP_OK;
+}
+
+MOE_EP_PRIVATE moe_ep_result moe_ep__single_a2a(void* impl, const moe_ep_a2a_args* args, char* err_text,
+                                                size_t err_size) {
+    int s;
+    (void)impl;
+    for (s = 0; s < args->segments; ++s) {
+        int64_t rows = args->send_counts[s];
+        if (rows != args->recv_counts[s]) {
+            if (err_text) snprintf(err_text, err_size, "segment %d: sends %lld rows, expects %lld", s,
+                                   (long long)rows, (long long)args->recv_counts[s]);
+            return MOE_EP_ERROR_TRANSPORT;
+        }
+        if (rows > 0)
+            memcpy((char*)args->recv + (size_t)args->recv_offsets[s] * args->row_bytes,
+                   (const char*)args->send + (size_t)args->send_offsets[s] * args->row_bytes,
+                   (size_t)rows * args->row_bytes);
+    }
+    return MOE_EP_OK;
+}
+
+MOE_EP_API moe_ep_transport moe_ep_single_rank_transport(void) {
+    moe_ep_transport t;
+    memset(&t, 0, sizeof t);
+    t.name = "single";
+    t.rank = 0;
+    t.world_size = 1;
+    t.local_ranks = 1;
+    t.exchange_counts = moe_ep__single_exchange;
+    t.all_to_all_v = moe_ep__single_a2a;
+    return t;
+}
+
+/* >>placement */
+MOE_EP_API moe_ep_result moe_ep_placement_compute(const moe_ep_placement* placement, int num_experts,
+                                                  int world_size, int* owner_of) {
+    int e;
+    moe_ep_placement_kind kind = placement ? placement->kind : MOE_EP_PLACEMENT_DEFAULT;
+    if (num_experts <= 0 || world_size <= 0 || !owner_of) return MOE_EP_ERROR_INVALID_ARGUMENT;
+    if (kind == MOE_EP_PLACEMENT_TABLE) {
+        if (!placement->table) return MOE_EP_ERROR_INVALID_ARGUMENT;
+        for (e = 0; e < num_experts; ++e)
+            if (placement->table[e] < 0 || placement->table[e] >= world_size) return MOE_EP_ERROR_INVALID_ARGUMENT;
+        for (e = 0; e < num_experts; ++e) owner_of[e] = placement->table[e];
+    } else if (kind == MOE_EP_PLACEMENT_ROUND_ROBIN) {
+        for (e = 0; e < num_experts; ++e) owner_of[e] = e % world_size;
+    } else if (kind == MOE_EP_PLACEMENT_DEFAULT || kind == MOE_EP_PLACEMENT_CONTIGUOUS) {
+        /* The first E % R ranks hold base + 1 experts, the rest base. */
+        int base = num_experts / world_size, extra = num_experts % world_size;
+        int split = extra * (base + 1);
+        for (e = 0; e < num_experts; ++e)
+            owner_of[e] = e < split ? e / (base + 1) : extra + (e - split) / (base > 0 ? base : 1);
+    } else {
+        return MOE_EP_ERROR_INVALID_ARGUMENT;
+    }
+    return MOE_EP_OK;
+}
+
+MOE_EP_API int moe_ep_expert_owner(const moe_ep_context* ctx, int expert) {
+    if (!ctx || expert < 0 || expert >= ctx->desc.num_experts) return -1;
+    return ctx->owner_of[expert];
+}
+
+MOE_EP_API int moe_ep_expert_local_index(const moe_ep_context* ctx, int expert) {
+    if (!ctx || expert < 0 || expert >= ctx->desc.num_experts) return -1;
+    return ctx->local_index_of[expert];
+}
+
+MOE_EP_API int moe_ep_rank_expert_count(const moe_ep_context* ctx, int rank) {
+    if (!ctx || rank < 0 || rank >= ctx->world_size) return -1;
+    return ctx->rank_expert_count[rank];
+}
+
+MOE_EP_API int moe_ep_rank_experts(const moe_ep_context* ctx, int rank, int* experts, int max) {
+    int i, n;
+    if (!ctx || rank < 0 || rank >= ctx->world_size) return -1;
+    n = ctx->rank_expert_count[rank];
+    for (i = 0; i < n && i < max && experts; ++i) experts[i] = ctx->rank_expert_list[ctx->rank_expert_start[rank] + i];
+    return n;
+}
+
+/* >>defaults: the one place where zero becomes a value. */
+MOE_EP_PRIVATE moe_ep_desc moe_ep__desc_defaults(const moe_ep_desc* in) {
+    moe_ep_desc d = *in;
+    d.top_k = MOE_EP__DEF(d.top_k, 1);
+    d.activation = MOE_EP__DEF(d.activation, MOE_EP_ACTIVATION_SWIGLU);
+    d.scoring = MOE_EP__DEF(d.scoring, MOE_EP_SCORING_SOFTMAX);
+    d.placement.kind = MOE_EP__DEF(d.placement.kind, MOE_EP_PLACEMENT_CONTIGUOUS);
+    return d;
+}
+
+/* >>validation: every failing rule is logged; the first becomes the last-error text. */
+typedef struct moe_ep__validator {
+    const moe_ep_desc* desc;
+    int rank;
+    int failures;
+    char first[MOE_EP__ERR_SIZE];
+} moe_ep__validator;
+
+MOE_EP_PRIVATE void moe_ep__check(moe_ep__validator* v, bool ok, const char* fmt, ...) {
+    va_list ap;
+    if (ok) return;
+    va_start(ap, fmt);
+    moe_ep__vlog(&v->desc->logger, v->rank, 1, fmt, ap, v->failures == 0 ? v->first : NULL, sizeof v->first);
+    va_end(ap);
+    v->failures++;
+}
+
+MOE_EP_PRIVATE int moe_ep__validate_desc(const moe_ep_desc* d, const moe_ep_transport* t, moe_ep__validator* v) {
+    moe_ep__check(v, d->d_model > 0, "moe_ep_desc.d_model (%d) must be > 0", d->d_model);
+    moe_ep__check(v, d->d_ff > 0 || (d->d_ff == 0 && d->expert_fn), "moe_ep_desc.d_ff (%d) must be > 0", d->d_ff);
+    moe_ep__check(v, d->num_experts > 0, "moe_ep_desc.num_experts (%d) must be > 0", d->num_experts);
+    moe_ep__check(v, d->top_k > 0, "moe_ep_desc.top_k (%d) must be > 0", d->top_k);
+    moe_ep__check(v, d->num_experts <= 0 || d->top_k <= d->num_experts,
+                  "moe_ep_desc.top_k (%d) must be <= num_experts (%d)", d->top_k, d->num_experts);
+    moe_ep__check(v, d->activation > 0 && d->activation < MOE_EP_ACTIVATION_COUNT,
+                  "moe_ep_desc.activation (%d) is not a moe_ep_activation", (int)d->activation);
+    moe_ep__check(v, d->scoring > 0 && d->scoring < MOE_EP_SCORING_COUNT,
+                  "moe_ep_desc.scoring (%d) is not a moe_ep_scoring", (int)d->scoring);
+    moe_ep__check(v, d->capacity_factor >= 0.0f && d->capacity_factor <= 1e6f,
+                  "moe_ep_desc.capacity_factor (%g) must be 0 (dropless) or in (0, 1e6]", (double)d->capacity_factor);
+    moe_ep__check(v, d->placement.kind > 0 && d->placement.kind < MOE_EP_PLACEMENT_COUNT,
+                  "moe_ep_desc.placement.kind (%d) is not a moe_ep_placement_kind", (int)d->placement.kind);
+    moe_ep__check(v, d->placement.kind != MOE_EP_PLACEMENT_TABLE || d->placement.table,
+                  "moe_ep_desc.placement.table must be set when placement.kind is TABLE");
+    if (d->placement.kind == MOE_EP_PLACEMENT_TABLE && d->placement.table && t->world_size > 0) {
+        int e;
+        for (e = 0; e < d->num_experts; ++e) {
+            int r = d->placement.table[e];
+            moe_ep__check(v, r >= 0 && r < t->world_size,
+                          "moe_ep_desc.placement.table[%d] (%d) must be a rank in [0, %d)", e, r, t->world_size);
+            if (r < 0 || r >= t->world_size) break;
+        }
+    }
+    moe_ep__check(v, d->num_threads >= 0, "moe_ep_desc.num_threads (%d) must be >= 0", d->num_threads);
+    moe_ep__check(v, (d->allocator.alloc_fn == NULL) == (d->allocator.free_fn == NULL),
+                  "moe_ep_desc.allocator: set both alloc_fn and free_fn, or neither");
+    moe_ep__check(v, t->world_size > 0 && t->rank >= 0 && t->rank < t->world_size,
+                  "moe_ep_desc.transport: rank (%d) must be in [0, world_size (%d))", t->rank, t->world_size);
+    moe_ep__check(v, t->exchange_counts && t->all_to_all_v,
+                  "moe_ep_desc.transport: exchange_counts and all_to_all_v are required");
+    moe_ep__check(v, (t->all_to_all_v_begin == NULL) == (t->all_to_all_v_end == NULL),
+                  "moe_ep_desc.transport: set both all_to_all_v_begin and all_to_all_v_end, or neither");
+    return v->failures;
+}
+
+/* FNV-1a over the collective parameters; 0 is reserved for "this rank failed". */
+MOE_EP_PRIVATE uint64_t moe_ep__hash(uint64_t h, const void* data, size_t size) {
+    const unsigned char* p = (const unsigned char*)data;
+    size_t i;
+    for (i = 0; i < size; ++i) { h ^= p[i]; h *= 1099511628211ull; }
+    return h;
+}
+
+MOE_EP_PRIVATE int64_t moe_ep__fingerprint(const moe_ep_context* ctx) {
+    const moe_ep_desc* d = &ctx->desc;
+    int32_t fields[8];
+    uint64_t h = 14695981039346656037ull;
+    fields[0] = d->d_model; fields[1] = d->d_ff; fields[2] = d->num_experts; fields[3] = d->top_k;
+    fields[4] = (int32_t)d->activation; fields[5] = (int32_t)d->scoring; fields[6] = d->normalize_topk;
+    fields[7] = ctx->world_size;
+    h = moe_ep__hash(h, fields, sizeof fields);
+    h = moe_ep__hash(h, &d->capacity_factor, sizeof d->capacity_factor);
+    h = moe_ep__hash(h, ctx->owner_of, sizeof(int) * (size_t)d->num_experts);
+    h &= 0x7FFFFFFFFFFFFFFFull;
+    return h == 0 ? 1 : (int64_t)h;
+}
+
+/* >>kernel: packed weights and the deterministic FFN.
+   A weight W [n, k] (nn.Linear layout) is packed as ceil(n / NB) panels, each [k][NB]
+   (columns past n are zero), so the inner loop streams one contiguous panel. */
+MOE_EP_PRIVATE int64_t moe_ep__panels(int n) { return ((int64_t)n + MOE_EP__NB - 1) / MOE_EP__NB; }
+
+MOE_EP_PRIVATE void moe_ep__pack(const float* w, int n, int k, float* panels) {
+    int64_t p, np = moe_ep__panels(n);
+    int kk, j;
+    for (p = 0; p < np; ++p) {
+        float* panel = panels + p * (int64_t)k * MOE_EP__NB;
+        for (kk = 0; kk < k; ++kk)
+            for (j = 0; j < MOE_EP__NB; ++j) {
+                int64_t col = p * MOE_EP__NB + j;
+                panel[(int64_t)kk * MOE_EP__NB + j] = col < n ? w[col * k + kk] : 0.0f;
+            }
+    }
+}
+
+MOE_EP_PRIVATE float moe_ep__act(moe_ep_activation act, float a, float b) {
+    switch (act) {
+    case MOE_EP_ACTIVATION_GELU: return 0.5f * a * (1.0f + erff(a * 0.70710678118654752f));
+    case MOE_EP_ACTIVATION_RELU: return a > 0.0f ? a : 0.0f;
+    default: return a / (1.0f + expf(-a)) * b;
+    }
+}
+
+/* out[r][p*NB + j] for rows [r0, r0+mr) and panel p: sequential sum over k. With up3,
+   the SwiGLU pair shares the pass over x and the activation is applied on the way out. */
+MOE_EP_PRIVATE void moe_ep__tile(const float* x, int64_t ldx, int mr, int k, const float* up1, const float* up3,
+                                 moe_ep_activation act, float* out, int64_t ldo, int ncols) {
+    float acc1[MOE_EP__MR][MOE_EP__NB], acc3[MOE_EP__MR][MOE_EP__NB];
+    int r, j, kk;
+    memset(acc1, 0, sizeof acc1);
+    memset(acc3, 0, sizeof acc3);
+    for (kk = 0; kk < k; ++kk) {
+        const float* b1 = up1 + (int64_t)kk * MOE_EP__NB;
+        for (r = 0; r < mr; ++r) {
+            float a = x[r * ldx + kk];
+            for (j = 0; j < MOE_EP__NB; ++j) acc1[r][j] += a * b1[j];
+        }
+        if (up3) {
+            const float* b3 = up3 + (int64_t)kk * MOE_EP__NB;
+            for (r = 0; r < mr; ++r) {
+                float a = x[r * ldx + kk];
+                for (j = 0; j < MOE_EP__NB; ++j) acc3[r][j] += a * b3[j];
+            }
+        }
+    }
+    for (r = 0; r < mr; ++r)
+        for (j = 0; j < ncols; ++j)
+            out[r * ldo + j] = act == MOE_EP_ACTIVATION_COUNT ? acc1[r][j] : moe_ep__act(act, acc1[r][j], acc3[r][j]);
+}
+
+/* C[m, n] = act(A[m, k] . W^T) over packed panels, parallel over (row tile, panel).
+   act == COUNT means "no activation" (the down projection). */
+MOE_EP_PRIVATE void moe_ep__gemm(const float* a, int64_t m, int k, const float* panels1, const float* panels3,
+                                 int n, moe_ep_activation act, float* c, int threads) {
+    int64_t row_tiles = (m + MOE_EP__MR - 1) / MOE_EP__MR, np = moe_ep__panels(n);
+    int64_t tiles = row_tiles * np, i;
+    int64_t panel_size = (int64_t)k * MOE_EP__NB;
+    (void)threads;
+#ifdef _OPENMP
+#pragma omp parallel for schedule(static) num_threads(threads) if (threads > 1 && tiles > 1)
+#endif
+    for (i = 0; i < tiles; ++i) {
+        int64_t p = i / row_tiles, rt = i % row_tiles;   /* row tiles vary fastest: a panel stays in cache */
+        int64_t r0 = rt * MOE_EP__MR;
+        int mr = (int)MOE_EP__MIN((int64_t)MOE_EP__MR, m - r0);
+        int ncols = (int)MOE_EP__MIN((int64_t)MOE_EP__NB, (int64_t)n - p * MOE_EP__NB);
+        moe_ep__tile(a + r0 * k, k, mr, k, panels1 + p * panel_size, panels3 ? panels3 + p * panel_size : NULL,
+                     act, c + r0 * n + p * MOE_EP__NB, n, ncols);
+    }
+}
+
+MOE_EP_PRIVATE moe_ep_result moe_ep__grow(moe_ep_context* ctx, void** buffer, int64_t* capacity, int64_t need,
+                                          size_t each, int count) {
+    /* `count` buffers of `need` elements share one capacity counter */
+    int i;
+    if (need <= *capacity) return MOE_EP_OK;
+    for (i = 0; i < count; ++i) {
+        void* fresh = moe_ep__calloc(&ctx->desc.allocator, need, each);
+        if (!fresh) return moe_ep__fail(ctx, MOE_EP_ERROR_OUT_OF_MEMORY, "out of memory for %lld rows of workspace",
+                                        (long long)need);
+        moe_ep__free(&ctx->desc.allocator, buffer[i]);
+        buffer[i] = fresh;
+    }
+    *capacity = need;
+    return MOE_EP_OK;
+}
+
+MOE_EP_API moe_ep_result moe_ep_expert_ffn(moe_ep_context* ctx, int local_expert, const float* rows,
+                                           int64_t row_count, float* out) {
+    const moe_ep_desc* d;
+    moe_ep_result res;
+    void* hidden;
+    if (!ctx) return MOE_EP_ERROR_INVALID_ARGUMENT;
+    d = &ctx->desc;
+    if (local_expert < 0 || local_expert >= ctx->local_experts)
+        return moe_ep__fail(ctx, MOE_EP_ERROR_INVALID_ARGUMENT, "local_expert (%d) must be in [0, %d)",
+                            local_expert, ctx->local_experts);
+    if (row_count < 0) return moe_ep__fail(ctx, MOE_EP_ERROR_INVALID_ARGUMENT, "row_count (%lld) must be >= 0",
+                                           (long long)row_count);
+    if (row_count > 0 && (!rows || !out))
+        return moe_ep__fail(ctx, MOE_EP_ERROR_INVALID_ARGUMENT, "rows and out must not be NULL");
+    if (!ctx->packed_up)
+        return moe_ep__fail(ctx, MOE_EP_ERROR_INVALID_ARGUMENT, "no expert weights: the context uses expert_fn");
+    if (row_count == 0) return MOE_EP_OK;
+    hidden = ctx->hidden;
+    res = moe_ep__grow(ctx, &hidden, &ctx->hidden_rows, row_count, sizeof(float) * (size_t)d->d_ff, 1);
+    ctx->hidden = (float*)hidden;
+    if (res != MOE_EP_OK) return res;
+    {
+        int64_t up_panel = moe_ep__panels(d->d_ff) * (int64_t)d->d_model * MOE_EP__NB;
+        const float* w1 = ctx->packed_up[local_expert];
+        const float* w3 = d->activation == MOE_EP_ACTIVATION_SWIGLU ? w1 + up_panel : NULL;
+        moe_ep__gemm(rows, row_count, d->d_model, w1, w3, d->d_ff, d->activation, ctx->hidden, ctx->num_threads);
+        moe_ep__gemm(ctx->hidden, row_count, d->d_ff, ctx->packed_down[local_expert], NULL, d->d_model,
+                     MOE_EP_ACTIVATION_COUNT, out, ctx->num_threads);
+    }
+    return MOE_EP_OK;
+}
+
+/* >>create */
+MOE_EP_PRIVATE void moe_ep__context_free(moe_ep_context* ctx) {
+    const moe_ep_allocator a = ctx->desc.allocator;
+    int l;
+    if (ctx->packed_up)
+        for (l = 0; l < ctx->local_experts; ++l) moe_ep__free(&a, ctx->packed_up[l]);
+    if (ctx->packed_down)
+        for (l = 0; l < ctx->local_experts; ++l) moe_ep__free(&a, ctx->packed_down[l]);
+    moe_ep__free(&a, ctx->packed_up);
+    moe_ep__free(&a, ctx->packed_down);
+    moe_ep__free(&a, ctx->owner_of);
+    moe_ep__free(&a, ctx->local_index_of);
+    moe_ep__free(&a, ctx->rank_expert_count);
+    moe_ep__free(&a, ctx->rank_expert_start);
+    moe_ep__free(&a, ctx->rank_expert_list);
+    moe_ep__free(&a, ctx->placement_table);
+    moe_ep__free(&a, ctx->hidden);
+    moe_ep__free(&a, ctx->recv_rows);
+    moe_ep__free(&a, ctx->expert_out);
+    moe_ep__free(&a, ctx->topk_idx);
+    moe_ep__free(&a, ctx->topk_weight);
+    moe_ep__free(&a, ctx);
+}
+
+MOE_EP_PRIVATE moe_ep_result moe_ep__build_placement(moe_ep_context* ctx) {
+    const moe_ep_allocator* a = &ctx->desc.allocator;
+    int E = ctx->desc.num_experts, R = ctx->world_size, e, r;
+    ctx->owner_of = (int*)moe_ep__calloc(a, E, sizeof(int));
+    ctx->local_index_of = (int*)moe_ep__calloc(a, E, sizeof(int));
+    ctx->rank_expert_count = (int*)moe_ep__calloc(a, R, sizeof(int));
+    ctx->rank_expert_start = (int*)moe_ep__calloc(a, R + 1, sizeof(int));
+    ctx->rank_expert_list = (int*)moe_ep__calloc(a, E, sizeof(int));
+    if (!ctx->owner_of || !ctx->local_index_of || !ctx->rank_expert_count || !ctx->rank_expert_start ||
+        !ctx->rank_expert_list)
+        return MOE_EP_ERROR_OUT_OF_MEMORY;
+    if (ctx->desc.placement.kind == MOE_EP_PLACEMENT_TABLE) {
+        ctx->placement_table = (int*)moe_ep__calloc(a, E, sizeof(int));
+        if (!ctx->placement_table) return MOE_EP_ERROR_OUT_OF_MEMORY;
+        memcpy(ctx->placement_table, ctx->desc.placement.table, sizeof(int) * (size_t)E);
+        ctx->desc.placement.table = ctx->placement_table;
+    } else {
+        ctx->desc.placement.table = NULL;
+    }
+    if (moe_ep_placement_compute(&ctx->desc.placement, E, R, ctx->owner_of) != MOE_EP_OK)
+        return MOE_EP_ERROR_INVALID_ARGUMENT;
+    for (e = 0; e < E; ++e) ctx->local_index_of[e] = ctx->rank_expert_count[ctx->owner_of[e]]++;
+    for (r = 0; r < R; ++r) {
+        ctx->rank_expert_start[r + 1] = ctx->rank_expert_start[r] + ctx->rank_expert_count[r];
+        ctx->max_local_experts = MOE_EP__MAX(ctx->max_local_experts, ctx->rank_expert_count[r]);
+    }
+    for (e = 0; e < E; ++e)
+        ctx->rank_expert_list[ctx->rank_expert_start[ctx->owner_of[e]] + ctx->local_index_of[e]] = e;
+    ctx->local_experts = ctx->rank_expert_count[ctx->rank];
+    return MOE_EP_OK;
+}
+
+MOE_EP_PRIVATE moe_ep_result moe_ep__pack_experts(moe_ep_context* ctx) {
+    const moe_ep_desc* d = &ctx->desc;
+    const moe_ep_allocator* a = &d->allocator;
+    int64_t up = moe_ep__panels(d->d_ff) * (int64_t)d->d_model * MOE_EP__NB;
+    int64_t down = moe_ep__panels(d->d_model) * (int64_t)d->d_ff * MOE_EP__NB;
+    int pairs = d->activation == MOE_EP_ACTIVATION_SWIGLU ? 2 : 1, l;
+    ctx->packed_up = (float**)moe_ep__calloc(a, ctx->local_experts, sizeof(float*));
+    ctx->packed_down = (float**)moe_ep__calloc(a, ctx->local_experts, sizeof(float*));
+    if (!ctx->packed_up || !ctx->packed_down) return MOE_EP_ERROR_OUT_OF_MEMORY;
+    for (l = 0; l < ctx->local_experts; ++l) {
+        const moe_ep_expert_weights* w = &d->experts[l];
+        ctx->packed_up[l] = (float*)moe_ep__calloc(a, up * pairs, sizeof(float));
+        ctx->packed_down[l] = (float*)moe_ep__calloc(a, down, sizeof(float));
+        if (!ctx->packed_up[l] || !ctx->packed_down[l]) return MOE_EP_ERROR_OUT_OF_MEMORY;
+        moe_ep__pack(w->w1, d->d_ff, d->d_model, ctx->packed_up[l]);
+        if (pairs == 2) moe_ep__pack(w->w3, d->d_ff, d->d_model, ctx->packed_up[l] + up);
+        moe_ep__pack(w->w2, d->d_model, d->d_ff, ctx->packed_down[l]);
+    }
+    return MOE_EP_OK;
+}
+
+/* Exchange one status word with every peer. Returns OK only if every rank reported OK;
+   otherwise the local cause, or ABORTED naming the first failed peer. */
+MOE_EP_PRIVATE moe_ep_result moe_ep__agree(moe_ep_context* ctx, moe_ep_result local, const char* stage) {
+    int64_t* words;
+    moe_ep_result res;
+    char err[MOE_EP__ERR_SIZE] = "";
+    int p, R = ctx->world_size;
+    words = (int64_t*)moe_ep__calloc(&ctx->desc.allocator, 2 * (int64_t)R, sizeof(int64_t));
+    if (!words) return moe_ep__fail(ctx, MOE_EP_ERROR_OUT_OF_MEMORY, "%s: out of memory", stage);
+    for (p = 0; p < R; ++p) words[p] = (int64_t)local;
+    res = ctx->transport.exchange_counts(ctx->transport.impl, words, words + R, 1, err, sizeof err);
+    if (res == MOE_EP_OK && local == MOE_EP_OK) {
+        for (p = 0; p < R; ++p)
+            if (words[R + p] != MOE_EP_OK) {
+                res = moe_ep__fail(ctx, MOE_EP_ERROR_ABORTED, "%s: rank %d failed (%s)", stage, p,
+                                   moe_ep_result_string((moe_ep_result)words[R + p]));
+                break;
+            }
+    } else if (res != MOE_EP_OK) {
+        res = moe_ep__transport_fail(ctx, res, stage, err);
+    }
+    moe_ep__free(&ctx->desc.allocator, words);
+    return local != MOE_EP_OK ? local : res;
+}
+
+MOE_EP_API moe_ep_result moe_ep_create(const moe_ep_desc* desc, moe_ep_context** out) {
+    moe_ep_desc d;
+    moe_ep_transport t;
+    moe_ep_context* ctx;
+    moe_ep__validator v;
+    moe_ep_result res = MOE_EP_OK;
+    int64_t* prints;
+    char err[MOE_EP__ERR_SIZE] = "";
+    int p;
+    if (!desc || !out) return moe_ep__fail_desc(desc, -1, MOE_EP_ERROR_INVALID_ARGUMENT, "desc and out must not be NULL");
+    d = moe_ep__desc_defaults(desc);
+    t = d.transport ? *d.transport : moe_ep_single_rank_transport();
+    memset(&v, 0, sizeof v);
+    v.desc = &d;
+    v.rank = t.rank;
+    if (!t.exchange_counts || t.world_size <= 0) {
+        /* Without a working exchange the verdict cannot be shared; fail locally. */
+        moe_ep__validate_desc(&d, &t, &v);
+        return MOE_EP_ERROR_INVALID_ARGUMENT;
+    }
+    moe_ep__validate_desc(&d, &t, &v);
+    ctx = NULL;
+    if (v.failures == 0) {
+        ctx = (moe_ep_context*)moe_ep__calloc(&d.allocator, 1, sizeof *ctx);
+        if (!ctx) res = moe_ep__fail_desc(&d, t.rank, MOE_EP_ERROR_OUT_OF_MEMORY, "out of memory for the context");
+    } else {
+        res = MOE_EP_ERROR_INVALID_ARGUMENT;
+    }
+    if (ctx) {
+        ctx->desc = d;
+        ctx->desc.transport = NULL;
+        ctx->transport = t;
+        ctx->rank = t.rank;
+        ctx->world_size = t.world_size;
+        res = moe_ep__build_placement(ctx);
+        if (res == MOE_EP_OK && !d.expert_fn && ctx->local_experts > 0) {
+            int l;
+            moe_ep__check(&v, d.experts != NULL,
+                          "moe_ep_desc.experts must hold the weights of this rank's %d experts (or set expert_fn)",
+                          ctx->local_experts);
+            for (l = 0; d.experts && l < ctx->local_experts; ++l)
+                moe_ep__check(&v, d.experts[l].w1 && d.experts[l].w2 &&
+                                      (d.activation != MOE_EP_ACTIVATION_SWIGLU || d.experts[l].w3),
+                              "moe_ep_desc.experts[%d]: w1, w2%s must not be NULL", l,
+                              d.activation == MOE_EP_ACTIVATION_SWIGLU ? " and w3" : "");
+            if (v.failures) res = MOE_EP_ERROR_INVALID_ARGUMENT;
+            else res = moe_ep__pack_experts(ctx);
+        }
+        if (res == MOE_EP_ERROR_OUT_OF_MEMORY) moe_ep__fail_desc(&d, t.rank, res, "out of memory while creating the context");
+    }
+    /* Everyone exchanges a fingerprint, a failed rank sends 0: the verdict is the same everywhere. */
+    prints = (int64_t*)moe_ep__calloc(&d.allocator, 2 * (int64_t)t.world_size, sizeof(int64_t));
+    if (!prints) {
+        if (ctx) moe_ep__context_free(ctx);
+        return moe_ep__fail_desc(&d, t.rank, MOE_EP_ERROR_OUT_OF_MEMORY, "out of memory for the fingerprint");
+    }
+    {
+        int64_t mine = res == MOE_EP_OK ? moe_ep__fingerprint(ctx) : 0;
+        moe_ep_result xres;
+        for (p = 0; p < t.world_size; ++p) prints[p] = mine;
+        xres = t.exchange_counts(t.impl, prints, prints + t.world_size, 1, err, sizeof err);
+        if (xres != MOE_EP_OK) {
+            if (res == MOE_EP_OK)
+                res = moe_ep__fail_desc(&d, t.rank, xres, "moe_ep_create: transport '%s' failed in the fingerprint exchange: %s",
+                                        t.name ? t.name : "?", err);
+        } else if (res == MOE_EP_OK) {
+            for (p = 0; p < t.world_size; ++p) {
+                if (prints[t.world_size + p] == 0) {
+                    res = moe_ep__fail_desc(&d, t.rank, MOE_EP_ERROR_RANK_MISMATCH,
+                                            "moe_ep_create: rank %d rejected its desc (see its log)", p);
+                    break;
+                }
+                if (prints[t.world_size + p] != mine) {
+                    res = moe_ep__fail_desc(&d, t.rank, MOE_EP_ERROR_RANK_MISMATCH,
+                                            "moe_ep_create: rank %d has other collective parameters than rank %d "
+                                            "(d_model, d_ff, num_experts, top_k, activation, scoring, "
+                                            "normalize_topk, capacity_factor, placement)", p, t.rank);
+                    break;
+                }
+            }
+        }
+    }
+    moe_ep__free(&d.allocator, prints);
+    if (res != MOE_EP_OK) {
+        if (ctx) moe_ep__context_free(ctx);
+        return res;
+    }
+    {
+        int threads = d.num_threads;
+        if (threads == 0) {
+#ifdef _OPENMP
+            threads = omp_get_max_threads() / (t.local_ranks > 0 ? t.local_ranks : 1);
+#endif
+            threads = MOE_EP__MAX(threads, 1);
+        }
+        ctx->num_threads = threads;
+    }
+    *out = ctx;
+    return MOE_EP_OK;
+}
+
+MOE_EP_API void moe_ep_destroy(moe_ep_context* ctx) {
+    if (ctx) moe_ep__context_free(ctx);
+}
+
+MOE_EP_API moe_ep_desc moe_ep_query_desc(const moe_ep_context* ctx) {
+    moe_ep_desc d;
+    if (!ctx) { memset(&d, 0, sizeof d); return d; }
+    d = ctx->desc;
+    d.num_threads = ctx->num_threads;
+    return d;
+}
+
+MOE_EP_API const char* moe_ep_last_error(const moe_ep_context* ctx) { return ctx ? ctx->last_error : ""; }
+MOE_EP_API int moe_ep_rank(const moe_ep_context* ctx) { return ctx ? ctx->rank : -1; }
+MOE_EP_API int moe_ep_world_size(const moe_ep_context* ctx) { return ctx ? ctx->world_size : -1; }
+
+/* >>router */
+MOE_EP_PRIVATE void moe_ep__route_token(const moe_ep_desc* d, const float* x, const float* wg, float* probs,
+                                        double* lse, int32_t* idx, float* weight) {
+    int E = d->num_experts, k = d->top_k, D = d->d_model, e, j, i;
+    float m, sum, wsum;
+    for (e = 0; e < E; ++e) {
+        const float* row = wg + (int64_t)e * D;
+        float acc = 0.0f;
+        for (i = 0; i < D; ++i) acc += x[i] * row[i];
+        probs[e] = acc;
+    }
+    m = probs[0];
+    for (e = 1; e < E; ++e) m = probs[e] > m ? probs[e] : m;
+    sum = 0.0f;
+    for (e = 0; e < E; ++e) { probs[e] = expf(probs[e] - m); sum += probs[e]; }
+    *lse = (double)m + log((double)sum);
+    for (e = 0; e < E; ++e) probs[e] /= sum;
+    /* top-k by repeated selection; strict '>' keeps the lower index on ties */
+    for (j = 0; j < k; ++j) {
+        int best = -1;
+        for (e = 0; e < E; ++e) {
+            int taken = 0;
+            for (i = 0; i < j; ++i) taken |= idx[i] == e;
+            if (taken) continue;
+            if (best < 0 || probs[e] > probs[best]) best = e;
+        }
+        idx[j] = best;
+        weight[j] = probs[best];
+    }
+    if (d->normalize_topk) {
+        wsum = 0.0f;
+        for (j = 0; j < k; ++j) wsum += weight[j];
+        for (j = 0; j < k; ++j) weight[j] /= wsum;
+    }
+}
+
+MOE_EP_API moe_ep_result moe_ep_route(moe_ep_context* ctx, const float* x, int64_t tokens, int32_t* topk_idx,
+                                      float* topk_weight, moe_ep_router_stats* stats) {
+    const moe_ep_desc* d;
+    float* probs;
+    double* lse;
+    int64_t t;
+    int E;
+    if (!ctx) return MOE_EP_ERROR_INVALID_ARGUMENT;
+    d = &ctx->desc;
+    E = d->num_experts;
+    if (tokens < 0) return moe_ep__fail(ctx, MOE_EP_ERROR_INVALID_ARGUMENT, "tokens (%lld) must be >= 0", (long long)tokens);
+    if (tokens > 0 && (!x || !topk_idx || !topk_weight))
+        return moe_ep__fail(ctx, MOE_EP_ERROR_INVALID_ARGUMENT, "x, topk_idx and topk_weight must not be NULL when tokens > 0");
+    if (!d->router_weight)
+        return moe_ep__fail(ctx, MOE_EP_ERROR_INVALID_ARGUMENT,
+                            "moe_ep_desc.router_weight is NULL: hand in your own routing instead");
+    probs = (float*)moe_ep__calloc(&d->allocator, tokens * E, sizeof(float));
+    lse = (double*)moe_ep__calloc(&d->allocator, tokens, sizeof(double));
+    if (!probs || !lse) {
+        moe_ep__free(&d->allocator, probs);
+        moe_ep__free(&d->allocator, lse);
+        return moe_ep__fail(ctx, MOE_EP_ERROR_OUT_OF_MEMORY, "moe_ep_route: out of memory for %lld x %d probabilities",
+                            (long long)tokens, E);
+    }
+#ifdef _OPENMP
+#pragma omp parallel for schedule(static) num_threads(ctx->num_threads) if (ctx->num_threads > 1 && tokens > 1)
+#endif
+    for (t = 0; t < tokens; ++t)
+        moe_ep__route_token(d, x + t * d->d_model, d->router_weight, probs + t * E, lse + t,
+                            topk_idx + t * d->top_k, topk_weight + t * d->top_k);
+    if (stats) {
+        /* sequential, in token order: the statistics do not depend on the thread count */
+        double z = 0.0, aux = 0.0;
+        double* mean_p = (double*)moe_ep__calloc(&d->allocator, E, sizeof(double));
+        int64_t* counts = stats->tokens_per_expert;
+        int e;
+        if (!mean_p) {
+            moe_ep__free(&d->allocator, probs);
+            moe_ep__free(&d->allocator, lse);
+            return moe_ep__fail(ctx, MOE_EP_ERROR_OUT_OF_MEMORY, "moe_ep_route: out of memory for statistics");
+        }
+        if (counts) memset(counts, 0, sizeof(int64_t) * (size_t)E);
+        for (t = 0; t < tokens; ++t) {
+            z += lse[t] * lse[t];
+            for (e = 0; e < E; ++e) mean_p[e] += probs[t * E + e];
+        }
+        if (tokens > 0) {
+            int64_t* assigned = (int64_t*)moe_ep__calloc(&d->allocator, E, sizeof(int64_t));
+            if (assigned) {
+                for (t = 0; t < tokens * d->top_k; ++t) assigned[topk_idx[t]]++;
+                for (e = 0; e < E; ++e)
+                    aux += ((double)assigned[e] / (double)(tokens * d->top_k)) * (mean_p[e] / (double)tokens);
+                aux *= E;
+                if (counts) memcpy(counts, assigned, sizeof(int64_t) * (size_t)E);
+                moe_ep__free(&d->allocator, assigned);
+            }
+            z /= (double)tokens;
+        }
+        stats->aux_loss = aux;
+        stats->z_loss = tokens > 0 ? z : 0.0;
+        moe_ep__free(&d->allocator, mean_p);
+    }
+    moe_ep__free(&d->allocator, probs);
+    moe_ep__free(&d->allocator, lse);
+    return MOE_EP_OK;
+}
+
+/* Caller's routing: every index an expert, no expert twice in one token, weights finite. */
+MOE_EP_PRIVATE moe_ep_result moe_ep__check_routing(moe_ep_context* ctx, int64_t tokens, const int32_t* idx,
+                                                   const float* weight) {
+    int k = ctx->desc.top_k, E = ctx->desc.num_experts, j, i;
+    int64_t t;
+    for (t = 0; t < tokens; ++t)
+        for (j = 0; j < k; ++j) {
+            int32_t e = idx[t * k + j];
+            float w = weight[t * k + j];
+            if (e < 0 || e >= E)
+                return moe_ep__fail(ctx, MOE_EP_ERROR_INVALID_ARGUMENT,
+                                    "topk_idx[%lld][%d] (%d) must be an expert in [0, %d)", (long long)t, j, (int)e, E);
+            for (i = 0; i < j; ++i)
+                if (idx[t * k + i] == e)
+                    return moe_ep__fail(ctx, MOE_EP_ERROR_INVALID_ARGUMENT,
+                                        "topk_idx[%lld] names expert %d twice (slots %d and %d)", (long long)t, (int)e, i, j);
+            if (!(w == w) || w > 3.4e38f || w < -3.4e38f)
+                return moe_ep__fail(ctx, MOE_EP_ERROR_INVALID_ARGUMENT,
+                                    "topk_weight[%lld][%d] must be finite", (long long)t, j);
+        }
+    return MOE_EP_OK;
+}
+
+/* >>plan */
+MOE_EP_API void moe_ep_plan_destroy(moe_ep_plan* plan) {
+    const moe_ep_allocator* a;
+    if (!plan) return;
+    a = &plan->ctx->desc.allocator;
+    moe_ep__free(a, plan->send_counts);
+    moe_ep__free(a, plan->recv_counts);
+    moe_ep__free(a, plan->seg_send_counts);
+    moe_ep__free(a, plan->seg_send_offsets);
+    moe_ep__free(a, plan->seg_recv_counts);
+    moe_ep__free(a, plan->seg_recv_offsets);
+    moe_ep__free(a, plan->local_expert_counts);
+    moe_ep__free(a, plan->local_expert_offsets);
+    moe_ep__free(a, plan->expert_counts);
+    moe_ep__free(a, plan->expert_kept);
+    moe_ep__free(a, plan->permutation);
+    moe_ep__free(a, plan->slot_row);
+    moe_ep__free(a, plan->topk_weight);
+    moe_ep__free(a, plan->send_buffer);
+    moe_ep__free(a, plan);
+}
+
+MOE_EP_API moe_ep_plan_info moe_ep_plan_query(const moe_ep_plan* plan) {
+    moe_ep_plan_info info;
+    memset(&info, 0, sizeof info);
+    if (!plan) return info;
+    info.world_size = plan->ctx->world_size;
+    info.local_experts = plan->ctx->local_experts;
+    info.tokens = plan->tokens;
+    info.capacity = plan->capacity;
+    info.send_counts = plan->send_counts;
+    info.recv_counts = plan->recv_counts;
+    info.local_expert_counts = plan->local_expert_counts;
+    info.local_expert_offsets = plan->local_expert_offsets;
+    info.recv_rows = plan->recv_rows;
+    info.send_rows = plan->send_rows;
+    info.expert_counts = plan->expert_counts;
+    info.expert_kept = plan->expert_kept;
+    info.permutation = plan->permutation;
+    return info;
+}
+
+MOE_EP_PRIVATE moe_ep_result moe_ep__plan_alloc(moe_ep_context* ctx, int64_t tokens, moe_ep_plan** out) {
+    const moe_ep_allocator* a = &ctx->desc.allocator;
+    int R = ctx->world_size, S = MOE_EP__MAX(ctx->max_local_experts, 1), E = ctx->desc.num_experts;
+    int64_t slots = tokens * ctx->desc.top_k;
+    moe_ep_plan* plan = (moe_ep_plan*)moe_ep__calloc(a, 1, sizeof *plan);
+    if (!plan) return MOE_EP_ERROR_OUT_OF_MEMORY;
+    plan->ctx = ctx;
+    plan->tokens = tokens;
+    plan->top_k = ctx->desc.top_k;
+    plan->segments = S;
+    plan->send_counts = (int64_t*)moe_ep__calloc(a, R, sizeof(int64_t));
+    plan->recv_counts = (int64_t*)moe_ep__calloc(a, R, sizeof(int64_t));
+    plan->seg_send_counts = (int64_t*)moe_ep__calloc(a, (int64_t)R * S, sizeof(int64_t));
+    plan->seg_send_offsets = (int64_t*)moe_ep__calloc(a, (int64_t)R * S, sizeof(int64_t));
+    plan->seg_recv_counts = (int64_t*)moe_ep__calloc(a, (int64_t)R * S, sizeof(int64_t));
+    plan->seg_recv_offsets = (int64_t*)moe_ep__calloc(a, (int64_t)R * S, sizeof(int64_t));
+    plan->local_expert_counts = (int64_t*)moe_ep__calloc(a, S, sizeof(int64_t));
+    plan->local_expert_offsets = (int64_t*)moe_ep__calloc(a, S, sizeof(int64_t));
+    plan->expert_counts = (int64_t*)moe_ep__calloc(a, E, sizeof(int64_t));
+    plan->expert_kept = (int64_t*)moe_ep__calloc(a, E, sizeof(int64_t));
+    plan->slot_row = (int64_t*)moe_ep__calloc(a, slots, sizeof(int64_t));
+    plan->topk_weight = (float*)moe_ep__calloc(a, slots, sizeof(float));
+    if (!plan->send_counts || !plan->recv_counts || !plan->seg_send_counts || !plan->seg_send_offsets ||
+        !plan->seg_recv_counts || !plan->seg_recv_offsets || !plan->local_expert_counts ||
+        !plan->local_expert_offsets || !plan->expert_counts || !plan->expert_kept || !plan->slot_row ||
+        !plan->topk_weight) {
+        moe_ep_plan_destroy(plan);
+        return MOE_EP_ERROR_OUT_OF_MEMORY;
+    }
+    *out = plan;
+    return MOE_EP_OK;
+}
+
+/* Local bookkeeping: capacity, send layout (peer, local expert, token), permutation. */
+MOE_EP_PRIVATE moe_ep_result moe_ep__plan_local(moe_ep_context* ctx, moe_ep_plan* plan, const int32_t* idx,
+                                                const float* weight) {
+    const moe_ep_allocator* a = &ctx->desc.allocator;
+    int k = plan->top_k, S = plan->segments, R = ctx->world_size, E = ctx->desc.num_experts, e, p, s;
+    int64_t slots = plan->tokens * k, i, row = 0;
+    int64_t* cursor;
+    plan->capacity = -1;
+    if (ctx->desc.capacity_factor > 0.0f)
+        plan->capacity = (int64_t)ceil((double)ctx->desc.capacity_factor * (double)plan->tokens * k / (double)E);
+    for (i = 0; i < slots; ++i) {
+        e = idx[i];
+        plan->expert_counts[e]++;
+        if (plan->capacity < 0 || plan->expert_kept[e] < plan->capacity) {
+            plan->expert_kept[e]++;
+            plan->slot_row[i] = 0;
+        } else {
+            plan->slot_row[i] = -1;
+        }
+    }
+    if (slots > 0) memcpy(plan->topk_weight, weight, sizeof(float) * (size_t)slots);
+    for (e = 0; e < E; ++e) plan->seg_send_counts[ctx->owner_of[e] * S + ctx->local_index_of[e]] = plan->expert_kept[e];
+    for (p = 0; p < R; ++p)
+        for (s = 0; s < S; ++s) {
+            plan->seg_send_offsets[p * S + s] = row;
+            row += plan->seg_send_counts[p * S + s];
+            plan->send_counts[p] += plan->seg_send_counts[p * S + s];
+        }
+    plan->send_rows = row;
+    plan->permutation = (int64_t*)moe_ep__calloc(a, row, sizeof(int64_t));
+    plan->send_buffer = (float*)moe_ep__calloc(a, row * ctx->desc.d_model, sizeof(float));
+    cursor = (int64_t*)moe_ep__calloc(a, (int64_t)R * S, sizeof(int64_t));
+    if (!plan->permutation || !plan->send_buffer || !cursor) {
+        moe_ep__free(a, cursor);
+        return moe_ep__fail(ctx, MOE_EP_ERROR_OUT_OF_MEMORY, "moe_ep_plan_create: out of memory for %lld send rows",
+                            (long long)row);
+    }
+    memcpy(cursor, plan->seg_send_offsets, sizeof(int64_t) * (size_t)R * (size_t)S);
+    for (i = 0; i < slots; ++i) {
+        if (plan->slot_row[i] < 0) continue;
+        e = idx[i];
+        row = cursor[ctx->owner_of[e] * S + ctx->local_index_of[e]]++;
+        plan->slot_row[i] = row;
+        plan->permutation[row] = i / k;
+    }
+    moe_ep__free(a, cursor);
+    return MOE_EP_OK;
+}
+
+/* Receive layout: grouped by local expert, then source rank, then token. */
+MOE_EP_PRIVATE void moe_ep__plan_receive(moe_ep_context* ctx, moe_ep_plan* plan, const int64_t* recv_words) {
+    int R = ctx->world_size, S = plan->segments, q, s;
+    int64_t offset = 0;
+    for (q = 0; q < R; ++q)
+        for (s = 0; s < S; ++s) {
+            int64_t n = recv_words[q * (S + 1) + 1 + s];
+            plan->seg_recv_counts[q * S + s] = n;
+            plan->local_expert_counts[s] += n;
+            plan->recv_counts[q] += n;
+        }
+    for (s = 0; s < S; ++s) {
+        plan->local_expert_offsets[s] = offset;
+        for (q = 0; q < R; ++q) {
+            plan->seg_recv_offsets[q * S + s] = offset;
+            offset += plan->seg_recv_counts[q * S + s];
+        }
+    }
+    plan->recv_rows = offset;
+}
+
+/* Builds the plan and exchanges counts; `status` != OK means this rank already failed
+   and only tells the others. Every rank returns an error if any rank failed. */
+MOE_EP_PRIVATE moe_ep_result moe_ep__plan_build(moe_ep_context* ctx, int64_t tokens, const int32_t* idx,
+                                                const float* weight, moe_ep_result status, moe_ep_plan** out) {
+    int R = ctx->world_size, S = MOE_EP__MAX(ctx->max_local_experts, 1), q, s;
+    int64_t* words;
+    moe_ep_plan* plan = NULL;
+    moe_ep_result res;
+    char err[MOE_EP__ERR_SIZE] = "";
+    words = (int64_t*)moe_ep__calloc(&ctx->desc.allocator, 2 * (int64_t)R * (S + 1), sizeof(int64_t));
+    if (!words) return moe_ep__fail(ctx, MOE_EP_ERROR_OUT_OF_MEMORY, "moe_ep_plan_create: out of memory");
+    if (status == MOE_EP_OK && tokens > 0) status = moe_ep__check_routing(ctx, tokens, idx, weight);
+    if (status == MOE_EP_OK) {
+        status = moe_ep__plan_alloc(ctx, tokens, &plan);
+        if (status != MOE_EP_OK) moe_ep__fail(ctx, status, "moe_ep_plan_create: out of memory");
+    }
+    if (status == MOE_EP_OK) status = moe_ep__plan_local(ctx, plan, idx, weight);
+    for (q = 0; q < R; ++q) {
+        words[q * (S + 1)] = (int64_t)status;
+        for (s = 0; plan && s < S; ++s) words[q * (S + 1) + 1 + s] = plan->seg_send_counts[q * S + s];
+    }
+    res = ctx->transport.exchange_counts(ctx->transport.impl, words, words + (int64_t)R * (S + 1), S + 1, err, sizeof err);
+    if (res != MOE_EP_OK) {
+        if (status == MOE_EP_OK) status = moe_ep__transport_fail(ctx, res, "moe_ep_plan_create: count exchange", err);
+    } else if (status == MOE_EP_OK) {
+        const int64_t* recv = words + (int64_t)R * (S + 1);
+        for (q = 0; q < R; ++q)
+            if (recv[q * (S + 1)] != MOE_EP_OK) {
+                status = moe_ep__fail(ctx, MOE_EP_ERROR_ABORTED, "moe_ep_plan_create: rank %d failed (%s)", q,
+                                      moe_ep_result_string((moe_ep_result)recv[q * (S + 1)]));
+                break;
+            }
+        if (status == MOE_EP_OK) moe_ep__plan_receive(ctx, plan, recv);
+    }
+    moe_ep__free(&ctx->desc.allocator, words);
+    if (status != MOE_EP_OK) {
+        moe_ep_plan_destroy(plan);
+        return status;
+    }
+    *out = plan;
+    return MOE_EP_OK;
+}
+
+MOE_EP_API moe_ep_result moe_ep_plan_create(moe_ep_context* ctx, int64_t tokens, const int32_t* topk_idx,
+                                            const float* topk_weight, moe_ep_plan** out) {
+    moe_ep_result status = MOE_EP_OK;
+    if (!ctx) return MOE_EP_ERROR_INVALID_ARGUMENT;
+    if (!out) status = moe_ep__fail(ctx, MOE_EP_ERROR_INVALID_ARGUMENT, "moe_ep_plan_create: out must not be NULL");
+    else if (tokens < 0)
+        status = moe_ep__fail(ctx, MOE_EP_ERROR_INVALID_ARGUMENT, "moe_ep_plan_create: tokens (%lld) must be >= 0",
+                              (long long)tokens);
+    else if (tokens > 0 && (!topk_idx || !topk_weight))
+        status = moe_ep__fail(ctx, MOE_EP_ERROR_INVALID_ARGUMENT,
+                              "moe_ep_plan_create: topk_idx and topk_weight must not be NULL when tokens > 0");
+    if (status != MOE_EP_OK) {
+        moe_ep_plan* unused = NULL;
+        moe_ep__plan_build(ctx, 0, NULL, NULL, status, &unused);
+        return status;
+    }
+    return moe_ep__plan_build(ctx, tokens, topk_idx, topk_weight, MOE_EP_OK, out);
+}
+
+/* >>dispatch */
+MOE_EP_PRIVATE moe_ep_result moe_ep__a2a_begin(moe_ep_context* ctx, moe_ep_plan* plan, const char* stage) {
+    char err[MOE_EP__ERR_SIZE] = "";
+    moe_ep_result res;
+    plan->request = NULL;
+    if (ctx->transport.all_to_all_v_begin)
+        res = ctx->transport.all_to_all_v_begin(ctx->transport.impl, &plan->args, &plan->request, err, sizeof err);
+    else
+        res = ctx->transport.all_to_all_v(ctx->transport.impl, &plan->args, err, sizeof err);
+    if (res != MOE_EP_OK) return moe_ep__transport_fail(ctx, res, stage, err);
+    return MOE_EP_OK;
+}
+
+MOE_EP_PRIVATE moe_ep_result moe_ep__a2a_end(moe_ep_context* ctx, moe_ep_plan* plan, const char* stage) {
+    char err[MOE_EP__ERR_SIZE] = "";
+    moe_ep_result res = MOE_EP_OK;
+    if (ctx->transport.all_to_all_v_end)
+        res = ctx->transport.all_to_all_v_end(ctx->transport.impl, plan->request, err, sizeof err);
+    plan->request = NULL;
+    plan->pending = 0;
+    if (res != MOE_EP_OK) return moe_ep__transport_fail(ctx, res, stage, err);
+    return MOE_EP_OK;
+}
+
+MOE_EP_PRIVATE void moe_ep__set_args(moe_ep_plan* plan, const void* send, void* recv, bool forward) {
+    moe_ep_a2a_args* a = &plan->args;
+    memset(a, 0, sizeof *a);
+    a->send = send;
+    a->recv = recv;
+    a->row_bytes = sizeof(float) * (size_t)plan->ctx->desc.d_model;
+    a->segments = plan->segments;
+    a->send_counts = forward ? plan->seg_send_counts : plan->seg_recv_counts;
+    a->send_offsets = forward ? plan->seg_send_offsets : plan->seg_recv_offsets;
+    a->recv_counts = forward ? plan->seg_recv_counts : plan->seg_send_counts;
+    a->recv_offsets = forward ? plan->seg_recv_offsets : plan->seg_send_offsets;
+    a->memory_space = MOE_EP_MEMORY_HOST;
+}
+
+MOE_EP_PRIVATE moe_ep_result moe_ep__check_stage(moe_ep_context* ctx, moe_ep_plan* plan, const char* stage,
+                                                 int pending_expected) {
+    if (!ctx) return MOE_EP_ERROR_INVALID_ARGUMENT;
+    if (!plan || plan->ctx != ctx)
+        return moe_ep__fail(ctx, MOE_EP_ERROR_INVALID_ARGUMENT, "%s: plan is NULL or belongs to another context", stage);
+    if (plan->pending != pending_expected)
+        return moe_ep__fail(ctx, MOE_EP_ERROR_INVALID_ARGUMENT, "%s: %s", stage,
+                            plan->pending ? "a split-phase operation on this plan is still open"
+                                          : "no split-phase operation is open on this plan");
+    return MOE_EP_OK;
+}
+
+MOE_EP_API moe_ep_result moe_ep_dispatch_begin(moe_ep_context* ctx, moe_ep_plan* plan, const float* x, float* recv_rows) {
+    moe_ep_result res = moe_ep__check_stage(ctx, plan, "moe_ep_dispatch", 0);
+    int64_t r, d;
+    if (res != MOE_EP_OK) return res;
+    if ((plan->send_rows > 0 && !x) || (plan->recv_rows > 0 && !recv_rows))
+        return moe_ep__fail(ctx, MOE_EP_ERROR_INVALID_ARGUMENT, "moe_ep_dispatch: x and recv_rows must not be NULL");
+    d = ctx->desc.d_model;
+#ifdef _OPENMP
+#pragma omp parallel for schedule(static) num_threads(ctx->num_threads) if (ctx->num_threads > 1 && plan->send_rows > 64)
+#endif
+    for (r = 0; r < plan->send_rows; ++r)
+        memcpy(plan->send_buffer + r * d, x + plan->permutation[r] * d, sizeof(float) * (size_t)d);
+    moe_ep__set_args(plan, plan->send_buffer, recv_rows, true);
+    plan->pending = 1;
+    res = moe_ep__a2a_begin(ctx, plan, "moe_ep_dispatch");
+    if (res != MOE_EP_OK) plan->pending = 0;
+    return res;
+}
+
+MOE_EP_API moe_ep_result moe_ep_dispatch_end(moe_ep_context* ctx, moe_ep_plan* plan) {
+    moe_ep_result res = moe_ep__check_stage(ctx, plan, "moe_ep_dispatch_end", 1);
+    if (res != MOE_EP_OK) return res;
+    return moe_ep__a2a_end(ctx, plan, "moe_ep_dispatch");
+}
+
+MOE_EP_API moe_ep_result moe_ep_dispatch(moe_ep_context* ctx, moe_ep_plan* plan, const float* x, float* recv_rows) {
+    moe_ep_result res = moe_ep_dispatch_begin(ctx, plan, x, recv_rows);
+    if (res != MOE_EP_OK) return res;
+    return moe_ep_dispatch_end(ctx, plan);
+}
+
+/* >>experts */
+MOE_EP_API moe_ep_result moe_ep_experts(moe_ep_context* ctx, const moe_ep_plan* plan, const float* rows, float* out) {
+    int l;
+    int64_t d;
+    moe_ep_result res = moe_ep__check_stage(ctx, (moe_ep_plan*)(uintptr_t)plan, "moe_ep_experts", 0);
+    if (res != MOE_EP_OK) return res;
+    if (plan->recv_rows > 0 && (!rows || !out))
+        return moe_ep__fail(ctx, MOE_EP_ERROR_INVALID_ARGUMENT, "moe_ep_experts: rows and out must not be NULL");
+    d = ctx->desc.d_model;
+    for (l = 0; l < ctx->local_experts; ++l) {
+        int64_t n = plan->local_expert_counts[l], first = plan->local_expert_offsets[l];
+        if (n == 0) continue;
+        if (ctx->desc.expert_fn) {
+            int expert = ctx->rank_expert_list[ctx->rank_expert_start[ctx->rank] + l];
+            int rc = ctx->desc.expert_fn(l, expert, rows + first * d, n, (int)d, out + first * d,
+                                         ctx->desc.expert_user_data);
+            if (rc != 0)
+                return moe_ep__fail(ctx, MOE_EP_ERROR_CALLBACK, "moe_ep_experts: expert_fn returned %d for expert %d",
+                                    rc, expert);
+        } else {
+            res = moe_ep_expert_ffn(ctx, l, rows + first * d, n, out + first * d);
+            if (res != MOE_EP_OK) return res;
+        }
+    }
+    return MOE_EP_OK;
+}
+
+/* >>combine */
+MOE_EP_PRIVATE moe_ep_result moe_ep__combine_begin(moe_ep_context* ctx, moe_ep_plan* plan, const float* expert_out,
+                                                   moe_ep_result status) {
+    moe_ep_result res = moe_ep__check_stage(ctx, plan, "moe_ep_combine", 0);
+    if (res != MOE_EP_OK) status = res;
+    else if (plan->recv_rows > 0 && !expert_out)
+        status = moe_ep__fail(ctx, MOE_EP_ERROR_INVALID_ARGUMENT, "moe_ep_combine: expert_out must not be NULL");
+    /* The one agreement of a layer: a rank whose experts failed tells the others here. */
+    res = moe_ep__agree(ctx, status, "moe_ep_combine");
+    if (res != MOE_EP_OK) return res;
+    moe_ep__set_args(plan, expert_out, plan->send_buffer, false);
+    plan->pending = 2;
+    res = moe_ep__a2a_begin(ctx, plan, "moe_ep_combine");
+    if (res != MOE_EP_OK) plan->pending = 0;
+    return res;
+}
+
+MOE_EP_API moe_ep_result moe_ep_combine_begin(moe_ep_context* ctx, moe_ep_plan* plan, const float* expert_out) {
+    return moe_ep__combine_begin(ctx, plan, expert_out, MOE_EP_OK);
+}
+
+MOE_EP_API moe_ep_result moe_ep_combine_end(moe_ep_context* ctx, moe_ep_plan* plan, float* y) {
+    moe_ep_result res = moe_ep__check_stage(ctx, plan, "moe_ep_combine_end", 2);
+    int64_t t, d;
+    int k;
+    if (res != MOE_EP_OK) return res;
+    res = moe_ep__a2a_end(ctx, plan, "moe_ep_combine");
+    if (res != MOE_EP_OK) return res;
+    if (plan->tokens > 0 && !y)
+        return moe_ep__fail(ctx, MOE_EP_ERROR_INVALID_ARGUMENT, "moe_ep_combine: y must not be NULL");
+    d = ctx->desc.d_model;
+    k = plan->top_k;
+#ifdef _OPENMP
+#pragma omp parallel for schedule(static) num_threads(ctx->num_threads) if (ctx->num_threads > 1 && plan->tokens > 16)
+#endif
+    for (t = 0; t < plan->tokens; ++t) {
+        float* yt = y + t * d;
+        int64_t i;
+        int j;
+        for (i = 0; i < d; ++i) yt[i] = 0.0f;
+        for (j = 0; j < k; ++j) {   /* k-slot order: the sum does not depend on where experts ran */
+            int64_t row = plan->slot_row[t * k + j];
+            float w = plan->topk_weight[t * k + j];
+            const float* src;
+            if (row < 0) continue;  /* dropped by capacity: contributes zero */
+            src = plan->send_buffer + row * d;
+            for (i = 0; i < d; ++i) yt[i] += w * src[i];
+        }
+    }
+    return MOE_EP_OK;
+}
+
+MOE_EP_API moe_ep_result moe_ep_combine(moe_ep_context* ctx, moe_ep_plan* plan, const float* expert_out, float* y) {
+    moe_ep_result res = moe_ep_combine_begin(ctx, plan, expert_out);
+    if (res != MOE_EP_OK) return res;
+    return moe_ep_combine_end(ctx, plan, y);
+}
+
+/* >>forward */
+MOE_EP_PRIVATE moe_ep_result moe_ep__forward_check(moe_ep_context* ctx, const moe_ep_forward_args* a) {
+    if (!a) return moe_ep__fail(ctx, MOE_EP_ERROR_INVALID_ARGUMENT, "moe_ep_forward: args must not be NULL");
+    if (a->tokens < 0)
+        return moe_ep__fail(ctx, MOE_EP_ERROR_INVALID_ARGUMENT, "moe_ep_forward_args.tokens (%lld) must be >= 0",
+                            (long long)a->tokens);
+    if (a->tokens > 0 && (!a->x || !a->y))
+        return moe_ep__fail(ctx, MOE_EP_ERROR_INVALID_ARGUMENT,
+                            "moe_ep_forward_args.x and .y must not be NULL when tokens > 0");
+    if (a->routing_in && a->tokens > 0 && (!a->topk_idx || !a->topk_weight))
+        return moe_ep__fail(ctx, MOE_EP_ERROR_INVALID_ARGUMENT,
+                            "moe_ep_forward_args.routing_in needs topk_idx and topk_weight");
+    if (!a->routing_in && !ctx->desc.router_weight)
+        return moe_ep__fail(ctx, MOE_EP_ERROR_INVALID_ARGUMENT,
+                            "moe_ep_desc.router_weight is NULL: set it, or hand in routing (routing_in)");
+    return MOE_EP_OK;
+}
+
+MOE_EP_API moe_ep_result moe_ep_forward(moe_ep_context* ctx, const moe_ep_forward_args* args) {
+    moe_ep_result status, res;
+    moe_ep_plan* plan = NULL;
+    int32_t* idx = NULL;
+    float* weight = NULL;
+    int64_t tokens = 0;
+    if (!ctx) return MOE_EP_ERROR_INVALID_ARGUMENT;
+    status = moe_ep__forward_check(ctx, args);
+    if (status == MOE_EP_OK) {
+        tokens = args->tokens;
+        if (args->routing_in || (args->topk_idx && args->topk_weight)) {
+            idx = args->topk_idx;
+            weight = args->topk_weight;
+        } else {
+            void* bufs[2];
+            bufs[0] = ctx->topk_idx;
+            bufs[1] = ctx->topk_weight;
+            status = moe_ep__grow(ctx, bufs, &ctx->routing_capacity, tokens * ctx->desc.top_k, sizeof(float), 2);
+            ctx->topk_idx = (int32_t*)bufs[0];
+            ctx->topk_weight = (float*)bufs[1];
+            idx = ctx->topk_idx;
+            weight = ctx->topk_weight;
+        }
+    }
+    if (status == MOE_EP_OK && !args->routing_in)
+        status = moe_ep_route(ctx, args->x, tokens, idx, weight, args->stats);
+    res = moe_ep__plan_build(ctx, status == MOE_EP_OK ? tokens : 0, idx, weight, status, &plan);
+    if (res != MOE_EP_OK) return res;
+    {
+        void* bufs[2];
+        bufs[0] = ctx->recv_rows;
+        bufs[1] = ctx->expert_out;
+        status = moe_ep__grow(ctx, bufs, &ctx->recv_capacity, plan->recv_rows * ctx->desc.d_model, sizeof(float), 2);
+        ctx->recv_rows = (float*)bufs[0];
+        ctx->expert_out = (float*)bufs[1];
+    }
+    /* A rank without room to receive must not enter the dispatch: agree first. */
+    res = moe_ep__agree(ctx, status, "moe_ep_forward");
+    if (res == MOE_EP_OK) res = moe_ep_dispatch(ctx, plan, args->x, ctx->recv_rows);
+    if (res == MOE_EP_OK) {
+        status = moe_ep_experts(ctx, plan, ctx->recv_rows, ctx->expert_out);
+        res = moe_ep__combine_begin(ctx, plan, ctx->expert_out, status);
+        if (res == MOE_EP_OK) res = moe_ep_combine_end(ctx, plan, args->y);
+    }
+    moe_ep_plan_destroy(plan);
+    return res;
+}
+
+#endif /* MOE_EP_IMPL_INCLUDED */
+#endif /* MOE_EP_IMPLEMENTATION */
+
+/*
+------------------------------------------------------------------------------
+This software is available under 2 licenses -- choose whichever you prefer.
+------------------------------------------------------------------------------
+ALTERNATIVE A - MIT License
+Copyright (c) 2026 the moe_ep authors
+Permission is hereby granted, free of charge, to any person obtaining a copy of
+this software and associated documentation files (the "Software"), to deal in
+the Software without restriction, including without limitation the rights to
+use, copy, modify, merge, publish, distribute, sublicense, and/or sell copies
+of the Software, and to permit persons to whom the Software is furnished to do
+so, subject to the following conditions:
+The above copyright notice and this permission notice shall be included in all
+copies or substantial portions of the Software.
+THE SOFTWARE IS PROVIDED "AS IS", WITHOUT WARRANTY OF ANY KIND, EXPRESS OR
+IMPLIED, INCLUDING BUT NOT LIMITED TO THE WARRANTIES OF MERCHANTABILITY,
+FITNESS FOR A PARTICULAR PURPOSE AND NONINFRINGEMENT. IN NO EVENT SHALL THE
+AUTHORS OR COPYRIGHT HOLDERS BE LIABLE FOR ANY CLAIM, DAMAGES OR OTHER
+LIABILITY, WHETHER IN AN ACTION OF CONTRACT, TORT OR OTHERWISE, ARISING FROM,
+OUT OF OR IN CONNECTION WITH THE SOFTWARE OR THE USE OR OTHER DEALINGS IN THE
+SOFTWARE.
+------------------------------------------------------------------------------
+ALTERNATIVE B - Public Domain (www.unlicense.org)
+This is free and unencumbered software released into the public domain.
+Anyone is free to copy, modify, publish, use, compile, sell, or distribute this
+software, either in source code form or as a compiled binary, for any purpose,
+commercial or non-commercial, and by any means.
+In jurisdictions that recognize copyright laws, the author or authors of this
+software dedicate any and all copyright interest in the software to the public
+domain. We make this dedication for the benefit of the public at large and to
+the detriment of our heirs and successors. We intend this dedication to be an
+overt act of relinquishment in perpetuity of all present and future rights to
+this software under copyright law.
+THE SOFTWARE IS PROVIDED "AS IS", WITHOUT WARRANTY OF ANY KIND, EXPRESS OR
+IMPLIED, INCLUDING BUT NOT LIMITED TO THE WARRANTIES OF MERCHANTABILITY,
+FITNESS FOR A PARTICULAR PURPOSE AND NONINFRINGEMENT. IN NO EVENT SHALL THE
+AUTHORS BE LIABLE FOR ANY CLAIM, DAMAGES OR OTHER LIABILITY, WHETHER IN AN
+ACTION OF CONTRACT, TORT OR OTHERWISE, ARISING FROM, OUT OF OR IN CONNECTION
+WITH THE SOFTWARE OR THE USE OR OTHER DEALINGS IN THE SOFTWARE.
+------------------------------------------------------------------------------
+*/

@@ -1,0 +1,381 @@
+/* moe_ep_pthreads.h -- the in-process transport of moe_ep: N ranks as N threads -- MIT or public domain
+
+   DO THIS
+   =======
+       #define MOE_EP_IMPLEMENTATION          (in exactly one file; builds the core too)
+       #include "transports/moe_ep_pthreads.h"
+   and link with -pthread. Only mutexes and condition variables are used, so strict
+   -std=c99 needs no feature-test macro.
+
+   HOW IT WORKS
+   ============
+   A world holds the shared state of R ranks. Each rank thread gets a transport with
+   moe_ep_pthreads_transport_create(world, rank, &t). An all-to-all publishes each
+   rank's send description, waits until all have published, then every receiver
+   copies its segments straight out of the senders' buffers (each byte is copied
+   once) and waits until all have finished reading.
+
+   moe_ep_pthreads_run(world, fn, user_data, results) starts R threads, gives each
+   its transport and calls fn on it, then joins them and returns the first failure.
+
+   FAILURE
+   =======
+   When a rank fails (its fn returns an error) or returns while others still wait,
+   the waiting ranks return MOE_EP_ERROR_ABORTED instead of waiting forever. With
+   desc.timeout_ms > 0 a wait that lasts longer returns MOE_EP_ERROR_TIMEOUT on that
+   rank and aborts the others (resolution: one second). moe_ep_pthreads_abort()
+   aborts from outside. The next moe_ep_pthreads_run starts with a clean state.
+*/
+#ifndef MOE_EP_PTHREADS_H_INCLUDED
+#define MOE_EP_PTHREADS_H_INCLUDED
+
+#include "../moe_ep.h"
+
+#ifdef __cplusplus
+extern "C" {
+#endif
+
+typedef struct moe_ep_pthreads_desc {
+    int world_size;                 /* required, > 0 */
+    int timeout_ms;                 /* default 0: wait without a time limit */
+    moe_ep_allocator allocator;     /* default malloc/free */
+} moe_ep_pthreads_desc;
+
+typedef struct moe_ep_pthreads_world moe_ep_pthreads_world;
+
+/* The function each rank thread runs. */
+typedef moe_ep_result (*moe_ep_pthreads_rank_fn)(const moe_ep_transport* transport, void* user_data);
+
+MOE_EP_API moe_ep_result moe_ep_pthreads_world_create(const moe_ep_pthreads_desc* desc, moe_ep_pthreads_world** out);
+MOE_EP_API void moe_ep_pthreads_world_destroy(moe_ep_pthreads_world* world);
+/* The transport of one rank; it stays valid while the world lives. */
+MOE_EP_API moe_ep_result moe_ep_pthreads_transport_create(moe_ep_pthreads_world* world, int rank, moe_ep_transport* out);
+MOE_EP_API void moe_ep_pthreads_transport_destroy(moe_ep_transport* transport);
+/* Runs fn on world_size new threads, one per rank, and waits for all of them.
+   results: optional [world_size] out, each rank's return value. Returns OK if every
+   rank returned OK, else the lowest rank's error that is not ABORTED (or ABORTED). */
+MOE_EP_API moe_ep_result moe_ep_pthreads_run(moe_ep_pthreads_world* world, moe_ep_pthreads_rank_fn fn, void* user_data,
+                                             moe_ep_result* results);
+/* Wakes every rank blocked in the world with MOE_EP_ERROR_ABORTED. Thread safety: any thread. */
+MOE_EP_API void moe_ep_pthreads_abort(moe_ep_pthreads_world* world);
+
+#ifdef __cplusplus
+}
+#endif
+#endif /* MOE_EP_PTHREADS_H_INCLUDED */
+
+#if defined(MOE_EP_IMPLEMENTATION) && !defined(MOE_EP_PTHREADS_IMPLEMENTATION)
+#define MOE_EP_PTHREADS_IMPLEMENTATION
+#endif
+
+#ifdef MOE_EP_PTHREADS_IMPLEMENTATION
+#ifndef MOE_EP_PTHREADS_IMPL_INCLUDED
+#define MOE_EP_PTHREADS_IMPL_INCLUDED
+
+#include <pthread.h>
+#include <time.h>
+#include <errno.h>
+#include <stdio.h>
+#include <stdlib.h>
+#include <string.h>
+
+#ifndef MOE_EP_PRIVATE
+#define MOE_EP_PRIVATE static
+#endif
+
+struct moe_ep_pthreads_world {
+    int world_size, timeout_ms;
+    moe_ep_allocator allocator;
+    pthread_mutex_t mutex;
+    pthread_cond_t cond;
+    int arrived;
+    unsigned long generation;
+    int aborted;                    /* sticky until the next run */
+    int exited;                     /* rank threads of the current run that have returned */
+    const int64_t** count_send;     /* [R] published by exchange_counts */
+    const moe_ep_a2a_args** a2a;    /* [R] published by all_to_all_v */
+    struct moe_ep__pthreads_rank* ranks;
+};
+
+typedef struct moe_ep__pthreads_rank {
+    moe_ep_pthreads_world* world;
+    int rank;
+    moe_ep_pthreads_rank_fn fn;
+    void* user_data;
+    moe_ep_result result;
+} moe_ep__pthreads_rank;
+
+MOE_EP_PRIVATE void* moe_ep__pthreads_alloc(const moe_ep_allocator* a, size_t size) {
+    return a->alloc_fn ? a->alloc_fn(size, a->user_data) : malloc(size);
+}
+
+MOE_EP_PRIVATE void moe_ep__pthreads_free(const moe_ep_allocator* a, void* ptr) {
+    if (!ptr) return;
+    if (a->free_fn) a->free_fn(ptr, a->user_data);
+    else free(ptr);
+}
+
+MOE_EP_API moe_ep_result moe_ep_pthreads_world_create(const moe_ep_pthreads_desc* desc, moe_ep_pthreads_world** out) {
+    moe_ep_pthreads_world* w;
+    size_t R;
+    if (!desc || !out || desc->world_size <= 0 || desc->timeout_ms < 0 ||
+        (desc->allocator.alloc_fn == NULL) != (desc->allocator.free_fn == NULL))
+        return MOE_EP_ERROR_INVALID_ARGUMENT;
+    R = (size_t)desc->world_size;
+    w = (moe_ep_pthreads_world*)moe_ep__pthreads_alloc(&desc->allocator, sizeof *w);
+    if (!w) return MOE_EP_ERROR_OUT_OF_MEMORY;
+    memset(w, 0, sizeof *w);
+    w->world_size = desc->world_size;
+    w->timeout_ms = desc->timeout_ms;
+    w->allocator = desc->allocator;
+    w->count_send = (const int64_t**)moe_ep__pthreads_alloc(&w->allocator, R * sizeof *w->count_send);
+    w->a2a = (const moe_ep_a2a_args**)moe_ep__pthreads_alloc(&w->allocator, R * sizeof *w->a2a);
+    w->ranks = (moe_ep__pthreads_rank*)moe_ep__pthreads_alloc(&w->allocator, R * sizeof *w->ranks);
+    if (!w->count_send || !w->a2a || !w->ranks) {
+        moe_ep__pthreads_free(&w->allocator, (void*)w->count_send);
+        moe_ep__pthreads_free(&w->allocator, (void*)w->a2a);
+        moe_ep__pthreads_free(&w->allocator, w->ranks);
+        moe_ep__pthreads_free(&w->allocator, w);
+        return MOE_EP_ERROR_OUT_OF_MEMORY;
+    }
+    if (pthread_mutex_init(&w->mutex, NULL) != 0 || pthread_cond_init(&w->cond, NULL) != 0) {
+        moe_ep__pthreads_free(&w->allocator, (void*)w->count_send);
+        moe_ep__pthreads_free(&w->allocator, (void*)w->a2a);
+        moe_ep__pthreads_free(&w->allocator, w->ranks);
+        moe_ep__pthreads_free(&w->allocator, w);
+        return MOE_EP_ERROR_INTERNAL;
+    }
+    *out = w;
+    return MOE_EP_OK;
+}
+
+MOE_EP_API void moe_ep_pthreads_world_destroy(moe_ep_pthreads_world* w) {
+    moe_ep_allocator a;
+    if (!w) return;
+    a = w->allocator;
+    pthread_cond_destroy(&w->cond);
+    pthread_mutex_destroy(&w->mutex);
+    moe_ep__pthreads_free(&a, (void*)w->count_send);
+    moe_ep__pthreads_free(&a, (void*)w->a2a);
+    moe_ep__pthreads_free(&a, w->ranks);
+    moe_ep__pthreads_free(&a, w);
+}
+
+MOE_EP_API void moe_ep_pthreads_abort(moe_ep_pthreads_world* w) {
+    if (!w) return;
+    pthread_mutex_lock(&w->mutex);
+    w->aborted = 1;
+    pthread_cond_broadcast(&w->cond);
+    pthread_mutex_unlock(&w->mutex);
+}
+
+/* The barrier every collective is built from. A barrier that some rank can never
+   reach (aborted, or a rank of this run already returned) fails instead of waiting. */
+MOE_EP_PRIVATE moe_ep_result moe_ep__pthreads_barrier(moe_ep_pthreads_world* w, char* err_text, size_t err_size) {
+    moe_ep_result res = MOE_EP_OK;
+    unsigned long generation;
+    struct timespec deadline;
+    pthread_mutex_lock(&w->mutex);
+    if (w->aborted) {
+        pthread_mutex_unlock(&w->mutex);
+        if (err_text) snprintf(err_text, err_size, "the world was aborted");
+        return MOE_EP_ERROR_ABORTED;
+    }
+    generation = w->generation;
+    if (++w->arrived == w->world_size) {
+        w->arrived = 0;
+        w->generation++;
+        pthread_cond_broadcast(&w->cond);
+        pthread_mutex_unlock(&w->mutex);
+        return MOE_EP_OK;
+    }
+    deadline.tv_sec = time(NULL) + (time_t)((w->timeout_ms + 999) / 1000);
+    deadline.tv_nsec = 0;
+    while (generation == w->generation) {
+        if (w->aborted || w->exited > 0) {
+            res = MOE_EP_ERROR_ABORTED;
+            if (err_text)
+                snprintf(err_text, err_size, "%s", w->aborted ? "another rank failed" : "another rank returned early");
+            break;
+        }
+        if (w->timeout_ms > 0) {
+            if (pthread_cond_timedwait(&w->cond, &w->mutex, &deadline) == ETIMEDOUT && generation == w->generation) {
+                res = MOE_EP_ERROR_TIMEOUT;
+                if (err_text) snprintf(err_text, err_size, "no progress for %d ms", w->timeout_ms);
+                w->aborted = 1;     /* the others cannot complete without this rank either */
+                pthread_cond_broadcast(&w->cond);
+                break;
+            }
+        } else {
+            pthread_cond_wait(&w->cond, &w->mutex);
+        }
+    }
+    pthread_mutex_unlock(&w->mutex);
+    return res;
+}
+
+MOE_EP_PRIVATE moe_ep_result moe_ep__pthreads_barrier_cb(void* impl, char* err_text, size_t err_size) {
+    moe_ep__pthreads_rank* me = (moe_ep__pthreads_rank*)impl;
+    return moe_ep__pthreads_barrier(me->world, err_text, err_size);
+}
+
+MOE_EP_PRIVATE moe_ep_result moe_ep__pthreads_exchange(void* impl, const int64_t* send, int64_t* recv, int count,
+                                                       char* err_text, size_t err_size) {
+    moe_ep__pthreads_rank* me = (moe_ep__pthreads_rank*)impl;
+    moe_ep_pthreads_world* w = me->world;
+    moe_ep_result res;
+    int q;
+    w->count_send[me->rank] = send;
+    res = moe_ep__pthreads_barrier(w, err_text, err_size);
+    if (res != MOE_EP_OK) return res;
+    for (q = 0; q < w->world_size; ++q)
+        memcpy(recv + (size_t)q * (size_t)count, w->count_send[q] + (size_t)me->rank * (size_t)count,
+               sizeof(int64_t) * (size_t)count);
+    return moe_ep__pthreads_barrier(w, err_text, err_size);
+}
+
+MOE_EP_PRIVATE moe_ep_result moe_ep__pthreads_a2a_begin(void* impl, const moe_ep_a2a_args* args, void** request,
+                                                        char* err_text, size_t err_size) {
+    moe_ep__pthreads_rank* me = (moe_ep__pthreads_rank*)impl;
+    if (args->memory_space == MOE_EP_MEMORY_DEVICE) {
+        if (err_text) snprintf(err_text, err_size, "device memory is not supported by the pthreads transport");
+        return MOE_EP_ERROR_UNSUPPORTED;    /* symmetric: every rank passes the same memory space */
+    }
+    me->world->a2a[me->rank] = args;
+    *request = (void*)args;
+    return moe_ep__pthreads_barrier(me->world, err_text, err_size);
+}
+
+/* Pull this rank's segments out of every sender's buffer, then wait until all have pulled. */
+MOE_EP_PRIVATE moe_ep_result moe_ep__pthreads_a2a_end(void* impl, void* request, char* err_text, size_t err_size) {
+    moe_ep__pthreads_rank* me = (moe_ep__pthreads_rank*)impl;
+    moe_ep_pthreads_world* w = me->world;
+    const moe_ep_a2a_args* mine = (const moe_ep_a2a_args*)request;
+    moe_ep_result res = MOE_EP_OK;
+    int q, s, S = mine->segments;
+    size_t rb = mine->row_bytes;
+    for (q = 0; q < w->world_size && res == MOE_EP_OK; ++q) {
+        const moe_ep_a2a_args* peer = w->a2a[q];
+        if (peer->segments != S || peer->row_bytes != rb) {
+            if (err_text) snprintf(err_text, err_size, "rank %d uses %d segments of %zu-byte rows, rank %d %d of %zu",
+                                   q, peer->segments, peer->row_bytes, me->rank, S, rb);
+            res = MOE_EP_ERROR_TRANSPORT;
+            break;
+        }
+        for (s = 0; s < S; ++s) {
+            int64_t rows = peer->send_counts[me->rank * S + s];
+            if (rows != mine->recv_counts[q * S + s]) {
+                if (err_text) snprintf(err_text, err_size, "rank %d sends %lld rows in segment %d, rank %d expects %lld",
+                                       q, (long long)rows, s, me->rank, (long long)mine->recv_counts[q * S + s]);
+                res = MOE_EP_ERROR_TRANSPORT;
+                break;
+            }
+            if (rows > 0)
+                memcpy((char*)mine->recv + (size_t)mine->recv_offsets[q * S + s] * rb,
+                       (const char*)peer->send + (size_t)peer->send_offsets[me->rank * S + s] * rb, (size_t)rows * rb);
+        }
+    }
+    {
+        /* always reach the closing barrier, so that a local error does not strand the peers */
+        char barrier_err[128] = "";
+        moe_ep_result closing = moe_ep__pthreads_barrier(w, barrier_err, sizeof barrier_err);
+        if (res == MOE_EP_OK && closing != MOE_EP_OK) {
+            if (err_text) snprintf(err_text, err_size, "%s", barrier_err);
+            res = closing;
+        }
+    }
+    return res;
+}
+
+MOE_EP_PRIVATE moe_ep_result moe_ep__pthreads_a2a(void* impl, const moe_ep_a2a_args* args, char* err_text,
+                                                  size_t err_size) {
+    void* request = NULL;
+    moe_ep_result res = moe_ep__pthreads_a2a_begin(impl, args, &request, err_text, err_size);
+    if (res != MOE_EP_OK) return res;
+    return moe_ep__pthreads_a2a_end(impl, request, err_text, err_size);
+}
+
+MOE_EP_PRIVATE void moe_ep__pthreads_abort_cb(void* impl) {
+    moe_ep_pthreads_abort(((moe_ep__pthreads_rank*)impl)->world);
+}
+
+MOE_EP_API moe_ep_result moe_ep_pthreads_transport_create(moe_ep_pthreads_world* w, int rank, moe_ep_transport* out) {
+    moe_ep_transport t;
+    if (!w || !out || rank < 0 || rank >= w->world_size) return MOE_EP_ERROR_INVALID_ARGUMENT;
+    w->ranks[rank].world = w;
+    w->ranks[rank].rank = rank;
+    memset(&t, 0, sizeof t);
+    t.impl = &w->ranks[rank];
+    t.name = "pthreads";
+    t.rank = rank;
+    t.world_size = w->world_size;
+    t.local_ranks = w->world_size;
+    t.exchange_counts = moe_ep__pthreads_exchange;
+    t.all_to_all_v = moe_ep__pthreads_a2a;
+    t.all_to_all_v_begin = moe_ep__pthreads_a2a_begin;
+    t.all_to_all_v_end = moe_ep__pthreads_a2a_end;
+    t.barrier = moe_ep__pthreads_barrier_cb;
+    t.abort = moe_ep__pthreads_abort_cb;
+    *out = t;
+    return MOE_EP_OK;
+}
+
+MOE_EP_API void moe_ep_pthreads_transport_destroy(moe_ep_transport* transport) {
+    if (transport) memset(transport, 0, sizeof *transport);
+}
+
+MOE_EP_PRIVATE void* moe_ep__pthreads_main(void* arg) {
+    moe_ep__pthreads_rank* me = (moe_ep__pthreads_rank*)arg;
+    moe_ep_pthreads_world* w = me->world;
+    moe_ep_transport t;
+    me->result = moe_ep_pthreads_transport_create(w, me->rank, &t);
+    if (me->result == MOE_EP_OK) me->result = me->fn(&t, me->user_data);
+    pthread_mutex_lock(&w->mutex);
+    w->exited++;
+    if (me->result != MOE_EP_OK) w->aborted = 1;
+    pthread_cond_broadcast(&w->cond);
+    pthread_mutex_unlock(&w->mutex);
+    return NULL;
+}
+
+MOE_EP_API moe_ep_result moe_ep_pthreads_run(moe_ep_pthreads_world* w, moe_ep_pthreads_rank_fn fn, void* user_data,
+                                             moe_ep_result* results) {
+    pthread_t* threads;
+    int r, started = 0;
+    moe_ep_result res = MOE_EP_OK;
+    if (!w || !fn) return MOE_EP_ERROR_INVALID_ARGUMENT;
+    threads = (pthread_t*)moe_ep__pthreads_alloc(&w->allocator, sizeof(pthread_t) * (size_t)w->world_size);
+    if (!threads) return MOE_EP_ERROR_OUT_OF_MEMORY;
+    pthread_mutex_lock(&w->mutex);
+    w->aborted = 0;
+    w->exited = 0;
+    w->arrived = 0;
+    pthread_mutex_unlock(&w->mutex);
+    for (r = 0; r < w->world_size; ++r) {
+        w->ranks[r].world = w;
+        w->ranks[r].rank = r;
+        w->ranks[r].fn = fn;
+        w->ranks[r].user_data = user_data;
+        w->ranks[r].result = MOE_EP_ERROR_INTERNAL;
+    }
+    for (r = 0; r < w->world_size; ++r) {
+        if (pthread_create(&threads[r], NULL, moe_ep__pthreads_main, &w->ranks[r]) != 0) {
+            moe_ep_pthreads_abort(w);   /* the started ranks must not wait for the missing ones */
+            res = MOE_EP_ERROR_INTERNAL;
+            break;
+        }
+        started++;
+    }
+    for (r = 0; r < started; ++r) pthread_join(threads[r], NULL);
+    moe_ep__pthreads_free(&w->allocator, threads);
+    for (r = 0; r < w->world_size; ++r) {
+        moe_ep_result rr = r < started ? w->ranks[r].result : MOE_EP_ERROR_INTERNAL;
+        if (results) results[r] = rr;
+        if (rr != MOE_EP_OK && (res == MOE_EP_OK || (res == MOE_EP_ERROR_ABORTED && rr != MOE_EP_ERROR_ABORTED)))
+            res = rr;
+    }
+    return res;
+}
+
+#endif /* MOE_EP_PTHREADS_IMPL_INCLUDED */
+#endif /* MOE_EP_PTHREADS_IMPLEMENTATION */
