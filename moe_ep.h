@@ -324,6 +324,16 @@ typedef struct moe_ep_plan_info {
     const int64_t* expert_counts;   /* [num_experts] assignments of this rank per expert, before capacity */
     const int64_t* expert_kept;     /* [num_experts] the same after capacity */
     const int64_t* permutation;     /* [send_rows] token of each send row, in send order */
+    /* The exact layout, for code that moves the rows itself (a device path, a custom kernel):
+       send rows are ordered (destination rank, its local expert, token); segment p*S+s is
+       local expert s of rank p. Receive rows are ordered (local expert, source rank, token). */
+    int segments;                   /* S: the largest number of experts a rank holds (>= 1) */
+    const int64_t* seg_send_counts; /* [world_size * S] */
+    const int64_t* seg_send_offsets;/* [world_size * S] rows into the send order */
+    const int64_t* seg_recv_counts; /* [world_size * S] */
+    const int64_t* seg_recv_offsets;/* [world_size * S] rows into the receive order */
+    const int64_t* slot_rows;       /* [tokens * top_k] send row of (token, slot), -1 if dropped */
+    const float* topk_weight;       /* [tokens * top_k] the plan's copy of the weights */
 } moe_ep_plan_info;
 
 /* One layer call. x: [tokens, d_model]; y: [tokens, d_model] (written in full).
@@ -1256,6 +1266,13 @@ MOE_EP_API moe_ep_plan_info moe_ep_plan_query(const moe_ep_plan* plan) {
     info.expert_counts = plan->expert_counts;
     info.expert_kept = plan->expert_kept;
     info.permutation = plan->permutation;
+    info.segments = plan->segments;
+    info.seg_send_counts = plan->seg_send_counts;
+    info.seg_send_offsets = plan->seg_send_offsets;
+    info.seg_recv_counts = plan->seg_recv_counts;
+    info.seg_recv_offsets = plan->seg_recv_offsets;
+    info.slot_rows = plan->slot_row;
+    info.topk_weight = plan->topk_weight;
     return info;
 }
 
