@@ -259,6 +259,16 @@ typedef struct moe_ep_transport {
     moe_ep_result (*barrier)(void* impl, char* err_text, size_t err_size);
     void (*abort)(void* impl);
     void (*destroy)(void* impl);
+    /* Optional, for tensor parallelism: data[0..count) becomes the sum over all ranks,
+       added in rank order (((r0 + r1) + r2) + ...) so the result is the same on every
+       rank and in every run. memory_space/stream as in moe_ep_a2a_args. */
+    moe_ep_result (*all_reduce_sum)(void* impl, float* data, int64_t count, moe_ep_memory_space memory_space,
+                                    void* stream, char* err_text, size_t err_size);
+    /* Optional, for EP x DP and EP x TP x DP: collective over this transport; ranks with the
+       same color form a new transport in which they are ordered by (key, rank). The new
+       transport is released with its own destroy callback. */
+    moe_ep_result (*split)(void* impl, int color, int key, struct moe_ep_transport* out,
+                           char* err_text, size_t err_size);
 } moe_ep_transport;
 
 /* The weights of one expert in the PyTorch nn.Linear layout, row-major:
@@ -292,7 +302,15 @@ typedef struct moe_ep_desc {
     const moe_ep_expert_weights* experts;  /* [local expert count]; required unless expert_fn is set */
     moe_ep_expert_fn expert_fn;     /* default NULL: built-in kernel */
     void* expert_user_data;
-    const moe_ep_transport* transport;     /* default NULL: built-in single rank; copied at create */
+    const moe_ep_transport* transport;     /* default NULL: built-in single rank; copied at create.
+                                       With tensor parallelism: this rank's EP group. */
+    const moe_ep_transport* tp_transport;  /* default NULL: no tensor parallelism. Otherwise this
+                                       rank's TP group (needs all_reduce_sum): every expert's FFN
+                                       is split over it by d_ff (w1, w3 by rows, w2 by columns;
+                                       rank t of T holds d_ff rows [t*d_ff/T, (t+1)*d_ff/T)),
+                                       the group's ranks hand in the same tokens, and the partial
+                                       expert outputs are summed in TP-rank order. `experts`
+                                       still holds the full weights; only the slice is copied. */
     moe_ep_allocator allocator;     /* default malloc/free */
     moe_ep_logger logger;           /* default none */
 } moe_ep_desc;
@@ -375,6 +393,50 @@ MOE_EP_API int moe_ep_rank_experts(const moe_ep_context* ctx, int rank, int* exp
 MOE_EP_API moe_ep_result moe_ep_placement_compute(const moe_ep_placement* placement, int num_experts,
                                                   int world_size, int* owner_of);
 
+/* >>layout: EP x TP x DP.
+   world_size = dp_size * ep_size * tp_size. Rank order: tp varies fastest, then ep, then dp:
+       rank = (dp * ep_size + ep) * tp_size + tp
+   (moe_ep_layout_rank_of / moe_ep_layout_coords convert). The EP group of a rank is the
+   ranks with its dp and tp (varying ep): tokens travel only inside it. The TP group is the
+   ranks with its dp and ep (varying tp): they hold the same tokens and the same experts,
+   each a slice of d_ff. The DP group is the ranks with its ep and tp (varying dp): replicas.
+   Each EP group holds all num_experts experts; EP index e holds the experts that the
+   placement gives to rank e of ep_size (num_experts must be a multiple of ep_size). */
+typedef enum moe_ep_group_kind {
+    MOE_EP_GROUP_DEFAULT = 0,       /* EP */
+    MOE_EP_GROUP_EP,
+    MOE_EP_GROUP_TP,
+    MOE_EP_GROUP_DP,
+    MOE_EP_GROUP_COUNT,
+    MOE_EP_GROUP_FORCE_U32 = 0x7FFFFFFF
+} moe_ep_group_kind;
+
+typedef struct moe_ep_layout_desc {
+    int world_size;                 /* required */
+    int ep_size;                    /* default: world_size / (tp_size * dp_size) */
+    int tp_size;                    /* default 1 */
+    int dp_size;                    /* default 1 */
+    int num_experts;                /* required, a multiple of ep_size */
+    moe_ep_placement placement;     /* placement of experts over the ep_size ranks of an EP group */
+} moe_ep_layout_desc;
+
+typedef struct moe_ep_coords { int dp, ep, tp; } moe_ep_coords;
+
+/* Resolves defaults and checks the sizes; err (optional) gets the reason in words. */
+MOE_EP_API moe_ep_result moe_ep_layout_resolve(const moe_ep_layout_desc* desc, moe_ep_layout_desc* out,
+                                               char* err, size_t err_size);
+MOE_EP_API moe_ep_result moe_ep_layout_coords(const moe_ep_layout_desc* desc, int rank, moe_ep_coords* out);
+MOE_EP_API int moe_ep_layout_rank_of(const moe_ep_layout_desc* desc, moe_ep_coords coords);  /* -1 if invalid */
+/* The ranks of `rank`'s group of the given kind, in group order (the order of the split
+   transport); returns the group size, or -1 on invalid input. Writes up to max ranks. */
+MOE_EP_API int moe_ep_layout_group(const moe_ep_layout_desc* desc, int rank, moe_ep_group_kind kind, int* ranks, int max);
+/* The experts `rank` holds, ascending; returns the count, or -1 on invalid input. */
+MOE_EP_API int moe_ep_layout_experts(const moe_ep_layout_desc* desc, int rank, int* experts, int max);
+/* Splits `world` (a transport over all world_size ranks) into this rank's group of the
+   given kind. Collective over world: every rank calls it with the same kind. */
+MOE_EP_API moe_ep_result moe_ep_layout_split(const moe_ep_layout_desc* desc, const moe_ep_transport* world,
+                                             moe_ep_group_kind kind, moe_ep_transport* out);
+
 /* Route this rank's tokens. Collective: no. topk_idx/topk_weight: [tokens, top_k] out. */
 MOE_EP_API moe_ep_result moe_ep_route(moe_ep_context* ctx, const float* x, int64_t tokens,
                                       int32_t* topk_idx, float* topk_weight, moe_ep_router_stats* stats);
@@ -395,7 +457,8 @@ MOE_EP_API moe_ep_result moe_ep_dispatch_begin(moe_ep_context* ctx, moe_ep_plan*
 MOE_EP_API moe_ep_result moe_ep_dispatch_end(moe_ep_context* ctx, moe_ep_plan* plan);
 
 /* Run the local experts: rows and out are [info.recv_rows, d_model] in dispatch's order.
-   Collective: no (but a failure is reported to the peers by the next combine). */
+   Collective: no (a failure is reported to the peers by the next combine); with a
+   tp_transport, collective over the TP group (the slices' outputs are summed). */
 MOE_EP_API moe_ep_result moe_ep_experts(moe_ep_context* ctx, const moe_ep_plan* plan, const float* rows, float* out);
 
 /* Bring expert outputs back and sum them: y[t] = sum_j topk_weight[t,j] * out_j, in
@@ -459,6 +522,9 @@ struct moe_ep_context {
     moe_ep_transport transport;
     int rank, world_size, num_threads;
     int local_experts, max_local_experts;
+    int d_ff_full;                  /* desc.d_ff as given; desc.d_ff is this rank's TP slice */
+    int tp_rank, tp_size, ff_begin;
+    moe_ep_transport tp_transport;
     int* owner_of;                  /* [E] */
     int* local_index_of;            /* [E] */
     int* rank_expert_count;         /* [R] */
@@ -626,27 +692,30 @@ MOE_EP_API moe_ep_transport moe_ep_single_rank_transport(void) {
 }
 
 /* >>placement */
-MOE_EP_API moe_ep_result moe_ep_placement_compute(const moe_ep_placement* placement, int num_experts,
-                                                  int world_size, int* owner_of) {
-    int e;
+/* The owner of expert e, or -1 if the placement is invalid. */
+MOE_EP_PRIVATE int moe_ep__owner_of(const moe_ep_placement* placement, int num_experts, int world_size, int e) {
     moe_ep_placement_kind kind = placement ? placement->kind : MOE_EP_PLACEMENT_DEFAULT;
-    if (num_experts <= 0 || world_size <= 0 || !owner_of) return MOE_EP_ERROR_INVALID_ARGUMENT;
     if (kind == MOE_EP_PLACEMENT_TABLE) {
-        if (!placement->table) return MOE_EP_ERROR_INVALID_ARGUMENT;
-        for (e = 0; e < num_experts; ++e)
-            if (placement->table[e] < 0 || placement->table[e] >= world_size) return MOE_EP_ERROR_INVALID_ARGUMENT;
-        for (e = 0; e < num_experts; ++e) owner_of[e] = placement->table[e];
-    } else if (kind == MOE_EP_PLACEMENT_ROUND_ROBIN) {
-        for (e = 0; e < num_experts; ++e) owner_of[e] = e % world_size;
-    } else if (kind == MOE_EP_PLACEMENT_DEFAULT || kind == MOE_EP_PLACEMENT_CONTIGUOUS) {
+        int r = placement->table ? placement->table[e] : -1;
+        return r >= 0 && r < world_size ? r : -1;
+    }
+    if (kind == MOE_EP_PLACEMENT_ROUND_ROBIN) return e % world_size;
+    if (kind == MOE_EP_PLACEMENT_DEFAULT || kind == MOE_EP_PLACEMENT_CONTIGUOUS) {
         /* The first E % R ranks hold base + 1 experts, the rest base. */
         int base = num_experts / world_size, extra = num_experts % world_size;
         int split = extra * (base + 1);
-        for (e = 0; e < num_experts; ++e)
-            owner_of[e] = e < split ? e / (base + 1) : extra + (e - split) / (base > 0 ? base : 1);
-    } else {
-        return MOE_EP_ERROR_INVALID_ARGUMENT;
+        return e < split ? e / (base + 1) : extra + (e - split) / (base > 0 ? base : 1);
     }
+    return -1;
+}
+
+MOE_EP_API moe_ep_result moe_ep_placement_compute(const moe_ep_placement* placement, int num_experts,
+                                                  int world_size, int* owner_of) {
+    int e;
+    if (num_experts <= 0 || world_size <= 0 || !owner_of) return MOE_EP_ERROR_INVALID_ARGUMENT;
+    for (e = 0; e < num_experts; ++e)
+        if (moe_ep__owner_of(placement, num_experts, world_size, e) < 0) return MOE_EP_ERROR_INVALID_ARGUMENT;
+    for (e = 0; e < num_experts; ++e) owner_of[e] = moe_ep__owner_of(placement, num_experts, world_size, e);
     return MOE_EP_OK;
 }
 
@@ -735,6 +804,16 @@ MOE_EP_PRIVATE int moe_ep__validate_desc(const moe_ep_desc* d, const moe_ep_tran
                   "moe_ep_desc.transport: exchange_counts and all_to_all_v are required");
     moe_ep__check(v, (t->all_to_all_v_begin == NULL) == (t->all_to_all_v_end == NULL),
                   "moe_ep_desc.transport: set both all_to_all_v_begin and all_to_all_v_end, or neither");
+    if (d->tp_transport) {
+        const moe_ep_transport* tp = d->tp_transport;
+        moe_ep__check(v, tp->world_size > 0 && tp->rank >= 0 && tp->rank < tp->world_size,
+                      "moe_ep_desc.tp_transport: rank (%d) must be in [0, world_size (%d))", tp->rank, tp->world_size);
+        moe_ep__check(v, tp->all_reduce_sum != NULL, "moe_ep_desc.tp_transport: all_reduce_sum is required");
+        moe_ep__check(v, tp->world_size <= 0 || d->d_ff >= tp->world_size,
+                      "moe_ep_desc.d_ff (%d) must be >= the tensor-parallel size (%d)", d->d_ff, tp->world_size);
+        moe_ep__check(v, !d->expert_fn || tp->world_size == 1,
+                      "moe_ep_desc.expert_fn cannot be combined with tp_transport (the callback gets whole experts)");
+    }
     return v->failures;
 }
 
@@ -748,11 +827,11 @@ MOE_EP_PRIVATE uint64_t moe_ep__hash(uint64_t h, const void* data, size_t size) 
 
 MOE_EP_PRIVATE int64_t moe_ep__fingerprint(const moe_ep_context* ctx) {
     const moe_ep_desc* d = &ctx->desc;
-    int32_t fields[8];
+    int32_t fields[9];
     uint64_t h = 14695981039346656037ull;
-    fields[0] = d->d_model; fields[1] = d->d_ff; fields[2] = d->num_experts; fields[3] = d->top_k;
+    fields[0] = d->d_model; fields[1] = ctx->d_ff_full; fields[2] = d->num_experts; fields[3] = d->top_k;
     fields[4] = (int32_t)d->activation; fields[5] = (int32_t)d->scoring; fields[6] = d->normalize_topk;
-    fields[7] = ctx->world_size;
+    fields[7] = ctx->world_size; fields[8] = ctx->tp_size;
     h = moe_ep__hash(h, fields, sizeof fields);
     h = moe_ep__hash(h, &d->capacity_factor, sizeof d->capacity_factor);
     h = moe_ep__hash(h, ctx->owner_of, sizeof(int) * (size_t)d->num_experts);
@@ -959,6 +1038,35 @@ MOE_EP_PRIVATE moe_ep_result moe_ep__pack_experts(moe_ep_context* ctx) {
     return MOE_EP_OK;
 }
 
+/* Tensor parallelism: pack only this rank's d_ff slice. w1 and w3 rows are contiguous; the
+   w2 columns are copied out first so the kernel's packer sees an ordinary [d_model, slice]. */
+MOE_EP_PRIVATE moe_ep_result moe_ep__pack_tp_slice(moe_ep_context* ctx) {
+    const moe_ep_allocator* a = &ctx->desc.allocator;
+    const moe_ep_expert_weights* full = ctx->desc.experts;
+    int64_t D = ctx->desc.d_model, F = ctx->d_ff_full, f0 = ctx->ff_begin, n = ctx->desc.d_ff, i, l;
+    moe_ep_expert_weights* slices = (moe_ep_expert_weights*)moe_ep__calloc(a, ctx->local_experts, sizeof *slices);
+    float* w2 = (float*)moe_ep__calloc(a, (int64_t)ctx->local_experts * D * n, sizeof(float));
+    moe_ep_result res;
+    if (!slices || !w2) {
+        moe_ep__free(a, slices);
+        moe_ep__free(a, w2);
+        return MOE_EP_ERROR_OUT_OF_MEMORY;
+    }
+    for (l = 0; l < ctx->local_experts; ++l) {
+        float* w2_slice = w2 + l * D * n;
+        slices[l].w1 = full[l].w1 + f0 * D;
+        slices[l].w3 = full[l].w3 ? full[l].w3 + f0 * D : NULL;
+        for (i = 0; i < D; ++i) memcpy(w2_slice + i * n, full[l].w2 + i * F + f0, sizeof(float) * (size_t)n);
+        slices[l].w2 = w2_slice;
+    }
+    ctx->desc.experts = slices;
+    res = moe_ep__pack_experts(ctx);
+    ctx->desc.experts = full;
+    moe_ep__free(a, slices);
+    moe_ep__free(a, w2);
+    return res;
+}
+
 /* Exchange one status word with every peer. Returns OK only if every rank reported OK;
    otherwise the local cause, or ABORTED naming the first failed peer. */
 MOE_EP_PRIVATE moe_ep_result moe_ep__agree(moe_ep_context* ctx, moe_ep_result local, const char* stage) {
@@ -1018,6 +1126,17 @@ MOE_EP_API moe_ep_result moe_ep_create(const moe_ep_desc* desc, moe_ep_context**
         ctx->transport = t;
         ctx->rank = t.rank;
         ctx->world_size = t.world_size;
+        ctx->d_ff_full = d.d_ff;
+        ctx->tp_size = 1;
+        if (d.tp_transport) {
+            ctx->tp_transport = *d.tp_transport;
+            ctx->tp_rank = d.tp_transport->rank;
+            ctx->tp_size = d.tp_transport->world_size;
+            ctx->desc.tp_transport = NULL;
+            /* rank t of T computes d_ff rows [t*F/T, (t+1)*F/T) */
+            ctx->ff_begin = (int)((int64_t)d.d_ff * ctx->tp_rank / ctx->tp_size);
+            ctx->desc.d_ff = (int)((int64_t)d.d_ff * (ctx->tp_rank + 1) / ctx->tp_size) - ctx->ff_begin;
+        }
         res = moe_ep__build_placement(ctx);
         if (res == MOE_EP_OK && !d.expert_fn && ctx->local_experts > 0) {
             int l;
@@ -1030,6 +1149,7 @@ MOE_EP_API moe_ep_result moe_ep_create(const moe_ep_desc* desc, moe_ep_context**
                               "moe_ep_desc.experts[%d]: w1, w2%s must not be NULL", l,
                               d.activation == MOE_EP_ACTIVATION_SWIGLU ? " and w3" : "");
             if (v.failures) res = MOE_EP_ERROR_INVALID_ARGUMENT;
+            else if (ctx->tp_size > 1) res = moe_ep__pack_tp_slice(ctx);
             else res = moe_ep__pack_experts(ctx);
         }
         if (res == MOE_EP_ERROR_OUT_OF_MEMORY) moe_ep__fail_desc(&d, t.rank, res, "out of memory while creating the context");
@@ -1094,6 +1214,7 @@ MOE_EP_API moe_ep_desc moe_ep_query_desc(const moe_ep_context* ctx) {
     if (!ctx) { memset(&d, 0, sizeof d); return d; }
     d = ctx->desc;
     d.num_threads = ctx->num_threads;
+    d.d_ff = ctx->d_ff_full;
     return d;
 }
 
@@ -1523,14 +1644,10 @@ MOE_EP_API moe_ep_result moe_ep_dispatch(moe_ep_context* ctx, moe_ep_plan* plan,
 }
 
 /* >>experts */
-MOE_EP_API moe_ep_result moe_ep_experts(moe_ep_context* ctx, const moe_ep_plan* plan, const float* rows, float* out) {
+MOE_EP_PRIVATE moe_ep_result moe_ep__experts_local(moe_ep_context* ctx, const moe_ep_plan* plan, const float* rows,
+                                                   float* out) {
+    int64_t d = ctx->desc.d_model;
     int l;
-    int64_t d;
-    moe_ep_result res = moe_ep__check_stage(ctx, (moe_ep_plan*)(uintptr_t)plan, "moe_ep_experts", 0);
-    if (res != MOE_EP_OK) return res;
-    if (plan->recv_rows > 0 && (!rows || !out))
-        return moe_ep__fail(ctx, MOE_EP_ERROR_INVALID_ARGUMENT, "moe_ep_experts: rows and out must not be NULL");
-    d = ctx->desc.d_model;
     for (l = 0; l < ctx->local_experts; ++l) {
         int64_t n = plan->local_expert_counts[l], first = plan->local_expert_offsets[l];
         if (n == 0) continue;
@@ -1542,11 +1659,30 @@ MOE_EP_API moe_ep_result moe_ep_experts(moe_ep_context* ctx, const moe_ep_plan* 
                 return moe_ep__fail(ctx, MOE_EP_ERROR_CALLBACK, "moe_ep_experts: expert_fn returned %d for expert %d",
                                     rc, expert);
         } else {
-            res = moe_ep_expert_ffn(ctx, l, rows + first * d, n, out + first * d);
+            moe_ep_result res = moe_ep_expert_ffn(ctx, l, rows + first * d, n, out + first * d);
             if (res != MOE_EP_OK) return res;
         }
     }
     return MOE_EP_OK;
+}
+
+MOE_EP_API moe_ep_result moe_ep_experts(moe_ep_context* ctx, const moe_ep_plan* plan, const float* rows, float* out) {
+    moe_ep_result res = moe_ep__check_stage(ctx, (moe_ep_plan*)(uintptr_t)plan, "moe_ep_experts", 0);
+    if (res != MOE_EP_OK) return res;
+    if (plan->recv_rows > 0 && (!rows || !out))
+        return moe_ep__fail(ctx, MOE_EP_ERROR_INVALID_ARGUMENT, "moe_ep_experts: rows and out must not be NULL");
+    res = moe_ep__experts_local(ctx, plan, rows, out);
+    if (ctx->tp_size > 1) {
+        /* The TP group saw the same tokens, so its ranks hold the same rows: sum the d_ff
+           slices. Reached even after a local failure, so the group is not left waiting. */
+        char err[MOE_EP__ERR_SIZE] = "";
+        moe_ep_result reduced = ctx->tp_transport.all_reduce_sum(ctx->tp_transport.impl, out,
+                                                                 plan->recv_rows * ctx->desc.d_model,
+                                                                 MOE_EP_MEMORY_HOST, NULL, err, sizeof err);
+        if (res == MOE_EP_OK && reduced != MOE_EP_OK)
+            res = moe_ep__transport_fail(ctx, reduced, "moe_ep_experts: tensor-parallel sum", err);
+    }
+    return res;
 }
 
 /* >>combine */
@@ -1671,6 +1807,113 @@ MOE_EP_API moe_ep_result moe_ep_forward(moe_ep_context* ctx, const moe_ep_forwar
     }
     moe_ep_plan_destroy(plan);
     return res;
+}
+
+/* >>layout */
+MOE_EP_API moe_ep_result moe_ep_layout_resolve(const moe_ep_layout_desc* desc, moe_ep_layout_desc* out,
+                                               char* err, size_t err_size) {
+    moe_ep_layout_desc d;
+    char local[8];
+    if (!err) { err = local; err_size = sizeof local; }
+    if (!desc || !out) { snprintf(err, err_size, "desc and out must not be NULL"); return MOE_EP_ERROR_INVALID_ARGUMENT; }
+    d = *desc;
+    d.tp_size = MOE_EP__DEF(d.tp_size, 1);
+    d.dp_size = MOE_EP__DEF(d.dp_size, 1);
+    d.placement.kind = MOE_EP__DEF(d.placement.kind, MOE_EP_PLACEMENT_CONTIGUOUS);
+    if (d.world_size <= 0 || d.tp_size <= 0 || d.dp_size <= 0 || d.ep_size < 0) {
+        snprintf(err, err_size, "moe_ep_layout_desc: world_size (%d), tp_size (%d) and dp_size (%d) must be > 0 "
+                 "and ep_size (%d) >= 0", d.world_size, d.tp_size, d.dp_size, d.ep_size);
+        return MOE_EP_ERROR_INVALID_ARGUMENT;
+    }
+    if (d.ep_size == 0) d.ep_size = d.world_size / (d.tp_size * d.dp_size);
+    if ((int64_t)d.ep_size * d.tp_size * d.dp_size != d.world_size || d.ep_size == 0) {
+        snprintf(err, err_size, "moe_ep_layout_desc: ep_size (%d) x tp_size (%d) x dp_size (%d) must equal "
+                 "world_size (%d)", d.ep_size, d.tp_size, d.dp_size, d.world_size);
+        return MOE_EP_ERROR_INVALID_ARGUMENT;
+    }
+    if (d.num_experts <= 0 || d.num_experts % d.ep_size != 0) {
+        snprintf(err, err_size, "moe_ep_layout_desc.num_experts (%d) must be a positive multiple of ep_size (%d)",
+                 d.num_experts, d.ep_size);
+        return MOE_EP_ERROR_INVALID_ARGUMENT;
+    }
+    if (d.placement.kind <= 0 || d.placement.kind >= MOE_EP_PLACEMENT_COUNT ||
+        (d.placement.kind == MOE_EP_PLACEMENT_TABLE && !d.placement.table)) {
+        snprintf(err, err_size, "moe_ep_layout_desc.placement is not valid");
+        return MOE_EP_ERROR_INVALID_ARGUMENT;
+    }
+    *out = d;
+    return MOE_EP_OK;
+}
+
+MOE_EP_API moe_ep_result moe_ep_layout_coords(const moe_ep_layout_desc* desc, int rank, moe_ep_coords* out) {
+    moe_ep_layout_desc d;
+    moe_ep_result res = moe_ep_layout_resolve(desc, &d, NULL, 0);
+    if (res != MOE_EP_OK) return res;
+    if (rank < 0 || rank >= d.world_size || !out) return MOE_EP_ERROR_INVALID_ARGUMENT;
+    out->tp = rank % d.tp_size;
+    out->ep = (rank / d.tp_size) % d.ep_size;
+    out->dp = rank / (d.tp_size * d.ep_size);
+    return MOE_EP_OK;
+}
+
+MOE_EP_API int moe_ep_layout_rank_of(const moe_ep_layout_desc* desc, moe_ep_coords c) {
+    moe_ep_layout_desc d;
+    if (moe_ep_layout_resolve(desc, &d, NULL, 0) != MOE_EP_OK) return -1;
+    if (c.dp < 0 || c.dp >= d.dp_size || c.ep < 0 || c.ep >= d.ep_size || c.tp < 0 || c.tp >= d.tp_size) return -1;
+    return (c.dp * d.ep_size + c.ep) * d.tp_size + c.tp;
+}
+
+MOE_EP_API int moe_ep_layout_group(const moe_ep_layout_desc* desc, int rank, moe_ep_group_kind kind, int* ranks, int max) {
+    moe_ep_layout_desc d;
+    moe_ep_coords c, member;
+    int i, n;
+    if (moe_ep_layout_resolve(desc, &d, NULL, 0) != MOE_EP_OK || moe_ep_layout_coords(&d, rank, &c) != MOE_EP_OK) return -1;
+    kind = MOE_EP__DEF(kind, MOE_EP_GROUP_EP);
+    if (kind <= 0 || kind >= MOE_EP_GROUP_COUNT) return -1;
+    n = kind == MOE_EP_GROUP_EP ? d.ep_size : kind == MOE_EP_GROUP_TP ? d.tp_size : d.dp_size;
+    for (i = 0; i < n && i < max && ranks; ++i) {
+        member = c;
+        if (kind == MOE_EP_GROUP_EP) member.ep = i;
+        else if (kind == MOE_EP_GROUP_TP) member.tp = i;
+        else member.dp = i;
+        ranks[i] = moe_ep_layout_rank_of(&d, member);
+    }
+    return n;
+}
+
+MOE_EP_API int moe_ep_layout_experts(const moe_ep_layout_desc* desc, int rank, int* experts, int max) {
+    moe_ep_layout_desc d;
+    moe_ep_coords c;
+    int e, n = 0;
+    if (moe_ep_layout_resolve(desc, &d, NULL, 0) != MOE_EP_OK || moe_ep_layout_coords(&d, rank, &c) != MOE_EP_OK) return -1;
+    for (e = 0; e < d.num_experts; ++e) {
+        int owner = moe_ep__owner_of(&d.placement, d.num_experts, d.ep_size, e);
+        if (owner < 0) return -1;
+        if (owner == c.ep) {
+            if (experts && n < max) experts[n] = e;
+            n++;
+        }
+    }
+    return n;
+}
+
+MOE_EP_API moe_ep_result moe_ep_layout_split(const moe_ep_layout_desc* desc, const moe_ep_transport* world,
+                                             moe_ep_group_kind kind, moe_ep_transport* out) {
+    moe_ep_layout_desc d;
+    moe_ep_coords c;
+    int color, key;
+    char err[MOE_EP__ERR_SIZE];
+    if (!world || !out || !world->split) return MOE_EP_ERROR_INVALID_ARGUMENT;
+    if (moe_ep_layout_resolve(desc, &d, NULL, 0) != MOE_EP_OK || d.world_size != world->world_size ||
+        moe_ep_layout_coords(&d, world->rank, &c) != MOE_EP_OK)
+        return MOE_EP_ERROR_INVALID_ARGUMENT;
+    kind = MOE_EP__DEF(kind, MOE_EP_GROUP_EP);
+    /* color: the coordinates that stay fixed in the group; key: the one that varies */
+    if (kind == MOE_EP_GROUP_EP) { color = c.dp * d.tp_size + c.tp; key = c.ep; }
+    else if (kind == MOE_EP_GROUP_TP) { color = c.dp * d.ep_size + c.ep; key = c.tp; }
+    else if (kind == MOE_EP_GROUP_DP) { color = c.ep * d.tp_size + c.tp; key = c.dp; }
+    else return MOE_EP_ERROR_INVALID_ARGUMENT;
+    return world->split(world->impl, color, key, out, err, sizeof err);
 }
 
 #endif /* MOE_EP_IMPL_INCLUDED */
