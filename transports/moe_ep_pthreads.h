@@ -47,10 +47,13 @@ typedef struct moe_ep_pthreads_world moe_ep_pthreads_world;
 typedef moe_ep_result (*moe_ep_pthreads_rank_fn)(const moe_ep_transport* transport, void* user_data);
 
 MOE_EP_API moe_ep_result moe_ep_pthreads_world_create(const moe_ep_pthreads_desc* desc, moe_ep_pthreads_world** out);
+/* Destroys a root world. Groups split from it must have been released first. */
 MOE_EP_API void moe_ep_pthreads_world_destroy(moe_ep_pthreads_world* world);
 /* The transport of one rank; it stays valid while the world lives. */
 MOE_EP_API moe_ep_result moe_ep_pthreads_transport_create(moe_ep_pthreads_world* world, int rank, moe_ep_transport* out);
 MOE_EP_API void moe_ep_pthreads_transport_destroy(moe_ep_transport* transport);
+/* Groups (EP, TP, DP) come from transport.split (or moe_ep_layout_split); a group's
+   transport must be destroyed with moe_ep_pthreads_transport_destroy before the world. */
 /* Runs fn on world_size new threads, one per rank, and waits for all of them.
    results: optional [world_size] out, each rank's return value. Returns OK if every
    rank returned OK, else the lowest rank's error that is not ABORTED (or ABORTED). */
@@ -83,17 +86,28 @@ MOE_EP_API void moe_ep_pthreads_abort(moe_ep_pthreads_world* world);
 #define MOE_EP_PRIVATE static
 #endif
 
+/* A world is either the root (made by moe_ep_pthreads_world_create) or a group split
+   from another world. Groups share the root's mutex and condition variable, so an abort
+   or a returning rank wakes every waiter of every group. */
 struct moe_ep_pthreads_world {
     int world_size, timeout_ms;
     moe_ep_allocator allocator;
-    pthread_mutex_t mutex;
-    pthread_cond_t cond;
+    struct moe_ep_pthreads_world* root;
+    pthread_mutex_t mutex;          /* used on the root only */
+    pthread_cond_t cond;            /* used on the root only */
     int arrived;
     unsigned long generation;
     int aborted;                    /* sticky until the next run */
-    int exited;                     /* rank threads of the current run that have returned */
+    int* rank_exited;               /* root: [R] rank threads of the current run that have returned */
+    int* global_rank;               /* [R] the root rank of each member */
+    int references;                 /* groups: transports still using it */
     const int64_t** count_send;     /* [R] published by exchange_counts */
     const moe_ep_a2a_args** a2a;    /* [R] published by all_to_all_v */
+    float** reduce_data;            /* [R] published by all_reduce_sum */
+    int64_t* reduce_count;          /* [R] */
+    int* split_color;               /* [R] published by split */
+    int* split_key;                 /* [R] */
+    struct moe_ep_pthreads_world** split_group;   /* [R] the group a split leader made */
     struct moe_ep__pthreads_rank* ranks;
 };
 
@@ -115,69 +129,119 @@ MOE_EP_PRIVATE void moe_ep__pthreads_free(const moe_ep_allocator* a, void* ptr) 
     else free(ptr);
 }
 
+MOE_EP_PRIVATE void moe_ep__pthreads_world_free(moe_ep_pthreads_world* w) {
+    moe_ep_allocator a = w->allocator;
+    moe_ep__pthreads_free(&a, (void*)w->count_send);
+    moe_ep__pthreads_free(&a, (void*)w->a2a);
+    moe_ep__pthreads_free(&a, w->reduce_data);
+    moe_ep__pthreads_free(&a, w->reduce_count);
+    moe_ep__pthreads_free(&a, w->split_color);
+    moe_ep__pthreads_free(&a, w->split_key);
+    moe_ep__pthreads_free(&a, w->split_group);
+    moe_ep__pthreads_free(&a, w->rank_exited);
+    moe_ep__pthreads_free(&a, w->global_rank);
+    moe_ep__pthreads_free(&a, w->ranks);
+    moe_ep__pthreads_free(&a, w);
+}
+
+/* Allocates a world of `size` ranks (root == NULL makes a root). */
+MOE_EP_PRIVATE moe_ep_pthreads_world* moe_ep__pthreads_world_alloc(const moe_ep_allocator* a, int size, int timeout_ms,
+                                                                   moe_ep_pthreads_world* root) {
+    size_t R = (size_t)size;
+    int r;
+    moe_ep_pthreads_world* w = (moe_ep_pthreads_world*)moe_ep__pthreads_alloc(a, sizeof *w);
+    if (!w) return NULL;
+    memset(w, 0, sizeof *w);
+    w->world_size = size;
+    w->timeout_ms = timeout_ms;
+    w->allocator = *a;
+    w->root = root ? root : w;
+    w->count_send = (const int64_t**)moe_ep__pthreads_alloc(a, R * sizeof *w->count_send);
+    w->a2a = (const moe_ep_a2a_args**)moe_ep__pthreads_alloc(a, R * sizeof *w->a2a);
+    w->reduce_data = (float**)moe_ep__pthreads_alloc(a, R * sizeof *w->reduce_data);
+    w->reduce_count = (int64_t*)moe_ep__pthreads_alloc(a, R * sizeof *w->reduce_count);
+    w->split_color = (int*)moe_ep__pthreads_alloc(a, R * sizeof *w->split_color);
+    w->split_key = (int*)moe_ep__pthreads_alloc(a, R * sizeof *w->split_key);
+    w->split_group = (moe_ep_pthreads_world**)moe_ep__pthreads_alloc(a, R * sizeof *w->split_group);
+    w->global_rank = (int*)moe_ep__pthreads_alloc(a, R * sizeof *w->global_rank);
+    w->ranks = (moe_ep__pthreads_rank*)moe_ep__pthreads_alloc(a, R * sizeof *w->ranks);
+    if (!root) w->rank_exited = (int*)moe_ep__pthreads_alloc(a, R * sizeof *w->rank_exited);
+    if (!w->count_send || !w->a2a || !w->reduce_data || !w->reduce_count || !w->split_color || !w->split_key ||
+        !w->split_group || !w->global_rank || !w->ranks || (!root && !w->rank_exited)) {
+        moe_ep__pthreads_world_free(w);
+        return NULL;
+    }
+    for (r = 0; r < size; ++r) {
+        w->global_rank[r] = r;
+        w->split_group[r] = NULL;
+        w->ranks[r].world = w;
+        w->ranks[r].rank = r;
+        if (!root) w->rank_exited[r] = 0;
+    }
+    return w;
+}
+
 MOE_EP_API moe_ep_result moe_ep_pthreads_world_create(const moe_ep_pthreads_desc* desc, moe_ep_pthreads_world** out) {
     moe_ep_pthreads_world* w;
-    size_t R;
     if (!desc || !out || desc->world_size <= 0 || desc->timeout_ms < 0 ||
         (desc->allocator.alloc_fn == NULL) != (desc->allocator.free_fn == NULL))
         return MOE_EP_ERROR_INVALID_ARGUMENT;
-    R = (size_t)desc->world_size;
-    w = (moe_ep_pthreads_world*)moe_ep__pthreads_alloc(&desc->allocator, sizeof *w);
+    w = moe_ep__pthreads_world_alloc(&desc->allocator, desc->world_size, desc->timeout_ms, NULL);
     if (!w) return MOE_EP_ERROR_OUT_OF_MEMORY;
-    memset(w, 0, sizeof *w);
-    w->world_size = desc->world_size;
-    w->timeout_ms = desc->timeout_ms;
-    w->allocator = desc->allocator;
-    w->count_send = (const int64_t**)moe_ep__pthreads_alloc(&w->allocator, R * sizeof *w->count_send);
-    w->a2a = (const moe_ep_a2a_args**)moe_ep__pthreads_alloc(&w->allocator, R * sizeof *w->a2a);
-    w->ranks = (moe_ep__pthreads_rank*)moe_ep__pthreads_alloc(&w->allocator, R * sizeof *w->ranks);
-    if (!w->count_send || !w->a2a || !w->ranks) {
-        moe_ep__pthreads_free(&w->allocator, (void*)w->count_send);
-        moe_ep__pthreads_free(&w->allocator, (void*)w->a2a);
-        moe_ep__pthreads_free(&w->allocator, w->ranks);
-        moe_ep__pthreads_free(&w->allocator, w);
-        return MOE_EP_ERROR_OUT_OF_MEMORY;
+    if (pthread_mutex_init(&w->mutex, NULL) != 0) {
+        moe_ep__pthreads_world_free(w);
+        return MOE_EP_ERROR_INTERNAL;
     }
-    if (pthread_mutex_init(&w->mutex, NULL) != 0 || pthread_cond_init(&w->cond, NULL) != 0) {
-        moe_ep__pthreads_free(&w->allocator, (void*)w->count_send);
-        moe_ep__pthreads_free(&w->allocator, (void*)w->a2a);
-        moe_ep__pthreads_free(&w->allocator, w->ranks);
-        moe_ep__pthreads_free(&w->allocator, w);
+    if (pthread_cond_init(&w->cond, NULL) != 0) {
+        pthread_mutex_destroy(&w->mutex);
+        moe_ep__pthreads_world_free(w);
         return MOE_EP_ERROR_INTERNAL;
     }
     *out = w;
     return MOE_EP_OK;
 }
 
+/* Destroys a root world. Groups split from it must have been released (their transports destroyed). */
 MOE_EP_API void moe_ep_pthreads_world_destroy(moe_ep_pthreads_world* w) {
-    moe_ep_allocator a;
-    if (!w) return;
-    a = w->allocator;
+    if (!w || w->root != w) return;
     pthread_cond_destroy(&w->cond);
     pthread_mutex_destroy(&w->mutex);
-    moe_ep__pthreads_free(&a, (void*)w->count_send);
-    moe_ep__pthreads_free(&a, (void*)w->a2a);
-    moe_ep__pthreads_free(&a, w->ranks);
-    moe_ep__pthreads_free(&a, w);
+    moe_ep__pthreads_world_free(w);
 }
 
+
 MOE_EP_API void moe_ep_pthreads_abort(moe_ep_pthreads_world* w) {
+    moe_ep_pthreads_world* root;
     if (!w) return;
-    pthread_mutex_lock(&w->mutex);
-    w->aborted = 1;
-    pthread_cond_broadcast(&w->cond);
-    pthread_mutex_unlock(&w->mutex);
+    root = w->root;
+    pthread_mutex_lock(&root->mutex);
+    root->aborted = 1;
+    pthread_cond_broadcast(&root->cond);
+    pthread_mutex_unlock(&root->mutex);
+}
+
+/* Whether a barrier of w can no longer complete: an abort, or a member that has returned.
+   Called with the root's mutex held. */
+MOE_EP_PRIVATE const char* moe_ep__pthreads_broken(const moe_ep_pthreads_world* w) {
+    const moe_ep_pthreads_world* root = w->root;
+    int r;
+    if (root->aborted || w->aborted) return "another rank failed";
+    for (r = 0; r < w->world_size; ++r)
+        if (root->rank_exited[w->global_rank[r]]) return "another rank returned early";
+    return NULL;
 }
 
 /* The barrier every collective is built from. A barrier that some rank can never
    reach (aborted, or a rank of this run already returned) fails instead of waiting. */
 MOE_EP_PRIVATE moe_ep_result moe_ep__pthreads_barrier(moe_ep_pthreads_world* w, char* err_text, size_t err_size) {
+    moe_ep_pthreads_world* root = w->root;
     moe_ep_result res = MOE_EP_OK;
     unsigned long generation;
     struct timespec deadline;
-    pthread_mutex_lock(&w->mutex);
-    if (w->aborted) {
-        pthread_mutex_unlock(&w->mutex);
+    const char* broken;
+    pthread_mutex_lock(&root->mutex);
+    if (root->aborted || w->aborted) {
+        pthread_mutex_unlock(&root->mutex);
         if (err_text) snprintf(err_text, err_size, "the world was aborted");
         return MOE_EP_ERROR_ABORTED;
     }
@@ -185,32 +249,31 @@ MOE_EP_PRIVATE moe_ep_result moe_ep__pthreads_barrier(moe_ep_pthreads_world* w, 
     if (++w->arrived == w->world_size) {
         w->arrived = 0;
         w->generation++;
-        pthread_cond_broadcast(&w->cond);
-        pthread_mutex_unlock(&w->mutex);
+        pthread_cond_broadcast(&root->cond);
+        pthread_mutex_unlock(&root->mutex);
         return MOE_EP_OK;
     }
     deadline.tv_sec = time(NULL) + (time_t)((w->timeout_ms + 999) / 1000);
     deadline.tv_nsec = 0;
     while (generation == w->generation) {
-        if (w->aborted || w->exited > 0) {
+        if ((broken = moe_ep__pthreads_broken(w)) != NULL) {
             res = MOE_EP_ERROR_ABORTED;
-            if (err_text)
-                snprintf(err_text, err_size, "%s", w->aborted ? "another rank failed" : "another rank returned early");
+            if (err_text) snprintf(err_text, err_size, "%s", broken);
             break;
         }
         if (w->timeout_ms > 0) {
-            if (pthread_cond_timedwait(&w->cond, &w->mutex, &deadline) == ETIMEDOUT && generation == w->generation) {
+            if (pthread_cond_timedwait(&root->cond, &root->mutex, &deadline) == ETIMEDOUT && generation == w->generation) {
                 res = MOE_EP_ERROR_TIMEOUT;
                 if (err_text) snprintf(err_text, err_size, "no progress for %d ms", w->timeout_ms);
-                w->aborted = 1;     /* the others cannot complete without this rank either */
-                pthread_cond_broadcast(&w->cond);
+                root->aborted = 1;  /* the others cannot complete without this rank either */
+                pthread_cond_broadcast(&root->cond);
                 break;
             }
         } else {
-            pthread_cond_wait(&w->cond, &w->mutex);
+            pthread_cond_wait(&root->cond, &root->mutex);
         }
     }
-    pthread_mutex_unlock(&w->mutex);
+    pthread_mutex_unlock(&root->mutex);
     return res;
 }
 
@@ -299,6 +362,56 @@ MOE_EP_PRIVATE void moe_ep__pthreads_abort_cb(void* impl) {
     moe_ep_pthreads_abort(((moe_ep__pthreads_rank*)impl)->world);
 }
 
+/* Each rank sums its own slice of the elements over all ranks, in rank order, and writes
+   the sum back to every rank's buffer: one pass, the same bytes everywhere. */
+MOE_EP_PRIVATE moe_ep_result moe_ep__pthreads_all_reduce(void* impl, float* data, int64_t count,
+                                                         moe_ep_memory_space memory_space, void* stream,
+                                                         char* err_text, size_t err_size) {
+    moe_ep__pthreads_rank* me = (moe_ep__pthreads_rank*)impl;
+    moe_ep_pthreads_world* w = me->world;
+    moe_ep_result res = MOE_EP_OK, closing;
+    int R = w->world_size, q;
+    (void)stream;
+    if (memory_space == MOE_EP_MEMORY_DEVICE) {
+        if (err_text) snprintf(err_text, err_size, "device memory is not supported by the pthreads transport");
+        return MOE_EP_ERROR_UNSUPPORTED;
+    }
+    w->reduce_data[me->rank] = data;
+    w->reduce_count[me->rank] = count;
+    res = moe_ep__pthreads_barrier(w, err_text, err_size);
+    if (res != MOE_EP_OK) return res;
+    for (q = 0; q < R; ++q)
+        if (w->reduce_count[q] != count) {
+            if (err_text) snprintf(err_text, err_size, "all_reduce_sum: rank %d passes %lld elements, rank %d %lld", q,
+                                   (long long)w->reduce_count[q], me->rank, (long long)count);
+            res = MOE_EP_ERROR_TRANSPORT;
+        }
+    if (res == MOE_EP_OK) {
+        int64_t i, begin = count * me->rank / R, end = count * (me->rank + 1) / R;
+        for (i = begin; i < end; ++i) {
+            float sum = w->reduce_data[0][i];
+            for (q = 1; q < R; ++q) sum += w->reduce_data[q][i];
+            for (q = 0; q < R; ++q) w->reduce_data[q][i] = sum;
+        }
+    }
+    closing = moe_ep__pthreads_barrier(w, res == MOE_EP_OK ? err_text : NULL, err_size);
+    return res != MOE_EP_OK ? res : closing;
+}
+
+MOE_EP_PRIVATE void moe_ep__pthreads_release(void* impl) {
+    moe_ep__pthreads_rank* me = (moe_ep__pthreads_rank*)impl;
+    moe_ep_pthreads_world* w = me->world;
+    moe_ep_pthreads_world* root = w->root;
+    int last;
+    pthread_mutex_lock(&root->mutex);
+    last = --w->references == 0;
+    pthread_mutex_unlock(&root->mutex);
+    if (last) moe_ep__pthreads_world_free(w);
+}
+
+MOE_EP_PRIVATE moe_ep_result moe_ep__pthreads_split(void* impl, int color, int key, moe_ep_transport* out,
+                                                    char* err_text, size_t err_size);
+
 MOE_EP_API moe_ep_result moe_ep_pthreads_transport_create(moe_ep_pthreads_world* w, int rank, moe_ep_transport* out) {
     moe_ep_transport t;
     if (!w || !out || rank < 0 || rank >= w->world_size) return MOE_EP_ERROR_INVALID_ARGUMENT;
@@ -316,12 +429,79 @@ MOE_EP_API moe_ep_result moe_ep_pthreads_transport_create(moe_ep_pthreads_world*
     t.all_to_all_v_end = moe_ep__pthreads_a2a_end;
     t.barrier = moe_ep__pthreads_barrier_cb;
     t.abort = moe_ep__pthreads_abort_cb;
+    t.all_reduce_sum = moe_ep__pthreads_all_reduce;
+    t.split = moe_ep__pthreads_split;
+    if (w->root != w) t.destroy = moe_ep__pthreads_release;
     *out = t;
     return MOE_EP_OK;
 }
 
 MOE_EP_API void moe_ep_pthreads_transport_destroy(moe_ep_transport* transport) {
-    if (transport) memset(transport, 0, sizeof *transport);
+    if (!transport) return;
+    if (transport->destroy && transport->impl) transport->destroy(transport->impl);
+    memset(transport, 0, sizeof *transport);
+}
+
+/* Ranks publish (color, key); the first member of each color (by key, then rank) makes
+   the group and publishes it; the others attach. Every outcome is seen by all members. */
+MOE_EP_PRIVATE moe_ep_result moe_ep__pthreads_split(void* impl, int color, int key, moe_ep_transport* out,
+                                                    char* err_text, size_t err_size) {
+    moe_ep__pthreads_rank* me = (moe_ep__pthreads_rank*)impl;
+    moe_ep_pthreads_world* w = me->world;
+    moe_ep_pthreads_world* group;
+    int R = w->world_size, q, n = 0, index = 0, leader = -1;
+    moe_ep_result res;
+    w->split_color[me->rank] = color;
+    w->split_key[me->rank] = key;
+    w->split_group[me->rank] = NULL;
+    res = moe_ep__pthreads_barrier(w, err_text, err_size);
+    if (res != MOE_EP_OK) return res;
+    /* my position: members before me in (key, rank) order; the leader is the first */
+    for (q = 0; q < R; ++q) {
+        int before;
+        if (w->split_color[q] != color) continue;
+        n++;
+        before = w->split_key[q] < key || (w->split_key[q] == key && q < me->rank);
+        index += before;
+        if (leader < 0 || w->split_key[q] < w->split_key[leader] ||
+            (w->split_key[q] == w->split_key[leader] && q < leader))
+            leader = q;
+    }
+    if (leader == me->rank) {
+        group = moe_ep__pthreads_world_alloc(&w->allocator, n, w->timeout_ms, w->root);
+        if (group) {
+            int i = 0;
+            group->references = n;
+            /* members in (key, rank) order: repeated selection keeps it simple for small R */
+            for (i = 0; i < n; ++i) {
+                int best = -1;
+                for (q = 0; q < R; ++q) {
+                    int k, taken = 0;
+                    if (w->split_color[q] != color) continue;
+                    for (k = 0; k < i; ++k) taken |= group->global_rank[k] == w->global_rank[q];
+                    if (taken) continue;
+                    if (best < 0 || w->split_key[q] < w->split_key[best]) best = q;
+                }
+                group->global_rank[i] = w->global_rank[best];
+            }
+        }
+        w->split_group[me->rank] = group;
+    }
+    res = moe_ep__pthreads_barrier(w, err_text, err_size);
+    if (res != MOE_EP_OK) return res;
+    group = w->split_group[leader];
+    /* a closing barrier, so the published slots are not overwritten by the next split too early */
+    res = moe_ep__pthreads_barrier(w, err_text, err_size);
+    if (!group) {
+        if (err_text) snprintf(err_text, err_size, "split: out of memory for a group of %d ranks", n);
+        return MOE_EP_ERROR_OUT_OF_MEMORY;
+    }
+    moe_ep_pthreads_transport_create(group, index, out);
+    if (res != MOE_EP_OK) {
+        moe_ep_pthreads_transport_destroy(out);
+        return res;
+    }
+    return MOE_EP_OK;
 }
 
 MOE_EP_PRIVATE void* moe_ep__pthreads_main(void* arg) {
@@ -331,7 +511,7 @@ MOE_EP_PRIVATE void* moe_ep__pthreads_main(void* arg) {
     me->result = moe_ep_pthreads_transport_create(w, me->rank, &t);
     if (me->result == MOE_EP_OK) me->result = me->fn(&t, me->user_data);
     pthread_mutex_lock(&w->mutex);
-    w->exited++;
+    w->rank_exited[me->rank] = 1;
     if (me->result != MOE_EP_OK) w->aborted = 1;
     pthread_cond_broadcast(&w->cond);
     pthread_mutex_unlock(&w->mutex);
@@ -343,13 +523,13 @@ MOE_EP_API moe_ep_result moe_ep_pthreads_run(moe_ep_pthreads_world* w, moe_ep_pt
     pthread_t* threads;
     int r, started = 0;
     moe_ep_result res = MOE_EP_OK;
-    if (!w || !fn) return MOE_EP_ERROR_INVALID_ARGUMENT;
+    if (!w || !fn || w->root != w) return MOE_EP_ERROR_INVALID_ARGUMENT;
     threads = (pthread_t*)moe_ep__pthreads_alloc(&w->allocator, sizeof(pthread_t) * (size_t)w->world_size);
     if (!threads) return MOE_EP_ERROR_OUT_OF_MEMORY;
     pthread_mutex_lock(&w->mutex);
     w->aborted = 0;
-    w->exited = 0;
     w->arrived = 0;
+    for (r = 0; r < w->world_size; ++r) w->rank_exited[r] = 0;
     pthread_mutex_unlock(&w->mutex);
     for (r = 0; r < w->world_size; ++r) {
         w->ranks[r].world = w;
