@@ -18,8 +18,8 @@ HEADERS     = moe_ep.h transports/moe_ep_pthreads.h
 CHECK_FLAGS = $(shell pkg-config --cflags --libs check 2>/dev/null)
 TEST_SRCS   = $(sort $(wildcard tests/check_*.c)) tests/moe_ep_impl.c
 
-.PHONY: all demo test deps check-headers check-core clean
-all: $(BUILD)/seed_demo $(BUILD)/check_moe_ep_gcc $(BUILD)/check_moe_ep_clang
+.PHONY: all demo layouts-demo test deps check-headers check-core check-demos clean
+all: $(BUILD)/seed_demo $(BUILD)/layouts_demo $(BUILD)/check_moe_ep_gcc $(BUILD)/check_moe_ep_clang
 
 $(BUILD):
 	@mkdir -p $(BUILD)
@@ -42,6 +42,12 @@ $(BUILD)/seed_demo: examples/seed_demo.c $(HEADERS) | $(BUILD)
 
 demo: $(BUILD)/seed_demo
 	./$(BUILD)/seed_demo
+
+$(BUILD)/layouts_demo: examples/layouts_demo.c $(HEADERS) | $(BUILD)
+	$(CC) $(MOE_EP_CFLAGS) $(OPT) $(OPENMP_FLAGS) $(CFLAGS) $< -o $@ -pthread -lm $(LDFLAGS)
+
+layouts-demo: $(BUILD)/layouts_demo
+	./$(BUILD)/layouts_demo
 
 # >>tests: one binary per compiler, every suite in it.
 $(BUILD)/check_moe_ep_gcc: $(TEST_SRCS) tests/check_moe_ep.h $(HEADERS) | $(BUILD)
@@ -69,12 +75,18 @@ check-core: deps
 	CK_FORK=no timeout $(TEST_TIMEOUT) ./$(BUILD)/check_moe_ep_gcc
 	CK_FORK=no timeout $(TEST_TIMEOUT) ./$(BUILD)/check_moe_ep_clang
 
-TEST_TARGETS = check-headers check-core
-test: deps
-	$(MAKE) --no-print-directory $(TEST_TARGETS)
-	$(MAKE) --no-print-directory $(BUILD)/seed_demo
+# The demos check themselves (exit status): seed layer vs one rank, and the three layouts at 64 ranks.
+check-demos: $(BUILD)/seed_demo $(BUILD)/layouts_demo
 	./$(BUILD)/seed_demo --ranks 8 --experts 64 --top-k 2 --tokens 64 --d-model 64 --d-ff 128 > $(BUILD)/seed_demo.log
 	@tail -1 $(BUILD)/seed_demo.log
+	./$(BUILD)/seed_demo --ranks 3 --experts 10 --top-k 3 --tokens 13 --d-model 24 --d-ff 40 --placement round-robin > $(BUILD)/seed_demo_odd.log
+	@tail -1 $(BUILD)/seed_demo_odd.log
+	./$(BUILD)/layouts_demo > $(BUILD)/layouts_demo.log
+	@tail -1 $(BUILD)/layouts_demo.log
+
+TEST_TARGETS = check-headers check-core check-demos
+test: deps
+	$(MAKE) --no-print-directory $(TEST_TARGETS)
 
 clean:
 	rm -rf $(BUILD)
