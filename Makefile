@@ -18,7 +18,7 @@ HEADERS     = moe_ep.h transports/moe_ep_pthreads.h
 CHECK_FLAGS = $(shell pkg-config --cflags --libs check 2>/dev/null)
 TEST_SRCS   = $(sort $(wildcard tests/check_*.c)) tests/moe_ep_impl.c
 
-.PHONY: all demo layouts-demo test deps check-headers check-core check-demos clean
+.PHONY: all demo layouts-demo test deps check-headers check-core check-demos check-layout clean
 all: $(BUILD)/seed_demo $(BUILD)/layouts_demo $(BUILD)/check_moe_ep_gcc $(BUILD)/check_moe_ep_clang
 
 $(BUILD):
@@ -84,7 +84,15 @@ check-demos: $(BUILD)/seed_demo $(BUILD)/layouts_demo
 	./$(BUILD)/layouts_demo > $(BUILD)/layouts_demo.log
 	@tail -1 $(BUILD)/layouts_demo.log
 
-TEST_TARGETS = check-headers check-core check-demos
+# Layouts (EP x TP x DP): arithmetic and layered layers on up to 64 rank threads.
+check-layout: deps | $(BUILD)
+	for cc in gcc $(CLANG); do \
+	  $$cc $(MOE_EP_CFLAGS) $(OPT) $(OPENMP_FLAGS) $(CFLAGS) tests/layout/check_layout.c -o $(BUILD)/check_layout_$$cc \
+	    $$(pkg-config --cflags --libs check) -pthread -lm $(LDFLAGS) && \
+	  CK_FORK=no timeout $(TEST_TIMEOUT) ./$(BUILD)/check_layout_$$cc || exit 1; \
+	done
+
+TEST_TARGETS = check-headers check-core check-demos check-layout
 test: deps
 	$(MAKE) --no-print-directory $(TEST_TARGETS)
 
