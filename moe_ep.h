@@ -1113,6 +1113,8 @@ MOE_EP_API moe_ep_result moe_ep_create(const moe_ep_desc* desc, moe_ep_context**
         return MOE_EP_ERROR_INVALID_ARGUMENT;
     }
     moe_ep__validate_desc(&d, &t, &v);
+    /* Half an allocator is refused above; never allocate with one half and free with the other. */
+    if ((d.allocator.alloc_fn == NULL) != (d.allocator.free_fn == NULL)) memset(&d.allocator, 0, sizeof d.allocator);
     ctx = NULL;
     if (v.failures == 0) {
         ctx = (moe_ep_context*)moe_ep__calloc(&d.allocator, 1, sizeof *ctx);
@@ -1292,9 +1294,12 @@ MOE_EP_API moe_ep_result moe_ep_route(moe_ep_context* ctx, const float* x, int64
         /* sequential, in token order: the statistics do not depend on the thread count */
         double z = 0.0, aux = 0.0;
         double* mean_p = (double*)moe_ep__calloc(&d->allocator, E, sizeof(double));
+        int64_t* assigned = (int64_t*)moe_ep__calloc(&d->allocator, E, sizeof(int64_t));
         int64_t* counts = stats->tokens_per_expert;
         int e;
-        if (!mean_p) {
+        if (!mean_p || !assigned) {
+            moe_ep__free(&d->allocator, mean_p);
+            moe_ep__free(&d->allocator, assigned);
             moe_ep__free(&d->allocator, probs);
             moe_ep__free(&d->allocator, lse);
             return moe_ep__fail(ctx, MOE_EP_ERROR_OUT_OF_MEMORY, "moe_ep_route: out of memory for statistics");
@@ -1305,19 +1310,16 @@ MOE_EP_API moe_ep_result moe_ep_route(moe_ep_context* ctx, const float* x, int64
             for (e = 0; e < E; ++e) mean_p[e] += probs[t * E + e];
         }
         if (tokens > 0) {
-            int64_t* assigned = (int64_t*)moe_ep__calloc(&d->allocator, E, sizeof(int64_t));
-            if (assigned) {
-                for (t = 0; t < tokens * d->top_k; ++t) assigned[topk_idx[t]]++;
-                for (e = 0; e < E; ++e)
-                    aux += ((double)assigned[e] / (double)(tokens * d->top_k)) * (mean_p[e] / (double)tokens);
-                aux *= E;
-                if (counts) memcpy(counts, assigned, sizeof(int64_t) * (size_t)E);
-                moe_ep__free(&d->allocator, assigned);
-            }
+            for (t = 0; t < tokens * d->top_k; ++t) assigned[topk_idx[t]]++;
+            for (e = 0; e < E; ++e)
+                aux += ((double)assigned[e] / (double)(tokens * d->top_k)) * (mean_p[e] / (double)tokens);
+            aux *= E;
+            if (counts) memcpy(counts, assigned, sizeof(int64_t) * (size_t)E);
             z /= (double)tokens;
         }
         stats->aux_loss = aux;
         stats->z_loss = tokens > 0 ? z : 0.0;
+        moe_ep__free(&d->allocator, assigned);
         moe_ep__free(&d->allocator, mean_p);
     }
     moe_ep__free(&d->allocator, probs);
