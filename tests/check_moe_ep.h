@@ -1,0 +1,139 @@
+/* check_moe_ep.h -- the suites of the moe_ep Check binary and the helpers they share.
+
+   One suite per tests/check_<area>.c; check_main.c runs them all. The implementation
+   is built once, in moe_ep_impl.c. Helpers live in check_support.c. */
+#ifndef CHECK_MOE_EP_H_INCLUDED
+#define CHECK_MOE_EP_H_INCLUDED
+
+#include <check.h>
+#include <pthread.h>
+#include <stddef.h>
+#include <stdint.h>
+#include <stdbool.h>
+#include "../transports/moe_ep_pthreads.h"
+
+/* >>suites */
+Suite* api_suite(void);
+Suite* router_suite(void);
+Suite* placement_suite(void);
+Suite* plan_suite(void);
+Suite* ffn_suite(void);
+Suite* layer_suite(void);
+Suite* capacity_suite(void);
+Suite* validation_suite(void);
+Suite* failure_suite(void);
+Suite* expert_fn_suite(void);
+
+/* >>counting allocator: thread safe, no header in front of a block, so that a block
+   allocated by one half of an allocator and freed by the other shows up as a count
+   that does not return to zero rather than as a crash. */
+typedef struct check_counter {
+    pthread_mutex_t mutex;
+    long attempts;                  /* calls of alloc_fn */
+    long allocs;                    /* blocks handed out */
+    long frees;                     /* calls of free_fn */
+    long fail_at;                   /* attempt number (1-based) that returns NULL; 0: none */
+} check_counter;
+
+void check_counter_init(check_counter* counter);
+void check_counter_destroy(check_counter* counter);
+long check_counter_outstanding(check_counter* counter);
+moe_ep_allocator check_counting_allocator(check_counter* counter);
+
+/* >>recording logger */
+#define CHECK_LOG_LINES 32
+#define CHECK_LOG_TEXT 512
+typedef struct check_log {
+    pthread_mutex_t mutex;
+    int lines;                      /* lines received (only the first CHECK_LOG_LINES are kept) */
+    int rank[CHECK_LOG_LINES];
+    char text[CHECK_LOG_LINES][CHECK_LOG_TEXT];
+} check_log;
+
+void check_log_init(check_log* log);
+void check_log_destroy(check_log* log);
+moe_ep_logger check_recording_logger(check_log* log);
+/* Index of the first kept line that contains needle, or -1. */
+int check_log_find(check_log* log, const char* needle);
+/* All kept lines joined with " | ", for assertion messages. */
+const char* check_log_join(check_log* log, char* buffer, size_t size);
+
+/* >>random: splitmix64; uniform floats in [-scale, scale). */
+uint64_t check_rng_next(uint64_t* state);
+void check_fill(float* values, size_t count, float scale, uint64_t* state);
+/* All-ones bytes: a NaN that no computation writes, so unwritten elements show. */
+void check_poison(float* values, size_t count);
+bool check_is_poisoned(const float* values, size_t count);
+
+/* >>float64 references */
+/* out[rows, d_model] = the expert FFN in double (SwiGLU, exact-erf GELU, ReLU). */
+void check_ref_ffn(moe_ep_activation activation, int d_model, int d_ff, const moe_ep_expert_weights* weights,
+                   const float* x, int64_t rows, double* out);
+/* max |got - ref| / max |ref| over the n elements (max |got - ref| if ref is all zero);
+   +inf if got holds a non-finite value. */
+double check_rel_error(const float* got, const double* ref, size_t n);
+
+/* A layer's weights: router [E, d_model] and E experts with w1, w3 [d_ff, d_model], w2 [d_model, d_ff]. */
+typedef struct check_model {
+    int d_model, d_ff, num_experts, top_k;
+    moe_ep_activation activation;
+    bool normalize_topk;
+    float* router;
+    float* weights;
+    moe_ep_expert_weights* experts;  /* [num_experts], global ids */
+} check_model;
+
+void check_model_init(check_model* model, int d_model, int d_ff, int num_experts, int top_k,
+                      moe_ep_activation activation, bool normalize_topk, uint64_t seed);
+void check_model_free(check_model* model);
+/* Softmax router in double, top-k with ties to the lower index, optional renormalisation. */
+void check_ref_route(const check_model* model, const float* x, int64_t tokens, int32_t* topk_idx, double* topk_weight);
+/* y[t] = sum_j weight[t, j] * FFN_{idx[t, j]}(x[t]) in double. */
+void check_ref_layer(const check_model* model, const float* x, int64_t tokens, const int32_t* topk_idx,
+                     const double* topk_weight, double* y);
+
+/* >>transports for single-threaded tests: rank `rank` of a world of `world_size` whose
+   peers all send exactly what this rank sends (create's fingerprint exchange agrees);
+   all_to_all_v is unsupported. Enough for create and the placement queries. */
+typedef struct check_echo {
+    int rank, world_size;
+} check_echo;
+moe_ep_transport check_echo_transport(check_echo* echo, int rank, int world_size);
+
+/* >>a whole layer on R pthreads ranks */
+#define CHECK_MAX_RANKS 8
+typedef enum check_path {
+    CHECK_PATH_FORWARD,             /* moe_ep_forward */
+    CHECK_PATH_STAGES,              /* route, plan_create, dispatch, experts, combine */
+    CHECK_PATH_SPLIT                /* the same with dispatch_begin/end and combine_begin/end */
+} check_path;
+
+typedef struct check_layer {
+    const check_model* model;
+    int ranks;                      /* 1..CHECK_MAX_RANKS pthreads ranks; 0: built-in single rank, no thread */
+    const int64_t* tokens;          /* [max(ranks, 1)] tokens of each rank */
+    const float* x;                 /* [sum of tokens, d_model], rank 0's tokens first */
+    const int32_t* topk_idx;        /* optional routing handed in (routing_in), the same layout as x */
+    const float* topk_weight;
+    moe_ep_placement placement;
+    float capacity_factor;
+    int num_threads;
+    check_path path;
+    moe_ep_expert_fn expert_fn;
+    void* expert_user_data[CHECK_MAX_RANKS];
+    const moe_ep_allocator* allocator;   /* optional, for the contexts and the world */
+    int timeout_ms;                 /* world timeout; 0: 60 s, a guard against a hang */
+    float* y;                       /* out [sum of tokens, d_model] */
+    int32_t* idx_out;               /* optional out: the router's choice [sum of tokens, top_k] */
+    float* weight_out;
+    moe_ep_result result;           /* out */
+    moe_ep_result rank_result[CHECK_MAX_RANKS];
+    char rank_error[CHECK_MAX_RANKS][256];
+} check_layer;
+
+int64_t check_total_tokens(const int64_t* tokens, int ranks);
+moe_ep_result check_run_layer(check_layer* layer);
+/* The rank errors joined, for assertion messages. */
+const char* check_layer_errors(const check_layer* layer, char* buffer, size_t size);
+
+#endif /* CHECK_MOE_EP_H_INCLUDED */

@@ -1,0 +1,457 @@
+/* check_support.c -- helpers shared by the suites: counting allocator, recording
+   logger, seeded random data, float64 references and an R-rank layer runner. */
+#include "check_moe_ep.h"
+
+#include <math.h>
+#include <stdio.h>
+#include <stdlib.h>
+#include <string.h>
+
+/* >>counting allocator */
+static void* check__alloc(size_t size, void* user_data) {
+    check_counter* c = (check_counter*)user_data;
+    void* ptr = NULL;
+    int fail;
+    pthread_mutex_lock(&c->mutex);
+    c->attempts++;
+    fail = c->fail_at > 0 && c->attempts == c->fail_at;
+    if (!fail) {
+        ptr = malloc(size);
+        if (ptr) c->allocs++;
+    }
+    pthread_mutex_unlock(&c->mutex);
+    return ptr;
+}
+
+static void check__free(void* ptr, void* user_data) {
+    check_counter* c = (check_counter*)user_data;
+    pthread_mutex_lock(&c->mutex);
+    c->frees++;
+    pthread_mutex_unlock(&c->mutex);
+    free(ptr);
+}
+
+void check_counter_init(check_counter* c) {
+    memset(c, 0, sizeof *c);
+    pthread_mutex_init(&c->mutex, NULL);
+}
+
+void check_counter_destroy(check_counter* c) { pthread_mutex_destroy(&c->mutex); }
+
+long check_counter_outstanding(check_counter* c) {
+    long n;
+    pthread_mutex_lock(&c->mutex);
+    n = c->allocs - c->frees;
+    pthread_mutex_unlock(&c->mutex);
+    return n;
+}
+
+moe_ep_allocator check_counting_allocator(check_counter* c) {
+    moe_ep_allocator a;
+    a.alloc_fn = check__alloc;
+    a.free_fn = check__free;
+    a.user_data = c;
+    return a;
+}
+
+/* >>recording logger */
+static void check__log(const char* tag, uint32_t level, int rank, const char* message, void* user_data) {
+    check_log* log = (check_log*)user_data;
+    (void)tag;
+    (void)level;
+    pthread_mutex_lock(&log->mutex);
+    if (log->lines < CHECK_LOG_LINES) {
+        log->rank[log->lines] = rank;
+        snprintf(log->text[log->lines], CHECK_LOG_TEXT, "%s", message ? message : "(null)");
+    }
+    log->lines++;
+    pthread_mutex_unlock(&log->mutex);
+}
+
+void check_log_init(check_log* log) {
+    memset(log, 0, sizeof *log);
+    pthread_mutex_init(&log->mutex, NULL);
+}
+
+void check_log_destroy(check_log* log) { pthread_mutex_destroy(&log->mutex); }
+
+moe_ep_logger check_recording_logger(check_log* log) {
+    moe_ep_logger l;
+    l.func = check__log;
+    l.user_data = log;
+    return l;
+}
+
+int check_log_find(check_log* log, const char* needle) {
+    int i, n, found = -1;
+    pthread_mutex_lock(&log->mutex);
+    n = log->lines < CHECK_LOG_LINES ? log->lines : CHECK_LOG_LINES;
+    for (i = 0; i < n && found < 0; ++i)
+        if (strstr(log->text[i], needle)) found = i;
+    pthread_mutex_unlock(&log->mutex);
+    return found;
+}
+
+const char* check_log_join(check_log* log, char* buffer, size_t size) {
+    int i, n;
+    size_t used = 0;
+    buffer[0] = '\0';
+    pthread_mutex_lock(&log->mutex);
+    n = log->lines < CHECK_LOG_LINES ? log->lines : CHECK_LOG_LINES;
+    for (i = 0; i < n && used + 1 < size; ++i) {
+        int w = snprintf(buffer + used, size - used, "%s[%d] %s", i ? " | " : "", log->rank[i], log->text[i]);
+        if (w < 0) break;
+        used += (size_t)w;
+    }
+    pthread_mutex_unlock(&log->mutex);
+    if (n == 0) snprintf(buffer, size, "(nothing logged)");
+    return buffer;
+}
+
+/* >>random */
+uint64_t check_rng_next(uint64_t* s) {
+    uint64_t z = (*s += 0x9E3779B97F4A7C15ull);
+    z = (z ^ (z >> 30)) * 0xBF58476D1CE4E5B9ull;
+    z = (z ^ (z >> 27)) * 0x94D049BB133111EBull;
+    return z ^ (z >> 31);
+}
+
+void check_fill(float* v, size_t n, float scale, uint64_t* s) {
+    size_t i;
+    for (i = 0; i < n; ++i) v[i] = scale * ((float)(check_rng_next(s) >> 40) / 8388608.0f - 1.0f);
+}
+
+void check_poison(float* v, size_t n) {
+    if (n > 0) memset(v, 0xFF, n * sizeof *v);
+}
+
+bool check_is_poisoned(const float* v, size_t n) {
+    const unsigned char* bytes = (const unsigned char*)v;
+    size_t i;
+    for (i = 0; i < n * sizeof *v; ++i)
+        if (bytes[i] != 0xFF) return false;
+    return true;
+}
+
+/* >>references */
+static double check__act(moe_ep_activation act, double a, double b) {
+    switch (act) {
+    case MOE_EP_ACTIVATION_GELU: return 0.5 * a * (1.0 + erf(a / sqrt(2.0)));
+    case MOE_EP_ACTIVATION_RELU: return a > 0.0 ? a : 0.0;
+    default: return a / (1.0 + exp(-a)) * b;
+    }
+}
+
+void check_ref_ffn(moe_ep_activation act, int d_model, int d_ff, const moe_ep_expert_weights* w, const float* x,
+                   int64_t rows, double* out) {
+    double* hidden = (double*)malloc(sizeof(double) * (size_t)(d_ff > 0 ? d_ff : 1));
+    bool gated = act == MOE_EP_ACTIVATION_DEFAULT || act == MOE_EP_ACTIVATION_SWIGLU;
+    int64_t r;
+    int f, i, o;
+    for (r = 0; r < rows; ++r) {
+        const float* xr = x + r * d_model;
+        for (f = 0; f < d_ff; ++f) {
+            double a = 0.0, b = 0.0;
+            for (i = 0; i < d_model; ++i) {
+                a += (double)w->w1[(size_t)f * (size_t)d_model + (size_t)i] * (double)xr[i];
+                if (gated) b += (double)w->w3[(size_t)f * (size_t)d_model + (size_t)i] * (double)xr[i];
+            }
+            hidden[f] = check__act(act, a, b);
+        }
+        for (o = 0; o < d_model; ++o) {
+            double acc = 0.0;
+            for (f = 0; f < d_ff; ++f) acc += (double)w->w2[(size_t)o * (size_t)d_ff + (size_t)f] * hidden[f];
+            out[r * d_model + o] = acc;
+        }
+    }
+    free(hidden);
+}
+
+double check_rel_error(const float* got, const double* ref, size_t n) {
+    double max_diff = 0.0, max_ref = 0.0;
+    size_t i;
+    for (i = 0; i < n; ++i) {
+        double d;
+        if (!isfinite(got[i])) return INFINITY;
+        d = fabs((double)got[i] - ref[i]);
+        if (d > max_diff) max_diff = d;
+        if (fabs(ref[i]) > max_ref) max_ref = fabs(ref[i]);
+    }
+    return max_ref > 0.0 ? max_diff / max_ref : max_diff;
+}
+
+void check_model_init(check_model* m, int d_model, int d_ff, int num_experts, int top_k, moe_ep_activation act,
+                      bool normalize_topk, uint64_t seed) {
+    size_t per = (size_t)d_model * (size_t)d_ff, e;
+    memset(m, 0, sizeof *m);
+    m->d_model = d_model;
+    m->d_ff = d_ff;
+    m->num_experts = num_experts;
+    m->top_k = top_k;
+    m->activation = act;
+    m->normalize_topk = normalize_topk;
+    m->router = (float*)malloc(sizeof(float) * (size_t)num_experts * (size_t)d_model);
+    m->weights = (float*)malloc(sizeof(float) * 3 * per * (size_t)num_experts);
+    m->experts = (moe_ep_expert_weights*)malloc(sizeof(moe_ep_expert_weights) * (size_t)num_experts);
+    /* router logits of order 1 so that routing varies from token to token */
+    check_fill(m->router, (size_t)num_experts * (size_t)d_model, 2.0f / sqrtf((float)d_model), &seed);
+    for (e = 0; e < (size_t)num_experts; ++e) {
+        float* w1 = m->weights + e * 3 * per;
+        check_fill(w1, 2 * per, 1.5f / sqrtf((float)d_model), &seed);
+        check_fill(w1 + 2 * per, per, 1.5f / sqrtf((float)d_ff), &seed);
+        m->experts[e].w1 = w1;
+        m->experts[e].w3 = w1 + per;
+        m->experts[e].w2 = w1 + 2 * per;
+    }
+}
+
+void check_model_free(check_model* m) {
+    free(m->router);
+    free(m->weights);
+    free(m->experts);
+    memset(m, 0, sizeof *m);
+}
+
+void check_ref_route(const check_model* m, const float* x, int64_t tokens, int32_t* idx, double* weight) {
+    int E = m->num_experts, k = m->top_k, D = m->d_model, e, j, i;
+    double* p = (double*)malloc(sizeof(double) * (size_t)E);
+    int64_t t;
+    for (t = 0; t < tokens; ++t) {
+        double mx = -INFINITY, sum = 0.0, wsum = 0.0;
+        for (e = 0; e < E; ++e) {
+            double logit = 0.0;
+            for (i = 0; i < D; ++i) logit += (double)x[t * D + i] * (double)m->router[e * D + i];
+            p[e] = logit;
+            if (logit > mx) mx = logit;
+        }
+        for (e = 0; e < E; ++e) { p[e] = exp(p[e] - mx); sum += p[e]; }
+        for (e = 0; e < E; ++e) p[e] /= sum;
+        for (j = 0; j < k; ++j) {
+            int best = -1;
+            for (e = 0; e < E; ++e) {
+                bool taken = false;
+                for (i = 0; i < j; ++i) taken = taken || idx[t * k + i] == e;
+                if (!taken && (best < 0 || p[e] > p[best])) best = e;
+            }
+            idx[t * k + j] = best;
+            weight[t * k + j] = p[best];
+            wsum += p[best];
+        }
+        if (m->normalize_topk)
+            for (j = 0; j < k; ++j) weight[t * k + j] /= wsum;
+    }
+    free(p);
+}
+
+void check_ref_layer(const check_model* m, const float* x, int64_t tokens, const int32_t* idx, const double* weight,
+                     double* y) {
+    int D = m->d_model, k = m->top_k, j, i;
+    double* one = (double*)malloc(sizeof(double) * (size_t)D);
+    int64_t t;
+    for (t = 0; t < tokens; ++t) {
+        for (i = 0; i < D; ++i) y[t * D + i] = 0.0;
+        for (j = 0; j < k; ++j) {
+            check_ref_ffn(m->activation, D, m->d_ff, &m->experts[idx[t * k + j]], x + t * D, 1, one);
+            for (i = 0; i < D; ++i) y[t * D + i] += weight[t * k + j] * one[i];
+        }
+    }
+    free(one);
+}
+
+/* >>echo transport */
+static moe_ep_result check__echo_exchange(void* impl, const int64_t* send, int64_t* recv, int count, char* err_text,
+                                          size_t err_size) {
+    const check_echo* echo = (const check_echo*)impl;
+    int q, i;
+    (void)err_text;
+    (void)err_size;
+    for (q = 0; q < echo->world_size; ++q)
+        for (i = 0; i < count; ++i) recv[q * count + i] = send[echo->rank * count + i];
+    return MOE_EP_OK;
+}
+
+static moe_ep_result check__echo_a2a(void* impl, const moe_ep_a2a_args* args, char* err_text, size_t err_size) {
+    (void)impl;
+    (void)args;
+    if (err_text) snprintf(err_text, err_size, "the echo transport moves no rows");
+    return MOE_EP_ERROR_UNSUPPORTED;
+}
+
+moe_ep_transport check_echo_transport(check_echo* echo, int rank, int world_size) {
+    moe_ep_transport t;
+    memset(&t, 0, sizeof t);
+    echo->rank = rank;
+    echo->world_size = world_size;
+    t.impl = echo;
+    t.name = "echo";
+    t.rank = rank;
+    t.world_size = world_size;
+    t.local_ranks = 1;
+    t.exchange_counts = check__echo_exchange;
+    t.all_to_all_v = check__echo_a2a;
+    return t;
+}
+
+/* >>layer runner */
+int64_t check_total_tokens(const int64_t* tokens, int ranks) {
+    int64_t n = 0;
+    int r;
+    for (r = 0; r < (ranks > 0 ? ranks : 1); ++r) n += tokens[r];
+    return n;
+}
+
+/* The stages one by one, plain or split-phase. */
+static moe_ep_result check__stages(moe_ep_context* ctx, const check_layer* L, int64_t T, const float* x, float* y,
+                                   int32_t* idx, float* weight, bool handed) {
+    moe_ep_plan* plan = NULL;
+    moe_ep_plan_info info;
+    float *rows = NULL, *out = NULL;
+    moe_ep_result res = MOE_EP_OK;
+    size_t n;
+    if (!handed) res = moe_ep_route(ctx, x, T, idx, weight, NULL);
+    if (res == MOE_EP_OK) res = moe_ep_plan_create(ctx, T, idx, weight, &plan);
+    if (res != MOE_EP_OK) return res;
+    info = moe_ep_plan_query(plan);
+    n = (size_t)info.recv_rows * (size_t)L->model->d_model + 1;
+    rows = (float*)malloc(sizeof(float) * n);
+    out = (float*)malloc(sizeof(float) * n);
+    check_poison(rows, n);
+    check_poison(out, n);
+    if (L->path == CHECK_PATH_SPLIT) {
+        res = moe_ep_dispatch_begin(ctx, plan, x, rows);
+        if (res == MOE_EP_OK) res = moe_ep_dispatch_end(ctx, plan);
+        if (res == MOE_EP_OK) res = moe_ep_experts(ctx, plan, rows, out);
+        if (res == MOE_EP_OK) res = moe_ep_combine_begin(ctx, plan, out);
+        if (res == MOE_EP_OK) res = moe_ep_combine_end(ctx, plan, y);
+    } else {
+        res = moe_ep_dispatch(ctx, plan, x, rows);
+        if (res == MOE_EP_OK) res = moe_ep_experts(ctx, plan, rows, out);
+        if (res == MOE_EP_OK) res = moe_ep_combine(ctx, plan, out, y);
+    }
+    moe_ep_plan_destroy(plan);
+    free(rows);
+    free(out);
+    return res;
+}
+
+static moe_ep_result check__layer_rank(const moe_ep_transport* transport, void* user_data) {
+    check_layer* L = (check_layer*)user_data;
+    const check_model* m = L->model;
+    int rank = transport ? transport->rank : 0, R = L->ranks > 0 ? L->ranks : 1;
+    int E = m->num_experts, k = m->top_k, D = m->d_model, e, l = 0, r;
+    int64_t offset = 0, T = L->tokens[rank];
+    bool handed = L->topk_idx != NULL;
+    int* owner = (int*)malloc(sizeof(int) * (size_t)E);
+    moe_ep_expert_weights* mine = (moe_ep_expert_weights*)calloc((size_t)E + 1, sizeof *mine);
+    int32_t* idx = (int32_t*)malloc(sizeof(int32_t) * (size_t)(T * k + 1));
+    float* weight = (float*)malloc(sizeof(float) * (size_t)(T * k + 1));
+    moe_ep_context* ctx = NULL;
+    moe_ep_desc desc;
+    moe_ep_result res;
+    for (r = 0; r < rank; ++r) offset += L->tokens[r];
+    res = moe_ep_placement_compute(&L->placement, E, R, owner);
+    if (res == MOE_EP_OK) {
+        /* a rank is given only its own experts, in ascending id order */
+        for (e = 0; e < E; ++e)
+            if (owner[e] == rank) mine[l++] = m->experts[e];
+        memset(&desc, 0, sizeof desc);
+        desc.d_model = D;
+        desc.d_ff = m->d_ff;
+        desc.num_experts = E;
+        desc.top_k = k;
+        desc.activation = m->activation;
+        desc.normalize_topk = m->normalize_topk;
+        desc.capacity_factor = L->capacity_factor;
+        desc.placement = L->placement;
+        desc.num_threads = L->num_threads;
+        desc.router_weight = m->router;
+        desc.experts = mine;
+        desc.expert_fn = L->expert_fn;
+        desc.expert_user_data = L->expert_user_data[rank];
+        desc.transport = transport;
+        if (L->allocator) desc.allocator = *L->allocator;
+        res = moe_ep_create(&desc, &ctx);
+        if (res != MOE_EP_OK) snprintf(L->rank_error[rank], sizeof L->rank_error[0], "rank %d: moe_ep_create: %s",
+                                       rank, moe_ep_result_string(res));
+    } else {
+        snprintf(L->rank_error[rank], sizeof L->rank_error[0], "rank %d: bad placement", rank);
+    }
+    if (res == MOE_EP_OK) {
+        const float* x = L->x + offset * D;
+        float* y = L->y + offset * D;
+        if (handed && T > 0) {
+            memcpy(idx, L->topk_idx + offset * k, sizeof(int32_t) * (size_t)(T * k));
+            memcpy(weight, L->topk_weight + offset * k, sizeof(float) * (size_t)(T * k));
+        }
+        if (L->path == CHECK_PATH_FORWARD) {
+            moe_ep_forward_args args;
+            memset(&args, 0, sizeof args);
+            args.tokens = T;
+            args.x = x;
+            args.y = y;
+            args.routing_in = handed;
+            if (handed || L->idx_out) {
+                args.topk_idx = idx;
+                args.topk_weight = weight;
+            }
+            res = moe_ep_forward(ctx, &args);
+        } else {
+            res = check__stages(ctx, L, T, x, y, idx, weight, handed);
+        }
+        if (res == MOE_EP_OK && L->idx_out && !handed && T > 0) {
+            memcpy(L->idx_out + offset * k, idx, sizeof(int32_t) * (size_t)(T * k));
+            memcpy(L->weight_out + offset * k, weight, sizeof(float) * (size_t)(T * k));
+        }
+        if (res != MOE_EP_OK)
+            snprintf(L->rank_error[rank], sizeof L->rank_error[0], "rank %d: %s: %s", rank, moe_ep_result_string(res),
+                     moe_ep_last_error(ctx));
+        moe_ep_destroy(ctx);
+    }
+    free(owner);
+    free(mine);
+    free(idx);
+    free(weight);
+    L->rank_result[rank] = res;
+    return res;
+}
+
+moe_ep_result check_run_layer(check_layer* L) {
+    moe_ep_pthreads_world* world = NULL;
+    moe_ep_pthreads_desc wd;
+    moe_ep_result res;
+    int r;
+    for (r = 0; r < CHECK_MAX_RANKS; ++r) {
+        L->rank_result[r] = MOE_EP_ERROR_INTERNAL;
+        L->rank_error[r][0] = '\0';
+    }
+    if (L->ranks <= 0) {
+        L->result = check__layer_rank(NULL, L);
+        return L->result;
+    }
+    memset(&wd, 0, sizeof wd);
+    wd.world_size = L->ranks;
+    wd.timeout_ms = L->timeout_ms > 0 ? L->timeout_ms : 60000;
+    if (L->allocator) wd.allocator = *L->allocator;
+    res = moe_ep_pthreads_world_create(&wd, &world);
+    if (res == MOE_EP_OK) {
+        res = moe_ep_pthreads_run(world, check__layer_rank, L, L->rank_result);
+        moe_ep_pthreads_world_destroy(world);
+    }
+    L->result = res;
+    return res;
+}
+
+const char* check_layer_errors(const check_layer* L, char* buffer, size_t size) {
+    int r;
+    size_t used = 0;
+    buffer[0] = '\0';
+    for (r = 0; r < CHECK_MAX_RANKS && used + 1 < size; ++r) {
+        int w;
+        if (!L->rank_error[r][0]) continue;
+        w = snprintf(buffer + used, size - used, "%s%s", used ? " | " : "", L->rank_error[r]);
+        if (w < 0) break;
+        used += (size_t)w;
+    }
+    if (!buffer[0]) snprintf(buffer, size, "(no rank error recorded)");
+    return buffer;
+}

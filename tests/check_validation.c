@@ -1,0 +1,481 @@
+/* check_validation.c -- bad input is refused with INVALID_ARGUMENT and a message that
+   names the field, out-params stay untouched and nothing leaks; out of memory is
+   reported as such at every allocation; forward's and the stages' argument checks. */
+#include "check_moe_ep.h"
+
+#include <math.h>
+#include <stdlib.h>
+#include <string.h>
+
+#define V_D 8
+#define V_F 12
+#define V_E 4
+
+typedef struct venv {
+    check_model model;
+    moe_ep_expert_weights experts[V_E];
+    int table[V_E];
+    moe_ep_transport transport;
+} venv;
+
+typedef struct vcase {
+    const char* name;
+    const char* needle;             /* the message must contain this */
+    void (*mutate)(moe_ep_desc* d, venv* env);
+} vcase;
+
+static void m_d_model_0(moe_ep_desc* d, venv* v) { (void)v; d->d_model = 0; }
+static void m_d_model_neg(moe_ep_desc* d, venv* v) { (void)v; d->d_model = -3; }
+static void m_d_ff_0(moe_ep_desc* d, venv* v) { (void)v; d->d_ff = 0; }
+static void m_d_ff_neg(moe_ep_desc* d, venv* v) { (void)v; d->d_ff = -1; }
+static void m_experts_0(moe_ep_desc* d, venv* v) { (void)v; d->num_experts = 0; }
+static void m_experts_neg(moe_ep_desc* d, venv* v) { (void)v; d->num_experts = -2; }
+static void m_top_k_neg(moe_ep_desc* d, venv* v) { (void)v; d->top_k = -1; }
+static void m_top_k_big(moe_ep_desc* d, venv* v) { (void)v; d->top_k = V_E + 1; }
+static void m_act_count(moe_ep_desc* d, venv* v) { (void)v; d->activation = MOE_EP_ACTIVATION_COUNT; }
+static void m_act_77(moe_ep_desc* d, venv* v) { (void)v; d->activation = (moe_ep_activation)77; }
+static void m_scoring_count(moe_ep_desc* d, venv* v) { (void)v; d->scoring = MOE_EP_SCORING_COUNT; }
+static void m_scoring_9(moe_ep_desc* d, venv* v) { (void)v; d->scoring = (moe_ep_scoring)9; }
+static void m_cap_neg(moe_ep_desc* d, venv* v) { (void)v; d->capacity_factor = -0.5f; }
+static void m_cap_nan(moe_ep_desc* d, venv* v) { (void)v; d->capacity_factor = NAN; }
+static void m_cap_huge(moe_ep_desc* d, venv* v) { (void)v; d->capacity_factor = 2e6f; }
+static void m_place_count(moe_ep_desc* d, venv* v) { (void)v; d->placement.kind = MOE_EP_PLACEMENT_COUNT; }
+static void m_place_77(moe_ep_desc* d, venv* v) { (void)v; d->placement.kind = (moe_ep_placement_kind)77; }
+static void m_table_null(moe_ep_desc* d, venv* v) {
+    (void)v;
+    d->placement.kind = MOE_EP_PLACEMENT_TABLE;
+    d->placement.table = NULL;
+}
+static void m_table_high(moe_ep_desc* d, venv* v) {
+    v->table[2] = 1;                /* a world of one rank */
+    d->placement.kind = MOE_EP_PLACEMENT_TABLE;
+    d->placement.table = v->table;
+}
+static void m_table_neg(moe_ep_desc* d, venv* v) {
+    v->table[0] = -1;
+    d->placement.kind = MOE_EP_PLACEMENT_TABLE;
+    d->placement.table = v->table;
+}
+static void m_threads_neg(moe_ep_desc* d, venv* v) { (void)v; d->num_threads = -1; }
+static void m_alloc_only(moe_ep_desc* d, venv* v) { (void)v; d->allocator.free_fn = NULL; }
+static void m_free_only(moe_ep_desc* d, venv* v) { (void)v; d->allocator.alloc_fn = NULL; }
+static void m_no_exchange(moe_ep_desc* d, venv* v) {
+    v->transport = moe_ep_single_rank_transport();
+    v->transport.exchange_counts = NULL;
+    d->transport = &v->transport;
+}
+static void m_no_a2a(moe_ep_desc* d, venv* v) {
+    v->transport = moe_ep_single_rank_transport();
+    v->transport.all_to_all_v = NULL;
+    d->transport = &v->transport;
+}
+static moe_ep_result v_begin(void* impl, const moe_ep_a2a_args* args, void** request, char* e, size_t n) {
+    (void)impl; (void)args; (void)request; (void)e; (void)n;
+    return MOE_EP_OK;
+}
+static void m_half_split(moe_ep_desc* d, venv* v) {
+    v->transport = moe_ep_single_rank_transport();
+    v->transport.all_to_all_v_begin = v_begin;
+    d->transport = &v->transport;
+}
+static void m_rank_out(moe_ep_desc* d, venv* v) {
+    v->transport = moe_ep_single_rank_transport();
+    v->transport.rank = 1;
+    d->transport = &v->transport;
+}
+static void m_world_0(moe_ep_desc* d, venv* v) {
+    v->transport = moe_ep_single_rank_transport();
+    v->transport.world_size = 0;
+    d->transport = &v->transport;
+}
+static void m_experts_null(moe_ep_desc* d, venv* v) { (void)v; d->experts = NULL; }
+static void m_w3_null(moe_ep_desc* d, venv* v) { (void)d; v->experts[1].w3 = NULL; }
+static void m_w2_null_gelu(moe_ep_desc* d, venv* v) {
+    d->activation = MOE_EP_ACTIVATION_GELU;
+    v->experts[0].w2 = NULL;
+}
+static void m_w1_null(moe_ep_desc* d, venv* v) { (void)d; v->experts[3].w1 = NULL; }
+
+static const vcase vcases[] = {
+    { "d_model 0", "d_model (0)", m_d_model_0 },
+    { "d_model -3", "d_model (-3)", m_d_model_neg },
+    { "d_ff 0", "d_ff (0)", m_d_ff_0 },
+    { "d_ff -1", "d_ff (-1)", m_d_ff_neg },
+    { "num_experts 0", "num_experts (0)", m_experts_0 },
+    { "num_experts -2", "num_experts (-2)", m_experts_neg },
+    { "top_k -1", "top_k (-1)", m_top_k_neg },
+    { "top_k > num_experts", "top_k (5) must be <= num_experts (4)", m_top_k_big },
+    { "activation COUNT", "activation", m_act_count },
+    { "activation 77", "activation (77)", m_act_77 },
+    { "scoring COUNT", "scoring", m_scoring_count },
+    { "scoring 9", "scoring (9)", m_scoring_9 },
+    { "capacity_factor -0.5", "capacity_factor", m_cap_neg },
+    { "capacity_factor NaN", "capacity_factor", m_cap_nan },
+    { "capacity_factor 2e6", "capacity_factor", m_cap_huge },
+    { "placement.kind COUNT", "placement.kind", m_place_count },
+    { "placement.kind 77", "placement.kind (77)", m_place_77 },
+    { "placement.table NULL", "placement.table", m_table_null },
+    { "placement.table[2] = 1 of 1 rank", "placement.table[2] (1)", m_table_high },
+    { "placement.table[0] = -1", "placement.table[0] (-1)", m_table_neg },
+    { "num_threads -1", "num_threads (-1)", m_threads_neg },
+    { "allocator with alloc_fn only", "allocator", m_alloc_only },
+    { "allocator with free_fn only", "allocator", m_free_only },
+    { "transport without exchange_counts", "exchange_counts", m_no_exchange },
+    { "transport without all_to_all_v", "all_to_all_v", m_no_a2a },
+    { "transport with all_to_all_v_begin only", "all_to_all_v_begin", m_half_split },
+    { "transport rank 1 of 1", "rank (1)", m_rank_out },
+    { "transport world_size 0", "world_size (0)", m_world_0 },
+    { "experts NULL", "moe_ep_desc.experts", m_experts_null },
+    { "experts[1].w3 NULL under SwiGLU", "experts[1]: w1, w2 and w3", m_w3_null },
+    { "experts[0].w2 NULL under GELU", "experts[0]", m_w2_null_gelu },
+    { "experts[3].w1 NULL", "experts[3]", m_w1_null },
+};
+#define VCASES ((int)(sizeof vcases / sizeof vcases[0]))
+
+START_TEST(validation_desc_fields) {
+    const vcase* c = &vcases[_i];
+    venv env;
+    check_counter counter;
+    check_log log;
+    moe_ep_desc d;
+    moe_ep_context* sentinel = (moe_ep_context*)&env;
+    moe_ep_context* ctx = sentinel;
+    moe_ep_result res;
+    char joined[4096];
+    int e;
+    memset(&env, 0, sizeof env);
+    check_counter_init(&counter);
+    check_log_init(&log);
+    check_model_init(&env.model, V_D, V_F, V_E, 2, MOE_EP_ACTIVATION_SWIGLU, false, 50);
+    for (e = 0; e < V_E; ++e) env.experts[e] = env.model.experts[e];
+    memset(&d, 0, sizeof d);
+    d.d_model = V_D;
+    d.d_ff = V_F;
+    d.num_experts = V_E;
+    d.top_k = 2;
+    d.router_weight = env.model.router;
+    d.experts = env.experts;
+    d.allocator = check_counting_allocator(&counter);
+    d.logger = check_recording_logger(&log);
+    c->mutate(&d, &env);
+    res = moe_ep_create(&d, &ctx);
+    ck_assert_msg(res == MOE_EP_ERROR_INVALID_ARGUMENT, "%s: create returned %s", c->name, moe_ep_result_string(res));
+    ck_assert_msg(ctx == sentinel, "%s: the out-param was written on failure", c->name);
+    ck_assert_msg(check_log_find(&log, c->needle) >= 0, "%s: no message contains \"%s\": %s", c->name, c->needle,
+                  check_log_join(&log, joined, sizeof joined));
+    ck_assert_msg(check_counter_outstanding(&counter) == 0, "%s: %ld allocations outstanding (%ld made, %ld freed)",
+                  c->name, check_counter_outstanding(&counter), counter.allocs, counter.frees);
+    check_model_free(&env.model);
+    check_counter_destroy(&counter);
+    check_log_destroy(&log);
+}
+END_TEST
+
+/* The unmutated base desc is valid: the table above tests one defect at a time. */
+START_TEST(validation_base_desc_valid) {
+    check_model m;
+    check_counter counter;
+    check_log log;
+    moe_ep_context* ctx = NULL;
+    moe_ep_result res;
+    check_counter_init(&counter);
+    check_log_init(&log);
+    check_model_init(&m, V_D, V_F, V_E, 2, MOE_EP_ACTIVATION_SWIGLU, false, 50);
+    res = moe_ep_create(&(moe_ep_desc){ .d_model = V_D, .d_ff = V_F, .num_experts = V_E, .top_k = 2,
+                                        .router_weight = m.router, .experts = m.experts,
+                                        .allocator = check_counting_allocator(&counter),
+                                        .logger = check_recording_logger(&log) }, &ctx);
+    ck_assert_msg(res == MOE_EP_OK, "base desc: %s", moe_ep_result_string(res));
+    ck_assert_msg(log.lines == 0, "a valid desc logged %d lines", log.lines);
+    ck_assert_msg(counter.allocs > 0, "the allocator was not used");
+    moe_ep_destroy(ctx);
+    ck_assert_msg(check_counter_outstanding(&counter) == 0, "%ld outstanding after destroy",
+                  check_counter_outstanding(&counter));
+    check_model_free(&m);
+    check_counter_destroy(&counter);
+    check_log_destroy(&log);
+}
+END_TEST
+
+START_TEST(validation_null_desc_or_out) {
+    check_model m;
+    moe_ep_context* ctx = (moe_ep_context*)&m;
+    check_model_init(&m, V_D, V_F, V_E, 2, MOE_EP_ACTIVATION_SWIGLU, false, 50);
+    ck_assert_int_eq(moe_ep_create(NULL, &ctx), MOE_EP_ERROR_INVALID_ARGUMENT);
+    ck_assert_msg(ctx == (moe_ep_context*)&m, "out written");
+    ck_assert_int_eq(moe_ep_create(&(moe_ep_desc){ .d_model = V_D, .d_ff = V_F, .num_experts = V_E,
+                                                   .router_weight = m.router, .experts = m.experts }, NULL),
+                     MOE_EP_ERROR_INVALID_ARGUMENT);
+    check_model_free(&m);
+}
+END_TEST
+
+/* create, every kind of layer call, destroy: nothing left behind, on one rank and on three. */
+START_TEST(validation_no_leaks) {
+    check_model m;
+    check_counter counter;
+    moe_ep_allocator a;
+    moe_ep_context* ctx = NULL;
+    moe_ep_plan* plan = NULL;
+    moe_ep_plan_info info;
+    check_layer run;
+    int64_t tokens[3] = { 13, 0, 7 };
+    float x[20 * V_D], y[20 * V_D + 1], rows[40 * V_D], out[40 * V_D];
+    int32_t idx[20 * 2];
+    float weight[20 * 2];
+    int64_t counts[V_E];
+    moe_ep_router_stats stats;
+    uint64_t seed = 60;
+    char errors[1024];
+    check_counter_init(&counter);
+    a = check_counting_allocator(&counter);
+    check_model_init(&m, V_D, V_F, V_E, 2, MOE_EP_ACTIVATION_SWIGLU, false, 61);
+    check_fill(x, 20 * V_D, 1.0f, &seed);
+    stats.tokens_per_expert = counts;
+    ck_assert_int_eq(moe_ep_create(&(moe_ep_desc){ .d_model = V_D, .d_ff = V_F, .num_experts = V_E, .top_k = 2,
+                                                   .capacity_factor = 1.0f, .router_weight = m.router,
+                                                   .experts = m.experts, .allocator = a }, &ctx), MOE_EP_OK);
+    ck_assert_int_eq(moe_ep_forward(ctx, &(moe_ep_forward_args){ .tokens = 20, .x = x, .y = y, .stats = &stats }),
+                     MOE_EP_OK);
+    ck_assert_int_eq(moe_ep_route(ctx, x, 20, idx, weight, &stats), MOE_EP_OK);
+    ck_assert_int_eq(moe_ep_forward(ctx, &(moe_ep_forward_args){ .tokens = 20, .x = x, .y = y, .routing_in = true,
+                                                                 .topk_idx = idx, .topk_weight = weight }), MOE_EP_OK);
+    ck_assert_int_eq(moe_ep_plan_create(ctx, 20, idx, weight, &plan), MOE_EP_OK);
+    info = moe_ep_plan_query(plan);
+    ck_assert(info.recv_rows <= 40);
+    ck_assert_int_eq(moe_ep_dispatch_begin(ctx, plan, x, rows), MOE_EP_OK);
+    ck_assert_int_eq(moe_ep_dispatch_end(ctx, plan), MOE_EP_OK);
+    ck_assert_int_eq(moe_ep_experts(ctx, plan, rows, out), MOE_EP_OK);
+    ck_assert_int_eq(moe_ep_combine(ctx, plan, out, y), MOE_EP_OK);
+    moe_ep_plan_destroy(plan);
+    moe_ep_destroy(ctx);
+    ck_assert_msg(counter.allocs > 0, "the allocator was not used");
+    ck_assert_msg(check_counter_outstanding(&counter) == 0, "one rank: %ld allocations outstanding",
+                  check_counter_outstanding(&counter));
+
+    /* three ranks; the world's own allocations go through the same counter */
+    memset(&run, 0, sizeof run);
+    run.model = &m;
+    run.ranks = 3;
+    run.tokens = tokens;
+    run.x = x;
+    run.y = y;
+    run.allocator = &a;
+    run.capacity_factor = 0.5f;
+    check_run_layer(&run);
+    ck_assert_msg(run.result == MOE_EP_OK, "three ranks: %s", check_layer_errors(&run, errors, sizeof errors));
+    ck_assert_msg(check_counter_outstanding(&counter) == 0, "three ranks: %ld allocations outstanding",
+                  check_counter_outstanding(&counter));
+    check_model_free(&m);
+    check_counter_destroy(&counter);
+}
+END_TEST
+
+/* Fail allocation n of create, for every n: OUT_OF_MEMORY, out untouched, nothing leaked. */
+START_TEST(validation_create_out_of_memory) {
+    check_model m;
+    check_counter counter;
+    moe_ep_context* sentinel = (moe_ep_context*)&m;
+    long n;
+    bool created = false;
+    check_counter_init(&counter);
+    check_model_init(&m, V_D, V_F, V_E, 2, MOE_EP_ACTIVATION_SWIGLU, false, 62);
+    for (n = 1; n < 200 && !created; ++n) {
+        moe_ep_context* ctx = sentinel;
+        moe_ep_result res;
+        int table[V_E] = { 0, 0, 0, 0 };
+        counter.attempts = 0;
+        counter.fail_at = n;
+        res = moe_ep_create(&(moe_ep_desc){ .d_model = V_D, .d_ff = V_F, .num_experts = V_E, .top_k = 2,
+                                            .placement = { .kind = MOE_EP_PLACEMENT_TABLE, .table = table },
+                                            .router_weight = m.router, .experts = m.experts,
+                                            .allocator = check_counting_allocator(&counter) }, &ctx);
+        if (res == MOE_EP_OK) {
+            ck_assert_msg(counter.attempts < n, "allocation %ld failed but create succeeded", n);
+            moe_ep_destroy(ctx);
+            created = true;
+        } else {
+            ck_assert_msg(res == MOE_EP_ERROR_OUT_OF_MEMORY, "allocation %ld failed: create returned %s", n,
+                          moe_ep_result_string(res));
+            ck_assert_msg(ctx == sentinel, "allocation %ld failed: out written", n);
+        }
+        ck_assert_msg(check_counter_outstanding(&counter) == 0, "allocation %ld failed: %ld outstanding", n,
+                      check_counter_outstanding(&counter));
+    }
+    ck_assert_msg(created, "create never succeeded");
+    ck_assert_msg(n > 5, "create made only %ld allocations", n - 1);
+    check_model_free(&m);
+    check_counter_destroy(&counter);
+}
+END_TEST
+
+/* Fail allocation n of a forward call: OUT_OF_MEMORY and y untouched, or a correct answer;
+   the context stays usable and nothing leaks. */
+START_TEST(validation_forward_out_of_memory) {
+    check_model m;
+    check_counter counter;
+    moe_ep_context* ctx = NULL;
+    float x[9 * V_D], y_good[9 * V_D], y[9 * V_D];
+    int64_t counts_good[V_E], counts[V_E];
+    moe_ep_router_stats stats_good, stats;
+    uint64_t seed = 63;
+    long n;
+    bool passed = false;
+    check_counter_init(&counter);
+    check_model_init(&m, V_D, V_F, V_E, 2, MOE_EP_ACTIVATION_SWIGLU, false, 64);
+    check_fill(x, 9 * V_D, 1.0f, &seed);
+    stats_good.tokens_per_expert = counts_good;
+    ck_assert_int_eq(moe_ep_create(&(moe_ep_desc){ .d_model = V_D, .d_ff = V_F, .num_experts = V_E, .top_k = 2,
+                                                   .router_weight = m.router, .experts = m.experts }, &ctx), MOE_EP_OK);
+    ck_assert_int_eq(moe_ep_forward(ctx, &(moe_ep_forward_args){ .tokens = 9, .x = x, .y = y_good,
+                                                                 .stats = &stats_good }), MOE_EP_OK);
+    moe_ep_destroy(ctx);
+    for (n = 1; n < 200 && !passed; ++n) {
+        moe_ep_result res;
+        ctx = NULL;
+        counter.fail_at = 0;
+        ck_assert_int_eq(moe_ep_create(&(moe_ep_desc){ .d_model = V_D, .d_ff = V_F, .num_experts = V_E, .top_k = 2,
+                                                       .router_weight = m.router, .experts = m.experts,
+                                                       .allocator = check_counting_allocator(&counter) }, &ctx),
+                         MOE_EP_OK);
+        counter.fail_at = counter.attempts + n;
+        check_poison(y, 9 * V_D);
+        memset(&stats, 0, sizeof stats);
+        stats.tokens_per_expert = counts;
+        res = moe_ep_forward(ctx, &(moe_ep_forward_args){ .tokens = 9, .x = x, .y = y, .stats = &stats });
+        if (res == MOE_EP_OK) {
+            ck_assert_msg(memcmp(y, y_good, sizeof y) == 0, "allocation %ld failed: forward succeeded with other output", n);
+            ck_assert_msg(memcmp(counts, counts_good, sizeof counts) == 0 && stats.aux_loss == stats_good.aux_loss &&
+                              stats.z_loss == stats_good.z_loss,
+                          "allocation %ld failed: forward succeeded with other statistics (aux %g, expected %g)", n,
+                          stats.aux_loss, stats_good.aux_loss);
+            passed = counter.attempts < counter.fail_at;
+        } else {
+            ck_assert_msg(res == MOE_EP_ERROR_OUT_OF_MEMORY, "allocation %ld failed: forward returned %s", n,
+                          moe_ep_result_string(res));
+            ck_assert_msg(check_is_poisoned(y, 9 * V_D), "allocation %ld failed: y written", n);
+            /* the context still works */
+            counter.fail_at = 0;
+            ck_assert_int_eq(moe_ep_forward(ctx, &(moe_ep_forward_args){ .tokens = 9, .x = x, .y = y }), MOE_EP_OK);
+            ck_assert_msg(memcmp(y, y_good, sizeof y) == 0, "allocation %ld failed: the next forward differs", n);
+        }
+        moe_ep_destroy(ctx);
+        ck_assert_msg(check_counter_outstanding(&counter) == 0, "allocation %ld failed: %ld outstanding", n,
+                      check_counter_outstanding(&counter));
+    }
+    ck_assert_msg(passed, "forward never got through");
+    check_model_free(&m);
+    check_counter_destroy(&counter);
+}
+END_TEST
+
+typedef struct fcase {
+    const char* name;
+    const char* needle;
+    int64_t tokens;
+    bool null_x, null_y, routing_in_null, null_args;
+} fcase;
+
+static const fcase fcases[] = {
+    { "tokens -1", "tokens (-1)", -1, false, false, false, false },
+    { "x NULL", "moe_ep_forward_args.x", 5, true, false, false, false },
+    { "y NULL", ".y", 5, false, true, false, false },
+    { "routing_in without arrays", "routing_in", 5, false, false, true, false },
+    { "args NULL", "args", 5, false, false, false, true },
+};
+
+START_TEST(validation_forward_args) {
+    const fcase* c = &fcases[_i];
+    check_model m;
+    check_log log;
+    moe_ep_context* ctx = NULL;
+    float x[5 * V_D], y[5 * V_D];
+    uint64_t seed = 65;
+    moe_ep_forward_args args;
+    moe_ep_result res;
+    char joined[2048];
+    check_log_init(&log);
+    check_model_init(&m, V_D, V_F, V_E, 2, MOE_EP_ACTIVATION_SWIGLU, false, 66);
+    check_fill(x, 5 * V_D, 1.0f, &seed);
+    check_poison(y, 5 * V_D);
+    ck_assert_int_eq(moe_ep_create(&(moe_ep_desc){ .d_model = V_D, .d_ff = V_F, .num_experts = V_E, .top_k = 2,
+                                                   .router_weight = m.router, .experts = m.experts,
+                                                   .logger = check_recording_logger(&log) }, &ctx), MOE_EP_OK);
+    memset(&args, 0, sizeof args);
+    args.tokens = c->tokens;
+    args.x = c->null_x ? NULL : x;
+    args.y = c->null_y ? NULL : y;
+    args.routing_in = c->routing_in_null;
+    res = moe_ep_forward(ctx, c->null_args ? NULL : &args);
+    ck_assert_msg(res == MOE_EP_ERROR_INVALID_ARGUMENT, "%s: forward returned %s", c->name, moe_ep_result_string(res));
+    ck_assert_msg(strstr(moe_ep_last_error(ctx), c->needle) != NULL, "%s: last error \"%s\" lacks \"%s\"", c->name,
+                  moe_ep_last_error(ctx), c->needle);
+    ck_assert_msg(check_log_find(&log, c->needle) >= 0, "%s: log: %s", c->name, check_log_join(&log, joined, sizeof joined));
+    ck_assert_msg(check_is_poisoned(y, 5 * V_D), "%s: y written on failure", c->name);
+    /* the context is still good */
+    ck_assert_int_eq(moe_ep_forward(ctx, &(moe_ep_forward_args){ .tokens = 5, .x = x, .y = y }), MOE_EP_OK);
+    moe_ep_destroy(ctx);
+    check_model_free(&m);
+    check_log_destroy(&log);
+}
+END_TEST
+
+/* The stage calls refuse a plan in the wrong state or of another context. */
+START_TEST(validation_stage_misuse) {
+    check_model m;
+    moe_ep_context *ctx = NULL, *other = NULL;
+    moe_ep_plan *plan = NULL, *sentinel = (moe_ep_plan*)&m;
+    float x[3 * V_D], rows[6 * V_D], out[6 * V_D], y[3 * V_D];
+    int32_t idx[6] = { 0, 1, 2, 3, 1, 2 };
+    float weight[6] = { 0.5f, 0.5f, 0.5f, 0.5f, 0.5f, 0.5f };
+    uint64_t seed = 67;
+    check_model_init(&m, V_D, V_F, V_E, 2, MOE_EP_ACTIVATION_SWIGLU, false, 68);
+    check_fill(x, 3 * V_D, 1.0f, &seed);
+    ck_assert_int_eq(moe_ep_create(&(moe_ep_desc){ .d_model = V_D, .d_ff = V_F, .num_experts = V_E, .top_k = 2,
+                                                   .router_weight = m.router, .experts = m.experts }, &ctx), MOE_EP_OK);
+    ck_assert_int_eq(moe_ep_create(&(moe_ep_desc){ .d_model = V_D, .d_ff = V_F, .num_experts = V_E, .top_k = 2,
+                                                   .router_weight = m.router, .experts = m.experts }, &other), MOE_EP_OK);
+    ck_assert_int_eq(moe_ep_plan_create(ctx, 3, idx, weight, NULL), MOE_EP_ERROR_INVALID_ARGUMENT);
+    plan = sentinel;
+    ck_assert_int_eq(moe_ep_plan_create(ctx, -1, idx, weight, &plan), MOE_EP_ERROR_INVALID_ARGUMENT);
+    ck_assert_int_eq(moe_ep_plan_create(ctx, 3, NULL, weight, &plan), MOE_EP_ERROR_INVALID_ARGUMENT);
+    ck_assert_msg(plan == sentinel, "plan_create wrote its out-param on failure");
+    ck_assert_int_eq(moe_ep_plan_create(ctx, 3, idx, weight, &plan), MOE_EP_OK);
+    ck_assert_int_eq(moe_ep_dispatch_end(ctx, plan), MOE_EP_ERROR_INVALID_ARGUMENT);
+    ck_assert_msg(strstr(moe_ep_last_error(ctx), "no split-phase") != NULL, "%s", moe_ep_last_error(ctx));
+    ck_assert_int_eq(moe_ep_dispatch(other, plan, x, rows), MOE_EP_ERROR_INVALID_ARGUMENT);
+    ck_assert_msg(strstr(moe_ep_last_error(other), "another context") != NULL, "%s", moe_ep_last_error(other));
+    ck_assert_int_eq(moe_ep_dispatch(ctx, plan, NULL, rows), MOE_EP_ERROR_INVALID_ARGUMENT);
+    ck_assert_int_eq(moe_ep_dispatch_begin(ctx, plan, x, rows), MOE_EP_OK);
+    ck_assert_int_eq(moe_ep_experts(ctx, plan, rows, out), MOE_EP_ERROR_INVALID_ARGUMENT);
+    ck_assert_int_eq(moe_ep_dispatch_begin(ctx, plan, x, rows), MOE_EP_ERROR_INVALID_ARGUMENT);
+    ck_assert_msg(strstr(moe_ep_last_error(ctx), "still open") != NULL, "%s", moe_ep_last_error(ctx));
+    ck_assert_int_eq(moe_ep_dispatch_end(ctx, plan), MOE_EP_OK);
+    ck_assert_int_eq(moe_ep_experts(ctx, plan, rows, out), MOE_EP_OK);
+    ck_assert_int_eq(moe_ep_combine_end(ctx, plan, y), MOE_EP_ERROR_INVALID_ARGUMENT);
+    ck_assert_int_eq(moe_ep_combine(ctx, plan, out, y), MOE_EP_OK);
+    moe_ep_plan_destroy(plan);
+    moe_ep_destroy(ctx);
+    moe_ep_destroy(other);
+    check_model_free(&m);
+}
+END_TEST
+
+Suite* validation_suite(void) {
+    Suite* s = suite_create("validation");
+    TCase* tc = tcase_create("desc");
+    TCase* tc_mem = tcase_create("memory");
+    TCase* tc_args = tcase_create("args");
+    tcase_add_loop_test(tc, validation_desc_fields, 0, VCASES);
+    tcase_add_test(tc, validation_base_desc_valid);
+    tcase_add_test(tc, validation_null_desc_or_out);
+    tcase_add_test(tc_mem, validation_no_leaks);
+    tcase_add_test(tc_mem, validation_create_out_of_memory);
+    tcase_add_test(tc_mem, validation_forward_out_of_memory);
+    tcase_add_loop_test(tc_args, validation_forward_args, 0, (int)(sizeof fcases / sizeof fcases[0]));
+    tcase_add_test(tc_args, validation_stage_misuse);
+    suite_add_tcase(s, tc);
+    suite_add_tcase(s, tc_mem);
+    suite_add_tcase(s, tc_args);
+    return s;
+}
