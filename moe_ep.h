@@ -51,6 +51,11 @@
           moe_ep_plan_destroy()
    4. moe_ep_destroy(ctx); then destroy the transport.
 
+   EP x DP and EP x TP x DP: describe the layout (moe_ep_layout_desc: world, EP, TP and
+   DP sizes), split the world transport into this rank's EP group (and TP group) with
+   moe_ep_layout_split, give the experts of moe_ep_layout_experts, and create the context
+   with .transport = &ep_group (and .tp_transport = &tp_group). See >>layout below.
+
    moe_ep DOES NOT
    ===============
    - initialise MPI, pick GPUs, or create threads other than OpenMP's and the
