@@ -1,0 +1,671 @@
+/* moe_ep_mpi.h -- the MPI transport of moe_ep: one rank per MPI process -- MIT or public domain
+
+   Connects the ranks of a moe_ep layer through an MPI communicator (any MPI-3
+   library: Open MPI, MPICH, ...). Counts travel with MPI_Alltoall, token rows with
+   MPI_Alltoallw over derived datatypes, so that the segmented layout of the core
+   (rows grouped by destination expert on one side, by local expert on the other)
+   needs no staging copy, and every count is in rows, not bytes.
+
+   DO THIS
+   =======
+   In exactly one C or C++ file:
+
+       #define MOE_EP_IMPLEMENTATION          (builds the core and this transport)
+       #include "transports/moe_ep_mpi.h"
+
+   Everywhere else include the header without the define. Compile with your MPI's
+   wrapper (mpicc) or its flags (pkg-config ompi-c / mpich). MOE_EP_MPI_IMPLEMENTATION
+   alone builds only this transport, for a program whose core lives in another file.
+
+   STEP BY STEP
+   ============
+   1. MPI_Init (moe_ep never initialises or finalises MPI).
+   2. moe_ep_transport t;
+      moe_ep_mpi_transport_create(&(moe_ep_mpi_desc){ .comm = MPI_COMM_WORLD }, &t);
+                                                          collective over comm
+   3. moe_ep_create(&(moe_ep_desc){ ..., .transport = &t }, &ctx) on every rank, then
+      use the layer as with any transport. Several contexts may share one transport.
+   4. moe_ep_destroy(ctx) for each; moe_ep_mpi_transport_destroy(&t); MPI_Finalize.
+
+   HOW IT WORKS
+   ============
+   create duplicates the communicator (MPI_Comm_dup), so the library's messages
+   never match the application's, and sets MPI_ERRORS_RETURN on the duplicate.
+   rank and world_size are the duplicate's; local_ranks is 1.
+
+   all_to_all_v builds, for every peer and each side, the cheapest description MPI
+   accepts: a run of rows that is contiguous and starts below 2 GiB is `n` rows of
+   a contiguous row type at an int byte displacement; anything else (the segments of
+   one peer scattered over the buffer, as on the receive side of dispatch and the
+   send side of combine, or an offset past 2 GiB) becomes an hindexed type of row
+   runs with 64-bit byte displacements. The rank's own segments are copied with
+   memcpy and never enter MPI. One MPI_Alltoallw then moves everything; the
+   split-phase form (all_to_all_v_begin / _end, which the core uses for dispatch and
+   combine) is MPI_Ialltoallw + MPI_Wait. Every rank calls the same collective,
+   whatever its layout: a rank's choice of datatype is its own business.
+
+   LARGE LAYERS
+   ============
+   Counts are in rows and displacements are 64-bit, so a rank may send and receive
+   more than 2^31 bytes. A run of more than INT_MAX rows is split into several blocks.
+   The only hard limits: a row (d_model * 4 bytes) must be at most INT_MAX bytes,
+   and a byte offset must fit MPI_Aint; past them all_to_all_v fails with
+   MOE_EP_ERROR_UNSUPPORTED and says which value is out of range.
+
+   moe_ep_mpi DOES NOT
+   ===================
+   - call MPI_Init, MPI_Finalize or MPI_Abort, nor touch the application's
+     communicator beyond duplicating it (its error handler is switched to
+     MPI_ERRORS_RETURN only for the duration of the duplication, then restored);
+   - move device memory (MOE_EP_MEMORY_DEVICE is refused: use the NCCL transport, or
+     a CUDA-aware MPI through your own transport);
+   - provide `abort`: a rank that fails before a collective leaves the others waiting
+     in MPI; the core avoids this by agreeing on every rank's status before each
+     exchange, and `mpirun --timeout` bounds what is left.
+
+   THREADING AND COLLECTIVE SEMANTICS
+   ==================================
+   create and destroy are collective over the communicator, like MPI_Comm_dup and
+   MPI_Comm_free. The callbacks are collective over the duplicate and are called
+   by the core from the thread that owns the context, never inside an OpenMP
+   region, so MPI_THREAD_FUNNELED is enough. A transport, like a context, is used
+   by one thread at a time; every rank must start the exchanges in the same order
+   (MPI's rule for collectives). Several split-phase exchanges may be open at once
+   and may end in any order.
+
+   ERRORS AND LOGGING
+   ==================
+   Every MPI return code is checked; a failure becomes MOE_EP_ERROR_TRANSPORT with
+   "MPI_<call>: <MPI_Error_string>" as the transport's error text, which the core
+   keeps in moe_ep_last_error(ctx). Nothing aborts the job. If create fails, the
+   cause goes to desc.logger (there is no context to hold it).
+
+   MEMORY
+   ======
+   Host allocations go through desc.allocator (default malloc/free). The duplicate
+   communicator, cached datatypes and request records are released by
+   moe_ep_mpi_transport_destroy, which must run before MPI_Finalize and after every
+   open split-phase exchange has ended.
+
+   LICENSE
+   =======
+   MIT or public domain, as moe_ep.h (see the end of that file).
+*/
+#ifndef MOE_EP_MPI_H_INCLUDED
+#define MOE_EP_MPI_H_INCLUDED
+
+#include <mpi.h>
+#include "../moe_ep.h"
+
+#ifdef __cplusplus
+extern "C" {
+#endif
+
+typedef struct moe_ep_mpi_desc {
+    MPI_Comm comm;                  /* default (zero) MPI_COMM_WORLD; duplicated, never used directly */
+    moe_ep_allocator allocator;     /* default malloc/free */
+    moe_ep_logger logger;           /* default none; told why create failed */
+} moe_ep_mpi_desc;
+
+/* Makes the transport of this process over desc->comm. Collective over comm.
+   out: untouched on failure. */
+MOE_EP_API moe_ep_result moe_ep_mpi_transport_create(const moe_ep_mpi_desc* desc, moe_ep_transport* out);
+/* Frees the duplicate communicator and everything else; zeroes *transport.
+   Collective over the communicator; call before MPI_Finalize. */
+MOE_EP_API void moe_ep_mpi_transport_destroy(moe_ep_transport* transport);
+
+#ifdef __cplusplus
+}
+#endif
+#endif /* MOE_EP_MPI_H_INCLUDED */
+
+#if defined(MOE_EP_IMPLEMENTATION) && !defined(MOE_EP_MPI_IMPLEMENTATION)
+#define MOE_EP_MPI_IMPLEMENTATION
+#endif
+
+#ifdef MOE_EP_MPI_IMPLEMENTATION
+#ifndef MOE_EP_MPI_IMPL_INCLUDED
+#define MOE_EP_MPI_IMPL_INCLUDED
+
+#include <limits.h>
+#include <stdarg.h>
+#include <stdio.h>
+#include <stdlib.h>
+#include <string.h>
+
+#ifndef MOE_EP_PRIVATE
+#define MOE_EP_PRIVATE static
+#endif
+
+#define MOE_EP__MPI_ROW_TYPES 8     /* distinct row sizes whose datatype is kept */
+
+/* >>mpi layout: pure arithmetic, no MPI calls, so that the limits can be tested
+   with numbers instead of gigabytes. */
+
+/* What MPI can take, in rows and bytes. The transport uses INT_MAX / INT_MAX /
+   the largest MPI_Aint; tests shrink them to reach the boundaries with small buffers. */
+typedef struct moe_ep__mpi_limits {
+    int64_t max_block_rows;         /* rows in one count or block: an int */
+    int64_t max_plain_offset;       /* bytes: MPI_Alltoallw's int displacement */
+    int64_t max_offset;             /* bytes: MPI_Aint (and the address space) */
+} moe_ep__mpi_limits;
+
+/* One peer's side of an exchange. plain: `rows` rows of the row type at byte
+   displacement `plain_offset`. Otherwise `blocks` (rows, byte offset) runs for an
+   hindexed type. */
+typedef struct moe_ep__mpi_peer {
+    int plain;
+    int64_t rows;
+    int64_t plain_offset;
+    int64_t blocks;
+} moe_ep__mpi_peer;
+
+/* Appends one run of rows as blocks of at most max_block_rows rows. */
+MOE_EP_PRIVATE void moe_ep__mpi_run(int64_t start, int64_t rows, size_t row_bytes, int64_t max_block_rows,
+                                     int64_t* blocks, int64_t* block_rows, int64_t* block_offsets, int64_t capacity) {
+    int64_t done = 0;
+    while (done < rows) {
+        int64_t piece = rows - done < max_block_rows ? rows - done : max_block_rows;
+        if (*blocks < capacity) {
+            block_rows[*blocks] = piece;
+            block_offsets[*blocks] = (start + done) * (int64_t)row_bytes;
+        }
+        ++*blocks;
+        done += piece;
+    }
+}
+
+/* Describes the `segments` segments (counts, offsets in rows) of one peer. Adjacent
+   segments merge into one run; a run longer than max_block_rows is split. Fills
+   block_rows / block_offsets (bytes) when the blocks fit `capacity` (pass 0 to count).
+   Returns MOE_EP_OK, or an error with a message naming the value out of range. */
+MOE_EP_PRIVATE moe_ep_result moe_ep__mpi_describe(const int64_t* counts, const int64_t* offsets, int segments,
+                                                  size_t row_bytes, const moe_ep__mpi_limits* lim, int peer,
+                                                  moe_ep__mpi_peer* out, int64_t* block_rows,
+                                                  int64_t* block_offsets, int64_t capacity, char* err_text,
+                                                  size_t err_size) {
+    int64_t run_start = 0, run_rows = 0, first_start = 0, max_rows, sum = 0;
+    int s, runs = 0;
+    memset(out, 0, sizeof *out);
+    if (row_bytes == 0 || (uint64_t)row_bytes > (uint64_t)lim->max_offset) {
+        if (err_text) snprintf(err_text, err_size, "row_bytes (%zu) must be in [1, %lld]", row_bytes,
+                               (long long)lim->max_offset);
+        return MOE_EP_ERROR_UNSUPPORTED;
+    }
+    max_rows = lim->max_offset / (int64_t)row_bytes;   /* rows addressable by a byte offset */
+    for (s = 0; s < segments; ++s) {
+        int64_t n = counts[s], at = offsets[s];
+        if (n < 0 || at < 0 || at > max_rows || n > max_rows - at || n > max_rows - sum) {
+            if (err_text)
+                snprintf(err_text, err_size, "rank %d, segment %d: %lld rows at row %lld (rows of %zu bytes) %s", peer,
+                         s, (long long)n, (long long)at, row_bytes,
+                         n < 0 || at < 0 ? "is negative" : "ends past the largest byte offset MPI_Aint can hold");
+            return MOE_EP_ERROR_UNSUPPORTED;
+        }
+        if (n == 0) continue;
+        sum += n;
+        if (runs > 0 && at == run_start + run_rows) {   /* the next segment continues the run */
+            run_rows += n;
+            continue;
+        }
+        if (runs > 0)
+            moe_ep__mpi_run(run_start, run_rows, row_bytes, lim->max_block_rows, &out->blocks, block_rows,
+                            block_offsets, capacity);
+        else
+            first_start = at;
+        runs++;
+        out->rows += run_rows;
+        run_start = at;
+        run_rows = n;
+    }
+    if (runs > 0)
+        moe_ep__mpi_run(run_start, run_rows, row_bytes, lim->max_block_rows, &out->blocks, block_rows, block_offsets,
+                        capacity);
+    out->rows += run_rows;
+    out->plain_offset = first_start * (int64_t)row_bytes;
+    out->plain = runs == 0 || (runs == 1 && out->rows <= lim->max_block_rows && out->plain_offset <= lim->max_plain_offset);
+    return MOE_EP_OK;
+}
+
+/* >>mpi state */
+typedef struct moe_ep__mpi_request {
+    struct moe_ep__mpi_request* next;   /* free list */
+    MPI_Request request;
+    int peers;                          /* capacity of the arrays below: world_size */
+    int* counts;                        /* [2R]: send, then receive */
+    int* displs;                        /* [2R] bytes */
+    MPI_Datatype* types;                /* [2R] */
+    unsigned char* owned;               /* [2R] 1: a type built for this call, freed at the end */
+    MPI_Datatype row_owned;             /* a row type outside the cache, or MPI_DATATYPE_NULL */
+} moe_ep__mpi_request;
+
+typedef struct moe_ep__mpi_impl {
+    MPI_Comm comm;
+    int rank, world_size;
+    moe_ep_allocator allocator;
+    moe_ep__mpi_limits limits;
+    size_t row_bytes[MOE_EP__MPI_ROW_TYPES];
+    MPI_Datatype row_types[MOE_EP__MPI_ROW_TYPES];
+    int row_type_count;
+    moe_ep__mpi_request* spare;         /* request records ready for reuse */
+    int64_t* block_rows;                /* scratch for one peer's blocks */
+    int64_t* block_offsets;
+    int* block_lengths;
+    MPI_Aint* block_displs;
+    int64_t block_capacity;
+} moe_ep__mpi_impl;
+
+MOE_EP_PRIVATE void* moe_ep__mpi_alloc(const moe_ep_allocator* a, size_t size) {
+    if (size == 0) size = 1;
+    return a->alloc_fn ? a->alloc_fn(size, a->user_data) : malloc(size);
+}
+
+MOE_EP_PRIVATE void moe_ep__mpi_free(const moe_ep_allocator* a, void* ptr) {
+    if (!ptr) return;
+    if (a->free_fn) a->free_fn(ptr, a->user_data);
+    else free(ptr);
+}
+
+/* "MPI_<call>: <MPI's text>" into err_text; returns MOE_EP_ERROR_TRANSPORT. */
+MOE_EP_PRIVATE moe_ep_result moe_ep__mpi_error(int code, const char* call, char* err_text, size_t err_size) {
+    char text[MPI_MAX_ERROR_STRING + 1];
+    int len = 0;
+    if (MPI_Error_string(code, text, &len) != MPI_SUCCESS || len <= 0) len = snprintf(text, sizeof text, "error %d", code);
+    text[len < MPI_MAX_ERROR_STRING ? len : MPI_MAX_ERROR_STRING] = '\0';
+    if (err_text) snprintf(err_text, err_size, "%s: %s", call, text);
+    return MOE_EP_ERROR_TRANSPORT;
+}
+
+/* >>mpi collectives */
+MOE_EP_PRIVATE moe_ep_result moe_ep__mpi_exchange(void* impl, const int64_t* send, int64_t* recv, int count,
+                                                  char* err_text, size_t err_size) {
+    moe_ep__mpi_impl* m = (moe_ep__mpi_impl*)impl;
+    int rc = MPI_Alltoall(send, count, MPI_INT64_T, recv, count, MPI_INT64_T, m->comm);
+    if (rc != MPI_SUCCESS) return moe_ep__mpi_error(rc, "MPI_Alltoall", err_text, err_size);
+    return MOE_EP_OK;
+}
+
+MOE_EP_PRIVATE moe_ep_result moe_ep__mpi_barrier(void* impl, char* err_text, size_t err_size) {
+    moe_ep__mpi_impl* m = (moe_ep__mpi_impl*)impl;
+    int rc = MPI_Barrier(m->comm);
+    if (rc != MPI_SUCCESS) return moe_ep__mpi_error(rc, "MPI_Barrier", err_text, err_size);
+    return MOE_EP_OK;
+}
+
+/* The contiguous type of one row, cached per row size (a layer has one). A size
+   that does not fit the cache gets a type of its own, freed with the request. */
+MOE_EP_PRIVATE moe_ep_result moe_ep__mpi_row_type(moe_ep__mpi_impl* m, size_t row_bytes, moe_ep__mpi_request* req,
+                                                  MPI_Datatype* out, char* err_text, size_t err_size) {
+    MPI_Datatype t;
+    int i, rc;
+    for (i = 0; i < m->row_type_count; ++i)
+        if (m->row_bytes[i] == row_bytes) { *out = m->row_types[i]; return MOE_EP_OK; }
+    if (row_bytes == 0 || row_bytes > (size_t)INT_MAX) {
+        if (err_text) snprintf(err_text, err_size, "row_bytes (%zu) must be in [1, INT_MAX]: a row is one MPI count of bytes",
+                               row_bytes);
+        return MOE_EP_ERROR_UNSUPPORTED;
+    }
+    rc = MPI_Type_contiguous((int)row_bytes, MPI_BYTE, &t);
+    if (rc == MPI_SUCCESS) rc = MPI_Type_commit(&t);
+    if (rc != MPI_SUCCESS) return moe_ep__mpi_error(rc, "MPI_Type_contiguous", err_text, err_size);
+    if (m->row_type_count < MOE_EP__MPI_ROW_TYPES) {
+        m->row_bytes[m->row_type_count] = row_bytes;
+        m->row_types[m->row_type_count++] = t;
+    } else {
+        req->row_owned = t;
+    }
+    *out = t;
+    return MOE_EP_OK;
+}
+
+MOE_EP_PRIVATE void moe_ep__mpi_request_release(moe_ep__mpi_impl* m, moe_ep__mpi_request* req) {
+    int i;
+    for (i = 0; i < 2 * req->peers; ++i)
+        if (req->owned[i]) { MPI_Type_free(&req->types[i]); req->owned[i] = 0; }
+    if (req->row_owned != MPI_DATATYPE_NULL) MPI_Type_free(&req->row_owned);
+    req->row_owned = MPI_DATATYPE_NULL;
+    req->next = m->spare;
+    m->spare = req;
+}
+
+MOE_EP_PRIVATE moe_ep__mpi_request* moe_ep__mpi_request_get(moe_ep__mpi_impl* m) {
+    moe_ep__mpi_request* req = m->spare;
+    size_t R = (size_t)m->world_size;
+    if (req) {
+        m->spare = req->next;
+        return req;
+    }
+    req = (moe_ep__mpi_request*)moe_ep__mpi_alloc(&m->allocator, sizeof *req);
+    if (!req) return NULL;
+    memset(req, 0, sizeof *req);
+    req->peers = m->world_size;
+    req->counts = (int*)moe_ep__mpi_alloc(&m->allocator, 2 * R * sizeof(int));
+    req->displs = (int*)moe_ep__mpi_alloc(&m->allocator, 2 * R * sizeof(int));
+    req->types = (MPI_Datatype*)moe_ep__mpi_alloc(&m->allocator, 2 * R * sizeof(MPI_Datatype));
+    req->owned = (unsigned char*)moe_ep__mpi_alloc(&m->allocator, 2 * R);
+    req->row_owned = MPI_DATATYPE_NULL;
+    if (!req->counts || !req->displs || !req->types || !req->owned) {
+        moe_ep__mpi_free(&m->allocator, req->counts);
+        moe_ep__mpi_free(&m->allocator, req->displs);
+        moe_ep__mpi_free(&m->allocator, req->types);
+        moe_ep__mpi_free(&m->allocator, req->owned);
+        moe_ep__mpi_free(&m->allocator, req);
+        return NULL;
+    }
+    memset(req->owned, 0, 2 * R);
+    return req;
+}
+
+MOE_EP_PRIVATE int moe_ep__mpi_grow_blocks(moe_ep__mpi_impl* m, int64_t need) {
+    int64_t cap = m->block_capacity;
+    if (need <= cap) return 1;
+    while (cap < need) cap = cap < 16 ? 16 : 2 * cap;
+    if ((uint64_t)cap > (uint64_t)(SIZE_MAX / sizeof(int64_t))) return 0;
+    moe_ep__mpi_free(&m->allocator, m->block_rows);
+    moe_ep__mpi_free(&m->allocator, m->block_offsets);
+    moe_ep__mpi_free(&m->allocator, m->block_lengths);
+    moe_ep__mpi_free(&m->allocator, m->block_displs);
+    m->block_rows = (int64_t*)moe_ep__mpi_alloc(&m->allocator, (size_t)cap * sizeof(int64_t));
+    m->block_offsets = (int64_t*)moe_ep__mpi_alloc(&m->allocator, (size_t)cap * sizeof(int64_t));
+    m->block_lengths = (int*)moe_ep__mpi_alloc(&m->allocator, (size_t)cap * sizeof(int));
+    m->block_displs = (MPI_Aint*)moe_ep__mpi_alloc(&m->allocator, (size_t)cap * sizeof(MPI_Aint));
+    m->block_capacity = cap;
+    if (!m->block_rows || !m->block_offsets || !m->block_lengths || !m->block_displs) {
+        m->block_capacity = 0;
+        return 0;
+    }
+    return 1;
+}
+
+/* counts[slot], displs[slot], types[slot] for one peer's side of the exchange. */
+MOE_EP_PRIVATE moe_ep_result moe_ep__mpi_side(moe_ep__mpi_impl* m, moe_ep__mpi_request* req, int slot,
+                                              const int64_t* counts, const int64_t* offsets, int segments,
+                                              size_t row_bytes, MPI_Datatype row, int peer, char* err_text,
+                                              size_t err_size) {
+    moe_ep__mpi_peer desc;
+    moe_ep_result res;
+    int64_t b;
+    int rc;
+    res = moe_ep__mpi_describe(counts, offsets, segments, row_bytes, &m->limits, peer, &desc, m->block_rows,
+                               m->block_offsets, m->block_capacity, err_text, err_size);
+    if (res != MOE_EP_OK) return res;
+    req->types[slot] = row;
+    if (desc.plain) {
+        req->counts[slot] = (int)desc.rows;
+        req->displs[slot] = (int)desc.plain_offset;
+        return MOE_EP_OK;
+    }
+    if (desc.blocks > m->block_capacity) {
+        if (desc.blocks > INT_MAX) {
+            if (err_text) snprintf(err_text, err_size, "rank %d: %lld row blocks exceed an MPI count", peer,
+                                   (long long)desc.blocks);
+            return MOE_EP_ERROR_UNSUPPORTED;
+        }
+        if (!moe_ep__mpi_grow_blocks(m, desc.blocks)) {
+            if (err_text) snprintf(err_text, err_size, "out of memory for %lld row blocks", (long long)desc.blocks);
+            return MOE_EP_ERROR_OUT_OF_MEMORY;
+        }
+        moe_ep__mpi_describe(counts, offsets, segments, row_bytes, &m->limits, peer, &desc, m->block_rows,
+                             m->block_offsets, m->block_capacity, NULL, 0);
+    }
+    for (b = 0; b < desc.blocks; ++b) {
+        m->block_lengths[b] = (int)m->block_rows[b];
+        m->block_displs[b] = (MPI_Aint)m->block_offsets[b];
+    }
+    rc = MPI_Type_create_hindexed((int)desc.blocks, m->block_lengths, m->block_displs, row, &req->types[slot]);
+    if (rc == MPI_SUCCESS) {
+        req->owned[slot] = 1;
+        rc = MPI_Type_commit(&req->types[slot]);
+    }
+    if (rc != MPI_SUCCESS) return moe_ep__mpi_error(rc, "MPI_Type_create_hindexed", err_text, err_size);
+    req->counts[slot] = 1;
+    req->displs[slot] = 0;
+    return MOE_EP_OK;
+}
+
+/* Describes both sides for every peer and copies the rank's own segments. */
+MOE_EP_PRIVATE moe_ep_result moe_ep__mpi_prepare(moe_ep__mpi_impl* m, const moe_ep_a2a_args* a,
+                                                 moe_ep__mpi_request* req, char* err_text, size_t err_size) {
+    int R = m->world_size, S = a->segments, me = m->rank, p, s;
+    MPI_Datatype row = MPI_DATATYPE_NULL;
+    moe_ep_result res;
+    if (a->memory_space == MOE_EP_MEMORY_DEVICE) {
+        if (err_text) snprintf(err_text, err_size, "device memory is not supported by the MPI transport");
+        return MOE_EP_ERROR_UNSUPPORTED;
+    }
+    if (S < 1) {
+        if (err_text) snprintf(err_text, err_size, "segments (%d) must be >= 1", S);
+        return MOE_EP_ERROR_INVALID_ARGUMENT;
+    }
+    res = moe_ep__mpi_row_type(m, a->row_bytes, req, &row, err_text, err_size);
+    if (res != MOE_EP_OK) return res;
+    for (p = 0; p < R; ++p) {
+        const int64_t* sc = a->send_counts + (size_t)p * (size_t)S;
+        const int64_t* rc = a->recv_counts + (size_t)p * (size_t)S;
+        if (p == me) {
+            req->counts[p] = req->counts[R + p] = 0;
+            req->displs[p] = req->displs[R + p] = 0;
+            req->types[p] = req->types[R + p] = row;
+            continue;
+        }
+        res = moe_ep__mpi_side(m, req, p, sc, a->send_offsets + (size_t)p * (size_t)S, S, a->row_bytes, row, p,
+                               err_text, err_size);
+        if (res == MOE_EP_OK)
+            res = moe_ep__mpi_side(m, req, R + p, rc, a->recv_offsets + (size_t)p * (size_t)S, S, a->row_bytes, row,
+                                   p, err_text, err_size);
+        if (res != MOE_EP_OK) return res;
+    }
+    /* The rank's own rows: the same range checks, then memcpy per segment. */
+    {
+        const int64_t* sc = a->send_counts + (size_t)me * (size_t)S;
+        const int64_t* rc = a->recv_counts + (size_t)me * (size_t)S;
+        moe_ep__mpi_peer check;
+        res = moe_ep__mpi_describe(sc, a->send_offsets + (size_t)me * (size_t)S, S, a->row_bytes, &m->limits, me,
+                                   &check, NULL, NULL, 0, err_text, err_size);
+        if (res == MOE_EP_OK)
+            res = moe_ep__mpi_describe(rc, a->recv_offsets + (size_t)me * (size_t)S, S, a->row_bytes, &m->limits, me,
+                                       &check, NULL, NULL, 0, err_text, err_size);
+        if (res != MOE_EP_OK) return res;
+        for (s = 0; s < S; ++s) {
+            if (sc[s] != rc[s]) {
+                if (err_text) snprintf(err_text, err_size, "rank %d sends itself %lld rows in segment %d but expects %lld",
+                                       me, (long long)sc[s], s, (long long)rc[s]);
+                return MOE_EP_ERROR_TRANSPORT;
+            }
+            if (sc[s] > 0)
+                memcpy((char*)a->recv + (size_t)a->recv_offsets[(size_t)me * (size_t)S + s] * a->row_bytes,
+                       (const char*)a->send + (size_t)a->send_offsets[(size_t)me * (size_t)S + s] * a->row_bytes,
+                       (size_t)sc[s] * a->row_bytes);
+        }
+    }
+    return MOE_EP_OK;
+}
+
+MOE_EP_PRIVATE moe_ep_result moe_ep__mpi_a2a_begin(void* impl, const moe_ep_a2a_args* args, void** request,
+                                                   char* err_text, size_t err_size) {
+    moe_ep__mpi_impl* m = (moe_ep__mpi_impl*)impl;
+    moe_ep__mpi_request* req = moe_ep__mpi_request_get(m);
+    moe_ep_result res;
+    int rc, R = m->world_size;
+    if (!req) {
+        if (err_text) snprintf(err_text, err_size, "out of memory for a request record");
+        return MOE_EP_ERROR_OUT_OF_MEMORY;
+    }
+    res = moe_ep__mpi_prepare(m, args, req, err_text, err_size);
+    if (res != MOE_EP_OK) {
+        moe_ep__mpi_request_release(m, req);
+        return res;
+    }
+    rc = MPI_Ialltoallw(args->send, req->counts, req->displs, req->types, args->recv, req->counts + R,
+                        req->displs + R, req->types + R, m->comm, &req->request);
+    if (rc != MPI_SUCCESS) {
+        moe_ep__mpi_request_release(m, req);
+        return moe_ep__mpi_error(rc, "MPI_Ialltoallw", err_text, err_size);
+    }
+    *request = req;
+    return MOE_EP_OK;
+}
+
+MOE_EP_PRIVATE moe_ep_result moe_ep__mpi_a2a_end(void* impl, void* request, char* err_text, size_t err_size) {
+    moe_ep__mpi_impl* m = (moe_ep__mpi_impl*)impl;
+    moe_ep__mpi_request* req = (moe_ep__mpi_request*)request;
+    int rc;
+    if (!req) {
+        if (err_text) snprintf(err_text, err_size, "no exchange is open (request is NULL)");
+        return MOE_EP_ERROR_INVALID_ARGUMENT;
+    }
+    rc = MPI_Wait(&req->request, MPI_STATUS_IGNORE);
+    moe_ep__mpi_request_release(m, req);
+    if (rc != MPI_SUCCESS) return moe_ep__mpi_error(rc, "MPI_Wait (MPI_Ialltoallw)", err_text, err_size);
+    return MOE_EP_OK;
+}
+
+MOE_EP_PRIVATE moe_ep_result moe_ep__mpi_a2a(void* impl, const moe_ep_a2a_args* args, char* err_text,
+                                             size_t err_size) {
+    moe_ep__mpi_impl* m = (moe_ep__mpi_impl*)impl;
+    moe_ep__mpi_request* req = moe_ep__mpi_request_get(m);
+    moe_ep_result res;
+    int rc = MPI_SUCCESS, R = m->world_size;
+    if (!req) {
+        if (err_text) snprintf(err_text, err_size, "out of memory for a request record");
+        return MOE_EP_ERROR_OUT_OF_MEMORY;
+    }
+    res = moe_ep__mpi_prepare(m, args, req, err_text, err_size);
+    if (res == MOE_EP_OK)
+        rc = MPI_Alltoallw(args->send, req->counts, req->displs, req->types, args->recv, req->counts + R,
+                           req->displs + R, req->types + R, m->comm);
+    moe_ep__mpi_request_release(m, req);
+    if (res == MOE_EP_OK && rc != MPI_SUCCESS) res = moe_ep__mpi_error(rc, "MPI_Alltoallw", err_text, err_size);
+    return res;
+}
+
+/* >>mpi create and destroy */
+MOE_EP_PRIVATE void moe_ep__mpi_destroy(void* impl) {
+    moe_ep__mpi_impl* m = (moe_ep__mpi_impl*)impl;
+    moe_ep_allocator a;
+    int finalized = 0, i;
+    if (!m) return;
+    a = m->allocator;
+    MPI_Finalized(&finalized);
+    while (m->spare) {
+        moe_ep__mpi_request* req = m->spare;
+        m->spare = req->next;
+        moe_ep__mpi_free(&a, req->counts);
+        moe_ep__mpi_free(&a, req->displs);
+        moe_ep__mpi_free(&a, req->types);
+        moe_ep__mpi_free(&a, req->owned);
+        moe_ep__mpi_free(&a, req);
+    }
+    if (!finalized) {
+        for (i = 0; i < m->row_type_count; ++i) MPI_Type_free(&m->row_types[i]);
+        if (m->comm != MPI_COMM_NULL) MPI_Comm_free(&m->comm);
+    }
+    moe_ep__mpi_free(&a, m->block_rows);
+    moe_ep__mpi_free(&a, m->block_offsets);
+    moe_ep__mpi_free(&a, m->block_lengths);
+    moe_ep__mpi_free(&a, m->block_displs);
+    moe_ep__mpi_free(&a, m);
+}
+
+MOE_EP_PRIVATE moe_ep_result moe_ep__mpi_create_fail(const moe_ep_mpi_desc* desc, moe_ep_result result,
+                                                     const char* fmt, ...) {
+    char text[MPI_MAX_ERROR_STRING + 256];
+    va_list ap;
+    va_start(ap, fmt);
+    vsnprintf(text, sizeof text, fmt, ap);
+    va_end(ap);
+    if (desc && desc->logger.func) desc->logger.func("moe_ep", 1, -1, text, desc->logger.user_data);
+    return result;
+}
+
+MOE_EP_API moe_ep_result moe_ep_mpi_transport_create(const moe_ep_mpi_desc* desc, moe_ep_transport* out) {
+    moe_ep__mpi_impl* m;
+    MPI_Comm comm;
+    MPI_Errhandler previous;
+    int initialized = 0, finalized = 0, inter = 0, rc, rank = 0, size = 0;
+    char err[MPI_MAX_ERROR_STRING + 64] = "";
+    moe_ep_transport t;
+    if (!desc || !out) return moe_ep__mpi_create_fail(desc, MOE_EP_ERROR_INVALID_ARGUMENT,
+                                                      "moe_ep_mpi_transport_create: desc and out must not be NULL");
+    if ((desc->allocator.alloc_fn == NULL) != (desc->allocator.free_fn == NULL))
+        return moe_ep__mpi_create_fail(desc, MOE_EP_ERROR_INVALID_ARGUMENT,
+                                       "moe_ep_mpi_desc.allocator: set both alloc_fn and free_fn, or neither");
+    MPI_Initialized(&initialized);
+    MPI_Finalized(&finalized);
+    if (!initialized || finalized)
+        return moe_ep__mpi_create_fail(desc, MOE_EP_ERROR_INVALID_ARGUMENT,
+                                       "moe_ep_mpi_transport_create: MPI is %s (call it between MPI_Init and "
+                                       "MPI_Finalize; moe_ep never initialises MPI)",
+                                       finalized ? "already finalized" : "not initialised");
+    comm = desc->comm == (MPI_Comm)0 ? MPI_COMM_WORLD : desc->comm;
+    if (comm == MPI_COMM_NULL)
+        return moe_ep__mpi_create_fail(desc, MOE_EP_ERROR_INVALID_ARGUMENT,
+                                       "moe_ep_mpi_desc.comm is MPI_COMM_NULL: pass a communicator (zero means MPI_COMM_WORLD)");
+    /* The duplication fails into a return code, not into the application's handler. */
+    rc = MPI_Comm_get_errhandler(comm, &previous);
+    if (rc != MPI_SUCCESS) {
+        moe_ep__mpi_error(rc, "MPI_Comm_get_errhandler", err, sizeof err);
+        return moe_ep__mpi_create_fail(desc, MOE_EP_ERROR_TRANSPORT, "moe_ep_mpi_transport_create: %s", err);
+    }
+    MPI_Comm_set_errhandler(comm, MPI_ERRORS_RETURN);
+    rc = MPI_Comm_test_inter(comm, &inter);
+    if (rc == MPI_SUCCESS && inter) {
+        MPI_Comm_set_errhandler(comm, previous);
+        MPI_Errhandler_free(&previous);
+        return moe_ep__mpi_create_fail(desc, MOE_EP_ERROR_INVALID_ARGUMENT,
+                                       "moe_ep_mpi_desc.comm is an intercommunicator: pass an intracommunicator");
+    }
+    {
+        MPI_Comm dup = MPI_COMM_NULL;
+        if (rc == MPI_SUCCESS) rc = MPI_Comm_dup(comm, &dup);
+        MPI_Comm_set_errhandler(comm, previous);
+        MPI_Errhandler_free(&previous);
+        if (rc != MPI_SUCCESS) {
+            moe_ep__mpi_error(rc, "MPI_Comm_dup", err, sizeof err);
+            return moe_ep__mpi_create_fail(desc, MOE_EP_ERROR_TRANSPORT, "moe_ep_mpi_transport_create: %s", err);
+        }
+        comm = dup;
+    }
+    rc = MPI_Comm_set_errhandler(comm, MPI_ERRORS_RETURN);
+    if (rc == MPI_SUCCESS) rc = MPI_Comm_rank(comm, &rank);
+    if (rc == MPI_SUCCESS) rc = MPI_Comm_size(comm, &size);
+    m = rc == MPI_SUCCESS ? (moe_ep__mpi_impl*)moe_ep__mpi_alloc(&desc->allocator, sizeof *m) : NULL;
+    if (!m) {
+        if (rc != MPI_SUCCESS) moe_ep__mpi_error(rc, "MPI_Comm_set_errhandler", err, sizeof err);
+        MPI_Comm_free(&comm);
+        return moe_ep__mpi_create_fail(desc, rc != MPI_SUCCESS ? MOE_EP_ERROR_TRANSPORT : MOE_EP_ERROR_OUT_OF_MEMORY,
+                                       "moe_ep_mpi_transport_create: %s", rc != MPI_SUCCESS ? err : "out of memory");
+    }
+    memset(m, 0, sizeof *m);
+    m->comm = comm;
+    m->rank = rank;
+    m->world_size = size;
+    m->allocator = desc->allocator;
+    m->limits.max_block_rows = INT_MAX;
+    m->limits.max_plain_offset = INT_MAX;
+    m->limits.max_offset = sizeof(MPI_Aint) >= sizeof(int64_t) ? INT64_MAX : (int64_t)((1ull << (8 * sizeof(MPI_Aint) - 1)) - 1);
+    if ((uint64_t)m->limits.max_offset > (uint64_t)PTRDIFF_MAX) m->limits.max_offset = (int64_t)PTRDIFF_MAX;
+    memset(&t, 0, sizeof t);
+    t.impl = m;
+    t.name = "mpi";
+    t.rank = rank;
+    t.world_size = size;
+    t.local_ranks = 1;
+    t.exchange_counts = moe_ep__mpi_exchange;
+    t.all_to_all_v = moe_ep__mpi_a2a;
+    t.all_to_all_v_begin = moe_ep__mpi_a2a_begin;
+    t.all_to_all_v_end = moe_ep__mpi_a2a_end;
+    t.barrier = moe_ep__mpi_barrier;
+    t.destroy = moe_ep__mpi_destroy;
+    *out = t;
+    return MOE_EP_OK;
+}
+
+MOE_EP_API void moe_ep_mpi_transport_destroy(moe_ep_transport* transport) {
+    if (!transport) return;
+    if (transport->destroy && transport->impl) transport->destroy(transport->impl);
+    memset(transport, 0, sizeof *transport);
+}
+
+#endif /* MOE_EP_MPI_IMPL_INCLUDED */
+#endif /* MOE_EP_MPI_IMPLEMENTATION */
