@@ -547,6 +547,7 @@ struct moe_ep_context {
     int32_t* topk_idx;
     float* topk_weight;
     int64_t routing_capacity;
+    moe_ep_result experts_status;   /* a failure of moe_ep_experts, for the next combine to tell the peers */
     char last_error[MOE_EP__ERR_SIZE];
 };
 
@@ -1677,7 +1678,8 @@ MOE_EP_API moe_ep_result moe_ep_experts(moe_ep_context* ctx, const moe_ep_plan* 
     moe_ep_result res = moe_ep__check_stage(ctx, (moe_ep_plan*)(uintptr_t)plan, "moe_ep_experts", 0);
     if (res != MOE_EP_OK) return res;
     if (plan->recv_rows > 0 && (!rows || !out))
-        return moe_ep__fail(ctx, MOE_EP_ERROR_INVALID_ARGUMENT, "moe_ep_experts: rows and out must not be NULL");
+        return ctx->experts_status = moe_ep__fail(ctx, MOE_EP_ERROR_INVALID_ARGUMENT,
+                                                  "moe_ep_experts: rows and out must not be NULL");
     res = moe_ep__experts_local(ctx, plan, rows, out);
     if (ctx->tp_size > 1) {
         /* The TP group saw the same tokens, so its ranks hold the same rows: sum the d_ff
@@ -1689,6 +1691,7 @@ MOE_EP_API moe_ep_result moe_ep_experts(moe_ep_context* ctx, const moe_ep_plan* 
         if (res == MOE_EP_OK && reduced != MOE_EP_OK)
             res = moe_ep__transport_fail(ctx, reduced, "moe_ep_experts: tensor-parallel sum", err);
     }
+    if (res != MOE_EP_OK) ctx->experts_status = res;
     return res;
 }
 
@@ -1696,6 +1699,7 @@ MOE_EP_API moe_ep_result moe_ep_experts(moe_ep_context* ctx, const moe_ep_plan* 
 MOE_EP_PRIVATE moe_ep_result moe_ep__combine_begin(moe_ep_context* ctx, moe_ep_plan* plan, const float* expert_out,
                                                    moe_ep_result status) {
     moe_ep_result res = moe_ep__check_stage(ctx, plan, "moe_ep_combine", 0);
+    if (!ctx) return res;
     if (res != MOE_EP_OK) status = res;
     else if (plan->recv_rows > 0 && !expert_out)
         status = moe_ep__fail(ctx, MOE_EP_ERROR_INVALID_ARGUMENT, "moe_ep_combine: expert_out must not be NULL");
@@ -1710,7 +1714,9 @@ MOE_EP_PRIVATE moe_ep_result moe_ep__combine_begin(moe_ep_context* ctx, moe_ep_p
 }
 
 MOE_EP_API moe_ep_result moe_ep_combine_begin(moe_ep_context* ctx, moe_ep_plan* plan, const float* expert_out) {
-    return moe_ep__combine_begin(ctx, plan, expert_out, MOE_EP_OK);
+    moe_ep_result status = ctx ? ctx->experts_status : MOE_EP_OK;
+    if (ctx) ctx->experts_status = MOE_EP_OK;
+    return moe_ep__combine_begin(ctx, plan, expert_out, status);
 }
 
 MOE_EP_API moe_ep_result moe_ep_combine_end(moe_ep_context* ctx, moe_ep_plan* plan, float* y) {
@@ -1809,6 +1815,7 @@ MOE_EP_API moe_ep_result moe_ep_forward(moe_ep_context* ctx, const moe_ep_forwar
     if (res == MOE_EP_OK) res = moe_ep_dispatch(ctx, plan, args->x, ctx->recv_rows);
     if (res == MOE_EP_OK) {
         status = moe_ep_experts(ctx, plan, ctx->recv_rows, ctx->expert_out);
+        ctx->experts_status = MOE_EP_OK;    /* handed to combine here */
         res = moe_ep__combine_begin(ctx, plan, ctx->expert_out, status);
         if (res == MOE_EP_OK) res = moe_ep_combine_end(ctx, plan, args->y);
     }
