@@ -105,6 +105,13 @@ START_TEST(null_context_queries) {
     ck_assert_int_eq(moe_ep_forward(NULL, NULL), MOE_EP_ERROR_INVALID_ARGUMENT);
     ck_assert_int_eq(moe_ep_route(NULL, NULL, 0, NULL, NULL, NULL), MOE_EP_ERROR_INVALID_ARGUMENT);
     ck_assert_int_eq(moe_ep_expert_ffn(NULL, 0, NULL, 0, NULL), MOE_EP_ERROR_INVALID_ARGUMENT);
+    ck_assert_int_eq(moe_ep_plan_create(NULL, 0, NULL, NULL, NULL), MOE_EP_ERROR_INVALID_ARGUMENT);
+    ck_assert_int_eq(moe_ep_dispatch(NULL, NULL, NULL, NULL), MOE_EP_ERROR_INVALID_ARGUMENT);
+    ck_assert_int_eq(moe_ep_dispatch_end(NULL, NULL), MOE_EP_ERROR_INVALID_ARGUMENT);
+    ck_assert_int_eq(moe_ep_experts(NULL, NULL, NULL, NULL), MOE_EP_ERROR_INVALID_ARGUMENT);
+    ck_assert_int_eq(moe_ep_combine(NULL, NULL, NULL, NULL), MOE_EP_ERROR_INVALID_ARGUMENT);
+    ck_assert_int_eq(moe_ep_combine_begin(NULL, NULL, NULL), MOE_EP_ERROR_INVALID_ARGUMENT);
+    ck_assert_int_eq(moe_ep_combine_end(NULL, NULL, NULL), MOE_EP_ERROR_INVALID_ARGUMENT);
 }
 END_TEST
 

@@ -114,7 +114,7 @@ END_TEST
 /* >>an expert callback fails on one rank */
 static int failing_fn(int local_expert, int expert, const float* rows, int64_t row_count, int d_model, float* out,
                       void* user_data) {
-    if (user_data) return 7;
+    if (user_data && *(const int*)user_data) return 7;
     return copy_fn(local_expert, expert, rows, row_count, d_model, out, NULL);
 }
 
@@ -155,7 +155,95 @@ START_TEST(failure_expert_callback) {
                       check_layer_errors(&run, errors, sizeof errors));
     }
     ck_assert_msg(strstr(run.rank_error[1], "expert_fn returned 7") != NULL, "rank 1's error: %s", run.rank_error[1]);
+    /* moe_ep_forward reaches combine's status exchange, where the others learn who failed */
+    if (run.path == CHECK_PATH_FORWARD)
+        for (r = 0; r < X_R; r += 2)
+            ck_assert_msg(strstr(run.rank_error[r], "rank 1 failed") != NULL, "rank %d's error: %s", r, run.rank_error[r]);
     ck_assert_msg(run.result == MOE_EP_ERROR_CALLBACK, "the run returned %s", moe_ep_result_string(run.result));
+    check_model_free(&m);
+}
+END_TEST
+
+/* >>the stage API: moe_ep_experts fails on rank 1, which still calls combine as documented
+   ("a failure is reported to the peers by the next combine") */
+typedef struct stage_fail_state {
+    const check_model* model;
+    const float* x;                 /* [X_R * 4, X_D] */
+    moe_ep_result experts_res[X_R], combine_res[X_R], next_res[X_R];
+    char error[X_R][256];
+} stage_fail_state;
+
+static moe_ep_result stage_fail_rank(const moe_ep_transport* transport, void* user_data) {
+    stage_fail_state* st = (stage_fail_state*)user_data;
+    int rank = transport->rank, t;
+    int fail_flag = 1;
+    moe_ep_desc d = failure_desc(transport);
+    moe_ep_context* ctx = NULL;
+    moe_ep_plan* plan = NULL;
+    int32_t idx[4 * 3];
+    float weight[4 * 3], rows[12 * X_D], out[12 * X_D], y[4 * X_D];
+    const float* x = st->x + rank * 4 * X_D;
+    moe_ep_result res;
+    for (t = 0; t < 4; ++t) {
+        idx[t * 3] = 0; idx[t * 3 + 1] = 1; idx[t * 3 + 2] = 2;
+        weight[t * 3] = weight[t * 3 + 1] = weight[t * 3 + 2] = 0.5f;
+    }
+    d.num_experts = 3;
+    d.top_k = 3;
+    d.expert_fn = failing_fn;
+    d.expert_user_data = rank == 1 ? &fail_flag : NULL;
+    res = moe_ep_create(&d, &ctx);
+    if (res != MOE_EP_OK) return res;
+    res = moe_ep_plan_create(ctx, 4, idx, weight, &plan);
+    if (res == MOE_EP_OK) res = moe_ep_dispatch(ctx, plan, x, rows);
+    if (res == MOE_EP_OK) {
+        st->experts_res[rank] = moe_ep_experts(ctx, plan, rows, out);
+        /* every rank goes on to combine, the failed one too */
+        res = st->combine_res[rank] = moe_ep_combine(ctx, plan, out, y);
+        snprintf(st->error[rank], sizeof st->error[0], "%s", moe_ep_last_error(ctx));
+    }
+    moe_ep_plan_destroy(plan);
+    /* the failure was told once; the next layer on the same contexts works */
+    if (st->combine_res[rank] != MOE_EP_OK) {
+        fail_flag = 0;
+        st->next_res[rank] = moe_ep_forward(ctx, &(moe_ep_forward_args){ .tokens = 4, .x = x, .y = y,
+                                                                         .routing_in = true, .topk_idx = idx,
+                                                                         .topk_weight = weight });
+        if (st->next_res[rank] != MOE_EP_OK)
+            snprintf(st->error[rank], sizeof st->error[0], "%s", moe_ep_last_error(ctx));
+    }
+    moe_ep_destroy(ctx);
+    return res == MOE_EP_OK ? MOE_EP_OK : st->next_res[rank];
+}
+
+START_TEST(failure_stage_experts) {
+    stage_fail_state st;
+    check_model m;
+    float x[X_R * 4 * X_D];
+    uint64_t seed = 85;
+    moe_ep_pthreads_world* world = NULL;
+    int r;
+    memset(&st, 0, sizeof st);
+    check_model_init(&m, X_D, X_F, 3, 3, MOE_EP_ACTIVATION_SWIGLU, false, 86);
+    check_fill(x, X_R * 4 * X_D, 1.0f, &seed);
+    st.model = &m;
+    st.x = x;
+    ck_assert_int_eq(moe_ep_pthreads_world_create(&(moe_ep_pthreads_desc){ .world_size = X_R, .timeout_ms = 30000 },
+                                                  &world), MOE_EP_OK);
+    moe_ep_pthreads_run(world, stage_fail_rank, &st, NULL);
+    moe_ep_pthreads_world_destroy(world);
+    ck_assert_msg(st.experts_res[1] == MOE_EP_ERROR_CALLBACK, "rank 1's experts: %s",
+                  moe_ep_result_string(st.experts_res[1]));
+    ck_assert_msg(st.combine_res[1] == MOE_EP_ERROR_CALLBACK, "rank 1's combine: %s (%s)",
+                  moe_ep_result_string(st.combine_res[1]), st.error[1]);
+    for (r = 0; r < X_R; r += 2) {
+        ck_assert_msg(st.experts_res[r] == MOE_EP_OK, "rank %d's experts: %s", r, moe_ep_result_string(st.experts_res[r]));
+        ck_assert_msg(st.combine_res[r] == MOE_EP_ERROR_ABORTED && strstr(st.error[r], "rank 1 failed") != NULL,
+                      "rank %d's combine: %s (%s)", r, moe_ep_result_string(st.combine_res[r]), st.error[r]);
+    }
+    for (r = 0; r < X_R; ++r)
+        ck_assert_msg(st.next_res[r] == MOE_EP_OK, "rank %d's next layer: %s (%s)", r, moe_ep_result_string(st.next_res[r]),
+                      st.error[r]);
     check_model_free(&m);
 }
 END_TEST
@@ -382,6 +470,7 @@ Suite* failure_suite(void) {
     TCase* tc_fail = tcase_create("failing ranks");
     tcase_add_loop_test(tc, failure_rank_mismatch, 0, (int)(sizeof mismatch_cases / sizeof mismatch_cases[0]));
     tcase_add_loop_test(tc_fail, failure_expert_callback, 0, 3);
+    tcase_add_test(tc_fail, failure_stage_experts);
     tcase_add_loop_test(tc_fail, failure_early_return, 0, (int)(sizeof early_cases / sizeof early_cases[0]));
     tcase_add_test(tc_fail, failure_bad_routing_on_one_rank);
     tcase_add_test(tc_fail, failure_world_reusable);
