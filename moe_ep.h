@@ -76,15 +76,19 @@
    A context is used by one thread at a time. Distinct contexts are independent.
 
    Determinism: on the CPU the output of a layer is bitwise identical for any world
-   size, any transport and any thread count. Combine sums a token's k contributions
+   size, any transport and any thread count (dropless; with a capacity factor the limit
+   applies per source rank, so what is dropped depends on how tokens are spread). Combine sums a token's k contributions
    in k-slot order in fp32, and the expert kernel's reduction order for one output
    element never depends on how many rows it got or how rows were split over threads.
 
    Failure: a rank whose arguments are bad, or whose expert callback fails, still
    takes part in the next exchange and tells the others; every rank then returns an
    error (its own cause, or MOE_EP_ERROR_ABORTED "rank N failed") instead of waiting
-   for a rank that will never come. Transports add their own way out (the pthreads
-   transport's abort flag and timeout).
+   for a rank that will never come. moe_ep_forward and moe_ep_plan_create carry every
+   local failure into their exchange; the stage calls dispatch and combine check their
+   arguments before communicating and return at once, so hand them the same valid
+   arguments on every rank. Transports add their own way out (the pthreads transport's
+   abort flag and timeout).
 
    ERRORS AND LOGGING
    ==================
@@ -1271,6 +1275,8 @@ MOE_EP_API moe_ep_result moe_ep_route(moe_ep_context* ctx, const float* x, int64
     const moe_ep_desc* d;
     float* probs;
     double* lse;
+    double* mean_p;
+    int64_t* assigned;
     int64_t t;
     int E;
     if (!ctx) return MOE_EP_ERROR_INVALID_ARGUMENT;
@@ -1284,7 +1290,12 @@ MOE_EP_API moe_ep_result moe_ep_route(moe_ep_context* ctx, const float* x, int64
                             "moe_ep_desc.router_weight is NULL: hand in your own routing instead");
     probs = (float*)moe_ep__calloc(&d->allocator, tokens * E, sizeof(float));
     lse = (double*)moe_ep__calloc(&d->allocator, tokens, sizeof(double));
-    if (!probs || !lse) {
+    /* the statistics' buffers too, before anything is written: outputs stay untouched on failure */
+    mean_p = stats ? (double*)moe_ep__calloc(&d->allocator, E, sizeof(double)) : NULL;
+    assigned = stats ? (int64_t*)moe_ep__calloc(&d->allocator, E, sizeof(int64_t)) : NULL;
+    if (!probs || !lse || (stats && (!mean_p || !assigned))) {
+        moe_ep__free(&d->allocator, mean_p);
+        moe_ep__free(&d->allocator, assigned);
         moe_ep__free(&d->allocator, probs);
         moe_ep__free(&d->allocator, lse);
         return moe_ep__fail(ctx, MOE_EP_ERROR_OUT_OF_MEMORY, "moe_ep_route: out of memory for %lld x %d probabilities",
@@ -1299,17 +1310,8 @@ MOE_EP_API moe_ep_result moe_ep_route(moe_ep_context* ctx, const float* x, int64
     if (stats) {
         /* sequential, in token order: the statistics do not depend on the thread count */
         double z = 0.0, aux = 0.0;
-        double* mean_p = (double*)moe_ep__calloc(&d->allocator, E, sizeof(double));
-        int64_t* assigned = (int64_t*)moe_ep__calloc(&d->allocator, E, sizeof(int64_t));
         int64_t* counts = stats->tokens_per_expert;
         int e;
-        if (!mean_p || !assigned) {
-            moe_ep__free(&d->allocator, mean_p);
-            moe_ep__free(&d->allocator, assigned);
-            moe_ep__free(&d->allocator, probs);
-            moe_ep__free(&d->allocator, lse);
-            return moe_ep__fail(ctx, MOE_EP_ERROR_OUT_OF_MEMORY, "moe_ep_route: out of memory for statistics");
-        }
         if (counts) memset(counts, 0, sizeof(int64_t) * (size_t)E);
         for (t = 0; t < tokens; ++t) {
             z += lse[t] * lse[t];

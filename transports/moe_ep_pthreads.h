@@ -23,7 +23,8 @@
    When a rank fails (its fn returns an error) or returns while others still wait,
    the waiting ranks return MOE_EP_ERROR_ABORTED instead of waiting forever. With
    desc.timeout_ms > 0 a wait that lasts longer returns MOE_EP_ERROR_TIMEOUT on that
-   rank and aborts the others (resolution: one second). moe_ep_pthreads_abort()
+   rank and aborts the others (resolution: one second; the wait lasts at least
+   timeout_ms and at most one second more). moe_ep_pthreads_abort()
    aborts from outside. The next moe_ep_pthreads_run starts with a clean state.
 */
 #ifndef MOE_EP_PTHREADS_H_INCLUDED
@@ -253,7 +254,8 @@ MOE_EP_PRIVATE moe_ep_result moe_ep__pthreads_barrier(moe_ep_pthreads_world* w, 
         pthread_mutex_unlock(&root->mutex);
         return MOE_EP_OK;
     }
-    deadline.tv_sec = time(NULL) + (time_t)((w->timeout_ms + 999) / 1000);
+    /* whole seconds, rounded up plus one: the timeout is a lower bound, never cut short */
+    deadline.tv_sec = time(NULL) + (time_t)((w->timeout_ms + 999) / 1000) + 1;
     deadline.tv_nsec = 0;
     while (generation == w->generation) {
         if ((broken = moe_ep__pthreads_broken(w)) != NULL) {
