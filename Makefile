@@ -92,7 +92,58 @@ check-layout: deps | $(BUILD)
 	  CK_FORK=no timeout $(TEST_TIMEOUT) ./$(BUILD)/check_layout_$$cc || exit 1; \
 	done
 
+# >>kernels: the expert kernel on each path this machine runs (portable; native SIMD with gcc
+# and clang; the portable C under native flags; AVX-512 compiled on any x86-64, run where the
+# CPU has it) against float64 and against the portable path; MOE_EP_CBLAS compiled if a
+# cblas.h is installed. Suites start OpenMP threads: CK_FORK=no.
+KERNEL_SRCS  = tests/kernels/check_kernels.c tests/kernels/kernels_portable.c
+KERNEL_BUILD = $(MOE_EP_CFLAGS) $(OPT) $(OPENMP_FLAGS) $(CFLAGS) $(KERNEL_SRCS) $$(pkg-config --cflags --libs check) \
+               -pthread -lm $(LDFLAGS)
+.PHONY: check-kernels bench bench-cpu bench-deps
+check-kernels: deps | $(BUILD)
+	gcc $(KERNEL_BUILD) -o $(BUILD)/check_kernels_gcc
+	gcc -march=native $(KERNEL_BUILD) -o $(BUILD)/check_kernels_gcc_native
+	$(CLANG) -march=native $(KERNEL_BUILD) -o $(BUILD)/check_kernels_clang_native
+	$(CLANG) -march=native -DMOE_EP_NO_SIMD $(KERNEL_BUILD) -o $(BUILD)/check_kernels_clang_portable
+	for b in gcc gcc_native clang_native clang_portable; do \
+	  CK_FORK=no timeout $(TEST_TIMEOUT) ./$(BUILD)/check_kernels_$$b || exit 1; done
+	@if [ "$$(uname -m)" = x86_64 ]; then \
+	  echo "gcc -mavx512f -mavx2 -mfma ... -o $(BUILD)/check_kernels_avx512"; \
+	  gcc -mavx512f -mavx2 -mfma $(KERNEL_BUILD) -o $(BUILD)/check_kernels_avx512 || exit 1; \
+	  if grep -qw avx512f /proc/cpuinfo; then CK_FORK=no timeout $(TEST_TIMEOUT) ./$(BUILD)/check_kernels_avx512 || exit 1; \
+	  else echo "check-kernels: no AVX-512 on this CPU: that path was compiled, not run"; fi; fi
+	@if printf '#include <cblas.h>\n' | gcc -E -x c - >/dev/null 2>&1; then \
+	  printf '#define MOE_EP_CBLAS\n#define MOE_EP_IMPLEMENTATION\n#include "../moe_ep.h"\n' > $(BUILD)/hdr_cblas.c && \
+	  gcc $(MOE_EP_CFLAGS) $(OPENMP_FLAGS) -c $(BUILD)/hdr_cblas.c -o $(BUILD)/hdr_cblas_gcc.o && \
+	  $(CLANG) $(MOE_EP_CFLAGS) -c $(BUILD)/hdr_cblas.c -o $(BUILD)/hdr_cblas_clang.o && \
+	  echo "MOE_EP_CBLAS: compiles with gcc and clang"; \
+	else echo "check-kernels: no cblas.h: MOE_EP_CBLAS not compiled"; fi
+
+# >>bench: the CPU kernels against OpenBLAS (its OpenMP build, linked into the bench only),
+# memcpy and PyTorch, one table per goal (bench/RESULTS.md). Not part of `make test`.
+# BENCH_ARGS: sections (gemm cblas comm layer decode) and --reps N --rounds N.
+MULTIARCH   := $(shell gcc -print-multiarch 2>/dev/null)
+OPENBLAS_OMP = -I/usr/include/$(MULTIARCH)/openblas-openmp -L/usr/lib/$(MULTIARCH)/openblas-openmp \
+               -Wl,-rpath,/usr/lib/$(MULTIARCH)/openblas-openmp -lopenblas
+BENCH_ARGS  ?=
+bench: bench-cpu
+bench-deps:
+	@missing=""; for p in libopenblas-openmp-dev python3-torch; do dpkg -s $$p >/dev/null 2>&1 || missing="$$missing $$p"; done; \
+	if [ -n "$$missing" ]; then \
+	  if [ "$$(id -u)" = 0 ] && command -v apt-get >/dev/null; then echo "installing:$$missing"; \
+	    apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq $$missing >/dev/null; \
+	  else echo "missing Debian packages:$$missing (install them, or run make bench as root)"; exit 1; fi; fi
+
+$(BUILD)/cpu_bench: bench/cpu_bench.c bench/cpu_bench_cblas.c $(HEADERS) | $(BUILD)
+	gcc -std=c99 -pedantic -Wall -Wextra -O3 -march=native $(OPENMP_FLAGS) bench/cpu_bench.c bench/cpu_bench_cblas.c \
+	  -o $@ $(OPENBLAS_OMP) -pthread -lm
+
+bench-cpu: bench-deps
+	$(MAKE) --no-print-directory $(BUILD)/cpu_bench
+	./$(BUILD)/cpu_bench $(BENCH_ARGS)
+
 TEST_TARGETS = check-headers check-core check-demos check-layout
+TEST_TARGETS += check-kernels
 test: deps
 	$(MAKE) --no-print-directory $(TEST_TARGETS)
 

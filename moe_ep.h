@@ -30,6 +30,14 @@
    MOE_EP_STATIC           (undefined)   make every public function static
    MOE_EP_API              extern        prefix of every public declaration
    MOE_EP_ASSERT(c)        assert(c)     internal invariants only, never user input
+   MOE_EP_NO_SIMD          (undefined)   portable C expert kernel even where the compiler
+                                         targets AVX-512F, AVX2+FMA or AArch64 NEON
+   MOE_EP_CBLAS            (undefined)   expert products by cblas_sgemm of a CBLAS you link;
+                                         results then depend on the BLAS (not bitwise
+                                         reproducible across row counts or threads)
+   MOE_EP_CBLAS_HEADER     <cblas.h>     the header that MOE_EP_CBLAS includes
+   The built-in kernel's SIMD path follows the compiler's target flags (-march=native,
+   -mavx2 -mfma, ...): each path is bitwise reproducible on its own; paths agree to rounding.
    Compile with -fopenmp (or your compiler's flag) for OpenMP expert compute; without
    it everything runs on the calling thread and the results are bitwise the same.
 
@@ -520,12 +528,6 @@ MOE_EP_API void moe_ep_log_stderr(const char* tag, uint32_t level, int rank, con
 #define MOE_EP__MAX(a, b) ((a) > (b) ? (a) : (b))
 #define MOE_EP__ERR_SIZE 512
 
-/* Kernel tiling: rows per micro-tile and columns per packed weight panel. The
-   reduction over the inner dimension is always sequential (k = 0, 1, ...), so the
-   tiling changes speed, never results. */
-#define MOE_EP__MR 4
-#define MOE_EP__NB 32
-
 struct moe_ep_context {
     moe_ep_desc desc;               /* resolved */
     moe_ep_transport transport;
@@ -543,8 +545,12 @@ struct moe_ep_context {
     float* router_weight;           /* NULL: borrowed from desc (router weights are not repacked) */
     float** packed_up;              /* [local] w1 (and w3) panels */
     float** packed_down;            /* [local] w2 panels */
-    float* hidden;                  /* workspace [hidden_rows, d_ff] */
-    int64_t hidden_rows;
+    float* hidden;                  /* kernel workspaces (raw allocations, aligned on use) */
+    int64_t hidden_capacity;        /* floats */
+    float* kernel_scratch;
+    int64_t kernel_scratch_capacity;
+    float* kernel_rows;
+    int64_t kernel_rows_capacity;
     float* recv_rows;               /* forward workspaces */
     float* expert_out;
     int64_t recv_capacity;
@@ -850,21 +856,61 @@ MOE_EP_PRIVATE int64_t moe_ep__fingerprint(const moe_ep_context* ctx) {
 }
 
 /* >>kernel: packed weights and the deterministic FFN.
-   A weight W [n, k] (nn.Linear layout) is packed as ceil(n / NB) panels, each [k][NB]
-   (columns past n are zero), so the inner loop streams one contiguous panel. */
-MOE_EP_PRIVATE int64_t moe_ep__panels(int n) { return ((int64_t)n + MOE_EP__NB - 1) / MOE_EP__NB; }
 
-MOE_EP_PRIVATE void moe_ep__pack(const float* w, int n, int k, float* panels) {
-    int64_t p, np = moe_ep__panels(n);
-    int kk, j;
-    for (p = 0; p < np; ++p) {
-        float* panel = panels + p * (int64_t)k * MOE_EP__NB;
-        for (kk = 0; kk < k; ++kk)
-            for (j = 0; j < MOE_EP__NB; ++j) {
-                int64_t col = p * MOE_EP__NB + j;
-                panel[(int64_t)kk * MOE_EP__NB + j] = col < n ? w[col * k + kk] : 0.0f;
-            }
-    }
+   Determinism: every output element is one multiply-add chain over k = 0, 1, ..., K-1
+   that starts from zero. Row tiles, column panels, K blocks and threads decide only
+   where a chain runs and where its running sum waits between K blocks (registers or a
+   scratch tile, which holds it exactly), never its order; so a row's output does not
+   depend on how many rows came with it or on the thread count. The SIMD paths fuse
+   each multiply-add (one rounding), the portable path may not: paths agree to rounding,
+   and each is bitwise reproducible on its own.
+
+   Path: AVX-512F, else AVX2+FMA, else AArch64 NEON, from the compiler's target macros;
+   MOE_EP_NO_SIMD forces the portable C. MOE_EP_CBLAS sends the three products of an
+   expert to cblas_sgemm instead (the CBLAS moe_ep__ffn below).
+
+   Layout: a weight W [n, k] (nn.Linear) is packed as ceil(n / NR) panels, each [k][NR]
+   contiguous (columns past n are zero). For SwiGLU a panel holds NR/2 columns of w1
+   followed by the same NR/2 columns of w3, so one pass over x feeds both and
+   silu(x w1) * (x w3) is formed in registers and written once. Activations are read
+   as they are (row-major); the hidden rows are padded to whole panels.
+
+   Blocking (per thread, over its share of the column panels): NCP panels x MC rows x
+   KC-deep slices; the KC x NR weight slice stays in L1 while MR-row tiles stream past
+   it, and unfinished sums wait in the thread's MC x NCP*NR scratch. */
+#if !defined(MOE_EP_NO_SIMD) && !defined(MOE_EP_CBLAS) && defined(__AVX512F__)
+#define MOE_EP__AVX512 1
+#include <immintrin.h>
+#define MOE_EP__MR 12
+#define MOE_EP__NR 32
+#elif !defined(MOE_EP_NO_SIMD) && !defined(MOE_EP_CBLAS) && defined(__AVX2__) && defined(__FMA__)
+#define MOE_EP__AVX2 1
+#include <immintrin.h>
+#define MOE_EP__MR 6
+#define MOE_EP__NR 16
+#elif !defined(MOE_EP_NO_SIMD) && !defined(MOE_EP_CBLAS) && defined(__ARM_NEON) && defined(__aarch64__)
+#define MOE_EP__NEON 1
+#include <arm_neon.h>
+#define MOE_EP__MR 6
+#define MOE_EP__NR 16
+#else
+#define MOE_EP__MR 4
+#define MOE_EP__NR 16
+#endif
+#define MOE_EP__KC 256                      /* K slice: KC x NR floats of weights in L1 */
+#define MOE_EP__MC (16 * MOE_EP__MR)        /* rows per block */
+#define MOE_EP__NCP (128 / MOE_EP__NR)      /* panels per block */
+#define MOE_EP__ALIGN 64
+
+#ifdef MOE_EP_CBLAS
+#ifndef MOE_EP_CBLAS_HEADER
+#define MOE_EP_CBLAS_HEADER <cblas.h>
+#endif
+#include MOE_EP_CBLAS_HEADER
+#endif
+
+MOE_EP_PRIVATE float* moe_ep__aligned(float* raw) {
+    return (float*)(((uintptr_t)raw + (MOE_EP__ALIGN - 1)) & ~(uintptr_t)(MOE_EP__ALIGN - 1));
 }
 
 MOE_EP_PRIVATE float moe_ep__act(moe_ep_activation act, float a, float b) {
@@ -875,52 +921,527 @@ MOE_EP_PRIVATE float moe_ep__act(moe_ep_activation act, float a, float b) {
     }
 }
 
-/* out[r][p*NB + j] for rows [r0, r0+mr) and panel p: sequential sum over k. With up3,
-   the SwiGLU pair shares the pass over x and the activation is applied on the way out. */
-MOE_EP_PRIVATE void moe_ep__tile(const float* x, int64_t ldx, int mr, int k, const float* up1, const float* up3,
-                                 moe_ep_activation act, float* out, int64_t ldo, int ncols) {
-    float acc1[MOE_EP__MR][MOE_EP__NB], acc3[MOE_EP__MR][MOE_EP__NB];
-    int r, j, kk;
-    memset(acc1, 0, sizeof acc1);
-    memset(acc3, 0, sizeof acc3);
-    for (kk = 0; kk < k; ++kk) {
-        const float* b1 = up1 + (int64_t)kk * MOE_EP__NB;
-        for (r = 0; r < mr; ++r) {
-            float a = x[r * ldx + kk];
-            for (j = 0; j < MOE_EP__NB; ++j) acc1[r][j] += a * b1[j];
+#ifndef MOE_EP_CBLAS
+/* Output columns per panel: SwiGLU panels carry a w1 half and a w3 half. */
+MOE_EP_PRIVATE int moe_ep__panel_cols(moe_ep_activation act) {
+    return act == MOE_EP_ACTIVATION_SWIGLU ? MOE_EP__NR / 2 : MOE_EP__NR;
+}
+
+MOE_EP_PRIVATE int64_t moe_ep__panel_count(int n, int cols) { return ((int64_t)n + cols - 1) / cols; }
+
+/* Hidden row stride: d_ff rounded up to whole up-projection panels. */
+MOE_EP_PRIVATE int64_t moe_ep__hidden_stride(const moe_ep_desc* d) {
+    int cols = moe_ep__panel_cols(d->activation);
+    return moe_ep__panel_count(d->d_ff, cols) * cols;
+}
+
+/* W [n, k] -> panels of NR columns; with w3, panels of NR/2 columns of each. */
+MOE_EP_PRIVATE void moe_ep__pack(const float* w, const float* w3, int n, int k, float* panels) {
+    int cols = w3 ? MOE_EP__NR / 2 : MOE_EP__NR, j, kk;
+    int64_t p, np = moe_ep__panel_count(n, cols);
+    for (p = 0; p < np; ++p) {
+        float* panel = panels + p * (int64_t)k * MOE_EP__NR;
+        for (j = 0; j < MOE_EP__NR; ++j) {
+            int half = j >= cols;
+            int64_t col = p * cols + (j - half * cols);
+            const float* src = (half ? w3 : w) + col * k;
+            if (col >= n)
+                for (kk = 0; kk < k; ++kk) panel[(int64_t)kk * MOE_EP__NR + j] = 0.0f;
+            else
+                for (kk = 0; kk < k; ++kk) panel[(int64_t)kk * MOE_EP__NR + j] = src[kk];
         }
-        if (up3) {
-            const float* b3 = up3 + (int64_t)kk * MOE_EP__NB;
-            for (r = 0; r < mr; ++r) {
-                float a = x[r * ldx + kk];
-                for (j = 0; j < MOE_EP__NB; ++j) acc3[r][j] += a * b3[j];
+    }
+}
+
+/* The micro-kernel: C[rows][NR] = Cin (or 0) + A[rows][kc] . B[kc][NR], A and B slices
+   of packed tiles ([kc][MR] and [kc][NR]). swiglu: write silu(C[:, :NR/2]) * C[:, NR/2:]
+   (NR/2 columns) instead of C. */
+typedef void (*moe_ep__kernel_fn)(int kc, const float* a, const float* b, const float* cin, int64_t ldc,
+                                  float* cout, int64_t ldo, int swiglu);
+
+#define MOE_EP__ROWS1(X) X(0)
+#define MOE_EP__ROWS2(X) MOE_EP__ROWS1(X) X(1)
+#define MOE_EP__ROWS3(X) MOE_EP__ROWS2(X) X(2)
+#define MOE_EP__ROWS4(X) MOE_EP__ROWS3(X) X(3)
+#define MOE_EP__ROWS5(X) MOE_EP__ROWS4(X) X(4)
+#define MOE_EP__ROWS6(X) MOE_EP__ROWS5(X) X(5)
+#define MOE_EP__ROWS7(X) MOE_EP__ROWS6(X) X(6)
+#define MOE_EP__ROWS8(X) MOE_EP__ROWS7(X) X(7)
+#define MOE_EP__ROWS9(X) MOE_EP__ROWS8(X) X(8)
+#define MOE_EP__ROWS10(X) MOE_EP__ROWS9(X) X(9)
+#define MOE_EP__ROWS11(X) MOE_EP__ROWS10(X) X(10)
+#define MOE_EP__ROWS12(X) MOE_EP__ROWS11(X) X(11)
+
+#if defined(MOE_EP__AVX512) || defined(MOE_EP__AVX2)
+#ifdef MOE_EP__AVX512
+#define MOE_EP__V __m512
+#define MOE_EP__VI __m512i
+#define MOE_EP__VW 16
+#define MOE_EP__VSET1 _mm512_set1_ps
+#define MOE_EP__VZERO _mm512_setzero_ps
+#define MOE_EP__VLOAD _mm512_loadu_ps
+#define MOE_EP__VLOADA _mm512_load_ps
+#define MOE_EP__VSTORE _mm512_storeu_ps
+#define MOE_EP__VFMA _mm512_fmadd_ps
+#define MOE_EP__VFNMA _mm512_fnmadd_ps
+#define MOE_EP__VMUL _mm512_mul_ps
+#define MOE_EP__VADD _mm512_add_ps
+#define MOE_EP__VDIV _mm512_div_ps
+#define MOE_EP__VMIN _mm512_min_ps
+#define MOE_EP__VMAX _mm512_max_ps
+#define MOE_EP__VROUND(x) _mm512_roundscale_ps(x, _MM_FROUND_TO_NEAREST_INT | _MM_FROUND_NO_EXC)
+#define MOE_EP__VPOW2(n) _mm512_castsi512_ps(_mm512_slli_epi32( \
+    _mm512_add_epi32(_mm512_cvtps_epi32(n), _mm512_set1_epi32(127)), 23))
+#define MOE_EP__VBCAST(p) _mm512_set1_ps(*(p))
+#else
+#define MOE_EP__V __m256
+#define MOE_EP__VW 8
+#define MOE_EP__VSET1 _mm256_set1_ps
+#define MOE_EP__VZERO _mm256_setzero_ps
+#define MOE_EP__VLOAD _mm256_loadu_ps
+#define MOE_EP__VLOADA _mm256_load_ps
+#define MOE_EP__VSTORE _mm256_storeu_ps
+#define MOE_EP__VFMA _mm256_fmadd_ps
+#define MOE_EP__VFNMA _mm256_fnmadd_ps
+#define MOE_EP__VMUL _mm256_mul_ps
+#define MOE_EP__VADD _mm256_add_ps
+#define MOE_EP__VDIV _mm256_div_ps
+#define MOE_EP__VMIN _mm256_min_ps
+#define MOE_EP__VMAX _mm256_max_ps
+#define MOE_EP__VROUND(x) _mm256_round_ps(x, _MM_FROUND_TO_NEAREST_INT | _MM_FROUND_NO_EXC)
+#define MOE_EP__VPOW2(n) _mm256_castsi256_ps(_mm256_slli_epi32( \
+    _mm256_add_epi32(_mm256_cvtps_epi32(n), _mm256_set1_epi32(127)), 23))
+#define MOE_EP__VBCAST(p) _mm256_broadcast_ss(p)
+#endif
+
+/* exp(x) for x clamped to [-87, 88] (Cephes expf: 2^n times a degree-6 polynomial). */
+MOE_EP_PRIVATE MOE_EP__V moe_ep__vexp(MOE_EP__V x) {
+    MOE_EP__V n, r, p;
+    x = MOE_EP__VMIN(MOE_EP__VMAX(x, MOE_EP__VSET1(-87.0f)), MOE_EP__VSET1(88.0f));
+    n = MOE_EP__VROUND(MOE_EP__VMUL(x, MOE_EP__VSET1(1.44269504088896341f)));
+    r = MOE_EP__VFNMA(n, MOE_EP__VSET1(0.693359375f), x);
+    r = MOE_EP__VFNMA(n, MOE_EP__VSET1(-2.12194440e-4f), r);
+    p = MOE_EP__VSET1(1.9875691500e-4f);
+    p = MOE_EP__VFMA(p, r, MOE_EP__VSET1(1.3981999507e-3f));
+    p = MOE_EP__VFMA(p, r, MOE_EP__VSET1(8.3334519073e-3f));
+    p = MOE_EP__VFMA(p, r, MOE_EP__VSET1(4.1665795894e-2f));
+    p = MOE_EP__VFMA(p, r, MOE_EP__VSET1(1.6666665459e-1f));
+    p = MOE_EP__VFMA(p, r, MOE_EP__VSET1(5.0000001201e-1f));
+    p = MOE_EP__VFMA(p, MOE_EP__VMUL(r, r), MOE_EP__VADD(r, MOE_EP__VSET1(1.0f)));
+    return MOE_EP__VMUL(p, MOE_EP__VPOW2(n));
+}
+
+/* silu(g) * u = g / (1 + exp(-g)) * u */
+MOE_EP_PRIVATE MOE_EP__V moe_ep__vswiglu(MOE_EP__V g, MOE_EP__V u) {
+    MOE_EP__V e = moe_ep__vexp(MOE_EP__VMUL(g, MOE_EP__VSET1(-1.0f)));
+    return MOE_EP__VMUL(MOE_EP__VDIV(g, MOE_EP__VADD(MOE_EP__VSET1(1.0f), e)), u);
+}
+
+/* Two vectors of accumulators per row: the panel is 2 * VW = NR columns wide. */
+#define MOE_EP__K_DECL(r) MOE_EP__V c##r##a, c##r##b; 
+#define MOE_EP__K_ZERO(r) c##r##a = MOE_EP__VZERO(); c##r##b = c##r##a;
+#define MOE_EP__K_LOAD(r) c##r##a = MOE_EP__VLOAD(cin + (r) * ldc); c##r##b = MOE_EP__VLOAD(cin + (r) * ldc + MOE_EP__VW);
+#define MOE_EP__K_FMA(r) { MOE_EP__V av = MOE_EP__VBCAST(a + (int64_t)kk * MOE_EP__MR + (r)); \
+    c##r##a = MOE_EP__VFMA(av, b0, c##r##a); c##r##b = MOE_EP__VFMA(av, b1, c##r##b); }
+#define MOE_EP__K_STORE(r) MOE_EP__VSTORE(cout + (r) * ldo, c##r##a); MOE_EP__VSTORE(cout + (r) * ldo + MOE_EP__VW, c##r##b);
+#define MOE_EP__K_SWIGLU(r) MOE_EP__VSTORE(cout + (r) * ldo, moe_ep__vswiglu(c##r##a, c##r##b));
+#define MOE_EP__KERNEL(name, ROWS) \
+    MOE_EP_PRIVATE void name(int kc, const float* a, const float* b, const float* cin, int64_t ldc, float* cout, \
+                             int64_t ldo, int swiglu) { \
+        int kk; \
+        ROWS(MOE_EP__K_DECL) \
+        if (cin) { ROWS(MOE_EP__K_LOAD) } else { ROWS(MOE_EP__K_ZERO) } \
+        for (kk = 0; kk < kc; ++kk) { \
+            MOE_EP__V b0 = MOE_EP__VLOADA(b + (int64_t)kk * MOE_EP__NR); \
+            MOE_EP__V b1 = MOE_EP__VLOADA(b + (int64_t)kk * MOE_EP__NR + MOE_EP__VW); \
+            ROWS(MOE_EP__K_FMA) \
+        } \
+        if (swiglu) { ROWS(MOE_EP__K_SWIGLU) } else { ROWS(MOE_EP__K_STORE) } \
+    }
+#endif /* AVX-512 or AVX2 */
+
+#ifdef MOE_EP__NEON
+/* exp(x) for x clamped to [-87, 88], as above. */
+MOE_EP_PRIVATE float32x4_t moe_ep__vexp(float32x4_t x) {
+    float32x4_t n, r, p;
+    x = vminq_f32(vmaxq_f32(x, vdupq_n_f32(-87.0f)), vdupq_n_f32(88.0f));
+    n = vrndnq_f32(vmulq_f32(x, vdupq_n_f32(1.44269504088896341f)));
+    r = vfmsq_f32(x, n, vdupq_n_f32(0.693359375f));
+    r = vfmsq_f32(r, n, vdupq_n_f32(-2.12194440e-4f));
+    p = vdupq_n_f32(1.9875691500e-4f);
+    p = vfmaq_f32(vdupq_n_f32(1.3981999507e-3f), p, r);
+    p = vfmaq_f32(vdupq_n_f32(8.3334519073e-3f), p, r);
+    p = vfmaq_f32(vdupq_n_f32(4.1665795894e-2f), p, r);
+    p = vfmaq_f32(vdupq_n_f32(1.6666665459e-1f), p, r);
+    p = vfmaq_f32(vdupq_n_f32(5.0000001201e-1f), p, r);
+    p = vfmaq_f32(vaddq_f32(r, vdupq_n_f32(1.0f)), p, vmulq_f32(r, r));
+    return vmulq_f32(p, vreinterpretq_f32_s32(vshlq_n_s32(vaddq_s32(vcvtq_s32_f32(n), vdupq_n_s32(127)), 23)));
+}
+
+MOE_EP_PRIVATE float32x4_t moe_ep__vswiglu(float32x4_t g, float32x4_t u) {
+    float32x4_t e = moe_ep__vexp(vnegq_f32(g));
+    return vmulq_f32(vdivq_f32(g, vaddq_f32(vdupq_n_f32(1.0f), e)), u);
+}
+
+/* Four vectors of accumulators per row (NR = 16). */
+#define MOE_EP__K_DECL(r) float32x4_t c##r##0, c##r##1, c##r##2, c##r##3; 
+#define MOE_EP__K_ZERO(r) c##r##0 = vdupq_n_f32(0.0f); c##r##1 = c##r##0; c##r##2 = c##r##0; c##r##3 = c##r##0;
+#define MOE_EP__K_LOAD(r) c##r##0 = vld1q_f32(cin + (r) * ldc); c##r##1 = vld1q_f32(cin + (r) * ldc + 4); \
+    c##r##2 = vld1q_f32(cin + (r) * ldc + 8); c##r##3 = vld1q_f32(cin + (r) * ldc + 12);
+#define MOE_EP__K_FMA(r) { float32x4_t av = vld1q_dup_f32(a + (int64_t)kk * MOE_EP__MR + (r)); \
+    c##r##0 = vfmaq_f32(c##r##0, av, b0); c##r##1 = vfmaq_f32(c##r##1, av, b1); \
+    c##r##2 = vfmaq_f32(c##r##2, av, b2); c##r##3 = vfmaq_f32(c##r##3, av, b3); }
+#define MOE_EP__K_STORE(r) vst1q_f32(cout + (r) * ldo, c##r##0); vst1q_f32(cout + (r) * ldo + 4, c##r##1); \
+    vst1q_f32(cout + (r) * ldo + 8, c##r##2); vst1q_f32(cout + (r) * ldo + 12, c##r##3);
+#define MOE_EP__K_SWIGLU(r) vst1q_f32(cout + (r) * ldo, moe_ep__vswiglu(c##r##0, c##r##2)); \
+    vst1q_f32(cout + (r) * ldo + 4, moe_ep__vswiglu(c##r##1, c##r##3));
+#define MOE_EP__KERNEL(name, ROWS) \
+    MOE_EP_PRIVATE void name(int kc, const float* a, const float* b, const float* cin, int64_t ldc, float* cout, \
+                             int64_t ldo, int swiglu) { \
+        int kk; \
+        ROWS(MOE_EP__K_DECL) \
+        if (cin) { ROWS(MOE_EP__K_LOAD) } else { ROWS(MOE_EP__K_ZERO) } \
+        for (kk = 0; kk < kc; ++kk) { \
+            const float* bk = b + (int64_t)kk * MOE_EP__NR; \
+            float32x4_t b0 = vld1q_f32(bk), b1 = vld1q_f32(bk + 4), b2 = vld1q_f32(bk + 8), b3 = vld1q_f32(bk + 12); \
+            ROWS(MOE_EP__K_FMA) \
+        } \
+        if (swiglu) { ROWS(MOE_EP__K_SWIGLU) } else { ROWS(MOE_EP__K_STORE) } \
+    }
+#endif /* NEON */
+
+#ifdef MOE_EP__KERNEL
+MOE_EP__KERNEL(moe_ep__kernel1, MOE_EP__ROWS1)
+MOE_EP__KERNEL(moe_ep__kernel2, MOE_EP__ROWS2)
+MOE_EP__KERNEL(moe_ep__kernel3, MOE_EP__ROWS3)
+MOE_EP__KERNEL(moe_ep__kernel4, MOE_EP__ROWS4)
+MOE_EP__KERNEL(moe_ep__kernel5, MOE_EP__ROWS5)
+MOE_EP__KERNEL(moe_ep__kernel6, MOE_EP__ROWS6)
+#if MOE_EP__MR > 6
+MOE_EP__KERNEL(moe_ep__kernel7, MOE_EP__ROWS7)
+MOE_EP__KERNEL(moe_ep__kernel8, MOE_EP__ROWS8)
+MOE_EP__KERNEL(moe_ep__kernel9, MOE_EP__ROWS9)
+MOE_EP__KERNEL(moe_ep__kernel10, MOE_EP__ROWS10)
+MOE_EP__KERNEL(moe_ep__kernel11, MOE_EP__ROWS11)
+MOE_EP__KERNEL(moe_ep__kernel12, MOE_EP__ROWS12)
+#endif
+
+/* rows in [1, MR] */
+MOE_EP_PRIVATE void moe_ep__micro(int rows, int kc, const float* a, const float* b, const float* cin, int64_t ldc,
+                                  float* cout, int64_t ldo, int swiglu) {
+    static const moe_ep__kernel_fn kernels[MOE_EP__MR + 1] = {
+        NULL, moe_ep__kernel1, moe_ep__kernel2, moe_ep__kernel3, moe_ep__kernel4, moe_ep__kernel5, moe_ep__kernel6,
+#if MOE_EP__MR > 6
+        moe_ep__kernel7, moe_ep__kernel8, moe_ep__kernel9, moe_ep__kernel10, moe_ep__kernel11, moe_ep__kernel12,
+#endif
+    };
+    kernels[rows](kc, a, b, cin, ldc, cout, ldo, swiglu);
+}
+#else
+/* Portable: the same chains in plain C. A full tile gets constant loop bounds, so that
+   the compiler can keep its MR x NR sums in registers. */
+#define MOE_EP__MICRO_BODY(ROWS) \
+    float acc[MOE_EP__MR][MOE_EP__NR]; \
+    int r, j, kk; \
+    for (r = 0; r < (ROWS); ++r) \
+        for (j = 0; j < MOE_EP__NR; ++j) acc[r][j] = cin ? cin[r * ldc + j] : 0.0f; \
+    for (kk = 0; kk < kc; ++kk) { \
+        const float* bk = b + (int64_t)kk * MOE_EP__NR; \
+        for (r = 0; r < (ROWS); ++r) { \
+            float av = a[(int64_t)kk * MOE_EP__MR + r]; \
+            for (j = 0; j < MOE_EP__NR; ++j) acc[r][j] += av * bk[j]; \
+        } \
+    } \
+    for (r = 0; r < (ROWS); ++r) { \
+        if (swiglu) \
+            for (j = 0; j < MOE_EP__NR / 2; ++j) \
+                cout[r * ldo + j] = moe_ep__act(MOE_EP_ACTIVATION_SWIGLU, acc[r][j], acc[r][j + MOE_EP__NR / 2]); \
+        else \
+            for (j = 0; j < MOE_EP__NR; ++j) cout[r * ldo + j] = acc[r][j]; \
+    }
+
+MOE_EP_PRIVATE void moe_ep__micro_full(int kc, const float* a, const float* b, const float* cin, int64_t ldc,
+                                       float* cout, int64_t ldo, int swiglu) {
+    MOE_EP__MICRO_BODY(MOE_EP__MR)
+}
+
+MOE_EP_PRIVATE void moe_ep__micro(int rows, int kc, const float* a, const float* b, const float* cin, int64_t ldc,
+                                  float* cout, int64_t ldo, int swiglu) {
+    int r;
+    if (rows == MOE_EP__MR) {
+        moe_ep__micro_full(kc, a, b, cin, ldc, cout, ldo, swiglu);
+        return;
+    }
+    for (r = 0; r < rows; ++r) {    /* a partial tile, one row at a time */
+        float acc[MOE_EP__NR];
+        int j, kk;
+        for (j = 0; j < MOE_EP__NR; ++j) acc[j] = cin ? cin[r * ldc + j] : 0.0f;
+        for (kk = 0; kk < kc; ++kk) {
+            const float* bk = b + (int64_t)kk * MOE_EP__NR;
+            float av = a[(int64_t)kk * MOE_EP__MR + r];
+            for (j = 0; j < MOE_EP__NR; ++j) acc[j] += av * bk[j];
+        }
+        if (swiglu)
+            for (j = 0; j < MOE_EP__NR / 2; ++j)
+                cout[r * ldo + j] = moe_ep__act(MOE_EP_ACTIVATION_SWIGLU, acc[j], acc[j + MOE_EP__NR / 2]);
+        else
+            for (j = 0; j < MOE_EP__NR; ++j) cout[r * ldo + j] = acc[j];
+    }
+}
+#endif
+
+/* Rows packed for the kernel: tile t holds rows [t*MR, t*MR + MR) as [kext][MR]. */
+MOE_EP_PRIVATE int64_t moe_ep__row_tiles(int64_t m) { return (m + MOE_EP__MR - 1) / MOE_EP__MR; }
+
+/* Row tiles [t0, t1) of x [m, k] (row stride ldx); rows past m are left as they are. */
+MOE_EP_PRIVATE void moe_ep__pack_rows(const float* x, int64_t ldx, int64_t m, int k, int64_t t0, int64_t t1,
+                                      float* tiles) {
+    int64_t t;
+    int r, kk;
+    for (t = t0; t < t1; ++t) {
+        int rows = (int)MOE_EP__MIN((int64_t)MOE_EP__MR, m - t * MOE_EP__MR);
+        float* dst = tiles + t * k * MOE_EP__MR;
+        for (r = 0; r < rows; ++r) {
+            const float* src = x + (t * MOE_EP__MR + r) * ldx;
+            for (kk = 0; kk < k; ++kk) dst[(int64_t)kk * MOE_EP__MR + r] = src[kk];
+        }
+    }
+}
+
+/* One product C = act(A . W^T): A in row tiles, W in panels; act COUNT = none. C is
+   row-major (row stride ldc) or, with c_kext > 0, row tiles of extent c_kext. */
+typedef struct moe_ep__gemm_args {
+    const float* a;
+    int64_t a_kext, m;
+    int k, n;                       /* n: output columns */
+    const float* panels;
+    moe_ep_activation act;
+    float* c;
+    int64_t ldc, c_kext;
+} moe_ep__gemm_args;
+
+/* The last K slice of one tile: the finished sums go to C, through the activation. */
+MOE_EP_PRIVATE void moe_ep__tile_out(const moe_ep__gemm_args* g, int rows, int kc, const float* a, const float* b,
+                                     const float* cin, int64_t ldc, int64_t row, int64_t panel) {
+    int cols = moe_ep__panel_cols(g->act), swiglu = g->act == MOE_EP_ACTIVATION_SWIGLU, r, j;
+    int plain = swiglu || g->act == MOE_EP_ACTIVATION_COUNT;
+    int64_t col = panel * cols;
+    int ncols = (int)MOE_EP__MIN((int64_t)cols, (int64_t)g->n - col);
+    float tile[MOE_EP__MR * MOE_EP__NR];
+    if (ncols == cols && plain && g->c_kext == 0) {
+        moe_ep__micro(rows, kc, a, b, cin, ldc, g->c + row * g->ldc + col, g->ldc, swiglu);
+        return;
+    }
+    moe_ep__micro(rows, kc, a, b, cin, ldc, tile, MOE_EP__NR, swiglu);
+    if (g->c_kext > 0) {            /* row is a multiple of MR here */
+        float* dst = g->c + row * g->c_kext + col * MOE_EP__MR;
+        for (j = 0; j < ncols; ++j)
+            for (r = 0; r < rows; ++r) {
+                float v = tile[r * MOE_EP__NR + j];
+                dst[(int64_t)j * MOE_EP__MR + r] = plain ? v : moe_ep__act(g->act, v, 0.0f);
+            }
+        return;
+    }
+    for (r = 0; r < rows; ++r) {
+        float* dst = g->c + (row + r) * g->ldc + col;
+        for (j = 0; j < ncols; ++j) {
+            float v = tile[r * MOE_EP__NR + j];
+            dst[j] = plain ? v : moe_ep__act(g->act, v, 0.0f);
+        }
+    }
+}
+
+/* Panels [p0, p1) of one product, on one thread. scratch: MC x NCP*NR floats. */
+MOE_EP_PRIVATE void moe_ep__gemm_part(const moe_ep__gemm_args* g, int64_t p0, int64_t p1, float* scratch) {
+    const int64_t ld = MOE_EP__NCP * MOE_EP__NR, K = g->k;
+    /* a single row tile keeps its sums in registers over the whole K */
+    const int64_t kc_max = g->m <= MOE_EP__MR ? K : MOE_EP__KC;
+    int64_t jc, ic, pc, jr, ir;
+    for (jc = p0; jc < p1; jc += MOE_EP__NCP) {
+        int64_t jn = MOE_EP__MIN((int64_t)MOE_EP__NCP, p1 - jc);
+        for (ic = 0; ic < g->m; ic += MOE_EP__MC) {
+            int64_t mn = MOE_EP__MIN((int64_t)MOE_EP__MC, g->m - ic);
+            for (pc = 0; pc < K; pc += kc_max) {
+                int kc = (int)MOE_EP__MIN(kc_max, K - pc);
+                int last = pc + kc == K;
+                for (jr = 0; jr < jn; ++jr) {
+                    const float* b = g->panels + ((jc + jr) * K + pc) * MOE_EP__NR;
+                    for (ir = 0; ir < mn; ir += MOE_EP__MR) {
+                        int rows = (int)MOE_EP__MIN((int64_t)MOE_EP__MR, mn - ir);
+                        const float* a = g->a + (ic + ir) * g->a_kext + pc * MOE_EP__MR;
+                        float* part = scratch + ir * ld + jr * MOE_EP__NR;
+                        const float* cin = pc == 0 ? NULL : part;
+                        if (last) moe_ep__tile_out(g, rows, kc, a, b, cin, ld, ic + ir, jc + jr);
+                        else moe_ep__micro(rows, kc, a, b, cin, ld, part, ld, 0);
+                    }
+                }
             }
         }
     }
-    for (r = 0; r < mr; ++r)
-        for (j = 0; j < ncols; ++j)
-            out[r * ldo + j] = act == MOE_EP_ACTIVATION_COUNT ? acc1[r][j] : moe_ep__act(act, acc1[r][j], acc3[r][j]);
 }
 
-/* C[m, n] = act(A[m, k] . W^T) over packed panels, parallel over (row tile, panel).
-   act == COUNT means "no activation" (the down projection). */
-MOE_EP_PRIVATE void moe_ep__gemm(const float* a, int64_t m, int k, const float* panels1, const float* panels3,
-                                 int n, moe_ep_activation act, float* c, int threads) {
-    int64_t row_tiles = (m + MOE_EP__MR - 1) / MOE_EP__MR, np = moe_ep__panels(n);
-    int64_t tiles = row_tiles * np, i;
-    int64_t panel_size = (int64_t)k * MOE_EP__NB;
-    (void)threads;
-#ifdef _OPENMP
-#pragma omp parallel for schedule(static) num_threads(threads) if (threads > 1 && tiles > 1)
-#endif
-    for (i = 0; i < tiles; ++i) {
-        int64_t p = i / row_tiles, rt = i % row_tiles;   /* row tiles vary fastest: a panel stays in cache */
-        int64_t r0 = rt * MOE_EP__MR;
-        int mr = (int)MOE_EP__MIN((int64_t)MOE_EP__MR, m - r0);
-        int ncols = (int)MOE_EP__MIN((int64_t)MOE_EP__NB, (int64_t)n - p * MOE_EP__NB);
-        moe_ep__tile(a + r0 * k, k, mr, k, panels1 + p * panel_size, panels3 ? panels3 + p * panel_size : NULL,
-                     act, c + r0 * n + p * MOE_EP__NB, n, ncols);
+MOE_EP_PRIVATE int64_t moe_ep__scratch_floats(void) { return (int64_t)MOE_EP__MC * MOE_EP__NCP * MOE_EP__NR; }
+
+/* This thread's even share of the panels of g. */
+MOE_EP_PRIVATE void moe_ep__gemm_share(const moe_ep__gemm_args* g, int thread, int threads, float* scratch) {
+    int64_t panels = moe_ep__panel_count(g->n, moe_ep__panel_cols(g->act));
+    moe_ep__gemm_part(g, panels * thread / threads, panels * (thread + 1) / threads, scratch);
+}
+/* Threads for a product of m x k x n: tiny ones are not worth waking a team. */
+MOE_EP_PRIVATE int moe_ep__kernel_threads(const moe_ep_context* ctx, int64_t m, int k, int n) {
+    return (double)m * k * n < 65536.0 ? 1 : ctx->num_threads;
+}
+#endif /* !MOE_EP_CBLAS */
+
+/* A workspace of at least `need` floats, aligned; *raw is the allocation. */
+MOE_EP_PRIVATE float* moe_ep__workspace(moe_ep_context* ctx, float** raw, int64_t* capacity, int64_t need) {
+    if (need > *capacity) {
+        float* fresh = (float*)moe_ep__calloc(&ctx->desc.allocator, need + MOE_EP__ALIGN / (int64_t)sizeof(float),
+                                              sizeof(float));
+        if (!fresh) return NULL;
+        moe_ep__free(&ctx->desc.allocator, *raw);
+        *raw = fresh;
+        *capacity = need;
     }
+    return moe_ep__aligned(*raw);
+}
+
+#ifdef MOE_EP_CBLAS
+/* The CBLAS path: x [m, d] . [w1; w3]^T in one sgemm, the activation, then . w2^T.
+   Its results depend on the BLAS: most split and order the k sums by the matrix shape
+   and thread count, so the bitwise guarantees above do not hold on this path. */
+MOE_EP_PRIVATE moe_ep_result moe_ep__ffn(moe_ep_context* ctx, int local_expert, const float* rows, int64_t m,
+                                         float* out) {
+    const moe_ep_desc* d = &ctx->desc;
+    int pairs = d->activation == MOE_EP_ACTIVATION_SWIGLU ? 2 : 1, F = d->d_ff, D = d->d_model;
+    int64_t ld_pre = (int64_t)pairs * F, r0;
+    const int64_t chunk = 1 << 20;  /* rows per call: BLAS sizes are int */
+    float* pre = moe_ep__workspace(ctx, &ctx->hidden, &ctx->hidden_capacity,
+                                   MOE_EP__MIN(m, chunk) * (ld_pre + F));
+    if (!pre) return moe_ep__fail(ctx, MOE_EP_ERROR_OUT_OF_MEMORY, "out of memory for %lld rows of workspace",
+                                  (long long)m);
+    for (r0 = 0; r0 < m; r0 += chunk) {
+        int mc = (int)MOE_EP__MIN(chunk, m - r0);
+        float* hidden = pre + (int64_t)mc * ld_pre;
+        int64_t i;
+        cblas_sgemm(CblasRowMajor, CblasNoTrans, CblasTrans, mc, (int)ld_pre, D, 1.0f, rows + r0 * D, D,
+                    ctx->packed_up[local_expert], D, 0.0f, pre, (int)ld_pre);
+#ifdef _OPENMP
+#pragma omp parallel for schedule(static) num_threads(ctx->num_threads) if (ctx->num_threads > 1 && mc > 16)
+#endif
+        for (i = 0; i < (int64_t)mc * F; ++i) {
+            int64_t r = i / F, j = i % F;
+            hidden[i] = moe_ep__act(d->activation, pre[r * ld_pre + j], pairs == 2 ? pre[r * ld_pre + F + j] : 0.0f);
+        }
+        cblas_sgemm(CblasRowMajor, CblasNoTrans, CblasTrans, mc, D, F, 1.0f, hidden, F,
+                    ctx->packed_down[local_expert], F, 0.0f, out + r0 * D, D);
+    }
+    return MOE_EP_OK;
+}
+#else
+/* One team for the whole FFN: pack x, the up products (with the activation), the down product. */
+typedef struct moe_ep__ffn_args {
+    const float* x;
+    int64_t ldx;
+    float* x_tiles;
+    moe_ep__gemm_args up, down;
+    float* scratch;
+} moe_ep__ffn_args;
+
+MOE_EP_PRIVATE void moe_ep__ffn_stage(const moe_ep__ffn_args* f, int stage, int thread, int threads) {
+    float* scratch = f->scratch + thread * moe_ep__scratch_floats();
+    if (stage == 0) {
+        int64_t tiles = moe_ep__row_tiles(f->up.m);
+        moe_ep__pack_rows(f->x, f->ldx, f->up.m, f->up.k, tiles * thread / threads, tiles * (thread + 1) / threads,
+                          f->x_tiles);
+    } else {
+        moe_ep__gemm_share(stage == 1 ? &f->up : &f->down, thread, threads, scratch);
+    }
+}
+
+MOE_EP_PRIVATE moe_ep_result moe_ep__ffn(moe_ep_context* ctx, int local_expert, const float* rows, int64_t m,
+                                         float* out) {
+    const moe_ep_desc* d = &ctx->desc;
+    int threads = moe_ep__kernel_threads(ctx, m, d->d_model, d->d_ff), stage;
+    int64_t ldh = moe_ep__hidden_stride(d), tiled = moe_ep__row_tiles(m) * MOE_EP__MR;
+    moe_ep__ffn_args f;
+    f.x_tiles = moe_ep__workspace(ctx, &ctx->kernel_rows, &ctx->kernel_rows_capacity, tiled * d->d_model);
+    f.scratch = moe_ep__workspace(ctx, &ctx->kernel_scratch, &ctx->kernel_scratch_capacity,
+                                  ctx->num_threads * moe_ep__scratch_floats());
+    f.up.c = moe_ep__workspace(ctx, &ctx->hidden, &ctx->hidden_capacity, tiled * ldh);
+    if (!f.x_tiles || !f.scratch || !f.up.c)
+        return moe_ep__fail(ctx, MOE_EP_ERROR_OUT_OF_MEMORY, "out of memory for %lld rows of workspace",
+                            (long long)m);
+    f.x = rows;
+    f.ldx = d->d_model;
+    f.up.a = f.x_tiles; f.up.a_kext = d->d_model; f.up.m = m; f.up.k = d->d_model; f.up.n = d->d_ff;
+    f.up.panels = moe_ep__aligned(ctx->packed_up[local_expert]); f.up.act = d->activation;
+    f.up.ldc = 0; f.up.c_kext = ldh;
+    f.down.a = f.up.c; f.down.a_kext = ldh; f.down.m = m; f.down.k = d->d_ff; f.down.n = d->d_model;
+    f.down.panels = moe_ep__aligned(ctx->packed_down[local_expert]); f.down.act = MOE_EP_ACTIVATION_COUNT;
+    f.down.c = out; f.down.ldc = d->d_model; f.down.c_kext = 0;
+#ifdef _OPENMP
+    if (threads > 1) {
+#pragma omp parallel num_threads(threads) private(stage)
+        {
+            int t = omp_get_thread_num(), nt = omp_get_num_threads();
+            for (stage = 0; stage < 3; ++stage) {
+                if (stage > 0) {
+#pragma omp barrier
+                }
+                moe_ep__ffn_stage(&f, stage, t, nt);
+            }
+        }
+        return MOE_EP_OK;
+    }
+#endif
+    for (stage = 0; stage < 3; ++stage) moe_ep__ffn_stage(&f, stage, 0, 1);
+    (void)threads;
+    return MOE_EP_OK;
+}
+#endif
+
+MOE_EP_API moe_ep_result moe_ep_expert_ffn(moe_ep_context* ctx, int local_expert, const float* rows,
+                                           int64_t row_count, float* out) {
+    if (!ctx) return MOE_EP_ERROR_INVALID_ARGUMENT;
+    if (local_expert < 0 || local_expert >= ctx->local_experts)
+        return moe_ep__fail(ctx, MOE_EP_ERROR_INVALID_ARGUMENT, "local_expert (%d) must be in [0, %d)",
+                            local_expert, ctx->local_experts);
+    if (row_count < 0) return moe_ep__fail(ctx, MOE_EP_ERROR_INVALID_ARGUMENT, "row_count (%lld) must be >= 0",
+                                           (long long)row_count);
+    if (row_count > 0 && (!rows || !out))
+        return moe_ep__fail(ctx, MOE_EP_ERROR_INVALID_ARGUMENT, "rows and out must not be NULL");
+    if (!ctx->packed_up)
+        return moe_ep__fail(ctx, MOE_EP_ERROR_INVALID_ARGUMENT, "no expert weights: the context uses expert_fn");
+    if (row_count == 0) return MOE_EP_OK;
+    return moe_ep__ffn(ctx, local_expert, rows, row_count, out);
+}
+
+/* Copy (CBLAS: as they are, w1 and w3 stacked) or pack one expert's weights. */
+MOE_EP_PRIVATE moe_ep_result moe_ep__pack_expert(moe_ep_context* ctx, int l) {
+    const moe_ep_desc* d = &ctx->desc;
+    const moe_ep_allocator* a = &d->allocator;
+    const moe_ep_expert_weights* w = &d->experts[l];
+    int swiglu = d->activation == MOE_EP_ACTIVATION_SWIGLU;
+    int64_t F = d->d_ff, D = d->d_model;
+#ifdef MOE_EP_CBLAS
+    ctx->packed_up[l] = (float*)moe_ep__calloc(a, (swiglu ? 2 : 1) * F * D, sizeof(float));
+    ctx->packed_down[l] = (float*)moe_ep__calloc(a, D * F, sizeof(float));
+    if (!ctx->packed_up[l] || !ctx->packed_down[l]) return MOE_EP_ERROR_OUT_OF_MEMORY;
+    memcpy(ctx->packed_up[l], w->w1, sizeof(float) * (size_t)(F * D));
+    if (swiglu) memcpy(ctx->packed_up[l] + F * D, w->w3, sizeof(float) * (size_t)(F * D));
+    memcpy(ctx->packed_down[l], w->w2, sizeof(float) * (size_t)(D * F));
+#else
+    int64_t up = moe_ep__panel_count(d->d_ff, moe_ep__panel_cols(d->activation)) * D * MOE_EP__NR;
+    int64_t down = moe_ep__panel_count(d->d_model, MOE_EP__NR) * F * MOE_EP__NR;
+    int64_t pad = MOE_EP__ALIGN / (int64_t)sizeof(float);
+    ctx->packed_up[l] = (float*)moe_ep__calloc(a, up + pad, sizeof(float));
+    ctx->packed_down[l] = (float*)moe_ep__calloc(a, down + pad, sizeof(float));
+    if (!ctx->packed_up[l] || !ctx->packed_down[l]) return MOE_EP_ERROR_OUT_OF_MEMORY;
+    moe_ep__pack(w->w1, swiglu ? w->w3 : NULL, d->d_ff, d->d_model, moe_ep__aligned(ctx->packed_up[l]));
+    moe_ep__pack(w->w2, NULL, d->d_model, d->d_ff, moe_ep__aligned(ctx->packed_down[l]));
+#endif
+    return MOE_EP_OK;
 }
 
 MOE_EP_PRIVATE moe_ep_result moe_ep__grow(moe_ep_context* ctx, void** buffer, int64_t* capacity, int64_t need,
@@ -936,38 +1457,6 @@ MOE_EP_PRIVATE moe_ep_result moe_ep__grow(moe_ep_context* ctx, void** buffer, in
         buffer[i] = fresh;
     }
     *capacity = need;
-    return MOE_EP_OK;
-}
-
-MOE_EP_API moe_ep_result moe_ep_expert_ffn(moe_ep_context* ctx, int local_expert, const float* rows,
-                                           int64_t row_count, float* out) {
-    const moe_ep_desc* d;
-    moe_ep_result res;
-    void* hidden;
-    if (!ctx) return MOE_EP_ERROR_INVALID_ARGUMENT;
-    d = &ctx->desc;
-    if (local_expert < 0 || local_expert >= ctx->local_experts)
-        return moe_ep__fail(ctx, MOE_EP_ERROR_INVALID_ARGUMENT, "local_expert (%d) must be in [0, %d)",
-                            local_expert, ctx->local_experts);
-    if (row_count < 0) return moe_ep__fail(ctx, MOE_EP_ERROR_INVALID_ARGUMENT, "row_count (%lld) must be >= 0",
-                                           (long long)row_count);
-    if (row_count > 0 && (!rows || !out))
-        return moe_ep__fail(ctx, MOE_EP_ERROR_INVALID_ARGUMENT, "rows and out must not be NULL");
-    if (!ctx->packed_up)
-        return moe_ep__fail(ctx, MOE_EP_ERROR_INVALID_ARGUMENT, "no expert weights: the context uses expert_fn");
-    if (row_count == 0) return MOE_EP_OK;
-    hidden = ctx->hidden;
-    res = moe_ep__grow(ctx, &hidden, &ctx->hidden_rows, row_count, sizeof(float) * (size_t)d->d_ff, 1);
-    ctx->hidden = (float*)hidden;
-    if (res != MOE_EP_OK) return res;
-    {
-        int64_t up_panel = moe_ep__panels(d->d_ff) * (int64_t)d->d_model * MOE_EP__NB;
-        const float* w1 = ctx->packed_up[local_expert];
-        const float* w3 = d->activation == MOE_EP_ACTIVATION_SWIGLU ? w1 + up_panel : NULL;
-        moe_ep__gemm(rows, row_count, d->d_model, w1, w3, d->d_ff, d->activation, ctx->hidden, ctx->num_threads);
-        moe_ep__gemm(ctx->hidden, row_count, d->d_ff, ctx->packed_down[local_expert], NULL, d->d_model,
-                     MOE_EP_ACTIVATION_COUNT, out, ctx->num_threads);
-    }
     return MOE_EP_OK;
 }
 
@@ -988,6 +1477,8 @@ MOE_EP_PRIVATE void moe_ep__context_free(moe_ep_context* ctx) {
     moe_ep__free(&a, ctx->rank_expert_list);
     moe_ep__free(&a, ctx->placement_table);
     moe_ep__free(&a, ctx->hidden);
+    moe_ep__free(&a, ctx->kernel_scratch);
+    moe_ep__free(&a, ctx->kernel_rows);
     moe_ep__free(&a, ctx->recv_rows);
     moe_ep__free(&a, ctx->expert_out);
     moe_ep__free(&a, ctx->topk_idx);
@@ -1028,24 +1519,14 @@ MOE_EP_PRIVATE moe_ep_result moe_ep__build_placement(moe_ep_context* ctx) {
 }
 
 MOE_EP_PRIVATE moe_ep_result moe_ep__pack_experts(moe_ep_context* ctx) {
-    const moe_ep_desc* d = &ctx->desc;
-    const moe_ep_allocator* a = &d->allocator;
-    int64_t up = moe_ep__panels(d->d_ff) * (int64_t)d->d_model * MOE_EP__NB;
-    int64_t down = moe_ep__panels(d->d_model) * (int64_t)d->d_ff * MOE_EP__NB;
-    int pairs = d->activation == MOE_EP_ACTIVATION_SWIGLU ? 2 : 1, l;
+    const moe_ep_allocator* a = &ctx->desc.allocator;
+    moe_ep_result res = MOE_EP_OK;
+    int l;
     ctx->packed_up = (float**)moe_ep__calloc(a, ctx->local_experts, sizeof(float*));
     ctx->packed_down = (float**)moe_ep__calloc(a, ctx->local_experts, sizeof(float*));
     if (!ctx->packed_up || !ctx->packed_down) return MOE_EP_ERROR_OUT_OF_MEMORY;
-    for (l = 0; l < ctx->local_experts; ++l) {
-        const moe_ep_expert_weights* w = &d->experts[l];
-        ctx->packed_up[l] = (float*)moe_ep__calloc(a, up * pairs, sizeof(float));
-        ctx->packed_down[l] = (float*)moe_ep__calloc(a, down, sizeof(float));
-        if (!ctx->packed_up[l] || !ctx->packed_down[l]) return MOE_EP_ERROR_OUT_OF_MEMORY;
-        moe_ep__pack(w->w1, d->d_ff, d->d_model, ctx->packed_up[l]);
-        if (pairs == 2) moe_ep__pack(w->w3, d->d_ff, d->d_model, ctx->packed_up[l] + up);
-        moe_ep__pack(w->w2, d->d_model, d->d_ff, ctx->packed_down[l]);
-    }
-    return MOE_EP_OK;
+    for (l = 0; l < ctx->local_experts && res == MOE_EP_OK; ++l) res = moe_ep__pack_expert(ctx, l);
+    return res;
 }
 
 /* Tensor parallelism: pack only this rank's d_ff slice. w1 and w3 rows are contiguous; the

@@ -1,0 +1,641 @@
+/* cpu_bench -- the CPU expert kernels of moe_ep against their anchors, side by side.
+
+   usage: cpu_bench [gemm] [cblas] [comm] [layer] [decode] [--reps N] [--rounds N] [--python PATH]
+   (no section: all of them). Each section prints one markdown table: our figure, the
+   anchor's figure measured in the same run (interleaved with ours, median of the
+   repetitions), and the ratio. Numbers are medians unless marked.
+
+   gemm    built-in kernel vs OpenBLAS cblas_sgemm on the expert shapes (one product,
+           packing of the input included), then the fused SwiGLU expert FFN vs the same
+           FFN with OpenBLAS ([w1; w3] in one sgemm, the activation, w2).
+   cblas   the FFN with MOE_EP_CBLAS (cpu_bench_cblas.c) vs the OpenBLAS FFN.
+   comm    dispatch and combine through the pthreads transport vs memcpy of the same bytes
+           on the same number of threads.
+   layer   moe_ep_forward, T = 1024 tokens, one rank, vs the PyTorch anchor
+           (bench/torch_moe_cpu.py, OMP_WAIT_POLICY=PASSIVE) and vs the GEMM floor.
+   decode  moe_ep_forward at 1, 4, 16, 64 tokens vs PyTorch; weight bandwidth vs memcpy.
+
+   Link OpenBLAS (its OpenMP build) into this program only; `make bench` does. */
+#define _POSIX_C_SOURCE 200809L   /* clock_gettime, popen */
+#define MOE_EP_IMPLEMENTATION
+#include "../transports/moe_ep_pthreads.h"
+
+#include <cblas.h>
+#include <math.h>
+#include <stdio.h>
+#include <stdlib.h>
+#include <string.h>
+#include <time.h>
+#ifdef _OPENMP
+#include <omp.h>
+#endif
+
+void* bench_cblas_create(int d_model, int d_ff, int num_experts, const moe_ep_expert_weights* experts);
+int bench_cblas_ffn(void* handle, int expert, const float* x, int64_t rows, float* out);
+void bench_cblas_destroy(void* handle);
+
+#define D_MODEL 1024
+#define D_FF 2816
+#define EXPERTS 8
+#define TOP_K 2
+#define MAX_REPS 256
+
+static int g_reps = 11, g_rounds = 3;
+static const char* g_python = "/usr/bin/python3";
+static const char* g_torch_script = "bench/torch_moe_cpu.py";
+
+/* >>util */
+static double now(void) {
+    struct timespec ts;
+    clock_gettime(CLOCK_MONOTONIC, &ts);
+    return (double)ts.tv_sec + 1e-9 * (double)ts.tv_nsec;
+}
+
+static int cmp_double(const void* a, const void* b) {
+    double x = *(const double*)a, y = *(const double*)b;
+    return x < y ? -1 : x > y;
+}
+
+static double median(double* v, int n) {
+    qsort(v, (size_t)n, sizeof *v, cmp_double);
+    return n % 2 ? v[n / 2] : 0.5 * (v[n / 2 - 1] + v[n / 2]);
+}
+
+static uint64_t rng_next(uint64_t* s) {   /* splitmix64 */
+    uint64_t z = (*s += 0x9E3779B97F4A7C15ull);
+    z = (z ^ (z >> 30)) * 0xBF58476D1CE4E5B9ull;
+    z = (z ^ (z >> 27)) * 0x94D049BB133111EBull;
+    return z ^ (z >> 31);
+}
+
+static float* random_floats(size_t n, float scale, uint64_t seed) {
+    float* v = (float*)malloc(sizeof(float) * (n > 0 ? n : 1));
+    size_t i;
+    if (!v) { fprintf(stderr, "out of memory\n"); exit(1); }
+    for (i = 0; i < n; ++i) v[i] = scale * ((float)(rng_next(&seed) >> 40) / 8388608.0f - 1.0f);
+    return v;
+}
+
+static float* zero_floats(size_t n) {
+    float* v = (float*)calloc(n > 0 ? n : 1, sizeof(float));
+    if (!v) { fprintf(stderr, "out of memory\n"); exit(1); }
+    return v;
+}
+
+static int threads_available(void) {
+#ifdef _OPENMP
+    return omp_get_max_threads();
+#else
+    return 1;
+#endif
+}
+
+/* max |a - b| / max |b| */
+static double rel_diff(const float* a, const float* b, size_t n) {
+    double md = 0.0, mb = 0.0;
+    size_t i;
+    for (i = 0; i < n; ++i) {
+        double d = fabs((double)a[i] - (double)b[i]);
+        if (!(d <= md)) md = d;
+        if (fabs((double)b[i]) > mb) mb = fabs((double)b[i]);
+    }
+    return mb > 0.0 ? md / mb : md;
+}
+
+/* A model of one MoE layer: router [E, D], E experts; w13 = [w1; w3] stacked for OpenBLAS. */
+typedef struct bench_model {
+    float* router;
+    float *w1[EXPERTS], *w3[EXPERTS], *w2[EXPERTS], *w13[EXPERTS];
+    moe_ep_expert_weights experts[EXPERTS];
+} bench_model;
+
+static void model_init(bench_model* m) {
+    size_t n = (size_t)D_MODEL * D_FF;
+    int e;
+    m->router = random_floats((size_t)EXPERTS * D_MODEL, 1.0f / sqrtf((float)D_MODEL), 11);
+    for (e = 0; e < EXPERTS; ++e) {
+        m->w1[e] = random_floats(n, 1.0f / sqrtf((float)D_MODEL), 100 + (uint64_t)e);
+        m->w3[e] = random_floats(n, 1.0f / sqrtf((float)D_MODEL), 200 + (uint64_t)e);
+        m->w2[e] = random_floats(n, 1.0f / sqrtf((float)D_FF), 300 + (uint64_t)e);
+        m->w13[e] = (float*)malloc(sizeof(float) * 2 * n);
+        memcpy(m->w13[e], m->w1[e], sizeof(float) * n);
+        memcpy(m->w13[e] + n, m->w3[e], sizeof(float) * n);
+        m->experts[e].w1 = m->w1[e];
+        m->experts[e].w3 = m->w3[e];
+        m->experts[e].w2 = m->w2[e];
+    }
+}
+
+static void model_free(bench_model* m) {
+    int e;
+    free(m->router);
+    for (e = 0; e < EXPERTS; ++e) { free(m->w1[e]); free(m->w3[e]); free(m->w2[e]); free(m->w13[e]); }
+}
+
+static moe_ep_context* model_context(const bench_model* m, const moe_ep_transport* transport) {
+    moe_ep_context* ctx = NULL;
+    moe_ep_result res = moe_ep_create(&(moe_ep_desc){ .d_model = D_MODEL, .d_ff = D_FF, .num_experts = EXPERTS,
+                                                      .top_k = TOP_K, .normalize_topk = true,
+                                                      .router_weight = m->router, .experts = m->experts,
+                                                      .transport = transport }, &ctx);
+    if (res != MOE_EP_OK) { fprintf(stderr, "moe_ep_create: %s\n", moe_ep_result_string(res)); exit(1); }
+    return ctx;
+}
+
+/* The OpenBLAS expert FFN: [w1; w3] in one sgemm, silu(g) * u, then w2. pre: [m, 2F], hidden: [m, F].
+   *gemm_seconds (optional) accumulates the time spent in the two sgemm calls. */
+static void blas_ffn(const bench_model* m, int e, const float* x, int64_t rows, float* pre, float* hidden, float* out,
+                     double* gemm_seconds) {
+    int64_t i;
+    double t0 = now(), t1, t2;
+    cblas_sgemm(CblasRowMajor, CblasNoTrans, CblasTrans, (int)rows, 2 * D_FF, D_MODEL, 1.0f, x, D_MODEL, m->w13[e],
+                D_MODEL, 0.0f, pre, 2 * D_FF);
+    t1 = now();
+#ifdef _OPENMP
+#pragma omp parallel for schedule(static)
+#endif
+    for (i = 0; i < rows * D_FF; ++i) {
+        int64_t r = i / D_FF, j = i % D_FF;
+        float g = pre[r * 2 * D_FF + j], u = pre[r * 2 * D_FF + D_FF + j];
+        hidden[i] = g / (1.0f + expf(-g)) * u;
+    }
+    t2 = now();
+    cblas_sgemm(CblasRowMajor, CblasNoTrans, CblasTrans, (int)rows, D_MODEL, D_FF, 1.0f, hidden, D_FF, m->w2[e], D_FF,
+                0.0f, out, D_MODEL);
+    if (gemm_seconds) *gemm_seconds += (t1 - t0) + (now() - t2);
+}
+
+/* PyTorch anchor: one run of the script; returns its median in ms, or -1. */
+static double torch_run(int64_t tokens, int reps) {
+    char cmd[1024], line[1024];
+    double med = -1.0;
+    FILE* p;
+    snprintf(cmd, sizeof cmd, "OMP_WAIT_POLICY=PASSIVE %s %s 2 --tokens %lld --reps %d 2>/dev/null", g_python,
+             g_torch_script, (long long)tokens, reps);
+    p = popen(cmd, "r");
+    if (!p) return -1.0;
+    while (fgets(line, sizeof line, p)) {
+        const char* at = strstr(line, "median_ms=");
+        if (at) med = atof(at + 10);
+    }
+    if (pclose(p) != 0) return -1.0;
+    return med;
+}
+
+/* memcpy of `bytes` from src to dst on `threads` OpenMP threads, each a contiguous share. */
+static void copy_parallel(char* dst, const char* src, size_t bytes, int threads) {
+    int t;
+    (void)threads;
+#ifdef _OPENMP
+#pragma omp parallel for schedule(static) num_threads(threads)
+#endif
+    for (t = 0; t < threads; ++t) {
+        size_t a = bytes * (size_t)t / (size_t)threads, b = bytes * (size_t)(t + 1) / (size_t)threads;
+        memcpy(dst + a, src + a, b - a);
+    }
+}
+
+static double memcpy_bandwidth(size_t bytes, int threads, int reps) {
+    char* src = (char*)malloc(bytes);
+    char* dst = (char*)malloc(bytes);
+    double ts[MAX_REPS];
+    int r;
+    memset(src, 1, bytes);
+    memset(dst, 2, bytes);
+    copy_parallel(dst, src, bytes, threads);
+    for (r = 0; r < reps; ++r) {
+        double t0 = now();
+        copy_parallel(dst, src, bytes, threads);
+        ts[r] = now() - t0;
+    }
+    free(src);
+    free(dst);
+    return (double)bytes / median(ts, reps) * 1e-9;
+}
+
+/* >>gemm: one product of the built-in kernel, packing of the input included. */
+typedef struct ours_gemm {
+    moe_ep__gemm_args g;
+    const float* x;
+    float* scratch;
+} ours_gemm;
+
+static void ours_gemm_run(ours_gemm* o, int threads) {
+#ifdef _OPENMP
+#pragma omp parallel num_threads(threads)
+    {
+        int t = omp_get_thread_num(), nt = omp_get_num_threads();
+        int64_t tiles = moe_ep__row_tiles(o->g.m);
+        moe_ep__pack_rows(o->x, o->g.k, o->g.m, o->g.k, tiles * t / nt, tiles * (t + 1) / nt, (float*)o->g.a);
+#pragma omp barrier
+        moe_ep__gemm_share(&o->g, t, nt, o->scratch + t * moe_ep__scratch_floats());
+    }
+#else
+    (void)threads;
+    moe_ep__pack_rows(o->x, o->g.k, o->g.m, o->g.k, 0, moe_ep__row_tiles(o->g.m), (float*)o->g.a);
+    moe_ep__gemm_share(&o->g, 0, 1, o->scratch);
+#endif
+}
+
+static const int64_t bench_rows[] = { 16, 64, 256, 1024 };
+
+static void section_gemm(const bench_model* model) {
+    static const int shapes[2][2] = { { D_MODEL, D_FF }, { D_FF, D_MODEL } };
+    int threads = threads_available(), s, i, r;
+    double min_ratio = 1e9;
+    printf("\n### Goal 1: built-in kernel vs OpenBLAS cblas_sgemm (%d threads, GFLOP/s, median of %d)\n\n", threads,
+           g_reps);
+    printf("| M | K | N | moe_ep GF/s | OpenBLAS GF/s | ratio | max rel. diff |\n|---|---|---|---|---|---|---|\n");
+    for (s = 0; s < 2; ++s)
+        for (i = 0; i < 4; ++i) {
+            int K = shapes[s][0], N = shapes[s][1];
+            int64_t M = bench_rows[i];
+            float* x = random_floats((size_t)M * K, 1.0f, 7 + (uint64_t)i);
+            float* w = random_floats((size_t)N * K, 0.03f, 8 + (uint64_t)s);
+            float* c1 = zero_floats((size_t)M * N);
+            float* c2 = zero_floats((size_t)M * N);
+            float* panels_raw = zero_floats((size_t)moe_ep__panel_count(N, MOE_EP__NR) * MOE_EP__NR * K + 64);
+            float* tiles_raw = zero_floats((size_t)moe_ep__row_tiles(M) * MOE_EP__MR * K + 64);
+            float* scratch_raw = zero_floats((size_t)(threads * moe_ep__scratch_floats() + 64));
+            double to[MAX_REPS], tb[MAX_REPS], flop = 2.0 * (double)M * K * N, ours, blas;
+            ours_gemm o;
+            moe_ep__pack(w, NULL, N, K, moe_ep__aligned(panels_raw));
+            o.x = x;
+            o.scratch = moe_ep__aligned(scratch_raw);
+            o.g.a = moe_ep__aligned(tiles_raw); o.g.a_kext = K; o.g.m = M; o.g.k = K; o.g.n = N;
+            o.g.panels = moe_ep__aligned(panels_raw); o.g.act = MOE_EP_ACTIVATION_COUNT;
+            o.g.c = c1; o.g.ldc = N; o.g.c_kext = 0;
+            for (r = 0; r < 3; ++r) {
+                ours_gemm_run(&o, threads);
+                cblas_sgemm(CblasRowMajor, CblasNoTrans, CblasTrans, (int)M, N, K, 1.0f, x, K, w, K, 0.0f, c2, N);
+            }
+            for (r = 0; r < g_reps; ++r) {
+                double t0 = now();
+                ours_gemm_run(&o, threads);
+                to[r] = now() - t0;
+                t0 = now();
+                cblas_sgemm(CblasRowMajor, CblasNoTrans, CblasTrans, (int)M, N, K, 1.0f, x, K, w, K, 0.0f, c2, N);
+                tb[r] = now() - t0;
+            }
+            ours = flop / median(to, g_reps) * 1e-9;
+            blas = flop / median(tb, g_reps) * 1e-9;
+            if (ours / blas < min_ratio) min_ratio = ours / blas;
+            printf("| %lld | %d | %d | %.1f | %.1f | %.2f | %.1e |\n", (long long)M, K, N, ours, blas, ours / blas,
+                   rel_diff(c1, c2, (size_t)M * N));
+            fflush(stdout);
+            free(x); free(w); free(c1); free(c2); free(panels_raw); free(tiles_raw); free(scratch_raw);
+        }
+    printf("\nlowest ratio: %.2f (goal >= 0.85)\n", min_ratio);
+
+    /* The whole expert FFN at M rows. */
+    {
+        moe_ep_context* ctx = model_context(model, NULL);
+        min_ratio = 1e9;
+        printf("\n### Goal 1: fused SwiGLU expert FFN (d_model %d, d_ff %d) vs the same FFN with OpenBLAS "
+               "(%d threads, GFLOP/s, median of %d)\n\n", D_MODEL, D_FF, threads, g_reps);
+        printf("| rows | moe_ep GF/s | OpenBLAS FFN GF/s | ratio | max rel. diff |\n|---|---|---|---|---|\n");
+        for (i = 0; i < 4; ++i) {
+            int64_t M = bench_rows[i];
+            float* x = random_floats((size_t)M * D_MODEL, 1.0f, 21 + (uint64_t)i);
+            float* y1 = zero_floats((size_t)M * D_MODEL);
+            float* y2 = zero_floats((size_t)M * D_MODEL);
+            float* pre = zero_floats((size_t)M * 2 * D_FF);
+            float* hidden = zero_floats((size_t)M * D_FF);
+            double to[MAX_REPS], tb[MAX_REPS], flop = 6.0 * (double)M * D_MODEL * D_FF, ours, blas;
+            for (r = 0; r < 3; ++r) {
+                moe_ep_expert_ffn(ctx, 0, x, M, y1);
+                blas_ffn(model, 0, x, M, pre, hidden, y2, NULL);
+            }
+            for (r = 0; r < g_reps; ++r) {
+                double t0 = now();
+                moe_ep_expert_ffn(ctx, 0, x, M, y1);
+                to[r] = now() - t0;
+                t0 = now();
+                blas_ffn(model, 0, x, M, pre, hidden, y2, NULL);
+                tb[r] = now() - t0;
+            }
+            ours = flop / median(to, g_reps) * 1e-9;
+            blas = flop / median(tb, g_reps) * 1e-9;
+            if (ours / blas < min_ratio) min_ratio = ours / blas;
+            printf("| %lld | %.1f | %.1f | %.2f | %.1e |\n", (long long)M, ours, blas, ours / blas,
+                   rel_diff(y1, y2, (size_t)M * D_MODEL));
+            fflush(stdout);
+            free(x); free(y1); free(y2); free(pre); free(hidden);
+        }
+        printf("\nlowest ratio: %.2f (goal >= 0.85)\n", min_ratio);
+        moe_ep_destroy(ctx);
+    }
+}
+
+/* >>cblas: the MOE_EP_CBLAS build against OpenBLAS itself. */
+static void section_cblas(const bench_model* model) {
+    void* h = bench_cblas_create(D_MODEL, D_FF, EXPERTS, model->experts);
+    int threads = threads_available(), i, r;
+    double min_ratio = 1e9;
+    if (!h) { fprintf(stderr, "bench_cblas_create failed\n"); return; }
+    printf("\n### Goal 2: MOE_EP_CBLAS expert FFN vs the OpenBLAS FFN (%d threads, GFLOP/s, median of %d)\n\n",
+           threads, g_reps);
+    printf("| rows | moe_ep (CBLAS) GF/s | OpenBLAS FFN GF/s | ratio | row alone == row in 1024 block |\n"
+           "|---|---|---|---|---|\n");
+    for (i = 0; i < 4; ++i) {
+        int64_t M = bench_rows[i];
+        float* x = random_floats((size_t)1024 * D_MODEL, 1.0f, 31 + (uint64_t)i);
+        float* y1 = zero_floats((size_t)1024 * D_MODEL);
+        float* y2 = zero_floats((size_t)M * D_MODEL);
+        float* pre = zero_floats((size_t)M * 2 * D_FF);
+        float* hidden = zero_floats((size_t)M * D_FF);
+        double to[MAX_REPS], tb[MAX_REPS], flop = 6.0 * (double)M * D_MODEL * D_FF, ours, blas;
+        int same = 1;
+        int64_t row;
+        for (r = 0; r < 3; ++r) {
+            bench_cblas_ffn(h, 0, x, M, y1);
+            blas_ffn(model, 0, x, M, pre, hidden, y2, NULL);
+        }
+        for (r = 0; r < g_reps; ++r) {
+            double t0 = now();
+            bench_cblas_ffn(h, 0, x, M, y1);
+            to[r] = now() - t0;
+            t0 = now();
+            blas_ffn(model, 0, x, M, pre, hidden, y2, NULL);
+            tb[r] = now() - t0;
+        }
+        ours = flop / median(to, g_reps) * 1e-9;
+        blas = flop / median(tb, g_reps) * 1e-9;
+        if (ours / blas < min_ratio) min_ratio = ours / blas;
+        /* What the switch gives up: is a row's output independent of the block it came in? */
+        bench_cblas_ffn(h, 0, x, 1024, y1);
+        for (row = 0; row < M && same; row += 7) {
+            bench_cblas_ffn(h, 0, x + row * D_MODEL, 1, y2);
+            same = memcmp(y2, y1 + row * D_MODEL, sizeof(float) * D_MODEL) == 0;
+        }
+        printf("| %lld | %.1f | %.1f | %.2f | %s |\n", (long long)M, ours, blas, ours / blas, same ? "yes" : "no");
+        fflush(stdout);
+        free(x); free(y1); free(y2); free(pre); free(hidden);
+    }
+    printf("\nlowest ratio: %.2f (goal >= 0.97)\n", min_ratio);
+    bench_cblas_destroy(h);
+}
+
+/* >>comm: dispatch + combine on R rank threads vs memcpy of the same bytes. */
+typedef struct comm_state {
+    const bench_model* model;
+    int64_t tokens;                 /* per rank */
+    int reps;
+    double t_dispatch[2][MAX_REPS], t_combine[2][MAX_REPS], t_copy[2][MAX_REPS];
+    int64_t bytes[2];
+} comm_state;
+
+static int copy_expert(int local_expert, int expert, const float* rows, int64_t row_count, int d_model, float* out,
+                       void* user_data) {
+    (void)local_expert; (void)expert; (void)user_data;
+    memcpy(out, rows, sizeof(float) * (size_t)row_count * (size_t)d_model);
+    return 0;
+}
+
+static moe_ep_result comm_rank(const moe_ep_transport* transport, void* user_data) {
+    comm_state* st = (comm_state*)user_data;
+    int rank = transport->rank, r, threads;
+    moe_ep_context* ctx = NULL;
+    moe_ep_plan* plan = NULL;
+    moe_ep_plan_info info;
+    int64_t T = st->tokens;
+    float* x = random_floats((size_t)T * D_MODEL, 1.0f, 41 + (uint64_t)rank);
+    float* y = zero_floats((size_t)T * D_MODEL);
+    int32_t* idx = (int32_t*)malloc(sizeof(int32_t) * (size_t)T * TOP_K);
+    float* weight = (float*)malloc(sizeof(float) * (size_t)T * TOP_K);
+    float *recv, *src, *dst;
+    moe_ep_result res = moe_ep_create(&(moe_ep_desc){ .d_model = D_MODEL, .num_experts = EXPERTS, .top_k = TOP_K,
+                                                      .normalize_topk = true, .router_weight = st->model->router,
+                                                      .expert_fn = copy_expert, .transport = transport }, &ctx);
+    if (res != MOE_EP_OK) return res;
+    threads = moe_ep_query_desc(ctx).num_threads;
+    res = moe_ep_route(ctx, x, T, idx, weight, NULL);
+    if (res == MOE_EP_OK) res = moe_ep_plan_create(ctx, T, idx, weight, &plan);
+    if (res != MOE_EP_OK) return res;
+    info = moe_ep_plan_query(plan);
+    recv = zero_floats((size_t)info.recv_rows * D_MODEL);
+    st->bytes[rank] = info.send_rows * D_MODEL * (int64_t)sizeof(float);
+    src = random_floats((size_t)info.send_rows * D_MODEL, 1.0f, 51);
+    dst = zero_floats((size_t)info.send_rows * D_MODEL);
+    for (r = -2; r < st->reps && res == MOE_EP_OK; ++r) {
+        double t0, t1, t2, t3;
+        char err[64];
+        transport->barrier(transport->impl, err, sizeof err);
+        t0 = now();
+        res = moe_ep_dispatch(ctx, plan, x, recv);
+        t1 = now();
+        if (res == MOE_EP_OK) res = moe_ep_combine(ctx, plan, recv, y);
+        t2 = now();
+        transport->barrier(transport->impl, err, sizeof err);
+        t3 = now();
+        copy_parallel((char*)dst, (const char*)src, (size_t)st->bytes[rank], threads);
+        if (r >= 0) {
+            st->t_dispatch[rank][r] = t1 - t0;
+            st->t_combine[rank][r] = t2 - t1;
+            st->t_copy[rank][r] = now() - t3;
+        }
+    }
+    moe_ep_plan_destroy(plan);
+    moe_ep_destroy(ctx);
+    free(x); free(y); free(idx); free(weight); free(recv); free(src); free(dst);
+    return res;
+}
+
+static void section_comm(const bench_model* model) {
+    int ranks;
+    printf("\n### Goal 3: dispatch + combine (pthreads transport, %d tokens per rank, d_model %d, top-%d) vs memcpy of "
+           "the same bytes on the same threads (GB/s, median of %d)\n\n", 1024, D_MODEL, TOP_K, 2 * g_reps);
+    printf("| ranks | MB moved | dispatch GB/s | combine GB/s | memcpy GB/s | dispatch / memcpy | combine / memcpy | "
+           "(dispatch + combine) / 2 memcpy |\n|---|---|---|---|---|---|---|---|\n");
+    for (ranks = 1; ranks <= 2; ++ranks) {
+        comm_state st;
+        moe_ep_pthreads_world* world = NULL;
+        double td[MAX_REPS], tc[MAX_REPS], tm[MAX_REPS], bytes, d, c, m, tds, tcs, tms;
+        int r, q;
+        memset(&st, 0, sizeof st);
+        st.model = model;
+        st.tokens = 1024;
+        st.reps = 2 * g_reps;
+        moe_ep_pthreads_world_create(&(moe_ep_pthreads_desc){ .world_size = ranks }, &world);
+        if (moe_ep_pthreads_run(world, comm_rank, &st, NULL) != MOE_EP_OK) {
+            fprintf(stderr, "comm run failed\n");
+            moe_ep_pthreads_world_destroy(world);
+            return;
+        }
+        moe_ep_pthreads_world_destroy(world);
+        for (r = 0; r < st.reps; ++r) {     /* a collective takes as long as its slowest rank */
+            td[r] = tc[r] = tm[r] = 0.0;
+            for (q = 0; q < ranks; ++q) {
+                if (st.t_dispatch[q][r] > td[r]) td[r] = st.t_dispatch[q][r];
+                if (st.t_combine[q][r] > tc[r]) tc[r] = st.t_combine[q][r];
+                if (st.t_copy[q][r] > tm[r]) tm[r] = st.t_copy[q][r];
+            }
+        }
+        bytes = 0.0;
+        for (q = 0; q < ranks; ++q) bytes += (double)st.bytes[q];
+        tds = median(td, st.reps); tcs = median(tc, st.reps); tms = median(tm, st.reps);
+        d = bytes / tds * 1e-9; c = bytes / tcs * 1e-9; m = bytes / tms * 1e-9;
+        printf("| %d | %.1f | %.2f | %.2f | %.2f | %.2f | %.2f | %.2f |\n", ranks, bytes * 1e-6, d, c, m, d / m, c / m,
+               2.0 * tms / (tds + tcs));
+        fflush(stdout);
+    }
+    printf("\ngoal: (dispatch + combine) >= 0.7 x memcpy bandwidth\n");
+}
+
+/* >>layer */
+static void ours_layer(moe_ep_context* ctx, const float* x, int64_t T, float* y) {
+    moe_ep_result res = moe_ep_forward(ctx, &(moe_ep_forward_args){ .tokens = T, .x = x, .y = y });
+    if (res != MOE_EP_OK) { fprintf(stderr, "moe_ep_forward: %s: %s\n", moe_ep_result_string(res), moe_ep_last_error(ctx)); exit(1); }
+}
+
+/* The layer's expert products with OpenBLAS, on the rows our router sent to each expert. */
+static double blas_layer_gemms(const bench_model* model, moe_ep_context* ctx, const float* x, int64_t T) {
+    int32_t* idx = (int32_t*)malloc(sizeof(int32_t) * (size_t)T * TOP_K);
+    float* weight = (float*)malloc(sizeof(float) * (size_t)T * TOP_K);
+    float* rows = zero_floats((size_t)T * TOP_K * D_MODEL);
+    float* pre = zero_floats((size_t)T * TOP_K * 2 * D_FF);
+    float* hidden = zero_floats((size_t)T * TOP_K * D_FF);
+    float* out = zero_floats((size_t)T * TOP_K * D_MODEL);
+    double gemm_seconds = 0.0;
+    int e;
+    moe_ep_route(ctx, x, T, idx, weight, NULL);
+    for (e = 0; e < EXPERTS; ++e) {
+        int64_t t, n = 0;
+        for (t = 0; t < T * TOP_K; ++t)
+            if (idx[t] == e) memcpy(rows + (n++) * D_MODEL, x + (t / TOP_K) * D_MODEL, sizeof(float) * D_MODEL);
+        if (n > 0) blas_ffn(model, e, rows, n, pre, hidden, out, &gemm_seconds);
+    }
+    free(idx); free(weight); free(rows); free(pre); free(hidden); free(out);
+    return gemm_seconds;
+}
+
+static void section_layer(const bench_model* model) {
+    const int64_t T = 1024;
+    moe_ep_context* ctx = model_context(model, NULL);
+    float* x = random_floats((size_t)T * D_MODEL, 1.7f, 61);
+    float* y = zero_floats((size_t)T * D_MODEL);
+    double to[MAX_REPS * 4], tt[16], tg[MAX_REPS * 4], ours, torch, floor_ms, flop;
+    int round, r, no = 0, nt = 0, ng = 0;
+    flop = 2.0 * 3.0 * D_MODEL * D_FF * (double)T * TOP_K + 2.0 * (double)T * D_MODEL * EXPERTS;
+    for (r = 0; r < 2; ++r) { ours_layer(ctx, x, T, y); blas_layer_gemms(model, ctx, x, T); }
+    for (round = 0; round < g_rounds; ++round) {
+        double m;
+        for (r = 0; r < g_reps; ++r) {
+            double t0 = now();
+            ours_layer(ctx, x, T, y);
+            to[no++] = now() - t0;
+            tg[ng++] = blas_layer_gemms(model, ctx, x, T);
+        }
+        m = torch_run(T, 10);
+        if (m > 0) tt[nt++] = m * 1e-3;
+    }
+    ours = median(to, no) * 1e3;
+    floor_ms = median(tg, ng) * 1e3;
+    torch = nt > 0 ? median(tt, nt) * 1e3 : -1.0;
+    printf("\n### Goal 4: the whole layer (T %lld, d_model %d, d_ff %d, E %d, top-%d, fp32, %d threads, one rank; "
+           "%.1f GFLOP)\n\n", (long long)T, D_MODEL, D_FF, EXPERTS, TOP_K, threads_available(), flop * 1e-9);
+    printf("| moe_ep ms | PyTorch ms | moe_ep / PyTorch (goal <= 0.6) | OpenBLAS GEMM floor ms | moe_ep / floor "
+           "(goal <= 1.2) | moe_ep GF/s |\n|---|---|---|---|---|---|\n");
+    if (torch > 0)
+        printf("| %.1f | %.1f | %.2f | %.1f | %.2f | %.1f |\n", ours, torch, ours / torch, floor_ms, ours / floor_ms,
+               flop / ours * 1e-6);
+    else
+        printf("| %.1f | n/a | n/a | %.1f | %.2f | %.1f |\n", ours, floor_ms, ours / floor_ms, flop / ours * 1e-6);
+    printf("\nmedians over %d rounds: moe_ep %d x %d runs, PyTorch %d runs of its own median of 10 (OMP_WAIT_POLICY=PASSIVE, "
+           "torch.set_num_threads(2)); the floor is OpenBLAS's time for the layer's expert products on the same rows "
+           "(sgemm calls only).\n", g_rounds, g_rounds, g_reps, nt);
+    moe_ep_destroy(ctx);
+    free(x);
+    free(y);
+}
+
+/* >>decode */
+static void section_decode(const bench_model* model) {
+    static const int64_t tokens[] = { 1, 4, 16, 64 };
+    moe_ep_context* ctx = model_context(model, NULL);
+    double copy_gbs = memcpy_bandwidth((size_t)64 << 20, threads_available(), 15);
+    int i;
+    printf("\n### Goal 5: small batches (one rank, %d threads): us per layer, and expert weight bandwidth\n\n",
+           threads_available());
+    printf("| tokens | experts hit | moe_ep us | PyTorch us | moe_ep / PyTorch | weights MB | moe_ep weight GB/s | "
+           "memcpy GB/s | weight GB/s / memcpy |\n|---|---|---|---|---|---|---|---|---|\n");
+    for (i = 0; i < 4; ++i) {
+        int64_t T = tokens[i], counts[EXPERTS];
+        int reps = 3 * g_reps, round, r, no = 0, nt = 0, e, hit = 0;
+        float* x = random_floats((size_t)T * D_MODEL, 1.7f, 71 + (uint64_t)i);
+        float* y = zero_floats((size_t)T * D_MODEL);
+        double to[MAX_REPS * 4], tt[16], ours, torch, bytes;
+        moe_ep_router_stats stats;
+        memset(&stats, 0, sizeof stats);
+        stats.tokens_per_expert = counts;
+        moe_ep_forward(ctx, &(moe_ep_forward_args){ .tokens = T, .x = x, .y = y, .stats = &stats });
+        for (e = 0; e < EXPERTS; ++e) hit += counts[e] > 0;
+        bytes = (double)hit * 3.0 * D_MODEL * D_FF * sizeof(float);
+        for (round = 0; round < g_rounds; ++round) {
+            double m;
+            for (r = 0; r < reps; ++r) {
+                double t0 = now();
+                ours_layer(ctx, x, T, y);
+                to[no++] = now() - t0;
+            }
+            m = torch_run(T, reps);
+            if (m > 0) tt[nt++] = m * 1e-3;
+        }
+        ours = median(to, no);
+        torch = nt > 0 ? median(tt, nt) : -1.0;
+        if (torch > 0)
+            printf("| %lld | %d | %.0f | %.0f | %.2f | %.0f | %.2f | %.2f | %.2f |\n", (long long)T, hit, ours * 1e6,
+                   torch * 1e6, ours / torch, bytes * 1e-6, bytes / ours * 1e-9, copy_gbs, bytes / ours * 1e-9 / copy_gbs);
+        else
+            printf("| %lld | %d | %.0f | n/a | n/a | %.0f | %.2f | %.2f | %.2f |\n", (long long)T, hit, ours * 1e6,
+                   bytes * 1e-6, bytes / ours * 1e-9, copy_gbs, bytes / ours * 1e-9 / copy_gbs);
+        fflush(stdout);
+        free(x);
+        free(y);
+    }
+    printf("\nweights MB: the experts the batch touches x 3 matrices x %d x %d x 4 bytes, read once per layer; memcpy: "
+           "64 MiB on %d threads (bytes copied per second).\n", D_MODEL, D_FF, threads_available());
+    moe_ep_destroy(ctx);
+}
+
+int main(int argc, char** argv) {
+    int want[5] = { 0, 0, 0, 0, 0 }, any = 0, i;
+    static const char* const names[5] = { "gemm", "cblas", "comm", "layer", "decode" };
+    bench_model model;
+    for (i = 1; i < argc; ++i) {
+        int s, found = 0;
+        if (strcmp(argv[i], "--reps") == 0 && i + 1 < argc) { g_reps = atoi(argv[++i]); continue; }
+        if (strcmp(argv[i], "--rounds") == 0 && i + 1 < argc) { g_rounds = atoi(argv[++i]); continue; }
+        if (strcmp(argv[i], "--python") == 0 && i + 1 < argc) { g_python = argv[++i]; continue; }
+        if (strcmp(argv[i], "--torch-script") == 0 && i + 1 < argc) { g_torch_script = argv[++i]; continue; }
+        for (s = 0; s < 5; ++s)
+            if (strcmp(argv[i], names[s]) == 0) want[s] = found = any = 1;
+        if (!found) {
+            fprintf(stderr, "usage: cpu_bench [gemm] [cblas] [comm] [layer] [decode] [--reps N] [--rounds N] "
+                            "[--python PATH] [--torch-script PATH]\n");
+            return 2;
+        }
+    }
+    if (g_reps < 1 || g_reps > MAX_REPS / 3) g_reps = 11;
+    if (g_rounds < 1 || g_rounds > 16) g_rounds = 3;
+    if (!any) for (i = 0; i < 5; ++i) want[i] = 1;
+    printf("moe_ep cpu_bench: kernel path %s (MR %d, NR %d), %d OpenMP threads, OpenBLAS %s\n",
+#if defined(MOE_EP__AVX512)
+           "AVX-512",
+#elif defined(MOE_EP__AVX2)
+           "AVX2+FMA",
+#elif defined(MOE_EP__NEON)
+           "NEON",
+#else
+           "portable",
+#endif
+           MOE_EP__MR, MOE_EP__NR, threads_available(), openblas_get_config());
+    model_init(&model);
+    if (want[0]) section_gemm(&model);
+    if (want[1]) section_cblas(&model);
+    if (want[2]) section_comm(&model);
+    if (want[3]) section_layer(&model);
+    if (want[4]) section_decode(&model);
+    model_free(&model);
+    return 0;
+}
