@@ -2054,10 +2054,15 @@ MOE_EP_API moe_ep_result moe_ep_plan_create(moe_ep_context* ctx, int64_t tokens,
 }
 
 /* >>dispatch */
+/* One rank: the send order is the receive order, so dispatch gathers straight into the
+   receive rows and combine sums straight from the expert rows; there is nothing to move. */
+MOE_EP_PRIVATE bool moe_ep__local_only(const moe_ep_context* ctx) { return ctx->world_size == 1; }
+
 MOE_EP_PRIVATE moe_ep_result moe_ep__a2a_begin(moe_ep_context* ctx, moe_ep_plan* plan, const char* stage) {
     char err[MOE_EP__ERR_SIZE] = "";
     moe_ep_result res;
     plan->request = NULL;
+    if (moe_ep__local_only(ctx)) return MOE_EP_OK;
     if (ctx->transport.all_to_all_v_begin)
         res = ctx->transport.all_to_all_v_begin(ctx->transport.impl, &plan->args, &plan->request, err, sizeof err);
     else
@@ -2069,7 +2074,7 @@ MOE_EP_PRIVATE moe_ep_result moe_ep__a2a_begin(moe_ep_context* ctx, moe_ep_plan*
 MOE_EP_PRIVATE moe_ep_result moe_ep__a2a_end(moe_ep_context* ctx, moe_ep_plan* plan, const char* stage) {
     char err[MOE_EP__ERR_SIZE] = "";
     moe_ep_result res = MOE_EP_OK;
-    if (ctx->transport.all_to_all_v_end)
+    if (ctx->transport.all_to_all_v_end && !moe_ep__local_only(ctx))
         res = ctx->transport.all_to_all_v_end(ctx->transport.impl, plan->request, err, sizeof err);
     plan->request = NULL;
     plan->pending = 0;
@@ -2110,11 +2115,14 @@ MOE_EP_API moe_ep_result moe_ep_dispatch_begin(moe_ep_context* ctx, moe_ep_plan*
     if ((plan->send_rows > 0 && !x) || (plan->recv_rows > 0 && !recv_rows))
         return moe_ep__fail(ctx, MOE_EP_ERROR_INVALID_ARGUMENT, "moe_ep_dispatch: x and recv_rows must not be NULL");
     d = ctx->desc.d_model;
+    {
+        float* dst = moe_ep__local_only(ctx) ? recv_rows : plan->send_buffer;
 #ifdef _OPENMP
 #pragma omp parallel for schedule(static) num_threads(ctx->num_threads) if (ctx->num_threads > 1 && plan->send_rows > 64)
 #endif
-    for (r = 0; r < plan->send_rows; ++r)
-        memcpy(plan->send_buffer + r * d, x + plan->permutation[r] * d, sizeof(float) * (size_t)d);
+        for (r = 0; r < plan->send_rows; ++r)
+            memcpy(dst + r * d, x + plan->permutation[r] * d, sizeof(float) * (size_t)d);
+    }
     moe_ep__set_args(plan, plan->send_buffer, recv_rows, true);
     plan->pending = 1;
     res = moe_ep__a2a_begin(ctx, plan, "moe_ep_dispatch");
@@ -2202,8 +2210,36 @@ MOE_EP_API moe_ep_result moe_ep_combine_begin(moe_ep_context* ctx, moe_ep_plan* 
     return moe_ep__combine_begin(ctx, plan, expert_out, status);
 }
 
+#if defined(__STDC_VERSION__) && __STDC_VERSION__ >= 199901L
+#define MOE_EP__RESTRICT restrict
+#else
+#define MOE_EP__RESTRICT
+#endif
+
+/* y_t = sum over the k slots, in slot order, of w_j * row_j (from 0.0f; a dropped slot adds
+   nothing). The first slot writes 0.0f + w * row, the same bytes as a zeroed row plus it. */
+MOE_EP_PRIVATE void moe_ep__combine_row(float* MOE_EP__RESTRICT yt, const float* rows, const int64_t* slot_row,
+                                        const float* weight, int k, int64_t d) {
+    int j, first = 1;
+    int64_t i;
+    for (j = 0; j < k; ++j) {
+        const float* MOE_EP__RESTRICT src;
+        float w = weight[j];
+        if (slot_row[j] < 0) continue;
+        src = rows + slot_row[j] * d;
+        if (first)
+            for (i = 0; i < d; ++i) yt[i] = 0.0f + w * src[i];
+        else
+            for (i = 0; i < d; ++i) yt[i] += w * src[i];
+        first = 0;
+    }
+    if (first)
+        for (i = 0; i < d; ++i) yt[i] = 0.0f;
+}
+
 MOE_EP_API moe_ep_result moe_ep_combine_end(moe_ep_context* ctx, moe_ep_plan* plan, float* y) {
     moe_ep_result res = moe_ep__check_stage(ctx, plan, "moe_ep_combine_end", 2);
+    const float* rows;
     int64_t t, d;
     int k;
     if (res != MOE_EP_OK) return res;
@@ -2213,23 +2249,12 @@ MOE_EP_API moe_ep_result moe_ep_combine_end(moe_ep_context* ctx, moe_ep_plan* pl
         return moe_ep__fail(ctx, MOE_EP_ERROR_INVALID_ARGUMENT, "moe_ep_combine: y must not be NULL");
     d = ctx->desc.d_model;
     k = plan->top_k;
+    rows = moe_ep__local_only(ctx) ? (const float*)plan->args.send : plan->send_buffer;
 #ifdef _OPENMP
 #pragma omp parallel for schedule(static) num_threads(ctx->num_threads) if (ctx->num_threads > 1 && plan->tokens > 16)
 #endif
-    for (t = 0; t < plan->tokens; ++t) {
-        float* yt = y + t * d;
-        int64_t i;
-        int j;
-        for (i = 0; i < d; ++i) yt[i] = 0.0f;
-        for (j = 0; j < k; ++j) {   /* k-slot order: the sum does not depend on where experts ran */
-            int64_t row = plan->slot_row[t * k + j];
-            float w = plan->topk_weight[t * k + j];
-            const float* src;
-            if (row < 0) continue;  /* dropped by capacity: contributes zero */
-            src = plan->send_buffer + row * d;
-            for (i = 0; i < d; ++i) yt[i] += w * src[i];
-        }
-    }
+    for (t = 0; t < plan->tokens; ++t)
+        moe_ep__combine_row(y + t * d, rows, plan->slot_row + t * k, plan->topk_weight + t * k, k, d);
     return MOE_EP_OK;
 }
 
