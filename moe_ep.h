@@ -1251,30 +1251,36 @@ MOE_EP_PRIVATE void moe_ep__tile_out(const moe_ep__gemm_args* g, int rows, int k
     }
 }
 
-/* Panels [p0, p1) of one product, on one thread. scratch: MC x NCP*NR floats. */
-MOE_EP_PRIVATE void moe_ep__gemm_part(const moe_ep__gemm_args* g, int64_t p0, int64_t p1, float* scratch) {
-    const int64_t ld = MOE_EP__NCP * MOE_EP__NR, K = g->k;
+/* A product is cut into work items: a block of NCP column panels x a block of MC rows,
+   column blocks outermost so that threads taking consecutive items share the weights. */
+MOE_EP_PRIVATE int64_t moe_ep__row_blocks(int64_t m) { return (m + MOE_EP__MC - 1) / MOE_EP__MC; }
+
+MOE_EP_PRIVATE int64_t moe_ep__gemm_items(const moe_ep__gemm_args* g) {
+    int64_t panels = moe_ep__panel_count(g->n, moe_ep__panel_cols(g->act));
+    return (panels + MOE_EP__NCP - 1) / MOE_EP__NCP * moe_ep__row_blocks(g->m);
+}
+
+/* One work item, on the calling thread. scratch: MC x NCP*NR floats of its own. */
+MOE_EP_PRIVATE void moe_ep__gemm_item(const moe_ep__gemm_args* g, int64_t item, float* scratch) {
+    const int64_t ld = MOE_EP__NCP * MOE_EP__NR, K = g->k, row_blocks = moe_ep__row_blocks(g->m);
+    const int64_t panels = moe_ep__panel_count(g->n, moe_ep__panel_cols(g->act));
+    const int64_t jc = item / row_blocks * MOE_EP__NCP, ic = item % row_blocks * MOE_EP__MC;
+    const int64_t jn = MOE_EP__MIN((int64_t)MOE_EP__NCP, panels - jc), mn = MOE_EP__MIN((int64_t)MOE_EP__MC, g->m - ic);
     /* a single row tile keeps its sums in registers over the whole K */
     const int64_t kc_max = g->m <= MOE_EP__MR ? K : MOE_EP__KC;
-    int64_t jc, ic, pc, jr, ir;
-    for (jc = p0; jc < p1; jc += MOE_EP__NCP) {
-        int64_t jn = MOE_EP__MIN((int64_t)MOE_EP__NCP, p1 - jc);
-        for (ic = 0; ic < g->m; ic += MOE_EP__MC) {
-            int64_t mn = MOE_EP__MIN((int64_t)MOE_EP__MC, g->m - ic);
-            for (pc = 0; pc < K; pc += kc_max) {
-                int kc = (int)MOE_EP__MIN(kc_max, K - pc);
-                int last = pc + kc == K;
-                for (jr = 0; jr < jn; ++jr) {
-                    const float* b = g->panels + ((jc + jr) * K + pc) * MOE_EP__NR;
-                    for (ir = 0; ir < mn; ir += MOE_EP__MR) {
-                        int rows = (int)MOE_EP__MIN((int64_t)MOE_EP__MR, mn - ir);
-                        const float* a = g->a + (ic + ir) * g->a_kext + pc * MOE_EP__MR;
-                        float* part = scratch + ir * ld + jr * MOE_EP__NR;
-                        const float* cin = pc == 0 ? NULL : part;
-                        if (last) moe_ep__tile_out(g, rows, kc, a, b, cin, ld, ic + ir, jc + jr);
-                        else moe_ep__micro(rows, kc, a, b, cin, ld, part, ld, 0);
-                    }
-                }
+    int64_t pc, jr, ir;
+    for (pc = 0; pc < K; pc += kc_max) {
+        int kc = (int)MOE_EP__MIN(kc_max, K - pc);
+        int last = pc + kc == K;
+        for (jr = 0; jr < jn; ++jr) {
+            const float* b = g->panels + ((jc + jr) * K + pc) * MOE_EP__NR;
+            for (ir = 0; ir < mn; ir += MOE_EP__MR) {
+                int rows = (int)MOE_EP__MIN((int64_t)MOE_EP__MR, mn - ir);
+                const float* a = g->a + (ic + ir) * g->a_kext + pc * MOE_EP__MR;
+                float* part = scratch + ir * ld + jr * MOE_EP__NR;
+                const float* cin = pc == 0 ? NULL : part;
+                if (last) moe_ep__tile_out(g, rows, kc, a, b, cin, ld, ic + ir, jc + jr);
+                else moe_ep__micro(rows, kc, a, b, cin, ld, part, ld, 0);
             }
         }
     }
@@ -1282,11 +1288,6 @@ MOE_EP_PRIVATE void moe_ep__gemm_part(const moe_ep__gemm_args* g, int64_t p0, in
 
 MOE_EP_PRIVATE int64_t moe_ep__scratch_floats(void) { return (int64_t)MOE_EP__MC * MOE_EP__NCP * MOE_EP__NR; }
 
-/* This thread's even share of the panels of g. */
-MOE_EP_PRIVATE void moe_ep__gemm_share(const moe_ep__gemm_args* g, int thread, int threads, float* scratch) {
-    int64_t panels = moe_ep__panel_count(g->n, moe_ep__panel_cols(g->act));
-    moe_ep__gemm_part(g, panels * thread / threads, panels * (thread + 1) / threads, scratch);
-}
 /* Threads for a product of m x k x n: tiny ones are not worth waking a team. */
 MOE_EP_PRIVATE int moe_ep__kernel_threads(const moe_ep_context* ctx, int64_t m, int k, int n) {
     return (double)m * k * n < 65536.0 ? 1 : ctx->num_threads;
@@ -1348,21 +1349,34 @@ typedef struct moe_ep__ffn_args {
     float* scratch;
 } moe_ep__ffn_args;
 
-MOE_EP_PRIVATE void moe_ep__ffn_stage(const moe_ep__ffn_args* f, int stage, int thread, int threads) {
-    float* scratch = f->scratch + thread * moe_ep__scratch_floats();
-    if (stage == 0) {
-        int64_t tiles = moe_ep__row_tiles(f->up.m);
-        moe_ep__pack_rows(f->x, f->ldx, f->up.m, f->up.k, tiles * thread / threads, tiles * (thread + 1) / threads,
-                          f->x_tiles);
-    } else {
-        moe_ep__gemm_share(stage == 1 ? &f->up : &f->down, thread, threads, scratch);
+/* The three stages: pack x, the up product (with the activation), the down product.
+   In a team every thread calls this and `omp for` shares the loops out, its closing
+   barrier ordering the stages; products go by work item to whichever thread is free, so
+   a busy core does not hold the others up. Which thread computes an element never
+   changes its value. Alone (team 0) it runs the same loops on the calling thread. */
+MOE_EP_PRIVATE void moe_ep__ffn_stages(const moe_ep__ffn_args* f, float* scratch, int team) {
+    int64_t i, tiles = moe_ep__row_tiles(f->up.m), up_items = moe_ep__gemm_items(&f->up);
+    int64_t down_items = moe_ep__gemm_items(&f->down);
+    if (!team) {
+        moe_ep__pack_rows(f->x, f->ldx, f->up.m, f->up.k, 0, tiles, f->x_tiles);
+        for (i = 0; i < up_items; ++i) moe_ep__gemm_item(&f->up, i, scratch);
+        for (i = 0; i < down_items; ++i) moe_ep__gemm_item(&f->down, i, scratch);
+        return;
     }
+#ifdef _OPENMP
+#pragma omp for schedule(static)
+    for (i = 0; i < tiles; ++i) moe_ep__pack_rows(f->x, f->ldx, f->up.m, f->up.k, i, i + 1, f->x_tiles);
+#pragma omp for schedule(dynamic, 1)
+    for (i = 0; i < up_items; ++i) moe_ep__gemm_item(&f->up, i, scratch);
+#pragma omp for schedule(dynamic, 1)
+    for (i = 0; i < down_items; ++i) moe_ep__gemm_item(&f->down, i, scratch);
+#endif
 }
 
 MOE_EP_PRIVATE moe_ep_result moe_ep__ffn(moe_ep_context* ctx, int local_expert, const float* rows, int64_t m,
                                          float* out) {
     const moe_ep_desc* d = &ctx->desc;
-    int threads = moe_ep__kernel_threads(ctx, m, d->d_model, d->d_ff), stage;
+    int threads = moe_ep__kernel_threads(ctx, m, d->d_model, d->d_ff);
     int64_t ldh = moe_ep__hidden_stride(d), tiled = moe_ep__row_tiles(m) * MOE_EP__MR;
     moe_ep__ffn_args f;
     f.x_tiles = moe_ep__workspace(ctx, &ctx->kernel_rows, &ctx->kernel_rows_capacity, tiled * d->d_model);
@@ -1382,20 +1396,12 @@ MOE_EP_PRIVATE moe_ep_result moe_ep__ffn(moe_ep_context* ctx, int local_expert, 
     f.down.c = out; f.down.ldc = d->d_model; f.down.c_kext = 0;
 #ifdef _OPENMP
     if (threads > 1) {
-#pragma omp parallel num_threads(threads) private(stage)
-        {
-            int t = omp_get_thread_num(), nt = omp_get_num_threads();
-            for (stage = 0; stage < 3; ++stage) {
-                if (stage > 0) {
-#pragma omp barrier
-                }
-                moe_ep__ffn_stage(&f, stage, t, nt);
-            }
-        }
+#pragma omp parallel num_threads(threads)
+        moe_ep__ffn_stages(&f, f.scratch + omp_get_thread_num() * moe_ep__scratch_floats(), 1);
         return MOE_EP_OK;
     }
 #endif
-    for (stage = 0; stage < 3; ++stage) moe_ep__ffn_stage(&f, stage, 0, 1);
+    moe_ep__ffn_stages(&f, f.scratch, 0);
     (void)threads;
     return MOE_EP_OK;
 }

@@ -221,19 +221,22 @@ typedef struct ours_gemm {
 } ours_gemm;
 
 static void ours_gemm_run(ours_gemm* o, int threads) {
+    int64_t tiles = moe_ep__row_tiles(o->g.m), items = moe_ep__gemm_items(&o->g);
 #ifdef _OPENMP
 #pragma omp parallel num_threads(threads)
     {
-        int t = omp_get_thread_num(), nt = omp_get_num_threads();
-        int64_t tiles = moe_ep__row_tiles(o->g.m);
-        moe_ep__pack_rows(o->x, o->g.k, o->g.m, o->g.k, tiles * t / nt, tiles * (t + 1) / nt, (float*)o->g.a);
-#pragma omp barrier
-        moe_ep__gemm_share(&o->g, t, nt, o->scratch + t * moe_ep__scratch_floats());
+        float* scratch = o->scratch + omp_get_thread_num() * moe_ep__scratch_floats();
+        int64_t i;
+#pragma omp for schedule(static)
+        for (i = 0; i < tiles; ++i) moe_ep__pack_rows(o->x, o->g.k, o->g.m, o->g.k, i, i + 1, (float*)o->g.a);
+#pragma omp for schedule(dynamic, 1)
+        for (i = 0; i < items; ++i) moe_ep__gemm_item(&o->g, i, scratch);
     }
 #else
+    int64_t i;
     (void)threads;
-    moe_ep__pack_rows(o->x, o->g.k, o->g.m, o->g.k, 0, moe_ep__row_tiles(o->g.m), (float*)o->g.a);
-    moe_ep__gemm_share(&o->g, 0, 1, o->scratch);
+    moe_ep__pack_rows(o->x, o->g.k, o->g.m, o->g.k, 0, tiles, (float*)o->g.a);
+    for (i = 0; i < items; ++i) moe_ep__gemm_item(&o->g, i, o->scratch);
 #endif
 }
 
