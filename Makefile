@@ -142,7 +142,71 @@ bench-cpu: bench-deps
 	$(MAKE) --no-print-directory $(BUILD)/cpu_bench
 	./$(BUILD)/cpu_bench $(BENCH_ARGS)
 
+# >>nccl: the NCCL transport and the GPU layer (nvcc, NCCL, cuBLAS). check-nccl builds them when
+# nvcc is there and runs the GPU tests, which say "no GPU, skipped" without a GPU. test-gpu
+# requires GPUs; bench-gpu runs the PyTorch anchors and bench_nccl in one job (bench/RESULTS.md).
+NVCC         ?= /usr/local/cuda/bin/nvcc
+CUDA_HOME    ?= /usr/local/cuda
+CUDA_ARCH    ?= -arch=sm_90
+MPICC_NCCL   ?= mpicc
+MPIRUN_NCCL  ?= mpirun
+NCCL_CFLAGS   = -isystem $(CUDA_HOME)/include
+NCCL_LIBS     = -L$(CUDA_HOME)/lib64 -lnccl -lcublas -lcudart -lstdc++ -pthread -lm
+NCCL_HEADERS  = $(HEADERS) transports/moe_ep_nccl.h transports/moe_ep_nccl_kernels.cuh
+ANCHOR_DIR   ?= ../shared/anchors/gpu
+NGPU         ?= $(shell n=$$(nvidia-smi -L 2>/dev/null | wc -l); [ "$$n" -gt 0 ] && echo $$n || echo 2)
+
+.PHONY: check-nccl test-gpu bench-gpu
+test-gpu bench-gpu: export NCCL_NVLS_ENABLE = 0
+
+$(BUILD)/nccl_kernels.o: tests/gpu/nccl_kernels.cu transports/moe_ep_nccl_kernels.cuh | $(BUILD)
+	$(NVCC) $(CUDA_ARCH) -O2 -c $< -o $@
+
+$(BUILD)/test_nccl: tests/gpu/test_nccl.c $(BUILD)/nccl_kernels.o $(NCCL_HEADERS) | $(BUILD)
+	$(CC) $(MOE_EP_CFLAGS) $(OPT) $(NCCL_CFLAGS) $(CFLAGS) $< $(BUILD)/nccl_kernels.o -o $@ $(NCCL_LIBS) $(LDFLAGS)
+
+$(BUILD)/bench_fill.o: bench/bench_fill.cu transports/moe_ep_nccl_kernels.cuh | $(BUILD)
+	$(NVCC) $(CUDA_ARCH) -O2 -c $< -o $@
+
+$(BUILD)/bench_nccl: bench/bench_nccl.c $(BUILD)/bench_fill.o $(NCCL_HEADERS) | $(BUILD)
+	$(CC) $(MOE_EP_CFLAGS) $(OPT) $(NCCL_CFLAGS) $(CFLAGS) $< $(BUILD)/bench_fill.o -o $@ $(NCCL_LIBS) $(LDFLAGS)
+
+$(BUILD)/nccl_mpi_demo: examples/nccl_mpi_demo.c $(BUILD)/nccl_kernels.o $(NCCL_HEADERS) | $(BUILD)
+	$(MPICC_NCCL) $(MOE_EP_CFLAGS) $(OPT) $(NCCL_CFLAGS) $(CFLAGS) $< $(BUILD)/nccl_kernels.o -o $@ $(NCCL_LIBS) $(LDFLAGS)
+
+# Also: the headers under clang, transport-only, and as one nvcc (C++) file with the kernels inside.
+check-nccl: | $(BUILD)
+	@if [ ! -x "$(NVCC)" ]; then echo "check-nccl: $(NVCC) not found, NCCL/CUDA build skipped"; exit 0; fi; \
+	printf '#define MOE_EP_IMPLEMENTATION\n#include "../transports/moe_ep_nccl.h"\n' > $(BUILD)/hdr_nccl.cu; \
+	printf '#define MOE_EP_IMPLEMENTATION\n#define MOE_EP_NCCL_NO_LAYER\n#include "../transports/moe_ep_nccl.h"\n' \
+	  > $(BUILD)/hdr_nccl_transport.c; \
+	set -ex; \
+	$(MAKE) --no-print-directory $(BUILD)/test_nccl $(BUILD)/bench_nccl; \
+	$(CLANG) $(MOE_EP_CFLAGS) $(NCCL_CFLAGS) -c tests/gpu/test_nccl.c -o $(BUILD)/test_nccl_clang.o; \
+	$(CC) $(MOE_EP_CFLAGS) $(NCCL_CFLAGS) -c $(BUILD)/hdr_nccl_transport.c -o $(BUILD)/hdr_nccl_transport.o; \
+	$(NVCC) $(CUDA_ARCH) -O2 -Xcompiler -Wall,-Wextra,-Werror -c $(BUILD)/hdr_nccl.cu -o $(BUILD)/hdr_nccl.o; \
+	if command -v $(MPICC_NCCL) >/dev/null 2>&1; then $(MAKE) --no-print-directory $(BUILD)/nccl_mpi_demo; fi; \
+	./$(BUILD)/test_nccl
+
+# On a machine with GPUs: every GPU test, and the MPI demo (one process per GPU) in fp32 and bf16.
+test-gpu: $(BUILD)/test_nccl
+	./$(BUILD)/test_nccl --require-gpu
+	@if command -v $(MPICC_NCCL) >/dev/null 2>&1 && command -v $(MPIRUN_NCCL) >/dev/null 2>&1; then set -ex; \
+	  $(MAKE) --no-print-directory $(BUILD)/nccl_mpi_demo; \
+	  $(MPIRUN_NCCL) -np $(NGPU) ./$(BUILD)/nccl_mpi_demo; \
+	  $(MPIRUN_NCCL) -np $(NGPU) ./$(BUILD)/nccl_mpi_demo --bf16; \
+	else echo "test-gpu: no $(MPICC_NCCL)/$(MPIRUN_NCCL), MPI demo skipped"; fi
+
+# The anchors (ANCHOR_DIR: shared/anchors/gpu) and ours on the same GPUs; the PyTorch layer before and after ours.
+bench-gpu: $(BUILD)/bench_nccl
+	@mkdir -p bench/out
+	python3 -m torch.distributed.run --nproc_per_node=$(NGPU) $(ANCHOR_DIR)/nccl_a2a.py 2>&1 | tee bench/out/nccl_a2a.log
+	python3 -m torch.distributed.run --nproc_per_node=$(NGPU) $(ANCHOR_DIR)/torch_ep_moe.py 2>&1 | tee bench/out/torch_ep_moe.log
+	./$(BUILD)/bench_nccl --gpus $(NGPU) --torch-log bench/out/torch_ep_moe.log | tee bench/out/bench_nccl.log
+	python3 -m torch.distributed.run --nproc_per_node=$(NGPU) $(ANCHOR_DIR)/torch_ep_moe.py 2>&1 | tee bench/out/torch_ep_moe_after.log
+
 TEST_TARGETS = check-headers check-core check-demos check-layout
+TEST_TARGETS += check-nccl
 TEST_TARGETS += check-kernels
 test: deps
 	$(MAKE) --no-print-directory $(TEST_TARGETS)

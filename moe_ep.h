@@ -1957,7 +1957,9 @@ MOE_EP_PRIVATE moe_ep_result moe_ep__plan_local(moe_ep_context* ctx, moe_ep_plan
         }
     plan->send_rows = row;
     plan->permutation = (int64_t*)moe_ep__calloc(a, row, sizeof(int64_t));
-    plan->send_buffer = (float*)moe_ep__calloc(a, row * ctx->desc.d_model, sizeof(float));
+    /* not zeroed: every row is written before it is read, and a device path never touches it */
+    plan->send_buffer = row * ctx->desc.d_model <= (int64_t)(SIZE_MAX / sizeof(float) / 2)
+                        ? (float*)moe_ep__malloc(a, sizeof(float) * (size_t)(row * ctx->desc.d_model)) : NULL;
     cursor = (int64_t*)moe_ep__calloc(a, (int64_t)R * S, sizeof(int64_t));
     if (!plan->permutation || !plan->send_buffer || !cursor) {
         moe_ep__free(a, cursor);

@@ -1,0 +1,225 @@
+/* nccl_mpi_demo -- one process per GPU: the NCCL id is shared over MPI, the layer runs on
+   the GPUs, and rank 0 checks the result against the core's CPU layer.
+
+       mpirun -np 2 ./nccl_mpi_demo [--tokens N] [--bf16]
+
+   Every rank picks the GPU of its local rank (MPI_Comm_split_type), rank 0 makes the NCCL
+   unique id and broadcasts it, every rank joins the communicator, wraps it in the moe_ep
+   NCCL transport and builds the GPU layer with its own experts. Weights come from fixed
+   seeds, so any rank can rebuild any expert; rank 0 gathers every rank's tokens, routing
+   and output, and runs the same tokens with the same routing through the CPU layer on
+   one rank. Exit status 0 when the relative error is within the dtype's tolerance
+   (fp32 1e-5, bf16 1e-2). */
+#define MOE_EP_IMPLEMENTATION
+#include "../transports/moe_ep_nccl.h"
+
+#include <mpi.h>
+#include <stdio.h>
+#include <stdlib.h>
+#include <string.h>
+#include <math.h>
+
+enum { D_MODEL = 256, D_FF = 384, EXPERTS = 16, TOP_K = 2 };
+
+static float value(unsigned long long seed, size_t i, float scale, int bf16) {
+    unsigned long long z = seed + (i + 1) * 0x9E3779B97F4A7C15ull;
+    float v;
+    z = (z ^ (z >> 30)) * 0xBF58476D1CE4E5B9ull;
+    z = (z ^ (z >> 27)) * 0x94D049BB133111EBull;
+    z ^= z >> 31;
+    v = scale * ((float)(z >> 40) / 8388608.0f - 1.0f);
+    if (bf16) {   /* round to a bf16 value, so both paths see the same numbers */
+        uint32_t u;
+        memcpy(&u, &v, 4);
+        u = (u + 0x7FFFu + ((u >> 16) & 1u)) & 0xFFFF0000u;
+        memcpy(&v, &u, 4);
+    }
+    return v;
+}
+
+/* n values from `seed` in fp32, or (bf16) their top halves */
+static void* make(unsigned long long seed, size_t n, float scale, int bf16, float* as_float) {
+    size_t i;
+    void* out = malloc(n * (bf16 ? 2 : 4) + 4);
+    for (i = 0; i < n; ++i) {
+        float v = value(seed, i, scale, bf16);
+        if (as_float) as_float[i] = v;
+        if (bf16) {
+            uint32_t u;
+            memcpy(&u, &v, 4);
+            ((uint16_t*)out)[i] = (uint16_t)(u >> 16);
+        } else {
+            ((float*)out)[i] = v;
+        }
+    }
+    return out;
+}
+
+static float to_float(const void* p, size_t i, int bf16) {
+    if (bf16) {
+        uint32_t u = (uint32_t)((const uint16_t*)p)[i] << 16;
+        float v;
+        memcpy(&v, &u, 4);
+        return v;
+    }
+    return ((const float*)p)[i];
+}
+
+int main(int argc, char** argv) {
+    int rank, world, local_rank, devices = 0, i, bf16 = 0, T = 500, e, l, mine_count = 0;
+    MPI_Comm node;
+    ncclUniqueId id;
+    ncclComm_t comm;
+    cudaStream_t stream;
+    moe_ep_transport transport;
+    moe_ep_nccl_layer* layer = NULL;
+    moe_ep_nccl_expert_weights mine[EXPERTS];
+    void* host_weights[3 * EXPERTS];
+    size_t es, n, wsize = (size_t)D_MODEL * D_FF;
+    void *router, *xh, *yh, *x = NULL, *y = NULL;
+    int32_t* idx;
+    float* weight;
+    moe_ep_result res;
+    int ok = 1;
+    double t0, t1;
+
+    MPI_Init(&argc, &argv);
+    MPI_Comm_rank(MPI_COMM_WORLD, &rank);
+    MPI_Comm_size(MPI_COMM_WORLD, &world);
+    for (i = 1; i < argc; ++i) {
+        if (strcmp(argv[i], "--tokens") == 0 && i + 1 < argc) T = atoi(argv[++i]);
+        else if (strcmp(argv[i], "--bf16") == 0) bf16 = 1;
+    }
+    MPI_Comm_split_type(MPI_COMM_WORLD, MPI_COMM_TYPE_SHARED, rank, MPI_INFO_NULL, &node);
+    MPI_Comm_rank(node, &local_rank);
+    if (cudaGetDeviceCount(&devices) != cudaSuccess || devices == 0) {
+        if (rank == 0) printf("nccl_mpi_demo: no GPU, skipped\n");
+        MPI_Finalize();
+        return 0;
+    }
+    cudaSetDevice(local_rank % devices);
+    cudaStreamCreate(&stream);
+    if (rank == 0) ncclGetUniqueId(&id);
+    MPI_Bcast(&id, (int)sizeof id, MPI_BYTE, 0, MPI_COMM_WORLD);
+    if (ncclCommInitRank(&comm, world, id, rank) != ncclSuccess) {
+        fprintf(stderr, "rank %d: ncclCommInitRank failed\n", rank);
+        MPI_Abort(MPI_COMM_WORLD, 1);
+    }
+    moe_ep_nccl_transport_create(&(moe_ep_nccl_desc){ .comm = comm, .stream = stream, .timeout_ms = 60000 }, &transport);
+
+    /* this rank's experts under the default (contiguous) placement, from their seeds */
+    {
+        int owner[EXPERTS];
+        moe_ep_placement_compute(NULL, EXPERTS, world, owner);
+        for (e = 0, l = 0; e < EXPERTS; ++e) {
+            if (owner[e] != rank) continue;
+            host_weights[3 * l] = make(100 + 3 * (unsigned long long)e, wsize, 1.7f / 16.0f, bf16, NULL);
+            host_weights[3 * l + 1] = make(101 + 3 * (unsigned long long)e, wsize, 1.7f / 16.0f, bf16, NULL);
+            host_weights[3 * l + 2] = make(102 + 3 * (unsigned long long)e, wsize, 1.7f / sqrtf((float)D_FF), bf16, NULL);
+            mine[l].w1 = host_weights[3 * l];
+            mine[l].w3 = host_weights[3 * l + 1];
+            mine[l].w2 = host_weights[3 * l + 2];
+            ++l;
+        }
+        mine_count = l;
+    }
+    router = make(7, (size_t)EXPERTS * D_MODEL, 3.0f / 16.0f, bf16, NULL);
+    res = moe_ep_nccl_layer_create(&(moe_ep_nccl_layer_desc){
+        .base = { .d_model = D_MODEL, .d_ff = D_FF, .num_experts = EXPERTS, .top_k = TOP_K, .transport = &transport,
+                  .logger = { moe_ep_log_stderr, NULL } },
+        .dtype = bf16 ? MOE_EP_NCCL_DTYPE_BF16 : MOE_EP_NCCL_DTYPE_F32, .router_weight = router, .experts = mine }, &layer);
+    if (res != MOE_EP_OK) {
+        fprintf(stderr, "rank %d: moe_ep_nccl_layer_create: %s\n", rank, moe_ep_result_string(res));
+        MPI_Abort(MPI_COMM_WORLD, 1);
+    }
+
+    es = bf16 ? 2 : 4;
+    n = (size_t)T * D_MODEL;
+    xh = make(1000 + (unsigned long long)rank, n, 1.0f, bf16, NULL);
+    yh = malloc(n * es + 4);
+    idx = (int32_t*)malloc(sizeof(int32_t) * (size_t)T * TOP_K + 4);
+    weight = (float*)malloc(sizeof(float) * (size_t)T * TOP_K + 4);
+    cudaMalloc(&x, n * es + 16);
+    cudaMalloc(&y, n * es + 16);
+    cudaMemcpy(x, xh, n * es, cudaMemcpyHostToDevice);
+    MPI_Barrier(MPI_COMM_WORLD);
+    t0 = MPI_Wtime();
+    res = moe_ep_nccl_forward(layer, &(moe_ep_nccl_forward_args){ .tokens = T, .x = x, .y = y, .topk_idx = idx,
+                                                                    .topk_weight = weight });
+    cudaStreamSynchronize(stream);
+    t1 = MPI_Wtime();
+    if (res != MOE_EP_OK) {
+        fprintf(stderr, "rank %d: forward: %s\n", rank, moe_ep_nccl_last_error(layer));
+        ok = 0;
+    }
+    cudaMemcpy(yh, y, n * es, cudaMemcpyDeviceToHost);
+
+    /* rank 0: the CPU layer on one rank over everyone's tokens and routing */
+    {
+        float *all_y = NULL, *ref = NULL, *all_x = NULL, *yf = (float*)malloc(sizeof(float) * n);
+        int32_t* all_idx = NULL;
+        float* all_w = NULL;
+        for (i = 0; i < (int)n; ++i) yf[i] = to_float(yh, (size_t)i, bf16);
+        if (rank == 0) {
+            all_y = (float*)malloc(sizeof(float) * n * (size_t)world);
+            ref = (float*)malloc(sizeof(float) * n * (size_t)world);
+            all_x = (float*)malloc(sizeof(float) * n * (size_t)world);
+            all_idx = (int32_t*)malloc(sizeof(int32_t) * (size_t)T * TOP_K * (size_t)world);
+            all_w = (float*)malloc(sizeof(float) * (size_t)T * TOP_K * (size_t)world);
+        }
+        MPI_Gather(yf, (int)n, MPI_FLOAT, all_y, (int)n, MPI_FLOAT, 0, MPI_COMM_WORLD);
+        MPI_Gather(idx, T * TOP_K, MPI_INT32_T, all_idx, T * TOP_K, MPI_INT32_T, 0, MPI_COMM_WORLD);
+        MPI_Gather(weight, T * TOP_K, MPI_FLOAT, all_w, T * TOP_K, MPI_FLOAT, 0, MPI_COMM_WORLD);
+        if (rank == 0) {
+            moe_ep_expert_weights experts[EXPERTS];
+            float* full[3 * EXPERTS];
+            float* router_f = (float*)malloc(sizeof(float) * EXPERTS * D_MODEL);
+            moe_ep_context* ctx = NULL;
+            double num = 0.0, den = 0.0, err;
+            int r;
+            for (r = 0; r < world; ++r) free(make(1000 + (unsigned long long)r, n, 1.0f, bf16, all_x + (size_t)r * n));
+            free(make(7, (size_t)EXPERTS * D_MODEL, 3.0f / 16.0f, bf16, router_f));
+            for (e = 0; e < EXPERTS; ++e) {
+                for (i = 0; i < 3; ++i) full[3 * e + i] = (float*)malloc(sizeof(float) * wsize);
+                free(make(100 + 3 * (unsigned long long)e, wsize, 1.7f / 16.0f, bf16, full[3 * e]));
+                free(make(101 + 3 * (unsigned long long)e, wsize, 1.7f / 16.0f, bf16, full[3 * e + 1]));
+                free(make(102 + 3 * (unsigned long long)e, wsize, 1.7f / sqrtf((float)D_FF), bf16, full[3 * e + 2]));
+                experts[e].w1 = full[3 * e];
+                experts[e].w3 = full[3 * e + 1];
+                experts[e].w2 = full[3 * e + 2];
+            }
+            res = moe_ep_create(&(moe_ep_desc){ .d_model = D_MODEL, .d_ff = D_FF, .num_experts = EXPERTS, .top_k = TOP_K,
+                                                .router_weight = router_f, .experts = experts }, &ctx);
+            if (res == MOE_EP_OK)
+                res = moe_ep_forward(ctx, &(moe_ep_forward_args){ .tokens = (int64_t)T * world, .x = all_x, .y = ref,
+                                                                  .routing_in = true, .topk_idx = all_idx, .topk_weight = all_w });
+            for (i = 0; i < (int)n * world; ++i) {
+                double diff = (double)all_y[i] - (double)ref[i];
+                num += diff * diff;
+                den += (double)ref[i] * (double)ref[i];
+            }
+            err = all_y[0] == all_y[0] ? sqrt(num / den) : INFINITY;
+            ok = ok && res == MOE_EP_OK && err <= (bf16 ? 1e-2 : 1e-5);
+            printf("nccl_mpi_demo: %d ranks, %d tokens each, %s, E=%d top-%d d=%d ff=%d: first layer call %.2f ms, "
+                   "relative error vs the CPU layer %.2e: %s\n", world, T, bf16 ? "bf16" : "fp32", EXPERTS, TOP_K, D_MODEL,
+                   D_FF, (t1 - t0) * 1e3, err, ok ? "ok" : "FAILED");
+            moe_ep_destroy(ctx);
+            for (i = 0; i < 3 * EXPERTS; ++i) free(full[i]);
+            free(router_f);
+        }
+        free(yf); free(all_y); free(ref); free(all_x); free(all_idx); free(all_w);
+    }
+    MPI_Bcast(&ok, 1, MPI_INT, 0, MPI_COMM_WORLD);
+
+    moe_ep_nccl_layer_destroy(layer);
+    moe_ep_nccl_transport_destroy(&transport);
+    ncclCommDestroy(comm);
+    cudaStreamDestroy(stream);
+    for (i = 0; i < 3 * mine_count; ++i) free(host_weights[i]);
+    cudaFree(x);
+    cudaFree(y);
+    free(xh); free(yh); free(idx); free(weight); free(router);
+    MPI_Comm_free(&node);
+    MPI_Finalize();
+    return ok ? 0 : 1;
+}

@@ -1,0 +1,814 @@
+/* test_nccl -- the NCCL transport and the GPU layer of moe_ep, on every GPU of this machine.
+
+   One process, one thread per GPU (ncclCommInitAll). Every case runs with world size 1
+   and with all GPUs. Without a GPU (or a driver) it prints "no GPU, skipped" and exits 0
+   (with --require-gpu: exits 1). --max-gpus N limits the world size.
+
+   Checks, each on fresh seeded random data, outputs poisoned with NaN first:
+   - exchange_counts and the segmented all_to_all_v (device and host memory, blocking and
+     split-phase): every row lands where the contract says, nothing else is written;
+   - the core's CPU layer over the NCCL transport equals the single-rank CPU layer bitwise;
+   - the GPU layer against the core's CPU layer (moe_ep_forward on one rank, same weights,
+     tokens and routing, fp32): relative error ||y - ref|| / ||ref|| <= 1e-5 for fp32 and
+     <= 1e-2 for bf16, per rank, on odd shapes (0 tokens, empty experts, k = E, sizes that
+     are multiples of nothing, capacity drops, both a2a layouts, reserved buffers);
+   - the GPU router picks a valid top-k (up to 1e-5 in probability) with the CPU's weights;
+   - the staged calls (split-phase) give the forward's output bitwise; two forwards agree;
+   - an expert callback that fails on one rank, or a bad desc / too many tokens on one rank,
+     fails the call on every rank, and the layer works again afterwards.
+   Exit status: the number of failed checks (0 = all passed). */
+#define MOE_EP_IMPLEMENTATION
+#include "../../transports/moe_ep_nccl.h"
+
+#include <pthread.h>
+#include <stdio.h>
+#include <stdlib.h>
+#include <string.h>
+#include <math.h>
+#include <stdarg.h>
+
+#define MAX_GPUS 8
+
+/* >>helpers */
+static unsigned long long next_u64(unsigned long long* s) {
+    unsigned long long z = (*s += 0x9E3779B97F4A7C15ull);
+    z = (z ^ (z >> 30)) * 0xBF58476D1CE4E5B9ull;
+    z = (z ^ (z >> 27)) * 0x94D049BB133111EBull;
+    return z ^ (z >> 31);
+}
+
+static float uniform(unsigned long long* s) { return (float)(next_u64(s) >> 40) / 8388608.0f - 1.0f; }
+
+static uint16_t to_bf16(float f) {
+    uint32_t u;
+    memcpy(&u, &f, 4);
+    u += 0x7FFFu + ((u >> 16) & 1u);
+    return (uint16_t)(u >> 16);
+}
+
+static float from_bf16(uint16_t h) {
+    uint32_t u = (uint32_t)h << 16;
+    float f;
+    memcpy(&f, &u, 4);
+    return f;
+}
+
+static void fill(float* v, size_t n, float scale, int round_bf16, unsigned long long* s) {
+    size_t i;
+    for (i = 0; i < n; ++i) {
+        v[i] = scale * uniform(s);
+        if (round_bf16) v[i] = from_bf16(to_bf16(v[i]));
+    }
+}
+
+/* a host copy in the GPU dtype */
+static void* to_dtype(const float* v, size_t n, int bf16) {
+    size_t i;
+    if (!bf16) {
+        float* out = (float*)malloc(n * 4 + 4);
+        memcpy(out, v, n * 4);
+        return out;
+    } else {
+        uint16_t* out = (uint16_t*)malloc(n * 2 + 2);
+        for (i = 0; i < n; ++i) out[i] = to_bf16(v[i]);
+        return out;
+    }
+}
+
+static void from_dtype(const void* v, size_t n, int bf16, float* out) {
+    size_t i;
+    if (!bf16) memcpy(out, v, n * 4);
+    else for (i = 0; i < n; ++i) out[i] = from_bf16(((const uint16_t*)v)[i]);
+}
+
+/* >>world: one thread per rank */
+typedef struct rank_env {
+    int rank, world, device;
+    ncclComm_t comm;
+    cudaStream_t stream;
+    moe_ep_transport transport;
+    int failed;
+    moe_ep_result result;           /* for agreement tests */
+    char message[512];
+    void* shared;                   /* the case */
+} rank_env;
+
+typedef void (*rank_fn)(rank_env* env);
+
+typedef struct world {
+    int size;
+    int devices[MAX_GPUS];
+    ncclComm_t comms[MAX_GPUS];
+    rank_env env[MAX_GPUS];
+} world;
+
+static int g_failures = 0, g_checks = 0;
+
+static void fail(rank_env* env, const char* fmt, ...) {
+    va_list ap;
+    if (env->failed) return;    /* keep the first cause */
+    env->failed = 1;
+    va_start(ap, fmt);
+    vsnprintf(env->message, sizeof env->message, fmt, ap);
+    va_end(ap);
+}
+
+#define CHECK_CUDA(env, call) do { cudaError_t e_ = (call); \
+    if (e_ != cudaSuccess) { fail(env, "%s:%d %s: %s", __FILE__, __LINE__, #call, cudaGetErrorString(e_)); return; } } while (0)
+
+static void* rank_main(void* arg) {
+    rank_env* env = (rank_env*)arg;
+    rank_fn fn = *(rank_fn*)env->shared;
+    if (cudaSetDevice(env->device) != cudaSuccess) { fail(env, "cudaSetDevice"); return NULL; }
+    if (cudaStreamCreate(&env->stream) != cudaSuccess) { fail(env, "cudaStreamCreate"); return NULL; }
+    if (moe_ep_nccl_transport_create(&(moe_ep_nccl_desc){ .comm = env->comm, .stream = env->stream, .timeout_ms = 120000 },
+                                     &env->transport) != MOE_EP_OK) {
+        fail(env, "moe_ep_nccl_transport_create failed");
+    } else {
+        fn(env);
+        moe_ep_nccl_transport_destroy(&env->transport);
+    }
+    cudaStreamSynchronize(env->stream);
+    cudaStreamDestroy(env->stream);
+    return NULL;
+}
+
+/* The case struct must begin with its rank_fn. */
+static void run_case(world* w, const char* name, void* the_case) {
+    pthread_t threads[MAX_GPUS];
+    int r, failed = 0;
+    for (r = 0; r < w->size; ++r) {
+        rank_env* env = &w->env[r];
+        memset(env, 0, sizeof *env);
+        env->rank = r;
+        env->world = w->size;
+        env->device = w->devices[r];
+        env->comm = w->comms[r];
+        env->shared = the_case;
+        env->result = MOE_EP_OK;
+    }
+    for (r = 0; r < w->size; ++r) pthread_create(&threads[r], NULL, rank_main, &w->env[r]);
+    for (r = 0; r < w->size; ++r) pthread_join(threads[r], NULL);
+    for (r = 0; r < w->size; ++r)
+        if (w->env[r].failed) {
+            printf("FAIL  world=%d %-44s rank %d: %s\n", w->size, name, r, w->env[r].message);
+            failed = 1;
+        }
+    g_checks++;
+    if (failed) g_failures++;
+    else printf("ok    world=%d %s%s%s\n", w->size, name, w->env[0].message[0] ? "  " : "", w->env[0].message);
+    fflush(stdout);
+}
+
+/* >>transport tests */
+typedef struct a2a_case {
+    rank_fn fn;
+    int segments, row_bytes, host, split;
+    unsigned long long seed;
+} a2a_case;
+
+static int64_t seg_rows(unsigned long long seed, int src, int dst, int seg) {
+    unsigned long long s = seed ^ ((unsigned long long)src << 40) ^ ((unsigned long long)dst << 20) ^ (unsigned long long)seg;
+    return (int64_t)(next_u64(&s) % 7);  /* 0..6 rows, zeros included */
+}
+
+static unsigned char cell(int src, int dst, int seg, int64_t row, int byte) {
+    return (unsigned char)(src * 131 + dst * 31 + seg * 17 + row * 7 + byte * 3 + 1);
+}
+
+static void test_counts(rank_env* env) {
+    int R = env->world, q, i, count = 5;
+    int64_t* send = (int64_t*)calloc((size_t)(R * count) + 1, sizeof(int64_t));
+    int64_t* recv = (int64_t*)calloc((size_t)(R * count) + 1, sizeof(int64_t));
+    char err[256] = "";
+    if (!send || !recv) { fail(env, "out of memory"); free(send); free(recv); return; }
+    for (q = 0; q < R; ++q)
+        for (i = 0; i < count; ++i) send[q * count + i] = (int64_t)env->rank * 1000003 + q * 1009 + i - 77;
+    for (i = 0; i < R * count; ++i) recv[i] = -123456789;
+    if (env->transport.exchange_counts(env->transport.impl, send, recv, count, err, sizeof err) != MOE_EP_OK)
+        fail(env, "exchange_counts: %s", err);
+    for (q = 0; q < R && !env->failed; ++q)
+        for (i = 0; i < count; ++i)
+            if (recv[q * count + i] != (int64_t)q * 1000003 + env->rank * 1009 + i - 77) {
+                fail(env, "exchange_counts: value %d from rank %d is %lld", i, q, (long long)recv[q * count + i]);
+                break;
+            }
+    if (!env->failed && env->transport.barrier(env->transport.impl, err, sizeof err) != MOE_EP_OK) fail(env, "barrier: %s", err);
+    free(send);
+    free(recv);
+}
+
+static void test_a2a(rank_env* env) {
+    a2a_case* c = (a2a_case*)env->shared;
+    int R = env->world, S = c->segments, me = env->rank, p, s, b;
+    size_t rb = (size_t)c->row_bytes;
+    int64_t* sc = (int64_t*)calloc((size_t)(R * S), 8);
+    int64_t* so = (int64_t*)calloc((size_t)(R * S), 8);
+    int64_t* rc = (int64_t*)calloc((size_t)(R * S), 8);
+    int64_t* ro = (int64_t*)calloc((size_t)(R * S), 8);
+    int64_t send_rows = 0, recv_rows = 0, r;
+    unsigned char *send, *recv, *expect;
+    void *dsend = NULL, *drecv = NULL;
+    moe_ep_a2a_args args;
+    char err[256] = "";
+    moe_ep_result res;
+    /* send rows in (peer, segment) order with a gap of one row between blocks; receive
+       rows in (segment, peer) order, also with gaps that must stay untouched */
+    for (p = 0; p < R; ++p)
+        for (s = 0; s < S; ++s) {
+            sc[p * S + s] = seg_rows(c->seed, me, p, s);
+            so[p * S + s] = send_rows;
+            send_rows += sc[p * S + s] + 1;
+        }
+    for (s = 0; s < S; ++s)
+        for (p = 0; p < R; ++p) {
+            rc[p * S + s] = seg_rows(c->seed, p, me, s);
+            ro[p * S + s] = recv_rows;
+            recv_rows += rc[p * S + s] + 1;
+        }
+    send = (unsigned char*)malloc((size_t)send_rows * rb + 1);
+    recv = (unsigned char*)malloc((size_t)recv_rows * rb + 1);
+    expect = (unsigned char*)malloc((size_t)recv_rows * rb + 1);
+    memset(send, 0xEE, (size_t)send_rows * rb);
+    memset(recv, 0xA5, (size_t)recv_rows * rb);
+    memset(expect, 0xA5, (size_t)recv_rows * rb);
+    for (p = 0; p < R; ++p)
+        for (s = 0; s < S; ++s)
+            for (r = 0; r < sc[p * S + s]; ++r)
+                for (b = 0; b < (int)rb; ++b) send[(size_t)(so[p * S + s] + r) * rb + (size_t)b] = cell(me, p, s, r, b);
+    for (p = 0; p < R; ++p)
+        for (s = 0; s < S; ++s)
+            for (r = 0; r < rc[p * S + s]; ++r)
+                for (b = 0; b < (int)rb; ++b) expect[(size_t)(ro[p * S + s] + r) * rb + (size_t)b] = cell(p, me, s, r, b);
+    memset(&args, 0, sizeof args);
+    args.row_bytes = rb;
+    args.segments = S;
+    args.send_counts = sc;
+    args.send_offsets = so;
+    args.recv_counts = rc;
+    args.recv_offsets = ro;
+    if (c->host) {
+        args.send = send;
+        args.recv = recv;
+        args.memory_space = MOE_EP_MEMORY_HOST;
+    } else {
+        CHECK_CUDA(env, cudaMalloc(&dsend, (size_t)send_rows * rb + 1));
+        CHECK_CUDA(env, cudaMalloc(&drecv, (size_t)recv_rows * rb + 1));
+        CHECK_CUDA(env, cudaMemcpy(dsend, send, (size_t)send_rows * rb, cudaMemcpyHostToDevice));
+        CHECK_CUDA(env, cudaMemcpy(drecv, recv, (size_t)recv_rows * rb, cudaMemcpyHostToDevice));
+        args.send = dsend;
+        args.recv = drecv;
+        args.memory_space = MOE_EP_MEMORY_DEVICE;
+        args.stream = env->stream;
+    }
+    if (c->split) {
+        void* request = NULL;
+        res = env->transport.all_to_all_v_begin(env->transport.impl, &args, &request, err, sizeof err);
+        if (res == MOE_EP_OK) res = env->transport.all_to_all_v_end(env->transport.impl, request, err, sizeof err);
+    } else {
+        res = env->transport.all_to_all_v(env->transport.impl, &args, err, sizeof err);
+    }
+    if (res != MOE_EP_OK) fail(env, "all_to_all_v: %s: %s", moe_ep_result_string(res), err);
+    if (!c->host) {
+        CHECK_CUDA(env, cudaStreamSynchronize(env->stream));
+        CHECK_CUDA(env, cudaMemcpy(recv, drecv, (size_t)recv_rows * rb, cudaMemcpyDeviceToHost));
+        cudaFree(dsend);
+        cudaFree(drecv);
+    }
+    if (!env->failed && memcmp(recv, expect, (size_t)recv_rows * rb) != 0) {
+        size_t i = 0;
+        while (recv[i] == expect[i]) ++i;
+        fail(env, "received rows differ at byte %zu (row %zu)", i, i / rb);
+    }
+    free(send); free(recv); free(expect); free(sc); free(so); free(rc); free(ro);
+}
+
+/* >>model: weights and tokens shared by all ranks (host, fp32, bf16-rounded for bf16) */
+typedef struct layer_case {
+    rank_fn fn;
+    const char* name;
+    int bf16, E, k, d, ff, normalize, max_tokens, gpu_router, staged, weights_on_device, expert_streams;
+    moe_ep_nccl_expert_gemm expert_gemm;
+    int tokens[4];                  /* per rank, cycled */
+    float capacity;
+    moe_ep_activation activation;
+    moe_ep_placement_kind placement;
+    moe_ep_nccl_a2a_layout layout;
+    unsigned long long seed;
+    /* filled by the runner */
+    float* router;                  /* [E, d] */
+    float** w1; float** w3; float** w2;
+    float* x[MAX_GPUS];
+    int never_chosen;               /* hand-in routing avoids the upper half of the experts */
+} layer_case;
+
+static void model_make(layer_case* c, int world) {
+    unsigned long long s = c->seed;
+    int e, r;
+    size_t dd = (size_t)c->d, ff = (size_t)c->ff;
+    c->router = (float*)malloc(sizeof(float) * (size_t)c->E * dd);
+    fill(c->router, (size_t)c->E * dd, 3.0f / sqrtf((float)c->d), c->bf16, &s);
+    c->w1 = (float**)calloc((size_t)c->E, sizeof(float*));
+    c->w3 = (float**)calloc((size_t)c->E, sizeof(float*));
+    c->w2 = (float**)calloc((size_t)c->E, sizeof(float*));
+    for (e = 0; e < c->E; ++e) {
+        c->w1[e] = (float*)malloc(sizeof(float) * ff * dd);
+        c->w3[e] = (float*)malloc(sizeof(float) * ff * dd);
+        c->w2[e] = (float*)malloc(sizeof(float) * ff * dd);
+        fill(c->w1[e], ff * dd, 1.7f / sqrtf((float)c->d), c->bf16, &s);
+        fill(c->w3[e], ff * dd, 1.7f / sqrtf((float)c->d), c->bf16, &s);
+        fill(c->w2[e], ff * dd, 1.7f / sqrtf((float)c->ff), c->bf16, &s);
+    }
+    for (r = 0; r < world; ++r) {
+        size_t T = (size_t)c->tokens[r % 4];
+        c->x[r] = (float*)malloc(sizeof(float) * (T * dd + 1));
+        fill(c->x[r], T * dd, 1.0f, c->bf16, &s);
+    }
+}
+
+static void model_free(layer_case* c, int world) {
+    int e, r;
+    for (e = 0; e < c->E; ++e) { free(c->w1[e]); free(c->w3[e]); free(c->w2[e]); }
+    free(c->w1); free(c->w3); free(c->w2); free(c->router);
+    for (r = 0; r < world; ++r) free(c->x[r]);
+}
+
+/* The core's CPU layer on one rank over this rank's tokens with the given routing. */
+static moe_ep_result cpu_reference(const layer_case* c, int T, const float* x, const int32_t* idx, const float* w,
+                                   float* y, moe_ep_context** keep) {
+    moe_ep_expert_weights* all = (moe_ep_expert_weights*)calloc((size_t)c->E, sizeof *all);
+    moe_ep_context* ctx = NULL;
+    moe_ep_result res;
+    int e;
+    for (e = 0; e < c->E; ++e) { all[e].w1 = c->w1[e]; all[e].w3 = c->w3[e]; all[e].w2 = c->w2[e]; }
+    res = moe_ep_create(&(moe_ep_desc){ .d_model = c->d, .d_ff = c->ff, .num_experts = c->E, .top_k = c->k,
+                                        .activation = c->activation, .normalize_topk = c->normalize != 0,
+                                        .capacity_factor = c->capacity, .router_weight = c->router,
+                                        .experts = all, .num_threads = 1 }, &ctx);
+    if (res == MOE_EP_OK)
+        res = moe_ep_forward(ctx, &(moe_ep_forward_args){ .tokens = T, .x = x, .y = y, .routing_in = true,
+                                                          .topk_idx = (int32_t*)(uintptr_t)idx,
+                                                          .topk_weight = (float*)(uintptr_t)w });
+    free(all);
+    if (keep) *keep = ctx;
+    else moe_ep_destroy(ctx);
+    return res;
+}
+
+static double rel_error(const float* a, const float* ref, size_t n) {
+    double num = 0.0, den = 0.0;
+    size_t i;
+    for (i = 0; i < n; ++i) {
+        double diff = (double)a[i] - (double)ref[i];
+        if (a[i] != a[i]) return INFINITY;  /* NaN: an element was never written */
+        num += diff * diff;
+        den += (double)ref[i] * (double)ref[i];
+    }
+    return den > 0.0 ? sqrt(num / den) : sqrt(num);
+}
+
+/* Hand-in routing: distinct experts per token, from the lower half when never_chosen. */
+static void make_routing(const layer_case* c, int rank, int T, int32_t* idx, float* w) {
+    unsigned long long s = c->seed * 977 + (unsigned long long)rank;
+    int t, j, i, pool = c->never_chosen && c->E >= 2 * c->k ? c->E / 2 : c->E;
+    for (t = 0; t < T; ++t)
+        for (j = 0; j < c->k; ++j) {
+            int e, dup;
+            do {
+                e = (int)(next_u64(&s) % (unsigned long long)pool);
+                dup = 0;
+                for (i = 0; i < j; ++i) dup |= idx[t * c->k + i] == e;
+            } while (dup);
+            idx[t * c->k + j] = e;
+            w[t * c->k + j] = 0.05f + 0.95f * (uniform(&s) * 0.5f + 0.5f);
+        }
+}
+
+/* GPU routing is a valid top-k of the CPU probabilities, with the CPU's weights. */
+static void check_router(rank_env* env, const layer_case* c, moe_ep_context* ref, int T, const float* x,
+                         const int32_t* idx, const float* w) {
+    int32_t* cpu_idx = (int32_t*)malloc(sizeof(int32_t) * (size_t)(T * c->k + 1));
+    float* cpu_w = (float*)malloc(sizeof(float) * (size_t)(T * c->k + 1));
+    int t, j;
+    if (moe_ep_route(ref, x, T, cpu_idx, cpu_w, NULL) != MOE_EP_OK) { fail(env, "moe_ep_route failed"); goto done; }
+    for (t = 0; t < T; ++t) {
+        float kth = cpu_w[t * c->k + c->k - 1];
+        for (j = 0; j < c->k; ++j) {
+            int32_t e = idx[t * c->k + j];
+            int i, found = -1;
+            for (i = 0; i < c->k; ++i) if (cpu_idx[t * c->k + i] == e) found = i;
+            if (found >= 0) {
+                if (fabsf(w[t * c->k + j] - cpu_w[t * c->k + found]) > 1e-5f * fabsf(cpu_w[t * c->k + found]) + 1e-7f) {
+                    fail(env, "router: token %d expert %d weight %g, CPU %g", t, e, w[t * c->k + j], cpu_w[t * c->k + found]);
+                    goto done;
+                }
+            } else if (c->normalize || fabsf(w[t * c->k + j] - kth) > 1e-5f * kth) {
+                /* a different expert is fine only at a near tie with the k-th choice */
+                fail(env, "router: token %d chose expert %d (weight %g) outside the CPU's top-%d", t, e, w[t * c->k + j], c->k);
+                goto done;
+            }
+        }
+    }
+done:
+    free(cpu_idx);
+    free(cpu_w);
+}
+
+static void test_layer(rank_env* env) {
+    layer_case* c = (layer_case*)env->shared;
+    int me = env->rank, R = env->world, T = c->tokens[me % 4], e, l, L;
+    size_t es = c->bf16 ? 2 : 4, n = (size_t)T * (size_t)c->d;
+    moe_ep_nccl_layer* layer = NULL;
+    moe_ep_nccl_expert_weights* mine = NULL;
+    void **dev_weights = NULL, *router = NULL, *xh = NULL, *yh = NULL;
+    void *x = NULL, *y = NULL, *y2 = NULL;
+    float *yf = NULL, *ref = NULL, *w = NULL;
+    int32_t* idx = NULL;
+    moe_ep_context* ref_ctx = NULL;
+    int owner[64];
+    moe_ep_result res;
+    double err;
+    moe_ep_placement placement;
+    placement.kind = c->placement;
+    placement.table = NULL;
+    moe_ep_placement_compute(&placement, c->E, R, owner);
+    for (e = 0, L = 0; e < c->E; ++e) L += owner[e] == me;
+    mine = (moe_ep_nccl_expert_weights*)calloc((size_t)(L + 1), sizeof *mine);
+    dev_weights = (void**)calloc((size_t)(3 * L + 1), sizeof(void*));
+    for (e = 0, l = 0; e < c->E; ++e) {
+        size_t cnt = (size_t)c->d * (size_t)c->ff;
+        void* h1, *h3, *h2;
+        if (owner[e] != me) continue;
+        h1 = to_dtype(c->w1[e], cnt, c->bf16);
+        h3 = to_dtype(c->w3[e], cnt, c->bf16);
+        h2 = to_dtype(c->w2[e], cnt, c->bf16);
+        dev_weights[3 * l] = h1; dev_weights[3 * l + 1] = h3; dev_weights[3 * l + 2] = h2;
+        if (c->weights_on_device) {
+            int i;
+            for (i = 0; i < 3; ++i) {
+                void* d = NULL;
+                CHECK_CUDA(env, cudaMalloc(&d, cnt * es));
+                CHECK_CUDA(env, cudaMemcpy(d, dev_weights[3 * l + i], cnt * es, cudaMemcpyHostToDevice));
+                free(dev_weights[3 * l + i]);
+                dev_weights[3 * l + i] = d;
+            }
+        }
+        mine[l].w1 = dev_weights[3 * l];
+        mine[l].w3 = c->activation == MOE_EP_ACTIVATION_SWIGLU || c->activation == MOE_EP_ACTIVATION_DEFAULT
+                     ? dev_weights[3 * l + 1] : NULL;
+        mine[l].w2 = dev_weights[3 * l + 2];
+        ++l;
+    }
+    router = to_dtype(c->router, (size_t)c->E * (size_t)c->d, c->bf16);
+    res = moe_ep_nccl_layer_create(&(moe_ep_nccl_layer_desc){
+        .base = { .d_model = c->d, .d_ff = c->ff, .num_experts = c->E, .top_k = c->k, .activation = c->activation,
+                  .normalize_topk = c->normalize != 0, .capacity_factor = c->capacity,
+                  .placement = { .kind = c->placement }, .transport = &env->transport },
+        .dtype = c->bf16 ? MOE_EP_NCCL_DTYPE_BF16 : MOE_EP_NCCL_DTYPE_F32, .a2a_layout = c->layout,
+        .max_tokens = c->max_tokens, .expert_gemm = c->expert_gemm, .expert_streams = c->expert_streams,
+        .router_weight = c->gpu_router ? router : NULL, .experts = mine }, &layer);
+    if (res != MOE_EP_OK) { fail(env, "moe_ep_nccl_layer_create: %s", moe_ep_result_string(res)); goto done; }
+    xh = to_dtype(c->x[me], n, c->bf16);
+    yh = malloc(n * es + 4);
+    yf = (float*)malloc(sizeof(float) * (n + 1));
+    ref = (float*)malloc(sizeof(float) * (n + 1));
+    idx = (int32_t*)malloc(sizeof(int32_t) * (size_t)(T * c->k + 1));
+    w = (float*)malloc(sizeof(float) * (size_t)(T * c->k + 1));
+    CHECK_CUDA(env, cudaMalloc(&x, n * es + 16));
+    CHECK_CUDA(env, cudaMalloc(&y, n * es + 16));
+    CHECK_CUDA(env, cudaMalloc(&y2, n * es + 16));
+    CHECK_CUDA(env, cudaMemcpy(x, xh, n * es, cudaMemcpyHostToDevice));
+    CHECK_CUDA(env, cudaMemset(y, 0xFF, n * es + 16));   /* NaN in fp32 and bf16 */
+    CHECK_CUDA(env, cudaMemset(y2, 0xFF, n * es + 16));
+    if (!c->gpu_router) make_routing(c, me, T, idx, w);
+    res = moe_ep_nccl_forward(layer, &(moe_ep_nccl_forward_args){ .tokens = T, .x = x, .y = y,
+                                                                    .routing_in = !c->gpu_router,
+                                                                    .topk_idx = idx, .topk_weight = w });
+    if (res != MOE_EP_OK) { fail(env, "forward: %s: %s", moe_ep_result_string(res), moe_ep_nccl_last_error(layer)); goto done; }
+    CHECK_CUDA(env, cudaStreamSynchronize(env->stream));
+    CHECK_CUDA(env, cudaMemcpy(yh, y, n * es, cudaMemcpyDeviceToHost));
+    from_dtype(yh, n, c->bf16, yf);
+    /* local checks only from here to the second run: a rank that fails one must still
+       take part in the collective calls below */
+    res = cpu_reference(c, T, c->x[me], idx, w, ref, &ref_ctx);
+    if (res != MOE_EP_OK) {
+        fail(env, "CPU reference: %s", moe_ep_result_string(res));
+    } else {
+        err = rel_error(yf, ref, n);
+        if (!(err <= (c->bf16 ? 1e-2 : 1e-5)))
+            fail(env, "relative error %.3g > %g", err, c->bf16 ? 1e-2 : 1e-5);
+        else if (me == 0)
+            snprintf(env->message, sizeof env->message, "rel.err %.2e", err);
+        if (c->gpu_router && !env->failed) check_router(env, c, ref_ctx, T, c->x[me], idx, w);
+    }
+    /* again, through the stages (split-phase) or the forward: the same bits */
+    {
+        int failed_before = env->failed;
+        if (c->staged) {
+            moe_ep_nccl_plan* plan = NULL;
+            moe_ep_plan_info info;
+            void *rows = NULL, *out = NULL;
+            if (c->gpu_router) res = moe_ep_nccl_route(layer, x, T, idx, w);
+            if (res == MOE_EP_OK) res = moe_ep_nccl_plan_create(layer, T, idx, w, &plan);
+            if (res != MOE_EP_OK) { fail(env, "staged: %s", moe_ep_nccl_last_error(layer)); goto done; }
+            info = moe_ep_nccl_plan_query(plan);
+            CHECK_CUDA(env, cudaMalloc(&rows, (size_t)info.recv_rows * (size_t)c->d * es + 16));
+            CHECK_CUDA(env, cudaMalloc(&out, (size_t)info.recv_rows * (size_t)c->d * es + 16));
+            res = moe_ep_nccl_dispatch_begin(layer, plan, x, rows);
+            if (res == MOE_EP_OK) res = moe_ep_nccl_dispatch_end(layer, plan);
+            if (res == MOE_EP_OK) res = moe_ep_nccl_experts(layer, plan, rows, out);
+            if (res == MOE_EP_OK) res = moe_ep_nccl_combine_begin(layer, plan, out);
+            if (res == MOE_EP_OK) res = moe_ep_nccl_combine_end(layer, plan, y2);
+            if (res != MOE_EP_OK) fail(env, "staged: %s", moe_ep_nccl_last_error(layer));
+            CHECK_CUDA(env, cudaStreamSynchronize(env->stream));
+            moe_ep_nccl_plan_destroy(plan);
+            cudaFree(rows);
+            cudaFree(out);
+        } else {
+            res = moe_ep_nccl_forward(layer, &(moe_ep_nccl_forward_args){ .tokens = T, .x = x, .y = y2,
+                                                                            .routing_in = !c->gpu_router,
+                                                                            .topk_idx = c->gpu_router ? NULL : idx,
+                                                                            .topk_weight = c->gpu_router ? NULL : w });
+            if (res != MOE_EP_OK) fail(env, "second forward: %s", moe_ep_nccl_last_error(layer));
+        }
+        if (!env->failed || failed_before) {
+            void* again = malloc(n * es + 4);
+            CHECK_CUDA(env, cudaStreamSynchronize(env->stream));
+            CHECK_CUDA(env, cudaMemcpy(again, y2, n * es, cudaMemcpyDeviceToHost));
+            if (memcmp(again, yh, n * es) != 0) fail(env, "%s differs from the first forward", c->staged ? "staged run" : "second forward");
+            free(again);
+        }
+    }
+done:
+    if (ref_ctx) moe_ep_destroy(ref_ctx);
+    if (layer) moe_ep_nccl_layer_destroy(layer);
+    for (l = 0; l < 3 * L; ++l) {
+        if (c->weights_on_device) cudaFree(dev_weights[l]);
+        else free(dev_weights[l]);
+    }
+    free(dev_weights); free(mine); free(router); free(xh); free(yh); free(yf); free(ref); free(idx); free(w);
+    cudaFree(x); cudaFree(y); cudaFree(y2);
+}
+
+/* >>agreement tests */
+typedef struct agree_case {
+    rank_fn fn;
+    int mode;       /* 0 failing expert_fn on the last rank, 1 bad desc on rank 0, 2 too many tokens on the last rank */
+} agree_case;
+
+typedef struct scale_state { cublasHandle_t blas; int fail_once; } scale_state;
+
+/* out = (expert + 1) * rows: y = x * sum_j w_j (e_j + 1) checks that rows meet the right expert. */
+static int scale_expert(int local_expert, int expert, const void* rows, int64_t row_count, int d_model, void* out,
+                        cudaStream_t stream, void* user_data) {
+    scale_state* st = (scale_state*)user_data;
+    float alpha = (float)(expert + 1);
+    (void)local_expert;
+    if (st->fail_once) { st->fail_once = 0; return 7; }
+    if (cudaMemcpyAsync(out, rows, (size_t)row_count * (size_t)d_model * 4, cudaMemcpyDeviceToDevice, stream) != cudaSuccess)
+        return 1;
+    cublasSetStream(st->blas, stream);
+    return cublasSscal(st->blas, (int)(row_count * d_model), &alpha, (float*)out, 1) == CUBLAS_STATUS_SUCCESS ? 0 : 2;
+}
+
+static void test_agreement(rank_env* env) {
+    agree_case* c = (agree_case*)env->shared;
+    int me = env->rank, R = env->world, E = 2 * R, k = 2, d = 24, T = 50, t, j, i;
+    moe_ep_nccl_layer* layer = NULL;
+    scale_state st;
+    void *x = NULL, *y = NULL;
+    float *xh, *yh, *expect;
+    int32_t idx[50 * 2];
+    float w[50 * 2];
+    moe_ep_result res;
+    unsigned long long s = 4242 + (unsigned long long)me;
+    memset(&st, 0, sizeof st);
+    cublasCreate(&st.blas);
+    xh = (float*)malloc(sizeof(float) * (size_t)(T * d));
+    yh = (float*)malloc(sizeof(float) * (size_t)(T * d));
+    expect = (float*)malloc(sizeof(float) * (size_t)(T * d));
+    fill(xh, (size_t)(T * d), 1.0f, 0, &s);
+    for (t = 0; t < T; ++t) {   /* token t visits experts t % E and (t + 1) % E: every expert gets rows */
+        idx[t * k] = t % E;
+        idx[t * k + 1] = (t + 1) % E;
+        w[t * k] = 0.25f + 0.01f * (float)(t % 7);
+        w[t * k + 1] = 0.5f;
+    }
+    for (t = 0; t < T; ++t)
+        for (i = 0; i < d; ++i) {
+            float acc = 0.0f;
+            for (j = 0; j < k; ++j) acc += w[t * k + j] * ((float)(idx[t * k + j] + 1) * xh[t * d + i]);
+            expect[t * d + i] = acc;
+        }
+    CHECK_CUDA(env, cudaMalloc(&x, sizeof(float) * (size_t)(T * d)));
+    CHECK_CUDA(env, cudaMalloc(&y, sizeof(float) * (size_t)(T * d)));
+    CHECK_CUDA(env, cudaMemcpy(x, xh, sizeof(float) * (size_t)(T * d), cudaMemcpyHostToDevice));
+    res = moe_ep_nccl_layer_create(&(moe_ep_nccl_layer_desc){
+        .base = { .d_model = d, .num_experts = E, .top_k = k, .transport = &env->transport },
+        .dtype = c->mode == 1 && me == 0 ? (moe_ep_nccl_dtype)99 : MOE_EP_NCCL_DTYPE_F32,
+        .max_tokens = c->mode == 2 ? T : 0, .expert_fn = scale_expert, .expert_user_data = &st }, &layer);
+    if (c->mode == 1) {
+        if (res == MOE_EP_OK) fail(env, "a bad desc on rank 0 was accepted here");
+        else if (R > 1 && me != 0 && res != MOE_EP_ERROR_RANK_MISMATCH)
+            fail(env, "expected RANK_MISMATCH, got %s", moe_ep_result_string(res));
+        /* the layer must still be creatable by all afterwards */
+        res = moe_ep_nccl_layer_create(&(moe_ep_nccl_layer_desc){
+            .base = { .d_model = d, .num_experts = E, .top_k = k, .transport = &env->transport },
+            .expert_fn = scale_expert, .expert_user_data = &st }, &layer);
+    }
+    if (res != MOE_EP_OK) { fail(env, "moe_ep_nccl_layer_create: %s", moe_ep_result_string(res)); goto done; }
+    if (c->mode == 0) st.fail_once = me == R - 1;
+    res = moe_ep_nccl_forward(layer, &(moe_ep_nccl_forward_args){
+        .tokens = c->mode == 2 && me == R - 1 ? T + 1 : T, .x = x, .y = y, .routing_in = true,
+        .topk_idx = idx, .topk_weight = w });
+    if (c->mode == 0 || c->mode == 2) {
+        moe_ep_result want_here = c->mode == 0 ? MOE_EP_ERROR_CALLBACK : MOE_EP_ERROR_INVALID_ARGUMENT;
+        moe_ep_result want = me == R - 1 ? want_here : MOE_EP_ERROR_ABORTED;
+        if (res != want) fail(env, "failing forward: expected %s, got %s (%s)", moe_ep_result_string(want),
+                              moe_ep_result_string(res), moe_ep_nccl_last_error(layer));
+        st.fail_once = 0;
+        res = moe_ep_nccl_forward(layer, &(moe_ep_nccl_forward_args){ .tokens = T, .x = x, .y = y, .routing_in = true,
+                                                                        .topk_idx = idx, .topk_weight = w });
+    }
+    if (res != MOE_EP_OK) { fail(env, "forward: %s (%s)", moe_ep_result_string(res), moe_ep_nccl_last_error(layer)); goto done; }
+    CHECK_CUDA(env, cudaStreamSynchronize(env->stream));
+    CHECK_CUDA(env, cudaMemcpy(yh, y, sizeof(float) * (size_t)(T * d), cudaMemcpyDeviceToHost));
+    {
+        double err = rel_error(yh, expect, (size_t)(T * d));
+        if (!(err <= 1e-6)) fail(env, "scaled experts: relative error %.3g", err);
+    }
+done:
+    if (layer) moe_ep_nccl_layer_destroy(layer);
+    cublasDestroy(st.blas);
+    free(xh); free(yh); free(expect);
+    cudaFree(x); cudaFree(y);
+}
+
+/* >>core over NCCL: host rows through the transport; bitwise equal to one rank */
+typedef struct core_case { rank_fn fn; layer_case model; } core_case;
+
+static void test_core(rank_env* env) {
+    core_case* cc = (core_case*)env->shared;
+    layer_case* c = &cc->model;
+    int me = env->rank, R = env->world, T = c->tokens[me % 4], e, l;
+    size_t n = (size_t)T * (size_t)c->d;
+    moe_ep_expert_weights* mine = (moe_ep_expert_weights*)calloc((size_t)c->E, sizeof *mine);
+    moe_ep_context* ctx = NULL;
+    int32_t* idx = (int32_t*)malloc(sizeof(int32_t) * (size_t)(T * c->k + 1));
+    float* w = (float*)malloc(sizeof(float) * (size_t)(T * c->k + 1));
+    float* y = (float*)malloc(sizeof(float) * (n + 1));
+    float* ref = (float*)malloc(sizeof(float) * (n + 1));
+    int owner[64];
+    moe_ep_result res;
+    moe_ep_placement_compute(NULL, c->E, R, owner);
+    for (e = 0, l = 0; e < c->E; ++e)
+        if (owner[e] == me) { mine[l].w1 = c->w1[e]; mine[l].w3 = c->w3[e]; mine[l].w2 = c->w2[e]; ++l; }
+    res = moe_ep_create(&(moe_ep_desc){ .d_model = c->d, .d_ff = c->ff, .num_experts = c->E, .top_k = c->k,
+                                        .router_weight = c->router, .experts = mine, .num_threads = 1,
+                                        .transport = &env->transport }, &ctx);
+    if (res != MOE_EP_OK) { fail(env, "moe_ep_create over NCCL: %s", moe_ep_result_string(res)); goto done; }
+    memset(y, 0xFF, sizeof(float) * n);
+    res = moe_ep_forward(ctx, &(moe_ep_forward_args){ .tokens = T, .x = c->x[me], .y = y, .topk_idx = idx, .topk_weight = w });
+    if (res != MOE_EP_OK) { fail(env, "moe_ep_forward over NCCL: %s (%s)", moe_ep_result_string(res), moe_ep_last_error(ctx)); goto done; }
+    res = cpu_reference(c, T, c->x[me], idx, w, ref, NULL);
+    if (res != MOE_EP_OK || memcmp(y, ref, sizeof(float) * n) != 0)
+        fail(env, "CPU layer over NCCL is not bitwise equal to one rank (%s)", moe_ep_result_string(res));
+done:
+    moe_ep_destroy(ctx);
+    free(mine); free(idx); free(w); free(y); free(ref);
+}
+
+/* >>main */
+static void run_layer_case(world* w, layer_case c) {
+    char name[160];
+    c.fn = test_layer;
+    model_make(&c, w->size);
+    snprintf(name, sizeof name, "layer %s %s E=%d k=%d d=%d ff=%d", c.name, c.bf16 ? "bf16" : "fp32", c.E, c.k, c.d, c.ff);
+    run_case(w, name, &c);
+    model_free(&c, w->size);
+}
+
+static void run_world(world* w) {
+    static rank_fn counts_fn = test_counts;
+    int i;
+    run_case(w, "transport exchange_counts + barrier", &counts_fn);
+    {
+        a2a_case cases[] = {
+            { test_a2a, 1, 64, 0, 0, 11 }, { test_a2a, 3, 12, 0, 0, 12 }, { test_a2a, 4, 6, 0, 1, 13 },
+            { test_a2a, 2, 40, 1, 0, 14 }, { test_a2a, 5, 2, 1, 1, 15 },
+        };
+        for (i = 0; i < (int)(sizeof cases / sizeof cases[0]); ++i) {
+            char name[128];
+            snprintf(name, sizeof name, "transport all_to_all_v S=%d row=%dB %s%s", cases[i].segments, cases[i].row_bytes,
+                     cases[i].host ? "host" : "device", cases[i].split ? " split-phase" : "");
+            run_case(w, name, &cases[i]);
+        }
+    }
+    {
+        core_case cc;
+        memset(&cc, 0, sizeof cc);
+        cc.fn = test_core;
+        cc.model = (layer_case){ .E = 6, .k = 2, .d = 20, .ff = 28, .tokens = { 33, 0, 17, 5 }, .seed = 901 };
+        model_make(&cc.model, w->size);
+        run_case(w, "core moe_ep_forward over NCCL (host rows)", &cc);
+        model_free(&cc.model, w->size);
+    }
+    {
+        layer_case cases[] = {
+            { .name = "router", .E = 8, .k = 2, .d = 64, .ff = 96, .gpu_router = 1, .tokens = { 300, 257, 1, 64 }, .seed = 1 },
+            { .name = "router", .bf16 = 1, .E = 8, .k = 2, .d = 64, .ff = 96, .gpu_router = 1, .tokens = { 300, 257, 1, 64 }, .seed = 2 },
+            { .name = "router+normalize staged-calls", .E = 16, .k = 4, .d = 48, .ff = 40, .gpu_router = 1, .normalize = 1,
+              .staged = 1, .tokens = { 129, 77, 3, 0 }, .seed = 3 },
+            { .name = "0 tokens on rank 1", .E = 8, .k = 2, .d = 32, .ff = 64, .gpu_router = 1, .tokens = { 100, 0, 40, 0 }, .seed = 4 },
+            { .name = "0 tokens on rank 1", .bf16 = 1, .E = 8, .k = 2, .d = 32, .ff = 64, .gpu_router = 1, .tokens = { 100, 0, 40, 0 }, .seed = 5 },
+            { .name = "empty experts (half never chosen)", .E = 16, .k = 2, .d = 40, .ff = 24, .never_chosen = 1,
+              .tokens = { 37, 101, 7, 13 }, .seed = 6 },
+            { .name = "k=E", .E = 4, .k = 4, .d = 36, .ff = 20, .gpu_router = 1, .tokens = { 55, 31, 9, 2 }, .seed = 7 },
+            { .name = "k=E", .bf16 = 1, .E = 4, .k = 4, .d = 36, .ff = 20, .gpu_router = 1, .tokens = { 55, 31, 9, 2 }, .seed = 8 },
+            { .name = "odd d, ff, E (E%R!=0)", .E = 5, .k = 3, .d = 33, .ff = 45, .gpu_router = 1, .tokens = { 97, 61, 1, 3 }, .seed = 9 },
+            { .name = "odd d, ff, E (E%R!=0)", .bf16 = 1, .E = 5, .k = 3, .d = 33, .ff = 45, .gpu_router = 1, .tokens = { 97, 61, 1, 3 }, .seed = 10 },
+            { .name = "segmented a2a", .E = 12, .k = 3, .d = 64, .ff = 48, .gpu_router = 1, .layout = MOE_EP_NCCL_A2A_SEGMENTED,
+              .staged = 1, .tokens = { 211, 99, 5, 8 }, .seed = 11 },
+            { .name = "segmented a2a", .bf16 = 1, .E = 12, .k = 3, .d = 64, .ff = 48, .gpu_router = 1,
+              .layout = MOE_EP_NCCL_A2A_SEGMENTED, .tokens = { 211, 99, 5, 8 }, .seed = 12 },
+            { .name = "capacity 1.0 (drops) round-robin", .E = 8, .k = 2, .d = 32, .ff = 32, .gpu_router = 1, .capacity = 1.0f,
+              .placement = MOE_EP_PLACEMENT_ROUND_ROBIN, .tokens = { 150, 90, 11, 4 }, .seed = 13 },
+            { .name = "max_tokens reserved, weights on device", .E = 8, .k = 2, .d = 64, .ff = 64, .gpu_router = 1,
+              .max_tokens = 256, .weights_on_device = 1, .staged = 1, .tokens = { 256, 200, 3, 1 }, .seed = 14 },
+            { .name = "gelu", .E = 6, .k = 2, .d = 40, .ff = 56, .activation = MOE_EP_ACTIVATION_GELU, .gpu_router = 1,
+              .tokens = { 80, 45, 2, 9 }, .seed = 15 },
+            { .name = "relu", .bf16 = 1, .E = 6, .k = 2, .d = 40, .ff = 56, .activation = MOE_EP_ACTIVATION_RELU,
+              .gpu_router = 1, .tokens = { 80, 45, 2, 9 }, .seed = 16 },
+            { .name = "larger", .E = 8, .k = 2, .d = 512, .ff = 768, .gpu_router = 1, .tokens = { 700, 513, 64, 1 }, .seed = 17 },
+            { .name = "larger, GEMM loop on one stream", .E = 8, .k = 2, .d = 512, .ff = 768, .gpu_router = 1,
+              .expert_gemm = MOE_EP_NCCL_EXPERT_GEMM_LOOP, .expert_streams = 1, .staged = 1, .tokens = { 700, 513, 64, 1 },
+              .seed = 19 },
+            { .name = "GEMM loop on 3 streams", .bf16 = 1, .E = 32, .k = 4, .d = 128, .ff = 96, .gpu_router = 1,
+              .expert_gemm = MOE_EP_NCCL_EXPERT_GEMM_LOOP, .expert_streams = 3, .staged = 1, .tokens = { 400, 333, 8, 1 },
+              .seed = 20 },
+            { .name = "GEMM loop, odd shapes", .bf16 = 1, .E = 5, .k = 3, .d = 33, .ff = 45, .gpu_router = 1,
+              .expert_gemm = MOE_EP_NCCL_EXPERT_GEMM_LOOP, .tokens = { 97, 0, 1, 3 }, .seed = 21 },
+            { .name = "larger", .bf16 = 1, .E = 8, .k = 2, .d = 512, .ff = 768, .gpu_router = 1, .tokens = { 700, 513, 64, 1 }, .seed = 18 },
+        };
+        for (i = 0; i < (int)(sizeof cases / sizeof cases[0]); ++i) run_layer_case(w, cases[i]);
+    }
+    {
+        agree_case cases[] = { { test_agreement, 0 }, { test_agreement, 1 }, { test_agreement, 2 } };
+        const char* names[] = { "expert_fn fails on the last rank: all fail, then recover",
+                                "bad desc on rank 0: all fail create, then create",
+                                "too many tokens on the last rank: all fail, then recover" };
+        for (i = 0; i < 3; ++i) run_case(w, names[i], &cases[i]);
+    }
+}
+
+static int make_world(world* w, int size) {
+    int r;
+    ncclResult_t nr;
+    w->size = size;
+    for (r = 0; r < size; ++r) w->devices[r] = r;
+    nr = ncclCommInitAll(w->comms, size, w->devices);
+    if (nr != ncclSuccess) {
+        printf("FAIL  ncclCommInitAll(%d): %s\n", size, ncclGetErrorString(nr));
+        return 0;
+    }
+    return 1;
+}
+
+static void free_world(world* w) {
+    int r;
+    for (r = 0; r < w->size; ++r) ncclCommDestroy(w->comms[r]);
+}
+
+int main(int argc, char** argv) {
+    int gpus = 0, max = MAX_GPUS, require = 0, i;
+    cudaError_t e = cudaGetDeviceCount(&gpus);
+    for (i = 1; i < argc; ++i) {
+        if (strcmp(argv[i], "--max-gpus") == 0 && i + 1 < argc) max = atoi(argv[++i]);
+        else if (strcmp(argv[i], "--require-gpu") == 0) require = 1;
+    }
+    if (e != cudaSuccess || gpus == 0) {
+        printf("test_nccl: no GPU, %s (%s)\n", require ? "FAILED (--require-gpu)" : "skipped",
+               e != cudaSuccess ? cudaGetErrorString(e) : "0 devices");
+        return require ? 1 : 0;
+    }
+    if (gpus > max) gpus = max;
+    if (gpus > MAX_GPUS) gpus = MAX_GPUS;
+    {
+        int version = 0;
+        ncclGetVersion(&version);
+        printf("test_nccl: %d GPU(s), NCCL %d\n", gpus, version);
+    }
+    {
+        world w;
+        int sizes[2], count = 0;
+        sizes[count++] = 1;
+        if (gpus > 1) sizes[count++] = gpus;
+        for (i = 0; i < count; ++i) {
+            if (!make_world(&w, sizes[i])) { g_failures++; continue; }
+            run_world(&w);
+            free_world(&w);
+        }
+    }
+    printf("test_nccl: %d of %d checks passed\n", g_checks - g_failures, g_checks);
+    return g_failures > 255 ? 255 : g_failures;
+}

@@ -1,0 +1,418 @@
+/* moe_ep_nccl_kernels.cuh -- the CUDA kernels of moe_ep's GPU data path -- MIT or public domain
+
+   The GPU layer of transports/moe_ep_nccl.h calls these through plain C launchers, so
+   that the rest of the library can stay C99. Build them once, in one CUDA file:
+
+       #define MOE_EP_NCCL_KERNELS_IMPLEMENTATION
+       #include "transports/moe_ep_nccl_kernels.cuh"
+
+   (nvcc -arch=sm_90 -c that.cu). A file that nvcc compiles with MOE_EP_IMPLEMENTATION
+   and includes transports/moe_ep_nccl.h gets them without this step.
+
+   Kernels: permute (token rows into send order), row regrouping (rank-major <->
+   expert-major), the activation (SwiGLU / GELU / ReLU, fp32 math), weighted
+   un-permute (fp32 accumulation, k-slot order) and softmax + top-k. Rows are fp32 or
+   bf16; every launcher returns a cudaError_t as int (0 = success).
+
+   A slot map (int32, one entry per (token, k-slot)) says where each assignment's row
+   lives: v >= 0 is row v of the send buffer, v <= -2 is row -v-2 of the expert-side
+   buffer (the token's expert is on this rank, the row skips the network), -1 is
+   dropped by capacity. */
+#ifndef MOE_EP_NCCL_KERNELS_CUH_INCLUDED
+#define MOE_EP_NCCL_KERNELS_CUH_INCLUDED
+
+#include <stddef.h>
+#include <stdint.h>
+
+#ifdef __cplusplus
+extern "C" {
+#endif
+
+/* Row element types, as in moe_ep_nccl_dtype (1 = fp32, 2 = bf16). */
+#define MOE_EP__NCCL_K_F32 1
+#define MOE_EP__NCCL_K_BF16 2
+
+/* x [tokens, row_bytes] -> send / expert-side rows, as the slot map says. pass 1 writes
+   the rows for the network (v >= 0), pass 2 the local ones (v <= -2), pass 3 both. */
+int moe_ep__nccl_k_permute(const void* x, void* send, void* local, const int32_t* slot_map, int64_t tokens,
+                           int top_k, size_t row_bytes, int pass, void* stream);
+/* scatter: dst[map[i]] = src[i]; else gather: dst[i] = src[map[i]]; i < rows. */
+int moe_ep__nccl_k_move_rows(const void* src, void* dst, const int32_t* map, int64_t rows, size_t row_bytes,
+                             int scatter, void* stream);
+/* In place over h [rows, ld]: SwiGLU h[:, i] = silu(h[:, i]) * h[:, ff + i]; GELU/ReLU h[:, i] = act(h[:, i]).
+   activation: 1 SwiGLU, 2 GELU, 3 ReLU (moe_ep_activation). */
+int moe_ep__nccl_k_activation(void* h, int64_t rows, int ff, int64_t ld, int activation, int dtype, void* stream);
+/* y[t] = sum over k-slots j, in order, of weight[t,j] * row(slot_map[t,j]); fp32 accumulation. */
+int moe_ep__nccl_k_unpermute(const void* send, const void* local, const int32_t* slot_map, const float* weight,
+                             void* y, int64_t tokens, int top_k, int d_model, int dtype, void* stream);
+/* The slot map from the core plan's slot rows: owner_local[e] is e's local index if e is
+   on this rank, else -1; self_shift[l] = receive offset - send offset of local expert l's
+   own segment. */
+int moe_ep__nccl_k_slot_map(const int64_t* slot_rows, const int32_t* topk_idx, const int32_t* owner_local,
+                            const int64_t* self_shift, int64_t slots, int32_t* slot_map, void* stream);
+/* stage_map[r] = chunk_dest[c] + r - chunk_start[c] for chunk_start[c] <= r < chunk_start[c + 1]
+   (the last such c; chunks may be empty). */
+int moe_ep__nccl_k_stage_map(const int64_t* chunk_start, const int64_t* chunk_dest, int chunks, int64_t rows,
+                             int32_t* stage_map, void* stream);
+/* logits [tokens, E] fp32 -> softmax -> top-k (ties to the lower index) -> idx, weight [tokens, k]. */
+int moe_ep__nccl_k_topk(const float* logits, int64_t tokens, int num_experts, int top_k, int normalize,
+                        int32_t* idx, float* weight, void* stream);
+
+#ifdef __cplusplus
+}
+#endif
+#endif /* MOE_EP_NCCL_KERNELS_CUH_INCLUDED */
+
+#ifdef MOE_EP_NCCL_KERNELS_IMPLEMENTATION
+#ifndef MOE_EP_NCCL_KERNELS_IMPL_INCLUDED
+#define MOE_EP_NCCL_KERNELS_IMPL_INCLUDED
+
+#ifndef __CUDACC__
+#error "moe_ep_nccl_kernels.cuh: the implementation must be compiled by nvcc"
+#endif
+
+#include <cuda_runtime.h>
+#include <cuda_bf16.h>
+
+namespace moe_ep_nccl_kernels {
+
+/* The widest unit (16, 8, 4 or 2 bytes) that divides the row and every base address. */
+static int unit_bytes(size_t row_bytes, const void* a, const void* b, const void* c) {
+    uintptr_t bits = (uintptr_t)row_bytes | (uintptr_t)a | (uintptr_t)b | (uintptr_t)c;
+    if ((bits & 15) == 0) return 16;
+    if ((bits & 7) == 0) return 8;
+    if ((bits & 3) == 0) return 4;
+    return 2;
+}
+
+static unsigned grid_for(int64_t items, int per_block) {
+    int64_t blocks = (items + per_block - 1) / per_block;
+    if (blocks < 1) blocks = 1;
+    if (blocks > 65535 * 16) blocks = 65535 * 16;  /* grid-stride loops cover the rest */
+    return (unsigned)blocks;
+}
+
+__device__ __forceinline__ bool permute_wanted(int32_t v, int pass) {
+    return v >= 0 ? (pass & 1) != 0 : v <= -2 && (pass & 2) != 0;
+}
+
+/* One warp per token: the row is read once and written to each of its wanted slots. */
+template <typename U>
+__global__ void permute_kernel(const char* __restrict__ x, char* __restrict__ send, char* __restrict__ local,
+                               const int32_t* __restrict__ slot_map, int64_t tokens, int top_k, size_t row_bytes,
+                               int pass) {
+    int64_t units = (int64_t)(row_bytes / sizeof(U));
+    int lane = threadIdx.x & 31;
+    int64_t warp = ((int64_t)blockIdx.x * blockDim.x + threadIdx.x) >> 5;
+    int64_t warps = ((int64_t)gridDim.x * blockDim.x) >> 5;
+    for (int64_t t = warp; t < tokens; t += warps) {
+        const int32_t* map = slot_map + t * top_k;
+        bool any = false;
+        for (int j = lane; j < top_k; j += 32) any |= permute_wanted(map[j], pass);
+        if (!__any_sync(0xffffffffu, any)) continue;
+        const U* src = (const U*)(x + (size_t)t * row_bytes);
+        for (int64_t i = lane; i < units; i += 32) {
+            U value = src[i];
+            for (int j = 0; j < top_k; ++j) {
+                int32_t v = map[j];
+                if (!permute_wanted(v, pass)) continue;
+                U* dst = (U*)(v >= 0 ? send + (size_t)v * row_bytes : local + (size_t)(-(int64_t)v - 2) * row_bytes);
+                dst[i] = value;
+            }
+        }
+    }
+}
+
+template <typename U>
+__global__ void move_rows_kernel(const char* __restrict__ src, char* __restrict__ dst, const int32_t* __restrict__ map,
+                                 int64_t rows, size_t row_bytes, int scatter) {
+    int64_t units = (int64_t)(row_bytes / sizeof(U));
+    int lane = threadIdx.x & 31;
+    int64_t warp = ((int64_t)blockIdx.x * blockDim.x + threadIdx.x) >> 5;
+    int64_t warps = ((int64_t)gridDim.x * blockDim.x) >> 5;
+    for (int64_t r = warp; r < rows; r += warps) {
+        size_t from = scatter ? (size_t)r : (size_t)map[r];
+        size_t to = scatter ? (size_t)map[r] : (size_t)r;
+        const U* s = (const U*)(src + from * row_bytes);
+        U* d = (U*)(dst + to * row_bytes);
+        for (int64_t i = lane; i < units; i += 32) d[i] = s[i];
+    }
+}
+
+template <typename U>
+static cudaError_t launch_permute(const void* x, void* send, void* local, const int32_t* map, int64_t tokens, int k,
+                                  size_t rb, int pass, cudaStream_t s) {
+    permute_kernel<U><<<grid_for(tokens, 8), 256, 0, s>>>((const char*)x, (char*)send, (char*)local, map, tokens, k, rb,
+                                                         pass);
+    return cudaGetLastError();
+}
+
+template <typename U>
+static cudaError_t launch_move(const void* src, void* dst, const int32_t* map, int64_t rows, size_t rb, int scatter,
+                               cudaStream_t s) {
+    move_rows_kernel<U><<<grid_for(rows, 8), 256, 0, s>>>((const char*)src, (char*)dst, map, rows, rb, scatter);
+    return cudaGetLastError();
+}
+
+__device__ __forceinline__ float load_f(const float* p) { return *p; }
+__device__ __forceinline__ float load_f(const __nv_bfloat16* p) { return __bfloat162float(*p); }
+__device__ __forceinline__ void store_f(float* p, float v) { *p = v; }
+__device__ __forceinline__ void store_f(__nv_bfloat16* p, float v) { *p = __float2bfloat16_rn(v); }
+
+/* Same formulas as the CPU kernel of moe_ep.h. */
+__device__ __forceinline__ float act_f(int activation, float a, float b) {
+    if (activation == 2) return 0.5f * a * (1.0f + erff(a * 0.70710678118654752f));
+    if (activation == 3) return a > 0.0f ? a : 0.0f;
+    return a / (1.0f + expf(-a)) * b;
+}
+
+/* V consecutive elements per thread; V divides ff and the addresses are V-aligned. */
+template <typename T, int V>
+__global__ void activation_kernel(T* __restrict__ h, int64_t rows, int ff, int64_t ld, int activation) {
+    int64_t per_row = ff / V;
+    int64_t items = rows * per_row;
+    for (int64_t it = (int64_t)blockIdx.x * blockDim.x + threadIdx.x; it < items;
+         it += (int64_t)gridDim.x * blockDim.x) {
+        int64_t r = it / per_row;
+        int64_t i = (it - r * per_row) * V;
+        T* a = h + r * ld + i;
+        const T* b = a + ff;
+        __align__(16) T av[V];
+        __align__(16) T bv[V];
+        if (V * sizeof(T) == 16) {
+            *(uint4*)av = *(const uint4*)a;
+            if (activation == 1) *(uint4*)bv = *(const uint4*)b;
+        } else {
+            for (int v = 0; v < V; ++v) { av[v] = a[v]; if (activation == 1) bv[v] = b[v]; }
+        }
+        for (int v = 0; v < V; ++v) {
+            float x = load_f(&av[v]);
+            float y = activation == 1 ? load_f(&bv[v]) : 0.0f;
+            store_f(&av[v], act_f(activation, x, y));
+        }
+        if (V * sizeof(T) == 16) *(uint4*)a = *(const uint4*)av;
+        else for (int v = 0; v < V; ++v) a[v] = av[v];
+    }
+}
+
+template <typename T, int V>
+static cudaError_t launch_activation(void* h, int64_t rows, int ff, int64_t ld, int activation, cudaStream_t s) {
+    int64_t items = rows * (ff / V);
+    activation_kernel<T, V><<<grid_for(items, 256), 256, 0, s>>>((T*)h, rows, ff, ld, activation);
+    return cudaGetLastError();
+}
+
+/* One block per token; threads over d in groups of V elements; the k sources and weights
+   of the token sit in shared memory. */
+template <typename T, int V>
+__global__ void unpermute_kernel(const T* __restrict__ send, const T* __restrict__ local,
+                                 const int32_t* __restrict__ slot_map, const float* __restrict__ weight,
+                                 T* __restrict__ y, int64_t tokens, int top_k, int d) {
+    extern __shared__ unsigned char smem[];
+    const T** src = (const T**)smem;
+    float* w = (float*)(smem + sizeof(T*) * (size_t)top_k);
+    for (int64_t t = blockIdx.x; t < tokens; t += gridDim.x) {
+        __syncthreads();
+        for (int j = threadIdx.x; j < top_k; j += blockDim.x) {
+            int32_t v = slot_map[t * top_k + j];
+            src[j] = v == -1 ? (const T*)0
+                   : v >= 0 ? send + (size_t)v * d : local + (size_t)(-(int64_t)v - 2) * d;
+            w[j] = weight[t * top_k + j];
+        }
+        __syncthreads();
+        T* yt = y + (size_t)t * d;
+        for (int i = threadIdx.x * V; i < d; i += blockDim.x * V) {
+            float acc[V];
+            for (int v = 0; v < V; ++v) acc[v] = 0.0f;
+            for (int j = 0; j < top_k; ++j) {     /* k-slot order */
+                const T* s = src[j];
+                __align__(16) T in[V];
+                if (!s) continue;                 /* dropped: contributes zero */
+                if (V * sizeof(T) == 16) *(uint4*)in = *(const uint4*)(s + i);
+                else for (int v = 0; v < V; ++v) in[v] = s[i + v];
+                for (int v = 0; v < V; ++v) acc[v] += w[j] * load_f(&in[v]);
+            }
+            __align__(16) T out[V];
+            for (int v = 0; v < V; ++v) store_f(&out[v], acc[v]);
+            if (V * sizeof(T) == 16) *(uint4*)(yt + i) = *(const uint4*)out;
+            else for (int v = 0; v < V; ++v) yt[i + v] = out[v];
+        }
+    }
+}
+
+template <typename T, int V>
+static cudaError_t launch_unpermute(const void* send, const void* local, const int32_t* map, const float* weight,
+                                    void* y, int64_t tokens, int k, int d, cudaStream_t s) {
+    int threads = d / V >= 256 ? 256 : d / V >= 128 ? 128 : 64;
+    size_t shared = (sizeof(T*) + sizeof(float)) * (size_t)k;
+    unsigned blocks = (unsigned)(tokens < 65535 * 16 ? tokens : 65535 * 16);
+    if (blocks == 0) return cudaSuccess;
+    if (shared > 48 * 1024) {
+        cudaError_t e = cudaFuncSetAttribute(unpermute_kernel<T, V>, cudaFuncAttributeMaxDynamicSharedMemorySize,
+                                             (int)shared);
+        if (e != cudaSuccess) return e;
+    }
+    unpermute_kernel<T, V><<<blocks, threads, shared, s>>>((const T*)send, (const T*)local, map, weight, (T*)y,
+                                                           tokens, k, d);
+    return cudaGetLastError();
+}
+
+static bool aligned(const void* p, size_t n) { return ((uintptr_t)p % n) == 0; }
+
+/* One warp per token. Probabilities are normalised before selection, as on the CPU, so
+   two experts tie exactly when they tie there; a tie goes to the lower index. */
+__global__ void topk_kernel(const float* __restrict__ logits, int64_t tokens, int E, int k, int normalize,
+                            int32_t* __restrict__ idx, float* __restrict__ weight) {
+    extern __shared__ float probs_all[];
+    int lane = threadIdx.x & 31, warp_in_block = threadIdx.x >> 5;
+    int64_t t = (int64_t)blockIdx.x * (blockDim.x >> 5) + warp_in_block;
+    if (t >= tokens) return;
+    float* p = probs_all + (size_t)warp_in_block * E;
+    const float* l = logits + t * E;
+    float m = __int_as_float(0xff800000), sum = 0.0f, wsum = 0.0f;
+    for (int e = lane; e < E; e += 32) { p[e] = l[e]; m = fmaxf(m, p[e]); }
+    for (int o = 16; o > 0; o >>= 1) m = fmaxf(m, __shfl_xor_sync(0xffffffffu, m, o));
+    for (int e = lane; e < E; e += 32) { float q = expf(p[e] - m); p[e] = q; sum += q; }
+    for (int o = 16; o > 0; o >>= 1) sum += __shfl_xor_sync(0xffffffffu, sum, o);
+    for (int e = lane; e < E; e += 32) p[e] = p[e] / sum;
+    __syncwarp();
+    for (int j = 0; j < k; ++j) {
+        float best = -1.0f;
+        int best_e = 0x7FFFFFFF;
+        for (int e = lane; e < E; e += 32)
+            if (p[e] > best) { best = p[e]; best_e = e; }   /* ascending e: the lowest index wins a tie */
+        for (int o = 16; o > 0; o >>= 1) {
+            float ob = __shfl_xor_sync(0xffffffffu, best, o);
+            int oe = __shfl_xor_sync(0xffffffffu, best_e, o);
+            if (ob > best || (ob == best && oe < best_e)) { best = ob; best_e = oe; }
+        }
+        if (lane == 0) {
+            idx[t * k + j] = best_e;
+            weight[t * k + j] = best;
+            p[best_e] = -1.0f;                            /* taken */
+        }
+        wsum += best;                                     /* slot order, as on the CPU */
+        __syncwarp();
+    }
+    if (normalize)
+        for (int j = lane; j < k; j += 32) weight[t * k + j] = weight[t * k + j] / wsum;
+}
+
+__global__ void slot_map_kernel(const int64_t* __restrict__ slot_rows, const int32_t* __restrict__ topk_idx,
+                                const int32_t* __restrict__ owner_local, const int64_t* __restrict__ self_shift,
+                                int64_t slots, int32_t* __restrict__ slot_map) {
+    for (int64_t i = (int64_t)blockIdx.x * blockDim.x + threadIdx.x; i < slots; i += (int64_t)gridDim.x * blockDim.x) {
+        int64_t row = slot_rows[i];
+        int32_t local = row < 0 ? -1 : owner_local[topk_idx[i]];
+        slot_map[i] = row < 0 ? -1 : local < 0 ? (int32_t)row : (int32_t)(-(row + self_shift[local]) - 2);
+    }
+}
+
+__global__ void stage_map_kernel(const int64_t* __restrict__ chunk_start, const int64_t* __restrict__ chunk_dest,
+                                 int chunks, int64_t rows, int32_t* __restrict__ stage_map) {
+    for (int64_t r = (int64_t)blockIdx.x * blockDim.x + threadIdx.x; r < rows; r += (int64_t)gridDim.x * blockDim.x) {
+        int lo = 0, hi = chunks - 1;     /* the last chunk that starts at or before r */
+        while (lo < hi) {
+            int mid = (lo + hi + 1) / 2;
+            if (chunk_start[mid] <= r) lo = mid;
+            else hi = mid - 1;
+        }
+        stage_map[r] = (int32_t)(chunk_dest[lo] + r - chunk_start[lo]);
+    }
+}
+
+} /* namespace moe_ep_nccl_kernels */
+
+extern "C" int moe_ep__nccl_k_slot_map(const int64_t* slot_rows, const int32_t* topk_idx, const int32_t* owner_local,
+                                       const int64_t* self_shift, int64_t slots, int32_t* slot_map, void* stream) {
+    using namespace moe_ep_nccl_kernels;
+    if (slots <= 0) return 0;
+    slot_map_kernel<<<grid_for(slots, 256), 256, 0, (cudaStream_t)stream>>>(slot_rows, topk_idx, owner_local, self_shift,
+                                                                            slots, slot_map);
+    return (int)cudaGetLastError();
+}
+
+extern "C" int moe_ep__nccl_k_stage_map(const int64_t* chunk_start, const int64_t* chunk_dest, int chunks, int64_t rows,
+                                        int32_t* stage_map, void* stream) {
+    using namespace moe_ep_nccl_kernels;
+    if (rows <= 0 || chunks <= 0) return 0;
+    stage_map_kernel<<<grid_for(rows, 256), 256, 0, (cudaStream_t)stream>>>(chunk_start, chunk_dest, chunks, rows,
+                                                                             stage_map);
+    return (int)cudaGetLastError();
+}
+
+extern "C" int moe_ep__nccl_k_permute(const void* x, void* send, void* local, const int32_t* slot_map, int64_t tokens,
+                                      int top_k, size_t row_bytes, int pass, void* stream) {
+    using namespace moe_ep_nccl_kernels;
+    cudaStream_t s = (cudaStream_t)stream;
+    if (tokens <= 0) return 0;
+    switch (unit_bytes(row_bytes, x, send, local)) {
+    case 16: return (int)launch_permute<uint4>(x, send, local, slot_map, tokens, top_k, row_bytes, pass, s);
+    case 8: return (int)launch_permute<uint2>(x, send, local, slot_map, tokens, top_k, row_bytes, pass, s);
+    case 4: return (int)launch_permute<uint32_t>(x, send, local, slot_map, tokens, top_k, row_bytes, pass, s);
+    default: return (int)launch_permute<uint16_t>(x, send, local, slot_map, tokens, top_k, row_bytes, pass, s);
+    }
+}
+
+extern "C" int moe_ep__nccl_k_move_rows(const void* src, void* dst, const int32_t* map, int64_t rows,
+                                        size_t row_bytes, int scatter, void* stream) {
+    using namespace moe_ep_nccl_kernels;
+    cudaStream_t s = (cudaStream_t)stream;
+    if (rows <= 0) return 0;
+    switch (unit_bytes(row_bytes, src, dst, 0)) {
+    case 16: return (int)launch_move<uint4>(src, dst, map, rows, row_bytes, scatter, s);
+    case 8: return (int)launch_move<uint2>(src, dst, map, rows, row_bytes, scatter, s);
+    case 4: return (int)launch_move<uint32_t>(src, dst, map, rows, row_bytes, scatter, s);
+    default: return (int)launch_move<uint16_t>(src, dst, map, rows, row_bytes, scatter, s);
+    }
+}
+
+extern "C" int moe_ep__nccl_k_activation(void* h, int64_t rows, int ff, int64_t ld, int activation, int dtype,
+                                         void* stream) {
+    using namespace moe_ep_nccl_kernels;
+    cudaStream_t s = (cudaStream_t)stream;
+    if (rows <= 0 || ff <= 0) return 0;
+    if (dtype == MOE_EP__NCCL_K_BF16) {
+        if (ff % 8 == 0 && ld % 8 == 0 && aligned(h, 16))
+            return (int)launch_activation<__nv_bfloat16, 8>(h, rows, ff, ld, activation, s);
+        return (int)launch_activation<__nv_bfloat16, 1>(h, rows, ff, ld, activation, s);
+    }
+    if (ff % 4 == 0 && ld % 4 == 0 && aligned(h, 16))
+        return (int)launch_activation<float, 4>(h, rows, ff, ld, activation, s);
+    return (int)launch_activation<float, 1>(h, rows, ff, ld, activation, s);
+}
+
+extern "C" int moe_ep__nccl_k_unpermute(const void* send, const void* local, const int32_t* slot_map,
+                                        const float* weight, void* y, int64_t tokens, int top_k, int d_model,
+                                        int dtype, void* stream) {
+    using namespace moe_ep_nccl_kernels;
+    cudaStream_t s = (cudaStream_t)stream;
+    if (tokens <= 0) return 0;
+    if (dtype == MOE_EP__NCCL_K_BF16) {
+        if (d_model % 8 == 0 && aligned(send, 16) && aligned(local, 16) && aligned(y, 16))
+            return (int)launch_unpermute<__nv_bfloat16, 8>(send, local, slot_map, weight, y, tokens, top_k, d_model, s);
+        return (int)launch_unpermute<__nv_bfloat16, 1>(send, local, slot_map, weight, y, tokens, top_k, d_model, s);
+    }
+    if (d_model % 4 == 0 && aligned(send, 16) && aligned(local, 16) && aligned(y, 16))
+        return (int)launch_unpermute<float, 4>(send, local, slot_map, weight, y, tokens, top_k, d_model, s);
+    return (int)launch_unpermute<float, 1>(send, local, slot_map, weight, y, tokens, top_k, d_model, s);
+}
+
+extern "C" int moe_ep__nccl_k_topk(const float* logits, int64_t tokens, int num_experts, int top_k, int normalize,
+                                   int32_t* idx, float* weight, void* stream) {
+    using namespace moe_ep_nccl_kernels;
+    cudaStream_t s = (cudaStream_t)stream;
+    int warps = num_experts <= 2048 ? 4 : 1;
+    size_t shared = sizeof(float) * (size_t)num_experts * (size_t)warps;
+    if (tokens <= 0) return 0;
+    if (shared > 48 * 1024) {
+        cudaError_t e = cudaFuncSetAttribute(topk_kernel, cudaFuncAttributeMaxDynamicSharedMemorySize, (int)shared);
+        if (e != cudaSuccess) return (int)e;
+    }
+    topk_kernel<<<(unsigned)((tokens + warps - 1) / warps), 32 * warps, shared, s>>>(logits, tokens, num_experts, top_k, normalize,
+                                                                     idx, weight);
+    return (int)cudaGetLastError();
+}
+
+#endif /* MOE_EP_NCCL_KERNELS_IMPL_INCLUDED */
+#endif /* MOE_EP_NCCL_KERNELS_IMPLEMENTATION */
