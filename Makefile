@@ -25,7 +25,7 @@ $(BUILD):
 	@mkdir -p $(BUILD)
 
 # >>deps: what `make test` needs on a fresh Debian machine; installed when root.
-DEB_PACKAGES = check pkg-config
+DEB_PACKAGES = check pkg-config libopenmpi-dev openmpi-bin mpich libmpich-dev
 deps:
 	@missing=""; \
 	for p in $(DEB_PACKAGES); do dpkg -s $$p >/dev/null 2>&1 || missing="$$missing $$p"; done; \
@@ -205,7 +205,67 @@ bench-gpu: $(BUILD)/bench_nccl
 	./$(BUILD)/bench_nccl --gpus $(NGPU) --torch-log bench/out/torch_ep_moe.log | tee bench/out/bench_nccl.log
 	python3 -m torch.distributed.run --nproc_per_node=$(NGPU) $(ANCHOR_DIR)/torch_ep_moe.py 2>&1 | tee bench/out/torch_ep_moe_after.log
 
-TEST_TARGETS = check-headers check-core check-demos check-layout
+# >>mpi: the MPI transport, built with each MPI's wrapper (gcc underneath) and run by its own
+# launcher (a launcher of the other MPI would start N singletons; the binaries assert the size).
+MPI_HEADERS   = $(HEADERS) transports/moe_ep_mpi.h
+MPICC_OMPI   ?= mpicc.openmpi
+MPICC_MPICH  ?= mpicc.mpich
+MPIRUN_OMPI   = OMPI_ALLOW_RUN_AS_ROOT=1 OMPI_ALLOW_RUN_AS_ROOT_CONFIRM=1 timeout 300 mpirun.openmpi \
+                --oversubscribe --mca pml ob1 --mca btl self,vader --timeout 240 -x OMP_WAIT_POLICY=PASSIVE
+MPIEXEC_MPICH = MPIEXEC_TIMEOUT=240 OMP_WAIT_POLICY=PASSIVE timeout 300 mpiexec.mpich
+MPI_SIZES_OMPI  ?= 1 2 3 4
+MPI_SIZES_MPICH ?= 1 2 4
+
+.PHONY: check-mpi check-mpi-headers check-mpi-large mpi-demo bench-mpi
+
+$(BUILD)/check_mpi_openmpi: tests/mpi/check_mpi.c $(MPI_HEADERS) | $(BUILD)
+	$(MPICC_OMPI) $(MOE_EP_CFLAGS) $(OPT) $(OPENMP_FLAGS) $(CFLAGS) $< -o $@ $(CHECK_FLAGS) -pthread -lm $(LDFLAGS)
+
+$(BUILD)/check_mpi_mpich: tests/mpi/check_mpi.c $(MPI_HEADERS) | $(BUILD)
+	$(MPICC_MPICH) $(MOE_EP_CFLAGS) $(OPT) $(OPENMP_FLAGS) $(CFLAGS) $< -o $@ $(CHECK_FLAGS) -pthread -lm $(LDFLAGS)
+
+$(BUILD)/mpi_demo: examples/mpi_demo.c $(MPI_HEADERS) | $(BUILD)
+	$(MPICC_OMPI) $(MOE_EP_CFLAGS) $(OPT) $(OPENMP_FLAGS) $(CFLAGS) $< -o $@ -lm $(LDFLAGS)
+
+$(BUILD)/mpi_bench: bench/mpi_bench.c $(MPI_HEADERS) | $(BUILD)
+	$(MPICC_OMPI) $(MOE_EP_CFLAGS) $(OPT) $(OPENMP_FLAGS) $(CFLAGS) $< -o $@ -lm $(LDFLAGS)
+
+# The MPI header: C99 with both MPIs under gcc and clang, OpenMP, and C++ declarations.
+check-mpi-headers: deps | $(BUILD)
+	@printf '#define MOE_EP_IMPLEMENTATION\n#include "../transports/moe_ep_mpi.h"\n' > $(BUILD)/hdr_mpi.c
+	@printf '#include "../transports/moe_ep_mpi.h"\nint f(void) { return (int)MOE_EP_RESULT_COUNT; }\n' > $(BUILD)/hdr_mpi_decl.cpp
+	$(MPICC_OMPI) $(MOE_EP_CFLAGS) -c $(BUILD)/hdr_mpi.c -o $(BUILD)/hdr_mpi_ompi.o
+	$(MPICC_MPICH) $(MOE_EP_CFLAGS) $(OPENMP_FLAGS) -c $(BUILD)/hdr_mpi.c -o $(BUILD)/hdr_mpi_mpich.o
+	$(CLANG) $(MOE_EP_CFLAGS) $$(pkg-config --cflags ompi-c) -c $(BUILD)/hdr_mpi.c -o $(BUILD)/hdr_mpi_clang_ompi.o
+	$(CLANG) $(MOE_EP_CFLAGS) $(OPENMP_FLAGS) $$(pkg-config --cflags mpich) -c $(BUILD)/hdr_mpi.c -o $(BUILD)/hdr_mpi_clang_mpich.o
+	$(CXX) -Wall -Wextra -pedantic -Werror -DOMPI_SKIP_MPICXX -DMPICH_SKIP_MPICXX $$(pkg-config --cflags ompi-c) \
+	  -c $(BUILD)/hdr_mpi_decl.cpp -o $(BUILD)/hdr_mpi_decl.o
+	@echo "mpi header: ok"
+
+# Open MPI at 1-4 processes (oversubscribed on small machines), MPICH at 1, 2, 4, then the demo at 8.
+check-mpi: deps check-mpi-headers
+	$(MAKE) --no-print-directory $(BUILD)/check_mpi_openmpi $(BUILD)/check_mpi_mpich $(BUILD)/mpi_demo \
+	  CHECK_FLAGS="$$(pkg-config --cflags --libs check)"
+	for n in $(MPI_SIZES_OMPI); do $(MPIRUN_OMPI) -x CK_FORK=no -n $$n ./$(BUILD)/check_mpi_openmpi $$n || exit 1; done
+	for n in $(MPI_SIZES_MPICH); do CK_FORK=no $(MPIEXEC_MPICH) -n $$n ./$(BUILD)/check_mpi_mpich $$n || exit 1; done
+	$(MPIRUN_OMPI) -n 8 ./$(BUILD)/mpi_demo --tokens 64 --d-model 64 --d-ff 128 > $(BUILD)/mpi_demo.log
+	@tail -1 $(BUILD)/mpi_demo.log
+
+# Not part of `make test` (about 2.3 GiB per process, seconds): more than 2^31 bytes for real.
+check-mpi-large: | $(BUILD)
+	$(MPICC_OMPI) $(MOE_EP_CFLAGS) $(OPT) $(CFLAGS) tests/mpi/large_mpi.c -o $(BUILD)/large_mpi_openmpi -lm $(LDFLAGS)
+	$(MPICC_MPICH) $(MOE_EP_CFLAGS) $(OPT) $(CFLAGS) tests/mpi/large_mpi.c -o $(BUILD)/large_mpi_mpich -lm $(LDFLAGS)
+	$(MPIRUN_OMPI) -n 2 ./$(BUILD)/large_mpi_openmpi 2
+	$(MPIEXEC_MPICH) -n 2 ./$(BUILD)/large_mpi_mpich 2
+
+mpi-demo: $(BUILD)/mpi_demo
+	$(MPIRUN_OMPI) -n 8 ./$(BUILD)/mpi_demo
+
+# Not part of `make test`: dispatch + combine against raw MPI_Alltoallv, 2 processes (bench/RESULTS.md).
+bench-mpi: $(BUILD)/mpi_bench
+	$(MPIRUN_OMPI) -n 2 ./$(BUILD)/mpi_bench
+
+TEST_TARGETS = check-headers check-core check-demos check-layout check-mpi
 TEST_TARGETS += check-nccl
 TEST_TARGETS += check-kernels
 test: deps

@@ -38,19 +38,26 @@
    a contiguous row type at an int byte displacement; anything else (the segments of
    one peer scattered over the buffer, as on the receive side of dispatch and the
    send side of combine, or an offset past 2 GiB) becomes an hindexed type of row
-   runs with 64-bit byte displacements. The rank's own segments are copied with
-   memcpy and never enter MPI. One MPI_Alltoallw then moves everything; the
-   split-phase form (all_to_all_v_begin / _end, which the core uses for dispatch and
-   combine) is MPI_Ialltoallw + MPI_Wait. Every rank calls the same collective,
-   whatever its layout: a rank's choice of datatype is its own business.
+   runs with 64-bit byte displacements. One MPI_Ialltoallw moves all of it, and
+   every rank calls it whatever its layout: a rank's choice of datatype is its own.
+   Two kinds of rows stay out of the collective:
+   - the rank's own segments, copied with memcpy;
+   - segments of 64 KiB and more, sent as messages of their own (MPI_Isend /
+     MPI_Irecv straight between the two buffers): a datatype is packed and unpacked
+     by MPI, a contiguous message can take a single copy (Open MPI's CMA, for one).
+     Sender and receiver see the same row counts, so both pick the same segments.
+   all_to_all_v_begin posts all of it, all_to_all_v_end waits (the core uses the
+   split phase for dispatch and combine); all_to_all_v is the two back to back.
 
    LARGE LAYERS
    ============
    Counts are in rows and displacements are 64-bit, so a rank may send and receive
-   more than 2^31 bytes. A run of more than INT_MAX rows is split into several blocks.
-   The only hard limits: a row (d_model * 4 bytes) must be at most INT_MAX bytes,
-   and a byte offset must fit MPI_Aint; past them all_to_all_v fails with
-   MOE_EP_ERROR_UNSUPPORTED and says which value is out of range.
+   more than 2^31 bytes, also to a single peer. A peer whose rows in the collective
+   would pass 2 GiB gets all its segments as separate messages instead; a segment of
+   more than INT_MAX rows goes in several. The only hard limits: a row (d_model * 4
+   bytes) must be at most INT_MAX bytes, and a byte offset must fit MPI_Aint; past
+   them all_to_all_v fails with MOE_EP_ERROR_UNSUPPORTED and says which value is out
+   of range. tests/mpi/large_mpi.c moves 2.25 GiB to one peer (make check-mpi-large).
 
    moe_ep_mpi DOES NOT
    ===================
@@ -59,6 +66,7 @@
      MPI_ERRORS_RETURN only for the duration of the duplication, then restored);
    - move device memory (MOE_EP_MEMORY_DEVICE is refused: use the NCCL transport, or
      a CUDA-aware MPI through your own transport);
+   - exchange in place: send and recv must be two buffers (MPI's rule);
    - provide `abort`: a rank that fails before a collective leaves the others waiting
      in MPI; the core avoids this by agreeing on every rank's status before each
      exchange, and `mpirun --timeout` bounds what is left.
@@ -138,6 +146,7 @@ MOE_EP_API void moe_ep_mpi_transport_destroy(moe_ep_transport* transport);
 #endif
 
 #define MOE_EP__MPI_ROW_TYPES 8     /* distinct row sizes whose datatype is kept */
+#define MOE_EP__MPI_DIRECT_BYTES 65536  /* a segment this large travels as its own message */
 
 /* >>mpi layout: pure arithmetic, no MPI calls, so that the limits can be tested
    with numbers instead of gigabytes. */
@@ -227,10 +236,51 @@ MOE_EP_PRIVATE moe_ep_result moe_ep__mpi_describe(const int64_t* counts, const i
     return MOE_EP_OK;
 }
 
+/* Which segments travel as messages of their own, straight between the two buffers,
+   instead of inside the collective:
+   - a large one (at least `rule.direct_bytes`): one copy, which a single-copy transport
+     (CMA, XPMEM) serves for a contiguous message, instead of packing and unpacking;
+   - all of a peer's, when what would stay in the collective exceeds
+     `rule.collective_bytes` (INT_MAX): a peer's share of a collective then stays below
+     2 GiB, where MPI libraries have kept int byte counts inside their collectives (Open
+     MPI 4.1 and MPICH 4.0 were tested past it and are fine either way).
+   A direct segment longer than `rule.chunk_rows` goes in several messages, in order.
+   Both ends decide alike: the inputs are the pair's row counts (the sender's send counts
+   are the receiver's receive counts), the row size and constants equal on every rank. */
+typedef struct moe_ep__mpi_direct_rule {
+    int64_t direct_bytes;           /* 0: never by size */
+    int64_t collective_bytes;
+    int64_t chunk_rows;
+} moe_ep__mpi_direct_rule;
+
+/* 1 when every segment of this peer must go directly. */
+MOE_EP_PRIVATE int moe_ep__mpi_pair_direct(const int64_t* counts, int segments, size_t row_bytes,
+                                           const moe_ep__mpi_direct_rule* rule) {
+    int64_t rest = 0, limit = rule->collective_bytes / (int64_t)row_bytes;
+    int s;
+    for (s = 0; s < segments; ++s) {
+        int large = rule->direct_bytes > 0 &&
+                    counts[s] >= (rule->direct_bytes + (int64_t)row_bytes - 1) / (int64_t)row_bytes;
+        if (counts[s] <= 0 || large) continue;
+        if (counts[s] > limit - rest) return 1;
+        rest += counts[s];
+    }
+    return 0;
+}
+
+/* Messages segment `rows` travels in: 0 when it stays in the collective. */
+MOE_EP_PRIVATE int64_t moe_ep__mpi_direct_messages(int64_t rows, size_t row_bytes, int pair_direct,
+                                                   const moe_ep__mpi_direct_rule* rule) {
+    int large = rule->direct_bytes > 0 && rows >= (rule->direct_bytes + (int64_t)row_bytes - 1) / (int64_t)row_bytes;
+    if (rows <= 0 || !(pair_direct || large)) return 0;
+    return (rows + rule->chunk_rows - 1) / rule->chunk_rows;
+}
+
 /* >>mpi state */
 typedef struct moe_ep__mpi_request {
     struct moe_ep__mpi_request* next;   /* free list */
-    MPI_Request request;
+    MPI_Request* requests;              /* [0] the collective, then the direct messages */
+    int request_count, request_capacity;
     int peers;                          /* capacity of the arrays below: world_size */
     int* counts;                        /* [2R]: send, then receive */
     int* displs;                        /* [2R] bytes */
@@ -244,6 +294,8 @@ typedef struct moe_ep__mpi_impl {
     int rank, world_size;
     moe_ep_allocator allocator;
     moe_ep__mpi_limits limits;
+    moe_ep__mpi_direct_rule rule;       /* which segments go alone; the same on every rank */
+    int tag_ub;                         /* the largest tag: a direct segment's tag is its index mod tag_ub+1 */
     size_t row_bytes[MOE_EP__MPI_ROW_TYPES];
     MPI_Datatype row_types[MOE_EP__MPI_ROW_TYPES];
     int row_type_count;
@@ -253,6 +305,8 @@ typedef struct moe_ep__mpi_impl {
     int* block_lengths;
     MPI_Aint* block_displs;
     int64_t block_capacity;
+    int64_t* side_counts;               /* [segments] one peer's counts without its direct segments */
+    int side_capacity;
 } moe_ep__mpi_impl;
 
 MOE_EP_PRIVATE void* moe_ep__mpi_alloc(const moe_ep_allocator* a, size_t size) {
@@ -343,8 +397,11 @@ MOE_EP_PRIVATE moe_ep__mpi_request* moe_ep__mpi_request_get(moe_ep__mpi_impl* m)
     req->displs = (int*)moe_ep__mpi_alloc(&m->allocator, 2 * R * sizeof(int));
     req->types = (MPI_Datatype*)moe_ep__mpi_alloc(&m->allocator, 2 * R * sizeof(MPI_Datatype));
     req->owned = (unsigned char*)moe_ep__mpi_alloc(&m->allocator, 2 * R);
+    req->requests = (MPI_Request*)moe_ep__mpi_alloc(&m->allocator, sizeof(MPI_Request));
+    req->request_capacity = 1;
     req->row_owned = MPI_DATATYPE_NULL;
-    if (!req->counts || !req->displs || !req->types || !req->owned) {
+    if (!req->counts || !req->displs || !req->types || !req->owned || !req->requests) {
+        moe_ep__mpi_free(&m->allocator, req->requests);
         moe_ep__mpi_free(&m->allocator, req->counts);
         moe_ep__mpi_free(&m->allocator, req->displs);
         moe_ep__mpi_free(&m->allocator, req->types);
@@ -377,16 +434,22 @@ MOE_EP_PRIVATE int moe_ep__mpi_grow_blocks(moe_ep__mpi_impl* m, int64_t need) {
     return 1;
 }
 
-/* counts[slot], displs[slot], types[slot] for one peer's side of the exchange. */
+/* counts[slot], displs[slot], types[slot] for one peer's side of the exchange, leaving
+   out the segments that travel directly. Returns the number of those in *direct. */
 MOE_EP_PRIVATE moe_ep_result moe_ep__mpi_side(moe_ep__mpi_impl* m, moe_ep__mpi_request* req, int slot,
                                               const int64_t* counts, const int64_t* offsets, int segments,
-                                              size_t row_bytes, MPI_Datatype row, int peer, char* err_text,
-                                              size_t err_size) {
+                                              size_t row_bytes, MPI_Datatype row, int peer, int64_t* direct,
+                                              char* err_text, size_t err_size) {
     moe_ep__mpi_peer desc;
     moe_ep_result res;
     int64_t b;
-    int rc;
-    res = moe_ep__mpi_describe(counts, offsets, segments, row_bytes, &m->limits, peer, &desc, m->block_rows,
+    int rc, s, pair = moe_ep__mpi_pair_direct(counts, segments, row_bytes, &m->rule);
+    for (s = 0; s < segments; ++s) {
+        int64_t messages = moe_ep__mpi_direct_messages(counts[s], row_bytes, pair, &m->rule);
+        m->side_counts[s] = messages > 0 ? 0 : counts[s];
+        *direct += messages;
+    }
+    res = moe_ep__mpi_describe(m->side_counts, offsets, segments, row_bytes, &m->limits, peer, &desc, m->block_rows,
                                m->block_offsets, m->block_capacity, err_text, err_size);
     if (res != MOE_EP_OK) return res;
     req->types[slot] = row;
@@ -405,7 +468,7 @@ MOE_EP_PRIVATE moe_ep_result moe_ep__mpi_side(moe_ep__mpi_impl* m, moe_ep__mpi_r
             if (err_text) snprintf(err_text, err_size, "out of memory for %lld row blocks", (long long)desc.blocks);
             return MOE_EP_ERROR_OUT_OF_MEMORY;
         }
-        moe_ep__mpi_describe(counts, offsets, segments, row_bytes, &m->limits, peer, &desc, m->block_rows,
+        moe_ep__mpi_describe(m->side_counts, offsets, segments, row_bytes, &m->limits, peer, &desc, m->block_rows,
                              m->block_offsets, m->block_capacity, NULL, 0);
     }
     for (b = 0; b < desc.blocks; ++b) {
@@ -423,11 +486,13 @@ MOE_EP_PRIVATE moe_ep_result moe_ep__mpi_side(moe_ep__mpi_impl* m, moe_ep__mpi_r
     return MOE_EP_OK;
 }
 
-/* Describes both sides for every peer and copies the rank's own segments. */
+/* Describes both sides for every peer, copies the rank's own segments and makes room
+   for the requests of the direct segments. */
 MOE_EP_PRIVATE moe_ep_result moe_ep__mpi_prepare(moe_ep__mpi_impl* m, const moe_ep_a2a_args* a,
-                                                 moe_ep__mpi_request* req, char* err_text, size_t err_size) {
+                                                 moe_ep__mpi_request* req, MPI_Datatype* row, char* err_text,
+                                                 size_t err_size) {
     int R = m->world_size, S = a->segments, me = m->rank, p, s;
-    MPI_Datatype row = MPI_DATATYPE_NULL;
+    int64_t direct = 0;
     moe_ep_result res;
     if (a->memory_space == MOE_EP_MEMORY_DEVICE) {
         if (err_text) snprintf(err_text, err_size, "device memory is not supported by the MPI transport");
@@ -437,23 +502,49 @@ MOE_EP_PRIVATE moe_ep_result moe_ep__mpi_prepare(moe_ep__mpi_impl* m, const moe_
         if (err_text) snprintf(err_text, err_size, "segments (%d) must be >= 1", S);
         return MOE_EP_ERROR_INVALID_ARGUMENT;
     }
-    res = moe_ep__mpi_row_type(m, a->row_bytes, req, &row, err_text, err_size);
+    if (a->send == a->recv && a->send) {
+        /* MPI forbids it, and Open MPI would take it for MPI_IN_PLACE */
+        if (err_text) snprintf(err_text, err_size, "send and recv are the same buffer; MPI needs two");
+        return MOE_EP_ERROR_INVALID_ARGUMENT;
+    }
+    if (S > m->side_capacity) {
+        moe_ep__mpi_free(&m->allocator, m->side_counts);
+        m->side_counts = (int64_t*)moe_ep__mpi_alloc(&m->allocator, (size_t)S * sizeof(int64_t));
+        m->side_capacity = m->side_counts ? S : 0;
+        if (!m->side_counts) {
+            if (err_text) snprintf(err_text, err_size, "out of memory for %d segments", S);
+            return MOE_EP_ERROR_OUT_OF_MEMORY;
+        }
+    }
+    res = moe_ep__mpi_row_type(m, a->row_bytes, req, row, err_text, err_size);
     if (res != MOE_EP_OK) return res;
     for (p = 0; p < R; ++p) {
-        const int64_t* sc = a->send_counts + (size_t)p * (size_t)S;
-        const int64_t* rc = a->recv_counts + (size_t)p * (size_t)S;
+        size_t at = (size_t)p * (size_t)S;
         if (p == me) {
             req->counts[p] = req->counts[R + p] = 0;
             req->displs[p] = req->displs[R + p] = 0;
-            req->types[p] = req->types[R + p] = row;
+            req->types[p] = req->types[R + p] = *row;
             continue;
         }
-        res = moe_ep__mpi_side(m, req, p, sc, a->send_offsets + (size_t)p * (size_t)S, S, a->row_bytes, row, p,
-                               err_text, err_size);
+        res = moe_ep__mpi_side(m, req, p, a->send_counts + at, a->send_offsets + at, S, a->row_bytes, *row, p,
+                               &direct, err_text, err_size);
         if (res == MOE_EP_OK)
-            res = moe_ep__mpi_side(m, req, R + p, rc, a->recv_offsets + (size_t)p * (size_t)S, S, a->row_bytes, row,
-                                   p, err_text, err_size);
+            res = moe_ep__mpi_side(m, req, R + p, a->recv_counts + at, a->recv_offsets + at, S, a->row_bytes, *row,
+                                   p, &direct, err_text, err_size);
         if (res != MOE_EP_OK) return res;
+    }
+    if (1 + direct > req->request_capacity) {
+        if (direct >= INT_MAX) {
+            if (err_text) snprintf(err_text, err_size, "%lld direct segments exceed an MPI count", (long long)direct);
+            return MOE_EP_ERROR_UNSUPPORTED;
+        }
+        moe_ep__mpi_free(&m->allocator, req->requests);
+        req->requests = (MPI_Request*)moe_ep__mpi_alloc(&m->allocator, (size_t)(1 + direct) * sizeof(MPI_Request));
+        req->request_capacity = req->requests ? (int)(1 + direct) : 0;
+        if (!req->requests) {
+            if (err_text) snprintf(err_text, err_size, "out of memory for %lld requests", (long long)(1 + direct));
+            return MOE_EP_ERROR_OUT_OF_MEMORY;
+        }
     }
     /* The rank's own rows: the same range checks, then memcpy per segment. */
     {
@@ -481,26 +572,69 @@ MOE_EP_PRIVATE moe_ep_result moe_ep__mpi_prepare(moe_ep__mpi_impl* m, const moe_
     return MOE_EP_OK;
 }
 
+/* Posts the receives (send = 0) or sends (send = 1) of the direct segments, peers in
+   rotated order so that not every rank starts with rank 0. Between two ranks the
+   messages are posted in segment order, chunk by chunk, on both ends, so MPI's
+   non-overtaking rule matches them even where tags repeat. */
+MOE_EP_PRIVATE int moe_ep__mpi_post_direct(moe_ep__mpi_impl* m, const moe_ep_a2a_args* a, moe_ep__mpi_request* req,
+                                           MPI_Datatype row, int send) {
+    int R = m->world_size, S = a->segments, i, s, rc = MPI_SUCCESS;
+    const int64_t* counts = send ? a->send_counts : a->recv_counts;
+    const int64_t* offsets = send ? a->send_offsets : a->recv_offsets;
+    for (i = 1; i < R && rc == MPI_SUCCESS; ++i) {
+        int p = send ? (m->rank + i) % R : (m->rank + R - i) % R;
+        size_t at = (size_t)p * (size_t)S;
+        int pair = moe_ep__mpi_pair_direct(counts + at, S, a->row_bytes, &m->rule);
+        for (s = 0; s < S && rc == MPI_SUCCESS; ++s) {
+            int64_t rows = counts[at + s], done = 0;
+            int tag = s % (m->tag_ub + 1);
+            if (moe_ep__mpi_direct_messages(rows, a->row_bytes, pair, &m->rule) == 0) continue;
+            while (done < rows && rc == MPI_SUCCESS) {
+                int piece = (int)(rows - done < m->rule.chunk_rows ? rows - done : m->rule.chunk_rows);
+                size_t byte = (size_t)(offsets[at + s] + done) * a->row_bytes;
+                MPI_Request* r = &req->requests[req->request_count];
+                if (send) rc = MPI_Isend((const char*)a->send + byte, piece, row, p, tag, m->comm, r);
+                else rc = MPI_Irecv((char*)a->recv + byte, piece, row, p, tag, m->comm, r);
+                if (rc == MPI_SUCCESS) req->request_count++;
+                done += piece;
+            }
+        }
+    }
+    return rc;
+}
+
+/* Receives of direct segments first, then the collective, then the direct sends. */
 MOE_EP_PRIVATE moe_ep_result moe_ep__mpi_a2a_begin(void* impl, const moe_ep_a2a_args* args, void** request,
                                                    char* err_text, size_t err_size) {
     moe_ep__mpi_impl* m = (moe_ep__mpi_impl*)impl;
     moe_ep__mpi_request* req = moe_ep__mpi_request_get(m);
+    MPI_Datatype row = MPI_DATATYPE_NULL;
     moe_ep_result res;
     int rc, R = m->world_size;
+    const char* call = "MPI_Irecv";
     if (!req) {
         if (err_text) snprintf(err_text, err_size, "out of memory for a request record");
         return MOE_EP_ERROR_OUT_OF_MEMORY;
     }
-    res = moe_ep__mpi_prepare(m, args, req, err_text, err_size);
+    res = moe_ep__mpi_prepare(m, args, req, &row, err_text, err_size);
     if (res != MOE_EP_OK) {
         moe_ep__mpi_request_release(m, req);
         return res;
     }
-    rc = MPI_Ialltoallw(args->send, req->counts, req->displs, req->types, args->recv, req->counts + R,
-                        req->displs + R, req->types + R, m->comm, &req->request);
+    req->request_count = 1;
+    rc = moe_ep__mpi_post_direct(m, args, req, row, 0);
+    if (rc == MPI_SUCCESS) {
+        call = "MPI_Ialltoallw";
+        rc = MPI_Ialltoallw(args->send, req->counts, req->displs, req->types, args->recv, req->counts + R,
+                            req->displs + R, req->types + R, m->comm, &req->requests[0]);
+    }
+    if (rc == MPI_SUCCESS) {
+        call = "MPI_Isend";
+        rc = moe_ep__mpi_post_direct(m, args, req, row, 1);
+    }
     if (rc != MPI_SUCCESS) {
-        moe_ep__mpi_request_release(m, req);
-        return moe_ep__mpi_error(rc, "MPI_Ialltoallw", err_text, err_size);
+        /* MPI has failed: what was posted cannot be taken back, and the record stays out of use */
+        return moe_ep__mpi_error(rc, call, err_text, err_size);
     }
     *request = req;
     return MOE_EP_OK;
@@ -509,34 +643,34 @@ MOE_EP_PRIVATE moe_ep_result moe_ep__mpi_a2a_begin(void* impl, const moe_ep_a2a_
 MOE_EP_PRIVATE moe_ep_result moe_ep__mpi_a2a_end(void* impl, void* request, char* err_text, size_t err_size) {
     moe_ep__mpi_impl* m = (moe_ep__mpi_impl*)impl;
     moe_ep__mpi_request* req = (moe_ep__mpi_request*)request;
-    int rc;
+    const char* call = "";
+    int rc = MPI_SUCCESS, i;
     if (!req) {
         if (err_text) snprintf(err_text, err_size, "no exchange is open (request is NULL)");
         return MOE_EP_ERROR_INVALID_ARGUMENT;
     }
-    rc = MPI_Wait(&req->request, MPI_STATUS_IGNORE);
+    /* One wait per request (any MPI progresses them all meanwhile); every one is waited
+       for, so that nothing stays in flight after an error. */
+    for (i = 0; i < req->request_count; ++i) {
+        int one = MPI_Wait(&req->requests[i], MPI_STATUS_IGNORE);
+        if (one != MPI_SUCCESS && rc == MPI_SUCCESS) {
+            rc = one;
+            call = i == 0 ? "MPI_Wait (MPI_Ialltoallw)" : "MPI_Wait (MPI_Isend / MPI_Irecv)";
+        }
+    }
     moe_ep__mpi_request_release(m, req);
-    if (rc != MPI_SUCCESS) return moe_ep__mpi_error(rc, "MPI_Wait (MPI_Ialltoallw)", err_text, err_size);
+    if (rc != MPI_SUCCESS) return moe_ep__mpi_error(rc, call, err_text, err_size);
     return MOE_EP_OK;
 }
 
+/* Blocking: the split phase back to back (MPI_Ialltoallw + MPI_Waitall costs the same as
+   MPI_Alltoallw here, and the direct segments need the nonblocking form anyway). */
 MOE_EP_PRIVATE moe_ep_result moe_ep__mpi_a2a(void* impl, const moe_ep_a2a_args* args, char* err_text,
                                              size_t err_size) {
-    moe_ep__mpi_impl* m = (moe_ep__mpi_impl*)impl;
-    moe_ep__mpi_request* req = moe_ep__mpi_request_get(m);
-    moe_ep_result res;
-    int rc = MPI_SUCCESS, R = m->world_size;
-    if (!req) {
-        if (err_text) snprintf(err_text, err_size, "out of memory for a request record");
-        return MOE_EP_ERROR_OUT_OF_MEMORY;
-    }
-    res = moe_ep__mpi_prepare(m, args, req, err_text, err_size);
-    if (res == MOE_EP_OK)
-        rc = MPI_Alltoallw(args->send, req->counts, req->displs, req->types, args->recv, req->counts + R,
-                           req->displs + R, req->types + R, m->comm);
-    moe_ep__mpi_request_release(m, req);
-    if (res == MOE_EP_OK && rc != MPI_SUCCESS) res = moe_ep__mpi_error(rc, "MPI_Alltoallw", err_text, err_size);
-    return res;
+    void* request = NULL;
+    moe_ep_result res = moe_ep__mpi_a2a_begin(impl, args, &request, err_text, err_size);
+    if (res != MOE_EP_OK) return res;
+    return moe_ep__mpi_a2a_end(impl, request, err_text, err_size);
 }
 
 /* >>mpi create and destroy */
@@ -554,6 +688,7 @@ MOE_EP_PRIVATE void moe_ep__mpi_destroy(void* impl) {
         moe_ep__mpi_free(&a, req->displs);
         moe_ep__mpi_free(&a, req->types);
         moe_ep__mpi_free(&a, req->owned);
+        moe_ep__mpi_free(&a, req->requests);
         moe_ep__mpi_free(&a, req);
     }
     if (!finalized) {
@@ -564,6 +699,7 @@ MOE_EP_PRIVATE void moe_ep__mpi_destroy(void* impl) {
     moe_ep__mpi_free(&a, m->block_offsets);
     moe_ep__mpi_free(&a, m->block_lengths);
     moe_ep__mpi_free(&a, m->block_displs);
+    moe_ep__mpi_free(&a, m->side_counts);
     moe_ep__mpi_free(&a, m);
 }
 
@@ -645,6 +781,16 @@ MOE_EP_API moe_ep_result moe_ep_mpi_transport_create(const moe_ep_mpi_desc* desc
     m->limits.max_plain_offset = INT_MAX;
     m->limits.max_offset = sizeof(MPI_Aint) >= sizeof(int64_t) ? INT64_MAX : (int64_t)((1ull << (8 * sizeof(MPI_Aint) - 1)) - 1);
     if ((uint64_t)m->limits.max_offset > (uint64_t)PTRDIFF_MAX) m->limits.max_offset = (int64_t)PTRDIFF_MAX;
+    m->rule.direct_bytes = MOE_EP__MPI_DIRECT_BYTES;
+    m->rule.collective_bytes = INT_MAX;
+    m->rule.chunk_rows = INT_MAX;
+    {
+        void* value = NULL;
+        int flag = 0;
+        m->tag_ub = 32767;                  /* the least MPI promises */
+        if (MPI_Comm_get_attr(comm, MPI_TAG_UB, &value, &flag) == MPI_SUCCESS && flag && value)
+            m->tag_ub = *(int*)value;
+    }
     memset(&t, 0, sizeof t);
     t.impl = m;
     t.name = "mpi";

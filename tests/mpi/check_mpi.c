@@ -311,6 +311,10 @@ START_TEST(test_layer_matches_one_rank_and_pthreads) {
 
     res = moe_ep_mpi_transport_create(&(moe_ep_mpi_desc){ .comm = MPI_COMM_WORLD }, &t);
     if (res != MOE_EP_OK) { ok = 0; snprintf(error, sizeof error, "transport create: %s", moe_ep_result_string(res)); }
+    else if (_i % 2) {      /* every segment as its own messages, of at most 2 rows */
+        ((moe_ep__mpi_impl*)t.impl)->rule.direct_bytes = 1;
+        ((moe_ep__mpi_impl*)t.impl)->rule.chunk_rows = 2;
+    }
     if (ok) {
         res = layer_forward(&L, &t, y_fwd, error, sizeof error);
         ok = res == MOE_EP_OK;
@@ -548,7 +552,11 @@ static moe_ep_a2a_args a2a_args(const a2a_layout* A) {
 }
 
 /* _i: 0 blocking, 1 split-phase, 2 two exchanges open at once (ended in reverse order),
-   3 blocking with tiny per-rank limits (blocks split, hindexed even where contiguous). */
+   3 blocking with tiny per-rank limits (blocks split, hindexed even where contiguous),
+   4 as 2 with segments of 2 rows and more as their own messages (the same tags in both
+   exchanges), 5 as 4 with every segment on its own in messages of at most 2 rows, one
+   tag for all and tiny limits, 6 as 2 with every peer whose rows exceed 40 bytes sent
+   point-to-point in messages of at most 3 rows (the path of more than 2 GiB per peer). */
 START_TEST(test_segmented_all_to_all) {
     static const int segments[] = { 1, 3, 5 };
     static const size_t row_bytes[] = { 4, 12, 20 };
@@ -560,10 +568,16 @@ START_TEST(test_segmented_all_to_all) {
        one rank must not make that rank skip an exchange the others enter. */
     calls = moe_ep_mpi_transport_create(&(moe_ep_mpi_desc){ .comm = MPI_COMM_WORLD }, &t) == MOE_EP_OK;
     ok = calls;
-    if (calls && _i == 3) {
+    if (calls && (_i == 3 || _i == 5)) {
         moe_ep__mpi_impl* m = (moe_ep__mpi_impl*)t.impl;
         m->limits.max_block_rows = 1 + world_rank % 3;          /* each rank its own: a local choice */
         m->limits.max_plain_offset = (int64_t)(world_rank % 2) * 24;
+    }
+    if (calls && _i >= 4) {     /* the direct rule: the same on every rank */
+        moe_ep__mpi_impl* m = (moe_ep__mpi_impl*)t.impl;
+        m->rule.direct_bytes = _i == 4 ? 24 : _i == 5 ? 1 : 0;
+        if (_i == 5) { m->rule.chunk_rows = 2; m->tag_ub = 0; }
+        if (_i == 6) { m->rule.collective_bytes = 40; m->rule.chunk_rows = 3; }
     }
     for (k = 0; calls && k < 3; ++k) {
         a2a_layout A, B;
@@ -581,7 +595,7 @@ START_TEST(test_segmented_all_to_all) {
             if (calls) calls = t.all_to_all_v_end(t.impl, req, err, sizeof err) == MOE_EP_OK;
             if (calls) calls = t.all_to_all_v_begin(t.impl, &b, &req, err, sizeof err) == MOE_EP_OK;
             if (calls) calls = t.all_to_all_v_end(t.impl, req, err, sizeof err) == MOE_EP_OK;
-        } else {
+        } else {   /* 2, 4, 5, 6 */
             void *ra = NULL, *rb = NULL;
             calls = t.all_to_all_v_begin(t.impl, &a, &ra, err, sizeof err) == MOE_EP_OK;
             if (calls) calls = t.all_to_all_v_begin(t.impl, &b, &rb, err, sizeof err) == MOE_EP_OK;
@@ -732,9 +746,9 @@ START_TEST(test_unsupported_rows_fail_symmetrically) {
     /* Every rank sees the same row size and memory space, so every rank refuses, before MPI. */
     moe_ep_transport t;
     int64_t zero[64] = { 0 };
-    char buf[8], err1[256] = "", err2[256] = "";
+    char buf[8], err1[256] = "", err2[256] = "", err3[256] = "";
     moe_ep_a2a_args a;
-    moe_ep_result r1 = MOE_EP_ERROR_INTERNAL, r2 = MOE_EP_ERROR_INTERNAL;
+    moe_ep_result r1 = MOE_EP_ERROR_INTERNAL, r2 = MOE_EP_ERROR_INTERNAL, r3 = MOE_EP_ERROR_INTERNAL;
     int ok = moe_ep_mpi_transport_create(&(moe_ep_mpi_desc){ .comm = MPI_COMM_WORLD }, &t) == MOE_EP_OK;
     memset(&a, 0, sizeof a);
     a.send = buf; a.recv = buf + 4; a.segments = 1;
@@ -744,12 +758,17 @@ START_TEST(test_unsupported_rows_fail_symmetrically) {
     a.row_bytes = 4;
     a.memory_space = MOE_EP_MEMORY_DEVICE;
     if (ok) r2 = t.all_to_all_v(t.impl, &a, err2, sizeof err2);
+    a.memory_space = MOE_EP_MEMORY_HOST;
+    a.recv = buf;           /* in place: Open MPI would take it for MPI_IN_PLACE */
+    if (ok) r3 = t.all_to_all_v(t.impl, &a, err3, sizeof err3);
     ok = ok && r1 == MOE_EP_ERROR_UNSUPPORTED && strstr(err1, "row_bytes (2147483648)") != NULL &&
-         r2 == MOE_EP_ERROR_UNSUPPORTED && strstr(err2, "device memory") != NULL;
+         r2 == MOE_EP_ERROR_UNSUPPORTED && strstr(err2, "device memory") != NULL &&
+         r3 == MOE_EP_ERROR_INVALID_ARGUMENT && strstr(err3, "same buffer") != NULL;
     ok = ok && t.barrier(t.impl, NULL, 0) == MOE_EP_OK;     /* nobody is left inside a collective */
     moe_ep_mpi_transport_destroy(&t);
     ok = all_ok(ok);
-    ck_assert_msg(ok, "got %s '%s' and %s '%s'", moe_ep_result_string(r1), err1, moe_ep_result_string(r2), err2);
+    ck_assert_msg(ok, "got %s '%s', %s '%s' and %s '%s'", moe_ep_result_string(r1), err1, moe_ep_result_string(r2), err2,
+                  moe_ep_result_string(r3), err3);
 }
 END_TEST
 
@@ -872,6 +891,26 @@ START_TEST(test_large_layout_arithmetic) {
         ck_assert_int_eq(rows[3], 1);
         ck_assert_int_eq(offs[3], (4 + 9) * 2);
     }
+    /* the direct rule: by size, and everything of a pair whose rest would pass 2 GiB */
+    {
+        moe_ep__mpi_direct_rule rule = { 65536, INT_MAX, INT_MAX };
+        int64_t c[3] = { 15, 16, 524287 };
+        ck_assert(!moe_ep__mpi_pair_direct(c, 3, 4096, &rule));
+        ck_assert_int_eq(moe_ep__mpi_direct_messages(c[0], 4096, 0, &rule), 0);
+        ck_assert_int_eq(moe_ep__mpi_direct_messages(c[1], 4096, 0, &rule), 1);     /* 16 rows = 64 KiB */
+        rule.direct_bytes = 0;                                                      /* never by size */
+        ck_assert(!moe_ep__mpi_pair_direct(c + 2, 1, 4096, &rule));                 /* 2^31 - 4096 bytes */
+        c[2] = 524288;                                                              /* 2^31 bytes */
+        ck_assert(moe_ep__mpi_pair_direct(c + 2, 1, 4096, &rule));
+        ck_assert_int_eq(moe_ep__mpi_direct_messages(c[2], 4096, 1, &rule), 1);
+        ck_assert_int_eq(moe_ep__mpi_direct_messages(0, 4096, 1, &rule), 0);
+        c[0] = 262144; c[1] = 262144; c[2] = 0;                                     /* 1 GiB + 1 GiB */
+        ck_assert(moe_ep__mpi_pair_direct(c, 3, 4096, &rule));
+        c[0] = big + 1;                                                             /* more than an int of rows */
+        ck_assert_int_eq(moe_ep__mpi_direct_messages(c[0], 1, 1, &rule), 2);
+        rule.chunk_rows = 3;
+        ck_assert_int_eq(moe_ep__mpi_direct_messages(10, 8, 1, &rule), 4);
+    }
     /* out of range: negative, past MPI_Aint, empty rows; each says which value */
     {
         int64_t c[2] = { 1, -2 }, o[2] = { 0, 5 };
@@ -897,7 +936,7 @@ static Suite* mpi_suite(void) {
     TCase* limits = tcase_create("limits");
     tcase_add_test(transport, test_transport_identity);
     tcase_add_test(transport, test_exchange_counts);
-    tcase_add_loop_test(transport, test_segmented_all_to_all, 0, 4);
+    tcase_add_loop_test(transport, test_segmented_all_to_all, 0, 7);
     tcase_add_loop_test(layer, test_layer_matches_one_rank_and_pthreads, 0, LAYER_CASES);
     tcase_add_loop_test(failures, test_rank_mismatch, 0, 2);
     tcase_add_test(failures, test_expert_failure_reaches_every_rank);
