@@ -935,21 +935,21 @@ MOE_EP_PRIVATE int64_t moe_ep__hidden_stride(const moe_ep_desc* d) {
     return moe_ep__panel_count(d->d_ff, cols) * cols;
 }
 
-/* W [n, k] -> panels of NR columns; with w3, panels of NR/2 columns of each. */
+/* W [n, k] -> panels of NR columns; with w3, panels of NR/2 columns of each. Written in
+   order, reading the panel's NR rows of W side by side. */
 MOE_EP_PRIVATE void moe_ep__pack(const float* w, const float* w3, int n, int k, float* panels) {
     int cols = w3 ? MOE_EP__NR / 2 : MOE_EP__NR, j, kk;
     int64_t p, np = moe_ep__panel_count(n, cols);
     for (p = 0; p < np; ++p) {
-        float* panel = panels + p * (int64_t)k * MOE_EP__NR;
+        const float* src[MOE_EP__NR];
+        float* dst = panels + p * (int64_t)k * MOE_EP__NR;
         for (j = 0; j < MOE_EP__NR; ++j) {
             int half = j >= cols;
             int64_t col = p * cols + (j - half * cols);
-            const float* src = (half ? w3 : w) + col * k;
-            if (col >= n)
-                for (kk = 0; kk < k; ++kk) panel[(int64_t)kk * MOE_EP__NR + j] = 0.0f;
-            else
-                for (kk = 0; kk < k; ++kk) panel[(int64_t)kk * MOE_EP__NR + j] = src[kk];
+            src[j] = col < n ? (half ? w3 : w) + col * k : NULL;
         }
+        for (kk = 0; kk < k; ++kk, dst += MOE_EP__NR)
+            for (j = 0; j < MOE_EP__NR; ++j) dst[j] = src[j] ? src[j][kk] : 0.0f;
     }
 }
 
