@@ -34,7 +34,9 @@
                                          targets AVX-512F, AVX2+FMA or AArch64 NEON
    MOE_EP_CBLAS            (undefined)   expert products by cblas_sgemm of a CBLAS you link;
                                          results then depend on the BLAS (not bitwise
-                                         reproducible across row counts or threads)
+                                         reproducible across row counts or threads), and
+                                         so does its thread count (e.g. OPENBLAS_NUM_THREADS:
+                                         with several ranks in a process, divide it yourself)
    MOE_EP_CBLAS_HEADER     <cblas.h>     the header that MOE_EP_CBLAS includes
    The built-in kernel's SIMD path follows the compiler's target flags (-march=native,
    -mavx2 -mfma, ...): each path is bitwise reproducible on its own; paths agree to rounding.
