@@ -25,6 +25,7 @@
                                                           collective over comm
    3. moe_ep_create(&(moe_ep_desc){ ..., .transport = &t }, &ctx) on every rank, then
       use the layer as with any transport. Several contexts may share one transport.
+      For EP x DP or EP x TP x DP, split t with moe_ep_layout_split (moe_ep.h, >>layout).
    4. moe_ep_destroy(ctx) for each; moe_ep_mpi_transport_destroy(&t); MPI_Finalize.
 
    HOW IT WORKS
@@ -48,6 +49,14 @@
      Sender and receiver see the same row counts, so both pick the same segments.
    all_to_all_v_begin posts all of it, all_to_all_v_end waits (the core uses the
    split phase for dispatch and combine); all_to_all_v is the two back to back.
+
+   split (for EP x DP and EP x TP x DP, through moe_ep_layout_split) is MPI_Comm_split;
+   the group is a transport of its own: release it with moe_ep_mpi_transport_destroy
+   (or its destroy callback) before the transport it came from. all_reduce_sum (the
+   tensor-parallel sum) adds the ranks' values in rank order, (((r0 + r1) + r2) + ...),
+   so the bits are the same on every rank, in every run and as with the pthreads
+   transport: rank c gathers chunk c from all (MPI_Alltoallv), adds, and shares the sum
+   (MPI_Allgatherv). MPI_Allreduce promises no order, so it is not used.
 
    LARGE LAYERS
    ============
@@ -147,6 +156,7 @@ MOE_EP_API void moe_ep_mpi_transport_destroy(moe_ep_transport* transport);
 
 #define MOE_EP__MPI_ROW_TYPES 8     /* distinct row sizes whose datatype is kept */
 #define MOE_EP__MPI_DIRECT_BYTES 65536  /* a segment this large travels as its own message */
+#define MOE_EP__MPI_REDUCE_CHUNK 1048576 /* floats per rank and round of all_reduce_sum */
 
 /* >>mpi layout: pure arithmetic, no MPI calls, so that the limits can be tested
    with numbers instead of gigabytes. */
@@ -307,6 +317,7 @@ typedef struct moe_ep__mpi_impl {
     int64_t block_capacity;
     int64_t* side_counts;               /* [segments] one peer's counts without its direct segments */
     int side_capacity;
+    int64_t reduce_chunk;               /* all_reduce_sum: floats per rank and round; the same on every rank */
 } moe_ep__mpi_impl;
 
 MOE_EP_PRIVATE void* moe_ep__mpi_alloc(const moe_ep_allocator* a, size_t size) {
@@ -703,6 +714,177 @@ MOE_EP_PRIVATE void moe_ep__mpi_destroy(void* impl) {
     moe_ep__mpi_free(&a, m);
 }
 
+/* >>mpi groups and sums */
+MOE_EP_PRIVATE moe_ep_result moe_ep__mpi_split(void* impl, int color, int key, moe_ep_transport* out, char* err_text,
+                                               size_t err_size);
+MOE_EP_PRIVATE moe_ep_result moe_ep__mpi_all_reduce(void* impl, float* data, int64_t count,
+                                                    moe_ep_memory_space memory_space, void* stream, char* err_text,
+                                                    size_t err_size);
+
+/* A transport over `comm`, which it owns from here on (freed on failure too). */
+MOE_EP_PRIVATE moe_ep_result moe_ep__mpi_wrap(MPI_Comm comm, const moe_ep_allocator* allocator, moe_ep_transport* out,
+                                              char* err_text, size_t err_size) {
+    moe_ep__mpi_impl* m;
+    moe_ep_transport t;
+    int rc, rank = 0, size = 0;
+    rc = MPI_Comm_set_errhandler(comm, MPI_ERRORS_RETURN);
+    if (rc == MPI_SUCCESS) rc = MPI_Comm_rank(comm, &rank);
+    if (rc == MPI_SUCCESS) rc = MPI_Comm_size(comm, &size);
+    m = rc == MPI_SUCCESS ? (moe_ep__mpi_impl*)moe_ep__mpi_alloc(allocator, sizeof *m) : NULL;
+    if (!m) {
+        MPI_Comm_free(&comm);
+        if (rc != MPI_SUCCESS) return moe_ep__mpi_error(rc, "MPI_Comm_set_errhandler", err_text, err_size);
+        if (err_text) snprintf(err_text, err_size, "out of memory");
+        return MOE_EP_ERROR_OUT_OF_MEMORY;
+    }
+    memset(m, 0, sizeof *m);
+    m->comm = comm;
+    m->rank = rank;
+    m->world_size = size;
+    m->allocator = *allocator;
+    m->limits.max_block_rows = INT_MAX;
+    m->limits.max_plain_offset = INT_MAX;
+    m->limits.max_offset = sizeof(MPI_Aint) >= sizeof(int64_t) ? INT64_MAX : (int64_t)((1ull << (8 * sizeof(MPI_Aint) - 1)) - 1);
+    if ((uint64_t)m->limits.max_offset > (uint64_t)PTRDIFF_MAX) m->limits.max_offset = (int64_t)PTRDIFF_MAX;
+    m->rule.direct_bytes = MOE_EP__MPI_DIRECT_BYTES;
+    m->rule.collective_bytes = INT_MAX;
+    m->rule.chunk_rows = INT_MAX;
+    m->reduce_chunk = MOE_EP__MPI_REDUCE_CHUNK;
+    {
+        void* value = NULL;
+        int flag = 0;
+        m->tag_ub = 32767;                  /* the least MPI promises */
+        if (MPI_Comm_get_attr(comm, MPI_TAG_UB, &value, &flag) == MPI_SUCCESS && flag && value)
+            m->tag_ub = *(int*)value;
+    }
+    memset(&t, 0, sizeof t);
+    t.impl = m;
+    t.name = "mpi";
+    t.rank = rank;
+    t.world_size = size;
+    t.local_ranks = 1;
+    t.exchange_counts = moe_ep__mpi_exchange;
+    t.all_to_all_v = moe_ep__mpi_a2a;
+    t.all_to_all_v_begin = moe_ep__mpi_a2a_begin;
+    t.all_to_all_v_end = moe_ep__mpi_a2a_end;
+    t.barrier = moe_ep__mpi_barrier;
+    t.destroy = moe_ep__mpi_destroy;
+    t.all_reduce_sum = moe_ep__mpi_all_reduce;
+    t.split = moe_ep__mpi_split;
+    *out = t;
+    return MOE_EP_OK;
+}
+
+/* MPI_Comm_split: ranks of one color, ordered by (key, rank) as MPI orders them. A rank
+   with a negative color still takes part (MPI_UNDEFINED), so the others are not left
+   waiting, and gets an error. */
+MOE_EP_PRIVATE moe_ep_result moe_ep__mpi_split(void* impl, int color, int key, moe_ep_transport* out, char* err_text,
+                                               size_t err_size) {
+    moe_ep__mpi_impl* m = (moe_ep__mpi_impl*)impl;
+    MPI_Comm group = MPI_COMM_NULL;
+    int rc = MPI_Comm_split(m->comm, color >= 0 ? color : MPI_UNDEFINED, key, &group);
+    if (rc != MPI_SUCCESS) return moe_ep__mpi_error(rc, "MPI_Comm_split", err_text, err_size);
+    if (color < 0) {
+        if (group != MPI_COMM_NULL) MPI_Comm_free(&group);
+        if (err_text) snprintf(err_text, err_size, "split: color (%d) must be >= 0", color);
+        return MOE_EP_ERROR_INVALID_ARGUMENT;
+    }
+    return moe_ep__mpi_wrap(group, &m->allocator, out, err_text, err_size);
+}
+
+/* The sum in rank order, (((r0 + r1) + r2) + ...), the same bits on every rank and in
+   every run (MPI_Allreduce promises neither): the data goes in windows; in each, rank c
+   gathers chunk c from every rank (MPI_Alltoallv), adds the copies in rank order and
+   hands its sum to all (MPI_Allgatherv). Every rank first checks that all pass the same
+   count, so a mismatch fails everywhere instead of hanging. */
+MOE_EP_PRIVATE moe_ep_result moe_ep__mpi_all_reduce(void* impl, float* data, int64_t count,
+                                                    moe_ep_memory_space memory_space, void* stream, char* err_text,
+                                                    size_t err_size) {
+    enum { BAD_COUNT = -1, DEVICE = -2, NO_MEMORY = -3 };
+    moe_ep__mpi_impl* m = (moe_ep__mpi_impl*)impl;
+    const moe_ep_allocator* a = &m->allocator;
+    int R = m->world_size, me = m->rank, q, rc;
+    int64_t chunk, window, done, i, status;
+    int64_t* counts = (int64_t*)moe_ep__mpi_alloc(a, (size_t)R * sizeof(int64_t));
+    int* ints = (int*)moe_ep__mpi_alloc(a, 4 * (size_t)R * sizeof(int));
+    float* gathered = NULL;
+    (void)stream;
+    /* chunks of at most reduce_chunk floats: int counts, and a scratch of R chunks at most */
+    chunk = m->reduce_chunk < (int64_t)(INT_MAX / R) ? m->reduce_chunk : (int64_t)(INT_MAX / R);
+    if (count >= 0 && count / R + 1 < chunk) chunk = count / R + 1;
+    if (count > 0 && memory_space != MOE_EP_MEMORY_DEVICE)
+        gathered = (float*)moe_ep__mpi_alloc(a, (size_t)R * (size_t)chunk * sizeof(float));
+    if (!counts || !ints) {
+        moe_ep__mpi_free(a, counts);
+        moe_ep__mpi_free(a, ints);
+        moe_ep__mpi_free(a, gathered);
+        if (err_text) snprintf(err_text, err_size, "all_reduce_sum: out of memory");
+        return MOE_EP_ERROR_OUT_OF_MEMORY;
+    }
+    /* Every rank's count, or why it cannot take part: all ranks reach the same verdict. */
+    status = memory_space == MOE_EP_MEMORY_DEVICE ? DEVICE : count < 0 ? BAD_COUNT
+           : count > 0 && !gathered ? NO_MEMORY : count;
+    rc = MPI_Allgather(&status, 1, MPI_INT64_T, counts, 1, MPI_INT64_T, m->comm);
+    for (q = 0; rc == MPI_SUCCESS && q < R; ++q) {
+        moe_ep_result res = MOE_EP_OK;
+        if (counts[q] == DEVICE) {
+            res = MOE_EP_ERROR_UNSUPPORTED;
+            if (err_text) snprintf(err_text, err_size, "all_reduce_sum: device memory is not supported by the MPI transport");
+        } else if (counts[q] == NO_MEMORY) {
+            res = q == me ? MOE_EP_ERROR_OUT_OF_MEMORY : MOE_EP_ERROR_ABORTED;
+            if (err_text) snprintf(err_text, err_size, "all_reduce_sum: rank %d is out of memory", q);
+        } else if (counts[q] != counts[me]) {
+            res = MOE_EP_ERROR_INVALID_ARGUMENT;
+            if (err_text) snprintf(err_text, err_size, "all_reduce_sum: rank %d passes %lld elements, rank %d %lld", q,
+                                   (long long)counts[q], me, (long long)counts[me]);
+        } else if (counts[q] < 0) {
+            res = MOE_EP_ERROR_INVALID_ARGUMENT;
+            if (err_text) snprintf(err_text, err_size, "all_reduce_sum: count (%lld) must be >= 0", (long long)count);
+        }
+        if (res != MOE_EP_OK) {
+            moe_ep__mpi_free(a, counts);
+            moe_ep__mpi_free(a, ints);
+            moe_ep__mpi_free(a, gathered);
+            return res;
+        }
+    }
+    for (done = 0; done < count && rc == MPI_SUCCESS; done += window) {
+        int* part_counts = ints;
+        int* part_displs = ints + R;
+        int* recv_counts = ints + 2 * R;
+        int* recv_displs = ints + 3 * R;
+        int64_t mine_start, mine_len;
+        window = count - done < chunk * R ? count - done : chunk * R;
+        for (q = 0; q < R; ++q) {
+            int64_t start = window * q / R;
+            part_counts[q] = (int)(window * (q + 1) / R - start);
+            part_displs[q] = (int)start;
+        }
+        mine_start = part_displs[me];
+        mine_len = part_counts[me];
+        for (q = 0; q < R; ++q) {
+            recv_counts[q] = (int)mine_len;
+            recv_displs[q] = (int)(q * mine_len);
+        }
+        rc = MPI_Alltoallv(data + done, part_counts, part_displs, MPI_FLOAT, gathered, recv_counts, recv_displs,
+                           MPI_FLOAT, m->comm);
+        if (rc != MPI_SUCCESS) break;
+        for (i = 0; i < mine_len; ++i) {
+            float sum = gathered[i];
+            for (q = 1; q < R; ++q) sum += gathered[(int64_t)q * mine_len + i];
+            data[done + mine_start + i] = sum;
+        }
+        rc = MPI_Allgatherv(MPI_IN_PLACE, 0, MPI_DATATYPE_NULL, data + done, part_counts, part_displs, MPI_FLOAT,
+                            m->comm);
+    }
+    moe_ep__mpi_free(a, counts);
+    moe_ep__mpi_free(a, ints);
+    moe_ep__mpi_free(a, gathered);
+    if (rc != MPI_SUCCESS) return moe_ep__mpi_error(rc, "all_reduce_sum (MPI_Allgather / MPI_Alltoallv / MPI_Allgatherv)",
+                                                    err_text, err_size);
+    return MOE_EP_OK;
+}
+
 MOE_EP_PRIVATE moe_ep_result moe_ep__mpi_create_fail(const moe_ep_mpi_desc* desc, moe_ep_result result,
                                                      const char* fmt, ...) {
     char text[MPI_MAX_ERROR_STRING + 256];
@@ -715,12 +897,10 @@ MOE_EP_PRIVATE moe_ep_result moe_ep__mpi_create_fail(const moe_ep_mpi_desc* desc
 }
 
 MOE_EP_API moe_ep_result moe_ep_mpi_transport_create(const moe_ep_mpi_desc* desc, moe_ep_transport* out) {
-    moe_ep__mpi_impl* m;
     MPI_Comm comm;
     MPI_Errhandler previous;
-    int initialized = 0, finalized = 0, inter = 0, rc, rank = 0, size = 0;
+    int initialized = 0, finalized = 0, inter = 0, rc;
     char err[MPI_MAX_ERROR_STRING + 64] = "";
-    moe_ep_transport t;
     if (!desc || !out) return moe_ep__mpi_create_fail(desc, MOE_EP_ERROR_INVALID_ARGUMENT,
                                                       "moe_ep_mpi_transport_create: desc and out must not be NULL");
     if ((desc->allocator.alloc_fn == NULL) != (desc->allocator.free_fn == NULL))
@@ -762,48 +942,11 @@ MOE_EP_API moe_ep_result moe_ep_mpi_transport_create(const moe_ep_mpi_desc* desc
         }
         comm = dup;
     }
-    rc = MPI_Comm_set_errhandler(comm, MPI_ERRORS_RETURN);
-    if (rc == MPI_SUCCESS) rc = MPI_Comm_rank(comm, &rank);
-    if (rc == MPI_SUCCESS) rc = MPI_Comm_size(comm, &size);
-    m = rc == MPI_SUCCESS ? (moe_ep__mpi_impl*)moe_ep__mpi_alloc(&desc->allocator, sizeof *m) : NULL;
-    if (!m) {
-        if (rc != MPI_SUCCESS) moe_ep__mpi_error(rc, "MPI_Comm_set_errhandler", err, sizeof err);
-        MPI_Comm_free(&comm);
-        return moe_ep__mpi_create_fail(desc, rc != MPI_SUCCESS ? MOE_EP_ERROR_TRANSPORT : MOE_EP_ERROR_OUT_OF_MEMORY,
-                                       "moe_ep_mpi_transport_create: %s", rc != MPI_SUCCESS ? err : "out of memory");
-    }
-    memset(m, 0, sizeof *m);
-    m->comm = comm;
-    m->rank = rank;
-    m->world_size = size;
-    m->allocator = desc->allocator;
-    m->limits.max_block_rows = INT_MAX;
-    m->limits.max_plain_offset = INT_MAX;
-    m->limits.max_offset = sizeof(MPI_Aint) >= sizeof(int64_t) ? INT64_MAX : (int64_t)((1ull << (8 * sizeof(MPI_Aint) - 1)) - 1);
-    if ((uint64_t)m->limits.max_offset > (uint64_t)PTRDIFF_MAX) m->limits.max_offset = (int64_t)PTRDIFF_MAX;
-    m->rule.direct_bytes = MOE_EP__MPI_DIRECT_BYTES;
-    m->rule.collective_bytes = INT_MAX;
-    m->rule.chunk_rows = INT_MAX;
     {
-        void* value = NULL;
-        int flag = 0;
-        m->tag_ub = 32767;                  /* the least MPI promises */
-        if (MPI_Comm_get_attr(comm, MPI_TAG_UB, &value, &flag) == MPI_SUCCESS && flag && value)
-            m->tag_ub = *(int*)value;
+        moe_ep_result res = moe_ep__mpi_wrap(comm, &desc->allocator, out, err, sizeof err);
+        if (res != MOE_EP_OK)
+            return moe_ep__mpi_create_fail(desc, res, "moe_ep_mpi_transport_create: %s", err);
     }
-    memset(&t, 0, sizeof t);
-    t.impl = m;
-    t.name = "mpi";
-    t.rank = rank;
-    t.world_size = size;
-    t.local_ranks = 1;
-    t.exchange_counts = moe_ep__mpi_exchange;
-    t.all_to_all_v = moe_ep__mpi_a2a;
-    t.all_to_all_v_begin = moe_ep__mpi_a2a_begin;
-    t.all_to_all_v_end = moe_ep__mpi_a2a_end;
-    t.barrier = moe_ep__mpi_barrier;
-    t.destroy = moe_ep__mpi_destroy;
-    *out = t;
     return MOE_EP_OK;
 }
 

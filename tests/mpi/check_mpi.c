@@ -804,6 +804,263 @@ START_TEST(test_allocations_are_returned) {
 }
 END_TEST
 
+/* ---- groups and sums: EP x DP and EP x TP x DP over MPI ------------------------------ */
+
+/* Rank r's input of the sum test: a function of (seed, r, i), so every rank can compute
+   everyone's and the expected rank-order sum. */
+static float reduce_input(unsigned long long seed, int r, int64_t i) {
+    unsigned long long z = seed ^ ((unsigned long long)r << 40) ^ (unsigned long long)i;
+    return (float)(next_random(&z) >> 40) / 65536.0f - 128.0f;
+}
+
+/* _i: 0 default rounds, 1 rounds of 7 floats per rank (many windows) */
+START_TEST(test_all_reduce_sum_in_rank_order) {
+    static const int64_t counts[] = { 0, 1, 3, 1000, 100003 };
+    moe_ep_transport t;
+    char err[512] = "";
+    int ok, k, r, calls;
+    calls = moe_ep_mpi_transport_create(&(moe_ep_mpi_desc){ .comm = MPI_COMM_WORLD }, &t) == MOE_EP_OK;
+    ok = calls;
+    if (calls && _i == 1) ((moe_ep__mpi_impl*)t.impl)->reduce_chunk = 7;
+    for (k = 0; calls && k < (int)(sizeof counts / sizeof counts[0]); ++k) {
+        int64_t n = counts[k], i;
+        float* data = (float*)xmalloc(sizeof(float) * (size_t)(n + 1));
+        for (i = 0; i < n; ++i) data[i] = reduce_input(base_seed + (unsigned)k, world_rank, i);
+        data[n] = 12345.0f;     /* past the end: must stay */
+        calls = t.all_reduce_sum(t.impl, data, n, MOE_EP_MEMORY_HOST, NULL, err, sizeof err) == MOE_EP_OK;
+        for (i = 0; calls && ok && i < n; ++i) {
+            float want = reduce_input(base_seed + (unsigned)k, 0, i);
+            for (r = 1; r < world_size; ++r) want += reduce_input(base_seed + (unsigned)k, r, i);
+            if (memcmp(&want, &data[i], sizeof want) != 0) {
+                snprintf(err, sizeof err, "count %lld: element %lld is %.9g, the rank-order sum %.9g", (long long)n,
+                         (long long)i, (double)data[i], (double)want);
+                ok = 0;
+            }
+        }
+        if (!calls || data[n] != 12345.0f) ok = 0;
+        free(data);
+    }
+    moe_ep_mpi_transport_destroy(&t);
+    ok = all_ok(ok);
+    ck_assert_msg(ok, "mode %d, seed %llu: %s", _i, base_seed, err);
+}
+END_TEST
+
+START_TEST(test_all_reduce_sum_refuses_together) {
+    /* the last rank passes one element more; then every rank passes device memory */
+    moe_ep_transport t;
+    float data[8] = { 1, 2, 3, 4, 5, 6, 7, 8 };
+    char err1[256] = "", err2[256] = "";
+    moe_ep_result r1 = MOE_EP_ERROR_INTERNAL, r2 = MOE_EP_ERROR_INTERNAL;
+    int ok = moe_ep_mpi_transport_create(&(moe_ep_mpi_desc){ .comm = MPI_COMM_WORLD }, &t) == MOE_EP_OK;
+    int64_t n = world_rank == world_size - 1 && world_size > 1 ? 5 : 4;
+    if (ok) r1 = t.all_reduce_sum(t.impl, data, n, MOE_EP_MEMORY_HOST, NULL, err1, sizeof err1);
+    if (ok) r2 = t.all_reduce_sum(t.impl, data, 4, MOE_EP_MEMORY_DEVICE, NULL, err2, sizeof err2);
+    ok = ok && (world_size == 1 ? r1 == MOE_EP_OK : r1 == MOE_EP_ERROR_INVALID_ARGUMENT && strstr(err1, "elements")) &&
+         r2 == MOE_EP_ERROR_UNSUPPORTED && t.barrier(t.impl, NULL, 0) == MOE_EP_OK;
+    moe_ep_mpi_transport_destroy(&t);
+    ok = all_ok(ok);
+    ck_assert_msg(ok, "rank %d: %s '%s', %s '%s'", world_rank, moe_ep_result_string(r1), err1, moe_ep_result_string(r2), err2);
+}
+END_TEST
+
+START_TEST(test_split_groups) {
+    /* color = rank % 2, key = -rank: each group in descending world rank; then the last
+       rank passes a negative color and is refused while the others still get a group */
+    moe_ep_transport world, group, second;
+    int64_t mine[64], theirs[64];
+    int ok, q, expected = 0, position = 0, r, got_rank, got_size;
+    moe_ep_result res = MOE_EP_ERROR_INTERNAL, res2 = MOE_EP_ERROR_INTERNAL;
+    char err[256] = "";
+    memset(&group, 0, sizeof group);
+    memset(&second, 0, sizeof second);
+    ok = moe_ep_mpi_transport_create(&(moe_ep_mpi_desc){ .comm = MPI_COMM_WORLD }, &world) == MOE_EP_OK;
+    if (ok) res = world.split(world.impl, world_rank % 2, -world_rank, &group, err, sizeof err);
+    for (r = world_size - 1; r >= 0; --r)
+        if (r % 2 == world_rank % 2) { if (r > world_rank) position++; expected++; }
+    got_rank = group.rank;
+    got_size = group.world_size;
+    ok = ok && res == MOE_EP_OK && group.world_size == expected && group.rank == position && group.split &&
+         group.all_reduce_sum && strcmp(group.name, "mpi") == 0;
+    if (res == MOE_EP_OK) {
+        for (q = 0; q < group.world_size; ++q) mine[q] = world_rank;
+        ok = group.exchange_counts(group.impl, mine, theirs, 1, NULL, 0) == MOE_EP_OK && ok;
+        for (q = 0; ok && q < group.world_size; ++q)    /* group rank q is world rank (the q-th of our color, descending) */
+            ok = theirs[q] % 2 == world_rank % 2 && (q == 0 || theirs[q] < theirs[q - 1]);
+        moe_ep_mpi_transport_destroy(&group);
+    }
+    if (world.impl) res2 = world.split(world.impl, world_rank == world_size - 1 ? -1 : 0, 0, &second, err, sizeof err);
+    ok = ok && (world_rank == world_size - 1 ? res2 == MOE_EP_ERROR_INVALID_ARGUMENT && second.impl == NULL
+                                             : res2 == MOE_EP_OK && second.world_size == world_size - 1);
+    if (res2 == MOE_EP_OK) moe_ep_mpi_transport_destroy(&second);
+    moe_ep_mpi_transport_destroy(&world);
+    ok = all_ok(ok);
+    ck_assert_msg(ok, "rank %d: split %s (%d of %d, expected %d of %d), negative color %s %s", world_rank,
+                  moe_ep_result_string(res), got_rank, got_size, position, expected,
+                  moe_ep_result_string(res2), err);
+}
+END_TEST
+
+typedef struct layout_run {
+    moe_ep_layout_desc layout;
+    int tokens, d_model, d_ff, top_k;
+    const float *x, *router;        /* x: [shards * tokens, d] */
+    const moe_ep_expert_weights* experts;
+    float* y;                       /* [world * tokens, d] (pthreads), or this rank's [tokens, d] (MPI) */
+    int y_is_local;
+    char error[256];
+} layout_run;
+
+static int layout_shard(const moe_ep_layout_desc* l, int rank) {
+    moe_ep_coords c;
+    moe_ep_layout_coords(l, rank, &c);
+    return c.dp * l->ep_size + c.ep;
+}
+
+/* One rank of a layout: split the world into the EP (and TP) group, the layout's experts, forward. */
+static moe_ep_result layout_rank(const moe_ep_transport* world, void* user) {
+    layout_run* L = (layout_run*)user;
+    const moe_ep_layout_desc* l = &L->layout;
+    moe_ep_transport ep_group, tp_group;
+    moe_ep_context* ctx = NULL;
+    int rank = world->rank, has_tp = l->tp_size > 1, n, i;
+    int* ids;
+    moe_ep_expert_weights* mine;
+    moe_ep_result res = moe_ep_layout_split(l, world, MOE_EP_GROUP_EP, &ep_group);
+    if (res != MOE_EP_OK) return res;
+    if (has_tp && (res = moe_ep_layout_split(l, world, MOE_EP_GROUP_TP, &tp_group)) != MOE_EP_OK) {
+        ep_group.destroy(ep_group.impl);
+        return res;
+    }
+    n = moe_ep_layout_experts(l, rank, NULL, 0);
+    ids = (int*)xmalloc(sizeof(int) * (size_t)(n + 1));
+    mine = (moe_ep_expert_weights*)xmalloc(sizeof *mine * (size_t)(n + 1));
+    moe_ep_layout_experts(l, rank, ids, n);
+    for (i = 0; i < n; ++i) mine[i] = L->experts[ids[i]];
+    res = moe_ep_create(&(moe_ep_desc){
+        .d_model = L->d_model, .d_ff = L->d_ff, .num_experts = l->num_experts, .top_k = L->top_k,
+        .normalize_topk = true, .num_threads = 1, .router_weight = L->router, .experts = mine,
+        .transport = &ep_group, .tp_transport = has_tp ? &tp_group : NULL,
+    }, &ctx);
+    if (res == MOE_EP_OK) {
+        const float* x = L->x + (size_t)layout_shard(l, rank) * (size_t)L->tokens * (size_t)L->d_model;
+        float* y = L->y + (L->y_is_local ? 0 : (size_t)rank * (size_t)L->tokens * (size_t)L->d_model);
+        res = moe_ep_forward(ctx, &(moe_ep_forward_args){ .tokens = L->tokens, .x = x, .y = y });
+        if (res != MOE_EP_OK && rank == 0) snprintf(L->error, sizeof L->error, "%.200s", moe_ep_last_error(ctx));
+    }
+    moe_ep_destroy(ctx);
+    /* a group's own destroy callback releases it, whatever the transport */
+    if (has_tp) tp_group.destroy(tp_group.impl);
+    ep_group.destroy(ep_group.impl);
+    free(ids);
+    free(mine);
+    return res;
+}
+
+/* _i picks (ep, tp, dp) among the factorisations of the world size. The MPI layer's output
+   equals the pthreads layer's with the same layout, bit for bit (rank-order TP sums), and
+   the one-rank output too when there is no TP. */
+START_TEST(test_layouts_match_pthreads) {
+    int sizes[16][3], cases = 0, ep, tp, dp;
+    int d_model = 24, d_ff = 40, top_k = 2, tokens = 11, experts, shards, c;
+    unsigned long long seed = base_seed + 31u * (unsigned)_i;
+    layout_run L;
+    moe_ep_transport world;
+    float *x, *router, *weights, *y_all = NULL, *y_threads = NULL, *y_one = NULL;
+    moe_ep_expert_weights* all;
+    size_t per_expert = 3 * (size_t)d_model * (size_t)d_ff, e, rows;
+    char report[512] = "";
+    int ok, r0ok = 1;
+    moe_ep_result res = MOE_EP_ERROR_INTERNAL;
+    for (ep = 1; ep <= world_size; ++ep)
+        for (tp = 1; tp <= world_size; ++tp)
+            for (dp = 1; dp <= world_size; ++dp)
+                if (ep * tp * dp == world_size && cases < 16) {
+                    sizes[cases][0] = ep; sizes[cases][1] = tp; sizes[cases][2] = dp;
+                    cases++;
+                }
+    c = _i % cases;     /* a small world has fewer layouts: some repeat */
+    memset(&L, 0, sizeof L);
+    experts = 6 * sizes[c][0];
+    if (moe_ep_layout_resolve(&(moe_ep_layout_desc){ .world_size = world_size, .ep_size = sizes[c][0],
+                                                    .tp_size = sizes[c][1], .dp_size = sizes[c][2],
+                                                    .num_experts = experts }, &L.layout, NULL, 0) != MOE_EP_OK) {
+        ck_abort_msg("layout %d x %d x %d does not resolve", sizes[c][0], sizes[c][1], sizes[c][2]);
+    }
+    shards = L.layout.dp_size * L.layout.ep_size;
+    rows = (size_t)tokens * (size_t)d_model;
+    x = (float*)xmalloc(sizeof(float) * (size_t)shards * rows);
+    router = (float*)xmalloc(sizeof(float) * (size_t)experts * (size_t)d_model);
+    weights = (float*)xmalloc(sizeof(float) * per_expert * (size_t)experts);
+    all = (moe_ep_expert_weights*)xmalloc(sizeof *all * (size_t)experts);
+    fill_uniform(x, (size_t)shards * rows, 1.0f, &seed);
+    fill_uniform(router, (size_t)experts * (size_t)d_model, 0.3f, &seed);
+    fill_uniform(weights, per_expert * (size_t)experts, 1.0f / (float)d_model, &seed);
+    for (e = 0; e < (size_t)experts; ++e) {
+        all[e].w1 = weights + e * per_expert;
+        all[e].w3 = all[e].w1 + (size_t)d_model * (size_t)d_ff;
+        all[e].w2 = all[e].w3 + (size_t)d_model * (size_t)d_ff;
+    }
+    L.tokens = tokens; L.d_model = d_model; L.d_ff = d_ff; L.top_k = top_k;
+    L.x = x; L.router = router; L.experts = all;
+    L.y = (float*)xmalloc(sizeof(float) * rows);
+    L.y_is_local = 1;
+    memset(L.y, 0xFF, sizeof(float) * rows);
+    ok = moe_ep_mpi_transport_create(&(moe_ep_mpi_desc){ .comm = MPI_COMM_WORLD }, &world) == MOE_EP_OK;
+    if (ok) res = layout_rank(&world, &L);
+    ok = ok && res == MOE_EP_OK;
+    moe_ep_mpi_transport_destroy(&world);
+    if (world_rank == 0) {
+        y_all = (float*)xmalloc(sizeof(float) * (size_t)world_size * rows);
+        y_threads = (float*)xmalloc(sizeof(float) * (size_t)world_size * rows);
+        y_one = (float*)xmalloc(sizeof(float) * (size_t)shards * rows);
+    }
+    MPI_Gather(L.y, (int)rows, MPI_FLOAT, y_all, (int)rows, MPI_FLOAT, 0, test_comm);
+    if (world_rank == 0) {
+        layout_run T = L;
+        moe_ep_pthreads_world* threads = NULL;
+        moe_ep_context* single = NULL;
+        int r;
+        T.y = y_threads;
+        T.y_is_local = 0;
+        memset(y_threads, 0xFF, sizeof(float) * (size_t)world_size * rows);
+        if (moe_ep_pthreads_world_create(&(moe_ep_pthreads_desc){ .world_size = world_size, .timeout_ms = 60000 },
+                                         &threads) != MOE_EP_OK ||
+            moe_ep_pthreads_run(threads, layout_rank, &T, NULL) != MOE_EP_OK) {
+            r0ok = 0;
+            snprintf(report, sizeof report, "the pthreads layout failed: %s", T.error);
+        }
+        moe_ep_pthreads_world_destroy(threads);
+        if (r0ok && ok && memcmp(y_all, y_threads, sizeof(float) * (size_t)world_size * rows) != 0) {
+            r0ok = 0;
+            snprintf(report, sizeof report, "MPI and pthreads outputs differ");
+        }
+        if (r0ok && ok && L.layout.tp_size == 1) {
+            res = moe_ep_create(&(moe_ep_desc){ .d_model = d_model, .d_ff = d_ff, .num_experts = experts, .top_k = top_k,
+                                                .normalize_topk = true, .num_threads = 1, .router_weight = router,
+                                                .experts = all }, &single);
+            if (res == MOE_EP_OK)
+                res = moe_ep_forward(single, &(moe_ep_forward_args){ .tokens = (int64_t)shards * tokens, .x = x, .y = y_one });
+            moe_ep_destroy(single);
+            for (r = 0; r < world_size && res == MOE_EP_OK && r0ok; ++r)
+                if (memcmp(y_all + (size_t)r * rows, y_one + (size_t)layout_shard(&L.layout, r) * rows,
+                           sizeof(float) * rows) != 0) {
+                    r0ok = 0;
+                    snprintf(report, sizeof report, "rank %d differs from the one-rank output", r);
+                }
+            if (res != MOE_EP_OK) { r0ok = 0; snprintf(report, sizeof report, "the one-rank layer failed"); }
+        }
+    }
+    MPI_Bcast(&r0ok, 1, MPI_INT, 0, test_comm);
+    ok = all_ok(ok);
+    free(x); free(router); free(weights); free(all); free(L.y); free(y_all); free(y_threads); free(y_one);
+    ck_assert_msg(ok, "EP %d x TP %d x DP %d, seed %llu: the MPI layer failed (%s)", L.layout.ep_size,
+                  L.layout.tp_size, L.layout.dp_size, seed, L.error);
+    ck_assert_msg(r0ok, "EP %d x TP %d x DP %d, seed %llu: %s", L.layout.ep_size, L.layout.tp_size, L.layout.dp_size,
+                  seed, report);
+}
+END_TEST
+
 /* ---- the >2^31 arithmetic, without the gigabytes (local, no MPI) ------------------ */
 
 static moe_ep_result describe(const int64_t* counts, const int64_t* offsets, int S, size_t row_bytes,
@@ -934,6 +1191,7 @@ static Suite* mpi_suite(void) {
     TCase* layer = tcase_create("layer");
     TCase* failures = tcase_create("failures");
     TCase* limits = tcase_create("limits");
+    TCase* groups = tcase_create("groups");
     tcase_add_test(transport, test_transport_identity);
     tcase_add_test(transport, test_exchange_counts);
     tcase_add_loop_test(transport, test_segmented_all_to_all, 0, 7);
@@ -945,10 +1203,15 @@ static Suite* mpi_suite(void) {
     tcase_add_test(failures, test_unsupported_rows_fail_symmetrically);
     tcase_add_test(failures, test_allocations_are_returned);
     tcase_add_test(limits, test_large_layout_arithmetic);
+    tcase_add_loop_test(groups, test_all_reduce_sum_in_rank_order, 0, 2);
+    tcase_add_test(groups, test_all_reduce_sum_refuses_together);
+    tcase_add_test(groups, test_split_groups);
+    tcase_add_loop_test(groups, test_layouts_match_pthreads, 0, 6);
     suite_add_tcase(s, transport);
     suite_add_tcase(s, layer);
     suite_add_tcase(s, failures);
     suite_add_tcase(s, limits);
+    suite_add_tcase(s, groups);
     return s;
 }
 
