@@ -2,9 +2,10 @@
 
    Connects the ranks of a moe_ep layer through an MPI communicator (any MPI-3
    library: Open MPI, MPICH, ...). Counts travel with MPI_Alltoall, token rows with
-   MPI_Alltoallw over derived datatypes, so that the segmented layout of the core
-   (rows grouped by destination expert on one side, by local expert on the other)
-   needs no staging copy, and every count is in rows, not bytes.
+   MPI_Ialltoallw over derived datatypes (large segments as messages of their own),
+   so that the segmented layout of the core (rows grouped by destination expert on
+   one side, by local expert on the other) needs no staging copy, and every count is
+   in rows, not bytes.
 
    DO THIS
    =======
