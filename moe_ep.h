@@ -1326,15 +1326,18 @@ MOE_EP_PRIVATE moe_ep_result moe_ep__ffn(moe_ep_context* ctx, int local_expert, 
     for (r0 = 0; r0 < m; r0 += chunk) {
         int mc = (int)MOE_EP__MIN(chunk, m - r0);
         float* hidden = pre + (int64_t)mc * ld_pre;
-        int64_t i;
+        int r;
         cblas_sgemm(CblasRowMajor, CblasNoTrans, CblasTrans, mc, (int)ld_pre, D, 1.0f, rows + r0 * D, D,
                     ctx->packed_up[local_expert], D, 0.0f, pre, (int)ld_pre);
 #ifdef _OPENMP
-#pragma omp parallel for schedule(static) num_threads(ctx->num_threads) if (ctx->num_threads > 1 && mc > 16)
+#pragma omp parallel for schedule(static) num_threads(ctx->num_threads) if (ctx->num_threads > 1 && mc > 1)
 #endif
-        for (i = 0; i < (int64_t)mc * F; ++i) {
-            int64_t r = i / F, j = i % F;
-            hidden[i] = moe_ep__act(d->activation, pre[r * ld_pre + j], pairs == 2 ? pre[r * ld_pre + F + j] : 0.0f);
+        for (r = 0; r < mc; ++r) {
+            const float* g = pre + (int64_t)r * ld_pre;
+            const float* u = pairs == 2 ? g + F : g;
+            float* h = hidden + (int64_t)r * F;
+            int j;
+            for (j = 0; j < F; ++j) h[j] = moe_ep__act(d->activation, g[j], u[j]);
         }
         cblas_sgemm(CblasRowMajor, CblasNoTrans, CblasTrans, mc, D, F, 1.0f, hidden, F,
                     ctx->packed_down[local_expert], F, 0.0f, out + r0 * D, D);
