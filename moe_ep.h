@@ -2348,7 +2348,7 @@ MOE_EP_API moe_ep_result moe_ep_forward(moe_ep_context* ctx, const moe_ep_forwar
 MOE_EP_API moe_ep_result moe_ep_layout_resolve(const moe_ep_layout_desc* desc, moe_ep_layout_desc* out,
                                                char* err, size_t err_size) {
     moe_ep_layout_desc d;
-    char local[8];
+    char local[MOE_EP__ERR_SIZE];   /* the caller did not ask for the reason; keep it whole anyway */
     if (!err) { err = local; err_size = sizeof local; }
     if (!desc || !out) { snprintf(err, err_size, "desc and out must not be NULL"); return MOE_EP_ERROR_INVALID_ARGUMENT; }
     d = *desc;
