@@ -63,6 +63,8 @@ check-headers: | $(BUILD)
 	@printf '#include "../moe_ep.h"\n#include "../transports/moe_ep_pthreads.h"\nint f(void) { return (int)MOE_EP_RESULT_COUNT; }\n' > $(BUILD)/hdr_decl.cpp
 	gcc $(MOE_EP_CFLAGS) -c $(BUILD)/hdr_impl.c -o $(BUILD)/hdr_impl_gcc.o
 	gcc $(MOE_EP_CFLAGS) $(OPENMP_FLAGS) -c $(BUILD)/hdr_impl.c -o $(BUILD)/hdr_impl_gcc_omp.o
+	gcc $(MOE_EP_CFLAGS) -O3 $(OPENMP_FLAGS) -c $(BUILD)/hdr_impl.c -o $(BUILD)/hdr_impl_gcc_o3.o
+	$(CLANG) $(MOE_EP_CFLAGS) -O3 $(OPENMP_FLAGS) -c $(BUILD)/hdr_impl.c -o $(BUILD)/hdr_impl_clang_o3.o
 	$(CLANG) $(MOE_EP_CFLAGS) -c $(BUILD)/hdr_impl.c -o $(BUILD)/hdr_impl_clang.o
 	$(CLANG) $(MOE_EP_CFLAGS) $(OPENMP_FLAGS) -c $(BUILD)/hdr_impl.c -o $(BUILD)/hdr_impl_clang_omp.o
 	gcc $(MOE_EP_CFLAGS) -Wno-unused-function $(BUILD)/hdr_static.c -o $(BUILD)/hdr_static -lm
