@@ -1262,7 +1262,20 @@ MOE_EP_PRIVATE int64_t moe_ep__gemm_items(const moe_ep__gemm_args* g) {
     return (panels + MOE_EP__NCP - 1) / MOE_EP__NCP * moe_ep__row_blocks(g->m);
 }
 
-/* One work item, on the calling thread. scratch: MC x NCP*NR floats of its own. */
+/* A hint that floats [0, n) from p will be read soon (prefetches never fault). */
+MOE_EP_PRIVATE void moe_ep__prefetch(const float* p, int64_t n) {
+#if defined(__GNUC__) || defined(__clang__)
+    int64_t i;
+    for (i = 0; i < n; i += 64 / (int64_t)sizeof(float)) __builtin_prefetch(p + i, 0, 1);
+#else
+    (void)p;
+    (void)n;
+#endif
+}
+
+/* One work item, on the calling thread. scratch: MC x NCP*NR floats of its own. While the
+   row tiles of a block run over one weight slice (from L1 after the first), the next slice
+   is fetched, a share per tile, so that memory and arithmetic overlap. */
 MOE_EP_PRIVATE void moe_ep__gemm_item(const moe_ep__gemm_args* g, int64_t item, float* scratch) {
     const int64_t ld = MOE_EP__NCP * MOE_EP__NR, K = g->k, row_blocks = moe_ep__row_blocks(g->m);
     const int64_t panels = moe_ep__panel_count(g->n, moe_ep__panel_cols(g->act));
@@ -1270,17 +1283,22 @@ MOE_EP_PRIVATE void moe_ep__gemm_item(const moe_ep__gemm_args* g, int64_t item, 
     const int64_t jn = MOE_EP__MIN((int64_t)MOE_EP__NCP, panels - jc), mn = MOE_EP__MIN((int64_t)MOE_EP__MC, g->m - ic);
     /* a single row tile keeps its sums in registers over the whole K */
     const int64_t kc_max = g->m <= MOE_EP__MR ? K : MOE_EP__KC;
+    const int64_t tiles = (mn + MOE_EP__MR - 1) / MOE_EP__MR;
     int64_t pc, jr, ir;
     for (pc = 0; pc < K; pc += kc_max) {
         int kc = (int)MOE_EP__MIN(kc_max, K - pc);
         int last = pc + kc == K;
         for (jr = 0; jr < jn; ++jr) {
             const float* b = g->panels + ((jc + jr) * K + pc) * MOE_EP__NR;
+            const float* next = jr + 1 < jn ? b + K * MOE_EP__NR
+                                : !last ? g->panels + (jc * K + pc + kc) * MOE_EP__NR : NULL;
+            int64_t share = (kc * MOE_EP__NR + tiles - 1) / tiles;
             for (ir = 0; ir < mn; ir += MOE_EP__MR) {
                 int rows = (int)MOE_EP__MIN((int64_t)MOE_EP__MR, mn - ir);
                 const float* a = g->a + (ic + ir) * g->a_kext + pc * MOE_EP__MR;
                 float* part = scratch + ir * ld + jr * MOE_EP__NR;
                 const float* cin = pc == 0 ? NULL : part;
+                if (next && tiles > 1) moe_ep__prefetch(next + ir / MOE_EP__MR * share, share);
                 if (last) moe_ep__tile_out(g, rows, kc, a, b, cin, ld, ic + ir, jc + jr);
                 else moe_ep__micro(rows, kc, a, b, cin, ld, part, ld, 0);
             }
