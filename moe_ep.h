@@ -977,7 +977,6 @@ typedef void (*moe_ep__kernel_fn)(int kc, const float* a, const float* b, const 
 #if defined(MOE_EP__AVX512) || defined(MOE_EP__AVX2)
 #ifdef MOE_EP__AVX512
 #define MOE_EP__V __m512
-#define MOE_EP__VI __m512i
 #define MOE_EP__VW 16
 #define MOE_EP__VSET1 _mm512_set1_ps
 #define MOE_EP__VZERO _mm512_setzero_ps
