@@ -32,7 +32,9 @@ int kernels_portable_ffn(moe_ep_activation activation, int d_model, int d_ff, co
                          const float* x, int64_t rows, int threads, float* out);
 
 static const char* kernels_path(void) {
-#if defined(MOE_EP__AVX512)
+#if defined(MOE_EP_CBLAS)
+    return "CBLAS";  /* row determinism is not expected to hold: see MOE_EP_CBLAS */
+#elif defined(MOE_EP__AVX512)
     return "AVX-512";
 #elif defined(MOE_EP__AVX2)
     return "AVX2+FMA";
