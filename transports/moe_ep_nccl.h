@@ -5,7 +5,9 @@
    1. A moe_ep_transport over an ncclComm_t that you create (one rank per GPU). Counts
       and status words are exchanged with grouped ncclSend/ncclRecv and copied to the
       host; row all-to-alls run as grouped ncclSend/ncclRecv on your CUDA stream. With
-      it the core's CPU layer (moe_ep_forward) runs across processes and nodes.
+      it the core's CPU layer (moe_ep_forward) runs across processes and nodes. It also
+      splits (ncclCommSplit) into the EP and TP groups of moe_ep_layout_split and sums
+      in rank order (all_reduce_sum), so EP x DP and EP x TP x DP run over NCCL.
    2. The GPU layer (moe_ep_nccl_layer): token rows, the permutation, the expert FFNs
       (cuBLAS, or your callback) and the weighted combine stay in device memory; only
       routing metadata -- top-k ids and weights, counts, the plan's layout -- crosses to
@@ -61,6 +63,38 @@
    means "for work queued after it on args->stream". On host memory it stages the rows
    through device buffers and returns when they have arrived. The begin/end forms run
    the exchange on an internal stream that waits for yours; end makes yours wait for it.
+
+   GROUPS: EP x DP AND EP x TP x DP
+   ================================
+   transport.split (called by moe_ep_layout_split) is ncclCommSplit over your
+   communicator, collective over it; the group transport owns the new communicator and
+   destroys it in moe_ep_nccl_transport_destroy (destroy groups before their parent's
+   communicator). Groups inherit the stream, timeout and allocator. All ranks of the
+   parent get the same verdict (a negative color fails the split on every rank).
+
+   all_reduce_sum gathers every rank's block (ncclAllGather) and adds the blocks in rank
+   order, (((r0 + r1) + r2) + ...), so the sum is the same on every rank and in every
+   run (ncclAllReduce promises no order): device memory by a kernel queued on the stream,
+   host memory on the host (the call waits). Without the kernels (MOE_EP_NCCL_NO_LAYER)
+   device memory is summed on the host too, and the call waits. Every rank must pass the
+   same count.
+
+       moe_ep_layout_desc lay = { .world_size = R, .ep_size = 2, .tp_size = 2, .num_experts = E };
+       moe_ep_layout_split(&lay, &world, MOE_EP_GROUP_EP, &ep);     (collective)
+       moe_ep_layout_split(&lay, &world, MOE_EP_GROUP_TP, &tp);     (collective)
+       experts: those of moe_ep_layout_experts(&lay, rank, ...), full weights
+       .base = { ..., .transport = &ep, .tp_transport = &tp }        (GPU layer or core)
+       ...; moe_ep_nccl_transport_destroy(&tp); moe_ep_nccl_transport_destroy(&ep);
+
+   With tp_transport, the GPU layer gives TP rank t of T the d_ff rows [t*F/T, (t+1)*F/T)
+   of w1 and w3 and those columns of w2 (copied from the full weights at create); each
+   TP rank computes its slice's partial expert outputs (fp32: in place; bf16: fp32
+   partial sums, GEMM loop only), all_reduce_sum adds them over the TP group before the
+   combine, and every rank of a TP group ends with the same y, bitwise. The ranks of a
+   TP group must hand in the same tokens and routing: plan creation checks it (one more
+   status exchange, over the TP group) and fails on every rank otherwise. expert_fn
+   cannot be combined with tp_transport. moe_ep_nccl_experts is then collective over
+   the TP group.
 
    THE GPU LAYER
    =============
@@ -157,7 +191,8 @@ typedef enum moe_ep_nccl_a2a_layout {
 } moe_ep_nccl_a2a_layout;
 
 /* One local expert, nn.Linear layout, row-major, in the layer's dtype, in device or
-   host memory (copied at create): w1, w3 [d_ff, d_model]; w2 [d_model, d_ff]. */
+   host memory (copied at create): w1, w3 [d_ff, d_model]; w2 [d_model, d_ff]. With a
+   TP group these are still the full weights; only this rank's slice is copied. */
 typedef struct moe_ep_nccl_expert_weights {
     const void* w1;
     const void* w3;                 /* SwiGLU only */
@@ -173,9 +208,10 @@ typedef int (*moe_ep_nccl_expert_fn)(int local_expert, int expert, const void* r
 typedef struct moe_ep_nccl_layer_desc {
     moe_ep_desc base;               /* d_model, d_ff, num_experts, top_k, activation, normalize_topk,
                                        capacity_factor, placement, transport (an NCCL transport,
-                                       required), allocator, logger. Its router_weight, experts,
-                                       expert_fn and num_threads must be left zero: the device
-                                       versions are below. */
+                                       required: the EP group), tp_transport (an NCCL transport on
+                                       the same GPU, optional: the TP group, see GROUPS above),
+                                       allocator, logger. Its router_weight, experts, expert_fn and
+                                       num_threads must be left zero: the device versions are below. */
     moe_ep_nccl_dtype dtype;        /* default fp32 */
     moe_ep_nccl_a2a_layout a2a_layout;  /* default staged */
     int64_t max_tokens;             /* default 0: buffers grow on demand; else tokens per rank per call
@@ -236,7 +272,7 @@ MOE_EP_API moe_ep_result moe_ep_nccl_dispatch_begin(moe_ep_nccl_layer* layer, mo
                                                     void* recv_rows);
 MOE_EP_API moe_ep_result moe_ep_nccl_dispatch_end(moe_ep_nccl_layer* layer, moe_ep_nccl_plan* plan);
 /* rows, out: device [info.recv_rows, d_model]. Collective: no (a failing expert_fn is
-   agreed at the next combine). */
+   agreed at the next combine); with a TP group, collective over it (the slices are summed). */
 MOE_EP_API moe_ep_result moe_ep_nccl_experts(moe_ep_nccl_layer* layer, moe_ep_nccl_plan* plan, const void* rows,
                                              void* out);
 /* expert_out: device [info.recv_rows, d_model]; y: device [tokens, d_model], written in
@@ -312,6 +348,11 @@ typedef struct moe_ep__nccl {
     void* stage_recv;
     size_t stage_send_bytes, stage_recv_bytes;
     moe_ep__nccl_request requests[MOE_EP__NCCL_REQUESTS];
+    int owns_comm;                  /* made by split: destroyed with the transport */
+    float* gather_dev;              /* all_reduce_sum: [world_size * count] gathered blocks */
+    float* gather_host;             /* pinned mirror, for sums on the host */
+    size_t gather_dev_bytes, gather_host_bytes;
+    cudaEvent_t gather_free;        /* the last all_reduce_sum's use of gather_dev, on its stream */
 } moe_ep__nccl;
 
 MOE_EP_PRIVATE void* moe_ep__nccl_alloc(const moe_ep_allocator* a, size_t size) {
@@ -683,6 +724,149 @@ MOE_EP_PRIVATE moe_ep_result moe_ep__nccl_a2a(void* impl, const moe_ep_a2a_args*
     return moe_ep__nccl_a2a_end(impl, request, err, size);
 }
 
+/* >>nccl transport: all-reduce */
+/* data[0..count) on the host += the other ranks' blocks in rank order, from gather_host. */
+MOE_EP_PRIVATE void moe_ep__nccl_sum_host(const moe_ep__nccl* n, float* data, int64_t count) {
+    int q;
+    int64_t i;
+    if (data != n->gather_host) memcpy(data, n->gather_host, (size_t)count * sizeof(float));
+    for (q = 1; q < n->world_size; ++q) {
+        const float* block = n->gather_host + (size_t)q * (size_t)count;
+        for (i = 0; i < count; ++i) data[i] += block[i];
+    }
+}
+
+/* Every rank's block gathered (ncclAllGather), then added in rank order: by a kernel on the
+   caller's stream for device memory; on the host for host memory (and, without the
+   kernels, for device memory too). ncclAllReduce would be faster but promises no order. */
+MOE_EP_PRIVATE moe_ep_result moe_ep__nccl_all_reduce(void* impl, float* data, int64_t count,
+                                                     moe_ep_memory_space memory_space, void* stream, char* err,
+                                                     size_t size) {
+    moe_ep__nccl* n = (moe_ep__nccl*)impl;
+    size_t bytes = (size_t)(count > 0 ? count : 0) * sizeof(float), all = bytes * (size_t)n->world_size;
+    int device = memory_space == MOE_EP_MEMORY_DEVICE;
+    cudaStream_t s = device ? (stream ? (cudaStream_t)stream : n->stream) : n->side;
+    float* mine;
+    cudaError_t e;
+    ncclResult_t r;
+    moe_ep_result res = moe_ep__nccl_usable(n, err, size);
+    if (res != MOE_EP_OK) return res;
+    if (count < 0 || (count > 0 && !data)) {
+        moe_ep__nccl_text(err, size, "all_reduce_sum: count (%lld) must be >= 0 and data non-NULL", (long long)count);
+        return MOE_EP_ERROR_INVALID_ARGUMENT;
+    }
+    if (count == 0 || n->world_size == 1) return MOE_EP_OK;
+    if (!n->gather_free && cudaEventCreateWithFlags(&n->gather_free, cudaEventDisableTiming) != cudaSuccess) {
+        n->gather_free = NULL;
+        return moe_ep__nccl_cuda_fail(cudaGetLastError(), "all_reduce_sum event", err, size);
+    }
+    /* the previous call's kernel may still read the gathered blocks on another stream */
+    e = cudaStreamWaitEvent(s, n->gather_free, 0);
+    if (e == cudaSuccess) {
+        void* buffer = n->gather_dev;
+        e = moe_ep__nccl_grow_device(&buffer, &n->gather_dev_bytes, all);
+        n->gather_dev = (float*)buffer;
+    }
+    if (e != cudaSuccess) return moe_ep__nccl_cuda_fail(e, "all_reduce_sum buffers", err, size);
+    mine = n->gather_dev + (size_t)n->rank * (size_t)count;
+    if (!device) {
+        e = cudaMemcpyAsync(mine, data, bytes, cudaMemcpyHostToDevice, s);
+        if (e != cudaSuccess) return moe_ep__nccl_cuda_fail(e, "all_reduce_sum upload", err, size);
+    }
+    r = ncclAllGather(device ? (const void*)data : (const void*)mine, n->gather_dev, (size_t)count, ncclFloat, n->comm, s);
+    if (r != ncclSuccess) return moe_ep__nccl_nccl_fail(n, r, "all_reduce_sum gather", err, size);
+#ifndef MOE_EP_NCCL_NO_LAYER
+    if (device) {
+        e = (cudaError_t)moe_ep__nccl_k_sum_ranks(n->gather_dev, count, n->world_size, data, MOE_EP__NCCL_K_F32, s);
+        if (e == cudaSuccess) e = cudaEventRecord(n->gather_free, s);
+        if (e != cudaSuccess) return moe_ep__nccl_cuda_fail(e, "all_reduce_sum kernel", err, size);
+        return MOE_EP_OK;
+    }
+#endif
+    {
+        void* buffer = n->gather_host;
+        e = moe_ep__nccl_grow_pinned(&buffer, &n->gather_host_bytes, all);
+        n->gather_host = (float*)buffer;
+    }
+    if (e == cudaSuccess) e = cudaMemcpyAsync(n->gather_host, n->gather_dev, all, cudaMemcpyDeviceToHost, s);
+    if (e == cudaSuccess) e = cudaEventRecord(n->gather_free, s);
+    if (e != cudaSuccess) return moe_ep__nccl_cuda_fail(e, "all_reduce_sum download", err, size);
+    res = moe_ep__nccl_wait(n, s, NULL, err, size);
+    if (res != MOE_EP_OK) return res;
+    if (!device) {
+        moe_ep__nccl_sum_host(n, data, count);
+        return MOE_EP_OK;
+    }
+    /* device memory without the kernels: the sum is made in the pinned buffer's first block */
+    moe_ep__nccl_sum_host(n, n->gather_host, count);
+    e = cudaMemcpyAsync(data, n->gather_host, bytes, cudaMemcpyHostToDevice, s);
+    if (e != cudaSuccess) return moe_ep__nccl_cuda_fail(e, "all_reduce_sum result upload", err, size);
+    return moe_ep__nccl_wait(n, s, NULL, err, size);    /* before the pinned buffer is reused */
+}
+
+/* >>nccl transport: split */
+MOE_EP_PRIVATE moe_ep_result moe_ep__nccl_split(void* impl, int color, int key, moe_ep_transport* out, char* err,
+                                                size_t size) {
+    moe_ep__nccl* n = (moe_ep__nccl*)impl;
+    ncclComm_t comm = NULL;
+    moe_ep_transport t;
+    moe_ep_nccl_desc desc;
+    int64_t* words;
+    int p, R = n->world_size;
+    ncclResult_t r;
+    moe_ep_result res = moe_ep__nccl_usable(n, err, size), agreed;
+    if (res != MOE_EP_OK) return res;
+    memset(&t, 0, sizeof t);
+    /* collective over the parent: every rank calls ncclCommSplit, a bad color included */
+    r = ncclCommSplit(n->comm, color >= 0 ? color : NCCL_SPLIT_NOCOLOR, key, &comm, NULL);
+    if (r != ncclSuccess) {
+        res = moe_ep__nccl_nccl_fail(n, r, "ncclCommSplit", err, size);
+        comm = NULL;
+    } else if (color < 0 || !comm) {
+        moe_ep__nccl_text(err, size, "split: color (%d) must be >= 0", color);
+        res = MOE_EP_ERROR_INVALID_ARGUMENT;
+    } else {
+        memset(&desc, 0, sizeof desc);
+        desc.comm = comm;
+        desc.stream = n->stream;
+        desc.timeout_ms = n->timeout_ms;
+        desc.allocator = n->allocator;
+        res = moe_ep_nccl_transport_create(&desc, &t);
+        if (res == MOE_EP_OK) ((moe_ep__nccl*)t.impl)->owns_comm = 1;
+        else moe_ep__nccl_text(err, size, "split: the new transport could not be created (%s)", moe_ep_result_string(res));
+    }
+    /* one verdict on every rank of the parent */
+    words = (int64_t*)moe_ep__nccl_alloc(&n->allocator, sizeof(int64_t) * 2 * (size_t)R);
+    if (!words) {
+        agreed = MOE_EP_ERROR_OUT_OF_MEMORY;
+    } else {
+        char text[MOE_EP__NCCL_ERR] = "";
+        for (p = 0; p < R; ++p) words[p] = (int64_t)res;
+        agreed = moe_ep__nccl_exchange(n, words, words + R, 1, text, sizeof text);
+        if (agreed != MOE_EP_OK && res == MOE_EP_OK) moe_ep__nccl_text(err, size, "split: %s", text);
+        for (p = 0; agreed == MOE_EP_OK && p < R; ++p)
+            if (words[R + p] != MOE_EP_OK) {
+                agreed = MOE_EP_ERROR_ABORTED;
+                if (res == MOE_EP_OK) moe_ep__nccl_text(err, size, "split failed on rank %d (%s)", p,
+                                                        moe_ep_result_string((moe_ep_result)words[R + p]));
+            }
+        moe_ep__nccl_free(&n->allocator, words);
+    }
+    if (res == MOE_EP_OK && agreed == MOE_EP_OK) {
+        *out = t;
+        return MOE_EP_OK;
+    }
+    /* Abort, not destroy, the group nobody will use: on 4 x H200, ncclCommDestroy of a
+       3-rank group split beside a rank that gave a negative color blocked its first rank
+       until the others timed out; ncclCommAbort waits for no peer. */
+    if (comm) ncclCommAbort(comm);
+    if (t.impl) {
+        ((moe_ep__nccl*)t.impl)->broken = 1;        /* the communicator is gone */
+        moe_ep_nccl_transport_destroy(&t);
+    }
+    return res != MOE_EP_OK ? res : agreed;
+}
+
 MOE_EP_PRIVATE void moe_ep__nccl_abort_cb(void* impl) {
     ((moe_ep__nccl*)impl)->abort_requested = 1;
 }
@@ -703,8 +887,13 @@ MOE_EP_PRIVATE void moe_ep__nccl_destroy_cb(void* impl) {
     if (n->counts_dev) cudaFree(n->counts_dev);
     if (n->stage_send) cudaFree(n->stage_send);
     if (n->stage_recv) cudaFree(n->stage_recv);
+    if (n->gather_dev) cudaFree(n->gather_dev);
+    if (n->gather_host) cudaFreeHost(n->gather_host);
+    if (n->gather_free) cudaEventDestroy(n->gather_free);
     if (n->side) cudaStreamDestroy(n->side);
     (void)cudaGetLastError();
+    /* a split communicator is ours; an aborted one is already gone (ncclCommAbort frees it) */
+    if (n->owns_comm && !n->broken) ncclCommDestroy(n->comm);
     moe_ep__nccl_free(&a, n);
 }
 
@@ -750,6 +939,8 @@ MOE_EP_API moe_ep_result moe_ep_nccl_transport_create(const moe_ep_nccl_desc* de
     t.barrier = moe_ep__nccl_barrier;
     t.abort = moe_ep__nccl_abort_cb;
     t.destroy = moe_ep__nccl_destroy_cb;
+    t.all_reduce_sum = moe_ep__nccl_all_reduce;
+    t.split = moe_ep__nccl_split;
     *out = t;
     return MOE_EP_OK;
 }
@@ -792,6 +983,11 @@ struct moe_ep_nccl_layer {
     moe_ep_nccl_layer_desc desc;    /* resolved; desc.base.transport is NULL */
     moe_ep_transport transport;
     moe_ep__nccl* net;
+    moe_ep_transport tp;            /* the TP group (base.tp_transport), when tp_size > 1 */
+    moe_ep__nccl* tp_net;
+    int tp_rank, tp_size, ff_full, ff_begin;    /* this rank holds d_ff rows [ff_begin, ff_begin + ff) */
+    int partial_f32;                /* bf16 with TP: down projections write fp32 partial sums */
+    void* partial; size_t partial_bytes;        /* device fp32 [rows, d] */
     moe_ep_context* core;
     cudaStream_t stream;
     cublasHandle_t blas;
@@ -975,6 +1171,7 @@ MOE_EP_PRIVATE void moe_ep__nccl_layer_free(moe_ep_nccl_layer* L) {
     if (L->hidden) cudaFree(L->hidden);
     if (L->recv) cudaFree(L->recv);
     if (L->out) cudaFree(L->out);
+    if (L->partial) cudaFree(L->partial);
     if (L->has_spare) moe_ep__nccl_free_buffers(&L->spare);
     (void)cudaGetLastError();
     if (L->core) moe_ep_destroy(L->core);
@@ -1048,6 +1245,9 @@ MOE_EP_PRIVATE moe_ep_result moe_ep__nccl_reserve_experts(moe_ep_nccl_layer* L, 
     if (!L->desc.expert_fn)
         res = moe_ep__nccl_cuda(L, moe_ep__nccl_grow_device(&L->hidden, &L->hidden_bytes,
                                 (size_t)rows * (size_t)L->up_rows * L->elem), "expert buffers");
+    if (res == MOE_EP_OK && L->partial_f32)
+        res = moe_ep__nccl_cuda(L, moe_ep__nccl_grow_device(&L->partial, &L->partial_bytes,
+                                (size_t)rows * (size_t)L->d * sizeof(float)), "expert buffers");
     if (res == MOE_EP_OK && forward)
         res = moe_ep__nccl_cuda(L, moe_ep__nccl_grow_device(&L->recv, &L->recv_bytes, (size_t)rows * L->row_bytes),
                                 "expert buffers");
@@ -1084,7 +1284,7 @@ MOE_EP_PRIVATE int moe_ep__nccl_expert_stub(int local_expert, int expert, const 
 
 MOE_EP_PRIVATE int64_t moe_ep__nccl_fingerprint(const moe_ep_nccl_layer_desc* d) {
     uint64_t h = 14695981039346656037ull;
-    int64_t fields[6];
+    int64_t fields[7];
     size_t i;
     fields[0] = d->dtype;
     fields[1] = d->a2a_layout;
@@ -1092,6 +1292,7 @@ MOE_EP_PRIVATE int64_t moe_ep__nccl_fingerprint(const moe_ep_nccl_layer_desc* d)
     fields[3] = d->expert_fn != NULL;
     fields[4] = d->router_weight != NULL;
     fields[5] = 0x6e63636c;
+    fields[6] = d->base.tp_transport ? d->base.tp_transport->world_size : 1;
     for (i = 0; i < sizeof fields; ++i) { h ^= ((const unsigned char*)fields)[i]; h *= 1099511628211ull; }
     h &= 0x7FFFFFFFFFFFFFFFull;
     return h == 0 ? 1 : (int64_t)h;
@@ -1130,7 +1331,95 @@ MOE_EP_PRIVATE int moe_ep__nccl_validate(moe_ep_nccl_layer* L) {
     moe_ep__nccl_check(L, &f, d->base.d_model > 0 && d->base.num_experts > 0 && (d->base.d_ff > 0 || d->expert_fn),
                        "moe_ep_nccl_layer_desc.base: d_model (%d), num_experts (%d) and d_ff (%d) must be > 0",
                        d->base.d_model, d->base.num_experts, d->base.d_ff);
+    if (d->base.tp_transport) {
+        const moe_ep_transport* tp = d->base.tp_transport;
+        int nccl = tp->exchange_counts == moe_ep__nccl_exchange && tp->impl;
+        moe_ep__nccl_check(L, &f, nccl, "moe_ep_nccl_layer_desc.base.tp_transport must be an NCCL transport "
+                                        "(moe_ep_nccl_transport_create, or a group split from one)");
+        moe_ep__nccl_check(L, &f, tp->world_size > 0 && tp->rank >= 0 && tp->rank < tp->world_size,
+                           "moe_ep_nccl_layer_desc.base.tp_transport: rank (%d) must be in [0, world_size (%d))",
+                           tp->rank, tp->world_size);
+        moe_ep__nccl_check(L, &f, !nccl || ((const moe_ep__nccl*)tp->impl)->device == L->net->device,
+                           "moe_ep_nccl_layer_desc.base.tp_transport is on GPU %d and base.transport on GPU %d: "
+                           "they must share one", nccl ? ((const moe_ep__nccl*)tp->impl)->device : -1, L->net->device);
+        moe_ep__nccl_check(L, &f, tp->world_size <= 1 || !d->expert_fn,
+                           "moe_ep_nccl_layer_desc.expert_fn is not supported with base.tp_transport: tensor "
+                           "parallelism splits the built-in experts by d_ff, a callback gets whole experts");
+        moe_ep__nccl_check(L, &f, tp->world_size <= 1 || d->base.d_ff >= tp->world_size,
+                           "moe_ep_nccl_layer_desc.base.d_ff (%d) must be >= the tensor-parallel size (%d)",
+                           d->base.d_ff, tp->world_size);
+    }
     return f;
+}
+
+/* What the ranks of a TP group must share: the layer's shapes and GPU parameters. */
+MOE_EP_PRIVATE int64_t moe_ep__nccl_tp_fingerprint(const moe_ep_nccl_layer* L) {
+    uint64_t h = 14695981039346656037ull;
+    int64_t fields[11];
+    int32_t capacity;
+    size_t i;
+    memcpy(&capacity, &L->desc.base.capacity_factor, sizeof capacity);
+    fields[0] = moe_ep__nccl_fingerprint(&L->desc);
+    fields[1] = L->d;
+    fields[2] = L->ff_full;
+    fields[3] = L->E;
+    fields[4] = L->k;
+    fields[5] = L->activation;
+    fields[6] = L->desc.base.normalize_topk;
+    fields[7] = capacity;
+    fields[8] = L->desc.base.placement.kind;
+    fields[9] = L->world_size;
+    fields[10] = L->tp_size;
+    for (i = 0; i < sizeof fields; ++i) { h ^= ((const unsigned char*)fields)[i]; h *= 1099511628211ull; }
+    return (int64_t)(h & 0x7FFFFFFFFFFFFFFFull);
+}
+
+MOE_EP_PRIVATE int64_t moe_ep__nccl_routing_hash(const int32_t* idx, const float* weight, int64_t slots) {
+    uint64_t h = 14695981039346656037ull;
+    int64_t i;
+    uint32_t bits;
+    for (i = 0; idx && i < slots; ++i) h = (h ^ (uint32_t)idx[i]) * 1099511628211ull;
+    for (i = 0; weight && i < slots; ++i) {
+        memcpy(&bits, weight + i, sizeof bits);
+        h = (h ^ bits) * 1099511628211ull;
+    }
+    return (int64_t)(h & 0x7FFFFFFFFFFFFFFFull);
+}
+
+/* The TP group's ranks exchange their status and `facts`, which must be equal on all of
+   them (else `mismatch`). Every rank of the group gets the same verdict. The ranks of a
+   TP group sit in different EP groups, so an agreement over the EP group followed by this
+   one reaches every rank of the data-parallel replica. */
+MOE_EP_PRIVATE moe_ep_result moe_ep__nccl_tp_agree(moe_ep_nccl_layer* L, moe_ep_result local, const int64_t* facts,
+                                                   int count, moe_ep_result mismatch, const char* what,
+                                                   const char* stage) {
+    char err[MOE_EP__NCCL_ERR] = "";
+    int T = L->tp_size, W = 1 + count, p, j;
+    int64_t* words;
+    moe_ep_result res;
+    if (T <= 1 || !L->tp_net) return local;
+    words = (int64_t*)moe_ep__nccl_alloc(&L->desc.base.allocator, sizeof(int64_t) * 2 * (size_t)T * (size_t)W);
+    if (!words) return local != MOE_EP_OK ? local : moe_ep__nccl_fail(L, MOE_EP_ERROR_OUT_OF_MEMORY, "%s: out of memory", stage);
+    for (p = 0; p < T; ++p) {
+        words[p * W] = (int64_t)local;
+        for (j = 0; j < count; ++j) words[p * W + 1 + j] = facts[j];
+    }
+    res = moe_ep__nccl_exchange(L->tp_net, words, words + T * W, W, err, sizeof err);
+    if (res != MOE_EP_OK) {
+        if (local == MOE_EP_OK) local = moe_ep__nccl_net_fail(L, res, stage, err);
+    } else if (local == MOE_EP_OK) {
+        const int64_t* got = words + T * W;
+        for (p = 0; local == MOE_EP_OK && p < T; ++p)
+            if (got[p * W] != MOE_EP_OK)
+                local = moe_ep__nccl_fail(L, MOE_EP_ERROR_ABORTED, "%s: tensor-parallel rank %d failed (%s)", stage, p,
+                                          moe_ep_result_string((moe_ep_result)got[p * W]));
+        for (p = 0; local == MOE_EP_OK && p < T; ++p)
+            for (j = 0; local == MOE_EP_OK && j < count; ++j)
+                if (got[p * W + 1 + j] != facts[j])
+                    local = moe_ep__nccl_fail(L, mismatch, "%s: tensor-parallel rank %d %s", stage, p, what);
+    }
+    moe_ep__nccl_free(&L->desc.base.allocator, words);
+    return local;
 }
 
 MOE_EP_PRIVATE moe_ep_result moe_ep__nccl_build(moe_ep_nccl_layer* L) {
@@ -1169,7 +1458,9 @@ MOE_EP_PRIVATE moe_ep_result moe_ep__nccl_build(moe_ep_nccl_layer* L) {
     if (res == MOE_EP_OK) res = moe_ep__nccl_blas(L, cublasSetMathMode(L->blas, CUBLAS_DEFAULT_MATH), "cublasSetMathMode");
     if (res != MOE_EP_OK) return res;
     /* grouped GEMMs: host arrays per group, device arrays of pointers filled per call */
-    L->grouped = d->expert_fn || L->L == 0 || d->expert_gemm == MOE_EP_NCCL_EXPERT_GEMM_LOOP ? 0
+    /* bf16 with TP: the down projections write fp32 partial sums, which grouped GEMMs
+       (one type for A, B and C) cannot */
+    L->grouped = d->expert_fn || L->L == 0 || d->expert_gemm == MOE_EP_NCCL_EXPERT_GEMM_LOOP || L->partial_f32 ? 0
                  : d->expert_gemm == MOE_EP_NCCL_EXPERT_GEMM_GROUPED ? 1 : 2;
     if (L->grouped) {
         L->group_ints = (int*)moe_ep__nccl_alloc(a, sizeof(int) * 9 * (size_t)L->L);
@@ -1221,17 +1512,20 @@ MOE_EP_PRIVATE moe_ep_result moe_ep__nccl_build(moe_ep_nccl_layer* L) {
         down_each = (size_t)L->ff * L->row_bytes;
         res = moe_ep__nccl_cuda(L, cudaMalloc(&L->w_up, up_each * (size_t)L->L), "expert weights");
         if (res == MOE_EP_OK) res = moe_ep__nccl_cuda(L, cudaMalloc(&L->w_down, down_each * (size_t)L->L), "expert weights");
+        /* with TP only this rank's slice: w1, w3 rows [ff_begin, ff_begin + ff), w2 those columns */
         for (l = 0; res == MOE_EP_OK && l < L->L; ++l) {
             char* up = (char*)L->w_up + up_each * (size_t)l;
-            size_t half = (size_t)L->ff * L->row_bytes;
-            res = moe_ep__nccl_cuda(L, cudaMemcpyAsync(up, d->experts[l].w1, half, cudaMemcpyDefault, L->stream),
-                                    "copying expert weights");
+            size_t half = (size_t)L->ff * L->row_bytes, skip = (size_t)L->ff_begin * L->row_bytes;
+            res = moe_ep__nccl_cuda(L, cudaMemcpyAsync(up, (const char*)d->experts[l].w1 + skip, half, cudaMemcpyDefault,
+                                                       L->stream), "copying expert weights");
             if (res == MOE_EP_OK && L->activation == MOE_EP_ACTIVATION_SWIGLU)
-                res = moe_ep__nccl_cuda(L, cudaMemcpyAsync(up + half, d->experts[l].w3, half, cudaMemcpyDefault,
-                                                           L->stream), "copying expert weights");
+                res = moe_ep__nccl_cuda(L, cudaMemcpyAsync(up + half, (const char*)d->experts[l].w3 + skip, half,
+                                                           cudaMemcpyDefault, L->stream), "copying expert weights");
             if (res == MOE_EP_OK)
-                res = moe_ep__nccl_cuda(L, cudaMemcpyAsync((char*)L->w_down + down_each * (size_t)l, d->experts[l].w2,
-                                                           down_each, cudaMemcpyDefault, L->stream),
+                res = moe_ep__nccl_cuda(L, cudaMemcpy2DAsync((char*)L->w_down + down_each * (size_t)l, (size_t)L->ff * L->elem,
+                                                             (const char*)d->experts[l].w2 + (size_t)L->ff_begin * L->elem,
+                                                             (size_t)L->ff_full * L->elem, (size_t)L->ff * L->elem,
+                                                             (size_t)L->d, cudaMemcpyDefault, L->stream),
                                         "copying expert weights");
         }
         if (res != MOE_EP_OK) return res;
@@ -1243,7 +1537,7 @@ MOE_EP_PRIVATE moe_ep_result moe_ep__nccl_build(moe_ep_nccl_layer* L) {
 
 MOE_EP_API moe_ep_result moe_ep_nccl_layer_create(const moe_ep_nccl_layer_desc* desc, moe_ep_nccl_layer** out) {
     moe_ep_nccl_layer* L;
-    const moe_ep_transport* t;
+    const moe_ep_transport *t, *tp;
     moe_ep_desc core;
     moe_ep_result res = MOE_EP_OK;
     char err[MOE_EP__NCCL_ERR] = "";
@@ -1278,6 +1572,21 @@ MOE_EP_API moe_ep_result moe_ep_nccl_layer_create(const moe_ep_nccl_layer_desc* 
     L->E = desc->base.num_experts;
     L->k = desc->base.top_k > 0 ? desc->base.top_k : 1;
     L->activation = desc->base.activation == MOE_EP_ACTIVATION_DEFAULT ? MOE_EP_ACTIVATION_SWIGLU : desc->base.activation;
+    L->ff_full = L->ff;
+    L->tp_size = 1;
+    tp = desc->base.tp_transport;
+    if (tp && tp->exchange_counts == moe_ep__nccl_exchange && tp->impl && tp->world_size > 1 && tp->rank >= 0 &&
+        tp->rank < tp->world_size) {
+        L->tp = *tp;
+        L->tp_net = (moe_ep__nccl*)tp->impl;
+        L->tp_rank = tp->rank;
+        L->tp_size = tp->world_size;
+        L->partial_f32 = L->dtype == MOE_EP_NCCL_DTYPE_BF16;
+        if (L->ff_full >= L->tp_size) {     /* else validation fails */
+            L->ff_begin = (int)((int64_t)L->ff_full * L->tp_rank / L->tp_size);
+            L->ff = (int)((int64_t)L->ff_full * (L->tp_rank + 1) / L->tp_size) - L->ff_begin;
+        }
+    }
     L->up_rows = L->activation == MOE_EP_ACTIVATION_SWIGLU ? 2 * L->ff : L->ff;
     L->row_bytes = (size_t)(L->d > 0 ? L->d : 0) * L->elem;
     res = moe_ep__nccl_usable(L->net, err, sizeof err);
@@ -1306,30 +1615,38 @@ MOE_EP_API moe_ep_result moe_ep_nccl_layer_create(const moe_ep_nccl_layer_desc* 
                                                             "(dtype, a2a_layout, max_tokens, expert_fn, router_weight)", p);
     }
     moe_ep__nccl_free(&desc->base.allocator, words);
+    {   /* and over the TP group: the same shapes; after this every rank of the replica agrees */
+        int64_t shape = moe_ep__nccl_tp_fingerprint(L);
+        res = moe_ep__nccl_tp_agree(L, res, &shape, 1, MOE_EP_ERROR_RANK_MISMATCH,
+                                    "has another layer (shapes, dtype, a2a_layout, max_tokens, router_weight)",
+                                    "moe_ep_nccl_layer_create");
+    }
     if (res != MOE_EP_OK) {
         moe_ep__nccl_free(&desc->base.allocator, L);
         return res;
     }
-    /* 2: the core context (its own fingerprint exchange) */
+    /* 2: the core context (its own fingerprint exchange) plans for the EP group; TP stays
+       here, since the core would split the CPU experts, which the GPU layer does not use */
     core = desc->base;
+    core.tp_transport = NULL;
     core.expert_fn = moe_ep__nccl_expert_stub;
     core.num_threads = 1;
     core.allocator.alloc_fn = moe_ep__nccl_cache_alloc;
     core.allocator.free_fn = moe_ep__nccl_cache_free;
     core.allocator.user_data = L;
     res = moe_ep_create(&core, &L->core);
-    if (res != MOE_EP_OK) {
-        while (L->cached > 0) moe_ep__nccl_free(&desc->base.allocator, L->cache[--L->cached]);
-        moe_ep__nccl_free(&desc->base.allocator, L);
-        return res;
+    if (res == MOE_EP_OK) {
+        L->desc.base = moe_ep_query_desc(L->core);
+        L->desc.base.transport = NULL;
+        L->desc.base.tp_transport = NULL;
+        L->desc.base.expert_fn = NULL;
+        L->desc.base.allocator = desc->base.allocator;
+        /* 3: device state */
+        res = moe_ep__nccl_build(L);
     }
-    L->desc.base = moe_ep_query_desc(L->core);
-    L->desc.base.transport = NULL;
-    L->desc.base.expert_fn = NULL;
-    L->desc.base.allocator = desc->base.allocator;
-    /* 3: device state; then agree again, since any rank can run out of memory */
-    res = moe_ep__nccl_build(L);
+    /* then agree again (any rank can run out of memory), over the EP and the TP group */
     res = moe_ep__nccl_agree(L, res, "moe_ep_nccl_layer_create");
+    res = moe_ep__nccl_tp_agree(L, res, NULL, 0, MOE_EP_OK, "", "moe_ep_nccl_layer_create");
     if (res != MOE_EP_OK) {
         moe_ep__nccl_layer_free(L);
         return res;
@@ -1488,8 +1805,20 @@ MOE_EP_PRIVATE moe_ep_result moe_ep__nccl_plan_build(moe_ep_nccl_layer* L, int64
         P = (moe_ep_nccl_plan*)moe_ep__nccl_alloc(&L->desc.base.allocator, sizeof *P);
         if (!P) status = moe_ep__nccl_fail(L, MOE_EP_ERROR_OUT_OF_MEMORY, "moe_ep_nccl_plan_create: out of memory");
     }
+    if (L->tp_size > 1) {
+        /* First over the TP group, whose ranks must hand in the same tokens and routing:
+           then they receive the same rows, and the EP exchange below takes any failure
+           to every rank of the replica. */
+        int64_t facts[2];
+        facts[0] = tokens;
+        facts[1] = status == MOE_EP_OK ? moe_ep__nccl_routing_hash(idx, weight, tokens * L->k) : 0;
+        status = moe_ep__nccl_tp_agree(L, status, facts, 2, MOE_EP_ERROR_INVALID_ARGUMENT,
+                                       "hands in other tokens or routing (a TP group must share both)",
+                                       "moe_ep_nccl_plan_create");
+    }
     if (status != MOE_EP_OK) {
         /* take part in the count exchange with an invalid call: every other rank fails too */
+        moe_ep__nccl_free(&L->desc.base.allocator, P);
         moe_ep_plan_create(L->core, -1, NULL, NULL, &core);
         return status;
     }
@@ -1514,6 +1843,7 @@ MOE_EP_PRIVATE moe_ep_result moe_ep__nccl_plan_build(moe_ep_nccl_layer* L, int64
             status = moe_ep__nccl_reserve_plan(L, &P->bufs, P->info.tokens * L->k, P->info.send_rows, P->remote_rows);
         if (status == MOE_EP_OK) status = moe_ep__nccl_reserve_experts(L, P->info.recv_rows, forward);
         status = moe_ep__nccl_agree(L, status, "moe_ep_nccl_plan_create");
+        status = moe_ep__nccl_tp_agree(L, status, NULL, 0, MOE_EP_OK, "", "moe_ep_nccl_plan_create");
     }
     if (status == MOE_EP_OK) status = moe_ep__nccl_upload_plan(L, P, idx);
     if (status != MOE_EP_OK) {
@@ -1765,44 +2095,23 @@ MOE_EP_PRIVATE moe_ep_result moe_ep__nccl_grouped_experts(moe_ep_nccl_layer* L, 
     return res;
 }
 
-MOE_EP_API moe_ep_result moe_ep_nccl_experts(moe_ep_nccl_layer* L, moe_ep_nccl_plan* P, const void* rows, void* out) {
-    moe_ep_result res = moe_ep__nccl_check_stage(L, P, "moe_ep_nccl_experts", 0);
+/* The built-in experts of this rank (its d_ff slice with TP): grouped GEMMs or the loop. */
+MOE_EP_PRIVATE moe_ep_result moe_ep__nccl_local_experts(moe_ep_nccl_layer* L, moe_ep_nccl_plan* P, const void* rows,
+                                                        void* out) {
+    moe_ep_result res = moe_ep__nccl_reserve_experts(L, P->info.recv_rows, 0);  /* no-op after plan creation sized it */
+    size_t rb = L->row_bytes, hb = (size_t)L->up_rows * L->elem;
     int l, used = 0;
-    size_t rb, hb;
-    if (res != MOE_EP_OK) return res;
-    P->expert_status = MOE_EP_OK;
-    if (P->info.recv_rows > 0 && (!rows || !out))
-        return P->expert_status = moe_ep__nccl_fail(L, MOE_EP_ERROR_INVALID_ARGUMENT,
-                                                    "moe_ep_nccl_experts: rows and out must not be NULL");
-    rb = L->row_bytes;
-    hb = (size_t)L->up_rows * L->elem;
-    if (L->desc.expert_fn) {
-        for (l = 0; l < L->L; ++l) {
-            int64_t n = P->info.local_expert_counts[l], first = P->info.local_expert_offsets[l];
-            int rc;
-            if (n == 0) continue;
-            rc = L->desc.expert_fn(l, L->local_ids[l], (const char*)rows + (size_t)first * rb, n, L->d,
-                                   (char*)out + (size_t)first * rb, L->stream, L->desc.expert_user_data);
-            if (rc != 0)
-                return P->expert_status = moe_ep__nccl_fail(L, MOE_EP_ERROR_CALLBACK,
-                                                            "moe_ep_nccl_experts: expert_fn returned %d for expert %d",
-                                                            rc, L->local_ids[l]);
-        }
-        return MOE_EP_OK;
-    }
-    if (P->info.recv_rows == 0) return MOE_EP_OK;
-    res = moe_ep__nccl_reserve_experts(L, P->info.recv_rows, 0);  /* no-op after plan creation sized it */
     if (res == MOE_EP_OK && L->grouped) {
         int busy = 0;
         for (l = 0; l < L->L; ++l) busy += P->info.local_expert_counts[l] > 0;
         if (L->grouped == 1 || P->info.recv_rows <= 384 * (int64_t)busy) {
             res = moe_ep__nccl_grouped_experts(L, P, rows, out);
-            if (res != MOE_EP_ERROR_UNSUPPORTED) return P->expert_status = res;
+            if (res != MOE_EP_ERROR_UNSUPPORTED) return res;
             L->grouped = 0;     /* this cuBLAS lacks grouped GEMMs for these types: the loop from now on */
             res = MOE_EP_OK;
         }
     }
-    if (res != MOE_EP_OK) return P->expert_status = res;
+    if (res != MOE_EP_OK) return res;
     /* Expert after expert, each on the next lane: up projection (w1 and w3 in one GEMM),
        activation, down projection. Lanes fork from and join back into the layer stream. */
     if (res == MOE_EP_OK && L->lanes > 1) {
@@ -1824,7 +2133,11 @@ MOE_EP_API moe_ep_result moe_ep_nccl_experts(moe_ep_nccl_layer* L, moe_ep_nccl_p
             res = moe_ep__nccl_cuda(L, (cudaError_t)moe_ep__nccl_k_activation(hidden, n, L->ff, L->up_rows, L->activation,
                                                                               moe_ep__nccl_kdtype[L->dtype], stream),
                                     "activation kernel");
-        if (res == MOE_EP_OK)
+        if (res == MOE_EP_OK && L->partial_f32)
+            res = moe_ep__nccl_linear(L, blas, (const char*)L->w_down + (size_t)l * L->ff * rb, L->d, L->ff, hidden,
+                                      L->up_rows, n, (float*)L->partial + (size_t)first * (size_t)L->d, L->d,
+                                      CUDA_R_32F, "expert down projection");
+        else if (res == MOE_EP_OK)
             res = moe_ep__nccl_linear(L, blas, (const char*)L->w_down + (size_t)l * L->ff * rb, L->d, L->ff, hidden,
                                       L->up_rows, n, (char*)out + (size_t)first * rb, L->d, moe_ep__nccl_cuda_type(L),
                                       "expert down projection");
@@ -1837,6 +2150,50 @@ MOE_EP_API moe_ep_result moe_ep_nccl_experts(moe_ep_nccl_layer* L, moe_ep_nccl_p
             if (e == cudaSuccess) e = cudaStreamWaitEvent(L->stream, L->lane_done[lane], 0);
             if (res == MOE_EP_OK) res = moe_ep__nccl_cuda(L, e, "expert streams");
         }
+    }
+    return res;
+}
+
+MOE_EP_API moe_ep_result moe_ep_nccl_experts(moe_ep_nccl_layer* L, moe_ep_nccl_plan* P, const void* rows, void* out) {
+    moe_ep_result res = moe_ep__nccl_check_stage(L, P, "moe_ep_nccl_experts", 0);
+    int l;
+    size_t rb;
+    if (res != MOE_EP_OK) return res;
+    P->expert_status = MOE_EP_OK;
+    if (P->info.recv_rows > 0 && (!rows || !out))
+        return P->expert_status = moe_ep__nccl_fail(L, MOE_EP_ERROR_INVALID_ARGUMENT,
+                                                    "moe_ep_nccl_experts: rows and out must not be NULL");
+    rb = L->row_bytes;
+    if (L->desc.expert_fn) {
+        for (l = 0; l < L->L; ++l) {
+            int64_t n = P->info.local_expert_counts[l], first = P->info.local_expert_offsets[l];
+            int rc;
+            if (n == 0) continue;
+            rc = L->desc.expert_fn(l, L->local_ids[l], (const char*)rows + (size_t)first * rb, n, L->d,
+                                   (char*)out + (size_t)first * rb, L->stream, L->desc.expert_user_data);
+            if (rc != 0)
+                return P->expert_status = moe_ep__nccl_fail(L, MOE_EP_ERROR_CALLBACK,
+                                                            "moe_ep_nccl_experts: expert_fn returned %d for expert %d",
+                                                            rc, L->local_ids[l]);
+        }
+        return MOE_EP_OK;
+    }
+    /* the TP group holds the same rows: all its ranks skip, or none */
+    if (P->info.recv_rows == 0) return MOE_EP_OK;
+    res = moe_ep__nccl_local_experts(L, P, rows, out);
+    if (L->tp_size > 1) {
+        /* Sum the d_ff slices over the TP group, in TP-rank order; reached after a local
+           failure too, so that the group is not left waiting */
+        char err[MOE_EP__NCCL_ERR] = "";
+        int64_t count = P->info.recv_rows * (int64_t)L->d;
+        float* sums = L->partial_f32 ? (float*)L->partial : (float*)out;
+        moe_ep_result reduced = L->tp.all_reduce_sum(L->tp.impl, sums, count, MOE_EP_MEMORY_DEVICE, L->stream, err,
+                                                     sizeof err);
+        if (res == MOE_EP_OK && reduced != MOE_EP_OK)
+            res = moe_ep__nccl_net_fail(L, reduced, "moe_ep_nccl_experts: tensor-parallel sum", err);
+        if (res == MOE_EP_OK && L->partial_f32)
+            res = moe_ep__nccl_cuda(L, (cudaError_t)moe_ep__nccl_k_sum_ranks(sums, count, 1, out, MOE_EP__NCCL_K_BF16,
+                                                                             L->stream), "bf16 rounding kernel");
     }
     return P->expert_status = res;
 }

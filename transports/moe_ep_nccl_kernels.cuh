@@ -11,7 +11,8 @@
 
    Kernels: permute (token rows into send order), row regrouping (rank-major <->
    expert-major), the activation (SwiGLU / GELU / ReLU, fp32 math), weighted
-   un-permute (fp32 accumulation, k-slot order) and softmax + top-k. Rows are fp32 or
+   un-permute (fp32 accumulation, k-slot order), softmax + top-k, and the rank-order sum
+   of the NCCL transport's all_reduce_sum. Rows are fp32 or
    bf16; every launcher returns a cudaError_t as int (0 = success).
 
    A slot map (int32, one entry per (token, k-slot)) says where each assignment's row
@@ -57,6 +58,10 @@ int moe_ep__nccl_k_stage_map(const int64_t* chunk_start, const int64_t* chunk_de
 /* logits [tokens, E] fp32 -> softmax -> top-k (ties to the lower index) -> idx, weight [tokens, k]. */
 int moe_ep__nccl_k_topk(const float* logits, int64_t tokens, int num_experts, int top_k, int normalize,
                         int32_t* idx, float* weight, void* stream);
+/* out[i] = ((parts[i] + parts[count + i]) + parts[2 * count + i]) + ... over `ranks` blocks of
+   count floats, added in block order in fp32, stored as dtype (bf16 rounds to nearest even
+   once, at the end). ranks = 1 converts. In fp32, out may be parts itself. */
+int moe_ep__nccl_k_sum_ranks(const float* parts, int64_t count, int ranks, void* out, int dtype, void* stream);
 
 #ifdef __cplusplus
 }
@@ -411,6 +416,30 @@ extern "C" int moe_ep__nccl_k_topk(const float* logits, int64_t tokens, int num_
     }
     topk_kernel<<<(unsigned)((tokens + warps - 1) / warps), 32 * warps, shared, s>>>(logits, tokens, num_experts, top_k, normalize,
                                                                      idx, weight);
+    return (int)cudaGetLastError();
+}
+
+namespace moe_ep_nccl_kernels {
+/* Rank order, one rounding per addition: the bits do not depend on the grid. */
+template <typename T>
+__global__ void sum_ranks_kernel(const float* parts, int64_t count, int ranks, T* out) {
+    for (int64_t i = (int64_t)blockIdx.x * blockDim.x + threadIdx.x; i < count; i += (int64_t)gridDim.x * blockDim.x) {
+        float acc = parts[i];
+        for (int r = 1; r < ranks; ++r) acc = __fadd_rn(acc, parts[(int64_t)r * count + i]);
+        store_f(&out[i], acc);
+    }
+}
+}
+
+extern "C" int moe_ep__nccl_k_sum_ranks(const float* parts, int64_t count, int ranks, void* out, int dtype,
+                                        void* stream) {
+    using namespace moe_ep_nccl_kernels;
+    cudaStream_t s = (cudaStream_t)stream;
+    if (count <= 0 || ranks <= 0) return 0;
+    if (dtype == MOE_EP__NCCL_K_BF16)
+        sum_ranks_kernel<__nv_bfloat16><<<grid_for(count, 256), 256, 0, s>>>(parts, count, ranks, (__nv_bfloat16*)out);
+    else
+        sum_ranks_kernel<float><<<grid_for(count, 256), 256, 0, s>>>(parts, count, ranks, (float*)out);
     return (int)cudaGetLastError();
 }
 
