@@ -167,6 +167,15 @@ $(BUILD)/nccl_kernels.o: tests/gpu/nccl_kernels.cu transports/moe_ep_nccl_kernel
 $(BUILD)/test_nccl: tests/gpu/test_nccl.c $(BUILD)/nccl_kernels.o $(NCCL_HEADERS) | $(BUILD)
 	$(CC) $(MOE_EP_CFLAGS) $(OPT) $(NCCL_CFLAGS) $(CFLAGS) $< $(BUILD)/nccl_kernels.o -o $@ $(NCCL_LIBS) $(LDFLAGS)
 
+# EP x DP and EP x TP x DP over NCCL groups; the _transport build checks the transport alone
+# (MOE_EP_NCCL_NO_LAYER: no CUDA file, no cuBLAS).
+$(BUILD)/test_nccl_layout: tests/gpu/test_nccl_layout.c $(BUILD)/nccl_kernels.o $(NCCL_HEADERS) | $(BUILD)
+	$(CC) $(MOE_EP_CFLAGS) $(OPT) $(NCCL_CFLAGS) $(CFLAGS) $< $(BUILD)/nccl_kernels.o -o $@ $(NCCL_LIBS) $(LDFLAGS)
+
+$(BUILD)/test_nccl_layout_transport: tests/gpu/test_nccl_layout.c $(NCCL_HEADERS) | $(BUILD)
+	$(CC) $(MOE_EP_CFLAGS) $(OPT) $(NCCL_CFLAGS) $(CFLAGS) -DMOE_EP_NCCL_NO_LAYER $< -o $@ \
+	  -L$(CUDA_HOME)/lib64 -lnccl -lcudart -pthread -lm $(LDFLAGS)
+
 $(BUILD)/bench_fill.o: bench/bench_fill.cu transports/moe_ep_nccl_kernels.cuh | $(BUILD)
 	$(NVCC) $(CUDA_ARCH) -O2 -c $< -o $@
 
@@ -183,16 +192,25 @@ check-nccl: | $(BUILD)
 	printf '#define MOE_EP_IMPLEMENTATION\n#define MOE_EP_NCCL_NO_LAYER\n#include "../transports/moe_ep_nccl.h"\n' \
 	  > $(BUILD)/hdr_nccl_transport.c; \
 	set -ex; \
-	$(MAKE) --no-print-directory $(BUILD)/test_nccl $(BUILD)/bench_nccl; \
+	$(MAKE) --no-print-directory $(BUILD)/test_nccl $(BUILD)/test_nccl_layout $(BUILD)/test_nccl_layout_transport \
+	  $(BUILD)/bench_nccl; \
 	$(CLANG) $(MOE_EP_CFLAGS) $(NCCL_CFLAGS) -c tests/gpu/test_nccl.c -o $(BUILD)/test_nccl_clang.o; \
+	$(CLANG) $(MOE_EP_CFLAGS) $(NCCL_CFLAGS) -c tests/gpu/test_nccl_layout.c -o $(BUILD)/test_nccl_layout_clang.o; \
+	$(CLANG) $(MOE_EP_CFLAGS) $(NCCL_CFLAGS) -DMOE_EP_NCCL_NO_LAYER -c tests/gpu/test_nccl_layout.c \
+	  -o $(BUILD)/test_nccl_layout_transport_clang.o; \
 	$(CC) $(MOE_EP_CFLAGS) $(NCCL_CFLAGS) -c $(BUILD)/hdr_nccl_transport.c -o $(BUILD)/hdr_nccl_transport.o; \
 	$(NVCC) $(CUDA_ARCH) -O2 -Xcompiler -Wall,-Wextra,-Werror -c $(BUILD)/hdr_nccl.cu -o $(BUILD)/hdr_nccl.o; \
 	if command -v $(MPICC_NCCL) >/dev/null 2>&1; then $(MAKE) --no-print-directory $(BUILD)/nccl_mpi_demo; fi; \
-	./$(BUILD)/test_nccl
+	./$(BUILD)/test_nccl; \
+	./$(BUILD)/test_nccl_layout; \
+	./$(BUILD)/test_nccl_layout_transport
 
-# On a machine with GPUs: every GPU test, and the MPI demo (one process per GPU) in fp32 and bf16.
-test-gpu: $(BUILD)/test_nccl
-	./$(BUILD)/test_nccl --require-gpu
+# On a machine with GPUs: every GPU test (world sizes 1, 2, 4, 8 up to the GPUs there are; the layout
+# tests EP x TP x DP over NCCL groups), and the MPI demo (one process per GPU) in fp32 and bf16.
+test-gpu: $(BUILD)/test_nccl $(BUILD)/test_nccl_layout $(BUILD)/test_nccl_layout_transport
+	timeout $(TEST_TIMEOUT) ./$(BUILD)/test_nccl --require-gpu
+	timeout $(TEST_TIMEOUT) ./$(BUILD)/test_nccl_layout --require-gpu
+	timeout $(TEST_TIMEOUT) ./$(BUILD)/test_nccl_layout_transport --require-gpu
 	@if command -v $(MPICC_NCCL) >/dev/null 2>&1 && command -v $(MPIRUN_NCCL) >/dev/null 2>&1; then set -ex; \
 	  $(MAKE) --no-print-directory $(BUILD)/nccl_mpi_demo; \
 	  $(MPIRUN_NCCL) -np $(NGPU) ./$(BUILD)/nccl_mpi_demo; \

@@ -1,7 +1,7 @@
 /* test_nccl -- the NCCL transport and the GPU layer of moe_ep, on every GPU of this machine.
 
-   One process, one thread per GPU (ncclCommInitAll). Every case runs with world size 1
-   and with all GPUs. Without a GPU (or a driver) it prints "no GPU, skipped" and exits 0
+   One process, one thread per GPU (ncclCommInitAll). Every case runs with world sizes 1,
+   2, 4, 8 up to the GPUs there are, and with all GPUs. Without a GPU (or a driver) it prints "no GPU, skipped" and exits 0
    (with --require-gpu: exits 1). --max-gpus N limits the world size.
 
    Checks, each on fresh seeded random data, outputs poisoned with NaN first:
@@ -800,9 +800,9 @@ int main(int argc, char** argv) {
     }
     {
         world w;
-        int sizes[2], count = 0;
-        sizes[count++] = 1;
-        if (gpus > 1) sizes[count++] = gpus;
+        int sizes[8], count = 0, size;
+        for (size = 1; size <= gpus; size *= 2) sizes[count++] = size;    /* 1, 2, 4, 8 */
+        if (sizes[count - 1] != gpus) sizes[count++] = gpus;
         for (i = 0; i < count; ++i) {
             if (!make_world(&w, sizes[i])) { g_failures++; continue; }
             run_world(&w);
