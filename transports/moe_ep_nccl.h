@@ -1276,7 +1276,9 @@ MOE_EP_PRIVATE moe_ep_result moe_ep__nccl_reserve_all(moe_ep_nccl_layer* L) {
 }
 
 /* >>gpu layer: create */
-MOE_EP_PRIVATE int moe_ep__nccl_expert_stub(int local_expert, int expert, const float* rows, int64_t row_count,
+/* The GPU layer plans with a core context but never runs its CPU experts; setting this
+   callback keeps the core from packing a CPU copy of the weights. */
+MOE_EP_PRIVATE int moe_ep__nccl_no_cpu_experts(int local_expert, int expert, const float* rows, int64_t row_count,
                                             int d_model, float* out, void* user_data) {
     (void)local_expert; (void)expert; (void)rows; (void)row_count; (void)d_model; (void)out; (void)user_data;
     return -1;  /* the core's CPU expert path is never used by the GPU layer */
@@ -1629,7 +1631,7 @@ MOE_EP_API moe_ep_result moe_ep_nccl_layer_create(const moe_ep_nccl_layer_desc* 
        here, since the core would split the CPU experts, which the GPU layer does not use */
     core = desc->base;
     core.tp_transport = NULL;
-    core.expert_fn = moe_ep__nccl_expert_stub;
+    core.expert_fn = moe_ep__nccl_no_cpu_experts;
     core.num_threads = 1;
     core.allocator.alloc_fn = moe_ep__nccl_cache_alloc;
     core.allocator.free_fn = moe_ep__nccl_cache_free;
