@@ -23,6 +23,7 @@ Suite* capacity_suite(void);
 Suite* validation_suite(void);
 Suite* failure_suite(void);
 Suite* expert_fn_suite(void);
+Suite* layout_suite(void);
 
 /* >>counting allocator: thread safe, no header in front of a block, so that a block
    allocated by one half of an allocator and freed by the other shows up as a count

@@ -1,16 +1,10 @@
-/* Layout arithmetic (EP x TP x DP) and the layered layer on the pthreads transport.
-   Its own binary: the layer tests start threads and OpenMP, so it runs with CK_FORK=no. */
-#define MOE_EP_IMPLEMENTATION
-#include "../../transports/moe_ep_pthreads.h"
+/* Layout arithmetic (EP x TP x DP) and layered layers (groups split from a pthreads
+   world) against one rank. */
+#include "check_moe_ep.h"
 
-#include <check.h>
 #include <math.h>
 #include <stdlib.h>
 #include <string.h>
-
-#ifndef MOE_EP_IMPL_INCLUDED
-#error "MOE_EP_IMPLEMENTATION compiled nothing"
-#endif
 
 typedef struct shape { int world, ep, tp, dp, experts; } shape;
 
@@ -133,18 +127,6 @@ typedef struct layered {
     int group_sizes[128][3];        /* what each rank's split transports report */
 } layered;
 
-static unsigned long long rnd(unsigned long long* s) {
-    unsigned long long z = (*s += 0x9E3779B97F4A7C15ull);
-    z = (z ^ (z >> 30)) * 0xBF58476D1CE4E5B9ull;
-    z = (z ^ (z >> 27)) * 0x94D049BB133111EBull;
-    return z ^ (z >> 31);
-}
-
-static void fill(float* v, size_t n, float scale, unsigned long long* s) {
-    size_t i;
-    for (i = 0; i < n; ++i) v[i] = scale * ((float)(rnd(s) >> 40) / 8388608.0f - 1.0f);
-}
-
 static int shard_of(const moe_ep_layout_desc* l, int rank) {
     moe_ep_coords c;
     moe_ep_layout_coords(l, rank, &c);
@@ -197,7 +179,7 @@ START_TEST(test_layered_layer_matches_one_rank) {
     moe_ep_expert_weights all[64];
     size_t per = 3 * (size_t)D_MODEL * D_FF, n;
     int shards = sh->dp * sh->ep, r, e, tokens = 7;
-    unsigned long long seed = 1234u + (unsigned)_i;
+    uint64_t seed = 1234u + (unsigned)_i;
     float *x, *router, *weights, *y_ref;
     double max_diff = 0.0, max_ref = 0.0;
     memset(&t, 0, sizeof t);
@@ -211,16 +193,16 @@ START_TEST(test_layered_layer_matches_one_rank) {
     router = malloc(sizeof *router * (size_t)sh->experts * D_MODEL);
     weights = malloc(sizeof *weights * per * (size_t)sh->experts);
     t.y = malloc(sizeof *t.y * n * (size_t)sh->world);
-    fill(x, n * (size_t)shards, 1.0f, &seed);
-    fill(router, (size_t)sh->experts * D_MODEL, 0.5f, &seed);
-    fill(weights, per * (size_t)sh->experts, 0.2f, &seed);
+    check_fill(x, n * (size_t)shards, 1.0f, &seed);
+    check_fill(router, (size_t)sh->experts * D_MODEL, 0.5f, &seed);
+    check_fill(weights, per * (size_t)sh->experts, 0.2f, &seed);
     for (e = 0; e < sh->experts; ++e) {
         all[e].w1 = weights + (size_t)e * per;
         all[e].w3 = all[e].w1 + (size_t)D_MODEL * D_FF;
         all[e].w2 = all[e].w3 + (size_t)D_MODEL * D_FF;
     }
-    memset(t.y, 0xFF, sizeof *t.y * n * (size_t)sh->world);     /* NaN poison */
-    memset(y_ref, 0xFF, sizeof *y_ref * n * (size_t)shards);
+    check_poison(t.y, n * (size_t)sh->world);
+    check_poison(y_ref, n * (size_t)shards);
     t.tokens = tokens; t.x = x; t.router = router; t.experts = all;
     ck_assert_int_eq(moe_ep_pthreads_world_create(&(moe_ep_pthreads_desc){ .world_size = sh->world, .timeout_ms = 30000 },
                                                   &world), MOE_EP_OK);
@@ -269,12 +251,12 @@ static moe_ep_result reduce_rank(const moe_ep_transport* t, void* user_data) {
 
 START_TEST(test_all_reduce_rank_order) {
     int R = 5, count = 37, r, i;
-    unsigned long long seed = 99;
+    uint64_t seed = 99;
     float* data = malloc(sizeof *data * (size_t)(R * count));
     float* expect = malloc(sizeof *expect * (size_t)count);
     moe_ep_pthreads_world* w;
     reduce_case c = { data, count };
-    fill(data, (size_t)(R * count), 1e3f, &seed);
+    check_fill(data, (size_t)(R * count), 1e3f, &seed);
     for (i = 0; i < count; ++i) {
         float s = data[i];
         for (r = 1; r < R; ++r) s += data[r * count + i];
@@ -317,7 +299,7 @@ START_TEST(test_groups_independent_exit) {
 }
 END_TEST
 
-static Suite* layout_suite(void) {
+Suite* layout_suite(void) {
     Suite* s = suite_create("layout");
     TCase* core = tcase_create("core");
     TCase* errors = tcase_create("errors");
@@ -334,13 +316,4 @@ static Suite* layout_suite(void) {
     suite_add_tcase(s, errors);
     suite_add_tcase(s, layer);
     return s;
-}
-
-int main(void) {
-    SRunner* runner = srunner_create(layout_suite());
-    int failed;
-    srunner_run_all(runner, CK_NORMAL);
-    failed = srunner_ntests_failed(runner);
-    srunner_free(runner);
-    return failed == 0 ? EXIT_SUCCESS : EXIT_FAILURE;
 }
