@@ -585,6 +585,7 @@ struct moe_ep_plan {
     float* send_buffer;             /* [send_rows, d] */
     void* request;                  /* split-phase handle */
     int pending;                    /* 0 none, 1 dispatch, 2 combine */
+    int blocking;                   /* inside moe_ep_dispatch / moe_ep_combine: use the blocking exchange */
     moe_ep_a2a_args args;
 };
 
@@ -2093,7 +2094,7 @@ MOE_EP_PRIVATE moe_ep_result moe_ep__a2a_begin(moe_ep_context* ctx, moe_ep_plan*
     moe_ep_result res;
     plan->request = NULL;
     if (moe_ep__local_only(ctx)) return MOE_EP_OK;
-    if (ctx->transport.all_to_all_v_begin)
+    if (ctx->transport.all_to_all_v_begin && !plan->blocking)
         res = ctx->transport.all_to_all_v_begin(ctx->transport.impl, &plan->args, &plan->request, err, sizeof err);
     else
         res = ctx->transport.all_to_all_v(ctx->transport.impl, &plan->args, err, sizeof err);
@@ -2104,7 +2105,7 @@ MOE_EP_PRIVATE moe_ep_result moe_ep__a2a_begin(moe_ep_context* ctx, moe_ep_plan*
 MOE_EP_PRIVATE moe_ep_result moe_ep__a2a_end(moe_ep_context* ctx, moe_ep_plan* plan, const char* stage) {
     char err[MOE_EP__ERR_SIZE] = "";
     moe_ep_result res = MOE_EP_OK;
-    if (ctx->transport.all_to_all_v_end && !moe_ep__local_only(ctx))
+    if (ctx->transport.all_to_all_v_end && !moe_ep__local_only(ctx) && !plan->blocking)
         res = ctx->transport.all_to_all_v_end(ctx->transport.impl, plan->request, err, sizeof err);
     plan->request = NULL;
     plan->pending = 0;
@@ -2166,10 +2167,19 @@ MOE_EP_API moe_ep_result moe_ep_dispatch_end(moe_ep_context* ctx, moe_ep_plan* p
     return moe_ep__a2a_end(ctx, plan, "moe_ep_dispatch");
 }
 
+/* Whether plan may be marked for a blocking exchange (a valid plan of ctx with nothing open). */
+MOE_EP_PRIVATE bool moe_ep__can_block(const moe_ep_context* ctx, const moe_ep_plan* plan) {
+    return ctx && plan && plan->ctx == ctx && plan->pending == 0;
+}
+
 MOE_EP_API moe_ep_result moe_ep_dispatch(moe_ep_context* ctx, moe_ep_plan* plan, const float* x, float* recv_rows) {
-    moe_ep_result res = moe_ep_dispatch_begin(ctx, plan, x, recv_rows);
-    if (res != MOE_EP_OK) return res;
-    return moe_ep_dispatch_end(ctx, plan);
+    moe_ep_result res;
+    bool blocking = moe_ep__can_block(ctx, plan);
+    if (blocking) plan->blocking = 1;   /* one blocking exchange, not begin + end */
+    res = moe_ep_dispatch_begin(ctx, plan, x, recv_rows);
+    if (res == MOE_EP_OK) res = moe_ep_dispatch_end(ctx, plan);
+    if (blocking) plan->blocking = 0;
+    return res;
 }
 
 /* >>experts */
@@ -2289,9 +2299,13 @@ MOE_EP_API moe_ep_result moe_ep_combine_end(moe_ep_context* ctx, moe_ep_plan* pl
 }
 
 MOE_EP_API moe_ep_result moe_ep_combine(moe_ep_context* ctx, moe_ep_plan* plan, const float* expert_out, float* y) {
-    moe_ep_result res = moe_ep_combine_begin(ctx, plan, expert_out);
-    if (res != MOE_EP_OK) return res;
-    return moe_ep_combine_end(ctx, plan, y);
+    moe_ep_result res;
+    bool blocking = moe_ep__can_block(ctx, plan);
+    if (blocking) plan->blocking = 1;
+    res = moe_ep_combine_begin(ctx, plan, expert_out);
+    if (res == MOE_EP_OK) res = moe_ep_combine_end(ctx, plan, y);
+    if (blocking) plan->blocking = 0;
+    return res;
 }
 
 /* >>forward */
@@ -2354,6 +2368,7 @@ MOE_EP_API moe_ep_result moe_ep_forward(moe_ep_context* ctx, const moe_ep_forwar
     if (res == MOE_EP_OK) {
         status = moe_ep_experts(ctx, plan, ctx->recv_rows, ctx->expert_out);
         ctx->experts_status = MOE_EP_OK;    /* handed to combine here */
+        plan->blocking = 1;
         res = moe_ep__combine_begin(ctx, plan, ctx->expert_out, status);
         if (res == MOE_EP_OK) res = moe_ep_combine_end(ctx, plan, args->y);
     }
