@@ -544,7 +544,6 @@ struct moe_ep_context {
     int* rank_expert_start;         /* [R+1] offsets into rank_expert_list */
     int* rank_expert_list;          /* [E] experts sorted by (owner, id) */
     int* placement_table;           /* [E] copy of desc.placement.table or NULL */
-    float* router_weight;           /* NULL: borrowed from desc (router weights are not repacked) */
     float** packed_up;              /* [local] w1 (and w3) panels */
     float** packed_down;            /* [local] w2 panels */
     float* hidden;                  /* kernel workspaces (raw allocations, aligned on use) */
@@ -2343,6 +2342,7 @@ MOE_EP_API moe_ep_result moe_ep_forward(moe_ep_context* ctx, const moe_ep_forwar
             void* bufs[2];
             bufs[0] = ctx->topk_idx;
             bufs[1] = ctx->topk_weight;
+            /* int32_t indices and float weights: one element size serves both buffers */
             status = moe_ep__grow(ctx, bufs, &ctx->routing_capacity, tokens * ctx->desc.top_k, sizeof(float), 2);
             ctx->topk_idx = (int32_t*)bufs[0];
             ctx->topk_weight = (float*)bufs[1];
