@@ -146,7 +146,7 @@ MPICC_NCCL   ?= mpicc
 MPIRUN_NCCL  ?= mpirun
 NCCL_CFLAGS   = -isystem $(CUDA_HOME)/include
 NCCL_LIBS     = -L$(CUDA_HOME)/lib64 -lnccl -lcublas -lcudart -lstdc++ -pthread -lm
-NCCL_HEADERS  = $(HEADERS) transports/moe_ep_nccl.h transports/moe_ep_nccl_kernels.cuh
+NCCL_HEADERS  = $(HEADERS) transports/moe_ep_nccl.h transports/moe_ep_nccl_kernels.cuh tests/gpu/gpu_test_support.h
 ANCHOR_DIR   ?= ../shared/anchors/gpu
 NGPU         ?= $(shell n=$$(nvidia-smi -L 2>/dev/null | wc -l); [ "$$n" -gt 0 ] && echo $$n || echo 2)
 
