@@ -805,26 +805,56 @@ MOE_EP_PRIVATE moe_ep_result moe_ep__nccl_all_reduce(void* impl, float* data, in
 }
 
 /* >>nccl transport: split */
+/* One verdict on every rank of n: res if this rank failed, else ABORTED if another did
+   (err says which), else OK. */
+MOE_EP_PRIVATE moe_ep_result moe_ep__nccl_verdict(moe_ep__nccl* n, moe_ep_result res, const char* what, char* err,
+                                                  size_t size) {
+    int p, R = n->world_size;
+    char text[MOE_EP__NCCL_ERR] = "";
+    moe_ep_result agreed;
+    int64_t* words = (int64_t*)moe_ep__nccl_alloc(&n->allocator, sizeof(int64_t) * 2 * (size_t)R);
+    if (!words) {
+        if (res == MOE_EP_OK) moe_ep__nccl_text(err, size, "%s: out of memory", what);
+        return res != MOE_EP_OK ? res : MOE_EP_ERROR_OUT_OF_MEMORY;
+    }
+    for (p = 0; p < R; ++p) words[p] = (int64_t)res;
+    agreed = moe_ep__nccl_exchange(n, words, words + R, 1, text, sizeof text);
+    if (agreed != MOE_EP_OK && res == MOE_EP_OK) moe_ep__nccl_text(err, size, "%s: %s", what, text);
+    for (p = 0; agreed == MOE_EP_OK && p < R; ++p)
+        if (words[R + p] != MOE_EP_OK) {
+            agreed = MOE_EP_ERROR_ABORTED;
+            if (res == MOE_EP_OK)
+                moe_ep__nccl_text(err, size, "%s failed on rank %d (%s)", what, p,
+                                  moe_ep_result_string((moe_ep_result)words[R + p]));
+        }
+    moe_ep__nccl_free(&n->allocator, words);
+    return res != MOE_EP_OK ? res : agreed;
+}
+
 MOE_EP_PRIVATE moe_ep_result moe_ep__nccl_split(void* impl, int color, int key, moe_ep_transport* out, char* err,
                                                 size_t size) {
     moe_ep__nccl* n = (moe_ep__nccl*)impl;
     ncclComm_t comm = NULL;
     moe_ep_transport t;
     moe_ep_nccl_desc desc;
-    int64_t* words;
-    int p, R = n->world_size;
     ncclResult_t r;
-    moe_ep_result res = moe_ep__nccl_usable(n, err, size), agreed;
+    moe_ep_result res = moe_ep__nccl_usable(n, err, size);
     if (res != MOE_EP_OK) return res;
     memset(&t, 0, sizeof t);
-    /* collective over the parent: every rank calls ncclCommSplit, a bad color included */
-    r = ncclCommSplit(n->comm, color >= 0 ? color : NCCL_SPLIT_NOCOLOR, key, &comm, NULL);
-    if (r != ncclSuccess) {
-        res = moe_ep__nccl_nccl_fail(n, r, "ncclCommSplit", err, size);
-        comm = NULL;
-    } else if (color < 0 || !comm) {
+    /* Colors first: with a negative color anywhere no rank calls ncclCommSplit. (On
+       4 x H200, a 3-rank group split beside a rank with NCCL_SPLIT_NOCOLOR blocked its
+       first rank in ncclCommDestroy, and in ncclCommAbort, until the others timed out.) */
+    if (color < 0) {
         moe_ep__nccl_text(err, size, "split: color (%d) must be >= 0", color);
         res = MOE_EP_ERROR_INVALID_ARGUMENT;
+    }
+    res = moe_ep__nccl_verdict(n, res, "split", err, size);
+    if (res != MOE_EP_OK) return res;
+    /* collective over the parent */
+    r = ncclCommSplit(n->comm, color, key, &comm, NULL);
+    if (r != ncclSuccess || !comm) {
+        res = r != ncclSuccess ? moe_ep__nccl_nccl_fail(n, r, "ncclCommSplit", err, size) : MOE_EP_ERROR_TRANSPORT;
+        comm = NULL;
     } else {
         memset(&desc, 0, sizeof desc);
         desc.comm = comm;
@@ -835,36 +865,18 @@ MOE_EP_PRIVATE moe_ep_result moe_ep__nccl_split(void* impl, int color, int key, 
         if (res == MOE_EP_OK) ((moe_ep__nccl*)t.impl)->owns_comm = 1;
         else moe_ep__nccl_text(err, size, "split: the new transport could not be created (%s)", moe_ep_result_string(res));
     }
-    /* one verdict on every rank of the parent */
-    words = (int64_t*)moe_ep__nccl_alloc(&n->allocator, sizeof(int64_t) * 2 * (size_t)R);
-    if (!words) {
-        agreed = MOE_EP_ERROR_OUT_OF_MEMORY;
-    } else {
-        char text[MOE_EP__NCCL_ERR] = "";
-        for (p = 0; p < R; ++p) words[p] = (int64_t)res;
-        agreed = moe_ep__nccl_exchange(n, words, words + R, 1, text, sizeof text);
-        if (agreed != MOE_EP_OK && res == MOE_EP_OK) moe_ep__nccl_text(err, size, "split: %s", text);
-        for (p = 0; agreed == MOE_EP_OK && p < R; ++p)
-            if (words[R + p] != MOE_EP_OK) {
-                agreed = MOE_EP_ERROR_ABORTED;
-                if (res == MOE_EP_OK) moe_ep__nccl_text(err, size, "split failed on rank %d (%s)", p,
-                                                        moe_ep_result_string((moe_ep_result)words[R + p]));
-            }
-        moe_ep__nccl_free(&n->allocator, words);
-    }
-    if (res == MOE_EP_OK && agreed == MOE_EP_OK) {
+    res = moe_ep__nccl_verdict(n, res, "split", err, size);
+    if (res == MOE_EP_OK) {
         *out = t;
         return MOE_EP_OK;
     }
-    /* Abort, not destroy, the group nobody will use: on 4 x H200, ncclCommDestroy of a
-       3-rank group split beside a rank that gave a negative color blocked its first rank
-       until the others timed out; ncclCommAbort waits for no peer. */
+    /* abort, not destroy, a group nobody will use: an abort waits for no peer */
     if (comm) ncclCommAbort(comm);
     if (t.impl) {
         ((moe_ep__nccl*)t.impl)->broken = 1;        /* the communicator is gone */
         moe_ep_nccl_transport_destroy(&t);
     }
-    return res != MOE_EP_OK ? res : agreed;
+    return res;
 }
 
 MOE_EP_PRIVATE void moe_ep__nccl_abort_cb(void* impl) {
