@@ -198,7 +198,8 @@ check-nccl: | $(BUILD)
 	./$(BUILD)/test_nccl_layout_transport
 
 # On a machine with GPUs: every GPU test (world sizes 1, 2, 4, 8 up to the GPUs there are; the layout
-# tests EP x TP x DP over NCCL groups), and the MPI demo (one process per GPU) in fp32 and bf16.
+# tests EP x TP x DP over NCCL groups), and the MPI demo (one process per GPU) in fp32, bf16 and bf16 on
+# the direct path (CUDA IPC between the processes).
 test-gpu: $(BUILD)/test_nccl $(BUILD)/test_nccl_layout $(BUILD)/test_nccl_layout_transport
 	timeout $(TEST_TIMEOUT) ./$(BUILD)/test_nccl --require-gpu
 	timeout $(TEST_TIMEOUT) ./$(BUILD)/test_nccl_layout --require-gpu
@@ -207,6 +208,7 @@ test-gpu: $(BUILD)/test_nccl $(BUILD)/test_nccl_layout $(BUILD)/test_nccl_layout
 	  $(MAKE) --no-print-directory $(BUILD)/nccl_mpi_demo; \
 	  $(MPIRUN_NCCL) -np $(NGPU) ./$(BUILD)/nccl_mpi_demo; \
 	  $(MPIRUN_NCCL) -np $(NGPU) ./$(BUILD)/nccl_mpi_demo --bf16; \
+	  $(MPIRUN_NCCL) -np $(NGPU) ./$(BUILD)/nccl_mpi_demo --bf16 --direct; \
 	else echo "test-gpu: no $(MPICC_NCCL)/$(MPIRUN_NCCL), MPI demo skipped"; fi
 
 # The anchors (ANCHOR_DIR: shared/anchors/gpu) and ours on the same GPUs; the PyTorch layer before and after ours.

@@ -2,9 +2,11 @@
 
    One process, one thread per GPU. For the three configurations of
    anchors/gpu/torch_ep_moe.py (bf16, 4096 tokens per rank, the same init scales):
-   1. dispatch and combine (permute + exchange + regroup; regroup + exchange + weighted
-      un-permute) against a raw grouped ncclSend/ncclRecv all-to-all of identical bytes
-      per peer (self included, as all_to_all_single does), for both a2a layouts;
+   1. dispatch and combine against a raw grouped ncclSend/ncclRecv all-to-all of
+      identical bytes per peer (self included, as all_to_all_single does): the direct
+      path (stores into the peers' memory, with the layer's own buffers; the default
+      when it is available), and the NCCL path in both a2a layouts (permute + exchange +
+      regroup; regroup + exchange + weighted un-permute);
    2. the full layer (GPU router, plan, dispatch, experts, combine) in ms per layer,
       with a per-stage breakdown.
    Times are medians over --iters repetitions after warm-up, each started together on
@@ -37,11 +39,15 @@ static const config g_configs[CONFIGS] = {
 
 /* In this order: the ops from OP_ROUTE on run without a plan alive, so that the layer's
    reserved buffers are free for the plans they make, as in a plain sequence of layers. */
-enum { OP_RAW_FWD, OP_RAW_BACK, OP_DISPATCH, OP_COMBINE, OP_DISPATCH_SEG, OP_COMBINE_SEG, OP_EXPERTS,
-       OP_EXPERTS_ONE_STREAM, OP_EXPERTS_LANES, OP_ROUTE, OP_PLAN, OP_CORE_PLAN, OP_FORWARD, OP_COUNT };
-static const char* g_op_names[OP_COUNT] = { "raw", "raw back", "dispatch", "combine", "dispatch seg", "combine seg",
-                                            "experts", "experts loop", "experts loop 4 streams", "route", "plan",
-                                            "core plan", "forward" };
+enum { OP_RAW_FWD, OP_RAW_BACK, OP_DIRECT, OP_DISPATCH, OP_COMBINE, OP_DISPATCH_SEG, OP_COMBINE_SEG, OP_EXPERTS,
+       OP_EXPERTS_ONE_STREAM, OP_EXPERTS_LANES, OP_ROUTE, OP_PLAN, OP_CORE_PLAN, OP_FORWARD, OP_FORWARD_NCCL,
+       OP_DIRECT_DISPATCH, /* not run: the dispatch part of OP_DIRECT */
+       OP_COUNT };
+static const char* g_op_names[OP_COUNT] = { "raw", "raw back", "direct dispatch + combine", "dispatch", "combine",
+                                            "dispatch seg", "combine seg", "experts", "experts loop",
+                                            "experts loop 4 streams", "route", "plan", "core plan", "forward",
+                                            "forward, NCCL path",
+                                            "direct dispatch" };
 
 typedef struct shared {
     int world, iters, warmup;
@@ -52,6 +58,7 @@ typedef struct shared {
     ncclComm_t comms[MAX_GPUS];
     double ms[CONFIGS][OP_COUNT][MAX_GPUS];     /* median per rank */
     double bytes[CONFIGS][MAX_GPUS];            /* bytes this rank sends in a dispatch, self included */
+    int direct[CONFIGS];                        /* the default layer took the direct path */
     int failed;
     char error[640];
 } shared;
@@ -93,7 +100,12 @@ typedef struct run {
     int rank, world;
     cudaStream_t stream;
     ncclComm_t comm;
-    moe_ep_nccl_layer* layer;
+    moe_ep_nccl_layer* layer;       /* the default: direct when the GPUs can map each other's memory */
+    moe_ep_nccl_layer* staged;      /* the NCCL path, staged layout */
+    moe_ep_nccl_plan* plan_staged;
+    void *layer_recv, *layer_out;   /* the layer's own expert-side rows */
+    cudaEvent_t mid;                /* OP_DIRECT: between its dispatch and its combine */
+    int direct;
     moe_ep_nccl_layer* segmented;   /* same shapes and weights, SEGMENTED layout, GEMM loop on one stream */
     moe_ep_nccl_layer* lanes;       /* GEMM loop on 4 streams */
     moe_ep_nccl_plan* plan_lanes;
@@ -129,8 +141,13 @@ static moe_ep_result do_op(run* r, int op) {
     switch (op) {
     case OP_RAW_FWD: raw_exchange(r, 0); break;
     case OP_RAW_BACK: raw_exchange(r, 1); break;
-    case OP_DISPATCH: res = moe_ep_nccl_dispatch(r->layer, r->plan, r->x, r->recv); break;
-    case OP_COMBINE: res = moe_ep_nccl_combine(r->layer, r->plan, r->out, r->y); break;
+    case OP_DIRECT:
+        res = moe_ep_nccl_dispatch(r->layer, r->plan, r->x, r->layer_recv);
+        cudaEventRecord(r->mid, r->stream);
+        if (res == MOE_EP_OK) res = moe_ep_nccl_combine(r->layer, r->plan, r->layer_out, r->y);
+        break;
+    case OP_DISPATCH: res = moe_ep_nccl_dispatch(r->staged, r->plan_staged, r->x, r->recv); break;
+    case OP_COMBINE: res = moe_ep_nccl_combine(r->staged, r->plan_staged, r->out, r->y); break;
     case OP_DISPATCH_SEG: res = moe_ep_nccl_dispatch(r->segmented, r->plan_seg, r->x, r->recv); break;
     case OP_COMBINE_SEG: res = moe_ep_nccl_combine(r->segmented, r->plan_seg, r->out, r->y); break;
     case OP_ROUTE: res = moe_ep_nccl_route(r->layer, r->x, r->tokens, r->idx, r->weight); break;
@@ -152,14 +169,18 @@ static moe_ep_result do_op(run* r, int op) {
     case OP_FORWARD:
         res = moe_ep_nccl_forward(r->layer, &(moe_ep_nccl_forward_args){ .tokens = r->tokens, .x = r->x, .y = r->y });
         break;
+    case OP_FORWARD_NCCL:
+        res = moe_ep_nccl_forward(r->staged, &(moe_ep_nccl_forward_args){ .tokens = r->tokens, .x = r->x, .y = r->y });
+        break;
     }
     return res;
 }
 
-/* Median milliseconds of `op` on this rank; every repetition starts together on all ranks. */
-static double time_op(run* r, int op) {
+/* Median milliseconds of `op` on this rank; every repetition starts together on all ranks.
+   OP_DIRECT also leaves the median of its dispatch part in *first. */
+static double time_op(run* r, int op, double* first) {
     cudaEvent_t start, stop;
-    double samples[MAX_ITERS];
+    double samples[MAX_ITERS], parts[MAX_ITERS];
     int i, n = 0, total = r->sh->warmup + r->sh->iters;
     cudaEventCreate(&start);
     cudaEventCreate(&stop);
@@ -177,12 +198,19 @@ static double time_op(run* r, int op) {
             r->ok = 0;
         }
         cudaEventElapsedTime(&ms, start, stop);
-        if (i >= r->sh->warmup) samples[n++] = ms;
+        if (i >= r->sh->warmup) {
+            float part = 0.0f;
+            if (op == OP_DIRECT) cudaEventElapsedTime(&part, start, r->mid);
+            parts[n] = part;
+            samples[n++] = ms;
+        }
     }
     cudaEventDestroy(start);
     cudaEventDestroy(stop);
     if (n == 0) return 0.0;
     qsort(samples, (size_t)n, sizeof(double), cmp_double);
+    qsort(parts, (size_t)n, sizeof(double), cmp_double);
+    if (first) *first = parts[n / 2];
     return samples[n / 2];
 }
 
@@ -199,6 +227,7 @@ static void* rank_main(void* arg) {
     r.comm = sh->comms[me];
     cudaSetDevice(me);
     cudaStreamCreateWithFlags(&r.stream, cudaStreamNonBlocking);
+    cudaEventCreate(&r.mid);
     if (moe_ep_nccl_transport_create(&(moe_ep_nccl_desc){ .comm = r.comm, .stream = r.stream, .timeout_ms = 300000 }, &t)
         != MOE_EP_OK) {
         bench_fail(sh, me, "transport", "");
@@ -250,16 +279,24 @@ static void* rank_main(void* arg) {
             res = moe_ep_nccl_layer_create(&(moe_ep_nccl_layer_desc){
                 .base = { .d_model = c->d, .d_ff = c->ff, .num_experts = c->E, .top_k = c->k, .normalize_topk = true,
                           .transport = &t },
-                .dtype = MOE_EP_NCCL_DTYPE_BF16, .a2a_layout = MOE_EP_NCCL_A2A_SEGMENTED, .max_tokens = c->tokens,
+                .dtype = MOE_EP_NCCL_DTYPE_BF16, .direct = MOE_EP_NCCL_DIRECT_OFF, .max_tokens = c->tokens,
+                .router_weight = gate, .experts = mine }, &r.staged);
+        if (res == MOE_EP_OK)
+            res = moe_ep_nccl_layer_create(&(moe_ep_nccl_layer_desc){
+                .base = { .d_model = c->d, .d_ff = c->ff, .num_experts = c->E, .top_k = c->k, .normalize_topk = true,
+                          .transport = &t },
+                .dtype = MOE_EP_NCCL_DTYPE_BF16, .a2a_layout = MOE_EP_NCCL_A2A_SEGMENTED,
+                .direct = MOE_EP_NCCL_DIRECT_OFF, .max_tokens = c->tokens,
                 .expert_gemm = MOE_EP_NCCL_EXPERT_GEMM_LOOP, .expert_streams = 1, .experts = mine }, &r.segmented);
         if (res == MOE_EP_OK)
             res = moe_ep_nccl_layer_create(&(moe_ep_nccl_layer_desc){
                 .base = { .d_model = c->d, .d_ff = c->ff, .num_experts = c->E, .top_k = c->k, .normalize_topk = true,
                           .transport = &t },
-                .dtype = MOE_EP_NCCL_DTYPE_BF16, .max_tokens = c->tokens, .expert_gemm = MOE_EP_NCCL_EXPERT_GEMM_LOOP,
-                .expert_streams = 4, .experts = mine }, &r.lanes);
+                .dtype = MOE_EP_NCCL_DTYPE_BF16, .direct = MOE_EP_NCCL_DIRECT_OFF, .max_tokens = c->tokens,
+                .expert_gemm = MOE_EP_NCCL_EXPERT_GEMM_LOOP, .expert_streams = 4, .experts = mine }, &r.lanes);
         if (res == MOE_EP_OK) res = moe_ep_nccl_route(r.layer, r.x, r.tokens, r.idx, r.weight);
         if (res == MOE_EP_OK) res = moe_ep_nccl_plan_create(r.layer, r.tokens, r.idx, r.weight, &r.plan);
+        if (res == MOE_EP_OK) res = moe_ep_nccl_plan_create(r.staged, r.tokens, r.idx, r.weight, &r.plan_staged);
         if (res == MOE_EP_OK) res = moe_ep_nccl_plan_create(r.segmented, r.tokens, r.idx, r.weight, &r.plan_seg);
         if (res == MOE_EP_OK) res = moe_ep_nccl_plan_create(r.lanes, r.tokens, r.idx, r.weight, &r.plan_lanes);
         if (res != MOE_EP_OK) {
@@ -268,28 +305,34 @@ static void* rank_main(void* arg) {
         }
         r.info = moe_ep_nccl_plan_query(r.plan);
         sh->bytes[ci][me] = (double)r.info.send_rows * (double)r.row_bytes;
-        for (op = 0; op < OP_COUNT && r.ok; ++op) {
+        moe_ep_nccl_layer_rows(r.layer, &r.layer_recv, &r.layer_out, NULL);
+        if (me == 0) sh->direct[ci] = moe_ep_nccl_layer_direct(r.layer);
+        for (op = 0; op < OP_DIRECT_DISPATCH && r.ok; ++op) {
             if (op == OP_ROUTE) {
                 moe_ep_nccl_plan_destroy(r.plan);
+                moe_ep_nccl_plan_destroy(r.plan_staged);
                 moe_ep_nccl_plan_destroy(r.plan_seg);
                 moe_ep_nccl_plan_destroy(r.plan_lanes);
-                r.plan = r.plan_seg = r.plan_lanes = NULL;
+                r.plan = r.plan_staged = r.plan_seg = r.plan_lanes = NULL;
             }
-            sh->ms[ci][op][me] = time_op(&r, op);
+            sh->ms[ci][op][me] = time_op(&r, op, op == OP_DIRECT ? &sh->ms[ci][OP_DIRECT_DISPATCH][me] : NULL);
         }
         moe_ep_nccl_plan_destroy(r.plan);
+        moe_ep_nccl_plan_destroy(r.plan_staged);
         moe_ep_nccl_plan_destroy(r.plan_seg);
         moe_ep_nccl_plan_destroy(r.plan_lanes);
         moe_ep_nccl_layer_destroy(r.layer);
+        moe_ep_nccl_layer_destroy(r.staged);
         moe_ep_nccl_layer_destroy(r.segmented);
         moe_ep_nccl_layer_destroy(r.lanes);
-        r.layer = r.segmented = r.lanes = NULL;
+        r.layer = r.staged = r.segmented = r.lanes = NULL;
         cudaFree(gate); cudaFree(weights); cudaFree(r.x); cudaFree(r.y); cudaFree(r.recv); cudaFree(r.out);
         cudaFree(r.raw_send); cudaFree(r.raw_recv);
         free(r.idx); free(r.weight); free(mine);
         if (!r.ok) break;
     }
     moe_ep_nccl_transport_destroy(&t);
+    cudaEventDestroy(r.mid);
     cudaStreamDestroy(r.stream);
     return NULL;
 }
@@ -373,33 +416,39 @@ int main(int argc, char** argv) {
         int seg;
         for (i = 0; i < gpus; ++i) if (sh.bytes[ci][i] > bytes) bytes = sh.bytes[ci][i];
         raw = worst(&sh, ci, OP_RAW_FWD) + worst(&sh, ci, OP_RAW_BACK);
-        for (seg = 0; seg < 2; ++seg) {
-            double disp = worst(&sh, ci, seg ? OP_DISPATCH_SEG : OP_DISPATCH);
-            double comb = worst(&sh, ci, seg ? OP_COMBINE_SEG : OP_COMBINE);
-            lay = disp + comb;
-            printf("%-24s %-9s %8.1f %8.1f %9.1f %9.1f %9.1f %9.1f %7.3f\n", g_configs[ci].name, seg ? "segmented" : "staged",
+        for (seg = 0; seg < 3; ++seg) {
+            double disp = seg == 0 ? worst(&sh, ci, OP_DIRECT_DISPATCH) : worst(&sh, ci, seg == 2 ? OP_DISPATCH_SEG : OP_DISPATCH);
+            double comb = seg == 0 ? worst(&sh, ci, OP_DIRECT) - disp : worst(&sh, ci, seg == 2 ? OP_COMBINE_SEG : OP_COMBINE);
+            lay = seg == 0 ? worst(&sh, ci, OP_DIRECT) : disp + comb;
+            printf("%-24s %-9s %8.1f %8.1f %9.1f %9.1f %9.1f %9.1f %7.3f\n", g_configs[ci].name,
+                   seg == 0 ? (sh.direct[ci] ? "direct" : "default") : seg == 2 ? "segmented" : "staged",
                    bytes / 1048576.0, raw / 2 * 1e3, disp * 1e3, comb * 1e3, 2 * bytes / (raw * 1e-3) / 1e9,
                    2 * bytes / (lay * 1e-3) / 1e9, raw / lay);
         }
     }
-    printf("(bandwidth = bytes sent per rank, self included, over the time; raw_us is the mean of forward and back)\n\n");
+    printf("(bandwidth = bytes sent per rank, self included, over the time; raw_us is the mean of forward and back;\n"
+           " direct: dispatch and combine timed as one pair, split by an event, max over ranks of each median)\n\n");
     printf("full layer (GPU router, plan, dispatch, experts, combine), ms per layer\n");
-    printf("%-24s %5s %6s %4s %2s %9s | %6s %6s %9s %8s %8s %8s | %8s %8s\n", "config", "d", "ff", "E", "k", "ms/layer",
-           "route", "plan", "core-plan", "dispatch", "experts", "combine", "loop-1s", "loop-4s");
+    printf("%-24s %5s %6s %4s %2s %9s | %6s %6s %9s %8s %8s %8s | %8s %8s | %8s\n", "config", "d", "ff", "E", "k",
+           "ms/layer", "route", "plan", "core-plan", "dispatch", "experts", "combine", "loop-1s", "loop-4s", "NCCL-path");
     for (ci = 0; ci < CONFIGS; ++ci) {
         const config* c = &g_configs[ci];
-        printf("%-24s %5d %6d %4d %2d %9.3f | %6.3f %6.3f %9.3f %8.3f %8.3f %8.3f | %8.3f %8.3f\n", c->name, c->d, c->ff,
+        printf("%-24s %5d %6d %4d %2d %9.3f | %6.3f %6.3f %9.3f %8.3f %8.3f %8.3f | %8.3f %8.3f | %8.3f\n", c->name, c->d, c->ff,
                c->E, c->k, worst(&sh, ci, OP_FORWARD), worst(&sh, ci, OP_ROUTE), worst(&sh, ci, OP_PLAN),
-               worst(&sh, ci, OP_CORE_PLAN), worst(&sh, ci, OP_DISPATCH), worst(&sh, ci, OP_EXPERTS),
-               worst(&sh, ci, OP_COMBINE), worst(&sh, ci, OP_EXPERTS_ONE_STREAM), worst(&sh, ci, OP_EXPERTS_LANES));
+               worst(&sh, ci, OP_CORE_PLAN), worst(&sh, ci, OP_DIRECT_DISPATCH), worst(&sh, ci, OP_EXPERTS),
+               worst(&sh, ci, OP_DIRECT) - worst(&sh, ci, OP_DIRECT_DISPATCH), worst(&sh, ci, OP_EXPERTS_ONE_STREAM),
+               worst(&sh, ci, OP_EXPERTS_LANES), worst(&sh, ci, OP_FORWARD_NCCL));
     }
     printf("(stages timed one by one; experts: grouped GEMMs; loop-1s / loop-4s: one cublasGemmEx per expert on one /\n"
-           " four streams; core-plan: the core's moe_ep_plan_create alone: count exchange and host layout)\n");
+           " four streams; core-plan: the core's moe_ep_plan_create alone: count exchange and host layout;\n"
+           " NCCL-path: the whole layer with direct = OFF)\n");
     printf("\n");
     for (ci = 0; ci < CONFIGS; ++ci) {
         double raw = worst(&sh, ci, OP_RAW_FWD) + worst(&sh, ci, OP_RAW_BACK);
-        double lay = worst(&sh, ci, OP_DISPATCH) + worst(&sh, ci, OP_COMBINE), t;
-        printf("ratio %-24s dispatch+combine bandwidth / raw NCCL = %.3f (goal >= 0.9)\n", g_configs[ci].name, raw / lay);
+        double lay = worst(&sh, ci, OP_DIRECT), t;
+        printf("ratio %-24s dispatch+combine bandwidth / raw NCCL = %.3f (goal >= 0.9; %s path; NCCL staged path %.3f)\n",
+               g_configs[ci].name, raw / lay, sh.direct[ci] ? "direct" : "NCCL",
+               raw / (worst(&sh, ci, OP_DISPATCH) + worst(&sh, ci, OP_COMBINE)));
         if (torch_ms(torch_log, g_configs[ci].name, &t))
             printf("ratio %-24s layer time / PyTorch layer (%.3f ms) = %.3f (goal <= 0.333)\n", g_configs[ci].name, t,
                    worst(&sh, ci, OP_FORWARD) / t);

@@ -1,7 +1,7 @@
 /* nccl_mpi_demo -- one process per GPU: the NCCL id is shared over MPI, the layer runs on
    the GPUs, and rank 0 checks the result against the core's CPU layer.
 
-       mpirun -np 2 ./nccl_mpi_demo [--tokens N] [--bf16]
+       mpirun -np 2 ./nccl_mpi_demo [--tokens N] [--bf16] [--direct]
 
    Every rank picks the GPU of its local rank (MPI_Comm_split_type), rank 0 makes the NCCL
    unique id and broadcasts it, every rank joins the communicator, wraps it in the moe_ep
@@ -9,7 +9,9 @@
    seeds, so any rank can rebuild any expert; rank 0 gathers every rank's tokens, routing
    and output, and runs the same tokens with the same routing through the CPU layer on
    one rank. Exit status 0 when the relative error is within the dtype's tolerance
-   (fp32 1e-5, bf16 1e-2). */
+   (fp32 1e-5, bf16 1e-2). --direct sizes the layer for T tokens (max_tokens) and asks for
+   the direct path (stores into the peers' memory through CUDA IPC): the layer fails to
+   build where the GPUs cannot map each other's memory. */
 #define MOE_EP_IMPLEMENTATION
 #include "../transports/moe_ep_nccl.h"
 
@@ -66,7 +68,7 @@ static float to_float(const void* p, size_t i, int bf16) {
 }
 
 int main(int argc, char** argv) {
-    int rank, world, local_rank, devices = 0, i, bf16 = 0, T = 500, e, l, mine_count = 0;
+    int rank, world, local_rank, devices = 0, i, bf16 = 0, direct = 0, T = 500, e, l, mine_count = 0;
     MPI_Comm node;
     ncclUniqueId id;
     ncclComm_t comm;
@@ -89,6 +91,7 @@ int main(int argc, char** argv) {
     for (i = 1; i < argc; ++i) {
         if (strcmp(argv[i], "--tokens") == 0 && i + 1 < argc) T = atoi(argv[++i]);
         else if (strcmp(argv[i], "--bf16") == 0) bf16 = 1;
+        else if (strcmp(argv[i], "--direct") == 0) direct = 1;
     }
     MPI_Comm_split_type(MPI_COMM_WORLD, MPI_COMM_TYPE_SHARED, rank, MPI_INFO_NULL, &node);
     MPI_Comm_rank(node, &local_rank);
@@ -127,7 +130,8 @@ int main(int argc, char** argv) {
     res = moe_ep_nccl_layer_create(&(moe_ep_nccl_layer_desc){
         .base = { .d_model = D_MODEL, .d_ff = D_FF, .num_experts = EXPERTS, .top_k = TOP_K, .transport = &transport,
                   .logger = { moe_ep_log_stderr, NULL } },
-        .dtype = bf16 ? MOE_EP_NCCL_DTYPE_BF16 : MOE_EP_NCCL_DTYPE_F32, .router_weight = router, .experts = mine }, &layer);
+        .dtype = bf16 ? MOE_EP_NCCL_DTYPE_BF16 : MOE_EP_NCCL_DTYPE_F32, .max_tokens = direct ? T : 0,
+        .direct = direct ? MOE_EP_NCCL_DIRECT_ON : MOE_EP_NCCL_DIRECT_OFF, .router_weight = router, .experts = mine }, &layer);
     if (res != MOE_EP_OK) {
         fprintf(stderr, "rank %d: moe_ep_nccl_layer_create: %s\n", rank, moe_ep_result_string(res));
         MPI_Abort(MPI_COMM_WORLD, 1);
@@ -200,9 +204,10 @@ int main(int argc, char** argv) {
             }
             err = all_y[0] == all_y[0] ? sqrt(num / den) : INFINITY;
             ok = ok && res == MOE_EP_OK && err <= (bf16 ? 1e-2 : 1e-5);
-            printf("nccl_mpi_demo: %d ranks, %d tokens each, %s, E=%d top-%d d=%d ff=%d: first layer call %.2f ms, "
-                   "relative error vs the CPU layer %.2e: %s\n", world, T, bf16 ? "bf16" : "fp32", EXPERTS, TOP_K, D_MODEL,
-                   D_FF, (t1 - t0) * 1e3, err, ok ? "ok" : "FAILED");
+            printf("nccl_mpi_demo: %d ranks, %d tokens each, %s, %s path, E=%d top-%d d=%d ff=%d: first layer call "
+                   "%.2f ms, relative error vs the CPU layer %.2e: %s\n", world, T, bf16 ? "bf16" : "fp32",
+                   moe_ep_nccl_layer_direct(layer) ? "direct" : "NCCL", EXPERTS, TOP_K, D_MODEL, D_FF, (t1 - t0) * 1e3,
+                   err, ok ? "ok" : "FAILED");
             moe_ep_destroy(ctx);
             for (i = 0; i < 3 * EXPERTS; ++i) free(full[i]);
             free(router_f);

@@ -190,6 +190,15 @@ typedef enum moe_ep_nccl_a2a_layout {
     MOE_EP_NCCL_A2A_FORCE_U32 = 0x7FFFFFFF
 } moe_ep_nccl_a2a_layout;
 
+typedef enum moe_ep_nccl_direct {
+    MOE_EP_NCCL_DIRECT_DEFAULT = 0, /* auto: direct when max_tokens > 0 and every rank can map the
+                                       memory of every other (one host, peer access or CUDA IPC) */
+    MOE_EP_NCCL_DIRECT_OFF,         /* rows always travel through NCCL */
+    MOE_EP_NCCL_DIRECT_ON,          /* direct, or moe_ep_nccl_layer_create fails (needs max_tokens > 0) */
+    MOE_EP_NCCL_DIRECT_COUNT,
+    MOE_EP_NCCL_DIRECT_FORCE_U32 = 0x7FFFFFFF
+} moe_ep_nccl_direct;
+
 /* One local expert, nn.Linear layout, row-major, in the layer's dtype, in device or
    host memory (copied at create): w1, w3 [d_ff, d_model]; w2 [d_model, d_ff]. With a
    TP group these are still the full weights; only this rank's slice is copied. */
@@ -213,7 +222,8 @@ typedef struct moe_ep_nccl_layer_desc {
                                        allocator, logger. Its router_weight, experts, expert_fn and
                                        num_threads must be left zero: the device versions are below. */
     moe_ep_nccl_dtype dtype;        /* default fp32 */
-    moe_ep_nccl_a2a_layout a2a_layout;  /* default staged */
+    moe_ep_nccl_a2a_layout a2a_layout;  /* default staged; not used by the direct path */
+    moe_ep_nccl_direct direct;      /* default auto: see DIRECT NVLINK PATH */
     int64_t max_tokens;             /* default 0: buffers grow on demand; else tokens per rank per call
                                        that every buffer is sized for at create */
     moe_ep_nccl_expert_gemm expert_gemm;  /* default: per call, grouped when the experts average at
@@ -251,6 +261,14 @@ MOE_EP_API void moe_ep_nccl_layer_destroy(moe_ep_nccl_layer* layer);
 MOE_EP_API moe_ep_context* moe_ep_nccl_layer_context(moe_ep_nccl_layer* layer);
 MOE_EP_API const char* moe_ep_nccl_last_error(const moe_ep_nccl_layer* layer);
 MOE_EP_API cudaStream_t moe_ep_nccl_layer_stream(const moe_ep_nccl_layer* layer);
+/* 1 when the layer moves rows by direct stores into the peers' memory (DIRECT NVLINK PATH). */
+MOE_EP_API int moe_ep_nccl_layer_direct(const moe_ep_nccl_layer* layer);
+/* The layer's own expert-side buffers, device [rows, d_model] each, rows = max_tokens *
+   min(top_k, the most experts a rank holds) * world size: the ones moe_ep_nccl_forward uses. On the
+   direct path dispatch lands rows in *recv and combine reads the expert outputs from
+   *out; handing these to dispatch / experts / combine saves a copy each way. NULL
+   (and rows 0) without max_tokens. */
+MOE_EP_API void moe_ep_nccl_layer_rows(moe_ep_nccl_layer* layer, void** recv, void** out, int64_t* rows);
 
 /* Route on the GPU. x: device [tokens, d_model]; topk_idx, topk_weight: host out
    [tokens, top_k]. Waits for the result. Collective: no. */
@@ -306,6 +324,7 @@ MOE_EP_API moe_ep_result moe_ep_nccl_forward(moe_ep_nccl_layer* layer, const moe
 #include <string.h>
 #include <stdarg.h>
 #include <time.h>
+#include <unistd.h>     /* getpid: the direct path tells processes apart */
 #include <cuda_runtime.h>
 #ifndef MOE_EP_NCCL_NO_LAYER
 #include <cublas_v2.h>
@@ -989,6 +1008,9 @@ struct moe_ep_nccl_plan {
     void* open_rows;                /* dispatch: recv_rows */
     const void* open_local;         /* combine: expert_out */
     moe_ep_result expert_status;
+    int64_t* dest;                  /* device [tokens * k], direct path: (rank << 32) | row of each slot */
+    uint64_t xfer;                  /* direct: the transfer epoch of its dispatch, 0 once combined */
+    int out_sent;                   /* direct: OUT(xfer) signalled */
 };
 
 struct moe_ep_nccl_layer {
@@ -1032,6 +1054,19 @@ struct moe_ep_nccl_layer {
     int32_t* routing_idx;           /* host, for forward calls without routing arrays */
     float* routing_weight;
     int64_t routing_capacity;
+    /* the direct path */
+    int direct;                     /* rows move by stores into the peers' regions */
+    char* region;                   /* device: flags, offset table, recv rows, out rows (kernels.cuh) */
+    size_t region_bytes;
+    int64_t region_rows;            /* rows of recv and of out */
+    char** peer_host;               /* [R] each rank's region as this GPU sees it */
+    int* peer_opened;               /* [R] 1: opened with cudaIpcOpenMemHandle */
+    char** peer_dev;                /* device copy of peer_host */
+    int32_t* expert_at;             /* device [2E]: each expert's rank, then its local index */
+    int* ctl_host;                  /* host-mapped [2]: [1] a direct wait timed out */
+    moe_ep__nccl_k_direct g;        /* what the direct kernels get */
+    uint64_t plan_epoch, xfer_epoch;
+    moe_ep_nccl_plan* open_plan;    /* dispatched directly and not combined yet */
     moe_ep__nccl_buffers spare;     /* plan buffers of the last destroyed plan */
     int has_spare;
     void* cache[MOE_EP__NCCL_CACHE];    /* host blocks the core context freed, for its next plan */
@@ -1154,6 +1189,252 @@ MOE_EP_PRIVATE void moe_ep__nccl_free_buffers(moe_ep__nccl_buffers* b) {
     memset(b, 0, sizeof *b);
 }
 
+/* >>gpu layer: direct path */
+/* The region: flags [4][R], two block counters, the offset table [R * S], then the
+   received rows and the expert outputs, max_tokens worth of each; laid out alike on
+   every rank. */
+MOE_EP_PRIVATE size_t moe_ep__nccl_round256(size_t n) { return (n + 255) & ~(size_t)255; }
+
+/* What each rank tells the others about its region (one ncclAllGather). */
+typedef struct moe_ep__nccl_card {
+    int64_t ok;                     /* 0: this rank failed before it could offer a region */
+    int64_t boot, pid;              /* same boot and pid: same process */
+    int64_t device;                 /* the CUDA device, as numbered in that process */
+    int64_t out_off;                /* the region's layout, which must be the same everywhere */
+    uint64_t address;
+    cudaIpcMemHandle_t handle;
+} moe_ep__nccl_card;
+
+/* The machine's boot id (Linux), so that CUDA IPC is only tried between processes of one host. */
+MOE_EP_PRIVATE int64_t moe_ep__nccl_boot_id(void) {
+    uint64_t h = 14695981039346656037ull;
+    FILE* f = fopen("/proc/sys/kernel/random/boot_id", "r");
+    int c;
+    if (!f) return 0;
+    while ((c = fgetc(f)) != EOF) { h ^= (unsigned char)c; h *= 1099511628211ull; }
+    fclose(f);
+    return (int64_t)(h & 0x7FFFFFFFFFFFFFFFull);
+}
+
+MOE_EP_PRIVATE void moe_ep__nccl_direct_free(moe_ep_nccl_layer* L) {
+    const moe_ep_allocator* a = &L->desc.base.allocator;
+    int q;
+    for (q = 0; L->peer_host && L->peer_opened && q < L->world_size; ++q)
+        if (L->peer_opened[q]) cudaIpcCloseMemHandle(L->peer_host[q]);
+    if (L->region) cudaFree(L->region);
+    if (L->peer_dev) cudaFree(L->peer_dev);
+    if (L->expert_at) cudaFree(L->expert_at);
+    if (L->ctl_host) cudaFreeHost(L->ctl_host);
+    (void)cudaGetLastError();
+    moe_ep__nccl_free(a, L->peer_host);
+    moe_ep__nccl_free(a, L->peer_opened);
+    L->region = NULL;
+    L->peer_dev = NULL;
+    L->expert_at = NULL;
+    L->ctl_host = NULL;
+    L->peer_host = NULL;
+    L->peer_opened = NULL;
+    L->direct = 0;
+}
+
+/* This rank's half of the setup: the region, the host-mapped control words, the experts'
+   owners on the device, and the card that offers the region. */
+MOE_EP_PRIVATE moe_ep_result moe_ep__nccl_direct_local(moe_ep_nccl_layer* L, moe_ep__nccl_card* card) {
+    const moe_ep_allocator* a = &L->desc.base.allocator;
+    /* the same layout on every rank (the combine reads a peer's outputs at this rank's
+       out offset): rows for the rank with the most experts */
+    int64_t rows = L->desc.max_tokens * (L->k < L->S ? L->k : L->S) * L->world_size;
+    size_t flags = moe_ep__nccl_round256((size_t)4 * L->world_size * 8 + 64);
+    size_t table = moe_ep__nccl_round256((size_t)L->world_size * (size_t)L->S * 8);
+    size_t rows_bytes = moe_ep__nccl_round256((size_t)rows * L->row_bytes);
+    int32_t* at;
+    int e;
+    moe_ep_result res;
+    L->peer_host = (char**)moe_ep__nccl_alloc(a, sizeof(char*) * (size_t)L->world_size);
+    L->peer_opened = (int*)moe_ep__nccl_alloc(a, sizeof(int) * (size_t)L->world_size);
+    at = (int32_t*)moe_ep__nccl_alloc(a, sizeof(int32_t) * 2 * (size_t)L->E);
+    if (!L->peer_host || !L->peer_opened || !at) {
+        moe_ep__nccl_free(a, at);
+        return moe_ep__nccl_fail(L, MOE_EP_ERROR_OUT_OF_MEMORY, "moe_ep_nccl_layer_create: out of memory");
+    }
+    memset(L->peer_opened, 0, sizeof(int) * (size_t)L->world_size);
+    for (e = 0; e < L->E; ++e) {
+        at[e] = L->owner_of[e];
+        at[L->E + e] = L->local_index_of[e];
+    }
+    L->region_rows = rows;
+    L->region_bytes = flags + table + 2 * rows_bytes;
+    memset(&L->g, 0, sizeof L->g);
+    L->g.rank = L->rank;
+    L->g.world = L->world_size;
+    L->g.table_off = flags;
+    L->g.recv_off = flags + table;
+    L->g.out_off = flags + table + rows_bytes;
+    L->g.timeout_ns = L->net->timeout_ms > 0 ? (uint64_t)L->net->timeout_ms * 1000000u : 0;
+    res = moe_ep__nccl_cuda(L, cudaMalloc((void**)&L->region, L->region_bytes), "direct path: region");
+    if (res == MOE_EP_OK) res = moe_ep__nccl_cuda(L, cudaMemset(L->region, 0, flags), "direct path: region");
+    if (res == MOE_EP_OK)
+        res = moe_ep__nccl_cuda(L, cudaMalloc((void**)&L->peer_dev, sizeof(char*) * (size_t)L->world_size),
+                                "direct path: peers");
+    if (res == MOE_EP_OK)
+        res = moe_ep__nccl_cuda(L, cudaMalloc((void**)&L->expert_at, sizeof(int32_t) * 2 * (size_t)L->E),
+                                "direct path: owners");
+    if (res == MOE_EP_OK)
+        res = moe_ep__nccl_cuda(L, cudaMemcpy(L->expert_at, at, sizeof(int32_t) * 2 * (size_t)L->E,
+                                              cudaMemcpyHostToDevice), "direct path: owners");
+    moe_ep__nccl_free(a, at);
+    if (res == MOE_EP_OK)
+        res = moe_ep__nccl_cuda(L, cudaHostAlloc((void**)&L->ctl_host, 2 * sizeof(int), cudaHostAllocMapped),
+                                "direct path: control words");
+    if (res == MOE_EP_OK) {
+        L->ctl_host[0] = L->ctl_host[1] = 0;
+        res = moe_ep__nccl_cuda(L, cudaHostGetDevicePointer((void**)&L->g.ctl, L->ctl_host, 0),
+                                "direct path: control words");
+    }
+    if (res == MOE_EP_OK) res = moe_ep__nccl_cuda(L, cudaIpcGetMemHandle(&card->handle, L->region), "cudaIpcGetMemHandle");
+    if (res != MOE_EP_OK) return res;
+    L->g.counters = (unsigned*)(L->region + (size_t)4 * L->world_size * 8);
+    card->ok = 1;
+    card->boot = moe_ep__nccl_boot_id();
+    card->pid = (int64_t)getpid();
+    card->device = L->net->device;
+    card->out_off = (int64_t)L->g.out_off;
+    card->address = (uint64_t)(uintptr_t)L->region;
+    return MOE_EP_OK;
+}
+
+/* Reach rank q's region: the pointer itself in this process (with peer access), else
+   CUDA IPC. MOE_EP_ERROR_UNSUPPORTED: this GPU cannot reach it. */
+MOE_EP_PRIVATE moe_ep_result moe_ep__nccl_direct_reach(moe_ep_nccl_layer* L, int q, const moe_ep__nccl_card* card,
+                                                       const moe_ep__nccl_card* mine) {
+    int can = 0;
+    cudaError_t e;
+    if (q == L->rank) {
+        L->peer_host[q] = L->region;
+        return MOE_EP_OK;
+    }
+    if (card->boot != mine->boot)
+        return moe_ep__nccl_fail(L, MOE_EP_ERROR_UNSUPPORTED, "direct path: rank %d is on another host", q);
+    if (card->pid == mine->pid) {
+        if (card->device != mine->device) {
+            e = cudaDeviceCanAccessPeer(&can, (int)mine->device, (int)card->device);
+            if (e != cudaSuccess || !can)
+                return moe_ep__nccl_fail(L, MOE_EP_ERROR_UNSUPPORTED, "direct path: GPU %d cannot access GPU %d (rank %d)",
+                                         (int)mine->device, (int)card->device, q);
+            e = cudaDeviceEnablePeerAccess((int)card->device, 0);
+            if (e == cudaErrorPeerAccessAlreadyEnabled) e = cudaSuccess;
+            (void)cudaGetLastError();
+            if (e != cudaSuccess)
+                return moe_ep__nccl_fail(L, MOE_EP_ERROR_UNSUPPORTED, "direct path: cudaDeviceEnablePeerAccess(%d): %s",
+                                         (int)card->device, cudaGetErrorString(e));
+        }
+        L->peer_host[q] = (char*)(uintptr_t)card->address;
+        return MOE_EP_OK;
+    }
+    e = cudaIpcOpenMemHandle((void**)&L->peer_host[q], card->handle, cudaIpcMemLazyEnablePeerAccess);
+    if (e != cudaSuccess) {
+        (void)cudaGetLastError();
+        return moe_ep__nccl_fail(L, MOE_EP_ERROR_UNSUPPORTED, "direct path: cudaIpcOpenMemHandle for rank %d: %s", q,
+                                 cudaGetErrorString(e));
+    }
+    L->peer_opened[q] = 1;
+    return MOE_EP_OK;
+}
+
+/* Collective over the EP group, on every rank whatever `status` says (a failed rank
+   takes part with an empty card). Returns the status to agree on: with auto, a rank
+   that cannot reach another turns the path off everywhere and is no failure. */
+MOE_EP_PRIVATE moe_ep_result moe_ep__nccl_direct_setup(moe_ep_nccl_layer* L, moe_ep_result status) {
+    int R = L->world_size, q, verdict = 0;
+    moe_ep__nccl_card mine;
+    moe_ep__nccl_card* cards = NULL;
+    char* gathered = NULL;
+    char err[MOE_EP__NCCL_ERR] = "";
+    int64_t* words = NULL;
+    moe_ep_result res = status, x;
+    memset(&mine, 0, sizeof mine);
+    if (res == MOE_EP_OK) res = moe_ep__nccl_direct_local(L, &mine);
+    cards = (moe_ep__nccl_card*)moe_ep__nccl_alloc(&L->desc.base.allocator, sizeof *cards * (size_t)R);
+    words = (int64_t*)moe_ep__nccl_alloc(&L->desc.base.allocator, sizeof(int64_t) * 2 * (size_t)R);
+    if ((!cards || !words) && res == MOE_EP_OK)
+        res = moe_ep__nccl_fail(L, MOE_EP_ERROR_OUT_OF_MEMORY, "moe_ep_nccl_layer_create: out of memory");
+    /* the cards travel by ncclAllGather; without a buffer a rank cannot take part, and
+       the transport is broken so that nobody waits for it forever */
+    x = moe_ep__nccl_cuda(L, cudaMalloc((void**)&gathered, sizeof mine * (size_t)R), "direct path: cards");
+    if (x == MOE_EP_OK)
+        x = moe_ep__nccl_cuda(L, cudaMemcpy(gathered + sizeof mine * (size_t)L->rank, &mine, sizeof mine,
+                                            cudaMemcpyHostToDevice), "direct path: cards");
+    if (x == MOE_EP_OK) {
+        ncclResult_t r = ncclAllGather(gathered + sizeof mine * (size_t)L->rank, gathered, sizeof mine, ncclInt8,
+                                       L->net->comm, L->stream);
+        x = r == ncclSuccess ? moe_ep__nccl_wait(L->net, L->stream, NULL, err, sizeof err)
+                             : moe_ep__nccl_nccl_fail(L->net, r, "ncclAllGather", err, sizeof err);
+        if (x != MOE_EP_OK) x = moe_ep__nccl_net_fail(L, x, "direct path: exchanging the regions", err);
+    } else {
+        moe_ep__nccl_break(L->net);
+    }
+    if (x == MOE_EP_OK && cards)
+        x = moe_ep__nccl_cuda(L, cudaMemcpy(cards, gathered, sizeof mine * (size_t)R, cudaMemcpyDeviceToHost),
+                              "direct path: cards");
+    if (gathered) cudaFree(gathered);
+    if (res == MOE_EP_OK) res = x;
+    for (q = 0; res == MOE_EP_OK && q < R; ++q)
+        if (!cards[q].ok) res = moe_ep__nccl_fail(L, MOE_EP_ERROR_ABORTED, "direct path: rank %d failed", q);
+        else if (cards[q].out_off != mine.out_off)
+            res = moe_ep__nccl_fail(L, MOE_EP_ERROR_INTERNAL, "direct path: rank %d lays out its region otherwise", q);
+    for (q = 0; res == MOE_EP_OK && q < R; ++q) res = moe_ep__nccl_direct_reach(L, q, &cards[q], &mine);
+    if (res == MOE_EP_OK)
+        res = moe_ep__nccl_cuda(L, cudaMemcpy(L->peer_dev, L->peer_host, sizeof(char*) * (size_t)R,
+                                              cudaMemcpyHostToDevice), "direct path: peers");
+    /* 0 fine, 1 cannot reach a peer, 2 failed */
+    verdict = res == MOE_EP_OK ? 0 : res == MOE_EP_ERROR_UNSUPPORTED ? 1 : 2;
+    if (words && !L->net->broken) {
+        for (q = 0; q < R; ++q) words[q] = verdict;
+        x = moe_ep__nccl_exchange(L->net, words, words + R, 1, err, sizeof err);
+        if (x != MOE_EP_OK) {
+            verdict = 2;
+            if (res == MOE_EP_OK) res = moe_ep__nccl_net_fail(L, x, "direct path", err);
+        }
+        for (q = 0; x == MOE_EP_OK && q < R; ++q)
+            if (words[R + q] > verdict) verdict = (int)words[R + q];
+    } else {
+        verdict = 2;
+    }
+    moe_ep__nccl_free(&L->desc.base.allocator, cards);
+    moe_ep__nccl_free(&L->desc.base.allocator, words);
+    if (verdict == 0) {
+        /* the forward's expert-side rows live in the region from now on */
+        if (L->recv) cudaFree(L->recv);
+        if (L->out) cudaFree(L->out);
+        L->recv = L->region + L->g.recv_off;
+        L->out = L->region + L->g.out_off;
+        L->recv_bytes = L->out_bytes = (size_t)L->region_rows * L->row_bytes;
+        L->g.peers = L->peer_dev;
+        L->direct = 1;
+        return MOE_EP_OK;
+    }
+    moe_ep__nccl_direct_free(L);
+    if (verdict == 1 && L->desc.direct != MOE_EP_NCCL_DIRECT_ON) return status;
+    if (res == MOE_EP_OK)
+        res = moe_ep__nccl_fail(L, verdict == 1 ? MOE_EP_ERROR_UNSUPPORTED : MOE_EP_ERROR_ABORTED,
+                                "direct path: %s", verdict == 1 ? "another rank cannot reach its peers' memory"
+                                                                : "another rank failed");
+    return res;
+}
+
+/* A direct wait that ran past the timeout leaves its mark here; the transport is then
+   broken, as after a host-side timeout. */
+MOE_EP_PRIVATE moe_ep_result moe_ep__nccl_direct_check(moe_ep_nccl_layer* L) {
+    if (!L->direct || !((volatile int*)L->ctl_host)[1]) return MOE_EP_OK;
+    moe_ep__nccl_break(L->net);
+    return moe_ep__nccl_fail(L, MOE_EP_ERROR_TIMEOUT, "moe_ep_nccl: a direct-path wait for the other ranks ran past "
+                             "%d ms; the communicator was aborted", L->net->timeout_ms);
+}
+
+MOE_EP_PRIVATE moe_ep_result moe_ep__nccl_kernel(moe_ep_nccl_layer* L, int e, const char* what) {
+    return moe_ep__nccl_cuda(L, (cudaError_t)e, what);
+}
+
 MOE_EP_PRIVATE void moe_ep__nccl_layer_free(moe_ep_nccl_layer* L) {
     moe_ep_allocator a = L->desc.base.allocator;
     cudaSetDevice(L->net ? L->net->device : 0);
@@ -1181,8 +1462,14 @@ MOE_EP_PRIVATE void moe_ep__nccl_layer_free(moe_ep_nccl_layer* L) {
     if (L->topk_dev) cudaFree(L->topk_dev);
     if (L->topk_host) cudaFreeHost(L->topk_host);
     if (L->hidden) cudaFree(L->hidden);
-    if (L->recv) cudaFree(L->recv);
-    if (L->out) cudaFree(L->out);
+    if (L->direct && !L->net->broken) {
+        /* nobody may still read or write this rank's region */
+        char err[MOE_EP__NCCL_ERR] = "";
+        moe_ep__nccl_barrier(L->net, err, sizeof err);
+    }
+    if (L->recv && !L->direct) cudaFree(L->recv);
+    if (L->out && !L->direct) cudaFree(L->out);
+    moe_ep__nccl_direct_free(L);
     if (L->partial) cudaFree(L->partial);
     if (L->has_spare) moe_ep__nccl_free_buffers(&L->spare);
     (void)cudaGetLastError();
@@ -1214,7 +1501,7 @@ MOE_EP_PRIVATE moe_ep_result moe_ep__nccl_reserve_router(moe_ep_nccl_layer* L, i
    core plan's slot rows, the routing, small tables), then what kernels build from it
    (the slot map and the stage map). Offsets in bytes. */
 typedef struct moe_ep__nccl_meta {
-    size_t rows, idx, weight, owner, shift, chunk_start, chunk_dest, upload, map, stage, total;
+    size_t rows, idx, weight, owner, shift, chunk_start, chunk_dest, send_off, table, upload, map, stage, dest, total;
 } moe_ep__nccl_meta;
 
 MOE_EP_PRIVATE moe_ep__nccl_meta moe_ep__nccl_meta_layout(const moe_ep_nccl_layer* L, int64_t slots, int64_t remote_rows) {
@@ -1227,10 +1514,13 @@ MOE_EP_PRIVATE moe_ep__nccl_meta moe_ep__nccl_meta_layout(const moe_ep_nccl_laye
     m.shift = m.owner + moe_ep__nccl_round16((size_t)L->E * 4);
     m.chunk_start = m.shift + moe_ep__nccl_round16((size_t)L->S * 8);
     m.chunk_dest = m.chunk_start + moe_ep__nccl_round16((chunks + 1) * 8);
-    m.upload = m.chunk_dest + moe_ep__nccl_round16(chunks * 8 + 8);
+    m.send_off = m.chunk_dest + moe_ep__nccl_round16(chunks * 8 + 8);
+    m.table = m.send_off + moe_ep__nccl_round16((size_t)L->world_size * (size_t)L->S * 8);
+    m.upload = m.table + moe_ep__nccl_round16((size_t)L->world_size * (size_t)L->S * 8);
     m.map = m.upload;
     m.stage = m.map + moe_ep__nccl_round16((size_t)slots * 4);
-    m.total = m.stage + moe_ep__nccl_round16((size_t)remote_rows * 4);
+    m.dest = m.stage + moe_ep__nccl_round16((size_t)remote_rows * 4);
+    m.total = m.dest + moe_ep__nccl_round16((size_t)slots * 8);
     return m;
 }
 
@@ -1298,8 +1588,9 @@ MOE_EP_PRIVATE int moe_ep__nccl_no_cpu_experts(int local_expert, int expert, con
 
 MOE_EP_PRIVATE int64_t moe_ep__nccl_fingerprint(const moe_ep_nccl_layer_desc* d) {
     uint64_t h = 14695981039346656037ull;
-    int64_t fields[7];
+    int64_t fields[8];
     size_t i;
+    fields[7] = d->direct;
     fields[0] = d->dtype;
     fields[1] = d->a2a_layout;
     fields[2] = d->max_tokens > 0;
@@ -1329,6 +1620,10 @@ MOE_EP_PRIVATE int moe_ep__nccl_validate(moe_ep_nccl_layer* L) {
     int f = 0;
     moe_ep__nccl_check(L, &f, d->dtype > 0 && d->dtype < MOE_EP_NCCL_DTYPE_COUNT,
                        "moe_ep_nccl_layer_desc.dtype (%d) is not a moe_ep_nccl_dtype", (int)d->dtype);
+    moe_ep__nccl_check(L, &f, d->direct >= 0 && d->direct < MOE_EP_NCCL_DIRECT_COUNT,
+                       "moe_ep_nccl_layer_desc.direct (%d) is not a moe_ep_nccl_direct", (int)d->direct);
+    moe_ep__nccl_check(L, &f, d->direct != MOE_EP_NCCL_DIRECT_ON || d->max_tokens > 0,
+                       "moe_ep_nccl_layer_desc.direct = ON needs max_tokens > 0 (the peers map buffers of fixed size)");
     moe_ep__nccl_check(L, &f, d->expert_gemm >= 0 && d->expert_gemm < MOE_EP_NCCL_EXPERT_GEMM_COUNT,
                        "moe_ep_nccl_layer_desc.expert_gemm (%d) is not a moe_ep_nccl_expert_gemm", (int)d->expert_gemm);
     moe_ep__nccl_check(L, &f, d->expert_streams >= 0, "moe_ep_nccl_layer_desc.expert_streams (%d) must be >= 0",
@@ -1658,6 +1953,9 @@ MOE_EP_API moe_ep_result moe_ep_nccl_layer_create(const moe_ep_nccl_layer_desc* 
         /* 3: device state */
         res = moe_ep__nccl_build(L);
     }
+    /* 4: the direct path, collective over the EP group whatever happened above */
+    if (L->world_size > 1 && L->desc.max_tokens > 0 && L->desc.direct != MOE_EP_NCCL_DIRECT_OFF)
+        res = moe_ep__nccl_direct_setup(L, res);
     /* then agree again (any rank can run out of memory), over the EP and the TP group */
     res = moe_ep__nccl_agree(L, res, "moe_ep_nccl_layer_create");
     res = moe_ep__nccl_tp_agree(L, res, NULL, 0, MOE_EP_OK, "", "moe_ep_nccl_layer_create");
@@ -1676,10 +1974,20 @@ MOE_EP_API void moe_ep_nccl_layer_destroy(moe_ep_nccl_layer* layer) {
 MOE_EP_API moe_ep_context* moe_ep_nccl_layer_context(moe_ep_nccl_layer* layer) { return layer ? layer->core : NULL; }
 MOE_EP_API const char* moe_ep_nccl_last_error(const moe_ep_nccl_layer* layer) { return layer ? layer->last_error : ""; }
 MOE_EP_API cudaStream_t moe_ep_nccl_layer_stream(const moe_ep_nccl_layer* layer) { return layer ? layer->stream : 0; }
+MOE_EP_API int moe_ep_nccl_layer_direct(const moe_ep_nccl_layer* layer) { return layer ? layer->direct : 0; }
+
+MOE_EP_API void moe_ep_nccl_layer_rows(moe_ep_nccl_layer* layer, void** recv, void** out, int64_t* rows) {
+    int full = layer && layer->desc.max_tokens > 0;
+    if (recv) *recv = full ? layer->recv : NULL;
+    if (out) *out = full ? layer->out : NULL;
+    if (rows) *rows = !full ? 0 : layer->direct ? layer->region_rows : (int64_t)(layer->recv_bytes / layer->row_bytes);
+}
 
 MOE_EP_PRIVATE moe_ep_result moe_ep__nccl_enter(moe_ep_nccl_layer* L) {
     char err[MOE_EP__NCCL_ERR] = "";
-    moe_ep_result res = moe_ep__nccl_usable(L->net, err, sizeof err);
+    moe_ep_result res = moe_ep__nccl_direct_check(L);
+    if (res != MOE_EP_OK) return res;
+    res = moe_ep__nccl_usable(L->net, err, sizeof err);
     if (res != MOE_EP_OK) return moe_ep__nccl_net_fail(L, res, "moe_ep_nccl", err);
     return MOE_EP_OK;
 }
@@ -1774,6 +2082,10 @@ MOE_EP_PRIVATE moe_ep_result moe_ep__nccl_upload_plan(moe_ep_nccl_layer* L, moe_
         memcpy(host + m.weight, in->topk_weight, (size_t)slots * 4);
     }
     for (e = 0; e < L->E; ++e) owner_local[e] = L->owner_of[e] == me ? L->local_index_of[e] : -1;
+    if (L->direct) {
+        memcpy(host + m.send_off, in->seg_send_offsets, sizeof(int64_t) * (size_t)L->world_size * (size_t)S);
+        memcpy(host + m.table, in->seg_recv_offsets, sizeof(int64_t) * (size_t)L->world_size * (size_t)S);
+    }
     for (s = 0; s < S; ++s) shift[s] = in->seg_recv_offsets[me * S + s] - in->seg_send_offsets[me * S + s];
     chunk_start[0] = 0;
     for (q = 0; q < L->world_size; ++q) {
@@ -1786,6 +2098,7 @@ MOE_EP_PRIVATE moe_ep_result moe_ep__nccl_upload_plan(moe_ep_nccl_layer* L, moe_
     P->slot_map = (int32_t*)(dev + m.map);
     P->weight = (float*)(dev + m.weight);
     P->stage_map = (int32_t*)(dev + m.stage);
+    P->dest = (int64_t*)(dev + m.dest);
     res = moe_ep__nccl_cuda(L, cudaMemcpyAsync(dev, host, m.upload, cudaMemcpyHostToDevice, L->stream), "plan upload");
     if (res == MOE_EP_OK) res = moe_ep__nccl_cuda(L, cudaEventRecord(P->bufs.uploaded, L->stream), "plan upload");
     if (res == MOE_EP_OK)
@@ -1794,6 +2107,20 @@ MOE_EP_PRIVATE moe_ep_result moe_ep__nccl_upload_plan(moe_ep_nccl_layer* L, moe_
                                                                         (const int32_t*)(dev + m.owner),
                                                                         (const int64_t*)(dev + m.shift), slots,
                                                                         P->slot_map, L->stream), "slot map kernel");
+    if (res == MOE_EP_OK && L->direct) {
+        /* publish this rank's receive offsets, then learn where each slot's row goes */
+        uint64_t epoch = ++L->plan_epoch;
+        res = moe_ep__nccl_kernel(L, moe_ep__nccl_k_direct_publish(L->g, (const int64_t*)(dev + m.table),
+                                                                   (int64_t)L->world_size * S, epoch, L->stream),
+                                  "direct publish kernel");
+        if (res == MOE_EP_OK)
+            res = moe_ep__nccl_kernel(L, moe_ep__nccl_k_direct_resolve(L->g, P->slot_map, (const int32_t*)(dev + m.idx),
+                                                                       L->expert_at, L->E,
+                                                                       (const int64_t*)(dev + m.send_off), S, slots,
+                                                                       P->dest, epoch, L->stream),
+                                      "direct resolve kernel");
+        return res;
+    }
     if (res == MOE_EP_OK && L->desc.a2a_layout == MOE_EP_NCCL_A2A_STAGED)
         res = moe_ep__nccl_cuda(L, (cudaError_t)moe_ep__nccl_k_stage_map((const int64_t*)(dev + m.chunk_start),
                                                                          (const int64_t*)(dev + m.chunk_dest), chunks,
@@ -1892,6 +2219,11 @@ MOE_EP_API void moe_ep_nccl_plan_destroy(moe_ep_nccl_plan* P) {
         /* an open split-phase exchange: let it finish before its buffers go */
         cudaStreamSynchronize(L->net->side);
         P->request->in_use = 0;
+    }
+    if (P->xfer) {
+        /* dispatched directly but never combined: free the peers' next dispatch all the same */
+        if (!P->out_sent) moe_ep__nccl_k_direct_signal(L->g, MOE_EP__NCCL_PHASE_OUT, P->xfer, L->stream);
+        if (L->open_plan == P) L->open_plan = NULL;
     }
     moe_ep__nccl_release_buffers(L, &P->bufs);
     moe_ep_plan_destroy(P->core);
@@ -2013,6 +2345,25 @@ MOE_EP_PRIVATE moe_ep_result moe_ep__nccl_dispatch_begin(moe_ep_nccl_layer* L, m
     if (res != MOE_EP_OK) return res;
     if ((P->info.tokens > 0 && !x) || (P->info.recv_rows > 0 && !recv_rows))
         return moe_ep__nccl_fail(L, MOE_EP_ERROR_INVALID_ARGUMENT, "moe_ep_nccl_dispatch: x and recv_rows must not be NULL");
+    if (L->direct) {
+        /* one store per row into its owner's region; the wait is in dispatch_end */
+        uint64_t epoch;
+        if (L->open_plan)
+            return moe_ep__nccl_fail(L, MOE_EP_ERROR_INVALID_ARGUMENT,
+                                     "moe_ep_nccl_dispatch: the plan dispatched before must be combined first "
+                                     "(the direct path has one set of buffers)");
+        epoch = L->xfer_epoch + 1;
+        res = moe_ep__nccl_kernel(L, moe_ep__nccl_k_direct_push(L->g, x, P->dest, P->info.tokens, L->k, L->row_bytes,
+                                                                epoch, L->stream), "direct push kernel");
+        if (res != MOE_EP_OK) return res;
+        L->xfer_epoch = epoch;
+        L->open_plan = P;
+        P->xfer = epoch;
+        P->out_sent = 0;
+        P->pending = 1;
+        P->open_rows = recv_rows;
+        return MOE_EP_OK;
+    }
     res = moe_ep__nccl_cuda(L, (cudaError_t)moe_ep__nccl_k_permute(x, P->bufs.send, recv_rows, P->slot_map, P->info.tokens,
                                                                    L->k, L->row_bytes, alone ? 3 : 1, L->stream),
                             "permute kernel");
@@ -2031,6 +2382,14 @@ MOE_EP_API moe_ep_result moe_ep_nccl_dispatch_end(moe_ep_nccl_layer* L, moe_ep_n
     moe_ep_result res = moe_ep__nccl_check_stage(L, P, "moe_ep_nccl_dispatch_end", 1);
     if (res != MOE_EP_OK) return res;
     P->pending = 0;
+    if (P->xfer) {
+        res = moe_ep__nccl_kernel(L, moe_ep__nccl_k_direct_wait(L->g, MOE_EP__NCCL_PHASE_DATA, P->xfer, L->stream),
+                                  "direct wait kernel");
+        if (res == MOE_EP_OK && P->open_rows != L->recv && P->info.recv_rows > 0)
+            res = moe_ep__nccl_cuda(L, cudaMemcpyAsync(P->open_rows, L->recv, (size_t)P->info.recv_rows * L->row_bytes,
+                                                       cudaMemcpyDeviceToDevice, L->stream), "moe_ep_nccl_dispatch");
+        return res;
+    }
     res = moe_ep__nccl_finish(L, P);
     if (res == MOE_EP_OK && L->desc.a2a_layout == MOE_EP_NCCL_A2A_STAGED)
         res = moe_ep__nccl_cuda(L, (cudaError_t)moe_ep__nccl_k_move_rows(P->bufs.stage, P->open_rows, P->stage_map,
@@ -2226,6 +2585,20 @@ MOE_EP_PRIVATE moe_ep_result moe_ep__nccl_combine_begin(moe_ep_nccl_layer* L, mo
     }
     P->expert_status = MOE_EP_OK;
     if (status != MOE_EP_OK) return status;
+    if (P->xfer) {
+        /* the outputs must sit in this rank's region, where the token owners read them */
+        if (expert_out != L->out && P->info.recv_rows > 0)
+            res = moe_ep__nccl_cuda(L, cudaMemcpyAsync(L->out, expert_out, (size_t)P->info.recv_rows * L->row_bytes,
+                                                       cudaMemcpyDeviceToDevice, L->stream), "moe_ep_nccl_combine");
+        if (res == MOE_EP_OK)
+            res = moe_ep__nccl_kernel(L, moe_ep__nccl_k_direct_signal(L->g, MOE_EP__NCCL_PHASE_OUT, P->xfer, L->stream),
+                                      "direct signal kernel");
+        if (res != MOE_EP_OK) return res;
+        P->out_sent = 1;
+        P->pending = 2;
+        P->open_local = expert_out;
+        return MOE_EP_OK;
+    }
     if (L->desc.a2a_layout == MOE_EP_NCCL_A2A_STAGED)
         res = moe_ep__nccl_cuda(L, (cudaError_t)moe_ep__nccl_k_move_rows(expert_out, P->bufs.stage, P->stage_map,
                                                                          P->remote_rows, L->row_bytes, 0, L->stream),
@@ -2245,6 +2618,16 @@ MOE_EP_API moe_ep_result moe_ep_nccl_combine_end(moe_ep_nccl_layer* L, moe_ep_nc
     moe_ep_result res = moe_ep__nccl_check_stage(L, P, "moe_ep_nccl_combine_end", 2);
     if (res != MOE_EP_OK) return res;
     P->pending = 0;
+    if (P->xfer) {
+        uint64_t epoch = P->xfer;
+        P->xfer = 0;
+        L->open_plan = NULL;
+        if (P->info.tokens > 0 && !y)
+            return moe_ep__nccl_fail(L, MOE_EP_ERROR_INVALID_ARGUMENT, "moe_ep_nccl_combine: y must not be NULL");
+        return moe_ep__nccl_kernel(L, moe_ep__nccl_k_direct_combine(L->g, P->dest, P->weight, y, P->info.tokens, L->k, L->d,
+                                                                    moe_ep__nccl_kdtype[L->dtype], epoch, L->stream),
+                                   "direct combine kernel");
+    }
     res = moe_ep__nccl_finish(L, P);
     if (res != MOE_EP_OK) return res;
     if (P->info.tokens > 0 && !y)

@@ -63,6 +63,46 @@ int moe_ep__nccl_k_topk(const float* logits, int64_t tokens, int num_experts, in
    once, at the end). ranks = 1 converts. In fp32, out may be parts itself. */
 int moe_ep__nccl_k_sum_ranks(const float* parts, int64_t count, int ranks, void* out, int dtype, void* stream);
 
+/* The direct path (moe_ep_nccl.h, "DIRECT NVLINK PATH"). Every rank has one region of
+   device memory that its peers map: uint64 flags [4][world] at its start (flags[phase *
+   world + source] = the last epoch that source signalled), the rank's receive-offset
+   table, its received rows and its expert outputs. A wait spins until every source's
+   flag of a phase reaches the epoch; one that runs past timeout_ns sets ctl[1] = 1 and
+   gives up (the kernel then skips its work). */
+#define MOE_EP__NCCL_PHASE_TABLE 0   /* the offset table is published */
+#define MOE_EP__NCCL_PHASE_READ 1    /* the peers' tables were read */
+#define MOE_EP__NCCL_PHASE_DATA 2    /* the dispatched rows have landed */
+#define MOE_EP__NCCL_PHASE_OUT 3     /* the expert outputs are ready (and the received rows free) */
+typedef struct moe_ep__nccl_k_direct {
+    char* const* peers;             /* device [world]: each rank's region as this GPU sees it */
+    int rank, world;
+    size_t table_off, recv_off, out_off;    /* bytes into a region */
+    unsigned* counters;             /* device [2], this rank's: blocks finished (push, resolve) */
+    int* ctl;                       /* host-mapped [2]; [1]: a wait timed out */
+    uint64_t timeout_ns;            /* 0: wait without limit */
+} moe_ep__nccl_k_direct;
+
+/* Wait for READ(epoch - 1) from every rank, copy table [count] to this rank's region,
+   then signal TABLE(epoch) to every rank. */
+int moe_ep__nccl_k_direct_publish(moe_ep__nccl_k_direct g, const int64_t* table, int64_t count, uint64_t epoch,
+                                  void* stream);
+/* Wait for TABLE(epoch); dest[i] = (rank << 32) | row where slot i's row goes (-1: dropped),
+   from the slot map, the owners (expert_at [2 * E]: rank of each expert, then its local
+   index), this rank's send offsets [world * S] and the owners' tables; signal READ(epoch). */
+int moe_ep__nccl_k_direct_resolve(moe_ep__nccl_k_direct g, const int32_t* slot_map, const int32_t* topk_idx,
+                                  const int32_t* expert_at, int num_experts, const int64_t* send_off, int S,
+                                  int64_t slots, int64_t* dest, uint64_t epoch, void* stream);
+/* Wait for OUT(epoch - 1) (the receivers' rows are free), store each token's row at its
+   dest in the owners' regions, then signal DATA(epoch). */
+int moe_ep__nccl_k_direct_push(moe_ep__nccl_k_direct g, const void* x, const int64_t* dest, int64_t tokens, int top_k,
+                               size_t row_bytes, uint64_t epoch, void* stream);
+int moe_ep__nccl_k_direct_signal(moe_ep__nccl_k_direct g, int phase, uint64_t epoch, void* stream);
+int moe_ep__nccl_k_direct_wait(moe_ep__nccl_k_direct g, int phase, uint64_t epoch, void* stream);
+/* Wait for OUT(epoch); y[t] = sum over k-slots of weight * the expert output row at dest,
+   read from the owner's region: the same sums as moe_ep__nccl_k_unpermute. */
+int moe_ep__nccl_k_direct_combine(moe_ep__nccl_k_direct g, const int64_t* dest, const float* weight, void* y,
+                                  int64_t tokens, int top_k, int d_model, int dtype, uint64_t epoch, void* stream);
+
 #ifdef __cplusplus
 }
 #endif
@@ -78,6 +118,7 @@ int moe_ep__nccl_k_sum_ranks(const float* parts, int64_t count, int ranks, void*
 
 #include <cuda_runtime.h>
 #include <cuda_bf16.h>
+#include <string.h>
 
 namespace moe_ep_nccl_kernels {
 
@@ -207,21 +248,113 @@ static cudaError_t launch_activation(void* h, int64_t rows, int ff, int64_t ld, 
     return cudaGetLastError();
 }
 
+/* Where a token's k-slot rows are: rows of the send buffer and the expert-side buffer
+   (the slot map), or rows of the owners' regions (the direct path's dest). */
+template <typename T>
+struct slot_rows {
+    const T* send;
+    const T* local;
+    const int32_t* map;
+    int d;
+    __device__ const T* operator()(int64_t i) const {
+        int32_t v = map[i];
+        return v == -1 ? (const T*)0 : v >= 0 ? send + (size_t)v * d : local + (size_t)(-(int64_t)v - 2) * d;
+    }
+};
+
+template <typename T>
+struct region_rows {
+    char* const* peers;
+    size_t offset, row_bytes;
+    const int64_t* dest;
+    __device__ const T* operator()(int64_t i) const {
+        int64_t v = dest[i];
+        return v < 0 ? (const T*)0 : (const T*)(peers[v >> 32] + offset + (size_t)(v & 0xFFFFFFFF) * row_bytes);
+    }
+};
+
+__device__ __forceinline__ void st_release_sys(uint64_t* p, uint64_t v) {
+    asm volatile("st.release.sys.global.u64 [%0], %1;" ::"l"(p), "l"(v) : "memory");
+}
+
+__device__ __forceinline__ uint64_t ld_acquire_sys(const uint64_t* p) {
+    uint64_t v;
+    asm volatile("ld.acquire.sys.global.u64 %0, [%1];" : "=l"(v) : "l"(p) : "memory");
+    return v;
+}
+
+__device__ __forceinline__ uint64_t global_ns() {
+    uint64_t t;
+    asm volatile("mov.u64 %0, %%globaltimer;" : "=l"(t));
+    return t;
+}
+
+/* One thread: until every rank's flag of `phase` in this rank's region reaches epoch.
+   false: timed out (ctl[1] set), or another wait of this rank did. */
+__device__ bool wait_flags(const moe_ep__nccl_k_direct& g, int phase, uint64_t epoch) {
+    const uint64_t* flags = (const uint64_t*)g.peers[g.rank] + (size_t)phase * g.world;
+    volatile int* ctl = g.ctl;
+    uint64_t start = 0;
+    for (int q = 0; q < g.world; ++q) {
+        unsigned spins = 0;
+        while (ld_acquire_sys(flags + q) < epoch) {
+            if (++spins % 256 != 0) continue;
+            if (ctl[1]) return false;
+            uint64_t now = global_ns();
+            if (start == 0) start = now;
+            else if (g.timeout_ns > 0 && now - start > g.timeout_ns) {
+                ctl[1] = 1;
+                return false;
+            }
+        }
+    }
+    return true;
+}
+
+/* One thread per rank: after this rank's earlier writes, flags[phase][rank] = epoch in
+   every region. */
+__device__ __forceinline__ void signal_all(const moe_ep__nccl_k_direct& g, int phase, uint64_t epoch, int first,
+                                          int step) {
+    __threadfence_system();
+    for (int q = first; q < g.world; q += step)
+        st_release_sys((uint64_t*)g.peers[q] + (size_t)phase * g.world + g.rank, epoch);
+}
+
+/* The block's writes are done: the last block of the grid to get here signals. */
+__device__ void grid_done_signal(const moe_ep__nccl_k_direct& g, unsigned* counter, int phase, uint64_t epoch) {
+    __shared__ bool last;
+    __threadfence_system();
+    __syncthreads();
+    if (threadIdx.x == 0) last = atomicAdd(counter, 1u) == gridDim.x - 1;
+    __syncthreads();
+    if (!last) return;
+    if (threadIdx.x == 0) *counter = 0;     /* for the next launch, which the stream orders after this one */
+    if (((volatile int*)g.ctl)[1]) return;  /* a wait timed out: let the peers time out too */
+    signal_all(g, phase, epoch, threadIdx.x, blockDim.x);
+}
+
+/* Block-wide: thread 0 waits, the block learns the verdict. */
+__device__ bool block_wait(const moe_ep__nccl_k_direct& g, int phase, uint64_t epoch) {
+    __shared__ bool ok;
+    if (threadIdx.x == 0) ok = epoch == 0 || wait_flags(g, phase, epoch);
+    __syncthreads();
+    return ok;
+}
+
 /* One block per token; threads over d in groups of V elements; the k sources and weights
-   of the token sit in shared memory. */
-template <typename T, int V>
-__global__ void unpermute_kernel(const T* __restrict__ send, const T* __restrict__ local,
-                                 const int32_t* __restrict__ slot_map, const float* __restrict__ weight,
-                                 T* __restrict__ y, int64_t tokens, int top_k, int d) {
+   of the token sit in shared memory. With a wait (g.peers != NULL) each block first
+   waits for OUT(epoch). */
+template <typename T, int V, typename Rows>
+__global__ void unpermute_kernel(Rows rows, const float* __restrict__ weight, T* __restrict__ y, int64_t tokens,
+                                 int top_k, int d, moe_ep__nccl_k_direct g, uint64_t epoch) {
     extern __shared__ unsigned char smem[];
     const T** src = (const T**)smem;
     float* w = (float*)(smem + sizeof(T*) * (size_t)top_k);
+    if (g.peers && !block_wait(g, MOE_EP__NCCL_PHASE_OUT, epoch)) return;
     for (int64_t t = blockIdx.x; t < tokens; t += gridDim.x) {
         __syncthreads();
         for (int j = threadIdx.x; j < top_k; j += blockDim.x) {
-            int32_t v = slot_map[t * top_k + j];
-            src[j] = v == -1 ? (const T*)0
-                   : v >= 0 ? send + (size_t)v * d : local + (size_t)(-(int64_t)v - 2) * d;
+            src[j] = rows(t * top_k + j);
             w[j] = weight[t * top_k + j];
         }
         __syncthreads();
@@ -245,20 +378,19 @@ __global__ void unpermute_kernel(const T* __restrict__ send, const T* __restrict
     }
 }
 
-template <typename T, int V>
-static cudaError_t launch_unpermute(const void* send, const void* local, const int32_t* map, const float* weight,
-                                    void* y, int64_t tokens, int k, int d, cudaStream_t s) {
+template <typename T, int V, typename Rows>
+static cudaError_t launch_unpermute(Rows rows, const float* weight, void* y, int64_t tokens, int k, int d,
+                                    moe_ep__nccl_k_direct g, uint64_t epoch, cudaStream_t s) {
     int threads = d / V >= 256 ? 256 : d / V >= 128 ? 128 : 64;
     size_t shared = (sizeof(T*) + sizeof(float)) * (size_t)k;
     unsigned blocks = (unsigned)(tokens < 65535 * 16 ? tokens : 65535 * 16);
-    if (blocks == 0) return cudaSuccess;
+    if (blocks == 0) blocks = 1;            /* a direct combine still waits, with nothing to sum */
     if (shared > 48 * 1024) {
-        cudaError_t e = cudaFuncSetAttribute(unpermute_kernel<T, V>, cudaFuncAttributeMaxDynamicSharedMemorySize,
+        cudaError_t e = cudaFuncSetAttribute(unpermute_kernel<T, V, Rows>, cudaFuncAttributeMaxDynamicSharedMemorySize,
                                              (int)shared);
         if (e != cudaSuccess) return e;
     }
-    unpermute_kernel<T, V><<<blocks, threads, shared, s>>>((const T*)send, (const T*)local, map, weight, (T*)y,
-                                                           tokens, k, d);
+    unpermute_kernel<T, V, Rows><<<blocks, threads, shared, s>>>(rows, weight, (T*)y, tokens, k, d, g, epoch);
     return cudaGetLastError();
 }
 
@@ -392,15 +524,19 @@ extern "C" int moe_ep__nccl_k_unpermute(const void* send, const void* local, con
                                         int dtype, void* stream) {
     using namespace moe_ep_nccl_kernels;
     cudaStream_t s = (cudaStream_t)stream;
+    moe_ep__nccl_k_direct none;
+    memset(&none, 0, sizeof none);
     if (tokens <= 0) return 0;
     if (dtype == MOE_EP__NCCL_K_BF16) {
+        slot_rows<__nv_bfloat16> rows = { (const __nv_bfloat16*)send, (const __nv_bfloat16*)local, slot_map, d_model };
         if (d_model % 8 == 0 && aligned(send, 16) && aligned(local, 16) && aligned(y, 16))
-            return (int)launch_unpermute<__nv_bfloat16, 8>(send, local, slot_map, weight, y, tokens, top_k, d_model, s);
-        return (int)launch_unpermute<__nv_bfloat16, 1>(send, local, slot_map, weight, y, tokens, top_k, d_model, s);
+            return (int)launch_unpermute<__nv_bfloat16, 8>(rows, weight, y, tokens, top_k, d_model, none, 0, s);
+        return (int)launch_unpermute<__nv_bfloat16, 1>(rows, weight, y, tokens, top_k, d_model, none, 0, s);
     }
+    slot_rows<float> rows = { (const float*)send, (const float*)local, slot_map, d_model };
     if (d_model % 4 == 0 && aligned(send, 16) && aligned(local, 16) && aligned(y, 16))
-        return (int)launch_unpermute<float, 4>(send, local, slot_map, weight, y, tokens, top_k, d_model, s);
-    return (int)launch_unpermute<float, 1>(send, local, slot_map, weight, y, tokens, top_k, d_model, s);
+        return (int)launch_unpermute<float, 4>(rows, weight, y, tokens, top_k, d_model, none, 0, s);
+    return (int)launch_unpermute<float, 1>(rows, weight, y, tokens, top_k, d_model, none, 0, s);
 }
 
 extern "C" int moe_ep__nccl_k_topk(const float* logits, int64_t tokens, int num_experts, int top_k, int normalize,
@@ -441,6 +577,145 @@ extern "C" int moe_ep__nccl_k_sum_ranks(const float* parts, int64_t count, int r
     else
         sum_ranks_kernel<float><<<grid_for(count, 256), 256, 0, s>>>(parts, count, ranks, (float*)out);
     return (int)cudaGetLastError();
+}
+
+namespace moe_ep_nccl_kernels {
+__global__ void direct_publish_kernel(moe_ep__nccl_k_direct g, const int64_t* __restrict__ table, int64_t count,
+                                      uint64_t epoch) {
+    if (!block_wait(g, MOE_EP__NCCL_PHASE_READ, epoch - 1)) return;
+    int64_t* mine = (int64_t*)(g.peers[g.rank] + g.table_off);
+    for (int64_t i = threadIdx.x; i < count; i += blockDim.x) mine[i] = table[i];
+    __syncthreads();
+    signal_all(g, MOE_EP__NCCL_PHASE_TABLE, epoch, threadIdx.x, blockDim.x);
+}
+
+__global__ void direct_resolve_kernel(moe_ep__nccl_k_direct g, const int32_t* __restrict__ slot_map,
+                                      const int32_t* __restrict__ topk_idx, const int32_t* __restrict__ expert_at,
+                                      int E, const int64_t* __restrict__ send_off, int S, int64_t slots,
+                                      int64_t* __restrict__ dest, uint64_t epoch) {
+    if (!block_wait(g, MOE_EP__NCCL_PHASE_TABLE, epoch)) return;
+    for (int64_t i = (int64_t)blockIdx.x * blockDim.x + threadIdx.x; i < slots; i += (int64_t)gridDim.x * blockDim.x) {
+        int32_t v = slot_map[i];
+        int64_t out = -1;
+        if (v <= -2) {
+            out = ((int64_t)g.rank << 32) | (int64_t)(-(int64_t)v - 2);
+        } else if (v >= 0) {
+            int e = topk_idx[i];
+            int r = expert_at[e], l = expert_at[E + e];
+            const int64_t* table = (const int64_t*)(g.peers[r] + g.table_off);
+            out = ((int64_t)r << 32) | (table[(size_t)g.rank * S + l] + v - send_off[(size_t)r * S + l]);
+        }
+        dest[i] = out;
+    }
+    grid_done_signal(g, g.counters + 1, MOE_EP__NCCL_PHASE_READ, epoch);
+}
+
+/* One warp per token, as permute_kernel: the row is read once and stored to each of its
+   slots' places, four units at a time per lane so that several stores are in flight. */
+template <typename U>
+__global__ void direct_push_kernel(moe_ep__nccl_k_direct g, const char* __restrict__ x, const int64_t* __restrict__ dest,
+                                   int64_t tokens, int top_k, size_t row_bytes, uint64_t epoch) {
+    if (block_wait(g, MOE_EP__NCCL_PHASE_OUT, epoch - 1)) {
+        int64_t units = (int64_t)(row_bytes / sizeof(U));
+        int lane = threadIdx.x & 31;
+        int64_t warp = ((int64_t)blockIdx.x * blockDim.x + threadIdx.x) >> 5;
+        int64_t warps = ((int64_t)gridDim.x * blockDim.x) >> 5;
+        for (int64_t t = warp; t < tokens; t += warps) {
+            const int64_t* slot = dest + t * top_k;
+            const U* src = (const U*)(x + (size_t)t * row_bytes);
+            for (int64_t i0 = lane; i0 < units; i0 += 32 * 4) {
+                U value[4];
+                for (int u = 0; u < 4; ++u)
+                    if (i0 + 32 * u < units) value[u] = src[i0 + 32 * u];
+                for (int j = 0; j < top_k; ++j) {
+                    int64_t v = slot[j];
+                    if (v < 0) continue;
+                    U* to = (U*)(g.peers[v >> 32] + g.recv_off + (size_t)(v & 0xFFFFFFFF) * row_bytes);
+                    for (int u = 0; u < 4; ++u)
+                        if (i0 + 32 * u < units) to[i0 + 32 * u] = value[u];
+                }
+            }
+        }
+    }
+    grid_done_signal(g, g.counters, MOE_EP__NCCL_PHASE_DATA, epoch);
+}
+
+__global__ void direct_signal_kernel(moe_ep__nccl_k_direct g, int phase, uint64_t epoch) {
+    signal_all(g, phase, epoch, threadIdx.x, blockDim.x);
+}
+
+__global__ void direct_wait_kernel(moe_ep__nccl_k_direct g, int phase, uint64_t epoch) {
+    block_wait(g, phase, epoch);
+}
+
+template <typename U>
+static cudaError_t launch_push(moe_ep__nccl_k_direct g, const void* x, const int64_t* dest, int64_t tokens, int k,
+                               size_t rb, uint64_t epoch, cudaStream_t s) {
+    direct_push_kernel<U><<<grid_for(tokens, 8), 256, 0, s>>>(g, (const char*)x, dest, tokens, k, rb, epoch);
+    return cudaGetLastError();
+}
+} /* namespace moe_ep_nccl_kernels */
+
+extern "C" int moe_ep__nccl_k_direct_publish(moe_ep__nccl_k_direct g, const int64_t* table, int64_t count,
+                                             uint64_t epoch, void* stream) {
+    using namespace moe_ep_nccl_kernels;
+    direct_publish_kernel<<<1, 256, 0, (cudaStream_t)stream>>>(g, table, count, epoch);
+    return (int)cudaGetLastError();
+}
+
+extern "C" int moe_ep__nccl_k_direct_resolve(moe_ep__nccl_k_direct g, const int32_t* slot_map, const int32_t* topk_idx,
+                                             const int32_t* expert_at, int num_experts, const int64_t* send_off,
+                                             int S, int64_t slots, int64_t* dest, uint64_t epoch, void* stream) {
+    using namespace moe_ep_nccl_kernels;
+    direct_resolve_kernel<<<grid_for(slots, 256), 256, 0, (cudaStream_t)stream>>>(g, slot_map, topk_idx, expert_at,
+                                                                                  num_experts, send_off, S, slots,
+                                                                                  dest, epoch);
+    return (int)cudaGetLastError();
+}
+
+extern "C" int moe_ep__nccl_k_direct_push(moe_ep__nccl_k_direct g, const void* x, const int64_t* dest, int64_t tokens,
+                                          int top_k, size_t row_bytes, uint64_t epoch, void* stream) {
+    using namespace moe_ep_nccl_kernels;
+    cudaStream_t s = (cudaStream_t)stream;
+    if (tokens < 0) tokens = 0;
+    switch (unit_bytes(row_bytes, x, (const void*)(uintptr_t)g.recv_off, 0)) {
+    case 16: return (int)launch_push<uint4>(g, x, dest, tokens, top_k, row_bytes, epoch, s);
+    case 8: return (int)launch_push<uint2>(g, x, dest, tokens, top_k, row_bytes, epoch, s);
+    case 4: return (int)launch_push<uint32_t>(g, x, dest, tokens, top_k, row_bytes, epoch, s);
+    default: return (int)launch_push<uint16_t>(g, x, dest, tokens, top_k, row_bytes, epoch, s);
+    }
+}
+
+extern "C" int moe_ep__nccl_k_direct_signal(moe_ep__nccl_k_direct g, int phase, uint64_t epoch, void* stream) {
+    using namespace moe_ep_nccl_kernels;
+    direct_signal_kernel<<<1, 32, 0, (cudaStream_t)stream>>>(g, phase, epoch);
+    return (int)cudaGetLastError();
+}
+
+extern "C" int moe_ep__nccl_k_direct_wait(moe_ep__nccl_k_direct g, int phase, uint64_t epoch, void* stream) {
+    using namespace moe_ep_nccl_kernels;
+    direct_wait_kernel<<<1, 32, 0, (cudaStream_t)stream>>>(g, phase, epoch);
+    return (int)cudaGetLastError();
+}
+
+extern "C" int moe_ep__nccl_k_direct_combine(moe_ep__nccl_k_direct g, const int64_t* dest, const float* weight, void* y,
+                                             int64_t tokens, int top_k, int d_model, int dtype, uint64_t epoch,
+                                             void* stream) {
+    using namespace moe_ep_nccl_kernels;
+    cudaStream_t s = (cudaStream_t)stream;
+    /* every region's out_off and row size are 16-aligned when d is a multiple of 8 (bf16) or 4 (fp32) */
+    bool wide = aligned((const void*)(uintptr_t)g.out_off, 16) && aligned(y, 16);
+    if (tokens < 0) tokens = 0;
+    if (dtype == MOE_EP__NCCL_K_BF16) {
+        region_rows<__nv_bfloat16> rows = { g.peers, g.out_off, (size_t)d_model * 2, dest };
+        if (d_model % 8 == 0 && wide)
+            return (int)launch_unpermute<__nv_bfloat16, 8>(rows, weight, y, tokens, top_k, d_model, g, epoch, s);
+        return (int)launch_unpermute<__nv_bfloat16, 1>(rows, weight, y, tokens, top_k, d_model, g, epoch, s);
+    }
+    region_rows<float> rows = { g.peers, g.out_off, (size_t)d_model * 4, dest };
+    if (d_model % 4 == 0 && wide)
+        return (int)launch_unpermute<float, 4>(rows, weight, y, tokens, top_k, d_model, g, epoch, s);
+    return (int)launch_unpermute<float, 1>(rows, weight, y, tokens, top_k, d_model, g, epoch, s);
 }
 
 #endif /* MOE_EP_NCCL_KERNELS_IMPL_INCLUDED */

@@ -273,6 +273,7 @@ typedef struct layer_case {
     moe_ep_activation activation;
     moe_ep_placement_kind placement;
     moe_ep_nccl_a2a_layout layout;
+    moe_ep_nccl_direct direct;
     unsigned long long seed;
     /* filled by the runner */
     float* router;                  /* [E, d] */
@@ -444,8 +445,8 @@ static void test_layer(rank_env* env) {
                   .normalize_topk = c->normalize != 0, .capacity_factor = c->capacity,
                   .placement = { .kind = c->placement }, .transport = &env->transport },
         .dtype = c->bf16 ? MOE_EP_NCCL_DTYPE_BF16 : MOE_EP_NCCL_DTYPE_F32, .a2a_layout = c->layout,
-        .max_tokens = c->max_tokens, .expert_gemm = c->expert_gemm, .expert_streams = c->expert_streams,
-        .router_weight = c->gpu_router ? router : NULL, .experts = mine }, &layer);
+        .direct = c->direct, .max_tokens = c->max_tokens, .expert_gemm = c->expert_gemm,
+        .expert_streams = c->expert_streams, .router_weight = c->gpu_router ? router : NULL, .experts = mine }, &layer);
     if (res != MOE_EP_OK) { fail(env, "moe_ep_nccl_layer_create: %s", moe_ep_result_string(res)); goto done; }
     xh = to_dtype(c->x[me], n, c->bf16);
     yh = malloc(n * es + 4);
@@ -529,10 +530,182 @@ done:
     cudaFree(x); cudaFree(y); cudaFree(y2);
 }
 
+/* >>direct path: the same bits as the NCCL path */
+/* Two layers on the same weights, one direct (ON from 2 ranks) and one through NCCL
+   (OFF); several forwards with fresh tokens (and hand-in routing), then the stages with
+   the layer's buffers and with the caller's; every output equal to the NCCL layer's,
+   bitwise, and the first within tolerance of the CPU layer. Then misuse: a second
+   dispatch before the first plan's combine fails on every rank, and the layer works on. */
+static void test_direct(rank_env* env) {
+    layer_case* c = (layer_case*)env->shared;
+    int me = env->rank, R = env->world, T = c->tokens[me % 4], e, l, L, it, which;
+    size_t es = c->bf16 ? 2 : 4, n = (size_t)T * (size_t)c->d;
+    moe_ep_nccl_layer* layers[2] = { NULL, NULL };
+    moe_ep_nccl_expert_weights* mine = NULL;
+    void** host_weights = NULL;
+    void *x = NULL, *y[2] = { NULL, NULL }, *yh[2] = { NULL, NULL }, *xh = NULL;
+    float *xf = NULL, *yf = NULL, *ref = NULL, *w = NULL;
+    int32_t* idx = NULL;
+    int owner[64];
+    unsigned long long s = c->seed * 131 + (unsigned long long)me;
+    moe_ep_result res = MOE_EP_OK;
+    moe_ep_placement placement;
+    placement.kind = c->placement;
+    placement.table = NULL;
+    moe_ep_placement_compute(&placement, c->E, R, owner);
+    for (e = 0, L = 0; e < c->E; ++e) L += owner[e] == me;
+    mine = (moe_ep_nccl_expert_weights*)calloc((size_t)(L + 1), sizeof *mine);
+    host_weights = (void**)calloc((size_t)(3 * L + 1), sizeof(void*));
+    for (e = 0, l = 0; e < c->E; ++e) {
+        size_t cnt = (size_t)c->d * (size_t)c->ff;
+        if (owner[e] != me) continue;
+        host_weights[3 * l] = to_dtype(c->w1[e], cnt, c->bf16);
+        host_weights[3 * l + 1] = to_dtype(c->w3[e], cnt, c->bf16);
+        host_weights[3 * l + 2] = to_dtype(c->w2[e], cnt, c->bf16);
+        mine[l].w1 = host_weights[3 * l];
+        mine[l].w3 = host_weights[3 * l + 1];
+        mine[l].w2 = host_weights[3 * l + 2];
+        ++l;
+    }
+    for (which = 0; which < 2; ++which) {
+        res = moe_ep_nccl_layer_create(&(moe_ep_nccl_layer_desc){
+            .base = { .d_model = c->d, .d_ff = c->ff, .num_experts = c->E, .top_k = c->k,
+                      .capacity_factor = c->capacity, .placement = { .kind = c->placement },
+                      .transport = &env->transport },
+            .dtype = c->bf16 ? MOE_EP_NCCL_DTYPE_BF16 : MOE_EP_NCCL_DTYPE_F32, .max_tokens = c->max_tokens,
+            .direct = which == 0 ? (R > 1 ? MOE_EP_NCCL_DIRECT_ON : MOE_EP_NCCL_DIRECT_DEFAULT) : MOE_EP_NCCL_DIRECT_OFF,
+            .experts = mine }, &layers[which]);
+        if (res != MOE_EP_OK) { fail(env, "moe_ep_nccl_layer_create (%s): %s", which ? "NCCL" : "direct",
+                                     moe_ep_result_string(res)); goto done; }
+    }
+    if (moe_ep_nccl_layer_direct(layers[0]) != (R > 1) || moe_ep_nccl_layer_direct(layers[1]) != 0)
+        fail(env, "moe_ep_nccl_layer_direct: %d and %d", moe_ep_nccl_layer_direct(layers[0]),
+             moe_ep_nccl_layer_direct(layers[1]));
+    xf = (float*)malloc(sizeof(float) * (n + 1));
+    yf = (float*)malloc(sizeof(float) * (n + 1));
+    ref = (float*)malloc(sizeof(float) * (n + 1));
+    idx = (int32_t*)malloc(sizeof(int32_t) * (size_t)(T * c->k + 1));
+    w = (float*)malloc(sizeof(float) * (size_t)(T * c->k + 1));
+    for (which = 0; which < 2; ++which) {
+        yh[which] = malloc(n * es + 4);
+        CHECK_CUDA(env, cudaMalloc(&y[which], n * es + 16));
+    }
+    CHECK_CUDA(env, cudaMalloc(&x, n * es + 16));
+    /* 0-2: forwards; 3: stages with the layer's buffers; 4: stages with the caller's */
+    for (it = 0; it < 5; ++it) {
+        fill(xf, n, 1.0f, c->bf16, &s);
+        free(xh);
+        xh = to_dtype(xf, n, c->bf16);
+        CHECK_CUDA(env, cudaMemcpy(x, xh, n * es, cudaMemcpyHostToDevice));
+        {
+            layer_case rc = *c;
+            rc.seed = c->seed + 1000 * (unsigned long long)it;
+            make_routing(&rc, me, T, idx, w);
+        }
+        for (which = 0; which < 2; ++which) {
+            moe_ep_nccl_layer* layer = layers[which];
+            CHECK_CUDA(env, cudaMemset(y[which], 0xFF, n * es + 16));
+            if (it < 3 || which == 1) {
+                res = moe_ep_nccl_forward(layer, &(moe_ep_nccl_forward_args){ .tokens = T, .x = x, .y = y[which],
+                                                                                .routing_in = true, .topk_idx = idx,
+                                                                                .topk_weight = w });
+            } else {
+                moe_ep_nccl_plan* plan = NULL;
+                void *rows = NULL, *out = NULL, *own_rows = NULL, *own_out = NULL;
+                int64_t cap = 0;
+                moe_ep_nccl_layer_rows(layer, &rows, &out, &cap);
+                res = moe_ep_nccl_plan_create(layer, T, idx, w, &plan);
+                if (res == MOE_EP_OK) {
+                    moe_ep_plan_info info = moe_ep_nccl_plan_query(plan);
+                    if (!rows || !out || cap < info.recv_rows) fail(env, "moe_ep_nccl_layer_rows: %lld rows", (long long)cap);
+                    if (it == 4) {
+                        CHECK_CUDA(env, cudaMalloc(&own_rows, (size_t)info.recv_rows * (size_t)c->d * es + 16));
+                        CHECK_CUDA(env, cudaMalloc(&own_out, (size_t)info.recv_rows * (size_t)c->d * es + 16));
+                        rows = own_rows;
+                        out = own_out;
+                    }
+                    res = moe_ep_nccl_dispatch_begin(layer, plan, x, rows);
+                    if (res == MOE_EP_OK) res = moe_ep_nccl_dispatch_end(layer, plan);
+                    if (res == MOE_EP_OK) res = moe_ep_nccl_experts(layer, plan, rows, out);
+                    if (res == MOE_EP_OK) res = moe_ep_nccl_combine_begin(layer, plan, out);
+                    if (res == MOE_EP_OK) res = moe_ep_nccl_combine_end(layer, plan, y[which]);
+                    CHECK_CUDA(env, cudaStreamSynchronize(env->stream));
+                    moe_ep_nccl_plan_destroy(plan);
+                    cudaFree(own_rows);
+                    cudaFree(own_out);
+                }
+            }
+            if (res != MOE_EP_OK) { fail(env, "run %d (%s): %s", it, which ? "NCCL" : "direct",
+                                         moe_ep_nccl_last_error(layer)); goto done; }
+            CHECK_CUDA(env, cudaStreamSynchronize(env->stream));
+            CHECK_CUDA(env, cudaMemcpy(yh[which], y[which], n * es, cudaMemcpyDeviceToHost));
+        }
+        if (memcmp(yh[0], yh[1], n * es) != 0) {
+            size_t i, first = n, count = 0;
+            float a, b;
+            for (i = 0; i < n; ++i)
+                if (memcmp((char*)yh[0] + i * es, (char*)yh[1] + i * es, es) != 0) { if (first == n) first = i; ++count; }
+            from_dtype((char*)yh[0] + first * es, 1, c->bf16, &a);
+            from_dtype((char*)yh[1] + first * es, 1, c->bf16, &b);
+            fail(env, "run %d: the direct path differs from the NCCL path in %zu of %zu elements, first at token %zu "
+                 "column %zu: %g against %g", it, count, n, first / (size_t)c->d, first % (size_t)c->d, a, b);
+        }
+        if (it == 0) {
+            double err;
+            from_dtype(yh[0], n, c->bf16, yf);
+            res = cpu_reference(c, T, xf, idx, w, ref, NULL);
+            err = res == MOE_EP_OK ? rel_error(yf, ref, n) : INFINITY;
+            if (!(err <= (c->bf16 ? 1e-2 : 1e-5))) fail(env, "relative error against the CPU layer %.3g", err);
+            else if (me == 0) snprintf(env->message, sizeof env->message, "bitwise equal, rel.err %.2e", err);
+        }
+    }
+    if (R > 1) {
+        /* misuse: dispatch a second plan while the first is not combined */
+        moe_ep_nccl_plan *p1 = NULL, *p2 = NULL;
+        void *rows = NULL, *out = NULL;
+        moe_ep_nccl_layer_rows(layers[0], &rows, &out, NULL);
+        res = moe_ep_nccl_plan_create(layers[0], T, idx, w, &p1);
+        if (res == MOE_EP_OK) res = moe_ep_nccl_plan_create(layers[0], T, idx, w, &p2);
+        if (res == MOE_EP_OK) res = moe_ep_nccl_dispatch(layers[0], p1, x, rows);
+        if (res != MOE_EP_OK) fail(env, "misuse setup: %s", moe_ep_nccl_last_error(layers[0]));
+        else if ((res = moe_ep_nccl_dispatch(layers[0], p2, x, rows)) != MOE_EP_ERROR_INVALID_ARGUMENT)
+            fail(env, "second dispatch before the combine: %s", moe_ep_result_string(res));
+        moe_ep_nccl_plan_destroy(p2);
+        moe_ep_nccl_plan_destroy(p1);   /* never combined: its destroy frees the peers' next dispatch */
+        CHECK_CUDA(env, cudaMemset(y[0], 0xFF, n * es + 16));
+        res = moe_ep_nccl_forward(layers[0], &(moe_ep_nccl_forward_args){ .tokens = T, .x = x, .y = y[0],
+                                                                           .routing_in = true, .topk_idx = idx,
+                                                                           .topk_weight = w });
+        if (res != MOE_EP_OK) fail(env, "forward after the misuse: %s", moe_ep_nccl_last_error(layers[0]));
+        CHECK_CUDA(env, cudaStreamSynchronize(env->stream));
+        CHECK_CUDA(env, cudaMemcpy(yh[0], y[0], n * es, cudaMemcpyDeviceToHost));
+        if (memcmp(yh[0], yh[1], n * es) != 0) fail(env, "after the misuse: the direct path differs from the NCCL path");
+    }
+done:
+    for (which = 0; which < 2; ++which) {
+        if (layers[which]) moe_ep_nccl_layer_destroy(layers[which]);
+        cudaFree(y[which]);
+        free(yh[which]);
+    }
+    for (l = 0; l < 3 * L; ++l) free(host_weights[l]);
+    free(host_weights); free(mine); free(xh); free(xf); free(yf); free(ref); free(idx); free(w);
+    cudaFree(x);
+}
+
+static void run_direct_case(world* w, layer_case c) {
+    char name[160];
+    c.fn = test_direct;
+    model_make(&c, w->size);
+    snprintf(name, sizeof name, "direct = NCCL path %s %s E=%d k=%d d=%d", c.name, c.bf16 ? "bf16" : "fp32", c.E, c.k, c.d);
+    run_case(w, name, &c);
+    model_free(&c, w->size);
+}
+
 /* >>agreement tests */
 typedef struct agree_case {
     rank_fn fn;
-    int mode;       /* 0 failing expert_fn on the last rank, 1 bad desc on rank 0, 2 too many tokens on the last rank */
+    int mode;       /* 0 failing expert_fn on the last rank, 1 bad desc on rank 0, 2 too many tokens on the last
+                       rank (direct path from 2 ranks), 3 as 0 on the direct path */
 } agree_case;
 
 typedef struct scale_state { cublasHandle_t blas; int fail_once; } scale_state;
@@ -585,7 +758,8 @@ static void test_agreement(rank_env* env) {
     res = moe_ep_nccl_layer_create(&(moe_ep_nccl_layer_desc){
         .base = { .d_model = d, .num_experts = E, .top_k = k, .transport = &env->transport },
         .dtype = c->mode == 1 && me == 0 ? (moe_ep_nccl_dtype)99 : MOE_EP_NCCL_DTYPE_F32,
-        .max_tokens = c->mode == 2 ? T : 0, .expert_fn = scale_expert, .expert_user_data = &st }, &layer);
+        .max_tokens = c->mode >= 2 ? T : 0, .direct = c->mode == 3 && R > 1 ? MOE_EP_NCCL_DIRECT_ON : MOE_EP_NCCL_DIRECT_DEFAULT,
+        .expert_fn = scale_expert, .expert_user_data = &st }, &layer);
     if (c->mode == 1) {
         if (res == MOE_EP_OK) fail(env, "a bad desc on rank 0 was accepted here");
         else if (R > 1 && me != 0 && res != MOE_EP_ERROR_RANK_MISMATCH)
@@ -596,12 +770,12 @@ static void test_agreement(rank_env* env) {
             .expert_fn = scale_expert, .expert_user_data = &st }, &layer);
     }
     if (res != MOE_EP_OK) { fail(env, "moe_ep_nccl_layer_create: %s", moe_ep_result_string(res)); goto done; }
-    if (c->mode == 0) st.fail_once = me == R - 1;
+    if (c->mode == 0 || c->mode == 3) st.fail_once = me == R - 1;
     res = moe_ep_nccl_forward(layer, &(moe_ep_nccl_forward_args){
         .tokens = c->mode == 2 && me == R - 1 ? T + 1 : T, .x = x, .y = y, .routing_in = true,
         .topk_idx = idx, .topk_weight = w });
-    if (c->mode == 0 || c->mode == 2) {
-        moe_ep_result want_here = c->mode == 0 ? MOE_EP_ERROR_CALLBACK : MOE_EP_ERROR_INVALID_ARGUMENT;
+    if (c->mode != 1) {
+        moe_ep_result want_here = c->mode == 2 ? MOE_EP_ERROR_INVALID_ARGUMENT : MOE_EP_ERROR_CALLBACK;
         moe_ep_result want = me == R - 1 ? want_here : MOE_EP_ERROR_ABORTED;
         if (res != want) fail(env, "failing forward: expected %s, got %s (%s)", moe_ep_result_string(want),
                               moe_ep_result_string(res), moe_ep_nccl_last_error(layer));
@@ -732,11 +906,28 @@ static void run_world(world* w) {
         for (i = 0; i < (int)(sizeof cases / sizeof cases[0]); ++i) run_layer_case(w, cases[i]);
     }
     {
-        agree_case cases[] = { { test_agreement, 0 }, { test_agreement, 1 }, { test_agreement, 2 } };
+        layer_case cases[] = {
+            { .name = "", .E = 8, .k = 2, .d = 64, .ff = 48, .max_tokens = 300, .tokens = { 300, 257, 1, 64 }, .seed = 31 },
+            { .name = "", .bf16 = 1, .E = 16, .k = 4, .d = 128, .ff = 64, .max_tokens = 300, .tokens = { 129, 300, 3, 77 },
+              .seed = 32 },
+            { .name = "0 tokens on two ranks", .bf16 = 1, .E = 8, .k = 2, .d = 32, .ff = 40, .max_tokens = 100,
+              .tokens = { 100, 0, 40, 0 }, .seed = 33 },
+            { .name = "empty experts", .E = 16, .k = 2, .d = 40, .ff = 24, .never_chosen = 1, .max_tokens = 120,
+              .tokens = { 37, 101, 7, 13 }, .seed = 34 },
+            { .name = "odd d, k=E", .bf16 = 1, .E = 3, .k = 3, .d = 33, .ff = 20, .max_tokens = 64,
+              .tokens = { 55, 31, 9, 2 }, .seed = 35 },
+            { .name = "capacity 1.0 (drops) round-robin", .E = 8, .k = 2, .d = 36, .ff = 32, .capacity = 1.0f,
+              .placement = MOE_EP_PLACEMENT_ROUND_ROBIN, .max_tokens = 150, .tokens = { 150, 90, 11, 4 }, .seed = 36 },
+        };
+        for (i = 0; i < (int)(sizeof cases / sizeof cases[0]); ++i) run_direct_case(w, cases[i]);
+    }
+    {
+        agree_case cases[] = { { test_agreement, 0 }, { test_agreement, 1 }, { test_agreement, 2 }, { test_agreement, 3 } };
         const char* names[] = { "expert_fn fails on the last rank: all fail, then recover",
                                 "bad desc on rank 0: all fail create, then create",
-                                "too many tokens on the last rank: all fail, then recover" };
-        for (i = 0; i < 3; ++i) run_case(w, names[i], &cases[i]);
+                                "too many tokens on the last rank: all fail, then recover",
+                                "direct path: expert_fn fails on the last rank: all fail, then recover" };
+        for (i = 0; i < 4; ++i) run_case(w, names[i], &cases[i]);
     }
 }
 
