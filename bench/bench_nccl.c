@@ -40,13 +40,13 @@ static const config g_configs[CONFIGS] = {
 /* In this order: the ops from OP_ROUTE on run without a plan alive, so that the layer's
    reserved buffers are free for the plans they make, as in a plain sequence of layers. */
 enum { OP_RAW_FWD, OP_RAW_BACK, OP_DIRECT, OP_DISPATCH, OP_COMBINE, OP_DISPATCH_SEG, OP_COMBINE_SEG, OP_EXPERTS,
-       OP_EXPERTS_ONE_STREAM, OP_EXPERTS_LANES, OP_ROUTE, OP_PLAN, OP_CORE_PLAN, OP_FORWARD, OP_FORWARD_NCCL,
+       OP_EXPERTS_ONE_STREAM, OP_EXPERTS_LANES, OP_EXPERTS_OWN, OP_ROUTE, OP_PLAN, OP_CORE_PLAN, OP_FORWARD, OP_FORWARD_NCCL, OP_SPLIT, OP_SPLIT_NCCL,
        OP_DIRECT_DISPATCH, /* not run: the dispatch part of OP_DIRECT */
        OP_COUNT };
 static const char* g_op_names[OP_COUNT] = { "raw", "raw back", "direct dispatch + combine", "dispatch", "combine",
                                             "dispatch seg", "combine seg", "experts", "experts loop",
-                                            "experts loop 4 streams", "route", "plan", "core plan", "forward",
-                                            "forward, NCCL path",
+                                            "experts loop 4 streams", "experts on the layer's buffers", "route", "plan", "core plan", "forward",
+                                            "forward, NCCL path", "forward by stages", "forward by stages, NCCL path",
                                             "direct dispatch" };
 
 typedef struct shared {
@@ -59,6 +59,7 @@ typedef struct shared {
     double ms[CONFIGS][OP_COUNT][MAX_GPUS];     /* median per rank */
     double bytes[CONFIGS][MAX_GPUS];            /* bytes this rank sends in a dispatch, self included */
     int direct[CONFIGS];                        /* the default layer took the direct path */
+    double split[CONFIGS][2][5][MAX_GPUS];      /* OP_SPLIT(_NCCL): median of each stage inside the sequence */
     int failed;
     char error[640];
 } shared;
@@ -97,7 +98,7 @@ static int cmp_double(const void* a, const void* b) {
 /* The state one timed operation needs. */
 typedef struct run {
     shared* sh;
-    int rank, world;
+    int rank, world, ci;
     cudaStream_t stream;
     ncclComm_t comm;
     moe_ep_nccl_layer* layer;       /* the default: direct when the GPUs can map each other's memory */
@@ -105,6 +106,7 @@ typedef struct run {
     moe_ep_nccl_plan* plan_staged;
     void *layer_recv, *layer_out;   /* the layer's own expert-side rows */
     cudaEvent_t mid;                /* OP_DIRECT: between its dispatch and its combine */
+    cudaEvent_t ev[6];              /* OP_SPLIT: between the stages */
     int direct;
     moe_ep_nccl_layer* segmented;   /* same shapes and weights, SEGMENTED layout, GEMM loop on one stream */
     moe_ep_nccl_layer* lanes;       /* GEMM loop on 4 streams */
@@ -158,6 +160,9 @@ static moe_ep_result do_op(run* r, int op) {
         break;
     }
     case OP_EXPERTS: res = moe_ep_nccl_experts(r->layer, r->plan, r->recv, r->out); break;
+    case OP_EXPERTS_OWN:    /* as OP_EXPERTS, on the rows the forward uses (on the direct path: its region) */
+        res = moe_ep_nccl_experts(r->layer, r->plan, r->layer_recv, r->layer_out);
+        break;
     case OP_EXPERTS_ONE_STREAM: res = moe_ep_nccl_experts(r->segmented, r->plan_seg, r->recv, r->out); break;
     case OP_EXPERTS_LANES: res = moe_ep_nccl_experts(r->lanes, r->plan_lanes, r->recv, r->out); break;
     case OP_CORE_PLAN: {    /* the core's plan alone: count exchange and host layout, no upload */
@@ -169,6 +174,24 @@ static moe_ep_result do_op(run* r, int op) {
     case OP_FORWARD:
         res = moe_ep_nccl_forward(r->layer, &(moe_ep_nccl_forward_args){ .tokens = r->tokens, .x = r->x, .y = r->y });
         break;
+    case OP_SPLIT: case OP_SPLIT_NCCL: {   /* what moe_ep_nccl_forward does, an event after each stage */
+        moe_ep_nccl_layer* L = op == OP_SPLIT ? r->layer : r->staged;
+        moe_ep_nccl_plan* p = NULL;
+        void *rows = NULL, *out = NULL;
+        moe_ep_nccl_layer_rows(L, &rows, &out, NULL);
+        res = moe_ep_nccl_route(L, r->x, r->tokens, r->idx, r->weight);
+        cudaEventRecord(r->ev[1], r->stream);
+        if (res == MOE_EP_OK) res = moe_ep_nccl_plan_create(L, r->tokens, r->idx, r->weight, &p);
+        cudaEventRecord(r->ev[2], r->stream);
+        if (res == MOE_EP_OK) res = moe_ep_nccl_dispatch(L, p, r->x, rows);
+        cudaEventRecord(r->ev[3], r->stream);
+        if (res == MOE_EP_OK) res = moe_ep_nccl_experts(L, p, rows, out);
+        cudaEventRecord(r->ev[4], r->stream);
+        if (res == MOE_EP_OK) res = moe_ep_nccl_combine(L, p, out, r->y);
+        cudaEventRecord(r->ev[5], r->stream);
+        moe_ep_nccl_plan_destroy(p);
+        break;
+    }
     case OP_FORWARD_NCCL:
         res = moe_ep_nccl_forward(r->staged, &(moe_ep_nccl_forward_args){ .tokens = r->tokens, .x = r->x, .y = r->y });
         break;
@@ -180,7 +203,7 @@ static moe_ep_result do_op(run* r, int op) {
    OP_DIRECT also leaves the median of its dispatch part in *first. */
 static double time_op(run* r, int op, double* first) {
     cudaEvent_t start, stop;
-    double samples[MAX_ITERS], parts[MAX_ITERS];
+    double samples[MAX_ITERS], parts[MAX_ITERS], stages[5][MAX_ITERS];
     int i, n = 0, total = r->sh->warmup + r->sh->iters;
     cudaEventCreate(&start);
     cudaEventCreate(&stop);
@@ -201,8 +224,23 @@ static double time_op(run* r, int op, double* first) {
         if (i >= r->sh->warmup) {
             float part = 0.0f;
             if (op == OP_DIRECT) cudaEventElapsedTime(&part, start, r->mid);
+            if (op == OP_SPLIT || op == OP_SPLIT_NCCL) {
+                int st;
+                for (st = 0; st < 5; ++st) {
+                    float x = 0.0f;
+                    cudaEventElapsedTime(&x, st == 0 ? start : r->ev[st], r->ev[st + 1]);
+                    stages[st][n] = x;
+                }
+            }
             parts[n] = part;
             samples[n++] = ms;
+        }
+    }
+    if (n > 0 && (op == OP_SPLIT || op == OP_SPLIT_NCCL)) {
+        int st;
+        for (st = 0; st < 5; ++st) {
+            qsort(stages[st], (size_t)n, sizeof(double), cmp_double);
+            r->sh->split[r->ci][op == OP_SPLIT_NCCL][st][r->rank] = stages[st][n / 2];
         }
     }
     cudaEventDestroy(start);
@@ -228,6 +266,7 @@ static void* rank_main(void* arg) {
     cudaSetDevice(me);
     cudaStreamCreateWithFlags(&r.stream, cudaStreamNonBlocking);
     cudaEventCreate(&r.mid);
+    for (op = 0; op < 6; ++op) cudaEventCreate(&r.ev[op]);
     if (moe_ep_nccl_transport_create(&(moe_ep_nccl_desc){ .comm = r.comm, .stream = r.stream, .timeout_ms = 300000 }, &t)
         != MOE_EP_OK) {
         bench_fail(sh, me, "transport", "");
@@ -242,6 +281,7 @@ static void* rank_main(void* arg) {
         unsigned long long seed = 1234 + (unsigned long long)me * 7919 + (unsigned long long)ci * 104729;
         moe_ep_result res;
         r.ok = 1;
+        r.ci = ci;
         r.tokens = c->tokens;
         r.row_bytes = dd * 2;
         rows_max = T * (size_t)(c->k < L ? c->k : L) * (size_t)R;
@@ -333,6 +373,7 @@ static void* rank_main(void* arg) {
     }
     moe_ep_nccl_transport_destroy(&t);
     cudaEventDestroy(r.mid);
+    for (op = 0; op < 6; ++op) cudaEventDestroy(r.ev[op]);
     cudaStreamDestroy(r.stream);
     return NULL;
 }
@@ -429,19 +470,36 @@ int main(int argc, char** argv) {
     printf("(bandwidth = bytes sent per rank, self included, over the time; raw_us is the mean of forward and back;\n"
            " direct: dispatch and combine timed as one pair, split by an event, max over ranks of each median)\n\n");
     printf("full layer (GPU router, plan, dispatch, experts, combine), ms per layer\n");
-    printf("%-24s %5s %6s %4s %2s %9s | %6s %6s %9s %8s %8s %8s | %8s %8s | %8s\n", "config", "d", "ff", "E", "k",
-           "ms/layer", "route", "plan", "core-plan", "dispatch", "experts", "combine", "loop-1s", "loop-4s", "NCCL-path");
+    printf("%-24s %5s %6s %4s %2s %9s | %6s %6s %9s %8s %8s %8s | %8s %8s %8s | %9s\n", "config", "d", "ff", "E", "k",
+           "ms/layer", "route", "plan", "core-plan", "dispatch", "experts", "combine", "loop-1s", "loop-4s", "own-rows",
+           "NCCL-path");
     for (ci = 0; ci < CONFIGS; ++ci) {
         const config* c = &g_configs[ci];
-        printf("%-24s %5d %6d %4d %2d %9.3f | %6.3f %6.3f %9.3f %8.3f %8.3f %8.3f | %8.3f %8.3f | %8.3f\n", c->name, c->d, c->ff,
+        printf("%-24s %5d %6d %4d %2d %9.3f | %6.3f %6.3f %9.3f %8.3f %8.3f %8.3f | %8.3f %8.3f %8.3f | %9.3f\n", c->name,
+               c->d, c->ff,
                c->E, c->k, worst(&sh, ci, OP_FORWARD), worst(&sh, ci, OP_ROUTE), worst(&sh, ci, OP_PLAN),
                worst(&sh, ci, OP_CORE_PLAN), worst(&sh, ci, OP_DIRECT_DISPATCH), worst(&sh, ci, OP_EXPERTS),
                worst(&sh, ci, OP_DIRECT) - worst(&sh, ci, OP_DIRECT_DISPATCH), worst(&sh, ci, OP_EXPERTS_ONE_STREAM),
-               worst(&sh, ci, OP_EXPERTS_LANES), worst(&sh, ci, OP_FORWARD_NCCL));
+               worst(&sh, ci, OP_EXPERTS_LANES), worst(&sh, ci, OP_EXPERTS_OWN), worst(&sh, ci, OP_FORWARD_NCCL));
     }
     printf("(stages timed one by one; experts: grouped GEMMs; loop-1s / loop-4s: one cublasGemmEx per expert on one /\n"
            " four streams; core-plan: the core's moe_ep_plan_create alone: count exchange and host layout;\n"
+           " own-rows: the experts on the layer's own buffers, the direct path's region;\n"
            " NCCL-path: the whole layer with direct = OFF)\n");
+    printf("\ninside one layer call (the forward's stages in sequence, median of each, max over ranks), ms\n");
+    printf("%-24s %-7s %7s %7s %9s %8s %8s\n", "config", "path", "route", "plan", "dispatch", "experts", "combine");
+    for (ci = 0; ci < CONFIGS; ++ci) {
+        int path, st;
+        for (path = 0; path < 2; ++path) {
+            printf("%-24s %-7s", g_configs[ci].name, path ? "NCCL" : sh.direct[ci] ? "direct" : "default");
+            for (st = 0; st < 5; ++st) {
+                double m = 0.0;
+                for (i = 0; i < gpus; ++i) if (sh.split[ci][path][st][i] > m) m = sh.split[ci][path][st][i];
+                printf(" %*.3f", st == 2 ? 9 : st >= 3 ? 8 : 7, m);
+            }
+            printf("\n");
+        }
+    }
     printf("\n");
     for (ci = 0; ci < CONFIGS; ++ci) {
         double raw = worst(&sh, ci, OP_RAW_FWD) + worst(&sh, ci, OP_RAW_BACK);

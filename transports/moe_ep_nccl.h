@@ -1246,7 +1246,9 @@ MOE_EP_PRIVATE moe_ep_result moe_ep__nccl_direct_local(moe_ep_nccl_layer* L, moe
     int64_t rows = L->desc.max_tokens * (L->k < L->S ? L->k : L->S) * L->world_size;
     size_t flags = moe_ep__nccl_round256((size_t)4 * L->world_size * 8 + 64);
     size_t table = moe_ep__nccl_round256((size_t)L->world_size * (size_t)L->S * 8);
-    size_t rows_bytes = moe_ep__nccl_round256((size_t)rows * L->row_bytes);
+    /* the rows start on 2 MiB boundaries, as a cudaMalloc of their own would */
+    size_t head = ((flags + table) + ((size_t)2 << 20) - 1) & ~(((size_t)2 << 20) - 1);
+    size_t rows_bytes = ((size_t)rows * L->row_bytes + ((size_t)2 << 20) - 1) & ~(((size_t)2 << 20) - 1);
     int32_t* at;
     int e;
     moe_ep_result res;
@@ -1263,13 +1265,13 @@ MOE_EP_PRIVATE moe_ep_result moe_ep__nccl_direct_local(moe_ep_nccl_layer* L, moe
         at[L->E + e] = L->local_index_of[e];
     }
     L->region_rows = rows;
-    L->region_bytes = flags + table + 2 * rows_bytes;
+    L->region_bytes = head + 2 * rows_bytes;
     memset(&L->g, 0, sizeof L->g);
     L->g.rank = L->rank;
     L->g.world = L->world_size;
     L->g.table_off = flags;
-    L->g.recv_off = flags + table;
-    L->g.out_off = flags + table + rows_bytes;
+    L->g.recv_off = head;
+    L->g.out_off = head + rows_bytes;
     L->g.timeout_ns = L->net->timeout_ms > 0 ? (uint64_t)L->net->timeout_ms * 1000000u : 0;
     res = moe_ep__nccl_cuda(L, cudaMalloc((void**)&L->region, L->region_bytes), "direct path: region");
     if (res == MOE_EP_OK) res = moe_ep__nccl_cuda(L, cudaMemset(L->region, 0, flags), "direct path: region");
