@@ -342,7 +342,7 @@ __device__ bool block_wait(const moe_ep__nccl_k_direct& g, int phase, uint64_t e
 }
 
 /* One block per token; threads over d in groups of V elements; the k sources and weights
-   of the token sit in shared memory. With a wait (g.peers != NULL) each block first
+   of the token sit in shared memory. With g.peers set and epoch > 0, each block first
    waits for OUT(epoch). */
 template <typename T, int V, typename Rows>
 __global__ void unpermute_kernel(Rows rows, const float* __restrict__ weight, T* __restrict__ y, int64_t tokens,
@@ -705,6 +705,10 @@ extern "C" int moe_ep__nccl_k_direct_combine(moe_ep__nccl_k_direct g, const int6
     cudaStream_t s = (cudaStream_t)stream;
     /* every region's out_off and row size are 16-aligned when d is a multiple of 8 (bf16) or 4 (fp32) */
     bool wide = aligned((const void*)(uintptr_t)g.out_off, 16) && aligned(y, 16);
+    /* one thread waits, in a kernel of its own: blocks that each waited would keep every
+       SM of an early rank spinning until the slowest rank's experts are done */
+    direct_wait_kernel<<<1, 32, 0, s>>>(g, MOE_EP__NCCL_PHASE_OUT, epoch);
+    epoch = 0;
     if (tokens < 0) tokens = 0;
     if (dtype == MOE_EP__NCCL_K_BF16) {
         region_rows<__nv_bfloat16> rows = { g.peers, g.out_off, (size_t)d_model * 2, dest };
