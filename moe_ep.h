@@ -1849,21 +1849,26 @@ MOE_EP_PRIVATE moe_ep_result moe_ep__check_routing(moe_ep_context* ctx, int64_t 
                                                    const float* weight) {
     int k = ctx->desc.top_k, E = ctx->desc.num_experts, j, i;
     int64_t t;
-    for (t = 0; t < tokens; ++t)
+    for (t = 0; t < tokens; ++t) {
+        uint64_t seen = 0;      /* E <= 64: the token's experts so far, one bit each */
         for (j = 0; j < k; ++j) {
             int32_t e = idx[t * k + j];
             float w = weight[t * k + j];
             if (e < 0 || e >= E)
                 return moe_ep__fail(ctx, MOE_EP_ERROR_INVALID_ARGUMENT,
                                     "topk_idx[%lld][%d] (%d) must be an expert in [0, %d)", (long long)t, j, (int)e, E);
-            for (i = 0; i < j; ++i)
-                if (idx[t * k + i] == e)
-                    return moe_ep__fail(ctx, MOE_EP_ERROR_INVALID_ARGUMENT,
-                                        "topk_idx[%lld] names expert %d twice (slots %d and %d)", (long long)t, (int)e, i, j);
+            if (E > 64 || (seen >> e & 1u))
+                for (i = 0; i < j; ++i)
+                    if (idx[t * k + i] == e)
+                        return moe_ep__fail(ctx, MOE_EP_ERROR_INVALID_ARGUMENT,
+                                            "topk_idx[%lld] names expert %d twice (slots %d and %d)", (long long)t,
+                                            (int)e, i, j);
+            if (E <= 64) seen |= (uint64_t)1 << e;
             if (!(w == w) || w > 3.4e38f || w < -3.4e38f)
                 return moe_ep__fail(ctx, MOE_EP_ERROR_INVALID_ARGUMENT,
                                     "topk_weight[%lld][%d] must be finite", (long long)t, j);
         }
+    }
     return MOE_EP_OK;
 }
 
@@ -1953,20 +1958,21 @@ MOE_EP_PRIVATE moe_ep_result moe_ep__plan_alloc(moe_ep_context* ctx, int64_t tok
 MOE_EP_PRIVATE moe_ep_result moe_ep__plan_local(moe_ep_context* ctx, moe_ep_plan* plan, const int32_t* idx,
                                                 const float* weight) {
     const moe_ep_allocator* a = &ctx->desc.allocator;
-    int k = plan->top_k, S = plan->segments, R = ctx->world_size, E = ctx->desc.num_experts, e, p, s;
-    int64_t slots = plan->tokens * k, i, row = 0;
+    int k = plan->top_k, S = plan->segments, R = ctx->world_size, E = ctx->desc.num_experts, e, p, s, j;
+    int64_t slots = plan->tokens * k, i, t, row = 0;
     int64_t* cursor;
     plan->capacity = -1;
     if (ctx->desc.capacity_factor > 0.0f)
         plan->capacity = (int64_t)ceil((double)ctx->desc.capacity_factor * (double)plan->tokens * k / (double)E);
-    for (i = 0; i < slots; ++i) {
-        e = idx[i];
-        plan->expert_counts[e]++;
-        if (plan->capacity < 0 || plan->expert_kept[e] < plan->capacity) {
-            plan->expert_kept[e]++;
-            plan->slot_row[i] = 0;
-        } else {
-            plan->slot_row[i] = -1;
+    if (plan->capacity < 0) {
+        for (i = 0; i < slots; ++i) plan->expert_counts[idx[i]]++;
+        memcpy(plan->expert_kept, plan->expert_counts, sizeof(int64_t) * (size_t)E);
+    } else {
+        for (i = 0; i < slots; ++i) {
+            e = idx[i];
+            plan->expert_counts[e]++;
+            if (plan->expert_kept[e] < plan->capacity) plan->expert_kept[e]++;
+            else plan->slot_row[i] = -1;    /* dropped; kept slots are 0 (calloc) until placed below */
         }
     }
     if (slots > 0) memcpy(plan->topk_weight, weight, sizeof(float) * (size_t)slots);
@@ -1982,20 +1988,21 @@ MOE_EP_PRIVATE moe_ep_result moe_ep__plan_local(moe_ep_context* ctx, moe_ep_plan
     /* not zeroed: every row is written before it is read, and a device path never touches it */
     plan->send_buffer = row * ctx->desc.d_model <= (int64_t)(SIZE_MAX / sizeof(float) / 2)
                         ? (float*)moe_ep__malloc(a, sizeof(float) * (size_t)(row * ctx->desc.d_model)) : NULL;
-    cursor = (int64_t*)moe_ep__calloc(a, (int64_t)R * S, sizeof(int64_t));
+    /* cursor[e]: the next send row of expert e (its segment's rows are its own) */
+    cursor = (int64_t*)moe_ep__calloc(a, E, sizeof(int64_t));
     if (!plan->permutation || !plan->send_buffer || !cursor) {
         moe_ep__free(a, cursor);
         return moe_ep__fail(ctx, MOE_EP_ERROR_OUT_OF_MEMORY, "moe_ep_plan_create: out of memory for %lld send rows",
                             (long long)row);
     }
-    memcpy(cursor, plan->seg_send_offsets, sizeof(int64_t) * (size_t)R * (size_t)S);
-    for (i = 0; i < slots; ++i) {
-        if (plan->slot_row[i] < 0) continue;
-        e = idx[i];
-        row = cursor[ctx->owner_of[e] * S + ctx->local_index_of[e]]++;
-        plan->slot_row[i] = row;
-        plan->permutation[row] = i / k;
-    }
+    for (e = 0; e < E; ++e) cursor[e] = plan->seg_send_offsets[ctx->owner_of[e] * S + ctx->local_index_of[e]];
+    for (t = 0, i = 0; t < plan->tokens; ++t)
+        for (j = 0; j < k; ++j, ++i) {
+            if (plan->slot_row[i] < 0) continue;
+            row = cursor[idx[i]]++;
+            plan->slot_row[i] = row;
+            plan->permutation[row] = t;
+        }
     moe_ep__free(a, cursor);
     return MOE_EP_OK;
 }
