@@ -116,11 +116,49 @@
      Or expert_fn, called per local expert with device rows on the layer's stream.
    - Combine: the reverse exchange, then one kernel sums a token's k slots in k-slot
      order in fp32 with the routing weights (dropped slots add nothing).
+   - Direct path (next section): with max_tokens and GPUs that can map each other's
+     memory, dispatch and combine skip NCCL, the permute and the regroups.
    Results match the core's CPU path to rounding (fp32: about 1e-6 relative; bf16:
    about 4e-3, from rounding the hidden activations and outputs to bf16). They repeat
    bitwise from run to run with the same world size, but are not bitwise identical to
    the CPU path, nor across world sizes (cuBLAS may reduce differently for another
    number of rows).
+
+   DIRECT NVLINK PATH
+   ==================
+   On one host whose GPUs reach each other's memory (NVLink or PCIe peer access), the
+   layer moves rows with stores and loads straight into the peers' memory, as DeepEP's
+   intranode kernels do, instead of NCCL messages. desc.direct: DEFAULT (auto) takes it
+   when max_tokens > 0 and every rank can map every other rank's memory, OFF never, ON
+   or layer_create fails; moe_ep_nccl_layer_direct() says which path a layer took.
+   - At create (collective): each rank allocates one region, max_tokens worth of
+     received rows and of expert outputs (moe_ep_nccl_layer_rows), offers it with
+     ncclAllGather, and maps the others': the pointer itself with peer access when the
+     peer is a thread of this process, cudaIpcOpenMemHandle when it is another process
+     of this host. All ranks agree on the verdict; with auto a rank that cannot map a
+     peer turns the path off everywhere.
+   - Plan: the core's plan as before, then each rank publishes its receive offsets in
+     its region and reads its peers', so that it knows the place of each of its rows
+     in the owner's region.
+   - Dispatch: one kernel reads each token row once and stores it at each k-slot's place
+     in the owner's region (its own rows included); dispatch_end waits until every rank
+     has stored its rows. Combine: each rank reads its tokens' expert outputs from the
+     owners' regions and sums them in k-slot order, in fp32, as the NCCL path does: the
+     outputs are bitwise those of the NCCL path (tests/gpu/test_nccl.c checks it).
+   - Ordering: per-rank flags in the regions, written with release stores at system
+     scope after the data and read with acquire loads. A wait that runs past the
+     transport's timeout_ms gives MOE_EP_ERROR_TIMEOUT at the next call and aborts the
+     communicator (timeout 0: it waits for ever, as NCCL does); transport.abort does
+     not interrupt a kernel that waits.
+   - The layer has one set of these buffers: a plan dispatched on this path must be
+     combined (or destroyed) before the next dispatch (else INVALID_ARGUMENT, on every
+     rank of a program that does the same everywhere). Stage calls with your own
+     recv_rows / expert_out work, at the cost of a copy each; pass the layer's
+     (moe_ep_nccl_layer_rows) to save it. moe_ep_nccl_forward uses them.
+   - moe_ep_nccl_layer_destroy is then collective (no rank may still read a region that
+     goes away): call it on every rank.
+   On 4 x H200 (bench/RESULTS.md) dispatch + combine ran at 1.10-1.24 x the bandwidth of
+   a raw NCCL all-to-all of the same bytes; the NCCL path at 0.78-0.85 x.
 
    FAILURE
    =======
@@ -139,7 +177,9 @@
    freed, for the next plan); device memory is cudaMalloc'ed, pinned host memory
    cudaMallocHost'ed. With layer desc max_tokens > 0, every buffer is sized at
    create for that many tokens per rank and a forward allocates nothing; otherwise the
-   buffers grow (by half again) when a call needs more, and stay.
+   buffers grow (by half again) when a call needs more, and stay. The direct path adds
+   its region: 2 x max_tokens x min(top_k, most experts per rank) x world x d_model
+   elements (the forward's expert-side rows live there), plus a few KiB.
 */
 #ifndef MOE_EP_NCCL_H_INCLUDED
 #define MOE_EP_NCCL_H_INCLUDED
@@ -256,6 +296,8 @@ typedef struct moe_ep_nccl_forward_args {
 
 /* Collective: yes. out untouched on failure (the cause goes to the logger). */
 MOE_EP_API moe_ep_result moe_ep_nccl_layer_create(const moe_ep_nccl_layer_desc* desc, moe_ep_nccl_layer** out);
+/* Collective: only on the direct path (it waits until no peer can still touch this
+   rank's memory). */
 MOE_EP_API void moe_ep_nccl_layer_destroy(moe_ep_nccl_layer* layer);
 /* The core context (placement queries, moe_ep_query_desc). */
 MOE_EP_API moe_ep_context* moe_ep_nccl_layer_context(moe_ep_nccl_layer* layer);
