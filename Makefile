@@ -211,6 +211,13 @@ test-gpu: $(BUILD)/test_nccl $(BUILD)/test_nccl_layout $(BUILD)/test_nccl_layout
 	  $(MPIRUN_NCCL) -np $(NGPU) ./$(BUILD)/nccl_mpi_demo --bf16 --direct; \
 	else echo "test-gpu: no $(MPICC_NCCL)/$(MPIRUN_NCCL), MPI demo skipped"; fi
 
+# The seed scenario at full size over MPI, one process per GPU (64 experts, top-2, bf16, 4096 tokens
+# per rank, d_model 2048, d_ff 1408): checked against the CPU layer, traffic matrix, time per layer.
+.PHONY: seed-gpu
+seed-gpu: export NCCL_NVLS_ENABLE = 0
+seed-gpu: $(BUILD)/nccl_mpi_demo
+	$(MPIRUN_NCCL) -np $(NGPU) ./$(BUILD)/nccl_mpi_demo --seed
+
 # The anchors (ANCHOR_DIR: shared/anchors/gpu) and ours on the same GPUs; the PyTorch layer before and after ours.
 bench-gpu: $(BUILD)/bench_nccl
 	@mkdir -p bench/out

@@ -1,7 +1,8 @@
 /* nccl_mpi_demo -- one process per GPU: the NCCL id is shared over MPI, the layer runs on
    the GPUs, and rank 0 checks the result against the core's CPU layer.
 
-       mpirun -np 2 ./nccl_mpi_demo [--tokens N] [--bf16] [--direct]
+       mpirun -np 2 ./nccl_mpi_demo [--tokens N] [--bf16] [--direct] [--iters N]
+       mpirun -np 8 ./nccl_mpi_demo --seed [--iters N]
 
    Every rank picks the GPU of its local rank (MPI_Comm_split_type), rank 0 makes the NCCL
    unique id and broadcasts it, every rank joins the communicator, wraps it in the moe_ep
@@ -11,7 +12,13 @@
    one rank. Exit status 0 when the relative error is within the dtype's tolerance
    (fp32 1e-5, bf16 1e-2). --direct sizes the layer for T tokens (max_tokens) and asks for
    the direct path (stores into the peers' memory through CUDA IPC): the layer fails to
-   build where the GPUs cannot map each other's memory. */
+   build where the GPUs cannot map each other's memory.
+
+   --seed is the seed scenario at full size: 64 experts, top-2, bf16, 4096 tokens per rank,
+   d_model 2048, d_ff 1408, max_tokens set (so the direct path where the GPUs allow it,
+   else NCCL). It also prints the traffic matrix (rows each rank sends to each rank) and,
+   with --iters N (default 20 with --seed, else 0), the time per layer call: the median
+   over N calls of the slowest rank's time, each call started together on all ranks. */
 #define MOE_EP_IMPLEMENTATION
 #include "../transports/moe_ep_nccl.h"
 
@@ -21,7 +28,12 @@
 #include <string.h>
 #include <math.h>
 
-enum { D_MODEL = 256, D_FF = 384, EXPERTS = 16, TOP_K = 2 };
+static int D_MODEL = 256, D_FF = 384, EXPERTS = 16, TOP_K = 2;
+
+static int cmp_double(const void* a, const void* b) {
+    double x = *(const double*)a, y = *(const double*)b;
+    return x < y ? -1 : x > y;
+}
 
 static float value(unsigned long long seed, size_t i, float scale, int bf16) {
     unsigned long long z = seed + (i + 1) * 0x9E3779B97F4A7C15ull;
@@ -68,22 +80,23 @@ static float to_float(const void* p, size_t i, int bf16) {
 }
 
 int main(int argc, char** argv) {
-    int rank, world, local_rank, devices = 0, i, bf16 = 0, direct = 0, T = 500, e, l, mine_count = 0;
+    int rank, world, local_rank, devices = 0, i, bf16 = 0, direct = 0, seed = 0, iters = -1, T = 500, e, l,
+        mine_count = 0;
     MPI_Comm node;
     ncclUniqueId id;
     ncclComm_t comm;
     cudaStream_t stream;
     moe_ep_transport transport;
     moe_ep_nccl_layer* layer = NULL;
-    moe_ep_nccl_expert_weights mine[EXPERTS];
-    void* host_weights[3 * EXPERTS];
-    size_t es, n, wsize = (size_t)D_MODEL * D_FF;
+    moe_ep_nccl_expert_weights* mine;
+    void** host_weights;
+    size_t es, n, wsize;
     void *router, *xh, *yh, *x = NULL, *y = NULL;
     int32_t* idx;
     float* weight;
     moe_ep_result res;
     int ok = 1;
-    double t0, t1;
+    double t0, t1, first_ms;
 
     MPI_Init(&argc, &argv);
     MPI_Comm_rank(MPI_COMM_WORLD, &rank);
@@ -92,7 +105,21 @@ int main(int argc, char** argv) {
         if (strcmp(argv[i], "--tokens") == 0 && i + 1 < argc) T = atoi(argv[++i]);
         else if (strcmp(argv[i], "--bf16") == 0) bf16 = 1;
         else if (strcmp(argv[i], "--direct") == 0) direct = 1;
+        else if (strcmp(argv[i], "--seed") == 0) seed = 1;
+        else if (strcmp(argv[i], "--iters") == 0 && i + 1 < argc) iters = atoi(argv[++i]);
     }
+    if (seed) {
+        D_MODEL = 2048;
+        D_FF = 1408;
+        EXPERTS = 64;
+        TOP_K = 2;
+        T = 4096;
+        bf16 = 1;
+    }
+    if (iters < 0) iters = seed ? 20 : 0;
+    wsize = (size_t)D_MODEL * D_FF;
+    mine = (moe_ep_nccl_expert_weights*)calloc((size_t)EXPERTS, sizeof *mine);
+    host_weights = (void**)calloc(3 * (size_t)EXPERTS, sizeof(void*));
     MPI_Comm_split_type(MPI_COMM_WORLD, MPI_COMM_TYPE_SHARED, rank, MPI_INFO_NULL, &node);
     MPI_Comm_rank(node, &local_rank);
     if (cudaGetDeviceCount(&devices) != cudaSuccess || devices == 0) {
@@ -112,12 +139,12 @@ int main(int argc, char** argv) {
 
     /* this rank's experts under the default (contiguous) placement, from their seeds */
     {
-        int owner[EXPERTS];
+        int* owner = (int*)malloc(sizeof(int) * (size_t)EXPERTS);
         moe_ep_placement_compute(NULL, EXPERTS, world, owner);
         for (e = 0, l = 0; e < EXPERTS; ++e) {
             if (owner[e] != rank) continue;
-            host_weights[3 * l] = make(100 + 3 * (unsigned long long)e, wsize, 1.7f / 16.0f, bf16, NULL);
-            host_weights[3 * l + 1] = make(101 + 3 * (unsigned long long)e, wsize, 1.7f / 16.0f, bf16, NULL);
+            host_weights[3 * l] = make(100 + 3 * (unsigned long long)e, wsize, 1.7f / sqrtf((float)D_MODEL), bf16, NULL);
+            host_weights[3 * l + 1] = make(101 + 3 * (unsigned long long)e, wsize, 1.7f / sqrtf((float)D_MODEL), bf16, NULL);
             host_weights[3 * l + 2] = make(102 + 3 * (unsigned long long)e, wsize, 1.7f / sqrtf((float)D_FF), bf16, NULL);
             mine[l].w1 = host_weights[3 * l];
             mine[l].w3 = host_weights[3 * l + 1];
@@ -125,13 +152,15 @@ int main(int argc, char** argv) {
             ++l;
         }
         mine_count = l;
+        free(owner);
     }
-    router = make(7, (size_t)EXPERTS * D_MODEL, 3.0f / 16.0f, bf16, NULL);
+    router = make(7, (size_t)EXPERTS * D_MODEL, 3.0f / sqrtf((float)D_MODEL), bf16, NULL);
     res = moe_ep_nccl_layer_create(&(moe_ep_nccl_layer_desc){
         .base = { .d_model = D_MODEL, .d_ff = D_FF, .num_experts = EXPERTS, .top_k = TOP_K, .transport = &transport,
                   .logger = { moe_ep_log_stderr, NULL } },
-        .dtype = bf16 ? MOE_EP_NCCL_DTYPE_BF16 : MOE_EP_NCCL_DTYPE_F32, .max_tokens = direct ? T : 0,
-        .direct = direct ? MOE_EP_NCCL_DIRECT_ON : MOE_EP_NCCL_DIRECT_OFF, .router_weight = router, .experts = mine }, &layer);
+        .dtype = bf16 ? MOE_EP_NCCL_DTYPE_BF16 : MOE_EP_NCCL_DTYPE_F32, .max_tokens = direct || seed ? T : 0,
+        .direct = direct ? MOE_EP_NCCL_DIRECT_ON : seed ? MOE_EP_NCCL_DIRECT_DEFAULT : MOE_EP_NCCL_DIRECT_OFF,
+        .router_weight = router, .experts = mine }, &layer);
     if (res != MOE_EP_OK) {
         fprintf(stderr, "rank %d: moe_ep_nccl_layer_create: %s\n", rank, moe_ep_result_string(res));
         MPI_Abort(MPI_COMM_WORLD, 1);
@@ -152,11 +181,64 @@ int main(int argc, char** argv) {
                                                                     .topk_weight = weight });
     cudaStreamSynchronize(stream);
     t1 = MPI_Wtime();
+    first_ms = (t1 - t0) * 1e3;
     if (res != MOE_EP_OK) {
         fprintf(stderr, "rank %d: forward: %s\n", rank, moe_ep_nccl_last_error(layer));
         ok = 0;
     }
     cudaMemcpy(yh, y, n * es, cudaMemcpyDeviceToHost);
+
+    /* the traffic matrix: rows each rank sends to each rank (k-slots to the owners) */
+    {
+        int64_t* row = (int64_t*)calloc((size_t)world, sizeof(int64_t));
+        int64_t* all = rank == 0 ? (int64_t*)malloc(sizeof(int64_t) * (size_t)world * (size_t)world) : NULL;
+        moe_ep_context* ctx = moe_ep_nccl_layer_context(layer);
+        int q;
+        for (i = 0; ok && i < T * TOP_K; ++i) {
+            int o = moe_ep_expert_owner(ctx, idx[i]);
+            if (o >= 0 && o < world) row[o]++;
+        }
+        MPI_Gather(row, world, MPI_INT64_T, all, world, MPI_INT64_T, 0, MPI_COMM_WORLD);
+        if (rank == 0) {
+            printf("nccl_mpi_demo: traffic matrix, rows sent by rank (row) to rank (column), %d B each:\n      ",
+                   D_MODEL * (int)(bf16 ? 2 : 4));
+            for (q = 0; q < world; ++q) printf(" %7d", q);
+            printf("\n");
+            for (i = 0; i < world; ++i) {
+                printf("  %3d ", i);
+                for (q = 0; q < world; ++q) printf(" %7lld", (long long)all[i * world + q]);
+                printf("\n");
+            }
+        }
+        free(row);
+        free(all);
+    }
+
+    /* the time per layer call: each call started together on all ranks, the slowest rank's time */
+    if (iters > 0 && res == MOE_EP_OK) {
+        double* ms = (double*)malloc(sizeof(double) * (size_t)iters);
+        int it;
+        for (it = 0; it < iters && res == MOE_EP_OK; ++it) {
+            double mine_ms, worst_ms;
+            cudaStreamSynchronize(stream);
+            MPI_Barrier(MPI_COMM_WORLD);
+            t0 = MPI_Wtime();
+            res = moe_ep_nccl_forward(layer, &(moe_ep_nccl_forward_args){ .tokens = T, .x = x, .y = y });
+            cudaStreamSynchronize(stream);
+            mine_ms = (MPI_Wtime() - t0) * 1e3;
+            MPI_Allreduce(&mine_ms, &worst_ms, 1, MPI_DOUBLE, MPI_MAX, MPI_COMM_WORLD);
+            ms[it] = worst_ms;
+        }
+        if (res != MOE_EP_OK) {
+            fprintf(stderr, "rank %d: timed forward: %s\n", rank, moe_ep_nccl_last_error(layer));
+            ok = 0;
+        } else if (rank == 0) {
+            qsort(ms, (size_t)iters, sizeof(double), cmp_double);
+            printf("nccl_mpi_demo: time per layer call (host clock, slowest rank, %d calls): median %.3f ms, "
+                   "min %.3f ms\n", iters, ms[iters / 2], ms[0]);
+        }
+        free(ms);
+    }
 
     /* rank 0: the CPU layer on one rank over everyone's tokens and routing */
     {
@@ -175,18 +257,18 @@ int main(int argc, char** argv) {
         MPI_Gather(idx, T * TOP_K, MPI_INT32_T, all_idx, T * TOP_K, MPI_INT32_T, 0, MPI_COMM_WORLD);
         MPI_Gather(weight, T * TOP_K, MPI_FLOAT, all_w, T * TOP_K, MPI_FLOAT, 0, MPI_COMM_WORLD);
         if (rank == 0) {
-            moe_ep_expert_weights experts[EXPERTS];
-            float* full[3 * EXPERTS];
-            float* router_f = (float*)malloc(sizeof(float) * EXPERTS * D_MODEL);
+            moe_ep_expert_weights* experts = (moe_ep_expert_weights*)calloc((size_t)EXPERTS, sizeof *experts);
+            float** full = (float**)calloc(3 * (size_t)EXPERTS, sizeof(float*));
+            float* router_f = (float*)malloc(sizeof(float) * (size_t)EXPERTS * (size_t)D_MODEL);
             moe_ep_context* ctx = NULL;
             double num = 0.0, den = 0.0, err;
             int r;
             for (r = 0; r < world; ++r) free(make(1000 + (unsigned long long)r, n, 1.0f, bf16, all_x + (size_t)r * n));
-            free(make(7, (size_t)EXPERTS * D_MODEL, 3.0f / 16.0f, bf16, router_f));
+            free(make(7, (size_t)EXPERTS * D_MODEL, 3.0f / sqrtf((float)D_MODEL), bf16, router_f));
             for (e = 0; e < EXPERTS; ++e) {
                 for (i = 0; i < 3; ++i) full[3 * e + i] = (float*)malloc(sizeof(float) * wsize);
-                free(make(100 + 3 * (unsigned long long)e, wsize, 1.7f / 16.0f, bf16, full[3 * e]));
-                free(make(101 + 3 * (unsigned long long)e, wsize, 1.7f / 16.0f, bf16, full[3 * e + 1]));
+                free(make(100 + 3 * (unsigned long long)e, wsize, 1.7f / sqrtf((float)D_MODEL), bf16, full[3 * e]));
+                free(make(101 + 3 * (unsigned long long)e, wsize, 1.7f / sqrtf((float)D_MODEL), bf16, full[3 * e + 1]));
                 free(make(102 + 3 * (unsigned long long)e, wsize, 1.7f / sqrtf((float)D_FF), bf16, full[3 * e + 2]));
                 experts[e].w1 = full[3 * e];
                 experts[e].w3 = full[3 * e + 1];
@@ -197,19 +279,24 @@ int main(int argc, char** argv) {
             if (res == MOE_EP_OK)
                 res = moe_ep_forward(ctx, &(moe_ep_forward_args){ .tokens = (int64_t)T * world, .x = all_x, .y = ref,
                                                                   .routing_in = true, .topk_idx = all_idx, .topk_weight = all_w });
-            for (i = 0; i < (int)n * world; ++i) {
-                double diff = (double)all_y[i] - (double)ref[i];
-                num += diff * diff;
-                den += (double)ref[i] * (double)ref[i];
+            {
+                size_t j;
+                for (j = 0; j < n * (size_t)world; ++j) {
+                    double diff = (double)all_y[j] - (double)ref[j];
+                    num += diff * diff;
+                    den += (double)ref[j] * (double)ref[j];
+                }
             }
             err = all_y[0] == all_y[0] ? sqrt(num / den) : INFINITY;
             ok = ok && res == MOE_EP_OK && err <= (bf16 ? 1e-2 : 1e-5);
             printf("nccl_mpi_demo: %d ranks, %d tokens each, %s, %s path, E=%d top-%d d=%d ff=%d: first layer call "
                    "%.2f ms, relative error vs the CPU layer %.2e: %s\n", world, T, bf16 ? "bf16" : "fp32",
-                   moe_ep_nccl_layer_direct(layer) ? "direct" : "NCCL", EXPERTS, TOP_K, D_MODEL, D_FF, (t1 - t0) * 1e3,
+                   moe_ep_nccl_layer_direct(layer) ? "direct" : "NCCL", EXPERTS, TOP_K, D_MODEL, D_FF, first_ms,
                    err, ok ? "ok" : "FAILED");
             moe_ep_destroy(ctx);
             for (i = 0; i < 3 * EXPERTS; ++i) free(full[i]);
+            free(full);
+            free(experts);
             free(router_f);
         }
         free(yf); free(all_y); free(ref); free(all_x); free(all_idx); free(all_w);
@@ -221,6 +308,8 @@ int main(int argc, char** argv) {
     ncclCommDestroy(comm);
     cudaStreamDestroy(stream);
     for (i = 0; i < 3 * mine_count; ++i) free(host_weights[i]);
+    free(host_weights);
+    free(mine);
     cudaFree(x);
     cudaFree(y);
     free(xh); free(yh); free(idx); free(weight); free(router);
