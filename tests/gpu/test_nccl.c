@@ -394,9 +394,35 @@ done:
     free(cpu_w);
 }
 
+/* This rank's experts under c's placement, host copies in the layer's dtype; *store gets
+   the 3 * *count copies (w1, w3, w2 of each), for the caller to free. */
+static moe_ep_nccl_expert_weights* rank_weights(const layer_case* c, int me, int R, void*** store, int* count) {
+    int owner[64], e, i, l = 0, L = 0;
+    int swiglu = c->activation == MOE_EP_ACTIVATION_SWIGLU || c->activation == MOE_EP_ACTIVATION_DEFAULT;
+    size_t cnt = (size_t)c->d * (size_t)c->ff;
+    moe_ep_nccl_expert_weights* mine;
+    moe_ep_placement placement;
+    placement.kind = c->placement;
+    placement.table = NULL;
+    moe_ep_placement_compute(&placement, c->E, R, owner);
+    for (e = 0; e < c->E; ++e) L += owner[e] == me;
+    mine = (moe_ep_nccl_expert_weights*)calloc((size_t)(L + 1), sizeof *mine);
+    *store = (void**)calloc((size_t)(3 * L + 1), sizeof(void*));
+    for (e = 0; e < c->E; ++e) {
+        if (owner[e] != me) continue;
+        for (i = 0; i < 3; ++i) (*store)[3 * l + i] = to_dtype(i == 0 ? c->w1[e] : i == 1 ? c->w3[e] : c->w2[e], cnt, c->bf16);
+        mine[l].w1 = (*store)[3 * l];
+        mine[l].w3 = swiglu ? (*store)[3 * l + 1] : NULL;
+        mine[l].w2 = (*store)[3 * l + 2];
+        ++l;
+    }
+    *count = L;
+    return mine;
+}
+
 static void test_layer(rank_env* env) {
     layer_case* c = (layer_case*)env->shared;
-    int me = env->rank, R = env->world, T = c->tokens[me % 4], e, l, L;
+    int me = env->rank, R = env->world, T = c->tokens[me % 4], l, L;
     size_t es = c->bf16 ? 2 : 4, n = (size_t)T * (size_t)c->d;
     moe_ep_nccl_layer* layer = NULL;
     moe_ep_nccl_expert_weights* mine = NULL;
@@ -405,39 +431,22 @@ static void test_layer(rank_env* env) {
     float *yf = NULL, *ref = NULL, *w = NULL;
     int32_t* idx = NULL;
     moe_ep_context* ref_ctx = NULL;
-    int owner[64];
     moe_ep_result res;
     double err;
-    moe_ep_placement placement;
-    placement.kind = c->placement;
-    placement.table = NULL;
-    moe_ep_placement_compute(&placement, c->E, R, owner);
-    for (e = 0, L = 0; e < c->E; ++e) L += owner[e] == me;
-    mine = (moe_ep_nccl_expert_weights*)calloc((size_t)(L + 1), sizeof *mine);
-    dev_weights = (void**)calloc((size_t)(3 * L + 1), sizeof(void*));
-    for (e = 0, l = 0; e < c->E; ++e) {
+    mine = rank_weights(c, me, R, &dev_weights, &L);
+    for (l = 0; c->weights_on_device && l < L; ++l) {
         size_t cnt = (size_t)c->d * (size_t)c->ff;
-        void* h1, *h3, *h2;
-        if (owner[e] != me) continue;
-        h1 = to_dtype(c->w1[e], cnt, c->bf16);
-        h3 = to_dtype(c->w3[e], cnt, c->bf16);
-        h2 = to_dtype(c->w2[e], cnt, c->bf16);
-        dev_weights[3 * l] = h1; dev_weights[3 * l + 1] = h3; dev_weights[3 * l + 2] = h2;
-        if (c->weights_on_device) {
-            int i;
-            for (i = 0; i < 3; ++i) {
-                void* d = NULL;
-                CHECK_CUDA(env, cudaMalloc(&d, cnt * es));
-                CHECK_CUDA(env, cudaMemcpy(d, dev_weights[3 * l + i], cnt * es, cudaMemcpyHostToDevice));
-                free(dev_weights[3 * l + i]);
-                dev_weights[3 * l + i] = d;
-            }
+        int i;
+        for (i = 0; i < 3; ++i) {
+            void* d = NULL;
+            CHECK_CUDA(env, cudaMalloc(&d, cnt * es));
+            CHECK_CUDA(env, cudaMemcpy(d, dev_weights[3 * l + i], cnt * es, cudaMemcpyHostToDevice));
+            free(dev_weights[3 * l + i]);
+            dev_weights[3 * l + i] = d;
         }
         mine[l].w1 = dev_weights[3 * l];
-        mine[l].w3 = c->activation == MOE_EP_ACTIVATION_SWIGLU || c->activation == MOE_EP_ACTIVATION_DEFAULT
-                     ? dev_weights[3 * l + 1] : NULL;
+        mine[l].w3 = mine[l].w3 ? dev_weights[3 * l + 1] : NULL;
         mine[l].w2 = dev_weights[3 * l + 2];
-        ++l;
     }
     router = to_dtype(c->router, (size_t)c->E * (size_t)c->d, c->bf16);
     res = moe_ep_nccl_layer_create(&(moe_ep_nccl_layer_desc){
@@ -538,7 +547,7 @@ done:
    dispatch before the first plan's combine fails on every rank, and the layer works on. */
 static void test_direct(rank_env* env) {
     layer_case* c = (layer_case*)env->shared;
-    int me = env->rank, R = env->world, T = c->tokens[me % 4], e, l, L, it, which;
+    int me = env->rank, R = env->world, T = c->tokens[me % 4], l, L, it, which;
     size_t es = c->bf16 ? 2 : 4, n = (size_t)T * (size_t)c->d;
     moe_ep_nccl_layer* layers[2] = { NULL, NULL };
     moe_ep_nccl_expert_weights* mine = NULL;
@@ -546,27 +555,9 @@ static void test_direct(rank_env* env) {
     void *x = NULL, *y[2] = { NULL, NULL }, *yh[2] = { NULL, NULL }, *xh = NULL;
     float *xf = NULL, *yf = NULL, *ref = NULL, *w = NULL;
     int32_t* idx = NULL;
-    int owner[64];
     unsigned long long s = c->seed * 131 + (unsigned long long)me;
     moe_ep_result res = MOE_EP_OK;
-    moe_ep_placement placement;
-    placement.kind = c->placement;
-    placement.table = NULL;
-    moe_ep_placement_compute(&placement, c->E, R, owner);
-    for (e = 0, L = 0; e < c->E; ++e) L += owner[e] == me;
-    mine = (moe_ep_nccl_expert_weights*)calloc((size_t)(L + 1), sizeof *mine);
-    host_weights = (void**)calloc((size_t)(3 * L + 1), sizeof(void*));
-    for (e = 0, l = 0; e < c->E; ++e) {
-        size_t cnt = (size_t)c->d * (size_t)c->ff;
-        if (owner[e] != me) continue;
-        host_weights[3 * l] = to_dtype(c->w1[e], cnt, c->bf16);
-        host_weights[3 * l + 1] = to_dtype(c->w3[e], cnt, c->bf16);
-        host_weights[3 * l + 2] = to_dtype(c->w2[e], cnt, c->bf16);
-        mine[l].w1 = host_weights[3 * l];
-        mine[l].w3 = host_weights[3 * l + 1];
-        mine[l].w2 = host_weights[3 * l + 2];
-        ++l;
-    }
+    mine = rank_weights(c, me, R, &host_weights, &L);
     for (which = 0; which < 2; ++which) {
         res = moe_ep_nccl_layer_create(&(moe_ep_nccl_layer_desc){
             .base = { .d_model = c->d, .d_ff = c->ff, .num_experts = c->E, .top_k = c->k,
