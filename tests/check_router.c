@@ -3,6 +3,7 @@
 #include "check_moe_ep.h"
 
 #include <math.h>
+#include <stdio.h>
 #include <stdlib.h>
 #include <string.h>
 
@@ -255,6 +256,44 @@ START_TEST(routing_in_validated) {
 }
 END_TEST
 
+/* Duplicate experts in a token, on both sides of E = 64 (the plan checks up to 64 experts
+   with a bit mask, more with a scan): the repeat is found wherever it sits in the token,
+   and distinct experts pass. */
+START_TEST(routing_in_duplicates_any_e) {
+    static const int num_experts[] = { 63, 64, 65, 200 };
+    int E = num_experts[_i / 3], where = _i % 3, t, j;
+    enum { T = 5, K = 4 };
+    moe_ep_context* ctx = NULL;
+    moe_ep_plan* plan = NULL;
+    int32_t idx[T * K];
+    float weight[T * K];
+    char needle[64];
+    moe_ep_result res = moe_ep_create(&(moe_ep_desc){ .d_model = 4, .num_experts = E, .top_k = K,
+                                                      .expert_fn = router_identity_fn }, &ctx);
+    ck_assert_msg(res == MOE_EP_OK, "create: %s", moe_ep_result_string(res));
+    for (t = 0; t < T; ++t)
+        for (j = 0; j < K; ++j) {
+            idx[t * K + j] = (E - 1 - 7 * t - j + 10 * E) % E;   /* distinct in a token, the top expert included */
+            weight[t * K + j] = 0.25f;
+        }
+    res = moe_ep_plan_create(ctx, T, idx, weight, &plan);
+    ck_assert_msg(res == MOE_EP_OK, "E=%d distinct experts: %s (%s)", E, moe_ep_result_string(res), moe_ep_last_error(ctx));
+    moe_ep_plan_destroy(plan);
+    plan = NULL;
+    /* token 3 repeats one of its experts: slot 0 in slot 1, slot 0 in slot 3, or slot 2 in slot 3 */
+    if (where == 0) idx[3 * K + 1] = idx[3 * K + 0];
+    else if (where == 1) idx[3 * K + 3] = idx[3 * K + 0];
+    else idx[3 * K + 3] = idx[3 * K + 2];
+    snprintf(needle, sizeof needle, "topk_idx[3] names expert %d twice", (int)idx[3 * K + (where == 0 ? 1 : 3)]);
+    res = moe_ep_plan_create(ctx, T, idx, weight, &plan);
+    ck_assert_msg(res == MOE_EP_ERROR_INVALID_ARGUMENT, "E=%d case %d: %s", E, where, moe_ep_result_string(res));
+    ck_assert_msg(plan == NULL, "E=%d case %d: plan written on failure", E, where);
+    ck_assert_msg(strstr(moe_ep_last_error(ctx), needle) != NULL, "E=%d case %d: \"%s\" lacks \"%s\"", E, where,
+                  moe_ep_last_error(ctx), needle);
+    moe_ep_destroy(ctx);
+}
+END_TEST
+
 Suite* router_suite(void) {
     Suite* s = suite_create("router");
     TCase* tc = tcase_create("hand");
@@ -265,6 +304,7 @@ Suite* router_suite(void) {
     tcase_add_test(tc, router_forward_writes_routing);
     tcase_add_test(tc, router_needs_weights);
     tcase_add_loop_test(tc_in, routing_in_validated, 0, (int)(sizeof bad_routings / sizeof bad_routings[0]));
+    tcase_add_loop_test(tc_in, routing_in_duplicates_any_e, 0, 12);
     suite_add_tcase(s, tc);
     suite_add_tcase(s, tc_in);
     return s;
