@@ -885,7 +885,7 @@ MOE_EP_PRIVATE moe_ep_result moe_ep__nccl_verdict(moe_ep__nccl* n, moe_ep_result
         if (words[R + p] != MOE_EP_OK) {
             agreed = MOE_EP_ERROR_ABORTED;
             if (res == MOE_EP_OK)
-                moe_ep__nccl_text(err, size, "%s failed on rank %d (%s)", what, p,
+                moe_ep__nccl_text(err, size, "%s: rank %d failed (%s)", what, p,
                                   moe_ep_result_string((moe_ep_result)words[R + p]));
         }
     moe_ep__nccl_free(&n->allocator, words);
@@ -1180,24 +1180,9 @@ MOE_EP_PRIVATE moe_ep_result moe_ep__nccl_net_fail(moe_ep_nccl_layer* L, moe_ep_
 /* Every rank learns whether every rank is fine; the verdict is the same everywhere. */
 MOE_EP_PRIVATE moe_ep_result moe_ep__nccl_agree(moe_ep_nccl_layer* L, moe_ep_result local, const char* stage) {
     char err[MOE_EP__NCCL_ERR] = "";
-    int p, R = L->world_size;
-    moe_ep_result res;
-    int64_t* words = (int64_t*)moe_ep__nccl_alloc(&L->desc.base.allocator, sizeof(int64_t) * 2 * (size_t)R);
-    if (!words) return moe_ep__nccl_fail(L, MOE_EP_ERROR_OUT_OF_MEMORY, "%s: out of memory", stage);
-    for (p = 0; p < R; ++p) words[p] = (int64_t)local;
-    res = moe_ep__nccl_exchange(L->net, words, words + R, 1, err, sizeof err);
-    if (res != MOE_EP_OK) {
-        if (local == MOE_EP_OK) local = moe_ep__nccl_net_fail(L, res, stage, err);
-    } else if (local == MOE_EP_OK) {
-        for (p = 0; p < R; ++p)
-            if (words[R + p] != MOE_EP_OK) {
-                local = moe_ep__nccl_fail(L, MOE_EP_ERROR_ABORTED, "%s: rank %d failed (%s)", stage, p,
-                                          moe_ep_result_string((moe_ep_result)words[R + p]));
-                break;
-            }
-    }
-    moe_ep__nccl_free(&L->desc.base.allocator, words);
-    return local;
+    moe_ep_result res = moe_ep__nccl_verdict(L->net, local, stage, err, sizeof err);
+    if (res != local) moe_ep__nccl_fail(L, res, "%s", err);     /* another rank failed, or the exchange did */
+    return res;
 }
 
 static const int moe_ep__nccl_kdtype[] = { 0, MOE_EP__NCCL_K_F32, MOE_EP__NCCL_K_BF16 };

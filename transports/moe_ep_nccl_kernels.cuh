@@ -118,7 +118,6 @@ int moe_ep__nccl_k_direct_combine(moe_ep__nccl_k_direct g, const int64_t* dest, 
 
 #include <cuda_runtime.h>
 #include <cuda_bf16.h>
-#include <string.h>
 
 namespace moe_ep_nccl_kernels {
 
@@ -342,15 +341,13 @@ __device__ bool block_wait(const moe_ep__nccl_k_direct& g, int phase, uint64_t e
 }
 
 /* One block per token; threads over d in groups of V elements; the k sources and weights
-   of the token sit in shared memory. With g.peers set and epoch > 0, each block first
-   waits for OUT(epoch). */
+   of the token sit in shared memory. */
 template <typename T, int V, typename Rows>
 __global__ void unpermute_kernel(Rows rows, const float* __restrict__ weight, T* __restrict__ y, int64_t tokens,
-                                 int top_k, int d, moe_ep__nccl_k_direct g, uint64_t epoch) {
+                                 int top_k, int d) {
     extern __shared__ unsigned char smem[];
     const T** src = (const T**)smem;
     float* w = (float*)(smem + sizeof(T*) * (size_t)top_k);
-    if (g.peers && !block_wait(g, MOE_EP__NCCL_PHASE_OUT, epoch)) return;
     for (int64_t t = blockIdx.x; t < tokens; t += gridDim.x) {
         __syncthreads();
         for (int j = threadIdx.x; j < top_k; j += blockDim.x) {
@@ -380,17 +377,17 @@ __global__ void unpermute_kernel(Rows rows, const float* __restrict__ weight, T*
 
 template <typename T, int V, typename Rows>
 static cudaError_t launch_unpermute(Rows rows, const float* weight, void* y, int64_t tokens, int k, int d,
-                                    moe_ep__nccl_k_direct g, uint64_t epoch, cudaStream_t s) {
+                                    cudaStream_t s) {
     int threads = d / V >= 256 ? 256 : d / V >= 128 ? 128 : 64;
     size_t shared = (sizeof(T*) + sizeof(float)) * (size_t)k;
     unsigned blocks = (unsigned)(tokens < 65535 * 16 ? tokens : 65535 * 16);
-    if (blocks == 0) blocks = 1;            /* a direct combine still waits, with nothing to sum */
+    if (tokens <= 0) return cudaSuccess;
     if (shared > 48 * 1024) {
         cudaError_t e = cudaFuncSetAttribute(unpermute_kernel<T, V, Rows>, cudaFuncAttributeMaxDynamicSharedMemorySize,
                                              (int)shared);
         if (e != cudaSuccess) return e;
     }
-    unpermute_kernel<T, V, Rows><<<blocks, threads, shared, s>>>(rows, weight, (T*)y, tokens, k, d, g, epoch);
+    unpermute_kernel<T, V, Rows><<<blocks, threads, shared, s>>>(rows, weight, (T*)y, tokens, k, d);
     return cudaGetLastError();
 }
 
@@ -524,19 +521,17 @@ extern "C" int moe_ep__nccl_k_unpermute(const void* send, const void* local, con
                                         int dtype, void* stream) {
     using namespace moe_ep_nccl_kernels;
     cudaStream_t s = (cudaStream_t)stream;
-    moe_ep__nccl_k_direct none;
-    memset(&none, 0, sizeof none);
     if (tokens <= 0) return 0;
     if (dtype == MOE_EP__NCCL_K_BF16) {
         slot_rows<__nv_bfloat16> rows = { (const __nv_bfloat16*)send, (const __nv_bfloat16*)local, slot_map, d_model };
         if (d_model % 8 == 0 && aligned(send, 16) && aligned(local, 16) && aligned(y, 16))
-            return (int)launch_unpermute<__nv_bfloat16, 8>(rows, weight, y, tokens, top_k, d_model, none, 0, s);
-        return (int)launch_unpermute<__nv_bfloat16, 1>(rows, weight, y, tokens, top_k, d_model, none, 0, s);
+            return (int)launch_unpermute<__nv_bfloat16, 8>(rows, weight, y, tokens, top_k, d_model, s);
+        return (int)launch_unpermute<__nv_bfloat16, 1>(rows, weight, y, tokens, top_k, d_model, s);
     }
     slot_rows<float> rows = { (const float*)send, (const float*)local, slot_map, d_model };
     if (d_model % 4 == 0 && aligned(send, 16) && aligned(local, 16) && aligned(y, 16))
-        return (int)launch_unpermute<float, 4>(rows, weight, y, tokens, top_k, d_model, none, 0, s);
-    return (int)launch_unpermute<float, 1>(rows, weight, y, tokens, top_k, d_model, none, 0, s);
+        return (int)launch_unpermute<float, 4>(rows, weight, y, tokens, top_k, d_model, s);
+    return (int)launch_unpermute<float, 1>(rows, weight, y, tokens, top_k, d_model, s);
 }
 
 extern "C" int moe_ep__nccl_k_topk(const float* logits, int64_t tokens, int num_experts, int top_k, int normalize,
@@ -708,18 +703,17 @@ extern "C" int moe_ep__nccl_k_direct_combine(moe_ep__nccl_k_direct g, const int6
     /* one thread waits, in a kernel of its own: blocks that each waited would keep every
        SM of an early rank spinning until the slowest rank's experts are done */
     direct_wait_kernel<<<1, 32, 0, s>>>(g, MOE_EP__NCCL_PHASE_OUT, epoch);
-    epoch = 0;
-    if (tokens < 0) tokens = 0;
+    if (cudaPeekAtLastError() != cudaSuccess) return (int)cudaGetLastError();
     if (dtype == MOE_EP__NCCL_K_BF16) {
         region_rows<__nv_bfloat16> rows = { g.peers, g.out_off, (size_t)d_model * 2, dest };
         if (d_model % 8 == 0 && wide)
-            return (int)launch_unpermute<__nv_bfloat16, 8>(rows, weight, y, tokens, top_k, d_model, g, epoch, s);
-        return (int)launch_unpermute<__nv_bfloat16, 1>(rows, weight, y, tokens, top_k, d_model, g, epoch, s);
+            return (int)launch_unpermute<__nv_bfloat16, 8>(rows, weight, y, tokens, top_k, d_model, s);
+        return (int)launch_unpermute<__nv_bfloat16, 1>(rows, weight, y, tokens, top_k, d_model, s);
     }
     region_rows<float> rows = { g.peers, g.out_off, (size_t)d_model * 4, dest };
     if (d_model % 4 == 0 && wide)
-        return (int)launch_unpermute<float, 4>(rows, weight, y, tokens, top_k, d_model, g, epoch, s);
-    return (int)launch_unpermute<float, 1>(rows, weight, y, tokens, top_k, d_model, g, epoch, s);
+        return (int)launch_unpermute<float, 4>(rows, weight, y, tokens, top_k, d_model, s);
+    return (int)launch_unpermute<float, 1>(rows, weight, y, tokens, top_k, d_model, s);
 }
 
 #endif /* MOE_EP_NCCL_KERNELS_IMPL_INCLUDED */
