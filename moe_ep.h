@@ -501,6 +501,50 @@ MOE_EP_API moe_ep_transport moe_ep_single_rank_transport(void);
 /* A logger that writes "moe_ep[rank] level: message" lines to stderr. */
 MOE_EP_API void moe_ep_log_stderr(const char* tag, uint32_t level, int rank, const char* message, void* user_data);
 
+/* >>extension: for transport authors and headers built on the core (the GPU layer).
+   The rules they share with the core, written once. */
+
+/* Host memory through an allocator; NULL, or one with no alloc_fn, means malloc/free.
+   moe_ep_alloc(a, 0) returns a valid 1-byte block (NULL only when out of memory). */
+MOE_EP_API void* moe_ep_alloc(const moe_ep_allocator* allocator, size_t size);
+MOE_EP_API void moe_ep_free(const moe_ep_allocator* allocator, void* ptr);
+
+/* FNV-1a over bytes, 64 bits, for fingerprints: chain calls starting from MOE_EP_HASH_SEED. */
+#define MOE_EP_HASH_SEED 14695981039346656037ull
+MOE_EP_API uint64_t moe_ep_hash(uint64_t hash, const void* data, size_t size);
+
+/* One step at which every rank of a transport must reach the same verdict: each rank
+   sends its status and fact_count facts (fingerprints, sizes) to every other in one
+   exchange_counts call, and every rank then returns
+   - its own status, if that is not OK (the caller already holds the cause);
+   - the transport's error, if the exchange failed;
+   - on_peer_failure (default MOE_EP_ERROR_ABORTED) if another rank's status is not OK;
+   - on_mismatch (default MOE_EP_ERROR_RANK_MISMATCH) if a rank's facts differ from this
+     rank's, unless facts_may_differ (a vote: read them in peer_facts);
+   - MOE_EP_OK otherwise.
+   err_text (err_size bytes, may be NULL) gets the cause when the verdict is not this
+   rank's own status, naming the stage, the rank and the fact. peer_status [world_size]
+   and peer_facts [world_size * fact_count] (both optional) receive every rank's words
+   when the exchange succeeded. Collective over `transport`: a rank that fails before
+   this step must still call it, with its failure as status. Up to 64 ranks x 2 words
+   use no heap. */
+typedef struct moe_ep_agree_desc {
+    const char* stage;              /* default "moe_ep_agree": names the step in err_text */
+    moe_ep_result status;           /* this rank's verdict so far */
+    const int64_t* facts;           /* [fact_count] or NULL */
+    int fact_count;                 /* >= 0 */
+    const char* facts_name;         /* default "collective parameters": "rank 2 has other <facts_name>" */
+    bool facts_may_differ;
+    moe_ep_result on_peer_failure;  /* default MOE_EP_ERROR_ABORTED */
+    moe_ep_result on_mismatch;      /* default MOE_EP_ERROR_RANK_MISMATCH */
+    int64_t* peer_status;           /* optional out [world_size] */
+    int64_t* peer_facts;            /* optional out [world_size * fact_count] */
+    moe_ep_allocator allocator;     /* for the exchange's words beyond the stack; default malloc/free */
+} moe_ep_agree_desc;
+
+MOE_EP_API moe_ep_result moe_ep_agree(const moe_ep_transport* transport, const moe_ep_agree_desc* desc,
+                                      char* err_text, size_t err_size);
+
 #ifdef __cplusplus
 }
 #endif
@@ -600,15 +644,15 @@ MOE_EP_API const char* moe_ep_result_string(moe_ep_result result) {
 }
 
 /* >>memory */
-MOE_EP_PRIVATE void* moe_ep__malloc(const moe_ep_allocator* allocator, size_t size) {
+MOE_EP_API void* moe_ep_alloc(const moe_ep_allocator* allocator, size_t size) {
     if (size == 0) size = 1;
-    if (allocator->alloc_fn) return allocator->alloc_fn(size, allocator->user_data);
+    if (allocator && allocator->alloc_fn) return allocator->alloc_fn(size, allocator->user_data);
     return malloc(size);
 }
 
-MOE_EP_PRIVATE void moe_ep__free(const moe_ep_allocator* allocator, void* ptr) {
+MOE_EP_API void moe_ep_free(const moe_ep_allocator* allocator, void* ptr) {
     if (!ptr) return;
-    if (allocator->free_fn) allocator->free_fn(ptr, allocator->user_data);
+    if (allocator && allocator->free_fn) allocator->free_fn(ptr, allocator->user_data);
     else free(ptr);
 }
 
@@ -618,7 +662,7 @@ MOE_EP_PRIVATE void* moe_ep__calloc(const moe_ep_allocator* allocator, int64_t c
     size_t size;
     if (count < 0 || (count > 0 && (uint64_t)count > (uint64_t)(SIZE_MAX / each))) return NULL;
     size = (size_t)count * each;
-    ptr = moe_ep__malloc(allocator, size);
+    ptr = moe_ep_alloc(allocator, size);
     if (ptr) memset(ptr, 0, size == 0 ? 1 : size);
     return ptr;
 }
@@ -668,6 +712,88 @@ MOE_EP_PRIVATE moe_ep_result moe_ep__transport_fail(moe_ep_context* ctx, moe_ep_
     return moe_ep__fail(ctx, result, "%s: transport '%s' failed: %s%s%s", what,
                         ctx->transport.name ? ctx->transport.name : "?", moe_ep_result_string(result),
                         err_text[0] ? ": " : "", err_text);
+}
+
+/* >>agreement: the one protocol behind every "all ranks reach the same verdict" step. */
+MOE_EP_API uint64_t moe_ep_hash(uint64_t hash, const void* data, size_t size) {
+    const unsigned char* p = (const unsigned char*)data;
+    size_t i;
+    for (i = 0; i < size; ++i) { hash ^= p[i]; hash *= 1099511628211ull; }
+    return hash;
+}
+
+MOE_EP_PRIVATE void moe_ep__text(char* err_text, size_t err_size, const char* fmt, ...) {
+    va_list ap;
+    if (!err_text || err_size == 0) return;
+    va_start(ap, fmt);
+    vsnprintf(err_text, err_size, fmt, ap);
+    va_end(ap);
+}
+
+/* The verdict from every rank's words ([status, facts...] per rank), as moe_ep_agree states it. */
+MOE_EP_PRIVATE moe_ep_result moe_ep__verdict(const moe_ep_agree_desc* a, int rank, int world_size,
+                                             const int64_t* words, char* err_text, size_t err_size) {
+    const char* stage = a->stage ? a->stage : "moe_ep_agree";
+    int W = 1 + a->fact_count, p, j;
+    for (p = 0; p < world_size; ++p)
+        if (words[(size_t)p * W] != MOE_EP_OK) {
+            moe_ep__text(err_text, err_size, "%s: rank %d failed (%s)", stage, p,
+                         moe_ep_result_string((moe_ep_result)words[(size_t)p * W]));
+            return a->on_peer_failure ? a->on_peer_failure : MOE_EP_ERROR_ABORTED;
+        }
+    if (a->facts_may_differ) return MOE_EP_OK;
+    for (p = 0; p < world_size; ++p)
+        for (j = 0; j < a->fact_count; ++j)
+            if (words[(size_t)p * W + 1 + j] != a->facts[j]) {
+                moe_ep__text(err_text, err_size, "%s: rank %d has other %s than rank %d (fact %d: %lld there, %lld here)",
+                             stage, p, a->facts_name ? a->facts_name : "collective parameters", rank, j,
+                             (long long)words[(size_t)p * W + 1 + j], (long long)a->facts[j]);
+                return a->on_mismatch ? a->on_mismatch : MOE_EP_ERROR_RANK_MISMATCH;
+            }
+    return MOE_EP_OK;
+}
+
+MOE_EP_API moe_ep_result moe_ep_agree(const moe_ep_transport* t, const moe_ep_agree_desc* a, char* err_text,
+                                      size_t err_size) {
+    int64_t stack_words[256];
+    int64_t* words = stack_words;
+    char text[MOE_EP__ERR_SIZE] = "";
+    moe_ep_result res;
+    int R, W, p, j;
+    if (!t || !a || !t->exchange_counts || t->world_size <= 0 || a->fact_count < 0 || (a->fact_count > 0 && !a->facts)) {
+        moe_ep__text(err_text, err_size, "moe_ep_agree: needs a transport with exchange_counts, and fact_count facts");
+        return a && a->status != MOE_EP_OK ? a->status : MOE_EP_ERROR_INVALID_ARGUMENT;
+    }
+    R = t->world_size;
+    W = 1 + a->fact_count;
+    if ((size_t)2 * R * W > sizeof stack_words / sizeof stack_words[0]) {
+        words = (int64_t*)moe_ep_alloc(&a->allocator, sizeof(int64_t) * 2 * (size_t)R * (size_t)W);
+        /* Without words this rank cannot take part; the transport's timeout or abort frees the others. */
+        if (!words) {
+            moe_ep__text(err_text, err_size, "%s: out of memory", a->stage ? a->stage : "moe_ep_agree");
+            return a->status != MOE_EP_OK ? a->status : MOE_EP_ERROR_OUT_OF_MEMORY;
+        }
+    }
+    for (p = 0; p < R; ++p) {
+        words[(size_t)p * W] = (int64_t)a->status;
+        for (j = 0; j < a->fact_count; ++j) words[(size_t)p * W + 1 + j] = a->facts[j];
+    }
+    res = t->exchange_counts(t->impl, words, words + (size_t)R * W, W, text, sizeof text);
+    if (res != MOE_EP_OK) {
+        if (a->status == MOE_EP_OK)
+            moe_ep__text(err_text, err_size, "%s: transport '%s' failed: %s%s%s", a->stage ? a->stage : "moe_ep_agree",
+                         t->name ? t->name : "?", moe_ep_result_string(res), text[0] ? ": " : "", text);
+    } else {
+        const int64_t* got = words + (size_t)R * W;
+        for (p = 0; p < R; ++p) {
+            if (a->peer_status) a->peer_status[p] = got[(size_t)p * W];
+            for (j = 0; a->peer_facts && j < a->fact_count; ++j)
+                a->peer_facts[(size_t)p * a->fact_count + j] = got[(size_t)p * W + 1 + j];
+        }
+        if (a->status == MOE_EP_OK) res = moe_ep__verdict(a, t->rank, R, got, err_text, err_size);
+    }
+    if (words != stack_words) moe_ep_free(&a->allocator, words);
+    return a->status != MOE_EP_OK ? a->status : res;
 }
 
 /* >>single-rank transport */
@@ -835,24 +961,16 @@ MOE_EP_PRIVATE int moe_ep__validate_desc(const moe_ep_desc* d, const moe_ep_tran
     return v->failures;
 }
 
-/* FNV-1a over the collective parameters; 0 is reserved for "this rank failed". */
-MOE_EP_PRIVATE uint64_t moe_ep__hash(uint64_t h, const void* data, size_t size) {
-    const unsigned char* p = (const unsigned char*)data;
-    size_t i;
-    for (i = 0; i < size; ++i) { h ^= p[i]; h *= 1099511628211ull; }
-    return h;
-}
-
 MOE_EP_PRIVATE int64_t moe_ep__fingerprint(const moe_ep_context* ctx) {
     const moe_ep_desc* d = &ctx->desc;
     int32_t fields[9];
-    uint64_t h = 14695981039346656037ull;
+    uint64_t h = MOE_EP_HASH_SEED;
     fields[0] = d->d_model; fields[1] = ctx->d_ff_full; fields[2] = d->num_experts; fields[3] = d->top_k;
     fields[4] = (int32_t)d->activation; fields[5] = (int32_t)d->scoring; fields[6] = d->normalize_topk;
     fields[7] = ctx->world_size; fields[8] = ctx->tp_size;
-    h = moe_ep__hash(h, fields, sizeof fields);
-    h = moe_ep__hash(h, &d->capacity_factor, sizeof d->capacity_factor);
-    h = moe_ep__hash(h, ctx->owner_of, sizeof(int) * (size_t)d->num_experts);
+    h = moe_ep_hash(h, fields, sizeof fields);
+    h = moe_ep_hash(h, &d->capacity_factor, sizeof d->capacity_factor);
+    h = moe_ep_hash(h, ctx->owner_of, sizeof(int) * (size_t)d->num_experts);
     h &= 0x7FFFFFFFFFFFFFFFull;
     return h == 0 ? 1 : (int64_t)h;
 }
@@ -1319,7 +1437,7 @@ MOE_EP_PRIVATE float* moe_ep__workspace(moe_ep_context* ctx, float** raw, int64_
         float* fresh = (float*)moe_ep__calloc(&ctx->desc.allocator, need + MOE_EP__ALIGN / (int64_t)sizeof(float),
                                               sizeof(float));
         if (!fresh) return NULL;
-        moe_ep__free(&ctx->desc.allocator, *raw);
+        moe_ep_free(&ctx->desc.allocator, *raw);
         *raw = fresh;
         *capacity = need;
     }
@@ -1481,7 +1599,7 @@ MOE_EP_PRIVATE moe_ep_result moe_ep__grow(moe_ep_context* ctx, void** buffer, in
         void* fresh = moe_ep__calloc(&ctx->desc.allocator, need, each);
         if (!fresh) return moe_ep__fail(ctx, MOE_EP_ERROR_OUT_OF_MEMORY, "out of memory for %lld rows of workspace",
                                         (long long)need);
-        moe_ep__free(&ctx->desc.allocator, buffer[i]);
+        moe_ep_free(&ctx->desc.allocator, buffer[i]);
         buffer[i] = fresh;
     }
     *capacity = need;
@@ -1493,25 +1611,25 @@ MOE_EP_PRIVATE void moe_ep__context_free(moe_ep_context* ctx) {
     const moe_ep_allocator a = ctx->desc.allocator;
     int l;
     if (ctx->packed_up)
-        for (l = 0; l < ctx->local_experts; ++l) moe_ep__free(&a, ctx->packed_up[l]);
+        for (l = 0; l < ctx->local_experts; ++l) moe_ep_free(&a, ctx->packed_up[l]);
     if (ctx->packed_down)
-        for (l = 0; l < ctx->local_experts; ++l) moe_ep__free(&a, ctx->packed_down[l]);
-    moe_ep__free(&a, ctx->packed_up);
-    moe_ep__free(&a, ctx->packed_down);
-    moe_ep__free(&a, ctx->owner_of);
-    moe_ep__free(&a, ctx->local_index_of);
-    moe_ep__free(&a, ctx->rank_expert_count);
-    moe_ep__free(&a, ctx->rank_expert_start);
-    moe_ep__free(&a, ctx->rank_expert_list);
-    moe_ep__free(&a, ctx->placement_table);
-    moe_ep__free(&a, ctx->hidden);
-    moe_ep__free(&a, ctx->kernel_scratch);
-    moe_ep__free(&a, ctx->kernel_rows);
-    moe_ep__free(&a, ctx->recv_rows);
-    moe_ep__free(&a, ctx->expert_out);
-    moe_ep__free(&a, ctx->topk_idx);
-    moe_ep__free(&a, ctx->topk_weight);
-    moe_ep__free(&a, ctx);
+        for (l = 0; l < ctx->local_experts; ++l) moe_ep_free(&a, ctx->packed_down[l]);
+    moe_ep_free(&a, ctx->packed_up);
+    moe_ep_free(&a, ctx->packed_down);
+    moe_ep_free(&a, ctx->owner_of);
+    moe_ep_free(&a, ctx->local_index_of);
+    moe_ep_free(&a, ctx->rank_expert_count);
+    moe_ep_free(&a, ctx->rank_expert_start);
+    moe_ep_free(&a, ctx->rank_expert_list);
+    moe_ep_free(&a, ctx->placement_table);
+    moe_ep_free(&a, ctx->hidden);
+    moe_ep_free(&a, ctx->kernel_scratch);
+    moe_ep_free(&a, ctx->kernel_rows);
+    moe_ep_free(&a, ctx->recv_rows);
+    moe_ep_free(&a, ctx->expert_out);
+    moe_ep_free(&a, ctx->topk_idx);
+    moe_ep_free(&a, ctx->topk_weight);
+    moe_ep_free(&a, ctx);
 }
 
 MOE_EP_PRIVATE moe_ep_result moe_ep__build_placement(moe_ep_context* ctx) {
@@ -1567,8 +1685,8 @@ MOE_EP_PRIVATE moe_ep_result moe_ep__pack_tp_slice(moe_ep_context* ctx) {
     float* w2 = (float*)moe_ep__calloc(a, (int64_t)ctx->local_experts * D * n, sizeof(float));
     moe_ep_result res;
     if (!slices || !w2) {
-        moe_ep__free(a, slices);
-        moe_ep__free(a, w2);
+        moe_ep_free(a, slices);
+        moe_ep_free(a, w2);
         return MOE_EP_ERROR_OUT_OF_MEMORY;
     }
     for (l = 0; l < ctx->local_experts; ++l) {
@@ -1581,147 +1699,134 @@ MOE_EP_PRIVATE moe_ep_result moe_ep__pack_tp_slice(moe_ep_context* ctx) {
     ctx->desc.experts = slices;
     res = moe_ep__pack_experts(ctx);
     ctx->desc.experts = full;
-    moe_ep__free(a, slices);
-    moe_ep__free(a, w2);
+    moe_ep_free(a, slices);
+    moe_ep_free(a, w2);
     return res;
 }
 
-/* Exchange one status word with every peer. Returns OK only if every rank reported OK;
-   otherwise the local cause, or ABORTED naming the first failed peer. */
+/* A stage's verdict over the EP group: OK only if every rank reported OK; otherwise the
+   local cause, or ABORTED naming the first failed peer (kept as the last error). */
 MOE_EP_PRIVATE moe_ep_result moe_ep__agree(moe_ep_context* ctx, moe_ep_result local, const char* stage) {
-    int64_t* words;
-    moe_ep_result res;
+    moe_ep_agree_desc a;
     char err[MOE_EP__ERR_SIZE] = "";
-    int p, R = ctx->world_size;
-    words = (int64_t*)moe_ep__calloc(&ctx->desc.allocator, 2 * (int64_t)R, sizeof(int64_t));
-    if (!words) return moe_ep__fail(ctx, MOE_EP_ERROR_OUT_OF_MEMORY, "%s: out of memory", stage);
-    for (p = 0; p < R; ++p) words[p] = (int64_t)local;
-    res = ctx->transport.exchange_counts(ctx->transport.impl, words, words + R, 1, err, sizeof err);
-    if (res == MOE_EP_OK && local == MOE_EP_OK) {
-        for (p = 0; p < R; ++p)
-            if (words[R + p] != MOE_EP_OK) {
-                res = moe_ep__fail(ctx, MOE_EP_ERROR_ABORTED, "%s: rank %d failed (%s)", stage, p,
-                                   moe_ep_result_string((moe_ep_result)words[R + p]));
-                break;
-            }
-    } else if (res != MOE_EP_OK) {
-        res = moe_ep__transport_fail(ctx, res, stage, err);
+    moe_ep_result res;
+    memset(&a, 0, sizeof a);
+    a.stage = stage;
+    a.status = local;
+    a.allocator = ctx->desc.allocator;
+    res = moe_ep_agree(&ctx->transport, &a, err, sizeof err);
+    if (res != local) moe_ep__fail(ctx, res, "%s", err);
+    return res;
+}
+
+/* create, step 2: the context of a desc that passed validation, with its TP slice. */
+MOE_EP_PRIVATE moe_ep_result moe_ep__context_alloc(const moe_ep_desc* d, const moe_ep_transport* t,
+                                                   moe_ep_context** out) {
+    moe_ep_context* ctx = (moe_ep_context*)moe_ep__calloc(&d->allocator, 1, sizeof *ctx);
+    if (!ctx) return moe_ep__fail_desc(d, t->rank, MOE_EP_ERROR_OUT_OF_MEMORY, "out of memory for the context");
+    ctx->desc = *d;
+    ctx->desc.transport = NULL;
+    ctx->transport = *t;
+    ctx->rank = t->rank;
+    ctx->world_size = t->world_size;
+    ctx->d_ff_full = d->d_ff;
+    ctx->tp_size = 1;
+    if (d->tp_transport) {
+        ctx->tp_transport = *d->tp_transport;
+        ctx->tp_rank = d->tp_transport->rank;
+        ctx->tp_size = d->tp_transport->world_size;
+        ctx->desc.tp_transport = NULL;
+        /* rank t of T computes d_ff rows [t*F/T, (t+1)*F/T) */
+        ctx->ff_begin = (int)((int64_t)d->d_ff * ctx->tp_rank / ctx->tp_size);
+        ctx->desc.d_ff = (int)((int64_t)d->d_ff * (ctx->tp_rank + 1) / ctx->tp_size) - ctx->ff_begin;
     }
-    moe_ep__free(&ctx->desc.allocator, words);
-    return local != MOE_EP_OK ? local : res;
+    *out = ctx;
+    return MOE_EP_OK;
+}
+
+/* create, step 3: placement, then this rank's expert weights checked and packed. */
+MOE_EP_PRIVATE moe_ep_result moe_ep__context_fill(moe_ep_context* ctx, moe_ep__validator* v) {
+    const moe_ep_desc* d = &ctx->desc;
+    moe_ep_result res = moe_ep__build_placement(ctx);
+    int l;
+    if (res == MOE_EP_OK && !d->expert_fn && ctx->local_experts > 0) {
+        moe_ep__check(v, d->experts != NULL,
+                      "moe_ep_desc.experts must hold the weights of this rank's %d experts (or set expert_fn)",
+                      ctx->local_experts);
+        for (l = 0; d->experts && l < ctx->local_experts; ++l)
+            moe_ep__check(v, d->experts[l].w1 && d->experts[l].w2 &&
+                                 (d->activation != MOE_EP_ACTIVATION_SWIGLU || d->experts[l].w3),
+                          "moe_ep_desc.experts[%d]: w1, w2%s must not be NULL", l,
+                          d->activation == MOE_EP_ACTIVATION_SWIGLU ? " and w3" : "");
+        if (v->failures) res = MOE_EP_ERROR_INVALID_ARGUMENT;
+        else if (ctx->tp_size > 1) res = moe_ep__pack_tp_slice(ctx);
+        else res = moe_ep__pack_experts(ctx);
+    }
+    if (res == MOE_EP_ERROR_OUT_OF_MEMORY)
+        moe_ep__fail_desc(d, ctx->rank, res, "out of memory while creating the context");
+    return res;
+}
+
+/* create, step 4: every rank, failed or not, sends its status and fingerprint; the
+   verdict is the same everywhere. */
+MOE_EP_PRIVATE moe_ep_result moe_ep__create_agree(const moe_ep_desc* d, const moe_ep_transport* t,
+                                                  const moe_ep_context* ctx, moe_ep_result status) {
+    moe_ep_agree_desc a;
+    int64_t fingerprint = status == MOE_EP_OK ? moe_ep__fingerprint(ctx) : 0;
+    char err[MOE_EP__ERR_SIZE] = "";
+    moe_ep_result res;
+    memset(&a, 0, sizeof a);
+    a.stage = "moe_ep_create";
+    a.status = status;
+    a.facts = &fingerprint;
+    a.fact_count = 1;
+    a.facts_name = "collective parameters (d_model, d_ff, num_experts, top_k, activation, scoring, "
+                   "normalize_topk, capacity_factor, placement)";
+    a.on_peer_failure = MOE_EP_ERROR_RANK_MISMATCH;
+    a.allocator = d->allocator;
+    res = moe_ep_agree(t, &a, err, sizeof err);
+    if (res != status) moe_ep__fail_desc(d, t->rank, res, "%s", err);
+    return res;
+}
+
+MOE_EP_PRIVATE int moe_ep__default_threads(int num_threads, const moe_ep_transport* t) {
+    if (num_threads > 0) return num_threads;
+#ifdef _OPENMP
+    num_threads = omp_get_max_threads() / (t->local_ranks > 0 ? t->local_ranks : 1);
+#else
+    (void)t;
+#endif
+    return MOE_EP__MAX(num_threads, 1);
 }
 
 MOE_EP_API moe_ep_result moe_ep_create(const moe_ep_desc* desc, moe_ep_context** out) {
     moe_ep_desc d;
     moe_ep_transport t;
-    moe_ep_context* ctx;
+    moe_ep_context* ctx = NULL;
     moe_ep__validator v;
-    moe_ep_result res = MOE_EP_OK;
-    int64_t* prints;
-    char err[MOE_EP__ERR_SIZE] = "";
-    int p;
+    moe_ep_result res;
     if (!desc || !out) return moe_ep__fail_desc(desc, -1, MOE_EP_ERROR_INVALID_ARGUMENT, "desc and out must not be NULL");
+    /* 1. defaults and the rank-local rules */
     d = moe_ep__desc_defaults(desc);
     t = d.transport ? *d.transport : moe_ep_single_rank_transport();
     memset(&v, 0, sizeof v);
     v.desc = &d;
     v.rank = t.rank;
-    if (!t.exchange_counts || t.world_size <= 0) {
-        /* Without a working exchange the verdict cannot be shared; fail locally. */
-        moe_ep__validate_desc(&d, &t, &v);
-        return MOE_EP_ERROR_INVALID_ARGUMENT;
-    }
     moe_ep__validate_desc(&d, &t, &v);
+    /* Without a working exchange the verdict cannot be shared; fail locally. */
+    if (!t.exchange_counts || t.world_size <= 0) return MOE_EP_ERROR_INVALID_ARGUMENT;
     /* Half an allocator is refused above; never allocate with one half and free with the other. */
     if ((d.allocator.alloc_fn == NULL) != (d.allocator.free_fn == NULL)) memset(&d.allocator, 0, sizeof d.allocator);
-    ctx = NULL;
-    if (v.failures == 0) {
-        ctx = (moe_ep_context*)moe_ep__calloc(&d.allocator, 1, sizeof *ctx);
-        if (!ctx) res = moe_ep__fail_desc(&d, t.rank, MOE_EP_ERROR_OUT_OF_MEMORY, "out of memory for the context");
-    } else {
-        res = MOE_EP_ERROR_INVALID_ARGUMENT;
-    }
-    if (ctx) {
-        ctx->desc = d;
-        ctx->desc.transport = NULL;
-        ctx->transport = t;
-        ctx->rank = t.rank;
-        ctx->world_size = t.world_size;
-        ctx->d_ff_full = d.d_ff;
-        ctx->tp_size = 1;
-        if (d.tp_transport) {
-            ctx->tp_transport = *d.tp_transport;
-            ctx->tp_rank = d.tp_transport->rank;
-            ctx->tp_size = d.tp_transport->world_size;
-            ctx->desc.tp_transport = NULL;
-            /* rank t of T computes d_ff rows [t*F/T, (t+1)*F/T) */
-            ctx->ff_begin = (int)((int64_t)d.d_ff * ctx->tp_rank / ctx->tp_size);
-            ctx->desc.d_ff = (int)((int64_t)d.d_ff * (ctx->tp_rank + 1) / ctx->tp_size) - ctx->ff_begin;
-        }
-        res = moe_ep__build_placement(ctx);
-        if (res == MOE_EP_OK && !d.expert_fn && ctx->local_experts > 0) {
-            int l;
-            moe_ep__check(&v, d.experts != NULL,
-                          "moe_ep_desc.experts must hold the weights of this rank's %d experts (or set expert_fn)",
-                          ctx->local_experts);
-            for (l = 0; d.experts && l < ctx->local_experts; ++l)
-                moe_ep__check(&v, d.experts[l].w1 && d.experts[l].w2 &&
-                                      (d.activation != MOE_EP_ACTIVATION_SWIGLU || d.experts[l].w3),
-                              "moe_ep_desc.experts[%d]: w1, w2%s must not be NULL", l,
-                              d.activation == MOE_EP_ACTIVATION_SWIGLU ? " and w3" : "");
-            if (v.failures) res = MOE_EP_ERROR_INVALID_ARGUMENT;
-            else if (ctx->tp_size > 1) res = moe_ep__pack_tp_slice(ctx);
-            else res = moe_ep__pack_experts(ctx);
-        }
-        if (res == MOE_EP_ERROR_OUT_OF_MEMORY) moe_ep__fail_desc(&d, t.rank, res, "out of memory while creating the context");
-    }
-    /* Everyone exchanges a fingerprint, a failed rank sends 0: the verdict is the same everywhere. */
-    prints = (int64_t*)moe_ep__calloc(&d.allocator, 2 * (int64_t)t.world_size, sizeof(int64_t));
-    if (!prints) {
-        if (ctx) moe_ep__context_free(ctx);
-        return moe_ep__fail_desc(&d, t.rank, MOE_EP_ERROR_OUT_OF_MEMORY, "out of memory for the fingerprint");
-    }
-    {
-        int64_t mine = res == MOE_EP_OK ? moe_ep__fingerprint(ctx) : 0;
-        moe_ep_result xres;
-        for (p = 0; p < t.world_size; ++p) prints[p] = mine;
-        xres = t.exchange_counts(t.impl, prints, prints + t.world_size, 1, err, sizeof err);
-        if (xres != MOE_EP_OK) {
-            if (res == MOE_EP_OK)
-                res = moe_ep__fail_desc(&d, t.rank, xres, "moe_ep_create: transport '%s' failed in the fingerprint exchange: %s",
-                                        t.name ? t.name : "?", err);
-        } else if (res == MOE_EP_OK) {
-            for (p = 0; p < t.world_size; ++p) {
-                if (prints[t.world_size + p] == 0) {
-                    res = moe_ep__fail_desc(&d, t.rank, MOE_EP_ERROR_RANK_MISMATCH,
-                                            "moe_ep_create: rank %d rejected its desc (see its log)", p);
-                    break;
-                }
-                if (prints[t.world_size + p] != mine) {
-                    res = moe_ep__fail_desc(&d, t.rank, MOE_EP_ERROR_RANK_MISMATCH,
-                                            "moe_ep_create: rank %d has other collective parameters than rank %d "
-                                            "(d_model, d_ff, num_experts, top_k, activation, scoring, "
-                                            "normalize_topk, capacity_factor, placement)", p, t.rank);
-                    break;
-                }
-            }
-        }
-    }
-    moe_ep__free(&d.allocator, prints);
+    /* 2. and 3. the context, its placement and packed weights */
+    res = v.failures ? MOE_EP_ERROR_INVALID_ARGUMENT : moe_ep__context_alloc(&d, &t, &ctx);
+    if (res == MOE_EP_OK) res = moe_ep__context_fill(ctx, &v);
+    /* 4. the same verdict on every rank */
+    res = moe_ep__create_agree(&d, &t, ctx, res);
     if (res != MOE_EP_OK) {
         if (ctx) moe_ep__context_free(ctx);
         return res;
     }
-    {
-        int threads = d.num_threads;
-        if (threads == 0) {
-#ifdef _OPENMP
-            threads = omp_get_max_threads() / (t.local_ranks > 0 ? t.local_ranks : 1);
-#endif
-            threads = MOE_EP__MAX(threads, 1);
-        }
-        ctx->num_threads = threads;
-    }
+    ctx->num_threads = moe_ep__default_threads(d.num_threads, &t);
     *out = ctx;
     return MOE_EP_OK;
 }
@@ -1803,10 +1908,10 @@ MOE_EP_API moe_ep_result moe_ep_route(moe_ep_context* ctx, const float* x, int64
     mean_p = stats ? (double*)moe_ep__calloc(&d->allocator, E, sizeof(double)) : NULL;
     assigned = stats ? (int64_t*)moe_ep__calloc(&d->allocator, E, sizeof(int64_t)) : NULL;
     if (!probs || !lse || (stats && (!mean_p || !assigned))) {
-        moe_ep__free(&d->allocator, mean_p);
-        moe_ep__free(&d->allocator, assigned);
-        moe_ep__free(&d->allocator, probs);
-        moe_ep__free(&d->allocator, lse);
+        moe_ep_free(&d->allocator, mean_p);
+        moe_ep_free(&d->allocator, assigned);
+        moe_ep_free(&d->allocator, probs);
+        moe_ep_free(&d->allocator, lse);
         return moe_ep__fail(ctx, MOE_EP_ERROR_OUT_OF_MEMORY, "moe_ep_route: out of memory for %lld x %d probabilities",
                             (long long)tokens, E);
     }
@@ -1836,11 +1941,11 @@ MOE_EP_API moe_ep_result moe_ep_route(moe_ep_context* ctx, const float* x, int64
         }
         stats->aux_loss = aux;
         stats->z_loss = tokens > 0 ? z : 0.0;
-        moe_ep__free(&d->allocator, assigned);
-        moe_ep__free(&d->allocator, mean_p);
+        moe_ep_free(&d->allocator, assigned);
+        moe_ep_free(&d->allocator, mean_p);
     }
-    moe_ep__free(&d->allocator, probs);
-    moe_ep__free(&d->allocator, lse);
+    moe_ep_free(&d->allocator, probs);
+    moe_ep_free(&d->allocator, lse);
     return MOE_EP_OK;
 }
 
@@ -1877,21 +1982,21 @@ MOE_EP_API void moe_ep_plan_destroy(moe_ep_plan* plan) {
     const moe_ep_allocator* a;
     if (!plan) return;
     a = &plan->ctx->desc.allocator;
-    moe_ep__free(a, plan->send_counts);
-    moe_ep__free(a, plan->recv_counts);
-    moe_ep__free(a, plan->seg_send_counts);
-    moe_ep__free(a, plan->seg_send_offsets);
-    moe_ep__free(a, plan->seg_recv_counts);
-    moe_ep__free(a, plan->seg_recv_offsets);
-    moe_ep__free(a, plan->local_expert_counts);
-    moe_ep__free(a, plan->local_expert_offsets);
-    moe_ep__free(a, plan->expert_counts);
-    moe_ep__free(a, plan->expert_kept);
-    moe_ep__free(a, plan->permutation);
-    moe_ep__free(a, plan->slot_row);
-    moe_ep__free(a, plan->topk_weight);
-    moe_ep__free(a, plan->send_buffer);
-    moe_ep__free(a, plan);
+    moe_ep_free(a, plan->send_counts);
+    moe_ep_free(a, plan->recv_counts);
+    moe_ep_free(a, plan->seg_send_counts);
+    moe_ep_free(a, plan->seg_send_offsets);
+    moe_ep_free(a, plan->seg_recv_counts);
+    moe_ep_free(a, plan->seg_recv_offsets);
+    moe_ep_free(a, plan->local_expert_counts);
+    moe_ep_free(a, plan->local_expert_offsets);
+    moe_ep_free(a, plan->expert_counts);
+    moe_ep_free(a, plan->expert_kept);
+    moe_ep_free(a, plan->permutation);
+    moe_ep_free(a, plan->slot_row);
+    moe_ep_free(a, plan->topk_weight);
+    moe_ep_free(a, plan->send_buffer);
+    moe_ep_free(a, plan);
 }
 
 MOE_EP_API moe_ep_plan_info moe_ep_plan_query(const moe_ep_plan* plan) {
@@ -1987,11 +2092,11 @@ MOE_EP_PRIVATE moe_ep_result moe_ep__plan_local(moe_ep_context* ctx, moe_ep_plan
     plan->permutation = (int64_t*)moe_ep__calloc(a, row, sizeof(int64_t));
     /* not zeroed: every row is written before it is read, and a device path never touches it */
     plan->send_buffer = row * ctx->desc.d_model <= (int64_t)(SIZE_MAX / sizeof(float) / 2)
-                        ? (float*)moe_ep__malloc(a, sizeof(float) * (size_t)(row * ctx->desc.d_model)) : NULL;
+                        ? (float*)moe_ep_alloc(a, sizeof(float) * (size_t)(row * ctx->desc.d_model)) : NULL;
     /* cursor[e]: the next send row of expert e (its segment's rows are its own) */
     cursor = (int64_t*)moe_ep__calloc(a, E, sizeof(int64_t));
     if (!plan->permutation || !plan->send_buffer || !cursor) {
-        moe_ep__free(a, cursor);
+        moe_ep_free(a, cursor);
         return moe_ep__fail(ctx, MOE_EP_ERROR_OUT_OF_MEMORY, "moe_ep_plan_create: out of memory for %lld send rows",
                             (long long)row);
     }
@@ -2003,7 +2108,7 @@ MOE_EP_PRIVATE moe_ep_result moe_ep__plan_local(moe_ep_context* ctx, moe_ep_plan
             plan->slot_row[i] = row;
             plan->permutation[row] = t;
         }
-    moe_ep__free(a, cursor);
+    moe_ep_free(a, cursor);
     return MOE_EP_OK;
 }
 
@@ -2062,7 +2167,7 @@ MOE_EP_PRIVATE moe_ep_result moe_ep__plan_build(moe_ep_context* ctx, int64_t tok
             }
         if (status == MOE_EP_OK) moe_ep__plan_receive(ctx, plan, recv);
     }
-    moe_ep__free(&ctx->desc.allocator, words);
+    moe_ep_free(&ctx->desc.allocator, words);
     if (status != MOE_EP_OK) {
         moe_ep_plan_destroy(plan);
         return status;

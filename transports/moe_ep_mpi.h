@@ -321,17 +321,6 @@ typedef struct moe_ep__mpi_impl {
     int64_t reduce_chunk;               /* all_reduce_sum: floats per rank and round; the same on every rank */
 } moe_ep__mpi_impl;
 
-MOE_EP_PRIVATE void* moe_ep__mpi_alloc(const moe_ep_allocator* a, size_t size) {
-    if (size == 0) size = 1;
-    return a->alloc_fn ? a->alloc_fn(size, a->user_data) : malloc(size);
-}
-
-MOE_EP_PRIVATE void moe_ep__mpi_free(const moe_ep_allocator* a, void* ptr) {
-    if (!ptr) return;
-    if (a->free_fn) a->free_fn(ptr, a->user_data);
-    else free(ptr);
-}
-
 /* "MPI_<call>: <MPI's text>" into err_text; returns MOE_EP_ERROR_TRANSPORT. */
 MOE_EP_PRIVATE moe_ep_result moe_ep__mpi_error(int code, const char* call, char* err_text, size_t err_size) {
     char text[MPI_MAX_ERROR_STRING + 1];
@@ -401,24 +390,24 @@ MOE_EP_PRIVATE moe_ep__mpi_request* moe_ep__mpi_request_get(moe_ep__mpi_impl* m)
         m->spare = req->next;
         return req;
     }
-    req = (moe_ep__mpi_request*)moe_ep__mpi_alloc(&m->allocator, sizeof *req);
+    req = (moe_ep__mpi_request*)moe_ep_alloc(&m->allocator, sizeof *req);
     if (!req) return NULL;
     memset(req, 0, sizeof *req);
     req->peers = m->world_size;
-    req->counts = (int*)moe_ep__mpi_alloc(&m->allocator, 2 * R * sizeof(int));
-    req->displs = (int*)moe_ep__mpi_alloc(&m->allocator, 2 * R * sizeof(int));
-    req->types = (MPI_Datatype*)moe_ep__mpi_alloc(&m->allocator, 2 * R * sizeof(MPI_Datatype));
-    req->owned = (unsigned char*)moe_ep__mpi_alloc(&m->allocator, 2 * R);
-    req->requests = (MPI_Request*)moe_ep__mpi_alloc(&m->allocator, sizeof(MPI_Request));
+    req->counts = (int*)moe_ep_alloc(&m->allocator, 2 * R * sizeof(int));
+    req->displs = (int*)moe_ep_alloc(&m->allocator, 2 * R * sizeof(int));
+    req->types = (MPI_Datatype*)moe_ep_alloc(&m->allocator, 2 * R * sizeof(MPI_Datatype));
+    req->owned = (unsigned char*)moe_ep_alloc(&m->allocator, 2 * R);
+    req->requests = (MPI_Request*)moe_ep_alloc(&m->allocator, sizeof(MPI_Request));
     req->request_capacity = 1;
     req->row_owned = MPI_DATATYPE_NULL;
     if (!req->counts || !req->displs || !req->types || !req->owned || !req->requests) {
-        moe_ep__mpi_free(&m->allocator, req->requests);
-        moe_ep__mpi_free(&m->allocator, req->counts);
-        moe_ep__mpi_free(&m->allocator, req->displs);
-        moe_ep__mpi_free(&m->allocator, req->types);
-        moe_ep__mpi_free(&m->allocator, req->owned);
-        moe_ep__mpi_free(&m->allocator, req);
+        moe_ep_free(&m->allocator, req->requests);
+        moe_ep_free(&m->allocator, req->counts);
+        moe_ep_free(&m->allocator, req->displs);
+        moe_ep_free(&m->allocator, req->types);
+        moe_ep_free(&m->allocator, req->owned);
+        moe_ep_free(&m->allocator, req);
         return NULL;
     }
     memset(req->owned, 0, 2 * R);
@@ -430,14 +419,14 @@ MOE_EP_PRIVATE int moe_ep__mpi_grow_blocks(moe_ep__mpi_impl* m, int64_t need) {
     if (need <= cap) return 1;
     while (cap < need) cap = cap < 16 ? 16 : 2 * cap;
     if ((uint64_t)cap > (uint64_t)(SIZE_MAX / sizeof(int64_t))) return 0;
-    moe_ep__mpi_free(&m->allocator, m->block_rows);
-    moe_ep__mpi_free(&m->allocator, m->block_offsets);
-    moe_ep__mpi_free(&m->allocator, m->block_lengths);
-    moe_ep__mpi_free(&m->allocator, m->block_displs);
-    m->block_rows = (int64_t*)moe_ep__mpi_alloc(&m->allocator, (size_t)cap * sizeof(int64_t));
-    m->block_offsets = (int64_t*)moe_ep__mpi_alloc(&m->allocator, (size_t)cap * sizeof(int64_t));
-    m->block_lengths = (int*)moe_ep__mpi_alloc(&m->allocator, (size_t)cap * sizeof(int));
-    m->block_displs = (MPI_Aint*)moe_ep__mpi_alloc(&m->allocator, (size_t)cap * sizeof(MPI_Aint));
+    moe_ep_free(&m->allocator, m->block_rows);
+    moe_ep_free(&m->allocator, m->block_offsets);
+    moe_ep_free(&m->allocator, m->block_lengths);
+    moe_ep_free(&m->allocator, m->block_displs);
+    m->block_rows = (int64_t*)moe_ep_alloc(&m->allocator, (size_t)cap * sizeof(int64_t));
+    m->block_offsets = (int64_t*)moe_ep_alloc(&m->allocator, (size_t)cap * sizeof(int64_t));
+    m->block_lengths = (int*)moe_ep_alloc(&m->allocator, (size_t)cap * sizeof(int));
+    m->block_displs = (MPI_Aint*)moe_ep_alloc(&m->allocator, (size_t)cap * sizeof(MPI_Aint));
     m->block_capacity = cap;
     if (!m->block_rows || !m->block_offsets || !m->block_lengths || !m->block_displs) {
         m->block_capacity = 0;
@@ -520,8 +509,8 @@ MOE_EP_PRIVATE moe_ep_result moe_ep__mpi_prepare(moe_ep__mpi_impl* m, const moe_
         return MOE_EP_ERROR_INVALID_ARGUMENT;
     }
     if (S > m->side_capacity) {
-        moe_ep__mpi_free(&m->allocator, m->side_counts);
-        m->side_counts = (int64_t*)moe_ep__mpi_alloc(&m->allocator, (size_t)S * sizeof(int64_t));
+        moe_ep_free(&m->allocator, m->side_counts);
+        m->side_counts = (int64_t*)moe_ep_alloc(&m->allocator, (size_t)S * sizeof(int64_t));
         m->side_capacity = m->side_counts ? S : 0;
         if (!m->side_counts) {
             if (err_text) snprintf(err_text, err_size, "out of memory for %d segments", S);
@@ -550,8 +539,8 @@ MOE_EP_PRIVATE moe_ep_result moe_ep__mpi_prepare(moe_ep__mpi_impl* m, const moe_
             if (err_text) snprintf(err_text, err_size, "%lld direct segments exceed an MPI count", (long long)direct);
             return MOE_EP_ERROR_UNSUPPORTED;
         }
-        moe_ep__mpi_free(&m->allocator, req->requests);
-        req->requests = (MPI_Request*)moe_ep__mpi_alloc(&m->allocator, (size_t)(1 + direct) * sizeof(MPI_Request));
+        moe_ep_free(&m->allocator, req->requests);
+        req->requests = (MPI_Request*)moe_ep_alloc(&m->allocator, (size_t)(1 + direct) * sizeof(MPI_Request));
         req->request_capacity = req->requests ? (int)(1 + direct) : 0;
         if (!req->requests) {
             if (err_text) snprintf(err_text, err_size, "out of memory for %lld requests", (long long)(1 + direct));
@@ -696,23 +685,23 @@ MOE_EP_PRIVATE void moe_ep__mpi_destroy(void* impl) {
     while (m->spare) {
         moe_ep__mpi_request* req = m->spare;
         m->spare = req->next;
-        moe_ep__mpi_free(&a, req->counts);
-        moe_ep__mpi_free(&a, req->displs);
-        moe_ep__mpi_free(&a, req->types);
-        moe_ep__mpi_free(&a, req->owned);
-        moe_ep__mpi_free(&a, req->requests);
-        moe_ep__mpi_free(&a, req);
+        moe_ep_free(&a, req->counts);
+        moe_ep_free(&a, req->displs);
+        moe_ep_free(&a, req->types);
+        moe_ep_free(&a, req->owned);
+        moe_ep_free(&a, req->requests);
+        moe_ep_free(&a, req);
     }
     if (!finalized) {
         for (i = 0; i < m->row_type_count; ++i) MPI_Type_free(&m->row_types[i]);
         if (m->comm != MPI_COMM_NULL) MPI_Comm_free(&m->comm);
     }
-    moe_ep__mpi_free(&a, m->block_rows);
-    moe_ep__mpi_free(&a, m->block_offsets);
-    moe_ep__mpi_free(&a, m->block_lengths);
-    moe_ep__mpi_free(&a, m->block_displs);
-    moe_ep__mpi_free(&a, m->side_counts);
-    moe_ep__mpi_free(&a, m);
+    moe_ep_free(&a, m->block_rows);
+    moe_ep_free(&a, m->block_offsets);
+    moe_ep_free(&a, m->block_lengths);
+    moe_ep_free(&a, m->block_displs);
+    moe_ep_free(&a, m->side_counts);
+    moe_ep_free(&a, m);
 }
 
 /* >>mpi groups and sums */
@@ -731,7 +720,7 @@ MOE_EP_PRIVATE moe_ep_result moe_ep__mpi_wrap(MPI_Comm comm, const moe_ep_alloca
     rc = MPI_Comm_set_errhandler(comm, MPI_ERRORS_RETURN);
     if (rc == MPI_SUCCESS) rc = MPI_Comm_rank(comm, &rank);
     if (rc == MPI_SUCCESS) rc = MPI_Comm_size(comm, &size);
-    m = rc == MPI_SUCCESS ? (moe_ep__mpi_impl*)moe_ep__mpi_alloc(allocator, sizeof *m) : NULL;
+    m = rc == MPI_SUCCESS ? (moe_ep__mpi_impl*)moe_ep_alloc(allocator, sizeof *m) : NULL;
     if (!m) {
         MPI_Comm_free(&comm);
         if (rc != MPI_SUCCESS) return moe_ep__mpi_error(rc, "MPI_Comm_set_errhandler", err_text, err_size);
@@ -806,19 +795,19 @@ MOE_EP_PRIVATE moe_ep_result moe_ep__mpi_all_reduce(void* impl, float* data, int
     const moe_ep_allocator* a = &m->allocator;
     int R = m->world_size, me = m->rank, q, rc;
     int64_t chunk, window, done, i, status;
-    int64_t* counts = (int64_t*)moe_ep__mpi_alloc(a, (size_t)R * sizeof(int64_t));
-    int* ints = (int*)moe_ep__mpi_alloc(a, 4 * (size_t)R * sizeof(int));
+    int64_t* counts = (int64_t*)moe_ep_alloc(a, (size_t)R * sizeof(int64_t));
+    int* ints = (int*)moe_ep_alloc(a, 4 * (size_t)R * sizeof(int));
     float* gathered = NULL;
     (void)stream;
     /* chunks of at most reduce_chunk floats: int counts, and a scratch of R chunks at most */
     chunk = m->reduce_chunk < (int64_t)(INT_MAX / R) ? m->reduce_chunk : (int64_t)(INT_MAX / R);
     if (count >= 0 && count / R + 1 < chunk) chunk = count / R + 1;
     if (count > 0 && memory_space != MOE_EP_MEMORY_DEVICE)
-        gathered = (float*)moe_ep__mpi_alloc(a, (size_t)R * (size_t)chunk * sizeof(float));
+        gathered = (float*)moe_ep_alloc(a, (size_t)R * (size_t)chunk * sizeof(float));
     if (!counts || !ints) {
-        moe_ep__mpi_free(a, counts);
-        moe_ep__mpi_free(a, ints);
-        moe_ep__mpi_free(a, gathered);
+        moe_ep_free(a, counts);
+        moe_ep_free(a, ints);
+        moe_ep_free(a, gathered);
         if (err_text) snprintf(err_text, err_size, "all_reduce_sum: out of memory");
         return MOE_EP_ERROR_OUT_OF_MEMORY;
     }
@@ -843,9 +832,9 @@ MOE_EP_PRIVATE moe_ep_result moe_ep__mpi_all_reduce(void* impl, float* data, int
             if (err_text) snprintf(err_text, err_size, "all_reduce_sum: count (%lld) must be >= 0", (long long)count);
         }
         if (res != MOE_EP_OK) {
-            moe_ep__mpi_free(a, counts);
-            moe_ep__mpi_free(a, ints);
-            moe_ep__mpi_free(a, gathered);
+            moe_ep_free(a, counts);
+            moe_ep_free(a, ints);
+            moe_ep_free(a, gathered);
             return res;
         }
     }
@@ -878,9 +867,9 @@ MOE_EP_PRIVATE moe_ep_result moe_ep__mpi_all_reduce(void* impl, float* data, int
         rc = MPI_Allgatherv(MPI_IN_PLACE, 0, MPI_DATATYPE_NULL, data + done, part_counts, part_displs, MPI_FLOAT,
                             m->comm);
     }
-    moe_ep__mpi_free(a, counts);
-    moe_ep__mpi_free(a, ints);
-    moe_ep__mpi_free(a, gathered);
+    moe_ep_free(a, counts);
+    moe_ep_free(a, ints);
+    moe_ep_free(a, gathered);
     if (rc != MPI_SUCCESS) return moe_ep__mpi_error(rc, "all_reduce_sum (MPI_Allgather / MPI_Alltoallv / MPI_Allgatherv)",
                                                     err_text, err_size);
     return MOE_EP_OK;

@@ -120,29 +120,19 @@ typedef struct moe_ep__pthreads_rank {
     moe_ep_result result;
 } moe_ep__pthreads_rank;
 
-MOE_EP_PRIVATE void* moe_ep__pthreads_alloc(const moe_ep_allocator* a, size_t size) {
-    return a->alloc_fn ? a->alloc_fn(size, a->user_data) : malloc(size);
-}
-
-MOE_EP_PRIVATE void moe_ep__pthreads_free(const moe_ep_allocator* a, void* ptr) {
-    if (!ptr) return;
-    if (a->free_fn) a->free_fn(ptr, a->user_data);
-    else free(ptr);
-}
-
 MOE_EP_PRIVATE void moe_ep__pthreads_world_free(moe_ep_pthreads_world* w) {
     moe_ep_allocator a = w->allocator;
-    moe_ep__pthreads_free(&a, (void*)w->count_send);
-    moe_ep__pthreads_free(&a, (void*)w->a2a);
-    moe_ep__pthreads_free(&a, w->reduce_data);
-    moe_ep__pthreads_free(&a, w->reduce_count);
-    moe_ep__pthreads_free(&a, w->split_color);
-    moe_ep__pthreads_free(&a, w->split_key);
-    moe_ep__pthreads_free(&a, w->split_group);
-    moe_ep__pthreads_free(&a, w->rank_exited);
-    moe_ep__pthreads_free(&a, w->global_rank);
-    moe_ep__pthreads_free(&a, w->ranks);
-    moe_ep__pthreads_free(&a, w);
+    moe_ep_free(&a, (void*)w->count_send);
+    moe_ep_free(&a, (void*)w->a2a);
+    moe_ep_free(&a, w->reduce_data);
+    moe_ep_free(&a, w->reduce_count);
+    moe_ep_free(&a, w->split_color);
+    moe_ep_free(&a, w->split_key);
+    moe_ep_free(&a, w->split_group);
+    moe_ep_free(&a, w->rank_exited);
+    moe_ep_free(&a, w->global_rank);
+    moe_ep_free(&a, w->ranks);
+    moe_ep_free(&a, w);
 }
 
 /* Allocates a world of `size` ranks (root == NULL makes a root). */
@@ -150,23 +140,23 @@ MOE_EP_PRIVATE moe_ep_pthreads_world* moe_ep__pthreads_world_alloc(const moe_ep_
                                                                    moe_ep_pthreads_world* root) {
     size_t R = (size_t)size;
     int r;
-    moe_ep_pthreads_world* w = (moe_ep_pthreads_world*)moe_ep__pthreads_alloc(a, sizeof *w);
+    moe_ep_pthreads_world* w = (moe_ep_pthreads_world*)moe_ep_alloc(a, sizeof *w);
     if (!w) return NULL;
     memset(w, 0, sizeof *w);
     w->world_size = size;
     w->timeout_ms = timeout_ms;
     w->allocator = *a;
     w->root = root ? root : w;
-    w->count_send = (const int64_t**)moe_ep__pthreads_alloc(a, R * sizeof *w->count_send);
-    w->a2a = (const moe_ep_a2a_args**)moe_ep__pthreads_alloc(a, R * sizeof *w->a2a);
-    w->reduce_data = (float**)moe_ep__pthreads_alloc(a, R * sizeof *w->reduce_data);
-    w->reduce_count = (int64_t*)moe_ep__pthreads_alloc(a, R * sizeof *w->reduce_count);
-    w->split_color = (int*)moe_ep__pthreads_alloc(a, R * sizeof *w->split_color);
-    w->split_key = (int*)moe_ep__pthreads_alloc(a, R * sizeof *w->split_key);
-    w->split_group = (moe_ep_pthreads_world**)moe_ep__pthreads_alloc(a, R * sizeof *w->split_group);
-    w->global_rank = (int*)moe_ep__pthreads_alloc(a, R * sizeof *w->global_rank);
-    w->ranks = (moe_ep__pthreads_rank*)moe_ep__pthreads_alloc(a, R * sizeof *w->ranks);
-    if (!root) w->rank_exited = (int*)moe_ep__pthreads_alloc(a, R * sizeof *w->rank_exited);
+    w->count_send = (const int64_t**)moe_ep_alloc(a, R * sizeof *w->count_send);
+    w->a2a = (const moe_ep_a2a_args**)moe_ep_alloc(a, R * sizeof *w->a2a);
+    w->reduce_data = (float**)moe_ep_alloc(a, R * sizeof *w->reduce_data);
+    w->reduce_count = (int64_t*)moe_ep_alloc(a, R * sizeof *w->reduce_count);
+    w->split_color = (int*)moe_ep_alloc(a, R * sizeof *w->split_color);
+    w->split_key = (int*)moe_ep_alloc(a, R * sizeof *w->split_key);
+    w->split_group = (moe_ep_pthreads_world**)moe_ep_alloc(a, R * sizeof *w->split_group);
+    w->global_rank = (int*)moe_ep_alloc(a, R * sizeof *w->global_rank);
+    w->ranks = (moe_ep__pthreads_rank*)moe_ep_alloc(a, R * sizeof *w->ranks);
+    if (!root) w->rank_exited = (int*)moe_ep_alloc(a, R * sizeof *w->rank_exited);
     if (!w->count_send || !w->a2a || !w->reduce_data || !w->reduce_count || !w->split_color || !w->split_key ||
         !w->split_group || !w->global_rank || !w->ranks || (!root && !w->rank_exited)) {
         moe_ep__pthreads_world_free(w);
@@ -526,7 +516,7 @@ MOE_EP_API moe_ep_result moe_ep_pthreads_run(moe_ep_pthreads_world* w, moe_ep_pt
     int r, started = 0;
     moe_ep_result res = MOE_EP_OK;
     if (!w || !fn || w->root != w) return MOE_EP_ERROR_INVALID_ARGUMENT;
-    threads = (pthread_t*)moe_ep__pthreads_alloc(&w->allocator, sizeof(pthread_t) * (size_t)w->world_size);
+    threads = (pthread_t*)moe_ep_alloc(&w->allocator, sizeof(pthread_t) * (size_t)w->world_size);
     if (!threads) return MOE_EP_ERROR_OUT_OF_MEMORY;
     pthread_mutex_lock(&w->mutex);
     w->aborted = 0;
@@ -549,7 +539,7 @@ MOE_EP_API moe_ep_result moe_ep_pthreads_run(moe_ep_pthreads_world* w, moe_ep_pt
         started++;
     }
     for (r = 0; r < started; ++r) pthread_join(threads[r], NULL);
-    moe_ep__pthreads_free(&w->allocator, threads);
+    moe_ep_free(&w->allocator, threads);
     for (r = 0; r < w->world_size; ++r) {
         moe_ep_result rr = r < started ? w->ranks[r].result : MOE_EP_ERROR_INTERNAL;
         if (results) results[r] = rr;
