@@ -162,9 +162,9 @@ extern "C" {
     X(ERROR_INTERNAL,         "internal error")
 
 typedef enum moe_ep_result {
-#define MOE_EP_RESULT_ENUM(name, text) MOE_EP_##name,
-    MOE_EP_RESULT_LIST(MOE_EP_RESULT_ENUM)
-#undef MOE_EP_RESULT_ENUM
+#define MOE_EP__RESULT_ENUM(name, text) MOE_EP_##name,
+    MOE_EP_RESULT_LIST(MOE_EP__RESULT_ENUM)
+#undef MOE_EP__RESULT_ENUM
     MOE_EP_RESULT_COUNT
 } moe_ep_result;
 
@@ -396,7 +396,7 @@ MOE_EP_API const char* moe_ep_result_string(moe_ep_result result);
 MOE_EP_API moe_ep_result moe_ep_create(const moe_ep_desc* desc, moe_ep_context** out);
 MOE_EP_API void moe_ep_destroy(moe_ep_context* ctx);
 /* The resolved desc (defaults filled in). */
-MOE_EP_API moe_ep_desc moe_ep_query_desc(const moe_ep_context* ctx);
+MOE_EP_API moe_ep_desc moe_ep_query(const moe_ep_context* ctx);
 /* The cause of the last failure on this context, "" if none. */
 MOE_EP_API const char* moe_ep_last_error(const moe_ep_context* ctx);
 MOE_EP_API int moe_ep_rank(const moe_ep_context* ctx);
@@ -452,9 +452,12 @@ MOE_EP_API int moe_ep_layout_group(const moe_ep_layout_desc* desc, int rank, moe
 /* The experts `rank` holds, ascending; returns the count, or -1 on invalid input. */
 MOE_EP_API int moe_ep_layout_experts(const moe_ep_layout_desc* desc, int rank, int* experts, int max);
 /* Splits `world` (a transport over all world_size ranks) into this rank's group of the
-   given kind. Collective over world: every rank calls it with the same kind. */
+   given kind. Collective over world: every rank calls it with the same kind. err_text
+   (err_size bytes, may be NULL) gets the cause on failure, the transport's own text
+   included. */
 MOE_EP_API moe_ep_result moe_ep_layout_split(const moe_ep_layout_desc* desc, const moe_ep_transport* world,
-                                             moe_ep_group_kind kind, moe_ep_transport* out);
+                                             moe_ep_group_kind kind, moe_ep_transport* out,
+                                             char* err_text, size_t err_size);
 
 /* Route this rank's tokens. Collective: no. topk_idx/topk_weight: [tokens, top_k] out. */
 MOE_EP_API moe_ep_result moe_ep_route(moe_ep_context* ctx, const float* x, int64_t tokens,
@@ -712,6 +715,22 @@ MOE_EP_PRIVATE moe_ep_result moe_ep__transport_fail(moe_ep_context* ctx, moe_ep_
     return moe_ep__fail(ctx, result, "%s: transport '%s' failed: %s%s%s", what,
                         ctx->transport.name ? ctx->transport.name : "?", moe_ep_result_string(result),
                         err_text[0] ? ": " : "", err_text);
+}
+
+/* `count` buffers of `need` elements that share one capacity counter, grown together. */
+MOE_EP_PRIVATE moe_ep_result moe_ep__grow(moe_ep_context* ctx, void** buffer, int64_t* capacity, int64_t need,
+                                          size_t each, int count) {
+    int i;
+    if (need <= *capacity) return MOE_EP_OK;
+    for (i = 0; i < count; ++i) {
+        void* fresh = moe_ep__calloc(&ctx->desc.allocator, need, each);
+        if (!fresh) return moe_ep__fail(ctx, MOE_EP_ERROR_OUT_OF_MEMORY, "out of memory for %lld rows of workspace",
+                                        (long long)need);
+        moe_ep_free(&ctx->desc.allocator, buffer[i]);
+        buffer[i] = fresh;
+    }
+    *capacity = need;
+    return MOE_EP_OK;
 }
 
 /* >>agreement: the one protocol behind every "all ranks reach the same verdict" step. */
@@ -975,6 +994,1025 @@ MOE_EP_PRIVATE int64_t moe_ep__fingerprint(const moe_ep_context* ctx) {
     return h == 0 ? 1 : (int64_t)h;
 }
 
+/* The expert kernel is the header's last section (>>kernel); the pipeline needs these two. */
+MOE_EP_PRIVATE moe_ep_result moe_ep__pack_expert(moe_ep_context* ctx, int l);
+MOE_EP_PRIVATE moe_ep_result moe_ep__ffn(moe_ep_context* ctx, int local_expert, const float* rows, int64_t m,
+                                         float* out);
+
+/* >>create */
+MOE_EP_PRIVATE void moe_ep__context_free(moe_ep_context* ctx) {
+    const moe_ep_allocator a = ctx->desc.allocator;
+    int l;
+    if (ctx->packed_up)
+        for (l = 0; l < ctx->local_experts; ++l) moe_ep_free(&a, ctx->packed_up[l]);
+    if (ctx->packed_down)
+        for (l = 0; l < ctx->local_experts; ++l) moe_ep_free(&a, ctx->packed_down[l]);
+    moe_ep_free(&a, ctx->packed_up);
+    moe_ep_free(&a, ctx->packed_down);
+    moe_ep_free(&a, ctx->owner_of);
+    moe_ep_free(&a, ctx->local_index_of);
+    moe_ep_free(&a, ctx->rank_expert_count);
+    moe_ep_free(&a, ctx->rank_expert_start);
+    moe_ep_free(&a, ctx->rank_expert_list);
+    moe_ep_free(&a, ctx->placement_table);
+    moe_ep_free(&a, ctx->hidden);
+    moe_ep_free(&a, ctx->kernel_scratch);
+    moe_ep_free(&a, ctx->kernel_rows);
+    moe_ep_free(&a, ctx->recv_rows);
+    moe_ep_free(&a, ctx->expert_out);
+    moe_ep_free(&a, ctx->topk_idx);
+    moe_ep_free(&a, ctx->topk_weight);
+    moe_ep_free(&a, ctx);
+}
+
+MOE_EP_PRIVATE moe_ep_result moe_ep__build_placement(moe_ep_context* ctx) {
+    const moe_ep_allocator* a = &ctx->desc.allocator;
+    int E = ctx->desc.num_experts, R = ctx->world_size, e, r;
+    ctx->owner_of = (int*)moe_ep__calloc(a, E, sizeof(int));
+    ctx->local_index_of = (int*)moe_ep__calloc(a, E, sizeof(int));
+    ctx->rank_expert_count = (int*)moe_ep__calloc(a, R, sizeof(int));
+    ctx->rank_expert_start = (int*)moe_ep__calloc(a, R + 1, sizeof(int));
+    ctx->rank_expert_list = (int*)moe_ep__calloc(a, E, sizeof(int));
+    if (!ctx->owner_of || !ctx->local_index_of || !ctx->rank_expert_count || !ctx->rank_expert_start ||
+        !ctx->rank_expert_list)
+        return MOE_EP_ERROR_OUT_OF_MEMORY;
+    if (ctx->desc.placement.kind == MOE_EP_PLACEMENT_TABLE) {
+        ctx->placement_table = (int*)moe_ep__calloc(a, E, sizeof(int));
+        if (!ctx->placement_table) return MOE_EP_ERROR_OUT_OF_MEMORY;
+        memcpy(ctx->placement_table, ctx->desc.placement.table, sizeof(int) * (size_t)E);
+        ctx->desc.placement.table = ctx->placement_table;
+    } else {
+        ctx->desc.placement.table = NULL;
+    }
+    if (moe_ep_placement_compute(&ctx->desc.placement, E, R, ctx->owner_of) != MOE_EP_OK)
+        return MOE_EP_ERROR_INVALID_ARGUMENT;
+    for (e = 0; e < E; ++e) ctx->local_index_of[e] = ctx->rank_expert_count[ctx->owner_of[e]]++;
+    for (r = 0; r < R; ++r) {
+        ctx->rank_expert_start[r + 1] = ctx->rank_expert_start[r] + ctx->rank_expert_count[r];
+        ctx->max_local_experts = MOE_EP__MAX(ctx->max_local_experts, ctx->rank_expert_count[r]);
+    }
+    MOE_EP_ASSERT(ctx->rank_expert_start[R] == E);
+    for (e = 0; e < E; ++e)
+        ctx->rank_expert_list[ctx->rank_expert_start[ctx->owner_of[e]] + ctx->local_index_of[e]] = e;
+    ctx->local_experts = ctx->rank_expert_count[ctx->rank];
+    return MOE_EP_OK;
+}
+
+MOE_EP_PRIVATE moe_ep_result moe_ep__pack_experts(moe_ep_context* ctx) {
+    const moe_ep_allocator* a = &ctx->desc.allocator;
+    moe_ep_result res = MOE_EP_OK;
+    int l;
+    ctx->packed_up = (float**)moe_ep__calloc(a, ctx->local_experts, sizeof(float*));
+    ctx->packed_down = (float**)moe_ep__calloc(a, ctx->local_experts, sizeof(float*));
+    if (!ctx->packed_up || !ctx->packed_down) return MOE_EP_ERROR_OUT_OF_MEMORY;
+    for (l = 0; l < ctx->local_experts && res == MOE_EP_OK; ++l) res = moe_ep__pack_expert(ctx, l);
+    return res;
+}
+
+/* Tensor parallelism: pack only this rank's d_ff slice. w1 and w3 rows are contiguous; the
+   w2 columns are copied out first so the kernel's packer sees an ordinary [d_model, slice]. */
+MOE_EP_PRIVATE moe_ep_result moe_ep__pack_tp_slice(moe_ep_context* ctx) {
+    const moe_ep_allocator* a = &ctx->desc.allocator;
+    const moe_ep_expert_weights* full = ctx->desc.experts;
+    int64_t D = ctx->desc.d_model, F = ctx->d_ff_full, f0 = ctx->ff_begin, n = ctx->desc.d_ff, i, l;
+    moe_ep_expert_weights* slices = (moe_ep_expert_weights*)moe_ep__calloc(a, ctx->local_experts, sizeof *slices);
+    float* w2 = (float*)moe_ep__calloc(a, (int64_t)ctx->local_experts * D * n, sizeof(float));
+    moe_ep_result res;
+    if (!slices || !w2) {
+        moe_ep_free(a, slices);
+        moe_ep_free(a, w2);
+        return MOE_EP_ERROR_OUT_OF_MEMORY;
+    }
+    for (l = 0; l < ctx->local_experts; ++l) {
+        float* w2_slice = w2 + l * D * n;
+        slices[l].w1 = full[l].w1 + f0 * D;
+        slices[l].w3 = full[l].w3 ? full[l].w3 + f0 * D : NULL;
+        for (i = 0; i < D; ++i) memcpy(w2_slice + i * n, full[l].w2 + i * F + f0, sizeof(float) * (size_t)n);
+        slices[l].w2 = w2_slice;
+    }
+    ctx->desc.experts = slices;
+    res = moe_ep__pack_experts(ctx);
+    ctx->desc.experts = full;
+    moe_ep_free(a, slices);
+    moe_ep_free(a, w2);
+    return res;
+}
+
+/* A stage's verdict over the EP group: OK only if every rank reported OK; otherwise the
+   local cause, or ABORTED naming the first failed peer (kept as the last error). */
+MOE_EP_PRIVATE moe_ep_result moe_ep__agree(moe_ep_context* ctx, moe_ep_result local, const char* stage) {
+    moe_ep_agree_desc a;
+    char err[MOE_EP__ERR_SIZE] = "";
+    moe_ep_result res;
+    memset(&a, 0, sizeof a);
+    a.stage = stage;
+    a.status = local;
+    a.allocator = ctx->desc.allocator;
+    res = moe_ep_agree(&ctx->transport, &a, err, sizeof err);
+    if (res != local) moe_ep__fail(ctx, res, "%s", err);
+    return res;
+}
+
+/* create, step 2: the context of a desc that passed validation, with its TP slice. */
+MOE_EP_PRIVATE moe_ep_result moe_ep__context_alloc(const moe_ep_desc* d, const moe_ep_transport* t,
+                                                   moe_ep_context** out) {
+    moe_ep_context* ctx = (moe_ep_context*)moe_ep__calloc(&d->allocator, 1, sizeof *ctx);
+    if (!ctx) return moe_ep__fail_desc(d, t->rank, MOE_EP_ERROR_OUT_OF_MEMORY, "out of memory for the context");
+    ctx->desc = *d;
+    ctx->desc.transport = NULL;
+    ctx->transport = *t;
+    ctx->rank = t->rank;
+    ctx->world_size = t->world_size;
+    ctx->d_ff_full = d->d_ff;
+    ctx->tp_size = 1;
+    if (d->tp_transport) {
+        ctx->tp_transport = *d->tp_transport;
+        ctx->tp_rank = d->tp_transport->rank;
+        ctx->tp_size = d->tp_transport->world_size;
+        ctx->desc.tp_transport = NULL;
+        /* rank t of T computes d_ff rows [t*F/T, (t+1)*F/T) */
+        ctx->ff_begin = (int)((int64_t)d->d_ff * ctx->tp_rank / ctx->tp_size);
+        ctx->desc.d_ff = (int)((int64_t)d->d_ff * (ctx->tp_rank + 1) / ctx->tp_size) - ctx->ff_begin;
+    }
+    *out = ctx;
+    return MOE_EP_OK;
+}
+
+/* create, step 3: placement, then this rank's expert weights checked and packed. */
+MOE_EP_PRIVATE moe_ep_result moe_ep__context_fill(moe_ep_context* ctx, moe_ep__validator* v) {
+    const moe_ep_desc* d = &ctx->desc;
+    moe_ep_result res = moe_ep__build_placement(ctx);
+    int l;
+    if (res == MOE_EP_OK && !d->expert_fn && ctx->local_experts > 0) {
+        moe_ep__check(v, d->experts != NULL,
+                      "moe_ep_desc.experts must hold the weights of this rank's %d experts (or set expert_fn)",
+                      ctx->local_experts);
+        for (l = 0; d->experts && l < ctx->local_experts; ++l)
+            moe_ep__check(v, d->experts[l].w1 && d->experts[l].w2 &&
+                                 (d->activation != MOE_EP_ACTIVATION_SWIGLU || d->experts[l].w3),
+                          "moe_ep_desc.experts[%d]: w1, w2%s must not be NULL", l,
+                          d->activation == MOE_EP_ACTIVATION_SWIGLU ? " and w3" : "");
+        if (v->failures) res = MOE_EP_ERROR_INVALID_ARGUMENT;
+        else if (ctx->tp_size > 1) res = moe_ep__pack_tp_slice(ctx);
+        else res = moe_ep__pack_experts(ctx);
+    }
+    if (res == MOE_EP_ERROR_OUT_OF_MEMORY)
+        moe_ep__fail_desc(d, ctx->rank, res, "out of memory while creating the context");
+    return res;
+}
+
+/* create, step 4: every rank, failed or not, sends its status and fingerprint; the
+   verdict is the same everywhere. */
+MOE_EP_PRIVATE moe_ep_result moe_ep__create_agree(const moe_ep_desc* d, const moe_ep_transport* t,
+                                                  const moe_ep_context* ctx, moe_ep_result status) {
+    moe_ep_agree_desc a;
+    int64_t fingerprint = status == MOE_EP_OK ? moe_ep__fingerprint(ctx) : 0;
+    char err[MOE_EP__ERR_SIZE] = "";
+    moe_ep_result res;
+    memset(&a, 0, sizeof a);
+    a.stage = "moe_ep_create";
+    a.status = status;
+    a.facts = &fingerprint;
+    a.fact_count = 1;
+    a.facts_name = "collective parameters (d_model, d_ff, num_experts, top_k, activation, scoring, "
+                   "normalize_topk, capacity_factor, placement)";
+    a.on_peer_failure = MOE_EP_ERROR_RANK_MISMATCH;
+    a.allocator = d->allocator;
+    res = moe_ep_agree(t, &a, err, sizeof err);
+    if (res != status) moe_ep__fail_desc(d, t->rank, res, "%s", err);
+    return res;
+}
+
+MOE_EP_PRIVATE int moe_ep__default_threads(int num_threads, const moe_ep_transport* t) {
+    if (num_threads > 0) return num_threads;
+#ifdef _OPENMP
+    num_threads = omp_get_max_threads() / (t->local_ranks > 0 ? t->local_ranks : 1);
+#else
+    (void)t;
+#endif
+    return MOE_EP__MAX(num_threads, 1);
+}
+
+MOE_EP_API moe_ep_result moe_ep_create(const moe_ep_desc* desc, moe_ep_context** out) {
+    moe_ep_desc d;
+    moe_ep_transport t;
+    moe_ep_context* ctx = NULL;
+    moe_ep__validator v;
+    moe_ep_result res;
+    if (!desc || !out) return moe_ep__fail_desc(desc, -1, MOE_EP_ERROR_INVALID_ARGUMENT, "desc and out must not be NULL");
+    /* 1. defaults and the rank-local rules */
+    d = moe_ep__desc_defaults(desc);
+    t = d.transport ? *d.transport : moe_ep_single_rank_transport();
+    memset(&v, 0, sizeof v);
+    v.desc = &d;
+    v.rank = t.rank;
+    moe_ep__validate_desc(&d, &t, &v);
+    /* Without a working exchange the verdict cannot be shared; fail locally. */
+    if (!t.exchange_counts || t.world_size <= 0) return MOE_EP_ERROR_INVALID_ARGUMENT;
+    /* Half an allocator is refused above; never allocate with one half and free with the other. */
+    if ((d.allocator.alloc_fn == NULL) != (d.allocator.free_fn == NULL)) memset(&d.allocator, 0, sizeof d.allocator);
+    /* 2. and 3. the context, its placement and packed weights */
+    res = v.failures ? MOE_EP_ERROR_INVALID_ARGUMENT : moe_ep__context_alloc(&d, &t, &ctx);
+    if (res == MOE_EP_OK) res = moe_ep__context_fill(ctx, &v);
+    /* 4. the same verdict on every rank */
+    res = moe_ep__create_agree(&d, &t, ctx, res);
+    if (res != MOE_EP_OK) {
+        if (ctx) moe_ep__context_free(ctx);
+        return res;
+    }
+    ctx->num_threads = moe_ep__default_threads(d.num_threads, &t);
+    *out = ctx;
+    return MOE_EP_OK;
+}
+
+MOE_EP_API void moe_ep_destroy(moe_ep_context* ctx) {
+    if (ctx) moe_ep__context_free(ctx);
+}
+
+MOE_EP_API moe_ep_desc moe_ep_query(const moe_ep_context* ctx) {
+    moe_ep_desc d;
+    if (!ctx) { memset(&d, 0, sizeof d); return d; }
+    d = ctx->desc;
+    d.num_threads = ctx->num_threads;
+    d.d_ff = ctx->d_ff_full;
+    return d;
+}
+
+MOE_EP_API const char* moe_ep_last_error(const moe_ep_context* ctx) { return ctx ? ctx->last_error : ""; }
+MOE_EP_API int moe_ep_rank(const moe_ep_context* ctx) { return ctx ? ctx->rank : -1; }
+MOE_EP_API int moe_ep_world_size(const moe_ep_context* ctx) { return ctx ? ctx->world_size : -1; }
+
+/* >>router */
+MOE_EP_PRIVATE void moe_ep__route_token(const moe_ep_desc* d, const float* x, const float* wg, float* probs,
+                                        double* lse, int32_t* idx, float* weight) {
+    int E = d->num_experts, k = d->top_k, D = d->d_model, e, j, i;
+    float m, sum, wsum;
+    for (e = 0; e < E; ++e) {
+        const float* row = wg + (int64_t)e * D;
+        float acc = 0.0f;
+        for (i = 0; i < D; ++i) acc += x[i] * row[i];
+        probs[e] = acc;
+    }
+    m = probs[0];
+    for (e = 1; e < E; ++e) m = probs[e] > m ? probs[e] : m;
+    sum = 0.0f;
+    for (e = 0; e < E; ++e) { probs[e] = expf(probs[e] - m); sum += probs[e]; }
+    *lse = (double)m + log((double)sum);
+    for (e = 0; e < E; ++e) probs[e] /= sum;
+    /* top-k by repeated selection; strict '>' keeps the lower index on ties */
+    for (j = 0; j < k; ++j) {
+        int best = -1;
+        for (e = 0; e < E; ++e) {
+            int taken = 0;
+            for (i = 0; i < j; ++i) taken |= idx[i] == e;
+            if (taken) continue;
+            if (best < 0 || probs[e] > probs[best]) best = e;
+        }
+        idx[j] = best;
+        weight[j] = probs[best];
+    }
+    if (d->normalize_topk) {
+        wsum = 0.0f;
+        for (j = 0; j < k; ++j) wsum += weight[j];
+        for (j = 0; j < k; ++j) weight[j] /= wsum;
+    }
+}
+
+MOE_EP_API moe_ep_result moe_ep_route(moe_ep_context* ctx, const float* x, int64_t tokens, int32_t* topk_idx,
+                                      float* topk_weight, moe_ep_router_stats* stats) {
+    const moe_ep_desc* d;
+    float* probs;
+    double* lse;
+    double* mean_p;
+    int64_t* assigned;
+    int64_t t;
+    int E;
+    if (!ctx) return MOE_EP_ERROR_INVALID_ARGUMENT;
+    d = &ctx->desc;
+    E = d->num_experts;
+    if (tokens < 0) return moe_ep__fail(ctx, MOE_EP_ERROR_INVALID_ARGUMENT, "tokens (%lld) must be >= 0", (long long)tokens);
+    if (tokens > 0 && (!x || !topk_idx || !topk_weight))
+        return moe_ep__fail(ctx, MOE_EP_ERROR_INVALID_ARGUMENT, "x, topk_idx and topk_weight must not be NULL when tokens > 0");
+    if (!d->router_weight)
+        return moe_ep__fail(ctx, MOE_EP_ERROR_INVALID_ARGUMENT,
+                            "moe_ep_desc.router_weight is NULL: hand in your own routing instead");
+    probs = (float*)moe_ep__calloc(&d->allocator, tokens * E, sizeof(float));
+    lse = (double*)moe_ep__calloc(&d->allocator, tokens, sizeof(double));
+    /* the statistics' buffers too, before anything is written: outputs stay untouched on failure */
+    mean_p = stats ? (double*)moe_ep__calloc(&d->allocator, E, sizeof(double)) : NULL;
+    assigned = stats ? (int64_t*)moe_ep__calloc(&d->allocator, E, sizeof(int64_t)) : NULL;
+    if (!probs || !lse || (stats && (!mean_p || !assigned))) {
+        moe_ep_free(&d->allocator, mean_p);
+        moe_ep_free(&d->allocator, assigned);
+        moe_ep_free(&d->allocator, probs);
+        moe_ep_free(&d->allocator, lse);
+        return moe_ep__fail(ctx, MOE_EP_ERROR_OUT_OF_MEMORY, "moe_ep_route: out of memory for %lld x %d probabilities",
+                            (long long)tokens, E);
+    }
+#ifdef _OPENMP
+#pragma omp parallel for schedule(static) num_threads(ctx->num_threads) if (ctx->num_threads > 1 && tokens > 1)
+#endif
+    for (t = 0; t < tokens; ++t)
+        moe_ep__route_token(d, x + t * d->d_model, d->router_weight, probs + t * E, lse + t,
+                            topk_idx + t * d->top_k, topk_weight + t * d->top_k);
+    if (stats) {
+        /* sequential, in token order: the statistics do not depend on the thread count */
+        double z = 0.0, aux = 0.0;
+        int64_t* counts = stats->tokens_per_expert;
+        int e;
+        if (counts) memset(counts, 0, sizeof(int64_t) * (size_t)E);
+        for (t = 0; t < tokens; ++t) {
+            z += lse[t] * lse[t];
+            for (e = 0; e < E; ++e) mean_p[e] += probs[t * E + e];
+        }
+        if (tokens > 0) {
+            for (t = 0; t < tokens * d->top_k; ++t) assigned[topk_idx[t]]++;
+            for (e = 0; e < E; ++e)
+                aux += ((double)assigned[e] / (double)(tokens * d->top_k)) * (mean_p[e] / (double)tokens);
+            aux *= E;
+            if (counts) memcpy(counts, assigned, sizeof(int64_t) * (size_t)E);
+            z /= (double)tokens;
+        }
+        stats->aux_loss = aux;
+        stats->z_loss = tokens > 0 ? z : 0.0;
+        moe_ep_free(&d->allocator, assigned);
+        moe_ep_free(&d->allocator, mean_p);
+    }
+    moe_ep_free(&d->allocator, probs);
+    moe_ep_free(&d->allocator, lse);
+    return MOE_EP_OK;
+}
+
+/* Caller's routing: every index an expert, no expert twice in one token, weights finite. */
+MOE_EP_PRIVATE moe_ep_result moe_ep__check_routing(moe_ep_context* ctx, int64_t tokens, const int32_t* idx,
+                                                   const float* weight) {
+    int k = ctx->desc.top_k, E = ctx->desc.num_experts, j, i;
+    int64_t t;
+    for (t = 0; t < tokens; ++t) {
+        uint64_t seen = 0;      /* E <= 64: the token's experts so far, one bit each */
+        for (j = 0; j < k; ++j) {
+            int32_t e = idx[t * k + j];
+            float w = weight[t * k + j];
+            if (e < 0 || e >= E)
+                return moe_ep__fail(ctx, MOE_EP_ERROR_INVALID_ARGUMENT,
+                                    "topk_idx[%lld][%d] (%d) must be an expert in [0, %d)", (long long)t, j, (int)e, E);
+            if (E > 64 || (seen >> e & 1u))
+                for (i = 0; i < j; ++i)
+                    if (idx[t * k + i] == e)
+                        return moe_ep__fail(ctx, MOE_EP_ERROR_INVALID_ARGUMENT,
+                                            "topk_idx[%lld] names expert %d twice (slots %d and %d)", (long long)t,
+                                            (int)e, i, j);
+            if (E <= 64) seen |= (uint64_t)1 << e;
+            if (!(w == w) || w > 3.4e38f || w < -3.4e38f)
+                return moe_ep__fail(ctx, MOE_EP_ERROR_INVALID_ARGUMENT,
+                                    "topk_weight[%lld][%d] must be finite", (long long)t, j);
+        }
+    }
+    return MOE_EP_OK;
+}
+
+/* >>plan */
+MOE_EP_API void moe_ep_plan_destroy(moe_ep_plan* plan) {
+    const moe_ep_allocator* a;
+    if (!plan) return;
+    a = &plan->ctx->desc.allocator;
+    moe_ep_free(a, plan->send_counts);
+    moe_ep_free(a, plan->recv_counts);
+    moe_ep_free(a, plan->seg_send_counts);
+    moe_ep_free(a, plan->seg_send_offsets);
+    moe_ep_free(a, plan->seg_recv_counts);
+    moe_ep_free(a, plan->seg_recv_offsets);
+    moe_ep_free(a, plan->local_expert_counts);
+    moe_ep_free(a, plan->local_expert_offsets);
+    moe_ep_free(a, plan->expert_counts);
+    moe_ep_free(a, plan->expert_kept);
+    moe_ep_free(a, plan->permutation);
+    moe_ep_free(a, plan->slot_row);
+    moe_ep_free(a, plan->topk_weight);
+    moe_ep_free(a, plan->send_buffer);
+    moe_ep_free(a, plan);
+}
+
+MOE_EP_API moe_ep_plan_info moe_ep_plan_query(const moe_ep_plan* plan) {
+    moe_ep_plan_info info;
+    memset(&info, 0, sizeof info);
+    if (!plan) return info;
+    info.world_size = plan->ctx->world_size;
+    info.local_experts = plan->ctx->local_experts;
+    info.tokens = plan->tokens;
+    info.capacity = plan->capacity;
+    info.send_counts = plan->send_counts;
+    info.recv_counts = plan->recv_counts;
+    info.local_expert_counts = plan->local_expert_counts;
+    info.local_expert_offsets = plan->local_expert_offsets;
+    info.recv_rows = plan->recv_rows;
+    info.send_rows = plan->send_rows;
+    info.expert_counts = plan->expert_counts;
+    info.expert_kept = plan->expert_kept;
+    info.permutation = plan->permutation;
+    info.segments = plan->segments;
+    info.seg_send_counts = plan->seg_send_counts;
+    info.seg_send_offsets = plan->seg_send_offsets;
+    info.seg_recv_counts = plan->seg_recv_counts;
+    info.seg_recv_offsets = plan->seg_recv_offsets;
+    info.slot_rows = plan->slot_row;
+    info.topk_weight = plan->topk_weight;
+    return info;
+}
+
+MOE_EP_PRIVATE moe_ep_result moe_ep__plan_alloc(moe_ep_context* ctx, int64_t tokens, moe_ep_plan** out) {
+    const moe_ep_allocator* a = &ctx->desc.allocator;
+    int R = ctx->world_size, S = MOE_EP__MAX(ctx->max_local_experts, 1), E = ctx->desc.num_experts;
+    int64_t slots = tokens * ctx->desc.top_k;
+    moe_ep_plan* plan = (moe_ep_plan*)moe_ep__calloc(a, 1, sizeof *plan);
+    if (!plan) return MOE_EP_ERROR_OUT_OF_MEMORY;
+    plan->ctx = ctx;
+    plan->tokens = tokens;
+    plan->top_k = ctx->desc.top_k;
+    plan->segments = S;
+    plan->send_counts = (int64_t*)moe_ep__calloc(a, R, sizeof(int64_t));
+    plan->recv_counts = (int64_t*)moe_ep__calloc(a, R, sizeof(int64_t));
+    plan->seg_send_counts = (int64_t*)moe_ep__calloc(a, (int64_t)R * S, sizeof(int64_t));
+    plan->seg_send_offsets = (int64_t*)moe_ep__calloc(a, (int64_t)R * S, sizeof(int64_t));
+    plan->seg_recv_counts = (int64_t*)moe_ep__calloc(a, (int64_t)R * S, sizeof(int64_t));
+    plan->seg_recv_offsets = (int64_t*)moe_ep__calloc(a, (int64_t)R * S, sizeof(int64_t));
+    plan->local_expert_counts = (int64_t*)moe_ep__calloc(a, S, sizeof(int64_t));
+    plan->local_expert_offsets = (int64_t*)moe_ep__calloc(a, S, sizeof(int64_t));
+    plan->expert_counts = (int64_t*)moe_ep__calloc(a, E, sizeof(int64_t));
+    plan->expert_kept = (int64_t*)moe_ep__calloc(a, E, sizeof(int64_t));
+    plan->slot_row = (int64_t*)moe_ep__calloc(a, slots, sizeof(int64_t));
+    plan->topk_weight = (float*)moe_ep__calloc(a, slots, sizeof(float));
+    if (!plan->send_counts || !plan->recv_counts || !plan->seg_send_counts || !plan->seg_send_offsets ||
+        !plan->seg_recv_counts || !plan->seg_recv_offsets || !plan->local_expert_counts ||
+        !plan->local_expert_offsets || !plan->expert_counts || !plan->expert_kept || !plan->slot_row ||
+        !plan->topk_weight) {
+        moe_ep_plan_destroy(plan);
+        return MOE_EP_ERROR_OUT_OF_MEMORY;
+    }
+    *out = plan;
+    return MOE_EP_OK;
+}
+
+/* Local bookkeeping: capacity, send layout (peer, local expert, token), permutation. */
+MOE_EP_PRIVATE moe_ep_result moe_ep__plan_local(moe_ep_context* ctx, moe_ep_plan* plan, const int32_t* idx,
+                                                const float* weight) {
+    const moe_ep_allocator* a = &ctx->desc.allocator;
+    int k = plan->top_k, S = plan->segments, R = ctx->world_size, E = ctx->desc.num_experts, e, p, s, j;
+    int64_t slots = plan->tokens * k, i, t, row = 0;
+    int64_t* cursor;
+    plan->capacity = -1;
+    if (ctx->desc.capacity_factor > 0.0f)
+        plan->capacity = (int64_t)ceil((double)ctx->desc.capacity_factor * (double)plan->tokens * k / (double)E);
+    if (plan->capacity < 0) {
+        for (i = 0; i < slots; ++i) plan->expert_counts[idx[i]]++;
+        memcpy(plan->expert_kept, plan->expert_counts, sizeof(int64_t) * (size_t)E);
+    } else {
+        for (i = 0; i < slots; ++i) {
+            e = idx[i];
+            plan->expert_counts[e]++;
+            if (plan->expert_kept[e] < plan->capacity) plan->expert_kept[e]++;
+            else plan->slot_row[i] = -1;    /* dropped; kept slots are 0 (calloc) until placed below */
+        }
+    }
+    if (slots > 0) memcpy(plan->topk_weight, weight, sizeof(float) * (size_t)slots);
+    for (e = 0; e < E; ++e) plan->seg_send_counts[ctx->owner_of[e] * S + ctx->local_index_of[e]] = plan->expert_kept[e];
+    for (p = 0; p < R; ++p)
+        for (s = 0; s < S; ++s) {
+            plan->seg_send_offsets[p * S + s] = row;
+            row += plan->seg_send_counts[p * S + s];
+            plan->send_counts[p] += plan->seg_send_counts[p * S + s];
+        }
+    plan->send_rows = row;
+    plan->permutation = (int64_t*)moe_ep__calloc(a, row, sizeof(int64_t));
+    /* not zeroed: every row is written before it is read, and a device path never touches it */
+    plan->send_buffer = row * ctx->desc.d_model <= (int64_t)(SIZE_MAX / sizeof(float) / 2)
+                        ? (float*)moe_ep_alloc(a, sizeof(float) * (size_t)(row * ctx->desc.d_model)) : NULL;
+    /* cursor[e]: the next send row of expert e (its segment's rows are its own) */
+    cursor = (int64_t*)moe_ep__calloc(a, E, sizeof(int64_t));
+    if (!plan->permutation || !plan->send_buffer || !cursor) {
+        moe_ep_free(a, cursor);
+        return moe_ep__fail(ctx, MOE_EP_ERROR_OUT_OF_MEMORY, "moe_ep_plan_create: out of memory for %lld send rows",
+                            (long long)row);
+    }
+    for (e = 0; e < E; ++e) cursor[e] = plan->seg_send_offsets[ctx->owner_of[e] * S + ctx->local_index_of[e]];
+    for (t = 0, i = 0; t < plan->tokens; ++t)
+        for (j = 0; j < k; ++j, ++i) {
+            if (plan->slot_row[i] < 0) continue;
+            row = cursor[idx[i]]++;
+            plan->slot_row[i] = row;
+            plan->permutation[row] = t;
+        }
+    /* every expert filled exactly its segment */
+    for (e = 0; e < E; ++e)
+        MOE_EP_ASSERT(cursor[e] == plan->seg_send_offsets[ctx->owner_of[e] * S + ctx->local_index_of[e]] +
+                                   plan->expert_kept[e]);
+    moe_ep_free(a, cursor);
+    return MOE_EP_OK;
+}
+
+/* Receive layout: grouped by local expert, then source rank, then token. */
+MOE_EP_PRIVATE void moe_ep__plan_receive(moe_ep_context* ctx, moe_ep_plan* plan, const int64_t* recv_words) {
+    int R = ctx->world_size, S = plan->segments, q, s;
+    int64_t offset = 0;
+    for (q = 0; q < R; ++q)
+        for (s = 0; s < S; ++s) {
+            int64_t n = recv_words[q * (S + 1) + 1 + s];
+            plan->seg_recv_counts[q * S + s] = n;
+            plan->local_expert_counts[s] += n;
+            plan->recv_counts[q] += n;
+        }
+    for (s = 0; s < S; ++s) {
+        plan->local_expert_offsets[s] = offset;
+        for (q = 0; q < R; ++q) {
+            plan->seg_recv_offsets[q * S + s] = offset;
+            offset += plan->seg_recv_counts[q * S + s];
+        }
+    }
+    plan->recv_rows = offset;
+}
+
+/* Builds the plan and exchanges counts; `status` != OK means this rank already failed
+   and only tells the others. Every rank returns an error if any rank failed. */
+MOE_EP_PRIVATE moe_ep_result moe_ep__plan_build(moe_ep_context* ctx, int64_t tokens, const int32_t* idx,
+                                                const float* weight, moe_ep_result status, moe_ep_plan** out) {
+    int R = ctx->world_size, S = MOE_EP__MAX(ctx->max_local_experts, 1), q, s;
+    int64_t* words;
+    moe_ep_plan* plan = NULL;
+    moe_ep_result res;
+    char err[MOE_EP__ERR_SIZE] = "";
+    words = (int64_t*)moe_ep__calloc(&ctx->desc.allocator, 2 * (int64_t)R * (S + 1), sizeof(int64_t));
+    if (!words) return moe_ep__fail(ctx, MOE_EP_ERROR_OUT_OF_MEMORY, "moe_ep_plan_create: out of memory");
+    if (status == MOE_EP_OK && tokens > 0) status = moe_ep__check_routing(ctx, tokens, idx, weight);
+    if (status == MOE_EP_OK) {
+        status = moe_ep__plan_alloc(ctx, tokens, &plan);
+        if (status != MOE_EP_OK) moe_ep__fail(ctx, status, "moe_ep_plan_create: out of memory");
+    }
+    if (status == MOE_EP_OK) status = moe_ep__plan_local(ctx, plan, idx, weight);
+    for (q = 0; q < R; ++q) {
+        words[q * (S + 1)] = (int64_t)status;
+        for (s = 0; plan && s < S; ++s) words[q * (S + 1) + 1 + s] = plan->seg_send_counts[q * S + s];
+    }
+    res = ctx->transport.exchange_counts(ctx->transport.impl, words, words + (int64_t)R * (S + 1), S + 1, err, sizeof err);
+    if (res != MOE_EP_OK) {
+        if (status == MOE_EP_OK) status = moe_ep__transport_fail(ctx, res, "moe_ep_plan_create: count exchange", err);
+    } else if (status == MOE_EP_OK) {
+        const int64_t* recv = words + (int64_t)R * (S + 1);
+        for (q = 0; q < R; ++q)
+            if (recv[q * (S + 1)] != MOE_EP_OK) {
+                status = moe_ep__fail(ctx, MOE_EP_ERROR_ABORTED, "moe_ep_plan_create: rank %d failed (%s)", q,
+                                      moe_ep_result_string((moe_ep_result)recv[q * (S + 1)]));
+                break;
+            }
+        if (status == MOE_EP_OK) moe_ep__plan_receive(ctx, plan, recv);
+    }
+    moe_ep_free(&ctx->desc.allocator, words);
+    if (status != MOE_EP_OK) {
+        moe_ep_plan_destroy(plan);
+        return status;
+    }
+    *out = plan;
+    return MOE_EP_OK;
+}
+
+MOE_EP_API moe_ep_result moe_ep_plan_create(moe_ep_context* ctx, int64_t tokens, const int32_t* topk_idx,
+                                            const float* topk_weight, moe_ep_plan** out) {
+    moe_ep_result status = MOE_EP_OK;
+    if (!ctx) return MOE_EP_ERROR_INVALID_ARGUMENT;
+    if (!out) status = moe_ep__fail(ctx, MOE_EP_ERROR_INVALID_ARGUMENT, "moe_ep_plan_create: out must not be NULL");
+    else if (tokens < 0)
+        status = moe_ep__fail(ctx, MOE_EP_ERROR_INVALID_ARGUMENT, "moe_ep_plan_create: tokens (%lld) must be >= 0",
+                              (long long)tokens);
+    else if (tokens > 0 && (!topk_idx || !topk_weight))
+        status = moe_ep__fail(ctx, MOE_EP_ERROR_INVALID_ARGUMENT,
+                              "moe_ep_plan_create: topk_idx and topk_weight must not be NULL when tokens > 0");
+    if (status != MOE_EP_OK) {
+        moe_ep_plan* unused = NULL;
+        moe_ep__plan_build(ctx, 0, NULL, NULL, status, &unused);
+        return status;
+    }
+    return moe_ep__plan_build(ctx, tokens, topk_idx, topk_weight, MOE_EP_OK, out);
+}
+
+/* >>dispatch */
+/* One rank: the send order is the receive order, so dispatch gathers straight into the
+   receive rows and combine sums straight from the expert rows; there is nothing to move. */
+MOE_EP_PRIVATE bool moe_ep__local_only(const moe_ep_context* ctx) { return ctx->world_size == 1; }
+
+MOE_EP_PRIVATE moe_ep_result moe_ep__a2a_begin(moe_ep_context* ctx, moe_ep_plan* plan, const char* stage) {
+    char err[MOE_EP__ERR_SIZE] = "";
+    moe_ep_result res;
+    plan->request = NULL;
+    if (moe_ep__local_only(ctx)) return MOE_EP_OK;
+    if (ctx->transport.all_to_all_v_begin && !plan->blocking)
+        res = ctx->transport.all_to_all_v_begin(ctx->transport.impl, &plan->args, &plan->request, err, sizeof err);
+    else
+        res = ctx->transport.all_to_all_v(ctx->transport.impl, &plan->args, err, sizeof err);
+    if (res != MOE_EP_OK) return moe_ep__transport_fail(ctx, res, stage, err);
+    return MOE_EP_OK;
+}
+
+MOE_EP_PRIVATE moe_ep_result moe_ep__a2a_end(moe_ep_context* ctx, moe_ep_plan* plan, const char* stage) {
+    char err[MOE_EP__ERR_SIZE] = "";
+    moe_ep_result res = MOE_EP_OK;
+    if (ctx->transport.all_to_all_v_end && !moe_ep__local_only(ctx) && !plan->blocking)
+        res = ctx->transport.all_to_all_v_end(ctx->transport.impl, plan->request, err, sizeof err);
+    plan->request = NULL;
+    plan->pending = 0;
+    if (res != MOE_EP_OK) return moe_ep__transport_fail(ctx, res, stage, err);
+    return MOE_EP_OK;
+}
+
+MOE_EP_PRIVATE void moe_ep__set_args(moe_ep_plan* plan, const void* send, void* recv, bool forward) {
+    moe_ep_a2a_args* a = &plan->args;
+    memset(a, 0, sizeof *a);
+    a->send = send;
+    a->recv = recv;
+    a->row_bytes = sizeof(float) * (size_t)plan->ctx->desc.d_model;
+    a->segments = plan->segments;
+    a->send_counts = forward ? plan->seg_send_counts : plan->seg_recv_counts;
+    a->send_offsets = forward ? plan->seg_send_offsets : plan->seg_recv_offsets;
+    a->recv_counts = forward ? plan->seg_recv_counts : plan->seg_send_counts;
+    a->recv_offsets = forward ? plan->seg_recv_offsets : plan->seg_send_offsets;
+    a->memory_space = MOE_EP_MEMORY_HOST;
+}
+
+MOE_EP_PRIVATE moe_ep_result moe_ep__check_stage(moe_ep_context* ctx, moe_ep_plan* plan, const char* stage,
+                                                 int pending_expected) {
+    if (!ctx) return MOE_EP_ERROR_INVALID_ARGUMENT;
+    if (!plan || plan->ctx != ctx)
+        return moe_ep__fail(ctx, MOE_EP_ERROR_INVALID_ARGUMENT, "%s: plan is NULL or belongs to another context", stage);
+    if (plan->pending != pending_expected)
+        return moe_ep__fail(ctx, MOE_EP_ERROR_INVALID_ARGUMENT, "%s: %s", stage,
+                            plan->pending ? "a split-phase operation on this plan is still open"
+                                          : "no split-phase operation is open on this plan");
+    return MOE_EP_OK;
+}
+
+MOE_EP_API moe_ep_result moe_ep_dispatch_begin(moe_ep_context* ctx, moe_ep_plan* plan, const float* x, float* recv_rows) {
+    moe_ep_result res = moe_ep__check_stage(ctx, plan, "moe_ep_dispatch", 0);
+    int64_t r, d;
+    if (res != MOE_EP_OK) return res;
+    if ((plan->send_rows > 0 && !x) || (plan->recv_rows > 0 && !recv_rows))
+        return moe_ep__fail(ctx, MOE_EP_ERROR_INVALID_ARGUMENT, "moe_ep_dispatch: x and recv_rows must not be NULL");
+    d = ctx->desc.d_model;
+    {
+        float* dst = moe_ep__local_only(ctx) ? recv_rows : plan->send_buffer;
+#ifdef _OPENMP
+#pragma omp parallel for schedule(static) num_threads(ctx->num_threads) if (ctx->num_threads > 1 && plan->send_rows > 64)
+#endif
+        for (r = 0; r < plan->send_rows; ++r)
+            memcpy(dst + r * d, x + plan->permutation[r] * d, sizeof(float) * (size_t)d);
+    }
+    moe_ep__set_args(plan, plan->send_buffer, recv_rows, true);
+    plan->pending = 1;
+    res = moe_ep__a2a_begin(ctx, plan, "moe_ep_dispatch");
+    if (res != MOE_EP_OK) plan->pending = 0;
+    return res;
+}
+
+MOE_EP_API moe_ep_result moe_ep_dispatch_end(moe_ep_context* ctx, moe_ep_plan* plan) {
+    moe_ep_result res = moe_ep__check_stage(ctx, plan, "moe_ep_dispatch_end", 1);
+    if (res != MOE_EP_OK) return res;
+    return moe_ep__a2a_end(ctx, plan, "moe_ep_dispatch");
+}
+
+/* Whether plan may be marked for a blocking exchange (a valid plan of ctx with nothing open). */
+MOE_EP_PRIVATE bool moe_ep__can_block(const moe_ep_context* ctx, const moe_ep_plan* plan) {
+    return ctx && plan && plan->ctx == ctx && plan->pending == 0;
+}
+
+MOE_EP_API moe_ep_result moe_ep_dispatch(moe_ep_context* ctx, moe_ep_plan* plan, const float* x, float* recv_rows) {
+    moe_ep_result res;
+    bool blocking = moe_ep__can_block(ctx, plan);
+    if (blocking) plan->blocking = 1;   /* one blocking exchange, not begin + end */
+    res = moe_ep_dispatch_begin(ctx, plan, x, recv_rows);
+    if (res == MOE_EP_OK) res = moe_ep_dispatch_end(ctx, plan);
+    if (blocking) plan->blocking = 0;
+    return res;
+}
+
+/* >>experts */
+MOE_EP_PRIVATE moe_ep_result moe_ep__experts_local(moe_ep_context* ctx, const moe_ep_plan* plan, const float* rows,
+                                                   float* out) {
+    int64_t d = ctx->desc.d_model;
+    int l;
+    for (l = 0; l < ctx->local_experts; ++l) {
+        int64_t n = plan->local_expert_counts[l], first = plan->local_expert_offsets[l];
+        if (n == 0) continue;
+        if (ctx->desc.expert_fn) {
+            int expert = ctx->rank_expert_list[ctx->rank_expert_start[ctx->rank] + l];
+            int rc = ctx->desc.expert_fn(l, expert, rows + first * d, n, (int)d, out + first * d,
+                                         ctx->desc.expert_user_data);
+            if (rc != 0)
+                return moe_ep__fail(ctx, MOE_EP_ERROR_CALLBACK, "moe_ep_experts: expert_fn returned %d for expert %d",
+                                    rc, expert);
+        } else {
+            moe_ep_result res = moe_ep_expert_ffn(ctx, l, rows + first * d, n, out + first * d);
+            if (res != MOE_EP_OK) return res;
+        }
+    }
+    return MOE_EP_OK;
+}
+
+MOE_EP_API moe_ep_result moe_ep_experts(moe_ep_context* ctx, const moe_ep_plan* plan, const float* rows, float* out) {
+    moe_ep_result res = moe_ep__check_stage(ctx, (moe_ep_plan*)(uintptr_t)plan, "moe_ep_experts", 0);
+    if (res != MOE_EP_OK) return res;
+    if (plan->recv_rows > 0 && (!rows || !out))
+        return ctx->experts_status = moe_ep__fail(ctx, MOE_EP_ERROR_INVALID_ARGUMENT,
+                                                  "moe_ep_experts: rows and out must not be NULL");
+    res = moe_ep__experts_local(ctx, plan, rows, out);
+    if (ctx->tp_size > 1) {
+        /* The TP group saw the same tokens, so its ranks hold the same rows: sum the d_ff
+           slices. Reached even after a local failure, so the group is not left waiting. */
+        char err[MOE_EP__ERR_SIZE] = "";
+        moe_ep_result reduced = ctx->tp_transport.all_reduce_sum(ctx->tp_transport.impl, out,
+                                                                 plan->recv_rows * ctx->desc.d_model,
+                                                                 MOE_EP_MEMORY_HOST, NULL, err, sizeof err);
+        if (res == MOE_EP_OK && reduced != MOE_EP_OK)
+            res = moe_ep__transport_fail(ctx, reduced, "moe_ep_experts: tensor-parallel sum", err);
+    }
+    if (res != MOE_EP_OK) ctx->experts_status = res;
+    return res;
+}
+
+/* >>combine */
+MOE_EP_PRIVATE moe_ep_result moe_ep__combine_begin(moe_ep_context* ctx, moe_ep_plan* plan, const float* expert_out,
+                                                   moe_ep_result status) {
+    moe_ep_result res = moe_ep__check_stage(ctx, plan, "moe_ep_combine", 0);
+    if (!ctx) return res;
+    if (res != MOE_EP_OK) status = res;
+    else if (plan->recv_rows > 0 && !expert_out)
+        status = moe_ep__fail(ctx, MOE_EP_ERROR_INVALID_ARGUMENT, "moe_ep_combine: expert_out must not be NULL");
+    /* The one agreement of a layer: a rank whose experts failed tells the others here. */
+    res = moe_ep__agree(ctx, status, "moe_ep_combine");
+    if (res != MOE_EP_OK) return res;
+    moe_ep__set_args(plan, expert_out, plan->send_buffer, false);
+    plan->pending = 2;
+    res = moe_ep__a2a_begin(ctx, plan, "moe_ep_combine");
+    if (res != MOE_EP_OK) plan->pending = 0;
+    return res;
+}
+
+MOE_EP_API moe_ep_result moe_ep_combine_begin(moe_ep_context* ctx, moe_ep_plan* plan, const float* expert_out) {
+    moe_ep_result status = ctx ? ctx->experts_status : MOE_EP_OK;
+    if (ctx) ctx->experts_status = MOE_EP_OK;
+    return moe_ep__combine_begin(ctx, plan, expert_out, status);
+}
+
+#if defined(__STDC_VERSION__) && __STDC_VERSION__ >= 199901L
+#define MOE_EP__RESTRICT restrict
+#else
+#define MOE_EP__RESTRICT
+#endif
+
+/* y_t = sum over the k slots, in slot order, of w_j * row_j (from 0.0f; a dropped slot adds
+   nothing). The first slot writes 0.0f + w * row, the same bytes as a zeroed row plus it. */
+MOE_EP_PRIVATE void moe_ep__combine_row(float* MOE_EP__RESTRICT yt, const float* rows, const int64_t* slot_row,
+                                        const float* weight, int k, int64_t d) {
+    int j, first = 1;
+    int64_t i;
+    for (j = 0; j < k; ++j) {
+        const float* MOE_EP__RESTRICT src;
+        float w = weight[j];
+        if (slot_row[j] < 0) continue;
+        src = rows + slot_row[j] * d;
+        if (first)
+            for (i = 0; i < d; ++i) yt[i] = 0.0f + w * src[i];
+        else
+            for (i = 0; i < d; ++i) yt[i] += w * src[i];
+        first = 0;
+    }
+    if (first)
+        for (i = 0; i < d; ++i) yt[i] = 0.0f;
+}
+
+MOE_EP_API moe_ep_result moe_ep_combine_end(moe_ep_context* ctx, moe_ep_plan* plan, float* y) {
+    moe_ep_result res = moe_ep__check_stage(ctx, plan, "moe_ep_combine_end", 2);
+    const float* rows;
+    int64_t t, d;
+    int k;
+    if (res != MOE_EP_OK) return res;
+    res = moe_ep__a2a_end(ctx, plan, "moe_ep_combine");
+    if (res != MOE_EP_OK) return res;
+    if (plan->tokens > 0 && !y)
+        return moe_ep__fail(ctx, MOE_EP_ERROR_INVALID_ARGUMENT, "moe_ep_combine: y must not be NULL");
+    d = ctx->desc.d_model;
+    k = plan->top_k;
+    rows = moe_ep__local_only(ctx) ? (const float*)plan->args.send : plan->send_buffer;
+#ifdef _OPENMP
+#pragma omp parallel for schedule(static) num_threads(ctx->num_threads) if (ctx->num_threads > 1 && plan->tokens > 16)
+#endif
+    for (t = 0; t < plan->tokens; ++t)
+        moe_ep__combine_row(y + t * d, rows, plan->slot_row + t * k, plan->topk_weight + t * k, k, d);
+    return MOE_EP_OK;
+}
+
+MOE_EP_API moe_ep_result moe_ep_combine(moe_ep_context* ctx, moe_ep_plan* plan, const float* expert_out, float* y) {
+    moe_ep_result res;
+    bool blocking = moe_ep__can_block(ctx, plan);
+    if (blocking) plan->blocking = 1;
+    res = moe_ep_combine_begin(ctx, plan, expert_out);
+    if (res == MOE_EP_OK) res = moe_ep_combine_end(ctx, plan, y);
+    if (blocking) plan->blocking = 0;
+    return res;
+}
+
+/* >>forward */
+MOE_EP_PRIVATE moe_ep_result moe_ep__forward_check(moe_ep_context* ctx, const moe_ep_forward_args* a) {
+    if (!a) return moe_ep__fail(ctx, MOE_EP_ERROR_INVALID_ARGUMENT, "moe_ep_forward: args must not be NULL");
+    if (a->tokens < 0)
+        return moe_ep__fail(ctx, MOE_EP_ERROR_INVALID_ARGUMENT, "moe_ep_forward_args.tokens (%lld) must be >= 0",
+                            (long long)a->tokens);
+    if (a->tokens > 0 && (!a->x || !a->y))
+        return moe_ep__fail(ctx, MOE_EP_ERROR_INVALID_ARGUMENT,
+                            "moe_ep_forward_args.x and .y must not be NULL when tokens > 0");
+    if (a->routing_in && a->tokens > 0 && (!a->topk_idx || !a->topk_weight))
+        return moe_ep__fail(ctx, MOE_EP_ERROR_INVALID_ARGUMENT,
+                            "moe_ep_forward_args.routing_in needs topk_idx and topk_weight");
+    if (!a->routing_in && !ctx->desc.router_weight)
+        return moe_ep__fail(ctx, MOE_EP_ERROR_INVALID_ARGUMENT,
+                            "moe_ep_desc.router_weight is NULL: set it, or hand in routing (routing_in)");
+    return MOE_EP_OK;
+}
+
+MOE_EP_API moe_ep_result moe_ep_forward(moe_ep_context* ctx, const moe_ep_forward_args* args) {
+    moe_ep_result status, res;
+    moe_ep_plan* plan = NULL;
+    int32_t* idx = NULL;
+    float* weight = NULL;
+    int64_t tokens = 0;
+    if (!ctx) return MOE_EP_ERROR_INVALID_ARGUMENT;
+    status = moe_ep__forward_check(ctx, args);
+    if (status == MOE_EP_OK) {
+        tokens = args->tokens;
+        if (args->routing_in || (args->topk_idx && args->topk_weight)) {
+            idx = args->topk_idx;
+            weight = args->topk_weight;
+        } else {
+            void* bufs[2];
+            bufs[0] = ctx->topk_idx;
+            bufs[1] = ctx->topk_weight;
+            /* int32_t indices and float weights: one element size serves both buffers */
+            status = moe_ep__grow(ctx, bufs, &ctx->routing_capacity, tokens * ctx->desc.top_k, sizeof(float), 2);
+            ctx->topk_idx = (int32_t*)bufs[0];
+            ctx->topk_weight = (float*)bufs[1];
+            idx = ctx->topk_idx;
+            weight = ctx->topk_weight;
+        }
+    }
+    if (status == MOE_EP_OK && !args->routing_in)
+        status = moe_ep_route(ctx, args->x, tokens, idx, weight, args->stats);
+    res = moe_ep__plan_build(ctx, status == MOE_EP_OK ? tokens : 0, idx, weight, status, &plan);
+    if (res != MOE_EP_OK) return res;
+    {
+        void* bufs[2];
+        bufs[0] = ctx->recv_rows;
+        bufs[1] = ctx->expert_out;
+        status = moe_ep__grow(ctx, bufs, &ctx->recv_capacity, plan->recv_rows * ctx->desc.d_model, sizeof(float), 2);
+        ctx->recv_rows = (float*)bufs[0];
+        ctx->expert_out = (float*)bufs[1];
+    }
+    /* A rank without room to receive must not enter the dispatch: agree first. */
+    res = moe_ep__agree(ctx, status, "moe_ep_forward");
+    if (res == MOE_EP_OK) res = moe_ep_dispatch(ctx, plan, args->x, ctx->recv_rows);
+    if (res == MOE_EP_OK) {
+        status = moe_ep_experts(ctx, plan, ctx->recv_rows, ctx->expert_out);
+        ctx->experts_status = MOE_EP_OK;    /* handed to combine here */
+        plan->blocking = 1;
+        res = moe_ep__combine_begin(ctx, plan, ctx->expert_out, status);
+        if (res == MOE_EP_OK) res = moe_ep_combine_end(ctx, plan, args->y);
+    }
+    moe_ep_plan_destroy(plan);
+    return res;
+}
+
+/* >>layout */
+MOE_EP_API moe_ep_result moe_ep_layout_resolve(const moe_ep_layout_desc* desc, moe_ep_layout_desc* out,
+                                               char* err, size_t err_size) {
+    moe_ep_layout_desc d;
+    char local[MOE_EP__ERR_SIZE];   /* the caller did not ask for the reason; keep it whole anyway */
+    if (!err) { err = local; err_size = sizeof local; }
+    if (!desc || !out) { snprintf(err, err_size, "desc and out must not be NULL"); return MOE_EP_ERROR_INVALID_ARGUMENT; }
+    d = *desc;
+    d.tp_size = MOE_EP__DEF(d.tp_size, 1);
+    d.dp_size = MOE_EP__DEF(d.dp_size, 1);
+    d.placement.kind = MOE_EP__DEF(d.placement.kind, MOE_EP_PLACEMENT_CONTIGUOUS);
+    if (d.world_size <= 0 || d.tp_size <= 0 || d.dp_size <= 0 || d.ep_size < 0) {
+        snprintf(err, err_size, "moe_ep_layout_desc: world_size (%d), tp_size (%d) and dp_size (%d) must be > 0 "
+                 "and ep_size (%d) >= 0", d.world_size, d.tp_size, d.dp_size, d.ep_size);
+        return MOE_EP_ERROR_INVALID_ARGUMENT;
+    }
+    if (d.ep_size == 0) d.ep_size = d.world_size / (d.tp_size * d.dp_size);
+    if ((int64_t)d.ep_size * d.tp_size * d.dp_size != d.world_size || d.ep_size == 0) {
+        snprintf(err, err_size, "moe_ep_layout_desc: ep_size (%d) x tp_size (%d) x dp_size (%d) must equal "
+                 "world_size (%d)", d.ep_size, d.tp_size, d.dp_size, d.world_size);
+        return MOE_EP_ERROR_INVALID_ARGUMENT;
+    }
+    if (d.num_experts <= 0 || d.num_experts % d.ep_size != 0) {
+        snprintf(err, err_size, "moe_ep_layout_desc.num_experts (%d) must be a positive multiple of ep_size (%d)",
+                 d.num_experts, d.ep_size);
+        return MOE_EP_ERROR_INVALID_ARGUMENT;
+    }
+    if (d.placement.kind <= 0 || d.placement.kind >= MOE_EP_PLACEMENT_COUNT ||
+        (d.placement.kind == MOE_EP_PLACEMENT_TABLE && !d.placement.table)) {
+        snprintf(err, err_size, "moe_ep_layout_desc.placement is not valid");
+        return MOE_EP_ERROR_INVALID_ARGUMENT;
+    }
+    *out = d;
+    return MOE_EP_OK;
+}
+
+MOE_EP_API moe_ep_result moe_ep_layout_coords(const moe_ep_layout_desc* desc, int rank, moe_ep_coords* out) {
+    moe_ep_layout_desc d;
+    moe_ep_result res = moe_ep_layout_resolve(desc, &d, NULL, 0);
+    if (res != MOE_EP_OK) return res;
+    if (rank < 0 || rank >= d.world_size || !out) return MOE_EP_ERROR_INVALID_ARGUMENT;
+    out->tp = rank % d.tp_size;
+    out->ep = (rank / d.tp_size) % d.ep_size;
+    out->dp = rank / (d.tp_size * d.ep_size);
+    return MOE_EP_OK;
+}
+
+MOE_EP_API int moe_ep_layout_rank_of(const moe_ep_layout_desc* desc, moe_ep_coords c) {
+    moe_ep_layout_desc d;
+    if (moe_ep_layout_resolve(desc, &d, NULL, 0) != MOE_EP_OK) return -1;
+    if (c.dp < 0 || c.dp >= d.dp_size || c.ep < 0 || c.ep >= d.ep_size || c.tp < 0 || c.tp >= d.tp_size) return -1;
+    return (c.dp * d.ep_size + c.ep) * d.tp_size + c.tp;
+}
+
+MOE_EP_API int moe_ep_layout_group(const moe_ep_layout_desc* desc, int rank, moe_ep_group_kind kind, int* ranks, int max) {
+    moe_ep_layout_desc d;
+    moe_ep_coords c, member;
+    int i, n;
+    if (moe_ep_layout_resolve(desc, &d, NULL, 0) != MOE_EP_OK || moe_ep_layout_coords(&d, rank, &c) != MOE_EP_OK) return -1;
+    kind = MOE_EP__DEF(kind, MOE_EP_GROUP_EP);
+    if (kind <= 0 || kind >= MOE_EP_GROUP_COUNT) return -1;
+    n = kind == MOE_EP_GROUP_EP ? d.ep_size : kind == MOE_EP_GROUP_TP ? d.tp_size : d.dp_size;
+    for (i = 0; i < n && i < max && ranks; ++i) {
+        member = c;
+        if (kind == MOE_EP_GROUP_EP) member.ep = i;
+        else if (kind == MOE_EP_GROUP_TP) member.tp = i;
+        else member.dp = i;
+        ranks[i] = moe_ep_layout_rank_of(&d, member);
+    }
+    return n;
+}
+
+MOE_EP_API int moe_ep_layout_experts(const moe_ep_layout_desc* desc, int rank, int* experts, int max) {
+    moe_ep_layout_desc d;
+    moe_ep_coords c;
+    int e, n = 0;
+    if (moe_ep_layout_resolve(desc, &d, NULL, 0) != MOE_EP_OK || moe_ep_layout_coords(&d, rank, &c) != MOE_EP_OK) return -1;
+    for (e = 0; e < d.num_experts; ++e) {
+        int owner = moe_ep__owner_of(&d.placement, d.num_experts, d.ep_size, e);
+        if (owner < 0) return -1;
+        if (owner == c.ep) {
+            if (experts && n < max) experts[n] = e;
+            n++;
+        }
+    }
+    return n;
+}
+
+MOE_EP_API moe_ep_result moe_ep_layout_split(const moe_ep_layout_desc* desc, const moe_ep_transport* world,
+                                             moe_ep_group_kind kind, moe_ep_transport* out,
+                                             char* err_text, size_t err_size) {
+    moe_ep_layout_desc d;
+    moe_ep_coords c;
+    int color, key;
+    char err[MOE_EP__ERR_SIZE] = "";
+    moe_ep_result res;
+    if (!world || !out || !world->split) {
+        moe_ep__text(err_text, err_size, "moe_ep_layout_split: world and out must not be NULL, and world needs split");
+        return MOE_EP_ERROR_INVALID_ARGUMENT;
+    }
+    res = moe_ep_layout_resolve(desc, &d, err_text, err_size);
+    if (res != MOE_EP_OK) return res;
+    if (d.world_size != world->world_size || moe_ep_layout_coords(&d, world->rank, &c) != MOE_EP_OK) {
+        moe_ep__text(err_text, err_size, "moe_ep_layout_split: the layout's world_size (%d) must be the transport's (%d)",
+                     d.world_size, world->world_size);
+        return MOE_EP_ERROR_INVALID_ARGUMENT;
+    }
+    kind = MOE_EP__DEF(kind, MOE_EP_GROUP_EP);
+    /* color: the coordinates that stay fixed in the group; key: the one that varies */
+    if (kind == MOE_EP_GROUP_EP) { color = c.dp * d.tp_size + c.tp; key = c.ep; }
+    else if (kind == MOE_EP_GROUP_TP) { color = c.dp * d.ep_size + c.ep; key = c.tp; }
+    else if (kind == MOE_EP_GROUP_DP) { color = c.ep * d.tp_size + c.tp; key = c.dp; }
+    else {
+        moe_ep__text(err_text, err_size, "moe_ep_layout_split: kind (%d) is not a moe_ep_group_kind", (int)kind);
+        return MOE_EP_ERROR_INVALID_ARGUMENT;
+    }
+    res = world->split(world->impl, color, key, out, err, sizeof err);
+    if (res != MOE_EP_OK)
+        moe_ep__text(err_text, err_size, "moe_ep_layout_split: transport '%s' failed to split: %s%s%s",
+                     world->name ? world->name : "?", moe_ep_result_string(res), err[0] ? ": " : "", err);
+    return res;
+}
+
+/* ======================================================================== */
+/* KERNELS: the expert FFN on the CPU -- packing, the SIMD paths and their blocking.
+   Last in the file because it is the longest and the least read: the pipeline above
+   reaches it through moe_ep__pack_expert and moe_ep__ffn. */
 /* >>kernel: packed weights and the deterministic FFN.
 
    Determinism: every output element is one multiply-add chain over k = 0, 1, ..., K-1
@@ -1588,1011 +2626,6 @@ MOE_EP_PRIVATE moe_ep_result moe_ep__pack_expert(moe_ep_context* ctx, int l) {
     moe_ep__pack(w->w2, NULL, d->d_model, d->d_ff, moe_ep__aligned(ctx->packed_down[l]));
 #endif
     return MOE_EP_OK;
-}
-
-MOE_EP_PRIVATE moe_ep_result moe_ep__grow(moe_ep_context* ctx, void** buffer, int64_t* capacity, int64_t need,
-                                          size_t each, int count) {
-    /* `count` buffers of `need` elements share one capacity counter */
-    int i;
-    if (need <= *capacity) return MOE_EP_OK;
-    for (i = 0; i < count; ++i) {
-        void* fresh = moe_ep__calloc(&ctx->desc.allocator, need, each);
-        if (!fresh) return moe_ep__fail(ctx, MOE_EP_ERROR_OUT_OF_MEMORY, "out of memory for %lld rows of workspace",
-                                        (long long)need);
-        moe_ep_free(&ctx->desc.allocator, buffer[i]);
-        buffer[i] = fresh;
-    }
-    *capacity = need;
-    return MOE_EP_OK;
-}
-
-/* >>create */
-MOE_EP_PRIVATE void moe_ep__context_free(moe_ep_context* ctx) {
-    const moe_ep_allocator a = ctx->desc.allocator;
-    int l;
-    if (ctx->packed_up)
-        for (l = 0; l < ctx->local_experts; ++l) moe_ep_free(&a, ctx->packed_up[l]);
-    if (ctx->packed_down)
-        for (l = 0; l < ctx->local_experts; ++l) moe_ep_free(&a, ctx->packed_down[l]);
-    moe_ep_free(&a, ctx->packed_up);
-    moe_ep_free(&a, ctx->packed_down);
-    moe_ep_free(&a, ctx->owner_of);
-    moe_ep_free(&a, ctx->local_index_of);
-    moe_ep_free(&a, ctx->rank_expert_count);
-    moe_ep_free(&a, ctx->rank_expert_start);
-    moe_ep_free(&a, ctx->rank_expert_list);
-    moe_ep_free(&a, ctx->placement_table);
-    moe_ep_free(&a, ctx->hidden);
-    moe_ep_free(&a, ctx->kernel_scratch);
-    moe_ep_free(&a, ctx->kernel_rows);
-    moe_ep_free(&a, ctx->recv_rows);
-    moe_ep_free(&a, ctx->expert_out);
-    moe_ep_free(&a, ctx->topk_idx);
-    moe_ep_free(&a, ctx->topk_weight);
-    moe_ep_free(&a, ctx);
-}
-
-MOE_EP_PRIVATE moe_ep_result moe_ep__build_placement(moe_ep_context* ctx) {
-    const moe_ep_allocator* a = &ctx->desc.allocator;
-    int E = ctx->desc.num_experts, R = ctx->world_size, e, r;
-    ctx->owner_of = (int*)moe_ep__calloc(a, E, sizeof(int));
-    ctx->local_index_of = (int*)moe_ep__calloc(a, E, sizeof(int));
-    ctx->rank_expert_count = (int*)moe_ep__calloc(a, R, sizeof(int));
-    ctx->rank_expert_start = (int*)moe_ep__calloc(a, R + 1, sizeof(int));
-    ctx->rank_expert_list = (int*)moe_ep__calloc(a, E, sizeof(int));
-    if (!ctx->owner_of || !ctx->local_index_of || !ctx->rank_expert_count || !ctx->rank_expert_start ||
-        !ctx->rank_expert_list)
-        return MOE_EP_ERROR_OUT_OF_MEMORY;
-    if (ctx->desc.placement.kind == MOE_EP_PLACEMENT_TABLE) {
-        ctx->placement_table = (int*)moe_ep__calloc(a, E, sizeof(int));
-        if (!ctx->placement_table) return MOE_EP_ERROR_OUT_OF_MEMORY;
-        memcpy(ctx->placement_table, ctx->desc.placement.table, sizeof(int) * (size_t)E);
-        ctx->desc.placement.table = ctx->placement_table;
-    } else {
-        ctx->desc.placement.table = NULL;
-    }
-    if (moe_ep_placement_compute(&ctx->desc.placement, E, R, ctx->owner_of) != MOE_EP_OK)
-        return MOE_EP_ERROR_INVALID_ARGUMENT;
-    for (e = 0; e < E; ++e) ctx->local_index_of[e] = ctx->rank_expert_count[ctx->owner_of[e]]++;
-    for (r = 0; r < R; ++r) {
-        ctx->rank_expert_start[r + 1] = ctx->rank_expert_start[r] + ctx->rank_expert_count[r];
-        ctx->max_local_experts = MOE_EP__MAX(ctx->max_local_experts, ctx->rank_expert_count[r]);
-    }
-    for (e = 0; e < E; ++e)
-        ctx->rank_expert_list[ctx->rank_expert_start[ctx->owner_of[e]] + ctx->local_index_of[e]] = e;
-    ctx->local_experts = ctx->rank_expert_count[ctx->rank];
-    return MOE_EP_OK;
-}
-
-MOE_EP_PRIVATE moe_ep_result moe_ep__pack_experts(moe_ep_context* ctx) {
-    const moe_ep_allocator* a = &ctx->desc.allocator;
-    moe_ep_result res = MOE_EP_OK;
-    int l;
-    ctx->packed_up = (float**)moe_ep__calloc(a, ctx->local_experts, sizeof(float*));
-    ctx->packed_down = (float**)moe_ep__calloc(a, ctx->local_experts, sizeof(float*));
-    if (!ctx->packed_up || !ctx->packed_down) return MOE_EP_ERROR_OUT_OF_MEMORY;
-    for (l = 0; l < ctx->local_experts && res == MOE_EP_OK; ++l) res = moe_ep__pack_expert(ctx, l);
-    return res;
-}
-
-/* Tensor parallelism: pack only this rank's d_ff slice. w1 and w3 rows are contiguous; the
-   w2 columns are copied out first so the kernel's packer sees an ordinary [d_model, slice]. */
-MOE_EP_PRIVATE moe_ep_result moe_ep__pack_tp_slice(moe_ep_context* ctx) {
-    const moe_ep_allocator* a = &ctx->desc.allocator;
-    const moe_ep_expert_weights* full = ctx->desc.experts;
-    int64_t D = ctx->desc.d_model, F = ctx->d_ff_full, f0 = ctx->ff_begin, n = ctx->desc.d_ff, i, l;
-    moe_ep_expert_weights* slices = (moe_ep_expert_weights*)moe_ep__calloc(a, ctx->local_experts, sizeof *slices);
-    float* w2 = (float*)moe_ep__calloc(a, (int64_t)ctx->local_experts * D * n, sizeof(float));
-    moe_ep_result res;
-    if (!slices || !w2) {
-        moe_ep_free(a, slices);
-        moe_ep_free(a, w2);
-        return MOE_EP_ERROR_OUT_OF_MEMORY;
-    }
-    for (l = 0; l < ctx->local_experts; ++l) {
-        float* w2_slice = w2 + l * D * n;
-        slices[l].w1 = full[l].w1 + f0 * D;
-        slices[l].w3 = full[l].w3 ? full[l].w3 + f0 * D : NULL;
-        for (i = 0; i < D; ++i) memcpy(w2_slice + i * n, full[l].w2 + i * F + f0, sizeof(float) * (size_t)n);
-        slices[l].w2 = w2_slice;
-    }
-    ctx->desc.experts = slices;
-    res = moe_ep__pack_experts(ctx);
-    ctx->desc.experts = full;
-    moe_ep_free(a, slices);
-    moe_ep_free(a, w2);
-    return res;
-}
-
-/* A stage's verdict over the EP group: OK only if every rank reported OK; otherwise the
-   local cause, or ABORTED naming the first failed peer (kept as the last error). */
-MOE_EP_PRIVATE moe_ep_result moe_ep__agree(moe_ep_context* ctx, moe_ep_result local, const char* stage) {
-    moe_ep_agree_desc a;
-    char err[MOE_EP__ERR_SIZE] = "";
-    moe_ep_result res;
-    memset(&a, 0, sizeof a);
-    a.stage = stage;
-    a.status = local;
-    a.allocator = ctx->desc.allocator;
-    res = moe_ep_agree(&ctx->transport, &a, err, sizeof err);
-    if (res != local) moe_ep__fail(ctx, res, "%s", err);
-    return res;
-}
-
-/* create, step 2: the context of a desc that passed validation, with its TP slice. */
-MOE_EP_PRIVATE moe_ep_result moe_ep__context_alloc(const moe_ep_desc* d, const moe_ep_transport* t,
-                                                   moe_ep_context** out) {
-    moe_ep_context* ctx = (moe_ep_context*)moe_ep__calloc(&d->allocator, 1, sizeof *ctx);
-    if (!ctx) return moe_ep__fail_desc(d, t->rank, MOE_EP_ERROR_OUT_OF_MEMORY, "out of memory for the context");
-    ctx->desc = *d;
-    ctx->desc.transport = NULL;
-    ctx->transport = *t;
-    ctx->rank = t->rank;
-    ctx->world_size = t->world_size;
-    ctx->d_ff_full = d->d_ff;
-    ctx->tp_size = 1;
-    if (d->tp_transport) {
-        ctx->tp_transport = *d->tp_transport;
-        ctx->tp_rank = d->tp_transport->rank;
-        ctx->tp_size = d->tp_transport->world_size;
-        ctx->desc.tp_transport = NULL;
-        /* rank t of T computes d_ff rows [t*F/T, (t+1)*F/T) */
-        ctx->ff_begin = (int)((int64_t)d->d_ff * ctx->tp_rank / ctx->tp_size);
-        ctx->desc.d_ff = (int)((int64_t)d->d_ff * (ctx->tp_rank + 1) / ctx->tp_size) - ctx->ff_begin;
-    }
-    *out = ctx;
-    return MOE_EP_OK;
-}
-
-/* create, step 3: placement, then this rank's expert weights checked and packed. */
-MOE_EP_PRIVATE moe_ep_result moe_ep__context_fill(moe_ep_context* ctx, moe_ep__validator* v) {
-    const moe_ep_desc* d = &ctx->desc;
-    moe_ep_result res = moe_ep__build_placement(ctx);
-    int l;
-    if (res == MOE_EP_OK && !d->expert_fn && ctx->local_experts > 0) {
-        moe_ep__check(v, d->experts != NULL,
-                      "moe_ep_desc.experts must hold the weights of this rank's %d experts (or set expert_fn)",
-                      ctx->local_experts);
-        for (l = 0; d->experts && l < ctx->local_experts; ++l)
-            moe_ep__check(v, d->experts[l].w1 && d->experts[l].w2 &&
-                                 (d->activation != MOE_EP_ACTIVATION_SWIGLU || d->experts[l].w3),
-                          "moe_ep_desc.experts[%d]: w1, w2%s must not be NULL", l,
-                          d->activation == MOE_EP_ACTIVATION_SWIGLU ? " and w3" : "");
-        if (v->failures) res = MOE_EP_ERROR_INVALID_ARGUMENT;
-        else if (ctx->tp_size > 1) res = moe_ep__pack_tp_slice(ctx);
-        else res = moe_ep__pack_experts(ctx);
-    }
-    if (res == MOE_EP_ERROR_OUT_OF_MEMORY)
-        moe_ep__fail_desc(d, ctx->rank, res, "out of memory while creating the context");
-    return res;
-}
-
-/* create, step 4: every rank, failed or not, sends its status and fingerprint; the
-   verdict is the same everywhere. */
-MOE_EP_PRIVATE moe_ep_result moe_ep__create_agree(const moe_ep_desc* d, const moe_ep_transport* t,
-                                                  const moe_ep_context* ctx, moe_ep_result status) {
-    moe_ep_agree_desc a;
-    int64_t fingerprint = status == MOE_EP_OK ? moe_ep__fingerprint(ctx) : 0;
-    char err[MOE_EP__ERR_SIZE] = "";
-    moe_ep_result res;
-    memset(&a, 0, sizeof a);
-    a.stage = "moe_ep_create";
-    a.status = status;
-    a.facts = &fingerprint;
-    a.fact_count = 1;
-    a.facts_name = "collective parameters (d_model, d_ff, num_experts, top_k, activation, scoring, "
-                   "normalize_topk, capacity_factor, placement)";
-    a.on_peer_failure = MOE_EP_ERROR_RANK_MISMATCH;
-    a.allocator = d->allocator;
-    res = moe_ep_agree(t, &a, err, sizeof err);
-    if (res != status) moe_ep__fail_desc(d, t->rank, res, "%s", err);
-    return res;
-}
-
-MOE_EP_PRIVATE int moe_ep__default_threads(int num_threads, const moe_ep_transport* t) {
-    if (num_threads > 0) return num_threads;
-#ifdef _OPENMP
-    num_threads = omp_get_max_threads() / (t->local_ranks > 0 ? t->local_ranks : 1);
-#else
-    (void)t;
-#endif
-    return MOE_EP__MAX(num_threads, 1);
-}
-
-MOE_EP_API moe_ep_result moe_ep_create(const moe_ep_desc* desc, moe_ep_context** out) {
-    moe_ep_desc d;
-    moe_ep_transport t;
-    moe_ep_context* ctx = NULL;
-    moe_ep__validator v;
-    moe_ep_result res;
-    if (!desc || !out) return moe_ep__fail_desc(desc, -1, MOE_EP_ERROR_INVALID_ARGUMENT, "desc and out must not be NULL");
-    /* 1. defaults and the rank-local rules */
-    d = moe_ep__desc_defaults(desc);
-    t = d.transport ? *d.transport : moe_ep_single_rank_transport();
-    memset(&v, 0, sizeof v);
-    v.desc = &d;
-    v.rank = t.rank;
-    moe_ep__validate_desc(&d, &t, &v);
-    /* Without a working exchange the verdict cannot be shared; fail locally. */
-    if (!t.exchange_counts || t.world_size <= 0) return MOE_EP_ERROR_INVALID_ARGUMENT;
-    /* Half an allocator is refused above; never allocate with one half and free with the other. */
-    if ((d.allocator.alloc_fn == NULL) != (d.allocator.free_fn == NULL)) memset(&d.allocator, 0, sizeof d.allocator);
-    /* 2. and 3. the context, its placement and packed weights */
-    res = v.failures ? MOE_EP_ERROR_INVALID_ARGUMENT : moe_ep__context_alloc(&d, &t, &ctx);
-    if (res == MOE_EP_OK) res = moe_ep__context_fill(ctx, &v);
-    /* 4. the same verdict on every rank */
-    res = moe_ep__create_agree(&d, &t, ctx, res);
-    if (res != MOE_EP_OK) {
-        if (ctx) moe_ep__context_free(ctx);
-        return res;
-    }
-    ctx->num_threads = moe_ep__default_threads(d.num_threads, &t);
-    *out = ctx;
-    return MOE_EP_OK;
-}
-
-MOE_EP_API void moe_ep_destroy(moe_ep_context* ctx) {
-    if (ctx) moe_ep__context_free(ctx);
-}
-
-MOE_EP_API moe_ep_desc moe_ep_query_desc(const moe_ep_context* ctx) {
-    moe_ep_desc d;
-    if (!ctx) { memset(&d, 0, sizeof d); return d; }
-    d = ctx->desc;
-    d.num_threads = ctx->num_threads;
-    d.d_ff = ctx->d_ff_full;
-    return d;
-}
-
-MOE_EP_API const char* moe_ep_last_error(const moe_ep_context* ctx) { return ctx ? ctx->last_error : ""; }
-MOE_EP_API int moe_ep_rank(const moe_ep_context* ctx) { return ctx ? ctx->rank : -1; }
-MOE_EP_API int moe_ep_world_size(const moe_ep_context* ctx) { return ctx ? ctx->world_size : -1; }
-
-/* >>router */
-MOE_EP_PRIVATE void moe_ep__route_token(const moe_ep_desc* d, const float* x, const float* wg, float* probs,
-                                        double* lse, int32_t* idx, float* weight) {
-    int E = d->num_experts, k = d->top_k, D = d->d_model, e, j, i;
-    float m, sum, wsum;
-    for (e = 0; e < E; ++e) {
-        const float* row = wg + (int64_t)e * D;
-        float acc = 0.0f;
-        for (i = 0; i < D; ++i) acc += x[i] * row[i];
-        probs[e] = acc;
-    }
-    m = probs[0];
-    for (e = 1; e < E; ++e) m = probs[e] > m ? probs[e] : m;
-    sum = 0.0f;
-    for (e = 0; e < E; ++e) { probs[e] = expf(probs[e] - m); sum += probs[e]; }
-    *lse = (double)m + log((double)sum);
-    for (e = 0; e < E; ++e) probs[e] /= sum;
-    /* top-k by repeated selection; strict '>' keeps the lower index on ties */
-    for (j = 0; j < k; ++j) {
-        int best = -1;
-        for (e = 0; e < E; ++e) {
-            int taken = 0;
-            for (i = 0; i < j; ++i) taken |= idx[i] == e;
-            if (taken) continue;
-            if (best < 0 || probs[e] > probs[best]) best = e;
-        }
-        idx[j] = best;
-        weight[j] = probs[best];
-    }
-    if (d->normalize_topk) {
-        wsum = 0.0f;
-        for (j = 0; j < k; ++j) wsum += weight[j];
-        for (j = 0; j < k; ++j) weight[j] /= wsum;
-    }
-}
-
-MOE_EP_API moe_ep_result moe_ep_route(moe_ep_context* ctx, const float* x, int64_t tokens, int32_t* topk_idx,
-                                      float* topk_weight, moe_ep_router_stats* stats) {
-    const moe_ep_desc* d;
-    float* probs;
-    double* lse;
-    double* mean_p;
-    int64_t* assigned;
-    int64_t t;
-    int E;
-    if (!ctx) return MOE_EP_ERROR_INVALID_ARGUMENT;
-    d = &ctx->desc;
-    E = d->num_experts;
-    if (tokens < 0) return moe_ep__fail(ctx, MOE_EP_ERROR_INVALID_ARGUMENT, "tokens (%lld) must be >= 0", (long long)tokens);
-    if (tokens > 0 && (!x || !topk_idx || !topk_weight))
-        return moe_ep__fail(ctx, MOE_EP_ERROR_INVALID_ARGUMENT, "x, topk_idx and topk_weight must not be NULL when tokens > 0");
-    if (!d->router_weight)
-        return moe_ep__fail(ctx, MOE_EP_ERROR_INVALID_ARGUMENT,
-                            "moe_ep_desc.router_weight is NULL: hand in your own routing instead");
-    probs = (float*)moe_ep__calloc(&d->allocator, tokens * E, sizeof(float));
-    lse = (double*)moe_ep__calloc(&d->allocator, tokens, sizeof(double));
-    /* the statistics' buffers too, before anything is written: outputs stay untouched on failure */
-    mean_p = stats ? (double*)moe_ep__calloc(&d->allocator, E, sizeof(double)) : NULL;
-    assigned = stats ? (int64_t*)moe_ep__calloc(&d->allocator, E, sizeof(int64_t)) : NULL;
-    if (!probs || !lse || (stats && (!mean_p || !assigned))) {
-        moe_ep_free(&d->allocator, mean_p);
-        moe_ep_free(&d->allocator, assigned);
-        moe_ep_free(&d->allocator, probs);
-        moe_ep_free(&d->allocator, lse);
-        return moe_ep__fail(ctx, MOE_EP_ERROR_OUT_OF_MEMORY, "moe_ep_route: out of memory for %lld x %d probabilities",
-                            (long long)tokens, E);
-    }
-#ifdef _OPENMP
-#pragma omp parallel for schedule(static) num_threads(ctx->num_threads) if (ctx->num_threads > 1 && tokens > 1)
-#endif
-    for (t = 0; t < tokens; ++t)
-        moe_ep__route_token(d, x + t * d->d_model, d->router_weight, probs + t * E, lse + t,
-                            topk_idx + t * d->top_k, topk_weight + t * d->top_k);
-    if (stats) {
-        /* sequential, in token order: the statistics do not depend on the thread count */
-        double z = 0.0, aux = 0.0;
-        int64_t* counts = stats->tokens_per_expert;
-        int e;
-        if (counts) memset(counts, 0, sizeof(int64_t) * (size_t)E);
-        for (t = 0; t < tokens; ++t) {
-            z += lse[t] * lse[t];
-            for (e = 0; e < E; ++e) mean_p[e] += probs[t * E + e];
-        }
-        if (tokens > 0) {
-            for (t = 0; t < tokens * d->top_k; ++t) assigned[topk_idx[t]]++;
-            for (e = 0; e < E; ++e)
-                aux += ((double)assigned[e] / (double)(tokens * d->top_k)) * (mean_p[e] / (double)tokens);
-            aux *= E;
-            if (counts) memcpy(counts, assigned, sizeof(int64_t) * (size_t)E);
-            z /= (double)tokens;
-        }
-        stats->aux_loss = aux;
-        stats->z_loss = tokens > 0 ? z : 0.0;
-        moe_ep_free(&d->allocator, assigned);
-        moe_ep_free(&d->allocator, mean_p);
-    }
-    moe_ep_free(&d->allocator, probs);
-    moe_ep_free(&d->allocator, lse);
-    return MOE_EP_OK;
-}
-
-/* Caller's routing: every index an expert, no expert twice in one token, weights finite. */
-MOE_EP_PRIVATE moe_ep_result moe_ep__check_routing(moe_ep_context* ctx, int64_t tokens, const int32_t* idx,
-                                                   const float* weight) {
-    int k = ctx->desc.top_k, E = ctx->desc.num_experts, j, i;
-    int64_t t;
-    for (t = 0; t < tokens; ++t) {
-        uint64_t seen = 0;      /* E <= 64: the token's experts so far, one bit each */
-        for (j = 0; j < k; ++j) {
-            int32_t e = idx[t * k + j];
-            float w = weight[t * k + j];
-            if (e < 0 || e >= E)
-                return moe_ep__fail(ctx, MOE_EP_ERROR_INVALID_ARGUMENT,
-                                    "topk_idx[%lld][%d] (%d) must be an expert in [0, %d)", (long long)t, j, (int)e, E);
-            if (E > 64 || (seen >> e & 1u))
-                for (i = 0; i < j; ++i)
-                    if (idx[t * k + i] == e)
-                        return moe_ep__fail(ctx, MOE_EP_ERROR_INVALID_ARGUMENT,
-                                            "topk_idx[%lld] names expert %d twice (slots %d and %d)", (long long)t,
-                                            (int)e, i, j);
-            if (E <= 64) seen |= (uint64_t)1 << e;
-            if (!(w == w) || w > 3.4e38f || w < -3.4e38f)
-                return moe_ep__fail(ctx, MOE_EP_ERROR_INVALID_ARGUMENT,
-                                    "topk_weight[%lld][%d] must be finite", (long long)t, j);
-        }
-    }
-    return MOE_EP_OK;
-}
-
-/* >>plan */
-MOE_EP_API void moe_ep_plan_destroy(moe_ep_plan* plan) {
-    const moe_ep_allocator* a;
-    if (!plan) return;
-    a = &plan->ctx->desc.allocator;
-    moe_ep_free(a, plan->send_counts);
-    moe_ep_free(a, plan->recv_counts);
-    moe_ep_free(a, plan->seg_send_counts);
-    moe_ep_free(a, plan->seg_send_offsets);
-    moe_ep_free(a, plan->seg_recv_counts);
-    moe_ep_free(a, plan->seg_recv_offsets);
-    moe_ep_free(a, plan->local_expert_counts);
-    moe_ep_free(a, plan->local_expert_offsets);
-    moe_ep_free(a, plan->expert_counts);
-    moe_ep_free(a, plan->expert_kept);
-    moe_ep_free(a, plan->permutation);
-    moe_ep_free(a, plan->slot_row);
-    moe_ep_free(a, plan->topk_weight);
-    moe_ep_free(a, plan->send_buffer);
-    moe_ep_free(a, plan);
-}
-
-MOE_EP_API moe_ep_plan_info moe_ep_plan_query(const moe_ep_plan* plan) {
-    moe_ep_plan_info info;
-    memset(&info, 0, sizeof info);
-    if (!plan) return info;
-    info.world_size = plan->ctx->world_size;
-    info.local_experts = plan->ctx->local_experts;
-    info.tokens = plan->tokens;
-    info.capacity = plan->capacity;
-    info.send_counts = plan->send_counts;
-    info.recv_counts = plan->recv_counts;
-    info.local_expert_counts = plan->local_expert_counts;
-    info.local_expert_offsets = plan->local_expert_offsets;
-    info.recv_rows = plan->recv_rows;
-    info.send_rows = plan->send_rows;
-    info.expert_counts = plan->expert_counts;
-    info.expert_kept = plan->expert_kept;
-    info.permutation = plan->permutation;
-    info.segments = plan->segments;
-    info.seg_send_counts = plan->seg_send_counts;
-    info.seg_send_offsets = plan->seg_send_offsets;
-    info.seg_recv_counts = plan->seg_recv_counts;
-    info.seg_recv_offsets = plan->seg_recv_offsets;
-    info.slot_rows = plan->slot_row;
-    info.topk_weight = plan->topk_weight;
-    return info;
-}
-
-MOE_EP_PRIVATE moe_ep_result moe_ep__plan_alloc(moe_ep_context* ctx, int64_t tokens, moe_ep_plan** out) {
-    const moe_ep_allocator* a = &ctx->desc.allocator;
-    int R = ctx->world_size, S = MOE_EP__MAX(ctx->max_local_experts, 1), E = ctx->desc.num_experts;
-    int64_t slots = tokens * ctx->desc.top_k;
-    moe_ep_plan* plan = (moe_ep_plan*)moe_ep__calloc(a, 1, sizeof *plan);
-    if (!plan) return MOE_EP_ERROR_OUT_OF_MEMORY;
-    plan->ctx = ctx;
-    plan->tokens = tokens;
-    plan->top_k = ctx->desc.top_k;
-    plan->segments = S;
-    plan->send_counts = (int64_t*)moe_ep__calloc(a, R, sizeof(int64_t));
-    plan->recv_counts = (int64_t*)moe_ep__calloc(a, R, sizeof(int64_t));
-    plan->seg_send_counts = (int64_t*)moe_ep__calloc(a, (int64_t)R * S, sizeof(int64_t));
-    plan->seg_send_offsets = (int64_t*)moe_ep__calloc(a, (int64_t)R * S, sizeof(int64_t));
-    plan->seg_recv_counts = (int64_t*)moe_ep__calloc(a, (int64_t)R * S, sizeof(int64_t));
-    plan->seg_recv_offsets = (int64_t*)moe_ep__calloc(a, (int64_t)R * S, sizeof(int64_t));
-    plan->local_expert_counts = (int64_t*)moe_ep__calloc(a, S, sizeof(int64_t));
-    plan->local_expert_offsets = (int64_t*)moe_ep__calloc(a, S, sizeof(int64_t));
-    plan->expert_counts = (int64_t*)moe_ep__calloc(a, E, sizeof(int64_t));
-    plan->expert_kept = (int64_t*)moe_ep__calloc(a, E, sizeof(int64_t));
-    plan->slot_row = (int64_t*)moe_ep__calloc(a, slots, sizeof(int64_t));
-    plan->topk_weight = (float*)moe_ep__calloc(a, slots, sizeof(float));
-    if (!plan->send_counts || !plan->recv_counts || !plan->seg_send_counts || !plan->seg_send_offsets ||
-        !plan->seg_recv_counts || !plan->seg_recv_offsets || !plan->local_expert_counts ||
-        !plan->local_expert_offsets || !plan->expert_counts || !plan->expert_kept || !plan->slot_row ||
-        !plan->topk_weight) {
-        moe_ep_plan_destroy(plan);
-        return MOE_EP_ERROR_OUT_OF_MEMORY;
-    }
-    *out = plan;
-    return MOE_EP_OK;
-}
-
-/* Local bookkeeping: capacity, send layout (peer, local expert, token), permutation. */
-MOE_EP_PRIVATE moe_ep_result moe_ep__plan_local(moe_ep_context* ctx, moe_ep_plan* plan, const int32_t* idx,
-                                                const float* weight) {
-    const moe_ep_allocator* a = &ctx->desc.allocator;
-    int k = plan->top_k, S = plan->segments, R = ctx->world_size, E = ctx->desc.num_experts, e, p, s, j;
-    int64_t slots = plan->tokens * k, i, t, row = 0;
-    int64_t* cursor;
-    plan->capacity = -1;
-    if (ctx->desc.capacity_factor > 0.0f)
-        plan->capacity = (int64_t)ceil((double)ctx->desc.capacity_factor * (double)plan->tokens * k / (double)E);
-    if (plan->capacity < 0) {
-        for (i = 0; i < slots; ++i) plan->expert_counts[idx[i]]++;
-        memcpy(plan->expert_kept, plan->expert_counts, sizeof(int64_t) * (size_t)E);
-    } else {
-        for (i = 0; i < slots; ++i) {
-            e = idx[i];
-            plan->expert_counts[e]++;
-            if (plan->expert_kept[e] < plan->capacity) plan->expert_kept[e]++;
-            else plan->slot_row[i] = -1;    /* dropped; kept slots are 0 (calloc) until placed below */
-        }
-    }
-    if (slots > 0) memcpy(plan->topk_weight, weight, sizeof(float) * (size_t)slots);
-    for (e = 0; e < E; ++e) plan->seg_send_counts[ctx->owner_of[e] * S + ctx->local_index_of[e]] = plan->expert_kept[e];
-    for (p = 0; p < R; ++p)
-        for (s = 0; s < S; ++s) {
-            plan->seg_send_offsets[p * S + s] = row;
-            row += plan->seg_send_counts[p * S + s];
-            plan->send_counts[p] += plan->seg_send_counts[p * S + s];
-        }
-    plan->send_rows = row;
-    plan->permutation = (int64_t*)moe_ep__calloc(a, row, sizeof(int64_t));
-    /* not zeroed: every row is written before it is read, and a device path never touches it */
-    plan->send_buffer = row * ctx->desc.d_model <= (int64_t)(SIZE_MAX / sizeof(float) / 2)
-                        ? (float*)moe_ep_alloc(a, sizeof(float) * (size_t)(row * ctx->desc.d_model)) : NULL;
-    /* cursor[e]: the next send row of expert e (its segment's rows are its own) */
-    cursor = (int64_t*)moe_ep__calloc(a, E, sizeof(int64_t));
-    if (!plan->permutation || !plan->send_buffer || !cursor) {
-        moe_ep_free(a, cursor);
-        return moe_ep__fail(ctx, MOE_EP_ERROR_OUT_OF_MEMORY, "moe_ep_plan_create: out of memory for %lld send rows",
-                            (long long)row);
-    }
-    for (e = 0; e < E; ++e) cursor[e] = plan->seg_send_offsets[ctx->owner_of[e] * S + ctx->local_index_of[e]];
-    for (t = 0, i = 0; t < plan->tokens; ++t)
-        for (j = 0; j < k; ++j, ++i) {
-            if (plan->slot_row[i] < 0) continue;
-            row = cursor[idx[i]]++;
-            plan->slot_row[i] = row;
-            plan->permutation[row] = t;
-        }
-    moe_ep_free(a, cursor);
-    return MOE_EP_OK;
-}
-
-/* Receive layout: grouped by local expert, then source rank, then token. */
-MOE_EP_PRIVATE void moe_ep__plan_receive(moe_ep_context* ctx, moe_ep_plan* plan, const int64_t* recv_words) {
-    int R = ctx->world_size, S = plan->segments, q, s;
-    int64_t offset = 0;
-    for (q = 0; q < R; ++q)
-        for (s = 0; s < S; ++s) {
-            int64_t n = recv_words[q * (S + 1) + 1 + s];
-            plan->seg_recv_counts[q * S + s] = n;
-            plan->local_expert_counts[s] += n;
-            plan->recv_counts[q] += n;
-        }
-    for (s = 0; s < S; ++s) {
-        plan->local_expert_offsets[s] = offset;
-        for (q = 0; q < R; ++q) {
-            plan->seg_recv_offsets[q * S + s] = offset;
-            offset += plan->seg_recv_counts[q * S + s];
-        }
-    }
-    plan->recv_rows = offset;
-}
-
-/* Builds the plan and exchanges counts; `status` != OK means this rank already failed
-   and only tells the others. Every rank returns an error if any rank failed. */
-MOE_EP_PRIVATE moe_ep_result moe_ep__plan_build(moe_ep_context* ctx, int64_t tokens, const int32_t* idx,
-                                                const float* weight, moe_ep_result status, moe_ep_plan** out) {
-    int R = ctx->world_size, S = MOE_EP__MAX(ctx->max_local_experts, 1), q, s;
-    int64_t* words;
-    moe_ep_plan* plan = NULL;
-    moe_ep_result res;
-    char err[MOE_EP__ERR_SIZE] = "";
-    words = (int64_t*)moe_ep__calloc(&ctx->desc.allocator, 2 * (int64_t)R * (S + 1), sizeof(int64_t));
-    if (!words) return moe_ep__fail(ctx, MOE_EP_ERROR_OUT_OF_MEMORY, "moe_ep_plan_create: out of memory");
-    if (status == MOE_EP_OK && tokens > 0) status = moe_ep__check_routing(ctx, tokens, idx, weight);
-    if (status == MOE_EP_OK) {
-        status = moe_ep__plan_alloc(ctx, tokens, &plan);
-        if (status != MOE_EP_OK) moe_ep__fail(ctx, status, "moe_ep_plan_create: out of memory");
-    }
-    if (status == MOE_EP_OK) status = moe_ep__plan_local(ctx, plan, idx, weight);
-    for (q = 0; q < R; ++q) {
-        words[q * (S + 1)] = (int64_t)status;
-        for (s = 0; plan && s < S; ++s) words[q * (S + 1) + 1 + s] = plan->seg_send_counts[q * S + s];
-    }
-    res = ctx->transport.exchange_counts(ctx->transport.impl, words, words + (int64_t)R * (S + 1), S + 1, err, sizeof err);
-    if (res != MOE_EP_OK) {
-        if (status == MOE_EP_OK) status = moe_ep__transport_fail(ctx, res, "moe_ep_plan_create: count exchange", err);
-    } else if (status == MOE_EP_OK) {
-        const int64_t* recv = words + (int64_t)R * (S + 1);
-        for (q = 0; q < R; ++q)
-            if (recv[q * (S + 1)] != MOE_EP_OK) {
-                status = moe_ep__fail(ctx, MOE_EP_ERROR_ABORTED, "moe_ep_plan_create: rank %d failed (%s)", q,
-                                      moe_ep_result_string((moe_ep_result)recv[q * (S + 1)]));
-                break;
-            }
-        if (status == MOE_EP_OK) moe_ep__plan_receive(ctx, plan, recv);
-    }
-    moe_ep_free(&ctx->desc.allocator, words);
-    if (status != MOE_EP_OK) {
-        moe_ep_plan_destroy(plan);
-        return status;
-    }
-    *out = plan;
-    return MOE_EP_OK;
-}
-
-MOE_EP_API moe_ep_result moe_ep_plan_create(moe_ep_context* ctx, int64_t tokens, const int32_t* topk_idx,
-                                            const float* topk_weight, moe_ep_plan** out) {
-    moe_ep_result status = MOE_EP_OK;
-    if (!ctx) return MOE_EP_ERROR_INVALID_ARGUMENT;
-    if (!out) status = moe_ep__fail(ctx, MOE_EP_ERROR_INVALID_ARGUMENT, "moe_ep_plan_create: out must not be NULL");
-    else if (tokens < 0)
-        status = moe_ep__fail(ctx, MOE_EP_ERROR_INVALID_ARGUMENT, "moe_ep_plan_create: tokens (%lld) must be >= 0",
-                              (long long)tokens);
-    else if (tokens > 0 && (!topk_idx || !topk_weight))
-        status = moe_ep__fail(ctx, MOE_EP_ERROR_INVALID_ARGUMENT,
-                              "moe_ep_plan_create: topk_idx and topk_weight must not be NULL when tokens > 0");
-    if (status != MOE_EP_OK) {
-        moe_ep_plan* unused = NULL;
-        moe_ep__plan_build(ctx, 0, NULL, NULL, status, &unused);
-        return status;
-    }
-    return moe_ep__plan_build(ctx, tokens, topk_idx, topk_weight, MOE_EP_OK, out);
-}
-
-/* >>dispatch */
-/* One rank: the send order is the receive order, so dispatch gathers straight into the
-   receive rows and combine sums straight from the expert rows; there is nothing to move. */
-MOE_EP_PRIVATE bool moe_ep__local_only(const moe_ep_context* ctx) { return ctx->world_size == 1; }
-
-MOE_EP_PRIVATE moe_ep_result moe_ep__a2a_begin(moe_ep_context* ctx, moe_ep_plan* plan, const char* stage) {
-    char err[MOE_EP__ERR_SIZE] = "";
-    moe_ep_result res;
-    plan->request = NULL;
-    if (moe_ep__local_only(ctx)) return MOE_EP_OK;
-    if (ctx->transport.all_to_all_v_begin && !plan->blocking)
-        res = ctx->transport.all_to_all_v_begin(ctx->transport.impl, &plan->args, &plan->request, err, sizeof err);
-    else
-        res = ctx->transport.all_to_all_v(ctx->transport.impl, &plan->args, err, sizeof err);
-    if (res != MOE_EP_OK) return moe_ep__transport_fail(ctx, res, stage, err);
-    return MOE_EP_OK;
-}
-
-MOE_EP_PRIVATE moe_ep_result moe_ep__a2a_end(moe_ep_context* ctx, moe_ep_plan* plan, const char* stage) {
-    char err[MOE_EP__ERR_SIZE] = "";
-    moe_ep_result res = MOE_EP_OK;
-    if (ctx->transport.all_to_all_v_end && !moe_ep__local_only(ctx) && !plan->blocking)
-        res = ctx->transport.all_to_all_v_end(ctx->transport.impl, plan->request, err, sizeof err);
-    plan->request = NULL;
-    plan->pending = 0;
-    if (res != MOE_EP_OK) return moe_ep__transport_fail(ctx, res, stage, err);
-    return MOE_EP_OK;
-}
-
-MOE_EP_PRIVATE void moe_ep__set_args(moe_ep_plan* plan, const void* send, void* recv, bool forward) {
-    moe_ep_a2a_args* a = &plan->args;
-    memset(a, 0, sizeof *a);
-    a->send = send;
-    a->recv = recv;
-    a->row_bytes = sizeof(float) * (size_t)plan->ctx->desc.d_model;
-    a->segments = plan->segments;
-    a->send_counts = forward ? plan->seg_send_counts : plan->seg_recv_counts;
-    a->send_offsets = forward ? plan->seg_send_offsets : plan->seg_recv_offsets;
-    a->recv_counts = forward ? plan->seg_recv_counts : plan->seg_send_counts;
-    a->recv_offsets = forward ? plan->seg_recv_offsets : plan->seg_send_offsets;
-    a->memory_space = MOE_EP_MEMORY_HOST;
-}
-
-MOE_EP_PRIVATE moe_ep_result moe_ep__check_stage(moe_ep_context* ctx, moe_ep_plan* plan, const char* stage,
-                                                 int pending_expected) {
-    if (!ctx) return MOE_EP_ERROR_INVALID_ARGUMENT;
-    if (!plan || plan->ctx != ctx)
-        return moe_ep__fail(ctx, MOE_EP_ERROR_INVALID_ARGUMENT, "%s: plan is NULL or belongs to another context", stage);
-    if (plan->pending != pending_expected)
-        return moe_ep__fail(ctx, MOE_EP_ERROR_INVALID_ARGUMENT, "%s: %s", stage,
-                            plan->pending ? "a split-phase operation on this plan is still open"
-                                          : "no split-phase operation is open on this plan");
-    return MOE_EP_OK;
-}
-
-MOE_EP_API moe_ep_result moe_ep_dispatch_begin(moe_ep_context* ctx, moe_ep_plan* plan, const float* x, float* recv_rows) {
-    moe_ep_result res = moe_ep__check_stage(ctx, plan, "moe_ep_dispatch", 0);
-    int64_t r, d;
-    if (res != MOE_EP_OK) return res;
-    if ((plan->send_rows > 0 && !x) || (plan->recv_rows > 0 && !recv_rows))
-        return moe_ep__fail(ctx, MOE_EP_ERROR_INVALID_ARGUMENT, "moe_ep_dispatch: x and recv_rows must not be NULL");
-    d = ctx->desc.d_model;
-    {
-        float* dst = moe_ep__local_only(ctx) ? recv_rows : plan->send_buffer;
-#ifdef _OPENMP
-#pragma omp parallel for schedule(static) num_threads(ctx->num_threads) if (ctx->num_threads > 1 && plan->send_rows > 64)
-#endif
-        for (r = 0; r < plan->send_rows; ++r)
-            memcpy(dst + r * d, x + plan->permutation[r] * d, sizeof(float) * (size_t)d);
-    }
-    moe_ep__set_args(plan, plan->send_buffer, recv_rows, true);
-    plan->pending = 1;
-    res = moe_ep__a2a_begin(ctx, plan, "moe_ep_dispatch");
-    if (res != MOE_EP_OK) plan->pending = 0;
-    return res;
-}
-
-MOE_EP_API moe_ep_result moe_ep_dispatch_end(moe_ep_context* ctx, moe_ep_plan* plan) {
-    moe_ep_result res = moe_ep__check_stage(ctx, plan, "moe_ep_dispatch_end", 1);
-    if (res != MOE_EP_OK) return res;
-    return moe_ep__a2a_end(ctx, plan, "moe_ep_dispatch");
-}
-
-/* Whether plan may be marked for a blocking exchange (a valid plan of ctx with nothing open). */
-MOE_EP_PRIVATE bool moe_ep__can_block(const moe_ep_context* ctx, const moe_ep_plan* plan) {
-    return ctx && plan && plan->ctx == ctx && plan->pending == 0;
-}
-
-MOE_EP_API moe_ep_result moe_ep_dispatch(moe_ep_context* ctx, moe_ep_plan* plan, const float* x, float* recv_rows) {
-    moe_ep_result res;
-    bool blocking = moe_ep__can_block(ctx, plan);
-    if (blocking) plan->blocking = 1;   /* one blocking exchange, not begin + end */
-    res = moe_ep_dispatch_begin(ctx, plan, x, recv_rows);
-    if (res == MOE_EP_OK) res = moe_ep_dispatch_end(ctx, plan);
-    if (blocking) plan->blocking = 0;
-    return res;
-}
-
-/* >>experts */
-MOE_EP_PRIVATE moe_ep_result moe_ep__experts_local(moe_ep_context* ctx, const moe_ep_plan* plan, const float* rows,
-                                                   float* out) {
-    int64_t d = ctx->desc.d_model;
-    int l;
-    for (l = 0; l < ctx->local_experts; ++l) {
-        int64_t n = plan->local_expert_counts[l], first = plan->local_expert_offsets[l];
-        if (n == 0) continue;
-        if (ctx->desc.expert_fn) {
-            int expert = ctx->rank_expert_list[ctx->rank_expert_start[ctx->rank] + l];
-            int rc = ctx->desc.expert_fn(l, expert, rows + first * d, n, (int)d, out + first * d,
-                                         ctx->desc.expert_user_data);
-            if (rc != 0)
-                return moe_ep__fail(ctx, MOE_EP_ERROR_CALLBACK, "moe_ep_experts: expert_fn returned %d for expert %d",
-                                    rc, expert);
-        } else {
-            moe_ep_result res = moe_ep_expert_ffn(ctx, l, rows + first * d, n, out + first * d);
-            if (res != MOE_EP_OK) return res;
-        }
-    }
-    return MOE_EP_OK;
-}
-
-MOE_EP_API moe_ep_result moe_ep_experts(moe_ep_context* ctx, const moe_ep_plan* plan, const float* rows, float* out) {
-    moe_ep_result res = moe_ep__check_stage(ctx, (moe_ep_plan*)(uintptr_t)plan, "moe_ep_experts", 0);
-    if (res != MOE_EP_OK) return res;
-    if (plan->recv_rows > 0 && (!rows || !out))
-        return ctx->experts_status = moe_ep__fail(ctx, MOE_EP_ERROR_INVALID_ARGUMENT,
-                                                  "moe_ep_experts: rows and out must not be NULL");
-    res = moe_ep__experts_local(ctx, plan, rows, out);
-    if (ctx->tp_size > 1) {
-        /* The TP group saw the same tokens, so its ranks hold the same rows: sum the d_ff
-           slices. Reached even after a local failure, so the group is not left waiting. */
-        char err[MOE_EP__ERR_SIZE] = "";
-        moe_ep_result reduced = ctx->tp_transport.all_reduce_sum(ctx->tp_transport.impl, out,
-                                                                 plan->recv_rows * ctx->desc.d_model,
-                                                                 MOE_EP_MEMORY_HOST, NULL, err, sizeof err);
-        if (res == MOE_EP_OK && reduced != MOE_EP_OK)
-            res = moe_ep__transport_fail(ctx, reduced, "moe_ep_experts: tensor-parallel sum", err);
-    }
-    if (res != MOE_EP_OK) ctx->experts_status = res;
-    return res;
-}
-
-/* >>combine */
-MOE_EP_PRIVATE moe_ep_result moe_ep__combine_begin(moe_ep_context* ctx, moe_ep_plan* plan, const float* expert_out,
-                                                   moe_ep_result status) {
-    moe_ep_result res = moe_ep__check_stage(ctx, plan, "moe_ep_combine", 0);
-    if (!ctx) return res;
-    if (res != MOE_EP_OK) status = res;
-    else if (plan->recv_rows > 0 && !expert_out)
-        status = moe_ep__fail(ctx, MOE_EP_ERROR_INVALID_ARGUMENT, "moe_ep_combine: expert_out must not be NULL");
-    /* The one agreement of a layer: a rank whose experts failed tells the others here. */
-    res = moe_ep__agree(ctx, status, "moe_ep_combine");
-    if (res != MOE_EP_OK) return res;
-    moe_ep__set_args(plan, expert_out, plan->send_buffer, false);
-    plan->pending = 2;
-    res = moe_ep__a2a_begin(ctx, plan, "moe_ep_combine");
-    if (res != MOE_EP_OK) plan->pending = 0;
-    return res;
-}
-
-MOE_EP_API moe_ep_result moe_ep_combine_begin(moe_ep_context* ctx, moe_ep_plan* plan, const float* expert_out) {
-    moe_ep_result status = ctx ? ctx->experts_status : MOE_EP_OK;
-    if (ctx) ctx->experts_status = MOE_EP_OK;
-    return moe_ep__combine_begin(ctx, plan, expert_out, status);
-}
-
-#if defined(__STDC_VERSION__) && __STDC_VERSION__ >= 199901L
-#define MOE_EP__RESTRICT restrict
-#else
-#define MOE_EP__RESTRICT
-#endif
-
-/* y_t = sum over the k slots, in slot order, of w_j * row_j (from 0.0f; a dropped slot adds
-   nothing). The first slot writes 0.0f + w * row, the same bytes as a zeroed row plus it. */
-MOE_EP_PRIVATE void moe_ep__combine_row(float* MOE_EP__RESTRICT yt, const float* rows, const int64_t* slot_row,
-                                        const float* weight, int k, int64_t d) {
-    int j, first = 1;
-    int64_t i;
-    for (j = 0; j < k; ++j) {
-        const float* MOE_EP__RESTRICT src;
-        float w = weight[j];
-        if (slot_row[j] < 0) continue;
-        src = rows + slot_row[j] * d;
-        if (first)
-            for (i = 0; i < d; ++i) yt[i] = 0.0f + w * src[i];
-        else
-            for (i = 0; i < d; ++i) yt[i] += w * src[i];
-        first = 0;
-    }
-    if (first)
-        for (i = 0; i < d; ++i) yt[i] = 0.0f;
-}
-
-MOE_EP_API moe_ep_result moe_ep_combine_end(moe_ep_context* ctx, moe_ep_plan* plan, float* y) {
-    moe_ep_result res = moe_ep__check_stage(ctx, plan, "moe_ep_combine_end", 2);
-    const float* rows;
-    int64_t t, d;
-    int k;
-    if (res != MOE_EP_OK) return res;
-    res = moe_ep__a2a_end(ctx, plan, "moe_ep_combine");
-    if (res != MOE_EP_OK) return res;
-    if (plan->tokens > 0 && !y)
-        return moe_ep__fail(ctx, MOE_EP_ERROR_INVALID_ARGUMENT, "moe_ep_combine: y must not be NULL");
-    d = ctx->desc.d_model;
-    k = plan->top_k;
-    rows = moe_ep__local_only(ctx) ? (const float*)plan->args.send : plan->send_buffer;
-#ifdef _OPENMP
-#pragma omp parallel for schedule(static) num_threads(ctx->num_threads) if (ctx->num_threads > 1 && plan->tokens > 16)
-#endif
-    for (t = 0; t < plan->tokens; ++t)
-        moe_ep__combine_row(y + t * d, rows, plan->slot_row + t * k, plan->topk_weight + t * k, k, d);
-    return MOE_EP_OK;
-}
-
-MOE_EP_API moe_ep_result moe_ep_combine(moe_ep_context* ctx, moe_ep_plan* plan, const float* expert_out, float* y) {
-    moe_ep_result res;
-    bool blocking = moe_ep__can_block(ctx, plan);
-    if (blocking) plan->blocking = 1;
-    res = moe_ep_combine_begin(ctx, plan, expert_out);
-    if (res == MOE_EP_OK) res = moe_ep_combine_end(ctx, plan, y);
-    if (blocking) plan->blocking = 0;
-    return res;
-}
-
-/* >>forward */
-MOE_EP_PRIVATE moe_ep_result moe_ep__forward_check(moe_ep_context* ctx, const moe_ep_forward_args* a) {
-    if (!a) return moe_ep__fail(ctx, MOE_EP_ERROR_INVALID_ARGUMENT, "moe_ep_forward: args must not be NULL");
-    if (a->tokens < 0)
-        return moe_ep__fail(ctx, MOE_EP_ERROR_INVALID_ARGUMENT, "moe_ep_forward_args.tokens (%lld) must be >= 0",
-                            (long long)a->tokens);
-    if (a->tokens > 0 && (!a->x || !a->y))
-        return moe_ep__fail(ctx, MOE_EP_ERROR_INVALID_ARGUMENT,
-                            "moe_ep_forward_args.x and .y must not be NULL when tokens > 0");
-    if (a->routing_in && a->tokens > 0 && (!a->topk_idx || !a->topk_weight))
-        return moe_ep__fail(ctx, MOE_EP_ERROR_INVALID_ARGUMENT,
-                            "moe_ep_forward_args.routing_in needs topk_idx and topk_weight");
-    if (!a->routing_in && !ctx->desc.router_weight)
-        return moe_ep__fail(ctx, MOE_EP_ERROR_INVALID_ARGUMENT,
-                            "moe_ep_desc.router_weight is NULL: set it, or hand in routing (routing_in)");
-    return MOE_EP_OK;
-}
-
-MOE_EP_API moe_ep_result moe_ep_forward(moe_ep_context* ctx, const moe_ep_forward_args* args) {
-    moe_ep_result status, res;
-    moe_ep_plan* plan = NULL;
-    int32_t* idx = NULL;
-    float* weight = NULL;
-    int64_t tokens = 0;
-    if (!ctx) return MOE_EP_ERROR_INVALID_ARGUMENT;
-    status = moe_ep__forward_check(ctx, args);
-    if (status == MOE_EP_OK) {
-        tokens = args->tokens;
-        if (args->routing_in || (args->topk_idx && args->topk_weight)) {
-            idx = args->topk_idx;
-            weight = args->topk_weight;
-        } else {
-            void* bufs[2];
-            bufs[0] = ctx->topk_idx;
-            bufs[1] = ctx->topk_weight;
-            /* int32_t indices and float weights: one element size serves both buffers */
-            status = moe_ep__grow(ctx, bufs, &ctx->routing_capacity, tokens * ctx->desc.top_k, sizeof(float), 2);
-            ctx->topk_idx = (int32_t*)bufs[0];
-            ctx->topk_weight = (float*)bufs[1];
-            idx = ctx->topk_idx;
-            weight = ctx->topk_weight;
-        }
-    }
-    if (status == MOE_EP_OK && !args->routing_in)
-        status = moe_ep_route(ctx, args->x, tokens, idx, weight, args->stats);
-    res = moe_ep__plan_build(ctx, status == MOE_EP_OK ? tokens : 0, idx, weight, status, &plan);
-    if (res != MOE_EP_OK) return res;
-    {
-        void* bufs[2];
-        bufs[0] = ctx->recv_rows;
-        bufs[1] = ctx->expert_out;
-        status = moe_ep__grow(ctx, bufs, &ctx->recv_capacity, plan->recv_rows * ctx->desc.d_model, sizeof(float), 2);
-        ctx->recv_rows = (float*)bufs[0];
-        ctx->expert_out = (float*)bufs[1];
-    }
-    /* A rank without room to receive must not enter the dispatch: agree first. */
-    res = moe_ep__agree(ctx, status, "moe_ep_forward");
-    if (res == MOE_EP_OK) res = moe_ep_dispatch(ctx, plan, args->x, ctx->recv_rows);
-    if (res == MOE_EP_OK) {
-        status = moe_ep_experts(ctx, plan, ctx->recv_rows, ctx->expert_out);
-        ctx->experts_status = MOE_EP_OK;    /* handed to combine here */
-        plan->blocking = 1;
-        res = moe_ep__combine_begin(ctx, plan, ctx->expert_out, status);
-        if (res == MOE_EP_OK) res = moe_ep_combine_end(ctx, plan, args->y);
-    }
-    moe_ep_plan_destroy(plan);
-    return res;
-}
-
-/* >>layout */
-MOE_EP_API moe_ep_result moe_ep_layout_resolve(const moe_ep_layout_desc* desc, moe_ep_layout_desc* out,
-                                               char* err, size_t err_size) {
-    moe_ep_layout_desc d;
-    char local[MOE_EP__ERR_SIZE];   /* the caller did not ask for the reason; keep it whole anyway */
-    if (!err) { err = local; err_size = sizeof local; }
-    if (!desc || !out) { snprintf(err, err_size, "desc and out must not be NULL"); return MOE_EP_ERROR_INVALID_ARGUMENT; }
-    d = *desc;
-    d.tp_size = MOE_EP__DEF(d.tp_size, 1);
-    d.dp_size = MOE_EP__DEF(d.dp_size, 1);
-    d.placement.kind = MOE_EP__DEF(d.placement.kind, MOE_EP_PLACEMENT_CONTIGUOUS);
-    if (d.world_size <= 0 || d.tp_size <= 0 || d.dp_size <= 0 || d.ep_size < 0) {
-        snprintf(err, err_size, "moe_ep_layout_desc: world_size (%d), tp_size (%d) and dp_size (%d) must be > 0 "
-                 "and ep_size (%d) >= 0", d.world_size, d.tp_size, d.dp_size, d.ep_size);
-        return MOE_EP_ERROR_INVALID_ARGUMENT;
-    }
-    if (d.ep_size == 0) d.ep_size = d.world_size / (d.tp_size * d.dp_size);
-    if ((int64_t)d.ep_size * d.tp_size * d.dp_size != d.world_size || d.ep_size == 0) {
-        snprintf(err, err_size, "moe_ep_layout_desc: ep_size (%d) x tp_size (%d) x dp_size (%d) must equal "
-                 "world_size (%d)", d.ep_size, d.tp_size, d.dp_size, d.world_size);
-        return MOE_EP_ERROR_INVALID_ARGUMENT;
-    }
-    if (d.num_experts <= 0 || d.num_experts % d.ep_size != 0) {
-        snprintf(err, err_size, "moe_ep_layout_desc.num_experts (%d) must be a positive multiple of ep_size (%d)",
-                 d.num_experts, d.ep_size);
-        return MOE_EP_ERROR_INVALID_ARGUMENT;
-    }
-    if (d.placement.kind <= 0 || d.placement.kind >= MOE_EP_PLACEMENT_COUNT ||
-        (d.placement.kind == MOE_EP_PLACEMENT_TABLE && !d.placement.table)) {
-        snprintf(err, err_size, "moe_ep_layout_desc.placement is not valid");
-        return MOE_EP_ERROR_INVALID_ARGUMENT;
-    }
-    *out = d;
-    return MOE_EP_OK;
-}
-
-MOE_EP_API moe_ep_result moe_ep_layout_coords(const moe_ep_layout_desc* desc, int rank, moe_ep_coords* out) {
-    moe_ep_layout_desc d;
-    moe_ep_result res = moe_ep_layout_resolve(desc, &d, NULL, 0);
-    if (res != MOE_EP_OK) return res;
-    if (rank < 0 || rank >= d.world_size || !out) return MOE_EP_ERROR_INVALID_ARGUMENT;
-    out->tp = rank % d.tp_size;
-    out->ep = (rank / d.tp_size) % d.ep_size;
-    out->dp = rank / (d.tp_size * d.ep_size);
-    return MOE_EP_OK;
-}
-
-MOE_EP_API int moe_ep_layout_rank_of(const moe_ep_layout_desc* desc, moe_ep_coords c) {
-    moe_ep_layout_desc d;
-    if (moe_ep_layout_resolve(desc, &d, NULL, 0) != MOE_EP_OK) return -1;
-    if (c.dp < 0 || c.dp >= d.dp_size || c.ep < 0 || c.ep >= d.ep_size || c.tp < 0 || c.tp >= d.tp_size) return -1;
-    return (c.dp * d.ep_size + c.ep) * d.tp_size + c.tp;
-}
-
-MOE_EP_API int moe_ep_layout_group(const moe_ep_layout_desc* desc, int rank, moe_ep_group_kind kind, int* ranks, int max) {
-    moe_ep_layout_desc d;
-    moe_ep_coords c, member;
-    int i, n;
-    if (moe_ep_layout_resolve(desc, &d, NULL, 0) != MOE_EP_OK || moe_ep_layout_coords(&d, rank, &c) != MOE_EP_OK) return -1;
-    kind = MOE_EP__DEF(kind, MOE_EP_GROUP_EP);
-    if (kind <= 0 || kind >= MOE_EP_GROUP_COUNT) return -1;
-    n = kind == MOE_EP_GROUP_EP ? d.ep_size : kind == MOE_EP_GROUP_TP ? d.tp_size : d.dp_size;
-    for (i = 0; i < n && i < max && ranks; ++i) {
-        member = c;
-        if (kind == MOE_EP_GROUP_EP) member.ep = i;
-        else if (kind == MOE_EP_GROUP_TP) member.tp = i;
-        else member.dp = i;
-        ranks[i] = moe_ep_layout_rank_of(&d, member);
-    }
-    return n;
-}
-
-MOE_EP_API int moe_ep_layout_experts(const moe_ep_layout_desc* desc, int rank, int* experts, int max) {
-    moe_ep_layout_desc d;
-    moe_ep_coords c;
-    int e, n = 0;
-    if (moe_ep_layout_resolve(desc, &d, NULL, 0) != MOE_EP_OK || moe_ep_layout_coords(&d, rank, &c) != MOE_EP_OK) return -1;
-    for (e = 0; e < d.num_experts; ++e) {
-        int owner = moe_ep__owner_of(&d.placement, d.num_experts, d.ep_size, e);
-        if (owner < 0) return -1;
-        if (owner == c.ep) {
-            if (experts && n < max) experts[n] = e;
-            n++;
-        }
-    }
-    return n;
-}
-
-MOE_EP_API moe_ep_result moe_ep_layout_split(const moe_ep_layout_desc* desc, const moe_ep_transport* world,
-                                             moe_ep_group_kind kind, moe_ep_transport* out) {
-    moe_ep_layout_desc d;
-    moe_ep_coords c;
-    int color, key;
-    char err[MOE_EP__ERR_SIZE];
-    if (!world || !out || !world->split) return MOE_EP_ERROR_INVALID_ARGUMENT;
-    if (moe_ep_layout_resolve(desc, &d, NULL, 0) != MOE_EP_OK || d.world_size != world->world_size ||
-        moe_ep_layout_coords(&d, world->rank, &c) != MOE_EP_OK)
-        return MOE_EP_ERROR_INVALID_ARGUMENT;
-    kind = MOE_EP__DEF(kind, MOE_EP_GROUP_EP);
-    /* color: the coordinates that stay fixed in the group; key: the one that varies */
-    if (kind == MOE_EP_GROUP_EP) { color = c.dp * d.tp_size + c.tp; key = c.ep; }
-    else if (kind == MOE_EP_GROUP_TP) { color = c.dp * d.ep_size + c.ep; key = c.tp; }
-    else if (kind == MOE_EP_GROUP_DP) { color = c.ep * d.tp_size + c.tp; key = c.dp; }
-    else return MOE_EP_ERROR_INVALID_ARGUMENT;
-    return world->split(world->impl, color, key, out, err, sizeof err);
 }
 
 #endif /* MOE_EP_IMPL_INCLUDED */

@@ -420,7 +420,7 @@ static moe_ep_result comm_rank(const moe_ep_transport* transport, void* user_dat
                                                       .normalize_topk = true, .router_weight = st->model->router,
                                                       .expert_fn = copy_expert, .transport = transport }, &ctx);
     if (res != MOE_EP_OK) return res;
-    threads = moe_ep_query_desc(ctx).num_threads;
+    threads = moe_ep_query(ctx).num_threads;
     res = moe_ep_route(ctx, x, T, idx, weight, NULL);
     if (res == MOE_EP_OK) res = moe_ep_plan_create(ctx, T, idx, weight, &plan);
     if (res != MOE_EP_OK) return res;

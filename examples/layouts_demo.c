@@ -64,10 +64,10 @@ static moe_ep_result rank_main(const moe_ep_transport* world, void* user_data) {
     moe_ep_result res;
     int has_tp = l->tp_size > 1;
 
-    res = moe_ep_layout_split(l, world, MOE_EP_GROUP_EP, &ep_group);
+    res = moe_ep_layout_split(l, world, MOE_EP_GROUP_EP, &ep_group, NULL, 0);
     if (res != MOE_EP_OK) return res;
     if (has_tp) {
-        res = moe_ep_layout_split(l, world, MOE_EP_GROUP_TP, &tp_group);
+        res = moe_ep_layout_split(l, world, MOE_EP_GROUP_TP, &tp_group, NULL, 0);
         if (res != MOE_EP_OK) { moe_ep_pthreads_transport_destroy(&ep_group); return res; }
     }
     n = moe_ep_layout_experts(l, rank, NULL, 0);

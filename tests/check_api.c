@@ -40,7 +40,7 @@ START_TEST(query_desc_defaults) {
     res = moe_ep_create(&(moe_ep_desc){ .d_model = 8, .d_ff = 12, .num_experts = 3, .router_weight = m.router,
                                         .experts = m.experts }, &ctx);
     ck_assert_msg(res == MOE_EP_OK, "create: %s", moe_ep_result_string(res));
-    d = moe_ep_query_desc(ctx);
+    d = moe_ep_query(ctx);
     ck_assert_int_eq(d.d_model, 8);
     ck_assert_int_eq(d.d_ff, 12);
     ck_assert_int_eq(d.num_experts, 3);
@@ -76,7 +76,7 @@ START_TEST(query_desc_keeps_values) {
                                         .router_weight = m.router, .experts = m.experts }, &ctx);
     ck_assert_msg(res == MOE_EP_OK, "create: %s", moe_ep_result_string(res));
     table[2] = 5;   /* the context must not see this */
-    d = moe_ep_query_desc(ctx);
+    d = moe_ep_query(ctx);
     ck_assert_int_eq(d.top_k, 3);
     ck_assert_msg(d.activation == MOE_EP_ACTIVATION_GELU, "activation %d", (int)d.activation);
     ck_assert_msg(d.normalize_topk, "normalize_topk lost");
@@ -92,7 +92,7 @@ START_TEST(query_desc_keeps_values) {
 END_TEST
 
 START_TEST(null_context_queries) {
-    moe_ep_desc d = moe_ep_query_desc(NULL);
+    moe_ep_desc d = moe_ep_query(NULL);
     ck_assert_int_eq(d.d_model, 0);
     ck_assert_int_eq(moe_ep_rank(NULL), -1);
     ck_assert_int_eq(moe_ep_world_size(NULL), -1);

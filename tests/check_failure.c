@@ -464,6 +464,79 @@ START_TEST(failure_world_reusable) {
 }
 END_TEST
 
+/* >>moe_ep_agree: the protocol every "same verdict" step uses, on 3 pthreads ranks. */
+typedef struct agree_case {
+    const char* name;
+    int failing_rank;               /* -1: none */
+    int odd_rank;                   /* -1: none; this rank's second fact differs */
+    bool may_differ;
+    moe_ep_result want_failing, want_odd, want_others;
+    const char* want_text;          /* in the others' err text, or NULL */
+} agree_case;
+
+static const agree_case agree_cases[] = {
+    { "all agree", -1, -1, false, MOE_EP_OK, MOE_EP_OK, MOE_EP_OK, NULL },
+    { "rank 2 failed", 2, -1, false, MOE_EP_ERROR_CALLBACK, MOE_EP_OK, MOE_EP_ERROR_ABORTED, "rank 2 failed" },
+    { "rank 1 has other facts", -1, 1, false, MOE_EP_OK, MOE_EP_ERROR_RANK_MISMATCH, MOE_EP_ERROR_RANK_MISMATCH,
+      "has other sizes than rank" },
+    { "a vote: facts may differ", -1, 1, true, MOE_EP_OK, MOE_EP_OK, MOE_EP_OK, NULL },
+    { "failure wins over mismatch", 0, 1, false, MOE_EP_ERROR_CALLBACK, MOE_EP_ERROR_ABORTED, MOE_EP_ERROR_ABORTED,
+      "rank 0 failed" },
+};
+
+typedef struct agree_state {
+    const agree_case* c;
+    moe_ep_result result[3];
+    char text[3][256];
+    int64_t peer_facts[3][6];
+    int64_t peer_status[3][3];
+} agree_state;
+
+static moe_ep_result agree_rank(const moe_ep_transport* t, void* user_data) {
+    agree_state* st = (agree_state*)user_data;
+    int64_t facts[2] = { 42, 1000 + (t->rank == st->c->odd_rank ? t->rank : 0) };
+    moe_ep_agree_desc a = { 0 };
+    a.stage = "agree test";
+    a.status = t->rank == st->c->failing_rank ? MOE_EP_ERROR_CALLBACK : MOE_EP_OK;
+    a.facts = facts;
+    a.fact_count = 2;
+    a.facts_name = "sizes";
+    a.facts_may_differ = st->c->may_differ;
+    a.peer_facts = st->peer_facts[t->rank];
+    a.peer_status = st->peer_status[t->rank];
+    st->result[t->rank] = moe_ep_agree(t, &a, st->text[t->rank], sizeof st->text[t->rank]);
+    return MOE_EP_OK;
+}
+
+START_TEST(failure_agree) {
+    const agree_case* c = &agree_cases[_i];
+    agree_state st;
+    moe_ep_pthreads_world* world = NULL;
+    int r, q;
+    memset(&st, 0, sizeof st);
+    st.c = c;
+    ck_assert_int_eq(moe_ep_pthreads_world_create(&(moe_ep_pthreads_desc){ .world_size = 3, .timeout_ms = 20000 },
+                                                  &world), MOE_EP_OK);
+    ck_assert_int_eq(moe_ep_pthreads_run(world, agree_rank, &st, NULL), MOE_EP_OK);
+    moe_ep_pthreads_world_destroy(world);
+    for (r = 0; r < 3; ++r) {
+        moe_ep_result want = r == c->failing_rank ? c->want_failing : r == c->odd_rank ? c->want_odd : c->want_others;
+        ck_assert_msg(st.result[r] == want, "%s: rank %d got %s, want %s (%s)", c->name, r,
+                      moe_ep_result_string(st.result[r]), moe_ep_result_string(want), st.text[r]);
+        if (c->want_text && r != c->failing_rank)
+            ck_assert_msg(strstr(st.text[r], c->want_text) != NULL, "%s: rank %d's text \"%s\" lacks \"%s\"", c->name,
+                          r, st.text[r], c->want_text);
+        for (q = 0; q < 3; ++q) {
+            ck_assert_msg(st.peer_status[r][q] == (q == c->failing_rank ? MOE_EP_ERROR_CALLBACK : MOE_EP_OK),
+                          "%s: rank %d sees rank %d's status as %lld", c->name, r, q, (long long)st.peer_status[r][q]);
+            ck_assert_msg(st.peer_facts[r][2 * q + 1] == 1000 + (q == c->odd_rank ? q : 0),
+                          "%s: rank %d sees rank %d's second fact as %lld", c->name, r, q,
+                          (long long)st.peer_facts[r][2 * q + 1]);
+        }
+    }
+}
+END_TEST
+
 Suite* failure_suite(void) {
     Suite* s = suite_create("failure");
     TCase* tc = tcase_create("mismatch");
@@ -475,6 +548,7 @@ Suite* failure_suite(void) {
     tcase_add_test(tc_fail, failure_bad_routing_on_one_rank);
     tcase_add_test(tc_fail, failure_world_reusable);
     tcase_add_test(tc_fail, failure_timeout);
+    tcase_add_loop_test(tc_fail, failure_agree, 0, (int)(sizeof agree_cases / sizeof agree_cases[0]));
     suite_add_tcase(s, tc);
     suite_add_tcase(s, tc_fail);
     return s;

@@ -99,7 +99,7 @@ START_TEST(ffn_threads_bitwise) {
     check_model_init(&m, F_D, F_F, F_E, 1, ffn_acts[a], false, 400 + (uint64_t)_i);
     one = ffn_context(&m, 1);
     two = ffn_context(&m, 2);
-    ck_assert_int_eq(moe_ep_query_desc(two).num_threads, 2);
+    ck_assert_int_eq(moe_ep_query(two).num_threads, 2);
     check_fill(x, 64 * F_D, 1.0f, &seed);
     for (s = 0; s < 3; ++s) {
         check_poison(y1, 64 * F_D);

@@ -3,6 +3,7 @@
 #include "check_moe_ep.h"
 
 #include <math.h>
+#include <stdio.h>
 #include <stdlib.h>
 #include <string.h>
 
@@ -141,11 +142,11 @@ static moe_ep_result layered_rank(const moe_ep_transport* world, void* user_data
     moe_ep_expert_weights mine[64];
     int experts[64], n, i;
     moe_ep_result res;
-    res = moe_ep_layout_split(l, world, MOE_EP_GROUP_EP, &ep);
+    res = moe_ep_layout_split(l, world, MOE_EP_GROUP_EP, &ep, NULL, 0);
     if (res != MOE_EP_OK) return res;
-    res = moe_ep_layout_split(l, world, MOE_EP_GROUP_TP, &tp);
+    res = moe_ep_layout_split(l, world, MOE_EP_GROUP_TP, &tp, NULL, 0);
     if (res != MOE_EP_OK) return res;
-    res = moe_ep_layout_split(l, world, MOE_EP_GROUP_DP, &dp);
+    res = moe_ep_layout_split(l, world, MOE_EP_GROUP_DP, &dp, NULL, 0);
     if (res != MOE_EP_OK) return res;
     t->group_sizes[world->rank][0] = ep.world_size * 1000 + ep.rank;
     t->group_sizes[world->rank][1] = tp.world_size * 1000 + tp.rank;
@@ -299,6 +300,30 @@ START_TEST(test_groups_independent_exit) {
 }
 END_TEST
 
+/* A transport whose split fails with its own words: the caller must get them. */
+static moe_ep_result refusing_split(void* impl, int color, int key, moe_ep_transport* out, char* err_text,
+                                    size_t err_size) {
+    (void)impl; (void)color; (void)key; (void)out;
+    snprintf(err_text, err_size, "no communicator left for color %d", color);
+    return MOE_EP_ERROR_TRANSPORT;
+}
+
+START_TEST(test_split_keeps_transport_text) {
+    check_echo echo;
+    moe_ep_transport world = check_echo_transport(&echo, 1, 4), group;
+    moe_ep_layout_desc l = { .world_size = 4, .ep_size = 2, .tp_size = 2, .num_experts = 8 };
+    char err[256] = "";
+    world.split = refusing_split;
+    ck_assert_int_eq(moe_ep_layout_split(&l, &world, MOE_EP_GROUP_EP, &group, err, sizeof err), MOE_EP_ERROR_TRANSPORT);
+    ck_assert_msg(strstr(err, "no communicator left for color 1") != NULL, "split error lost the transport's text: %s", err);
+    l.world_size = 8;
+    l.dp_size = 2;
+    ck_assert_int_eq(moe_ep_layout_split(&l, &world, MOE_EP_GROUP_EP, &group, err, sizeof err),
+                     MOE_EP_ERROR_INVALID_ARGUMENT);
+    ck_assert_msg(strstr(err, "world_size (8)") != NULL, "split error does not name the size: %s", err);
+}
+END_TEST
+
 Suite* layout_suite(void) {
     Suite* s = suite_create("layout");
     TCase* core = tcase_create("core");
@@ -308,6 +333,7 @@ Suite* layout_suite(void) {
     tcase_add_test(core, test_layout_defaults);
     tcase_add_loop_test(errors, test_layout_invalid, 0, (int)(sizeof bad_layouts / sizeof bad_layouts[0]));
     tcase_add_test(errors, test_layout_out_of_range);
+    tcase_add_test(errors, test_split_keeps_transport_text);
     tcase_add_loop_test(layer, test_layered_layer_matches_one_rank, 0, (int)(sizeof layer_shapes / sizeof layer_shapes[0]));
     tcase_add_test(layer, test_all_reduce_rank_order);
     tcase_add_test(layer, test_groups_independent_exit);

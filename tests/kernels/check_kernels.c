@@ -303,7 +303,7 @@ static moe_ep_result budget_rank(const moe_ep_transport* transport, void* user_d
                                                       .num_experts = 2, .experts = &st->expert->weights,
                                                       .transport = transport }, &ctx);
     if (res != MOE_EP_OK) return res;
-    st->threads[transport->rank] = moe_ep_query_desc(ctx).num_threads;
+    st->threads[transport->rank] = moe_ep_query(ctx).num_threads;
     moe_ep_destroy(ctx);
     return MOE_EP_OK;
 }

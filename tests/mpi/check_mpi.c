@@ -949,9 +949,9 @@ static moe_ep_result layout_rank(const moe_ep_transport* world, void* user) {
     int rank = world->rank, has_tp = l->tp_size > 1, n, i;
     int* ids;
     moe_ep_expert_weights* mine;
-    moe_ep_result res = moe_ep_layout_split(l, world, MOE_EP_GROUP_EP, &ep_group);
+    moe_ep_result res = moe_ep_layout_split(l, world, MOE_EP_GROUP_EP, &ep_group, NULL, 0);
     if (res != MOE_EP_OK) return res;
-    if (has_tp && (res = moe_ep_layout_split(l, world, MOE_EP_GROUP_TP, &tp_group)) != MOE_EP_OK) {
+    if (has_tp && (res = moe_ep_layout_split(l, world, MOE_EP_GROUP_TP, &tp_group, NULL, 0)) != MOE_EP_OK) {
         ep_group.destroy(ep_group.impl);
         return res;
     }
