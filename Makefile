@@ -146,64 +146,63 @@ MPICC_NCCL   ?= mpicc
 MPIRUN_NCCL  ?= mpirun
 NCCL_CFLAGS   = -isystem $(CUDA_HOME)/include
 NCCL_LIBS     = -L$(CUDA_HOME)/lib64 -lnccl -lcublas -lcudart -lstdc++ -pthread -lm
-NCCL_HEADERS  = $(HEADERS) transports/moe_ep_nccl.h transports/moe_ep_nccl_kernels.cuh tests/gpu/gpu_test_support.h
+NCCL_HEADERS  = $(HEADERS) transports/moe_ep_nccl.h tests/gpu/gpu_test_support.h
+CUDA_HEADERS  = $(NCCL_HEADERS) moe_ep_cuda.h moe_ep_cuda_kernels.cuh
+NCCL_ONLY_LIBS = -L$(CUDA_HOME)/lib64 -lnccl -lcudart -pthread -lm
 ANCHOR_DIR   ?= ../shared/anchors/gpu
 NGPU         ?= $(shell n=$$(nvidia-smi -L 2>/dev/null | wc -l); [ "$$n" -gt 0 ] && echo $$n || echo 2)
+GPU_CHECK_LIBS = $(shell pkg-config --cflags --libs check 2>/dev/null)
 
 .PHONY: check-nccl test-gpu bench-gpu
 test-gpu bench-gpu: export NCCL_NVLS_ENABLE = 0
+test-gpu check-nccl: export CK_FORK = no
 
-$(BUILD)/nccl_kernels.o: tests/gpu/nccl_kernels.cu transports/moe_ep_nccl_kernels.cuh | $(BUILD)
+$(BUILD)/cuda_kernels.o: tests/gpu/cuda_kernels.cu moe_ep_cuda_kernels.cuh | $(BUILD)
 	$(NVCC) $(CUDA_ARCH) -O2 -c $< -o $@
 
-$(BUILD)/test_nccl: tests/gpu/test_nccl.c $(BUILD)/nccl_kernels.o $(NCCL_HEADERS) | $(BUILD)
-	$(CC) $(MOE_EP_CFLAGS) $(OPT) $(NCCL_CFLAGS) $(CFLAGS) $< $(BUILD)/nccl_kernels.o -o $@ $(NCCL_LIBS) $(LDFLAGS)
+# The GPU layer over NCCL; the _layout one over EP x DP and EP x TP x DP groups.
+$(BUILD)/check_cuda: tests/gpu/check_cuda.c $(BUILD)/cuda_kernels.o $(CUDA_HEADERS) | $(BUILD)
+	$(CC) $(MOE_EP_CFLAGS) $(OPT) $(NCCL_CFLAGS) $(CFLAGS) $< $(BUILD)/cuda_kernels.o -o $@ $(NCCL_LIBS) \
+	  $(GPU_CHECK_LIBS) $(LDFLAGS)
 
-# EP x DP and EP x TP x DP over NCCL groups; the _transport build checks the transport alone
-# (MOE_EP_NCCL_NO_LAYER: no CUDA file, no cuBLAS).
-$(BUILD)/test_nccl_layout: tests/gpu/test_nccl_layout.c $(BUILD)/nccl_kernels.o $(NCCL_HEADERS) | $(BUILD)
-	$(CC) $(MOE_EP_CFLAGS) $(OPT) $(NCCL_CFLAGS) $(CFLAGS) $< $(BUILD)/nccl_kernels.o -o $@ $(NCCL_LIBS) $(LDFLAGS)
+$(BUILD)/check_cuda_layout: tests/gpu/check_cuda_layout.c $(BUILD)/cuda_kernels.o $(CUDA_HEADERS) | $(BUILD)
+	$(CC) $(MOE_EP_CFLAGS) $(OPT) $(NCCL_CFLAGS) $(CFLAGS) $< $(BUILD)/cuda_kernels.o -o $@ $(NCCL_LIBS) \
+	  $(GPU_CHECK_LIBS) $(LDFLAGS)
 
-$(BUILD)/test_nccl_layout_transport: tests/gpu/test_nccl_layout.c $(NCCL_HEADERS) | $(BUILD)
-	$(CC) $(MOE_EP_CFLAGS) $(OPT) $(NCCL_CFLAGS) $(CFLAGS) -DMOE_EP_NCCL_NO_LAYER $< -o $@ \
-	  -L$(CUDA_HOME)/lib64 -lnccl -lcudart -pthread -lm $(LDFLAGS)
-
-$(BUILD)/bench_fill.o: bench/bench_fill.cu transports/moe_ep_nccl_kernels.cuh | $(BUILD)
+$(BUILD)/bench_fill.o: bench/bench_fill.cu moe_ep_cuda_kernels.cuh | $(BUILD)
 	$(NVCC) $(CUDA_ARCH) -O2 -c $< -o $@
 
-$(BUILD)/bench_nccl: bench/bench_nccl.c $(BUILD)/bench_fill.o $(NCCL_HEADERS) | $(BUILD)
+$(BUILD)/bench_nccl: bench/bench_nccl.c $(BUILD)/bench_fill.o $(CUDA_HEADERS) | $(BUILD)
 	$(CC) $(MOE_EP_CFLAGS) $(OPT) $(NCCL_CFLAGS) $(CFLAGS) $< $(BUILD)/bench_fill.o -o $@ $(NCCL_LIBS) $(LDFLAGS)
 
-$(BUILD)/nccl_mpi_demo: examples/nccl_mpi_demo.c $(BUILD)/nccl_kernels.o $(NCCL_HEADERS) | $(BUILD)
-	$(MPICC_NCCL) $(MOE_EP_CFLAGS) $(OPT) $(NCCL_CFLAGS) $(CFLAGS) $< $(BUILD)/nccl_kernels.o -o $@ $(NCCL_LIBS) $(LDFLAGS)
+$(BUILD)/nccl_mpi_demo: examples/nccl_mpi_demo.c $(BUILD)/cuda_kernels.o $(CUDA_HEADERS) | $(BUILD)
+	$(MPICC_NCCL) $(MOE_EP_CFLAGS) $(OPT) $(NCCL_CFLAGS) $(CFLAGS) $< $(BUILD)/cuda_kernels.o -o $@ $(NCCL_LIBS) $(LDFLAGS)
 
-# Also: the headers under clang, transport-only, and as one nvcc (C++) file with the kernels inside.
+# Also: the programs and the transport header under clang, the transport header alone in strict
+# C99, and moe_ep_cuda.h as one nvcc (C++) file with the kernels inside. The programs exit 77
+# (skipped) without a GPU.
+GPU_RUN = rc=0; CK_FORK=no ./$(BUILD)/$(1) || rc=$$?; [ $$rc -eq 0 ] || [ $$rc -eq 77 ] || exit $$rc
 check-nccl: | $(BUILD)
 	@if [ ! -x "$(NVCC)" ]; then echo "check-nccl: $(NVCC) not found, NCCL/CUDA build skipped"; exit 0; fi; \
-	printf '#define MOE_EP_IMPLEMENTATION\n#include "../transports/moe_ep_nccl.h"\n' > $(BUILD)/hdr_nccl.cu; \
-	printf '#define MOE_EP_IMPLEMENTATION\n#define MOE_EP_NCCL_NO_LAYER\n#include "../transports/moe_ep_nccl.h"\n' \
-	  > $(BUILD)/hdr_nccl_transport.c; \
+	printf '#define MOE_EP_IMPLEMENTATION\n#include "../moe_ep_cuda.h"\n' > $(BUILD)/hdr_cuda.cu; \
+	printf '#define MOE_EP_IMPLEMENTATION\n#include "../transports/moe_ep_nccl.h"\n' > $(BUILD)/hdr_nccl.c; \
 	set -ex; \
-	$(MAKE) --no-print-directory $(BUILD)/test_nccl $(BUILD)/test_nccl_layout $(BUILD)/test_nccl_layout_transport \
-	  $(BUILD)/bench_nccl; \
-	$(CLANG) $(MOE_EP_CFLAGS) $(NCCL_CFLAGS) -c tests/gpu/test_nccl.c -o $(BUILD)/test_nccl_clang.o; \
-	$(CLANG) $(MOE_EP_CFLAGS) $(NCCL_CFLAGS) -c tests/gpu/test_nccl_layout.c -o $(BUILD)/test_nccl_layout_clang.o; \
-	$(CLANG) $(MOE_EP_CFLAGS) $(NCCL_CFLAGS) -DMOE_EP_NCCL_NO_LAYER -c tests/gpu/test_nccl_layout.c \
-	  -o $(BUILD)/test_nccl_layout_transport_clang.o; \
-	$(CC) $(MOE_EP_CFLAGS) $(NCCL_CFLAGS) -c $(BUILD)/hdr_nccl_transport.c -o $(BUILD)/hdr_nccl_transport.o; \
-	$(NVCC) $(CUDA_ARCH) -O2 -Xcompiler -Wall,-Wextra,-Werror -c $(BUILD)/hdr_nccl.cu -o $(BUILD)/hdr_nccl.o; \
+	$(MAKE) --no-print-directory $(BUILD)/check_cuda $(BUILD)/check_cuda_layout $(BUILD)/bench_nccl; \
+	for f in tests/gpu/check_cuda.c tests/gpu/check_cuda_layout.c bench/bench_nccl.c; do \
+	  $(CLANG) $(MOE_EP_CFLAGS) $(NCCL_CFLAGS) -c $$f -o $(BUILD)/clang_$$(basename $$f .c).o; done; \
+	$(CC) $(MOE_EP_CFLAGS) $(NCCL_CFLAGS) -c $(BUILD)/hdr_nccl.c -o $(BUILD)/hdr_nccl_gcc.o; \
+	$(CLANG) $(MOE_EP_CFLAGS) $(NCCL_CFLAGS) -c $(BUILD)/hdr_nccl.c -o $(BUILD)/hdr_nccl_clang.o; \
+	$(NVCC) $(CUDA_ARCH) -O2 -Xcompiler -Wall,-Wextra,-Werror -c $(BUILD)/hdr_cuda.cu -o $(BUILD)/hdr_cuda.o; \
 	if command -v $(MPICC_NCCL) >/dev/null 2>&1; then $(MAKE) --no-print-directory $(BUILD)/nccl_mpi_demo; fi; \
-	./$(BUILD)/test_nccl; \
-	./$(BUILD)/test_nccl_layout; \
-	./$(BUILD)/test_nccl_layout_transport
+	$(call GPU_RUN,check_cuda); \
+	$(call GPU_RUN,check_cuda_layout)
 
 # On a machine with GPUs: every GPU test (world sizes 1, 2, 4, 8 up to the GPUs there are; the layout
 # tests EP x TP x DP over NCCL groups), and the MPI demo (one process per GPU) in fp32, bf16 and bf16 on
 # the direct path (CUDA IPC between the processes).
-test-gpu: $(BUILD)/test_nccl $(BUILD)/test_nccl_layout $(BUILD)/test_nccl_layout_transport
-	timeout $(TEST_TIMEOUT) ./$(BUILD)/test_nccl --require-gpu
-	timeout $(TEST_TIMEOUT) ./$(BUILD)/test_nccl_layout --require-gpu
-	timeout $(TEST_TIMEOUT) ./$(BUILD)/test_nccl_layout_transport --require-gpu
+test-gpu: $(BUILD)/check_cuda $(BUILD)/check_cuda_layout
+	timeout $(TEST_TIMEOUT) ./$(BUILD)/check_cuda --require-gpu
+	timeout $(TEST_TIMEOUT) ./$(BUILD)/check_cuda_layout --require-gpu
 	@if command -v $(MPICC_NCCL) >/dev/null 2>&1 && command -v $(MPIRUN_NCCL) >/dev/null 2>&1; then set -ex; \
 	  $(MAKE) --no-print-directory $(BUILD)/nccl_mpi_demo; \
 	  $(MPIRUN_NCCL) -np $(NGPU) ./$(BUILD)/nccl_mpi_demo; \

@@ -1,7 +1,7 @@
 /* The CUDA half of bench_nccl: moe_ep's kernels, and a random fill so that gigabytes of
    expert weights need not cross from the host. */
-#define MOE_EP_NCCL_KERNELS_IMPLEMENTATION
-#include "../transports/moe_ep_nccl_kernels.cuh"
+#define MOE_EP_CUDA_KERNELS_IMPLEMENTATION
+#include "../moe_ep_cuda_kernels.cuh"
 
 #include <cuda_bf16.h>
 

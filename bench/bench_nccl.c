@@ -16,6 +16,7 @@
 
    ./bench_nccl [--gpus N] [--iters N] [--torch-log FILE] */
 #define MOE_EP_IMPLEMENTATION
+#include "../moe_ep_cuda.h"
 #include "../transports/moe_ep_nccl.h"
 
 #include <pthread.h>
@@ -40,12 +41,12 @@ static const config g_configs[CONFIGS] = {
 /* In this order: the ops from OP_ROUTE on run without a plan alive, so that the layer's
    reserved buffers are free for the plans they make, as in a plain sequence of layers. */
 enum { OP_RAW_FWD, OP_RAW_BACK, OP_DIRECT, OP_DISPATCH, OP_COMBINE, OP_DISPATCH_SEG, OP_COMBINE_SEG, OP_EXPERTS,
-       OP_EXPERTS_ONE_STREAM, OP_EXPERTS_LANES, OP_EXPERTS_OWN, OP_ROUTE, OP_PLAN, OP_CORE_PLAN, OP_FORWARD, OP_FORWARD_NCCL, OP_SPLIT, OP_SPLIT_NCCL,
+       OP_EXPERTS_ONE_STREAM, OP_EXPERTS_OWN, OP_ROUTE, OP_PLAN, OP_CORE_PLAN, OP_FORWARD, OP_FORWARD_NCCL, OP_SPLIT, OP_SPLIT_NCCL,
        OP_DIRECT_DISPATCH, /* not run: the dispatch part of OP_DIRECT */
        OP_COUNT };
 static const char* g_op_names[OP_COUNT] = { "raw", "raw back", "direct dispatch + combine", "dispatch", "combine",
                                             "dispatch seg", "combine seg", "experts", "experts loop",
-                                            "experts loop 4 streams", "experts on the layer's buffers", "route", "plan", "core plan", "forward",
+                                            "experts on the layer's buffers", "route", "plan", "core plan", "forward",
                                             "forward, NCCL path", "forward by stages", "forward by stages, NCCL path",
                                             "direct dispatch" };
 
@@ -101,18 +102,16 @@ typedef struct run {
     int rank, world, ci;
     cudaStream_t stream;
     ncclComm_t comm;
-    moe_ep_nccl_layer* layer;       /* the default: direct when the GPUs can map each other's memory */
-    moe_ep_nccl_layer* staged;      /* the NCCL path, staged layout */
-    moe_ep_nccl_plan* plan_staged;
+    moe_ep_cuda_layer* layer;       /* the default: direct when the GPUs can map each other's memory */
+    moe_ep_cuda_layer* staged;      /* the NCCL path, staged layout */
+    moe_ep_cuda_plan* plan_staged;
     void *layer_recv, *layer_out;   /* the layer's own expert-side rows */
     cudaEvent_t mid;                /* OP_DIRECT: between its dispatch and its combine */
     cudaEvent_t ev[6];              /* OP_SPLIT: between the stages */
     int direct;
-    moe_ep_nccl_layer* segmented;   /* same shapes and weights, SEGMENTED layout, GEMM loop on one stream */
-    moe_ep_nccl_layer* lanes;       /* GEMM loop on 4 streams */
-    moe_ep_nccl_plan* plan_lanes;
-    moe_ep_nccl_plan* plan;
-    moe_ep_nccl_plan* plan_seg;
+    moe_ep_cuda_layer* segmented;   /* same shapes and weights, SEGMENTED layout, GEMM loop on one stream */
+    moe_ep_cuda_plan* plan;
+    moe_ep_cuda_plan* plan_seg;
     moe_ep_plan_info info;
     void *x, *y, *recv, *out, *raw_send, *raw_recv;
     int32_t* idx;
@@ -144,56 +143,55 @@ static moe_ep_result do_op(run* r, int op) {
     case OP_RAW_FWD: raw_exchange(r, 0); break;
     case OP_RAW_BACK: raw_exchange(r, 1); break;
     case OP_DIRECT:
-        res = moe_ep_nccl_dispatch(r->layer, r->plan, r->x, r->layer_recv);
+        res = moe_ep_cuda_dispatch(r->layer, r->plan, r->x, r->layer_recv);
         cudaEventRecord(r->mid, r->stream);
-        if (res == MOE_EP_OK) res = moe_ep_nccl_combine(r->layer, r->plan, r->layer_out, r->y);
+        if (res == MOE_EP_OK) res = moe_ep_cuda_combine(r->layer, r->plan, r->layer_out, r->y);
         break;
-    case OP_DISPATCH: res = moe_ep_nccl_dispatch(r->staged, r->plan_staged, r->x, r->recv); break;
-    case OP_COMBINE: res = moe_ep_nccl_combine(r->staged, r->plan_staged, r->out, r->y); break;
-    case OP_DISPATCH_SEG: res = moe_ep_nccl_dispatch(r->segmented, r->plan_seg, r->x, r->recv); break;
-    case OP_COMBINE_SEG: res = moe_ep_nccl_combine(r->segmented, r->plan_seg, r->out, r->y); break;
-    case OP_ROUTE: res = moe_ep_nccl_route(r->layer, r->x, r->tokens, r->idx, r->weight); break;
+    case OP_DISPATCH: res = moe_ep_cuda_dispatch(r->staged, r->plan_staged, r->x, r->recv); break;
+    case OP_COMBINE: res = moe_ep_cuda_combine(r->staged, r->plan_staged, r->out, r->y); break;
+    case OP_DISPATCH_SEG: res = moe_ep_cuda_dispatch(r->segmented, r->plan_seg, r->x, r->recv); break;
+    case OP_COMBINE_SEG: res = moe_ep_cuda_combine(r->segmented, r->plan_seg, r->out, r->y); break;
+    case OP_ROUTE: res = moe_ep_cuda_route(r->layer, r->x, r->tokens, r->idx, r->weight); break;
     case OP_PLAN: {
-        moe_ep_nccl_plan* p = NULL;
-        res = moe_ep_nccl_plan_create(r->layer, r->tokens, r->idx, r->weight, &p);
-        if (res == MOE_EP_OK) moe_ep_nccl_plan_destroy(p);
+        moe_ep_cuda_plan* p = NULL;
+        res = moe_ep_cuda_plan_create(r->layer, r->tokens, r->idx, r->weight, &p);
+        if (res == MOE_EP_OK) moe_ep_cuda_plan_destroy(p);
         break;
     }
-    case OP_EXPERTS: res = moe_ep_nccl_experts(r->layer, r->plan, r->recv, r->out); break;
+    case OP_EXPERTS: res = moe_ep_cuda_experts(r->layer, r->plan, r->recv, r->out); break;
     case OP_EXPERTS_OWN:    /* as OP_EXPERTS, on the rows the forward uses (on the direct path: its region) */
-        res = moe_ep_nccl_experts(r->layer, r->plan, r->layer_recv, r->layer_out);
+        res = moe_ep_cuda_experts(r->layer, r->plan, r->layer_recv, r->layer_out);
         break;
-    case OP_EXPERTS_ONE_STREAM: res = moe_ep_nccl_experts(r->segmented, r->plan_seg, r->recv, r->out); break;
-    case OP_EXPERTS_LANES: res = moe_ep_nccl_experts(r->lanes, r->plan_lanes, r->recv, r->out); break;
+    case OP_EXPERTS_ONE_STREAM: res = moe_ep_cuda_experts(r->segmented, r->plan_seg, r->recv, r->out); break;
     case OP_CORE_PLAN: {    /* the core's plan alone: count exchange and host layout, no upload */
         moe_ep_plan* p = NULL;
-        res = moe_ep_plan_create(moe_ep_nccl_layer_context(r->layer), r->tokens, r->idx, r->weight, &p);
+        res = moe_ep_plan_create(moe_ep_cuda_layer_context(r->layer), r->tokens, r->idx, r->weight, &p);
         moe_ep_plan_destroy(p);
         break;
     }
     case OP_FORWARD:
-        res = moe_ep_nccl_forward(r->layer, &(moe_ep_nccl_forward_args){ .tokens = r->tokens, .x = r->x, .y = r->y });
+        res = moe_ep_cuda_forward(r->layer, &(moe_ep_cuda_forward_args){ .tokens = r->tokens, .x = r->x, .y = r->y });
         break;
-    case OP_SPLIT: case OP_SPLIT_NCCL: {   /* what moe_ep_nccl_forward does, an event after each stage */
-        moe_ep_nccl_layer* L = op == OP_SPLIT ? r->layer : r->staged;
-        moe_ep_nccl_plan* p = NULL;
+    case OP_SPLIT: case OP_SPLIT_NCCL: {   /* what moe_ep_cuda_forward does, an event after each stage */
+        moe_ep_cuda_layer* L = op == OP_SPLIT ? r->layer : r->staged;
+        moe_ep_cuda_plan* p = NULL;
         void *rows = NULL, *out = NULL;
-        moe_ep_nccl_layer_rows(L, &rows, &out, NULL);
-        res = moe_ep_nccl_route(L, r->x, r->tokens, r->idx, r->weight);
+        moe_ep_cuda_layer_rows(L, &rows, &out, NULL);
+        res = moe_ep_cuda_route(L, r->x, r->tokens, r->idx, r->weight);
         cudaEventRecord(r->ev[1], r->stream);
-        if (res == MOE_EP_OK) res = moe_ep_nccl_plan_create(L, r->tokens, r->idx, r->weight, &p);
+        if (res == MOE_EP_OK) res = moe_ep_cuda_plan_create(L, r->tokens, r->idx, r->weight, &p);
         cudaEventRecord(r->ev[2], r->stream);
-        if (res == MOE_EP_OK) res = moe_ep_nccl_dispatch(L, p, r->x, rows);
+        if (res == MOE_EP_OK) res = moe_ep_cuda_dispatch(L, p, r->x, rows);
         cudaEventRecord(r->ev[3], r->stream);
-        if (res == MOE_EP_OK) res = moe_ep_nccl_experts(L, p, rows, out);
+        if (res == MOE_EP_OK) res = moe_ep_cuda_experts(L, p, rows, out);
         cudaEventRecord(r->ev[4], r->stream);
-        if (res == MOE_EP_OK) res = moe_ep_nccl_combine(L, p, out, r->y);
+        if (res == MOE_EP_OK) res = moe_ep_cuda_combine(L, p, out, r->y);
         cudaEventRecord(r->ev[5], r->stream);
-        moe_ep_nccl_plan_destroy(p);
+        moe_ep_cuda_plan_destroy(p);
         break;
     }
     case OP_FORWARD_NCCL:
-        res = moe_ep_nccl_forward(r->staged, &(moe_ep_nccl_forward_args){ .tokens = r->tokens, .x = r->x, .y = r->y });
+        res = moe_ep_cuda_forward(r->staged, &(moe_ep_cuda_forward_args){ .tokens = r->tokens, .x = r->x, .y = r->y });
         break;
     }
     return res;
@@ -217,7 +215,7 @@ static double time_op(run* r, int op, double* first) {
         cudaEventRecord(stop, r->stream);
         cudaEventSynchronize(stop);
         if (res != MOE_EP_OK) {
-            bench_fail(r->sh, r->rank, g_op_names[op], moe_ep_nccl_last_error(r->layer));
+            bench_fail(r->sh, r->rank, g_op_names[op], moe_ep_cuda_layer_last_error(r->layer));
             r->ok = 0;
         }
         cudaEventElapsedTime(&ms, start, stop);
@@ -277,7 +275,7 @@ static void* rank_main(void* arg) {
         int L = c->E / R, l;
         size_t dd = (size_t)c->d, ff = (size_t)c->ff, T = (size_t)c->tokens, rows_max;
         void *gate = NULL, *weights = NULL;
-        moe_ep_nccl_expert_weights* mine = (moe_ep_nccl_expert_weights*)calloc((size_t)L, sizeof *mine);
+        moe_ep_cuda_expert_weights* mine = (moe_ep_cuda_expert_weights*)calloc((size_t)L, sizeof *mine);
         unsigned long long seed = 1234 + (unsigned long long)me * 7919 + (unsigned long long)ci * 104729;
         moe_ep_result res;
         r.ok = 1;
@@ -311,61 +309,51 @@ static void* rank_main(void* arg) {
                        r.stream);
         }
         cudaStreamSynchronize(r.stream);
-        res = moe_ep_nccl_layer_create(&(moe_ep_nccl_layer_desc){
-            .base = { .d_model = c->d, .d_ff = c->ff, .num_experts = c->E, .top_k = c->k, .normalize_topk = true,
-                      .transport = &t },
-            .dtype = MOE_EP_NCCL_DTYPE_BF16, .max_tokens = c->tokens, .router_weight = gate, .experts = mine }, &r.layer);
+        res = moe_ep_cuda_layer_create(&(moe_ep_cuda_layer_desc){
+            .d_model = c->d, .d_ff = c->ff, .num_experts = c->E, .top_k = c->k, .normalize_topk = true,
+            .transport = &t, .stream = r.stream,
+            .dtype = MOE_EP_CUDA_DTYPE_BF16, .max_tokens = c->tokens, .router_weight = gate, .experts = mine }, &r.layer);
         if (res == MOE_EP_OK)
-            res = moe_ep_nccl_layer_create(&(moe_ep_nccl_layer_desc){
-                .base = { .d_model = c->d, .d_ff = c->ff, .num_experts = c->E, .top_k = c->k, .normalize_topk = true,
-                          .transport = &t },
-                .dtype = MOE_EP_NCCL_DTYPE_BF16, .direct = MOE_EP_NCCL_DIRECT_OFF, .max_tokens = c->tokens,
+            res = moe_ep_cuda_layer_create(&(moe_ep_cuda_layer_desc){
+                .d_model = c->d, .d_ff = c->ff, .num_experts = c->E, .top_k = c->k, .normalize_topk = true,
+                .transport = &t, .stream = r.stream,
+                .dtype = MOE_EP_CUDA_DTYPE_BF16, .direct = MOE_EP_CUDA_DIRECT_OFF, .max_tokens = c->tokens,
                 .router_weight = gate, .experts = mine }, &r.staged);
         if (res == MOE_EP_OK)
-            res = moe_ep_nccl_layer_create(&(moe_ep_nccl_layer_desc){
-                .base = { .d_model = c->d, .d_ff = c->ff, .num_experts = c->E, .top_k = c->k, .normalize_topk = true,
-                          .transport = &t },
-                .dtype = MOE_EP_NCCL_DTYPE_BF16, .a2a_layout = MOE_EP_NCCL_A2A_SEGMENTED,
-                .direct = MOE_EP_NCCL_DIRECT_OFF, .max_tokens = c->tokens,
-                .expert_gemm = MOE_EP_NCCL_EXPERT_GEMM_LOOP, .expert_streams = 1, .experts = mine }, &r.segmented);
-        if (res == MOE_EP_OK)
-            res = moe_ep_nccl_layer_create(&(moe_ep_nccl_layer_desc){
-                .base = { .d_model = c->d, .d_ff = c->ff, .num_experts = c->E, .top_k = c->k, .normalize_topk = true,
-                          .transport = &t },
-                .dtype = MOE_EP_NCCL_DTYPE_BF16, .direct = MOE_EP_NCCL_DIRECT_OFF, .max_tokens = c->tokens,
-                .expert_gemm = MOE_EP_NCCL_EXPERT_GEMM_LOOP, .expert_streams = 4, .experts = mine }, &r.lanes);
-        if (res == MOE_EP_OK) res = moe_ep_nccl_route(r.layer, r.x, r.tokens, r.idx, r.weight);
-        if (res == MOE_EP_OK) res = moe_ep_nccl_plan_create(r.layer, r.tokens, r.idx, r.weight, &r.plan);
-        if (res == MOE_EP_OK) res = moe_ep_nccl_plan_create(r.staged, r.tokens, r.idx, r.weight, &r.plan_staged);
-        if (res == MOE_EP_OK) res = moe_ep_nccl_plan_create(r.segmented, r.tokens, r.idx, r.weight, &r.plan_seg);
-        if (res == MOE_EP_OK) res = moe_ep_nccl_plan_create(r.lanes, r.tokens, r.idx, r.weight, &r.plan_lanes);
+            res = moe_ep_cuda_layer_create(&(moe_ep_cuda_layer_desc){
+                .d_model = c->d, .d_ff = c->ff, .num_experts = c->E, .top_k = c->k, .normalize_topk = true,
+                .transport = &t, .stream = r.stream,
+                .dtype = MOE_EP_CUDA_DTYPE_BF16, .a2a_layout = MOE_EP_CUDA_A2A_SEGMENTED,
+                .direct = MOE_EP_CUDA_DIRECT_OFF, .max_tokens = c->tokens,
+                .expert_gemm = MOE_EP_CUDA_EXPERT_GEMM_LOOP, .experts = mine }, &r.segmented);
+        if (res == MOE_EP_OK) res = moe_ep_cuda_route(r.layer, r.x, r.tokens, r.idx, r.weight);
+        if (res == MOE_EP_OK) res = moe_ep_cuda_plan_create(r.layer, r.tokens, r.idx, r.weight, &r.plan);
+        if (res == MOE_EP_OK) res = moe_ep_cuda_plan_create(r.staged, r.tokens, r.idx, r.weight, &r.plan_staged);
+        if (res == MOE_EP_OK) res = moe_ep_cuda_plan_create(r.segmented, r.tokens, r.idx, r.weight, &r.plan_seg);
         if (res != MOE_EP_OK) {
-            bench_fail(sh, me, "setup", r.layer ? moe_ep_nccl_last_error(r.layer) : moe_ep_result_string(res));
+            bench_fail(sh, me, "setup", r.layer ? moe_ep_cuda_layer_last_error(r.layer) : moe_ep_result_string(res));
             break;
         }
-        r.info = moe_ep_nccl_plan_query(r.plan);
+        r.info = moe_ep_cuda_plan_query(r.plan);
         sh->bytes[ci][me] = (double)r.info.send_rows * (double)r.row_bytes;
-        moe_ep_nccl_layer_rows(r.layer, &r.layer_recv, &r.layer_out, NULL);
-        if (me == 0) sh->direct[ci] = moe_ep_nccl_layer_direct(r.layer);
+        moe_ep_cuda_layer_rows(r.layer, &r.layer_recv, &r.layer_out, NULL);
+        if (me == 0) sh->direct[ci] = moe_ep_cuda_layer_direct(r.layer);
         for (op = 0; op < OP_DIRECT_DISPATCH && r.ok; ++op) {
             if (op == OP_ROUTE) {
-                moe_ep_nccl_plan_destroy(r.plan);
-                moe_ep_nccl_plan_destroy(r.plan_staged);
-                moe_ep_nccl_plan_destroy(r.plan_seg);
-                moe_ep_nccl_plan_destroy(r.plan_lanes);
-                r.plan = r.plan_staged = r.plan_seg = r.plan_lanes = NULL;
+                moe_ep_cuda_plan_destroy(r.plan);
+                moe_ep_cuda_plan_destroy(r.plan_staged);
+                moe_ep_cuda_plan_destroy(r.plan_seg);
+                r.plan = r.plan_staged = r.plan_seg = NULL;
             }
             sh->ms[ci][op][me] = time_op(&r, op, op == OP_DIRECT ? &sh->ms[ci][OP_DIRECT_DISPATCH][me] : NULL);
         }
-        moe_ep_nccl_plan_destroy(r.plan);
-        moe_ep_nccl_plan_destroy(r.plan_staged);
-        moe_ep_nccl_plan_destroy(r.plan_seg);
-        moe_ep_nccl_plan_destroy(r.plan_lanes);
-        moe_ep_nccl_layer_destroy(r.layer);
-        moe_ep_nccl_layer_destroy(r.staged);
-        moe_ep_nccl_layer_destroy(r.segmented);
-        moe_ep_nccl_layer_destroy(r.lanes);
-        r.layer = r.staged = r.segmented = r.lanes = NULL;
+        moe_ep_cuda_plan_destroy(r.plan);
+        moe_ep_cuda_plan_destroy(r.plan_staged);
+        moe_ep_cuda_plan_destroy(r.plan_seg);
+        moe_ep_cuda_layer_destroy(r.layer);
+        moe_ep_cuda_layer_destroy(r.staged);
+        moe_ep_cuda_layer_destroy(r.segmented);
+        r.layer = r.staged = r.segmented = NULL;
         cudaFree(gate); cudaFree(weights); cudaFree(r.x); cudaFree(r.y); cudaFree(r.recv); cudaFree(r.out);
         cudaFree(r.raw_send); cudaFree(r.raw_recv);
         free(r.idx); free(r.weight); free(mine);
@@ -470,20 +458,20 @@ int main(int argc, char** argv) {
     printf("(bandwidth = bytes sent per rank, self included, over the time; raw_us is the mean of forward and back;\n"
            " direct: dispatch and combine timed as one pair, split by an event, max over ranks of each median)\n\n");
     printf("full layer (GPU router, plan, dispatch, experts, combine), ms per layer\n");
-    printf("%-24s %5s %6s %4s %2s %9s | %6s %6s %9s %8s %8s %8s | %8s %8s %8s | %9s\n", "config", "d", "ff", "E", "k",
-           "ms/layer", "route", "plan", "core-plan", "dispatch", "experts", "combine", "loop-1s", "loop-4s", "own-rows",
+    printf("%-24s %5s %6s %4s %2s %9s | %6s %6s %9s %8s %8s %8s | %8s %8s | %9s\n", "config", "d", "ff", "E", "k",
+           "ms/layer", "route", "plan", "core-plan", "dispatch", "experts", "combine", "loop-1s", "own-rows",
            "NCCL-path");
     for (ci = 0; ci < CONFIGS; ++ci) {
         const config* c = &g_configs[ci];
-        printf("%-24s %5d %6d %4d %2d %9.3f | %6.3f %6.3f %9.3f %8.3f %8.3f %8.3f | %8.3f %8.3f %8.3f | %9.3f\n", c->name,
+        printf("%-24s %5d %6d %4d %2d %9.3f | %6.3f %6.3f %9.3f %8.3f %8.3f %8.3f | %8.3f %8.3f | %9.3f\n", c->name,
                c->d, c->ff,
                c->E, c->k, worst(&sh, ci, OP_FORWARD), worst(&sh, ci, OP_ROUTE), worst(&sh, ci, OP_PLAN),
                worst(&sh, ci, OP_CORE_PLAN), worst(&sh, ci, OP_DIRECT_DISPATCH), worst(&sh, ci, OP_EXPERTS),
                worst(&sh, ci, OP_DIRECT) - worst(&sh, ci, OP_DIRECT_DISPATCH), worst(&sh, ci, OP_EXPERTS_ONE_STREAM),
-               worst(&sh, ci, OP_EXPERTS_LANES), worst(&sh, ci, OP_EXPERTS_OWN), worst(&sh, ci, OP_FORWARD_NCCL));
+               worst(&sh, ci, OP_EXPERTS_OWN), worst(&sh, ci, OP_FORWARD_NCCL));
     }
-    printf("(stages timed one by one; experts: grouped GEMMs; loop-1s / loop-4s: one cublasGemmEx per expert on one /\n"
-           " four streams; core-plan: the core's moe_ep_plan_create alone: count exchange and host layout;\n"
+    printf("(stages timed one by one; experts: grouped GEMMs; loop-1s: one cublasGemmEx per expert on the layer's\n"
+           " stream; core-plan: the core's moe_ep_plan_create alone: count exchange and host layout;\n"
            " own-rows: the experts on the layer's own buffers, the direct path's region;\n"
            " NCCL-path: the whole layer with direct = OFF)\n");
     printf("\ninside one layer call (the forward's stages in sequence, median of each, max over ranks), ms\n");

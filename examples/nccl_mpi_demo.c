@@ -20,6 +20,7 @@
    with --iters N (default 20 with --seed, else 0), the time per layer call: the median
    over N calls of the slowest rank's time, each call started together on all ranks. */
 #define MOE_EP_IMPLEMENTATION
+#include "../moe_ep_cuda.h"
 #include "../transports/moe_ep_nccl.h"
 
 #include <mpi.h>
@@ -87,8 +88,8 @@ int main(int argc, char** argv) {
     ncclComm_t comm;
     cudaStream_t stream;
     moe_ep_transport transport;
-    moe_ep_nccl_layer* layer = NULL;
-    moe_ep_nccl_expert_weights* mine;
+    moe_ep_cuda_layer* layer = NULL;
+    moe_ep_cuda_expert_weights* mine;
     void** host_weights;
     size_t es, n, wsize;
     void *router, *xh, *yh, *x = NULL, *y = NULL;
@@ -118,7 +119,7 @@ int main(int argc, char** argv) {
     }
     if (iters < 0) iters = seed ? 20 : 0;
     wsize = (size_t)D_MODEL * D_FF;
-    mine = (moe_ep_nccl_expert_weights*)calloc((size_t)EXPERTS, sizeof *mine);
+    mine = (moe_ep_cuda_expert_weights*)calloc((size_t)EXPERTS, sizeof *mine);
     host_weights = (void**)calloc(3 * (size_t)EXPERTS, sizeof(void*));
     MPI_Comm_split_type(MPI_COMM_WORLD, MPI_COMM_TYPE_SHARED, rank, MPI_INFO_NULL, &node);
     MPI_Comm_rank(node, &local_rank);
@@ -155,14 +156,15 @@ int main(int argc, char** argv) {
         free(owner);
     }
     router = make(7, (size_t)EXPERTS * D_MODEL, 3.0f / sqrtf((float)D_MODEL), bf16, NULL);
-    res = moe_ep_nccl_layer_create(&(moe_ep_nccl_layer_desc){
-        .base = { .d_model = D_MODEL, .d_ff = D_FF, .num_experts = EXPERTS, .top_k = TOP_K, .transport = &transport,
-                  .logger = { moe_ep_log_stderr, NULL } },
-        .dtype = bf16 ? MOE_EP_NCCL_DTYPE_BF16 : MOE_EP_NCCL_DTYPE_F32, .max_tokens = direct || seed ? T : 0,
-        .direct = direct ? MOE_EP_NCCL_DIRECT_ON : seed ? MOE_EP_NCCL_DIRECT_DEFAULT : MOE_EP_NCCL_DIRECT_OFF,
+    res = moe_ep_cuda_layer_create(&(moe_ep_cuda_layer_desc){
+        .d_model = D_MODEL, .d_ff = D_FF, .num_experts = EXPERTS, .top_k = TOP_K, .transport = &transport,
+        .stream = stream, .timeout_ms = 60000,
+        .logger = { moe_ep_log_stderr, NULL },
+        .dtype = bf16 ? MOE_EP_CUDA_DTYPE_BF16 : MOE_EP_CUDA_DTYPE_F32, .max_tokens = direct || seed ? T : 0,
+        .direct = direct ? MOE_EP_CUDA_DIRECT_ON : seed ? MOE_EP_CUDA_DIRECT_DEFAULT : MOE_EP_CUDA_DIRECT_OFF,
         .router_weight = router, .experts = mine }, &layer);
     if (res != MOE_EP_OK) {
-        fprintf(stderr, "rank %d: moe_ep_nccl_layer_create: %s\n", rank, moe_ep_result_string(res));
+        fprintf(stderr, "rank %d: moe_ep_cuda_layer_create: %s\n", rank, moe_ep_result_string(res));
         MPI_Abort(MPI_COMM_WORLD, 1);
     }
 
@@ -177,13 +179,13 @@ int main(int argc, char** argv) {
     cudaMemcpy(x, xh, n * es, cudaMemcpyHostToDevice);
     MPI_Barrier(MPI_COMM_WORLD);
     t0 = MPI_Wtime();
-    res = moe_ep_nccl_forward(layer, &(moe_ep_nccl_forward_args){ .tokens = T, .x = x, .y = y, .topk_idx = idx,
+    res = moe_ep_cuda_forward(layer, &(moe_ep_cuda_forward_args){ .tokens = T, .x = x, .y = y, .topk_idx = idx,
                                                                     .topk_weight = weight });
     cudaStreamSynchronize(stream);
     t1 = MPI_Wtime();
     first_ms = (t1 - t0) * 1e3;
     if (res != MOE_EP_OK) {
-        fprintf(stderr, "rank %d: forward: %s\n", rank, moe_ep_nccl_last_error(layer));
+        fprintf(stderr, "rank %d: forward: %s\n", rank, moe_ep_cuda_layer_last_error(layer));
         ok = 0;
     }
     cudaMemcpy(yh, y, n * es, cudaMemcpyDeviceToHost);
@@ -192,7 +194,7 @@ int main(int argc, char** argv) {
     {
         int64_t* row = (int64_t*)calloc((size_t)world, sizeof(int64_t));
         int64_t* all = rank == 0 ? (int64_t*)malloc(sizeof(int64_t) * (size_t)world * (size_t)world) : NULL;
-        moe_ep_context* ctx = moe_ep_nccl_layer_context(layer);
+        moe_ep_context* ctx = moe_ep_cuda_layer_context(layer);
         int q;
         for (i = 0; ok && i < T * TOP_K; ++i) {
             int o = moe_ep_expert_owner(ctx, idx[i]);
@@ -223,14 +225,14 @@ int main(int argc, char** argv) {
             cudaStreamSynchronize(stream);
             MPI_Barrier(MPI_COMM_WORLD);
             t0 = MPI_Wtime();
-            res = moe_ep_nccl_forward(layer, &(moe_ep_nccl_forward_args){ .tokens = T, .x = x, .y = y });
+            res = moe_ep_cuda_forward(layer, &(moe_ep_cuda_forward_args){ .tokens = T, .x = x, .y = y });
             cudaStreamSynchronize(stream);
             mine_ms = (MPI_Wtime() - t0) * 1e3;
             MPI_Allreduce(&mine_ms, &worst_ms, 1, MPI_DOUBLE, MPI_MAX, MPI_COMM_WORLD);
             ms[it] = worst_ms;
         }
         if (res != MOE_EP_OK) {
-            fprintf(stderr, "rank %d: timed forward: %s\n", rank, moe_ep_nccl_last_error(layer));
+            fprintf(stderr, "rank %d: timed forward: %s\n", rank, moe_ep_cuda_layer_last_error(layer));
             ok = 0;
         } else if (rank == 0) {
             qsort(ms, (size_t)iters, sizeof(double), cmp_double);
@@ -291,7 +293,7 @@ int main(int argc, char** argv) {
             ok = ok && res == MOE_EP_OK && err <= (bf16 ? 1e-2 : 1e-5);
             printf("nccl_mpi_demo: %d ranks, %d tokens each, %s, %s path, E=%d top-%d d=%d ff=%d: first layer call "
                    "%.2f ms, relative error vs the CPU layer %.2e: %s\n", world, T, bf16 ? "bf16" : "fp32",
-                   moe_ep_nccl_layer_direct(layer) ? "direct" : "NCCL", EXPERTS, TOP_K, D_MODEL, D_FF, first_ms,
+                   moe_ep_cuda_layer_direct(layer) ? "direct" : "NCCL", EXPERTS, TOP_K, D_MODEL, D_FF, first_ms,
                    err, ok ? "ok" : "FAILED");
             moe_ep_destroy(ctx);
             for (i = 0; i < 3 * EXPERTS; ++i) free(full[i]);
@@ -303,7 +305,7 @@ int main(int argc, char** argv) {
     }
     MPI_Bcast(&ok, 1, MPI_INT, 0, MPI_COMM_WORLD);
 
-    moe_ep_nccl_layer_destroy(layer);
+    moe_ep_cuda_layer_destroy(layer);
     moe_ep_nccl_transport_destroy(&transport);
     ncclCommDestroy(comm);
     cudaStreamDestroy(stream);

@@ -18,6 +18,7 @@
      fails the call on every rank, and the layer works again afterwards.
    Exit status: the number of failed checks (0 = all passed). */
 #define MOE_EP_IMPLEMENTATION
+#include "../../moe_ep_cuda.h"
 #include "../../transports/moe_ep_nccl.h"
 
 #include <pthread.h>
@@ -266,14 +267,14 @@ static void test_a2a(rank_env* env) {
 typedef struct layer_case {
     rank_fn fn;
     const char* name;
-    int bf16, E, k, d, ff, normalize, max_tokens, gpu_router, staged, weights_on_device, expert_streams;
-    moe_ep_nccl_expert_gemm expert_gemm;
+    int bf16, E, k, d, ff, normalize, max_tokens, gpu_router, staged, weights_on_device;
+    moe_ep_cuda_expert_gemm expert_gemm;
     int tokens[4];                  /* per rank, cycled */
     float capacity;
     moe_ep_activation activation;
     moe_ep_placement_kind placement;
-    moe_ep_nccl_a2a_layout layout;
-    moe_ep_nccl_direct direct;
+    moe_ep_cuda_a2a_layout layout;
+    moe_ep_cuda_direct direct;
     unsigned long long seed;
     /* filled by the runner */
     float* router;                  /* [E, d] */
@@ -396,17 +397,17 @@ done:
 
 /* This rank's experts under c's placement, host copies in the layer's dtype; *store gets
    the 3 * *count copies (w1, w3, w2 of each), for the caller to free. */
-static moe_ep_nccl_expert_weights* rank_weights(const layer_case* c, int me, int R, void*** store, int* count) {
+static moe_ep_cuda_expert_weights* rank_weights(const layer_case* c, int me, int R, void*** store, int* count) {
     int owner[64], e, i, l = 0, L = 0;
     int swiglu = c->activation == MOE_EP_ACTIVATION_SWIGLU || c->activation == MOE_EP_ACTIVATION_DEFAULT;
     size_t cnt = (size_t)c->d * (size_t)c->ff;
-    moe_ep_nccl_expert_weights* mine;
+    moe_ep_cuda_expert_weights* mine;
     moe_ep_placement placement;
     placement.kind = c->placement;
     placement.table = NULL;
     moe_ep_placement_compute(&placement, c->E, R, owner);
     for (e = 0; e < c->E; ++e) L += owner[e] == me;
-    mine = (moe_ep_nccl_expert_weights*)calloc((size_t)(L + 1), sizeof *mine);
+    mine = (moe_ep_cuda_expert_weights*)calloc((size_t)(L + 1), sizeof *mine);
     *store = (void**)calloc((size_t)(3 * L + 1), sizeof(void*));
     for (e = 0; e < c->E; ++e) {
         if (owner[e] != me) continue;
@@ -424,8 +425,8 @@ static void test_layer(rank_env* env) {
     layer_case* c = (layer_case*)env->shared;
     int me = env->rank, R = env->world, T = c->tokens[me % 4], l, L;
     size_t es = c->bf16 ? 2 : 4, n = (size_t)T * (size_t)c->d;
-    moe_ep_nccl_layer* layer = NULL;
-    moe_ep_nccl_expert_weights* mine = NULL;
+    moe_ep_cuda_layer* layer = NULL;
+    moe_ep_cuda_expert_weights* mine = NULL;
     void **dev_weights = NULL, *router = NULL, *xh = NULL, *yh = NULL;
     void *x = NULL, *y = NULL, *y2 = NULL;
     float *yf = NULL, *ref = NULL, *w = NULL;
@@ -449,14 +450,15 @@ static void test_layer(rank_env* env) {
         mine[l].w2 = dev_weights[3 * l + 2];
     }
     router = to_dtype(c->router, (size_t)c->E * (size_t)c->d, c->bf16);
-    res = moe_ep_nccl_layer_create(&(moe_ep_nccl_layer_desc){
-        .base = { .d_model = c->d, .d_ff = c->ff, .num_experts = c->E, .top_k = c->k, .activation = c->activation,
-                  .normalize_topk = c->normalize != 0, .capacity_factor = c->capacity,
-                  .placement = { .kind = c->placement }, .transport = &env->transport },
-        .dtype = c->bf16 ? MOE_EP_NCCL_DTYPE_BF16 : MOE_EP_NCCL_DTYPE_F32, .a2a_layout = c->layout,
+    res = moe_ep_cuda_layer_create(&(moe_ep_cuda_layer_desc){
+        .d_model = c->d, .d_ff = c->ff, .num_experts = c->E, .top_k = c->k, .activation = c->activation,
+        .normalize_topk = c->normalize != 0, .capacity_factor = c->capacity,
+        .placement = { .kind = c->placement }, .transport = &env->transport,
+        .stream = env->stream, .timeout_ms = 120000,
+        .dtype = c->bf16 ? MOE_EP_CUDA_DTYPE_BF16 : MOE_EP_CUDA_DTYPE_F32, .a2a_layout = c->layout,
         .direct = c->direct, .max_tokens = c->max_tokens, .expert_gemm = c->expert_gemm,
-        .expert_streams = c->expert_streams, .router_weight = c->gpu_router ? router : NULL, .experts = mine }, &layer);
-    if (res != MOE_EP_OK) { fail(env, "moe_ep_nccl_layer_create: %s", moe_ep_result_string(res)); goto done; }
+        .router_weight = c->gpu_router ? router : NULL, .experts = mine }, &layer);
+    if (res != MOE_EP_OK) { fail(env, "moe_ep_cuda_layer_create: %s", moe_ep_result_string(res)); goto done; }
     xh = to_dtype(c->x[me], n, c->bf16);
     yh = malloc(n * es + 4);
     yf = (float*)malloc(sizeof(float) * (n + 1));
@@ -470,10 +472,10 @@ static void test_layer(rank_env* env) {
     CHECK_CUDA(env, cudaMemset(y, 0xFF, n * es + 16));   /* NaN in fp32 and bf16 */
     CHECK_CUDA(env, cudaMemset(y2, 0xFF, n * es + 16));
     if (!c->gpu_router) make_routing(c, me, T, idx, w);
-    res = moe_ep_nccl_forward(layer, &(moe_ep_nccl_forward_args){ .tokens = T, .x = x, .y = y,
+    res = moe_ep_cuda_forward(layer, &(moe_ep_cuda_forward_args){ .tokens = T, .x = x, .y = y,
                                                                     .routing_in = !c->gpu_router,
                                                                     .topk_idx = idx, .topk_weight = w });
-    if (res != MOE_EP_OK) { fail(env, "forward: %s: %s", moe_ep_result_string(res), moe_ep_nccl_last_error(layer)); goto done; }
+    if (res != MOE_EP_OK) { fail(env, "forward: %s: %s", moe_ep_result_string(res), moe_ep_cuda_layer_last_error(layer)); goto done; }
     CHECK_CUDA(env, cudaStreamSynchronize(env->stream));
     CHECK_CUDA(env, cudaMemcpy(yh, y, n * es, cudaMemcpyDeviceToHost));
     from_dtype(yh, n, c->bf16, yf);
@@ -494,31 +496,31 @@ static void test_layer(rank_env* env) {
     {
         int failed_before = env->failed;
         if (c->staged) {
-            moe_ep_nccl_plan* plan = NULL;
+            moe_ep_cuda_plan* plan = NULL;
             moe_ep_plan_info info;
             void *rows = NULL, *out = NULL;
-            if (c->gpu_router) res = moe_ep_nccl_route(layer, x, T, idx, w);
-            if (res == MOE_EP_OK) res = moe_ep_nccl_plan_create(layer, T, idx, w, &plan);
-            if (res != MOE_EP_OK) { fail(env, "staged: %s", moe_ep_nccl_last_error(layer)); goto done; }
-            info = moe_ep_nccl_plan_query(plan);
+            if (c->gpu_router) res = moe_ep_cuda_route(layer, x, T, idx, w);
+            if (res == MOE_EP_OK) res = moe_ep_cuda_plan_create(layer, T, idx, w, &plan);
+            if (res != MOE_EP_OK) { fail(env, "staged: %s", moe_ep_cuda_layer_last_error(layer)); goto done; }
+            info = moe_ep_cuda_plan_query(plan);
             CHECK_CUDA(env, cudaMalloc(&rows, (size_t)info.recv_rows * (size_t)c->d * es + 16));
             CHECK_CUDA(env, cudaMalloc(&out, (size_t)info.recv_rows * (size_t)c->d * es + 16));
-            res = moe_ep_nccl_dispatch_begin(layer, plan, x, rows);
-            if (res == MOE_EP_OK) res = moe_ep_nccl_dispatch_end(layer, plan);
-            if (res == MOE_EP_OK) res = moe_ep_nccl_experts(layer, plan, rows, out);
-            if (res == MOE_EP_OK) res = moe_ep_nccl_combine_begin(layer, plan, out);
-            if (res == MOE_EP_OK) res = moe_ep_nccl_combine_end(layer, plan, y2);
-            if (res != MOE_EP_OK) fail(env, "staged: %s", moe_ep_nccl_last_error(layer));
+            res = moe_ep_cuda_dispatch_begin(layer, plan, x, rows);
+            if (res == MOE_EP_OK) res = moe_ep_cuda_dispatch_end(layer, plan);
+            if (res == MOE_EP_OK) res = moe_ep_cuda_experts(layer, plan, rows, out);
+            if (res == MOE_EP_OK) res = moe_ep_cuda_combine_begin(layer, plan, out);
+            if (res == MOE_EP_OK) res = moe_ep_cuda_combine_end(layer, plan, y2);
+            if (res != MOE_EP_OK) fail(env, "staged: %s", moe_ep_cuda_layer_last_error(layer));
             CHECK_CUDA(env, cudaStreamSynchronize(env->stream));
-            moe_ep_nccl_plan_destroy(plan);
+            moe_ep_cuda_plan_destroy(plan);
             cudaFree(rows);
             cudaFree(out);
         } else {
-            res = moe_ep_nccl_forward(layer, &(moe_ep_nccl_forward_args){ .tokens = T, .x = x, .y = y2,
+            res = moe_ep_cuda_forward(layer, &(moe_ep_cuda_forward_args){ .tokens = T, .x = x, .y = y2,
                                                                             .routing_in = !c->gpu_router,
                                                                             .topk_idx = c->gpu_router ? NULL : idx,
                                                                             .topk_weight = c->gpu_router ? NULL : w });
-            if (res != MOE_EP_OK) fail(env, "second forward: %s", moe_ep_nccl_last_error(layer));
+            if (res != MOE_EP_OK) fail(env, "second forward: %s", moe_ep_cuda_layer_last_error(layer));
         }
         if (!env->failed || failed_before) {
             void* again = malloc(n * es + 4);
@@ -530,7 +532,7 @@ static void test_layer(rank_env* env) {
     }
 done:
     if (ref_ctx) moe_ep_destroy(ref_ctx);
-    if (layer) moe_ep_nccl_layer_destroy(layer);
+    if (layer) moe_ep_cuda_layer_destroy(layer);
     for (l = 0; l < 3 * L; ++l) {
         if (c->weights_on_device) cudaFree(dev_weights[l]);
         else free(dev_weights[l]);
@@ -549,8 +551,8 @@ static void test_direct(rank_env* env) {
     layer_case* c = (layer_case*)env->shared;
     int me = env->rank, R = env->world, T = c->tokens[me % 4], l, L, it, which;
     size_t es = c->bf16 ? 2 : 4, n = (size_t)T * (size_t)c->d;
-    moe_ep_nccl_layer* layers[2] = { NULL, NULL };
-    moe_ep_nccl_expert_weights* mine = NULL;
+    moe_ep_cuda_layer* layers[2] = { NULL, NULL };
+    moe_ep_cuda_expert_weights* mine = NULL;
     void** host_weights = NULL;
     void *x = NULL, *y[2] = { NULL, NULL }, *yh[2] = { NULL, NULL }, *xh = NULL;
     float *xf = NULL, *yf = NULL, *ref = NULL, *w = NULL;
@@ -559,19 +561,20 @@ static void test_direct(rank_env* env) {
     moe_ep_result res = MOE_EP_OK;
     mine = rank_weights(c, me, R, &host_weights, &L);
     for (which = 0; which < 2; ++which) {
-        res = moe_ep_nccl_layer_create(&(moe_ep_nccl_layer_desc){
-            .base = { .d_model = c->d, .d_ff = c->ff, .num_experts = c->E, .top_k = c->k,
-                      .capacity_factor = c->capacity, .placement = { .kind = c->placement },
-                      .transport = &env->transport },
-            .dtype = c->bf16 ? MOE_EP_NCCL_DTYPE_BF16 : MOE_EP_NCCL_DTYPE_F32, .max_tokens = c->max_tokens,
-            .direct = which == 0 ? (R > 1 ? MOE_EP_NCCL_DIRECT_ON : MOE_EP_NCCL_DIRECT_DEFAULT) : MOE_EP_NCCL_DIRECT_OFF,
+        res = moe_ep_cuda_layer_create(&(moe_ep_cuda_layer_desc){
+            .d_model = c->d, .d_ff = c->ff, .num_experts = c->E, .top_k = c->k,
+            .capacity_factor = c->capacity, .placement = { .kind = c->placement },
+            .transport = &env->transport,
+        .stream = env->stream, .timeout_ms = 120000,
+            .dtype = c->bf16 ? MOE_EP_CUDA_DTYPE_BF16 : MOE_EP_CUDA_DTYPE_F32, .max_tokens = c->max_tokens,
+            .direct = which == 0 ? (R > 1 ? MOE_EP_CUDA_DIRECT_ON : MOE_EP_CUDA_DIRECT_DEFAULT) : MOE_EP_CUDA_DIRECT_OFF,
             .experts = mine }, &layers[which]);
-        if (res != MOE_EP_OK) { fail(env, "moe_ep_nccl_layer_create (%s): %s", which ? "NCCL" : "direct",
+        if (res != MOE_EP_OK) { fail(env, "moe_ep_cuda_layer_create (%s): %s", which ? "NCCL" : "direct",
                                      moe_ep_result_string(res)); goto done; }
     }
-    if (moe_ep_nccl_layer_direct(layers[0]) != (R > 1) || moe_ep_nccl_layer_direct(layers[1]) != 0)
-        fail(env, "moe_ep_nccl_layer_direct: %d and %d", moe_ep_nccl_layer_direct(layers[0]),
-             moe_ep_nccl_layer_direct(layers[1]));
+    if (moe_ep_cuda_layer_direct(layers[0]) != (R > 1) || moe_ep_cuda_layer_direct(layers[1]) != 0)
+        fail(env, "moe_ep_cuda_layer_direct: %d and %d", moe_ep_cuda_layer_direct(layers[0]),
+             moe_ep_cuda_layer_direct(layers[1]));
     xf = (float*)malloc(sizeof(float) * (n + 1));
     yf = (float*)malloc(sizeof(float) * (n + 1));
     ref = (float*)malloc(sizeof(float) * (n + 1));
@@ -594,40 +597,40 @@ static void test_direct(rank_env* env) {
             make_routing(&rc, me, T, idx, w);
         }
         for (which = 0; which < 2; ++which) {
-            moe_ep_nccl_layer* layer = layers[which];
+            moe_ep_cuda_layer* layer = layers[which];
             CHECK_CUDA(env, cudaMemset(y[which], 0xFF, n * es + 16));
             if (it < 3 || which == 1) {
-                res = moe_ep_nccl_forward(layer, &(moe_ep_nccl_forward_args){ .tokens = T, .x = x, .y = y[which],
+                res = moe_ep_cuda_forward(layer, &(moe_ep_cuda_forward_args){ .tokens = T, .x = x, .y = y[which],
                                                                                 .routing_in = true, .topk_idx = idx,
                                                                                 .topk_weight = w });
             } else {
-                moe_ep_nccl_plan* plan = NULL;
+                moe_ep_cuda_plan* plan = NULL;
                 void *rows = NULL, *out = NULL, *own_rows = NULL, *own_out = NULL;
                 int64_t cap = 0;
-                moe_ep_nccl_layer_rows(layer, &rows, &out, &cap);
-                res = moe_ep_nccl_plan_create(layer, T, idx, w, &plan);
+                moe_ep_cuda_layer_rows(layer, &rows, &out, &cap);
+                res = moe_ep_cuda_plan_create(layer, T, idx, w, &plan);
                 if (res == MOE_EP_OK) {
-                    moe_ep_plan_info info = moe_ep_nccl_plan_query(plan);
-                    if (!rows || !out || cap < info.recv_rows) fail(env, "moe_ep_nccl_layer_rows: %lld rows", (long long)cap);
+                    moe_ep_plan_info info = moe_ep_cuda_plan_query(plan);
+                    if (!rows || !out || cap < info.recv_rows) fail(env, "moe_ep_cuda_layer_rows: %lld rows", (long long)cap);
                     if (it == 4) {
                         CHECK_CUDA(env, cudaMalloc(&own_rows, (size_t)info.recv_rows * (size_t)c->d * es + 16));
                         CHECK_CUDA(env, cudaMalloc(&own_out, (size_t)info.recv_rows * (size_t)c->d * es + 16));
                         rows = own_rows;
                         out = own_out;
                     }
-                    res = moe_ep_nccl_dispatch_begin(layer, plan, x, rows);
-                    if (res == MOE_EP_OK) res = moe_ep_nccl_dispatch_end(layer, plan);
-                    if (res == MOE_EP_OK) res = moe_ep_nccl_experts(layer, plan, rows, out);
-                    if (res == MOE_EP_OK) res = moe_ep_nccl_combine_begin(layer, plan, out);
-                    if (res == MOE_EP_OK) res = moe_ep_nccl_combine_end(layer, plan, y[which]);
+                    res = moe_ep_cuda_dispatch_begin(layer, plan, x, rows);
+                    if (res == MOE_EP_OK) res = moe_ep_cuda_dispatch_end(layer, plan);
+                    if (res == MOE_EP_OK) res = moe_ep_cuda_experts(layer, plan, rows, out);
+                    if (res == MOE_EP_OK) res = moe_ep_cuda_combine_begin(layer, plan, out);
+                    if (res == MOE_EP_OK) res = moe_ep_cuda_combine_end(layer, plan, y[which]);
                     CHECK_CUDA(env, cudaStreamSynchronize(env->stream));
-                    moe_ep_nccl_plan_destroy(plan);
+                    moe_ep_cuda_plan_destroy(plan);
                     cudaFree(own_rows);
                     cudaFree(own_out);
                 }
             }
             if (res != MOE_EP_OK) { fail(env, "run %d (%s): %s", it, which ? "NCCL" : "direct",
-                                         moe_ep_nccl_last_error(layer)); goto done; }
+                                         moe_ep_cuda_layer_last_error(layer)); goto done; }
             CHECK_CUDA(env, cudaStreamSynchronize(env->stream));
             CHECK_CUDA(env, cudaMemcpy(yh[which], y[which], n * es, cudaMemcpyDeviceToHost));
         }
@@ -652,29 +655,29 @@ static void test_direct(rank_env* env) {
     }
     if (R > 1) {
         /* misuse: dispatch a second plan while the first is not combined */
-        moe_ep_nccl_plan *p1 = NULL, *p2 = NULL;
+        moe_ep_cuda_plan *p1 = NULL, *p2 = NULL;
         void *rows = NULL, *out = NULL;
-        moe_ep_nccl_layer_rows(layers[0], &rows, &out, NULL);
-        res = moe_ep_nccl_plan_create(layers[0], T, idx, w, &p1);
-        if (res == MOE_EP_OK) res = moe_ep_nccl_plan_create(layers[0], T, idx, w, &p2);
-        if (res == MOE_EP_OK) res = moe_ep_nccl_dispatch(layers[0], p1, x, rows);
-        if (res != MOE_EP_OK) fail(env, "misuse setup: %s", moe_ep_nccl_last_error(layers[0]));
-        else if ((res = moe_ep_nccl_dispatch(layers[0], p2, x, rows)) != MOE_EP_ERROR_INVALID_ARGUMENT)
+        moe_ep_cuda_layer_rows(layers[0], &rows, &out, NULL);
+        res = moe_ep_cuda_plan_create(layers[0], T, idx, w, &p1);
+        if (res == MOE_EP_OK) res = moe_ep_cuda_plan_create(layers[0], T, idx, w, &p2);
+        if (res == MOE_EP_OK) res = moe_ep_cuda_dispatch(layers[0], p1, x, rows);
+        if (res != MOE_EP_OK) fail(env, "misuse setup: %s", moe_ep_cuda_layer_last_error(layers[0]));
+        else if ((res = moe_ep_cuda_dispatch(layers[0], p2, x, rows)) != MOE_EP_ERROR_INVALID_ARGUMENT)
             fail(env, "second dispatch before the combine: %s", moe_ep_result_string(res));
-        moe_ep_nccl_plan_destroy(p2);
-        moe_ep_nccl_plan_destroy(p1);   /* never combined: its destroy frees the peers' next dispatch */
+        moe_ep_cuda_plan_destroy(p2);
+        moe_ep_cuda_plan_destroy(p1);   /* never combined: its destroy frees the peers' next dispatch */
         CHECK_CUDA(env, cudaMemset(y[0], 0xFF, n * es + 16));
-        res = moe_ep_nccl_forward(layers[0], &(moe_ep_nccl_forward_args){ .tokens = T, .x = x, .y = y[0],
+        res = moe_ep_cuda_forward(layers[0], &(moe_ep_cuda_forward_args){ .tokens = T, .x = x, .y = y[0],
                                                                            .routing_in = true, .topk_idx = idx,
                                                                            .topk_weight = w });
-        if (res != MOE_EP_OK) fail(env, "forward after the misuse: %s", moe_ep_nccl_last_error(layers[0]));
+        if (res != MOE_EP_OK) fail(env, "forward after the misuse: %s", moe_ep_cuda_layer_last_error(layers[0]));
         CHECK_CUDA(env, cudaStreamSynchronize(env->stream));
         CHECK_CUDA(env, cudaMemcpy(yh[0], y[0], n * es, cudaMemcpyDeviceToHost));
         if (memcmp(yh[0], yh[1], n * es) != 0) fail(env, "after the misuse: the direct path differs from the NCCL path");
     }
 done:
     for (which = 0; which < 2; ++which) {
-        if (layers[which]) moe_ep_nccl_layer_destroy(layers[which]);
+        if (layers[which]) moe_ep_cuda_layer_destroy(layers[which]);
         cudaFree(y[which]);
         free(yh[which]);
     }
@@ -717,7 +720,7 @@ static int scale_expert(int local_expert, int expert, const void* rows, int64_t 
 static void test_agreement(rank_env* env) {
     agree_case* c = (agree_case*)env->shared;
     int me = env->rank, R = env->world, E = 2 * R, k = 2, d = 24, T = 50, t, j, i;
-    moe_ep_nccl_layer* layer = NULL;
+    moe_ep_cuda_layer* layer = NULL;
     scale_state st;
     void *x = NULL, *y = NULL;
     float *xh, *yh, *expect;
@@ -746,35 +749,37 @@ static void test_agreement(rank_env* env) {
     CHECK_CUDA(env, cudaMalloc(&x, sizeof(float) * (size_t)(T * d)));
     CHECK_CUDA(env, cudaMalloc(&y, sizeof(float) * (size_t)(T * d)));
     CHECK_CUDA(env, cudaMemcpy(x, xh, sizeof(float) * (size_t)(T * d), cudaMemcpyHostToDevice));
-    res = moe_ep_nccl_layer_create(&(moe_ep_nccl_layer_desc){
-        .base = { .d_model = d, .num_experts = E, .top_k = k, .transport = &env->transport },
-        .dtype = c->mode == 1 && me == 0 ? (moe_ep_nccl_dtype)99 : MOE_EP_NCCL_DTYPE_F32,
-        .max_tokens = c->mode >= 2 ? T : 0, .direct = c->mode == 3 && R > 1 ? MOE_EP_NCCL_DIRECT_ON : MOE_EP_NCCL_DIRECT_DEFAULT,
+    res = moe_ep_cuda_layer_create(&(moe_ep_cuda_layer_desc){
+        .d_model = d, .num_experts = E, .top_k = k, .transport = &env->transport,
+        .stream = env->stream, .timeout_ms = 120000,
+        .dtype = c->mode == 1 && me == 0 ? (moe_ep_cuda_dtype)99 : MOE_EP_CUDA_DTYPE_F32,
+        .max_tokens = c->mode >= 2 ? T : 0, .direct = c->mode == 3 && R > 1 ? MOE_EP_CUDA_DIRECT_ON : MOE_EP_CUDA_DIRECT_DEFAULT,
         .expert_fn = scale_expert, .expert_user_data = &st }, &layer);
     if (c->mode == 1) {
         if (res == MOE_EP_OK) fail(env, "a bad desc on rank 0 was accepted here");
         else if (R > 1 && me != 0 && res != MOE_EP_ERROR_RANK_MISMATCH)
             fail(env, "expected RANK_MISMATCH, got %s", moe_ep_result_string(res));
         /* the layer must still be creatable by all afterwards */
-        res = moe_ep_nccl_layer_create(&(moe_ep_nccl_layer_desc){
-            .base = { .d_model = d, .num_experts = E, .top_k = k, .transport = &env->transport },
+        res = moe_ep_cuda_layer_create(&(moe_ep_cuda_layer_desc){
+            .d_model = d, .num_experts = E, .top_k = k, .transport = &env->transport,
+        .stream = env->stream, .timeout_ms = 120000,
             .expert_fn = scale_expert, .expert_user_data = &st }, &layer);
     }
-    if (res != MOE_EP_OK) { fail(env, "moe_ep_nccl_layer_create: %s", moe_ep_result_string(res)); goto done; }
+    if (res != MOE_EP_OK) { fail(env, "moe_ep_cuda_layer_create: %s", moe_ep_result_string(res)); goto done; }
     if (c->mode == 0 || c->mode == 3) st.fail_once = me == R - 1;
-    res = moe_ep_nccl_forward(layer, &(moe_ep_nccl_forward_args){
+    res = moe_ep_cuda_forward(layer, &(moe_ep_cuda_forward_args){
         .tokens = c->mode == 2 && me == R - 1 ? T + 1 : T, .x = x, .y = y, .routing_in = true,
         .topk_idx = idx, .topk_weight = w });
     if (c->mode != 1) {
         moe_ep_result want_here = c->mode == 2 ? MOE_EP_ERROR_INVALID_ARGUMENT : MOE_EP_ERROR_CALLBACK;
         moe_ep_result want = me == R - 1 ? want_here : MOE_EP_ERROR_ABORTED;
         if (res != want) fail(env, "failing forward: expected %s, got %s (%s)", moe_ep_result_string(want),
-                              moe_ep_result_string(res), moe_ep_nccl_last_error(layer));
+                              moe_ep_result_string(res), moe_ep_cuda_layer_last_error(layer));
         st.fail_once = 0;
-        res = moe_ep_nccl_forward(layer, &(moe_ep_nccl_forward_args){ .tokens = T, .x = x, .y = y, .routing_in = true,
+        res = moe_ep_cuda_forward(layer, &(moe_ep_cuda_forward_args){ .tokens = T, .x = x, .y = y, .routing_in = true,
                                                                         .topk_idx = idx, .topk_weight = w });
     }
-    if (res != MOE_EP_OK) { fail(env, "forward: %s (%s)", moe_ep_result_string(res), moe_ep_nccl_last_error(layer)); goto done; }
+    if (res != MOE_EP_OK) { fail(env, "forward: %s (%s)", moe_ep_result_string(res), moe_ep_cuda_layer_last_error(layer)); goto done; }
     CHECK_CUDA(env, cudaStreamSynchronize(env->stream));
     CHECK_CUDA(env, cudaMemcpy(yh, y, sizeof(float) * (size_t)(T * d), cudaMemcpyDeviceToHost));
     {
@@ -782,7 +787,7 @@ static void test_agreement(rank_env* env) {
         if (!(err <= 1e-6)) fail(env, "scaled experts: relative error %.3g", err);
     }
 done:
-    if (layer) moe_ep_nccl_layer_destroy(layer);
+    if (layer) moe_ep_cuda_layer_destroy(layer);
     cublasDestroy(st.blas);
     free(xh); free(yh); free(expect);
     cudaFree(x); cudaFree(y);
@@ -871,10 +876,10 @@ static void run_world(world* w) {
             { .name = "k=E", .bf16 = 1, .E = 4, .k = 4, .d = 36, .ff = 20, .gpu_router = 1, .tokens = { 55, 31, 9, 2 }, .seed = 8 },
             { .name = "odd d, ff, E (E%R!=0)", .E = 5, .k = 3, .d = 33, .ff = 45, .gpu_router = 1, .tokens = { 97, 61, 1, 3 }, .seed = 9 },
             { .name = "odd d, ff, E (E%R!=0)", .bf16 = 1, .E = 5, .k = 3, .d = 33, .ff = 45, .gpu_router = 1, .tokens = { 97, 61, 1, 3 }, .seed = 10 },
-            { .name = "segmented a2a", .E = 12, .k = 3, .d = 64, .ff = 48, .gpu_router = 1, .layout = MOE_EP_NCCL_A2A_SEGMENTED,
+            { .name = "segmented a2a", .E = 12, .k = 3, .d = 64, .ff = 48, .gpu_router = 1, .layout = MOE_EP_CUDA_A2A_SEGMENTED,
               .staged = 1, .tokens = { 211, 99, 5, 8 }, .seed = 11 },
             { .name = "segmented a2a", .bf16 = 1, .E = 12, .k = 3, .d = 64, .ff = 48, .gpu_router = 1,
-              .layout = MOE_EP_NCCL_A2A_SEGMENTED, .tokens = { 211, 99, 5, 8 }, .seed = 12 },
+              .layout = MOE_EP_CUDA_A2A_SEGMENTED, .tokens = { 211, 99, 5, 8 }, .seed = 12 },
             { .name = "capacity 1.0 (drops) round-robin", .E = 8, .k = 2, .d = 32, .ff = 32, .gpu_router = 1, .capacity = 1.0f,
               .placement = MOE_EP_PLACEMENT_ROUND_ROBIN, .tokens = { 150, 90, 11, 4 }, .seed = 13 },
             { .name = "max_tokens reserved, weights on device", .E = 8, .k = 2, .d = 64, .ff = 64, .gpu_router = 1,
@@ -884,14 +889,14 @@ static void run_world(world* w) {
             { .name = "relu", .bf16 = 1, .E = 6, .k = 2, .d = 40, .ff = 56, .activation = MOE_EP_ACTIVATION_RELU,
               .gpu_router = 1, .tokens = { 80, 45, 2, 9 }, .seed = 16 },
             { .name = "larger", .E = 8, .k = 2, .d = 512, .ff = 768, .gpu_router = 1, .tokens = { 700, 513, 64, 1 }, .seed = 17 },
-            { .name = "larger, GEMM loop on one stream", .E = 8, .k = 2, .d = 512, .ff = 768, .gpu_router = 1,
-              .expert_gemm = MOE_EP_NCCL_EXPERT_GEMM_LOOP, .expert_streams = 1, .staged = 1, .tokens = { 700, 513, 64, 1 },
+            { .name = "larger, GEMM loop", .E = 8, .k = 2, .d = 512, .ff = 768, .gpu_router = 1,
+              .expert_gemm = MOE_EP_CUDA_EXPERT_GEMM_LOOP, .staged = 1, .tokens = { 700, 513, 64, 1 },
               .seed = 19 },
-            { .name = "GEMM loop on 3 streams", .bf16 = 1, .E = 32, .k = 4, .d = 128, .ff = 96, .gpu_router = 1,
-              .expert_gemm = MOE_EP_NCCL_EXPERT_GEMM_LOOP, .expert_streams = 3, .staged = 1, .tokens = { 400, 333, 8, 1 },
+            { .name = "GEMM loop, 32 experts", .bf16 = 1, .E = 32, .k = 4, .d = 128, .ff = 96, .gpu_router = 1,
+              .expert_gemm = MOE_EP_CUDA_EXPERT_GEMM_LOOP, .staged = 1, .tokens = { 400, 333, 8, 1 },
               .seed = 20 },
             { .name = "GEMM loop, odd shapes", .bf16 = 1, .E = 5, .k = 3, .d = 33, .ff = 45, .gpu_router = 1,
-              .expert_gemm = MOE_EP_NCCL_EXPERT_GEMM_LOOP, .tokens = { 97, 0, 1, 3 }, .seed = 21 },
+              .expert_gemm = MOE_EP_CUDA_EXPERT_GEMM_LOOP, .tokens = { 97, 0, 1, 3 }, .seed = 21 },
             { .name = "larger", .bf16 = 1, .E = 8, .k = 2, .d = 512, .ff = 768, .gpu_router = 1, .tokens = { 700, 513, 64, 1 }, .seed = 18 },
         };
         for (i = 0; i < (int)(sizeof cases / sizeof cases[0]); ++i) run_layer_case(w, cases[i]);

@@ -1,26 +1,27 @@
-/* moe_ep_nccl_kernels.cuh -- the CUDA kernels of moe_ep's GPU data path -- MIT or public domain
+/* moe_ep_cuda_kernels.cuh -- the CUDA kernels of moe_ep's GPU layer -- MIT or public domain
 
-   The GPU layer of transports/moe_ep_nccl.h calls these through plain C launchers, so
-   that the rest of the library can stay C99. Build them once, in one CUDA file:
+   The GPU layer (moe_ep_cuda.h) calls these through plain C launchers, so that the rest
+   of the library can stay C99. Build them once, in one CUDA file:
 
-       #define MOE_EP_NCCL_KERNELS_IMPLEMENTATION
-       #include "transports/moe_ep_nccl_kernels.cuh"
+       #define MOE_EP_CUDA_KERNELS_IMPLEMENTATION
+       #include "moe_ep_cuda_kernels.cuh"
 
    (nvcc -arch=sm_90 -c that.cu). A file that nvcc compiles with MOE_EP_IMPLEMENTATION
-   and includes transports/moe_ep_nccl.h gets them without this step.
+   and includes moe_ep_cuda.h gets them without this step. Everything declared here is
+   private to moe_ep_cuda.h (moe_ep__cuda_k_*): only its implementation includes this file.
 
    Kernels: permute (token rows into send order), row regrouping (rank-major <->
    expert-major), the activation (SwiGLU / GELU / ReLU, fp32 math), weighted
    un-permute (fp32 accumulation, k-slot order), softmax + top-k, and the rank-order sum
-   of the NCCL transport's all_reduce_sum. Rows are fp32 or
+   of the tensor-parallel partial sums. Rows are fp32 or
    bf16; every launcher returns a cudaError_t as int (0 = success).
 
    A slot map (int32, one entry per (token, k-slot)) says where each assignment's row
    lives: v >= 0 is row v of the send buffer, v <= -2 is row -v-2 of the expert-side
    buffer (the token's expert is on this rank, the row skips the network), -1 is
    dropped by capacity. */
-#ifndef MOE_EP_NCCL_KERNELS_CUH_INCLUDED
-#define MOE_EP_NCCL_KERNELS_CUH_INCLUDED
+#ifndef MOE_EP_CUDA_KERNELS_CUH_INCLUDED
+#define MOE_EP_CUDA_KERNELS_CUH_INCLUDED
 
 #include <stddef.h>
 #include <stdint.h>
@@ -29,97 +30,97 @@
 extern "C" {
 #endif
 
-/* Row element types, as in moe_ep_nccl_dtype (1 = fp32, 2 = bf16). */
-#define MOE_EP__NCCL_K_F32 1
-#define MOE_EP__NCCL_K_BF16 2
+/* Row element types, as in moe_ep_cuda_dtype (1 = fp32, 2 = bf16). */
+#define MOE_EP__CUDA_K_F32 1
+#define MOE_EP__CUDA_K_BF16 2
 
 /* x [tokens, row_bytes] -> send / expert-side rows, as the slot map says. pass 1 writes
    the rows for the network (v >= 0), pass 2 the local ones (v <= -2), pass 3 both. */
-int moe_ep__nccl_k_permute(const void* x, void* send, void* local, const int32_t* slot_map, int64_t tokens,
+int moe_ep__cuda_k_permute(const void* x, void* send, void* local, const int32_t* slot_map, int64_t tokens,
                            int top_k, size_t row_bytes, int pass, void* stream);
 /* scatter: dst[map[i]] = src[i]; else gather: dst[i] = src[map[i]]; i < rows. */
-int moe_ep__nccl_k_move_rows(const void* src, void* dst, const int32_t* map, int64_t rows, size_t row_bytes,
+int moe_ep__cuda_k_move_rows(const void* src, void* dst, const int32_t* map, int64_t rows, size_t row_bytes,
                              int scatter, void* stream);
 /* In place over h [rows, ld]: SwiGLU h[:, i] = silu(h[:, i]) * h[:, ff + i]; GELU/ReLU h[:, i] = act(h[:, i]).
    activation: 1 SwiGLU, 2 GELU, 3 ReLU (moe_ep_activation). */
-int moe_ep__nccl_k_activation(void* h, int64_t rows, int ff, int64_t ld, int activation, int dtype, void* stream);
+int moe_ep__cuda_k_activation(void* h, int64_t rows, int ff, int64_t ld, int activation, int dtype, void* stream);
 /* y[t] = sum over k-slots j, in order, of weight[t,j] * row(slot_map[t,j]); fp32 accumulation. */
-int moe_ep__nccl_k_unpermute(const void* send, const void* local, const int32_t* slot_map, const float* weight,
+int moe_ep__cuda_k_unpermute(const void* send, const void* local, const int32_t* slot_map, const float* weight,
                              void* y, int64_t tokens, int top_k, int d_model, int dtype, void* stream);
 /* The slot map from the core plan's slot rows: owner_local[e] is e's local index if e is
    on this rank, else -1; self_shift[l] = receive offset - send offset of local expert l's
    own segment. */
-int moe_ep__nccl_k_slot_map(const int64_t* slot_rows, const int32_t* topk_idx, const int32_t* owner_local,
+int moe_ep__cuda_k_slot_map(const int64_t* slot_rows, const int32_t* topk_idx, const int32_t* owner_local,
                             const int64_t* self_shift, int64_t slots, int32_t* slot_map, void* stream);
 /* stage_map[r] = chunk_dest[c] + r - chunk_start[c] for chunk_start[c] <= r < chunk_start[c + 1]
    (the last such c; chunks may be empty). */
-int moe_ep__nccl_k_stage_map(const int64_t* chunk_start, const int64_t* chunk_dest, int chunks, int64_t rows,
+int moe_ep__cuda_k_stage_map(const int64_t* chunk_start, const int64_t* chunk_dest, int chunks, int64_t rows,
                              int32_t* stage_map, void* stream);
 /* logits [tokens, E] fp32 -> softmax -> top-k (ties to the lower index) -> idx, weight [tokens, k]. */
-int moe_ep__nccl_k_topk(const float* logits, int64_t tokens, int num_experts, int top_k, int normalize,
+int moe_ep__cuda_k_topk(const float* logits, int64_t tokens, int num_experts, int top_k, int normalize,
                         int32_t* idx, float* weight, void* stream);
 /* out[i] = ((parts[i] + parts[count + i]) + parts[2 * count + i]) + ... over `ranks` blocks of
    count floats, added in block order in fp32, stored as dtype (bf16 rounds to nearest even
    once, at the end). ranks = 1 converts. In fp32, out may be parts itself. */
-int moe_ep__nccl_k_sum_ranks(const float* parts, int64_t count, int ranks, void* out, int dtype, void* stream);
+int moe_ep__cuda_k_sum_ranks(const float* parts, int64_t count, int ranks, void* out, int dtype, void* stream);
 
-/* The direct path (moe_ep_nccl.h, "DIRECT NVLINK PATH"). Every rank has one region of
+/* The direct path (moe_ep_cuda.h, "DIRECT NVLINK PATH"). Every rank has one region of
    device memory that its peers map: uint64 flags [4][world] at its start (flags[phase *
    world + source] = the last epoch that source signalled), the rank's receive-offset
    table, its received rows and its expert outputs. A wait spins until every source's
    flag of a phase reaches the epoch; one that runs past timeout_ns sets ctl[1] = 1 and
    gives up (the kernel then skips its work). */
-#define MOE_EP__NCCL_PHASE_TABLE 0   /* the offset table is published */
-#define MOE_EP__NCCL_PHASE_READ 1    /* the peers' tables were read */
-#define MOE_EP__NCCL_PHASE_DATA 2    /* the dispatched rows have landed */
-#define MOE_EP__NCCL_PHASE_OUT 3     /* the expert outputs are ready (and the received rows free) */
-typedef struct moe_ep__nccl_k_direct {
+#define MOE_EP__CUDA_PHASE_TABLE 0   /* the offset table is published */
+#define MOE_EP__CUDA_PHASE_READ 1    /* the peers' tables were read */
+#define MOE_EP__CUDA_PHASE_DATA 2    /* the dispatched rows have landed */
+#define MOE_EP__CUDA_PHASE_OUT 3     /* the expert outputs are ready (and the received rows free) */
+typedef struct moe_ep__cuda_k_direct {
     char* const* peers;             /* device [world]: each rank's region as this GPU sees it */
     int rank, world;
     size_t table_off, recv_off, out_off;    /* bytes into a region */
     unsigned* counters;             /* device [2], this rank's: blocks finished (push, resolve) */
     int* ctl;                       /* host-mapped [2]; [1]: a wait timed out */
     uint64_t timeout_ns;            /* 0: wait without limit */
-} moe_ep__nccl_k_direct;
+} moe_ep__cuda_k_direct;
 
 /* Wait for READ(epoch - 1) from every rank, copy table [count] to this rank's region,
    then signal TABLE(epoch) to every rank. */
-int moe_ep__nccl_k_direct_publish(moe_ep__nccl_k_direct g, const int64_t* table, int64_t count, uint64_t epoch,
+int moe_ep__cuda_k_direct_publish(moe_ep__cuda_k_direct g, const int64_t* table, int64_t count, uint64_t epoch,
                                   void* stream);
 /* Wait for TABLE(epoch); dest[i] = (rank << 32) | row where slot i's row goes (-1: dropped),
    from the slot map, the owners (expert_at [2 * E]: rank of each expert, then its local
    index), this rank's send offsets [world * S] and the owners' tables; signal READ(epoch). */
-int moe_ep__nccl_k_direct_resolve(moe_ep__nccl_k_direct g, const int32_t* slot_map, const int32_t* topk_idx,
+int moe_ep__cuda_k_direct_resolve(moe_ep__cuda_k_direct g, const int32_t* slot_map, const int32_t* topk_idx,
                                   const int32_t* expert_at, int num_experts, const int64_t* send_off, int S,
                                   int64_t slots, int64_t* dest, uint64_t epoch, void* stream);
 /* Wait for OUT(epoch - 1) (the receivers' rows are free), store each token's row at its
    dest in the owners' regions, then signal DATA(epoch). */
-int moe_ep__nccl_k_direct_push(moe_ep__nccl_k_direct g, const void* x, const int64_t* dest, int64_t tokens, int top_k,
+int moe_ep__cuda_k_direct_push(moe_ep__cuda_k_direct g, const void* x, const int64_t* dest, int64_t tokens, int top_k,
                                size_t row_bytes, uint64_t epoch, void* stream);
-int moe_ep__nccl_k_direct_signal(moe_ep__nccl_k_direct g, int phase, uint64_t epoch, void* stream);
-int moe_ep__nccl_k_direct_wait(moe_ep__nccl_k_direct g, int phase, uint64_t epoch, void* stream);
+int moe_ep__cuda_k_direct_signal(moe_ep__cuda_k_direct g, int phase, uint64_t epoch, void* stream);
+int moe_ep__cuda_k_direct_wait(moe_ep__cuda_k_direct g, int phase, uint64_t epoch, void* stream);
 /* Wait for OUT(epoch); y[t] = sum over k-slots of weight * the expert output row at dest,
-   read from the owner's region: the same sums as moe_ep__nccl_k_unpermute. */
-int moe_ep__nccl_k_direct_combine(moe_ep__nccl_k_direct g, const int64_t* dest, const float* weight, void* y,
+   read from the owner's region: the same sums as moe_ep__cuda_k_unpermute. */
+int moe_ep__cuda_k_direct_combine(moe_ep__cuda_k_direct g, const int64_t* dest, const float* weight, void* y,
                                   int64_t tokens, int top_k, int d_model, int dtype, uint64_t epoch, void* stream);
 
 #ifdef __cplusplus
 }
 #endif
-#endif /* MOE_EP_NCCL_KERNELS_CUH_INCLUDED */
+#endif /* MOE_EP_CUDA_KERNELS_CUH_INCLUDED */
 
-#ifdef MOE_EP_NCCL_KERNELS_IMPLEMENTATION
-#ifndef MOE_EP_NCCL_KERNELS_IMPL_INCLUDED
-#define MOE_EP_NCCL_KERNELS_IMPL_INCLUDED
+#ifdef MOE_EP_CUDA_KERNELS_IMPLEMENTATION
+#ifndef MOE_EP_CUDA_KERNELS_IMPL_INCLUDED
+#define MOE_EP_CUDA_KERNELS_IMPL_INCLUDED
 
 #ifndef __CUDACC__
-#error "moe_ep_nccl_kernels.cuh: the implementation must be compiled by nvcc"
+#error "moe_ep_cuda_kernels.cuh: the implementation must be compiled by nvcc"
 #endif
 
 #include <cuda_runtime.h>
 #include <cuda_bf16.h>
 
-namespace moe_ep_nccl_kernels {
+namespace moe_ep_cuda_kernels {
 
 /* The widest unit (16, 8, 4 or 2 bytes) that divides the row and every base address. */
 static int unit_bytes(size_t row_bytes, const void* a, const void* b, const void* c) {
@@ -290,7 +291,7 @@ __device__ __forceinline__ uint64_t global_ns() {
 
 /* One thread: until every rank's flag of `phase` in this rank's region reaches epoch.
    false: timed out (ctl[1] set), or another wait of this rank did. */
-__device__ bool wait_flags(const moe_ep__nccl_k_direct& g, int phase, uint64_t epoch) {
+__device__ bool wait_flags(const moe_ep__cuda_k_direct& g, int phase, uint64_t epoch) {
     const uint64_t* flags = (const uint64_t*)g.peers[g.rank] + (size_t)phase * g.world;
     volatile int* ctl = g.ctl;
     uint64_t start = 0;
@@ -312,7 +313,7 @@ __device__ bool wait_flags(const moe_ep__nccl_k_direct& g, int phase, uint64_t e
 
 /* One thread per rank: after this rank's earlier writes, flags[phase][rank] = epoch in
    every region. */
-__device__ __forceinline__ void signal_all(const moe_ep__nccl_k_direct& g, int phase, uint64_t epoch, int first,
+__device__ __forceinline__ void signal_all(const moe_ep__cuda_k_direct& g, int phase, uint64_t epoch, int first,
                                           int step) {
     __threadfence_system();
     for (int q = first; q < g.world; q += step)
@@ -320,7 +321,7 @@ __device__ __forceinline__ void signal_all(const moe_ep__nccl_k_direct& g, int p
 }
 
 /* The block's writes are done: the last block of the grid to get here signals. */
-__device__ void grid_done_signal(const moe_ep__nccl_k_direct& g, unsigned* counter, int phase, uint64_t epoch) {
+__device__ void grid_done_signal(const moe_ep__cuda_k_direct& g, unsigned* counter, int phase, uint64_t epoch) {
     __shared__ bool last;
     __threadfence_system();
     __syncthreads();
@@ -333,7 +334,7 @@ __device__ void grid_done_signal(const moe_ep__nccl_k_direct& g, unsigned* count
 }
 
 /* Block-wide: thread 0 waits, the block learns the verdict. */
-__device__ bool block_wait(const moe_ep__nccl_k_direct& g, int phase, uint64_t epoch) {
+__device__ bool block_wait(const moe_ep__cuda_k_direct& g, int phase, uint64_t epoch) {
     __shared__ bool ok;
     if (threadIdx.x == 0) ok = epoch == 0 || wait_flags(g, phase, epoch);
     __syncthreads();
@@ -455,29 +456,29 @@ __global__ void stage_map_kernel(const int64_t* __restrict__ chunk_start, const 
     }
 }
 
-} /* namespace moe_ep_nccl_kernels */
+} /* namespace moe_ep_cuda_kernels */
 
-extern "C" int moe_ep__nccl_k_slot_map(const int64_t* slot_rows, const int32_t* topk_idx, const int32_t* owner_local,
+extern "C" int moe_ep__cuda_k_slot_map(const int64_t* slot_rows, const int32_t* topk_idx, const int32_t* owner_local,
                                        const int64_t* self_shift, int64_t slots, int32_t* slot_map, void* stream) {
-    using namespace moe_ep_nccl_kernels;
+    using namespace moe_ep_cuda_kernels;
     if (slots <= 0) return 0;
     slot_map_kernel<<<grid_for(slots, 256), 256, 0, (cudaStream_t)stream>>>(slot_rows, topk_idx, owner_local, self_shift,
                                                                             slots, slot_map);
     return (int)cudaGetLastError();
 }
 
-extern "C" int moe_ep__nccl_k_stage_map(const int64_t* chunk_start, const int64_t* chunk_dest, int chunks, int64_t rows,
+extern "C" int moe_ep__cuda_k_stage_map(const int64_t* chunk_start, const int64_t* chunk_dest, int chunks, int64_t rows,
                                         int32_t* stage_map, void* stream) {
-    using namespace moe_ep_nccl_kernels;
+    using namespace moe_ep_cuda_kernels;
     if (rows <= 0 || chunks <= 0) return 0;
     stage_map_kernel<<<grid_for(rows, 256), 256, 0, (cudaStream_t)stream>>>(chunk_start, chunk_dest, chunks, rows,
                                                                              stage_map);
     return (int)cudaGetLastError();
 }
 
-extern "C" int moe_ep__nccl_k_permute(const void* x, void* send, void* local, const int32_t* slot_map, int64_t tokens,
+extern "C" int moe_ep__cuda_k_permute(const void* x, void* send, void* local, const int32_t* slot_map, int64_t tokens,
                                       int top_k, size_t row_bytes, int pass, void* stream) {
-    using namespace moe_ep_nccl_kernels;
+    using namespace moe_ep_cuda_kernels;
     cudaStream_t s = (cudaStream_t)stream;
     if (tokens <= 0) return 0;
     switch (unit_bytes(row_bytes, x, send, local)) {
@@ -488,9 +489,9 @@ extern "C" int moe_ep__nccl_k_permute(const void* x, void* send, void* local, co
     }
 }
 
-extern "C" int moe_ep__nccl_k_move_rows(const void* src, void* dst, const int32_t* map, int64_t rows,
+extern "C" int moe_ep__cuda_k_move_rows(const void* src, void* dst, const int32_t* map, int64_t rows,
                                         size_t row_bytes, int scatter, void* stream) {
-    using namespace moe_ep_nccl_kernels;
+    using namespace moe_ep_cuda_kernels;
     cudaStream_t s = (cudaStream_t)stream;
     if (rows <= 0) return 0;
     switch (unit_bytes(row_bytes, src, dst, 0)) {
@@ -501,12 +502,12 @@ extern "C" int moe_ep__nccl_k_move_rows(const void* src, void* dst, const int32_
     }
 }
 
-extern "C" int moe_ep__nccl_k_activation(void* h, int64_t rows, int ff, int64_t ld, int activation, int dtype,
+extern "C" int moe_ep__cuda_k_activation(void* h, int64_t rows, int ff, int64_t ld, int activation, int dtype,
                                          void* stream) {
-    using namespace moe_ep_nccl_kernels;
+    using namespace moe_ep_cuda_kernels;
     cudaStream_t s = (cudaStream_t)stream;
     if (rows <= 0 || ff <= 0) return 0;
-    if (dtype == MOE_EP__NCCL_K_BF16) {
+    if (dtype == MOE_EP__CUDA_K_BF16) {
         if (ff % 8 == 0 && ld % 8 == 0 && aligned(h, 16))
             return (int)launch_activation<__nv_bfloat16, 8>(h, rows, ff, ld, activation, s);
         return (int)launch_activation<__nv_bfloat16, 1>(h, rows, ff, ld, activation, s);
@@ -516,13 +517,13 @@ extern "C" int moe_ep__nccl_k_activation(void* h, int64_t rows, int ff, int64_t 
     return (int)launch_activation<float, 1>(h, rows, ff, ld, activation, s);
 }
 
-extern "C" int moe_ep__nccl_k_unpermute(const void* send, const void* local, const int32_t* slot_map,
+extern "C" int moe_ep__cuda_k_unpermute(const void* send, const void* local, const int32_t* slot_map,
                                         const float* weight, void* y, int64_t tokens, int top_k, int d_model,
                                         int dtype, void* stream) {
-    using namespace moe_ep_nccl_kernels;
+    using namespace moe_ep_cuda_kernels;
     cudaStream_t s = (cudaStream_t)stream;
     if (tokens <= 0) return 0;
-    if (dtype == MOE_EP__NCCL_K_BF16) {
+    if (dtype == MOE_EP__CUDA_K_BF16) {
         slot_rows<__nv_bfloat16> rows = { (const __nv_bfloat16*)send, (const __nv_bfloat16*)local, slot_map, d_model };
         if (d_model % 8 == 0 && aligned(send, 16) && aligned(local, 16) && aligned(y, 16))
             return (int)launch_unpermute<__nv_bfloat16, 8>(rows, weight, y, tokens, top_k, d_model, s);
@@ -534,9 +535,9 @@ extern "C" int moe_ep__nccl_k_unpermute(const void* send, const void* local, con
     return (int)launch_unpermute<float, 1>(rows, weight, y, tokens, top_k, d_model, s);
 }
 
-extern "C" int moe_ep__nccl_k_topk(const float* logits, int64_t tokens, int num_experts, int top_k, int normalize,
+extern "C" int moe_ep__cuda_k_topk(const float* logits, int64_t tokens, int num_experts, int top_k, int normalize,
                                    int32_t* idx, float* weight, void* stream) {
-    using namespace moe_ep_nccl_kernels;
+    using namespace moe_ep_cuda_kernels;
     cudaStream_t s = (cudaStream_t)stream;
     int warps = num_experts <= 2048 ? 4 : 1;
     size_t shared = sizeof(float) * (size_t)num_experts * (size_t)warps;
@@ -550,7 +551,7 @@ extern "C" int moe_ep__nccl_k_topk(const float* logits, int64_t tokens, int num_
     return (int)cudaGetLastError();
 }
 
-namespace moe_ep_nccl_kernels {
+namespace moe_ep_cuda_kernels {
 /* Rank order, one rounding per addition: the bits do not depend on the grid. */
 template <typename T>
 __global__ void sum_ranks_kernel(const float* parts, int64_t count, int ranks, T* out) {
@@ -562,33 +563,33 @@ __global__ void sum_ranks_kernel(const float* parts, int64_t count, int ranks, T
 }
 }
 
-extern "C" int moe_ep__nccl_k_sum_ranks(const float* parts, int64_t count, int ranks, void* out, int dtype,
+extern "C" int moe_ep__cuda_k_sum_ranks(const float* parts, int64_t count, int ranks, void* out, int dtype,
                                         void* stream) {
-    using namespace moe_ep_nccl_kernels;
+    using namespace moe_ep_cuda_kernels;
     cudaStream_t s = (cudaStream_t)stream;
     if (count <= 0 || ranks <= 0) return 0;
-    if (dtype == MOE_EP__NCCL_K_BF16)
+    if (dtype == MOE_EP__CUDA_K_BF16)
         sum_ranks_kernel<__nv_bfloat16><<<grid_for(count, 256), 256, 0, s>>>(parts, count, ranks, (__nv_bfloat16*)out);
     else
         sum_ranks_kernel<float><<<grid_for(count, 256), 256, 0, s>>>(parts, count, ranks, (float*)out);
     return (int)cudaGetLastError();
 }
 
-namespace moe_ep_nccl_kernels {
-__global__ void direct_publish_kernel(moe_ep__nccl_k_direct g, const int64_t* __restrict__ table, int64_t count,
+namespace moe_ep_cuda_kernels {
+__global__ void direct_publish_kernel(moe_ep__cuda_k_direct g, const int64_t* __restrict__ table, int64_t count,
                                       uint64_t epoch) {
-    if (!block_wait(g, MOE_EP__NCCL_PHASE_READ, epoch - 1)) return;
+    if (!block_wait(g, MOE_EP__CUDA_PHASE_READ, epoch - 1)) return;
     int64_t* mine = (int64_t*)(g.peers[g.rank] + g.table_off);
     for (int64_t i = threadIdx.x; i < count; i += blockDim.x) mine[i] = table[i];
     __syncthreads();
-    signal_all(g, MOE_EP__NCCL_PHASE_TABLE, epoch, threadIdx.x, blockDim.x);
+    signal_all(g, MOE_EP__CUDA_PHASE_TABLE, epoch, threadIdx.x, blockDim.x);
 }
 
-__global__ void direct_resolve_kernel(moe_ep__nccl_k_direct g, const int32_t* __restrict__ slot_map,
+__global__ void direct_resolve_kernel(moe_ep__cuda_k_direct g, const int32_t* __restrict__ slot_map,
                                       const int32_t* __restrict__ topk_idx, const int32_t* __restrict__ expert_at,
                                       int E, const int64_t* __restrict__ send_off, int S, int64_t slots,
                                       int64_t* __restrict__ dest, uint64_t epoch) {
-    if (!block_wait(g, MOE_EP__NCCL_PHASE_TABLE, epoch)) return;
+    if (!block_wait(g, MOE_EP__CUDA_PHASE_TABLE, epoch)) return;
     for (int64_t i = (int64_t)blockIdx.x * blockDim.x + threadIdx.x; i < slots; i += (int64_t)gridDim.x * blockDim.x) {
         int32_t v = slot_map[i];
         int64_t out = -1;
@@ -602,15 +603,15 @@ __global__ void direct_resolve_kernel(moe_ep__nccl_k_direct g, const int32_t* __
         }
         dest[i] = out;
     }
-    grid_done_signal(g, g.counters + 1, MOE_EP__NCCL_PHASE_READ, epoch);
+    grid_done_signal(g, g.counters + 1, MOE_EP__CUDA_PHASE_READ, epoch);
 }
 
 /* One warp per token, as permute_kernel: the row is read once and stored to each of its
    slots' places, four units at a time per lane so that several stores are in flight. */
 template <typename U>
-__global__ void direct_push_kernel(moe_ep__nccl_k_direct g, const char* __restrict__ x, const int64_t* __restrict__ dest,
+__global__ void direct_push_kernel(moe_ep__cuda_k_direct g, const char* __restrict__ x, const int64_t* __restrict__ dest,
                                    int64_t tokens, int top_k, size_t row_bytes, uint64_t epoch) {
-    if (block_wait(g, MOE_EP__NCCL_PHASE_OUT, epoch - 1)) {
+    if (block_wait(g, MOE_EP__CUDA_PHASE_OUT, epoch - 1)) {
         int64_t units = (int64_t)(row_bytes / sizeof(U));
         int lane = threadIdx.x & 31;
         int64_t warp = ((int64_t)blockIdx.x * blockDim.x + threadIdx.x) >> 5;
@@ -632,45 +633,45 @@ __global__ void direct_push_kernel(moe_ep__nccl_k_direct g, const char* __restri
             }
         }
     }
-    grid_done_signal(g, g.counters, MOE_EP__NCCL_PHASE_DATA, epoch);
+    grid_done_signal(g, g.counters, MOE_EP__CUDA_PHASE_DATA, epoch);
 }
 
-__global__ void direct_signal_kernel(moe_ep__nccl_k_direct g, int phase, uint64_t epoch) {
+__global__ void direct_signal_kernel(moe_ep__cuda_k_direct g, int phase, uint64_t epoch) {
     signal_all(g, phase, epoch, threadIdx.x, blockDim.x);
 }
 
-__global__ void direct_wait_kernel(moe_ep__nccl_k_direct g, int phase, uint64_t epoch) {
+__global__ void direct_wait_kernel(moe_ep__cuda_k_direct g, int phase, uint64_t epoch) {
     block_wait(g, phase, epoch);
 }
 
 template <typename U>
-static cudaError_t launch_push(moe_ep__nccl_k_direct g, const void* x, const int64_t* dest, int64_t tokens, int k,
+static cudaError_t launch_push(moe_ep__cuda_k_direct g, const void* x, const int64_t* dest, int64_t tokens, int k,
                                size_t rb, uint64_t epoch, cudaStream_t s) {
     direct_push_kernel<U><<<grid_for(tokens, 8), 256, 0, s>>>(g, (const char*)x, dest, tokens, k, rb, epoch);
     return cudaGetLastError();
 }
-} /* namespace moe_ep_nccl_kernels */
+} /* namespace moe_ep_cuda_kernels */
 
-extern "C" int moe_ep__nccl_k_direct_publish(moe_ep__nccl_k_direct g, const int64_t* table, int64_t count,
+extern "C" int moe_ep__cuda_k_direct_publish(moe_ep__cuda_k_direct g, const int64_t* table, int64_t count,
                                              uint64_t epoch, void* stream) {
-    using namespace moe_ep_nccl_kernels;
+    using namespace moe_ep_cuda_kernels;
     direct_publish_kernel<<<1, 256, 0, (cudaStream_t)stream>>>(g, table, count, epoch);
     return (int)cudaGetLastError();
 }
 
-extern "C" int moe_ep__nccl_k_direct_resolve(moe_ep__nccl_k_direct g, const int32_t* slot_map, const int32_t* topk_idx,
+extern "C" int moe_ep__cuda_k_direct_resolve(moe_ep__cuda_k_direct g, const int32_t* slot_map, const int32_t* topk_idx,
                                              const int32_t* expert_at, int num_experts, const int64_t* send_off,
                                              int S, int64_t slots, int64_t* dest, uint64_t epoch, void* stream) {
-    using namespace moe_ep_nccl_kernels;
+    using namespace moe_ep_cuda_kernels;
     direct_resolve_kernel<<<grid_for(slots, 256), 256, 0, (cudaStream_t)stream>>>(g, slot_map, topk_idx, expert_at,
                                                                                   num_experts, send_off, S, slots,
                                                                                   dest, epoch);
     return (int)cudaGetLastError();
 }
 
-extern "C" int moe_ep__nccl_k_direct_push(moe_ep__nccl_k_direct g, const void* x, const int64_t* dest, int64_t tokens,
+extern "C" int moe_ep__cuda_k_direct_push(moe_ep__cuda_k_direct g, const void* x, const int64_t* dest, int64_t tokens,
                                           int top_k, size_t row_bytes, uint64_t epoch, void* stream) {
-    using namespace moe_ep_nccl_kernels;
+    using namespace moe_ep_cuda_kernels;
     cudaStream_t s = (cudaStream_t)stream;
     if (tokens < 0) tokens = 0;
     switch (unit_bytes(row_bytes, x, (const void*)(uintptr_t)g.recv_off, 0)) {
@@ -681,30 +682,30 @@ extern "C" int moe_ep__nccl_k_direct_push(moe_ep__nccl_k_direct g, const void* x
     }
 }
 
-extern "C" int moe_ep__nccl_k_direct_signal(moe_ep__nccl_k_direct g, int phase, uint64_t epoch, void* stream) {
-    using namespace moe_ep_nccl_kernels;
+extern "C" int moe_ep__cuda_k_direct_signal(moe_ep__cuda_k_direct g, int phase, uint64_t epoch, void* stream) {
+    using namespace moe_ep_cuda_kernels;
     direct_signal_kernel<<<1, 32, 0, (cudaStream_t)stream>>>(g, phase, epoch);
     return (int)cudaGetLastError();
 }
 
-extern "C" int moe_ep__nccl_k_direct_wait(moe_ep__nccl_k_direct g, int phase, uint64_t epoch, void* stream) {
-    using namespace moe_ep_nccl_kernels;
+extern "C" int moe_ep__cuda_k_direct_wait(moe_ep__cuda_k_direct g, int phase, uint64_t epoch, void* stream) {
+    using namespace moe_ep_cuda_kernels;
     direct_wait_kernel<<<1, 32, 0, (cudaStream_t)stream>>>(g, phase, epoch);
     return (int)cudaGetLastError();
 }
 
-extern "C" int moe_ep__nccl_k_direct_combine(moe_ep__nccl_k_direct g, const int64_t* dest, const float* weight, void* y,
+extern "C" int moe_ep__cuda_k_direct_combine(moe_ep__cuda_k_direct g, const int64_t* dest, const float* weight, void* y,
                                              int64_t tokens, int top_k, int d_model, int dtype, uint64_t epoch,
                                              void* stream) {
-    using namespace moe_ep_nccl_kernels;
+    using namespace moe_ep_cuda_kernels;
     cudaStream_t s = (cudaStream_t)stream;
     /* every region's out_off and row size are 16-aligned when d is a multiple of 8 (bf16) or 4 (fp32) */
     bool wide = aligned((const void*)(uintptr_t)g.out_off, 16) && aligned(y, 16);
     /* one thread waits, in a kernel of its own: blocks that each waited would keep every
        SM of an early rank spinning until the slowest rank's experts are done */
-    direct_wait_kernel<<<1, 32, 0, s>>>(g, MOE_EP__NCCL_PHASE_OUT, epoch);
+    direct_wait_kernel<<<1, 32, 0, s>>>(g, MOE_EP__CUDA_PHASE_OUT, epoch);
     if (cudaPeekAtLastError() != cudaSuccess) return (int)cudaGetLastError();
-    if (dtype == MOE_EP__NCCL_K_BF16) {
+    if (dtype == MOE_EP__CUDA_K_BF16) {
         region_rows<__nv_bfloat16> rows = { g.peers, g.out_off, (size_t)d_model * 2, dest };
         if (d_model % 8 == 0 && wide)
             return (int)launch_unpermute<__nv_bfloat16, 8>(rows, weight, y, tokens, top_k, d_model, s);
@@ -716,5 +717,5 @@ extern "C" int moe_ep__nccl_k_direct_combine(moe_ep__nccl_k_direct g, const int6
     return (int)launch_unpermute<float, 1>(rows, weight, y, tokens, top_k, d_model, s);
 }
 
-#endif /* MOE_EP_NCCL_KERNELS_IMPL_INCLUDED */
-#endif /* MOE_EP_NCCL_KERNELS_IMPLEMENTATION */
+#endif /* MOE_EP_CUDA_KERNELS_IMPL_INCLUDED */
+#endif /* MOE_EP_CUDA_KERNELS_IMPLEMENTATION */

@@ -30,6 +30,7 @@
    Without a GPU it prints "no GPU, skipped" and exits 0 (--require-gpu: 1). --max-gpus N.
    Exit status: the number of failed checks. */
 #define MOE_EP_IMPLEMENTATION
+#include "../../moe_ep_cuda.h"
 #include "../../transports/moe_ep_nccl.h"
 
 #include <pthread.h>
@@ -512,18 +513,17 @@ static void record_log(const char* tag, uint32_t level, int rank, const char* me
 
 typedef struct gpu_case {
     const char* name;
-    int bf16, d, ff, staged, expert_streams, max_tokens;
-    moe_ep_nccl_expert_gemm gemm;
-    moe_ep_nccl_a2a_layout a2a;
+    int bf16, d, ff, staged, max_tokens;
+    moe_ep_cuda_expert_gemm gemm;
+    moe_ep_cuda_a2a_layout a2a;
 } gpu_case;
 
 static const gpu_case g_gpu_cases[] = {
-    { "GPU layer fp32, grouped GEMMs", 0, 40, 56, 0, 0, 0, MOE_EP_NCCL_EXPERT_GEMM_GROUPED, MOE_EP_NCCL_A2A_DEFAULT },
-    { "GPU layer fp32, GEMM loop on 2 streams, d=33 ff=45", 0, 33, 45, 1, 2, 0, MOE_EP_NCCL_EXPERT_GEMM_LOOP,
-      MOE_EP_NCCL_A2A_DEFAULT },
-    { "GPU layer bf16", 1, 64, 96, 1, 0, 0, MOE_EP_NCCL_EXPERT_GEMM_DEFAULT, MOE_EP_NCCL_A2A_DEFAULT },
-    { "GPU layer bf16, segmented, max_tokens, ff=45", 1, 32, 45, 0, 0, 128, MOE_EP_NCCL_EXPERT_GEMM_DEFAULT,
-      MOE_EP_NCCL_A2A_SEGMENTED },
+    { "GPU layer fp32, grouped GEMMs", 0, 40, 56, 0, 0, MOE_EP_CUDA_EXPERT_GEMM_GROUPED, MOE_EP_CUDA_A2A_DEFAULT },
+    { "GPU layer fp32, GEMM loop, d=33 ff=45", 0, 33, 45, 1, 0, MOE_EP_CUDA_EXPERT_GEMM_LOOP, MOE_EP_CUDA_A2A_DEFAULT },
+    { "GPU layer bf16", 1, 64, 96, 1, 0, MOE_EP_CUDA_EXPERT_GEMM_DEFAULT, MOE_EP_CUDA_A2A_DEFAULT },
+    { "GPU layer bf16, segmented, max_tokens, ff=45", 1, 32, 45, 0, 128, MOE_EP_CUDA_EXPERT_GEMM_DEFAULT,
+      MOE_EP_CUDA_A2A_SEGMENTED },
 };
 #define GPU_CASES ((int)(sizeof g_gpu_cases / sizeof g_gpu_cases[0]))
 
@@ -543,13 +543,13 @@ static void from_dtype(const void* v, size_t n, int bf16, float* out) {
 
 typedef struct gpu_setup {
     model m;
-    moe_ep_nccl_expert_weights mine[E_ALL];
+    moe_ep_cuda_expert_weights mine[E_ALL];
     void* host_weights[3 * E_ALL];
     void* router;
-    moe_ep_nccl_layer* layer;
+    moe_ep_cuda_layer* layer;
 } gpu_setup;
 
-static moe_ep_result gpu_create(rank_env* env, groups* g, gpu_setup* s, const gpu_case* c, moe_ep_nccl_expert_fn fn) {
+static moe_ep_result gpu_create(rank_env* env, groups* g, gpu_setup* s, const gpu_case* c, moe_ep_cuda_expert_fn fn) {
     suite* su = (suite*)env->suite;
     const moe_ep_layout_desc* l = &su->layout;
     int experts[E_ALL], n, i, j;
@@ -570,18 +570,19 @@ static moe_ep_result gpu_create(rank_env* env, groups* g, gpu_setup* s, const gp
         s->mine[i].w2 = s->host_weights[3 * i + 2];
     }
     s->router = to_dtype(s->m.router, E_ALL * (size_t)c->d, c->bf16);
-    return moe_ep_nccl_layer_create(&(moe_ep_nccl_layer_desc){
-        .base = { .d_model = c->d, .d_ff = c->ff, .num_experts = E_ALL, .top_k = TOP_K, .transport = &g->ep,
-                  .tp_transport = l->tp_size > 1 ? &g->tp : NULL,
-                  .logger = { .func = record_log, .user_data = env } },
-        .dtype = c->bf16 ? MOE_EP_NCCL_DTYPE_BF16 : MOE_EP_NCCL_DTYPE_F32, .a2a_layout = c->a2a,
-        .max_tokens = c->max_tokens, .expert_gemm = c->gemm, .expert_streams = c->expert_streams,
+    return moe_ep_cuda_layer_create(&(moe_ep_cuda_layer_desc){
+        .d_model = c->d, .d_ff = c->ff, .num_experts = E_ALL, .top_k = TOP_K, .transport = &g->ep,
+        .stream = env->stream, .timeout_ms = 60000,
+        .tp_transport = l->tp_size > 1 ? &g->tp : NULL,
+        .logger = { .func = record_log, .user_data = env },
+        .dtype = c->bf16 ? MOE_EP_CUDA_DTYPE_BF16 : MOE_EP_CUDA_DTYPE_F32, .a2a_layout = c->a2a,
+        .max_tokens = c->max_tokens, .expert_gemm = c->gemm,
         .router_weight = s->router, .experts = fn ? NULL : s->mine, .expert_fn = fn }, &s->layer);
 }
 
 static void gpu_free(gpu_setup* s) {
     int i;
-    if (s->layer) moe_ep_nccl_layer_destroy(s->layer);
+    if (s->layer) moe_ep_cuda_layer_destroy(s->layer);
     for (i = 0; i < 3 * E_ALL; ++i) free(s->host_weights[i]);
     free(s->router);
     model_free(&s->m);
@@ -605,16 +606,16 @@ static void test_gpu(rank_env* env, groups* g, const gpu_case* c) {
     yf = (float*)malloc(sizeof(float) * (n + 1));
     ref = (float*)malloc(sizeof(float) * (n + 1));
     if (res != MOE_EP_OK) {
-        fail(env, "moe_ep_nccl_layer_create: %s (%s)", moe_ep_result_string(res), s.layer ? "" : env->logged);
+        fail(env, "moe_ep_cuda_layer_create: %s (%s)", moe_ep_result_string(res), s.layer ? "" : env->logged);
         goto done;
     }
     if (cudaMalloc(&x, n * es + 16) != cudaSuccess || cudaMalloc(&y, n * es + 16) != cudaSuccess ||
         cudaMalloc(&y2, n * es + 16) != cudaSuccess || cudaMemcpy(x, xh, n * es, cudaMemcpyHostToDevice) != cudaSuccess ||
         cudaMemset(y, 0xFF, n * es + 16) != cudaSuccess || cudaMemset(y2, 0xFF, n * es + 16) != cudaSuccess)
         fail(env, "cudaMalloc/cudaMemcpy");
-    res = moe_ep_nccl_forward(s.layer, &(moe_ep_nccl_forward_args){ .tokens = T, .x = x, .y = y, .topk_idx = idx,
+    res = moe_ep_cuda_forward(s.layer, &(moe_ep_cuda_forward_args){ .tokens = T, .x = x, .y = y, .topk_idx = idx,
                                                                       .topk_weight = w });
-    if (res != MOE_EP_OK) { fail(env, "forward: %s: %s", moe_ep_result_string(res), moe_ep_nccl_last_error(s.layer)); goto done; }
+    if (res != MOE_EP_OK) { fail(env, "forward: %s: %s", moe_ep_result_string(res), moe_ep_cuda_layer_last_error(s.layer)); goto done; }
     cudaStreamSynchronize(env->stream);
     cudaMemcpy(yh, y, n * es, cudaMemcpyDeviceToHost);
     from_dtype(yh, n, c->bf16, yf);
@@ -628,28 +629,28 @@ static void test_gpu(rank_env* env, groups* g, const gpu_case* c) {
     keep(env, yh, n * es);
     /* again, through the stages or the forward with the routing handed in: the same bits */
     if (c->staged) {
-        moe_ep_nccl_plan* plan = NULL;
+        moe_ep_cuda_plan* plan = NULL;
         moe_ep_plan_info info;
         void *rows = NULL, *out = NULL;
-        res = moe_ep_nccl_plan_create(s.layer, T, idx, w, &plan);
-        if (res != MOE_EP_OK) { fail(env, "staged plan: %s", moe_ep_nccl_last_error(s.layer)); goto done; }
-        info = moe_ep_nccl_plan_query(plan);
+        res = moe_ep_cuda_plan_create(s.layer, T, idx, w, &plan);
+        if (res != MOE_EP_OK) { fail(env, "staged plan: %s", moe_ep_cuda_layer_last_error(s.layer)); goto done; }
+        info = moe_ep_cuda_plan_query(plan);
         cudaMalloc(&rows, (size_t)info.recv_rows * (size_t)c->d * es + 16);
         cudaMalloc(&out, (size_t)info.recv_rows * (size_t)c->d * es + 16);
-        res = moe_ep_nccl_dispatch_begin(s.layer, plan, x, rows);
-        if (res == MOE_EP_OK) res = moe_ep_nccl_dispatch_end(s.layer, plan);
-        if (res == MOE_EP_OK) res = moe_ep_nccl_experts(s.layer, plan, rows, out);
-        if (res == MOE_EP_OK) res = moe_ep_nccl_combine_begin(s.layer, plan, out);
-        if (res == MOE_EP_OK) res = moe_ep_nccl_combine_end(s.layer, plan, y2);
-        if (res != MOE_EP_OK) fail(env, "staged: %s", moe_ep_nccl_last_error(s.layer));
+        res = moe_ep_cuda_dispatch_begin(s.layer, plan, x, rows);
+        if (res == MOE_EP_OK) res = moe_ep_cuda_dispatch_end(s.layer, plan);
+        if (res == MOE_EP_OK) res = moe_ep_cuda_experts(s.layer, plan, rows, out);
+        if (res == MOE_EP_OK) res = moe_ep_cuda_combine_begin(s.layer, plan, out);
+        if (res == MOE_EP_OK) res = moe_ep_cuda_combine_end(s.layer, plan, y2);
+        if (res != MOE_EP_OK) fail(env, "staged: %s", moe_ep_cuda_layer_last_error(s.layer));
         cudaStreamSynchronize(env->stream);
-        moe_ep_nccl_plan_destroy(plan);
+        moe_ep_cuda_plan_destroy(plan);
         cudaFree(rows);
         cudaFree(out);
     } else {
-        res = moe_ep_nccl_forward(s.layer, &(moe_ep_nccl_forward_args){ .tokens = T, .x = x, .y = y2, .routing_in = true,
+        res = moe_ep_cuda_forward(s.layer, &(moe_ep_cuda_forward_args){ .tokens = T, .x = x, .y = y2, .routing_in = true,
                                                                           .topk_idx = idx, .topk_weight = w });
-        if (res != MOE_EP_OK) fail(env, "second forward: %s", moe_ep_nccl_last_error(s.layer));
+        if (res != MOE_EP_OK) fail(env, "second forward: %s", moe_ep_cuda_layer_last_error(s.layer));
     }
     cudaStreamSynchronize(env->stream);
     cudaMemcpy(again, y2, n * es, cudaMemcpyDeviceToHost);
@@ -666,7 +667,7 @@ done:
 static void test_too_many(rank_env* env, groups* g) {
     suite* su = (suite*)env->suite;
     const moe_ep_layout_desc* l = &su->layout;
-    static const gpu_case c = { "", 0, 32, 48, 0, 0, 64, MOE_EP_NCCL_EXPERT_GEMM_DEFAULT, MOE_EP_NCCL_A2A_DEFAULT };
+    static const gpu_case c = { "", 0, 32, 48, 0, 64, MOE_EP_CUDA_EXPERT_GEMM_DEFAULT, MOE_EP_CUDA_A2A_DEFAULT };
     int T = 64, last = env->world - 1;
     moe_ep_coords mine, theirs;
     gpu_setup s;
@@ -685,15 +686,15 @@ static void test_too_many(rank_env* env, groups* g) {
     cudaMalloc(&x, n * 4);
     cudaMalloc(&y, n * 4);
     cudaMemcpy(x, xf, n * 4, cudaMemcpyHostToDevice);
-    res = moe_ep_nccl_forward(s.layer, &(moe_ep_nccl_forward_args){ .tokens = env->rank == last ? T + 1 : T, .x = x, .y = y,
+    res = moe_ep_cuda_forward(s.layer, &(moe_ep_cuda_forward_args){ .tokens = env->rank == last ? T + 1 : T, .x = x, .y = y,
                                                                       .topk_idx = idx, .topk_weight = w });
     want = env->rank == last ? MOE_EP_ERROR_INVALID_ARGUMENT : mine.dp == theirs.dp ? MOE_EP_ERROR_ABORTED : MOE_EP_OK;
     if (res != want)
         fail(env, "expected %s, got %s (%s)", moe_ep_result_string(want), moe_ep_result_string(res),
-             moe_ep_nccl_last_error(s.layer));
-    res = moe_ep_nccl_forward(s.layer, &(moe_ep_nccl_forward_args){ .tokens = T, .x = x, .y = y, .topk_idx = idx,
+             moe_ep_cuda_layer_last_error(s.layer));
+    res = moe_ep_cuda_forward(s.layer, &(moe_ep_cuda_forward_args){ .tokens = T, .x = x, .y = y, .topk_idx = idx,
                                                                       .topk_weight = w });
-    if (res != MOE_EP_OK) { fail(env, "then: %s", moe_ep_nccl_last_error(s.layer)); goto done; }
+    if (res != MOE_EP_OK) { fail(env, "then: %s", moe_ep_cuda_layer_last_error(s.layer)); goto done; }
     cudaStreamSynchronize(env->stream);
     cudaMemcpy(yf, y, (size_t)T * 32 * 4, cudaMemcpyDeviceToHost);
     if (cpu_reference(&s.m, T, xf, idx, w, ref) != MOE_EP_OK || !(rel_error(yf, ref, (size_t)T * 32) <= 1e-5))
@@ -709,7 +710,7 @@ done:
 static void test_tp_mismatch(rank_env* env, groups* g) {
     suite* su = (suite*)env->suite;
     const moe_ep_layout_desc* l = &su->layout;
-    static const gpu_case c = { "", 0, 32, 48, 0, 0, 0, MOE_EP_NCCL_EXPERT_GEMM_DEFAULT, MOE_EP_NCCL_A2A_DEFAULT };
+    static const gpu_case c = { "", 0, 32, 48, 0, 0, MOE_EP_CUDA_EXPERT_GEMM_DEFAULT, MOE_EP_CUDA_A2A_DEFAULT };
     int T = 40, t;
     moe_ep_coords me;
     gpu_setup s;
@@ -730,16 +731,16 @@ static void test_tp_mismatch(rank_env* env, groups* g) {
         w[t * 2] = 0.6f;
         w[t * 2 + 1] = 0.4f;
     }
-    res = moe_ep_nccl_forward(s.layer, &(moe_ep_nccl_forward_args){ .tokens = T, .x = x, .y = y, .routing_in = true,
+    res = moe_ep_cuda_forward(s.layer, &(moe_ep_cuda_forward_args){ .tokens = T, .x = x, .y = y, .routing_in = true,
                                                                       .topk_idx = idx, .topk_weight = w });
     if (res == MOE_EP_OK) fail(env, "different routing in a TP group was accepted");
-    else if (res == MOE_EP_ERROR_INVALID_ARGUMENT && !strstr(moe_ep_nccl_last_error(s.layer), "tensor-parallel"))
-        fail(env, "message does not name the TP group: %s", moe_ep_nccl_last_error(s.layer));
-    else note(env, "%s: %s", moe_ep_result_string(res), moe_ep_nccl_last_error(s.layer));
+    else if (res == MOE_EP_ERROR_INVALID_ARGUMENT && !strstr(moe_ep_cuda_layer_last_error(s.layer), "tensor-parallel"))
+        fail(env, "message does not name the TP group: %s", moe_ep_cuda_layer_last_error(s.layer));
+    else note(env, "%s: %s", moe_ep_result_string(res), moe_ep_cuda_layer_last_error(s.layer));
     for (t = 0; t < T; ++t) idx[t * 2] = t % E_ALL;
-    res = moe_ep_nccl_forward(s.layer, &(moe_ep_nccl_forward_args){ .tokens = T, .x = x, .y = y, .routing_in = true,
+    res = moe_ep_cuda_forward(s.layer, &(moe_ep_cuda_forward_args){ .tokens = T, .x = x, .y = y, .routing_in = true,
                                                                       .topk_idx = idx, .topk_weight = w });
-    if (res != MOE_EP_OK) fail(env, "then: %s", moe_ep_nccl_last_error(s.layer));
+    if (res != MOE_EP_OK) fail(env, "then: %s", moe_ep_cuda_layer_last_error(s.layer));
 done:
     gpu_free(&s);
     cudaFree(x); cudaFree(y);
@@ -753,7 +754,7 @@ static int copy_expert(int local_expert, int expert, const void* rows, int64_t r
 }
 
 static void test_expert_fn_refused(rank_env* env, groups* g) {
-    static const gpu_case c = { "", 0, 32, 48, 0, 0, 0, MOE_EP_NCCL_EXPERT_GEMM_DEFAULT, MOE_EP_NCCL_A2A_DEFAULT };
+    static const gpu_case c = { "", 0, 32, 48, 0, 0, MOE_EP_CUDA_EXPERT_GEMM_DEFAULT, MOE_EP_CUDA_A2A_DEFAULT };
     gpu_setup s;
     moe_ep_result res = gpu_create(env, g, &s, &c, copy_expert);
     if (res == MOE_EP_OK) fail(env, "expert_fn with a TP group was accepted");
@@ -780,13 +781,13 @@ static void layout_suite(rank_env* env) {
     memset(&g, 0, sizeof g);
     env->sub = 0;
     progress(env, "split");
-    res = moe_ep_layout_split(l, &env->transport, MOE_EP_GROUP_EP, &g.ep);
+    res = moe_ep_layout_split(l, &env->transport, MOE_EP_GROUP_EP, &g.ep, NULL, 0);
     if (res == MOE_EP_OK) {
-        res = moe_ep_layout_split(l, &env->transport, MOE_EP_GROUP_TP, &g.tp);
+        res = moe_ep_layout_split(l, &env->transport, MOE_EP_GROUP_TP, &g.tp, NULL, 0);
         if (res != MOE_EP_OK) moe_ep_nccl_transport_destroy(&g.ep);
     }
     if (res == MOE_EP_OK) {
-        res = moe_ep_layout_split(l, &env->transport, MOE_EP_GROUP_DP, &g.dp);
+        res = moe_ep_layout_split(l, &env->transport, MOE_EP_GROUP_DP, &g.dp, NULL, 0);
         if (res != MOE_EP_OK) { moe_ep_nccl_transport_destroy(&g.tp); moe_ep_nccl_transport_destroy(&g.ep); }
     }
     if (res != MOE_EP_OK) {   /* the split's verdict is the same on every rank */

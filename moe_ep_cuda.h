@@ -1,0 +1,2109 @@
+/* moe_ep_cuda.h -- the GPU MoE layer of moe_ep: rows, experts and combine in device memory -- MIT or public domain
+
+   The MoE layer on the GPU (moe_ep_cuda_layer): token rows, the permutation, the expert
+   FFNs (cuBLAS, or your callback) and the weighted combine stay in device memory; only
+   routing metadata -- top-k ids and weights, counts, the plan's layout -- crosses to the
+   host. fp32 or bf16 rows; fp32 accumulation everywhere. It plans with the core
+   (moe_ep.h) and moves rows through any transport that moves device memory -- the NCCL
+   transport (transports/moe_ep_nccl.h) or your own -- through the public moe_ep_transport
+   callbacks only; on one host it can skip the transport (DIRECT NVLINK PATH).
+
+   DO THIS
+   =======
+   In exactly one C file:
+
+       #define MOE_EP_IMPLEMENTATION
+       #include "moe_ep_cuda.h"                 (builds the core and the layer)
+       #include "transports/moe_ep_nccl.h"      (and the transport, if you use it)
+
+   and in exactly one CUDA file (nvcc -arch=sm_90 ...):
+
+       #define MOE_EP_CUDA_KERNELS_IMPLEMENTATION
+       #include "moe_ep_cuda_kernels.cuh"
+
+   (A file compiled by nvcc with MOE_EP_IMPLEMENTATION gets the kernels by itself.)
+   MOE_EP_CUDA_IMPLEMENTATION builds the layer alone. Strict C99 users compile with
+   -isystem /usr/local/cuda/include. Link with -lnccl -lcublas -lcudart -lstdc++ (the
+   last one for the nvcc object; -lnccl only with the NCCL transport).
+
+   STEP BY STEP
+   ============
+   1. A transport per GPU (moe_ep_nccl.h: STEP BY STEP), the GPU made current.
+   2. moe_ep_cuda_layer_create(&(moe_ep_cuda_layer_desc){
+          .d_model = 2048, .d_ff = 1408, .num_experts = 64, .top_k = 2, .transport = &t,
+          .stream = s, .dtype = MOE_EP_CUDA_DTYPE_BF16, .router_weight = gate,
+          .experts = mine }, &layer);                                 collective
+   3. moe_ep_cuda_forward(layer, &(moe_ep_cuda_forward_args){ .tokens = T, .x = x, .y = y });
+      collective; x and y are device pointers. Or the stages: moe_ep_cuda_route,
+      moe_ep_cuda_plan_create, moe_ep_cuda_dispatch, moe_ep_cuda_experts,
+      moe_ep_cuda_combine, moe_ep_cuda_plan_destroy (with begin/end forms of dispatch
+      and combine, so that your own work can overlap the exchange).
+   4. moe_ep_cuda_layer_destroy(layer); then the transport.
+
+   WHAT IT NEEDS FROM THE TRANSPORT
+   ================================
+   exchange_counts (counts, agreements, the direct path's cards), all_to_all_v with
+   memory_space MOE_EP_MEMORY_DEVICE and stream = desc.stream (rows; the begin/end form
+   when the transport has it), barrier (optional: destroy on the direct path) and abort
+   (optional: called after a device-side timeout). With tp_transport, its all_to_all_v
+   moves the partial sums.
+
+   STREAMS AND BLOCKING
+   ====================
+   Every device operation is queued on desc.stream (0 = the legacy default stream), so it
+   is ordered after your earlier work there and before your later work; give the
+   transport the same stream. Calls that need numbers on the host wait for them: plan
+   creation and the layer's create and agreement steps (they exchange counts), and
+   moe_ep_cuda_route. The layer's dispatch, experts and combine only queue work; y is
+   ready when the stream gets there.
+
+   TENSOR PARALLELISM (EP x TP x DP)
+   =================================
+   With tp_transport (a TP group from moe_ep_layout_split), TP rank t of T holds the d_ff
+   rows [t*F/T, (t+1)*F/T) of w1 and w3 and those columns of w2 (copied from the full
+   weights at create); each TP rank computes its slice's partial expert outputs (fp32: in
+   place; bf16: fp32 partial sums, GEMM loop only), the partials travel to every TP rank
+   (all_to_all_v) and a kernel adds them in TP-rank order before the combine, so every
+   rank of a TP group ends with the same y, bitwise. The ranks of a TP group must hand in
+   the same tokens and routing: plan creation checks it and fails on every rank
+   otherwise. expert_fn cannot be combined with tp_transport. moe_ep_cuda_experts is
+   then collective over the TP group.
+
+   THE GPU LAYER
+   =============
+   - Router: logits = x . router_weight^T on cuBLAS (fp32 output), then softmax and
+     top-k in one kernel (ties to the lower expert, optional renormalisation), then the
+     ids and weights are copied to the host for the core's plan. No router statistics.
+   - Plan: the core's moe_ep_plan_create over the transport (count exchange), then the
+     slot map (where each (token, k-slot) row goes) and the weights are uploaded.
+   - Dispatch: a permute kernel gathers token rows into send order; rows whose expert is
+     on this rank go straight to their place and never touch the transport, and are
+     gathered while the others are on the wire. a2a_layout STAGED (the default) sends
+     one message per peer and regroups received rows by local expert in a kernel;
+     SEGMENTED sends one message per (peer, local expert) straight into place.
+   - Experts: two cuBLAS GEMMs per local expert (w1 and w3 fused into one), all experts
+     of a projection in one cublasGemmGroupedBatchedEx when experts are small, else one
+     cublasGemmEx each on the layer stream, and an activation kernel; fp32 uses plain
+     fp32 GEMMs (TF32 off); bf16 uses bf16 GEMMs with fp32 accumulation. Expert weights
+     are copied once at create. Or expert_fn, per local expert, on the layer's stream.
+   - Combine: the reverse exchange, then one kernel sums a token's k slots in k-slot
+     order in fp32 with the routing weights (dropped slots add nothing).
+   Results match the core's CPU path to rounding (fp32: about 1e-6 relative; bf16:
+   about 4e-3). They repeat bitwise from run to run with the same world size, but are
+   not bitwise identical to the CPU path, nor across world sizes (cuBLAS may reduce
+   differently for another number of rows).
+
+   DIRECT NVLINK PATH
+   ==================
+   On one host whose GPUs reach each other's memory (NVLink or PCIe peer access), the
+   layer moves rows with stores and loads straight into the peers' memory, as DeepEP's
+   intranode kernels do, instead of transport messages. desc.direct: DEFAULT (auto)
+   takes it when max_tokens > 0 and every rank can map every other rank's memory, OFF
+   never, ON or layer_create fails; moe_ep_cuda_layer_direct() says which path it took.
+   - At create (collective): each rank allocates one region, max_tokens worth of
+     received rows and of expert outputs (moe_ep_cuda_layer_rows), offers it to the
+     others in an agreement (exchange_counts), and maps theirs: the pointer itself with
+     peer access when the peer is a thread of this process, cudaIpcOpenMemHandle when it
+     is another process of this host. With auto a rank that cannot map a peer turns the
+     path off everywhere.
+   - Plan: the core's plan as before, then each rank publishes its receive offsets in
+     its region and reads its peers'.
+   - Dispatch: one kernel stores each token row at each k-slot's place in the owner's
+     region; dispatch_end waits until every rank has stored its rows. Combine: each rank
+     reads its tokens' expert outputs from the owners' regions and sums them in k-slot
+     order, in fp32: bitwise the outputs of the transport path.
+   - Ordering: per-rank flags in the regions, release stores and acquire loads at system
+     scope. A wait that runs past desc.timeout_ms gives MOE_EP_ERROR_TIMEOUT at the next
+     call, calls transport.abort (if set) and the layer refuses further work (timeout 0:
+     it waits for ever); transport.abort does not interrupt a kernel that waits.
+   - The layer has one set of these buffers: a plan dispatched on this path must be
+     combined (or destroyed) before the next dispatch. Stage calls with your own
+     recv_rows / expert_out work, at the cost of a copy each; pass the layer's
+     (moe_ep_cuda_layer_rows) to save it.
+   - moe_ep_cuda_layer_destroy is then collective: call it on every rank.
+
+   moe_ep_cuda DOES NOT
+   ====================
+   - create streams, communicators or transports, or pick the GPU (it uses the current
+     one at create, and makes it current again in every call);
+   - compute router statistics, or router families other than softmax top-k.
+
+   FAILURE
+   =======
+   Validation failures and out-of-memory give the same verdict on every rank (through
+   the core's moe_ep_agree, over the EP group and then the TP group). A failing
+   expert_fn is agreed before the combine. The transport's own failures (timeouts,
+   aborts) come back as its error.
+
+   MEMORY
+   ======
+   Host allocations use desc.allocator (the layer keeps up to 32 blocks that its plans
+   freed, for the next plan); device memory is cudaMalloc'ed, pinned host memory
+   cudaMallocHost'ed. With max_tokens > 0, every buffer is sized at create for that many
+   tokens per rank and a forward allocates nothing; otherwise the buffers grow (by half
+   again) when a call needs more, and stay. The direct path adds its region: 2 x
+   max_tokens x min(top_k, most experts per rank) x world x d_model elements.
+
+   LICENSE
+   =======
+   See the end of moe_ep.h.
+*/
+#ifndef MOE_EP_CUDA_H_INCLUDED
+#define MOE_EP_CUDA_H_INCLUDED
+
+#include "moe_ep.h"
+#include <cuda_runtime_api.h>   /* cudaStream_t */
+
+#ifdef __cplusplus
+extern "C" {
+#endif
+
+/* >>gpu layer */
+typedef enum moe_ep_cuda_dtype {
+    MOE_EP_CUDA_DTYPE_DEFAULT = 0,  /* fp32 */
+    MOE_EP_CUDA_DTYPE_F32,
+    MOE_EP_CUDA_DTYPE_BF16,
+    MOE_EP_CUDA_DTYPE_COUNT,
+    MOE_EP_CUDA_DTYPE_FORCE_U32 = 0x7FFFFFFF
+} moe_ep_cuda_dtype;
+
+typedef enum moe_ep_cuda_expert_gemm {
+    MOE_EP_CUDA_EXPERT_GEMM_DEFAULT = 0,  /* grouped for small experts, loop for large ones */
+    MOE_EP_CUDA_EXPERT_GEMM_GROUPED,      /* one cublasGemmGroupedBatchedEx per projection for all experts */
+    MOE_EP_CUDA_EXPERT_GEMM_LOOP,         /* one cublasGemmEx per expert and projection */
+    MOE_EP_CUDA_EXPERT_GEMM_COUNT,
+    MOE_EP_CUDA_EXPERT_GEMM_FORCE_U32 = 0x7FFFFFFF
+} moe_ep_cuda_expert_gemm;
+
+typedef enum moe_ep_cuda_a2a_layout {
+    MOE_EP_CUDA_A2A_DEFAULT = 0,    /* staged */
+    MOE_EP_CUDA_A2A_STAGED,         /* one message per peer; received rows regrouped by a kernel */
+    MOE_EP_CUDA_A2A_SEGMENTED,      /* one message per (peer, local expert), straight into place */
+    MOE_EP_CUDA_A2A_COUNT,
+    MOE_EP_CUDA_A2A_FORCE_U32 = 0x7FFFFFFF
+} moe_ep_cuda_a2a_layout;
+
+typedef enum moe_ep_cuda_direct {
+    MOE_EP_CUDA_DIRECT_DEFAULT = 0, /* auto: direct when max_tokens > 0 and every rank can map the
+                                       memory of every other (one host, peer access or CUDA IPC) */
+    MOE_EP_CUDA_DIRECT_OFF,         /* rows always travel through the transport */
+    MOE_EP_CUDA_DIRECT_ON,          /* direct, or moe_ep_cuda_layer_create fails (needs max_tokens > 0) */
+    MOE_EP_CUDA_DIRECT_COUNT,
+    MOE_EP_CUDA_DIRECT_FORCE_U32 = 0x7FFFFFFF
+} moe_ep_cuda_direct;
+
+/* One local expert, nn.Linear layout, row-major, in the layer's dtype, in device or
+   host memory (copied at create): w1, w3 [d_ff, d_model]; w2 [d_model, d_ff]. With a
+   TP group these are still the full weights; only this rank's slice is copied. */
+typedef struct moe_ep_cuda_expert_weights {
+    const void* w1;
+    const void* w3;                 /* SwiGLU only */
+    const void* w2;
+} moe_ep_cuda_expert_weights;
+
+/* Your expert compute. rows, out: device [row_count, d_model] in the layer's dtype, for
+   local expert `local_expert` (global id `expert`). Queue the work on `stream` (or
+   finish it before returning). Return 0 on success. */
+typedef int (*moe_ep_cuda_expert_fn)(int local_expert, int expert, const void* rows, int64_t row_count,
+                                     int d_model, void* out, cudaStream_t stream, void* user_data);
+
+typedef struct moe_ep_cuda_layer_desc {
+    /* the layer's shape, as in moe_ep_desc (the core resolves its defaults) */
+    int d_model;                    /* required, > 0 */
+    int d_ff;                       /* required, > 0 (unless expert_fn is set) */
+    int num_experts;                /* required, > 0 */
+    int top_k;                      /* default 1 */
+    moe_ep_activation activation;   /* default SwiGLU */
+    moe_ep_scoring scoring;         /* default softmax (the only one the GPU router computes) */
+    bool normalize_topk;            /* default false */
+    float capacity_factor;          /* default 0 = dropless */
+    moe_ep_placement placement;     /* default contiguous */
+    const moe_ep_transport* transport;      /* required: the EP group; must move device memory
+                                       (all_to_all_v with MOE_EP_MEMORY_DEVICE), e.g. an NCCL transport */
+    const moe_ep_transport* tp_transport;   /* default NULL; else the TP group on the same GPU (GROUPS
+                                       in moe_ep_nccl.h): exchange_counts and device all_to_all_v */
+    moe_ep_allocator allocator;     /* default malloc/free */
+    moe_ep_logger logger;           /* default none */
+    /* the GPU */
+    cudaStream_t stream;            /* default 0: the legacy default stream. Every device operation is
+                                       queued here; give the transport the same stream */
+    moe_ep_cuda_dtype dtype;        /* default fp32 */
+    moe_ep_cuda_a2a_layout a2a_layout;  /* default staged; not used by the direct path */
+    moe_ep_cuda_direct direct;      /* default auto: see DIRECT NVLINK PATH */
+    int64_t max_tokens;             /* default 0: buffers grow on demand; else tokens per rank per call
+                                       that every buffer is sized for at create */
+    moe_ep_cuda_expert_gemm expert_gemm;  /* default: per call, grouped when the experts average at
+                                       most 384 rows, else the loop (cuBLAS's grouped kernels are slower
+                                       on larger GEMMs); results agree within rounding */
+    int timeout_ms;                 /* default 0: the layer's own waits (the router's download, the
+                                       direct path's device-side waits) have no time limit */
+    const void* router_weight;      /* [num_experts, d_model] in dtype, device or host memory (copied);
+                                       NULL: every call hands in its routing */
+    const moe_ep_cuda_expert_weights* experts;  /* [local expert count]; required unless expert_fn */
+    moe_ep_cuda_expert_fn expert_fn;
+    void* expert_user_data;
+} moe_ep_cuda_layer_desc;
+
+typedef struct moe_ep_cuda_layer moe_ep_cuda_layer;
+typedef struct moe_ep_cuda_plan moe_ep_cuda_plan;
+
+/* One layer call. x, y: device [tokens, d_model] in dtype (y written in full).
+   topk_idx / topk_weight: host [tokens, top_k]; with routing_in they are the caller's
+   routing, otherwise, if non-NULL, the GPU router's choice is written there. */
+typedef struct moe_ep_cuda_forward_args {
+    int64_t tokens;
+    const void* x;
+    void* y;
+    bool routing_in;
+    int32_t* topk_idx;
+    float* topk_weight;
+} moe_ep_cuda_forward_args;
+
+/* Collective: yes. out untouched on failure (the cause goes to the logger). */
+MOE_EP_API moe_ep_result moe_ep_cuda_layer_create(const moe_ep_cuda_layer_desc* desc, moe_ep_cuda_layer** out);
+/* Collective: only on the direct path (it waits until no peer can still touch this
+   rank's memory). */
+MOE_EP_API void moe_ep_cuda_layer_destroy(moe_ep_cuda_layer* layer);
+/* The core context (placement queries, moe_ep_query). */
+MOE_EP_API moe_ep_context* moe_ep_cuda_layer_context(moe_ep_cuda_layer* layer);
+MOE_EP_API const char* moe_ep_cuda_layer_last_error(const moe_ep_cuda_layer* layer);
+MOE_EP_API cudaStream_t moe_ep_cuda_layer_stream(const moe_ep_cuda_layer* layer);
+/* 1 when the layer moves rows by direct stores into the peers' memory (DIRECT NVLINK PATH). */
+MOE_EP_API int moe_ep_cuda_layer_direct(const moe_ep_cuda_layer* layer);
+/* The layer's own expert-side buffers, device [rows, d_model] each, rows = max_tokens *
+   min(top_k, the most experts a rank holds) * world size: the ones moe_ep_cuda_forward uses. On the
+   direct path dispatch lands rows in *recv and combine reads the expert outputs from
+   *out; handing these to dispatch / experts / combine saves a copy each way. NULL
+   (and rows 0) without max_tokens. */
+MOE_EP_API void moe_ep_cuda_layer_rows(moe_ep_cuda_layer* layer, void** recv, void** out, int64_t* rows);
+
+/* Route on the GPU. x: device [tokens, d_model]; topk_idx, topk_weight: host out
+   [tokens, top_k]. Waits for the result. Collective: no. */
+MOE_EP_API moe_ep_result moe_ep_cuda_route(moe_ep_cuda_layer* layer, const void* x, int64_t tokens,
+                                           int32_t* topk_idx, float* topk_weight);
+/* The core's plan plus its device copy. Collective: yes. */
+MOE_EP_API moe_ep_result moe_ep_cuda_plan_create(moe_ep_cuda_layer* layer, int64_t tokens, const int32_t* topk_idx,
+                                                 const float* topk_weight, moe_ep_cuda_plan** out);
+MOE_EP_API void moe_ep_cuda_plan_destroy(moe_ep_cuda_plan* plan);
+/* Host view of the layout (counts, offsets, slot rows): see moe_ep_plan_info. */
+MOE_EP_API moe_ep_plan_info moe_ep_cuda_plan_query(const moe_ep_cuda_plan* plan);
+
+/* x: device [tokens, d_model]; recv_rows: device [info.recv_rows, d_model], grouped by
+   local expert (info.local_expert_offsets), then source rank, then token. Collective: yes.
+   begin/end: recv_rows is complete (for later work on the stream) after end. */
+MOE_EP_API moe_ep_result moe_ep_cuda_dispatch(moe_ep_cuda_layer* layer, moe_ep_cuda_plan* plan, const void* x,
+                                              void* recv_rows);
+MOE_EP_API moe_ep_result moe_ep_cuda_dispatch_begin(moe_ep_cuda_layer* layer, moe_ep_cuda_plan* plan, const void* x,
+                                                    void* recv_rows);
+MOE_EP_API moe_ep_result moe_ep_cuda_dispatch_end(moe_ep_cuda_layer* layer, moe_ep_cuda_plan* plan);
+/* rows, out: device [info.recv_rows, d_model]. Collective: no (a failing expert_fn is
+   agreed at the next combine); with a TP group, collective over it (the slices are summed). */
+MOE_EP_API moe_ep_result moe_ep_cuda_experts(moe_ep_cuda_layer* layer, moe_ep_cuda_plan* plan, const void* rows,
+                                             void* out);
+/* expert_out: device [info.recv_rows, d_model]; y: device [tokens, d_model], written in
+   full: y[t] = sum over k-slots of weight * expert output. expert_out must stay valid
+   until end. Collective: yes. */
+MOE_EP_API moe_ep_result moe_ep_cuda_combine(moe_ep_cuda_layer* layer, moe_ep_cuda_plan* plan, const void* expert_out,
+                                             void* y);
+MOE_EP_API moe_ep_result moe_ep_cuda_combine_begin(moe_ep_cuda_layer* layer, moe_ep_cuda_plan* plan,
+                                                   const void* expert_out);
+MOE_EP_API moe_ep_result moe_ep_cuda_combine_end(moe_ep_cuda_layer* layer, moe_ep_cuda_plan* plan, void* y);
+
+/* The whole layer: route (or take routing), plan, dispatch, experts, combine. Collective: yes. */
+MOE_EP_API moe_ep_result moe_ep_cuda_forward(moe_ep_cuda_layer* layer, const moe_ep_cuda_forward_args* args);
+#ifdef __cplusplus
+}
+#endif
+#endif /* MOE_EP_CUDA_H_INCLUDED */
+
+#if defined(MOE_EP_IMPLEMENTATION) && !defined(MOE_EP_CUDA_IMPLEMENTATION)
+#define MOE_EP_CUDA_IMPLEMENTATION
+#endif
+
+#ifdef MOE_EP_CUDA_IMPLEMENTATION
+#ifndef MOE_EP_CUDA_IMPL_INCLUDED
+#define MOE_EP_CUDA_IMPL_INCLUDED
+
+#include <stdio.h>
+#include <stdlib.h>
+#include <string.h>
+#include <stdarg.h>
+#include <time.h>
+#include <unistd.h>     /* getpid: the direct path tells processes apart */
+#include <cuda_runtime.h>
+#include <cublas_v2.h>
+#if defined(__CUDACC__) && !defined(MOE_EP_CUDA_KERNELS_IMPLEMENTATION)
+#define MOE_EP_CUDA_KERNELS_IMPLEMENTATION
+#endif
+#include "moe_ep_cuda_kernels.cuh"
+
+#ifndef MOE_EP_PRIVATE
+#define MOE_EP_PRIVATE static
+#endif
+
+#define MOE_EP__CUDA_CACHE 32
+#define MOE_EP__CUDA_HEADER 16   /* keeps the block size; 16 keeps malloc's alignment */
+#define MOE_EP__CUDA_ERR 512
+
+/* >>gpu layer: state */
+typedef struct moe_ep__cuda_buffers {
+    void* send;                     /* device [send rows, d]: send order; the combine lands here too */
+    void* stage;                    /* device [remote receive rows, d]: staged layout */
+    void* meta;                     /* device: slot map, weights, stage map */
+    void* meta_host;                /* pinned mirror of meta */
+    size_t send_bytes, stage_bytes, meta_bytes, meta_host_bytes;
+    cudaEvent_t uploaded;           /* meta_host may be rewritten once the stream passed this */
+    int full;                       /* sized at create for max_tokens */
+} moe_ep__cuda_buffers;
+
+struct moe_ep_cuda_plan {
+    moe_ep_cuda_layer* layer;
+    moe_ep_plan* core;
+    moe_ep_plan_info info;
+    moe_ep__cuda_buffers bufs;
+    int32_t* slot_map;              /* device [tokens * k] */
+    float* weight;                  /* device [tokens * k] */
+    int32_t* stage_map;             /* device [remote_rows]: staging row -> receive row */
+    int64_t remote_rows;
+    int pending;                    /* 0 none, 1 dispatch open, 2 combine open */
+    void* request;                  /* the transport's open split-phase exchange */
+    moe_ep_a2a_args a2a;            /* its arguments, which must live until it ends */
+    int64_t* a2a_rows;              /* [4 * world * segments]: its counts and offsets */
+    void* open_rows;                /* dispatch: recv_rows */
+    const void* open_local;         /* combine: expert_out */
+    moe_ep_result expert_status;
+    int64_t* dest;                  /* device [tokens * k], direct path: (rank << 32) | row of each slot */
+    uint64_t xfer;                  /* direct: the transfer epoch of its dispatch, 0 once combined */
+    int out_sent;                   /* direct: OUT(xfer) signalled */
+};
+
+struct moe_ep_cuda_layer {
+    moe_ep_cuda_layer_desc desc;    /* resolved; desc.transport and desc.tp_transport are NULL */
+    moe_ep_transport transport;     /* the EP group */
+    moe_ep_transport tp;            /* the TP group (desc.tp_transport), when tp_size > 1 */
+    int device;                     /* current at create; made current again by every call */
+    int broken;                     /* a direct-path wait timed out: every call fails */
+    int tp_rank, tp_size, d_ff_full, ff_begin;  /* this rank holds d_ff rows [ff_begin, ff_begin + d_ff) */
+    int partial_f32;                /* bf16 with TP: down projections write fp32 partial sums */
+    void* partial; size_t partial_bytes;        /* device fp32 [rows, d] */
+    float* tp_gather; size_t tp_gather_bytes;   /* device fp32 [tp_size, rows, d]: every TP rank's partials */
+    int64_t* tp_rows;               /* host [4 * tp_size]: the gather's counts and offsets */
+    moe_ep_context* core;
+    cudaStream_t stream;
+    cublasHandle_t blas;
+    int grouped;                    /* 0 loop, 1 grouped, 2 grouped for small experts */
+    int* group_ints;                /* host [9 * L]: m, n, k, lda, ldb, ldc of a projection, group sizes */
+    float* group_scalars;           /* host [2 * L]: alpha, beta */
+    cublasOperation_t* group_ops;   /* host [2 * L]: transa, transb */
+    void** ptrs_host;               /* pinned [6 * L]: A, B, C of the up and the down projection */
+    void** ptrs_dev;
+    cudaEvent_t ptrs_uploaded;
+    int rank, world_size, dtype, d_model, d_ff, num_experts, top_k, local_experts, segments, up_rows, activation;
+    size_t elem, row_bytes;
+    int* owner_of;                  /* [E] */
+    int* local_index_of;            /* [E] */
+    int* local_ids;                 /* [L] global id of each local expert */
+    void* router;                   /* device [E, d] */
+    void* w_up;                     /* device [L, up_rows, d] */
+    void* w_down;                   /* device [L, d, ff] */
+    void* logits; size_t logits_bytes;
+    void* topk_dev; size_t topk_dev_bytes;
+    void* topk_host; size_t topk_host_bytes;
+    void* hidden; size_t hidden_bytes;
+    void* recv; size_t recv_bytes;
+    void* out; size_t out_bytes;
+    int32_t* routing_idx;           /* host, for forward calls without routing arrays */
+    float* routing_weight;
+    int64_t routing_capacity;
+    /* the direct path */
+    int direct;                     /* rows move by stores into the peers' regions */
+    char* region;                   /* device: flags, offset table, recv rows, out rows (kernels.cuh) */
+    size_t region_bytes;
+    int64_t region_rows;            /* rows of recv and of out */
+    char** peer_host;               /* [R] each rank's region as this GPU sees it */
+    int* peer_opened;               /* [R] 1: opened with cudaIpcOpenMemHandle */
+    char** peer_dev;                /* device copy of peer_host */
+    int32_t* expert_at;             /* device [2E]: each expert's rank, then its local index */
+    int* ctl_host;                  /* host-mapped [2]: [1] a direct wait timed out */
+    moe_ep__cuda_k_direct g;        /* what the direct kernels get */
+    uint64_t plan_epoch, xfer_epoch;
+    moe_ep_cuda_plan* open_plan;    /* dispatched directly and not combined yet */
+    moe_ep__cuda_buffers spare;     /* plan buffers of the last destroyed plan */
+    int has_spare;
+    void* cache[MOE_EP__CUDA_CACHE];    /* host blocks the core context freed, for its next plan */
+    int cached;
+    char last_error[MOE_EP__CUDA_ERR];
+};
+
+/* The core context's allocator: a plan allocates the same dozen blocks every layer call,
+   some of them large; keeping freed blocks spares the page faults and mmap/munmap churn
+   that fresh memory costs each time. Used by the layer's own thread only. */
+MOE_EP_PRIVATE void* moe_ep__cuda_cache_alloc(size_t size, void* user_data) {
+    moe_ep_cuda_layer* L = (moe_ep_cuda_layer*)user_data;
+    int i, best = -1;
+    size_t best_size = 0;
+    char* block;
+    for (i = 0; i < L->cached; ++i) {
+        size_t have = *(size_t*)L->cache[i];
+        if (have >= size && have <= 2 * size + 4096 && (best < 0 || have < best_size)) {
+            best = i;
+            best_size = have;
+        }
+    }
+    if (best >= 0) {
+        block = (char*)L->cache[best];
+        L->cache[best] = L->cache[--L->cached];
+        return block + MOE_EP__CUDA_HEADER;
+    }
+    if (size > (size_t)-1 - MOE_EP__CUDA_HEADER) return NULL;
+    block = (char*)moe_ep_alloc(&L->desc.allocator, size + MOE_EP__CUDA_HEADER);
+    if (!block) return NULL;
+    *(size_t*)block = size;
+    return block + MOE_EP__CUDA_HEADER;
+}
+
+MOE_EP_PRIVATE void moe_ep__cuda_cache_free(void* ptr, void* user_data) {
+    moe_ep_cuda_layer* L = (moe_ep_cuda_layer*)user_data;
+    char* block = (char*)ptr - MOE_EP__CUDA_HEADER;
+    if (L->cached < MOE_EP__CUDA_CACHE) L->cache[L->cached++] = block;
+    else moe_ep_free(&L->desc.allocator, block);
+}
+
+MOE_EP_PRIVATE moe_ep_result moe_ep__cuda_fail(moe_ep_cuda_layer* L, moe_ep_result result, const char* fmt, ...) {
+    va_list ap;
+    va_start(ap, fmt);
+    vsnprintf(L->last_error, sizeof L->last_error, fmt, ap);
+    va_end(ap);
+    if (L->desc.logger.func)
+        L->desc.logger.func("moe_ep_cuda", 1, L->rank, L->last_error, L->desc.logger.user_data);
+    return result;
+}
+
+MOE_EP_PRIVATE moe_ep_result moe_ep__cuda_cuda(moe_ep_cuda_layer* L, cudaError_t e, const char* what) {
+    if (e == cudaSuccess) return MOE_EP_OK;
+    (void)cudaGetLastError();
+    return moe_ep__cuda_fail(L, e == cudaErrorMemoryAllocation ? MOE_EP_ERROR_OUT_OF_MEMORY : MOE_EP_ERROR_INTERNAL,
+                             "%s: %s", what, cudaGetErrorString(e));
+}
+
+MOE_EP_PRIVATE moe_ep_result moe_ep__cuda_blas(moe_ep_cuda_layer* L, cublasStatus_t s, const char* what) {
+    if (s == CUBLAS_STATUS_SUCCESS) return MOE_EP_OK;
+    return moe_ep__cuda_fail(L, s == CUBLAS_STATUS_ALLOC_FAILED ? MOE_EP_ERROR_OUT_OF_MEMORY : MOE_EP_ERROR_INTERNAL,
+                             "%s: %s", what, cublasGetStatusString(s));
+}
+
+MOE_EP_PRIVATE moe_ep_result moe_ep__cuda_net_fail(moe_ep_cuda_layer* L, moe_ep_result r, const char* what, const char* err) {
+    return moe_ep__cuda_fail(L, r, "%s: %s%s%s", what, moe_ep_result_string(r), err[0] ? ": " : "", err);
+}
+
+/* A stage's verdict through the core's agreement over t (the EP or the TP group): a cause
+   that is not this rank's own becomes the last error. */
+MOE_EP_PRIVATE moe_ep_result moe_ep__cuda_agree(moe_ep_cuda_layer* L, const moe_ep_transport* t, moe_ep_agree_desc* a) {
+    char err[MOE_EP__CUDA_ERR] = "";
+    moe_ep_result res;
+    a->allocator = L->desc.allocator;
+    res = moe_ep_agree(t, a, err, sizeof err);
+    if (res != a->status) moe_ep__cuda_fail(L, res, "%s", err);
+    return res;
+}
+
+/* Every rank of the EP group, then of the TP group, learns whether every rank is fine. The
+   ranks of a TP group sit in different EP groups, so the two reach every rank of the
+   data-parallel replica. */
+MOE_EP_PRIVATE moe_ep_result moe_ep__cuda_verdict(moe_ep_cuda_layer* L, moe_ep_result local, const char* stage) {
+    moe_ep_agree_desc a;
+    memset(&a, 0, sizeof a);
+    a.stage = stage;
+    a.status = local;
+    a.status = moe_ep__cuda_agree(L, &L->transport, &a);
+    if (L->tp_size > 1) a.status = moe_ep__cuda_agree(L, &L->tp, &a);
+    return a.status;
+}
+
+/* Grows a device buffer (pinned host memory with `pinned`) by half again; the old
+   contents are not kept. */
+MOE_EP_PRIVATE moe_ep_result moe_ep__cuda_grow(moe_ep_cuda_layer* L, void** buffer, size_t* capacity, size_t need,
+                                               int pinned, const char* what) {
+    size_t size = need + need / 2;
+    cudaError_t e;
+    if (need <= *capacity) return MOE_EP_OK;
+    if (*buffer && pinned) cudaFreeHost(*buffer);
+    else if (*buffer) cudaFree(*buffer);
+    *buffer = NULL;
+    *capacity = 0;
+    e = pinned ? cudaMallocHost(buffer, size) : cudaMalloc(buffer, size);
+    if (e != cudaSuccess) *buffer = NULL;
+    else *capacity = size;
+    return moe_ep__cuda_cuda(L, e, what);
+}
+
+/* After a direct-path wait ran past the timeout: the transport is aborted (its abort
+   callback, if it has one) and the layer refuses every later call, so nobody waits again. */
+MOE_EP_PRIVATE void moe_ep__cuda_break(moe_ep_cuda_layer* L) {
+    if (L->broken) return;
+    L->broken = 1;
+    if (L->transport.abort) L->transport.abort(L->transport.impl);
+}
+
+/* Waits until the layer stream has done its work, for at most desc.timeout_ms (0: no limit). */
+MOE_EP_PRIVATE moe_ep_result moe_ep__cuda_wait(moe_ep_cuda_layer* L, const char* what) {
+    time_t start = time(NULL);
+    cudaError_t q;
+    if (L->desc.timeout_ms <= 0) return moe_ep__cuda_cuda(L, cudaStreamSynchronize(L->stream), what);
+    while ((q = cudaStreamQuery(L->stream)) == cudaErrorNotReady)
+        if (difftime(time(NULL), start) * 1000.0 > (double)L->desc.timeout_ms + 999.0) {
+            moe_ep__cuda_break(L);
+            return moe_ep__cuda_fail(L, MOE_EP_ERROR_TIMEOUT, "%s: no progress for %d ms; the transport was aborted",
+                                     what, L->desc.timeout_ms);
+        }
+    return moe_ep__cuda_cuda(L, q, what);
+}
+
+static const int moe_ep__cuda_kdtype[] = { 0, MOE_EP__CUDA_K_F32, MOE_EP__CUDA_K_BF16 };
+
+MOE_EP_PRIVATE cudaDataType_t moe_ep__cuda_cuda_type(const moe_ep_cuda_layer* L) {
+    return L->dtype == MOE_EP_CUDA_DTYPE_BF16 ? CUDA_R_16BF : CUDA_R_32F;
+}
+
+/* Column-major C[m, n] (ldc) = op(A)^T... in row-major words: out[n, m] = in[n, k] . W[m, k]^T,
+   W in nn.Linear layout (lda = k), in with row stride ldb, out with row stride ldc. */
+MOE_EP_PRIVATE moe_ep_result moe_ep__cuda_linear(moe_ep_cuda_layer* L, cublasHandle_t blas, const void* w, int m, int k,
+                                                 const void* in, int64_t ldb, int64_t n, void* out, int64_t ldc,
+                                                 cudaDataType_t out_type, const char* what) {
+    const float one = 1.0f, zero = 0.0f;
+    cudaDataType_t t = moe_ep__cuda_cuda_type(L);
+    if (n <= 0) return MOE_EP_OK;
+    if (n > 0x7FFFFFFF)
+        return moe_ep__cuda_fail(L, MOE_EP_ERROR_UNSUPPORTED, "%s: %lld rows exceed one GEMM", what, (long long)n);
+    return moe_ep__cuda_blas(L, cublasGemmEx(blas, CUBLAS_OP_T, CUBLAS_OP_N, m, (int)n, k, &one, w, t, k, in, t,
+                                             (int)ldb, &zero, out, out_type, (int)ldc, CUBLAS_COMPUTE_32F,
+                                             CUBLAS_GEMM_DEFAULT), what);
+}
+
+MOE_EP_PRIVATE void moe_ep__cuda_free_buffers(moe_ep__cuda_buffers* b) {
+    if (b->send) cudaFree(b->send);
+    if (b->stage) cudaFree(b->stage);
+    if (b->meta) cudaFree(b->meta);
+    if (b->meta_host) cudaFreeHost(b->meta_host);
+    if (b->uploaded) cudaEventDestroy(b->uploaded);
+    (void)cudaGetLastError();
+    memset(b, 0, sizeof *b);
+}
+
+/* >>gpu layer: direct path */
+/* The region: flags [4][R], two block counters, the offset table [R * S], then the
+   received rows and the expert outputs, max_tokens worth of each; laid out alike on
+   every rank. */
+MOE_EP_PRIVATE size_t moe_ep__cuda_round256(size_t n) { return (n + 255) & ~(size_t)255; }
+
+/* What each rank tells the others about its region: the facts of one agreement
+   (moe_ep__cuda_card_words), which hands every rank everyone's card. */
+typedef struct moe_ep__cuda_card {
+    int64_t boot, pid;              /* same boot and pid: same process */
+    int64_t device;                 /* the CUDA device, as numbered in that process */
+    int64_t out_off;                /* the region's layout, which must be the same everywhere */
+    uint64_t address;
+    cudaIpcMemHandle_t handle;
+} moe_ep__cuda_card;
+
+#define MOE_EP__CUDA_CARD_WORDS ((sizeof(moe_ep__cuda_card) + 7) / 8)
+
+/* The machine's boot id (Linux), so that CUDA IPC is only tried between processes of one host. */
+MOE_EP_PRIVATE int64_t moe_ep__cuda_boot_id(void) {
+    uint64_t h = MOE_EP_HASH_SEED;
+    FILE* f = fopen("/proc/sys/kernel/random/boot_id", "r");
+    char text[64];
+    size_t n;
+    if (!f) return 0;
+    n = fread(text, 1, sizeof text, f);
+    fclose(f);
+    h = moe_ep_hash(h, text, n);
+    return (int64_t)(h & 0x7FFFFFFFFFFFFFFFull);
+}
+
+MOE_EP_PRIVATE void moe_ep__cuda_direct_free(moe_ep_cuda_layer* L) {
+    const moe_ep_allocator* a = &L->desc.allocator;
+    int q;
+    for (q = 0; L->peer_host && L->peer_opened && q < L->world_size; ++q)
+        if (L->peer_opened[q]) cudaIpcCloseMemHandle(L->peer_host[q]);
+    if (L->region) cudaFree(L->region);
+    if (L->peer_dev) cudaFree(L->peer_dev);
+    if (L->expert_at) cudaFree(L->expert_at);
+    if (L->ctl_host) cudaFreeHost(L->ctl_host);
+    (void)cudaGetLastError();
+    moe_ep_free(a, L->peer_host);
+    moe_ep_free(a, L->peer_opened);
+    L->region = NULL;
+    L->peer_dev = NULL;
+    L->expert_at = NULL;
+    L->ctl_host = NULL;
+    L->peer_host = NULL;
+    L->peer_opened = NULL;
+    L->direct = 0;
+}
+
+/* This rank's half of the setup: the region, the host-mapped control words, the experts'
+   owners on the device, and the card that offers the region. */
+MOE_EP_PRIVATE moe_ep_result moe_ep__cuda_direct_local(moe_ep_cuda_layer* L, moe_ep__cuda_card* card) {
+    const moe_ep_allocator* a = &L->desc.allocator;
+    /* the same layout on every rank (the combine reads a peer's outputs at this rank's
+       out offset): rows for the rank with the most experts */
+    int64_t rows = L->desc.max_tokens * (L->top_k < L->segments ? L->top_k : L->segments) * L->world_size;
+    size_t flags = moe_ep__cuda_round256((size_t)4 * L->world_size * 8 + 64);
+    size_t table = moe_ep__cuda_round256((size_t)L->world_size * (size_t)L->segments * 8);
+    /* the rows start on 2 MiB boundaries, as a cudaMalloc of their own would */
+    size_t head = ((flags + table) + ((size_t)2 << 20) - 1) & ~(((size_t)2 << 20) - 1);
+    size_t rows_bytes = ((size_t)rows * L->row_bytes + ((size_t)2 << 20) - 1) & ~(((size_t)2 << 20) - 1);
+    int32_t* at;
+    int e;
+    moe_ep_result res;
+    L->peer_host = (char**)moe_ep_alloc(a, sizeof(char*) * (size_t)L->world_size);
+    L->peer_opened = (int*)moe_ep_alloc(a, sizeof(int) * (size_t)L->world_size);
+    at = (int32_t*)moe_ep_alloc(a, sizeof(int32_t) * 2 * (size_t)L->num_experts);
+    if (!L->peer_host || !L->peer_opened || !at) {
+        moe_ep_free(a, at);
+        return moe_ep__cuda_fail(L, MOE_EP_ERROR_OUT_OF_MEMORY, "moe_ep_cuda_layer_create: out of memory");
+    }
+    memset(L->peer_opened, 0, sizeof(int) * (size_t)L->world_size);
+    for (e = 0; e < L->num_experts; ++e) {
+        at[e] = L->owner_of[e];
+        at[L->num_experts + e] = L->local_index_of[e];
+    }
+    L->region_rows = rows;
+    L->region_bytes = head + 2 * rows_bytes;
+    memset(&L->g, 0, sizeof L->g);
+    L->g.rank = L->rank;
+    L->g.world = L->world_size;
+    L->g.table_off = flags;
+    L->g.recv_off = head;
+    L->g.out_off = head + rows_bytes;
+    L->g.timeout_ns = L->desc.timeout_ms > 0 ? (uint64_t)L->desc.timeout_ms * 1000000u : 0;
+    res = moe_ep__cuda_cuda(L, cudaMalloc((void**)&L->region, L->region_bytes), "direct path: region");
+    if (res == MOE_EP_OK) res = moe_ep__cuda_cuda(L, cudaMemset(L->region, 0, flags), "direct path: region");
+    if (res == MOE_EP_OK)
+        res = moe_ep__cuda_cuda(L, cudaMalloc((void**)&L->peer_dev, sizeof(char*) * (size_t)L->world_size),
+                                "direct path: peers");
+    if (res == MOE_EP_OK)
+        res = moe_ep__cuda_cuda(L, cudaMalloc((void**)&L->expert_at, sizeof(int32_t) * 2 * (size_t)L->num_experts),
+                                "direct path: owners");
+    if (res == MOE_EP_OK)
+        res = moe_ep__cuda_cuda(L, cudaMemcpy(L->expert_at, at, sizeof(int32_t) * 2 * (size_t)L->num_experts,
+                                              cudaMemcpyHostToDevice), "direct path: owners");
+    moe_ep_free(a, at);
+    if (res == MOE_EP_OK)
+        res = moe_ep__cuda_cuda(L, cudaHostAlloc((void**)&L->ctl_host, 2 * sizeof(int), cudaHostAllocMapped),
+                                "direct path: control words");
+    if (res == MOE_EP_OK) {
+        L->ctl_host[0] = L->ctl_host[1] = 0;
+        res = moe_ep__cuda_cuda(L, cudaHostGetDevicePointer((void**)&L->g.ctl, L->ctl_host, 0),
+                                "direct path: control words");
+    }
+    if (res == MOE_EP_OK) res = moe_ep__cuda_cuda(L, cudaIpcGetMemHandle(&card->handle, L->region), "cudaIpcGetMemHandle");
+    if (res != MOE_EP_OK) return res;
+    L->g.counters = (unsigned*)(L->region + (size_t)4 * L->world_size * 8);
+    card->boot = moe_ep__cuda_boot_id();
+    card->pid = (int64_t)getpid();
+    card->device = L->device;
+    card->out_off = (int64_t)L->g.out_off;
+    card->address = (uint64_t)(uintptr_t)L->region;
+    return MOE_EP_OK;
+}
+
+/* Reach rank q's region: the pointer itself in this process (with peer access), else
+   CUDA IPC. MOE_EP_ERROR_UNSUPPORTED: this GPU cannot reach it. */
+MOE_EP_PRIVATE moe_ep_result moe_ep__cuda_direct_reach(moe_ep_cuda_layer* L, int q, const moe_ep__cuda_card* card,
+                                                       const moe_ep__cuda_card* mine) {
+    int can = 0;
+    cudaError_t e;
+    if (q == L->rank) {
+        L->peer_host[q] = L->region;
+        return MOE_EP_OK;
+    }
+    if (card->boot != mine->boot)
+        return moe_ep__cuda_fail(L, MOE_EP_ERROR_UNSUPPORTED, "direct path: rank %d is on another host", q);
+    if (card->pid == mine->pid) {
+        if (card->device != mine->device) {
+            e = cudaDeviceCanAccessPeer(&can, (int)mine->device, (int)card->device);
+            if (e != cudaSuccess || !can)
+                return moe_ep__cuda_fail(L, MOE_EP_ERROR_UNSUPPORTED, "direct path: GPU %d cannot access GPU %d (rank %d)",
+                                         (int)mine->device, (int)card->device, q);
+            e = cudaDeviceEnablePeerAccess((int)card->device, 0);
+            if (e == cudaErrorPeerAccessAlreadyEnabled) e = cudaSuccess;
+            (void)cudaGetLastError();
+            if (e != cudaSuccess)
+                return moe_ep__cuda_fail(L, MOE_EP_ERROR_UNSUPPORTED, "direct path: cudaDeviceEnablePeerAccess(%d): %s",
+                                         (int)card->device, cudaGetErrorString(e));
+        }
+        L->peer_host[q] = (char*)(uintptr_t)card->address;
+        return MOE_EP_OK;
+    }
+    e = cudaIpcOpenMemHandle((void**)&L->peer_host[q], card->handle, cudaIpcMemLazyEnablePeerAccess);
+    if (e != cudaSuccess) {
+        (void)cudaGetLastError();
+        return moe_ep__cuda_fail(L, MOE_EP_ERROR_UNSUPPORTED, "direct path: cudaIpcOpenMemHandle for rank %d: %s", q,
+                                 cudaGetErrorString(e));
+    }
+    L->peer_opened[q] = 1;
+    return MOE_EP_OK;
+}
+
+/* The cards of every rank, by one agreement over the EP group whose facts are this rank's
+   card (may differ): peer_facts then holds everyone's. A failed rank takes part with its
+   failure as status. */
+MOE_EP_PRIVATE moe_ep_result moe_ep__cuda_direct_cards(moe_ep_cuda_layer* L, moe_ep_result status,
+                                                      const moe_ep__cuda_card* mine, moe_ep__cuda_card* cards) {
+    int64_t words[MOE_EP__CUDA_CARD_WORDS];
+    int64_t* all = cards ? (int64_t*)moe_ep_alloc(&L->desc.allocator, sizeof words * (size_t)L->world_size) : NULL;
+    moe_ep_agree_desc a;
+    int q;
+    memset(words, 0, sizeof words);
+    memcpy(words, mine, sizeof *mine);
+    if (!all && status == MOE_EP_OK)
+        status = moe_ep__cuda_fail(L, MOE_EP_ERROR_OUT_OF_MEMORY, "moe_ep_cuda_layer_create: out of memory");
+    memset(&a, 0, sizeof a);
+    a.stage = "direct path: exchanging the regions";
+    a.status = status;
+    a.facts = words;
+    a.fact_count = (int)MOE_EP__CUDA_CARD_WORDS;
+    a.facts_may_differ = true;
+    a.peer_facts = all;
+    status = moe_ep__cuda_agree(L, &L->transport, &a);
+    for (q = 0; status == MOE_EP_OK && q < L->world_size; ++q)
+        memcpy(&cards[q], all + (size_t)q * MOE_EP__CUDA_CARD_WORDS, sizeof *cards);
+    moe_ep_free(&L->desc.allocator, all);
+    return status;
+}
+
+/* The vote: 0 fine, 1 cannot reach a peer, 2 failed; every rank takes the largest. */
+MOE_EP_PRIVATE int moe_ep__cuda_direct_vote(moe_ep_cuda_layer* L, int verdict, moe_ep_result* res) {
+    int64_t mine = verdict, votes[64];
+    int64_t* all = L->world_size <= 64 ? votes : (int64_t*)moe_ep_alloc(&L->desc.allocator, sizeof(int64_t) * (size_t)L->world_size);
+    moe_ep_agree_desc a;
+    moe_ep_result x;
+    int q;
+    memset(&a, 0, sizeof a);
+    a.stage = "direct path";
+    a.facts = &mine;
+    a.fact_count = 1;
+    a.facts_may_differ = true;
+    a.peer_facts = all;
+    x = moe_ep__cuda_agree(L, &L->transport, &a);
+    if (x != MOE_EP_OK || !all) {
+        if (*res == MOE_EP_OK) *res = x != MOE_EP_OK ? x : MOE_EP_ERROR_OUT_OF_MEMORY;
+        verdict = 2;
+    }
+    for (q = 0; x == MOE_EP_OK && all && q < L->world_size; ++q)
+        if (all[q] > verdict) verdict = (int)all[q];
+    if (all != votes) moe_ep_free(&L->desc.allocator, all);
+    return verdict;
+}
+
+/* Collective over the EP group, on every rank whatever `status` says (a failed rank
+   takes part with its failure). Returns the status to agree on: with auto, a rank that
+   cannot reach another turns the path off everywhere and is no failure. */
+MOE_EP_PRIVATE moe_ep_result moe_ep__cuda_direct_setup(moe_ep_cuda_layer* L, moe_ep_result status) {
+    int R = L->world_size, q, verdict;
+    moe_ep__cuda_card mine;
+    moe_ep__cuda_card* cards = (moe_ep__cuda_card*)moe_ep_alloc(&L->desc.allocator, sizeof *cards * (size_t)R);
+    moe_ep_result res = status;
+    memset(&mine, 0, sizeof mine);
+    if (res == MOE_EP_OK && !cards)
+        res = moe_ep__cuda_fail(L, MOE_EP_ERROR_OUT_OF_MEMORY, "moe_ep_cuda_layer_create: out of memory");
+    if (res == MOE_EP_OK) res = moe_ep__cuda_direct_local(L, &mine);
+    res = moe_ep__cuda_direct_cards(L, res, &mine, cards);
+    for (q = 0; res == MOE_EP_OK && q < R; ++q)
+        if (cards[q].out_off != mine.out_off)
+            res = moe_ep__cuda_fail(L, MOE_EP_ERROR_INTERNAL, "direct path: rank %d lays out its region otherwise", q);
+    for (q = 0; res == MOE_EP_OK && q < R; ++q) res = moe_ep__cuda_direct_reach(L, q, &cards[q], &mine);
+    if (res == MOE_EP_OK)
+        res = moe_ep__cuda_cuda(L, cudaMemcpy(L->peer_dev, L->peer_host, sizeof(char*) * (size_t)R,
+                                              cudaMemcpyHostToDevice), "direct path: peers");
+    moe_ep_free(&L->desc.allocator, cards);
+    verdict = moe_ep__cuda_direct_vote(L, res == MOE_EP_OK ? 0 : res == MOE_EP_ERROR_UNSUPPORTED ? 1 : 2, &res);
+    if (verdict == 0) {
+        /* the forward's expert-side rows live in the region from now on */
+        if (L->recv) cudaFree(L->recv);
+        if (L->out) cudaFree(L->out);
+        L->recv = L->region + L->g.recv_off;
+        L->out = L->region + L->g.out_off;
+        L->recv_bytes = L->out_bytes = (size_t)L->region_rows * L->row_bytes;
+        L->g.peers = L->peer_dev;
+        L->direct = 1;
+        return MOE_EP_OK;
+    }
+    moe_ep__cuda_direct_free(L);
+    if (verdict == 1 && L->desc.direct != MOE_EP_CUDA_DIRECT_ON) return status;
+    if (res == MOE_EP_OK)
+        res = moe_ep__cuda_fail(L, verdict == 1 ? MOE_EP_ERROR_UNSUPPORTED : MOE_EP_ERROR_ABORTED,
+                                "direct path: %s", verdict == 1 ? "another rank cannot reach its peers' memory"
+                                                                : "another rank failed");
+    return res;
+}
+
+/* A direct wait that ran past the timeout leaves its mark here; the transport is then
+   aborted and the layer refuses further work, as after a host-side timeout. */
+MOE_EP_PRIVATE moe_ep_result moe_ep__cuda_direct_check(moe_ep_cuda_layer* L) {
+    if (!L->direct || !((volatile int*)L->ctl_host)[1]) return MOE_EP_OK;
+    moe_ep__cuda_break(L);
+    return moe_ep__cuda_fail(L, MOE_EP_ERROR_TIMEOUT, "moe_ep_cuda: a direct-path wait for the other ranks ran past "
+                             "%d ms; the transport was aborted", L->desc.timeout_ms);
+}
+
+MOE_EP_PRIVATE moe_ep_result moe_ep__cuda_kernel(moe_ep_cuda_layer* L, int e, const char* what) {
+    return moe_ep__cuda_cuda(L, (cudaError_t)e, what);
+}
+
+MOE_EP_PRIVATE void moe_ep__cuda_layer_free(moe_ep_cuda_layer* L) {
+    moe_ep_allocator a = L->desc.allocator;
+    cudaSetDevice(L->device);
+    cudaStreamSynchronize(L->stream);
+    if (L->blas) cublasDestroy(L->blas);
+    if (L->ptrs_host) cudaFreeHost(L->ptrs_host);
+    if (L->ptrs_dev) cudaFree(L->ptrs_dev);
+    if (L->ptrs_uploaded) cudaEventDestroy(L->ptrs_uploaded);
+    moe_ep_free(&a, L->group_ints);
+    moe_ep_free(&a, L->group_scalars);
+    moe_ep_free(&a, L->group_ops);
+    if (L->router) cudaFree(L->router);
+    if (L->w_up) cudaFree(L->w_up);
+    if (L->w_down) cudaFree(L->w_down);
+    if (L->logits) cudaFree(L->logits);
+    if (L->topk_dev) cudaFree(L->topk_dev);
+    if (L->topk_host) cudaFreeHost(L->topk_host);
+    if (L->hidden) cudaFree(L->hidden);
+    if (L->direct && !L->broken) {
+        /* nobody may still read or write this rank's region */
+        char err[MOE_EP__CUDA_ERR] = "";
+        if (L->transport.barrier) L->transport.barrier(L->transport.impl, err, sizeof err);
+        else moe_ep__cuda_verdict(L, MOE_EP_OK, "moe_ep_cuda_layer_destroy");
+    }
+    if (L->recv && !L->direct) cudaFree(L->recv);
+    if (L->out && !L->direct) cudaFree(L->out);
+    moe_ep__cuda_direct_free(L);
+    if (L->partial) cudaFree(L->partial);
+    if (L->tp_gather) cudaFree(L->tp_gather);
+    if (L->has_spare) moe_ep__cuda_free_buffers(&L->spare);
+    (void)cudaGetLastError();
+    if (L->core) moe_ep_destroy(L->core);
+    while (L->cached > 0) moe_ep_free(&a, L->cache[--L->cached]);
+    moe_ep_free(&a, L->owner_of);
+    moe_ep_free(&a, L->local_index_of);
+    moe_ep_free(&a, L->local_ids);
+    moe_ep_free(&a, L->routing_idx);
+    moe_ep_free(&a, L->routing_weight);
+    moe_ep_free(&a, L->tp_rows);
+    moe_ep_free(&a, L);
+}
+
+/* >>gpu layer: sizes */
+MOE_EP_PRIVATE size_t moe_ep__cuda_round16(size_t n) { return (n + 15) & ~(size_t)15; }
+
+MOE_EP_PRIVATE moe_ep_result moe_ep__cuda_reserve_router(moe_ep_cuda_layer* L, int64_t tokens) {
+    size_t slots = (size_t)tokens * (size_t)L->top_k, topk = moe_ep__cuda_round16(slots * sizeof(int32_t)) + slots * sizeof(float);
+    moe_ep_result res = moe_ep__cuda_grow(L, (void**)&L->logits, &L->logits_bytes, (size_t)tokens * (size_t)L->num_experts * sizeof(float), 0, "router buffers");
+    if (res == MOE_EP_OK)
+        res = moe_ep__cuda_grow(L, (void**)&L->topk_dev, &L->topk_dev_bytes, topk, 0, "router buffers");
+    if (res == MOE_EP_OK)
+        res = moe_ep__cuda_grow(L, (void**)&L->topk_host, &L->topk_host_bytes, topk, 1, "router buffers");
+    return res;
+}
+
+/* Where the plan metadata lives in the meta buffers: first what the host uploads (the
+   core plan's slot rows, the routing, small tables), then what kernels build from it
+   (the slot map and the stage map). Offsets in bytes. */
+typedef struct moe_ep__cuda_meta {
+    size_t rows, idx, weight, owner, shift, chunk_start, chunk_dest, send_off, table, upload, map, stage, dest, total;
+} moe_ep__cuda_meta;
+
+MOE_EP_PRIVATE moe_ep__cuda_meta moe_ep__cuda_meta_layout(const moe_ep_cuda_layer* L, int64_t slots, int64_t remote_rows) {
+    moe_ep__cuda_meta m;
+    size_t chunks = (size_t)(L->world_size - 1) * (size_t)L->segments;
+    m.rows = 0;
+    m.idx = m.rows + moe_ep__cuda_round16((size_t)slots * 8);
+    m.weight = m.idx + moe_ep__cuda_round16((size_t)slots * 4);
+    m.owner = m.weight + moe_ep__cuda_round16((size_t)slots * 4);
+    m.shift = m.owner + moe_ep__cuda_round16((size_t)L->num_experts * 4);
+    m.chunk_start = m.shift + moe_ep__cuda_round16((size_t)L->segments * 8);
+    m.chunk_dest = m.chunk_start + moe_ep__cuda_round16((chunks + 1) * 8);
+    m.send_off = m.chunk_dest + moe_ep__cuda_round16(chunks * 8 + 8);
+    m.table = m.send_off + moe_ep__cuda_round16((size_t)L->world_size * (size_t)L->segments * 8);
+    m.upload = m.table + moe_ep__cuda_round16((size_t)L->world_size * (size_t)L->segments * 8);
+    m.map = m.upload;
+    m.stage = m.map + moe_ep__cuda_round16((size_t)slots * 4);
+    m.dest = m.stage + moe_ep__cuda_round16((size_t)remote_rows * 4);
+    m.total = m.dest + moe_ep__cuda_round16((size_t)slots * 8);
+    return m;
+}
+
+/* Plan buffers for `slots` assignments, `send_rows` send rows and `remote_rows` staged rows. */
+MOE_EP_PRIVATE moe_ep_result moe_ep__cuda_reserve_plan(moe_ep_cuda_layer* L, moe_ep__cuda_buffers* b, int64_t slots,
+                                                       int64_t send_rows, int64_t remote_rows) {
+    moe_ep__cuda_meta layout = moe_ep__cuda_meta_layout(L, slots, remote_rows);
+    size_t meta = layout.total;
+    moe_ep_result res = moe_ep__cuda_grow(L, (void**)&b->send, &b->send_bytes, (size_t)send_rows * L->row_bytes, 0, "plan buffers");
+    if (res == MOE_EP_OK && L->desc.a2a_layout == MOE_EP_CUDA_A2A_STAGED)
+        res = moe_ep__cuda_grow(L, (void**)&b->stage, &b->stage_bytes, (size_t)remote_rows * L->row_bytes, 0, "plan buffers");
+    if (res == MOE_EP_OK) res = moe_ep__cuda_grow(L, (void**)&b->meta, &b->meta_bytes, meta, 0, "plan buffers");
+    if (res == MOE_EP_OK)
+        res = moe_ep__cuda_grow(L, (void**)&b->meta_host, &b->meta_host_bytes, layout.upload, 1, "plan buffers");
+    return res;
+}
+
+/* Expert-side buffers for `rows` received rows; `forward` adds the forward's own rows. */
+MOE_EP_PRIVATE moe_ep_result moe_ep__cuda_reserve_experts(moe_ep_cuda_layer* L, int64_t rows, int forward) {
+    moe_ep_result res = MOE_EP_OK;
+    if (!L->desc.expert_fn)
+        res = moe_ep__cuda_grow(L, (void**)&L->hidden, &L->hidden_bytes, (size_t)rows * (size_t)L->up_rows * L->elem, 0, "expert buffers");
+    if (res == MOE_EP_OK && L->partial_f32)
+        res = moe_ep__cuda_grow(L, (void**)&L->partial, &L->partial_bytes, (size_t)rows * (size_t)L->d_model * sizeof(float), 0, "expert buffers");
+    if (res == MOE_EP_OK && forward)
+        res = moe_ep__cuda_grow(L, (void**)&L->recv, &L->recv_bytes, (size_t)rows * L->row_bytes, 0, "expert buffers");
+    if (res == MOE_EP_OK && forward)
+        res = moe_ep__cuda_grow(L, (void**)&L->out, &L->out_bytes, (size_t)rows * L->row_bytes, 0, "expert buffers");
+    return res;
+}
+
+/* The most rows any buffer can need when every rank has at most max_tokens tokens. */
+MOE_EP_PRIVATE moe_ep_result moe_ep__cuda_reserve_all(moe_ep_cuda_layer* L) {
+    int64_t T = L->desc.max_tokens, per_source = T * (L->top_k < L->local_experts ? L->top_k : L->local_experts);
+    moe_ep_result res = MOE_EP_OK;
+    if (T <= 0) return MOE_EP_OK;
+    if (L->desc.router_weight) res = moe_ep__cuda_reserve_router(L, T);
+    if (res == MOE_EP_OK) {
+        res = moe_ep__cuda_reserve_plan(L, &L->spare, T * L->top_k, T * L->top_k, per_source * (L->world_size - 1));
+        L->spare.full = 1;
+        L->has_spare = 1;
+        if (res == MOE_EP_OK && per_source * L->world_size > 0x3FFFFFFF)
+            res = moe_ep__cuda_fail(L, MOE_EP_ERROR_UNSUPPORTED, "max_tokens (%lld): more than 2^30 rows per plan",
+                                    (long long)T);
+    }
+    if (res == MOE_EP_OK) res = moe_ep__cuda_reserve_experts(L, per_source * L->world_size, 1);
+    return res;
+}
+
+/* >>gpu layer: create */
+/* The GPU layer plans with a core context but never runs its CPU experts; setting this
+   callback keeps the core from packing a CPU copy of the weights. */
+MOE_EP_PRIVATE int moe_ep__cuda_no_cpu_experts(int local_expert, int expert, const float* rows, int64_t row_count,
+                                               int d_model, float* out, void* user_data) {
+    (void)local_expert; (void)expert; (void)rows; (void)row_count; (void)d_model; (void)out; (void)user_data;
+    return -1;  /* the core's CPU expert path is never used by the GPU layer */
+}
+
+/* >>defaults: the one place where zero becomes a value for the GPU fields (the core
+   resolves the shared shape in moe_ep_create; the layer reads it back from there). */
+MOE_EP_PRIVATE moe_ep_cuda_layer_desc moe_ep__cuda_desc_defaults(const moe_ep_cuda_layer_desc* in) {
+    moe_ep_cuda_layer_desc d = *in;
+    d.dtype = d.dtype == MOE_EP_CUDA_DTYPE_DEFAULT ? MOE_EP_CUDA_DTYPE_F32 : d.dtype;
+    d.a2a_layout = d.a2a_layout == MOE_EP_CUDA_A2A_DEFAULT ? MOE_EP_CUDA_A2A_STAGED : d.a2a_layout;
+    /* direct DEFAULT (auto) and expert_gemm DEFAULT (by row count) are decided per layer and per call */
+    return d;
+}
+
+/* The core desc the layer plans with: the shared shape of d, the EP group, no TP (the
+   layer splits d_ff itself), no CPU experts, and the layer's block cache as allocator. */
+MOE_EP_PRIVATE moe_ep_desc moe_ep__cuda_core_desc(moe_ep_cuda_layer* L, const moe_ep_cuda_layer_desc* d) {
+    moe_ep_desc core;
+    memset(&core, 0, sizeof core);
+    core.d_model = d->d_model;
+    core.d_ff = d->d_ff;
+    core.num_experts = d->num_experts;
+    core.top_k = d->top_k;
+    core.activation = d->activation;
+    core.scoring = d->scoring;
+    core.normalize_topk = d->normalize_topk;
+    core.capacity_factor = d->capacity_factor;
+    core.placement = d->placement;
+    core.num_threads = 1;
+    core.expert_fn = moe_ep__cuda_no_cpu_experts;
+    core.transport = d->transport;
+    core.allocator.alloc_fn = moe_ep__cuda_cache_alloc;
+    core.allocator.free_fn = moe_ep__cuda_cache_free;
+    core.allocator.user_data = L;
+    core.logger = d->logger;
+    return core;
+}
+
+/* The GPU parameters every rank of the EP group must share. */
+MOE_EP_PRIVATE int64_t moe_ep__cuda_fingerprint(const moe_ep_cuda_layer_desc* d) {
+    int64_t fields[8];
+    uint64_t h;
+    fields[0] = d->dtype;
+    fields[1] = d->a2a_layout;
+    fields[2] = d->max_tokens > 0;
+    fields[3] = d->expert_fn != NULL;
+    fields[4] = d->router_weight != NULL;
+    fields[5] = 0x63756461;
+    fields[6] = d->tp_transport ? d->tp_transport->world_size : 1;
+    fields[7] = d->direct;
+    h = moe_ep_hash(MOE_EP_HASH_SEED, fields, sizeof fields) & 0x7FFFFFFFFFFFFFFFull;
+    return h == 0 ? 1 : (int64_t)h;
+}
+
+/* What the ranks of a TP group must share: the GPU parameters and the layer's shape. */
+MOE_EP_PRIVATE int64_t moe_ep__cuda_tp_fingerprint(const moe_ep_cuda_layer_desc* d) {
+    int64_t fields[10];
+    uint64_t h;
+    fields[0] = moe_ep__cuda_fingerprint(d);
+    fields[1] = d->d_model;
+    fields[2] = d->d_ff;
+    fields[3] = d->num_experts;
+    fields[4] = d->top_k;
+    fields[5] = d->activation;
+    fields[6] = d->normalize_topk;
+    fields[7] = d->placement.kind;
+    fields[8] = d->transport->world_size;
+    fields[9] = d->tp_transport ? d->tp_transport->world_size : 1;
+    h = moe_ep_hash(MOE_EP_HASH_SEED, fields, sizeof fields);
+    h = moe_ep_hash(h, &d->capacity_factor, sizeof d->capacity_factor);
+    return (int64_t)(h & 0x7FFFFFFFFFFFFFFFull);
+}
+
+/* >>validation: every failing rule is logged (the layer does not exist yet). */
+MOE_EP_PRIVATE void moe_ep__cuda_check(const moe_ep_cuda_layer_desc* d, int rank, int* failures, int ok,
+                                       const char* fmt, ...) {
+    char text[MOE_EP__CUDA_ERR];
+    va_list ap;
+    if (ok) return;
+    va_start(ap, fmt);
+    vsnprintf(text, sizeof text, fmt, ap);
+    va_end(ap);
+    if (d->logger.func) d->logger.func("moe_ep_cuda", 1, rank, text, d->logger.user_data);
+    (*failures)++;
+}
+
+MOE_EP_PRIVATE void moe_ep__cuda_validate_tp(const moe_ep_cuda_layer_desc* d, int* f) {
+    const moe_ep_transport* tp = d->tp_transport;
+    int rank = d->transport->rank;
+    moe_ep__cuda_check(d, rank, f, tp->exchange_counts && tp->all_to_all_v,
+                       "moe_ep_cuda_layer_desc.tp_transport: exchange_counts and all_to_all_v are required "
+                       "(the partial sums travel in device memory)");
+    moe_ep__cuda_check(d, rank, f, tp->world_size > 0 && tp->rank >= 0 && tp->rank < tp->world_size,
+                       "moe_ep_cuda_layer_desc.tp_transport: rank (%d) must be in [0, world_size (%d))",
+                       tp->rank, tp->world_size);
+    moe_ep__cuda_check(d, rank, f, tp->world_size <= 1 || !d->expert_fn,
+                       "moe_ep_cuda_layer_desc.expert_fn is not supported with tp_transport: tensor "
+                       "parallelism splits the built-in experts by d_ff, a callback gets whole experts");
+    moe_ep__cuda_check(d, rank, f, tp->world_size <= 1 || d->d_ff >= tp->world_size,
+                       "moe_ep_cuda_layer_desc.d_ff (%d) must be >= the tensor-parallel size (%d)",
+                       d->d_ff, tp->world_size);
+}
+
+/* The rank-local rules of the GPU fields (the core checks the shared shape). */
+MOE_EP_PRIVATE int moe_ep__cuda_validate(const moe_ep_cuda_layer_desc* d) {
+    int f = 0, rank = d->transport->rank;
+    moe_ep__cuda_check(d, rank, &f, d->dtype > 0 && d->dtype < MOE_EP_CUDA_DTYPE_COUNT,
+                       "moe_ep_cuda_layer_desc.dtype (%d) is not a moe_ep_cuda_dtype", (int)d->dtype);
+    moe_ep__cuda_check(d, rank, &f, d->direct >= 0 && d->direct < MOE_EP_CUDA_DIRECT_COUNT,
+                       "moe_ep_cuda_layer_desc.direct (%d) is not a moe_ep_cuda_direct", (int)d->direct);
+    moe_ep__cuda_check(d, rank, &f, d->direct != MOE_EP_CUDA_DIRECT_ON || d->max_tokens > 0,
+                       "moe_ep_cuda_layer_desc.direct = ON needs max_tokens > 0 (the peers map buffers of fixed size)");
+    moe_ep__cuda_check(d, rank, &f, d->expert_gemm >= 0 && d->expert_gemm < MOE_EP_CUDA_EXPERT_GEMM_COUNT,
+                       "moe_ep_cuda_layer_desc.expert_gemm (%d) is not a moe_ep_cuda_expert_gemm", (int)d->expert_gemm);
+    moe_ep__cuda_check(d, rank, &f, d->a2a_layout > 0 && d->a2a_layout < MOE_EP_CUDA_A2A_COUNT,
+                       "moe_ep_cuda_layer_desc.a2a_layout (%d) is not a moe_ep_cuda_a2a_layout", (int)d->a2a_layout);
+    moe_ep__cuda_check(d, rank, &f, d->max_tokens >= 0, "moe_ep_cuda_layer_desc.max_tokens (%lld) must be >= 0",
+                       (long long)d->max_tokens);
+    moe_ep__cuda_check(d, rank, &f, d->timeout_ms >= 0, "moe_ep_cuda_layer_desc.timeout_ms (%d) must be >= 0", d->timeout_ms);
+    moe_ep__cuda_check(d, rank, &f, d->scoring == MOE_EP_SCORING_DEFAULT || d->scoring == MOE_EP_SCORING_SOFTMAX,
+                       "moe_ep_cuda_layer_desc.scoring (%d): the GPU router supports softmax", (int)d->scoring);
+    moe_ep__cuda_check(d, rank, &f, d->d_model > 0 && d->num_experts > 0 && (d->d_ff > 0 || d->expert_fn),
+                       "moe_ep_cuda_layer_desc: d_model (%d), num_experts (%d) and d_ff (%d) must be > 0",
+                       d->d_model, d->num_experts, d->d_ff);
+    moe_ep__cuda_check(d, rank, &f, (d->allocator.alloc_fn == NULL) == (d->allocator.free_fn == NULL),
+                       "moe_ep_cuda_layer_desc.allocator: set both alloc_fn and free_fn, or neither");
+    if (d->tp_transport) moe_ep__cuda_validate_tp(d, &f);
+    return f;
+}
+
+/* create, step 3: every rank, failed or not, sends its status and GPU fingerprint over
+   the EP group, then its status and shape over the TP group: after this every rank of the
+   data-parallel replica has the same verdict. A rank that rejected its desc is a
+   mismatch for the others. */
+MOE_EP_PRIVATE moe_ep_result moe_ep__cuda_create_agree(const moe_ep_cuda_layer_desc* d, moe_ep_result status) {
+    char err[MOE_EP__CUDA_ERR] = "";
+    int64_t facts[2];
+    moe_ep_agree_desc a;
+    moe_ep_result res;
+    facts[0] = status == MOE_EP_OK ? moe_ep__cuda_fingerprint(d) : 0;
+    facts[1] = status == MOE_EP_OK ? moe_ep__cuda_tp_fingerprint(d) : 0;
+    memset(&a, 0, sizeof a);
+    a.stage = "moe_ep_cuda_layer_create";
+    a.status = status;
+    a.facts = facts;
+    a.fact_count = 1;
+    a.facts_name = "GPU parameters (dtype, a2a_layout, direct, max_tokens, expert_fn, router_weight, TP size)";
+    a.on_peer_failure = MOE_EP_ERROR_RANK_MISMATCH;
+    a.allocator = d->allocator;
+    res = moe_ep_agree(d->transport, &a, err, sizeof err);
+    if (d->tp_transport && d->tp_transport->world_size > 1 && d->tp_transport->exchange_counts) {
+        a.status = res;
+        a.facts = facts + 1;
+        a.facts_name = "layer (shapes, GPU parameters) on its tensor-parallel group";
+        a.on_peer_failure = MOE_EP_ERROR_ABORTED;
+        res = moe_ep_agree(d->tp_transport, &a, res == status ? err : NULL, sizeof err);
+    }
+    if (res != status && d->logger.func) d->logger.func("moe_ep_cuda", 1, d->transport->rank, err, d->logger.user_data);
+    return res;
+}
+
+/* create, step 2: the layer struct. The shape and the sizes derived from it are filled in
+   by moe_ep__cuda_layer_shape, once the core has resolved it. */
+MOE_EP_PRIVATE moe_ep_result moe_ep__cuda_layer_alloc(const moe_ep_cuda_layer_desc* d, moe_ep_cuda_layer** out) {
+    moe_ep_cuda_layer* L = (moe_ep_cuda_layer*)moe_ep_alloc(&d->allocator, sizeof *L);
+    int device = 0;
+    if (!L) return MOE_EP_ERROR_OUT_OF_MEMORY;
+    memset(L, 0, sizeof *L);
+    if (cudaGetDevice(&device) != cudaSuccess) (void)cudaGetLastError();
+    L->desc = *d;
+    L->desc.transport = NULL;
+    L->desc.tp_transport = NULL;
+    L->transport = *d->transport;
+    L->device = device;
+    L->stream = d->stream;
+    L->rank = d->transport->rank;
+    L->world_size = d->transport->world_size;
+    L->dtype = d->dtype;
+    L->elem = d->dtype == MOE_EP_CUDA_DTYPE_BF16 ? 2 : 4;
+    L->tp_size = 1;
+    if (d->tp_transport && d->tp_transport->world_size > 1) {
+        L->tp = *d->tp_transport;
+        L->tp_rank = L->tp.rank;
+        L->tp_size = L->tp.world_size;
+        L->partial_f32 = L->dtype == MOE_EP_CUDA_DTYPE_BF16;
+        L->tp_rows = (int64_t*)moe_ep_alloc(&d->allocator, sizeof(int64_t) * 4 * (size_t)L->tp_size);
+        if (!L->tp_rows) {
+            moe_ep_free(&d->allocator, L);
+            return MOE_EP_ERROR_OUT_OF_MEMORY;
+        }
+    }
+    *out = L;
+    return MOE_EP_OK;
+}
+
+/* create, step 4: the shape the core resolved, this rank's d_ff slice and the sizes. */
+MOE_EP_PRIVATE void moe_ep__cuda_layer_shape(moe_ep_cuda_layer* L) {
+    moe_ep_desc core = moe_ep_query(L->core);
+    L->desc.top_k = core.top_k;
+    L->desc.activation = core.activation;
+    L->desc.scoring = core.scoring;
+    L->desc.placement = core.placement;
+    L->d_model = core.d_model;
+    L->d_ff_full = L->d_ff = core.d_ff;
+    L->num_experts = core.num_experts;
+    L->top_k = core.top_k;
+    L->activation = core.activation;
+    if (L->tp_size > 1) {
+        /* rank t of T holds d_ff rows [t*F/T, (t+1)*F/T) */
+        L->ff_begin = (int)((int64_t)L->d_ff_full * L->tp_rank / L->tp_size);
+        L->d_ff = (int)((int64_t)L->d_ff_full * (L->tp_rank + 1) / L->tp_size) - L->ff_begin;
+    }
+    L->up_rows = L->activation == MOE_EP_ACTIVATION_SWIGLU ? 2 * L->d_ff : L->d_ff;
+    L->row_bytes = (size_t)L->d_model * L->elem;
+}
+
+/* build, step 1: the placement tables the plan kernels need, and this rank's experts checked. */
+MOE_EP_PRIVATE moe_ep_result moe_ep__cuda_build_placement(moe_ep_cuda_layer* L) {
+    const moe_ep_cuda_layer_desc* d = &L->desc;
+    const moe_ep_allocator* a = &d->allocator;
+    int e, l, f = 0, rank = L->rank, swiglu = L->activation == MOE_EP_ACTIVATION_SWIGLU;
+    L->local_experts = moe_ep_rank_expert_count(L->core, L->rank);
+    for (e = 0, L->segments = 1; e < L->world_size; ++e)   /* a plan's segments: the most experts a rank holds */
+        if (moe_ep_rank_expert_count(L->core, e) > L->segments) L->segments = moe_ep_rank_expert_count(L->core, e);
+    L->owner_of = (int*)moe_ep_alloc(a, sizeof(int) * (size_t)L->num_experts);
+    L->local_index_of = (int*)moe_ep_alloc(a, sizeof(int) * (size_t)L->num_experts);
+    L->local_ids = (int*)moe_ep_alloc(a, sizeof(int) * (size_t)(L->local_experts > 0 ? L->local_experts : 1));
+    if (!L->owner_of || !L->local_index_of || !L->local_ids)
+        return moe_ep__cuda_fail(L, MOE_EP_ERROR_OUT_OF_MEMORY, "moe_ep_cuda_layer_create: out of memory");
+    for (e = 0; e < L->num_experts; ++e) {
+        L->owner_of[e] = moe_ep_expert_owner(L->core, e);
+        L->local_index_of[e] = moe_ep_expert_local_index(L->core, e);
+    }
+    moe_ep_rank_experts(L->core, L->rank, L->local_ids, L->local_experts);
+    if (d->expert_fn || L->local_experts == 0) return MOE_EP_OK;
+    moe_ep__cuda_check(d, rank, &f, d->experts != NULL,
+                       "moe_ep_cuda_layer_desc.experts must hold this rank's %d experts (or set expert_fn)",
+                       L->local_experts);
+    for (l = 0; d->experts && l < L->local_experts; ++l)
+        moe_ep__cuda_check(d, rank, &f, d->experts[l].w1 && d->experts[l].w2 && (!swiglu || d->experts[l].w3),
+                           "moe_ep_cuda_layer_desc.experts[%d]: w1, w2%s must not be NULL", l, swiglu ? " and w3" : "");
+    return f ? MOE_EP_ERROR_INVALID_ARGUMENT : MOE_EP_OK;
+}
+
+/* build, step 2: the cuBLAS handle on the layer stream and, for grouped GEMMs, the host
+   arrays per group and the device arrays of pointers filled per call. */
+MOE_EP_PRIVATE moe_ep_result moe_ep__cuda_build_blas(moe_ep_cuda_layer* L) {
+    const moe_ep_cuda_layer_desc* d = &L->desc;
+    const moe_ep_allocator* a = &d->allocator;
+    size_t n = (size_t)L->local_experts;
+    int l;
+    moe_ep_result res = moe_ep__cuda_blas(L, cublasCreate(&L->blas), "cublasCreate");
+    if (res == MOE_EP_OK) res = moe_ep__cuda_blas(L, cublasSetStream(L->blas, L->stream), "cublasSetStream");
+    /* fp32 stays fp32: no TF32 tensor-op math */
+    if (res == MOE_EP_OK) res = moe_ep__cuda_blas(L, cublasSetMathMode(L->blas, CUBLAS_DEFAULT_MATH), "cublasSetMathMode");
+    if (res != MOE_EP_OK) return res;
+    /* bf16 with TP: the down projections write fp32 partial sums, which grouped GEMMs
+       (one type for A, B and C) cannot */
+    L->grouped = d->expert_fn || n == 0 || d->expert_gemm == MOE_EP_CUDA_EXPERT_GEMM_LOOP || L->partial_f32 ? 0
+                 : d->expert_gemm == MOE_EP_CUDA_EXPERT_GEMM_GROUPED ? 1 : 2;
+    if (!L->grouped) return MOE_EP_OK;
+    L->group_ints = (int*)moe_ep_alloc(a, sizeof(int) * 9 * n);
+    L->group_scalars = (float*)moe_ep_alloc(a, sizeof(float) * 2 * n);
+    L->group_ops = (cublasOperation_t*)moe_ep_alloc(a, sizeof(cublasOperation_t) * 2 * n);
+    if (!L->group_ints || !L->group_scalars || !L->group_ops)
+        return moe_ep__cuda_fail(L, MOE_EP_ERROR_OUT_OF_MEMORY, "moe_ep_cuda_layer_create: out of memory");
+    for (l = 0; l < L->local_experts; ++l) {
+        L->group_ints[8 * n + l] = 1;
+        L->group_scalars[l] = 1.0f;
+        L->group_scalars[n + l] = 0.0f;
+        L->group_ops[l] = CUBLAS_OP_T;
+        L->group_ops[n + l] = CUBLAS_OP_N;
+    }
+    res = moe_ep__cuda_cuda(L, cudaMallocHost((void**)&L->ptrs_host, sizeof(void*) * 6 * n), "expert GEMM arrays");
+    if (res == MOE_EP_OK) res = moe_ep__cuda_cuda(L, cudaMalloc((void**)&L->ptrs_dev, sizeof(void*) * 6 * n), "expert GEMM arrays");
+    if (res == MOE_EP_OK)
+        res = moe_ep__cuda_cuda(L, cudaEventCreateWithFlags(&L->ptrs_uploaded, cudaEventDisableTiming), "expert GEMM arrays");
+    return res;
+}
+
+/* build, step 3: the router and this rank's expert weights copied to the device; with TP
+   only this rank's slice: w1, w3 rows [ff_begin, ff_begin + d_ff), w2 those columns. */
+MOE_EP_PRIVATE moe_ep_result moe_ep__cuda_build_weights(moe_ep_cuda_layer* L) {
+    const moe_ep_cuda_layer_desc* d = &L->desc;
+    size_t up_each = (size_t)L->up_rows * L->row_bytes, down_each = (size_t)L->d_ff * L->row_bytes;
+    size_t half = (size_t)L->d_ff * L->row_bytes, skip = (size_t)L->ff_begin * L->row_bytes;
+    moe_ep_result res = MOE_EP_OK;
+    int l;
+    if (d->router_weight) {
+        size_t bytes = (size_t)L->num_experts * L->row_bytes;
+        res = moe_ep__cuda_cuda(L, cudaMalloc(&L->router, bytes), "router weights");
+        if (res == MOE_EP_OK)
+            res = moe_ep__cuda_cuda(L, cudaMemcpyAsync(L->router, d->router_weight, bytes, cudaMemcpyDefault, L->stream),
+                                    "copying the router weights");
+    }
+    if (res != MOE_EP_OK || d->expert_fn || L->local_experts == 0) return res;
+    res = moe_ep__cuda_cuda(L, cudaMalloc(&L->w_up, up_each * (size_t)L->local_experts), "expert weights");
+    if (res == MOE_EP_OK) res = moe_ep__cuda_cuda(L, cudaMalloc(&L->w_down, down_each * (size_t)L->local_experts), "expert weights");
+    for (l = 0; res == MOE_EP_OK && l < L->local_experts; ++l) {
+        char* up = (char*)L->w_up + up_each * (size_t)l;
+        res = moe_ep__cuda_cuda(L, cudaMemcpyAsync(up, (const char*)d->experts[l].w1 + skip, half, cudaMemcpyDefault,
+                                                   L->stream), "copying expert weights");
+        if (res == MOE_EP_OK && L->activation == MOE_EP_ACTIVATION_SWIGLU)
+            res = moe_ep__cuda_cuda(L, cudaMemcpyAsync(up + half, (const char*)d->experts[l].w3 + skip, half,
+                                                       cudaMemcpyDefault, L->stream), "copying expert weights");
+        if (res == MOE_EP_OK)
+            res = moe_ep__cuda_cuda(L, cudaMemcpy2DAsync((char*)L->w_down + down_each * (size_t)l, (size_t)L->d_ff * L->elem,
+                                                         (const char*)d->experts[l].w2 + (size_t)L->ff_begin * L->elem,
+                                                         (size_t)L->d_ff_full * L->elem, (size_t)L->d_ff * L->elem,
+                                                         (size_t)L->d_model, cudaMemcpyDefault, L->stream),
+                                    "copying expert weights");
+    }
+    return res;
+}
+
+/* create, step 5: the device state of a layer whose core context exists. */
+MOE_EP_PRIVATE moe_ep_result moe_ep__cuda_build(moe_ep_cuda_layer* L) {
+    moe_ep_result res;
+    moe_ep__cuda_layer_shape(L);
+    res = moe_ep__cuda_build_placement(L);
+    if (res == MOE_EP_OK) res = moe_ep__cuda_build_blas(L);
+    if (res == MOE_EP_OK) res = moe_ep__cuda_build_weights(L);
+    if (res == MOE_EP_OK) res = moe_ep__cuda_reserve_all(L);
+    if (res == MOE_EP_OK) res = moe_ep__cuda_cuda(L, cudaStreamSynchronize(L->stream), "copying the weights");
+    return res;
+}
+
+MOE_EP_API moe_ep_result moe_ep_cuda_layer_create(const moe_ep_cuda_layer_desc* desc, moe_ep_cuda_layer** out) {
+    moe_ep_cuda_layer_desc d;
+    moe_ep_cuda_layer* L = NULL;
+    moe_ep_desc core;
+    moe_ep_result res;
+    if (!desc || !out) return MOE_EP_ERROR_INVALID_ARGUMENT;
+    /* without an exchange there is nobody to tell: fail locally */
+    if (!desc->transport || !desc->transport->exchange_counts || desc->transport->world_size <= 0) {
+        if (desc->logger.func)
+            desc->logger.func("moe_ep_cuda", 1, desc->transport ? desc->transport->rank : -1,
+                              "moe_ep_cuda_layer_desc.transport must be a transport with exchange_counts "
+                              "that moves device memory", desc->logger.user_data);
+        return MOE_EP_ERROR_INVALID_ARGUMENT;
+    }
+    /* 1. defaults and the rank-local rules */
+    d = moe_ep__cuda_desc_defaults(desc);
+    res = moe_ep__cuda_validate(&d) ? MOE_EP_ERROR_INVALID_ARGUMENT : MOE_EP_OK;
+    /* half an allocator is refused above; never allocate with one half and free with the other */
+    if ((d.allocator.alloc_fn == NULL) != (d.allocator.free_fn == NULL)) memset(&d.allocator, 0, sizeof d.allocator);
+    /* 2. the layer */
+    if (res == MOE_EP_OK) res = moe_ep__cuda_layer_alloc(&d, &L);
+    /* 3. the same verdict and GPU parameters on every rank of the replica */
+    res = moe_ep__cuda_create_agree(&d, res);
+    if (res != MOE_EP_OK) {
+        if (L) moe_ep__cuda_layer_free(L);
+        return res;
+    }
+    /* 4. the core context (its own agreement) plans for the EP group */
+    core = moe_ep__cuda_core_desc(L, &d);
+    res = moe_ep_create(&core, &L->core);
+    /* 5. device state */
+    if (res == MOE_EP_OK) res = moe_ep__cuda_build(L);
+    /* 6. the direct path, collective over the EP group whatever happened above */
+    if (L->world_size > 1 && L->desc.max_tokens > 0 && L->desc.direct != MOE_EP_CUDA_DIRECT_OFF)
+        res = moe_ep__cuda_direct_setup(L, res);
+    /* 7. agree again (any rank can run out of memory), over the EP and the TP group */
+    res = moe_ep__cuda_verdict(L, res, "moe_ep_cuda_layer_create");
+    if (res != MOE_EP_OK) {
+        moe_ep__cuda_layer_free(L);
+        return res;
+    }
+    *out = L;
+    return MOE_EP_OK;
+}
+
+MOE_EP_API void moe_ep_cuda_layer_destroy(moe_ep_cuda_layer* layer) {
+    if (layer) moe_ep__cuda_layer_free(layer);
+}
+
+MOE_EP_API moe_ep_context* moe_ep_cuda_layer_context(moe_ep_cuda_layer* layer) { return layer ? layer->core : NULL; }
+MOE_EP_API const char* moe_ep_cuda_layer_last_error(const moe_ep_cuda_layer* layer) { return layer ? layer->last_error : ""; }
+MOE_EP_API cudaStream_t moe_ep_cuda_layer_stream(const moe_ep_cuda_layer* layer) { return layer ? layer->stream : 0; }
+MOE_EP_API int moe_ep_cuda_layer_direct(const moe_ep_cuda_layer* layer) { return layer ? layer->direct : 0; }
+
+MOE_EP_API void moe_ep_cuda_layer_rows(moe_ep_cuda_layer* layer, void** recv, void** out, int64_t* rows) {
+    int full = layer && layer->desc.max_tokens > 0;
+    if (recv) *recv = full ? layer->recv : NULL;
+    if (out) *out = full ? layer->out : NULL;
+    if (rows) *rows = !full ? 0 : layer->direct ? layer->region_rows : (int64_t)(layer->recv_bytes / layer->row_bytes);
+}
+
+MOE_EP_PRIVATE moe_ep_result moe_ep__cuda_enter(moe_ep_cuda_layer* L) {
+    moe_ep_result res = moe_ep__cuda_direct_check(L);
+    if (res != MOE_EP_OK) return res;
+    if (L->broken)
+        return moe_ep__cuda_fail(L, MOE_EP_ERROR_ABORTED, "moe_ep_cuda: an earlier wait timed out and aborted the transport");
+    return moe_ep__cuda_cuda(L, cudaSetDevice(L->device), "cudaSetDevice");
+}
+
+/* >>gpu layer: router */
+MOE_EP_API moe_ep_result moe_ep_cuda_route(moe_ep_cuda_layer* L, const void* x, int64_t tokens, int32_t* topk_idx,
+                                           float* topk_weight) {
+    moe_ep_result res;
+    size_t slots, idx_bytes;
+    int32_t* idx_dev;
+    float* weight_dev;
+    if (!L) return MOE_EP_ERROR_INVALID_ARGUMENT;
+    res = moe_ep__cuda_enter(L);
+    if (res != MOE_EP_OK) return res;
+    if (!L->router)
+        return moe_ep__cuda_fail(L, MOE_EP_ERROR_INVALID_ARGUMENT,
+                                 "moe_ep_cuda_route: the layer has no router_weight: hand in routing instead");
+    if (tokens < 0) return moe_ep__cuda_fail(L, MOE_EP_ERROR_INVALID_ARGUMENT, "moe_ep_cuda_route: tokens (%lld) must be >= 0",
+                                             (long long)tokens);
+    if (tokens == 0) return MOE_EP_OK;
+    if (!x || !topk_idx || !topk_weight)
+        return moe_ep__cuda_fail(L, MOE_EP_ERROR_INVALID_ARGUMENT,
+                                 "moe_ep_cuda_route: x, topk_idx and topk_weight must not be NULL when tokens > 0");
+    if (L->desc.max_tokens > 0 && tokens > L->desc.max_tokens)
+        return moe_ep__cuda_fail(L, MOE_EP_ERROR_INVALID_ARGUMENT, "moe_ep_cuda_route: tokens (%lld) must be <= max_tokens (%lld)",
+                                 (long long)tokens, (long long)L->desc.max_tokens);
+    res = moe_ep__cuda_reserve_router(L, tokens);
+    if (res != MOE_EP_OK) return res;
+    slots = (size_t)tokens * (size_t)L->top_k;
+    idx_bytes = moe_ep__cuda_round16(slots * sizeof(int32_t));
+    idx_dev = (int32_t*)L->topk_dev;
+    weight_dev = (float*)((char*)L->topk_dev + idx_bytes);
+    res = moe_ep__cuda_linear(L, L->blas, L->router, L->num_experts, L->d_model, x, L->d_model, tokens, L->logits, L->num_experts, CUDA_R_32F, "router logits");
+    if (res != MOE_EP_OK) return res;
+    res = moe_ep__cuda_cuda(L, (cudaError_t)moe_ep__cuda_k_topk((const float*)L->logits, tokens, L->num_experts, L->top_k,
+                                                                L->desc.normalize_topk, idx_dev, weight_dev, L->stream),
+                            "router top-k kernel");
+    if (res == MOE_EP_OK)
+        res = moe_ep__cuda_cuda(L, cudaMemcpyAsync(L->topk_host, L->topk_dev, idx_bytes + slots * sizeof(float),
+                                                   cudaMemcpyDeviceToHost, L->stream), "router download");
+    if (res != MOE_EP_OK) return res;
+    res = moe_ep__cuda_wait(L, "moe_ep_cuda_route");
+    if (res != MOE_EP_OK) return res;
+    memcpy(topk_idx, L->topk_host, slots * sizeof(int32_t));
+    memcpy(topk_weight, (char*)L->topk_host + idx_bytes, slots * sizeof(float));
+    return MOE_EP_OK;
+}
+
+/* >>gpu layer: plan */
+MOE_EP_PRIVATE int64_t moe_ep__cuda_routing_hash(const int32_t* idx, const float* weight, int64_t slots) {
+    uint64_t h = MOE_EP_HASH_SEED;
+    if (idx && slots > 0) h = moe_ep_hash(h, idx, sizeof(int32_t) * (size_t)slots);
+    if (weight && slots > 0) h = moe_ep_hash(h, weight, sizeof(float) * (size_t)slots);
+    return (int64_t)(h & 0x7FFFFFFFFFFFFFFFull);
+}
+
+/* Keeps one set of plan buffers for the next plan, preferring the full-size set. Plans
+   are created and destroyed collectively, so every rank makes the same choice. */
+MOE_EP_PRIVATE void moe_ep__cuda_release_buffers(moe_ep_cuda_layer* L, moe_ep__cuda_buffers* b) {
+    if (!L->has_spare || (b->full && !L->spare.full)) {
+        moe_ep__cuda_buffers old = L->spare;
+        int had = L->has_spare;
+        L->spare = *b;
+        L->has_spare = 1;
+        if (!had) return;
+        *b = old;
+    }
+    cudaStreamSynchronize(L->stream);   /* the GPU may still read them */
+    moe_ep__cuda_free_buffers(b);
+}
+
+/* Uploads the core plan's slot rows, the routing and a few small tables in one copy; two
+   kernels then build where each (token, slot) row lives (the slot map) and, staged,
+   where each staged row goes. The host only copies arrays, never walks the slots. */
+MOE_EP_PRIVATE moe_ep_result moe_ep__cuda_upload_plan(moe_ep_cuda_layer* L, moe_ep_cuda_plan* P, const int32_t* idx) {
+    const moe_ep_plan_info* in = &P->info;
+    int64_t slots = in->tokens * L->top_k;
+    int S = in->segments, me = L->rank, q, s, e, chunks = 0;
+    moe_ep__cuda_meta m = moe_ep__cuda_meta_layout(L, slots, P->remote_rows);
+    char* host = (char*)P->bufs.meta_host;
+    char* dev = (char*)P->bufs.meta;
+    int32_t* owner_local = (int32_t*)(host + m.owner);
+    int64_t* shift = (int64_t*)(host + m.shift);
+    int64_t* chunk_start = (int64_t*)(host + m.chunk_start);
+    int64_t* chunk_dest = (int64_t*)(host + m.chunk_dest);
+    moe_ep_result res;
+    if (S != L->segments) return moe_ep__cuda_fail(L, MOE_EP_ERROR_INTERNAL, "plan has %d segments, expected %d", S, L->segments);
+    if (P->bufs.uploaded) {
+        res = moe_ep__cuda_cuda(L, cudaEventSynchronize(P->bufs.uploaded), "plan upload");
+        if (res != MOE_EP_OK) return res;
+    } else {
+        res = moe_ep__cuda_cuda(L, cudaEventCreateWithFlags(&P->bufs.uploaded, cudaEventDisableTiming), "plan upload");
+        if (res != MOE_EP_OK) return res;
+    }
+    if (slots > 0) {
+        memcpy(host + m.rows, in->slot_rows, (size_t)slots * 8);
+        memcpy(host + m.idx, idx, (size_t)slots * 4);
+        memcpy(host + m.weight, in->topk_weight, (size_t)slots * 4);
+    }
+    for (e = 0; e < L->num_experts; ++e) owner_local[e] = L->owner_of[e] == me ? L->local_index_of[e] : -1;
+    if (L->direct) {
+        memcpy(host + m.send_off, in->seg_send_offsets, sizeof(int64_t) * (size_t)L->world_size * (size_t)S);
+        memcpy(host + m.table, in->seg_recv_offsets, sizeof(int64_t) * (size_t)L->world_size * (size_t)S);
+    }
+    for (s = 0; s < S; ++s) shift[s] = in->seg_recv_offsets[me * S + s] - in->seg_send_offsets[me * S + s];
+    chunk_start[0] = 0;
+    for (q = 0; q < L->world_size; ++q) {
+        if (q == me) continue;
+        for (s = 0; s < S; ++s, ++chunks) {
+            chunk_dest[chunks] = in->seg_recv_offsets[q * S + s];
+            chunk_start[chunks + 1] = chunk_start[chunks] + in->seg_recv_counts[q * S + s];
+        }
+    }
+    P->slot_map = (int32_t*)(dev + m.map);
+    P->weight = (float*)(dev + m.weight);
+    P->stage_map = (int32_t*)(dev + m.stage);
+    P->dest = (int64_t*)(dev + m.dest);
+    res = moe_ep__cuda_cuda(L, cudaMemcpyAsync(dev, host, m.upload, cudaMemcpyHostToDevice, L->stream), "plan upload");
+    if (res == MOE_EP_OK) res = moe_ep__cuda_cuda(L, cudaEventRecord(P->bufs.uploaded, L->stream), "plan upload");
+    if (res == MOE_EP_OK)
+        res = moe_ep__cuda_cuda(L, (cudaError_t)moe_ep__cuda_k_slot_map((const int64_t*)(dev + m.rows),
+                                                                        (const int32_t*)(dev + m.idx),
+                                                                        (const int32_t*)(dev + m.owner),
+                                                                        (const int64_t*)(dev + m.shift), slots,
+                                                                        P->slot_map, L->stream), "slot map kernel");
+    if (res == MOE_EP_OK && L->direct) {
+        /* publish this rank's receive offsets, then learn where each slot's row goes */
+        uint64_t epoch = ++L->plan_epoch;
+        res = moe_ep__cuda_kernel(L, moe_ep__cuda_k_direct_publish(L->g, (const int64_t*)(dev + m.table),
+                                                                   (int64_t)L->world_size * S, epoch, L->stream),
+                                  "direct publish kernel");
+        if (res == MOE_EP_OK)
+            res = moe_ep__cuda_kernel(L, moe_ep__cuda_k_direct_resolve(L->g, P->slot_map, (const int32_t*)(dev + m.idx),
+                                                                       L->expert_at, L->num_experts,
+                                                                       (const int64_t*)(dev + m.send_off), S, slots,
+                                                                       P->dest, epoch, L->stream),
+                                      "direct resolve kernel");
+        return res;
+    }
+    if (res == MOE_EP_OK && L->desc.a2a_layout == MOE_EP_CUDA_A2A_STAGED)
+        res = moe_ep__cuda_cuda(L, (cudaError_t)moe_ep__cuda_k_stage_map((const int64_t*)(dev + m.chunk_start),
+                                                                         (const int64_t*)(dev + m.chunk_dest), chunks,
+                                                                         P->remote_rows, P->stage_map, L->stream),
+                                "stage map kernel");
+    return res;
+}
+
+/* forward: also size the forward's own expert-side buffers. With full-size buffers at
+   hand nothing after the count exchange can fail, so no further agreement is needed;
+   otherwise buffers are sized and then every rank agrees. */
+MOE_EP_PRIVATE moe_ep_result moe_ep__cuda_plan_build(moe_ep_cuda_layer* L, int64_t tokens, const int32_t* idx,
+                                                     const float* weight, moe_ep_result status, int forward,
+                                                     moe_ep_cuda_plan** out) {
+    moe_ep_cuda_plan* P = NULL;
+    moe_ep_plan* core = NULL;
+    moe_ep_result res;
+    int reserved = L->has_spare && L->spare.full;
+    if (status == MOE_EP_OK && L->desc.max_tokens > 0 && tokens > L->desc.max_tokens)
+        status = moe_ep__cuda_fail(L, MOE_EP_ERROR_INVALID_ARGUMENT, "tokens (%lld) must be <= max_tokens (%lld)",
+                                   (long long)tokens, (long long)L->desc.max_tokens);
+    if (status == MOE_EP_OK) {
+        P = (moe_ep_cuda_plan*)moe_ep_alloc(&L->desc.allocator, sizeof *P + sizeof(int64_t) * 4 *
+                                            (size_t)L->world_size * (size_t)L->segments);
+        if (!P) status = moe_ep__cuda_fail(L, MOE_EP_ERROR_OUT_OF_MEMORY, "moe_ep_cuda_plan_create: out of memory");
+    }
+    if (L->tp_size > 1) {
+        /* First over the TP group, whose ranks must hand in the same tokens and routing:
+           then they receive the same rows, and the EP exchange below takes any failure
+           to every rank of the replica. */
+        int64_t facts[2];
+        moe_ep_agree_desc a;
+        facts[0] = tokens;
+        facts[1] = status == MOE_EP_OK ? moe_ep__cuda_routing_hash(idx, weight, tokens * L->top_k) : 0;
+        memset(&a, 0, sizeof a);
+        a.stage = "moe_ep_cuda_plan_create";
+        a.status = status;
+        a.facts = facts;
+        a.fact_count = 2;
+        a.facts_name = "tokens or routing (a tensor-parallel group must share both)";
+        a.on_mismatch = MOE_EP_ERROR_INVALID_ARGUMENT;
+        status = moe_ep__cuda_agree(L, &L->tp, &a);
+    }
+    if (status != MOE_EP_OK) {
+        /* take part in the count exchange with an invalid call: every other rank fails too */
+        moe_ep_free(&L->desc.allocator, P);
+        moe_ep_plan_create(L->core, -1, NULL, NULL, &core);
+        return status;
+    }
+    res = moe_ep_plan_create(L->core, tokens, idx, weight, &core);
+    if (res != MOE_EP_OK) {
+        moe_ep_free(&L->desc.allocator, P);
+        return moe_ep__cuda_fail(L, res, "%s", moe_ep_last_error(L->core));
+    }
+    memset(P, 0, sizeof *P);
+    P->a2a_rows = (int64_t*)(P + 1);
+    P->layer = L;
+    P->core = core;
+    P->info = moe_ep_plan_query(core);
+    P->remote_rows = P->info.recv_rows - P->info.recv_counts[L->rank];
+    if (L->has_spare) {
+        P->bufs = L->spare;
+        L->has_spare = 0;
+    }
+    if (!reserved) {
+        if (P->info.send_rows > 0x3FFFFFFF || P->info.recv_rows > 0x3FFFFFFF)
+            status = moe_ep__cuda_fail(L, MOE_EP_ERROR_UNSUPPORTED, "moe_ep_cuda_plan_create: more than 2^30 rows");
+        if (status == MOE_EP_OK)
+            status = moe_ep__cuda_reserve_plan(L, &P->bufs, P->info.tokens * L->top_k, P->info.send_rows, P->remote_rows);
+        if (status == MOE_EP_OK) status = moe_ep__cuda_reserve_experts(L, P->info.recv_rows, forward);
+        status = moe_ep__cuda_verdict(L, status, "moe_ep_cuda_plan_create");
+    }
+    if (status == MOE_EP_OK) status = moe_ep__cuda_upload_plan(L, P, idx);
+    if (status != MOE_EP_OK) {
+        moe_ep__cuda_release_buffers(L, &P->bufs);
+        moe_ep_free(&L->desc.allocator, P);
+        moe_ep_plan_destroy(core);
+        return status;
+    }
+    *out = P;
+    return MOE_EP_OK;
+}
+
+MOE_EP_API moe_ep_result moe_ep_cuda_plan_create(moe_ep_cuda_layer* L, int64_t tokens, const int32_t* topk_idx,
+                                                 const float* topk_weight, moe_ep_cuda_plan** out) {
+    moe_ep_result status = MOE_EP_OK;
+    if (!L) return MOE_EP_ERROR_INVALID_ARGUMENT;
+    status = moe_ep__cuda_enter(L);
+    if (status != MOE_EP_OK) return status;
+    if (!out) status = moe_ep__cuda_fail(L, MOE_EP_ERROR_INVALID_ARGUMENT, "moe_ep_cuda_plan_create: out must not be NULL");
+    else if (tokens < 0)
+        status = moe_ep__cuda_fail(L, MOE_EP_ERROR_INVALID_ARGUMENT, "moe_ep_cuda_plan_create: tokens (%lld) must be >= 0",
+                                   (long long)tokens);
+    return moe_ep__cuda_plan_build(L, tokens, topk_idx, topk_weight, status, 0, out);
+}
+
+MOE_EP_API void moe_ep_cuda_plan_destroy(moe_ep_cuda_plan* P) {
+    moe_ep_cuda_layer* L;
+    if (!P) return;
+    L = P->layer;
+    cudaSetDevice(L->device);
+    if (P->request) {
+        /* an open split-phase exchange: close it and let it finish before its buffers go */
+        char err[MOE_EP__CUDA_ERR] = "";
+        L->transport.all_to_all_v_end(L->transport.impl, P->request, err, sizeof err);
+        P->request = NULL;
+        cudaStreamSynchronize(L->stream);
+    }
+    if (P->xfer) {
+        /* dispatched directly but never combined: free the peers' next dispatch all the same */
+        if (!P->out_sent) moe_ep__cuda_k_direct_signal(L->g, MOE_EP__CUDA_PHASE_OUT, P->xfer, L->stream);
+        if (L->open_plan == P) L->open_plan = NULL;
+    }
+    moe_ep__cuda_release_buffers(L, &P->bufs);
+    moe_ep_plan_destroy(P->core);
+    moe_ep_free(&L->desc.allocator, P);
+}
+
+MOE_EP_API moe_ep_plan_info moe_ep_cuda_plan_query(const moe_ep_cuda_plan* plan) {
+    moe_ep_plan_info info;
+    if (plan) return plan->info;
+    memset(&info, 0, sizeof info);
+    return info;
+}
+
+/* >>gpu layer: exchanges */
+MOE_EP_PRIVATE moe_ep_result moe_ep__cuda_check_stage(moe_ep_cuda_layer* L, moe_ep_cuda_plan* P, const char* stage,
+                                                      int pending_expected) {
+    moe_ep_result res;
+    if (!L) return MOE_EP_ERROR_INVALID_ARGUMENT;
+    res = moe_ep__cuda_enter(L);
+    if (res != MOE_EP_OK) return res;
+    if (!P || P->layer != L)
+        return moe_ep__cuda_fail(L, MOE_EP_ERROR_INVALID_ARGUMENT, "%s: plan is NULL or belongs to another layer", stage);
+    if (P->pending != pending_expected)
+        return moe_ep__cuda_fail(L, MOE_EP_ERROR_INVALID_ARGUMENT, "%s: %s", stage,
+                                 P->pending ? "a split-phase operation on this plan is still open"
+                                            : "no split-phase operation is open on this plan");
+    return MOE_EP_OK;
+}
+
+/* The layer's rows over the network as all-to-all-v arguments (device memory, the layer's
+   stream). forward: the token side sends (dispatch); else the expert side (combine). Own-
+   rank rows never travel: their counts are 0. STAGED: one message per peer into (out of)
+   the staging buffer; SEGMENTED: one per (peer, local expert), straight into place. */
+MOE_EP_PRIVATE void moe_ep__cuda_exchange_args(moe_ep_cuda_layer* L, moe_ep_cuda_plan* P, int forward,
+                                               char* expert_rows) {
+    const moe_ep_plan_info* in = &P->info;
+    int S = in->segments, staged = L->desc.a2a_layout == MOE_EP_CUDA_A2A_STAGED, per = staged ? 1 : S, p, s;
+    int64_t n = (int64_t)L->world_size * per, stage_row = 0;
+    int64_t *token_counts = P->a2a_rows, *token_offsets = token_counts + n;
+    int64_t *expert_counts = token_offsets + n, *expert_offsets = expert_counts + n;
+    moe_ep_a2a_args* a = &P->a2a;
+    for (p = 0; p < L->world_size; ++p)
+        for (s = 0; s < per; ++s) {
+            int64_t i = (int64_t)p * per + s, seg = (int64_t)p * S + s;
+            int mine = p == L->rank;
+            token_counts[i] = mine ? 0 : staged ? in->send_counts[p] : in->seg_send_counts[seg];
+            token_offsets[i] = in->seg_send_offsets[seg];
+            expert_counts[i] = mine ? 0 : staged ? in->recv_counts[p] : in->seg_recv_counts[seg];
+            expert_offsets[i] = staged ? stage_row : in->seg_recv_offsets[seg];
+            stage_row += expert_counts[i];
+        }
+    memset(a, 0, sizeof *a);
+    a->row_bytes = L->row_bytes;
+    a->segments = per;
+    a->memory_space = MOE_EP_MEMORY_DEVICE;
+    a->stream = (void*)L->stream;
+    if (staged) expert_rows = (char*)P->bufs.stage;
+    a->send = forward ? P->bufs.send : (const void*)expert_rows;
+    a->recv = forward ? (void*)expert_rows : P->bufs.send;
+    a->send_counts = forward ? token_counts : expert_counts;
+    a->send_offsets = forward ? token_offsets : expert_offsets;
+    a->recv_counts = forward ? expert_counts : token_counts;
+    a->recv_offsets = forward ? expert_offsets : token_offsets;
+}
+
+/* Starts the exchange through the transport's split-phase form (or its blocking one, when
+   it has none); the layer stream is free for local work until moe_ep__cuda_finish. */
+MOE_EP_PRIVATE moe_ep_result moe_ep__cuda_start(moe_ep_cuda_layer* L, moe_ep_cuda_plan* P, int forward,
+                                                char* expert_rows) {
+    char err[MOE_EP__CUDA_ERR] = "";
+    const moe_ep_transport* t = &L->transport;
+    moe_ep_result res;
+    if (L->world_size == 1) return MOE_EP_OK;
+    moe_ep__cuda_exchange_args(L, P, forward, expert_rows);
+    res = t->all_to_all_v_begin ? t->all_to_all_v_begin(t->impl, &P->a2a, &P->request, err, sizeof err)
+                                : t->all_to_all_v(t->impl, &P->a2a, err, sizeof err);
+    if (res != MOE_EP_OK) {
+        P->request = NULL;
+        return moe_ep__cuda_net_fail(L, res, forward ? "moe_ep_cuda_dispatch" : "moe_ep_cuda_combine", err);
+    }
+    return MOE_EP_OK;
+}
+
+MOE_EP_PRIVATE moe_ep_result moe_ep__cuda_finish(moe_ep_cuda_layer* L, moe_ep_cuda_plan* P) {
+    char err[MOE_EP__CUDA_ERR] = "";
+    moe_ep_result res;
+    void* request = P->request;
+    if (!request) return MOE_EP_OK;
+    P->request = NULL;
+    res = L->transport.all_to_all_v_end(L->transport.impl, request, err, sizeof err);
+    if (res != MOE_EP_OK) return moe_ep__cuda_net_fail(L, res, "split-phase exchange", err);
+    return MOE_EP_OK;
+}
+
+/* >>gpu layer: dispatch */
+/* Rows for the network are gathered first; the exchange then runs on the side stream
+   while the rows that stay on this rank are gathered beside it. */
+MOE_EP_PRIVATE moe_ep_result moe_ep__cuda_dispatch_begin(moe_ep_cuda_layer* L, moe_ep_cuda_plan* P, const void* x,
+                                                         void* recv_rows) {
+    moe_ep_result res = moe_ep__cuda_check_stage(L, P, "moe_ep_cuda_dispatch", 0);
+    int alone = L->world_size == 1;
+    if (res != MOE_EP_OK) return res;
+    if ((P->info.tokens > 0 && !x) || (P->info.recv_rows > 0 && !recv_rows))
+        return moe_ep__cuda_fail(L, MOE_EP_ERROR_INVALID_ARGUMENT, "moe_ep_cuda_dispatch: x and recv_rows must not be NULL");
+    if (L->direct) {
+        /* one store per row into its owner's region; the wait is in dispatch_end */
+        uint64_t epoch;
+        if (L->open_plan)
+            return moe_ep__cuda_fail(L, MOE_EP_ERROR_INVALID_ARGUMENT,
+                                     "moe_ep_cuda_dispatch: the plan dispatched before must be combined first "
+                                     "(the direct path has one set of buffers)");
+        epoch = L->xfer_epoch + 1;
+        res = moe_ep__cuda_kernel(L, moe_ep__cuda_k_direct_push(L->g, x, P->dest, P->info.tokens, L->top_k, L->row_bytes,
+                                                                epoch, L->stream), "direct push kernel");
+        if (res != MOE_EP_OK) return res;
+        L->xfer_epoch = epoch;
+        L->open_plan = P;
+        P->xfer = epoch;
+        P->out_sent = 0;
+        P->pending = 1;
+        P->open_rows = recv_rows;
+        return MOE_EP_OK;
+    }
+    res = moe_ep__cuda_cuda(L, (cudaError_t)moe_ep__cuda_k_permute(x, P->bufs.send, recv_rows, P->slot_map, P->info.tokens,
+                                                                   L->top_k, L->row_bytes, alone ? 3 : 1, L->stream),
+                            "permute kernel");
+    if (res == MOE_EP_OK && !alone) res = moe_ep__cuda_start(L, P, 1, (char*)recv_rows);
+    if (res == MOE_EP_OK && !alone)
+        res = moe_ep__cuda_cuda(L, (cudaError_t)moe_ep__cuda_k_permute(x, P->bufs.send, recv_rows, P->slot_map,
+                                                                       P->info.tokens, L->top_k, L->row_bytes, 2, L->stream),
+                                "permute kernel");
+    if (res != MOE_EP_OK) return res;
+    P->pending = 1;
+    P->open_rows = recv_rows;
+    return MOE_EP_OK;
+}
+
+MOE_EP_API moe_ep_result moe_ep_cuda_dispatch_end(moe_ep_cuda_layer* L, moe_ep_cuda_plan* P) {
+    moe_ep_result res = moe_ep__cuda_check_stage(L, P, "moe_ep_cuda_dispatch_end", 1);
+    if (res != MOE_EP_OK) return res;
+    P->pending = 0;
+    if (P->xfer) {
+        res = moe_ep__cuda_kernel(L, moe_ep__cuda_k_direct_wait(L->g, MOE_EP__CUDA_PHASE_DATA, P->xfer, L->stream),
+                                  "direct wait kernel");
+        if (res == MOE_EP_OK && P->open_rows != L->recv && P->info.recv_rows > 0)
+            res = moe_ep__cuda_cuda(L, cudaMemcpyAsync(P->open_rows, L->recv, (size_t)P->info.recv_rows * L->row_bytes,
+                                                       cudaMemcpyDeviceToDevice, L->stream), "moe_ep_cuda_dispatch");
+        return res;
+    }
+    res = moe_ep__cuda_finish(L, P);
+    if (res == MOE_EP_OK && L->desc.a2a_layout == MOE_EP_CUDA_A2A_STAGED)
+        res = moe_ep__cuda_cuda(L, (cudaError_t)moe_ep__cuda_k_move_rows(P->bufs.stage, P->open_rows, P->stage_map,
+                                                                         P->remote_rows, L->row_bytes, 1, L->stream),
+                                "regroup kernel");
+    return res;
+}
+
+MOE_EP_API moe_ep_result moe_ep_cuda_dispatch_begin(moe_ep_cuda_layer* L, moe_ep_cuda_plan* P, const void* x,
+                                                    void* recv_rows) {
+    return moe_ep__cuda_dispatch_begin(L, P, x, recv_rows);
+}
+
+MOE_EP_API moe_ep_result moe_ep_cuda_dispatch(moe_ep_cuda_layer* L, moe_ep_cuda_plan* P, const void* x, void* recv_rows) {
+    moe_ep_result res = moe_ep__cuda_dispatch_begin(L, P, x, recv_rows);
+    if (res != MOE_EP_OK) return res;
+    return moe_ep_cuda_dispatch_end(L, P);
+}
+
+/* >>gpu layer: experts */
+/* All experts' up projections in one grouped GEMM (one group per non-empty expert), one
+   activation pass, all down projections in another. MOE_EP_ERROR_UNSUPPORTED when this
+   cuBLAS refuses the types, before anything is queued. */
+MOE_EP_PRIVATE moe_ep_result moe_ep__cuda_grouped_experts(moe_ep_cuda_layer* L, moe_ep_cuda_plan* P, const void* rows,
+                                                          void* out) {
+    size_t rb = L->row_bytes, hb = (size_t)L->up_rows * L->elem;
+    int* m = L->group_ints;
+    int *n = m + L->local_experts, *k = m + 2 * L->local_experts, *lda = m + 3 * L->local_experts, *ldb = m + 4 * L->local_experts, *ldc = m + 5 * L->local_experts;
+    int* sizes = m + 8 * L->local_experts;
+    cudaDataType_t t = moe_ep__cuda_cuda_type(L);
+    int g = 0, l, pass;
+    cublasStatus_t st;
+    moe_ep_result res;
+    void** ptr = L->ptrs_host;
+    /* the previous call's upload must be done before its pinned source is rewritten */
+    res = moe_ep__cuda_cuda(L, cudaEventSynchronize(L->ptrs_uploaded), "expert GEMM arrays");
+    if (res != MOE_EP_OK) return res;
+    for (l = 0; l < L->local_experts; ++l) {
+        int64_t rows_l = P->info.local_expert_counts[l], first = P->info.local_expert_offsets[l];
+        if (rows_l == 0) continue;
+        n[g] = (int)rows_l;
+        ptr[g] = (char*)L->w_up + (size_t)l * L->up_rows * rb;
+        ptr[L->local_experts + g] = (char*)(uintptr_t)rows + (size_t)first * rb;
+        ptr[2 * L->local_experts + g] = (char*)L->hidden + (size_t)first * hb;
+        ptr[3 * L->local_experts + g] = (char*)L->w_down + (size_t)l * L->d_ff * rb;
+        ptr[4 * L->local_experts + g] = (char*)L->hidden + (size_t)first * hb;
+        ptr[5 * L->local_experts + g] = (char*)out + (size_t)first * rb;
+        ++g;
+    }
+    res = moe_ep__cuda_cuda(L, cudaMemcpyAsync(L->ptrs_dev, L->ptrs_host, sizeof(void*) * 6 * (size_t)L->local_experts,
+                                               cudaMemcpyHostToDevice, L->stream), "expert GEMM arrays");
+    if (res == MOE_EP_OK) res = moe_ep__cuda_cuda(L, cudaEventRecord(L->ptrs_uploaded, L->stream), "expert GEMM arrays");
+    for (pass = 0; res == MOE_EP_OK && pass < 2; ++pass) {
+        void** dev = L->ptrs_dev + 3 * (size_t)pass * L->local_experts;
+        int i;
+        for (i = 0; i < g; ++i) {   /* up: [n, up_rows] = rows . w_up^T; down: [n, d] = hidden . w_down^T */
+            m[i] = pass ? L->d_model : L->up_rows;
+            k[i] = pass ? L->d_ff : L->d_model;
+            lda[i] = k[i];
+            ldb[i] = pass ? L->up_rows : L->d_model;
+            ldc[i] = pass ? L->d_model : L->up_rows;
+        }
+        st = cublasGemmGroupedBatchedEx(L->blas, L->group_ops, L->group_ops + L->local_experts, m, n, k, L->group_scalars,
+                                        (const void* const*)dev, t, lda, (const void* const*)(dev + L->local_experts), t, ldb,
+                                        L->group_scalars + L->local_experts, (void* const*)(dev + 2 * L->local_experts), t, ldc, g, sizes,
+                                        CUBLAS_COMPUTE_32F);
+        if (pass == 0 && (st == CUBLAS_STATUS_NOT_SUPPORTED || st == CUBLAS_STATUS_INVALID_VALUE))
+            return MOE_EP_ERROR_UNSUPPORTED;
+        res = moe_ep__cuda_blas(L, st, pass ? "expert down projections" : "expert up projections");
+        if (res == MOE_EP_OK && pass == 0)
+            res = moe_ep__cuda_cuda(L, (cudaError_t)moe_ep__cuda_k_activation(L->hidden, P->info.recv_rows, L->d_ff,
+                                                                              L->up_rows, L->activation,
+                                                                              moe_ep__cuda_kdtype[L->dtype], L->stream),
+                                    "activation kernel");
+    }
+    return res;
+}
+
+/* The built-in experts of this rank (its d_ff slice with TP): grouped GEMMs or the loop. */
+MOE_EP_PRIVATE moe_ep_result moe_ep__cuda_local_experts(moe_ep_cuda_layer* L, moe_ep_cuda_plan* P, const void* rows,
+                                                        void* out) {
+    moe_ep_result res = moe_ep__cuda_reserve_experts(L, P->info.recv_rows, 0);  /* no-op after plan creation sized it */
+    size_t rb = L->row_bytes, hb = (size_t)L->up_rows * L->elem;
+    cudaStream_t stream = L->stream;
+    cublasHandle_t blas = L->blas;
+    int l;
+    if (res == MOE_EP_OK && L->grouped) {
+        int busy = 0;
+        for (l = 0; l < L->local_experts; ++l) busy += P->info.local_expert_counts[l] > 0;
+        if (L->grouped == 1 || P->info.recv_rows <= 384 * (int64_t)busy) {
+            res = moe_ep__cuda_grouped_experts(L, P, rows, out);
+            if (res != MOE_EP_ERROR_UNSUPPORTED) return res;
+            L->grouped = 0;     /* this cuBLAS lacks grouped GEMMs for these types: the loop from now on */
+            res = MOE_EP_OK;
+        }
+    }
+    if (res != MOE_EP_OK) return res;
+    /* Expert after expert on the layer stream: up projection (w1 and w3 in one GEMM),
+       activation, down projection. */
+    for (l = 0; res == MOE_EP_OK && l < L->local_experts; ++l) {
+        int64_t n = P->info.local_expert_counts[l], first = P->info.local_expert_offsets[l];
+        char* hidden = (char*)L->hidden + (size_t)first * hb;
+        if (n == 0) continue;
+        res = moe_ep__cuda_linear(L, blas, (const char*)L->w_up + (size_t)l * L->up_rows * rb, L->up_rows, L->d_model,
+                                  (const char*)rows + (size_t)first * rb, L->d_model, n, hidden, L->up_rows,
+                                  moe_ep__cuda_cuda_type(L), "expert up projection");
+        if (res == MOE_EP_OK)
+            res = moe_ep__cuda_cuda(L, (cudaError_t)moe_ep__cuda_k_activation(hidden, n, L->d_ff, L->up_rows, L->activation,
+                                                                              moe_ep__cuda_kdtype[L->dtype], stream),
+                                    "activation kernel");
+        if (res == MOE_EP_OK && L->partial_f32)
+            res = moe_ep__cuda_linear(L, blas, (const char*)L->w_down + (size_t)l * L->d_ff * rb, L->d_model, L->d_ff, hidden,
+                                      L->up_rows, n, (float*)L->partial + (size_t)first * (size_t)L->d_model, L->d_model,
+                                      CUDA_R_32F, "expert down projection");
+        else if (res == MOE_EP_OK)
+            res = moe_ep__cuda_linear(L, blas, (const char*)L->w_down + (size_t)l * L->d_ff * rb, L->d_model, L->d_ff, hidden,
+                                      L->up_rows, n, (char*)out + (size_t)first * rb, L->d_model, moe_ep__cuda_cuda_type(L),
+                                      "expert down projection");
+    }
+    return res;
+}
+
+/* The d_ff slices' partial outputs summed over the TP group in TP-rank order: every rank
+   sends its block to every rank (all_to_all_v on device memory, queued on the layer
+   stream), then one kernel adds the blocks, (((r0 + r1) + r2) + ...) in fp32, and stores
+   the sum in the layer's dtype (bf16: rounded once). The bits of a rank-ordered
+   all_reduce_sum, without its wait. */
+MOE_EP_PRIVATE moe_ep_result moe_ep__cuda_tp_sum(moe_ep_cuda_layer* L, const float* partial, int64_t count, void* out) {
+    char err[MOE_EP__CUDA_ERR] = "";
+    int T = L->tp_size, q;
+    int64_t* rows = L->tp_rows;
+    moe_ep_a2a_args a;
+    moe_ep_result res = moe_ep__cuda_grow(L, (void**)&L->tp_gather, &L->tp_gather_bytes,
+                                          sizeof(float) * (size_t)count * (size_t)T, 0, "tensor-parallel sum buffer");
+    if (res != MOE_EP_OK) return res;
+    for (q = 0; q < T; ++q) {
+        rows[q] = 1;                /* send_counts: one block to each rank */
+        rows[T + q] = 0;            /* send_offsets */
+        rows[2 * T + q] = 1;        /* recv_counts */
+        rows[3 * T + q] = q;        /* recv_offsets: rank q's block at q */
+    }
+    memset(&a, 0, sizeof a);
+    a.send = partial;
+    a.recv = L->tp_gather;
+    a.row_bytes = sizeof(float) * (size_t)count;
+    a.segments = 1;
+    a.send_counts = rows;
+    a.send_offsets = rows + T;
+    a.recv_counts = rows + 2 * T;
+    a.recv_offsets = rows + 3 * T;
+    a.memory_space = MOE_EP_MEMORY_DEVICE;
+    a.stream = (void*)L->stream;
+    res = L->tp.all_to_all_v(L->tp.impl, &a, err, sizeof err);
+    if (res != MOE_EP_OK) return moe_ep__cuda_net_fail(L, res, "moe_ep_cuda_experts: tensor-parallel sum", err);
+    return moe_ep__cuda_cuda(L, (cudaError_t)moe_ep__cuda_k_sum_ranks(L->tp_gather, count, T, out,
+                                                                      moe_ep__cuda_kdtype[L->dtype], L->stream),
+                             "tensor-parallel sum kernel");
+}
+
+MOE_EP_API moe_ep_result moe_ep_cuda_experts(moe_ep_cuda_layer* L, moe_ep_cuda_plan* P, const void* rows, void* out) {
+    moe_ep_result res = moe_ep__cuda_check_stage(L, P, "moe_ep_cuda_experts", 0);
+    int l;
+    size_t rb;
+    if (res != MOE_EP_OK) return res;
+    P->expert_status = MOE_EP_OK;
+    if (P->info.recv_rows > 0 && (!rows || !out))
+        return P->expert_status = moe_ep__cuda_fail(L, MOE_EP_ERROR_INVALID_ARGUMENT,
+                                                    "moe_ep_cuda_experts: rows and out must not be NULL");
+    rb = L->row_bytes;
+    if (L->desc.expert_fn) {
+        for (l = 0; l < L->local_experts; ++l) {
+            int64_t n = P->info.local_expert_counts[l], first = P->info.local_expert_offsets[l];
+            int rc;
+            if (n == 0) continue;
+            rc = L->desc.expert_fn(l, L->local_ids[l], (const char*)rows + (size_t)first * rb, n, L->d_model,
+                                   (char*)out + (size_t)first * rb, L->stream, L->desc.expert_user_data);
+            if (rc != 0)
+                return P->expert_status = moe_ep__cuda_fail(L, MOE_EP_ERROR_CALLBACK,
+                                                            "moe_ep_cuda_experts: expert_fn returned %d for expert %d",
+                                                            rc, L->local_ids[l]);
+        }
+        return MOE_EP_OK;
+    }
+    /* the TP group holds the same rows: all its ranks skip, or none */
+    if (P->info.recv_rows == 0) return MOE_EP_OK;
+    res = moe_ep__cuda_local_experts(L, P, rows, out);
+    if (L->tp_size > 1) {
+        /* reached after a local failure too, so that the group is not left waiting */
+        int64_t count = P->info.recv_rows * (int64_t)L->d_model;
+        moe_ep_result summed = moe_ep__cuda_tp_sum(L, L->partial_f32 ? (const float*)L->partial : (const float*)out,
+                                                   count, out);
+        if (res == MOE_EP_OK) res = summed;
+    }
+    return P->expert_status = res;
+}
+
+/* >>gpu layer: combine */
+MOE_EP_PRIVATE moe_ep_result moe_ep__cuda_combine_begin(moe_ep_cuda_layer* L, moe_ep_cuda_plan* P,
+                                                        const void* expert_out) {
+    moe_ep_result res = moe_ep__cuda_check_stage(L, P, "moe_ep_cuda_combine", 0), status = MOE_EP_OK;
+    if (res != MOE_EP_OK) return res;
+    if (P->info.recv_rows > 0 && !expert_out)
+        status = moe_ep__cuda_fail(L, MOE_EP_ERROR_INVALID_ARGUMENT, "moe_ep_cuda_combine: expert_out must not be NULL");
+    /* A callback can fail on one rank: tell the others before they wait for its rows. */
+    if (L->desc.expert_fn) {
+        if (status == MOE_EP_OK) status = P->expert_status;
+        status = moe_ep__cuda_verdict(L, status, "moe_ep_cuda_combine");
+    }
+    P->expert_status = MOE_EP_OK;
+    if (status != MOE_EP_OK) return status;
+    if (P->xfer) {
+        /* the outputs must sit in this rank's region, where the token owners read them */
+        if (expert_out != L->out && P->info.recv_rows > 0)
+            res = moe_ep__cuda_cuda(L, cudaMemcpyAsync(L->out, expert_out, (size_t)P->info.recv_rows * L->row_bytes,
+                                                       cudaMemcpyDeviceToDevice, L->stream), "moe_ep_cuda_combine");
+        if (res == MOE_EP_OK)
+            res = moe_ep__cuda_kernel(L, moe_ep__cuda_k_direct_signal(L->g, MOE_EP__CUDA_PHASE_OUT, P->xfer, L->stream),
+                                      "direct signal kernel");
+        if (res != MOE_EP_OK) return res;
+        P->out_sent = 1;
+        P->pending = 2;
+        P->open_local = expert_out;
+        return MOE_EP_OK;
+    }
+    if (L->desc.a2a_layout == MOE_EP_CUDA_A2A_STAGED)
+        res = moe_ep__cuda_cuda(L, (cudaError_t)moe_ep__cuda_k_move_rows(expert_out, P->bufs.stage, P->stage_map,
+                                                                         P->remote_rows, L->row_bytes, 0, L->stream),
+                                "regroup kernel");
+    if (res == MOE_EP_OK) res = moe_ep__cuda_start(L, P, 0, (char*)(uintptr_t)expert_out);
+    if (res != MOE_EP_OK) return res;
+    P->pending = 2;
+    P->open_local = expert_out;
+    return MOE_EP_OK;
+}
+
+MOE_EP_API moe_ep_result moe_ep_cuda_combine_begin(moe_ep_cuda_layer* L, moe_ep_cuda_plan* P, const void* expert_out) {
+    return moe_ep__cuda_combine_begin(L, P, expert_out);
+}
+
+MOE_EP_API moe_ep_result moe_ep_cuda_combine_end(moe_ep_cuda_layer* L, moe_ep_cuda_plan* P, void* y) {
+    moe_ep_result res = moe_ep__cuda_check_stage(L, P, "moe_ep_cuda_combine_end", 2);
+    if (res != MOE_EP_OK) return res;
+    P->pending = 0;
+    if (P->xfer) {
+        uint64_t epoch = P->xfer;
+        P->xfer = 0;
+        L->open_plan = NULL;
+        if (P->info.tokens > 0 && !y)
+            return moe_ep__cuda_fail(L, MOE_EP_ERROR_INVALID_ARGUMENT, "moe_ep_cuda_combine: y must not be NULL");
+        return moe_ep__cuda_kernel(L, moe_ep__cuda_k_direct_combine(L->g, P->dest, P->weight, y, P->info.tokens, L->top_k, L->d_model,
+                                                                    moe_ep__cuda_kdtype[L->dtype], epoch, L->stream),
+                                   "direct combine kernel");
+    }
+    res = moe_ep__cuda_finish(L, P);
+    if (res != MOE_EP_OK) return res;
+    if (P->info.tokens > 0 && !y)
+        return moe_ep__cuda_fail(L, MOE_EP_ERROR_INVALID_ARGUMENT, "moe_ep_cuda_combine: y must not be NULL");
+    return moe_ep__cuda_cuda(L, (cudaError_t)moe_ep__cuda_k_unpermute(P->bufs.send, P->open_local, P->slot_map, P->weight, y,
+                                                                      P->info.tokens, L->top_k, L->d_model,
+                                                                      moe_ep__cuda_kdtype[L->dtype], L->stream),
+                             "un-permute kernel");
+}
+
+MOE_EP_API moe_ep_result moe_ep_cuda_combine(moe_ep_cuda_layer* L, moe_ep_cuda_plan* P, const void* expert_out, void* y) {
+    moe_ep_result res = moe_ep__cuda_combine_begin(L, P, expert_out);
+    if (res != MOE_EP_OK) return res;
+    return moe_ep_cuda_combine_end(L, P, y);
+}
+
+/* >>gpu layer: forward */
+MOE_EP_API moe_ep_result moe_ep_cuda_forward(moe_ep_cuda_layer* L, const moe_ep_cuda_forward_args* a) {
+    moe_ep_result status = MOE_EP_OK, res;
+    moe_ep_cuda_plan* P = NULL;
+    int32_t* idx = NULL;
+    float* weight = NULL;
+    int64_t tokens = 0;
+    if (!L) return MOE_EP_ERROR_INVALID_ARGUMENT;
+    status = moe_ep__cuda_enter(L);
+    if (status != MOE_EP_OK) return status;
+    if (!a) status = moe_ep__cuda_fail(L, MOE_EP_ERROR_INVALID_ARGUMENT, "moe_ep_cuda_forward: args must not be NULL");
+    else if (a->tokens < 0)
+        status = moe_ep__cuda_fail(L, MOE_EP_ERROR_INVALID_ARGUMENT, "moe_ep_cuda_forward_args.tokens (%lld) must be >= 0",
+                                   (long long)a->tokens);
+    else if (a->tokens > 0 && (!a->x || !a->y))
+        status = moe_ep__cuda_fail(L, MOE_EP_ERROR_INVALID_ARGUMENT,
+                                   "moe_ep_cuda_forward_args.x and .y must not be NULL when tokens > 0");
+    else if (a->routing_in && a->tokens > 0 && (!a->topk_idx || !a->topk_weight))
+        status = moe_ep__cuda_fail(L, MOE_EP_ERROR_INVALID_ARGUMENT,
+                                   "moe_ep_cuda_forward_args.routing_in needs topk_idx and topk_weight");
+    else if (!a->routing_in && !L->router)
+        status = moe_ep__cuda_fail(L, MOE_EP_ERROR_INVALID_ARGUMENT,
+                                   "moe_ep_cuda_layer_desc.router_weight is NULL: set it, or hand in routing (routing_in)");
+    if (status == MOE_EP_OK) {
+        tokens = a->tokens;
+        if (a->topk_idx && a->topk_weight) {
+            idx = a->topk_idx;
+            weight = a->topk_weight;
+        } else if (tokens * L->top_k > L->routing_capacity) {
+            const moe_ep_allocator* al = &L->desc.allocator;
+            moe_ep_free(al, L->routing_idx);
+            moe_ep_free(al, L->routing_weight);
+            L->routing_idx = (int32_t*)moe_ep_alloc(al, sizeof(int32_t) * (size_t)(tokens * L->top_k));
+            L->routing_weight = (float*)moe_ep_alloc(al, sizeof(float) * (size_t)(tokens * L->top_k));
+            L->routing_capacity = L->routing_idx && L->routing_weight ? tokens * L->top_k : 0;
+            if (!L->routing_capacity)
+                status = moe_ep__cuda_fail(L, MOE_EP_ERROR_OUT_OF_MEMORY, "moe_ep_cuda_forward: out of memory");
+        }
+        if (!idx) {
+            idx = L->routing_idx;
+            weight = L->routing_weight;
+        }
+    }
+    if (status == MOE_EP_OK && !a->routing_in) status = moe_ep_cuda_route(L, a->x, tokens, idx, weight);
+    res = moe_ep__cuda_plan_build(L, tokens, idx, weight, status, 1, &P);
+    if (res != MOE_EP_OK) return res;
+    res = moe_ep_cuda_dispatch(L, P, a->x, L->recv);
+    if (res == MOE_EP_OK) {
+        /* an expert_fn failure is agreed inside the combine; a launch failure of the built-in
+           experts is this rank's alone, reported after the peers got their rows */
+        status = moe_ep_cuda_experts(L, P, L->recv, L->out);
+        res = moe_ep_cuda_combine(L, P, L->out, a->y);
+        if (res == MOE_EP_OK && status != MOE_EP_OK && !L->desc.expert_fn) res = status;
+    }
+    moe_ep_cuda_plan_destroy(P);
+    return res;
+}
+
+#endif /* MOE_EP_CUDA_IMPL_INCLUDED */
+#endif /* MOE_EP_CUDA_IMPLEMENTATION */
