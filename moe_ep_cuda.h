@@ -496,28 +496,39 @@ MOE_EP_PRIVATE moe_ep_result moe_ep__cuda_net_fail(moe_ep_cuda_layer* L, moe_ep_
     return moe_ep__cuda_fail(L, r, "%s: %s%s%s", what, moe_ep_result_string(r), err[0] ? ": " : "", err);
 }
 
-/* A stage's verdict through the core's agreement over t (the EP or the TP group): a cause
-   that is not this rank's own becomes the last error. */
-MOE_EP_PRIVATE moe_ep_result moe_ep__cuda_agree(moe_ep_cuda_layer* L, const moe_ep_transport* t, moe_ep_agree_desc* a) {
+/* An agreement step without facts: fill in facts, peer_facts, ... where the step has them. */
+MOE_EP_PRIVATE moe_ep_agree_desc moe_ep__cuda_agree_step(const char* stage, moe_ep_result status,
+                                                         const moe_ep_allocator* allocator) {
+    moe_ep_agree_desc a;
+    memset(&a, 0, sizeof a);
+    a.stage = stage;
+    a.status = status;
+    a.allocator = *allocator;
+    return a;
+}
+
+/* A stage's verdict through the core's agreement over t (the EP or the TP group), with the
+   facts of `with` (NULL: none): a cause that is not this rank's own becomes the last error. */
+MOE_EP_PRIVATE moe_ep_result moe_ep__cuda_agree(moe_ep_cuda_layer* L, const moe_ep_transport* t, moe_ep_result status,
+                                                const moe_ep_agree_desc* with, const char* stage) {
     char err[MOE_EP__CUDA_ERR] = "";
+    moe_ep_agree_desc a = with ? *with : moe_ep__cuda_agree_step(stage, status, &L->desc.allocator);
     moe_ep_result res;
-    a->allocator = L->desc.allocator;
-    res = moe_ep_agree(t, a, err, sizeof err);
-    if (res != a->status) moe_ep__cuda_fail(L, res, "%s", err);
+    a.stage = stage;
+    a.status = status;
+    a.allocator = L->desc.allocator;
+    res = moe_ep_agree(t, &a, err, sizeof err);
+    if (res != status) moe_ep__cuda_fail(L, res, "%s", err);
     return res;
 }
 
 /* Every rank of the EP group, then of the TP group, learns whether every rank is fine. The
    ranks of a TP group sit in different EP groups, so the two reach every rank of the
    data-parallel replica. */
-MOE_EP_PRIVATE moe_ep_result moe_ep__cuda_verdict(moe_ep_cuda_layer* L, moe_ep_result local, const char* stage) {
-    moe_ep_agree_desc a;
-    memset(&a, 0, sizeof a);
-    a.stage = stage;
-    a.status = local;
-    a.status = moe_ep__cuda_agree(L, &L->transport, &a);
-    if (L->tp_size > 1) a.status = moe_ep__cuda_agree(L, &L->tp, &a);
-    return a.status;
+MOE_EP_PRIVATE moe_ep_result moe_ep__cuda_verdict(moe_ep_cuda_layer* L, moe_ep_result status, const char* stage) {
+    status = moe_ep__cuda_agree(L, &L->transport, status, NULL, stage);
+    if (L->tp_size > 1) status = moe_ep__cuda_agree(L, &L->tp, status, NULL, stage);
+    return status;
 }
 
 /* Grows a device buffer (pinned host memory with `pinned`) by half again; the old
@@ -581,10 +592,10 @@ MOE_EP_PRIVATE moe_ep_result moe_ep__cuda_linear(moe_ep_cuda_layer* L, cublasHan
 }
 
 MOE_EP_PRIVATE void moe_ep__cuda_free_buffers(moe_ep__cuda_buffers* b) {
-    if (b->send) cudaFree(b->send);
-    if (b->stage) cudaFree(b->stage);
-    if (b->meta) cudaFree(b->meta);
-    if (b->meta_host) cudaFreeHost(b->meta_host);
+    cudaFree(b->send);
+    cudaFree(b->stage);
+    cudaFree(b->meta);
+    cudaFreeHost(b->meta_host);
     if (b->uploaded) cudaEventDestroy(b->uploaded);
     (void)cudaGetLastError();
     memset(b, 0, sizeof *b);
@@ -754,20 +765,17 @@ MOE_EP_PRIVATE moe_ep_result moe_ep__cuda_direct_cards(moe_ep_cuda_layer* L, moe
                                                       const moe_ep__cuda_card* mine, moe_ep__cuda_card* cards) {
     int64_t words[MOE_EP__CUDA_CARD_WORDS];
     int64_t* all = cards ? (int64_t*)moe_ep_alloc(&L->desc.allocator, sizeof words * (size_t)L->world_size) : NULL;
-    moe_ep_agree_desc a;
+    moe_ep_agree_desc a = moe_ep__cuda_agree_step(NULL, status, &L->desc.allocator);
     int q;
     memset(words, 0, sizeof words);
     memcpy(words, mine, sizeof *mine);
     if (!all && status == MOE_EP_OK)
         status = moe_ep__cuda_fail(L, MOE_EP_ERROR_OUT_OF_MEMORY, "moe_ep_cuda_layer_create: out of memory");
-    memset(&a, 0, sizeof a);
-    a.stage = "direct path: exchanging the regions";
-    a.status = status;
     a.facts = words;
     a.fact_count = (int)MOE_EP__CUDA_CARD_WORDS;
     a.facts_may_differ = true;
     a.peer_facts = all;
-    status = moe_ep__cuda_agree(L, &L->transport, &a);
+    status = moe_ep__cuda_agree(L, &L->transport, status, &a, "direct path: exchanging the regions");
     for (q = 0; status == MOE_EP_OK && q < L->world_size; ++q)
         memcpy(&cards[q], all + (size_t)q * MOE_EP__CUDA_CARD_WORDS, sizeof *cards);
     moe_ep_free(&L->desc.allocator, all);
@@ -778,16 +786,14 @@ MOE_EP_PRIVATE moe_ep_result moe_ep__cuda_direct_cards(moe_ep_cuda_layer* L, moe
 MOE_EP_PRIVATE int moe_ep__cuda_direct_vote(moe_ep_cuda_layer* L, int verdict, moe_ep_result* res) {
     int64_t mine = verdict, votes[64];
     int64_t* all = L->world_size <= 64 ? votes : (int64_t*)moe_ep_alloc(&L->desc.allocator, sizeof(int64_t) * (size_t)L->world_size);
-    moe_ep_agree_desc a;
+    moe_ep_agree_desc a = moe_ep__cuda_agree_step(NULL, MOE_EP_OK, &L->desc.allocator);
     moe_ep_result x;
     int q;
-    memset(&a, 0, sizeof a);
-    a.stage = "direct path";
     a.facts = &mine;
     a.fact_count = 1;
     a.facts_may_differ = true;
     a.peer_facts = all;
-    x = moe_ep__cuda_agree(L, &L->transport, &a);
+    x = moe_ep__cuda_agree(L, &L->transport, MOE_EP_OK, &a, "direct path");
     if (x != MOE_EP_OK || !all) {
         if (*res == MOE_EP_OK) *res = x != MOE_EP_OK ? x : MOE_EP_ERROR_OUT_OF_MEMORY;
         verdict = 2;
@@ -855,43 +861,31 @@ MOE_EP_PRIVATE moe_ep_result moe_ep__cuda_kernel(moe_ep_cuda_layer* L, int e, co
 
 MOE_EP_PRIVATE void moe_ep__cuda_layer_free(moe_ep_cuda_layer* L) {
     moe_ep_allocator a = L->desc.allocator;
+    /* on the direct path the forward's rows live in the region (freed with it) */
+    void* device[] = { L->ptrs_dev, L->router, L->w_up, L->w_down, L->logits, L->topk_dev, L->hidden, L->partial,
+                       L->tp_gather, L->direct ? NULL : L->recv, L->direct ? NULL : L->out };
+    void* host[] = { L->group_ints, L->group_scalars, L->group_ops, L->owner_of, L->local_index_of, L->local_ids,
+                     L->routing_idx, L->routing_weight, L->tp_rows };
+    size_t i;
     cudaSetDevice(L->device);
     cudaStreamSynchronize(L->stream);
     if (L->blas) cublasDestroy(L->blas);
-    if (L->ptrs_host) cudaFreeHost(L->ptrs_host);
-    if (L->ptrs_dev) cudaFree(L->ptrs_dev);
     if (L->ptrs_uploaded) cudaEventDestroy(L->ptrs_uploaded);
-    moe_ep_free(&a, L->group_ints);
-    moe_ep_free(&a, L->group_scalars);
-    moe_ep_free(&a, L->group_ops);
-    if (L->router) cudaFree(L->router);
-    if (L->w_up) cudaFree(L->w_up);
-    if (L->w_down) cudaFree(L->w_down);
-    if (L->logits) cudaFree(L->logits);
-    if (L->topk_dev) cudaFree(L->topk_dev);
-    if (L->topk_host) cudaFreeHost(L->topk_host);
-    if (L->hidden) cudaFree(L->hidden);
+    cudaFreeHost(L->ptrs_host);
+    cudaFreeHost(L->topk_host);
+    for (i = 0; i < sizeof device / sizeof device[0]; ++i) cudaFree(device[i]);
     if (L->direct && !L->broken) {
         /* nobody may still read or write this rank's region */
         char err[MOE_EP__CUDA_ERR] = "";
         if (L->transport.barrier) L->transport.barrier(L->transport.impl, err, sizeof err);
-        else moe_ep__cuda_verdict(L, MOE_EP_OK, "moe_ep_cuda_layer_destroy");
+        else moe_ep__cuda_agree(L, &L->transport, MOE_EP_OK, NULL, "moe_ep_cuda_layer_destroy");
     }
-    if (L->recv && !L->direct) cudaFree(L->recv);
-    if (L->out && !L->direct) cudaFree(L->out);
     moe_ep__cuda_direct_free(L);
-    if (L->partial) cudaFree(L->partial);
-    if (L->tp_gather) cudaFree(L->tp_gather);
     if (L->has_spare) moe_ep__cuda_free_buffers(&L->spare);
     (void)cudaGetLastError();
     if (L->core) moe_ep_destroy(L->core);
     while (L->cached > 0) moe_ep_free(&a, L->cache[--L->cached]);
-    moe_ep_free(&a, L->owner_of);
-    moe_ep_free(&a, L->local_index_of);
-    moe_ep_free(&a, L->local_ids);
-    moe_ep_free(&a, L->routing_idx);
-    moe_ep_free(&a, L->routing_weight);
-    moe_ep_free(&a, L->tp_rows);
+    for (i = 0; i < sizeof host / sizeof host[0]; ++i) moe_ep_free(&a, host[i]);
     moe_ep_free(&a, L);
 }
 
@@ -1123,18 +1117,14 @@ MOE_EP_PRIVATE int moe_ep__cuda_validate(const moe_ep_cuda_layer_desc* d) {
 MOE_EP_PRIVATE moe_ep_result moe_ep__cuda_create_agree(const moe_ep_cuda_layer_desc* d, moe_ep_result status) {
     char err[MOE_EP__CUDA_ERR] = "";
     int64_t facts[2];
-    moe_ep_agree_desc a;
+    moe_ep_agree_desc a = moe_ep__cuda_agree_step("moe_ep_cuda_layer_create", status, &d->allocator);
     moe_ep_result res;
     facts[0] = status == MOE_EP_OK ? moe_ep__cuda_fingerprint(d) : 0;
     facts[1] = status == MOE_EP_OK ? moe_ep__cuda_tp_fingerprint(d) : 0;
-    memset(&a, 0, sizeof a);
-    a.stage = "moe_ep_cuda_layer_create";
-    a.status = status;
     a.facts = facts;
     a.fact_count = 1;
     a.facts_name = "GPU parameters (dtype, a2a_layout, direct, max_tokens, expert_fn, router_weight, TP size)";
     a.on_peer_failure = MOE_EP_ERROR_RANK_MISMATCH;
-    a.allocator = d->allocator;
     res = moe_ep_agree(d->transport, &a, err, sizeof err);
     if (d->tp_transport && d->tp_transport->world_size > 1 && d->tp_transport->exchange_counts) {
         a.status = res;
@@ -1548,17 +1538,14 @@ MOE_EP_PRIVATE moe_ep_result moe_ep__cuda_plan_build(moe_ep_cuda_layer* L, int64
            then they receive the same rows, and the EP exchange below takes any failure
            to every rank of the replica. */
         int64_t facts[2];
-        moe_ep_agree_desc a;
+        moe_ep_agree_desc a = moe_ep__cuda_agree_step(NULL, status, &L->desc.allocator);
         facts[0] = tokens;
         facts[1] = status == MOE_EP_OK ? moe_ep__cuda_routing_hash(idx, weight, tokens * L->top_k) : 0;
-        memset(&a, 0, sizeof a);
-        a.stage = "moe_ep_cuda_plan_create";
-        a.status = status;
         a.facts = facts;
         a.fact_count = 2;
         a.facts_name = "tokens or routing (a tensor-parallel group must share both)";
         a.on_mismatch = MOE_EP_ERROR_INVALID_ARGUMENT;
-        status = moe_ep__cuda_agree(L, &L->tp, &a);
+        status = moe_ep__cuda_agree(L, &L->tp, status, &a, "moe_ep_cuda_plan_create");
     }
     if (status != MOE_EP_OK) {
         /* take part in the count exchange with an invalid call: every other rank fails too */
@@ -1590,21 +1577,19 @@ MOE_EP_PRIVATE moe_ep_result moe_ep__cuda_plan_build(moe_ep_cuda_layer* L, int64
         status = moe_ep__cuda_verdict(L, status, "moe_ep_cuda_plan_create");
     }
     if (status == MOE_EP_OK) status = moe_ep__cuda_upload_plan(L, P, idx);
-    if (status != MOE_EP_OK) {
-        moe_ep__cuda_release_buffers(L, &P->bufs);
-        moe_ep_free(&L->desc.allocator, P);
-        moe_ep_plan_destroy(core);
-        return status;
+    if (status == MOE_EP_OK) {
+        *out = P;
+        return MOE_EP_OK;
     }
-    *out = P;
-    return MOE_EP_OK;
+    moe_ep__cuda_release_buffers(L, &P->bufs);
+    moe_ep_free(&L->desc.allocator, P);
+    moe_ep_plan_destroy(core);
+    return status;
 }
 
 MOE_EP_API moe_ep_result moe_ep_cuda_plan_create(moe_ep_cuda_layer* L, int64_t tokens, const int32_t* topk_idx,
                                                  const float* topk_weight, moe_ep_cuda_plan** out) {
-    moe_ep_result status = MOE_EP_OK;
-    if (!L) return MOE_EP_ERROR_INVALID_ARGUMENT;
-    status = moe_ep__cuda_enter(L);
+    moe_ep_result status = L ? moe_ep__cuda_enter(L) : MOE_EP_ERROR_INVALID_ARGUMENT;
     if (status != MOE_EP_OK) return status;
     if (!out) status = moe_ep__cuda_fail(L, MOE_EP_ERROR_INVALID_ARGUMENT, "moe_ep_cuda_plan_create: out must not be NULL");
     else if (tokens < 0)
@@ -1645,17 +1630,14 @@ MOE_EP_API moe_ep_plan_info moe_ep_cuda_plan_query(const moe_ep_cuda_plan* plan)
 /* >>gpu layer: exchanges */
 MOE_EP_PRIVATE moe_ep_result moe_ep__cuda_check_stage(moe_ep_cuda_layer* L, moe_ep_cuda_plan* P, const char* stage,
                                                       int pending_expected) {
-    moe_ep_result res;
-    if (!L) return MOE_EP_ERROR_INVALID_ARGUMENT;
-    res = moe_ep__cuda_enter(L);
+    moe_ep_result res = L ? moe_ep__cuda_enter(L) : MOE_EP_ERROR_INVALID_ARGUMENT;
+    const char* wrong = NULL;
     if (res != MOE_EP_OK) return res;
-    if (!P || P->layer != L)
-        return moe_ep__cuda_fail(L, MOE_EP_ERROR_INVALID_ARGUMENT, "%s: plan is NULL or belongs to another layer", stage);
-    if (P->pending != pending_expected)
-        return moe_ep__cuda_fail(L, MOE_EP_ERROR_INVALID_ARGUMENT, "%s: %s", stage,
-                                 P->pending ? "a split-phase operation on this plan is still open"
-                                            : "no split-phase operation is open on this plan");
-    return MOE_EP_OK;
+    if (!P || P->layer != L) wrong = "plan is NULL or belongs to another layer";
+    else if (P->pending != pending_expected)
+        wrong = P->pending ? "a split-phase operation on this plan is still open"
+                           : "no split-phase operation is open on this plan";
+    return wrong ? moe_ep__cuda_fail(L, MOE_EP_ERROR_INVALID_ARGUMENT, "%s: %s", stage, wrong) : MOE_EP_OK;
 }
 
 /* The layer's rows over the network as all-to-all-v arguments (device memory, the layer's

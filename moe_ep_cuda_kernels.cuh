@@ -138,6 +138,10 @@ static unsigned grid_for(int64_t items, int per_block) {
     return (unsigned)blocks;
 }
 
+/* Grid-stride loops by warps: this thread's warp in the grid, and the warps of the grid. */
+__device__ __forceinline__ int64_t global_warp() { return ((int64_t)blockIdx.x * blockDim.x + threadIdx.x) >> 5; }
+__device__ __forceinline__ int64_t warp_count() { return ((int64_t)gridDim.x * blockDim.x) >> 5; }
+
 __device__ __forceinline__ bool permute_wanted(int32_t v, int pass) {
     return v >= 0 ? (pass & 1) != 0 : v <= -2 && (pass & 2) != 0;
 }
@@ -149,8 +153,7 @@ __global__ void permute_kernel(const char* __restrict__ x, char* __restrict__ se
                                int pass) {
     int64_t units = (int64_t)(row_bytes / sizeof(U));
     int lane = threadIdx.x & 31;
-    int64_t warp = ((int64_t)blockIdx.x * blockDim.x + threadIdx.x) >> 5;
-    int64_t warps = ((int64_t)gridDim.x * blockDim.x) >> 5;
+    int64_t warp = global_warp(), warps = warp_count();
     for (int64_t t = warp; t < tokens; t += warps) {
         const int32_t* map = slot_map + t * top_k;
         bool any = false;
@@ -174,8 +177,7 @@ __global__ void move_rows_kernel(const char* __restrict__ src, char* __restrict_
                                  int64_t rows, size_t row_bytes, int scatter) {
     int64_t units = (int64_t)(row_bytes / sizeof(U));
     int lane = threadIdx.x & 31;
-    int64_t warp = ((int64_t)blockIdx.x * blockDim.x + threadIdx.x) >> 5;
-    int64_t warps = ((int64_t)gridDim.x * blockDim.x) >> 5;
+    int64_t warp = global_warp(), warps = warp_count();
     for (int64_t r = warp; r < rows; r += warps) {
         size_t from = scatter ? (size_t)r : (size_t)map[r];
         size_t to = scatter ? (size_t)map[r] : (size_t)r;
@@ -614,8 +616,7 @@ __global__ void direct_push_kernel(moe_ep__cuda_k_direct g, const char* __restri
     if (block_wait(g, MOE_EP__CUDA_PHASE_OUT, epoch - 1)) {
         int64_t units = (int64_t)(row_bytes / sizeof(U));
         int lane = threadIdx.x & 31;
-        int64_t warp = ((int64_t)blockIdx.x * blockDim.x + threadIdx.x) >> 5;
-        int64_t warps = ((int64_t)gridDim.x * blockDim.x) >> 5;
+        int64_t warp = global_warp(), warps = warp_count();
         for (int64_t t = warp; t < tokens; t += warps) {
             const int64_t* slot = dest + t * top_k;
             const U* src = (const U*)(x + (size_t)t * row_bytes);

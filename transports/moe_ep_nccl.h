@@ -192,41 +192,22 @@ MOE_EP_PRIVATE moe_ep_result moe_ep__nccl_nccl_fail(moe_ep__nccl* n, ncclResult_
     return MOE_EP_ERROR_TRANSPORT;
 }
 
-/* Grows a device buffer (by half again), keeping nothing of the old contents. */
-MOE_EP_PRIVATE cudaError_t moe_ep__nccl_grow_device(void** buffer, size_t* capacity, size_t need) {
-    cudaError_t e;
-    size_t size;
-    if (need <= *capacity) return cudaSuccess;
-    size = need + need / 2;
-    if (*buffer) cudaFree(*buffer);
-    *buffer = NULL;
-    *capacity = 0;
-    e = cudaMalloc(buffer, size);
-    if (e != cudaSuccess) {
-        *buffer = NULL;
-        (void)cudaGetLastError();
-        return e;
+/* Grows a device buffer (pinned host memory with `pinned`) by half again; the old contents
+   are not kept. On failure the buffer is gone and its capacity 0. */
+MOE_EP_PRIVATE cudaError_t moe_ep__nccl_grow(void** buffer, size_t* capacity, size_t need, int pinned) {
+    cudaError_t e = cudaSuccess;
+    if (need > *capacity) {
+        if (pinned) cudaFreeHost(*buffer);
+        else cudaFree(*buffer);
+        *capacity = need + need / 2;
+        e = pinned ? cudaMallocHost(buffer, *capacity) : cudaMalloc(buffer, *capacity);
+        if (e != cudaSuccess) {
+            *buffer = NULL;
+            *capacity = 0;
+            (void)cudaGetLastError();
+        }
     }
-    *capacity = size;
-    return cudaSuccess;
-}
-
-MOE_EP_PRIVATE cudaError_t moe_ep__nccl_grow_pinned(void** buffer, size_t* capacity, size_t need) {
-    cudaError_t e;
-    size_t size;
-    if (need <= *capacity) return cudaSuccess;
-    size = need + need / 2;
-    if (*buffer) cudaFreeHost(*buffer);
-    *buffer = NULL;
-    *capacity = 0;
-    e = cudaMallocHost(buffer, size);
-    if (e != cudaSuccess) {
-        *buffer = NULL;
-        (void)cudaGetLastError();
-        return e;
-    }
-    *capacity = size;
-    return cudaSuccess;
+    return e;
 }
 
 /* Abort the communicator: the only way to release peers (and ourselves) from a
@@ -300,8 +281,8 @@ MOE_EP_PRIVATE moe_ep_result moe_ep__nccl_exchange(void* impl, const int64_t* se
         size_t cap_host = n->counts_capacity * sizeof(int64_t), cap_dev = cap_host;
         void* host = n->counts_host;
         void* dev = n->counts_dev;
-        e = moe_ep__nccl_grow_pinned(&host, &cap_host, 2 * bytes);
-        if (e == cudaSuccess) e = moe_ep__nccl_grow_device(&dev, &cap_dev, 2 * bytes);
+        e = moe_ep__nccl_grow(&host, &cap_host, 2 * bytes, 1);
+        if (e == cudaSuccess) e = moe_ep__nccl_grow(&dev, &cap_dev, 2 * bytes, 0);
         n->counts_host = (int64_t*)host;
         n->counts_dev = (int64_t*)dev;
         n->counts_capacity = (cap_host < cap_dev ? cap_host : cap_dev) / sizeof(int64_t);
@@ -456,8 +437,8 @@ MOE_EP_PRIVATE moe_ep_result moe_ep__nccl_a2a_begin(void* impl, const moe_ep_a2a
         cudaError_t e;
         moe_ep__nccl_span(a, 0, n->world_size, &s0, &s1);
         moe_ep__nccl_span(a, 1, n->world_size, &r0, &r1);
-        e = moe_ep__nccl_grow_device(&n->stage_send, &n->stage_send_bytes, (size_t)s1 * a->row_bytes);
-        if (e == cudaSuccess) e = moe_ep__nccl_grow_device(&n->stage_recv, &n->stage_recv_bytes, (size_t)r1 * a->row_bytes);
+        e = moe_ep__nccl_grow(&n->stage_send, &n->stage_send_bytes, (size_t)s1 * a->row_bytes, 0);
+        if (e == cudaSuccess) e = moe_ep__nccl_grow(&n->stage_recv, &n->stage_recv_bytes, (size_t)r1 * a->row_bytes, 0);
         if (e == cudaSuccess && s1 > s0)
             e = cudaMemcpyAsync((char*)n->stage_send + (size_t)s0 * a->row_bytes,
                                 (const char*)a->send + (size_t)s0 * a->row_bytes, (size_t)(s1 - s0) * a->row_bytes,
@@ -569,10 +550,10 @@ MOE_EP_PRIVATE moe_ep_result moe_ep__nccl_all_reduce(void* impl, float* data, in
     if (count == 0 || n->world_size == 1) return MOE_EP_OK;
     /* the previous call waited for its stream: both buffers are free */
     buffer = n->gather_dev;
-    e = moe_ep__nccl_grow_device(&buffer, &n->gather_dev_bytes, all);
+    e = moe_ep__nccl_grow(&buffer, &n->gather_dev_bytes, all, 0);
     n->gather_dev = (float*)buffer;
     buffer = n->gather_host;
-    if (e == cudaSuccess) e = moe_ep__nccl_grow_pinned(&buffer, &n->gather_host_bytes, all);
+    if (e == cudaSuccess) e = moe_ep__nccl_grow(&buffer, &n->gather_host_bytes, all, 1);
     n->gather_host = (float*)buffer;
     if (e != cudaSuccess) return moe_ep__nccl_cuda_fail(e, "all_reduce_sum buffers", err, size);
     mine = n->gather_dev + (size_t)n->rank * (size_t)count;
@@ -677,12 +658,16 @@ MOE_EP_PRIVATE void moe_ep__nccl_destroy_cb(void* impl) {
         if (n->requests[i].ready) cudaEventDestroy(n->requests[i].ready);
         if (n->requests[i].done) cudaEventDestroy(n->requests[i].done);
     }
-    if (n->counts_host) cudaFreeHost(n->counts_host);
-    if (n->counts_dev) cudaFree(n->counts_dev);
-    if (n->stage_send) cudaFree(n->stage_send);
-    if (n->stage_recv) cudaFree(n->stage_recv);
-    if (n->gather_dev) cudaFree(n->gather_dev);
-    if (n->gather_host) cudaFreeHost(n->gather_host);
+    {
+        void* device[4];
+        device[0] = n->counts_dev;
+        device[1] = n->stage_send;
+        device[2] = n->stage_recv;
+        device[3] = n->gather_dev;
+        for (i = 0; i < 4; ++i) cudaFree(device[i]);
+    }
+    cudaFreeHost(n->counts_host);
+    cudaFreeHost(n->gather_host);
     if (n->side) cudaStreamDestroy(n->side);
     (void)cudaGetLastError();
     /* a split communicator is ours; an aborted one is already gone (ncclCommAbort frees it) */
