@@ -146,7 +146,7 @@ MPICC_NCCL   ?= mpicc
 MPIRUN_NCCL  ?= mpirun
 NCCL_CFLAGS   = -isystem $(CUDA_HOME)/include
 NCCL_LIBS     = -L$(CUDA_HOME)/lib64 -lnccl -lcublas -lcudart -lstdc++ -pthread -lm
-NCCL_HEADERS  = $(HEADERS) transports/moe_ep_nccl.h tests/gpu/gpu_test_support.h
+NCCL_HEADERS  = $(HEADERS) transports/moe_ep_nccl.h tests/gpu/gpu_test_support.h tests/gpu/gpu_check.h
 CUDA_HEADERS  = $(NCCL_HEADERS) moe_ep_cuda.h moe_ep_cuda_kernels.cuh
 NCCL_ONLY_LIBS = -L$(CUDA_HOME)/lib64 -lnccl -lcudart -pthread -lm
 ANCHOR_DIR   ?= ../shared/anchors/gpu
@@ -159,6 +159,10 @@ test-gpu check-nccl: export CK_FORK = no
 
 $(BUILD)/cuda_kernels.o: tests/gpu/cuda_kernels.cu moe_ep_cuda_kernels.cuh | $(BUILD)
 	$(NVCC) $(CUDA_ARCH) -O2 -c $< -o $@
+
+# The NCCL transport alone: no CUDA file, no cuBLAS.
+$(BUILD)/check_nccl: tests/gpu/check_nccl.c $(NCCL_HEADERS) | $(BUILD)
+	$(CC) $(MOE_EP_CFLAGS) $(OPT) $(NCCL_CFLAGS) $(CFLAGS) $< -o $@ $(NCCL_ONLY_LIBS) $(GPU_CHECK_LIBS) $(LDFLAGS)
 
 # The GPU layer over NCCL; the _layout one over EP x DP and EP x TP x DP groups.
 $(BUILD)/check_cuda: tests/gpu/check_cuda.c $(BUILD)/cuda_kernels.o $(CUDA_HEADERS) | $(BUILD)
@@ -187,20 +191,22 @@ check-nccl: | $(BUILD)
 	printf '#define MOE_EP_IMPLEMENTATION\n#include "../moe_ep_cuda.h"\n' > $(BUILD)/hdr_cuda.cu; \
 	printf '#define MOE_EP_IMPLEMENTATION\n#include "../transports/moe_ep_nccl.h"\n' > $(BUILD)/hdr_nccl.c; \
 	set -ex; \
-	$(MAKE) --no-print-directory $(BUILD)/check_cuda $(BUILD)/check_cuda_layout $(BUILD)/bench_nccl; \
-	for f in tests/gpu/check_cuda.c tests/gpu/check_cuda_layout.c bench/bench_nccl.c; do \
+	$(MAKE) --no-print-directory $(BUILD)/check_nccl $(BUILD)/check_cuda $(BUILD)/check_cuda_layout $(BUILD)/bench_nccl; \
+	for f in tests/gpu/check_nccl.c tests/gpu/check_cuda.c tests/gpu/check_cuda_layout.c bench/bench_nccl.c; do \
 	  $(CLANG) $(MOE_EP_CFLAGS) $(NCCL_CFLAGS) -c $$f -o $(BUILD)/clang_$$(basename $$f .c).o; done; \
 	$(CC) $(MOE_EP_CFLAGS) $(NCCL_CFLAGS) -c $(BUILD)/hdr_nccl.c -o $(BUILD)/hdr_nccl_gcc.o; \
 	$(CLANG) $(MOE_EP_CFLAGS) $(NCCL_CFLAGS) -c $(BUILD)/hdr_nccl.c -o $(BUILD)/hdr_nccl_clang.o; \
 	$(NVCC) $(CUDA_ARCH) -O2 -Xcompiler -Wall,-Wextra,-Werror -c $(BUILD)/hdr_cuda.cu -o $(BUILD)/hdr_cuda.o; \
 	if command -v $(MPICC_NCCL) >/dev/null 2>&1; then $(MAKE) --no-print-directory $(BUILD)/nccl_mpi_demo; fi; \
+	$(call GPU_RUN,check_nccl); \
 	$(call GPU_RUN,check_cuda); \
 	$(call GPU_RUN,check_cuda_layout)
 
 # On a machine with GPUs: every GPU test (world sizes 1, 2, 4, 8 up to the GPUs there are; the layout
 # tests EP x TP x DP over NCCL groups), and the MPI demo (one process per GPU) in fp32, bf16 and bf16 on
 # the direct path (CUDA IPC between the processes).
-test-gpu: $(BUILD)/check_cuda $(BUILD)/check_cuda_layout
+test-gpu: $(BUILD)/check_nccl $(BUILD)/check_cuda $(BUILD)/check_cuda_layout
+	timeout $(TEST_TIMEOUT) ./$(BUILD)/check_nccl --require-gpu
 	timeout $(TEST_TIMEOUT) ./$(BUILD)/check_cuda --require-gpu
 	timeout $(TEST_TIMEOUT) ./$(BUILD)/check_cuda_layout --require-gpu
 	@if command -v $(MPICC_NCCL) >/dev/null 2>&1 && command -v $(MPIRUN_NCCL) >/dev/null 2>&1; then set -ex; \

@@ -1,22 +1,27 @@
-/* test_nccl -- the NCCL transport and the GPU layer of moe_ep, on every GPU of this machine.
+/* check_cuda -- the GPU layer of moe_ep (moe_ep_cuda.h) over the NCCL transport, on every GPU of this machine.
 
    One process, one thread per GPU (ncclCommInitAll). Every case runs with world sizes 1,
-   2, 4, 8 up to the GPUs there are, and with all GPUs. Without a GPU (or a driver) it prints "no GPU, skipped" and exits 0
-   (with --require-gpu: exits 1). --max-gpus N limits the world size.
+   2, 4, 8 up to the GPUs there are, and with all GPUs: one Check loop test per world size,
+   one assertion per case (tests/gpu/gpu_check.h). Without a GPU it prints "check_cuda: no
+   GPU, skipped" and exits 77 (with --require-gpu or MOE_EP_REQUIRE_GPU=1: exits 1).
+   --max-gpus N limits the world size. Run with CK_FORK=no.
 
    Checks, each on fresh seeded random data, outputs poisoned with NaN first:
-   - exchange_counts and the segmented all_to_all_v (device and host memory, blocking and
-     split-phase): every row lands where the contract says, nothing else is written;
-   - the core's CPU layer over the NCCL transport equals the single-rank CPU layer bitwise;
    - the GPU layer against the core's CPU layer (moe_ep_forward on one rank, same weights,
      tokens and routing, fp32): relative error ||y - ref|| / ||ref|| <= 1e-5 for fp32 and
      <= 1e-2 for bf16, per rank, on odd shapes (0 tokens, empty experts, k = E, sizes that
-     are multiples of nothing, capacity drops, both a2a layouts, reserved buffers);
+     are multiples of nothing, capacity drops, both a2a layouts, reserved buffers, the
+     grouped GEMMs and the GEMM loop);
    - the GPU router picks a valid top-k (up to 1e-5 in probability) with the CPU's weights;
    - the staged calls (split-phase) give the forward's output bitwise; two forwards agree;
-   - an expert callback that fails on one rank, or a bad desc / too many tokens on one rank,
-     fails the call on every rank, and the layer works again afterwards.
-   Exit status: the number of failed checks (0 = all passed). */
+   - the direct path gives the NCCL path's output bitwise, forwards and stages, with the
+     layer's buffers and the caller's; a second dispatch before the combine fails on every
+     rank and the layer works on;
+   - an expert callback that fails on one rank (also on the direct path), or a bad desc /
+     too many tokens on one rank, fails the call on every rank, and the layer works again
+     afterwards.
+   The transport alone (exchange_counts, all_to_all_v, the core's layer over NCCL) is
+   tests/gpu/check_nccl.c. */
 #define MOE_EP_IMPLEMENTATION
 #include "../../moe_ep_cuda.h"
 #include "../../transports/moe_ep_nccl.h"
@@ -29,6 +34,7 @@
 #include <stdarg.h>
 
 #include "gpu_test_support.h"
+#include "gpu_check.h"
 
 #define MAX_GPUS 8
 
@@ -82,9 +88,8 @@ typedef struct world {
     rank_env env[MAX_GPUS];
 } world;
 
-static int g_failures = 0, g_checks = 0;
 
-static void fail(rank_env* env, const char* fmt, ...) {
+static void rank_fail(rank_env* env, const char* fmt, ...) {
     va_list ap;
     if (env->failed) return;    /* keep the first cause */
     env->failed = 1;
@@ -94,16 +99,16 @@ static void fail(rank_env* env, const char* fmt, ...) {
 }
 
 #define CHECK_CUDA(env, call) do { cudaError_t e_ = (call); \
-    if (e_ != cudaSuccess) { fail(env, "%s:%d %s: %s", __FILE__, __LINE__, #call, cudaGetErrorString(e_)); return; } } while (0)
+    if (e_ != cudaSuccess) { rank_fail(env, "%s:%d %s: %s", __FILE__, __LINE__, #call, cudaGetErrorString(e_)); return; } } while (0)
 
 static void* rank_main(void* arg) {
     rank_env* env = (rank_env*)arg;
     rank_fn fn = *(rank_fn*)env->shared;
-    if (cudaSetDevice(env->device) != cudaSuccess) { fail(env, "cudaSetDevice"); return NULL; }
-    if (cudaStreamCreate(&env->stream) != cudaSuccess) { fail(env, "cudaStreamCreate"); return NULL; }
+    if (cudaSetDevice(env->device) != cudaSuccess) { rank_fail(env, "cudaSetDevice"); return NULL; }
+    if (cudaStreamCreate(&env->stream) != cudaSuccess) { rank_fail(env, "cudaStreamCreate"); return NULL; }
     if (moe_ep_nccl_transport_create(&(moe_ep_nccl_desc){ .comm = env->comm, .stream = env->stream, .timeout_ms = 120000 },
                                      &env->transport) != MOE_EP_OK) {
-        fail(env, "moe_ep_nccl_transport_create failed");
+        rank_fail(env, "moe_ep_nccl_transport_create failed");
     } else {
         fn(env);
         moe_ep_nccl_transport_destroy(&env->transport);
@@ -131,136 +136,11 @@ static void run_case(world* w, const char* name, void* the_case) {
     for (r = 0; r < w->size; ++r) pthread_join(threads[r], NULL);
     for (r = 0; r < w->size; ++r)
         if (w->env[r].failed) {
-            printf("FAIL  world=%d %-44s rank %d: %s\n", w->size, name, r, w->env[r].message);
-            failed = 1;
+            if (failed < 0) printf("      (also rank %d: %s)\n", r, w->env[r].message);
+            else failed = -1 - r;
         }
-    g_checks++;
-    if (failed) g_failures++;
-    else printf("ok    world=%d %s%s%s\n", w->size, name, w->env[0].message[0] ? "  " : "", w->env[0].message);
-    fflush(stdout);
-}
-
-/* >>transport tests */
-typedef struct a2a_case {
-    rank_fn fn;
-    int segments, row_bytes, host, split;
-    unsigned long long seed;
-} a2a_case;
-
-static int64_t seg_rows(unsigned long long seed, int src, int dst, int seg) {
-    unsigned long long s = seed ^ ((unsigned long long)src << 40) ^ ((unsigned long long)dst << 20) ^ (unsigned long long)seg;
-    return (int64_t)(next_u64(&s) % 7);  /* 0..6 rows, zeros included */
-}
-
-static unsigned char cell(int src, int dst, int seg, int64_t row, int byte) {
-    return (unsigned char)(src * 131 + dst * 31 + seg * 17 + row * 7 + byte * 3 + 1);
-}
-
-static void test_counts(rank_env* env) {
-    int R = env->world, q, i, count = 5;
-    int64_t* send = (int64_t*)calloc((size_t)(R * count) + 1, sizeof(int64_t));
-    int64_t* recv = (int64_t*)calloc((size_t)(R * count) + 1, sizeof(int64_t));
-    char err[256] = "";
-    if (!send || !recv) { fail(env, "out of memory"); free(send); free(recv); return; }
-    for (q = 0; q < R; ++q)
-        for (i = 0; i < count; ++i) send[q * count + i] = (int64_t)env->rank * 1000003 + q * 1009 + i - 77;
-    for (i = 0; i < R * count; ++i) recv[i] = -123456789;
-    if (env->transport.exchange_counts(env->transport.impl, send, recv, count, err, sizeof err) != MOE_EP_OK)
-        fail(env, "exchange_counts: %s", err);
-    for (q = 0; q < R && !env->failed; ++q)
-        for (i = 0; i < count; ++i)
-            if (recv[q * count + i] != (int64_t)q * 1000003 + env->rank * 1009 + i - 77) {
-                fail(env, "exchange_counts: value %d from rank %d is %lld", i, q, (long long)recv[q * count + i]);
-                break;
-            }
-    if (!env->failed && env->transport.barrier(env->transport.impl, err, sizeof err) != MOE_EP_OK) fail(env, "barrier: %s", err);
-    free(send);
-    free(recv);
-}
-
-static void test_a2a(rank_env* env) {
-    a2a_case* c = (a2a_case*)env->shared;
-    int R = env->world, S = c->segments, me = env->rank, p, s, b;
-    size_t rb = (size_t)c->row_bytes;
-    int64_t* sc = (int64_t*)calloc((size_t)(R * S), 8);
-    int64_t* so = (int64_t*)calloc((size_t)(R * S), 8);
-    int64_t* rc = (int64_t*)calloc((size_t)(R * S), 8);
-    int64_t* ro = (int64_t*)calloc((size_t)(R * S), 8);
-    int64_t send_rows = 0, recv_rows = 0, r;
-    unsigned char *send, *recv, *expect;
-    void *dsend = NULL, *drecv = NULL;
-    moe_ep_a2a_args args;
-    char err[256] = "";
-    moe_ep_result res;
-    /* send rows in (peer, segment) order with a gap of one row between blocks; receive
-       rows in (segment, peer) order, also with gaps that must stay untouched */
-    for (p = 0; p < R; ++p)
-        for (s = 0; s < S; ++s) {
-            sc[p * S + s] = seg_rows(c->seed, me, p, s);
-            so[p * S + s] = send_rows;
-            send_rows += sc[p * S + s] + 1;
-        }
-    for (s = 0; s < S; ++s)
-        for (p = 0; p < R; ++p) {
-            rc[p * S + s] = seg_rows(c->seed, p, me, s);
-            ro[p * S + s] = recv_rows;
-            recv_rows += rc[p * S + s] + 1;
-        }
-    send = (unsigned char*)malloc((size_t)send_rows * rb + 1);
-    recv = (unsigned char*)malloc((size_t)recv_rows * rb + 1);
-    expect = (unsigned char*)malloc((size_t)recv_rows * rb + 1);
-    memset(send, 0xEE, (size_t)send_rows * rb);
-    memset(recv, 0xA5, (size_t)recv_rows * rb);
-    memset(expect, 0xA5, (size_t)recv_rows * rb);
-    for (p = 0; p < R; ++p)
-        for (s = 0; s < S; ++s)
-            for (r = 0; r < sc[p * S + s]; ++r)
-                for (b = 0; b < (int)rb; ++b) send[(size_t)(so[p * S + s] + r) * rb + (size_t)b] = cell(me, p, s, r, b);
-    for (p = 0; p < R; ++p)
-        for (s = 0; s < S; ++s)
-            for (r = 0; r < rc[p * S + s]; ++r)
-                for (b = 0; b < (int)rb; ++b) expect[(size_t)(ro[p * S + s] + r) * rb + (size_t)b] = cell(p, me, s, r, b);
-    memset(&args, 0, sizeof args);
-    args.row_bytes = rb;
-    args.segments = S;
-    args.send_counts = sc;
-    args.send_offsets = so;
-    args.recv_counts = rc;
-    args.recv_offsets = ro;
-    if (c->host) {
-        args.send = send;
-        args.recv = recv;
-        args.memory_space = MOE_EP_MEMORY_HOST;
-    } else {
-        CHECK_CUDA(env, cudaMalloc(&dsend, (size_t)send_rows * rb + 1));
-        CHECK_CUDA(env, cudaMalloc(&drecv, (size_t)recv_rows * rb + 1));
-        CHECK_CUDA(env, cudaMemcpy(dsend, send, (size_t)send_rows * rb, cudaMemcpyHostToDevice));
-        CHECK_CUDA(env, cudaMemcpy(drecv, recv, (size_t)recv_rows * rb, cudaMemcpyHostToDevice));
-        args.send = dsend;
-        args.recv = drecv;
-        args.memory_space = MOE_EP_MEMORY_DEVICE;
-        args.stream = env->stream;
-    }
-    if (c->split) {
-        void* request = NULL;
-        res = env->transport.all_to_all_v_begin(env->transport.impl, &args, &request, err, sizeof err);
-        if (res == MOE_EP_OK) res = env->transport.all_to_all_v_end(env->transport.impl, request, err, sizeof err);
-    } else {
-        res = env->transport.all_to_all_v(env->transport.impl, &args, err, sizeof err);
-    }
-    if (res != MOE_EP_OK) fail(env, "all_to_all_v: %s: %s", moe_ep_result_string(res), err);
-    if (!c->host) {
-        CHECK_CUDA(env, cudaStreamSynchronize(env->stream));
-        CHECK_CUDA(env, cudaMemcpy(recv, drecv, (size_t)recv_rows * rb, cudaMemcpyDeviceToHost));
-        cudaFree(dsend);
-        cudaFree(drecv);
-    }
-    if (!env->failed && memcmp(recv, expect, (size_t)recv_rows * rb) != 0) {
-        size_t i = 0;
-        while (recv[i] == expect[i]) ++i;
-        fail(env, "received rows differ at byte %zu (row %zu)", i, i / rb);
-    }
-    free(send); free(recv); free(expect); free(sc); free(so); free(rc); free(ro);
+    if (failed) gpu_fact(1, "world=%d %s  rank %d: %s", w->size, name, -1 - failed, w->env[-1 - failed].message);
+    else gpu_fact(0, "world=%d %s%s%s", w->size, name, w->env[0].message[0] ? "  " : "", w->env[0].message);
 }
 
 /* >>model: weights and tokens shared by all ranks (host, fp32, bf16-rounded for bf16) */
@@ -371,7 +251,7 @@ static void check_router(rank_env* env, const layer_case* c, moe_ep_context* ref
     int32_t* cpu_idx = (int32_t*)malloc(sizeof(int32_t) * (size_t)(T * c->k + 1));
     float* cpu_w = (float*)malloc(sizeof(float) * (size_t)(T * c->k + 1));
     int t, j;
-    if (moe_ep_route(ref, x, T, cpu_idx, cpu_w, NULL) != MOE_EP_OK) { fail(env, "moe_ep_route failed"); goto done; }
+    if (moe_ep_route(ref, x, T, cpu_idx, cpu_w, NULL) != MOE_EP_OK) { rank_fail(env, "moe_ep_route failed"); goto done; }
     for (t = 0; t < T; ++t) {
         float kth = cpu_w[t * c->k + c->k - 1];
         for (j = 0; j < c->k; ++j) {
@@ -380,12 +260,12 @@ static void check_router(rank_env* env, const layer_case* c, moe_ep_context* ref
             for (i = 0; i < c->k; ++i) if (cpu_idx[t * c->k + i] == e) found = i;
             if (found >= 0) {
                 if (fabsf(w[t * c->k + j] - cpu_w[t * c->k + found]) > 1e-5f * fabsf(cpu_w[t * c->k + found]) + 1e-7f) {
-                    fail(env, "router: token %d expert %d weight %g, CPU %g", t, e, w[t * c->k + j], cpu_w[t * c->k + found]);
+                    rank_fail(env, "router: token %d expert %d weight %g, CPU %g", t, e, w[t * c->k + j], cpu_w[t * c->k + found]);
                     goto done;
                 }
             } else if (c->normalize || fabsf(w[t * c->k + j] - kth) > 1e-5f * kth) {
                 /* a different expert is fine only at a near tie with the k-th choice */
-                fail(env, "router: token %d chose expert %d (weight %g) outside the CPU's top-%d", t, e, w[t * c->k + j], c->k);
+                rank_fail(env, "router: token %d chose expert %d (weight %g) outside the CPU's top-%d", t, e, w[t * c->k + j], c->k);
                 goto done;
             }
         }
@@ -458,7 +338,7 @@ static void test_layer(rank_env* env) {
         .dtype = c->bf16 ? MOE_EP_CUDA_DTYPE_BF16 : MOE_EP_CUDA_DTYPE_F32, .a2a_layout = c->layout,
         .direct = c->direct, .max_tokens = c->max_tokens, .expert_gemm = c->expert_gemm,
         .router_weight = c->gpu_router ? router : NULL, .experts = mine }, &layer);
-    if (res != MOE_EP_OK) { fail(env, "moe_ep_cuda_layer_create: %s", moe_ep_result_string(res)); goto done; }
+    if (res != MOE_EP_OK) { rank_fail(env, "moe_ep_cuda_layer_create: %s", moe_ep_result_string(res)); goto done; }
     xh = to_dtype(c->x[me], n, c->bf16);
     yh = malloc(n * es + 4);
     yf = (float*)malloc(sizeof(float) * (n + 1));
@@ -475,7 +355,7 @@ static void test_layer(rank_env* env) {
     res = moe_ep_cuda_forward(layer, &(moe_ep_cuda_forward_args){ .tokens = T, .x = x, .y = y,
                                                                     .routing_in = !c->gpu_router,
                                                                     .topk_idx = idx, .topk_weight = w });
-    if (res != MOE_EP_OK) { fail(env, "forward: %s: %s", moe_ep_result_string(res), moe_ep_cuda_layer_last_error(layer)); goto done; }
+    if (res != MOE_EP_OK) { rank_fail(env, "forward: %s: %s", moe_ep_result_string(res), moe_ep_cuda_layer_last_error(layer)); goto done; }
     CHECK_CUDA(env, cudaStreamSynchronize(env->stream));
     CHECK_CUDA(env, cudaMemcpy(yh, y, n * es, cudaMemcpyDeviceToHost));
     from_dtype(yh, n, c->bf16, yf);
@@ -483,11 +363,11 @@ static void test_layer(rank_env* env) {
        take part in the collective calls below */
     res = cpu_reference(c, T, c->x[me], idx, w, ref, &ref_ctx);
     if (res != MOE_EP_OK) {
-        fail(env, "CPU reference: %s", moe_ep_result_string(res));
+        rank_fail(env, "CPU reference: %s", moe_ep_result_string(res));
     } else {
         err = rel_error(yf, ref, n);
         if (!(err <= (c->bf16 ? 1e-2 : 1e-5)))
-            fail(env, "relative error %.3g > %g", err, c->bf16 ? 1e-2 : 1e-5);
+            rank_fail(env, "relative error %.3g > %g", err, c->bf16 ? 1e-2 : 1e-5);
         else if (me == 0)
             snprintf(env->message, sizeof env->message, "rel.err %.2e", err);
         if (c->gpu_router && !env->failed) check_router(env, c, ref_ctx, T, c->x[me], idx, w);
@@ -501,7 +381,7 @@ static void test_layer(rank_env* env) {
             void *rows = NULL, *out = NULL;
             if (c->gpu_router) res = moe_ep_cuda_route(layer, x, T, idx, w);
             if (res == MOE_EP_OK) res = moe_ep_cuda_plan_create(layer, T, idx, w, &plan);
-            if (res != MOE_EP_OK) { fail(env, "staged: %s", moe_ep_cuda_layer_last_error(layer)); goto done; }
+            if (res != MOE_EP_OK) { rank_fail(env, "staged: %s", moe_ep_cuda_layer_last_error(layer)); goto done; }
             info = moe_ep_cuda_plan_query(plan);
             CHECK_CUDA(env, cudaMalloc(&rows, (size_t)info.recv_rows * (size_t)c->d * es + 16));
             CHECK_CUDA(env, cudaMalloc(&out, (size_t)info.recv_rows * (size_t)c->d * es + 16));
@@ -510,7 +390,7 @@ static void test_layer(rank_env* env) {
             if (res == MOE_EP_OK) res = moe_ep_cuda_experts(layer, plan, rows, out);
             if (res == MOE_EP_OK) res = moe_ep_cuda_combine_begin(layer, plan, out);
             if (res == MOE_EP_OK) res = moe_ep_cuda_combine_end(layer, plan, y2);
-            if (res != MOE_EP_OK) fail(env, "staged: %s", moe_ep_cuda_layer_last_error(layer));
+            if (res != MOE_EP_OK) rank_fail(env, "staged: %s", moe_ep_cuda_layer_last_error(layer));
             CHECK_CUDA(env, cudaStreamSynchronize(env->stream));
             moe_ep_cuda_plan_destroy(plan);
             cudaFree(rows);
@@ -520,13 +400,13 @@ static void test_layer(rank_env* env) {
                                                                             .routing_in = !c->gpu_router,
                                                                             .topk_idx = c->gpu_router ? NULL : idx,
                                                                             .topk_weight = c->gpu_router ? NULL : w });
-            if (res != MOE_EP_OK) fail(env, "second forward: %s", moe_ep_cuda_layer_last_error(layer));
+            if (res != MOE_EP_OK) rank_fail(env, "second forward: %s", moe_ep_cuda_layer_last_error(layer));
         }
         if (!env->failed || failed_before) {
             void* again = malloc(n * es + 4);
             CHECK_CUDA(env, cudaStreamSynchronize(env->stream));
             CHECK_CUDA(env, cudaMemcpy(again, y2, n * es, cudaMemcpyDeviceToHost));
-            if (memcmp(again, yh, n * es) != 0) fail(env, "%s differs from the first forward", c->staged ? "staged run" : "second forward");
+            if (memcmp(again, yh, n * es) != 0) rank_fail(env, "%s differs from the first forward", c->staged ? "staged run" : "second forward");
             free(again);
         }
     }
@@ -569,11 +449,11 @@ static void test_direct(rank_env* env) {
             .dtype = c->bf16 ? MOE_EP_CUDA_DTYPE_BF16 : MOE_EP_CUDA_DTYPE_F32, .max_tokens = c->max_tokens,
             .direct = which == 0 ? (R > 1 ? MOE_EP_CUDA_DIRECT_ON : MOE_EP_CUDA_DIRECT_DEFAULT) : MOE_EP_CUDA_DIRECT_OFF,
             .experts = mine }, &layers[which]);
-        if (res != MOE_EP_OK) { fail(env, "moe_ep_cuda_layer_create (%s): %s", which ? "NCCL" : "direct",
+        if (res != MOE_EP_OK) { rank_fail(env, "moe_ep_cuda_layer_create (%s): %s", which ? "NCCL" : "direct",
                                      moe_ep_result_string(res)); goto done; }
     }
     if (moe_ep_cuda_layer_direct(layers[0]) != (R > 1) || moe_ep_cuda_layer_direct(layers[1]) != 0)
-        fail(env, "moe_ep_cuda_layer_direct: %d and %d", moe_ep_cuda_layer_direct(layers[0]),
+        rank_fail(env, "moe_ep_cuda_layer_direct: %d and %d", moe_ep_cuda_layer_direct(layers[0]),
              moe_ep_cuda_layer_direct(layers[1]));
     xf = (float*)malloc(sizeof(float) * (n + 1));
     yf = (float*)malloc(sizeof(float) * (n + 1));
@@ -611,7 +491,7 @@ static void test_direct(rank_env* env) {
                 res = moe_ep_cuda_plan_create(layer, T, idx, w, &plan);
                 if (res == MOE_EP_OK) {
                     moe_ep_plan_info info = moe_ep_cuda_plan_query(plan);
-                    if (!rows || !out || cap < info.recv_rows) fail(env, "moe_ep_cuda_layer_rows: %lld rows", (long long)cap);
+                    if (!rows || !out || cap < info.recv_rows) rank_fail(env, "moe_ep_cuda_layer_rows: %lld rows", (long long)cap);
                     if (it == 4) {
                         CHECK_CUDA(env, cudaMalloc(&own_rows, (size_t)info.recv_rows * (size_t)c->d * es + 16));
                         CHECK_CUDA(env, cudaMalloc(&own_out, (size_t)info.recv_rows * (size_t)c->d * es + 16));
@@ -629,7 +509,7 @@ static void test_direct(rank_env* env) {
                     cudaFree(own_out);
                 }
             }
-            if (res != MOE_EP_OK) { fail(env, "run %d (%s): %s", it, which ? "NCCL" : "direct",
+            if (res != MOE_EP_OK) { rank_fail(env, "run %d (%s): %s", it, which ? "NCCL" : "direct",
                                          moe_ep_cuda_layer_last_error(layer)); goto done; }
             CHECK_CUDA(env, cudaStreamSynchronize(env->stream));
             CHECK_CUDA(env, cudaMemcpy(yh[which], y[which], n * es, cudaMemcpyDeviceToHost));
@@ -641,7 +521,7 @@ static void test_direct(rank_env* env) {
                 if (memcmp((char*)yh[0] + i * es, (char*)yh[1] + i * es, es) != 0) { if (first == n) first = i; ++count; }
             from_dtype((char*)yh[0] + first * es, 1, c->bf16, &a);
             from_dtype((char*)yh[1] + first * es, 1, c->bf16, &b);
-            fail(env, "run %d: the direct path differs from the NCCL path in %zu of %zu elements, first at token %zu "
+            rank_fail(env, "run %d: the direct path differs from the NCCL path in %zu of %zu elements, first at token %zu "
                  "column %zu: %g against %g", it, count, n, first / (size_t)c->d, first % (size_t)c->d, a, b);
         }
         if (it == 0) {
@@ -649,7 +529,7 @@ static void test_direct(rank_env* env) {
             from_dtype(yh[0], n, c->bf16, yf);
             res = cpu_reference(c, T, xf, idx, w, ref, NULL);
             err = res == MOE_EP_OK ? rel_error(yf, ref, n) : INFINITY;
-            if (!(err <= (c->bf16 ? 1e-2 : 1e-5))) fail(env, "relative error against the CPU layer %.3g", err);
+            if (!(err <= (c->bf16 ? 1e-2 : 1e-5))) rank_fail(env, "relative error against the CPU layer %.3g", err);
             else if (me == 0) snprintf(env->message, sizeof env->message, "bitwise equal, rel.err %.2e", err);
         }
     }
@@ -661,19 +541,19 @@ static void test_direct(rank_env* env) {
         res = moe_ep_cuda_plan_create(layers[0], T, idx, w, &p1);
         if (res == MOE_EP_OK) res = moe_ep_cuda_plan_create(layers[0], T, idx, w, &p2);
         if (res == MOE_EP_OK) res = moe_ep_cuda_dispatch(layers[0], p1, x, rows);
-        if (res != MOE_EP_OK) fail(env, "misuse setup: %s", moe_ep_cuda_layer_last_error(layers[0]));
+        if (res != MOE_EP_OK) rank_fail(env, "misuse setup: %s", moe_ep_cuda_layer_last_error(layers[0]));
         else if ((res = moe_ep_cuda_dispatch(layers[0], p2, x, rows)) != MOE_EP_ERROR_INVALID_ARGUMENT)
-            fail(env, "second dispatch before the combine: %s", moe_ep_result_string(res));
+            rank_fail(env, "second dispatch before the combine: %s", moe_ep_result_string(res));
         moe_ep_cuda_plan_destroy(p2);
         moe_ep_cuda_plan_destroy(p1);   /* never combined: its destroy frees the peers' next dispatch */
         CHECK_CUDA(env, cudaMemset(y[0], 0xFF, n * es + 16));
         res = moe_ep_cuda_forward(layers[0], &(moe_ep_cuda_forward_args){ .tokens = T, .x = x, .y = y[0],
                                                                            .routing_in = true, .topk_idx = idx,
                                                                            .topk_weight = w });
-        if (res != MOE_EP_OK) fail(env, "forward after the misuse: %s", moe_ep_cuda_layer_last_error(layers[0]));
+        if (res != MOE_EP_OK) rank_fail(env, "forward after the misuse: %s", moe_ep_cuda_layer_last_error(layers[0]));
         CHECK_CUDA(env, cudaStreamSynchronize(env->stream));
         CHECK_CUDA(env, cudaMemcpy(yh[0], y[0], n * es, cudaMemcpyDeviceToHost));
-        if (memcmp(yh[0], yh[1], n * es) != 0) fail(env, "after the misuse: the direct path differs from the NCCL path");
+        if (memcmp(yh[0], yh[1], n * es) != 0) rank_fail(env, "after the misuse: the direct path differs from the NCCL path");
     }
 done:
     for (which = 0; which < 2; ++which) {
@@ -756,16 +636,16 @@ static void test_agreement(rank_env* env) {
         .max_tokens = c->mode >= 2 ? T : 0, .direct = c->mode == 3 && R > 1 ? MOE_EP_CUDA_DIRECT_ON : MOE_EP_CUDA_DIRECT_DEFAULT,
         .expert_fn = scale_expert, .expert_user_data = &st }, &layer);
     if (c->mode == 1) {
-        if (res == MOE_EP_OK) fail(env, "a bad desc on rank 0 was accepted here");
+        if (res == MOE_EP_OK) rank_fail(env, "a bad desc on rank 0 was accepted here");
         else if (R > 1 && me != 0 && res != MOE_EP_ERROR_RANK_MISMATCH)
-            fail(env, "expected RANK_MISMATCH, got %s", moe_ep_result_string(res));
+            rank_fail(env, "expected RANK_MISMATCH, got %s", moe_ep_result_string(res));
         /* the layer must still be creatable by all afterwards */
         res = moe_ep_cuda_layer_create(&(moe_ep_cuda_layer_desc){
             .d_model = d, .num_experts = E, .top_k = k, .transport = &env->transport,
         .stream = env->stream, .timeout_ms = 120000,
             .expert_fn = scale_expert, .expert_user_data = &st }, &layer);
     }
-    if (res != MOE_EP_OK) { fail(env, "moe_ep_cuda_layer_create: %s", moe_ep_result_string(res)); goto done; }
+    if (res != MOE_EP_OK) { rank_fail(env, "moe_ep_cuda_layer_create: %s", moe_ep_result_string(res)); goto done; }
     if (c->mode == 0 || c->mode == 3) st.fail_once = me == R - 1;
     res = moe_ep_cuda_forward(layer, &(moe_ep_cuda_forward_args){
         .tokens = c->mode == 2 && me == R - 1 ? T + 1 : T, .x = x, .y = y, .routing_in = true,
@@ -773,58 +653,24 @@ static void test_agreement(rank_env* env) {
     if (c->mode != 1) {
         moe_ep_result want_here = c->mode == 2 ? MOE_EP_ERROR_INVALID_ARGUMENT : MOE_EP_ERROR_CALLBACK;
         moe_ep_result want = me == R - 1 ? want_here : MOE_EP_ERROR_ABORTED;
-        if (res != want) fail(env, "failing forward: expected %s, got %s (%s)", moe_ep_result_string(want),
+        if (res != want) rank_fail(env, "failing forward: expected %s, got %s (%s)", moe_ep_result_string(want),
                               moe_ep_result_string(res), moe_ep_cuda_layer_last_error(layer));
         st.fail_once = 0;
         res = moe_ep_cuda_forward(layer, &(moe_ep_cuda_forward_args){ .tokens = T, .x = x, .y = y, .routing_in = true,
                                                                         .topk_idx = idx, .topk_weight = w });
     }
-    if (res != MOE_EP_OK) { fail(env, "forward: %s (%s)", moe_ep_result_string(res), moe_ep_cuda_layer_last_error(layer)); goto done; }
+    if (res != MOE_EP_OK) { rank_fail(env, "forward: %s (%s)", moe_ep_result_string(res), moe_ep_cuda_layer_last_error(layer)); goto done; }
     CHECK_CUDA(env, cudaStreamSynchronize(env->stream));
     CHECK_CUDA(env, cudaMemcpy(yh, y, sizeof(float) * (size_t)(T * d), cudaMemcpyDeviceToHost));
     {
         double err = rel_error(yh, expect, (size_t)(T * d));
-        if (!(err <= 1e-6)) fail(env, "scaled experts: relative error %.3g", err);
+        if (!(err <= 1e-6)) rank_fail(env, "scaled experts: relative error %.3g", err);
     }
 done:
     if (layer) moe_ep_cuda_layer_destroy(layer);
     cublasDestroy(st.blas);
     free(xh); free(yh); free(expect);
     cudaFree(x); cudaFree(y);
-}
-
-/* >>core over NCCL: host rows through the transport; bitwise equal to one rank */
-typedef struct core_case { rank_fn fn; layer_case model; } core_case;
-
-static void test_core(rank_env* env) {
-    core_case* cc = (core_case*)env->shared;
-    layer_case* c = &cc->model;
-    int me = env->rank, R = env->world, T = c->tokens[me % 4], e, l;
-    size_t n = (size_t)T * (size_t)c->d;
-    moe_ep_expert_weights* mine = (moe_ep_expert_weights*)calloc((size_t)c->E, sizeof *mine);
-    moe_ep_context* ctx = NULL;
-    int32_t* idx = (int32_t*)malloc(sizeof(int32_t) * (size_t)(T * c->k + 1));
-    float* w = (float*)malloc(sizeof(float) * (size_t)(T * c->k + 1));
-    float* y = (float*)malloc(sizeof(float) * (n + 1));
-    float* ref = (float*)malloc(sizeof(float) * (n + 1));
-    int owner[64];
-    moe_ep_result res;
-    moe_ep_placement_compute(NULL, c->E, R, owner);
-    for (e = 0, l = 0; e < c->E; ++e)
-        if (owner[e] == me) { mine[l].w1 = c->w1[e]; mine[l].w3 = c->w3[e]; mine[l].w2 = c->w2[e]; ++l; }
-    res = moe_ep_create(&(moe_ep_desc){ .d_model = c->d, .d_ff = c->ff, .num_experts = c->E, .top_k = c->k,
-                                        .router_weight = c->router, .experts = mine, .num_threads = 1,
-                                        .transport = &env->transport }, &ctx);
-    if (res != MOE_EP_OK) { fail(env, "moe_ep_create over NCCL: %s", moe_ep_result_string(res)); goto done; }
-    memset(y, 0xFF, sizeof(float) * n);
-    res = moe_ep_forward(ctx, &(moe_ep_forward_args){ .tokens = T, .x = c->x[me], .y = y, .topk_idx = idx, .topk_weight = w });
-    if (res != MOE_EP_OK) { fail(env, "moe_ep_forward over NCCL: %s (%s)", moe_ep_result_string(res), moe_ep_last_error(ctx)); goto done; }
-    res = cpu_reference(c, T, c->x[me], idx, w, ref, NULL);
-    if (res != MOE_EP_OK || memcmp(y, ref, sizeof(float) * n) != 0)
-        fail(env, "CPU layer over NCCL is not bitwise equal to one rank (%s)", moe_ep_result_string(res));
-done:
-    moe_ep_destroy(ctx);
-    free(mine); free(idx); free(w); free(y); free(ref);
 }
 
 /* >>main */
@@ -838,30 +684,7 @@ static void run_layer_case(world* w, layer_case c) {
 }
 
 static void run_world(world* w) {
-    static rank_fn counts_fn = test_counts;
     int i;
-    run_case(w, "transport exchange_counts + barrier", &counts_fn);
-    {
-        a2a_case cases[] = {
-            { test_a2a, 1, 64, 0, 0, 11 }, { test_a2a, 3, 12, 0, 0, 12 }, { test_a2a, 4, 6, 0, 1, 13 },
-            { test_a2a, 2, 40, 1, 0, 14 }, { test_a2a, 5, 2, 1, 1, 15 },
-        };
-        for (i = 0; i < (int)(sizeof cases / sizeof cases[0]); ++i) {
-            char name[128];
-            snprintf(name, sizeof name, "transport all_to_all_v S=%d row=%dB %s%s", cases[i].segments, cases[i].row_bytes,
-                     cases[i].host ? "host" : "device", cases[i].split ? " split-phase" : "");
-            run_case(w, name, &cases[i]);
-        }
-    }
-    {
-        core_case cc;
-        memset(&cc, 0, sizeof cc);
-        cc.fn = test_core;
-        cc.model = (layer_case){ .E = 6, .k = 2, .d = 20, .ff = 28, .tokens = { 33, 0, 17, 5 }, .seed = 901 };
-        model_make(&cc.model, w->size);
-        run_case(w, "core moe_ep_forward over NCCL (host rows)", &cc);
-        model_free(&cc.model, w->size);
-    }
     {
         layer_case cases[] = {
             { .name = "router", .E = 8, .k = 2, .d = 64, .ff = 96, .gpu_router = 1, .tokens = { 300, 257, 1, 64 }, .seed = 1 },
@@ -934,7 +757,7 @@ static int make_world(world* w, int size) {
     for (r = 0; r < size; ++r) w->devices[r] = r;
     nr = ncclCommInitAll(w->comms, size, w->devices);
     if (nr != ncclSuccess) {
-        printf("FAIL  ncclCommInitAll(%d): %s\n", size, ncclGetErrorString(nr));
+        gpu_fact(1, "world=%d ncclCommInitAll: %s", size, ncclGetErrorString(nr));
         return 0;
     }
     return 1;
@@ -945,36 +768,24 @@ static void free_world(world* w) {
     for (r = 0; r < w->size; ++r) ncclCommDestroy(w->comms[r]);
 }
 
-int main(int argc, char** argv) {
-    int gpus = 0, max = MAX_GPUS, require = 0, i;
-    cudaError_t e = cudaGetDeviceCount(&gpus);
-    for (i = 1; i < argc; ++i) {
-        if (strcmp(argv[i], "--max-gpus") == 0 && i + 1 < argc) max = atoi(argv[++i]);
-        else if (strcmp(argv[i], "--require-gpu") == 0) require = 1;
-    }
-    if (e != cudaSuccess || gpus == 0) {
-        printf("test_nccl: no GPU, %s (%s)\n", require ? "FAILED (--require-gpu)" : "skipped",
-               e != cudaSuccess ? cudaGetErrorString(e) : "0 devices");
-        return require ? 1 : 0;
-    }
-    if (gpus > max) gpus = max;
-    if (gpus > MAX_GPUS) gpus = MAX_GPUS;
-    {
-        int version = 0;
-        ncclGetVersion(&version);
-        printf("test_nccl: %d GPU(s), NCCL %d\n", gpus, version);
-    }
-    {
-        world w;
-        int sizes[8], count = 0, size;
-        for (size = 1; size <= gpus; size *= 2) sizes[count++] = size;    /* 1, 2, 4, 8 */
-        if (sizes[count - 1] != gpus) sizes[count++] = gpus;
-        for (i = 0; i < count; ++i) {
-            if (!make_world(&w, sizes[i])) { g_failures++; continue; }
-            run_world(&w);
-            free_world(&w);
-        }
-    }
-    printf("test_nccl: %d of %d checks passed\n", g_checks - g_failures, g_checks);
-    return g_failures > 255 ? 255 : g_failures;
+/* One world size: every case on one thread per GPU. */
+static void run_size(int size) {
+    world w;
+    if (!make_world(&w, size)) return;
+    run_world(&w);
+    free_world(&w);
 }
+
+static void banner(int gpus) {
+    int version = 0;
+    ncclGetVersion(&version);
+    printf("check_cuda: %d GPU(s), NCCL %d\n", gpus, version);
+}
+
+int main(int argc, char** argv) {
+    return gpu_main(argc, argv, "check_cuda", 1, run_size, banner);
+}
+
+#if !defined(MOE_EP_NCCL_IMPL_INCLUDED) || !defined(MOE_EP_CUDA_IMPL_INCLUDED)
+#error "MOE_EP_IMPLEMENTATION did not build the NCCL transport and the GPU layer"
+#endif

@@ -1,34 +1,25 @@
-/* test_nccl_layout -- EP x DP and EP x TP x DP over NCCL groups (transport.split, all_reduce_sum).
+/* check_cuda_layout -- the GPU layer (moe_ep_cuda.h) over EP x DP and EP x TP x DP groups of NCCL transports.
 
    One process, one thread per GPU (ncclCommInitAll). For each world size 1, 2, 4, 8 that
-   this machine has GPUs for, every layout (EP x TP x DP) of that size is split from the
+   this machine has GPUs for (one Check loop test each, one assertion per subtest:
+   tests/gpu/gpu_check.h), every layout (EP x TP x DP) of that size is split from the
    world transport with moe_ep_layout_split, and on it:
    - groups: each group's rank and size are moe_ep_layout_group's, and an exchange inside
      it reaches exactly the ranks that the layout names, in that order;
-   - all_reduce_sum on the world, EP, TP and DP transports, device and host memory, odd
-     and large counts, values over 40 binary orders of magnitude (so the order of the
-     additions shows): bitwise equal to the sum in group-rank order made on the host, and
-     nothing past count is written;
-   - the core's CPU layer (moe_ep_forward, host rows, .transport = EP group, .tp_transport =
-     TP group) against one rank that holds every expert: bitwise without TP; with TP within
-     1e-6 relative, and bitwise equal on every rank of a TP group;
    - the GPU layer with the same groups (fp32 and bf16, grouped GEMMs and the loop, both a2a
      layouts, uneven d_ff slices): within 1e-5 (fp32) / 1e-2 (bf16) of the one-rank CPU
      layer, a second run bitwise equal to the first, bitwise equal across a TP group;
    - agreement: too many tokens on the last rank fails its whole data-parallel replica
      (ABORTED on the others), other replicas carry on, and the layer works afterwards; TP
      ranks with different routing fail; expert_fn with a TP group is refused with a
-     message that says so;
-   - last in each world: a split with a negative color on the last rank fails on every
-     rank, and the world still works after it.
+     message that says so.
    A failed subtest stops its suite on every rank (no rank starts a collective call that
    a failed peer may never join); after a timeout aborted a world communicator, the rest
    of that world size is reported as not run. MOE_EP_TEST_PROGRESS=1 (or 2: every rank)
-   prints each step as it starts.
-   Built with -DMOE_EP_NCCL_NO_LAYER it checks the transport alone (the GPU-layer cases are
-   left out; device all-reduces are then summed on the host).
-   Without a GPU it prints "no GPU, skipped" and exits 0 (--require-gpu: 1). --max-gpus N.
-   Exit status: the number of failed checks. */
+   prints each step as it starts. The transport's own checks over the same layouts
+   (all_reduce_sum, the core's layer, a bad split) are tests/gpu/check_nccl.c.
+   Without a GPU it prints "check_cuda_layout: no GPU, skipped" and exits 77 (--require-gpu
+   or MOE_EP_REQUIRE_GPU=1: exits 1). --max-gpus N. Run with CK_FORK=no. */
 #define MOE_EP_IMPLEMENTATION
 #include "../../moe_ep_cuda.h"
 #include "../../transports/moe_ep_nccl.h"
@@ -42,7 +33,9 @@
 #include <time.h>
 
 #include "gpu_test_support.h"
+#include "gpu_check.h"
 
+#define PROGRAM "check_cuda_layout"
 #define MAX_GPUS 8
 #define MAX_SUB 16
 #define E_ALL 8
@@ -110,9 +103,8 @@ typedef struct world {
     rank_env env[MAX_GPUS];
 } world;
 
-static int g_failures = 0, g_checks = 0;
 
-static void fail(rank_env* env, const char* fmt, ...) {
+static void rank_fail(rank_env* env, const char* fmt, ...) {
     va_list ap;
     int s = env->sub;
     if (env->failed[s]) return;
@@ -163,11 +155,11 @@ static int checkpoint(rank_env* env) {
 static void* rank_main(void* arg) {
     rank_env* env = (rank_env*)arg;
     suite* su = (suite*)env->suite;
-    if (cudaSetDevice(env->device) != cudaSuccess) { fail(env, "cudaSetDevice"); return NULL; }
-    if (cudaStreamCreate(&env->stream) != cudaSuccess) { fail(env, "cudaStreamCreate"); return NULL; }
+    if (cudaSetDevice(env->device) != cudaSuccess) { rank_fail(env, "cudaSetDevice"); return NULL; }
+    if (cudaStreamCreate(&env->stream) != cudaSuccess) { rank_fail(env, "cudaStreamCreate"); return NULL; }
     if (moe_ep_nccl_transport_create(&(moe_ep_nccl_desc){ .comm = env->comm, .stream = env->stream, .timeout_ms = 60000 },
                                      &env->transport) != MOE_EP_OK) {
-        fail(env, "moe_ep_nccl_transport_create failed");
+        rank_fail(env, "moe_ep_nccl_transport_create failed");
     } else {
         su->fn(env);
         if (((moe_ep__nccl*)env->transport.impl)->broken) env->failed[MAX_SUB - 1] = 1;   /* comm aborted */
@@ -200,37 +192,28 @@ static void run_suite(world* w, suite* su) {
     pthread_cond_destroy(&su->cond);
     for (r = 0; r < w->size; ++r) w->aborted |= w->env[r].failed[MAX_SUB - 1];
     for (s = 0; s < su->count; ++s) {
-        int failed = 0;
+        char why[600] = "";
         for (r = 0; r < w->size; ++r)
             if (w->env[r].failed[s]) {
-                printf("FAIL  world=%d EP %d x TP %d x DP %d  %-46s rank %d: %s\n", w->size, l->ep_size, l->tp_size,
-                       l->dp_size, su->names[s], r, w->env[r].message[s]);
-                failed = 1;
+                if (why[0]) printf("      (also rank %d: %s)\n", r, w->env[r].message[s]);
+                else snprintf(why, sizeof why, "rank %d: %s", r, w->env[r].message[s]);
             }
-        if (!failed && su->tp_equal[s]) {
+        if (!why[0] && su->tp_equal[s]) {
             /* every rank against the first rank of its TP group */
-            for (r = 0; r < w->size && !failed; ++r) {
+            for (r = 0; r < w->size && !why[0]; ++r) {
                 int group[MAX_GPUS];
                 const rank_env* a;
                 const rank_env* b = &w->env[r];
                 moe_ep_layout_group(l, r, MOE_EP_GROUP_TP, group, MAX_GPUS);
                 a = &w->env[group[0]];
                 if (!a->kept[s] || !b->kept[s] || a->kept_bytes[s] != b->kept_bytes[s] ||
-                    memcmp(a->kept[s], b->kept[s], a->kept_bytes[s]) != 0) {
-                    printf("FAIL  world=%d EP %d x TP %d x DP %d  %-46s rank %d differs from TP rank 0 (rank %d)\n",
-                           w->size, l->ep_size, l->tp_size, l->dp_size, su->names[s], r, group[0]);
-                    failed = 1;
-                }
+                    memcmp(a->kept[s], b->kept[s], a->kept_bytes[s]) != 0)
+                    snprintf(why, sizeof why, "rank %d differs from TP rank 0 (rank %d)", r, group[0]);
             }
         }
-        g_checks++;
-        if (failed) g_failures++;
-        else if (su->stop && s > su->last_run) {
-            printf("FAIL  world=%d EP %d x TP %d x DP %d  %-46s not run: an earlier subtest failed\n", w->size,
-                   l->ep_size, l->tp_size, l->dp_size, su->names[s]);
-            g_failures++;
-        } else printf("ok    world=%d EP %d x TP %d x DP %d  %s%s%s\n", w->size, l->ep_size, l->tp_size, l->dp_size,
-                    su->names[s], w->env[0].message[s][0] ? "  " : "", w->env[0].message[s]);
+        if (!why[0] && su->stop && s > su->last_run) snprintf(why, sizeof why, "not run: an earlier subtest failed");
+        gpu_fact(why[0] != 0, "world=%d EP %d x TP %d x DP %d  %s%s%s", w->size, l->ep_size, l->tp_size, l->dp_size,
+                 su->names[s], "  ", why[0] ? why : w->env[0].message[s]);
     }
     for (r = 0; r < w->size; ++r)
         for (s = 0; s < MAX_SUB; ++s) free(w->env[r].kept[s]);
@@ -332,16 +315,16 @@ static void check_group(rank_env* env, const moe_ep_layout_desc* l, moe_ep_group
     int64_t send[MAX_GPUS], recv[MAX_GPUS];
     char err[256] = "";
     if (t->world_size != n || t->rank != index_in(ranks, n, env->rank)) {
-        fail(env, "%s group: rank %d of %d, the layout says %d of %d", name, t->rank, t->world_size,
+        rank_fail(env, "%s group: rank %d of %d, the layout says %d of %d", name, t->rank, t->world_size,
              index_in(ranks, n, env->rank), n);
     }
     for (p = 0; p < MAX_GPUS; ++p) { send[p] = env->rank; recv[p] = -1; }
     if (t->exchange_counts(t->impl, send, recv, 1, err, sizeof err) != MOE_EP_OK) {
-        fail(env, "%s group exchange: %s", name, err);
+        rank_fail(env, "%s group exchange: %s", name, err);
         return;
     }
     for (p = 0; p < n && p < t->world_size; ++p)
-        if (recv[p] != ranks[p]) fail(env, "%s group: member %d is world rank %lld, the layout says %d", name, p,
+        if (recv[p] != ranks[p]) rank_fail(env, "%s group: member %d is world rank %lld, the layout says %d", name, p,
                                       (long long)recv[p], ranks[p]);
 }
 
@@ -353,156 +336,6 @@ static void test_groups(rank_env* env, groups* g) {
     check_group(env, l, MOE_EP_GROUP_DP, &g->dp, "DP");
 }
 
-/* A bad color on the last rank: every rank fails, nobody waits, the world works on. Its
-   own suite, last in a world, so that a failure here hides none of the layouts. */
-static void bad_split_suite(rank_env* env) {
-    moe_ep_transport bad;
-    char err[256] = "";
-    moe_ep_result res;
-    env->sub = 0;
-    progress(env, "split with a bad color");
-    memset(&bad, 0, sizeof bad);
-    res = env->transport.split(env->transport.impl, env->rank == env->world - 1 ? -1 : 0, env->rank, &bad, err, sizeof err);
-    if (res == MOE_EP_OK) {
-        fail(env, "split with a negative color on rank %d succeeded here", env->world - 1);
-        moe_ep_nccl_transport_destroy(&bad);
-    }
-    progress(env, "barrier");
-    if (env->transport.barrier(env->transport.impl, err, sizeof err) != MOE_EP_OK) fail(env, "barrier after the bad split: %s", err);
-    note(env, "rank 0: %s", moe_ep_result_string(res));
-    checkpoint(env);
-}
-
-/* >>all-reduce */
-static float contribution(int world_rank, int64_t i) {
-    unsigned long long s = 0x1234567ull + (unsigned long long)world_rank * 1000003ull + (unsigned long long)i * 7919ull;
-    unsigned long long h = next_u64(&s);
-    float u = (float)(h >> 40) / 8388608.0f - 1.0f;
-    return ldexpf(u, (int)((h >> 8) % 41) - 20);
-}
-
-static void reduce_one(rank_env* env, const moe_ep_transport* t, const int* members, int64_t count, const char* name,
-                       int* order_matters) {
-    size_t bytes = (size_t)count * sizeof(float), pad = 16 * sizeof(float);
-    float* expect = (float*)malloc(bytes + 4);
-    float* data = (float*)malloc(bytes + pad);
-    float* got = (float*)malloc(bytes + pad);
-    void* dev = NULL;
-    char err[256] = "";
-    int64_t i;
-    int q, space;
-    for (i = 0; i < count; ++i) {
-        float sum = contribution(members[0], i), back = contribution(members[t->world_size - 1], i);
-        for (q = 1; q < t->world_size; ++q) sum += contribution(members[q], i);
-        for (q = t->world_size - 2; q >= 0; --q) back += contribution(members[q], i);
-        expect[i] = sum;
-        if (back != sum) *order_matters += 1;
-    }
-    for (space = 0; space < 2; ++space) {
-        moe_ep_result res;
-        for (i = 0; i < count; ++i) data[i] = contribution(env->rank, i);
-        for (i = 0; i < 16; ++i) data[count + i] = 12345.0f;
-        if (space == 0) {
-            if (cudaMalloc(&dev, bytes + pad) != cudaSuccess ||
-                cudaMemcpy(dev, data, bytes + pad, cudaMemcpyHostToDevice) != cudaSuccess) {
-                fail(env, "cudaMalloc/cudaMemcpy");
-            }
-            res = t->all_reduce_sum(t->impl, (float*)dev, count, MOE_EP_MEMORY_DEVICE, env->stream, err, sizeof err);
-            if (cudaStreamSynchronize(env->stream) != cudaSuccess ||
-                cudaMemcpy(got, dev, bytes + pad, cudaMemcpyDeviceToHost) != cudaSuccess)
-                fail(env, "cudaMemcpy back");
-            cudaFree(dev);
-        } else {
-            res = t->all_reduce_sum(t->impl, data, count, MOE_EP_MEMORY_HOST, NULL, err, sizeof err);
-            memcpy(got, data, bytes + pad);
-        }
-        if (res != MOE_EP_OK) {
-            fail(env, "%s all_reduce_sum (%s, %lld): %s: %s", name, space ? "host" : "device", (long long)count,
-                 moe_ep_result_string(res), err);
-            continue;
-        }
-        if (memcmp(got, expect, bytes) != 0) {
-            for (i = 0; i < count && got[i] == expect[i]; ++i) {}
-            fail(env, "%s all_reduce_sum (%s, %lld): element %lld is %.9g, rank order gives %.9g", name,
-                 space ? "host" : "device", (long long)count, (long long)i, got[i], expect[i]);
-        }
-        for (i = 0; i < 16; ++i)
-            if (got[count + i] != 12345.0f) {
-                fail(env, "%s all_reduce_sum (%s, %lld) wrote past count", name, space ? "host" : "device", (long long)count);
-                break;
-            }
-    }
-    free(expect); free(data); free(got);
-}
-
-static void test_all_reduce(rank_env* env, groups* g) {
-    suite* su = (suite*)env->suite;
-    const moe_ep_layout_desc* l = &su->layout;
-    static const int64_t counts[] = { 0, 1, 7, 1000, (3 << 18) + 1 };
-    int c, k, order_matters = 0;
-    int everyone[MAX_GPUS];
-    for (k = 0; k < env->world; ++k) everyone[k] = k;
-    for (c = 0; c < (int)(sizeof counts / sizeof counts[0]); ++c) {
-        int members[MAX_GPUS];
-        reduce_one(env, &env->transport, everyone, counts[c], "world", &order_matters);
-        moe_ep_layout_group(l, env->rank, MOE_EP_GROUP_EP, members, MAX_GPUS);
-        reduce_one(env, &g->ep, members, counts[c], "EP", &order_matters);
-        moe_ep_layout_group(l, env->rank, MOE_EP_GROUP_TP, members, MAX_GPUS);
-        reduce_one(env, &g->tp, members, counts[c], "TP", &order_matters);
-        moe_ep_layout_group(l, env->rank, MOE_EP_GROUP_DP, members, MAX_GPUS);
-        reduce_one(env, &g->dp, members, counts[c], "DP", &order_matters);
-    }
-    note(env, "%d sums here would round differently in reverse rank order", order_matters);
-}
-
-/* >>core CPU layer over the groups (host rows through NCCL) */
-static void test_core(rank_env* env, groups* g) {
-    suite* su = (suite*)env->suite;
-    const moe_ep_layout_desc* l = &su->layout;
-    int shard = shard_of(l, env->rank), T = shard_tokens(shard), experts[E_ALL], n, i;
-    model m;
-    moe_ep_expert_weights mine[E_ALL];
-    moe_ep_context* ctx = NULL;
-    float *x, *y, *ref;
-    int32_t idx[128 * TOP_K];
-    float w[128 * TOP_K];
-    size_t count;
-    moe_ep_result res;
-    model_make(&m, 40, 56, 0, 901);
-    count = (size_t)T * (size_t)m.d;
-    x = shard_x(&m, shard, T);
-    y = (float*)malloc(sizeof(float) * (count + 1));
-    ref = (float*)malloc(sizeof(float) * (count + 1));
-    n = moe_ep_layout_experts(l, env->rank, experts, E_ALL);
-    for (i = 0; i < n; ++i) mine[i] = m.all[experts[i]];
-    res = moe_ep_create(&(moe_ep_desc){ .d_model = m.d, .d_ff = m.ff, .num_experts = E_ALL, .top_k = TOP_K,
-                                        .router_weight = m.router, .experts = mine, .num_threads = 1,
-                                        .transport = &g->ep, .tp_transport = l->tp_size > 1 ? &g->tp : NULL }, &ctx);
-    if (res != MOE_EP_OK) {
-        fail(env, "moe_ep_create over the groups: %s", moe_ep_result_string(res));
-    } else {
-        memset(y, 0xFF, sizeof(float) * count);
-        res = moe_ep_forward(ctx, &(moe_ep_forward_args){ .tokens = T, .x = x, .y = y, .topk_idx = idx, .topk_weight = w });
-        if (res != MOE_EP_OK) {
-            fail(env, "moe_ep_forward: %s (%s)", moe_ep_result_string(res), moe_ep_last_error(ctx));
-        } else if (cpu_reference(&m, T, x, idx, w, ref) != MOE_EP_OK) {
-            fail(env, "CPU reference failed");
-        } else if (l->tp_size == 1) {
-            if (memcmp(y, ref, sizeof(float) * count) != 0) fail(env, "not bitwise equal to one rank");
-            note(env, "bitwise equal to one rank");
-        } else {
-            double err = rel_error(y, ref, count);
-            if (!(err <= 1e-6)) fail(env, "relative error %.3g > 1e-6", err);
-            note(env, "rel.err %.2e", err);
-        }
-        keep(env, y, sizeof(float) * count);
-    }
-    moe_ep_destroy(ctx);
-    model_free(&m);
-    free(x); free(y); free(ref);
-}
-
-#ifndef MOE_EP_NCCL_NO_LAYER
 /* >>GPU layer over the groups */
 /* Records the first message that names tp_transport (called on the rank's thread). */
 static void record_log(const char* tag, uint32_t level, int rank, const char* message, void* user_data) {
@@ -606,24 +439,24 @@ static void test_gpu(rank_env* env, groups* g, const gpu_case* c) {
     yf = (float*)malloc(sizeof(float) * (n + 1));
     ref = (float*)malloc(sizeof(float) * (n + 1));
     if (res != MOE_EP_OK) {
-        fail(env, "moe_ep_cuda_layer_create: %s (%s)", moe_ep_result_string(res), s.layer ? "" : env->logged);
+        rank_fail(env, "moe_ep_cuda_layer_create: %s (%s)", moe_ep_result_string(res), s.layer ? "" : env->logged);
         goto done;
     }
     if (cudaMalloc(&x, n * es + 16) != cudaSuccess || cudaMalloc(&y, n * es + 16) != cudaSuccess ||
         cudaMalloc(&y2, n * es + 16) != cudaSuccess || cudaMemcpy(x, xh, n * es, cudaMemcpyHostToDevice) != cudaSuccess ||
         cudaMemset(y, 0xFF, n * es + 16) != cudaSuccess || cudaMemset(y2, 0xFF, n * es + 16) != cudaSuccess)
-        fail(env, "cudaMalloc/cudaMemcpy");
+        rank_fail(env, "cudaMalloc/cudaMemcpy");
     res = moe_ep_cuda_forward(s.layer, &(moe_ep_cuda_forward_args){ .tokens = T, .x = x, .y = y, .topk_idx = idx,
                                                                       .topk_weight = w });
-    if (res != MOE_EP_OK) { fail(env, "forward: %s: %s", moe_ep_result_string(res), moe_ep_cuda_layer_last_error(s.layer)); goto done; }
+    if (res != MOE_EP_OK) { rank_fail(env, "forward: %s: %s", moe_ep_result_string(res), moe_ep_cuda_layer_last_error(s.layer)); goto done; }
     cudaStreamSynchronize(env->stream);
     cudaMemcpy(yh, y, n * es, cudaMemcpyDeviceToHost);
     from_dtype(yh, n, c->bf16, yf);
     if (cpu_reference(&s.m, T, xf, idx, w, ref) != MOE_EP_OK) {
-        fail(env, "CPU reference failed");
+        rank_fail(env, "CPU reference failed");
     } else {
         double err = rel_error(yf, ref, n), tol = c->bf16 ? 1e-2 : 1e-5;
-        if (!(err <= tol)) fail(env, "relative error %.3g > %g", err, tol);
+        if (!(err <= tol)) rank_fail(env, "relative error %.3g > %g", err, tol);
         note(env, "rel.err %.2e", err);
     }
     keep(env, yh, n * es);
@@ -633,7 +466,7 @@ static void test_gpu(rank_env* env, groups* g, const gpu_case* c) {
         moe_ep_plan_info info;
         void *rows = NULL, *out = NULL;
         res = moe_ep_cuda_plan_create(s.layer, T, idx, w, &plan);
-        if (res != MOE_EP_OK) { fail(env, "staged plan: %s", moe_ep_cuda_layer_last_error(s.layer)); goto done; }
+        if (res != MOE_EP_OK) { rank_fail(env, "staged plan: %s", moe_ep_cuda_layer_last_error(s.layer)); goto done; }
         info = moe_ep_cuda_plan_query(plan);
         cudaMalloc(&rows, (size_t)info.recv_rows * (size_t)c->d * es + 16);
         cudaMalloc(&out, (size_t)info.recv_rows * (size_t)c->d * es + 16);
@@ -642,7 +475,7 @@ static void test_gpu(rank_env* env, groups* g, const gpu_case* c) {
         if (res == MOE_EP_OK) res = moe_ep_cuda_experts(s.layer, plan, rows, out);
         if (res == MOE_EP_OK) res = moe_ep_cuda_combine_begin(s.layer, plan, out);
         if (res == MOE_EP_OK) res = moe_ep_cuda_combine_end(s.layer, plan, y2);
-        if (res != MOE_EP_OK) fail(env, "staged: %s", moe_ep_cuda_layer_last_error(s.layer));
+        if (res != MOE_EP_OK) rank_fail(env, "staged: %s", moe_ep_cuda_layer_last_error(s.layer));
         cudaStreamSynchronize(env->stream);
         moe_ep_cuda_plan_destroy(plan);
         cudaFree(rows);
@@ -650,12 +483,12 @@ static void test_gpu(rank_env* env, groups* g, const gpu_case* c) {
     } else {
         res = moe_ep_cuda_forward(s.layer, &(moe_ep_cuda_forward_args){ .tokens = T, .x = x, .y = y2, .routing_in = true,
                                                                           .topk_idx = idx, .topk_weight = w });
-        if (res != MOE_EP_OK) fail(env, "second forward: %s", moe_ep_cuda_layer_last_error(s.layer));
+        if (res != MOE_EP_OK) rank_fail(env, "second forward: %s", moe_ep_cuda_layer_last_error(s.layer));
     }
     cudaStreamSynchronize(env->stream);
     cudaMemcpy(again, y2, n * es, cudaMemcpyDeviceToHost);
     if (res == MOE_EP_OK && memcmp(again, yh, n * es) != 0)
-        fail(env, "%s differs from the first forward", c->staged ? "staged run" : "second forward");
+        rank_fail(env, "%s differs from the first forward", c->staged ? "staged run" : "second forward");
 done:
     gpu_free(&s);
     cudaFree(x); cudaFree(y); cudaFree(y2);
@@ -682,7 +515,7 @@ static void test_too_many(rank_env* env, groups* g) {
     xf = shard_x(&s.m, 5, T + 1);    /* one shard for all ranks: equal within every TP group */
     yf = (float*)malloc(sizeof(float) * n);
     ref = (float*)malloc(sizeof(float) * n);
-    if (res != MOE_EP_OK) { fail(env, "create: %s", moe_ep_result_string(res)); goto done; }
+    if (res != MOE_EP_OK) { rank_fail(env, "create: %s", moe_ep_result_string(res)); goto done; }
     cudaMalloc(&x, n * 4);
     cudaMalloc(&y, n * 4);
     cudaMemcpy(x, xf, n * 4, cudaMemcpyHostToDevice);
@@ -690,15 +523,15 @@ static void test_too_many(rank_env* env, groups* g) {
                                                                       .topk_idx = idx, .topk_weight = w });
     want = env->rank == last ? MOE_EP_ERROR_INVALID_ARGUMENT : mine.dp == theirs.dp ? MOE_EP_ERROR_ABORTED : MOE_EP_OK;
     if (res != want)
-        fail(env, "expected %s, got %s (%s)", moe_ep_result_string(want), moe_ep_result_string(res),
+        rank_fail(env, "expected %s, got %s (%s)", moe_ep_result_string(want), moe_ep_result_string(res),
              moe_ep_cuda_layer_last_error(s.layer));
     res = moe_ep_cuda_forward(s.layer, &(moe_ep_cuda_forward_args){ .tokens = T, .x = x, .y = y, .topk_idx = idx,
                                                                       .topk_weight = w });
-    if (res != MOE_EP_OK) { fail(env, "then: %s", moe_ep_cuda_layer_last_error(s.layer)); goto done; }
+    if (res != MOE_EP_OK) { rank_fail(env, "then: %s", moe_ep_cuda_layer_last_error(s.layer)); goto done; }
     cudaStreamSynchronize(env->stream);
     cudaMemcpy(yf, y, (size_t)T * 32 * 4, cudaMemcpyDeviceToHost);
     if (cpu_reference(&s.m, T, xf, idx, w, ref) != MOE_EP_OK || !(rel_error(yf, ref, (size_t)T * 32) <= 1e-5))
-        fail(env, "then: relative error %.3g", rel_error(yf, ref, (size_t)T * 32));
+        rank_fail(env, "then: relative error %.3g", rel_error(yf, ref, (size_t)T * 32));
     note(env, "last rank INVALID_ARGUMENT, its replica ABORTED, the others ok; then all ok");
 done:
     gpu_free(&s);
@@ -721,7 +554,7 @@ static void test_tp_mismatch(rank_env* env, groups* g) {
     moe_ep_result res = gpu_create(env, g, &s, &c, NULL);
     moe_ep_layout_coords(l, env->rank, &me);
     xf = shard_x(&s.m, shard_of(l, env->rank), T);
-    if (res != MOE_EP_OK) { fail(env, "create: %s", moe_ep_result_string(res)); goto done; }
+    if (res != MOE_EP_OK) { rank_fail(env, "create: %s", moe_ep_result_string(res)); goto done; }
     cudaMalloc(&x, (size_t)T * 32 * 4);
     cudaMalloc(&y, (size_t)T * 32 * 4);
     cudaMemcpy(x, xf, (size_t)T * 32 * 4, cudaMemcpyHostToDevice);
@@ -733,14 +566,14 @@ static void test_tp_mismatch(rank_env* env, groups* g) {
     }
     res = moe_ep_cuda_forward(s.layer, &(moe_ep_cuda_forward_args){ .tokens = T, .x = x, .y = y, .routing_in = true,
                                                                       .topk_idx = idx, .topk_weight = w });
-    if (res == MOE_EP_OK) fail(env, "different routing in a TP group was accepted");
+    if (res == MOE_EP_OK) rank_fail(env, "different routing in a TP group was accepted");
     else if (res == MOE_EP_ERROR_INVALID_ARGUMENT && !strstr(moe_ep_cuda_layer_last_error(s.layer), "tensor-parallel"))
-        fail(env, "message does not name the TP group: %s", moe_ep_cuda_layer_last_error(s.layer));
+        rank_fail(env, "message does not name the TP group: %s", moe_ep_cuda_layer_last_error(s.layer));
     else note(env, "%s: %s", moe_ep_result_string(res), moe_ep_cuda_layer_last_error(s.layer));
     for (t = 0; t < T; ++t) idx[t * 2] = t % E_ALL;
     res = moe_ep_cuda_forward(s.layer, &(moe_ep_cuda_forward_args){ .tokens = T, .x = x, .y = y, .routing_in = true,
                                                                       .topk_idx = idx, .topk_weight = w });
-    if (res != MOE_EP_OK) fail(env, "then: %s", moe_ep_cuda_layer_last_error(s.layer));
+    if (res != MOE_EP_OK) rank_fail(env, "then: %s", moe_ep_cuda_layer_last_error(s.layer));
 done:
     gpu_free(&s);
     cudaFree(x); cudaFree(y);
@@ -757,12 +590,11 @@ static void test_expert_fn_refused(rank_env* env, groups* g) {
     static const gpu_case c = { "", 0, 32, 48, 0, 0, MOE_EP_CUDA_EXPERT_GEMM_DEFAULT, MOE_EP_CUDA_A2A_DEFAULT };
     gpu_setup s;
     moe_ep_result res = gpu_create(env, g, &s, &c, copy_expert);
-    if (res == MOE_EP_OK) fail(env, "expert_fn with a TP group was accepted");
-    else if (!strstr(env->logged, "not supported")) fail(env, "logged \"%s\"", env->logged);
+    if (res == MOE_EP_OK) rank_fail(env, "expert_fn with a TP group was accepted");
+    else if (!strstr(env->logged, "not supported")) rank_fail(env, "logged \"%s\"", env->logged);
     else note(env, "%s: \"%s\"", moe_ep_result_string(res), env->logged);
     gpu_free(&s);
 }
-#endif /* MOE_EP_NCCL_NO_LAYER */
 
 /* >>suite */
 static int begin(rank_env* env, int sub, const char* name) {
@@ -791,17 +623,12 @@ static void layout_suite(rank_env* env) {
         if (res != MOE_EP_OK) { moe_ep_nccl_transport_destroy(&g.tp); moe_ep_nccl_transport_destroy(&g.ep); }
     }
     if (res != MOE_EP_OK) {   /* the split's verdict is the same on every rank */
-        for (i = 0; i < su->count; ++i) { env->sub = i; fail(env, "moe_ep_layout_split: %s", moe_ep_result_string(res)); }
+        for (i = 0; i < su->count; ++i) { env->sub = i; rank_fail(env, "moe_ep_layout_split: %s", moe_ep_result_string(res)); }
         return;
     }
     if (!begin(env, 0, "groups")) goto out;
     test_groups(env, &g);
-    if (!begin(env, 1, "all_reduce_sum")) goto out;
-    test_all_reduce(env, &g);
-    if (!begin(env, 2, "core")) goto out;
-    test_core(env, &g);
-#ifndef MOE_EP_NCCL_NO_LAYER
-    for (i = 0, sub = 3; i < GPU_CASES; ++i, ++sub) {
+    for (i = 0, sub = 1; i < GPU_CASES; ++i, ++sub) {
         if (!begin(env, sub, g_gpu_cases[i].name)) goto out;
         test_gpu(env, &g, &g_gpu_cases[i]);
     }
@@ -813,9 +640,6 @@ static void layout_suite(rank_env* env) {
         if (!begin(env, sub, "expert_fn with TP")) goto out;
         test_expert_fn_refused(env, &g);
     }
-#else
-    (void)sub;
-#endif
     checkpoint(env);
 out:
     progress(env, "destroy");
@@ -831,16 +655,10 @@ static void run_layout(world* w, int ep, int tp, int dp) {
     su.fn = layout_suite;
     if (moe_ep_layout_resolve(&(moe_ep_layout_desc){ .world_size = w->size, .ep_size = ep, .tp_size = tp, .dp_size = dp,
                                                     .num_experts = E_ALL }, &su.layout, err, sizeof err) != MOE_EP_OK) {
-        printf("FAIL  layout EP %d x TP %d x DP %d: %s\n", ep, tp, dp, err);
-        g_checks++;
-        g_failures++;
+        gpu_fact(1, "world=%d layout EP %d x TP %d x DP %d: %s", w->size, ep, tp, dp, err);
         return;
     }
     su.names[su.count++] = "groups match moe_ep_layout_group";
-    su.names[su.count++] = "all_reduce_sum = rank-order sum (world, EP, TP, DP)";
-    su.tp_equal[su.count] = 1;
-    su.names[su.count++] = "core moe_ep_forward over the groups (host rows)";
-#ifndef MOE_EP_NCCL_NO_LAYER
     {
         int i;
         for (i = 0; i < GPU_CASES; ++i) {
@@ -853,16 +671,6 @@ static void run_layout(world* w, int ep, int tp, int dp) {
         su.names[su.count++] = "TP ranks with different routing: refused";
         su.names[su.count++] = "expert_fn with tp_transport: not supported";
     }
-#endif
-    run_suite(w, &su);
-}
-
-static void run_bad_split(world* w) {
-    suite su;
-    memset(&su, 0, sizeof su);
-    su.fn = bad_split_suite;
-    moe_ep_layout_resolve(&(moe_ep_layout_desc){ .world_size = w->size, .num_experts = E_ALL }, &su.layout, NULL, 0);
-    su.names[su.count++] = "split, negative color on the last rank: all fail";
     run_suite(w, &su);
 }
 
@@ -873,7 +681,7 @@ static int make_world(world* w, int size) {
     for (r = 0; r < size; ++r) w->devices[r] = r;
     nr = ncclCommInitAll(w->comms, size, w->devices);
     if (nr != ncclSuccess) {
-        printf("FAIL  ncclCommInitAll(%d): %s\n", size, ncclGetErrorString(nr));
+        gpu_fact(1, "world=%d ncclCommInitAll: %s", size, ncclGetErrorString(nr));
         return 0;
     }
     return 1;
@@ -887,46 +695,34 @@ static void free_world(world* w) {
     for (r = 0; r < w->size; ++r) ncclCommDestroy(w->comms[r]);
 }
 
-int main(int argc, char** argv) {
-    int gpus = 0, max = MAX_GPUS, require = 0, i, size;
-    cudaError_t e = cudaGetDeviceCount(&gpus);
-    for (i = 1; i < argc; ++i) {
-        if (strcmp(argv[i], "--max-gpus") == 0 && i + 1 < argc) max = atoi(argv[++i]);
-        else if (strcmp(argv[i], "--require-gpu") == 0) require = 1;
-    }
-    if (e != cudaSuccess || gpus == 0) {
-        printf("test_nccl_layout: no GPU, %s (%s)\n", require ? "FAILED (--require-gpu)" : "skipped",
-               e != cudaSuccess ? cudaGetErrorString(e) : "0 devices");
-        return require ? 1 : 0;
-    }
-    if (gpus > max) gpus = max;
-    if (gpus > MAX_GPUS) gpus = MAX_GPUS;
-#ifdef MOE_EP_NCCL_NO_LAYER
-    printf("test_nccl_layout: %d GPU(s), transport only (MOE_EP_NCCL_NO_LAYER)\n", gpus);
-#else
-    printf("test_nccl_layout: %d GPU(s)\n", gpus);
-#endif
-    for (size = 1; size <= gpus; size *= 2) {
-        world w;
-        int ep, tp;
-        if (getenv("MOE_EP_TEST_PROGRESS")) { printf("      world %d: ncclCommInitAll\n", size); fflush(stdout); }
-        memset(&w, 0, sizeof w);
-        if (!make_world(&w, size)) { g_failures++; continue; }
-        /* every EP x TP x DP of this size */
-        for (tp = 1; tp <= size; tp *= 2)
-            for (ep = 1; ep * tp <= size; ep *= 2) {
-                if (w.aborted) {
-                    printf("FAIL  world=%d EP %d x TP %d x DP %d  not run: a world communicator was aborted\n", size, ep, tp,
-                           size / (ep * tp));
-                    g_checks++;
-                    g_failures++;
-                    continue;
-                }
-                run_layout(&w, ep, tp, size / (ep * tp));
+/* One world size: every EP x TP x DP layout of it, then the bad split (last: a failure there
+   hides none of the layouts). */
+static void run_size(int size) {
+    world w;
+    int ep, tp;
+    if (getenv("MOE_EP_TEST_PROGRESS")) { printf("      world %d: ncclCommInitAll\n", size); fflush(stdout); }
+    memset(&w, 0, sizeof w);
+    if (!make_world(&w, size)) return;
+    for (tp = 1; tp <= size; tp *= 2)
+        for (ep = 1; ep * tp <= size; ep *= 2) {
+            if (w.aborted) {
+                gpu_fact(1, "world=%d EP %d x TP %d x DP %d  not run: a world communicator was aborted", size, ep, tp,
+                         size / (ep * tp));
+                continue;
             }
-        if (!w.aborted) run_bad_split(&w);
-        free_world(&w);
-    }
-    printf("test_nccl_layout: %d of %d checks passed\n", g_checks - g_failures, g_checks);
-    return g_failures > 255 ? 255 : g_failures;
+            run_layout(&w, ep, tp, size / (ep * tp));
+        }
+    free_world(&w);
 }
+
+static void banner(int gpus) {
+    printf("%s: %d GPU(s)\n", PROGRAM, gpus);
+}
+
+int main(int argc, char** argv) {
+    return gpu_main(argc, argv, PROGRAM, 0, run_size, banner);
+}
+
+#if !defined(MOE_EP_NCCL_IMPL_INCLUDED) || !defined(MOE_EP_CUDA_IMPL_INCLUDED)
+#error "MOE_EP_IMPLEMENTATION did not build the NCCL transport and the GPU layer"
+#endif
