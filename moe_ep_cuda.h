@@ -492,7 +492,8 @@ MOE_EP_PRIVATE moe_ep_result moe_ep__cuda_blas(moe_ep_cuda_layer* L, cublasStatu
                              "%s: %s", what, cublasGetStatusString(s));
 }
 
-MOE_EP_PRIVATE moe_ep_result moe_ep__cuda_net_fail(moe_ep_cuda_layer* L, moe_ep_result r, const char* what, const char* err) {
+MOE_EP_PRIVATE moe_ep_result moe_ep__cuda_net_fail(moe_ep_cuda_layer* L, moe_ep_result r, const char* what,
+                                                   const char* err) {
     return moe_ep__cuda_fail(L, r, "%s: %s%s%s", what, moe_ep_result_string(r), err[0] ? ": " : "", err);
 }
 
@@ -709,7 +710,8 @@ MOE_EP_PRIVATE moe_ep_result moe_ep__cuda_direct_local(moe_ep_cuda_layer* L, moe
         res = moe_ep__cuda_cuda(L, cudaHostGetDevicePointer((void**)&L->g.ctl, L->ctl_host, 0),
                                 "direct path: control words");
     }
-    if (res == MOE_EP_OK) res = moe_ep__cuda_cuda(L, cudaIpcGetMemHandle(&card->handle, L->region), "cudaIpcGetMemHandle");
+    if (res == MOE_EP_OK) res = moe_ep__cuda_cuda(L, cudaIpcGetMemHandle(&card->handle, L->region),
+                                                  "cudaIpcGetMemHandle");
     if (res != MOE_EP_OK) return res;
     L->g.counters = (unsigned*)(L->region + (size_t)4 * L->world_size * 8);
     card->boot = moe_ep__cuda_boot_id();
@@ -736,7 +738,8 @@ MOE_EP_PRIVATE moe_ep_result moe_ep__cuda_direct_reach(moe_ep_cuda_layer* L, int
         if (card->device != mine->device) {
             e = cudaDeviceCanAccessPeer(&can, (int)mine->device, (int)card->device);
             if (e != cudaSuccess || !can)
-                return moe_ep__cuda_fail(L, MOE_EP_ERROR_UNSUPPORTED, "direct path: GPU %d cannot access GPU %d (rank %d)",
+                return moe_ep__cuda_fail(L, MOE_EP_ERROR_UNSUPPORTED,
+                                         "direct path: GPU %d cannot access GPU %d (rank %d)",
                                          (int)mine->device, (int)card->device, q);
             e = cudaDeviceEnablePeerAccess((int)card->device, 0);
             if (e == cudaErrorPeerAccessAlreadyEnabled) e = cudaSuccess;
@@ -785,7 +788,8 @@ MOE_EP_PRIVATE moe_ep_result moe_ep__cuda_direct_cards(moe_ep_cuda_layer* L, moe
 /* The vote: 0 fine, 1 cannot reach a peer, 2 failed; every rank takes the largest. */
 MOE_EP_PRIVATE int moe_ep__cuda_direct_vote(moe_ep_cuda_layer* L, int verdict, moe_ep_result* res) {
     int64_t mine = verdict, votes[64];
-    int64_t* all = L->world_size <= 64 ? votes : (int64_t*)moe_ep_alloc(&L->desc.allocator, sizeof(int64_t) * (size_t)L->world_size);
+    int64_t* all = L->world_size <= 64 ? votes : (int64_t*)moe_ep_alloc(&L->desc.allocator,
+            sizeof(int64_t) * (size_t)L->world_size);
     moe_ep_agree_desc a = moe_ep__cuda_agree_step(NULL, MOE_EP_OK, &L->desc.allocator);
     moe_ep_result x;
     int q;
@@ -893,8 +897,10 @@ MOE_EP_PRIVATE void moe_ep__cuda_layer_free(moe_ep_cuda_layer* L) {
 MOE_EP_PRIVATE size_t moe_ep__cuda_round16(size_t n) { return (n + 15) & ~(size_t)15; }
 
 MOE_EP_PRIVATE moe_ep_result moe_ep__cuda_reserve_router(moe_ep_cuda_layer* L, int64_t tokens) {
-    size_t slots = (size_t)tokens * (size_t)L->top_k, topk = moe_ep__cuda_round16(slots * sizeof(int32_t)) + slots * sizeof(float);
-    moe_ep_result res = moe_ep__cuda_grow(L, (void**)&L->logits, &L->logits_bytes, (size_t)tokens * (size_t)L->num_experts * sizeof(float), 0, "router buffers");
+    size_t slots = (size_t)tokens * (size_t)L->top_k;
+    size_t topk = moe_ep__cuda_round16(slots * sizeof(int32_t)) + slots * sizeof(float);
+    moe_ep_result res = moe_ep__cuda_grow(L, (void**)&L->logits, &L->logits_bytes,
+                                          (size_t)tokens * (size_t)L->num_experts * sizeof(float), 0, "router buffers");
     if (res == MOE_EP_OK)
         res = moe_ep__cuda_grow(L, (void**)&L->topk_dev, &L->topk_dev_bytes, topk, 0, "router buffers");
     if (res == MOE_EP_OK)
@@ -909,7 +915,8 @@ typedef struct moe_ep__cuda_meta {
     size_t rows, idx, weight, owner, shift, chunk_start, chunk_dest, send_off, table, upload, map, stage, dest, total;
 } moe_ep__cuda_meta;
 
-MOE_EP_PRIVATE moe_ep__cuda_meta moe_ep__cuda_meta_layout(const moe_ep_cuda_layer* L, int64_t slots, int64_t remote_rows) {
+MOE_EP_PRIVATE moe_ep__cuda_meta moe_ep__cuda_meta_layout(const moe_ep_cuda_layer* L, int64_t slots,
+                                                          int64_t remote_rows) {
     moe_ep__cuda_meta m;
     size_t chunks = (size_t)(L->world_size - 1) * (size_t)L->segments;
     m.rows = 0;
@@ -934,9 +941,11 @@ MOE_EP_PRIVATE moe_ep_result moe_ep__cuda_reserve_plan(moe_ep_cuda_layer* L, moe
                                                        int64_t send_rows, int64_t remote_rows) {
     moe_ep__cuda_meta layout = moe_ep__cuda_meta_layout(L, slots, remote_rows);
     size_t meta = layout.total;
-    moe_ep_result res = moe_ep__cuda_grow(L, (void**)&b->send, &b->send_bytes, (size_t)send_rows * L->row_bytes, 0, "plan buffers");
+    moe_ep_result res = moe_ep__cuda_grow(L, (void**)&b->send, &b->send_bytes, (size_t)send_rows * L->row_bytes, 0,
+                                          "plan buffers");
     if (res == MOE_EP_OK && L->desc.a2a_layout == MOE_EP_CUDA_A2A_STAGED)
-        res = moe_ep__cuda_grow(L, (void**)&b->stage, &b->stage_bytes, (size_t)remote_rows * L->row_bytes, 0, "plan buffers");
+        res = moe_ep__cuda_grow(L, (void**)&b->stage, &b->stage_bytes, (size_t)remote_rows * L->row_bytes, 0,
+                                "plan buffers");
     if (res == MOE_EP_OK) res = moe_ep__cuda_grow(L, (void**)&b->meta, &b->meta_bytes, meta, 0, "plan buffers");
     if (res == MOE_EP_OK)
         res = moe_ep__cuda_grow(L, (void**)&b->meta_host, &b->meta_host_bytes, layout.upload, 1, "plan buffers");
@@ -947,9 +956,16 @@ MOE_EP_PRIVATE moe_ep_result moe_ep__cuda_reserve_plan(moe_ep_cuda_layer* L, moe
 MOE_EP_PRIVATE moe_ep_result moe_ep__cuda_reserve_experts(moe_ep_cuda_layer* L, int64_t rows, int forward) {
     moe_ep_result res = MOE_EP_OK;
     if (!L->desc.expert_fn)
-        res = moe_ep__cuda_grow(L, (void**)&L->hidden, &L->hidden_bytes, (size_t)rows * (size_t)L->up_rows * L->elem, 0, "expert buffers");
+        res = moe_ep__cuda_grow(L, (void**)&L->hidden, &L->hidden_bytes, (size_t)rows * (size_t)L->up_rows * L->elem,
+                                0, "expert buffers");
     if (res == MOE_EP_OK && L->partial_f32)
-        res = moe_ep__cuda_grow(L, (void**)&L->partial, &L->partial_bytes, (size_t)rows * (size_t)L->d_model * sizeof(float), 0, "expert buffers");
+        res = moe_ep__cuda_grow(L, (void**)&L->partial, &L->partial_bytes,
+                                (size_t)rows * (size_t)L->d_model * sizeof(float),
+                                0, "expert buffers");
+    if (res == MOE_EP_OK && L->tp_size > 1 && !L->desc.expert_fn)
+        res = moe_ep__cuda_grow(L, (void**)&L->tp_gather, &L->tp_gather_bytes,
+                                (size_t)rows * (size_t)L->d_model * sizeof(float) * (size_t)L->tp_size, 0,
+                                "expert buffers");
     if (res == MOE_EP_OK && forward)
         res = moe_ep__cuda_grow(L, (void**)&L->recv, &L->recv_bytes, (size_t)rows * L->row_bytes, 0, "expert buffers");
     if (res == MOE_EP_OK && forward)
@@ -1098,7 +1114,8 @@ MOE_EP_PRIVATE int moe_ep__cuda_validate(const moe_ep_cuda_layer_desc* d) {
                        "moe_ep_cuda_layer_desc.a2a_layout (%d) is not a moe_ep_cuda_a2a_layout", (int)d->a2a_layout);
     moe_ep__cuda_check(d, rank, &f, d->max_tokens >= 0, "moe_ep_cuda_layer_desc.max_tokens (%lld) must be >= 0",
                        (long long)d->max_tokens);
-    moe_ep__cuda_check(d, rank, &f, d->timeout_ms >= 0, "moe_ep_cuda_layer_desc.timeout_ms (%d) must be >= 0", d->timeout_ms);
+    moe_ep__cuda_check(d, rank, &f, d->timeout_ms >= 0, "moe_ep_cuda_layer_desc.timeout_ms (%d) must be >= 0",
+                       d->timeout_ms);
     moe_ep__cuda_check(d, rank, &f, d->scoring == MOE_EP_SCORING_DEFAULT || d->scoring == MOE_EP_SCORING_SOFTMAX,
                        "moe_ep_cuda_layer_desc.scoring (%d): the GPU router supports softmax", (int)d->scoring);
     moe_ep__cuda_check(d, rank, &f, d->d_model > 0 && d->num_experts > 0 && (d->d_ff > 0 || d->expert_fn),
@@ -1230,7 +1247,8 @@ MOE_EP_PRIVATE moe_ep_result moe_ep__cuda_build_blas(moe_ep_cuda_layer* L) {
     moe_ep_result res = moe_ep__cuda_blas(L, cublasCreate(&L->blas), "cublasCreate");
     if (res == MOE_EP_OK) res = moe_ep__cuda_blas(L, cublasSetStream(L->blas, L->stream), "cublasSetStream");
     /* fp32 stays fp32: no TF32 tensor-op math */
-    if (res == MOE_EP_OK) res = moe_ep__cuda_blas(L, cublasSetMathMode(L->blas, CUBLAS_DEFAULT_MATH), "cublasSetMathMode");
+    if (res == MOE_EP_OK) res = moe_ep__cuda_blas(L, cublasSetMathMode(L->blas, CUBLAS_DEFAULT_MATH),
+                                                  "cublasSetMathMode");
     if (res != MOE_EP_OK) return res;
     /* bf16 with TP: the down projections write fp32 partial sums, which grouped GEMMs
        (one type for A, B and C) cannot */
@@ -1250,9 +1268,11 @@ MOE_EP_PRIVATE moe_ep_result moe_ep__cuda_build_blas(moe_ep_cuda_layer* L) {
         L->group_ops[n + l] = CUBLAS_OP_N;
     }
     res = moe_ep__cuda_cuda(L, cudaMallocHost((void**)&L->ptrs_host, sizeof(void*) * 6 * n), "expert GEMM arrays");
-    if (res == MOE_EP_OK) res = moe_ep__cuda_cuda(L, cudaMalloc((void**)&L->ptrs_dev, sizeof(void*) * 6 * n), "expert GEMM arrays");
+    if (res == MOE_EP_OK) res = moe_ep__cuda_cuda(L, cudaMalloc((void**)&L->ptrs_dev, sizeof(void*) * 6 * n),
+                                                  "expert GEMM arrays");
     if (res == MOE_EP_OK)
-        res = moe_ep__cuda_cuda(L, cudaEventCreateWithFlags(&L->ptrs_uploaded, cudaEventDisableTiming), "expert GEMM arrays");
+        res = moe_ep__cuda_cuda(L, cudaEventCreateWithFlags(&L->ptrs_uploaded, cudaEventDisableTiming),
+                                "expert GEMM arrays");
     return res;
 }
 
@@ -1268,12 +1288,14 @@ MOE_EP_PRIVATE moe_ep_result moe_ep__cuda_build_weights(moe_ep_cuda_layer* L) {
         size_t bytes = (size_t)L->num_experts * L->row_bytes;
         res = moe_ep__cuda_cuda(L, cudaMalloc(&L->router, bytes), "router weights");
         if (res == MOE_EP_OK)
-            res = moe_ep__cuda_cuda(L, cudaMemcpyAsync(L->router, d->router_weight, bytes, cudaMemcpyDefault, L->stream),
+            res = moe_ep__cuda_cuda(L, cudaMemcpyAsync(L->router, d->router_weight, bytes, cudaMemcpyDefault,
+                                                       L->stream),
                                     "copying the router weights");
     }
     if (res != MOE_EP_OK || d->expert_fn || L->local_experts == 0) return res;
     res = moe_ep__cuda_cuda(L, cudaMalloc(&L->w_up, up_each * (size_t)L->local_experts), "expert weights");
-    if (res == MOE_EP_OK) res = moe_ep__cuda_cuda(L, cudaMalloc(&L->w_down, down_each * (size_t)L->local_experts), "expert weights");
+    if (res == MOE_EP_OK) res = moe_ep__cuda_cuda(L, cudaMalloc(&L->w_down, down_each * (size_t)L->local_experts),
+                                                  "expert weights");
     for (l = 0; res == MOE_EP_OK && l < L->local_experts; ++l) {
         char* up = (char*)L->w_up + up_each * (size_t)l;
         res = moe_ep__cuda_cuda(L, cudaMemcpyAsync(up, (const char*)d->experts[l].w1 + skip, half, cudaMemcpyDefault,
@@ -1282,7 +1304,8 @@ MOE_EP_PRIVATE moe_ep_result moe_ep__cuda_build_weights(moe_ep_cuda_layer* L) {
             res = moe_ep__cuda_cuda(L, cudaMemcpyAsync(up + half, (const char*)d->experts[l].w3 + skip, half,
                                                        cudaMemcpyDefault, L->stream), "copying expert weights");
         if (res == MOE_EP_OK)
-            res = moe_ep__cuda_cuda(L, cudaMemcpy2DAsync((char*)L->w_down + down_each * (size_t)l, (size_t)L->d_ff * L->elem,
+            res = moe_ep__cuda_cuda(L, cudaMemcpy2DAsync((char*)L->w_down + down_each * (size_t)l,
+                                                         (size_t)L->d_ff * L->elem,
                                                          (const char*)d->experts[l].w2 + (size_t)L->ff_begin * L->elem,
                                                          (size_t)L->d_ff_full * L->elem, (size_t)L->d_ff * L->elem,
                                                          (size_t)L->d_model, cudaMemcpyDefault, L->stream),
@@ -1353,7 +1376,9 @@ MOE_EP_API void moe_ep_cuda_layer_destroy(moe_ep_cuda_layer* layer) {
 }
 
 MOE_EP_API moe_ep_context* moe_ep_cuda_layer_context(moe_ep_cuda_layer* layer) { return layer ? layer->core : NULL; }
-MOE_EP_API const char* moe_ep_cuda_layer_last_error(const moe_ep_cuda_layer* layer) { return layer ? layer->last_error : ""; }
+MOE_EP_API const char* moe_ep_cuda_layer_last_error(const moe_ep_cuda_layer* layer) {
+    return layer ? layer->last_error : "";
+}
 MOE_EP_API cudaStream_t moe_ep_cuda_layer_stream(const moe_ep_cuda_layer* layer) { return layer ? layer->stream : 0; }
 MOE_EP_API int moe_ep_cuda_layer_direct(const moe_ep_cuda_layer* layer) { return layer ? layer->direct : 0; }
 
@@ -1368,7 +1393,8 @@ MOE_EP_PRIVATE moe_ep_result moe_ep__cuda_enter(moe_ep_cuda_layer* L) {
     moe_ep_result res = moe_ep__cuda_direct_check(L);
     if (res != MOE_EP_OK) return res;
     if (L->broken)
-        return moe_ep__cuda_fail(L, MOE_EP_ERROR_ABORTED, "moe_ep_cuda: an earlier wait timed out and aborted the transport");
+        return moe_ep__cuda_fail(L, MOE_EP_ERROR_ABORTED,
+                                 "moe_ep_cuda: an earlier wait timed out and aborted the transport");
     return moe_ep__cuda_cuda(L, cudaSetDevice(L->device), "cudaSetDevice");
 }
 
@@ -1385,14 +1411,16 @@ MOE_EP_API moe_ep_result moe_ep_cuda_route(moe_ep_cuda_layer* L, const void* x, 
     if (!L->router)
         return moe_ep__cuda_fail(L, MOE_EP_ERROR_INVALID_ARGUMENT,
                                  "moe_ep_cuda_route: the layer has no router_weight: hand in routing instead");
-    if (tokens < 0) return moe_ep__cuda_fail(L, MOE_EP_ERROR_INVALID_ARGUMENT, "moe_ep_cuda_route: tokens (%lld) must be >= 0",
+    if (tokens < 0) return moe_ep__cuda_fail(L, MOE_EP_ERROR_INVALID_ARGUMENT,
+                                             "moe_ep_cuda_route: tokens (%lld) must be >= 0",
                                              (long long)tokens);
     if (tokens == 0) return MOE_EP_OK;
     if (!x || !topk_idx || !topk_weight)
         return moe_ep__cuda_fail(L, MOE_EP_ERROR_INVALID_ARGUMENT,
                                  "moe_ep_cuda_route: x, topk_idx and topk_weight must not be NULL when tokens > 0");
     if (L->desc.max_tokens > 0 && tokens > L->desc.max_tokens)
-        return moe_ep__cuda_fail(L, MOE_EP_ERROR_INVALID_ARGUMENT, "moe_ep_cuda_route: tokens (%lld) must be <= max_tokens (%lld)",
+        return moe_ep__cuda_fail(L, MOE_EP_ERROR_INVALID_ARGUMENT,
+                                 "moe_ep_cuda_route: tokens (%lld) must be <= max_tokens (%lld)",
                                  (long long)tokens, (long long)L->desc.max_tokens);
     res = moe_ep__cuda_reserve_router(L, tokens);
     if (res != MOE_EP_OK) return res;
@@ -1400,9 +1428,11 @@ MOE_EP_API moe_ep_result moe_ep_cuda_route(moe_ep_cuda_layer* L, const void* x, 
     idx_bytes = moe_ep__cuda_round16(slots * sizeof(int32_t));
     idx_dev = (int32_t*)L->topk_dev;
     weight_dev = (float*)((char*)L->topk_dev + idx_bytes);
-    res = moe_ep__cuda_linear(L, L->blas, L->router, L->num_experts, L->d_model, x, L->d_model, tokens, L->logits, L->num_experts, CUDA_R_32F, "router logits");
+    res = moe_ep__cuda_linear(L, L->blas, L->router, L->num_experts, L->d_model, x, L->d_model, tokens, L->logits,
+                              L->num_experts, CUDA_R_32F, "router logits");
     if (res != MOE_EP_OK) return res;
-    res = moe_ep__cuda_cuda(L, (cudaError_t)moe_ep__cuda_k_topk((const float*)L->logits, tokens, L->num_experts, L->top_k,
+    res = moe_ep__cuda_cuda(L, (cudaError_t)moe_ep__cuda_k_topk((const float*)L->logits, tokens, L->num_experts,
+                                                                L->top_k,
                                                                 L->desc.normalize_topk, idx_dev, weight_dev, L->stream),
                             "router top-k kernel");
     if (res == MOE_EP_OK)
@@ -1454,7 +1484,8 @@ MOE_EP_PRIVATE moe_ep_result moe_ep__cuda_upload_plan(moe_ep_cuda_layer* L, moe_
     int64_t* chunk_start = (int64_t*)(host + m.chunk_start);
     int64_t* chunk_dest = (int64_t*)(host + m.chunk_dest);
     moe_ep_result res;
-    if (S != L->segments) return moe_ep__cuda_fail(L, MOE_EP_ERROR_INTERNAL, "plan has %d segments, expected %d", S, L->segments);
+    if (S != L->segments) return moe_ep__cuda_fail(L, MOE_EP_ERROR_INTERNAL, "plan has %d segments, expected %d", S,
+                                                   L->segments);
     if (P->bufs.uploaded) {
         res = moe_ep__cuda_cuda(L, cudaEventSynchronize(P->bufs.uploaded), "plan upload");
         if (res != MOE_EP_OK) return res;
@@ -1572,7 +1603,8 @@ MOE_EP_PRIVATE moe_ep_result moe_ep__cuda_plan_build(moe_ep_cuda_layer* L, int64
         if (P->info.send_rows > 0x3FFFFFFF || P->info.recv_rows > 0x3FFFFFFF)
             status = moe_ep__cuda_fail(L, MOE_EP_ERROR_UNSUPPORTED, "moe_ep_cuda_plan_create: more than 2^30 rows");
         if (status == MOE_EP_OK)
-            status = moe_ep__cuda_reserve_plan(L, &P->bufs, P->info.tokens * L->top_k, P->info.send_rows, P->remote_rows);
+            status = moe_ep__cuda_reserve_plan(L, &P->bufs, P->info.tokens * L->top_k, P->info.send_rows,
+                                               P->remote_rows);
         if (status == MOE_EP_OK) status = moe_ep__cuda_reserve_experts(L, P->info.recv_rows, forward);
         status = moe_ep__cuda_verdict(L, status, "moe_ep_cuda_plan_create");
     }
@@ -1591,9 +1623,11 @@ MOE_EP_API moe_ep_result moe_ep_cuda_plan_create(moe_ep_cuda_layer* L, int64_t t
                                                  const float* topk_weight, moe_ep_cuda_plan** out) {
     moe_ep_result status = L ? moe_ep__cuda_enter(L) : MOE_EP_ERROR_INVALID_ARGUMENT;
     if (status != MOE_EP_OK) return status;
-    if (!out) status = moe_ep__cuda_fail(L, MOE_EP_ERROR_INVALID_ARGUMENT, "moe_ep_cuda_plan_create: out must not be NULL");
+    if (!out) status = moe_ep__cuda_fail(L, MOE_EP_ERROR_INVALID_ARGUMENT,
+                                         "moe_ep_cuda_plan_create: out must not be NULL");
     else if (tokens < 0)
-        status = moe_ep__cuda_fail(L, MOE_EP_ERROR_INVALID_ARGUMENT, "moe_ep_cuda_plan_create: tokens (%lld) must be >= 0",
+        status = moe_ep__cuda_fail(L, MOE_EP_ERROR_INVALID_ARGUMENT,
+                                   "moe_ep_cuda_plan_create: tokens (%lld) must be >= 0",
                                    (long long)tokens);
     return moe_ep__cuda_plan_build(L, tokens, topk_idx, topk_weight, status, 0, out);
 }
@@ -1714,7 +1748,8 @@ MOE_EP_PRIVATE moe_ep_result moe_ep__cuda_dispatch_begin(moe_ep_cuda_layer* L, m
     int alone = L->world_size == 1;
     if (res != MOE_EP_OK) return res;
     if ((P->info.tokens > 0 && !x) || (P->info.recv_rows > 0 && !recv_rows))
-        return moe_ep__cuda_fail(L, MOE_EP_ERROR_INVALID_ARGUMENT, "moe_ep_cuda_dispatch: x and recv_rows must not be NULL");
+        return moe_ep__cuda_fail(L, MOE_EP_ERROR_INVALID_ARGUMENT,
+                                 "moe_ep_cuda_dispatch: x and recv_rows must not be NULL");
     if (L->direct) {
         /* one store per row into its owner's region; the wait is in dispatch_end */
         uint64_t epoch;
@@ -1723,7 +1758,8 @@ MOE_EP_PRIVATE moe_ep_result moe_ep__cuda_dispatch_begin(moe_ep_cuda_layer* L, m
                                      "moe_ep_cuda_dispatch: the plan dispatched before must be combined first "
                                      "(the direct path has one set of buffers)");
         epoch = L->xfer_epoch + 1;
-        res = moe_ep__cuda_kernel(L, moe_ep__cuda_k_direct_push(L->g, x, P->dest, P->info.tokens, L->top_k, L->row_bytes,
+        res = moe_ep__cuda_kernel(L, moe_ep__cuda_k_direct_push(L->g, x, P->dest, P->info.tokens, L->top_k,
+                                                                L->row_bytes,
                                                                 epoch, L->stream), "direct push kernel");
         if (res != MOE_EP_OK) return res;
         L->xfer_epoch = epoch;
@@ -1734,7 +1770,8 @@ MOE_EP_PRIVATE moe_ep_result moe_ep__cuda_dispatch_begin(moe_ep_cuda_layer* L, m
         P->open_rows = recv_rows;
         return MOE_EP_OK;
     }
-    res = moe_ep__cuda_cuda(L, (cudaError_t)moe_ep__cuda_k_permute(x, P->bufs.send, recv_rows, P->slot_map, P->info.tokens,
+    res = moe_ep__cuda_cuda(L, (cudaError_t)moe_ep__cuda_k_permute(x, P->bufs.send, recv_rows, P->slot_map,
+                                                                   P->info.tokens,
                                                                    L->top_k, L->row_bytes, alone ? 3 : 1, L->stream),
                             "permute kernel");
     if (res == MOE_EP_OK && !alone) res = moe_ep__cuda_start(L, P, 1, (char*)recv_rows);
@@ -1773,7 +1810,8 @@ MOE_EP_API moe_ep_result moe_ep_cuda_dispatch_begin(moe_ep_cuda_layer* L, moe_ep
     return moe_ep__cuda_dispatch_begin(L, P, x, recv_rows);
 }
 
-MOE_EP_API moe_ep_result moe_ep_cuda_dispatch(moe_ep_cuda_layer* L, moe_ep_cuda_plan* P, const void* x, void* recv_rows) {
+MOE_EP_API moe_ep_result moe_ep_cuda_dispatch(moe_ep_cuda_layer* L, moe_ep_cuda_plan* P, const void* x,
+                                              void* recv_rows) {
     moe_ep_result res = moe_ep__cuda_dispatch_begin(L, P, x, recv_rows);
     if (res != MOE_EP_OK) return res;
     return moe_ep_cuda_dispatch_end(L, P);
@@ -1787,8 +1825,9 @@ MOE_EP_PRIVATE moe_ep_result moe_ep__cuda_grouped_experts(moe_ep_cuda_layer* L, 
                                                           void* out) {
     size_t rb = L->row_bytes, hb = (size_t)L->up_rows * L->elem;
     int* m = L->group_ints;
-    int *n = m + L->local_experts, *k = m + 2 * L->local_experts, *lda = m + 3 * L->local_experts, *ldb = m + 4 * L->local_experts, *ldc = m + 5 * L->local_experts;
-    int* sizes = m + 8 * L->local_experts;
+    int E = L->local_experts;
+    int *n = m + E, *k = m + 2 * E, *lda = m + 3 * E, *ldb = m + 4 * E, *ldc = m + 5 * E;
+    int* sizes = m + 8 * E;
     cudaDataType_t t = moe_ep__cuda_cuda_type(L);
     int g = 0, l, pass;
     cublasStatus_t st;
@@ -1797,23 +1836,23 @@ MOE_EP_PRIVATE moe_ep_result moe_ep__cuda_grouped_experts(moe_ep_cuda_layer* L, 
     /* the previous call's upload must be done before its pinned source is rewritten */
     res = moe_ep__cuda_cuda(L, cudaEventSynchronize(L->ptrs_uploaded), "expert GEMM arrays");
     if (res != MOE_EP_OK) return res;
-    for (l = 0; l < L->local_experts; ++l) {
+    for (l = 0; l < E; ++l) {
         int64_t rows_l = P->info.local_expert_counts[l], first = P->info.local_expert_offsets[l];
         if (rows_l == 0) continue;
         n[g] = (int)rows_l;
         ptr[g] = (char*)L->w_up + (size_t)l * L->up_rows * rb;
-        ptr[L->local_experts + g] = (char*)(uintptr_t)rows + (size_t)first * rb;
-        ptr[2 * L->local_experts + g] = (char*)L->hidden + (size_t)first * hb;
-        ptr[3 * L->local_experts + g] = (char*)L->w_down + (size_t)l * L->d_ff * rb;
-        ptr[4 * L->local_experts + g] = (char*)L->hidden + (size_t)first * hb;
-        ptr[5 * L->local_experts + g] = (char*)out + (size_t)first * rb;
+        ptr[E + g] = (char*)(uintptr_t)rows + (size_t)first * rb;
+        ptr[2 * E + g] = (char*)L->hidden + (size_t)first * hb;
+        ptr[3 * E + g] = (char*)L->w_down + (size_t)l * L->d_ff * rb;
+        ptr[4 * E + g] = (char*)L->hidden + (size_t)first * hb;
+        ptr[5 * E + g] = (char*)out + (size_t)first * rb;
         ++g;
     }
-    res = moe_ep__cuda_cuda(L, cudaMemcpyAsync(L->ptrs_dev, L->ptrs_host, sizeof(void*) * 6 * (size_t)L->local_experts,
+    res = moe_ep__cuda_cuda(L, cudaMemcpyAsync(L->ptrs_dev, L->ptrs_host, sizeof(void*) * 6 * (size_t)E,
                                                cudaMemcpyHostToDevice, L->stream), "expert GEMM arrays");
     if (res == MOE_EP_OK) res = moe_ep__cuda_cuda(L, cudaEventRecord(L->ptrs_uploaded, L->stream), "expert GEMM arrays");
     for (pass = 0; res == MOE_EP_OK && pass < 2; ++pass) {
-        void** dev = L->ptrs_dev + 3 * (size_t)pass * L->local_experts;
+        void** dev = L->ptrs_dev + 3 * (size_t)pass * E;
         int i;
         for (i = 0; i < g; ++i) {   /* up: [n, up_rows] = rows . w_up^T; down: [n, d] = hidden . w_down^T */
             m[i] = pass ? L->d_model : L->up_rows;
@@ -1822,9 +1861,9 @@ MOE_EP_PRIVATE moe_ep_result moe_ep__cuda_grouped_experts(moe_ep_cuda_layer* L, 
             ldb[i] = pass ? L->up_rows : L->d_model;
             ldc[i] = pass ? L->d_model : L->up_rows;
         }
-        st = cublasGemmGroupedBatchedEx(L->blas, L->group_ops, L->group_ops + L->local_experts, m, n, k, L->group_scalars,
-                                        (const void* const*)dev, t, lda, (const void* const*)(dev + L->local_experts), t, ldb,
-                                        L->group_scalars + L->local_experts, (void* const*)(dev + 2 * L->local_experts), t, ldc, g, sizes,
+        st = cublasGemmGroupedBatchedEx(L->blas, L->group_ops, L->group_ops + E, m, n, k, L->group_scalars,
+                                        (const void* const*)dev, t, lda, (const void* const*)(dev + E), t, ldb,
+                                        L->group_scalars + E, (void* const*)(dev + 2 * E), t, ldc, g, sizes,
                                         CUBLAS_COMPUTE_32F);
         if (pass == 0 && (st == CUBLAS_STATUS_NOT_SUPPORTED || st == CUBLAS_STATUS_INVALID_VALUE))
             return MOE_EP_ERROR_UNSUPPORTED;
@@ -1867,15 +1906,18 @@ MOE_EP_PRIVATE moe_ep_result moe_ep__cuda_local_experts(moe_ep_cuda_layer* L, mo
                                   (const char*)rows + (size_t)first * rb, L->d_model, n, hidden, L->up_rows,
                                   moe_ep__cuda_cuda_type(L), "expert up projection");
         if (res == MOE_EP_OK)
-            res = moe_ep__cuda_cuda(L, (cudaError_t)moe_ep__cuda_k_activation(hidden, n, L->d_ff, L->up_rows, L->activation,
+            res = moe_ep__cuda_cuda(L, (cudaError_t)moe_ep__cuda_k_activation(hidden, n, L->d_ff, L->up_rows,
+                    L->activation,
                                                                               moe_ep__cuda_kdtype[L->dtype], stream),
                                     "activation kernel");
         if (res == MOE_EP_OK && L->partial_f32)
-            res = moe_ep__cuda_linear(L, blas, (const char*)L->w_down + (size_t)l * L->d_ff * rb, L->d_model, L->d_ff, hidden,
+            res = moe_ep__cuda_linear(L, blas, (const char*)L->w_down + (size_t)l * L->d_ff * rb, L->d_model, L->d_ff,
+                                      hidden,
                                       L->up_rows, n, (float*)L->partial + (size_t)first * (size_t)L->d_model, L->d_model,
                                       CUDA_R_32F, "expert down projection");
         else if (res == MOE_EP_OK)
-            res = moe_ep__cuda_linear(L, blas, (const char*)L->w_down + (size_t)l * L->d_ff * rb, L->d_model, L->d_ff, hidden,
+            res = moe_ep__cuda_linear(L, blas, (const char*)L->w_down + (size_t)l * L->d_ff * rb, L->d_model, L->d_ff,
+                                      hidden,
                                       L->up_rows, n, (char*)out + (size_t)first * rb, L->d_model, moe_ep__cuda_cuda_type(L),
                                       "expert down projection");
     }
@@ -1962,7 +2004,8 @@ MOE_EP_PRIVATE moe_ep_result moe_ep__cuda_combine_begin(moe_ep_cuda_layer* L, mo
     moe_ep_result res = moe_ep__cuda_check_stage(L, P, "moe_ep_cuda_combine", 0), status = MOE_EP_OK;
     if (res != MOE_EP_OK) return res;
     if (P->info.recv_rows > 0 && !expert_out)
-        status = moe_ep__cuda_fail(L, MOE_EP_ERROR_INVALID_ARGUMENT, "moe_ep_cuda_combine: expert_out must not be NULL");
+        status = moe_ep__cuda_fail(L, MOE_EP_ERROR_INVALID_ARGUMENT,
+                                   "moe_ep_cuda_combine: expert_out must not be NULL");
     /* A callback can fail on one rank: tell the others before they wait for its rows. */
     if (L->desc.expert_fn) {
         if (status == MOE_EP_OK) status = P->expert_status;
@@ -2009,7 +2052,8 @@ MOE_EP_API moe_ep_result moe_ep_cuda_combine_end(moe_ep_cuda_layer* L, moe_ep_cu
         L->open_plan = NULL;
         if (P->info.tokens > 0 && !y)
             return moe_ep__cuda_fail(L, MOE_EP_ERROR_INVALID_ARGUMENT, "moe_ep_cuda_combine: y must not be NULL");
-        return moe_ep__cuda_kernel(L, moe_ep__cuda_k_direct_combine(L->g, P->dest, P->weight, y, P->info.tokens, L->top_k, L->d_model,
+        return moe_ep__cuda_kernel(L, moe_ep__cuda_k_direct_combine(L->g, P->dest, P->weight, y, P->info.tokens,
+                                                                    L->top_k, L->d_model,
                                                                     moe_ep__cuda_kdtype[L->dtype], epoch, L->stream),
                                    "direct combine kernel");
     }
@@ -2017,13 +2061,15 @@ MOE_EP_API moe_ep_result moe_ep_cuda_combine_end(moe_ep_cuda_layer* L, moe_ep_cu
     if (res != MOE_EP_OK) return res;
     if (P->info.tokens > 0 && !y)
         return moe_ep__cuda_fail(L, MOE_EP_ERROR_INVALID_ARGUMENT, "moe_ep_cuda_combine: y must not be NULL");
-    return moe_ep__cuda_cuda(L, (cudaError_t)moe_ep__cuda_k_unpermute(P->bufs.send, P->open_local, P->slot_map, P->weight, y,
+    return moe_ep__cuda_cuda(L, (cudaError_t)moe_ep__cuda_k_unpermute(P->bufs.send, P->open_local, P->slot_map,
+                                                                      P->weight, y,
                                                                       P->info.tokens, L->top_k, L->d_model,
                                                                       moe_ep__cuda_kdtype[L->dtype], L->stream),
                              "un-permute kernel");
 }
 
-MOE_EP_API moe_ep_result moe_ep_cuda_combine(moe_ep_cuda_layer* L, moe_ep_cuda_plan* P, const void* expert_out, void* y) {
+MOE_EP_API moe_ep_result moe_ep_cuda_combine(moe_ep_cuda_layer* L, moe_ep_cuda_plan* P, const void* expert_out,
+                                             void* y) {
     moe_ep_result res = moe_ep__cuda_combine_begin(L, P, expert_out);
     if (res != MOE_EP_OK) return res;
     return moe_ep_cuda_combine_end(L, P, y);
@@ -2041,7 +2087,8 @@ MOE_EP_API moe_ep_result moe_ep_cuda_forward(moe_ep_cuda_layer* L, const moe_ep_
     if (status != MOE_EP_OK) return status;
     if (!a) status = moe_ep__cuda_fail(L, MOE_EP_ERROR_INVALID_ARGUMENT, "moe_ep_cuda_forward: args must not be NULL");
     else if (a->tokens < 0)
-        status = moe_ep__cuda_fail(L, MOE_EP_ERROR_INVALID_ARGUMENT, "moe_ep_cuda_forward_args.tokens (%lld) must be >= 0",
+        status = moe_ep__cuda_fail(L, MOE_EP_ERROR_INVALID_ARGUMENT,
+                                   "moe_ep_cuda_forward_args.tokens (%lld) must be >= 0",
                                    (long long)a->tokens);
     else if (a->tokens > 0 && (!a->x || !a->y))
         status = moe_ep__cuda_fail(L, MOE_EP_ERROR_INVALID_ARGUMENT,
