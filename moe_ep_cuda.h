@@ -392,20 +392,20 @@ struct moe_ep_cuda_layer {
     cudaStream_t stream;
     cublasHandle_t blas;
     int grouped;                    /* 0 loop, 1 grouped, 2 grouped for small experts */
-    int* group_ints;                /* host [9 * L]: m, n, k, lda, ldb, ldc of a projection, group sizes */
-    float* group_scalars;           /* host [2 * L]: alpha, beta */
-    cublasOperation_t* group_ops;   /* host [2 * L]: transa, transb */
-    void** ptrs_host;               /* pinned [6 * L]: A, B, C of the up and the down projection */
+    int* group_ints;                /* host [9 * local_experts]: m, n, k, lda, ldb, ldc of a projection, group sizes */
+    float* group_scalars;           /* host [2 * local_experts]: alpha, beta */
+    cublasOperation_t* group_ops;   /* host [2 * local_experts]: transa, transb */
+    void** ptrs_host;               /* pinned [6 * local_experts]: A, B, C of the up and the down projection */
     void** ptrs_dev;
     cudaEvent_t ptrs_uploaded;
     int rank, world_size, dtype, d_model, d_ff, num_experts, top_k, local_experts, segments, up_rows, activation;
     size_t elem, row_bytes;
-    int* owner_of;                  /* [E] */
-    int* local_index_of;            /* [E] */
-    int* local_ids;                 /* [L] global id of each local expert */
-    void* router;                   /* device [E, d] */
-    void* w_up;                     /* device [L, up_rows, d] */
-    void* w_down;                   /* device [L, d, ff] */
+    int* owner_of;                  /* [num_experts] */
+    int* local_index_of;            /* [num_experts] */
+    int* local_ids;                 /* [local_experts] global id of each one */
+    void* router;                   /* device [num_experts, d_model] */
+    void* w_up;                     /* device [local_experts, up_rows, d_model] */
+    void* w_down;                   /* device [local_experts, d_model, d_ff] */
     void* logits; size_t logits_bytes;
     void* topk_dev; size_t topk_dev_bytes;
     void* topk_host; size_t topk_host_bytes;
@@ -425,7 +425,7 @@ struct moe_ep_cuda_layer {
     char** peer_dev;                /* device copy of peer_host */
     int32_t* expert_at;             /* device [2E]: each expert's rank, then its local index */
     int* ctl_host;                  /* host-mapped [2]: [1] a direct wait timed out */
-    moe_ep__cuda_k_direct g;        /* what the direct kernels get */
+    moe_ep__cuda_k_direct direct_args;  /* what the direct kernels get */
     uint64_t plan_epoch, xfer_epoch;
     moe_ep_cuda_plan* open_plan;    /* dispatched directly and not combined yet */
     moe_ep__cuda_buffers spare;     /* plan buffers of the last destroyed plan */
@@ -683,13 +683,13 @@ MOE_EP_PRIVATE moe_ep_result moe_ep__cuda_direct_local(moe_ep_cuda_layer* L, moe
     }
     L->region_rows = rows;
     L->region_bytes = head + 2 * rows_bytes;
-    memset(&L->g, 0, sizeof L->g);
-    L->g.rank = L->rank;
-    L->g.world = L->world_size;
-    L->g.table_off = flags;
-    L->g.recv_off = head;
-    L->g.out_off = head + rows_bytes;
-    L->g.timeout_ns = L->desc.timeout_ms > 0 ? (uint64_t)L->desc.timeout_ms * 1000000u : 0;
+    memset(&L->direct_args, 0, sizeof L->direct_args);
+    L->direct_args.rank = L->rank;
+    L->direct_args.world = L->world_size;
+    L->direct_args.table_off = flags;
+    L->direct_args.recv_off = head;
+    L->direct_args.out_off = head + rows_bytes;
+    L->direct_args.timeout_ns = L->desc.timeout_ms > 0 ? (uint64_t)L->desc.timeout_ms * 1000000u : 0;
     res = moe_ep__cuda_cuda(L, cudaMalloc((void**)&L->region, L->region_bytes), "direct path: region");
     if (res == MOE_EP_OK) res = moe_ep__cuda_cuda(L, cudaMemset(L->region, 0, flags), "direct path: region");
     if (res == MOE_EP_OK)
@@ -707,17 +707,17 @@ MOE_EP_PRIVATE moe_ep_result moe_ep__cuda_direct_local(moe_ep_cuda_layer* L, moe
                                 "direct path: control words");
     if (res == MOE_EP_OK) {
         L->ctl_host[0] = L->ctl_host[1] = 0;
-        res = moe_ep__cuda_cuda(L, cudaHostGetDevicePointer((void**)&L->g.ctl, L->ctl_host, 0),
+        res = moe_ep__cuda_cuda(L, cudaHostGetDevicePointer((void**)&L->direct_args.ctl, L->ctl_host, 0),
                                 "direct path: control words");
     }
     if (res == MOE_EP_OK) res = moe_ep__cuda_cuda(L, cudaIpcGetMemHandle(&card->handle, L->region),
                                                   "cudaIpcGetMemHandle");
     if (res != MOE_EP_OK) return res;
-    L->g.counters = (unsigned*)(L->region + (size_t)4 * L->world_size * 8);
+    L->direct_args.counters = (unsigned*)(L->region + (size_t)4 * L->world_size * 8);
     card->boot = moe_ep__cuda_boot_id();
     card->pid = (int64_t)getpid();
     card->device = L->device;
-    card->out_off = (int64_t)L->g.out_off;
+    card->out_off = (int64_t)L->direct_args.out_off;
     card->address = (uint64_t)(uintptr_t)L->region;
     return MOE_EP_OK;
 }
@@ -834,10 +834,10 @@ MOE_EP_PRIVATE moe_ep_result moe_ep__cuda_direct_setup(moe_ep_cuda_layer* L, moe
         /* the forward's expert-side rows live in the region from now on */
         if (L->recv) cudaFree(L->recv);
         if (L->out) cudaFree(L->out);
-        L->recv = L->region + L->g.recv_off;
-        L->out = L->region + L->g.out_off;
+        L->recv = L->region + L->direct_args.recv_off;
+        L->out = L->region + L->direct_args.out_off;
         L->recv_bytes = L->out_bytes = (size_t)L->region_rows * L->row_bytes;
-        L->g.peers = L->peer_dev;
+        L->direct_args.peers = L->peer_dev;
         L->direct = 1;
         return MOE_EP_OK;
     }
@@ -1188,7 +1188,7 @@ MOE_EP_PRIVATE moe_ep_result moe_ep__cuda_layer_alloc(const moe_ep_cuda_layer_de
     return MOE_EP_OK;
 }
 
-/* create, step 4: the shape the core resolved, this rank's d_ff slice and the sizes. */
+/* build, first: the shape the core resolved, this rank's d_ff slice and the sizes. */
 MOE_EP_PRIVATE void moe_ep__cuda_layer_shape(moe_ep_cuda_layer* L) {
     moe_ep_desc core = moe_ep_query(L->core);
     L->desc.top_k = core.top_k;
@@ -1527,11 +1527,11 @@ MOE_EP_PRIVATE moe_ep_result moe_ep__cuda_upload_plan(moe_ep_cuda_layer* L, moe_
     if (res == MOE_EP_OK && L->direct) {
         /* publish this rank's receive offsets, then learn where each slot's row goes */
         uint64_t epoch = ++L->plan_epoch;
-        res = moe_ep__cuda_kernel(L, moe_ep__cuda_k_direct_publish(L->g, (const int64_t*)(dev + m.table),
+        res = moe_ep__cuda_kernel(L, moe_ep__cuda_k_direct_publish(L->direct_args, (const int64_t*)(dev + m.table),
                                                                    (int64_t)L->world_size * S, epoch, L->stream),
                                   "direct publish kernel");
         if (res == MOE_EP_OK)
-            res = moe_ep__cuda_kernel(L, moe_ep__cuda_k_direct_resolve(L->g, P->slot_map, (const int32_t*)(dev + m.idx),
+            res = moe_ep__cuda_kernel(L, moe_ep__cuda_k_direct_resolve(L->direct_args, P->slot_map, (const int32_t*)(dev + m.idx),
                                                                        L->expert_at, L->num_experts,
                                                                        (const int64_t*)(dev + m.send_off), S, slots,
                                                                        P->dest, epoch, L->stream),
@@ -1646,7 +1646,7 @@ MOE_EP_API void moe_ep_cuda_plan_destroy(moe_ep_cuda_plan* P) {
     }
     if (P->xfer) {
         /* dispatched directly but never combined: free the peers' next dispatch all the same */
-        if (!P->out_sent) moe_ep__cuda_k_direct_signal(L->g, MOE_EP__CUDA_PHASE_OUT, P->xfer, L->stream);
+        if (!P->out_sent) moe_ep__cuda_k_direct_signal(L->direct_args, MOE_EP__CUDA_PHASE_OUT, P->xfer, L->stream);
         if (L->open_plan == P) L->open_plan = NULL;
     }
     moe_ep__cuda_release_buffers(L, &P->bufs);
@@ -1758,7 +1758,7 @@ MOE_EP_PRIVATE moe_ep_result moe_ep__cuda_dispatch_begin(moe_ep_cuda_layer* L, m
                                      "moe_ep_cuda_dispatch: the plan dispatched before must be combined first "
                                      "(the direct path has one set of buffers)");
         epoch = L->xfer_epoch + 1;
-        res = moe_ep__cuda_kernel(L, moe_ep__cuda_k_direct_push(L->g, x, P->dest, P->info.tokens, L->top_k,
+        res = moe_ep__cuda_kernel(L, moe_ep__cuda_k_direct_push(L->direct_args, x, P->dest, P->info.tokens, L->top_k,
                                                                 L->row_bytes,
                                                                 epoch, L->stream), "direct push kernel");
         if (res != MOE_EP_OK) return res;
@@ -1790,7 +1790,7 @@ MOE_EP_API moe_ep_result moe_ep_cuda_dispatch_end(moe_ep_cuda_layer* L, moe_ep_c
     if (res != MOE_EP_OK) return res;
     P->pending = 0;
     if (P->xfer) {
-        res = moe_ep__cuda_kernel(L, moe_ep__cuda_k_direct_wait(L->g, MOE_EP__CUDA_PHASE_DATA, P->xfer, L->stream),
+        res = moe_ep__cuda_kernel(L, moe_ep__cuda_k_direct_wait(L->direct_args, MOE_EP__CUDA_PHASE_DATA, P->xfer, L->stream),
                                   "direct wait kernel");
         if (res == MOE_EP_OK && P->open_rows != L->recv && P->info.recv_rows > 0)
             res = moe_ep__cuda_cuda(L, cudaMemcpyAsync(P->open_rows, L->recv, (size_t)P->info.recv_rows * L->row_bytes,
@@ -2019,7 +2019,7 @@ MOE_EP_PRIVATE moe_ep_result moe_ep__cuda_combine_begin(moe_ep_cuda_layer* L, mo
             res = moe_ep__cuda_cuda(L, cudaMemcpyAsync(L->out, expert_out, (size_t)P->info.recv_rows * L->row_bytes,
                                                        cudaMemcpyDeviceToDevice, L->stream), "moe_ep_cuda_combine");
         if (res == MOE_EP_OK)
-            res = moe_ep__cuda_kernel(L, moe_ep__cuda_k_direct_signal(L->g, MOE_EP__CUDA_PHASE_OUT, P->xfer, L->stream),
+            res = moe_ep__cuda_kernel(L, moe_ep__cuda_k_direct_signal(L->direct_args, MOE_EP__CUDA_PHASE_OUT, P->xfer, L->stream),
                                       "direct signal kernel");
         if (res != MOE_EP_OK) return res;
         P->out_sent = 1;
@@ -2052,7 +2052,7 @@ MOE_EP_API moe_ep_result moe_ep_cuda_combine_end(moe_ep_cuda_layer* L, moe_ep_cu
         L->open_plan = NULL;
         if (P->info.tokens > 0 && !y)
             return moe_ep__cuda_fail(L, MOE_EP_ERROR_INVALID_ARGUMENT, "moe_ep_cuda_combine: y must not be NULL");
-        return moe_ep__cuda_kernel(L, moe_ep__cuda_k_direct_combine(L->g, P->dest, P->weight, y, P->info.tokens,
+        return moe_ep__cuda_kernel(L, moe_ep__cuda_k_direct_combine(L->direct_args, P->dest, P->weight, y, P->info.tokens,
                                                                     L->top_k, L->d_model,
                                                                     moe_ep__cuda_kdtype[L->dtype], epoch, L->stream),
                                    "direct combine kernel");

@@ -167,7 +167,10 @@ static void* rank_main(void* arg) {
         rank_fail(env, "moe_ep_nccl_transport_create failed");
     } else {
         su->fn(env);
-        if (((moe_ep__nccl*)env->transport.impl)->broken) env->failed[MAX_SUB - 1] = 1;   /* comm aborted */
+        {   /* the communicator was aborted, or will be at destroy */
+            const moe_ep__nccl* n = (const moe_ep__nccl*)env->transport.impl;
+            if (n->broken || n->abort_requested) env->failed[MAX_SUB - 1] = 1;
+        }
         moe_ep_nccl_transport_destroy(&env->transport);
     }
     cudaStreamSynchronize(env->stream);
