@@ -1546,6 +1546,34 @@ MOE_EP_PRIVATE moe_ep_result moe_ep__cuda_upload_plan(moe_ep_cuda_layer* L, moe_
     return res;
 }
 
+/* Over the TP group first, whose ranks must hand in the same tokens and routing: then they
+   receive the same rows, and the EP exchange after it takes any failure to every rank of
+   the replica. */
+MOE_EP_PRIVATE moe_ep_result moe_ep__cuda_plan_tp_check(moe_ep_cuda_layer* L, int64_t tokens, const int32_t* idx,
+                                                        const float* weight, moe_ep_result status) {
+    int64_t facts[2];
+    moe_ep_agree_desc a = moe_ep__cuda_agree_step(NULL, status, &L->desc.allocator);
+    facts[0] = tokens;
+    facts[1] = status == MOE_EP_OK ? moe_ep__cuda_routing_hash(idx, weight, tokens * L->top_k) : 0;
+    a.facts = facts;
+    a.fact_count = 2;
+    a.facts_name = "tokens or routing (a tensor-parallel group must share both)";
+    a.on_mismatch = MOE_EP_ERROR_INVALID_ARGUMENT;
+    return moe_ep__cuda_agree(L, &L->tp, status, &a, "moe_ep_cuda_plan_create");
+}
+
+/* Buffers sized for the plan (forward: the forward's own expert-side rows too), then every
+   rank agrees: any rank can run out of memory. */
+MOE_EP_PRIVATE moe_ep_result moe_ep__cuda_plan_reserve(moe_ep_cuda_layer* L, moe_ep_cuda_plan* P, int forward) {
+    moe_ep_result status = MOE_EP_OK;
+    if (P->info.send_rows > 0x3FFFFFFF || P->info.recv_rows > 0x3FFFFFFF)
+        status = moe_ep__cuda_fail(L, MOE_EP_ERROR_UNSUPPORTED, "moe_ep_cuda_plan_create: more than 2^30 rows");
+    if (status == MOE_EP_OK)
+        status = moe_ep__cuda_reserve_plan(L, &P->bufs, P->info.tokens * L->top_k, P->info.send_rows, P->remote_rows);
+    if (status == MOE_EP_OK) status = moe_ep__cuda_reserve_experts(L, P->info.recv_rows, forward);
+    return moe_ep__cuda_verdict(L, status, "moe_ep_cuda_plan_create");
+}
+
 /* forward: also size the forward's own expert-side buffers. With full-size buffers at
    hand nothing after the count exchange can fail, so no further agreement is needed;
    otherwise buffers are sized and then every rank agrees. */
@@ -1564,20 +1592,7 @@ MOE_EP_PRIVATE moe_ep_result moe_ep__cuda_plan_build(moe_ep_cuda_layer* L, int64
                                             (size_t)L->world_size * (size_t)L->segments);
         if (!P) status = moe_ep__cuda_fail(L, MOE_EP_ERROR_OUT_OF_MEMORY, "moe_ep_cuda_plan_create: out of memory");
     }
-    if (L->tp_size > 1) {
-        /* First over the TP group, whose ranks must hand in the same tokens and routing:
-           then they receive the same rows, and the EP exchange below takes any failure
-           to every rank of the replica. */
-        int64_t facts[2];
-        moe_ep_agree_desc a = moe_ep__cuda_agree_step(NULL, status, &L->desc.allocator);
-        facts[0] = tokens;
-        facts[1] = status == MOE_EP_OK ? moe_ep__cuda_routing_hash(idx, weight, tokens * L->top_k) : 0;
-        a.facts = facts;
-        a.fact_count = 2;
-        a.facts_name = "tokens or routing (a tensor-parallel group must share both)";
-        a.on_mismatch = MOE_EP_ERROR_INVALID_ARGUMENT;
-        status = moe_ep__cuda_agree(L, &L->tp, status, &a, "moe_ep_cuda_plan_create");
-    }
+    if (L->tp_size > 1) status = moe_ep__cuda_plan_tp_check(L, tokens, idx, weight, status);
     if (status != MOE_EP_OK) {
         /* take part in the count exchange with an invalid call: every other rank fails too */
         moe_ep_free(&L->desc.allocator, P);
@@ -1599,15 +1614,7 @@ MOE_EP_PRIVATE moe_ep_result moe_ep__cuda_plan_build(moe_ep_cuda_layer* L, int64
         P->bufs = L->spare;
         L->has_spare = 0;
     }
-    if (!reserved) {
-        if (P->info.send_rows > 0x3FFFFFFF || P->info.recv_rows > 0x3FFFFFFF)
-            status = moe_ep__cuda_fail(L, MOE_EP_ERROR_UNSUPPORTED, "moe_ep_cuda_plan_create: more than 2^30 rows");
-        if (status == MOE_EP_OK)
-            status = moe_ep__cuda_reserve_plan(L, &P->bufs, P->info.tokens * L->top_k, P->info.send_rows,
-                                               P->remote_rows);
-        if (status == MOE_EP_OK) status = moe_ep__cuda_reserve_experts(L, P->info.recv_rows, forward);
-        status = moe_ep__cuda_verdict(L, status, "moe_ep_cuda_plan_create");
-    }
+    if (!reserved) status = moe_ep__cuda_plan_reserve(L, P, forward);
     if (status == MOE_EP_OK) status = moe_ep__cuda_upload_plan(L, P, idx);
     if (status == MOE_EP_OK) {
         *out = P;
