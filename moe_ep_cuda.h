@@ -26,6 +26,23 @@
    -isystem /usr/local/cuda/include. Link with -lnccl -lcublas -lcudart -lstdc++ (the
    last one for the nvcc object; -lnccl only with the NCCL transport).
 
+   TRANSPORTS
+   ==========
+   The layer needs from desc.transport: exchange_counts (counts, agreements, the direct
+   path's cards), all_to_all_v with memory_space MOE_EP_MEMORY_DEVICE and stream =
+   desc.stream (rows; the begin/end form when the transport has it), barrier (optional:
+   destroy on the direct path) and abort (optional: called after a device-side timeout).
+   With tp_transport, its all_to_all_v moves the partial sums. transports/moe_ep_nccl.h
+   is such a transport; so is your own if it moves device memory.
+
+   CONFIGURATION MACROS
+   ====================
+   MOE_EP_IMPLEMENTATION               (undefined)   build the core and the GPU layer in this file
+   MOE_EP_CUDA_IMPLEMENTATION          (undefined)   build the GPU layer only (the core built elsewhere)
+   MOE_EP_CUDA_KERNELS_IMPLEMENTATION  (undefined)   build the kernels (moe_ep_cuda_kernels.cuh), in
+                                                     one nvcc-compiled file; implied there by the above
+   The core's macros (MOE_EP_STATIC, MOE_EP_API, ...) apply as documented in moe_ep.h.
+
    STEP BY STEP
    ============
    1. A transport per GPU (moe_ep_nccl.h: STEP BY STEP), the GPU made current.
@@ -39,35 +56,6 @@
       moe_ep_cuda_combine, moe_ep_cuda_plan_destroy (with begin/end forms of dispatch
       and combine, so that your own work can overlap the exchange).
    4. moe_ep_cuda_layer_destroy(layer); then the transport.
-
-   WHAT IT NEEDS FROM THE TRANSPORT
-   ================================
-   exchange_counts (counts, agreements, the direct path's cards), all_to_all_v with
-   memory_space MOE_EP_MEMORY_DEVICE and stream = desc.stream (rows; the begin/end form
-   when the transport has it), barrier (optional: destroy on the direct path) and abort
-   (optional: called after a device-side timeout). With tp_transport, its all_to_all_v
-   moves the partial sums.
-
-   STREAMS AND BLOCKING
-   ====================
-   Every device operation is queued on desc.stream (0 = the legacy default stream), so it
-   is ordered after your earlier work there and before your later work; give the
-   transport the same stream. Calls that need numbers on the host wait for them: plan
-   creation and the layer's create and agreement steps (they exchange counts), and
-   moe_ep_cuda_route. The layer's dispatch, experts and combine only queue work; y is
-   ready when the stream gets there.
-
-   TENSOR PARALLELISM (EP x TP x DP)
-   =================================
-   With tp_transport (a TP group from moe_ep_layout_split), TP rank t of T holds the d_ff
-   rows [t*F/T, (t+1)*F/T) of w1 and w3 and those columns of w2 (copied from the full
-   weights at create); each TP rank computes its slice's partial expert outputs (fp32: in
-   place; bf16: fp32 partial sums, GEMM loop only), the partials travel to every TP rank
-   (all_to_all_v) and a kernel adds them in TP-rank order before the combine, so every
-   rank of a TP group ends with the same y, bitwise. The ranks of a TP group must hand in
-   the same tokens and routing: plan creation checks it and fails on every rank
-   otherwise. expert_fn cannot be combined with tp_transport. moe_ep_cuda_experts is
-   then collective over the TP group.
 
    THE GPU LAYER
    =============
@@ -128,12 +116,41 @@
      one at create, and makes it current again in every call);
    - compute router statistics, or router families other than softmax top-k.
 
-   FAILURE
-   =======
-   Validation failures and out-of-memory give the same verdict on every rank (through
-   the core's moe_ep_agree, over the EP group and then the TP group). A failing
-   expert_fn is agreed before the combine. The transport's own failures (timeouts,
-   aborts) come back as its error.
+   THREADING, STREAMS AND COLLECTIVE SEMANTICS
+   ===========================================
+   One layer per rank (per GPU), used by one thread at a time. Calls marked "Collective:
+   yes" must be made by every rank of the EP group in the same order, with the same GPU
+   parameters (create checks them: dtype, a2a_layout, direct, max_tokens, expert_fn and
+   router_weight set or not, the TP size) and the same shape (the core's fingerprint).
+   Every device operation is queued on desc.stream (0 = the legacy default stream), so it
+   is ordered after your earlier work there and before your later work; give the
+   transport the same stream. Calls that need numbers on the host wait for them: plan
+   creation and the layer's create and agreement steps (they exchange counts), and
+   moe_ep_cuda_route (its wait gives up after desc.timeout_ms, if set, as the direct
+   path's do). The layer's dispatch, experts and combine only queue work; y is ready
+   when the stream gets there.
+
+   TENSOR PARALLELISM (EP x TP x DP)
+   =================================
+   With tp_transport (a TP group from moe_ep_layout_split), TP rank t of T holds the d_ff
+   rows [t*F/T, (t+1)*F/T) of w1 and w3 and those columns of w2 (copied from the full
+   weights at create); each TP rank computes its slice's partial expert outputs (fp32: in
+   place; bf16: fp32 partial sums, GEMM loop only), the partials travel to every TP rank
+   (all_to_all_v) and a kernel adds them in TP-rank order before the combine, so every
+   rank of a TP group ends with the same y, bitwise. The ranks of a TP group must hand in
+   the same tokens and routing: plan creation checks it and fails on every rank
+   otherwise. expert_fn cannot be combined with tp_transport. moe_ep_cuda_experts is
+   then collective over the TP group.
+
+   ERRORS AND LOGGING
+   ==================
+   Every fallible call returns a moe_ep_result; moe_ep_cuda_layer_last_error(layer) keeps
+   the cause in words (with the transport's own text). desc.logger gets it too (tag
+   "moe_ep_cuda"; the core context logs as "moe_ep"); create's failures, when no layer
+   exists, go to the logger only. Validation failures and out-of-memory give the same
+   verdict on every rank (through the core's moe_ep_agree, over the EP group and then the
+   TP group). A failing expert_fn is agreed before the combine. The transport's own
+   failures (timeouts, aborts) come back as its error.
 
    MEMORY
    ======

@@ -26,6 +26,12 @@
    exchange_counts, all_to_all_v and its split-phase begin/end, barrier, abort, split,
    all_reduce_sum and destroy.
 
+   CONFIGURATION MACROS
+   ====================
+   MOE_EP_IMPLEMENTATION       (undefined)   build the core and this transport in this file
+   MOE_EP_NCCL_IMPLEMENTATION  (undefined)   build this transport only (the core built elsewhere)
+   The core's macros (MOE_EP_STATIC, MOE_EP_API, ...) apply as documented in moe_ep.h.
+
    STEP BY STEP
    ============
    1. One process per GPU: rank 0 calls ncclGetUniqueId and shares it (e.g. MPI_Bcast;
@@ -37,8 +43,16 @@
       moe_ep_cuda_layer_desc (the GPU layer, device rows).
    4. moe_ep_nccl_transport_destroy(&t); then your ncclCommDestroy and cudaStreamDestroy.
 
-   STREAMS AND BLOCKING
+   moe_ep_nccl DOES NOT
    ====================
+   - create, own or destroy your communicator (only those that split makes);
+   - run kernels or the MoE layer on the GPU: that is moe_ep_cuda.h, over this or any
+     transport that moves device memory.
+
+   THREADING, STREAMS AND COLLECTIVE SEMANTICS
+   ===========================================
+   One transport per rank, used by one thread at a time (transport.abort excepted: any
+   thread). Every callback except abort and destroy is collective over the communicator.
    Device work is queued on args->stream, or on desc.stream when that is NULL (0 = the
    legacy default stream). exchange_counts and barrier wait for their numbers.
    all_to_all_v on device memory queues the exchange: "recv holds the data" means "for
@@ -62,20 +76,15 @@
    the same count.
 
        moe_ep_layout_desc lay = { .world_size = R, .ep_size = 2, .tp_size = 2, .num_experts = E };
-       moe_ep_layout_split(&lay, &world, MOE_EP_GROUP_EP, &ep);     (collective)
-       moe_ep_layout_split(&lay, &world, MOE_EP_GROUP_TP, &tp);     (collective)
+       moe_ep_layout_split(&lay, &world, MOE_EP_GROUP_EP, &ep, NULL, 0);   (collective)
+       moe_ep_layout_split(&lay, &world, MOE_EP_GROUP_TP, &tp, NULL, 0);   (collective)
        .transport = &ep, .tp_transport = &tp                         (GPU layer or core)
        ...; moe_ep_nccl_transport_destroy(&tp); moe_ep_nccl_transport_destroy(&ep);
 
-   moe_ep_nccl DOES NOT
-   ====================
-   - create, own or destroy your communicator (only those that split makes);
-   - run kernels or the MoE layer on the GPU: that is moe_ep_cuda.h, over this or any
-     transport that moves device memory.
-
-   FAILURE
-   =======
-   An asynchronous NCCL error, a host wait longer than desc.timeout_ms, or transport.abort()
+   ERRORS AND FAILURE
+   ==================
+   Callbacks write the cause, with NCCL's or CUDA's own text, into err_text. An
+   asynchronous NCCL error, a host wait longer than desc.timeout_ms, or transport.abort()
    aborts the communicator (ncclCommAbort): the call returns MOE_EP_ERROR_TRANSPORT,
    TIMEOUT or ABORTED, the transport refuses further work, and you must not use or
    destroy that communicator again. abort() may come from any thread; it takes effect in
