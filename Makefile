@@ -146,7 +146,8 @@ MPICC_NCCL   ?= mpicc
 MPIRUN_NCCL  ?= mpirun
 NCCL_CFLAGS   = -isystem $(CUDA_HOME)/include
 NCCL_LIBS     = -L$(CUDA_HOME)/lib64 -lnccl -lcublas -lcudart -lstdc++ -pthread -lm
-NCCL_HEADERS  = $(HEADERS) transports/moe_ep_nccl.h tests/gpu/gpu_test_support.h tests/gpu/gpu_check.h
+NCCL_HEADERS  = $(HEADERS) transports/moe_ep_nccl.h tests/gpu/gpu_test_support.h tests/gpu/gpu_check.h \
+                tests/gpu/gpu_layout_suite.h
 CUDA_HEADERS  = $(NCCL_HEADERS) moe_ep_cuda.h moe_ep_cuda_kernels.cuh
 NCCL_ONLY_LIBS = -L$(CUDA_HOME)/lib64 -lnccl -lcudart -pthread -lm
 ANCHOR_DIR   ?= ../shared/anchors/gpu
