@@ -805,8 +805,8 @@ MOE_EP_PRIVATE moe_ep_result moe_ep__cuda_direct_cards(moe_ep_cuda_layer* L, moe
 /* The vote: 0 fine, 1 cannot reach a peer, 2 failed; every rank takes the largest. */
 MOE_EP_PRIVATE int moe_ep__cuda_direct_vote(moe_ep_cuda_layer* L, int verdict, moe_ep_result* res) {
     int64_t mine = verdict, votes[64];
-    int64_t* all = L->world_size <= 64 ? votes : (int64_t*)moe_ep_alloc(&L->desc.allocator,
-            sizeof(int64_t) * (size_t)L->world_size);
+    int64_t* all = L->world_size <= 64 ? votes
+                                       : (int64_t*)moe_ep_alloc(&L->desc.allocator, sizeof(int64_t) * (size_t)L->world_size);
     moe_ep_agree_desc a = moe_ep__cuda_agree_step(NULL, MOE_EP_OK, &L->desc.allocator);
     moe_ep_result x;
     int q;
@@ -977,8 +977,7 @@ MOE_EP_PRIVATE moe_ep_result moe_ep__cuda_reserve_experts(moe_ep_cuda_layer* L, 
                                 0, "expert buffers");
     if (res == MOE_EP_OK && L->partial_f32)
         res = moe_ep__cuda_grow(L, (void**)&L->partial, &L->partial_bytes,
-                                (size_t)rows * (size_t)L->d_model * sizeof(float),
-                                0, "expert buffers");
+                                (size_t)rows * (size_t)L->d_model * sizeof(float), 0, "expert buffers");
     if (res == MOE_EP_OK && L->tp_size > 1 && !L->desc.expert_fn)
         res = moe_ep__cuda_grow(L, (void**)&L->tp_gather, &L->tp_gather_bytes,
                                 (size_t)rows * (size_t)L->d_model * sizeof(float) * (size_t)L->tp_size, 0,
@@ -1428,9 +1427,9 @@ MOE_EP_API moe_ep_result moe_ep_cuda_route(moe_ep_cuda_layer* L, const void* x, 
     if (!L->router)
         return moe_ep__cuda_fail(L, MOE_EP_ERROR_INVALID_ARGUMENT,
                                  "moe_ep_cuda_route: the layer has no router_weight: hand in routing instead");
-    if (tokens < 0) return moe_ep__cuda_fail(L, MOE_EP_ERROR_INVALID_ARGUMENT,
-                                             "moe_ep_cuda_route: tokens (%lld) must be >= 0",
-                                             (long long)tokens);
+    if (tokens < 0)
+        return moe_ep__cuda_fail(L, MOE_EP_ERROR_INVALID_ARGUMENT, "moe_ep_cuda_route: tokens (%lld) must be >= 0",
+                                 (long long)tokens);
     if (tokens == 0) return MOE_EP_OK;
     if (!x || !topk_idx || !topk_weight)
         return moe_ep__cuda_fail(L, MOE_EP_ERROR_INVALID_ARGUMENT,
@@ -1449,8 +1448,8 @@ MOE_EP_API moe_ep_result moe_ep_cuda_route(moe_ep_cuda_layer* L, const void* x, 
                               L->num_experts, CUDA_R_32F, "router logits");
     if (res != MOE_EP_OK) return res;
     res = moe_ep__cuda_cuda(L, (cudaError_t)moe_ep__cuda_k_topk((const float*)L->logits, tokens, L->num_experts,
-                                                                L->top_k,
-                                                                L->desc.normalize_topk, idx_dev, weight_dev, L->stream),
+                                                                L->top_k, L->desc.normalize_topk, idx_dev, weight_dev,
+                                                                L->stream),
                             "router top-k kernel");
     if (res == MOE_EP_OK)
         res = moe_ep__cuda_cuda(L, cudaMemcpyAsync(L->topk_host, L->topk_dev, idx_bytes + slots * sizeof(float),
@@ -1783,8 +1782,7 @@ MOE_EP_PRIVATE moe_ep_result moe_ep__cuda_dispatch_begin(moe_ep_cuda_layer* L, m
                                      "(the direct path has one set of buffers)");
         epoch = L->xfer_epoch + 1;
         res = moe_ep__cuda_kernel(L, moe_ep__cuda_k_direct_push(L->direct_args, x, P->dest, P->info.tokens, L->top_k,
-                                                                L->row_bytes,
-                                                                epoch, L->stream), "direct push kernel");
+                                                                L->row_bytes, epoch, L->stream), "direct push kernel");
         if (res != MOE_EP_OK) return res;
         L->xfer_epoch = epoch;
         L->open_plan = P;
@@ -1795,8 +1793,8 @@ MOE_EP_PRIVATE moe_ep_result moe_ep__cuda_dispatch_begin(moe_ep_cuda_layer* L, m
         return MOE_EP_OK;
     }
     res = moe_ep__cuda_cuda(L, (cudaError_t)moe_ep__cuda_k_permute(x, P->bufs.send, recv_rows, P->slot_map,
-                                                                   P->info.tokens,
-                                                                   L->top_k, L->row_bytes, alone ? 3 : 1, L->stream),
+                                                                   P->info.tokens, L->top_k, L->row_bytes,
+                                                                   alone ? 3 : 1, L->stream),
                             "permute kernel");
     if (res == MOE_EP_OK && !alone) res = moe_ep__cuda_start(L, P, 1, (char*)recv_rows);
     if (res == MOE_EP_OK && !alone)
@@ -1925,24 +1923,23 @@ MOE_EP_PRIVATE moe_ep_result moe_ep__cuda_local_experts(moe_ep_cuda_layer* L, mo
     for (l = 0; res == MOE_EP_OK && l < L->local_experts; ++l) {
         int64_t n = P->info.local_expert_counts[l], first = P->info.local_expert_offsets[l];
         char* hidden = (char*)L->hidden + (size_t)first * hb;
+        const char* down = (const char*)L->w_down + (size_t)l * L->d_ff * rb;
         if (n == 0) continue;
         res = moe_ep__cuda_linear(L, blas, (const char*)L->w_up + (size_t)l * L->up_rows * rb, L->up_rows, L->d_model,
                                   (const char*)rows + (size_t)first * rb, L->d_model, n, hidden, L->up_rows,
                                   moe_ep__cuda_cuda_type(L), "expert up projection");
         if (res == MOE_EP_OK)
             res = moe_ep__cuda_cuda(L, (cudaError_t)moe_ep__cuda_k_activation(hidden, n, L->d_ff, L->up_rows,
-                    L->activation,
+                                                                              L->activation,
                                                                               moe_ep__cuda_kdtype[L->dtype], stream),
                                     "activation kernel");
         if (res == MOE_EP_OK && L->partial_f32)
-            res = moe_ep__cuda_linear(L, blas, (const char*)L->w_down + (size_t)l * L->d_ff * rb, L->d_model, L->d_ff,
-                                      hidden,
-                                      L->up_rows, n, (float*)L->partial + (size_t)first * (size_t)L->d_model, L->d_model,
-                                      CUDA_R_32F, "expert down projection");
+            res = moe_ep__cuda_linear(L, blas, down, L->d_model, L->d_ff, hidden, L->up_rows, n,
+                                      (float*)L->partial + (size_t)first * (size_t)L->d_model, L->d_model, CUDA_R_32F,
+                                      "expert down projection");
         else if (res == MOE_EP_OK)
-            res = moe_ep__cuda_linear(L, blas, (const char*)L->w_down + (size_t)l * L->d_ff * rb, L->d_model, L->d_ff,
-                                      hidden,
-                                      L->up_rows, n, (char*)out + (size_t)first * rb, L->d_model, moe_ep__cuda_cuda_type(L),
+            res = moe_ep__cuda_linear(L, blas, down, L->d_model, L->d_ff, hidden, L->up_rows, n,
+                                      (char*)out + (size_t)first * rb, L->d_model, moe_ep__cuda_cuda_type(L),
                                       "expert down projection");
     }
     return res;
