@@ -48,12 +48,15 @@ typedef struct check_log {
     pthread_mutex_t mutex;
     int lines;                      /* lines received (only the first CHECK_LOG_LINES are kept) */
     int rank[CHECK_LOG_LINES];
+    int item[CHECK_LOG_LINES];      /* the moe_ep_log_item of a core message; -1 for another tag */
     char text[CHECK_LOG_LINES][CHECK_LOG_TEXT];
 } check_log;
 
 void check_log_init(check_log* log);
 void check_log_destroy(check_log* log);
 moe_ep_logger check_recording_logger(check_log* log);
+/* Index of the first kept line of the core with this log item, or -1. */
+int check_log_find_item(check_log* log, moe_ep_log_item item);
 /* Index of the first kept line that contains needle, or -1. */
 int check_log_find(check_log* log, const char* needle);
 /* All kept lines joined with " | ", for assertion messages. */

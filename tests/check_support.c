@@ -55,13 +55,14 @@ moe_ep_allocator check_counting_allocator(check_counter* c) {
 }
 
 /* >>recording logger */
-static void check__log(const char* tag, uint32_t level, int rank, const char* message, void* user_data) {
+static void check__log(const char* tag, uint32_t level, uint32_t item, int rank, const char* message,
+                       void* user_data) {
     check_log* log = (check_log*)user_data;
-    (void)tag;
     (void)level;
     pthread_mutex_lock(&log->mutex);
     if (log->lines < CHECK_LOG_LINES) {
         log->rank[log->lines] = rank;
+        log->item[log->lines] = strcmp(tag, "moe_ep") == 0 ? (int)item : -1;
         snprintf(log->text[log->lines], CHECK_LOG_TEXT, "%s", message ? message : "(null)");
     }
     log->lines++;
@@ -88,6 +89,16 @@ int check_log_find(check_log* log, const char* needle) {
     n = log->lines < CHECK_LOG_LINES ? log->lines : CHECK_LOG_LINES;
     for (i = 0; i < n && found < 0; ++i)
         if (strstr(log->text[i], needle)) found = i;
+    pthread_mutex_unlock(&log->mutex);
+    return found;
+}
+
+int check_log_find_item(check_log* log, moe_ep_log_item item) {
+    int i, n, found = -1;
+    pthread_mutex_lock(&log->mutex);
+    n = log->lines < CHECK_LOG_LINES ? log->lines : CHECK_LOG_LINES;
+    for (i = 0; i < n && found < 0; ++i)
+        if (log->item[i] == (int)item) found = i;
     pthread_mutex_unlock(&log->mutex);
     return found;
 }

@@ -92,9 +92,9 @@ static void counting_free(void* ptr, void* user) {
 
 typedef struct recording_logger { int calls; char last[512]; } recording_logger;
 
-static void record_log(const char* tag, uint32_t level, int rank, const char* message, void* user) {
+static void record_log(const char* tag, uint32_t level, uint32_t item, int rank, const char* message, void* user) {
     recording_logger* r = (recording_logger*)user;
-    (void)tag; (void)level; (void)rank;
+    (void)tag; (void)level; (void)item; (void)rank;
     r->calls++;
     snprintf(r->last, sizeof r->last, "%s", message);
 }
