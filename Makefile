@@ -16,7 +16,8 @@ endif
 
 HEADERS     = moe_ep.h transports/moe_ep_pthreads.h
 CHECK_FLAGS = $(shell pkg-config --cflags --libs check 2>/dev/null)
-TEST_SRCS   = $(sort $(wildcard tests/check_*.c)) tests/moe_ep_impl.c
+TEST_SRCS   = $(sort $(wildcard tests/check_*.c)) tests/moe_ep_impl.c tests/support/test_support.c
+SUPPORT     = tests/support/test_support.c tests/support/test_support.h
 
 .PHONY: all demo layouts-demo test deps check-headers check-core check-demos clean
 all: $(BUILD)/seed_demo $(BUILD)/layouts_demo $(BUILD)/check_moe_ep_gcc $(BUILD)/check_moe_ep_clang
@@ -50,10 +51,10 @@ layouts-demo: $(BUILD)/layouts_demo
 	./$(BUILD)/layouts_demo
 
 # >>tests: one binary per compiler, every suite in it.
-$(BUILD)/check_moe_ep_gcc: $(TEST_SRCS) tests/check_moe_ep.h $(HEADERS) | $(BUILD)
+$(BUILD)/check_moe_ep_gcc: $(TEST_SRCS) tests/check_moe_ep.h $(SUPPORT) $(HEADERS) | $(BUILD)
 	gcc $(MOE_EP_CFLAGS) $(OPT) $(OPENMP_FLAGS) $(CFLAGS) $(TEST_SRCS) -o $@ $(CHECK_FLAGS) -pthread -lm $(LDFLAGS)
 
-$(BUILD)/check_moe_ep_clang: $(TEST_SRCS) tests/check_moe_ep.h $(HEADERS) | $(BUILD)
+$(BUILD)/check_moe_ep_clang: $(TEST_SRCS) tests/check_moe_ep.h $(SUPPORT) $(HEADERS) | $(BUILD)
 	$(CLANG) $(MOE_EP_CFLAGS) $(OPT) $(OPENMP_FLAGS) $(CFLAGS) $(TEST_SRCS) -o $@ $(CHECK_FLAGS) -pthread -lm $(LDFLAGS)
 
 # The header alone: C99 with gcc and clang, with and without OpenMP, static, and C++ declarations.

@@ -129,7 +129,7 @@ START_TEST(failure_expert_callback) {
     char errors[2048];
     /* k = E = 3: every token visits every expert, so each rank's callback runs */
     check_model_init(&m, X_D, X_F, 3, 3, MOE_EP_ACTIVATION_SWIGLU, false, 81);
-    check_fill(x, 15 * X_D, 1.0f, &seed);
+    test_fill(x, 15 * X_D, 1.0f, &seed);
     for (t = 0; t < 15; ++t) {
         idx[t * 3] = 2; idx[t * 3 + 1] = 0; idx[t * 3 + 2] = 1;
         weight[t * 3] = weight[t * 3 + 1] = weight[t * 3 + 2] = 0.25f;
@@ -146,7 +146,7 @@ START_TEST(failure_expert_callback) {
     run.expert_fn = failing_fn;
     run.expert_user_data[1] = &fail_flag;
     run.timeout_ms = 30000;
-    check_poison(y, 15 * X_D + 1);
+    test_poison(y, 15 * X_D + 1);
     check_run_layer(&run);
     for (r = 0; r < X_R; ++r) {
         moe_ep_result want = r == 1 ? MOE_EP_ERROR_CALLBACK : MOE_EP_ERROR_ABORTED;
@@ -225,7 +225,7 @@ START_TEST(failure_stage_experts) {
     int r;
     memset(&st, 0, sizeof st);
     check_model_init(&m, X_D, X_F, 3, 3, MOE_EP_ACTIVATION_SWIGLU, false, 86);
-    check_fill(x, X_R * 4 * X_D, 1.0f, &seed);
+    test_fill(x, X_R * 4 * X_D, 1.0f, &seed);
     st.model = &m;
     st.x = x;
     ck_assert_int_eq(moe_ep_pthreads_world_create(&(moe_ep_pthreads_desc){ .world_size = X_R, .timeout_ms = 30000 },
@@ -304,7 +304,7 @@ START_TEST(failure_early_return) {
     memset(&st, 0, sizeof st);
     st.c = &early_cases[_i];
     check_model_init(&m, X_D, X_F, X_E, 2, MOE_EP_ACTIVATION_SWIGLU, false, 91);
-    check_fill(x, 4 * X_D, 1.0f, &seed);
+    test_fill(x, 4 * X_D, 1.0f, &seed);
     st.model = &m;
     st.x = x;
     ck_assert_int_eq(moe_ep_pthreads_world_create(&(moe_ep_pthreads_desc){ .world_size = X_R, .timeout_ms = 30000 },
@@ -390,7 +390,7 @@ START_TEST(failure_bad_routing_on_one_rank) {
     uint64_t seed = 95;
     char errors[2048];
     check_model_init(&m, X_D, X_F, X_E, 2, MOE_EP_ACTIVATION_SWIGLU, false, 96);
-    check_fill(x, 12 * X_D, 1.0f, &seed);
+    test_fill(x, 12 * X_D, 1.0f, &seed);
     for (t = 0; t < 12; ++t) {
         idx[t * 2] = t % X_E;
         idx[t * 2 + 1] = (t + 1) % X_E;
@@ -444,7 +444,7 @@ START_TEST(failure_world_reusable) {
     moe_ep_result res;
     memset(&st, 0, sizeof st);
     check_model_init(&m, X_D, X_F, X_E, 2, MOE_EP_ACTIVATION_SWIGLU, false, 98);
-    check_fill(x, 4 * X_D, 1.0f, &seed);
+    test_fill(x, 4 * X_D, 1.0f, &seed);
     st.model = &m;
     st.x = x;
     ck_assert_int_eq(moe_ep_pthreads_world_create(&(moe_ep_pthreads_desc){ .world_size = X_R, .timeout_ms = 30000 },
