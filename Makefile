@@ -91,7 +91,7 @@ check-demos: $(BUILD)/seed_demo $(BUILD)/layouts_demo
 # and clang; the portable C under native flags; AVX-512 compiled on any x86-64, run where the
 # CPU has it) against float64 and against the portable path; MOE_EP_CBLAS compiled if a
 # cblas.h is installed. Suites start OpenMP threads: CK_FORK=no.
-KERNEL_SRCS  = tests/kernels/check_kernels.c tests/kernels/kernels_portable.c
+KERNEL_SRCS  = tests/kernels/check_kernels.c tests/kernels/kernels_portable.c tests/support/test_support.c
 KERNEL_BUILD = $(MOE_EP_CFLAGS) $(OPT) $(OPENMP_FLAGS) $(CFLAGS) $(KERNEL_SRCS) $$(pkg-config --cflags --libs check) \
                -pthread -lm $(LDFLAGS)
 .PHONY: check-kernels bench bench-cpu bench-deps
