@@ -58,6 +58,13 @@ bool test_is_poisoned(const float* v, size_t n) {
     return true;
 }
 
+size_t test_first_difference(const float* a, const float* b, size_t n) {
+    size_t i;
+    for (i = 0; i < n; ++i)
+        if (memcmp(&a[i], &b[i], sizeof *a) != 0) return i;
+    return n;
+}
+
 /* >>counting allocator */
 static void* test__alloc(size_t size, void* user_data) {
     test_counter* c = (test_counter*)user_data;

@@ -33,6 +33,8 @@ float test_bf16_to_float(uint16_t value);
 /* >>poison: all-ones bytes, a NaN that no computation writes, so unwritten elements show. */
 void test_poison(float* values, size_t count);
 bool test_is_poisoned(const float* values, size_t count);
+/* Index of the first element where a and b differ bitwise, or count if none does. */
+size_t test_first_difference(const float* a, const float* b, size_t count);
 
 /* >>counting allocator: thread safe, no header in front of a block, so that a block
    allocated by one half of an allocator and freed by the other shows up as a count
