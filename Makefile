@@ -240,11 +240,11 @@ MPI_SIZES_MPICH ?= 1 2 4
 
 .PHONY: check-mpi check-mpi-headers check-mpi-large mpi-demo bench-mpi
 
-$(BUILD)/check_mpi_openmpi: tests/mpi/check_mpi.c $(MPI_HEADERS) | $(BUILD)
-	$(MPICC_OMPI) $(MOE_EP_CFLAGS) $(OPT) $(OPENMP_FLAGS) $(CFLAGS) $< -o $@ $(CHECK_FLAGS) -pthread -lm $(LDFLAGS)
+$(BUILD)/check_mpi_openmpi: tests/mpi/check_mpi.c tests/support/test_mpi.h $(SUPPORT) $(MPI_HEADERS) | $(BUILD)
+	$(MPICC_OMPI) $(MOE_EP_CFLAGS) $(OPT) $(OPENMP_FLAGS) $(CFLAGS) $< tests/support/test_support.c -o $@ $(CHECK_FLAGS) -pthread -lm $(LDFLAGS)
 
-$(BUILD)/check_mpi_mpich: tests/mpi/check_mpi.c $(MPI_HEADERS) | $(BUILD)
-	$(MPICC_MPICH) $(MOE_EP_CFLAGS) $(OPT) $(OPENMP_FLAGS) $(CFLAGS) $< -o $@ $(CHECK_FLAGS) -pthread -lm $(LDFLAGS)
+$(BUILD)/check_mpi_mpich: tests/mpi/check_mpi.c tests/support/test_mpi.h $(SUPPORT) $(MPI_HEADERS) | $(BUILD)
+	$(MPICC_MPICH) $(MOE_EP_CFLAGS) $(OPT) $(OPENMP_FLAGS) $(CFLAGS) $< tests/support/test_support.c -o $@ $(CHECK_FLAGS) -pthread -lm $(LDFLAGS)
 
 $(BUILD)/mpi_demo: examples/mpi_demo.c $(MPI_HEADERS) | $(BUILD)
 	$(MPICC_OMPI) $(MOE_EP_CFLAGS) $(OPT) $(OPENMP_FLAGS) $(CFLAGS) $< -o $@ -lm $(LDFLAGS)
