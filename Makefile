@@ -275,8 +275,10 @@ check-mpi: deps check-mpi-headers
 
 # Not part of `make test` (about 2.3 GiB per process, seconds): more than 2^31 bytes for real.
 check-mpi-large: | $(BUILD)
-	$(MPICC_OMPI) $(MOE_EP_CFLAGS) $(OPT) $(CFLAGS) tests/mpi/large_mpi.c -o $(BUILD)/large_mpi_openmpi -lm $(LDFLAGS)
-	$(MPICC_MPICH) $(MOE_EP_CFLAGS) $(OPT) $(CFLAGS) tests/mpi/large_mpi.c -o $(BUILD)/large_mpi_mpich -lm $(LDFLAGS)
+	$(MPICC_OMPI) $(MOE_EP_CFLAGS) $(OPT) $(CFLAGS) tests/mpi/large_mpi.c tests/support/test_support.c \
+	  -o $(BUILD)/large_mpi_openmpi -pthread -lm $(LDFLAGS)
+	$(MPICC_MPICH) $(MOE_EP_CFLAGS) $(OPT) $(CFLAGS) tests/mpi/large_mpi.c tests/support/test_support.c \
+	  -o $(BUILD)/large_mpi_mpich -pthread -lm $(LDFLAGS)
 	$(MPIRUN_OMPI) -n 2 ./$(BUILD)/large_mpi_openmpi 2
 	$(MPIEXEC_MPICH) -n 2 ./$(BUILD)/large_mpi_mpich 2
 
