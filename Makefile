@@ -129,9 +129,9 @@ bench-deps:
 	    apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq $$missing >/dev/null; \
 	  else echo "missing Debian packages:$$missing (install them, or run make bench as root)"; exit 1; fi; fi
 
-$(BUILD)/cpu_bench: bench/cpu_bench.c bench/cpu_bench_cblas.c $(HEADERS) | $(BUILD)
+$(BUILD)/cpu_bench: bench/cpu_bench.c bench/cpu_bench_cblas.c $(SUPPORT) $(HEADERS) | $(BUILD)
 	gcc -std=c99 -pedantic -Wall -Wextra -O3 -march=native $(OPENMP_FLAGS) bench/cpu_bench.c bench/cpu_bench_cblas.c \
-	  -o $@ $(OPENBLAS_OMP) -pthread -lm
+	  tests/support/test_support.c -o $@ $(OPENBLAS_OMP) -pthread -lm
 
 bench-cpu: bench-deps
 	$(MAKE) --no-print-directory $(BUILD)/cpu_bench
