@@ -249,8 +249,8 @@ $(BUILD)/check_mpi_mpich: tests/mpi/check_mpi.c tests/support/test_mpi.h $(SUPPO
 $(BUILD)/mpi_demo: examples/mpi_demo.c $(MPI_HEADERS) | $(BUILD)
 	$(MPICC_OMPI) $(MOE_EP_CFLAGS) $(OPT) $(OPENMP_FLAGS) $(CFLAGS) $< -o $@ -lm $(LDFLAGS)
 
-$(BUILD)/mpi_bench: bench/mpi_bench.c $(MPI_HEADERS) | $(BUILD)
-	$(MPICC_OMPI) $(MOE_EP_CFLAGS) $(OPT) $(OPENMP_FLAGS) $(CFLAGS) $< -o $@ -lm $(LDFLAGS)
+$(BUILD)/mpi_bench: bench/mpi_bench.c $(SUPPORT) $(MPI_HEADERS) | $(BUILD)
+	$(MPICC_OMPI) $(MOE_EP_CFLAGS) $(OPT) $(OPENMP_FLAGS) $(CFLAGS) $< tests/support/test_support.c -o $@ -pthread -lm $(LDFLAGS)
 
 # The MPI header: C99 with both MPIs under gcc and clang, OpenMP, and C++ declarations.
 check-mpi-headers: deps | $(BUILD)
