@@ -38,13 +38,13 @@ deps:
 	fi
 
 # >>demo
-$(BUILD)/seed_demo: examples/seed_demo.c $(HEADERS) | $(BUILD)
+$(BUILD)/seed_demo: examples/seed_demo.c examples/example_util.h $(HEADERS) | $(BUILD)
 	$(CC) $(MOE_EP_CFLAGS) $(OPT) $(OPENMP_FLAGS) $(CFLAGS) $< -o $@ -pthread -lm $(LDFLAGS)
 
 demo: $(BUILD)/seed_demo
 	./$(BUILD)/seed_demo
 
-$(BUILD)/layouts_demo: examples/layouts_demo.c $(HEADERS) | $(BUILD)
+$(BUILD)/layouts_demo: examples/layouts_demo.c examples/example_util.h $(HEADERS) | $(BUILD)
 	$(CC) $(MOE_EP_CFLAGS) $(OPT) $(OPENMP_FLAGS) $(CFLAGS) $< -o $@ -pthread -lm $(LDFLAGS)
 
 layouts-demo: $(BUILD)/layouts_demo
@@ -246,7 +246,7 @@ $(BUILD)/check_mpi_openmpi: tests/mpi/check_mpi.c tests/support/test_mpi.h $(SUP
 $(BUILD)/check_mpi_mpich: tests/mpi/check_mpi.c tests/support/test_mpi.h $(SUPPORT) $(MPI_HEADERS) | $(BUILD)
 	$(MPICC_MPICH) $(MOE_EP_CFLAGS) $(OPT) $(OPENMP_FLAGS) $(CFLAGS) $< tests/support/test_support.c -o $@ $(CHECK_FLAGS) -pthread -lm $(LDFLAGS)
 
-$(BUILD)/mpi_demo: examples/mpi_demo.c $(MPI_HEADERS) | $(BUILD)
+$(BUILD)/mpi_demo: examples/mpi_demo.c examples/example_util.h $(MPI_HEADERS) | $(BUILD)
 	$(MPICC_OMPI) $(MOE_EP_CFLAGS) $(OPT) $(OPENMP_FLAGS) $(CFLAGS) $< -o $@ -lm $(LDFLAGS)
 
 $(BUILD)/mpi_bench: bench/mpi_bench.c $(SUPPORT) $(MPI_HEADERS) | $(BUILD)
