@@ -82,12 +82,7 @@ START_TEST(expert_fn_matches_builtin) {
     check_model_init(&m, U_D, U_F, U_E, U_K, (moe_ep_activation)(1 + _i), false, 111);
     test_fill(x, 30 * U_D, 1.0f, &seed);
 
-    memset(&run, 0, sizeof run);
-    run.model = &m;
-    run.ranks = U_R;
-    run.tokens = tokens;
-    run.x = x;
-    run.y = y_builtin;
+    check_layer_init(&run, &m, U_R, tokens, x, y_builtin);
     run.idx_out = idx;
     run.weight_out = w;
     test_poison(y_builtin, 30 * U_D + 1);
@@ -99,12 +94,7 @@ START_TEST(expert_fn_matches_builtin) {
     shared.total = total;
     shared.idx = idx;
     memset(ranks, 0, sizeof ranks);
-    memset(&run, 0, sizeof run);
-    run.model = &m;
-    run.ranks = U_R;
-    run.tokens = tokens;
-    run.x = x;
-    run.y = y_fn;
+    check_layer_init(&run, &m, U_R, tokens, x, y_fn);
     run.expert_fn = reference_fn;
     for (r = 0; r < U_R; ++r) {
         ranks[r].shared = &shared;

@@ -96,18 +96,13 @@ static void layer_data_free(layer_data* data) {
 }
 
 static void layer_setup(check_layer* L, const layer_data* data, const layer_case* c, int ranks, float* y) {
-    memset(L, 0, sizeof *L);
-    L->model = &data->model;
-    L->ranks = ranks;
-    L->tokens = c->tokens;
-    L->x = data->x;
+    check_layer_init(L, &data->model, ranks, c->tokens, data->x, y);
     L->topk_idx = data->idx;
     L->topk_weight = data->weight;
     if (ranks > 0) {
         L->placement.kind = c->placement;
         L->placement.table = c->placement == MOE_EP_PLACEMENT_TABLE ? c->table : NULL;
     }
-    L->y = y;
     test_poison(y, (size_t)(data->total * L_D + 1));
 }
 

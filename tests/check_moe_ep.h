@@ -94,6 +94,10 @@ typedef struct check_layer {
     char rank_error[CHECK_MAX_RANKS][256];
 } check_layer;
 
+/* Zeroes *layer (forward path, contiguous placement, no capacity, 60 s timeout) and sets
+   the model, the ranks, each rank's tokens, x and y. */
+void check_layer_init(check_layer* layer, const check_model* model, int ranks, const int64_t* tokens, const float* x,
+                      float* y);
 int64_t check_total_tokens(const int64_t* tokens, int ranks);
 moe_ep_result check_run_layer(check_layer* layer);
 /* The rank errors joined, for assertion messages. */

@@ -167,6 +167,16 @@ moe_ep_transport check_echo_transport(check_echo* echo, int rank, int world_size
 }
 
 /* >>layer runner */
+void check_layer_init(check_layer* L, const check_model* model, int ranks, const int64_t* tokens, const float* x,
+                      float* y) {
+    memset(L, 0, sizeof *L);
+    L->model = model;
+    L->ranks = ranks;
+    L->tokens = tokens;
+    L->x = x;
+    L->y = y;
+}
+
 int64_t check_total_tokens(const int64_t* tokens, int ranks) {
     int64_t n = 0;
     int r;

@@ -254,12 +254,7 @@ START_TEST(validation_no_leaks) {
                   test_counter_outstanding(&counter));
 
     /* three ranks; the world's own allocations go through the same counter */
-    memset(&run, 0, sizeof run);
-    run.model = &m;
-    run.ranks = 3;
-    run.tokens = tokens;
-    run.x = x;
-    run.y = y;
+    check_layer_init(&run, &m, 3, tokens, x, y);
     run.allocator = &a;
     run.capacity_factor = 0.5f;
     check_run_layer(&run);
