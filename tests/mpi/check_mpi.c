@@ -177,58 +177,39 @@ static moe_ep_expert_weights* rank_experts(const layer_data* L, int rank) {
     return mine;
 }
 
-/* One rank of the layer with moe_ep_forward; y: this rank's rows. */
-static moe_ep_result layer_forward(const layer_data* L, const moe_ep_transport* t, float* y, char* error, size_t size) {
+/* moe_ep_forward over this rank's tokens. */
+static moe_ep_result rank_forward(const layer_data* L, moe_ep_context* ctx, int rank, float* y) {
     const layer_case* c = L->c;
-    int rank = t->rank;
-    int64_t first = L->token_start[rank], T = L->token_start[rank + 1] - first;
-    moe_ep_expert_weights* mine = rank_experts(L, rank);
-    moe_ep_desc d = layer_desc(L, mine, t);
-    moe_ep_context* ctx = NULL;
-    moe_ep_result res = moe_ep_create(&d, &ctx);
-    if (res == MOE_EP_OK) {
-        moe_ep_forward_args a;
-        memset(&a, 0, sizeof a);
-        a.tokens = T;
-        a.x = L->x + first * c->d_model;
-        a.y = y;
-        if (L->topk_idx) {
-            a.routing_in = true;
-            a.topk_idx = L->topk_idx + first * c->top_k;
-            a.topk_weight = L->topk_weight + first * c->top_k;
-        }
-        res = moe_ep_forward(ctx, &a);
-        if (res != MOE_EP_OK) snprintf(error, size, "rank %d: forward: %.400s", rank, moe_ep_last_error(ctx));
-    } else {
-        snprintf(error, size, "rank %d: create: %s", rank, moe_ep_result_string(res));
+    int64_t first = L->token_start[rank];
+    moe_ep_forward_args a;
+    memset(&a, 0, sizeof a);
+    a.tokens = L->token_start[rank + 1] - first;
+    a.x = L->x + first * c->d_model;
+    a.y = y;
+    if (L->topk_idx) {
+        a.routing_in = true;
+        a.topk_idx = L->topk_idx + first * c->top_k;
+        a.topk_weight = L->topk_weight + first * c->top_k;
     }
-    moe_ep_destroy(ctx);
-    free(mine);
-    return res;
+    return moe_ep_forward(ctx, &a);
 }
 
-/* The same layer stage by stage with the split-phase dispatch and combine; a barrier on
-   the harness's communicator runs while each exchange is open. */
-static moe_ep_result layer_stages(const layer_data* L, const moe_ep_transport* t, float* y, char* error, size_t size) {
+/* The same stage by stage with the split-phase dispatch and combine; a barrier on the
+   harness's communicator runs while each exchange is open. */
+static moe_ep_result rank_stages(const layer_data* L, moe_ep_context* ctx, int rank, float* y) {
     const layer_case* c = L->c;
-    int rank = t->rank;
     int64_t first = L->token_start[rank], T = L->token_start[rank + 1] - first;
-    moe_ep_expert_weights* mine = rank_experts(L, rank);
-    moe_ep_desc d = layer_desc(L, mine, t);
-    moe_ep_context* ctx = NULL;
     moe_ep_plan* plan = NULL;
     int32_t* idx = (int32_t*)xmalloc(sizeof(int32_t) * (size_t)(T * c->top_k + 1));
     float* weight = (float*)xmalloc(sizeof(float) * (size_t)(T * c->top_k + 1));
     float *rows = NULL, *out = NULL;
     const float* x = L->x + first * c->d_model;
-    moe_ep_result res = moe_ep_create(&d, &ctx);
-    if (res == MOE_EP_OK) {
-        if (L->topk_idx) {
-            memcpy(idx, L->topk_idx + first * c->top_k, sizeof(int32_t) * (size_t)(T * c->top_k));
-            memcpy(weight, L->topk_weight + first * c->top_k, sizeof(float) * (size_t)(T * c->top_k));
-        } else {
-            res = moe_ep_route(ctx, x, T, idx, weight, NULL);
-        }
+    moe_ep_result res = MOE_EP_OK;
+    if (L->topk_idx) {
+        memcpy(idx, L->topk_idx + first * c->top_k, sizeof(int32_t) * (size_t)(T * c->top_k));
+        memcpy(weight, L->topk_weight + first * c->top_k, sizeof(float) * (size_t)(T * c->top_k));
+    } else {
+        res = moe_ep_route(ctx, x, T, idx, weight, NULL);
     }
     if (res == MOE_EP_OK) res = moe_ep_plan_create(ctx, T, idx, weight, &plan);
     if (res == MOE_EP_OK) {
@@ -245,18 +226,35 @@ static moe_ep_result layer_stages(const layer_data* L, const moe_ep_transport* t
         MPI_Barrier(test_comm);
         if (res == MOE_EP_OK) res = moe_ep_combine_end(ctx, plan, y);
     }
-    if (res != MOE_EP_OK) snprintf(error, size, "rank %d: stages: %s: %.400s", rank, moe_ep_result_string(res),
-                                   ctx ? moe_ep_last_error(ctx) : "");
     moe_ep_plan_destroy(plan);
+    free(idx); free(weight); free(rows); free(out);
+    return res;
+}
+
+/* One rank of the layer, its own context, forward or stage by stage; y: this rank's rows. */
+static moe_ep_result layer_rank(const layer_data* L, const moe_ep_transport* t, bool staged, float* y, char* error,
+                                size_t size) {
+    int rank = t->rank;
+    moe_ep_expert_weights* mine = rank_experts(L, rank);
+    moe_ep_desc d = layer_desc(L, mine, t);
+    moe_ep_context* ctx = NULL;
+    moe_ep_result res = moe_ep_create(&d, &ctx);
+    if (res != MOE_EP_OK) {
+        snprintf(error, size, "rank %d: create: %s", rank, moe_ep_result_string(res));
+    } else {
+        res = staged ? rank_stages(L, ctx, rank, y) : rank_forward(L, ctx, rank, y);
+        if (res != MOE_EP_OK) snprintf(error, size, "rank %d: %s: %s: %.400s", rank, staged ? "stages" : "forward",
+                                       moe_ep_result_string(res), moe_ep_last_error(ctx));
+    }
     moe_ep_destroy(ctx);
-    free(mine); free(idx); free(weight); free(rows); free(out);
+    free(mine);
     return res;
 }
 
 static moe_ep_result pthreads_rank(const moe_ep_transport* t, void* user) {
     layer_data* L = (layer_data*)user;
-    return layer_forward(L, t, L->y + L->token_start[t->rank] * L->c->d_model, L->error[t->rank % 8],
-                         sizeof L->error[0]);
+    return layer_rank(L, t, false, L->y + L->token_start[t->rank] * L->c->d_model, L->error[t->rank % 8],
+                      sizeof L->error[0]);
 }
 
 START_TEST(test_layer_matches_one_rank_and_pthreads) {
@@ -289,8 +287,8 @@ START_TEST(test_layer_matches_one_rank_and_pthreads) {
         ((moe_ep__mpi_impl*)t.impl)->rule.direct_bytes = 1;
         ((moe_ep__mpi_impl*)t.impl)->rule.chunk_rows = 2;
     }
-    if (made == MOE_EP_OK) fwd = layer_forward(&L, &t, y_fwd, fwd_error, sizeof fwd_error);
-    if (fwd == MOE_EP_OK) stages = layer_stages(&L, &t, y_stages, stages_error, sizeof stages_error);
+    if (made == MOE_EP_OK) fwd = layer_rank(&L, &t, false, y_fwd, fwd_error, sizeof fwd_error);
+    if (fwd == MOE_EP_OK) stages = layer_rank(&L, &t, true, y_stages, stages_error, sizeof stages_error);
     fwd_vs_stages = stages == MOE_EP_OK ? test_first_difference(y_fwd, y_stages, n_mine) : n_mine;
     ran = stages == MOE_EP_OK;
     if (made == MOE_EP_OK) moe_ep_mpi_transport_destroy(&t);
