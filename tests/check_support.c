@@ -8,14 +8,6 @@
 #include <string.h>
 
 /* >>references */
-static double check__act(moe_ep_activation act, double a, double b) {
-    switch (act) {
-    case MOE_EP_ACTIVATION_GELU: return 0.5 * a * (1.0 + erf(a / sqrt(2.0)));
-    case MOE_EP_ACTIVATION_RELU: return a > 0.0 ? a : 0.0;
-    default: return a / (1.0 + exp(-a)) * b;
-    }
-}
-
 void check_ref_ffn(moe_ep_activation act, int d_model, int d_ff, const moe_ep_expert_weights* w, const float* x,
                    int64_t rows, double* out) {
     double* hidden = (double*)malloc(sizeof(double) * (size_t)(d_ff > 0 ? d_ff : 1));
@@ -30,7 +22,7 @@ void check_ref_ffn(moe_ep_activation act, int d_model, int d_ff, const moe_ep_ex
                 a += (double)w->w1[(size_t)f * (size_t)d_model + (size_t)i] * (double)xr[i];
                 if (gated) b += (double)w->w3[(size_t)f * (size_t)d_model + (size_t)i] * (double)xr[i];
             }
-            hidden[f] = check__act(act, a, b);
+            hidden[f] = test_ref_activation(act, a, b);
         }
         for (o = 0; o < d_model; ++o) {
             double acc = 0.0;

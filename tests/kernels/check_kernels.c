@@ -83,14 +83,6 @@ static moe_ep_context* kernels_context(const kernels_expert* e, int threads) {
 }
 
 /* >>reference: out and mag [rows, d_model] in double. */
-static double kernels_act(moe_ep_activation act, double g, double u) {
-    switch (act) {
-    case MOE_EP_ACTIVATION_GELU: return 0.5 * g * (1.0 + erf(g / sqrt(2.0)));
-    case MOE_EP_ACTIVATION_RELU: return g > 0.0 ? g : 0.0;
-    default: return g / (1.0 + exp(-g)) * u;
-    }
-}
-
 static void kernels_reference(const kernels_expert* e, const float* x, int64_t rows, double* out, double* mag) {
     int D = e->d_model, F = e->d_ff, i, j;
     int64_t r;
@@ -106,7 +98,7 @@ static void kernels_reference(const kernels_expert* e, const float* x, int64_t r
                 gm += fabs((double)e->w1[(size_t)j * D + i] * xr[i]);
                 um += fabs((double)e->w3[(size_t)j * D + i] * xr[i]);
             }
-            h[j] = kernels_act(e->act, g, u);
+            h[j] = test_ref_activation(e->act, g, u);
             /* |act(g, u)| changes by at most ~(|u| + 1) |dg| + |g| |du| (+ the act's own rounding) */
             hmag[j] = fabs(h[j]) + gm * (e->act == MOE_EP_ACTIVATION_SWIGLU ? fabs(u) + 1.0 : 1.0) +
                       (e->act == MOE_EP_ACTIVATION_SWIGLU ? fabs(g) * um : 0.0);

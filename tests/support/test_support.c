@@ -1,6 +1,7 @@
 /* test_support.c -- the helpers of test_support.h. */
 #include "test_support.h"
 
+#include <math.h>
 #include <stdio.h>
 #include <stdlib.h>
 #include <string.h>
@@ -43,6 +44,15 @@ float test_bf16_to_float(uint16_t h) {
     float f;
     memcpy(&f, &u, sizeof f);
     return f;
+}
+
+/* >>reference */
+double test_ref_activation(moe_ep_activation act, double g, double u) {
+    switch (act) {
+    case MOE_EP_ACTIVATION_GELU: return 0.5 * g * (1.0 + erf(g / sqrt(2.0)));
+    case MOE_EP_ACTIVATION_RELU: return g > 0.0 ? g : 0.0;
+    default: return g / (1.0 + exp(-g)) * u;
+    }
 }
 
 /* >>poison */

@@ -30,6 +30,10 @@ float* test_random_floats(size_t count, float scale, uint64_t seed);
 uint16_t test_bf16_from_float(float value);
 float test_bf16_to_float(uint16_t value);
 
+/* >>reference: the expert activation in double: SwiGLU silu(gate) * up (also the
+   default), GELU with the exact erf (up unused), ReLU (up unused). */
+double test_ref_activation(moe_ep_activation activation, double gate, double up);
+
 /* >>poison: all-ones bytes, a NaN that no computation writes, so unwritten elements show. */
 void test_poison(float* values, size_t count);
 bool test_is_poisoned(const float* values, size_t count);
