@@ -160,7 +160,7 @@ START_TEST(router_forward_writes_routing) {
     memset(&stats, 0, sizeof stats);
     stats.tokens_per_expert = counts;
     memset(&stats2, 0, sizeof stats2);
-    check_poison(y, R_T * R_D);
+    test_poison(y, R_T * R_D);
     res = moe_ep_forward(ctx, &(moe_ep_forward_args){ .tokens = R_T, .x = router_x, .y = y, .topk_idx = idx,
                                                       .topk_weight = weight, .stats = &stats });
     ck_assert_msg(res == MOE_EP_OK, "forward: %s: %s", moe_ep_result_string(res), moe_ep_last_error(ctx));
@@ -191,11 +191,11 @@ START_TEST(router_needs_weights) {
     ck_assert_msg(res == MOE_EP_OK, "create without router weights: %s", moe_ep_result_string(res));
     ck_assert_int_eq(moe_ep_route(ctx, router_x, 2, idx, weight, NULL), MOE_EP_ERROR_INVALID_ARGUMENT);
     ck_assert_msg(strstr(moe_ep_last_error(ctx), "router_weight") != NULL, "message: %s", moe_ep_last_error(ctx));
-    check_poison(y, R_D * 2);
+    test_poison(y, R_D * 2);
     ck_assert_int_eq(moe_ep_forward(ctx, &(moe_ep_forward_args){ .tokens = 2, .x = router_x, .y = y }),
                      MOE_EP_ERROR_INVALID_ARGUMENT);
     ck_assert_msg(strstr(moe_ep_last_error(ctx), "router_weight") != NULL, "message: %s", moe_ep_last_error(ctx));
-    ck_assert_msg(check_is_poisoned(y, R_D * 2), "y written on failure");
+    ck_assert_msg(test_is_poisoned(y, R_D * 2), "y written on failure");
     moe_ep_destroy(ctx);
 }
 END_TEST
@@ -221,30 +221,30 @@ START_TEST(routing_in_validated) {
     const bad_routing* b = &bad_routings[_i];
     moe_ep_context* ctx = NULL;
     moe_ep_plan* plan = (moe_ep_plan*)&ctx;   /* a sentinel: must stay */
-    check_log log;
+    test_log log;
     int32_t idx[R_T * 2] = { 0, 1, 2, 3, 3, 0, 1, 2 };
     float weight[R_T * 2] = { 0.5f, 0.25f, 0.5f, 0.25f, 0.5f, 0.25f, 0.5f, 0.25f };
     float y[R_T * R_D];
     char joined[2048];
     moe_ep_result res;
-    check_log_init(&log);
+    test_log_init(&log);
     res = moe_ep_create(&(moe_ep_desc){ .d_model = R_D, .num_experts = R_E, .top_k = 2, .router_weight = router_w,
-                                        .expert_fn = router_identity_fn, .logger = check_recording_logger(&log) },
+                                        .expert_fn = router_identity_fn, .logger = test_log_logger(&log) },
                         &ctx);
     ck_assert_msg(res == MOE_EP_OK, "create: %s", moe_ep_result_string(res));
     if (b->expert != -100) idx[b->token * 2 + b->slot] = b->expert;
     else if (_i == 3) weight[b->token * 2 + b->slot] = NAN;
     else if (_i == 4) weight[b->token * 2 + b->slot] = INFINITY;
     else weight[b->token * 2 + b->slot] = -INFINITY;
-    check_poison(y, R_T * R_D);
+    test_poison(y, R_T * R_D);
     res = moe_ep_forward(ctx, &(moe_ep_forward_args){ .tokens = R_T, .x = router_x, .y = y, .routing_in = true,
                                                       .topk_idx = idx, .topk_weight = weight });
     ck_assert_msg(res == MOE_EP_ERROR_INVALID_ARGUMENT, "case %d: forward returned %s", _i, moe_ep_result_string(res));
     ck_assert_msg(strstr(moe_ep_last_error(ctx), b->needle) != NULL, "case %d: last error \"%s\" lacks \"%s\"", _i,
                   moe_ep_last_error(ctx), b->needle);
-    ck_assert_msg(check_log_find(&log, b->needle) >= 0, "case %d: log lacks \"%s\": %s", _i, b->needle,
-                  check_log_join(&log, joined, sizeof joined));
-    ck_assert_msg(check_is_poisoned(y, R_T * R_D), "case %d: y written on failure", _i);
+    ck_assert_msg(test_log_find(&log, b->needle) >= 0, "case %d: log lacks \"%s\": %s", _i, b->needle,
+                  test_log_join(&log, joined, sizeof joined));
+    ck_assert_msg(test_is_poisoned(y, R_T * R_D), "case %d: y written on failure", _i);
     res = moe_ep_plan_create(ctx, R_T, idx, weight, &plan);
     ck_assert_msg(res == MOE_EP_ERROR_INVALID_ARGUMENT, "case %d: plan_create returned %s", _i,
                   moe_ep_result_string(res));
@@ -252,7 +252,7 @@ START_TEST(routing_in_validated) {
     ck_assert_msg(strstr(moe_ep_last_error(ctx), b->needle) != NULL, "case %d: plan_create error \"%s\"", _i,
                   moe_ep_last_error(ctx));
     moe_ep_destroy(ctx);
-    check_log_destroy(&log);
+    test_log_destroy(&log);
 }
 END_TEST
 

@@ -135,8 +135,8 @@ static const vcase vcases[] = {
 START_TEST(validation_desc_fields) {
     const vcase* c = &vcases[_i];
     venv env;
-    check_counter counter;
-    check_log log;
+    test_counter counter;
+    test_log log;
     moe_ep_desc d;
     moe_ep_context* sentinel = (moe_ep_context*)&env;
     moe_ep_context* ctx = sentinel;
@@ -144,8 +144,8 @@ START_TEST(validation_desc_fields) {
     char joined[4096];
     int e;
     memset(&env, 0, sizeof env);
-    check_counter_init(&counter);
-    check_log_init(&log);
+    test_counter_init(&counter);
+    test_log_init(&log);
     check_model_init(&env.model, V_D, V_F, V_E, 2, MOE_EP_ACTIVATION_SWIGLU, false, 50);
     for (e = 0; e < V_E; ++e) env.experts[e] = env.model.experts[e];
     memset(&d, 0, sizeof d);
@@ -155,45 +155,45 @@ START_TEST(validation_desc_fields) {
     d.top_k = 2;
     d.router_weight = env.model.router;
     d.experts = env.experts;
-    d.allocator = check_counting_allocator(&counter);
-    d.logger = check_recording_logger(&log);
+    d.allocator = test_counter_allocator(&counter);
+    d.logger = test_log_logger(&log);
     c->mutate(&d, &env);
     res = moe_ep_create(&d, &ctx);
     ck_assert_msg(res == MOE_EP_ERROR_INVALID_ARGUMENT, "%s: create returned %s", c->name, moe_ep_result_string(res));
     ck_assert_msg(ctx == sentinel, "%s: the out-param was written on failure", c->name);
-    ck_assert_msg(check_log_find(&log, c->needle) >= 0, "%s: no message contains \"%s\": %s", c->name, c->needle,
-                  check_log_join(&log, joined, sizeof joined));
-    ck_assert_msg(check_counter_outstanding(&counter) == 0, "%s: %ld allocations outstanding (%ld made, %ld freed)",
-                  c->name, check_counter_outstanding(&counter), counter.allocs, counter.frees);
+    ck_assert_msg(test_log_find(&log, c->needle) >= 0, "%s: no message contains \"%s\": %s", c->name, c->needle,
+                  test_log_join(&log, joined, sizeof joined));
+    ck_assert_msg(test_counter_outstanding(&counter) == 0, "%s: %ld allocations outstanding (%ld made, %ld freed)",
+                  c->name, test_counter_outstanding(&counter), counter.allocs, counter.frees);
     check_model_free(&env.model);
-    check_counter_destroy(&counter);
-    check_log_destroy(&log);
+    test_counter_destroy(&counter);
+    test_log_destroy(&log);
 }
 END_TEST
 
 /* The unmutated base desc is valid: the table above tests one defect at a time. */
 START_TEST(validation_base_desc_valid) {
     check_model m;
-    check_counter counter;
-    check_log log;
+    test_counter counter;
+    test_log log;
     moe_ep_context* ctx = NULL;
     moe_ep_result res;
-    check_counter_init(&counter);
-    check_log_init(&log);
+    test_counter_init(&counter);
+    test_log_init(&log);
     check_model_init(&m, V_D, V_F, V_E, 2, MOE_EP_ACTIVATION_SWIGLU, false, 50);
     res = moe_ep_create(&(moe_ep_desc){ .d_model = V_D, .d_ff = V_F, .num_experts = V_E, .top_k = 2,
                                         .router_weight = m.router, .experts = m.experts,
-                                        .allocator = check_counting_allocator(&counter),
-                                        .logger = check_recording_logger(&log) }, &ctx);
+                                        .allocator = test_counter_allocator(&counter),
+                                        .logger = test_log_logger(&log) }, &ctx);
     ck_assert_msg(res == MOE_EP_OK, "base desc: %s", moe_ep_result_string(res));
     ck_assert_msg(log.lines == 0, "a valid desc logged %d lines", log.lines);
     ck_assert_msg(counter.allocs > 0, "the allocator was not used");
     moe_ep_destroy(ctx);
-    ck_assert_msg(check_counter_outstanding(&counter) == 0, "%ld outstanding after destroy",
-                  check_counter_outstanding(&counter));
+    ck_assert_msg(test_counter_outstanding(&counter) == 0, "%ld outstanding after destroy",
+                  test_counter_outstanding(&counter));
     check_model_free(&m);
-    check_counter_destroy(&counter);
-    check_log_destroy(&log);
+    test_counter_destroy(&counter);
+    test_log_destroy(&log);
 }
 END_TEST
 
@@ -213,7 +213,7 @@ END_TEST
 /* create, every kind of layer call, destroy: nothing left behind, on one rank and on three. */
 START_TEST(validation_no_leaks) {
     check_model m;
-    check_counter counter;
+    test_counter counter;
     moe_ep_allocator a;
     moe_ep_context* ctx = NULL;
     moe_ep_plan* plan = NULL;
@@ -227,10 +227,10 @@ START_TEST(validation_no_leaks) {
     moe_ep_router_stats stats;
     uint64_t seed = 60;
     char errors[1024];
-    check_counter_init(&counter);
-    a = check_counting_allocator(&counter);
+    test_counter_init(&counter);
+    a = test_counter_allocator(&counter);
     check_model_init(&m, V_D, V_F, V_E, 2, MOE_EP_ACTIVATION_SWIGLU, false, 61);
-    check_fill(x, 20 * V_D, 1.0f, &seed);
+    test_fill(x, 20 * V_D, 1.0f, &seed);
     stats.tokens_per_expert = counts;
     ck_assert_int_eq(moe_ep_create(&(moe_ep_desc){ .d_model = V_D, .d_ff = V_F, .num_experts = V_E, .top_k = 2,
                                                    .capacity_factor = 1.0f, .router_weight = m.router,
@@ -250,35 +250,30 @@ START_TEST(validation_no_leaks) {
     moe_ep_plan_destroy(plan);
     moe_ep_destroy(ctx);
     ck_assert_msg(counter.allocs > 0, "the allocator was not used");
-    ck_assert_msg(check_counter_outstanding(&counter) == 0, "one rank: %ld allocations outstanding",
-                  check_counter_outstanding(&counter));
+    ck_assert_msg(test_counter_outstanding(&counter) == 0, "one rank: %ld allocations outstanding",
+                  test_counter_outstanding(&counter));
 
     /* three ranks; the world's own allocations go through the same counter */
-    memset(&run, 0, sizeof run);
-    run.model = &m;
-    run.ranks = 3;
-    run.tokens = tokens;
-    run.x = x;
-    run.y = y;
+    check_layer_init(&run, &m, 3, tokens, x, y);
     run.allocator = &a;
     run.capacity_factor = 0.5f;
     check_run_layer(&run);
     ck_assert_msg(run.result == MOE_EP_OK, "three ranks: %s", check_layer_errors(&run, errors, sizeof errors));
-    ck_assert_msg(check_counter_outstanding(&counter) == 0, "three ranks: %ld allocations outstanding",
-                  check_counter_outstanding(&counter));
+    ck_assert_msg(test_counter_outstanding(&counter) == 0, "three ranks: %ld allocations outstanding",
+                  test_counter_outstanding(&counter));
     check_model_free(&m);
-    check_counter_destroy(&counter);
+    test_counter_destroy(&counter);
 }
 END_TEST
 
 /* Fail allocation n of create, for every n: OUT_OF_MEMORY, out untouched, nothing leaked. */
 START_TEST(validation_create_out_of_memory) {
     check_model m;
-    check_counter counter;
+    test_counter counter;
     moe_ep_context* sentinel = (moe_ep_context*)&m;
     long n;
     bool created = false;
-    check_counter_init(&counter);
+    test_counter_init(&counter);
     check_model_init(&m, V_D, V_F, V_E, 2, MOE_EP_ACTIVATION_SWIGLU, false, 62);
     for (n = 1; n < 200 && !created; ++n) {
         moe_ep_context* ctx = sentinel;
@@ -289,7 +284,7 @@ START_TEST(validation_create_out_of_memory) {
         res = moe_ep_create(&(moe_ep_desc){ .d_model = V_D, .d_ff = V_F, .num_experts = V_E, .top_k = 2,
                                             .placement = { .kind = MOE_EP_PLACEMENT_TABLE, .table = table },
                                             .router_weight = m.router, .experts = m.experts,
-                                            .allocator = check_counting_allocator(&counter) }, &ctx);
+                                            .allocator = test_counter_allocator(&counter) }, &ctx);
         if (res == MOE_EP_OK) {
             ck_assert_msg(counter.attempts < n, "allocation %ld failed but create succeeded", n);
             moe_ep_destroy(ctx);
@@ -299,13 +294,13 @@ START_TEST(validation_create_out_of_memory) {
                           moe_ep_result_string(res));
             ck_assert_msg(ctx == sentinel, "allocation %ld failed: out written", n);
         }
-        ck_assert_msg(check_counter_outstanding(&counter) == 0, "allocation %ld failed: %ld outstanding", n,
-                      check_counter_outstanding(&counter));
+        ck_assert_msg(test_counter_outstanding(&counter) == 0, "allocation %ld failed: %ld outstanding", n,
+                      test_counter_outstanding(&counter));
     }
     ck_assert_msg(created, "create never succeeded");
     ck_assert_msg(n > 5, "create made only %ld allocations", n - 1);
     check_model_free(&m);
-    check_counter_destroy(&counter);
+    test_counter_destroy(&counter);
 }
 END_TEST
 
@@ -313,7 +308,7 @@ END_TEST
    the context stays usable and nothing leaks. */
 START_TEST(validation_forward_out_of_memory) {
     check_model m;
-    check_counter counter;
+    test_counter counter;
     moe_ep_context* ctx = NULL;
     float x[9 * V_D], y_good[9 * V_D], y[9 * V_D];
     int64_t counts_good[V_E], counts[V_E];
@@ -321,9 +316,9 @@ START_TEST(validation_forward_out_of_memory) {
     uint64_t seed = 63;
     long n;
     bool passed = false;
-    check_counter_init(&counter);
+    test_counter_init(&counter);
     check_model_init(&m, V_D, V_F, V_E, 2, MOE_EP_ACTIVATION_SWIGLU, false, 64);
-    check_fill(x, 9 * V_D, 1.0f, &seed);
+    test_fill(x, 9 * V_D, 1.0f, &seed);
     stats_good.tokens_per_expert = counts_good;
     ck_assert_int_eq(moe_ep_create(&(moe_ep_desc){ .d_model = V_D, .d_ff = V_F, .num_experts = V_E, .top_k = 2,
                                                    .router_weight = m.router, .experts = m.experts }, &ctx), MOE_EP_OK);
@@ -336,10 +331,10 @@ START_TEST(validation_forward_out_of_memory) {
         counter.fail_at = 0;
         ck_assert_int_eq(moe_ep_create(&(moe_ep_desc){ .d_model = V_D, .d_ff = V_F, .num_experts = V_E, .top_k = 2,
                                                        .router_weight = m.router, .experts = m.experts,
-                                                       .allocator = check_counting_allocator(&counter) }, &ctx),
+                                                       .allocator = test_counter_allocator(&counter) }, &ctx),
                          MOE_EP_OK);
         counter.fail_at = counter.attempts + n;
-        check_poison(y, 9 * V_D);
+        test_poison(y, 9 * V_D);
         memset(&stats, 0, sizeof stats);
         stats.tokens_per_expert = counts;
         res = moe_ep_forward(ctx, &(moe_ep_forward_args){ .tokens = 9, .x = x, .y = y, .stats = &stats });
@@ -353,19 +348,19 @@ START_TEST(validation_forward_out_of_memory) {
         } else {
             ck_assert_msg(res == MOE_EP_ERROR_OUT_OF_MEMORY, "allocation %ld failed: forward returned %s", n,
                           moe_ep_result_string(res));
-            ck_assert_msg(check_is_poisoned(y, 9 * V_D), "allocation %ld failed: y written", n);
+            ck_assert_msg(test_is_poisoned(y, 9 * V_D), "allocation %ld failed: y written", n);
             /* the context still works */
             counter.fail_at = 0;
             ck_assert_int_eq(moe_ep_forward(ctx, &(moe_ep_forward_args){ .tokens = 9, .x = x, .y = y }), MOE_EP_OK);
             ck_assert_msg(memcmp(y, y_good, sizeof y) == 0, "allocation %ld failed: the next forward differs", n);
         }
         moe_ep_destroy(ctx);
-        ck_assert_msg(check_counter_outstanding(&counter) == 0, "allocation %ld failed: %ld outstanding", n,
-                      check_counter_outstanding(&counter));
+        ck_assert_msg(test_counter_outstanding(&counter) == 0, "allocation %ld failed: %ld outstanding", n,
+                      test_counter_outstanding(&counter));
     }
     ck_assert_msg(passed, "forward never got through");
     check_model_free(&m);
-    check_counter_destroy(&counter);
+    test_counter_destroy(&counter);
 }
 END_TEST
 
@@ -387,20 +382,20 @@ static const fcase fcases[] = {
 START_TEST(validation_forward_args) {
     const fcase* c = &fcases[_i];
     check_model m;
-    check_log log;
+    test_log log;
     moe_ep_context* ctx = NULL;
     float x[5 * V_D], y[5 * V_D];
     uint64_t seed = 65;
     moe_ep_forward_args args;
     moe_ep_result res;
     char joined[2048];
-    check_log_init(&log);
+    test_log_init(&log);
     check_model_init(&m, V_D, V_F, V_E, 2, MOE_EP_ACTIVATION_SWIGLU, false, 66);
-    check_fill(x, 5 * V_D, 1.0f, &seed);
-    check_poison(y, 5 * V_D);
+    test_fill(x, 5 * V_D, 1.0f, &seed);
+    test_poison(y, 5 * V_D);
     ck_assert_int_eq(moe_ep_create(&(moe_ep_desc){ .d_model = V_D, .d_ff = V_F, .num_experts = V_E, .top_k = 2,
                                                    .router_weight = m.router, .experts = m.experts,
-                                                   .logger = check_recording_logger(&log) }, &ctx), MOE_EP_OK);
+                                                   .logger = test_log_logger(&log) }, &ctx), MOE_EP_OK);
     memset(&args, 0, sizeof args);
     args.tokens = c->tokens;
     args.x = c->null_x ? NULL : x;
@@ -410,13 +405,13 @@ START_TEST(validation_forward_args) {
     ck_assert_msg(res == MOE_EP_ERROR_INVALID_ARGUMENT, "%s: forward returned %s", c->name, moe_ep_result_string(res));
     ck_assert_msg(strstr(moe_ep_last_error(ctx), c->needle) != NULL, "%s: last error \"%s\" lacks \"%s\"", c->name,
                   moe_ep_last_error(ctx), c->needle);
-    ck_assert_msg(check_log_find(&log, c->needle) >= 0, "%s: log: %s", c->name, check_log_join(&log, joined, sizeof joined));
-    ck_assert_msg(check_is_poisoned(y, 5 * V_D), "%s: y written on failure", c->name);
+    ck_assert_msg(test_log_find(&log, c->needle) >= 0, "%s: log: %s", c->name, test_log_join(&log, joined, sizeof joined));
+    ck_assert_msg(test_is_poisoned(y, 5 * V_D), "%s: y written on failure", c->name);
     /* the context is still good */
     ck_assert_int_eq(moe_ep_forward(ctx, &(moe_ep_forward_args){ .tokens = 5, .x = x, .y = y }), MOE_EP_OK);
     moe_ep_destroy(ctx);
     check_model_free(&m);
-    check_log_destroy(&log);
+    test_log_destroy(&log);
 }
 END_TEST
 
@@ -430,7 +425,7 @@ START_TEST(validation_stage_misuse) {
     float weight[6] = { 0.5f, 0.5f, 0.5f, 0.5f, 0.5f, 0.5f };
     uint64_t seed = 67;
     check_model_init(&m, V_D, V_F, V_E, 2, MOE_EP_ACTIVATION_SWIGLU, false, 68);
-    check_fill(x, 3 * V_D, 1.0f, &seed);
+    test_fill(x, 3 * V_D, 1.0f, &seed);
     ck_assert_int_eq(moe_ep_create(&(moe_ep_desc){ .d_model = V_D, .d_ff = V_F, .num_experts = V_E, .top_k = 2,
                                                    .router_weight = m.router, .experts = m.experts }, &ctx), MOE_EP_OK);
     ck_assert_int_eq(moe_ep_create(&(moe_ep_desc){ .d_model = V_D, .d_ff = V_F, .num_experts = V_E, .top_k = 2,
