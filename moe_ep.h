@@ -258,7 +258,10 @@ typedef struct moe_ep_allocator {
     X(STAGE_SPLIT_PHASE)           /* a begin without end, or an end without begin */ \
     X(STAGE_NULL)                  /* a buffer of dispatch, experts or combine is NULL */ \
     X(EXPERT_FN_FAILED) \
-    X(FORWARD_ARGS) \
+    X(FORWARD_ARGS_NULL) \
+    X(FORWARD_TOKENS) \
+    X(FORWARD_NULL)                /* x or y NULL with tokens > 0 */ \
+    X(FORWARD_ROUTING_IN)          /* routing_in without topk_idx and topk_weight */ \
     X(FFN_ARGS) \
     X(FFN_NO_WEIGHTS)
 
@@ -1962,19 +1965,18 @@ MOE_EP_API moe_ep_result moe_ep_combine(moe_ep_context* ctx, moe_ep_plan* plan, 
 
 /* >>forward */
 MOE_EP_PRIVATE moe_ep_result moe_ep__forward_check(moe_ep_context* ctx, const moe_ep_forward_args* a) {
-    if (!a) return moe_ep__fail(ctx, MOE_EP_ERROR_INVALID_ARGUMENT, MOE_EP_LOG_ITEM_FORWARD_ARGS,
+    if (!a) return moe_ep__fail(ctx, MOE_EP_ERROR_INVALID_ARGUMENT, MOE_EP_LOG_ITEM_FORWARD_ARGS_NULL,
                                 "moe_ep_forward: args must not be NULL");
     if (a->tokens < 0)
-        return moe_ep__fail(ctx, MOE_EP_ERROR_INVALID_ARGUMENT, MOE_EP_LOG_ITEM_FORWARD_ARGS,
-                            "moe_ep_forward_args.tokens (%lld) must be >= 0",
-                            (long long)a->tokens);
+        return moe_ep__fail(ctx, MOE_EP_ERROR_INVALID_ARGUMENT, MOE_EP_LOG_ITEM_FORWARD_TOKENS,
+                            "moe_ep_forward_args.tokens (%lld) must be >= 0", (long long)a->tokens);
     if (a->tokens > 0 && (!a->x || !a->y))
         return moe_ep__fail(ctx, MOE_EP_ERROR_INVALID_ARGUMENT,
-                            MOE_EP_LOG_ITEM_FORWARD_ARGS,
+                            MOE_EP_LOG_ITEM_FORWARD_NULL,
                             "moe_ep_forward_args.x and .y must not be NULL when tokens > 0");
     if (a->routing_in && a->tokens > 0 && (!a->topk_idx || !a->topk_weight))
         return moe_ep__fail(ctx, MOE_EP_ERROR_INVALID_ARGUMENT,
-                            MOE_EP_LOG_ITEM_FORWARD_ARGS,
+                            MOE_EP_LOG_ITEM_FORWARD_ROUTING_IN,
                             "moe_ep_forward_args.routing_in needs topk_idx and topk_weight");
     if (!a->routing_in && !ctx->desc.router_weight)
         return moe_ep__fail(ctx, MOE_EP_ERROR_INVALID_ARGUMENT,

@@ -159,7 +159,7 @@ START_TEST(expert_fn_without_weights) {
     ck_assert_msg(res == MOE_EP_OK, "create with expert_fn and d_ff 0: %s", moe_ep_result_string(res));
     test_poison(out, U_D);
     ck_assert_int_eq(moe_ep_expert_ffn(ctx, 0, rows, 1, out), MOE_EP_ERROR_INVALID_ARGUMENT);
-    ck_assert_msg(strstr(moe_ep_last_error(ctx), "expert_fn") != NULL, "%s", moe_ep_last_error(ctx));
+    ck_assert_msg(moe_ep_last_error_item(ctx) == MOE_EP_LOG_ITEM_FFN_NO_WEIGHTS, "%s", moe_ep_last_error(ctx));
     ck_assert_msg(test_is_poisoned(out, U_D), "out written");
     moe_ep_destroy(ctx);
 }
@@ -179,7 +179,9 @@ START_TEST(expert_fn_failure_single_rank) {
     ck_assert_int_eq(moe_ep_forward(ctx, &(moe_ep_forward_args){ .tokens = 2, .x = x, .y = y, .routing_in = true,
                                                                  .topk_idx = idx, .topk_weight = w }),
                      MOE_EP_ERROR_CALLBACK);
-    ck_assert_msg(strstr(moe_ep_last_error(ctx), "expert 2") != NULL, "%s", moe_ep_last_error(ctx));
+    ck_assert_msg(moe_ep_last_error_item(ctx) == MOE_EP_LOG_ITEM_EXPERT_FN_FAILED, "%s", moe_ep_last_error(ctx));
+    ck_assert_msg(strstr(moe_ep_last_error(ctx), "expert 2") != NULL, "the error does not name expert 2: %s",
+                  moe_ep_last_error(ctx));
     ck_assert_msg(test_is_poisoned(y, 2 * U_D), "y written on failure");
     moe_ep_destroy(ctx);
 }

@@ -20,7 +20,7 @@ typedef struct venv {
 
 typedef struct vcase {
     const char* name;
-    const char* needle;             /* the message must contain this */
+    moe_ep_log_item item;           /* the rule that must fire */
     void (*mutate)(moe_ep_desc* d, venv* env);
 } vcase;
 
@@ -97,38 +97,38 @@ static void m_w2_null_gelu(moe_ep_desc* d, venv* v) {
 static void m_w1_null(moe_ep_desc* d, venv* v) { (void)d; v->experts[3].w1 = NULL; }
 
 static const vcase vcases[] = {
-    { "d_model 0", "d_model (0)", m_d_model_0 },
-    { "d_model -3", "d_model (-3)", m_d_model_neg },
-    { "d_ff 0", "d_ff (0)", m_d_ff_0 },
-    { "d_ff -1", "d_ff (-1)", m_d_ff_neg },
-    { "num_experts 0", "num_experts (0)", m_experts_0 },
-    { "num_experts -2", "num_experts (-2)", m_experts_neg },
-    { "top_k -1", "top_k (-1)", m_top_k_neg },
-    { "top_k > num_experts", "top_k (5) must be <= num_experts (4)", m_top_k_big },
-    { "activation COUNT", "activation", m_act_count },
-    { "activation 77", "activation (77)", m_act_77 },
-    { "scoring COUNT", "scoring", m_scoring_count },
-    { "scoring 9", "scoring (9)", m_scoring_9 },
-    { "capacity_factor -0.5", "capacity_factor", m_cap_neg },
-    { "capacity_factor NaN", "capacity_factor", m_cap_nan },
-    { "capacity_factor 2e6", "capacity_factor", m_cap_huge },
-    { "placement.kind COUNT", "placement.kind", m_place_count },
-    { "placement.kind 77", "placement.kind (77)", m_place_77 },
-    { "placement.table NULL", "placement.table", m_table_null },
-    { "placement.table[2] = 1 of 1 rank", "placement.table[2] (1)", m_table_high },
-    { "placement.table[0] = -1", "placement.table[0] (-1)", m_table_neg },
-    { "num_threads -1", "num_threads (-1)", m_threads_neg },
-    { "allocator with alloc_fn only", "allocator", m_alloc_only },
-    { "allocator with free_fn only", "allocator", m_free_only },
-    { "transport without exchange_counts", "exchange_counts", m_no_exchange },
-    { "transport without all_to_all_v", "all_to_all_v", m_no_a2a },
-    { "transport with all_to_all_v_begin only", "all_to_all_v_begin", m_half_split },
-    { "transport rank 1 of 1", "rank (1)", m_rank_out },
-    { "transport world_size 0", "world_size (0)", m_world_0 },
-    { "experts NULL", "moe_ep_desc.experts", m_experts_null },
-    { "experts[1].w3 NULL under SwiGLU", "experts[1]: w1, w2 and w3", m_w3_null },
-    { "experts[0].w2 NULL under GELU", "experts[0]", m_w2_null_gelu },
-    { "experts[3].w1 NULL", "experts[3]", m_w1_null },
+    { "d_model 0", MOE_EP_LOG_ITEM_DESC_D_MODEL, m_d_model_0 },
+    { "d_model -3", MOE_EP_LOG_ITEM_DESC_D_MODEL, m_d_model_neg },
+    { "d_ff 0", MOE_EP_LOG_ITEM_DESC_D_FF, m_d_ff_0 },
+    { "d_ff -1", MOE_EP_LOG_ITEM_DESC_D_FF, m_d_ff_neg },
+    { "num_experts 0", MOE_EP_LOG_ITEM_DESC_NUM_EXPERTS, m_experts_0 },
+    { "num_experts -2", MOE_EP_LOG_ITEM_DESC_NUM_EXPERTS, m_experts_neg },
+    { "top_k -1", MOE_EP_LOG_ITEM_DESC_TOP_K, m_top_k_neg },
+    { "top_k > num_experts", MOE_EP_LOG_ITEM_DESC_TOP_K_ABOVE_EXPERTS, m_top_k_big },
+    { "activation COUNT", MOE_EP_LOG_ITEM_DESC_ACTIVATION, m_act_count },
+    { "activation 77", MOE_EP_LOG_ITEM_DESC_ACTIVATION, m_act_77 },
+    { "scoring COUNT", MOE_EP_LOG_ITEM_DESC_SCORING, m_scoring_count },
+    { "scoring 9", MOE_EP_LOG_ITEM_DESC_SCORING, m_scoring_9 },
+    { "capacity_factor -0.5", MOE_EP_LOG_ITEM_DESC_CAPACITY_FACTOR, m_cap_neg },
+    { "capacity_factor NaN", MOE_EP_LOG_ITEM_DESC_CAPACITY_FACTOR, m_cap_nan },
+    { "capacity_factor 2e6", MOE_EP_LOG_ITEM_DESC_CAPACITY_FACTOR, m_cap_huge },
+    { "placement.kind COUNT", MOE_EP_LOG_ITEM_DESC_PLACEMENT_KIND, m_place_count },
+    { "placement.kind 77", MOE_EP_LOG_ITEM_DESC_PLACEMENT_KIND, m_place_77 },
+    { "placement.table NULL", MOE_EP_LOG_ITEM_DESC_PLACEMENT_TABLE_MISSING, m_table_null },
+    { "placement.table[2] = 1 of 1 rank", MOE_EP_LOG_ITEM_DESC_PLACEMENT_TABLE_RANK, m_table_high },
+    { "placement.table[0] = -1", MOE_EP_LOG_ITEM_DESC_PLACEMENT_TABLE_RANK, m_table_neg },
+    { "num_threads -1", MOE_EP_LOG_ITEM_DESC_NUM_THREADS, m_threads_neg },
+    { "allocator with alloc_fn only", MOE_EP_LOG_ITEM_DESC_ALLOCATOR_HALF, m_alloc_only },
+    { "allocator with free_fn only", MOE_EP_LOG_ITEM_DESC_ALLOCATOR_HALF, m_free_only },
+    { "transport without exchange_counts", MOE_EP_LOG_ITEM_DESC_TRANSPORT_REQUIRED_CALLBACKS, m_no_exchange },
+    { "transport without all_to_all_v", MOE_EP_LOG_ITEM_DESC_TRANSPORT_REQUIRED_CALLBACKS, m_no_a2a },
+    { "transport with all_to_all_v_begin only", MOE_EP_LOG_ITEM_DESC_TRANSPORT_SPLIT_PHASE_HALF, m_half_split },
+    { "transport rank 1 of 1", MOE_EP_LOG_ITEM_DESC_TRANSPORT_RANK, m_rank_out },
+    { "transport world_size 0", MOE_EP_LOG_ITEM_DESC_TRANSPORT_RANK, m_world_0 },
+    { "experts NULL", MOE_EP_LOG_ITEM_DESC_EXPERTS_MISSING, m_experts_null },
+    { "experts[1].w3 NULL under SwiGLU", MOE_EP_LOG_ITEM_DESC_EXPERT_WEIGHTS_NULL, m_w3_null },
+    { "experts[0].w2 NULL under GELU", MOE_EP_LOG_ITEM_DESC_EXPERT_WEIGHTS_NULL, m_w2_null_gelu },
+    { "experts[3].w1 NULL", MOE_EP_LOG_ITEM_DESC_EXPERT_WEIGHTS_NULL, m_w1_null },
 };
 #define VCASES ((int)(sizeof vcases / sizeof vcases[0]))
 
@@ -161,8 +161,11 @@ START_TEST(validation_desc_fields) {
     res = moe_ep_create(&d, &ctx);
     ck_assert_msg(res == MOE_EP_ERROR_INVALID_ARGUMENT, "%s: create returned %s", c->name, moe_ep_result_string(res));
     ck_assert_msg(ctx == sentinel, "%s: the out-param was written on failure", c->name);
-    ck_assert_msg(test_log_find(&log, c->needle) >= 0, "%s: no message contains \"%s\": %s", c->name, c->needle,
-                  test_log_join(&log, joined, sizeof joined));
+    ck_assert_msg(test_log_find_item(&log, c->item) >= 0, "%s: no message has item %s: %s", c->name,
+                  moe_ep_log_item_string(c->item), test_log_join(&log, joined, sizeof joined));
+    /* the words name the field of the desc */
+    ck_assert_msg(strncmp(test_log_line(&log, test_log_find_item(&log, c->item)), "moe_ep_desc.", 12) == 0,
+                  "%s: the message does not start with the field: %s", c->name, test_log_join(&log, joined, sizeof joined));
     ck_assert_msg(test_counter_outstanding(&counter) == 0, "%s: %ld allocations outstanding (%ld made, %ld freed)",
                   c->name, test_counter_outstanding(&counter), counter.allocs, counter.frees);
     check_model_free(&env.model);
@@ -366,17 +369,17 @@ END_TEST
 
 typedef struct fcase {
     const char* name;
-    const char* needle;
+    moe_ep_log_item item;
     int64_t tokens;
     bool null_x, null_y, routing_in_null, null_args;
 } fcase;
 
 static const fcase fcases[] = {
-    { "tokens -1", "tokens (-1)", -1, false, false, false, false },
-    { "x NULL", "moe_ep_forward_args.x", 5, true, false, false, false },
-    { "y NULL", ".y", 5, false, true, false, false },
-    { "routing_in without arrays", "routing_in", 5, false, false, true, false },
-    { "args NULL", "args", 5, false, false, false, true },
+    { "tokens -1", MOE_EP_LOG_ITEM_FORWARD_TOKENS, -1, false, false, false, false },
+    { "x NULL", MOE_EP_LOG_ITEM_FORWARD_NULL, 5, true, false, false, false },
+    { "y NULL", MOE_EP_LOG_ITEM_FORWARD_NULL, 5, false, true, false, false },
+    { "routing_in without arrays", MOE_EP_LOG_ITEM_FORWARD_ROUTING_IN, 5, false, false, true, false },
+    { "args NULL", MOE_EP_LOG_ITEM_FORWARD_ARGS_NULL, 5, false, false, false, true },
 };
 
 START_TEST(validation_forward_args) {
@@ -403,9 +406,11 @@ START_TEST(validation_forward_args) {
     args.routing_in = c->routing_in_null;
     res = moe_ep_forward(ctx, c->null_args ? NULL : &args);
     ck_assert_msg(res == MOE_EP_ERROR_INVALID_ARGUMENT, "%s: forward returned %s", c->name, moe_ep_result_string(res));
-    ck_assert_msg(strstr(moe_ep_last_error(ctx), c->needle) != NULL, "%s: last error \"%s\" lacks \"%s\"", c->name,
-                  moe_ep_last_error(ctx), c->needle);
-    ck_assert_msg(test_log_find(&log, c->needle) >= 0, "%s: log: %s", c->name, test_log_join(&log, joined, sizeof joined));
+    ck_assert_msg(moe_ep_last_error_item(ctx) == c->item, "%s: last error is %s (\"%s\"), want %s", c->name,
+                  moe_ep_log_item_string(moe_ep_last_error_item(ctx)), moe_ep_last_error(ctx),
+                  moe_ep_log_item_string(c->item));
+    ck_assert_msg(test_log_find_item(&log, c->item) >= 0, "%s: log: %s", c->name,
+                  test_log_join(&log, joined, sizeof joined));
     ck_assert_msg(test_is_poisoned(y, 5 * V_D), "%s: y written on failure", c->name);
     /* the context is still good */
     ck_assert_int_eq(moe_ep_forward(ctx, &(moe_ep_forward_args){ .tokens = 5, .x = x, .y = y }), MOE_EP_OK);
@@ -437,14 +442,15 @@ START_TEST(validation_stage_misuse) {
     ck_assert_msg(plan == sentinel, "plan_create wrote its out-param on failure");
     ck_assert_int_eq(moe_ep_plan_create(ctx, 3, idx, weight, &plan), MOE_EP_OK);
     ck_assert_int_eq(moe_ep_dispatch_end(ctx, plan), MOE_EP_ERROR_INVALID_ARGUMENT);
-    ck_assert_msg(strstr(moe_ep_last_error(ctx), "no split-phase") != NULL, "%s", moe_ep_last_error(ctx));
+    ck_assert_msg(moe_ep_last_error_item(ctx) == MOE_EP_LOG_ITEM_STAGE_SPLIT_PHASE, "%s", moe_ep_last_error(ctx));
     ck_assert_int_eq(moe_ep_dispatch(other, plan, x, rows), MOE_EP_ERROR_INVALID_ARGUMENT);
-    ck_assert_msg(strstr(moe_ep_last_error(other), "another context") != NULL, "%s", moe_ep_last_error(other));
+    ck_assert_msg(moe_ep_last_error_item(other) == MOE_EP_LOG_ITEM_STAGE_PLAN, "%s", moe_ep_last_error(other));
     ck_assert_int_eq(moe_ep_dispatch(ctx, plan, NULL, rows), MOE_EP_ERROR_INVALID_ARGUMENT);
+    ck_assert_msg(moe_ep_last_error_item(ctx) == MOE_EP_LOG_ITEM_STAGE_NULL, "%s", moe_ep_last_error(ctx));
     ck_assert_int_eq(moe_ep_dispatch_begin(ctx, plan, x, rows), MOE_EP_OK);
     ck_assert_int_eq(moe_ep_experts(ctx, plan, rows, out), MOE_EP_ERROR_INVALID_ARGUMENT);
     ck_assert_int_eq(moe_ep_dispatch_begin(ctx, plan, x, rows), MOE_EP_ERROR_INVALID_ARGUMENT);
-    ck_assert_msg(strstr(moe_ep_last_error(ctx), "still open") != NULL, "%s", moe_ep_last_error(ctx));
+    ck_assert_msg(moe_ep_last_error_item(ctx) == MOE_EP_LOG_ITEM_STAGE_SPLIT_PHASE, "%s", moe_ep_last_error(ctx));
     ck_assert_int_eq(moe_ep_dispatch_end(ctx, plan), MOE_EP_OK);
     ck_assert_int_eq(moe_ep_experts(ctx, plan, rows, out), MOE_EP_OK);
     ck_assert_int_eq(moe_ep_combine_end(ctx, plan, y), MOE_EP_ERROR_INVALID_ARGUMENT);
