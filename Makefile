@@ -16,7 +16,8 @@ endif
 
 HEADERS     = moe_ep.h transports/moe_ep_pthreads.h
 CHECK_FLAGS = $(shell pkg-config --cflags --libs check 2>/dev/null)
-TEST_SRCS   = $(sort $(wildcard tests/check_*.c)) tests/moe_ep_impl.c
+TEST_SRCS   = $(sort $(wildcard tests/check_*.c)) tests/moe_ep_impl.c tests/support/test_support.c
+SUPPORT     = tests/support/test_support.c tests/support/test_support.h
 
 .PHONY: all demo layouts-demo test deps check-headers check-core check-demos clean
 all: $(BUILD)/seed_demo $(BUILD)/layouts_demo $(BUILD)/check_moe_ep_gcc $(BUILD)/check_moe_ep_clang
@@ -37,23 +38,23 @@ deps:
 	fi
 
 # >>demo
-$(BUILD)/seed_demo: examples/seed_demo.c $(HEADERS) | $(BUILD)
+$(BUILD)/seed_demo: examples/seed_demo.c examples/example_util.h $(HEADERS) | $(BUILD)
 	$(CC) $(MOE_EP_CFLAGS) $(OPT) $(OPENMP_FLAGS) $(CFLAGS) $< -o $@ -pthread -lm $(LDFLAGS)
 
 demo: $(BUILD)/seed_demo
 	./$(BUILD)/seed_demo
 
-$(BUILD)/layouts_demo: examples/layouts_demo.c $(HEADERS) | $(BUILD)
+$(BUILD)/layouts_demo: examples/layouts_demo.c examples/example_util.h $(HEADERS) | $(BUILD)
 	$(CC) $(MOE_EP_CFLAGS) $(OPT) $(OPENMP_FLAGS) $(CFLAGS) $< -o $@ -pthread -lm $(LDFLAGS)
 
 layouts-demo: $(BUILD)/layouts_demo
 	./$(BUILD)/layouts_demo
 
 # >>tests: one binary per compiler, every suite in it.
-$(BUILD)/check_moe_ep_gcc: $(TEST_SRCS) tests/check_moe_ep.h $(HEADERS) | $(BUILD)
+$(BUILD)/check_moe_ep_gcc: $(TEST_SRCS) tests/check_moe_ep.h $(SUPPORT) $(HEADERS) | $(BUILD)
 	gcc $(MOE_EP_CFLAGS) $(OPT) $(OPENMP_FLAGS) $(CFLAGS) $(TEST_SRCS) -o $@ $(CHECK_FLAGS) -pthread -lm $(LDFLAGS)
 
-$(BUILD)/check_moe_ep_clang: $(TEST_SRCS) tests/check_moe_ep.h $(HEADERS) | $(BUILD)
+$(BUILD)/check_moe_ep_clang: $(TEST_SRCS) tests/check_moe_ep.h $(SUPPORT) $(HEADERS) | $(BUILD)
 	$(CLANG) $(MOE_EP_CFLAGS) $(OPT) $(OPENMP_FLAGS) $(CFLAGS) $(TEST_SRCS) -o $@ $(CHECK_FLAGS) -pthread -lm $(LDFLAGS)
 
 # The header alone: C99 with gcc and clang, with and without OpenMP, static, and C++ declarations.
@@ -90,7 +91,7 @@ check-demos: $(BUILD)/seed_demo $(BUILD)/layouts_demo
 # and clang; the portable C under native flags; AVX-512 compiled on any x86-64, run where the
 # CPU has it) against float64 and against the portable path; MOE_EP_CBLAS compiled if a
 # cblas.h is installed. Suites start OpenMP threads: CK_FORK=no.
-KERNEL_SRCS  = tests/kernels/check_kernels.c tests/kernels/kernels_portable.c
+KERNEL_SRCS  = tests/kernels/check_kernels.c tests/kernels/kernels_portable.c tests/support/test_support.c
 KERNEL_BUILD = $(MOE_EP_CFLAGS) $(OPT) $(OPENMP_FLAGS) $(CFLAGS) $(KERNEL_SRCS) $$(pkg-config --cflags --libs check) \
                -pthread -lm $(LDFLAGS)
 .PHONY: check-kernels bench bench-cpu bench-deps
@@ -128,9 +129,9 @@ bench-deps:
 	    apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq $$missing >/dev/null; \
 	  else echo "missing Debian packages:$$missing (install them, or run make bench as root)"; exit 1; fi; fi
 
-$(BUILD)/cpu_bench: bench/cpu_bench.c bench/cpu_bench_cblas.c $(HEADERS) | $(BUILD)
+$(BUILD)/cpu_bench: bench/cpu_bench.c bench/cpu_bench_cblas.c $(SUPPORT) $(HEADERS) | $(BUILD)
 	gcc -std=c99 -pedantic -Wall -Wextra -O3 -march=native $(OPENMP_FLAGS) bench/cpu_bench.c bench/cpu_bench_cblas.c \
-	  -o $@ $(OPENBLAS_OMP) -pthread -lm
+	  tests/support/test_support.c -o $@ $(OPENBLAS_OMP) -pthread -lm
 
 bench-cpu: bench-deps
 	$(MAKE) --no-print-directory $(BUILD)/cpu_bench
@@ -245,17 +246,17 @@ MPI_SIZES_MPICH ?= 1 2 4
 
 .PHONY: check-mpi check-mpi-headers check-mpi-large mpi-demo bench-mpi
 
-$(BUILD)/check_mpi_openmpi: tests/mpi/check_mpi.c $(MPI_HEADERS) | $(BUILD)
-	$(MPICC_OMPI) $(MOE_EP_CFLAGS) $(OPT) $(OPENMP_FLAGS) $(CFLAGS) $< -o $@ $(CHECK_FLAGS) -pthread -lm $(LDFLAGS)
+$(BUILD)/check_mpi_openmpi: tests/mpi/check_mpi.c tests/support/test_mpi.h $(SUPPORT) $(MPI_HEADERS) | $(BUILD)
+	$(MPICC_OMPI) $(MOE_EP_CFLAGS) $(OPT) $(OPENMP_FLAGS) $(CFLAGS) $< tests/support/test_support.c -o $@ $(CHECK_FLAGS) -pthread -lm $(LDFLAGS)
 
-$(BUILD)/check_mpi_mpich: tests/mpi/check_mpi.c $(MPI_HEADERS) | $(BUILD)
-	$(MPICC_MPICH) $(MOE_EP_CFLAGS) $(OPT) $(OPENMP_FLAGS) $(CFLAGS) $< -o $@ $(CHECK_FLAGS) -pthread -lm $(LDFLAGS)
+$(BUILD)/check_mpi_mpich: tests/mpi/check_mpi.c tests/support/test_mpi.h $(SUPPORT) $(MPI_HEADERS) | $(BUILD)
+	$(MPICC_MPICH) $(MOE_EP_CFLAGS) $(OPT) $(OPENMP_FLAGS) $(CFLAGS) $< tests/support/test_support.c -o $@ $(CHECK_FLAGS) -pthread -lm $(LDFLAGS)
 
-$(BUILD)/mpi_demo: examples/mpi_demo.c $(MPI_HEADERS) | $(BUILD)
+$(BUILD)/mpi_demo: examples/mpi_demo.c examples/example_util.h $(MPI_HEADERS) | $(BUILD)
 	$(MPICC_OMPI) $(MOE_EP_CFLAGS) $(OPT) $(OPENMP_FLAGS) $(CFLAGS) $< -o $@ -lm $(LDFLAGS)
 
-$(BUILD)/mpi_bench: bench/mpi_bench.c $(MPI_HEADERS) | $(BUILD)
-	$(MPICC_OMPI) $(MOE_EP_CFLAGS) $(OPT) $(OPENMP_FLAGS) $(CFLAGS) $< -o $@ -lm $(LDFLAGS)
+$(BUILD)/mpi_bench: bench/mpi_bench.c $(SUPPORT) $(MPI_HEADERS) | $(BUILD)
+	$(MPICC_OMPI) $(MOE_EP_CFLAGS) $(OPT) $(OPENMP_FLAGS) $(CFLAGS) $< tests/support/test_support.c -o $@ -pthread -lm $(LDFLAGS)
 
 # The MPI header: C99 with both MPIs under gcc and clang, OpenMP, and C++ declarations.
 check-mpi-headers: deps | $(BUILD)
@@ -280,8 +281,10 @@ check-mpi: deps check-mpi-headers
 
 # Not part of `make test` (about 2.3 GiB per process, seconds): more than 2^31 bytes for real.
 check-mpi-large: | $(BUILD)
-	$(MPICC_OMPI) $(MOE_EP_CFLAGS) $(OPT) $(CFLAGS) tests/mpi/large_mpi.c -o $(BUILD)/large_mpi_openmpi -lm $(LDFLAGS)
-	$(MPICC_MPICH) $(MOE_EP_CFLAGS) $(OPT) $(CFLAGS) tests/mpi/large_mpi.c -o $(BUILD)/large_mpi_mpich -lm $(LDFLAGS)
+	$(MPICC_OMPI) $(MOE_EP_CFLAGS) $(OPT) $(CFLAGS) tests/mpi/large_mpi.c tests/support/test_support.c \
+	  -o $(BUILD)/large_mpi_openmpi -pthread -lm $(LDFLAGS)
+	$(MPICC_MPICH) $(MOE_EP_CFLAGS) $(OPT) $(CFLAGS) tests/mpi/large_mpi.c tests/support/test_support.c \
+	  -o $(BUILD)/large_mpi_mpich -pthread -lm $(LDFLAGS)
 	$(MPIRUN_OMPI) -n 2 ./$(BUILD)/large_mpi_openmpi 2
 	$(MPIEXEC_MPICH) -n 2 ./$(BUILD)/large_mpi_mpich 2
 

@@ -104,9 +104,11 @@
    ==================
    Every fallible call returns a moe_ep_result; moe_ep_result_string() names it. The
    precise cause, in words that name the field and the rule, is kept per context:
-   moe_ep_last_error(ctx). Out-params are untouched on failure. The optional logger
-   hook gets the same text with the rank; it is called from rank threads
-   concurrently and must be re-entrant. The library is silent without it.
+   moe_ep_last_error(ctx), with a stable id for the rule, moe_ep_last_error_item(ctx)
+   (a moe_ep_log_item such as MOE_EP_LOG_ITEM_DESC_TOP_K; moe_ep_log_item_string()
+   names it). Out-params are untouched on failure. The optional logger hook gets the
+   same text, item and rank; it is called from rank threads concurrently and must be
+   re-entrant. The library is silent without it.
 
    MEMORY
    ======
@@ -118,7 +120,10 @@
    ==========================
    Fill a moe_ep_transport: rank, world_size, exchange_counts and all_to_all_v are
    required; the rest is optional (see the comment above the struct). The core calls
-   the callbacks from the rank's own thread, never from an OpenMP region.
+   the callbacks from the rank's own thread, never from an OpenMP region. A transport
+   or a header built on the core (as moe_ep_cuda.h is) shares its rules through the
+   >>extension section: moe_ep_agree (every "all ranks reach the same verdict" step),
+   moe_ep_alloc / moe_ep_free (the allocator hook) and moe_ep_hash (fingerprints).
 
    LICENSE
    =======
@@ -209,9 +214,68 @@ typedef struct moe_ep_allocator {
     void* user_data;
 } moe_ep_allocator;
 
-/* level: 1 error, 2 warning, 3 info. Called concurrently from rank threads. */
+/* >>log items: every message the core logs has a stable id (as sokol's log items), so a
+   program or a test can tell which rule fired without reading the prose. The list only
+   grows; ids of existing items do not change. Transport and extension headers use these
+   where one fits and MOE_EP_LOG_ITEM_NONE otherwise (their tag names the header). */
+#define MOE_EP_LOG_ITEM_LIST(X) \
+    X(NONE)                        /* no item (a message of an extension header) */ \
+    X(OUT_OF_MEMORY) \
+    X(TRANSPORT_FAILED)            /* a transport callback returned an error; its text follows */ \
+    X(PEER_FAILED)                 /* another rank failed the same step */ \
+    X(RANK_MISMATCH)               /* ranks disagree on the collective parameters */ \
+    X(CREATE_ARGS)                 /* moe_ep_create: desc or out is NULL */ \
+    X(DESC_D_MODEL) \
+    X(DESC_D_FF) \
+    X(DESC_NUM_EXPERTS) \
+    X(DESC_TOP_K) \
+    X(DESC_TOP_K_ABOVE_EXPERTS) \
+    X(DESC_ACTIVATION) \
+    X(DESC_SCORING) \
+    X(DESC_CAPACITY_FACTOR) \
+    X(DESC_PLACEMENT_KIND) \
+    X(DESC_PLACEMENT_TABLE_MISSING) \
+    X(DESC_PLACEMENT_TABLE_RANK) \
+    X(DESC_NUM_THREADS) \
+    X(DESC_ALLOCATOR_HALF) \
+    X(DESC_TRANSPORT_RANK) \
+    X(DESC_TRANSPORT_REQUIRED_CALLBACKS) \
+    X(DESC_TRANSPORT_SPLIT_PHASE_HALF) \
+    X(DESC_TP_TRANSPORT_RANK) \
+    X(DESC_TP_TRANSPORT_ALL_REDUCE) \
+    X(DESC_TP_D_FF) \
+    X(DESC_TP_EXPERT_FN) \
+    X(DESC_EXPERTS_MISSING) \
+    X(DESC_EXPERT_WEIGHTS_NULL) \
+    X(ROUTE_TOKENS) \
+    X(ROUTE_NULL) \
+    X(ROUTER_WEIGHT_MISSING) \
+    X(ROUTING_EXPERT_RANGE)        /* a topk_idx entry is not an expert */ \
+    X(ROUTING_EXPERT_TWICE)        /* a token names an expert in two slots */ \
+    X(ROUTING_WEIGHT_NOT_FINITE) \
+    X(PLAN_ARGS) \
+    X(STAGE_PLAN)                  /* plan NULL or of another context */ \
+    X(STAGE_SPLIT_PHASE)           /* a begin without end, or an end without begin */ \
+    X(STAGE_NULL)                  /* a buffer of dispatch, experts or combine is NULL */ \
+    X(EXPERT_FN_FAILED) \
+    X(FORWARD_ARGS_NULL) \
+    X(FORWARD_TOKENS) \
+    X(FORWARD_NULL)                /* x or y NULL with tokens > 0 */ \
+    X(FORWARD_ROUTING_IN)          /* routing_in without topk_idx and topk_weight */ \
+    X(FFN_ARGS) \
+    X(FFN_NO_WEIGHTS)
+
+typedef enum moe_ep_log_item {
+#define MOE_EP__LOG_ITEM_ENUM(name) MOE_EP_LOG_ITEM_##name,
+    MOE_EP_LOG_ITEM_LIST(MOE_EP__LOG_ITEM_ENUM)
+#undef MOE_EP__LOG_ITEM_ENUM
+    MOE_EP_LOG_ITEM_COUNT
+} moe_ep_log_item;
+
+/* level: 1 error, 2 warning, 3 info; item: a moe_ep_log_item (for tag "moe_ep").
+   Called concurrently from rank threads. */
 typedef struct moe_ep_logger {
-    void (*func)(const char* tag, uint32_t level, int rank, const char* message, void* user_data);
+    void (*func)(const char* tag, uint32_t level, uint32_t item, int rank, const char* message, void* user_data);
     void* user_data;
 } moe_ep_logger;
 
@@ -399,6 +463,9 @@ MOE_EP_API void moe_ep_destroy(moe_ep_context* ctx);
 MOE_EP_API moe_ep_desc moe_ep_query(const moe_ep_context* ctx);
 /* The cause of the last failure on this context, "" if none. */
 MOE_EP_API const char* moe_ep_last_error(const moe_ep_context* ctx);
+/* The log item of the last error (MOE_EP_LOG_ITEM_NONE if none), and an item's name ("DESC_TOP_K"). */
+MOE_EP_API moe_ep_log_item moe_ep_last_error_item(const moe_ep_context* ctx);
+MOE_EP_API const char* moe_ep_log_item_string(moe_ep_log_item item);
 MOE_EP_API int moe_ep_rank(const moe_ep_context* ctx);
 MOE_EP_API int moe_ep_world_size(const moe_ep_context* ctx);
 
@@ -502,7 +569,8 @@ MOE_EP_API moe_ep_result moe_ep_expert_ffn(moe_ep_context* ctx, int local_expert
 MOE_EP_API moe_ep_transport moe_ep_single_rank_transport(void);
 
 /* A logger that writes "moe_ep[rank] level: message" lines to stderr. */
-MOE_EP_API void moe_ep_log_stderr(const char* tag, uint32_t level, int rank, const char* message, void* user_data);
+MOE_EP_API void moe_ep_log_stderr(const char* tag, uint32_t level, uint32_t item, int rank, const char* message,
+                                  void* user_data);
 
 /* >>extension: for transport authors and headers built on the core (the GPU layer).
    The rules they share with the core, written once. */
@@ -606,6 +674,7 @@ struct moe_ep_context {
     float* topk_weight;
     int64_t routing_capacity;
     moe_ep_result experts_status;   /* a failure of moe_ep_experts, for the next combine to tell the peers */
+    moe_ep_log_item last_error_item;
     char last_error[MOE_EP__ERR_SIZE];
 };
 
@@ -671,14 +740,29 @@ MOE_EP_PRIVATE void* moe_ep__calloc(const moe_ep_allocator* allocator, int64_t c
 }
 
 /* >>logging */
-MOE_EP_API void moe_ep_log_stderr(const char* tag, uint32_t level, int rank, const char* message, void* user_data) {
-    static const char* const levels[] = { "panic", "error", "warning", "info" };
-    (void)user_data;
-    fprintf(stderr, "%s[%d] %s: %s\n", tag, rank, level < 4 ? levels[level] : "log", message);
+MOE_EP_API const char* moe_ep_log_item_string(moe_ep_log_item item) {
+    static const char* const names[] = {
+#define MOE_EP__LOG_ITEM_NAME(name) #name,
+        MOE_EP_LOG_ITEM_LIST(MOE_EP__LOG_ITEM_NAME)
+#undef MOE_EP__LOG_ITEM_NAME
+    };
+    if ((int)item < 0 || item >= MOE_EP_LOG_ITEM_COUNT) return "unknown log item";
+    return names[item];
 }
 
-MOE_EP_PRIVATE void moe_ep__vlog(const moe_ep_logger* logger, int rank, uint32_t level, const char* fmt, va_list ap,
-                                 char* keep, size_t keep_size) {
+MOE_EP_API void moe_ep_log_stderr(const char* tag, uint32_t level, uint32_t item, int rank, const char* message,
+                                  void* user_data) {
+    static const char* const levels[] = { "panic", "error", "warning", "info" };
+    (void)user_data;
+    if (item != MOE_EP_LOG_ITEM_NONE && strcmp(tag, "moe_ep") == 0)
+        fprintf(stderr, "%s[%d] %s [%s]: %s\n", tag, rank, level < 4 ? levels[level] : "log",
+                moe_ep_log_item_string((moe_ep_log_item)item), message);
+    else
+        fprintf(stderr, "%s[%d] %s: %s\n", tag, rank, level < 4 ? levels[level] : "log", message);
+}
+
+MOE_EP_PRIVATE void moe_ep__vlog(const moe_ep_logger* logger, int rank, moe_ep_log_item item, const char* fmt,
+                                 va_list ap, char* keep, size_t keep_size) {
     char text[MOE_EP__ERR_SIZE];
     vsnprintf(text, sizeof text, fmt, ap);
     if (keep) {
@@ -687,24 +771,27 @@ MOE_EP_PRIVATE void moe_ep__vlog(const moe_ep_logger* logger, int rank, uint32_t
         memcpy(keep, text, n);
         keep[n] = '\0';
     }
-    if (logger && logger->func) logger->func("moe_ep", level, rank, text, logger->user_data);
+    if (logger && logger->func) logger->func("moe_ep", 1, (uint32_t)item, rank, text, logger->user_data);
 }
 
-/* Records the cause on the context and logs it; returns `result` for `return moe_ep__fail(...)`. */
-MOE_EP_PRIVATE moe_ep_result moe_ep__fail(moe_ep_context* ctx, moe_ep_result result, const char* fmt, ...) {
+/* Records the cause (item and words) on the context and logs it; returns `result` for
+   `return moe_ep__fail(...)`. */
+MOE_EP_PRIVATE moe_ep_result moe_ep__fail(moe_ep_context* ctx, moe_ep_result result, moe_ep_log_item item,
+                                          const char* fmt, ...) {
     va_list ap;
     va_start(ap, fmt);
-    moe_ep__vlog(&ctx->desc.logger, ctx->rank, 1, fmt, ap, ctx->last_error, sizeof ctx->last_error);
+    moe_ep__vlog(&ctx->desc.logger, ctx->rank, item, fmt, ap, ctx->last_error, sizeof ctx->last_error);
     va_end(ap);
+    ctx->last_error_item = item;
     return result;
 }
 
 /* The same before a context exists. */
 MOE_EP_PRIVATE moe_ep_result moe_ep__fail_desc(const moe_ep_desc* desc, int rank, moe_ep_result result,
-                                               const char* fmt, ...) {
+                                               moe_ep_log_item item, const char* fmt, ...) {
     va_list ap;
     va_start(ap, fmt);
-    moe_ep__vlog(desc ? &desc->logger : NULL, rank, 1, fmt, ap, NULL, 0);
+    moe_ep__vlog(desc ? &desc->logger : NULL, rank, item, fmt, ap, NULL, 0);
     va_end(ap);
     return result;
 }
@@ -712,7 +799,7 @@ MOE_EP_PRIVATE moe_ep_result moe_ep__fail_desc(const moe_ep_desc* desc, int rank
 /* A transport error: keep the transport's own text beside ours. */
 MOE_EP_PRIVATE moe_ep_result moe_ep__transport_fail(moe_ep_context* ctx, moe_ep_result result, const char* what,
                                                     const char* err_text) {
-    return moe_ep__fail(ctx, result, "%s: transport '%s' failed: %s%s%s", what,
+    return moe_ep__fail(ctx, result, MOE_EP_LOG_ITEM_TRANSPORT_FAILED, "%s: transport '%s' failed: %s%s%s", what,
                         ctx->transport.name ? ctx->transport.name : "?", moe_ep_result_string(result),
                         err_text[0] ? ": " : "", err_text);
 }
@@ -724,7 +811,8 @@ MOE_EP_PRIVATE moe_ep_result moe_ep__grow(moe_ep_context* ctx, void** buffer, in
     if (need <= *capacity) return MOE_EP_OK;
     for (i = 0; i < count; ++i) {
         void* fresh = moe_ep__calloc(&ctx->desc.allocator, need, each);
-        if (!fresh) return moe_ep__fail(ctx, MOE_EP_ERROR_OUT_OF_MEMORY, "out of memory for %lld rows of workspace",
+        if (!fresh) return moe_ep__fail(ctx, MOE_EP_ERROR_OUT_OF_MEMORY, MOE_EP_LOG_ITEM_OUT_OF_MEMORY,
+                                        "out of memory for %lld rows of workspace",
                                         (long long)need);
         moe_ep_free(&ctx->desc.allocator, buffer[i]);
         buffer[i] = fresh;
@@ -751,13 +839,15 @@ MOE_EP_PRIVATE void moe_ep__text(char* err_text, size_t err_size, const char* fm
 
 /* The verdict from every rank's words ([status, facts...] per rank), as moe_ep_agree states it. */
 MOE_EP_PRIVATE moe_ep_result moe_ep__verdict(const moe_ep_agree_desc* a, int rank, int world_size,
-                                             const int64_t* words, char* err_text, size_t err_size) {
+                                             const int64_t* words, char* err_text, size_t err_size,
+                                             moe_ep_log_item* item) {
     const char* stage = a->stage ? a->stage : "moe_ep_agree";
     int W = 1 + a->fact_count, p, j;
     for (p = 0; p < world_size; ++p)
         if (words[(size_t)p * W] != MOE_EP_OK) {
             moe_ep__text(err_text, err_size, "%s: rank %d failed (%s)", stage, p,
                          moe_ep_result_string((moe_ep_result)words[(size_t)p * W]));
+            *item = MOE_EP_LOG_ITEM_PEER_FAILED;
             return a->on_peer_failure ? a->on_peer_failure : MOE_EP_ERROR_ABORTED;
         }
     if (a->facts_may_differ) return MOE_EP_OK;
@@ -767,13 +857,15 @@ MOE_EP_PRIVATE moe_ep_result moe_ep__verdict(const moe_ep_agree_desc* a, int ran
                 moe_ep__text(err_text, err_size, "%s: rank %d has other %s than rank %d (fact %d: %lld there, %lld here)",
                              stage, p, a->facts_name ? a->facts_name : "collective parameters", rank, j,
                              (long long)words[(size_t)p * W + 1 + j], (long long)a->facts[j]);
+                *item = MOE_EP_LOG_ITEM_RANK_MISMATCH;
                 return a->on_mismatch ? a->on_mismatch : MOE_EP_ERROR_RANK_MISMATCH;
             }
     return MOE_EP_OK;
 }
 
-MOE_EP_API moe_ep_result moe_ep_agree(const moe_ep_transport* t, const moe_ep_agree_desc* a, char* err_text,
-                                      size_t err_size) {
+/* moe_ep_agree, and the log item of a verdict that is not this rank's own status. */
+MOE_EP_PRIVATE moe_ep_result moe_ep__agree_item(const moe_ep_transport* t, const moe_ep_agree_desc* a, char* err_text,
+                                                size_t err_size, moe_ep_log_item* item) {
     int64_t stack_words[256];
     int64_t* words = stack_words;
     char text[MOE_EP__ERR_SIZE] = "";
@@ -790,6 +882,7 @@ MOE_EP_API moe_ep_result moe_ep_agree(const moe_ep_transport* t, const moe_ep_ag
         /* Without words this rank cannot take part; the transport's timeout or abort frees the others. */
         if (!words) {
             moe_ep__text(err_text, err_size, "%s: out of memory", a->stage ? a->stage : "moe_ep_agree");
+            *item = MOE_EP_LOG_ITEM_OUT_OF_MEMORY;
             return a->status != MOE_EP_OK ? a->status : MOE_EP_ERROR_OUT_OF_MEMORY;
         }
     }
@@ -799,6 +892,7 @@ MOE_EP_API moe_ep_result moe_ep_agree(const moe_ep_transport* t, const moe_ep_ag
     }
     res = t->exchange_counts(t->impl, words, words + (size_t)R * W, W, text, sizeof text);
     if (res != MOE_EP_OK) {
+        *item = MOE_EP_LOG_ITEM_TRANSPORT_FAILED;
         if (a->status == MOE_EP_OK)
             moe_ep__text(err_text, err_size, "%s: transport '%s' failed: %s%s%s", a->stage ? a->stage : "moe_ep_agree",
                          t->name ? t->name : "?", moe_ep_result_string(res), text[0] ? ": " : "", text);
@@ -809,10 +903,16 @@ MOE_EP_API moe_ep_result moe_ep_agree(const moe_ep_transport* t, const moe_ep_ag
             for (j = 0; a->peer_facts && j < a->fact_count; ++j)
                 a->peer_facts[(size_t)p * a->fact_count + j] = got[(size_t)p * W + 1 + j];
         }
-        if (a->status == MOE_EP_OK) res = moe_ep__verdict(a, t->rank, R, got, err_text, err_size);
+        if (a->status == MOE_EP_OK) res = moe_ep__verdict(a, t->rank, R, got, err_text, err_size, item);
     }
     if (words != stack_words) moe_ep_free(&a->allocator, words);
     return a->status != MOE_EP_OK ? a->status : res;
+}
+
+MOE_EP_API moe_ep_result moe_ep_agree(const moe_ep_transport* t, const moe_ep_agree_desc* a, char* err_text,
+                                      size_t err_size) {
+    moe_ep_log_item item = MOE_EP_LOG_ITEM_NONE;
+    return moe_ep__agree_item(t, a, err_text, err_size, &item);
 }
 
 /* >>single-rank transport */
@@ -923,58 +1023,75 @@ typedef struct moe_ep__validator {
     char first[MOE_EP__ERR_SIZE];
 } moe_ep__validator;
 
-MOE_EP_PRIVATE void moe_ep__check(moe_ep__validator* v, bool ok, const char* fmt, ...) {
+MOE_EP_PRIVATE void moe_ep__check(moe_ep__validator* v, bool ok, moe_ep_log_item item, const char* fmt, ...) {
     va_list ap;
     if (ok) return;
     va_start(ap, fmt);
-    moe_ep__vlog(&v->desc->logger, v->rank, 1, fmt, ap, v->failures == 0 ? v->first : NULL, sizeof v->first);
+    moe_ep__vlog(&v->desc->logger, v->rank, item, fmt, ap, v->failures == 0 ? v->first : NULL, sizeof v->first);
     va_end(ap);
     v->failures++;
 }
 
 MOE_EP_PRIVATE int moe_ep__validate_desc(const moe_ep_desc* d, const moe_ep_transport* t, moe_ep__validator* v) {
-    moe_ep__check(v, d->d_model > 0, "moe_ep_desc.d_model (%d) must be > 0", d->d_model);
-    moe_ep__check(v, d->d_ff > 0 || (d->d_ff == 0 && d->expert_fn), "moe_ep_desc.d_ff (%d) must be > 0", d->d_ff);
-    moe_ep__check(v, d->num_experts > 0, "moe_ep_desc.num_experts (%d) must be > 0", d->num_experts);
-    moe_ep__check(v, d->top_k > 0, "moe_ep_desc.top_k (%d) must be > 0", d->top_k);
+    moe_ep__check(v, d->d_model > 0, MOE_EP_LOG_ITEM_DESC_D_MODEL, "moe_ep_desc.d_model (%d) must be > 0", d->d_model);
+    moe_ep__check(v, d->d_ff > 0 || (d->d_ff == 0 && d->expert_fn), MOE_EP_LOG_ITEM_DESC_D_FF,
+                  "moe_ep_desc.d_ff (%d) must be > 0", d->d_ff);
+    moe_ep__check(v, d->num_experts > 0, MOE_EP_LOG_ITEM_DESC_NUM_EXPERTS,
+                  "moe_ep_desc.num_experts (%d) must be > 0", d->num_experts);
+    moe_ep__check(v, d->top_k > 0, MOE_EP_LOG_ITEM_DESC_TOP_K, "moe_ep_desc.top_k (%d) must be > 0", d->top_k);
     moe_ep__check(v, d->num_experts <= 0 || d->top_k <= d->num_experts,
+                  MOE_EP_LOG_ITEM_DESC_TOP_K_ABOVE_EXPERTS,
                   "moe_ep_desc.top_k (%d) must be <= num_experts (%d)", d->top_k, d->num_experts);
     moe_ep__check(v, d->activation > 0 && d->activation < MOE_EP_ACTIVATION_COUNT,
+                  MOE_EP_LOG_ITEM_DESC_ACTIVATION,
                   "moe_ep_desc.activation (%d) is not a moe_ep_activation", (int)d->activation);
     moe_ep__check(v, d->scoring > 0 && d->scoring < MOE_EP_SCORING_COUNT,
-                  "moe_ep_desc.scoring (%d) is not a moe_ep_scoring", (int)d->scoring);
+                  MOE_EP_LOG_ITEM_DESC_SCORING, "moe_ep_desc.scoring (%d) is not a moe_ep_scoring", (int)d->scoring);
     moe_ep__check(v, d->capacity_factor >= 0.0f && d->capacity_factor <= 1e6f,
+                  MOE_EP_LOG_ITEM_DESC_CAPACITY_FACTOR,
                   "moe_ep_desc.capacity_factor (%g) must be 0 (dropless) or in (0, 1e6]", (double)d->capacity_factor);
     moe_ep__check(v, d->placement.kind > 0 && d->placement.kind < MOE_EP_PLACEMENT_COUNT,
+                  MOE_EP_LOG_ITEM_DESC_PLACEMENT_KIND,
                   "moe_ep_desc.placement.kind (%d) is not a moe_ep_placement_kind", (int)d->placement.kind);
     moe_ep__check(v, d->placement.kind != MOE_EP_PLACEMENT_TABLE || d->placement.table,
+                  MOE_EP_LOG_ITEM_DESC_PLACEMENT_TABLE_MISSING,
                   "moe_ep_desc.placement.table must be set when placement.kind is TABLE");
     if (d->placement.kind == MOE_EP_PLACEMENT_TABLE && d->placement.table && t->world_size > 0) {
         int e;
         for (e = 0; e < d->num_experts; ++e) {
             int r = d->placement.table[e];
             moe_ep__check(v, r >= 0 && r < t->world_size,
+                          MOE_EP_LOG_ITEM_DESC_PLACEMENT_TABLE_RANK,
                           "moe_ep_desc.placement.table[%d] (%d) must be a rank in [0, %d)", e, r, t->world_size);
             if (r < 0 || r >= t->world_size) break;
         }
     }
-    moe_ep__check(v, d->num_threads >= 0, "moe_ep_desc.num_threads (%d) must be >= 0", d->num_threads);
+    moe_ep__check(v, d->num_threads >= 0, MOE_EP_LOG_ITEM_DESC_NUM_THREADS,
+                  "moe_ep_desc.num_threads (%d) must be >= 0", d->num_threads);
     moe_ep__check(v, (d->allocator.alloc_fn == NULL) == (d->allocator.free_fn == NULL),
+                  MOE_EP_LOG_ITEM_DESC_ALLOCATOR_HALF,
                   "moe_ep_desc.allocator: set both alloc_fn and free_fn, or neither");
     moe_ep__check(v, t->world_size > 0 && t->rank >= 0 && t->rank < t->world_size,
+                  MOE_EP_LOG_ITEM_DESC_TRANSPORT_RANK,
                   "moe_ep_desc.transport: rank (%d) must be in [0, world_size (%d))", t->rank, t->world_size);
     moe_ep__check(v, t->exchange_counts && t->all_to_all_v,
+                  MOE_EP_LOG_ITEM_DESC_TRANSPORT_REQUIRED_CALLBACKS,
                   "moe_ep_desc.transport: exchange_counts and all_to_all_v are required");
     moe_ep__check(v, (t->all_to_all_v_begin == NULL) == (t->all_to_all_v_end == NULL),
+                  MOE_EP_LOG_ITEM_DESC_TRANSPORT_SPLIT_PHASE_HALF,
                   "moe_ep_desc.transport: set both all_to_all_v_begin and all_to_all_v_end, or neither");
     if (d->tp_transport) {
         const moe_ep_transport* tp = d->tp_transport;
         moe_ep__check(v, tp->world_size > 0 && tp->rank >= 0 && tp->rank < tp->world_size,
+                      MOE_EP_LOG_ITEM_DESC_TP_TRANSPORT_RANK,
                       "moe_ep_desc.tp_transport: rank (%d) must be in [0, world_size (%d))", tp->rank, tp->world_size);
-        moe_ep__check(v, tp->all_reduce_sum != NULL, "moe_ep_desc.tp_transport: all_reduce_sum is required");
+        moe_ep__check(v, tp->all_reduce_sum != NULL, MOE_EP_LOG_ITEM_DESC_TP_TRANSPORT_ALL_REDUCE,
+                      "moe_ep_desc.tp_transport: all_reduce_sum is required");
         moe_ep__check(v, tp->world_size <= 0 || d->d_ff >= tp->world_size,
+                      MOE_EP_LOG_ITEM_DESC_TP_D_FF,
                       "moe_ep_desc.d_ff (%d) must be >= the tensor-parallel size (%d)", d->d_ff, tp->world_size);
         moe_ep__check(v, !d->expert_fn || tp->world_size == 1,
+                      MOE_EP_LOG_ITEM_DESC_TP_EXPERT_FN,
                       "moe_ep_desc.expert_fn cannot be combined with tp_transport (the callback gets whole experts)");
     }
     return v->failures;
@@ -1102,14 +1219,15 @@ MOE_EP_PRIVATE moe_ep_result moe_ep__pack_tp_slice(moe_ep_context* ctx) {
    local cause, or ABORTED naming the first failed peer (kept as the last error). */
 MOE_EP_PRIVATE moe_ep_result moe_ep__agree(moe_ep_context* ctx, moe_ep_result local, const char* stage) {
     moe_ep_agree_desc a;
+    moe_ep_log_item item = MOE_EP_LOG_ITEM_NONE;
     char err[MOE_EP__ERR_SIZE] = "";
     moe_ep_result res;
     memset(&a, 0, sizeof a);
     a.stage = stage;
     a.status = local;
     a.allocator = ctx->desc.allocator;
-    res = moe_ep_agree(&ctx->transport, &a, err, sizeof err);
-    if (res != local) moe_ep__fail(ctx, res, "%s", err);
+    res = moe_ep__agree_item(&ctx->transport, &a, err, sizeof err, &item);
+    if (res != local) moe_ep__fail(ctx, res, item, "%s", err);
     return res;
 }
 
@@ -1117,7 +1235,8 @@ MOE_EP_PRIVATE moe_ep_result moe_ep__agree(moe_ep_context* ctx, moe_ep_result lo
 MOE_EP_PRIVATE moe_ep_result moe_ep__context_alloc(const moe_ep_desc* d, const moe_ep_transport* t,
                                                    moe_ep_context** out) {
     moe_ep_context* ctx = (moe_ep_context*)moe_ep__calloc(&d->allocator, 1, sizeof *ctx);
-    if (!ctx) return moe_ep__fail_desc(d, t->rank, MOE_EP_ERROR_OUT_OF_MEMORY, "out of memory for the context");
+    if (!ctx) return moe_ep__fail_desc(d, t->rank, MOE_EP_ERROR_OUT_OF_MEMORY, MOE_EP_LOG_ITEM_OUT_OF_MEMORY,
+                                       "out of memory for the context");
     ctx->desc = *d;
     ctx->desc.transport = NULL;
     ctx->transport = *t;
@@ -1145,11 +1264,13 @@ MOE_EP_PRIVATE moe_ep_result moe_ep__context_fill(moe_ep_context* ctx, moe_ep__v
     int l;
     if (res == MOE_EP_OK && !d->expert_fn && ctx->local_experts > 0) {
         moe_ep__check(v, d->experts != NULL,
+                      MOE_EP_LOG_ITEM_DESC_EXPERTS_MISSING,
                       "moe_ep_desc.experts must hold the weights of this rank's %d experts (or set expert_fn)",
                       ctx->local_experts);
         for (l = 0; d->experts && l < ctx->local_experts; ++l)
             moe_ep__check(v, d->experts[l].w1 && d->experts[l].w2 &&
                                  (d->activation != MOE_EP_ACTIVATION_SWIGLU || d->experts[l].w3),
+                          MOE_EP_LOG_ITEM_DESC_EXPERT_WEIGHTS_NULL,
                           "moe_ep_desc.experts[%d]: w1, w2%s must not be NULL", l,
                           d->activation == MOE_EP_ACTIVATION_SWIGLU ? " and w3" : "");
         if (v->failures) res = MOE_EP_ERROR_INVALID_ARGUMENT;
@@ -1157,7 +1278,7 @@ MOE_EP_PRIVATE moe_ep_result moe_ep__context_fill(moe_ep_context* ctx, moe_ep__v
         else res = moe_ep__pack_experts(ctx);
     }
     if (res == MOE_EP_ERROR_OUT_OF_MEMORY)
-        moe_ep__fail_desc(d, ctx->rank, res, "out of memory while creating the context");
+        moe_ep__fail_desc(d, ctx->rank, res, MOE_EP_LOG_ITEM_OUT_OF_MEMORY, "out of memory while creating the context");
     return res;
 }
 
@@ -1167,6 +1288,7 @@ MOE_EP_PRIVATE moe_ep_result moe_ep__create_agree(const moe_ep_desc* d, const mo
                                                   const moe_ep_context* ctx, moe_ep_result status) {
     moe_ep_agree_desc a;
     int64_t fingerprint = status == MOE_EP_OK ? moe_ep__fingerprint(ctx) : 0;
+    moe_ep_log_item item = MOE_EP_LOG_ITEM_NONE;
     char err[MOE_EP__ERR_SIZE] = "";
     moe_ep_result res;
     memset(&a, 0, sizeof a);
@@ -1178,8 +1300,8 @@ MOE_EP_PRIVATE moe_ep_result moe_ep__create_agree(const moe_ep_desc* d, const mo
                    "normalize_topk, capacity_factor, placement)";
     a.on_peer_failure = MOE_EP_ERROR_RANK_MISMATCH;
     a.allocator = d->allocator;
-    res = moe_ep_agree(t, &a, err, sizeof err);
-    if (res != status) moe_ep__fail_desc(d, t->rank, res, "%s", err);
+    res = moe_ep__agree_item(t, &a, err, sizeof err, &item);
+    if (res != status) moe_ep__fail_desc(d, t->rank, res, item, "%s", err);
     return res;
 }
 
@@ -1199,7 +1321,8 @@ MOE_EP_API moe_ep_result moe_ep_create(const moe_ep_desc* desc, moe_ep_context**
     moe_ep_context* ctx = NULL;
     moe_ep__validator v;
     moe_ep_result res;
-    if (!desc || !out) return moe_ep__fail_desc(desc, -1, MOE_EP_ERROR_INVALID_ARGUMENT, "desc and out must not be NULL");
+    if (!desc || !out) return moe_ep__fail_desc(desc, -1, MOE_EP_ERROR_INVALID_ARGUMENT, MOE_EP_LOG_ITEM_CREATE_ARGS,
+                                                "desc and out must not be NULL");
     /* 1. defaults and the rank-local rules */
     d = moe_ep__desc_defaults(desc);
     t = d.transport ? *d.transport : moe_ep_single_rank_transport();
@@ -1239,6 +1362,9 @@ MOE_EP_API moe_ep_desc moe_ep_query(const moe_ep_context* ctx) {
 }
 
 MOE_EP_API const char* moe_ep_last_error(const moe_ep_context* ctx) { return ctx ? ctx->last_error : ""; }
+MOE_EP_API moe_ep_log_item moe_ep_last_error_item(const moe_ep_context* ctx) {
+    return ctx ? ctx->last_error_item : MOE_EP_LOG_ITEM_NONE;
+}
 MOE_EP_API int moe_ep_rank(const moe_ep_context* ctx) { return ctx ? ctx->rank : -1; }
 MOE_EP_API int moe_ep_world_size(const moe_ep_context* ctx) { return ctx ? ctx->world_size : -1; }
 
@@ -1290,11 +1416,14 @@ MOE_EP_API moe_ep_result moe_ep_route(moe_ep_context* ctx, const float* x, int64
     if (!ctx) return MOE_EP_ERROR_INVALID_ARGUMENT;
     d = &ctx->desc;
     E = d->num_experts;
-    if (tokens < 0) return moe_ep__fail(ctx, MOE_EP_ERROR_INVALID_ARGUMENT, "tokens (%lld) must be >= 0", (long long)tokens);
+    if (tokens < 0) return moe_ep__fail(ctx, MOE_EP_ERROR_INVALID_ARGUMENT, MOE_EP_LOG_ITEM_ROUTE_TOKENS,
+                                        "tokens (%lld) must be >= 0", (long long)tokens);
     if (tokens > 0 && (!x || !topk_idx || !topk_weight))
-        return moe_ep__fail(ctx, MOE_EP_ERROR_INVALID_ARGUMENT, "x, topk_idx and topk_weight must not be NULL when tokens > 0");
+        return moe_ep__fail(ctx, MOE_EP_ERROR_INVALID_ARGUMENT, MOE_EP_LOG_ITEM_ROUTE_NULL,
+                            "x, topk_idx and topk_weight must not be NULL when tokens > 0");
     if (!d->router_weight)
         return moe_ep__fail(ctx, MOE_EP_ERROR_INVALID_ARGUMENT,
+                            MOE_EP_LOG_ITEM_ROUTER_WEIGHT_MISSING,
                             "moe_ep_desc.router_weight is NULL: hand in your own routing instead");
     probs = (float*)moe_ep__calloc(&d->allocator, tokens * E, sizeof(float));
     lse = (double*)moe_ep__calloc(&d->allocator, tokens, sizeof(double));
@@ -1306,7 +1435,8 @@ MOE_EP_API moe_ep_result moe_ep_route(moe_ep_context* ctx, const float* x, int64
         moe_ep_free(&d->allocator, assigned);
         moe_ep_free(&d->allocator, probs);
         moe_ep_free(&d->allocator, lse);
-        return moe_ep__fail(ctx, MOE_EP_ERROR_OUT_OF_MEMORY, "moe_ep_route: out of memory for %lld x %d probabilities",
+        return moe_ep__fail(ctx, MOE_EP_ERROR_OUT_OF_MEMORY, MOE_EP_LOG_ITEM_OUT_OF_MEMORY,
+                            "moe_ep_route: out of memory for %lld x %d probabilities",
                             (long long)tokens, E);
     }
 #ifdef _OPENMP
@@ -1355,16 +1485,19 @@ MOE_EP_PRIVATE moe_ep_result moe_ep__check_routing(moe_ep_context* ctx, int64_t 
             float w = weight[t * k + j];
             if (e < 0 || e >= E)
                 return moe_ep__fail(ctx, MOE_EP_ERROR_INVALID_ARGUMENT,
+                                    MOE_EP_LOG_ITEM_ROUTING_EXPERT_RANGE,
                                     "topk_idx[%lld][%d] (%d) must be an expert in [0, %d)", (long long)t, j, (int)e, E);
             if (E > 64 || (seen >> e & 1u))
                 for (i = 0; i < j; ++i)
                     if (idx[t * k + i] == e)
                         return moe_ep__fail(ctx, MOE_EP_ERROR_INVALID_ARGUMENT,
+                                            MOE_EP_LOG_ITEM_ROUTING_EXPERT_TWICE,
                                             "topk_idx[%lld] names expert %d twice (slots %d and %d)", (long long)t,
                                             (int)e, i, j);
             if (E <= 64) seen |= (uint64_t)1 << e;
             if (!(w == w) || w > 3.4e38f || w < -3.4e38f)
                 return moe_ep__fail(ctx, MOE_EP_ERROR_INVALID_ARGUMENT,
+                                    MOE_EP_LOG_ITEM_ROUTING_WEIGHT_NOT_FINITE,
                                     "topk_weight[%lld][%d] must be finite", (long long)t, j);
         }
     }
@@ -1491,7 +1624,8 @@ MOE_EP_PRIVATE moe_ep_result moe_ep__plan_local(moe_ep_context* ctx, moe_ep_plan
     cursor = (int64_t*)moe_ep__calloc(a, E, sizeof(int64_t));
     if (!plan->permutation || !plan->send_buffer || !cursor) {
         moe_ep_free(a, cursor);
-        return moe_ep__fail(ctx, MOE_EP_ERROR_OUT_OF_MEMORY, "moe_ep_plan_create: out of memory for %lld send rows",
+        return moe_ep__fail(ctx, MOE_EP_ERROR_OUT_OF_MEMORY, MOE_EP_LOG_ITEM_OUT_OF_MEMORY,
+                            "moe_ep_plan_create: out of memory for %lld send rows",
                             (long long)row);
     }
     for (e = 0; e < E; ++e) cursor[e] = plan->seg_send_offsets[ctx->owner_of[e] * S + ctx->local_index_of[e]];
@@ -1541,11 +1675,13 @@ MOE_EP_PRIVATE moe_ep_result moe_ep__plan_build(moe_ep_context* ctx, int64_t tok
     moe_ep_result res;
     char err[MOE_EP__ERR_SIZE] = "";
     words = (int64_t*)moe_ep__calloc(&ctx->desc.allocator, 2 * (int64_t)R * (S + 1), sizeof(int64_t));
-    if (!words) return moe_ep__fail(ctx, MOE_EP_ERROR_OUT_OF_MEMORY, "moe_ep_plan_create: out of memory");
+    if (!words) return moe_ep__fail(ctx, MOE_EP_ERROR_OUT_OF_MEMORY, MOE_EP_LOG_ITEM_OUT_OF_MEMORY,
+                                    "moe_ep_plan_create: out of memory");
     if (status == MOE_EP_OK && tokens > 0) status = moe_ep__check_routing(ctx, tokens, idx, weight);
     if (status == MOE_EP_OK) {
         status = moe_ep__plan_alloc(ctx, tokens, &plan);
-        if (status != MOE_EP_OK) moe_ep__fail(ctx, status, "moe_ep_plan_create: out of memory");
+        if (status != MOE_EP_OK) moe_ep__fail(ctx, status, MOE_EP_LOG_ITEM_OUT_OF_MEMORY,
+                                              "moe_ep_plan_create: out of memory");
     }
     if (status == MOE_EP_OK) status = moe_ep__plan_local(ctx, plan, idx, weight);
     for (q = 0; q < R; ++q) {
@@ -1559,7 +1695,8 @@ MOE_EP_PRIVATE moe_ep_result moe_ep__plan_build(moe_ep_context* ctx, int64_t tok
         const int64_t* recv = words + (int64_t)R * (S + 1);
         for (q = 0; q < R; ++q)
             if (recv[q * (S + 1)] != MOE_EP_OK) {
-                status = moe_ep__fail(ctx, MOE_EP_ERROR_ABORTED, "moe_ep_plan_create: rank %d failed (%s)", q,
+                status = moe_ep__fail(ctx, MOE_EP_ERROR_ABORTED, MOE_EP_LOG_ITEM_PEER_FAILED,
+                                      "moe_ep_plan_create: rank %d failed (%s)", q,
                                       moe_ep_result_string((moe_ep_result)recv[q * (S + 1)]));
                 break;
             }
@@ -1578,12 +1715,15 @@ MOE_EP_API moe_ep_result moe_ep_plan_create(moe_ep_context* ctx, int64_t tokens,
                                             const float* topk_weight, moe_ep_plan** out) {
     moe_ep_result status = MOE_EP_OK;
     if (!ctx) return MOE_EP_ERROR_INVALID_ARGUMENT;
-    if (!out) status = moe_ep__fail(ctx, MOE_EP_ERROR_INVALID_ARGUMENT, "moe_ep_plan_create: out must not be NULL");
+    if (!out) status = moe_ep__fail(ctx, MOE_EP_ERROR_INVALID_ARGUMENT, MOE_EP_LOG_ITEM_PLAN_ARGS,
+                                    "moe_ep_plan_create: out must not be NULL");
     else if (tokens < 0)
-        status = moe_ep__fail(ctx, MOE_EP_ERROR_INVALID_ARGUMENT, "moe_ep_plan_create: tokens (%lld) must be >= 0",
+        status = moe_ep__fail(ctx, MOE_EP_ERROR_INVALID_ARGUMENT, MOE_EP_LOG_ITEM_PLAN_ARGS,
+                              "moe_ep_plan_create: tokens (%lld) must be >= 0",
                               (long long)tokens);
     else if (tokens > 0 && (!topk_idx || !topk_weight))
         status = moe_ep__fail(ctx, MOE_EP_ERROR_INVALID_ARGUMENT,
+                              MOE_EP_LOG_ITEM_PLAN_ARGS,
                               "moe_ep_plan_create: topk_idx and topk_weight must not be NULL when tokens > 0");
     if (status != MOE_EP_OK) {
         moe_ep_plan* unused = NULL;
@@ -1640,9 +1780,10 @@ MOE_EP_PRIVATE moe_ep_result moe_ep__check_stage(moe_ep_context* ctx, moe_ep_pla
                                                  int pending_expected) {
     if (!ctx) return MOE_EP_ERROR_INVALID_ARGUMENT;
     if (!plan || plan->ctx != ctx)
-        return moe_ep__fail(ctx, MOE_EP_ERROR_INVALID_ARGUMENT, "%s: plan is NULL or belongs to another context", stage);
+        return moe_ep__fail(ctx, MOE_EP_ERROR_INVALID_ARGUMENT, MOE_EP_LOG_ITEM_STAGE_PLAN,
+                            "%s: plan is NULL or belongs to another context", stage);
     if (plan->pending != pending_expected)
-        return moe_ep__fail(ctx, MOE_EP_ERROR_INVALID_ARGUMENT, "%s: %s", stage,
+        return moe_ep__fail(ctx, MOE_EP_ERROR_INVALID_ARGUMENT, MOE_EP_LOG_ITEM_STAGE_SPLIT_PHASE, "%s: %s", stage,
                             plan->pending ? "a split-phase operation on this plan is still open"
                                           : "no split-phase operation is open on this plan");
     return MOE_EP_OK;
@@ -1653,7 +1794,8 @@ MOE_EP_API moe_ep_result moe_ep_dispatch_begin(moe_ep_context* ctx, moe_ep_plan*
     int64_t r, d;
     if (res != MOE_EP_OK) return res;
     if ((plan->send_rows > 0 && !x) || (plan->recv_rows > 0 && !recv_rows))
-        return moe_ep__fail(ctx, MOE_EP_ERROR_INVALID_ARGUMENT, "moe_ep_dispatch: x and recv_rows must not be NULL");
+        return moe_ep__fail(ctx, MOE_EP_ERROR_INVALID_ARGUMENT, MOE_EP_LOG_ITEM_STAGE_NULL,
+                            "moe_ep_dispatch: x and recv_rows must not be NULL");
     d = ctx->desc.d_model;
     {
         float* dst = moe_ep__local_only(ctx) ? recv_rows : plan->send_buffer;
@@ -1704,7 +1846,8 @@ MOE_EP_PRIVATE moe_ep_result moe_ep__experts_local(moe_ep_context* ctx, const mo
             int rc = ctx->desc.expert_fn(l, expert, rows + first * d, n, (int)d, out + first * d,
                                          ctx->desc.expert_user_data);
             if (rc != 0)
-                return moe_ep__fail(ctx, MOE_EP_ERROR_CALLBACK, "moe_ep_experts: expert_fn returned %d for expert %d",
+                return moe_ep__fail(ctx, MOE_EP_ERROR_CALLBACK, MOE_EP_LOG_ITEM_EXPERT_FN_FAILED,
+                                    "moe_ep_experts: expert_fn returned %d for expert %d",
                                     rc, expert);
         } else {
             moe_ep_result res = moe_ep_expert_ffn(ctx, l, rows + first * d, n, out + first * d);
@@ -1719,6 +1862,7 @@ MOE_EP_API moe_ep_result moe_ep_experts(moe_ep_context* ctx, const moe_ep_plan* 
     if (res != MOE_EP_OK) return res;
     if (plan->recv_rows > 0 && (!rows || !out))
         return ctx->experts_status = moe_ep__fail(ctx, MOE_EP_ERROR_INVALID_ARGUMENT,
+                                                  MOE_EP_LOG_ITEM_STAGE_NULL,
                                                   "moe_ep_experts: rows and out must not be NULL");
     res = moe_ep__experts_local(ctx, plan, rows, out);
     if (ctx->tp_size > 1) {
@@ -1742,7 +1886,8 @@ MOE_EP_PRIVATE moe_ep_result moe_ep__combine_begin(moe_ep_context* ctx, moe_ep_p
     if (!ctx) return res;
     if (res != MOE_EP_OK) status = res;
     else if (plan->recv_rows > 0 && !expert_out)
-        status = moe_ep__fail(ctx, MOE_EP_ERROR_INVALID_ARGUMENT, "moe_ep_combine: expert_out must not be NULL");
+        status = moe_ep__fail(ctx, MOE_EP_ERROR_INVALID_ARGUMENT, MOE_EP_LOG_ITEM_STAGE_NULL,
+                              "moe_ep_combine: expert_out must not be NULL");
     /* The one agreement of a layer: a rank whose experts failed tells the others here. */
     res = moe_ep__agree(ctx, status, "moe_ep_combine");
     if (res != MOE_EP_OK) return res;
@@ -1795,7 +1940,8 @@ MOE_EP_API moe_ep_result moe_ep_combine_end(moe_ep_context* ctx, moe_ep_plan* pl
     res = moe_ep__a2a_end(ctx, plan, "moe_ep_combine");
     if (res != MOE_EP_OK) return res;
     if (plan->tokens > 0 && !y)
-        return moe_ep__fail(ctx, MOE_EP_ERROR_INVALID_ARGUMENT, "moe_ep_combine: y must not be NULL");
+        return moe_ep__fail(ctx, MOE_EP_ERROR_INVALID_ARGUMENT, MOE_EP_LOG_ITEM_STAGE_NULL,
+                            "moe_ep_combine: y must not be NULL");
     d = ctx->desc.d_model;
     k = plan->top_k;
     rows = moe_ep__local_only(ctx) ? (const float*)plan->args.send : plan->send_buffer;
@@ -1819,18 +1965,22 @@ MOE_EP_API moe_ep_result moe_ep_combine(moe_ep_context* ctx, moe_ep_plan* plan, 
 
 /* >>forward */
 MOE_EP_PRIVATE moe_ep_result moe_ep__forward_check(moe_ep_context* ctx, const moe_ep_forward_args* a) {
-    if (!a) return moe_ep__fail(ctx, MOE_EP_ERROR_INVALID_ARGUMENT, "moe_ep_forward: args must not be NULL");
+    if (!a) return moe_ep__fail(ctx, MOE_EP_ERROR_INVALID_ARGUMENT, MOE_EP_LOG_ITEM_FORWARD_ARGS_NULL,
+                                "moe_ep_forward: args must not be NULL");
     if (a->tokens < 0)
-        return moe_ep__fail(ctx, MOE_EP_ERROR_INVALID_ARGUMENT, "moe_ep_forward_args.tokens (%lld) must be >= 0",
-                            (long long)a->tokens);
+        return moe_ep__fail(ctx, MOE_EP_ERROR_INVALID_ARGUMENT, MOE_EP_LOG_ITEM_FORWARD_TOKENS,
+                            "moe_ep_forward_args.tokens (%lld) must be >= 0", (long long)a->tokens);
     if (a->tokens > 0 && (!a->x || !a->y))
         return moe_ep__fail(ctx, MOE_EP_ERROR_INVALID_ARGUMENT,
+                            MOE_EP_LOG_ITEM_FORWARD_NULL,
                             "moe_ep_forward_args.x and .y must not be NULL when tokens > 0");
     if (a->routing_in && a->tokens > 0 && (!a->topk_idx || !a->topk_weight))
         return moe_ep__fail(ctx, MOE_EP_ERROR_INVALID_ARGUMENT,
+                            MOE_EP_LOG_ITEM_FORWARD_ROUTING_IN,
                             "moe_ep_forward_args.routing_in needs topk_idx and topk_weight");
     if (!a->routing_in && !ctx->desc.router_weight)
         return moe_ep__fail(ctx, MOE_EP_ERROR_INVALID_ARGUMENT,
+                            MOE_EP_LOG_ITEM_ROUTER_WEIGHT_MISSING,
                             "moe_ep_desc.router_weight is NULL: set it, or hand in routing (routing_in)");
     return MOE_EP_OK;
 }
@@ -2494,7 +2644,8 @@ MOE_EP_PRIVATE moe_ep_result moe_ep__ffn(moe_ep_context* ctx, int local_expert, 
     const int64_t chunk = 1 << 20;  /* rows per call: BLAS sizes are int */
     float* pre = moe_ep__workspace(ctx, &ctx->hidden, &ctx->hidden_capacity,
                                    MOE_EP__MIN(m, chunk) * (ld_pre + F));
-    if (!pre) return moe_ep__fail(ctx, MOE_EP_ERROR_OUT_OF_MEMORY, "out of memory for %lld rows of workspace",
+    if (!pre) return moe_ep__fail(ctx, MOE_EP_ERROR_OUT_OF_MEMORY, MOE_EP_LOG_ITEM_OUT_OF_MEMORY,
+                                  "out of memory for %lld rows of workspace",
                                   (long long)m);
     for (r0 = 0; r0 < m; r0 += chunk) {
         int mc = (int)MOE_EP__MIN(chunk, m - r0);
@@ -2562,7 +2713,8 @@ MOE_EP_PRIVATE moe_ep_result moe_ep__ffn(moe_ep_context* ctx, int local_expert, 
                                   ctx->num_threads * moe_ep__scratch_floats());
     f.up.c = moe_ep__workspace(ctx, &ctx->hidden, &ctx->hidden_capacity, tiled * ldh);
     if (!f.x_tiles || !f.scratch || !f.up.c)
-        return moe_ep__fail(ctx, MOE_EP_ERROR_OUT_OF_MEMORY, "out of memory for %lld rows of workspace",
+        return moe_ep__fail(ctx, MOE_EP_ERROR_OUT_OF_MEMORY, MOE_EP_LOG_ITEM_OUT_OF_MEMORY,
+                            "out of memory for %lld rows of workspace",
                             (long long)m);
     f.x = rows;
     f.ldx = d->d_model;
@@ -2589,14 +2741,18 @@ MOE_EP_API moe_ep_result moe_ep_expert_ffn(moe_ep_context* ctx, int local_expert
                                            int64_t row_count, float* out) {
     if (!ctx) return MOE_EP_ERROR_INVALID_ARGUMENT;
     if (local_expert < 0 || local_expert >= ctx->local_experts)
-        return moe_ep__fail(ctx, MOE_EP_ERROR_INVALID_ARGUMENT, "local_expert (%d) must be in [0, %d)",
+        return moe_ep__fail(ctx, MOE_EP_ERROR_INVALID_ARGUMENT, MOE_EP_LOG_ITEM_FFN_ARGS,
+                            "local_expert (%d) must be in [0, %d)",
                             local_expert, ctx->local_experts);
-    if (row_count < 0) return moe_ep__fail(ctx, MOE_EP_ERROR_INVALID_ARGUMENT, "row_count (%lld) must be >= 0",
+    if (row_count < 0) return moe_ep__fail(ctx, MOE_EP_ERROR_INVALID_ARGUMENT, MOE_EP_LOG_ITEM_FFN_ARGS,
+                                           "row_count (%lld) must be >= 0",
                                            (long long)row_count);
     if (row_count > 0 && (!rows || !out))
-        return moe_ep__fail(ctx, MOE_EP_ERROR_INVALID_ARGUMENT, "rows and out must not be NULL");
+        return moe_ep__fail(ctx, MOE_EP_ERROR_INVALID_ARGUMENT, MOE_EP_LOG_ITEM_FFN_ARGS,
+                            "rows and out must not be NULL");
     if (!ctx->packed_up)
-        return moe_ep__fail(ctx, MOE_EP_ERROR_INVALID_ARGUMENT, "no expert weights: the context uses expert_fn");
+        return moe_ep__fail(ctx, MOE_EP_ERROR_INVALID_ARGUMENT, MOE_EP_LOG_ITEM_FFN_NO_WEIGHTS,
+                            "no expert weights: the context uses expert_fn");
     if (row_count == 0) return MOE_EP_OK;
     return moe_ep__ffn(ctx, local_expert, rows, row_count, out);
 }

@@ -19,6 +19,7 @@
 #define _POSIX_C_SOURCE 200809L   /* clock_gettime, popen */
 #define MOE_EP_IMPLEMENTATION
 #include "../transports/moe_ep_pthreads.h"
+#include "../tests/support/test_support.h"
 
 #include <cblas.h>
 #include <math.h>
@@ -61,21 +62,6 @@ static double median(double* v, int n) {
     return n % 2 ? v[n / 2] : 0.5 * (v[n / 2 - 1] + v[n / 2]);
 }
 
-static uint64_t rng_next(uint64_t* s) {   /* splitmix64 */
-    uint64_t z = (*s += 0x9E3779B97F4A7C15ull);
-    z = (z ^ (z >> 30)) * 0xBF58476D1CE4E5B9ull;
-    z = (z ^ (z >> 27)) * 0x94D049BB133111EBull;
-    return z ^ (z >> 31);
-}
-
-static float* random_floats(size_t n, float scale, uint64_t seed) {
-    float* v = (float*)malloc(sizeof(float) * (n > 0 ? n : 1));
-    size_t i;
-    if (!v) { fprintf(stderr, "out of memory\n"); exit(1); }
-    for (i = 0; i < n; ++i) v[i] = scale * ((float)(rng_next(&seed) >> 40) / 8388608.0f - 1.0f);
-    return v;
-}
-
 static float* zero_floats(size_t n) {
     float* v = (float*)calloc(n > 0 ? n : 1, sizeof(float));
     if (!v) { fprintf(stderr, "out of memory\n"); exit(1); }
@@ -112,11 +98,11 @@ typedef struct bench_model {
 static void model_init(bench_model* m) {
     size_t n = (size_t)D_MODEL * D_FF;
     int e;
-    m->router = random_floats((size_t)EXPERTS * D_MODEL, 1.0f / sqrtf((float)D_MODEL), 11);
+    m->router = test_random_floats((size_t)EXPERTS * D_MODEL, 1.0f / sqrtf((float)D_MODEL), 11);
     for (e = 0; e < EXPERTS; ++e) {
-        m->w1[e] = random_floats(n, 1.0f / sqrtf((float)D_MODEL), 100 + (uint64_t)e);
-        m->w3[e] = random_floats(n, 1.0f / sqrtf((float)D_MODEL), 200 + (uint64_t)e);
-        m->w2[e] = random_floats(n, 1.0f / sqrtf((float)D_FF), 300 + (uint64_t)e);
+        m->w1[e] = test_random_floats(n, 1.0f / sqrtf((float)D_MODEL), 100 + (uint64_t)e);
+        m->w3[e] = test_random_floats(n, 1.0f / sqrtf((float)D_MODEL), 200 + (uint64_t)e);
+        m->w2[e] = test_random_floats(n, 1.0f / sqrtf((float)D_FF), 300 + (uint64_t)e);
         m->w13[e] = (float*)malloc(sizeof(float) * 2 * n);
         memcpy(m->w13[e], m->w1[e], sizeof(float) * n);
         memcpy(m->w13[e] + n, m->w3[e], sizeof(float) * n);
@@ -253,8 +239,8 @@ static void section_gemm(const bench_model* model) {
         for (i = 0; i < 4; ++i) {
             int K = shapes[s][0], N = shapes[s][1];
             int64_t M = bench_rows[i];
-            float* x = random_floats((size_t)M * K, 1.0f, 7 + (uint64_t)i);
-            float* w = random_floats((size_t)N * K, 0.03f, 8 + (uint64_t)s);
+            float* x = test_random_floats((size_t)M * K, 1.0f, 7 + (uint64_t)i);
+            float* w = test_random_floats((size_t)N * K, 0.03f, 8 + (uint64_t)s);
             float* c1 = zero_floats((size_t)M * N);
             float* c2 = zero_floats((size_t)M * N);
             float* panels_raw = zero_floats((size_t)moe_ep__panel_count(N, MOE_EP__NR) * MOE_EP__NR * K + 64);
@@ -299,7 +285,7 @@ static void section_gemm(const bench_model* model) {
         printf("| rows | moe_ep GF/s | OpenBLAS FFN GF/s | ratio | max rel. diff |\n|---|---|---|---|---|\n");
         for (i = 0; i < 4; ++i) {
             int64_t M = bench_rows[i];
-            float* x = random_floats((size_t)M * D_MODEL, 1.0f, 21 + (uint64_t)i);
+            float* x = test_random_floats((size_t)M * D_MODEL, 1.0f, 21 + (uint64_t)i);
             float* y1 = zero_floats((size_t)M * D_MODEL);
             float* y2 = zero_floats((size_t)M * D_MODEL);
             float* pre = zero_floats((size_t)M * 2 * D_FF);
@@ -345,7 +331,7 @@ static void section_cblas(const bench_model* model) {
            "row alone == row in 1024 block |\n|---|---|---|---|---|---|\n");
     for (i = 0; i < 4; ++i) {
         int64_t M = bench_rows[i];
-        float* x = random_floats((size_t)1024 * D_MODEL, 1.0f, 31 + (uint64_t)i);
+        float* x = test_random_floats((size_t)1024 * D_MODEL, 1.0f, 31 + (uint64_t)i);
         float* y1 = zero_floats((size_t)1024 * D_MODEL);
         float* y2 = zero_floats((size_t)M * D_MODEL);
         float* pre = zero_floats((size_t)M * 2 * D_FF);
@@ -411,7 +397,7 @@ static moe_ep_result comm_rank(const moe_ep_transport* transport, void* user_dat
     moe_ep_plan* plan = NULL;
     moe_ep_plan_info info;
     int64_t T = st->tokens;
-    float* x = random_floats((size_t)T * D_MODEL, 1.0f, 41 + (uint64_t)rank);
+    float* x = test_random_floats((size_t)T * D_MODEL, 1.0f, 41 + (uint64_t)rank);
     float* y = zero_floats((size_t)T * D_MODEL);
     int32_t* idx = (int32_t*)malloc(sizeof(int32_t) * (size_t)T * TOP_K);
     float* weight = (float*)malloc(sizeof(float) * (size_t)T * TOP_K);
@@ -427,7 +413,7 @@ static moe_ep_result comm_rank(const moe_ep_transport* transport, void* user_dat
     info = moe_ep_plan_query(plan);
     recv = zero_floats((size_t)info.recv_rows * D_MODEL);
     st->bytes[rank] = info.send_rows * D_MODEL * (int64_t)sizeof(float);
-    src = random_floats((size_t)info.send_rows * D_MODEL, 1.0f, 51);
+    src = test_random_floats((size_t)info.send_rows * D_MODEL, 1.0f, 51);
     dst = zero_floats((size_t)info.send_rows * D_MODEL);
     for (r = -2; r < st->reps && res == MOE_EP_OK; ++r) {
         double t0, t1, t2, t3;
@@ -524,7 +510,7 @@ static double blas_layer_gemms(const bench_model* model, moe_ep_context* ctx, co
 static void section_layer(const bench_model* model) {
     const int64_t T = 1024;
     moe_ep_context* ctx = model_context(model, NULL);
-    float* x = random_floats((size_t)T * D_MODEL, 1.7f, 61);
+    float* x = test_random_floats((size_t)T * D_MODEL, 1.7f, 61);
     float* y = zero_floats((size_t)T * D_MODEL);
     double to[MAX_REPS * 4], tt[16], tg[MAX_REPS * 4], ours, torch, floor_ms, flop;
     int round, r, no = 0, nt = 0, ng = 0;
@@ -574,7 +560,7 @@ static void section_decode(const bench_model* model) {
     for (i = 0; i < 4; ++i) {
         int64_t T = tokens[i], counts[EXPERTS];
         int reps = 3 * g_reps, round, r, no = 0, nt = 0, e, hit = 0;
-        float* x = random_floats((size_t)T * D_MODEL, 1.7f, 71 + (uint64_t)i);
+        float* x = test_random_floats((size_t)T * D_MODEL, 1.7f, 71 + (uint64_t)i);
         float* y = zero_floats((size_t)T * D_MODEL);
         double to[MAX_REPS * 4], tt[16], ours, torch, bytes;
         moe_ep_router_stats stats;

@@ -26,6 +26,7 @@
 #define _POSIX_C_SOURCE 200112L
 #define MOE_EP_IMPLEMENTATION
 #include "../transports/moe_ep_mpi.h"
+#include "../tests/support/test_support.h"
 
 #include <stdio.h>
 #include <stdlib.h>
@@ -47,13 +48,6 @@ static const bench_size sizes[] = {
 #define SIZES ((int)(sizeof sizes / sizeof sizes[0]))
 
 static const char* method_names[METHODS] = { "ours", "a2a", "raw", "hand" };
-
-static unsigned long long next_random(unsigned long long* s) {   /* splitmix64 */
-    unsigned long long z = (*s += 0x9E3779B97F4A7C15ull);
-    z = (z ^ (z >> 30)) * 0xBF58476D1CE4E5B9ull;
-    z = (z ^ (z >> 27)) * 0x94D049BB133111EBull;
-    return z ^ (z >> 31);
-}
 
 static int compare_double(const void* a, const void* b) {
     double x = *(const double*)a, y = *(const double*)b;
@@ -166,7 +160,7 @@ int main(int argc, char** argv) {
         int p, n, identical;
         double* samples[METHODS];
         double median[METHODS];
-        unsigned long long rng = seed * 7919u + (unsigned long long)rank * 104729u + (unsigned long long)s;
+        uint64_t rng = seed * 7919u + (uint64_t)rank * 104729u + (uint64_t)s;
         memset(&b, 0, sizeof b);
         b.R = R; b.rank = rank; b.T = sizes[s].tokens; b.d = sizes[s].d_model;
         b.transport = &transport;
@@ -176,10 +170,10 @@ int main(int argc, char** argv) {
         b.x = (float*)malloc(sizeof(float) * (size_t)(b.T * b.d));
         b.y = (float*)malloc(sizeof(float) * (size_t)(b.T * b.d));
         b.y_hand = (float*)malloc(sizeof(float) * (size_t)(b.T * b.d));
-        for (t = 0; t < b.T * b.d; ++t) b.x[t] = (float)(next_random(&rng) >> 40) / 8388608.0f - 1.0f;
+        test_fill(b.x, (size_t)(b.T * b.d), 1.0f, &rng);
         for (t = 0; t < b.T; ++t) {
-            idx[t * TOP_K] = (int32_t)(next_random(&rng) % EXPERTS);
-            idx[t * TOP_K + 1] = (int32_t)((idx[t * TOP_K] + 1 + (int32_t)(next_random(&rng) % (EXPERTS - 1))) % EXPERTS);
+            idx[t * TOP_K] = (int32_t)(test_rng_next(&rng) % EXPERTS);
+            idx[t * TOP_K + 1] = (int32_t)((idx[t * TOP_K] + 1 + (int32_t)(test_rng_next(&rng) % (EXPERTS - 1))) % EXPERTS);
             weight[t * TOP_K] = 0.6f;
             weight[t * TOP_K + 1] = 0.4f;
         }

@@ -10,6 +10,7 @@
    ./layouts_demo [--ranks 64] [--experts 512] [--tokens 8] [--seed 1]. Exit 0 when all agree. */
 #define MOE_EP_IMPLEMENTATION
 #include "../transports/moe_ep_pthreads.h"
+#include "example_util.h"
 
 #include <math.h>
 #include <stdio.h>
@@ -34,18 +35,6 @@ typedef struct demo {
     float* y;                       /* [ranks, tokens, D_MODEL] */
     char error[256];
 } demo;
-
-static unsigned long long next_random(unsigned long long* s) {
-    unsigned long long z = (*s += 0x9E3779B97F4A7C15ull);
-    z = (z ^ (z >> 30)) * 0xBF58476D1CE4E5B9ull;
-    z = (z ^ (z >> 27)) * 0x94D049BB133111EBull;
-    return z ^ (z >> 31);
-}
-
-static void fill(float* v, size_t n, float scale, unsigned long long* s) {
-    size_t i;
-    for (i = 0; i < n; ++i) v[i] = scale * ((float)(next_random(s) >> 40) / 8388608.0f - 1.0f);
-}
 
 static int shard_of(const moe_ep_layout_desc* l, int rank) {
     moe_ep_coords c;
@@ -183,9 +172,9 @@ int main(int argc, char** argv) {
         all = (moe_ep_expert_weights*)malloc(sizeof *all * (size_t)experts);
         memset(&d, 0, sizeof d);
         d.y = (float*)malloc(sizeof *d.y * (size_t)ranks * (size_t)tokens * D_MODEL + 1);
-        fill(x, (size_t)shards * (size_t)tokens * D_MODEL, 1.0f, &seed);
-        fill(router, (size_t)experts * D_MODEL, 0.2f, &seed);
-        fill(weights, per_expert * (size_t)experts, 1.0f / D_MODEL, &seed);
+        example_fill(x, (size_t)shards * (size_t)tokens * D_MODEL, 1.0f, &seed);
+        example_fill(router, (size_t)experts * D_MODEL, 0.2f, &seed);
+        example_fill(weights, per_expert * (size_t)experts, 1.0f / D_MODEL, &seed);
         for (e = 0; e < experts; ++e) {
             all[e].w1 = weights + (size_t)e * per_expert;
             all[e].w3 = all[e].w1 + (size_t)D_MODEL * D_FF;

@@ -12,6 +12,7 @@
 #define _POSIX_C_SOURCE 200112L   /* clock_gettime */
 #define MOE_EP_IMPLEMENTATION
 #include "../transports/moe_ep_mpi.h"
+#include "example_util.h"
 
 #include <stdio.h>
 #include <stdlib.h>
@@ -25,21 +26,11 @@ typedef struct demo_options {
     unsigned long long seed;
 } demo_options;
 
-#define DEMO_GOLDEN 0x9E3779B97F4A7C15ull
-
-/* splitmix64: draw n is a function of seed + n * golden, so a process can jump to its slice. */
-static unsigned long long demo_next(unsigned long long* s) {
-    unsigned long long z = (*s += DEMO_GOLDEN);
-    z = (z ^ (z >> 30)) * 0xBF58476D1CE4E5B9ull;
-    z = (z ^ (z >> 27)) * 0x94D049BB133111EBull;
-    return z ^ (z >> 31);
-}
-
-/* v[i] = draw (first + i) of the stream that starts at `seed`. */
+/* v[i] = draw (first + i) of the stream that starts at `seed`, so that a process can
+   draw its own slice of the inputs rank 0 draws whole. */
 static void demo_fill(float* v, size_t n, float scale, unsigned long long seed, size_t first) {
-    unsigned long long s = seed + DEMO_GOLDEN * (unsigned long long)first;
-    size_t i;
-    for (i = 0; i < n; ++i) v[i] = scale * ((float)(demo_next(&s) >> 40) / 8388608.0f - 1.0f);
+    unsigned long long s = example_skip(seed, (unsigned long long)first);
+    example_fill(v, n, scale, &s);
 }
 
 static double demo_wall(void) {

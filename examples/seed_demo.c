@@ -9,6 +9,7 @@
 #define _POSIX_C_SOURCE 200112L   /* clock_gettime */
 #define MOE_EP_IMPLEMENTATION
 #include "../transports/moe_ep_pthreads.h"
+#include "example_util.h"
 
 #include <stdio.h>
 #include <stdlib.h>
@@ -35,18 +36,6 @@ typedef struct demo_state {
     int* owner;                     /* [experts] */
     char errors[8][640];
 } demo_state;
-
-static unsigned long long demo_next(unsigned long long* s) {   /* splitmix64 */
-    unsigned long long z = (*s += 0x9E3779B97F4A7C15ull);
-    z = (z ^ (z >> 30)) * 0xBF58476D1CE4E5B9ull;
-    z = (z ^ (z >> 27)) * 0x94D049BB133111EBull;
-    return z ^ (z >> 31);
-}
-
-static void demo_fill(float* v, size_t n, float scale, unsigned long long* s) {
-    size_t i;
-    for (i = 0; i < n; ++i) v[i] = scale * ((float)(demo_next(s) >> 40) / 8388608.0f - 1.0f);
-}
 
 static double demo_wall(void) {
     struct timespec ts;
@@ -208,9 +197,9 @@ int main(int argc, char** argv) {
         fprintf(stderr, "seed_demo: out of memory\n");
         return 1;
     }
-    demo_fill(x, T_total * (size_t)o.d_model, 1.0f, &seed);
-    demo_fill(router, (size_t)o.experts * (size_t)o.d_model, 1.0f / (float)o.d_model, &seed);
-    demo_fill(weights, per_expert * (size_t)o.experts, 1.0f / (float)o.d_model, &seed);
+    example_fill(x, T_total * (size_t)o.d_model, 1.0f, &seed);
+    example_fill(router, (size_t)o.experts * (size_t)o.d_model, 1.0f / (float)o.d_model, &seed);
+    example_fill(weights, per_expert * (size_t)o.experts, 1.0f / (float)o.d_model, &seed);
     for (e = 0; e < (size_t)o.experts; ++e) {
         experts[e].w1 = weights + e * per_expert;
         experts[e].w3 = experts[e].w1 + (size_t)o.d_model * (size_t)o.d_ff;

@@ -1,6 +1,7 @@
 /* check_api.c -- result strings, the resolved desc and the small context queries. */
 #include "check_moe_ep.h"
 
+#include <stdio.h>
 #include <stdlib.h>
 #include <string.h>
 
@@ -15,6 +16,25 @@ START_TEST(result_strings_distinct) {
     }
     ck_assert_msg(strcmp(moe_ep_result_string(MOE_EP_OK), "ok") == 0, "MOE_EP_OK reads \"%s\"",
                   moe_ep_result_string(MOE_EP_OK));
+}
+END_TEST
+
+/* Log items: each has its own name, the enum's name without the prefix. */
+START_TEST(log_item_names) {
+    int a, b;
+    char want[64];
+    for (a = 0; a < (int)MOE_EP_LOG_ITEM_COUNT; ++a) {
+        const char* s = moe_ep_log_item_string((moe_ep_log_item)a);
+        ck_assert_msg(s != NULL && s[0] != '\0', "log item %d has no name", a);
+        for (b = 0; b < a; ++b)
+            ck_assert_msg(strcmp(s, moe_ep_log_item_string((moe_ep_log_item)b)) != 0, "items %d and %d are both %s", b,
+                          a, s);
+    }
+    snprintf(want, sizeof want, "%s", moe_ep_log_item_string(MOE_EP_LOG_ITEM_DESC_TOP_K));
+    ck_assert_str_eq(want, "DESC_TOP_K");
+    ck_assert_str_eq(moe_ep_log_item_string(MOE_EP_LOG_ITEM_COUNT), "unknown log item");
+    ck_assert_str_eq(moe_ep_log_item_string((moe_ep_log_item)-1), "unknown log item");
+    ck_assert_int_eq(moe_ep_last_error_item(NULL), MOE_EP_LOG_ITEM_NONE);
 }
 END_TEST
 
@@ -133,6 +153,7 @@ Suite* api_suite(void) {
     TCase* tc = tcase_create("api");
     tcase_add_test(tc, result_strings_distinct);
     tcase_add_test(tc, result_string_out_of_range);
+    tcase_add_test(tc, log_item_names);
     tcase_add_test(tc, query_desc_defaults);
     tcase_add_test(tc, query_desc_keeps_values);
     tcase_add_test(tc, null_context_queries);

@@ -121,10 +121,10 @@ START_TEST(capacity_drops) {
     uint64_t seed = 4000 + (uint64_t)_i;
     int r, t, j, e, i;
     check_model_init(&m, C_D, C_F, C_E, C_K, MOE_EP_ACTIVATION_SWIGLU, false, 4100 + (uint64_t)_i);
-    check_fill(x, C_T * C_D, 1.0f, &seed);
-    for (i = 0; i < C_T * C_K; ++i) weight[i] = 0.25f + 0.5f * (float)(check_rng_next(&seed) >> 40) / 16777216.0f;
-    check_poison(y_forward, C_T * C_D);
-    check_poison(y_stages, C_T * C_D);
+    test_fill(x, C_T * C_D, 1.0f, &seed);
+    for (i = 0; i < C_T * C_K; ++i) weight[i] = 0.25f + 0.5f * (float)(test_rng_next(&seed) >> 40) / 16777216.0f;
+    test_poison(y_forward, C_T * C_D);
+    test_poison(y_stages, C_T * C_D);
     memset(&st, 0, sizeof st);
     st.c = c;
     st.model = &m;

@@ -80,17 +80,12 @@ START_TEST(expert_fn_matches_builtin) {
     uint64_t seed = 110;
     char errors[2048];
     check_model_init(&m, U_D, U_F, U_E, U_K, (moe_ep_activation)(1 + _i), false, 111);
-    check_fill(x, 30 * U_D, 1.0f, &seed);
+    test_fill(x, 30 * U_D, 1.0f, &seed);
 
-    memset(&run, 0, sizeof run);
-    run.model = &m;
-    run.ranks = U_R;
-    run.tokens = tokens;
-    run.x = x;
-    run.y = y_builtin;
+    check_layer_init(&run, &m, U_R, tokens, x, y_builtin);
     run.idx_out = idx;
     run.weight_out = w;
-    check_poison(y_builtin, 30 * U_D + 1);
+    test_poison(y_builtin, 30 * U_D + 1);
     check_run_layer(&run);
     ck_assert_msg(run.result == MOE_EP_OK, "built-in: %s", check_layer_errors(&run, errors, sizeof errors));
 
@@ -99,18 +94,13 @@ START_TEST(expert_fn_matches_builtin) {
     shared.total = total;
     shared.idx = idx;
     memset(ranks, 0, sizeof ranks);
-    memset(&run, 0, sizeof run);
-    run.model = &m;
-    run.ranks = U_R;
-    run.tokens = tokens;
-    run.x = x;
-    run.y = y_fn;
+    check_layer_init(&run, &m, U_R, tokens, x, y_fn);
     run.expert_fn = reference_fn;
     for (r = 0; r < U_R; ++r) {
         ranks[r].shared = &shared;
         run.expert_user_data[r] = &ranks[r];
     }
-    check_poison(y_fn, 30 * U_D + 1);
+    test_poison(y_fn, 30 * U_D + 1);
     check_run_layer(&run);
     ck_assert_msg(run.result == MOE_EP_OK, "expert_fn: %s", check_layer_errors(&run, errors, sizeof errors));
 
@@ -164,13 +154,13 @@ START_TEST(expert_fn_without_weights) {
     float rows[U_D], out[U_D];
     uint64_t seed = 120;
     moe_ep_result res;
-    check_fill(rows, U_D, 1.0f, &seed);
+    test_fill(rows, U_D, 1.0f, &seed);
     res = moe_ep_create(&(moe_ep_desc){ .d_model = U_D, .num_experts = 3, .top_k = 1, .expert_fn = never_fn }, &ctx);
     ck_assert_msg(res == MOE_EP_OK, "create with expert_fn and d_ff 0: %s", moe_ep_result_string(res));
-    check_poison(out, U_D);
+    test_poison(out, U_D);
     ck_assert_int_eq(moe_ep_expert_ffn(ctx, 0, rows, 1, out), MOE_EP_ERROR_INVALID_ARGUMENT);
-    ck_assert_msg(strstr(moe_ep_last_error(ctx), "expert_fn") != NULL, "%s", moe_ep_last_error(ctx));
-    ck_assert_msg(check_is_poisoned(out, U_D), "out written");
+    ck_assert_msg(moe_ep_last_error_item(ctx) == MOE_EP_LOG_ITEM_FFN_NO_WEIGHTS, "%s", moe_ep_last_error(ctx));
+    ck_assert_msg(test_is_poisoned(out, U_D), "out written");
     moe_ep_destroy(ctx);
 }
 END_TEST
@@ -182,15 +172,17 @@ START_TEST(expert_fn_failure_single_rank) {
     int32_t idx[2] = { 2, 2 };
     float w[2] = { 1.0f, 1.0f };
     uint64_t seed = 121;
-    check_fill(x, 2 * U_D, 1.0f, &seed);
+    test_fill(x, 2 * U_D, 1.0f, &seed);
     ck_assert_int_eq(moe_ep_create(&(moe_ep_desc){ .d_model = U_D, .num_experts = 3, .top_k = 1,
                                                    .expert_fn = never_fn }, &ctx), MOE_EP_OK);
-    check_poison(y, 2 * U_D);
+    test_poison(y, 2 * U_D);
     ck_assert_int_eq(moe_ep_forward(ctx, &(moe_ep_forward_args){ .tokens = 2, .x = x, .y = y, .routing_in = true,
                                                                  .topk_idx = idx, .topk_weight = w }),
                      MOE_EP_ERROR_CALLBACK);
-    ck_assert_msg(strstr(moe_ep_last_error(ctx), "expert 2") != NULL, "%s", moe_ep_last_error(ctx));
-    ck_assert_msg(check_is_poisoned(y, 2 * U_D), "y written on failure");
+    ck_assert_msg(moe_ep_last_error_item(ctx) == MOE_EP_LOG_ITEM_EXPERT_FN_FAILED, "%s", moe_ep_last_error(ctx));
+    ck_assert_msg(strstr(moe_ep_last_error(ctx), "expert 2") != NULL, "the error does not name expert 2: %s",
+                  moe_ep_last_error(ctx));
+    ck_assert_msg(test_is_poisoned(y, 2 * U_D), "y written on failure");
     moe_ep_destroy(ctx);
 }
 END_TEST

@@ -129,24 +129,19 @@ START_TEST(failure_expert_callback) {
     char errors[2048];
     /* k = E = 3: every token visits every expert, so each rank's callback runs */
     check_model_init(&m, X_D, X_F, 3, 3, MOE_EP_ACTIVATION_SWIGLU, false, 81);
-    check_fill(x, 15 * X_D, 1.0f, &seed);
+    test_fill(x, 15 * X_D, 1.0f, &seed);
     for (t = 0; t < 15; ++t) {
         idx[t * 3] = 2; idx[t * 3 + 1] = 0; idx[t * 3 + 2] = 1;
         weight[t * 3] = weight[t * 3 + 1] = weight[t * 3 + 2] = 0.25f;
     }
-    memset(&run, 0, sizeof run);
-    run.model = &m;
-    run.ranks = X_R;
-    run.tokens = tokens;
-    run.x = x;
-    run.y = y;
+    check_layer_init(&run, &m, X_R, tokens, x, y);
     run.topk_idx = idx;
     run.topk_weight = weight;
     run.path = (check_path)_i;
     run.expert_fn = failing_fn;
     run.expert_user_data[1] = &fail_flag;
     run.timeout_ms = 30000;
-    check_poison(y, 15 * X_D + 1);
+    test_poison(y, 15 * X_D + 1);
     check_run_layer(&run);
     for (r = 0; r < X_R; ++r) {
         moe_ep_result want = r == 1 ? MOE_EP_ERROR_CALLBACK : MOE_EP_ERROR_ABORTED;
@@ -225,7 +220,7 @@ START_TEST(failure_stage_experts) {
     int r;
     memset(&st, 0, sizeof st);
     check_model_init(&m, X_D, X_F, 3, 3, MOE_EP_ACTIVATION_SWIGLU, false, 86);
-    check_fill(x, X_R * 4 * X_D, 1.0f, &seed);
+    test_fill(x, X_R * 4 * X_D, 1.0f, &seed);
     st.model = &m;
     st.x = x;
     ck_assert_int_eq(moe_ep_pthreads_world_create(&(moe_ep_pthreads_desc){ .world_size = X_R, .timeout_ms = 30000 },
@@ -293,22 +288,27 @@ static moe_ep_result early_rank(const moe_ep_transport* transport, void* user_da
     return res;
 }
 
+/* The model, 4 tokens of x drawn from seed, and a world of X_R ranks. */
+static moe_ep_pthreads_world* early_setup(early_state* st, check_model* m, float* x, uint64_t seed) {
+    moe_ep_pthreads_world* world = NULL;
+    memset(st, 0, sizeof *st);
+    check_model_init(m, X_D, X_F, X_E, 2, MOE_EP_ACTIVATION_SWIGLU, false, seed + 1);
+    test_fill(x, 4 * X_D, 1.0f, &seed);
+    st->model = m;
+    st->x = x;
+    ck_assert_int_eq(moe_ep_pthreads_world_create(&(moe_ep_pthreads_desc){ .world_size = X_R, .timeout_ms = 30000 },
+                                                  &world), MOE_EP_OK);
+    return world;
+}
+
 START_TEST(failure_early_return) {
     early_state st;
     check_model m;
     float x[4 * X_D];
-    uint64_t seed = 90;
-    moe_ep_pthreads_world* world = NULL;
+    moe_ep_pthreads_world* world = early_setup(&st, &m, x, 90);
     moe_ep_result results[X_R], res;
     int r;
-    memset(&st, 0, sizeof st);
     st.c = &early_cases[_i];
-    check_model_init(&m, X_D, X_F, X_E, 2, MOE_EP_ACTIVATION_SWIGLU, false, 91);
-    check_fill(x, 4 * X_D, 1.0f, &seed);
-    st.model = &m;
-    st.x = x;
-    ck_assert_int_eq(moe_ep_pthreads_world_create(&(moe_ep_pthreads_desc){ .world_size = X_R, .timeout_ms = 30000 },
-                                                  &world), MOE_EP_OK);
     res = moe_ep_pthreads_run(world, early_rank, &st, results);
     moe_ep_pthreads_world_destroy(world);
     for (r = 0; r < 2; ++r) {
@@ -390,19 +390,14 @@ START_TEST(failure_bad_routing_on_one_rank) {
     uint64_t seed = 95;
     char errors[2048];
     check_model_init(&m, X_D, X_F, X_E, 2, MOE_EP_ACTIVATION_SWIGLU, false, 96);
-    check_fill(x, 12 * X_D, 1.0f, &seed);
+    test_fill(x, 12 * X_D, 1.0f, &seed);
     for (t = 0; t < 12; ++t) {
         idx[t * 2] = t % X_E;
         idx[t * 2 + 1] = (t + 1) % X_E;
         weight[t * 2] = weight[t * 2 + 1] = 0.5f;
     }
     idx[5 * 2 + 1] = X_E;           /* rank 1's token 1 */
-    memset(&run, 0, sizeof run);
-    run.model = &m;
-    run.ranks = X_R;
-    run.tokens = tokens;
-    run.x = x;
-    run.y = y;
+    check_layer_init(&run, &m, X_R, tokens, x, y);
     run.topk_idx = idx;
     run.topk_weight = weight;
     run.timeout_ms = 30000;
@@ -439,16 +434,8 @@ START_TEST(failure_world_reusable) {
     early_state st;
     check_model m;
     float x[4 * X_D];
-    uint64_t seed = 97;
-    moe_ep_pthreads_world* world = NULL;
+    moe_ep_pthreads_world* world = early_setup(&st, &m, x, 97);
     moe_ep_result res;
-    memset(&st, 0, sizeof st);
-    check_model_init(&m, X_D, X_F, X_E, 2, MOE_EP_ACTIVATION_SWIGLU, false, 98);
-    check_fill(x, 4 * X_D, 1.0f, &seed);
-    st.model = &m;
-    st.x = x;
-    ck_assert_int_eq(moe_ep_pthreads_world_create(&(moe_ep_pthreads_desc){ .world_size = X_R, .timeout_ms = 30000 },
-                                                  &world), MOE_EP_OK);
     st.c = &early_cases[1];
     res = moe_ep_pthreads_run(world, layer_or_leave, &st, NULL);
     ck_assert_msg(res == MOE_EP_ERROR_INTERNAL, "the failing run returned %s", moe_ep_result_string(res));

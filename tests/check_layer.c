@@ -67,7 +67,7 @@ static void layer_data_init(layer_data* data, const layer_case* c, uint64_t seed
     check_model_init(&data->model, L_D, L_F, c->experts, k, c->activation, c->normalize, seed);
     data->total = check_total_tokens(c->tokens, c->ranks);
     data->x = (float*)malloc(sizeof(float) * (size_t)(data->total * L_D + 1));
-    check_fill(data->x, (size_t)(data->total * L_D), 1.0f, &seed);
+    test_fill(data->x, (size_t)(data->total * L_D), 1.0f, &seed);
     data->idx = NULL;
     data->weight = NULL;
     if (c->allowed_count > 0) {
@@ -76,12 +76,12 @@ static void layer_data_init(layer_data* data, const layer_case* c, uint64_t seed
         for (t = 0; t < data->total; ++t) {
             int j = 0;
             while (j < k) {   /* k distinct experts out of the allowed ones */
-                int e = c->allowed[check_rng_next(&seed) % (uint64_t)c->allowed_count], i;
+                int e = c->allowed[test_rng_next(&seed) % (uint64_t)c->allowed_count], i;
                 bool taken = false;
                 for (i = 0; i < j; ++i) taken = taken || data->idx[t * k + i] == e;
                 if (taken) continue;
                 data->idx[t * k + j] = e;
-                data->weight[t * k + j] = 0.1f + 0.9f * (float)(check_rng_next(&seed) >> 40) / 16777216.0f;
+                data->weight[t * k + j] = 0.1f + 0.9f * (float)(test_rng_next(&seed) >> 40) / 16777216.0f;
                 ++j;
             }
         }
@@ -96,19 +96,14 @@ static void layer_data_free(layer_data* data) {
 }
 
 static void layer_setup(check_layer* L, const layer_data* data, const layer_case* c, int ranks, float* y) {
-    memset(L, 0, sizeof *L);
-    L->model = &data->model;
-    L->ranks = ranks;
-    L->tokens = c->tokens;
-    L->x = data->x;
+    check_layer_init(L, &data->model, ranks, c->tokens, data->x, y);
     L->topk_idx = data->idx;
     L->topk_weight = data->weight;
     if (ranks > 0) {
         L->placement.kind = c->placement;
         L->placement.table = c->placement == MOE_EP_PLACEMENT_TABLE ? c->table : NULL;
     }
-    L->y = y;
-    check_poison(y, (size_t)(data->total * L_D + 1));
+    test_poison(y, (size_t)(data->total * L_D + 1));
 }
 
 START_TEST(layer_worlds) {
@@ -174,7 +169,7 @@ START_TEST(layer_worlds) {
         err = check_rel_error(y1, ref_y, (size_t)(total * L_D));
         ck_assert_msg(err < 1e-5, "%s: one rank vs float64 reference: relative error %.3g", c->name, err);
     }
-    ck_assert_msg(check_is_poisoned(yr + total * L_D, 1), "%s: wrote past the last token", c->name);
+    ck_assert_msg(test_is_poisoned(yr + total * L_D, 1), "%s: wrote past the last token", c->name);
 
     layer_data_free(&data);
     free(y1); free(yr); free(i1); free(ir); free(w1); free(wr); free(ref_idx); free(ref_w); free(ref_y);
@@ -199,7 +194,7 @@ START_TEST(layer_paths) {
         run.path = (check_path)p;
         check_run_layer(&run);
         ck_assert_msg(run.result == MOE_EP_OK, "%s, %s: %s", c->name, names[p], check_layer_errors(&run, errors, sizeof errors));
-        ck_assert_msg(n == 0 || !check_is_poisoned(y[p], 1), "%s, %s: y not written", c->name, names[p]);
+        ck_assert_msg(n == 0 || !test_is_poisoned(y[p], 1), "%s, %s: y not written", c->name, names[p]);
     }
     ck_assert_msg(memcmp(y[0], y[1], sizeof(float) * n) == 0, "%s: the stages differ from moe_ep_forward", c->name);
     ck_assert_msg(memcmp(y[0], y[2], sizeof(float) * n) == 0, "%s: split-phase differs from moe_ep_forward", c->name);
@@ -248,7 +243,7 @@ START_TEST(layer_repeated_calls) {
     float x[29 * L_D], y_big[29 * L_D], y_small[7 * L_D], y_again[29 * L_D];
     uint64_t seed = 77;
     check_model_init(&m, L_D, L_F, 5, 2, MOE_EP_ACTIVATION_SWIGLU, false, 78);
-    check_fill(x, 29 * L_D, 1.0f, &seed);
+    test_fill(x, 29 * L_D, 1.0f, &seed);
     ck_assert_int_eq(moe_ep_create(&(moe_ep_desc){ .d_model = L_D, .d_ff = L_F, .num_experts = 5, .top_k = 2,
                                                    .router_weight = m.router, .experts = m.experts }, &ctx), MOE_EP_OK);
     ck_assert_int_eq(moe_ep_forward(ctx, &(moe_ep_forward_args){ .tokens = 7, .x = x, .y = y_small }), MOE_EP_OK);

@@ -194,16 +194,16 @@ START_TEST(test_layered_layer_matches_one_rank) {
     router = malloc(sizeof *router * (size_t)sh->experts * D_MODEL);
     weights = malloc(sizeof *weights * per * (size_t)sh->experts);
     t.y = malloc(sizeof *t.y * n * (size_t)sh->world);
-    check_fill(x, n * (size_t)shards, 1.0f, &seed);
-    check_fill(router, (size_t)sh->experts * D_MODEL, 0.5f, &seed);
-    check_fill(weights, per * (size_t)sh->experts, 0.2f, &seed);
+    test_fill(x, n * (size_t)shards, 1.0f, &seed);
+    test_fill(router, (size_t)sh->experts * D_MODEL, 0.5f, &seed);
+    test_fill(weights, per * (size_t)sh->experts, 0.2f, &seed);
     for (e = 0; e < sh->experts; ++e) {
         all[e].w1 = weights + (size_t)e * per;
         all[e].w3 = all[e].w1 + (size_t)D_MODEL * D_FF;
         all[e].w2 = all[e].w3 + (size_t)D_MODEL * D_FF;
     }
-    check_poison(t.y, n * (size_t)sh->world);
-    check_poison(y_ref, n * (size_t)shards);
+    test_poison(t.y, n * (size_t)sh->world);
+    test_poison(y_ref, n * (size_t)shards);
     t.tokens = tokens; t.x = x; t.router = router; t.experts = all;
     ck_assert_int_eq(moe_ep_pthreads_world_create(&(moe_ep_pthreads_desc){ .world_size = sh->world, .timeout_ms = 30000 },
                                                   &world), MOE_EP_OK);
@@ -257,7 +257,7 @@ START_TEST(test_all_reduce_rank_order) {
     float* expect = malloc(sizeof *expect * (size_t)count);
     moe_ep_pthreads_world* w;
     reduce_case c = { data, count };
-    check_fill(data, (size_t)(R * count), 1e3f, &seed);
+    test_fill(data, (size_t)(R * count), 1e3f, &seed);
     for (i = 0; i < count; ++i) {
         float s = data[i];
         for (r = 1; r < R; ++r) s += data[r * count + i];

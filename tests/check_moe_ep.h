@@ -1,7 +1,9 @@
 /* check_moe_ep.h -- the suites of the moe_ep Check binary and the helpers they share.
 
    One suite per tests/check_<area>.c; check_main.c runs them all. The implementation
-   is built once, in moe_ep_impl.c. Helpers live in check_support.c. */
+   is built once, in moe_ep_impl.c. The generic helpers (random data, poison, counting
+   allocator, recording logger) are tests/support's; the ones below, in check_support.c,
+   are this binary's own: float64 references, the echo transport, the R-rank layer. */
 #ifndef CHECK_MOE_EP_H_INCLUDED
 #define CHECK_MOE_EP_H_INCLUDED
 
@@ -11,6 +13,7 @@
 #include <stdint.h>
 #include <stdbool.h>
 #include "../transports/moe_ep_pthreads.h"
+#include "support/test_support.h"
 
 /* >>suites */
 Suite* api_suite(void);
@@ -24,47 +27,6 @@ Suite* validation_suite(void);
 Suite* failure_suite(void);
 Suite* expert_fn_suite(void);
 Suite* layout_suite(void);
-
-/* >>counting allocator: thread safe, no header in front of a block, so that a block
-   allocated by one half of an allocator and freed by the other shows up as a count
-   that does not return to zero rather than as a crash. */
-typedef struct check_counter {
-    pthread_mutex_t mutex;
-    long attempts;                  /* calls of alloc_fn */
-    long allocs;                    /* blocks handed out */
-    long frees;                     /* calls of free_fn */
-    long fail_at;                   /* attempt number (1-based) that returns NULL; 0: none */
-} check_counter;
-
-void check_counter_init(check_counter* counter);
-void check_counter_destroy(check_counter* counter);
-long check_counter_outstanding(check_counter* counter);
-moe_ep_allocator check_counting_allocator(check_counter* counter);
-
-/* >>recording logger */
-#define CHECK_LOG_LINES 32
-#define CHECK_LOG_TEXT 512
-typedef struct check_log {
-    pthread_mutex_t mutex;
-    int lines;                      /* lines received (only the first CHECK_LOG_LINES are kept) */
-    int rank[CHECK_LOG_LINES];
-    char text[CHECK_LOG_LINES][CHECK_LOG_TEXT];
-} check_log;
-
-void check_log_init(check_log* log);
-void check_log_destroy(check_log* log);
-moe_ep_logger check_recording_logger(check_log* log);
-/* Index of the first kept line that contains needle, or -1. */
-int check_log_find(check_log* log, const char* needle);
-/* All kept lines joined with " | ", for assertion messages. */
-const char* check_log_join(check_log* log, char* buffer, size_t size);
-
-/* >>random: splitmix64; uniform floats in [-scale, scale). */
-uint64_t check_rng_next(uint64_t* state);
-void check_fill(float* values, size_t count, float scale, uint64_t* state);
-/* All-ones bytes: a NaN that no computation writes, so unwritten elements show. */
-void check_poison(float* values, size_t count);
-bool check_is_poisoned(const float* values, size_t count);
 
 /* >>float64 references */
 /* out[rows, d_model] = the expert FFN in double (SwiGLU, exact-erf GELU, ReLU). */
@@ -132,6 +94,10 @@ typedef struct check_layer {
     char rank_error[CHECK_MAX_RANKS][256];
 } check_layer;
 
+/* Zeroes *layer (forward path, contiguous placement, no capacity, 60 s timeout) and sets
+   the model, the ranks, each rank's tokens, x and y. */
+void check_layer_init(check_layer* layer, const check_model* model, int ranks, const int64_t* tokens, const float* x,
+                      float* y);
 int64_t check_total_tokens(const int64_t* tokens, int ranks);
 moe_ep_result check_run_layer(check_layer* layer);
 /* The rank errors joined, for assertion messages. */

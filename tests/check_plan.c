@@ -140,7 +140,7 @@ static moe_ep_result plan_rank(const moe_ep_transport* transport, void* user_dat
         if (info.send_rows <= 8) memcpy(seen->permutation, info.permutation, sizeof(int64_t) * (size_t)info.send_rows);
         memcpy(seen->slot_rows, info.slot_rows, sizeof(int64_t) * (size_t)(T * P_K));
         memcpy(seen->topk_weight, info.topk_weight, sizeof(float) * (size_t)(T * P_K));
-        check_poison(seen->recv, 8 * P_D);
+        test_poison(seen->recv, 8 * P_D);
         if (info.recv_rows <= 7) res = moe_ep_dispatch(ctx, plan, st->x + offset * P_D, seen->recv);
         else res = MOE_EP_ERROR_INTERNAL;
     }
@@ -166,7 +166,7 @@ START_TEST(plan_bookkeeping) {
     moe_ep_pthreads_world* world = NULL;
     moe_ep_result res, results[P_R];
     int r;
-    check_fill(x, 5 * P_D, 1.0f, &seed);
+    test_fill(x, 5 * P_D, 1.0f, &seed);
     st->x = x;
     check_model_init(&st->model, P_D, 10, P_E, P_K, MOE_EP_ACTIVATION_SWIGLU, false, 22);
     ck_assert_int_eq(moe_ep_pthreads_world_create(&(moe_ep_pthreads_desc){ .world_size = P_R, .timeout_ms = 60000 },
@@ -215,7 +215,7 @@ START_TEST(plan_bookkeeping) {
                           "rank %d: received row %d is not token %d of rank %d", r, i, w->recv_from[i][1],
                           w->recv_from[i][0]);
         }
-        ck_assert_msg(check_is_poisoned(s->recv + w->recv_rows * P_D, (size_t)(8 - w->recv_rows) * P_D),
+        ck_assert_msg(test_is_poisoned(s->recv + w->recv_rows * P_D, (size_t)(8 - w->recv_rows) * P_D),
                       "rank %d: dispatch wrote past recv_rows", r);
     }
     check_model_free(&st->model);
@@ -237,7 +237,7 @@ START_TEST(plan_slot_rows_consistent) {
     int64_t t, prev_row = -1;
     int j, e;
     check_model_init(&m, 8, 12, 7, 3, MOE_EP_ACTIVATION_RELU, false, 32);
-    check_fill(x, 29 * 8, 1.0f, &seed);
+    test_fill(x, 29 * 8, 1.0f, &seed);
     ck_assert_int_eq(moe_ep_create(&(moe_ep_desc){ .d_model = 8, .d_ff = 12, .num_experts = 7, .top_k = 3,
                                                    .activation = MOE_EP_ACTIVATION_RELU, .router_weight = m.router,
                                                    .experts = m.experts }, &ctx), MOE_EP_OK);

@@ -160,7 +160,7 @@ START_TEST(router_forward_writes_routing) {
     memset(&stats, 0, sizeof stats);
     stats.tokens_per_expert = counts;
     memset(&stats2, 0, sizeof stats2);
-    check_poison(y, R_T * R_D);
+    test_poison(y, R_T * R_D);
     res = moe_ep_forward(ctx, &(moe_ep_forward_args){ .tokens = R_T, .x = router_x, .y = y, .topk_idx = idx,
                                                       .topk_weight = weight, .stats = &stats });
     ck_assert_msg(res == MOE_EP_OK, "forward: %s: %s", moe_ep_result_string(res), moe_ep_last_error(ctx));
@@ -190,12 +190,14 @@ START_TEST(router_needs_weights) {
                                                       .expert_fn = router_identity_fn }, &ctx);
     ck_assert_msg(res == MOE_EP_OK, "create without router weights: %s", moe_ep_result_string(res));
     ck_assert_int_eq(moe_ep_route(ctx, router_x, 2, idx, weight, NULL), MOE_EP_ERROR_INVALID_ARGUMENT);
-    ck_assert_msg(strstr(moe_ep_last_error(ctx), "router_weight") != NULL, "message: %s", moe_ep_last_error(ctx));
-    check_poison(y, R_D * 2);
+    ck_assert_msg(moe_ep_last_error_item(ctx) == MOE_EP_LOG_ITEM_ROUTER_WEIGHT_MISSING, "message: %s",
+                  moe_ep_last_error(ctx));
+    test_poison(y, R_D * 2);
     ck_assert_int_eq(moe_ep_forward(ctx, &(moe_ep_forward_args){ .tokens = 2, .x = router_x, .y = y }),
                      MOE_EP_ERROR_INVALID_ARGUMENT);
-    ck_assert_msg(strstr(moe_ep_last_error(ctx), "router_weight") != NULL, "message: %s", moe_ep_last_error(ctx));
-    ck_assert_msg(check_is_poisoned(y, R_D * 2), "y written on failure");
+    ck_assert_msg(moe_ep_last_error_item(ctx) == MOE_EP_LOG_ITEM_ROUTER_WEIGHT_MISSING, "message: %s",
+                  moe_ep_last_error(ctx));
+    ck_assert_msg(test_is_poisoned(y, R_D * 2), "y written on failure");
     moe_ep_destroy(ctx);
 }
 END_TEST
@@ -205,54 +207,59 @@ typedef struct bad_routing {
     int token, slot;
     int32_t expert;
     float weight;                   /* used when expert is -100: keep the good expert, set this weight */
-    const char* needle;
+    moe_ep_log_item item;
+    const char* needle;             /* where: the message names the token and slot */
 } bad_routing;
 
 static const bad_routing bad_routings[] = {
-    { 1, 0, 4, 0.0f, "topk_idx[1][0] (4)" },
-    { 2, 1, -1, 0.0f, "topk_idx[2][1] (-1)" },
-    { 3, 1, 1, 0.0f, "names expert 1 twice" },     /* token 3 is { 1, 2 }: slot 1 repeats slot 0 */
-    { 1, 1, -100, 0.0f, "topk_weight[1][1]" },     /* NaN, set below */
-    { 2, 0, -100, 0.0f, "topk_weight[2][0]" },     /* +inf */
-    { 0, 1, -100, 0.0f, "topk_weight[0][1]" },     /* -inf */
+    { 1, 0, 4, 0.0f, MOE_EP_LOG_ITEM_ROUTING_EXPERT_RANGE, "topk_idx[1][0] (4)" },
+    { 2, 1, -1, 0.0f, MOE_EP_LOG_ITEM_ROUTING_EXPERT_RANGE, "topk_idx[2][1] (-1)" },
+    { 3, 1, 1, 0.0f, MOE_EP_LOG_ITEM_ROUTING_EXPERT_TWICE, "topk_idx[3] names expert 1" },  /* token 3 is { 1, 2 } */
+    { 1, 1, -100, 0.0f, MOE_EP_LOG_ITEM_ROUTING_WEIGHT_NOT_FINITE, "topk_weight[1][1]" },     /* NaN, set below */
+    { 2, 0, -100, 0.0f, MOE_EP_LOG_ITEM_ROUTING_WEIGHT_NOT_FINITE, "topk_weight[2][0]" },     /* +inf */
+    { 0, 1, -100, 0.0f, MOE_EP_LOG_ITEM_ROUTING_WEIGHT_NOT_FINITE, "topk_weight[0][1]" },     /* -inf */
 };
 
 START_TEST(routing_in_validated) {
     const bad_routing* b = &bad_routings[_i];
     moe_ep_context* ctx = NULL;
     moe_ep_plan* plan = (moe_ep_plan*)&ctx;   /* a sentinel: must stay */
-    check_log log;
+    test_log log;
     int32_t idx[R_T * 2] = { 0, 1, 2, 3, 3, 0, 1, 2 };
     float weight[R_T * 2] = { 0.5f, 0.25f, 0.5f, 0.25f, 0.5f, 0.25f, 0.5f, 0.25f };
     float y[R_T * R_D];
     char joined[2048];
     moe_ep_result res;
-    check_log_init(&log);
+    test_log_init(&log);
     res = moe_ep_create(&(moe_ep_desc){ .d_model = R_D, .num_experts = R_E, .top_k = 2, .router_weight = router_w,
-                                        .expert_fn = router_identity_fn, .logger = check_recording_logger(&log) },
+                                        .expert_fn = router_identity_fn, .logger = test_log_logger(&log) },
                         &ctx);
     ck_assert_msg(res == MOE_EP_OK, "create: %s", moe_ep_result_string(res));
     if (b->expert != -100) idx[b->token * 2 + b->slot] = b->expert;
     else if (_i == 3) weight[b->token * 2 + b->slot] = NAN;
     else if (_i == 4) weight[b->token * 2 + b->slot] = INFINITY;
     else weight[b->token * 2 + b->slot] = -INFINITY;
-    check_poison(y, R_T * R_D);
+    test_poison(y, R_T * R_D);
     res = moe_ep_forward(ctx, &(moe_ep_forward_args){ .tokens = R_T, .x = router_x, .y = y, .routing_in = true,
                                                       .topk_idx = idx, .topk_weight = weight });
     ck_assert_msg(res == MOE_EP_ERROR_INVALID_ARGUMENT, "case %d: forward returned %s", _i, moe_ep_result_string(res));
+    ck_assert_msg(moe_ep_last_error_item(ctx) == b->item, "case %d: item %s, want %s", _i,
+                  moe_ep_log_item_string(moe_ep_last_error_item(ctx)), moe_ep_log_item_string(b->item));
     ck_assert_msg(strstr(moe_ep_last_error(ctx), b->needle) != NULL, "case %d: last error \"%s\" lacks \"%s\"", _i,
                   moe_ep_last_error(ctx), b->needle);
-    ck_assert_msg(check_log_find(&log, b->needle) >= 0, "case %d: log lacks \"%s\": %s", _i, b->needle,
-                  check_log_join(&log, joined, sizeof joined));
-    ck_assert_msg(check_is_poisoned(y, R_T * R_D), "case %d: y written on failure", _i);
+    ck_assert_msg(test_log_find_item(&log, b->item) >= 0, "case %d: log lacks %s: %s", _i,
+                  moe_ep_log_item_string(b->item), test_log_join(&log, joined, sizeof joined));
+    ck_assert_msg(test_is_poisoned(y, R_T * R_D), "case %d: y written on failure", _i);
     res = moe_ep_plan_create(ctx, R_T, idx, weight, &plan);
     ck_assert_msg(res == MOE_EP_ERROR_INVALID_ARGUMENT, "case %d: plan_create returned %s", _i,
                   moe_ep_result_string(res));
     ck_assert_msg(plan == (moe_ep_plan*)&ctx, "case %d: plan_create wrote its out-param on failure", _i);
+    ck_assert_msg(moe_ep_last_error_item(ctx) == b->item, "case %d: plan_create item %s", _i,
+                  moe_ep_log_item_string(moe_ep_last_error_item(ctx)));
     ck_assert_msg(strstr(moe_ep_last_error(ctx), b->needle) != NULL, "case %d: plan_create error \"%s\"", _i,
                   moe_ep_last_error(ctx));
     moe_ep_destroy(ctx);
-    check_log_destroy(&log);
+    test_log_destroy(&log);
 }
 END_TEST
 
@@ -288,6 +295,8 @@ START_TEST(routing_in_duplicates_any_e) {
     res = moe_ep_plan_create(ctx, T, idx, weight, &plan);
     ck_assert_msg(res == MOE_EP_ERROR_INVALID_ARGUMENT, "E=%d case %d: %s", E, where, moe_ep_result_string(res));
     ck_assert_msg(plan == NULL, "E=%d case %d: plan written on failure", E, where);
+    ck_assert_msg(moe_ep_last_error_item(ctx) == MOE_EP_LOG_ITEM_ROUTING_EXPERT_TWICE, "E=%d case %d: item %s", E,
+                  where, moe_ep_log_item_string(moe_ep_last_error_item(ctx)));
     ck_assert_msg(strstr(moe_ep_last_error(ctx), needle) != NULL, "E=%d case %d: \"%s\" lacks \"%s\"", E, where,
                   moe_ep_last_error(ctx), needle);
     moe_ep_destroy(ctx);

@@ -1,5 +1,5 @@
-/* check_support.c -- helpers shared by the suites: counting allocator, recording
-   logger, seeded random data, float64 references and an R-rank layer runner. */
+/* check_support.c -- helpers of the core suites on top of tests/support: float64
+   references, the echo transport and an R-rank layer runner. */
 #include "check_moe_ep.h"
 
 #include <math.h>
@@ -7,141 +7,7 @@
 #include <stdlib.h>
 #include <string.h>
 
-/* >>counting allocator */
-static void* check__alloc(size_t size, void* user_data) {
-    check_counter* c = (check_counter*)user_data;
-    void* ptr = NULL;
-    int fail;
-    pthread_mutex_lock(&c->mutex);
-    c->attempts++;
-    fail = c->fail_at > 0 && c->attempts == c->fail_at;
-    if (!fail) {
-        ptr = malloc(size);
-        if (ptr) c->allocs++;
-    }
-    pthread_mutex_unlock(&c->mutex);
-    return ptr;
-}
-
-static void check__free(void* ptr, void* user_data) {
-    check_counter* c = (check_counter*)user_data;
-    pthread_mutex_lock(&c->mutex);
-    c->frees++;
-    pthread_mutex_unlock(&c->mutex);
-    free(ptr);
-}
-
-void check_counter_init(check_counter* c) {
-    memset(c, 0, sizeof *c);
-    pthread_mutex_init(&c->mutex, NULL);
-}
-
-void check_counter_destroy(check_counter* c) { pthread_mutex_destroy(&c->mutex); }
-
-long check_counter_outstanding(check_counter* c) {
-    long n;
-    pthread_mutex_lock(&c->mutex);
-    n = c->allocs - c->frees;
-    pthread_mutex_unlock(&c->mutex);
-    return n;
-}
-
-moe_ep_allocator check_counting_allocator(check_counter* c) {
-    moe_ep_allocator a;
-    a.alloc_fn = check__alloc;
-    a.free_fn = check__free;
-    a.user_data = c;
-    return a;
-}
-
-/* >>recording logger */
-static void check__log(const char* tag, uint32_t level, int rank, const char* message, void* user_data) {
-    check_log* log = (check_log*)user_data;
-    (void)tag;
-    (void)level;
-    pthread_mutex_lock(&log->mutex);
-    if (log->lines < CHECK_LOG_LINES) {
-        log->rank[log->lines] = rank;
-        snprintf(log->text[log->lines], CHECK_LOG_TEXT, "%s", message ? message : "(null)");
-    }
-    log->lines++;
-    pthread_mutex_unlock(&log->mutex);
-}
-
-void check_log_init(check_log* log) {
-    memset(log, 0, sizeof *log);
-    pthread_mutex_init(&log->mutex, NULL);
-}
-
-void check_log_destroy(check_log* log) { pthread_mutex_destroy(&log->mutex); }
-
-moe_ep_logger check_recording_logger(check_log* log) {
-    moe_ep_logger l;
-    l.func = check__log;
-    l.user_data = log;
-    return l;
-}
-
-int check_log_find(check_log* log, const char* needle) {
-    int i, n, found = -1;
-    pthread_mutex_lock(&log->mutex);
-    n = log->lines < CHECK_LOG_LINES ? log->lines : CHECK_LOG_LINES;
-    for (i = 0; i < n && found < 0; ++i)
-        if (strstr(log->text[i], needle)) found = i;
-    pthread_mutex_unlock(&log->mutex);
-    return found;
-}
-
-const char* check_log_join(check_log* log, char* buffer, size_t size) {
-    int i, n;
-    size_t used = 0;
-    buffer[0] = '\0';
-    pthread_mutex_lock(&log->mutex);
-    n = log->lines < CHECK_LOG_LINES ? log->lines : CHECK_LOG_LINES;
-    for (i = 0; i < n && used + 1 < size; ++i) {
-        int w = snprintf(buffer + used, size - used, "%s[%d] %s", i ? " | " : "", log->rank[i], log->text[i]);
-        if (w < 0) break;
-        used += (size_t)w;
-    }
-    pthread_mutex_unlock(&log->mutex);
-    if (n == 0) snprintf(buffer, size, "(nothing logged)");
-    return buffer;
-}
-
-/* >>random */
-uint64_t check_rng_next(uint64_t* s) {
-    uint64_t z = (*s += 0x9E3779B97F4A7C15ull);
-    z = (z ^ (z >> 30)) * 0xBF58476D1CE4E5B9ull;
-    z = (z ^ (z >> 27)) * 0x94D049BB133111EBull;
-    return z ^ (z >> 31);
-}
-
-void check_fill(float* v, size_t n, float scale, uint64_t* s) {
-    size_t i;
-    for (i = 0; i < n; ++i) v[i] = scale * ((float)(check_rng_next(s) >> 40) / 8388608.0f - 1.0f);
-}
-
-void check_poison(float* v, size_t n) {
-    if (n > 0) memset(v, 0xFF, n * sizeof *v);
-}
-
-bool check_is_poisoned(const float* v, size_t n) {
-    const unsigned char* bytes = (const unsigned char*)v;
-    size_t i;
-    for (i = 0; i < n * sizeof *v; ++i)
-        if (bytes[i] != 0xFF) return false;
-    return true;
-}
-
 /* >>references */
-static double check__act(moe_ep_activation act, double a, double b) {
-    switch (act) {
-    case MOE_EP_ACTIVATION_GELU: return 0.5 * a * (1.0 + erf(a / sqrt(2.0)));
-    case MOE_EP_ACTIVATION_RELU: return a > 0.0 ? a : 0.0;
-    default: return a / (1.0 + exp(-a)) * b;
-    }
-}
-
 void check_ref_ffn(moe_ep_activation act, int d_model, int d_ff, const moe_ep_expert_weights* w, const float* x,
                    int64_t rows, double* out) {
     double* hidden = (double*)malloc(sizeof(double) * (size_t)(d_ff > 0 ? d_ff : 1));
@@ -156,7 +22,7 @@ void check_ref_ffn(moe_ep_activation act, int d_model, int d_ff, const moe_ep_ex
                 a += (double)w->w1[(size_t)f * (size_t)d_model + (size_t)i] * (double)xr[i];
                 if (gated) b += (double)w->w3[(size_t)f * (size_t)d_model + (size_t)i] * (double)xr[i];
             }
-            hidden[f] = check__act(act, a, b);
+            hidden[f] = test_ref_activation(act, a, b);
         }
         for (o = 0; o < d_model; ++o) {
             double acc = 0.0;
@@ -194,11 +60,11 @@ void check_model_init(check_model* m, int d_model, int d_ff, int num_experts, in
     m->weights = (float*)malloc(sizeof(float) * 3 * per * (size_t)num_experts);
     m->experts = (moe_ep_expert_weights*)malloc(sizeof(moe_ep_expert_weights) * (size_t)num_experts);
     /* router logits of order 1 so that routing varies from token to token */
-    check_fill(m->router, (size_t)num_experts * (size_t)d_model, 2.0f / sqrtf((float)d_model), &seed);
+    test_fill(m->router, (size_t)num_experts * (size_t)d_model, 2.0f / sqrtf((float)d_model), &seed);
     for (e = 0; e < (size_t)num_experts; ++e) {
         float* w1 = m->weights + e * 3 * per;
-        check_fill(w1, 2 * per, 1.5f / sqrtf((float)d_model), &seed);
-        check_fill(w1 + 2 * per, per, 1.5f / sqrtf((float)d_ff), &seed);
+        test_fill(w1, 2 * per, 1.5f / sqrtf((float)d_model), &seed);
+        test_fill(w1 + 2 * per, per, 1.5f / sqrtf((float)d_ff), &seed);
         m->experts[e].w1 = w1;
         m->experts[e].w3 = w1 + per;
         m->experts[e].w2 = w1 + 2 * per;
@@ -293,6 +159,16 @@ moe_ep_transport check_echo_transport(check_echo* echo, int rank, int world_size
 }
 
 /* >>layer runner */
+void check_layer_init(check_layer* L, const check_model* model, int ranks, const int64_t* tokens, const float* x,
+                      float* y) {
+    memset(L, 0, sizeof *L);
+    L->model = model;
+    L->ranks = ranks;
+    L->tokens = tokens;
+    L->x = x;
+    L->y = y;
+}
+
 int64_t check_total_tokens(const int64_t* tokens, int ranks) {
     int64_t n = 0;
     int r;
@@ -315,8 +191,8 @@ static moe_ep_result check__stages(moe_ep_context* ctx, const check_layer* L, in
     n = (size_t)info.recv_rows * (size_t)L->model->d_model + 1;
     rows = (float*)malloc(sizeof(float) * n);
     out = (float*)malloc(sizeof(float) * n);
-    check_poison(rows, n);
-    check_poison(out, n);
+    test_poison(rows, n);
+    test_poison(out, n);
     if (L->path == CHECK_PATH_SPLIT) {
         res = moe_ep_dispatch_begin(ctx, plan, x, rows);
         if (res == MOE_EP_OK) res = moe_ep_dispatch_end(ctx, plan);

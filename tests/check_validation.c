@@ -20,7 +20,7 @@ typedef struct venv {
 
 typedef struct vcase {
     const char* name;
-    const char* needle;             /* the message must contain this */
+    moe_ep_log_item item;           /* the rule that must fire */
     void (*mutate)(moe_ep_desc* d, venv* env);
 } vcase;
 
@@ -97,46 +97,46 @@ static void m_w2_null_gelu(moe_ep_desc* d, venv* v) {
 static void m_w1_null(moe_ep_desc* d, venv* v) { (void)d; v->experts[3].w1 = NULL; }
 
 static const vcase vcases[] = {
-    { "d_model 0", "d_model (0)", m_d_model_0 },
-    { "d_model -3", "d_model (-3)", m_d_model_neg },
-    { "d_ff 0", "d_ff (0)", m_d_ff_0 },
-    { "d_ff -1", "d_ff (-1)", m_d_ff_neg },
-    { "num_experts 0", "num_experts (0)", m_experts_0 },
-    { "num_experts -2", "num_experts (-2)", m_experts_neg },
-    { "top_k -1", "top_k (-1)", m_top_k_neg },
-    { "top_k > num_experts", "top_k (5) must be <= num_experts (4)", m_top_k_big },
-    { "activation COUNT", "activation", m_act_count },
-    { "activation 77", "activation (77)", m_act_77 },
-    { "scoring COUNT", "scoring", m_scoring_count },
-    { "scoring 9", "scoring (9)", m_scoring_9 },
-    { "capacity_factor -0.5", "capacity_factor", m_cap_neg },
-    { "capacity_factor NaN", "capacity_factor", m_cap_nan },
-    { "capacity_factor 2e6", "capacity_factor", m_cap_huge },
-    { "placement.kind COUNT", "placement.kind", m_place_count },
-    { "placement.kind 77", "placement.kind (77)", m_place_77 },
-    { "placement.table NULL", "placement.table", m_table_null },
-    { "placement.table[2] = 1 of 1 rank", "placement.table[2] (1)", m_table_high },
-    { "placement.table[0] = -1", "placement.table[0] (-1)", m_table_neg },
-    { "num_threads -1", "num_threads (-1)", m_threads_neg },
-    { "allocator with alloc_fn only", "allocator", m_alloc_only },
-    { "allocator with free_fn only", "allocator", m_free_only },
-    { "transport without exchange_counts", "exchange_counts", m_no_exchange },
-    { "transport without all_to_all_v", "all_to_all_v", m_no_a2a },
-    { "transport with all_to_all_v_begin only", "all_to_all_v_begin", m_half_split },
-    { "transport rank 1 of 1", "rank (1)", m_rank_out },
-    { "transport world_size 0", "world_size (0)", m_world_0 },
-    { "experts NULL", "moe_ep_desc.experts", m_experts_null },
-    { "experts[1].w3 NULL under SwiGLU", "experts[1]: w1, w2 and w3", m_w3_null },
-    { "experts[0].w2 NULL under GELU", "experts[0]", m_w2_null_gelu },
-    { "experts[3].w1 NULL", "experts[3]", m_w1_null },
+    { "d_model 0", MOE_EP_LOG_ITEM_DESC_D_MODEL, m_d_model_0 },
+    { "d_model -3", MOE_EP_LOG_ITEM_DESC_D_MODEL, m_d_model_neg },
+    { "d_ff 0", MOE_EP_LOG_ITEM_DESC_D_FF, m_d_ff_0 },
+    { "d_ff -1", MOE_EP_LOG_ITEM_DESC_D_FF, m_d_ff_neg },
+    { "num_experts 0", MOE_EP_LOG_ITEM_DESC_NUM_EXPERTS, m_experts_0 },
+    { "num_experts -2", MOE_EP_LOG_ITEM_DESC_NUM_EXPERTS, m_experts_neg },
+    { "top_k -1", MOE_EP_LOG_ITEM_DESC_TOP_K, m_top_k_neg },
+    { "top_k > num_experts", MOE_EP_LOG_ITEM_DESC_TOP_K_ABOVE_EXPERTS, m_top_k_big },
+    { "activation COUNT", MOE_EP_LOG_ITEM_DESC_ACTIVATION, m_act_count },
+    { "activation 77", MOE_EP_LOG_ITEM_DESC_ACTIVATION, m_act_77 },
+    { "scoring COUNT", MOE_EP_LOG_ITEM_DESC_SCORING, m_scoring_count },
+    { "scoring 9", MOE_EP_LOG_ITEM_DESC_SCORING, m_scoring_9 },
+    { "capacity_factor -0.5", MOE_EP_LOG_ITEM_DESC_CAPACITY_FACTOR, m_cap_neg },
+    { "capacity_factor NaN", MOE_EP_LOG_ITEM_DESC_CAPACITY_FACTOR, m_cap_nan },
+    { "capacity_factor 2e6", MOE_EP_LOG_ITEM_DESC_CAPACITY_FACTOR, m_cap_huge },
+    { "placement.kind COUNT", MOE_EP_LOG_ITEM_DESC_PLACEMENT_KIND, m_place_count },
+    { "placement.kind 77", MOE_EP_LOG_ITEM_DESC_PLACEMENT_KIND, m_place_77 },
+    { "placement.table NULL", MOE_EP_LOG_ITEM_DESC_PLACEMENT_TABLE_MISSING, m_table_null },
+    { "placement.table[2] = 1 of 1 rank", MOE_EP_LOG_ITEM_DESC_PLACEMENT_TABLE_RANK, m_table_high },
+    { "placement.table[0] = -1", MOE_EP_LOG_ITEM_DESC_PLACEMENT_TABLE_RANK, m_table_neg },
+    { "num_threads -1", MOE_EP_LOG_ITEM_DESC_NUM_THREADS, m_threads_neg },
+    { "allocator with alloc_fn only", MOE_EP_LOG_ITEM_DESC_ALLOCATOR_HALF, m_alloc_only },
+    { "allocator with free_fn only", MOE_EP_LOG_ITEM_DESC_ALLOCATOR_HALF, m_free_only },
+    { "transport without exchange_counts", MOE_EP_LOG_ITEM_DESC_TRANSPORT_REQUIRED_CALLBACKS, m_no_exchange },
+    { "transport without all_to_all_v", MOE_EP_LOG_ITEM_DESC_TRANSPORT_REQUIRED_CALLBACKS, m_no_a2a },
+    { "transport with all_to_all_v_begin only", MOE_EP_LOG_ITEM_DESC_TRANSPORT_SPLIT_PHASE_HALF, m_half_split },
+    { "transport rank 1 of 1", MOE_EP_LOG_ITEM_DESC_TRANSPORT_RANK, m_rank_out },
+    { "transport world_size 0", MOE_EP_LOG_ITEM_DESC_TRANSPORT_RANK, m_world_0 },
+    { "experts NULL", MOE_EP_LOG_ITEM_DESC_EXPERTS_MISSING, m_experts_null },
+    { "experts[1].w3 NULL under SwiGLU", MOE_EP_LOG_ITEM_DESC_EXPERT_WEIGHTS_NULL, m_w3_null },
+    { "experts[0].w2 NULL under GELU", MOE_EP_LOG_ITEM_DESC_EXPERT_WEIGHTS_NULL, m_w2_null_gelu },
+    { "experts[3].w1 NULL", MOE_EP_LOG_ITEM_DESC_EXPERT_WEIGHTS_NULL, m_w1_null },
 };
 #define VCASES ((int)(sizeof vcases / sizeof vcases[0]))
 
 START_TEST(validation_desc_fields) {
     const vcase* c = &vcases[_i];
     venv env;
-    check_counter counter;
-    check_log log;
+    test_counter counter;
+    test_log log;
     moe_ep_desc d;
     moe_ep_context* sentinel = (moe_ep_context*)&env;
     moe_ep_context* ctx = sentinel;
@@ -144,8 +144,8 @@ START_TEST(validation_desc_fields) {
     char joined[4096];
     int e;
     memset(&env, 0, sizeof env);
-    check_counter_init(&counter);
-    check_log_init(&log);
+    test_counter_init(&counter);
+    test_log_init(&log);
     check_model_init(&env.model, V_D, V_F, V_E, 2, MOE_EP_ACTIVATION_SWIGLU, false, 50);
     for (e = 0; e < V_E; ++e) env.experts[e] = env.model.experts[e];
     memset(&d, 0, sizeof d);
@@ -155,45 +155,48 @@ START_TEST(validation_desc_fields) {
     d.top_k = 2;
     d.router_weight = env.model.router;
     d.experts = env.experts;
-    d.allocator = check_counting_allocator(&counter);
-    d.logger = check_recording_logger(&log);
+    d.allocator = test_counter_allocator(&counter);
+    d.logger = test_log_logger(&log);
     c->mutate(&d, &env);
     res = moe_ep_create(&d, &ctx);
     ck_assert_msg(res == MOE_EP_ERROR_INVALID_ARGUMENT, "%s: create returned %s", c->name, moe_ep_result_string(res));
     ck_assert_msg(ctx == sentinel, "%s: the out-param was written on failure", c->name);
-    ck_assert_msg(check_log_find(&log, c->needle) >= 0, "%s: no message contains \"%s\": %s", c->name, c->needle,
-                  check_log_join(&log, joined, sizeof joined));
-    ck_assert_msg(check_counter_outstanding(&counter) == 0, "%s: %ld allocations outstanding (%ld made, %ld freed)",
-                  c->name, check_counter_outstanding(&counter), counter.allocs, counter.frees);
+    ck_assert_msg(test_log_find_item(&log, c->item) >= 0, "%s: no message has item %s: %s", c->name,
+                  moe_ep_log_item_string(c->item), test_log_join(&log, joined, sizeof joined));
+    /* the words name the field of the desc */
+    ck_assert_msg(strncmp(test_log_line(&log, test_log_find_item(&log, c->item)), "moe_ep_desc.", 12) == 0,
+                  "%s: the message does not start with the field: %s", c->name, test_log_join(&log, joined, sizeof joined));
+    ck_assert_msg(test_counter_outstanding(&counter) == 0, "%s: %ld allocations outstanding (%ld made, %ld freed)",
+                  c->name, test_counter_outstanding(&counter), counter.allocs, counter.frees);
     check_model_free(&env.model);
-    check_counter_destroy(&counter);
-    check_log_destroy(&log);
+    test_counter_destroy(&counter);
+    test_log_destroy(&log);
 }
 END_TEST
 
 /* The unmutated base desc is valid: the table above tests one defect at a time. */
 START_TEST(validation_base_desc_valid) {
     check_model m;
-    check_counter counter;
-    check_log log;
+    test_counter counter;
+    test_log log;
     moe_ep_context* ctx = NULL;
     moe_ep_result res;
-    check_counter_init(&counter);
-    check_log_init(&log);
+    test_counter_init(&counter);
+    test_log_init(&log);
     check_model_init(&m, V_D, V_F, V_E, 2, MOE_EP_ACTIVATION_SWIGLU, false, 50);
     res = moe_ep_create(&(moe_ep_desc){ .d_model = V_D, .d_ff = V_F, .num_experts = V_E, .top_k = 2,
                                         .router_weight = m.router, .experts = m.experts,
-                                        .allocator = check_counting_allocator(&counter),
-                                        .logger = check_recording_logger(&log) }, &ctx);
+                                        .allocator = test_counter_allocator(&counter),
+                                        .logger = test_log_logger(&log) }, &ctx);
     ck_assert_msg(res == MOE_EP_OK, "base desc: %s", moe_ep_result_string(res));
     ck_assert_msg(log.lines == 0, "a valid desc logged %d lines", log.lines);
     ck_assert_msg(counter.allocs > 0, "the allocator was not used");
     moe_ep_destroy(ctx);
-    ck_assert_msg(check_counter_outstanding(&counter) == 0, "%ld outstanding after destroy",
-                  check_counter_outstanding(&counter));
+    ck_assert_msg(test_counter_outstanding(&counter) == 0, "%ld outstanding after destroy",
+                  test_counter_outstanding(&counter));
     check_model_free(&m);
-    check_counter_destroy(&counter);
-    check_log_destroy(&log);
+    test_counter_destroy(&counter);
+    test_log_destroy(&log);
 }
 END_TEST
 
@@ -213,7 +216,7 @@ END_TEST
 /* create, every kind of layer call, destroy: nothing left behind, on one rank and on three. */
 START_TEST(validation_no_leaks) {
     check_model m;
-    check_counter counter;
+    test_counter counter;
     moe_ep_allocator a;
     moe_ep_context* ctx = NULL;
     moe_ep_plan* plan = NULL;
@@ -227,10 +230,10 @@ START_TEST(validation_no_leaks) {
     moe_ep_router_stats stats;
     uint64_t seed = 60;
     char errors[1024];
-    check_counter_init(&counter);
-    a = check_counting_allocator(&counter);
+    test_counter_init(&counter);
+    a = test_counter_allocator(&counter);
     check_model_init(&m, V_D, V_F, V_E, 2, MOE_EP_ACTIVATION_SWIGLU, false, 61);
-    check_fill(x, 20 * V_D, 1.0f, &seed);
+    test_fill(x, 20 * V_D, 1.0f, &seed);
     stats.tokens_per_expert = counts;
     ck_assert_int_eq(moe_ep_create(&(moe_ep_desc){ .d_model = V_D, .d_ff = V_F, .num_experts = V_E, .top_k = 2,
                                                    .capacity_factor = 1.0f, .router_weight = m.router,
@@ -250,35 +253,30 @@ START_TEST(validation_no_leaks) {
     moe_ep_plan_destroy(plan);
     moe_ep_destroy(ctx);
     ck_assert_msg(counter.allocs > 0, "the allocator was not used");
-    ck_assert_msg(check_counter_outstanding(&counter) == 0, "one rank: %ld allocations outstanding",
-                  check_counter_outstanding(&counter));
+    ck_assert_msg(test_counter_outstanding(&counter) == 0, "one rank: %ld allocations outstanding",
+                  test_counter_outstanding(&counter));
 
     /* three ranks; the world's own allocations go through the same counter */
-    memset(&run, 0, sizeof run);
-    run.model = &m;
-    run.ranks = 3;
-    run.tokens = tokens;
-    run.x = x;
-    run.y = y;
+    check_layer_init(&run, &m, 3, tokens, x, y);
     run.allocator = &a;
     run.capacity_factor = 0.5f;
     check_run_layer(&run);
     ck_assert_msg(run.result == MOE_EP_OK, "three ranks: %s", check_layer_errors(&run, errors, sizeof errors));
-    ck_assert_msg(check_counter_outstanding(&counter) == 0, "three ranks: %ld allocations outstanding",
-                  check_counter_outstanding(&counter));
+    ck_assert_msg(test_counter_outstanding(&counter) == 0, "three ranks: %ld allocations outstanding",
+                  test_counter_outstanding(&counter));
     check_model_free(&m);
-    check_counter_destroy(&counter);
+    test_counter_destroy(&counter);
 }
 END_TEST
 
 /* Fail allocation n of create, for every n: OUT_OF_MEMORY, out untouched, nothing leaked. */
 START_TEST(validation_create_out_of_memory) {
     check_model m;
-    check_counter counter;
+    test_counter counter;
     moe_ep_context* sentinel = (moe_ep_context*)&m;
     long n;
     bool created = false;
-    check_counter_init(&counter);
+    test_counter_init(&counter);
     check_model_init(&m, V_D, V_F, V_E, 2, MOE_EP_ACTIVATION_SWIGLU, false, 62);
     for (n = 1; n < 200 && !created; ++n) {
         moe_ep_context* ctx = sentinel;
@@ -289,7 +287,7 @@ START_TEST(validation_create_out_of_memory) {
         res = moe_ep_create(&(moe_ep_desc){ .d_model = V_D, .d_ff = V_F, .num_experts = V_E, .top_k = 2,
                                             .placement = { .kind = MOE_EP_PLACEMENT_TABLE, .table = table },
                                             .router_weight = m.router, .experts = m.experts,
-                                            .allocator = check_counting_allocator(&counter) }, &ctx);
+                                            .allocator = test_counter_allocator(&counter) }, &ctx);
         if (res == MOE_EP_OK) {
             ck_assert_msg(counter.attempts < n, "allocation %ld failed but create succeeded", n);
             moe_ep_destroy(ctx);
@@ -299,13 +297,13 @@ START_TEST(validation_create_out_of_memory) {
                           moe_ep_result_string(res));
             ck_assert_msg(ctx == sentinel, "allocation %ld failed: out written", n);
         }
-        ck_assert_msg(check_counter_outstanding(&counter) == 0, "allocation %ld failed: %ld outstanding", n,
-                      check_counter_outstanding(&counter));
+        ck_assert_msg(test_counter_outstanding(&counter) == 0, "allocation %ld failed: %ld outstanding", n,
+                      test_counter_outstanding(&counter));
     }
     ck_assert_msg(created, "create never succeeded");
     ck_assert_msg(n > 5, "create made only %ld allocations", n - 1);
     check_model_free(&m);
-    check_counter_destroy(&counter);
+    test_counter_destroy(&counter);
 }
 END_TEST
 
@@ -313,7 +311,7 @@ END_TEST
    the context stays usable and nothing leaks. */
 START_TEST(validation_forward_out_of_memory) {
     check_model m;
-    check_counter counter;
+    test_counter counter;
     moe_ep_context* ctx = NULL;
     float x[9 * V_D], y_good[9 * V_D], y[9 * V_D];
     int64_t counts_good[V_E], counts[V_E];
@@ -321,9 +319,9 @@ START_TEST(validation_forward_out_of_memory) {
     uint64_t seed = 63;
     long n;
     bool passed = false;
-    check_counter_init(&counter);
+    test_counter_init(&counter);
     check_model_init(&m, V_D, V_F, V_E, 2, MOE_EP_ACTIVATION_SWIGLU, false, 64);
-    check_fill(x, 9 * V_D, 1.0f, &seed);
+    test_fill(x, 9 * V_D, 1.0f, &seed);
     stats_good.tokens_per_expert = counts_good;
     ck_assert_int_eq(moe_ep_create(&(moe_ep_desc){ .d_model = V_D, .d_ff = V_F, .num_experts = V_E, .top_k = 2,
                                                    .router_weight = m.router, .experts = m.experts }, &ctx), MOE_EP_OK);
@@ -336,10 +334,10 @@ START_TEST(validation_forward_out_of_memory) {
         counter.fail_at = 0;
         ck_assert_int_eq(moe_ep_create(&(moe_ep_desc){ .d_model = V_D, .d_ff = V_F, .num_experts = V_E, .top_k = 2,
                                                        .router_weight = m.router, .experts = m.experts,
-                                                       .allocator = check_counting_allocator(&counter) }, &ctx),
+                                                       .allocator = test_counter_allocator(&counter) }, &ctx),
                          MOE_EP_OK);
         counter.fail_at = counter.attempts + n;
-        check_poison(y, 9 * V_D);
+        test_poison(y, 9 * V_D);
         memset(&stats, 0, sizeof stats);
         stats.tokens_per_expert = counts;
         res = moe_ep_forward(ctx, &(moe_ep_forward_args){ .tokens = 9, .x = x, .y = y, .stats = &stats });
@@ -353,54 +351,54 @@ START_TEST(validation_forward_out_of_memory) {
         } else {
             ck_assert_msg(res == MOE_EP_ERROR_OUT_OF_MEMORY, "allocation %ld failed: forward returned %s", n,
                           moe_ep_result_string(res));
-            ck_assert_msg(check_is_poisoned(y, 9 * V_D), "allocation %ld failed: y written", n);
+            ck_assert_msg(test_is_poisoned(y, 9 * V_D), "allocation %ld failed: y written", n);
             /* the context still works */
             counter.fail_at = 0;
             ck_assert_int_eq(moe_ep_forward(ctx, &(moe_ep_forward_args){ .tokens = 9, .x = x, .y = y }), MOE_EP_OK);
             ck_assert_msg(memcmp(y, y_good, sizeof y) == 0, "allocation %ld failed: the next forward differs", n);
         }
         moe_ep_destroy(ctx);
-        ck_assert_msg(check_counter_outstanding(&counter) == 0, "allocation %ld failed: %ld outstanding", n,
-                      check_counter_outstanding(&counter));
+        ck_assert_msg(test_counter_outstanding(&counter) == 0, "allocation %ld failed: %ld outstanding", n,
+                      test_counter_outstanding(&counter));
     }
     ck_assert_msg(passed, "forward never got through");
     check_model_free(&m);
-    check_counter_destroy(&counter);
+    test_counter_destroy(&counter);
 }
 END_TEST
 
 typedef struct fcase {
     const char* name;
-    const char* needle;
+    moe_ep_log_item item;
     int64_t tokens;
     bool null_x, null_y, routing_in_null, null_args;
 } fcase;
 
 static const fcase fcases[] = {
-    { "tokens -1", "tokens (-1)", -1, false, false, false, false },
-    { "x NULL", "moe_ep_forward_args.x", 5, true, false, false, false },
-    { "y NULL", ".y", 5, false, true, false, false },
-    { "routing_in without arrays", "routing_in", 5, false, false, true, false },
-    { "args NULL", "args", 5, false, false, false, true },
+    { "tokens -1", MOE_EP_LOG_ITEM_FORWARD_TOKENS, -1, false, false, false, false },
+    { "x NULL", MOE_EP_LOG_ITEM_FORWARD_NULL, 5, true, false, false, false },
+    { "y NULL", MOE_EP_LOG_ITEM_FORWARD_NULL, 5, false, true, false, false },
+    { "routing_in without arrays", MOE_EP_LOG_ITEM_FORWARD_ROUTING_IN, 5, false, false, true, false },
+    { "args NULL", MOE_EP_LOG_ITEM_FORWARD_ARGS_NULL, 5, false, false, false, true },
 };
 
 START_TEST(validation_forward_args) {
     const fcase* c = &fcases[_i];
     check_model m;
-    check_log log;
+    test_log log;
     moe_ep_context* ctx = NULL;
     float x[5 * V_D], y[5 * V_D];
     uint64_t seed = 65;
     moe_ep_forward_args args;
     moe_ep_result res;
     char joined[2048];
-    check_log_init(&log);
+    test_log_init(&log);
     check_model_init(&m, V_D, V_F, V_E, 2, MOE_EP_ACTIVATION_SWIGLU, false, 66);
-    check_fill(x, 5 * V_D, 1.0f, &seed);
-    check_poison(y, 5 * V_D);
+    test_fill(x, 5 * V_D, 1.0f, &seed);
+    test_poison(y, 5 * V_D);
     ck_assert_int_eq(moe_ep_create(&(moe_ep_desc){ .d_model = V_D, .d_ff = V_F, .num_experts = V_E, .top_k = 2,
                                                    .router_weight = m.router, .experts = m.experts,
-                                                   .logger = check_recording_logger(&log) }, &ctx), MOE_EP_OK);
+                                                   .logger = test_log_logger(&log) }, &ctx), MOE_EP_OK);
     memset(&args, 0, sizeof args);
     args.tokens = c->tokens;
     args.x = c->null_x ? NULL : x;
@@ -408,15 +406,17 @@ START_TEST(validation_forward_args) {
     args.routing_in = c->routing_in_null;
     res = moe_ep_forward(ctx, c->null_args ? NULL : &args);
     ck_assert_msg(res == MOE_EP_ERROR_INVALID_ARGUMENT, "%s: forward returned %s", c->name, moe_ep_result_string(res));
-    ck_assert_msg(strstr(moe_ep_last_error(ctx), c->needle) != NULL, "%s: last error \"%s\" lacks \"%s\"", c->name,
-                  moe_ep_last_error(ctx), c->needle);
-    ck_assert_msg(check_log_find(&log, c->needle) >= 0, "%s: log: %s", c->name, check_log_join(&log, joined, sizeof joined));
-    ck_assert_msg(check_is_poisoned(y, 5 * V_D), "%s: y written on failure", c->name);
+    ck_assert_msg(moe_ep_last_error_item(ctx) == c->item, "%s: last error is %s (\"%s\"), want %s", c->name,
+                  moe_ep_log_item_string(moe_ep_last_error_item(ctx)), moe_ep_last_error(ctx),
+                  moe_ep_log_item_string(c->item));
+    ck_assert_msg(test_log_find_item(&log, c->item) >= 0, "%s: log: %s", c->name,
+                  test_log_join(&log, joined, sizeof joined));
+    ck_assert_msg(test_is_poisoned(y, 5 * V_D), "%s: y written on failure", c->name);
     /* the context is still good */
     ck_assert_int_eq(moe_ep_forward(ctx, &(moe_ep_forward_args){ .tokens = 5, .x = x, .y = y }), MOE_EP_OK);
     moe_ep_destroy(ctx);
     check_model_free(&m);
-    check_log_destroy(&log);
+    test_log_destroy(&log);
 }
 END_TEST
 
@@ -430,7 +430,7 @@ START_TEST(validation_stage_misuse) {
     float weight[6] = { 0.5f, 0.5f, 0.5f, 0.5f, 0.5f, 0.5f };
     uint64_t seed = 67;
     check_model_init(&m, V_D, V_F, V_E, 2, MOE_EP_ACTIVATION_SWIGLU, false, 68);
-    check_fill(x, 3 * V_D, 1.0f, &seed);
+    test_fill(x, 3 * V_D, 1.0f, &seed);
     ck_assert_int_eq(moe_ep_create(&(moe_ep_desc){ .d_model = V_D, .d_ff = V_F, .num_experts = V_E, .top_k = 2,
                                                    .router_weight = m.router, .experts = m.experts }, &ctx), MOE_EP_OK);
     ck_assert_int_eq(moe_ep_create(&(moe_ep_desc){ .d_model = V_D, .d_ff = V_F, .num_experts = V_E, .top_k = 2,
@@ -442,14 +442,15 @@ START_TEST(validation_stage_misuse) {
     ck_assert_msg(plan == sentinel, "plan_create wrote its out-param on failure");
     ck_assert_int_eq(moe_ep_plan_create(ctx, 3, idx, weight, &plan), MOE_EP_OK);
     ck_assert_int_eq(moe_ep_dispatch_end(ctx, plan), MOE_EP_ERROR_INVALID_ARGUMENT);
-    ck_assert_msg(strstr(moe_ep_last_error(ctx), "no split-phase") != NULL, "%s", moe_ep_last_error(ctx));
+    ck_assert_msg(moe_ep_last_error_item(ctx) == MOE_EP_LOG_ITEM_STAGE_SPLIT_PHASE, "%s", moe_ep_last_error(ctx));
     ck_assert_int_eq(moe_ep_dispatch(other, plan, x, rows), MOE_EP_ERROR_INVALID_ARGUMENT);
-    ck_assert_msg(strstr(moe_ep_last_error(other), "another context") != NULL, "%s", moe_ep_last_error(other));
+    ck_assert_msg(moe_ep_last_error_item(other) == MOE_EP_LOG_ITEM_STAGE_PLAN, "%s", moe_ep_last_error(other));
     ck_assert_int_eq(moe_ep_dispatch(ctx, plan, NULL, rows), MOE_EP_ERROR_INVALID_ARGUMENT);
+    ck_assert_msg(moe_ep_last_error_item(ctx) == MOE_EP_LOG_ITEM_STAGE_NULL, "%s", moe_ep_last_error(ctx));
     ck_assert_int_eq(moe_ep_dispatch_begin(ctx, plan, x, rows), MOE_EP_OK);
     ck_assert_int_eq(moe_ep_experts(ctx, plan, rows, out), MOE_EP_ERROR_INVALID_ARGUMENT);
     ck_assert_int_eq(moe_ep_dispatch_begin(ctx, plan, x, rows), MOE_EP_ERROR_INVALID_ARGUMENT);
-    ck_assert_msg(strstr(moe_ep_last_error(ctx), "still open") != NULL, "%s", moe_ep_last_error(ctx));
+    ck_assert_msg(moe_ep_last_error_item(ctx) == MOE_EP_LOG_ITEM_STAGE_SPLIT_PHASE, "%s", moe_ep_last_error(ctx));
     ck_assert_int_eq(moe_ep_dispatch_end(ctx, plan), MOE_EP_OK);
     ck_assert_int_eq(moe_ep_experts(ctx, plan, rows, out), MOE_EP_OK);
     ck_assert_int_eq(moe_ep_combine_end(ctx, plan, y), MOE_EP_ERROR_INVALID_ARGUMENT);

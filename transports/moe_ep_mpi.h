@@ -882,7 +882,7 @@ MOE_EP_PRIVATE moe_ep_result moe_ep__mpi_create_fail(const moe_ep_mpi_desc* desc
     va_start(ap, fmt);
     vsnprintf(text, sizeof text, fmt, ap);
     va_end(ap);
-    if (desc && desc->logger.func) desc->logger.func("moe_ep", 1, -1, text, desc->logger.user_data);
+    if (desc && desc->logger.func) desc->logger.func("moe_ep_mpi", 1, MOE_EP_LOG_ITEM_NONE, -1, text, desc->logger.user_data);
     return result;
 }
 

@@ -14,6 +14,7 @@
    absolute values (a bound on what fp32 rounding can do). Run with CK_FORK=no. */
 #define MOE_EP_IMPLEMENTATION
 #include "../../transports/moe_ep_pthreads.h"
+#include "../support/test_support.h"
 
 #include <check.h>
 #include <math.h>
@@ -46,30 +47,6 @@ static const char* kernels_path(void) {
 }
 
 /* >>data */
-static uint64_t kernels_next(uint64_t* s) {   /* splitmix64 */
-    uint64_t z = (*s += 0x9E3779B97F4A7C15ull);
-    z = (z ^ (z >> 30)) * 0xBF58476D1CE4E5B9ull;
-    z = (z ^ (z >> 27)) * 0x94D049BB133111EBull;
-    return z ^ (z >> 31);
-}
-
-static float* kernels_random(size_t n, float scale, uint64_t seed) {
-    float* v = (float*)malloc(sizeof(float) * (n > 0 ? n : 1));
-    size_t i;
-    for (i = 0; i < n; ++i) v[i] = scale * ((float)(kernels_next(&seed) >> 40) / 8388608.0f - 1.0f);
-    return v;
-}
-
-static void kernels_poison(float* v, size_t n) { memset(v, 0xFF, sizeof(float) * n); }
-
-static int kernels_poisoned(const float* v, size_t n) {
-    static const unsigned char ones[sizeof(float)] = { 0xFF, 0xFF, 0xFF, 0xFF };
-    size_t i;
-    for (i = 0; i < n; ++i)
-        if (memcmp(&v[i], ones, sizeof(float)) != 0) return 0;
-    return 1;
-}
-
 typedef struct kernels_expert {
     int d_model, d_ff;
     moe_ep_activation act;
@@ -82,9 +59,9 @@ static void kernels_expert_init(kernels_expert* e, int d_model, int d_ff, moe_ep
     e->d_model = d_model;
     e->d_ff = d_ff;
     e->act = act;
-    e->w1 = kernels_random(n, 1.0f / sqrtf((float)d_model), seed);
-    e->w3 = kernels_random(n, 1.0f / sqrtf((float)d_model), seed + 1);
-    e->w2 = kernels_random(n, 1.0f / sqrtf((float)d_ff), seed + 2);
+    e->w1 = test_random_floats(n, 1.0f / sqrtf((float)d_model), seed);
+    e->w3 = test_random_floats(n, 1.0f / sqrtf((float)d_model), seed + 1);
+    e->w2 = test_random_floats(n, 1.0f / sqrtf((float)d_ff), seed + 2);
     e->weights.w1 = e->w1;
     e->weights.w3 = act == MOE_EP_ACTIVATION_SWIGLU ? e->w3 : NULL;
     e->weights.w2 = e->w2;
@@ -106,14 +83,6 @@ static moe_ep_context* kernels_context(const kernels_expert* e, int threads) {
 }
 
 /* >>reference: out and mag [rows, d_model] in double. */
-static double kernels_act(moe_ep_activation act, double g, double u) {
-    switch (act) {
-    case MOE_EP_ACTIVATION_GELU: return 0.5 * g * (1.0 + erf(g / sqrt(2.0)));
-    case MOE_EP_ACTIVATION_RELU: return g > 0.0 ? g : 0.0;
-    default: return g / (1.0 + exp(-g)) * u;
-    }
-}
-
 static void kernels_reference(const kernels_expert* e, const float* x, int64_t rows, double* out, double* mag) {
     int D = e->d_model, F = e->d_ff, i, j;
     int64_t r;
@@ -129,7 +98,7 @@ static void kernels_reference(const kernels_expert* e, const float* x, int64_t r
                 gm += fabs((double)e->w1[(size_t)j * D + i] * xr[i]);
                 um += fabs((double)e->w3[(size_t)j * D + i] * xr[i]);
             }
-            h[j] = kernels_act(e->act, g, u);
+            h[j] = test_ref_activation(e->act, g, u);
             /* |act(g, u)| changes by at most ~(|u| + 1) |dg| + |g| |du| (+ the act's own rounding) */
             hmag[j] = fabs(h[j]) + gm * (e->act == MOE_EP_ACTIVATION_SWIGLU ? fabs(u) + 1.0 : 1.0) +
                       (e->act == MOE_EP_ACTIVATION_SWIGLU ? fabs(g) * um : 0.0);
@@ -184,7 +153,7 @@ START_TEST(kernel_vs_reference) {
     int a = _i / REFERENCE_CASES, threads;
     kernels_expert e;
     size_t n = (size_t)c->rows * (size_t)c->d_model;
-    float* x = kernels_random(n, 1.0f, 1000 + (uint64_t)_i);
+    float* x = test_random_floats(n, 1.0f, 1000 + (uint64_t)_i);
     float* out = (float*)malloc(sizeof(float) * (n + (size_t)c->d_model));
     double* ref = (double*)malloc(sizeof(double) * n);
     double* mag = (double*)malloc(sizeof(double) * n);
@@ -195,10 +164,10 @@ START_TEST(kernel_vs_reference) {
         moe_ep_result res;
         double worst;
         int64_t bad;
-        kernels_poison(out, n + (size_t)c->d_model);
+        test_poison(out, n + (size_t)c->d_model);
         res = moe_ep_expert_ffn(ctx, 0, x, c->rows, out);
         ck_assert_msg(res == MOE_EP_OK, "%s: %s", moe_ep_result_string(res), moe_ep_last_error(ctx));
-        ck_assert_msg(kernels_poisoned(out + n, (size_t)c->d_model), "%s %s %dx%d rows %lld: wrote past the last row",
+        ck_assert_msg(test_is_poisoned(out + n, (size_t)c->d_model), "%s %s %dx%d rows %lld: wrote past the last row",
                       kernels_path(), kernels_act_names[a], c->d_model, c->d_ff, (long long)c->rows);
         bad = kernels_check(out, ref, mag, (int64_t)n, &worst);
         ck_assert_msg(bad < 0, "%s %s %dx%d rows %lld threads %d: element %lld is %.9g, reference %.9g (error/mag %.3g)",
@@ -223,7 +192,7 @@ START_TEST(kernel_row_determinism) {
     const int D = 275, F = 290, rows = 1024;
     int a = _i, b, threads;
     kernels_expert e;
-    float* x = kernels_random((size_t)rows * D, 1.0f, 3000 + (uint64_t)_i);
+    float* x = test_random_floats((size_t)rows * D, 1.0f, 3000 + (uint64_t)_i);
     float* base = (float*)malloc(sizeof(float) * (size_t)rows * D);
     float* out = (float*)malloc(sizeof(float) * (size_t)rows * D);
     moe_ep_context* ctx;
@@ -235,7 +204,7 @@ START_TEST(kernel_row_determinism) {
         ctx = kernels_context(&e, threads);
         for (b = 0; b < (int)(sizeof determinism_blocks / sizeof determinism_blocks[0]); ++b) {
             int block = determinism_blocks[b], first, r;
-            kernels_poison(out, (size_t)rows * D);
+            test_poison(out, (size_t)rows * D);
             for (first = 0; first < rows; first += block) {
                 int n = first + block <= rows ? block : rows - first;
                 ck_assert(moe_ep_expert_ffn(ctx, 0, x + (size_t)first * D, n, out + (size_t)first * D) == MOE_EP_OK);
@@ -260,7 +229,7 @@ START_TEST(kernel_paths_agree) {
     int a = _i / REFERENCE_CASES;
     kernels_expert e;
     size_t n = (size_t)c->rows * (size_t)c->d_model, i;
-    float* x = kernels_random(n, 1.0f, 5000 + (uint64_t)_i);
+    float* x = test_random_floats(n, 1.0f, 5000 + (uint64_t)_i);
     float* simd = (float*)malloc(sizeof(float) * n);
     float* portable = (float*)malloc(sizeof(float) * n);
     double* ref = (double*)malloc(sizeof(double) * n);

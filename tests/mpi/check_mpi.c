@@ -12,9 +12,12 @@
 #define MOE_EP_IMPLEMENTATION
 #include "../../transports/moe_ep_mpi.h"
 #include "../../transports/moe_ep_pthreads.h"
+#include "../support/test_mpi.h"
+#include "../support/test_support.h"
 
 #include <check.h>
 #include <limits.h>
+#include <stdarg.h>
 #include <stdio.h>
 #include <stdlib.h>
 #include <string.h>
@@ -23,51 +26,9 @@
 
 static MPI_Comm test_comm;          /* the harness's own traffic */
 static int world_rank, world_size;
-static unsigned long long base_seed;
+static uint64_t base_seed;
 
 /* ---- helpers ---------------------------------------------------------------------- */
-
-static unsigned long long next_random(unsigned long long* s) {   /* splitmix64 */
-    unsigned long long z = (*s += 0x9E3779B97F4A7C15ull);
-    z = (z ^ (z >> 30)) * 0xBF58476D1CE4E5B9ull;
-    z = (z ^ (z >> 27)) * 0x94D049BB133111EBull;
-    return z ^ (z >> 31);
-}
-
-static void fill_uniform(float* v, size_t n, float scale, unsigned long long* s) {
-    size_t i;
-    for (i = 0; i < n; ++i) v[i] = scale * ((float)(next_random(s) >> 40) / 8388608.0f - 1.0f);
-}
-
-/* Waits without spinning: while rank 0 computes a reference, the others sleep instead
-   of taking the cores from it (processes outnumber cores in these runs, and MPICH
-   polls without yielding). */
-static void quiet_wait(MPI_Request* request) {
-    struct timespec pause = { 0, 200000 };
-    int done = 0;
-    for (;;) {
-        MPI_Test(request, &done, MPI_STATUS_IGNORE);
-        if (done) return;
-        nanosleep(&pause, NULL);
-    }
-}
-
-/* Every rank's verdict, agreed: 1 only if all ranks pass 1. */
-static int all_ok(int ok) {
-    int all = 0;
-    MPI_Request request;
-    MPI_Iallreduce(&ok, &all, 1, MPI_INT, MPI_MIN, test_comm, &request);
-    quiet_wait(&request);
-    return all;
-}
-
-/* Rank 0's verdict, to every rank. */
-static int from_rank0(int verdict) {
-    MPI_Request request;
-    MPI_Ibcast(&verdict, 1, MPI_INT, 0, test_comm, &request);
-    quiet_wait(&request);
-    return verdict;
-}
 
 static void* xmalloc(size_t size) {
     void* p = malloc(size ? size : 1);
@@ -75,29 +36,33 @@ static void* xmalloc(size_t size) {
     return p;
 }
 
-typedef struct counting_allocator { long outstanding, total; } counting_allocator;
-
-static void* counting_alloc(size_t size, void* user) {
-    counting_allocator* c = (counting_allocator*)user;
-    c->outstanding++;
-    c->total++;
-    return malloc(size);
+/* Formats a failed fact: this rank's values, and where the fact failed first. */
+#if defined(__GNUC__)
+static void fact_message(char* buffer, size_t size, int first_failing, const char* format, ...)
+    __attribute__((format(printf, 4, 5)));
+#endif
+static void fact_message(char* buffer, size_t size, int first_failing, const char* format, ...) {
+    va_list args;
+    int used;
+    va_start(args, format);
+    used = snprintf(buffer, size, "rank %d: ", world_rank);
+    vsnprintf(buffer + used, size - (size_t)used, format, args);
+    va_end(args);
+    used = (int)strlen(buffer);
+    if (first_failing != world_rank)
+        snprintf(buffer + used, size - (size_t)used, " [holds here; fails first on rank %d]", first_failing);
 }
 
-static void counting_free(void* ptr, void* user) {
-    counting_allocator* c = (counting_allocator*)user;
-    if (ptr) c->outstanding--;
-    free(ptr);
-}
-
-typedef struct recording_logger { int calls; char last[512]; } recording_logger;
-
-static void record_log(const char* tag, uint32_t level, int rank, const char* message, void* user) {
-    recording_logger* r = (recording_logger*)user;
-    (void)tag; (void)level; (void)rank;
-    r->calls++;
-    snprintf(r->last, sizeof r->last, "%s", message);
-}
+/* One fact, one assertion. Collective: every rank passes the fact in the same order
+   (holds = 1 where it does not apply), the ranks agree, and all fail together at the
+   first fact that fails anywhere; the message names the fact with this rank's values. */
+#define CHECK_FACT(holds, ...)                                                      \
+    do {                                                                            \
+        int first_failing_ = test_mpi_first_failing(test_comm, (holds) ? 1 : 0);   \
+        char fact_[1024] = "";                                                      \
+        if (first_failing_ >= 0) fact_message(fact_, sizeof fact_, first_failing_, __VA_ARGS__); \
+        ck_assert_msg(first_failing_ < 0, "%s", fact_);                             \
+    } while (0)
 
 /* ---- layer cases ------------------------------------------------------------------ */
 
@@ -145,7 +110,7 @@ typedef struct layer_data {
     char error[8][256];
 } layer_data;
 
-static void layer_data_create(layer_data* L, const layer_case* c, int ranks, unsigned long long seed) {
+static void layer_data_create(layer_data* L, const layer_case* c, int ranks, uint64_t seed) {
     size_t per_expert = 3 * (size_t)c->d_model * (size_t)c->d_ff, e;
     int r;
     int64_t T, t;
@@ -163,9 +128,9 @@ static void layer_data_create(layer_data* L, const layer_case* c, int ranks, uns
     L->experts = (moe_ep_expert_weights*)xmalloc(sizeof *L->experts * (size_t)c->experts);
     L->table = (int*)xmalloc(sizeof(int) * (size_t)c->experts);
     L->owner = (int*)xmalloc(sizeof(int) * (size_t)c->experts);
-    fill_uniform(L->x, (size_t)T * (size_t)c->d_model, 1.0f, &seed);
-    fill_uniform(L->router, (size_t)c->experts * (size_t)c->d_model, 1.0f / (float)c->d_model, &seed);
-    fill_uniform(L->weights, per_expert * (size_t)c->experts, 1.0f / (float)c->d_model, &seed);
+    test_fill(L->x, (size_t)T * (size_t)c->d_model, 1.0f, &seed);
+    test_fill(L->router, (size_t)c->experts * (size_t)c->d_model, 1.0f / (float)c->d_model, &seed);
+    test_fill(L->weights, per_expert * (size_t)c->experts, 1.0f / (float)c->d_model, &seed);
     for (e = 0; e < (size_t)c->experts; ++e) {
         L->experts[e].w1 = L->weights + e * per_expert;
         L->experts[e].w3 = L->experts[e].w1 + (size_t)c->d_model * (size_t)c->d_ff;
@@ -178,10 +143,10 @@ static void layer_data_create(layer_data* L, const layer_case* c, int ranks, uns
         L->topk_idx = (int32_t*)xmalloc(sizeof(int32_t) * (size_t)(T * c->top_k + 1));
         L->topk_weight = (float*)xmalloc(sizeof(float) * (size_t)(T * c->top_k + 1));
         for (t = 0; t < T; ++t) {
-            int first = (int)(next_random(&seed) % (unsigned)c->used_experts), j;
+            int first = (int)(test_rng_next(&seed) % (unsigned)c->used_experts), j;
             for (j = 0; j < c->top_k; ++j) {
                 L->topk_idx[t * c->top_k + j] = used_subset[(first + j) % c->used_experts];
-                L->topk_weight[t * c->top_k + j] = 0.25f + (float)(next_random(&seed) >> 40) / 16777216.0f;
+                L->topk_weight[t * c->top_k + j] = 0.25f + (float)(test_rng_next(&seed) >> 40) / 16777216.0f;
             }
         }
     }
@@ -212,58 +177,39 @@ static moe_ep_expert_weights* rank_experts(const layer_data* L, int rank) {
     return mine;
 }
 
-/* One rank of the layer with moe_ep_forward; y: this rank's rows. */
-static moe_ep_result layer_forward(const layer_data* L, const moe_ep_transport* t, float* y, char* error, size_t size) {
+/* moe_ep_forward over this rank's tokens. */
+static moe_ep_result rank_forward(const layer_data* L, moe_ep_context* ctx, int rank, float* y) {
     const layer_case* c = L->c;
-    int rank = t->rank;
-    int64_t first = L->token_start[rank], T = L->token_start[rank + 1] - first;
-    moe_ep_expert_weights* mine = rank_experts(L, rank);
-    moe_ep_desc d = layer_desc(L, mine, t);
-    moe_ep_context* ctx = NULL;
-    moe_ep_result res = moe_ep_create(&d, &ctx);
-    if (res == MOE_EP_OK) {
-        moe_ep_forward_args a;
-        memset(&a, 0, sizeof a);
-        a.tokens = T;
-        a.x = L->x + first * c->d_model;
-        a.y = y;
-        if (L->topk_idx) {
-            a.routing_in = true;
-            a.topk_idx = L->topk_idx + first * c->top_k;
-            a.topk_weight = L->topk_weight + first * c->top_k;
-        }
-        res = moe_ep_forward(ctx, &a);
-        if (res != MOE_EP_OK) snprintf(error, size, "rank %d: forward: %.400s", rank, moe_ep_last_error(ctx));
-    } else {
-        snprintf(error, size, "rank %d: create: %s", rank, moe_ep_result_string(res));
+    int64_t first = L->token_start[rank];
+    moe_ep_forward_args a;
+    memset(&a, 0, sizeof a);
+    a.tokens = L->token_start[rank + 1] - first;
+    a.x = L->x + first * c->d_model;
+    a.y = y;
+    if (L->topk_idx) {
+        a.routing_in = true;
+        a.topk_idx = L->topk_idx + first * c->top_k;
+        a.topk_weight = L->topk_weight + first * c->top_k;
     }
-    moe_ep_destroy(ctx);
-    free(mine);
-    return res;
+    return moe_ep_forward(ctx, &a);
 }
 
-/* The same layer stage by stage with the split-phase dispatch and combine; a barrier on
-   the harness's communicator runs while each exchange is open. */
-static moe_ep_result layer_stages(const layer_data* L, const moe_ep_transport* t, float* y, char* error, size_t size) {
+/* The same stage by stage with the split-phase dispatch and combine; a barrier on the
+   harness's communicator runs while each exchange is open. */
+static moe_ep_result rank_stages(const layer_data* L, moe_ep_context* ctx, int rank, float* y) {
     const layer_case* c = L->c;
-    int rank = t->rank;
     int64_t first = L->token_start[rank], T = L->token_start[rank + 1] - first;
-    moe_ep_expert_weights* mine = rank_experts(L, rank);
-    moe_ep_desc d = layer_desc(L, mine, t);
-    moe_ep_context* ctx = NULL;
     moe_ep_plan* plan = NULL;
     int32_t* idx = (int32_t*)xmalloc(sizeof(int32_t) * (size_t)(T * c->top_k + 1));
     float* weight = (float*)xmalloc(sizeof(float) * (size_t)(T * c->top_k + 1));
     float *rows = NULL, *out = NULL;
     const float* x = L->x + first * c->d_model;
-    moe_ep_result res = moe_ep_create(&d, &ctx);
-    if (res == MOE_EP_OK) {
-        if (L->topk_idx) {
-            memcpy(idx, L->topk_idx + first * c->top_k, sizeof(int32_t) * (size_t)(T * c->top_k));
-            memcpy(weight, L->topk_weight + first * c->top_k, sizeof(float) * (size_t)(T * c->top_k));
-        } else {
-            res = moe_ep_route(ctx, x, T, idx, weight, NULL);
-        }
+    moe_ep_result res = MOE_EP_OK;
+    if (L->topk_idx) {
+        memcpy(idx, L->topk_idx + first * c->top_k, sizeof(int32_t) * (size_t)(T * c->top_k));
+        memcpy(weight, L->topk_weight + first * c->top_k, sizeof(float) * (size_t)(T * c->top_k));
+    } else {
+        res = moe_ep_route(ctx, x, T, idx, weight, NULL);
     }
     if (res == MOE_EP_OK) res = moe_ep_plan_create(ctx, T, idx, weight, &plan);
     if (res == MOE_EP_OK) {
@@ -280,176 +226,226 @@ static moe_ep_result layer_stages(const layer_data* L, const moe_ep_transport* t
         MPI_Barrier(test_comm);
         if (res == MOE_EP_OK) res = moe_ep_combine_end(ctx, plan, y);
     }
-    if (res != MOE_EP_OK) snprintf(error, size, "rank %d: stages: %s: %.400s", rank, moe_ep_result_string(res),
-                                   ctx ? moe_ep_last_error(ctx) : "");
     moe_ep_plan_destroy(plan);
+    free(idx); free(weight); free(rows); free(out);
+    return res;
+}
+
+/* One rank of the layer, its own context, forward or stage by stage; y: this rank's rows. */
+static moe_ep_result layer_rank(const layer_data* L, const moe_ep_transport* t, bool staged, float* y, char* error,
+                                size_t size) {
+    int rank = t->rank;
+    moe_ep_expert_weights* mine = rank_experts(L, rank);
+    moe_ep_desc d = layer_desc(L, mine, t);
+    moe_ep_context* ctx = NULL;
+    moe_ep_result res = moe_ep_create(&d, &ctx);
+    if (res != MOE_EP_OK) {
+        snprintf(error, size, "rank %d: create: %s", rank, moe_ep_result_string(res));
+    } else {
+        res = staged ? rank_stages(L, ctx, rank, y) : rank_forward(L, ctx, rank, y);
+        if (res != MOE_EP_OK) snprintf(error, size, "rank %d: %s: %s: %.400s", rank, staged ? "stages" : "forward",
+                                       moe_ep_result_string(res), moe_ep_last_error(ctx));
+    }
     moe_ep_destroy(ctx);
-    free(mine); free(idx); free(weight); free(rows); free(out);
+    free(mine);
     return res;
 }
 
 static moe_ep_result pthreads_rank(const moe_ep_transport* t, void* user) {
     layer_data* L = (layer_data*)user;
-    return layer_forward(L, t, L->y + L->token_start[t->rank] * L->c->d_model, L->error[t->rank % 8],
-                         sizeof L->error[0]);
-}
-
-/* Gathers every rank's rows to rank 0 (counts in tokens: a row type of d floats). */
-static void gather_rows(const layer_data* L, const float* mine, float* all) {
-    MPI_Datatype row;
-    int* counts = (int*)xmalloc(sizeof(int) * (size_t)L->ranks);
-    int* displs = (int*)xmalloc(sizeof(int) * (size_t)L->ranks);
-    int r;
-    for (r = 0; r < L->ranks; ++r) {
-        counts[r] = (int)(L->token_start[r + 1] - L->token_start[r]);
-        displs[r] = (int)L->token_start[r];
-    }
-    MPI_Type_contiguous(L->c->d_model, MPI_FLOAT, &row);
-    MPI_Type_commit(&row);
-    MPI_Gatherv(mine, counts[world_rank], row, all, counts, displs, row, 0, test_comm);
-    MPI_Type_free(&row);
-    free(counts);
-    free(displs);
+    return layer_rank(L, t, false, L->y + L->token_start[t->rank] * L->c->d_model, L->error[t->rank % 8],
+                      sizeof L->error[0]);
 }
 
 START_TEST(test_layer_matches_one_rank_and_pthreads) {
     const layer_case* c = &layer_cases[_i];
-    unsigned long long seed = base_seed + 1000u * (unsigned)_i;
+    uint64_t seed = base_seed + 1000u * (unsigned)_i;
+    unsigned long long shown = (unsigned long long)seed;
     layer_data L;
     moe_ep_transport t;
     int64_t T, mineT;
-    size_t d = (size_t)c->d_model;
+    size_t d = (size_t)c->d_model, n_mine, n_all, fwd_vs_stages, vs_threads, vs_one;
     float *y_fwd, *y_stages, *y_all = NULL, *y_one = NULL;
-    char error[512] = "", report[1024] = "";
-    int ok = 1, r0ok = 1;
-    moe_ep_result res;
+    char fwd_error[512] = "", stages_error[512] = "", one_error[512] = "", threads_error[256] = "";
+    float got[3], want[3];
+    moe_ep_result made, fwd = MOE_EP_ERROR_INTERNAL, stages = MOE_EP_ERROR_INTERNAL;
+    moe_ep_result one = MOE_EP_OK, threads = MOE_EP_OK;
+    int threads_world = 1, ran;
 
     layer_data_create(&L, c, world_size, seed);
     T = L.token_start[world_size];
     mineT = L.token_start[world_rank + 1] - L.token_start[world_rank];
-    y_fwd = (float*)xmalloc(sizeof(float) * (size_t)(mineT * c->d_model + 1));
-    y_stages = (float*)xmalloc(sizeof(float) * (size_t)(mineT * c->d_model + 1));
-    memset(y_fwd, 0xFF, sizeof(float) * (size_t)(mineT * c->d_model + 1));     /* NaN poison */
-    memset(y_stages, 0xFF, sizeof(float) * (size_t)(mineT * c->d_model + 1));
+    n_mine = (size_t)mineT * d;
+    n_all = (size_t)T * d;
+    y_fwd = (float*)xmalloc(sizeof(float) * (n_mine + 1));
+    y_stages = (float*)xmalloc(sizeof(float) * (n_mine + 1));
+    test_poison(y_fwd, n_mine + 1);
+    test_poison(y_stages, n_mine + 1);
 
-    res = moe_ep_mpi_transport_create(&(moe_ep_mpi_desc){ .comm = MPI_COMM_WORLD }, &t);
-    if (res != MOE_EP_OK) { ok = 0; snprintf(error, sizeof error, "transport create: %s", moe_ep_result_string(res)); }
-    else if (_i % 2) {      /* every segment as its own messages, of at most 2 rows */
+    made = moe_ep_mpi_transport_create(&(moe_ep_mpi_desc){ .comm = MPI_COMM_WORLD }, &t);
+    if (made == MOE_EP_OK && _i % 2) {      /* every segment as its own messages, of at most 2 rows */
         ((moe_ep__mpi_impl*)t.impl)->rule.direct_bytes = 1;
         ((moe_ep__mpi_impl*)t.impl)->rule.chunk_rows = 2;
     }
-    if (ok) {
-        res = layer_forward(&L, &t, y_fwd, error, sizeof error);
-        ok = res == MOE_EP_OK;
-    }
-    if (ok) {
-        res = layer_stages(&L, &t, y_stages, error, sizeof error);
-        ok = res == MOE_EP_OK;
-    }
-    if (ok && memcmp(y_fwd, y_stages, sizeof(float) * (size_t)mineT * d) != 0) {
-        ok = 0;
-        snprintf(error, sizeof error, "rank %d: forward and split-phase stages differ", world_rank);
-    }
-    moe_ep_mpi_transport_destroy(&t);
+    if (made == MOE_EP_OK) fwd = layer_rank(&L, &t, false, y_fwd, fwd_error, sizeof fwd_error);
+    if (fwd == MOE_EP_OK) stages = layer_rank(&L, &t, true, y_stages, stages_error, sizeof stages_error);
+    fwd_vs_stages = stages == MOE_EP_OK ? test_first_difference(y_fwd, y_stages, n_mine) : n_mine;
+    ran = stages == MOE_EP_OK;
+    if (made == MOE_EP_OK) moe_ep_mpi_transport_destroy(&t);
 
     if (world_rank == 0) {
-        y_all = (float*)xmalloc(sizeof(float) * (size_t)(T * c->d_model + 1));
-        y_one = (float*)xmalloc(sizeof(float) * (size_t)(T * c->d_model + 1));
-        memset(y_all, 0xFF, sizeof(float) * (size_t)(T * c->d_model + 1));
+        y_all = (float*)xmalloc(sizeof(float) * (n_all + 1));
+        y_one = (float*)xmalloc(sizeof(float) * (n_all + 1));
+        test_poison(y_all, n_all + 1);
     }
-    gather_rows(&L, y_fwd, y_all);
+    test_mpi_gather_rows(test_comm, y_fwd, mineT, c->d_model, y_all);
+    vs_threads = vs_one = n_all;
     if (world_rank == 0) {
         /* the one-rank layer over all tokens, and the pthreads world at this size */
         moe_ep_context* single = NULL;
         moe_ep_pthreads_world* world = NULL;
-        moe_ep_desc one = layer_desc(&L, L.experts, NULL);
-        one.placement.kind = MOE_EP_PLACEMENT_CONTIGUOUS;
-        one.num_threads = 1;
-        memset(y_one, 0xFF, sizeof(float) * (size_t)(T * c->d_model + 1));
-        memset(L.y, 0xFF, sizeof(float) * (size_t)T * d);
-        res = moe_ep_create(&one, &single);
-        if (res == MOE_EP_OK)
-            res = moe_ep_forward(single, &(moe_ep_forward_args){ .tokens = T, .x = L.x, .y = y_one,
+        moe_ep_desc d1 = layer_desc(&L, L.experts, NULL);
+        d1.placement.kind = MOE_EP_PLACEMENT_CONTIGUOUS;
+        d1.num_threads = 1;
+        test_poison(y_one, n_all + 1);
+        test_poison(L.y, n_all);
+        one = moe_ep_create(&d1, &single);
+        if (one == MOE_EP_OK)
+            one = moe_ep_forward(single, &(moe_ep_forward_args){ .tokens = T, .x = L.x, .y = y_one,
                                  .routing_in = L.topk_idx != NULL, .topk_idx = L.topk_idx, .topk_weight = L.topk_weight });
-        if (res != MOE_EP_OK) {
-            r0ok = 0;
-            snprintf(report, sizeof report, "one-rank layer failed: %s", moe_ep_last_error(single));
-        }
+        if (one != MOE_EP_OK) snprintf(one_error, sizeof one_error, "%.400s", moe_ep_last_error(single));
         moe_ep_destroy(single);
-        if (r0ok && moe_ep_pthreads_world_create(&(moe_ep_pthreads_desc){ .world_size = world_size, .timeout_ms = 60000 },
-                                                 &world) == MOE_EP_OK) {
-            res = moe_ep_pthreads_run(world, pthreads_rank, &L, NULL);
-            moe_ep_pthreads_world_destroy(world);
-            if (res != MOE_EP_OK) {
-                r0ok = 0;
-                snprintf(report, sizeof report, "pthreads layer failed: %s (%s)", moe_ep_result_string(res), L.error[0]);
+        if (one == MOE_EP_OK) {
+            threads_world = moe_ep_pthreads_world_create(&(moe_ep_pthreads_desc){ .world_size = world_size,
+                                                                                   .timeout_ms = 60000 }, &world)
+                            == MOE_EP_OK;
+            if (threads_world) {
+                threads = moe_ep_pthreads_run(world, pthreads_rank, &L, NULL);
+                moe_ep_pthreads_world_destroy(world);
             }
-        } else if (r0ok) {
-            r0ok = 0;
-            snprintf(report, sizeof report, "cannot create the pthreads world");
         }
-        if (r0ok && ok && memcmp(y_all, L.y, sizeof(float) * (size_t)T * d) != 0) {
-            r0ok = 0;
-            snprintf(report, sizeof report, "MPI output differs from the pthreads output at %d ranks", world_size);
-        }
-        if (r0ok && ok && c->capacity == 0.0f && memcmp(y_all, y_one, sizeof(float) * (size_t)T * d) != 0) {
-            r0ok = 0;
-            snprintf(report, sizeof report, "MPI output differs from the one-rank output");
+        if (ran && one == MOE_EP_OK && threads_world && threads == MOE_EP_OK) {
+            vs_threads = test_first_difference(y_all, L.y, n_all);
+            if (c->capacity == 0.0f) vs_one = test_first_difference(y_all, y_one, n_all);
         }
     }
-    r0ok = from_rank0(r0ok);
-    ok = all_ok(ok);
+
+    /* the differing values, kept before the buffers go */
+    got[0] = fwd_vs_stages < n_mine ? y_fwd[fwd_vs_stages] : 0.0f;
+    want[0] = fwd_vs_stages < n_mine ? y_stages[fwd_vs_stages] : 0.0f;
+    got[1] = vs_threads < n_all ? y_all[vs_threads] : 0.0f;
+    want[1] = vs_threads < n_all ? L.y[vs_threads] : 0.0f;
+    got[2] = vs_one < n_all ? y_all[vs_one] : 0.0f;
+    want[2] = vs_one < n_all ? y_one[vs_one] : 0.0f;
+    snprintf(threads_error, sizeof threads_error, "%s", L.error[0]);
     layer_data_destroy(&L);
     free(y_fwd); free(y_stages); free(y_all); free(y_one);
-    ck_assert_msg(ok, "case %s, seed %llu: a rank failed (%s)", c->name, seed, error[0] ? error : "another rank");
-    ck_assert_msg(r0ok, "case %s, seed %llu: %s", c->name, seed, report);
+
+    CHECK_FACT(made == MOE_EP_OK, "case %s, seed %llu: moe_ep_mpi_transport_create returned %s", c->name, shown,
+               moe_ep_result_string(made));
+    CHECK_FACT(made != MOE_EP_OK || fwd == MOE_EP_OK, "case %s, seed %llu: the MPI forward returned %s (%s)", c->name,
+               shown, moe_ep_result_string(fwd), fwd_error);
+    CHECK_FACT(fwd != MOE_EP_OK || stages == MOE_EP_OK, "case %s, seed %llu: the MPI split-phase stages returned %s (%s)",
+               c->name, shown, moe_ep_result_string(stages), stages_error);
+    CHECK_FACT(fwd_vs_stages == n_mine, "case %s, seed %llu: forward and split-phase stages differ at element %lu of "
+               "%lu: %.9g vs %.9g", c->name, shown, (unsigned long)fwd_vs_stages, (unsigned long)n_mine,
+               (double)got[0], (double)want[0]);
+    CHECK_FACT(one == MOE_EP_OK, "case %s, seed %llu: the one-rank layer returned %s (%s)", c->name, shown,
+               moe_ep_result_string(one), one_error);
+    CHECK_FACT(threads_world, "case %s, seed %llu: moe_ep_pthreads_world_create failed at %d ranks", c->name, shown,
+               world_size);
+    CHECK_FACT(threads == MOE_EP_OK, "case %s, seed %llu: the pthreads layer returned %s (%s)", c->name, shown,
+               moe_ep_result_string(threads), threads_error);
+    CHECK_FACT(vs_threads == n_all, "case %s, seed %llu: at %d ranks, MPI output differs from the pthreads output at "
+               "element %lu of %lu: %.9g vs %.9g", c->name, shown, world_size, (unsigned long)vs_threads,
+               (unsigned long)n_all, (double)got[1], (double)want[1]);
+    CHECK_FACT(vs_one == n_all, "case %s, seed %llu: MPI output differs from the one-rank output at element %lu of %lu: "
+               "%.9g vs %.9g", c->name, shown, (unsigned long)vs_one, (unsigned long)n_all, (double)got[2],
+               (double)want[2]);
 }
 END_TEST
 
 /* ---- the transport on its own ------------------------------------------------------ */
 
+static const char* compare_name(int result) {
+    return result == MPI_IDENT ? "MPI_IDENT" : result == MPI_CONGRUENT ? "MPI_CONGRUENT"
+         : result == MPI_SIMILAR ? "MPI_SIMILAR" : result == MPI_UNEQUAL ? "MPI_UNEQUAL" : "(not compared)";
+}
+
 START_TEST(test_transport_identity) {
-    moe_ep_transport t, dflt;
-    moe_ep_result a = moe_ep_mpi_transport_create(&(moe_ep_mpi_desc){ .comm = MPI_COMM_WORLD }, &t);
-    moe_ep_result b = moe_ep_mpi_transport_create(&(moe_ep_mpi_desc){ .comm = (MPI_Comm)0 }, &dflt);
-    int ok = a == MOE_EP_OK && b == MOE_EP_OK && t.rank == world_rank && t.world_size == world_size &&
-             dflt.rank == world_rank && dflt.world_size == world_size && t.local_ranks == 1 &&
-             strcmp(t.name, "mpi") == 0 && t.barrier && t.all_to_all_v_begin && t.all_to_all_v_end && !t.abort;
-    if (a == MOE_EP_OK) ok = ok && t.barrier(t.impl, NULL, 0) == MOE_EP_OK;
-    if (a == MOE_EP_OK) {
+    moe_ep_transport t, dflt, seen, dflt_seen;
+    moe_ep_result a, b, barrier = MOE_EP_OK;
+    int same = -1, is_a = 0, is_b = 0;
+    memset(&t, 0, sizeof t);
+    memset(&dflt, 0, sizeof dflt);
+    a = moe_ep_mpi_transport_create(&(moe_ep_mpi_desc){ .comm = MPI_COMM_WORLD }, &t);
+    b = moe_ep_mpi_transport_create(&(moe_ep_mpi_desc){ .comm = (MPI_Comm)0 }, &dflt);
+    is_a = a == MOE_EP_OK;
+    is_b = b == MOE_EP_OK;
+    seen = t;
+    dflt_seen = dflt;
+    if (is_a) {
+        barrier = t.barrier ? t.barrier(t.impl, NULL, 0) : MOE_EP_ERROR_INTERNAL;
         /* the library talks on a duplicate, never on the application's communicator */
-        int same = 0;
         MPI_Comm_compare(((moe_ep__mpi_impl*)t.impl)->comm, MPI_COMM_WORLD, &same);
-        ok = ok && same == MPI_CONGRUENT;
+        moe_ep_mpi_transport_destroy(&t);
     }
-    if (a == MOE_EP_OK) moe_ep_mpi_transport_destroy(&t);
-    if (b == MOE_EP_OK) moe_ep_mpi_transport_destroy(&dflt);
-    ok = all_ok(ok && t.impl == NULL && t.exchange_counts == NULL);
-    ck_assert_msg(ok, "rank, size, name, callbacks or the duplicate communicator are wrong");
+    if (is_b) moe_ep_mpi_transport_destroy(&dflt);
+    CHECK_FACT(is_a, "moe_ep_mpi_transport_create(MPI_COMM_WORLD) returned %s", moe_ep_result_string(a));
+    CHECK_FACT(is_b, "moe_ep_mpi_transport_create(comm 0, the default) returned %s", moe_ep_result_string(b));
+    CHECK_FACT(seen.rank == world_rank, "transport.rank is %d, MPI_Comm_rank says %d", seen.rank, world_rank);
+    CHECK_FACT(seen.world_size == world_size, "transport.world_size is %d, MPI_Comm_size says %d", seen.world_size,
+               world_size);
+    CHECK_FACT(dflt_seen.rank == world_rank, "the default communicator's transport.rank is %d, MPI_Comm_rank says %d",
+               dflt_seen.rank, world_rank);
+    CHECK_FACT(dflt_seen.world_size == world_size, "the default communicator's transport.world_size is %d, "
+               "MPI_Comm_size says %d", dflt_seen.world_size, world_size);
+    CHECK_FACT(seen.local_ranks == 1, "transport.local_ranks is %d, expected 1 (one rank per process)", seen.local_ranks);
+    CHECK_FACT(seen.name && strcmp(seen.name, "mpi") == 0, "transport.name is '%s', expected 'mpi'",
+               seen.name ? seen.name : "(null)");
+    CHECK_FACT(seen.barrier != NULL, "transport.barrier is NULL");
+    CHECK_FACT(seen.all_to_all_v_begin != NULL, "transport.all_to_all_v_begin is NULL");
+    CHECK_FACT(seen.all_to_all_v_end != NULL, "transport.all_to_all_v_end is NULL");
+    CHECK_FACT(seen.abort == NULL, "transport.abort is set; the MPI transport has none");
+    CHECK_FACT(barrier == MOE_EP_OK, "transport.barrier returned %s", moe_ep_result_string(barrier));
+    CHECK_FACT(!is_a || same == MPI_CONGRUENT, "the library's communicator compares %s to MPI_COMM_WORLD, expected "
+               "MPI_CONGRUENT (a duplicate)", compare_name(same));
+    CHECK_FACT(t.impl == NULL, "transport.impl is %p after moe_ep_mpi_transport_destroy, expected NULL", t.impl);
+    CHECK_FACT(t.exchange_counts == NULL, "transport.exchange_counts is still set after moe_ep_mpi_transport_destroy");
 }
 END_TEST
 
+static int64_t count_value(int from, int to, int i) {
+    return ((int64_t)from << 40) + ((int64_t)to << 20) + i + (int64_t)(base_seed & 0xFFF) * 1000;
+}
+
 START_TEST(test_exchange_counts) {
     moe_ep_transport t;
-    int R = world_size, count = 3, p, i, ok = 1;
+    int R = world_size, count = 3, p, i, bad = -1;
     int64_t* send = (int64_t*)xmalloc(sizeof(int64_t) * (size_t)(R * count));
     int64_t* recv = (int64_t*)xmalloc(sizeof(int64_t) * (size_t)(R * count));
+    int64_t got = 0;
     char err[256] = "";
+    moe_ep_result made, res = MOE_EP_ERROR_INTERNAL;
     for (p = 0; p < R; ++p)
         for (i = 0; i < count; ++i) {
-            send[p * count + i] = ((int64_t)world_rank << 40) + ((int64_t)p << 20) + i + (int64_t)(base_seed & 0xFFF) * 1000;
+            send[p * count + i] = count_value(world_rank, p, i);
             recv[p * count + i] = -7;
         }
-    ok = moe_ep_mpi_transport_create(&(moe_ep_mpi_desc){ .comm = MPI_COMM_WORLD }, &t) == MOE_EP_OK;
-    if (ok) ok = t.exchange_counts(t.impl, send, recv, count, err, sizeof err) == MOE_EP_OK;
-    for (p = 0; ok && p < R; ++p)
-        for (i = 0; i < count; ++i)
-            if (recv[p * count + i] != ((int64_t)p << 40) + ((int64_t)world_rank << 20) + i + (int64_t)(base_seed & 0xFFF) * 1000)
-                ok = 0;
-    moe_ep_mpi_transport_destroy(&t);
+    made = moe_ep_mpi_transport_create(&(moe_ep_mpi_desc){ .comm = MPI_COMM_WORLD }, &t);
+    if (made == MOE_EP_OK) res = t.exchange_counts(t.impl, send, recv, count, err, sizeof err);
+    for (p = 0; res == MOE_EP_OK && bad < 0 && p < R; ++p)
+        for (i = 0; bad < 0 && i < count; ++i)
+            if (recv[p * count + i] != count_value(p, world_rank, i)) {
+                bad = p * count + i;
+                got = recv[bad];
+            }
+    if (made == MOE_EP_OK) moe_ep_mpi_transport_destroy(&t);
     free(send); free(recv);
-    ok = all_ok(ok);
-    ck_assert_msg(ok, "exchange_counts delivered wrong values (%s)", err);
+    CHECK_FACT(made == MOE_EP_OK, "moe_ep_mpi_transport_create returned %s", moe_ep_result_string(made));
+    CHECK_FACT(made != MOE_EP_OK || res == MOE_EP_OK, "exchange_counts returned %s (%s)", moe_ep_result_string(res), err);
+    CHECK_FACT(bad < 0, "exchange_counts: count %d from rank %d is %lld, rank %d sent %lld", bad % count, bad / count,
+               (long long)got, bad / count, (long long)count_value(bad / count, world_rank, bad % count));
 }
 END_TEST
 
@@ -464,9 +460,9 @@ typedef struct a2a_layout {
     unsigned char *send, *recv;
 } a2a_layout;
 
-static int64_t a2a_count(unsigned long long seed, int src, int dst, int s) {
-    unsigned long long z = seed ^ ((unsigned long long)src << 32) ^ ((unsigned long long)dst << 16) ^ (unsigned long long)s;
-    unsigned long long v = next_random(&z);
+static int64_t a2a_count(uint64_t seed, int src, int dst, int s) {
+    uint64_t z = seed ^ ((uint64_t)src << 32) ^ ((uint64_t)dst << 16) ^ (uint64_t)s;
+    uint64_t v = test_rng_next(&z);
     return (v % 4 == 0) ? 0 : (int64_t)(v % 7);      /* a quarter of the segments are empty */
 }
 
@@ -475,17 +471,17 @@ static unsigned char a2a_byte(int src, int dst, int s, int64_t row, size_t b) {
 }
 
 /* Places the R*S segments of one side in a random order with random gaps. */
-static int64_t a2a_place(const int64_t* counts, int64_t* offsets, int n, unsigned long long* rng) {
+static int64_t a2a_place(const int64_t* counts, int64_t* offsets, int n, uint64_t* rng) {
     int* order = (int*)xmalloc(sizeof(int) * (size_t)n);
     int i;
     int64_t at = 0;
     for (i = 0; i < n; ++i) order[i] = i;
     for (i = n - 1; i > 0; --i) {
-        int j = (int)(next_random(rng) % (unsigned)(i + 1)), tmp = order[i];
+        int j = (int)(test_rng_next(rng) % (unsigned)(i + 1)), tmp = order[i];
         order[i] = order[j]; order[j] = tmp;
     }
     for (i = 0; i < n; ++i) {
-        at += (int64_t)(next_random(rng) % 3 == 0);   /* a gap row now and then */
+        at += (int64_t)(test_rng_next(rng) % 3 == 0);   /* a gap row now and then */
         offsets[order[i]] = at;
         at += counts[order[i]];
     }
@@ -493,9 +489,9 @@ static int64_t a2a_place(const int64_t* counts, int64_t* offsets, int n, unsigne
     return at + 1;
 }
 
-static void a2a_layout_create(a2a_layout* A, unsigned long long seed, int S, size_t row_bytes, int contiguous_send) {
+static void a2a_layout_create(a2a_layout* A, uint64_t seed, int S, size_t row_bytes, int contiguous_send) {
     int R = world_size, me = world_rank, p, s;
-    unsigned long long rng = seed ^ (0x1234567ull * (unsigned long long)(me + 1));
+    uint64_t rng = seed ^ (0x1234567ull * (uint64_t)(me + 1));
     int64_t r;
     size_t b;
     A->S = S;
@@ -528,33 +524,41 @@ static void a2a_layout_create(a2a_layout* A, unsigned long long seed, int S, siz
                     A->send[(size_t)(A->send_offsets[p * S + s] + r) * row_bytes + b] = a2a_byte(me, p, s, r, b);
 }
 
-/* 1 if every received row is right and every gap row still holds the poison. */
-static int a2a_layout_check(const a2a_layout* A, char* why, size_t size) {
-    int R = world_size, me = world_rank, p, s;
+/* 1 if every received row is right; else why names the first wrong byte. */
+static int a2a_rows_right(const a2a_layout* A, char* why, size_t size) {
+    int p, s;
     int64_t r;
     size_t b;
-    unsigned char* seen = (unsigned char*)calloc((size_t)A->recv_rows, 1);
-    int ok = 1;
-    for (p = 0; p < R && ok; ++p)
-        for (s = 0; s < A->S && ok; ++s)
-            for (r = 0; r < A->recv_counts[p * A->S + s] && ok; ++r) {
-                int64_t row = A->recv_offsets[p * A->S + s] + r;
-                seen[row] = 1;
+    for (p = 0; p < world_size; ++p)
+        for (s = 0; s < A->S; ++s)
+            for (r = 0; r < A->recv_counts[p * A->S + s]; ++r) {
+                const unsigned char* row = A->recv + (size_t)(A->recv_offsets[p * A->S + s] + r) * A->row_bytes;
                 for (b = 0; b < A->row_bytes; ++b)
-                    if (A->recv[(size_t)row * A->row_bytes + b] != a2a_byte(p, me, s, r, b)) {
-                        snprintf(why, size, "rank %d: row %lld of segment %d from rank %d is wrong", me, (long long)r, s, p);
-                        ok = 0;
-                        break;
+                    if (row[b] != a2a_byte(p, world_rank, s, r, b)) {
+                        snprintf(why, size, "row %lld of segment %d from rank %d: byte %lu is 0x%02x, expected 0x%02x",
+                                 (long long)r, s, p, (unsigned long)b, row[b], a2a_byte(p, world_rank, s, r, b));
+                        return 0;
                     }
             }
+    return 1;
+}
+
+/* 1 if every row that no segment covers still holds the poison; else why names the first. */
+static int a2a_gaps_untouched(const a2a_layout* A, char* why, size_t size) {
+    unsigned char* seen = (unsigned char*)calloc((size_t)A->recv_rows, 1);
+    int p, s, ok = 1;
+    int64_t r;
+    size_t b;
+    for (p = 0; p < world_size; ++p)
+        for (s = 0; s < A->S; ++s)
+            for (r = 0; r < A->recv_counts[p * A->S + s]; ++r) seen[A->recv_offsets[p * A->S + s] + r] = 1;
     for (r = 0; r < A->recv_rows && ok; ++r)
-        if (!seen[r])
-            for (b = 0; b < A->row_bytes; ++b)
-                if (A->recv[(size_t)r * A->row_bytes + b] != 0xEE) {
-                    snprintf(why, size, "rank %d: gap row %lld was written", me, (long long)r);
-                    ok = 0;
-                    break;
-                }
+        for (b = 0; b < A->row_bytes && ok && !seen[r]; ++b)
+            if (A->recv[(size_t)r * A->row_bytes + b] != 0xEE) {
+                snprintf(why, size, "gap row %lld was written: byte %lu is 0x%02x, not the poison 0xEE", (long long)r,
+                         (unsigned long)b, A->recv[(size_t)r * A->row_bytes + b]);
+                ok = 0;
+            }
     free(seen);
     return ok;
 }
@@ -583,55 +587,76 @@ static moe_ep_a2a_args a2a_args(const a2a_layout* A) {
 START_TEST(test_segmented_all_to_all) {
     static const int segments[] = { 1, 3, 5 };
     static const size_t row_bytes[] = { 4, 12, 20 };
-    unsigned long long seed = base_seed + 77u * (unsigned)_i;
+    uint64_t seed = base_seed + 77u * (unsigned)_i;
+    unsigned long long shown = (unsigned long long)seed;
     moe_ep_transport t;
-    char err[512] = "", why[256] = "";
-    int ok, calls, k;
-    /* `calls` gates the next collective, `ok` also holds the data checks: a wrong row on
-       one rank must not make that rank skip an exchange the others enter. */
-    calls = moe_ep_mpi_transport_create(&(moe_ep_mpi_desc){ .comm = MPI_COMM_WORLD }, &t) == MOE_EP_OK;
-    ok = calls;
-    if (calls && (_i == 3 || _i == 5)) {
+    char err[512] = "", rows_why[320] = "", gaps_why[320] = "";
+    const char* step = "";
+    int rows_ok = 1, gaps_ok = 1, k;
+    /* a failed call stops the rounds on every rank alike (the transport agrees); a wrong
+       row does not: a rank must never skip an exchange the others enter. */
+    moe_ep_result made = moe_ep_mpi_transport_create(&(moe_ep_mpi_desc){ .comm = MPI_COMM_WORLD }, &t);
+    moe_ep_result res = made;
+    if (made == MOE_EP_OK && (_i == 3 || _i == 5)) {
         moe_ep__mpi_impl* m = (moe_ep__mpi_impl*)t.impl;
         m->limits.max_block_rows = 1 + world_rank % 3;          /* each rank its own: a local choice */
         m->limits.max_plain_offset = (int64_t)(world_rank % 2) * 24;
     }
-    if (calls && _i >= 4) {     /* the direct rule: the same on every rank */
+    if (made == MOE_EP_OK && _i >= 4) {     /* the direct rule: the same on every rank */
         moe_ep__mpi_impl* m = (moe_ep__mpi_impl*)t.impl;
         m->rule.direct_bytes = _i == 4 ? 24 : _i == 5 ? 1 : 0;
         if (_i == 5) { m->rule.chunk_rows = 2; m->tag_ub = 0; }
         if (_i == 6) { m->rule.collective_bytes = 40; m->rule.chunk_rows = 3; }
     }
-    for (k = 0; calls && k < 3; ++k) {
+    for (k = 0; res == MOE_EP_OK && k < 3; ++k) {
         a2a_layout A, B;
         moe_ep_a2a_args a, b;
+        char why[256];
+        int side;
         a2a_layout_create(&A, seed + (unsigned)k, segments[k], row_bytes[k], k == 1);
         a2a_layout_create(&B, seed + 100u + (unsigned)k, segments[(k + 1) % 3], row_bytes[(k + 2) % 3], 0);
         a = a2a_args(&A);
         b = a2a_args(&B);
+/* the next call, unless one before it failed; step names the call that returned res */
+#define A2A_CALL(name, call) if (res == MOE_EP_OK) { step = (name); res = (call); }
         if (_i == 0 || _i == 3) {
-            calls = t.all_to_all_v(t.impl, &a, err, sizeof err) == MOE_EP_OK;
-            if (calls) calls = t.all_to_all_v(t.impl, &b, err, sizeof err) == MOE_EP_OK;
+            A2A_CALL("all_to_all_v of exchange A", t.all_to_all_v(t.impl, &a, err, sizeof err));
+            A2A_CALL("all_to_all_v of exchange B", t.all_to_all_v(t.impl, &b, err, sizeof err));
         } else if (_i == 1) {
             void* req = NULL;
-            calls = t.all_to_all_v_begin(t.impl, &a, &req, err, sizeof err) == MOE_EP_OK;
-            if (calls) calls = t.all_to_all_v_end(t.impl, req, err, sizeof err) == MOE_EP_OK;
-            if (calls) calls = t.all_to_all_v_begin(t.impl, &b, &req, err, sizeof err) == MOE_EP_OK;
-            if (calls) calls = t.all_to_all_v_end(t.impl, req, err, sizeof err) == MOE_EP_OK;
+            A2A_CALL("all_to_all_v_begin of exchange A", t.all_to_all_v_begin(t.impl, &a, &req, err, sizeof err));
+            A2A_CALL("all_to_all_v_end of exchange A", t.all_to_all_v_end(t.impl, req, err, sizeof err));
+            A2A_CALL("all_to_all_v_begin of exchange B", t.all_to_all_v_begin(t.impl, &b, &req, err, sizeof err));
+            A2A_CALL("all_to_all_v_end of exchange B", t.all_to_all_v_end(t.impl, req, err, sizeof err));
         } else {   /* 2, 4, 5, 6 */
             void *ra = NULL, *rb = NULL;
-            calls = t.all_to_all_v_begin(t.impl, &a, &ra, err, sizeof err) == MOE_EP_OK;
-            if (calls) calls = t.all_to_all_v_begin(t.impl, &b, &rb, err, sizeof err) == MOE_EP_OK;
-            if (calls) calls = t.all_to_all_v_end(t.impl, rb, err, sizeof err) == MOE_EP_OK;
-            if (calls) calls = t.all_to_all_v_end(t.impl, ra, err, sizeof err) == MOE_EP_OK;
+            A2A_CALL("all_to_all_v_begin of exchange A", t.all_to_all_v_begin(t.impl, &a, &ra, err, sizeof err));
+            A2A_CALL("all_to_all_v_begin of exchange B (A open)", t.all_to_all_v_begin(t.impl, &b, &rb, err, sizeof err));
+            A2A_CALL("all_to_all_v_end of exchange B", t.all_to_all_v_end(t.impl, rb, err, sizeof err));
+            A2A_CALL("all_to_all_v_end of exchange A", t.all_to_all_v_end(t.impl, ra, err, sizeof err));
         }
-        if (!calls || !a2a_layout_check(&A, why, sizeof why) || !a2a_layout_check(&B, why, sizeof why)) ok = 0;
+#undef A2A_CALL
+        for (side = 0; res == MOE_EP_OK && side < 2; ++side) {
+            const a2a_layout* X = side ? &B : &A;
+            if (rows_ok && !a2a_rows_right(X, why, sizeof why)) {
+                rows_ok = 0;
+                snprintf(rows_why, sizeof rows_why, "round %d, exchange %c: %s", k, "AB"[side], why);
+            }
+            if (gaps_ok && !a2a_gaps_untouched(X, why, sizeof why)) {
+                gaps_ok = 0;
+                snprintf(gaps_why, sizeof gaps_why, "round %d, exchange %c: %s", k, "AB"[side], why);
+            }
+        }
         a2a_layout_destroy(&A);
         a2a_layout_destroy(&B);
+        if (res != MOE_EP_OK) break;
     }
-    moe_ep_mpi_transport_destroy(&t);
-    ok = all_ok(ok);
-    ck_assert_msg(ok, "mode %d, seed %llu: %s%s", _i, seed, err, why);
+    if (made == MOE_EP_OK) moe_ep_mpi_transport_destroy(&t);
+    CHECK_FACT(made == MOE_EP_OK, "mode %d: moe_ep_mpi_transport_create returned %s", _i, moe_ep_result_string(made));
+    CHECK_FACT(res == MOE_EP_OK, "mode %d, seed %llu: round %d: %s returned %s: %s", _i, shown, k, step,
+               moe_ep_result_string(res), err);
+    CHECK_FACT(rows_ok, "mode %d, seed %llu: a received row is wrong: %s", _i, shown, rows_why);
+    CHECK_FACT(gaps_ok, "mode %d, seed %llu: %s", _i, shown, gaps_why);
 }
 END_TEST
 
@@ -644,11 +669,11 @@ START_TEST(test_rank_mismatch) {
     moe_ep_context* ctx = NULL;
     moe_ep_expert_weights* mine;
     moe_ep_desc d;
-    moe_ep_result res, want;
-    int ok;
+    moe_ep_result made, res, want;
+    int has_context;
     layer_data_create(&L, &layer_cases[0], world_size, base_seed);
     mine = rank_experts(&L, world_rank);
-    ok = moe_ep_mpi_transport_create(&(moe_ep_mpi_desc){ .comm = MPI_COMM_WORLD }, &t) == MOE_EP_OK;
+    made = moe_ep_mpi_transport_create(&(moe_ep_mpi_desc){ .comm = MPI_COMM_WORLD }, &t);
     d = layer_desc(&L, mine, &t);
     if (_i == 0) {
         if (world_rank == world_size - 1 && world_size > 1) d.top_k = 3;
@@ -657,15 +682,17 @@ START_TEST(test_rank_mismatch) {
         if (world_rank == 0) d.top_k = d.num_experts + 1;
         want = world_rank == 0 ? MOE_EP_ERROR_INVALID_ARGUMENT : MOE_EP_ERROR_RANK_MISMATCH;
     }
-    res = ok ? moe_ep_create(&d, &ctx) : MOE_EP_ERROR_INTERNAL;
-    ok = ok && res == want && (res == MOE_EP_OK) == (ctx != NULL);
+    res = made == MOE_EP_OK ? moe_ep_create(&d, &ctx) : MOE_EP_ERROR_INTERNAL;
+    has_context = ctx != NULL;
     moe_ep_destroy(ctx);
-    moe_ep_mpi_transport_destroy(&t);
+    if (made == MOE_EP_OK) moe_ep_mpi_transport_destroy(&t);
     free(mine);
     layer_data_destroy(&L);
-    ok = all_ok(ok);
-    ck_assert_msg(ok, "mode %d: rank %d got %s, expected %s", _i, world_rank, moe_ep_result_string(res),
-                  moe_ep_result_string(want));
+    CHECK_FACT(made == MOE_EP_OK, "mode %d: moe_ep_mpi_transport_create returned %s", _i, moe_ep_result_string(made));
+    CHECK_FACT(res == want, "mode %d: moe_ep_create returned %s, expected %s", _i, moe_ep_result_string(res),
+               moe_ep_result_string(want));
+    CHECK_FACT((res == MOE_EP_OK) == has_context, "mode %d: moe_ep_create returned %s and %s a context", _i,
+               moe_ep_result_string(res), has_context ? "handed out" : "did not hand out");
 }
 END_TEST
 
@@ -679,27 +706,31 @@ START_TEST(test_expert_failure_reaches_every_rank) {
     /* The last rank's expert callback fails: it returns CALLBACK, the others ABORTED. */
     moe_ep_transport t;
     moe_ep_context* ctx = NULL;
-    int fail = world_rank == world_size - 1 ? 5 : 0, ok, d = 8, E = 2 * world_size;
+    int fail = world_rank == world_size - 1 ? 5 : 0, d = 8, E = 2 * world_size;
     int64_t T = 6, i;
     float* x = (float*)xmalloc(sizeof(float) * (size_t)(T * d));
     float* y = (float*)xmalloc(sizeof(float) * (size_t)(T * d));
     int32_t* idx = (int32_t*)xmalloc(sizeof(int32_t) * (size_t)T);
     float* w = (float*)xmalloc(sizeof(float) * (size_t)T);
-    moe_ep_result res = MOE_EP_ERROR_INTERNAL, want;
+    moe_ep_result made, created = MOE_EP_ERROR_INTERNAL, res = MOE_EP_ERROR_INTERNAL, want;
     for (i = 0; i < T * d; ++i) x[i] = (float)i;
     for (i = 0; i < T; ++i) { idx[i] = (int32_t)(2 * (world_size - 1) + i % 2); w[i] = 1.0f; }  /* all to the last rank */
-    ok = moe_ep_mpi_transport_create(&(moe_ep_mpi_desc){ .comm = MPI_COMM_WORLD }, &t) == MOE_EP_OK;
-    if (ok) ok = moe_ep_create(&(moe_ep_desc){ .d_model = d, .num_experts = E, .top_k = 1, .expert_fn = failing_expert,
-                                               .expert_user_data = &fail, .transport = &t }, &ctx) == MOE_EP_OK;
-    if (ok) res = moe_ep_forward(ctx, &(moe_ep_forward_args){ .tokens = T, .x = x, .y = y, .routing_in = true,
-                                                             .topk_idx = idx, .topk_weight = w });
+    made = moe_ep_mpi_transport_create(&(moe_ep_mpi_desc){ .comm = MPI_COMM_WORLD }, &t);
+    if (made == MOE_EP_OK)
+        created = moe_ep_create(&(moe_ep_desc){ .d_model = d, .num_experts = E, .top_k = 1, .expert_fn = failing_expert,
+                                                .expert_user_data = &fail, .transport = &t }, &ctx);
+    if (created == MOE_EP_OK) res = moe_ep_forward(ctx, &(moe_ep_forward_args){ .tokens = T, .x = x, .y = y,
+                                                                                .routing_in = true, .topk_idx = idx,
+                                                                                .topk_weight = w });
     want = fail ? MOE_EP_ERROR_CALLBACK : MOE_EP_ERROR_ABORTED;
-    ok = ok && res == want;
     moe_ep_destroy(ctx);
-    moe_ep_mpi_transport_destroy(&t);
+    if (made == MOE_EP_OK) moe_ep_mpi_transport_destroy(&t);
     free(x); free(y); free(idx); free(w);
-    ok = all_ok(ok);
-    ck_assert_msg(ok, "rank %d got %s, expected %s", world_rank, moe_ep_result_string(res), moe_ep_result_string(want));
+    CHECK_FACT(made == MOE_EP_OK, "moe_ep_mpi_transport_create returned %s", moe_ep_result_string(made));
+    CHECK_FACT(made != MOE_EP_OK || created == MOE_EP_OK, "moe_ep_create returned %s", moe_ep_result_string(created));
+    CHECK_FACT(created != MOE_EP_OK || res == want, "moe_ep_forward returned %s, expected %s (%s)",
+               moe_ep_result_string(res), moe_ep_result_string(want),
+               fail ? "this rank's expert callback fails" : "the last rank's expert callback fails");
 }
 END_TEST
 
@@ -709,8 +740,9 @@ START_TEST(test_mpi_error_becomes_result) {
     moe_ep_transport t;
     int64_t send[4] = { 0 }, recv[4] = { 0 };
     char err[512] = "", expected[MPI_MAX_ERROR_STRING + 16] = "";
-    moe_ep_result res = MOE_EP_ERROR_INTERNAL;
-    int ok, len = 0;
+    moe_ep_result made, res = MOE_EP_ERROR_INTERNAL, again = MOE_EP_OK, barrier = MOE_EP_OK;
+    int len = 0, wrong = -1;
+    int64_t got = 0;
     {
         /* what this MPI says about the same call, for comparison (first line: MPICH appends a stack) */
         MPI_Comm probe;
@@ -725,43 +757,71 @@ START_TEST(test_mpi_error_becomes_result) {
         snprintf(expected, sizeof expected, "MPI_Alltoall: %s", text);
         MPI_Comm_free(&probe);
     }
-    ok = moe_ep_mpi_transport_create(&(moe_ep_mpi_desc){ .comm = MPI_COMM_WORLD }, &t) == MOE_EP_OK;
-    if (ok) res = t.exchange_counts(t.impl, send, recv, -1, err, sizeof err);
-    ok = ok && res == MOE_EP_ERROR_TRANSPORT && strncmp(err, expected, strlen(expected)) == 0 && strlen(expected) > 14;
+    made = moe_ep_mpi_transport_create(&(moe_ep_mpi_desc){ .comm = MPI_COMM_WORLD }, &t);
+    if (made == MOE_EP_OK) res = t.exchange_counts(t.impl, send, recv, -1, err, sizeof err);
     if (res == MOE_EP_ERROR_TRANSPORT) {
         /* the communicator still works afterwards */
         int64_t one[64], back[64];
         int p;
         for (p = 0; p < world_size; ++p) one[p] = world_rank;
-        ok = ok && t.exchange_counts(t.impl, one, back, 1, NULL, 0) == MOE_EP_OK;
-        for (p = 0; ok && p < world_size; ++p) ok = back[p] == p;
-        ok = ok && t.barrier(t.impl, NULL, 0) == MOE_EP_OK;
+        again = t.exchange_counts(t.impl, one, back, 1, NULL, 0);
+        for (p = 0; again == MOE_EP_OK && wrong < 0 && p < world_size; ++p)
+            if (back[p] != p) { wrong = p; got = back[p]; }
+        barrier = t.barrier(t.impl, NULL, 0);
     }
-    moe_ep_mpi_transport_destroy(&t);
-    ok = all_ok(ok);
-    ck_assert_msg(ok, "got %s '%s', expected TRANSPORT '%s...'", moe_ep_result_string(res), err, expected);
+    if (made == MOE_EP_OK) moe_ep_mpi_transport_destroy(&t);
+    CHECK_FACT(made == MOE_EP_OK, "moe_ep_mpi_transport_create returned %s", moe_ep_result_string(made));
+    CHECK_FACT(made != MOE_EP_OK || res == MOE_EP_ERROR_TRANSPORT, "exchange_counts with count -1 returned %s ('%s'), "
+               "expected MOE_EP_ERROR_TRANSPORT", moe_ep_result_string(res), err);
+    CHECK_FACT(strlen(expected) > 14, "MPI_Error_string gave no text for MPI_Alltoall's error ('%s')", expected);
+    CHECK_FACT(strncmp(err, expected, strlen(expected)) == 0, "the transport's error text is '%s', expected it to "
+               "start with MPI's '%s'", err, expected);
+    CHECK_FACT(again == MOE_EP_OK, "exchange_counts after the error returned %s: the communicator is broken",
+               moe_ep_result_string(again));
+    CHECK_FACT(wrong < 0, "exchange_counts after the error: the count from rank %d is %lld, expected %d", wrong,
+               (long long)got, wrong);
+    CHECK_FACT(barrier == MOE_EP_OK, "barrier after the error returned %s", moe_ep_result_string(barrier));
 }
 END_TEST
 
 START_TEST(test_create_refuses_bad_communicators) {
-    recording_logger log;
+    test_log log;
+    test_counter count;
+    moe_ep_allocator half;
     moe_ep_transport t, before;
-    moe_ep_result a, b;
-    int ok;
-    memset(&log, 0, sizeof log);
+    moe_ep_result a, b, c;
+    int lines_after_a, lines_after_b, untouched;
+    char line_a[TEST_LOG_TEXT], line_b[TEST_LOG_TEXT];
+    test_log_init(&log);
+    test_counter_init(&count);
+    half = test_counter_allocator(&count);
+    half.free_fn = NULL;                /* half an allocator */
     memset(&t, 0xAB, sizeof t);
     before = t;
-    a = moe_ep_mpi_transport_create(&(moe_ep_mpi_desc){ .comm = MPI_COMM_NULL,
-                                                        .logger = { record_log, &log } }, &t);
-    ok = a == MOE_EP_ERROR_INVALID_ARGUMENT && log.calls == 1 && strstr(log.last, "MPI_COMM_NULL") != NULL &&
-         memcmp(&t, &before, sizeof t) == 0;
-    b = moe_ep_mpi_transport_create(&(moe_ep_mpi_desc){ .comm = MPI_COMM_WORLD,
-                                                        .allocator = { .alloc_fn = counting_alloc },
-                                                        .logger = { record_log, &log } }, &t);
-    ok = ok && b == MOE_EP_ERROR_INVALID_ARGUMENT && log.calls == 2 && strstr(log.last, "allocator") != NULL;
-    ok = ok && moe_ep_mpi_transport_create(NULL, &t) == MOE_EP_ERROR_INVALID_ARGUMENT;
-    ok = all_ok(ok);
-    ck_assert_msg(ok, "results %s / %s, log '%s'", moe_ep_result_string(a), moe_ep_result_string(b), log.last);
+    a = moe_ep_mpi_transport_create(&(moe_ep_mpi_desc){ .comm = MPI_COMM_NULL, .logger = test_log_logger(&log) }, &t);
+    lines_after_a = test_log_count(&log);
+    untouched = memcmp(&t, &before, sizeof t) == 0;
+    b = moe_ep_mpi_transport_create(&(moe_ep_mpi_desc){ .comm = MPI_COMM_WORLD, .allocator = half,
+                                                        .logger = test_log_logger(&log) }, &t);
+    lines_after_b = test_log_count(&log);
+    c = moe_ep_mpi_transport_create(NULL, &t);
+    snprintf(line_a, sizeof line_a, "%s", test_log_line(&log, 0));
+    snprintf(line_b, sizeof line_b, "%s", test_log_line(&log, 1));
+    test_log_destroy(&log);
+    test_counter_destroy(&count);
+    CHECK_FACT(a == MOE_EP_ERROR_INVALID_ARGUMENT, "create on MPI_COMM_NULL returned %s, expected INVALID_ARGUMENT",
+               moe_ep_result_string(a));
+    CHECK_FACT(lines_after_a == 1, "create on MPI_COMM_NULL logged %d lines, expected 1", lines_after_a);
+    CHECK_FACT(strstr(line_a, "MPI_COMM_NULL") != NULL, "create on MPI_COMM_NULL logged '%s', which does not name "
+               "MPI_COMM_NULL", line_a);
+    CHECK_FACT(untouched, "create on MPI_COMM_NULL wrote into the transport it refused");
+    CHECK_FACT(b == MOE_EP_ERROR_INVALID_ARGUMENT, "create with an allocator without free_fn returned %s, expected "
+               "INVALID_ARGUMENT", moe_ep_result_string(b));
+    CHECK_FACT(lines_after_b == 2, "create with half an allocator: %d lines logged in all, expected 2", lines_after_b);
+    CHECK_FACT(strstr(line_b, "allocator") != NULL, "create with half an allocator logged '%s', which does not name "
+               "the allocator", line_b);
+    CHECK_FACT(c == MOE_EP_ERROR_INVALID_ARGUMENT, "create with a NULL desc returned %s, expected INVALID_ARGUMENT",
+               moe_ep_result_string(c));
 }
 END_TEST
 
@@ -772,32 +832,43 @@ START_TEST(test_unsupported_rows_fail_symmetrically) {
     char buf[8], err1[256] = "", err2[256] = "", err3[256] = "";
     moe_ep_a2a_args a;
     moe_ep_result r1 = MOE_EP_ERROR_INTERNAL, r2 = MOE_EP_ERROR_INTERNAL, r3 = MOE_EP_ERROR_INTERNAL;
-    int ok = moe_ep_mpi_transport_create(&(moe_ep_mpi_desc){ .comm = MPI_COMM_WORLD }, &t) == MOE_EP_OK;
+    moe_ep_result barrier = MOE_EP_ERROR_INTERNAL;
+    moe_ep_result made = moe_ep_mpi_transport_create(&(moe_ep_mpi_desc){ .comm = MPI_COMM_WORLD }, &t);
     memset(&a, 0, sizeof a);
     a.send = buf; a.recv = buf + 4; a.segments = 1;
     a.send_counts = zero; a.send_offsets = zero; a.recv_counts = zero; a.recv_offsets = zero;
-    a.row_bytes = (size_t)INT_MAX + 1;
-    if (ok) r1 = t.all_to_all_v(t.impl, &a, err1, sizeof err1);
-    a.row_bytes = 4;
-    a.memory_space = MOE_EP_MEMORY_DEVICE;
-    if (ok) r2 = t.all_to_all_v(t.impl, &a, err2, sizeof err2);
-    a.memory_space = MOE_EP_MEMORY_HOST;
-    a.recv = buf;           /* in place: Open MPI would take it for MPI_IN_PLACE */
-    if (ok) r3 = t.all_to_all_v(t.impl, &a, err3, sizeof err3);
-    ok = ok && r1 == MOE_EP_ERROR_UNSUPPORTED && strstr(err1, "row_bytes (2147483648)") != NULL &&
-         r2 == MOE_EP_ERROR_UNSUPPORTED && strstr(err2, "device memory") != NULL &&
-         r3 == MOE_EP_ERROR_INVALID_ARGUMENT && strstr(err3, "same buffer") != NULL;
-    ok = ok && t.barrier(t.impl, NULL, 0) == MOE_EP_OK;     /* nobody is left inside a collective */
-    moe_ep_mpi_transport_destroy(&t);
-    ok = all_ok(ok);
-    ck_assert_msg(ok, "got %s '%s', %s '%s' and %s '%s'", moe_ep_result_string(r1), err1, moe_ep_result_string(r2), err2,
-                  moe_ep_result_string(r3), err3);
+    if (made == MOE_EP_OK) {
+        a.row_bytes = (size_t)INT_MAX + 1;
+        r1 = t.all_to_all_v(t.impl, &a, err1, sizeof err1);
+        a.row_bytes = 4;
+        a.memory_space = MOE_EP_MEMORY_DEVICE;
+        r2 = t.all_to_all_v(t.impl, &a, err2, sizeof err2);
+        a.memory_space = MOE_EP_MEMORY_HOST;
+        a.recv = buf;           /* in place: Open MPI would take it for MPI_IN_PLACE */
+        r3 = t.all_to_all_v(t.impl, &a, err3, sizeof err3);
+        barrier = t.barrier(t.impl, NULL, 0);     /* nobody is left inside a collective */
+        moe_ep_mpi_transport_destroy(&t);
+    }
+    CHECK_FACT(made == MOE_EP_OK, "moe_ep_mpi_transport_create returned %s", moe_ep_result_string(made));
+    CHECK_FACT(r1 == MOE_EP_ERROR_UNSUPPORTED, "rows of 2^31 bytes: all_to_all_v returned %s ('%s'), expected "
+               "UNSUPPORTED", moe_ep_result_string(r1), err1);
+    CHECK_FACT(strstr(err1, "row_bytes (2147483648)") != NULL, "rows of 2^31 bytes: the error '%s' does not name "
+               "row_bytes (2147483648)", err1);
+    CHECK_FACT(r2 == MOE_EP_ERROR_UNSUPPORTED, "device memory: all_to_all_v returned %s ('%s'), expected UNSUPPORTED",
+               moe_ep_result_string(r2), err2);
+    CHECK_FACT(strstr(err2, "device memory") != NULL, "device memory: the error '%s' does not say 'device memory'",
+               err2);
+    CHECK_FACT(r3 == MOE_EP_ERROR_INVALID_ARGUMENT, "one buffer for send and recv: all_to_all_v returned %s ('%s'), "
+               "expected INVALID_ARGUMENT", moe_ep_result_string(r3), err3);
+    CHECK_FACT(strstr(err3, "same buffer") != NULL, "one buffer for send and recv: the error '%s' does not say "
+               "'same buffer'", err3);
+    CHECK_FACT(barrier == MOE_EP_OK, "the barrier after the refusals returned %s", moe_ep_result_string(barrier));
 }
 END_TEST
 
 START_TEST(test_allocations_are_returned) {
-    counting_allocator count = { 0, 0 };
-    moe_ep_allocator a = { counting_alloc, counting_free, &count };
+    test_counter count;
+    moe_ep_allocator a;
     layer_data L;
     moe_ep_transport t;
     moe_ep_context* ctx = NULL;
@@ -805,25 +876,33 @@ START_TEST(test_allocations_are_returned) {
     moe_ep_desc d;
     int64_t first, T;
     float* y;
-    int ok;
+    moe_ep_result made, created = MOE_EP_ERROR_INTERNAL, res = MOE_EP_ERROR_INTERNAL;
+    long allocs, outstanding;
+    test_counter_init(&count);
+    a = test_counter_allocator(&count);
     layer_data_create(&L, &layer_cases[0], world_size, base_seed + 5);
     mine = rank_experts(&L, world_rank);
     first = L.token_start[world_rank];
     T = L.token_start[world_rank + 1] - first;
     y = (float*)xmalloc(sizeof(float) * (size_t)(T * L.c->d_model + 1));
-    ok = moe_ep_mpi_transport_create(&(moe_ep_mpi_desc){ .comm = MPI_COMM_WORLD, .allocator = a }, &t) == MOE_EP_OK;
+    made = moe_ep_mpi_transport_create(&(moe_ep_mpi_desc){ .comm = MPI_COMM_WORLD, .allocator = a }, &t);
     d = layer_desc(&L, mine, &t);
     d.allocator = a;
-    if (ok) ok = moe_ep_create(&d, &ctx) == MOE_EP_OK;
-    if (ok) ok = moe_ep_forward(ctx, &(moe_ep_forward_args){ .tokens = T, .x = L.x + first * L.c->d_model, .y = y })
-                 == MOE_EP_OK;
+    if (made == MOE_EP_OK) created = moe_ep_create(&d, &ctx);
+    if (created == MOE_EP_OK)
+        res = moe_ep_forward(ctx, &(moe_ep_forward_args){ .tokens = T, .x = L.x + first * L.c->d_model, .y = y });
     moe_ep_destroy(ctx);
-    moe_ep_mpi_transport_destroy(&t);
-    ok = ok && count.total > 0 && count.outstanding == 0;
+    if (made == MOE_EP_OK) moe_ep_mpi_transport_destroy(&t);
+    allocs = count.allocs;
+    outstanding = test_counter_outstanding(&count);
+    test_counter_destroy(&count);
     free(y); free(mine);
     layer_data_destroy(&L);
-    ok = all_ok(ok);
-    ck_assert_msg(ok, "rank %d: %ld allocations of %ld outstanding", world_rank, count.outstanding, count.total);
+    CHECK_FACT(made == MOE_EP_OK, "moe_ep_mpi_transport_create returned %s", moe_ep_result_string(made));
+    CHECK_FACT(made != MOE_EP_OK || created == MOE_EP_OK, "moe_ep_create returned %s", moe_ep_result_string(created));
+    CHECK_FACT(created != MOE_EP_OK || res == MOE_EP_OK, "moe_ep_forward returned %s", moe_ep_result_string(res));
+    CHECK_FACT(allocs > 0, "the allocator handed out no block: the library did not use it");
+    CHECK_FACT(outstanding == 0, "%ld of %ld allocations outstanding after destroy", outstanding, allocs);
 }
 END_TEST
 
@@ -831,41 +910,51 @@ END_TEST
 
 /* Rank r's input of the sum test: a function of (seed, r, i), so every rank can compute
    everyone's and the expected rank-order sum. */
-static float reduce_input(unsigned long long seed, int r, int64_t i) {
-    unsigned long long z = seed ^ ((unsigned long long)r << 40) ^ (unsigned long long)i;
-    return (float)(next_random(&z) >> 40) / 65536.0f - 128.0f;
+static float reduce_input(uint64_t seed, int r, int64_t i) {
+    uint64_t z = seed ^ ((uint64_t)r << 40) ^ (uint64_t)i;
+    return (float)(test_rng_next(&z) >> 40) / 65536.0f - 128.0f;
 }
 
 /* _i: 0 default rounds, 1 rounds of 7 floats per rank (many windows) */
 START_TEST(test_all_reduce_sum_in_rank_order) {
     static const int64_t counts[] = { 0, 1, 3, 1000, 100003 };
     moe_ep_transport t;
-    char err[512] = "";
-    int ok, k, r, calls;
-    calls = moe_ep_mpi_transport_create(&(moe_ep_mpi_desc){ .comm = MPI_COMM_WORLD }, &t) == MOE_EP_OK;
-    ok = calls;
-    if (calls && _i == 1) ((moe_ep__mpi_impl*)t.impl)->reduce_chunk = 7;
-    for (k = 0; calls && k < (int)(sizeof counts / sizeof counts[0]); ++k) {
-        int64_t n = counts[k] > 1000 && _i == 1 ? 97 : counts[k], i;   /* 7-float rounds: few of them */
-        float* data = (float*)xmalloc(sizeof(float) * (size_t)(n + 1));
+    char err[512] = "", wrong[256] = "", overrun[256] = "";
+    int k, r, sums_ok = 1, end_ok = 1;
+    int64_t n = 0;
+    moe_ep_result made = moe_ep_mpi_transport_create(&(moe_ep_mpi_desc){ .comm = MPI_COMM_WORLD }, &t);
+    moe_ep_result res = made;
+    if (made == MOE_EP_OK && _i == 1) ((moe_ep__mpi_impl*)t.impl)->reduce_chunk = 7;
+    for (k = 0; res == MOE_EP_OK && k < (int)(sizeof counts / sizeof counts[0]); ++k) {
+        int64_t i;
+        float* data;
+        n = counts[k] > 1000 && _i == 1 ? 97 : counts[k];   /* 7-float rounds: few of them */
+        data = (float*)xmalloc(sizeof(float) * (size_t)(n + 1));
         for (i = 0; i < n; ++i) data[i] = reduce_input(base_seed + (unsigned)k, world_rank, i);
         data[n] = 12345.0f;     /* past the end: must stay */
-        calls = t.all_reduce_sum(t.impl, data, n, MOE_EP_MEMORY_HOST, NULL, err, sizeof err) == MOE_EP_OK;
-        for (i = 0; calls && ok && i < n; ++i) {
+        res = t.all_reduce_sum(t.impl, data, n, MOE_EP_MEMORY_HOST, NULL, err, sizeof err);
+        for (i = 0; res == MOE_EP_OK && sums_ok && i < n; ++i) {
             float want = reduce_input(base_seed + (unsigned)k, 0, i);
             for (r = 1; r < world_size; ++r) want += reduce_input(base_seed + (unsigned)k, r, i);
             if (memcmp(&want, &data[i], sizeof want) != 0) {
-                snprintf(err, sizeof err, "count %lld: element %lld is %.9g, the rank-order sum %.9g", (long long)n,
-                         (long long)i, (double)data[i], (double)want);
-                ok = 0;
+                snprintf(wrong, sizeof wrong, "count %lld: element %lld is %.9g, the rank-order sum %.9g",
+                         (long long)n, (long long)i, (double)data[i], (double)want);
+                sums_ok = 0;
             }
         }
-        if (!calls || data[n] != 12345.0f) ok = 0;
+        if (res == MOE_EP_OK && end_ok && data[n] != 12345.0f) {
+            snprintf(overrun, sizeof overrun, "count %lld: the float past the end is %.9g, was 12345", (long long)n,
+                     (double)data[n]);
+            end_ok = 0;
+        }
         free(data);
     }
-    moe_ep_mpi_transport_destroy(&t);
-    ok = all_ok(ok);
-    ck_assert_msg(ok, "mode %d, seed %llu: %s", _i, base_seed, err);
+    if (made == MOE_EP_OK) moe_ep_mpi_transport_destroy(&t);
+    CHECK_FACT(made == MOE_EP_OK, "moe_ep_mpi_transport_create returned %s", moe_ep_result_string(made));
+    CHECK_FACT(res == MOE_EP_OK, "mode %d, seed %llu: all_reduce_sum of %lld floats returned %s: %s", _i,
+               (unsigned long long)base_seed, (long long)n, moe_ep_result_string(res), err);
+    CHECK_FACT(sums_ok, "mode %d, seed %llu: %s", _i, (unsigned long long)base_seed, wrong);
+    CHECK_FACT(end_ok, "mode %d, seed %llu: %s", _i, (unsigned long long)base_seed, overrun);
 }
 END_TEST
 
@@ -874,16 +963,24 @@ START_TEST(test_all_reduce_sum_refuses_together) {
     moe_ep_transport t;
     float data[8] = { 1, 2, 3, 4, 5, 6, 7, 8 };
     char err1[256] = "", err2[256] = "";
-    moe_ep_result r1 = MOE_EP_ERROR_INTERNAL, r2 = MOE_EP_ERROR_INTERNAL;
-    int ok = moe_ep_mpi_transport_create(&(moe_ep_mpi_desc){ .comm = MPI_COMM_WORLD }, &t) == MOE_EP_OK;
+    moe_ep_result r1 = MOE_EP_ERROR_INTERNAL, r2 = MOE_EP_ERROR_INTERNAL, barrier = MOE_EP_ERROR_INTERNAL;
+    moe_ep_result made = moe_ep_mpi_transport_create(&(moe_ep_mpi_desc){ .comm = MPI_COMM_WORLD }, &t);
     int64_t n = world_rank == world_size - 1 && world_size > 1 ? 5 : 4;
-    if (ok) r1 = t.all_reduce_sum(t.impl, data, n, MOE_EP_MEMORY_HOST, NULL, err1, sizeof err1);
-    if (ok) r2 = t.all_reduce_sum(t.impl, data, 4, MOE_EP_MEMORY_DEVICE, NULL, err2, sizeof err2);
-    ok = ok && (world_size == 1 ? r1 == MOE_EP_OK : r1 == MOE_EP_ERROR_INVALID_ARGUMENT && strstr(err1, "elements")) &&
-         r2 == MOE_EP_ERROR_UNSUPPORTED && t.barrier(t.impl, NULL, 0) == MOE_EP_OK;
-    moe_ep_mpi_transport_destroy(&t);
-    ok = all_ok(ok);
-    ck_assert_msg(ok, "rank %d: %s '%s', %s '%s'", world_rank, moe_ep_result_string(r1), err1, moe_ep_result_string(r2), err2);
+    moe_ep_result want1 = world_size == 1 ? MOE_EP_OK : MOE_EP_ERROR_INVALID_ARGUMENT;
+    if (made == MOE_EP_OK) {
+        r1 = t.all_reduce_sum(t.impl, data, n, MOE_EP_MEMORY_HOST, NULL, err1, sizeof err1);
+        r2 = t.all_reduce_sum(t.impl, data, 4, MOE_EP_MEMORY_DEVICE, NULL, err2, sizeof err2);
+        barrier = t.barrier(t.impl, NULL, 0);
+        moe_ep_mpi_transport_destroy(&t);
+    }
+    CHECK_FACT(made == MOE_EP_OK, "moe_ep_mpi_transport_create returned %s", moe_ep_result_string(made));
+    CHECK_FACT(r1 == want1, "%lld floats here, the last rank one more: all_reduce_sum returned %s ('%s'), expected %s",
+               (long long)n, moe_ep_result_string(r1), err1, moe_ep_result_string(want1));
+    CHECK_FACT(world_size == 1 || strstr(err1, "elements") != NULL, "counts that differ: the error '%s' does not say "
+               "'elements'", err1);
+    CHECK_FACT(r2 == MOE_EP_ERROR_UNSUPPORTED, "device memory: all_reduce_sum returned %s ('%s'), expected UNSUPPORTED",
+               moe_ep_result_string(r2), err2);
+    CHECK_FACT(barrier == MOE_EP_OK, "the barrier after the refusals returned %s", moe_ep_result_string(barrier));
 }
 END_TEST
 
@@ -892,35 +989,54 @@ START_TEST(test_split_groups) {
        rank passes a negative color and is refused while the others still get a group */
     moe_ep_transport world, group, second;
     int64_t mine[64], theirs[64];
-    int ok, q, expected = 0, position = 0, r, got_rank, got_size;
-    moe_ep_result res = MOE_EP_ERROR_INTERNAL, res2 = MOE_EP_ERROR_INTERNAL;
-    char err[256] = "";
+    int q, expected = 0, position = 0, r, out_of_order = -1, last = world_rank == world_size - 1;
+    moe_ep_result made, res = MOE_EP_ERROR_INTERNAL, res2 = MOE_EP_ERROR_INTERNAL, exchanged = MOE_EP_OK;
+    char err[256] = "", err2[256] = "";
+    moe_ep_transport seen;
+    void* second_impl;
+    int second_size;
+    memset(&world, 0, sizeof world);
     memset(&group, 0, sizeof group);
     memset(&second, 0, sizeof second);
-    ok = moe_ep_mpi_transport_create(&(moe_ep_mpi_desc){ .comm = MPI_COMM_WORLD }, &world) == MOE_EP_OK;
-    if (ok) res = world.split(world.impl, world_rank % 2, -world_rank, &group, err, sizeof err);
+    made = moe_ep_mpi_transport_create(&(moe_ep_mpi_desc){ .comm = MPI_COMM_WORLD }, &world);
+    if (made == MOE_EP_OK) res = world.split(world.impl, world_rank % 2, -world_rank, &group, err, sizeof err);
     for (r = world_size - 1; r >= 0; --r)
         if (r % 2 == world_rank % 2) { if (r > world_rank) position++; expected++; }
-    got_rank = group.rank;
-    got_size = group.world_size;
-    ok = ok && res == MOE_EP_OK && group.world_size == expected && group.rank == position && group.split &&
-         group.all_reduce_sum && strcmp(group.name, "mpi") == 0;
+    seen = group;
     if (res == MOE_EP_OK) {
         for (q = 0; q < group.world_size; ++q) mine[q] = world_rank;
-        ok = group.exchange_counts(group.impl, mine, theirs, 1, NULL, 0) == MOE_EP_OK && ok;
-        for (q = 0; ok && q < group.world_size; ++q)    /* group rank q is world rank (the q-th of our color, descending) */
-            ok = theirs[q] % 2 == world_rank % 2 && (q == 0 || theirs[q] < theirs[q - 1]);
+        exchanged = group.exchange_counts(group.impl, mine, theirs, 1, NULL, 0);
+        for (q = 0; exchanged == MOE_EP_OK && out_of_order < 0 && q < group.world_size; ++q)
+            /* group rank q is world rank (the q-th of our color, descending) */
+            if (!(theirs[q] % 2 == world_rank % 2 && (q == 0 || theirs[q] < theirs[q - 1]))) out_of_order = q;
         moe_ep_mpi_transport_destroy(&group);
     }
-    if (world.impl) res2 = world.split(world.impl, world_rank == world_size - 1 ? -1 : 0, 0, &second, err, sizeof err);
-    ok = ok && (world_rank == world_size - 1 ? res2 == MOE_EP_ERROR_INVALID_ARGUMENT && second.impl == NULL
-                                             : res2 == MOE_EP_OK && second.world_size == world_size - 1);
+    if (world.impl) res2 = world.split(world.impl, last ? -1 : 0, 0, &second, err2, sizeof err2);
+    second_size = second.world_size;
+    second_impl = second.impl;
     if (res2 == MOE_EP_OK) moe_ep_mpi_transport_destroy(&second);
-    moe_ep_mpi_transport_destroy(&world);
-    ok = all_ok(ok);
-    ck_assert_msg(ok, "rank %d: split %s (%d of %d, expected %d of %d), negative color %s %s", world_rank,
-                  moe_ep_result_string(res), got_rank, got_size, position, expected,
-                  moe_ep_result_string(res2), err);
+    if (made == MOE_EP_OK) moe_ep_mpi_transport_destroy(&world);
+    CHECK_FACT(made == MOE_EP_OK, "moe_ep_mpi_transport_create returned %s", moe_ep_result_string(made));
+    CHECK_FACT(made != MOE_EP_OK || res == MOE_EP_OK, "split(color %d, key %d) returned %s: %s", world_rank % 2,
+               -world_rank, moe_ep_result_string(res), err);
+    CHECK_FACT(seen.world_size == expected, "the group of color %d has world_size %d, expected %d", world_rank % 2,
+               seen.world_size, expected);
+    CHECK_FACT(seen.rank == position, "group rank is %d, expected %d (descending world rank)", seen.rank, position);
+    CHECK_FACT(seen.split != NULL, "the group's split callback is NULL");
+    CHECK_FACT(seen.all_reduce_sum != NULL, "the group's all_reduce_sum callback is NULL");
+    CHECK_FACT(seen.name && strcmp(seen.name, "mpi") == 0, "the group's name is '%s', expected 'mpi'",
+               seen.name ? seen.name : "(null)");
+    CHECK_FACT(exchanged == MOE_EP_OK, "exchange_counts in the group returned %s", moe_ep_result_string(exchanged));
+    CHECK_FACT(out_of_order < 0, "group rank %d is world rank %lld: not of color %d, or not below group rank %d's",
+               out_of_order, out_of_order >= 0 ? (long long)theirs[out_of_order] : -1LL, world_rank % 2,
+               out_of_order - 1);
+    CHECK_FACT(!last || res2 == MOE_EP_ERROR_INVALID_ARGUMENT, "split with color -1 returned %s ('%s'), expected "
+               "INVALID_ARGUMENT", moe_ep_result_string(res2), err2);
+    CHECK_FACT(!last || second_impl == NULL, "split with color -1 refused but left a transport (impl %p)", second_impl);
+    CHECK_FACT(last || res2 == MOE_EP_OK, "split(color 0) while the last rank is refused returned %s: %s",
+               moe_ep_result_string(res2), err2);
+    CHECK_FACT(last || second_size == world_size - 1, "split(color 0) without the last rank: world_size %d, "
+               "expected %d", second_size, world_size - 1);
 }
 END_TEST
 
@@ -986,15 +1102,18 @@ static moe_ep_result layout_rank(const moe_ep_transport* world, void* user) {
 START_TEST(test_layouts_match_pthreads) {
     int sizes[16][3], cases = 0, ep, tp, dp;
     int d_model = 24, d_ff = 40, top_k = 2, tokens = 11, experts, shards, c;
-    unsigned long long seed = base_seed + 31u * (unsigned)_i;
+    uint64_t seed = base_seed + 31u * (unsigned)_i;
     layout_run L;
     moe_ep_transport world;
     float *x, *router, *weights, *y_all = NULL, *y_threads = NULL, *y_one = NULL;
     moe_ep_expert_weights* all;
     size_t per_expert = 3 * (size_t)d_model * (size_t)d_ff, e, rows;
-    char report[512] = "";
-    int ok, r0ok = 1;
-    moe_ep_result res = MOE_EP_ERROR_INTERNAL;
+    size_t n_all, vs_threads, one_at = 0;
+    uint64_t rng = seed;
+    char threads_error[256] = "", shape[128];
+    float got[2] = { 0.0f, 0.0f }, want[2] = { 0.0f, 0.0f };
+    int r, one_rank = -1;
+    moe_ep_result made, res = MOE_EP_ERROR_INTERNAL, threads_world = MOE_EP_OK, threads_run = MOE_EP_OK, one = MOE_EP_OK;
     for (ep = 1; ep <= world_size; ++ep)
         for (tp = 1; tp <= world_size; ++tp)
             for (dp = 1; dp <= world_size; ++dp)
@@ -1016,9 +1135,11 @@ START_TEST(test_layouts_match_pthreads) {
     router = (float*)xmalloc(sizeof(float) * (size_t)experts * (size_t)d_model);
     weights = (float*)xmalloc(sizeof(float) * per_expert * (size_t)experts);
     all = (moe_ep_expert_weights*)xmalloc(sizeof *all * (size_t)experts);
-    fill_uniform(x, (size_t)shards * rows, 1.0f, &seed);
-    fill_uniform(router, (size_t)experts * (size_t)d_model, 0.3f, &seed);
-    fill_uniform(weights, per_expert * (size_t)experts, 1.0f / (float)d_model, &seed);
+    test_fill(x, (size_t)shards * rows, 1.0f, &rng);
+    test_fill(router, (size_t)experts * (size_t)d_model, 0.3f, &rng);
+    test_fill(weights, per_expert * (size_t)experts, 1.0f / (float)d_model, &rng);
+    snprintf(shape, sizeof shape, "EP %d x TP %d x DP %d, seed %llu", L.layout.ep_size, L.layout.tp_size,
+             L.layout.dp_size, (unsigned long long)seed);
     for (e = 0; e < (size_t)experts; ++e) {
         all[e].w1 = weights + e * per_expert;
         all[e].w3 = all[e].w1 + (size_t)d_model * (size_t)d_ff;
@@ -1028,59 +1149,64 @@ START_TEST(test_layouts_match_pthreads) {
     L.x = x; L.router = router; L.experts = all;
     L.y = (float*)xmalloc(sizeof(float) * rows);
     L.y_is_local = 1;
-    memset(L.y, 0xFF, sizeof(float) * rows);
-    ok = moe_ep_mpi_transport_create(&(moe_ep_mpi_desc){ .comm = MPI_COMM_WORLD }, &world) == MOE_EP_OK;
-    if (ok) res = layout_rank(&world, &L);
-    ok = ok && res == MOE_EP_OK;
-    moe_ep_mpi_transport_destroy(&world);
+    test_poison(L.y, rows);
+    made = moe_ep_mpi_transport_create(&(moe_ep_mpi_desc){ .comm = MPI_COMM_WORLD }, &world);
+    if (made == MOE_EP_OK) {
+        res = layout_rank(&world, &L);
+        moe_ep_mpi_transport_destroy(&world);
+    }
     if (world_rank == 0) {
         y_all = (float*)xmalloc(sizeof(float) * (size_t)world_size * rows);
         y_threads = (float*)xmalloc(sizeof(float) * (size_t)world_size * rows);
         y_one = (float*)xmalloc(sizeof(float) * (size_t)shards * rows);
     }
-    MPI_Gather(L.y, (int)rows, MPI_FLOAT, y_all, (int)rows, MPI_FLOAT, 0, test_comm);
+    test_mpi_gather_rows(test_comm, L.y, tokens, d_model, y_all);
+    n_all = (size_t)world_size * rows;
+    vs_threads = n_all;
     if (world_rank == 0) {
         layout_run T = L;
         moe_ep_pthreads_world* threads = NULL;
         moe_ep_context* single = NULL;
-        int r;
         T.y = y_threads;
         T.y_is_local = 0;
-        memset(y_threads, 0xFF, sizeof(float) * (size_t)world_size * rows);
-        if (moe_ep_pthreads_world_create(&(moe_ep_pthreads_desc){ .world_size = world_size, .timeout_ms = 60000 },
-                                         &threads) != MOE_EP_OK ||
-            moe_ep_pthreads_run(threads, layout_rank, &T, NULL) != MOE_EP_OK) {
-            r0ok = 0;
-            snprintf(report, sizeof report, "the pthreads layout failed: %s", T.error);
-        }
+        test_poison(y_threads, n_all);
+        threads_world = moe_ep_pthreads_world_create(&(moe_ep_pthreads_desc){ .world_size = world_size,
+                                                                               .timeout_ms = 60000 }, &threads);
+        if (threads_world == MOE_EP_OK) threads_run = moe_ep_pthreads_run(threads, layout_rank, &T, NULL);
+        snprintf(threads_error, sizeof threads_error, "%s", T.error);
         moe_ep_pthreads_world_destroy(threads);
-        if (r0ok && ok && memcmp(y_all, y_threads, sizeof(float) * (size_t)world_size * rows) != 0) {
-            r0ok = 0;
-            snprintf(report, sizeof report, "MPI and pthreads outputs differ");
+        if (res == MOE_EP_OK && threads_run == MOE_EP_OK) {
+            vs_threads = test_first_difference(y_all, y_threads, n_all);
+            if (vs_threads < n_all) { got[0] = y_all[vs_threads]; want[0] = y_threads[vs_threads]; }
         }
-        if (r0ok && ok && L.layout.tp_size == 1) {
-            res = moe_ep_create(&(moe_ep_desc){ .d_model = d_model, .d_ff = d_ff, .num_experts = experts, .top_k = top_k,
+        if (res == MOE_EP_OK && threads_run == MOE_EP_OK && L.layout.tp_size == 1) {
+            one = moe_ep_create(&(moe_ep_desc){ .d_model = d_model, .d_ff = d_ff, .num_experts = experts, .top_k = top_k,
                                                 .normalize_topk = true, .num_threads = 1, .router_weight = router,
                                                 .experts = all }, &single);
-            if (res == MOE_EP_OK)
-                res = moe_ep_forward(single, &(moe_ep_forward_args){ .tokens = (int64_t)shards * tokens, .x = x, .y = y_one });
+            if (one == MOE_EP_OK)
+                one = moe_ep_forward(single, &(moe_ep_forward_args){ .tokens = (int64_t)shards * tokens, .x = x, .y = y_one });
             moe_ep_destroy(single);
-            for (r = 0; r < world_size && res == MOE_EP_OK && r0ok; ++r)
-                if (memcmp(y_all + (size_t)r * rows, y_one + (size_t)layout_shard(&L.layout, r) * rows,
-                           sizeof(float) * rows) != 0) {
-                    r0ok = 0;
-                    snprintf(report, sizeof report, "rank %d differs from the one-rank output", r);
-                }
-            if (res != MOE_EP_OK) { r0ok = 0; snprintf(report, sizeof report, "the one-rank layer failed"); }
+            for (r = 0; r < world_size && one == MOE_EP_OK && one_rank < 0; ++r) {
+                const float* shard = y_one + (size_t)layout_shard(&L.layout, r) * rows;
+                size_t at = test_first_difference(y_all + (size_t)r * rows, shard, rows);
+                if (at < rows) { one_rank = r; one_at = at; got[1] = y_all[(size_t)r * rows + at]; want[1] = shard[at]; }
+            }
         }
     }
-    r0ok = from_rank0(r0ok);
-    ok = all_ok(ok);
     free(x); free(router); free(weights); free(all); free(L.y); free(y_all); free(y_threads); free(y_one);
-    ck_assert_msg(ok, "EP %d x TP %d x DP %d, seed %llu: the MPI layer failed (%s)", L.layout.ep_size,
-                  L.layout.tp_size, L.layout.dp_size, seed, L.error);
-    ck_assert_msg(r0ok, "EP %d x TP %d x DP %d, seed %llu: %s", L.layout.ep_size, L.layout.tp_size, L.layout.dp_size,
-                  seed, report);
+    CHECK_FACT(made == MOE_EP_OK, "%s: moe_ep_mpi_transport_create returned %s", shape, moe_ep_result_string(made));
+    CHECK_FACT(made != MOE_EP_OK || res == MOE_EP_OK, "%s: the MPI layer returned %s (%s)", shape,
+               moe_ep_result_string(res), L.error);
+    CHECK_FACT(threads_world == MOE_EP_OK, "%s: moe_ep_pthreads_world_create returned %s", shape,
+               moe_ep_result_string(threads_world));
+    CHECK_FACT(threads_run == MOE_EP_OK, "%s: the pthreads layout returned %s (%s)", shape,
+               moe_ep_result_string(threads_run), threads_error);
+    CHECK_FACT(vs_threads == n_all, "%s: MPI and pthreads outputs differ at element %lu of %lu (world rank %lu): "
+               "%.9g vs %.9g", shape, (unsigned long)vs_threads, (unsigned long)n_all,
+               (unsigned long)(vs_threads / (rows ? rows : 1)), (double)got[0], (double)want[0]);
+    CHECK_FACT(one == MOE_EP_OK, "%s: the one-rank layer returned %s", shape, moe_ep_result_string(one));
+    CHECK_FACT(one_rank < 0, "%s: rank %d differs from the one-rank output at element %lu of its %lu: %.9g vs %.9g",
+               shape, one_rank, (unsigned long)one_at, (unsigned long)rows, (double)got[1], (double)want[1]);
 }
 END_TEST
 
@@ -1240,29 +1366,24 @@ static Suite* mpi_suite(void) {
 
 int main(int argc, char** argv) {
     SRunner* sr;
-    int expected, failed, failed_all = 0;
-    char* end = NULL;
+    int failed, failed_all = 0;
     MPI_Init(&argc, &argv);
     MPI_Comm_rank(MPI_COMM_WORLD, &world_rank);
     MPI_Comm_size(MPI_COMM_WORLD, &world_size);
-    expected = argc > 1 ? (int)strtol(argv[1], &end, 10) : -1;
-    if (argc < 2 || *end != '\0' || expected != world_size) {
-        if (world_rank == 0)
-            fprintf(stderr, "check_mpi: launched as %d process(es), expected %s (usage: mpirun -n N %s N; a "
-                            "launcher of another MPI starts N singletons)\n",
-                    world_size, argc > 1 ? argv[1] : "a size argument", argv[0]);
+    if (!test_mpi_world_size_ok(argc, argv, "check_mpi", 0)) {
         MPI_Finalize();
         return 2;
     }
     MPI_Comm_dup(MPI_COMM_WORLD, &test_comm);
     if (world_rank == 0) {
         const char* env = getenv("MOE_EP_TEST_SEED");
-        base_seed = env && *env ? strtoull(env, NULL, 10)
-                                : (unsigned long long)time(NULL) * 2654435761ull ^ (unsigned long long)getpid();
-        printf("check_mpi: %d ranks, seed %llu (MOE_EP_TEST_SEED=%llu repeats it)\n", world_size, base_seed, base_seed);
+        base_seed = env && *env ? (uint64_t)strtoull(env, NULL, 10)
+                                : (uint64_t)time(NULL) * 2654435761ull ^ (uint64_t)getpid();
+        printf("check_mpi: %d ranks, seed %llu (MOE_EP_TEST_SEED=%llu repeats it)\n", world_size,
+               (unsigned long long)base_seed, (unsigned long long)base_seed);
         fflush(stdout);
     }
-    MPI_Bcast(&base_seed, 1, MPI_UNSIGNED_LONG_LONG, 0, test_comm);
+    MPI_Bcast(&base_seed, 1, MPI_UINT64_T, 0, test_comm);
 
     sr = srunner_create(mpi_suite());
     srunner_set_fork_status(sr, CK_NOFORK);     /* never fork an MPI process */
@@ -1271,8 +1392,14 @@ int main(int argc, char** argv) {
     if (world_rank != 0 && failed > 0) {
         TestResult** results = srunner_failures(sr);
         int i;
-        for (i = 0; i < failed; ++i)
-            fprintf(stderr, "rank %d: %s:%d: %s\n", world_rank, tr_lfile(results[i]), tr_lno(results[i]), tr_msg(results[i]));
+        char prefix[32];
+        snprintf(prefix, sizeof prefix, "rank %d: ", world_rank);
+        for (i = 0; i < failed; ++i) {
+            const char* msg = tr_msg(results[i]);
+            /* a fact's message already starts with the rank */
+            fprintf(stderr, "%s%s:%d: %s\n", strncmp(msg, prefix, strlen(prefix)) == 0 ? "" : prefix,
+                    tr_lfile(results[i]), tr_lno(results[i]), msg);
+        }
         free(results);
     }
     srunner_free(sr);

@@ -9,8 +9,10 @@
    small one in the collective (the default rule), everything point-to-point because the
    pair exceeds 2 GiB (no size rule), and the same split into messages of at most 2^28
    rows. Rank 1 checks every row, and that the gap between the segments is untouched. */
+#define _POSIX_C_SOURCE 200112L
 #define MOE_EP_IMPLEMENTATION
 #include "../../transports/moe_ep_mpi.h"
+#include "../support/test_mpi.h"
 
 #include <stdio.h>
 #include <stdlib.h>
@@ -22,16 +24,14 @@ static unsigned char row_mark(int64_t row, int end) { return (unsigned char)(end
 
 int main(int argc, char** argv) {
     const int64_t big = (int64_t)9 << 16, small = 10, gap = 7;   /* 2.25 GiB and 40 KiB */
-    int rank, size, mode, failed = 0;
+    int rank, mode, failed = 0;
     int64_t send_counts[4] = { 0 }, send_offsets[4] = { 0 }, recv_counts[4] = { 0 }, recv_offsets[4] = { 0 };
     size_t bytes = (size_t)(big + gap + small) * ROW;
     unsigned char *buffer, *other;    /* rank 0 sends from buffer, rank 1 receives into it */
     moe_ep_transport t;
     MPI_Init(&argc, &argv);
     MPI_Comm_rank(MPI_COMM_WORLD, &rank);
-    MPI_Comm_size(MPI_COMM_WORLD, &size);
-    if (size != 2 || argc < 2 || atoi(argv[1]) != 2) {
-        if (rank == 0) fprintf(stderr, "large_mpi: run as `mpirun -n 2 %s 2` (got %d processes)\n", argv[0], size);
+    if (!test_mpi_world_size_ok(argc, argv, "large_mpi", 2)) {
         MPI_Finalize();
         return 2;
     }
@@ -88,8 +88,7 @@ int main(int argc, char** argv) {
                    mode == 0 ? "big segment direct, small in the collective" :
                    mode == 1 ? "the pair exceeds 2 GiB: all point-to-point" : "point-to-point in 2^28-row messages",
                    moe_ep_result_string(res), MPI_Wtime() - t0, ok ? "every row right" : "WRONG", err);
-        MPI_Allreduce(MPI_IN_PLACE, &ok, 1, MPI_INT, MPI_MIN, MPI_COMM_WORLD);
-        failed |= !ok;
+        failed |= !test_mpi_all_ok(MPI_COMM_WORLD, ok);
     }
     moe_ep_mpi_transport_destroy(&t);
     free(buffer);
