@@ -492,7 +492,7 @@ MOE_EP_PRIVATE moe_ep_result moe_ep__cuda_fail(moe_ep_cuda_layer* L, moe_ep_resu
     vsnprintf(L->last_error, sizeof L->last_error, fmt, ap);
     va_end(ap);
     if (L->desc.logger.func)
-        L->desc.logger.func("moe_ep_cuda", 1, L->rank, L->last_error, L->desc.logger.user_data);
+        L->desc.logger.func("moe_ep_cuda", 1, MOE_EP_LOG_ITEM_NONE, L->rank, L->last_error, L->desc.logger.user_data);
     return result;
 }
 
@@ -1094,7 +1094,7 @@ MOE_EP_PRIVATE void moe_ep__cuda_check(const moe_ep_cuda_layer_desc* d, int rank
     va_start(ap, fmt);
     vsnprintf(text, sizeof text, fmt, ap);
     va_end(ap);
-    if (d->logger.func) d->logger.func("moe_ep_cuda", 1, rank, text, d->logger.user_data);
+    if (d->logger.func) d->logger.func("moe_ep_cuda", 1, MOE_EP_LOG_ITEM_NONE, rank, text, d->logger.user_data);
     (*failures)++;
 }
 
@@ -1166,7 +1166,8 @@ MOE_EP_PRIVATE moe_ep_result moe_ep__cuda_create_agree(const moe_ep_cuda_layer_d
         a.on_peer_failure = MOE_EP_ERROR_ABORTED;
         res = moe_ep_agree(d->tp_transport, &a, res == status ? err : NULL, sizeof err);
     }
-    if (res != status && d->logger.func) d->logger.func("moe_ep_cuda", 1, d->transport->rank, err, d->logger.user_data);
+    if (res != status && d->logger.func)
+        d->logger.func("moe_ep_cuda", 1, MOE_EP_LOG_ITEM_NONE, d->transport->rank, err, d->logger.user_data);
     return res;
 }
 
@@ -1351,7 +1352,7 @@ MOE_EP_API moe_ep_result moe_ep_cuda_layer_create(const moe_ep_cuda_layer_desc* 
     /* without an exchange there is nobody to tell: fail locally */
     if (!desc->transport || !desc->transport->exchange_counts || desc->transport->world_size <= 0) {
         if (desc->logger.func)
-            desc->logger.func("moe_ep_cuda", 1, desc->transport ? desc->transport->rank : -1,
+            desc->logger.func("moe_ep_cuda", 1, MOE_EP_LOG_ITEM_NONE, desc->transport ? desc->transport->rank : -1,
                               "moe_ep_cuda_layer_desc.transport must be a transport with exchange_counts "
                               "that moves device memory", desc->logger.user_data);
         return MOE_EP_ERROR_INVALID_ARGUMENT;

@@ -32,9 +32,10 @@
 
 /* >>GPU layer over the groups */
 /* Records the first message that names tp_transport (called on the rank's thread). */
-static void record_log(const char* tag, uint32_t level, int rank, const char* message, void* user_data) {
+static void record_log(const char* tag, uint32_t level, uint32_t item, int rank, const char* message,
+                       void* user_data) {
     rank_env* env = (rank_env*)user_data;
-    (void)tag; (void)level; (void)rank;
+    (void)tag; (void)level; (void)item; (void)rank;
     if (!env->logged[0] && strstr(message, "tp_transport")) snprintf(env->logged, sizeof env->logged, "%s", message);
 }
 
