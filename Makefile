@@ -147,7 +147,7 @@ MPICC_NCCL   ?= mpicc
 MPIRUN_NCCL  ?= mpirun
 NCCL_CFLAGS   = -isystem $(CUDA_HOME)/include
 NCCL_LIBS     = -L$(CUDA_HOME)/lib64 -lnccl -lcublas -lcudart -lstdc++ -pthread -lm
-NCCL_HEADERS  = $(HEADERS) transports/moe_ep_nccl.h tests/gpu/gpu_test_support.h tests/gpu/gpu_check.h \
+NCCL_HEADERS  = $(HEADERS) transports/moe_ep_nccl.h $(SUPPORT) tests/gpu/gpu_check.h \
                 tests/gpu/gpu_layout_suite.h
 CUDA_HEADERS  = $(NCCL_HEADERS) moe_ep_cuda.h moe_ep_cuda_kernels.cuh
 NCCL_ONLY_LIBS = -L$(CUDA_HOME)/lib64 -lnccl -lcudart -pthread -lm
@@ -164,16 +164,17 @@ $(BUILD)/cuda_kernels.o: tests/gpu/cuda_kernels.cu moe_ep_cuda_kernels.cuh | $(B
 
 # The NCCL transport alone: no CUDA file, no cuBLAS.
 $(BUILD)/check_nccl: tests/gpu/check_nccl.c $(NCCL_HEADERS) | $(BUILD)
-	$(CC) $(MOE_EP_CFLAGS) $(OPT) $(NCCL_CFLAGS) $(CFLAGS) $< -o $@ $(NCCL_ONLY_LIBS) $(GPU_CHECK_LIBS) $(LDFLAGS)
+	$(CC) $(MOE_EP_CFLAGS) $(OPT) $(NCCL_CFLAGS) $(CFLAGS) $< tests/support/test_support.c -o $@ $(NCCL_ONLY_LIBS) \
+	  $(GPU_CHECK_LIBS) $(LDFLAGS)
 
 # The GPU layer over NCCL; the _layout one over EP x DP and EP x TP x DP groups.
 $(BUILD)/check_cuda: tests/gpu/check_cuda.c $(BUILD)/cuda_kernels.o $(CUDA_HEADERS) | $(BUILD)
-	$(CC) $(MOE_EP_CFLAGS) $(OPT) $(NCCL_CFLAGS) $(CFLAGS) $< $(BUILD)/cuda_kernels.o -o $@ $(NCCL_LIBS) \
-	  $(GPU_CHECK_LIBS) $(LDFLAGS)
+	$(CC) $(MOE_EP_CFLAGS) $(OPT) $(NCCL_CFLAGS) $(CFLAGS) $< tests/support/test_support.c $(BUILD)/cuda_kernels.o -o $@ \
+	  $(NCCL_LIBS) $(GPU_CHECK_LIBS) $(LDFLAGS)
 
 $(BUILD)/check_cuda_layout: tests/gpu/check_cuda_layout.c $(BUILD)/cuda_kernels.o $(CUDA_HEADERS) | $(BUILD)
-	$(CC) $(MOE_EP_CFLAGS) $(OPT) $(NCCL_CFLAGS) $(CFLAGS) $< $(BUILD)/cuda_kernels.o -o $@ $(NCCL_LIBS) \
-	  $(GPU_CHECK_LIBS) $(LDFLAGS)
+	$(CC) $(MOE_EP_CFLAGS) $(OPT) $(NCCL_CFLAGS) $(CFLAGS) $< tests/support/test_support.c $(BUILD)/cuda_kernels.o -o $@ \
+	  $(NCCL_LIBS) $(GPU_CHECK_LIBS) $(LDFLAGS)
 
 $(BUILD)/bench_fill.o: bench/bench_fill.cu moe_ep_cuda_kernels.cuh | $(BUILD)
 	$(NVCC) $(CUDA_ARCH) -O2 -c $< -o $@

@@ -33,17 +33,17 @@
 #include <math.h>
 #include <stdarg.h>
 
-#include "gpu_test_support.h"
+#include "../support/test_support.h"
 #include "gpu_check.h"
 
 #define MAX_GPUS 8
 
-/* >>helpers (and gpu_test_support.h) */
-static void fill(float* v, size_t n, float scale, int round_bf16, unsigned long long* s) {
+/* >>helpers (and tests/support) */
+static void fill(float* v, size_t n, float scale, int round_bf16, uint64_t* s) {
     size_t i;
     for (i = 0; i < n; ++i) {
-        v[i] = scale * uniform(s);
-        if (round_bf16) v[i] = from_bf16(to_bf16(v[i]));
+        v[i] = scale * test_rng_uniform(s);
+        if (round_bf16) v[i] = test_bf16_to_float(test_bf16_from_float(v[i]));
     }
 }
 
@@ -56,7 +56,7 @@ static void* to_dtype(const float* v, size_t n, int bf16) {
         return out;
     } else {
         uint16_t* out = (uint16_t*)malloc(n * 2 + 2);
-        for (i = 0; i < n; ++i) out[i] = to_bf16(v[i]);
+        for (i = 0; i < n; ++i) out[i] = test_bf16_from_float(v[i]);
         return out;
     }
 }
@@ -64,7 +64,7 @@ static void* to_dtype(const float* v, size_t n, int bf16) {
 static void from_dtype(const void* v, size_t n, int bf16, float* out) {
     size_t i;
     if (!bf16) memcpy(out, v, n * 4);
-    else for (i = 0; i < n; ++i) out[i] = from_bf16(((const uint16_t*)v)[i]);
+    else for (i = 0; i < n; ++i) out[i] = test_bf16_to_float(((const uint16_t*)v)[i]);
 }
 
 /* >>world: one thread per rank */
@@ -155,7 +155,7 @@ typedef struct layer_case {
     moe_ep_placement_kind placement;
     moe_ep_cuda_a2a_layout layout;
     moe_ep_cuda_direct direct;
-    unsigned long long seed;
+    uint64_t seed;
     /* filled by the runner */
     float* router;                  /* [E, d] */
     float** w1; float** w3; float** w2;
@@ -164,7 +164,7 @@ typedef struct layer_case {
 } layer_case;
 
 static void model_make(layer_case* c, int world) {
-    unsigned long long s = c->seed;
+    uint64_t s = c->seed;
     int e, r;
     size_t dd = (size_t)c->d, ff = (size_t)c->ff;
     c->router = (float*)malloc(sizeof(float) * (size_t)c->E * dd);
@@ -230,18 +230,18 @@ static double rel_error(const float* a, const float* ref, size_t n) {
 
 /* Hand-in routing: distinct experts per token, from the lower half when never_chosen. */
 static void make_routing(const layer_case* c, int rank, int T, int32_t* idx, float* w) {
-    unsigned long long s = c->seed * 977 + (unsigned long long)rank;
+    uint64_t s = c->seed * 977 + (uint64_t)rank;
     int t, j, i, pool = c->never_chosen && c->E >= 2 * c->k ? c->E / 2 : c->E;
     for (t = 0; t < T; ++t)
         for (j = 0; j < c->k; ++j) {
             int e, dup;
             do {
-                e = (int)(next_u64(&s) % (unsigned long long)pool);
+                e = (int)(test_rng_next(&s) % (uint64_t)pool);
                 dup = 0;
                 for (i = 0; i < j; ++i) dup |= idx[t * c->k + i] == e;
             } while (dup);
             idx[t * c->k + j] = e;
-            w[t * c->k + j] = 0.05f + 0.95f * (uniform(&s) * 0.5f + 0.5f);
+            w[t * c->k + j] = 0.05f + 0.95f * (test_rng_uniform(&s) * 0.5f + 0.5f);
         }
 }
 
@@ -437,7 +437,7 @@ static void test_direct(rank_env* env) {
     void *x = NULL, *y[2] = { NULL, NULL }, *yh[2] = { NULL, NULL }, *xh = NULL;
     float *xf = NULL, *yf = NULL, *ref = NULL, *w = NULL;
     int32_t* idx = NULL;
-    unsigned long long s = c->seed * 131 + (unsigned long long)me;
+    uint64_t s = c->seed * 131 + (uint64_t)me;
     moe_ep_result res = MOE_EP_OK;
     mine = rank_weights(c, me, R, &host_weights, &L);
     for (which = 0; which < 2; ++which) {
@@ -473,7 +473,7 @@ static void test_direct(rank_env* env) {
         CHECK_CUDA(env, cudaMemcpy(x, xh, n * es, cudaMemcpyHostToDevice));
         {
             layer_case rc = *c;
-            rc.seed = c->seed + 1000 * (unsigned long long)it;
+            rc.seed = c->seed + 1000 * (uint64_t)it;
             make_routing(&rc, me, T, idx, w);
         }
         for (which = 0; which < 2; ++which) {
@@ -607,7 +607,7 @@ static void test_agreement(rank_env* env) {
     int32_t idx[50 * 2];
     float w[50 * 2];
     moe_ep_result res;
-    unsigned long long s = 4242 + (unsigned long long)me;
+    uint64_t s = 4242 + (uint64_t)me;
     memset(&st, 0, sizeof st);
     cublasCreate(&st.blas);
     xh = (float*)malloc(sizeof(float) * (size_t)(T * d));

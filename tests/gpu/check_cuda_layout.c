@@ -24,21 +24,13 @@
 #include "../../moe_ep_cuda.h"
 #include "../../transports/moe_ep_nccl.h"
 
-#include "gpu_test_support.h"
+#include "../support/test_support.h"
 #include "gpu_check.h"
 #include "gpu_layout_suite.h"
 
 #define PROGRAM "check_cuda_layout"
 
 /* >>GPU layer over the groups */
-/* Records the first message that names tp_transport (called on the rank's thread). */
-static void record_log(const char* tag, uint32_t level, uint32_t item, int rank, const char* message,
-                       void* user_data) {
-    rank_env* env = (rank_env*)user_data;
-    (void)tag; (void)level; (void)item; (void)rank;
-    if (!env->logged[0] && strstr(message, "tp_transport")) snprintf(env->logged, sizeof env->logged, "%s", message);
-}
-
 typedef struct gpu_case {
     const char* name;
     int bf16, d, ff, staged, max_tokens;
@@ -59,14 +51,14 @@ static void* to_dtype(const float* v, size_t n, int bf16) {
     size_t i;
     void* out = malloc(n * (bf16 ? 2 : 4) + 4);
     if (!bf16) memcpy(out, v, n * 4);
-    else for (i = 0; i < n; ++i) ((uint16_t*)out)[i] = to_bf16(v[i]);
+    else for (i = 0; i < n; ++i) ((uint16_t*)out)[i] = test_bf16_from_float(v[i]);
     return out;
 }
 
 static void from_dtype(const void* v, size_t n, int bf16, float* out) {
     size_t i;
     if (!bf16) memcpy(out, v, n * 4);
-    else for (i = 0; i < n; ++i) out[i] = from_bf16(((const uint16_t*)v)[i]);
+    else for (i = 0; i < n; ++i) out[i] = test_bf16_to_float(((const uint16_t*)v)[i]);
 }
 
 typedef struct gpu_setup {
@@ -75,6 +67,7 @@ typedef struct gpu_setup {
     void* host_weights[3 * E_ALL];
     void* router;
     moe_ep_cuda_layer* layer;
+    test_log log;                   /* the layer's messages, create's included */
 } gpu_setup;
 
 static moe_ep_result gpu_create(rank_env* env, groups* g, gpu_setup* s, const gpu_case* c, moe_ep_cuda_expert_fn fn) {
@@ -83,8 +76,8 @@ static moe_ep_result gpu_create(rank_env* env, groups* g, gpu_setup* s, const gp
     int experts[E_ALL], n, i, j;
     size_t cnt;
     memset(s, 0, sizeof *s);
-    env->logged[0] = '\0';
-    model_make(&s->m, c->d, c->ff, c->bf16, 1000 + (unsigned long long)c->d * 7 + (unsigned long long)c->ff);
+    test_log_init(&s->log);     /* what the layer logs at create: the refusal of expert_fn with TP */
+    model_make(&s->m, c->d, c->ff, c->bf16, 1000 + (uint64_t)c->d * 7 + (uint64_t)c->ff);
     cnt = (size_t)c->d * (size_t)c->ff;
     n = moe_ep_layout_experts(l, env->rank, experts, E_ALL);
     for (i = 0; i < n; ++i) {
@@ -102,7 +95,7 @@ static moe_ep_result gpu_create(rank_env* env, groups* g, gpu_setup* s, const gp
         .d_model = c->d, .d_ff = c->ff, .num_experts = E_ALL, .top_k = TOP_K, .transport = &g->ep,
         .stream = env->stream, .timeout_ms = 60000,
         .tp_transport = l->tp_size > 1 ? &g->tp : NULL,
-        .logger = { .func = record_log, .user_data = env },
+        .logger = test_log_logger(&s->log),
         .dtype = c->bf16 ? MOE_EP_CUDA_DTYPE_BF16 : MOE_EP_CUDA_DTYPE_F32, .a2a_layout = c->a2a,
         .max_tokens = c->max_tokens, .expert_gemm = c->gemm,
         .router_weight = s->router, .experts = fn ? NULL : s->mine, .expert_fn = fn }, &s->layer);
@@ -114,6 +107,7 @@ static void gpu_free(gpu_setup* s) {
     for (i = 0; i < 3 * E_ALL; ++i) free(s->host_weights[i]);
     free(s->router);
     model_free(&s->m);
+    test_log_destroy(&s->log);
 }
 
 static void test_gpu(rank_env* env, groups* g, const gpu_case* c) {
@@ -134,7 +128,9 @@ static void test_gpu(rank_env* env, groups* g, const gpu_case* c) {
     yf = (float*)malloc(sizeof(float) * (n + 1));
     ref = (float*)malloc(sizeof(float) * (n + 1));
     if (res != MOE_EP_OK) {
-        rank_fail(env, "moe_ep_cuda_layer_create: %s (%s)", moe_ep_result_string(res), s.layer ? "" : env->logged);
+        char lines[512];
+        rank_fail(env, "moe_ep_cuda_layer_create: %s (%s)", moe_ep_result_string(res),
+                  test_log_join(&s.log, lines, sizeof lines));
         goto done;
     }
     if (cudaMalloc(&x, n * es + 16) != cudaSuccess || cudaMalloc(&y, n * es + 16) != cudaSuccess ||
@@ -285,9 +281,11 @@ static void test_expert_fn_refused(rank_env* env, groups* g) {
     static const gpu_case c = { "", 0, 32, 48, 0, 0, MOE_EP_CUDA_EXPERT_GEMM_DEFAULT, MOE_EP_CUDA_A2A_DEFAULT };
     gpu_setup s;
     moe_ep_result res = gpu_create(env, g, &s, &c, copy_expert);
+    int line = test_log_find(&s.log, "tp_transport");     /* the first message that names it */
+    const char* refusal = test_log_line(&s.log, line);
     if (res == MOE_EP_OK) rank_fail(env, "expert_fn with a TP group was accepted");
-    else if (!strstr(env->logged, "not supported")) rank_fail(env, "logged \"%s\"", env->logged);
-    else note(env, "%s: \"%s\"", moe_ep_result_string(res), env->logged);
+    else if (!strstr(refusal, "not supported")) rank_fail(env, "logged \"%s\"", refusal);
+    else note(env, "%s: \"%s\"", moe_ep_result_string(res), refusal);
     gpu_free(&s);
 }
 

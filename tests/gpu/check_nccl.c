@@ -29,7 +29,7 @@
 #define MOE_EP_IMPLEMENTATION
 #include "../../transports/moe_ep_nccl.h"
 
-#include "gpu_test_support.h"
+#include "../support/test_support.h"
 #include "gpu_check.h"
 #include "gpu_layout_suite.h"
 
@@ -57,8 +57,8 @@ static void bad_split_suite(rank_env* env) {
 
 /* >>all-reduce */
 static float contribution(int world_rank, int64_t i) {
-    unsigned long long s = 0x1234567ull + (unsigned long long)world_rank * 1000003ull + (unsigned long long)i * 7919ull;
-    unsigned long long h = next_u64(&s);
+    uint64_t s = 0x1234567ull + (uint64_t)world_rank * 1000003ull + (uint64_t)i * 7919ull;
+    uint64_t h = test_rng_next(&s);
     float u = (float)(h >> 40) / 8388608.0f - 1.0f;
     return ldexpf(u, (int)((h >> 8) % 41) - 20);
 }
@@ -190,7 +190,7 @@ static void test_core(rank_env* env, groups* g) {
 
 typedef struct a2a_case {
     int segments, row_bytes, host, split;
-    unsigned long long seed;
+    uint64_t seed;
 } a2a_case;
 
 static const a2a_case g_a2a_cases[] = {
@@ -198,9 +198,9 @@ static const a2a_case g_a2a_cases[] = {
 };
 #define A2A_CASES ((int)(sizeof g_a2a_cases / sizeof g_a2a_cases[0]))
 
-static int64_t seg_rows(unsigned long long seed, int src, int dst, int seg) {
-    unsigned long long s = seed ^ ((unsigned long long)src << 40) ^ ((unsigned long long)dst << 20) ^ (unsigned long long)seg;
-    return (int64_t)(next_u64(&s) % 7);  /* 0..6 rows, zeros included */
+static int64_t seg_rows(uint64_t seed, int src, int dst, int seg) {
+    uint64_t s = seed ^ ((uint64_t)src << 40) ^ ((uint64_t)dst << 20) ^ (uint64_t)seg;
+    return (int64_t)(test_rng_next(&s) % 7);  /* 0..6 rows, zeros included */
 }
 
 static unsigned char cell(int src, int dst, int seg, int64_t row, int byte) {
@@ -334,7 +334,7 @@ static void test_core_world(rank_env* env) {
     moe_ep_result res;
     fill(router, (size_t)E * D, 3.0f / sqrtf((float)D), 0, 901);
     fill(weights, 3 * per * E, 1.7f / sqrtf((float)D), 0, 902);
-    fill(x, n, 1.0f, 0, 903 + (unsigned long long)me);
+    fill(x, n, 1.0f, 0, 903 + (uint64_t)me);
     moe_ep_placement_compute(NULL, E, env->world, owner);
     for (e = 0, l = 0; e < E; ++e) {
         all[e].w1 = weights + 3 * per * (size_t)e;

@@ -3,7 +3,7 @@
    between subtests (after a failure no rank starts a collective call that a failed peer may
    never join), the model and data shards every rank makes from the seeds, the groups
    split from the world transport, and the CPU reference. The including file defines
-   MOE_EP_IMPLEMENTATION, includes transports/moe_ep_nccl.h, gpu_test_support.h and
+   MOE_EP_IMPLEMENTATION, includes transports/moe_ep_nccl.h, tests/support/test_support.h and
    gpu_check.h first. */
 #ifndef GPU_LAYOUT_SUITE_H
 #define GPU_LAYOUT_SUITE_H
@@ -21,13 +21,13 @@
 #define E_ALL 8
 #define TOP_K 2
 
-/* >>helpers (and gpu_test_support.h) */
-static void fill(float* v, size_t n, float scale, int round_bf16, unsigned long long seed) {
+/* >>helpers (and tests/support) */
+static void fill(float* v, size_t n, float scale, int round_bf16, uint64_t seed) {
     size_t i;
-    unsigned long long s = seed;
+    uint64_t s = seed;
     for (i = 0; i < n; ++i) {
-        v[i] = scale * uniform(&s);
-        if (round_bf16) v[i] = from_bf16(to_bf16(v[i]));
+        v[i] = scale * test_rng_uniform(&s);
+        if (round_bf16) v[i] = test_bf16_to_float(test_bf16_from_float(v[i]));
     }
 }
 
@@ -54,7 +54,6 @@ typedef struct rank_env {
     char message[MAX_SUB][400];
     void* kept[MAX_SUB];            /* outputs compared across the TP group after the join */
     size_t kept_bytes[MAX_SUB];
-    char logged[256];               /* the first logged message about tp_transport */
     void* suite;
 } rank_env;
 
@@ -222,7 +221,7 @@ typedef struct model {
     moe_ep_expert_weights all[E_ALL];
 } model;
 
-static void model_make(model* m, int d, int ff, int bf16, unsigned long long seed) {
+static void model_make(model* m, int d, int ff, int bf16, uint64_t seed) {
     int e;
     size_t per = 3 * (size_t)d * (size_t)ff;
     m->d = d;
@@ -233,9 +232,9 @@ static void model_make(model* m, int d, int ff, int bf16, unsigned long long see
     fill(m->router, E_ALL * (size_t)d, 3.0f / sqrtf((float)d), bf16, seed);
     for (e = 0; e < E_ALL; ++e) {
         float* w = m->weights + per * (size_t)e;
-        fill(w, 2 * (size_t)d * (size_t)ff, 1.7f / sqrtf((float)d), bf16, seed * 31 + (unsigned long long)e + 1);
+        fill(w, 2 * (size_t)d * (size_t)ff, 1.7f / sqrtf((float)d), bf16, seed * 31 + (uint64_t)e + 1);
         fill(w + 2 * (size_t)d * (size_t)ff, (size_t)d * (size_t)ff, 1.7f / sqrtf((float)ff), bf16,
-             seed * 37 + (unsigned long long)e + 1000);
+             seed * 37 + (uint64_t)e + 1000);
         m->all[e].w1 = w;
         m->all[e].w3 = w + (size_t)d * (size_t)ff;
         m->all[e].w2 = w + 2 * (size_t)d * (size_t)ff;
@@ -261,7 +260,7 @@ static int shard_of(const moe_ep_layout_desc* l, int rank) {
 
 static float* shard_x(const model* m, int shard, int T) {
     float* x = (float*)malloc(sizeof(float) * ((size_t)T * (size_t)m->d + 1));
-    fill(x, (size_t)T * (size_t)m->d, 1.0f, m->bf16, 7777 + (unsigned long long)shard);
+    fill(x, (size_t)T * (size_t)m->d, 1.0f, m->bf16, 7777 + (uint64_t)shard);
     return x;
 }
 
