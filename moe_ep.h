@@ -21,8 +21,12 @@
    built in                        one rank, no threads (transport = NULL in the desc)
    transports/moe_ep_pthreads.h    N ranks as N threads of one process; link -pthread
    transports/moe_ep_mpi.h         one rank per MPI process; compile with mpicc
-   transports/moe_ep_nccl.h        one rank per GPU, rows in device memory
+   transports/moe_ep_nccl.h        one rank per GPU over NCCL; rows in device or host memory
    your own                        fill a moe_ep_transport (WRITING A CUSTOM TRANSPORT)
+
+   Built on the core, beside it: moe_ep_cuda.h (+ moe_ep_cuda_kernels.cuh), the MoE
+   layer on the GPU (router, plan, experts and combine in device memory), over any
+   transport that moves device memory.
 
    CONFIGURATION MACROS
    ====================
@@ -199,7 +203,8 @@ typedef enum moe_ep_placement_kind {
     MOE_EP_PLACEMENT_FORCE_U32 = 0x7FFFFFFF
 } moe_ep_placement_kind;
 
-/* Where a buffer lives: the core's CPU paths use host memory; the NCCL transport device memory. */
+/* Where a buffer lives: the core's CPU paths use host memory; the GPU layer (moe_ep_cuda.h)
+   device memory; the NCCL transport moves both. */
 typedef enum moe_ep_memory_space {
     MOE_EP_MEMORY_DEFAULT = 0,      /* host */
     MOE_EP_MEMORY_HOST,
@@ -324,7 +329,7 @@ typedef struct moe_ep_a2a_args {
     const int64_t* recv_counts;     /* [world_size * S] rows */
     const int64_t* recv_offsets;    /* [world_size * S] rows */
     moe_ep_memory_space memory_space;
-    void* stream;                   /* cudaStream_t for device memory, else NULL */
+    void* stream;                   /* cudaStream_t for device memory; NULL: the transport's own stream */
 } moe_ep_a2a_args;
 
 typedef struct moe_ep_transport {
