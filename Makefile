@@ -1,11 +1,11 @@
-# moe_ep -- checks, demos and benchmarks of a header-only C99 library.
+# moe_ep -- checks, demos, benchmarks and install of a header-only C99 library.
 #
 #   make test        deps, then check: what CI runs      make deps   apt-get what the checks need (root)
 #   make check       TEST_TARGETS with what is installed, then a summary of passed and skipped targets
-#   make check-headers | check-core | check-demos | check-kernels | check-mpi | check-nccl
+#   make check-headers | check-core | check-demos | check-kernels | check-mpi | check-nccl | check-install
 #   make check-mpi-large (not in check)
 #   make demo | layouts-demo | mpi-demo                make bench | bench-cpu | bench-mpi
-#   make test-gpu | seed-gpu | bench-gpu (GPUs)
+#   make test-gpu | seed-gpu | bench-gpu (GPUs)        make install | uninstall PREFIX=... [DESTDIR=...]
 #
 # A test program that cannot run here (no GPU) exits 77: its target prints "SKIP: target (reason)"
 # and is listed as skipped, not passed. CC, CFLAGS, LDFLAGS are yours; the project's flags are in
@@ -13,8 +13,8 @@
 # built by each in CC_LIST.
 
 .PHONY: all test check deps bench-deps clean check-headers check-core check-demos check-kernels check-mpi \
-        check-mpi-headers check-mpi-large check-nccl demo layouts-demo \
-        mpi-demo bench bench-cpu bench-mpi test-gpu seed-gpu bench-gpu
+        check-mpi-headers check-mpi-large check-nccl check-install demo layouts-demo \
+        mpi-demo bench bench-cpu bench-mpi test-gpu seed-gpu bench-gpu install uninstall
 
 ifeq ($(origin CC),default)
 CC = gcc
@@ -56,7 +56,8 @@ $(BUILD) $(HDR):
 	@mkdir -p $@
 
 # >>test: deps first, in a make of its own, so that check's probes (pkg-config, nvcc) see them.
-TEST_TARGETS ?= check-headers check-core check-demos check-mpi check-nccl check-kernels
+TEST_TARGETS ?= check-headers check-core check-demos check-mpi check-nccl check-kernels \
+                check-install
 test: deps
 	@$(MAKE) --no-print-directory check
 check: | $(BUILD)
@@ -253,6 +254,34 @@ bench: bench-cpu
 bench-cpu: bench-deps
 	$(MAKE) --no-print-directory $(BUILD)/cpu_bench
 	./$(BUILD)/cpu_bench $(BENCH_ARGS)
+
+# >>install: the headers under $(INCLUDEDIR)/moe_ep in the source tree's layout (the transports
+# include ../moe_ep.h), and moe_ep.pc with the header's version.
+PREFIX       ?= /usr/local
+INCLUDEDIR   ?= $(PREFIX)/include
+PKGCONFIGDIR ?= $(PREFIX)/share/pkgconfig
+PUBLIC       = $(filter-out tests/%,$(HEADERS))
+install:
+	for h in $(PUBLIC); do install -D -m 644 $$h $(DESTDIR)$(INCLUDEDIR)/moe_ep/$$h || exit 1; done
+	install -d $(DESTDIR)$(PKGCONFIGDIR)
+	sed -e 's|@PREFIX@|$(PREFIX)|; s|@INCLUDEDIR@|$(INCLUDEDIR)|; s|@VERSION@|$(VERSION)|' moe_ep.pc.in \
+	  > $(DESTDIR)$(PKGCONFIGDIR)/moe_ep.pc
+uninstall:
+	rm -f $(PUBLIC:%=$(DESTDIR)$(INCLUDEDIR)/moe_ep/%) $(DESTDIR)$(PKGCONFIGDIR)/moe_ep.pc
+	rmdir $(DESTDIR)$(INCLUDEDIR)/moe_ep/transports $(DESTDIR)$(INCLUDEDIR)/moe_ep 2>/dev/null || true
+
+# Install under DESTDIR=$(BUILD)/stage (pkg-config's sysroot), build and run a program with
+# pkg-config's flags, uninstall, and find nothing left.
+STAGE = $(abspath $(BUILD)/stage)
+check-install: export PKG_CONFIG_SYSROOT_DIR = $(STAGE)
+check-install: export PKG_CONFIG_LIBDIR = $(STAGE)$(PKGCONFIGDIR)
+check-install: | $(BUILD)
+	rm -rf $(STAGE) && $(MAKE) --no-print-directory install DESTDIR=$(STAGE)
+	$(CC) $(MOE_EP_CFLAGS) $$(pkg-config --cflags moe_ep) tests/install/use_moe_ep.c -o $(BUILD)/use_moe_ep \
+	  $$(pkg-config --libs moe_ep) -pthread
+	./$(BUILD)/use_moe_ep "$$(pkg-config --modversion moe_ep)"
+	$(MAKE) --no-print-directory uninstall DESTDIR=$(STAGE)
+	@left=$$(find $(STAGE) -type f); [ -z "$$left" ] || { echo "uninstall left: $$left"; exit 1; }
 
 clean:
 	rm -rf $(BUILD)
