@@ -3,7 +3,7 @@
 #   make test        deps, then check: what CI runs      make deps   apt-get what the checks need (root)
 #   make check       TEST_TARGETS with what is installed, then a summary of passed and skipped targets
 #   make check-headers | check-core | check-demos | check-kernels | check-mpi | check-nccl | check-install
-#   make check-mpi-large (not in check)
+#   make check-asan | check-ubsan (in check)           make check-tsan | check-mpi-large (not in check)
 #   make demo | layouts-demo | mpi-demo                make bench | bench-cpu | bench-mpi
 #   make test-gpu | seed-gpu | bench-gpu (GPUs)        make install | uninstall PREFIX=... [DESTDIR=...]
 #
@@ -13,8 +13,8 @@
 # built by each in CC_LIST.
 
 .PHONY: all test check deps bench-deps clean check-headers check-core check-demos check-kernels check-mpi \
-        check-mpi-headers check-mpi-large check-nccl check-install demo layouts-demo \
-        mpi-demo bench bench-cpu bench-mpi test-gpu seed-gpu bench-gpu install uninstall
+        check-mpi-headers check-mpi-large check-nccl check-install check-asan check-ubsan check-tsan demo \
+        layouts-demo mpi-demo bench bench-cpu bench-mpi test-gpu seed-gpu bench-gpu install uninstall
 
 ifeq ($(origin CC),default)
 CC = gcc
@@ -56,8 +56,8 @@ $(BUILD) $(HDR):
 	@mkdir -p $@
 
 # >>test: deps first, in a make of its own, so that check's probes (pkg-config, nvcc) see them.
-TEST_TARGETS ?= check-headers check-core check-demos check-mpi check-nccl check-kernels \
-                check-install
+TEST_TARGETS ?= check-headers check-core check-demos check-mpi check-nccl check-kernels check-asan \
+                check-ubsan check-install
 test: deps
 	@$(MAKE) --no-print-directory check
 check: | $(BUILD)
@@ -93,6 +93,18 @@ $(BUILD)/check_moe_ep_%: $(CORE_SRCS) $(HEADERS) | $(BUILD)
 	$* $(BUILD_FLAGS) $(SOURCES) -o $@ $(CHECK_LINK)
 check-core: $(CC_LIST:%=$(BUILD)/check_moe_ep_%)
 	@$(foreach b,$^,$(call run_test,$@,./$(b));)
+
+# >>sanitizers: the core suites, about 10 s each. check-tsan is not in check: gcc 12's TSan may not
+# start on a kernel with more mmap randomness (vm.mmap_rnd_bits) than it knows. It builds without
+# OpenMP: TSan does not see libgomp's barriers and reports what they order as races (220 reports).
+SANITIZE_asan = -fsanitize=address -fno-omit-frame-pointer $(OPENMP_FLAGS)
+SANITIZE_ubsan = -fsanitize=undefined -fno-sanitize-recover=all $(OPENMP_FLAGS)
+SANITIZE_tsan = -fsanitize=thread
+$(BUILD)/%/check_moe_ep: $(CORE_SRCS) $(HEADERS)
+	@mkdir -p $(@D)
+	$(CC) $(MOE_EP_CFLAGS) -O1 -g $(SANITIZE_$*) $(CFLAGS) $(SOURCES) -o $@ $(CHECK_LINK)
+check-asan check-ubsan check-tsan: check-%: $(BUILD)/%/check_moe_ep
+	@$(call run_test,$@,./$<)
 
 # >>demos: they check themselves: the seed layer against one rank, the three layouts at 64 ranks.
 $(BUILD)/%_demo: examples/%_demo.c $(HEADERS) | $(BUILD)
