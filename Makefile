@@ -51,6 +51,7 @@ SKIP_LOG = $(BUILD)/skipped.log
 skip     = echo "SKIP: $(1) ($(2))"; echo "$(1) ($(2))" >> $(SKIP_LOG)
 run_test = echo "$(2)"; rc=0; CK_FORK=no timeout $(TEST_TIMEOUT) $(2) || rc=$$?; if [ $$rc = 77 ]; then \
   $(call skip,$(1),$(notdir $(word 1,$(2))) exited 77: cannot run here); elif [ $$rc != 0 ]; then exit $$rc; fi
+
 all: $(BUILD)/seed_demo $(BUILD)/layouts_demo $(CC_LIST:%=$(BUILD)/check_moe_ep_%)
 $(BUILD) $(HDR):
 	@mkdir -p $@
@@ -144,8 +145,6 @@ check-kernels: $(addprefix $(BUILD)/check_kernels_,$(KERNEL_BUILDS) $(AVX512_BUI
 MPI_LIST          = openmpi mpich
 MPICC_openmpi    ?= mpicc.openmpi
 MPICC_mpich      ?= mpicc.mpich
-MPI_PC_openmpi    = ompi-c
-MPI_PC_mpich      = mpich
 MPIRUN_openmpi    = OMPI_ALLOW_RUN_AS_ROOT=1 OMPI_ALLOW_RUN_AS_ROOT_CONFIRM=1 timeout 300 mpirun.openmpi \
                     --oversubscribe --mca pml ob1 --mca btl self,vader --timeout 240 -x OMP_WAIT_POLICY=PASSIVE
 MPIRUN_mpich      = MPIEXEC_TIMEOUT=240 OMP_WAIT_POLICY=PASSIVE timeout 300 mpiexec.mpich
@@ -160,15 +159,16 @@ $(BUILD)/mpi_demo: examples/mpi_demo.c $(HEADERS) | $(BUILD)
 $(BUILD)/mpi_bench: bench/mpi_bench.c $(TEST_SUPPORT) $(HEADERS) | $(BUILD)
 	$(MPICC_openmpi) $(BUILD_FLAGS) $(SOURCES) -o $@ -pthread -lm $(LDFLAGS)
 
-# The MPI header under each MPI's wrapper and under clang with its flags, with and without OpenMP.
-$(HDR)/mpi_clang_%.o: tests/headers/impl_mpi.c $(HEADERS) | $(HDR)
-	$(CLANG) $(MOE_EP_CFLAGS) $(call variant,$*) $$(pkg-config --cflags $(MPI_PC_$(call compiler,$*))) -c $< -o $@
+# The MPI header under each MPI's wrapper and under clang with that MPI's flags, with and without
+# OpenMP; the declarations as C++.
+MPI_HEADER_CC = openmpi mpich clang-openmpi clang-mpich
+MPICC_clang-openmpi = $(CLANG) $$(pkg-config --cflags ompi-c)
+MPICC_clang-mpich   = $(CLANG) $$(pkg-config --cflags mpich)
 $(HDR)/mpi_%.o: tests/headers/impl_mpi.c $(HEADERS) | $(HDR)
 	$(MPICC_$(call compiler,$*)) $(MOE_EP_CFLAGS) $(call variant,$*) -c $< -o $@
 $(HDR)/decl_mpi.o: tests/headers/decl_mpi.cpp $(HEADERS) | $(HDR)
 	$(CXX) -Wall -Wextra -pedantic -Werror -DOMPI_SKIP_MPICXX -DMPICH_SKIP_MPICXX $$(pkg-config --cflags ompi-c) -c $< -o $@
-check-mpi-headers: $(foreach m,$(MPI_LIST),$(foreach v,c99 omp,$(HDR)/mpi_$(m)_$(v).o $(HDR)/mpi_clang_$(m)_$(v).o)) \
-                   $(HDR)/decl_mpi.o
+check-mpi-headers: $(foreach m,$(MPI_HEADER_CC),$(HDR)/mpi_$(m)_c99.o $(HDR)/mpi_$(m)_omp.o) $(HDR)/decl_mpi.o
 
 # Open MPI at 1-4 processes, MPICH at 1, 2, 4, then the demo at 8 against one rank.
 check-mpi: check-mpi-headers $(MPI_LIST:%=$(BUILD)/check_mpi_%) $(BUILD)/mpi_demo
@@ -234,7 +234,7 @@ endif
 # Every GPU test (world sizes 1, 2, 4, 8 up to the GPUs there are), then the MPI demo (one process
 # per GPU) in fp32, bf16 and bf16 on the direct path (CUDA IPC between the processes).
 test-gpu: $(GPU_TESTS:%=$(BUILD)/%) $(if $(HAVE_MPI_NCCL),$(BUILD)/nccl_mpi_demo)
-	for t in $(GPU_TESTS); do timeout $(TEST_TIMEOUT) ./$(BUILD)/$$t --require-gpu || exit 1; done
+	for t in $(GPU_TESTS); do CK_FORK=no timeout $(TEST_TIMEOUT) ./$(BUILD)/$$t --require-gpu || exit 1; done
 ifeq ($(HAVE_MPI_NCCL),)
 	@$(call skip,$@/mpi-demo,no $(MPICC_NCCL) or $(MPIRUN_NCCL))
 else
