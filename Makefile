@@ -27,7 +27,9 @@ MOE_EP_CFLAGS = -std=c99 -pedantic -Wall -Wextra -Werror
 BUILD        ?= build
 HDR           = $(BUILD)/headers
 TEST_TIMEOUT ?= 900
-HEADERS      = $(wildcard moe_ep*.h moe_ep*.cuh transports/*.h transports/*.cuh tests/*.h tests/*/*.h)
+# Every program depends on every header: coarse, and never stale.
+PUBLIC_HEADERS = $(wildcard moe_ep*.h moe_ep*.cuh transports/*.h transports/*.cuh)
+HEADERS        = $(PUBLIC_HEADERS) $(wildcard tests/*.h tests/*/*.h examples/*.h bench/*.h)
 TEST_SUPPORT = tests/support/test_support.c
 CHECK_LIBS   = $(shell pkg-config --cflags --libs check 2>/dev/null || echo -lcheck)
 BUILD_FLAGS  = $(MOE_EP_CFLAGS) $(OPT) $(OPENMP_FLAGS) $(CFLAGS)
@@ -272,14 +274,13 @@ bench-cpu: bench-deps
 PREFIX       ?= /usr/local
 INCLUDEDIR   ?= $(PREFIX)/include
 PKGCONFIGDIR ?= $(PREFIX)/share/pkgconfig
-PUBLIC       = $(filter-out tests/%,$(HEADERS))
 install:
-	for h in $(PUBLIC); do install -D -m 644 $$h $(DESTDIR)$(INCLUDEDIR)/moe_ep/$$h || exit 1; done
+	for h in $(PUBLIC_HEADERS); do install -D -m 644 $$h $(DESTDIR)$(INCLUDEDIR)/moe_ep/$$h || exit 1; done
 	install -d $(DESTDIR)$(PKGCONFIGDIR)
 	sed -e 's|@PREFIX@|$(PREFIX)|; s|@INCLUDEDIR@|$(INCLUDEDIR)|; s|@VERSION@|$(VERSION)|' moe_ep.pc.in \
 	  > $(DESTDIR)$(PKGCONFIGDIR)/moe_ep.pc
 uninstall:
-	rm -f $(PUBLIC:%=$(DESTDIR)$(INCLUDEDIR)/moe_ep/%) $(DESTDIR)$(PKGCONFIGDIR)/moe_ep.pc
+	rm -f $(PUBLIC_HEADERS:%=$(DESTDIR)$(INCLUDEDIR)/moe_ep/%) $(DESTDIR)$(PKGCONFIGDIR)/moe_ep.pc
 	rmdir $(DESTDIR)$(INCLUDEDIR)/moe_ep/transports $(DESTDIR)$(INCLUDEDIR)/moe_ep 2>/dev/null || true
 
 # Install under DESTDIR=$(BUILD)/stage (pkg-config's sysroot), build and run a program with
