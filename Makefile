@@ -19,23 +19,24 @@
 ifeq ($(origin CC),default)
 CC = gcc
 endif
-CLANG        ?= clang
-CC_LIST      ?= gcc $(CLANG)
-OPT          ?= -O2
-OPENMP_FLAGS ?= -fopenmp
-MOE_EP_CFLAGS = -std=c99 -pedantic -Wall -Wextra -Werror
-BUILD        ?= build
-HDR           = $(BUILD)/headers
-TEST_TIMEOUT ?= 900
+CLANG          ?= clang
+CC_LIST        ?= gcc $(CLANG)
+OPT            ?= -O2
+OPENMP_FLAGS   ?= -fopenmp
+MOE_EP_CFLAGS   = -std=c99 -pedantic -Wall -Wextra -Werror
+BUILD          ?= build
+HDR             = $(BUILD)/headers
+TEST_TIMEOUT   ?= 900
+
 # Every program depends on every header: coarse, and never stale.
-PUBLIC_HEADERS = $(wildcard moe_ep*.h moe_ep*.cuh transports/*.h transports/*.cuh)
-HEADERS        = $(PUBLIC_HEADERS) $(wildcard tests/*.h tests/*/*.h examples/*.h bench/*.h)
-TEST_SUPPORT = tests/support/test_support.c
-CHECK_LIBS   = $(shell pkg-config --cflags --libs check 2>/dev/null || echo -lcheck)
-BUILD_FLAGS  = $(MOE_EP_CFLAGS) $(OPT) $(OPENMP_FLAGS) $(CFLAGS)
-CHECK_LINK   = $(CHECK_LIBS) -pthread -lm $(LDFLAGS)
-SOURCES      = $(filter %.c %.o,$^)
-VERSION     := $(shell awk '/^\#define MOE_EP_VERSION_(MAJOR|MINOR|PATCH) /{v = v s $$3; s = "."} END{print v}' moe_ep.h)
+PUBLIC_HEADERS  = $(wildcard moe_ep*.h moe_ep*.cuh transports/*.h transports/*.cuh)
+HEADERS         = $(PUBLIC_HEADERS) $(wildcard tests/*.h tests/*/*.h examples/*.h bench/*.h)
+TEST_SUPPORT    = tests/support/test_support.c
+CHECK_LIBS      = $(shell pkg-config --cflags --libs check 2>/dev/null || echo -lcheck)
+BUILD_FLAGS     = $(MOE_EP_CFLAGS) $(OPT) $(OPENMP_FLAGS) $(CFLAGS)
+CHECK_LINK      = $(CHECK_LIBS) -pthread -lm $(LDFLAGS)
+SOURCES         = $(filter %.c %.o,$^)
+VERSION        := $(shell awk '/^\#define MOE_EP_VERSION_(MAJOR|MINOR|PATCH) /{v = v s $$3; s = "."} END{print v}' moe_ep.h)
 
 # A stem compiler_variant (gcc_omp) names a compiler and the flags VARIANT_omp.
 compiler = $(word 1,$(subst _, ,$(1)))
@@ -51,7 +52,7 @@ VARIANT_avx512   = -mavx512f -mavx2 -mfma
 # threads do not survive it), bounded by `timeout`; exit status 77 is a skip of TARGET.
 SKIP_LOG = $(BUILD)/skipped.log
 skip     = echo "SKIP: $(1) ($(2))"; echo "$(1) ($(2))" >> $(SKIP_LOG)
-run_test = echo "$(2)"; rc=0; CK_FORK=no timeout $(TEST_TIMEOUT) $(2) || rc=$$?; if [ $$rc = 77 ]; then \
+run_test = echo "CK_FORK=no $(2)"; rc=0; CK_FORK=no timeout $(TEST_TIMEOUT) $(2) || rc=$$?; if [ $$rc = 77 ]; then \
   $(call skip,$(1),$(notdir $(word 1,$(2))) exited 77: cannot run here); elif [ $$rc != 0 ]; then exit $$rc; fi
 
 all: $(BUILD)/seed_demo $(BUILD)/layouts_demo $(CC_LIST:%=$(BUILD)/check_moe_ep_%)
