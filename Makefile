@@ -190,8 +190,8 @@ bench-mpi: $(BUILD)/mpi_bench
 	$(MPIRUN_openmpi) -n 2 ./$<
 
 # >>gpu: the NCCL transport (check_nccl) and the GPU layer (check_cuda; check_cuda_layout: EP x DP
-# and EP x TP x DP), built by CC against nvcc's kernels and compiled by clang too; the GPU layer's
-# header as one nvcc (C++) file. Without a GPU the programs exit 77. NCCL_NVLS_ENABLE=0 on GPUs.
+# and EP x TP x DP), built by CC against nvcc's kernels and compiled by clang too, as bench_nccl
+# is; the GPU layer's header as one nvcc (C++) file. Without a GPU the programs exit 77. NCCL_NVLS_ENABLE=0 on GPUs.
 CUDA_HOME   ?= /usr/local/cuda
 NVCC        ?= $(CUDA_HOME)/bin/nvcc
 CUDA_ARCH   ?= -arch=sm_90
@@ -207,6 +207,7 @@ HAVE_MPI_NCCL := $(and $(shell command -v $(MPICC_NCCL) 2>/dev/null),$(shell com
 ANCHOR_DIR  ?= ../shared/anchors/gpu
 NGPU        ?= $(shell n=$$(nvidia-smi -L 2>/dev/null | wc -l); [ "$$n" -gt 0 ] && echo $$n || echo 2)
 test-gpu seed-gpu bench-gpu: export NCCL_NVLS_ENABLE = 0
+vpath %.c tests/gpu bench
 vpath %.cu tests/gpu bench
 $(BUILD)/%.o: %.cu $(HEADERS) | $(BUILD)
 	$(NVCC) $(CUDA_ARCH) -O2 -c $< -o $@
@@ -218,7 +219,7 @@ $(BUILD)/nccl_mpi_demo: examples/nccl_mpi_demo.c $(HEADERS) | $(BUILD)
 	$(MPICC_NCCL) $(GPU_FLAGS) $(SOURCES) -o $@ $(CUDA_LIBS)
 $(BUILD)/bench_nccl: bench/bench_nccl.c $(BUILD)/bench_fill.o $(HEADERS) | $(BUILD)
 	$(CC) $(GPU_FLAGS) $(SOURCES) -o $@ $(CUDA_LIBS)
-$(HDR)/gpu_clang_%.o: tests/gpu/%.c $(HEADERS) | $(HDR)
+$(HDR)/gpu_clang_%.o: %.c $(HEADERS) | $(HDR)
 	$(CLANG) $(GPU_FLAGS) -c $< -o $@
 $(HDR)/nccl_%.o: tests/headers/impl_nccl.c $(HEADERS) | $(HDR)
 	$* $(GPU_FLAGS) -c $< -o $@
@@ -229,8 +230,8 @@ ifeq ($(HAVE_NVCC),)
 check-nccl: | $(BUILD)
 	@$(call skip,$@,no nvcc: $(NVCC))
 else
-check-nccl: $(GPU_TESTS:%=$(BUILD)/%) $(GPU_TESTS:%=$(HDR)/gpu_clang_%.o) $(CC_LIST:%=$(HDR)/nccl_%.o) $(HDR)/cuda.o \
-            $(BUILD)/bench_nccl $(if $(HAVE_MPI_NCCL),$(BUILD)/nccl_mpi_demo)
+check-nccl: $(GPU_TESTS:%=$(BUILD)/%) $(GPU_TESTS:%=$(HDR)/gpu_clang_%.o) $(HDR)/gpu_clang_bench_nccl.o $(HDR)/cuda.o \
+            $(CC_LIST:%=$(HDR)/nccl_%.o) $(BUILD)/bench_nccl $(if $(HAVE_MPI_NCCL),$(BUILD)/nccl_mpi_demo)
 	@$(foreach t,$(GPU_TESTS),$(call run_test,$@,./$(BUILD)/$(t));)
 endif
 
