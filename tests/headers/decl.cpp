@@ -1,0 +1,4 @@
+// The declarations must compile as C++.
+#include "../../moe_ep.h"
+#include "../../transports/moe_ep_pthreads.h"
+int f(void) { return (int)MOE_EP_RESULT_COUNT; }
