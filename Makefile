@@ -204,7 +204,8 @@ CUDA_LIBS    = -L$(CUDA_HOME)/lib64 -lnccl -lcublas -lcudart -lstdc++ -pthread -
 GPU_TESTS    = check_nccl check_cuda check_cuda_layout
 HAVE_NVCC   := $(shell command -v $(NVCC) 2>/dev/null)
 HAVE_MPI_NCCL := $(and $(shell command -v $(MPICC_NCCL) 2>/dev/null),$(shell command -v $(MPIRUN_NCCL) 2>/dev/null))
-ANCHOR_DIR  ?= ../shared/anchors/gpu
+# ANCHOR_DIR: the anchor scripts bench-gpu runs beside ours (raw NCCL all-to-all, the PyTorch EP layer)
+ANCHOR_DIR  ?= bench/anchors
 NGPU        ?= $(shell n=$$(nvidia-smi -L 2>/dev/null | wc -l); [ "$$n" -gt 0 ] && echo $$n || echo 2)
 test-gpu seed-gpu bench-gpu: export NCCL_NVLS_ENABLE = 0
 vpath %.c tests/gpu bench
