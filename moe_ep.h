@@ -2357,19 +2357,8 @@ MOE_EP_PRIVATE MOE_EP__V moe_ep__vswiglu(MOE_EP__V g, MOE_EP__V u) {
     c##r##a = MOE_EP__VFMA(av, b0, c##r##a); c##r##b = MOE_EP__VFMA(av, b1, c##r##b); }
 #define MOE_EP__K_STORE(r) MOE_EP__VSTORE(cout + (r) * ldo, c##r##a); MOE_EP__VSTORE(cout + (r) * ldo + MOE_EP__VW, c##r##b);
 #define MOE_EP__K_SWIGLU(r) MOE_EP__VSTORE(cout + (r) * ldo, moe_ep__vswiglu(c##r##a, c##r##b));
-#define MOE_EP__KERNEL(name, ROWS) \
-    MOE_EP_PRIVATE void name(int kc, const float* a, const float* b, const float* cin, int64_t ldc, float* cout, \
-                             int64_t ldo, int swiglu) { \
-        int kk; \
-        ROWS(MOE_EP__K_DECL) \
-        if (cin) { ROWS(MOE_EP__K_LOAD) } else { ROWS(MOE_EP__K_ZERO) } \
-        for (kk = 0; kk < kc; ++kk) { \
-            MOE_EP__V b0 = MOE_EP__VLOADA(b + (int64_t)kk * MOE_EP__NR); \
-            MOE_EP__V b1 = MOE_EP__VLOADA(b + (int64_t)kk * MOE_EP__NR + MOE_EP__VW); \
-            ROWS(MOE_EP__K_FMA) \
-        } \
-        if (swiglu) { ROWS(MOE_EP__K_SWIGLU) } else { ROWS(MOE_EP__K_STORE) } \
-    }
+#define MOE_EP__K_PANEL MOE_EP__V b0 = MOE_EP__VLOADA(b + (int64_t)kk * MOE_EP__NR); \
+    MOE_EP__V b1 = MOE_EP__VLOADA(b + (int64_t)kk * MOE_EP__NR + MOE_EP__VW);
 #endif /* AVX-512 or AVX2 */
 
 #ifdef MOE_EP__NEON
@@ -2407,6 +2396,13 @@ MOE_EP_PRIVATE float32x4_t moe_ep__vswiglu(float32x4_t g, float32x4_t u) {
     vst1q_f32(cout + (r) * ldo + 8, c##r##2); vst1q_f32(cout + (r) * ldo + 12, c##r##3);
 #define MOE_EP__K_SWIGLU(r) vst1q_f32(cout + (r) * ldo, moe_ep__vswiglu(c##r##0, c##r##2)); \
     vst1q_f32(cout + (r) * ldo + 4, moe_ep__vswiglu(c##r##1, c##r##3));
+#define MOE_EP__K_PANEL const float* bk = b + (int64_t)kk * MOE_EP__NR; \
+    float32x4_t b0 = vld1q_f32(bk), b1 = vld1q_f32(bk + 4), b2 = vld1q_f32(bk + 8), b3 = vld1q_f32(bk + 12);
+#endif /* NEON */
+
+/* One micro-kernel per row count: K_PANEL loads step kk of the weight panel, K_FMA adds
+   it into row r's accumulators, K_STORE / K_SWIGLU write the rows out. */
+#ifdef MOE_EP__K_PANEL
 #define MOE_EP__KERNEL(name, ROWS) \
     MOE_EP_PRIVATE void name(int kc, const float* a, const float* b, const float* cin, int64_t ldc, float* cout, \
                              int64_t ldo, int swiglu) { \
@@ -2414,15 +2410,11 @@ MOE_EP_PRIVATE float32x4_t moe_ep__vswiglu(float32x4_t g, float32x4_t u) {
         ROWS(MOE_EP__K_DECL) \
         if (cin) { ROWS(MOE_EP__K_LOAD) } else { ROWS(MOE_EP__K_ZERO) } \
         for (kk = 0; kk < kc; ++kk) { \
-            const float* bk = b + (int64_t)kk * MOE_EP__NR; \
-            float32x4_t b0 = vld1q_f32(bk), b1 = vld1q_f32(bk + 4), b2 = vld1q_f32(bk + 8), b3 = vld1q_f32(bk + 12); \
+            MOE_EP__K_PANEL \
             ROWS(MOE_EP__K_FMA) \
         } \
         if (swiglu) { ROWS(MOE_EP__K_SWIGLU) } else { ROWS(MOE_EP__K_STORE) } \
     }
-#endif /* NEON */
-
-#ifdef MOE_EP__KERNEL
 MOE_EP__KERNEL(moe_ep__kernel1, MOE_EP__ROWS1)
 MOE_EP__KERNEL(moe_ep__kernel2, MOE_EP__ROWS2)
 MOE_EP__KERNEL(moe_ep__kernel3, MOE_EP__ROWS3)
