@@ -189,7 +189,10 @@ typedef enum moe_ep_activation {
 
 typedef enum moe_ep_scoring {
     MOE_EP_SCORING_DEFAULT = 0,     /* softmax */
-    MOE_EP_SCORING_SOFTMAX,         /* softmax over all E logits, then top-k */
+    MOE_EP_SCORING_SOFTMAX,         /* softmax over all E logits, then top-k (Mixtral, Qwen2/3-MoE) */
+    MOE_EP_SCORING_SIGMOID,         /* sigmoid of each logit, then top-k (DeepSeek-V3) */
+    MOE_EP_SCORING_TOPK_SOFTMAX,    /* top-k of the logits, then softmax over the k chosen (GPT-OSS) */
+    MOE_EP_SCORING_TOPK_SIGMOID,    /* top-k of the logits, then sigmoid of each chosen one (Llama-4) */
     MOE_EP_SCORING_COUNT,
     MOE_EP_SCORING_FORCE_U32 = 0x7FFFFFFF
 } moe_ep_scoring;
@@ -252,9 +255,15 @@ typedef struct moe_ep_allocator {
     X(DESC_TP_EXPERT_FN) \
     X(DESC_EXPERTS_MISSING) \
     X(DESC_EXPERT_WEIGHTS_NULL) \
+    X(DESC_ROUTED_SCALING_FACTOR) \
+    X(DESC_BIAS_NOT_FINITE)        /* router_bias or selection_bias holds NaN or Inf */ \
+    X(DESC_NUM_GROUPS)             /* num_groups < 0 or not a divisor of num_experts */ \
+    X(DESC_TOPK_GROUPS)            /* topk_groups outside [1, num_groups] */ \
+    X(DESC_TOP_K_ABOVE_GROUPS)     /* top_k above the experts that topk_groups groups hold */ \
     X(ROUTE_TOKENS) \
     X(ROUTE_NULL) \
     X(ROUTER_WEIGHT_MISSING) \
+    X(ROUTE_NOT_FINITE)            /* a token's router logit is NaN or Inf: nothing is chosen silently */ \
     X(ROUTING_EXPERT_RANGE)        /* a topk_idx entry is not an expert */ \
     X(ROUTING_EXPERT_TWICE)        /* a token names an expert in two slots */ \
     X(ROUTING_WEIGHT_NOT_FINITE) \
@@ -383,6 +392,18 @@ typedef struct moe_ep_desc {
     moe_ep_activation activation;   /* default SwiGLU */
     moe_ep_scoring scoring;         /* default softmax */
     bool normalize_topk;            /* default false: divide the k weights by their sum */
+    float routed_scaling_factor;    /* default 0 = 1: the k weights are multiplied by it, after
+                                       normalize_topk (DeepSeek-V3's routed_scaling_factor) */
+    const float* router_bias;       /* [num_experts] or NULL: added to the logits (GPT-OSS); copied */
+    const float* selection_bias;    /* [num_experts] or NULL: added to the scores to choose the experts
+                                       only; the weights come from the unbiased scores (DeepSeek-V3's
+                                       e_score_correction_bias); copied */
+    int num_groups;                 /* default 0 = 1: the experts form num_groups equal groups, a group
+                                       scores the sum of its two best (biased) scores, and only the
+                                       best topk_groups groups compete (DeepSeek-V3's n_group) */
+    int topk_groups;                /* default 0 = num_groups (DeepSeek-V3's topk_group) */
+    bool scale_expert_input;        /* default false: a token's weight scales the expert's output;
+                                       true: its input, and the outputs add unweighted (Llama-4) */
     float capacity_factor;          /* default 0 = dropless; else > 0 */
     moe_ep_placement placement;     /* default contiguous */
     int num_threads;                /* default 0 = OpenMP's default divided by transport.local_ranks */
@@ -407,7 +428,8 @@ typedef struct moe_ep_desc {
 typedef struct moe_ep_router_stats {
     int64_t* tokens_per_expert;     /* [num_experts] out: assignments (token, slot) per expert */
     double aux_loss;                /* out: E * sum_i f_i * P_i, f_i = tokens_per_expert[i] / (T*k),
-                                       P_i = mean over tokens of the router probability of i.
+                                       P_i = mean over tokens of the router probability of i (the
+                                       softmax of the logits, whatever the scoring).
                                        1.0 at perfect balance; 0 when T = 0. */
     double z_loss;                  /* out: mean over tokens of logsumexp(logits)^2; 0 when T = 0 */
 } moe_ep_router_stats;
@@ -664,6 +686,8 @@ struct moe_ep_context {
     int* rank_expert_start;         /* [R+1] offsets into rank_expert_list */
     int* rank_expert_list;          /* [E] experts sorted by (owner, id) */
     int* placement_table;           /* [E] copy of desc.placement.table or NULL */
+    float* router_bias;             /* [E] copy of desc.router_bias or NULL */
+    float* selection_bias;          /* [E] copy of desc.selection_bias or NULL */
     float** packed_up;              /* [local] w1 (and w3) panels */
     float** packed_down;            /* [local] w2 panels */
     float* hidden;                  /* kernel workspaces (raw allocations, aligned on use) */
@@ -701,7 +725,8 @@ struct moe_ep_plan {
     int64_t* expert_kept;           /* [E] */
     int64_t* permutation;           /* [send_rows] */
     int64_t* slot_row;              /* [T*k] send row of (t, j), -1 if dropped */
-    float* topk_weight;             /* [T*k] copy */
+    float* topk_weight;             /* [T*k] the combine's weights: a copy, or 1 with scale_expert_input */
+    float* row_scale;               /* [send_rows] scale_expert_input: each send row's weight, or NULL */
     float* send_buffer;             /* [send_rows, d] */
     void* request;                  /* split-phase handle */
     int pending;                    /* 0 none, 1 dispatch, 2 combine */
@@ -1016,6 +1041,9 @@ MOE_EP_PRIVATE moe_ep_desc moe_ep__desc_defaults(const moe_ep_desc* in) {
     d.top_k = MOE_EP__DEF(d.top_k, 1);
     d.activation = MOE_EP__DEF(d.activation, MOE_EP_ACTIVATION_SWIGLU);
     d.scoring = MOE_EP__DEF(d.scoring, MOE_EP_SCORING_SOFTMAX);
+    d.routed_scaling_factor = MOE_EP__DEF(d.routed_scaling_factor, 1.0f);
+    d.num_groups = MOE_EP__DEF(d.num_groups, 1);
+    d.topk_groups = MOE_EP__DEF(d.topk_groups, d.num_groups);
     d.placement.kind = MOE_EP__DEF(d.placement.kind, MOE_EP_PLACEMENT_CONTIGUOUS);
     return d;
 }
@@ -1037,6 +1065,42 @@ MOE_EP_PRIVATE void moe_ep__check(moe_ep__validator* v, bool ok, moe_ep_log_item
     v->failures++;
 }
 
+MOE_EP_PRIVATE bool moe_ep__finite(float value) { return value == value && value <= 3.4e38f && value >= -3.4e38f; }
+
+MOE_EP_PRIVATE void moe_ep__validate_bias(const moe_ep_desc* d, const float* bias, const char* name,
+                                          moe_ep__validator* v) {
+    int e;
+    for (e = 0; bias && e < d->num_experts; ++e)
+        if (!moe_ep__finite(bias[e])) {
+            moe_ep__check(v, false, MOE_EP_LOG_ITEM_DESC_BIAS_NOT_FINITE,
+                          "moe_ep_desc.%s[%d] (%g) must be finite", name, e, (double)bias[e]);
+            break;
+        }
+}
+
+/* The router's rules: scoring, scaling, biases and expert groups. */
+MOE_EP_PRIVATE void moe_ep__validate_router(const moe_ep_desc* d, moe_ep__validator* v) {
+    int E = d->num_experts, G = d->num_groups;
+    moe_ep__check(v, d->scoring > 0 && d->scoring < MOE_EP_SCORING_COUNT,
+                  MOE_EP_LOG_ITEM_DESC_SCORING, "moe_ep_desc.scoring (%d) is not a moe_ep_scoring", (int)d->scoring);
+    moe_ep__check(v, moe_ep__finite(d->routed_scaling_factor) && d->routed_scaling_factor > 0.0f,
+                  MOE_EP_LOG_ITEM_DESC_ROUTED_SCALING_FACTOR,
+                  "moe_ep_desc.routed_scaling_factor (%g) must be 0 (meaning 1) or finite and > 0",
+                  (double)d->routed_scaling_factor);
+    if (E > 0) {
+        moe_ep__validate_bias(d, d->router_bias, "router_bias", v);
+        moe_ep__validate_bias(d, d->selection_bias, "selection_bias", v);
+    }
+    moe_ep__check(v, G > 0 && (E <= 0 || E % G == 0), MOE_EP_LOG_ITEM_DESC_NUM_GROUPS,
+                  "moe_ep_desc.num_groups (%d) must divide num_experts (%d)", G, E);
+    moe_ep__check(v, d->topk_groups > 0 && d->topk_groups <= G, MOE_EP_LOG_ITEM_DESC_TOPK_GROUPS,
+                  "moe_ep_desc.topk_groups (%d) must be in [1, num_groups (%d)]", d->topk_groups, G);
+    if (G > 0 && E > 0 && E % G == 0 && d->topk_groups > 0 && d->topk_groups <= G)
+        moe_ep__check(v, d->top_k <= d->topk_groups * (E / G), MOE_EP_LOG_ITEM_DESC_TOP_K_ABOVE_GROUPS,
+                      "moe_ep_desc.top_k (%d) must be <= the %d experts that topk_groups (%d) groups of %d hold",
+                      d->top_k, d->topk_groups * (E / G), d->topk_groups, E / G);
+}
+
 MOE_EP_PRIVATE int moe_ep__validate_desc(const moe_ep_desc* d, const moe_ep_transport* t, moe_ep__validator* v) {
     moe_ep__check(v, d->d_model > 0, MOE_EP_LOG_ITEM_DESC_D_MODEL, "moe_ep_desc.d_model (%d) must be > 0", d->d_model);
     moe_ep__check(v, d->d_ff > 0 || (d->d_ff == 0 && d->expert_fn), MOE_EP_LOG_ITEM_DESC_D_FF,
@@ -1050,8 +1114,7 @@ MOE_EP_PRIVATE int moe_ep__validate_desc(const moe_ep_desc* d, const moe_ep_tran
     moe_ep__check(v, d->activation > 0 && d->activation < MOE_EP_ACTIVATION_COUNT,
                   MOE_EP_LOG_ITEM_DESC_ACTIVATION,
                   "moe_ep_desc.activation (%d) is not a moe_ep_activation", (int)d->activation);
-    moe_ep__check(v, d->scoring > 0 && d->scoring < MOE_EP_SCORING_COUNT,
-                  MOE_EP_LOG_ITEM_DESC_SCORING, "moe_ep_desc.scoring (%d) is not a moe_ep_scoring", (int)d->scoring);
+    moe_ep__validate_router(d, v);
     moe_ep__check(v, d->capacity_factor >= 0.0f && d->capacity_factor <= 1e6f,
                   MOE_EP_LOG_ITEM_DESC_CAPACITY_FACTOR,
                   "moe_ep_desc.capacity_factor (%g) must be 0 (dropless) or in (0, 1e6]", (double)d->capacity_factor);
@@ -1104,13 +1167,17 @@ MOE_EP_PRIVATE int moe_ep__validate_desc(const moe_ep_desc* d, const moe_ep_tran
 
 MOE_EP_PRIVATE int64_t moe_ep__fingerprint(const moe_ep_context* ctx) {
     const moe_ep_desc* d = &ctx->desc;
-    int32_t fields[9];
+    int32_t fields[14];
     uint64_t h = MOE_EP_HASH_SEED;
     fields[0] = d->d_model; fields[1] = ctx->d_ff_full; fields[2] = d->num_experts; fields[3] = d->top_k;
     fields[4] = (int32_t)d->activation; fields[5] = (int32_t)d->scoring; fields[6] = d->normalize_topk;
-    fields[7] = ctx->world_size; fields[8] = ctx->tp_size;
+    fields[7] = ctx->world_size; fields[8] = ctx->tp_size; fields[9] = d->num_groups; fields[10] = d->topk_groups;
+    fields[11] = d->scale_expert_input; fields[12] = d->router_bias != NULL; fields[13] = d->selection_bias != NULL;
     h = moe_ep_hash(h, fields, sizeof fields);
     h = moe_ep_hash(h, &d->capacity_factor, sizeof d->capacity_factor);
+    h = moe_ep_hash(h, &d->routed_scaling_factor, sizeof d->routed_scaling_factor);
+    if (d->router_bias) h = moe_ep_hash(h, d->router_bias, sizeof(float) * (size_t)d->num_experts);
+    if (d->selection_bias) h = moe_ep_hash(h, d->selection_bias, sizeof(float) * (size_t)d->num_experts);
     h = moe_ep_hash(h, ctx->owner_of, sizeof(int) * (size_t)d->num_experts);
     h &= 0x7FFFFFFFFFFFFFFFull;
     return h == 0 ? 1 : (int64_t)h;
@@ -1137,6 +1204,8 @@ MOE_EP_PRIVATE void moe_ep__context_free(moe_ep_context* ctx) {
     moe_ep_free(&a, ctx->rank_expert_start);
     moe_ep_free(&a, ctx->rank_expert_list);
     moe_ep_free(&a, ctx->placement_table);
+    moe_ep_free(&a, ctx->router_bias);
+    moe_ep_free(&a, ctx->selection_bias);
     moe_ep_free(&a, ctx->hidden);
     moe_ep_free(&a, ctx->kernel_scratch);
     moe_ep_free(&a, ctx->kernel_rows);
@@ -1177,6 +1246,25 @@ MOE_EP_PRIVATE moe_ep_result moe_ep__build_placement(moe_ep_context* ctx) {
     for (e = 0; e < E; ++e)
         ctx->rank_expert_list[ctx->rank_expert_start[ctx->owner_of[e]] + ctx->local_index_of[e]] = e;
     ctx->local_experts = ctx->rank_expert_count[ctx->rank];
+    return MOE_EP_OK;
+}
+
+/* The router's biases are the caller's: keep copies, as of the placement table. */
+MOE_EP_PRIVATE moe_ep_result moe_ep__copy_biases(moe_ep_context* ctx) {
+    const moe_ep_allocator* a = &ctx->desc.allocator;
+    size_t size = sizeof(float) * (size_t)ctx->desc.num_experts;
+    if (ctx->desc.router_bias) {
+        ctx->router_bias = (float*)moe_ep_alloc(a, size);
+        if (!ctx->router_bias) return MOE_EP_ERROR_OUT_OF_MEMORY;
+        memcpy(ctx->router_bias, ctx->desc.router_bias, size);
+        ctx->desc.router_bias = ctx->router_bias;
+    }
+    if (ctx->desc.selection_bias) {
+        ctx->selection_bias = (float*)moe_ep_alloc(a, size);
+        if (!ctx->selection_bias) return MOE_EP_ERROR_OUT_OF_MEMORY;
+        memcpy(ctx->selection_bias, ctx->desc.selection_bias, size);
+        ctx->desc.selection_bias = ctx->selection_bias;
+    }
     return MOE_EP_OK;
 }
 
@@ -1267,6 +1355,7 @@ MOE_EP_PRIVATE moe_ep_result moe_ep__context_fill(moe_ep_context* ctx, moe_ep__v
     const moe_ep_desc* d = &ctx->desc;
     moe_ep_result res = moe_ep__build_placement(ctx);
     int l;
+    if (res == MOE_EP_OK) res = moe_ep__copy_biases(ctx);
     if (res == MOE_EP_OK && !d->expert_fn && ctx->local_experts > 0) {
         moe_ep__check(v, d->experts != NULL,
                       MOE_EP_LOG_ITEM_DESC_EXPERTS_MISSING,
@@ -1301,8 +1390,8 @@ MOE_EP_PRIVATE moe_ep_result moe_ep__create_agree(const moe_ep_desc* d, const mo
     a.status = status;
     a.facts = &fingerprint;
     a.fact_count = 1;
-    a.facts_name = "collective parameters (d_model, d_ff, num_experts, top_k, activation, scoring, "
-                   "normalize_topk, capacity_factor, placement)";
+    a.facts_name = "collective parameters (d_model, d_ff, num_experts, top_k, activation, the router's "
+                   "settings and biases, capacity_factor, placement)";
     a.on_peer_failure = MOE_EP_ERROR_RANK_MISMATCH;
     a.allocator = d->allocator;
     res = moe_ep__agree_item(t, &a, err, sizeof err, &item);
@@ -1373,54 +1462,118 @@ MOE_EP_API moe_ep_log_item moe_ep_last_error_item(const moe_ep_context* ctx) {
 MOE_EP_API int moe_ep_rank(const moe_ep_context* ctx) { return ctx ? ctx->rank : -1; }
 MOE_EP_API int moe_ep_world_size(const moe_ep_context* ctx) { return ctx ? ctx->world_size : -1; }
 
-/* >>router */
-MOE_EP_PRIVATE void moe_ep__route_token(const moe_ep_desc* d, const float* x, const float* wg, float* probs,
-                                        double* lse, int32_t* idx, float* weight) {
+/* >>router: one token at a time, in fp32, as transformers computes routers.
+
+   logits l = x . W^T (+ router_bias); scores s: softmax(l), sigmoid(l), or l itself for
+   the TOPK_ scorings; the choice ranks c = s (+ selection_bias), within the best
+   topk_groups groups when num_groups > 1 (a group ranks by the sum of its two best c;
+   the other groups' experts are out, as with -inf in DeepSeek's and vLLM's code); the
+   weights come from the unbiased s (TOPK_SOFTMAX: softmax over the k chosen logits;
+   TOPK_SIGMOID: sigmoid of each), then normalize_topk, then routed_scaling_factor. Ties
+   go to the lower index, for groups too. A logit that is NaN or Inf chooses nothing: the
+   token is refused. scratch: 3 * num_experts floats; flags: 2 * num_experts bytes. */
+
+/* The best of values[0..n) not taken, or -1; ties to the lower index. */
+MOE_EP_PRIVATE int moe_ep__best(const float* values, const unsigned char* taken, int n) {
+    int i, best = -1;
+    for (i = 0; i < n; ++i)
+        if (!taken[i] && (best < 0 || values[i] > values[best])) best = i;
+    return best;
+}
+
+/* Marks out (out = 1) the experts of every group but the best topk_groups. */
+MOE_EP_PRIVATE void moe_ep__group_limit(const moe_ep_desc* d, const float* choice, float* group_score,
+                                        unsigned char* kept, unsigned char* out) {
+    int G = d->num_groups, n = d->num_experts / G, g, i, j;
+    for (g = 0; g < G; ++g) {
+        const float* c = choice + g * n;
+        int first = 0, second = -1;
+        for (i = 1; i < n; ++i)
+            if (c[i] > c[first]) { second = first; first = i; }
+            else if (second < 0 || c[i] > c[second]) second = i;
+        group_score[g] = second < 0 ? c[first] : c[first] + c[second];
+    }
+    memset(kept, 0, (size_t)G);
+    for (j = 0; j < d->topk_groups; ++j) kept[moe_ep__best(group_score, kept, G)] = 1;
+    for (g = 0; g < G; ++g)
+        for (i = 0; i < n; ++i) out[g * n + i] = !kept[g];
+}
+
+MOE_EP_PRIVATE bool moe_ep__route_token(const moe_ep_desc* d, const float* x, float* probs, float* scratch,
+                                        unsigned char* flags, double* lse, int32_t* idx, float* weight) {
     int E = d->num_experts, k = d->top_k, D = d->d_model, e, j, i;
-    float m, sum, wsum;
+    float* score = scratch;
+    float* choice = scratch + E;
+    unsigned char* taken = flags;
+    float m, sum;
     for (e = 0; e < E; ++e) {
-        const float* row = wg + (int64_t)e * D;
+        const float* row = d->router_weight + (int64_t)e * D;
         float acc = 0.0f;
         for (i = 0; i < D; ++i) acc += x[i] * row[i];
-        probs[e] = acc;
+        if (d->router_bias) acc += d->router_bias[e];
+        if (!moe_ep__finite(acc)) return false;
+        score[e] = acc;
     }
-    m = probs[0];
-    for (e = 1; e < E; ++e) m = probs[e] > m ? probs[e] : m;
+    m = score[0];
+    for (e = 1; e < E; ++e) m = score[e] > m ? score[e] : m;
     sum = 0.0f;
-    for (e = 0; e < E; ++e) { probs[e] = expf(probs[e] - m); sum += probs[e]; }
+    for (e = 0; e < E; ++e) { probs[e] = expf(score[e] - m); sum += probs[e]; }
     *lse = (double)m + log((double)sum);
-    for (e = 0; e < E; ++e) probs[e] /= sum;
-    /* top-k by repeated selection; strict '>' keeps the lower index on ties */
+    for (e = 0; e < E; ++e) probs[e] /= sum;     /* softmax: the statistics' probabilities */
+    if (d->scoring == MOE_EP_SCORING_SOFTMAX) memcpy(score, probs, sizeof(float) * (size_t)E);
+    else if (d->scoring == MOE_EP_SCORING_SIGMOID)
+        for (e = 0; e < E; ++e) score[e] = 1.0f / (1.0f + expf(-score[e]));
+    for (e = 0; e < E; ++e) choice[e] = d->selection_bias ? score[e] + d->selection_bias[e] : score[e];
+    memset(taken, 0, (size_t)E);
+    if (d->num_groups > 1) moe_ep__group_limit(d, choice, scratch + 2 * E, flags + E, taken);
     for (j = 0; j < k; ++j) {
-        int best = -1;
-        for (e = 0; e < E; ++e) {
-            int taken = 0;
-            for (i = 0; i < j; ++i) taken |= idx[i] == e;
-            if (taken) continue;
-            if (best < 0 || probs[e] > probs[best]) best = e;
-        }
-        idx[j] = best;
-        weight[j] = probs[best];
+        idx[j] = moe_ep__best(choice, taken, E);
+        taken[idx[j]] = 1;
+    }
+    if (d->scoring == MOE_EP_SCORING_TOPK_SOFTMAX) {
+        sum = 0.0f;
+        for (j = 0; j < k; ++j) { weight[j] = expf(score[idx[j]] - score[idx[0]]); sum += weight[j]; }
+        for (j = 0; j < k; ++j) weight[j] /= sum;
+    } else if (d->scoring == MOE_EP_SCORING_TOPK_SIGMOID) {
+        for (j = 0; j < k; ++j) weight[j] = 1.0f / (1.0f + expf(-score[idx[j]]));
+    } else {
+        for (j = 0; j < k; ++j) weight[j] = score[idx[j]];
     }
     if (d->normalize_topk) {
-        wsum = 0.0f;
-        for (j = 0; j < k; ++j) wsum += weight[j];
-        for (j = 0; j < k; ++j) weight[j] /= wsum;
+        sum = 0.0f;
+        for (j = 0; j < k; ++j) sum += weight[j];
+        for (j = 0; j < k; ++j) weight[j] /= sum;
     }
+    if (d->routed_scaling_factor != 1.0f)
+        for (j = 0; j < k; ++j) weight[j] *= d->routed_scaling_factor;
+    return true;
+}
+
+MOE_EP_PRIVATE int moe_ep__thread_index(void) {
+#ifdef _OPENMP
+    return omp_get_thread_num();
+#else
+    return 0;
+#endif
 }
 
 MOE_EP_API moe_ep_result moe_ep_route(moe_ep_context* ctx, const float* x, int64_t tokens, int32_t* topk_idx,
                                       float* topk_weight, moe_ep_router_stats* stats) {
     const moe_ep_desc* d;
     float* probs;
+    float* scratch;
+    float* weight;
+    int32_t* idx;
+    unsigned char* flags;
     double* lse;
     double* mean_p;
     int64_t* assigned;
-    int64_t t;
-    int E;
+    int64_t t, refused = -1;
+    int E, threads;
     if (!ctx) return MOE_EP_ERROR_INVALID_ARGUMENT;
     d = &ctx->desc;
     E = d->num_experts;
+    threads = ctx->num_threads;
     if (tokens < 0) return moe_ep__fail(ctx, MOE_EP_ERROR_INVALID_ARGUMENT, MOE_EP_LOG_ITEM_ROUTE_TOKENS,
                                         "tokens (%lld) must be >= 0", (long long)tokens);
     if (tokens > 0 && (!x || !topk_idx || !topk_weight))
@@ -1432,24 +1585,57 @@ MOE_EP_API moe_ep_result moe_ep_route(moe_ep_context* ctx, const float* x, int64
                             "moe_ep_desc.router_weight is NULL: hand in your own routing instead");
     probs = (float*)moe_ep__calloc(&d->allocator, tokens * E, sizeof(float));
     lse = (double*)moe_ep__calloc(&d->allocator, tokens, sizeof(double));
+    scratch = (float*)moe_ep__calloc(&d->allocator, (int64_t)threads * 3 * E, sizeof(float));
+    flags = (unsigned char*)moe_ep__calloc(&d->allocator, (int64_t)threads * 2 * E, 1);
+    /* the choice lands here first: a refused token leaves topk_idx and topk_weight untouched */
+    idx = (int32_t*)moe_ep__calloc(&d->allocator, tokens * d->top_k, sizeof(int32_t));
+    weight = (float*)moe_ep__calloc(&d->allocator, tokens * d->top_k, sizeof(float));
     /* the statistics' buffers too, before anything is written: outputs stay untouched on failure */
     mean_p = stats ? (double*)moe_ep__calloc(&d->allocator, E, sizeof(double)) : NULL;
     assigned = stats ? (int64_t*)moe_ep__calloc(&d->allocator, E, sizeof(int64_t)) : NULL;
-    if (!probs || !lse || (stats && (!mean_p || !assigned))) {
+    if (!probs || !lse || !scratch || !flags || !idx || !weight || (stats && (!mean_p || !assigned))) {
+        moe_ep_free(&d->allocator, idx);
+        moe_ep_free(&d->allocator, weight);
         moe_ep_free(&d->allocator, mean_p);
         moe_ep_free(&d->allocator, assigned);
         moe_ep_free(&d->allocator, probs);
         moe_ep_free(&d->allocator, lse);
+        moe_ep_free(&d->allocator, scratch);
+        moe_ep_free(&d->allocator, flags);
         return moe_ep__fail(ctx, MOE_EP_ERROR_OUT_OF_MEMORY, MOE_EP_LOG_ITEM_OUT_OF_MEMORY,
                             "moe_ep_route: out of memory for %lld x %d probabilities",
                             (long long)tokens, E);
     }
 #ifdef _OPENMP
-#pragma omp parallel for schedule(static) num_threads(ctx->num_threads) if (ctx->num_threads > 1 && tokens > 1)
+#pragma omp parallel for schedule(static) num_threads(threads) if (threads > 1 && tokens > 1)
 #endif
-    for (t = 0; t < tokens; ++t)
-        moe_ep__route_token(d, x + t * d->d_model, d->router_weight, probs + t * E, lse + t,
-                            topk_idx + t * d->top_k, topk_weight + t * d->top_k);
+    for (t = 0; t < tokens; ++t) {
+        int me = moe_ep__thread_index();
+        if (!moe_ep__route_token(d, x + t * d->d_model, probs + t * E, scratch + (int64_t)me * 3 * E,
+                                 flags + (int64_t)me * 2 * E, lse + t, idx + t * d->top_k, weight + t * d->top_k)) {
+#ifdef _OPENMP
+#pragma omp critical(moe_ep__refused)
+#endif
+            if (refused < 0 || t < refused) refused = t;
+        }
+    }
+    moe_ep_free(&d->allocator, scratch);
+    moe_ep_free(&d->allocator, flags);
+    if (refused < 0 && tokens > 0) {
+        memcpy(topk_idx, idx, sizeof(int32_t) * (size_t)(tokens * d->top_k));
+        memcpy(topk_weight, weight, sizeof(float) * (size_t)(tokens * d->top_k));
+    }
+    moe_ep_free(&d->allocator, idx);
+    moe_ep_free(&d->allocator, weight);
+    if (refused >= 0) {
+        moe_ep_free(&d->allocator, mean_p);
+        moe_ep_free(&d->allocator, assigned);
+        moe_ep_free(&d->allocator, probs);
+        moe_ep_free(&d->allocator, lse);
+        return moe_ep__fail(ctx, MOE_EP_ERROR_INVALID_ARGUMENT, MOE_EP_LOG_ITEM_ROUTE_NOT_FINITE,
+                            "moe_ep_route: token %lld has a router logit that is NaN or Inf (x, router_weight "
+                            "or router_bias): no expert is chosen for it", (long long)refused);
+    }
     if (stats) {
         /* sequential, in token order: the statistics do not depend on the thread count */
         double z = 0.0, aux = 0.0;
@@ -1527,6 +1713,7 @@ MOE_EP_API void moe_ep_plan_destroy(moe_ep_plan* plan) {
     moe_ep_free(a, plan->permutation);
     moe_ep_free(a, plan->slot_row);
     moe_ep_free(a, plan->topk_weight);
+    moe_ep_free(a, plan->row_scale);
     moe_ep_free(a, plan->send_buffer);
     moe_ep_free(a, plan);
 }
@@ -1592,6 +1779,21 @@ MOE_EP_PRIVATE moe_ep_result moe_ep__plan_alloc(moe_ep_context* ctx, int64_t tok
 }
 
 /* Local bookkeeping: capacity, send layout (peer, local expert, token), permutation. */
+/* scale_expert_input (Llama-4): a slot's weight moves from the expert's output to its input
+   row, and the combine adds the outputs with weight 1. */
+MOE_EP_PRIVATE moe_ep_result moe_ep__plan_row_scale(moe_ep_context* ctx, moe_ep_plan* plan) {
+    int64_t slots = plan->tokens * plan->top_k, i;
+    plan->row_scale = (float*)moe_ep__calloc(&ctx->desc.allocator, plan->send_rows, sizeof(float));
+    if (!plan->row_scale)
+        return moe_ep__fail(ctx, MOE_EP_ERROR_OUT_OF_MEMORY, MOE_EP_LOG_ITEM_OUT_OF_MEMORY,
+                            "moe_ep_plan_create: out of memory for %lld send rows", (long long)plan->send_rows);
+    for (i = 0; i < slots; ++i) {
+        if (plan->slot_row[i] >= 0) plan->row_scale[plan->slot_row[i]] = plan->topk_weight[i];
+        plan->topk_weight[i] = 1.0f;
+    }
+    return MOE_EP_OK;
+}
+
 MOE_EP_PRIVATE moe_ep_result moe_ep__plan_local(moe_ep_context* ctx, moe_ep_plan* plan, const int32_t* idx,
                                                 const float* weight) {
     const moe_ep_allocator* a = &ctx->desc.allocator;
@@ -1646,7 +1848,7 @@ MOE_EP_PRIVATE moe_ep_result moe_ep__plan_local(moe_ep_context* ctx, moe_ep_plan
         MOE_EP_ASSERT(cursor[e] == plan->seg_send_offsets[ctx->owner_of[e] * S + ctx->local_index_of[e]] +
                                    plan->expert_kept[e]);
     moe_ep_free(a, cursor);
-    return MOE_EP_OK;
+    return ctx->desc.scale_expert_input ? moe_ep__plan_row_scale(ctx, plan) : MOE_EP_OK;
 }
 
 /* Receive layout: grouped by local expert, then source rank, then token. */
@@ -1807,8 +2009,12 @@ MOE_EP_API moe_ep_result moe_ep_dispatch_begin(moe_ep_context* ctx, moe_ep_plan*
 #ifdef _OPENMP
 #pragma omp parallel for schedule(static) num_threads(ctx->num_threads) if (ctx->num_threads > 1 && plan->send_rows > 64)
 #endif
-        for (r = 0; r < plan->send_rows; ++r)
-            memcpy(dst + r * d, x + plan->permutation[r] * d, sizeof(float) * (size_t)d);
+        for (r = 0; r < plan->send_rows; ++r) {
+            const float* src = x + plan->permutation[r] * d;
+            int64_t i;
+            if (!plan->row_scale) memcpy(dst + r * d, src, sizeof(float) * (size_t)d);
+            else for (i = 0; i < d; ++i) dst[r * d + i] = plan->row_scale[r] * src[i];
+        }
     }
     moe_ep__set_args(plan, plan->send_buffer, recv_rows, true);
     plan->pending = 1;

@@ -27,6 +27,7 @@ Suite* validation_suite(void);
 Suite* failure_suite(void);
 Suite* expert_fn_suite(void);
 Suite* layout_suite(void);
+Suite* routing_suite(void);
 
 /* >>float64 references */
 /* out[rows, d_model] = the expert FFN in double (SwiGLU, exact-erf GELU, ReLU). */
@@ -36,11 +37,22 @@ void check_ref_ffn(moe_ep_activation activation, int d_model, int d_ff, const mo
    +inf if got holds a non-finite value. */
 double check_rel_error(const float* got, const double* ref, size_t n);
 
+/* The router's settings beyond softmax top-k (moe_ep_desc's names; zero means default). */
+typedef struct check_routing {
+    moe_ep_scoring scoring;
+    float routed_scaling_factor;
+    const float* router_bias;
+    const float* selection_bias;
+    int num_groups, topk_groups;
+    bool scale_expert_input;
+} check_routing;
+
 /* A layer's weights: router [E, d_model] and E experts with w1, w3 [d_ff, d_model], w2 [d_model, d_ff]. */
 typedef struct check_model {
     int d_model, d_ff, num_experts, top_k;
     moe_ep_activation activation;
     bool normalize_topk;
+    check_routing routing;          /* zero: softmax top-k */
     float* router;
     float* weights;
     moe_ep_expert_weights* experts;  /* [num_experts], global ids */
@@ -49,9 +61,12 @@ typedef struct check_model {
 void check_model_init(check_model* model, int d_model, int d_ff, int num_experts, int top_k,
                       moe_ep_activation activation, bool normalize_topk, uint64_t seed);
 void check_model_free(check_model* model);
-/* Softmax router in double, top-k with ties to the lower index, optional renormalisation. */
+/* The router in double (every scoring, biases, groups, scaling), top-k with ties to the
+   lower index. With scale_expert_input the weights are still the router's; check_ref_layer
+   applies them to the input. */
 void check_ref_route(const check_model* model, const float* x, int64_t tokens, int32_t* topk_idx, double* topk_weight);
-/* y[t] = sum_j weight[t, j] * FFN_{idx[t, j]}(x[t]) in double. */
+/* y[t] = sum_j weight[t, j] * FFN_{idx[t, j]}(x[t]) in double (scale_expert_input:
+   sum_j FFN_{idx[t, j]}(weight[t, j] * x[t]), the scaled input rounded to fp32 as the layer does). */
 void check_ref_layer(const check_model* model, const float* x, int64_t tokens, const int32_t* topk_idx,
                      const double* topk_weight, double* y);
 

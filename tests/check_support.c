@@ -78,49 +78,115 @@ void check_model_free(check_model* m) {
     memset(m, 0, sizeof *m);
 }
 
+/* One token's logits and scores in double: softmax, sigmoid, or (TOPK_ scorings) the logits. */
+static void check__scores(const check_model* m, const float* x, double* logit, double* score) {
+    const check_routing* r = &m->routing;
+    int E = m->num_experts, D = m->d_model, e, i;
+    double mx = -INFINITY, sum = 0.0;
+    for (e = 0; e < E; ++e) {
+        double l = r->router_bias ? (double)r->router_bias[e] : 0.0;
+        for (i = 0; i < D; ++i) l += (double)x[i] * (double)m->router[e * D + i];
+        logit[e] = l;
+        if (l > mx) mx = l;
+    }
+    for (e = 0; e < E; ++e) { score[e] = exp(logit[e] - mx); sum += score[e]; }
+    for (e = 0; e < E; ++e) {
+        if (r->scoring == MOE_EP_SCORING_DEFAULT || r->scoring == MOE_EP_SCORING_SOFTMAX) score[e] /= sum;
+        else if (r->scoring == MOE_EP_SCORING_SIGMOID) score[e] = 1.0 / (1.0 + exp(-logit[e]));
+        else score[e] = logit[e];
+    }
+}
+
+/* out[e]: expert e is outside the best topk_groups groups (a group scores its two best). */
+static void check__groups(const check_model* m, const double* choice, bool* out) {
+    int E = m->num_experts, G = m->routing.num_groups, keep = m->routing.topk_groups ? m->routing.topk_groups : G;
+    int n = E / G, g, i, j;
+    double score[256];
+    bool kept[256];
+    for (g = 0; g < G; ++g) {
+        double best = -INFINITY, second = -INFINITY;
+        for (i = 0; i < n; ++i) {
+            double c = choice[g * n + i];
+            if (c > best) { second = best; best = c; }
+            else if (c > second) second = c;
+        }
+        score[g] = n > 1 ? best + second : best;
+        kept[g] = false;
+    }
+    for (j = 0; j < keep; ++j) {
+        int b = -1;
+        for (g = 0; g < G; ++g)
+            if (!kept[g] && (b < 0 || score[g] > score[b])) b = g;
+        kept[b] = true;
+    }
+    for (i = 0; i < E; ++i) out[i] = !kept[i / n];
+}
+
 void check_ref_route(const check_model* m, const float* x, int64_t tokens, int32_t* idx, double* weight) {
-    int E = m->num_experts, k = m->top_k, D = m->d_model, e, j, i;
-    double* p = (double*)malloc(sizeof(double) * (size_t)E);
+    const check_routing* r = &m->routing;
+    int E = m->num_experts, k = m->top_k, D = m->d_model, e, j;
+    double* logit = (double*)malloc(sizeof(double) * (size_t)E * 3);
+    double* score = logit + E;
+    double* choice = logit + 2 * E;
+    bool* out = (bool*)malloc(sizeof(bool) * (size_t)E);
     int64_t t;
     for (t = 0; t < tokens; ++t) {
-        double mx = -INFINITY, sum = 0.0, wsum = 0.0;
+        int32_t* ti = idx + t * k;
+        double* tw = weight + t * k;
+        double sum = 0.0;
+        check__scores(m, x + t * D, logit, score);
         for (e = 0; e < E; ++e) {
-            double logit = 0.0;
-            for (i = 0; i < D; ++i) logit += (double)x[t * D + i] * (double)m->router[e * D + i];
-            p[e] = logit;
-            if (logit > mx) mx = logit;
+            choice[e] = score[e] + (r->selection_bias ? (double)r->selection_bias[e] : 0.0);
+            out[e] = false;
         }
-        for (e = 0; e < E; ++e) { p[e] = exp(p[e] - mx); sum += p[e]; }
-        for (e = 0; e < E; ++e) p[e] /= sum;
+        if (r->num_groups > 1) check__groups(m, choice, out);
         for (j = 0; j < k; ++j) {
             int best = -1;
-            for (e = 0; e < E; ++e) {
-                bool taken = false;
-                for (i = 0; i < j; ++i) taken = taken || idx[t * k + i] == e;
-                if (!taken && (best < 0 || p[e] > p[best])) best = e;
-            }
-            idx[t * k + j] = best;
-            weight[t * k + j] = p[best];
-            wsum += p[best];
+            for (e = 0; e < E; ++e)
+                if (!out[e] && (best < 0 || choice[e] > choice[best])) best = e;
+            ti[j] = best;
+            out[best] = true;
         }
-        if (m->normalize_topk)
-            for (j = 0; j < k; ++j) weight[t * k + j] /= wsum;
+        for (j = 0; j < k; ++j) {
+            if (r->scoring == MOE_EP_SCORING_TOPK_SOFTMAX) tw[j] = exp(logit[ti[j]] - logit[ti[0]]);
+            else if (r->scoring == MOE_EP_SCORING_TOPK_SIGMOID) tw[j] = 1.0 / (1.0 + exp(-logit[ti[j]]));
+            else tw[j] = score[ti[j]];
+            sum += tw[j];
+        }
+        if (r->scoring == MOE_EP_SCORING_TOPK_SOFTMAX || m->normalize_topk)
+            for (j = 0; j < k; ++j) tw[j] /= sum;
+        if (r->scoring == MOE_EP_SCORING_TOPK_SOFTMAX && m->normalize_topk) {
+            /* renormalising weights that already sum to one */
+            for (sum = 0.0, j = 0; j < k; ++j) sum += tw[j];
+            for (j = 0; j < k; ++j) tw[j] /= sum;
+        }
+        if (r->routed_scaling_factor != 0.0f)
+            for (j = 0; j < k; ++j) tw[j] *= (double)r->routed_scaling_factor;
     }
-    free(p);
+    free(out);
+    free(logit);
 }
 
 void check_ref_layer(const check_model* m, const float* x, int64_t tokens, const int32_t* idx, const double* weight,
                      double* y) {
     int D = m->d_model, k = m->top_k, j, i;
     double* one = (double*)malloc(sizeof(double) * (size_t)D);
+    float* scaled = (float*)malloc(sizeof(float) * (size_t)D);
     int64_t t;
     for (t = 0; t < tokens; ++t) {
         for (i = 0; i < D; ++i) y[t * D + i] = 0.0;
         for (j = 0; j < k; ++j) {
-            check_ref_ffn(m->activation, D, m->d_ff, &m->experts[idx[t * k + j]], x + t * D, 1, one);
-            for (i = 0; i < D; ++i) y[t * D + i] += weight[t * k + j] * one[i];
+            if (m->routing.scale_expert_input) {
+                for (i = 0; i < D; ++i) scaled[i] = (float)weight[t * k + j] * x[t * D + i];
+                check_ref_ffn(m->activation, D, m->d_ff, &m->experts[idx[t * k + j]], scaled, 1, one);
+                for (i = 0; i < D; ++i) y[t * D + i] += one[i];
+            } else {
+                check_ref_ffn(m->activation, D, m->d_ff, &m->experts[idx[t * k + j]], x + t * D, 1, one);
+                for (i = 0; i < D; ++i) y[t * D + i] += weight[t * k + j] * one[i];
+            }
         }
     }
+    free(scaled);
     free(one);
 }
 
@@ -237,6 +303,13 @@ static moe_ep_result check__layer_rank(const moe_ep_transport* transport, void* 
         desc.top_k = k;
         desc.activation = m->activation;
         desc.normalize_topk = m->normalize_topk;
+        desc.scoring = m->routing.scoring;
+        desc.routed_scaling_factor = m->routing.routed_scaling_factor;
+        desc.router_bias = m->routing.router_bias;
+        desc.selection_bias = m->routing.selection_bias;
+        desc.num_groups = m->routing.num_groups;
+        desc.topk_groups = m->routing.topk_groups;
+        desc.scale_expert_input = m->routing.scale_expert_input;
         desc.capacity_factor = L->capacity_factor;
         desc.placement = L->placement;
         desc.num_threads = L->num_threads;

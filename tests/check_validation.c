@@ -15,6 +15,7 @@ typedef struct venv {
     check_model model;
     moe_ep_expert_weights experts[V_E];
     int table[V_E];
+    float bias[V_E];
     moe_ep_transport transport;
 } venv;
 
@@ -95,6 +96,21 @@ static void m_w2_null_gelu(moe_ep_desc* d, venv* v) {
     v->experts[0].w2 = NULL;
 }
 static void m_w1_null(moe_ep_desc* d, venv* v) { (void)d; v->experts[3].w1 = NULL; }
+static void m_groups_3(moe_ep_desc* d, venv* v) { (void)v; d->num_groups = 3; }
+static void m_groups_neg(moe_ep_desc* d, venv* v) { (void)v; d->num_groups = -2; }
+static void m_topk_groups_big(moe_ep_desc* d, venv* v) { (void)v; d->num_groups = 2; d->topk_groups = 3; }
+static void m_topk_groups_neg(moe_ep_desc* d, venv* v) { (void)v; d->num_groups = 2; d->topk_groups = -1; }
+static void m_k_above_groups(moe_ep_desc* d, venv* v) { (void)v; d->num_groups = 4; d->topk_groups = 1; }
+static void m_scaling_neg(moe_ep_desc* d, venv* v) { (void)v; d->routed_scaling_factor = -1.0f; }
+static void m_scaling_nan(moe_ep_desc* d, venv* v) { (void)v; d->routed_scaling_factor = NAN; }
+static void m_selection_nan(moe_ep_desc* d, venv* v) {
+    v->bias[0] = 0.5f; v->bias[1] = -0.25f; v->bias[2] = NAN; v->bias[3] = 0.0f;
+    d->selection_bias = v->bias;
+}
+static void m_router_bias_inf(moe_ep_desc* d, venv* v) {
+    v->bias[0] = 0.5f; v->bias[1] = -0.25f; v->bias[2] = 1.0f; v->bias[3] = -INFINITY;
+    d->router_bias = v->bias;
+}
 
 static const vcase vcases[] = {
     { "d_model 0", MOE_EP_LOG_ITEM_DESC_D_MODEL, m_d_model_0 },
@@ -129,6 +145,15 @@ static const vcase vcases[] = {
     { "experts[1].w3 NULL under SwiGLU", MOE_EP_LOG_ITEM_DESC_EXPERT_WEIGHTS_NULL, m_w3_null },
     { "experts[0].w2 NULL under GELU", MOE_EP_LOG_ITEM_DESC_EXPERT_WEIGHTS_NULL, m_w2_null_gelu },
     { "experts[3].w1 NULL", MOE_EP_LOG_ITEM_DESC_EXPERT_WEIGHTS_NULL, m_w1_null },
+    { "num_groups 3 of 4 experts", MOE_EP_LOG_ITEM_DESC_NUM_GROUPS, m_groups_3 },
+    { "num_groups -2", MOE_EP_LOG_ITEM_DESC_NUM_GROUPS, m_groups_neg },
+    { "topk_groups 3 > num_groups 2", MOE_EP_LOG_ITEM_DESC_TOPK_GROUPS, m_topk_groups_big },
+    { "topk_groups -1", MOE_EP_LOG_ITEM_DESC_TOPK_GROUPS, m_topk_groups_neg },
+    { "top_k 2 above the 1 expert of 1 group of 4", MOE_EP_LOG_ITEM_DESC_TOP_K_ABOVE_GROUPS, m_k_above_groups },
+    { "routed_scaling_factor -1", MOE_EP_LOG_ITEM_DESC_ROUTED_SCALING_FACTOR, m_scaling_neg },
+    { "routed_scaling_factor NaN", MOE_EP_LOG_ITEM_DESC_ROUTED_SCALING_FACTOR, m_scaling_nan },
+    { "selection_bias[2] NaN", MOE_EP_LOG_ITEM_DESC_BIAS_NOT_FINITE, m_selection_nan },
+    { "router_bias[3] -Inf", MOE_EP_LOG_ITEM_DESC_BIAS_NOT_FINITE, m_router_bias_inf },
 };
 #define VCASES ((int)(sizeof vcases / sizeof vcases[0]))
 
