@@ -53,6 +53,7 @@ typedef struct check_model {
     moe_ep_activation activation;
     bool normalize_topk;
     check_routing routing;          /* zero: softmax top-k */
+    moe_ep_shared_desc shared;      /* zero: no shared experts */
     float* router;
     float* weights;
     moe_ep_expert_weights* experts;  /* [num_experts], global ids */
@@ -66,7 +67,8 @@ void check_model_free(check_model* model);
    applies them to the input. */
 void check_ref_route(const check_model* model, const float* x, int64_t tokens, int32_t* topk_idx, double* topk_weight);
 /* y[t] = sum_j weight[t, j] * FFN_{idx[t, j]}(x[t]) in double (scale_expert_input:
-   sum_j FFN_{idx[t, j]}(weight[t, j] * x[t]), the scaled input rounded to fp32 as the layer does). */
+   sum_j FFN_{idx[t, j]}(weight[t, j] * x[t]), the scaled input rounded to fp32 as the layer does),
+   plus the shared experts, times sigmoid(gate . x[t]) with a gate. */
 void check_ref_layer(const check_model* model, const float* x, int64_t tokens, const int32_t* topk_idx,
                      const double* topk_weight, double* y);
 

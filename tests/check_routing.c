@@ -206,6 +206,116 @@ START_TEST(routing_nan_refused) {
 }
 END_TEST
 
+/* >>shared experts: every rank runs them on its own tokens; y = routed + g * shared(x). */
+typedef struct shared_case {
+    const char* name;
+    int routing_case;               /* the router of routing_cases[] */
+    int shared_d_ff;
+    bool gate;
+    moe_ep_activation activation;
+} shared_case;
+
+static const shared_case shared_cases[] = {
+    { "DeepSeek-V3 router, one shared expert of 2 x 24", 0, 48, false, MOE_EP_ACTIVATION_SWIGLU },
+    { "softmax top-2 on the input, shared expert of 56 behind a sigmoid gate", 7, 56, true,
+      MOE_EP_ACTIVATION_SWIGLU },
+    { "Llama-4 router, shared expert of 40", 5, 40, false, MOE_EP_ACTIVATION_SWIGLU },
+    { "GELU, gated shared expert of 7", 2, 7, true, MOE_EP_ACTIVATION_GELU },
+};
+
+START_TEST(routing_shared_experts) {
+    static const int worlds[] = { 1, 2, 3, 5 };
+    const shared_case* sc = &shared_cases[_i];
+    routing_case c = routing_cases[sc->routing_case];
+    routing_data data;
+    float* shared_w;
+    float gate[R_D], y1[R_TOKENS * R_D], yr[R_TOKENS * R_D], w1[R_TOKENS * 8], wr[R_TOKENS * 8];
+    int32_t i1[R_TOKENS * 8], ir[R_TOKENS * 8], ref_idx[R_TOKENS * 8];
+    double ref_w[R_TOKENS * 8], ref_y[R_TOKENS * R_D], err;
+    size_t per = (size_t)sc->shared_d_ff * R_D;
+    char errors[2048] = "";
+    uint64_t seed = 7300 + (uint64_t)_i;
+    int w;
+    c.activation = sc->activation;
+    routing_data_init(&data, &c, seed);
+    shared_w = (float*)malloc(sizeof(float) * 3 * per);
+    test_fill(shared_w, 3 * per, 1.5f / sqrtf((float)R_D), &seed);
+    test_fill(gate, R_D, 1.0f / sqrtf((float)R_D), &seed);
+    data.model.shared.d_ff = sc->shared_d_ff;
+    data.model.shared.weights.w1 = shared_w;
+    data.model.shared.weights.w3 = shared_w + per;
+    data.model.shared.weights.w2 = shared_w + 2 * per;
+    data.model.shared.gate = sc->gate ? gate : NULL;
+    test_poison(y1, R_TOKENS * R_D);
+    ck_assert_msg(routing_run(&data, 1, y1, i1, w1, errors, sizeof errors) == MOE_EP_OK, "%s, 1 rank: %s", sc->name,
+                  errors);
+    check_ref_route(&data.model, data.x, R_TOKENS, ref_idx, ref_w);
+    ck_assert_msg(memcmp(i1, ref_idx, sizeof(int32_t) * R_TOKENS * (size_t)c.top_k) == 0, "%s: routing differs",
+                  sc->name);
+    check_ref_layer(&data.model, data.x, R_TOKENS, ref_idx, ref_w, ref_y);
+    err = check_rel_error(y1, ref_y, R_TOKENS * R_D);
+    ck_assert_msg(err <= 1e-5, "%s: relative error %.3g against float64", sc->name, err);
+    for (w = 1; w < (int)(sizeof worlds / sizeof worlds[0]); ++w) {
+        test_poison(yr, R_TOKENS * R_D);
+        ck_assert_msg(routing_run(&data, worlds[w], yr, ir, wr, errors, sizeof errors) == MOE_EP_OK, "%s, %d ranks: %s",
+                      sc->name, worlds[w], errors);
+        ck_assert_msg(memcmp(y1, yr, sizeof y1) == 0, "%s: %d ranks differ from 1 rank", sc->name, worlds[w]);
+    }
+    /* without the shared experts the layer differs: the test above saw them */
+    data.model.shared.d_ff = 0;
+    ck_assert_msg(routing_run(&data, 1, yr, ir, wr, errors, sizeof errors) == MOE_EP_OK, "%s: %s", sc->name, errors);
+    ck_assert_msg(memcmp(y1, yr, sizeof y1) != 0, "%s: the shared experts changed nothing", sc->name);
+    free(shared_w);
+    routing_data_free(&data);
+}
+END_TEST
+
+/* The stage call gives what forward adds: forward = forward without them + moe_ep_shared_experts. */
+START_TEST(routing_shared_stage_call) {
+    routing_case c = routing_cases[7];
+    routing_data data;
+    moe_ep_context *with = NULL, *without = NULL;
+    float* shared_w;
+    float gate[R_D], y[R_TOKENS * R_D], routed[R_TOKENS * R_D], s[R_TOKENS * R_D];
+    size_t per = 56 * R_D, i;
+    uint64_t seed = 7400;
+    moe_ep_desc d;
+    routing_data_init(&data, &c, seed);
+    shared_w = (float*)malloc(sizeof(float) * 3 * per);
+    test_fill(shared_w, 3 * per, 0.3f, &seed);
+    test_fill(gate, R_D, 0.2f, &seed);
+    memset(&d, 0, sizeof d);
+    d.d_model = R_D;
+    d.d_ff = R_F;
+    d.num_experts = c.experts;
+    d.top_k = c.top_k;
+    d.normalize_topk = c.normalize;
+    d.scale_expert_input = c.routing.scale_expert_input;
+    d.router_weight = data.model.router;
+    d.experts = data.model.experts;
+    ck_assert_int_eq(moe_ep_create(&d, &without), MOE_EP_OK);
+    d.shared.d_ff = 56;
+    d.shared.weights.w1 = shared_w;
+    d.shared.weights.w3 = shared_w + per;
+    d.shared.weights.w2 = shared_w + 2 * per;
+    d.shared.gate = gate;
+    ck_assert_int_eq(moe_ep_create(&d, &with), MOE_EP_OK);
+    memset(shared_w, 0, sizeof(float) * 3 * per);      /* copied at create: the caller's arrays are free */
+    ck_assert_int_eq(moe_ep_forward(with, &(moe_ep_forward_args){ .tokens = R_TOKENS, .x = data.x, .y = y }), MOE_EP_OK);
+    ck_assert_int_eq(moe_ep_forward(without, &(moe_ep_forward_args){ .tokens = R_TOKENS, .x = data.x, .y = routed }),
+                     MOE_EP_OK);
+    ck_assert_int_eq(moe_ep_shared_experts(with, data.x, R_TOKENS, s), MOE_EP_OK);
+    for (i = 0; i < R_TOKENS * R_D; ++i) routed[i] += s[i];
+    ck_assert_msg(memcmp(y, routed, sizeof y) == 0, "forward with shared experts != forward without + the stage call");
+    ck_assert_int_eq(moe_ep_shared_experts(without, data.x, R_TOKENS, s), MOE_EP_ERROR_INVALID_ARGUMENT);
+    ck_assert_int_eq(moe_ep_last_error_item(without), MOE_EP_LOG_ITEM_SHARED_ARGS);
+    moe_ep_destroy(with);
+    moe_ep_destroy(without);
+    free(shared_w);
+    routing_data_free(&data);
+}
+END_TEST
+
 Suite* routing_suite(void) {
     Suite* s = suite_create("routing");
     TCase* tc = tcase_create("variants");
@@ -213,6 +323,8 @@ Suite* routing_suite(void) {
     tcase_add_loop_test(tc, routing_settings_matter, 0, ROUTING_CASES);
     tcase_add_test(tc, routing_all_groups_is_no_groups);
     tcase_add_loop_test(tc, routing_nan_refused, 0, ROUTING_CASES);
+    tcase_add_loop_test(tc, routing_shared_experts, 0, (int)(sizeof shared_cases / sizeof shared_cases[0]));
+    tcase_add_test(tc, routing_shared_stage_call);
     tcase_set_timeout(tc, 120);
     suite_add_tcase(s, tc);
     return s;

@@ -186,6 +186,17 @@ void check_ref_layer(const check_model* m, const float* x, int64_t tokens, const
             }
         }
     }
+    if (m->shared.d_ff > 0)
+        for (t = 0; t < tokens; ++t) {
+            double g = 1.0;
+            if (m->shared.gate) {
+                double logit = 0.0;
+                for (i = 0; i < D; ++i) logit += (double)m->shared.gate[i] * (double)x[t * D + i];
+                g = 1.0 / (1.0 + exp(-logit));
+            }
+            check_ref_ffn(m->activation, D, m->shared.d_ff, &m->shared.weights, x + t * D, 1, one);
+            for (i = 0; i < D; ++i) y[t * D + i] += g * one[i];
+        }
     free(scaled);
     free(one);
 }
@@ -310,6 +321,7 @@ static moe_ep_result check__layer_rank(const moe_ep_transport* transport, void* 
         desc.num_groups = m->routing.num_groups;
         desc.topk_groups = m->routing.topk_groups;
         desc.scale_expert_input = m->routing.scale_expert_input;
+        desc.shared = m->shared;
         desc.capacity_factor = L->capacity_factor;
         desc.placement = L->placement;
         desc.num_threads = L->num_threads;

@@ -16,6 +16,7 @@ typedef struct venv {
     moe_ep_expert_weights experts[V_E];
     int table[V_E];
     float bias[V_E];
+    float gate[V_D];
     moe_ep_transport transport;
 } venv;
 
@@ -107,6 +108,20 @@ static void m_selection_nan(moe_ep_desc* d, venv* v) {
     v->bias[0] = 0.5f; v->bias[1] = -0.25f; v->bias[2] = NAN; v->bias[3] = 0.0f;
     d->selection_bias = v->bias;
 }
+static void m_shared_d_ff_neg(moe_ep_desc* d, venv* v) { (void)v; d->shared.d_ff = -4; }
+static void m_shared_no_w3(moe_ep_desc* d, venv* v) {
+    d->shared.d_ff = V_F;
+    d->shared.weights = v->experts[0];
+    d->shared.weights.w3 = NULL;
+}
+static void m_shared_gate_nan(moe_ep_desc* d, venv* v) {
+    int i;
+    for (i = 0; i < V_D; ++i) v->gate[i] = 0.125f * (float)i;
+    v->gate[5] = NAN;
+    d->shared.d_ff = V_F;
+    d->shared.weights = v->experts[1];
+    d->shared.gate = v->gate;
+}
 static void m_router_bias_inf(moe_ep_desc* d, venv* v) {
     v->bias[0] = 0.5f; v->bias[1] = -0.25f; v->bias[2] = 1.0f; v->bias[3] = -INFINITY;
     d->router_bias = v->bias;
@@ -154,6 +169,9 @@ static const vcase vcases[] = {
     { "routed_scaling_factor NaN", MOE_EP_LOG_ITEM_DESC_ROUTED_SCALING_FACTOR, m_scaling_nan },
     { "selection_bias[2] NaN", MOE_EP_LOG_ITEM_DESC_BIAS_NOT_FINITE, m_selection_nan },
     { "router_bias[3] -Inf", MOE_EP_LOG_ITEM_DESC_BIAS_NOT_FINITE, m_router_bias_inf },
+    { "shared.d_ff -4", MOE_EP_LOG_ITEM_DESC_SHARED_D_FF, m_shared_d_ff_neg },
+    { "shared expert without w3 under SwiGLU", MOE_EP_LOG_ITEM_DESC_SHARED_WEIGHTS_NULL, m_shared_no_w3 },
+    { "shared.gate[5] NaN", MOE_EP_LOG_ITEM_DESC_SHARED_GATE_NOT_FINITE, m_shared_gate_nan },
 };
 #define VCASES ((int)(sizeof vcases / sizeof vcases[0]))
 
