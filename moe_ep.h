@@ -442,6 +442,19 @@ typedef struct moe_ep_desc {
     moe_ep_logger logger;           /* default none */
 } moe_ep_desc;
 
+/* >>families: a model family's MoE layer as its transformers config's defaults describe it. */
+typedef enum moe_ep_family {
+    MOE_EP_FAMILY_DEFAULT = 0,      /* none: moe_ep_desc's own defaults */
+    MOE_EP_FAMILY_MIXTRAL,          /* MixtralSparseMoeBlock */
+    MOE_EP_FAMILY_QWEN2_MOE,        /* Qwen2MoeSparseMoeBlock: gated shared expert */
+    MOE_EP_FAMILY_QWEN3_MOE,        /* Qwen3MoeSparseMoeBlock */
+    MOE_EP_FAMILY_DEEPSEEK_V3,      /* DeepseekV3MoE (also Kimi K2 and GLM-4.5's router) */
+    MOE_EP_FAMILY_GPT_OSS,          /* GptOssMLP */
+    MOE_EP_FAMILY_LLAMA4,           /* Llama4TextMoe */
+    MOE_EP_FAMILY_COUNT,
+    MOE_EP_FAMILY_FORCE_U32 = 0x7FFFFFFF
+} moe_ep_family;
+
 /* Router statistics of one call over this rank's tokens. All arrays optional (NULL). */
 typedef struct moe_ep_router_stats {
     int64_t* tokens_per_expert;     /* [num_experts] out: assignments (token, slot) per expert */
@@ -613,6 +626,12 @@ MOE_EP_API moe_ep_result moe_ep_shared_experts(moe_ep_context* ctx, const float*
    Uses desc's d_model, d_ff, activation and thread count. Collective: no. */
 MOE_EP_API moe_ep_result moe_ep_expert_ffn(moe_ep_context* ctx, int local_expert, const float* rows,
                                            int64_t row_count, float* out);
+
+/* A family's layer with its transformers config's defaults: sizes, router, activation and
+   shared expert width; weights, transport and the rest zero. Set what your config.json
+   changes and the weights (README: "Model families" maps each field to its config key).
+   An unknown family gives a zeroed desc. */
+MOE_EP_API moe_ep_desc moe_ep_family_desc(moe_ep_family family);
 
 /* The single-rank transport (what transport = NULL uses). */
 MOE_EP_API moe_ep_transport moe_ep_single_rank_transport(void);
@@ -1059,6 +1078,49 @@ MOE_EP_API int moe_ep_rank_experts(const moe_ep_context* ctx, int rank, int* exp
     n = ctx->rank_expert_count[rank];
     for (i = 0; i < n && i < max && experts; ++i) experts[i] = ctx->rank_expert_list[ctx->rank_expert_start[rank] + i];
     return n;
+}
+
+/* >>families */
+MOE_EP_API moe_ep_desc moe_ep_family_desc(moe_ep_family family) {
+    moe_ep_desc d;
+    memset(&d, 0, sizeof d);
+    d.activation = MOE_EP_ACTIVATION_SWIGLU;
+    switch (family) {
+    case MOE_EP_FAMILY_MIXTRAL:         /* hidden_size, intermediate_size, num_local_experts, num_experts_per_tok */
+        d.d_model = 4096; d.d_ff = 14336; d.num_experts = 8; d.top_k = 2;
+        d.normalize_topk = true;        /* Mixtral always renormalises */
+        break;
+    case MOE_EP_FAMILY_QWEN2_MOE:       /* moe_intermediate_size, num_experts, shared_expert_intermediate_size */
+        d.d_model = 2048; d.d_ff = 1408; d.num_experts = 60; d.top_k = 4;
+        d.normalize_topk = false;       /* norm_topk_prob */
+        d.shared.d_ff = 5632;           /* and its gate: shared_expert_gate.weight */
+        break;
+    case MOE_EP_FAMILY_QWEN3_MOE:
+        d.d_model = 2048; d.d_ff = 768; d.num_experts = 128; d.top_k = 8;
+        d.normalize_topk = false;       /* norm_topk_prob: False by default, True in the published checkpoints */
+        break;
+    case MOE_EP_FAMILY_DEEPSEEK_V3:     /* n_routed_experts, n_group, topk_group, routed_scaling_factor */
+        d.d_model = 7168; d.d_ff = 2048; d.num_experts = 256; d.top_k = 8;
+        d.scoring = MOE_EP_SCORING_SIGMOID;
+        d.normalize_topk = true;
+        d.num_groups = 8; d.topk_groups = 4; d.routed_scaling_factor = 2.5f;
+        d.shared.d_ff = 1 * 2048;       /* n_shared_experts * moe_intermediate_size */
+        break;                          /* selection_bias: the gate's e_score_correction_bias */
+    case MOE_EP_FAMILY_GPT_OSS:         /* router bias: router.bias */
+        d.d_model = 2880; d.d_ff = 2880; d.num_experts = 128; d.top_k = 4;
+        d.scoring = MOE_EP_SCORING_TOPK_SOFTMAX;
+        break;
+    case MOE_EP_FAMILY_LLAMA4:          /* Llama-4 text: the routing weight scales the expert's input */
+        d.d_model = 5120; d.d_ff = 8192; d.num_experts = 16; d.top_k = 1;
+        d.scoring = MOE_EP_SCORING_TOPK_SIGMOID;
+        d.scale_expert_input = true;
+        d.shared.d_ff = 8192;           /* intermediate_size */
+        break;
+    default:
+        memset(&d, 0, sizeof d);
+        break;
+    }
+    return d;
 }
 
 /* >>defaults: the one place where zero becomes a value. */
