@@ -76,20 +76,32 @@ typedef struct layer_case {
     float capacity;                 /* > 0: ranks drop differently from one rank, compare with pthreads only */
     int used_experts;               /* > 0: hand-in routing over the first used_experts of `used` */
     int threads;
+    int family;                     /* FAMILY_NONE: softmax top-k; else a family's router and shared expert */
 } layer_case;
+
+/* The families' routers over MPI: DeepSeek-V3 (sigmoid, selection bias, 4 groups keep 2, x2.5,
+   shared expert), GPT-OSS (router bias, softmax over the k) and Llama-4 (sigmoid of the chosen
+   logit on the input, gated shared expert). */
+enum { FAMILY_NONE, FAMILY_DEEPSEEK, FAMILY_GPT_OSS, FAMILY_LLAMA4 };
 
 static const int used_subset[] = { 0, 5, 6, 11 };
 
 static const layer_case layer_cases[] = {
-    { "seed-like",        32, 64, 16, 2, { 37, 29, 41, 13 }, MOE_EP_ACTIVATION_SWIGLU, MOE_EP_PLACEMENT_CONTIGUOUS, true, 0, 0, 1 },
-    { "empty-ranks",      24, 40, 8,  2, { 19, 0, 31, 0 },   MOE_EP_ACTIVATION_SWIGLU, MOE_EP_PLACEMENT_CONTIGUOUS, true, 0, 0, 1 },
-    { "empty-experts",    16, 48, 12, 2, { 17, 9, 1, 26 },   MOE_EP_ACTIVATION_SWIGLU, MOE_EP_PLACEMENT_CONTIGUOUS, false, 0, 4, 1 },
-    { "k-equals-E",       24, 40, 5,  5, { 11, 3, 8, 1 },    MOE_EP_ACTIVATION_SWIGLU, MOE_EP_PLACEMENT_CONTIGUOUS, true, 0, 0, 1 },
-    { "fewer-experts",    20, 36, 3,  2, { 13, 7, 29, 2 },   MOE_EP_ACTIVATION_RELU,   MOE_EP_PLACEMENT_CONTIGUOUS, true, 0, 0, 1 },
-    { "round-robin-gelu", 20, 36, 7,  3, { 10, 21, 5, 17 },  MOE_EP_ACTIVATION_GELU,   MOE_EP_PLACEMENT_ROUND_ROBIN, false, 0, 0, 1 },
-    { "table-relu",       28, 33, 9,  1, { 23, 14, 3, 30 },  MOE_EP_ACTIVATION_RELU,   MOE_EP_PLACEMENT_TABLE, false, 0, 0, 1 },
-    { "capacity",         16, 32, 8,  2, { 40, 12, 27, 9 },  MOE_EP_ACTIVATION_SWIGLU, MOE_EP_PLACEMENT_CONTIGUOUS, true, 1.0f, 0, 1 },
-    { "openmp-threads",   32, 64, 16, 2, { 37, 29, 41, 13 }, MOE_EP_ACTIVATION_SWIGLU, MOE_EP_PLACEMENT_CONTIGUOUS, true, 0, 0, 2 },
+    { "seed-like",        32, 64, 16, 2, { 37, 29, 41, 13 }, MOE_EP_ACTIVATION_SWIGLU, MOE_EP_PLACEMENT_CONTIGUOUS, true, 0, 0, 1, FAMILY_NONE },
+    { "empty-ranks",      24, 40, 8,  2, { 19, 0, 31, 0 },   MOE_EP_ACTIVATION_SWIGLU, MOE_EP_PLACEMENT_CONTIGUOUS, true, 0, 0, 1, FAMILY_NONE },
+    { "empty-experts",    16, 48, 12, 2, { 17, 9, 1, 26 },   MOE_EP_ACTIVATION_SWIGLU, MOE_EP_PLACEMENT_CONTIGUOUS, false, 0, 4, 1, FAMILY_NONE },
+    { "k-equals-E",       24, 40, 5,  5, { 11, 3, 8, 1 },    MOE_EP_ACTIVATION_SWIGLU, MOE_EP_PLACEMENT_CONTIGUOUS, true, 0, 0, 1, FAMILY_NONE },
+    { "fewer-experts",    20, 36, 3,  2, { 13, 7, 29, 2 },   MOE_EP_ACTIVATION_RELU,   MOE_EP_PLACEMENT_CONTIGUOUS, true, 0, 0, 1, FAMILY_NONE },
+    { "round-robin-gelu", 20, 36, 7,  3, { 10, 21, 5, 17 },  MOE_EP_ACTIVATION_GELU,   MOE_EP_PLACEMENT_ROUND_ROBIN, false, 0, 0, 1, FAMILY_NONE },
+    { "table-relu",       28, 33, 9,  1, { 23, 14, 3, 30 },  MOE_EP_ACTIVATION_RELU,   MOE_EP_PLACEMENT_TABLE, false, 0, 0, 1, FAMILY_NONE },
+    { "capacity",         16, 32, 8,  2, { 40, 12, 27, 9 },  MOE_EP_ACTIVATION_SWIGLU, MOE_EP_PLACEMENT_CONTIGUOUS, true, 1.0f, 0, 1, FAMILY_NONE },
+    { "openmp-threads",   32, 64, 16, 2, { 37, 29, 41, 13 }, MOE_EP_ACTIVATION_SWIGLU, MOE_EP_PLACEMENT_CONTIGUOUS, true, 0, 0, 2, FAMILY_NONE },
+    { "deepseek-v3",      24, 32, 16, 4, { 21, 13, 30, 7 },  MOE_EP_ACTIVATION_SWIGLU, MOE_EP_PLACEMENT_CONTIGUOUS, true, 0, 0, 1,
+      FAMILY_DEEPSEEK },
+    { "gpt-oss-router",   20, 28, 8,  2, { 17, 25, 3, 11 },  MOE_EP_ACTIVATION_SWIGLU, MOE_EP_PLACEMENT_ROUND_ROBIN, false, 0, 0, 1,
+      FAMILY_GPT_OSS },
+    { "llama4",           24, 36, 8,  1, { 19, 0, 27, 14 },  MOE_EP_ACTIVATION_SWIGLU, MOE_EP_PLACEMENT_CONTIGUOUS, false, 0, 0, 1,
+      FAMILY_LLAMA4 },
 };
 #define LAYER_CASES ((int)(sizeof layer_cases / sizeof layer_cases[0]))
 
@@ -104,6 +116,8 @@ typedef struct layer_data {
     moe_ep_expert_weights* experts; /* [E] */
     int* table;                     /* [E] placement table (TABLE only) */
     int* owner;                     /* [E] */
+    float bias[16];                 /* the family's router or selection bias */
+    float* shared;                  /* the family's shared expert: w1, w3, w2 of width d_ff, then a gate [d] */
     int32_t* topk_idx;              /* [all tokens, k] hand-in routing, or NULL */
     float* topk_weight;
     float* y;                       /* [all tokens, d] output of a pthreads run */
@@ -138,6 +152,11 @@ static void layer_data_create(layer_data* L, const layer_case* c, int ranks, uin
         L->table[e] = (int)((e * 5 + 1) % (size_t)ranks);
     }
     moe_ep_placement_compute(&(moe_ep_placement){ .kind = c->placement, .table = L->table }, c->experts, ranks, L->owner);
+    if (c->family != FAMILY_NONE) {
+        L->shared = (float*)xmalloc(sizeof(float) * (3 * (size_t)c->d_ff + 1) * (size_t)c->d_model);
+        test_fill(L->shared, (3 * (size_t)c->d_ff + 1) * (size_t)c->d_model, 1.0f / (float)c->d_model, &seed);
+        test_fill(L->bias, 16, 0.2f, &seed);
+    }
     if (c->used_experts > 0) {
         /* hand-in routing over a few experts only: the others get no token at all */
         L->topk_idx = (int32_t*)xmalloc(sizeof(int32_t) * (size_t)(T * c->top_k + 1));
@@ -154,7 +173,7 @@ static void layer_data_create(layer_data* L, const layer_case* c, int ranks, uin
 
 static void layer_data_destroy(layer_data* L) {
     free(L->token_start); free(L->x); free(L->y); free(L->router); free(L->weights); free(L->experts);
-    free(L->table); free(L->owner); free(L->topk_idx); free(L->topk_weight);
+    free(L->table); free(L->owner); free(L->topk_idx); free(L->topk_weight); free(L->shared);
 }
 
 static moe_ep_desc layer_desc(const layer_data* L, const moe_ep_expert_weights* mine, const moe_ep_transport* t) {
@@ -165,6 +184,22 @@ static moe_ep_desc layer_desc(const layer_data* L, const moe_ep_expert_weights* 
     d.activation = c->activation; d.normalize_topk = c->normalize; d.capacity_factor = c->capacity;
     d.placement.kind = c->placement; d.placement.table = L->table; d.num_threads = c->threads;
     d.router_weight = L->router; d.experts = mine; d.transport = t;
+    if (c->family != FAMILY_NONE) {
+        size_t per = (size_t)c->d_ff * (size_t)c->d_model;
+        d.shared.d_ff = c->d_ff;
+        d.shared.weights.w1 = L->shared;
+        d.shared.weights.w3 = L->shared + per;
+        d.shared.weights.w2 = L->shared + 2 * per;
+    }
+    if (c->family == FAMILY_DEEPSEEK) {
+        d.scoring = MOE_EP_SCORING_SIGMOID; d.selection_bias = L->bias;
+        d.num_groups = 4; d.topk_groups = 2; d.routed_scaling_factor = 2.5f;
+    } else if (c->family == FAMILY_GPT_OSS) {
+        d.scoring = MOE_EP_SCORING_TOPK_SOFTMAX; d.router_bias = L->bias; d.shared.d_ff = 0;
+    } else if (c->family == FAMILY_LLAMA4) {
+        d.scoring = MOE_EP_SCORING_TOPK_SIGMOID; d.scale_expert_input = true;
+        d.shared.gate = L->shared + 3 * (size_t)c->d_ff * (size_t)c->d_model;
+    }
     return d;
 }
 
@@ -225,6 +260,14 @@ static moe_ep_result rank_stages(const layer_data* L, moe_ep_context* ctx, int r
         res = moe_ep_combine_begin(ctx, plan, out);
         MPI_Barrier(test_comm);
         if (res == MOE_EP_OK) res = moe_ep_combine_end(ctx, plan, y);
+    }
+    if (res == MOE_EP_OK && moe_ep_query(ctx).shared.d_ff > 0) {
+        /* the stage user adds the shared experts after the routed sum, as forward does */
+        float* shared = (float*)xmalloc(sizeof(float) * (size_t)(T * c->d_model + 1));
+        int64_t i;
+        res = moe_ep_shared_experts(ctx, x, T, shared);
+        for (i = 0; res == MOE_EP_OK && i < T * c->d_model; ++i) y[i] += shared[i];
+        free(shared);
     }
     moe_ep_plan_destroy(plan);
     free(idx); free(weight); free(rows); free(out);
