@@ -62,6 +62,9 @@
    - Router: logits = x . router_weight^T on cuBLAS (fp32 output), then softmax and
      top-k in one kernel (ties to the lower expert, optional renormalisation), then the
      ids and weights are copied to the host for the core's plan. No router statistics.
+     The core's other routers (sigmoid, biases, groups, top-k first, weights on the
+     input), shared experts and FFN variants run on the CPU only so far; with them, route
+     with moe_ep_route on the host and hand the routing in.
    - Plan: the core's moe_ep_plan_create over the transport (count exchange), then the
      slot map (where each (token, k-slot) row goes) and the weights are uploaded.
    - Dispatch: a permute kernel gathers token rows into send order; rows whose expert is
