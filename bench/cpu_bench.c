@@ -599,7 +599,7 @@ static void section_decode(const bench_model* model) {
 int main(int argc, char** argv) {
     int want[5] = { 0, 0, 0, 0, 0 }, any = 0, i;
     static const char* const names[5] = { "gemm", "cblas", "comm", "layer", "decode" };
-    bench_model model;
+    bench_model model = { 0 };
     for (i = 1; i < argc; ++i) {
         int s, found = 0;
         if (strcmp(argv[i], "--reps") == 0 && i + 1 < argc) { g_reps = atoi(argv[++i]); continue; }

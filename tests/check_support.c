@@ -58,7 +58,7 @@ void check_model_init(check_model* m, int d_model, int d_ff, int num_experts, in
     m->normalize_topk = normalize_topk;
     m->router = (float*)malloc(sizeof(float) * (size_t)num_experts * (size_t)d_model);
     m->weights = (float*)malloc(sizeof(float) * 3 * per * (size_t)num_experts);
-    m->experts = (moe_ep_expert_weights*)malloc(sizeof(moe_ep_expert_weights) * (size_t)num_experts);
+    m->experts = (moe_ep_expert_weights*)calloc((size_t)num_experts, sizeof(moe_ep_expert_weights));
     /* router logits of order 1 so that routing varies from token to token */
     test_fill(m->router, (size_t)num_experts * (size_t)d_model, 2.0f / sqrtf((float)d_model), &seed);
     for (e = 0; e < (size_t)num_experts; ++e) {
