@@ -54,6 +54,13 @@
    2. moe_ep_create(&(moe_ep_desc){ .d_model = 1024, .d_ff = 2816, .num_experts = 64,
           .top_k = 2, .router_weight = wg, .experts = my_local_experts,
           .transport = &transport }, &ctx);                          collective
+      Expert weights are fp32, read at create as they are in memory: separate w1 (gate),
+      w3 (up), w2 (down) in the nn.Linear layout by default; with .weight_layout also
+      MOE_EP_WEIGHT_LAYOUT_FUSED_GATE_UP (transformers' experts.gate_up_proj[e]) and
+      MOE_EP_WEIGHT_LAYOUT_GPT_OSS (GptOssExperts' gate_up_proj[e], transposed with gate
+      and up interleaved, and down_proj[e]); biases b1, b3, b2 are optional. Activations:
+      SwiGLU (default), GELU, ReLU, and GPT-OSS's clamped SwiGLU (.swiglu_alpha,
+      .swiglu_limit). See moe_ep_activation and moe_ep_weight_layout.
    3. moe_ep_forward(ctx, &(moe_ep_forward_args){ .tokens = T, .x = x, .y = y });
                                                                       collective
       or the stages one by one:
@@ -84,7 +91,8 @@
    ==================================
    One context per rank. Calls marked "Collective: yes" must be made by every rank
    of the transport, in the same order, with the same collective parameters
-   (d_model, d_ff, num_experts, top_k, activation, router scoring, renormalisation,
+   (d_model, d_ff, num_experts, top_k, activation with swiglu_alpha and swiglu_limit,
+   router scoring, renormalisation,
    capacity factor, placement). moe_ep_create checks that they agree (a fingerprint
    exchange) and fails with MOE_EP_ERROR_RANK_MISMATCH on every rank if they do not.
    A context is used by one thread at a time. Distinct contexts are independent.
@@ -397,7 +405,8 @@ typedef struct moe_ep_transport {
    other layouts are described at moe_ep_weight_layout. w3 and b3 are used by the gated
    activations (SwiGLU, clamped SwiGLU) only. The biases are optional (NULL: none): b1, b3
    [d_ff] are added to the finished up products before the activation, b2 [d_model] to the
-   output. Everything is copied at create. */
+   output. Everything is copied at create. With tensor parallelism b1 and b3 are sliced
+   with their rows and b2 is added by TP rank 0 alone (before the rank-ordered sum). */
 typedef struct moe_ep_expert_weights {
     const float* w1;
     const float* w3;
@@ -2466,10 +2475,14 @@ MOE_EP_API moe_ep_result moe_ep_layout_split(const moe_ep_layout_desc* desc, con
    expert to cblas_sgemm instead (the CBLAS moe_ep__ffn below).
 
    Layout: a weight W [n, k] (nn.Linear) is packed as ceil(n / NR) panels, each [k][NR]
-   contiguous (columns past n are zero). For SwiGLU a panel holds NR/2 columns of w1
-   followed by the same NR/2 columns of w3, so one pass over x feeds both and
-   silu(x w1) * (x w3) is formed in registers and written once. Activations are read
-   as they are (row-major); the hidden rows are padded to whole panels.
+   contiguous (columns past n are zero). For the gated activations (SwiGLU, clamped
+   SwiGLU) a panel holds NR/2 columns of w1 followed by the same NR/2 columns of w3, so
+   one pass over x feeds both and act(x w1 + b1, x w3 + b3) is formed in registers and
+   written once. A weight's biases follow its panels, NR per panel in the panel's column
+   order; the epilogue adds them once to the finished chains, so they change no chain's
+   order. The user's tensors are read through moe_ep__wview (any weight layout, the TP
+   slice). Activations are read as they are (row-major); the hidden rows are padded to
+   whole panels.
 
    Blocking (per thread, over its share of the column panels): NCP panels x MC rows x
    KC-deep slices; the KC x NR weight slice stays in L1 while MR-row tiles stream past
