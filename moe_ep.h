@@ -54,6 +54,13 @@
    2. moe_ep_create(&(moe_ep_desc){ .d_model = 1024, .d_ff = 2816, .num_experts = 64,
           .top_k = 2, .router_weight = wg, .experts = my_local_experts,
           .transport = &transport }, &ctx);                          collective
+      Expert weights are fp32, read at create as they are in memory: separate w1 (gate),
+      w3 (up), w2 (down) in the nn.Linear layout by default; with .weight_layout also
+      MOE_EP_WEIGHT_LAYOUT_FUSED_GATE_UP (transformers' experts.gate_up_proj[e]) and
+      MOE_EP_WEIGHT_LAYOUT_GPT_OSS (GptOssExperts' gate_up_proj[e], transposed with gate
+      and up interleaved, and down_proj[e]); biases b1, b3, b2 are optional. Activations:
+      SwiGLU (default), GELU, ReLU, and GPT-OSS's clamped SwiGLU (.swiglu_alpha,
+      .swiglu_limit). See moe_ep_activation and moe_ep_weight_layout.
    3. moe_ep_forward(ctx, &(moe_ep_forward_args){ .tokens = T, .x = x, .y = y });
                                                                       collective
       or the stages one by one:
@@ -84,7 +91,8 @@
    ==================================
    One context per rank. Calls marked "Collective: yes" must be made by every rank
    of the transport, in the same order, with the same collective parameters
-   (d_model, d_ff, num_experts, top_k, activation, router scoring, renormalisation,
+   (d_model, d_ff, num_experts, top_k, activation with swiglu_alpha and swiglu_limit,
+   router scoring, renormalisation,
    capacity factor, placement). moe_ep_create checks that they agree (a fingerprint
    exchange) and fails with MOE_EP_ERROR_RANK_MISMATCH on every rank if they do not.
    A context is used by one thread at a time. Distinct contexts are independent.
@@ -177,15 +185,36 @@ typedef enum moe_ep_result {
     MOE_EP_RESULT_COUNT
 } moe_ep_result;
 
-/* Expert FFN. SwiGLU: w2 . (silu(w1 x) * (w3 x)); GELU and ReLU: w2 . act(w1 x). */
+/* Expert FFN, with g = w1 x + b1, u = w3 x + b3 (each bias optional, see
+   moe_ep_expert_weights): y = w2 . h + b2, where h is
+     SwiGLU:          silu(g) * u
+     GELU, ReLU:      act(g)                          (w3 and b3 unused)
+     clamped SwiGLU:  (clamp(u, -L, L) + 1) * g' * sigmoid(alpha g'), g' = min(g, L)
+                      (GPT-OSS; alpha = desc.swiglu_alpha, L = desc.swiglu_limit) */
 typedef enum moe_ep_activation {
     MOE_EP_ACTIVATION_DEFAULT = 0,  /* SwiGLU */
     MOE_EP_ACTIVATION_SWIGLU,
     MOE_EP_ACTIVATION_GELU,         /* exact erf form */
     MOE_EP_ACTIVATION_RELU,
+    MOE_EP_ACTIVATION_SWIGLU_CLAMPED,
     MOE_EP_ACTIVATION_COUNT,
     MOE_EP_ACTIVATION_FORCE_U32 = 0x7FFFFFFF
 } moe_ep_activation;
+
+/* How moe_ep_expert_weights' pointers are laid out (each expert's tensors, row-major). */
+typedef enum moe_ep_weight_layout {
+    MOE_EP_WEIGHT_LAYOUT_DEFAULT = 0,  /* nn.Linear: w1, w3 [d_ff, d_model], w2 [d_model, d_ff] */
+    MOE_EP_WEIGHT_LAYOUT_SEPARATE,     /* the same, by name */
+    MOE_EP_WEIGHT_LAYOUT_FUSED_GATE_UP,/* w1 [2*d_ff, d_model]: rows [0, d_ff) gate, [d_ff, 2*d_ff) up
+                                          (transformers' experts.gate_up_proj[e]); b1 [2*d_ff] likewise;
+                                          w3, b3 unused; w2 as DEFAULT */
+    MOE_EP_WEIGHT_LAYOUT_GPT_OSS,      /* w1 [d_model, 2*d_ff], gate in even columns, up in odd ones
+                                          (GptOssExperts' gate_up_proj[e]); b1 [2*d_ff] interleaved
+                                          likewise (gate_up_proj_bias[e]); w3, b3 unused;
+                                          w2 [d_ff, d_model] (down_proj[e]); b2 (down_proj_bias[e]) */
+    MOE_EP_WEIGHT_LAYOUT_COUNT,
+    MOE_EP_WEIGHT_LAYOUT_FORCE_U32 = 0x7FFFFFFF
+} moe_ep_weight_layout;
 
 typedef enum moe_ep_scoring {
     MOE_EP_SCORING_DEFAULT = 0,     /* softmax */
@@ -281,7 +310,10 @@ typedef struct moe_ep_allocator {
     X(FORWARD_NULL)                /* x or y NULL with tokens > 0 */ \
     X(FORWARD_ROUTING_IN)          /* routing_in without topk_idx and topk_weight */ \
     X(FFN_ARGS) \
-    X(FFN_NO_WEIGHTS)
+    X(FFN_NO_WEIGHTS) \
+    X(DESC_SWIGLU_ALPHA)           /* swiglu_alpha not finite or <= 0 */ \
+    X(DESC_SWIGLU_LIMIT)           /* swiglu_limit not finite or <= 0 */ \
+    X(DESC_WEIGHT_LAYOUT)          /* weight_layout is not a moe_ep_weight_layout */
 
 typedef enum moe_ep_log_item {
 #define MOE_EP__LOG_ITEM_ENUM(name) MOE_EP_LOG_ITEM_##name,
@@ -372,12 +404,20 @@ typedef struct moe_ep_transport {
                            char* err_text, size_t err_size);
 } moe_ep_transport;
 
-/* The weights of one expert in the PyTorch nn.Linear layout, row-major:
-   w1, w3: [d_ff, d_model]; w2: [d_model, d_ff]. w3 is used by SwiGLU only. */
+/* The weights of one expert; with the default desc.weight_layout the PyTorch nn.Linear
+   layout, row-major: w1 (gate), w3 (up): [d_ff, d_model]; w2 (down): [d_model, d_ff]; the
+   other layouts are described at moe_ep_weight_layout. w3 and b3 are used by the gated
+   activations (SwiGLU, clamped SwiGLU) only. The biases are optional (NULL: none): b1, b3
+   [d_ff] are added to the finished up products before the activation, b2 [d_model] to the
+   output. Everything is copied at create. With tensor parallelism b1 and b3 are sliced
+   with their rows and b2 is added by TP rank 0 alone (before the rank-ordered sum). */
 typedef struct moe_ep_expert_weights {
     const float* w1;
     const float* w3;
     const float* w2;
+    const float* b1;
+    const float* b3;
+    const float* b2;
 } moe_ep_expert_weights;
 
 /* Always-on experts that every rank holds and runs on its own tokens, with no traffic:
@@ -407,6 +447,9 @@ typedef struct moe_ep_desc {
     int num_experts;                /* required, > 0 */
     int top_k;                      /* default 1; 1 <= top_k <= num_experts */
     moe_ep_activation activation;   /* default SwiGLU */
+    float swiglu_alpha;             /* default 0 = 1.702: clamped SwiGLU's sigmoid scale; > 0 */
+    float swiglu_limit;             /* default 0 = 7.0: clamped SwiGLU's clamp; > 0 */
+    moe_ep_weight_layout weight_layout;  /* default nn.Linear, separate w1, w3, w2 */
     moe_ep_scoring scoring;         /* default softmax */
     bool normalize_topk;            /* default false: divide the k weights by their sum */
     float routed_scaling_factor;    /* default 0 = 1: the k weights are multiplied by it, after
@@ -731,6 +774,8 @@ struct moe_ep_context {
     float* selection_bias;          /* [E] copy of desc.selection_bias or NULL */
     float** packed_up;              /* [local] w1 (and w3) panels */
     float** packed_down;            /* [local] w2 panels */
+    const float** bias_up;          /* [local] b1 (and b3) in panel order, inside packed_up; NULL: none */
+    const float** bias_down;        /* [local] b2 in panel order, inside packed_down; NULL: none */
     float* hidden;                  /* kernel workspaces (raw allocations, aligned on use) */
     int64_t hidden_capacity;        /* floats */
     float* kernel_scratch;
@@ -1128,6 +1173,9 @@ MOE_EP_PRIVATE moe_ep_desc moe_ep__desc_defaults(const moe_ep_desc* in) {
     moe_ep_desc d = *in;
     d.top_k = MOE_EP__DEF(d.top_k, 1);
     d.activation = MOE_EP__DEF(d.activation, MOE_EP_ACTIVATION_SWIGLU);
+    d.swiglu_alpha = MOE_EP__DEF(d.swiglu_alpha, 1.702f);
+    d.swiglu_limit = MOE_EP__DEF(d.swiglu_limit, 7.0f);
+    d.weight_layout = MOE_EP__DEF(d.weight_layout, MOE_EP_WEIGHT_LAYOUT_SEPARATE);
     d.scoring = MOE_EP__DEF(d.scoring, MOE_EP_SCORING_SOFTMAX);
     d.routed_scaling_factor = MOE_EP__DEF(d.routed_scaling_factor, 1.0f);
     d.num_groups = MOE_EP__DEF(d.num_groups, 1);
@@ -1192,13 +1240,14 @@ MOE_EP_PRIVATE void moe_ep__validate_router(const moe_ep_desc* d, moe_ep__valida
 /* The shared experts' rules: a width, the weights its activation needs, a finite gate. */
 MOE_EP_PRIVATE void moe_ep__validate_shared(const moe_ep_desc* d, moe_ep__validator* v) {
     const moe_ep_shared_desc* sh = &d->shared;
+    bool gated = d->activation == MOE_EP_ACTIVATION_SWIGLU || d->activation == MOE_EP_ACTIVATION_SWIGLU_CLAMPED;
     int i;
     moe_ep__check(v, sh->d_ff >= 0, MOE_EP_LOG_ITEM_DESC_SHARED_D_FF, "moe_ep_desc.shared.d_ff (%d) must be >= 0",
                   sh->d_ff);
     if (sh->d_ff <= 0) return;
-    moe_ep__check(v, sh->weights.w1 && sh->weights.w2 && (d->activation != MOE_EP_ACTIVATION_SWIGLU || sh->weights.w3),
+    moe_ep__check(v, sh->weights.w1 && sh->weights.w2 && (!gated || sh->weights.w3),
                   MOE_EP_LOG_ITEM_DESC_SHARED_WEIGHTS_NULL, "moe_ep_desc.shared.weights: w1, w2%s must not be NULL",
-                  d->activation == MOE_EP_ACTIVATION_SWIGLU ? " and w3" : "");
+                  gated ? " and w3" : "");
     for (i = 0; sh->gate && i < d->d_model; ++i)
         if (!moe_ep__finite(sh->gate[i])) {
             moe_ep__check(v, false, MOE_EP_LOG_ITEM_DESC_SHARED_GATE_NOT_FINITE,
@@ -1220,6 +1269,13 @@ MOE_EP_PRIVATE int moe_ep__validate_desc(const moe_ep_desc* d, const moe_ep_tran
     moe_ep__check(v, d->activation > 0 && d->activation < MOE_EP_ACTIVATION_COUNT,
                   MOE_EP_LOG_ITEM_DESC_ACTIVATION,
                   "moe_ep_desc.activation (%d) is not a moe_ep_activation", (int)d->activation);
+    moe_ep__check(v, moe_ep__finite(d->swiglu_alpha) && d->swiglu_alpha > 0.0f, MOE_EP_LOG_ITEM_DESC_SWIGLU_ALPHA,
+                  "moe_ep_desc.swiglu_alpha (%g) must be finite and > 0", (double)d->swiglu_alpha);
+    moe_ep__check(v, moe_ep__finite(d->swiglu_limit) && d->swiglu_limit > 0.0f, MOE_EP_LOG_ITEM_DESC_SWIGLU_LIMIT,
+                  "moe_ep_desc.swiglu_limit (%g) must be finite and > 0", (double)d->swiglu_limit);
+    moe_ep__check(v, d->weight_layout > 0 && d->weight_layout < MOE_EP_WEIGHT_LAYOUT_COUNT,
+                  MOE_EP_LOG_ITEM_DESC_WEIGHT_LAYOUT,
+                  "moe_ep_desc.weight_layout (%d) is not a moe_ep_weight_layout", (int)d->weight_layout);
     moe_ep__validate_router(d, v);
     moe_ep__validate_shared(d, v);
     moe_ep__check(v, d->capacity_factor >= 0.0f && d->capacity_factor <= 1e6f,
@@ -1283,6 +1339,8 @@ MOE_EP_PRIVATE int64_t moe_ep__fingerprint(const moe_ep_context* ctx) {
     h = moe_ep_hash(h, fields, sizeof fields);
     h = moe_ep_hash(h, &d->capacity_factor, sizeof d->capacity_factor);
     h = moe_ep_hash(h, &d->routed_scaling_factor, sizeof d->routed_scaling_factor);
+    h = moe_ep_hash(h, &d->swiglu_alpha, sizeof d->swiglu_alpha);
+    h = moe_ep_hash(h, &d->swiglu_limit, sizeof d->swiglu_limit);
     if (d->router_bias) h = moe_ep_hash(h, d->router_bias, sizeof(float) * (size_t)d->num_experts);
     if (d->selection_bias) h = moe_ep_hash(h, d->selection_bias, sizeof(float) * (size_t)d->num_experts);
     fields[0] = d->shared.d_ff;
@@ -1293,7 +1351,27 @@ MOE_EP_PRIVATE int64_t moe_ep__fingerprint(const moe_ep_context* ctx) {
     return h == 0 ? 1 : (int64_t)h;
 }
 
-/* The expert kernel is the header's last section (>>kernel); the pipeline needs these two. */
+/* The expert kernel is the header's last section (>>kernel); the pipeline needs these two,
+   and the view of the user's weights it packs from. */
+typedef struct moe_ep__wview {
+    const float* base;              /* element (i, k) at base[i * row_stride + k * k_stride] */
+    int64_t row_stride, k_stride;
+    const float* bias;              /* bias i at bias[i * bias_stride]; NULL: none */
+    int64_t bias_stride;
+} moe_ep__wview;
+
+MOE_EP_PRIVATE moe_ep__wview moe_ep__view(const float* base, int64_t row_stride, int64_t k_stride, const float* bias,
+                                          int64_t bias_stride) {
+    moe_ep__wview v;
+    v.base = base; v.row_stride = row_stride; v.k_stride = k_stride; v.bias = bias; v.bias_stride = bias_stride;
+    return v;
+}
+
+/* The activations that read w3 (the up projection) and pair it with w1 in one panel. */
+MOE_EP_PRIVATE bool moe_ep__gated(moe_ep_activation act) {
+    return act == MOE_EP_ACTIVATION_SWIGLU || act == MOE_EP_ACTIVATION_SWIGLU_CLAMPED;
+}
+
 MOE_EP_PRIVATE moe_ep_result moe_ep__pack_expert(moe_ep_context* ctx, int l);
 MOE_EP_PRIVATE moe_ep_result moe_ep__ffn(moe_ep_context* ctx, int local_expert, const float* rows, int64_t m,
                                          float* out);
@@ -1308,6 +1386,8 @@ MOE_EP_PRIVATE void moe_ep__context_free(moe_ep_context* ctx) {
         for (l = 0; l < ctx->local_experts; ++l) moe_ep_free(&a, ctx->packed_down[l]);
     moe_ep_free(&a, ctx->packed_up);
     moe_ep_free(&a, ctx->packed_down);
+    moe_ep_free(&a, (void*)ctx->bias_up);
+    moe_ep_free(&a, (void*)ctx->bias_down);
     moe_ep_free(&a, ctx->owner_of);
     moe_ep_free(&a, ctx->local_index_of);
     moe_ep_free(&a, ctx->rank_expert_count);
@@ -1387,38 +1467,43 @@ MOE_EP_PRIVATE moe_ep_result moe_ep__pack_experts(moe_ep_context* ctx) {
     int l;
     ctx->packed_up = (float**)moe_ep__calloc(a, ctx->local_experts, sizeof(float*));
     ctx->packed_down = (float**)moe_ep__calloc(a, ctx->local_experts, sizeof(float*));
-    if (!ctx->packed_up || !ctx->packed_down) return MOE_EP_ERROR_OUT_OF_MEMORY;
+    ctx->bias_up = (const float**)moe_ep__calloc(a, ctx->local_experts, sizeof(float*));
+    ctx->bias_down = (const float**)moe_ep__calloc(a, ctx->local_experts, sizeof(float*));
+    if (!ctx->packed_up || !ctx->packed_down || !ctx->bias_up || !ctx->bias_down) return MOE_EP_ERROR_OUT_OF_MEMORY;
     for (l = 0; l < ctx->local_experts && res == MOE_EP_OK; ++l) res = moe_ep__pack_expert(ctx, l);
     return res;
 }
 
-/* Tensor parallelism: pack only this rank's d_ff slice. w1 and w3 rows are contiguous; the
-   w2 columns are copied out first so the kernel's packer sees an ordinary [d_model, slice]. */
-MOE_EP_PRIVATE moe_ep_result moe_ep__pack_tp_slice(moe_ep_context* ctx) {
-    const moe_ep_allocator* a = &ctx->desc.allocator;
-    const moe_ep_expert_weights* full = ctx->desc.experts;
-    int64_t D = ctx->desc.d_model, F = ctx->d_ff_full, f0 = ctx->ff_begin, n = ctx->desc.d_ff, i, l;
-    moe_ep_expert_weights* slices = (moe_ep_expert_weights*)moe_ep__calloc(a, ctx->local_experts, sizeof *slices);
-    float* w2 = (float*)moe_ep__calloc(a, (int64_t)ctx->local_experts * D * n, sizeof(float));
-    moe_ep_result res;
-    if (!slices || !w2) {
-        moe_ep_free(a, slices);
-        moe_ep_free(a, w2);
-        return MOE_EP_ERROR_OUT_OF_MEMORY;
+/* Where one expert's tensors are, as the kernel's packer reads them: element (i, k) of the
+   nn.Linear-shaped [n, k] weight is base[i * row_stride + k * k_stride], bias i is
+   bias[i * bias_stride]. This rank's TP slice (d_ff rows [ff_begin, ff_begin + desc.d_ff) of
+   gate and up, those columns of down) and every weight layout are only offsets and strides,
+   so the packer reads the user's tensors as they are. b2 is added on TP rank 0 only: the
+   partial outputs are summed in TP-rank order, so it is added once and always in the same
+   place. */
+MOE_EP_PRIVATE void moe_ep__expert_views(const moe_ep_context* ctx, int l, moe_ep__wview* gate, moe_ep__wview* up,
+                                         moe_ep__wview* down) {
+    const moe_ep_desc* d = &ctx->desc;
+    const moe_ep_expert_weights* w = &d->experts[l];
+    int64_t D = d->d_model, F = ctx->d_ff_full, f0 = ctx->ff_begin;
+    const float* b2 = ctx->tp_rank == 0 ? w->b2 : NULL;
+    switch (d->weight_layout) {
+    case MOE_EP_WEIGHT_LAYOUT_FUSED_GATE_UP:
+        *gate = moe_ep__view(w->w1 + f0 * D, D, 1, w->b1 ? w->b1 + f0 : NULL, 1);
+        *up = moe_ep__view(w->w1 + (F + f0) * D, D, 1, w->b1 ? w->b1 + F + f0 : NULL, 1);
+        *down = moe_ep__view(w->w2 + f0, F, 1, b2, 1);
+        break;
+    case MOE_EP_WEIGHT_LAYOUT_GPT_OSS:
+        *gate = moe_ep__view(w->w1 + 2 * f0, 2, 2 * F, w->b1 ? w->b1 + 2 * f0 : NULL, 2);
+        *up = moe_ep__view(w->w1 + 2 * f0 + 1, 2, 2 * F, w->b1 ? w->b1 + 2 * f0 + 1 : NULL, 2);
+        *down = moe_ep__view(w->w2 + f0 * D, 1, D, b2, 1);
+        break;
+    default:
+        *gate = moe_ep__view(w->w1 + f0 * D, D, 1, w->b1 ? w->b1 + f0 : NULL, 1);
+        *up = moe_ep__view(w->w3 ? w->w3 + f0 * D : NULL, D, 1, w->b3 ? w->b3 + f0 : NULL, 1);
+        *down = moe_ep__view(w->w2 + f0, F, 1, b2, 1);
+        break;
     }
-    for (l = 0; l < ctx->local_experts; ++l) {
-        float* w2_slice = w2 + l * D * n;
-        slices[l].w1 = full[l].w1 + f0 * D;
-        slices[l].w3 = full[l].w3 ? full[l].w3 + f0 * D : NULL;
-        for (i = 0; i < D; ++i) memcpy(w2_slice + i * n, full[l].w2 + i * F + f0, sizeof(float) * (size_t)n);
-        slices[l].w2 = w2_slice;
-    }
-    ctx->desc.experts = slices;
-    res = moe_ep__pack_experts(ctx);
-    ctx->desc.experts = full;
-    moe_ep_free(a, slices);
-    moe_ep_free(a, w2);
-    return res;
 }
 
 /* A stage's verdict over the EP group: OK only if every rank reported OK; otherwise the
@@ -1486,6 +1571,9 @@ MOE_EP_PRIVATE moe_ep_result moe_ep__shared_create(moe_ep_context* ctx) {
     sd.num_experts = 1;
     sd.top_k = 1;
     sd.activation = d->activation;
+    sd.swiglu_alpha = d->swiglu_alpha;
+    sd.swiglu_limit = d->swiglu_limit;
+    sd.weight_layout = MOE_EP_WEIGHT_LAYOUT_SEPARATE;   /* shared experts come as separate tensors */
     sd.num_threads = moe_ep__default_threads(d->num_threads, &ctx->transport);
     sd.experts = &d->shared.weights;
     sd.allocator = d->allocator;
@@ -1512,14 +1600,16 @@ MOE_EP_PRIVATE moe_ep_result moe_ep__context_fill(moe_ep_context* ctx, moe_ep__v
                       MOE_EP_LOG_ITEM_DESC_EXPERTS_MISSING,
                       "moe_ep_desc.experts must hold the weights of this rank's %d experts (or set expert_fn)",
                       ctx->local_experts);
-        for (l = 0; d->experts && l < ctx->local_experts; ++l)
-            moe_ep__check(v, d->experts[l].w1 && d->experts[l].w2 &&
-                                 (d->activation != MOE_EP_ACTIVATION_SWIGLU || d->experts[l].w3),
+        for (l = 0; d->experts && l < ctx->local_experts; ++l) {
+            /* w3 is a tensor of its own only in the separate layout */
+            bool needs_w3 = moe_ep__gated(d->activation) && d->weight_layout == MOE_EP_WEIGHT_LAYOUT_SEPARATE;
+            moe_ep__check(v, d->experts[l].w1 && d->experts[l].w2 && (!needs_w3 || d->experts[l].w3),
                           MOE_EP_LOG_ITEM_DESC_EXPERT_WEIGHTS_NULL,
-                          "moe_ep_desc.experts[%d]: w1, w2%s must not be NULL", l,
-                          d->activation == MOE_EP_ACTIVATION_SWIGLU ? " and w3" : "");
+                          "moe_ep_desc.experts[%d]: w1, w2%s must not be NULL%s", l, needs_w3 ? " and w3" : "",
+                          d->weight_layout == MOE_EP_WEIGHT_LAYOUT_SEPARATE ? ""
+                          : " (w1 holds gate and up in this weight_layout)");
+        }
         if (v->failures) res = MOE_EP_ERROR_INVALID_ARGUMENT;
-        else if (ctx->tp_size > 1) res = moe_ep__pack_tp_slice(ctx);
         else res = moe_ep__pack_experts(ctx);
     }
     if (res == MOE_EP_OK) res = moe_ep__shared_create(ctx);
@@ -2588,10 +2678,14 @@ MOE_EP_API moe_ep_result moe_ep_layout_split(const moe_ep_layout_desc* desc, con
    expert to cblas_sgemm instead (the CBLAS moe_ep__ffn below).
 
    Layout: a weight W [n, k] (nn.Linear) is packed as ceil(n / NR) panels, each [k][NR]
-   contiguous (columns past n are zero). For SwiGLU a panel holds NR/2 columns of w1
-   followed by the same NR/2 columns of w3, so one pass over x feeds both and
-   silu(x w1) * (x w3) is formed in registers and written once. Activations are read
-   as they are (row-major); the hidden rows are padded to whole panels.
+   contiguous (columns past n are zero). For the gated activations (SwiGLU, clamped
+   SwiGLU) a panel holds NR/2 columns of w1 followed by the same NR/2 columns of w3, so
+   one pass over x feeds both and act(x w1 + b1, x w3 + b3) is formed in registers and
+   written once. A weight's biases follow its panels, NR per panel in the panel's column
+   order; the epilogue adds them once to the finished chains, so they change no chain's
+   order. The user's tensors are read through moe_ep__wview (any weight layout, the TP
+   slice). Activations are read as they are (row-major); the hidden rows are padded to
+   whole panels.
 
    Blocking (per thread, over its share of the column panels): NCP panels x MC rows x
    KC-deep slices; the KC x NR weight slice stays in L1 while MR-row tiles stream past
@@ -2639,10 +2733,29 @@ MOE_EP_PRIVATE float moe_ep__act(moe_ep_activation act, float a, float b) {
     }
 }
 
+#if !defined(MOE_EP__AVX512) && !defined(MOE_EP__AVX2) && !defined(MOE_EP__NEON)
+/* GPT-OSS: (clamp(u, -limit, limit) + 1) * g' * sigmoid(alpha g'), g' = min(g, limit).
+   (The SIMD paths have their own, moe_ep__vswiglu_clamped.) */
+MOE_EP_PRIVATE float moe_ep__swiglu_clamped(float g, float u, float alpha, float limit) {
+    g = g < limit ? g : limit;
+    u = u < -limit ? -limit : u > limit ? limit : u;
+    return (u + 1.0f) * (g / (1.0f + expf(-alpha * g)));
+}
+#endif
+
+/* What the micro-kernel does with its finished sums: add the bias (NR floats in panel
+   order; NULL: none), then store them (gated 0), or write SwiGLU (1) or clamped SwiGLU (2)
+   of the panel's two halves. */
+typedef struct moe_ep__epilogue {
+    const float* bias;
+    int gated;
+    float alpha, limit;
+} moe_ep__epilogue;
+
 #ifndef MOE_EP_CBLAS
-/* Output columns per panel: SwiGLU panels carry a w1 half and a w3 half. */
+/* Output columns per panel: gated panels carry a w1 half and a w3 half. */
 MOE_EP_PRIVATE int moe_ep__panel_cols(moe_ep_activation act) {
-    return act == MOE_EP_ACTIVATION_SWIGLU ? MOE_EP__NR / 2 : MOE_EP__NR;
+    return moe_ep__gated(act) ? MOE_EP__NR / 2 : MOE_EP__NR;
 }
 
 MOE_EP_PRIVATE int64_t moe_ep__panel_count(int n, int cols) { return ((int64_t)n + cols - 1) / cols; }
@@ -2654,28 +2767,36 @@ MOE_EP_PRIVATE int64_t moe_ep__hidden_stride(const moe_ep_desc* d) {
 }
 
 /* W [n, k] -> panels of NR columns; with w3, panels of NR/2 columns of each. Written in
-   order, reading the panel's NR rows of W side by side. */
-MOE_EP_PRIVATE void moe_ep__pack(const float* w, const float* w3, int n, int k, float* panels) {
+   order, reading the panel's NR rows of W side by side. With bias (not NULL), the biases
+   of the panels' columns follow in the same order, NR per panel (zero where a view has
+   none). */
+MOE_EP_PRIVATE void moe_ep__pack(const moe_ep__wview* w, const moe_ep__wview* w3, int n, int k, float* panels,
+                                 float* bias) {
     int cols = w3 ? MOE_EP__NR / 2 : MOE_EP__NR, j, kk;
     int64_t p, np = moe_ep__panel_count(n, cols);
     for (p = 0; p < np; ++p) {
         const float* src[MOE_EP__NR];
+        int64_t step[MOE_EP__NR];
         float* dst = panels + p * (int64_t)k * MOE_EP__NR;
         for (j = 0; j < MOE_EP__NR; ++j) {
             int half = j >= cols;
             int64_t col = p * cols + (j - half * cols);
-            src[j] = col < n ? (half ? w3 : w) + col * k : NULL;
+            const moe_ep__wview* v = half ? w3 : w;
+            src[j] = col < n ? v->base + col * v->row_stride : NULL;
+            step[j] = v->k_stride;
+            if (bias) bias[p * MOE_EP__NR + j] = col < n && v->bias ? v->bias[col * v->bias_stride] : 0.0f;
         }
         for (kk = 0; kk < k; ++kk, dst += MOE_EP__NR)
-            for (j = 0; j < MOE_EP__NR; ++j) dst[j] = src[j] ? src[j][kk] : 0.0f;
+            for (j = 0; j < MOE_EP__NR; ++j) dst[j] = src[j] ? src[j][kk * step[j]] : 0.0f;
     }
 }
 
 /* The micro-kernel: C[rows][NR] = Cin (or 0) + A[rows][kc] . B[kc][NR], A and B slices
-   of packed tiles ([kc][MR] and [kc][NR]). swiglu: write silu(C[:, :NR/2]) * C[:, NR/2:]
-   (NR/2 columns) instead of C. */
+   of packed tiles ([kc][MR] and [kc][NR]). ep (NULL: store C as it is): the bias is added
+   to the finished sums; a gated epilogue writes act(C[:, :NR/2], C[:, NR/2:]) (NR/2
+   columns) instead of C. */
 typedef void (*moe_ep__kernel_fn)(int kc, const float* a, const float* b, const float* cin, int64_t ldc,
-                                  float* cout, int64_t ldo, int swiglu);
+                                  float* cout, int64_t ldo, const moe_ep__epilogue* ep);
 
 #define MOE_EP__ROWS1(X) X(0)
 #define MOE_EP__ROWS2(X) MOE_EP__ROWS1(X) X(1)
@@ -2754,6 +2875,16 @@ MOE_EP_PRIVATE MOE_EP__V moe_ep__vswiglu(MOE_EP__V g, MOE_EP__V u) {
     return MOE_EP__VMUL(MOE_EP__VDIV(g, MOE_EP__VADD(MOE_EP__VSET1(1.0f), e)), u);
 }
 
+/* As moe_ep__swiglu_clamped; nalpha = -alpha, nlimit = -limit. */
+MOE_EP_PRIVATE MOE_EP__V moe_ep__vswiglu_clamped(MOE_EP__V g, MOE_EP__V u, MOE_EP__V nalpha, MOE_EP__V limit,
+                                                 MOE_EP__V nlimit) {
+    MOE_EP__V e, one = MOE_EP__VSET1(1.0f);
+    g = MOE_EP__VMIN(g, limit);
+    u = MOE_EP__VMAX(MOE_EP__VMIN(u, limit), nlimit);
+    e = moe_ep__vexp(MOE_EP__VMUL(g, nalpha));
+    return MOE_EP__VMUL(MOE_EP__VADD(u, one), MOE_EP__VDIV(g, MOE_EP__VADD(one, e)));
+}
+
 /* Two vectors of accumulators per row: the panel is 2 * VW = NR columns wide. */
 #define MOE_EP__K_DECL(r) MOE_EP__V c##r##a, c##r##b; 
 #define MOE_EP__K_ZERO(r) c##r##a = MOE_EP__VZERO(); c##r##b = c##r##a;
@@ -2762,6 +2893,12 @@ MOE_EP_PRIVATE MOE_EP__V moe_ep__vswiglu(MOE_EP__V g, MOE_EP__V u) {
     c##r##a = MOE_EP__VFMA(av, b0, c##r##a); c##r##b = MOE_EP__VFMA(av, b1, c##r##b); }
 #define MOE_EP__K_STORE(r) MOE_EP__VSTORE(cout + (r) * ldo, c##r##a); MOE_EP__VSTORE(cout + (r) * ldo + MOE_EP__VW, c##r##b);
 #define MOE_EP__K_SWIGLU(r) MOE_EP__VSTORE(cout + (r) * ldo, moe_ep__vswiglu(c##r##a, c##r##b));
+#define MOE_EP__K_CLAMPED(r) MOE_EP__VSTORE(cout + (r) * ldo, \
+    moe_ep__vswiglu_clamped(c##r##a, c##r##b, nalpha, limit, nlimit));
+#define MOE_EP__K_BIAS_LOAD MOE_EP__V bias0 = MOE_EP__VLOAD(ep->bias), bias1 = MOE_EP__VLOAD(ep->bias + MOE_EP__VW);
+#define MOE_EP__K_BIAS(r) c##r##a = MOE_EP__VADD(c##r##a, bias0); c##r##b = MOE_EP__VADD(c##r##b, bias1);
+#define MOE_EP__K_CLAMP_SETUP MOE_EP__V nalpha = MOE_EP__VSET1(-ep->alpha), limit = MOE_EP__VSET1(ep->limit), \
+    nlimit = MOE_EP__VSET1(-ep->limit);
 #define MOE_EP__K_PANEL MOE_EP__V b0 = MOE_EP__VLOADA(b + (int64_t)kk * MOE_EP__NR); \
     MOE_EP__V b1 = MOE_EP__VLOADA(b + (int64_t)kk * MOE_EP__NR + MOE_EP__VW);
 #endif /* AVX-512 or AVX2 */
@@ -2789,6 +2926,15 @@ MOE_EP_PRIVATE float32x4_t moe_ep__vswiglu(float32x4_t g, float32x4_t u) {
     return vmulq_f32(vdivq_f32(g, vaddq_f32(vdupq_n_f32(1.0f), e)), u);
 }
 
+MOE_EP_PRIVATE float32x4_t moe_ep__vswiglu_clamped(float32x4_t g, float32x4_t u, float32x4_t nalpha,
+                                                   float32x4_t limit, float32x4_t nlimit) {
+    float32x4_t e, one = vdupq_n_f32(1.0f);
+    g = vminq_f32(g, limit);
+    u = vmaxq_f32(vminq_f32(u, limit), nlimit);
+    e = moe_ep__vexp(vmulq_f32(g, nalpha));
+    return vmulq_f32(vaddq_f32(u, one), vdivq_f32(g, vaddq_f32(one, e)));
+}
+
 /* Four vectors of accumulators per row (NR = 16). */
 #define MOE_EP__K_DECL(r) float32x4_t c##r##0, c##r##1, c##r##2, c##r##3; 
 #define MOE_EP__K_ZERO(r) c##r##0 = vdupq_n_f32(0.0f); c##r##1 = c##r##0; c##r##2 = c##r##0; c##r##3 = c##r##0;
@@ -2801,16 +2947,25 @@ MOE_EP_PRIVATE float32x4_t moe_ep__vswiglu(float32x4_t g, float32x4_t u) {
     vst1q_f32(cout + (r) * ldo + 8, c##r##2); vst1q_f32(cout + (r) * ldo + 12, c##r##3);
 #define MOE_EP__K_SWIGLU(r) vst1q_f32(cout + (r) * ldo, moe_ep__vswiglu(c##r##0, c##r##2)); \
     vst1q_f32(cout + (r) * ldo + 4, moe_ep__vswiglu(c##r##1, c##r##3));
+#define MOE_EP__K_CLAMPED(r) vst1q_f32(cout + (r) * ldo, moe_ep__vswiglu_clamped(c##r##0, c##r##2, nalpha, limit, nlimit)); \
+    vst1q_f32(cout + (r) * ldo + 4, moe_ep__vswiglu_clamped(c##r##1, c##r##3, nalpha, limit, nlimit));
+#define MOE_EP__K_BIAS_LOAD float32x4_t bias0 = vld1q_f32(ep->bias), bias1 = vld1q_f32(ep->bias + 4), \
+    bias2 = vld1q_f32(ep->bias + 8), bias3 = vld1q_f32(ep->bias + 12);
+#define MOE_EP__K_BIAS(r) c##r##0 = vaddq_f32(c##r##0, bias0); c##r##1 = vaddq_f32(c##r##1, bias1); \
+    c##r##2 = vaddq_f32(c##r##2, bias2); c##r##3 = vaddq_f32(c##r##3, bias3);
+#define MOE_EP__K_CLAMP_SETUP float32x4_t nalpha = vdupq_n_f32(-ep->alpha), limit = vdupq_n_f32(ep->limit), \
+    nlimit = vdupq_n_f32(-ep->limit);
 #define MOE_EP__K_PANEL const float* bk = b + (int64_t)kk * MOE_EP__NR; \
     float32x4_t b0 = vld1q_f32(bk), b1 = vld1q_f32(bk + 4), b2 = vld1q_f32(bk + 8), b3 = vld1q_f32(bk + 12);
 #endif /* NEON */
 
 /* One micro-kernel per row count: K_PANEL loads step kk of the weight panel, K_FMA adds
-   it into row r's accumulators, K_STORE / K_SWIGLU write the rows out. */
+   it into row r's accumulators, K_BIAS adds the bias once to the finished sums, K_STORE /
+   K_SWIGLU / K_CLAMPED write the rows out. */
 #ifdef MOE_EP__K_PANEL
 #define MOE_EP__KERNEL(name, ROWS) \
     MOE_EP_PRIVATE void name(int kc, const float* a, const float* b, const float* cin, int64_t ldc, float* cout, \
-                             int64_t ldo, int swiglu) { \
+                             int64_t ldo, const moe_ep__epilogue* ep) { \
         int kk; \
         ROWS(MOE_EP__K_DECL) \
         if (cin) { ROWS(MOE_EP__K_LOAD) } else { ROWS(MOE_EP__K_ZERO) } \
@@ -2818,7 +2973,11 @@ MOE_EP_PRIVATE float32x4_t moe_ep__vswiglu(float32x4_t g, float32x4_t u) {
             MOE_EP__K_PANEL \
             ROWS(MOE_EP__K_FMA) \
         } \
-        if (swiglu) { ROWS(MOE_EP__K_SWIGLU) } else { ROWS(MOE_EP__K_STORE) } \
+        if (!ep) { ROWS(MOE_EP__K_STORE) return; } \
+        if (ep->bias) { MOE_EP__K_BIAS_LOAD ROWS(MOE_EP__K_BIAS) } \
+        if (ep->gated == 1) { ROWS(MOE_EP__K_SWIGLU) } \
+        else if (ep->gated == 2) { MOE_EP__K_CLAMP_SETUP ROWS(MOE_EP__K_CLAMPED) } \
+        else { ROWS(MOE_EP__K_STORE) } \
     }
 MOE_EP__KERNEL(moe_ep__kernel1, MOE_EP__ROWS1)
 MOE_EP__KERNEL(moe_ep__kernel2, MOE_EP__ROWS2)
@@ -2837,14 +2996,14 @@ MOE_EP__KERNEL(moe_ep__kernel12, MOE_EP__ROWS12)
 
 /* rows in [1, MR] */
 MOE_EP_PRIVATE void moe_ep__micro(int rows, int kc, const float* a, const float* b, const float* cin, int64_t ldc,
-                                  float* cout, int64_t ldo, int swiglu) {
+                                  float* cout, int64_t ldo, const moe_ep__epilogue* ep) {
     static const moe_ep__kernel_fn kernels[MOE_EP__MR + 1] = {
         NULL, moe_ep__kernel1, moe_ep__kernel2, moe_ep__kernel3, moe_ep__kernel4, moe_ep__kernel5, moe_ep__kernel6,
 #if MOE_EP__MR > 6
         moe_ep__kernel7, moe_ep__kernel8, moe_ep__kernel9, moe_ep__kernel10, moe_ep__kernel11, moe_ep__kernel12,
 #endif
     };
-    kernels[rows](kc, a, b, cin, ldc, cout, ldo, swiglu);
+    kernels[rows](kc, a, b, cin, ldc, cout, ldo, ep);
 }
 #else
 /* Portable: the same chains in plain C. A full tile gets constant loop bounds, so that
@@ -2861,24 +3020,32 @@ MOE_EP_PRIVATE void moe_ep__micro(int rows, int kc, const float* a, const float*
             for (j = 0; j < MOE_EP__NR; ++j) acc[r][j] += av * bk[j]; \
         } \
     } \
-    for (r = 0; r < (ROWS); ++r) { \
-        if (swiglu) \
-            for (j = 0; j < MOE_EP__NR / 2; ++j) \
-                cout[r * ldo + j] = moe_ep__act(MOE_EP_ACTIVATION_SWIGLU, acc[r][j], acc[r][j + MOE_EP__NR / 2]); \
-        else \
-            for (j = 0; j < MOE_EP__NR; ++j) cout[r * ldo + j] = acc[r][j]; \
-    }
+    for (r = 0; r < (ROWS); ++r) moe_ep__finish_row(ep, acc[r], cout + r * ldo);
+
+/* The epilogue of one row of finished (or, without ep, unfinished) sums. */
+MOE_EP_PRIVATE void moe_ep__finish_row(const moe_ep__epilogue* ep, float* acc, float* out) {
+    int j;
+    if (ep && ep->bias)
+        for (j = 0; j < MOE_EP__NR; ++j) acc[j] += ep->bias[j];
+    if (ep && ep->gated == 1)
+        for (j = 0; j < MOE_EP__NR / 2; ++j) out[j] = moe_ep__act(MOE_EP_ACTIVATION_SWIGLU, acc[j], acc[j + MOE_EP__NR / 2]);
+    else if (ep && ep->gated == 2)
+        for (j = 0; j < MOE_EP__NR / 2; ++j)
+            out[j] = moe_ep__swiglu_clamped(acc[j], acc[j + MOE_EP__NR / 2], ep->alpha, ep->limit);
+    else
+        for (j = 0; j < MOE_EP__NR; ++j) out[j] = acc[j];
+}
 
 MOE_EP_PRIVATE void moe_ep__micro_full(int kc, const float* a, const float* b, const float* cin, int64_t ldc,
-                                       float* cout, int64_t ldo, int swiglu) {
+                                       float* cout, int64_t ldo, const moe_ep__epilogue* ep) {
     MOE_EP__MICRO_BODY(MOE_EP__MR)
 }
 
 MOE_EP_PRIVATE void moe_ep__micro(int rows, int kc, const float* a, const float* b, const float* cin, int64_t ldc,
-                                  float* cout, int64_t ldo, int swiglu) {
+                                  float* cout, int64_t ldo, const moe_ep__epilogue* ep) {
     int r;
     if (rows == MOE_EP__MR) {
-        moe_ep__micro_full(kc, a, b, cin, ldc, cout, ldo, swiglu);
+        moe_ep__micro_full(kc, a, b, cin, ldc, cout, ldo, ep);
         return;
     }
     for (r = 0; r < rows; ++r) {    /* a partial tile, one row at a time */
@@ -2890,11 +3057,7 @@ MOE_EP_PRIVATE void moe_ep__micro(int rows, int kc, const float* a, const float*
             float av = a[(int64_t)kk * MOE_EP__MR + r];
             for (j = 0; j < MOE_EP__NR; ++j) acc[j] += av * bk[j];
         }
-        if (swiglu)
-            for (j = 0; j < MOE_EP__NR / 2; ++j)
-                cout[r * ldo + j] = moe_ep__act(MOE_EP_ACTIVATION_SWIGLU, acc[j], acc[j + MOE_EP__NR / 2]);
-        else
-            for (j = 0; j < MOE_EP__NR; ++j) cout[r * ldo + j] = acc[j];
+        moe_ep__finish_row(ep, acc, cout + r * ldo);
     }
 }
 #endif
@@ -2924,7 +3087,9 @@ typedef struct moe_ep__gemm_args {
     int64_t a_kext, m;
     int k, n;                       /* n: output columns */
     const float* panels;
+    const float* bias;              /* NR per panel, in panel order; NULL: none */
     moe_ep_activation act;
+    float alpha, limit;             /* clamped SwiGLU's */
     float* c;
     int64_t ldc, c_kext;
 } moe_ep__gemm_args;
@@ -2932,16 +3097,21 @@ typedef struct moe_ep__gemm_args {
 /* The last K slice of one tile: the finished sums go to C, through the activation. */
 MOE_EP_PRIVATE void moe_ep__tile_out(const moe_ep__gemm_args* g, int rows, int kc, const float* a, const float* b,
                                      const float* cin, int64_t ldc, int64_t row, int64_t panel) {
-    int cols = moe_ep__panel_cols(g->act), swiglu = g->act == MOE_EP_ACTIVATION_SWIGLU, r, j;
-    int plain = swiglu || g->act == MOE_EP_ACTIVATION_COUNT;
+    int cols = moe_ep__panel_cols(g->act), r, j;
+    int plain = moe_ep__gated(g->act) || g->act == MOE_EP_ACTIVATION_COUNT;
     int64_t col = panel * cols;
     int ncols = (int)MOE_EP__MIN((int64_t)cols, (int64_t)g->n - col);
     float tile[MOE_EP__MR * MOE_EP__NR];
+    moe_ep__epilogue ep;
+    ep.bias = g->bias ? g->bias + panel * MOE_EP__NR : NULL;
+    ep.gated = g->act == MOE_EP_ACTIVATION_SWIGLU ? 1 : g->act == MOE_EP_ACTIVATION_SWIGLU_CLAMPED ? 2 : 0;
+    ep.alpha = g->alpha;
+    ep.limit = g->limit;
     if (ncols == cols && plain && g->c_kext == 0) {
-        moe_ep__micro(rows, kc, a, b, cin, ldc, g->c + row * g->ldc + col, g->ldc, swiglu);
+        moe_ep__micro(rows, kc, a, b, cin, ldc, g->c + row * g->ldc + col, g->ldc, &ep);
         return;
     }
-    moe_ep__micro(rows, kc, a, b, cin, ldc, tile, MOE_EP__NR, swiglu);
+    moe_ep__micro(rows, kc, a, b, cin, ldc, tile, MOE_EP__NR, &ep);
     if (g->c_kext > 0) {            /* row is a multiple of MR here */
         float* dst = g->c + row * g->c_kext + col * MOE_EP__MR;
         for (j = 0; j < ncols; ++j)
@@ -3007,7 +3177,7 @@ MOE_EP_PRIVATE void moe_ep__gemm_item(const moe_ep__gemm_args* g, int64_t item, 
                 const float* cin = pc == 0 ? NULL : part;
                 if (next && tiles > 1) moe_ep__prefetch(next + ir / MOE_EP__MR * share, share);
                 if (last) moe_ep__tile_out(g, rows, kc, a, b, cin, ld, ic + ir, jc + jr);
-                else moe_ep__micro(rows, kc, a, b, cin, ld, part, ld, 0);
+                else moe_ep__micro(rows, kc, a, b, cin, ld, part, ld, NULL);
             }
         }
     }
@@ -3041,7 +3211,9 @@ MOE_EP_PRIVATE float* moe_ep__workspace(moe_ep_context* ctx, float** raw, int64_
 MOE_EP_PRIVATE moe_ep_result moe_ep__ffn(moe_ep_context* ctx, int local_expert, const float* rows, int64_t m,
                                          float* out) {
     const moe_ep_desc* d = &ctx->desc;
-    int pairs = d->activation == MOE_EP_ACTIVATION_SWIGLU ? 2 : 1, F = d->d_ff, D = d->d_model;
+    int pairs = moe_ep__gated(d->activation) ? 2 : 1, F = d->d_ff, D = d->d_model;
+    const float* bias_up = ctx->bias_up[local_expert];
+    const float* bias_down = ctx->bias_down[local_expert];
     int64_t ld_pre = (int64_t)pairs * F, r0;
     const int64_t chunk = 1 << 20;  /* rows per call: BLAS sizes are int */
     float* pre = moe_ep__workspace(ctx, &ctx->hidden, &ctx->hidden_capacity,
@@ -3059,14 +3231,25 @@ MOE_EP_PRIVATE moe_ep_result moe_ep__ffn(moe_ep_context* ctx, int local_expert, 
 #pragma omp parallel for schedule(static) num_threads(ctx->num_threads) if (ctx->num_threads > 1 && mc > 1)
 #endif
         for (r = 0; r < mc; ++r) {
-            const float* g = pre + (int64_t)r * ld_pre;
+            float* g = pre + (int64_t)r * ld_pre;
             const float* u = pairs == 2 ? g + F : g;
             float* h = hidden + (int64_t)r * F;
             int j;
-            for (j = 0; j < F; ++j) h[j] = moe_ep__act(d->activation, g[j], u[j]);
+            if (bias_up)
+                for (j = 0; j < ld_pre; ++j) g[j] += bias_up[j];
+            if (d->activation == MOE_EP_ACTIVATION_SWIGLU_CLAMPED)
+                for (j = 0; j < F; ++j) h[j] = moe_ep__swiglu_clamped(g[j], u[j], d->swiglu_alpha, d->swiglu_limit);
+            else
+                for (j = 0; j < F; ++j) h[j] = moe_ep__act(d->activation, g[j], u[j]);
         }
         cblas_sgemm(CblasRowMajor, CblasNoTrans, CblasTrans, mc, D, F, 1.0f, hidden, F,
                     ctx->packed_down[local_expert], F, 0.0f, out + r0 * D, D);
+        if (bias_down)
+            for (r = 0; r < mc; ++r) {
+                float* y = out + (r0 + r) * D;
+                int i;
+                for (i = 0; i < D; ++i) y[i] += bias_down[i];
+            }
     }
     return MOE_EP_OK;
 }
@@ -3122,9 +3305,11 @@ MOE_EP_PRIVATE moe_ep_result moe_ep__ffn(moe_ep_context* ctx, int local_expert, 
     f.ldx = d->d_model;
     f.up.a = f.x_tiles; f.up.a_kext = d->d_model; f.up.m = m; f.up.k = d->d_model; f.up.n = d->d_ff;
     f.up.panels = moe_ep__aligned(ctx->packed_up[local_expert]); f.up.act = d->activation;
+    f.up.bias = ctx->bias_up[local_expert]; f.up.alpha = d->swiglu_alpha; f.up.limit = d->swiglu_limit;
     f.up.ldc = 0; f.up.c_kext = ldh;
     f.down.a = f.up.c; f.down.a_kext = ldh; f.down.m = m; f.down.k = d->d_ff; f.down.n = d->d_model;
     f.down.panels = moe_ep__aligned(ctx->packed_down[local_expert]); f.down.act = MOE_EP_ACTIVATION_COUNT;
+    f.down.bias = ctx->bias_down[local_expert]; f.down.alpha = 0.0f; f.down.limit = 0.0f;
     f.down.c = out; f.down.ldc = d->d_model; f.down.c_kext = 0;
 #ifdef _OPENMP
     if (threads > 1) {
@@ -3159,29 +3344,59 @@ MOE_EP_API moe_ep_result moe_ep_expert_ffn(moe_ep_context* ctx, int local_expert
     return moe_ep__ffn(ctx, local_expert, rows, row_count, out);
 }
 
-/* Copy (CBLAS: as they are, w1 and w3 stacked) or pack one expert's weights. */
+#ifdef MOE_EP_CBLAS
+/* The [n, k] weight of a view as an nn.Linear matrix at dst, its biases (zero where the
+   view has none) at bias when that is not NULL. */
+MOE_EP_PRIVATE void moe_ep__unpack(const moe_ep__wview* v, int64_t n, int64_t k, float* dst, float* bias) {
+    int64_t i, kk;
+    for (i = 0; i < n; ++i) {
+        const float* src = v->base + i * v->row_stride;
+        for (kk = 0; kk < k; ++kk) dst[i * k + kk] = src[kk * v->k_stride];
+        if (bias) bias[i] = v->bias ? v->bias[i * v->bias_stride] : 0.0f;
+    }
+}
+#endif
+
+/* Copy (CBLAS: as nn.Linear matrices, gate and up stacked, the biases after them) or
+   pack one expert's weights (the biases after the panels, in panel order). */
 MOE_EP_PRIVATE moe_ep_result moe_ep__pack_expert(moe_ep_context* ctx, int l) {
     const moe_ep_desc* d = &ctx->desc;
     const moe_ep_allocator* a = &d->allocator;
-    const moe_ep_expert_weights* w = &d->experts[l];
-    int swiglu = d->activation == MOE_EP_ACTIVATION_SWIGLU;
+    moe_ep__wview gate, up, down;
+    int gated = moe_ep__gated(d->activation);
     int64_t F = d->d_ff, D = d->d_model;
+    bool up_bias, down_bias;
+    moe_ep__expert_views(ctx, l, &gate, &up, &down);
+    up_bias = gate.bias || (gated && up.bias);
+    down_bias = down.bias != NULL;
 #ifdef MOE_EP_CBLAS
-    ctx->packed_up[l] = (float*)moe_ep__calloc(a, (swiglu ? 2 : 1) * F * D, sizeof(float));
-    ctx->packed_down[l] = (float*)moe_ep__calloc(a, D * F, sizeof(float));
+    int64_t pairs = gated ? 2 : 1;
+    ctx->packed_up[l] = (float*)moe_ep__calloc(a, pairs * F * D + (up_bias ? pairs * F : 0), sizeof(float));
+    ctx->packed_down[l] = (float*)moe_ep__calloc(a, D * F + (down_bias ? D : 0), sizeof(float));
     if (!ctx->packed_up[l] || !ctx->packed_down[l]) return MOE_EP_ERROR_OUT_OF_MEMORY;
-    memcpy(ctx->packed_up[l], w->w1, sizeof(float) * (size_t)(F * D));
-    if (swiglu) memcpy(ctx->packed_up[l] + F * D, w->w3, sizeof(float) * (size_t)(F * D));
-    memcpy(ctx->packed_down[l], w->w2, sizeof(float) * (size_t)(D * F));
+    moe_ep__unpack(&gate, F, D, ctx->packed_up[l], up_bias ? ctx->packed_up[l] + pairs * F * D : NULL);
+    if (gated)
+        moe_ep__unpack(&up, F, D, ctx->packed_up[l] + F * D, up_bias ? ctx->packed_up[l] + pairs * F * D + F : NULL);
+    moe_ep__unpack(&down, D, F, ctx->packed_down[l], down_bias ? ctx->packed_down[l] + D * F : NULL);
+    ctx->bias_up[l] = up_bias ? ctx->packed_up[l] + pairs * F * D : NULL;
+    ctx->bias_down[l] = down_bias ? ctx->packed_down[l] + D * F : NULL;
 #else
-    int64_t up = moe_ep__panel_count(d->d_ff, moe_ep__panel_cols(d->activation)) * D * MOE_EP__NR;
-    int64_t down = moe_ep__panel_count(d->d_model, MOE_EP__NR) * F * MOE_EP__NR;
+    int64_t up_panels = moe_ep__panel_count(d->d_ff, moe_ep__panel_cols(d->activation));
+    int64_t down_panels = moe_ep__panel_count(d->d_model, MOE_EP__NR);
+    int64_t up_floats = up_panels * D * MOE_EP__NR, down_floats = down_panels * F * MOE_EP__NR;
     int64_t pad = MOE_EP__ALIGN / (int64_t)sizeof(float);
-    ctx->packed_up[l] = (float*)moe_ep__calloc(a, up + pad, sizeof(float));
-    ctx->packed_down[l] = (float*)moe_ep__calloc(a, down + pad, sizeof(float));
+    float *up_base, *down_base;
+    ctx->packed_up[l] = (float*)moe_ep__calloc(a, up_floats + (up_bias ? up_panels * MOE_EP__NR : 0) + pad,
+                                               sizeof(float));
+    ctx->packed_down[l] = (float*)moe_ep__calloc(a, down_floats + (down_bias ? down_panels * MOE_EP__NR : 0) + pad,
+                                                 sizeof(float));
     if (!ctx->packed_up[l] || !ctx->packed_down[l]) return MOE_EP_ERROR_OUT_OF_MEMORY;
-    moe_ep__pack(w->w1, swiglu ? w->w3 : NULL, d->d_ff, d->d_model, moe_ep__aligned(ctx->packed_up[l]));
-    moe_ep__pack(w->w2, NULL, d->d_model, d->d_ff, moe_ep__aligned(ctx->packed_down[l]));
+    up_base = moe_ep__aligned(ctx->packed_up[l]);
+    down_base = moe_ep__aligned(ctx->packed_down[l]);
+    moe_ep__pack(&gate, gated ? &up : NULL, d->d_ff, d->d_model, up_base, up_bias ? up_base + up_floats : NULL);
+    moe_ep__pack(&down, NULL, d->d_model, d->d_ff, down_base, down_bias ? down_base + down_floats : NULL);
+    ctx->bias_up[l] = up_bias ? up_base + up_floats : NULL;
+    ctx->bias_down[l] = down_bias ? down_base + down_floats : NULL;
 #endif
     return MOE_EP_OK;
 }

@@ -1123,6 +1123,9 @@ MOE_EP_PRIVATE int moe_ep__cuda_validate(const moe_ep_cuda_layer_desc* d) {
     int f = 0, rank = d->transport->rank;
     moe_ep__cuda_check(d, rank, &f, d->dtype > 0 && d->dtype < MOE_EP_CUDA_DTYPE_COUNT,
                        "moe_ep_cuda_layer_desc.dtype (%d) is not a moe_ep_cuda_dtype", (int)d->dtype);
+    moe_ep__cuda_check(d, rank, &f, d->activation != MOE_EP_ACTIVATION_SWIGLU_CLAMPED,
+                       "moe_ep_cuda_layer_desc.activation: the GPU layer does not compute the clamped SwiGLU yet "
+                       "(SwiGLU, GELU and ReLU)");
     moe_ep__cuda_check(d, rank, &f, d->direct >= 0 && d->direct < MOE_EP_CUDA_DIRECT_COUNT,
                        "moe_ep_cuda_layer_desc.direct (%d) is not a moe_ep_cuda_direct", (int)d->direct);
     moe_ep__cuda_check(d, rank, &f, d->direct != MOE_EP_CUDA_DIRECT_ON || d->max_tokens > 0,

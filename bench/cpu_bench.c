@@ -1,7 +1,8 @@
 /* cpu_bench -- the CPU expert kernels of moe_ep against their anchors, side by side.
 
-   usage: cpu_bench [gemm] [cblas] [comm] [layer] [decode] [--reps N] [--rounds N] [--python PATH]
-   (no section: all of them). Each section prints one markdown table: our figure, the
+   usage: cpu_bench [gemm] [cblas] [comm] [layer] [decode] [--reps N] [--rounds N] [--python PATH] [--biases]
+   (no section: all of them; --biases: the experts get b1, b3, b2, and the gemm section's
+   single products a bias). Each section prints one markdown table: our figure, the
    anchor's figure measured in the same run (interleaved with ours, median of the
    repetitions), and the ratio. Numbers are medians unless marked.
 
@@ -43,6 +44,7 @@ void bench_cblas_destroy(void* handle);
 
 static int g_reps = 11, g_rounds = 3;
 static const char* g_python = "/usr/bin/python3";
+static int g_biases;
 static const char* g_torch_script = "bench/torch_moe_cpu.py";
 
 /* >>util */
@@ -92,6 +94,7 @@ static double rel_diff(const float* a, const float* b, size_t n) {
 typedef struct bench_model {
     float* router;
     float *w1[EXPERTS], *w3[EXPERTS], *w2[EXPERTS], *w13[EXPERTS];
+    float* biases[EXPERTS];         /* b1, b3, b2 with --biases */
     moe_ep_expert_weights experts[EXPERTS];
 } bench_model;
 
@@ -109,13 +112,21 @@ static void model_init(bench_model* m) {
         m->experts[e].w1 = m->w1[e];
         m->experts[e].w3 = m->w3[e];
         m->experts[e].w2 = m->w2[e];
+        if (g_biases) {
+            m->biases[e] = test_random_floats(2 * (size_t)D_FF + D_MODEL, 0.1f, 400 + (uint64_t)e);
+            m->experts[e].b1 = m->biases[e];
+            m->experts[e].b3 = m->biases[e] + D_FF;
+            m->experts[e].b2 = m->biases[e] + 2 * D_FF;
+        }
     }
 }
 
 static void model_free(bench_model* m) {
     int e;
     free(m->router);
-    for (e = 0; e < EXPERTS; ++e) { free(m->w1[e]); free(m->w3[e]); free(m->w2[e]); free(m->w13[e]); }
+    for (e = 0; e < EXPERTS; ++e) {
+        free(m->w1[e]); free(m->w3[e]); free(m->w2[e]); free(m->w13[e]); free(m->biases[e]);
+    }
 }
 
 static moe_ep_context* model_context(const bench_model* m, const moe_ep_transport* transport) {
@@ -243,12 +254,17 @@ static void section_gemm(const bench_model* model) {
             float* w = test_random_floats((size_t)N * K, 0.03f, 8 + (uint64_t)s);
             float* c1 = zero_floats((size_t)M * N);
             float* c2 = zero_floats((size_t)M * N);
-            float* panels_raw = zero_floats((size_t)moe_ep__panel_count(N, MOE_EP__NR) * MOE_EP__NR * K + 64);
+            size_t panel_floats = (size_t)moe_ep__panel_count(N, MOE_EP__NR) * MOE_EP__NR * K;
+            float* panels_raw = zero_floats(panel_floats + (size_t)moe_ep__panel_count(N, MOE_EP__NR) * MOE_EP__NR + 64);
+            float* bias = test_random_floats((size_t)N, 0.1f, 9 + (uint64_t)s);
+            moe_ep__wview view = moe_ep__view(w, K, 1, g_biases ? bias : NULL, 1);
             float* tiles_raw = zero_floats((size_t)moe_ep__row_tiles(M) * MOE_EP__MR * K + 64);
             float* scratch_raw = zero_floats((size_t)(threads * moe_ep__scratch_floats() + 64));
             double to[MAX_REPS], tb[MAX_REPS], flop = 2.0 * (double)M * K * N, ours, blas;
             ours_gemm o;
-            moe_ep__pack(w, NULL, N, K, moe_ep__aligned(panels_raw));
+            memset(&o, 0, sizeof o);
+            moe_ep__pack(&view, NULL, N, K, moe_ep__aligned(panels_raw), moe_ep__aligned(panels_raw) + panel_floats);
+            if (g_biases) o.g.bias = moe_ep__aligned(panels_raw) + panel_floats;
             o.x = x;
             o.scratch = moe_ep__aligned(scratch_raw);
             o.g.a = moe_ep__aligned(tiles_raw); o.g.a_kext = K; o.g.m = M; o.g.k = K; o.g.n = N;
@@ -272,7 +288,7 @@ static void section_gemm(const bench_model* model) {
             printf("| %lld | %d | %d | %.1f | %.1f | %.2f | %.1e |\n", (long long)M, K, N, ours, blas, ours / blas,
                    rel_diff(c1, c2, (size_t)M * N));
             fflush(stdout);
-            free(x); free(w); free(c1); free(c2); free(panels_raw); free(tiles_raw); free(scratch_raw);
+            free(x); free(w); free(bias); free(c1); free(c2); free(panels_raw); free(tiles_raw); free(scratch_raw);
         }
     printf("\nlowest ratio: %.2f (goal >= 0.85)\n", min_ratio);
 
@@ -599,18 +615,19 @@ static void section_decode(const bench_model* model) {
 int main(int argc, char** argv) {
     int want[5] = { 0, 0, 0, 0, 0 }, any = 0, i;
     static const char* const names[5] = { "gemm", "cblas", "comm", "layer", "decode" };
-    bench_model model;
+    bench_model model = { 0 };
     for (i = 1; i < argc; ++i) {
         int s, found = 0;
         if (strcmp(argv[i], "--reps") == 0 && i + 1 < argc) { g_reps = atoi(argv[++i]); continue; }
         if (strcmp(argv[i], "--rounds") == 0 && i + 1 < argc) { g_rounds = atoi(argv[++i]); continue; }
         if (strcmp(argv[i], "--python") == 0 && i + 1 < argc) { g_python = argv[++i]; continue; }
+        if (strcmp(argv[i], "--biases") == 0) { g_biases = 1; continue; }
         if (strcmp(argv[i], "--torch-script") == 0 && i + 1 < argc) { g_torch_script = argv[++i]; continue; }
         for (s = 0; s < 5; ++s)
             if (strcmp(argv[i], names[s]) == 0) want[s] = found = any = 1;
         if (!found) {
             fprintf(stderr, "usage: cpu_bench [gemm] [cblas] [comm] [layer] [decode] [--reps N] [--rounds N] "
-                            "[--python PATH] [--torch-script PATH]\n");
+                            "[--python PATH] [--torch-script PATH] [--biases]\n");
             return 2;
         }
     }

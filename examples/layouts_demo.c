@@ -169,7 +169,7 @@ int main(int argc, char** argv) {
         y_ref = (float*)malloc(sizeof *y_ref * (size_t)shards * (size_t)tokens * D_MODEL + 1);
         router = (float*)malloc(sizeof *router * (size_t)experts * D_MODEL);
         weights = (float*)malloc(sizeof *weights * per_expert * (size_t)experts);
-        all = (moe_ep_expert_weights*)malloc(sizeof *all * (size_t)experts);
+        all = (moe_ep_expert_weights*)calloc((size_t)experts, sizeof *all);
         memset(&d, 0, sizeof d);
         d.y = (float*)malloc(sizeof *d.y * (size_t)ranks * (size_t)tokens * D_MODEL + 1);
         example_fill(x, (size_t)shards * (size_t)tokens * D_MODEL, 1.0f, &seed);

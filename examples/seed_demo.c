@@ -187,7 +187,7 @@ int main(int argc, char** argv) {
     y1 = (float*)malloc(sizeof *y1 * (T_total * (size_t)o.d_model + 1));
     router = (float*)malloc(sizeof *router * (size_t)o.experts * (size_t)o.d_model);
     weights = (float*)malloc(sizeof *weights * per_expert * (size_t)o.experts);
-    experts = (moe_ep_expert_weights*)malloc(sizeof *experts * (size_t)o.experts);
+    experts = (moe_ep_expert_weights*)calloc((size_t)o.experts, sizeof *experts);
     st.traffic = (int64_t*)calloc((size_t)o.ranks * (size_t)o.ranks, sizeof(int64_t));
     st.load = (int64_t*)calloc((size_t)o.ranks * (size_t)o.experts, sizeof(int64_t));
     st.aux_loss = (double*)calloc((size_t)o.ranks, sizeof(double));

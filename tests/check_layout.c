@@ -177,7 +177,7 @@ START_TEST(test_layered_layer_matches_one_rank) {
     layered t;
     moe_ep_pthreads_world* world;
     moe_ep_context* single;
-    moe_ep_expert_weights all[64];
+    moe_ep_expert_weights all[64] = { { 0 } };
     size_t per = 3 * (size_t)D_MODEL * D_FF, n;
     int shards = sh->dp * sh->ep, r, e, tokens = 7;
     uint64_t seed = 1234u + (unsigned)_i;

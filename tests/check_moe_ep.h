@@ -28,9 +28,11 @@ Suite* failure_suite(void);
 Suite* expert_fn_suite(void);
 Suite* layout_suite(void);
 Suite* routing_suite(void);
+Suite* ffn_variants_suite(void);
 
 /* >>float64 references */
-/* out[rows, d_model] = the expert FFN in double (SwiGLU, exact-erf GELU, ReLU). */
+/* out[rows, d_model] = the expert FFN in double (SwiGLU, exact-erf GELU, ReLU, clamped SwiGLU
+   with GPT-OSS's alpha 1.702 and limit 7), with the weights' biases where they are set. */
 void check_ref_ffn(moe_ep_activation activation, int d_model, int d_ff, const moe_ep_expert_weights* weights,
                    const float* x, int64_t rows, double* out);
 /* max |got - ref| / max |ref| over the n elements (max |got - ref| if ref is all zero);
@@ -57,11 +59,14 @@ typedef struct check_model {
     float* router;
     float* weights;
     moe_ep_expert_weights* experts;  /* [num_experts], global ids */
+    float* biases;                  /* NULL, or b1, b3, b2 of every expert (check_model_add_biases) */
 } check_model;
 
 void check_model_init(check_model* model, int d_model, int d_ff, int num_experts, int top_k,
                       moe_ep_activation activation, bool normalize_topk, uint64_t seed);
 void check_model_free(check_model* model);
+/* Gives every expert random b1, b3 [d_ff] and b2 [d_model]. */
+void check_model_add_biases(check_model* model, uint64_t seed);
 /* The router in double (every scoring, biases, groups, scaling), top-k with ties to the
    lower index. With scale_expert_input the weights are still the router's; check_ref_layer
    applies them to the input. */

@@ -213,14 +213,16 @@ typedef struct shared_case {
     int shared_d_ff;
     bool gate;
     moe_ep_activation activation;
+    bool biases;                    /* the shared expert has b1, b3, b2 */
 } shared_case;
 
 static const shared_case shared_cases[] = {
-    { "DeepSeek-V3 router, one shared expert of 2 x 24", 0, 48, false, MOE_EP_ACTIVATION_SWIGLU },
+    { "DeepSeek-V3 router, one shared expert of 2 x 24", 0, 48, false, MOE_EP_ACTIVATION_SWIGLU, false },
     { "softmax top-2 on the input, shared expert of 56 behind a sigmoid gate", 7, 56, true,
-      MOE_EP_ACTIVATION_SWIGLU },
-    { "Llama-4 router, shared expert of 40", 5, 40, false, MOE_EP_ACTIVATION_SWIGLU },
-    { "GELU, gated shared expert of 7", 2, 7, true, MOE_EP_ACTIVATION_GELU },
+      MOE_EP_ACTIVATION_SWIGLU, false },
+    { "Llama-4 router, shared expert of 40", 5, 40, false, MOE_EP_ACTIVATION_SWIGLU, false },
+    { "GELU, gated shared expert of 7", 2, 7, true, MOE_EP_ACTIVATION_GELU, false },
+    { "clamped SwiGLU, gated shared expert of 24 with biases", 4, 24, true, MOE_EP_ACTIVATION_SWIGLU_CLAMPED, true },
 };
 
 START_TEST(routing_shared_experts) {
@@ -238,14 +240,19 @@ START_TEST(routing_shared_experts) {
     int w;
     c.activation = sc->activation;
     routing_data_init(&data, &c, seed);
-    shared_w = (float*)malloc(sizeof(float) * 3 * per);
-    test_fill(shared_w, 3 * per, 1.5f / sqrtf((float)R_D), &seed);
+    shared_w = (float*)malloc(sizeof(float) * (3 * per + 2 * (size_t)sc->shared_d_ff + R_D));
+    test_fill(shared_w, 3 * per + 2 * (size_t)sc->shared_d_ff + R_D, 1.5f / sqrtf((float)R_D), &seed);
     test_fill(gate, R_D, 1.0f / sqrtf((float)R_D), &seed);
     data.model.shared.d_ff = sc->shared_d_ff;
     data.model.shared.weights.w1 = shared_w;
     data.model.shared.weights.w3 = shared_w + per;
     data.model.shared.weights.w2 = shared_w + 2 * per;
     data.model.shared.gate = sc->gate ? gate : NULL;
+    if (sc->biases) {
+        data.model.shared.weights.b1 = shared_w + 3 * per;
+        data.model.shared.weights.b3 = shared_w + 3 * per + sc->shared_d_ff;
+        data.model.shared.weights.b2 = shared_w + 3 * per + 2 * (size_t)sc->shared_d_ff;
+    }
     test_poison(y1, R_TOKENS * R_D);
     ck_assert_msg(routing_run(&data, 1, y1, i1, w1, errors, sizeof errors) == MOE_EP_OK, "%s, 1 rank: %s", sc->name,
                   errors);

@@ -11,13 +11,14 @@
 void check_ref_ffn(moe_ep_activation act, int d_model, int d_ff, const moe_ep_expert_weights* w, const float* x,
                    int64_t rows, double* out) {
     double* hidden = (double*)malloc(sizeof(double) * (size_t)(d_ff > 0 ? d_ff : 1));
-    bool gated = act == MOE_EP_ACTIVATION_DEFAULT || act == MOE_EP_ACTIVATION_SWIGLU;
+    bool gated = act == MOE_EP_ACTIVATION_DEFAULT || act == MOE_EP_ACTIVATION_SWIGLU ||
+                 act == MOE_EP_ACTIVATION_SWIGLU_CLAMPED;
     int64_t r;
     int f, i, o;
     for (r = 0; r < rows; ++r) {
         const float* xr = x + r * d_model;
         for (f = 0; f < d_ff; ++f) {
-            double a = 0.0, b = 0.0;
+            double a = w->b1 ? (double)w->b1[f] : 0.0, b = gated && w->b3 ? (double)w->b3[f] : 0.0;
             for (i = 0; i < d_model; ++i) {
                 a += (double)w->w1[(size_t)f * (size_t)d_model + (size_t)i] * (double)xr[i];
                 if (gated) b += (double)w->w3[(size_t)f * (size_t)d_model + (size_t)i] * (double)xr[i];
@@ -25,7 +26,7 @@ void check_ref_ffn(moe_ep_activation act, int d_model, int d_ff, const moe_ep_ex
             hidden[f] = test_ref_activation(act, a, b);
         }
         for (o = 0; o < d_model; ++o) {
-            double acc = 0.0;
+            double acc = w->b2 ? (double)w->b2[o] : 0.0;
             for (f = 0; f < d_ff; ++f) acc += (double)w->w2[(size_t)o * (size_t)d_ff + (size_t)f] * hidden[f];
             out[r * d_model + o] = acc;
         }
@@ -58,7 +59,7 @@ void check_model_init(check_model* m, int d_model, int d_ff, int num_experts, in
     m->normalize_topk = normalize_topk;
     m->router = (float*)malloc(sizeof(float) * (size_t)num_experts * (size_t)d_model);
     m->weights = (float*)malloc(sizeof(float) * 3 * per * (size_t)num_experts);
-    m->experts = (moe_ep_expert_weights*)malloc(sizeof(moe_ep_expert_weights) * (size_t)num_experts);
+    m->experts = (moe_ep_expert_weights*)calloc((size_t)num_experts, sizeof(moe_ep_expert_weights));
     /* router logits of order 1 so that routing varies from token to token */
     test_fill(m->router, (size_t)num_experts * (size_t)d_model, 2.0f / sqrtf((float)d_model), &seed);
     for (e = 0; e < (size_t)num_experts; ++e) {
@@ -71,7 +72,20 @@ void check_model_init(check_model* m, int d_model, int d_ff, int num_experts, in
     }
 }
 
+void check_model_add_biases(check_model* m, uint64_t seed) {
+    size_t per = 2 * (size_t)m->d_ff + (size_t)m->d_model;
+    int e;
+    m->biases = (float*)malloc(sizeof(float) * per * (size_t)m->num_experts);
+    test_fill(m->biases, per * (size_t)m->num_experts, 0.5f, &seed);
+    for (e = 0; e < m->num_experts; ++e) {
+        m->experts[e].b1 = m->biases + (size_t)e * per;
+        m->experts[e].b3 = m->experts[e].b1 + m->d_ff;
+        m->experts[e].b2 = m->experts[e].b3 + m->d_ff;
+    }
+}
+
 void check_model_free(check_model* m) {
+    free(m->biases);
     free(m->router);
     free(m->weights);
     free(m->experts);

@@ -126,6 +126,24 @@ static void m_router_bias_inf(moe_ep_desc* d, venv* v) {
     v->bias[0] = 0.5f; v->bias[1] = -0.25f; v->bias[2] = 1.0f; v->bias[3] = -INFINITY;
     d->router_bias = v->bias;
 }
+static void m_alpha_neg(moe_ep_desc* d, venv* v) { (void)v; d->swiglu_alpha = -1.702f; }
+static void m_alpha_inf(moe_ep_desc* d, venv* v) { (void)v; d->swiglu_alpha = INFINITY; }
+static void m_limit_neg(moe_ep_desc* d, venv* v) { (void)v; d->swiglu_limit = -7.0f; }
+static void m_limit_nan(moe_ep_desc* d, venv* v) { (void)v; d->swiglu_limit = NAN; }
+static void m_layout_count(moe_ep_desc* d, venv* v) { (void)v; d->weight_layout = MOE_EP_WEIGHT_LAYOUT_COUNT; }
+static void m_clamped_w3_null(moe_ep_desc* d, venv* v) {
+    d->activation = MOE_EP_ACTIVATION_SWIGLU_CLAMPED;
+    v->experts[2].w3 = NULL;
+}
+static void m_fused_w1_null(moe_ep_desc* d, venv* v) {
+    d->weight_layout = MOE_EP_WEIGHT_LAYOUT_FUSED_GATE_UP;
+    v->experts[0].w1 = NULL;
+}
+static void m_gpt_oss_w2_null(moe_ep_desc* d, venv* v) {
+    d->weight_layout = MOE_EP_WEIGHT_LAYOUT_GPT_OSS;
+    d->activation = MOE_EP_ACTIVATION_SWIGLU_CLAMPED;
+    v->experts[1].w2 = NULL;
+}
 
 static const vcase vcases[] = {
     { "d_model 0", MOE_EP_LOG_ITEM_DESC_D_MODEL, m_d_model_0 },
@@ -172,6 +190,14 @@ static const vcase vcases[] = {
     { "shared.d_ff -4", MOE_EP_LOG_ITEM_DESC_SHARED_D_FF, m_shared_d_ff_neg },
     { "shared expert without w3 under SwiGLU", MOE_EP_LOG_ITEM_DESC_SHARED_WEIGHTS_NULL, m_shared_no_w3 },
     { "shared.gate[5] NaN", MOE_EP_LOG_ITEM_DESC_SHARED_GATE_NOT_FINITE, m_shared_gate_nan },
+    { "swiglu_alpha -1.702", MOE_EP_LOG_ITEM_DESC_SWIGLU_ALPHA, m_alpha_neg },
+    { "swiglu_alpha Inf", MOE_EP_LOG_ITEM_DESC_SWIGLU_ALPHA, m_alpha_inf },
+    { "swiglu_limit -7", MOE_EP_LOG_ITEM_DESC_SWIGLU_LIMIT, m_limit_neg },
+    { "swiglu_limit NaN", MOE_EP_LOG_ITEM_DESC_SWIGLU_LIMIT, m_limit_nan },
+    { "weight_layout COUNT", MOE_EP_LOG_ITEM_DESC_WEIGHT_LAYOUT, m_layout_count },
+    { "experts[2].w3 NULL under clamped SwiGLU", MOE_EP_LOG_ITEM_DESC_EXPERT_WEIGHTS_NULL, m_clamped_w3_null },
+    { "experts[0].w1 NULL in the fused gate_up layout", MOE_EP_LOG_ITEM_DESC_EXPERT_WEIGHTS_NULL, m_fused_w1_null },
+    { "experts[1].w2 NULL in the GPT-OSS layout", MOE_EP_LOG_ITEM_DESC_EXPERT_WEIGHTS_NULL, m_gpt_oss_w2_null },
 };
 #define VCASES ((int)(sizeof vcases / sizeof vcases[0]))
 

@@ -332,6 +332,7 @@ static void test_core_world(rank_env* env) {
     moe_ep_expert_weights all[E], mine[E];
     moe_ep_context *ctx = NULL, *one = NULL;
     moe_ep_result res;
+    memset(all, 0, sizeof all);     /* the biases stay NULL */
     fill(router, (size_t)E * D, 3.0f / sqrtf((float)D), 0, 901);
     fill(weights, 3 * per * E, 1.7f / sqrtf((float)D), 0, 902);
     fill(x, n, 1.0f, 0, 903 + (uint64_t)me);

@@ -224,6 +224,7 @@ typedef struct model {
 static void model_make(model* m, int d, int ff, int bf16, uint64_t seed) {
     int e;
     size_t per = 3 * (size_t)d * (size_t)ff;
+    memset(m, 0, sizeof *m);        /* the experts' biases stay NULL */
     m->d = d;
     m->ff = ff;
     m->bf16 = bf16;

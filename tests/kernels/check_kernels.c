@@ -2,7 +2,9 @@
    (AVX-512, AVX2+FMA, NEON or portable: see kernels_path below).
 
    - against a float64 reference, on fresh random inputs, outputs poisoned with NaN
-     first and one row past the end that must stay poisoned;
+     first and one row past the end that must stay poisoned; every activation, with and
+     without the biases b1, b3, b2 (clamped SwiGLU with weights large enough that both of
+     its clamps fire);
    - determinism: every row is bitwise the same whether it is computed alone or inside a
      block of 3, 17 or 1024 rows, on 1, 2 or 3 threads; the shapes make K larger than
      the kernel's K slice, so sums wait in scratch between slices;
@@ -51,26 +53,48 @@ typedef struct kernels_expert {
     int d_model, d_ff;
     moe_ep_activation act;
     float *w1, *w3, *w2;
+    float *b1, *b3, *b2;            /* all NULL without biases */
     moe_ep_expert_weights weights;
 } kernels_expert;
 
-static void kernels_expert_init(kernels_expert* e, int d_model, int d_ff, moe_ep_activation act, uint64_t seed) {
+/* Clamped SwiGLU gets up projections 24x larger (g and u of about 8 rms), so that min(g, 7)
+   and clamp(u, -7, 7) fire often. */
+static void kernels_expert_init_biased(kernels_expert* e, int d_model, int d_ff, moe_ep_activation act, bool biases,
+                                       uint64_t seed) {
     size_t n = (size_t)d_model * (size_t)d_ff;
+    float up_scale = (act == MOE_EP_ACTIVATION_SWIGLU_CLAMPED ? 24.0f : 1.0f) / sqrtf((float)d_model);
+    bool gated = act == MOE_EP_ACTIVATION_SWIGLU || act == MOE_EP_ACTIVATION_SWIGLU_CLAMPED;
+    memset(e, 0, sizeof *e);
     e->d_model = d_model;
     e->d_ff = d_ff;
     e->act = act;
-    e->w1 = test_random_floats(n, 1.0f / sqrtf((float)d_model), seed);
-    e->w3 = test_random_floats(n, 1.0f / sqrtf((float)d_model), seed + 1);
+    e->w1 = test_random_floats(n, up_scale, seed);
+    e->w3 = test_random_floats(n, up_scale, seed + 1);
     e->w2 = test_random_floats(n, 1.0f / sqrtf((float)d_ff), seed + 2);
+    if (biases) {
+        e->b1 = test_random_floats((size_t)d_ff, 1.0f, seed + 3);
+        e->b3 = test_random_floats((size_t)d_ff, 1.0f, seed + 4);
+        e->b2 = test_random_floats((size_t)d_model, 1.0f, seed + 5);
+    }
     e->weights.w1 = e->w1;
-    e->weights.w3 = act == MOE_EP_ACTIVATION_SWIGLU ? e->w3 : NULL;
+    e->weights.w3 = gated ? e->w3 : NULL;
     e->weights.w2 = e->w2;
+    e->weights.b1 = e->b1;
+    e->weights.b3 = gated ? e->b3 : NULL;
+    e->weights.b2 = e->b2;
+}
+
+static void kernels_expert_init(kernels_expert* e, int d_model, int d_ff, moe_ep_activation act, uint64_t seed) {
+    kernels_expert_init_biased(e, d_model, d_ff, act, false, seed);
 }
 
 static void kernels_expert_free(kernels_expert* e) {
     free(e->w1);
     free(e->w3);
     free(e->w2);
+    free(e->b1);
+    free(e->b3);
+    free(e->b2);
 }
 
 static moe_ep_context* kernels_context(const kernels_expert* e, int threads) {
@@ -82,9 +106,12 @@ static moe_ep_context* kernels_context(const kernels_expert* e, int threads) {
     return ctx;
 }
 
-/* >>reference: out and mag [rows, d_model] in double. */
-static void kernels_reference(const kernels_expert* e, const float* x, int64_t rows, double* out, double* mag) {
+/* >>reference: out and mag [rows, d_model] in double; clamps (if not NULL) counts the
+   gate and up values that clamped SwiGLU's clamps change. */
+static void kernels_reference(const kernels_expert* e, const float* x, int64_t rows, double* out, double* mag,
+                              int64_t* clamps) {
     int D = e->d_model, F = e->d_ff, i, j;
+    int gated = e->act == MOE_EP_ACTIVATION_SWIGLU || e->act == MOE_EP_ACTIVATION_SWIGLU_CLAMPED;
     int64_t r;
     double* h = (double*)malloc(sizeof(double) * (size_t)F);
     double* hmag = (double*)malloc(sizeof(double) * (size_t)F);
@@ -98,13 +125,15 @@ static void kernels_reference(const kernels_expert* e, const float* x, int64_t r
                 gm += fabs((double)e->w1[(size_t)j * D + i] * xr[i]);
                 um += fabs((double)e->w3[(size_t)j * D + i] * xr[i]);
             }
+            if (e->b1) { g += e->b1[j]; gm += fabs(e->b1[j]); }
+            if (e->b3) { u += e->b3[j]; um += fabs(e->b3[j]); }
+            if (clamps && e->act == MOE_EP_ACTIVATION_SWIGLU_CLAMPED) clamps[0] += g > 7.0, clamps[1] += fabs(u) > 7.0;
             h[j] = test_ref_activation(e->act, g, u);
-            /* |act(g, u)| changes by at most ~(|u| + 1) |dg| + |g| |du| (+ the act's own rounding) */
-            hmag[j] = fabs(h[j]) + gm * (e->act == MOE_EP_ACTIVATION_SWIGLU ? fabs(u) + 1.0 : 1.0) +
-                      (e->act == MOE_EP_ACTIVATION_SWIGLU ? fabs(g) * um : 0.0);
+            /* |act(g, u)| changes by at most ~1.1 (|u| + 1) |dg| + |g| |du| (+ the act's own rounding) */
+            hmag[j] = fabs(h[j]) + gm * (gated ? 1.1 * (fabs(u) + 1.0) : 1.0) + (gated ? fabs(g) * um : 0.0);
         }
         for (i = 0; i < D; ++i) {
-            double y = 0.0, m = 0.0;
+            double y = e->b2 ? (double)e->b2[i] : 0.0, m = e->b2 ? fabs((double)e->b2[i]) : 0.0;
             for (j = 0; j < F; ++j) {
                 y += (double)e->w2[(size_t)i * F + j] * h[j];
                 m += fabs((double)e->w2[(size_t)i * F + j]) * hmag[j];
@@ -130,9 +159,15 @@ static int64_t kernels_check(const float* got, const double* ref, const double* 
     return bad;
 }
 
+/* The variants every test runs: the activations without biases, then with b1, b3, b2. */
 static const moe_ep_activation kernels_acts[] = { MOE_EP_ACTIVATION_SWIGLU, MOE_EP_ACTIVATION_GELU,
-                                                  MOE_EP_ACTIVATION_RELU };
-static const char* const kernels_act_names[] = { "SwiGLU", "GELU", "ReLU" };
+                                                  MOE_EP_ACTIVATION_RELU, MOE_EP_ACTIVATION_SWIGLU_CLAMPED,
+                                                  MOE_EP_ACTIVATION_SWIGLU, MOE_EP_ACTIVATION_GELU,
+                                                  MOE_EP_ACTIVATION_SWIGLU_CLAMPED };
+static const bool kernels_biased[] = { false, false, false, false, true, true, true };
+static const char* const kernels_act_names[] = { "SwiGLU", "GELU", "ReLU", "clamped SwiGLU", "SwiGLU+bias",
+                                                 "GELU+bias", "clamped SwiGLU+bias" };
+#define KERNEL_VARIANTS ((int)(sizeof kernels_acts / sizeof kernels_acts[0]))
 
 /* >>tests */
 typedef struct kernels_case {
@@ -157,8 +192,14 @@ START_TEST(kernel_vs_reference) {
     float* out = (float*)malloc(sizeof(float) * (n + (size_t)c->d_model));
     double* ref = (double*)malloc(sizeof(double) * n);
     double* mag = (double*)malloc(sizeof(double) * n);
-    kernels_expert_init(&e, c->d_model, c->d_ff, kernels_acts[a], 2000 + (uint64_t)_i);
-    kernels_reference(&e, x, c->rows, ref, mag);
+    int64_t clamps[2] = { 0, 0 };
+    kernels_expert_init_biased(&e, c->d_model, c->d_ff, kernels_acts[a], kernels_biased[a], 2000 + (uint64_t)_i);
+    kernels_reference(&e, x, c->rows, ref, mag, clamps);
+    /* the clamps must fire on a share of the values, or the test would not see them */
+    ck_assert_msg(kernels_acts[a] != MOE_EP_ACTIVATION_SWIGLU_CLAMPED ||
+                  (clamps[0] * 50 > c->rows * c->d_ff && clamps[1] * 50 > c->rows * c->d_ff),
+                  "clamped gate %lld, up %lld of %lld values", (long long)clamps[0], (long long)clamps[1],
+                  (long long)(c->rows * c->d_ff));
     for (threads = 1; threads <= 2; ++threads) {
         moe_ep_context* ctx = kernels_context(&e, threads);
         moe_ep_result res;
@@ -184,8 +225,9 @@ START_TEST(kernel_vs_reference) {
 END_TEST
 
 /* Row i of a 1024-row input, computed in blocks of 1, 3, 17 and 1024 rows, on 1, 2 and 3
-   threads (GELU and ReLU, which differ from SwiGLU only in the last store: 1 and 2): the
-   bytes of every row must equal those of the 1024-row, 1-thread run. */
+   threads (GELU, which differs from ReLU only in the last store: 1 and 2): the bytes of
+   every row must equal those of the 1024-row, 1-thread run. Every variant: the biases and
+   the clamps sit in the epilogue, where a wrong panel or row would show. */
 static const int determinism_blocks[] = { 1, 3, 17, 1024 };
 
 START_TEST(kernel_row_determinism) {
@@ -196,11 +238,11 @@ START_TEST(kernel_row_determinism) {
     float* base = (float*)malloc(sizeof(float) * (size_t)rows * D);
     float* out = (float*)malloc(sizeof(float) * (size_t)rows * D);
     moe_ep_context* ctx;
-    kernels_expert_init(&e, D, F, kernels_acts[a], 4000 + (uint64_t)_i);
+    kernels_expert_init_biased(&e, D, F, kernels_acts[a], kernels_biased[a], 4000 + (uint64_t)_i);
     ctx = kernels_context(&e, 1);
     ck_assert(moe_ep_expert_ffn(ctx, 0, x, rows, base) == MOE_EP_OK);
     moe_ep_destroy(ctx);
-    for (threads = 1; threads <= (kernels_acts[a] == MOE_EP_ACTIVATION_SWIGLU ? 3 : 2); ++threads) {
+    for (threads = 1; threads <= (kernels_acts[a] == MOE_EP_ACTIVATION_GELU ? 2 : 3); ++threads) {
         ctx = kernels_context(&e, threads);
         for (b = 0; b < (int)(sizeof determinism_blocks / sizeof determinism_blocks[0]); ++b) {
             int block = determinism_blocks[b], first, r;
@@ -236,8 +278,8 @@ START_TEST(kernel_paths_agree) {
     double* mag = (double*)malloc(sizeof(double) * n);
     moe_ep_context* ctx;
     int res;
-    kernels_expert_init(&e, c->d_model, c->d_ff, kernels_acts[a], 6000 + (uint64_t)_i);
-    kernels_reference(&e, x, c->rows, ref, mag);
+    kernels_expert_init_biased(&e, c->d_model, c->d_ff, kernels_acts[a], kernels_biased[a], 6000 + (uint64_t)_i);
+    kernels_reference(&e, x, c->rows, ref, mag, NULL);
     ctx = kernels_context(&e, 2);
     ck_assert(moe_ep_expert_ffn(ctx, 0, x, c->rows, simd) == MOE_EP_OK);
     moe_ep_destroy(ctx);
@@ -304,9 +346,9 @@ static Suite* kernels_suite(void) {
     Suite* s = suite_create("kernels");
     TCase* tc = tcase_create("ffn");
     tcase_set_timeout(tc, 300);
-    tcase_add_loop_test(tc, kernel_vs_reference, 0, 3 * REFERENCE_CASES);
-    tcase_add_loop_test(tc, kernel_row_determinism, 0, 3);
-    tcase_add_loop_test(tc, kernel_paths_agree, 0, 3 * REFERENCE_CASES);
+    tcase_add_loop_test(tc, kernel_vs_reference, 0, KERNEL_VARIANTS * REFERENCE_CASES);
+    tcase_add_loop_test(tc, kernel_row_determinism, 0, KERNEL_VARIANTS);
+    tcase_add_loop_test(tc, kernel_paths_agree, 0, KERNEL_VARIANTS * REFERENCE_CASES);
     tcase_add_test(tc, kernel_thread_budget);
     suite_add_tcase(s, tc);
     return s;

@@ -140,6 +140,7 @@ static void layer_data_create(layer_data* L, const layer_case* c, int ranks, uin
     L->router = (float*)xmalloc(sizeof(float) * (size_t)c->experts * (size_t)c->d_model);
     L->weights = (float*)xmalloc(sizeof(float) * per_expert * (size_t)c->experts);
     L->experts = (moe_ep_expert_weights*)xmalloc(sizeof *L->experts * (size_t)c->experts);
+    memset(L->experts, 0, sizeof *L->experts * (size_t)c->experts);
     L->table = (int*)xmalloc(sizeof(int) * (size_t)c->experts);
     L->owner = (int*)xmalloc(sizeof(int) * (size_t)c->experts);
     test_fill(L->x, (size_t)T * (size_t)c->d_model, 1.0f, &seed);
@@ -1178,6 +1179,7 @@ START_TEST(test_layouts_match_pthreads) {
     router = (float*)xmalloc(sizeof(float) * (size_t)experts * (size_t)d_model);
     weights = (float*)xmalloc(sizeof(float) * per_expert * (size_t)experts);
     all = (moe_ep_expert_weights*)xmalloc(sizeof *all * (size_t)experts);
+    memset(all, 0, sizeof *all * (size_t)experts);
     test_fill(x, (size_t)shards * rows, 1.0f, &rng);
     test_fill(router, (size_t)experts * (size_t)d_model, 0.3f, &rng);
     test_fill(weights, per_expert * (size_t)experts, 1.0f / (float)d_model, &rng);

@@ -51,8 +51,15 @@ double test_ref_activation(moe_ep_activation act, double g, double u) {
     switch (act) {
     case MOE_EP_ACTIVATION_GELU: return 0.5 * g * (1.0 + erf(g / sqrt(2.0)));
     case MOE_EP_ACTIVATION_RELU: return g > 0.0 ? g : 0.0;
+    case MOE_EP_ACTIVATION_SWIGLU_CLAMPED: return test_ref_swiglu_clamped(g, u, 1.702, 7.0);
     default: return g / (1.0 + exp(-g)) * u;
     }
+}
+
+double test_ref_swiglu_clamped(double g, double u, double alpha, double limit) {
+    g = fmin(g, limit);
+    u = fmax(fmin(u, limit), -limit);
+    return (u + 1.0) * g / (1.0 + exp(-alpha * g));
 }
 
 /* >>poison */

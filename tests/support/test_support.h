@@ -33,6 +33,8 @@ float test_bf16_to_float(uint16_t value);
 /* >>reference: the expert activation in double: SwiGLU silu(gate) * up (also the
    default), GELU with the exact erf (up unused), ReLU (up unused). */
 double test_ref_activation(moe_ep_activation activation, double gate, double up);
+/* GPT-OSS's clamped SwiGLU: (clamp(up, -limit, limit) + 1) * g * sigmoid(alpha g), g = min(gate, limit). */
+double test_ref_swiglu_clamped(double gate, double up, double alpha, double limit);
 
 /* >>poison: all-ones bytes, a NaN that no computation writes, so unwritten elements show. */
 void test_poison(float* values, size_t count);
