@@ -1154,6 +1154,8 @@ MOE_EP_API moe_ep_desc moe_ep_family_desc(moe_ep_family family) {
     case MOE_EP_FAMILY_GPT_OSS:         /* router bias: router.bias */
         d.d_model = 2880; d.d_ff = 2880; d.num_experts = 128; d.top_k = 4;
         d.scoring = MOE_EP_SCORING_TOPK_SOFTMAX;
+        d.activation = MOE_EP_ACTIVATION_SWIGLU_CLAMPED;     /* alpha 1.702, limit 7 */
+        d.weight_layout = MOE_EP_WEIGHT_LAYOUT_GPT_OSS;      /* experts.gate_up_proj[e], down_proj[e] as they are */
         break;
     case MOE_EP_FAMILY_LLAMA4:          /* Llama-4 text: the routing weight scales the expert's input */
         d.d_model = 5120; d.d_ff = 8192; d.num_experts = 16; d.top_k = 1;
