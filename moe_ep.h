@@ -58,7 +58,8 @@
       w3 (up), w2 (down) in the nn.Linear layout by default; with .weight_layout also
       MOE_EP_WEIGHT_LAYOUT_FUSED_GATE_UP (transformers' experts.gate_up_proj[e]) and
       MOE_EP_WEIGHT_LAYOUT_GPT_OSS (GptOssExperts' gate_up_proj[e], transposed with gate
-      and up interleaved, and down_proj[e]); biases b1, b3, b2 are optional. Activations:
+      and up interleaved, and down_proj[e]) and MOE_EP_WEIGHT_LAYOUT_LLAMA4 (transposed,
+      gate then up); biases b1, b3, b2 are optional. Activations:
       SwiGLU (default), GELU, ReLU, and GPT-OSS's clamped SwiGLU (.swiglu_alpha,
       .swiglu_limit). See moe_ep_activation and moe_ep_weight_layout.
    3. moe_ep_forward(ctx, &(moe_ep_forward_args){ .tokens = T, .x = x, .y = y });
@@ -212,6 +213,9 @@ typedef enum moe_ep_weight_layout {
                                           (GptOssExperts' gate_up_proj[e]); b1 [2*d_ff] interleaved
                                           likewise (gate_up_proj_bias[e]); w3, b3 unused;
                                           w2 [d_ff, d_model] (down_proj[e]); b2 (down_proj_bias[e]) */
+    MOE_EP_WEIGHT_LAYOUT_LLAMA4,       /* w1 [d_model, 2*d_ff]: gate in columns [0, d_ff), up in the rest
+                                          (Llama4TextExperts' gate_up_proj[e]); b1 [2*d_ff] likewise;
+                                          w3, b3 unused; w2 [d_ff, d_model] (down_proj[e]) */
     MOE_EP_WEIGHT_LAYOUT_COUNT,
     MOE_EP_WEIGHT_LAYOUT_FORCE_U32 = 0x7FFFFFFF
 } moe_ep_weight_layout;
@@ -1161,6 +1165,7 @@ MOE_EP_API moe_ep_desc moe_ep_family_desc(moe_ep_family family) {
         d.d_model = 5120; d.d_ff = 8192; d.num_experts = 16; d.top_k = 1;
         d.scoring = MOE_EP_SCORING_TOPK_SIGMOID;
         d.scale_expert_input = true;
+        d.weight_layout = MOE_EP_WEIGHT_LAYOUT_LLAMA4;       /* experts.gate_up_proj[e], down_proj[e] as they are */
         d.shared.d_ff = 8192;           /* intermediate_size */
         break;
     default:
@@ -1498,6 +1503,11 @@ MOE_EP_PRIVATE void moe_ep__expert_views(const moe_ep_context* ctx, int l, moe_e
     case MOE_EP_WEIGHT_LAYOUT_GPT_OSS:
         *gate = moe_ep__view(w->w1 + 2 * f0, 2, 2 * F, w->b1 ? w->b1 + 2 * f0 : NULL, 2);
         *up = moe_ep__view(w->w1 + 2 * f0 + 1, 2, 2 * F, w->b1 ? w->b1 + 2 * f0 + 1 : NULL, 2);
+        *down = moe_ep__view(w->w2 + f0 * D, 1, D, b2, 1);
+        break;
+    case MOE_EP_WEIGHT_LAYOUT_LLAMA4:
+        *gate = moe_ep__view(w->w1 + f0, 1, 2 * F, w->b1 ? w->b1 + f0 : NULL, 1);
+        *up = moe_ep__view(w->w1 + F + f0, 1, 2 * F, w->b1 ? w->b1 + F + f0 : NULL, 1);
         *down = moe_ep__view(w->w2 + f0 * D, 1, D, b2, 1);
         break;
     default:

@@ -109,7 +109,8 @@ END_TEST
 typedef struct layouts {
     float *fused, *fused_bias;      /* [2F, D], [2F] */
     float *oss, *oss_bias, *oss_down;  /* [D, 2F], [2F], [F, D] */
-    moe_ep_expert_weights fused_w, oss_w;
+    float* llama;                   /* [D, 2F]: gate columns, then up columns (bias: fused_bias; down: oss_down) */
+    moe_ep_expert_weights fused_w, oss_w, llama_w;
 } layouts;
 
 static void layouts_init(layouts* L, const moe_ep_expert_weights* w, int D, int F) {
@@ -119,6 +120,7 @@ static void layouts_init(layouts* L, const moe_ep_expert_weights* w, int D, int 
     L->oss = (float*)malloc(sizeof(float) * 2 * (size_t)F * D);
     L->oss_bias = (float*)malloc(sizeof(float) * 2 * (size_t)F);
     L->oss_down = (float*)malloc(sizeof(float) * (size_t)F * D);
+    L->llama = (float*)malloc(sizeof(float) * 2 * (size_t)F * D);
     for (f = 0; f < F; ++f) {
         for (i = 0; i < D; ++i) {
             L->fused[(size_t)f * D + i] = w->w1[(size_t)f * D + i];
@@ -126,6 +128,8 @@ static void layouts_init(layouts* L, const moe_ep_expert_weights* w, int D, int 
             L->oss[(size_t)i * 2 * F + 2 * f] = w->w1[(size_t)f * D + i];
             L->oss[(size_t)i * 2 * F + 2 * f + 1] = w->w3[(size_t)f * D + i];
             L->oss_down[(size_t)f * D + i] = w->w2[(size_t)i * F + f];
+            L->llama[(size_t)i * 2 * F + f] = w->w1[(size_t)f * D + i];
+            L->llama[(size_t)i * 2 * F + F + f] = w->w3[(size_t)f * D + i];
         }
         L->fused_bias[f] = L->oss_bias[2 * f] = w->b1 ? w->b1[f] : 0.0f;
         L->fused_bias[F + f] = L->oss_bias[2 * f + 1] = w->b3 ? w->b3[f] : 0.0f;
@@ -140,10 +144,22 @@ static void layouts_init(layouts* L, const moe_ep_expert_weights* w, int D, int 
     L->oss_w.b1 = w->b1 || w->b3 ? L->oss_bias : NULL;
     L->oss_w.w2 = L->oss_down;
     L->oss_w.b2 = w->b2;
+    memset(&L->llama_w, 0, sizeof L->llama_w);
+    L->llama_w.w1 = L->llama;
+    L->llama_w.b1 = L->fused_w.b1;
+    L->llama_w.w2 = L->oss_down;
+    L->llama_w.b2 = w->b2;
+}
+
+/* The weights of `layout` (SEPARATE: the model's own). */
+static const moe_ep_expert_weights* layouts_of(const layouts* L, const moe_ep_expert_weights* separate, int layout) {
+    return layout == MOE_EP_WEIGHT_LAYOUT_FUSED_GATE_UP ? &L->fused_w
+           : layout == MOE_EP_WEIGHT_LAYOUT_GPT_OSS ? &L->oss_w
+           : layout == MOE_EP_WEIGHT_LAYOUT_LLAMA4 ? &L->llama_w : separate;
 }
 
 static void layouts_free(layouts* L) {
-    free(L->fused); free(L->fused_bias); free(L->oss); free(L->oss_bias); free(L->oss_down);
+    free(L->fused); free(L->fused_bias); free(L->oss); free(L->oss_bias); free(L->oss_down); free(L->llama);
 }
 
 START_TEST(ffn_variant_layouts_same_bytes) {
@@ -164,8 +180,8 @@ START_TEST(ffn_variant_layouts_same_bytes) {
     ctx = variant_context(&m, &m.experts[0], MOE_EP_WEIGHT_LAYOUT_DEFAULT, 1);
     ck_assert(moe_ep_expert_ffn(ctx, 0, x, rows, want) == MOE_EP_OK);
     moe_ep_destroy(ctx);
-    for (layout = MOE_EP_WEIGHT_LAYOUT_FUSED_GATE_UP; layout <= MOE_EP_WEIGHT_LAYOUT_GPT_OSS; ++layout) {
-        const moe_ep_expert_weights* w = layout == MOE_EP_WEIGHT_LAYOUT_GPT_OSS ? &L.oss_w : &L.fused_w;
+    for (layout = MOE_EP_WEIGHT_LAYOUT_FUSED_GATE_UP; layout < MOE_EP_WEIGHT_LAYOUT_COUNT; ++layout) {
+        const moe_ep_expert_weights* w = layouts_of(&L, &m.experts[0], layout);
         ctx = variant_context(&m, w, (moe_ep_weight_layout)layout, 1);
         test_poison(got, n);
         ck_assert(moe_ep_expert_ffn(ctx, 0, x, rows, got) == MOE_EP_OK);
@@ -292,7 +308,7 @@ START_TEST(ffn_variant_tp) {
     size_t n = (size_t)tokens * D, k;
     check_model m;
     layouts L[4];
-    moe_ep_expert_weights fused[4], oss[4];
+    moe_ep_expert_weights fused[4], oss[4], llama[4];
     float* x = (float*)malloc(sizeof(float) * n);
     float *y1 = (float*)malloc(sizeof(float) * n), *y2 = (float*)malloc(sizeof(float) * 2 * n);
     float* y2_default = (float*)malloc(sizeof(float) * 2 * n);
@@ -307,14 +323,16 @@ START_TEST(ffn_variant_tp) {
         layouts_init(&L[e], &m.experts[e], D, F);
         fused[e] = L[e].fused_w;
         oss[e] = L[e].oss_w;
+        llama[e] = L[e].llama_w;
     }
     memset(&t, 0, sizeof t);
     t.model = &m; t.experts = m.experts; t.x = x; t.tokens = tokens; t.y = y1;
     tp_forward(&t, 1);
-    for (layout = MOE_EP_WEIGHT_LAYOUT_SEPARATE; layout <= MOE_EP_WEIGHT_LAYOUT_GPT_OSS; ++layout) {
+    for (layout = MOE_EP_WEIGHT_LAYOUT_SEPARATE; layout < MOE_EP_WEIGHT_LAYOUT_COUNT; ++layout) {
         t.layout = (moe_ep_weight_layout)layout;
         t.experts = layout == MOE_EP_WEIGHT_LAYOUT_FUSED_GATE_UP ? fused
-                    : layout == MOE_EP_WEIGHT_LAYOUT_GPT_OSS ? oss : m.experts;
+                    : layout == MOE_EP_WEIGHT_LAYOUT_GPT_OSS ? oss
+                    : layout == MOE_EP_WEIGHT_LAYOUT_LLAMA4 ? llama : m.experts;
         t.y = y2;
         test_poison(y2, 2 * n);
         tp_forward(&t, 2);
