@@ -29,6 +29,7 @@ Suite* expert_fn_suite(void);
 Suite* layout_suite(void);
 Suite* routing_suite(void);
 Suite* ffn_variants_suite(void);
+Suite* families_suite(void);
 
 /* >>float64 references */
 /* out[rows, d_model] = the expert FFN in double (SwiGLU, exact-erf GELU, ReLU, clamped SwiGLU
@@ -56,6 +57,7 @@ typedef struct check_model {
     bool normalize_topk;
     check_routing routing;          /* zero: softmax top-k */
     moe_ep_shared_desc shared;      /* zero: no shared experts */
+    moe_ep_weight_layout weight_layout;  /* how `experts` lie (the references read the separate layout only) */
     float* router;
     float* weights;
     moe_ep_expert_weights* experts;  /* [num_experts], global ids */
