@@ -14,9 +14,11 @@
 #include "../../transports/moe_ep_pthreads.h"
 #include "../support/test_mpi.h"
 #include "../support/test_support.h"
+#include "../support/test_families.h"
 
 #include <check.h>
 #include <limits.h>
+#include <math.h>
 #include <stdarg.h>
 #include <stdio.h>
 #include <stdlib.h>
@@ -1379,6 +1381,90 @@ END_TEST
 
 /* ---- runner ----------------------------------------------------------------------- */
 
+/* ---- the transformers reference cases (tests/families) over MPI ------------------ */
+
+/* max |got - ref| / max |ref|; +inf for a non-finite value. */
+static double rel_error_f64(const float* got, const double* ref, size_t n) {
+    double diff = 0.0, scale = 0.0;
+    size_t i;
+    for (i = 0; i < n; ++i) {
+        double e = fabs((double)got[i] - ref[i]);
+        if (!(e == e) || e > 1e300) return INFINITY;
+        if (e > diff) diff = e;
+        if (fabs(ref[i]) > scale) scale = fabs(ref[i]);
+    }
+    return scale > 0.0 ? diff / scale : diff;
+}
+
+/* Each family's case, its tokens split over the processes and its experts placed
+   contiguously: bitwise equal to one rank over all tokens, and within 1e-5 of transformers'
+   float64 output. */
+START_TEST(test_families_over_mpi) {
+    const fam_spec* spec = &fam_specs[_i];
+    fam_case c;
+    moe_ep_expert_weights all[64], mine[64];
+    moe_ep_desc d;
+    moe_ep_transport t;
+    moe_ep_context* ctx = NULL;
+    int owner[64], e, n = 0;
+    int64_t T = 0, first, count;
+    float *y_mine = NULL, *y_all = NULL, *y_one = NULL;
+    char text[512] = "";
+    bool loaded;
+    moe_ep_result made, res = MOE_EP_ERROR_INTERNAL, one = MOE_EP_OK;
+    double err = 0.0;
+    size_t differ = 0;
+    loaded = fam_load(&c, spec->name, text, sizeof text) && fam_desc(&c, spec, all, &d, text, sizeof text);
+    CHECK_FACT(loaded, "%s: %s", spec->name, text);
+    T = fam_tokens(&c, d.d_model);
+    first = T * world_rank / world_size;
+    count = T * (world_rank + 1) / world_size - first;
+    moe_ep_placement_compute(NULL, d.num_experts, world_size, owner);
+    for (e = 0; e < d.num_experts; ++e)
+        if (owner[e] == world_rank) mine[n++] = all[e];
+    y_mine = (float*)xmalloc(sizeof(float) * (size_t)(count * d.d_model + 1));
+    made = moe_ep_mpi_transport_create(&(moe_ep_mpi_desc){ .comm = MPI_COMM_WORLD }, &t);
+    CHECK_FACT(made == MOE_EP_OK, "%s: moe_ep_mpi_transport_create returned %s", spec->name, moe_ep_result_string(made));
+    d.experts = mine;
+    d.transport = &t;
+    d.num_threads = 1;
+    res = moe_ep_create(&d, &ctx);
+    if (res == MOE_EP_OK)
+        res = moe_ep_forward(ctx, &(moe_ep_forward_args){ .tokens = count, .x = fam_f32(&c, "input") + first * d.d_model,
+                                                          .y = y_mine });
+    if (res != MOE_EP_OK) snprintf(text, sizeof text, "%s", ctx ? moe_ep_last_error(ctx) : "create failed");
+    moe_ep_destroy(ctx);
+    moe_ep_mpi_transport_destroy(&t);
+    CHECK_FACT(res == MOE_EP_OK, "%s: the MPI forward returned %s (%s)", spec->name, moe_ep_result_string(res), text);
+    if (world_rank == 0) {
+        y_all = (float*)xmalloc(sizeof(float) * (size_t)(T * d.d_model + 1));
+        y_one = (float*)xmalloc(sizeof(float) * (size_t)(T * d.d_model + 1));
+        test_poison(y_all, (size_t)(T * d.d_model));
+    }
+    test_mpi_gather_rows(test_comm, y_mine, count, d.d_model, y_all);
+    if (world_rank == 0) {
+        moe_ep_context* single = NULL;
+        d.experts = all;
+        d.transport = NULL;
+        one = moe_ep_create(&d, &single);
+        if (one == MOE_EP_OK)
+            one = moe_ep_forward(single, &(moe_ep_forward_args){ .tokens = T, .x = fam_f32(&c, "input"), .y = y_one });
+        moe_ep_destroy(single);
+        if (one == MOE_EP_OK) {
+            differ = test_first_difference(y_all, y_one, (size_t)(T * d.d_model));
+            err = rel_error_f64(y_all, fam_f64(&c, "output_f64"), (size_t)(T * d.d_model));
+        }
+    }
+    CHECK_FACT(one == MOE_EP_OK, "%s: the one-rank layer returned %s", spec->name, moe_ep_result_string(one));
+    CHECK_FACT(world_rank != 0 || differ == (size_t)(T * d.d_model), "%s: %d processes differ from one rank at element %zu", spec->name,
+               world_size, differ);
+    CHECK_FACT(err <= 1e-5, "%s: relative error %.3g against transformers' float64 output at %d processes",
+               spec->name, err, world_size);
+    free(y_mine); free(y_all); free(y_one);
+    fam_free(&c);
+}
+END_TEST
+
 static Suite* mpi_suite(void) {
     Suite* s = suite_create("moe_ep_mpi");
     TCase* transport = tcase_create("transport");
@@ -1390,6 +1476,7 @@ static Suite* mpi_suite(void) {
     tcase_add_test(transport, test_exchange_counts);
     tcase_add_loop_test(transport, test_segmented_all_to_all, 0, 7);
     tcase_add_loop_test(layer, test_layer_matches_one_rank_and_pthreads, 0, LAYER_CASES);
+    tcase_add_loop_test(layer, test_families_over_mpi, 0, FAM_SPECS);
     tcase_add_loop_test(failures, test_rank_mismatch, 0, 2);
     tcase_add_test(failures, test_expert_failure_reaches_every_rank);
     tcase_add_test(failures, test_mpi_error_becomes_result);
