@@ -1,6 +1,7 @@
 /* cpu_bench -- the CPU expert kernels of moe_ep against their anchors, side by side.
 
-   usage: cpu_bench [gemm] [cblas] [comm] [layer] [decode] [--reps N] [--rounds N] [--python PATH] [--biases]
+   usage: cpu_bench [gemm] [cblas] [comm] [layer] [decode] [deepseek] [--reps N] [--rounds N] [--python PATH]
+                    [--torch-script PATH] [--deepseek-script PATH] [--biases]
    (no section: all of them; --biases: the experts get b1, b3, b2, and the gemm section's
    single products a bias). Each section prints one markdown table: our figure, the
    anchor's figure measured in the same run (interleaved with ours, median of the
@@ -15,8 +16,17 @@
    layer   moe_ep_forward, T = 1024 tokens, one rank, vs the PyTorch anchor
            (bench/torch_moe_cpu.py, OMP_WAIT_POLICY=PASSIVE) and vs the GEMM floor.
    decode  moe_ep_forward at 1, 4, 16, 64 tokens vs PyTorch; weight bandwidth vs memcpy.
+   deepseek  a DeepSeek-V3-shaped layer (moe_ep_family_desc(MOE_EP_FAMILY_DEEPSEEK_V3): 256
+           experts, top-8, sigmoid scores with a selection bias, 8 groups / top-4 groups,
+           routed scaling 2.5, one shared expert; d_model 1024, d_ff 256, 1024 tokens, one
+           rank): moe_ep_route alone and moe_ep_forward, vs transformers' DeepseekV3MoE
+           forward in PyTorch (bench/torch_deepseek_moe.py, same weights from the same
+           generator), whose output is compared with ours.
 
-   Link OpenBLAS (its OpenMP build) into this program only; `make bench` does. */
+   Link OpenBLAS (its OpenMP build) into this program only; `make bench` does. When OpenBLAS's
+   core detection falls back to Prescott on an AVX-512 or AVX2 CPU it does not know (0.3.21 on
+   recent Xeons), the program sets OPENBLAS_CORETYPE (SkylakeX, Haswell) and restarts, so that
+   the anchors, PyTorch's runs included, use the right kernels; the first line names the core. */
 #define _POSIX_C_SOURCE 200809L   /* clock_gettime, popen */
 #define MOE_EP_IMPLEMENTATION
 #include "../transports/moe_ep_pthreads.h"
@@ -28,6 +38,7 @@
 #include <stdlib.h>
 #include <string.h>
 #include <time.h>
+#include <unistd.h>
 #ifdef _OPENMP
 #include <omp.h>
 #endif
@@ -46,6 +57,7 @@ static int g_reps = 11, g_rounds = 3;
 static const char* g_python = "/usr/bin/python3";
 static int g_biases;
 static const char* g_torch_script = "bench/torch_moe_cpu.py";
+static const char* g_deepseek_script = "bench/torch_deepseek_moe.py";
 
 /* >>util */
 static double now(void) {
@@ -612,9 +624,251 @@ static void section_decode(const bench_model* model) {
     moe_ep_destroy(ctx);
 }
 
+/* >>deepseek: DeepSeek-V3's router, experts and shared expert at a CPU-sized width. */
+#define DS_TOKENS 1024
+#define DS_D_MODEL 1024
+#define DS_D_FF 256
+#define DS_SHARED_D_FF 256
+/* the generator's streams and scales: keep in step with bench/torch_deepseek_moe.py */
+enum { DS_STREAM_ROUTER = 1, DS_STREAM_BIAS, DS_STREAM_X, DS_STREAM_SHARED_W1, DS_STREAM_SHARED_W3,
+       DS_STREAM_SHARED_W2, DS_STREAM_W1 = 0x100, DS_STREAM_W3 = 0x200, DS_STREAM_W2 = 0x300 };
+
+static const char* kernel_path(void) {
+#if defined(MOE_EP__AVX512)
+    return "AVX-512";
+#elif defined(MOE_EP__AVX2)
+    return "AVX2+FMA";
+#elif defined(MOE_EP__NEON)
+    return "NEON";
+#else
+    return "portable";
+#endif
+}
+
+/* Element i of stream s: splitmix64((s << 40) + i), its top 24 bits centred, times scale / 2^23.
+   With a power-of-two scale every value is exact, so numpy reproduces them bit for bit. */
+static float* bench_hash_floats(size_t n, uint64_t stream, float scale) {
+    float* v = zero_floats(n);
+    float s = scale / 8388608.0f;
+    size_t i;
+    for (i = 0; i < n; ++i) {
+        uint64_t z = (stream << 40) + (uint64_t)i + 0x9E3779B97F4A7C15ull;
+        z = (z ^ (z >> 30)) * 0xBF58476D1CE4E5B9ull;
+        z = (z ^ (z >> 27)) * 0x94D049BB133111EBull;
+        z ^= z >> 31;
+        v[i] = (float)((int32_t)(z >> 40) - 8388608) * s;
+    }
+    return v;
+}
+
+static int cmp_int32(const void* a, const void* b) {
+    int32_t x = *(const int32_t*)a, y = *(const int32_t*)b;
+    return x < y ? -1 : x > y;
+}
+
+/* One run of the PyTorch layer; its median and its router's median in ms (-1 if it failed).
+   out_path: where it writes its y and chosen experts; note: its own summary line. */
+static double torch_deepseek_run(int threads, int reps, const char* out_path, double* route_ms, char* note,
+                                 size_t note_size) {
+    char cmd[1024], line[2048];
+    double med = -1.0;
+    FILE* p;
+    snprintf(cmd, sizeof cmd, "OMP_WAIT_POLICY=PASSIVE %s %s %d --tokens %d --reps %d --out %s 2>&1", g_python,
+             g_deepseek_script, threads, DS_TOKENS, reps, out_path);
+    p = popen(cmd, "r");
+    if (!p) return -1.0;
+    *route_ms = -1.0;
+    while (fgets(line, sizeof line, p)) {
+        const char* at = strstr(line, "median_ms=");
+        if (at) {
+            const char* r = strstr(line, "route_ms=");
+            med = atof(at + 10);
+            if (r) *route_ms = atof(r + 9);
+        } else if (strncmp(line, "torch ", 6) == 0) {
+            snprintf(note, note_size, "%.1000s", line);
+        } else {
+            fprintf(stderr, "  [%s] %s", g_deepseek_script, line);  /* why it failed */
+        }
+    }
+    if (pclose(p) != 0) return -1.0;
+    return med;
+}
+
+static void section_deepseek(void) {
+    const int64_t T = DS_TOKENS;
+    const int D = DS_D_MODEL, F = DS_D_FF, SF = DS_SHARED_D_FF;
+    moe_ep_desc desc = moe_ep_family_desc(MOE_EP_FAMILY_DEEPSEEK_V3);
+    moe_ep_expert_weights* experts;
+    moe_ep_context* ctx = NULL;
+    moe_ep_result res;
+    float *router, *bias, *x, *y, *weight, *sw1, *sw3, *sw2, *ty;
+    int32_t *idx, *tidx;
+    double *to, *tr, *tg, tt[16], ttr[16], flop, ours, route, torch, torch_route, logits_gemm;
+    float* logits;
+    double diff = -1.0, ymax = 0.0, dmax = 0.0, sum = 0.0, asum = 0.0;
+    int E, K, threads, round, r, e, no = 0, nt = 0, have_torch = 0, fd;
+    int64_t t, same_tokens = 0;
+    char out_path[] = "/tmp/moe_ep_deepseek_XXXXXX", torch_note[1024] = "";
+
+    desc.d_model = D;
+    desc.d_ff = F;
+    desc.shared.d_ff = SF;
+    E = desc.num_experts;
+    K = desc.top_k;
+    router = bench_hash_floats((size_t)E * D, DS_STREAM_ROUTER, 1.0f / 32.0f);
+    bias = bench_hash_floats((size_t)E, DS_STREAM_BIAS, 1.0f / 64.0f);
+    x = bench_hash_floats((size_t)T * D, DS_STREAM_X, 1.0f);
+    experts = (moe_ep_expert_weights*)calloc((size_t)E, sizeof *experts);
+    for (e = 0; e < E; ++e) {
+        experts[e].w1 = bench_hash_floats((size_t)F * D, DS_STREAM_W1 + (uint64_t)e, 1.0f / 32.0f);
+        experts[e].w3 = bench_hash_floats((size_t)F * D, DS_STREAM_W3 + (uint64_t)e, 1.0f / 32.0f);
+        experts[e].w2 = bench_hash_floats((size_t)D * F, DS_STREAM_W2 + (uint64_t)e, 1.0f / 16.0f);
+    }
+    sw1 = bench_hash_floats((size_t)SF * D, DS_STREAM_SHARED_W1, 1.0f / 32.0f);
+    sw3 = bench_hash_floats((size_t)SF * D, DS_STREAM_SHARED_W3, 1.0f / 32.0f);
+    sw2 = bench_hash_floats((size_t)D * SF, DS_STREAM_SHARED_W2, 1.0f / 16.0f);
+    desc.router_weight = router;          /* not copied by create: kept until the end */
+    desc.selection_bias = bias;
+    desc.experts = experts;
+    desc.shared.weights.w1 = sw1;
+    desc.shared.weights.w3 = sw3;
+    desc.shared.weights.w2 = sw2;
+    desc.transport = NULL;
+    res = moe_ep_create(&desc, &ctx);
+    /* the expert weights are copied (packed) at create */
+    for (e = 0; e < E; ++e) {
+        free((void*)experts[e].w1); free((void*)experts[e].w3); free((void*)experts[e].w2);
+    }
+    free(experts); free(sw1); free(sw3); free(sw2);
+    if (res != MOE_EP_OK) {
+        fprintf(stderr, "deepseek: moe_ep_create: %s\n", moe_ep_result_string(res));
+        free(router); free(bias); free(x);
+        return;
+    }
+    desc = moe_ep_query(ctx);
+    threads = desc.num_threads;
+    y = zero_floats((size_t)T * D);
+    ty = zero_floats((size_t)T * D);
+    idx = (int32_t*)calloc((size_t)(T * K), sizeof(int32_t));
+    tidx = (int32_t*)calloc((size_t)(T * K), sizeof(int32_t));
+    weight = zero_floats((size_t)(T * K));
+    to = (double*)calloc((size_t)(g_rounds * g_reps), sizeof(double));
+    tr = (double*)calloc((size_t)(g_rounds * g_reps), sizeof(double));
+    tg = (double*)calloc((size_t)(g_rounds * g_reps), sizeof(double));
+    logits = zero_floats((size_t)T * E);
+    fd = mkstemp(out_path);
+    if (fd >= 0) close(fd);
+
+    for (r = 0; r < 2; ++r) {
+        ours_layer(ctx, x, T, y);
+        moe_ep_route(ctx, x, T, idx, weight, NULL);
+    }
+    for (round = 0; round < g_rounds; ++round) {
+        double m, mr = -1.0;
+        for (r = 0; r < g_reps; ++r) {      /* route, layer and the logits sgemm alternate */
+            double t0 = now();
+            cblas_sgemm(CblasRowMajor, CblasNoTrans, CblasTrans, (int)T, E, D, 1.0f, x, D, router, D, 0.0f, logits, E);
+            tg[no] = now() - t0;
+            t0 = now();
+            res = moe_ep_route(ctx, x, T, idx, weight, NULL);
+            tr[no] = now() - t0;
+            if (res != MOE_EP_OK) { fprintf(stderr, "moe_ep_route: %s\n", moe_ep_last_error(ctx)); exit(1); }
+            t0 = now();
+            ours_layer(ctx, x, T, y);
+            to[no++] = now() - t0;
+        }
+        m = fd >= 0 ? torch_deepseek_run(threads, g_reps, out_path, &mr, torch_note, sizeof torch_note) : -1.0;
+        if (m > 0) { tt[nt] = m * 1e-3; ttr[nt++] = mr * 1e-3; }
+    }
+    ours = median(to, no) * 1e3;
+    route = median(tr, no) * 1e3;
+    logits_gemm = median(tg, no) * 1e3;
+    torch = nt > 0 ? median(tt, nt) * 1e3 : -1.0;
+    torch_route = nt > 0 ? median(ttr, nt) * 1e3 : -1.0;
+
+    /* the same layer? PyTorch's y and chosen experts (sorted per token) against ours */
+    if (nt > 0) {
+        FILE* f = fopen(out_path, "rb");
+        have_torch = f && fread(ty, sizeof(float), (size_t)T * D, f) == (size_t)T * D &&
+                     fread(tidx, sizeof(int32_t), (size_t)(T * K), f) == (size_t)(T * K);
+        if (f) fclose(f);
+    }
+    for (t = 0; t < T; ++t) qsort(idx + t * K, (size_t)K, sizeof(int32_t), cmp_int32);
+    for (t = 0; t < T * D; ++t) {
+        sum += y[t];
+        asum += fabs((double)y[t]);
+    }
+    if (have_torch) {
+        for (t = 0; t < T * D; ++t)
+            if (fabs((double)ty[t]) > ymax) ymax = fabs((double)ty[t]);
+        for (t = 0; t < T; ++t) {
+            int64_t i;
+            if (memcmp(idx + t * K, tidx + t * K, sizeof(int32_t) * (size_t)K) != 0) continue;
+            ++same_tokens;
+            for (i = t * D; i < (t + 1) * D; ++i) {
+                double dd = fabs((double)y[i] - (double)ty[i]);
+                if (!(dd <= dmax)) dmax = dd;
+            }
+        }
+        diff = ymax > 0.0 ? dmax / ymax : dmax;
+    }
+    remove(out_path);
+
+    /* routed experts 6 T k d F, shared 6 T d SF, router 2 T d E */
+    flop = 6.0 * (double)T * K * D * F + 6.0 * (double)T * D * SF + 2.0 * (double)T * D * E;
+    printf("\n### DeepSeek-V3-shaped layer (T %lld, d_model %d, d_ff %d, E %d, top-%d, %d groups / top-%d, sigmoid + "
+           "selection bias, routed scaling %g, shared expert d_ff %d; fp32, one rank; %.1f GFLOP)\n\n",
+           (long long)T, D, F, E, K, desc.num_groups, desc.topk_groups, (double)desc.routed_scaling_factor, SF,
+           flop * 1e-9);
+    printf("| router ms | layer ms | router share (goal <= 5%%) | PyTorch ms | layer / PyTorch (goal <= 0.6) | max rel. "
+           "diff | threads | kernel path |\n|---|---|---|---|---|---|---|---|\n");
+    printf("| %.2f | %.2f | %.1f%% | ", route, ours, 100.0 * route / ours);
+    if (torch > 0) printf("%.1f | %.3f | ", torch, ours / torch);
+    else printf("n/a | n/a | ");
+    if (have_torch) printf("%.1e | ", diff);
+    else printf("n/a | ");
+    printf("%d | %s |\n", threads, kernel_path());
+    printf("\nmedians over %d rounds: moe_ep_route and moe_ep_forward alternately %d x %d times (after 2 warm-ups); "
+           "PyTorch %d runs of %s (OMP_WAIT_POLICY=PASSIVE, torch.set_num_threads(%d)), each its own median of %d "
+           "after 3 warm-ups; its router (gate + route_tokens_to_experts) alone: %.2f ms. The router's logits "
+           "(T x d_model x E) as one OpenBLAS sgemm, same rounds: %.2f ms. moe_ep: %.1f GF/s over the layer, "
+           "%.1f GF/s without its router.\n", g_rounds, g_rounds, g_reps, nt, g_deepseek_script, threads, g_reps,
+           torch_route, logits_gemm, flop / ours * 1e-6, (flop - 2.0 * (double)T * D * E) / (ours - route) * 1e-6);
+    if (have_torch)
+        printf("same layer: %lld of %lld tokens chose the same %d experts as PyTorch; max rel. diff = max |y - "
+               "y_torch| over those tokens / max |y_torch|; checksum sum(y) %.6e, sum|y| %.6e (the PyTorch line "
+               "prints its own).\n", (long long)same_tokens, (long long)T, K, sum, asum);
+    else
+        printf("same layer: no PyTorch output to compare with; checksum sum(y) %.6e, sum|y| %.6e\n", sum, asum);
+    if (torch_note[0]) printf("PyTorch's last run: %s", torch_note);
+    fflush(stdout);
+    moe_ep_destroy(ctx);
+    free(router); free(bias); free(x); free(y); free(ty); free(idx); free(tidx); free(weight); free(to); free(tr);
+    free(tg); free(logits);
+}
+
+/* OpenBLAS 0.3.21 (Debian 12) does not know recent Intel models (e.g. family 6 model 207) and
+   falls back to its Prescott (SSE3) kernels, ~5x below its AVX-512 ones; the anchors (our
+   OpenBLAS calls and PyTorch, which loads the same library) would be that much weaker. Unless
+   the caller chose a core, name the right one and start again (the PyTorch runs inherit it). */
+static void openblas_core_fix(char** argv) {
+    const char* core = NULL;
+    if (getenv("OPENBLAS_CORETYPE") || strcmp(openblas_get_corename(), "Prescott") != 0) return;
+#if defined(__GNUC__) && (defined(__x86_64__) || defined(__i386__))
+    __builtin_cpu_init();
+    if (__builtin_cpu_supports("avx512f")) core = "SkylakeX";
+    else if (__builtin_cpu_supports("avx2")) core = "Haswell";
+#endif
+    if (!core) return;
+    setenv("OPENBLAS_CORETYPE", core, 1);
+    execv("/proc/self/exe", argv);
+    fprintf(stderr, "cpu_bench: could not restart with OPENBLAS_CORETYPE=%s; OpenBLAS keeps %s here\n", core,
+            openblas_get_corename());
+}
+
 int main(int argc, char** argv) {
-    int want[5] = { 0, 0, 0, 0, 0 }, any = 0, i;
-    static const char* const names[5] = { "gemm", "cblas", "comm", "layer", "decode" };
+    int want[6] = { 0, 0, 0, 0, 0, 0 }, any = 0, i;
+    static const char* const names[6] = { "gemm", "cblas", "comm", "layer", "decode", "deepseek" };
     bench_model model = { 0 };
     for (i = 1; i < argc; ++i) {
         int s, found = 0;
@@ -623,34 +877,29 @@ int main(int argc, char** argv) {
         if (strcmp(argv[i], "--python") == 0 && i + 1 < argc) { g_python = argv[++i]; continue; }
         if (strcmp(argv[i], "--biases") == 0) { g_biases = 1; continue; }
         if (strcmp(argv[i], "--torch-script") == 0 && i + 1 < argc) { g_torch_script = argv[++i]; continue; }
-        for (s = 0; s < 5; ++s)
+        if (strcmp(argv[i], "--deepseek-script") == 0 && i + 1 < argc) { g_deepseek_script = argv[++i]; continue; }
+        for (s = 0; s < 6; ++s)
             if (strcmp(argv[i], names[s]) == 0) want[s] = found = any = 1;
         if (!found) {
-            fprintf(stderr, "usage: cpu_bench [gemm] [cblas] [comm] [layer] [decode] [--reps N] [--rounds N] "
-                            "[--python PATH] [--torch-script PATH] [--biases]\n");
+            fprintf(stderr, "usage: cpu_bench [gemm] [cblas] [comm] [layer] [decode] [deepseek] [--reps N] [--rounds N] "
+                            "[--python PATH] [--torch-script PATH] [--deepseek-script PATH] [--biases]\n");
             return 2;
         }
     }
     if (g_reps < 1 || g_reps > MAX_REPS / 3) g_reps = 11;
     if (g_rounds < 1 || g_rounds > 16) g_rounds = 3;
-    if (!any) for (i = 0; i < 5; ++i) want[i] = 1;
-    printf("moe_ep cpu_bench: kernel path %s (MR %d, NR %d), %d OpenMP threads, OpenBLAS %s\n",
-#if defined(MOE_EP__AVX512)
-           "AVX-512",
-#elif defined(MOE_EP__AVX2)
-           "AVX2+FMA",
-#elif defined(MOE_EP__NEON)
-           "NEON",
-#else
-           "portable",
-#endif
-           MOE_EP__MR, MOE_EP__NR, threads_available(), openblas_get_config());
-    model_init(&model);
+    if (!any) for (i = 0; i < 6; ++i) want[i] = 1;
+    openblas_core_fix(argv);
+    printf("moe_ep cpu_bench: kernel path %s (MR %d, NR %d), %d OpenMP threads, OpenBLAS %s, core %s (OPENBLAS_CORETYPE "
+           "%s)\n", kernel_path(), MOE_EP__MR, MOE_EP__NR, threads_available(), openblas_get_config(),
+           openblas_get_corename(), getenv("OPENBLAS_CORETYPE") ? getenv("OPENBLAS_CORETYPE") : "unset");
+    if (want[0] || want[1] || want[2] || want[3] || want[4]) model_init(&model);
     if (want[0]) section_gemm(&model);
     if (want[1]) section_cblas(&model);
     if (want[2]) section_comm(&model);
     if (want[3]) section_layer(&model);
     if (want[4]) section_decode(&model);
     model_free(&model);
+    if (want[5]) section_deepseek();
     return 0;
 }
