@@ -471,7 +471,8 @@ typedef struct moe_ep_desc {
     float capacity_factor;          /* default 0 = dropless; else > 0 */
     moe_ep_placement placement;     /* default contiguous */
     int num_threads;                /* default 0 = OpenMP's default divided by transport.local_ranks */
-    const float* router_weight;     /* [num_experts, d_model]; required unless every call hands in routing */
+    const float* router_weight;     /* [num_experts, d_model]; required unless every call hands in routing;
+                                       copied at create (transposed, for the router's vector loop) */
     const moe_ep_expert_weights* experts;  /* [local expert count]; required unless expert_fn is set */
     moe_ep_expert_fn expert_fn;     /* default NULL: built-in kernel */
     void* expert_user_data;
@@ -774,6 +775,7 @@ struct moe_ep_context {
     int* rank_expert_start;         /* [R+1] offsets into rank_expert_list */
     int* rank_expert_list;          /* [E] experts sorted by (owner, id) */
     int* placement_table;           /* [E] copy of desc.placement.table or NULL */
+    float* router_t;                /* [d_model, E] desc.router_weight transposed, or NULL */
     float* router_bias;             /* [E] copy of desc.router_bias or NULL */
     float* selection_bias;          /* [E] copy of desc.selection_bias or NULL */
     float** packed_up;              /* [local] w1 (and w3) panels */
@@ -1401,6 +1403,7 @@ MOE_EP_PRIVATE void moe_ep__context_free(moe_ep_context* ctx) {
     moe_ep_free(&a, ctx->rank_expert_start);
     moe_ep_free(&a, ctx->rank_expert_list);
     moe_ep_free(&a, ctx->placement_table);
+    moe_ep_free(&a, ctx->router_t);
     moe_ep_free(&a, ctx->router_bias);
     moe_ep_free(&a, ctx->selection_bias);
     moe_ep_destroy(ctx->shared);
@@ -1449,10 +1452,18 @@ MOE_EP_PRIVATE moe_ep_result moe_ep__build_placement(moe_ep_context* ctx) {
     return MOE_EP_OK;
 }
 
-/* The router's biases are the caller's: keep copies, as of the placement table. */
+/* The router's weights and biases are the caller's: keep copies, as of the placement table;
+   the weights transposed ([d_model, E]) so that the router's loop runs over experts in vectors. */
 MOE_EP_PRIVATE moe_ep_result moe_ep__copy_biases(moe_ep_context* ctx) {
     const moe_ep_allocator* a = &ctx->desc.allocator;
     size_t size = sizeof(float) * (size_t)ctx->desc.num_experts;
+    int64_t E = ctx->desc.num_experts, D = ctx->desc.d_model, e, i;
+    if (ctx->desc.router_weight) {
+        ctx->router_t = (float*)moe_ep__calloc(a, E * D, sizeof(float));
+        if (!ctx->router_t) return MOE_EP_ERROR_OUT_OF_MEMORY;
+        for (e = 0; e < E; ++e)
+            for (i = 0; i < D; ++i) ctx->router_t[i * E + e] = ctx->desc.router_weight[e * D + i];
+    }
     if (ctx->desc.router_bias) {
         ctx->router_bias = (float*)moe_ep_alloc(a, size);
         if (!ctx->router_bias) return MOE_EP_ERROR_OUT_OF_MEMORY;
@@ -1743,17 +1754,45 @@ MOE_EP_PRIVATE void moe_ep__group_limit(const moe_ep_desc* d, const float* choic
         for (i = 0; i < n; ++i) out[g * n + i] = !kept[g];
 }
 
-MOE_EP_PRIVATE bool moe_ep__route_token(const moe_ep_desc* d, const float* x, float* probs, float* scratch,
-                                        unsigned char* flags, double* lse, int32_t* idx, float* weight) {
-    int E = d->num_experts, k = d->top_k, D = d->d_model, e, j, i;
+/* logits[r][e] = x[r] . W[e] for `rows` tokens (at most MOE_EP__ROUTER_ROWS): each sum runs
+   i = 0, 1, ..., d_model - 1 from zero, as one token alone would, so the bits do not depend
+   on the block; the vector units take MOE_EP__ROUTER_COLS experts at once from W^T. */
+#define MOE_EP__ROUTER_ROWS 8
+#define MOE_EP__ROUTER_COLS 16
+MOE_EP_PRIVATE void moe_ep__router_logits(const float* x, int64_t rows, int D, const float* wt, int E, float* logits) {
+    float acc[MOE_EP__ROUTER_ROWS][MOE_EP__ROUTER_COLS];
+    int e0, i, j, n;
+    int64_t r;
+    for (e0 = 0; e0 < E; e0 += MOE_EP__ROUTER_COLS) {
+        n = MOE_EP__MIN(MOE_EP__ROUTER_COLS, E - e0);
+        for (r = 0; r < rows; ++r)
+            for (j = 0; j < MOE_EP__ROUTER_COLS; ++j) acc[r][j] = 0.0f;
+        for (i = 0; i < D; ++i) {
+            const float* w = wt + (int64_t)i * E + e0;
+            if (n == MOE_EP__ROUTER_COLS) {
+                for (r = 0; r < rows; ++r) {
+                    float xv = x[r * D + i];
+                    for (j = 0; j < MOE_EP__ROUTER_COLS; ++j) acc[r][j] += xv * w[j];
+                }
+            } else {
+                for (r = 0; r < rows; ++r)
+                    for (j = 0; j < n; ++j) acc[r][j] += x[r * D + i] * w[j];
+            }
+        }
+        for (r = 0; r < rows; ++r)
+            for (j = 0; j < n; ++j) logits[r * E + e0 + j] = acc[r][j];
+    }
+}
+
+MOE_EP_PRIVATE bool moe_ep__route_token(const moe_ep_desc* d, float* probs, float* scratch, unsigned char* flags,
+                                        double* lse, int32_t* idx, float* weight) {
+    int E = d->num_experts, k = d->top_k, e, j;
     float* score = scratch;
     float* choice = scratch + E;
     unsigned char* taken = flags;
     float m, sum;
-    for (e = 0; e < E; ++e) {
-        const float* row = d->router_weight + (int64_t)e * D;
-        float acc = 0.0f;
-        for (i = 0; i < D; ++i) acc += x[i] * row[i];
+    for (e = 0; e < E; ++e) {       /* probs holds the logits on entry */
+        float acc = probs[e];
         if (d->router_bias) acc += d->router_bias[e];
         if (!moe_ep__finite(acc)) return false;
         score[e] = acc;
@@ -1851,11 +1890,17 @@ MOE_EP_API moe_ep_result moe_ep_route(moe_ep_context* ctx, const float* x, int64
                             (long long)tokens, E);
     }
 #ifdef _OPENMP
+#pragma omp parallel for schedule(static) num_threads(threads) if (threads > 1 && tokens > MOE_EP__ROUTER_ROWS)
+#endif
+    for (t = 0; t < tokens; t += MOE_EP__ROUTER_ROWS)
+        moe_ep__router_logits(x + t * d->d_model, MOE_EP__MIN(MOE_EP__ROUTER_ROWS, tokens - t), d->d_model,
+                              ctx->router_t, E, probs + t * E);
+#ifdef _OPENMP
 #pragma omp parallel for schedule(static) num_threads(threads) if (threads > 1 && tokens > 1)
 #endif
     for (t = 0; t < tokens; ++t) {
         int me = moe_ep__thread_index();
-        if (!moe_ep__route_token(d, x + t * d->d_model, probs + t * E, scratch + (int64_t)me * 3 * E,
+        if (!moe_ep__route_token(d, probs + t * E, scratch + (int64_t)me * 3 * E,
                                  flags + (int64_t)me * 2 * E, lse + t, idx + t * d->top_k, weight + t * d->top_k)) {
 #ifdef _OPENMP
 #pragma omp critical(moe_ep__refused)
