@@ -1756,31 +1756,19 @@ MOE_EP_PRIVATE void moe_ep__group_limit(const moe_ep_desc* d, const float* choic
 
 /* logits[r][e] = x[r] . W[e] for `rows` tokens (at most MOE_EP__ROUTER_ROWS): each sum runs
    i = 0, 1, ..., d_model - 1 from zero, as one token alone would, so the bits do not depend
-   on the block; the vector units take MOE_EP__ROUTER_COLS experts at once from W^T. */
+   on the block. The block's sums stay in `logits` (in L1) while W^T streams by rows, and the
+   vector units take the experts of a row at once. */
 #define MOE_EP__ROUTER_ROWS 8
-#define MOE_EP__ROUTER_COLS 16
 MOE_EP_PRIVATE void moe_ep__router_logits(const float* x, int64_t rows, int D, const float* wt, int E, float* logits) {
-    float acc[MOE_EP__ROUTER_ROWS][MOE_EP__ROUTER_COLS];
-    int e0, i, j, n;
-    int64_t r;
-    for (e0 = 0; e0 < E; e0 += MOE_EP__ROUTER_COLS) {
-        n = MOE_EP__MIN(MOE_EP__ROUTER_COLS, E - e0);
-        for (r = 0; r < rows; ++r)
-            for (j = 0; j < MOE_EP__ROUTER_COLS; ++j) acc[r][j] = 0.0f;
-        for (i = 0; i < D; ++i) {
-            const float* w = wt + (int64_t)i * E + e0;
-            if (n == MOE_EP__ROUTER_COLS) {
-                for (r = 0; r < rows; ++r) {
-                    float xv = x[r * D + i];
-                    for (j = 0; j < MOE_EP__ROUTER_COLS; ++j) acc[r][j] += xv * w[j];
-                }
-            } else {
-                for (r = 0; r < rows; ++r)
-                    for (j = 0; j < n; ++j) acc[r][j] += x[r * D + i] * w[j];
-            }
+    int64_t r, i, e;
+    for (r = 0; r < rows * E; ++r) logits[r] = 0.0f;
+    for (i = 0; i < D; ++i) {
+        const float* w = wt + i * E;
+        for (r = 0; r < rows; ++r) {
+            float xv = x[r * D + i];
+            float* acc = logits + r * E;
+            for (e = 0; e < E; ++e) acc[e] += xv * w[e];
         }
-        for (r = 0; r < rows; ++r)
-            for (j = 0; j < n; ++j) logits[r * E + e0 + j] = acc[r][j];
     }
 }
 
