@@ -414,7 +414,9 @@ typedef struct moe_ep_transport {
    activations (SwiGLU, clamped SwiGLU) only. The biases are optional (NULL: none): b1, b3
    [d_ff] are added to the finished up products before the activation, b2 [d_model] to the
    output. Everything is copied at create. With tensor parallelism b1 and b3 are sliced
-   with their rows and b2 is added by TP rank 0 alone (before the rank-ordered sum). */
+   with their rows and b2 is added by TP rank 0 alone (before the rank-ordered sum).
+   Zero the struct before you fill it (= { 0 }, calloc, memset): a field you leave
+   uninitialised is read as a pointer, and later versions may add fields. */
 typedef struct moe_ep_expert_weights {
     const float* w1;
     const float* w3;
