@@ -62,6 +62,12 @@
       gate then up); biases b1, b3, b2 are optional. Activations:
       SwiGLU (default), GELU, ReLU, and GPT-OSS's clamped SwiGLU (.swiglu_alpha,
       .swiglu_limit). See moe_ep_activation and moe_ep_weight_layout.
+      A model family's layer starts from its preset instead:
+          moe_ep_desc d = moe_ep_family_desc(MOE_EP_FAMILY_DEEPSEEK_V3);
+      then set what the checkpoint's config.json changes, the weights and the transport
+      (README: "Model families"). The router (scoring, router_bias, selection_bias,
+      num_groups/topk_groups, routed_scaling_factor, scale_expert_input) and the shared
+      experts (.shared) are described at their fields.
    3. moe_ep_forward(ctx, &(moe_ep_forward_args){ .tokens = T, .x = x, .y = y });
                                                                       collective
       or the stages one by one:
@@ -69,8 +75,10 @@
           moe_ep_plan_create()   routing -> counts, permutation; exchanges counts
           moe_ep_dispatch()      token rows to the experts' ranks, grouped by local expert
           moe_ep_experts()       the local expert FFNs (or your own kernel in between)
+          moe_ep_shared_experts()  the shared experts on this rank's tokens (desc.shared)
           moe_ep_combine()       rows back, y[t] = sum over k-slots of w * expert(x)
           moe_ep_plan_destroy()
+      (with shared experts, add moe_ep_shared_experts' output to combine's y, as forward does)
    4. moe_ep_destroy(ctx); then destroy the transport.
 
    EP x DP and EP x TP x DP: describe the layout (moe_ep_layout_desc: world, EP, TP and
