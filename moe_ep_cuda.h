@@ -59,12 +59,14 @@
 
    THE GPU LAYER
    =============
-   - Router: logits = x . router_weight^T on cuBLAS (fp32 output), then softmax and
-     top-k in one kernel (ties to the lower expert, optional renormalisation), then the
-     ids and weights are copied to the host for the core's plan. No router statistics.
-     The core's other routers (sigmoid, biases, groups, top-k first, weights on the
-     input), shared experts and FFN variants run on the CPU only so far; with them, route
-     with moe_ep_route on the host and hand the routing in.
+   - Router: logits = x . router_weight^T on cuBLAS (fp32 output), then one kernel does
+     what the core's router does: the scores (softmax, sigmoid, or the logits for the TOPK_
+     scorings, with router_bias), the choice (with selection_bias, within the best
+     topk_groups of num_groups groups), top-k with ties to the lower expert, the weights
+     from the unbiased scores, normalize_topk, routed_scaling_factor; then the ids and
+     weights are copied to the host for the core's plan. No router statistics. Not yet on
+     the GPU: weights on the expert's input (scale_expert_input), shared experts, expert
+     biases and the clamped SwiGLU (refused); route on the host for those.
    - Plan: the core's moe_ep_plan_create over the transport (count exchange), then the
      slot map (where each (token, k-slot) row goes) and the weights are uploaded.
    - Dispatch: a permute kernel gathers token rows into send order; rows whose expert is
@@ -234,8 +236,12 @@ typedef struct moe_ep_cuda_layer_desc {
     int num_experts;                /* required, > 0 */
     int top_k;                      /* default 1 */
     moe_ep_activation activation;   /* default SwiGLU */
-    moe_ep_scoring scoring;         /* default softmax (the only one the GPU router computes) */
+    moe_ep_scoring scoring;         /* default softmax */
     bool normalize_topk;            /* default false */
+    float routed_scaling_factor;    /* default 0 = 1 */
+    const float* router_bias;       /* [num_experts] fp32 host memory, or NULL; copied */
+    const float* selection_bias;    /* [num_experts] fp32 host memory, or NULL; copied */
+    int num_groups, topk_groups;    /* default 0 = 1 group, all kept (the router as in moe_ep_desc) */
     float capacity_factor;          /* default 0 = dropless */
     moe_ep_placement placement;     /* default contiguous */
     const moe_ep_transport* transport;      /* required: the EP group; must move device memory
@@ -424,6 +430,8 @@ struct moe_ep_cuda_layer {
     int* local_index_of;            /* [num_experts] */
     int* local_ids;                 /* [local_experts] global id of each one */
     void* router;                   /* device [num_experts, d_model] */
+    float* router_biases;           /* device [2 * num_experts]: router_bias, then selection_bias */
+    moe_ep__cuda_k_router router_cfg;   /* the router's resolved settings */
     void* w_up;                     /* device [local_experts, up_rows, d_model] */
     void* w_down;                   /* device [local_experts, d_model, d_ff] */
     void* logits; size_t logits_bytes;
@@ -886,7 +894,7 @@ MOE_EP_PRIVATE moe_ep_result moe_ep__cuda_kernel(moe_ep_cuda_layer* L, int e, co
 MOE_EP_PRIVATE void moe_ep__cuda_layer_free(moe_ep_cuda_layer* L) {
     moe_ep_allocator a = L->desc.allocator;
     /* on the direct path the forward's rows live in the region (freed with it) */
-    void* device[] = { L->ptrs_dev, L->router, L->w_up, L->w_down, L->logits, L->topk_dev, L->hidden, L->partial,
+    void* device[] = { L->ptrs_dev, L->router, L->router_biases, L->w_up, L->w_down, L->logits, L->topk_dev, L->hidden, L->partial,
                        L->tp_gather, L->direct ? NULL : L->recv, L->direct ? NULL : L->out };
     void* host[] = { L->group_ints, L->group_scalars, L->group_ops, L->owner_of, L->local_index_of, L->local_ids,
                      L->routing_idx, L->routing_weight, L->tp_rows };
@@ -1041,6 +1049,11 @@ MOE_EP_PRIVATE moe_ep_desc moe_ep__cuda_core_desc(moe_ep_cuda_layer* L, const mo
     core.activation = d->activation;
     core.scoring = d->scoring;
     core.normalize_topk = d->normalize_topk;
+    core.routed_scaling_factor = d->routed_scaling_factor;
+    core.router_bias = d->router_bias;
+    core.selection_bias = d->selection_bias;
+    core.num_groups = d->num_groups;
+    core.topk_groups = d->topk_groups;
     core.capacity_factor = d->capacity_factor;
     core.placement = d->placement;
     core.num_threads = 1;
@@ -1138,8 +1151,6 @@ MOE_EP_PRIVATE int moe_ep__cuda_validate(const moe_ep_cuda_layer_desc* d) {
                        (long long)d->max_tokens);
     moe_ep__cuda_check(d, rank, &f, d->timeout_ms >= 0, "moe_ep_cuda_layer_desc.timeout_ms (%d) must be >= 0",
                        d->timeout_ms);
-    moe_ep__cuda_check(d, rank, &f, d->scoring == MOE_EP_SCORING_DEFAULT || d->scoring == MOE_EP_SCORING_SOFTMAX,
-                       "moe_ep_cuda_layer_desc.scoring (%d): the GPU router supports softmax", (int)d->scoring);
     moe_ep__cuda_check(d, rank, &f, d->d_model > 0 && d->num_experts > 0 && (d->d_ff > 0 || d->expert_fn),
                        "moe_ep_cuda_layer_desc: d_model (%d), num_experts (%d) and d_ff (%d) must be > 0",
                        d->d_model, d->num_experts, d->d_ff);
@@ -1217,6 +1228,11 @@ MOE_EP_PRIVATE void moe_ep__cuda_layer_shape(moe_ep_cuda_layer* L) {
     L->desc.top_k = core.top_k;
     L->desc.activation = core.activation;
     L->desc.scoring = core.scoring;
+    L->router_cfg.scoring = (int)core.scoring;
+    L->router_cfg.normalize = core.normalize_topk;
+    L->router_cfg.groups = core.num_groups;
+    L->router_cfg.topk_groups = core.topk_groups;
+    L->router_cfg.scaling = core.routed_scaling_factor;
     L->desc.placement = core.placement;
     L->d_model = core.d_model;
     L->d_ff_full = L->d_ff = core.d_ff;
@@ -1308,12 +1324,24 @@ MOE_EP_PRIVATE moe_ep_result moe_ep__cuda_build_weights(moe_ep_cuda_layer* L) {
     moe_ep_result res = MOE_EP_OK;
     int l;
     if (d->router_weight) {
-        size_t bytes = (size_t)L->num_experts * L->row_bytes;
+        size_t bytes = (size_t)L->num_experts * L->row_bytes, E = (size_t)L->num_experts;
         res = moe_ep__cuda_cuda(L, cudaMalloc(&L->router, bytes), "router weights");
         if (res == MOE_EP_OK)
             res = moe_ep__cuda_cuda(L, cudaMemcpyAsync(L->router, d->router_weight, bytes, cudaMemcpyDefault,
                                                        L->stream),
                                     "copying the router weights");
+        if (res == MOE_EP_OK && (d->router_bias || d->selection_bias))
+            res = moe_ep__cuda_cuda(L, cudaMalloc((void**)&L->router_biases, 2 * E * sizeof(float)), "router biases");
+        if (res == MOE_EP_OK && d->router_bias)
+            res = moe_ep__cuda_cuda(L, cudaMemcpyAsync(L->router_biases, d->router_bias, E * sizeof(float),
+                                                       cudaMemcpyHostToDevice, L->stream), "copying the router bias");
+        if (res == MOE_EP_OK && d->selection_bias)
+            res = moe_ep__cuda_cuda(L, cudaMemcpyAsync(L->router_biases + E, d->selection_bias, E * sizeof(float),
+                                                       cudaMemcpyHostToDevice, L->stream),
+                                    "copying the selection bias");
+        L->router_cfg.router_bias = d->router_bias ? L->router_biases : NULL;
+        L->router_cfg.selection_bias = d->selection_bias ? L->router_biases + E : NULL;
+        if (res == MOE_EP_OK) res = moe_ep__cuda_cuda(L, cudaStreamSynchronize(L->stream), "copying the router");
     }
     if (res != MOE_EP_OK || d->expert_fn || L->local_experts == 0) return res;
     res = moe_ep__cuda_cuda(L, cudaMalloc(&L->w_up, up_each * (size_t)L->local_experts), "expert weights");
@@ -1455,7 +1483,7 @@ MOE_EP_API moe_ep_result moe_ep_cuda_route(moe_ep_cuda_layer* L, const void* x, 
                               L->num_experts, CUDA_R_32F, "router logits");
     if (res != MOE_EP_OK) return res;
     res = moe_ep__cuda_cuda(L, (cudaError_t)moe_ep__cuda_k_topk((const float*)L->logits, tokens, L->num_experts,
-                                                                L->top_k, L->desc.normalize_topk, idx_dev, weight_dev,
+                                                                L->top_k, &L->router_cfg, idx_dev, weight_dev,
                                                                 L->stream),
                             "router top-k kernel");
     if (res == MOE_EP_OK)

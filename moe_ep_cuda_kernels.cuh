@@ -56,9 +56,19 @@ int moe_ep__cuda_k_slot_map(const int64_t* slot_rows, const int32_t* topk_idx, c
    (the last such c; chunks may be empty). */
 int moe_ep__cuda_k_stage_map(const int64_t* chunk_start, const int64_t* chunk_dest, int chunks, int64_t rows,
                              int32_t* stage_map, void* stream);
-/* logits [tokens, E] fp32 -> softmax -> top-k (ties to the lower index) -> idx, weight [tokens, k]. */
-int moe_ep__cuda_k_topk(const float* logits, int64_t tokens, int num_experts, int top_k, int normalize,
-                        int32_t* idx, float* weight, void* stream);
+/* The router's settings, as moe_ep_desc's (scoring: 1 softmax, 2 sigmoid, 3 top-k then
+   softmax, 4 top-k then sigmoid; biases in device memory or NULL; groups >= 1). */
+typedef struct moe_ep__cuda_k_router {
+    int scoring, normalize, groups, topk_groups;
+    float scaling;
+    const float* router_bias;
+    const float* selection_bias;
+} moe_ep__cuda_k_router;
+/* logits [tokens, E] fp32 (+ router_bias) -> scores -> the choice (+ selection_bias, within
+   the best topk_groups groups) -> top-k (ties to the lower index) -> weights from the
+   unbiased scores, renormalised, scaled -> idx, weight [tokens, k]; as the core's router. */
+int moe_ep__cuda_k_topk(const float* logits, int64_t tokens, int num_experts, int top_k,
+                        const moe_ep__cuda_k_router* router, int32_t* idx, float* weight, void* stream);
 /* out[i] = ((parts[i] + parts[count + i]) + parts[2 * count + i]) + ... over `ranks` blocks of
    count floats, added in block order in fp32, stored as dtype (bf16 rounds to nearest even
    once, at the end). ranks = 1 converts. In fp32, out may be parts itself. */
@@ -396,43 +406,109 @@ static cudaError_t launch_unpermute(Rows rows, const float* weight, void* y, int
 
 static bool aligned(const void* p, size_t n) { return ((uintptr_t)p % n) == 0; }
 
-/* One warp per token. Probabilities are normalised before selection, as on the CPU, so
-   two experts tie exactly when they tie there; a tie goes to the lower index. */
-__global__ void topk_kernel(const float* __restrict__ logits, int64_t tokens, int E, int k, int normalize,
+/* The warp's best of v[0..n) not marked taken (-inf, and an index no lane holds, when none). */
+__device__ void warp_best(const float* v, const float* mark, int n, float* best_out, int* idx_out) {
+    int lane = threadIdx.x & 31;
+    float best = __int_as_float(0xff800000);
+    int best_e = 0x7FFFFFFF;
+    for (int e = lane; e < n; e += 32)
+        if (mark[e] == 0.0f && (best_e == 0x7FFFFFFF || v[e] > best)) { best = v[e]; best_e = e; }
+    for (int o = 16; o > 0; o >>= 1) {
+        float ob = __shfl_xor_sync(0xffffffffu, best, o);
+        int oe = __shfl_xor_sync(0xffffffffu, best_e, o);
+        if (oe != 0x7FFFFFFF && (best_e == 0x7FFFFFFF || ob > best || (ob == best && oe < best_e))) {
+            best = ob;
+            best_e = oe;
+        }
+    }
+    *best_out = best;
+    *idx_out = best_e;
+}
+
+/* One warp per token, as the core's router: scores (softmax normalised before selection, so
+   two experts tie exactly when they tie there), the choice with the selection bias within the
+   best groups, top-k with ties to the lower index, weights from the unbiased scores. Shared
+   memory per warp: scores, choices and taken marks [E] each, group scores and marks [G]. */
+__global__ void topk_kernel(const float* __restrict__ logits, int64_t tokens, int E, int k, moe_ep__cuda_k_router r,
                             int32_t* __restrict__ idx, float* __restrict__ weight) {
-    extern __shared__ float probs_all[];
-    int lane = threadIdx.x & 31, warp_in_block = threadIdx.x >> 5;
+    extern __shared__ float router_shared[];
+    int lane = threadIdx.x & 31, warp_in_block = threadIdx.x >> 5, G = r.groups, n = E / G;
     int64_t t = (int64_t)blockIdx.x * (blockDim.x >> 5) + warp_in_block;
     if (t >= tokens) return;
-    float* p = probs_all + (size_t)warp_in_block * E;
+    float* p = router_shared + (size_t)warp_in_block * (3 * (size_t)E + 2 * (size_t)G);
+    float* c = p + E;
+    float* taken = c + E;
+    float* gs = taken + E;
+    float* gtaken = gs + G;
     const float* l = logits + t * E;
     float m = __int_as_float(0xff800000), sum = 0.0f, wsum = 0.0f;
-    for (int e = lane; e < E; e += 32) { p[e] = l[e]; m = fmaxf(m, p[e]); }
-    for (int o = 16; o > 0; o >>= 1) m = fmaxf(m, __shfl_xor_sync(0xffffffffu, m, o));
-    for (int e = lane; e < E; e += 32) { float q = expf(p[e] - m); p[e] = q; sum += q; }
-    for (int o = 16; o > 0; o >>= 1) sum += __shfl_xor_sync(0xffffffffu, sum, o);
-    for (int e = lane; e < E; e += 32) p[e] = p[e] / sum;
+    for (int e = lane; e < E; e += 32) {
+        p[e] = r.router_bias ? l[e] + r.router_bias[e] : l[e];
+        m = fmaxf(m, p[e]);
+        taken[e] = 0.0f;
+    }
+    if (r.scoring == 1) {
+        for (int o = 16; o > 0; o >>= 1) m = fmaxf(m, __shfl_xor_sync(0xffffffffu, m, o));
+        for (int e = lane; e < E; e += 32) { float q = expf(p[e] - m); p[e] = q; sum += q; }
+        for (int o = 16; o > 0; o >>= 1) sum += __shfl_xor_sync(0xffffffffu, sum, o);
+        for (int e = lane; e < E; e += 32) p[e] = p[e] / sum;
+    } else if (r.scoring == 2) {
+        for (int e = lane; e < E; e += 32) p[e] = 1.0f / (1.0f + expf(-p[e]));
+    }
+    for (int e = lane; e < E; e += 32) c[e] = r.selection_bias ? p[e] + r.selection_bias[e] : p[e];
     __syncwarp();
-    for (int j = 0; j < k; ++j) {
-        float best = -1.0f;
-        int best_e = 0x7FFFFFFF;
+    if (G > 1) {
+        for (int g = lane; g < G; g += 32) {        /* a group scores the sum of its two best */
+            int first = 0, second = -1;
+            for (int i = 1; i < n; ++i) {
+                float v = c[g * n + i];
+                if (v > c[g * n + first]) { second = first; first = i; }
+                else if (second < 0 || v > c[g * n + second]) second = i;
+            }
+            gs[g] = second < 0 ? c[g * n + first] : c[g * n + first] + c[g * n + second];
+            gtaken[g] = 0.0f;
+        }
+        __syncwarp();
+        for (int j = 0; j < r.topk_groups; ++j) {
+            float best;
+            int best_g;
+            warp_best(gs, gtaken, G, &best, &best_g);
+            if (lane == 0) gtaken[best_g] = 1.0f;
+            __syncwarp();
+        }
         for (int e = lane; e < E; e += 32)
-            if (p[e] > best) { best = p[e]; best_e = e; }   /* ascending e: the lowest index wins a tie */
-        for (int o = 16; o > 0; o >>= 1) {
-            float ob = __shfl_xor_sync(0xffffffffu, best, o);
-            int oe = __shfl_xor_sync(0xffffffffu, best_e, o);
-            if (ob > best || (ob == best && oe < best_e)) { best = ob; best_e = oe; }
-        }
-        if (lane == 0) {
-            idx[t * k + j] = best_e;
-            weight[t * k + j] = best;
-            p[best_e] = -1.0f;                            /* taken */
-        }
-        wsum += best;                                     /* slot order, as on the CPU */
+            if (gtaken[e / n] == 0.0f) taken[e] = 1.0f;  /* outside the kept groups */
         __syncwarp();
     }
-    if (normalize)
-        for (int j = lane; j < k; j += 32) weight[t * k + j] = weight[t * k + j] / wsum;
+    float first = 0.0f;                              /* the first choice's logit (TOPK_SOFTMAX) */
+    for (int j = 0; j < k; ++j) {
+        float best;
+        int best_e;
+        warp_best(c, taken, E, &best, &best_e);
+        if (lane == 0) {
+            float w = p[best_e];
+            if (j == 0) first = p[best_e];
+            if (r.scoring == 3) w = expf(p[best_e] - first);
+            else if (r.scoring == 4) w = 1.0f / (1.0f + expf(-p[best_e]));
+            idx[t * k + j] = best_e;
+            weight[t * k + j] = w;
+            taken[best_e] = 1.0f;
+        }
+        __syncwarp();
+    }
+    if (lane == 0) {                                 /* slot order, as on the CPU */
+        if (r.scoring == 3) {
+            for (int j = 0; j < k; ++j) wsum += weight[t * k + j];
+            for (int j = 0; j < k; ++j) weight[t * k + j] = weight[t * k + j] / wsum;
+        }
+        if (r.normalize) {
+            wsum = 0.0f;
+            for (int j = 0; j < k; ++j) wsum += weight[t * k + j];
+            for (int j = 0; j < k; ++j) weight[t * k + j] = weight[t * k + j] / wsum;
+        }
+        if (r.scaling != 1.0f)
+            for (int j = 0; j < k; ++j) weight[t * k + j] = weight[t * k + j] * r.scaling;
+    }
 }
 
 __global__ void slot_map_kernel(const int64_t* __restrict__ slot_rows, const int32_t* __restrict__ topk_idx,
@@ -537,19 +613,19 @@ extern "C" int moe_ep__cuda_k_unpermute(const void* send, const void* local, con
     return (int)launch_unpermute<float, 1>(rows, weight, y, tokens, top_k, d_model, s);
 }
 
-extern "C" int moe_ep__cuda_k_topk(const float* logits, int64_t tokens, int num_experts, int top_k, int normalize,
-                                   int32_t* idx, float* weight, void* stream) {
+extern "C" int moe_ep__cuda_k_topk(const float* logits, int64_t tokens, int num_experts, int top_k,
+                                   const moe_ep__cuda_k_router* router, int32_t* idx, float* weight, void* stream) {
     using namespace moe_ep_cuda_kernels;
     cudaStream_t s = (cudaStream_t)stream;
-    int warps = num_experts <= 2048 ? 4 : 1;
-    size_t shared = sizeof(float) * (size_t)num_experts * (size_t)warps;
+    int warps = num_experts <= 1024 ? 4 : 1;
+    size_t shared = sizeof(float) * (3 * (size_t)num_experts + 2 * (size_t)router->groups) * (size_t)warps;
     if (tokens <= 0) return 0;
     if (shared > 48 * 1024) {
         cudaError_t e = cudaFuncSetAttribute(topk_kernel, cudaFuncAttributeMaxDynamicSharedMemorySize, (int)shared);
         if (e != cudaSuccess) return (int)e;
     }
-    topk_kernel<<<(unsigned)((tokens + warps - 1) / warps), 32 * warps, shared, s>>>(logits, tokens, num_experts, top_k, normalize,
-                                                                     idx, weight);
+    topk_kernel<<<(unsigned)((tokens + warps - 1) / warps), 32 * warps, shared, s>>>(logits, tokens, num_experts, top_k,
+                                                                                    *router, idx, weight);
     return (int)cudaGetLastError();
 }
 

@@ -156,8 +156,13 @@ typedef struct layer_case {
     moe_ep_cuda_a2a_layout layout;
     moe_ep_cuda_direct direct;
     uint64_t seed;
+    /* the router's variants (moe_ep_desc's names); biases: fill router_bias and selection_bias */
+    moe_ep_scoring scoring;
+    float scaling;
+    int groups, topk_groups, biases;
     /* filled by the runner */
     float* router;                  /* [E, d] */
+    float router_bias[32], selection_bias[32];
     float** w1; float** w3; float** w2;
     float* x[MAX_GPUS];
     int never_chosen;               /* hand-in routing avoids the upper half of the experts */
@@ -169,6 +174,11 @@ static void model_make(layer_case* c, int world) {
     size_t dd = (size_t)c->d, ff = (size_t)c->ff;
     c->router = (float*)malloc(sizeof(float) * (size_t)c->E * dd);
     fill(c->router, (size_t)c->E * dd, 3.0f / sqrtf((float)c->d), c->bf16, &s);
+    {   /* the biases from a generator of their own: the other draws stay those of every case */
+        uint64_t bs = c->seed * 7919u + 1u;
+        fill(c->router_bias, 32, 1.0f, 0, &bs);
+        fill(c->selection_bias, 32, 0.3f, 0, &bs);
+    }
     c->w1 = (float**)calloc((size_t)c->E, sizeof(float*));
     c->w3 = (float**)calloc((size_t)c->E, sizeof(float*));
     c->w2 = (float**)calloc((size_t)c->E, sizeof(float*));
@@ -204,6 +214,10 @@ static moe_ep_result cpu_reference(const layer_case* c, int T, const float* x, c
     for (e = 0; e < c->E; ++e) { all[e].w1 = c->w1[e]; all[e].w3 = c->w3[e]; all[e].w2 = c->w2[e]; }
     res = moe_ep_create(&(moe_ep_desc){ .d_model = c->d, .d_ff = c->ff, .num_experts = c->E, .top_k = c->k,
                                         .activation = c->activation, .normalize_topk = c->normalize != 0,
+                                        .scoring = c->scoring, .routed_scaling_factor = c->scaling,
+                                        .num_groups = c->groups, .topk_groups = c->topk_groups,
+                                        .router_bias = c->biases ? c->router_bias : NULL,
+                                        .selection_bias = c->biases ? c->selection_bias : NULL,
                                         .capacity_factor = c->capacity, .router_weight = c->router,
                                         .experts = all, .num_threads = 1 }, &ctx);
     if (res == MOE_EP_OK)
@@ -263,7 +277,8 @@ static void check_router(rank_env* env, const layer_case* c, moe_ep_context* ref
                     rank_fail(env, "router: token %d expert %d weight %g, CPU %g", t, e, w[t * c->k + j], cpu_w[t * c->k + found]);
                     goto done;
                 }
-            } else if (c->normalize || fabsf(w[t * c->k + j] - kth) > 1e-5f * kth) {
+            } else if (c->normalize || c->scoring > MOE_EP_SCORING_SOFTMAX || c->groups > 1 || c->biases ||
+                       fabsf(w[t * c->k + j] - kth) > 1e-5f * kth) {
                 /* a different expert is fine only at a near tie with the k-th choice */
                 rank_fail(env, "router: token %d chose expert %d (weight %g) outside the CPU's top-%d", t, e, w[t * c->k + j], c->k);
                 goto done;
@@ -333,6 +348,9 @@ static void test_layer(rank_env* env) {
     res = moe_ep_cuda_layer_create(&(moe_ep_cuda_layer_desc){
         .d_model = c->d, .d_ff = c->ff, .num_experts = c->E, .top_k = c->k, .activation = c->activation,
         .normalize_topk = c->normalize != 0, .capacity_factor = c->capacity,
+        .scoring = c->scoring, .routed_scaling_factor = c->scaling, .num_groups = c->groups,
+        .topk_groups = c->topk_groups, .router_bias = c->biases ? c->router_bias : NULL,
+        .selection_bias = c->biases ? c->selection_bias : NULL,
         .placement = { .kind = c->placement }, .transport = &env->transport,
         .stream = env->stream, .timeout_ms = 120000,
         .dtype = c->bf16 ? MOE_EP_CUDA_DTYPE_BF16 : MOE_EP_CUDA_DTYPE_F32, .a2a_layout = c->layout,
@@ -689,6 +707,15 @@ static void run_world(world* w) {
         layer_case cases[] = {
             { .name = "router", .E = 8, .k = 2, .d = 64, .ff = 96, .gpu_router = 1, .tokens = { 300, 257, 1, 64 }, .seed = 1 },
             { .name = "router", .bf16 = 1, .E = 8, .k = 2, .d = 64, .ff = 96, .gpu_router = 1, .tokens = { 300, 257, 1, 64 }, .seed = 2 },
+            { .name = "router sigmoid, selection bias, 4 groups keep 2, x2.5 (DeepSeek-V3)", .E = 16, .k = 4, .d = 48,
+              .ff = 40, .gpu_router = 1, .normalize = 1, .scoring = MOE_EP_SCORING_SIGMOID, .scaling = 2.5f, .groups = 4,
+              .topk_groups = 2, .biases = 1, .tokens = { 130, 77, 3, 40 }, .seed = 31 },
+            { .name = "router bias, top-k then softmax (GPT-OSS)", .E = 8, .k = 2, .d = 40, .ff = 32, .gpu_router = 1,
+              .scoring = MOE_EP_SCORING_TOPK_SOFTMAX, .biases = 1, .tokens = { 90, 33, 0, 7 }, .seed = 32 },
+            { .name = "router top-1 then sigmoid (Llama-4)", .E = 8, .k = 1, .d = 40, .ff = 32, .gpu_router = 1,
+              .scoring = MOE_EP_SCORING_TOPK_SIGMOID, .tokens = { 64, 19, 5, 1 }, .seed = 33 },
+            { .name = "router softmax, 3 groups keep 1, x0.5", .E = 12, .k = 2, .d = 40, .ff = 32, .gpu_router = 1,
+              .scaling = 0.5f, .groups = 3, .topk_groups = 1, .tokens = { 70, 41, 9, 2 }, .seed = 34 },
             { .name = "router+normalize staged-calls", .E = 16, .k = 4, .d = 48, .ff = 40, .gpu_router = 1, .normalize = 1,
               .staged = 1, .tokens = { 129, 77, 3, 0 }, .seed = 3 },
             { .name = "0 tokens on rank 1", .E = 8, .k = 2, .d = 32, .ff = 64, .gpu_router = 1, .tokens = { 100, 0, 40, 0 }, .seed = 4 },
