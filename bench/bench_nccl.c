@@ -29,13 +29,15 @@ int bench_fill(void* p, size_t n, int bf16, float scale, unsigned long long seed
 
 #define MAX_GPUS 8
 #define MAX_ITERS 200
-#define CONFIGS 3
+#define CONFIGS 4
 
-typedef struct config { const char* name; int tokens, d, ff, E, k; } config;
+/* grouped: DeepSeek-V3's router (sigmoid, a selection bias, 8 groups keep 4, x2.5) */
+typedef struct config { const char* name; int tokens, d, ff, E, k, grouped; } config;
 static const config g_configs[CONFIGS] = {
-    { "seed-64e-top2", 4096, 2048, 1408, 64, 2 },
-    { "deepseek-lite-64e-top6", 4096, 2048, 1408, 64, 6 },
-    { "mixtral-8e-top2", 4096, 4096, 14336, 8, 2 },
+    { "seed-64e-top2", 4096, 2048, 1408, 64, 2, 0 },
+    { "deepseek-lite-64e-top6", 4096, 2048, 1408, 64, 6, 0 },
+    { "mixtral-8e-top2", 4096, 4096, 14336, 8, 2, 0 },
+    { "deepseek-v3-router-256e-top8", 4096, 7168, 256, 256, 8, 1 },
 };
 
 /* In this order: the ops from OP_ROUTE on run without a plan alive, so that the layer's
@@ -275,6 +277,7 @@ static void* rank_main(void* arg) {
         int L = c->E / R, l;
         size_t dd = (size_t)c->d, ff = (size_t)c->ff, T = (size_t)c->tokens, rows_max;
         void *gate = NULL, *weights = NULL;
+        float selection_bias[256];
         moe_ep_cuda_expert_weights* mine = (moe_ep_cuda_expert_weights*)calloc((size_t)L, sizeof *mine);
         unsigned long long seed = 1234 + (unsigned long long)me * 7919 + (unsigned long long)ci * 104729;
         moe_ep_result res;
@@ -309,8 +312,12 @@ static void* rank_main(void* arg) {
                        r.stream);
         }
         cudaStreamSynchronize(r.stream);
+        for (l = 0; l < c->E && l < 256; ++l) selection_bias[l] = 0.01f * (float)((l * 37) % 11) - 0.05f;
         res = moe_ep_cuda_layer_create(&(moe_ep_cuda_layer_desc){
             .d_model = c->d, .d_ff = c->ff, .num_experts = c->E, .top_k = c->k, .normalize_topk = true,
+            .scoring = c->grouped ? MOE_EP_SCORING_SIGMOID : MOE_EP_SCORING_DEFAULT,
+            .routed_scaling_factor = c->grouped ? 2.5f : 0.0f, .num_groups = c->grouped ? 8 : 0,
+            .topk_groups = c->grouped ? 4 : 0, .selection_bias = c->grouped ? selection_bias : NULL,
             .transport = &t, .stream = r.stream,
             .dtype = MOE_EP_CUDA_DTYPE_BF16, .max_tokens = c->tokens, .router_weight = gate, .experts = mine }, &r.layer);
         if (res == MOE_EP_OK)
