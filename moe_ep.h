@@ -691,6 +691,9 @@ MOE_EP_API moe_ep_result moe_ep_expert_ffn(moe_ep_context* ctx, int local_expert
    An unknown family gives a zeroed desc. */
 MOE_EP_API moe_ep_desc moe_ep_family_desc(moe_ep_family family);
 
+/* The expert kernel this build runs: "AVX-512", "AVX2+FMA", "NEON", "portable" or "CBLAS". */
+MOE_EP_API const char* moe_ep_kernel_path(void);
+
 /* The single-rank transport (what transport = NULL uses). */
 MOE_EP_API moe_ep_transport moe_ep_single_rank_transport(void);
 
@@ -1349,12 +1352,13 @@ MOE_EP_PRIVATE int moe_ep__validate_desc(const moe_ep_desc* d, const moe_ep_tran
 
 MOE_EP_PRIVATE int64_t moe_ep__fingerprint(const moe_ep_context* ctx) {
     const moe_ep_desc* d = &ctx->desc;
-    int32_t fields[14];
+    int32_t fields[16];
     uint64_t h = MOE_EP_HASH_SEED;
     fields[0] = d->d_model; fields[1] = ctx->d_ff_full; fields[2] = d->num_experts; fields[3] = d->top_k;
     fields[4] = (int32_t)d->activation; fields[5] = (int32_t)d->scoring; fields[6] = d->normalize_topk;
     fields[7] = ctx->world_size; fields[8] = ctx->tp_size; fields[9] = d->num_groups; fields[10] = d->topk_groups;
     fields[11] = d->scale_expert_input; fields[12] = d->router_bias != NULL; fields[13] = d->selection_bias != NULL;
+    fields[14] = d->shared.d_ff; fields[15] = d->shared.gate != NULL;
     h = moe_ep_hash(h, fields, sizeof fields);
     h = moe_ep_hash(h, &d->capacity_factor, sizeof d->capacity_factor);
     h = moe_ep_hash(h, &d->routed_scaling_factor, sizeof d->routed_scaling_factor);
@@ -1362,9 +1366,6 @@ MOE_EP_PRIVATE int64_t moe_ep__fingerprint(const moe_ep_context* ctx) {
     h = moe_ep_hash(h, &d->swiglu_limit, sizeof d->swiglu_limit);
     if (d->router_bias) h = moe_ep_hash(h, d->router_bias, sizeof(float) * (size_t)d->num_experts);
     if (d->selection_bias) h = moe_ep_hash(h, d->selection_bias, sizeof(float) * (size_t)d->num_experts);
-    fields[0] = d->shared.d_ff;
-    fields[1] = d->shared.gate != NULL;
-    h = moe_ep_hash(h, fields, 2 * sizeof fields[0]);
     h = moe_ep_hash(h, ctx->owner_of, sizeof(int) * (size_t)d->num_experts);
     h &= 0x7FFFFFFFFFFFFFFFull;
     return h == 0 ? 1 : (int64_t)h;
@@ -1464,7 +1465,7 @@ MOE_EP_PRIVATE moe_ep_result moe_ep__build_placement(moe_ep_context* ctx) {
 
 /* The router's weights and biases are the caller's: keep copies, as of the placement table;
    the weights transposed ([d_model, E]) so that the router's loop runs over experts in vectors. */
-MOE_EP_PRIVATE moe_ep_result moe_ep__copy_biases(moe_ep_context* ctx) {
+MOE_EP_PRIVATE moe_ep_result moe_ep__copy_router(moe_ep_context* ctx) {
     const moe_ep_allocator* a = &ctx->desc.allocator;
     size_t size = sizeof(float) * (size_t)ctx->desc.num_experts;
     int64_t E = ctx->desc.num_experts, D = ctx->desc.d_model, e, i;
@@ -1627,7 +1628,7 @@ MOE_EP_PRIVATE moe_ep_result moe_ep__context_fill(moe_ep_context* ctx, moe_ep__v
     const moe_ep_desc* d = &ctx->desc;
     moe_ep_result res = moe_ep__build_placement(ctx);
     int l;
-    if (res == MOE_EP_OK) res = moe_ep__copy_biases(ctx);
+    if (res == MOE_EP_OK) res = moe_ep__copy_router(ctx);
     if (res == MOE_EP_OK && !d->expert_fn && ctx->local_experts > 0) {
         moe_ep__check(v, d->experts != NULL,
                       MOE_EP_LOG_ITEM_DESC_EXPERTS_MISSING,
@@ -3378,6 +3379,20 @@ MOE_EP_PRIVATE moe_ep_result moe_ep__ffn(moe_ep_context* ctx, int local_expert, 
     return MOE_EP_OK;
 }
 #endif
+
+MOE_EP_API const char* moe_ep_kernel_path(void) {
+#if defined(MOE_EP_CBLAS)
+    return "CBLAS";
+#elif defined(MOE_EP__AVX512)
+    return "AVX-512";
+#elif defined(MOE_EP__AVX2)
+    return "AVX2+FMA";
+#elif defined(MOE_EP__NEON)
+    return "NEON";
+#else
+    return "portable";
+#endif
+}
 
 MOE_EP_API moe_ep_result moe_ep_expert_ffn(moe_ep_context* ctx, int local_expert, const float* rows,
                                            int64_t row_count, float* out) {

@@ -633,18 +633,6 @@ static void section_decode(const bench_model* model) {
 enum { DS_STREAM_ROUTER = 1, DS_STREAM_BIAS, DS_STREAM_X, DS_STREAM_SHARED_W1, DS_STREAM_SHARED_W3,
        DS_STREAM_SHARED_W2, DS_STREAM_W1 = 0x100, DS_STREAM_W3 = 0x200, DS_STREAM_W2 = 0x300 };
 
-static const char* kernel_path(void) {
-#if defined(MOE_EP__AVX512)
-    return "AVX-512";
-#elif defined(MOE_EP__AVX2)
-    return "AVX2+FMA";
-#elif defined(MOE_EP__NEON)
-    return "NEON";
-#else
-    return "portable";
-#endif
-}
-
 /* Element i of stream s: splitmix64((s << 40) + i), its top 24 bits centred, times scale / 2^23.
    With a power-of-two scale every value is exact, so numpy reproduces them bit for bit. */
 static float* bench_hash_floats(size_t n, uint64_t stream, float scale) {
@@ -827,7 +815,7 @@ static void section_deepseek(void) {
     else printf("n/a | n/a | ");
     if (have_torch) printf("%.1e | ", diff);
     else printf("n/a | ");
-    printf("%d | %s |\n", threads, kernel_path());
+    printf("%d | %s |\n", threads, moe_ep_kernel_path());
     printf("\nmedians over %d rounds: moe_ep_route and moe_ep_forward alternately %d x %d times (after 2 warm-ups); "
            "PyTorch %d runs of %s (OMP_WAIT_POLICY=PASSIVE, torch.set_num_threads(%d)), each its own median of %d "
            "after 3 warm-ups; its router (gate + route_tokens_to_experts) alone: %.2f ms. The router's logits "
@@ -891,7 +879,7 @@ int main(int argc, char** argv) {
     if (!any) for (i = 0; i < 6; ++i) want[i] = 1;
     openblas_core_fix(argv);
     printf("moe_ep cpu_bench: kernel path %s (MR %d, NR %d), %d OpenMP threads, OpenBLAS %s, core %s (OPENBLAS_CORETYPE "
-           "%s)\n", kernel_path(), MOE_EP__MR, MOE_EP__NR, threads_available(), openblas_get_config(),
+           "%s)\n", moe_ep_kernel_path(), MOE_EP__MR, MOE_EP__NR, threads_available(), openblas_get_config(),
            openblas_get_corename(), getenv("OPENBLAS_CORETYPE") ? getenv("OPENBLAS_CORETYPE") : "unset");
     if (want[0] || want[1] || want[2] || want[3] || want[4]) model_init(&model);
     if (want[0]) section_gemm(&model);

@@ -34,20 +34,6 @@
 int kernels_portable_ffn(moe_ep_activation activation, int d_model, int d_ff, const moe_ep_expert_weights* weights,
                          const float* x, int64_t rows, int threads, float* out);
 
-static const char* kernels_path(void) {
-#if defined(MOE_EP_CBLAS)
-    return "CBLAS";  /* row determinism is not expected to hold: see MOE_EP_CBLAS */
-#elif defined(MOE_EP__AVX512)
-    return "AVX-512";
-#elif defined(MOE_EP__AVX2)
-    return "AVX2+FMA";
-#elif defined(MOE_EP__NEON)
-    return "NEON";
-#else
-    return "portable";
-#endif
-}
-
 /* >>data */
 typedef struct kernels_expert {
     int d_model, d_ff;
@@ -209,10 +195,10 @@ START_TEST(kernel_vs_reference) {
         res = moe_ep_expert_ffn(ctx, 0, x, c->rows, out);
         ck_assert_msg(res == MOE_EP_OK, "%s: %s", moe_ep_result_string(res), moe_ep_last_error(ctx));
         ck_assert_msg(test_is_poisoned(out + n, (size_t)c->d_model), "%s %s %dx%d rows %lld: wrote past the last row",
-                      kernels_path(), kernels_act_names[a], c->d_model, c->d_ff, (long long)c->rows);
+                      moe_ep_kernel_path(), kernels_act_names[a], c->d_model, c->d_ff, (long long)c->rows);
         bad = kernels_check(out, ref, mag, (int64_t)n, &worst);
         ck_assert_msg(bad < 0, "%s %s %dx%d rows %lld threads %d: element %lld is %.9g, reference %.9g (error/mag %.3g)",
-                      kernels_path(), kernels_act_names[a], c->d_model, c->d_ff, (long long)c->rows, threads,
+                      moe_ep_kernel_path(), kernels_act_names[a], c->d_model, c->d_ff, (long long)c->rows, threads,
                       (long long)bad, bad >= 0 ? (double)out[bad] : 0.0, bad >= 0 ? ref[bad] : 0.0, worst);
         moe_ep_destroy(ctx);
     }
@@ -254,7 +240,7 @@ START_TEST(kernel_row_determinism) {
             for (r = 0; r < rows; ++r)
                 ck_assert_msg(memcmp(out + (size_t)r * D, base + (size_t)r * D, sizeof(float) * D) == 0,
                               "%s %s: row %d differs in blocks of %d rows on %d threads from the 1024-row run",
-                              kernels_path(), kernels_act_names[a], r, block, threads);
+                              moe_ep_kernel_path(), kernels_act_names[a], r, block, threads);
         }
         moe_ep_destroy(ctx);
     }
@@ -288,7 +274,7 @@ START_TEST(kernel_paths_agree) {
     for (i = 0; i < n; ++i) {
         double diff = fabs((double)simd[i] - (double)portable[i]);
         ck_assert_msg(diff <= 4e-5 * mag[i] + 1e-30, "%s vs portable, %s %dx%d rows %lld: element %zu: %.9g vs %.9g",
-                      kernels_path(), kernels_act_names[a], c->d_model, c->d_ff, (long long)c->rows, i,
+                      moe_ep_kernel_path(), kernels_act_names[a], c->d_model, c->d_ff, (long long)c->rows, i,
                       (double)simd[i], (double)portable[i]);
     }
     kernels_expert_free(&e);
@@ -357,7 +343,7 @@ static Suite* kernels_suite(void) {
 int main(void) {
     SRunner* sr = srunner_create(kernels_suite());
     int failed;
-    printf("kernel path: %s (MR %d, NR %d)\n", kernels_path(), MOE_EP__MR, MOE_EP__NR);
+    printf("kernel path: %s (MR %d, NR %d)\n", moe_ep_kernel_path(), MOE_EP__MR, MOE_EP__NR);
     srunner_run_all(sr, CK_NORMAL);
     failed = srunner_ntests_failed(sr);
     srunner_free(sr);
