@@ -778,16 +778,8 @@ static void run_world(world* w) {
 }
 
 static int make_world(world* w, int size) {
-    int r;
-    ncclResult_t nr;
     w->size = size;
-    for (r = 0; r < size; ++r) w->devices[r] = r;
-    nr = ncclCommInitAll(w->comms, size, w->devices);
-    if (nr != ncclSuccess) {
-        gpu_fact(1, "world=%d ncclCommInitAll: %s", size, ncclGetErrorString(nr));
-        return 0;
-    }
-    return 1;
+    return gpu_init_comms(w->comms, w->devices, size);
 }
 
 static void free_world(world* w) {

@@ -317,15 +317,7 @@ out:
 
 static void run_layout(world* w, int ep, int tp, int dp) {
     suite su;
-    char err[256];
-    memset(&su, 0, sizeof su);
-    su.fn = layout_suite;
-    if (moe_ep_layout_resolve(&(moe_ep_layout_desc){ .world_size = w->size, .ep_size = ep, .tp_size = tp, .dp_size = dp,
-                                                    .num_experts = E_ALL }, &su.layout, err, sizeof err) != MOE_EP_OK) {
-        gpu_fact(1, "world=%d layout EP %d x TP %d x DP %d: %s", w->size, ep, tp, dp, err);
-        return;
-    }
-    su.names[su.count++] = "groups match moe_ep_layout_group";
+    if (!layout_suite_begin(&su, w, ep, tp, dp, layout_suite)) return;
     {
         int i;
         for (i = 0; i < GPU_CASES; ++i) {

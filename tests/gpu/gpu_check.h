@@ -15,6 +15,7 @@
 
 #include <check.h>
 #include <cuda_runtime_api.h>
+#include <nccl.h>
 #include <stdarg.h>
 #include <stdio.h>
 #include <stdlib.h>
@@ -54,6 +55,16 @@ START_TEST(gpu_world_test) {
     for (i = 0; i < count; ++i) ck_assert_msg(!g_gpu_facts[i].failed, "%s", g_gpu_facts[i].text);
 }
 END_TEST
+
+/* One communicator per GPU 0..size-1 in this process (ncclCommInitAll); a failure is a fact. */
+static int gpu_init_comms(ncclComm_t* comms, int* devices, int size) {
+    ncclResult_t nr;
+    int r;
+    for (r = 0; r < size; ++r) devices[r] = r;
+    nr = ncclCommInitAll(comms, size, devices);
+    if (nr != ncclSuccess) gpu_fact(1, "world=%d ncclCommInitAll: %s", size, ncclGetErrorString(nr));
+    return nr == ncclSuccess;
+}
 
 /* The whole program: the world sizes, the skip rules, the suite. all_gpus: also a world of
    every GPU when their count is no power of two. banner (may be NULL) prints a line first. */

@@ -358,15 +358,22 @@ static int begin(rank_env* env, int sub, const char* name) {
 }
 
 static int make_world(world* w, int size) {
-    int r;
-    ncclResult_t nr;
     w->size = size;
-    for (r = 0; r < size; ++r) w->devices[r] = r;
-    nr = ncclCommInitAll(w->comms, size, w->devices);
-    if (nr != ncclSuccess) {
-        gpu_fact(1, "world=%d ncclCommInitAll: %s", size, ncclGetErrorString(nr));
+    return gpu_init_comms(w->comms, w->devices, size);
+}
+
+/* A layout's suite: fn on every rank of w over the layout EP x TP x DP (resolved), with the
+   subtests' names still to add; 0 (and a fact) if the layout is invalid. */
+static int layout_suite_begin(suite* su, const world* w, int ep, int tp, int dp, suite_fn fn) {
+    char err[256];
+    memset(su, 0, sizeof *su);
+    su->fn = fn;
+    if (moe_ep_layout_resolve(&(moe_ep_layout_desc){ .world_size = w->size, .ep_size = ep, .tp_size = tp, .dp_size = dp,
+                                                    .num_experts = E_ALL }, &su->layout, err, sizeof err) != MOE_EP_OK) {
+        gpu_fact(1, "world=%d layout EP %d x TP %d x DP %d: %s", w->size, ep, tp, dp, err);
         return 0;
     }
+    su->names[su->count++] = "groups match moe_ep_layout_group";
     return 1;
 }
 
