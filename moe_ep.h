@@ -1783,8 +1783,10 @@ MOE_EP_PRIVATE void moe_ep__router_logits(const float* x, int64_t rows, int D, c
     }
 }
 
+/* stats: also the softmax probabilities and the log-sum-exp (the statistics' inputs), which
+   the other scorings do not need otherwise. */
 MOE_EP_PRIVATE bool moe_ep__route_token(const moe_ep_desc* d, float* probs, float* scratch, unsigned char* flags,
-                                        double* lse, int32_t* idx, float* weight) {
+                                        double* lse, int32_t* idx, float* weight, bool stats) {
     int E = d->num_experts, k = d->top_k, e, j;
     float* score = scratch;
     float* choice = scratch + E;
@@ -1796,12 +1798,14 @@ MOE_EP_PRIVATE bool moe_ep__route_token(const moe_ep_desc* d, float* probs, floa
         if (!moe_ep__finite(acc)) return false;
         score[e] = acc;
     }
-    m = score[0];
-    for (e = 1; e < E; ++e) m = score[e] > m ? score[e] : m;
-    sum = 0.0f;
-    for (e = 0; e < E; ++e) { probs[e] = expf(score[e] - m); sum += probs[e]; }
-    *lse = (double)m + log((double)sum);
-    for (e = 0; e < E; ++e) probs[e] /= sum;     /* softmax: the statistics' probabilities */
+    if (stats || d->scoring == MOE_EP_SCORING_SOFTMAX) {
+        m = score[0];
+        for (e = 1; e < E; ++e) m = score[e] > m ? score[e] : m;
+        sum = 0.0f;
+        for (e = 0; e < E; ++e) { probs[e] = expf(score[e] - m); sum += probs[e]; }
+        *lse = (double)m + log((double)sum);
+        for (e = 0; e < E; ++e) probs[e] /= sum;     /* softmax: the statistics' probabilities */
+    }
     if (d->scoring == MOE_EP_SCORING_SOFTMAX) memcpy(score, probs, sizeof(float) * (size_t)E);
     else if (d->scoring == MOE_EP_SCORING_SIGMOID)
         for (e = 0; e < E; ++e) score[e] = 1.0f / (1.0f + expf(-score[e]));
@@ -1900,7 +1904,8 @@ MOE_EP_API moe_ep_result moe_ep_route(moe_ep_context* ctx, const float* x, int64
     for (t = 0; t < tokens; ++t) {
         int me = moe_ep__thread_index();
         if (!moe_ep__route_token(d, probs + t * E, scratch + (int64_t)me * 3 * E,
-                                 flags + (int64_t)me * 2 * E, lse + t, idx + t * d->top_k, weight + t * d->top_k)) {
+                                 flags + (int64_t)me * 2 * E, lse + t, idx + t * d->top_k, weight + t * d->top_k,
+                                 stats != NULL)) {
 #ifdef _OPENMP
 #pragma omp critical(moe_ep__refused)
 #endif
