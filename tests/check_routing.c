@@ -206,6 +206,58 @@ START_TEST(routing_nan_refused) {
 }
 END_TEST
 
+/* The statistics with a router that is not softmax: the probabilities are still the softmax
+   of the logits (the bias included), f_i the share of assignments; z-loss over the logits. */
+START_TEST(routing_stats_any_scoring) {
+    const routing_case* c = &routing_cases[_i];
+    routing_data data;
+    moe_ep_context* ctx = NULL;
+    int32_t idx[R_TOKENS * 8];
+    float weight[R_TOKENS * 8];
+    int64_t counts[64];
+    double p_mean[64], logit[64], aux = 0.0, z = 0.0;
+    moe_ep_router_stats stats;
+    int E = c->experts, k = c->top_k, e, i;
+    int64_t t;
+    routing_data_init(&data, c, 7500 + (uint64_t)_i);
+    ck_assert_int_eq(moe_ep_create(&(moe_ep_desc){ .d_model = R_D, .d_ff = R_F, .num_experts = E, .top_k = k,
+                                                   .scoring = c->routing.scoring, .num_groups = c->routing.num_groups,
+                                                   .topk_groups = c->routing.topk_groups,
+                                                   .router_bias = data.model.routing.router_bias,
+                                                   .selection_bias = data.model.routing.selection_bias,
+                                                   .router_weight = data.model.router,
+                                                   .experts = data.model.experts }, &ctx), MOE_EP_OK);
+    memset(&stats, 0, sizeof stats);
+    stats.tokens_per_expert = counts;
+    ck_assert_int_eq(moe_ep_route(ctx, data.x, R_TOKENS, idx, weight, &stats), MOE_EP_OK);
+    for (e = 0; e < E; ++e) p_mean[e] = 0.0;
+    for (t = 0; t < R_TOKENS; ++t) {
+        double mx = -INFINITY, sum = 0.0;
+        for (e = 0; e < E; ++e) {
+            logit[e] = data.model.routing.router_bias ? (double)data.model.routing.router_bias[e] : 0.0;
+            for (i = 0; i < R_D; ++i) logit[e] += (double)data.x[t * R_D + i] * (double)data.model.router[e * R_D + i];
+            if (logit[e] > mx) mx = logit[e];
+        }
+        for (e = 0; e < E; ++e) sum += exp(logit[e] - mx);
+        for (e = 0; e < E; ++e) p_mean[e] += exp(logit[e] - mx) / sum / R_TOKENS;
+        z += (mx + log(sum)) * (mx + log(sum)) / R_TOKENS;
+    }
+    for (e = 0; e < E; ++e) {
+        int64_t n = 0;
+        for (t = 0; t < R_TOKENS * k; ++t) n += idx[t] == e;
+        ck_assert_msg(counts[e] == n, "%s: expert %d counted %lld, chosen %lld times", c->name, e, (long long)counts[e],
+                      (long long)n);
+        aux += (double)n / (double)(R_TOKENS * k) * p_mean[e];
+    }
+    aux *= E;
+    ck_assert_msg(fabs(stats.aux_loss - aux) <= 1e-5 * aux, "%s: aux loss %.9g, reference %.9g", c->name, stats.aux_loss,
+                  aux);
+    ck_assert_msg(fabs(stats.z_loss - z) <= 1e-5 * z, "%s: z-loss %.9g, reference %.9g", c->name, stats.z_loss, z);
+    moe_ep_destroy(ctx);
+    routing_data_free(&data);
+}
+END_TEST
+
 /* >>shared experts: every rank runs them on its own tokens; y = routed + g * shared(x). */
 typedef struct shared_case {
     const char* name;
@@ -329,6 +381,7 @@ Suite* routing_suite(void) {
     tcase_add_loop_test(tc, routing_layer, 0, ROUTING_CASES);
     tcase_add_loop_test(tc, routing_settings_matter, 0, ROUTING_CASES);
     tcase_add_test(tc, routing_all_groups_is_no_groups);
+    tcase_add_loop_test(tc, routing_stats_any_scoring, 0, ROUTING_CASES);
     tcase_add_loop_test(tc, routing_nan_refused, 0, ROUTING_CASES);
     tcase_add_loop_test(tc, routing_shared_experts, 0, (int)(sizeof shared_cases / sizeof shared_cases[0]));
     tcase_add_test(tc, routing_shared_stage_call);
