@@ -774,6 +774,119 @@ MOE_EP_API moe_ep_result moe_ep_agree(const moe_ep_transport* transport, const m
 #define MOE_EP__MAX(a, b) ((a) > (b) ? (a) : (b))
 #define MOE_EP__ERR_SIZE 512
 
+/* >>same bits: the rules that make a build's output the same bits as every other build's.
+   - Every a*b+c the library means is written as one moe_ep__fmaf, so it is fused (one
+     rounding) on every target; no product feeds an addition otherwise unless the product
+     is exact (a power-of-two scale), so a compiler that contracts (gcc's default outside
+     ISO mode, clang with -ffp-contract=fast) finds nothing it could change.
+   - No libm function whose result varies between libms: exp, sigmoid and GELU's erf are
+     the library's own, built from +, -, *, /, fmaf and bit operations.
+   - float arithmetic in float: FLT_EVAL_METHOD must be 0 (checked below). */
+#include <float.h>
+#if defined(FLT_EVAL_METHOD)
+#define MOE_EP__EVAL_METHOD FLT_EVAL_METHOD
+#elif defined(__TINYC__) && defined(__x86_64__)
+#define MOE_EP__EVAL_METHOD 0       /* tcc's float.h does not say; on x86-64 it computes floats in SSE, as float */
+#else
+#define MOE_EP__EVAL_METHOD (-1)
+#endif
+#if !defined(MOE_EP_ALLOW_DIFFERENT_BITS)
+#if defined(__FAST_MATH__)
+#error "moe_ep.h: -ffast-math (or -Ofast) changes the library's arithmetic, so its output would differ from other builds'. Build without it, or define MOE_EP_ALLOW_DIFFERENT_BITS to accept outputs reproducible within this build only."
+#endif
+#if MOE_EP__EVAL_METHOD != 0
+#error "moe_ep.h: FLT_EVAL_METHOD is not 0 (or not known) (floats are evaluated in a wider type: x87 without SSE2, or gcc in ISO mode on s390x), so the output would differ from other builds'. On x86 use -msse2 -mfpmath=sse; with gcc on s390x (or elsewhere) -fexcess-precision=fast; or define MOE_EP_ALLOW_DIFFERENT_BITS to accept outputs reproducible within this build only."
+#endif
+#endif
+#if defined(__clang__)
+#pragma STDC FP_CONTRACT OFF        /* restored at the end of the implementation */
+#endif
+
+/* fmaf where the hardware fuses (the compiler then emits one instruction), else in
+   software: the product of two floats is exact in double, TwoSum gives the sum's error,
+   and rounding the double to odd before rounding it to float makes the two roundings one
+   (round-to-odd at 53 bits, then to 24). glibc's fmaf does this too, but behind a call
+   that also saves and restores the floating-point environment. */
+#if defined(FP_FAST_FMAF) || defined(__FP_FAST_FMAF) || defined(__FMA__) || defined(__ARM_FEATURE_FMA) || \
+    defined(__aarch64__) || defined(__s390x__) || (defined(__riscv) && defined(__riscv_flen))
+#define MOE_EP__HW_FMA 1
+#define moe_ep__fmaf fmaf
+#else
+MOE_EP_PRIVATE float moe_ep__fmaf(float a, float b, float c) {
+    double p = (double)a * (double)b, s = p + (double)c;
+    double bv = s - p, err = (p - (s - bv)) + ((double)c - bv);
+    uint64_t u;
+    memcpy(&u, &s, sizeof u);
+    if (err != 0.0 && err == err && !(u & 1u)) {    /* inexact, ends even: step toward the exact sum */
+        u += (err > 0.0) == (s > 0.0) ? 1u : (uint64_t)-1;
+        memcpy(&s, &u, sizeof s);
+    }
+    return (float)s;
+}
+#endif
+
+/* exp(x) for x clamped to [-87, 88]: 2^n times a degree-6 polynomial in r = x - n ln2
+   (Cephes expf), n rounded by adding 1.5 * 2^23 in the same fused multiply-add that forms
+   x log2(e). The SIMD kernels' moe_ep__vexp is this, op for op. 2^n p is exact (normal). */
+MOE_EP_PRIVATE float moe_ep__expf(float x) {
+    float n, r, p, scale;
+    uint32_t bits;
+    x = x > -87.0f ? x : -87.0f;
+    x = x < 88.0f ? x : 88.0f;
+    n = moe_ep__fmaf(x, 1.44269504088896341f, 12582912.0f) - 12582912.0f;
+    r = moe_ep__fmaf(-n, 0.693359375f, x);
+    r = moe_ep__fmaf(-n, -2.12194440e-4f, r);
+    p = 1.9875691500e-4f;
+    p = moe_ep__fmaf(p, r, 1.3981999507e-3f);
+    p = moe_ep__fmaf(p, r, 8.3334519073e-3f);
+    p = moe_ep__fmaf(p, r, 4.1665795894e-2f);
+    p = moe_ep__fmaf(p, r, 1.6666665459e-1f);
+    p = moe_ep__fmaf(p, r, 5.0000001201e-1f);
+    p = moe_ep__fmaf(p, r * r, r + 1.0f);
+    bits = (uint32_t)((int32_t)n + 127) << 23;
+    memcpy(&scale, &bits, sizeof scale);
+    return p * scale;
+}
+
+MOE_EP_PRIVATE float moe_ep__sigmoid(float x) { return 1.0f / (1.0f + moe_ep__expf(-x)); }
+
+/* GELU (erf form): 0.5 a (1 + erf(a / sqrt 2)). With u = a / sqrt 2: for |u| < 1,
+   1 + erf(u) = 1 + u P(u^2) in one fused step (P: a degree-6 Chebyshev fit of erf(u)/u,
+   relative error 1.2e-9); for 1 <= |u| < 4.5, erfc(|u|) = exp(Q(|u| - 2.5)) (Q: a
+   degree-9 fit of log erfc, absolute error 8e-9) and 1 + erf(u) is 2 - erfc(u) above zero,
+   erfc(|u|) below; past 4.5, 2 or 0. About 1 ulp from the exact GELU. */
+MOE_EP_PRIVATE float moe_ep__gelu(float a) {
+    float u = a * 0.70710678118654752f, au = u < 0.0f ? -u : u, one_plus_erf, p;
+    if (au < 1.0f) {
+        float z = u * u;
+        p = 7.875874871e-05f;
+        p = moe_ep__fmaf(p, z, -8.016864303e-04f);
+        p = moe_ep__fmaf(p, z, 5.189087242e-03f);
+        p = moe_ep__fmaf(p, z, -2.685421146e-02f);
+        p = moe_ep__fmaf(p, z, 1.128359437e-01f);
+        p = moe_ep__fmaf(p, z, -3.761262596e-01f);
+        p = moe_ep__fmaf(p, z, 1.128379107e+00f);
+        one_plus_erf = moe_ep__fmaf(u, p, 1.0f);
+    } else if (au < 4.5f) {
+        float s = au - 2.5f, erfc;
+        p = -7.582681860e-08f;
+        p = moe_ep__fmaf(p, s, 1.615581141e-06f);
+        p = moe_ep__fmaf(p, s, -1.292569596e-05f);
+        p = moe_ep__fmaf(p, s, 7.738760178e-05f);
+        p = moe_ep__fmaf(p, s, -4.207916500e-04f);
+        p = moe_ep__fmaf(p, s, 2.165169921e-03f);
+        p = moe_ep__fmaf(p, s, -1.085811295e-02f);
+        p = moe_ep__fmaf(p, s, -9.438936710e-01f);
+        p = moe_ep__fmaf(p, s, -5.352680683e+00f);
+        p = moe_ep__fmaf(p, s, -7.806815147e+00f);
+        erfc = moe_ep__expf(p);
+        one_plus_erf = u > 0.0f ? 2.0f - erfc : erfc;
+    } else {
+        one_plus_erf = u > 0.0f ? 2.0f : u < 0.0f ? 0.0f : u;     /* u: NaN stays NaN */
+    }
+    return 0.5f * a * one_plus_erf;
+}
+
 struct moe_ep_context {
     moe_ep_desc desc;               /* resolved */
     moe_ep_transport transport;
@@ -1778,7 +1891,7 @@ MOE_EP_PRIVATE void moe_ep__router_logits(const float* x, int64_t rows, int D, c
         for (r = 0; r < rows; ++r) {
             float xv = x[r * D + i];
             float* acc = logits + r * E;
-            for (e = 0; e < E; ++e) acc[e] += xv * w[e];
+            for (e = 0; e < E; ++e) acc[e] = moe_ep__fmaf(xv, w[e], acc[e]);
         }
     }
 }
@@ -1802,13 +1915,13 @@ MOE_EP_PRIVATE bool moe_ep__route_token(const moe_ep_desc* d, float* probs, floa
         m = score[0];
         for (e = 1; e < E; ++e) m = score[e] > m ? score[e] : m;
         sum = 0.0f;
-        for (e = 0; e < E; ++e) { probs[e] = expf(score[e] - m); sum += probs[e]; }
+        for (e = 0; e < E; ++e) { probs[e] = moe_ep__expf(score[e] - m); sum += probs[e]; }
         *lse = (double)m + log((double)sum);
         for (e = 0; e < E; ++e) probs[e] /= sum;     /* softmax: the statistics' probabilities */
     }
     if (d->scoring == MOE_EP_SCORING_SOFTMAX) memcpy(score, probs, sizeof(float) * (size_t)E);
     else if (d->scoring == MOE_EP_SCORING_SIGMOID)
-        for (e = 0; e < E; ++e) score[e] = 1.0f / (1.0f + expf(-score[e]));
+        for (e = 0; e < E; ++e) score[e] = moe_ep__sigmoid(score[e]);
     for (e = 0; e < E; ++e) choice[e] = d->selection_bias ? score[e] + d->selection_bias[e] : score[e];
     memset(taken, 0, (size_t)E);
     if (d->num_groups > 1) moe_ep__group_limit(d, choice, scratch + 2 * E, flags + E, taken);
@@ -1818,10 +1931,10 @@ MOE_EP_PRIVATE bool moe_ep__route_token(const moe_ep_desc* d, float* probs, floa
     }
     if (d->scoring == MOE_EP_SCORING_TOPK_SOFTMAX) {
         sum = 0.0f;
-        for (j = 0; j < k; ++j) { weight[j] = expf(score[idx[j]] - score[idx[0]]); sum += weight[j]; }
+        for (j = 0; j < k; ++j) { weight[j] = moe_ep__expf(score[idx[j]] - score[idx[0]]); sum += weight[j]; }
         for (j = 0; j < k; ++j) weight[j] /= sum;
     } else if (d->scoring == MOE_EP_SCORING_TOPK_SIGMOID) {
-        for (j = 0; j < k; ++j) weight[j] = 1.0f / (1.0f + expf(-score[idx[j]]));
+        for (j = 0; j < k; ++j) weight[j] = moe_ep__sigmoid(score[idx[j]]);
     } else {
         for (j = 0; j < k; ++j) weight[j] = score[idx[j]];
     }
@@ -1936,13 +2049,13 @@ MOE_EP_API moe_ep_result moe_ep_route(moe_ep_context* ctx, const float* x, int64
         int e;
         if (counts) memset(counts, 0, sizeof(int64_t) * (size_t)E);
         for (t = 0; t < tokens; ++t) {
-            z += lse[t] * lse[t];
+            z = fma(lse[t], lse[t], z);
             for (e = 0; e < E; ++e) mean_p[e] += probs[t * E + e];
         }
         if (tokens > 0) {
             for (t = 0; t < tokens * d->top_k; ++t) assigned[topk_idx[t]]++;
             for (e = 0; e < E; ++e)
-                aux += ((double)assigned[e] / (double)(tokens * d->top_k)) * (mean_p[e] / (double)tokens);
+                aux = fma((double)assigned[e] / (double)(tokens * d->top_k), mean_p[e] / (double)tokens, aux);
             aux *= E;
             if (counts) memcpy(counts, assigned, sizeof(int64_t) * (size_t)E);
             z /= (double)tokens;
@@ -2426,9 +2539,9 @@ MOE_EP_PRIVATE void moe_ep__combine_row(float* MOE_EP__RESTRICT yt, const float*
         if (slot_row[j] < 0) continue;
         src = rows + slot_row[j] * d;
         if (first)
-            for (i = 0; i < d; ++i) yt[i] = 0.0f + w * src[i];
+            for (i = 0; i < d; ++i) yt[i] = moe_ep__fmaf(w, src[i], 0.0f);
         else
-            for (i = 0; i < d; ++i) yt[i] += w * src[i];
+            for (i = 0; i < d; ++i) yt[i] = moe_ep__fmaf(w, src[i], yt[i]);
         first = 0;
     }
     if (first)
@@ -2489,8 +2602,8 @@ MOE_EP_API moe_ep_result moe_ep_shared_experts(moe_ep_context* ctx, const float*
     for (t = 0; t < (gate ? tokens : 0); ++t) {
         float logit = 0.0f, g;
         int64_t i;
-        for (i = 0; i < D; ++i) logit += gate[i] * x[t * D + i];
-        g = 1.0f / (1.0f + expf(-logit));
+        for (i = 0; i < D; ++i) logit = moe_ep__fmaf(gate[i], x[t * D + i], logit);
+        g = moe_ep__sigmoid(logit);
         for (i = 0; i < D; ++i) out[t * D + i] *= g;
     }
     return MOE_EP_OK;
@@ -2751,6 +2864,14 @@ MOE_EP_API moe_ep_result moe_ep_layout_split(const moe_ep_layout_desc* desc, con
    Blocking (per thread, over its share of the column panels): NCP panels x MC rows x
    KC-deep slices; the KC x NR weight slice stays in L1 while MR-row tiles stream past
    it, and unfinished sums wait in the thread's MC x NCP*NR scratch. */
+/* g++ 12 reports the _mm512_undefined_ps() pass-through inside avx512fintrin.h's own
+   intrinsics as used uninitialised (a false positive, C++ only); silenced for the
+   kernels alone. */
+#if defined(__GNUC__) && !defined(__clang__)
+#pragma GCC diagnostic push
+#pragma GCC diagnostic ignored "-Wuninitialized"
+#pragma GCC diagnostic ignored "-Wmaybe-uninitialized"
+#endif
 #if !defined(MOE_EP_NO_SIMD) && !defined(MOE_EP_CBLAS) && defined(__AVX512F__)
 #define MOE_EP__AVX512 1
 #include <immintrin.h>
@@ -2788,9 +2909,9 @@ MOE_EP_PRIVATE float* moe_ep__aligned(float* raw) {
 
 MOE_EP_PRIVATE float moe_ep__act(moe_ep_activation act, float a, float b) {
     switch (act) {
-    case MOE_EP_ACTIVATION_GELU: return 0.5f * a * (1.0f + erff(a * 0.70710678118654752f));
+    case MOE_EP_ACTIVATION_GELU: return moe_ep__gelu(a);
     case MOE_EP_ACTIVATION_RELU: return a > 0.0f ? a : 0.0f;
-    default: return a / (1.0f + expf(-a)) * b;
+    default: return a / (1.0f + moe_ep__expf(-a)) * b;
     }
 }
 
@@ -2800,7 +2921,7 @@ MOE_EP_PRIVATE float moe_ep__act(moe_ep_activation act, float a, float b) {
 MOE_EP_PRIVATE float moe_ep__swiglu_clamped(float g, float u, float alpha, float limit) {
     g = g < limit ? g : limit;
     u = u < -limit ? -limit : u > limit ? limit : u;
-    return (u + 1.0f) * (g / (1.0f + expf(-alpha * g)));
+    return (u + 1.0f) * (g / (1.0f + moe_ep__expf(-alpha * g)));
 }
 #endif
 
@@ -2888,7 +3009,7 @@ typedef void (*moe_ep__kernel_fn)(int kc, const float* a, const float* b, const 
 #define MOE_EP__VDIV _mm512_div_ps
 #define MOE_EP__VMIN _mm512_min_ps
 #define MOE_EP__VMAX _mm512_max_ps
-#define MOE_EP__VROUND(x) _mm512_roundscale_ps(x, _MM_FROUND_TO_NEAREST_INT | _MM_FROUND_NO_EXC)
+#define MOE_EP__VSUB _mm512_sub_ps
 #define MOE_EP__VPOW2(n) _mm512_castsi512_ps(_mm512_slli_epi32( \
     _mm512_add_epi32(_mm512_cvtps_epi32(n), _mm512_set1_epi32(127)), 23))
 #define MOE_EP__VBCAST(p) _mm512_set1_ps(*(p))
@@ -2907,7 +3028,7 @@ typedef void (*moe_ep__kernel_fn)(int kc, const float* a, const float* b, const 
 #define MOE_EP__VDIV _mm256_div_ps
 #define MOE_EP__VMIN _mm256_min_ps
 #define MOE_EP__VMAX _mm256_max_ps
-#define MOE_EP__VROUND(x) _mm256_round_ps(x, _MM_FROUND_TO_NEAREST_INT | _MM_FROUND_NO_EXC)
+#define MOE_EP__VSUB _mm256_sub_ps
 #define MOE_EP__VPOW2(n) _mm256_castsi256_ps(_mm256_slli_epi32( \
     _mm256_add_epi32(_mm256_cvtps_epi32(n), _mm256_set1_epi32(127)), 23))
 #define MOE_EP__VBCAST(p) _mm256_broadcast_ss(p)
@@ -2917,7 +3038,8 @@ typedef void (*moe_ep__kernel_fn)(int kc, const float* a, const float* b, const 
 MOE_EP_PRIVATE MOE_EP__V moe_ep__vexp(MOE_EP__V x) {
     MOE_EP__V n, r, p;
     x = MOE_EP__VMIN(MOE_EP__VMAX(x, MOE_EP__VSET1(-87.0f)), MOE_EP__VSET1(88.0f));
-    n = MOE_EP__VROUND(MOE_EP__VMUL(x, MOE_EP__VSET1(1.44269504088896341f)));
+    n = MOE_EP__VSUB(MOE_EP__VFMA(x, MOE_EP__VSET1(1.44269504088896341f), MOE_EP__VSET1(12582912.0f)),
+                     MOE_EP__VSET1(12582912.0f));
     r = MOE_EP__VFNMA(n, MOE_EP__VSET1(0.693359375f), x);
     r = MOE_EP__VFNMA(n, MOE_EP__VSET1(-2.12194440e-4f), r);
     p = MOE_EP__VSET1(1.9875691500e-4f);
@@ -2969,7 +3091,7 @@ MOE_EP_PRIVATE MOE_EP__V moe_ep__vswiglu_clamped(MOE_EP__V g, MOE_EP__V u, MOE_E
 MOE_EP_PRIVATE float32x4_t moe_ep__vexp(float32x4_t x) {
     float32x4_t n, r, p;
     x = vminq_f32(vmaxq_f32(x, vdupq_n_f32(-87.0f)), vdupq_n_f32(88.0f));
-    n = vrndnq_f32(vmulq_f32(x, vdupq_n_f32(1.44269504088896341f)));
+    n = vsubq_f32(vfmaq_f32(vdupq_n_f32(12582912.0f), x, vdupq_n_f32(1.44269504088896341f)), vdupq_n_f32(12582912.0f));
     r = vfmsq_f32(x, n, vdupq_n_f32(0.693359375f));
     r = vfmsq_f32(r, n, vdupq_n_f32(-2.12194440e-4f));
     p = vdupq_n_f32(1.9875691500e-4f);
@@ -3078,7 +3200,7 @@ MOE_EP_PRIVATE void moe_ep__micro(int rows, int kc, const float* a, const float*
         const float* bk = b + (int64_t)kk * MOE_EP__NR; \
         for (r = 0; r < (ROWS); ++r) { \
             float av = a[(int64_t)kk * MOE_EP__MR + r]; \
-            for (j = 0; j < MOE_EP__NR; ++j) acc[r][j] += av * bk[j]; \
+            for (j = 0; j < MOE_EP__NR; ++j) acc[r][j] = moe_ep__fmaf(av, bk[j], acc[r][j]); \
         } \
     } \
     for (r = 0; r < (ROWS); ++r) moe_ep__finish_row(ep, acc[r], cout + r * ldo);
@@ -3116,11 +3238,15 @@ MOE_EP_PRIVATE void moe_ep__micro(int rows, int kc, const float* a, const float*
         for (kk = 0; kk < kc; ++kk) {
             const float* bk = b + (int64_t)kk * MOE_EP__NR;
             float av = a[(int64_t)kk * MOE_EP__MR + r];
-            for (j = 0; j < MOE_EP__NR; ++j) acc[j] += av * bk[j];
+            for (j = 0; j < MOE_EP__NR; ++j) acc[j] = moe_ep__fmaf(av, bk[j], acc[j]);
         }
         moe_ep__finish_row(ep, acc, cout + r * ldo);
     }
 }
+#endif
+
+#if defined(__GNUC__) && !defined(__clang__)
+#pragma GCC diagnostic pop
 #endif
 
 /* Rows packed for the kernel: tile t holds rows [t*MR, t*MR + MR) as [kext][MR]. */
@@ -3476,6 +3602,9 @@ MOE_EP_PRIVATE moe_ep_result moe_ep__pack_expert(moe_ep_context* ctx, int l) {
     return MOE_EP_OK;
 }
 
+#if defined(__clang__)
+#pragma STDC FP_CONTRACT DEFAULT
+#endif
 #endif /* MOE_EP_IMPL_INCLUDED */
 #endif /* MOE_EP_IMPLEMENTATION */
 

@@ -280,6 +280,8 @@ int main(int argc, char** argv) {
     identical = memcmp(y, y1, sizeof *y * T_total * (size_t)o.d_model) == 0;
     if (o.capacity > 0)
         printf("\n(with a capacity factor each rank applies the limit to its own tokens, so %d ranks and 1 rank may drop different assignments)\n", o.ranks);
+    printf("\noutput fingerprint: %016llx (the same on every machine, compiler and kernel path for these flags)\n",
+           example_fingerprint(y, T_total * (size_t)o.d_model));
     printf("\noutput of %d ranks vs 1 rank: %s\n", o.ranks, identical ? "bitwise identical" : "DIFFERENT");
     free(x); free(y); free(y1); free(router); free(weights); free(experts);
     free(st.traffic); free(st.load); free(st.aux_loss); free(st.layer_seconds); free(st.owner);
