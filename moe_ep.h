@@ -853,8 +853,11 @@ MOE_EP_PRIVATE float moe_ep__sigmoid(float x) { return 1.0f / (1.0f + moe_ep__ex
 /* GELU (erf form): 0.5 a (1 + erf(a / sqrt 2)). With u = a / sqrt 2: for |u| < 1,
    1 + erf(u) = 1 + u P(u^2) in one fused step (P: a degree-6 Chebyshev fit of erf(u)/u,
    relative error 1.2e-9); for 1 <= |u| < 4.5, erfc(|u|) = exp(Q(|u| - 2.5)) (Q: a
-   degree-9 fit of log erfc, absolute error 8e-9) and 1 + erf(u) is 2 - erfc(u) above zero,
-   erfc(|u|) below; past 4.5, 2 or 0. About 1 ulp from the exact GELU. */
+   degree-9 fit of log erfc, absolute error 8e-9) and 1 + erf(u) is 2 - erfc(|u|) above
+   zero, erfc(|u|) below; below -4.5, erfc(|u|) = exp(-u^2) exp(G(1/u^2)) / (|u| sqrt pi)
+   (G: a degree-4 fit of what is left, error 1.7e-9), with u^2 = a^2 / 2 split exactly;
+   above 4.5, 2; below -9.3 (GELU under 2^-126), 0. In the tails u's own rounding is put
+   back (erfc is steep there). tests/bits/check_math.c measures it against erfc in double. */
 MOE_EP_PRIVATE float moe_ep__gelu(float a) {
     float u = a * 0.70710678118654752f, au = u < 0.0f ? -u : u, one_plus_erf, p;
     if (au < 1.0f) {
@@ -868,7 +871,10 @@ MOE_EP_PRIVATE float moe_ep__gelu(float a) {
         p = moe_ep__fmaf(p, z, 1.128379107e+00f);
         one_plus_erf = moe_ep__fmaf(u, p, 1.0f);
     } else if (au < 4.5f) {
-        float s = au - 2.5f, erfc;
+        /* |u| - 2.5 with u's rounding error put back (1/sqrt 2 = 0.70710677f + 1.2101617e-8f),
+           else erfc's steep tail turns u's half ulp into tens of ulp */
+        float u_lo = moe_ep__fmaf(a, 1.2101617486e-08f, moe_ep__fmaf(a, 0.70710678118654752f, -u));
+        float s = (au - 2.5f) + (u < 0.0f ? -u_lo : u_lo), erfc;
         p = -7.582681860e-08f;
         p = moe_ep__fmaf(p, s, 1.615581141e-06f);
         p = moe_ep__fmaf(p, s, -1.292569596e-05f);
@@ -881,6 +887,14 @@ MOE_EP_PRIVATE float moe_ep__gelu(float a) {
         p = moe_ep__fmaf(p, s, -7.806815147e+00f);
         erfc = moe_ep__expf(p);
         one_plus_erf = u > 0.0f ? 2.0f - erfc : erfc;
+    } else if (u < 0.0f && a * a < 172.98f) {
+        float a2 = a * a, hi = 0.5f * a2, lo = 0.5f * moe_ep__fmaf(a, a, -a2), v = 1.0f / hi;  /* u^2 = hi + lo */
+        p = 3.006287336e+00f;
+        p = moe_ep__fmaf(p, v, -1.417121053e+00f);
+        p = moe_ep__fmaf(p, v, 6.218317151e-01f);
+        p = moe_ep__fmaf(p, v, -4.999609590e-01f);
+        p = moe_ep__fmaf(p, v, -1.822325686e-07f);
+        one_plus_erf = moe_ep__expf(-hi) * (moe_ep__expf(p - lo) / (au * 1.772453851f));
     } else {
         one_plus_erf = u > 0.0f ? 2.0f : u < 0.0f ? 0.0f : u;     /* u: NaN stays NaN */
     }

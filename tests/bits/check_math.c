@@ -1,0 +1,138 @@
+/* check_math.c -- the library's own arithmetic, on the build it was compiled for:
+
+   - moe_ep__fmaf against the C library's fmaf, bit for bit: triples whose exact sum lies
+     just off a tie of float (where rounding a double sum to float rounds twice and goes
+     wrong), sums that cancel, results that are subnormal or overflow, and random triples
+     over a wide exponent range. Without hardware FMA this is the software fmaf;
+   - moe_ep__expf against exp in double over [-87, 88]: at most 2 ulp;
+   - moe_ep__gelu against 0.5 a erfc(-a / sqrt 2) (= 0.5 a (1 + erf(a / sqrt 2))) in double: at most 2 ulp of the
+     result plus 2^-23 |a| (what a's last bit moves GELU by), for a in [-13.5, 13.5]; the
+     worst relative error is printed (it is largest in the negative tail, where GELU is tiny).
+
+   Plain C, no Check, so that it runs under qemu-user wherever the fingerprint runs.
+   Exit status 0 when everything holds; the first failures are printed. */
+#define MOE_EP_IMPLEMENTATION
+#include "../../moe_ep.h"
+
+#include <math.h>
+#include <stdio.h>
+#include <stdlib.h>
+#include <string.h>
+
+static int failures;
+
+static uint32_t math_bits(float f) {
+    uint32_t u;
+    memcpy(&u, &f, sizeof u);
+    return u;
+}
+
+static float math_float(uint32_t u) {
+    float f;
+    memcpy(&f, &u, sizeof f);
+    return f;
+}
+
+static uint64_t math_state = 0x243F6A8885A308D3ull;
+static uint64_t math_next(void) {
+    uint64_t z = (math_state += 0x9E3779B97F4A7C15ull);
+    z = (z ^ (z >> 30)) * 0xBF58476D1CE4E5B9ull;
+    z = (z ^ (z >> 27)) * 0x94D049BB133111EBull;
+    return z ^ (z >> 31);
+}
+
+/* A float with a random mantissa and sign and an exponent in [lo, hi] (unbiased). */
+static float math_random(int lo, int hi) {
+    uint64_t r = math_next();
+    uint32_t exponent = (uint32_t)(lo + (int)(r % (uint64_t)(hi - lo + 1)) + 127);
+    return math_float((uint32_t)(r >> 32 & 0x807FFFFFu) | exponent << 23);
+}
+
+static void check_fma(float a, float b, float c) {
+    float got = moe_ep__fmaf(a, b, c), want = fmaf(a, b, c);
+    if (math_bits(got) != math_bits(want) && !(got != got && want != want)) {
+        if (++failures <= 10)
+            printf("FAIL fmaf(%a, %a, %a): %a, the C library says %a\n", (double)a, (double)b, (double)c, (double)got,
+                   (double)want);
+    }
+}
+
+static void check_fmaf(void) {
+    int e, i, s;
+    long n = 0;
+    /* c + a*b just off the tie between c and its neighbour: a*b = ulp(c)/2 (1 +- 2^-46). */
+    for (e = -120; e <= 120; e += 7)
+        for (s = 0; s < 4; ++s) {
+            float c = ldexpf(1.0f + (float)(s & 1) * 0x1p-23f, e);      /* even and odd last bits */
+            float a = ldexpf(1.0f + 0x1p-23f, e - 24), b = (s & 2) ? 1.0f - 0x1p-23f : 1.0f + 0x1p-23f;
+            check_fma(a, b, c);
+            check_fma(-a, b, c);
+            check_fma(a, b, -c);
+            check_fma(-a, -b, -c);
+            n += 4;
+        }
+    check_fma(0x1p-75f, 0x1p-75f, 0.0f);                /* underflows to a subnormal */
+    check_fma(0x1.8p-80f, 0x1p-70f, -0x1p-149f);
+    check_fma(0x1p-100f, 0x1p-60f, 0x1p-149f);
+    check_fma(0x1p100f, 0x1p100f, -1.0f);               /* overflows */
+    check_fma(1.0f, 1.0f, -1.0f);                       /* exact zero */
+    check_fma(-0.0f, 1.0f, 0.0f);
+    check_fma(INFINITY, 1.0f, -INFINITY);
+    check_fma(NAN, 1.0f, 1.0f);
+    n += 8;
+    for (i = 0; i < 2000000; ++i, n += 3) {
+        float a = math_random(-60, 60), b = math_random(-60, 60), c = math_random(-120, 120);
+        check_fma(a, b, c);
+        check_fma(a, b, -(a * b) * (1.0f + math_random(-30, -20)));    /* cancellation */
+        check_fma(a, b, math_random(-149 + 30, -100));                  /* near underflow */
+    }
+    printf("fmaf (%s): %ld triples against the C library's\n",
+#ifdef MOE_EP__HW_FMA
+           "hardware"
+#else
+           "software"
+#endif
+           , n);
+}
+
+static double math_ulp(double v) {
+    int e;
+    frexp(v, &e);
+    return ldexp(1.0, (e - 24 > -149 ? e - 24 : -149));
+}
+
+static void check_expf(void) {
+    double worst = 0.0;
+    int i;
+    for (i = 0; i <= 3500000; ++i) {
+        float x = -87.0f + (float)i * (175.0f / 3500000.0f);
+        double want = exp((double)x), err = fabs((double)moe_ep__expf(x) - want) / math_ulp(want);
+        worst = err > worst ? err : worst;
+        if (err > 2.0 && ++failures <= 10) printf("FAIL expf(%a): %.2f ulp\n", (double)x, err);
+    }
+    printf("expf: worst %.3f ulp over [-87, 88]\n", worst);
+}
+
+static void check_gelu(void) {
+    double worst = 0.0, worst_abs = 0.0;
+    int i;
+    for (i = 0; i <= 4000000; ++i) {
+        float a = -13.5f + (float)i * (27.0f / 4000000.0f);
+        double want = 0.5 * (double)a * erfc(-(double)a * 0.70710678118654752440);   /* 1 + erf(u) = erfc(-u) */
+        double diff = fabs((double)moe_ep__gelu(a) - want), ulps = diff / math_ulp(want);
+        double bound = 2.0 * math_ulp(want) + 0x1p-23 * fabs((double)a);
+        if (fabs(want) >= 0x1p-126) worst = ulps > worst ? ulps : worst;     /* normal results */
+        worst_abs = diff / fabs((double)a) > worst_abs ? diff / fabs((double)a) : worst_abs;
+        if (diff > bound && ++failures <= 10)
+            printf("FAIL gelu(%a): %a, want %a (%.2f ulp)\n", (double)a, (double)moe_ep__gelu(a), want, ulps);
+    }
+    printf("gelu: worst %.3f ulp (normal results), worst |error| / |a| %.3g, over [-13.5, 13.5]\n", worst, worst_abs);
+}
+
+int main(void) {
+    check_fmaf();
+    check_expf();
+    check_gelu();
+    printf("%s\n", failures ? "FAILED" : "all passed");
+    return failures ? 1 : 0;
+}
