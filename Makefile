@@ -2,7 +2,8 @@
 #
 #   make test        deps, then check: what CI runs      make deps   apt-get what the checks need (root)
 #   make check       TEST_TARGETS with what is installed, then a summary of passed and skipped targets
-#   make check-headers | check-core | check-demos | check-kernels | check-mpi | check-nccl | check-install
+#   make check-headers | check-core | check-demos | check-bits | check-kernels | check-mpi | check-nccl | check-install
+#   make test-cross  the full suites for aarch64, armhf, riscv64 and s390x under qemu-user (not in test)
 #   make check-asan | check-ubsan (in check)           make check-tsan | check-mpi-large (not in check)
 #   make demo | layouts-demo | mpi-demo                make bench | bench-cpu | bench-mpi
 #   make test-gpu | seed-gpu | bench-gpu (GPUs)        make install | uninstall PREFIX=... [DESTDIR=...]
@@ -12,7 +13,7 @@
 # MOE_EP_CFLAGS. CC builds what one compiler builds; what must hold under several compilers is
 # built by each in CC_LIST.
 
-.PHONY: all test check deps bench-deps clean check-headers check-core check-demos check-kernels check-mpi \
+.PHONY: all test check deps bench-deps clean check-headers check-core check-demos check-bits check-kernels check-mpi \
         check-mpi-headers check-mpi-large check-nccl check-install check-asan check-ubsan check-tsan demo \
         layouts-demo mpi-demo bench bench-cpu bench-mpi test-gpu seed-gpu bench-gpu install uninstall
 
@@ -60,7 +61,7 @@ $(BUILD) $(HDR):
 	@mkdir -p $@
 
 # >>test: deps first, in a make of its own, so that check's probes (pkg-config, nvcc) see them.
-TEST_TARGETS ?= check-headers check-core check-demos check-mpi check-nccl check-kernels check-asan \
+TEST_TARGETS ?= check-headers check-core check-demos check-bits check-mpi check-nccl check-kernels check-asan \
                 check-ubsan check-install
 test: deps
 	@$(MAKE) --no-print-directory check
@@ -71,7 +72,8 @@ check: | $(BUILD)
 	done; echo "== passed:$$passed"; sed 's/^/== skipped: /' $(SKIP_LOG)
 
 # >>deps: installed when root, named otherwise.
-DEB_PACKAGES   = check pkg-config clang libomp-dev libopenblas-dev libopenmpi-dev openmpi-bin mpich libmpich-dev
+DEB_PACKAGES   = check pkg-config clang libomp-dev libopenblas-dev libopenmpi-dev openmpi-bin mpich libmpich-dev g++ tcc \
+                 $(if $(filter x86_64,$(shell uname -m)),gcc-aarch64-linux-gnu gcc-arm-linux-gnueabihf qemu-user)
 BENCH_PACKAGES = libopenblas-openmp-dev python3-torch
 apt_install = missing=""; for p in $(1); do dpkg -s $$p >/dev/null 2>&1 || missing="$$missing $$p"; done; \
   if [ -z "$$missing" ]; then :; elif [ "$$(id -u)" = 0 ] && command -v apt-get >/dev/null; then \
@@ -140,6 +142,65 @@ check-kernels: $(addprefix $(BUILD)/check_kernels_,$(KERNEL_BUILDS) $(AVX512_BUI
 	@$(foreach b,$(KERNEL_BUILDS) $(if $(HAVE_AVX512),$(AVX512_BUILD)),$(call run_test,$@,./$(BUILD)/check_kernels_$(b));)
 	@$(if $(HAVE_AVX512),,$(if $(AVX512_BUILD),$(call skip,$@/avx512,no AVX-512 on this CPU: compiled only)))
 	@$(if $(HAVE_CBLAS),echo "MOE_EP_CBLAS: compiles with $(CC_LIST)",$(call skip,$@/cblas,no cblas.h))
+
+# >>bits: the same output bits from every build. tests/bits/fingerprint.c prints the output
+# fingerprint of five seeded layers (every activation and scoring); each build below must print
+# the same lines: gcc and clang at -O0, -O2 and -O3 -march=native (with OpenMP), with gcc's and
+# clang's -ffp-contract=fast, the portable kernel under native flags, the AVX2 kernel, tcc, g++ and
+# clang++ (the file as C++), and aarch64 (NEON) and armhf (software fmaf) cross builds under
+# qemu-user. The seed demo's printed fingerprint must be the fingerprint's seed line.
+# tests/bits/check_math.c checks the library's fmaf, exp and GELU on the same builds' targets.
+BITS          = $(BUILD)/bits
+BITS_WARN     = -pedantic -Wall -Wextra -Werror
+BITS_C        = -std=c99 $(BITS_WARN)
+BITS_CXX      = -x c++ -std=c++11 $(BITS_WARN)
+HOST_ARCH    := $(shell uname -m)
+BITS_NATIVE   = gcc_O0 gcc_O2 gcc_native gcc_contract gcc_portable clang_O0 clang_O2 clang_native clang_contract \
+                g++_native clang++_native tcc_O2 $(if $(filter x86_64,$(HOST_ARCH)),gcc_avx2)
+BITS_CROSS    = $(if $(filter x86_64,$(HOST_ARCH)),aarch64 armhf)
+BITS_FLAGS_O0       = $(BITS_C) -O0
+BITS_FLAGS_O2       = $(BITS_C) -O2
+BITS_FLAGS_native   = $(BITS_C) -O3 -march=native $(OPENMP_FLAGS)
+BITS_FLAGS_contract = -std=gnu99 $(BITS_WARN) -O3 -march=native -ffp-contract=fast
+BITS_FLAGS_portable = $(BITS_C) -O3 -march=native -DMOE_EP_NO_SIMD
+BITS_FLAGS_avx2     = $(BITS_C) -O3 -mavx2 -mfma
+BITS_CXX_native     = $(BITS_CXX) -O3 -march=native $(OPENMP_FLAGS)
+TCC          ?= tcc
+CROSS_CC_aarch64  = aarch64-linux-gnu-gcc
+CROSS_CC_armhf    = arm-linux-gnueabihf-gcc
+CROSS_CC_riscv64  = riscv64-linux-gnu-gcc
+CROSS_CC_s390x    = s390x-linux-gnu-gcc
+QEMU_aarch64      = qemu-aarch64
+QEMU_armhf        = qemu-arm
+QEMU_riscv64      = qemu-riscv64
+QEMU_s390x        = qemu-s390x
+# gcc on s390x evaluates float in double in ISO C mode (FLT_EVAL_METHOD 1), which the header refuses.
+CROSS_FLAGS_s390x = -fexcess-precision=fast
+bits_build = $(if $(filter g++ clang++,$(call compiler,$(1))),$(call compiler,$(1)) $(BITS_CXX_$(word 2,$(subst _, ,$(1)))),$(if \
+  $(filter tcc,$(call compiler,$(1))),$(TCC) -Wall -Werror,$(call compiler,$(1)) $(BITS_FLAGS_$(word 2,$(subst _, ,$(1))))))
+$(BITS) $(BITS)/cross:
+	@mkdir -p $@
+$(BITS)/fingerprint_%: $(HEADERS) tests/bits/fingerprint.c | $(BITS)
+	$(call bits_build,$*) tests/bits/fingerprint.c -o $@ -lm
+$(BITS)/check_math_%: $(HEADERS) tests/bits/check_math.c | $(BITS)
+	$(call bits_build,$*) tests/bits/check_math.c -o $@ -lm
+$(BITS)/cross/fingerprint_% $(BITS)/cross/check_math_%: $(HEADERS) tests/bits/fingerprint.c tests/bits/check_math.c | $(BITS)/cross
+	$(CROSS_CC_$*) $(BITS_C) -O2 $(CROSS_FLAGS_$*) -static tests/bits/fingerprint.c -o $(BITS)/cross/fingerprint_$* -lm
+	$(CROSS_CC_$*) $(BITS_C) -O2 $(CROSS_FLAGS_$*) -static tests/bits/check_math.c -o $(BITS)/cross/check_math_$* -lm
+bits_prog = $(if $(filter $(1),aarch64 armhf riscv64 s390x),$(QEMU_$(1)) $(BITS)/cross/$(2)_$(1),./$(BITS)/$(2)_$(1))
+check-bits: $(BITS_NATIVE:%=$(BITS)/fingerprint_%) $(BITS)/check_math_gcc_O2 $(BITS)/check_math_gcc_native \
+            $(BITS_CROSS:%=$(BITS)/cross/fingerprint_%) $(BUILD)/seed_demo
+	@$(foreach b,$(BITS_NATIVE) $(BITS_CROSS),$(call bits_prog,$(b),fingerprint) > $(BITS)/$(b).txt || exit 1; \
+	  printf '%-16s %-24s %s\n' $(b) "$$(sed -n '1s/.*kernel path: //p' $(BITS)/$(b).txt)" "$$(tail -1 $(BITS)/$(b).txt)";)
+	@tail -n +2 $(BITS)/gcc_O2.txt > $(BITS)/reference.txt; $(foreach b,$(BITS_NATIVE) $(BITS_CROSS),\
+	  tail -n +2 $(BITS)/$(b).txt | diff $(BITS)/reference.txt - || { echo "check-bits: $(b) gives other bits than gcc_O2"; exit 1; };)
+	@$(foreach b,gcc_O2 gcc_native $(BITS_CROSS),echo "check_math ($(b)):"; \
+	  $(call bits_prog,$(b),check_math) > $(BITS)/math_$(b).txt || { cat $(BITS)/math_$(b).txt; exit 1; }; \
+	  sed 's/^/  /' $(BITS)/math_$(b).txt;)
+	./$(BUILD)/seed_demo --ranks 8 --experts 64 --top-k 2 --tokens 64 --d-model 64 --d-ff 128 > $(BITS)/seed_demo.log
+	@demo=$$(sed -n 's/^output fingerprint: \([0-9a-f]*\).*/\1/p' $(BITS)/seed_demo.log); \
+	  seed=$$(awk '$$1 == "seed" {print $$2}' $(BITS)/gcc_O2.txt); echo "seed demo: $$demo, the fingerprint's seed layer: $$seed"; \
+	  [ -n "$$demo" ] && [ "$$demo" = "$$seed" ]
 
 # >>mpi: built by each MPI's wrapper and run by its own launcher (the other's would start N
 # singletons; the binaries assert the size). Open MPI as root needs the ALLOW variables, and

@@ -794,7 +794,8 @@ MOE_EP_API moe_ep_result moe_ep_agree(const moe_ep_transport* transport, const m
 #if defined(__FAST_MATH__)
 #error "moe_ep.h: -ffast-math (or -Ofast) changes the library's arithmetic, so its output would differ from other builds'. Build without it, or define MOE_EP_ALLOW_DIFFERENT_BITS to accept outputs reproducible within this build only."
 #endif
-#if MOE_EP__EVAL_METHOD != 0
+/* 16 and 32 (ISO/IEC TS 18661-3; gcc's GNU modes with AVX512-FP16): float is still float */
+#if MOE_EP__EVAL_METHOD != 0 && MOE_EP__EVAL_METHOD != 16 && MOE_EP__EVAL_METHOD != 32
 #error "moe_ep.h: FLT_EVAL_METHOD is not 0 (or not known) (floats are evaluated in a wider type: x87 without SSE2, or gcc in ISO mode on s390x), so the output would differ from other builds'. On x86 use -msse2 -mfpmath=sse; with gcc on s390x (or elsewhere) -fexcess-precision=fast; or define MOE_EP_ALLOW_DIFFERENT_BITS to accept outputs reproducible within this build only."
 #endif
 #endif

@@ -63,24 +63,24 @@ static void check_fmaf(void) {
     /* c + a*b just off the tie between c and its neighbour: a*b = ulp(c)/2 (1 +- 2^-46). */
     for (e = -120; e <= 120; e += 7)
         for (s = 0; s < 4; ++s) {
-            float c = ldexpf(1.0f + (float)(s & 1) * 0x1p-23f, e);      /* even and odd last bits */
-            float a = ldexpf(1.0f + 0x1p-23f, e - 24), b = (s & 2) ? 1.0f - 0x1p-23f : 1.0f + 0x1p-23f;
+            float c = ldexpf(1.0f + (float)(s & 1) * ldexpf(1.0f, -23), e);      /* even and odd last bits */
+            float a = ldexpf(1.0f + ldexpf(1.0f, -23), e - 24), b = (s & 2) ? 1.0f - ldexpf(1.0f, -23) : 1.0f + ldexpf(1.0f, -23);
             check_fma(a, b, c);
             check_fma(-a, b, c);
             check_fma(a, b, -c);
             check_fma(-a, -b, -c);
             n += 4;
         }
-    check_fma(0x1p-75f, 0x1p-75f, 0.0f);                /* underflows to a subnormal */
-    check_fma(0x1.8p-80f, 0x1p-70f, -0x1p-149f);
-    check_fma(0x1p-100f, 0x1p-60f, 0x1p-149f);
-    check_fma(0x1p100f, 0x1p100f, -1.0f);               /* overflows */
+    check_fma(ldexpf(1.0f, -75), ldexpf(1.0f, -75), 0.0f);                /* underflows to a subnormal */
+    check_fma(ldexpf(1.5f, -80), ldexpf(1.0f, -70), -ldexpf(1.0f, -149));
+    check_fma(ldexpf(1.0f, -100), ldexpf(1.0f, -60), ldexpf(1.0f, -149));
+    check_fma(ldexpf(1.0f, 100), ldexpf(1.0f, 100), -1.0f);               /* overflows */
     check_fma(1.0f, 1.0f, -1.0f);                       /* exact zero */
     check_fma(-0.0f, 1.0f, 0.0f);
     check_fma(INFINITY, 1.0f, -INFINITY);
     check_fma(NAN, 1.0f, 1.0f);
     n += 8;
-    for (i = 0; i < 2000000; ++i, n += 3) {
+    for (i = 0; i < 500000; ++i, n += 3) {
         float a = math_random(-60, 60), b = math_random(-60, 60), c = math_random(-120, 120);
         check_fma(a, b, c);
         check_fma(a, b, -(a * b) * (1.0f + math_random(-30, -20)));    /* cancellation */
@@ -104,8 +104,8 @@ static double math_ulp(double v) {
 static void check_expf(void) {
     double worst = 0.0;
     int i;
-    for (i = 0; i <= 3500000; ++i) {
-        float x = -87.0f + (float)i * (175.0f / 3500000.0f);
+    for (i = 0; i <= 1000000; ++i) {
+        float x = -87.0f + (float)i * (175.0f / 1000000.0f);
         double want = exp((double)x), err = fabs((double)moe_ep__expf(x) - want) / math_ulp(want);
         worst = err > worst ? err : worst;
         if (err > 2.0 && ++failures <= 10) printf("FAIL expf(%a): %.2f ulp\n", (double)x, err);
@@ -116,12 +116,12 @@ static void check_expf(void) {
 static void check_gelu(void) {
     double worst = 0.0, worst_abs = 0.0;
     int i;
-    for (i = 0; i <= 4000000; ++i) {
-        float a = -13.5f + (float)i * (27.0f / 4000000.0f);
+    for (i = 0; i <= 1000000; ++i) {
+        float a = -13.5f + (float)i * (27.0f / 1000000.0f);
         double want = 0.5 * (double)a * erfc(-(double)a * 0.70710678118654752440);   /* 1 + erf(u) = erfc(-u) */
         double diff = fabs((double)moe_ep__gelu(a) - want), ulps = diff / math_ulp(want);
-        double bound = 2.0 * math_ulp(want) + 0x1p-23 * fabs((double)a);
-        if (fabs(want) >= 0x1p-126) worst = ulps > worst ? ulps : worst;     /* normal results */
+        double bound = 2.0 * math_ulp(want) + ldexp(1.0, -23) * fabs((double)a);
+        if (fabs(want) >= ldexp(1.0, -126)) worst = ulps > worst ? ulps : worst;     /* normal results */
         worst_abs = diff / fabs((double)a) > worst_abs ? diff / fabs((double)a) : worst_abs;
         if (diff > bound && ++failures <= 10)
             printf("FAIL gelu(%a): %a, want %a (%.2f ulp)\n", (double)a, (double)moe_ep__gelu(a), want, ulps);
