@@ -56,7 +56,7 @@ skip     = echo "SKIP: $(1) ($(2))"; echo "$(1) ($(2))" >> $(SKIP_LOG)
 run_test = echo "CK_FORK=no $(2)"; rc=0; CK_FORK=no timeout $(TEST_TIMEOUT) $(2) || rc=$$?; if [ $$rc = 77 ]; then \
   $(call skip,$(1),$(notdir $(word 1,$(2))) exited 77: cannot run here); elif [ $$rc != 0 ]; then exit $$rc; fi
 
-all: $(BUILD)/seed_demo $(BUILD)/layouts_demo $(CC_LIST:%=$(BUILD)/check_moe_ep_%)
+all: $(BUILD)/seed_demo $(BUILD)/layouts_demo $(BUILD)/cpp_demo $(CC_LIST:%=$(BUILD)/check_moe_ep_%)
 $(BUILD) $(HDR):
 	@mkdir -p $@
 
@@ -83,15 +83,30 @@ deps: ; @$(call apt_install,$(DEB_PACKAGES))
 bench-deps: ; @$(call apt_install,$(BENCH_PACKAGES))
 
 # >>headers: the core with the pthreads transport under each compiler, C99 alone, with OpenMP and
-# -O3; MOE_EP_STATIC linked; the declarations as C++.
-check-headers: $(foreach cc,$(CC_LIST),$(HDR)/pthreads_$(cc)_c99.o $(HDR)/pthreads_$(cc)_omp.o $(HDR)/pthreads_$(cc)_o3.o) \
-               $(HDR)/static $(HDR)/decl.o
+# -O3, and with -Wcast-qual; MOE_EP_STATIC linked with -Wall -Wextra -Werror (no unused-function
+# errors) by each compiler and tcc; the declarations as C++, and the implementation as C++ with the
+# AVX-512 kernel (g++ 12's false positive in avx512fintrin.h); the headers vendored into one flat
+# folder, included core first or through MOE_EP_CORE_HEADER.
+VARIANT_castqual = -Wcast-qual
+CXX_WARN         = -Wall -Wextra -pedantic -Werror
+FLAT             = $(HDR)/flat
+check-headers: $(foreach cc,$(CC_LIST),$(HDR)/pthreads_$(cc)_c99.o $(HDR)/pthreads_$(cc)_omp.o $(HDR)/pthreads_$(cc)_o3.o \
+                 $(HDR)/pthreads_$(cc)_castqual.o $(HDR)/static_$(cc)) $(HDR)/static_tcc $(HDR)/decl.o $(HDR)/impl_cxx.o \
+               $(HDR)/flat_first $(HDR)/flat_macro
 $(HDR)/pthreads_%.o: tests/headers/impl_pthreads.c $(HEADERS) | $(HDR)
 	$(call compiler,$*) $(MOE_EP_CFLAGS) $(call variant,$*) -c $< -o $@
-$(HDR)/static: tests/headers/static.c $(HEADERS) | $(HDR)
-	$(CC) $(MOE_EP_CFLAGS) -Wno-unused-function $< -o $@ -lm
+$(HDR)/static_%: tests/headers/static.c $(HEADERS) | $(HDR)
+	$(if $(filter tcc,$*),$(TCC) -Wall -Werror,$* $(MOE_EP_CFLAGS)) $< -o $@ -pthread -lm
 $(HDR)/decl.o: tests/headers/decl.cpp $(HEADERS) | $(HDR)
-	$(CXX) -Wall -Wextra -pedantic -Werror -c $< -o $@
+	$(CXX) $(CXX_WARN) -c $< -o $@
+$(HDR)/impl_cxx.o: tests/headers/impl_pthreads.c $(HEADERS) | $(HDR)
+	$(CXX) -x c++ $(CXX_WARN) -O2 $(if $(filter x86_64,$(shell uname -m)),-mavx512f -mavx2 -mfma,-march=native) -c $< -o $@
+$(FLAT): $(PUBLIC_HEADERS)
+	rm -rf $@ && mkdir -p $@ && cp $(PUBLIC_HEADERS) $@/
+$(HDR)/flat_first: tests/headers/flat.c $(FLAT) | $(HDR)
+	$(CC) $(MOE_EP_CFLAGS) -I$(FLAT) $< -o $@ -pthread -lm && ./$@
+$(HDR)/flat_macro: tests/headers/flat.c $(FLAT) | $(HDR)
+	$(CC) $(MOE_EP_CFLAGS) -I$(FLAT) -DFLAT_TRANSPORT_ONLY '-DMOE_EP_CORE_HEADER="moe_ep.h"' $< -o $@ -pthread -lm && ./$@
 
 # >>core: every suite in one Check binary per compiler.
 CORE_SRCS = $(sort $(wildcard tests/check_*.c)) tests/moe_ep_impl.c $(TEST_SUPPORT)
@@ -112,14 +127,18 @@ $(BUILD)/%/check_moe_ep: $(CORE_SRCS) $(HEADERS)
 check-asan check-ubsan check-tsan: check-%: $(BUILD)/%/check_moe_ep
 	@$(call run_test,$@,./$<)
 
-# >>demos: they check themselves: the seed layer against one rank, the three layouts at 64 ranks.
+# >>demos: they check themselves: the seed layer against one rank, the three layouts at 64 ranks,
+# the C++ example (examples/cpp_demo.cpp) against one rank.
 $(BUILD)/%_demo: examples/%_demo.c $(HEADERS) | $(BUILD)
 	$(CC) $(BUILD_FLAGS) $< -o $@ -pthread -lm $(LDFLAGS)
 demo: $(BUILD)/seed_demo
 	./$<
 layouts-demo: $(BUILD)/layouts_demo
 	./$<
-check-demos: $(BUILD)/seed_demo $(BUILD)/layouts_demo
+$(BUILD)/cpp_demo: examples/cpp_demo.cpp $(HEADERS) | $(BUILD)
+	$(CXX) -std=c++11 $(CXX_WARN) $(OPT) $(OPENMP_FLAGS) $(CXXFLAGS) $< -o $@ -pthread -lm $(LDFLAGS)
+check-demos: $(BUILD)/seed_demo $(BUILD)/layouts_demo $(BUILD)/cpp_demo
+	./$(BUILD)/cpp_demo
 	./$< --ranks 8 --experts 64 --top-k 2 --tokens 64 --d-model 64 --d-ff 128 > $<.log && tail -1 $<.log
 	./$< --ranks 3 --experts 10 --top-k 3 --tokens 13 --d-model 24 --d-ff 40 --placement round-robin \
 	  > $<_odd.log && tail -1 $<_odd.log
@@ -230,9 +249,16 @@ MPICC_clang-openmpi = $(CLANG) $$(pkg-config --cflags ompi-c)
 MPICC_clang-mpich   = $(CLANG) $$(pkg-config --cflags mpich)
 $(HDR)/mpi_%.o: tests/headers/impl_mpi.c $(HEADERS) | $(HDR)
 	$(MPICC_$(call compiler,$*)) $(MOE_EP_CFLAGS) $(call variant,$*) -c $< -o $@
+# As C++ (the header sets OMPI_SKIP_MPICXX and MPICH_SKIP_MPICXX itself): the declarations, and the
+# implementation under each MPI's flags; the headers flat, the core included first.
 $(HDR)/decl_mpi.o: tests/headers/decl_mpi.cpp $(HEADERS) | $(HDR)
-	$(CXX) -Wall -Wextra -pedantic -Werror -DOMPI_SKIP_MPICXX -DMPICH_SKIP_MPICXX $$(pkg-config --cflags ompi-c) -c $< -o $@
-check-mpi-headers: $(foreach m,$(MPI_HEADER_CC),$(HDR)/mpi_$(m)_c99.o $(HDR)/mpi_$(m)_omp.o) $(HDR)/decl_mpi.o
+	$(CXX) $(CXX_WARN) $$(pkg-config --cflags ompi-c) -c $< -o $@
+$(HDR)/impl_mpi_cxx_%.o: tests/headers/impl_mpi.c $(HEADERS) | $(HDR)
+	$(CXX) -x c++ $(CXX_WARN) -O2 $$(pkg-config --cflags $(if $(filter openmpi,$*),ompi-c,mpich)) -c $< -o $@
+$(HDR)/flat_mpi.o: tests/headers/flat_mpi.c $(FLAT) | $(HDR)
+	$(MPICC_openmpi) $(MOE_EP_CFLAGS) -I$(FLAT) -c $< -o $@
+check-mpi-headers: $(foreach m,$(MPI_HEADER_CC),$(HDR)/mpi_$(m)_c99.o $(HDR)/mpi_$(m)_omp.o) $(HDR)/decl_mpi.o \
+                   $(MPI_LIST:%=$(HDR)/impl_mpi_cxx_%.o) $(HDR)/flat_mpi.o
 
 # Open MPI at 1-4 processes, MPICH at 1, 2, 4, then the demo at 8 against one rank.
 check-mpi: check-mpi-headers $(MPI_LIST:%=$(BUILD)/check_mpi_%) $(BUILD)/mpi_demo

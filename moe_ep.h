@@ -162,9 +162,16 @@
 #define MOE_EP_VERSION_PATCH 0
 #define MOE_EP_VERSION_STRING "0.1.0"
 
+/* MOE_EP_STATIC: a program that calls only some of the API must not be told (-Wall
+   -Werror) that the rest is unused. */
+#if defined(__GNUC__) || defined(__clang__) || defined(__TINYC__)
+#define MOE_EP__UNUSED __attribute__((unused))
+#else
+#define MOE_EP__UNUSED
+#endif
 #ifndef MOE_EP_API
 #ifdef MOE_EP_STATIC
-#define MOE_EP_API static
+#define MOE_EP_API static MOE_EP__UNUSED
 #else
 #define MOE_EP_API extern
 #endif
@@ -569,6 +576,10 @@ typedef struct moe_ep_forward_args {
 
 /* >>api */
 MOE_EP_API const char* moe_ep_result_string(moe_ep_result result);
+
+/* The version of the implementation this program was built with ("0.1.0"), to report or
+   compare with the MOE_EP_VERSION_STRING of the header a file was compiled against. */
+MOE_EP_API const char* moe_ep_version(void);
 
 /* Create a context for one rank. Collective: yes (fingerprint exchange).
    out: untouched on failure. On failure the cause is written to the logger (no
@@ -981,6 +992,8 @@ MOE_EP_API const char* moe_ep_result_string(moe_ep_result result) {
     if ((int)result < 0 || result >= MOE_EP_RESULT_COUNT) return "unknown result code";
     return strings[result];
 }
+
+MOE_EP_API const char* moe_ep_version(void) { return MOE_EP_VERSION_STRING; }
 
 /* >>memory */
 MOE_EP_API void* moe_ep_alloc(const moe_ep_allocator* allocator, size_t size) {

@@ -112,8 +112,23 @@
 #ifndef MOE_EP_MPI_H_INCLUDED
 #define MOE_EP_MPI_H_INCLUDED
 
+/* C++: Open MPI's and MPICH's old C++ bindings (removed in MPI-3) break a C++ build that
+   includes mpi.h without linking them; this header needs only the C API. Define them
+   yourself before including mpi.h if you include it first. */
+#if defined(__cplusplus) && !defined(OMPI_SKIP_MPICXX)
+#define OMPI_SKIP_MPICXX 1
+#endif
+#if defined(__cplusplus) && !defined(MPICH_SKIP_MPICXX)
+#define MPICH_SKIP_MPICXX 1
+#endif
 #include <mpi.h>
-#include "../moe_ep.h"
+#if !defined(MOE_EP_H_INCLUDED) || (defined(MOE_EP_IMPLEMENTATION) && !defined(MOE_EP_IMPL_INCLUDED))
+#ifdef MOE_EP_CORE_HEADER
+#include MOE_EP_CORE_HEADER
+#else
+#include "../moe_ep.h"      /* headers in one flat folder: include "moe_ep.h" before this one */
+#endif
+#endif
 
 #ifdef __cplusplus
 extern "C" {
@@ -790,7 +805,7 @@ MOE_EP_PRIVATE moe_ep_result moe_ep__mpi_split(void* impl, int color, int key, m
 MOE_EP_PRIVATE moe_ep_result moe_ep__mpi_all_reduce(void* impl, float* data, int64_t count,
                                                     moe_ep_memory_space memory_space, void* stream, char* err_text,
                                                     size_t err_size) {
-    enum { BAD_COUNT = -1, DEVICE = -2, NO_MEMORY = -3 };
+    const int64_t BAD_COUNT = -1, DEVICE = -2, NO_MEMORY = -3;     /* int64_t, as the counts: no enum/int mix in C++ */
     moe_ep__mpi_impl* m = (moe_ep__mpi_impl*)impl;
     const moe_ep_allocator* a = &m->allocator;
     int R = m->world_size, me = m->rank, q, rc;

@@ -105,7 +105,13 @@
 #ifndef MOE_EP_NCCL_H_INCLUDED
 #define MOE_EP_NCCL_H_INCLUDED
 
-#include "../moe_ep.h"
+#if !defined(MOE_EP_H_INCLUDED) || (defined(MOE_EP_IMPLEMENTATION) && !defined(MOE_EP_IMPL_INCLUDED))
+#ifdef MOE_EP_CORE_HEADER
+#include MOE_EP_CORE_HEADER
+#else
+#include "../moe_ep.h"      /* headers in one flat folder: include "moe_ep.h" before this one */
+#endif
+#endif
 #include <nccl.h>   /* also declares cudaStream_t */
 
 #ifdef __cplusplus

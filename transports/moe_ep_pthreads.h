@@ -30,7 +30,13 @@
 #ifndef MOE_EP_PTHREADS_H_INCLUDED
 #define MOE_EP_PTHREADS_H_INCLUDED
 
-#include "../moe_ep.h"
+#if !defined(MOE_EP_H_INCLUDED) || (defined(MOE_EP_IMPLEMENTATION) && !defined(MOE_EP_IMPL_INCLUDED))
+#ifdef MOE_EP_CORE_HEADER
+#include MOE_EP_CORE_HEADER
+#else
+#include "../moe_ep.h"      /* headers in one flat folder: include "moe_ep.h" before this one */
+#endif
+#endif
 
 #ifdef __cplusplus
 extern "C" {
@@ -297,7 +303,7 @@ MOE_EP_PRIVATE moe_ep_result moe_ep__pthreads_a2a_begin(void* impl, const moe_ep
         return MOE_EP_ERROR_UNSUPPORTED;    /* symmetric: every rank passes the same memory space */
     }
     me->world->a2a[me->rank] = args;
-    *request = (void*)args;
+    *request = me;                  /* end reads the args back from a2a[rank]: no const cast */
     return moe_ep__pthreads_barrier(me->world, err_text, err_size);
 }
 
@@ -305,10 +311,11 @@ MOE_EP_PRIVATE moe_ep_result moe_ep__pthreads_a2a_begin(void* impl, const moe_ep
 MOE_EP_PRIVATE moe_ep_result moe_ep__pthreads_a2a_end(void* impl, void* request, char* err_text, size_t err_size) {
     moe_ep__pthreads_rank* me = (moe_ep__pthreads_rank*)impl;
     moe_ep_pthreads_world* w = me->world;
-    const moe_ep_a2a_args* mine = (const moe_ep_a2a_args*)request;
+    const moe_ep_a2a_args* mine = w->a2a[me->rank];
     moe_ep_result res = MOE_EP_OK;
     int q, s, S = mine->segments;
     size_t rb = mine->row_bytes;
+    (void)request;
     for (q = 0; q < w->world_size && res == MOE_EP_OK; ++q) {
         const moe_ep_a2a_args* peer = w->a2a[q];
         if (peer->segments != S || peer->row_bytes != rb) {

@@ -1,6 +1,6 @@
 /* use_moe_ep.c -- a program built only against the installed headers, found through
    pkg-config (make check-install): the transport's relative include of the core must
-   resolve there, and the .pc file's version must be the header's.
+   resolve there, and the .pc file's version must be the header's and moe_ep_version()'s.
 
        use_moe_ep "$(pkg-config --modversion moe_ep)" */
 #define MOE_EP_IMPLEMENTATION
@@ -15,6 +15,10 @@ int main(int argc, char** argv) {
                 MOE_EP_VERSION_STRING);
         return 1;
     }
-    printf("use_moe_ep: moe_ep %s, %s\n", MOE_EP_VERSION_STRING, moe_ep_result_string(MOE_EP_OK));
+    if (strcmp(moe_ep_version(), MOE_EP_VERSION_STRING) != 0) {
+        fprintf(stderr, "use_moe_ep: moe_ep_version() says %s, the header %s\n", moe_ep_version(), MOE_EP_VERSION_STRING);
+        return 1;
+    }
+    printf("use_moe_ep: moe_ep %s, %s\n", moe_ep_version(), moe_ep_result_string(MOE_EP_OK));
     return 0;
 }

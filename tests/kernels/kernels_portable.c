@@ -2,9 +2,6 @@
    kernel (MOE_EP_NO_SIMD), so that check_kernels can hold the SIMD path it was compiled
    for against the portable one in the same process. Everything here is static except
    kernels_portable_ffn. */
-#if defined(__GNUC__)
-#pragma GCC diagnostic ignored "-Wunused-function"  /* the API this file does not call */
-#endif
 #define MOE_EP_STATIC
 #ifndef MOE_EP_NO_SIMD
 #define MOE_EP_NO_SIMD
