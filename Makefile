@@ -5,7 +5,7 @@
 #   make check-headers | check-core | check-demos | check-bits | check-kernels | check-mpi | check-nccl | check-install
 #   make test-cross  the full suites for aarch64, armhf, riscv64 and s390x under qemu-user (not in test)
 #   make check-asan | check-ubsan (in check)           make check-tsan | check-mpi-large (not in check)
-#   make demo | layouts-demo | mpi-demo                make bench | bench-cpu | bench-mpi
+#   make demo | layouts-demo | mpi-demo                make bench | bench-cpu | bench-mpi | bench-bits
 #   make test-gpu | seed-gpu | bench-gpu (GPUs)        make install | uninstall PREFIX=... [DESTDIR=...]
 #
 # A test program that cannot run here (no GPU) exits 77: its target prints "SKIP: target (reason)"
@@ -15,7 +15,7 @@
 
 .PHONY: all test check deps bench-deps clean check-headers check-core check-demos check-bits check-kernels check-mpi \
         check-mpi-headers check-mpi-large check-nccl check-install check-asan check-ubsan check-tsan demo \
-        layouts-demo mpi-demo bench bench-cpu bench-mpi test-gpu seed-gpu bench-gpu install uninstall
+        layouts-demo mpi-demo bench bench-cpu bench-mpi bench-bits test-cross cross-deps test-gpu seed-gpu bench-gpu install uninstall
 
 ifeq ($(origin CC),default)
 CC = gcc
@@ -221,6 +221,50 @@ check-bits: $(BITS_NATIVE:%=$(BITS)/fingerprint_%) $(BITS)/check_math_gcc_O2 $(B
 	  seed=$$(awk '$$1 == "seed" {print $$2}' $(BITS)/gcc_O2.txt); echo "seed demo: $$demo, the fingerprint's seed layer: $$seed"; \
 	  [ -n "$$demo" ] && [ "$$demo" = "$$seed" ]
 
+# >>cross: the core and kernel suites, the fingerprint and check_math for aarch64, armhf, riscv64 and
+# s390x (big-endian), built by Debian's cross gcc, linked statically and run under qemu-user; the
+# fingerprint must be the native gcc -O2 one (make check-bits' reference). Check for each target
+# is built from Debian's source of the installed check (apt-get source, with a deb-src list of
+# its own under $(BUILD)). As root it installs the cross compilers and qemu-user. About 5 min.
+CROSS_ARCHS     ?= aarch64 armhf riscv64 s390x
+CROSS_TRIPLE_aarch64 = aarch64-linux-gnu
+CROSS_TRIPLE_armhf   = arm-linux-gnueabihf
+CROSS_TRIPLE_riscv64 = riscv64-linux-gnu
+CROSS_TRIPLE_s390x   = s390x-linux-gnu
+CROSS          = $(abspath $(BUILD)/cross)
+CROSS_APT      = -o Dir::Etc::SourceList=/dev/null -o Dir::Etc::SourceParts=$(CROSS)/apt/sources.list.d \
+                 -o Dir::State::Lists=$(CROSS)/apt/lists
+cross-deps:
+	@$(call apt_install,qemu-user $(foreach a,$(CROSS_ARCHS),gcc-$(CROSS_TRIPLE_$(a))))
+$(CROSS)/check-src/configure:
+	@mkdir -p $(CROSS)/apt/sources.list.d $(CROSS)/apt/lists/partial $(CROSS)/check-src
+	printf 'Types: deb-src\nURIs: http://deb.debian.org/debian\nSuites: bookworm\nComponents: main\nSigned-By: /usr/share/keyrings/debian-archive-keyring.gpg\n' \
+	  > $(CROSS)/apt/sources.list.d/src.sources
+	cd $(CROSS)/apt && apt-get $(CROSS_APT) update -qq && apt-get $(CROSS_APT) source --download-only -qq check
+	tar xzf $(CROSS)/apt/check_*.orig.tar.gz -C $(CROSS)/check-src --strip-components=1
+$(CROSS)/%/lib/libcheck.a: $(CROSS)/check-src/configure
+	rm -rf $(CROSS)/$*/check-build && mkdir -p $(CROSS)/$*/check-build
+	cd $(CROSS)/$*/check-build && $(CROSS)/check-src/configure --host=$(CROSS_TRIPLE_$*) --prefix=$(CROSS)/$* \
+	  --disable-shared --enable-static --disable-subunit > configure.log && $(MAKE) -s -C lib > make.log && \
+	  $(MAKE) -s -C src install >> make.log && cp check_stdint.h $(CROSS)/$*/include/
+# (static libgomp draws a linker warning about dlopen, kept in the .log beside each program)
+.PRECIOUS: $(CROSS)/%/lib/libcheck.a
+CROSS_BUILD = $(CROSS_CC_$(1)) $(MOE_EP_CFLAGS) -O2 $(OPENMP_FLAGS) $(CROSS_FLAGS_$(1)) -static -I$(CROSS)/$(1)/include
+cross-%: $(CROSS)/%/lib/libcheck.a $(CORE_SRCS) $(KERNEL_SRCS) $(HEADERS) tests/bits/fingerprint.c tests/bits/check_math.c \
+         $(BITS)/fingerprint_gcc_O2
+	$(call CROSS_BUILD,$*) $(CORE_SRCS) -o $(CROSS)/$*/check_moe_ep -L$(CROSS)/$*/lib -lcheck -pthread -lm 2> $(CROSS)/$*/check_moe_ep.log || { cat $(CROSS)/$*/check_moe_ep.log; exit 1; }
+	$(call CROSS_BUILD,$*) $(KERNEL_SRCS) -o $(CROSS)/$*/check_kernels -L$(CROSS)/$*/lib -lcheck -pthread -lm 2> $(CROSS)/$*/check_kernels.log || { cat $(CROSS)/$*/check_kernels.log; exit 1; }
+	$(call CROSS_BUILD,$*) tests/bits/fingerprint.c -o $(CROSS)/$*/fingerprint -lm 2> $(CROSS)/$*/fingerprint.log || { cat $(CROSS)/$*/fingerprint.log; exit 1; }
+	$(call CROSS_BUILD,$*) tests/bits/check_math.c -o $(CROSS)/$*/check_math -lm 2> $(CROSS)/$*/check_math.log || { cat $(CROSS)/$*/check_math.log; exit 1; }
+	CK_FORK=no OMP_NUM_THREADS=2 timeout $(TEST_TIMEOUT) $(QEMU_$*) $(CROSS)/$*/check_moe_ep
+	CK_FORK=no OMP_NUM_THREADS=2 timeout $(TEST_TIMEOUT) $(QEMU_$*) $(CROSS)/$*/check_kernels
+	$(QEMU_$*) $(CROSS)/$*/check_math
+	./$(BITS)/fingerprint_gcc_O2 | tail -n +2 > $(CROSS)/reference.txt
+	$(QEMU_$*) $(CROSS)/$*/fingerprint | tee $(CROSS)/$*/fingerprint.txt | sed -n '1p;$$p'
+	tail -n +2 $(CROSS)/$*/fingerprint.txt | diff $(CROSS)/reference.txt - || { echo "test-cross: $* gives other bits than x86-64"; exit 1; }
+test-cross: cross-deps
+	@$(MAKE) --no-print-directory $(CROSS_ARCHS:%=cross-%)
+
 # >>mpi: built by each MPI's wrapper and run by its own launcher (the other's would start N
 # singletons; the binaries assert the size). Open MPI as root needs the ALLOW variables, and
 # --oversubscribe past one process per core; ob1 over self,vader keeps it in shared memory;
@@ -358,6 +402,30 @@ bench: bench-cpu
 bench-cpu: bench-deps
 	$(MAKE) --no-print-directory $(BUILD)/cpu_bench
 	./$(BUILD)/cpu_bench $(BENCH_ARGS)
+
+# >>bench-bits: what the same-bits arithmetic costs (bench/bits_bench.c, one thread): this header
+# against the one before the portable kernel fused (BITS_BASE), built for x86-64 without FMA
+# instructions, the portable kernel with hardware FMA, the native SIMD path, and armhf (baseline
+# VFPv3: software fmaf; and -mfpu=neon-vfpv4: hardware) under qemu-user. Builds run in turn,
+# BITS_ROUNDS rounds, so each pair is measured side by side.
+BITS_BASE   ?= 566a606
+BITS_ROUNDS ?= 3
+BB           = $(BUILD)/bench_bits
+BB_FLAGS     = -std=c99 -pedantic -Wall -Wextra -O3
+BB_NATIVE    = nofma:-march=x86-64 portable_hw:-march=native@-DMOE_EP_NO_SIMD simd:-march=native
+BB_ARM       = armhf: armhf_vfpv4:-mfpu=neon-vfpv4
+$(BB)/before/moe_ep.h:
+	@mkdir -p $(@D) && git show $(BITS_BASE):moe_ep.h > $@
+bench-bits: $(BB)/before/moe_ep.h
+	@set -e; for v in $(BB_NATIVE); do n=$${v%%:*}; f=$$(echo $${v#*:} | tr @ ' '); \
+	  $(CC) $(BB_FLAGS) $$f -I. bench/bits_bench.c -o $(BB)/$${n}_now -lm; \
+	  $(CC) $(BB_FLAGS) $$f -I$(BB)/before bench/bits_bench.c -o $(BB)/$${n}_before -lm; done; \
+	for v in $(BB_ARM); do n=$${v%%:*}; f=$${v#*:}; \
+	  arm-linux-gnueabihf-gcc $(BB_FLAGS) $$f -static -I. bench/bits_bench.c -o $(BB)/$${n}_now -lm; \
+	  arm-linux-gnueabihf-gcc $(BB_FLAGS) $$f -static -I$(BB)/before bench/bits_bench.c -o $(BB)/$${n}_before -lm; done; \
+	for r in $$(seq $(BITS_ROUNDS)); do echo "round $$r"; \
+	  for v in $(BB_NATIVE) $(BB_ARM); do n=$${v%%:*}; run=""; case $$n in armhf*) run=qemu-arm;; esac; \
+	    for h in now before; do printf '  %-20s ' $${n}_$$h; $$run ./$(BB)/$${n}_$$h 5; done; done; done
 
 # >>install: the headers under $(INCLUDEDIR)/moe_ep in the source tree's layout (the transports
 # include ../moe_ep.h), and moe_ep.pc with the header's version.

@@ -42,10 +42,50 @@
                                          so does its thread count (e.g. OPENBLAS_NUM_THREADS:
                                          with several ranks in a process, divide it yourself)
    MOE_EP_CBLAS_HEADER     <cblas.h>     the header that MOE_EP_CBLAS includes
+   MOE_EP_ALLOW_DIFFERENT_BITS (undefined) build where the same bits cannot be promised
+                                         (see SAME BITS EVERYWHERE) instead of #error
+   MOE_EP_CORE_HEADER      (undefined)   how a transport header includes the core, e.g.
+                                         "moe_ep.h"; default "../moe_ep.h" (see FILES)
    The built-in kernel's SIMD path follows the compiler's target flags (-march=native,
-   -mavx2 -mfma, ...): each path is bitwise reproducible on its own; paths agree to rounding.
+   -mavx2 -mfma, ...); every path gives the same bits (SAME BITS EVERYWHERE).
    Compile with -fopenmp (or your compiler's flag) for OpenMP expert compute; without
    it everything runs on the calling thread and the results are bitwise the same.
+
+   SAME BITS EVERYWHERE
+   ====================
+   The fp32 layer's output (y, topk_idx, topk_weight, the aux loss) is the same bits on
+   every compiler (gcc, clang, tcc, g++ and clang++ as C++; any -O level, with or without
+   -ffp-contract=fast), every architecture (x86-64, i686 with SSE2, armhf, aarch64,
+   riscv64, s390x), every kernel path (portable, AVX2, AVX-512, NEON), and every world
+   size, transport and thread count. A reference output made on a laptop checks a board
+   in the field: the demos print an output fingerprint to compare by eye. How:
+   - every multiply-add the library means is one fused multiply-add (fmaf: one
+     instruction where the hardware has FMA, an exact software one elsewhere, as on
+     armhf's baseline VFPv3 and x86-64 without -mfma: slower, see bench/RESULTS.md);
+     every other product is either exact or feeds no addition, so contraction by the
+     compiler changes nothing (clang also gets #pragma STDC FP_CONTRACT OFF);
+   - exp, sigmoid and GELU's erf are the library's own (+, -, *, /, fmaf, bit operations),
+     not libm's, whose last bits differ between C libraries and architectures;
+   - the portable kernel fuses where the SIMD kernels fuse, in the same order.
+   Not covered, and said at compile time with #error unless MOE_EP_ALLOW_DIFFERENT_BITS is
+   defined: FLT_EVAL_METHOD other than 0 (x87 without SSE2: use -msse2 -mfpmath=sse; gcc on
+   s390x in ISO C mode: -fexcess-precision=fast) and -ffast-math. Not covered, without a
+   message: MOE_EP_CBLAS (the BLAS decides), a rounding mode other than to-nearest or
+   flush-to-zero set by the program, the z-loss (libm's log), the GPU layer (deterministic
+   run to run, within a tolerance of the CPU), and -funsafe-math-optimizations or other
+   value-changing flags that leave no macro behind.
+
+   FILES
+   =====
+   A transport header includes the core as "../moe_ep.h" (the source tree and
+   `make install`'s layout), unless the core is already there: headers copied into one
+   flat folder work when the file includes "moe_ep.h" before the transport header (with
+   the same MOE_EP_IMPLEMENTATION), or with MOE_EP_CORE_HEADER defined ("moe_ep.h").
+   moe_ep_mpi.h defines OMPI_SKIP_MPICXX and MPICH_SKIP_MPICXX for C++ before it includes
+   mpi.h (the MPI C++ bindings are not needed); define them yourself if you include mpi.h
+   first. MOE_EP_STATIC builds cleanly under -Wall -Wextra -Werror when a program calls
+   only part of the API. moe_ep_version() returns the version the implementation was built
+   with, beside the MOE_EP_VERSION_* macros of the header a file was compiled against.
 
    STEP BY STEP
    ============
@@ -815,21 +855,26 @@ MOE_EP_API moe_ep_result moe_ep_agree(const moe_ep_transport* transport, const m
 #endif
 
 /* fmaf where the hardware fuses (the compiler then emits one instruction), else in
-   software: the product of two floats is exact in double, TwoSum gives the sum's error,
-   and rounding the double to odd before rounding it to float makes the two roundings one
-   (round-to-odd at 53 bits, then to 24). glibc's fmaf does this too, but behind a call
-   that also saves and restores the floating-point environment. */
+   software: the product of two floats is exact in double, so the double sum is the exact
+   sum rounded once; rounding it to float is right unless it fell on a float tie, and then
+   TwoSum gives the sum's error and rounding the double to odd first makes the two
+   roundings one (round-to-odd at 53 bits, then to 24). glibc's fmaf does the same, but
+   behind a call that also saves and restores the floating-point environment. */
 #if defined(FP_FAST_FMAF) || defined(__FP_FAST_FMAF) || defined(__FMA__) || defined(__ARM_FEATURE_FMA) || \
     defined(__aarch64__) || defined(__s390x__) || (defined(__riscv) && defined(__riscv_flen))
 #define MOE_EP__HW_FMA 1
 #define moe_ep__fmaf fmaf
 #else
 MOE_EP_PRIVATE float moe_ep__fmaf(float a, float b, float c) {
-    double p = (double)a * (double)b, s = p + (double)c;
-    double bv = s - p, err = (p - (s - bv)) + ((double)c - bv);
+    double p = (double)a * (double)b, s = p + (double)c, bv, err;
     uint64_t u;
     memcpy(&u, &s, sizeof u);
-    if (err != 0.0 && err == err && !(u & 1u)) {    /* inexact, ends even: step toward the exact sum */
+    /* Rounding s to float rounds a second time wrongly only if s fell on a float tie (its
+       29 low bits 1000...0) or below FLT_MIN (subnormal floats tie elsewhere): rare. */
+    if ((u & 0x1FFFFFFFu) != 0x10000000u && (s >= FLT_MIN || s <= -FLT_MIN)) return (float)s;
+    bv = s - p;
+    err = (p - (s - bv)) + ((double)c - bv);
+    if (err != 0.0 && err == err && !(u & 1u)) {    /* inexact and even: round to odd, toward the sum */
         u += (err > 0.0) == (s > 0.0) ? 1u : (uint64_t)-1;
         memcpy(&s, &u, sizeof s);
     }
@@ -2872,8 +2917,8 @@ MOE_EP_API moe_ep_result moe_ep_layout_split(const moe_ep_layout_desc* desc, con
    where a chain runs and where its running sum waits between K blocks (registers or a
    scratch tile, which holds it exactly), never its order; so a row's output does not
    depend on how many rows came with it or on the thread count. The SIMD paths fuse
-   each multiply-add (one rounding), the portable path may not: paths agree to rounding,
-   and each is bitwise reproducible on its own.
+   each multiply-add (one rounding), and so does the portable path (moe_ep__fma_row): every
+   path gives the same bits.
 
    Path: AVX-512F, else AVX2+FMA, else AArch64 NEON, from the compiler's target macros;
    MOE_EP_NO_SIMD forces the portable C. MOE_EP_CBLAS sends the three products of an
@@ -3217,6 +3262,28 @@ MOE_EP_PRIVATE void moe_ep__micro(int rows, int kc, const float* a, const float*
     kernels[rows](kc, a, b, cin, ldc, cout, ldo, ep);
 }
 #else
+/* acc[j] = fmaf(av, bk[j], acc[j]) for one row of NR. Without hardware FMA the row's double
+   sums are formed in one loop the compiler can vectorise, and only a row where one of
+   them would round twice (moe_ep__fmaf's rare case) is redone element by element. */
+MOE_EP_PRIVATE void moe_ep__fma_row(float* acc, float av, const float* bk) {
+    int j;
+#ifdef MOE_EP__HW_FMA
+    for (j = 0; j < MOE_EP__NR; ++j) acc[j] = moe_ep__fmaf(av, bk[j], acc[j]);
+#else
+    double sum[MOE_EP__NR];
+    int rare = 0;
+    for (j = 0; j < MOE_EP__NR; ++j) {
+        uint64_t u;
+        sum[j] = (double)av * (double)bk[j] + (double)acc[j];
+        memcpy(&u, &sum[j], sizeof u);
+        rare |= ((uint32_t)u & 0x1FFFFFFFu) == 0x10000000u || !(sum[j] >= FLT_MIN || sum[j] <= -FLT_MIN);
+    }
+    if (rare)
+        for (j = 0; j < MOE_EP__NR; ++j) acc[j] = moe_ep__fmaf(av, bk[j], acc[j]);
+    else
+        for (j = 0; j < MOE_EP__NR; ++j) acc[j] = (float)sum[j];
+#endif
+}
 /* Portable: the same chains in plain C. A full tile gets constant loop bounds, so that
    the compiler can keep its MR x NR sums in registers. */
 #define MOE_EP__MICRO_BODY(ROWS) \
@@ -3228,7 +3295,7 @@ MOE_EP_PRIVATE void moe_ep__micro(int rows, int kc, const float* a, const float*
         const float* bk = b + (int64_t)kk * MOE_EP__NR; \
         for (r = 0; r < (ROWS); ++r) { \
             float av = a[(int64_t)kk * MOE_EP__MR + r]; \
-            for (j = 0; j < MOE_EP__NR; ++j) acc[r][j] = moe_ep__fmaf(av, bk[j], acc[r][j]); \
+            moe_ep__fma_row(acc[r], av, bk); \
         } \
     } \
     for (r = 0; r < (ROWS); ++r) moe_ep__finish_row(ep, acc[r], cout + r * ldo);
@@ -3266,7 +3333,7 @@ MOE_EP_PRIVATE void moe_ep__micro(int rows, int kc, const float* a, const float*
         for (kk = 0; kk < kc; ++kk) {
             const float* bk = b + (int64_t)kk * MOE_EP__NR;
             float av = a[(int64_t)kk * MOE_EP__MR + r];
-            for (j = 0; j < MOE_EP__NR; ++j) acc[j] = moe_ep__fmaf(av, bk[j], acc[j]);
+            moe_ep__fma_row(acc, av, bk);
         }
         moe_ep__finish_row(ep, acc, cout + r * ldo);
     }
