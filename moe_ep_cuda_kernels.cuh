@@ -531,14 +531,15 @@ __device__ void warp_best(const float* v, const float* mark, int n, float* best_
 /* One warp per token, as the core's router: scores (softmax normalised before selection, so
    two experts tie exactly when they tie there), the choice with the selection bias within the
    best groups, top-k with ties to the lower index, weights from the unbiased scores. Shared
-   memory per warp: scores, choices and taken marks [E] each, group scores and marks [G]. */
+   memory per warp: scores, choices and taken marks [E] each, group scores and marks [G]
+   (then the k weights, renormalised there before one store each). */
 __global__ void topk_kernel(const float* __restrict__ logits, int64_t tokens, int E, int k, moe_ep__cuda_k_router r,
                             int32_t* __restrict__ idx, float* __restrict__ weight) {
     extern __shared__ float router_shared[];
     int lane = threadIdx.x & 31, warp_in_block = threadIdx.x >> 5, G = r.groups, n = E / G;
     int64_t t = (int64_t)blockIdx.x * (blockDim.x >> 5) + warp_in_block;
     if (t >= tokens) return;
-    float* p = router_shared + (size_t)warp_in_block * (3 * (size_t)E + 2 * (size_t)G);
+    float* p = router_shared + (size_t)warp_in_block * (3 * (size_t)E + (size_t)(2 * G > k ? 2 * G : k));
     float* c = p + E;
     float* taken = c + E;
     float* gs = taken + E;
@@ -584,34 +585,37 @@ __global__ void topk_kernel(const float* __restrict__ logits, int64_t tokens, in
         __syncwarp();
     }
     float first = 0.0f;                              /* the first choice's logit (TOPK_SOFTMAX) */
+    float* w = gs;                                   /* the k weights, in shared memory (groups are done) */
     for (int j = 0; j < k; ++j) {
         float best;
         int best_e;
         warp_best(c, taken, E, &best, &best_e);
         if (lane == 0) {
-            float w = p[best_e];
+            float v = p[best_e];
             if (j == 0) first = p[best_e];
-            if (r.scoring == 3) w = expf(p[best_e] - first);
-            else if (r.scoring == 4) w = 1.0f / (1.0f + expf(-p[best_e]));
+            if (r.scoring == 3) v = expf(p[best_e] - first);
+            else if (r.scoring == 4) v = 1.0f / (1.0f + expf(-p[best_e]));
             idx[t * k + j] = best_e;
-            weight[t * k + j] = w;
+            w[j] = v;
             taken[best_e] = 1.0f;
         }
         __syncwarp();
     }
     if (lane == 0) {                                 /* slot order, as on the CPU */
         if (r.scoring == 3) {
-            for (int j = 0; j < k; ++j) wsum += weight[t * k + j];
-            for (int j = 0; j < k; ++j) weight[t * k + j] = weight[t * k + j] / wsum;
+            for (int j = 0; j < k; ++j) wsum += w[j];
+            for (int j = 0; j < k; ++j) w[j] = w[j] / wsum;
         }
         if (r.normalize) {
             wsum = 0.0f;
-            for (int j = 0; j < k; ++j) wsum += weight[t * k + j];
-            for (int j = 0; j < k; ++j) weight[t * k + j] = weight[t * k + j] / wsum;
+            for (int j = 0; j < k; ++j) wsum += w[j];
+            for (int j = 0; j < k; ++j) w[j] = w[j] / wsum;
         }
         if (r.scaling != 1.0f)
-            for (int j = 0; j < k; ++j) weight[t * k + j] = weight[t * k + j] * r.scaling;
+            for (int j = 0; j < k; ++j) w[j] = w[j] * r.scaling;
     }
+    __syncwarp();
+    for (int j = lane; j < k; j += 32) weight[t * k + j] = w[j];
 }
 
 __global__ void slot_map_kernel(const int64_t* __restrict__ slot_rows, const int32_t* __restrict__ topk_idx,
@@ -778,7 +782,8 @@ extern "C" int moe_ep__cuda_k_topk(const float* logits, int64_t tokens, int num_
     using namespace moe_ep_cuda_kernels;
     cudaStream_t s = (cudaStream_t)stream;
     int warps = num_experts <= 1024 ? 4 : 1;
-    size_t shared = sizeof(float) * (3 * (size_t)num_experts + 2 * (size_t)router->groups) * (size_t)warps;
+    size_t tail = 2 * (size_t)router->groups > (size_t)top_k ? 2 * (size_t)router->groups : (size_t)top_k;
+    size_t shared = sizeof(float) * (3 * (size_t)num_experts + tail) * (size_t)warps;
     if (tokens <= 0) return 0;
     if (shared > 48 * 1024) {
         cudaError_t e = cudaFuncSetAttribute(topk_kernel, cudaFuncAttributeMaxDynamicSharedMemorySize, (int)shared);

@@ -374,8 +374,9 @@ static void check_refusals(gpu_env* env) {
         .d_model = 16, .d_ff = 16, .num_experts = 8, .top_k = 2, .transport = &env->transport, .stream = env->stream,
         .router_weight = router, .experts = experts, .shared = { .d_ff = 16, .weights = { .w1 = wt, .w2 = wt } },
         .logger = test_log_logger(&log) }, &layer);
-    gpu_fact(res != MOE_EP_ERROR_INVALID_ARGUMENT || layer != NULL || !test_log_find(&log, "shared.weights"),
-             "a shared expert without w3 is refused naming shared.weights: %s", moe_ep_result_string(res));
+    gpu_fact(res != MOE_EP_ERROR_INVALID_ARGUMENT || layer != NULL || test_log_find(&log, "shared.weights") < 0,
+             "a shared expert without w3 is refused naming shared.weights: %s (%s)", moe_ep_result_string(res),
+             test_log_line(&log, 0));
     if (layer) moe_ep_cuda_layer_destroy(layer);
     test_log_destroy(&log);
 }
