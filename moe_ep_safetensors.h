@@ -2214,7 +2214,8 @@ MOE_EP_API moe_ep_result moe_ep_model_load_layer(moe_ep_model* m, const moe_ep_m
     L.buffer = (unsigned char*)moe_ep_alloc(&m->allocator, MOE_EP__ST_CHUNK);
     if (!layer->weights || !layer->experts || !L.buffer) { moe_ep__st_err(err, err_size, "out of memory"); goto fail; }
     memset(layer->experts, 0, (size_t)layer->local * sizeof *layer->experts);
-    layer->bytes = floats * sizeof(float) + (uint64_t)layer->local * (sizeof *layer->experts + sizeof(int)) + sizeof *layer +
+    layer->bytes = floats * sizeof(float) + (uint64_t)layer->local * sizeof *layer->experts + (uint64_t)E * sizeof(int) +
+                   sizeof *layer +
                    (layer->placement_table ? (uint64_t)E * sizeof(int) : 0);
     r = MOE_EP_ERROR_INVALID_ARGUMENT;
     w = layer->weights;

@@ -1,0 +1,786 @@
+/* check_safetensors.c -- moe_ep_safetensors.h against models written by transformers.
+
+   tests/data/<model>/ holds a tiny random model of each family, written by transformers'
+   own save_pretrained (tests/data/gen_models.py; README.md there), and reference.safetensors:
+   the input of every MoE layer in a forward pass and the block's output from transformers.
+   Each MoE layer is loaded rank by rank (each rank thread opens the model and loads its own
+   experts, one call per rank), run at 1 to 4 pthreads ranks: within 1e-5 of transformers'
+   float64 output, bitwise equal across rank counts. Dense layers are refused with their rule;
+   bad files (made here from the good ones) get errors that name the file and the tensor, and
+   leave nothing allocated; a rank of 8 holds its share of the experts and no more. */
+#define _POSIX_C_SOURCE 200809L   /* mkdtemp, ftruncate */
+#include "check_moe_ep.h"
+#include "../moe_ep_safetensors.h"
+
+#include <fcntl.h>
+#include <math.h>
+#include <stdio.h>
+#include <stdlib.h>
+#include <string.h>
+#include <sys/stat.h>
+#include <unistd.h>
+
+#define ST_DATA "tests/data/"
+#define ST_MAX_RANKS 8
+
+/* >>runner: R rank threads, each opens the model, loads its layer and runs its tokens. */
+typedef struct st_run {
+    const char* dir;
+    int layer, ranks;
+    int64_t tokens;
+    const float* x;                 /* [tokens, d] */
+    float* y;                       /* [tokens, d] */
+    int d_model;
+    moe_ep_allocator allocator;
+    moe_ep_result result[ST_MAX_RANKS];
+    char error[ST_MAX_RANKS][512];
+} st_run;
+
+typedef struct st_rank_arg { st_run* run; } st_rank_arg;
+
+static void st_share(int64_t tokens, int ranks, int rank, int64_t* first, int64_t* count) {
+    *first = tokens * rank / ranks;
+    *count = tokens * (rank + 1) / ranks - *first;
+}
+
+static moe_ep_result st_rank(const moe_ep_transport* transport, void* user_data) {
+    st_run* run = (st_run*)user_data;
+    int rank = transport->rank;
+    moe_ep_model* model = NULL;
+    moe_ep_model_layer* layer = NULL;
+    moe_ep_context* ctx = NULL;
+    moe_ep_desc d;
+    int64_t first, count;
+    moe_ep_result r;
+    r = moe_ep_model_open(&(moe_ep_model_desc){ .path = run->dir, .allocator = run->allocator }, &model,
+                          run->error[rank], sizeof run->error[rank]);
+    if (r == MOE_EP_OK)
+        r = moe_ep_model_load_layer(model, &(moe_ep_model_layer_desc){ .layer = run->layer, .rank = rank,
+                                                                        .world_size = run->ranks },
+                                    &layer, run->error[rank], sizeof run->error[rank]);
+    moe_ep_model_close(model);
+    if (r == MOE_EP_OK) {
+        d = moe_ep_model_layer_query(layer);
+        d.transport = transport;
+        d.num_threads = 1;
+        d.allocator = run->allocator;
+        r = moe_ep_create(&d, &ctx);
+        moe_ep_model_layer_free(layer);     /* create copied what it needs */
+        if (r != MOE_EP_OK) snprintf(run->error[rank], sizeof run->error[rank], "moe_ep_create failed");
+    }
+    if (r == MOE_EP_OK) {
+        st_share(run->tokens, run->ranks, rank, &first, &count);
+        r = moe_ep_forward(ctx, &(moe_ep_forward_args){ .tokens = count, .x = run->x + first * run->d_model,
+                                                        .y = run->y + first * run->d_model });
+        if (r != MOE_EP_OK) snprintf(run->error[rank], sizeof run->error[rank], "forward: %s", moe_ep_last_error(ctx));
+    }
+    moe_ep_destroy(ctx);
+    run->result[rank] = r;
+    return r;
+}
+
+static moe_ep_result st_run_layer(st_run* run) {
+    moe_ep_pthreads_world* world = NULL;
+    moe_ep_result results[ST_MAX_RANKS], r;
+    int i;
+    for (i = 0; i < ST_MAX_RANKS; ++i) { run->result[i] = MOE_EP_OK; run->error[i][0] = '\0'; }
+    r = moe_ep_pthreads_world_create(&(moe_ep_pthreads_desc){ .world_size = run->ranks, .timeout_ms = 60000 }, &world);
+    if (r != MOE_EP_OK) return r;
+    r = moe_ep_pthreads_run(world, st_rank, run, results);
+    moe_ep_pthreads_world_destroy(world);
+    return r;
+}
+
+static const char* st_errors(const st_run* run, char* out, size_t size) {
+    int i;
+    size_t used = 0;
+    out[0] = '\0';
+    for (i = 0; i < run->ranks && used < size; ++i)
+        if (run->error[i][0]) used += (size_t)snprintf(out + used, size - used, "[rank %d] %s ", i, run->error[i]);
+    return out;
+}
+
+/* >>references: reference.safetensors, read as raw arrays. */
+typedef struct st_ref {
+    moe_ep_st_file* file;
+    int moe_layers[16], moe_count, dense_layers[16], dense_count;
+} st_ref;
+
+static void st_layers(const char* text, int* out, int* count) {
+    *count = 0;
+    while (text && *text && *count < 16) {
+        out[(*count)++] = (int)strtol(text, (char**)&text, 10);
+        if (*text == ',') text++;
+    }
+}
+
+static bool st_ref_open(st_ref* ref, const char* model, char* err, size_t err_size) {
+    char path[256];
+    memset(ref, 0, sizeof *ref);
+    snprintf(path, sizeof path, ST_DATA "%s/reference.safetensors", model);
+    if (moe_ep_st_open(path, NULL, NULL, &ref->file, err, err_size) != MOE_EP_OK) return false;
+    st_layers(moe_ep_st_metadata(ref->file, "moe_layers"), ref->moe_layers, &ref->moe_count);
+    st_layers(moe_ep_st_metadata(ref->file, "dense_layers"), ref->dense_layers, &ref->dense_count);
+    return true;
+}
+
+/* Tensor layers.<layer>.<what> as a fresh array (float or double as stored), its element count in *n. */
+static void* st_ref_read(st_ref* ref, int layer, const char* what, moe_ep_st_dtype want, int64_t* n) {
+    char name[96], err[512];
+    const moe_ep_st_tensor* t;
+    void* out;
+    snprintf(name, sizeof name, "layers.%d.%s", layer, what);
+    t = moe_ep_st_find(ref->file, name);
+    if (!t) return NULL;
+    ck_assert_msg(t->dtype == want, "%s: dtype %s", name, moe_ep_st_dtype_string(t->dtype));
+    out = malloc((size_t)t->size);
+    ck_assert_msg(moe_ep_st_read(ref->file, t, 0, out, t->size, err, sizeof err) == MOE_EP_OK, "%s", err);
+    *n = (int64_t)(t->size / (want == MOE_EP_ST_F64 ? 8 : 4));
+    return out;
+}
+
+/* max |a - b| / max |b| */
+static double st_rel(const float* a, const double* b, int64_t n) {
+    double num = 0, den = 0;
+    int64_t i;
+    for (i = 0; i < n; ++i) {
+        double e = fabs((double)a[i] - b[i]);
+        if (!(e <= num)) num = e;
+        if (fabs(b[i]) > den) den = fabs(b[i]);
+    }
+    return den > 0 ? num / den : num;
+}
+
+/* >>equality */
+typedef struct st_model_case {
+    const char* model;
+    const char* same_as;            /* the same weights under the other naming: bitwise the same output */
+    const char* note;               /* how the weights are stored */
+} st_model_case;
+
+static const st_model_case st_models[] = {
+    { "mixtral", NULL, "F32, fused names, one file" },
+    { "mixtral_experts", "mixtral", "F32, published per-expert names (block_sparse_moe.experts.N.w1), 3 shards" },
+    { "qwen2_moe", NULL, "F32, fused, shared expert with gate, mlp_only_layers" },
+    { "qwen2_moe_experts", "qwen2_moe", "F32, per-expert names, 3 shards" },
+    { "qwen3_moe", NULL, "BF16, sharded by save_pretrained, decoder_sparse_step 2" },
+    { "deepseek_v3", NULL, "F32, fused, groups, selection bias, shared expert, first_k_dense_replace" },
+    { "deepseek_v3_experts", "deepseek_v3", "F32, per-expert names, 3 shards" },
+    { "deepseek_v3_fp8", NULL, "F8_E4M3 with 16x16 weight_scale_inv blocks, per-expert names, 2 shards" },
+    { "gpt_oss", NULL, "F32, router and expert biases, clamped SwiGLU" },
+    { "gpt_oss_mxfp4", NULL, "MXFP4 experts (_blocks, _scales)" },
+    { "llama4", NULL, "F32, Llama4ForCausalLM, interleave_moe_layer_step 2" },
+};
+#define ST_MODELS ((int)(sizeof st_models / sizeof st_models[0]))
+
+static bool st_have(const char* model) {
+    char path[256];
+    struct stat st;
+    snprintf(path, sizeof path, ST_DATA "%s/config.json", model);
+    return stat(path, &st) == 0;
+}
+
+/* Runs every MoE layer of `model` at 1 to 4 ranks; y_out (optional) gets the 1-rank outputs, layer after layer. */
+static void st_check_model(const st_model_case* mc, float** y_out, int64_t* y_size) {
+    st_ref ref;
+    char err[2048], dir[256];
+    int li, R;
+    int64_t total = 0;
+    float* all = NULL;
+    ck_assert_msg(st_have(mc->model), "tests/data/%s is missing (tests/data/gen_models.py makes it)", mc->model);
+    ck_assert_msg(st_ref_open(&ref, mc->model, err, sizeof err), "%s", err);
+    ck_assert_msg(ref.moe_count > 0, "%s: no MoE layer in the reference", mc->model);
+    snprintf(dir, sizeof dir, ST_DATA "%s", mc->model);
+    for (li = 0; li < ref.moe_count; ++li) {
+        int layer = ref.moe_layers[li];
+        int64_t n, n64, nq = 0;
+        float* x = (float*)st_ref_read(&ref, layer, "input", MOE_EP_ST_F32, &n);
+        double* y64 = (double*)st_ref_read(&ref, layer, "output_f64", MOE_EP_ST_F64, &n64);
+        double* orig = (double*)st_ref_read(&ref, layer, "output_orig_f64", MOE_EP_ST_F64, &nq);
+        float *y1 = (float*)malloc(sizeof(float) * (size_t)n), *yr = (float*)malloc(sizeof(float) * (size_t)n);
+        st_run run;
+        ck_assert_msg(x && y64 && n == n64, "%s layer %d: reference tensors missing", mc->model, layer);
+        for (R = 1; R <= 4; ++R) {
+            memset(&run, 0, sizeof run);
+            run.dir = dir;
+            run.layer = layer;
+            run.ranks = R;
+            run.x = x;
+            run.y = R == 1 ? y1 : yr;
+            {
+                char name[64];
+                snprintf(name, sizeof name, "layers.%d.input", layer);
+                run.d_model = (int)moe_ep_st_find(ref.file, name)->shape[1];
+            }
+            run.tokens = n / run.d_model;
+            test_poison(run.y, (size_t)n);
+            ck_assert_msg(st_run_layer(&run) == MOE_EP_OK, "%s layer %d at %d ranks: %s", mc->model, layer, R,
+                          st_errors(&run, err, sizeof err));
+            {   /* every element written, none NaN */
+                int64_t i;
+                for (i = 0; i < n && run.y[i] == run.y[i]; ++i) continue;
+                ck_assert_msg(i == n, "%s layer %d at %d ranks: element %lld unwritten or NaN", mc->model, layer, R,
+                              (long long)i);
+            }
+            if (R == 1) {
+                double e = st_rel(y1, y64, n);
+                ck_assert_msg(e <= 1e-5, "%s layer %d: relative error %.3g against transformers' float64 output",
+                              mc->model, layer, e);
+                if (orig) {     /* quantised: our error against the unquantised block is the format's own */
+                    double fmt = 0, den = 0, ours;
+                    int64_t i;
+                    for (i = 0; i < n; ++i) {
+                        if (fabs(y64[i] - orig[i]) > fmt) fmt = fabs(y64[i] - orig[i]);
+                        if (fabs(orig[i]) > den) den = fabs(orig[i]);
+                    }
+                    ours = st_rel(y1, orig, n);
+                    ck_assert_msg(ours <= fmt / den + 1e-5, "%s layer %d: %.3g from the unquantised block, the format's "
+                                  "own error is %.3g", mc->model, layer, ours, fmt / den);
+                }
+            } else {
+                ck_assert_msg(memcmp(y1, yr, sizeof(float) * (size_t)n) == 0, "%s layer %d: %d ranks differ from 1 rank",
+                              mc->model, layer, R);
+            }
+        }
+        all = (float*)realloc(all, sizeof(float) * (size_t)(total + n));
+        memcpy(all + total, y1, sizeof(float) * (size_t)n);
+        total += n;
+        free(x); free(y64); free(orig); free(y1); free(yr);
+    }
+    moe_ep_st_close(ref.file);
+    if (y_out) { *y_out = all; *y_size = total; } else free(all);
+}
+
+START_TEST(st_layers_match_transformers) {
+    const st_model_case* mc = &st_models[_i];
+    float *y = NULL, *same = NULL;
+    int64_t n = 0, m = 0;
+    st_check_model(mc, &y, &n);
+    if (mc->same_as) {
+        const st_model_case* other = NULL;
+        int i;
+        for (i = 0; i < ST_MODELS; ++i)
+            if (strcmp(st_models[i].model, mc->same_as) == 0) other = &st_models[i];
+        st_check_model(other, &same, &m);
+        ck_assert_msg(n == m && memcmp(y, same, sizeof(float) * (size_t)n) == 0,
+                      "%s: not bitwise the output of %s (the same weights)", mc->model, mc->same_as);
+    }
+    free(y);
+    free(same);
+}
+END_TEST
+
+/* >>dense: a dense layer is refused with its config rule. */
+START_TEST(st_dense_layer_refused) {
+    static const struct { const char* model; int layer; const char* rule; } cases[] = {
+        { "qwen2_moe", 1, "mlp_only_layers" },
+        { "qwen3_moe", 0, "decoder_sparse_step" },
+        { "deepseek_v3", 0, "first_k_dense_replace" },
+        { "llama4", 0, "moe_layers" },
+    };
+    int i;
+    for (i = 0; i < (int)(sizeof cases / sizeof cases[0]); ++i) {
+        char dir[256], err[512] = "";
+        moe_ep_model* model;
+        moe_ep_model_layer* layer = (moe_ep_model_layer*)&err;   /* must stay untouched */
+        snprintf(dir, sizeof dir, ST_DATA "%s", cases[i].model);
+        ck_assert_msg(moe_ep_model_open(&(moe_ep_model_desc){ .path = dir }, &model, err, sizeof err) == MOE_EP_OK, "%s", err);
+        ck_assert(!moe_ep_model_layer_is_moe(model, cases[i].layer, NULL, 0));
+        ck_assert_int_eq(moe_ep_model_load_layer(model, &(moe_ep_model_layer_desc){ .layer = cases[i].layer }, &layer,
+                                                 err, sizeof err), MOE_EP_ERROR_INVALID_ARGUMENT);
+        ck_assert_ptr_eq(layer, (moe_ep_model_layer*)&err);
+        ck_assert_msg(strstr(err, "dense") && strstr(err, cases[i].rule) && strstr(err, "config.json"),
+                      "%s layer %d: %s", cases[i].model, cases[i].layer, err);
+        moe_ep_model_close(model);
+    }
+}
+END_TEST
+
+/* >>files: helpers that copy a model and break one thing. */
+static char* st_slurp(const char* path, size_t* size) {
+    FILE* f = fopen(path, "rb");
+    char* data;
+    long n;
+    ck_assert_msg(f != NULL, "cannot open %s", path);
+    fseek(f, 0, SEEK_END);
+    n = ftell(f);
+    fseek(f, 0, SEEK_SET);
+    data = (char*)malloc((size_t)n + 1);
+    ck_assert(fread(data, 1, (size_t)n, f) == (size_t)n);
+    fclose(f);
+    data[n] = '\0';
+    *size = (size_t)n;
+    return data;
+}
+
+static void st_spit(const char* path, const void* data, size_t size) {
+    FILE* f = fopen(path, "wb");
+    ck_assert_msg(f != NULL, "cannot write %s", path);
+    ck_assert(fwrite(data, 1, size, f) == size);
+    fclose(f);
+}
+
+/* A fresh copy of tests/data/<model> in a temporary directory (its path in dir). */
+static void st_copy_model(const char* model, char* dir, size_t dir_size) {
+    static const char* const files[] = { "config.json", "model.safetensors", "model.safetensors.index.json",
+                                         "model-00001-of-00003.safetensors", "model-00002-of-00003.safetensors",
+                                         "model-00003-of-00003.safetensors" };
+    char tmpl[] = "/tmp/moe_ep_st_XXXXXX", src[320], dst[320];
+    size_t i, size;
+    ck_assert(mkdtemp(tmpl) != NULL);
+    snprintf(dir, dir_size, "%s", tmpl);
+    for (i = 0; i < sizeof files / sizeof files[0]; ++i) {
+        struct stat st;
+        char* data;
+        snprintf(src, sizeof src, ST_DATA "%s/%s", model, files[i]);
+        if (stat(src, &st) != 0) continue;
+        data = st_slurp(src, &size);
+        snprintf(dst, sizeof dst, "%s/%s", dir, files[i]);
+        st_spit(dst, data, size);
+        free(data);
+    }
+}
+
+static void st_remove_model(const char* dir) {
+    static const char* const files[] = { "config.json", "model.safetensors", "model.safetensors.index.json",
+                                         "model-00001-of-00003.safetensors", "model-00002-of-00003.safetensors",
+                                         "model-00003-of-00003.safetensors" };
+    char path[320];
+    size_t i;
+    for (i = 0; i < sizeof files / sizeof files[0]; ++i) {
+        snprintf(path, sizeof path, "%s/%s", dir, files[i]);
+        unlink(path);
+    }
+    rmdir(dir);
+}
+
+/* text with the first `from` replaced by `to` (a fresh string). */
+static char* st_replace(const char* text, const char* from, const char* to) {
+    const char* at = strstr(text, from);
+    char* out;
+    size_t head, n;
+    ck_assert_msg(at != NULL, "'%s' not found", from);
+    head = (size_t)(at - text);
+    n = strlen(text) - strlen(from) + strlen(to);
+    out = (char*)malloc(n + 1);
+    memcpy(out, text, head);
+    memcpy(out + head, to, strlen(to));
+    strcpy(out + head + strlen(to), at + strlen(from));
+    return out;
+}
+
+/* The JSON header of a safetensors file, and its data. */
+static char* st_header(const char* path, char** data, size_t* data_size) {
+    size_t size;
+    char* file = st_slurp(path, &size);
+    uint64_t n = 0;
+    int i;
+    char* header;
+    for (i = 7; i >= 0; --i) n = (n << 8) | (unsigned char)file[i];
+    header = (char*)malloc((size_t)n + 1);
+    memcpy(header, file + 8, (size_t)n);
+    header[n] = '\0';
+    *data_size = size - 8 - (size_t)n;
+    *data = (char*)malloc(*data_size + 1);
+    memcpy(*data, file + 8 + n, *data_size);
+    free(file);
+    return header;
+}
+
+static void st_write_safetensors(const char* path, const char* header, const void* data, size_t data_size) {
+    size_t n = strlen(header), i;
+    unsigned char* file = (unsigned char*)malloc(8 + n + data_size);
+    for (i = 0; i < 8; ++i) file[i] = (unsigned char)((uint64_t)n >> (8 * i));
+    memcpy(file + 8, header, n);
+    memcpy(file + 8 + n, data, data_size);
+    st_spit(path, file, 8 + n + data_size);
+    free(file);
+}
+
+/* The `"data_offsets":[a,b]` text of tensor `name` in header, into out. */
+static void st_offsets_text(const char* header, const char* name, char* out, size_t size, uint64_t* begin, uint64_t* end) {
+    char key[256];
+    const char *at, *off, *close;
+    snprintf(key, sizeof key, "\"%s\":", name);
+    at = strstr(header, key);
+    ck_assert_msg(at != NULL, "tensor %s not in the header", name);
+    off = strstr(at, "\"data_offsets\":[");
+    close = strchr(off, ']');
+    snprintf(out, size, "%.*s", (int)(close - off + 1), off);
+    ck_assert(sscanf(off, "\"data_offsets\":[%llu,%llu]", (unsigned long long*)begin, (unsigned long long*)end) == 2);
+}
+
+/* Opens dir and loads `layer` on rank 0 of 2 with a counting allocator: the result, the error
+   in err; asserts that nothing stays allocated and the out-param is untouched on failure. */
+static moe_ep_result st_try(const char* dir, int layer, char* err, size_t err_size) {
+    test_counter counter;
+    moe_ep_model* model = NULL;
+    moe_ep_model_layer* loaded = (moe_ep_model_layer*)&counter;
+    moe_ep_result r;
+    test_counter_init(&counter);
+    err[0] = '\0';
+    r = moe_ep_model_open(&(moe_ep_model_desc){ .path = dir, .allocator = test_counter_allocator(&counter) }, &model,
+                          err, err_size);
+    if (r == MOE_EP_OK) {
+        r = moe_ep_model_load_layer(model, &(moe_ep_model_layer_desc){ .layer = layer, .rank = 0, .world_size = 2 },
+                                    &loaded, err, err_size);
+        if (r == MOE_EP_OK) moe_ep_model_layer_free(loaded);
+        else ck_assert_ptr_eq(loaded, (moe_ep_model_layer*)&counter);
+        moe_ep_model_close(model);
+    } else {
+        ck_assert_ptr_null(model);
+    }
+    ck_assert_int_eq(test_counter_outstanding(&counter), 0);
+    test_counter_destroy(&counter);
+    return r;
+}
+
+/* Asserts a failure whose message holds every one of up to three phrases. */
+static void st_expect(const char* what, const char* dir, int layer, const char* a, const char* b, const char* c) {
+    char err[1024];
+    moe_ep_result r = st_try(dir, layer, err, sizeof err);
+    ck_assert_msg(r != MOE_EP_OK, "%s: loaded without an error", what);
+    ck_assert_msg(err[0] && (!a || strstr(err, a)) && (!b || strstr(err, b)) && (!c || strstr(err, c)),
+                  "%s: the error does not name [%s] [%s] [%s]: %s", what, a ? a : "", b ? b : "", c ? c : "", err);
+}
+
+#define ST_ROUTER0 "model.layers.0.mlp.gate.weight"
+#define ST_DOWN0 "model.layers.0.mlp.experts.down_proj"
+
+/* >>bad safetensors files: mixtral (one file) with one thing broken. */
+START_TEST(st_bad_safetensors) {
+    char dir[256], path[320], err[1024], text[160], other[160];
+    char *header, *data, *bad;
+    size_t data_size;
+    uint64_t begin, end, b2, e2;
+    st_copy_model("mixtral", dir, sizeof dir);
+    snprintf(path, sizeof path, "%s/model.safetensors", dir);
+    ck_assert_msg(st_try(dir, 0, err, sizeof err) == MOE_EP_OK, "the copy itself: %s", err);
+    header = st_header(path, &data, &data_size);
+
+    /* truncated: the last tensor runs past the end */
+    st_write_safetensors(path, header, data, data_size - 100);
+    st_expect("truncated file", dir, 0, "model.safetensors", "tensor '", "truncated");
+    /* the header's length past the end of the file */
+    {
+        size_t n = strlen(header), i;
+        unsigned char* file = (unsigned char*)malloc(8 + n);
+        uint64_t len = n + 1000;
+        for (i = 0; i < 8; ++i) file[i] = (unsigned char)(len >> (8 * i));
+        memcpy(file + 8, header, n);
+        st_spit(path, file, 8 + n);
+        free(file);
+        st_expect("header length past the end", dir, 0, "model.safetensors", "header length", "past the end");
+        st_spit(path, "\x05\x00\x00", 3);
+        st_expect("a 3-byte file", dir, 0, "model.safetensors", "too short", NULL);
+    }
+    /* offsets that run backwards, overlap, leave a gap, overflow */
+    st_offsets_text(header, ST_ROUTER0, text, sizeof text, &begin, &end);
+    snprintf(other, sizeof other, "\"data_offsets\":[%llu,%llu]", (unsigned long long)end, (unsigned long long)begin);
+    bad = st_replace(header, text, other);
+    st_write_safetensors(path, bad, data, data_size);
+    free(bad);
+    st_expect("backwards offsets", dir, 0, ST_ROUTER0, "backwards", "model.safetensors");
+    st_offsets_text(header, ST_DOWN0, other, sizeof other, &b2, &e2);
+    {
+        char moved[160];
+        /* the router moved onto the start of another tensor's bytes: an overlap */
+        snprintf(moved, sizeof moved, "\"data_offsets\":[%llu,%llu]", (unsigned long long)b2,
+                 (unsigned long long)(b2 + end - begin));
+        bad = st_replace(header, text, moved);
+        st_write_safetensors(path, bad, data, data_size);
+        free(bad);
+        st_expect("overlapping offsets", dir, 0, "overlaps", "model.safetensors", "tensor '");
+        snprintf(moved, sizeof moved, "\"data_offsets\":[%llu,18446744073709551615]", (unsigned long long)begin);
+        bad = st_replace(header, text, moved);
+        st_write_safetensors(path, bad, data, data_size);
+        free(bad);
+        st_expect("offsets at 2^64 - 1", dir, 0, ST_ROUTER0, "data_offsets", "model.safetensors");
+        snprintf(moved, sizeof moved, "\"data_offsets\":[%llu,184467440737095516150]", (unsigned long long)begin);
+        bad = st_replace(header, text, moved);
+        st_write_safetensors(path, bad, data, data_size);
+        free(bad);
+        st_expect("offsets past 2^64", dir, 0, "model.safetensors", "integer out of range", "line 1");
+    }
+    /* a shape whose element count overflows */
+    bad = st_replace(header, "\"shape\":[8,32]", "\"shape\":[4294967296,4294967296,4294967296]");
+    st_write_safetensors(path, bad, data, data_size);
+    free(bad);
+    st_expect("overflowing shape", dir, 0, ST_ROUTER0, "overflows", "model.safetensors");
+    /* a dtype, a shape that do not match the config */
+    bad = st_replace(header, "\"dtype\":\"F32\",\"shape\":[8,32]", "\"dtype\":\"I32\",\"shape\":[8,32]");
+    st_write_safetensors(path, bad, data, data_size);
+    free(bad);
+    st_expect("I32 router", dir, 0, ST_ROUTER0, "I32", "not supported");
+    bad = st_replace(header, "\"dtype\":\"F32\",\"shape\":[8,32]", "\"dtype\":\"F32\",\"shape\":[16,16]");
+    st_write_safetensors(path, bad, data, data_size);
+    free(bad);
+    st_expect("router of the wrong shape", dir, 0, ST_ROUTER0, "[16, 16]", "[8, 32]");
+    bad = st_replace(header, "\"dtype\":\"F32\",\"shape\":[8,32]", "\"dtype\":\"F6_E9M9\",\"shape\":[8,32]");
+    st_write_safetensors(path, bad, data, data_size);
+    free(bad);
+    st_expect("unknown dtype", dir, 0, ST_ROUTER0, "unknown dtype", "model.safetensors");
+    /* missing tensors: the router, the experts' down projection */
+    bad = st_replace(header, "\"" ST_ROUTER0 "\"", "\"model.layers.0.mlp.gate.weigh_\"");
+    st_write_safetensors(path, bad, data, data_size);
+    free(bad);
+    st_expect("missing router", dir, 0, ST_ROUTER0, "missing", "model.safetensors");
+    bad = st_replace(header, "\"" ST_DOWN0 "\"", "\"model.layers.0.mlp.experts.down_proX\"");
+    st_write_safetensors(path, bad, data, data_size);
+    free(bad);
+    st_expect("missing down_proj", dir, 0, ST_DOWN0, "missing", "model.safetensors");
+    /* malformed JSON in the header: a bad escape, invalid UTF-8, deep nesting, a duplicate name */
+    bad = st_replace(header, "\"" ST_ROUTER0 "\"", "\"model.layers.0.mlp.gate.\\qeight\"");
+    st_write_safetensors(path, bad, data, data_size);
+    free(bad);
+    st_expect("bad escape", dir, 0, "model.safetensors", "bad escape", "malformed JSON");
+    bad = st_replace(header, "\"" ST_ROUTER0 "\"", "\"model.layers.0.mlp.gate.\xC3\x28weight\"");
+    st_write_safetensors(path, bad, data, data_size);
+    free(bad);
+    st_expect("invalid UTF-8", dir, 0, "model.safetensors", "invalid UTF-8", NULL);
+    {
+        size_t depth = 5000, n = strlen(header);
+        char* deep = (char*)malloc(n + 2 * depth + 32);
+        strcpy(deep, "{\"x\":");
+        memset(deep + 5, '[', depth);
+        memset(deep + 5 + depth, ']', depth);
+        deep[5 + 2 * depth] = ',';
+        strcpy(deep + 6 + 2 * depth, header + 1);
+        st_write_safetensors(path, deep, data, data_size);
+        free(deep);
+        st_expect("deep nesting", dir, 0, "model.safetensors", "nesting deeper than 64", NULL);
+    }
+    bad = st_replace(header, "\"" ST_DOWN0 "\"", "\"" ST_ROUTER0 "\"");
+    st_write_safetensors(path, bad, data, data_size);
+    free(bad);
+    st_expect("duplicate tensor", dir, 0, ST_ROUTER0, "twice", "model.safetensors");
+    free(header);
+    free(data);
+    st_remove_model(dir);
+}
+END_TEST
+
+/* >>bad model directories: a shard named in the index that is absent; shards that disagree. */
+START_TEST(st_bad_shards) {
+    char dir[256], path[320], err[1024];
+    size_t size;
+    char *index, *bad;
+    st_copy_model("mixtral_experts", dir, sizeof dir);
+    ck_assert_msg(st_try(dir, 1, err, sizeof err) == MOE_EP_OK, "the copy itself: %s", err);
+    snprintf(path, sizeof path, "%s/model-00002-of-00003.safetensors", dir);
+    unlink(path);
+    st_expect("absent shard", dir, 1, "model-00002-of-00003.safetensors", "model.safetensors.index.json", "tensor '");
+    snprintf(path, sizeof path, "%s/model.safetensors.index.json", dir);
+    index = st_slurp(path, &size);
+    bad = st_replace(index, "model-00002-of-00003.safetensors", "../model-00002-of-00003.safetensors");
+    st_spit(path, bad, strlen(bad));
+    free(bad);
+    st_expect("a shard outside the directory", dir, 1, "model.safetensors.index.json", "weight_map", "tensor '");
+    /* the index puts a tensor in a shard that does not hold it */
+    bad = st_replace(index, "model-00002-of-00003.safetensors", "model-00001-of-00003.safetensors");
+    st_spit(path, bad, strlen(bad));
+    free(bad);
+    st_expect("tensor not where the index says", dir, 1, "model-00001-of-00003.safetensors", "missing", "tensor '");
+    free(index);
+    st_remove_model(dir);
+}
+END_TEST
+
+/* >>bad config.json: malformed JSON and numbers that contradict each other. */
+START_TEST(st_bad_config) {
+    static const struct { const char* model; const char* from; const char* to; const char* a; const char* b; const char* c; } cases[] = {
+        { "mixtral", "\"hidden_size\": 32", "\"hidden_size\": 1e999", "config.json", "out of range", NULL },
+        { "mixtral", "\"hidden_size\": 32", "\"hidden_size\": 123456789012345678901234567890", "config.json",
+          "integer out of range", NULL },
+        { "mixtral", "\"hidden_size\": 32", "\"hidden_size\": 4294967296", "hidden_size", "must be in", NULL },
+        { "mixtral", "\"hidden_size\": 32", "\"hidden_size\": 48", "[8, 32]", "[8, 48]", ST_ROUTER0 },
+        { "mixtral", "\"hidden_size\": 32", "\"hidden_size\": 3.5", "hidden_size", "integer", NULL },
+        { "mixtral", "\"model_type\": \"mixtral\"", "\"model_type\": \"mix\\qtral\"", "config.json", "bad escape", NULL },
+        { "mixtral", "\"model_type\": \"mixtral\"", "\"model_type\": \"mix\xFFtral\"", "config.json", "invalid UTF-8", NULL },
+        { "mixtral", "\"model_type\": \"mixtral\"", "\"model_type\": \"mixtral\\ud800\"", "config.json", "surrogate", NULL },
+        { "mixtral", "\"model_type\": \"mixtral\"", "\"model_type\": \"mixtral\", \"model_type\": \"mixtral\"",
+          "model_type", "twice", NULL },
+        { "mixtral", "\"num_experts_per_tok\": 2", "\"num_experts_per_tok\": 9", "num_experts_per_tok (9)", "above", NULL },
+        { "mixtral", "\"model_type\": \"mixtral\"", "\"model_type\": \"qwen3_moe\"", "model_type \"qwen3_moe\"",
+          "contradicts", "MixtralForCausalLM" },
+        { "mixtral", "\"model_type\": \"mixtral\"", "\"model_type\": \"bert\"", "bert", "not a supported", NULL },
+        { "deepseek_v3", "\"n_group\": 4", "\"n_group\": 3", "n_group (3)", "does not divide", NULL },
+        { "deepseek_v3", "\"topk_group\": 2", "\"topk_group\": 5", "topk_group (5)", "above n_group", NULL },
+        { "qwen2_moe", "\"mlp_only_layers\": [\n    1\n  ]", "\"mlp_only_layers\": [7]", "mlp_only_layers[0]",
+          "num_hidden_layers = 3", NULL },
+        { "mixtral", "\"hidden_act\": \"silu\"", "\"hidden_act\": \"gelu\"", "hidden_act", "not supported", NULL },
+    };
+    int i;
+    for (i = 0; i < (int)(sizeof cases / sizeof cases[0]); ++i) {
+        char dir[256], path[320], what[64];
+        size_t size;
+        char *config, *bad;
+        st_copy_model(cases[i].model, dir, sizeof dir);
+        snprintf(path, sizeof path, "%s/config.json", dir);
+        config = st_slurp(path, &size);
+        bad = st_replace(config, cases[i].from, cases[i].to);
+        st_spit(path, bad, strlen(bad));
+        snprintf(what, sizeof what, "config case %d", i);
+        st_expect(what, dir, cases[i].model[0] == 'd' ? 1 : 0, cases[i].a, cases[i].b, cases[i].c);
+        free(config);
+        free(bad);
+        st_remove_model(dir);
+    }
+    {   /* nesting far past the limit, and a truncated text */
+        char dir[256], path[320];
+        size_t depth = 100000, k;
+        char* deep = (char*)malloc(2 * depth + 64);
+        st_copy_model("mixtral", dir, sizeof dir);
+        snprintf(path, sizeof path, "%s/config.json", dir);
+        strcpy(deep, "{\"model_type\": \"mixtral\", \"x\": ");
+        k = strlen(deep);
+        memset(deep + k, '[', depth);
+        memset(deep + k + depth, ']', depth);
+        strcpy(deep + k + 2 * depth, "}");
+        st_spit(path, deep, strlen(deep));
+        st_expect("deep config", dir, 0, "config.json", "nesting deeper than 64", NULL);
+        st_spit(path, "{\"model_type\": \"mixtral\", \"hidden_size\": 3", 40);
+        st_expect("truncated config", dir, 0, "config.json", "malformed JSON", NULL);
+        free(deep);
+        st_remove_model(dir);
+    }
+}
+END_TEST
+
+/* >>memory: a rank of 8 holds its share of the experts, the router and no more. */
+typedef struct st_bytes {
+    pthread_mutex_t mutex;
+    int64_t now, peak;
+} st_bytes;
+
+static void* st_bytes_alloc(size_t size, void* user) {
+    st_bytes* b = (st_bytes*)user;
+    size_t* p = (size_t*)malloc(size + 16);
+    if (!p) return NULL;
+    p[0] = size;
+    pthread_mutex_lock(&b->mutex);
+    b->now += (int64_t)size;
+    if (b->now > b->peak) b->peak = b->now;
+    pthread_mutex_unlock(&b->mutex);
+    return (char*)p + 16;
+}
+
+static void st_bytes_free(void* ptr, void* user) {
+    st_bytes* b = (st_bytes*)user;
+    size_t* p = (size_t*)((char*)ptr - 16);
+    pthread_mutex_lock(&b->mutex);
+    b->now -= (int64_t)p[0];
+    pthread_mutex_unlock(&b->mutex);
+    free(p);
+}
+
+static int64_t st_rss_bytes(void) {
+    FILE* f = fopen("/proc/self/statm", "r");
+    long pages = -1, resident = -1;
+    if (!f) return -1;
+    if (fscanf(f, "%ld %ld", &pages, &resident) != 2) resident = -1;
+    fclose(f);
+    return resident < 0 ? -1 : (int64_t)resident * sysconf(_SC_PAGESIZE);
+}
+
+/* A Mixtral layer of 64 experts, d 256, d_ff 512 (96 MiB of F32 experts), as a sparse file:
+   the header and holes, so that writing it costs nothing. */
+#define ST_MEM_E 64
+#define ST_MEM_D 256
+#define ST_MEM_I 512
+static void st_write_big_model(const char* dir) {
+    char path[320], header[1024];
+    uint64_t router = (uint64_t)ST_MEM_E * ST_MEM_D * 4, gate_up = (uint64_t)ST_MEM_E * 2 * ST_MEM_I * ST_MEM_D * 4;
+    uint64_t down = (uint64_t)ST_MEM_E * ST_MEM_D * ST_MEM_I * 4;
+    size_t n, i;
+    unsigned char len[8];
+    int fd;
+    snprintf(path, sizeof path, "%s/config.json", dir);
+    snprintf(header, sizeof header, "{\"model_type\": \"mixtral\", \"architectures\": [\"MixtralForCausalLM\"], "
+             "\"hidden_size\": %d, \"intermediate_size\": %d, \"num_local_experts\": %d, \"num_experts_per_tok\": 2, "
+             "\"num_hidden_layers\": 1, \"hidden_act\": \"silu\"}", ST_MEM_D, ST_MEM_I, ST_MEM_E);
+    st_spit(path, header, strlen(header));
+    snprintf(header, sizeof header, "{\"model.layers.0.mlp.gate.weight\":{\"dtype\":\"F32\",\"shape\":[%d,%d],"
+             "\"data_offsets\":[0,%llu]},\"model.layers.0.mlp.experts.gate_up_proj\":{\"dtype\":\"F32\",\"shape\":"
+             "[%d,%d,%d],\"data_offsets\":[%llu,%llu]},\"model.layers.0.mlp.experts.down_proj\":{\"dtype\":\"F32\","
+             "\"shape\":[%d,%d,%d],\"data_offsets\":[%llu,%llu]}}", ST_MEM_E, ST_MEM_D, (unsigned long long)router,
+             ST_MEM_E, 2 * ST_MEM_I, ST_MEM_D, (unsigned long long)router, (unsigned long long)(router + gate_up),
+             ST_MEM_E, ST_MEM_D, ST_MEM_I, (unsigned long long)(router + gate_up),
+             (unsigned long long)(router + gate_up + down));
+    n = strlen(header);
+    for (i = 0; i < 8; ++i) len[i] = (unsigned char)((uint64_t)n >> (8 * i));
+    snprintf(path, sizeof path, "%s/model.safetensors", dir);
+    fd = open(path, O_WRONLY | O_CREAT | O_TRUNC, 0644);
+    ck_assert(fd >= 0);
+    ck_assert(write(fd, len, 8) == 8 && write(fd, header, n) == (ssize_t)n);
+    ck_assert(ftruncate(fd, (off_t)(8 + n + router + gate_up + down)) == 0);
+    close(fd);
+}
+
+START_TEST(st_rank_share_of_memory) {
+    char tmpl[] = "/tmp/moe_ep_st_XXXXXX", err[512], path[320];
+    st_bytes bytes;
+    moe_ep_model* model;
+    moe_ep_model_layer* layer;
+    int rank = _i;
+    uint64_t expert = 3ull * ST_MEM_I * ST_MEM_D * 4, router = (uint64_t)ST_MEM_E * ST_MEM_D * 4;
+    uint64_t share = expert * (ST_MEM_E / 8), limit = (uint64_t)((double)(share + router) * 1.1);
+    int64_t rss0, rss1;
+    const int* ids;
+    int n;
+    ck_assert(mkdtemp(tmpl) != NULL);
+    st_write_big_model(tmpl);
+    memset(&bytes, 0, sizeof bytes);
+    pthread_mutex_init(&bytes.mutex, NULL);
+    rss0 = st_rss_bytes();
+    ck_assert_msg(moe_ep_model_open(&(moe_ep_model_desc){ .path = tmpl, .allocator = { st_bytes_alloc, st_bytes_free,
+                                                                                       &bytes } },
+                                    &model, err, sizeof err) == MOE_EP_OK, "%s", err);
+    ck_assert_msg(moe_ep_model_load_layer(model, &(moe_ep_model_layer_desc){ .layer = 0, .rank = rank, .world_size = 8 },
+                                          &layer, err, sizeof err) == MOE_EP_OK, "%s", err);
+    moe_ep_model_close(model);
+    rss1 = st_rss_bytes();
+    n = moe_ep_model_layer_experts(layer, &ids);
+    ck_assert_int_eq(n, ST_MEM_E / 8);
+    ck_assert_int_eq(ids[0], rank * (ST_MEM_E / 8));
+    /* read: the router and this rank's experts, nothing else */
+    ck_assert_uint_eq(moe_ep_model_layer_bytes_read(layer), share + router);
+    ck_assert_msg((uint64_t)bytes.now <= limit, "rank %d keeps %lld bytes, its share + router + 10%% is %llu", rank,
+                  (long long)bytes.now, (unsigned long long)limit);
+    ck_assert_msg((uint64_t)bytes.now == moe_ep_model_layer_bytes(layer), "layer_bytes %llu, allocated %lld",
+                  (unsigned long long)moe_ep_model_layer_bytes(layer), (long long)bytes.now);
+    /* while loading: the layer, the parsed headers and the 1 MiB read buffer */
+    ck_assert_msg((uint64_t)bytes.peak <= limit + (2u << 20), "rank %d peaked at %lld bytes", rank, (long long)bytes.peak);
+    if (rss0 > 0 && rss1 > 0)
+        ck_assert_msg(rss1 - rss0 <= (int64_t)limit, "rank %d: resident memory grew by %lld bytes, limit %llu", rank,
+                      (long long)(rss1 - rss0), (unsigned long long)limit);
+    moe_ep_model_layer_free(layer);
+    ck_assert_int_eq(bytes.now, 0);
+    pthread_mutex_destroy(&bytes.mutex);
+    snprintf(path, sizeof path, "%s/config.json", tmpl);
+    unlink(path);
+    snprintf(path, sizeof path, "%s/model.safetensors", tmpl);
+    unlink(path);
+    rmdir(tmpl);
+}
+END_TEST
+
+Suite* safetensors_suite(void) {
+    Suite* s = suite_create("safetensors");
+    TCase* tc = tcase_create("models");
+    tcase_add_loop_test(tc, st_layers_match_transformers, 0, ST_MODELS);
+    tcase_add_test(tc, st_dense_layer_refused);
+    tcase_set_timeout(tc, 120);
+    suite_add_tcase(s, tc);
+    tc = tcase_create("bad files");
+    tcase_add_test(tc, st_bad_safetensors);
+    tcase_add_test(tc, st_bad_shards);
+    tcase_add_test(tc, st_bad_config);
+    tcase_set_timeout(tc, 60);
+    suite_add_tcase(s, tc);
+    tc = tcase_create("memory");
+    tcase_add_loop_test(tc, st_rank_share_of_memory, 0, 8);
+    tcase_set_timeout(tc, 60);
+    suite_add_tcase(s, tc);
+    return s;
+}
