@@ -1087,9 +1087,11 @@ MOE_EP_PRIVATE void moe_ep__convert(moe_ep_st_dtype dtype, const unsigned char* 
     size_t i;
     switch (dtype) {
     case MOE_EP_ST_F32: memcpy(out, in, n * 4); break;
-    case MOE_EP_ST_BF16:
-        for (i = 0; i < n; ++i) out[i] = moe_ep__bits_f32((uint32_t)(in[2 * i] | (in[2 * i + 1] << 8)) << 16);
+    case MOE_EP_ST_BF16: {       /* little-endian words; a loop the compiler vectorises */
+        uint32_t* bits = (uint32_t*)(void*)out;
+        for (i = 0; i < n; ++i) bits[i] = ((uint32_t)in[2 * i] << 16) | ((uint32_t)in[2 * i + 1] << 24);
         break;
+    }
     case MOE_EP_ST_F16:
         for (i = 0; i < n; ++i) out[i] = moe_ep__f16_f32((uint16_t)(in[2 * i] | (in[2 * i + 1] << 8)));
         break;
