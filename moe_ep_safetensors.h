@@ -1486,7 +1486,7 @@ MOE_EP_PRIVATE bool moe_ep__cfg_parse(moe_ep__cfgread* c, const moe_ep_allocator
         if (!moe_ep__cfg_int(c, "n_routed_experts", preset.num_experts, 1, 1 << 20, &cfg->num_experts) ||
             !moe_ep__cfg_int(c, "moe_intermediate_size", preset.d_ff, 1, 1 << 24, &cfg->d_ff) ||
             !moe_ep__cfg_int(c, "n_shared_experts", cfg->deepseek_v2 ? 2 : 1, 0, 1 << 10, &shared) ||
-            !moe_ep__cfg_bool(c, "norm_topk_prob", cfg->deepseek_v2 ? false : true, &cfg->normalize) ||
+            !moe_ep__cfg_bool(c, "norm_topk_prob", true, &cfg->normalize) ||
             !moe_ep__cfg_num(c, "routed_scaling_factor", cfg->deepseek_v2 ? 1.0 : 2.5, 1e-30, 1e30, &scaling) ||
             !moe_ep__cfg_int(c, "first_k_dense_replace", cfg->deepseek_v2 ? 0 : 3, 0, 1 << 16, &cfg->first_k_dense) ||
             !moe_ep__cfg_int(c, "moe_layer_freq", 1, 1, 1 << 16, &cfg->moe_layer_freq))
@@ -1495,6 +1495,7 @@ MOE_EP_PRIVATE bool moe_ep__cfg_parse(moe_ep__cfgread* c, const moe_ep_allocator
         method = moe_ep__cfg_str(c, "topk_method", &ok);
         if (!ok) return false;
         if (cfg->deepseek_v2) {
+            cfg->normalize = false;     /* transformers 5.17's DeepseekV2TopkRouter never renormalises */
             v2_greedy = !method || strcmp(method, "greedy") == 0;
             cfg->n_group = cfg->topk_group = 1;
             if (!v2_greedy) {
@@ -1637,7 +1638,7 @@ MOE_EP_API void moe_ep_model_close(moe_ep_model* m) {
     int i;
     if (!m) return;
     for (i = 0; i < m->shard_count; ++i) {
-        moe_ep_st_close(m->shards[i]);
+        if (m->shards) moe_ep_st_close(m->shards[i]);
         moe_ep_free(&m->allocator, m->shard_names[i]);
     }
     moe_ep_free(&m->allocator, m->shards);
@@ -2173,8 +2174,11 @@ MOE_EP_API moe_ep_result moe_ep_model_load_layer(moe_ep_model* m, const moe_ep_m
             if (status < 0) return MOE_EP_ERROR_INVALID_ARGUMENT;
         }
     if (!found) {
-        moe_ep__st_err(err, err_size, "%s/%s: tensor '%s%d.%s.%s' (layer %d's router) is missing", m->dir,
-                       moe_ep__model_where(m), prefixes[0], desc->layer, modules[0], router_leaf, desc->layer);
+        char other[200] = "";
+        if (modules[1])
+            snprintf(other, sizeof other, " (nor '%s%d.%s.%s')", prefixes[0], desc->layer, modules[1], router_leaf);
+        moe_ep__st_err(err, err_size, "%s/%s: tensor '%s%d.%s.%s'%s, layer %d's router, is missing", m->dir,
+                       moe_ep__model_where(m), prefixes[0], desc->layer, modules[0], router_leaf, other, desc->layer);
         return MOE_EP_ERROR_INVALID_ARGUMENT;
     }
     /* the experts' naming */

@@ -159,17 +159,18 @@ typedef struct st_model_case {
 } st_model_case;
 
 static const st_model_case st_models[] = {
-    { "mixtral", NULL, "F32, fused names, one file" },
-    { "mixtral_experts", "mixtral", "F32, published per-expert names (block_sparse_moe.experts.N.w1), 3 shards" },
-    { "qwen2_moe", NULL, "F32, fused, shared expert with gate, mlp_only_layers" },
-    { "qwen2_moe_experts", "qwen2_moe", "F32, per-expert names, 3 shards" },
-    { "qwen3_moe", NULL, "BF16, sharded by save_pretrained, decoder_sparse_step 2" },
-    { "deepseek_v3", NULL, "F32, fused, groups, selection bias, shared expert, first_k_dense_replace" },
-    { "deepseek_v3_experts", "deepseek_v3", "F32, per-expert names, 3 shards" },
+    { "mixtral", NULL, "F32, published per-expert names (block_sparse_moe.experts.N.w1), one file" },
+    { "mixtral_fused", "mixtral", "F32, transformers 5's fused names (mlp.experts.gate_up_proj), 3 shards" },
+    { "qwen2_moe", NULL, "F32, per-expert names, shared expert with its gate, mlp_only_layers" },
+    { "qwen2_moe_fused", "qwen2_moe", "F32, fused names, 3 shards" },
+    { "qwen3_moe", NULL, "BF16, sharded by save_pretrained (4 files), decoder_sparse_step 2" },
+    { "deepseek_v3", NULL, "F32, per-expert names, groups, selection bias, shared expert, first_k_dense_replace" },
+    { "deepseek_v3_fused", "deepseek_v3", "F32, fused names, 3 shards" },
     { "deepseek_v3_fp8", NULL, "F8_E4M3 with 16x16 weight_scale_inv blocks, per-expert names, 2 shards" },
-    { "gpt_oss", NULL, "F32, router and expert biases, clamped SwiGLU" },
+    { "deepseek_v2", NULL, "F32, softmax greedy top-k, routed_scaling_factor, two shared experts" },
+    { "gpt_oss", NULL, "F32, fused (as published), router and expert biases, clamped SwiGLU" },
     { "gpt_oss_mxfp4", NULL, "MXFP4 experts (_blocks, _scales)" },
-    { "llama4", NULL, "F32, Llama4ForCausalLM, interleave_moe_layer_step 2" },
+    { "llama4", NULL, "F32, Llama4ForCausalLM, fused (as published), moe_layers [1]" },
 };
 #define ST_MODELS ((int)(sizeof st_models / sizeof st_models[0]))
 
@@ -369,6 +370,16 @@ static char* st_replace(const char* text, const char* from, const char* to) {
     return out;
 }
 
+static char* st_replace_all(const char* text, const char* from, const char* to) {
+    char* out = st_replace(text, from, to);
+    while (strstr(out, from)) {
+        char* next = st_replace(out, from, to);
+        free(out);
+        out = next;
+    }
+    return out;
+}
+
 /* The JSON header of a safetensors file, and its data. */
 static char* st_header(const char* path, char** data, size_t* data_size) {
     size_t size;
@@ -444,8 +455,8 @@ static void st_expect(const char* what, const char* dir, int layer, const char* 
                   "%s: the error does not name [%s] [%s] [%s]: %s", what, a ? a : "", b ? b : "", c ? c : "", err);
 }
 
-#define ST_ROUTER0 "model.layers.0.mlp.gate.weight"
-#define ST_DOWN0 "model.layers.0.mlp.experts.down_proj"
+#define ST_ROUTER0 "model.layers.0.block_sparse_moe.gate.weight"
+#define ST_DOWN0 "model.layers.0.block_sparse_moe.experts.3.w2.weight"
 
 /* >>bad safetensors files: mixtral (one file) with one thing broken. */
 START_TEST(st_bad_safetensors) {
@@ -481,16 +492,33 @@ START_TEST(st_bad_safetensors) {
     st_write_safetensors(path, bad, data, data_size);
     free(bad);
     st_expect("backwards offsets", dir, 0, ST_ROUTER0, "backwards", "model.safetensors");
-    st_offsets_text(header, ST_DOWN0, other, sizeof other, &b2, &e2);
     {
-        char moved[160];
-        /* the router moved onto the start of another tensor's bytes: an overlap */
-        snprintf(moved, sizeof moved, "\"data_offsets\":[%llu,%llu]", (unsigned long long)b2,
-                 (unsigned long long)(b2 + end - begin));
+        char moved[160], key[300];
+        moe_ep_st_file* good;
+        const moe_ep_st_tensor *first = NULL, *last = NULL;
+        int i;
+        /* the tensor that ends the data moved onto the start of the first: an overlap */
+        free(header);
+        free(data);
+        st_copy_model("mixtral", other, sizeof other);     /* a good copy to read the offsets from */
+        snprintf(key, sizeof key, "%s/model.safetensors", other);
+        ck_assert_msg(moe_ep_st_open(key, NULL, NULL, &good, err, sizeof err) == MOE_EP_OK, "%s", err);
+        for (i = 0; i < moe_ep_st_tensor_count(good); ++i) {
+            const moe_ep_st_tensor* t = moe_ep_st_tensor_at(good, i);
+            if (!first || t->offset < first->offset) first = t;
+            if (!last || t->offset > last->offset) last = t;
+        }
+        header = st_header(key, &data, &data_size);
+        st_offsets_text(header, last->name, text, sizeof text, &b2, &e2);
+        snprintf(moved, sizeof moved, "\"data_offsets\":[%llu,%llu]", (unsigned long long)0,
+                 (unsigned long long)(e2 - b2));
         bad = st_replace(header, text, moved);
         st_write_safetensors(path, bad, data, data_size);
         free(bad);
-        st_expect("overlapping offsets", dir, 0, "overlaps", "model.safetensors", "tensor '");
+        st_expect("overlapping offsets", dir, 0, "overlaps", "model.safetensors", first->name);
+        moe_ep_st_close(good);
+        st_remove_model(other);
+        st_offsets_text(header, ST_ROUTER0, text, sizeof text, &begin, &end);
         snprintf(moved, sizeof moved, "\"data_offsets\":[%llu,18446744073709551615]", (unsigned long long)begin);
         bad = st_replace(header, text, moved);
         st_write_safetensors(path, bad, data, data_size);
@@ -521,20 +549,20 @@ START_TEST(st_bad_safetensors) {
     free(bad);
     st_expect("unknown dtype", dir, 0, ST_ROUTER0, "unknown dtype", "model.safetensors");
     /* missing tensors: the router, the experts' down projection */
-    bad = st_replace(header, "\"" ST_ROUTER0 "\"", "\"model.layers.0.mlp.gate.weigh_\"");
+    bad = st_replace(header, "\"" ST_ROUTER0 "\"", "\"model.layers.0.block_sparse_moe.gate.weigh_\"");
     st_write_safetensors(path, bad, data, data_size);
     free(bad);
     st_expect("missing router", dir, 0, ST_ROUTER0, "missing", "model.safetensors");
-    bad = st_replace(header, "\"" ST_DOWN0 "\"", "\"model.layers.0.mlp.experts.down_proX\"");
+    bad = st_replace(header, "\"" ST_DOWN0 "\"", "\"model.layers.0.block_sparse_moe.experts.3.w2.weighX\"");
     st_write_safetensors(path, bad, data, data_size);
     free(bad);
     st_expect("missing down_proj", dir, 0, ST_DOWN0, "missing", "model.safetensors");
     /* malformed JSON in the header: a bad escape, invalid UTF-8, deep nesting, a duplicate name */
-    bad = st_replace(header, "\"" ST_ROUTER0 "\"", "\"model.layers.0.mlp.gate.\\qeight\"");
+    bad = st_replace(header, "\"" ST_ROUTER0 "\"", "\"model.layers.0.block_sparse_moe.gate.\\qeight\"");
     st_write_safetensors(path, bad, data, data_size);
     free(bad);
     st_expect("bad escape", dir, 0, "model.safetensors", "bad escape", "malformed JSON");
-    bad = st_replace(header, "\"" ST_ROUTER0 "\"", "\"model.layers.0.mlp.gate.\xC3\x28weight\"");
+    bad = st_replace(header, "\"" ST_ROUTER0 "\"", "\"model.layers.0.block_sparse_moe.gate.\xC3\x28weight\"");
     st_write_safetensors(path, bad, data, data_size);
     free(bad);
     st_expect("invalid UTF-8", dir, 0, "model.safetensors", "invalid UTF-8", NULL);
@@ -565,22 +593,23 @@ START_TEST(st_bad_shards) {
     char dir[256], path[320], err[1024];
     size_t size;
     char *index, *bad;
-    st_copy_model("mixtral_experts", dir, sizeof dir);
+    st_copy_model("mixtral_fused", dir, sizeof dir);
     ck_assert_msg(st_try(dir, 1, err, sizeof err) == MOE_EP_OK, "the copy itself: %s", err);
-    snprintf(path, sizeof path, "%s/model-00002-of-00003.safetensors", dir);
-    unlink(path);
-    st_expect("absent shard", dir, 1, "model-00002-of-00003.safetensors", "model.safetensors.index.json", "tensor '");
     snprintf(path, sizeof path, "%s/model.safetensors.index.json", dir);
     index = st_slurp(path, &size);
+    /* the index puts tensors in a shard that does not hold them */
+    bad = st_replace_all(index, "model-00002-of-00003.safetensors", "model-00001-of-00003.safetensors");
+    st_spit(path, bad, strlen(bad));
+    free(bad);
+    st_expect("tensors not where the index says", dir, 1, "model-00001-of-00003.safetensors", "missing", "tensor '");
     bad = st_replace(index, "model-00002-of-00003.safetensors", "../model-00002-of-00003.safetensors");
     st_spit(path, bad, strlen(bad));
     free(bad);
     st_expect("a shard outside the directory", dir, 1, "model.safetensors.index.json", "weight_map", "tensor '");
-    /* the index puts a tensor in a shard that does not hold it */
-    bad = st_replace(index, "model-00002-of-00003.safetensors", "model-00001-of-00003.safetensors");
-    st_spit(path, bad, strlen(bad));
-    free(bad);
-    st_expect("tensor not where the index says", dir, 1, "model-00001-of-00003.safetensors", "missing", "tensor '");
+    st_spit(path, index, strlen(index));
+    snprintf(path, sizeof path, "%s/model-00002-of-00003.safetensors", dir);
+    unlink(path);
+    st_expect("absent shard", dir, 1, "model-00002-of-00003.safetensors", "model.safetensors.index.json", "tensor '");
     free(index);
     st_remove_model(dir);
 }

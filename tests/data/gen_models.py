@@ -13,9 +13,11 @@ Quantised variants (FP8 E4M3 with block scales, MXFP4) are written from the fp32
 the published formulas (quantise_fp8, quantise_mxfp4 below); their references come from the
 model with the dequantised weights (what a loader must reproduce exactly), plus
 output_orig_f64: the unquantised block on the same input (the format's error).
-Variants with the other tensor naming (per-expert names of the published checkpoints, or the
-fused names of transformers 5) are the same weights renamed (rename_* below), written with
-safetensors and an index file, so they share the reference of the model they come from.
+transformers 5.17's save_pretrained writes the per-expert names of the published checkpoints
+for Mixtral (block_sparse_moe.experts.N.w1), Qwen2/3-MoE and DeepSeek (mlp.experts.N.gate_proj)
+and the fused ones (experts.gate_up_proj) for GPT-OSS and Llama-4. <model>_fused holds the same
+weights under the fused names of transformers 5's modules (rename_fused below), written with
+safetensors and an index file (3 shards), so it shares the reference of the model it comes from.
 
 Output, per model: OUTDIR/<model>/config.json, model.safetensors or model-0000i-of-0000n.
 safetensors + model.safetensors.index.json, reference.safetensors (tensors
@@ -52,12 +54,12 @@ MODELS = [
     ("mixtral", "mixtral", "MixtralConfig", "MixtralForCausalLM",
      dict(COMMON, head_dim=8, intermediate_size=24, num_local_experts=8, num_experts_per_tok=2,
           num_hidden_layers=2),
-     dict(dtype=torch.float32, per_expert="mixtral_experts")),
+     dict(dtype=torch.float32, renamed=True)),
     ("qwen2_moe", "qwen2_moe", "Qwen2MoeConfig", "Qwen2MoeForCausalLM",
      dict(COMMON, intermediate_size=40, moe_intermediate_size=24, shared_expert_intermediate_size=56,
           num_experts=8, num_experts_per_tok=4, norm_topk_prob=False, num_hidden_layers=3,
           decoder_sparse_step=1, mlp_only_layers=[1]),
-     dict(dtype=torch.float32, per_expert="qwen2_moe_experts")),
+     dict(dtype=torch.float32, renamed=True)),
     ("qwen3_moe", "qwen3_moe", "Qwen3MoeConfig", "Qwen3MoeForCausalLM",
      dict(COMMON, head_dim=8, intermediate_size=40, moe_intermediate_size=24, num_experts=8,
           num_experts_per_tok=2, norm_topk_prob=True, num_hidden_layers=4, decoder_sparse_step=2),
@@ -67,7 +69,7 @@ MODELS = [
           n_group=4, topk_group=2, routed_scaling_factor=2.5, norm_topk_prob=True, n_shared_experts=1,
           first_k_dense_replace=1, num_hidden_layers=3, q_lora_rank=16, kv_lora_rank=16,
           qk_rope_head_dim=8, qk_nope_head_dim=8, v_head_dim=8, num_key_value_heads=4),
-     dict(dtype=torch.float32, per_expert="deepseek_v3_experts", fp8="deepseek_v3_fp8", fp8_block=[16, 16])),
+     dict(dtype=torch.float32, renamed=True, fp8="deepseek_v3_fp8", fp8_block=[16, 16])),
     ("deepseek_v2", "deepseek_v2", "DeepseekV2Config", "DeepseekV2ForCausalLM",
      dict(COMMON, intermediate_size=40, moe_intermediate_size=24, n_routed_experts=8, num_experts_per_tok=2,
           n_shared_experts=2, first_k_dense_replace=1, num_hidden_layers=2, routed_scaling_factor=1.5,
@@ -349,15 +351,16 @@ def one_model(out_root, ci, name, mod, cfg_name, model_name, kw, opt, src_dir):
         y64, y32 = ref[f"layers.{i}.output_f64"], ref[f"layers.{i}.output_f32"]
         print(f"   layer {i}: |y32 - y64| / max|y64| = {float((y32.double() - y64).abs().max() / y64.abs().max()):.3g}")
 
-    if opt.get("per_expert"):
-        vdir = os.path.join(out_root, opt["per_expert"])
+    if opt.get("renamed"):
+        # the other naming: <name>_fused where save_pretrained wrote per-expert names, else <name>_experts
+        vname = name + ("_experts" if fused else "_fused")
+        vdir = os.path.join(out_root, vname)
         os.makedirs(vdir, exist_ok=True)
         shutil.copy(os.path.join(out_dir, "config.json"), vdir)
         shutil.copy(os.path.join(out_dir, "reference.safetensors"), vdir)
         sd = rename_per_expert(saved, mod) if fused else rename_fused(saved, mod)
         write_sharded(vdir, sd, 3)
-        print(f"   {opt['per_expert']}: {len(sd)} tensors, 3 shards, "
-              f"{'per-expert' if fused else 'fused'} names")
+        print(f"   {vname}: {len(sd)} tensors, 3 shards, {'per-expert' if fused else 'fused'} names")
 
     if opt.get("fp8"):
         vdir = os.path.join(out_root, opt["fp8"])
