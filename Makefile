@@ -202,11 +202,14 @@ $(HDR)/decl_mpi.o: tests/headers/decl_mpi.cpp $(HEADERS) | $(HDR)
 check-mpi-headers: $(foreach m,$(MPI_HEADER_CC),$(HDR)/mpi_$(m)_c99.o $(HDR)/mpi_$(m)_omp.o) $(HDR)/decl_mpi.o
 
 # Open MPI at 1-4 processes, MPICH at 1, 2, 4, then the demo at 8 against one rank.
-check-mpi: check-mpi-headers $(MPI_LIST:%=$(BUILD)/check_mpi_%) $(BUILD)/mpi_demo
+check-mpi: check-mpi-headers $(MPI_LIST:%=$(BUILD)/check_mpi_%) $(BUILD)/mpi_demo $(BUILD)/model_layer_mpi
 	for n in $(MPI_SIZES_openmpi); do $(MPIRUN_openmpi) -x CK_FORK=no -n $$n ./$(BUILD)/check_mpi_openmpi $$n || exit 1; done
 	for n in $(MPI_SIZES_mpich); do CK_FORK=no $(MPIRUN_mpich) -n $$n ./$(BUILD)/check_mpi_mpich $$n || exit 1; done
 	$(MPIRUN_openmpi) -n 8 ./$(BUILD)/mpi_demo --tokens 64 --d-model 64 --d-ff 128 > $(BUILD)/mpi_demo.log \
 	  && tail -1 $(BUILD)/mpi_demo.log
+	$(MPIRUN_openmpi) -n 4 ./$(BUILD)/model_layer_mpi tests/data/deepseek_v3 --layer 1 --ranks 4 --transport mpi \
+	  --reps 2 --check tests/data/deepseek_v3/reference.safetensors > $(BUILD)/model_layer_mpi.log \
+	  && tail -1 $(BUILD)/model_layer_mpi.log
 
 # About 2.3 GiB per process: more than 2^31 bytes for real.
 check-mpi-large: $(MPI_LIST:%=$(BUILD)/large_mpi_%)

@@ -341,6 +341,7 @@ int main(int argc, char** argv) {
             moe_ep_pthreads_world_destroy(pw);
         }
     }
+    if (rank != 0) status = J->result[rank] == MOE_EP_OK ? 0 : 1;   /* rank 0 reports */
     if (rank == 0) {
         status = 0;
         for (r = 0; r < opt.ranks; ++r)
