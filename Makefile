@@ -232,7 +232,7 @@ MPIRUN_NCCL ?= mpirun
 GPU_FLAGS    = $(MOE_EP_CFLAGS) $(OPT) -isystem $(CUDA_HOME)/include $(CFLAGS)
 GPU_LIBS     = -L$(CUDA_HOME)/lib64 -lnccl -lcudart -pthread -lm $(LDFLAGS)
 CUDA_LIBS    = -L$(CUDA_HOME)/lib64 -lnccl -lcublas -lcudart -lstdc++ -pthread -lm $(LDFLAGS)
-GPU_TESTS    = check_nccl check_cuda check_cuda_layout
+GPU_TESTS    = check_nccl check_cuda check_cuda_layout check_cuda_families
 HAVE_NVCC   := $(shell command -v $(NVCC) 2>/dev/null)
 HAVE_MPI_NCCL := $(and $(shell command -v $(MPICC_NCCL) 2>/dev/null),$(shell command -v $(MPIRUN_NCCL) 2>/dev/null))
 # ANCHOR_DIR: the anchor scripts bench-gpu runs beside ours (raw NCCL all-to-all, the PyTorch EP layer)
@@ -245,8 +245,8 @@ $(BUILD)/%.o: %.cu $(HEADERS) | $(BUILD)
 	$(NVCC) $(CUDA_ARCH) -O2 -c $< -o $@
 $(GPU_TESTS:%=$(BUILD)/%): $(BUILD)/%: tests/gpu/%.c $(TEST_SUPPORT) $(HEADERS) | $(BUILD)
 	$(CC) $(GPU_FLAGS) $(SOURCES) -o $@ $(CHECK_LIBS) $(GPU_LIBS)
-$(BUILD)/check_cuda $(BUILD)/check_cuda_layout: GPU_LIBS = $(CUDA_LIBS)
-$(BUILD)/check_cuda $(BUILD)/check_cuda_layout $(BUILD)/nccl_mpi_demo: $(BUILD)/cuda_kernels.o
+$(BUILD)/check_cuda $(BUILD)/check_cuda_layout $(BUILD)/check_cuda_families: GPU_LIBS = $(CUDA_LIBS)
+$(BUILD)/check_cuda $(BUILD)/check_cuda_layout $(BUILD)/check_cuda_families $(BUILD)/nccl_mpi_demo: $(BUILD)/cuda_kernels.o
 $(BUILD)/nccl_mpi_demo: examples/nccl_mpi_demo.c $(HEADERS) | $(BUILD)
 	$(MPICC_NCCL) $(GPU_FLAGS) $(SOURCES) -o $@ $(CUDA_LIBS)
 $(BUILD)/bench_nccl: bench/bench_nccl.c $(BUILD)/bench_fill.o $(HEADERS) | $(BUILD)
