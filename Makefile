@@ -299,6 +299,11 @@ OPENBLAS_OMP = -I/usr/include/$(MULTIARCH)/openblas-openmp -L/usr/lib/$(MULTIARC
 $(BUILD)/cpu_bench: bench/cpu_bench.c bench/cpu_bench_cblas.c $(TEST_SUPPORT) $(HEADERS) | $(BUILD)
 	$(CC) -std=c99 -pedantic -Wall -Wextra -O3 -march=native $(OPENMP_FLAGS) $(SOURCES) -o $@ $(OPENBLAS_OMP) -pthread -lm
 bench: bench-cpu
+# >>bench-load: a rank's experts through the loader against read() of the same bytes (bench/RESULTS.md).
+$(BUILD)/load_bench: bench/load_bench.c $(HEADERS) | $(BUILD)
+	$(CC) $(MOE_EP_CFLAGS) -O2 $< -o $@ -lm
+bench-load: $(BUILD)/load_bench
+	./$< $(BENCH_ARGS)
 bench-cpu: bench-deps
 	$(MAKE) --no-print-directory $(BUILD)/cpu_bench
 	./$(BUILD)/cpu_bench $(BENCH_ARGS)

@@ -580,7 +580,7 @@ MOE_EP_API moe_ep_result moe_ep_json_check(const void* text, size_t size, int ma
     moe_ep__json j;
     if (!text && size) { moe_ep__st_err(err, err_size, "moe_ep_json_check: text is NULL"); return MOE_EP_ERROR_INVALID_ARGUMENT; }
     if (!moe_ep__json_parse(&j, NULL, text ? (const char*)text : "", size, max_depth, "<json>", err, err_size))
-        return j.arena ? MOE_EP_ERROR_INVALID_ARGUMENT : MOE_EP_ERROR_INVALID_ARGUMENT;
+        return MOE_EP_ERROR_INVALID_ARGUMENT;
     moe_ep__json_free(&j);
     return MOE_EP_OK;
 }
@@ -2212,6 +2212,13 @@ MOE_EP_API moe_ep_result moe_ep_model_load_layer(moe_ep_model* m, const moe_ep_m
     /* one block for every float: router [E, D] (+ bias [E]), selection bias [E], shared
        experts (3 S D + gate D), this rank's experts (3 I D, + 2I + D biases for GPT-OSS) */
     per_expert_floats = (uint64_t)(3 * I * D + (gpt_oss ? 2 * I + D : 0));
+    if ((double)per_expert_floats * (double)layer->local + (double)(E + 4) * (double)D + 3.0 * (double)S * (double)D >
+        (double)(SIZE_MAX / 8)) {
+        moe_ep__st_err(err, err_size, "%s/config.json: layer %d of rank %d would hold more floats than this machine "
+                       "can address", m->dir, desc->layer, desc->rank);
+        r = MOE_EP_ERROR_OUT_OF_MEMORY;
+        goto fail;
+    }
     floats = (uint64_t)(E * D + (gpt_oss ? E : 0) + (c->family == MOE_EP_FAMILY_DEEPSEEK_V3 && !c->deepseek_v2 ? E : 0) +
                         3 * S * D + (c->family == MOE_EP_FAMILY_QWEN2_MOE ? D : 0)) +
              (uint64_t)layer->local * per_expert_floats;

@@ -31,6 +31,7 @@ typedef struct st_run {
     const float* x;                 /* [tokens, d] */
     float* y;                       /* [tokens, d] */
     int d_model;
+    moe_ep_placement placement;     /* default contiguous */
     moe_ep_allocator allocator;
     moe_ep_result result[ST_MAX_RANKS];
     char error[ST_MAX_RANKS][512];
@@ -56,7 +57,8 @@ static moe_ep_result st_rank(const moe_ep_transport* transport, void* user_data)
                           run->error[rank], sizeof run->error[rank]);
     if (r == MOE_EP_OK)
         r = moe_ep_model_load_layer(model, &(moe_ep_model_layer_desc){ .layer = run->layer, .rank = rank,
-                                                                        .world_size = run->ranks },
+                                                                        .world_size = run->ranks,
+                                                                        .placement = run->placement },
                                     &layer, run->error[rank], sizeof run->error[rank]);
     moe_ep_model_close(model);
     if (r == MOE_EP_OK) {
@@ -676,6 +678,111 @@ START_TEST(st_bad_config) {
 }
 END_TEST
 
+/* >>placements: round-robin and a table give every rank the experts the core expects, and the
+   same output bits as one rank; a layout gives the experts of moe_ep_layout_experts. */
+START_TEST(st_placements) {
+    static const int table[16] = { 2, 0, 1, 2, 0, 1, 2, 0, 1, 2, 0, 1, 2, 0, 1, 2 };
+    st_ref ref;
+    char err[2048], name[64];
+    int64_t n, n64;
+    float *x, *y1, *yr;
+    double* y64;
+    int kind;
+    st_run run;
+    ck_assert_msg(st_ref_open(&ref, "deepseek_v3", err, sizeof err), "%s", err);
+    x = (float*)st_ref_read(&ref, 1, "input", MOE_EP_ST_F32, &n);
+    y64 = (double*)st_ref_read(&ref, 1, "output_f64", MOE_EP_ST_F64, &n64);
+    snprintf(name, sizeof name, "layers.1.input");
+    y1 = (float*)malloc(sizeof(float) * (size_t)n);
+    yr = (float*)malloc(sizeof(float) * (size_t)n);
+    for (kind = 0; kind < 3; ++kind) {
+        memset(&run, 0, sizeof run);
+        run.dir = ST_DATA "deepseek_v3";
+        run.layer = 1;
+        run.ranks = kind == 0 ? 1 : 3;
+        run.x = x;
+        run.y = kind == 0 ? y1 : yr;
+        run.d_model = (int)moe_ep_st_find(ref.file, name)->shape[1];
+        run.tokens = n / run.d_model;
+        run.placement.kind = kind == 2 ? MOE_EP_PLACEMENT_TABLE : MOE_EP_PLACEMENT_ROUND_ROBIN;
+        run.placement.table = kind == 2 ? table : NULL;
+        test_poison(run.y, (size_t)n);
+        ck_assert_msg(st_run_layer(&run) == MOE_EP_OK, "placement %d: %s", kind, st_errors(&run, err, sizeof err));
+        if (kind == 0) ck_assert(st_rel(y1, y64, n) <= 1e-5);
+        else ck_assert_msg(memcmp(y1, yr, sizeof(float) * (size_t)n) == 0, "placement %d differs from one rank", kind);
+    }
+    {   /* EP 2 x TP 2: rank 3 (ep 1, tp 1) holds experts 8..15, whole (create slices them) */
+        moe_ep_layout_desc layout = { 4, 2, 2, 1, 0, { MOE_EP_PLACEMENT_CONTIGUOUS, NULL } }, resolved;
+        moe_ep_model* model;
+        moe_ep_model_layer* layer;
+        int want[16], got_n, want_n, i;
+        const int* got;
+        moe_ep_desc d;
+        ck_assert(moe_ep_model_open(&(moe_ep_model_desc){ .path = ST_DATA "deepseek_v3" }, &model, err, sizeof err) == MOE_EP_OK);
+        ck_assert_msg(moe_ep_model_load_layer(model, &(moe_ep_model_layer_desc){ .layer = 1, .rank = 3, .layout = &layout },
+                                              &layer, err, sizeof err) == MOE_EP_OK, "%s", err);
+        layout.num_experts = 16;
+        ck_assert(moe_ep_layout_resolve(&layout, &resolved, NULL, 0) == MOE_EP_OK);
+        want_n = moe_ep_layout_experts(&resolved, 3, want, 16);
+        got_n = moe_ep_model_layer_experts(layer, &got);
+        ck_assert_int_eq(got_n, want_n);
+        for (i = 0; i < got_n; ++i) ck_assert_int_eq(got[i], want[i]);
+        d = moe_ep_model_layer_query(layer);
+        ck_assert_int_eq(d.d_ff, 24);       /* whole experts: the context slices d_ff over its TP group */
+        moe_ep_model_layer_free(layer);
+        /* a rank outside the layout's world, a layout of other experts */
+        ck_assert_int_eq(moe_ep_model_load_layer(model, &(moe_ep_model_layer_desc){ .layer = 1, .rank = 4, .layout = &layout },
+                                                 &layer, err, sizeof err), MOE_EP_ERROR_INVALID_ARGUMENT);
+        ck_assert_msg(strstr(err, "rank (4)") != NULL, "%s", err);
+        layout.num_experts = 12;
+        ck_assert_int_eq(moe_ep_model_load_layer(model, &(moe_ep_model_layer_desc){ .layer = 1, .rank = 0, .layout = &layout },
+                                                 &layer, err, sizeof err), MOE_EP_ERROR_INVALID_ARGUMENT);
+        ck_assert_msg(strstr(err, "layout.num_experts (12)") != NULL, "%s", err);
+        ck_assert_int_eq(moe_ep_model_load_layer(model, &(moe_ep_model_layer_desc){ .layer = 1, .rank = 3, .world_size = 3 },
+                                                 &layer, err, sizeof err), MOE_EP_ERROR_INVALID_ARGUMENT);
+        ck_assert_msg(strstr(err, "rank (3)") != NULL, "%s", err);
+        ck_assert_int_eq(moe_ep_model_load_layer(model, &(moe_ep_model_layer_desc){ .layer = 7 }, &layer, err, sizeof err),
+                         MOE_EP_ERROR_INVALID_ARGUMENT);
+        ck_assert_msg(strstr(err, "num_hidden_layers = 3") != NULL, "%s", err);
+        moe_ep_model_close(model);
+    }
+    free(x); free(y64); free(y1); free(yr);
+    moe_ep_st_close(ref.file);
+}
+END_TEST
+
+/* >>types: F16 and F64 tensors (no test model stores them) read back as the F32 ones; a tensor
+   in an unsupported type is named. */
+START_TEST(st_other_types) {
+    static const uint16_t f16[6] = { 0x3C00, 0xBC00, 0x0001, 0x7BFF, 0x8000, 0x3555 };   /* 1, -1, 2^-24, 65504, -0, 0.333 */
+    static const float f32[6] = { 1.0f, -1.0f, 5.9604644775390625e-08f, 65504.0f, -0.0f, 0.333251953125f };
+    unsigned char file[512];
+    char header[256], err[256];
+    size_t n, i;
+    moe_ep_st_file* f;
+    float out[6];
+    double d[2] = { 0.1, -3.0 };
+    snprintf(header, sizeof header, "{\"h\":{\"dtype\":\"F16\",\"shape\":[2,3],\"data_offsets\":[0,12]},"
+             "\"d\":{\"dtype\":\"F64\",\"shape\":[2],\"data_offsets\":[12,28]},"
+             "\"q\":{\"dtype\":\"I16\",\"shape\":[2],\"data_offsets\":[28,32]}}");
+    n = strlen(header);
+    for (i = 0; i < 8; ++i) file[i] = (unsigned char)((uint64_t)n >> (8 * i));
+    memcpy(file + 8, header, n);
+    for (i = 0; i < 6; ++i) { file[8 + n + 2 * i] = (unsigned char)(f16[i] & 0xFF); file[9 + n + 2 * i] = (unsigned char)(f16[i] >> 8); }
+    memcpy(file + 8 + n + 12, d, 16);
+    memset(file + 8 + n + 28, 0, 4);
+    ck_assert_msg(moe_ep_st_parse(file, 8 + n + 32, "mem", NULL, NULL, &f, err, sizeof err) == MOE_EP_OK, "%s", err);
+    ck_assert(moe_ep_st_read_f32(f, moe_ep_st_find(f, "h"), out, 6, err, sizeof err) == MOE_EP_OK);
+    ck_assert(memcmp(out, f32, sizeof f32) == 0);
+    ck_assert(moe_ep_st_read_f32(f, moe_ep_st_find(f, "d"), out, 2, err, sizeof err) == MOE_EP_OK);
+    ck_assert(out[0] == 0.1f && out[1] == -3.0f);
+    ck_assert_int_eq(moe_ep_st_read_f32(f, moe_ep_st_find(f, "q"), out, 2, err, sizeof err), MOE_EP_ERROR_UNSUPPORTED);
+    ck_assert_msg(strstr(err, "'q'") && strstr(err, "I16"), "%s", err);
+    ck_assert_int_eq(moe_ep_st_read_f32(f, moe_ep_st_find(f, "h"), out, 5, err, sizeof err), MOE_EP_ERROR_INVALID_ARGUMENT);
+    moe_ep_st_close(f);
+}
+END_TEST
+
 /* >>memory: a rank of 8 holds its share of the experts, the router and no more. */
 typedef struct st_bytes {
     pthread_mutex_t mutex;
@@ -799,6 +906,8 @@ Suite* safetensors_suite(void) {
     TCase* tc = tcase_create("models");
     tcase_add_loop_test(tc, st_layers_match_transformers, 0, ST_MODELS);
     tcase_add_test(tc, st_dense_layer_refused);
+    tcase_add_test(tc, st_placements);
+    tcase_add_test(tc, st_other_types);
     tcase_set_timeout(tc, 120);
     suite_add_tcase(s, tc);
     tc = tcase_create("bad files");
