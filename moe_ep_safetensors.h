@@ -82,7 +82,7 @@
    them). A layer is independent of its model once loaded. Every allocation goes through
    the allocator of the desc (default malloc/free); a layer holds the router, the shared
    experts and its rank's experts in fp32, plus a few words per expert; loading also
-   borrows one read buffer of at most 1 MiB, returned before the call returns.
+   borrows one read buffer of 256 KiB, returned before the call returns.
 
    The JSON reader and the safetensors header parser are public too (moe_ep_json_check,
    moe_ep_st_parse, moe_ep_st_open, moe_ep_st_find, moe_ep_st_read), for other tools
@@ -236,7 +236,7 @@ MOE_EP_API void moe_ep_model_layer_free(moe_ep_model_layer* layer);
 #define MOE_EP__ST_DEPTH 64
 #define MOE_EP__ST_MAX_HEADER 100000000ull
 #define MOE_EP__ST_CONFIG_MAX (64ull << 20)     /* config.json and the index */
-#define MOE_EP__ST_CHUNK (1u << 20)             /* read buffer for conversions */
+#define MOE_EP__ST_CHUNK (256u << 10)           /* read buffer for conversions: stays in L2 */
 
 MOE_EP_PRIVATE void moe_ep__st_err(char* err, size_t err_size, const char* fmt, ...) {
     va_list ap;
@@ -1083,13 +1083,28 @@ MOE_EP_PRIVATE float moe_ep__e4m3_f32(uint8_t b) {
     return (b & 0x80) ? -v : v;
 }
 
+MOE_EP_PRIVATE bool moe_ep__little_endian(void) {
+    const uint16_t one = 1;
+    unsigned char first;
+    memcpy(&first, &one, 1);
+    return first == 1;
+}
+
 MOE_EP_PRIVATE void moe_ep__convert(moe_ep_st_dtype dtype, const unsigned char* in, float* out, size_t n) {
     size_t i;
     switch (dtype) {
     case MOE_EP_ST_F32: memcpy(out, in, n * 4); break;
-    case MOE_EP_ST_BF16: {       /* little-endian words; a loop the compiler vectorises */
+    case MOE_EP_ST_BF16: {       /* the bf16 bits are the float's upper half */
         uint32_t* bits = (uint32_t*)(void*)out;
-        for (i = 0; i < n; ++i) bits[i] = ((uint32_t)in[2 * i] << 16) | ((uint32_t)in[2 * i + 1] << 24);
+        if (moe_ep__little_endian()) {          /* the file's byte order: whole words, vectorised */
+            for (i = 0; i < n; ++i) {
+                uint16_t h;
+                memcpy(&h, in + 2 * i, 2);
+                bits[i] = (uint32_t)h << 16;
+            }
+        } else {
+            for (i = 0; i < n; ++i) bits[i] = ((uint32_t)in[2 * i] << 16) | ((uint32_t)in[2 * i + 1] << 24);
+        }
         break;
     }
     case MOE_EP_ST_F16:
