@@ -783,6 +783,51 @@ START_TEST(st_other_types) {
 }
 END_TEST
 
+/* >>multimodal: Llama-4's published layout, the text model under language_model.model.layers and
+   its config in text_config of a "llama4" config, gives the llama4 model's output bit for bit. */
+START_TEST(st_llama4_multimodal) {
+    char dir[256], path[320], err[2048];
+    char *header, *data, *bad, *config, *wrapped;
+    size_t data_size, size;
+    st_ref ref;
+    st_run run;
+    int64_t n, n64;
+    float *x, *y;
+    double* y64;
+    st_copy_model("llama4", dir, sizeof dir);
+    snprintf(path, sizeof path, "%s/model.safetensors", dir);
+    header = st_header(path, &data, &data_size);
+    bad = st_replace_all(header, "\"model.layers.", "\"language_model.model.layers.");
+    st_write_safetensors(path, bad, data, data_size);
+    free(bad); free(header); free(data);
+    snprintf(path, sizeof path, "%s/config.json", dir);
+    config = st_slurp(path, &size);
+    wrapped = (char*)malloc(strlen(config) + 128);
+    sprintf(wrapped, "{\"model_type\": \"llama4\", \"architectures\": [\"Llama4ForConditionalGeneration\"], "
+            "\"text_config\": %s}", config);
+    st_spit(path, wrapped, strlen(wrapped));
+    free(config); free(wrapped);
+    ck_assert_msg(st_ref_open(&ref, "llama4", err, sizeof err), "%s", err);
+    x = (float*)st_ref_read(&ref, 1, "input", MOE_EP_ST_F32, &n);
+    y64 = (double*)st_ref_read(&ref, 1, "output_f64", MOE_EP_ST_F64, &n64);
+    y = (float*)malloc(sizeof(float) * (size_t)n);
+    memset(&run, 0, sizeof run);
+    run.dir = dir;
+    run.layer = 1;
+    run.ranks = 2;
+    run.x = x;
+    run.y = y;
+    run.d_model = 32;
+    run.tokens = n / 32;
+    test_poison(y, (size_t)n);
+    ck_assert_msg(st_run_layer(&run) == MOE_EP_OK, "%s", st_errors(&run, err, sizeof err));
+    ck_assert_msg(st_rel(y, y64, n) <= 1e-5, "relative error %.3g", st_rel(y, y64, n));
+    free(x); free(y64); free(y);
+    moe_ep_st_close(ref.file);
+    st_remove_model(dir);
+}
+END_TEST
+
 /* >>memory: a rank of 8 holds its share of the experts, the router and no more. */
 typedef struct st_bytes {
     pthread_mutex_t mutex;
@@ -908,6 +953,7 @@ Suite* safetensors_suite(void) {
     tcase_add_test(tc, st_dense_layer_refused);
     tcase_add_test(tc, st_placements);
     tcase_add_test(tc, st_other_types);
+    tcase_add_test(tc, st_llama4_multimodal);
     tcase_set_timeout(tc, 120);
     suite_add_tcase(s, tc);
     tc = tcase_create("bad files");
