@@ -31,6 +31,14 @@
       copies the weights).
    4. moe_ep_model_layer_free(layer); moe_ep_model_close(model).
 
+   moe_ep_safetensors.h DOES NOT
+   =============================
+   - load anything but MoE layers' router, shared experts and experts: no attention, norms,
+     embeddings or dense MLPs;
+   - mmap, cache or keep files open beyond its model (a layer holds no file);
+   - keep weights in their stored type: everything it hands out is fp32;
+   - read a remote repository, a .bin (pickle) checkpoint or GGUF.
+
    FAMILIES (model_type, or architectures[0] when model_type is absent)
    ========
    mixtral         MixtralForCausalLM          every layer MoE
