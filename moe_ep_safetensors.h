@@ -173,6 +173,7 @@ typedef struct moe_ep_model_desc {
     moe_ep_allocator allocator;     /* default malloc/free; the model and its layers use it */
 } moe_ep_model_desc;
 
+/* What moe_ep_model_query tells; its strings live as long as the model. */
 typedef struct moe_ep_model_info {
     moe_ep_family family;
     const char* model_type;         /* config.json's model_type ("deepseek_v2" is served as DEEPSEEK_V3's kin) */

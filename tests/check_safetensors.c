@@ -4,8 +4,8 @@
    own save_pretrained (tests/data/gen_models.py; README.md there), and reference.safetensors:
    the input of every MoE layer in a forward pass and the block's output from transformers.
    Each MoE layer is loaded rank by rank (each rank thread opens the model and loads its own
-   experts, one call per rank), run at 1 to 4 pthreads ranks: within 1e-5 of transformers'
-   float64 output, bitwise equal across rank counts. Dense layers are refused with their rule;
+   experts, one call per rank), run at 1, 2, 3, 4 and 8 pthreads ranks: within 1e-5 of
+   transformers' float64 output, bitwise equal across rank counts. Dense layers are refused with their rule;
    bad files (made here from the good ones) get errors that name the file and the tensor, and
    leave nothing allocated; a rank of 8 holds its share of the experts and no more. */
 #define _POSIX_C_SOURCE 200809L   /* mkdtemp, ftruncate */
@@ -183,7 +183,7 @@ static bool st_have(const char* model) {
     return stat(path, &st) == 0;
 }
 
-/* Runs every MoE layer of `model` at 1 to 4 ranks; y_out (optional) gets the 1-rank outputs, layer after layer. */
+/* Runs every MoE layer of `model` at 1, 2, 3, 4 and 8 ranks; y_out (optional) gets the 1-rank outputs, layer after layer. */
 static void st_check_model(const st_model_case* mc, float** y_out, int64_t* y_size) {
     st_ref ref;
     char err[2048], dir[256];
@@ -203,7 +203,7 @@ static void st_check_model(const st_model_case* mc, float** y_out, int64_t* y_si
         float *y1 = (float*)malloc(sizeof(float) * (size_t)n), *yr = (float*)malloc(sizeof(float) * (size_t)n);
         st_run run;
         ck_assert_msg(x && y64 && n == n64, "%s layer %d: reference tensors missing", mc->model, layer);
-        for (R = 1; R <= 4; ++R) {
+        for (R = 1; R <= 8; R = R < 4 ? R + 1 : 2 * R) {    /* 1, 2, 3, 4, 8 */
             memset(&run, 0, sizeof run);
             run.dir = dir;
             run.layer = layer;
