@@ -130,7 +130,7 @@ typedef struct moe_ep_st_tensor {
 typedef struct moe_ep_st_file moe_ep_st_file;
 
 typedef struct moe_ep_st_limits {
-    int max_json_depth;             /* default 64 */
+    int max_json_depth;             /* default 64; at most 1024 (the reader recurses) */
     uint64_t max_header_bytes;      /* default 100 MB (the safetensors format's own limit) */
 } moe_ep_st_limits;
 
@@ -233,6 +233,7 @@ MOE_EP_API void moe_ep_model_layer_free(moe_ep_model_layer* layer);
 #include <errno.h>
 #include <fcntl.h>
 #include <limits.h>
+#include <locale.h>
 #include <math.h>
 #include <stdarg.h>
 #include <stdio.h>
@@ -243,6 +244,7 @@ MOE_EP_API void moe_ep_model_layer_free(moe_ep_model_layer* layer);
 #include <unistd.h>
 
 #define MOE_EP__ST_DEPTH 64
+#define MOE_EP__ST_MAX_DEPTH 1024               /* the reader recurses: a bound on its stack */
 #define MOE_EP__ST_MAX_HEADER 100000000ull
 #define MOE_EP__ST_CONFIG_MAX (64ull << 20)     /* config.json and the index */
 #define MOE_EP__ST_CHUNK (256u << 10)           /* read buffer for conversions: stays in L2 */
@@ -476,6 +478,13 @@ MOE_EP_PRIVATE bool moe_ep__jnumber(moe_ep__json* j, moe_ep__jnode* n) {
     }
     memcpy(buf, j->text + start, j->pos - start);
     buf[j->pos - start] = '\0';
+    {   /* strtod reads the C locale's decimal point only if the program did not change it */
+        const struct lconv* lc = localeconv();
+        char* dot = strchr(buf, '.');
+        if (dot && lc && lc->decimal_point && lc->decimal_point[0] && lc->decimal_point[0] != '.' &&
+            !lc->decimal_point[1])
+            *dot = lc->decimal_point[0];
+    }
     n->number = strtod(buf, NULL);
     if (!isfinite(n->number)) {
         j->pos = start;
@@ -520,7 +529,7 @@ MOE_EP_PRIVATE int moe_ep__jcontainer(moe_ep__json* j, int depth, bool object) {
         moe_ep__jspace(j);
         if (j->pos < j->size && j->text[j->pos] == ',') { j->pos++; continue; }
         if (j->pos < j->size && j->text[j->pos] == close) { j->pos++; return self; }
-        moe_ep__jfail(j, "',' or '%c' expected", close);
+        moe_ep__jfail(j, "%s',' or '%c' expected", j->pos >= j->size ? "unexpected end of the text: " : "", close);
         return -1;
     }
 }
@@ -572,7 +581,7 @@ MOE_EP_PRIVATE bool moe_ep__json_parse(moe_ep__json* j, const moe_ep_allocator* 
     j->allocator = allocator;
     j->text = text;
     j->size = size;
-    j->max_depth = max_depth > 0 ? max_depth : MOE_EP__ST_DEPTH;
+    j->max_depth = max_depth > 0 ? (max_depth < MOE_EP__ST_MAX_DEPTH ? max_depth : MOE_EP__ST_MAX_DEPTH) : MOE_EP__ST_DEPTH;
     j->err = err;
     j->err_size = err_size;
     j->what = what;

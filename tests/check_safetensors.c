@@ -828,6 +828,58 @@ START_TEST(st_llama4_multimodal) {
 }
 END_TEST
 
+/* >>json: the reader's rules, one text each. */
+START_TEST(st_json_rules) {
+    static const struct { const char* text; const char* error; } cases[] = {
+        { "{\"a\": [1, -2.5e3, true, false, null, \"\\u00e9\\ud83d\\ude00\\n\"]}", NULL },
+        { "  [0, -0, 18446744073709551615, 1e308]  ", NULL },
+        { "\xEF\xBB\xBF{}", NULL },                              /* a byte order mark */
+        { "[1, 2", "unexpected end" },
+        { "[1 2]", "',' or ']' expected" },
+        { "{\"a\" 1}", "':' expected" },
+        { "{1: 2}", "key (a string) expected" },
+        { "[01]", "leading zero" },
+        { "[1.]", "bad fraction" },
+        { "[1e]", "bad exponent" },
+        { "[18446744073709551616]", "integer out of range" },
+        { "[1e400]", "out of range" },
+        { "[\"\\x\"]", "bad escape" },
+        { "[\"\\u12G4\"]", "bad \\u escape" },
+        { "[\"\\udc00\"]", "low surrogate" },
+        { "[\"\\ud800x\"]", "high surrogate" },
+        { "[\"\\u0000\"]", "\\u0000" },
+        { "[\"a\tb\"]", "control character" },
+        { "[\"\xC0\xAF\"]", "invalid UTF-8" },                   /* an overlong '/' */
+        { "[\"\xED\xA0\x80\"]", "invalid UTF-8" },               /* a surrogate in UTF-8 */
+        { "[\"\xF4\x90\x80\x80\"]", "invalid UTF-8" },           /* above U+10FFFF */
+        { "[\"abc", "unterminated string" },
+        { "[tru]", "unexpected 't'" },
+        { "[] []", "text after the value" },
+        { "", "unexpected end" },
+    };
+    char err[512], deep[2 * 1100 + 1];
+    int i;
+    for (i = 0; i < (int)(sizeof cases / sizeof cases[0]); ++i) {
+        moe_ep_result r;
+        err[0] = '\0';
+        r = moe_ep_json_check(cases[i].text, strlen(cases[i].text), 0, err, sizeof err);
+        if (!cases[i].error) ck_assert_msg(r == MOE_EP_OK, "case %d: %s", i, err);
+        else ck_assert_msg(r == MOE_EP_ERROR_INVALID_ARGUMENT && strstr(err, cases[i].error) && strstr(err, "line 1"),
+                           "case %d: expected '%s', got: %s", i, cases[i].error, err);
+    }
+    /* depth: 64 by default, the caller's below, never above 1024 */
+    memset(deep, '[', 64);
+    memset(deep + 64, ']', 64);
+    ck_assert_int_eq(moe_ep_json_check(deep, 128, 0, err, sizeof err), MOE_EP_OK);
+    ck_assert_int_eq(moe_ep_json_check(deep, 128, 63, err, sizeof err), MOE_EP_ERROR_INVALID_ARGUMENT);
+    ck_assert_msg(strstr(err, "nesting deeper than 63") != NULL, "%s", err);
+    memset(deep, '[', 1100);
+    memset(deep + 1100, ']', 1100);
+    ck_assert_int_eq(moe_ep_json_check(deep, 2200, 1 << 30, err, sizeof err), MOE_EP_ERROR_INVALID_ARGUMENT);
+    ck_assert_msg(strstr(err, "nesting deeper than 1024") != NULL, "%s", err);
+}
+END_TEST
+
 /* >>memory: a rank of 8 holds its share of the experts, the router and no more. */
 typedef struct st_bytes {
     pthread_mutex_t mutex;
@@ -957,6 +1009,7 @@ Suite* safetensors_suite(void) {
     tcase_set_timeout(tc, 120);
     suite_add_tcase(s, tc);
     tc = tcase_create("bad files");
+    tcase_add_test(tc, st_json_rules);
     tcase_add_test(tc, st_bad_safetensors);
     tcase_add_test(tc, st_bad_shards);
     tcase_add_test(tc, st_bad_config);
