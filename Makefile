@@ -5,7 +5,7 @@
 #   make check-headers | check-core | check-demos | check-kernels | check-mpi | check-nccl | check-install
 #   make check-asan | check-ubsan | check-fuzz (in check)   make check-tsan | check-mpi-large (not in check)
 #   make demo | layouts-demo | mpi-demo | model-layer  make bench | bench-cpu | bench-mpi | bench-load
-#   make fuzz-safetensors (libFuzzer, FUZZ_TIME s)
+#   make fuzz | fuzz-safetensors (libFuzzer, FUZZ_TIME s)
 #   make test-gpu | seed-gpu | bench-gpu (GPUs)        make install | uninstall PREFIX=... [DESTDIR=...]
 #
 # A test program that cannot run here (no GPU) exits 77: its target prints "SKIP: target (reason)"
@@ -16,7 +16,7 @@
 .PHONY: all test check deps bench-deps clean check-headers check-core check-demos check-kernels check-mpi \
         check-mpi-headers check-mpi-large check-nccl check-install check-asan check-ubsan check-tsan demo \
         layouts-demo mpi-demo bench bench-cpu bench-mpi test-gpu seed-gpu bench-gpu install uninstall \
-        check-fuzz fuzz-safetensors model-layer bench-load
+        check-fuzz fuzz fuzz-safetensors model-layer bench-load
 
 ifeq ($(origin CC),default)
 CC = gcc
@@ -147,6 +147,7 @@ $(BUILD)/fuzz_safetensors: tests/fuzz/fuzz_safetensors.c $(HEADERS) | $(BUILD)
 	$(CLANG) $(MOE_EP_CFLAGS) -DMOE_EP_FUZZ_LIBFUZZER -fsanitize=fuzzer $(FUZZ_SANITIZE) $< -o $@ -lm
 check-fuzz: $(BUILD)/fuzz_replay
 	./$< tests/fuzz/corpus
+fuzz: fuzz-safetensors
 fuzz-safetensors: $(BUILD)/fuzz_safetensors
 	@mkdir -p $(BUILD)/fuzz_corpus
 	./$< -max_total_time=$(FUZZ_TIME) -max_len=4096 -timeout=10 $(BUILD)/fuzz_corpus tests/fuzz/corpus

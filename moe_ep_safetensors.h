@@ -1914,9 +1914,17 @@ MOE_EP_PRIVATE void moe_ep__name(const moe_ep__loader* L, char* out, size_t size
     va_end(ap);
 }
 
+/* Whether tensor `name` is there. Sharded: the index answers, no shard is opened. */
 MOE_EP_PRIVATE bool moe_ep__exists(moe_ep__loader* L, const char* name, int* status) {
     moe_ep_st_file* f;
     const moe_ep_st_tensor* t;
+    if (L->m->sharded) {
+        moe_ep__map_entry key;
+        key.name = name;
+        key.shard = 0;
+        *status = bsearch(&key, L->m->map, (size_t)L->m->map_count, sizeof *L->m->map, moe_ep__map_cmp) ? 1 : 0;
+        return *status == 1;
+    }
     *status = moe_ep__model_find(L->m, name, &f, &t, L->err, L->err_size);
     return *status == 1;
 }
