@@ -273,6 +273,52 @@ START_TEST(st_layers_match_transformers) {
 }
 END_TEST
 
+/* >>reads: over the ranks of R, the experts' bytes are read once: the sum of what R ranks read
+   is R times what a rank without experts reads (router, biases, shared experts) plus what one
+   rank holding every expert reads beyond that. */
+START_TEST(st_reads_own_experts) {
+    const st_model_case* mc = &st_models[_i];
+    static const int worlds[] = { 2, 3, 4, 8 };
+    char dir[256], err[512];
+    st_ref ref;
+    moe_ep_model* model;
+    moe_ep_model_layer* layer;
+    moe_ep_model_info info;
+    uint64_t all, none, sum;
+    int w, r;
+    snprintf(dir, sizeof dir, ST_DATA "%s", mc->model);
+    ck_assert_msg(st_ref_open(&ref, mc->model, err, sizeof err), "%s", err);
+    ck_assert_msg(moe_ep_model_open(&(moe_ep_model_desc){ .path = dir }, &model, err, sizeof err) == MOE_EP_OK, "%s", err);
+    info = moe_ep_model_query(model);
+    ck_assert_msg(moe_ep_model_load_layer(model, &(moe_ep_model_layer_desc){ .layer = ref.moe_layers[0] }, &layer, err,
+                                          sizeof err) == MOE_EP_OK, "%s", err);
+    all = moe_ep_model_layer_bytes_read(layer);
+    moe_ep_model_layer_free(layer);
+    /* one rank more than experts: the last holds none */
+    ck_assert(moe_ep_model_load_layer(model, &(moe_ep_model_layer_desc){ .layer = ref.moe_layers[0],
+                                      .rank = info.num_experts, .world_size = info.num_experts + 1 }, &layer, err,
+                                      sizeof err) == MOE_EP_OK);
+    ck_assert_int_eq(moe_ep_model_layer_experts(layer, NULL), 0);
+    none = moe_ep_model_layer_bytes_read(layer);
+    moe_ep_model_layer_free(layer);
+    ck_assert_msg(none > 0 && none < all, "%s: %llu bytes without experts, %llu with all", mc->model,
+                  (unsigned long long)none, (unsigned long long)all);
+    for (w = 0; w < 4; ++w) {
+        for (sum = 0, r = 0; r < worlds[w]; ++r) {
+            ck_assert(moe_ep_model_load_layer(model, &(moe_ep_model_layer_desc){ .layer = ref.moe_layers[0], .rank = r,
+                                              .world_size = worlds[w] }, &layer, err, sizeof err) == MOE_EP_OK);
+            sum += moe_ep_model_layer_bytes_read(layer);
+            moe_ep_model_layer_free(layer);
+        }
+        ck_assert_msg(sum == (uint64_t)worlds[w] * none + (all - none), "%s at %d ranks: %llu bytes read, expected %llu",
+                      mc->model, worlds[w], (unsigned long long)sum,
+                      (unsigned long long)((uint64_t)worlds[w] * none + (all - none)));
+    }
+    moe_ep_model_close(model);
+    moe_ep_st_close(ref.file);
+}
+END_TEST
+
 /* >>dense: a dense layer is refused with its config rule. */
 START_TEST(st_dense_layer_refused) {
     static const struct { const char* model; int layer; const char* rule; } cases[] = {
@@ -1002,6 +1048,7 @@ Suite* safetensors_suite(void) {
     Suite* s = suite_create("safetensors");
     TCase* tc = tcase_create("models");
     tcase_add_loop_test(tc, st_layers_match_transformers, 0, ST_MODELS);
+    tcase_add_loop_test(tc, st_reads_own_experts, 0, ST_MODELS);
     tcase_add_test(tc, st_dense_layer_refused);
     tcase_add_test(tc, st_placements);
     tcase_add_test(tc, st_other_types);
