@@ -26,7 +26,8 @@
 
    Built on the core, beside it: moe_ep_cuda.h (+ moe_ep_cuda_kernels.cuh), the MoE
    layer on the GPU (router, plan, experts and combine in device memory), over any
-   transport that moves device memory.
+   transport that moves device memory; moe_ep_safetensors.h, one MoE layer of a Hugging
+   Face checkpoint for one rank (reads only that rank's experts; libc and POSIX files).
 
    CONFIGURATION MACROS
    ====================
