@@ -75,7 +75,7 @@ check: | $(BUILD)
 
 # >>deps: installed when root, named otherwise.
 DEB_PACKAGES   = check pkg-config clang libomp-dev libopenblas-dev libopenmpi-dev openmpi-bin mpich libmpich-dev g++ tcc \
-                 $(if $(filter x86_64,$(shell uname -m)),gcc-aarch64-linux-gnu gcc-arm-linux-gnueabihf qemu-user)
+                 $(if $(filter x86_64,$(shell uname -m)),gcc-aarch64-linux-gnu gcc-arm-linux-gnueabihf gcc-i686-linux-gnu qemu-user)
 BENCH_PACKAGES = libopenblas-openmp-dev python3-torch
 apt_install = missing=""; for p in $(1); do dpkg -s $$p >/dev/null 2>&1 || missing="$$missing $$p"; done; \
   if [ -z "$$missing" ]; then :; elif [ "$$(id -u)" = 0 ] && command -v apt-get >/dev/null; then \
@@ -195,8 +195,8 @@ check-kernels: $(addprefix $(BUILD)/check_kernels_,$(KERNEL_BUILDS) $(AVX512_BUI
 # fingerprint of five seeded layers (every activation and scoring); each build below must print
 # the same lines: gcc and clang at -O0, -O2 and -O3 -march=native (with OpenMP), with gcc's and
 # clang's -ffp-contract=fast, the portable kernel under native flags, the AVX2 kernel, tcc, g++ and
-# clang++ (the file as C++), and aarch64 (NEON) and armhf (software fmaf) cross builds under
-# qemu-user. The seed demo's printed fingerprint must be the fingerprint's seed line.
+# clang++ (the file as C++), i686 with SSE2, and aarch64 (NEON) and armhf (software fmaf) cross
+# builds under qemu-user; -ffast-math and i686's x87 must stop at the header's #error. The seed demo's printed fingerprint must be the fingerprint's seed line.
 # tests/bits/check_math.c checks the library's fmaf, exp and GELU on the same builds' targets.
 BITS          = $(BUILD)/bits
 BITS_WARN     = -pedantic -Wall -Wextra -Werror
@@ -204,7 +204,7 @@ BITS_C        = -std=c99 $(BITS_WARN)
 BITS_CXX      = -x c++ -std=c++11 $(BITS_WARN)
 HOST_ARCH    := $(shell uname -m)
 BITS_NATIVE   = gcc_O0 gcc_O2 gcc_native gcc_contract gcc_portable clang_O0 clang_O2 clang_native clang_contract \
-                g++_native clang++_native tcc_O2 $(if $(filter x86_64,$(HOST_ARCH)),gcc_avx2)
+                g++_native clang++_native tcc_O2 $(if $(filter x86_64,$(HOST_ARCH)),gcc_avx2 i686-linux-gnu-gcc_sse2)
 BITS_CROSS    = $(if $(filter x86_64,$(HOST_ARCH)),aarch64 armhf)
 BITS_FLAGS_O0       = $(BITS_C) -O0
 BITS_FLAGS_O2       = $(BITS_C) -O2
@@ -212,6 +212,9 @@ BITS_FLAGS_native   = $(BITS_C) -O3 -march=native $(OPENMP_FLAGS)
 BITS_FLAGS_contract = -std=gnu99 $(BITS_WARN) -O3 -march=native -ffp-contract=fast
 BITS_FLAGS_portable = $(BITS_C) -O3 -march=native -DMOE_EP_NO_SIMD
 BITS_FLAGS_avx2     = $(BITS_C) -O3 -mavx2 -mfma
+BITS_FLAGS_sse2     = $(BITS_C) -O2 -msse2 -mfpmath=sse -static
+# Builds that cannot give the same bits must stop at the header's #error, not build.
+BITS_REFUSED  = "$(CC) -O2 -ffast-math" $(if $(filter x86_64,$(HOST_ARCH)),"i686-linux-gnu-gcc -O2 -mfpmath=387")
 BITS_CXX_native     = $(BITS_CXX) -O3 -march=native $(OPENMP_FLAGS)
 TCC          ?= tcc
 CROSS_CC_aarch64  = aarch64-linux-gnu-gcc
@@ -245,6 +248,10 @@ check-bits: $(BITS_NATIVE:%=$(BITS)/fingerprint_%) $(BITS)/check_math_gcc_O2 $(B
 	@$(foreach b,gcc_O2 gcc_native $(BITS_CROSS),echo "check_math ($(b)):"; \
 	  $(call bits_prog,$(b),check_math) > $(BITS)/math_$(b).txt || { cat $(BITS)/math_$(b).txt; exit 1; }; \
 	  sed 's/^/  /' $(BITS)/math_$(b).txt;)
+	@for build in $(BITS_REFUSED); do if $$build -std=c99 -fsyntax-only tests/bits/fingerprint.c 2> $(BITS)/refused.log; then \
+	  echo "check-bits: $$build compiled; the header must refuse it"; exit 1; fi; \
+	  grep -q 'error: #error "moe_ep.h' $(BITS)/refused.log || { cat $(BITS)/refused.log; exit 1; }; \
+	  echo "refused, as it must be: $$build: $$(grep -o '#error "moe_ep.h: [^(]*' $(BITS)/refused.log | head -1)"; done
 	./$(BUILD)/seed_demo --ranks 8 --experts 64 --top-k 2 --tokens 64 --d-model 64 --d-ff 128 > $(BITS)/seed_demo.log
 	@demo=$$(sed -n 's/^output fingerprint: \([0-9a-f]*\).*/\1/p' $(BITS)/seed_demo.log); \
 	  seed=$$(awk '$$1 == "seed" {print $$2}' $(BITS)/gcc_O2.txt); echo "seed demo: $$demo, the fingerprint's seed layer: $$seed"; \
