@@ -1,9 +1,6 @@
 /* cpu_bench_cblas.c -- a second, private build of moe_ep for cpu_bench with
    MOE_EP_CBLAS: the expert products go to the CBLAS the program links (OpenBLAS here).
    Everything is static except the three bench_cblas_* functions. */
-#if defined(__GNUC__)
-#pragma GCC diagnostic ignored "-Wunused-function"  /* the API this file does not call */
-#endif
 #define MOE_EP_STATIC
 #define MOE_EP_CBLAS
 #define MOE_EP_IMPLEMENTATION
