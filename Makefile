@@ -261,8 +261,10 @@ check-bits: $(BITS_NATIVE:%=$(BITS)/fingerprint_%) $(BITS)/check_math_gcc_O2 $(B
 # s390x (big-endian), built by Debian's cross gcc, linked statically and run under qemu-user; the
 # fingerprint must be the native gcc -O2 one (make check-bits' reference). Check for each target
 # is built from Debian's source of the installed check (apt-get source, with a deb-src list of
-# its own under $(BUILD)). As root it installs the cross compilers and qemu-user. About 5 min.
+# its own under $(BUILD)). As root it installs the cross compilers and qemu-user. About 40 min, most of it armhf's kernel suite.
 CROSS_ARCHS     ?= aarch64 armhf riscv64 s390x
+# armhf's kernel suite runs its software fmaf through qemu's soft-float: more than 15 min
+CROSS_TIMEOUT   ?= 3600
 CROSS_TRIPLE_aarch64 = aarch64-linux-gnu
 CROSS_TRIPLE_armhf   = arm-linux-gnueabihf
 CROSS_TRIPLE_riscv64 = riscv64-linux-gnu
@@ -292,8 +294,8 @@ cross-%: $(CROSS)/%/lib/libcheck.a $(CORE_SRCS) $(KERNEL_SRCS) $(HEADERS) tests/
 	$(call CROSS_BUILD,$*) $(KERNEL_SRCS) -o $(CROSS)/$*/check_kernels -L$(CROSS)/$*/lib -lcheck -pthread -lm 2> $(CROSS)/$*/check_kernels.log || { cat $(CROSS)/$*/check_kernels.log; exit 1; }
 	$(call CROSS_BUILD,$*) tests/bits/fingerprint.c -o $(CROSS)/$*/fingerprint -lm 2> $(CROSS)/$*/fingerprint.log || { cat $(CROSS)/$*/fingerprint.log; exit 1; }
 	$(call CROSS_BUILD,$*) tests/bits/check_math.c -o $(CROSS)/$*/check_math -lm 2> $(CROSS)/$*/check_math.log || { cat $(CROSS)/$*/check_math.log; exit 1; }
-	CK_FORK=no OMP_NUM_THREADS=2 timeout $(TEST_TIMEOUT) $(QEMU_$*) $(CROSS)/$*/check_moe_ep
-	CK_FORK=no OMP_NUM_THREADS=2 timeout $(TEST_TIMEOUT) $(QEMU_$*) $(CROSS)/$*/check_kernels
+	CK_FORK=no OMP_NUM_THREADS=2 timeout $(CROSS_TIMEOUT) $(QEMU_$*) $(CROSS)/$*/check_moe_ep
+	CK_FORK=no OMP_NUM_THREADS=2 timeout $(CROSS_TIMEOUT) $(QEMU_$*) $(CROSS)/$*/check_kernels
 	$(QEMU_$*) $(CROSS)/$*/check_math
 	./$(BITS)/fingerprint_gcc_O2 | tail -n +2 > $(CROSS)/reference.txt
 	$(QEMU_$*) $(CROSS)/$*/fingerprint | tee $(CROSS)/$*/fingerprint.txt | sed -n '1p;$$p'
