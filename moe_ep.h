@@ -185,7 +185,8 @@ extern "C" {
     X(ERROR_ABORTED,          "aborted: another rank failed or left") \
     X(ERROR_UNSUPPORTED,      "unsupported") \
     X(ERROR_CALLBACK,         "user callback failed") \
-    X(ERROR_INTERNAL,         "internal error")
+    X(ERROR_INTERNAL,         "internal error") \
+    X(ERROR_OUT_OF_STEP,      "ranks are in different collectives: one skipped a collective or entered another")
 
 typedef enum moe_ep_result {
 #define MOE_EP__RESULT_ENUM(name, text) MOE_EP_##name,
@@ -325,7 +326,9 @@ typedef struct moe_ep_allocator {
     X(FFN_NO_WEIGHTS) \
     X(DESC_SWIGLU_ALPHA)           /* swiglu_alpha not finite or <= 0 */ \
     X(DESC_SWIGLU_LIMIT)           /* swiglu_limit not finite or <= 0 */ \
-    X(DESC_WEIGHT_LAYOUT)          /* weight_layout is not a moe_ep_weight_layout */
+    X(DESC_WEIGHT_LAYOUT)          /* weight_layout is not a moe_ep_weight_layout */ \
+    X(OUT_OF_STEP)                 /* ranks are in different collectives (kind or sequence number differ) */ \
+    X(STAGE_FAILED_BEFORE)         /* a dispatch of this plan failed: its combine fails on every rank */
 
 typedef enum moe_ep_log_item {
 #define MOE_EP__LOG_ITEM_ENUM(name) MOE_EP_LOG_ITEM_##name,
@@ -369,9 +372,19 @@ typedef struct moe_ep_placement {
    barrier (optional): without it the core exchanges one count per peer.
    abort (optional): called by the core never; by a helper such as moe_ep_pthreads_run
        when a rank fails, so that peers blocked in a call return MOE_EP_ERROR_ABORTED.
+   skip (optional): this rank failed before a collective and will not enter it (a stage
+       call with bad arguments); the peers' same collective then fails with
+       MOE_EP_ERROR_ABORTED ("rank N failed") instead of waiting for it, and every rank
+       stays at the same step: the skipped collective counts as done on every rank. It may
+       block until the peers reach that collective (pthreads) or only tell them (MPI).
+       Without it the peers wait for the transport's timeout or mismatch check.
    destroy (optional): releases impl; called by the transport's own destroy function.
    local_ranks: how many ranks of this transport share this process (pthreads: all of
        them, MPI: 1); the default OpenMP thread count is divided by it. 0 means 1.
+
+   Ranks out of step: a transport should tell one collective from another (its kind, its
+   parameters, its sequence number, and moe_ep_a2a_args.step) and fail every rank with
+   MOE_EP_ERROR_OUT_OF_STEP when they differ, as the pthreads and MPI transports do.
 
    All callbacks are called from the rank's own thread, never inside an OpenMP region,
    and return MOE_EP_OK or an error; a transport may write a description of the error
@@ -387,6 +400,8 @@ typedef struct moe_ep_a2a_args {
     const int64_t* recv_offsets;    /* [world_size * S] rows */
     moe_ep_memory_space memory_space;
     void* stream;                   /* cudaStream_t for device memory; NULL: the transport's own stream */
+    int64_t step;                   /* the core's tag of this exchange (kind and sequence number): equal on
+                                       every rank that is in step; 0: untagged */
 } moe_ep_a2a_args;
 
 typedef struct moe_ep_transport {
@@ -414,6 +429,8 @@ typedef struct moe_ep_transport {
        transport is released with its own destroy callback. */
     moe_ep_result (*split)(void* impl, int color, int key, struct moe_ep_transport* out,
                            char* err_text, size_t err_size);
+    /* Optional: this rank will not enter its next collective (see skip above). */
+    void (*skip)(void* impl, moe_ep_result status);
 } moe_ep_transport;
 
 /* The weights of one expert; with the default desc.weight_layout the PyTorch nn.Linear
@@ -716,6 +733,8 @@ MOE_EP_API uint64_t moe_ep_hash(uint64_t hash, const void* data, size_t size);
 /* One step at which every rank of a transport must reach the same verdict: each rank
    sends its status and fact_count facts (fingerprints, sizes) to every other in one
    exchange_counts call, and every rank then returns
+   - MOE_EP_ERROR_OUT_OF_STEP, on every rank, if a rank's step differs from this rank's
+     (they are in different collectives, or one fell behind);
    - its own status, if that is not OK (the caller already holds the cause);
    - the transport's error, if the exchange failed;
    - on_peer_failure (default MOE_EP_ERROR_ABORTED) if another rank's status is not OK;
@@ -726,11 +745,12 @@ MOE_EP_API uint64_t moe_ep_hash(uint64_t hash, const void* data, size_t size);
    rank's own status, naming the stage, the rank and the fact. peer_status [world_size]
    and peer_facts [world_size * fact_count] (both optional) receive every rank's words
    when the exchange succeeded. Collective over `transport`: a rank that fails before
-   this step must still call it, with its failure as status. Up to 64 ranks x 2 words
+   this step must still call it, with its failure as status. Up to 64 ranks x 3 words
    use no heap. */
 typedef struct moe_ep_agree_desc {
     const char* stage;              /* default "moe_ep_agree": names the step in err_text */
     moe_ep_result status;           /* this rank's verdict so far */
+    int64_t step;                   /* default 0: this step's tag (kind and sequence number), compared */
     const int64_t* facts;           /* [fact_count] or NULL */
     int fact_count;                 /* >= 0 */
     const char* facts_name;         /* default "collective parameters": "rank 2 has other <facts_name>" */
@@ -808,6 +828,7 @@ struct moe_ep_context {
     float* topk_weight;
     int64_t routing_capacity;
     moe_ep_result experts_status;   /* a failure of moe_ep_experts, for the next combine to tell the peers */
+    int64_t sequence;               /* collectives of this context so far: the same on every rank in step */
     moe_ep_context* shared;         /* the shared experts: a single-rank context of one expert, or NULL */
     float* shared_gate;             /* [d_model] copy of desc.shared.gate or NULL */
     float* shared_out;              /* forward's workspace for the shared experts' output */
@@ -840,6 +861,7 @@ struct moe_ep_plan {
     void* request;                  /* split-phase handle */
     int pending;                    /* 0 none, 1 dispatch, 2 combine */
     int blocking;                   /* inside moe_ep_dispatch / moe_ep_combine: use the blocking exchange */
+    moe_ep_result status;           /* a failed dispatch: the combine tells every rank */
     moe_ep_a2a_args args;
 };
 
@@ -976,12 +998,23 @@ MOE_EP_PRIVATE void moe_ep__text(char* err_text, size_t err_size, const char* fm
     va_end(ap);
 }
 
-/* The verdict from every rank's words ([status, facts...] per rank), as moe_ep_agree states it. */
+/* The verdict from every rank's words ([status, step, facts...] per rank), as moe_ep_agree
+   states it. Ranks at different steps hold words that mean different things: that comes
+   first, and every rank sees it, whatever its own status. */
 MOE_EP_PRIVATE moe_ep_result moe_ep__verdict(const moe_ep_agree_desc* a, int rank, int world_size,
                                              const int64_t* words, char* err_text, size_t err_size,
                                              moe_ep_log_item* item) {
     const char* stage = a->stage ? a->stage : "moe_ep_agree";
-    int W = 1 + a->fact_count, p, j;
+    int W = 2 + a->fact_count, p, j;
+    for (p = 0; p < world_size; ++p)
+        if (words[(size_t)p * W + 1] != a->step) {
+            moe_ep__text(err_text, err_size, "%s: rank %d is in another collective (step %llx there, %llx here): "
+                         "a rank skipped a collective or entered another", stage, p,
+                         (unsigned long long)words[(size_t)p * W + 1], (unsigned long long)a->step);
+            *item = MOE_EP_LOG_ITEM_OUT_OF_STEP;
+            return MOE_EP_ERROR_OUT_OF_STEP;
+        }
+    if (a->status != MOE_EP_OK) return a->status;
     for (p = 0; p < world_size; ++p)
         if (words[(size_t)p * W] != MOE_EP_OK) {
             moe_ep__text(err_text, err_size, "%s: rank %d failed (%s)", stage, p,
@@ -992,20 +1025,21 @@ MOE_EP_PRIVATE moe_ep_result moe_ep__verdict(const moe_ep_agree_desc* a, int ran
     if (a->facts_may_differ) return MOE_EP_OK;
     for (p = 0; p < world_size; ++p)
         for (j = 0; j < a->fact_count; ++j)
-            if (words[(size_t)p * W + 1 + j] != a->facts[j]) {
+            if (words[(size_t)p * W + 2 + j] != a->facts[j]) {
                 moe_ep__text(err_text, err_size, "%s: rank %d has other %s than rank %d (fact %d: %lld there, %lld here)",
                              stage, p, a->facts_name ? a->facts_name : "collective parameters", rank, j,
-                             (long long)words[(size_t)p * W + 1 + j], (long long)a->facts[j]);
+                             (long long)words[(size_t)p * W + 2 + j], (long long)a->facts[j]);
                 *item = MOE_EP_LOG_ITEM_RANK_MISMATCH;
                 return a->on_mismatch ? a->on_mismatch : MOE_EP_ERROR_RANK_MISMATCH;
             }
     return MOE_EP_OK;
 }
 
-/* moe_ep_agree, and the log item of a verdict that is not this rank's own status. */
+/* moe_ep_agree, and the log item of a verdict that is not this rank's own status.
+   steps (optional out [world_size]): every rank's step, when the exchange succeeded. */
 MOE_EP_PRIVATE moe_ep_result moe_ep__agree_item(const moe_ep_transport* t, const moe_ep_agree_desc* a, char* err_text,
-                                                size_t err_size, moe_ep_log_item* item) {
-    int64_t stack_words[256];
+                                                size_t err_size, moe_ep_log_item* item, int64_t* steps) {
+    int64_t stack_words[384];
     int64_t* words = stack_words;
     char text[MOE_EP__ERR_SIZE] = "";
     moe_ep_result res;
@@ -1015,43 +1049,49 @@ MOE_EP_PRIVATE moe_ep_result moe_ep__agree_item(const moe_ep_transport* t, const
         return a && a->status != MOE_EP_OK ? a->status : MOE_EP_ERROR_INVALID_ARGUMENT;
     }
     R = t->world_size;
-    W = 1 + a->fact_count;
+    W = 2 + a->fact_count;
     if ((size_t)2 * R * W > sizeof stack_words / sizeof stack_words[0]) {
         words = (int64_t*)moe_ep_alloc(&a->allocator, sizeof(int64_t) * 2 * (size_t)R * (size_t)W);
-        /* Without words this rank cannot take part; the transport's timeout or abort frees the others. */
+        /* Without words this rank cannot take part: it tells the peers (skip) where it can. */
         if (!words) {
             moe_ep__text(err_text, err_size, "%s: out of memory", a->stage ? a->stage : "moe_ep_agree");
             *item = MOE_EP_LOG_ITEM_OUT_OF_MEMORY;
+            if (t->skip) t->skip(t->impl, MOE_EP_ERROR_OUT_OF_MEMORY);
             return a->status != MOE_EP_OK ? a->status : MOE_EP_ERROR_OUT_OF_MEMORY;
         }
     }
     for (p = 0; p < R; ++p) {
         words[(size_t)p * W] = (int64_t)a->status;
-        for (j = 0; j < a->fact_count; ++j) words[(size_t)p * W + 1 + j] = a->facts[j];
+        words[(size_t)p * W + 1] = a->step;
+        for (j = 0; j < a->fact_count; ++j) words[(size_t)p * W + 2 + j] = a->facts[j];
     }
     res = t->exchange_counts(t->impl, words, words + (size_t)R * W, W, text, sizeof text);
     if (res != MOE_EP_OK) {
-        *item = MOE_EP_LOG_ITEM_TRANSPORT_FAILED;
-        if (a->status == MOE_EP_OK)
+        /* out of step at the transport: every rank's verdict, whatever its own status */
+        bool out_of_step = res == MOE_EP_ERROR_OUT_OF_STEP;
+        *item = out_of_step ? MOE_EP_LOG_ITEM_OUT_OF_STEP : MOE_EP_LOG_ITEM_TRANSPORT_FAILED;
+        if (a->status == MOE_EP_OK || out_of_step)
             moe_ep__text(err_text, err_size, "%s: transport '%s' failed: %s%s%s", a->stage ? a->stage : "moe_ep_agree",
                          t->name ? t->name : "?", moe_ep_result_string(res), text[0] ? ": " : "", text);
+        if (a->status != MOE_EP_OK && !out_of_step) res = a->status;
     } else {
         const int64_t* got = words + (size_t)R * W;
         for (p = 0; p < R; ++p) {
             if (a->peer_status) a->peer_status[p] = got[(size_t)p * W];
+            if (steps) steps[p] = got[(size_t)p * W + 1];
             for (j = 0; a->peer_facts && j < a->fact_count; ++j)
-                a->peer_facts[(size_t)p * a->fact_count + j] = got[(size_t)p * W + 1 + j];
+                a->peer_facts[(size_t)p * a->fact_count + j] = got[(size_t)p * W + 2 + j];
         }
-        if (a->status == MOE_EP_OK) res = moe_ep__verdict(a, t->rank, R, got, err_text, err_size, item);
+        res = moe_ep__verdict(a, t->rank, R, got, err_text, err_size, item);
     }
     if (words != stack_words) moe_ep_free(&a->allocator, words);
-    return a->status != MOE_EP_OK ? a->status : res;
+    return res;
 }
 
 MOE_EP_API moe_ep_result moe_ep_agree(const moe_ep_transport* t, const moe_ep_agree_desc* a, char* err_text,
                                       size_t err_size) {
     moe_ep_log_item item = MOE_EP_LOG_ITEM_NONE;
-    return moe_ep__agree_item(t, a, err_text, err_size, &item);
+    return moe_ep__agree_item(t, a, err_text, err_size, &item, NULL);
 }
 
 /* >>single-rank transport */
@@ -1540,18 +1580,48 @@ MOE_EP_PRIVATE void moe_ep__expert_views(const moe_ep_context* ctx, int l, moe_e
     }
 }
 
+/* >>steps: every collective of the core carries its kind and the context's sequence number,
+   so that a rank in another collective, or one that fell behind, is an error on every rank. */
+enum {
+    MOE_EP__STEP_CREATE = 1, MOE_EP__STEP_PLAN, MOE_EP__STEP_FORWARD, MOE_EP__STEP_COMBINE,
+    MOE_EP__STEP_DISPATCH_ROWS, MOE_EP__STEP_COMBINE_ROWS
+};
+#define MOE_EP__STEP_SEQUENCE_MASK ((((int64_t)1) << 40) - 1)
+
+MOE_EP_PRIVATE int64_t moe_ep__step(const moe_ep_context* ctx, int kind) {
+    return ((int64_t)kind << 40) | (ctx->sequence & MOE_EP__STEP_SEQUENCE_MASK);
+}
+
+/* After a collective: the next number. Ranks that saw every rank's step (steps != NULL)
+   take the largest plus one, so ranks that were out of step are in step again. */
+MOE_EP_PRIVATE void moe_ep__step_done(moe_ep_context* ctx, const int64_t* steps) {
+    int64_t next = ctx->sequence & MOE_EP__STEP_SEQUENCE_MASK;
+    int p;
+    for (p = 0; steps && p < ctx->world_size; ++p)
+        if ((steps[p] & MOE_EP__STEP_SEQUENCE_MASK) > next) next = steps[p] & MOE_EP__STEP_SEQUENCE_MASK;
+    ctx->sequence = (next + 1) & MOE_EP__STEP_SEQUENCE_MASK;
+}
+
 /* A stage's verdict over the EP group: OK only if every rank reported OK; otherwise the
    local cause, or ABORTED naming the first failed peer (kept as the last error). */
-MOE_EP_PRIVATE moe_ep_result moe_ep__agree(moe_ep_context* ctx, moe_ep_result local, const char* stage) {
+MOE_EP_PRIVATE moe_ep_result moe_ep__agree(moe_ep_context* ctx, moe_ep_result local, const char* stage, int kind) {
     moe_ep_agree_desc a;
     moe_ep_log_item item = MOE_EP_LOG_ITEM_NONE;
     char err[MOE_EP__ERR_SIZE] = "";
+    int64_t stack_steps[64];
+    int64_t* steps = ctx->world_size <= 64 ? stack_steps
+                   : (int64_t*)moe_ep__calloc(&ctx->desc.allocator, ctx->world_size, sizeof(int64_t));
     moe_ep_result res;
+    int p;
     memset(&a, 0, sizeof a);
     a.stage = stage;
     a.status = local;
+    a.step = moe_ep__step(ctx, kind);
     a.allocator = ctx->desc.allocator;
-    res = moe_ep__agree_item(&ctx->transport, &a, err, sizeof err, &item);
+    for (p = 0; steps && p < ctx->world_size; ++p) steps[p] = a.step;
+    res = moe_ep__agree_item(&ctx->transport, &a, err, sizeof err, &item, steps);
+    moe_ep__step_done(ctx, steps);
+    if (steps != stack_steps) moe_ep_free(&ctx->desc.allocator, steps);
     if (res != local) moe_ep__fail(ctx, res, item, "%s", err);
     return res;
 }
@@ -1669,8 +1739,9 @@ MOE_EP_PRIVATE moe_ep_result moe_ep__create_agree(const moe_ep_desc* d, const mo
     a.facts_name = "collective parameters (d_model, d_ff, num_experts, top_k, activation, the router's "
                    "settings and biases, capacity_factor, placement)";
     a.on_peer_failure = MOE_EP_ERROR_RANK_MISMATCH;
+    a.step = (int64_t)MOE_EP__STEP_CREATE << 40;
     a.allocator = d->allocator;
-    res = moe_ep__agree_item(t, &a, err, sizeof err, &item);
+    res = moe_ep__agree_item(t, &a, err, sizeof err, &item, NULL);
     if (res != status) moe_ep__fail_desc(d, t->rank, res, item, "%s", err);
     return res;
 }
@@ -2150,7 +2221,7 @@ MOE_EP_PRIVATE void moe_ep__plan_receive(moe_ep_context* ctx, moe_ep_plan* plan,
     int64_t offset = 0;
     for (q = 0; q < R; ++q)
         for (s = 0; s < S; ++s) {
-            int64_t n = recv_words[q * (S + 1) + 1 + s];
+            int64_t n = recv_words[q * (S + 2) + 2 + s];
             plan->seg_recv_counts[q * S + s] = n;
             plan->local_expert_counts[s] += n;
             plan->recv_counts[q] += n;
@@ -2169,14 +2240,19 @@ MOE_EP_PRIVATE void moe_ep__plan_receive(moe_ep_context* ctx, moe_ep_plan* plan,
    and only tells the others. Every rank returns an error if any rank failed. */
 MOE_EP_PRIVATE moe_ep_result moe_ep__plan_build(moe_ep_context* ctx, int64_t tokens, const int32_t* idx,
                                                 const float* weight, moe_ep_result status, moe_ep_plan** out) {
-    int R = ctx->world_size, S = MOE_EP__MAX(ctx->max_local_experts, 1), q, s;
+    int R = ctx->world_size, S = MOE_EP__MAX(ctx->max_local_experts, 1), W = S + 2, q, s;
     int64_t* words;
+    int64_t step = moe_ep__step(ctx, MOE_EP__STEP_PLAN);
     moe_ep_plan* plan = NULL;
     moe_ep_result res;
     char err[MOE_EP__ERR_SIZE] = "";
-    words = (int64_t*)moe_ep__calloc(&ctx->desc.allocator, 2 * (int64_t)R * (S + 1), sizeof(int64_t));
-    if (!words) return moe_ep__fail(ctx, MOE_EP_ERROR_OUT_OF_MEMORY, MOE_EP_LOG_ITEM_OUT_OF_MEMORY,
-                                    "moe_ep_plan_create: out of memory");
+    words = (int64_t*)moe_ep__calloc(&ctx->desc.allocator, 2 * (int64_t)R * W, sizeof(int64_t));
+    if (!words) {
+        if (ctx->transport.skip) ctx->transport.skip(ctx->transport.impl, MOE_EP_ERROR_OUT_OF_MEMORY);
+        moe_ep__step_done(ctx, NULL);
+        return moe_ep__fail(ctx, MOE_EP_ERROR_OUT_OF_MEMORY, MOE_EP_LOG_ITEM_OUT_OF_MEMORY,
+                            "moe_ep_plan_create: out of memory");
+    }
     if (status == MOE_EP_OK && tokens > 0) status = moe_ep__check_routing(ctx, tokens, idx, weight);
     if (status == MOE_EP_OK) {
         status = moe_ep__plan_alloc(ctx, tokens, &plan);
@@ -2185,22 +2261,34 @@ MOE_EP_PRIVATE moe_ep_result moe_ep__plan_build(moe_ep_context* ctx, int64_t tok
     }
     if (status == MOE_EP_OK) status = moe_ep__plan_local(ctx, plan, idx, weight);
     for (q = 0; q < R; ++q) {
-        words[q * (S + 1)] = (int64_t)status;
-        for (s = 0; plan && s < S; ++s) words[q * (S + 1) + 1 + s] = plan->seg_send_counts[q * S + s];
+        words[q * W] = (int64_t)status;
+        words[q * W + 1] = step;
+        for (s = 0; plan && s < S; ++s) words[q * W + 2 + s] = plan->seg_send_counts[q * S + s];
     }
-    res = ctx->transport.exchange_counts(ctx->transport.impl, words, words + (int64_t)R * (S + 1), S + 1, err, sizeof err);
+    res = ctx->transport.exchange_counts(ctx->transport.impl, words, words + (int64_t)R * W, W, err, sizeof err);
     if (res != MOE_EP_OK) {
-        if (status == MOE_EP_OK) status = moe_ep__transport_fail(ctx, res, "moe_ep_plan_create: count exchange", err);
-    } else if (status == MOE_EP_OK) {
-        const int64_t* recv = words + (int64_t)R * (S + 1);
+        moe_ep__step_done(ctx, NULL);
+        if (status == MOE_EP_OK || res == MOE_EP_ERROR_OUT_OF_STEP)
+            status = moe_ep__transport_fail(ctx, res, "moe_ep_plan_create: count exchange", err);
+    } else {
+        const int64_t* recv = words + (int64_t)R * W;
+        int64_t* steps = words;     /* the send words are spent: every rank's step, for step_done */
+        for (q = 0; q < R; ++q) steps[q] = recv[q * W + 1];
         for (q = 0; q < R; ++q)
-            if (recv[q * (S + 1)] != MOE_EP_OK) {
-                status = moe_ep__fail(ctx, MOE_EP_ERROR_ABORTED, MOE_EP_LOG_ITEM_PEER_FAILED,
-                                      "moe_ep_plan_create: rank %d failed (%s)", q,
-                                      moe_ep_result_string((moe_ep_result)recv[q * (S + 1)]));
+            if (steps[q] != step) {
+                status = moe_ep__fail(ctx, MOE_EP_ERROR_OUT_OF_STEP, MOE_EP_LOG_ITEM_OUT_OF_STEP,
+                                      "moe_ep_plan_create: rank %d is in another collective (step %llx there, %llx "
+                                      "here): a rank skipped a collective or entered another", q,
+                                      (unsigned long long)steps[q], (unsigned long long)step);
                 break;
             }
+        for (q = 0; q < R && status == MOE_EP_OK; ++q)
+            if (recv[q * W] != MOE_EP_OK)
+                status = moe_ep__fail(ctx, MOE_EP_ERROR_ABORTED, MOE_EP_LOG_ITEM_PEER_FAILED,
+                                      "moe_ep_plan_create: rank %d failed (%s)", q,
+                                      moe_ep_result_string((moe_ep_result)recv[q * W]));
         if (status == MOE_EP_OK) moe_ep__plan_receive(ctx, plan, recv);
+        moe_ep__step_done(ctx, steps);
     }
     moe_ep_free(&ctx->desc.allocator, words);
     if (status != MOE_EP_OK) {
@@ -2289,13 +2377,25 @@ MOE_EP_PRIVATE moe_ep_result moe_ep__check_stage(moe_ep_context* ctx, moe_ep_pla
     return MOE_EP_OK;
 }
 
+/* A rank that fails before an exchange of rows tells the peers (the transport's skip), so
+   that their exchange fails too and every rank stays at the same step; the plan remembers
+   it, and its combine fails on every rank. */
+MOE_EP_PRIVATE moe_ep_result moe_ep__skip_rows(moe_ep_context* ctx, moe_ep_plan* plan, moe_ep_result res) {
+    if (!moe_ep__local_only(ctx) && ctx->transport.skip) ctx->transport.skip(ctx->transport.impl, res);
+    moe_ep__step_done(ctx, NULL);
+    if (plan && plan->ctx == ctx && plan->status == MOE_EP_OK) plan->status = res;
+    return res;
+}
+
 MOE_EP_API moe_ep_result moe_ep_dispatch_begin(moe_ep_context* ctx, moe_ep_plan* plan, const float* x, float* recv_rows) {
     moe_ep_result res = moe_ep__check_stage(ctx, plan, "moe_ep_dispatch", 0);
     int64_t r, d;
-    if (res != MOE_EP_OK) return res;
+    if (!ctx) return res;
+    /* with an exchange of this plan still open, this rank is inside a collective: no skip */
+    if (res != MOE_EP_OK) return plan && plan->ctx == ctx && plan->pending ? res : moe_ep__skip_rows(ctx, plan, res);
     if ((plan->send_rows > 0 && !x) || (plan->recv_rows > 0 && !recv_rows))
-        return moe_ep__fail(ctx, MOE_EP_ERROR_INVALID_ARGUMENT, MOE_EP_LOG_ITEM_STAGE_NULL,
-                            "moe_ep_dispatch: x and recv_rows must not be NULL");
+        return moe_ep__skip_rows(ctx, plan, moe_ep__fail(ctx, MOE_EP_ERROR_INVALID_ARGUMENT, MOE_EP_LOG_ITEM_STAGE_NULL,
+                                                         "moe_ep_dispatch: x and recv_rows must not be NULL"));
     d = ctx->desc.d_model;
     {
         float* dst = moe_ep__local_only(ctx) ? recv_rows : plan->send_buffer;
@@ -2310,16 +2410,23 @@ MOE_EP_API moe_ep_result moe_ep_dispatch_begin(moe_ep_context* ctx, moe_ep_plan*
         }
     }
     moe_ep__set_args(plan, plan->send_buffer, recv_rows, true);
+    plan->args.step = moe_ep__step(ctx, MOE_EP__STEP_DISPATCH_ROWS);
+    moe_ep__step_done(ctx, NULL);
     plan->pending = 1;
     res = moe_ep__a2a_begin(ctx, plan, "moe_ep_dispatch");
-    if (res != MOE_EP_OK) plan->pending = 0;
+    if (res != MOE_EP_OK) {
+        plan->pending = 0;
+        plan->status = res;
+    }
     return res;
 }
 
 MOE_EP_API moe_ep_result moe_ep_dispatch_end(moe_ep_context* ctx, moe_ep_plan* plan) {
     moe_ep_result res = moe_ep__check_stage(ctx, plan, "moe_ep_dispatch_end", 1);
     if (res != MOE_EP_OK) return res;
-    return moe_ep__a2a_end(ctx, plan, "moe_ep_dispatch");
+    res = moe_ep__a2a_end(ctx, plan, "moe_ep_dispatch");
+    plan->status = res;     /* a dispatch that worked (a retry) makes the plan good again */
+    return res;
 }
 
 /* Whether plan may be marked for a blocking exchange (a valid plan of ctx with nothing open). */
@@ -2389,13 +2496,19 @@ MOE_EP_PRIVATE moe_ep_result moe_ep__combine_begin(moe_ep_context* ctx, moe_ep_p
     moe_ep_result res = moe_ep__check_stage(ctx, plan, "moe_ep_combine", 0);
     if (!ctx) return res;
     if (res != MOE_EP_OK) status = res;
+    else if (plan->status != MOE_EP_OK && status == MOE_EP_OK)
+        status = moe_ep__fail(ctx, plan->status, MOE_EP_LOG_ITEM_STAGE_FAILED_BEFORE,
+                              "moe_ep_combine: this plan's dispatch failed (%s): there are no rows to combine",
+                              moe_ep_result_string(plan->status));
     else if (plan->recv_rows > 0 && !expert_out)
         status = moe_ep__fail(ctx, MOE_EP_ERROR_INVALID_ARGUMENT, MOE_EP_LOG_ITEM_STAGE_NULL,
                               "moe_ep_combine: expert_out must not be NULL");
     /* The one agreement of a layer: a rank whose experts failed tells the others here. */
-    res = moe_ep__agree(ctx, status, "moe_ep_combine");
+    res = moe_ep__agree(ctx, status, "moe_ep_combine", MOE_EP__STEP_COMBINE);
     if (res != MOE_EP_OK) return res;
     moe_ep__set_args(plan, expert_out, plan->send_buffer, false);
+    plan->args.step = moe_ep__step(ctx, MOE_EP__STEP_COMBINE_ROWS);
+    moe_ep__step_done(ctx, NULL);
     plan->pending = 2;
     res = moe_ep__a2a_begin(ctx, plan, "moe_ep_combine");
     if (res != MOE_EP_OK) plan->pending = 0;
@@ -2579,7 +2692,7 @@ MOE_EP_API moe_ep_result moe_ep_forward(moe_ep_context* ctx, const moe_ep_forwar
         }
     }
     /* A rank without room to receive must not enter the dispatch: agree first. */
-    res = moe_ep__agree(ctx, status, "moe_ep_forward");
+    res = moe_ep__agree(ctx, status, "moe_ep_forward", MOE_EP__STEP_FORWARD);
     if (res == MOE_EP_OK) res = moe_ep__forward_dispatch(ctx, plan, args->x, tokens, &shared_status);
     if (res == MOE_EP_OK) {
         status = moe_ep_experts(ctx, plan, ctx->recv_rows, ctx->expert_out);

@@ -30,6 +30,7 @@ Suite* layout_suite(void);
 Suite* routing_suite(void);
 Suite* ffn_variants_suite(void);
 Suite* families_suite(void);
+Suite* faults_suite(void);
 
 /* >>float64 references */
 /* out[rows, d_model] = the expert FFN in double (SwiGLU, exact-erf GELU, ReLU, clamped SwiGLU
