@@ -492,30 +492,38 @@ MOE_EP_PRIVATE moe_ep_result moe_ep__mpi_wait(moe_ep__mpi_impl* m, uint64_t sequ
         statuses = m->wait_statuses;
     }
     for (;;) {
-        int done = 0, rc = MPI_Testall(count, requests, &done, statuses);
+        /* one request at a time: an error (a truncated message) stays with its request's
+           communicator, where MPI_ERRORS_RETURN is set (MPICH's MPI_Testall raises it on
+           MPI_COMM_WORLD) */
+        int done = 1, i, rc = MPI_SUCCESS, cls = MPI_SUCCESS, failed = -1;
         moe_ep_result res;
-        if (rc == MPI_ERR_IN_STATUS) {
-            int i;
-            for (i = 0; i < count; ++i)
-                if (statuses[i].MPI_ERROR == MPI_ERR_TRUNCATE) {
-                    /* a peer sent a longer message than this collective's: it is in another one */
-                    moe_ep__mpi_abandon(requests, count, receives);
-                    if (err_text) snprintf(err_text, err_size, "a message of rank %d is longer than this collective's: "
-                                           "it is in another collective", statuses[i].MPI_SOURCE);
-                    return MOE_EP_ERROR_OUT_OF_STEP;
-                }
+        for (i = 0; i < count && rc == MPI_SUCCESS; ++i) {
+            int flag = 0;
+            if (requests[i] == MPI_REQUEST_NULL) continue;      /* done before; its status is kept */
+            rc = MPI_Test(&requests[i], &flag, &statuses[i]);
+            if (rc != MPI_SUCCESS) failed = i;
+            done &= flag;
         }
         if (rc != MPI_SUCCESS) {
+            MPI_Error_class(rc, &cls);
             moe_ep__mpi_abandon(requests, count, receives);
+            if (cls == MPI_ERR_TRUNCATE) {
+                /* a peer sent a longer message than this collective's: it is in another one */
+                if (err_text) snprintf(err_text, err_size, "a message of rank %d is longer than this collective's: "
+                                       "it is in another collective", statuses[failed].MPI_SOURCE);
+                return MOE_EP_ERROR_OUT_OF_STEP;
+            }
             moe_ep__mpi_tell(m, sequence, MOE_EP_ERROR_TRANSPORT);
-            return moe_ep__mpi_error(rc, "MPI_Testall", err_text, err_size);
+            return moe_ep__mpi_error(rc, "MPI_Test", err_text, err_size);
         }
-        if (done) return MOE_EP_OK;
+        /* a peer that gave this collective up did not finish it: neither does this rank, even
+           where its own messages all arrived */
         res = moe_ep__mpi_take_notice(m, sequence, err_text, err_size);
         if (res != MOE_EP_OK) {
-            moe_ep__mpi_abandon(requests, count, receives);
+            if (!done) moe_ep__mpi_abandon(requests, count, receives);
             return res;
         }
+        if (done) return MOE_EP_OK;
         if (m->timeout_ms > 0 && MPI_Wtime() > deadline) {
             moe_ep__mpi_abandon(requests, count, receives);
             moe_ep__mpi_tell(m, sequence, MOE_EP_ERROR_TIMEOUT);
@@ -537,40 +545,49 @@ MOE_EP_PRIVATE int moe_ep__mpi_grow_requests(moe_ep__mpi_impl* m, int64_t count)
     return m->request_capacity > 0;
 }
 
-/* The first message of a collective: [header, words...] to every peer, and every peer's
-   into recv ([R][1 + count], this rank's own copied). Returns OUT_OF_STEP, on every rank,
-   when a peer's header or length differs. Uses m's scratch; the caller's words are copied. */
+/* The first messages of a collective: to every peer [header, first word] (two words, so a
+   peer in another collective never sends a longer one: MPICH aborts on a truncated message
+   whatever the error handler), then, once every header has been checked, the other
+   count - 1 words. recv: [R][1 + count], the header first, this rank's own copied. Returns
+   OUT_OF_STEP, on every rank, when a peer's header differs. */
 MOE_EP_PRIVATE moe_ep_result moe_ep__mpi_meet(moe_ep__mpi_impl* m, int kind, uint64_t sequence, const int64_t* send,
                                               int count, int64_t* recv, char* err_text, size_t err_size) {
-    int R = m->world_size, me = m->rank, W = count + 1, p, n = 0, tag = moe_ep__mpi_tag(m, sequence), rc = MPI_SUCCESS;
+    int R = m->world_size, me = m->rank, W = count + 1, V = W > 2 ? W : 2, p, n = 0, tag = moe_ep__mpi_tag(m, sequence);
+    int rc = MPI_SUCCESS;
     int64_t header = moe_ep__mpi_header(kind, count, sequence);
-    int64_t* out;
+    int64_t *out, *heads;
     moe_ep_result res = moe_ep__mpi_take_notice(m, sequence, err_text, err_size);
     if (res != MOE_EP_OK) return res;     /* a peer gave this collective up before we came */
-    if ((size_t)W * (size_t)R > m->meet_capacity) {
+    if ((size_t)(V + 2) * (size_t)R > m->meet_capacity) {
         moe_ep_free(&m->allocator, m->meet_words);
-        m->meet_words = (int64_t*)moe_ep_alloc(&m->allocator, sizeof(int64_t) * (size_t)W * (size_t)R);
-        m->meet_capacity = m->meet_words ? (size_t)W * (size_t)R : 0;
+        m->meet_words = (int64_t*)moe_ep_alloc(&m->allocator, sizeof(int64_t) * (size_t)(V + 2) * (size_t)R);
+        m->meet_capacity = m->meet_words ? (size_t)(V + 2) * (size_t)R : 0;
     }
-    if (!m->meet_words || !moe_ep__mpi_grow_requests(m, 2 * (int64_t)R)) {
+    if (!m->meet_words || !moe_ep__mpi_grow_requests(m, 4 * (int64_t)R)) {
         moe_ep__mpi_tell(m, sequence, MOE_EP_ERROR_OUT_OF_MEMORY);
         if (err_text) snprintf(err_text, err_size, "out of memory for a collective's first messages");
         return MOE_EP_ERROR_OUT_OF_MEMORY;
     }
-    out = m->meet_words;
+    out = m->meet_words;                    /* [R][V]: [header, words..., 0] */
+    heads = m->meet_words + (size_t)V * R;  /* [R][2] */
     for (p = 0; p < R; ++p) {
-        out[(size_t)p * W] = header;
-        if (count > 0) memcpy(out + (size_t)p * W + 1, send + (size_t)p * count, sizeof(int64_t) * (size_t)count);
+        out[(size_t)p * V] = header;
+        out[(size_t)p * V + 1] = 0;
+        if (count > 0) memcpy(out + (size_t)p * V + 1, send + (size_t)p * count, sizeof(int64_t) * (size_t)count);
     }
-    memcpy(recv + (size_t)me * W, out + (size_t)me * W, sizeof(int64_t) * (size_t)W);
+    memcpy(recv + (size_t)me * W, out + (size_t)me * V, sizeof(int64_t) * (size_t)W);
     for (p = 0; p < R && rc == MPI_SUCCESS; ++p)
         if (p != me) {
-            rc = MPI_Irecv(recv + (size_t)p * W, W, MPI_INT64_T, p, tag, m->comm, &m->requests[n]);
+            rc = MPI_Irecv(heads + 2 * p, 2, MPI_INT64_T, p, tag, m->comm, &m->requests[n]);
             if (rc == MPI_SUCCESS) n++;
         }
     for (p = 0; p < R && rc == MPI_SUCCESS; ++p)
         if (p != me) {
-            rc = MPI_Isend(out + (size_t)p * W, W, MPI_INT64_T, p, tag, m->comm, &m->requests[n]);
+            rc = MPI_Isend(out + (size_t)p * V, 2, MPI_INT64_T, p, tag, m->comm, &m->requests[n]);
+            if (rc == MPI_SUCCESS && count > 1) {
+                n++;
+                rc = MPI_Isend(out + (size_t)p * V + 2, count - 1, MPI_INT64_T, p, tag, m->comm, &m->requests[n]);
+            }
             if (rc == MPI_SUCCESS) n++;
         }
     if (rc != MPI_SUCCESS) {
@@ -578,22 +595,54 @@ MOE_EP_PRIVATE moe_ep_result moe_ep__mpi_meet(moe_ep__mpi_impl* m, int kind, uin
         moe_ep__mpi_tell(m, sequence, MOE_EP_ERROR_TRANSPORT);
         return moe_ep__mpi_error(rc, "MPI_Isend / MPI_Irecv", err_text, err_size);
     }
-    res = moe_ep__mpi_wait(m, sequence, m->requests, n, R - 1, m->statuses, err_text, err_size);
-    if (res != MOE_EP_OK) return res;
+    /* the headers first; the sends complete with the payloads below */
+    res = moe_ep__mpi_wait(m, sequence, m->requests, R - 1, R - 1, m->statuses, err_text, err_size);
+    if (res != MOE_EP_OK) {
+        moe_ep__mpi_abandon(m->requests + (R - 1), n - (R - 1), 0);
+        return res;
+    }
     for (p = 0; p < R; ++p) {
-        int got = W;
-        int64_t h = recv[(size_t)p * W];
-        if (p != me) MPI_Get_count(&m->statuses[p < me ? p : p - 1], MPI_INT64_T, &got);
-        if (got != W || h != header) {
+        int64_t h = p == me ? header : heads[2 * p];
+        if (h != header) {
+            moe_ep__mpi_abandon(m->requests + (R - 1), n - (R - 1), 0);
             if (err_text)
                 snprintf(err_text, err_size, "rank %d is in %s (%d words, #%u), rank %d in %s (%d words, #%u): a rank "
-                         "skipped a collective or entered another", p, moe_ep__mpi_kind_name(got >= 1 ? (h >> 56) & 0xFF : 0),
-                         got >= 1 ? (int)((h >> 32) & 0xFFFFFF) : got - 1, got >= 1 ? (unsigned)(h & 0xFFFFFFFF) : 0u, me,
-                         moe_ep__mpi_kind_name(kind), count, (unsigned)(sequence & 0xFFFFFFFFu));
+                         "skipped a collective or entered another", p, moe_ep__mpi_kind_name((h >> 56) & 0xFF),
+                         (int)((h >> 32) & 0xFFFFFF), (unsigned)(h & 0xFFFFFFFF), me, moe_ep__mpi_kind_name(kind), count,
+                         (unsigned)(sequence & 0xFFFFFFFFu));
             return MOE_EP_ERROR_OUT_OF_STEP;
         }
+        if (p != me) {
+            recv[(size_t)p * W] = h;
+            if (count > 0) recv[(size_t)p * W + 1] = heads[2 * p + 1];
+        }
     }
-    return MOE_EP_OK;
+    /* every peer is in this collective: the rest of the words (the sends are already posted) */
+    if (count > 1) {
+        int first = n;
+        for (p = 0; p < R && rc == MPI_SUCCESS; ++p)
+            if (p != me) {
+                rc = MPI_Irecv(recv + (size_t)p * W + 2, count - 1, MPI_INT64_T, p, tag, m->comm, &m->requests[n]);
+                if (rc == MPI_SUCCESS) n++;
+            }
+        if (rc != MPI_SUCCESS) {
+            moe_ep__mpi_abandon(m->requests + (R - 1), n - (R - 1), 0);
+            moe_ep__mpi_tell(m, sequence, MOE_EP_ERROR_TRANSPORT);
+            return moe_ep__mpi_error(rc, "MPI_Irecv", err_text, err_size);
+        }
+        /* receives first for moe_ep__mpi_wait: move the payload receives before the sends */
+        {
+            int i, sends = first - (R - 1), recvs = n - first;
+            MPI_Request* r = m->requests + (R - 1);
+            for (i = 0; i < recvs; ++i) {
+                MPI_Request keep = r[sends + i];
+                memmove(r + i + 1, r + i, sizeof *r * (size_t)sends);
+                r[i] = keep;
+            }
+            return moe_ep__mpi_wait(m, sequence, r, sends + recvs, recvs, m->statuses, err_text, err_size);
+        }
+    }
+    return moe_ep__mpi_wait(m, sequence, m->requests + (R - 1), n - (R - 1), 0, m->statuses, err_text, err_size);
 }
 
 /* The next collective's number. */
