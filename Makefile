@@ -4,7 +4,7 @@
 #   make check       TEST_TARGETS with what is installed, then a summary of passed and skipped targets
 #   make check-headers | check-core | check-demos | check-kernels | check-mpi | check-nccl | check-install
 #   make check-asan | check-ubsan (in check)           make check-tsan | check-mpi-large (not in check)
-#   make demo | layouts-demo | mpi-demo                make bench | bench-cpu | bench-mpi
+#   make demo | layouts-demo | mpi-demo                make bench | bench-cpu | bench-mpi | bench-faults
 #   make test-gpu | seed-gpu | bench-gpu (GPUs)        make install | uninstall PREFIX=... [DESTDIR=...]
 #
 # A test program that cannot run here (no GPU) exits 77: its target prints "SKIP: target (reason)"
@@ -14,7 +14,7 @@
 
 .PHONY: all test check deps bench-deps clean check-headers check-core check-demos check-kernels check-mpi \
         check-mpi-headers check-mpi-large check-nccl check-install check-asan check-ubsan check-tsan demo \
-        layouts-demo mpi-demo bench bench-cpu bench-mpi test-gpu seed-gpu bench-gpu install uninstall
+        layouts-demo mpi-demo bench bench-cpu bench-mpi bench-faults test-gpu seed-gpu bench-gpu install uninstall
 
 ifeq ($(origin CC),default)
 CC = gcc
@@ -161,6 +161,8 @@ $(BUILD)/mpi_demo: examples/mpi_demo.c $(HEADERS) | $(BUILD)
 	$(MPICC_openmpi) $(BUILD_FLAGS) $(SOURCES) -o $@ -pthread -lm $(LDFLAGS)
 $(BUILD)/mpi_bench: bench/mpi_bench.c $(TEST_SUPPORT) $(HEADERS) | $(BUILD)
 	$(MPICC_openmpi) $(BUILD_FLAGS) $(SOURCES) -o $@ -pthread -lm $(LDFLAGS)
+$(BUILD)/fault_bench: bench/fault_bench.c $(TEST_SUPPORT) $(HEADERS) | $(BUILD)
+	$(MPICC_openmpi) $(BUILD_FLAGS) $(SOURCES) -o $@ -pthread -lm $(LDFLAGS)
 
 # The MPI header under each MPI's wrapper and under clang with that MPI's flags, with and without
 # OpenMP; the declarations as C++.
@@ -174,7 +176,7 @@ $(HDR)/decl_mpi.o: tests/headers/decl_mpi.cpp $(HEADERS) | $(HDR)
 check-mpi-headers: $(foreach m,$(MPI_HEADER_CC),$(HDR)/mpi_$(m)_c99.o $(HDR)/mpi_$(m)_omp.o) $(HDR)/decl_mpi.o
 
 # Open MPI at 1-4 processes, MPICH at 1, 2, 4, then the demo at 8 against one rank.
-check-mpi: check-mpi-headers $(MPI_LIST:%=$(BUILD)/check_mpi_%) $(BUILD)/mpi_demo
+check-mpi: check-mpi-headers $(MPI_LIST:%=$(BUILD)/check_mpi_%) $(BUILD)/mpi_demo $(BUILD)/fault_bench
 	for n in $(MPI_SIZES_openmpi); do $(MPIRUN_openmpi) -x CK_FORK=no -n $$n ./$(BUILD)/check_mpi_openmpi $$n || exit 1; done
 	for n in $(MPI_SIZES_mpich); do CK_FORK=no $(MPIRUN_mpich) -n $$n ./$(BUILD)/check_mpi_mpich $$n || exit 1; done
 	$(MPIRUN_openmpi) -n 8 ./$(BUILD)/mpi_demo --tokens 64 --d-model 64 --d-ff 128 > $(BUILD)/mpi_demo.log \
@@ -188,6 +190,12 @@ mpi-demo: $(BUILD)/mpi_demo
 	$(MPIRUN_openmpi) -n 8 ./$<
 bench-mpi: $(BUILD)/mpi_bench
 	$(MPIRUN_openmpi) -n 2 ./$<
+# Rank faults (bench/RESULTS.md): how long the others wait after a rank's dispatch fails, and
+# what the survivors of a killed process return (Open MPI 4.1 lets them live with the MCA setting).
+bench-faults: $(BUILD)/fault_bench
+	$(MPIRUN_openmpi) -n 4 ./$< fail --reps 50
+	$(MPIRUN_openmpi) -n 8 ./$< fail --reps 50
+	-$(MPIRUN_openmpi) --mca orte_abort_on_non_zero_status 0 -n 4 ./$< kill --timeout-ms 1000
 
 # >>gpu: the NCCL transport (check_nccl) and the GPU layer (check_cuda; check_cuda_layout: EP x DP
 # and EP x TP x DP), built by CC against nvcc's kernels and compiled by clang too, as bench_nccl

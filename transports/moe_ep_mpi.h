@@ -303,7 +303,9 @@ typedef struct moe_ep__mpi_request {
     unsigned char* owned;               /* [2R] 1: a type built for this call, freed at the end */
     MPI_Datatype row_owned;             /* a row type outside the cache, or MPI_DATATYPE_NULL */
     uint64_t sequence;                  /* the collective's number */
-    int receive_count;                  /* requests[0 .. receive_count) are receives */
+    int receive_count;                  /* requests[0 .. receive_count) are receives, the headers' first */
+    int64_t* heads;                     /* [5R]: the peers' headers and rows [2R], this rank's to each [2R],
+                                           the rows this rank expects from each [R] */
 } moe_ep__mpi_request;
 
 typedef struct moe_ep__mpi_impl {
@@ -380,9 +382,13 @@ MOE_EP_PRIVATE int64_t moe_ep__mpi_header(int kind, int count, uint64_t sequence
    the next one (MPICH does), and with it deliver messages of a collective given up on the
    old one: the base puts the new transport's tags elsewhere. Computed in 64 bits: Open
    MPI's MPI_TAG_UB is INT_MAX. */
-MOE_EP_PRIVATE int moe_ep__mpi_tag(const moe_ep__mpi_impl* m, uint64_t sequence) {
-    return 1 + (int)((m->tag_base + sequence) % (uint64_t)(m->tag_ub >= 1 ? (int64_t)m->tag_ub : 1));
+MOE_EP_PRIVATE int moe_ep__mpi_tag(const moe_ep__mpi_impl* m, uint64_t sequence, int slot) {
+    return 1 + (int)(((m->tag_base + sequence) * 4 + (uint64_t)slot) % (uint64_t)(m->tag_ub >= 1 ? (int64_t)m->tag_ub : 1));
 }
+/* A collective's tags, one per kind of message: the headers (every kind alike, so a peer in
+   another collective is seen), and the payloads of each kind apart, so that a payload never
+   meets a receive of another kind's (a truncated message aborts MPICH). */
+enum { MOE_EP__MPI_TAG_HEADER, MOE_EP__MPI_TAG_WORDS, MOE_EP__MPI_TAG_ROWS, MOE_EP__MPI_TAG_SUMS };
 
 /* Reads every control message that has arrived; keeps those of collectives not yet done. */
 MOE_EP_PRIVATE void moe_ep__mpi_read_notices(moe_ep__mpi_impl* m) {
@@ -552,7 +558,8 @@ MOE_EP_PRIVATE int moe_ep__mpi_grow_requests(moe_ep__mpi_impl* m, int64_t count)
    OUT_OF_STEP, on every rank, when a peer's header differs. */
 MOE_EP_PRIVATE moe_ep_result moe_ep__mpi_meet(moe_ep__mpi_impl* m, int kind, uint64_t sequence, const int64_t* send,
                                               int count, int64_t* recv, char* err_text, size_t err_size) {
-    int R = m->world_size, me = m->rank, W = count + 1, V = W > 2 ? W : 2, p, n = 0, tag = moe_ep__mpi_tag(m, sequence);
+    int R = m->world_size, me = m->rank, W = count + 1, V = W > 2 ? W : 2, p, n = 0;
+    int tag = moe_ep__mpi_tag(m, sequence, MOE_EP__MPI_TAG_HEADER), words_tag = moe_ep__mpi_tag(m, sequence, MOE_EP__MPI_TAG_WORDS);
     int rc = MPI_SUCCESS;
     int64_t header = moe_ep__mpi_header(kind, count, sequence);
     int64_t *out, *heads;
@@ -586,7 +593,7 @@ MOE_EP_PRIVATE moe_ep_result moe_ep__mpi_meet(moe_ep__mpi_impl* m, int kind, uin
             rc = MPI_Isend(out + (size_t)p * V, 2, MPI_INT64_T, p, tag, m->comm, &m->requests[n]);
             if (rc == MPI_SUCCESS && count > 1) {
                 n++;
-                rc = MPI_Isend(out + (size_t)p * V + 2, count - 1, MPI_INT64_T, p, tag, m->comm, &m->requests[n]);
+                rc = MPI_Isend(out + (size_t)p * V + 2, count - 1, MPI_INT64_T, p, words_tag, m->comm, &m->requests[n]);
             }
             if (rc == MPI_SUCCESS) n++;
         }
@@ -622,7 +629,7 @@ MOE_EP_PRIVATE moe_ep_result moe_ep__mpi_meet(moe_ep__mpi_impl* m, int kind, uin
         int first = n;
         for (p = 0; p < R && rc == MPI_SUCCESS; ++p)
             if (p != me) {
-                rc = MPI_Irecv(recv + (size_t)p * W + 2, count - 1, MPI_INT64_T, p, tag, m->comm, &m->requests[n]);
+                rc = MPI_Irecv(recv + (size_t)p * W + 2, count - 1, MPI_INT64_T, p, words_tag, m->comm, &m->requests[n]);
                 if (rc == MPI_SUCCESS) n++;
             }
         if (rc != MPI_SUCCESS) {
@@ -748,10 +755,12 @@ MOE_EP_PRIVATE moe_ep__mpi_request* moe_ep__mpi_request_get(moe_ep__mpi_impl* m)
     req->displs = (int*)moe_ep_alloc(&m->allocator, 2 * R * sizeof(int));
     req->types = (MPI_Datatype*)moe_ep_alloc(&m->allocator, 2 * R * sizeof(MPI_Datatype));
     req->owned = (unsigned char*)moe_ep_alloc(&m->allocator, 2 * R);
+    req->heads = (int64_t*)moe_ep_alloc(&m->allocator, 5 * R * sizeof(int64_t));
     req->requests = (MPI_Request*)moe_ep_alloc(&m->allocator, sizeof(MPI_Request));
     req->request_capacity = 1;
     req->row_owned = MPI_DATATYPE_NULL;
-    if (!req->counts || !req->displs || !req->types || !req->owned || !req->requests) {
+    if (!req->counts || !req->displs || !req->types || !req->owned || !req->requests || !req->heads) {
+        moe_ep_free(&m->allocator, req->heads);
         moe_ep_free(&m->allocator, req->requests);
         moe_ep_free(&m->allocator, req->counts);
         moe_ep_free(&m->allocator, req->displs);
@@ -884,16 +893,16 @@ MOE_EP_PRIVATE moe_ep_result moe_ep__mpi_prepare(moe_ep__mpi_impl* m, const moe_
                                    p, &direct, err_text, err_size);
         if (res != MOE_EP_OK) return res;
     }
-    if (2 * (int64_t)R + direct > req->request_capacity) {
-        if (direct >= INT_MAX - 2 * (int64_t)R) {
+    if (4 * (int64_t)R + direct > req->request_capacity) {
+        if (direct >= INT_MAX - 4 * (int64_t)R) {
             if (err_text) snprintf(err_text, err_size, "%lld direct segments exceed an MPI count", (long long)direct);
             return MOE_EP_ERROR_UNSUPPORTED;
         }
         moe_ep_free(&m->allocator, req->requests);
-        req->requests = (MPI_Request*)moe_ep_alloc(&m->allocator, (size_t)(2 * R + direct) * sizeof(MPI_Request));
-        req->request_capacity = req->requests ? (int)(2 * R + direct) : 0;
+        req->requests = (MPI_Request*)moe_ep_alloc(&m->allocator, (size_t)(4 * R + direct) * sizeof(MPI_Request));
+        req->request_capacity = req->requests ? (int)(4 * R + direct) : 0;
         if (!req->requests) {
-            if (err_text) snprintf(err_text, err_size, "out of memory for %lld requests", (long long)(2 * R + direct));
+            if (err_text) snprintf(err_text, err_size, "out of memory for %lld requests", (long long)(4 * R + direct));
             return MOE_EP_ERROR_OUT_OF_MEMORY;
         }
     }
@@ -978,8 +987,9 @@ MOE_EP_PRIVATE int64_t moe_ep__mpi_rows_to(const int64_t* counts, int p, int S) 
     return rows;
 }
 
-/* Meets the peers (kind, sequence number, and the rows each sends to each), then posts the
-   receives (the collective part, then the direct segments) and the sends in the same order. */
+/* Posts, all at once: the peers' headers (kind, sequence number, rows sent to this rank),
+   the receives of rows (the collective part, then the direct segments), this rank's headers
+   and its sends in the same order. The headers are checked when the exchange ends. */
 MOE_EP_PRIVATE moe_ep_result moe_ep__mpi_a2a_begin(void* impl, const moe_ep_a2a_args* args, void** request,
                                                    char* err_text, size_t err_size) {
     moe_ep__mpi_impl* m = (moe_ep__mpi_impl*)impl;
@@ -987,47 +997,42 @@ MOE_EP_PRIVATE moe_ep_result moe_ep__mpi_a2a_begin(void* impl, const moe_ep_a2a_
     moe_ep__mpi_request* req = moe_ep__mpi_request_get(m);
     MPI_Datatype row = MPI_DATATYPE_NULL;
     moe_ep_result res;
-    int rc = MPI_SUCCESS, R = m->world_size, S = args->segments, p, tag = moe_ep__mpi_tag(m, sequence);
-    int64_t* words = NULL;
+    int rc = MPI_SUCCESS, R = m->world_size, S = args->segments, p, me = m->rank;
+    int head_tag = moe_ep__mpi_tag(m, sequence, MOE_EP__MPI_TAG_HEADER);
+    int tag = moe_ep__mpi_tag(m, sequence, MOE_EP__MPI_TAG_ROWS);
+    int64_t header = moe_ep__mpi_header(MOE_EP__MPI_A2A, 1, sequence);
     if (!req) {
         moe_ep__mpi_tell(m, sequence, MOE_EP_ERROR_OUT_OF_MEMORY);
         if (err_text) snprintf(err_text, err_size, "out of memory for a request record");
         return MOE_EP_ERROR_OUT_OF_MEMORY;
     }
     req->sequence = sequence;
+    /* this rank's own cause first, as a rank that fails before the exchange would have it */
     res = moe_ep__mpi_prepare(m, args, req, &row, err_text, err_size);
-    if (res == MOE_EP_OK) {
-        words = (int64_t*)moe_ep_alloc(&m->allocator, sizeof(int64_t) * 3 * (size_t)R);
-        if (!words) {
-            res = MOE_EP_ERROR_OUT_OF_MEMORY;
-            if (err_text) snprintf(err_text, err_size, "out of memory for %d row counts", R);
-        }
-    }
-    if (res != MOE_EP_OK) {
-        moe_ep__mpi_tell(m, sequence, res);
-        moe_ep__mpi_request_release(m, req);
-        return res;
-    }
-    for (p = 0; p < R; ++p) words[p] = moe_ep__mpi_rows_to(args->send_counts, p, S);
-    res = moe_ep__mpi_meet(m, MOE_EP__MPI_A2A, sequence, words, 1, words + R, err_text, err_size);
-    for (p = 0; res == MOE_EP_OK && p < R; ++p) {
-        int64_t sent = words[R + 2 * p + 1], expected = moe_ep__mpi_rows_to(args->recv_counts, p, S);
-        if (sent != expected) {
-            if (err_text) snprintf(err_text, err_size, "rank %d sends %lld rows, rank %d expects %lld", p,
-                                   (long long)sent, m->rank, (long long)expected);
-            res = MOE_EP_ERROR_TRANSPORT;
-            moe_ep__mpi_tell(m, sequence, res);     /* the sender cannot see it: it would wait for this rank */
-        }
-    }
-    moe_ep_free(&m->allocator, words);
+    if (res != MOE_EP_OK) moe_ep__mpi_tell(m, sequence, res);
+    else res = moe_ep__mpi_take_notice(m, sequence, err_text, err_size);     /* a peer gave it up before we came */
     if (res != MOE_EP_OK) {
         moe_ep__mpi_request_release(m, req);
         return res;
     }
     req->request_count = 0;
-    rc = moe_ep__mpi_post_part(m, args, req, 0, tag);
+    for (p = 0; p < R && rc == MPI_SUCCESS; ++p)
+        if (p != me) {
+            rc = MPI_Irecv(req->heads + 2 * p, 2, MPI_INT64_T, p, head_tag, m->comm, &req->requests[req->request_count]);
+            if (rc == MPI_SUCCESS) req->request_count++;
+        }
+    if (rc == MPI_SUCCESS) rc = moe_ep__mpi_post_part(m, args, req, 0, tag);
     if (rc == MPI_SUCCESS) rc = moe_ep__mpi_post_direct(m, args, req, row, 0, tag);
     req->receive_count = req->request_count;
+    for (p = 0; p < R && rc == MPI_SUCCESS; ++p)
+        if (p != me) {
+            int64_t* mine = req->heads + 2 * (R + p);
+            mine[0] = header;
+            mine[1] = moe_ep__mpi_rows_to(args->send_counts, p, S);
+            req->heads[4 * R + p] = moe_ep__mpi_rows_to(args->recv_counts, p, S);
+            rc = MPI_Isend(mine, 2, MPI_INT64_T, p, head_tag, m->comm, &req->requests[req->request_count]);
+            if (rc == MPI_SUCCESS) req->request_count++;
+        }
     if (rc == MPI_SUCCESS) rc = moe_ep__mpi_post_part(m, args, req, 1, tag);
     if (rc == MPI_SUCCESS) rc = moe_ep__mpi_post_direct(m, args, req, row, 1, tag);
     if (rc != MPI_SUCCESS) {
@@ -1040,16 +1045,42 @@ MOE_EP_PRIVATE moe_ep_result moe_ep__mpi_a2a_begin(void* impl, const moe_ep_a2a_
     return MOE_EP_OK;
 }
 
+/* The headers first: a peer in another collective (OUT_OF_STEP on every rank) or one that
+   sends other row counts than this rank expects (told to the peers) ends it there; then
+   the rows. */
 MOE_EP_PRIVATE moe_ep_result moe_ep__mpi_a2a_end(void* impl, void* request, char* err_text, size_t err_size) {
     moe_ep__mpi_impl* m = (moe_ep__mpi_impl*)impl;
     moe_ep__mpi_request* req = (moe_ep__mpi_request*)request;
     moe_ep_result res;
+    int R, p, heads;
     if (!req) {
         if (err_text) snprintf(err_text, err_size, "no exchange is open (request is NULL)");
         return MOE_EP_ERROR_INVALID_ARGUMENT;
     }
-    res = moe_ep__mpi_wait(m, req->sequence, req->requests, req->request_count, req->receive_count, NULL, err_text,
-                           err_size);
+    R = m->world_size;
+    heads = R - 1;
+    res = moe_ep__mpi_wait(m, req->sequence, req->requests, heads, heads, NULL, err_text, err_size);
+    for (p = 0; res == MOE_EP_OK && p < R; ++p) {
+        int64_t h = req->heads[2 * p], rows = req->heads[2 * p + 1];
+        if (p == m->rank) continue;
+        if (h != moe_ep__mpi_header(MOE_EP__MPI_A2A, 1, req->sequence)) {
+            if (err_text)
+                snprintf(err_text, err_size, "rank %d is in %s (#%u), rank %d in all_to_all_v (#%u): a rank skipped a "
+                         "collective or entered another", p, moe_ep__mpi_kind_name((h >> 56) & 0xFF),
+                         (unsigned)(h & 0xFFFFFFFF), m->rank, (unsigned)(req->sequence & 0xFFFFFFFFu));
+            res = MOE_EP_ERROR_OUT_OF_STEP;
+        } else if (rows != req->heads[4 * R + p]) {
+            if (err_text) snprintf(err_text, err_size, "rank %d sends %lld rows, rank %d expects %lld", p,
+                                   (long long)rows, m->rank, (long long)req->heads[4 * R + p]);
+            res = MOE_EP_ERROR_TRANSPORT;
+            moe_ep__mpi_tell(m, req->sequence, res);    /* the sender cannot see it: it would wait for this rank */
+        }
+    }
+    if (res == MOE_EP_OK)
+        res = moe_ep__mpi_wait(m, req->sequence, req->requests + heads, req->request_count - heads,
+                               req->receive_count - heads, NULL, err_text, err_size);
+    else
+        moe_ep__mpi_abandon(req->requests + heads, req->request_count - heads, req->receive_count - heads);
     moe_ep__mpi_request_release(m, req);
     return res;
 }
@@ -1079,6 +1110,7 @@ MOE_EP_PRIVATE void moe_ep__mpi_destroy(void* impl) {
         moe_ep_free(&a, req->displs);
         moe_ep_free(&a, req->types);
         moe_ep_free(&a, req->owned);
+        moe_ep_free(&a, req->heads);
         moe_ep_free(&a, req->requests);
         moe_ep_free(&a, req);
     }
@@ -1217,7 +1249,7 @@ MOE_EP_PRIVATE moe_ep_result moe_ep__mpi_all_reduce(void* impl, float* data, int
     moe_ep__mpi_impl* m = (moe_ep__mpi_impl*)impl;
     const moe_ep_allocator* a = &m->allocator;
     uint64_t sequence = moe_ep__mpi_next(m);
-    int R = m->world_size, me = m->rank, q, rc = MPI_SUCCESS, tag = moe_ep__mpi_tag(m, sequence);
+    int R = m->world_size, me = m->rank, q, rc = MPI_SUCCESS, tag = moe_ep__mpi_tag(m, sequence, MOE_EP__MPI_TAG_SUMS);
     int64_t chunk, window, done, i, status;
     int64_t* words = (int64_t*)moe_ep_alloc(a, 3 * (size_t)R * sizeof(int64_t));
     int64_t* part = (int64_t*)moe_ep_alloc(a, 2 * (size_t)R * sizeof(int64_t));
