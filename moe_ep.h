@@ -42,6 +42,8 @@
                                          so does its thread count (e.g. OPENBLAS_NUM_THREADS:
                                          with several ranks in a process, divide it yourself)
    MOE_EP_CBLAS_HEADER     <cblas.h>     the header that MOE_EP_CBLAS includes
+   MOE_EP_MAX_THREADS      1024          the largest desc.num_threads accepted (an OpenMP
+                                         runtime that cannot start a team exits the process)
    The built-in kernel's SIMD path follows the compiler's target flags (-march=native,
    -mavx2 -mfma, ...): each path is bitwise reproducible on its own; paths agree to rounding.
    Compile with -fopenmp (or your compiler's flag) for OpenMP expert compute; without
@@ -789,6 +791,9 @@ MOE_EP_API moe_ep_result moe_ep_agree(const moe_ep_transport* transport, const m
 #endif
 
 #define MOE_EP_PRIVATE static
+#ifndef MOE_EP_MAX_THREADS
+#define MOE_EP_MAX_THREADS 1024
+#endif
 #define MOE_EP__DEF(value, def) ((value) == 0 ? (def) : (value))
 #define MOE_EP__MIN(a, b) ((a) < (b) ? (a) : (b))
 #define MOE_EP__MAX(a, b) ((a) > (b) ? (a) : (b))
@@ -839,6 +844,7 @@ struct moe_ep_context {
 
 struct moe_ep_plan {
     moe_ep_context* ctx;
+    moe_ep_allocator allocator;     /* the context's, kept: a plan may be destroyed after its context */
     int64_t tokens;
     int top_k, segments;
     int64_t capacity;
@@ -1359,8 +1365,9 @@ MOE_EP_PRIVATE int moe_ep__validate_desc(const moe_ep_desc* d, const moe_ep_tran
             if (r < 0 || r >= t->world_size) break;
         }
     }
-    moe_ep__check(v, d->num_threads >= 0, MOE_EP_LOG_ITEM_DESC_NUM_THREADS,
-                  "moe_ep_desc.num_threads (%d) must be >= 0", d->num_threads);
+    moe_ep__check(v, d->num_threads >= 0 && d->num_threads <= MOE_EP_MAX_THREADS, MOE_EP_LOG_ITEM_DESC_NUM_THREADS,
+                  "moe_ep_desc.num_threads (%d) must be in [0, %d] (0: OpenMP's default)", d->num_threads,
+                  MOE_EP_MAX_THREADS);
     moe_ep__check(v, (d->allocator.alloc_fn == NULL) == (d->allocator.free_fn == NULL),
                   MOE_EP_LOG_ITEM_DESC_ALLOCATOR_HALF,
                   "moe_ep_desc.allocator: set both alloc_fn and free_fn, or neither");
@@ -1799,6 +1806,13 @@ MOE_EP_API moe_ep_log_item moe_ep_last_error_item(const moe_ep_context* ctx) {
 MOE_EP_API int moe_ep_rank(const moe_ep_context* ctx) { return ctx ? ctx->rank : -1; }
 MOE_EP_API int moe_ep_world_size(const moe_ep_context* ctx) { return ctx ? ctx->world_size : -1; }
 
+/* The most tokens one call takes: tokens x max(E, k) x d_model floats must fit 64-bit sizes
+   with room to spare, checked before any product is formed. */
+MOE_EP_PRIVATE int64_t moe_ep__max_tokens(const moe_ep_context* ctx) {
+    int64_t wide = MOE_EP__MAX(ctx->desc.num_experts, ctx->desc.top_k);
+    return (INT64_MAX / 64) / (wide * MOE_EP__MAX(ctx->desc.d_model, 1));
+}
+
 /* >>router: one token at a time, in fp32, as transformers computes routers.
 
    logits l = x . W^T (+ router_bias); scores s: softmax(l), sigmoid(l), or l itself for
@@ -1816,6 +1830,53 @@ MOE_EP_PRIVATE int moe_ep__best(const float* values, const unsigned char* taken,
     for (i = 0; i < n; ++i)
         if (!taken[i] && (best < 0 || values[i] > values[best])) best = i;
     return best;
+}
+
+/* Whether expert a ranks before expert b: the larger value, ties to the lower index. */
+MOE_EP_PRIVATE bool moe_ep__before(const float* values, int a, int b) {
+    return values[a] > values[b] || (values[a] == values[b] && a < b);
+}
+
+/* Restores the heap below slot i: heap[0] is the worst of the k best so far. */
+MOE_EP_PRIVATE void moe_ep__sift(const float* values, int32_t* heap, int k, int i) {
+    for (;;) {
+        int worst = i, l = 2 * i + 1, r = l + 1;
+        int32_t swap;
+        if (l < k && moe_ep__before(values, heap[worst], heap[l])) worst = l;
+        if (r < k && moe_ep__before(values, heap[worst], heap[r])) worst = r;
+        if (worst == i) return;
+        swap = heap[i]; heap[i] = heap[worst]; heap[worst] = swap;
+        i = worst;
+    }
+}
+
+/* The k best of values[0..n) not taken, best first, ties to the lower index: the choice of
+   k rounds of moe_ep__best, in O(n log k). idx: [k] out; at least k must be free. */
+MOE_EP_PRIVATE void moe_ep__top_k(const float* values, const unsigned char* taken, int n, int k, int32_t* idx) {
+    int i, size = 0;
+    for (i = 0; i < n; ++i) {
+        if (taken[i]) continue;
+        if (size < k) {
+            int at = size++;
+            idx[at] = i;
+            while (at > 0 && moe_ep__before(values, idx[(at - 1) / 2], idx[at])) {   /* sift up */
+                int32_t swap = idx[at];
+                idx[at] = idx[(at - 1) / 2];
+                idx[(at - 1) / 2] = swap;
+                at = (at - 1) / 2;
+            }
+        } else if (moe_ep__before(values, i, idx[0])) {
+            idx[0] = i;
+            moe_ep__sift(values, idx, k, 0);
+        }
+    }
+    /* heap sort: the worst goes to the end, then the next worst, ... */
+    for (i = size - 1; i > 0; --i) {
+        int32_t swap = idx[0];
+        idx[0] = idx[i];
+        idx[i] = swap;
+        moe_ep__sift(values, idx, i, 0);
+    }
 }
 
 /* Marks out (out = 1) the experts of every group but the best topk_groups. */
@@ -1881,12 +1942,9 @@ MOE_EP_PRIVATE bool moe_ep__route_token(const moe_ep_desc* d, float* probs, floa
     else if (d->scoring == MOE_EP_SCORING_SIGMOID)
         for (e = 0; e < E; ++e) score[e] = 1.0f / (1.0f + expf(-score[e]));
     for (e = 0; e < E; ++e) choice[e] = d->selection_bias ? score[e] + d->selection_bias[e] : score[e];
-    memset(taken, 0, (size_t)E);
+    memset(taken, 0, (size_t)(unsigned)E);     /* E > 0: validated at create */
     if (d->num_groups > 1) moe_ep__group_limit(d, choice, scratch + 2 * E, flags + E, taken);
-    for (j = 0; j < k; ++j) {
-        idx[j] = moe_ep__best(choice, taken, E);
-        taken[idx[j]] = 1;
-    }
+    moe_ep__top_k(choice, taken, E, k, idx);
     if (d->scoring == MOE_EP_SCORING_TOPK_SOFTMAX) {
         sum = 0.0f;
         for (j = 0; j < k; ++j) { weight[j] = expf(score[idx[j]] - score[idx[0]]); sum += weight[j]; }
@@ -1931,11 +1989,14 @@ MOE_EP_API moe_ep_result moe_ep_route(moe_ep_context* ctx, const float* x, int64
     d = &ctx->desc;
     E = d->num_experts;
     threads = ctx->num_threads;
-    if (tokens < 0) return moe_ep__fail(ctx, MOE_EP_ERROR_INVALID_ARGUMENT, MOE_EP_LOG_ITEM_ROUTE_TOKENS,
-                                        "tokens (%lld) must be >= 0", (long long)tokens);
+    if (tokens < 0 || tokens > moe_ep__max_tokens(ctx))
+        return moe_ep__fail(ctx, MOE_EP_ERROR_INVALID_ARGUMENT, MOE_EP_LOG_ITEM_ROUTE_TOKENS,
+                            "moe_ep_route: tokens (%lld) must be in [0, %lld] (tokens x max(num_experts, top_k) x "
+                            "d_model must fit 64-bit sizes)", (long long)tokens, (long long)moe_ep__max_tokens(ctx));
     if (tokens > 0 && (!x || !topk_idx || !topk_weight))
         return moe_ep__fail(ctx, MOE_EP_ERROR_INVALID_ARGUMENT, MOE_EP_LOG_ITEM_ROUTE_NULL,
-                            "x, topk_idx and topk_weight must not be NULL when tokens > 0");
+                            "moe_ep_route: %s must not be NULL when tokens > 0",
+                            !x ? "x" : !topk_idx ? "topk_idx" : "topk_weight");
     if (!d->router_weight)
         return moe_ep__fail(ctx, MOE_EP_ERROR_INVALID_ARGUMENT,
                             MOE_EP_LOG_ITEM_ROUTER_WEIGHT_MISSING,
@@ -1992,13 +2053,21 @@ MOE_EP_API moe_ep_result moe_ep_route(moe_ep_context* ctx, const float* x, int64
     moe_ep_free(&d->allocator, idx);
     moe_ep_free(&d->allocator, weight);
     if (refused >= 0) {
+        const float* row = x + refused * d->d_model;
+        int i = 0;
         moe_ep_free(&d->allocator, mean_p);
         moe_ep_free(&d->allocator, assigned);
         moe_ep_free(&d->allocator, probs);
         moe_ep_free(&d->allocator, lse);
+        while (i < d->d_model && moe_ep__finite(row[i])) ++i;
+        if (i < d->d_model)
+            return moe_ep__fail(ctx, MOE_EP_ERROR_INVALID_ARGUMENT, MOE_EP_LOG_ITEM_ROUTE_NOT_FINITE,
+                                "moe_ep_route: x[%lld][%d] (%g) is not finite: no expert is chosen for token %lld",
+                                (long long)refused, i, (double)row[i], (long long)refused);
         return moe_ep__fail(ctx, MOE_EP_ERROR_INVALID_ARGUMENT, MOE_EP_LOG_ITEM_ROUTE_NOT_FINITE,
-                            "moe_ep_route: token %lld has a router logit that is NaN or Inf (x, router_weight "
-                            "or router_bias): no expert is chosen for it", (long long)refused);
+                            "moe_ep_route: token %lld has a router logit that is NaN or Inf although its x is finite "
+                            "(moe_ep_desc.router_weight or router_bias holds NaN or Inf, or x is so large that the "
+                            "logit overflows): no expert is chosen for it", (long long)refused);
     }
     if (stats) {
         /* sequential, in token order: the statistics do not depend on the thread count */
@@ -2028,42 +2097,42 @@ MOE_EP_API moe_ep_result moe_ep_route(moe_ep_context* ctx, const float* x, int64
     return MOE_EP_OK;
 }
 
-/* Caller's routing: every index an expert, no expert twice in one token, weights finite. */
+/* Caller's routing: every index an expert, no expert twice in one token, weights finite.
+   O(tokens x k): seen[e] holds the last token that named e (plus one). */
 MOE_EP_PRIVATE moe_ep_result moe_ep__check_routing(moe_ep_context* ctx, int64_t tokens, const int32_t* idx,
                                                    const float* weight) {
     int k = ctx->desc.top_k, E = ctx->desc.num_experts, j, i;
     int64_t t;
-    for (t = 0; t < tokens; ++t) {
-        uint64_t seen = 0;      /* E <= 64: the token's experts so far, one bit each */
-        for (j = 0; j < k; ++j) {
+    int64_t* seen = (int64_t*)moe_ep__calloc(&ctx->desc.allocator, E, sizeof(int64_t));
+    moe_ep_result res = MOE_EP_OK;
+    if (!seen) return moe_ep__fail(ctx, MOE_EP_ERROR_OUT_OF_MEMORY, MOE_EP_LOG_ITEM_OUT_OF_MEMORY,
+                                   "out of memory for %d experts' marks", E);
+    for (t = 0; t < tokens && res == MOE_EP_OK; ++t)
+        for (j = 0; j < k && res == MOE_EP_OK; ++j) {
             int32_t e = idx[t * k + j];
             float w = weight[t * k + j];
             if (e < 0 || e >= E)
-                return moe_ep__fail(ctx, MOE_EP_ERROR_INVALID_ARGUMENT,
-                                    MOE_EP_LOG_ITEM_ROUTING_EXPERT_RANGE,
-                                    "topk_idx[%lld][%d] (%d) must be an expert in [0, %d)", (long long)t, j, (int)e, E);
-            if (E > 64 || (seen >> e & 1u))
-                for (i = 0; i < j; ++i)
-                    if (idx[t * k + i] == e)
-                        return moe_ep__fail(ctx, MOE_EP_ERROR_INVALID_ARGUMENT,
-                                            MOE_EP_LOG_ITEM_ROUTING_EXPERT_TWICE,
-                                            "topk_idx[%lld] names expert %d twice (slots %d and %d)", (long long)t,
-                                            (int)e, i, j);
-            if (E <= 64) seen |= (uint64_t)1 << e;
-            if (!(w == w) || w > 3.4e38f || w < -3.4e38f)
-                return moe_ep__fail(ctx, MOE_EP_ERROR_INVALID_ARGUMENT,
-                                    MOE_EP_LOG_ITEM_ROUTING_WEIGHT_NOT_FINITE,
-                                    "topk_weight[%lld][%d] must be finite", (long long)t, j);
+                res = moe_ep__fail(ctx, MOE_EP_ERROR_INVALID_ARGUMENT, MOE_EP_LOG_ITEM_ROUTING_EXPERT_RANGE,
+                                   "topk_idx[%lld][%d] (%d) must be an expert in [0, %d)", (long long)t, j, (int)e, E);
+            else if (seen[e] == t + 1) {
+                for (i = 0; i < j && idx[t * k + i] != e; ++i) continue;
+                res = moe_ep__fail(ctx, MOE_EP_ERROR_INVALID_ARGUMENT, MOE_EP_LOG_ITEM_ROUTING_EXPERT_TWICE,
+                                   "topk_idx[%lld] names expert %d twice (slots %d and %d)", (long long)t, (int)e, i, j);
+            } else if (!(w == w) || w > 3.4e38f || w < -3.4e38f)
+                res = moe_ep__fail(ctx, MOE_EP_ERROR_INVALID_ARGUMENT, MOE_EP_LOG_ITEM_ROUTING_WEIGHT_NOT_FINITE,
+                                   "topk_weight[%lld][%d] must be finite", (long long)t, j);
+            else
+                seen[e] = t + 1;
         }
-    }
-    return MOE_EP_OK;
+    moe_ep_free(&ctx->desc.allocator, seen);
+    return res;
 }
 
 /* >>plan */
 MOE_EP_API void moe_ep_plan_destroy(moe_ep_plan* plan) {
     const moe_ep_allocator* a;
     if (!plan) return;
-    a = &plan->ctx->desc.allocator;
+    a = &plan->allocator;
     moe_ep_free(a, plan->send_counts);
     moe_ep_free(a, plan->recv_counts);
     moe_ep_free(a, plan->seg_send_counts);
@@ -2116,6 +2185,7 @@ MOE_EP_PRIVATE moe_ep_result moe_ep__plan_alloc(moe_ep_context* ctx, int64_t tok
     moe_ep_plan* plan = (moe_ep_plan*)moe_ep__calloc(a, 1, sizeof *plan);
     if (!plan) return MOE_EP_ERROR_OUT_OF_MEMORY;
     plan->ctx = ctx;
+    plan->allocator = *a;
     plan->tokens = tokens;
     plan->top_k = ctx->desc.top_k;
     plan->segments = S;
@@ -2305,10 +2375,11 @@ MOE_EP_API moe_ep_result moe_ep_plan_create(moe_ep_context* ctx, int64_t tokens,
     if (!ctx) return MOE_EP_ERROR_INVALID_ARGUMENT;
     if (!out) status = moe_ep__fail(ctx, MOE_EP_ERROR_INVALID_ARGUMENT, MOE_EP_LOG_ITEM_PLAN_ARGS,
                                     "moe_ep_plan_create: out must not be NULL");
-    else if (tokens < 0)
+    else if (tokens < 0 || tokens > moe_ep__max_tokens(ctx))
         status = moe_ep__fail(ctx, MOE_EP_ERROR_INVALID_ARGUMENT, MOE_EP_LOG_ITEM_PLAN_ARGS,
-                              "moe_ep_plan_create: tokens (%lld) must be >= 0",
-                              (long long)tokens);
+                              "moe_ep_plan_create: tokens (%lld) must be in [0, %lld] (tokens x max(num_experts, "
+                              "top_k) x d_model must fit 64-bit sizes)", (long long)tokens,
+                              (long long)moe_ep__max_tokens(ctx));
     else if (tokens > 0 && (!topk_idx || !topk_weight))
         status = moe_ep__fail(ctx, MOE_EP_ERROR_INVALID_ARGUMENT,
                               MOE_EP_LOG_ITEM_PLAN_ARGS,
@@ -2586,10 +2657,10 @@ MOE_EP_API moe_ep_result moe_ep_shared_experts(moe_ep_context* ctx, const float*
     int64_t t, D;
     moe_ep_result res;
     if (!ctx) return MOE_EP_ERROR_INVALID_ARGUMENT;
-    if (!ctx->shared || tokens < 0 || (tokens > 0 && (!x || !out)))
+    if (!ctx->shared || tokens < 0 || tokens > moe_ep__max_tokens(ctx) || (tokens > 0 && (!x || !out)))
         return moe_ep__fail(ctx, MOE_EP_ERROR_INVALID_ARGUMENT, MOE_EP_LOG_ITEM_SHARED_ARGS,
                             "moe_ep_shared_experts: %s", !ctx->shared ? "the context has no shared experts "
-                            "(moe_ep_desc.shared.d_ff is 0)" : "tokens must be >= 0, x and out not NULL");
+                            "(moe_ep_desc.shared.d_ff is 0)" : "tokens must be in [0, the layer's limit], x and out not NULL");
     res = moe_ep_expert_ffn(ctx->shared, 0, x, tokens, out);
     if (res != MOE_EP_OK)
         return moe_ep__fail(ctx, res, moe_ep_last_error_item(ctx->shared), "moe_ep_shared_experts: %s",
@@ -2620,10 +2691,18 @@ MOE_EP_PRIVATE moe_ep_result moe_ep__forward_check(moe_ep_context* ctx, const mo
         return moe_ep__fail(ctx, MOE_EP_ERROR_INVALID_ARGUMENT,
                             MOE_EP_LOG_ITEM_FORWARD_NULL,
                             "moe_ep_forward_args.x and .y must not be NULL when tokens > 0");
+    if (a->tokens > moe_ep__max_tokens(ctx))
+        return moe_ep__fail(ctx, MOE_EP_ERROR_INVALID_ARGUMENT, MOE_EP_LOG_ITEM_FORWARD_TOKENS,
+                            "moe_ep_forward_args.tokens (%lld) must be <= %lld: tokens x max(num_experts, top_k) x "
+                            "d_model must fit 64-bit sizes", (long long)a->tokens, (long long)moe_ep__max_tokens(ctx));
     if (a->routing_in && a->tokens > 0 && (!a->topk_idx || !a->topk_weight))
         return moe_ep__fail(ctx, MOE_EP_ERROR_INVALID_ARGUMENT,
                             MOE_EP_LOG_ITEM_FORWARD_ROUTING_IN,
                             "moe_ep_forward_args.routing_in needs topk_idx and topk_weight");
+    if (!a->topk_idx != !a->topk_weight)
+        return moe_ep__fail(ctx, MOE_EP_ERROR_INVALID_ARGUMENT, MOE_EP_LOG_ITEM_FORWARD_ROUTING_IN,
+                            "moe_ep_forward_args.topk_idx and .topk_weight: set both (the routing is written to or "
+                            "read from both) or neither; %s is NULL", a->topk_idx ? "topk_weight" : "topk_idx");
     if (!a->routing_in && !ctx->desc.router_weight)
         return moe_ep__fail(ctx, MOE_EP_ERROR_INVALID_ARGUMENT,
                             MOE_EP_LOG_ITEM_ROUTER_WEIGHT_MISSING,
@@ -2726,7 +2805,14 @@ MOE_EP_API moe_ep_result moe_ep_layout_resolve(const moe_ep_layout_desc* desc, m
                  "and ep_size (%d) >= 0", d.world_size, d.tp_size, d.dp_size, d.ep_size);
         return MOE_EP_ERROR_INVALID_ARGUMENT;
     }
-    if (d.ep_size == 0) d.ep_size = d.world_size / (d.tp_size * d.dp_size);
+    /* in 64 bits, each product checked before the next: tp x dp and ep x tp x dp may pass an int */
+    if ((int64_t)d.tp_size * d.dp_size > d.world_size ||
+        (d.ep_size > 0 && (int64_t)d.ep_size * d.tp_size * d.dp_size != d.world_size)) {
+        snprintf(err, err_size, "moe_ep_layout_desc: ep_size (%d) x tp_size (%d) x dp_size (%d) must equal "
+                 "world_size (%d)", d.ep_size, d.tp_size, d.dp_size, d.world_size);
+        return MOE_EP_ERROR_INVALID_ARGUMENT;
+    }
+    if (d.ep_size == 0) d.ep_size = (int)((int64_t)d.world_size / ((int64_t)d.tp_size * d.dp_size));
     if ((int64_t)d.ep_size * d.tp_size * d.dp_size != d.world_size || d.ep_size == 0) {
         snprintf(err, err_size, "moe_ep_layout_desc: ep_size (%d) x tp_size (%d) x dp_size (%d) must equal "
                  "world_size (%d)", d.ep_size, d.tp_size, d.dp_size, d.world_size);
@@ -3519,9 +3605,10 @@ MOE_EP_API moe_ep_result moe_ep_expert_ffn(moe_ep_context* ctx, int local_expert
         return moe_ep__fail(ctx, MOE_EP_ERROR_INVALID_ARGUMENT, MOE_EP_LOG_ITEM_FFN_ARGS,
                             "local_expert (%d) must be in [0, %d)",
                             local_expert, ctx->local_experts);
-    if (row_count < 0) return moe_ep__fail(ctx, MOE_EP_ERROR_INVALID_ARGUMENT, MOE_EP_LOG_ITEM_FFN_ARGS,
-                                           "row_count (%lld) must be >= 0",
-                                           (long long)row_count);
+    if (row_count < 0 || row_count > moe_ep__max_tokens(ctx))
+        return moe_ep__fail(ctx, MOE_EP_ERROR_INVALID_ARGUMENT, MOE_EP_LOG_ITEM_FFN_ARGS,
+                            "moe_ep_expert_ffn: row_count (%lld) must be in [0, %lld]", (long long)row_count,
+                            (long long)moe_ep__max_tokens(ctx));
     if (row_count > 0 && (!rows || !out))
         return moe_ep__fail(ctx, MOE_EP_ERROR_INVALID_ARGUMENT, MOE_EP_LOG_ITEM_FFN_ARGS,
                             "rows and out must not be NULL");
