@@ -517,6 +517,9 @@ typedef struct moe_ep_desc {
                                        still holds the full weights; only the slice is copied. */
     moe_ep_allocator allocator;     /* default malloc/free */
     moe_ep_logger logger;           /* default none */
+    char* create_error;             /* default NULL; else [create_error_size] out: why moe_ep_create failed
+                                       (its first cause), "" when it worked; for a caller without a logger */
+    size_t create_error_size;
 } moe_ep_desc;
 
 /* >>families: a model family's MoE layer as its transformers config's defaults describe it. */
@@ -574,8 +577,9 @@ typedef struct moe_ep_plan_info {
 
 /* One layer call. x: [tokens, d_model]; y: [tokens, d_model] (written in full).
    topk_idx/topk_weight [tokens, top_k]: when routing_in is true they are read as the
-   caller's routing (validated); otherwise, if non-NULL, the router's choice is written
-   there. stats may be NULL. */
+   caller's routing (validated); otherwise, if non-NULL (both or neither), the router's
+   choice is written there. stats may be NULL. topk_idx, topk_weight (router's choice),
+   stats and nonfinite_tokens are written only when the call succeeds. */
 typedef struct moe_ep_forward_args {
     int64_t tokens;
     const float* x;
@@ -584,6 +588,8 @@ typedef struct moe_ep_forward_args {
     int32_t* topk_idx;
     float* topk_weight;
     moe_ep_router_stats* stats;
+    int64_t* nonfinite_tokens;      /* optional out: how many rows of y hold NaN or Inf (an overflow in the
+                                       experts: the router refuses a non-finite x). Costs one pass over y. */
 } moe_ep_forward_args;
 
 /* >>api */
@@ -954,12 +960,15 @@ MOE_EP_PRIVATE moe_ep_result moe_ep__fail(moe_ep_context* ctx, moe_ep_result res
 }
 
 /* The same before a context exists. */
+MOE_EP_PRIVATE void moe_ep__keep_create_error(const moe_ep_desc* desc, const char* text);
 MOE_EP_PRIVATE moe_ep_result moe_ep__fail_desc(const moe_ep_desc* desc, int rank, moe_ep_result result,
                                                moe_ep_log_item item, const char* fmt, ...) {
+    char text[MOE_EP__ERR_SIZE];
     va_list ap;
     va_start(ap, fmt);
-    moe_ep__vlog(desc ? &desc->logger : NULL, rank, item, fmt, ap, NULL, 0);
+    moe_ep__vlog(desc ? &desc->logger : NULL, rank, item, fmt, ap, text, sizeof text);
     va_end(ap);
+    moe_ep__keep_create_error(desc, text);
     return result;
 }
 
@@ -1260,12 +1269,23 @@ typedef struct moe_ep__validator {
     char first[MOE_EP__ERR_SIZE];
 } moe_ep__validator;
 
+/* Keeps a create failure's text in desc.create_error, if the caller gave one and it is still empty. */
+MOE_EP_PRIVATE void moe_ep__keep_create_error(const moe_ep_desc* desc, const char* text) {
+    size_t n;
+    if (!desc || !desc->create_error || desc->create_error_size == 0 || desc->create_error[0]) return;
+    n = strlen(text);
+    if (n >= desc->create_error_size) n = desc->create_error_size - 1;
+    memcpy(desc->create_error, text, n);
+    desc->create_error[n] = '\0';
+}
+
 MOE_EP_PRIVATE void moe_ep__check(moe_ep__validator* v, bool ok, moe_ep_log_item item, const char* fmt, ...) {
     va_list ap;
     if (ok) return;
     va_start(ap, fmt);
     moe_ep__vlog(&v->desc->logger, v->rank, item, fmt, ap, v->failures == 0 ? v->first : NULL, sizeof v->first);
     va_end(ap);
+    if (v->failures == 0) moe_ep__keep_create_error(v->desc, v->first);
     v->failures++;
 }
 
@@ -1641,6 +1661,8 @@ MOE_EP_PRIVATE moe_ep_result moe_ep__context_alloc(const moe_ep_desc* d, const m
                                        "out of memory for the context");
     ctx->desc = *d;
     ctx->desc.transport = NULL;
+    ctx->desc.create_error = NULL;  /* the caller's buffer is create's alone */
+    ctx->desc.create_error_size = 0;
     ctx->transport = *t;
     ctx->rank = t->rank;
     ctx->world_size = t->world_size;
@@ -1759,6 +1781,7 @@ MOE_EP_API moe_ep_result moe_ep_create(const moe_ep_desc* desc, moe_ep_context**
     moe_ep_context* ctx = NULL;
     moe_ep__validator v;
     moe_ep_result res;
+    if (desc && desc->create_error && desc->create_error_size > 0) desc->create_error[0] = '\0';
     if (!desc || !out) return moe_ep__fail_desc(desc, -1, MOE_EP_ERROR_INVALID_ARGUMENT, MOE_EP_LOG_ITEM_CREATE_ARGS,
                                                 "desc and out must not be NULL");
     /* 1. defaults and the rank-local rules */
@@ -2681,6 +2704,19 @@ MOE_EP_API moe_ep_result moe_ep_shared_experts(moe_ep_context* ctx, const float*
 }
 
 /* >>forward */
+/* Rows of y[tokens, d] that hold NaN or Inf: v - v is 0 for a finite v and NaN otherwise, so
+   one sum per row, in a loop the compiler vectorises. */
+MOE_EP_PRIVATE int64_t moe_ep__nonfinite_rows(const float* y, int64_t tokens, int64_t d) {
+    int64_t t, i, rows = 0;
+    for (t = 0; t < tokens; ++t) {
+        const float* row = y + t * d;
+        float zero = 0.0f;
+        for (i = 0; i < d; ++i) zero += row[i] - row[i];
+        rows += zero != 0.0f || zero != zero;
+    }
+    return rows;
+}
+
 MOE_EP_PRIVATE moe_ep_result moe_ep__forward_check(moe_ep_context* ctx, const moe_ep_forward_args* a) {
     if (!a) return moe_ep__fail(ctx, MOE_EP_ERROR_INVALID_ARGUMENT, MOE_EP_LOG_ITEM_FORWARD_ARGS_NULL,
                                 "moe_ep_forward: args must not be NULL");
@@ -2735,13 +2771,25 @@ MOE_EP_API moe_ep_result moe_ep_forward(moe_ep_context* ctx, const moe_ep_forwar
     float* weight = NULL;
     int64_t tokens = 0;
     if (!ctx) return MOE_EP_ERROR_INVALID_ARGUMENT;
+    moe_ep_router_stats stats;
+    int64_t* counts = NULL;
     status = moe_ep__forward_check(ctx, args);
+    if (status == MOE_EP_OK && args->stats) {
+        /* the statistics land here first: the caller's are written only when the layer worked */
+        stats = *args->stats;
+        if (stats.tokens_per_expert) {
+            counts = (int64_t*)moe_ep__calloc(&ctx->desc.allocator, ctx->desc.num_experts, sizeof(int64_t));
+            if (!counts) status = moe_ep__fail(ctx, MOE_EP_ERROR_OUT_OF_MEMORY, MOE_EP_LOG_ITEM_OUT_OF_MEMORY,
+                                               "moe_ep_forward: out of memory for the statistics");
+            stats.tokens_per_expert = counts;
+        }
+    }
     if (status == MOE_EP_OK) {
         tokens = args->tokens;
-        if (args->routing_in || (args->topk_idx && args->topk_weight)) {
+        if (args->routing_in) {
             idx = args->topk_idx;
             weight = args->topk_weight;
-        } else {
+        } else {    /* the router's choice lands in the context's buffers; the caller's get a copy at the end */
             void* bufs[2];
             bufs[0] = ctx->topk_idx;
             bufs[1] = ctx->topk_weight;
@@ -2754,9 +2802,12 @@ MOE_EP_API moe_ep_result moe_ep_forward(moe_ep_context* ctx, const moe_ep_forwar
         }
     }
     if (status == MOE_EP_OK && !args->routing_in)
-        status = moe_ep_route(ctx, args->x, tokens, idx, weight, args->stats);
+        status = moe_ep_route(ctx, args->x, tokens, idx, weight, args->stats ? &stats : NULL);
     res = moe_ep__plan_build(ctx, status == MOE_EP_OK ? tokens : 0, idx, weight, status, &plan);
-    if (res != MOE_EP_OK) return res;
+    if (res != MOE_EP_OK) {
+        moe_ep_free(&ctx->desc.allocator, counts);
+        return res;
+    }
     {
         void* bufs[2];
         bufs[0] = ctx->recv_rows;
@@ -2785,6 +2836,20 @@ MOE_EP_API moe_ep_result moe_ep_forward(moe_ep_context* ctx, const moe_ep_forwar
         int64_t i, n = tokens * ctx->desc.d_model;
         for (i = 0; i < n; ++i) args->y[i] += ctx->shared_out[i];
     }
+    if (res == MOE_EP_OK) {
+        if (!args->routing_in && args->topk_idx && tokens > 0) {
+            memcpy(args->topk_idx, idx, sizeof(int32_t) * (size_t)(tokens * ctx->desc.top_k));
+            memcpy(args->topk_weight, weight, sizeof(float) * (size_t)(tokens * ctx->desc.top_k));
+        }
+        if (args->stats) {
+            int64_t* theirs = args->stats->tokens_per_expert;
+            *args->stats = stats;
+            args->stats->tokens_per_expert = theirs;
+            if (theirs) memcpy(theirs, counts, sizeof(int64_t) * (size_t)ctx->desc.num_experts);
+        }
+        if (args->nonfinite_tokens) *args->nonfinite_tokens = moe_ep__nonfinite_rows(args->y, tokens, ctx->desc.d_model);
+    }
+    moe_ep_free(&ctx->desc.allocator, counts);
     moe_ep_plan_destroy(plan);
     return res;
 }
