@@ -164,6 +164,10 @@
 #define MOE_EP_VERSION_PATCH 0
 #define MOE_EP_VERSION_STRING "0.1.0"
 
+#ifndef MOE_EP_MAX_THREADS
+#define MOE_EP_MAX_THREADS 1024     /* the largest moe_ep_desc.num_threads accepted */
+#endif
+
 #ifndef MOE_EP_API
 #ifdef MOE_EP_STATIC
 #define MOE_EP_API static
@@ -797,9 +801,6 @@ MOE_EP_API moe_ep_result moe_ep_agree(const moe_ep_transport* transport, const m
 #endif
 
 #define MOE_EP_PRIVATE static
-#ifndef MOE_EP_MAX_THREADS
-#define MOE_EP_MAX_THREADS 1024
-#endif
 #define MOE_EP__DEF(value, def) ((value) == 0 ? (def) : (value))
 #define MOE_EP__MIN(a, b) ((a) < (b) ? (a) : (b))
 #define MOE_EP__MAX(a, b) ((a) > (b) ? (a) : (b))

@@ -31,6 +31,7 @@ Suite* routing_suite(void);
 Suite* ffn_variants_suite(void);
 Suite* families_suite(void);
 Suite* faults_suite(void);
+Suite* hostile_suite(void);
 
 /* >>float64 references */
 /* out[rows, d_model] = the expert FFN in double (SwiGLU, exact-erf GELU, ReLU, clamped SwiGLU
