@@ -334,6 +334,7 @@ typedef struct moe_ep_allocator {
     X(DESC_SWIGLU_LIMIT)           /* swiglu_limit not finite or <= 0 */ \
     X(DESC_WEIGHT_LAYOUT)          /* weight_layout is not a moe_ep_weight_layout */ \
     X(OUT_OF_STEP)                 /* ranks are in different collectives (kind or sequence number differ) */ \
+    X(DESC_EXPERTS_COUNT)          /* experts_count is neither this rank's expert count nor num_experts */ \
     X(STAGE_FAILED_BEFORE)         /* a dispatch of this plan failed: its combine fails on every rank */
 
 typedef enum moe_ep_log_item {
@@ -506,7 +507,13 @@ typedef struct moe_ep_desc {
     int num_threads;                /* default 0 = OpenMP's default divided by transport.local_ranks */
     const float* router_weight;     /* [num_experts, d_model]; required unless every call hands in routing;
                                        copied at create (transposed, for the router's vector loop) */
-    const moe_ep_expert_weights* experts;  /* [local expert count]; required unless expert_fn is set */
+    const moe_ep_expert_weights* experts;  /* [experts_count]; required unless expert_fn is set */
+    int experts_count;              /* how experts is indexed, checked: this rank's expert count
+                                       (experts[l] is local expert l, as moe_ep_rank_experts lists
+                                       them) or num_experts (experts[e] is expert e; only this rank's
+                                       entries are read, the others may be zeroed). Default 0 means
+                                       num_experts on one rank and is refused on more, where a global
+                                       array read as local experts would give a wrong layer. */
     moe_ep_expert_fn expert_fn;     /* default NULL: built-in kernel */
     void* expert_user_data;
     moe_ep_shared_desc shared;      /* default none: shared experts, see moe_ep_shared_desc */
@@ -1578,10 +1585,17 @@ MOE_EP_PRIVATE moe_ep_result moe_ep__pack_experts(moe_ep_context* ctx) {
    so the packer reads the user's tensors as they are. b2 is added on TP rank 0 only: the
    partial outputs are summed in TP-rank order, so it is added once and always in the same
    place. */
+MOE_EP_PRIVATE const moe_ep_expert_weights* moe_ep__local_weights(const moe_ep_context* ctx, int l) {
+    const moe_ep_desc* d = &ctx->desc;
+    if (d->experts_count == d->num_experts)     /* by global id (the same on one rank) */
+        return &d->experts[ctx->rank_expert_list[ctx->rank_expert_start[ctx->rank] + l]];
+    return &d->experts[l];
+}
+
 MOE_EP_PRIVATE void moe_ep__expert_views(const moe_ep_context* ctx, int l, moe_ep__wview* gate, moe_ep__wview* up,
                                          moe_ep__wview* down) {
     const moe_ep_desc* d = &ctx->desc;
-    const moe_ep_expert_weights* w = &d->experts[l];
+    const moe_ep_expert_weights* w = moe_ep__local_weights(ctx, l);
     int64_t D = d->d_model, F = ctx->d_ff_full, f0 = ctx->ff_begin;
     const float* b2 = ctx->tp_rank == 0 ? w->b2 : NULL;
     switch (d->weight_layout) {
@@ -1729,6 +1743,16 @@ MOE_EP_PRIVATE moe_ep_result moe_ep__context_fill(moe_ep_context* ctx, moe_ep__v
     moe_ep_result res = moe_ep__build_placement(ctx);
     int l;
     if (res == MOE_EP_OK) res = moe_ep__copy_router(ctx);
+    if (res == MOE_EP_OK && d->experts) {
+        /* 0 is num_experts where the two readings agree (one rank), and refused where they do not */
+        if (ctx->desc.experts_count == 0 && ctx->local_experts == d->num_experts) ctx->desc.experts_count = d->num_experts;
+        moe_ep__check(v, d->experts_count == ctx->local_experts || d->experts_count == d->num_experts,
+                      MOE_EP_LOG_ITEM_DESC_EXPERTS_COUNT,
+                      "moe_ep_desc.experts_count (%d) must be this rank's expert count (%d: experts[l] is local expert "
+                      "l) or num_experts (%d: experts[e] is expert e)", d->experts_count, ctx->local_experts,
+                      d->num_experts);
+        if (v->failures) res = MOE_EP_ERROR_INVALID_ARGUMENT;
+    }
     if (res == MOE_EP_OK && !d->expert_fn && ctx->local_experts > 0) {
         moe_ep__check(v, d->experts != NULL,
                       MOE_EP_LOG_ITEM_DESC_EXPERTS_MISSING,
@@ -1737,9 +1761,11 @@ MOE_EP_PRIVATE moe_ep_result moe_ep__context_fill(moe_ep_context* ctx, moe_ep__v
         for (l = 0; d->experts && l < ctx->local_experts; ++l) {
             /* w3 is a tensor of its own only in the separate layout */
             bool needs_w3 = moe_ep__gated(d->activation) && d->weight_layout == MOE_EP_WEIGHT_LAYOUT_SEPARATE;
-            moe_ep__check(v, d->experts[l].w1 && d->experts[l].w2 && (!needs_w3 || d->experts[l].w3),
+            const moe_ep_expert_weights* w = moe_ep__local_weights(ctx, l);
+            moe_ep__check(v, w->w1 && w->w2 && (!needs_w3 || w->w3),
                           MOE_EP_LOG_ITEM_DESC_EXPERT_WEIGHTS_NULL,
-                          "moe_ep_desc.experts[%d]: w1, w2%s must not be NULL%s", l, needs_w3 ? " and w3" : "",
+                          "moe_ep_desc.experts[%d]: w1, w2%s must not be NULL%s",
+                          (int)(w - d->experts), needs_w3 ? " and w3" : "",
                           d->weight_layout == MOE_EP_WEIGHT_LAYOUT_SEPARATE ? ""
                           : " (w1 holds gate and up in this weight_layout)");
         }

@@ -79,7 +79,7 @@ int main(int argc, char** argv) {
     }
     if (moe_ep_mpi_transport_create(&(moe_ep_mpi_desc){ .comm = MPI_COMM_WORLD, .timeout_ms = timeout_ms }, &t) != MOE_EP_OK ||
         moe_ep_create(&(moe_ep_desc){ .d_model = B_D, .d_ff = B_F, .num_experts = E, .top_k = B_K, .router_weight = router,
-                                      .experts = experts, .transport = &t }, &ctx) != MOE_EP_OK ||
+                                      .experts = experts, .experts_count = 2, .transport = &t }, &ctx) != MOE_EP_OK ||
         moe_ep_route(ctx, x, B_T, idx, weight, NULL) != MOE_EP_OK) {
         fprintf(stderr, "rank %d: setup failed\n", rank);
         MPI_Abort(MPI_COMM_WORLD, 1);

@@ -38,7 +38,8 @@ static moe_ep_desc fault_desc(const check_model* m, const moe_ep_transport* tran
     d.num_experts = F_E;
     d.top_k = F_K;
     d.router_weight = m->router;
-    d.experts = m->experts + (transport ? 2 * transport->rank : 0);
+    d.experts = m->experts;         /* by global id: each rank reads its own */
+    d.experts_count = F_E;
     d.transport = transport;
     return d;
 }
@@ -223,6 +224,61 @@ START_TEST(faults_collectives_out_of_step) {
 }
 END_TEST
 
+/* >>expert weights: the whole global array handed to every rank without saying so (the
+   issue's silent wrong answer, relative error 1.06 at 2 ranks) is refused on every rank; the
+   same array with experts_count = num_experts is read by global id. */
+typedef struct weights_state {
+    const check_model* model;
+    int mode;                       /* 0: count left 0; 1: count 3 (neither local nor global) */
+    moe_ep_result result[F_R];
+    moe_ep_log_item item[F_R];
+    char why[F_R][256];
+} weights_state;
+
+static moe_ep_result weights_rank(const moe_ep_transport* transport, void* user_data) {
+    weights_state* st = (weights_state*)user_data;
+    int r = transport->rank;
+    moe_ep_desc d = fault_desc(st->model, transport);
+    moe_ep_context* ctx = NULL;
+    test_log log;
+    test_log_init(&log);
+    d.experts_count = st->mode == 0 ? 0 : 3;
+    d.logger = test_log_logger(&log);
+    d.create_error = st->why[r];
+    d.create_error_size = sizeof st->why[r];
+    st->result[r] = moe_ep_create(&d, &ctx);
+    st->item[r] = test_log_find_item(&log, MOE_EP_LOG_ITEM_DESC_EXPERTS_COUNT) >= 0 ? MOE_EP_LOG_ITEM_DESC_EXPERTS_COUNT
+                                                                                   : MOE_EP_LOG_ITEM_NONE;
+    moe_ep_destroy(ctx);
+    test_log_destroy(&log);
+    return MOE_EP_OK;
+}
+
+START_TEST(faults_global_expert_array_needs_a_count) {
+    weights_state st;
+    check_model m;
+    moe_ep_pthreads_world* world = NULL;
+    int r;
+    memset(&st, 0, sizeof st);
+    check_model_init(&m, F_D, F_F, F_E, F_K, MOE_EP_ACTIVATION_SWIGLU, false, 150);
+    st.model = &m;
+    st.mode = _i;
+    ck_assert_int_eq(moe_ep_pthreads_world_create(&(moe_ep_pthreads_desc){ .world_size = F_R, .timeout_ms = 30000 },
+                                                  &world), MOE_EP_OK);
+    moe_ep_pthreads_run(world, weights_rank, &st, NULL);
+    moe_ep_pthreads_world_destroy(world);
+    for (r = 0; r < F_R; ++r) {
+        ck_assert_msg(st.result[r] == MOE_EP_ERROR_INVALID_ARGUMENT, "mode %d, rank %d: %s", _i, r,
+                      moe_ep_result_string(st.result[r]));
+        ck_assert_msg(st.item[r] == MOE_EP_LOG_ITEM_DESC_EXPERTS_COUNT, "mode %d, rank %d: the count rule did not fire",
+                      _i, r);
+        ck_assert_msg(strstr(st.why[r], "must be this rank's expert count (2") != NULL &&
+                      strstr(st.why[r], "or num_experts (8") != NULL, "mode %d, rank %d: %s", _i, r, st.why[r]);
+    }
+    check_model_free(&m);
+}
+END_TEST
+
 Suite* faults_suite(void) {
     Suite* s = suite_create("faults");
     TCase* tc = tcase_create("pthreads");
@@ -230,6 +286,7 @@ Suite* faults_suite(void) {
     tcase_add_test(tc, faults_dispatch_fails_on_one_rank);
     tcase_add_test(tc, faults_rank_enters_another_collective);
     tcase_add_loop_test(tc, faults_collectives_out_of_step, 0, 3);
+    tcase_add_loop_test(tc, faults_global_expert_array_needs_a_count, 0, 2);
     suite_add_tcase(s, tc);
     return s;
 }

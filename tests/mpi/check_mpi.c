@@ -182,11 +182,14 @@ static void layer_data_destroy(layer_data* L) {
 static moe_ep_desc layer_desc(const layer_data* L, const moe_ep_expert_weights* mine, const moe_ep_transport* t) {
     const layer_case* c = L->c;
     moe_ep_desc d;
+    int e;
     memset(&d, 0, sizeof d);
     d.d_model = c->d_model; d.d_ff = c->d_ff; d.num_experts = c->experts; d.top_k = c->top_k;
     d.activation = c->activation; d.normalize_topk = c->normalize; d.capacity_factor = c->capacity;
     d.placement.kind = c->placement; d.placement.table = L->table; d.num_threads = c->threads;
     d.router_weight = L->router; d.experts = mine; d.transport = t;
+    if (mine == L->experts) d.experts_count = c->experts;
+    else for (e = 0; e < c->experts; ++e) d.experts_count += L->owner[e] == t->rank;
     if (c->family != FAMILY_NONE) {
         size_t per = (size_t)c->d_ff * (size_t)c->d_model;
         d.shared.d_ff = c->d_ff;
@@ -1221,7 +1224,7 @@ static moe_ep_result layout_rank(const moe_ep_transport* world, void* user) {
     for (i = 0; i < n; ++i) mine[i] = L->experts[ids[i]];
     res = moe_ep_create(&(moe_ep_desc){
         .d_model = L->d_model, .d_ff = L->d_ff, .num_experts = l->num_experts, .top_k = L->top_k,
-        .normalize_topk = true, .num_threads = 1, .router_weight = L->router, .experts = mine,
+        .normalize_topk = true, .num_threads = 1, .router_weight = L->router, .experts = mine, .experts_count = n,
         .transport = &ep_group, .tp_transport = has_tp ? &tp_group : NULL,
     }, &ctx);
     if (res == MOE_EP_OK) {
@@ -1523,6 +1526,7 @@ START_TEST(test_families_over_mpi) {
     made = moe_ep_mpi_transport_create(&(moe_ep_mpi_desc){ .comm = MPI_COMM_WORLD }, &t);
     CHECK_FACT(made == MOE_EP_OK, "%s: moe_ep_mpi_transport_create returned %s", spec->name, moe_ep_result_string(made));
     d.experts = mine;
+    d.experts_count = n;
     d.transport = &t;
     d.num_threads = 1;
     res = moe_ep_create(&d, &ctx);
@@ -1542,6 +1546,7 @@ START_TEST(test_families_over_mpi) {
     if (world_rank == 0) {
         moe_ep_context* single = NULL;
         d.experts = all;
+        d.experts_count = d.num_experts;
         d.transport = NULL;
         one = moe_ep_create(&d, &single);
         if (one == MOE_EP_OK)
