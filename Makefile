@@ -3,7 +3,7 @@
 #   make test        deps, then check: what CI runs      make deps   apt-get what the checks need (root)
 #   make check       TEST_TARGETS with what is installed, then a summary of passed and skipped targets
 #   make check-headers | check-core | check-demos | check-kernels | check-mpi | check-nccl | check-install
-#   make check-asan | check-ubsan (in check)           make check-tsan | check-mpi-large (not in check)
+#   make check-asan | check-ubsan | check-tsan | check-fuzz (in check)   make check-mpi-large | fuzz (not in check)
 #   make demo | layouts-demo | mpi-demo                make bench | bench-cpu | bench-mpi | bench-faults
 #   make test-gpu | seed-gpu | bench-gpu (GPUs)        make install | uninstall PREFIX=... [DESTDIR=...]
 #
@@ -13,7 +13,7 @@
 # built by each in CC_LIST.
 
 .PHONY: all test check deps bench-deps clean check-headers check-core check-demos check-kernels check-mpi \
-        check-mpi-headers check-mpi-large check-nccl check-install check-asan check-ubsan check-tsan demo \
+        check-mpi-headers check-mpi-large check-nccl check-install check-asan check-ubsan check-tsan check-fuzz fuzz demo \
         layouts-demo mpi-demo bench bench-cpu bench-mpi bench-faults test-gpu seed-gpu bench-gpu install uninstall
 
 ifeq ($(origin CC),default)
@@ -61,7 +61,7 @@ $(BUILD) $(HDR):
 
 # >>test: deps first, in a make of its own, so that check's probes (pkg-config, nvcc) see them.
 TEST_TARGETS ?= check-headers check-core check-demos check-mpi check-nccl check-kernels check-asan \
-                check-ubsan check-install
+                check-ubsan check-tsan check-fuzz check-install
 test: deps
 	@$(MAKE) --no-print-directory check
 check: | $(BUILD)
@@ -98,17 +98,36 @@ $(BUILD)/check_moe_ep_%: $(CORE_SRCS) $(HEADERS) | $(BUILD)
 check-core: $(CC_LIST:%=$(BUILD)/check_moe_ep_%)
 	@$(foreach b,$^,$(call run_test,$@,./$(b));)
 
-# >>sanitizers: the core suites, about 10 s each. check-tsan is not in check: gcc 12's TSan may not
-# start on a kernel with more mmap randomness (vm.mmap_rnd_bits) than it knows. It builds without
-# OpenMP: TSan does not see libgomp's barriers and reports what they order as races (220 reports).
-SANITIZE_asan = -fsanitize=address -fno-omit-frame-pointer $(OPENMP_FLAGS)
+# >>sanitizers: every core suite under clang's AddressSanitizer, UndefinedBehaviorSanitizer and
+# ThreadSanitizer (the pthreads transport's ranks and barriers), about 20 s each. TSan builds without
+# OpenMP: it does not see libgomp's barriers and reports what they order as races. clang's TSan is used
+# because gcc 12's may not start on a kernel with more mmap randomness than it knows.
+SANITIZE_asan  = -fsanitize=address -fno-omit-frame-pointer $(OPENMP_FLAGS)
 SANITIZE_ubsan = -fsanitize=undefined -fno-sanitize-recover=all $(OPENMP_FLAGS)
-SANITIZE_tsan = -fsanitize=thread
+SANITIZE_tsan  = -fsanitize=thread
 $(BUILD)/%/check_moe_ep: $(CORE_SRCS) $(HEADERS)
 	@mkdir -p $(@D)
-	$(CC) $(MOE_EP_CFLAGS) -O1 -g $(SANITIZE_$*) $(CFLAGS) $(SOURCES) -o $@ $(CHECK_LINK)
+	$(CLANG) $(MOE_EP_CFLAGS) -O1 -g $(SANITIZE_$*) $(CFLAGS) $(SOURCES) -o $@ $(CHECK_LINK)
 check-asan check-ubsan check-tsan: check-%: $(BUILD)/%/check_moe_ep
-	@$(call run_test,$@,./$<)
+	@$(call run_test,$@,env TSAN_OPTIONS=halt_on_error=1 ./$<)
+
+# >>fuzz: tests/fuzz/fuzz_api.c, the public API from bytes (desc, routing, sizes; create, forward,
+# the stages, destroy at 1-3 ranks). check-fuzz replays the committed corpus under clang's ASan and
+# UBSan with a plain main (no libFuzzer runtime); `make fuzz FUZZ_SECONDS=1800` runs libFuzzer
+# from the corpus into $(BUILD)/fuzz/work (new inputs worth keeping go to tests/fuzz/corpus by hand).
+FUZZ_SECONDS ?= 600
+FUZZ_FLAGS    = -std=c99 -O1 -g -fno-sanitize-recover=all
+$(BUILD)/fuzz/replay: tests/fuzz/fuzz_api.c $(HEADERS)
+	@mkdir -p $(@D)
+	$(CLANG) $(MOE_EP_CFLAGS) $(FUZZ_FLAGS) -fsanitize=address,undefined -DFUZZ_REPLAY $< -o $@ -pthread -lm
+$(BUILD)/fuzz/fuzz_api: tests/fuzz/fuzz_api.c $(HEADERS)
+	@mkdir -p $(@D)
+	$(CLANG) $(FUZZ_FLAGS) -fsanitize=fuzzer,address,undefined $< -o $@ -pthread -lm
+check-fuzz: $(BUILD)/fuzz/replay
+	./$< tests/fuzz/corpus/*
+fuzz: $(BUILD)/fuzz/fuzz_api
+	@mkdir -p $(BUILD)/fuzz/work && cp -n tests/fuzz/corpus/* $(BUILD)/fuzz/work/
+	./$< -max_total_time=$(FUZZ_SECONDS) -max_len=4096 -print_final_stats=1 $(BUILD)/fuzz/work
 
 # >>demos: they check themselves: the seed layer against one rank, the three layouts at 64 ranks.
 $(BUILD)/%_demo: examples/%_demo.c $(HEADERS) | $(BUILD)
