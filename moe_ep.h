@@ -56,6 +56,9 @@
    2. moe_ep_create(&(moe_ep_desc){ .d_model = 1024, .d_ff = 2816, .num_experts = 64,
           .top_k = 2, .router_weight = wg, .experts = my_local_experts,
           .transport = &transport }, &ctx);                          collective
+      .experts_count says how .experts is indexed: this rank's expert count (local order)
+      or num_experts (by global id; only this rank's entries are read); 0 is num_experts
+      on one rank and refused on more.
       Expert weights are fp32, read at create as they are in memory: separate w1 (gate),
       w3 (up), w2 (down) in the nn.Linear layout by default; with .weight_layout also
       MOE_EP_WEIGHT_LAYOUT_FUSED_GATE_UP (transformers' experts.gate_up_proj[e]) and
@@ -114,19 +117,38 @@
    in k-slot order in fp32, and the expert kernel's reduction order for one output
    element never depends on how many rows it got or how rows were split over threads.
 
-   Failure: a rank whose arguments are bad, or whose expert callback fails, still
-   takes part in the next exchange and tells the others; every rank then returns an
-   error (its own cause, or MOE_EP_ERROR_ABORTED "rank N failed") instead of waiting
-   for a rank that will never come. moe_ep_forward and moe_ep_plan_create carry every
-   local failure into their exchange; the stage calls dispatch and combine check their
-   arguments before communicating and return at once, so hand them the same valid
-   arguments on every rank. Transports add their own way out (the pthreads transport's
-   abort flag and timeout).
+   Failure: no rank fault crashes or hangs; every rank returns an error.
+   - A rank whose arguments are bad, or whose expert callback fails, tells the others:
+     moe_ep_forward and moe_ep_plan_create carry the failure into their exchange, and
+     moe_ep_combine into its agreement; every rank returns an error (its own cause, or
+     MOE_EP_ERROR_ABORTED "rank N failed").
+   - moe_ep_dispatch with bad arguments returns at once and tells the peers through the
+     transport's skip (the pthreads transport meets them at the dispatch; the MPI
+     transport sends a control message that every wait listens for): their dispatch
+     returns ABORTED. The plan remembers a failed dispatch, so the combine that follows
+     (call it, as for any failure) fails on every rank without writing y. Then every
+     rank is at the same step again and a retry with valid arguments works.
+   - Every collective carries its kind and a sequence number (the context's); a rank that
+     skips one or enters another (a dispatch on one rank, a combine on another) gets
+     MOE_EP_ERROR_OUT_OF_STEP, the same code on every rank, and nothing is read from
+     another collective's buffers; the next matching collectives work again.
+   - A wait lasts at most the transport's timeout (moe_ep_pthreads_desc.timeout_ms,
+     moe_ep_mpi_desc.timeout_ms, default 300 s on MPI): a rank that vanished (a killed
+     process) costs the others MOE_EP_ERROR_TIMEOUT, where the launcher lets them live.
+   Non-finite output: the router refuses a non-finite x or logit (naming x[t][i] or the
+   router); finite inputs can still overflow in the experts (x of 1e25): forward returns
+   OK and moe_ep_forward_args.nonfinite_tokens, if set, counts the rows of y with NaN or
+   Inf (one pass over y, only when asked).
+   Destroy order: plans, then contexts, then transports, then the world (pthreads) or
+   MPI_Finalize. A plan may also outlive its context (it keeps the allocator); a context
+   must not outlive its transport, nor a split group the transport it came from.
 
    ERRORS AND LOGGING
    ==================
-   Every fallible call returns a moe_ep_result; moe_ep_result_string() names it. The
-   precise cause, in words that name the field and the rule, is kept per context:
+   Every fallible call returns a moe_ep_result; moe_ep_result_string() names it.
+   moe_ep_create has no context to keep its cause in: the logger gets it, and so does
+   desc.create_error (a buffer of the caller's, thread-safe). The precise cause, in words
+   that name the field and the rule, is kept per context:
    moe_ep_last_error(ctx), with a stable id for the rule, moe_ep_last_error_item(ctx)
    (a moe_ep_log_item such as MOE_EP_LOG_ITEM_DESC_TOP_K; moe_ep_log_item_string()
    names it). Out-params are untouched on failure. The optional logger hook gets the

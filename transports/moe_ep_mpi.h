@@ -51,6 +51,23 @@
    all_to_all_v_begin posts all of it, all_to_all_v_end waits (the core uses the
    split phase for dispatch and combine); all_to_all_v is the two back to back.
 
+   RANK FAULTS
+   ===========
+   Every collective is point-to-point messages under a tag made from the transport's
+   sequence number, and its first message to each peer is a header: the kind, the word
+   count and the number. A peer in another collective is seen by every rank
+   (MOE_EP_ERROR_OUT_OF_STEP). A rank that gives a collective up (the core's skip, a
+   timeout, an MPI error) sends a control message to every peer on a second duplicate;
+   every wait polls it, so the peers return at once (ABORTED, or TIMEOUT for a timeout):
+   1-4 ms on one host (bench/RESULTS.md). Every wait has a deadline, desc.timeout_ms
+   (default 300 s; -1 none): a killed process costs the others MOE_EP_ERROR_TIMEOUT, where
+   the launcher lets them live (Open MPI 4.1: --mca orte_abort_on_non_zero_status 0). The
+   messages of a collective given up stay queued in MPI under a tag no later collective
+   uses (until 2^31 / 4 collectives on Open MPI); each transport starts its tags at a base
+   of its own, as MPICH reuses a freed communicator's context. split meets the peers
+   first, then calls MPI_Comm_split, which has no deadline; create and destroy
+   (MPI_Comm_dup / MPI_Comm_free) neither.
+
    split (for EP x DP and EP x TP x DP, through moe_ep_layout_split) is MPI_Comm_split;
    the group is a transport of its own: release it with moe_ep_mpi_transport_destroy
    (or its destroy callback) before the transport it came from. all_reduce_sum (the
@@ -77,9 +94,8 @@
    - move device memory (MOE_EP_MEMORY_DEVICE is refused: use the NCCL transport, or
      a CUDA-aware MPI through your own transport);
    - exchange in place: send and recv must be two buffers (MPI's rule);
-   - provide `abort`: a rank that fails before a collective leaves the others waiting
-     in MPI; the core avoids this by agreeing on every rank's status before each
-     exchange, and `mpirun --timeout` bounds what is left.
+   - provide `abort` (an outside thread cannot interrupt MPI): a rank that fails before a
+     collective tells the others instead (skip, below), and every wait has a deadline.
 
    THREADING AND COLLECTIVE SEMANTICS
    ==================================
