@@ -3,8 +3,9 @@
 #   make test        deps, then check: what CI runs      make deps   apt-get what the checks need (root)
 #   make check       TEST_TARGETS with what is installed, then a summary of passed and skipped targets
 #   make check-headers | check-core | check-demos | check-kernels | check-mpi | check-nccl | check-install
-#   make check-asan | check-ubsan | check-tsan | check-fuzz (in check)   make check-mpi-large | fuzz (not in check)
-#   make demo | layouts-demo | mpi-demo                make bench | bench-cpu | bench-mpi | bench-faults
+#   make check-asan | check-ubsan | check-tsan | check-fuzz (in check)   make check-mpi-large (not in check)
+#   make demo | layouts-demo | mpi-demo | model-layer  make bench | bench-cpu | bench-mpi | bench-load | bench-faults
+#   make fuzz (fuzz-api and fuzz-safetensors) | fuzz-api | fuzz-safetensors (libFuzzer, FUZZ_TIME s each)
 #   make test-gpu | seed-gpu | bench-gpu (GPUs)        make install | uninstall PREFIX=... [DESTDIR=...]
 #
 # A test program that cannot run here (no GPU) exits 77: its target prints "SKIP: target (reason)"
@@ -13,8 +14,9 @@
 # built by each in CC_LIST.
 
 .PHONY: all test check deps bench-deps clean check-headers check-core check-demos check-kernels check-mpi \
-        check-mpi-headers check-mpi-large check-nccl check-install check-asan check-ubsan check-tsan check-fuzz fuzz demo \
-        layouts-demo mpi-demo bench bench-cpu bench-mpi bench-faults test-gpu seed-gpu bench-gpu install uninstall
+        check-mpi-headers check-mpi-large check-nccl check-install check-asan check-ubsan check-tsan demo \
+        layouts-demo mpi-demo bench bench-cpu bench-mpi bench-faults test-gpu seed-gpu bench-gpu install uninstall \
+        check-fuzz fuzz fuzz-safetensors fuzz-api model-layer bench-load
 
 ifeq ($(origin CC),default)
 CC = gcc
@@ -111,23 +113,20 @@ $(BUILD)/%/check_moe_ep: $(CORE_SRCS) $(HEADERS)
 check-asan check-ubsan check-tsan: check-%: $(BUILD)/%/check_moe_ep
 	@$(call run_test,$@,env TSAN_OPTIONS=halt_on_error=1 ./$<)
 
-# >>fuzz: tests/fuzz/fuzz_api.c, the public API from bytes (desc, routing, sizes; create, forward,
-# the stages, destroy at 1-3 ranks). check-fuzz replays the committed corpus under clang's ASan and
-# UBSan with a plain main (no libFuzzer runtime); `make fuzz FUZZ_SECONDS=1800` runs libFuzzer
-# from the corpus into $(BUILD)/fuzz/work (new inputs worth keeping go to tests/fuzz/corpus by hand).
-FUZZ_SECONDS ?= 600
-FUZZ_FLAGS    = -std=c99 -O1 -g -fno-sanitize-recover=all
+# >>fuzz-api: tests/fuzz/fuzz_api.c, the public API from bytes (desc, routing, sizes; create, forward,
+# the stages, destroy at 1-3 ranks). check-fuzz replays its corpus (tests/fuzz/corpus_api) under
+# clang's ASan and UBSan with a plain main (no libFuzzer runtime); fuzz-api runs libFuzzer from the
+# corpus into $(BUILD)/fuzz/work for FUZZ_TIME seconds (new inputs worth keeping go to the corpus by hand).
+FUZZ_API_FLAGS = -std=c99 -O1 -g -fno-sanitize-recover=all
 $(BUILD)/fuzz/replay: tests/fuzz/fuzz_api.c $(HEADERS)
 	@mkdir -p $(@D)
-	$(CLANG) $(MOE_EP_CFLAGS) $(FUZZ_FLAGS) -fsanitize=address,undefined -DFUZZ_REPLAY $< -o $@ -pthread -lm
+	$(CLANG) $(MOE_EP_CFLAGS) $(FUZZ_API_FLAGS) -fsanitize=address,undefined -DFUZZ_REPLAY $< -o $@ -pthread -lm
 $(BUILD)/fuzz/fuzz_api: tests/fuzz/fuzz_api.c $(HEADERS)
 	@mkdir -p $(@D)
-	$(CLANG) $(FUZZ_FLAGS) -fsanitize=fuzzer,address,undefined $< -o $@ -pthread -lm
-check-fuzz: $(BUILD)/fuzz/replay
-	./$< tests/fuzz/corpus/*
-fuzz: $(BUILD)/fuzz/fuzz_api
-	@mkdir -p $(BUILD)/fuzz/work && cp -n tests/fuzz/corpus/* $(BUILD)/fuzz/work/
-	./$< -max_total_time=$(FUZZ_SECONDS) -max_len=4096 -print_final_stats=1 $(BUILD)/fuzz/work
+	$(CLANG) $(FUZZ_API_FLAGS) -fsanitize=fuzzer,address,undefined $< -o $@ -pthread -lm
+fuzz-api: $(BUILD)/fuzz/fuzz_api
+	@mkdir -p $(BUILD)/fuzz/work && cp -n tests/fuzz/corpus_api/* $(BUILD)/fuzz/work/
+	./$< -max_total_time=$(FUZZ_TIME) -max_len=4096 -print_final_stats=1 $(BUILD)/fuzz/work
 
 # >>demos: they check themselves: the seed layer against one rank, the three layouts at 64 ranks.
 $(BUILD)/%_demo: examples/%_demo.c $(HEADERS) | $(BUILD)
@@ -136,11 +135,39 @@ demo: $(BUILD)/seed_demo
 	./$<
 layouts-demo: $(BUILD)/layouts_demo
 	./$<
-check-demos: $(BUILD)/seed_demo $(BUILD)/layouts_demo
+check-demos: $(BUILD)/seed_demo $(BUILD)/layouts_demo $(BUILD)/model_layer
 	./$< --ranks 8 --experts 64 --top-k 2 --tokens 64 --d-model 64 --d-ff 128 > $<.log && tail -1 $<.log
 	./$< --ranks 3 --experts 10 --top-k 3 --tokens 13 --d-model 24 --d-ff 40 --placement round-robin \
 	  > $<_odd.log && tail -1 $<_odd.log
 	./$(BUILD)/layouts_demo > $(BUILD)/layouts_demo.log && tail -1 $(BUILD)/layouts_demo.log
+	$(MODEL_LAYER_RUN) > $(BUILD)/model_layer.log && tail -1 $(BUILD)/model_layer.log
+
+# >>model-layer: one layer of a test model written by transformers, on 8 ranks, against its reference.
+MODEL_LAYER_RUN = ./$(BUILD)/model_layer tests/data/deepseek_v3 --layer 1 --ranks 8 --tokens 24 \
+                  --check tests/data/deepseek_v3/reference.safetensors
+$(BUILD)/model_layer: examples/model_layer.c $(HEADERS) | $(BUILD)
+	$(CC) $(BUILD_FLAGS) $< -o $@ -pthread -lm $(LDFLAGS)
+$(BUILD)/model_layer_mpi: examples/model_layer.c $(HEADERS) | $(BUILD)
+	$(MPICC_openmpi) $(BUILD_FLAGS) -DMODEL_LAYER_MPI $< -o $@ -pthread -lm $(LDFLAGS)
+model-layer: $(BUILD)/model_layer
+	$(MODEL_LAYER_RUN)
+
+# >>fuzz: the JSON reader and the safetensors header parser (tests/fuzz). check-fuzz replays the
+# committed corpus through a plain main under ASan and UBSan (no libFuzzer needed); fuzz-safetensors
+# runs libFuzzer (clang) for FUZZ_TIME seconds, new inputs into $(BUILD)/fuzz_corpus.
+FUZZ_TIME ?= 60
+FUZZ_SANITIZE = -fsanitize=address,undefined -fno-sanitize-recover=all -fno-omit-frame-pointer -g -O1
+$(BUILD)/fuzz_replay: tests/fuzz/fuzz_safetensors.c $(HEADERS) | $(BUILD)
+	$(CC) $(MOE_EP_CFLAGS) $(FUZZ_SANITIZE) $< -o $@ -lm
+$(BUILD)/fuzz_safetensors: tests/fuzz/fuzz_safetensors.c $(HEADERS) | $(BUILD)
+	$(CLANG) $(MOE_EP_CFLAGS) -DMOE_EP_FUZZ_LIBFUZZER -fsanitize=fuzzer $(FUZZ_SANITIZE) $< -o $@ -lm
+check-fuzz: $(BUILD)/fuzz_replay $(BUILD)/fuzz/replay
+	./$< tests/fuzz/corpus
+	./$(BUILD)/fuzz/replay tests/fuzz/corpus_api/*
+fuzz: fuzz-safetensors fuzz-api
+fuzz-safetensors: $(BUILD)/fuzz_safetensors
+	@mkdir -p $(BUILD)/fuzz_corpus
+	./$< -max_total_time=$(FUZZ_TIME) -max_len=4096 -timeout=10 $(BUILD)/fuzz_corpus tests/fuzz/corpus
 
 # >>kernels: the expert kernel per compiler, portable C, native SIMD and the portable C under
 # native flags, against float64 and the portable path; AVX-512 compiled on x86-64, run where the
@@ -195,11 +222,14 @@ $(HDR)/decl_mpi.o: tests/headers/decl_mpi.cpp $(HEADERS) | $(HDR)
 check-mpi-headers: $(foreach m,$(MPI_HEADER_CC),$(HDR)/mpi_$(m)_c99.o $(HDR)/mpi_$(m)_omp.o) $(HDR)/decl_mpi.o
 
 # Open MPI at 1-4 processes, MPICH at 1, 2, 4, then the demo at 8 against one rank.
-check-mpi: check-mpi-headers $(MPI_LIST:%=$(BUILD)/check_mpi_%) $(BUILD)/mpi_demo $(BUILD)/fault_bench
+check-mpi: check-mpi-headers $(MPI_LIST:%=$(BUILD)/check_mpi_%) $(BUILD)/mpi_demo $(BUILD)/model_layer_mpi $(BUILD)/fault_bench
 	for n in $(MPI_SIZES_openmpi); do $(MPIRUN_openmpi) -x CK_FORK=no -n $$n ./$(BUILD)/check_mpi_openmpi $$n || exit 1; done
 	for n in $(MPI_SIZES_mpich); do CK_FORK=no $(MPIRUN_mpich) -n $$n ./$(BUILD)/check_mpi_mpich $$n || exit 1; done
 	$(MPIRUN_openmpi) -n 8 ./$(BUILD)/mpi_demo --tokens 64 --d-model 64 --d-ff 128 > $(BUILD)/mpi_demo.log \
 	  && tail -1 $(BUILD)/mpi_demo.log
+	$(MPIRUN_openmpi) -n 4 ./$(BUILD)/model_layer_mpi tests/data/deepseek_v3 --layer 1 --ranks 4 --transport mpi \
+	  --reps 2 --check tests/data/deepseek_v3/reference.safetensors > $(BUILD)/model_layer_mpi.log \
+	  && tail -1 $(BUILD)/model_layer_mpi.log
 
 # About 2.3 GiB per process: more than 2^31 bytes for real.
 check-mpi-large: $(MPI_LIST:%=$(BUILD)/large_mpi_%)
@@ -228,7 +258,7 @@ MPIRUN_NCCL ?= mpirun
 GPU_FLAGS    = $(MOE_EP_CFLAGS) $(OPT) -isystem $(CUDA_HOME)/include $(CFLAGS)
 GPU_LIBS     = -L$(CUDA_HOME)/lib64 -lnccl -lcudart -pthread -lm $(LDFLAGS)
 CUDA_LIBS    = -L$(CUDA_HOME)/lib64 -lnccl -lcublas -lcudart -lstdc++ -pthread -lm $(LDFLAGS)
-GPU_TESTS    = check_nccl check_cuda check_cuda_layout
+GPU_TESTS    = check_nccl check_cuda check_cuda_layout check_cuda_families
 HAVE_NVCC   := $(shell command -v $(NVCC) 2>/dev/null)
 HAVE_MPI_NCCL := $(and $(shell command -v $(MPICC_NCCL) 2>/dev/null),$(shell command -v $(MPIRUN_NCCL) 2>/dev/null))
 # ANCHOR_DIR: the anchor scripts bench-gpu runs beside ours (raw NCCL all-to-all, the PyTorch EP layer)
@@ -241,8 +271,8 @@ $(BUILD)/%.o: %.cu $(HEADERS) | $(BUILD)
 	$(NVCC) $(CUDA_ARCH) -O2 -c $< -o $@
 $(GPU_TESTS:%=$(BUILD)/%): $(BUILD)/%: tests/gpu/%.c $(TEST_SUPPORT) $(HEADERS) | $(BUILD)
 	$(CC) $(GPU_FLAGS) $(SOURCES) -o $@ $(CHECK_LIBS) $(GPU_LIBS)
-$(BUILD)/check_cuda $(BUILD)/check_cuda_layout: GPU_LIBS = $(CUDA_LIBS)
-$(BUILD)/check_cuda $(BUILD)/check_cuda_layout $(BUILD)/nccl_mpi_demo: $(BUILD)/cuda_kernels.o
+$(BUILD)/check_cuda $(BUILD)/check_cuda_layout $(BUILD)/check_cuda_families: GPU_LIBS = $(CUDA_LIBS)
+$(BUILD)/check_cuda $(BUILD)/check_cuda_layout $(BUILD)/check_cuda_families $(BUILD)/nccl_mpi_demo: $(BUILD)/cuda_kernels.o
 $(BUILD)/nccl_mpi_demo: examples/nccl_mpi_demo.c $(HEADERS) | $(BUILD)
 	$(MPICC_NCCL) $(GPU_FLAGS) $(SOURCES) -o $@ $(CUDA_LIBS)
 $(BUILD)/bench_nccl: bench/bench_nccl.c $(BUILD)/bench_fill.o $(HEADERS) | $(BUILD)
@@ -295,6 +325,11 @@ OPENBLAS_OMP = -I/usr/include/$(MULTIARCH)/openblas-openmp -L/usr/lib/$(MULTIARC
 $(BUILD)/cpu_bench: bench/cpu_bench.c bench/cpu_bench_cblas.c $(TEST_SUPPORT) $(HEADERS) | $(BUILD)
 	$(CC) -std=c99 -pedantic -Wall -Wextra -O3 -march=native $(OPENMP_FLAGS) $(SOURCES) -o $@ $(OPENBLAS_OMP) -pthread -lm
 bench: bench-cpu
+# >>bench-load: a rank's experts through the loader against read() of the same bytes (bench/RESULTS.md).
+$(BUILD)/load_bench: bench/load_bench.c $(HEADERS) | $(BUILD)
+	$(CC) $(MOE_EP_CFLAGS) -O2 $< -o $@ -lm
+bench-load: $(BUILD)/load_bench
+	./$< $(BENCH_ARGS)
 bench-cpu: bench-deps
 	$(MAKE) --no-print-directory $(BUILD)/cpu_bench
 	./$(BUILD)/cpu_bench $(BENCH_ARGS)

@@ -26,7 +26,8 @@
 
    Built on the core, beside it: moe_ep_cuda.h (+ moe_ep_cuda_kernels.cuh), the MoE
    layer on the GPU (router, plan, experts and combine in device memory), over any
-   transport that moves device memory.
+   transport that moves device memory; moe_ep_safetensors.h, one MoE layer of a Hugging
+   Face checkpoint for one rank (reads only that rank's experts; libc and POSIX files).
 
    CONFIGURATION MACROS
    ====================
@@ -1969,23 +1970,10 @@ MOE_EP_PRIVATE void moe_ep__group_limit(const moe_ep_desc* d, const float* choic
         for (i = 0; i < n; ++i) out[g * n + i] = !kept[g];
 }
 
-/* logits[r][e] = x[r] . W[e] for `rows` tokens (at most MOE_EP__ROUTER_ROWS): each sum runs
-   i = 0, 1, ..., d_model - 1 from zero, as one token alone would, so the bits do not depend
-   on the block. The block's sums stay in `logits` (in L1) while W^T streams by rows, and the
-   vector units take the experts of a row at once. */
+/* logits[r][e] = x[r] . W[e] for `rows` tokens (at most MOE_EP__ROUTER_ROWS), from W^T
+   (wt [d_model, E]); defined with the kernels (>>router kernel). */
 #define MOE_EP__ROUTER_ROWS 8
-MOE_EP_PRIVATE void moe_ep__router_logits(const float* x, int64_t rows, int D, const float* wt, int E, float* logits) {
-    int64_t r, i, e;
-    for (r = 0; r < rows * E; ++r) logits[r] = 0.0f;
-    for (i = 0; i < D; ++i) {
-        const float* w = wt + i * E;
-        for (r = 0; r < rows; ++r) {
-            float xv = x[r * D + i];
-            float* acc = logits + r * E;
-            for (e = 0; e < E; ++e) acc[e] += xv * w[e];
-        }
-    }
-}
+MOE_EP_PRIVATE void moe_ep__router_logits(const float* x, int64_t rows, int D, const float* wt, int E, float* logits);
 
 /* stats: also the softmax probabilities and the log-sum-exp (the statistics' inputs), which
    the other scorings do not need otherwise. */
@@ -3697,6 +3685,83 @@ MOE_EP_PRIVATE moe_ep_result moe_ep__ffn(moe_ep_context* ctx, int local_expert, 
     return MOE_EP_OK;
 }
 #endif
+
+/* >>router kernel: moe_ep__router_logits. Each sum runs i = 0, 1, ..., d_model - 1 from
+   zero with a multiply and then an add (never fused), as one token alone would, so the bits
+   depend on neither the block of tokens nor the path. The vector paths keep the sums of 8
+   tokens x 2 vectors of experts in registers while that strip of W^T streams by; experts
+   past the last whole pair of vectors, and the portable path, run the same sums one expert
+   at a time, their block of sums in L1. */
+#if defined(MOE_EP__AVX512) || defined(MOE_EP__AVX2)
+#define MOE_EP__RV MOE_EP__V
+#define MOE_EP__RW MOE_EP__VW
+#define MOE_EP__RLOAD MOE_EP__VLOAD
+#define MOE_EP__RSTORE MOE_EP__VSTORE
+#define MOE_EP__RMUL MOE_EP__VMUL
+#define MOE_EP__RADD MOE_EP__VADD
+#define MOE_EP__RSET1 MOE_EP__VSET1
+#elif defined(MOE_EP__NEON)
+#define MOE_EP__RV float32x4_t
+#define MOE_EP__RW 4
+#define MOE_EP__RLOAD vld1q_f32
+#define MOE_EP__RSTORE vst1q_f32
+#define MOE_EP__RMUL vmulq_f32
+#define MOE_EP__RADD vaddq_f32
+#define MOE_EP__RSET1 vdupq_n_f32
+#endif
+
+#ifdef MOE_EP__RW
+/* experts [e, e + 2 RW) of up to 8 tokens, in registers */
+MOE_EP_PRIVATE void moe_ep__router_strip(const float* x, int64_t rows, int D, const float* wt, int E, int e,
+                                         float* logits) {
+    MOE_EP__RV acc[MOE_EP__ROUTER_ROWS][2];
+    int64_t i;
+#define MOE_EP__RZERO(r) acc[r][0] = acc[r][1] = MOE_EP__RSET1(0.0f);
+#define MOE_EP__RROW(r) \
+    if (r < rows) { \
+        MOE_EP__RV xv = MOE_EP__RSET1(x[(r) * D + i]); \
+        acc[r][0] = MOE_EP__RADD(acc[r][0], MOE_EP__RMUL(xv, w0)); \
+        acc[r][1] = MOE_EP__RADD(acc[r][1], MOE_EP__RMUL(xv, w1)); \
+    }
+#define MOE_EP__RSAVE(r) \
+    if (r < rows) { \
+        MOE_EP__RSTORE(logits + (r) * E + e, acc[r][0]); \
+        MOE_EP__RSTORE(logits + (r) * E + e + MOE_EP__RW, acc[r][1]); \
+    }
+    MOE_EP__ROWS8(MOE_EP__RZERO)
+    for (i = 0; i < D; ++i) {
+        const float* w = wt + i * E + e;
+        MOE_EP__RV w0 = MOE_EP__RLOAD(w), w1 = MOE_EP__RLOAD(w + MOE_EP__RW);
+        MOE_EP__ROWS8(MOE_EP__RROW)
+    }
+    MOE_EP__ROWS8(MOE_EP__RSAVE)
+#undef MOE_EP__RZERO
+#undef MOE_EP__RROW
+#undef MOE_EP__RSAVE
+}
+#endif
+
+MOE_EP_PRIVATE void moe_ep__router_logits(const float* x, int64_t rows, int D, const float* wt, int E, float* logits) {
+    int64_t r, i, e = 0;
+#ifdef MOE_EP__RW
+    for (; e + 2 * MOE_EP__RW <= E; e += 2 * MOE_EP__RW) moe_ep__router_strip(x, rows, D, wt, E, (int)e, logits);
+#endif
+    if (e == E) return;
+    for (r = 0; r < rows; ++r)
+        for (i = e; i < E; ++i) logits[r * E + i] = 0.0f;
+    for (i = 0; i < D; ++i) {
+        const float* w = wt + i * E;
+        for (r = 0; r < rows; ++r) {
+            float xv = x[r * D + i];
+            float* acc = logits + r * E;
+            int64_t c;
+            for (c = e; c < E; ++c) {
+                float product = xv * w[c];  /* its own statement: no contraction into an FMA */
+                acc[c] += product;
+            }
+        }
+    }
+}
 
 MOE_EP_API const char* moe_ep_kernel_path(void) {
 #if defined(MOE_EP_CBLAS)

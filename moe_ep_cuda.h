@@ -64,21 +64,28 @@
      scorings, with router_bias), the choice (with selection_bias, within the best
      topk_groups of num_groups groups), top-k with ties to the lower expert, the weights
      from the unbiased scores, normalize_topk, routed_scaling_factor; then the ids and
-     weights are copied to the host for the core's plan. No router statistics. Not yet on
-     the GPU: weights on the expert's input (scale_expert_input), shared experts, expert
-     biases and the clamped SwiGLU (refused); route on the host for those.
+     weights are copied to the host for the core's plan. No router statistics.
    - Plan: the core's moe_ep_plan_create over the transport (count exchange), then the
      slot map (where each (token, k-slot) row goes) and the weights are uploaded.
-   - Dispatch: a permute kernel gathers token rows into send order; rows whose expert is
+   - Dispatch: with scale_expert_input a kernel first writes one row per (token, k-slot),
+     weight times x, which then travel as the token rows do (the combine adds the outputs
+     unweighted). A permute kernel gathers token rows into send order; rows whose expert is
      on this rank go straight to their place and never touch the transport, and are
      gathered while the others are on the wire. a2a_layout STAGED (the default) sends
      one message per peer and regroups received rows by local expert in a kernel;
      SEGMENTED sends one message per (peer, local expert) straight into place.
    - Experts: two cuBLAS GEMMs per local expert (w1 and w3 fused into one), all experts
      of a projection in one cublasGemmGroupedBatchedEx when experts are small, else one
-     cublasGemmEx each on the layer stream, and an activation kernel; fp32 uses plain
-     fp32 GEMMs (TF32 off); bf16 uses bf16 GEMMs with fp32 accumulation. Expert weights
-     are copied once at create. Or expert_fn, per local expert, on the layer's stream.
+     cublasGemmEx each on the layer stream, and an activation kernel that adds the gate and
+     up biases first (SwiGLU, GELU, ReLU, clamped SwiGLU); a kernel adds the down bias.
+     fp32 uses plain fp32 GEMMs (TF32 off); bf16 uses bf16 GEMMs with fp32 accumulation
+     (the up products are rounded to bf16 before the bias and the activation). Expert
+     weights are copied once at create, in any moe_ep_weight_layout (a strided copy on the
+     device puts them in the nn.Linear layout, w1 and w3 fused). Or expert_fn, per local
+     expert, on the layer's stream.
+   - Shared experts (desc.shared): the same FFN kernels on this rank's tokens, queued
+     between the dispatch's start and end; after the combine one kernel adds g_t * their
+     output to y (g_t = sigmoid of the gate's logit, fp32).
    - Combine: the reverse exchange, then one kernel sums a token's k slots in k-slot
      order in fp32 with the routing weights (dropped slots add nothing).
    Results match the core's CPU path to rounding (fp32: about 1e-6 relative; bf16:
@@ -119,7 +126,7 @@
    ====================
    - create streams, communicators or transports, or pick the GPU (it uses the current
      one at create, and makes it current again in every call);
-   - compute router statistics, or router families other than softmax top-k.
+   - compute router statistics.
 
    THREADING, STREAMS AND COLLECTIVE SEMANTICS
    ===========================================
@@ -214,14 +221,32 @@ typedef enum moe_ep_cuda_direct {
     MOE_EP_CUDA_DIRECT_FORCE_U32 = 0x7FFFFFFF
 } moe_ep_cuda_direct;
 
-/* One local expert, nn.Linear layout, row-major, in the layer's dtype, in device or
-   host memory (copied at create): w1, w3 [d_ff, d_model]; w2 [d_model, d_ff]. With a
-   TP group these are still the full weights; only this rank's slice is copied. */
+/* One expert, in the layer's dtype, in device or host memory (copied at create), laid
+   out as desc.weight_layout says (moe_ep_weight_layout; the default is nn.Linear's,
+   row-major: w1 (gate), w3 (up) [d_ff, d_model]; w2 (down) [d_model, d_ff]). w3 and b3
+   are used by the gated activations only. The biases are optional (NULL: none): b1, b3
+   [d_ff] (b1 [2*d_ff] in the fused layouts) are added to the up products before the
+   activation, b2 [d_model] to the output. With a TP group these are still the full
+   weights; only this rank's slice is copied. Zero the struct before you fill it. */
 typedef struct moe_ep_cuda_expert_weights {
     const void* w1;
-    const void* w3;                 /* SwiGLU only */
+    const void* w3;
     const void* w2;
+    const void* b1;
+    const void* b3;
+    const void* b2;
 } moe_ep_cuda_expert_weights;
+
+/* Always-on experts that every rank holds and runs on its own tokens, as moe_ep_shared_desc:
+   y[t] = routed[t] + g_t * shared(x[t]), g_t = sigmoid(gate . x[t]) with a gate, else 1.
+   Weights in the layer's dtype, nn.Linear layout (w1, w3 [d_ff, d_model], w2 [d_model,
+   d_ff], optional biases), gate [d_model]; device or host memory, copied at create. The
+   FFN is the routed experts' activation. With a TP group every rank computes it whole. */
+typedef struct moe_ep_cuda_shared_desc {
+    int d_ff;                       /* default 0: no shared experts */
+    moe_ep_cuda_expert_weights weights;
+    const void* gate;               /* [d_model] or NULL */
+} moe_ep_cuda_shared_desc;
 
 /* Your expert compute. rows, out: device [row_count, d_model] in the layer's dtype, for
    local expert `local_expert` (global id `expert`). Queue the work on `stream` (or
@@ -236,12 +261,16 @@ typedef struct moe_ep_cuda_layer_desc {
     int num_experts;                /* required, > 0 */
     int top_k;                      /* default 1 */
     moe_ep_activation activation;   /* default SwiGLU */
+    float swiglu_alpha, swiglu_limit;   /* default 0 = 1.702 and 7: the clamped SwiGLU's (as moe_ep_desc) */
+    moe_ep_weight_layout weight_layout; /* default nn.Linear: how experts[] are laid out (moe_ep_weight_layout) */
     moe_ep_scoring scoring;         /* default softmax */
     bool normalize_topk;            /* default false */
     float routed_scaling_factor;    /* default 0 = 1 */
     const float* router_bias;       /* [num_experts] fp32 host memory, or NULL; copied */
     const float* selection_bias;    /* [num_experts] fp32 host memory, or NULL; copied */
     int num_groups, topk_groups;    /* default 0 = 1 group, all kept (the router as in moe_ep_desc) */
+    bool scale_expert_input;        /* default false; true: a token's weight scales the expert's input
+                                       and the outputs add unweighted (Llama-4), as in moe_ep_desc */
     float capacity_factor;          /* default 0 = dropless */
     moe_ep_placement placement;     /* default contiguous */
     const moe_ep_transport* transport;      /* required: the EP group; must move device memory
@@ -268,6 +297,7 @@ typedef struct moe_ep_cuda_layer_desc {
     const moe_ep_cuda_expert_weights* experts;  /* [local expert count]; required unless expert_fn */
     moe_ep_cuda_expert_fn expert_fn;
     void* expert_user_data;
+    moe_ep_cuda_shared_desc shared; /* default none: shared experts (built in, also with expert_fn) */
 } moe_ep_cuda_layer_desc;
 
 typedef struct moe_ep_cuda_layer moe_ep_cuda_layer;
@@ -335,7 +365,12 @@ MOE_EP_API moe_ep_result moe_ep_cuda_combine_begin(moe_ep_cuda_layer* layer, moe
                                                    const void* expert_out);
 MOE_EP_API moe_ep_result moe_ep_cuda_combine_end(moe_ep_cuda_layer* layer, moe_ep_cuda_plan* plan, void* y);
 
-/* The whole layer: route (or take routing), plan, dispatch, experts, combine. Collective: yes. */
+/* The shared experts on this rank's tokens: out[t] = g_t * shared(x[t]), what forward adds
+   to the routed sum (desc.shared). x, out: device [tokens, d_model]. Collective: no. */
+MOE_EP_API moe_ep_result moe_ep_cuda_shared_experts(moe_ep_cuda_layer* layer, const void* x, int64_t tokens, void* out);
+
+/* The whole layer: route (or take routing), plan, dispatch (the shared experts run while
+   the rows travel), experts, combine, plus the shared experts. Collective: yes. */
 MOE_EP_API moe_ep_result moe_ep_cuda_forward(moe_ep_cuda_layer* layer, const moe_ep_cuda_forward_args* args);
 #ifdef __cplusplus
 }
@@ -399,6 +434,8 @@ struct moe_ep_cuda_plan {
     const void* open_local;         /* combine: expert_out */
     moe_ep_result expert_status;
     int64_t* dest;                  /* device [tokens * k], direct path: (rank << 32) | row of each slot */
+    int64_t* first_row;             /* device [local experts]: each local expert's first received row */
+    float* scale;                   /* device [tokens * k], scale_expert_input: the routing weights */
     uint64_t xfer;                  /* direct: the transfer epoch of its dispatch, 0 once combined */
     int out_sent;                   /* direct: OUT(xfer) signalled */
 };
@@ -434,6 +471,17 @@ struct moe_ep_cuda_layer {
     moe_ep__cuda_k_router router_cfg;   /* the router's resolved settings */
     void* w_up;                     /* device [local_experts, up_rows, d_model] */
     void* w_down;                   /* device [local_experts, d_model, d_ff] */
+    void* b_up;                     /* device [local_experts, up_rows] or NULL: gate then up biases */
+    void* b_down;                   /* device [local_experts, d_model] or NULL */
+    moe_ep__cuda_k_act act;         /* the activation's settings (biases and rows per call) */
+    /* the shared experts (desc.shared): one FFN of width sh_ff on this rank's tokens */
+    int sh_ff, sh_up_rows;
+    void *sh_up, *sh_down, *sh_b_up, *sh_b_down, *sh_gate;  /* device, as the routed experts' */
+    void* sh_hidden; size_t sh_hidden_bytes;    /* device [tokens, sh_up_rows] */
+    void* sh_out; size_t sh_out_bytes;          /* device [tokens, d]: forward's shared output */
+    float* sh_logit; size_t sh_logit_bytes;     /* device [tokens]: the gate's logits */
+    void* scaled; size_t scaled_bytes;          /* device [tokens * k, d]: scale_expert_input's rows */
+    void* staging; size_t staging_bytes;        /* device: a weight as handed in, at create */
     void* logits; size_t logits_bytes;
     void* topk_dev; size_t topk_dev_bytes;
     void* topk_host; size_t topk_host_bytes;
@@ -895,7 +943,9 @@ MOE_EP_PRIVATE void moe_ep__cuda_layer_free(moe_ep_cuda_layer* L) {
     moe_ep_allocator a = L->desc.allocator;
     /* on the direct path the forward's rows live in the region (freed with it) */
     void* device[] = { L->ptrs_dev, L->router, L->router_biases, L->w_up, L->w_down, L->logits, L->topk_dev, L->hidden, L->partial,
-                       L->tp_gather, L->direct ? NULL : L->recv, L->direct ? NULL : L->out };
+                       L->tp_gather, L->direct ? NULL : L->recv, L->direct ? NULL : L->out, L->b_up, L->b_down,
+                       L->sh_up, L->sh_down, L->sh_b_up, L->sh_b_down, L->sh_gate, L->sh_hidden, L->sh_out,
+                       L->sh_logit, L->scaled, L->staging };
     void* host[] = { L->group_ints, L->group_scalars, L->group_ops, L->owner_of, L->local_index_of, L->local_ids,
                      L->routing_idx, L->routing_weight, L->tp_rows };
     size_t i;
@@ -940,7 +990,8 @@ MOE_EP_PRIVATE moe_ep_result moe_ep__cuda_reserve_router(moe_ep_cuda_layer* L, i
    core plan's slot rows, the routing, small tables), then what kernels build from it
    (the slot map and the stage map). Offsets in bytes. */
 typedef struct moe_ep__cuda_meta {
-    size_t rows, idx, weight, owner, shift, chunk_start, chunk_dest, send_off, table, upload, map, stage, dest, total;
+    size_t rows, idx, weight, scale, first_row, owner, shift, chunk_start, chunk_dest, send_off, table, upload, map, stage,
+        dest, total;
 } moe_ep__cuda_meta;
 
 MOE_EP_PRIVATE moe_ep__cuda_meta moe_ep__cuda_meta_layout(const moe_ep_cuda_layer* L, int64_t slots,
@@ -950,7 +1001,9 @@ MOE_EP_PRIVATE moe_ep__cuda_meta moe_ep__cuda_meta_layout(const moe_ep_cuda_laye
     m.rows = 0;
     m.idx = m.rows + moe_ep__cuda_round16((size_t)slots * 8);
     m.weight = m.idx + moe_ep__cuda_round16((size_t)slots * 4);
-    m.owner = m.weight + moe_ep__cuda_round16((size_t)slots * 4);
+    m.scale = m.weight + moe_ep__cuda_round16((size_t)slots * 4);
+    m.first_row = m.scale + (L->desc.scale_expert_input ? moe_ep__cuda_round16((size_t)slots * 4) : 0);
+    m.owner = m.first_row + moe_ep__cuda_round16((size_t)(L->local_experts > 0 ? L->local_experts : 1) * 8);
     m.shift = m.owner + moe_ep__cuda_round16((size_t)L->num_experts * 4);
     m.chunk_start = m.shift + moe_ep__cuda_round16((size_t)L->segments * 8);
     m.chunk_dest = m.chunk_start + moe_ep__cuda_round16((chunks + 1) * 8);
@@ -1015,6 +1068,16 @@ MOE_EP_PRIVATE moe_ep_result moe_ep__cuda_reserve_all(moe_ep_cuda_layer* L) {
                                     (long long)T);
     }
     if (res == MOE_EP_OK) res = moe_ep__cuda_reserve_experts(L, per_source * L->world_size, 1);
+    if (res == MOE_EP_OK && L->desc.scale_expert_input)
+        res = moe_ep__cuda_grow(L, &L->scaled, &L->scaled_bytes, (size_t)(T * L->top_k) * L->row_bytes, 0, "scaled rows");
+    if (res == MOE_EP_OK && L->sh_ff > 0)
+        res = moe_ep__cuda_grow(L, &L->sh_hidden, &L->sh_hidden_bytes, (size_t)T * (size_t)L->sh_up_rows * L->elem, 0,
+                                "shared expert buffers");
+    if (res == MOE_EP_OK && L->sh_ff > 0)
+        res = moe_ep__cuda_grow(L, &L->sh_out, &L->sh_out_bytes, (size_t)T * L->row_bytes, 0, "shared expert buffers");
+    if (res == MOE_EP_OK && L->sh_gate)
+        res = moe_ep__cuda_grow(L, (void**)&L->sh_logit, &L->sh_logit_bytes, (size_t)T * sizeof(float), 0,
+                                "shared expert buffers");
     return res;
 }
 
@@ -1033,6 +1096,7 @@ MOE_EP_PRIVATE moe_ep_cuda_layer_desc moe_ep__cuda_desc_defaults(const moe_ep_cu
     moe_ep_cuda_layer_desc d = *in;
     d.dtype = d.dtype == MOE_EP_CUDA_DTYPE_DEFAULT ? MOE_EP_CUDA_DTYPE_F32 : d.dtype;
     d.a2a_layout = d.a2a_layout == MOE_EP_CUDA_A2A_DEFAULT ? MOE_EP_CUDA_A2A_STAGED : d.a2a_layout;
+    d.weight_layout = d.weight_layout == MOE_EP_WEIGHT_LAYOUT_DEFAULT ? MOE_EP_WEIGHT_LAYOUT_SEPARATE : d.weight_layout;
     /* direct DEFAULT (auto) and expert_gemm DEFAULT (by row count) are decided per layer and per call */
     return d;
 }
@@ -1047,6 +1111,9 @@ MOE_EP_PRIVATE moe_ep_desc moe_ep__cuda_core_desc(moe_ep_cuda_layer* L, const mo
     core.num_experts = d->num_experts;
     core.top_k = d->top_k;
     core.activation = d->activation;
+    core.swiglu_alpha = d->swiglu_alpha;
+    core.swiglu_limit = d->swiglu_limit;
+    core.scale_expert_input = d->scale_expert_input;
     core.scoring = d->scoring;
     core.normalize_topk = d->normalize_topk;
     core.routed_scaling_factor = d->routed_scaling_factor;
@@ -1068,8 +1135,10 @@ MOE_EP_PRIVATE moe_ep_desc moe_ep__cuda_core_desc(moe_ep_cuda_layer* L, const mo
 
 /* The GPU parameters every rank of the EP group must share. */
 MOE_EP_PRIVATE int64_t moe_ep__cuda_fingerprint(const moe_ep_cuda_layer_desc* d) {
-    int64_t fields[8];
+    int64_t fields[10];
     uint64_t h;
+    fields[8] = d->shared.d_ff;
+    fields[9] = d->shared.gate != NULL;
     fields[0] = d->dtype;
     fields[1] = d->a2a_layout;
     fields[2] = d->max_tokens > 0;
@@ -1131,14 +1200,23 @@ MOE_EP_PRIVATE void moe_ep__cuda_validate_tp(const moe_ep_cuda_layer_desc* d, in
                        d->d_ff, tp->world_size);
 }
 
+MOE_EP_PRIVATE int moe_ep__cuda_gated(moe_ep_activation a) {
+    return a == MOE_EP_ACTIVATION_DEFAULT || a == MOE_EP_ACTIVATION_SWIGLU || a == MOE_EP_ACTIVATION_SWIGLU_CLAMPED;
+}
+
 /* The rank-local rules of the GPU fields (the core checks the shared shape). */
 MOE_EP_PRIVATE int moe_ep__cuda_validate(const moe_ep_cuda_layer_desc* d) {
     int f = 0, rank = d->transport->rank;
     moe_ep__cuda_check(d, rank, &f, d->dtype > 0 && d->dtype < MOE_EP_CUDA_DTYPE_COUNT,
                        "moe_ep_cuda_layer_desc.dtype (%d) is not a moe_ep_cuda_dtype", (int)d->dtype);
-    moe_ep__cuda_check(d, rank, &f, d->activation != MOE_EP_ACTIVATION_SWIGLU_CLAMPED,
-                       "moe_ep_cuda_layer_desc.activation: the GPU layer does not compute the clamped SwiGLU yet "
-                       "(SwiGLU, GELU and ReLU)");
+    moe_ep__cuda_check(d, rank, &f, d->weight_layout > 0 && d->weight_layout < MOE_EP_WEIGHT_LAYOUT_COUNT,
+                       "moe_ep_cuda_layer_desc.weight_layout (%d) is not a moe_ep_weight_layout", (int)d->weight_layout);
+    moe_ep__cuda_check(d, rank, &f, d->shared.d_ff >= 0, "moe_ep_cuda_layer_desc.shared.d_ff (%d) must be >= 0",
+                       d->shared.d_ff);
+    moe_ep__cuda_check(d, rank, &f, d->shared.d_ff <= 0 || (d->shared.weights.w1 && d->shared.weights.w2 &&
+                                                             (d->shared.weights.w3 || !moe_ep__cuda_gated(d->activation))),
+                       "moe_ep_cuda_layer_desc.shared.weights: w1, w2%s must not be NULL when shared.d_ff (%d) > 0",
+                       moe_ep__cuda_gated(d->activation) ? " and w3" : "", d->shared.d_ff);
     moe_ep__cuda_check(d, rank, &f, d->direct >= 0 && d->direct < MOE_EP_CUDA_DIRECT_COUNT,
                        "moe_ep_cuda_layer_desc.direct (%d) is not a moe_ep_cuda_direct", (int)d->direct);
     moe_ep__cuda_check(d, rank, &f, d->direct != MOE_EP_CUDA_DIRECT_ON || d->max_tokens > 0,
@@ -1173,7 +1251,8 @@ MOE_EP_PRIVATE moe_ep_result moe_ep__cuda_create_agree(const moe_ep_cuda_layer_d
     facts[1] = status == MOE_EP_OK ? moe_ep__cuda_tp_fingerprint(d) : 0;
     a.facts = facts;
     a.fact_count = 1;
-    a.facts_name = "GPU parameters (dtype, a2a_layout, direct, max_tokens, expert_fn, router_weight, TP size)";
+    a.facts_name = "GPU parameters (dtype, a2a_layout, direct, max_tokens, expert_fn, router_weight, TP size, "
+                   "shared experts)";
     a.on_peer_failure = MOE_EP_ERROR_RANK_MISMATCH;
     res = moe_ep_agree(d->transport, &a, err, sizeof err);
     if (d->tp_transport && d->tp_transport->world_size > 1 && d->tp_transport->exchange_counts) {
@@ -1239,12 +1318,19 @@ MOE_EP_PRIVATE void moe_ep__cuda_layer_shape(moe_ep_cuda_layer* L) {
     L->num_experts = core.num_experts;
     L->top_k = core.top_k;
     L->activation = core.activation;
+    L->act.activation = (int)core.activation;
+    L->act.alpha = core.swiglu_alpha;
+    L->act.limit = core.swiglu_limit;
+    L->desc.swiglu_alpha = core.swiglu_alpha;
+    L->desc.swiglu_limit = core.swiglu_limit;
     if (L->tp_size > 1) {
         /* rank t of T holds d_ff rows [t*F/T, (t+1)*F/T) */
         L->ff_begin = (int)((int64_t)L->d_ff_full * L->tp_rank / L->tp_size);
         L->d_ff = (int)((int64_t)L->d_ff_full * (L->tp_rank + 1) / L->tp_size) - L->ff_begin;
     }
-    L->up_rows = L->activation == MOE_EP_ACTIVATION_SWIGLU ? 2 * L->d_ff : L->d_ff;
+    L->up_rows = moe_ep__cuda_gated(core.activation) ? 2 * L->d_ff : L->d_ff;
+    L->sh_ff = L->desc.shared.d_ff;
+    L->sh_up_rows = moe_ep__cuda_gated(core.activation) ? 2 * L->sh_ff : L->sh_ff;
     L->row_bytes = (size_t)L->d_model * L->elem;
 }
 
@@ -1252,7 +1338,8 @@ MOE_EP_PRIVATE void moe_ep__cuda_layer_shape(moe_ep_cuda_layer* L) {
 MOE_EP_PRIVATE moe_ep_result moe_ep__cuda_build_placement(moe_ep_cuda_layer* L) {
     const moe_ep_cuda_layer_desc* d = &L->desc;
     const moe_ep_allocator* a = &d->allocator;
-    int e, l, f = 0, rank = L->rank, swiglu = L->activation == MOE_EP_ACTIVATION_SWIGLU;
+    int e, l, f = 0, rank = L->rank, gated = moe_ep__cuda_gated(d->activation);
+    int fused = d->weight_layout != MOE_EP_WEIGHT_LAYOUT_SEPARATE;   /* gate and up in w1 */
     L->local_experts = moe_ep_rank_expert_count(L->core, L->rank);
     for (e = 0, L->segments = 1; e < L->world_size; ++e)   /* a plan's segments: the most experts a rank holds */
         if (moe_ep_rank_expert_count(L->core, e) > L->segments) L->segments = moe_ep_rank_expert_count(L->core, e);
@@ -1271,8 +1358,9 @@ MOE_EP_PRIVATE moe_ep_result moe_ep__cuda_build_placement(moe_ep_cuda_layer* L) 
                        "moe_ep_cuda_layer_desc.experts must hold this rank's %d experts (or set expert_fn)",
                        L->local_experts);
     for (l = 0; d->experts && l < L->local_experts; ++l)
-        moe_ep__cuda_check(d, rank, &f, d->experts[l].w1 && d->experts[l].w2 && (!swiglu || d->experts[l].w3),
-                           "moe_ep_cuda_layer_desc.experts[%d]: w1, w2%s must not be NULL", l, swiglu ? " and w3" : "");
+        moe_ep__cuda_check(d, rank, &f, d->experts[l].w1 && d->experts[l].w2 && (!gated || fused || d->experts[l].w3),
+                           "moe_ep_cuda_layer_desc.experts[%d]: w1, w2%s must not be NULL", l,
+                           gated && !fused ? " and w3" : "");
     return f ? MOE_EP_ERROR_INVALID_ARGUMENT : MOE_EP_OK;
 }
 
@@ -1315,53 +1403,184 @@ MOE_EP_PRIVATE moe_ep_result moe_ep__cuda_build_blas(moe_ep_cuda_layer* L) {
     return res;
 }
 
-/* build, step 3: the router and this rank's expert weights copied to the device; with TP
-   only this rank's slice: w1, w3 rows [ff_begin, ff_begin + d_ff), w2 those columns. */
+/* A tensor's view in the layout it was handed in, in elements: [i, c] sits at
+   offset + i * row_stride + c * col_stride of a tensor of `count` elements. */
+typedef struct moe_ep__cuda_view {
+    const void* base;
+    int64_t count, offset, row_stride, col_stride;
+} moe_ep__cuda_view;
+
+MOE_EP_PRIVATE moe_ep__cuda_view moe_ep__cuda_view_of(const void* base, int64_t count, int64_t offset,
+                                                     int64_t row_stride, int64_t col_stride) {
+    moe_ep__cuda_view v;
+    v.base = base;
+    v.count = count;
+    v.offset = offset;
+    v.row_stride = row_stride;
+    v.col_stride = col_stride;
+    return v;
+}
+
+enum { MOE_EP__CUDA_GATE, MOE_EP__CUDA_UP, MOE_EP__CUDA_DOWN, MOE_EP__CUDA_GATE_BIAS, MOE_EP__CUDA_UP_BIAS };
+
+/* Where a part of one expert's FFN sits, for rows [f0, f0 + slice) of d_ff = F (the gate
+   and up parts [slice, D], the down part [D, slice], the biases [slice, 1]); base NULL:
+   not handed in. The layouts are moe_ep_weight_layout's, as the core reads them. */
+MOE_EP_PRIVATE moe_ep__cuda_view moe_ep__cuda_part(const moe_ep_cuda_expert_weights* w, moe_ep_weight_layout layout,
+                                                  int64_t F, int64_t f0, int64_t D, int part) {
+    int separate = layout == MOE_EP_WEIGHT_LAYOUT_SEPARATE, fused = layout == MOE_EP_WEIGHT_LAYOUT_FUSED_GATE_UP;
+    int oss = layout == MOE_EP_WEIGHT_LAYOUT_GPT_OSS, up = part == MOE_EP__CUDA_UP || part == MOE_EP__CUDA_UP_BIAS;
+    const void* base;
+    if (part == MOE_EP__CUDA_DOWN)      /* nn.Linear [D, F]; GPT-OSS and Llama-4 [F, D] */
+        return separate || fused ? moe_ep__cuda_view_of(w->w2, D * F, f0, F, 1) : moe_ep__cuda_view_of(w->w2, F * D, f0 * D, 1, D);
+    if (part == MOE_EP__CUDA_GATE || part == MOE_EP__CUDA_UP) {
+        if (separate) return moe_ep__cuda_view_of(up ? w->w3 : w->w1, F * D, f0 * D, D, 1);
+        if (fused) return moe_ep__cuda_view_of(w->w1, 2 * F * D, (up * F + f0) * D, D, 1);
+        if (oss) return moe_ep__cuda_view_of(w->w1, 2 * F * D, 2 * f0 + up, 2, 2 * F);     /* interleaved columns */
+        return moe_ep__cuda_view_of(w->w1, 2 * F * D, up * F + f0, 1, 2 * F);               /* Llama-4 */
+    }
+    base = separate && up ? w->b3 : w->b1;
+    if (separate) return moe_ep__cuda_view_of(base, F, f0, 1, 0);
+    if (oss) return moe_ep__cuda_view_of(base, 2 * F, 2 * f0 + up, 2, 0);
+    return moe_ep__cuda_view_of(base, 2 * F, up * F + f0, 1, 0);
+}
+
+/* rows x cols of a view into dst, in the layer's dtype. Device memory is read where it is;
+   anything else is copied to the device first. */
+MOE_EP_PRIVATE moe_ep_result moe_ep__cuda_import(moe_ep_cuda_layer* L, moe_ep__cuda_view v, int64_t rows, int64_t cols,
+                                                void* dst, const char* what) {
+    struct cudaPointerAttributes attr;
+    const void* src = v.base;
+    moe_ep_result res = MOE_EP_OK;
+    if (cudaPointerGetAttributes(&attr, v.base) != cudaSuccess) {
+        (void)cudaGetLastError();
+        attr.type = cudaMemoryTypeUnregistered;
+    }
+    if (attr.type != cudaMemoryTypeDevice && attr.type != cudaMemoryTypeManaged) {
+        size_t bytes = (size_t)v.count * L->elem;
+        if (bytes > L->staging_bytes) {
+            res = moe_ep__cuda_cuda(L, cudaStreamSynchronize(L->stream), what);  /* the old buffer may be in use */
+            if (res == MOE_EP_OK) res = moe_ep__cuda_grow(L, &L->staging, &L->staging_bytes, bytes, 0, what);
+        }
+        if (res == MOE_EP_OK)
+            res = moe_ep__cuda_cuda(L, cudaMemcpyAsync(L->staging, v.base, bytes, cudaMemcpyDefault, L->stream), what);
+        src = L->staging;
+    }
+    if (res != MOE_EP_OK) return res;
+    return moe_ep__cuda_kernel(L, moe_ep__cuda_k_strided_copy(src, v.offset, v.row_stride, v.col_stride, rows, cols, dst,
+                                                              (int)L->elem, L->stream), what);
+}
+
+/* One FFN (rows [f0, f0 + slice) of width F) into the layer's layout: up [gate; up]
+   [up_rows, D], down [D, slice], and the biases the caller has room for (b_up [up_rows],
+   b_down [D]; parts not handed in stay as they are, zero). */
+MOE_EP_PRIVATE moe_ep_result moe_ep__cuda_import_ffn(moe_ep_cuda_layer* L, const moe_ep_cuda_expert_weights* w,
+                                                    moe_ep_weight_layout layout, int64_t F, int64_t f0, int64_t slice,
+                                                    void* up, void* down, void* b_up, void* b_down) {
+    int64_t D = L->d_model;
+    int gated = moe_ep__cuda_gated((moe_ep_activation)L->activation), part;
+    moe_ep_result res = MOE_EP_OK;
+    for (part = MOE_EP__CUDA_GATE; res == MOE_EP_OK && part <= MOE_EP__CUDA_UP_BIAS; ++part) {
+        moe_ep__cuda_view v = moe_ep__cuda_part(w, layout, F, f0, D, part);
+        int upper = part == MOE_EP__CUDA_UP || part == MOE_EP__CUDA_UP_BIAS;
+        if (!v.base || (upper && !gated)) continue;
+        if (part == MOE_EP__CUDA_DOWN)
+            res = moe_ep__cuda_import(L, v, D, slice, down, "copying expert weights");
+        else if (part <= MOE_EP__CUDA_UP)
+            res = moe_ep__cuda_import(L, v, slice, D, (char*)up + (size_t)(upper * slice * D) * L->elem,
+                                      "copying expert weights");
+        else if (b_up)
+            res = moe_ep__cuda_import(L, v, slice, 1, (char*)b_up + (size_t)(upper * slice) * L->elem,
+                                      "copying expert biases");
+    }
+    if (res == MOE_EP_OK && w->b2 && b_down)
+        res = moe_ep__cuda_import(L, moe_ep__cuda_view_of(w->b2, D, 0, 1, 0), D, 1, b_down, "copying expert biases");
+    return res;
+}
+
+/* A zeroed device buffer, or none. */
+MOE_EP_PRIVATE moe_ep_result moe_ep__cuda_zeroed(moe_ep_cuda_layer* L, void** buffer, size_t bytes, const char* what) {
+    moe_ep_result res = moe_ep__cuda_cuda(L, cudaMalloc(buffer, bytes), what);
+    if (res == MOE_EP_OK) res = moe_ep__cuda_cuda(L, cudaMemsetAsync(*buffer, 0, bytes, L->stream), what);
+    return res;
+}
+
+/* build, step 3: the router copied to the device. */
+MOE_EP_PRIVATE moe_ep_result moe_ep__cuda_build_router(moe_ep_cuda_layer* L) {
+    const moe_ep_cuda_layer_desc* d = &L->desc;
+    size_t bytes = (size_t)L->num_experts * L->row_bytes, E = (size_t)L->num_experts;
+    moe_ep_result res = moe_ep__cuda_cuda(L, cudaMalloc(&L->router, bytes), "router weights");
+    if (res == MOE_EP_OK)
+        res = moe_ep__cuda_cuda(L, cudaMemcpyAsync(L->router, d->router_weight, bytes, cudaMemcpyDefault, L->stream),
+                                "copying the router weights");
+    if (res == MOE_EP_OK && (d->router_bias || d->selection_bias))
+        res = moe_ep__cuda_cuda(L, cudaMalloc((void**)&L->router_biases, 2 * E * sizeof(float)), "router biases");
+    if (res == MOE_EP_OK && d->router_bias)
+        res = moe_ep__cuda_cuda(L, cudaMemcpyAsync(L->router_biases, d->router_bias, E * sizeof(float),
+                                                   cudaMemcpyHostToDevice, L->stream), "copying the router bias");
+    if (res == MOE_EP_OK && d->selection_bias)
+        res = moe_ep__cuda_cuda(L, cudaMemcpyAsync(L->router_biases + E, d->selection_bias, E * sizeof(float),
+                                                   cudaMemcpyHostToDevice, L->stream),
+                                "copying the selection bias");
+    L->router_cfg.router_bias = d->router_bias ? L->router_biases : NULL;
+    L->router_cfg.selection_bias = d->selection_bias ? L->router_biases + E : NULL;
+    if (res == MOE_EP_OK) res = moe_ep__cuda_cuda(L, cudaStreamSynchronize(L->stream), "copying the router");
+    return res;
+}
+
+/* build, step 4: this rank's expert weights (with TP only its slice: the gate and up rows
+   [ff_begin, ff_begin + d_ff), those columns of down) and the shared experts, whole. */
 MOE_EP_PRIVATE moe_ep_result moe_ep__cuda_build_weights(moe_ep_cuda_layer* L) {
     const moe_ep_cuda_layer_desc* d = &L->desc;
-    size_t up_each = (size_t)L->up_rows * L->row_bytes, down_each = (size_t)L->d_ff * L->row_bytes;
-    size_t half = (size_t)L->d_ff * L->row_bytes, skip = (size_t)L->ff_begin * L->row_bytes;
+    size_t up_each = (size_t)L->up_rows * L->row_bytes, down_each = (size_t)L->d_ff * L->row_bytes, D = (size_t)L->d_model;
     moe_ep_result res = MOE_EP_OK;
-    int l;
-    if (d->router_weight) {
-        size_t bytes = (size_t)L->num_experts * L->row_bytes, E = (size_t)L->num_experts;
-        res = moe_ep__cuda_cuda(L, cudaMalloc(&L->router, bytes), "router weights");
+    int l, up_bias = 0, down_bias = 0;
+    if (L->sh_ff > 0) {
+        const moe_ep_cuda_shared_desc* sh = &d->shared;
+        size_t ff = (size_t)L->sh_ff;
+        res = moe_ep__cuda_cuda(L, cudaMalloc(&L->sh_up, (size_t)L->sh_up_rows * L->row_bytes), "shared expert weights");
+        if (res == MOE_EP_OK) res = moe_ep__cuda_cuda(L, cudaMalloc(&L->sh_down, ff * L->row_bytes), "shared expert weights");
+        if (res == MOE_EP_OK && (sh->weights.b1 || sh->weights.b3))
+            res = moe_ep__cuda_zeroed(L, &L->sh_b_up, (size_t)L->sh_up_rows * L->elem, "shared expert biases");
+        if (res == MOE_EP_OK && sh->weights.b2)
+            res = moe_ep__cuda_zeroed(L, &L->sh_b_down, D * L->elem, "shared expert biases");
         if (res == MOE_EP_OK)
-            res = moe_ep__cuda_cuda(L, cudaMemcpyAsync(L->router, d->router_weight, bytes, cudaMemcpyDefault,
-                                                       L->stream),
-                                    "copying the router weights");
-        if (res == MOE_EP_OK && (d->router_bias || d->selection_bias))
-            res = moe_ep__cuda_cuda(L, cudaMalloc((void**)&L->router_biases, 2 * E * sizeof(float)), "router biases");
-        if (res == MOE_EP_OK && d->router_bias)
-            res = moe_ep__cuda_cuda(L, cudaMemcpyAsync(L->router_biases, d->router_bias, E * sizeof(float),
-                                                       cudaMemcpyHostToDevice, L->stream), "copying the router bias");
-        if (res == MOE_EP_OK && d->selection_bias)
-            res = moe_ep__cuda_cuda(L, cudaMemcpyAsync(L->router_biases + E, d->selection_bias, E * sizeof(float),
-                                                       cudaMemcpyHostToDevice, L->stream),
-                                    "copying the selection bias");
-        L->router_cfg.router_bias = d->router_bias ? L->router_biases : NULL;
-        L->router_cfg.selection_bias = d->selection_bias ? L->router_biases + E : NULL;
-        if (res == MOE_EP_OK) res = moe_ep__cuda_cuda(L, cudaStreamSynchronize(L->stream), "copying the router");
+            res = moe_ep__cuda_import_ffn(L, &sh->weights, MOE_EP_WEIGHT_LAYOUT_SEPARATE, L->sh_ff, 0, L->sh_ff, L->sh_up,
+                                          L->sh_down, L->sh_b_up, L->sh_b_down);
+        if (res == MOE_EP_OK && sh->gate) {
+            res = moe_ep__cuda_cuda(L, cudaMalloc(&L->sh_gate, L->row_bytes), "shared expert gate");
+            if (res == MOE_EP_OK)
+                res = moe_ep__cuda_cuda(L, cudaMemcpyAsync(L->sh_gate, sh->gate, L->row_bytes, cudaMemcpyDefault,
+                                                           L->stream), "copying the shared expert gate");
+        }
     }
     if (res != MOE_EP_OK || d->expert_fn || L->local_experts == 0) return res;
+    for (l = 0; l < L->local_experts; ++l) {
+        up_bias |= d->experts[l].b1 != NULL || d->experts[l].b3 != NULL;
+        down_bias |= d->experts[l].b2 != NULL;
+    }
     res = moe_ep__cuda_cuda(L, cudaMalloc(&L->w_up, up_each * (size_t)L->local_experts), "expert weights");
     if (res == MOE_EP_OK) res = moe_ep__cuda_cuda(L, cudaMalloc(&L->w_down, down_each * (size_t)L->local_experts),
                                                   "expert weights");
-    for (l = 0; res == MOE_EP_OK && l < L->local_experts; ++l) {
-        char* up = (char*)L->w_up + up_each * (size_t)l;
-        res = moe_ep__cuda_cuda(L, cudaMemcpyAsync(up, (const char*)d->experts[l].w1 + skip, half, cudaMemcpyDefault,
-                                                   L->stream), "copying expert weights");
-        if (res == MOE_EP_OK && L->activation == MOE_EP_ACTIVATION_SWIGLU)
-            res = moe_ep__cuda_cuda(L, cudaMemcpyAsync(up + half, (const char*)d->experts[l].w3 + skip, half,
-                                                       cudaMemcpyDefault, L->stream), "copying expert weights");
-        if (res == MOE_EP_OK)
-            res = moe_ep__cuda_cuda(L, cudaMemcpy2DAsync((char*)L->w_down + down_each * (size_t)l,
-                                                         (size_t)L->d_ff * L->elem,
-                                                         (const char*)d->experts[l].w2 + (size_t)L->ff_begin * L->elem,
-                                                         (size_t)L->d_ff_full * L->elem, (size_t)L->d_ff * L->elem,
-                                                         (size_t)L->d_model, cudaMemcpyDefault, L->stream),
-                                    "copying expert weights");
-    }
+    if (res == MOE_EP_OK && up_bias)
+        res = moe_ep__cuda_zeroed(L, &L->b_up, (size_t)L->up_rows * L->elem * (size_t)L->local_experts, "expert biases");
+    if (res == MOE_EP_OK && down_bias)
+        res = moe_ep__cuda_zeroed(L, &L->b_down, D * L->elem * (size_t)L->local_experts, "expert biases");
+    for (l = 0; res == MOE_EP_OK && l < L->local_experts; ++l)
+        res = moe_ep__cuda_import_ffn(L, &d->experts[l], d->weight_layout, L->d_ff_full, L->ff_begin, L->d_ff,
+                                      (char*)L->w_up + up_each * (size_t)l, (char*)L->w_down + down_each * (size_t)l,
+                                      L->b_up ? (char*)L->b_up + (size_t)L->up_rows * L->elem * (size_t)l : NULL,
+                                      L->b_down ? (char*)L->b_down + D * L->elem * (size_t)l : NULL);
+    L->act.bias = L->b_up;
+    return res;
+}
+
+/* The staging buffer is needed at create only. */
+MOE_EP_PRIVATE moe_ep_result moe_ep__cuda_drop_staging(moe_ep_cuda_layer* L) {
+    moe_ep_result res = moe_ep__cuda_cuda(L, cudaStreamSynchronize(L->stream), "copying the weights");
+    cudaFree(L->staging);
+    L->staging = NULL;
+    L->staging_bytes = 0;
     return res;
 }
 
@@ -1371,7 +1590,9 @@ MOE_EP_PRIVATE moe_ep_result moe_ep__cuda_build(moe_ep_cuda_layer* L) {
     moe_ep__cuda_layer_shape(L);
     res = moe_ep__cuda_build_placement(L);
     if (res == MOE_EP_OK) res = moe_ep__cuda_build_blas(L);
+    if (res == MOE_EP_OK && L->desc.router_weight) res = moe_ep__cuda_build_router(L);
     if (res == MOE_EP_OK) res = moe_ep__cuda_build_weights(L);
+    if (res == MOE_EP_OK) res = moe_ep__cuda_drop_staging(L);
     if (res == MOE_EP_OK) res = moe_ep__cuda_reserve_all(L);
     if (res == MOE_EP_OK) res = moe_ep__cuda_cuda(L, cudaStreamSynchronize(L->stream), "copying the weights");
     return res;
@@ -1523,7 +1744,8 @@ MOE_EP_PRIVATE void moe_ep__cuda_release_buffers(moe_ep_cuda_layer* L, moe_ep__c
 /* Uploads the core plan's slot rows, the routing and a few small tables in one copy; two
    kernels then build where each (token, slot) row lives (the slot map) and, staged,
    where each staged row goes. The host only copies arrays, never walks the slots. */
-MOE_EP_PRIVATE moe_ep_result moe_ep__cuda_upload_plan(moe_ep_cuda_layer* L, moe_ep_cuda_plan* P, const int32_t* idx) {
+MOE_EP_PRIVATE moe_ep_result moe_ep__cuda_upload_plan(moe_ep_cuda_layer* L, moe_ep_cuda_plan* P, const int32_t* idx,
+                                                      const float* weight) {
     const moe_ep_plan_info* in = &P->info;
     int64_t slots = in->tokens * L->top_k;
     int S = in->segments, me = L->rank, q, s, e, chunks = 0;
@@ -1547,8 +1769,11 @@ MOE_EP_PRIVATE moe_ep_result moe_ep__cuda_upload_plan(moe_ep_cuda_layer* L, moe_
     if (slots > 0) {
         memcpy(host + m.rows, in->slot_rows, (size_t)slots * 8);
         memcpy(host + m.idx, idx, (size_t)slots * 4);
-        memcpy(host + m.weight, in->topk_weight, (size_t)slots * 4);
+        memcpy(host + m.weight, in->topk_weight, (size_t)slots * 4);   /* 1 with scale_expert_input */
+        if (L->desc.scale_expert_input) memcpy(host + m.scale, weight, (size_t)slots * 4);
     }
+    if (L->local_experts > 0)
+        memcpy(host + m.first_row, in->local_expert_offsets, sizeof(int64_t) * (size_t)L->local_experts);
     for (e = 0; e < L->num_experts; ++e) owner_local[e] = L->owner_of[e] == me ? L->local_index_of[e] : -1;
     if (L->direct) {
         memcpy(host + m.send_off, in->seg_send_offsets, sizeof(int64_t) * (size_t)L->world_size * (size_t)S);
@@ -1565,6 +1790,8 @@ MOE_EP_PRIVATE moe_ep_result moe_ep__cuda_upload_plan(moe_ep_cuda_layer* L, moe_
     }
     P->slot_map = (int32_t*)(dev + m.map);
     P->weight = (float*)(dev + m.weight);
+    P->scale = L->desc.scale_expert_input ? (float*)(dev + m.scale) : NULL;
+    P->first_row = (int64_t*)(dev + m.first_row);
     P->stage_map = (int32_t*)(dev + m.stage);
     P->dest = (int64_t*)(dev + m.dest);
     res = moe_ep__cuda_cuda(L, cudaMemcpyAsync(dev, host, m.upload, cudaMemcpyHostToDevice, L->stream), "plan upload");
@@ -1666,7 +1893,7 @@ MOE_EP_PRIVATE moe_ep_result moe_ep__cuda_plan_build(moe_ep_cuda_layer* L, int64
         L->has_spare = 0;
     }
     if (!reserved) status = moe_ep__cuda_plan_reserve(L, P, forward);
-    if (status == MOE_EP_OK) status = moe_ep__cuda_upload_plan(L, P, idx);
+    if (status == MOE_EP_OK) status = moe_ep__cuda_upload_plan(L, P, idx, weight);
     if (status == MOE_EP_OK) {
         *out = P;
         return MOE_EP_OK;
@@ -1803,11 +2030,26 @@ MOE_EP_PRIVATE moe_ep_result moe_ep__cuda_finish(moe_ep_cuda_layer* L, moe_ep_cu
 MOE_EP_PRIVATE moe_ep_result moe_ep__cuda_dispatch_begin(moe_ep_cuda_layer* L, moe_ep_cuda_plan* P, const void* x,
                                                          void* recv_rows) {
     moe_ep_result res = moe_ep__cuda_check_stage(L, P, "moe_ep_cuda_dispatch", 0);
-    int alone = L->world_size == 1;
+    int alone = L->world_size == 1, per_row = L->top_k;
+    int64_t sources = P ? P->info.tokens : 0;
     if (res != MOE_EP_OK) return res;
     if ((P->info.tokens > 0 && !x) || (P->info.recv_rows > 0 && !recv_rows))
         return moe_ep__cuda_fail(L, MOE_EP_ERROR_INVALID_ARGUMENT,
                                  "moe_ep_cuda_dispatch: x and recv_rows must not be NULL");
+    if (P->scale && sources > 0) {
+        /* scale_expert_input: one row per (token, k-slot), already weighted; the slot map and
+           the direct path's dest are indexed by slot, so these rows move as tokens of one slot */
+        res = moe_ep__cuda_grow(L, &L->scaled, &L->scaled_bytes, (size_t)(sources * L->top_k) * L->row_bytes, 0,
+                                "moe_ep_cuda_dispatch: scaled rows");
+        if (res == MOE_EP_OK)
+            res = moe_ep__cuda_kernel(L, moe_ep__cuda_k_scale_rows(x, P->scale, sources, L->top_k, L->d_model, L->scaled,
+                                                                   moe_ep__cuda_kdtype[L->dtype], L->stream),
+                                      "input scaling kernel");
+        if (res != MOE_EP_OK) return res;
+        x = L->scaled;
+        sources *= L->top_k;
+        per_row = 1;
+    }
     if (L->direct) {
         /* one store per row into its owner's region; the wait is in dispatch_end */
         uint64_t epoch;
@@ -1816,7 +2058,7 @@ MOE_EP_PRIVATE moe_ep_result moe_ep__cuda_dispatch_begin(moe_ep_cuda_layer* L, m
                                      "moe_ep_cuda_dispatch: the plan dispatched before must be combined first "
                                      "(the direct path has one set of buffers)");
         epoch = L->xfer_epoch + 1;
-        res = moe_ep__cuda_kernel(L, moe_ep__cuda_k_direct_push(L->direct_args, x, P->dest, P->info.tokens, L->top_k,
+        res = moe_ep__cuda_kernel(L, moe_ep__cuda_k_direct_push(L->direct_args, x, P->dest, sources, per_row,
                                                                 L->row_bytes, epoch, L->stream), "direct push kernel");
         if (res != MOE_EP_OK) return res;
         L->xfer_epoch = epoch;
@@ -1827,14 +2069,13 @@ MOE_EP_PRIVATE moe_ep_result moe_ep__cuda_dispatch_begin(moe_ep_cuda_layer* L, m
         P->open_rows = recv_rows;
         return MOE_EP_OK;
     }
-    res = moe_ep__cuda_cuda(L, (cudaError_t)moe_ep__cuda_k_permute(x, P->bufs.send, recv_rows, P->slot_map,
-                                                                   P->info.tokens, L->top_k, L->row_bytes,
-                                                                   alone ? 3 : 1, L->stream),
+    res = moe_ep__cuda_cuda(L, (cudaError_t)moe_ep__cuda_k_permute(x, P->bufs.send, recv_rows, P->slot_map, sources,
+                                                                   per_row, L->row_bytes, alone ? 3 : 1, L->stream),
                             "permute kernel");
     if (res == MOE_EP_OK && !alone) res = moe_ep__cuda_start(L, P, 1, (char*)recv_rows);
     if (res == MOE_EP_OK && !alone)
         res = moe_ep__cuda_cuda(L, (cudaError_t)moe_ep__cuda_k_permute(x, P->bufs.send, recv_rows, P->slot_map,
-                                                                       P->info.tokens, L->top_k, L->row_bytes, 2, L->stream),
+                                                                       sources, per_row, L->row_bytes, 2, L->stream),
                                 "permute kernel");
     if (res != MOE_EP_OK) return res;
     P->pending = 1;
@@ -1925,11 +2166,15 @@ MOE_EP_PRIVATE moe_ep_result moe_ep__cuda_grouped_experts(moe_ep_cuda_layer* L, 
         if (pass == 0 && (st == CUBLAS_STATUS_NOT_SUPPORTED || st == CUBLAS_STATUS_INVALID_VALUE))
             return MOE_EP_ERROR_UNSUPPORTED;
         res = moe_ep__cuda_blas(L, st, pass ? "expert down projections" : "expert up projections");
-        if (res == MOE_EP_OK && pass == 0)
+        if (res == MOE_EP_OK && pass == 0) {
+            moe_ep__cuda_k_act act = L->act;    /* every expert's rows: each takes its expert's biases */
+            act.first_row = P->first_row;
+            act.groups = L->local_experts;
             res = moe_ep__cuda_cuda(L, (cudaError_t)moe_ep__cuda_k_activation(L->hidden, P->info.recv_rows, L->d_ff,
-                                                                              L->up_rows, L->activation,
+                                                                              L->up_rows, &act,
                                                                               moe_ep__cuda_kdtype[L->dtype], L->stream),
                                     "activation kernel");
+        }
     }
     return res;
 }
@@ -1963,11 +2208,15 @@ MOE_EP_PRIVATE moe_ep_result moe_ep__cuda_local_experts(moe_ep_cuda_layer* L, mo
         res = moe_ep__cuda_linear(L, blas, (const char*)L->w_up + (size_t)l * L->up_rows * rb, L->up_rows, L->d_model,
                                   (const char*)rows + (size_t)first * rb, L->d_model, n, hidden, L->up_rows,
                                   moe_ep__cuda_cuda_type(L), "expert up projection");
-        if (res == MOE_EP_OK)
-            res = moe_ep__cuda_cuda(L, (cudaError_t)moe_ep__cuda_k_activation(hidden, n, L->d_ff, L->up_rows,
-                                                                              L->activation,
+        if (res == MOE_EP_OK) {
+            moe_ep__cuda_k_act act = L->act;    /* this expert's rows alone */
+            act.bias = L->b_up ? (const char*)L->b_up + (size_t)l * L->up_rows * L->elem : NULL;
+            act.first_row = NULL;
+            act.groups = 1;
+            res = moe_ep__cuda_cuda(L, (cudaError_t)moe_ep__cuda_k_activation(hidden, n, L->d_ff, L->up_rows, &act,
                                                                               moe_ep__cuda_kdtype[L->dtype], stream),
                                     "activation kernel");
+        }
         if (res == MOE_EP_OK && L->partial_f32)
             res = moe_ep__cuda_linear(L, blas, down, L->d_model, L->d_ff, hidden, L->up_rows, n,
                                       (float*)L->partial + (size_t)first * (size_t)L->d_model, L->d_model, CUDA_R_32F,
@@ -2051,7 +2300,71 @@ MOE_EP_API moe_ep_result moe_ep_cuda_experts(moe_ep_cuda_layer* L, moe_ep_cuda_p
                                                    count, out);
         if (res == MOE_EP_OK) res = summed;
     }
+    if (res == MOE_EP_OK && L->b_down)     /* after the TP sum: each rank of the group adds it once */
+        res = moe_ep__cuda_kernel(L, moe_ep__cuda_k_add_bias(out, P->info.recv_rows, L->d_model, L->b_down, P->first_row,
+                                                             L->local_experts, moe_ep__cuda_kdtype[L->dtype], L->stream),
+                                  "down bias kernel");
     return P->expert_status = res;
+}
+
+/* >>gpu layer: shared experts */
+/* The shared FFN on x into ffn_out (un-gated), and the gate's logits into sh_logit, on the
+   layer stream. */
+MOE_EP_PRIVATE moe_ep_result moe_ep__cuda_shared_ffn(moe_ep_cuda_layer* L, const void* x, int64_t tokens, void* ffn_out) {
+    cudaDataType_t t = moe_ep__cuda_cuda_type(L);
+    moe_ep__cuda_k_act act = L->act;
+    moe_ep_result res = moe_ep__cuda_grow(L, &L->sh_hidden, &L->sh_hidden_bytes,
+                                          (size_t)tokens * (size_t)L->sh_up_rows * L->elem, 0, "shared expert buffers");
+    if (res == MOE_EP_OK && L->sh_gate)
+        res = moe_ep__cuda_grow(L, (void**)&L->sh_logit, &L->sh_logit_bytes, (size_t)tokens * sizeof(float), 0,
+                                "shared expert buffers");
+    act.bias = L->sh_b_up;
+    act.first_row = NULL;
+    act.groups = 1;
+    if (res == MOE_EP_OK)
+        res = moe_ep__cuda_linear(L, L->blas, L->sh_up, L->sh_up_rows, L->d_model, x, L->d_model, tokens, L->sh_hidden,
+                                  L->sh_up_rows, t, "shared expert up projection");
+    if (res == MOE_EP_OK)
+        res = moe_ep__cuda_kernel(L, moe_ep__cuda_k_activation(L->sh_hidden, tokens, L->sh_ff, L->sh_up_rows, &act,
+                                                               moe_ep__cuda_kdtype[L->dtype], L->stream),
+                                  "shared expert activation kernel");
+    if (res == MOE_EP_OK)
+        res = moe_ep__cuda_linear(L, L->blas, L->sh_down, L->d_model, L->sh_ff, L->sh_hidden, L->sh_up_rows, tokens,
+                                  ffn_out, L->d_model, t, "shared expert down projection");
+    if (res == MOE_EP_OK && L->sh_b_down)
+        res = moe_ep__cuda_kernel(L, moe_ep__cuda_k_add_bias(ffn_out, tokens, L->d_model, L->sh_b_down, NULL, 1,
+                                                             moe_ep__cuda_kdtype[L->dtype], L->stream),
+                                  "shared expert bias kernel");
+    if (res == MOE_EP_OK && L->sh_gate)
+        res = moe_ep__cuda_linear(L, L->blas, L->sh_gate, 1, L->d_model, x, L->d_model, tokens, L->sh_logit, 1,
+                                  CUDA_R_32F, "shared expert gate");
+    return res;
+}
+
+/* y = (accumulate ? y : 0) + g * the shared FFN's output. */
+MOE_EP_PRIVATE moe_ep_result moe_ep__cuda_shared_out(moe_ep_cuda_layer* L, const void* ffn_out, int64_t tokens, void* y,
+                                                     int accumulate) {
+    return moe_ep__cuda_kernel(L, moe_ep__cuda_k_shared_out(ffn_out, L->sh_gate ? L->sh_logit : NULL, tokens,
+                                                            L->d_model, y, accumulate, moe_ep__cuda_kdtype[L->dtype],
+                                                            L->stream),
+                               "shared expert output kernel");
+}
+
+MOE_EP_API moe_ep_result moe_ep_cuda_shared_experts(moe_ep_cuda_layer* L, const void* x, int64_t tokens, void* out) {
+    moe_ep_result res;
+    if (!L) return MOE_EP_ERROR_INVALID_ARGUMENT;
+    res = moe_ep__cuda_enter(L);
+    if (res != MOE_EP_OK) return res;
+    if (L->sh_ff <= 0)
+        return moe_ep__cuda_fail(L, MOE_EP_ERROR_INVALID_ARGUMENT, "moe_ep_cuda_shared_experts: the layer has no "
+                                 "shared experts (moe_ep_cuda_layer_desc.shared.d_ff is 0)");
+    if (tokens < 0 || (tokens > 0 && (!x || !out)))
+        return moe_ep__cuda_fail(L, MOE_EP_ERROR_INVALID_ARGUMENT, "moe_ep_cuda_shared_experts: tokens (%lld) must be "
+                                 ">= 0, x and out not NULL", (long long)tokens);
+    if (tokens == 0) return MOE_EP_OK;
+    res = moe_ep__cuda_shared_ffn(L, x, tokens, out);
+    if (res == MOE_EP_OK) res = moe_ep__cuda_shared_out(L, out, tokens, out, 0);
+    return res;
 }
 
 /* >>gpu layer: combine */
@@ -2178,13 +2491,26 @@ MOE_EP_API moe_ep_result moe_ep_cuda_forward(moe_ep_cuda_layer* L, const moe_ep_
     if (status == MOE_EP_OK && !a->routing_in) status = moe_ep_cuda_route(L, a->x, tokens, idx, weight);
     res = moe_ep__cuda_plan_build(L, tokens, idx, weight, status, 1, &P);
     if (res != MOE_EP_OK) return res;
-    res = moe_ep_cuda_dispatch(L, P, a->x, L->recv);
+    res = moe_ep__cuda_dispatch_begin(L, P, a->x, L->recv);
     if (res == MOE_EP_OK) {
+        /* the shared experts are queued while the rows travel; like a launch failure of the
+           built-in experts, their failure is this rank's alone, reported after the combine */
+        moe_ep_result shared = L->sh_ff > 0 && tokens > 0 ? moe_ep__cuda_grow(L, &L->sh_out, &L->sh_out_bytes,
+                                                                              (size_t)tokens * L->row_bytes, 0,
+                                                                              "shared expert buffers")
+                                                          : MOE_EP_OK;
+        if (shared == MOE_EP_OK && L->sh_ff > 0 && tokens > 0) shared = moe_ep__cuda_shared_ffn(L, a->x, tokens, L->sh_out);
+        res = moe_ep_cuda_dispatch_end(L, P);
         /* an expert_fn failure is agreed inside the combine; a launch failure of the built-in
            experts is this rank's alone, reported after the peers got their rows */
-        status = moe_ep_cuda_experts(L, P, L->recv, L->out);
-        res = moe_ep_cuda_combine(L, P, L->out, a->y);
-        if (res == MOE_EP_OK && status != MOE_EP_OK && !L->desc.expert_fn) res = status;
+        if (res == MOE_EP_OK) {
+            status = moe_ep_cuda_experts(L, P, L->recv, L->out);
+            res = moe_ep_cuda_combine(L, P, L->out, a->y);
+            if (res == MOE_EP_OK && status != MOE_EP_OK && !L->desc.expert_fn) res = status;
+        }
+        if (res == MOE_EP_OK && shared == MOE_EP_OK && L->sh_ff > 0 && tokens > 0)
+            shared = moe_ep__cuda_shared_out(L, L->sh_out, tokens, a->y, 1);
+        if (res == MOE_EP_OK) res = shared;
     }
     moe_ep_cuda_plan_destroy(P);
     return res;

@@ -11,7 +11,9 @@
    private to moe_ep_cuda.h (moe_ep__cuda_k_*): only its implementation includes this file.
 
    Kernels: permute (token rows into send order), row regrouping (rank-major <->
-   expert-major), the activation (SwiGLU / GELU / ReLU, fp32 math), weighted
+   expert-major), the activation (SwiGLU / GELU / ReLU / clamped SwiGLU with the up
+   biases, fp32 math), the down bias, input scaling, weight relayout, the shared experts'
+   gated sum, weighted
    un-permute (fp32 accumulation, k-slot order), softmax + top-k, and the rank-order sum
    of the tensor-parallel partial sums. Rows are fp32 or
    bf16; every launcher returns a cudaError_t as int (0 = success).
@@ -41,9 +43,39 @@ int moe_ep__cuda_k_permute(const void* x, void* send, void* local, const int32_t
 /* scatter: dst[map[i]] = src[i]; else gather: dst[i] = src[map[i]]; i < rows. */
 int moe_ep__cuda_k_move_rows(const void* src, void* dst, const int32_t* map, int64_t rows, size_t row_bytes,
                              int scatter, void* stream);
-/* In place over h [rows, ld]: SwiGLU h[:, i] = silu(h[:, i]) * h[:, ff + i]; GELU/ReLU h[:, i] = act(h[:, i]).
-   activation: 1 SwiGLU, 2 GELU, 3 ReLU (moe_ep_activation). */
-int moe_ep__cuda_k_activation(void* h, int64_t rows, int ff, int64_t ld, int activation, int dtype, void* stream);
+/* The expert activation's settings. activation: 1 SwiGLU, 2 GELU, 3 ReLU, 4 clamped SwiGLU
+   (moe_ep_activation; alpha and limit are the clamped SwiGLU's). bias: [groups, ld] in the
+   row dtype, added to the up products before the activation, or NULL. Row r takes the bias
+   of the last group g with first_row[g] <= r (first_row: device [groups], ascending, as a
+   plan's local expert offsets; NULL: group 0 for every row). */
+typedef struct moe_ep__cuda_k_act {
+    int activation;
+    float alpha, limit;
+    const void* bias;
+    const int64_t* first_row;
+    int groups;
+} moe_ep__cuda_k_act;
+/* In place over h [rows, ld], after the bias: SwiGLU h[:, i] = silu(h[:, i]) * h[:, ff + i];
+   clamped SwiGLU likewise with GPT-OSS's formula; GELU/ReLU h[:, i] = act(h[:, i]). */
+int moe_ep__cuda_k_activation(void* h, int64_t rows, int ff, int64_t ld, const moe_ep__cuda_k_act* act, int dtype,
+                              void* stream);
+/* h [rows, cols] += the bias of each row's group (bias [groups, cols], groups and first_row
+   as in moe_ep__cuda_k_act), added in fp32 and stored in the row dtype. */
+int moe_ep__cuda_k_add_bias(void* h, int64_t rows, int cols, const void* bias, const int64_t* first_row, int groups,
+                            int dtype, void* stream);
+/* scaled[t * k + j] = weight[t * k + j] * x[t] for rows of d elements (scale_expert_input:
+   the token's weight on the expert's input), the product in fp32, stored in the row dtype. */
+int moe_ep__cuda_k_scale_rows(const void* x, const float* weight, int64_t tokens, int top_k, int d, void* scaled,
+                              int dtype, void* stream);
+/* dst [rows, cols] = src[offset + i * row_stride + c * col_stride], elements of elem_bytes
+   (2 or 4): one copy of a weight in any layout, slice or transpose into nn.Linear's. */
+int moe_ep__cuda_k_strided_copy(const void* src, int64_t offset, int64_t row_stride, int64_t col_stride, int64_t rows,
+                                int64_t cols, void* dst, int elem_bytes, void* stream);
+/* The shared experts' contribution: y[t] = (accumulate ? y[t] : 0) + g_t * shared[t] over rows
+   of d elements, g_t = sigmoid(gate_logit[t]) (fp32 [tokens]), or 1 when gate_logit is NULL;
+   fp32 math, stored in the row dtype. */
+int moe_ep__cuda_k_shared_out(const void* shared, const float* gate_logit, int64_t tokens, int d, void* y,
+                              int accumulate, int dtype, void* stream);
 /* y[t] = sum over k-slots j, in order, of weight[t,j] * row(slot_map[t,j]); fp32 accumulation. */
 int moe_ep__cuda_k_unpermute(const void* send, const void* local, const int32_t* slot_map, const float* weight,
                              void* y, int64_t tokens, int top_k, int d_model, int dtype, void* stream);
@@ -218,35 +250,59 @@ __device__ __forceinline__ void store_f(float* p, float v) { *p = v; }
 __device__ __forceinline__ void store_f(__nv_bfloat16* p, float v) { *p = __float2bfloat16_rn(v); }
 
 /* Same formulas as the CPU kernel of moe_ep.h. */
-__device__ __forceinline__ float act_f(int activation, float a, float b) {
-    if (activation == 2) return 0.5f * a * (1.0f + erff(a * 0.70710678118654752f));
-    if (activation == 3) return a > 0.0f ? a : 0.0f;
-    return a / (1.0f + expf(-a)) * b;
+__device__ __forceinline__ float act_f(const moe_ep__cuda_k_act& a, float g, float u) {
+    if (a.activation == 2) return 0.5f * g * (1.0f + erff(g * 0.70710678118654752f));
+    if (a.activation == 3) return g > 0.0f ? g : 0.0f;
+    if (a.activation == 4) {
+        g = g < a.limit ? g : a.limit;
+        u = u < -a.limit ? -a.limit : u > a.limit ? a.limit : u;
+        return (u + 1.0f) * (g / (1.0f + expf(-a.alpha * g)));
+    }
+    return g / (1.0f + expf(-g)) * u;
+}
+
+/* The last group g with first_row[g] <= r (0 without a table). */
+__device__ __forceinline__ int64_t row_group(const int64_t* first_row, int groups, int64_t r) {
+    int lo = 0, hi = groups - 1;
+    if (!first_row) return 0;
+    while (lo < hi) {
+        int mid = (lo + hi + 1) >> 1;
+        if (first_row[mid] <= r) lo = mid;
+        else hi = mid - 1;
+    }
+    return lo;
 }
 
 /* V consecutive elements per thread; V divides ff and the addresses are V-aligned. */
 template <typename T, int V>
-__global__ void activation_kernel(T* __restrict__ h, int64_t rows, int ff, int64_t ld, int activation) {
+__global__ void activation_kernel(T* __restrict__ h, int64_t rows, int ff, int64_t ld, moe_ep__cuda_k_act act) {
     int64_t per_row = ff / V;
     int64_t items = rows * per_row;
+    bool gated = act.activation == 1 || act.activation == 4;
+    const T* bias = (const T*)act.bias;
     for (int64_t it = (int64_t)blockIdx.x * blockDim.x + threadIdx.x; it < items;
          it += (int64_t)gridDim.x * blockDim.x) {
         int64_t r = it / per_row;
         int64_t i = (it - r * per_row) * V;
         T* a = h + r * ld + i;
         const T* b = a + ff;
+        const T* bias_row = bias ? bias + row_group(act.first_row, act.groups, r) * ld + i : (const T*)0;
         __align__(16) T av[V];
         __align__(16) T bv[V];
         if (V * sizeof(T) == 16) {
             *(uint4*)av = *(const uint4*)a;
-            if (activation == 1) *(uint4*)bv = *(const uint4*)b;
+            if (gated) *(uint4*)bv = *(const uint4*)b;
         } else {
-            for (int v = 0; v < V; ++v) { av[v] = a[v]; if (activation == 1) bv[v] = b[v]; }
+            for (int v = 0; v < V; ++v) { av[v] = a[v]; if (gated) bv[v] = b[v]; }
         }
         for (int v = 0; v < V; ++v) {
             float x = load_f(&av[v]);
-            float y = activation == 1 ? load_f(&bv[v]) : 0.0f;
-            store_f(&av[v], act_f(activation, x, y));
+            float y = gated ? load_f(&bv[v]) : 0.0f;
+            if (bias_row) {
+                x += load_f(&bias_row[v]);
+                if (gated) y += load_f(&bias_row[ff + v]);
+            }
+            store_f(&av[v], act_f(act, x, y));
         }
         if (V * sizeof(T) == 16) *(uint4*)a = *(const uint4*)av;
         else for (int v = 0; v < V; ++v) a[v] = av[v];
@@ -254,10 +310,57 @@ __global__ void activation_kernel(T* __restrict__ h, int64_t rows, int ff, int64
 }
 
 template <typename T, int V>
-static cudaError_t launch_activation(void* h, int64_t rows, int ff, int64_t ld, int activation, cudaStream_t s) {
+static cudaError_t launch_activation(void* h, int64_t rows, int ff, int64_t ld, const moe_ep__cuda_k_act& act,
+                                     cudaStream_t s) {
     int64_t items = rows * (ff / V);
-    activation_kernel<T, V><<<grid_for(items, 256), 256, 0, s>>>((T*)h, rows, ff, ld, activation);
+    activation_kernel<T, V><<<grid_for(items, 256), 256, 0, s>>>((T*)h, rows, ff, ld, act);
     return cudaGetLastError();
+}
+
+template <typename T>
+__global__ void add_bias_kernel(T* __restrict__ h, int64_t rows, int cols, const T* __restrict__ bias,
+                                const int64_t* __restrict__ first_row, int groups) {
+    int64_t items = rows * cols;
+    for (int64_t it = (int64_t)blockIdx.x * blockDim.x + threadIdx.x; it < items;
+         it += (int64_t)gridDim.x * blockDim.x) {
+        int64_t r = it / cols, c = it - r * cols;
+        store_f(&h[it], load_f(&h[it]) + load_f(&bias[row_group(first_row, groups, r) * cols + c]));
+    }
+}
+
+template <typename T>
+__global__ void scale_rows_kernel(const T* __restrict__ x, const float* __restrict__ weight, int64_t tokens, int k,
+                                  int d, T* __restrict__ scaled) {
+    int64_t items = tokens * k * d;
+    for (int64_t it = (int64_t)blockIdx.x * blockDim.x + threadIdx.x; it < items;
+         it += (int64_t)gridDim.x * blockDim.x) {
+        int64_t slot = it / d, i = it - slot * d;
+        store_f(&scaled[it], weight[slot] * load_f(&x[(slot / k) * d + i]));
+    }
+}
+
+template <typename U>
+__global__ void strided_copy_kernel(const U* __restrict__ src, int64_t offset, int64_t row_stride, int64_t col_stride,
+                                    int64_t rows, int64_t cols, U* __restrict__ dst) {
+    int64_t items = rows * cols;
+    for (int64_t it = (int64_t)blockIdx.x * blockDim.x + threadIdx.x; it < items;
+         it += (int64_t)gridDim.x * blockDim.x) {
+        int64_t r = it / cols, c = it - r * cols;
+        dst[it] = src[offset + r * row_stride + c * col_stride];
+    }
+}
+
+template <typename T>
+__global__ void shared_out_kernel(const T* shared, const float* __restrict__ gate_logit, int64_t tokens,
+                                  int d, T* y, int accumulate) {
+    int64_t items = tokens * d;
+    for (int64_t it = (int64_t)blockIdx.x * blockDim.x + threadIdx.x; it < items;
+         it += (int64_t)gridDim.x * blockDim.x) {
+        int64_t t = it / d;
+        float g = gate_logit ? 1.0f / (1.0f + expf(-gate_logit[t])) : 1.0f;
+        float v = __fmul_rn(g, load_f(&shared[it]));
+        store_f(&y[it], accumulate ? __fadd_rn(load_f(&y[it]), v) : v);
+    }
 }
 
 /* Where a token's k-slot rows are: rows of the send buffer and the expert-side buffer
@@ -428,14 +531,15 @@ __device__ void warp_best(const float* v, const float* mark, int n, float* best_
 /* One warp per token, as the core's router: scores (softmax normalised before selection, so
    two experts tie exactly when they tie there), the choice with the selection bias within the
    best groups, top-k with ties to the lower index, weights from the unbiased scores. Shared
-   memory per warp: scores, choices and taken marks [E] each, group scores and marks [G]. */
+   memory per warp: scores, choices and taken marks [E] each, group scores and marks [G]
+   (then the k weights, renormalised there before one store each). */
 __global__ void topk_kernel(const float* __restrict__ logits, int64_t tokens, int E, int k, moe_ep__cuda_k_router r,
                             int32_t* __restrict__ idx, float* __restrict__ weight) {
     extern __shared__ float router_shared[];
     int lane = threadIdx.x & 31, warp_in_block = threadIdx.x >> 5, G = r.groups, n = E / G;
     int64_t t = (int64_t)blockIdx.x * (blockDim.x >> 5) + warp_in_block;
     if (t >= tokens) return;
-    float* p = router_shared + (size_t)warp_in_block * (3 * (size_t)E + 2 * (size_t)G);
+    float* p = router_shared + (size_t)warp_in_block * (3 * (size_t)E + (size_t)(2 * G > k ? 2 * G : k));
     float* c = p + E;
     float* taken = c + E;
     float* gs = taken + E;
@@ -481,34 +585,37 @@ __global__ void topk_kernel(const float* __restrict__ logits, int64_t tokens, in
         __syncwarp();
     }
     float first = 0.0f;                              /* the first choice's logit (TOPK_SOFTMAX) */
+    float* w = gs;                                   /* the k weights, in shared memory (groups are done) */
     for (int j = 0; j < k; ++j) {
         float best;
         int best_e;
         warp_best(c, taken, E, &best, &best_e);
         if (lane == 0) {
-            float w = p[best_e];
+            float v = p[best_e];
             if (j == 0) first = p[best_e];
-            if (r.scoring == 3) w = expf(p[best_e] - first);
-            else if (r.scoring == 4) w = 1.0f / (1.0f + expf(-p[best_e]));
+            if (r.scoring == 3) v = expf(p[best_e] - first);
+            else if (r.scoring == 4) v = 1.0f / (1.0f + expf(-p[best_e]));
             idx[t * k + j] = best_e;
-            weight[t * k + j] = w;
+            w[j] = v;
             taken[best_e] = 1.0f;
         }
         __syncwarp();
     }
     if (lane == 0) {                                 /* slot order, as on the CPU */
         if (r.scoring == 3) {
-            for (int j = 0; j < k; ++j) wsum += weight[t * k + j];
-            for (int j = 0; j < k; ++j) weight[t * k + j] = weight[t * k + j] / wsum;
+            for (int j = 0; j < k; ++j) wsum += w[j];
+            for (int j = 0; j < k; ++j) w[j] = w[j] / wsum;
         }
         if (r.normalize) {
             wsum = 0.0f;
-            for (int j = 0; j < k; ++j) wsum += weight[t * k + j];
-            for (int j = 0; j < k; ++j) weight[t * k + j] = weight[t * k + j] / wsum;
+            for (int j = 0; j < k; ++j) wsum += w[j];
+            for (int j = 0; j < k; ++j) w[j] = w[j] / wsum;
         }
         if (r.scaling != 1.0f)
-            for (int j = 0; j < k; ++j) weight[t * k + j] = weight[t * k + j] * r.scaling;
+            for (int j = 0; j < k; ++j) w[j] = w[j] * r.scaling;
     }
+    __syncwarp();
+    for (int j = lane; j < k; j += 32) weight[t * k + j] = w[j];
 }
 
 __global__ void slot_map_kernel(const int64_t* __restrict__ slot_rows, const int32_t* __restrict__ topk_idx,
@@ -580,19 +687,76 @@ extern "C" int moe_ep__cuda_k_move_rows(const void* src, void* dst, const int32_
     }
 }
 
-extern "C" int moe_ep__cuda_k_activation(void* h, int64_t rows, int ff, int64_t ld, int activation, int dtype,
-                                         void* stream) {
+extern "C" int moe_ep__cuda_k_activation(void* h, int64_t rows, int ff, int64_t ld, const moe_ep__cuda_k_act* act,
+                                         int dtype, void* stream) {
     using namespace moe_ep_cuda_kernels;
     cudaStream_t s = (cudaStream_t)stream;
     if (rows <= 0 || ff <= 0) return 0;
     if (dtype == MOE_EP__CUDA_K_BF16) {
-        if (ff % 8 == 0 && ld % 8 == 0 && aligned(h, 16))
-            return (int)launch_activation<__nv_bfloat16, 8>(h, rows, ff, ld, activation, s);
-        return (int)launch_activation<__nv_bfloat16, 1>(h, rows, ff, ld, activation, s);
+        if (ff % 8 == 0 && ld % 8 == 0 && aligned(h, 16) && aligned(act->bias, 16))
+            return (int)launch_activation<__nv_bfloat16, 8>(h, rows, ff, ld, *act, s);
+        return (int)launch_activation<__nv_bfloat16, 1>(h, rows, ff, ld, *act, s);
     }
-    if (ff % 4 == 0 && ld % 4 == 0 && aligned(h, 16))
-        return (int)launch_activation<float, 4>(h, rows, ff, ld, activation, s);
-    return (int)launch_activation<float, 1>(h, rows, ff, ld, activation, s);
+    if (ff % 4 == 0 && ld % 4 == 0 && aligned(h, 16) && aligned(act->bias, 16))
+        return (int)launch_activation<float, 4>(h, rows, ff, ld, *act, s);
+    return (int)launch_activation<float, 1>(h, rows, ff, ld, *act, s);
+}
+
+extern "C" int moe_ep__cuda_k_add_bias(void* h, int64_t rows, int cols, const void* bias, const int64_t* first_row,
+                                       int groups, int dtype, void* stream) {
+    using namespace moe_ep_cuda_kernels;
+    cudaStream_t s = (cudaStream_t)stream;
+    if (rows <= 0 || cols <= 0) return 0;
+    if (dtype == MOE_EP__CUDA_K_BF16)
+        add_bias_kernel<__nv_bfloat16><<<grid_for(rows * cols, 256), 256, 0, s>>>(
+            (__nv_bfloat16*)h, rows, cols, (const __nv_bfloat16*)bias, first_row, groups);
+    else
+        add_bias_kernel<float><<<grid_for(rows * cols, 256), 256, 0, s>>>((float*)h, rows, cols, (const float*)bias,
+                                                                          first_row, groups);
+    return (int)cudaGetLastError();
+}
+
+extern "C" int moe_ep__cuda_k_scale_rows(const void* x, const float* weight, int64_t tokens, int top_k, int d,
+                                         void* scaled, int dtype, void* stream) {
+    using namespace moe_ep_cuda_kernels;
+    cudaStream_t s = (cudaStream_t)stream;
+    int64_t items = tokens * top_k * d;
+    if (items <= 0) return 0;
+    if (dtype == MOE_EP__CUDA_K_BF16)
+        scale_rows_kernel<__nv_bfloat16><<<grid_for(items, 256), 256, 0, s>>>(
+            (const __nv_bfloat16*)x, weight, tokens, top_k, d, (__nv_bfloat16*)scaled);
+    else
+        scale_rows_kernel<float><<<grid_for(items, 256), 256, 0, s>>>((const float*)x, weight, tokens, top_k, d,
+                                                                      (float*)scaled);
+    return (int)cudaGetLastError();
+}
+
+extern "C" int moe_ep__cuda_k_strided_copy(const void* src, int64_t offset, int64_t row_stride, int64_t col_stride,
+                                           int64_t rows, int64_t cols, void* dst, int elem_bytes, void* stream) {
+    using namespace moe_ep_cuda_kernels;
+    cudaStream_t s = (cudaStream_t)stream;
+    if (rows <= 0 || cols <= 0) return 0;
+    if (elem_bytes == 2)
+        strided_copy_kernel<uint16_t><<<grid_for(rows * cols, 256), 256, 0, s>>>(
+            (const uint16_t*)src, offset, row_stride, col_stride, rows, cols, (uint16_t*)dst);
+    else
+        strided_copy_kernel<uint32_t><<<grid_for(rows * cols, 256), 256, 0, s>>>(
+            (const uint32_t*)src, offset, row_stride, col_stride, rows, cols, (uint32_t*)dst);
+    return (int)cudaGetLastError();
+}
+
+extern "C" int moe_ep__cuda_k_shared_out(const void* shared, const float* gate_logit, int64_t tokens, int d, void* y,
+                                         int accumulate, int dtype, void* stream) {
+    using namespace moe_ep_cuda_kernels;
+    cudaStream_t s = (cudaStream_t)stream;
+    if (tokens <= 0 || d <= 0) return 0;
+    if (dtype == MOE_EP__CUDA_K_BF16)
+        shared_out_kernel<__nv_bfloat16><<<grid_for(tokens * d, 256), 256, 0, s>>>(
+            (const __nv_bfloat16*)shared, gate_logit, tokens, d, (__nv_bfloat16*)y, accumulate);
+    else
+        shared_out_kernel<float><<<grid_for(tokens * d, 256), 256, 0, s>>>((const float*)shared, gate_logit, tokens, d,
+                                                                           (float*)y, accumulate);
+    return (int)cudaGetLastError();
 }
 
 extern "C" int moe_ep__cuda_k_unpermute(const void* send, const void* local, const int32_t* slot_map,
@@ -618,7 +782,8 @@ extern "C" int moe_ep__cuda_k_topk(const float* logits, int64_t tokens, int num_
     using namespace moe_ep_cuda_kernels;
     cudaStream_t s = (cudaStream_t)stream;
     int warps = num_experts <= 1024 ? 4 : 1;
-    size_t shared = sizeof(float) * (3 * (size_t)num_experts + 2 * (size_t)router->groups) * (size_t)warps;
+    size_t tail = 2 * (size_t)router->groups > (size_t)top_k ? 2 * (size_t)router->groups : (size_t)top_k;
+    size_t shared = sizeof(float) * (3 * (size_t)num_experts + tail) * (size_t)warps;
     if (tokens <= 0) return 0;
     if (shared > 48 * 1024) {
         cudaError_t e = cudaFuncSetAttribute(topk_kernel, cudaFuncAttributeMaxDynamicSharedMemorySize, (int)shared);

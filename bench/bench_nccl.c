@@ -44,13 +44,14 @@ static const config g_configs[CONFIGS] = {
    reserved buffers are free for the plans they make, as in a plain sequence of layers. */
 enum { OP_RAW_FWD, OP_RAW_BACK, OP_DIRECT, OP_DISPATCH, OP_COMBINE, OP_DISPATCH_SEG, OP_COMBINE_SEG, OP_EXPERTS,
        OP_EXPERTS_ONE_STREAM, OP_EXPERTS_OWN, OP_ROUTE, OP_PLAN, OP_CORE_PLAN, OP_FORWARD, OP_FORWARD_NCCL, OP_SPLIT, OP_SPLIT_NCCL,
+       OP_ROUTE_GEMM, OP_ROUTE_TOPK,
        OP_DIRECT_DISPATCH, /* not run: the dispatch part of OP_DIRECT */
        OP_COUNT };
 static const char* g_op_names[OP_COUNT] = { "raw", "raw back", "direct dispatch + combine", "dispatch", "combine",
                                             "dispatch seg", "combine seg", "experts", "experts loop",
                                             "experts on the layer's buffers", "route", "plan", "core plan", "forward",
                                             "forward, NCCL path", "forward by stages", "forward by stages, NCCL path",
-                                            "direct dispatch" };
+                                            "router GEMM", "router top-k kernel", "direct dispatch" };
 
 typedef struct shared {
     int world, iters, warmup;
@@ -190,6 +191,21 @@ static moe_ep_result do_op(run* r, int op) {
         if (res == MOE_EP_OK) res = moe_ep_cuda_combine(L, p, out, r->y);
         cudaEventRecord(r->ev[5], r->stream);
         moe_ep_cuda_plan_destroy(p);
+        break;
+    }
+    case OP_ROUTE_GEMM: {  /* the route's two device steps alone (the layer's own internals) */
+        moe_ep_cuda_layer* L = r->layer;
+        res = moe_ep__cuda_linear(L, L->blas, L->router, L->num_experts, L->d_model, r->x, L->d_model, r->tokens,
+                                  L->logits, L->num_experts, CUDA_R_32F, "router logits");
+        break;
+    }
+    case OP_ROUTE_TOPK: {
+        moe_ep_cuda_layer* L = r->layer;
+        size_t slots = (size_t)r->tokens * (size_t)L->top_k;
+        float* weight_dev = (float*)((char*)L->topk_dev + moe_ep__cuda_round16(slots * sizeof(int32_t)));
+        res = moe_ep__cuda_kernel(L, moe_ep__cuda_k_topk((const float*)L->logits, r->tokens, L->num_experts, L->top_k,
+                                                         &L->router_cfg, (int32_t*)L->topk_dev, weight_dev, L->stream),
+                                  "router top-k kernel");
         break;
     }
     case OP_FORWARD_NCCL:
@@ -481,6 +497,13 @@ int main(int argc, char** argv) {
            " stream; core-plan: the core's moe_ep_plan_create alone: count exchange and host layout;\n"
            " own-rows: the experts on the layer's own buffers, the direct path's region;\n"
            " NCCL-path: the whole layer with direct = OFF)\n");
+    printf("\nthe GPU router (moe_ep_cuda_route), ms: its GEMM (logits, fp32 out) and its top-k kernel alone on the\n"
+           "device; the rest of route is the download of ids and weights and the host wait\n");
+    printf("%-30s %8s %8s %8s %8s\n", "config", "route", "GEMM", "top-k", "rest");
+    for (ci = 0; ci < CONFIGS; ++ci)
+        printf("%-30s %8.4f %8.4f %8.4f %8.4f\n", g_configs[ci].name, worst(&sh, ci, OP_ROUTE),
+               worst(&sh, ci, OP_ROUTE_GEMM), worst(&sh, ci, OP_ROUTE_TOPK),
+               worst(&sh, ci, OP_ROUTE) - worst(&sh, ci, OP_ROUTE_GEMM) - worst(&sh, ci, OP_ROUTE_TOPK));
     printf("\ninside one layer call (the forward's stages in sequence, median of each, max over ranks), ms\n");
     printf("%-24s %-7s %7s %7s %9s %8s %8s\n", "config", "path", "route", "plan", "dispatch", "experts", "combine");
     for (ci = 0; ci < CONFIGS; ++ci) {

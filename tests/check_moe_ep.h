@@ -32,6 +32,7 @@ Suite* ffn_variants_suite(void);
 Suite* families_suite(void);
 Suite* faults_suite(void);
 Suite* hostile_suite(void);
+Suite* safetensors_suite(void);
 
 /* >>float64 references */
 /* out[rows, d_model] = the expert FFN in double (SwiGLU, exact-erf GELU, ReLU, clamped SwiGLU

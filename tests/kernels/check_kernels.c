@@ -10,7 +10,8 @@
      the kernel's K slice, so sums wait in scratch between slices;
    - against the portable path (kernels_portable.c, the same header built with
      MOE_EP_NO_SIMD) within rounding;
-   - the thread budget: ranks that share a process divide OpenMP's threads.
+   - the thread budget: ranks that share a process divide OpenMP's threads;
+   - the router's logits: bitwise one token's sums taken alone, for every block of tokens.
 
    Error measure: |out - ref| <= 2e-5 * mag per element, mag = the same sums over
    absolute values (a bound on what fp32 rounding can do). Run with CK_FORK=no. */
@@ -328,6 +329,41 @@ START_TEST(kernel_thread_budget) {
 }
 END_TEST
 
+/* >>router: the router's logits on this path equal, bitwise, one token's sums taken alone in
+   order i = 0..D-1 with a multiply and then an add, for every block size 1..8 and for E
+   with and without a tail past the vector strips (moe_ep__router_logits). */
+START_TEST(router_logits_exact) {
+    static const int shapes[][2] = { { 1, 1 }, { 5, 7 }, { 64, 32 }, { 129, 33 }, { 64, 256 }, { 96, 300 } };
+    int D = shapes[_i][0], E = shapes[_i][1], rows, r, e, i;
+    float* x = test_random_floats((size_t)8 * (size_t)D, 1.0f, 900 + (uint64_t)_i);
+    float* wt = test_random_floats((size_t)D * (size_t)E, 1.0f, 950 + (uint64_t)_i);
+    float* got = (float*)malloc(sizeof(float) * (size_t)(8 * E + 1));
+    for (rows = 1; rows <= 8; ++rows) {
+        test_poison(got, (size_t)(8 * E + 1));
+        moe_ep__router_logits(x, rows, D, wt, E, got);
+        for (r = 0; r < 8; ++r)
+            for (e = 0; e < E; ++e) {
+                volatile float acc = 0.0f;  /* volatile: no contraction, no reassociation */
+                for (i = 0; i < D; ++i) {
+                    volatile float product = x[r * D + i] * wt[(size_t)i * (size_t)E + (size_t)e];
+                    acc = acc + product;
+                }
+                if (r >= rows) {
+                    ck_assert_msg(test_is_poisoned(&got[r * E + e], 1), "D %d E %d rows %d: row %d written", D, E,
+                                  rows, r);
+                    continue;
+                }
+                ck_assert_msg(memcmp((const void*)&acc, &got[r * E + e], sizeof(float)) == 0,
+                              "D %d E %d rows %d: logit [%d][%d] %.9g, one token alone %.9g", D, E, rows, r, e,
+                              (double)got[r * E + e], (double)acc);
+            }
+    }
+    free(x);
+    free(wt);
+    free(got);
+}
+END_TEST
+
 static Suite* kernels_suite(void) {
     Suite* s = suite_create("kernels");
     TCase* tc = tcase_create("ffn");
@@ -336,6 +372,7 @@ static Suite* kernels_suite(void) {
     tcase_add_loop_test(tc, kernel_row_determinism, 0, KERNEL_VARIANTS);
     tcase_add_loop_test(tc, kernel_paths_agree, 0, KERNEL_VARIANTS * REFERENCE_CASES);
     tcase_add_test(tc, kernel_thread_budget);
+    tcase_add_loop_test(tc, router_logits_exact, 0, 6);
     suite_add_tcase(s, tc);
     return s;
 }
