@@ -4,7 +4,7 @@
 #   make check       TEST_TARGETS with what is installed, then a summary of passed and skipped targets
 #   make check-headers | check-core | check-demos | check-kernels | check-mpi | check-nccl | check-install
 #   make check-asan | check-ubsan | check-tsan | check-fuzz (in check)   make check-mpi-large (not in check)
-#   make demo | layouts-demo | mpi-demo | model-layer  make bench | bench-cpu | bench-mpi | bench-load | bench-faults
+#   make demo | layouts-demo | mpi-demo | model-layer  make bench | bench-cpu | bench-mpi | bench-load | bench-faults | bench-nonfinite
 #   make fuzz (fuzz-api and fuzz-safetensors) | fuzz-api | fuzz-safetensors (libFuzzer, FUZZ_TIME s each)
 #   make test-gpu | seed-gpu | bench-gpu (GPUs)        make install | uninstall PREFIX=... [DESTDIR=...]
 #
@@ -16,7 +16,7 @@
 .PHONY: all test check deps bench-deps clean check-headers check-core check-demos check-kernels check-mpi \
         check-mpi-headers check-mpi-large check-nccl check-install check-asan check-ubsan check-tsan demo \
         layouts-demo mpi-demo bench bench-cpu bench-mpi bench-faults test-gpu seed-gpu bench-gpu install uninstall \
-        check-fuzz fuzz fuzz-safetensors fuzz-api model-layer bench-load
+        check-fuzz fuzz fuzz-safetensors fuzz-api model-layer bench-load bench-nonfinite
 
 ifeq ($(origin CC),default)
 CC = gcc
@@ -239,6 +239,12 @@ mpi-demo: $(BUILD)/mpi_demo
 	$(MPIRUN_openmpi) -n 8 ./$<
 bench-mpi: $(BUILD)/mpi_bench
 	$(MPIRUN_openmpi) -n 2 ./$<
+# What moe_ep_forward_args.nonfinite_tokens costs: forward with and without it (bench/RESULTS.md).
+$(BUILD)/nonfinite_bench: bench/nonfinite_bench.c $(TEST_SUPPORT) $(HEADERS) | $(BUILD)
+	$(CC) $(BUILD_FLAGS) $(SOURCES) -o $@ -lm $(LDFLAGS)
+bench-nonfinite: $(BUILD)/nonfinite_bench
+	./$< --reps 30
+
 # Rank faults (bench/RESULTS.md): how long the others wait after a rank's dispatch fails, and
 # what the survivors of a killed process return (Open MPI 4.1 lets them live with the MCA setting).
 bench-faults: $(BUILD)/fault_bench
