@@ -2741,15 +2741,19 @@ MOE_EP_API moe_ep_result moe_ep_shared_experts(moe_ep_context* ctx, const float*
 }
 
 /* >>forward */
-/* Rows of y[tokens, d] that hold NaN or Inf: v - v is 0 for a finite v and NaN otherwise, so
-   one sum per row, in a loop the compiler vectorises. */
+/* Rows of y[tokens, d] that hold NaN or Inf (all exponent bits set): an integer OR per row,
+   which the compiler vectorises (a float sum would have to keep its order). */
 MOE_EP_PRIVATE int64_t moe_ep__nonfinite_rows(const float* y, int64_t tokens, int64_t d) {
     int64_t t, i, rows = 0;
     for (t = 0; t < tokens; ++t) {
         const float* row = y + t * d;
-        float zero = 0.0f;
-        for (i = 0; i < d; ++i) zero += row[i] - row[i];
-        rows += zero != 0.0f || zero != zero;
+        uint32_t any = 0;
+        for (i = 0; i < d; ++i) {
+            uint32_t bits;
+            memcpy(&bits, &row[i], sizeof bits);
+            any |= (uint32_t)((bits & 0x7F800000u) == 0x7F800000u);
+        }
+        rows += any != 0;
     }
     return rows;
 }
