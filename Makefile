@@ -4,9 +4,9 @@
 #   make check       TEST_TARGETS with what is installed, then a summary of passed and skipped targets
 #   make check-headers | check-core | check-demos | check-bits | check-kernels | check-mpi | check-nccl | check-install
 #   make test-cross  the full suites for aarch64, armhf, riscv64 and s390x under qemu-user (not in test)
-#   make check-asan | check-ubsan | check-fuzz (in check)   make check-tsan | check-mpi-large (not in check)
-#   make demo | layouts-demo | mpi-demo | model-layer  make bench | bench-cpu | bench-mpi | bench-load | bench-bits
-#   make fuzz | fuzz-safetensors (libFuzzer, FUZZ_TIME s)
+#   make check-asan | check-ubsan | check-tsan | check-fuzz (in check)   make check-mpi-large (not in check)
+#   make demo | layouts-demo | mpi-demo | model-layer  make bench | bench-cpu | bench-mpi | bench-load | bench-faults | bench-nonfinite | bench-bits
+#   make fuzz (fuzz-api and fuzz-safetensors) | fuzz-api | fuzz-safetensors (libFuzzer, FUZZ_TIME s each)
 #   make test-gpu | seed-gpu | bench-gpu (GPUs)        make install | uninstall PREFIX=... [DESTDIR=...]
 #
 # A test program that cannot run here (no GPU) exits 77: its target prints "SKIP: target (reason)"
@@ -16,8 +16,8 @@
 
 .PHONY: all test check deps bench-deps clean check-headers check-core check-demos check-bits check-kernels check-mpi \
         check-mpi-headers check-mpi-large check-nccl check-install check-asan check-ubsan check-tsan demo \
-        layouts-demo mpi-demo bench bench-cpu bench-mpi bench-bits test-cross cross-deps test-gpu seed-gpu bench-gpu \
-        install uninstall check-fuzz fuzz fuzz-safetensors model-layer bench-load
+        layouts-demo mpi-demo bench bench-cpu bench-mpi bench-faults bench-bits test-cross cross-deps test-gpu seed-gpu \
+        bench-gpu install uninstall check-fuzz fuzz fuzz-safetensors fuzz-api model-layer bench-load bench-nonfinite
 
 ifeq ($(origin CC),default)
 CC = gcc
@@ -64,7 +64,7 @@ $(BUILD) $(HDR):
 
 # >>test: deps first, in a make of its own, so that check's probes (pkg-config, nvcc) see them.
 TEST_TARGETS ?= check-headers check-core check-demos check-bits check-mpi check-nccl check-kernels check-asan \
-                check-ubsan check-fuzz check-install
+                check-ubsan check-tsan check-fuzz check-install
 test: deps
 	@$(MAKE) --no-print-directory check
 check: | $(BUILD)
@@ -117,17 +117,33 @@ $(BUILD)/check_moe_ep_%: $(CORE_SRCS) $(HEADERS) | $(BUILD)
 check-core: $(CC_LIST:%=$(BUILD)/check_moe_ep_%)
 	@$(foreach b,$^,$(call run_test,$@,./$(b));)
 
-# >>sanitizers: the core suites, about 10 s each. check-tsan is not in check: gcc 12's TSan may not
-# start on a kernel with more mmap randomness (vm.mmap_rnd_bits) than it knows. It builds without
-# OpenMP: TSan does not see libgomp's barriers and reports what they order as races (220 reports).
-SANITIZE_asan = -fsanitize=address -fno-omit-frame-pointer $(OPENMP_FLAGS)
+# >>sanitizers: every core suite under clang's AddressSanitizer, UndefinedBehaviorSanitizer and
+# ThreadSanitizer (the pthreads transport's ranks and barriers), about 20 s each. TSan builds without
+# OpenMP: it does not see libgomp's barriers and reports what they order as races. clang's TSan is used
+# because gcc 12's may not start on a kernel with more mmap randomness than it knows.
+SANITIZE_asan  = -fsanitize=address -fno-omit-frame-pointer $(OPENMP_FLAGS)
 SANITIZE_ubsan = -fsanitize=undefined -fno-sanitize-recover=all $(OPENMP_FLAGS)
-SANITIZE_tsan = -fsanitize=thread
+SANITIZE_tsan  = -fsanitize=thread
 $(BUILD)/%/check_moe_ep: $(CORE_SRCS) $(HEADERS)
 	@mkdir -p $(@D)
-	$(CC) $(MOE_EP_CFLAGS) -O1 -g $(SANITIZE_$*) $(CFLAGS) $(SOURCES) -o $@ $(CHECK_LINK)
+	$(CLANG) $(MOE_EP_CFLAGS) -O1 -g $(SANITIZE_$*) $(CFLAGS) $(SOURCES) -o $@ $(CHECK_LINK)
 check-asan check-ubsan check-tsan: check-%: $(BUILD)/%/check_moe_ep
-	@$(call run_test,$@,./$<)
+	@$(call run_test,$@,env TSAN_OPTIONS=halt_on_error=1 ./$<)
+
+# >>fuzz-api: tests/fuzz/fuzz_api.c, the public API from bytes (desc, routing, sizes; create, forward,
+# the stages, destroy at 1-3 ranks). check-fuzz replays its corpus (tests/fuzz/corpus_api) under
+# clang's ASan and UBSan with a plain main (no libFuzzer runtime); fuzz-api runs libFuzzer from the
+# corpus into $(BUILD)/fuzz/work for FUZZ_TIME seconds (new inputs worth keeping go to the corpus by hand).
+FUZZ_API_FLAGS = -std=c99 -O1 -g -fno-sanitize-recover=all
+$(BUILD)/fuzz/replay: tests/fuzz/fuzz_api.c $(HEADERS)
+	@mkdir -p $(@D)
+	$(CLANG) $(MOE_EP_CFLAGS) $(FUZZ_API_FLAGS) -fsanitize=address,undefined -DFUZZ_REPLAY $< -o $@ -pthread -lm
+$(BUILD)/fuzz/fuzz_api: tests/fuzz/fuzz_api.c $(HEADERS)
+	@mkdir -p $(@D)
+	$(CLANG) $(FUZZ_API_FLAGS) -fsanitize=fuzzer,address,undefined $< -o $@ -pthread -lm
+fuzz-api: $(BUILD)/fuzz/fuzz_api
+	@mkdir -p $(BUILD)/fuzz/work && cp -n tests/fuzz/corpus_api/* $(BUILD)/fuzz/work/
+	./$< -max_total_time=$(FUZZ_TIME) -max_len=4096 -print_final_stats=1 $(BUILD)/fuzz/work
 
 # >>demos: they check themselves: the seed layer against one rank, the three layouts at 64 ranks,
 # the C++ example (examples/cpp_demo.cpp) against one rank.
@@ -166,9 +182,10 @@ $(BUILD)/fuzz_replay: tests/fuzz/fuzz_safetensors.c $(HEADERS) | $(BUILD)
 	$(CC) $(MOE_EP_CFLAGS) $(FUZZ_SANITIZE) $< -o $@ -lm
 $(BUILD)/fuzz_safetensors: tests/fuzz/fuzz_safetensors.c $(HEADERS) | $(BUILD)
 	$(CLANG) $(MOE_EP_CFLAGS) -DMOE_EP_FUZZ_LIBFUZZER -fsanitize=fuzzer $(FUZZ_SANITIZE) $< -o $@ -lm
-check-fuzz: $(BUILD)/fuzz_replay
+check-fuzz: $(BUILD)/fuzz_replay $(BUILD)/fuzz/replay
 	./$< tests/fuzz/corpus
-fuzz: fuzz-safetensors
+	./$(BUILD)/fuzz/replay tests/fuzz/corpus_api/*
+fuzz: fuzz-safetensors fuzz-api
 fuzz-safetensors: $(BUILD)/fuzz_safetensors
 	@mkdir -p $(BUILD)/fuzz_corpus
 	./$< -max_total_time=$(FUZZ_TIME) -max_len=4096 -timeout=10 $(BUILD)/fuzz_corpus tests/fuzz/corpus
@@ -323,6 +340,8 @@ $(BUILD)/mpi_demo: examples/mpi_demo.c $(HEADERS) | $(BUILD)
 	$(MPICC_openmpi) $(BUILD_FLAGS) $(SOURCES) -o $@ -pthread -lm $(LDFLAGS)
 $(BUILD)/mpi_bench: bench/mpi_bench.c $(TEST_SUPPORT) $(HEADERS) | $(BUILD)
 	$(MPICC_openmpi) $(BUILD_FLAGS) $(SOURCES) -o $@ -pthread -lm $(LDFLAGS)
+$(BUILD)/fault_bench: bench/fault_bench.c $(TEST_SUPPORT) $(HEADERS) | $(BUILD)
+	$(MPICC_openmpi) $(BUILD_FLAGS) $(SOURCES) -o $@ -pthread -lm $(LDFLAGS)
 
 # The MPI header under each MPI's wrapper and under clang with that MPI's flags, with and without
 # OpenMP; the declarations as C++.
@@ -343,7 +362,7 @@ check-mpi-headers: $(foreach m,$(MPI_HEADER_CC),$(HDR)/mpi_$(m)_c99.o $(HDR)/mpi
                    $(MPI_LIST:%=$(HDR)/impl_mpi_cxx_%.o) $(HDR)/flat_mpi.o
 
 # Open MPI at 1-4 processes, MPICH at 1, 2, 4, then the demo at 8 against one rank.
-check-mpi: check-mpi-headers $(MPI_LIST:%=$(BUILD)/check_mpi_%) $(BUILD)/mpi_demo $(BUILD)/model_layer_mpi
+check-mpi: check-mpi-headers $(MPI_LIST:%=$(BUILD)/check_mpi_%) $(BUILD)/mpi_demo $(BUILD)/model_layer_mpi $(BUILD)/fault_bench
 	for n in $(MPI_SIZES_openmpi); do $(MPIRUN_openmpi) -x CK_FORK=no -n $$n ./$(BUILD)/check_mpi_openmpi $$n || exit 1; done
 	for n in $(MPI_SIZES_mpich); do CK_FORK=no $(MPIRUN_mpich) -n $$n ./$(BUILD)/check_mpi_mpich $$n || exit 1; done
 	$(MPIRUN_openmpi) -n 8 ./$(BUILD)/mpi_demo --tokens 64 --d-model 64 --d-ff 128 > $(BUILD)/mpi_demo.log \
@@ -360,6 +379,18 @@ mpi-demo: $(BUILD)/mpi_demo
 	$(MPIRUN_openmpi) -n 8 ./$<
 bench-mpi: $(BUILD)/mpi_bench
 	$(MPIRUN_openmpi) -n 2 ./$<
+# What moe_ep_forward_args.nonfinite_tokens costs: forward with and without it (bench/RESULTS.md).
+$(BUILD)/nonfinite_bench: bench/nonfinite_bench.c $(TEST_SUPPORT) $(HEADERS) | $(BUILD)
+	$(CC) $(BUILD_FLAGS) $(SOURCES) -o $@ -lm $(LDFLAGS)
+bench-nonfinite: $(BUILD)/nonfinite_bench
+	./$< --reps 30
+
+# Rank faults (bench/RESULTS.md): how long the others wait after a rank's dispatch fails, and
+# what the survivors of a killed process return (Open MPI 4.1 lets them live with the MCA setting).
+bench-faults: $(BUILD)/fault_bench
+	$(MPIRUN_openmpi) -n 4 ./$< fail --reps 50
+	$(MPIRUN_openmpi) -n 8 ./$< fail --reps 50
+	-$(MPIRUN_openmpi) --mca orte_abort_on_non_zero_status 0 -n 4 ./$< kill --timeout-ms 1000
 
 # >>gpu: the NCCL transport (check_nccl) and the GPU layer (check_cuda; check_cuda_layout: EP x DP
 # and EP x TP x DP), built by CC against nvcc's kernels and compiled by clang too, as bench_nccl

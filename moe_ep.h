@@ -47,6 +47,8 @@
                                          (see SAME BITS EVERYWHERE) instead of #error
    MOE_EP_CORE_HEADER      (undefined)   how a transport header includes the core, e.g.
                                          "moe_ep.h"; default "../moe_ep.h" (see FILES)
+   MOE_EP_MAX_THREADS      1024          the largest desc.num_threads accepted (an OpenMP
+                                         runtime that cannot start a team exits the process)
    The built-in kernel's SIMD path follows the compiler's target flags (-march=native,
    -mavx2 -mfma, ...); every path gives the same bits (SAME BITS EVERYWHERE).
    Compile with -fopenmp (or your compiler's flag) for OpenMP expert compute; without
@@ -95,6 +97,9 @@
    2. moe_ep_create(&(moe_ep_desc){ .d_model = 1024, .d_ff = 2816, .num_experts = 64,
           .top_k = 2, .router_weight = wg, .experts = my_local_experts,
           .transport = &transport }, &ctx);                          collective
+      .experts_count says how .experts is indexed: this rank's expert count (local order)
+      or num_experts (by global id; only this rank's entries are read); 0 is num_experts
+      on one rank and refused on more.
       Expert weights are fp32, read at create as they are in memory: separate w1 (gate),
       w3 (up), w2 (down) in the nn.Linear layout by default; with .weight_layout also
       MOE_EP_WEIGHT_LAYOUT_FUSED_GATE_UP (transformers' experts.gate_up_proj[e]) and
@@ -153,19 +158,38 @@
    in k-slot order in fp32, and the expert kernel's reduction order for one output
    element never depends on how many rows it got or how rows were split over threads.
 
-   Failure: a rank whose arguments are bad, or whose expert callback fails, still
-   takes part in the next exchange and tells the others; every rank then returns an
-   error (its own cause, or MOE_EP_ERROR_ABORTED "rank N failed") instead of waiting
-   for a rank that will never come. moe_ep_forward and moe_ep_plan_create carry every
-   local failure into their exchange; the stage calls dispatch and combine check their
-   arguments before communicating and return at once, so hand them the same valid
-   arguments on every rank. Transports add their own way out (the pthreads transport's
-   abort flag and timeout).
+   Failure: no rank fault crashes or hangs; every rank returns an error.
+   - A rank whose arguments are bad, or whose expert callback fails, tells the others:
+     moe_ep_forward and moe_ep_plan_create carry the failure into their exchange, and
+     moe_ep_combine into its agreement; every rank returns an error (its own cause, or
+     MOE_EP_ERROR_ABORTED "rank N failed").
+   - moe_ep_dispatch with bad arguments returns at once and tells the peers through the
+     transport's skip (the pthreads transport meets them at the dispatch; the MPI
+     transport sends a control message that every wait listens for): their dispatch
+     returns ABORTED. The plan remembers a failed dispatch, so the combine that follows
+     (call it, as for any failure) fails on every rank without writing y. Then every
+     rank is at the same step again and a retry with valid arguments works.
+   - Every collective carries its kind and a sequence number (the context's); a rank that
+     skips one or enters another (a dispatch on one rank, a combine on another) gets
+     MOE_EP_ERROR_OUT_OF_STEP, the same code on every rank, and nothing is read from
+     another collective's buffers; the next matching collectives work again.
+   - A wait lasts at most the transport's timeout (moe_ep_pthreads_desc.timeout_ms,
+     moe_ep_mpi_desc.timeout_ms, default 300 s on MPI): a rank that vanished (a killed
+     process) costs the others MOE_EP_ERROR_TIMEOUT, where the launcher lets them live.
+   Non-finite output: the router refuses a non-finite x or logit (naming x[t][i] or the
+   router); finite inputs can still overflow in the experts (x of 1e25): forward returns
+   OK and moe_ep_forward_args.nonfinite_tokens, if set, counts the rows of y with NaN or
+   Inf (one pass over y, only when asked).
+   Destroy order: plans, then contexts, then transports, then the world (pthreads) or
+   MPI_Finalize. A plan may also outlive its context (it keeps the allocator); a context
+   must not outlive its transport, nor a split group the transport it came from.
 
    ERRORS AND LOGGING
    ==================
-   Every fallible call returns a moe_ep_result; moe_ep_result_string() names it. The
-   precise cause, in words that name the field and the rule, is kept per context:
+   Every fallible call returns a moe_ep_result; moe_ep_result_string() names it.
+   moe_ep_create has no context to keep its cause in: the logger gets it, and so does
+   desc.create_error (a buffer of the caller's, thread-safe). The precise cause, in words
+   that name the field and the rule, is kept per context:
    moe_ep_last_error(ctx), with a stable id for the rule, moe_ep_last_error_item(ctx)
    (a moe_ep_log_item such as MOE_EP_LOG_ITEM_DESC_TOP_K; moe_ep_log_item_string()
    names it). Out-params are untouched on failure. The optional logger hook gets the
@@ -210,6 +234,10 @@
 #else
 #define MOE_EP__UNUSED
 #endif
+#ifndef MOE_EP_MAX_THREADS
+#define MOE_EP_MAX_THREADS 1024     /* the largest moe_ep_desc.num_threads accepted */
+#endif
+
 #ifndef MOE_EP_API
 #ifdef MOE_EP_STATIC
 #define MOE_EP_API static MOE_EP__UNUSED
@@ -233,7 +261,8 @@ extern "C" {
     X(ERROR_ABORTED,          "aborted: another rank failed or left") \
     X(ERROR_UNSUPPORTED,      "unsupported") \
     X(ERROR_CALLBACK,         "user callback failed") \
-    X(ERROR_INTERNAL,         "internal error")
+    X(ERROR_INTERNAL,         "internal error") \
+    X(ERROR_OUT_OF_STEP,      "ranks are in different collectives: one skipped a collective or entered another")
 
 typedef enum moe_ep_result {
 #define MOE_EP__RESULT_ENUM(name, text) MOE_EP_##name,
@@ -373,7 +402,10 @@ typedef struct moe_ep_allocator {
     X(FFN_NO_WEIGHTS) \
     X(DESC_SWIGLU_ALPHA)           /* swiglu_alpha not finite or <= 0 */ \
     X(DESC_SWIGLU_LIMIT)           /* swiglu_limit not finite or <= 0 */ \
-    X(DESC_WEIGHT_LAYOUT)          /* weight_layout is not a moe_ep_weight_layout */
+    X(DESC_WEIGHT_LAYOUT)          /* weight_layout is not a moe_ep_weight_layout */ \
+    X(OUT_OF_STEP)                 /* ranks are in different collectives (kind or sequence number differ) */ \
+    X(DESC_EXPERTS_COUNT)          /* experts_count is neither this rank's expert count nor num_experts */ \
+    X(STAGE_FAILED_BEFORE)         /* a dispatch of this plan failed: its combine fails on every rank */
 
 typedef enum moe_ep_log_item {
 #define MOE_EP__LOG_ITEM_ENUM(name) MOE_EP_LOG_ITEM_##name,
@@ -417,9 +449,19 @@ typedef struct moe_ep_placement {
    barrier (optional): without it the core exchanges one count per peer.
    abort (optional): called by the core never; by a helper such as moe_ep_pthreads_run
        when a rank fails, so that peers blocked in a call return MOE_EP_ERROR_ABORTED.
+   skip (optional): this rank failed before a collective and will not enter it (a stage
+       call with bad arguments); the peers' same collective then fails with
+       MOE_EP_ERROR_ABORTED ("rank N failed") instead of waiting for it, and every rank
+       stays at the same step: the skipped collective counts as done on every rank. It may
+       block until the peers reach that collective (pthreads) or only tell them (MPI).
+       Without it the peers wait for the transport's timeout or mismatch check.
    destroy (optional): releases impl; called by the transport's own destroy function.
    local_ranks: how many ranks of this transport share this process (pthreads: all of
        them, MPI: 1); the default OpenMP thread count is divided by it. 0 means 1.
+
+   Ranks out of step: a transport should tell one collective from another (its kind, its
+   parameters, its sequence number, and moe_ep_a2a_args.step) and fail every rank with
+   MOE_EP_ERROR_OUT_OF_STEP when they differ, as the pthreads and MPI transports do.
 
    All callbacks are called from the rank's own thread, never inside an OpenMP region,
    and return MOE_EP_OK or an error; a transport may write a description of the error
@@ -435,6 +477,8 @@ typedef struct moe_ep_a2a_args {
     const int64_t* recv_offsets;    /* [world_size * S] rows */
     moe_ep_memory_space memory_space;
     void* stream;                   /* cudaStream_t for device memory; NULL: the transport's own stream */
+    int64_t step;                   /* the core's tag of this exchange (kind and sequence number): equal on
+                                       every rank that is in step; 0: untagged */
 } moe_ep_a2a_args;
 
 typedef struct moe_ep_transport {
@@ -462,6 +506,8 @@ typedef struct moe_ep_transport {
        transport is released with its own destroy callback. */
     moe_ep_result (*split)(void* impl, int color, int key, struct moe_ep_transport* out,
                            char* err_text, size_t err_size);
+    /* Optional: this rank will not enter its next collective (see skip above). */
+    void (*skip)(void* impl, moe_ep_result status);
 } moe_ep_transport;
 
 /* The weights of one expert; with the default desc.weight_layout the PyTorch nn.Linear
@@ -531,7 +577,13 @@ typedef struct moe_ep_desc {
     int num_threads;                /* default 0 = OpenMP's default divided by transport.local_ranks */
     const float* router_weight;     /* [num_experts, d_model]; required unless every call hands in routing;
                                        copied at create (transposed, for the router's vector loop) */
-    const moe_ep_expert_weights* experts;  /* [local expert count]; required unless expert_fn is set */
+    const moe_ep_expert_weights* experts;  /* [experts_count]; required unless expert_fn is set */
+    int experts_count;              /* how experts is indexed, checked: this rank's expert count
+                                       (experts[l] is local expert l, as moe_ep_rank_experts lists
+                                       them) or num_experts (experts[e] is expert e; only this rank's
+                                       entries are read, the others may be zeroed). Default 0 means
+                                       num_experts on one rank and is refused on more, where a global
+                                       array read as local experts would give a wrong layer. */
     moe_ep_expert_fn expert_fn;     /* default NULL: built-in kernel */
     void* expert_user_data;
     moe_ep_shared_desc shared;      /* default none: shared experts, see moe_ep_shared_desc */
@@ -546,6 +598,9 @@ typedef struct moe_ep_desc {
                                        still holds the full weights; only the slice is copied. */
     moe_ep_allocator allocator;     /* default malloc/free */
     moe_ep_logger logger;           /* default none */
+    char* create_error;             /* default NULL; else [create_error_size] out: why moe_ep_create failed
+                                       (its first cause), "" when it worked; for a caller without a logger */
+    size_t create_error_size;
 } moe_ep_desc;
 
 /* >>families: a model family's MoE layer as its transformers config's defaults describe it. */
@@ -603,8 +658,9 @@ typedef struct moe_ep_plan_info {
 
 /* One layer call. x: [tokens, d_model]; y: [tokens, d_model] (written in full).
    topk_idx/topk_weight [tokens, top_k]: when routing_in is true they are read as the
-   caller's routing (validated); otherwise, if non-NULL, the router's choice is written
-   there. stats may be NULL. */
+   caller's routing (validated); otherwise, if non-NULL (both or neither), the router's
+   choice is written there. stats may be NULL. topk_idx, topk_weight (router's choice),
+   stats and nonfinite_tokens are written only when the call succeeds. */
 typedef struct moe_ep_forward_args {
     int64_t tokens;
     const float* x;
@@ -613,6 +669,8 @@ typedef struct moe_ep_forward_args {
     int32_t* topk_idx;
     float* topk_weight;
     moe_ep_router_stats* stats;
+    int64_t* nonfinite_tokens;      /* optional out: how many rows of y hold NaN or Inf (an overflow in the
+                                       experts: the router refuses a non-finite x). Costs one pass over y. */
 } moe_ep_forward_args;
 
 /* >>api */
@@ -768,6 +826,8 @@ MOE_EP_API uint64_t moe_ep_hash(uint64_t hash, const void* data, size_t size);
 /* One step at which every rank of a transport must reach the same verdict: each rank
    sends its status and fact_count facts (fingerprints, sizes) to every other in one
    exchange_counts call, and every rank then returns
+   - MOE_EP_ERROR_OUT_OF_STEP, on every rank, if a rank's step differs from this rank's
+     (they are in different collectives, or one fell behind);
    - its own status, if that is not OK (the caller already holds the cause);
    - the transport's error, if the exchange failed;
    - on_peer_failure (default MOE_EP_ERROR_ABORTED) if another rank's status is not OK;
@@ -778,11 +838,12 @@ MOE_EP_API uint64_t moe_ep_hash(uint64_t hash, const void* data, size_t size);
    rank's own status, naming the stage, the rank and the fact. peer_status [world_size]
    and peer_facts [world_size * fact_count] (both optional) receive every rank's words
    when the exchange succeeded. Collective over `transport`: a rank that fails before
-   this step must still call it, with its failure as status. Up to 64 ranks x 2 words
+   this step must still call it, with its failure as status. Up to 64 ranks x 3 words
    use no heap. */
 typedef struct moe_ep_agree_desc {
     const char* stage;              /* default "moe_ep_agree": names the step in err_text */
     moe_ep_result status;           /* this rank's verdict so far */
+    int64_t step;                   /* default 0: this step's tag (kind and sequence number), compared */
     const int64_t* facts;           /* [fact_count] or NULL */
     int fact_count;                 /* >= 0 */
     const char* facts_name;         /* default "collective parameters": "rank 2 has other <facts_name>" */
@@ -993,6 +1054,7 @@ struct moe_ep_context {
     float* topk_weight;
     int64_t routing_capacity;
     moe_ep_result experts_status;   /* a failure of moe_ep_experts, for the next combine to tell the peers */
+    int64_t sequence;               /* collectives of this context so far: the same on every rank in step */
     moe_ep_context* shared;         /* the shared experts: a single-rank context of one expert, or NULL */
     float* shared_gate;             /* [d_model] copy of desc.shared.gate or NULL */
     float* shared_out;              /* forward's workspace for the shared experts' output */
@@ -1003,6 +1065,7 @@ struct moe_ep_context {
 
 struct moe_ep_plan {
     moe_ep_context* ctx;
+    moe_ep_allocator allocator;     /* the context's, kept: a plan may be destroyed after its context */
     int64_t tokens;
     int top_k, segments;
     int64_t capacity;
@@ -1025,6 +1088,7 @@ struct moe_ep_plan {
     void* request;                  /* split-phase handle */
     int pending;                    /* 0 none, 1 dispatch, 2 combine */
     int blocking;                   /* inside moe_ep_dispatch / moe_ep_combine: use the blocking exchange */
+    moe_ep_result status;           /* a failed dispatch: the combine tells every rank */
     moe_ep_a2a_args args;
 };
 
@@ -1113,12 +1177,15 @@ MOE_EP_PRIVATE moe_ep_result moe_ep__fail(moe_ep_context* ctx, moe_ep_result res
 }
 
 /* The same before a context exists. */
+MOE_EP_PRIVATE void moe_ep__keep_create_error(const moe_ep_desc* desc, const char* text);
 MOE_EP_PRIVATE moe_ep_result moe_ep__fail_desc(const moe_ep_desc* desc, int rank, moe_ep_result result,
                                                moe_ep_log_item item, const char* fmt, ...) {
+    char text[MOE_EP__ERR_SIZE];
     va_list ap;
     va_start(ap, fmt);
-    moe_ep__vlog(desc ? &desc->logger : NULL, rank, item, fmt, ap, NULL, 0);
+    moe_ep__vlog(desc ? &desc->logger : NULL, rank, item, fmt, ap, text, sizeof text);
     va_end(ap);
+    moe_ep__keep_create_error(desc, text);
     return result;
 }
 
@@ -1163,12 +1230,23 @@ MOE_EP_PRIVATE void moe_ep__text(char* err_text, size_t err_size, const char* fm
     va_end(ap);
 }
 
-/* The verdict from every rank's words ([status, facts...] per rank), as moe_ep_agree states it. */
+/* The verdict from every rank's words ([status, step, facts...] per rank), as moe_ep_agree
+   states it. Ranks at different steps hold words that mean different things: that comes
+   first, and every rank sees it, whatever its own status. */
 MOE_EP_PRIVATE moe_ep_result moe_ep__verdict(const moe_ep_agree_desc* a, int rank, int world_size,
                                              const int64_t* words, char* err_text, size_t err_size,
                                              moe_ep_log_item* item) {
     const char* stage = a->stage ? a->stage : "moe_ep_agree";
-    int W = 1 + a->fact_count, p, j;
+    int W = 2 + a->fact_count, p, j;
+    for (p = 0; p < world_size; ++p)
+        if (words[(size_t)p * W + 1] != a->step) {
+            moe_ep__text(err_text, err_size, "%s: rank %d is in another collective (step %llx there, %llx here): "
+                         "a rank skipped a collective or entered another", stage, p,
+                         (unsigned long long)words[(size_t)p * W + 1], (unsigned long long)a->step);
+            *item = MOE_EP_LOG_ITEM_OUT_OF_STEP;
+            return MOE_EP_ERROR_OUT_OF_STEP;
+        }
+    if (a->status != MOE_EP_OK) return a->status;
     for (p = 0; p < world_size; ++p)
         if (words[(size_t)p * W] != MOE_EP_OK) {
             moe_ep__text(err_text, err_size, "%s: rank %d failed (%s)", stage, p,
@@ -1179,20 +1257,21 @@ MOE_EP_PRIVATE moe_ep_result moe_ep__verdict(const moe_ep_agree_desc* a, int ran
     if (a->facts_may_differ) return MOE_EP_OK;
     for (p = 0; p < world_size; ++p)
         for (j = 0; j < a->fact_count; ++j)
-            if (words[(size_t)p * W + 1 + j] != a->facts[j]) {
+            if (words[(size_t)p * W + 2 + j] != a->facts[j]) {
                 moe_ep__text(err_text, err_size, "%s: rank %d has other %s than rank %d (fact %d: %lld there, %lld here)",
                              stage, p, a->facts_name ? a->facts_name : "collective parameters", rank, j,
-                             (long long)words[(size_t)p * W + 1 + j], (long long)a->facts[j]);
+                             (long long)words[(size_t)p * W + 2 + j], (long long)a->facts[j]);
                 *item = MOE_EP_LOG_ITEM_RANK_MISMATCH;
                 return a->on_mismatch ? a->on_mismatch : MOE_EP_ERROR_RANK_MISMATCH;
             }
     return MOE_EP_OK;
 }
 
-/* moe_ep_agree, and the log item of a verdict that is not this rank's own status. */
+/* moe_ep_agree, and the log item of a verdict that is not this rank's own status.
+   steps (optional out [world_size]): every rank's step, when the exchange succeeded. */
 MOE_EP_PRIVATE moe_ep_result moe_ep__agree_item(const moe_ep_transport* t, const moe_ep_agree_desc* a, char* err_text,
-                                                size_t err_size, moe_ep_log_item* item) {
-    int64_t stack_words[256];
+                                                size_t err_size, moe_ep_log_item* item, int64_t* steps) {
+    int64_t stack_words[384];
     int64_t* words = stack_words;
     char text[MOE_EP__ERR_SIZE] = "";
     moe_ep_result res;
@@ -1202,43 +1281,49 @@ MOE_EP_PRIVATE moe_ep_result moe_ep__agree_item(const moe_ep_transport* t, const
         return a && a->status != MOE_EP_OK ? a->status : MOE_EP_ERROR_INVALID_ARGUMENT;
     }
     R = t->world_size;
-    W = 1 + a->fact_count;
+    W = 2 + a->fact_count;
     if ((size_t)2 * R * W > sizeof stack_words / sizeof stack_words[0]) {
         words = (int64_t*)moe_ep_alloc(&a->allocator, sizeof(int64_t) * 2 * (size_t)R * (size_t)W);
-        /* Without words this rank cannot take part; the transport's timeout or abort frees the others. */
+        /* Without words this rank cannot take part: it tells the peers (skip) where it can. */
         if (!words) {
             moe_ep__text(err_text, err_size, "%s: out of memory", a->stage ? a->stage : "moe_ep_agree");
             *item = MOE_EP_LOG_ITEM_OUT_OF_MEMORY;
+            if (t->skip) t->skip(t->impl, MOE_EP_ERROR_OUT_OF_MEMORY);
             return a->status != MOE_EP_OK ? a->status : MOE_EP_ERROR_OUT_OF_MEMORY;
         }
     }
     for (p = 0; p < R; ++p) {
         words[(size_t)p * W] = (int64_t)a->status;
-        for (j = 0; j < a->fact_count; ++j) words[(size_t)p * W + 1 + j] = a->facts[j];
+        words[(size_t)p * W + 1] = a->step;
+        for (j = 0; j < a->fact_count; ++j) words[(size_t)p * W + 2 + j] = a->facts[j];
     }
     res = t->exchange_counts(t->impl, words, words + (size_t)R * W, W, text, sizeof text);
     if (res != MOE_EP_OK) {
-        *item = MOE_EP_LOG_ITEM_TRANSPORT_FAILED;
-        if (a->status == MOE_EP_OK)
+        /* out of step at the transport: every rank's verdict, whatever its own status */
+        bool out_of_step = res == MOE_EP_ERROR_OUT_OF_STEP;
+        *item = out_of_step ? MOE_EP_LOG_ITEM_OUT_OF_STEP : MOE_EP_LOG_ITEM_TRANSPORT_FAILED;
+        if (a->status == MOE_EP_OK || out_of_step)
             moe_ep__text(err_text, err_size, "%s: transport '%s' failed: %s%s%s", a->stage ? a->stage : "moe_ep_agree",
                          t->name ? t->name : "?", moe_ep_result_string(res), text[0] ? ": " : "", text);
+        if (a->status != MOE_EP_OK && !out_of_step) res = a->status;
     } else {
         const int64_t* got = words + (size_t)R * W;
         for (p = 0; p < R; ++p) {
             if (a->peer_status) a->peer_status[p] = got[(size_t)p * W];
+            if (steps) steps[p] = got[(size_t)p * W + 1];
             for (j = 0; a->peer_facts && j < a->fact_count; ++j)
-                a->peer_facts[(size_t)p * a->fact_count + j] = got[(size_t)p * W + 1 + j];
+                a->peer_facts[(size_t)p * a->fact_count + j] = got[(size_t)p * W + 2 + j];
         }
-        if (a->status == MOE_EP_OK) res = moe_ep__verdict(a, t->rank, R, got, err_text, err_size, item);
+        res = moe_ep__verdict(a, t->rank, R, got, err_text, err_size, item);
     }
     if (words != stack_words) moe_ep_free(&a->allocator, words);
-    return a->status != MOE_EP_OK ? a->status : res;
+    return res;
 }
 
 MOE_EP_API moe_ep_result moe_ep_agree(const moe_ep_transport* t, const moe_ep_agree_desc* a, char* err_text,
                                       size_t err_size) {
     moe_ep_log_item item = MOE_EP_LOG_ITEM_NONE;
-    return moe_ep__agree_item(t, a, err_text, err_size, &item);
+    return moe_ep__agree_item(t, a, err_text, err_size, &item, NULL);
 }
 
 /* >>single-rank transport */
@@ -1401,12 +1486,23 @@ typedef struct moe_ep__validator {
     char first[MOE_EP__ERR_SIZE];
 } moe_ep__validator;
 
+/* Keeps a create failure's text in desc.create_error, if the caller gave one and it is still empty. */
+MOE_EP_PRIVATE void moe_ep__keep_create_error(const moe_ep_desc* desc, const char* text) {
+    size_t n;
+    if (!desc || !desc->create_error || desc->create_error_size == 0 || desc->create_error[0]) return;
+    n = strlen(text);
+    if (n >= desc->create_error_size) n = desc->create_error_size - 1;
+    memcpy(desc->create_error, text, n);
+    desc->create_error[n] = '\0';
+}
+
 MOE_EP_PRIVATE void moe_ep__check(moe_ep__validator* v, bool ok, moe_ep_log_item item, const char* fmt, ...) {
     va_list ap;
     if (ok) return;
     va_start(ap, fmt);
     moe_ep__vlog(&v->desc->logger, v->rank, item, fmt, ap, v->failures == 0 ? v->first : NULL, sizeof v->first);
     va_end(ap);
+    if (v->failures == 0) moe_ep__keep_create_error(v->desc, v->first);
     v->failures++;
 }
 
@@ -1506,8 +1602,9 @@ MOE_EP_PRIVATE int moe_ep__validate_desc(const moe_ep_desc* d, const moe_ep_tran
             if (r < 0 || r >= t->world_size) break;
         }
     }
-    moe_ep__check(v, d->num_threads >= 0, MOE_EP_LOG_ITEM_DESC_NUM_THREADS,
-                  "moe_ep_desc.num_threads (%d) must be >= 0", d->num_threads);
+    moe_ep__check(v, d->num_threads >= 0 && d->num_threads <= MOE_EP_MAX_THREADS, MOE_EP_LOG_ITEM_DESC_NUM_THREADS,
+                  "moe_ep_desc.num_threads (%d) must be in [0, %d] (0: OpenMP's default)", d->num_threads,
+                  MOE_EP_MAX_THREADS);
     moe_ep__check(v, (d->allocator.alloc_fn == NULL) == (d->allocator.free_fn == NULL),
                   MOE_EP_LOG_ITEM_DESC_ALLOCATOR_HALF,
                   "moe_ep_desc.allocator: set both alloc_fn and free_fn, or neither");
@@ -1697,10 +1794,17 @@ MOE_EP_PRIVATE moe_ep_result moe_ep__pack_experts(moe_ep_context* ctx) {
    so the packer reads the user's tensors as they are. b2 is added on TP rank 0 only: the
    partial outputs are summed in TP-rank order, so it is added once and always in the same
    place. */
+MOE_EP_PRIVATE const moe_ep_expert_weights* moe_ep__local_weights(const moe_ep_context* ctx, int l) {
+    const moe_ep_desc* d = &ctx->desc;
+    if (d->experts_count == d->num_experts)     /* by global id (the same on one rank) */
+        return &d->experts[ctx->rank_expert_list[ctx->rank_expert_start[ctx->rank] + l]];
+    return &d->experts[l];
+}
+
 MOE_EP_PRIVATE void moe_ep__expert_views(const moe_ep_context* ctx, int l, moe_ep__wview* gate, moe_ep__wview* up,
                                          moe_ep__wview* down) {
     const moe_ep_desc* d = &ctx->desc;
-    const moe_ep_expert_weights* w = &d->experts[l];
+    const moe_ep_expert_weights* w = moe_ep__local_weights(ctx, l);
     int64_t D = d->d_model, F = ctx->d_ff_full, f0 = ctx->ff_begin;
     const float* b2 = ctx->tp_rank == 0 ? w->b2 : NULL;
     switch (d->weight_layout) {
@@ -1727,18 +1831,48 @@ MOE_EP_PRIVATE void moe_ep__expert_views(const moe_ep_context* ctx, int l, moe_e
     }
 }
 
+/* >>steps: every collective of the core carries its kind and the context's sequence number,
+   so that a rank in another collective, or one that fell behind, is an error on every rank. */
+enum {
+    MOE_EP__STEP_CREATE = 1, MOE_EP__STEP_PLAN, MOE_EP__STEP_FORWARD, MOE_EP__STEP_COMBINE,
+    MOE_EP__STEP_DISPATCH_ROWS, MOE_EP__STEP_COMBINE_ROWS
+};
+#define MOE_EP__STEP_SEQUENCE_MASK ((((int64_t)1) << 40) - 1)
+
+MOE_EP_PRIVATE int64_t moe_ep__step(const moe_ep_context* ctx, int kind) {
+    return ((int64_t)kind << 40) | (ctx->sequence & MOE_EP__STEP_SEQUENCE_MASK);
+}
+
+/* After a collective: the next number. Ranks that saw every rank's step (steps != NULL)
+   take the largest plus one, so ranks that were out of step are in step again. */
+MOE_EP_PRIVATE void moe_ep__step_done(moe_ep_context* ctx, const int64_t* steps) {
+    int64_t next = ctx->sequence & MOE_EP__STEP_SEQUENCE_MASK;
+    int p;
+    for (p = 0; steps && p < ctx->world_size; ++p)
+        if ((steps[p] & MOE_EP__STEP_SEQUENCE_MASK) > next) next = steps[p] & MOE_EP__STEP_SEQUENCE_MASK;
+    ctx->sequence = (next + 1) & MOE_EP__STEP_SEQUENCE_MASK;
+}
+
 /* A stage's verdict over the EP group: OK only if every rank reported OK; otherwise the
    local cause, or ABORTED naming the first failed peer (kept as the last error). */
-MOE_EP_PRIVATE moe_ep_result moe_ep__agree(moe_ep_context* ctx, moe_ep_result local, const char* stage) {
+MOE_EP_PRIVATE moe_ep_result moe_ep__agree(moe_ep_context* ctx, moe_ep_result local, const char* stage, int kind) {
     moe_ep_agree_desc a;
     moe_ep_log_item item = MOE_EP_LOG_ITEM_NONE;
     char err[MOE_EP__ERR_SIZE] = "";
+    int64_t stack_steps[64];
+    int64_t* steps = ctx->world_size <= 64 ? stack_steps
+                   : (int64_t*)moe_ep__calloc(&ctx->desc.allocator, ctx->world_size, sizeof(int64_t));
     moe_ep_result res;
+    int p;
     memset(&a, 0, sizeof a);
     a.stage = stage;
     a.status = local;
+    a.step = moe_ep__step(ctx, kind);
     a.allocator = ctx->desc.allocator;
-    res = moe_ep__agree_item(&ctx->transport, &a, err, sizeof err, &item);
+    for (p = 0; steps && p < ctx->world_size; ++p) steps[p] = a.step;
+    res = moe_ep__agree_item(&ctx->transport, &a, err, sizeof err, &item, steps);
+    moe_ep__step_done(ctx, steps);
+    if (steps != stack_steps) moe_ep_free(&ctx->desc.allocator, steps);
     if (res != local) moe_ep__fail(ctx, res, item, "%s", err);
     return res;
 }
@@ -1751,6 +1885,8 @@ MOE_EP_PRIVATE moe_ep_result moe_ep__context_alloc(const moe_ep_desc* d, const m
                                        "out of memory for the context");
     ctx->desc = *d;
     ctx->desc.transport = NULL;
+    ctx->desc.create_error = NULL;  /* the caller's buffer is create's alone */
+    ctx->desc.create_error_size = 0;
     ctx->transport = *t;
     ctx->rank = t->rank;
     ctx->world_size = t->world_size;
@@ -1816,6 +1952,16 @@ MOE_EP_PRIVATE moe_ep_result moe_ep__context_fill(moe_ep_context* ctx, moe_ep__v
     moe_ep_result res = moe_ep__build_placement(ctx);
     int l;
     if (res == MOE_EP_OK) res = moe_ep__copy_router(ctx);
+    if (res == MOE_EP_OK && d->experts) {
+        /* 0 is num_experts where the two readings agree (one rank), and refused where they do not */
+        if (ctx->desc.experts_count == 0 && ctx->local_experts == d->num_experts) ctx->desc.experts_count = d->num_experts;
+        moe_ep__check(v, d->experts_count == ctx->local_experts || d->experts_count == d->num_experts,
+                      MOE_EP_LOG_ITEM_DESC_EXPERTS_COUNT,
+                      "moe_ep_desc.experts_count (%d) must be this rank's expert count (%d: experts[l] is local expert "
+                      "l) or num_experts (%d: experts[e] is expert e)", d->experts_count, ctx->local_experts,
+                      d->num_experts);
+        if (v->failures) res = MOE_EP_ERROR_INVALID_ARGUMENT;
+    }
     if (res == MOE_EP_OK && !d->expert_fn && ctx->local_experts > 0) {
         moe_ep__check(v, d->experts != NULL,
                       MOE_EP_LOG_ITEM_DESC_EXPERTS_MISSING,
@@ -1824,9 +1970,11 @@ MOE_EP_PRIVATE moe_ep_result moe_ep__context_fill(moe_ep_context* ctx, moe_ep__v
         for (l = 0; d->experts && l < ctx->local_experts; ++l) {
             /* w3 is a tensor of its own only in the separate layout */
             bool needs_w3 = moe_ep__gated(d->activation) && d->weight_layout == MOE_EP_WEIGHT_LAYOUT_SEPARATE;
-            moe_ep__check(v, d->experts[l].w1 && d->experts[l].w2 && (!needs_w3 || d->experts[l].w3),
+            const moe_ep_expert_weights* w = moe_ep__local_weights(ctx, l);
+            moe_ep__check(v, w->w1 && w->w2 && (!needs_w3 || w->w3),
                           MOE_EP_LOG_ITEM_DESC_EXPERT_WEIGHTS_NULL,
-                          "moe_ep_desc.experts[%d]: w1, w2%s must not be NULL%s", l, needs_w3 ? " and w3" : "",
+                          "moe_ep_desc.experts[%d]: w1, w2%s must not be NULL%s",
+                          (int)(w - d->experts), needs_w3 ? " and w3" : "",
                           d->weight_layout == MOE_EP_WEIGHT_LAYOUT_SEPARATE ? ""
                           : " (w1 holds gate and up in this weight_layout)");
         }
@@ -1856,8 +2004,9 @@ MOE_EP_PRIVATE moe_ep_result moe_ep__create_agree(const moe_ep_desc* d, const mo
     a.facts_name = "collective parameters (d_model, d_ff, num_experts, top_k, activation, the router's "
                    "settings and biases, capacity_factor, placement)";
     a.on_peer_failure = MOE_EP_ERROR_RANK_MISMATCH;
+    a.step = (int64_t)MOE_EP__STEP_CREATE << 40;
     a.allocator = d->allocator;
-    res = moe_ep__agree_item(t, &a, err, sizeof err, &item);
+    res = moe_ep__agree_item(t, &a, err, sizeof err, &item, NULL);
     if (res != status) moe_ep__fail_desc(d, t->rank, res, item, "%s", err);
     return res;
 }
@@ -1868,6 +2017,7 @@ MOE_EP_API moe_ep_result moe_ep_create(const moe_ep_desc* desc, moe_ep_context**
     moe_ep_context* ctx = NULL;
     moe_ep__validator v;
     moe_ep_result res;
+    if (desc && desc->create_error && desc->create_error_size > 0) desc->create_error[0] = '\0';
     if (!desc || !out) return moe_ep__fail_desc(desc, -1, MOE_EP_ERROR_INVALID_ARGUMENT, MOE_EP_LOG_ITEM_CREATE_ARGS,
                                                 "desc and out must not be NULL");
     /* 1. defaults and the rank-local rules */
@@ -1915,6 +2065,13 @@ MOE_EP_API moe_ep_log_item moe_ep_last_error_item(const moe_ep_context* ctx) {
 MOE_EP_API int moe_ep_rank(const moe_ep_context* ctx) { return ctx ? ctx->rank : -1; }
 MOE_EP_API int moe_ep_world_size(const moe_ep_context* ctx) { return ctx ? ctx->world_size : -1; }
 
+/* The most tokens one call takes: tokens x max(E, k) x d_model floats must fit 64-bit sizes
+   with room to spare, checked before any product is formed. */
+MOE_EP_PRIVATE int64_t moe_ep__max_tokens(const moe_ep_context* ctx) {
+    int64_t wide = MOE_EP__MAX(ctx->desc.num_experts, ctx->desc.top_k);
+    return (INT64_MAX / 64) / (wide * MOE_EP__MAX(ctx->desc.d_model, 1));
+}
+
 /* >>router: one token at a time, in fp32, as transformers computes routers.
 
    logits l = x . W^T (+ router_bias); scores s: softmax(l), sigmoid(l), or l itself for
@@ -1932,6 +2089,53 @@ MOE_EP_PRIVATE int moe_ep__best(const float* values, const unsigned char* taken,
     for (i = 0; i < n; ++i)
         if (!taken[i] && (best < 0 || values[i] > values[best])) best = i;
     return best;
+}
+
+/* Whether expert a ranks before expert b: the larger value, ties to the lower index. */
+MOE_EP_PRIVATE bool moe_ep__before(const float* values, int a, int b) {
+    return values[a] > values[b] || (values[a] == values[b] && a < b);
+}
+
+/* Restores the heap below slot i: heap[0] is the worst of the k best so far. */
+MOE_EP_PRIVATE void moe_ep__sift(const float* values, int32_t* heap, int k, int i) {
+    for (;;) {
+        int worst = i, l = 2 * i + 1, r = l + 1;
+        int32_t swap;
+        if (l < k && moe_ep__before(values, heap[worst], heap[l])) worst = l;
+        if (r < k && moe_ep__before(values, heap[worst], heap[r])) worst = r;
+        if (worst == i) return;
+        swap = heap[i]; heap[i] = heap[worst]; heap[worst] = swap;
+        i = worst;
+    }
+}
+
+/* The k best of values[0..n) not taken, best first, ties to the lower index: the choice of
+   k rounds of moe_ep__best, in O(n log k). idx: [k] out; at least k must be free. */
+MOE_EP_PRIVATE void moe_ep__top_k(const float* values, const unsigned char* taken, int n, int k, int32_t* idx) {
+    int i, size = 0;
+    for (i = 0; i < n; ++i) {
+        if (taken[i]) continue;
+        if (size < k) {
+            int at = size++;
+            idx[at] = i;
+            while (at > 0 && moe_ep__before(values, idx[(at - 1) / 2], idx[at])) {   /* sift up */
+                int32_t swap = idx[at];
+                idx[at] = idx[(at - 1) / 2];
+                idx[(at - 1) / 2] = swap;
+                at = (at - 1) / 2;
+            }
+        } else if (moe_ep__before(values, i, idx[0])) {
+            idx[0] = i;
+            moe_ep__sift(values, idx, k, 0);
+        }
+    }
+    /* heap sort: the worst goes to the end, then the next worst, ... */
+    for (i = size - 1; i > 0; --i) {
+        int32_t swap = idx[0];
+        idx[0] = idx[i];
+        idx[i] = swap;
+        moe_ep__sift(values, idx, i, 0);
+    }
 }
 
 /* Marks out (out = 1) the experts of every group but the best topk_groups. */
@@ -1984,12 +2188,9 @@ MOE_EP_PRIVATE bool moe_ep__route_token(const moe_ep_desc* d, float* probs, floa
     else if (d->scoring == MOE_EP_SCORING_SIGMOID)
         for (e = 0; e < E; ++e) score[e] = moe_ep__sigmoid(score[e]);
     for (e = 0; e < E; ++e) choice[e] = d->selection_bias ? score[e] + d->selection_bias[e] : score[e];
-    memset(taken, 0, (size_t)E);
+    memset(taken, 0, (size_t)(unsigned)E);     /* E > 0: validated at create */
     if (d->num_groups > 1) moe_ep__group_limit(d, choice, scratch + 2 * E, flags + E, taken);
-    for (j = 0; j < k; ++j) {
-        idx[j] = moe_ep__best(choice, taken, E);
-        taken[idx[j]] = 1;
-    }
+    moe_ep__top_k(choice, taken, E, k, idx);
     if (d->scoring == MOE_EP_SCORING_TOPK_SOFTMAX) {
         sum = 0.0f;
         for (j = 0; j < k; ++j) { weight[j] = moe_ep__expf(score[idx[j]] - score[idx[0]]); sum += weight[j]; }
@@ -2034,11 +2235,14 @@ MOE_EP_API moe_ep_result moe_ep_route(moe_ep_context* ctx, const float* x, int64
     d = &ctx->desc;
     E = d->num_experts;
     threads = ctx->num_threads;
-    if (tokens < 0) return moe_ep__fail(ctx, MOE_EP_ERROR_INVALID_ARGUMENT, MOE_EP_LOG_ITEM_ROUTE_TOKENS,
-                                        "tokens (%lld) must be >= 0", (long long)tokens);
+    if (tokens < 0 || tokens > moe_ep__max_tokens(ctx))
+        return moe_ep__fail(ctx, MOE_EP_ERROR_INVALID_ARGUMENT, MOE_EP_LOG_ITEM_ROUTE_TOKENS,
+                            "moe_ep_route: tokens (%lld) must be in [0, %lld] (tokens x max(num_experts, top_k) x "
+                            "d_model must fit 64-bit sizes)", (long long)tokens, (long long)moe_ep__max_tokens(ctx));
     if (tokens > 0 && (!x || !topk_idx || !topk_weight))
         return moe_ep__fail(ctx, MOE_EP_ERROR_INVALID_ARGUMENT, MOE_EP_LOG_ITEM_ROUTE_NULL,
-                            "x, topk_idx and topk_weight must not be NULL when tokens > 0");
+                            "moe_ep_route: %s must not be NULL when tokens > 0",
+                            !x ? "x" : !topk_idx ? "topk_idx" : "topk_weight");
     if (!d->router_weight)
         return moe_ep__fail(ctx, MOE_EP_ERROR_INVALID_ARGUMENT,
                             MOE_EP_LOG_ITEM_ROUTER_WEIGHT_MISSING,
@@ -2095,13 +2299,21 @@ MOE_EP_API moe_ep_result moe_ep_route(moe_ep_context* ctx, const float* x, int64
     moe_ep_free(&d->allocator, idx);
     moe_ep_free(&d->allocator, weight);
     if (refused >= 0) {
+        const float* row = x + refused * d->d_model;
+        int i = 0;
         moe_ep_free(&d->allocator, mean_p);
         moe_ep_free(&d->allocator, assigned);
         moe_ep_free(&d->allocator, probs);
         moe_ep_free(&d->allocator, lse);
+        while (i < d->d_model && moe_ep__finite(row[i])) ++i;
+        if (i < d->d_model)
+            return moe_ep__fail(ctx, MOE_EP_ERROR_INVALID_ARGUMENT, MOE_EP_LOG_ITEM_ROUTE_NOT_FINITE,
+                                "moe_ep_route: x[%lld][%d] (%g) is not finite: no expert is chosen for token %lld",
+                                (long long)refused, i, (double)row[i], (long long)refused);
         return moe_ep__fail(ctx, MOE_EP_ERROR_INVALID_ARGUMENT, MOE_EP_LOG_ITEM_ROUTE_NOT_FINITE,
-                            "moe_ep_route: token %lld has a router logit that is NaN or Inf (x, router_weight "
-                            "or router_bias): no expert is chosen for it", (long long)refused);
+                            "moe_ep_route: token %lld has a router logit that is NaN or Inf although its x is finite "
+                            "(moe_ep_desc.router_weight or router_bias holds NaN or Inf, or x is so large that the "
+                            "logit overflows): no expert is chosen for it", (long long)refused);
     }
     if (stats) {
         /* sequential, in token order: the statistics do not depend on the thread count */
@@ -2131,42 +2343,42 @@ MOE_EP_API moe_ep_result moe_ep_route(moe_ep_context* ctx, const float* x, int64
     return MOE_EP_OK;
 }
 
-/* Caller's routing: every index an expert, no expert twice in one token, weights finite. */
+/* Caller's routing: every index an expert, no expert twice in one token, weights finite.
+   O(tokens x k): seen[e] holds the last token that named e (plus one). */
 MOE_EP_PRIVATE moe_ep_result moe_ep__check_routing(moe_ep_context* ctx, int64_t tokens, const int32_t* idx,
                                                    const float* weight) {
     int k = ctx->desc.top_k, E = ctx->desc.num_experts, j, i;
     int64_t t;
-    for (t = 0; t < tokens; ++t) {
-        uint64_t seen = 0;      /* E <= 64: the token's experts so far, one bit each */
-        for (j = 0; j < k; ++j) {
+    int64_t* seen = (int64_t*)moe_ep__calloc(&ctx->desc.allocator, E, sizeof(int64_t));
+    moe_ep_result res = MOE_EP_OK;
+    if (!seen) return moe_ep__fail(ctx, MOE_EP_ERROR_OUT_OF_MEMORY, MOE_EP_LOG_ITEM_OUT_OF_MEMORY,
+                                   "out of memory for %d experts' marks", E);
+    for (t = 0; t < tokens && res == MOE_EP_OK; ++t)
+        for (j = 0; j < k && res == MOE_EP_OK; ++j) {
             int32_t e = idx[t * k + j];
             float w = weight[t * k + j];
             if (e < 0 || e >= E)
-                return moe_ep__fail(ctx, MOE_EP_ERROR_INVALID_ARGUMENT,
-                                    MOE_EP_LOG_ITEM_ROUTING_EXPERT_RANGE,
-                                    "topk_idx[%lld][%d] (%d) must be an expert in [0, %d)", (long long)t, j, (int)e, E);
-            if (E > 64 || (seen >> e & 1u))
-                for (i = 0; i < j; ++i)
-                    if (idx[t * k + i] == e)
-                        return moe_ep__fail(ctx, MOE_EP_ERROR_INVALID_ARGUMENT,
-                                            MOE_EP_LOG_ITEM_ROUTING_EXPERT_TWICE,
-                                            "topk_idx[%lld] names expert %d twice (slots %d and %d)", (long long)t,
-                                            (int)e, i, j);
-            if (E <= 64) seen |= (uint64_t)1 << e;
-            if (!(w == w) || w > 3.4e38f || w < -3.4e38f)
-                return moe_ep__fail(ctx, MOE_EP_ERROR_INVALID_ARGUMENT,
-                                    MOE_EP_LOG_ITEM_ROUTING_WEIGHT_NOT_FINITE,
-                                    "topk_weight[%lld][%d] must be finite", (long long)t, j);
+                res = moe_ep__fail(ctx, MOE_EP_ERROR_INVALID_ARGUMENT, MOE_EP_LOG_ITEM_ROUTING_EXPERT_RANGE,
+                                   "topk_idx[%lld][%d] (%d) must be an expert in [0, %d)", (long long)t, j, (int)e, E);
+            else if (seen[e] == t + 1) {
+                for (i = 0; i < j && idx[t * k + i] != e; ++i) continue;
+                res = moe_ep__fail(ctx, MOE_EP_ERROR_INVALID_ARGUMENT, MOE_EP_LOG_ITEM_ROUTING_EXPERT_TWICE,
+                                   "topk_idx[%lld] names expert %d twice (slots %d and %d)", (long long)t, (int)e, i, j);
+            } else if (!(w == w) || w > 3.4e38f || w < -3.4e38f)
+                res = moe_ep__fail(ctx, MOE_EP_ERROR_INVALID_ARGUMENT, MOE_EP_LOG_ITEM_ROUTING_WEIGHT_NOT_FINITE,
+                                   "topk_weight[%lld][%d] must be finite", (long long)t, j);
+            else
+                seen[e] = t + 1;
         }
-    }
-    return MOE_EP_OK;
+    moe_ep_free(&ctx->desc.allocator, seen);
+    return res;
 }
 
 /* >>plan */
 MOE_EP_API void moe_ep_plan_destroy(moe_ep_plan* plan) {
     const moe_ep_allocator* a;
     if (!plan) return;
-    a = &plan->ctx->desc.allocator;
+    a = &plan->allocator;
     moe_ep_free(a, plan->send_counts);
     moe_ep_free(a, plan->recv_counts);
     moe_ep_free(a, plan->seg_send_counts);
@@ -2219,6 +2431,7 @@ MOE_EP_PRIVATE moe_ep_result moe_ep__plan_alloc(moe_ep_context* ctx, int64_t tok
     moe_ep_plan* plan = (moe_ep_plan*)moe_ep__calloc(a, 1, sizeof *plan);
     if (!plan) return MOE_EP_ERROR_OUT_OF_MEMORY;
     plan->ctx = ctx;
+    plan->allocator = *a;
     plan->tokens = tokens;
     plan->top_k = ctx->desc.top_k;
     plan->segments = S;
@@ -2324,7 +2537,7 @@ MOE_EP_PRIVATE void moe_ep__plan_receive(moe_ep_context* ctx, moe_ep_plan* plan,
     int64_t offset = 0;
     for (q = 0; q < R; ++q)
         for (s = 0; s < S; ++s) {
-            int64_t n = recv_words[q * (S + 1) + 1 + s];
+            int64_t n = recv_words[q * (S + 2) + 2 + s];
             plan->seg_recv_counts[q * S + s] = n;
             plan->local_expert_counts[s] += n;
             plan->recv_counts[q] += n;
@@ -2343,14 +2556,19 @@ MOE_EP_PRIVATE void moe_ep__plan_receive(moe_ep_context* ctx, moe_ep_plan* plan,
    and only tells the others. Every rank returns an error if any rank failed. */
 MOE_EP_PRIVATE moe_ep_result moe_ep__plan_build(moe_ep_context* ctx, int64_t tokens, const int32_t* idx,
                                                 const float* weight, moe_ep_result status, moe_ep_plan** out) {
-    int R = ctx->world_size, S = MOE_EP__MAX(ctx->max_local_experts, 1), q, s;
+    int R = ctx->world_size, S = MOE_EP__MAX(ctx->max_local_experts, 1), W = S + 2, q, s;
     int64_t* words;
+    int64_t step = moe_ep__step(ctx, MOE_EP__STEP_PLAN);
     moe_ep_plan* plan = NULL;
     moe_ep_result res;
     char err[MOE_EP__ERR_SIZE] = "";
-    words = (int64_t*)moe_ep__calloc(&ctx->desc.allocator, 2 * (int64_t)R * (S + 1), sizeof(int64_t));
-    if (!words) return moe_ep__fail(ctx, MOE_EP_ERROR_OUT_OF_MEMORY, MOE_EP_LOG_ITEM_OUT_OF_MEMORY,
-                                    "moe_ep_plan_create: out of memory");
+    words = (int64_t*)moe_ep__calloc(&ctx->desc.allocator, 2 * (int64_t)R * W, sizeof(int64_t));
+    if (!words) {
+        if (ctx->transport.skip) ctx->transport.skip(ctx->transport.impl, MOE_EP_ERROR_OUT_OF_MEMORY);
+        moe_ep__step_done(ctx, NULL);
+        return moe_ep__fail(ctx, MOE_EP_ERROR_OUT_OF_MEMORY, MOE_EP_LOG_ITEM_OUT_OF_MEMORY,
+                            "moe_ep_plan_create: out of memory");
+    }
     if (status == MOE_EP_OK && tokens > 0) status = moe_ep__check_routing(ctx, tokens, idx, weight);
     if (status == MOE_EP_OK) {
         status = moe_ep__plan_alloc(ctx, tokens, &plan);
@@ -2359,22 +2577,34 @@ MOE_EP_PRIVATE moe_ep_result moe_ep__plan_build(moe_ep_context* ctx, int64_t tok
     }
     if (status == MOE_EP_OK) status = moe_ep__plan_local(ctx, plan, idx, weight);
     for (q = 0; q < R; ++q) {
-        words[q * (S + 1)] = (int64_t)status;
-        for (s = 0; plan && s < S; ++s) words[q * (S + 1) + 1 + s] = plan->seg_send_counts[q * S + s];
+        words[q * W] = (int64_t)status;
+        words[q * W + 1] = step;
+        for (s = 0; plan && s < S; ++s) words[q * W + 2 + s] = plan->seg_send_counts[q * S + s];
     }
-    res = ctx->transport.exchange_counts(ctx->transport.impl, words, words + (int64_t)R * (S + 1), S + 1, err, sizeof err);
+    res = ctx->transport.exchange_counts(ctx->transport.impl, words, words + (int64_t)R * W, W, err, sizeof err);
     if (res != MOE_EP_OK) {
-        if (status == MOE_EP_OK) status = moe_ep__transport_fail(ctx, res, "moe_ep_plan_create: count exchange", err);
-    } else if (status == MOE_EP_OK) {
-        const int64_t* recv = words + (int64_t)R * (S + 1);
+        moe_ep__step_done(ctx, NULL);
+        if (status == MOE_EP_OK || res == MOE_EP_ERROR_OUT_OF_STEP)
+            status = moe_ep__transport_fail(ctx, res, "moe_ep_plan_create: count exchange", err);
+    } else {
+        const int64_t* recv = words + (int64_t)R * W;
+        int64_t* steps = words;     /* the send words are spent: every rank's step, for step_done */
+        for (q = 0; q < R; ++q) steps[q] = recv[q * W + 1];
         for (q = 0; q < R; ++q)
-            if (recv[q * (S + 1)] != MOE_EP_OK) {
-                status = moe_ep__fail(ctx, MOE_EP_ERROR_ABORTED, MOE_EP_LOG_ITEM_PEER_FAILED,
-                                      "moe_ep_plan_create: rank %d failed (%s)", q,
-                                      moe_ep_result_string((moe_ep_result)recv[q * (S + 1)]));
+            if (steps[q] != step) {
+                status = moe_ep__fail(ctx, MOE_EP_ERROR_OUT_OF_STEP, MOE_EP_LOG_ITEM_OUT_OF_STEP,
+                                      "moe_ep_plan_create: rank %d is in another collective (step %llx there, %llx "
+                                      "here): a rank skipped a collective or entered another", q,
+                                      (unsigned long long)steps[q], (unsigned long long)step);
                 break;
             }
+        for (q = 0; q < R && status == MOE_EP_OK; ++q)
+            if (recv[q * W] != MOE_EP_OK)
+                status = moe_ep__fail(ctx, MOE_EP_ERROR_ABORTED, MOE_EP_LOG_ITEM_PEER_FAILED,
+                                      "moe_ep_plan_create: rank %d failed (%s)", q,
+                                      moe_ep_result_string((moe_ep_result)recv[q * W]));
         if (status == MOE_EP_OK) moe_ep__plan_receive(ctx, plan, recv);
+        moe_ep__step_done(ctx, steps);
     }
     moe_ep_free(&ctx->desc.allocator, words);
     if (status != MOE_EP_OK) {
@@ -2391,10 +2621,11 @@ MOE_EP_API moe_ep_result moe_ep_plan_create(moe_ep_context* ctx, int64_t tokens,
     if (!ctx) return MOE_EP_ERROR_INVALID_ARGUMENT;
     if (!out) status = moe_ep__fail(ctx, MOE_EP_ERROR_INVALID_ARGUMENT, MOE_EP_LOG_ITEM_PLAN_ARGS,
                                     "moe_ep_plan_create: out must not be NULL");
-    else if (tokens < 0)
+    else if (tokens < 0 || tokens > moe_ep__max_tokens(ctx))
         status = moe_ep__fail(ctx, MOE_EP_ERROR_INVALID_ARGUMENT, MOE_EP_LOG_ITEM_PLAN_ARGS,
-                              "moe_ep_plan_create: tokens (%lld) must be >= 0",
-                              (long long)tokens);
+                              "moe_ep_plan_create: tokens (%lld) must be in [0, %lld] (tokens x max(num_experts, "
+                              "top_k) x d_model must fit 64-bit sizes)", (long long)tokens,
+                              (long long)moe_ep__max_tokens(ctx));
     else if (tokens > 0 && (!topk_idx || !topk_weight))
         status = moe_ep__fail(ctx, MOE_EP_ERROR_INVALID_ARGUMENT,
                               MOE_EP_LOG_ITEM_PLAN_ARGS,
@@ -2463,13 +2694,25 @@ MOE_EP_PRIVATE moe_ep_result moe_ep__check_stage(moe_ep_context* ctx, moe_ep_pla
     return MOE_EP_OK;
 }
 
+/* A rank that fails before an exchange of rows tells the peers (the transport's skip), so
+   that their exchange fails too and every rank stays at the same step; the plan remembers
+   it, and its combine fails on every rank. */
+MOE_EP_PRIVATE moe_ep_result moe_ep__skip_rows(moe_ep_context* ctx, moe_ep_plan* plan, moe_ep_result res) {
+    if (!moe_ep__local_only(ctx) && ctx->transport.skip) ctx->transport.skip(ctx->transport.impl, res);
+    moe_ep__step_done(ctx, NULL);
+    if (plan && plan->ctx == ctx && plan->status == MOE_EP_OK) plan->status = res;
+    return res;
+}
+
 MOE_EP_API moe_ep_result moe_ep_dispatch_begin(moe_ep_context* ctx, moe_ep_plan* plan, const float* x, float* recv_rows) {
     moe_ep_result res = moe_ep__check_stage(ctx, plan, "moe_ep_dispatch", 0);
     int64_t r, d;
-    if (res != MOE_EP_OK) return res;
+    if (!ctx) return res;
+    /* with an exchange of this plan still open, this rank is inside a collective: no skip */
+    if (res != MOE_EP_OK) return plan && plan->ctx == ctx && plan->pending ? res : moe_ep__skip_rows(ctx, plan, res);
     if ((plan->send_rows > 0 && !x) || (plan->recv_rows > 0 && !recv_rows))
-        return moe_ep__fail(ctx, MOE_EP_ERROR_INVALID_ARGUMENT, MOE_EP_LOG_ITEM_STAGE_NULL,
-                            "moe_ep_dispatch: x and recv_rows must not be NULL");
+        return moe_ep__skip_rows(ctx, plan, moe_ep__fail(ctx, MOE_EP_ERROR_INVALID_ARGUMENT, MOE_EP_LOG_ITEM_STAGE_NULL,
+                                                         "moe_ep_dispatch: x and recv_rows must not be NULL"));
     d = ctx->desc.d_model;
     {
         float* dst = moe_ep__local_only(ctx) ? recv_rows : plan->send_buffer;
@@ -2484,16 +2727,23 @@ MOE_EP_API moe_ep_result moe_ep_dispatch_begin(moe_ep_context* ctx, moe_ep_plan*
         }
     }
     moe_ep__set_args(plan, plan->send_buffer, recv_rows, true);
+    plan->args.step = moe_ep__step(ctx, MOE_EP__STEP_DISPATCH_ROWS);
+    moe_ep__step_done(ctx, NULL);
     plan->pending = 1;
     res = moe_ep__a2a_begin(ctx, plan, "moe_ep_dispatch");
-    if (res != MOE_EP_OK) plan->pending = 0;
+    if (res != MOE_EP_OK) {
+        plan->pending = 0;
+        plan->status = res;
+    }
     return res;
 }
 
 MOE_EP_API moe_ep_result moe_ep_dispatch_end(moe_ep_context* ctx, moe_ep_plan* plan) {
     moe_ep_result res = moe_ep__check_stage(ctx, plan, "moe_ep_dispatch_end", 1);
     if (res != MOE_EP_OK) return res;
-    return moe_ep__a2a_end(ctx, plan, "moe_ep_dispatch");
+    res = moe_ep__a2a_end(ctx, plan, "moe_ep_dispatch");
+    plan->status = res;     /* a dispatch that worked (a retry) makes the plan good again */
+    return res;
 }
 
 /* Whether plan may be marked for a blocking exchange (a valid plan of ctx with nothing open). */
@@ -2563,13 +2813,19 @@ MOE_EP_PRIVATE moe_ep_result moe_ep__combine_begin(moe_ep_context* ctx, moe_ep_p
     moe_ep_result res = moe_ep__check_stage(ctx, plan, "moe_ep_combine", 0);
     if (!ctx) return res;
     if (res != MOE_EP_OK) status = res;
+    else if (plan->status != MOE_EP_OK && status == MOE_EP_OK)
+        status = moe_ep__fail(ctx, plan->status, MOE_EP_LOG_ITEM_STAGE_FAILED_BEFORE,
+                              "moe_ep_combine: this plan's dispatch failed (%s): there are no rows to combine",
+                              moe_ep_result_string(plan->status));
     else if (plan->recv_rows > 0 && !expert_out)
         status = moe_ep__fail(ctx, MOE_EP_ERROR_INVALID_ARGUMENT, MOE_EP_LOG_ITEM_STAGE_NULL,
                               "moe_ep_combine: expert_out must not be NULL");
     /* The one agreement of a layer: a rank whose experts failed tells the others here. */
-    res = moe_ep__agree(ctx, status, "moe_ep_combine");
+    res = moe_ep__agree(ctx, status, "moe_ep_combine", MOE_EP__STEP_COMBINE);
     if (res != MOE_EP_OK) return res;
     moe_ep__set_args(plan, expert_out, plan->send_buffer, false);
+    plan->args.step = moe_ep__step(ctx, MOE_EP__STEP_COMBINE_ROWS);
+    moe_ep__step_done(ctx, NULL);
     plan->pending = 2;
     res = moe_ep__a2a_begin(ctx, plan, "moe_ep_combine");
     if (res != MOE_EP_OK) plan->pending = 0;
@@ -2647,10 +2903,10 @@ MOE_EP_API moe_ep_result moe_ep_shared_experts(moe_ep_context* ctx, const float*
     int64_t t, D;
     moe_ep_result res;
     if (!ctx) return MOE_EP_ERROR_INVALID_ARGUMENT;
-    if (!ctx->shared || tokens < 0 || (tokens > 0 && (!x || !out)))
+    if (!ctx->shared || tokens < 0 || tokens > moe_ep__max_tokens(ctx) || (tokens > 0 && (!x || !out)))
         return moe_ep__fail(ctx, MOE_EP_ERROR_INVALID_ARGUMENT, MOE_EP_LOG_ITEM_SHARED_ARGS,
                             "moe_ep_shared_experts: %s", !ctx->shared ? "the context has no shared experts "
-                            "(moe_ep_desc.shared.d_ff is 0)" : "tokens must be >= 0, x and out not NULL");
+                            "(moe_ep_desc.shared.d_ff is 0)" : "tokens must be in [0, the layer's limit], x and out not NULL");
     res = moe_ep_expert_ffn(ctx->shared, 0, x, tokens, out);
     if (res != MOE_EP_OK)
         return moe_ep__fail(ctx, res, moe_ep_last_error_item(ctx->shared), "moe_ep_shared_experts: %s",
@@ -2671,6 +2927,23 @@ MOE_EP_API moe_ep_result moe_ep_shared_experts(moe_ep_context* ctx, const float*
 }
 
 /* >>forward */
+/* Rows of y[tokens, d] that hold NaN or Inf (all exponent bits set): an integer OR per row,
+   which the compiler vectorises (a float sum would have to keep its order). */
+MOE_EP_PRIVATE int64_t moe_ep__nonfinite_rows(const float* y, int64_t tokens, int64_t d) {
+    int64_t t, i, rows = 0;
+    for (t = 0; t < tokens; ++t) {
+        const float* row = y + t * d;
+        uint32_t any = 0;
+        for (i = 0; i < d; ++i) {
+            uint32_t bits;
+            memcpy(&bits, &row[i], sizeof bits);
+            any |= (uint32_t)((bits & 0x7F800000u) == 0x7F800000u);
+        }
+        rows += any != 0;
+    }
+    return rows;
+}
+
 MOE_EP_PRIVATE moe_ep_result moe_ep__forward_check(moe_ep_context* ctx, const moe_ep_forward_args* a) {
     if (!a) return moe_ep__fail(ctx, MOE_EP_ERROR_INVALID_ARGUMENT, MOE_EP_LOG_ITEM_FORWARD_ARGS_NULL,
                                 "moe_ep_forward: args must not be NULL");
@@ -2681,10 +2954,18 @@ MOE_EP_PRIVATE moe_ep_result moe_ep__forward_check(moe_ep_context* ctx, const mo
         return moe_ep__fail(ctx, MOE_EP_ERROR_INVALID_ARGUMENT,
                             MOE_EP_LOG_ITEM_FORWARD_NULL,
                             "moe_ep_forward_args.x and .y must not be NULL when tokens > 0");
+    if (a->tokens > moe_ep__max_tokens(ctx))
+        return moe_ep__fail(ctx, MOE_EP_ERROR_INVALID_ARGUMENT, MOE_EP_LOG_ITEM_FORWARD_TOKENS,
+                            "moe_ep_forward_args.tokens (%lld) must be <= %lld: tokens x max(num_experts, top_k) x "
+                            "d_model must fit 64-bit sizes", (long long)a->tokens, (long long)moe_ep__max_tokens(ctx));
     if (a->routing_in && a->tokens > 0 && (!a->topk_idx || !a->topk_weight))
         return moe_ep__fail(ctx, MOE_EP_ERROR_INVALID_ARGUMENT,
                             MOE_EP_LOG_ITEM_FORWARD_ROUTING_IN,
                             "moe_ep_forward_args.routing_in needs topk_idx and topk_weight");
+    if (!a->topk_idx != !a->topk_weight)
+        return moe_ep__fail(ctx, MOE_EP_ERROR_INVALID_ARGUMENT, MOE_EP_LOG_ITEM_FORWARD_ROUTING_IN,
+                            "moe_ep_forward_args.topk_idx and .topk_weight: set both (the routing is written to or "
+                            "read from both) or neither; %s is NULL", a->topk_idx ? "topk_weight" : "topk_idx");
     if (!a->routing_in && !ctx->desc.router_weight)
         return moe_ep__fail(ctx, MOE_EP_ERROR_INVALID_ARGUMENT,
                             MOE_EP_LOG_ITEM_ROUTER_WEIGHT_MISSING,
@@ -2717,13 +2998,25 @@ MOE_EP_API moe_ep_result moe_ep_forward(moe_ep_context* ctx, const moe_ep_forwar
     float* weight = NULL;
     int64_t tokens = 0;
     if (!ctx) return MOE_EP_ERROR_INVALID_ARGUMENT;
+    moe_ep_router_stats stats;
+    int64_t* counts = NULL;
     status = moe_ep__forward_check(ctx, args);
+    if (status == MOE_EP_OK && args->stats) {
+        /* the statistics land here first: the caller's are written only when the layer worked */
+        stats = *args->stats;
+        if (stats.tokens_per_expert) {
+            counts = (int64_t*)moe_ep__calloc(&ctx->desc.allocator, ctx->desc.num_experts, sizeof(int64_t));
+            if (!counts) status = moe_ep__fail(ctx, MOE_EP_ERROR_OUT_OF_MEMORY, MOE_EP_LOG_ITEM_OUT_OF_MEMORY,
+                                               "moe_ep_forward: out of memory for the statistics");
+            stats.tokens_per_expert = counts;
+        }
+    }
     if (status == MOE_EP_OK) {
         tokens = args->tokens;
-        if (args->routing_in || (args->topk_idx && args->topk_weight)) {
+        if (args->routing_in) {
             idx = args->topk_idx;
             weight = args->topk_weight;
-        } else {
+        } else {    /* the router's choice lands in the context's buffers; the caller's get a copy at the end */
             void* bufs[2];
             bufs[0] = ctx->topk_idx;
             bufs[1] = ctx->topk_weight;
@@ -2736,9 +3029,12 @@ MOE_EP_API moe_ep_result moe_ep_forward(moe_ep_context* ctx, const moe_ep_forwar
         }
     }
     if (status == MOE_EP_OK && !args->routing_in)
-        status = moe_ep_route(ctx, args->x, tokens, idx, weight, args->stats);
+        status = moe_ep_route(ctx, args->x, tokens, idx, weight, args->stats ? &stats : NULL);
     res = moe_ep__plan_build(ctx, status == MOE_EP_OK ? tokens : 0, idx, weight, status, &plan);
-    if (res != MOE_EP_OK) return res;
+    if (res != MOE_EP_OK) {
+        moe_ep_free(&ctx->desc.allocator, counts);
+        return res;
+    }
     {
         void* bufs[2];
         bufs[0] = ctx->recv_rows;
@@ -2753,7 +3049,7 @@ MOE_EP_API moe_ep_result moe_ep_forward(moe_ep_context* ctx, const moe_ep_forwar
         }
     }
     /* A rank without room to receive must not enter the dispatch: agree first. */
-    res = moe_ep__agree(ctx, status, "moe_ep_forward");
+    res = moe_ep__agree(ctx, status, "moe_ep_forward", MOE_EP__STEP_FORWARD);
     if (res == MOE_EP_OK) res = moe_ep__forward_dispatch(ctx, plan, args->x, tokens, &shared_status);
     if (res == MOE_EP_OK) {
         status = moe_ep_experts(ctx, plan, ctx->recv_rows, ctx->expert_out);
@@ -2767,6 +3063,20 @@ MOE_EP_API moe_ep_result moe_ep_forward(moe_ep_context* ctx, const moe_ep_forwar
         int64_t i, n = tokens * ctx->desc.d_model;
         for (i = 0; i < n; ++i) args->y[i] += ctx->shared_out[i];
     }
+    if (res == MOE_EP_OK) {
+        if (!args->routing_in && args->topk_idx && tokens > 0) {
+            memcpy(args->topk_idx, idx, sizeof(int32_t) * (size_t)(tokens * ctx->desc.top_k));
+            memcpy(args->topk_weight, weight, sizeof(float) * (size_t)(tokens * ctx->desc.top_k));
+        }
+        if (args->stats) {
+            int64_t* theirs = args->stats->tokens_per_expert;
+            *args->stats = stats;
+            args->stats->tokens_per_expert = theirs;
+            if (theirs) memcpy(theirs, counts, sizeof(int64_t) * (size_t)ctx->desc.num_experts);
+        }
+        if (args->nonfinite_tokens) *args->nonfinite_tokens = moe_ep__nonfinite_rows(args->y, tokens, ctx->desc.d_model);
+    }
+    moe_ep_free(&ctx->desc.allocator, counts);
     moe_ep_plan_destroy(plan);
     return res;
 }
@@ -2787,7 +3097,14 @@ MOE_EP_API moe_ep_result moe_ep_layout_resolve(const moe_ep_layout_desc* desc, m
                  "and ep_size (%d) >= 0", d.world_size, d.tp_size, d.dp_size, d.ep_size);
         return MOE_EP_ERROR_INVALID_ARGUMENT;
     }
-    if (d.ep_size == 0) d.ep_size = d.world_size / (d.tp_size * d.dp_size);
+    /* in 64 bits, each product checked before the next: tp x dp and ep x tp x dp may pass an int */
+    if ((int64_t)d.tp_size * d.dp_size > d.world_size ||
+        (d.ep_size > 0 && (int64_t)d.ep_size * d.tp_size * d.dp_size != d.world_size)) {
+        snprintf(err, err_size, "moe_ep_layout_desc: ep_size (%d) x tp_size (%d) x dp_size (%d) must equal "
+                 "world_size (%d)", d.ep_size, d.tp_size, d.dp_size, d.world_size);
+        return MOE_EP_ERROR_INVALID_ARGUMENT;
+    }
+    if (d.ep_size == 0) d.ep_size = (int)((int64_t)d.world_size / ((int64_t)d.tp_size * d.dp_size));
     if ((int64_t)d.ep_size * d.tp_size * d.dp_size != d.world_size || d.ep_size == 0) {
         snprintf(err, err_size, "moe_ep_layout_desc: ep_size (%d) x tp_size (%d) x dp_size (%d) must equal "
                  "world_size (%d)", d.ep_size, d.tp_size, d.dp_size, d.world_size);
@@ -3688,9 +4005,10 @@ MOE_EP_API moe_ep_result moe_ep_expert_ffn(moe_ep_context* ctx, int local_expert
         return moe_ep__fail(ctx, MOE_EP_ERROR_INVALID_ARGUMENT, MOE_EP_LOG_ITEM_FFN_ARGS,
                             "local_expert (%d) must be in [0, %d)",
                             local_expert, ctx->local_experts);
-    if (row_count < 0) return moe_ep__fail(ctx, MOE_EP_ERROR_INVALID_ARGUMENT, MOE_EP_LOG_ITEM_FFN_ARGS,
-                                           "row_count (%lld) must be >= 0",
-                                           (long long)row_count);
+    if (row_count < 0 || row_count > moe_ep__max_tokens(ctx))
+        return moe_ep__fail(ctx, MOE_EP_ERROR_INVALID_ARGUMENT, MOE_EP_LOG_ITEM_FFN_ARGS,
+                            "moe_ep_expert_ffn: row_count (%lld) must be in [0, %lld]", (long long)row_count,
+                            (long long)moe_ep__max_tokens(ctx));
     if (row_count > 0 && (!rows || !out))
         return moe_ep__fail(ctx, MOE_EP_ERROR_INVALID_ARGUMENT, MOE_EP_LOG_ITEM_FFN_ARGS,
                             "rows and out must not be NULL");

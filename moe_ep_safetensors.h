@@ -2388,6 +2388,7 @@ MOE_EP_API moe_ep_result moe_ep_model_load_layer(moe_ep_model* m, const moe_ep_m
     }
     MOE_EP_ASSERT((uint64_t)(w - layer->weights) == floats);
     d->experts = layer->experts;
+    d->experts_count = (int)layer->local;   /* this rank's experts, in local order */
     layer->bytes_read = L.bytes_read;
     moe_ep_free(&m->allocator, L.buffer);
     *out = layer;

@@ -66,7 +66,7 @@ static moe_ep_result rank_main(const moe_ep_transport* world, void* user_data) {
     for (i = 0; i < n; ++i) mine[i] = d->experts[experts[i]];
     res = moe_ep_create(&(moe_ep_desc){
         .d_model = D_MODEL, .d_ff = D_FF, .num_experts = l->num_experts, .top_k = TOP_K, .normalize_topk = true,
-        .num_threads = 1, .router_weight = d->router, .experts = mine,
+        .num_threads = 1, .router_weight = d->router, .experts = mine, .experts_count = n,
         .transport = &ep_group, .tp_transport = has_tp ? &tp_group : NULL,
     }, &ctx);
     if (res == MOE_EP_OK) {

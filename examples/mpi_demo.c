@@ -112,8 +112,8 @@ static int parse_options(int argc, char** argv, demo_options* o, int talk) {
 /* The layer on this rank, stage by stage (so that the plan's traffic can be shown).
    Returns the result; traffic/load/aux are this rank's figures. */
 static moe_ep_result demo_layer(const demo_options* o, const moe_ep_transport* t, const float* x, float* y,
-                                const float* router, const moe_ep_expert_weights* mine, int64_t* traffic,
-                                int64_t* load, double* aux) {
+                                const float* router, const moe_ep_expert_weights* mine, int mine_count,
+                                int64_t* traffic, int64_t* load, double* aux) {
     int64_t T = o->tokens_per_rank;
     moe_ep_context* ctx = NULL;
     moe_ep_plan* plan = NULL;
@@ -127,7 +127,8 @@ static moe_ep_result demo_layer(const demo_options* o, const moe_ep_transport* t
     res = moe_ep_create(&(moe_ep_desc){
         .d_model = o->d_model, .d_ff = o->d_ff, .num_experts = o->experts, .top_k = o->top_k,
         .normalize_topk = true, .capacity_factor = o->capacity, .placement = { .kind = o->placement },
-        .num_threads = o->threads, .router_weight = router, .experts = mine, .transport = t,
+        .num_threads = o->threads, .router_weight = router, .experts = mine, .experts_count = mine_count,
+        .transport = t,
     }, &ctx);
     if (res != MOE_EP_OK) {
         fprintf(stderr, "mpi_demo: rank %d: moe_ep_create: %s\n", t->rank, moe_ep_result_string(res));
@@ -167,6 +168,7 @@ int main(int argc, char** argv) {
     demo_options o;
     moe_ep_transport transport;
     moe_ep_expert_weights* mine = NULL;
+    int mine_count = 0;
     float *x = NULL, *y = NULL, *router = NULL, *weights = NULL;
     int64_t *traffic = NULL, *load = NULL, *all_traffic = NULL, *all_load = NULL;
     double *all_aux = NULL, aux = 0.0, t0, t_multi = 0.0;
@@ -224,6 +226,7 @@ int main(int argc, char** argv) {
         mine[i].w2 = mine[i].w3 + d * (size_t)o.d_ff;
         ++i;
     }
+    mine_count = rank == 0 ? o.experts : i;    /* rank 0 holds every expert, by global id; the others their own */
     memset(y, 0xFF, sizeof *y * ((rank == 0 ? T_total : T_mine) * d + 1));   /* NaN poison */
 
     if (rank == 0) {
@@ -255,7 +258,7 @@ int main(int argc, char** argv) {
     }
     MPI_Barrier(MPI_COMM_WORLD);
     t0 = demo_wall();
-    res = demo_layer(&o, &transport, x, y, router, mine, traffic, load, &aux);
+    res = demo_layer(&o, &transport, x, y, router, mine, mine_count, traffic, load, &aux);
     MPI_Barrier(MPI_COMM_WORLD);
     t_multi = demo_wall() - t0;
     moe_ep_mpi_transport_destroy(&transport);
@@ -325,6 +328,7 @@ int main(int argc, char** argv) {
         res = moe_ep_create(&(moe_ep_desc){
             .d_model = o.d_model, .d_ff = o.d_ff, .num_experts = o.experts, .top_k = o.top_k, .normalize_topk = true,
             .capacity_factor = o.capacity, .num_threads = o.threads, .router_weight = router, .experts = mine,
+            .experts_count = o.experts,
         }, &single);
         if (res == MOE_EP_OK)
             res = moe_ep_forward(single, &(moe_ep_forward_args){ .tokens = (int64_t)T_total, .x = x, .y = y1 });

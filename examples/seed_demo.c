@@ -69,7 +69,8 @@ static moe_ep_result demo_rank(const moe_ep_transport* transport, void* user_dat
     res = moe_ep_create(&(moe_ep_desc){
         .d_model = o->d_model, .d_ff = o->d_ff, .num_experts = o->experts, .top_k = o->top_k,
         .normalize_topk = true, .capacity_factor = o->capacity, .placement = { .kind = o->placement },
-        .num_threads = o->threads, .router_weight = st->router, .experts = mine, .transport = transport,
+        .num_threads = o->threads, .router_weight = st->router, .experts = mine,
+        .experts_count = experts_here, .transport = transport,
     }, &ctx);
     if (res != MOE_EP_OK) {
         snprintf(st->errors[rank % 8], sizeof st->errors[0], "rank %d: moe_ep_create: %s", rank, moe_ep_result_string(res));

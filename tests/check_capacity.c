@@ -77,7 +77,8 @@ static moe_ep_result cap_rank(const moe_ep_transport* transport, void* user_data
     memcpy(weight, st->weight + offset * C_K, sizeof(float) * (size_t)(T * C_K));
     res = moe_ep_create(&(moe_ep_desc){ .d_model = C_D, .d_ff = C_F, .num_experts = C_E, .top_k = C_K,
                                         .capacity_factor = st->c->factor, .router_weight = st->model->router,
-                                        .experts = st->model->experts + 2 * rank, .transport = transport }, &ctx);
+                                        .experts = st->model->experts, .experts_count = C_E,   /* by global id */
+                                        .transport = transport }, &ctx);
     if (res != MOE_EP_OK) {
         snprintf(seen->error, sizeof seen->error, "create: %s", moe_ep_result_string(res));
         seen->result = res;

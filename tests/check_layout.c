@@ -155,7 +155,7 @@ static moe_ep_result layered_rank(const moe_ep_transport* world, void* user_data
     for (i = 0; i < n; ++i) mine[i] = t->experts[experts[i]];
     res = moe_ep_create(&(moe_ep_desc){ .d_model = D_MODEL, .d_ff = D_FF, .num_experts = l->num_experts, .top_k = TOP_K,
                                         .num_threads = 1, .router_weight = t->router, .experts = mine,
-                                        .transport = &ep, .tp_transport = l->tp_size > 1 ? &tp : NULL }, &ctx);
+                                        .experts_count = n, .transport = &ep, .tp_transport = l->tp_size > 1 ? &tp : NULL }, &ctx);
     if (res == MOE_EP_OK)
         res = moe_ep_forward(ctx, &(moe_ep_forward_args){
             .tokens = t->tokens, .x = t->x + (size_t)shard_of(l, world->rank) * (size_t)t->tokens * D_MODEL,

@@ -22,6 +22,8 @@ int main(void) {
     srunner_add_suite(runner, routing_suite());
     srunner_add_suite(runner, ffn_variants_suite());
     srunner_add_suite(runner, families_suite());
+    srunner_add_suite(runner, faults_suite());
+    srunner_add_suite(runner, hostile_suite());
     srunner_add_suite(runner, safetensors_suite());
     srunner_run_all(runner, CK_NORMAL);
     failed = srunner_ntests_failed(runner);

@@ -30,6 +30,8 @@ Suite* layout_suite(void);
 Suite* routing_suite(void);
 Suite* ffn_variants_suite(void);
 Suite* families_suite(void);
+Suite* faults_suite(void);
+Suite* hostile_suite(void);
 Suite* safetensors_suite(void);
 
 /* >>float64 references */

@@ -113,7 +113,8 @@ static moe_ep_result plan_rank(const moe_ep_transport* transport, void* user_dat
     for (e = 0; e < P_E; ++e)
         if (owner[e] == rank) mine[l++] = st->model.experts[e];
     res = moe_ep_create(&(moe_ep_desc){ .d_model = P_D, .d_ff = st->model.d_ff, .num_experts = P_E, .top_k = P_K,
-                                        .router_weight = st->model.router, .experts = mine, .transport = transport },
+                                        .router_weight = st->model.router, .experts = mine, .experts_count = l,
+                                        .transport = transport },
                         &ctx);
     if (res != MOE_EP_OK) {
         snprintf(seen->error, sizeof seen->error, "create: %s", moe_ep_result_string(res));

@@ -342,6 +342,7 @@ static moe_ep_result check__layer_rank(const moe_ep_transport* transport, void* 
         desc.num_threads = L->num_threads;
         desc.router_weight = m->router;
         desc.experts = mine;
+        desc.experts_count = l;
         desc.expert_fn = L->expert_fn;
         desc.expert_user_data = L->expert_user_data[rank];
         desc.transport = transport;

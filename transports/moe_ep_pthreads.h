@@ -20,6 +20,15 @@
 
    FAILURE
    =======
+   Every barrier a collective is built from carries a tag: the collective's kind, its
+   parameters (count, segments and row size, element count) and the core's step. The
+   last rank to arrive compares them; if they differ every rank of the barrier gets the
+   same verdict, MOE_EP_ERROR_OUT_OF_STEP (a rank skipped a collective or entered
+   another), and no rank reads another's buffers. A rank that failed before a collective
+   (the core's skip) enters its barrier with a SKIP tag: the others return
+   MOE_EP_ERROR_ABORTED ("rank N failed before this collective") and every rank is at the
+   same step again, so a retry with valid arguments works.
+
    When a rank fails (its fn returns an error) or returns while others still wait,
    the waiting ranks return MOE_EP_ERROR_ABORTED instead of waiting forever. With
    desc.timeout_ms > 0 a wait that lasts longer returns MOE_EP_ERROR_TIMEOUT on that
@@ -96,6 +105,19 @@ MOE_EP_API void moe_ep_pthreads_abort(moe_ep_pthreads_world* world);
 /* A world is either the root (made by moe_ep_pthreads_world_create) or a group split
    from another world. Groups share the root's mutex and condition variable, so an abort
    or a returning rank wakes every waiter of every group. */
+/* What a rank brings to a barrier; ranks of one barrier must bring the same. */
+typedef struct moe_ep__pthreads_tag {
+    int kind;                       /* moe_ep__pthreads_kind */
+    int64_t param, step;
+} moe_ep__pthreads_tag;
+
+/* The verdict of one barrier, computed by its last rank. */
+typedef struct moe_ep__pthreads_verdict {
+    moe_ep_result result;
+    int skipped_rank;               /* ABORTED: the rank that skipped */
+    char text[192];
+} moe_ep__pthreads_verdict;
+
 struct moe_ep_pthreads_world {
     int world_size, timeout_ms;
     moe_ep_allocator allocator;
@@ -115,6 +137,10 @@ struct moe_ep_pthreads_world {
     int* split_color;               /* [R] published by split */
     int* split_key;                 /* [R] */
     struct moe_ep_pthreads_world** split_group;   /* [R] the group a split leader made */
+    /* by generation parity: a rank that left barrier g may reach g + 1 (and write the other
+       half) before a slower one has read g's verdict, but not g + 2 */
+    moe_ep__pthreads_tag* tags[2];  /* [R] each */
+    moe_ep__pthreads_verdict verdict[2];
     struct moe_ep__pthreads_rank* ranks;
 };
 
@@ -135,10 +161,18 @@ MOE_EP_PRIVATE void moe_ep__pthreads_world_free(moe_ep_pthreads_world* w) {
     moe_ep_free(&a, w->split_color);
     moe_ep_free(&a, w->split_key);
     moe_ep_free(&a, w->split_group);
+    moe_ep_free(&a, w->tags[0]);
+    moe_ep_free(&a, w->tags[1]);
     moe_ep_free(&a, w->rank_exited);
     moe_ep_free(&a, w->global_rank);
     moe_ep_free(&a, w->ranks);
     moe_ep_free(&a, w);
+}
+
+MOE_EP_PRIVATE void* moe_ep__pthreads_calloc(const moe_ep_allocator* a, size_t count, size_t each) {
+    void* p = count <= SIZE_MAX / each ? moe_ep_alloc(a, count * each) : NULL;
+    if (p) memset(p, 0, count * each);
+    return p;
 }
 
 /* Allocates a world of `size` ranks (root == NULL makes a root). */
@@ -153,18 +187,21 @@ MOE_EP_PRIVATE moe_ep_pthreads_world* moe_ep__pthreads_world_alloc(const moe_ep_
     w->timeout_ms = timeout_ms;
     w->allocator = *a;
     w->root = root ? root : w;
-    w->count_send = (const int64_t**)moe_ep_alloc(a, R * sizeof *w->count_send);
-    w->a2a = (const moe_ep_a2a_args**)moe_ep_alloc(a, R * sizeof *w->a2a);
-    w->reduce_data = (float**)moe_ep_alloc(a, R * sizeof *w->reduce_data);
-    w->reduce_count = (int64_t*)moe_ep_alloc(a, R * sizeof *w->reduce_count);
-    w->split_color = (int*)moe_ep_alloc(a, R * sizeof *w->split_color);
-    w->split_key = (int*)moe_ep_alloc(a, R * sizeof *w->split_key);
-    w->split_group = (moe_ep_pthreads_world**)moe_ep_alloc(a, R * sizeof *w->split_group);
-    w->global_rank = (int*)moe_ep_alloc(a, R * sizeof *w->global_rank);
-    w->ranks = (moe_ep__pthreads_rank*)moe_ep_alloc(a, R * sizeof *w->ranks);
-    if (!root) w->rank_exited = (int*)moe_ep_alloc(a, R * sizeof *w->rank_exited);
+    /* zeroed: a slot is only read after its barrier, but never read as garbage either */
+    w->count_send = (const int64_t**)moe_ep__pthreads_calloc(a, R, sizeof *w->count_send);
+    w->a2a = (const moe_ep_a2a_args**)moe_ep__pthreads_calloc(a, R, sizeof *w->a2a);
+    w->reduce_data = (float**)moe_ep__pthreads_calloc(a, R, sizeof *w->reduce_data);
+    w->reduce_count = (int64_t*)moe_ep__pthreads_calloc(a, R, sizeof *w->reduce_count);
+    w->split_color = (int*)moe_ep__pthreads_calloc(a, R, sizeof *w->split_color);
+    w->split_key = (int*)moe_ep__pthreads_calloc(a, R, sizeof *w->split_key);
+    w->split_group = (moe_ep_pthreads_world**)moe_ep__pthreads_calloc(a, R, sizeof *w->split_group);
+    w->global_rank = (int*)moe_ep__pthreads_calloc(a, R, sizeof *w->global_rank);
+    w->ranks = (moe_ep__pthreads_rank*)moe_ep__pthreads_calloc(a, R, sizeof *w->ranks);
+    w->tags[0] = (moe_ep__pthreads_tag*)moe_ep__pthreads_calloc(a, R, sizeof(moe_ep__pthreads_tag));
+    w->tags[1] = (moe_ep__pthreads_tag*)moe_ep__pthreads_calloc(a, R, sizeof(moe_ep__pthreads_tag));
+    if (!root) w->rank_exited = (int*)moe_ep__pthreads_calloc(a, R, sizeof *w->rank_exited);
     if (!w->count_send || !w->a2a || !w->reduce_data || !w->reduce_count || !w->split_color || !w->split_key ||
-        !w->split_group || !w->global_rank || !w->ranks || (!root && !w->rank_exited)) {
+        !w->split_group || !w->global_rank || !w->ranks || !w->tags[0] || !w->tags[1] || (!root && !w->rank_exited)) {
         moe_ep__pthreads_world_free(w);
         return NULL;
     }
@@ -217,6 +254,46 @@ MOE_EP_API void moe_ep_pthreads_abort(moe_ep_pthreads_world* w) {
     pthread_mutex_unlock(&root->mutex);
 }
 
+/* The barriers a collective is made of. CLOSE ends every collective, so that slots are not
+   overwritten while a peer still reads them. */
+enum moe_ep__pthreads_kind {
+    MOE_EP__PTHREADS_EXCHANGE = 1, MOE_EP__PTHREADS_A2A, MOE_EP__PTHREADS_REDUCE, MOE_EP__PTHREADS_BARRIER,
+    MOE_EP__PTHREADS_SPLIT, MOE_EP__PTHREADS_SPLIT_MADE, MOE_EP__PTHREADS_SKIP, MOE_EP__PTHREADS_CLOSE
+};
+
+MOE_EP_PRIVATE const char* moe_ep__pthreads_kind_name(int kind) {
+    static const char* const names[] = { "?", "exchange_counts", "all_to_all_v", "all_reduce_sum", "barrier",
+                                         "split", "split", "skip", "the end of a collective" };
+    return kind > 0 && kind <= MOE_EP__PTHREADS_CLOSE ? names[kind] : "?";
+}
+
+/* The verdict of a full barrier: a skip names its rank (ABORTED); any other difference is
+   OUT_OF_STEP. Called by the last rank to arrive, with the root's mutex held. */
+MOE_EP_PRIVATE void moe_ep__pthreads_judge(moe_ep_pthreads_world* w, const moe_ep__pthreads_tag* tags,
+                                           moe_ep__pthreads_verdict* v) {
+    int R = w->world_size, q;
+    v->result = MOE_EP_OK;
+    v->skipped_rank = -1;
+    v->text[0] = '\0';
+    for (q = 0; q < R; ++q)
+        if (tags[q].kind == MOE_EP__PTHREADS_SKIP) {
+            v->result = MOE_EP_ERROR_ABORTED;
+            v->skipped_rank = q;
+            snprintf(v->text, sizeof v->text, "rank %d failed before this collective and skipped it", q);
+            return;
+        }
+    for (q = 1; q < R; ++q)
+        if (tags[q].kind != tags[0].kind || tags[q].param != tags[0].param || tags[q].step != tags[0].step) {
+            v->result = MOE_EP_ERROR_OUT_OF_STEP;
+            snprintf(v->text, sizeof v->text, "rank 0 is in %s (%lld, step %llx), rank %d in %s (%lld, step %llx): a "
+                     "rank skipped a collective or entered another", moe_ep__pthreads_kind_name(tags[0].kind),
+                     (long long)tags[0].param, (unsigned long long)tags[0].step, q,
+                     moe_ep__pthreads_kind_name(tags[q].kind), (long long)tags[q].param,
+                     (unsigned long long)tags[q].step);
+            return;
+        }
+}
+
 /* Whether a barrier of w can no longer complete: an abort, or a member that has returned.
    Called with the root's mutex held. */
 MOE_EP_PRIVATE const char* moe_ep__pthreads_broken(const moe_ep_pthreads_world* w) {
@@ -228,14 +305,18 @@ MOE_EP_PRIVATE const char* moe_ep__pthreads_broken(const moe_ep_pthreads_world* 
     return NULL;
 }
 
-/* The barrier every collective is built from. A barrier that some rank can never
-   reach (aborted, or a rank of this run already returned) fails instead of waiting. */
-MOE_EP_PRIVATE moe_ep_result moe_ep__pthreads_barrier(moe_ep_pthreads_world* w, char* err_text, size_t err_size) {
+/* The barrier every collective is built from: each rank brings a tag (kind, param, step),
+   and every rank leaves with the verdict on all of them. A barrier that some rank can
+   never reach (aborted, or a rank of this run already returned) fails instead of waiting. */
+MOE_EP_PRIVATE moe_ep_result moe_ep__pthreads_barrier(moe_ep__pthreads_rank* me, int kind, int64_t param, int64_t step,
+                                                      char* err_text, size_t err_size) {
+    moe_ep_pthreads_world* w = me->world;
     moe_ep_pthreads_world* root = w->root;
     moe_ep_result res = MOE_EP_OK;
     unsigned long generation;
     struct timespec deadline;
     const char* broken;
+    moe_ep__pthreads_tag* tag;
     pthread_mutex_lock(&root->mutex);
     if (root->aborted || w->aborted) {
         pthread_mutex_unlock(&root->mutex);
@@ -243,32 +324,45 @@ MOE_EP_PRIVATE moe_ep_result moe_ep__pthreads_barrier(moe_ep_pthreads_world* w, 
         return MOE_EP_ERROR_ABORTED;
     }
     generation = w->generation;
+    tag = &w->tags[generation & 1][me->rank];
+    tag->kind = kind;
+    tag->param = param;
+    tag->step = step;
     if (++w->arrived == w->world_size) {
+        moe_ep__pthreads_judge(w, w->tags[generation & 1], &w->verdict[generation & 1]);
         w->arrived = 0;
         w->generation++;
         pthread_cond_broadcast(&root->cond);
-        pthread_mutex_unlock(&root->mutex);
-        return MOE_EP_OK;
-    }
-    /* whole seconds, rounded up plus one: the timeout is a lower bound, never cut short */
-    deadline.tv_sec = time(NULL) + (time_t)((w->timeout_ms + 999) / 1000) + 1;
-    deadline.tv_nsec = 0;
-    while (generation == w->generation) {
-        if ((broken = moe_ep__pthreads_broken(w)) != NULL) {
-            res = MOE_EP_ERROR_ABORTED;
-            if (err_text) snprintf(err_text, err_size, "%s", broken);
-            break;
-        }
-        if (w->timeout_ms > 0) {
-            if (pthread_cond_timedwait(&root->cond, &root->mutex, &deadline) == ETIMEDOUT && generation == w->generation) {
-                res = MOE_EP_ERROR_TIMEOUT;
-                if (err_text) snprintf(err_text, err_size, "no progress for %d ms", w->timeout_ms);
-                root->aborted = 1;  /* the others cannot complete without this rank either */
-                pthread_cond_broadcast(&root->cond);
+    } else {
+        /* whole seconds, rounded up plus one: the timeout is a lower bound, never cut short */
+        deadline.tv_sec = time(NULL) + (time_t)((w->timeout_ms + 999) / 1000) + 1;
+        deadline.tv_nsec = 0;
+        while (generation == w->generation) {
+            if ((broken = moe_ep__pthreads_broken(w)) != NULL) {
+                res = MOE_EP_ERROR_ABORTED;
+                if (err_text) snprintf(err_text, err_size, "%s", broken);
                 break;
             }
-        } else {
-            pthread_cond_wait(&root->cond, &root->mutex);
+            if (w->timeout_ms > 0) {
+                if (pthread_cond_timedwait(&root->cond, &root->mutex, &deadline) == ETIMEDOUT &&
+                    generation == w->generation) {
+                    res = MOE_EP_ERROR_TIMEOUT;
+                    if (err_text) snprintf(err_text, err_size, "no progress for %d ms", w->timeout_ms);
+                    root->aborted = 1;  /* the others cannot complete without this rank either */
+                    pthread_cond_broadcast(&root->cond);
+                    break;
+                }
+            } else {
+                pthread_cond_wait(&root->cond, &root->mutex);
+            }
+        }
+    }
+    if (res == MOE_EP_OK) {
+        const moe_ep__pthreads_verdict* v = &w->verdict[generation & 1];
+        /* the skipping rank already holds its own cause */
+        if (v->result != MOE_EP_OK && !(v->result == MOE_EP_ERROR_ABORTED && kind == MOE_EP__PTHREADS_SKIP)) {
+            res = v->result;
+            if (err_text) snprintf(err_text, err_size, "%s", v->text);
         }
     }
     pthread_mutex_unlock(&root->mutex);
@@ -277,7 +371,14 @@ MOE_EP_PRIVATE moe_ep_result moe_ep__pthreads_barrier(moe_ep_pthreads_world* w, 
 
 MOE_EP_PRIVATE moe_ep_result moe_ep__pthreads_barrier_cb(void* impl, char* err_text, size_t err_size) {
     moe_ep__pthreads_rank* me = (moe_ep__pthreads_rank*)impl;
-    return moe_ep__pthreads_barrier(me->world, err_text, err_size);
+    return moe_ep__pthreads_barrier(me, MOE_EP__PTHREADS_BARRIER, 0, 0, err_text, err_size);
+}
+
+/* This rank will not enter its next collective: it meets the peers at that collective's
+   first barrier with a SKIP tag, so that they fail it instead of waiting. */
+MOE_EP_PRIVATE void moe_ep__pthreads_skip(void* impl, moe_ep_result status) {
+    moe_ep__pthreads_rank* me = (moe_ep__pthreads_rank*)impl;
+    moe_ep__pthreads_barrier(me, MOE_EP__PTHREADS_SKIP, (int64_t)status, 0, NULL, 0);
 }
 
 MOE_EP_PRIVATE moe_ep_result moe_ep__pthreads_exchange(void* impl, const int64_t* send, int64_t* recv, int count,
@@ -287,27 +388,36 @@ MOE_EP_PRIVATE moe_ep_result moe_ep__pthreads_exchange(void* impl, const int64_t
     moe_ep_result res;
     int q;
     w->count_send[me->rank] = send;
-    res = moe_ep__pthreads_barrier(w, err_text, err_size);
+    res = moe_ep__pthreads_barrier(me, MOE_EP__PTHREADS_EXCHANGE, count, 0, err_text, err_size);
     if (res != MOE_EP_OK) return res;
     for (q = 0; q < w->world_size; ++q)
         memcpy(recv + (size_t)q * (size_t)count, w->count_send[q] + (size_t)me->rank * (size_t)count,
                sizeof(int64_t) * (size_t)count);
-    return moe_ep__pthreads_barrier(w, err_text, err_size);
+    return moe_ep__pthreads_barrier(me, MOE_EP__PTHREADS_CLOSE, 0, 0, err_text, err_size);
+}
+
+/* One word for an all_to_all_v's shape: its segments and row size. */
+MOE_EP_PRIVATE int64_t moe_ep__pthreads_a2a_param(const moe_ep_a2a_args* args) {
+    return (int64_t)args->segments * 1000003 + (int64_t)args->row_bytes;
 }
 
 MOE_EP_PRIVATE moe_ep_result moe_ep__pthreads_a2a_begin(void* impl, const moe_ep_a2a_args* args, void** request,
                                                         char* err_text, size_t err_size) {
     moe_ep__pthreads_rank* me = (moe_ep__pthreads_rank*)impl;
+    moe_ep_result res;
     if (args->memory_space == MOE_EP_MEMORY_DEVICE) {
         if (err_text) snprintf(err_text, err_size, "device memory is not supported by the pthreads transport");
         return MOE_EP_ERROR_UNSUPPORTED;    /* symmetric: every rank passes the same memory space */
     }
     me->world->a2a[me->rank] = args;
-    *request = me;                  /* end reads the args back from a2a[rank]: no const cast */
-    return moe_ep__pthreads_barrier(me->world, err_text, err_size);
+    res = moe_ep__pthreads_barrier(me, MOE_EP__PTHREADS_A2A, moe_ep__pthreads_a2a_param(args), args->step, err_text,
+                                   err_size);
+    if (res == MOE_EP_OK) *request = me;    /* end reads the args back from a2a[rank]: no const cast */
+    return res;
 }
 
-/* Pull this rank's segments out of every sender's buffer, then wait until all have pulled. */
+/* Pull this rank's segments out of every sender's buffer, then wait until all have pulled.
+   The begin's barrier saw the same segments and row size on every rank. */
 MOE_EP_PRIVATE moe_ep_result moe_ep__pthreads_a2a_end(void* impl, void* request, char* err_text, size_t err_size) {
     moe_ep__pthreads_rank* me = (moe_ep__pthreads_rank*)impl;
     moe_ep_pthreads_world* w = me->world;
@@ -318,12 +428,6 @@ MOE_EP_PRIVATE moe_ep_result moe_ep__pthreads_a2a_end(void* impl, void* request,
     (void)request;
     for (q = 0; q < w->world_size && res == MOE_EP_OK; ++q) {
         const moe_ep_a2a_args* peer = w->a2a[q];
-        if (peer->segments != S || peer->row_bytes != rb) {
-            if (err_text) snprintf(err_text, err_size, "rank %d uses %d segments of %zu-byte rows, rank %d %d of %zu",
-                                   q, peer->segments, peer->row_bytes, me->rank, S, rb);
-            res = MOE_EP_ERROR_TRANSPORT;
-            break;
-        }
         for (s = 0; s < S; ++s) {
             int64_t rows = peer->send_counts[me->rank * S + s];
             if (rows != mine->recv_counts[q * S + s]) {
@@ -339,8 +443,9 @@ MOE_EP_PRIVATE moe_ep_result moe_ep__pthreads_a2a_end(void* impl, void* request,
     }
     {
         /* always reach the closing barrier, so that a local error does not strand the peers */
-        char barrier_err[128] = "";
-        moe_ep_result closing = moe_ep__pthreads_barrier(w, barrier_err, sizeof barrier_err);
+        char barrier_err[192] = "";
+        moe_ep_result closing = moe_ep__pthreads_barrier(me, MOE_EP__PTHREADS_CLOSE, 0, 0, barrier_err,
+                                                         sizeof barrier_err);
         if (res == MOE_EP_OK && closing != MOE_EP_OK) {
             if (err_text) snprintf(err_text, err_size, "%s", barrier_err);
             res = closing;
@@ -362,14 +467,16 @@ MOE_EP_PRIVATE void moe_ep__pthreads_abort_cb(void* impl) {
 }
 
 /* Each rank sums its own slice of the elements over all ranks, in rank order, and writes
-   the sum back to every rank's buffer: one pass, the same bytes everywhere. */
+   the sum back to every rank's buffer: one pass, the same bytes everywhere. The barrier
+   compares the element counts. */
 MOE_EP_PRIVATE moe_ep_result moe_ep__pthreads_all_reduce(void* impl, float* data, int64_t count,
                                                          moe_ep_memory_space memory_space, void* stream,
                                                          char* err_text, size_t err_size) {
     moe_ep__pthreads_rank* me = (moe_ep__pthreads_rank*)impl;
     moe_ep_pthreads_world* w = me->world;
-    moe_ep_result res = MOE_EP_OK, closing;
+    moe_ep_result res = MOE_EP_OK;
     int R = w->world_size, q;
+    int64_t i, begin, end;
     (void)stream;
     if (memory_space == MOE_EP_MEMORY_DEVICE) {
         if (err_text) snprintf(err_text, err_size, "device memory is not supported by the pthreads transport");
@@ -377,24 +484,16 @@ MOE_EP_PRIVATE moe_ep_result moe_ep__pthreads_all_reduce(void* impl, float* data
     }
     w->reduce_data[me->rank] = data;
     w->reduce_count[me->rank] = count;
-    res = moe_ep__pthreads_barrier(w, err_text, err_size);
+    res = moe_ep__pthreads_barrier(me, MOE_EP__PTHREADS_REDUCE, count, 0, err_text, err_size);
     if (res != MOE_EP_OK) return res;
-    for (q = 0; q < R; ++q)
-        if (w->reduce_count[q] != count) {
-            if (err_text) snprintf(err_text, err_size, "all_reduce_sum: rank %d passes %lld elements, rank %d %lld", q,
-                                   (long long)w->reduce_count[q], me->rank, (long long)count);
-            res = MOE_EP_ERROR_TRANSPORT;
-        }
-    if (res == MOE_EP_OK) {
-        int64_t i, begin = count * me->rank / R, end = count * (me->rank + 1) / R;
-        for (i = begin; i < end; ++i) {
-            float sum = w->reduce_data[0][i];
-            for (q = 1; q < R; ++q) sum += w->reduce_data[q][i];
-            for (q = 0; q < R; ++q) w->reduce_data[q][i] = sum;
-        }
+    begin = count * me->rank / R;
+    end = count * (me->rank + 1) / R;
+    for (i = begin; i < end; ++i) {
+        float sum = w->reduce_data[0][i];
+        for (q = 1; q < R; ++q) sum += w->reduce_data[q][i];
+        for (q = 0; q < R; ++q) w->reduce_data[q][i] = sum;
     }
-    closing = moe_ep__pthreads_barrier(w, res == MOE_EP_OK ? err_text : NULL, err_size);
-    return res != MOE_EP_OK ? res : closing;
+    return moe_ep__pthreads_barrier(me, MOE_EP__PTHREADS_CLOSE, 0, 0, err_text, err_size);
 }
 
 MOE_EP_PRIVATE void moe_ep__pthreads_release(void* impl) {
@@ -430,6 +529,7 @@ MOE_EP_API moe_ep_result moe_ep_pthreads_transport_create(moe_ep_pthreads_world*
     t.abort = moe_ep__pthreads_abort_cb;
     t.all_reduce_sum = moe_ep__pthreads_all_reduce;
     t.split = moe_ep__pthreads_split;
+    t.skip = moe_ep__pthreads_skip;
     if (w->root != w) t.destroy = moe_ep__pthreads_release;
     *out = t;
     return MOE_EP_OK;
@@ -453,7 +553,7 @@ MOE_EP_PRIVATE moe_ep_result moe_ep__pthreads_split(void* impl, int color, int k
     w->split_color[me->rank] = color;
     w->split_key[me->rank] = key;
     w->split_group[me->rank] = NULL;
-    res = moe_ep__pthreads_barrier(w, err_text, err_size);
+    res = moe_ep__pthreads_barrier(me, MOE_EP__PTHREADS_SPLIT, 0, 0, err_text, err_size);
     if (res != MOE_EP_OK) return res;
     /* my position: members before me in (key, rank) order; the leader is the first */
     for (q = 0; q < R; ++q) {
@@ -486,11 +586,11 @@ MOE_EP_PRIVATE moe_ep_result moe_ep__pthreads_split(void* impl, int color, int k
         }
         w->split_group[me->rank] = group;
     }
-    res = moe_ep__pthreads_barrier(w, err_text, err_size);
+    res = moe_ep__pthreads_barrier(me, MOE_EP__PTHREADS_SPLIT_MADE, 0, 0, err_text, err_size);
     if (res != MOE_EP_OK) return res;
     group = w->split_group[leader];
     /* a closing barrier, so the published slots are not overwritten by the next split too early */
-    res = moe_ep__pthreads_barrier(w, err_text, err_size);
+    res = moe_ep__pthreads_barrier(me, MOE_EP__PTHREADS_CLOSE, 0, 0, err_text, err_size);
     if (!group) {
         if (err_text) snprintf(err_text, err_size, "split: out of memory for a group of %d ranks", n);
         return MOE_EP_ERROR_OUT_OF_MEMORY;

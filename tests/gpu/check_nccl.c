@@ -158,8 +158,8 @@ static void test_core(rank_env* env, groups* g) {
     n = moe_ep_layout_experts(l, env->rank, experts, E_ALL);
     for (i = 0; i < n; ++i) mine[i] = m.all[experts[i]];
     res = moe_ep_create(&(moe_ep_desc){ .d_model = m.d, .d_ff = m.ff, .num_experts = E_ALL, .top_k = TOP_K,
-                                        .router_weight = m.router, .experts = mine, .num_threads = 1,
-                                        .transport = &g->ep, .tp_transport = l->tp_size > 1 ? &g->tp : NULL }, &ctx);
+                                        .router_weight = m.router, .experts = mine, .experts_count = n,
+                                        .num_threads = 1, .transport = &g->ep, .tp_transport = l->tp_size > 1 ? &g->tp : NULL }, &ctx);
     if (res != MOE_EP_OK) {
         rank_fail(env, "moe_ep_create over the groups: %s", moe_ep_result_string(res));
     } else {
@@ -344,7 +344,8 @@ static void test_core_world(rank_env* env) {
         if (owner[e] == me) mine[l++] = all[e];
     }
     res = moe_ep_create(&(moe_ep_desc){ .d_model = D, .d_ff = FF, .num_experts = E, .top_k = K, .router_weight = router,
-                                        .experts = mine, .num_threads = 1, .transport = &env->transport }, &ctx);
+                                        .experts = mine, .experts_count = l, .num_threads = 1,
+                                        .transport = &env->transport }, &ctx);
     if (res != MOE_EP_OK) { rank_fail(env, "moe_ep_create over NCCL: %s", moe_ep_result_string(res)); goto done; }
     memset(y, 0xFF, sizeof(float) * n);
     res = moe_ep_forward(ctx, &(moe_ep_forward_args){ .tokens = T, .x = x, .y = y, .topk_idx = idx, .topk_weight = w });

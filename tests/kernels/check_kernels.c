@@ -299,7 +299,7 @@ static moe_ep_result budget_rank(const moe_ep_transport* transport, void* user_d
     moe_ep_context* ctx = NULL;
     moe_ep_result res = moe_ep_create(&(moe_ep_desc){ .d_model = st->expert->d_model, .d_ff = st->expert->d_ff,
                                                       .num_experts = 2, .experts = &st->expert->weights,
-                                                      .transport = transport }, &ctx);
+                                                      .experts_count = 1, .transport = transport }, &ctx);
     if (res != MOE_EP_OK) return res;
     st->threads[transport->rank] = moe_ep_query(ctx).num_threads;
     moe_ep_destroy(ctx);
