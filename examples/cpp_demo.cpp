@@ -22,7 +22,7 @@ struct Layer {
 };
 
 // The desc both runs share; a rank run hands in only its own experts.
-moe_ep_desc layer_desc(const Layer& layer, const moe_ep_expert_weights* experts,
+moe_ep_desc layer_desc(const Layer& layer, const moe_ep_expert_weights* experts, int experts_count,
                        const moe_ep_transport* transport) {
     moe_ep_desc desc;
     std::memset(&desc, 0, sizeof desc);
@@ -34,6 +34,7 @@ moe_ep_desc layer_desc(const Layer& layer, const moe_ep_expert_weights* experts,
     desc.num_threads = 1;
     desc.router_weight = layer.router.data();
     desc.experts = experts;
+    desc.experts_count = experts_count;     // this rank's experts, in local order
     desc.transport = transport;
     return desc;
 }
@@ -50,7 +51,7 @@ moe_ep_result forward(moe_ep_context* ctx, const float* x, float* y, int64_t tok
 moe_ep_result rank_main(const moe_ep_transport* transport, void* user_data) {
     Layer* layer = static_cast<Layer*>(user_data);
     const int rank = transport->rank, per_rank = kExperts / kRanks;
-    moe_ep_desc desc = layer_desc(*layer, &layer->experts[(size_t)rank * per_rank], transport);
+    moe_ep_desc desc = layer_desc(*layer, &layer->experts[(size_t)rank * per_rank], per_rank, transport);
     moe_ep_context* ctx = NULL;
     moe_ep_result res = moe_ep_create(&desc, &ctx);
     const size_t offset = (size_t)rank * kTokensPerRank * kDModel;
@@ -96,7 +97,7 @@ int main() {
     }
 
     std::vector<float> y1(tokens * kDModel, -1.0f);
-    moe_ep_desc desc = layer_desc(layer, layer.experts.data(), NULL);
+    moe_ep_desc desc = layer_desc(layer, layer.experts.data(), kExperts, NULL);
     moe_ep_context* single = NULL;
     res = moe_ep_create(&desc, &single);
     if (res == MOE_EP_OK) res = forward(single, layer.x.data(), y1.data(), (int64_t)tokens);
