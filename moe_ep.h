@@ -2188,7 +2188,7 @@ MOE_EP_PRIVATE bool moe_ep__route_token(const moe_ep_desc* d, float* probs, floa
     else if (d->scoring == MOE_EP_SCORING_SIGMOID)
         for (e = 0; e < E; ++e) score[e] = moe_ep__sigmoid(score[e]);
     for (e = 0; e < E; ++e) choice[e] = d->selection_bias ? score[e] + d->selection_bias[e] : score[e];
-    memset(taken, 0, (size_t)(unsigned)E);     /* E > 0: validated at create */
+    memset(taken, 0, (size_t)(E > 0 ? E : 0));     /* E > 0: validated at create; the bound tells 32-bit gcc so */
     if (d->num_groups > 1) moe_ep__group_limit(d, choice, scratch + 2 * E, flags + E, taken);
     moe_ep__top_k(choice, taken, E, k, idx);
     if (d->scoring == MOE_EP_SCORING_TOPK_SOFTMAX) {
