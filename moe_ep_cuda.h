@@ -2495,11 +2495,11 @@ MOE_EP_API moe_ep_result moe_ep_cuda_forward(moe_ep_cuda_layer* L, const moe_ep_
     if (res == MOE_EP_OK) {
         /* the shared experts are queued while the rows travel; like a launch failure of the
            built-in experts, their failure is this rank's alone, reported after the combine */
-        moe_ep_result shared = L->sh_ff > 0 && tokens > 0 ? moe_ep__cuda_grow(L, &L->sh_out, &L->sh_out_bytes,
-                                                                              (size_t)tokens * L->row_bytes, 0,
-                                                                              "shared expert buffers")
-                                                          : MOE_EP_OK;
-        if (shared == MOE_EP_OK && L->sh_ff > 0 && tokens > 0) shared = moe_ep__cuda_shared_ffn(L, a->x, tokens, L->sh_out);
+        int with_shared = L->sh_ff > 0 && tokens > 0;
+        moe_ep_result shared = with_shared ? moe_ep__cuda_grow(L, &L->sh_out, &L->sh_out_bytes,
+                                                               (size_t)tokens * L->row_bytes, 0, "shared expert buffers")
+                                           : MOE_EP_OK;
+        if (shared == MOE_EP_OK && with_shared) shared = moe_ep__cuda_shared_ffn(L, a->x, tokens, L->sh_out);
         res = moe_ep_cuda_dispatch_end(L, P);
         /* an expert_fn failure is agreed inside the combine; a launch failure of the built-in
            experts is this rank's alone, reported after the peers got their rows */
@@ -2508,7 +2508,7 @@ MOE_EP_API moe_ep_result moe_ep_cuda_forward(moe_ep_cuda_layer* L, const moe_ep_
             res = moe_ep_cuda_combine(L, P, L->out, a->y);
             if (res == MOE_EP_OK && status != MOE_EP_OK && !L->desc.expert_fn) res = status;
         }
-        if (res == MOE_EP_OK && shared == MOE_EP_OK && L->sh_ff > 0 && tokens > 0)
+        if (res == MOE_EP_OK && shared == MOE_EP_OK && with_shared)
             shared = moe_ep__cuda_shared_out(L, L->sh_out, tokens, a->y, 1);
         if (res == MOE_EP_OK) res = shared;
     }
