@@ -456,6 +456,11 @@ typedef struct moe_ep_placement {
        block until the peers reach that collective (pthreads) or only tell them (MPI).
        Without it the peers wait for the transport's timeout or mismatch check.
    destroy (optional): releases impl; called by the transport's own destroy function.
+   row_lists (optional, 0 by default): 1 if all_to_all_v gathers send rows by index
+       (args->send_rows); the core then dispatches in one pass (moe_ep_dispatch,
+       moe_ep_forward: the transport reads each row straight from x into the receiver's
+       rows) instead of packing the rows into a send buffer first. A transport that sets
+       it must check every index it is given (args->send_buffer_rows) and fail clearly.
    local_ranks: how many ranks of this transport share this process (pthreads: all of
        them, MPI: 1); the default OpenMP thread count is divided by it. 0 means 1.
 
@@ -479,6 +484,12 @@ typedef struct moe_ep_a2a_args {
     void* stream;                   /* cudaStream_t for device memory; NULL: the transport's own stream */
     int64_t step;                   /* the core's tag of this exchange (kind and sequence number): equal on
                                        every rank that is in step; 0: untagged */
+    /* Optional row list (NULL: none), given only to a transport whose row_lists is 1: send
+       row r (r counted as send_offsets count) is then row send_rows[r] of send, which holds
+       send_buffer_rows rows; every index must be in [0, send_buffer_rows). The transport
+       gathers the rows by index as it moves them, so the sender need not pack them first. */
+    const int64_t* send_rows;       /* [sum of send_counts] */
+    int64_t send_buffer_rows;
 } moe_ep_a2a_args;
 
 typedef struct moe_ep_transport {
@@ -508,6 +519,10 @@ typedef struct moe_ep_transport {
                            char* err_text, size_t err_size);
     /* Optional: this rank will not enter its next collective (see skip above). */
     void (*skip)(void* impl, moe_ep_result status);
+    /* 1: all_to_all_v (and _begin) honour moe_ep_a2a_args.send_rows (the pthreads transport),
+       so the core's dispatch hands them x and the plan's row order instead of packed rows;
+       0 (MPI, NCCL, a transport of your own): the core packs the rows and never sets it. */
+    int row_lists;
 } moe_ep_transport;
 
 /* The weights of one expert; with the default desc.weight_layout the PyTorch nn.Linear
@@ -1088,6 +1103,7 @@ struct moe_ep_plan {
     void* request;                  /* split-phase handle */
     int pending;                    /* 0 none, 1 dispatch, 2 combine */
     int blocking;                   /* inside moe_ep_dispatch / moe_ep_combine: use the blocking exchange */
+    int x_kept;                     /* inside moe_ep_forward: x stays unchanged until dispatch_end */
     moe_ep_result status;           /* a failed dispatch: the combine tells every rank */
     moe_ep_a2a_args args;
 };
@@ -2714,7 +2730,13 @@ MOE_EP_API moe_ep_result moe_ep_dispatch_begin(moe_ep_context* ctx, moe_ep_plan*
         return moe_ep__skip_rows(ctx, plan, moe_ep__fail(ctx, MOE_EP_ERROR_INVALID_ARGUMENT, MOE_EP_LOG_ITEM_STAGE_NULL,
                                                          "moe_ep_dispatch: x and recv_rows must not be NULL"));
     d = ctx->desc.d_model;
-    {
+    /* A transport that gathers by index reads x itself in its one pass, when x cannot change
+       before the exchange ends (the blocking dispatch, the layer) and rows are not scaled. */
+    if (!moe_ep__local_only(ctx) && ctx->transport.row_lists && !plan->row_scale && (plan->blocking || plan->x_kept)) {
+        moe_ep__set_args(plan, x, recv_rows, true);
+        plan->args.send_rows = plan->permutation;
+        plan->args.send_buffer_rows = plan->tokens;
+    } else {
         float* dst = moe_ep__local_only(ctx) ? recv_rows : plan->send_buffer;
 #ifdef _OPENMP
 #pragma omp parallel for schedule(static) num_threads(ctx->num_threads) if (ctx->num_threads > 1 && plan->send_rows > 64)
@@ -2725,8 +2747,8 @@ MOE_EP_API moe_ep_result moe_ep_dispatch_begin(moe_ep_context* ctx, moe_ep_plan*
             if (!plan->row_scale) memcpy(dst + r * d, src, sizeof(float) * (size_t)d);
             else for (i = 0; i < d; ++i) dst[r * d + i] = plan->row_scale[r] * src[i];
         }
+        moe_ep__set_args(plan, plan->send_buffer, recv_rows, true);
     }
-    moe_ep__set_args(plan, plan->send_buffer, recv_rows, true);
     plan->args.step = moe_ep__step(ctx, MOE_EP__STEP_DISPATCH_ROWS);
     moe_ep__step_done(ctx, NULL);
     plan->pending = 1;
@@ -2985,7 +3007,9 @@ MOE_EP_PRIVATE moe_ep_result moe_ep__forward_dispatch(moe_ep_context* ctx, moe_e
         if (res == MOE_EP_OK) *shared_status = moe_ep_shared_experts(ctx, x, tokens, ctx->shared_out);
         return res;
     }
+    plan->x_kept = 1;   /* x is the layer's input: unchanged until the dispatch ends */
     res = moe_ep_dispatch_begin(ctx, plan, x, ctx->recv_rows);
+    plan->x_kept = 0;
     if (res != MOE_EP_OK) return res;
     *shared_status = moe_ep_shared_experts(ctx, x, tokens, ctx->shared_out);
     return moe_ep_dispatch_end(ctx, plan);

@@ -203,6 +203,46 @@ START_TEST(layer_paths) {
 }
 END_TEST
 
+/* The pthreads transport gathers the dispatched rows by index (row_lists): moe_ep_forward
+   and moe_ep_dispatch hand it x and the plan's row order, the split-phase dispatch packs
+   (x may change before its end). The same layer with row_lists declined (the core packs
+   every dispatch, as for MPI and NCCL) must give the same bytes on every path. */
+START_TEST(layer_row_lists) {
+    const layer_case* c = &layer_cases[_i];
+    layer_data data;
+    check_layer run;
+    float *y, *packed;
+    const char* const names[3] = { "moe_ep_forward", "the stages", "the split-phase stages" };
+    int p, declined, r;
+    size_t n;
+    char errors[2048];
+    layer_data_init(&data, c, 2500 + (uint64_t)_i);
+    n = (size_t)(data.total * L_D);
+    y = (float*)malloc(sizeof(float) * (n + 1));
+    packed = (float*)malloc(sizeof(float) * (n + 1));
+    for (p = 0; p < 3; ++p) {
+        for (declined = 0; declined < 2; ++declined) {
+            layer_setup(&run, &data, c, c->ranks, declined ? packed : y);
+            run.path = (check_path)p;
+            run.decline_row_lists = declined;
+            check_run_layer(&run);
+            ck_assert_msg(run.result == MOE_EP_OK, "%s, %s, row lists %s: %s", c->name, names[p],
+                          declined ? "declined" : "used", check_layer_errors(&run, errors, sizeof errors));
+            /* one row list per rank (the dispatch) where the dispatch may use it, none elsewhere */
+            for (r = 0; r < c->ranks; ++r)
+                ck_assert_msg(run.row_list_exchanges[r] == (!declined && c->ranks > 1 && p != CHECK_PATH_SPLIT),
+                              "%s, %s, row lists %s: rank %d handed %lld row lists to the transport", c->name,
+                              names[p], declined ? "declined" : "used", r, (long long)run.row_list_exchanges[r]);
+        }
+        ck_assert_msg(memcmp(y, packed, sizeof(float) * n) == 0, "%s, %s: row lists and packed rows differ", c->name,
+                      names[p]);
+    }
+    layer_data_free(&data);
+    free(y);
+    free(packed);
+}
+END_TEST
+
 /* num_threads 1 and 2: the same bytes, on one rank and on two. */
 START_TEST(layer_threads) {
     static const layer_case cases[2] = {
@@ -265,6 +305,7 @@ Suite* layer_suite(void) {
     tcase_add_loop_test(tc, layer_worlds, 0, LAYER_CASES);
     tcase_add_test(tc, layer_repeated_calls);
     tcase_add_loop_test(tc_paths, layer_paths, 0, LAYER_CASES);
+    tcase_add_loop_test(tc_paths, layer_row_lists, 0, LAYER_CASES);
     tcase_add_loop_test(tc_threads, layer_threads, 0, 2);
     suite_add_tcase(s, tc);
     suite_add_tcase(s, tc_paths);

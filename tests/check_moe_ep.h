@@ -33,6 +33,7 @@ Suite* families_suite(void);
 Suite* faults_suite(void);
 Suite* hostile_suite(void);
 Suite* safetensors_suite(void);
+Suite* row_lists_suite(void);
 
 /* >>float64 references */
 /* out[rows, d_model] = the expert FFN in double (SwiGLU, exact-erf GELU, ReLU, clamped SwiGLU
@@ -113,6 +114,8 @@ typedef struct check_layer {
     void* expert_user_data[CHECK_MAX_RANKS];
     const moe_ep_allocator* allocator;   /* optional, for the contexts and the world */
     int timeout_ms;                 /* world timeout; 0: 60 s, a guard against a hang */
+    bool decline_row_lists;         /* the pthreads transport with row_lists 0: dispatch packs the rows */
+    int64_t row_list_exchanges[CHECK_MAX_RANKS];  /* out: exchanges of rows handed a row list (send_rows) */
     float* y;                       /* out [sum of tokens, d_model] */
     int32_t* idx_out;               /* optional out: the router's choice [sum of tokens, top_k] */
     float* weight_out;

@@ -301,6 +301,35 @@ static moe_ep_result check__stages(moe_ep_context* ctx, const check_layer* L, in
     return res;
 }
 
+/* The rank's transport, wrapped to count the exchanges of rows that carry a row list: one
+   slot per rank (the rank threads of one layer run at a time), found by the inner impl. */
+typedef struct check__counted {
+    const void* impl;
+    moe_ep_result (*a2a)(void*, const moe_ep_a2a_args*, char*, size_t);
+    moe_ep_result (*a2a_begin)(void*, const moe_ep_a2a_args*, void**, char*, size_t);
+    int64_t* row_lists;
+} check__counted;
+static check__counted check__counted_ranks[CHECK_MAX_RANKS];
+
+static check__counted* check__counted_find(const void* impl, const moe_ep_a2a_args* args) {
+    int r;
+    for (r = 0; r < CHECK_MAX_RANKS; ++r)
+        if (check__counted_ranks[r].impl == impl) {
+            if (args->send_rows) ++*check__counted_ranks[r].row_lists;
+            return &check__counted_ranks[r];
+        }
+    return NULL;
+}
+
+static moe_ep_result check__counted_a2a(void* impl, const moe_ep_a2a_args* args, char* err, size_t size) {
+    return check__counted_find(impl, args)->a2a(impl, args, err, size);
+}
+
+static moe_ep_result check__counted_begin(void* impl, const moe_ep_a2a_args* args, void** request, char* err,
+                                          size_t size) {
+    return check__counted_find(impl, args)->a2a_begin(impl, args, request, err, size);
+}
+
 static moe_ep_result check__layer_rank(const moe_ep_transport* transport, void* user_data) {
     check_layer* L = (check_layer*)user_data;
     const check_model* m = L->model;
@@ -314,8 +343,21 @@ static moe_ep_result check__layer_rank(const moe_ep_transport* transport, void* 
     float* weight = (float*)malloc(sizeof(float) * (size_t)(T * k + 1));
     moe_ep_context* ctx = NULL;
     moe_ep_desc desc;
+    moe_ep_transport counted;
     moe_ep_result res;
     for (r = 0; r < rank; ++r) offset += L->tokens[r];
+    if (transport) {
+        check__counted* slot = &check__counted_ranks[rank];
+        slot->impl = transport->impl;
+        slot->a2a = transport->all_to_all_v;
+        slot->a2a_begin = transport->all_to_all_v_begin;
+        slot->row_lists = &L->row_list_exchanges[rank];
+        counted = *transport;
+        counted.all_to_all_v = check__counted_a2a;
+        if (counted.all_to_all_v_begin) counted.all_to_all_v_begin = check__counted_begin;
+        if (L->decline_row_lists) counted.row_lists = 0;
+        transport = &counted;
+    }
     res = moe_ep_placement_compute(&L->placement, E, R, owner);
     if (res == MOE_EP_OK) {
         /* a rank is given only its own experts, in ascending id order */
@@ -400,6 +442,8 @@ moe_ep_result check_run_layer(check_layer* L) {
     for (r = 0; r < CHECK_MAX_RANKS; ++r) {
         L->rank_result[r] = MOE_EP_ERROR_INTERNAL;
         L->rank_error[r][0] = '\0';
+        L->row_list_exchanges[r] = 0;
+        check__counted_ranks[r].impl = NULL;    /* no slot of an earlier world is found again */
     }
     if (L->ranks <= 0) {
         L->result = check__layer_rank(NULL, L);

@@ -409,6 +409,24 @@ MOE_EP_PRIVATE moe_ep_result moe_ep__pthreads_a2a_begin(void* impl, const moe_ep
         if (err_text) snprintf(err_text, err_size, "device memory is not supported by the pthreads transport");
         return MOE_EP_ERROR_UNSUPPORTED;    /* symmetric: every rank passes the same memory space */
     }
+    if (args->send_rows) {
+        /* every index the peers will read, checked before they can read it; a bad one fails
+           this rank and, through the skip, the peers' same exchange */
+        int q, s, S = args->segments;
+        for (q = 0; q < me->world->world_size; ++q)
+            for (s = 0; s < S; ++s) {
+                int64_t first = args->send_offsets[q * S + s], r;
+                for (r = first; r < first + args->send_counts[q * S + s]; ++r)
+                    if (args->send_rows[r] < 0 || args->send_rows[r] >= args->send_buffer_rows) {
+                        if (err_text)
+                            snprintf(err_text, err_size, "moe_ep_a2a_args.send_rows[%lld] is %lld: a row of send must "
+                                     "be in [0, send_buffer_rows = %lld)", (long long)r, (long long)args->send_rows[r],
+                                     (long long)args->send_buffer_rows);
+                        moe_ep__pthreads_skip(impl, MOE_EP_ERROR_INVALID_ARGUMENT);
+                        return MOE_EP_ERROR_INVALID_ARGUMENT;
+                    }
+            }
+    }
     me->world->a2a[me->rank] = args;
     res = moe_ep__pthreads_barrier(me, MOE_EP__PTHREADS_A2A, moe_ep__pthreads_a2a_param(args), args->step, err_text,
                                    err_size);
@@ -436,9 +454,17 @@ MOE_EP_PRIVATE moe_ep_result moe_ep__pthreads_a2a_end(void* impl, void* request,
                 res = MOE_EP_ERROR_TRANSPORT;
                 break;
             }
-            if (rows > 0)
+            if (rows > 0 && peer->send_rows) {
+                /* gathered by index: the peer's begin checked every index */
+                char* dst = (char*)mine->recv + (size_t)mine->recv_offsets[q * S + s] * rb;
+                const int64_t* index = peer->send_rows + peer->send_offsets[me->rank * S + s];
+                int64_t r;
+                for (r = 0; r < rows; ++r)
+                    memcpy(dst + (size_t)r * rb, (const char*)peer->send + (size_t)index[r] * rb, rb);
+            } else if (rows > 0) {
                 memcpy((char*)mine->recv + (size_t)mine->recv_offsets[q * S + s] * rb,
                        (const char*)peer->send + (size_t)peer->send_offsets[me->rank * S + s] * rb, (size_t)rows * rb);
+            }
         }
     }
     {
@@ -530,6 +556,7 @@ MOE_EP_API moe_ep_result moe_ep_pthreads_transport_create(moe_ep_pthreads_world*
     t.all_reduce_sum = moe_ep__pthreads_all_reduce;
     t.split = moe_ep__pthreads_split;
     t.skip = moe_ep__pthreads_skip;
+    t.row_lists = 1;
     if (w->root != w) t.destroy = moe_ep__pthreads_release;
     *out = t;
     return MOE_EP_OK;

@@ -862,9 +862,11 @@ START_TEST(test_unsupported_rows_fail_symmetrically) {
     /* Every rank sees the same row size and memory space, so every rank refuses, before MPI. */
     moe_ep_transport t;
     int64_t zero[64] = { 0 };
-    char buf[8], err1[256] = "", err2[256] = "", err3[256] = "";
+    char buf[8], err1[256] = "", err2[256] = "", err3[256] = "", err4[256] = "";
     moe_ep_a2a_args a;
     moe_ep_result r1 = MOE_EP_ERROR_INTERNAL, r2 = MOE_EP_ERROR_INTERNAL, r3 = MOE_EP_ERROR_INTERNAL;
+    moe_ep_result r4 = MOE_EP_ERROR_INTERNAL;
+    int row_lists = -1;
     moe_ep_result barrier = MOE_EP_ERROR_INTERNAL;
     moe_ep_result made = moe_ep_mpi_transport_create(&(moe_ep_mpi_desc){ .comm = MPI_COMM_WORLD }, &t);
     memset(&a, 0, sizeof a);
@@ -879,6 +881,11 @@ START_TEST(test_unsupported_rows_fail_symmetrically) {
         a.memory_space = MOE_EP_MEMORY_HOST;
         a.recv = buf;           /* in place: Open MPI would take it for MPI_IN_PLACE */
         r3 = t.all_to_all_v(t.impl, &a, err3, sizeof err3);
+        a.recv = buf + 4;
+        a.send_rows = zero;     /* a row list: the MPI transport declines it (row_lists 0) */
+        a.send_buffer_rows = 1;
+        r4 = t.all_to_all_v(t.impl, &a, err4, sizeof err4);
+        row_lists = t.row_lists;
         barrier = t.barrier(t.impl, NULL, 0);     /* nobody is left inside a collective */
         moe_ep_mpi_transport_destroy(&t);
     }
@@ -895,6 +902,10 @@ START_TEST(test_unsupported_rows_fail_symmetrically) {
                "expected INVALID_ARGUMENT", moe_ep_result_string(r3), err3);
     CHECK_FACT(strstr(err3, "same buffer") != NULL, "one buffer for send and recv: the error '%s' does not say "
                "'same buffer'", err3);
+    CHECK_FACT(row_lists == 0, "the MPI transport's row_lists is %d, expected 0", row_lists);
+    CHECK_FACT(r4 == MOE_EP_ERROR_UNSUPPORTED, "a row list: all_to_all_v returned %s ('%s'), expected UNSUPPORTED",
+               moe_ep_result_string(r4), err4);
+    CHECK_FACT(strstr(err4, "send_rows") != NULL, "a row list: the error '%s' does not name send_rows", err4);
     CHECK_FACT(barrier == MOE_EP_OK, "the barrier after the refusals returned %s", moe_ep_result_string(barrier));
 }
 END_TEST
