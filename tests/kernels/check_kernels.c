@@ -6,8 +6,9 @@
      without the biases b1, b3, b2 (clamped SwiGLU with weights large enough that both of
      its clamps fire);
    - determinism: every row is bitwise the same whether it is computed alone or inside a
-     block of 3, 17 or 1024 rows, on 1, 2 or 3 threads; the shapes make K larger than
-     the kernel's K slice, so sums wait in scratch between slices;
+     block of 3, 17 or 1024 rows (136 under emulation, see DETERMINISM_ROWS), on 1, 2 or
+     3 threads; the shapes make K larger than the kernel's K slice, so sums wait in
+     scratch between slices;
    - against the portable path (kernels_portable.c, the same header built with
      MOE_EP_NO_SIMD): the same bits, element by element;
    - the thread budget: ranks that share a process divide OpenMP's threads;
@@ -211,14 +212,25 @@ START_TEST(kernel_vs_reference) {
 }
 END_TEST
 
+/* armhf under qemu-user has no FMA instruction: every fmaf is the header's software one,
+   and qemu runs that at ~9 M/s, so the 1024-row test alone takes most of an hour. make
+   test-cross builds this file for armhf with KERNELS_EMULATED: 136 rows (two whole MC-row
+   blocks of the portable kernel and a part; the shapes, blocks and thread counts as
+   everywhere). Native builds, and the cross builds with hardware FMA, keep 1024 rows. */
+#ifdef KERNELS_EMULATED
+#define DETERMINISM_ROWS 136
+#else
+#define DETERMINISM_ROWS 1024
+#endif
+
 /* Row i of a 1024-row input, computed in blocks of 1, 3, 17 and 1024 rows, on 1, 2 and 3
    threads (GELU, which differs from ReLU only in the last store: 1 and 2): the bytes of
    every row must equal those of the 1024-row, 1-thread run. Every variant: the biases and
    the clamps sit in the epilogue, where a wrong panel or row would show. */
-static const int determinism_blocks[] = { 1, 3, 17, 1024 };
+static const int determinism_blocks[] = { 1, 3, 17, DETERMINISM_ROWS };
 
 START_TEST(kernel_row_determinism) {
-    const int D = 275, F = 290, rows = 1024;
+    const int D = 275, F = 290, rows = DETERMINISM_ROWS;
     int a = _i, b, threads;
     kernels_expert e;
     float* x = test_random_floats((size_t)rows * D, 1.0f, 3000 + (uint64_t)_i);
@@ -240,8 +252,8 @@ START_TEST(kernel_row_determinism) {
             }
             for (r = 0; r < rows; ++r)
                 ck_assert_msg(memcmp(out + (size_t)r * D, base + (size_t)r * D, sizeof(float) * D) == 0,
-                              "%s %s: row %d differs in blocks of %d rows on %d threads from the 1024-row run",
-                              moe_ep_kernel_path(), kernels_act_names[a], r, block, threads);
+                              "%s %s: row %d differs in blocks of %d rows on %d threads from the %d-row run",
+                              moe_ep_kernel_path(), kernels_act_names[a], r, block, threads, rows);
         }
         moe_ep_destroy(ctx);
     }
