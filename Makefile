@@ -214,7 +214,8 @@ check-kernels: $(addprefix $(BUILD)/check_kernels_,$(KERNEL_BUILDS) $(AVX512_BUI
 # clang's -ffp-contract=fast, the portable kernel under native flags, the AVX2 kernel, tcc, g++ and
 # clang++ (the file as C++), i686 with SSE2, and aarch64 (NEON) and armhf (software fmaf) cross
 # builds under qemu-user; -ffast-math and i686's x87 must stop at the header's #error. The seed demo's printed fingerprint must be the fingerprint's seed line.
-# tests/bits/check_math.c checks the library's fmaf, exp and GELU on the same builds' targets.
+# tests/bits/check_math.c checks the library's fmaf, exp, log and GELU on the same builds' targets,
+# and nm the implementation's calls into libm (LIBM_INEXACT).
 BITS          = $(BUILD)/bits
 BITS_WARN     = -pedantic -Wall -Wextra -Werror
 BITS_C        = -std=c99 $(BITS_WARN)
@@ -255,9 +256,17 @@ $(BITS)/check_math_%: $(HEADERS) tests/bits/check_math.c | $(BITS)
 $(BITS)/cross/fingerprint_% $(BITS)/cross/check_math_%: $(HEADERS) tests/bits/fingerprint.c tests/bits/check_math.c | $(BITS)/cross
 	$(CROSS_CC_$*) $(BITS_C) -O2 $(CROSS_FLAGS_$*) -static tests/bits/fingerprint.c -o $(BITS)/cross/fingerprint_$* -lm
 	$(CROSS_CC_$*) $(BITS_C) -O2 $(CROSS_FLAGS_$*) -static tests/bits/check_math.c -o $(BITS)/cross/check_math_$* -lm
+# The implementation may call only the C library's exact functions (fma, ceil, ldexpf, ...); one
+# whose last bits differ between C libraries (exp, log, erf, tanh, pow, ...) must not come back.
+LIBM_INEXACT = (a?(sin|cos|tan)h?|atan2|exp(2|10|m1)?|log(2|10|1p)?|pow|erfc?|cbrt|[lt]gamma|hypot)[fl]?
+$(BITS)/impl_O0.o: tests/moe_ep_impl.c $(HEADERS) | $(BITS)
+	$(CC) $(BITS_C) -O0 -c $< -o $@
 bits_prog = $(if $(filter $(1),aarch64 armhf riscv64 s390x),$(QEMU_$(1)) $(BITS)/cross/$(2)_$(1),./$(BITS)/$(2)_$(1))
 check-bits: $(BITS_NATIVE:%=$(BITS)/fingerprint_%) $(BITS)/check_math_gcc_O2 $(BITS)/check_math_gcc_native \
-            $(BITS_CROSS:%=$(BITS)/cross/fingerprint_%) $(BUILD)/seed_demo
+            $(BITS_CROSS:%=$(BITS)/cross/fingerprint_%) $(BUILD)/seed_demo $(BITS)/impl_O0.o
+	@calls=$$(nm -u $(BITS)/impl_O0.o | awk '{print $$NF}' | grep -xE '$(LIBM_INEXACT)' | tr '\n' ' '); \
+	  [ -z "$$calls" ] || { echo "check-bits: the implementation calls $$calls(libm: last bits differ between C libraries)"; exit 1; }; \
+	  echo "libm: the implementation calls $$(nm -u $(BITS)/impl_O0.o | awk '{print $$NF}' | grep -xE '(fma|ceil|floor|ldexp|sqrt|fabs|frexp)f?' | tr '\n' ' ')and nothing inexact"
 	@$(foreach b,$(BITS_NATIVE) $(BITS_CROSS),$(call bits_prog,$(b),fingerprint) > $(BITS)/$(b).txt || exit 1; \
 	  printf '%-16s %-24s %s\n' $(b) "$$(sed -n '1s/.*kernel path: //p' $(BITS)/$(b).txt)" "$$(tail -1 $(BITS)/$(b).txt)";)
 	@tail -n +2 $(BITS)/gcc_O2.txt > $(BITS)/reference.txt; $(foreach b,$(BITS_NATIVE) $(BITS_CROSS),\

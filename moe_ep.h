@@ -68,13 +68,15 @@
      every other product is either exact or feeds no addition, so contraction by the
      compiler changes nothing (clang also gets #pragma STDC FP_CONTRACT OFF);
    - exp, sigmoid and GELU's erf are the library's own (+, -, *, /, fmaf, bit operations),
-     not libm's, whose last bits differ between C libraries and architectures;
+     not libm's, whose last bits differ between C libraries and architectures; so is the
+     router statistics' log (in double, with the C library's correctly rounded fma), so
+     the aux loss and the z-loss are the same bits too;
    - the portable kernel fuses where the SIMD kernels fuse, in the same order.
    Not covered, and said at compile time with #error unless MOE_EP_ALLOW_DIFFERENT_BITS is
    defined: FLT_EVAL_METHOD other than 0 (x87 without SSE2: use -msse2 -mfpmath=sse; gcc on
    s390x in ISO C mode: -fexcess-precision=fast) and -ffast-math. Not covered, without a
    message: MOE_EP_CBLAS (the BLAS decides), a rounding mode other than to-nearest or
-   flush-to-zero set by the program, the z-loss (libm's log), the GPU layer (deterministic
+   flush-to-zero set by the program, the GPU layer (deterministic
    run to run, within a tolerance of the CPU), and -funsafe-math-optimizations or other
    value-changing flags that leave no macro behind.
 
@@ -1033,6 +1035,38 @@ MOE_EP_PRIVATE float moe_ep__gelu(float a) {
         one_plus_erf = u > 0.0f ? 2.0f : u < 0.0f ? 0.0f : u;     /* u: NaN stays NaN */
     }
     return 0.5f * a * one_plus_erf;
+}
+
+/* log(x) in double for a normal x > 0 (the router statistics' log-sum-exp, x in [1, E]):
+   x = 2^k m with m in [sqrt(1/2), sqrt(2)), f = m - 1 (exact), s = f / (2 + f), and
+   log(m) = f - (f^2/2 - s (f^2/2 + R(s^2))) with fdlibm's polynomial R; k ln2 in two
+   parts (k ln2_hi exact). Every product that feeds a sum is one fma(), the C library's
+   correctly rounded one (C99 F.9.10.1), or exact, or an fma()'s addend (which no
+   compiler contracts), so the bits are the same everywhere; within
+   2 ulp of libm's log, 1 seen (tests/bits/check_math.c). */
+MOE_EP_PRIVATE double moe_ep__log(double x) {
+    const double ln2_hi = 6.93147180369123816490e-01, ln2_lo = 1.90821492927058770002e-10;
+    double m, f, s, z, p, hf, r, dk;
+    uint64_t u;
+    int k;
+    memcpy(&u, &x, sizeof u);
+    k = (int)(u >> 52 & 0x7FFu) - 1023;
+    u = (u & 0x000FFFFFFFFFFFFFull) | 0x3FF0000000000000ull;    /* m in [1, 2) */
+    if (u > 0x3FF6A09E667F3BCCull) {                             /* m > sqrt(2): halve it */
+        u -= 0x0010000000000000ull;
+        ++k;
+    }
+    memcpy(&m, &u, sizeof m);
+    f = m - 1.0;
+    s = f / (2.0 + f);
+    z = s * s;
+    p = fma(fma(fma(fma(fma(fma(1.479819860511658591e-01, z, 1.531383769920937332e-01), z,
+                            1.818357216161805012e-01), z, 2.222219843214978396e-01), z, 2.857142874366239149e-01),
+                z, 3.999999999940941908e-01), z, 6.666666666666735130e-01);
+    hf = 0.5 * f;
+    dk = (double)k;
+    r = fma(s, fma(z, p, hf * f), dk * ln2_lo);                 /* s (f^2/2 + R) + k ln2_lo */
+    return dk * ln2_hi - (fma(hf, f, -r) - f);
 }
 
 struct moe_ep_context {
@@ -2197,7 +2231,7 @@ MOE_EP_PRIVATE bool moe_ep__route_token(const moe_ep_desc* d, float* probs, floa
         for (e = 1; e < E; ++e) m = score[e] > m ? score[e] : m;
         sum = 0.0f;
         for (e = 0; e < E; ++e) { probs[e] = moe_ep__expf(score[e] - m); sum += probs[e]; }
-        *lse = (double)m + log((double)sum);
+        *lse = (double)m + moe_ep__log((double)sum);  /* sum in [1, E]: the largest term is exp(0) = 1 */
         for (e = 0; e < E; ++e) probs[e] /= sum;     /* softmax: the statistics' probabilities */
     }
     if (d->scoring == MOE_EP_SCORING_SOFTMAX) memcpy(score, probs, sizeof(float) * (size_t)E);

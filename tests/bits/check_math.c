@@ -5,6 +5,7 @@
      wrong), sums that cancel, results that are subnormal or overflow, and random triples
      over a wide exponent range. Without hardware FMA this is the software fmaf;
    - moe_ep__expf against exp in double over [-87, 88]: at most 2 ulp;
+   - moe_ep__log (the router statistics' log-sum-exp, in double) against log: at most 2 ulp;
    - moe_ep__gelu against 0.5 a erfc(-a / sqrt 2) (= 0.5 a (1 + erf(a / sqrt 2))) in double: at most 2 ulp of the
      result plus 2^-23 |a| (what a's last bit moves GELU by), for a in [-13.5, 13.5]; the
      worst relative error is printed (it is largest in the negative tail, where GELU is tiny).
@@ -14,6 +15,7 @@
 #define MOE_EP_IMPLEMENTATION
 #include "../../moe_ep.h"
 
+#include <float.h>
 #include <math.h>
 #include <stdio.h>
 #include <stdlib.h>
@@ -129,10 +131,39 @@ static void check_gelu(void) {
     printf("gelu: worst %.3f ulp (normal results), worst |error| / |a| %.3g, over [-13.5, 13.5]\n", worst, worst_abs);
 }
 
+/* moe_ep__log against log: at most 2 ulp of double (1 seen: both round faithfully) for
+   x = 2^e m, e in [-1022, 1023], both sides of m = sqrt(2), x in [1, 2^31] (the router
+   statistics' range) densely; 1 and powers of two exactly. */
+static void check_log(void) {
+    static const double exact[] = { 1.0, 2.0, 0.5, 1024.0, 1.0 / 1024.0, DBL_MIN };
+    double worst = 0.0;
+    long i, n = 0;
+    for (i = 0; i < 2000000; ++i) {
+        uint64_t r = math_next(), bits;
+        double x, want, err;
+        int e = i < 1000000 ? (int)(r % 31u) : (int)(r % 2045u) - 1022;
+        bits = ((uint64_t)(e + 1023) << 52) | (math_next() >> 12);
+        if (i % 7 == 0) bits = ((uint64_t)(e + 1023) << 52) | (0x6A09E667F3BCDull + (r >> 60) - 8u);   /* m ~ sqrt 2 */
+        memcpy(&x, &bits, sizeof x);
+        want = log(x);
+        err = fabs(moe_ep__log(x) - want) / ldexp(1.0, ilogb(want) - 52);
+        if (want == 0.0) err = moe_ep__log(x) == 0.0 ? 0.0 : INFINITY;
+        worst = err > worst ? err : worst;
+        ++n;
+        if (err > 2.0 && ++failures <= 10) printf("FAIL log(%a): %a, the C library says %a (%.2f ulp)\n", x,
+                                                   moe_ep__log(x), want, err);
+    }
+    for (i = 0; i < (long)(sizeof exact / sizeof exact[0]); ++i)
+        if (moe_ep__log(exact[i]) != log(exact[i]) && ++failures <= 10)
+            printf("FAIL log(%a): %a, the C library says %a\n", exact[i], moe_ep__log(exact[i]), log(exact[i]));
+    printf("log: worst %.3f ulp (double) over %ld values in [2^-1022, 2^1024), half of them in [1, 2^31)\n", worst, n);
+}
+
 int main(void) {
     check_fmaf();
     check_expf();
     check_gelu();
+    check_log();
     printf("%s\n", failures ? "FAILED" : "all passed");
     return failures ? 1 : 0;
 }

@@ -2,7 +2,7 @@
 
    Runs fixed, seeded layers on one rank (the same bits as any rank count: the core
    promises that, the demos and suites check it) and prints, per layer, the fingerprint
-   of its output y, its routing (topk_idx, topk_weight) and its aux loss, then one line
+   of its output y, its routing (topk_idx, topk_weight) and its aux and z losses, then one line
    that combines them:
 
        seed      <16 hex digits>   the seed demo's layer at check-demos' size: the number
@@ -138,6 +138,9 @@ static unsigned long long bits_run(const bits_layer* l, unsigned long long seed)
             hash = bits_hash_bytes(hash, w);
         }
         memcpy(&aux_bits, &stats.aux_loss, sizeof aux_bits);
+        hash = bits_hash_bytes(hash, (uint32_t)aux_bits);
+        hash = bits_hash_bytes(hash, (uint32_t)(aux_bits >> 32));
+        memcpy(&aux_bits, &stats.z_loss, sizeof aux_bits);
         hash = bits_hash_bytes(hash, (uint32_t)aux_bits);
         hash = bits_hash_bytes(hash, (uint32_t)(aux_bits >> 32));
         if (strcmp(l->name, "seed") == 0) hash = h_y;  /* the demo prints y's alone */
