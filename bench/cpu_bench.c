@@ -407,6 +407,7 @@ typedef struct comm_state {
     const bench_model* model;
     int64_t tokens;                 /* per rank */
     int reps;
+    int decline;                    /* the transport's row_lists set to 0: dispatch packs the rows first */
     double t_dispatch[2][MAX_REPS], t_combine[2][MAX_REPS], t_copy[2][MAX_REPS];
     int64_t bytes[2];
 } comm_state;
@@ -430,9 +431,12 @@ static moe_ep_result comm_rank(const moe_ep_transport* transport, void* user_dat
     int32_t* idx = (int32_t*)malloc(sizeof(int32_t) * (size_t)T * TOP_K);
     float* weight = (float*)malloc(sizeof(float) * (size_t)T * TOP_K);
     float *recv, *src, *dst;
-    moe_ep_result res = moe_ep_create(&(moe_ep_desc){ .d_model = D_MODEL, .num_experts = EXPERTS, .top_k = TOP_K,
-                                                      .normalize_topk = true, .router_weight = st->model->router,
-                                                      .expert_fn = copy_expert, .transport = transport }, &ctx);
+    moe_ep_transport t = *transport;
+    moe_ep_result res;
+    if (st->decline) t.row_lists = 0;
+    res = moe_ep_create(&(moe_ep_desc){ .d_model = D_MODEL, .num_experts = EXPERTS, .top_k = TOP_K,
+                                        .normalize_topk = true, .router_weight = st->model->router,
+                                        .expert_fn = copy_expert, .transport = &t }, &ctx);
     if (res != MOE_EP_OK) return res;
     threads = moe_ep_query(ctx).num_threads;
     res = moe_ep_route(ctx, x, T, idx, weight, NULL);
@@ -468,12 +472,15 @@ static moe_ep_result comm_rank(const moe_ep_transport* transport, void* user_dat
 }
 
 static void section_comm(const bench_model* model) {
-    int ranks;
+    int config;
     printf("\n### Goal 3: dispatch + combine (pthreads transport, %d tokens per rank, d_model %d, top-%d) vs memcpy of "
            "the same bytes on the same threads (GB/s, median of %d)\n\n", 1024, D_MODEL, TOP_K, 2 * g_reps);
     printf("| ranks | MB moved | dispatch GB/s | combine GB/s | memcpy GB/s | dispatch / memcpy | combine / memcpy | "
            "(dispatch + combine) / 2 memcpy |\n|---|---|---|---|---|---|---|---|\n");
-    for (ranks = 1; ranks <= 2; ++ranks) {
+    /* 1 rank, 2 ranks (the transport gathers the rows by index: dispatch in one pass), and 2
+       ranks with the row lists declined (packed first, as for MPI and NCCL) */
+    for (config = 0; config < 3; ++config) {
+        int ranks = config == 0 ? 1 : 2;
         comm_state st;
         moe_ep_pthreads_world* world = NULL;
         double td[MAX_REPS], tc[MAX_REPS], tm[MAX_REPS], bytes, d, c, m, tds, tcs, tms;
@@ -482,6 +489,7 @@ static void section_comm(const bench_model* model) {
         st.model = model;
         st.tokens = 1024;
         st.reps = 2 * g_reps;
+        st.decline = config == 2;
         moe_ep_pthreads_world_create(&(moe_ep_pthreads_desc){ .world_size = ranks }, &world);
         if (moe_ep_pthreads_run(world, comm_rank, &st, NULL) != MOE_EP_OK) {
             fprintf(stderr, "comm run failed\n");
@@ -501,7 +509,8 @@ static void section_comm(const bench_model* model) {
         for (q = 0; q < ranks; ++q) bytes += (double)st.bytes[q];
         tds = median(td, st.reps); tcs = median(tc, st.reps); tms = median(tm, st.reps);
         d = bytes / tds * 1e-9; c = bytes / tcs * 1e-9; m = bytes / tms * 1e-9;
-        printf("| %d | %.1f | %.2f | %.2f | %.2f | %.2f | %.2f | %.2f |\n", ranks, bytes * 1e-6, d, c, m, d / m, c / m,
+        printf("| %d%s | %.1f | %.2f | %.2f | %.2f | %.2f | %.2f | %.2f |\n", ranks,
+               config == 2 ? ", row lists declined" : "", bytes * 1e-6, d, c, m, d / m, c / m,
                2.0 * tms / (tds + tcs));
         fflush(stdout);
     }
