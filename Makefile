@@ -213,7 +213,8 @@ check-kernels: $(addprefix $(BUILD)/check_kernels_,$(KERNEL_BUILDS) $(AVX512_BUI
 # the same lines: gcc and clang at -O0, -O2 and -O3 -march=native (with OpenMP), with gcc's and
 # clang's -ffp-contract=fast, the portable kernel under native flags, the AVX2 kernel, tcc, g++ and
 # clang++ (the file as C++), i686 with SSE2, and aarch64 (NEON) and armhf (software fmaf) cross
-# builds under qemu-user; -ffast-math and i686's x87 must stop at the header's #error. The seed demo's printed fingerprint must be the fingerprint's seed line.
+# builds under qemu-user; -ffast-math and i686's x87 must stop at the header's #error, and build and
+# run with MOE_EP_ALLOW_DIFFERENT_BITS. The seed demo's printed fingerprint must be the fingerprint's seed line.
 # tests/bits/check_math.c checks the library's fmaf, exp, log and GELU on the same builds' targets,
 # and nm the implementation's calls into libm (LIBM_INEXACT).
 BITS          = $(BUILD)/bits
@@ -277,7 +278,10 @@ check-bits: $(BITS_NATIVE:%=$(BITS)/fingerprint_%) $(BITS)/check_math_gcc_O2 $(B
 	@for build in $(BITS_REFUSED); do if $$build -std=c99 -fsyntax-only tests/bits/fingerprint.c 2> $(BITS)/refused.log; then \
 	  echo "check-bits: $$build compiled; the header must refuse it"; exit 1; fi; \
 	  grep -q 'error: #error "moe_ep.h' $(BITS)/refused.log || { cat $(BITS)/refused.log; exit 1; }; \
-	  echo "refused, as it must be: $$build: $$(grep -o '#error "moe_ep.h: [^(]*' $(BITS)/refused.log | head -1)"; done
+	  echo "refused, as it must be: $$build: $$(grep -o '#error "moe_ep.h: [^(]*' $(BITS)/refused.log | head -1)"; \
+	  $$build -std=c99 -static -DMOE_EP_ALLOW_DIFFERENT_BITS tests/bits/fingerprint.c -o $(BITS)/allowed -lm && \
+	  ./$(BITS)/allowed > $(BITS)/allowed.txt || { echo "check-bits: $$build with MOE_EP_ALLOW_DIFFERENT_BITS does not build and run"; exit 1; }; \
+	  echo "  with -DMOE_EP_ALLOW_DIFFERENT_BITS it builds and runs: $$(tail -1 $(BITS)/allowed.txt)"; done
 	./$(BUILD)/seed_demo --ranks 8 --experts 64 --top-k 2 --tokens 64 --d-model 64 --d-ff 128 > $(BITS)/seed_demo.log
 	@demo=$$(sed -n 's/^output fingerprint: \([0-9a-f]*\).*/\1/p' $(BITS)/seed_demo.log); \
 	  seed=$$(awk '$$1 == "seed" {print $$2}' $(BITS)/gcc_O2.txt); echo "seed demo: $$demo, the fingerprint's seed layer: $$seed"; \

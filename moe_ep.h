@@ -782,9 +782,13 @@ MOE_EP_API moe_ep_plan_info moe_ep_plan_query(const moe_ep_plan* plan);
 
 /* Send token rows to the experts' ranks. x: [tokens, d_model] of this rank;
    recv_rows: [info.recv_rows, d_model], grouped by local expert (local_expert_offsets),
-   within an expert by source rank, then by token. Collective: yes. */
+   within an expert by source rank, then by token. Collective: yes. With a transport that
+   gathers by index (row_lists: the pthreads transport) and without scale_expert_input,
+   the rows go from x to the peers' recv_rows in one pass, read during the call; else they
+   are packed into the plan's send buffer first. The same bytes either way. */
 MOE_EP_API moe_ep_result moe_ep_dispatch(moe_ep_context* ctx, moe_ep_plan* plan, const float* x, float* recv_rows);
-/* Split-phase dispatch: buffers must stay valid until end returns. Collective: yes (both). */
+/* Split-phase dispatch: buffers must stay valid until end returns. Collective: yes (both).
+   begin packs the rows (x may change after it returns), whatever the transport. */
 MOE_EP_API moe_ep_result moe_ep_dispatch_begin(moe_ep_context* ctx, moe_ep_plan* plan, const float* x, float* recv_rows);
 MOE_EP_API moe_ep_result moe_ep_dispatch_end(moe_ep_context* ctx, moe_ep_plan* plan);
 
