@@ -290,8 +290,12 @@ check-bits: $(BITS_NATIVE:%=$(BITS)/fingerprint_%) $(BITS)/check_math_gcc_O2 $(B
 # >>cross: the core and kernel suites, the fingerprint and check_math for aarch64, armhf, riscv64 and
 # s390x (big-endian), built by Debian's cross gcc, linked statically and run under qemu-user; the
 # fingerprint must be the native gcc -O2 one (make check-bits' reference). Check for each target
-# is built from Debian's source of the installed check (apt-get source, with a deb-src list of
-# its own under $(BUILD)). As root it installs the cross compilers and qemu-user. About 40 min, most of it armhf's kernel suite.
+# is built from Debian's source of check (apt-get source, with a deb-src list of its own under
+# $(BUILD): about 1 MB from deb.debian.org once, checked against the signed index by apt). Not
+# Debian's binary packages through multiarch (check:arm64, ...): Debian 12 has no riscv64 archive
+# (a port only), and they would add foreign architectures to the machine's dpkg; one source
+# build serves all four targets and writes nothing outside $(BUILD). As root it installs the cross
+# compilers and qemu-user. Times are in bench/RESULTS.md.
 CROSS_ARCHS     ?= aarch64 armhf riscv64 s390x
 # armhf has no FMA instruction: its every fmaf is the header's software one, which qemu runs at
 # ~9 M/s, so its kernel suite takes the emulated size of the row-determinism test (136 rows, not 1024:
@@ -311,7 +315,8 @@ $(CROSS)/check-src/configure:
 	@mkdir -p $(CROSS)/apt/sources.list.d $(CROSS)/apt/lists/partial $(CROSS)/check-src
 	printf 'Types: deb-src\nURIs: http://deb.debian.org/debian\nSuites: bookworm\nComponents: main\nSigned-By: /usr/share/keyrings/debian-archive-keyring.gpg\n' \
 	  > $(CROSS)/apt/sources.list.d/src.sources
-	cd $(CROSS)/apt && apt-get $(CROSS_APT) update -qq && apt-get $(CROSS_APT) source --download-only -qq check
+	cd $(CROSS)/apt && { apt-get $(CROSS_APT) update -qq && apt-get $(CROSS_APT) source --download-only -qq check; } || \
+	  { echo "test-cross: could not fetch check's source from deb.debian.org (needed once, to build Check for the targets)"; exit 1; }
 	tar xzf $(CROSS)/apt/check_*.orig.tar.gz -C $(CROSS)/check-src --strip-components=1
 $(CROSS)/%/lib/libcheck.a: $(CROSS)/check-src/configure
 	rm -rf $(CROSS)/$*/check-build && mkdir -p $(CROSS)/$*/check-build
