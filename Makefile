@@ -291,7 +291,8 @@ check-bits: $(BITS_NATIVE:%=$(BITS)/fingerprint_%) $(BITS)/check_math_gcc_O2 $(B
 # s390x (big-endian), built by Debian's cross gcc, linked statically and run under qemu-user; the
 # fingerprint must be the native gcc -O2 one (make check-bits' reference). Check for each target
 # is built from Debian's source of check (apt-get source, with a deb-src list of its own under
-# $(BUILD): about 1 MB from deb.debian.org once, checked against the signed index by apt). Not
+# $(BUILD): the source index of bookworm main and the 0.8 MB package from deb.debian.org, once,
+# checked by apt against the signed index). Not
 # Debian's binary packages through multiarch (check:arm64, ...): Debian 12 has no riscv64 archive
 # (a port only), and they would add foreign architectures to the machine's dpkg; one source
 # build serves all four targets and writes nothing outside $(BUILD). As root it installs the cross
