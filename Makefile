@@ -292,11 +292,10 @@ check-bits: $(BITS_NATIVE:%=$(BITS)/fingerprint_%) $(BITS)/check_math_gcc_O2 $(B
 # fingerprint must be the native gcc -O2 one (make check-bits' reference). Check for each target
 # is built from Debian's source of check (apt-get source, with a deb-src list of its own under
 # $(BUILD): the source index of bookworm main and the 0.8 MB package from deb.debian.org, once,
-# checked by apt against the signed index). Not
-# Debian's binary packages through multiarch (check:arm64, ...): Debian 12 has no riscv64 archive
-# (a port only), and they would add foreign architectures to the machine's dpkg; one source
-# build serves all four targets and writes nothing outside $(BUILD). As root it installs the cross
-# compilers and qemu-user. Times are in bench/RESULTS.md.
+# checked by apt against the signed index). Not Debian's binary packages through multiarch
+# (check:arm64, ...): Debian 12 has no riscv64 archive (a port only), and they would add foreign
+# architectures to the machine's dpkg; one source build serves all four targets and writes nothing
+# outside $(BUILD). As root it installs the cross compilers and qemu-user. Times: bench/RESULTS.md.
 CROSS_ARCHS     ?= aarch64 armhf riscv64 s390x
 # armhf has no FMA instruction: its every fmaf is the header's software one, which qemu runs at
 # ~9 M/s, so its kernel suite takes the emulated size of the row-determinism test (136 rows, not 1024:
