@@ -12,7 +12,9 @@
            FFN with OpenBLAS ([w1; w3] in one sgemm, the activation, w2).
    cblas   the FFN with MOE_EP_CBLAS (cpu_bench_cblas.c) vs the OpenBLAS FFN.
    comm    dispatch and combine through the pthreads transport vs memcpy of the same bytes
-           on the same number of threads.
+           on the same number of threads: 1 rank, 2 ranks (the transport gathers the
+           dispatched rows by index: one pass), and 2 ranks with the row lists declined
+           (the rows packed first, as for MPI and NCCL).
    layer   moe_ep_forward, T = 1024 tokens, one rank, vs the PyTorch anchor
            (bench/torch_moe_cpu.py, OMP_WAIT_POLICY=PASSIVE) and vs the GEMM floor.
    decode  moe_ep_forward at 1, 4, 16, 64 tokens vs PyTorch; weight bandwidth vs memcpy.
