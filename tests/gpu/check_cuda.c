@@ -293,7 +293,7 @@ done:
 /* This rank's experts under c's placement, host copies in the layer's dtype; *store gets
    the 3 * *count copies (w1, w3, w2 of each), for the caller to free. */
 static moe_ep_cuda_expert_weights* rank_weights(const layer_case* c, int me, int R, void*** store, int* count) {
-    int owner[64], e, i, l = 0, L = 0;
+    int owner[256], e, i, l = 0, L = 0;
     int swiglu = c->activation == MOE_EP_ACTIVATION_SWIGLU || c->activation == MOE_EP_ACTIVATION_DEFAULT;
     size_t cnt = (size_t)c->d * (size_t)c->ff;
     moe_ep_cuda_expert_weights* mine;
