@@ -1108,10 +1108,23 @@ MOE_EP_PRIVATE bool moe_ep__little_endian(void) {
     return first == 1;
 }
 
+/* A safetensors file is little-endian: its 4-byte words in the host's order. */
+MOE_EP_PRIVATE void moe_ep__le32_words(uint32_t* words, size_t n) {
+    size_t i;
+    if (moe_ep__little_endian()) return;
+    for (i = 0; i < n; ++i) {
+        uint32_t w = words[i];
+        words[i] = (w >> 24) | ((w >> 8) & 0xFF00u) | ((w << 8) & 0xFF0000u) | (w << 24);
+    }
+}
+
 MOE_EP_PRIVATE void moe_ep__convert(moe_ep_st_dtype dtype, const unsigned char* in, float* out, size_t n) {
     size_t i;
     switch (dtype) {
-    case MOE_EP_ST_F32: memcpy(out, in, n * 4); break;
+    case MOE_EP_ST_F32:
+        memcpy(out, in, n * 4);
+        moe_ep__le32_words((uint32_t*)(void*)out, n);
+        break;
     case MOE_EP_ST_BF16: {       /* the bf16 bits are the float's upper half */
         uint32_t* bits = (uint32_t*)(void*)out;
         if (moe_ep__little_endian()) {          /* the file's byte order: whole words, vectorised */
@@ -1129,7 +1142,12 @@ MOE_EP_PRIVATE void moe_ep__convert(moe_ep_st_dtype dtype, const unsigned char* 
         for (i = 0; i < n; ++i) out[i] = moe_ep__f16_f32((uint16_t)(in[2 * i] | (in[2 * i + 1] << 8)));
         break;
     case MOE_EP_ST_F64:
-        for (i = 0; i < n; ++i) { double d; memcpy(&d, in + 8 * i, 8); out[i] = (float)d; }
+        for (i = 0; i < n; ++i) {
+            uint64_t u = moe_ep__le64(in + 8 * i);
+            double d;
+            memcpy(&d, &u, 8);
+            out[i] = (float)d;
+        }
         break;
     case MOE_EP_ST_F8_E4M3:
         for (i = 0; i < n; ++i) out[i] = moe_ep__e4m3_f32(in[i]);
@@ -1147,8 +1165,11 @@ MOE_EP_PRIVATE moe_ep_result moe_ep__st_read_convert(moe_ep_st_file* f, const mo
                                                      uint64_t count, float* out, unsigned char* buffer,
                                                      size_t chunk, char* err, size_t err_size) {
     size_t each = (size_t)moe_ep__st_dtypes[t->dtype].bits / 8;
-    if (t->dtype == MOE_EP_ST_F32)       /* straight into place */
-        return moe_ep_st_read(f, t, first * 4, out, count * 4, err, err_size);
+    if (t->dtype == MOE_EP_ST_F32) {     /* straight into place */
+        moe_ep_result r = moe_ep_st_read(f, t, first * 4, out, count * 4, err, err_size);
+        if (r == MOE_EP_OK) moe_ep__le32_words((uint32_t*)(void*)out, (size_t)count);
+        return r;
+    }
     while (count > 0) {
         uint64_t n = count < chunk / each ? count : chunk / each;
         moe_ep_result r = moe_ep_st_read(f, t, first * each, buffer, n * each, err, err_size);

@@ -75,6 +75,26 @@ static inline bool fam_load(fam_case* c, const char* name, char* err, size_t err
         return false;
     }
     fclose(f);
+    {
+        /* the arrays are little-endian (f32, i32, f64): into the host's byte order */
+        const uint16_t one = 1;
+        unsigned char first;
+        int i, d;
+        memcpy(&first, &one, 1);
+        for (i = 0; first != 1 && i < c->tensors; ++i) {
+            const fam_tensor* t = &c->tensor[i];
+            long size = strcmp(t->dtype, "f64") == 0 ? 8 : 4, n = 1, e, b;
+            unsigned char* p = c->bin + t->offset;
+            for (d = 0; d < t->dims; ++d) n *= t->shape[d];
+            if (t->offset < 0 || t->offset + n * size > c->bin_size) continue;     /* the accessors refuse it */
+            for (e = 0; e < n; ++e, p += size)
+                for (b = 0; b < size / 2; ++b) {
+                    unsigned char tmp = p[b];
+                    p[b] = p[size - 1 - b];
+                    p[size - 1 - b] = tmp;
+                }
+        }
+    }
     return true;
 }
 
