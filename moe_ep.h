@@ -459,10 +459,12 @@ typedef struct moe_ep_placement {
        Without it the peers wait for the transport's timeout or mismatch check.
    destroy (optional): releases impl; called by the transport's own destroy function.
    row_lists (optional, 0 by default): 1 if all_to_all_v gathers send rows by index
-       (args->send_rows); the core then dispatches in one pass (moe_ep_dispatch,
-       moe_ep_forward: the transport reads each row straight from x into the receiver's
-       rows) instead of packing the rows into a send buffer first. A transport that sets
-       it must check every index it is given (args->send_buffer_rows) and fail clearly.
+       (args->send_rows) and hands received rows to args->recv_fn; the core then
+       dispatches in one pass (moe_ep_dispatch, moe_ep_forward: the transport reads each
+       row straight from x into the receiver's rows) instead of packing the rows into a
+       send buffer first, and its blocking combine sums the rows where they arrive instead
+       of copying them first. A transport that sets it must check every index it is given
+       (args->send_buffer_rows) and fail clearly.
    local_ranks: how many ranks of this transport share this process (pthreads: all of
        them, MPI: 1); the default OpenMP thread count is divided by it. 0 means 1.
 
@@ -492,6 +494,15 @@ typedef struct moe_ep_a2a_args {
        gathers the rows by index as it moves them, so the sender need not pack them first. */
     const int64_t* send_rows;       /* [sum of send_counts] */
     int64_t send_buffer_rows;
+    /* Optional receive callbacks (NULL: none), given only to a transport whose row_lists is
+       1, in a blocking all_to_all_v: instead of copying the rows into recv (unused then), the
+       transport calls recv_fn for each segment it receives (rows rows of row_bytes at src,
+       whose place in recv would be row `first`), and once they have all arrived,
+       recv_done_fn; src must stay readable until recv_done_fn returns. The core's combine
+       sums the rows in place this way, in one pass. */
+    void (*recv_fn)(void* user, int64_t first, const void* src, int64_t rows);
+    void (*recv_done_fn)(void* user);
+    void* recv_user;
 } moe_ep_a2a_args;
 
 typedef struct moe_ep_transport {
@@ -1142,6 +1153,9 @@ struct moe_ep_plan {
     int pending;                    /* 0 none, 1 dispatch, 2 combine */
     int blocking;                   /* inside moe_ep_dispatch / moe_ep_combine: use the blocking exchange */
     int x_kept;                     /* inside moe_ep_forward: x stays unchanged until dispatch_end */
+    float* combine_y;               /* a blocking combine's y: summed as the rows arrive (row_lists) */
+    int combined;                   /* the transport's recv_done_fn summed y */
+    const float** row_at;           /* [send_rows] where each returning row arrived (row_lists) */
     moe_ep_result status;           /* a failed dispatch: the combine tells every rank */
     moe_ep_a2a_args args;
 };
@@ -2448,6 +2462,7 @@ MOE_EP_API void moe_ep_plan_destroy(moe_ep_plan* plan) {
     moe_ep_free(a, plan->topk_weight);
     moe_ep_free(a, plan->row_scale);
     moe_ep_free(a, plan->send_buffer);
+    moe_ep_free(a, (void*)plan->row_at);
     moe_ep_free(a, plan);
 }
 
@@ -2563,7 +2578,8 @@ MOE_EP_PRIVATE moe_ep_result moe_ep__plan_local(moe_ep_context* ctx, moe_ep_plan
                         ? (float*)moe_ep_alloc(a, sizeof(float) * (size_t)(row * ctx->desc.d_model)) : NULL;
     /* cursor[e]: the next send row of expert e (its segment's rows are its own) */
     cursor = (int64_t*)moe_ep__calloc(a, E, sizeof(int64_t));
-    if (!plan->permutation || !plan->send_buffer || !cursor) {
+    plan->row_at = ctx->transport.row_lists ? (const float**)moe_ep__calloc(a, row, sizeof(float*)) : NULL;
+    if (!plan->permutation || !plan->send_buffer || !cursor || (ctx->transport.row_lists && !plan->row_at)) {
         moe_ep_free(a, cursor);
         return moe_ep__fail(ctx, MOE_EP_ERROR_OUT_OF_MEMORY, MOE_EP_LOG_ITEM_OUT_OF_MEMORY,
                             "moe_ep_plan_create: out of memory for %lld send rows",
@@ -2868,6 +2884,9 @@ MOE_EP_API moe_ep_result moe_ep_experts(moe_ep_context* ctx, const moe_ep_plan* 
 }
 
 /* >>combine */
+MOE_EP_PRIVATE void moe_ep__combine_take(void* user, int64_t first, const void* src, int64_t rows);
+MOE_EP_PRIVATE void moe_ep__combine_done(void* user);
+
 MOE_EP_PRIVATE moe_ep_result moe_ep__combine_begin(moe_ep_context* ctx, moe_ep_plan* plan, const float* expert_out,
                                                    moe_ep_result status) {
     moe_ep_result res = moe_ep__check_stage(ctx, plan, "moe_ep_combine", 0);
@@ -2884,11 +2903,17 @@ MOE_EP_PRIVATE moe_ep_result moe_ep__combine_begin(moe_ep_context* ctx, moe_ep_p
     res = moe_ep__agree(ctx, status, "moe_ep_combine", MOE_EP__STEP_COMBINE);
     if (res != MOE_EP_OK) return res;
     moe_ep__set_args(plan, expert_out, plan->send_buffer, false);
+    plan->combined = 0;
+    if (!moe_ep__local_only(ctx) && plan->row_at && plan->blocking && (plan->combine_y || plan->tokens == 0)) {
+        plan->args.recv_fn = moe_ep__combine_take;
+        plan->args.recv_done_fn = moe_ep__combine_done;
+        plan->args.recv_user = plan;
+    }
     plan->args.step = moe_ep__step(ctx, MOE_EP__STEP_COMBINE_ROWS);
     moe_ep__step_done(ctx, NULL);
     plan->pending = 2;
     res = moe_ep__a2a_begin(ctx, plan, "moe_ep_combine");
-    if (res != MOE_EP_OK) plan->pending = 0;
+    if (res != MOE_EP_OK) plan->pending = plan->combined = 0;
     return res;
 }
 
@@ -2906,15 +2931,15 @@ MOE_EP_API moe_ep_result moe_ep_combine_begin(moe_ep_context* ctx, moe_ep_plan* 
 
 /* y_t = sum over the k slots, in slot order, of w_j * row_j (from 0.0f; a dropped slot adds
    nothing). The first slot writes 0.0f + w * row, the same bytes as a zeroed row plus it. */
-MOE_EP_PRIVATE void moe_ep__combine_row(float* MOE_EP__RESTRICT yt, const float* rows, const int64_t* slot_row,
-                                        const float* weight, int k, int64_t d) {
+MOE_EP_PRIVATE void moe_ep__combine_row(float* MOE_EP__RESTRICT yt, const float* rows, const float* const* row_at,
+                                        const int64_t* slot_row, const float* weight, int k, int64_t d) {
     int j, first = 1;
     int64_t i;
     for (j = 0; j < k; ++j) {
         const float* MOE_EP__RESTRICT src;
         float w = weight[j];
         if (slot_row[j] < 0) continue;
-        src = rows + slot_row[j] * d;
+        src = row_at ? row_at[slot_row[j]] : rows + slot_row[j] * d;     /* where it arrived, or packed */
         if (first)
             for (i = 0; i < d; ++i) yt[i] = moe_ep__fmaf(w, src[i], 0.0f);
         else
@@ -2925,35 +2950,63 @@ MOE_EP_PRIVATE void moe_ep__combine_row(float* MOE_EP__RESTRICT yt, const float*
         for (i = 0; i < d; ++i) yt[i] = 0.0f;
 }
 
-MOE_EP_API moe_ep_result moe_ep_combine_end(moe_ep_context* ctx, moe_ep_plan* plan, float* y) {
-    moe_ep_result res = moe_ep__check_stage(ctx, plan, "moe_ep_combine_end", 2);
-    const float* rows;
-    int64_t t, d;
-    int k;
-    if (res != MOE_EP_OK) return res;
-    res = moe_ep__a2a_end(ctx, plan, "moe_ep_combine");
-    if (res != MOE_EP_OK) return res;
-    if (plan->tokens > 0 && !y)
-        return moe_ep__fail(ctx, MOE_EP_ERROR_INVALID_ARGUMENT, MOE_EP_LOG_ITEM_STAGE_NULL,
-                            "moe_ep_combine: y must not be NULL");
-    d = ctx->desc.d_model;
-    k = plan->top_k;
-    rows = moe_ep__local_only(ctx) ? (const float*)plan->args.send : plan->send_buffer;
+MOE_EP_PRIVATE void moe_ep__combine_sum(const moe_ep_context* ctx, const moe_ep_plan* plan, const float* rows,
+                                        const float* const* row_at, float* y) {
+    int64_t t, d = ctx->desc.d_model;
+    int k = plan->top_k;
 #ifdef _OPENMP
 #pragma omp parallel for schedule(static) num_threads(ctx->num_threads) if (ctx->num_threads > 1 && plan->tokens > 16)
 #endif
     for (t = 0; t < plan->tokens; ++t)
-        moe_ep__combine_row(y + t * d, rows, plan->slot_row + t * k, plan->topk_weight + t * k, k, d);
+        moe_ep__combine_row(y + t * d, rows, row_at, plan->slot_row + t * k, plan->topk_weight + t * k, k, d);
+}
+
+/* The blocking combine over a transport with row lists: the transport hands over each
+   returning segment where it lies in the expert rank's memory (recv_fn, noting where
+   every send row is), then recv_done_fn sums y from there, the same sums in the same
+   order as from the packed rows, before the transport lets the peers go on. */
+MOE_EP_PRIVATE void moe_ep__combine_take(void* user, int64_t first, const void* src, int64_t rows) {
+    moe_ep_plan* plan = (moe_ep_plan*)user;
+    int64_t i, d = plan->ctx->desc.d_model;
+    for (i = 0; i < rows; ++i) plan->row_at[first + i] = (const float*)src + i * d;
+}
+
+MOE_EP_PRIVATE void moe_ep__combine_done(void* user) {
+    moe_ep_plan* plan = (moe_ep_plan*)user;
+    moe_ep__combine_sum(plan->ctx, plan, NULL, plan->row_at, plan->combine_y);
+    plan->combined = 1;
+}
+
+MOE_EP_API moe_ep_result moe_ep_combine_end(moe_ep_context* ctx, moe_ep_plan* plan, float* y) {
+    moe_ep_result res = moe_ep__check_stage(ctx, plan, "moe_ep_combine_end", 2);
+    if (res != MOE_EP_OK) return res;
+    res = moe_ep__a2a_end(ctx, plan, "moe_ep_combine");
+    if (plan->combined) {       /* summed into combine_y as the rows arrived */
+        plan->combined = 0;
+        return res;
+    }
+    if (res != MOE_EP_OK) return res;
+    if (plan->tokens > 0 && !y)
+        return moe_ep__fail(ctx, MOE_EP_ERROR_INVALID_ARGUMENT, MOE_EP_LOG_ITEM_STAGE_NULL,
+                            "moe_ep_combine: y must not be NULL");
+    moe_ep__combine_sum(ctx, plan, moe_ep__local_only(ctx) ? (const float*)plan->args.send : plan->send_buffer,
+                        NULL, y);
     return MOE_EP_OK;
 }
 
 MOE_EP_API moe_ep_result moe_ep_combine(moe_ep_context* ctx, moe_ep_plan* plan, const float* expert_out, float* y) {
     moe_ep_result res;
     bool blocking = moe_ep__can_block(ctx, plan);
-    if (blocking) plan->blocking = 1;
+    if (blocking) {
+        plan->blocking = 1;
+        plan->combine_y = y;
+    }
     res = moe_ep_combine_begin(ctx, plan, expert_out);
     if (res == MOE_EP_OK) res = moe_ep_combine_end(ctx, plan, y);
-    if (blocking) plan->blocking = 0;
+    if (blocking) {
+        plan->blocking = 0;
+        plan->combine_y = NULL;
+    }
     return res;
 }
 
@@ -3117,6 +3170,7 @@ MOE_EP_API moe_ep_result moe_ep_forward(moe_ep_context* ctx, const moe_ep_forwar
         status = moe_ep_experts(ctx, plan, ctx->recv_rows, ctx->expert_out);
         ctx->experts_status = MOE_EP_OK;    /* handed to combine here */
         plan->blocking = 1;
+        plan->combine_y = args->y;
         res = moe_ep__combine_begin(ctx, plan, ctx->expert_out, status != MOE_EP_OK ? status : shared_status);
         if (res == MOE_EP_OK) res = moe_ep_combine_end(ctx, plan, args->y);
     }

@@ -203,10 +203,12 @@ START_TEST(layer_paths) {
 }
 END_TEST
 
-/* The pthreads transport gathers the dispatched rows by index (row_lists): moe_ep_forward
-   and moe_ep_dispatch hand it x and the plan's row order, the split-phase dispatch packs
-   (x may change before its end). The same layer with row_lists declined (the core packs
-   every dispatch, as for MPI and NCCL) must give the same bytes on every path. */
+/* The pthreads transport gathers the dispatched rows by index and hands the combine's rows
+   over where they lie (row_lists): moe_ep_forward, moe_ep_dispatch and moe_ep_combine use
+   it (one dispatch and one combine per rank), the split-phase stages pack (x may change
+   before the dispatch ends; y is not known at combine_begin). The same layer with
+   row_lists declined (the core packs, as for MPI and NCCL) must give the same bytes on
+   every path. */
 START_TEST(layer_row_lists) {
     const layer_case* c = &layer_cases[_i];
     layer_data data;
@@ -228,9 +230,8 @@ START_TEST(layer_row_lists) {
             check_run_layer(&run);
             ck_assert_msg(run.result == MOE_EP_OK, "%s, %s, row lists %s: %s", c->name, names[p],
                           declined ? "declined" : "used", check_layer_errors(&run, errors, sizeof errors));
-            /* one row list per rank (the dispatch) where the dispatch may use it, none elsewhere */
             for (r = 0; r < c->ranks; ++r)
-                ck_assert_msg(run.row_list_exchanges[r] == (!declined && c->ranks > 1 && p != CHECK_PATH_SPLIT),
+                ck_assert_msg(run.row_list_exchanges[r] == (!declined && c->ranks > 1 && p != CHECK_PATH_SPLIT) * 2,
                               "%s, %s, row lists %s: rank %d handed %lld row lists to the transport", c->name,
                               names[p], declined ? "declined" : "used", r, (long long)run.row_list_exchanges[r]);
         }

@@ -115,7 +115,7 @@ typedef struct check_layer {
     const moe_ep_allocator* allocator;   /* optional, for the contexts and the world */
     int timeout_ms;                 /* world timeout; 0: 60 s, a guard against a hang */
     bool decline_row_lists;         /* the pthreads transport with row_lists 0: dispatch packs the rows */
-    int64_t row_list_exchanges[CHECK_MAX_RANKS];  /* out: exchanges of rows handed a row list (send_rows) */
+    int64_t row_list_exchanges[CHECK_MAX_RANKS];  /* out: exchanges of rows handed send_rows or recv_fn */
     float* y;                       /* out [sum of tokens, d_model] */
     int32_t* idx_out;               /* optional out: the router's choice [sum of tokens, top_k] */
     float* weight_out;

@@ -5,6 +5,9 @@
    - an exchange handed a row list (blocking and split-phase) delivers the bytes of the
      same exchange handed the rows packed by hand, and both are the rows the list names;
      receive buffers are poisoned, one row past the end must stay poisoned;
+   - an exchange handed recv_fn (with and without a row list on the send side) hands over
+     every received row where the packed exchange puts it, and calls recv_done_fn once,
+     after the last;
    - a row index outside [0, send_buffer_rows) fails that rank with INVALID_ARGUMENT and
      an error that names send_rows and the bound, the peers' exchange with ABORTED, no
      receive buffer is written, and the next exchange works (the ranks stay in step).
@@ -27,11 +30,14 @@ typedef struct rl_state {
     float src[RL_R][RL_N * RL_D];
     int64_t rows[RL_R][RL_R * RL_S * 3];   /* each rank's row list in send order */
     int64_t sent[RL_R];                    /* its length */
-    float* recv[RL_R][3];                  /* 0: packed, 1: row list, 2: row list, split-phase */
+    float* recv[RL_R][5];                  /* 0: packed, 1: row list, 2: row list, split-phase,
+                                              3: recv_fn, 4: recv_fn from a row list */
+    int done_calls[RL_R][5];               /* recv_done_fn calls, and rows handed over before the first */
+    int64_t rows_before_done[RL_R][5];
     int64_t received[RL_R];
     int bad_rank;                          /* -1: every index good */
     int64_t bad_value;
-    moe_ep_result result[RL_R][3];
+    moe_ep_result result[RL_R][5];
     moe_ep_result after[RL_R];             /* the good exchange after a bad one */
     char error[RL_R][256];
 } rl_state;
@@ -59,6 +65,24 @@ static void rl_args(int rank, int64_t* counts, int64_t* offsets, int64_t* rcount
     a->memory_space = MOE_EP_MEMORY_HOST;
 }
 
+/* recv_fn's user data: one rank's exchange v, copying each handed-over row into place */
+typedef struct rl_taker {
+    rl_state* st;
+    int rank, v;
+    int64_t rows;
+} rl_taker;
+
+static void rl_take(void* user, int64_t first, const void* src, int64_t rows) {
+    rl_taker* k = (rl_taker*)user;
+    memcpy(k->st->recv[k->rank][k->v] + first * RL_D, src, sizeof(float) * RL_D * (size_t)rows);
+    k->rows += rows;
+}
+
+static void rl_done(void* user) {
+    rl_taker* k = (rl_taker*)user;
+    if (k->st->done_calls[k->rank][k->v]++ == 0) k->st->rows_before_done[k->rank][k->v] = k->rows;
+}
+
 static moe_ep_result rl_rank(const moe_ep_transport* t, void* user_data) {
     rl_state* st = (rl_state*)user_data;
     int me = t->rank, v;
@@ -69,13 +93,21 @@ static moe_ep_result rl_rank(const moe_ep_transport* t, void* user_data) {
     for (r = 0; r < st->sent[me]; ++r)
         memcpy(packed + r * RL_D, st->src[me] + st->rows[me][r] * RL_D, sizeof(float) * RL_D);
     /* a bad index: only the blocking exchange with the row list, then a good one */
-    for (v = st->bad_rank >= 0 ? 1 : 0; v < (st->bad_rank >= 0 ? 2 : 3); ++v) {
+    for (v = st->bad_rank >= 0 ? 1 : 0; v < (st->bad_rank >= 0 ? 2 : 5); ++v) {
         void* request = NULL;
-        a.recv = st->recv[me][v];
-        a.send = v == 0 ? (const void*)packed : (const void*)st->src[me];
-        a.send_rows = v == 0 ? NULL : st->rows[me];
-        a.send_buffer_rows = v == 0 ? 0 : RL_N;
-        if (v < 2) {
+        rl_taker taker;
+        taker.st = st;
+        taker.rank = me;
+        taker.v = v;
+        taker.rows = 0;
+        a.recv = v >= 3 ? NULL : st->recv[me][v];     /* recv_fn: recv unused */
+        a.send = v == 0 || v == 3 ? (const void*)packed : (const void*)st->src[me];
+        a.send_rows = v == 0 || v == 3 ? NULL : st->rows[me];
+        a.send_buffer_rows = v == 0 || v == 3 ? 0 : RL_N;
+        a.recv_fn = v >= 3 ? rl_take : NULL;
+        a.recv_done_fn = v >= 3 ? rl_done : NULL;
+        a.recv_user = &taker;
+        if (v != 2) {
             st->result[me][v] = t->all_to_all_v(t->impl, &a, st->error[me], sizeof st->error[me]);
         } else {
             st->result[me][v] = t->all_to_all_v_begin(t->impl, &a, &request, st->error[me], sizeof st->error[me]);
@@ -110,7 +142,7 @@ static void rl_init(rl_state* st, int bad_rank, int64_t bad_value) {
                 st->received[q] += rl_count(p, q, s);
             }
         if (q == bad_rank) st->rows[q][st->sent[q] - 1] = bad_value;
-        for (v = 0; v < 3; ++v) {
+        for (v = 0; v < 5; ++v) {
             st->recv[q][v] = (float*)malloc(sizeof(float) * (size_t)(st->received[q] + 1) * RL_D);
             test_poison(st->recv[q][v], (size_t)(st->received[q] + 1) * RL_D);
         }
@@ -120,7 +152,7 @@ static void rl_init(rl_state* st, int bad_rank, int64_t bad_value) {
 static void rl_free(rl_state* st) {
     int q, v;
     for (q = 0; q < RL_R; ++q)
-        for (v = 0; v < 3; ++v) free(st->recv[q][v]);
+        for (v = 0; v < 5; ++v) free(st->recv[q][v]);
 }
 
 static moe_ep_result rl_run(rl_state* st) {
@@ -140,14 +172,22 @@ START_TEST(row_lists_same_bytes) {
     ck_assert_int_eq(rl_run(st), MOE_EP_OK);
     for (q = 0; q < RL_R; ++q) {
         int64_t at = 0;
-        for (v = 0; v < 3; ++v)
+        for (v = 0; v < 5; ++v)
             ck_assert_msg(st->result[q][v] == MOE_EP_OK, "rank %d, exchange %d: %s (%s)", q, v,
                           moe_ep_result_string(st->result[q][v]), st->error[q]);
+        for (v = 3; v < 5; ++v) {
+            ck_assert_msg(memcmp(st->recv[q][0], st->recv[q][v], sizeof(float) * (size_t)st->received[q] * RL_D) == 0,
+                          "rank %d: recv_fn (exchange %d) was handed other rows than the packed exchange delivers", q,
+                          v);
+            ck_assert_msg(st->done_calls[q][v] == 1 && st->rows_before_done[q][v] == st->received[q],
+                          "rank %d, exchange %d: recv_done_fn called %d times, after %lld of %lld rows", q, v,
+                          st->done_calls[q][v], (long long)st->rows_before_done[q][v], (long long)st->received[q]);
+        }
         ck_assert_msg(memcmp(st->recv[q][0], st->recv[q][1], sizeof(float) * (size_t)st->received[q] * RL_D) == 0,
                       "rank %d: the row list delivered other bytes than the packed rows", q);
         ck_assert_msg(memcmp(st->recv[q][0], st->recv[q][2], sizeof(float) * (size_t)st->received[q] * RL_D) == 0,
                       "rank %d: the split-phase row list delivered other bytes than the packed rows", q);
-        for (v = 0; v < 3; ++v)
+        for (v = 0; v < 5; ++v)
             ck_assert_msg(test_is_poisoned(st->recv[q][v] + st->received[q] * RL_D, RL_D),
                           "rank %d, exchange %d: wrote past the received rows", q, v);
         /* and they are the rows the senders' lists name: from rank p, segment s, in order */

@@ -315,7 +315,7 @@ static check__counted* check__counted_find(const void* impl, const moe_ep_a2a_ar
     int r;
     for (r = 0; r < CHECK_MAX_RANKS; ++r)
         if (check__counted_ranks[r].impl == impl) {
-            if (args->send_rows) ++*check__counted_ranks[r].row_lists;
+            if (args->send_rows || args->recv_fn) ++*check__counted_ranks[r].row_lists;
             return &check__counted_ranks[r];
         }
     return NULL;

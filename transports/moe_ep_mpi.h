@@ -893,9 +893,9 @@ MOE_EP_PRIVATE moe_ep_result moe_ep__mpi_prepare(moe_ep__mpi_impl* m, const moe_
         if (err_text) snprintf(err_text, err_size, "segments (%d) must be >= 1", S);
         return MOE_EP_ERROR_INVALID_ARGUMENT;
     }
-    if (a->send_rows) {     /* row_lists is 0: the core packs the rows for this transport */
-        if (err_text) snprintf(err_text, err_size, "moe_ep_a2a_args.send_rows: the MPI transport moves packed rows "
-                               "only (its row_lists is 0); pack them and leave send_rows NULL");
+    if (a->send_rows || a->recv_fn) {     /* row_lists is 0: the core packs the rows for this transport */
+        if (err_text) snprintf(err_text, err_size, "moe_ep_a2a_args.send_rows, .recv_fn: the MPI transport moves "
+                               "packed rows only (its row_lists is 0); leave them NULL");
         return MOE_EP_ERROR_UNSUPPORTED;
     }
     if (a->send == a->recv && a->send) {

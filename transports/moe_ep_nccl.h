@@ -438,9 +438,9 @@ MOE_EP_PRIVATE moe_ep_result moe_ep__nccl_a2a_begin(void* impl, const moe_ep_a2a
         moe_ep__nccl_text(err, size, "segments (%d) must be >= 1 and row_bytes > 0", a->segments);
         return MOE_EP_ERROR_INVALID_ARGUMENT;
     }
-    if (a->send_rows) {     /* row_lists is 0: the core packs the rows for this transport */
-        moe_ep__nccl_text(err, size, "moe_ep_a2a_args.send_rows: the NCCL transport moves packed rows only (its "
-                          "row_lists is 0); pack them and leave send_rows NULL");
+    if (a->send_rows || a->recv_fn) {     /* row_lists is 0: the core packs the rows for this transport */
+        moe_ep__nccl_text(err, size, "moe_ep_a2a_args.send_rows, .recv_fn: the NCCL transport moves packed rows only "
+                          "(its row_lists is 0); leave them NULL");
         return MOE_EP_ERROR_UNSUPPORTED;
     }
     q = moe_ep__nccl_request_take(n, err, size);
@@ -527,9 +527,9 @@ MOE_EP_PRIVATE moe_ep_result moe_ep__nccl_a2a(void* impl, const moe_ep_a2a_args*
             moe_ep__nccl_text(err, size, "segments (%d) must be >= 1 and row_bytes > 0", a->segments);
             return MOE_EP_ERROR_INVALID_ARGUMENT;
         }
-        if (a->send_rows) {
-            moe_ep__nccl_text(err, size, "moe_ep_a2a_args.send_rows: the NCCL transport moves packed rows only (its "
-                              "row_lists is 0); pack them and leave send_rows NULL");
+        if (a->send_rows || a->recv_fn) {
+            moe_ep__nccl_text(err, size, "moe_ep_a2a_args.send_rows, .recv_fn: the NCCL transport moves packed rows "
+                              "only (its row_lists is 0); leave them NULL");
             return MOE_EP_ERROR_UNSUPPORTED;
         }
         return moe_ep__nccl_rows(n, a, (const char*)a->send, (char*)a->recv,

@@ -454,7 +454,18 @@ MOE_EP_PRIVATE moe_ep_result moe_ep__pthreads_a2a_end(void* impl, void* request,
                 res = MOE_EP_ERROR_TRANSPORT;
                 break;
             }
-            if (rows > 0 && peer->send_rows) {
+            if (rows > 0 && mine->recv_fn) {
+                /* handed over where they lie; the peers wait at the closing barrier below */
+                const char* src = (const char*)peer->send;
+                int64_t first = mine->recv_offsets[q * S + s], r;
+                if (!peer->send_rows) {
+                    mine->recv_fn(mine->recv_user, first, src + (size_t)peer->send_offsets[me->rank * S + s] * rb, rows);
+                } else {
+                    for (r = 0; r < rows; ++r)
+                        mine->recv_fn(mine->recv_user, first + r, src + (size_t)peer->send_rows[
+                                          peer->send_offsets[me->rank * S + s] + r] * rb, 1);
+                }
+            } else if (rows > 0 && peer->send_rows) {
                 /* gathered by index: the peer's begin checked every index */
                 char* dst = (char*)mine->recv + (size_t)mine->recv_offsets[q * S + s] * rb;
                 const int64_t* index = peer->send_rows + peer->send_offsets[me->rank * S + s];
@@ -467,6 +478,7 @@ MOE_EP_PRIVATE moe_ep_result moe_ep__pthreads_a2a_end(void* impl, void* request,
             }
         }
     }
+    if (res == MOE_EP_OK && mine->recv_done_fn) mine->recv_done_fn(mine->recv_user);    /* before the peers go on */
     {
         /* always reach the closing barrier, so that a local error does not strand the peers */
         char barrier_err[192] = "";
