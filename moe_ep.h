@@ -810,7 +810,10 @@ MOE_EP_API moe_ep_result moe_ep_experts(moe_ep_context* ctx, const moe_ep_plan* 
 
 /* Bring expert outputs back and sum them: y[t] = sum_j topk_weight[t,j] * out_j, in
    k-slot order, fp32; dropped assignments add nothing. y: [tokens, d_model], written
-   in full. expert_out: [info.recv_rows, d_model]. Collective: yes. */
+   in full. expert_out: [info.recv_rows, d_model]. Collective: yes. With a transport
+   that has row_lists (pthreads), moe_ep_combine (not the split-phase form) sums each
+   row where it arrived, in one pass, inside the exchange: the same bytes; if the
+   exchange then fails in its closing step, y may already be written. */
 MOE_EP_API moe_ep_result moe_ep_combine(moe_ep_context* ctx, moe_ep_plan* plan, const float* expert_out, float* y);
 MOE_EP_API moe_ep_result moe_ep_combine_begin(moe_ep_context* ctx, moe_ep_plan* plan, const float* expert_out);
 MOE_EP_API moe_ep_result moe_ep_combine_end(moe_ep_context* ctx, moe_ep_plan* plan, float* y);
