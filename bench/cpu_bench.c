@@ -12,9 +12,10 @@
            FFN with OpenBLAS ([w1; w3] in one sgemm, the activation, w2).
    cblas   the FFN with MOE_EP_CBLAS (cpu_bench_cblas.c) vs the OpenBLAS FFN.
    comm    dispatch and combine through the pthreads transport vs memcpy of the same bytes
-           on the same number of threads: 1 rank, 2 ranks (the transport gathers the
-           dispatched rows by index: one pass), and 2 ranks with the row lists declined
-           (the rows packed first, as for MPI and NCCL).
+           on the same number of threads: 1 rank, 2 ranks (row lists: the transport
+           gathers the dispatched rows by index, and combine sums the returning rows where
+           they arrived: one pass each), and 2 ranks with the row lists declined (packed
+           and copied first, as for MPI and NCCL).
    layer   moe_ep_forward, T = 1024 tokens, one rank, vs the PyTorch anchor
            (bench/torch_moe_cpu.py, OMP_WAIT_POLICY=PASSIVE) and vs the GEMM floor.
    decode  moe_ep_forward at 1, 4, 16, 64 tokens vs PyTorch; weight bandwidth vs memcpy.
@@ -479,8 +480,8 @@ static void section_comm(const bench_model* model) {
            "the same bytes on the same threads (GB/s, median of %d)\n\n", 1024, D_MODEL, TOP_K, 2 * g_reps);
     printf("| ranks | MB moved | dispatch GB/s | combine GB/s | memcpy GB/s | dispatch / memcpy | combine / memcpy | "
            "(dispatch + combine) / 2 memcpy |\n|---|---|---|---|---|---|---|---|\n");
-    /* 1 rank, 2 ranks (the transport gathers the rows by index: dispatch in one pass), and 2
-       ranks with the row lists declined (packed first, as for MPI and NCCL) */
+    /* 1 rank, 2 ranks (row lists: dispatch and combine in one pass each), and 2 ranks with
+       the row lists declined (packed and copied first, as for MPI and NCCL) */
     for (config = 0; config < 3; ++config) {
         int ranks = config == 0 ? 1 : 2;
         comm_state st;
