@@ -489,7 +489,7 @@ typedef struct moe_ep_a2a_args {
     int64_t step;                   /* the core's tag of this exchange (kind and sequence number): equal on
                                        every rank that is in step; 0: untagged */
     /* Optional row list (NULL: none), given only to a transport whose row_lists is 1: send
-       row r (r counted as send_offsets count) is then row send_rows[r] of send, which holds
+       row r (numbered as in send_offsets) is then row send_rows[r] of send, which holds
        send_buffer_rows rows; every index must be in [0, send_buffer_rows). The transport
        gathers the rows by index as it moves them, so the sender need not pack them first. */
     const int64_t* send_rows;       /* [sum of send_counts] */
@@ -532,9 +532,10 @@ typedef struct moe_ep_transport {
                            char* err_text, size_t err_size);
     /* Optional: this rank will not enter its next collective (see skip above). */
     void (*skip)(void* impl, moe_ep_result status);
-    /* 1: all_to_all_v (and _begin) honour moe_ep_a2a_args.send_rows (the pthreads transport),
-       so the core's dispatch hands them x and the plan's row order instead of packed rows;
-       0 (MPI, NCCL, a transport of your own): the core packs the rows and never sets it. */
+    /* 1: all_to_all_v (and _begin) honour moe_ep_a2a_args.send_rows and .recv_fn (the
+       pthreads transport), so the core's dispatch hands over x and the plan's row order
+       instead of packed rows, and its blocking combine sums the rows where they arrive;
+       0 (MPI, NCCL, a transport of your own): the core packs and never sets them. */
     int row_lists;
 } moe_ep_transport;
 
