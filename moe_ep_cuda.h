@@ -458,6 +458,7 @@ struct moe_ep_cuda_plan {
 /* The forward's plan on the GPU (PLANNING ON THE GPU): device buffers sized at create for
    max_tokens, reused by every forward (the stream orders one forward after the other). */
 #define MOE_EP__CUDA_CHUNK 128      /* rows per chunk of the chunked expert GEMMs */
+#define MOE_EP__CUDA_BLAS_WORKSPACE ((size_t)32 << 20)  /* cuBLAS's recommendation for Hopper */
 typedef struct moe_ep__cuda_gpu_plan {
     void* block;                    /* device: everything below, in one allocation */
     moe_ep__cuda_k_plan k;          /* the plan kernels' arguments (their device arrays point into block) */
@@ -1212,10 +1213,6 @@ MOE_EP_PRIVATE moe_ep_result moe_ep__cuda_build_gpu_plan(moe_ep_cuda_layer* L) {
                                                   cudaMemcpyHostToDevice), "chunked GEMM pointers");
         moe_ep_free(&L->desc.allocator, ptrs);
     }
-    /* cuBLAS gets a workspace of its own, so that a captured forward allocates nothing */
-    if (res == MOE_EP_OK) res = moe_ep__cuda_cuda(L, cudaMalloc(&L->blas_workspace, (size_t)32 << 20), "cuBLAS workspace");
-    if (res == MOE_EP_OK)
-        res = moe_ep__cuda_blas(L, cublasSetWorkspace(L->blas, L->blas_workspace, (size_t)32 << 20), "cublasSetWorkspace");
     k->E = L->num_experts;
     k->R = L->world_size;
     k->S = L->segments;
@@ -1444,7 +1441,7 @@ MOE_EP_PRIVATE moe_ep_result moe_ep__cuda_create_agree(const moe_ep_cuda_layer_d
     a.facts = facts;
     a.fact_count = 1;
     a.facts_name = "GPU parameters (dtype, a2a_layout, direct, max_tokens, expert_fn, router_weight, TP size, "
-                   "shared experts)";
+                   "shared experts, planning, CHUNKED)";
     a.on_peer_failure = MOE_EP_ERROR_RANK_MISMATCH;
     res = moe_ep_agree(d->transport, &a, err, sizeof err);
     if (d->tp_transport && d->tp_transport->world_size > 1 && d->tp_transport->exchange_counts) {
@@ -1569,6 +1566,13 @@ MOE_EP_PRIVATE moe_ep_result moe_ep__cuda_build_blas(moe_ep_cuda_layer* L) {
     /* fp32 stays fp32: no TF32 tensor-op math */
     if (res == MOE_EP_OK) res = moe_ep__cuda_blas(L, cublasSetMathMode(L->blas, CUBLAS_DEFAULT_MATH),
                                                   "cublasSetMathMode");
+    /* with max_tokens cuBLAS gets a workspace of its own, so that a captured forward allocates
+       nothing (the same with either planning: the same GEMM kernels) */
+    if (res == MOE_EP_OK && d->max_tokens > 0)
+        res = moe_ep__cuda_cuda(L, cudaMalloc(&L->blas_workspace, MOE_EP__CUDA_BLAS_WORKSPACE), "cuBLAS workspace");
+    if (res == MOE_EP_OK && d->max_tokens > 0)
+        res = moe_ep__cuda_blas(L, cublasSetWorkspace(L->blas, L->blas_workspace, MOE_EP__CUDA_BLAS_WORKSPACE),
+                                "cublasSetWorkspace");
     if (res != MOE_EP_OK) return res;
     /* bf16 with TP: the down projections write fp32 partial sums, which grouped GEMMs
        (one type for A, B and C) cannot */
@@ -2672,6 +2676,19 @@ MOE_EP_PRIVATE moe_ep_result moe_ep__cuda_routing_upload(moe_ep_cuda_layer* L, i
     return res;
 }
 
+/* The plan kernels on the routing in the router's buffers, for T tokens; *k gets their arguments. */
+MOE_EP_PRIVATE moe_ep_result moe_ep__cuda_gpu_plan_run(moe_ep_cuda_layer* L, int64_t T, moe_ep__cuda_k_plan* k) {
+    int64_t slots = T * L->top_k;
+    *k = L->gp.k;
+    k->topk_idx = (const int32_t*)L->topk_dev;
+    k->topk_weight = (const float*)((char*)L->topk_dev + moe_ep__cuda_round16((size_t)slots * sizeof(int32_t)));
+    k->slots = slots;
+    k->capacity = -1;   /* the core's capacity rule, on this call's tokens */
+    if (L->gp.capacity_factor > 0.0f)
+        k->capacity = (int64_t)ceil((double)L->gp.capacity_factor * (double)T * L->top_k / (double)L->num_experts);
+    return moe_ep__cuda_kernel(L, moe_ep__cuda_k_plan_send(k, L->stream), "plan kernels");
+}
+
 /* CHUNKED: the built-in experts over every chunk of the padded receive rows, sizes fixed at
    create (chunks that hold no rows compute rows nobody reads). */
 MOE_EP_PRIVATE moe_ep_result moe_ep__cuda_chunked_experts(moe_ep_cuda_layer* L) {
@@ -2743,14 +2760,8 @@ MOE_EP_PRIVATE moe_ep_result moe_ep__cuda_forward_gpu(moe_ep_cuda_layer* L, cons
             res = moe_ep__cuda_cuda(L, cudaEventRecord(gp->routing_free, L->stream), "router download");
     }
     if (res != MOE_EP_OK) return res;
-    /* 2. the plan: the core's capacity rule, on this call's tokens */
-    k.topk_idx = idx_dev;
-    k.topk_weight = weight_dev;
-    k.slots = slots;
-    k.capacity = -1;
-    if (gp->capacity_factor > 0.0f)
-        k.capacity = (int64_t)ceil((double)gp->capacity_factor * (double)T * L->top_k / (double)L->num_experts);
-    res = moe_ep__cuda_kernel(L, moe_ep__cuda_k_plan_send(&k, L->stream), "plan kernels");
+    /* 2. the plan */
+    res = moe_ep__cuda_gpu_plan_run(L, T, &k);
     if (res == MOE_EP_OK && !L->chunks)
         res = moe_ep__cuda_cuda(L, cudaMemcpyAsync(gp->sizes_host, k.local_counts, sizeof(int64_t) * (2 * (size_t)L->segments + 4),
                                                    cudaMemcpyDeviceToHost, L->stream), "plan sizes download");
