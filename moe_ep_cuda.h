@@ -457,7 +457,6 @@ struct moe_ep_cuda_plan {
 
 /* The forward's plan on the GPU (PLANNING ON THE GPU): device buffers sized at create for
    max_tokens, reused by every forward (the stream orders one forward after the other). */
-#define MOE_EP__CUDA_CHUNK 128      /* rows per chunk of the chunked expert GEMMs */
 #define MOE_EP__CUDA_BLAS_WORKSPACE ((size_t)32 << 20)  /* cuBLAS's recommendation for Hopper */
 typedef struct moe_ep__cuda_gpu_plan {
     void* block;                    /* device: everything below, in one allocation */
@@ -538,7 +537,8 @@ struct moe_ep_cuda_layer {
     moe_ep__cuda_buffers spare;     /* plan buffers of the last destroyed plan */
     int has_spare;
     int gpu_plan;                   /* the forward plans on the GPU */
-    int64_t chunks;                 /* CHUNKED: chunks per projection (MOE_EP__CUDA_CHUNK rows each); else 0 */
+    int64_t chunks;                 /* CHUNKED: chunks per projection, chunk_rows rows each; else 0 */
+    int chunk_rows;
     moe_ep__cuda_gpu_plan gp;
     void* blas_workspace;           /* device: cuBLAS's workspace, the layer's own (graph capture allocates nothing) */
     void* cache[MOE_EP__CUDA_CACHE];    /* host blocks the core context freed, for its next plan */
@@ -1137,7 +1137,7 @@ MOE_EP_PRIVATE void* moe_ep__cuda_carve(char* base, size_t* used, size_t bytes) 
 /* The plan's device arrays in gp.block (or, with block NULL, only their size in *total). */
 MOE_EP_PRIVATE void moe_ep__cuda_gpu_plan_layout(moe_ep_cuda_layer* L, char* block, size_t* total) {
     moe_ep__cuda_k_plan* k = &L->gp.k;
-    int64_t slots = L->desc.max_tokens * L->top_k, blocks = (slots + 255) / 256;
+    int64_t slots = L->desc.max_tokens * L->top_k, blocks = (slots + MOE_EP__CUDA_PLAN_BLOCK - 1) / MOE_EP__CUDA_PLAN_BLOCK;
     size_t E = (size_t)L->num_experts, RS = (size_t)L->world_size * (size_t)L->segments, S = (size_t)L->segments;
     *total = 0;
     k->slot_rank = (int32_t*)moe_ep__cuda_carve(block, total, (size_t)slots * 4);
@@ -1177,9 +1177,13 @@ MOE_EP_PRIVATE moe_ep_result moe_ep__cuda_build_gpu_plan(moe_ep_cuda_layer* L) {
         at[L->num_experts + e] = L->local_index_of[e];
     }
     if (res == MOE_EP_OK && L->desc.expert_gemm == MOE_EP_CUDA_EXPERT_GEMM_CHUNKED) {
-        /* every expert's rows start on a chunk: at most one partial chunk per expert */
-        L->chunks = (per_source * L->world_size + MOE_EP__CUDA_CHUNK - 1) / MOE_EP__CUDA_CHUNK + L->local_experts;
-        res = moe_ep__cuda_reserve_experts(L, L->chunks * MOE_EP__CUDA_CHUNK, 1);
+        /* every expert's rows start on a chunk: at most one partial chunk per expert. 128 rows,
+           256 where experts average more than 512 rows (fewer, larger GEMMs; the padding is
+           then a smaller share) */
+        int64_t rows = per_source * L->world_size;
+        L->chunk_rows = rows > 512 * (int64_t)(L->local_experts > 0 ? L->local_experts : 1) ? 256 : 128;
+        L->chunks = (rows + L->chunk_rows - 1) / L->chunk_rows + L->local_experts;
+        res = moe_ep__cuda_reserve_experts(L, L->chunks * L->chunk_rows, 1);
         /* the padding rows are read by the GEMMs (their results unused): never uninitialised memory */
         if (res == MOE_EP_OK) res = moe_ep__cuda_cuda(L, cudaMemsetAsync(L->recv, 0, L->recv_bytes, L->stream), "expert buffers");
     }
@@ -1202,7 +1206,7 @@ MOE_EP_PRIVATE moe_ep_result moe_ep__cuda_build_gpu_plan(moe_ep_cuda_layer* L) {
         ptrs = (void**)moe_ep_alloc(&L->desc.allocator, sizeof(void*) * 4 * (size_t)n);
         if (!ptrs) res = moe_ep__cuda_fail(L, MOE_EP_ERROR_OUT_OF_MEMORY, "moe_ep_cuda_layer_create: out of memory");
         for (c = 0; ptrs && c < n; ++c) {   /* B, C of the up projection, then of the down projection */
-            size_t row = (size_t)(c * MOE_EP__CUDA_CHUNK);
+            size_t row = (size_t)(c * L->chunk_rows);
             ptrs[c] = (char*)L->recv + row * rb;
             ptrs[n + c] = (char*)L->hidden + row * hb;
             ptrs[2 * n + c] = (char*)L->hidden + row * hb;
@@ -1219,7 +1223,7 @@ MOE_EP_PRIVATE moe_ep_result moe_ep__cuda_build_gpu_plan(moe_ep_cuda_layer* L) {
     k->rank = L->rank;
     k->local_experts = L->local_experts;
     k->scale_input = L->desc.scale_expert_input;
-    k->chunk = L->chunks > 0 ? MOE_EP__CUDA_CHUNK : 0;
+    k->chunk = L->chunks > 0 ? L->chunk_rows : 0;
     k->chunk_weights = L->chunks > 0 ? gp->chunk_ptrs : NULL;
     k->chunks = L->chunks;
     k->w_up = (const char*)L->w_up;
@@ -2694,13 +2698,13 @@ MOE_EP_PRIVATE moe_ep_result moe_ep__cuda_gpu_plan_run(moe_ep_cuda_layer* L, int
 MOE_EP_PRIVATE moe_ep_result moe_ep__cuda_chunked_experts(moe_ep_cuda_layer* L) {
     const float one = 1.0f, zero = 0.0f;
     cudaDataType_t t = moe_ep__cuda_cuda_type(L);
-    int64_t n = L->chunks, rows = n * MOE_EP__CUDA_CHUNK;
+    int64_t n = L->chunks, rows = n * L->chunk_rows;
     void** p = L->gp.chunk_ptrs;    /* A up, A down (the plan wrote them), B up, C up, B down, C down */
     moe_ep__cuda_k_act act = L->act;
     moe_ep_result res;
     act.first_row = L->gp.k.local_offsets;
     act.groups = L->local_experts;
-    res = moe_ep__cuda_blas(L, cublasGemmBatchedEx(L->blas, CUBLAS_OP_T, CUBLAS_OP_N, L->up_rows, MOE_EP__CUDA_CHUNK,
+    res = moe_ep__cuda_blas(L, cublasGemmBatchedEx(L->blas, CUBLAS_OP_T, CUBLAS_OP_N, L->up_rows, L->chunk_rows,
                                                    L->d_model, &one, (const void* const*)p, t, L->d_model,
                                                    (const void* const*)(p + 2 * n), t, L->d_model, &zero,
                                                    (void* const*)(p + 3 * n), t, L->up_rows, (int)n,
@@ -2711,7 +2715,7 @@ MOE_EP_PRIVATE moe_ep_result moe_ep__cuda_chunked_experts(moe_ep_cuda_layer* L) 
                                                                moe_ep__cuda_kdtype[L->dtype], L->stream),
                                   "activation kernel");
     if (res == MOE_EP_OK)
-        res = moe_ep__cuda_blas(L, cublasGemmBatchedEx(L->blas, CUBLAS_OP_T, CUBLAS_OP_N, L->d_model, MOE_EP__CUDA_CHUNK,
+        res = moe_ep__cuda_blas(L, cublasGemmBatchedEx(L->blas, CUBLAS_OP_T, CUBLAS_OP_N, L->d_model, L->chunk_rows,
                                                        L->d_ff, &one, (const void* const*)(p + n), t, L->d_ff,
                                                        (const void* const*)(p + 4 * n), t, L->up_rows, &zero,
                                                        (void* const*)(p + 5 * n), t, L->d_model, (int)n,

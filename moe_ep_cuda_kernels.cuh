@@ -114,6 +114,7 @@ int moe_ep__cuda_k_sum_ranks(const float* parts, int64_t count, int ranks, void*
    receive side orders rows by (local expert, source rank, token); with chunk > 0 each
    local expert's rows start at a multiple of chunk (the chunked expert GEMMs). Arrays of
    int64 unless said; all device memory. */
+#define MOE_EP__CUDA_PLAN_BLOCK 1024    /* slots per block of the counting and the map kernel */
 typedef struct moe_ep__cuda_k_plan {
     const int32_t* topk_idx;        /* [slots], experts in [0, E) */
     const float* topk_weight;       /* [slots] */
@@ -123,7 +124,8 @@ typedef struct moe_ep__cuda_k_plan {
     int scale_input;                /* scale_expert_input: weight[] = 1 (the weights scale the input rows) */
     int chunk;                      /* > 0: the receive rows of each local expert start at a multiple of it */
     int32_t* slot_rank;             /* scratch int32 [slots]: rank among its expert's slots of its block */
-    int32_t* block_counts;          /* scratch int32 [blocks * E]: per block and expert; then each block's base */
+    int32_t* block_counts;          /* scratch int32 [blocks * E], blocks of MOE_EP__CUDA_PLAN_BLOCK slots: per
+                                       block and expert, then each block's base */
     int64_t *counts, *kept;         /* [E] assignments of this rank per expert, before and after capacity */
     int64_t *seg_send_counts, *seg_send_offsets, *seg_recv_counts, *seg_recv_offsets;   /* [R * S] */
     int64_t *local_counts, *local_offsets;  /* [S] received rows per local expert, its first row */
@@ -797,7 +799,6 @@ __global__ void stage_map_kernel(const int64_t* __restrict__ chunk_start, const 
 } /* namespace moe_ep_cuda_kernels */
 
 namespace moe_ep_cuda_kernels {
-#define MOE_EP__CUDA_PLAN_BLOCK 256     /* slots per block of the counting kernel */
 #define MOE_EP__CUDA_PLAN_WARPS (MOE_EP__CUDA_PLAN_BLOCK / 32)
 
 /* Each slot's rank among the slots of its block that chose the same expert, in slot order,
@@ -870,23 +871,39 @@ __global__ void plan_sizes_kernel(moe_ep__cuda_k_plan p, int64_t blocks, int pha
     int tid = threadIdx.x, lane = tid & 31, warp = tid >> 5, warps = (int)(blockDim.x >> 5);
     int E = p.E, RS = p.R * p.S, S = p.S;
     if (phase & 1) {
-        for (int e = warp; e < E; e += warps) {
-            int64_t run = 0;
+        /* warp w scans the block counts of experts w, w + 32, ..., eight at a time, lane = block:
+           the loads of the eight are in flight together */
+        for (int j0 = 0; warp + warps * j0 < E; j0 += 8) {
+            int32_t run[8];
+            for (int j = 0; j < 8; ++j) run[j] = 0;
             for (int64_t b0 = 0; b0 < blocks; b0 += 32) {
                 int64_t b = b0 + lane;
-                int64_t c = b < blocks ? p.block_counts[b * E + e] : 0, incl = c;
-                for (int o = 1; o < 32; o <<= 1) {
-                    int64_t up = __shfl_up_sync(0xffffffffu, incl, o);
-                    if (lane >= o) incl += up;
+                int32_t c[8];
+#pragma unroll
+                for (int j = 0; j < 8; ++j) {
+                    int e = warp + warps * (j0 + j);
+                    c[j] = b < blocks && e < E ? p.block_counts[b * E + e] : 0;
                 }
-                if (b < blocks) p.block_counts[b * E + e] = (int32_t)(run + incl - c);
-                run += __shfl_sync(0xffffffffu, incl, 31);
+#pragma unroll
+                for (int j = 0; j < 8; ++j) {
+                    int e = warp + warps * (j0 + j);
+                    int32_t incl = c[j];
+                    for (int o = 1; o < 32; o <<= 1) {
+                        int32_t up = __shfl_up_sync(0xffffffffu, incl, o);
+                        if (lane >= o) incl += up;
+                    }
+                    if (b < blocks && e < E) p.block_counts[b * E + e] = run[j] + incl - c[j];
+                    run[j] += __shfl_sync(0xffffffffu, incl, 31);
+                }
             }
-            if (lane == 0) {
-                p.counts[e] = run;
-                p.kept[e] = p.capacity >= 0 && run > p.capacity ? p.capacity : run;
+            for (int j = 0; lane == 0 && j < 8; ++j) {
+                int e = warp + warps * (j0 + j);
+                if (e >= E) break;
+                p.counts[e] = run[j];
+                p.kept[e] = p.capacity >= 0 && run[j] > p.capacity ? p.capacity : run[j];
             }
         }
+        __syncthreads();
         for (int x = tid; x < RS; x += blockDim.x) p.seg_send_counts[x] = 0;
         __syncthreads();
         for (int e = tid; e < E; e += blockDim.x)
