@@ -64,9 +64,11 @@
      scorings, with router_bias), the choice (with selection_bias, within the best
      topk_groups of num_groups groups), top-k with ties to the lower expert, the weights
      from the unbiased scores, normalize_topk, routed_scaling_factor; then the ids and
-     weights are copied to the host for the core's plan. No router statistics.
+     weights are copied to the host for the core's plan (unless the GPU plans). No router
+     statistics.
    - Plan: the core's moe_ep_plan_create over the transport (count exchange), then the
-     slot map (where each (token, k-slot) row goes) and the weights are uploaded.
+     slot map (where each (token, k-slot) row goes) and the weights are uploaded; or, with
+     max_tokens on one rank, three kernels on the device (PLANNING ON THE GPU).
    - Dispatch: with scale_expert_input a kernel first writes one row per (token, k-slot),
      weight times x, which then travel as the token rows do (the combine adds the outputs
      unweighted). A permute kernel gathers token rows into send order; rows whose expert is
@@ -92,6 +94,58 @@
    about 4e-3). They repeat bitwise from run to run with the same world size, but are
    not bitwise identical to the CPU path, nor across world sizes (cuBLAS may reduce
    differently for another number of rows).
+
+   PLANNING ON THE GPU
+   ===================
+   With max_tokens > 0 on an EP group of one rank (no TP group, num_experts <= 1024), the
+   forward plans on the GPU (desc.planning DEFAULT; GPU insists, HOST keeps the core's
+   plan): the routing stays in device memory and three kernels compute what the core's
+   moe_ep_plan_create does -- each assignment's rank among its expert's assignments in slot
+   order (the capacity rule: the first `capacity` are kept), the counts per expert and per
+   (rank, local expert) segment, their offsets, the receive offsets per local expert, the
+   slot map and the combine weights -- so every row lands where the host plan puts it and
+   the output is bitwise the host-planned layer's (check_cuda asserts both). No download of
+   the routing, no host plan, no upload. The host still needs numbers where cuBLAS takes
+   host sizes: the default GEMMs (grouped or the loop) and expert_fn wait for a download of
+   the local experts' row counts (a few hundred bytes) after the plan kernels, while the
+   permute runs; expert_gemm = CHUNKED needs none (CUDA GRAPHS). With topk_idx and
+   topk_weight set (and routing_in false) the forward also brings the routing back, and
+   waits for it at the end. Hand-in routing (routing_in) is checked on the host and copied
+   up through a pinned buffer.
+   Where it does not apply the forward plans on the host as before: several ranks (their
+   row exchange needs the counts on the host; a device-memory count exchange and the
+   direct path's tables from the device are not built yet), a TP group, no max_tokens. The
+   stage calls (moe_ep_cuda_plan_create, whose info is host data) always plan on the host.
+
+   CUDA GRAPHS
+   ===========
+   A layer created with max_tokens > 0, expert_gemm = MOE_EP_CUDA_EXPERT_GEMM_CHUNKED and a
+   router (router_weight), on an EP group of one rank, runs its forward without any host
+   synchronisation, allocation or read of device data: it can be captured once and
+   replayed. CHUNKED lays out each local expert's received rows from a multiple of 128 rows
+   (256 where experts average more than 512 rows) and runs one cublasGemmBatchedEx per
+   projection over a fixed number of chunks (enough for max_tokens), each chunk's weights
+   picked by the plan kernels; chunks past the last expert's rows compute rows nobody reads.
+   Its results agree with the other GEMM paths within rounding (not bitwise: other cuBLAS
+   kernels), and a replay gives the plain forward's bits. cuBLAS works in a workspace the
+   layer allocates at create (32 MiB, with max_tokens).
+
+       moe_ep_cuda_forward(layer, &args);              warm-up, outside the capture: cuBLAS
+                                                       and the kernels load here
+       cudaStreamBeginCapture(desc.stream, cudaStreamCaptureModeThreadLocal);
+       moe_ep_cuda_forward(layer, &(moe_ep_cuda_forward_args){ .tokens = T, .x = x, .y = y });
+       cudaStreamEndCapture(desc.stream, &graph);
+       cudaGraphInstantiate(&exec, graph, 0);
+       ... write the next tokens into x (same device buffer), then
+       cudaGraphLaunch(exec, desc.stream);             y is written when the stream gets there
+
+   The captured call fixes T, x and y (the buffers, not their contents); T <= max_tokens.
+   Leave topk_idx / topk_weight NULL and routing_in false (both would touch host memory).
+   Shared experts, biases, input scaling and capacity are captured with the rest. The
+   layer's buffers are the graph's: replay it on desc.stream (or order it after the layer's
+   other work), one replay or forward at a time, and keep the layer alive while the graph
+   exists. Without CHUNKED, or with several ranks, a capture fails (the forward waits for
+   sizes on the host; cudaStreamEndCapture reports the broken capture).
 
    DIRECT NVLINK PATH
    ==================
@@ -139,7 +193,8 @@
    transport the same stream. Calls that need numbers on the host wait for them: plan
    creation and the layer's create and agreement steps (they exchange counts), and
    moe_ep_cuda_route (its wait gives up after desc.timeout_ms, if set, as the direct
-   path's do). The layer's dispatch, experts and combine only queue work; y is ready
+   path's do); a forward planned on the GPU waits only for the GEMM sizes (not with
+   CHUNKED) and the routing it was asked to bring back. The layer's dispatch, experts and combine only queue work; y is ready
    when the stream gets there.
 
    TENSOR PARALLELISM (EP x TP x DP)
@@ -169,8 +224,9 @@
    Host allocations use desc.allocator (the layer keeps up to 32 blocks that its plans
    freed, for the next plan); device memory is cudaMalloc'ed, pinned host memory
    cudaMallocHost'ed. With max_tokens > 0, every buffer is sized at create for that many
-   tokens per rank and a forward allocates nothing; otherwise the buffers grow (by half
-   again) when a call needs more, and stay. The direct path adds its region: 2 x
+   tokens per rank and a forward allocates nothing (the GPU plan's buffers and cuBLAS's
+   32 MiB workspace included; CHUNKED sizes the expert-side rows for its padding);
+   otherwise the buffers grow (by half again) when a call needs more, and stay. The direct path adds its region: 2 x
    max_tokens x min(top_k, most experts per rank) x world x d_model elements.
 
    LICENSE
