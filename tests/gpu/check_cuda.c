@@ -25,6 +25,7 @@
 #define MOE_EP_IMPLEMENTATION
 #include "../../moe_ep_cuda.h"
 #include "../../transports/moe_ep_nccl.h"
+#include "../../transports/moe_ep_pthreads.h"   /* the core's plans of an emulated world of ranks */
 
 #include <pthread.h>
 #include <stdio.h>
@@ -835,6 +836,172 @@ done:
     cudaFree(x); cudaFree(y); cudaFree(y2);
 }
 
+/* >>the plan kernels for several ranks, emulated on one GPU */
+/* The core's plans of R ranks (pthreads transport, hand-in routing) against the plan
+   kernels run for each of the R ranks on this GPU, the count exchange done by the test
+   between their two halves: every rank's send and receive offsets, local counts and
+   offsets, totals and slot map equal. Uneven placements (E % R != 0, round-robin), capacity
+   drops and several blocks of slots. */
+#define EMU_MAX_RANKS 4
+typedef struct emu_case {
+    int R, E, k, tokens[EMU_MAX_RANKS];
+    float capacity;
+    moe_ep_placement_kind placement;
+    uint64_t seed;
+    /* filled by the core's ranks */
+    int32_t* idx[EMU_MAX_RANKS];
+    float* weight[EMU_MAX_RANKS];
+    moe_ep_plan_info info[EMU_MAX_RANKS];
+    moe_ep_plan* plans[EMU_MAX_RANKS];
+    moe_ep_context* ctx[EMU_MAX_RANKS];
+    int32_t expert_at[2 * 64];
+} emu_case;
+
+static int emu_no_experts(int l, int e, const float* rows, int64_t n, int d, float* out, void* u) {
+    (void)l; (void)e; (void)rows; (void)n; (void)d; (void)out; (void)u;
+    return 1;
+}
+
+static moe_ep_result emu_rank(const moe_ep_transport* t, void* user) {
+    emu_case* c = (emu_case*)user;
+    int r = t->rank, e;
+    moe_ep_result res = moe_ep_create(&(moe_ep_desc){ .d_model = 8, .num_experts = c->E, .top_k = c->k,
+                                                       .capacity_factor = c->capacity,
+                                                       .placement = { .kind = c->placement }, .num_threads = 1,
+                                                       .expert_fn = emu_no_experts, .transport = t }, &c->ctx[r]);
+    if (res == MOE_EP_OK) res = moe_ep_plan_create(c->ctx[r], c->tokens[r], c->idx[r], c->weight[r], &c->plans[r]);
+    if (res != MOE_EP_OK) return res;
+    c->info[r] = moe_ep_plan_query(c->plans[r]);
+    for (e = 0; r == 0 && e < c->E; ++e) {
+        c->expert_at[e] = moe_ep_expert_owner(c->ctx[r], e);
+        c->expert_at[c->E + e] = moe_ep_expert_local_index(c->ctx[r], e);
+    }
+    return MOE_EP_OK;
+}
+
+typedef struct emu_run { rank_fn fn; emu_case* c; } emu_run;
+
+static void test_plan_ranks(rank_env* env) {
+    emu_case* c = ((emu_run*)env->shared)->c;
+    moe_ep_pthreads_world* world = NULL;
+    moe_ep__cuda_k_plan k[EMU_MAX_RANKS];
+    void* block[EMU_MAX_RANKS];
+    int R = c->R, S = 1, r, q, s, e;
+    int64_t* sent = (int64_t*)calloc((size_t)(R * R * c->E + 1), sizeof(int64_t));
+    layer_case routing_case;
+    memset(block, 0, sizeof block);
+    memset(&routing_case, 0, sizeof routing_case);
+    routing_case.E = c->E;
+    routing_case.k = c->k;
+    for (r = 0; r < R; ++r) {
+        c->idx[r] = (int32_t*)malloc(sizeof(int32_t) * (size_t)(c->tokens[r] * c->k + 1));
+        c->weight[r] = (float*)malloc(sizeof(float) * (size_t)(c->tokens[r] * c->k + 1));
+        routing_case.seed = c->seed + (uint64_t)r;
+        make_routing(&routing_case, r, c->tokens[r], c->idx[r], c->weight[r]);
+    }
+    if (moe_ep_pthreads_world_create(&(moe_ep_pthreads_desc){ .world_size = R }, &world) != MOE_EP_OK ||
+        moe_ep_pthreads_run(world, emu_rank, c, NULL) != MOE_EP_OK) {
+        rank_fail(env, "the core's plans of %d ranks failed", R);
+        goto done;
+    }
+    S = c->info[0].segments;
+    for (r = 0; r < R; ++r) {     /* each rank's send half */
+        int64_t slots = (int64_t)c->tokens[r] * c->k, blocks = (slots + MOE_EP__CUDA_PLAN_BLOCK - 1) / MOE_EP__CUDA_PLAN_BLOCK;
+        size_t RS = (size_t)R * (size_t)S, off = 0;
+        char* b;
+        CHECK_CUDA(env, cudaMalloc(&block[r], 1 << 22));
+        b = (char*)block[r];
+        memset(&k[r], 0, sizeof k[r]);
+#define EMU_TAKE(ptr, type, count) do { ptr = (type*)(b + off); off += ((size_t)(count) * sizeof(type) + 255) & ~(size_t)255; } while (0)
+        EMU_TAKE(k[r].topk_idx, const int32_t, slots + 1);
+        EMU_TAKE(k[r].topk_weight, const float, slots + 1);
+        EMU_TAKE(k[r].expert_at, const int32_t, 2 * c->E);
+        EMU_TAKE(k[r].slot_rank, int32_t, slots + 1);
+        EMU_TAKE(k[r].block_counts, int32_t, (blocks + 1) * c->E);
+        EMU_TAKE(k[r].counts, int64_t, c->E);
+        EMU_TAKE(k[r].kept, int64_t, c->E);
+        EMU_TAKE(k[r].seg_send_counts, int64_t, RS);
+        EMU_TAKE(k[r].seg_send_offsets, int64_t, RS);
+        EMU_TAKE(k[r].seg_recv_counts, int64_t, RS);
+        EMU_TAKE(k[r].seg_recv_offsets, int64_t, RS);
+        EMU_TAKE(k[r].local_counts, int64_t, S);
+        EMU_TAKE(k[r].local_offsets, int64_t, S);
+        EMU_TAKE(k[r].totals, int64_t, 4);
+        EMU_TAKE(k[r].slot_map, int32_t, slots + 1);
+        EMU_TAKE(k[r].weight, float, slots + 1);
+#undef EMU_TAKE
+        k[r].slots = slots;
+        k[r].capacity = c->info[r].capacity;
+        k[r].E = c->E;
+        k[r].R = R;
+        k[r].S = S;
+        k[r].rank = r;
+        k[r].local_experts = c->info[r].local_experts;
+        CHECK_CUDA(env, cudaMemcpy((void*)(uintptr_t)k[r].topk_idx, c->idx[r], (size_t)slots * 4 + 4, cudaMemcpyHostToDevice));
+        CHECK_CUDA(env, cudaMemcpy((void*)(uintptr_t)k[r].topk_weight, c->weight[r], (size_t)slots * 4 + 4, cudaMemcpyHostToDevice));
+        CHECK_CUDA(env, cudaMemcpy((void*)(uintptr_t)k[r].expert_at, c->expert_at, sizeof(int32_t) * 2 * (size_t)c->E,
+                                   cudaMemcpyHostToDevice));
+        CHECK_CUDA(env, (cudaError_t)moe_ep__cuda_k_plan_send(&k[r], env->stream));
+        CHECK_CUDA(env, cudaMemcpy(sent + (size_t)r * RS, k[r].seg_send_counts, RS * 8, cudaMemcpyDeviceToHost));
+    }
+    for (r = 0; r < R && !env->failed; ++r) {    /* the count exchange, then the receive half */
+        int64_t* got = (int64_t*)calloc((size_t)(R * S) * 4 + 8, sizeof(int64_t));
+        int64_t *recv_off = got + R * S, *send_off = got + 2 * R * S, *local = got + 3 * R * S, totals[4];
+        int64_t slots = (int64_t)c->tokens[r] * c->k, i;
+        int32_t* map = (int32_t*)malloc(sizeof(int32_t) * (size_t)(slots + 1));
+        const moe_ep_plan_info* in = &c->info[r];
+        for (q = 0; q < R; ++q)
+            for (s = 0; s < S; ++s) got[q * S + s] = sent[(size_t)q * R * S + (size_t)r * S + s];
+        if (memcmp(got, in->seg_recv_counts, sizeof(int64_t) * (size_t)(R * S)) != 0)
+            rank_fail(env, "R=%d rank %d: the counts it receives differ from the core's", R, r);
+        CHECK_CUDA(env, cudaMemcpy(k[r].seg_recv_counts, got, sizeof(int64_t) * (size_t)(R * S), cudaMemcpyHostToDevice));
+        CHECK_CUDA(env, (cudaError_t)moe_ep__cuda_k_plan_receive(&k[r], env->stream));
+        CHECK_CUDA(env, cudaStreamSynchronize(env->stream));
+        CHECK_CUDA(env, cudaMemcpy(recv_off, k[r].seg_recv_offsets, sizeof(int64_t) * (size_t)(R * S), cudaMemcpyDeviceToHost));
+        CHECK_CUDA(env, cudaMemcpy(send_off, k[r].seg_send_offsets, sizeof(int64_t) * (size_t)(R * S), cudaMemcpyDeviceToHost));
+        CHECK_CUDA(env, cudaMemcpy(local, k[r].local_counts, sizeof(int64_t) * 2 * (size_t)S, cudaMemcpyDeviceToHost));
+        CHECK_CUDA(env, cudaMemcpy(totals, k[r].totals, sizeof totals, cudaMemcpyDeviceToHost));
+        CHECK_CUDA(env, cudaMemcpy(map, k[r].slot_map, sizeof(int32_t) * (size_t)slots, cudaMemcpyDeviceToHost));
+        if (memcmp(send_off, in->seg_send_offsets, sizeof(int64_t) * (size_t)(R * S)) != 0 ||
+            memcmp(recv_off, in->seg_recv_offsets, sizeof(int64_t) * (size_t)(R * S)) != 0)
+            rank_fail(env, "R=%d rank %d: segment offsets differ from the core's", R, r);
+        if (memcmp(local, in->local_expert_counts, sizeof(int64_t) * (size_t)in->local_experts) != 0 ||
+            memcmp(local + S, in->local_expert_offsets, sizeof(int64_t) * (size_t)in->local_experts) != 0)
+            rank_fail(env, "R=%d rank %d: local expert counts or offsets differ from the core's", R, r);
+        if (totals[0] != in->send_rows || totals[1] != in->recv_rows)
+            rank_fail(env, "R=%d rank %d: %lld send / %lld receive rows, the core %lld / %lld", R, r, (long long)totals[0],
+                      (long long)totals[1], (long long)in->send_rows, (long long)in->recv_rows);
+        for (i = 0; i < slots && !env->failed; ++i) {
+            int64_t row = in->slot_rows[i];
+            int owner = c->expert_at[c->idx[r][i]], l = c->expert_at[c->E + c->idx[r][i]];
+            int64_t want = row < 0 ? -1 : owner != r ? row
+                           : -(row + in->seg_recv_offsets[r * S + l] - in->seg_send_offsets[r * S + l]) - 2;
+            if (map[i] != want) rank_fail(env, "R=%d rank %d slot %lld: slot map %d, the core's plan says %lld", R, r,
+                                          (long long)i, map[i], (long long)want);
+        }
+        free(got);
+        free(map);
+    }
+    if (!env->failed) {
+        int64_t dropped = 0;
+        for (r = 0; r < R; ++r)
+            for (e = 0; e < c->E; ++e) dropped += c->info[r].expert_counts[e] - c->info[r].expert_kept[e];
+        snprintf(env->message, sizeof env->message, "%d segments, %lld assignments dropped", S, (long long)dropped);
+    }
+done:
+    for (r = 0; r < R; ++r) {
+        if (c->plans[r]) moe_ep_plan_destroy(c->plans[r]);
+        if (c->ctx[r]) moe_ep_destroy(c->ctx[r]);
+        c->plans[r] = NULL;
+        c->ctx[r] = NULL;
+        free(c->idx[r]);
+        free(c->weight[r]);
+        cudaFree(block[r]);
+    }
+    if (world) moe_ep_pthreads_world_destroy(world);
+    free(sent);
+}
+
 static void run_world_one_case(world* w, layer_case c, rank_fn fn, const char* what) {
     char name[200];
     c.fn = fn;
@@ -1059,6 +1226,21 @@ static void run_world(world* w) {
             { .name = "chunks of 256 rows", .bf16 = 1, .E = 4, .k = 2, .d = 64, .ff = 64, .max_tokens = 2048,
               .tokens = { 1500 }, .replays = 2, .seed = 64 },
         };
+        emu_case emus[] = {
+            { .R = 2, .E = 8, .k = 2, .tokens = { 700, 300 }, .seed = 71 },
+            { .R = 3, .E = 10, .k = 3, .tokens = { 900, 1, 450 }, .capacity = 1.0f, .seed = 72 },
+            { .R = 4, .E = 16, .k = 4, .tokens = { 600, 0, 333, 1200 }, .placement = MOE_EP_PLACEMENT_ROUND_ROBIN,
+              .capacity = 1.25f, .seed = 73 },
+            { .R = 4, .E = 6, .k = 2, .tokens = { 50, 40, 30, 20 }, .seed = 74 },
+        };
+        for (i = 0; i < (int)(sizeof emus / sizeof emus[0]); ++i) {
+            emu_run the_case = { test_plan_ranks, &emus[i] };
+            char name[160];
+            snprintf(name, sizeof name, "plan kernels = the core's plans, %d emulated ranks, E=%d k=%d capacity %.2f%s",
+                     emus[i].R, emus[i].E, emus[i].k, emus[i].capacity,
+                     emus[i].placement == MOE_EP_PLACEMENT_ROUND_ROBIN ? " round-robin" : "");
+            run_case(w, name, &the_case);
+        }
         for (i = 0; i < (int)(sizeof plans / sizeof plans[0]); ++i)
             run_world_one_case(w, plans[i], test_gpu_plan, "GPU plan = host plan");
         for (i = 0; i < (int)(sizeof graphs / sizeof graphs[0]); ++i)
