@@ -804,7 +804,7 @@ namespace moe_ep_cuda_kernels {
 /* Each slot's rank among the slots of its block that chose the same expert, in slot order,
    and each block's count per expert: lanes of one expert find each other (match), the
    warps' counts are added in warp order. */
-__global__ void plan_count_kernel(moe_ep__cuda_k_plan p) {
+__global__ void __launch_bounds__(MOE_EP__CUDA_PLAN_BLOCK) plan_count_kernel(moe_ep__cuda_k_plan p) {
     extern __shared__ int32_t warp_counts[];    /* [warps][E] */
     int tid = threadIdx.x, warp = tid >> 5, lane = tid & 31, E = p.E;
     int64_t i = (int64_t)blockIdx.x * MOE_EP__CUDA_PLAN_BLOCK + tid;
@@ -865,7 +865,7 @@ __device__ int64_t block_exclusive_scan(int64_t* v, int n) {
 
 /* One block; S <= 1024. phase & 1: the blocks' bases per expert (a warp per expert), the
    counts, kept, the send side; phase & 2: the receive side and the chunk table. */
-__global__ void plan_sizes_kernel(moe_ep__cuda_k_plan p, int64_t blocks, int phase) {
+__global__ void __launch_bounds__(1024) plan_sizes_kernel(moe_ep__cuda_k_plan p, int64_t blocks, int phase) {
     __shared__ int64_t first[1024];     /* each local expert's first receive row */
     __shared__ unsigned long long received;
     int tid = threadIdx.x, lane = tid & 31, warp = tid >> 5, warps = (int)(blockDim.x >> 5);
@@ -957,7 +957,7 @@ __global__ void plan_sizes_kernel(moe_ep__cuda_k_plan p, int64_t blocks, int pha
 }
 
 /* Where each slot's row goes, as the core's plan places it, and its combine weight. */
-__global__ void plan_map_kernel(moe_ep__cuda_k_plan p) {
+__global__ void __launch_bounds__(MOE_EP__CUDA_PLAN_BLOCK) plan_map_kernel(moe_ep__cuda_k_plan p) {
     int64_t i = (int64_t)blockIdx.x * MOE_EP__CUDA_PLAN_BLOCK + threadIdx.x;
     if (i >= p.slots) return;
     int e = p.topk_idx[i], owner = p.expert_at[e], l = p.expert_at[p.E + e];
