@@ -959,7 +959,8 @@ static void test_plan_ranks(rank_env* env) {
         CHECK_CUDA(env, cudaStreamSynchronize(env->stream));
         CHECK_CUDA(env, cudaMemcpy(recv_off, k[r].seg_recv_offsets, sizeof(int64_t) * (size_t)(R * S), cudaMemcpyDeviceToHost));
         CHECK_CUDA(env, cudaMemcpy(send_off, k[r].seg_send_offsets, sizeof(int64_t) * (size_t)(R * S), cudaMemcpyDeviceToHost));
-        CHECK_CUDA(env, cudaMemcpy(local, k[r].local_counts, sizeof(int64_t) * 2 * (size_t)S, cudaMemcpyDeviceToHost));
+        CHECK_CUDA(env, cudaMemcpy(local, k[r].local_counts, sizeof(int64_t) * (size_t)S, cudaMemcpyDeviceToHost));
+        CHECK_CUDA(env, cudaMemcpy(local + S, k[r].local_offsets, sizeof(int64_t) * (size_t)S, cudaMemcpyDeviceToHost));
         CHECK_CUDA(env, cudaMemcpy(totals, k[r].totals, sizeof totals, cudaMemcpyDeviceToHost));
         CHECK_CUDA(env, cudaMemcpy(map, k[r].slot_map, sizeof(int32_t) * (size_t)slots, cudaMemcpyDeviceToHost));
         if (memcmp(send_off, in->seg_send_offsets, sizeof(int64_t) * (size_t)(R * S)) != 0 ||
