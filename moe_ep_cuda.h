@@ -257,8 +257,8 @@ typedef enum moe_ep_cuda_expert_gemm {
     MOE_EP_CUDA_EXPERT_GEMM_GROUPED,      /* one cublasGemmGroupedBatchedEx per projection for all experts */
     MOE_EP_CUDA_EXPERT_GEMM_LOOP,         /* one cublasGemmEx per expert and projection */
     MOE_EP_CUDA_EXPERT_GEMM_CHUNKED,      /* the forward: one cublasGemmBatchedEx per projection over chunks of
-                                             128 rows of one expert each, shapes fixed at create; the host
-                                             reads no sizes, so the layer can be captured in a CUDA graph
+                                             128 (or 256) rows of one expert each, shapes fixed at create; the
+                                             host reads no sizes, so the layer can be captured in a CUDA graph
                                              (CUDA GRAPHS). Needs GPU planning. Stage calls: as DEFAULT */
     MOE_EP_CUDA_EXPERT_GEMM_COUNT,
     MOE_EP_CUDA_EXPERT_GEMM_FORCE_U32 = 0x7FFFFFFF
