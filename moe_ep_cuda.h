@@ -202,8 +202,8 @@ typedef enum moe_ep_cuda_dtype {
 } moe_ep_cuda_dtype;
 
 typedef enum moe_ep_cuda_expert_gemm {
-    MOE_EP_CUDA_EXPERT_GEMM_DEFAULT = 0,  /* bf16 on Hopper: HOPPER; else grouped for small experts, loop
-                                             for large ones */
+    MOE_EP_CUDA_EXPERT_GEMM_DEFAULT = 0,  /* per call: bf16 on Hopper, HOPPER while the experts average at
+                                             most 448 rows; else grouped for small experts, loop for large */
     MOE_EP_CUDA_EXPERT_GEMM_GROUPED,      /* one cublasGemmGroupedBatchedEx per projection for all experts */
     MOE_EP_CUDA_EXPERT_GEMM_LOOP,         /* one cublasGemmEx per expert and projection */
     MOE_EP_CUDA_EXPERT_GEMM_HOPPER,       /* moe_ep_cuda_gemm.cuh's grouped kernel (bf16, compute capability
@@ -297,10 +297,10 @@ typedef struct moe_ep_cuda_layer_desc {
     moe_ep_cuda_direct direct;      /* default auto: see DIRECT NVLINK PATH */
     int64_t max_tokens;             /* default 0: buffers grow on demand; else tokens per rank per call
                                        that every buffer is sized for at create */
-    moe_ep_cuda_expert_gemm expert_gemm;  /* default: the Hopper kernel for bf16 where it runs; else
-                                       per call, grouped when the experts average at most 384 rows, else
-                                       the loop (cuBLAS's grouped kernels are slower on larger GEMMs);
-                                       results agree within rounding */
+    moe_ep_cuda_expert_gemm expert_gemm;  /* default, per call: the Hopper kernel for bf16 where it runs
+                                       and the experts average at most 448 rows; else grouped when they
+                                       average at most 384 rows, else the loop (cuBLAS's grouped kernels
+                                       are slower on larger GEMMs); results agree within rounding */
     int timeout_ms;                 /* default 0: the layer's own waits (the router's download, the
                                        direct path's device-side waits) have no time limit */
     const void* router_weight;      /* [num_experts, d_model] in dtype, device or host memory (copied);
@@ -2255,15 +2255,17 @@ MOE_EP_PRIVATE moe_ep_result moe_ep__cuda_local_experts(moe_ep_cuda_layer* L, mo
     size_t rb = L->row_bytes, hb = (size_t)L->up_rows * L->elem;
     cudaStream_t stream = L->stream;
     cublasHandle_t blas = L->blas;
-    int l;
-    if (res == MOE_EP_OK && L->hopper) {
+    int l, busy = 0;
+    for (l = 0; l < L->local_experts; ++l) busy += P->info.local_expert_counts[l] > 0;
+    /* DEFAULT: the Hopper kernel while the experts average at most 448 rows; cuBLAS's
+       per-expert GEMMs were faster on larger ones (bench/RESULTS.md) */
+    if (res == MOE_EP_OK && L->hopper &&
+        (L->desc.expert_gemm == MOE_EP_CUDA_EXPERT_GEMM_HOPPER || P->info.recv_rows <= 448 * (int64_t)busy)) {
         res = moe_ep__cuda_hopper_experts(L, P, rows, out);
         if (res != MOE_EP_ERROR_UNSUPPORTED) return res;
         res = MOE_EP_OK;    /* buffers the kernel does not take (alignment): cuBLAS for this call */
     }
     if (res == MOE_EP_OK && L->grouped) {
-        int busy = 0;
-        for (l = 0; l < L->local_experts; ++l) busy += P->info.local_expert_counts[l] > 0;
         if (L->grouped == 1 || P->info.recv_rows <= 384 * (int64_t)busy) {
             res = moe_ep__cuda_grouped_experts(L, P, rows, out);
             if (res != MOE_EP_ERROR_UNSUPPORTED) return res;

@@ -48,7 +48,7 @@ static void run_ours(const bufs* b) {
     g.k = c->d; g.n = c->ff; g.mode = 1; g.up_offset = c->ff; g.activation = 1;
     g.out = b->hidden; g.ldo = c->ff;
     if (g_part == 4) { g.mode = 0; g.n = 2 * c->ff; g.up_offset = 0; g.ldo = 2 * (int64_t)c->ff; }
-    if (g_part & 1) CU((cudaError_t)moe_ep__cuda_k_gemm(&g, b->stream));
+    if (g_part & 5) CU((cudaError_t)moe_ep__cuda_k_gemm(&g, b->stream));
     if (!(g_part & 2)) return;
     g.a = b->hidden; g.lda = c->ff; g.w = b->w_down; g.w_rows = c->d; g.k = c->ff; g.n = c->d; g.mode = 0;
     g.up_offset = 0; g.out = b->out; g.ldo = c->d;
@@ -153,7 +153,7 @@ int main(void) {
         CU((cudaError_t)bench_fill(b.w_up, (size_t)c->experts * 2 * (size_t)c->ff * (size_t)c->d, 1, 0.02f, 2, b.stream));
         CU((cudaError_t)bench_fill(b.w_down, (size_t)c->experts * (size_t)c->ff * (size_t)c->d, 1, 0.02f, 3, b.stream));
         {   /* the whole stage, then its parts: gate+up (ours with SwiGLU, and as a plain GEMM), down */
-            static const char* parts[] = { "", "both", "  gate+up", "  down", "  gate+up, no act" };
+            static const char* parts[] = { "", "  gate+up", "  down", "both", "  gate+up, no act" };
             static const int order[] = { 3, 1, 4, 2 };
             int j;
             for (j = 0; j < 4; ++j) {
