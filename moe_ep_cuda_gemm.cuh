@@ -94,10 +94,7 @@ int moe_ep__cuda_k_gemm(const moe_ep__cuda_k_gemm_args* g, void* stream);
 
 namespace moe_ep_cuda_gemm {
 
-#ifndef MOE_EP__GG_STAGES
-#define MOE_EP__GG_STAGES 4
-#endif
-constexpr int BM = 128, BN = 128, BK = 64, STAGES = MOE_EP__GG_STAGES, THREADS = 384, MAX_EXPERTS = 1024;
+constexpr int BM = 128, BN = 128, BK = 64, STAGES = 4, THREADS = 384, MAX_EXPERTS = 1024;
 constexpr uint32_t TILE_BYTES = BN * BK * 2;            /* one 128 x 64 bf16 tile; A's too (BM == BN) */
 constexpr uint32_t STAGE_BYTES = 3 * TILE_BYTES;        /* A, W tile 0, W tile 1 */
 constexpr size_t SMEM_BYTES = 1024 + (size_t)STAGES * STAGE_BYTES + 2 * STAGES * 8 + (MAX_EXPERTS + 1) * 4;
@@ -189,10 +186,6 @@ __device__ __forceinline__ tile find_tile(const params& p, const int* tile_end, 
     int m_tiles = (int)((count + BM - 1) / BM), mt = local % m_tiles;
     r.expert = lo;
     r.nt = local / m_tiles;
-#ifdef MOE_EP__GG_N_FAST
-    mt = local / p.n_tiles;
-    r.nt = local % p.n_tiles;
-#endif
     r.row = first + (int64_t)mt * BM;
     r.rows = count - (int64_t)mt * BM;
     return r;
@@ -330,9 +323,6 @@ grouped_kernel(const __grid_constant__ CUtensorMap map_a, const __grid_constant_
             reg_fence(acc0);
             reg_fence(acc1);
             if (prev >= 0 && lane == 0) bar_arrive(&empty[prev]);
-#ifdef MOE_EP__GG_NO_STORE
-            if (p.n < 0)
-#endif
             if (p.mode == 1) {
                 store_gated(p, tl, half * 64 + warp * 16, lane, acc0, acc1);
             } else {
