@@ -67,8 +67,8 @@ typedef struct moe_ep__cuda_k_gemm_args {
 } moe_ep__cuda_k_gemm_args;
 
 /* 1 when the grouped GEMM runs on the current device (compute capability 9.0, this build
-   has sm_90a code, the driver has the tensor-map call), 0 when it does not; the first call
-   per device runs a probe kernel and waits for it (call it when creating a layer). */
+   has sm_90a code, the driver has the tensor-map call), 0 when it does not. Runs a probe
+   kernel and waits for it: call it when creating a layer, not per forward. */
 int moe_ep__cuda_k_gemm_ready(void);
 /* Queues the GEMM on stream; cudaErrorInvalidValue (as int) for shapes it does not take:
    k, n, lda, ldo and up_offset multiples of 8, 16-byte aligned a and w, 1..1024 experts. */
@@ -346,15 +346,18 @@ __global__ void probe_kernel(int* out) {
 #endif
 }
 
+static PFN_cuTensorMapEncodeTiled_v12000 lookup_encode(void) {
+    void* f = NULL;
+    cudaDriverEntryPointQueryResult q = cudaDriverEntryPointSymbolNotFound;
+    if (cudaGetDriverEntryPointByVersion("cuTensorMapEncodeTiled", &f, 12000, cudaEnableDefault, &q) != cudaSuccess ||
+        q != cudaDriverEntryPointSuccess)
+        return NULL;
+    return (PFN_cuTensorMapEncodeTiled_v12000)f;
+}
+
+/* the driver's call, looked up once per process (a C++ static: initialised once, thread-safe) */
 static PFN_cuTensorMapEncodeTiled_v12000 encode_fn(void) {
-    static PFN_cuTensorMapEncodeTiled_v12000 fn = NULL;
-    if (!fn) {
-        void* f = NULL;
-        cudaDriverEntryPointQueryResult q = cudaDriverEntryPointSymbolNotFound;
-        if (cudaGetDriverEntryPointByVersion("cuTensorMapEncodeTiled", &f, 12000, cudaEnableDefault, &q) ==
-                cudaSuccess && q == cudaDriverEntryPointSuccess)
-            fn = (PFN_cuTensorMapEncodeTiled_v12000)f;
-    }
+    static const PFN_cuTensorMapEncodeTiled_v12000 fn = lookup_encode();
     return fn;
 }
 
@@ -373,11 +376,9 @@ static bool encode(CUtensorMap* map, const void* ptr, int64_t rows, int64_t cols
 
 extern "C" int moe_ep__cuda_k_gemm_ready(void) {
     using namespace moe_ep_cuda_gemm;
-    static int known[64];       /* per device: 0 not asked yet, 1 ready, 2 not */
     int dev = 0, major = 0, minor = 0, *flag = NULL, got = 0;
-    if (cudaGetDevice(&dev) != cudaSuccess || dev < 0) return 0;
-    if (dev < 64 && known[dev]) return known[dev] == 1;
-    if (cudaDeviceGetAttribute(&major, cudaDevAttrComputeCapabilityMajor, dev) == cudaSuccess &&
+    if (cudaGetDevice(&dev) == cudaSuccess &&
+        cudaDeviceGetAttribute(&major, cudaDevAttrComputeCapabilityMajor, dev) == cudaSuccess &&
         cudaDeviceGetAttribute(&minor, cudaDevAttrComputeCapabilityMinor, dev) == cudaSuccess && major == 9 &&
         minor == 0 && encode_fn() &&
         cudaFuncSetAttribute(grouped_kernel, cudaFuncAttributeMaxDynamicSharedMemorySize, (int)SMEM_BYTES) ==
@@ -388,7 +389,6 @@ extern "C" int moe_ep__cuda_k_gemm_ready(void) {
         cudaFree(flag);
     }
     (void)cudaGetLastError();
-    if (dev < 64) known[dev] = got ? 1 : 2;
     return got;
 }
 
