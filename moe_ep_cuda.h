@@ -110,10 +110,11 @@
    (rank, local expert) segment, their offsets, the receive offsets per local expert, the
    slot map and the combine weights -- so every row lands where the host plan puts it and
    the output is bitwise the host-planned layer's (check_cuda asserts both). No download of
-   the routing, no host plan, no upload. The host still needs numbers where cuBLAS takes
-   host sizes: the default GEMMs (grouped or the loop) and expert_fn wait for a download of
-   the local experts' row counts (a few hundred bytes) after the plan kernels, while the
-   permute runs; expert_gemm = CHUNKED needs none (CUDA GRAPHS). With topk_idx and
+   the routing, no host plan, no upload. The host still needs numbers where the GEMMs take
+   host sizes or are chosen per call: the default and the named GEMM paths (the Hopper
+   kernel, grouped, the loop) and expert_fn wait for a download of the local experts' row
+   counts (a few hundred bytes) after the plan kernels, while the permute runs;
+   expert_gemm = CHUNKED needs none (CUDA GRAPHS). With topk_idx and
    topk_weight set (and routing_in false) the forward also brings the routing back, and
    waits for it at the end. Hand-in routing (routing_in) is checked on the host and copied
    up through a pinned buffer.
@@ -150,7 +151,10 @@
    layer's buffers are the graph's: replay it on desc.stream (or order it after the layer's
    other work), one replay or forward at a time, and keep the layer alive while the graph
    exists. Without CHUNKED, or with several ranks, a capture fails (the forward waits for
-   sizes on the host; cudaStreamEndCapture reports the broken capture).
+   sizes on the host; cudaStreamEndCapture reports the broken capture). The Hopper kernel
+   (moe_ep_cuda_gemm.cuh) makes its tile list on the device from the plan's offsets and
+   could serve a captured forward too; the forward does not yet call it without the
+   downloaded counts.
 
    DIRECT NVLINK PATH
    ==================
