@@ -2866,6 +2866,30 @@ MOE_EP_PRIVATE moe_ep_result moe_ep__cuda_chunked_experts(moe_ep_cuda_layer* L) 
     return res;
 }
 
+/* The GPU-planned forward's routing, into the router's buffers: the router's, or the one
+   handed in; with `download` also queued back to the pinned mirror for the caller. */
+MOE_EP_PRIVATE moe_ep_result moe_ep__cuda_gpu_route(moe_ep_cuda_layer* L, const moe_ep_cuda_forward_args* a,
+                                                    int download) {
+    int64_t T = a->tokens, slots = T * L->top_k;
+    size_t idx_bytes = moe_ep__cuda_round16((size_t)slots * sizeof(int32_t));
+    int32_t* idx_dev = (int32_t*)L->topk_dev;
+    float* weight_dev = (float*)((char*)L->topk_dev + idx_bytes);
+    moe_ep_result res;
+    if (a->routing_in) return moe_ep__cuda_routing_upload(L, T, a->topk_idx, a->topk_weight, idx_dev);
+    res = moe_ep__cuda_linear(L, L->blas, L->router, L->num_experts, L->d_model, a->x, L->d_model, T, L->logits,
+                              L->num_experts, CUDA_R_32F, "router logits");
+    if (res == MOE_EP_OK)
+        res = moe_ep__cuda_kernel(L, moe_ep__cuda_k_topk((const float*)L->logits, T, L->num_experts, L->top_k,
+                                                         &L->router_cfg, idx_dev, weight_dev, L->stream),
+                                  "router top-k kernel");
+    if (res == MOE_EP_OK && download)
+        res = moe_ep__cuda_cuda(L, cudaMemcpyAsync(L->topk_host, L->topk_dev, idx_bytes + (size_t)slots * sizeof(float),
+                                                   cudaMemcpyDeviceToHost, L->stream), "router download");
+    if (res == MOE_EP_OK && download)
+        res = moe_ep__cuda_cuda(L, cudaEventRecord(L->gp.routing_free, L->stream), "router download");
+    return res;
+}
+
 /* The forward with the plan on the GPU (one rank, max_tokens): route (or upload the hand-in
    routing), three plan kernels, permute, experts, weighted un-permute, all queued on the
    stream. The host waits only for what it asked for: the sizes before cuBLAS's GEMMs
@@ -2874,7 +2898,6 @@ MOE_EP_PRIVATE moe_ep_result moe_ep__cuda_forward_gpu(moe_ep_cuda_layer* L, cons
     moe_ep__cuda_gpu_plan* gp = &L->gp;
     int64_t T = a->tokens, slots = T * L->top_k, sources = T;
     size_t idx_bytes = moe_ep__cuda_round16((size_t)slots * sizeof(int32_t));
-    int32_t* idx_dev = (int32_t*)L->topk_dev;
     float* weight_dev = (float*)((char*)L->topk_dev + idx_bytes);
     int download = !a->routing_in && a->topk_idx && a->topk_weight, per_row = L->top_k;
     int with_shared = L->sh_ff > 0;
@@ -2886,21 +2909,7 @@ MOE_EP_PRIVATE moe_ep_result moe_ep__cuda_forward_gpu(moe_ep_cuda_layer* L, cons
                                  (long long)T, (long long)L->desc.max_tokens);
     if (T == 0) return MOE_EP_OK;
     /* 1. routing, on the device */
-    if (a->routing_in) {
-        res = moe_ep__cuda_routing_upload(L, T, a->topk_idx, a->topk_weight, idx_dev);
-    } else {
-        res = moe_ep__cuda_linear(L, L->blas, L->router, L->num_experts, L->d_model, x, L->d_model, T, L->logits,
-                                  L->num_experts, CUDA_R_32F, "router logits");
-        if (res == MOE_EP_OK)
-            res = moe_ep__cuda_kernel(L, moe_ep__cuda_k_topk((const float*)L->logits, T, L->num_experts, L->top_k,
-                                                             &L->router_cfg, idx_dev, weight_dev, L->stream),
-                                      "router top-k kernel");
-        if (res == MOE_EP_OK && download)
-            res = moe_ep__cuda_cuda(L, cudaMemcpyAsync(L->topk_host, L->topk_dev, idx_bytes + (size_t)slots * sizeof(float),
-                                                       cudaMemcpyDeviceToHost, L->stream), "router download");
-        if (res == MOE_EP_OK && download)
-            res = moe_ep__cuda_cuda(L, cudaEventRecord(gp->routing_free, L->stream), "router download");
-    }
+    res = moe_ep__cuda_gpu_route(L, a, download);
     if (res != MOE_EP_OK) return res;
     /* 2. the plan */
     res = moe_ep__cuda_gpu_plan_run(L, T, &k);
