@@ -8,7 +8,10 @@
       when it is available), and the NCCL path in both a2a layouts (permute + exchange +
       regroup; regroup + exchange + weighted un-permute);
    2. the full layer (GPU router, plan, dispatch, experts, combine) in ms per layer,
-      with a per-stage breakdown.
+      with a per-stage breakdown;
+   3. at world size 1: the plan kernels' time (PLANNING ON THE GPU, a graph of 20 plans
+      replayed), and the forward planned on the host, on the GPU, with CHUNKED experts and
+      as a CUDA graph replay (CUDA GRAPHS).
    Times are medians over --iters repetitions after warm-up, each started together on
    all ranks (a host barrier, then events on the stream); the reported time is the
    largest over ranks. --torch-log FILE (the output of torch_ep_moe.py from the same
