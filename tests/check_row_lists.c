@@ -90,8 +90,10 @@ static moe_ep_result rl_rank(const moe_ep_transport* t, void* user_data) {
     float packed[RL_R * RL_S * 3 * RL_D];
     moe_ep_a2a_args a;
     rl_args(me, counts, offsets, rcounts, roffsets, &a);
-    for (r = 0; r < st->sent[me]; ++r)
-        memcpy(packed + r * RL_D, st->src[me] + st->rows[me][r] * RL_D, sizeof(float) * RL_D);
+    memset(packed, 0, sizeof packed);
+    for (r = 0; r < st->sent[me]; ++r)      /* packed by hand (a bad index packs nothing) */
+        if (st->rows[me][r] >= 0 && st->rows[me][r] < RL_N)
+            memcpy(packed + r * RL_D, st->src[me] + st->rows[me][r] * RL_D, sizeof(float) * RL_D);
     /* a bad index: only the blocking exchange with the row list, then a good one */
     for (v = st->bad_rank >= 0 ? 1 : 0; v < (st->bad_rank >= 0 ? 2 : 5); ++v) {
         void* request = NULL;
