@@ -214,6 +214,9 @@ check-kernels: $(addprefix $(BUILD)/check_kernels_,$(KERNEL_BUILDS) $(AVX512_BUI
 # clang's -ffp-contract=fast, the portable kernel under native flags, the AVX2 kernel, tcc, g++ and
 # clang++ (the file as C++), i686 with SSE2, and aarch64 (NEON) and armhf (software fmaf) cross
 # builds under qemu-user; -ffast-math and i686's x87 must stop at the header's #error. The seed demo's printed fingerprint must be the fingerprint's seed line.
+# The plain -O2 builds choose their kernel at run time (gcc and clang on x86): each path this CPU runs
+# is also forced (fingerprint --kernel), and so is aarch64's portable path beside its NEON one. The
+# fingerprint's layers include bf16, fp16 and int8 weights.
 # tests/bits/check_math.c checks the library's fmaf, exp and GELU on the same builds' targets.
 BITS          = $(BUILD)/bits
 BITS_WARN     = -pedantic -Wall -Wextra -Werror
@@ -223,6 +226,9 @@ HOST_ARCH    := $(shell uname -m)
 BITS_NATIVE   = gcc_O0 gcc_O2 gcc_native gcc_contract gcc_portable clang_O0 clang_O2 clang_native clang_contract \
                 g++_native clang++_native tcc_O2 $(if $(filter x86_64,$(HOST_ARCH)),gcc_avx2 i686-linux-gnu-gcc_sse2)
 BITS_CROSS    = $(if $(filter x86_64,$(HOST_ARCH)),aarch64 armhf)
+HAVE_AVX2    := $(shell grep -qw avx2 /proc/cpuinfo 2>/dev/null && grep -qw fma /proc/cpuinfo && grep -qw f16c /proc/cpuinfo && echo yes)
+BITS_KERNELS  = portable $(if $(filter x86_64,$(HOST_ARCH)),$(if $(HAVE_AVX2),avx2) $(if $(HAVE_AVX512),avx512))
+BITS_FORCED   = $(foreach b,gcc_O2 clang_O2,$(foreach k,$(BITS_KERNELS),$(b):$(k))) $(if $(BITS_CROSS),aarch64:portable)
 BITS_FLAGS_O0       = $(BITS_C) -O0
 BITS_FLAGS_O2       = $(BITS_C) -O2
 BITS_FLAGS_native   = $(BITS_C) -O3 -march=native $(OPENMP_FLAGS)
@@ -262,6 +268,11 @@ check-bits: $(BITS_NATIVE:%=$(BITS)/fingerprint_%) $(BITS)/check_math_gcc_O2 $(B
 	  printf '%-16s %-24s %s\n' $(b) "$$(sed -n '1s/.*kernel path: //p' $(BITS)/$(b).txt)" "$$(tail -1 $(BITS)/$(b).txt)";)
 	@tail -n +2 $(BITS)/gcc_O2.txt > $(BITS)/reference.txt; $(foreach b,$(BITS_NATIVE) $(BITS_CROSS),\
 	  tail -n +2 $(BITS)/$(b).txt | diff $(BITS)/reference.txt - || { echo "check-bits: $(b) gives other bits than gcc_O2"; exit 1; };)
+	@$(foreach f,$(BITS_FORCED),$(call bits_prog,$(word 1,$(subst :, ,$(f))),fingerprint) --kernel $(word 2,$(subst :, ,$(f))) \
+	  > $(BITS)/forced_$(subst :,_,$(f)).txt || exit 1; printf '%-16s %-24s %s\n' $(f) \
+	  "$$(sed -n '1s/.*kernel path: //p' $(BITS)/forced_$(subst :,_,$(f)).txt)" "$$(tail -1 $(BITS)/forced_$(subst :,_,$(f)).txt)"; \
+	  tail -n +2 $(BITS)/forced_$(subst :,_,$(f)).txt | diff $(BITS)/reference.txt - || \
+	  { echo "check-bits: $(f) (a forced kernel path) gives other bits than gcc_O2"; exit 1; };)
 	@$(foreach b,gcc_O2 gcc_native $(BITS_CROSS),echo "check_math ($(b)):"; \
 	  $(call bits_prog,$(b),check_math) > $(BITS)/math_$(b).txt || { cat $(BITS)/math_$(b).txt; exit 1; }; \
 	  sed 's/^/  /' $(BITS)/math_$(b).txt;)
