@@ -5,7 +5,7 @@
 #   make check-headers | check-core | check-demos | check-bits | check-kernels | check-mpi | check-nccl | check-install
 #   make test-cross  the full suites for aarch64, armhf, riscv64 and s390x under qemu-user (not in test)
 #   make check-asan | check-ubsan | check-tsan | check-fuzz (in check)   make check-mpi-large (not in check)
-#   make demo | layouts-demo | mpi-demo | model-layer  make bench | bench-cpu | bench-mpi | bench-load | bench-faults | bench-nonfinite | bench-bits
+#   make demo | layouts-demo | mpi-demo | model-layer  make bench | bench-cpu | bench-mpi | bench-load | bench-faults | bench-nonfinite | bench-bits | bench-edge
 #   make fuzz (fuzz-api and fuzz-safetensors) | fuzz-api | fuzz-safetensors (libFuzzer, FUZZ_TIME s each)
 #   make test-gpu | seed-gpu | bench-gpu (GPUs)        make install | uninstall PREFIX=... [DESTDIR=...]
 #
@@ -17,7 +17,7 @@
 .PHONY: all test check deps bench-deps clean check-headers check-core check-demos check-bits check-kernels check-mpi \
         check-mpi-headers check-mpi-large check-nccl check-install check-asan check-ubsan check-tsan demo \
         layouts-demo mpi-demo bench bench-cpu bench-mpi bench-faults bench-bits test-cross cross-deps test-gpu seed-gpu \
-        bench-gpu install uninstall check-fuzz fuzz fuzz-safetensors fuzz-api model-layer bench-load bench-nonfinite
+        bench-edge bench-gpu install uninstall check-fuzz fuzz fuzz-safetensors fuzz-api model-layer bench-load bench-nonfinite
 
 ifeq ($(origin CC),default)
 CC = gcc
@@ -490,6 +490,31 @@ bench-load: $(BUILD)/load_bench
 bench-cpu: bench-deps
 	$(MAKE) --no-print-directory $(BUILD)/cpu_bench
 	./$(BUILD)/cpu_bench $(BENCH_ARGS)
+
+# >>bench-edge: the default build against -march=native, and the weight formats at the memory limit.
+# The seed demo built as `make demo` builds it (no -march) and with -march=native, run in turn
+# EDGE_ROUNDS times (its 1-rank layer time, median); then bench/edge_bench.c (decode 1, 4, 16 tokens
+# and prefill for fp32, bf16, fp16, int8 against a plain read loop), plain and native builds.
+EDGE        = $(BUILD)/edge
+EDGE_ROUNDS ?= 5
+EDGE_ARGS   ?=
+bench-edge:
+	@mkdir -p $(EDGE)
+	$(CC) $(BUILD_FLAGS) examples/seed_demo.c -o $(EDGE)/seed_demo -pthread -lm
+	$(CC) $(BUILD_FLAGS) -march=native examples/seed_demo.c -o $(EDGE)/seed_demo_native -pthread -lm
+	$(CC) $(BUILD_FLAGS) bench/edge_bench.c -o $(EDGE)/edge_bench -lm
+	$(CC) $(BUILD_FLAGS) -march=native bench/edge_bench.c -o $(EDGE)/edge_bench_native -lm
+	@uptime
+	@for i in $$(seq $(EDGE_ROUNDS)); do for b in seed_demo seed_demo_native; do \
+	  ./$(EDGE)/$$b | awk -v b=$$b '/^1 rank:/ {print b, $$3}'; done; done > $(EDGE)/demo.txt; \
+	  for b in seed_demo seed_demo_native; do awk -v b=$$b '$$1 == b {print $$2}' $(EDGE)/demo.txt | sort -g | \
+	  awk -v b=$$b '{v[NR] = $$1} END {m = NR % 2 ? v[(NR + 1) / 2] : (v[NR / 2] + v[NR / 2 + 1]) / 2; print b, m}'; \
+	  done > $(EDGE)/demo_median.txt; cat $(EDGE)/demo.txt | tr '\n' ' '; echo; \
+	  awk '{t[$$1] = $$2} END {printf "seed demo, 1-rank layer: default build %.3f s, -march=native %.3f s: %.2fx\n", \
+	  t["seed_demo"], t["seed_demo_native"], t["seed_demo_native"] / t["seed_demo"]}' $(EDGE)/demo_median.txt
+	./$(EDGE)/edge_bench $(EDGE_ARGS)
+	./$(EDGE)/edge_bench_native $(EDGE_ARGS)
+	@uptime
 
 # >>bench-bits: what the same-bits arithmetic costs (bench/bits_bench.c, one thread): this header
 # against the one before the portable kernel fused (BITS_BASE), built for x86-64 without FMA

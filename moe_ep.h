@@ -35,8 +35,8 @@
    MOE_EP_STATIC           (undefined)   make every public function static
    MOE_EP_API              extern        prefix of every public declaration
    MOE_EP_ASSERT(c)        assert(c)     internal invariants only, never user input
-   MOE_EP_NO_SIMD          (undefined)   portable C expert kernel even where the compiler
-                                         targets AVX-512F, AVX2+FMA or AArch64 NEON
+   MOE_EP_NO_SIMD          (undefined)   portable C expert kernel only: no AVX-512, AVX2 or
+                                         NEON path, chosen at run time or by target flags
    MOE_EP_CBLAS            (undefined)   expert products by cblas_sgemm of a CBLAS you link;
                                          results then depend on the BLAS (not bitwise
                                          reproducible across row counts or threads), and
@@ -49,8 +49,13 @@
                                          "moe_ep.h"; default "../moe_ep.h" (see FILES)
    MOE_EP_MAX_THREADS      1024          the largest desc.num_threads accepted (an OpenMP
                                          runtime that cannot start a team exits the process)
-   The built-in kernel's SIMD path follows the compiler's target flags (-march=native,
-   -mavx2 -mfma, ...); every path gives the same bits (SAME BITS EVERYWHERE).
+   KERNEL PATHS: with gcc or clang on x86 the header builds the AVX-512 and AVX2+FMA
+   kernels as functions with __attribute__((target(...))) beside the portable one, and
+   moe_ep_create takes the best the CPU runs (__builtin_cpu_supports), so a plain
+   `cc -O2 -fopenmp` build needs no -march flag. Other compilers and architectures follow
+   the compiler's target flags (AArch64: NEON; x86: -mavx2 -mfma or -march=native). A
+   context's path: moe_ep_query(ctx).kernel; the one a new context gets: moe_ep_kernel_path();
+   desc.kernel asks for one. Every path gives the same bits (SAME BITS EVERYWHERE).
    Compile with -fopenmp (or your compiler's flag) for OpenMP expert compute; without
    it everything runs on the calling thread and the results are bitwise the same.
 
@@ -60,7 +65,8 @@
    every compiler (gcc, clang, tcc, g++ and clang++ as C++; any -O level, with or without
    -ffp-contract=fast), every architecture (x86-64, i686 with SSE2, armhf, aarch64,
    riscv64, s390x), every kernel path (portable, AVX2, AVX-512, NEON), and every world
-   size, transport and thread count. A reference output made on a laptop checks a board
+   size, transport and thread count; so is the output of each weight format (bf16, fp16,
+   int8: every weight widened to fp32 exactly, WEIGHT FORMATS). A reference output made on a laptop checks a board
    in the field: the demos print an output fingerprint to compare by eye. How:
    - every multiply-add the library means is one fused multiply-add (fmaf: one
      instruction where the hardware has FMA, an exact software one elsewhere, as on
@@ -100,12 +106,13 @@
       .experts_count says how .experts is indexed: this rank's expert count (local order)
       or num_experts (by global id; only this rank's entries are read); 0 is num_experts
       on one rank and refused on more.
-      Expert weights are fp32, read at create as they are in memory: separate w1 (gate),
+      Expert weights are read at create as they are in memory: separate w1 (gate),
       w3 (up), w2 (down) in the nn.Linear layout by default; with .weight_layout also
       MOE_EP_WEIGHT_LAYOUT_FUSED_GATE_UP (transformers' experts.gate_up_proj[e]) and
       MOE_EP_WEIGHT_LAYOUT_GPT_OSS (GptOssExperts' gate_up_proj[e], transposed with gate
       and up interleaved, and down_proj[e]) and MOE_EP_WEIGHT_LAYOUT_LLAMA4 (transposed,
-      gate then up); biases b1, b3, b2 are optional. Activations:
+      gate then up); biases b1, b3, b2 are optional. They are fp32, or with .weight_format
+      bf16, fp16 or int8 (WEIGHT FORMATS), handed in fp32 or already stored. Activations:
       SwiGLU (default), GELU, ReLU, and GPT-OSS's clamped SwiGLU (.swiglu_alpha,
       .swiglu_limit). See moe_ep_activation and moe_ep_weight_layout.
       A model family's layer starts from its preset instead:
@@ -132,6 +139,26 @@
    moe_ep_layout_split, give the experts of moe_ep_layout_experts, and create the context
    with .transport = &ep_group (and .tp_transport = &tp_group). See >>layout below.
 
+   WEIGHT FORMATS
+   ==============
+   desc.weight_format: how the built-in FFN holds the routed and shared experts' weights.
+   MOE_EP_WEIGHT_FORMAT_FP32 (default) 4 bytes; BF16 and FP16 2 bytes (to nearest even; fp16
+   needs |w| < 65520); INT8 1 byte plus one fp32 scale per output channel, w = q * scale,
+   q in [-127, 127] (from fp32: scale = max |w| / 127 over the channel's whole row, q rounded
+   half away from zero). Weights come in fp32 (w1, w3, w2: converted once at create) or
+   already in the format (w1_stored, w3_stored, w2_stored, in the same layout; int8 with
+   w1_scale, w3_scale, w2_scale laid out as the biases). Activations and sums stay fp32: the
+   kernel widens each slice of weights to fp32 exactly before the fp32 micro-kernel reads it,
+   and int8's scale multiplies the finished sum once (fused with the bias). A format's
+   output is thus the same bits on every path, build, world size, transport and thread
+   count, and within rounding of a float64 layer over the same quantised weights; against
+   the fp32 layer it differs by the weights' rounding (README: "Weight formats" has the
+   measured figures). moe_ep_weight_bytes(ctx): this rank's weight memory in the format.
+   The GPU layer reads fp32 weights. Errors: MOE_EP_LOG_ITEM_DESC_WEIGHT_FORMAT,
+   _DESC_EXPERT_WEIGHTS_STORED (a tensor given twice, or stored for fp32),
+   _DESC_EXPERT_SCALE (an int8 scale missing, <= 0 or not finite),
+   _DESC_WEIGHT_NOT_CONVERTIBLE (an fp32 weight the format cannot hold).
+
    moe_ep DOES NOT
    ===============
    - initialise MPI, pick GPUs, or create threads other than OpenMP's and the
@@ -147,7 +174,7 @@
    One context per rank. Calls marked "Collective: yes" must be made by every rank
    of the transport, in the same order, with the same collective parameters
    (d_model, d_ff, num_experts, top_k, activation with swiglu_alpha and swiglu_limit,
-   router scoring, renormalisation,
+   weight_format, router scoring, renormalisation,
    capacity factor, placement). moe_ep_create checks that they agree (a fingerprint
    exchange) and fails with MOE_EP_ERROR_RANK_MISMATCH on every rank if they do not.
    A context is used by one thread at a time. Distinct contexts are independent.
@@ -199,7 +226,8 @@
    MEMORY
    ======
    Every host allocation goes through desc.allocator {alloc_fn, free_fn, user_data}
-   (both or neither; default malloc/free). Allocations inside MPI, NCCL or CUDA are
+   (both or neither; default malloc/free). The packed expert weights take
+   moe_ep_weight_bytes(ctx) (the format's size, WEIGHT FORMATS). Allocations inside MPI, NCCL or CUDA are
    not covered. moe_ep_destroy releases everything the context allocated.
 
    WRITING A CUSTOM TRANSPORT
