@@ -4488,46 +4488,66 @@ MOE_EP_PRIVATE int64_t moe_ep__scratch_floats(const moe_ep__path* path) {
 
 /* One work item, on the calling thread. While the row tiles of a block run over one weight
    slice (from L1 after the first), the next slice is fetched, a share per tile, so that
-   memory and arithmetic overlap. A narrow format's slice is widened once into the scratch. */
+   memory and arithmetic overlap. A narrow format's slice is widened once into the scratch.
+   A block of one row tile (decode) takes its panels one at a time, each K slice after the
+   other, so the weights stream in memory order; otherwise each K slice meets every panel of
+   the block. Either way every chain runs its K slices in order. */
+typedef struct moe_ep__item {
+    int64_t jc, ic, jn, mn, tiles;
+    float* scratch;                 /* MC x NCP*NR sums, then the widened slice */
+} moe_ep__item;
+
+MOE_EP_PRIVATE void moe_ep__item_slice(const moe_ep__gemm_args* g, const moe_ep__item* it, int64_t pc, int kc,
+                                       int64_t jr) {
+    const moe_ep__path* path = g->path;
+    const int64_t mr = path->mr, nr = path->nr, ld = moe_ep__ncp(path) * nr, K = g->k;
+    const int64_t esize = moe_ep__format_bytes(g->format);
+    const unsigned char* base = (const unsigned char*)g->panels;
+    const unsigned char* src = base + ((it->jc + jr) * K + pc) * nr * esize;
+    const int last = pc + kc == K;
+    const unsigned char* next = jr + 1 < it->jn ? src + K * nr * esize
+                              : !last ? base + (it->jc * K + pc + kc) * nr * esize : NULL;
+    const int64_t share = (kc * nr * esize + it->tiles - 1) / it->tiles;
+    const float* b = (const float*)(const void*)src;
+    int64_t ir;
+    if (g->format != MOE_EP_WEIGHT_FORMAT_FP32) {
+        float* wide = it->scratch + moe_ep__mc(path) * ld;
+        path->widen(g->format, src, kc * nr, wide);
+        b = wide;
+    }
+    for (ir = 0; ir < it->mn; ir += mr) {
+        int rows = (int)MOE_EP__MIN(mr, it->mn - ir);
+        const float* a = g->a + (it->ic + ir) * g->a_kext + pc * mr;
+        float* part = it->scratch + ir * ld + jr * nr;
+        const float* cin = pc == 0 ? NULL : part;
+        if (next && it->tiles > 1) moe_ep__prefetch(next + ir / mr * share, share);
+        if (last) moe_ep__tile_out(g, rows, kc, a, b, cin, ld, it->ic + ir, it->jc + jr);
+        else path->micro(rows, kc, a, b, cin, ld, part, ld, NULL);
+    }
+}
+
 MOE_EP_PRIVATE void moe_ep__gemm_item(const moe_ep__gemm_args* g, int64_t item, float* scratch) {
     const moe_ep__path* path = g->path;
-    const int64_t mr = path->mr, nr = path->nr, mc = moe_ep__mc(path), ncp = moe_ep__ncp(path);
-    const int64_t ld = ncp * nr, K = g->k, row_blocks = moe_ep__row_blocks(path, g->m);
+    const int64_t mr = path->mr, mc = moe_ep__mc(path), ncp = moe_ep__ncp(path), K = g->k;
+    const int64_t row_blocks = moe_ep__row_blocks(path, g->m);
     const int64_t panels = moe_ep__panel_count(g->n, moe_ep__panel_cols(path, g->act));
-    const int64_t jc = item / row_blocks * ncp, ic = item % row_blocks * mc;
-    const int64_t jn = MOE_EP__MIN(ncp, panels - jc), mn = MOE_EP__MIN(mc, g->m - ic);
-    const int64_t esize = moe_ep__format_bytes(g->format);
-    const bool narrow = g->format != MOE_EP_WEIGHT_FORMAT_FP32;
     /* a single row tile of fp32 weights keeps its sums in registers over the whole K */
-    const int64_t kc_max = g->m <= mr && !narrow ? K : MOE_EP__KC;
-    const int64_t tiles = (mn + mr - 1) / mr;
-    const unsigned char* base = (const unsigned char*)g->panels;
-    float* slice = scratch + mc * ld;
-    int64_t pc, jr, ir;
-    for (pc = 0; pc < K; pc += kc_max) {
-        int kc = (int)MOE_EP__MIN(kc_max, K - pc);
-        int last = pc + kc == K;
-        for (jr = 0; jr < jn; ++jr) {
-            const unsigned char* src = base + ((jc + jr) * K + pc) * nr * esize;
-            const unsigned char* next = jr + 1 < jn ? src + K * nr * esize
-                                      : !last ? base + (jc * K + pc + kc) * nr * esize : NULL;
-            int64_t share = (kc * nr * esize + tiles - 1) / tiles;
-            const float* b = (const float*)(const void*)src;
-            if (narrow) {
-                path->widen(g->format, src, kc * nr, slice);
-                b = slice;
-            }
-            for (ir = 0; ir < mn; ir += mr) {
-                int rows = (int)MOE_EP__MIN(mr, mn - ir);
-                const float* a = g->a + (ic + ir) * g->a_kext + pc * mr;
-                float* part = scratch + ir * ld + jr * nr;
-                const float* cin = pc == 0 ? NULL : part;
-                if (next && tiles > 1) moe_ep__prefetch(next + ir / mr * share, share);
-                if (last) moe_ep__tile_out(g, rows, kc, a, b, cin, ld, ic + ir, jc + jr);
-                else path->micro(rows, kc, a, b, cin, ld, part, ld, NULL);
-            }
-        }
+    const int64_t kc_max = g->m <= mr && g->format == MOE_EP_WEIGHT_FORMAT_FP32 ? K : MOE_EP__KC;
+    moe_ep__item it;
+    int64_t pc, jr;
+    it.jc = item / row_blocks * ncp;
+    it.ic = item % row_blocks * mc;
+    it.jn = MOE_EP__MIN(ncp, panels - it.jc);
+    it.mn = MOE_EP__MIN(mc, g->m - it.ic);
+    it.tiles = (it.mn + mr - 1) / mr;
+    it.scratch = scratch;
+    if (it.tiles == 1) {
+        for (jr = 0; jr < it.jn; ++jr)
+            for (pc = 0; pc < K; pc += kc_max) moe_ep__item_slice(g, &it, pc, (int)MOE_EP__MIN(kc_max, K - pc), jr);
+        return;
     }
+    for (pc = 0; pc < K; pc += kc_max)
+        for (jr = 0; jr < it.jn; ++jr) moe_ep__item_slice(g, &it, pc, (int)MOE_EP__MIN(kc_max, K - pc), jr);
 }
 
 /* Threads for a product of m x k x n: tiny ones are not worth waking a team. */

@@ -9,12 +9,15 @@
      bytes of expert weights the call streamed (the experts its tokens chose, at the
      format's size) per second, against a plain read loop over 1 GiB on the same threads,
      measured in the same run (median of --reps);
+   - with --evict 0, the weights are not evicted (what stays in the last-level cache is read
+     from there);
    - prefill, --prefill tokens (default 1024): median time over 3 calls;
    - weight memory of the rank (moe_ep_weight_bytes).
 
    Prints a Markdown table. The kernel path is the one this build picks (--kernel forces
    one: portable, avx2, avx512, neon). make bench-edge builds it plainly (-O2) and with
    -march=native. */
+#define _POSIX_C_SOURCE 200809L   /* clock_gettime */
 #define MOE_EP_IMPLEMENTATION
 #include "../moe_ep.h"
 
@@ -94,7 +97,7 @@ int main(int argc, char** argv) {
     static const char* const names[] = { "fp32", "bf16", "fp16", "int8" };
     static const char* const kernels[] = { "default", "portable", "avx2", "avx512", "neon" };
     static const int decode_tokens[] = { 1, 4, 16 };
-    int threads = 1, reps = 9, prefill = 1024, f, i, r, kernel = 0;
+    int threads = 1, reps = 9, prefill = 1024, f, i, r, kernel = 0, evict = 1;
     size_t per = (size_t)D_MODEL * D_FF, flush_words = FLUSH_BYTES / 8;
     uint64_t state = 12345;
     float* weights;
@@ -114,10 +117,12 @@ int main(int argc, char** argv) {
         if (strcmp(argv[i], "--threads") == 0) threads = atoi(argv[i + 1]);
         else if (strcmp(argv[i], "--reps") == 0) reps = atoi(argv[i + 1]);
         else if (strcmp(argv[i], "--prefill") == 0) prefill = atoi(argv[i + 1]);
+        else if (strcmp(argv[i], "--evict") == 0) evict = atoi(argv[i + 1]);
         else if (strcmp(argv[i], "--kernel") == 0) {
             for (kernel = 4; kernel > 0 && strcmp(argv[i + 1], kernels[kernel]) != 0; --kernel) {}
         } else {
-            fprintf(stderr, "usage: %s [--threads N] [--reps N] [--prefill TOKENS] [--kernel NAME]\n", argv[0]);
+            fprintf(stderr, "usage: %s [--threads N] [--reps N] [--prefill TOKENS] [--kernel NAME] [--evict 0|1]\n",
+                    argv[0]);
             return 2;
         }
     }
@@ -173,7 +178,7 @@ int main(int argc, char** argv) {
             args.topk_weight = topk_weight;
             for (r = 0; r < reps; ++r) {
                 double t0;
-                read_seconds(flush, flush_words, threads);      /* the weights out of every cache */
+                if (evict) read_seconds(flush, flush_words, threads);   /* the weights out of every cache */
                 t0 = now();
                 if (moe_ep_forward(ctx, &args) != MOE_EP_OK) {
                     fprintf(stderr, "edge_bench: %s: %s\n", names[f], moe_ep_last_error(ctx));
