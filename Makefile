@@ -494,11 +494,15 @@ bench-cpu: bench-deps
 # >>bench-edge: the default build against -march=native, and the weight formats at the memory limit.
 # The seed demo built as `make demo` builds it (no -march) and with -march=native, run in turn
 # EDGE_ROUNDS times (its 1-rank layer time, median); then bench/edge_bench.c (decode 1, 4, 16 tokens
-# and prefill for fp32, bf16, fp16, int8 against a plain read loop), plain and native builds.
+# and prefill for fp32, bf16, fp16, int8 against a plain read loop), plain and native builds; then
+# the PyTorch layer in bf16 and fp32 on the prefill (bench/torch_moe_cpu.py, 2 threads, its BLAS the
+# pthreads OpenBLAS, installed when root).
 EDGE        = $(BUILD)/edge
 EDGE_ROUNDS ?= 5
 EDGE_ARGS   ?=
+PYTHON      ?= /usr/bin/python3
 bench-edge:
+	@$(call apt_install,python3-torch libopenblas0-pthread)
 	@mkdir -p $(EDGE)
 	$(CC) $(BUILD_FLAGS) examples/seed_demo.c -o $(EDGE)/seed_demo -pthread -lm
 	$(CC) $(BUILD_FLAGS) -march=native examples/seed_demo.c -o $(EDGE)/seed_demo_native -pthread -lm
@@ -514,6 +518,8 @@ bench-edge:
 	  t["seed_demo"], t["seed_demo_native"], t["seed_demo_native"] / t["seed_demo"]}' $(EDGE)/demo_median.txt
 	./$(EDGE)/edge_bench $(EDGE_ARGS)
 	./$(EDGE)/edge_bench_native $(EDGE_ARGS)
+	OMP_WAIT_POLICY=PASSIVE $(PYTHON) bench/torch_moe_cpu.py 2 --tokens 1024 --reps 5 --dtype bf16
+	OMP_WAIT_POLICY=PASSIVE $(PYTHON) bench/torch_moe_cpu.py 2 --tokens 1024 --reps 5 --dtype fp32
 	@uptime
 
 # >>bench-bits: what the same-bits arithmetic costs (bench/bits_bench.c, one thread): this header
