@@ -618,6 +618,122 @@ __global__ void topk_kernel(const float* __restrict__ logits, int64_t tokens, in
     for (int j = lane; j < k; j += 32) weight[t * k + j] = w[j];
 }
 
+/* The same router with each lane's experts in registers (expert j * 32 + lane in slot j),
+   for E <= 32 V, k <= 32 and groups of whole slots (E / groups a multiple of 32, or one
+   group): no shared memory, a warp-wide argmax per choice. Every value is computed as in
+   topk_kernel, in the same order, so the two give the same ids and the same bits. */
+__device__ __forceinline__ bool better(float v, int e, float bv, int be) {
+    return be == 0x7FFFFFFF || v > bv || (v == bv && e < be);
+}
+
+template <int V>
+__global__ void topk_reg_kernel(const float* __restrict__ logits, int64_t tokens, int E, int k, moe_ep__cuda_k_router r,
+                                int32_t* __restrict__ idx, float* __restrict__ weight) {
+    const float ninf = __int_as_float(0xff800000);
+    int lane = threadIdx.x & 31;
+    int64_t t = (int64_t)blockIdx.x * (blockDim.x >> 5) + (threadIdx.x >> 5);
+    if (t >= tokens) return;
+    const float* l = logits + t * E;
+    float p[V], c[V];
+    unsigned live = 0;              /* bit j: slot j holds an expert that may still be chosen */
+    float m = ninf, sum = 0.0f;
+#pragma unroll
+    for (int j = 0; j < V; ++j) {
+        int e = j * 32 + lane;
+        p[j] = ninf;
+        if (e < E) {
+            p[j] = r.router_bias ? l[e] + r.router_bias[e] : l[e];
+            m = fmaxf(m, p[j]);
+            live |= 1u << j;
+        }
+    }
+    if (r.scoring == 1) {
+        for (int o = 16; o > 0; o >>= 1) m = fmaxf(m, __shfl_xor_sync(0xffffffffu, m, o));
+#pragma unroll
+        for (int j = 0; j < V; ++j)
+            if (live >> j & 1u) { p[j] = expf(p[j] - m); sum += p[j]; }
+        for (int o = 16; o > 0; o >>= 1) sum += __shfl_xor_sync(0xffffffffu, sum, o);
+#pragma unroll
+        for (int j = 0; j < V; ++j) if (live >> j & 1u) p[j] = p[j] / sum;
+    } else if (r.scoring == 2) {
+#pragma unroll
+        for (int j = 0; j < V; ++j) if (live >> j & 1u) p[j] = 1.0f / (1.0f + expf(-p[j]));
+    }
+#pragma unroll
+    for (int j = 0; j < V; ++j) {
+        int e = j * 32 + lane;
+        c[j] = (live >> j & 1u) && r.selection_bias ? p[j] + r.selection_bias[e] : p[j];
+    }
+    if (r.groups > 1) {             /* a group: slots [g S, (g + 1) S) of every lane */
+        int G = r.groups, S = E / G / 32;
+        unsigned kept = 0;
+        float gs[V];
+        for (int g = 0; g < G; ++g) {   /* the sum of its two best, as a multiset of values */
+            float a1 = ninf, a2 = ninf;
+#pragma unroll
+            for (int j = 0; j < V; ++j)
+                if (j / S == g) {
+                    if (c[j] > a1) { a2 = a1; a1 = c[j]; }
+                    else if (c[j] > a2) a2 = c[j];
+                }
+            for (int o = 16; o > 0; o >>= 1) {
+                float b1 = __shfl_xor_sync(0xffffffffu, a1, o), b2 = __shfl_xor_sync(0xffffffffu, a2, o);
+                float hi = fmaxf(a1, b1), lo = fminf(a1, b1);
+                a2 = fmaxf(lo, fmaxf(a2, b2));
+                a1 = hi;
+            }
+            gs[g] = a1 + a2;            /* n >= 32: two values always exist */
+        }
+        for (int j = 0; j < r.topk_groups; ++j) {   /* the best groups, ties to the lower one */
+            int best = -1;
+            for (int g = 0; g < G; ++g)
+                if (!(kept >> g & 1u) && (best < 0 || gs[g] > gs[best])) best = g;
+            kept |= 1u << best;
+        }
+#pragma unroll
+        for (int j = 0; j < V; ++j) if (!(kept >> (j / S) & 1u)) live &= ~(1u << j);
+    }
+    float first = 0.0f, mine = 0.0f, wsum = 0.0f;
+    int mine_e = 0;
+    for (int j = 0; j < k; ++j) {
+        float bv = ninf;
+        int be = 0x7FFFFFFF;
+#pragma unroll
+        for (int s = 0; s < V; ++s)
+            if ((live >> s & 1u) && better(c[s], s * 32 + lane, bv, be)) { bv = c[s]; be = s * 32 + lane; }
+        for (int o = 16; o > 0; o >>= 1) {
+            float ov = __shfl_xor_sync(0xffffffffu, bv, o);
+            int oe = __shfl_xor_sync(0xffffffffu, be, o);
+            if (oe != 0x7FFFFFFF && better(ov, oe, bv, be)) { bv = ov; be = oe; }
+        }
+        float score = 0.0f;
+#pragma unroll
+        for (int s = 0; s < V; ++s)
+            if (be == s * 32 + lane) { score = p[s]; live &= ~(1u << s); }
+        score = __shfl_sync(0xffffffffu, score, be & 31);
+        if (j == 0) first = score;
+        float v = score;
+        if (r.scoring == 3) v = expf(score - first);
+        else if (r.scoring == 4) v = 1.0f / (1.0f + expf(-score));
+        if (lane == j) { mine = v; mine_e = be; }
+    }
+    /* slot order, as on the CPU: the sums run j = 0..k-1 on every lane */
+    if (r.scoring == 3) {
+        for (int j = 0; j < k; ++j) wsum += __shfl_sync(0xffffffffu, mine, j);
+        mine = mine / wsum;
+    }
+    if (r.normalize) {
+        wsum = 0.0f;
+        for (int j = 0; j < k; ++j) wsum += __shfl_sync(0xffffffffu, mine, j);
+        mine = mine / wsum;
+    }
+    if (r.scaling != 1.0f) mine = mine * r.scaling;
+    if (lane < k) {
+        idx[t * k + lane] = mine_e;
+        weight[t * k + lane] = mine;
+    }
+}
+
 __global__ void slot_map_kernel(const int64_t* __restrict__ slot_rows, const int32_t* __restrict__ topk_idx,
                                 const int32_t* __restrict__ owner_local, const int64_t* __restrict__ self_shift,
                                 int64_t slots, int32_t* __restrict__ slot_map) {
@@ -784,7 +900,18 @@ extern "C" int moe_ep__cuda_k_topk(const float* logits, int64_t tokens, int num_
     int warps = num_experts <= 1024 ? 4 : 1;
     size_t tail = 2 * (size_t)router->groups > (size_t)top_k ? 2 * (size_t)router->groups : (size_t)top_k;
     size_t shared = sizeof(float) * (3 * (size_t)num_experts + tail) * (size_t)warps;
+    int slots = (num_experts + 31) / 32, G = router->groups;
+    unsigned blocks = (unsigned)((tokens + 3) / 4);
     if (tokens <= 0) return 0;
+    if (slots <= 8 && top_k <= 32 && (G <= 1 || (num_experts / G) % 32 == 0)) {
+        if (slots <= 1) topk_reg_kernel<1><<<blocks, 128, 0, s>>>(logits, tokens, num_experts, top_k, *router, idx, weight);
+        else if (slots <= 2)
+            topk_reg_kernel<2><<<blocks, 128, 0, s>>>(logits, tokens, num_experts, top_k, *router, idx, weight);
+        else if (slots <= 4)
+            topk_reg_kernel<4><<<blocks, 128, 0, s>>>(logits, tokens, num_experts, top_k, *router, idx, weight);
+        else topk_reg_kernel<8><<<blocks, 128, 0, s>>>(logits, tokens, num_experts, top_k, *router, idx, weight);
+        return (int)cudaGetLastError();
+    }
     if (shared > 48 * 1024) {
         cudaError_t e = cudaFuncSetAttribute(topk_kernel, cudaFuncAttributeMaxDynamicSharedMemorySize, (int)shared);
         if (e != cudaSuccess) return (int)e;

@@ -162,7 +162,7 @@ typedef struct layer_case {
     int groups, topk_groups, biases;
     /* filled by the runner */
     float* router;                  /* [E, d] */
-    float router_bias[32], selection_bias[32];
+    float router_bias[256], selection_bias[256];
     float** w1; float** w3; float** w2;
     float* x[MAX_GPUS];
     int never_chosen;               /* hand-in routing avoids the upper half of the experts */
@@ -176,8 +176,8 @@ static void model_make(layer_case* c, int world) {
     fill(c->router, (size_t)c->E * dd, 3.0f / sqrtf((float)c->d), c->bf16, &s);
     {   /* the biases from a generator of their own: the other draws stay those of every case */
         uint64_t bs = c->seed * 7919u + 1u;
-        fill(c->router_bias, 32, 1.0f, 0, &bs);
-        fill(c->selection_bias, 32, 0.3f, 0, &bs);
+        fill(c->router_bias, 256, 1.0f, 0, &bs);
+        fill(c->selection_bias, 256, 0.3f, 0, &bs);
     }
     c->w1 = (float**)calloc((size_t)c->E, sizeof(float*));
     c->w3 = (float**)calloc((size_t)c->E, sizeof(float*));
@@ -293,7 +293,7 @@ done:
 /* This rank's experts under c's placement, host copies in the layer's dtype; *store gets
    the 3 * *count copies (w1, w3, w2 of each), for the caller to free. */
 static moe_ep_cuda_expert_weights* rank_weights(const layer_case* c, int me, int R, void*** store, int* count) {
-    int owner[64], e, i, l = 0, L = 0;
+    int owner[256], e, i, l = 0, L = 0;
     int swiglu = c->activation == MOE_EP_ACTIVATION_SWIGLU || c->activation == MOE_EP_ACTIVATION_DEFAULT;
     size_t cnt = (size_t)c->d * (size_t)c->ff;
     moe_ep_cuda_expert_weights* mine;
@@ -714,6 +714,15 @@ static void run_world(world* w) {
               .scoring = MOE_EP_SCORING_TOPK_SOFTMAX, .biases = 1, .tokens = { 90, 33, 0, 7 }, .seed = 32 },
             { .name = "router top-1 then sigmoid (Llama-4)", .E = 8, .k = 1, .d = 40, .ff = 32, .gpu_router = 1,
               .scoring = MOE_EP_SCORING_TOPK_SIGMOID, .tokens = { 64, 19, 5, 1 }, .seed = 33 },
+            { .name = "router sigmoid, 8 groups of 32 keep 4, top-8 (DeepSeek-V3's shape, registers)", .E = 256, .k = 8,
+              .d = 64, .ff = 16, .gpu_router = 1, .normalize = 1, .scoring = MOE_EP_SCORING_SIGMOID, .scaling = 2.5f,
+              .groups = 8, .topk_groups = 4, .biases = 1, .tokens = { 300, 77, 5, 1 }, .seed = 36 },
+            { .name = "router softmax, 2 groups of 32 keep 1, top-6, biases (registers)", .E = 64, .k = 6, .d = 48,
+              .ff = 16, .gpu_router = 1, .groups = 2, .topk_groups = 1, .biases = 1, .tokens = { 150, 41, 9, 2 },
+              .seed = 37 },
+            { .name = "router top-k then softmax, 40 experts (registers, a part-filled slot)", .E = 40, .k = 5,
+              .d = 32, .ff = 16, .gpu_router = 1, .scoring = MOE_EP_SCORING_TOPK_SOFTMAX, .normalize = 1,
+              .tokens = { 120, 33, 2, 7 }, .seed = 38 },
             { .name = "router softmax, 3 groups keep 1, x0.5", .E = 12, .k = 2, .d = 40, .ff = 32, .gpu_router = 1,
               .scaling = 0.5f, .groups = 3, .topk_groups = 1, .tokens = { 70, 41, 9, 2 }, .seed = 34 },
             { .name = "router+normalize staged-calls", .E = 16, .k = 4, .d = 48, .ff = 40, .gpu_router = 1, .normalize = 1,
