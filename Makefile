@@ -524,14 +524,15 @@ bench-edge:
 
 # >>bench-bits: what the same-bits arithmetic costs (bench/bits_bench.c, one thread): this header
 # against the one before the portable kernel fused (BITS_BASE), built for x86-64 without FMA
-# instructions, the portable kernel with hardware FMA, the native SIMD path, and armhf (baseline
+# instructions (MOE_EP_NO_SIMD: gcc would otherwise choose a SIMD path at run time), the portable
+# kernel with hardware FMA, the native SIMD path, and armhf (baseline
 # VFPv3: software fmaf; and -mfpu=neon-vfpv4: hardware) under qemu-user. Builds run in turn,
 # BITS_ROUNDS rounds, so each pair is measured side by side.
 BITS_BASE   ?= 566a606
 BITS_ROUNDS ?= 3
 BB           = $(BUILD)/bench_bits
 BB_FLAGS     = -std=c99 -pedantic -Wall -Wextra -O3
-BB_NATIVE    = nofma:-march=x86-64 portable_hw:-march=native@-DMOE_EP_NO_SIMD simd:-march=native
+BB_NATIVE    = nofma:-march=x86-64@-DMOE_EP_NO_SIMD portable_hw:-march=native@-DMOE_EP_NO_SIMD simd:-march=native
 BB_ARM       = armhf: armhf_vfpv4:-mfpu=neon-vfpv4
 $(BB)/before/moe_ep.h:
 	@mkdir -p $(@D) && git show $(BITS_BASE):moe_ep.h > $@
