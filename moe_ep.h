@@ -1008,12 +1008,18 @@ MOE_EP_API moe_ep_result moe_ep_agree(const moe_ep_transport* transport, const m
    TwoSum gives the sum's error and rounding the double to odd first makes the two
    roundings one (round-to-odd at 53 bits, then to 24). glibc's fmaf does the same, but
    behind a call that also saves and restores the floating-point environment. */
+/* gcc and clang on x86: every kernel path is built and chosen at run time (>>kernel), and
+   fmaf is the FMA instruction where the CPU has one (the same value as the software one). */
+#if !defined(MOE_EP_NO_SIMD) && !defined(MOE_EP_CBLAS) && (defined(__x86_64__) || defined(__i386__)) && \
+    !defined(__TINYC__) && (defined(__clang__) || (defined(__GNUC__) && __GNUC__ >= 5))
+#define MOE_EP__DISPATCH 1
+#endif
 #if defined(FP_FAST_FMAF) || defined(__FP_FAST_FMAF) || defined(__FMA__) || defined(__ARM_FEATURE_FMA) || \
     defined(__aarch64__) || defined(__s390x__) || (defined(__riscv) && defined(__riscv_flen))
 #define MOE_EP__HW_FMA 1
 #define moe_ep__fmaf fmaf
 #else
-MOE_EP_PRIVATE float moe_ep__fmaf(float a, float b, float c) {
+MOE_EP_PRIVATE float moe_ep__fmaf_soft(float a, float b, float c) {
     double p = (double)a * (double)b, s = p + (double)c, bv, err;
     uint64_t u;
     memcpy(&u, &s, sizeof u);
@@ -1028,6 +1034,17 @@ MOE_EP_PRIVATE float moe_ep__fmaf(float a, float b, float c) {
     }
     return (float)s;
 }
+#ifdef MOE_EP__DISPATCH
+MOE_EP_PRIVATE __attribute__((target("fma"))) float moe_ep__fmaf_fma(float a, float b, float c) {
+    return __builtin_fmaf(a, b, c);
+}
+/* The CPU model is read once by the compiler's runtime (at startup); this only tests a bit. */
+MOE_EP_PRIVATE float moe_ep__fmaf(float a, float b, float c) {
+    return __builtin_cpu_supports("fma") ? moe_ep__fmaf_fma(a, b, c) : moe_ep__fmaf_soft(a, b, c);
+}
+#else
+#define moe_ep__fmaf moe_ep__fmaf_soft
+#endif
 #endif
 
 /* exp(x) for x clamped to [-87, 88]: 2^n times a degree-6 polynomial in r = x - n ln2
@@ -3509,9 +3526,7 @@ MOE_EP_API moe_ep_result moe_ep_layout_split(const moe_ep_layout_desc* desc, con
 #pragma GCC diagnostic ignored "-Wuninitialized"
 #pragma GCC diagnostic ignored "-Wmaybe-uninitialized"
 #endif
-#if !defined(MOE_EP_NO_SIMD) && !defined(MOE_EP_CBLAS) && (defined(__x86_64__) || defined(__i386__)) && \
-    !defined(__TINYC__) && (defined(__clang__) || (defined(__GNUC__) && __GNUC__ >= 5))
-#define MOE_EP__DISPATCH 1                  /* every x86 path built; chosen at create */
+#ifdef MOE_EP__DISPATCH                     /* every x86 path built; chosen at create */
 #define MOE_EP__AVX512 1
 #define MOE_EP__AVX2 1
 #define MOE_EP__AVX2_F16C 1
