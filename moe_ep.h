@@ -3719,7 +3719,11 @@ struct moe_ep__path {
     moe_ep__widen_fn widen;
     int strip;                      /* experts per router strip; 0: none */
     moe_ep__strip_fn router_strip;
+    /* by format: a micro-kernel for rows in [1, MOE_EP__NARROW_ROWS] that reads the stored
+       panel and widens it in registers (decode); NULL: widen each slice first */
+    moe_ep__micro_fn micro_narrow[MOE_EP_WEIGHT_FORMAT_COUNT];
 };
+#define MOE_EP__NARROW_ROWS 4
 
 #define MOE_EP__ROWS1(X) X(0)
 #define MOE_EP__ROWS2(X) MOE_EP__ROWS1(X) X(1)
@@ -3740,14 +3744,17 @@ struct moe_ep__path {
    prefix, VT: its target attribute): K_PANEL loads step kk of the weight panel, K_FMA adds
    it into row r's accumulators, K_SCALE or K_BIAS applies int8's scale and the bias once
    to the finished sums, K_STORE / K_SWIGLU / K_CLAMPED write the rows out. */
-#define MOE_EP__KERNEL(ROWS, n) \
-    MOE_EP_PRIVATE MOE_EP__VT void MOE_EP__PASTE(MOE_EP__VP, _kernel##n)(int kc, const float* a, const float* b, \
+#define MOE_EP__KERNEL(ROWS, n) MOE_EP__KERNEL_P(ROWS, _kernel##n, MOE_EP__K_PANEL)
+/* PANEL: how step kk of the panel becomes vectors b0, b1 (K_PANEL: floats; the narrow
+   formats' K_PANEL_BF16, _FP16, _INT8 widen the stored elements in registers, exactly). */
+#define MOE_EP__KERNEL_P(ROWS, name, PANEL) \
+    MOE_EP_PRIVATE MOE_EP__VT void MOE_EP__PASTE(MOE_EP__VP, name)(int kc, const float* a, const float* b, \
         const float* cin, int64_t ldc, float* cout, int64_t ldo, const moe_ep__epilogue* ep) { \
         int kk; \
         ROWS(MOE_EP__K_DECL) \
         if (cin) { ROWS(MOE_EP__K_LOAD) } else { ROWS(MOE_EP__K_ZERO) } \
         for (kk = 0; kk < kc; ++kk) { \
-            MOE_EP__K_PANEL \
+            PANEL \
             ROWS(MOE_EP__K_FMA) \
         } \
         if (!ep) { ROWS(MOE_EP__K_STORE) return; } \
@@ -3842,6 +3849,25 @@ struct moe_ep__path {
 #define MOE_EP__K_PANEL MOE_EP__V b0 = MOE_EP__VLOADA(b + (int64_t)kk * MOE_EP__VNR); \
     MOE_EP__V b1 = MOE_EP__VLOADA(b + (int64_t)kk * MOE_EP__VNR + MOE_EP__VW);
 #define MOE_EP__VFMA3 MOE_EP__VFMA
+#define MOE_EP__K_PANEL_NARROW(T, WIDEN) const T* bk = (const T*)(const void*)b + (int64_t)kk * MOE_EP__VNR; \
+    MOE_EP__V b0 = WIDEN(bk), b1 = WIDEN(bk + MOE_EP__VW);
+#define MOE_EP__K_PANEL_BF16 MOE_EP__K_PANEL_NARROW(uint16_t, MOE_EP__VWIDEN_BF16)
+#define MOE_EP__K_PANEL_FP16 MOE_EP__K_PANEL_NARROW(uint16_t, MOE_EP__VWIDEN_FP16)
+#define MOE_EP__K_PANEL_INT8 MOE_EP__K_PANEL_NARROW(int8_t, MOE_EP__VWIDEN_INT8)
+/* Decode (one row tile of up to 4 rows): the narrow formats' kernels read the stored panel
+   and widen it in registers, and the path's micro_narrow picks them. */
+#define MOE_EP__NARROW_KERNELS(FMT) \
+    MOE_EP__KERNEL_P(MOE_EP__ROWS1, _##FMT##_1, MOE_EP__K_PANEL_##FMT) \
+    MOE_EP__KERNEL_P(MOE_EP__ROWS2, _##FMT##_2, MOE_EP__K_PANEL_##FMT) \
+    MOE_EP__KERNEL_P(MOE_EP__ROWS3, _##FMT##_3, MOE_EP__K_PANEL_##FMT) \
+    MOE_EP__KERNEL_P(MOE_EP__ROWS4, _##FMT##_4, MOE_EP__K_PANEL_##FMT) \
+    MOE_EP_PRIVATE void MOE_EP__PASTE(MOE_EP__VP, _micro_##FMT)(int rows, int kc, const float* a, const float* b, \
+        const float* cin, int64_t ldc, float* cout, int64_t ldo, const moe_ep__epilogue* ep) { \
+        static const moe_ep__kernel_fn kernels[5] = { NULL, MOE_EP__PASTE(MOE_EP__VP, _##FMT##_1), \
+            MOE_EP__PASTE(MOE_EP__VP, _##FMT##_2), MOE_EP__PASTE(MOE_EP__VP, _##FMT##_3), \
+            MOE_EP__PASTE(MOE_EP__VP, _##FMT##_4) }; \
+        kernels[rows](kc, a, b, cin, ldc, cout, ldo, ep); \
+    }
 #endif /* AVX-512 or AVX2 */
 
 #ifdef MOE_EP__AVX512
@@ -3868,7 +3894,14 @@ struct moe_ep__path {
 #define MOE_EP__VPOW2(n) _mm512_castsi512_ps(_mm512_slli_epi32( \
     _mm512_add_epi32(_mm512_cvtps_epi32(n), _mm512_set1_epi32(127)), 23))
 #define MOE_EP__VBCAST(p) _mm512_set1_ps(*(p))
+#define MOE_EP__VWIDEN_BF16(p) _mm512_castsi512_ps(_mm512_slli_epi32( \
+    _mm512_cvtepu16_epi32(_mm256_loadu_si256((const __m256i*)(const void*)(p))), 16))
+#define MOE_EP__VWIDEN_FP16(p) _mm512_cvtph_ps(_mm256_loadu_si256((const __m256i*)(const void*)(p)))
+#define MOE_EP__VWIDEN_INT8(p) _mm512_cvtepi32_ps(_mm512_cvtepi8_epi32(_mm_loadu_si128((const __m128i*)(const void*)(p))))
 MOE_EP__X86_MATH
+MOE_EP__NARROW_KERNELS(BF16)
+MOE_EP__NARROW_KERNELS(FP16)
+MOE_EP__NARROW_KERNELS(INT8)
 MOE_EP__KERNEL(MOE_EP__ROWS1, 1)
 MOE_EP__KERNEL(MOE_EP__ROWS2, 2)
 MOE_EP__KERNEL(MOE_EP__ROWS3, 3)
@@ -3916,7 +3949,8 @@ MOE_EP_PRIVATE MOE_EP__TARGET_AVX512 void moe_ep__avx512_widen(moe_ep_weight_for
 }
 
 static const moe_ep__path moe_ep__path_avx512 = {
-    MOE_EP_KERNEL_AVX512, 12, 32, moe_ep__avx512_micro, moe_ep__avx512_widen, 32, moe_ep__avx512_strip
+    MOE_EP_KERNEL_AVX512, 12, 32, moe_ep__avx512_micro, moe_ep__avx512_widen, 32, moe_ep__avx512_strip,
+    { NULL, NULL, moe_ep__avx512_micro_BF16, moe_ep__avx512_micro_FP16, moe_ep__avx512_micro_INT8 }
 };
 #undef MOE_EP__VP
 #undef MOE_EP__VT
@@ -3939,6 +3973,9 @@ static const moe_ep__path moe_ep__path_avx512 = {
 #undef MOE_EP__VSUB
 #undef MOE_EP__VPOW2
 #undef MOE_EP__VBCAST
+#undef MOE_EP__VWIDEN_BF16
+#undef MOE_EP__VWIDEN_FP16
+#undef MOE_EP__VWIDEN_INT8
 #endif /* AVX-512 */
 
 #ifdef MOE_EP__AVX2
@@ -3965,7 +4002,19 @@ static const moe_ep__path moe_ep__path_avx512 = {
 #define MOE_EP__VPOW2(n) _mm256_castsi256_ps(_mm256_slli_epi32( \
     _mm256_add_epi32(_mm256_cvtps_epi32(n), _mm256_set1_epi32(127)), 23))
 #define MOE_EP__VBCAST(p) _mm256_broadcast_ss(p)
+#define MOE_EP__VWIDEN_BF16(p) _mm256_castsi256_ps(_mm256_slli_epi32( \
+    _mm256_cvtepu16_epi32(_mm_loadu_si128((const __m128i*)(const void*)(p))), 16))
+#define MOE_EP__VWIDEN_FP16(p) _mm256_cvtph_ps(_mm_loadu_si128((const __m128i*)(const void*)(p)))
+#define MOE_EP__VWIDEN_INT8(p) _mm256_cvtepi32_ps(_mm256_cvtepi8_epi32(_mm_loadl_epi64((const __m128i*)(const void*)(p))))
 MOE_EP__X86_MATH
+MOE_EP__NARROW_KERNELS(BF16)
+#ifdef MOE_EP__AVX2_F16C
+MOE_EP__NARROW_KERNELS(FP16)
+#define MOE_EP__AVX2_MICRO_FP16 moe_ep__avx2_micro_FP16
+#else
+#define MOE_EP__AVX2_MICRO_FP16 NULL
+#endif
+MOE_EP__NARROW_KERNELS(INT8)
 MOE_EP__KERNEL(MOE_EP__ROWS1, 1)
 MOE_EP__KERNEL(MOE_EP__ROWS2, 2)
 MOE_EP__KERNEL(MOE_EP__ROWS3, 3)
@@ -4007,7 +4056,8 @@ MOE_EP_PRIVATE MOE_EP__TARGET_AVX2 void moe_ep__avx2_widen(moe_ep_weight_format 
 }
 
 static const moe_ep__path moe_ep__path_avx2 = {
-    MOE_EP_KERNEL_AVX2, 6, 16, moe_ep__avx2_micro, moe_ep__avx2_widen, 16, moe_ep__avx2_strip
+    MOE_EP_KERNEL_AVX2, 6, 16, moe_ep__avx2_micro, moe_ep__avx2_widen, 16, moe_ep__avx2_strip,
+    { NULL, NULL, moe_ep__avx2_micro_BF16, MOE_EP__AVX2_MICRO_FP16, moe_ep__avx2_micro_INT8 }
 };
 #undef MOE_EP__VP
 #undef MOE_EP__VT
@@ -4030,6 +4080,9 @@ static const moe_ep__path moe_ep__path_avx2 = {
 #undef MOE_EP__VSUB
 #undef MOE_EP__VPOW2
 #undef MOE_EP__VBCAST
+#undef MOE_EP__VWIDEN_BF16
+#undef MOE_EP__VWIDEN_FP16
+#undef MOE_EP__VWIDEN_INT8
 #endif /* AVX2 */
 
 #ifdef MOE_EP__NEON
@@ -4143,7 +4196,8 @@ MOE_EP_PRIVATE void moe_ep__neon_widen(moe_ep_weight_format f, const void* src, 
 }
 
 static const moe_ep__path moe_ep__path_neon = {
-    MOE_EP_KERNEL_NEON, 6, 16, moe_ep__neon_micro, moe_ep__neon_widen, 8, moe_ep__neon_strip
+    MOE_EP_KERNEL_NEON, 6, 16, moe_ep__neon_micro, moe_ep__neon_widen, 8, moe_ep__neon_strip,
+    { NULL, NULL, NULL, NULL, NULL }
 };
 #endif /* NEON */
 
@@ -4220,7 +4274,8 @@ MOE_EP_PRIVATE void moe_ep__portable_micro(int rows, int kc, const float* a, con
 }
 
 static const moe_ep__path moe_ep__path_portable = {
-    MOE_EP_KERNEL_PORTABLE, MOE_EP__PMR, MOE_EP__PNR, moe_ep__portable_micro, moe_ep__widen_portable, 0, NULL
+    MOE_EP_KERNEL_PORTABLE, MOE_EP__PMR, MOE_EP__PNR, moe_ep__portable_micro, moe_ep__widen_portable, 0, NULL,
+    { NULL, NULL, NULL, NULL, NULL }
 };
 
 #if defined(__GNUC__) && !defined(__clang__)
@@ -4433,8 +4488,9 @@ typedef struct moe_ep__gemm_args {
 } moe_ep__gemm_args;
 
 /* The last K slice of one tile: the finished sums go to C, through the activation. */
-MOE_EP_PRIVATE void moe_ep__tile_out(const moe_ep__gemm_args* g, int rows, int kc, const float* a, const float* b,
-                                     const float* cin, int64_t ldc, int64_t row, int64_t panel) {
+MOE_EP_PRIVATE void moe_ep__tile_out(const moe_ep__gemm_args* g, moe_ep__micro_fn micro, int rows, int kc,
+                                     const float* a, const float* b, const float* cin, int64_t ldc, int64_t row,
+                                     int64_t panel) {
     const moe_ep__path* path = g->path;
     const int mr = path->mr, nr = path->nr;
     int cols = moe_ep__panel_cols(path, g->act), r, j;
@@ -4449,10 +4505,10 @@ MOE_EP_PRIVATE void moe_ep__tile_out(const moe_ep__gemm_args* g, int rows, int k
     ep.alpha = g->alpha;
     ep.limit = g->limit;
     if (ncols == cols && plain && g->c_kext == 0) {
-        path->micro(rows, kc, a, b, cin, ldc, g->c + row * g->ldc + col, g->ldc, &ep);
+        micro(rows, kc, a, b, cin, ldc, g->c + row * g->ldc + col, g->ldc, &ep);
         return;
     }
-    path->micro(rows, kc, a, b, cin, ldc, tile, nr, &ep);
+    micro(rows, kc, a, b, cin, ldc, tile, nr, &ep);
     if (g->c_kext > 0) {            /* row is a multiple of MR here */
         float* dst = g->c + row * g->c_kext + col * mr;
         for (j = 0; j < ncols; ++j)
@@ -4509,6 +4565,7 @@ MOE_EP_PRIVATE int64_t moe_ep__scratch_floats(const moe_ep__path* path) {
    the block. Either way every chain runs its K slices in order. */
 typedef struct moe_ep__item {
     int64_t jc, ic, jn, mn, tiles;
+    moe_ep__micro_fn narrow;        /* the format's in-register kernel for this block, or NULL */
     float* scratch;                 /* MC x NCP*NR sums, then the widened slice */
 } moe_ep__item;
 
@@ -4524,8 +4581,9 @@ MOE_EP_PRIVATE void moe_ep__item_slice(const moe_ep__gemm_args* g, const moe_ep_
                               : !last ? base + (it->jc * K + pc + kc) * nr * esize : NULL;
     const int64_t share = (kc * nr * esize + it->tiles - 1) / it->tiles;
     const float* b = (const float*)(const void*)src;
+    moe_ep__micro_fn micro = it->narrow ? it->narrow : path->micro;
     int64_t ir;
-    if (g->format != MOE_EP_WEIGHT_FORMAT_FP32) {
+    if (g->format != MOE_EP_WEIGHT_FORMAT_FP32 && !it->narrow) {
         float* wide = it->scratch + moe_ep__mc(path) * ld;
         path->widen(g->format, src, kc * nr, wide);
         b = wide;
@@ -4536,8 +4594,8 @@ MOE_EP_PRIVATE void moe_ep__item_slice(const moe_ep__gemm_args* g, const moe_ep_
         float* part = it->scratch + ir * ld + jr * nr;
         const float* cin = pc == 0 ? NULL : part;
         if (next && it->tiles > 1) moe_ep__prefetch(next + ir / mr * share, share);
-        if (last) moe_ep__tile_out(g, rows, kc, a, b, cin, ld, it->ic + ir, it->jc + jr);
-        else path->micro(rows, kc, a, b, cin, ld, part, ld, NULL);
+        if (last) moe_ep__tile_out(g, micro, rows, kc, a, b, cin, ld, it->ic + ir, it->jc + jr);
+        else micro(rows, kc, a, b, cin, ld, part, ld, NULL);
     }
 }
 
@@ -4546,8 +4604,10 @@ MOE_EP_PRIVATE void moe_ep__gemm_item(const moe_ep__gemm_args* g, int64_t item, 
     const int64_t mr = path->mr, mc = moe_ep__mc(path), ncp = moe_ep__ncp(path), K = g->k;
     const int64_t row_blocks = moe_ep__row_blocks(path, g->m);
     const int64_t panels = moe_ep__panel_count(g->n, moe_ep__panel_cols(path, g->act));
-    /* a single row tile of fp32 weights keeps its sums in registers over the whole K */
-    const int64_t kc_max = g->m <= mr && g->format == MOE_EP_WEIGHT_FORMAT_FP32 ? K : MOE_EP__KC;
+    /* a narrow format's block of at most NARROW_ROWS rows reads its panels as they are stored */
+    moe_ep__micro_fn narrow = g->m <= MOE_EP__NARROW_ROWS ? path->micro_narrow[g->format] : NULL;
+    /* a single row tile of fp32 (or so read) weights keeps its sums in registers over the whole K */
+    const int64_t kc_max = g->m <= mr && (g->format == MOE_EP_WEIGHT_FORMAT_FP32 || narrow) ? K : MOE_EP__KC;
     moe_ep__item it;
     int64_t pc, jr;
     it.jc = item / row_blocks * ncp;
@@ -4555,6 +4615,7 @@ MOE_EP_PRIVATE void moe_ep__gemm_item(const moe_ep__gemm_args* g, int64_t item, 
     it.jn = MOE_EP__MIN(ncp, panels - it.jc);
     it.mn = MOE_EP__MIN(mc, g->m - it.ic);
     it.tiles = (it.mn + mr - 1) / mr;
+    it.narrow = narrow;
     it.scratch = scratch;
     if (it.tiles == 1) {
         for (jr = 0; jr < it.jn; ++jr)

@@ -247,7 +247,7 @@ static moe_ep_result fmt_ffn(const fmt_expert* e, const moe_ep_expert_weights* w
 static const moe_ep_activation fmt_acts[] = { MOE_EP_ACTIVATION_SWIGLU, MOE_EP_ACTIVATION_GELU,
                                               MOE_EP_ACTIVATION_SWIGLU_CLAMPED };
 static const char* const fmt_act_names[] = { "SwiGLU", "GELU", "clamped SwiGLU" };
-static const int64_t fmt_rows[] = { 1, 5, 13, 200 };
+static const int64_t fmt_rows[] = { 1, 3, 5, 13, 200 };
 
 START_TEST(format_vs_reference) {
     int fi = _i / 6, a = (_i / 2) % 3;
@@ -267,7 +267,7 @@ START_TEST(format_vs_reference) {
     fmt_expert_init(&e, f, D, F, biases, false, 800 + (uint64_t)_i);
     fmt_reference(&e, fmt_acts[a], x, max_rows, ref);
     for (p = 0; p < npaths; ++p)
-        for (ri = 0; ri < 4; ++ri) {
+        for (ri = 0; ri < 5; ++ri) {
             int64_t rows = fmt_rows[ri];
             size_t n = (size_t)rows * D;
             double rel;
