@@ -3502,8 +3502,10 @@ MOE_EP_API moe_ep_result moe_ep_layout_split(const moe_ep_layout_desc* desc, con
    order. Before the micro-kernel reads a KC x NR slice of a narrow panel, the path widens it
    to fp32 in the thread's scratch (bf16, fp16 and int8 values are all floats, so exactly);
    the chains are then the fp32 kernel's over the widened weights, and the bits of a format
-   are the same on every path. int8's per-channel scale multiplies the finished chain once,
-   fused with the bias (fmaf(sum, scale, bias), on every path).
+   are the same on every path. For decode (a block of at most NARROW_ROWS rows) the x86 paths
+   have kernels that read the stored panel and widen it in registers instead (micro_narrow):
+   the same chains. int8's per-channel scale multiplies the finished chain once, fused with
+   the bias (fmaf(sum, scale, bias), on every path).
 
    Layout: a weight W [n, k] (nn.Linear) is packed as ceil(n / NR) panels, each [k][NR]
    contiguous (columns past n are zero). For the gated activations (SwiGLU, clamped
