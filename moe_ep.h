@@ -3502,7 +3502,7 @@ MOE_EP_API moe_ep_result moe_ep_layout_split(const moe_ep_layout_desc* desc, con
    order. Before the micro-kernel reads a KC x NR slice of a narrow panel, the path widens it
    to fp32 in the thread's scratch (bf16, fp16 and int8 values are all floats, so exactly);
    the chains are then the fp32 kernel's over the widened weights, and the bits of a format
-   are the same on every path. For decode (a block of at most NARROW_ROWS rows) the x86 paths
+   are the same on every path. For decode (a block of at most NARROW_ROWS rows) the SIMD paths
    have kernels that read the stored panel and widen it in registers instead (micro_narrow):
    the same chains. int8's per-channel scale multiplies the finished chain once, fused with
    the bias (fmaf(sum, scale, bias), on every path).
@@ -3767,6 +3767,20 @@ struct moe_ep__path {
         else { ROWS(MOE_EP__K_STORE) } \
     }
 
+/* Decode (one row tile of up to 4 rows): the narrow formats' kernels read the stored panel
+   and widen it in registers, and the path's micro_narrow picks them. */
+#define MOE_EP__NARROW_KERNELS(FMT) \
+    MOE_EP__KERNEL_P(MOE_EP__ROWS1, _##FMT##_1, MOE_EP__K_PANEL_##FMT) \
+    MOE_EP__KERNEL_P(MOE_EP__ROWS2, _##FMT##_2, MOE_EP__K_PANEL_##FMT) \
+    MOE_EP__KERNEL_P(MOE_EP__ROWS3, _##FMT##_3, MOE_EP__K_PANEL_##FMT) \
+    MOE_EP__KERNEL_P(MOE_EP__ROWS4, _##FMT##_4, MOE_EP__K_PANEL_##FMT) \
+    MOE_EP_PRIVATE void MOE_EP__PASTE(MOE_EP__VP, _micro_##FMT)(int rows, int kc, const float* a, const float* b, \
+        const float* cin, int64_t ldc, float* cout, int64_t ldo, const moe_ep__epilogue* ep) { \
+        static const moe_ep__kernel_fn kernels[5] = { NULL, MOE_EP__PASTE(MOE_EP__VP, _##FMT##_1), \
+            MOE_EP__PASTE(MOE_EP__VP, _##FMT##_2), MOE_EP__PASTE(MOE_EP__VP, _##FMT##_3), \
+            MOE_EP__PASTE(MOE_EP__VP, _##FMT##_4) }; \
+        kernels[rows](kc, a, b, cin, ldc, cout, ldo, ep); \
+    }
 /* The router's strip for the path whose macros are defined: the sums of 8 tokens x 2
    vectors of experts in registers while that strip of W^T streams by. */
 #define MOE_EP__RZERO(r) acc[r][0] = acc[r][1] = MOE_EP__VSET1(0.0f);
@@ -3856,20 +3870,6 @@ struct moe_ep__path {
 #define MOE_EP__K_PANEL_BF16 MOE_EP__K_PANEL_NARROW(uint16_t, MOE_EP__VWIDEN_BF16)
 #define MOE_EP__K_PANEL_FP16 MOE_EP__K_PANEL_NARROW(uint16_t, MOE_EP__VWIDEN_FP16)
 #define MOE_EP__K_PANEL_INT8 MOE_EP__K_PANEL_NARROW(int8_t, MOE_EP__VWIDEN_INT8)
-/* Decode (one row tile of up to 4 rows): the narrow formats' kernels read the stored panel
-   and widen it in registers, and the path's micro_narrow picks them. */
-#define MOE_EP__NARROW_KERNELS(FMT) \
-    MOE_EP__KERNEL_P(MOE_EP__ROWS1, _##FMT##_1, MOE_EP__K_PANEL_##FMT) \
-    MOE_EP__KERNEL_P(MOE_EP__ROWS2, _##FMT##_2, MOE_EP__K_PANEL_##FMT) \
-    MOE_EP__KERNEL_P(MOE_EP__ROWS3, _##FMT##_3, MOE_EP__K_PANEL_##FMT) \
-    MOE_EP__KERNEL_P(MOE_EP__ROWS4, _##FMT##_4, MOE_EP__K_PANEL_##FMT) \
-    MOE_EP_PRIVATE void MOE_EP__PASTE(MOE_EP__VP, _micro_##FMT)(int rows, int kc, const float* a, const float* b, \
-        const float* cin, int64_t ldc, float* cout, int64_t ldo, const moe_ep__epilogue* ep) { \
-        static const moe_ep__kernel_fn kernels[5] = { NULL, MOE_EP__PASTE(MOE_EP__VP, _##FMT##_1), \
-            MOE_EP__PASTE(MOE_EP__VP, _##FMT##_2), MOE_EP__PASTE(MOE_EP__VP, _##FMT##_3), \
-            MOE_EP__PASTE(MOE_EP__VP, _##FMT##_4) }; \
-        kernels[rows](kc, a, b, cin, ldc, cout, ldo, ep); \
-    }
 #endif /* AVX-512 or AVX2 */
 
 #ifdef MOE_EP__AVX512
@@ -4153,6 +4153,21 @@ MOE_EP_PRIVATE float32x4_t moe_ep__neon_vswiglu_clamped(float32x4_t g, float32x4
     nlimit = vdupq_n_f32(-ep->limit);
 #define MOE_EP__K_PANEL const float* bk = b + (int64_t)kk * MOE_EP__VNR; \
     float32x4_t b0 = vld1q_f32(bk), b1 = vld1q_f32(bk + 4), b2 = vld1q_f32(bk + 8), b3 = vld1q_f32(bk + 12);
+#define MOE_EP__K_PANEL_BF16 const uint16_t* bk = (const uint16_t*)(const void*)b + (int64_t)kk * MOE_EP__VNR; \
+    float32x4_t b0 = vreinterpretq_f32_u32(vshll_n_u16(vld1_u16(bk), 16)), \
+    b1 = vreinterpretq_f32_u32(vshll_n_u16(vld1_u16(bk + 4), 16)), \
+    b2 = vreinterpretq_f32_u32(vshll_n_u16(vld1_u16(bk + 8), 16)), \
+    b3 = vreinterpretq_f32_u32(vshll_n_u16(vld1_u16(bk + 12), 16));
+#define MOE_EP__K_PANEL_FP16 const uint16_t* bk = (const uint16_t*)(const void*)b + (int64_t)kk * MOE_EP__VNR; \
+    float32x4_t b0 = vcvt_f32_f16(vreinterpret_f16_u16(vld1_u16(bk))), \
+    b1 = vcvt_f32_f16(vreinterpret_f16_u16(vld1_u16(bk + 4))), \
+    b2 = vcvt_f32_f16(vreinterpret_f16_u16(vld1_u16(bk + 8))), \
+    b3 = vcvt_f32_f16(vreinterpret_f16_u16(vld1_u16(bk + 12)));
+#define MOE_EP__K_PANEL_INT8 const int8_t* bk = (const int8_t*)(const void*)b + (int64_t)kk * MOE_EP__VNR; \
+    int8x16_t q = vld1q_s8(bk); \
+    int16x8_t lo = vmovl_s8(vget_low_s8(q)), hi = vmovl_s8(vget_high_s8(q)); \
+    float32x4_t b0 = vcvtq_f32_s32(vmovl_s16(vget_low_s16(lo))), b1 = vcvtq_f32_s32(vmovl_s16(vget_high_s16(lo))), \
+    b2 = vcvtq_f32_s32(vmovl_s16(vget_low_s16(hi))), b3 = vcvtq_f32_s32(vmovl_s16(vget_high_s16(hi)));
 /* the router strip's macros */
 #define MOE_EP__V float32x4_t
 #define MOE_EP__VW 4
@@ -4166,6 +4181,9 @@ MOE_EP__KERNEL(MOE_EP__ROWS3, 3)
 MOE_EP__KERNEL(MOE_EP__ROWS4, 4)
 MOE_EP__KERNEL(MOE_EP__ROWS5, 5)
 MOE_EP__KERNEL(MOE_EP__ROWS6, 6)
+MOE_EP__NARROW_KERNELS(BF16)
+MOE_EP__NARROW_KERNELS(FP16)
+MOE_EP__NARROW_KERNELS(INT8)
 MOE_EP__STRIP
 
 MOE_EP_PRIVATE void moe_ep__neon_micro(int rows, int kc, const float* a, const float* b, const float* cin,
@@ -4199,7 +4217,7 @@ MOE_EP_PRIVATE void moe_ep__neon_widen(moe_ep_weight_format f, const void* src, 
 
 static const moe_ep__path moe_ep__path_neon = {
     MOE_EP_KERNEL_NEON, 6, 16, moe_ep__neon_micro, moe_ep__neon_widen, 8, moe_ep__neon_strip,
-    { NULL, NULL, NULL, NULL, NULL }
+    { NULL, NULL, moe_ep__neon_micro_BF16, moe_ep__neon_micro_FP16, moe_ep__neon_micro_INT8 }
 };
 #endif /* NEON */
 
