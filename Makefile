@@ -408,14 +408,15 @@ bench-faults: $(BUILD)/fault_bench
 # is; the GPU layer's header as one nvcc (C++) file. Without a GPU the programs exit 77. NCCL_NVLS_ENABLE=0 on GPUs.
 CUDA_HOME   ?= /usr/local/cuda
 NVCC        ?= $(CUDA_HOME)/bin/nvcc
-CUDA_ARCH   ?= -arch=sm_90
+# sm_90a machine code (the Hopper grouped GEMM's wgmma and tensor copies) and sm_90 PTX for the rest
+CUDA_ARCH   ?= -gencode=arch=compute_90a,code=sm_90a -gencode=arch=compute_90,code=compute_90
 MPICC_NCCL  ?= mpicc
 MPIRUN_NCCL ?= mpirun
 # The NCCL transport links NCCL and the CUDA runtime; the GPU layer also cuBLAS and C++ (nvcc's kernels).
 GPU_FLAGS    = $(MOE_EP_CFLAGS) $(OPT) -isystem $(CUDA_HOME)/include $(CFLAGS)
 GPU_LIBS     = -L$(CUDA_HOME)/lib64 -lnccl -lcudart -pthread -lm $(LDFLAGS)
 CUDA_LIBS    = -L$(CUDA_HOME)/lib64 -lnccl -lcublas -lcudart -lstdc++ -pthread -lm $(LDFLAGS)
-GPU_TESTS    = check_nccl check_cuda check_cuda_layout check_cuda_families
+GPU_TESTS    = check_nccl check_cuda check_cuda_layout check_cuda_families check_cuda_gemm
 HAVE_NVCC   := $(shell command -v $(NVCC) 2>/dev/null)
 HAVE_MPI_NCCL := $(and $(shell command -v $(MPICC_NCCL) 2>/dev/null),$(shell command -v $(MPIRUN_NCCL) 2>/dev/null))
 # ANCHOR_DIR: the anchor scripts bench-gpu runs beside ours (raw NCCL all-to-all, the PyTorch EP layer)
@@ -428,11 +429,14 @@ $(BUILD)/%.o: %.cu $(HEADERS) | $(BUILD)
 	$(NVCC) $(CUDA_ARCH) -O2 -c $< -o $@
 $(GPU_TESTS:%=$(BUILD)/%): $(BUILD)/%: tests/gpu/%.c $(TEST_SUPPORT) $(HEADERS) | $(BUILD)
 	$(CC) $(GPU_FLAGS) $(SOURCES) -o $@ $(CHECK_LIBS) $(GPU_LIBS)
-$(BUILD)/check_cuda $(BUILD)/check_cuda_layout $(BUILD)/check_cuda_families: GPU_LIBS = $(CUDA_LIBS)
-$(BUILD)/check_cuda $(BUILD)/check_cuda_layout $(BUILD)/check_cuda_families $(BUILD)/nccl_mpi_demo: $(BUILD)/cuda_kernels.o
+CUDA_TESTS   = $(BUILD)/check_cuda $(BUILD)/check_cuda_layout $(BUILD)/check_cuda_families $(BUILD)/check_cuda_gemm
+$(CUDA_TESTS): GPU_LIBS = $(CUDA_LIBS)
+$(CUDA_TESTS) $(BUILD)/nccl_mpi_demo: $(BUILD)/cuda_kernels.o
 $(BUILD)/nccl_mpi_demo: examples/nccl_mpi_demo.c $(HEADERS) | $(BUILD)
 	$(MPICC_NCCL) $(GPU_FLAGS) $(SOURCES) -o $@ $(CUDA_LIBS)
 $(BUILD)/bench_nccl: bench/bench_nccl.c $(BUILD)/bench_fill.o $(HEADERS) | $(BUILD)
+	$(CC) $(GPU_FLAGS) $(SOURCES) -o $@ $(CUDA_LIBS)
+$(BUILD)/bench_gemm: bench/bench_gemm.c $(BUILD)/bench_fill.o $(HEADERS) | $(BUILD)
 	$(CC) $(GPU_FLAGS) $(SOURCES) -o $@ $(CUDA_LIBS)
 $(HDR)/gpu_clang_%.o: %.c $(HEADERS) | $(HDR)
 	$(CLANG) $(GPU_FLAGS) -c $< -o $@
@@ -446,7 +450,7 @@ check-nccl: | $(BUILD)
 	@$(call skip,$@,no nvcc: $(NVCC))
 else
 check-nccl: $(GPU_TESTS:%=$(BUILD)/%) $(GPU_TESTS:%=$(HDR)/gpu_clang_%.o) $(HDR)/gpu_clang_bench_nccl.o $(HDR)/cuda.o \
-            $(CC_LIST:%=$(HDR)/nccl_%.o) $(BUILD)/bench_nccl $(if $(HAVE_MPI_NCCL),$(BUILD)/nccl_mpi_demo)
+            $(CC_LIST:%=$(HDR)/nccl_%.o) $(BUILD)/bench_nccl $(BUILD)/bench_gemm $(if $(HAVE_MPI_NCCL),$(BUILD)/nccl_mpi_demo)
 	@$(foreach t,$(GPU_TESTS),$(call run_test,$@,./$(BUILD)/$(t));)
 endif
 

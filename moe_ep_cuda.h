@@ -74,7 +74,12 @@
      gathered while the others are on the wire. a2a_layout STAGED (the default) sends
      one message per peer and regroups received rows by local expert in a kernel;
      SEGMENTED sends one message per (peer, local expert) straight into place.
-   - Experts: two cuBLAS GEMMs per local expert (w1 and w3 fused into one), all experts
+   - Experts, bf16 on a Hopper GPU (compute capability 9.0): two launches of one persistent
+     grouped GEMM over all local experts (moe_ep_cuda_gemm.cuh: wgmma, tensor copies, the
+     tile list made on the device from the plan's offsets); the first computes gate and up
+     together and writes act(gate + b1, up + b3) in bf16 (the activation on the fp32
+     sums), the second the down projection.
+   - Experts, otherwise: two cuBLAS GEMMs per local expert (w1 and w3 fused into one), all experts
      of a projection in one cublasGemmGroupedBatchedEx when experts are small, else one
      cublasGemmEx each on the layer stream, and an activation kernel that adds the gate and
      up biases first (SwiGLU, GELU, ReLU, clamped SwiGLU); a kernel adds the down bias.
@@ -197,9 +202,14 @@ typedef enum moe_ep_cuda_dtype {
 } moe_ep_cuda_dtype;
 
 typedef enum moe_ep_cuda_expert_gemm {
-    MOE_EP_CUDA_EXPERT_GEMM_DEFAULT = 0,  /* grouped for small experts, loop for large ones */
+    MOE_EP_CUDA_EXPERT_GEMM_DEFAULT = 0,  /* per call: bf16 on Hopper, HOPPER while the experts average at
+                                             most 448 rows; else grouped for small experts, loop for large */
     MOE_EP_CUDA_EXPERT_GEMM_GROUPED,      /* one cublasGemmGroupedBatchedEx per projection for all experts */
     MOE_EP_CUDA_EXPERT_GEMM_LOOP,         /* one cublasGemmEx per expert and projection */
+    MOE_EP_CUDA_EXPERT_GEMM_HOPPER,       /* moe_ep_cuda_gemm.cuh's grouped kernel (bf16, compute capability
+                                             9.0, d_model and d_ff multiples of 8): gate+up with the bias and
+                                             activation in its epilogue, then down; create fails with
+                                             MOE_EP_ERROR_UNSUPPORTED where it cannot run */
     MOE_EP_CUDA_EXPERT_GEMM_COUNT,
     MOE_EP_CUDA_EXPERT_GEMM_FORCE_U32 = 0x7FFFFFFF
 } moe_ep_cuda_expert_gemm;
@@ -287,9 +297,10 @@ typedef struct moe_ep_cuda_layer_desc {
     moe_ep_cuda_direct direct;      /* default auto: see DIRECT NVLINK PATH */
     int64_t max_tokens;             /* default 0: buffers grow on demand; else tokens per rank per call
                                        that every buffer is sized for at create */
-    moe_ep_cuda_expert_gemm expert_gemm;  /* default: per call, grouped when the experts average at
-                                       most 384 rows, else the loop (cuBLAS's grouped kernels are slower
-                                       on larger GEMMs); results agree within rounding */
+    moe_ep_cuda_expert_gemm expert_gemm;  /* default, per call: the Hopper kernel for bf16 where it runs
+                                       and the experts average at most 448 rows; else grouped when they
+                                       average at most 384 rows, else the loop (cuBLAS's grouped kernels
+                                       are slower on larger GEMMs); results agree within rounding */
     int timeout_ms;                 /* default 0: the layer's own waits (the router's download, the
                                        direct path's device-side waits) have no time limit */
     const void* router_weight;      /* [num_experts, d_model] in dtype, device or host memory (copied);
@@ -434,7 +445,8 @@ struct moe_ep_cuda_plan {
     const void* open_local;         /* combine: expert_out */
     moe_ep_result expert_status;
     int64_t* dest;                  /* device [tokens * k], direct path: (rank << 32) | row of each slot */
-    int64_t* first_row;             /* device [local experts]: each local expert's first received row */
+    int64_t* first_row;             /* device [local experts + 1]: each local expert's first received row,
+                                       then the received rows' end */
     float* scale;                   /* device [tokens * k], scale_expert_input: the routing weights */
     uint64_t xfer;                  /* direct: the transfer epoch of its dispatch, 0 once combined */
     int out_sent;                   /* direct: OUT(xfer) signalled */
@@ -455,6 +467,7 @@ struct moe_ep_cuda_layer {
     cudaStream_t stream;
     cublasHandle_t blas;
     int grouped;                    /* 0 loop, 1 grouped, 2 grouped for small experts */
+    int hopper;                     /* the experts run on moe_ep_cuda_gemm.cuh's kernel */
     int* group_ints;                /* host [9 * local_experts]: m, n, k, lda, ldb, ldc of a projection, group sizes */
     float* group_scalars;           /* host [2 * local_experts]: alpha, beta */
     cublasOperation_t* group_ops;   /* host [2 * local_experts]: transa, transb */
@@ -1003,7 +1016,7 @@ MOE_EP_PRIVATE moe_ep__cuda_meta moe_ep__cuda_meta_layout(const moe_ep_cuda_laye
     m.weight = m.idx + moe_ep__cuda_round16((size_t)slots * 4);
     m.scale = m.weight + moe_ep__cuda_round16((size_t)slots * 4);
     m.first_row = m.scale + (L->desc.scale_expert_input ? moe_ep__cuda_round16((size_t)slots * 4) : 0);
-    m.owner = m.first_row + moe_ep__cuda_round16((size_t)(L->local_experts > 0 ? L->local_experts : 1) * 8);
+    m.owner = m.first_row + moe_ep__cuda_round16(((size_t)L->local_experts + 1) * 8);
     m.shift = m.owner + moe_ep__cuda_round16((size_t)L->num_experts * 4);
     m.chunk_start = m.shift + moe_ep__cuda_round16((size_t)L->segments * 8);
     m.chunk_dest = m.chunk_start + moe_ep__cuda_round16((chunks + 1) * 8);
@@ -1377,6 +1390,16 @@ MOE_EP_PRIVATE moe_ep_result moe_ep__cuda_build_blas(moe_ep_cuda_layer* L) {
     if (res == MOE_EP_OK) res = moe_ep__cuda_blas(L, cublasSetMathMode(L->blas, CUBLAS_DEFAULT_MATH),
                                                   "cublasSetMathMode");
     if (res != MOE_EP_OK) return res;
+    /* The Hopper kernel: bf16, a GPU it runs on, 16-byte rows of d_model and d_ff elements. */
+    L->hopper = L->dtype == MOE_EP_CUDA_DTYPE_BF16 && !d->expert_fn && n > 0 && n <= 1024 &&
+                L->d_model % 8 == 0 && L->d_ff % 8 == 0 && L->act.activation >= 1 && L->act.activation <= 4 &&
+                (d->expert_gemm == MOE_EP_CUDA_EXPERT_GEMM_DEFAULT || d->expert_gemm == MOE_EP_CUDA_EXPERT_GEMM_HOPPER) &&
+                moe_ep__cuda_k_gemm_ready();
+    if (d->expert_gemm == MOE_EP_CUDA_EXPERT_GEMM_HOPPER && !L->hopper)
+        return moe_ep__cuda_fail(L, MOE_EP_ERROR_UNSUPPORTED,
+                                 "moe_ep_cuda_layer_create: expert_gemm HOPPER needs bf16, built-in experts (no "
+                                 "expert_fn), 1 to 1024 local experts, d_model and d_ff (per TP rank) multiples of 8, "
+                                 "and a compute capability 9.0 GPU with this build's sm_90a code");
     /* bf16 with TP: the down projections write fp32 partial sums, which grouped GEMMs
        (one type for A, B and C) cannot */
     L->grouped = d->expert_fn || n == 0 || d->expert_gemm == MOE_EP_CUDA_EXPERT_GEMM_LOOP || L->partial_f32 ? 0
@@ -1774,6 +1797,7 @@ MOE_EP_PRIVATE moe_ep_result moe_ep__cuda_upload_plan(moe_ep_cuda_layer* L, moe_
     }
     if (L->local_experts > 0)
         memcpy(host + m.first_row, in->local_expert_offsets, sizeof(int64_t) * (size_t)L->local_experts);
+    memcpy(host + m.first_row + (size_t)L->local_experts * 8, &in->recv_rows, sizeof(int64_t));  /* the rows' end */
     for (e = 0; e < L->num_experts; ++e) owner_local[e] = L->owner_of[e] == me ? L->local_index_of[e] : -1;
     if (L->direct) {
         memcpy(host + m.send_off, in->seg_send_offsets, sizeof(int64_t) * (size_t)L->world_size * (size_t)S);
@@ -2179,17 +2203,69 @@ MOE_EP_PRIVATE moe_ep_result moe_ep__cuda_grouped_experts(moe_ep_cuda_layer* L, 
     return res;
 }
 
-/* The built-in experts of this rank (its d_ff slice with TP): grouped GEMMs or the loop. */
+/* All experts on moe_ep_cuda_gemm.cuh's kernel: gate+up with the bias and the activation into
+   hidden [rows, d_ff], then down into out (fp32 partial sums with TP in bf16).
+   MOE_EP_ERROR_UNSUPPORTED, nothing queued, when the kernel refuses the buffers. */
+MOE_EP_PRIVATE moe_ep_result moe_ep__cuda_hopper_experts(moe_ep_cuda_layer* L, moe_ep_cuda_plan* P, const void* rows,
+                                                         void* out) {
+    moe_ep__cuda_k_gemm_args g;
+    int gated = L->up_rows == 2 * L->d_ff, st;
+    memset(&g, 0, sizeof g);
+    g.a = rows;
+    g.a_rows = P->info.recv_rows;
+    g.lda = L->d_model;
+    g.w = L->w_up;
+    g.w_rows = L->up_rows;
+    g.first_row = P->first_row;
+    g.experts = L->local_experts;
+    g.k = L->d_model;
+    g.n = L->d_ff;
+    g.mode = gated ? 1 : 2;
+    g.up_offset = gated ? L->d_ff : 0;
+    g.activation = L->act.activation;
+    g.alpha = L->act.alpha;
+    g.limit = L->act.limit;
+    g.bias = L->b_up;
+    g.bias_ld = L->up_rows;
+    g.out = L->hidden;
+    g.ldo = L->d_ff;
+    st = moe_ep__cuda_k_gemm(&g, L->stream);
+    if (st == (int)cudaErrorInvalidValue) return MOE_EP_ERROR_UNSUPPORTED;
+    g.a = L->hidden;
+    g.lda = L->d_ff;
+    g.w = L->w_down;
+    g.w_rows = L->d_model;
+    g.k = L->d_ff;
+    g.n = L->d_model;
+    g.mode = 0;
+    g.up_offset = 0;
+    g.bias = NULL;
+    g.out = L->partial_f32 ? L->partial : out;
+    g.ldo = L->d_model;
+    g.out_f32 = L->partial_f32;
+    if (st == 0) st = moe_ep__cuda_k_gemm(&g, L->stream);
+    return moe_ep__cuda_kernel(L, st, "grouped expert GEMM");
+}
+
+/* The built-in experts of this rank (its d_ff slice with TP): the Hopper kernel, grouped
+   GEMMs or the loop. */
 MOE_EP_PRIVATE moe_ep_result moe_ep__cuda_local_experts(moe_ep_cuda_layer* L, moe_ep_cuda_plan* P, const void* rows,
                                                         void* out) {
     moe_ep_result res = moe_ep__cuda_reserve_experts(L, P->info.recv_rows, 0);  /* no-op after plan creation sized it */
     size_t rb = L->row_bytes, hb = (size_t)L->up_rows * L->elem;
     cudaStream_t stream = L->stream;
     cublasHandle_t blas = L->blas;
-    int l;
+    int l, busy = 0;
+    for (l = 0; l < L->local_experts; ++l) busy += P->info.local_expert_counts[l] > 0;
+    /* DEFAULT: the Hopper kernel while the experts average at most 448 rows; cuBLAS's
+       per-expert GEMMs were faster on larger ones (bench/RESULTS.md) */
+    if (res == MOE_EP_OK && L->hopper &&
+        (L->desc.expert_gemm == MOE_EP_CUDA_EXPERT_GEMM_HOPPER || P->info.recv_rows <= 448 * (int64_t)busy)) {
+        res = moe_ep__cuda_hopper_experts(L, P, rows, out);
+        if (res != MOE_EP_ERROR_UNSUPPORTED) return res;
+        res = MOE_EP_OK;    /* buffers the kernel does not take (alignment): cuBLAS for this call */
+    }
     if (res == MOE_EP_OK && L->grouped) {
-        int busy = 0;
-        for (l = 0; l < L->local_experts; ++l) busy += P->info.local_expert_counts[l] > 0;
         if (L->grouped == 1 || P->info.recv_rows <= 384 * (int64_t)busy) {
             res = moe_ep__cuda_grouped_experts(L, P, rows, out);
             if (res != MOE_EP_ERROR_UNSUPPORTED) return res;

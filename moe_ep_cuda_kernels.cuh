@@ -1088,3 +1088,6 @@ extern "C" int moe_ep__cuda_k_direct_combine(moe_ep__cuda_k_direct g, const int6
 
 #endif /* MOE_EP_CUDA_KERNELS_IMPL_INCLUDED */
 #endif /* MOE_EP_CUDA_KERNELS_IMPLEMENTATION */
+
+/* the Hopper grouped expert GEMM: declarations, and its kernel beside these */
+#include "moe_ep_cuda_gemm.cuh"
