@@ -64,9 +64,11 @@
      scorings, with router_bias), the choice (with selection_bias, within the best
      topk_groups of num_groups groups), top-k with ties to the lower expert, the weights
      from the unbiased scores, normalize_topk, routed_scaling_factor; then the ids and
-     weights are copied to the host for the core's plan. No router statistics.
+     weights are copied to the host for the core's plan (unless the GPU plans). No router
+     statistics.
    - Plan: the core's moe_ep_plan_create over the transport (count exchange), then the
-     slot map (where each (token, k-slot) row goes) and the weights are uploaded.
+     slot map (where each (token, k-slot) row goes) and the weights are uploaded; or, with
+     max_tokens on one rank, three kernels on the device (PLANNING ON THE GPU).
    - Dispatch: with scale_expert_input a kernel first writes one row per (token, k-slot),
      weight times x, which then travel as the token rows do (the combine adds the outputs
      unweighted). A permute kernel gathers token rows into send order; rows whose expert is
@@ -97,6 +99,62 @@
    about 4e-3). They repeat bitwise from run to run with the same world size, but are
    not bitwise identical to the CPU path, nor across world sizes (cuBLAS may reduce
    differently for another number of rows).
+
+   PLANNING ON THE GPU
+   ===================
+   With max_tokens > 0 on an EP group of one rank (no TP group, num_experts <= 1024), the
+   forward plans on the GPU (desc.planning DEFAULT; GPU insists, HOST keeps the core's
+   plan): the routing stays in device memory and three kernels compute what the core's
+   moe_ep_plan_create does -- each assignment's rank among its expert's assignments in slot
+   order (the capacity rule: the first `capacity` are kept), the counts per expert and per
+   (rank, local expert) segment, their offsets, the receive offsets per local expert, the
+   slot map and the combine weights -- so every row lands where the host plan puts it and
+   the output is bitwise the host-planned layer's (check_cuda asserts both). No download of
+   the routing, no host plan, no upload. The host still needs numbers where the GEMMs take
+   host sizes or are chosen per call: the default and the named GEMM paths (the Hopper
+   kernel, grouped, the loop) and expert_fn wait for a download of the local experts' row
+   counts (a few hundred bytes) after the plan kernels, while the permute runs;
+   expert_gemm = CHUNKED needs none (CUDA GRAPHS). With topk_idx and
+   topk_weight set (and routing_in false) the forward also brings the routing back, and
+   waits for it at the end. Hand-in routing (routing_in) is checked on the host and copied
+   up through a pinned buffer.
+   Where it does not apply the forward plans on the host as before: several ranks (their
+   row exchange needs the counts on the host; a device-memory count exchange and the
+   direct path's tables from the device are not built yet), a TP group, no max_tokens. The
+   stage calls (moe_ep_cuda_plan_create, whose info is host data) always plan on the host.
+
+   CUDA GRAPHS
+   ===========
+   A layer created with max_tokens > 0, expert_gemm = MOE_EP_CUDA_EXPERT_GEMM_CHUNKED and a
+   router (router_weight), on an EP group of one rank, runs its forward without any host
+   synchronisation, allocation or read of device data: it can be captured once and
+   replayed. CHUNKED lays out each local expert's received rows from a multiple of 128 rows
+   (256 where experts average more than 512 rows) and runs one cublasGemmBatchedEx per
+   projection over a fixed number of chunks (enough for max_tokens), each chunk's weights
+   picked by the plan kernels; chunks past the last expert's rows compute rows nobody reads.
+   Its results agree with the other GEMM paths within rounding (not bitwise: other cuBLAS
+   kernels), and a replay gives the plain forward's bits. cuBLAS works in a workspace the
+   layer allocates at create (32 MiB, with max_tokens).
+
+       moe_ep_cuda_forward(layer, &args);              warm-up, outside the capture: cuBLAS
+                                                       and the kernels load here
+       cudaStreamBeginCapture(desc.stream, cudaStreamCaptureModeThreadLocal);
+       moe_ep_cuda_forward(layer, &(moe_ep_cuda_forward_args){ .tokens = T, .x = x, .y = y });
+       cudaStreamEndCapture(desc.stream, &graph);
+       cudaGraphInstantiate(&exec, graph, 0);
+       ... write the next tokens into x (same device buffer), then
+       cudaGraphLaunch(exec, desc.stream);             y is written when the stream gets there
+
+   The captured call fixes T, x and y (the buffers, not their contents); T <= max_tokens.
+   Leave topk_idx / topk_weight NULL and routing_in false (both would touch host memory).
+   Shared experts, biases, input scaling and capacity are captured with the rest. The
+   layer's buffers are the graph's: replay it on desc.stream (or order it after the layer's
+   other work), one replay or forward at a time, and keep the layer alive while the graph
+   exists. Without CHUNKED, or with several ranks, a capture fails (the forward waits for
+   sizes on the host; cudaStreamEndCapture reports the broken capture). The Hopper kernel
+   (moe_ep_cuda_gemm.cuh) makes its tile list on the device from the plan's offsets and
+   could serve a captured forward too; the forward does not yet call it without the
+   downloaded counts.
 
    DIRECT NVLINK PATH
    ==================
@@ -144,7 +202,8 @@
    transport the same stream. Calls that need numbers on the host wait for them: plan
    creation and the layer's create and agreement steps (they exchange counts), and
    moe_ep_cuda_route (its wait gives up after desc.timeout_ms, if set, as the direct
-   path's do). The layer's dispatch, experts and combine only queue work; y is ready
+   path's do); a forward planned on the GPU waits only for the GEMM sizes (not with
+   CHUNKED) and the routing it was asked to bring back. The layer's dispatch, experts and combine only queue work; y is ready
    when the stream gets there.
 
    TENSOR PARALLELISM (EP x TP x DP)
@@ -174,8 +233,9 @@
    Host allocations use desc.allocator (the layer keeps up to 32 blocks that its plans
    freed, for the next plan); device memory is cudaMalloc'ed, pinned host memory
    cudaMallocHost'ed. With max_tokens > 0, every buffer is sized at create for that many
-   tokens per rank and a forward allocates nothing; otherwise the buffers grow (by half
-   again) when a call needs more, and stay. The direct path adds its region: 2 x
+   tokens per rank and a forward allocates nothing (the GPU plan's buffers and cuBLAS's
+   32 MiB workspace included; CHUNKED sizes the expert-side rows for its padding);
+   otherwise the buffers grow (by half again) when a call needs more, and stay. The direct path adds its region: 2 x
    max_tokens x min(top_k, most experts per rank) x world x d_model elements.
 
    LICENSE
@@ -210,6 +270,10 @@ typedef enum moe_ep_cuda_expert_gemm {
                                              9.0, d_model and d_ff multiples of 8): gate+up with the bias and
                                              activation in its epilogue, then down; create fails with
                                              MOE_EP_ERROR_UNSUPPORTED where it cannot run */
+    MOE_EP_CUDA_EXPERT_GEMM_CHUNKED,      /* the forward: one cublasGemmBatchedEx per projection over chunks of
+                                             128 (or 256) rows of one expert each, shapes fixed at create; the
+                                             host reads no sizes, so the layer can be captured in a CUDA graph
+                                             (CUDA GRAPHS). Needs GPU planning. Stage calls: as DEFAULT */
     MOE_EP_CUDA_EXPERT_GEMM_COUNT,
     MOE_EP_CUDA_EXPERT_GEMM_FORCE_U32 = 0x7FFFFFFF
 } moe_ep_cuda_expert_gemm;
@@ -221,6 +285,15 @@ typedef enum moe_ep_cuda_a2a_layout {
     MOE_EP_CUDA_A2A_COUNT,
     MOE_EP_CUDA_A2A_FORCE_U32 = 0x7FFFFFFF
 } moe_ep_cuda_a2a_layout;
+
+typedef enum moe_ep_cuda_planning {
+    MOE_EP_CUDA_PLANNING_DEFAULT = 0,   /* the forward plans on the GPU where it can (PLANNING ON THE GPU),
+                                           else on the host */
+    MOE_EP_CUDA_PLANNING_HOST,          /* the core's plan on the host, uploaded: the routing is downloaded first */
+    MOE_EP_CUDA_PLANNING_GPU,           /* on the GPU, or moe_ep_cuda_layer_create fails */
+    MOE_EP_CUDA_PLANNING_COUNT,
+    MOE_EP_CUDA_PLANNING_FORCE_U32 = 0x7FFFFFFF
+} moe_ep_cuda_planning;
 
 typedef enum moe_ep_cuda_direct {
     MOE_EP_CUDA_DIRECT_DEFAULT = 0, /* auto: direct when max_tokens > 0 and every rank can map the
@@ -301,6 +374,7 @@ typedef struct moe_ep_cuda_layer_desc {
                                        and the experts average at most 448 rows; else grouped when they
                                        average at most 384 rows, else the loop (cuBLAS's grouped kernels
                                        are slower on larger GEMMs); results agree within rounding */
+    moe_ep_cuda_planning planning;  /* default: the forward plans on the GPU when it can (PLANNING ON THE GPU) */
     int timeout_ms;                 /* default 0: the layer's own waits (the router's download, the
                                        direct path's device-side waits) have no time limit */
     const void* router_weight;      /* [num_experts, d_model] in dtype, device or host memory (copied);
@@ -402,6 +476,7 @@ MOE_EP_API moe_ep_result moe_ep_cuda_forward(moe_ep_cuda_layer* layer, const moe
 #include <stdarg.h>
 #include <time.h>
 #include <unistd.h>     /* getpid: the direct path tells processes apart */
+#include <math.h>       /* ceil: the capacity, as the core computes it */
 #include <cuda_runtime.h>
 #include <cublas_v2.h>
 #if defined(__CUDACC__) && !defined(MOE_EP_CUDA_KERNELS_IMPLEMENTATION)
@@ -451,6 +526,21 @@ struct moe_ep_cuda_plan {
     uint64_t xfer;                  /* direct: the transfer epoch of its dispatch, 0 once combined */
     int out_sent;                   /* direct: OUT(xfer) signalled */
 };
+
+/* The forward's plan on the GPU (PLANNING ON THE GPU): device buffers sized at create for
+   max_tokens, reused by every forward (the stream orders one forward after the other). */
+#define MOE_EP__CUDA_BLAS_WORKSPACE ((size_t)32 << 20)  /* cuBLAS's recommendation for Hopper */
+typedef struct moe_ep__cuda_gpu_plan {
+    void* block;                    /* device: everything below, in one allocation */
+    moe_ep__cuda_k_plan k;          /* the plan kernels' arguments (their device arrays point into block) */
+    void** chunk_ptrs;              /* device [6 * chunks]: A, B, C of the up, then of the down projections */
+    int64_t* sizes_host;            /* pinned [2 * S + 4]: local counts, local offsets, totals (downloaded
+                                       when the host needs them) */
+    cudaEvent_t downloaded;         /* sizes_host holds this forward's numbers once the stream passed it */
+    cudaEvent_t routing_free;       /* topk_host may be rewritten once the stream passed this */
+    float capacity_factor;          /* the core's resolved one */
+    moe_ep_cuda_plan view;          /* the plan moe_ep_cuda_experts takes, with the downloaded sizes */
+} moe_ep__cuda_gpu_plan;
 
 struct moe_ep_cuda_layer {
     moe_ep_cuda_layer_desc desc;    /* resolved; desc.transport and desc.tp_transport are NULL */
@@ -519,6 +609,11 @@ struct moe_ep_cuda_layer {
     moe_ep_cuda_plan* open_plan;    /* dispatched directly and not combined yet */
     moe_ep__cuda_buffers spare;     /* plan buffers of the last destroyed plan */
     int has_spare;
+    int gpu_plan;                   /* the forward plans on the GPU */
+    int64_t chunks;                 /* CHUNKED: chunks per projection, chunk_rows rows each; else 0 */
+    int chunk_rows;
+    moe_ep__cuda_gpu_plan gp;
+    void* blas_workspace;           /* device: cuBLAS's workspace, the layer's own (graph capture allocates nothing) */
     void* cache[MOE_EP__CUDA_CACHE];    /* host blocks the core context freed, for its next plan */
     int cached;
     char last_error[MOE_EP__CUDA_ERR];
@@ -952,6 +1047,8 @@ MOE_EP_PRIVATE moe_ep_result moe_ep__cuda_kernel(moe_ep_cuda_layer* L, int e, co
     return moe_ep__cuda_cuda(L, (cudaError_t)e, what);
 }
 
+MOE_EP_PRIVATE void moe_ep__cuda_gpu_plan_free(moe_ep_cuda_layer* L);
+
 MOE_EP_PRIVATE void moe_ep__cuda_layer_free(moe_ep_cuda_layer* L) {
     moe_ep_allocator a = L->desc.allocator;
     /* on the direct path the forward's rows live in the region (freed with it) */
@@ -965,6 +1062,7 @@ MOE_EP_PRIVATE void moe_ep__cuda_layer_free(moe_ep_cuda_layer* L) {
     cudaSetDevice(L->device);
     cudaStreamSynchronize(L->stream);
     if (L->blas) cublasDestroy(L->blas);
+    moe_ep__cuda_gpu_plan_free(L);     /* after cuBLAS, which owned its workspace */
     if (L->ptrs_uploaded) cudaEventDestroy(L->ptrs_uploaded);
     cudaFreeHost(L->ptrs_host);
     cudaFreeHost(L->topk_host);
@@ -1094,6 +1192,143 @@ MOE_EP_PRIVATE moe_ep_result moe_ep__cuda_reserve_all(moe_ep_cuda_layer* L) {
     return res;
 }
 
+/* >>gpu layer: planning on the GPU */
+/* Whether the forward can plan on the GPU: fixed-size buffers, one rank (the row exchange
+   of several ranks needs the counts on the host), no TP group, at most 1024 experts. */
+MOE_EP_PRIVATE int moe_ep__cuda_can_plan_on_gpu(const moe_ep_cuda_layer_desc* d) {
+    return d->planning != MOE_EP_CUDA_PLANNING_HOST && d->max_tokens > 0 && d->transport->world_size == 1 &&
+           (!d->tp_transport || d->tp_transport->world_size <= 1) && d->num_experts <= 1024;
+}
+
+/* A bump allocator over one device block: sizes first (base NULL), then the pointers. */
+MOE_EP_PRIVATE void* moe_ep__cuda_carve(char* base, size_t* used, size_t bytes) {
+    void* at = base ? base + *used : NULL;
+    *used += moe_ep__cuda_round256(bytes > 0 ? bytes : 1);
+    return at;
+}
+
+/* The plan's device arrays in gp.block (or, with block NULL, only their size in *total). */
+MOE_EP_PRIVATE void moe_ep__cuda_gpu_plan_layout(moe_ep_cuda_layer* L, char* block, size_t* total) {
+    moe_ep__cuda_k_plan* k = &L->gp.k;
+    int64_t slots = L->desc.max_tokens * L->top_k, blocks = (slots + MOE_EP__CUDA_PLAN_BLOCK - 1) / MOE_EP__CUDA_PLAN_BLOCK;
+    size_t E = (size_t)L->num_experts, RS = (size_t)L->world_size * (size_t)L->segments, S = (size_t)L->segments;
+    *total = 0;
+    k->slot_rank = (int32_t*)moe_ep__cuda_carve(block, total, (size_t)slots * 4);
+    k->block_counts = (int32_t*)moe_ep__cuda_carve(block, total, (size_t)blocks * E * 4);
+    k->counts = (int64_t*)moe_ep__cuda_carve(block, total, E * 8);
+    k->kept = (int64_t*)moe_ep__cuda_carve(block, total, E * 8);
+    k->seg_send_counts = (int64_t*)moe_ep__cuda_carve(block, total, RS * 8);
+    k->seg_send_offsets = (int64_t*)moe_ep__cuda_carve(block, total, RS * 8);
+    k->seg_recv_counts = (int64_t*)moe_ep__cuda_carve(block, total, RS * 8);
+    k->seg_recv_offsets = (int64_t*)moe_ep__cuda_carve(block, total, RS * 8);
+    k->local_counts = (int64_t*)moe_ep__cuda_carve(block, total, S * 8 * 2 + 4 * 8);    /* then offsets, totals */
+    k->local_offsets = k->local_counts ? k->local_counts + S : NULL;
+    k->totals = k->local_counts ? k->local_counts + 2 * S : NULL;
+    k->slot_map = (int32_t*)moe_ep__cuda_carve(block, total, (size_t)slots * 4);
+    k->weight = (float*)moe_ep__cuda_carve(block, total, (size_t)slots * 4);
+    k->expert_at = (const int32_t*)moe_ep__cuda_carve(block, total, 2 * E * 4);
+    L->gp.chunk_ptrs = (void**)moe_ep__cuda_carve(block, total, sizeof(void*) * 6 * (size_t)L->chunks);
+}
+
+/* The GPU plan's buffers, its constant arguments, and for CHUNKED the expert-side rows
+   (chunks x 128 of them) and the GEMMs' constant row pointers. */
+MOE_EP_PRIVATE moe_ep_result moe_ep__cuda_build_gpu_plan(moe_ep_cuda_layer* L) {
+    moe_ep__cuda_gpu_plan* gp = &L->gp;
+    moe_ep__cuda_k_plan* k = &gp->k;
+    size_t total = 0, S = (size_t)L->segments, rb = L->row_bytes, hb = (size_t)L->up_rows * L->elem;
+    int64_t c, per_source = L->desc.max_tokens * (L->top_k < L->local_experts ? L->top_k : L->local_experts);
+    int32_t* at = (int32_t*)moe_ep_alloc(&L->desc.allocator, sizeof(int32_t) * 2 * (size_t)L->num_experts);
+    void** ptrs = NULL;
+    moe_ep_result res = MOE_EP_OK;
+    int e;
+    if (!at) return moe_ep__cuda_fail(L, MOE_EP_ERROR_OUT_OF_MEMORY, "moe_ep_cuda_layer_create: out of memory");
+    gp->capacity_factor = moe_ep_query(L->core).capacity_factor;
+    /* the routing lives in the router's buffers also when it is handed in */
+    if (!L->desc.router_weight) res = moe_ep__cuda_reserve_router(L, L->desc.max_tokens);
+    for (e = 0; e < L->num_experts; ++e) {
+        at[e] = L->owner_of[e];
+        at[L->num_experts + e] = L->local_index_of[e];
+    }
+    if (res == MOE_EP_OK && L->desc.expert_gemm == MOE_EP_CUDA_EXPERT_GEMM_CHUNKED) {
+        /* every expert's rows start on a chunk: at most one partial chunk per expert. 128 rows,
+           256 where experts average more than 512 rows (fewer, larger GEMMs; the padding is
+           then a smaller share) */
+        int64_t rows = per_source * L->world_size;
+        L->chunk_rows = rows > 512 * (int64_t)(L->local_experts > 0 ? L->local_experts : 1) ? 256 : 128;
+        L->chunks = (rows + L->chunk_rows - 1) / L->chunk_rows + L->local_experts;
+        res = moe_ep__cuda_reserve_experts(L, L->chunks * L->chunk_rows, 1);
+        /* the padding rows are read by the GEMMs (their results unused): never uninitialised memory */
+        if (res == MOE_EP_OK) res = moe_ep__cuda_cuda(L, cudaMemsetAsync(L->recv, 0, L->recv_bytes, L->stream), "expert buffers");
+    }
+    moe_ep__cuda_gpu_plan_layout(L, NULL, &total);
+    if (res == MOE_EP_OK) res = moe_ep__cuda_cuda(L, cudaMalloc(&gp->block, total), "GPU plan buffers");
+    if (res == MOE_EP_OK) moe_ep__cuda_gpu_plan_layout(L, (char*)gp->block, &total);
+    if (res == MOE_EP_OK)
+        res = moe_ep__cuda_cuda(L, cudaMemcpy((void*)(uintptr_t)k->expert_at, at, sizeof(int32_t) * 2 * (size_t)L->num_experts,
+                                              cudaMemcpyHostToDevice), "GPU plan buffers");
+    moe_ep_free(&L->desc.allocator, at);
+    if (res == MOE_EP_OK)
+        res = moe_ep__cuda_cuda(L, cudaMallocHost((void**)&gp->sizes_host, sizeof(int64_t) * (2 * S + 4)),
+                                "GPU plan buffers");
+    if (res == MOE_EP_OK)
+        res = moe_ep__cuda_cuda(L, cudaEventCreateWithFlags(&gp->downloaded, cudaEventDisableTiming), "GPU plan events");
+    if (res == MOE_EP_OK)
+        res = moe_ep__cuda_cuda(L, cudaEventCreateWithFlags(&gp->routing_free, cudaEventDisableTiming), "GPU plan events");
+    if (res == MOE_EP_OK && L->chunks > 0) {
+        int64_t n = L->chunks;
+        ptrs = (void**)moe_ep_alloc(&L->desc.allocator, sizeof(void*) * 4 * (size_t)n);
+        if (!ptrs) res = moe_ep__cuda_fail(L, MOE_EP_ERROR_OUT_OF_MEMORY, "moe_ep_cuda_layer_create: out of memory");
+        for (c = 0; ptrs && c < n; ++c) {   /* B, C of the up projection, then of the down projection */
+            size_t row = (size_t)(c * L->chunk_rows);
+            ptrs[c] = (char*)L->recv + row * rb;
+            ptrs[n + c] = (char*)L->hidden + row * hb;
+            ptrs[2 * n + c] = (char*)L->hidden + row * hb;
+            ptrs[3 * n + c] = (char*)L->out + row * rb;
+        }
+        if (res == MOE_EP_OK)
+            res = moe_ep__cuda_cuda(L, cudaMemcpy(gp->chunk_ptrs + 2 * n, ptrs, sizeof(void*) * 4 * (size_t)n,
+                                                  cudaMemcpyHostToDevice), "chunked GEMM pointers");
+        moe_ep_free(&L->desc.allocator, ptrs);
+    }
+    k->E = L->num_experts;
+    k->R = L->world_size;
+    k->S = L->segments;
+    k->rank = L->rank;
+    k->local_experts = L->local_experts;
+    k->scale_input = L->desc.scale_expert_input;
+    k->chunk = L->chunks > 0 ? L->chunk_rows : 0;
+    k->chunk_weights = L->chunks > 0 ? gp->chunk_ptrs : NULL;
+    k->chunks = L->chunks;
+    k->w_up = (const char*)L->w_up;
+    k->w_down = (const char*)L->w_down;
+    k->up_bytes = (size_t)L->up_rows * rb;
+    k->down_bytes = (size_t)L->d_ff * rb;
+    gp->view.layer = L;
+    gp->view.slot_map = k->slot_map;
+    gp->view.weight = k->weight;
+    /* first_row[local_experts], the rows' end that the Hopper kernel reads, is totals[0]: the
+       rows sent, which at world size 1 (the only one planned on the GPU) are the rows received */
+    gp->view.first_row = k->local_offsets;
+    gp->view.info.world_size = L->world_size;
+    gp->view.info.local_experts = L->local_experts;
+    gp->view.info.segments = L->segments;
+    gp->view.info.local_expert_counts = gp->sizes_host;
+    gp->view.info.local_expert_offsets = gp->sizes_host ? gp->sizes_host + S : NULL;
+    return res;
+}
+
+MOE_EP_PRIVATE void moe_ep__cuda_gpu_plan_free(moe_ep_cuda_layer* L) {
+    moe_ep__cuda_gpu_plan* gp = &L->gp;
+    if (gp->block) cudaFree(gp->block);
+    if (gp->sizes_host) cudaFreeHost(gp->sizes_host);
+    if (gp->downloaded) cudaEventDestroy(gp->downloaded);
+    if (gp->routing_free) cudaEventDestroy(gp->routing_free);
+    if (L->blas_workspace) cudaFree(L->blas_workspace);
+    (void)cudaGetLastError();
+    memset(gp, 0, sizeof *gp);
+    L->blas_workspace = NULL;
+}
+
 /* >>gpu layer: create */
 /* The GPU layer plans with a core context but never runs its CPU experts; setting this
    callback keeps the core from packing a CPU copy of the weights. */
@@ -1148,8 +1383,10 @@ MOE_EP_PRIVATE moe_ep_desc moe_ep__cuda_core_desc(moe_ep_cuda_layer* L, const mo
 
 /* The GPU parameters every rank of the EP group must share. */
 MOE_EP_PRIVATE int64_t moe_ep__cuda_fingerprint(const moe_ep_cuda_layer_desc* d) {
-    int64_t fields[10];
+    int64_t fields[12];
     uint64_t h;
+    fields[10] = d->planning;
+    fields[11] = d->expert_gemm == MOE_EP_CUDA_EXPERT_GEMM_CHUNKED;
     fields[8] = d->shared.d_ff;
     fields[9] = d->shared.gate != NULL;
     fields[0] = d->dtype;
@@ -1247,6 +1484,24 @@ MOE_EP_PRIVATE int moe_ep__cuda_validate(const moe_ep_cuda_layer_desc* d) {
                        d->d_model, d->num_experts, d->d_ff);
     moe_ep__cuda_check(d, rank, &f, (d->allocator.alloc_fn == NULL) == (d->allocator.free_fn == NULL),
                        "moe_ep_cuda_layer_desc.allocator: set both alloc_fn and free_fn, or neither");
+    moe_ep__cuda_check(d, rank, &f, d->planning >= 0 && d->planning < MOE_EP_CUDA_PLANNING_COUNT,
+                       "moe_ep_cuda_layer_desc.planning (%d) is not a moe_ep_cuda_planning", (int)d->planning);
+    if (d->planning == MOE_EP_CUDA_PLANNING_GPU || d->expert_gemm == MOE_EP_CUDA_EXPERT_GEMM_CHUNKED) {
+        const char* what = d->planning == MOE_EP_CUDA_PLANNING_GPU ? "planning = GPU" : "expert_gemm = CHUNKED";
+        moe_ep__cuda_check(d, rank, &f, d->max_tokens > 0, "moe_ep_cuda_layer_desc.%s needs max_tokens > 0 (the "
+                           "plan's buffers have a fixed size)", what);
+        moe_ep__cuda_check(d, rank, &f, d->transport->world_size == 1, "moe_ep_cuda_layer_desc.%s needs an EP group "
+                           "of one rank (transport.world_size is %d): with several ranks the forward plans on the host",
+                           what, d->transport->world_size);
+        moe_ep__cuda_check(d, rank, &f, !d->tp_transport || d->tp_transport->world_size <= 1,
+                           "moe_ep_cuda_layer_desc.%s does not support tp_transport", what);
+        moe_ep__cuda_check(d, rank, &f, d->num_experts <= 1024, "moe_ep_cuda_layer_desc.%s needs num_experts (%d) "
+                           "<= 1024", what, d->num_experts);
+    }
+    moe_ep__cuda_check(d, rank, &f, d->expert_gemm != MOE_EP_CUDA_EXPERT_GEMM_CHUNKED ||
+                                    (d->planning != MOE_EP_CUDA_PLANNING_HOST && !d->expert_fn),
+                       "moe_ep_cuda_layer_desc.expert_gemm = CHUNKED needs the plan on the GPU (not planning = HOST) "
+                       "and the built-in experts (no expert_fn)");
     if (d->tp_transport) moe_ep__cuda_validate_tp(d, &f);
     return f;
 }
@@ -1265,7 +1520,7 @@ MOE_EP_PRIVATE moe_ep_result moe_ep__cuda_create_agree(const moe_ep_cuda_layer_d
     a.facts = facts;
     a.fact_count = 1;
     a.facts_name = "GPU parameters (dtype, a2a_layout, direct, max_tokens, expert_fn, router_weight, TP size, "
-                   "shared experts)";
+                   "shared experts, planning, CHUNKED)";
     a.on_peer_failure = MOE_EP_ERROR_RANK_MISMATCH;
     res = moe_ep_agree(d->transport, &a, err, sizeof err);
     if (d->tp_transport && d->tp_transport->world_size > 1 && d->tp_transport->exchange_counts) {
@@ -1298,6 +1553,7 @@ MOE_EP_PRIVATE moe_ep_result moe_ep__cuda_layer_alloc(const moe_ep_cuda_layer_de
     L->world_size = d->transport->world_size;
     L->dtype = d->dtype;
     L->elem = d->dtype == MOE_EP_CUDA_DTYPE_BF16 ? 2 : 4;
+    L->gpu_plan = moe_ep__cuda_can_plan_on_gpu(d);
     L->tp_size = 1;
     if (d->tp_transport && d->tp_transport->world_size > 1) {
         L->tp = *d->tp_transport;
@@ -1389,6 +1645,13 @@ MOE_EP_PRIVATE moe_ep_result moe_ep__cuda_build_blas(moe_ep_cuda_layer* L) {
     /* fp32 stays fp32: no TF32 tensor-op math */
     if (res == MOE_EP_OK) res = moe_ep__cuda_blas(L, cublasSetMathMode(L->blas, CUBLAS_DEFAULT_MATH),
                                                   "cublasSetMathMode");
+    /* with max_tokens cuBLAS gets a workspace of its own, so that a captured forward allocates
+       nothing (the same with either planning: the same GEMM kernels) */
+    if (res == MOE_EP_OK && d->max_tokens > 0)
+        res = moe_ep__cuda_cuda(L, cudaMalloc(&L->blas_workspace, MOE_EP__CUDA_BLAS_WORKSPACE), "cuBLAS workspace");
+    if (res == MOE_EP_OK && d->max_tokens > 0)
+        res = moe_ep__cuda_blas(L, cublasSetWorkspace(L->blas, L->blas_workspace, MOE_EP__CUDA_BLAS_WORKSPACE),
+                                "cublasSetWorkspace");
     if (res != MOE_EP_OK) return res;
     /* The Hopper kernel: bf16, a GPU it runs on, 16-byte rows of d_model and d_ff elements. */
     L->hopper = L->dtype == MOE_EP_CUDA_DTYPE_BF16 && !d->expert_fn && n > 0 && n <= 1024 &&
@@ -1617,6 +1880,7 @@ MOE_EP_PRIVATE moe_ep_result moe_ep__cuda_build(moe_ep_cuda_layer* L) {
     if (res == MOE_EP_OK) res = moe_ep__cuda_build_weights(L);
     if (res == MOE_EP_OK) res = moe_ep__cuda_drop_staging(L);
     if (res == MOE_EP_OK) res = moe_ep__cuda_reserve_all(L);
+    if (res == MOE_EP_OK && L->gpu_plan) res = moe_ep__cuda_build_gpu_plan(L);
     if (res == MOE_EP_OK) res = moe_ep__cuda_cuda(L, cudaStreamSynchronize(L->stream), "copying the weights");
     return res;
 }
@@ -2520,6 +2784,183 @@ MOE_EP_API moe_ep_result moe_ep_cuda_combine(moe_ep_cuda_layer* L, moe_ep_cuda_p
     return moe_ep_cuda_combine_end(L, P, y);
 }
 
+/* >>gpu layer: forward on the GPU plan */
+/* Hand-in routing, checked as the core's plan checks it (an expert in range, once per
+   token, a finite weight), into the pinned mirror and up to the device. */
+MOE_EP_PRIVATE moe_ep_result moe_ep__cuda_routing_upload(moe_ep_cuda_layer* L, int64_t tokens, const int32_t* idx,
+                                                         const float* weight, int32_t* idx_dev) {
+    int64_t slots = tokens * L->top_k, t;
+    size_t idx_bytes = moe_ep__cuda_round16((size_t)slots * sizeof(int32_t));
+    int k = L->top_k, j, i;
+    moe_ep_result res;
+    for (t = 0; t < tokens; ++t)
+        for (j = 0; j < k; ++j) {
+            int32_t e = idx[t * k + j];
+            float w = weight[t * k + j];
+            if (e < 0 || e >= L->num_experts)
+                return moe_ep__cuda_fail(L, MOE_EP_ERROR_INVALID_ARGUMENT, "topk_idx[%lld][%d] (%d) must be an expert "
+                                         "in [0, %d)", (long long)t, j, (int)e, L->num_experts);
+            for (i = 0; i < j; ++i)
+                if (idx[t * k + i] == e)
+                    return moe_ep__cuda_fail(L, MOE_EP_ERROR_INVALID_ARGUMENT, "topk_idx[%lld] names expert %d twice "
+                                             "(slots %d and %d)", (long long)t, (int)e, i, j);
+            if (!(w == w) || w > 3.4e38f || w < -3.4e38f)
+                return moe_ep__cuda_fail(L, MOE_EP_ERROR_INVALID_ARGUMENT, "topk_weight[%lld][%d] must be finite",
+                                         (long long)t, j);
+        }
+    res = moe_ep__cuda_cuda(L, cudaEventSynchronize(L->gp.routing_free), "routing upload");
+    if (res != MOE_EP_OK) return res;
+    memcpy(L->topk_host, idx, (size_t)slots * sizeof(int32_t));
+    memcpy((char*)L->topk_host + idx_bytes, weight, (size_t)slots * sizeof(float));
+    res = moe_ep__cuda_cuda(L, cudaMemcpyAsync(idx_dev, L->topk_host, idx_bytes + (size_t)slots * sizeof(float),
+                                               cudaMemcpyHostToDevice, L->stream), "routing upload");
+    if (res == MOE_EP_OK) res = moe_ep__cuda_cuda(L, cudaEventRecord(L->gp.routing_free, L->stream), "routing upload");
+    return res;
+}
+
+/* The plan kernels on the routing in the router's buffers, for T tokens; *k gets their arguments. */
+MOE_EP_PRIVATE moe_ep_result moe_ep__cuda_gpu_plan_run(moe_ep_cuda_layer* L, int64_t T, moe_ep__cuda_k_plan* k) {
+    int64_t slots = T * L->top_k;
+    *k = L->gp.k;
+    k->topk_idx = (const int32_t*)L->topk_dev;
+    k->topk_weight = (const float*)((char*)L->topk_dev + moe_ep__cuda_round16((size_t)slots * sizeof(int32_t)));
+    k->slots = slots;
+    k->capacity = -1;   /* the core's capacity rule, on this call's tokens */
+    if (L->gp.capacity_factor > 0.0f)
+        k->capacity = (int64_t)ceil((double)L->gp.capacity_factor * (double)T * L->top_k / (double)L->num_experts);
+    return moe_ep__cuda_kernel(L, moe_ep__cuda_k_plan_send(k, L->stream), "plan kernels");
+}
+
+/* CHUNKED: the built-in experts over every chunk of the padded receive rows, sizes fixed at
+   create (chunks that hold no rows compute rows nobody reads). */
+MOE_EP_PRIVATE moe_ep_result moe_ep__cuda_chunked_experts(moe_ep_cuda_layer* L) {
+    const float one = 1.0f, zero = 0.0f;
+    cudaDataType_t t = moe_ep__cuda_cuda_type(L);
+    int64_t n = L->chunks, rows = n * L->chunk_rows;
+    void** p = L->gp.chunk_ptrs;    /* A up, A down (the plan wrote them), B up, C up, B down, C down */
+    moe_ep__cuda_k_act act = L->act;
+    moe_ep_result res;
+    act.first_row = L->gp.k.local_offsets;
+    act.groups = L->local_experts;
+    res = moe_ep__cuda_blas(L, cublasGemmBatchedEx(L->blas, CUBLAS_OP_T, CUBLAS_OP_N, L->up_rows, L->chunk_rows,
+                                                   L->d_model, &one, (const void* const*)p, t, L->d_model,
+                                                   (const void* const*)(p + 2 * n), t, L->d_model, &zero,
+                                                   (void* const*)(p + 3 * n), t, L->up_rows, (int)n,
+                                                   CUBLAS_COMPUTE_32F, CUBLAS_GEMM_DEFAULT),
+                            "expert up projections (chunked)");
+    if (res == MOE_EP_OK)
+        res = moe_ep__cuda_kernel(L, moe_ep__cuda_k_activation(L->hidden, rows, L->d_ff, L->up_rows, &act,
+                                                               moe_ep__cuda_kdtype[L->dtype], L->stream),
+                                  "activation kernel");
+    if (res == MOE_EP_OK)
+        res = moe_ep__cuda_blas(L, cublasGemmBatchedEx(L->blas, CUBLAS_OP_T, CUBLAS_OP_N, L->d_model, L->chunk_rows,
+                                                       L->d_ff, &one, (const void* const*)(p + n), t, L->d_ff,
+                                                       (const void* const*)(p + 4 * n), t, L->up_rows, &zero,
+                                                       (void* const*)(p + 5 * n), t, L->d_model, (int)n,
+                                                       CUBLAS_COMPUTE_32F, CUBLAS_GEMM_DEFAULT),
+                                "expert down projections (chunked)");
+    if (res == MOE_EP_OK && L->b_down)
+        res = moe_ep__cuda_kernel(L, moe_ep__cuda_k_add_bias(L->out, rows, L->d_model, L->b_down, act.first_row,
+                                                             L->local_experts, moe_ep__cuda_kdtype[L->dtype], L->stream),
+                                  "down bias kernel");
+    return res;
+}
+
+/* The GPU-planned forward's routing, into the router's buffers: the router's, or the one
+   handed in; with `download` also queued back to the pinned mirror for the caller. */
+MOE_EP_PRIVATE moe_ep_result moe_ep__cuda_gpu_route(moe_ep_cuda_layer* L, const moe_ep_cuda_forward_args* a,
+                                                    int download) {
+    int64_t T = a->tokens, slots = T * L->top_k;
+    size_t idx_bytes = moe_ep__cuda_round16((size_t)slots * sizeof(int32_t));
+    int32_t* idx_dev = (int32_t*)L->topk_dev;
+    float* weight_dev = (float*)((char*)L->topk_dev + idx_bytes);
+    moe_ep_result res;
+    if (a->routing_in) return moe_ep__cuda_routing_upload(L, T, a->topk_idx, a->topk_weight, idx_dev);
+    res = moe_ep__cuda_linear(L, L->blas, L->router, L->num_experts, L->d_model, a->x, L->d_model, T, L->logits,
+                              L->num_experts, CUDA_R_32F, "router logits");
+    if (res == MOE_EP_OK)
+        res = moe_ep__cuda_kernel(L, moe_ep__cuda_k_topk((const float*)L->logits, T, L->num_experts, L->top_k,
+                                                         &L->router_cfg, idx_dev, weight_dev, L->stream),
+                                  "router top-k kernel");
+    if (res == MOE_EP_OK && download)
+        res = moe_ep__cuda_cuda(L, cudaMemcpyAsync(L->topk_host, L->topk_dev, idx_bytes + (size_t)slots * sizeof(float),
+                                                   cudaMemcpyDeviceToHost, L->stream), "router download");
+    if (res == MOE_EP_OK && download)
+        res = moe_ep__cuda_cuda(L, cudaEventRecord(L->gp.routing_free, L->stream), "router download");
+    return res;
+}
+
+/* The forward with the plan on the GPU (one rank, max_tokens): route (or upload the hand-in
+   routing), three plan kernels, permute, experts, weighted un-permute, all queued on the
+   stream. The host waits only for what it asked for: the sizes before cuBLAS's GEMMs
+   (unless CHUNKED) and the routing, when topk_idx / topk_weight are to be filled. */
+MOE_EP_PRIVATE moe_ep_result moe_ep__cuda_forward_gpu(moe_ep_cuda_layer* L, const moe_ep_cuda_forward_args* a) {
+    moe_ep__cuda_gpu_plan* gp = &L->gp;
+    int64_t T = a->tokens, slots = T * L->top_k, sources = T;
+    size_t idx_bytes = moe_ep__cuda_round16((size_t)slots * sizeof(int32_t));
+    float* weight_dev = (float*)((char*)L->topk_dev + idx_bytes);
+    int download = !a->routing_in && a->topk_idx && a->topk_weight, per_row = L->top_k;
+    int with_shared = L->sh_ff > 0;
+    const void* x = a->x;
+    moe_ep__cuda_k_plan k = gp->k;
+    moe_ep_result res = MOE_EP_OK, shared = MOE_EP_OK;
+    if (T > L->desc.max_tokens)
+        return moe_ep__cuda_fail(L, MOE_EP_ERROR_INVALID_ARGUMENT, "tokens (%lld) must be <= max_tokens (%lld)",
+                                 (long long)T, (long long)L->desc.max_tokens);
+    if (T == 0) return MOE_EP_OK;
+    /* 1. routing, on the device */
+    res = moe_ep__cuda_gpu_route(L, a, download);
+    if (res != MOE_EP_OK) return res;
+    /* 2. the plan */
+    res = moe_ep__cuda_gpu_plan_run(L, T, &k);
+    if (res == MOE_EP_OK && !L->chunks)
+        res = moe_ep__cuda_cuda(L, cudaMemcpyAsync(gp->sizes_host, k.local_counts, sizeof(int64_t) * (2 * (size_t)L->segments + 4),
+                                                   cudaMemcpyDeviceToHost, L->stream), "plan sizes download");
+    if (res == MOE_EP_OK && !L->chunks)
+        res = moe_ep__cuda_cuda(L, cudaEventRecord(gp->downloaded, L->stream), "plan sizes download");
+    /* 3. dispatch: every row stays on this rank */
+    if (res == MOE_EP_OK && L->desc.scale_expert_input) {
+        res = moe_ep__cuda_kernel(L, moe_ep__cuda_k_scale_rows(x, weight_dev, T, L->top_k, L->d_model, L->scaled,
+                                                               moe_ep__cuda_kdtype[L->dtype], L->stream),
+                                  "input scaling kernel");
+        x = L->scaled;
+        sources *= L->top_k;
+        per_row = 1;
+    }
+    if (res == MOE_EP_OK)
+        res = moe_ep__cuda_kernel(L, moe_ep__cuda_k_permute(x, NULL, L->recv, k.slot_map, sources, per_row, L->row_bytes,
+                                                            3, L->stream), "permute kernel");
+    if (res == MOE_EP_OK && with_shared) shared = moe_ep__cuda_shared_ffn(L, a->x, T, L->sh_out);
+    /* 4. experts */
+    if (res == MOE_EP_OK && L->chunks) {
+        res = moe_ep__cuda_chunked_experts(L);
+    } else if (res == MOE_EP_OK) {
+        moe_ep_cuda_plan* P = &gp->view;
+        res = moe_ep__cuda_cuda(L, cudaEventSynchronize(gp->downloaded), "plan sizes download");
+        P->info.tokens = T;
+        P->info.recv_rows = gp->sizes_host[2 * L->segments + 1];
+        P->info.send_rows = gp->sizes_host[2 * L->segments];
+        P->pending = 0;
+        if (res == MOE_EP_OK) res = moe_ep_cuda_experts(L, P, L->recv, L->out);
+    }
+    /* 5. combine: the k slots of each token in slot order */
+    if (res == MOE_EP_OK)
+        res = moe_ep__cuda_kernel(L, moe_ep__cuda_k_unpermute(NULL, L->out, k.slot_map, k.weight, a->y, T, L->top_k,
+                                                              L->d_model, moe_ep__cuda_kdtype[L->dtype], L->stream),
+                                  "un-permute kernel");
+    if (res == MOE_EP_OK && shared == MOE_EP_OK && with_shared)
+        shared = moe_ep__cuda_shared_out(L, L->sh_out, T, a->y, 1);
+    if (res == MOE_EP_OK) res = shared;
+    if (res == MOE_EP_OK && download) {
+        res = moe_ep__cuda_cuda(L, cudaEventSynchronize(gp->routing_free), "router download");
+        if (res == MOE_EP_OK) {
+            memcpy(a->topk_idx, L->topk_host, (size_t)slots * sizeof(int32_t));
+            memcpy(a->topk_weight, (char*)L->topk_host + idx_bytes, (size_t)slots * sizeof(float));
+        }
+    }
+    return res;
+}
+
 /* >>gpu layer: forward */
 MOE_EP_API moe_ep_result moe_ep_cuda_forward(moe_ep_cuda_layer* L, const moe_ep_cuda_forward_args* a) {
     moe_ep_result status = MOE_EP_OK, res;
@@ -2544,6 +2985,7 @@ MOE_EP_API moe_ep_result moe_ep_cuda_forward(moe_ep_cuda_layer* L, const moe_ep_
     else if (!a->routing_in && !L->router)
         status = moe_ep__cuda_fail(L, MOE_EP_ERROR_INVALID_ARGUMENT,
                                    "moe_ep_cuda_layer_desc.router_weight is NULL: set it, or hand in routing (routing_in)");
+    if (status == MOE_EP_OK && L->gpu_plan) return moe_ep__cuda_forward_gpu(L, a);
     if (status == MOE_EP_OK) {
         tokens = a->tokens;
         if (a->topk_idx && a->topk_weight) {

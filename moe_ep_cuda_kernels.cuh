@@ -106,6 +106,45 @@ int moe_ep__cuda_k_topk(const float* logits, int64_t tokens, int num_experts, in
    once, at the end). ranks = 1 converts. In fp32, out may be parts itself. */
 int moe_ep__cuda_k_sum_ranks(const float* parts, int64_t count, int ranks, void* out, int dtype, void* stream);
 
+/* Planning on the GPU (moe_ep_cuda.h, PLANNING ON THE GPU): the core's plan for one rank,
+   computed by three kernels from device routing, the same rows as moe_ep_plan_create's.
+   A (token, k-slot) assignment i of expert e is kept when fewer than `capacity` earlier
+   slots (in slot order) chose e (capacity < 0: always); its rank among e's slots places
+   it: send row seg_send_offsets[seg(e)] + rank, seg(e) = owner * S + local index. The
+   receive side orders rows by (local expert, source rank, token); with chunk > 0 each
+   local expert's rows start at a multiple of chunk (the chunked expert GEMMs). Arrays of
+   int64 unless said; all device memory. */
+#define MOE_EP__CUDA_PLAN_BLOCK 1024    /* slots per block of the counting and the map kernel */
+typedef struct moe_ep__cuda_k_plan {
+    const int32_t* topk_idx;        /* [slots], experts in [0, E) */
+    const float* topk_weight;       /* [slots] */
+    const int32_t* expert_at;       /* int32 [2E]: the owner rank of each expert, then its local index */
+    int64_t slots, capacity;        /* capacity: rows each expert keeps from this rank, -1 = dropless */
+    int E, R, S, rank, local_experts;
+    int scale_input;                /* scale_expert_input: weight[] = 1 (the weights scale the input rows) */
+    int chunk;                      /* > 0: the receive rows of each local expert start at a multiple of it */
+    int32_t* slot_rank;             /* scratch int32 [slots]: rank among its expert's slots of its block */
+    int32_t* block_counts;          /* scratch int32 [blocks * E], blocks of MOE_EP__CUDA_PLAN_BLOCK slots: per
+                                       block and expert, then each block's base */
+    int64_t *counts, *kept;         /* [E] assignments of this rank per expert, before and after capacity */
+    int64_t *seg_send_counts, *seg_send_offsets, *seg_recv_counts, *seg_recv_offsets;   /* [R * S] */
+    int64_t *local_counts, *local_offsets;  /* [S] received rows per local expert, its first row */
+    int64_t* totals;                /* [4]: send rows, receive rows, receive rows with the padding, chunks used */
+    int32_t* slot_map;              /* out [slots]: as moe_ep__cuda_k_slot_map's */
+    float* weight;                  /* out [slots]: the combine's weights (1 with scale_input) */
+    void** chunk_weights;           /* chunk > 0: out [2 * chunks]: each chunk's up, then down weights */
+    int64_t chunks;
+    const char* w_up;               /* [local_experts] blocks of up_bytes, and of down_bytes */
+    const char* w_down;
+    size_t up_bytes, down_bytes;
+} moe_ep__cuda_k_plan;
+/* send: each slot's rank and the counts, then the send side (kept, seg_send_counts and
+   offsets); with R == 1 the receive side too. receive (R > 1, once seg_recv_counts [q * S
+   + s] holds what rank q sends to local expert s): the receive side (local counts and
+   offsets, seg_recv_offsets, totals, the chunk table), then the slot map and the weights. */
+int moe_ep__cuda_k_plan_send(const moe_ep__cuda_k_plan* p, void* stream);
+int moe_ep__cuda_k_plan_receive(const moe_ep__cuda_k_plan* p, void* stream);
+
 /* The direct path (moe_ep_cuda.h, "DIRECT NVLINK PATH"). Every rank has one region of
    device memory that its peers map: uint64 flags [4][world] at its start (flags[phase *
    world + source] = the last epoch that source signalled), the rank's receive-offset
@@ -758,6 +797,206 @@ __global__ void stage_map_kernel(const int64_t* __restrict__ chunk_start, const 
 }
 
 } /* namespace moe_ep_cuda_kernels */
+
+namespace moe_ep_cuda_kernels {
+#define MOE_EP__CUDA_PLAN_WARPS (MOE_EP__CUDA_PLAN_BLOCK / 32)
+
+/* Each slot's rank among the slots of its block that chose the same expert, in slot order,
+   and each block's count per expert: lanes of one expert find each other (match), the
+   warps' counts are added in warp order. */
+__global__ void __launch_bounds__(MOE_EP__CUDA_PLAN_BLOCK) plan_count_kernel(moe_ep__cuda_k_plan p) {
+    extern __shared__ int32_t warp_counts[];    /* [warps][E] */
+    int tid = threadIdx.x, warp = tid >> 5, lane = tid & 31, E = p.E;
+    int64_t i = (int64_t)blockIdx.x * MOE_EP__CUDA_PLAN_BLOCK + tid;
+    for (int x = tid; x < MOE_EP__CUDA_PLAN_WARPS * E; x += blockDim.x) warp_counts[x] = 0;
+    __syncthreads();
+    int e = i < p.slots ? p.topk_idx[i] : -1;
+    unsigned peers = __match_any_sync(0xffffffffu, e);
+    int before = __popc(peers & ((1u << lane) - 1u));
+    if (e >= 0 && before == 0) warp_counts[warp * E + e] = __popc(peers);
+    __syncthreads();
+    for (int x = tid; x < E; x += blockDim.x) {
+        int32_t run = 0;
+        for (int w = 0; w < MOE_EP__CUDA_PLAN_WARPS; ++w) {
+            int32_t c = warp_counts[w * E + x];
+            warp_counts[w * E + x] = run;
+            run += c;
+        }
+        p.block_counts[(int64_t)blockIdx.x * E + x] = run;
+    }
+    __syncthreads();
+    if (e >= 0) p.slot_rank[i] = warp_counts[warp * E + e] + before;
+}
+
+/* In place, over one block: v[i] = v[0] + ... + v[i - 1]; returns the total to every thread. */
+__device__ int64_t block_exclusive_scan(int64_t* v, int n) {
+    __shared__ int64_t warp_sums[32];
+    int tid = threadIdx.x, lane = tid & 31, warp = tid >> 5, warps = (blockDim.x + 31) >> 5;
+    int per = (n + (int)blockDim.x - 1) / (int)blockDim.x, first = tid * per;
+    int last = first + per < n ? first + per : n;
+    int64_t mine = 0, total;
+    for (int i = first; i < last; ++i) mine += v[i];
+    int64_t incl = mine;
+    for (int o = 1; o < 32; o <<= 1) {
+        int64_t up = __shfl_up_sync(0xffffffffu, incl, o);
+        if (lane >= o) incl += up;
+    }
+    if (lane == 31) warp_sums[warp] = incl;
+    __syncthreads();
+    if (warp == 0) {
+        int64_t s = lane < warps ? warp_sums[lane] : 0;
+        for (int o = 1; o < 32; o <<= 1) {
+            int64_t up = __shfl_up_sync(0xffffffffu, s, o);
+            if (lane >= o) s += up;
+        }
+        warp_sums[lane] = s;    /* inclusive over warps */
+    }
+    __syncthreads();
+    int64_t run = incl - mine + (warp > 0 ? warp_sums[warp - 1] : 0);
+    total = warp_sums[31];
+    for (int i = first; i < last; ++i) {
+        int64_t c = v[i];
+        v[i] = run;
+        run += c;
+    }
+    __syncthreads();
+    return total;
+}
+
+/* One block; S <= 1024. phase & 1: the blocks' bases per expert (a warp per expert), the
+   counts, kept, the send side; phase & 2: the receive side and the chunk table. */
+__global__ void __launch_bounds__(1024) plan_sizes_kernel(moe_ep__cuda_k_plan p, int64_t blocks, int phase) {
+    __shared__ int64_t first[1024];     /* each local expert's first receive row */
+    __shared__ unsigned long long received;
+    int tid = threadIdx.x, lane = tid & 31, warp = tid >> 5, warps = (int)(blockDim.x >> 5);
+    int E = p.E, RS = p.R * p.S, S = p.S;
+    if (phase & 1) {
+        /* warp w scans the block counts of experts w, w + 32, ..., eight at a time, lane = block:
+           the loads of the eight are in flight together */
+        for (int j0 = 0; warp + warps * j0 < E; j0 += 8) {
+            int32_t run[8];
+            for (int j = 0; j < 8; ++j) run[j] = 0;
+            for (int64_t b0 = 0; b0 < blocks; b0 += 32) {
+                int64_t b = b0 + lane;
+                int32_t c[8];
+#pragma unroll
+                for (int j = 0; j < 8; ++j) {
+                    int e = warp + warps * (j0 + j);
+                    c[j] = b < blocks && e < E ? p.block_counts[b * E + e] : 0;
+                }
+#pragma unroll
+                for (int j = 0; j < 8; ++j) {
+                    int e = warp + warps * (j0 + j);
+                    int32_t incl = c[j];
+                    for (int o = 1; o < 32; o <<= 1) {
+                        int32_t up = __shfl_up_sync(0xffffffffu, incl, o);
+                        if (lane >= o) incl += up;
+                    }
+                    if (b < blocks && e < E) p.block_counts[b * E + e] = run[j] + incl - c[j];
+                    run[j] += __shfl_sync(0xffffffffu, incl, 31);
+                }
+            }
+            for (int j = 0; lane == 0 && j < 8; ++j) {
+                int e = warp + warps * (j0 + j);
+                if (e >= E) break;
+                p.counts[e] = run[j];
+                p.kept[e] = p.capacity >= 0 && run[j] > p.capacity ? p.capacity : run[j];
+            }
+        }
+        __syncthreads();
+        for (int x = tid; x < RS; x += blockDim.x) p.seg_send_counts[x] = 0;
+        __syncthreads();
+        for (int e = tid; e < E; e += blockDim.x)
+            p.seg_send_counts[p.expert_at[e] * S + p.expert_at[E + e]] = p.kept[e];
+        __syncthreads();
+        for (int x = tid; x < RS; x += blockDim.x) {
+            p.seg_send_offsets[x] = p.seg_send_counts[x];
+            if (p.R == 1) p.seg_recv_counts[x] = p.seg_send_counts[x];
+        }
+        __syncthreads();
+        int64_t sent = block_exclusive_scan(p.seg_send_offsets, RS);
+        if (tid == 0) p.totals[0] = sent;
+    }
+    if (!(phase & 2)) return;
+    if (tid == 0) received = 0;
+    __syncthreads();
+    for (int s = tid; s < S; s += blockDim.x) {         /* per local expert: its rows, padded */
+        int64_t n = 0;
+        for (int q = 0; q < p.R; ++q) n += p.seg_recv_counts[q * S + s];
+        p.local_counts[s] = n;
+        first[s] = p.chunk > 0 ? (n + p.chunk - 1) / p.chunk * p.chunk : n;
+        atomicAdd(&received, (unsigned long long)n);
+    }
+    __syncthreads();
+    int64_t padded = block_exclusive_scan(first, S);
+    for (int s = tid; s < S; s += blockDim.x) {
+        int64_t row = first[s];
+        p.local_offsets[s] = row;
+        for (int q = 0; q < p.R; ++q) {
+            p.seg_recv_offsets[q * S + s] = row;
+            row += p.seg_recv_counts[q * S + s];
+        }
+    }
+    if (tid == 0) {
+        p.totals[1] = (int64_t)received;
+        p.totals[2] = padded;
+        p.totals[3] = p.chunk > 0 ? padded / p.chunk : 0;
+    }
+    if (p.chunk <= 0 || p.local_experts <= 0) return;
+    for (int64_t c = tid; c < p.chunks; c += blockDim.x) {     /* the expert whose rows chunk c holds */
+        int64_t row = c * p.chunk;
+        int lo = 0, hi = p.local_experts - 1;
+        while (lo < hi) {
+            int mid = (lo + hi + 1) >> 1;
+            if (first[mid] <= row) lo = mid;
+            else hi = mid - 1;
+        }
+        p.chunk_weights[c] = (void*)(p.w_up + (size_t)lo * p.up_bytes);
+        p.chunk_weights[p.chunks + c] = (void*)(p.w_down + (size_t)lo * p.down_bytes);
+    }
+}
+
+/* Where each slot's row goes, as the core's plan places it, and its combine weight. */
+__global__ void __launch_bounds__(MOE_EP__CUDA_PLAN_BLOCK) plan_map_kernel(moe_ep__cuda_k_plan p) {
+    int64_t i = (int64_t)blockIdx.x * MOE_EP__CUDA_PLAN_BLOCK + threadIdx.x;
+    if (i >= p.slots) return;
+    int e = p.topk_idx[i], owner = p.expert_at[e], l = p.expert_at[p.E + e];
+    int64_t rank = (int64_t)p.block_counts[(int64_t)blockIdx.x * p.E + e] + p.slot_rank[i];
+    int32_t v = -1;
+    if (p.capacity < 0 || rank < p.capacity)
+        v = owner == p.rank ? (int32_t)(-(p.seg_recv_offsets[(int64_t)p.rank * p.S + l] + rank) - 2)
+                            : (int32_t)(p.seg_send_offsets[(int64_t)owner * p.S + l] + rank);
+    p.slot_map[i] = v;
+    p.weight[i] = p.scale_input ? 1.0f : p.topk_weight[i];
+}
+} /* namespace moe_ep_cuda_kernels */
+
+extern "C" int moe_ep__cuda_k_plan_send(const moe_ep__cuda_k_plan* p, void* stream) {
+    using namespace moe_ep_cuda_kernels;
+    cudaStream_t s = (cudaStream_t)stream;
+    int64_t blocks = (p->slots + MOE_EP__CUDA_PLAN_BLOCK - 1) / MOE_EP__CUDA_PLAN_BLOCK;
+    size_t shared = sizeof(int32_t) * MOE_EP__CUDA_PLAN_WARPS * (size_t)p->E;
+    if (blocks > 0) {
+        if (shared > 48 * 1024) {
+            cudaError_t e = cudaFuncSetAttribute(plan_count_kernel, cudaFuncAttributeMaxDynamicSharedMemorySize,
+                                                 (int)shared);
+            if (e != cudaSuccess) return (int)e;
+        }
+        plan_count_kernel<<<(unsigned)blocks, MOE_EP__CUDA_PLAN_BLOCK, shared, s>>>(*p);
+    }
+    plan_sizes_kernel<<<1, 1024, 0, s>>>(*p, blocks, p->R == 1 ? 3 : 1);
+    if (p->R == 1 && blocks > 0) plan_map_kernel<<<(unsigned)blocks, MOE_EP__CUDA_PLAN_BLOCK, 0, s>>>(*p);
+    return (int)cudaGetLastError();
+}
+
+extern "C" int moe_ep__cuda_k_plan_receive(const moe_ep__cuda_k_plan* p, void* stream) {
+    using namespace moe_ep_cuda_kernels;
+    cudaStream_t s = (cudaStream_t)stream;
+    int64_t blocks = (p->slots + MOE_EP__CUDA_PLAN_BLOCK - 1) / MOE_EP__CUDA_PLAN_BLOCK;
+    plan_sizes_kernel<<<1, 1024, 0, s>>>(*p, blocks, 2);
+    if (blocks > 0) plan_map_kernel<<<(unsigned)blocks, MOE_EP__CUDA_PLAN_BLOCK, 0, s>>>(*p);
+    return (int)cudaGetLastError();
+}
 
 extern "C" int moe_ep__cuda_k_slot_map(const int64_t* slot_rows, const int32_t* topk_idx, const int32_t* owner_local,
                                        const int64_t* self_shift, int64_t slots, int32_t* slot_map, void* stream) {

@@ -8,7 +8,10 @@
       when it is available), and the NCCL path in both a2a layouts (permute + exchange +
       regroup; regroup + exchange + weighted un-permute);
    2. the full layer (GPU router, plan, dispatch, experts, combine) in ms per layer,
-      with a per-stage breakdown.
+      with a per-stage breakdown;
+   3. at world size 1: the plan kernels' time (PLANNING ON THE GPU, a graph of 20 plans
+      replayed), and the forward planned on the host, on the GPU, with CHUNKED experts and
+      as a CUDA graph replay (CUDA GRAPHS).
    Times are medians over --iters repetitions after warm-up, each started together on
    all ranks (a host barrier, then events on the stream); the reported time is the
    largest over ranks. --torch-log FILE (the output of torch_ep_moe.py from the same
@@ -46,13 +49,17 @@ static const config g_configs[CONFIGS] = {
 enum { OP_RAW_FWD, OP_RAW_BACK, OP_DIRECT, OP_DISPATCH, OP_COMBINE, OP_DISPATCH_SEG, OP_COMBINE_SEG, OP_EXPERTS,
        OP_EXPERTS_ONE_STREAM, OP_EXPERTS_OWN, OP_ROUTE, OP_PLAN, OP_CORE_PLAN, OP_FORWARD, OP_FORWARD_NCCL, OP_SPLIT, OP_SPLIT_NCCL,
        OP_ROUTE_GEMM, OP_ROUTE_TOPK,
+       /* world size 1 only: planning on the GPU and CUDA graphs */
+       OP_GPU_PLAN, OP_GPU_PLAN_ONE, OP_FORWARD_HOSTPLAN, OP_FORWARD_CHUNKED, OP_EXPERTS_CHUNKED, OP_GRAPH,
        OP_DIRECT_DISPATCH, /* not run: the dispatch part of OP_DIRECT */
        OP_COUNT };
 static const char* g_op_names[OP_COUNT] = { "raw", "raw back", "direct dispatch + combine", "dispatch", "combine",
                                             "dispatch seg", "combine seg", "experts", "experts loop",
                                             "experts on the layer's buffers", "route", "plan", "core plan", "forward",
                                             "forward, NCCL path", "forward by stages", "forward by stages, NCCL path",
-                                            "router GEMM", "router top-k kernel", "direct dispatch" };
+                                            "router GEMM", "router top-k kernel", "GPU plan (graph)",
+                                            "GPU plan", "forward, host plan", "forward, CHUNKED",
+                                            "experts, CHUNKED", "forward, CUDA graph", "direct dispatch" };
 
 typedef struct shared {
     int world, iters, warmup;
@@ -114,6 +121,10 @@ typedef struct run {
     cudaEvent_t ev[6];              /* OP_SPLIT: between the stages */
     int direct;
     moe_ep_cuda_layer* segmented;   /* same shapes and weights, SEGMENTED layout, GEMM loop on one stream */
+    moe_ep_cuda_layer* hostplan;    /* world size 1: as layer, planning = HOST */
+    moe_ep_cuda_layer* chunked;     /* world size 1: as layer, expert_gemm = CHUNKED */
+    cudaGraphExec_t plan_graph;     /* ROUTE_REPEAT GPU plans of layer's last routing */
+    cudaGraphExec_t layer_graph;    /* chunked's forward of x into y */
     moe_ep_cuda_plan* plan;
     moe_ep_cuda_plan* plan_seg;
     moe_ep_plan_info info;
@@ -218,6 +229,24 @@ static moe_ep_result do_op(run* r, int op) {
     case OP_FORWARD_NCCL:
         res = moe_ep_cuda_forward(r->staged, &(moe_ep_cuda_forward_args){ .tokens = r->tokens, .x = r->x, .y = r->y });
         break;
+    case OP_GPU_PLAN:
+        if (cudaGraphLaunch(r->plan_graph, r->stream) != cudaSuccess) res = MOE_EP_ERROR_INTERNAL;
+        break;
+    case OP_GPU_PLAN_ONE: {
+        moe_ep__cuda_k_plan k;
+        res = moe_ep__cuda_gpu_plan_run(r->layer, r->tokens, &k);
+        break;
+    }
+    case OP_FORWARD_HOSTPLAN:
+        res = moe_ep_cuda_forward(r->hostplan, &(moe_ep_cuda_forward_args){ .tokens = r->tokens, .x = r->x, .y = r->y });
+        break;
+    case OP_FORWARD_CHUNKED:
+        res = moe_ep_cuda_forward(r->chunked, &(moe_ep_cuda_forward_args){ .tokens = r->tokens, .x = r->x, .y = r->y });
+        break;
+    case OP_EXPERTS_CHUNKED: res = moe_ep__cuda_chunked_experts(r->chunked); break;
+    case OP_GRAPH:
+        if (cudaGraphLaunch(r->layer_graph, r->stream) != cudaSuccess) res = MOE_EP_ERROR_INTERNAL;
+        break;
     }
     return res;
 }
@@ -275,6 +304,45 @@ static double time_op(run* r, int op, double* first) {
     return samples[n / 2];
 }
 
+/* A captured sequence of work on r's stream, instantiated. */
+static moe_ep_result capture(run* r, int what, cudaGraphExec_t* exec) {
+    cudaGraph_t graph = NULL;
+    moe_ep_result res = MOE_EP_OK;
+    int n;
+    if (cudaStreamBeginCapture(r->stream, cudaStreamCaptureModeThreadLocal) != cudaSuccess) return MOE_EP_ERROR_INTERNAL;
+    if (what == 0)
+        for (n = 0; n < ROUTE_REPEAT && res == MOE_EP_OK; ++n) {
+            moe_ep__cuda_k_plan k;
+            res = moe_ep__cuda_gpu_plan_run(r->layer, r->tokens, &k);
+        }
+    else
+        res = moe_ep_cuda_forward(r->chunked, &(moe_ep_cuda_forward_args){ .tokens = r->tokens, .x = r->x, .y = r->y });
+    if (cudaStreamEndCapture(r->stream, &graph) != cudaSuccess && res == MOE_EP_OK) res = MOE_EP_ERROR_INTERNAL;
+    if (res == MOE_EP_OK && cudaGraphInstantiate(exec, graph, 0) != cudaSuccess) res = MOE_EP_ERROR_INTERNAL;
+    if (graph) cudaGraphDestroy(graph);
+    return res;
+}
+
+/* World size 1: the host-planned and the CHUNKED layer beside the default one (planned on
+   the GPU), a graph of ROUTE_REPEAT plans of the default layer's routing, and the CHUNKED
+   layer's forward captured. */
+static moe_ep_result setup_world_one(run* r, const moe_ep_cuda_layer_desc* layer_desc) {
+    moe_ep_result res;
+    moe_ep_cuda_layer_desc d = *layer_desc;
+    d.planning = MOE_EP_CUDA_PLANNING_HOST;
+    res = moe_ep_cuda_layer_create(&d, &r->hostplan);
+    d.planning = MOE_EP_CUDA_PLANNING_DEFAULT;
+    d.expert_gemm = MOE_EP_CUDA_EXPERT_GEMM_CHUNKED;
+    if (res == MOE_EP_OK) res = moe_ep_cuda_layer_create(&d, &r->chunked);
+    if (res == MOE_EP_OK)   /* warm-ups; the default layer's routing stays for the plan graph */
+        res = moe_ep_cuda_forward(r->chunked, &(moe_ep_cuda_forward_args){ .tokens = r->tokens, .x = r->x, .y = r->y });
+    if (res == MOE_EP_OK)
+        res = moe_ep_cuda_forward(r->layer, &(moe_ep_cuda_forward_args){ .tokens = r->tokens, .x = r->x, .y = r->y });
+    if (res == MOE_EP_OK) res = capture(r, 0, &r->plan_graph);
+    if (res == MOE_EP_OK) res = capture(r, 1, &r->layer_graph);
+    return res;
+}
+
 static void* rank_main(void* arg) {
     rank_arg* ra = (rank_arg*)arg;
     shared* sh = ra->sh;
@@ -302,6 +370,7 @@ static void* rank_main(void* arg) {
         void *gate = NULL, *weights = NULL;
         float selection_bias[256];
         moe_ep_cuda_expert_weights* mine = (moe_ep_cuda_expert_weights*)calloc((size_t)L, sizeof *mine);
+        moe_ep_cuda_layer_desc layer_desc;
         unsigned long long seed = 1234 + (unsigned long long)me * 7919 + (unsigned long long)ci * 104729;
         moe_ep_result res;
         r.ok = 1;
@@ -336,13 +405,14 @@ static void* rank_main(void* arg) {
         }
         cudaStreamSynchronize(r.stream);
         for (l = 0; l < c->E && l < 256; ++l) selection_bias[l] = 0.01f * (float)((l * 37) % 11) - 0.05f;
-        res = moe_ep_cuda_layer_create(&(moe_ep_cuda_layer_desc){
+        layer_desc = (moe_ep_cuda_layer_desc){
             .d_model = c->d, .d_ff = c->ff, .num_experts = c->E, .top_k = c->k, .normalize_topk = true,
             .scoring = c->grouped ? MOE_EP_SCORING_SIGMOID : MOE_EP_SCORING_DEFAULT,
             .routed_scaling_factor = c->grouped ? 2.5f : 0.0f, .num_groups = c->grouped ? 8 : 0,
             .topk_groups = c->grouped ? 4 : 0, .selection_bias = c->grouped ? selection_bias : NULL,
             .transport = &t, .stream = r.stream,
-            .dtype = MOE_EP_CUDA_DTYPE_BF16, .max_tokens = c->tokens, .router_weight = gate, .experts = mine }, &r.layer);
+            .dtype = MOE_EP_CUDA_DTYPE_BF16, .max_tokens = c->tokens, .router_weight = gate, .experts = mine };
+        res = moe_ep_cuda_layer_create(&layer_desc, &r.layer);
         if (res == MOE_EP_OK)
             res = moe_ep_cuda_layer_create(&(moe_ep_cuda_layer_desc){
                 .d_model = c->d, .d_ff = c->ff, .num_experts = c->E, .top_k = c->k, .normalize_topk = true,
@@ -364,6 +434,7 @@ static void* rank_main(void* arg) {
             bench_fail(sh, me, "setup", r.layer ? moe_ep_cuda_layer_last_error(r.layer) : moe_ep_result_string(res));
             break;
         }
+        if (res == MOE_EP_OK && R == 1) res = setup_world_one(&r, &layer_desc);
         r.info = moe_ep_cuda_plan_query(r.plan);
         sh->bytes[ci][me] = (double)r.info.send_rows * (double)r.row_bytes;
         moe_ep_cuda_layer_rows(r.layer, &r.layer_recv, &r.layer_out, NULL);
@@ -375,8 +446,15 @@ static void* rank_main(void* arg) {
                 moe_ep_cuda_plan_destroy(r.plan_seg);
                 r.plan = r.plan_staged = r.plan_seg = NULL;
             }
+            if (op >= OP_GPU_PLAN && R > 1) continue;
             sh->ms[ci][op][me] = time_op(&r, op, op == OP_DIRECT ? &sh->ms[ci][OP_DIRECT_DISPATCH][me] : NULL);
         }
+        if (r.plan_graph) cudaGraphExecDestroy(r.plan_graph);
+        if (r.layer_graph) cudaGraphExecDestroy(r.layer_graph);
+        r.plan_graph = r.layer_graph = NULL;
+        moe_ep_cuda_layer_destroy(r.hostplan);
+        moe_ep_cuda_layer_destroy(r.chunked);
+        r.hostplan = r.chunked = NULL;
         moe_ep_cuda_plan_destroy(r.plan);
         moe_ep_cuda_plan_destroy(r.plan_staged);
         moe_ep_cuda_plan_destroy(r.plan_seg);
@@ -526,6 +604,21 @@ int main(int argc, char** argv) {
             }
             printf("\n");
         }
+    }
+    if (gpus == 1) {
+        printf("\nplanning on the GPU and CUDA graphs (world size 1), ms\n");
+        printf("%-30s %9s %9s %10s | %9s %9s %9s %9s | %9s %9s\n", "config", "gpu-plan", "plan-1", "host-plan",
+               "fwd-host", "fwd-gpu", "fwd-chunk", "fwd-graph", "experts", "exp-chunk");
+        for (ci = 0; ci < CONFIGS; ++ci)
+            printf("%-30s %9.4f %9.4f %10.4f | %9.3f %9.3f %9.3f %9.3f | %9.3f %9.3f\n", g_configs[ci].name,
+                   worst(&sh, ci, OP_GPU_PLAN) / ROUTE_REPEAT, worst(&sh, ci, OP_GPU_PLAN_ONE), worst(&sh, ci, OP_PLAN),
+                   worst(&sh, ci, OP_FORWARD_HOSTPLAN), worst(&sh, ci, OP_FORWARD), worst(&sh, ci, OP_FORWARD_CHUNKED),
+                   worst(&sh, ci, OP_GRAPH), worst(&sh, ci, OP_EXPERTS), worst(&sh, ci, OP_EXPERTS_CHUNKED));
+        printf("(gpu-plan: the three plan kernels, mean of %d plans replayed in one CUDA graph; plan-1: one plan\n"
+               " launched from the host; host-plan: moe_ep_cuda_plan_create (download, host plan, upload);\n"
+               " fwd-host: forward with planning = HOST; fwd-gpu: the default (planned on the GPU, GEMM sizes\n"
+               " downloaded); fwd-chunk: expert_gemm = CHUNKED; fwd-graph: that forward captured, one graph launch;\n"
+               " experts: grouped GEMMs on a host plan; exp-chunk: the CHUNKED experts alone)\n", ROUTE_REPEAT);
     }
     printf("\n");
     for (ci = 0; ci < CONFIGS; ++ci) {

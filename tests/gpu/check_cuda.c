@@ -25,6 +25,7 @@
 #define MOE_EP_IMPLEMENTATION
 #include "../../moe_ep_cuda.h"
 #include "../../transports/moe_ep_nccl.h"
+#include "../../transports/moe_ep_pthreads.h"   /* the core's plans of an emulated world of ranks */
 
 #include <pthread.h>
 #include <stdio.h>
@@ -166,6 +167,8 @@ typedef struct layer_case {
     float** w1; float** w3; float** w2;
     float* x[MAX_GPUS];
     int never_chosen;               /* hand-in routing avoids the upper half of the experts */
+    int scale_input;                /* scale_expert_input (Llama-4) */
+    int replays;                    /* the graph case: replays with fresh tokens */
 } layer_case;
 
 static void model_make(layer_case* c, int world) {
@@ -219,6 +222,7 @@ static moe_ep_result cpu_reference(const layer_case* c, int T, const float* x, c
                                         .router_bias = c->biases ? c->router_bias : NULL,
                                         .selection_bias = c->biases ? c->selection_bias : NULL,
                                         .capacity_factor = c->capacity, .router_weight = c->router,
+                                        .scale_expert_input = c->scale_input != 0,
                                         .experts = all, .num_threads = 1 }, &ctx);
     if (res == MOE_EP_OK)
         res = moe_ep_forward(ctx, &(moe_ep_forward_args){ .tokens = T, .x = x, .y = y, .routing_in = true,
@@ -593,6 +597,422 @@ static void run_direct_case(world* w, layer_case c) {
     model_free(&c, w->size);
 }
 
+static int scale_expert(int local_expert, int expert, const void* rows, int64_t row_count, int d_model, void* out,
+                        cudaStream_t stream, void* user_data);
+
+/* >>planning on the GPU: the host-planned layer's bits (world size 1) */
+/* One layer per kind of planning, the same weights; fresh tokens each round. The GPU plan
+   must place every row where the host plan does: the slot maps, the combine weights and
+   the receive offsets equal (CHUNKED: the same rank within each expert, its padded
+   offsets), and the outputs equal bitwise (CHUNKED: within tolerance of the CPU layer,
+   its GEMMs being others). With capacity drops, empty experts, input scaling, k = E, the
+   GPU router and hand-in routing. */
+static moe_ep_cuda_layer* make_layer(rank_env* env, const layer_case* c, moe_ep_cuda_expert_weights* mine, void* router,
+                                     moe_ep_cuda_planning planning, moe_ep_cuda_expert_gemm gemm) {
+    moe_ep_cuda_layer* layer = NULL;
+    moe_ep_result res = moe_ep_cuda_layer_create(&(moe_ep_cuda_layer_desc){
+        .d_model = c->d, .d_ff = c->ff, .num_experts = c->E, .top_k = c->k, .activation = c->activation,
+        .normalize_topk = c->normalize != 0, .capacity_factor = c->capacity, .scale_expert_input = c->scale_input != 0,
+        .placement = { .kind = c->placement }, .transport = &env->transport, .stream = env->stream,
+        .dtype = c->bf16 ? MOE_EP_CUDA_DTYPE_BF16 : MOE_EP_CUDA_DTYPE_F32, .max_tokens = c->max_tokens,
+        .expert_gemm = gemm, .planning = planning, .router_weight = router, .experts = mine }, &layer);
+    if (res != MOE_EP_OK) rank_fail(env, "moe_ep_cuda_layer_create (planning %d): %s", (int)planning, moe_ep_result_string(res));
+    return res == MOE_EP_OK ? layer : NULL;
+}
+
+static void* fetch(rank_env* env, const void* dev, size_t bytes) {
+    void* h = malloc(bytes + 8);
+    if (cudaMemcpy(h, dev, bytes, cudaMemcpyDeviceToHost) != cudaSuccess) rank_fail(env, "download of a plan array");
+    return h;
+}
+
+/* The GPU layer's last plan against a host plan of the same routing. */
+static void compare_plans(rank_env* env, moe_ep_cuda_layer* host, moe_ep_cuda_layer* gpu, int T, const int32_t* idx,
+                          const float* w, int chunked) {
+    moe_ep_cuda_plan* P = NULL;
+    size_t slots = (size_t)T * (size_t)gpu->top_k, n = (size_t)gpu->local_experts, i;
+    int32_t *hm, *gm;
+    float *hw, *gw;
+    int64_t *hf, *gf, *gc;
+    if (moe_ep_cuda_plan_create(host, T, idx, w, &P) != MOE_EP_OK) { rank_fail(env, "host plan: %s", moe_ep_cuda_layer_last_error(host)); return; }
+    hm = (int32_t*)fetch(env, P->slot_map, slots * 4);
+    gm = (int32_t*)fetch(env, gpu->gp.k.slot_map, slots * 4);
+    hw = (float*)fetch(env, P->weight, slots * 4);
+    gw = (float*)fetch(env, gpu->gp.k.weight, slots * 4);
+    hf = (int64_t*)fetch(env, P->first_row, n * 8);
+    gf = (int64_t*)fetch(env, gpu->gp.k.local_offsets, n * 8);
+    gc = (int64_t*)fetch(env, gpu->gp.k.local_counts, n * 8);
+    if (memcmp(hw, gw, slots * 4) != 0) rank_fail(env, "plan: the combine weights differ");
+    if (memcmp(gc, P->info.local_expert_counts, n * 8) != 0) rank_fail(env, "plan: the local expert counts differ");
+    if (!chunked && memcmp(hf, gf, n * 8) != 0) rank_fail(env, "plan: the local expert offsets differ");
+    if (!chunked && memcmp(hm, gm, slots * 4) != 0) rank_fail(env, "plan: the slot maps differ");
+    for (i = 0; chunked && i < slots && !env->failed; ++i) {
+        int l = gpu->local_index_of[idx[i]];
+        int64_t hr = hm[i] == -1 ? -1 : -(int64_t)hm[i] - 2 - hf[l], gr = gm[i] == -1 ? -1 : -(int64_t)gm[i] - 2 - gf[l];
+        if (hr != gr || (gf[l] % gpu->chunk_rows) != 0)
+            rank_fail(env, "plan: slot %zu is row %lld of expert %d on the host, %lld (first row %lld) on the GPU", i,
+                      (long long)hr, l, (long long)gr, (long long)gf[l]);
+    }
+    moe_ep_cuda_plan_destroy(P);
+    free(hm); free(gm); free(hw); free(gw); free(hf); free(gf); free(gc);
+}
+
+static void test_gpu_plan(rank_env* env) {
+    layer_case* c = (layer_case*)env->shared;
+    int T = c->tokens[0], l, L = 0, round, chunked = c->expert_gemm == MOE_EP_CUDA_EXPERT_GEMM_CHUNKED;
+    size_t es = c->bf16 ? 2 : 4, n = (size_t)T * (size_t)c->d, slots = (size_t)T * (size_t)c->k;
+    moe_ep_cuda_layer *host = NULL, *gpu = NULL;
+    moe_ep_cuda_expert_weights* mine = NULL;
+    void **store = NULL, *router = NULL, *xh = NULL, *yh[2] = { NULL, NULL }, *x = NULL, *y[2] = { NULL, NULL };
+    float *xf = NULL, *yf = NULL, *ref = NULL, *w = NULL;
+    int32_t* idx = NULL;
+    uint64_t s = c->seed * 4099;
+    mine = rank_weights(c, 0, 1, &store, &L);
+    router = to_dtype(c->router, (size_t)c->E * (size_t)c->d, c->bf16);
+    host = make_layer(env, c, mine, c->gpu_router ? router : NULL, MOE_EP_CUDA_PLANNING_HOST,
+                      chunked ? MOE_EP_CUDA_EXPERT_GEMM_DEFAULT : c->expert_gemm);
+    gpu = make_layer(env, c, mine, c->gpu_router ? router : NULL, MOE_EP_CUDA_PLANNING_GPU, c->expert_gemm);
+    if (!host || !gpu) goto done;
+    if (!gpu->gpu_plan || host->gpu_plan) { rank_fail(env, "the layers did not take the planning asked for"); goto done; }
+    xf = (float*)malloc(sizeof(float) * (n + 1));
+    yf = (float*)malloc(sizeof(float) * (n + 1));
+    ref = (float*)malloc(sizeof(float) * (n + 1));
+    idx = (int32_t*)malloc(sizeof(int32_t) * (slots + 1));
+    w = (float*)malloc(sizeof(float) * (slots + 1));
+    yh[0] = malloc(n * es + 4);
+    yh[1] = malloc(n * es + 4);
+    CHECK_CUDA(env, cudaMalloc(&x, n * es + 16));
+    CHECK_CUDA(env, cudaMalloc(&y[0], n * es + 16));
+    CHECK_CUDA(env, cudaMalloc(&y[1], n * es + 16));
+    for (round = 0; round < 3 && !env->failed; ++round) {
+        moe_ep_result res;
+        int which;
+        fill(xf, n, 1.0f, c->bf16, &s);
+        free(xh);
+        xh = to_dtype(xf, n, c->bf16);
+        CHECK_CUDA(env, cudaMemcpy(x, xh, n * es, cudaMemcpyHostToDevice));
+        CHECK_CUDA(env, cudaMemset(y[0], 0xFF, n * es + 16));
+        CHECK_CUDA(env, cudaMemset(y[1], 0xFF, n * es + 16));
+        if (!c->gpu_router) {
+            layer_case c2 = *c;
+            c2.seed = c->seed + (uint64_t)round;
+            make_routing(&c2, 0, T, idx, w);
+        }
+        /* the GPU-planned layer routes (or takes the routing), the host-planned one routes on its own */
+        res = moe_ep_cuda_forward(gpu, &(moe_ep_cuda_forward_args){ .tokens = T, .x = x, .y = y[1],
+                                                                      .routing_in = !c->gpu_router, .topk_idx = idx,
+                                                                      .topk_weight = w });
+        if (res != MOE_EP_OK) { rank_fail(env, "GPU-planned forward: %s", moe_ep_cuda_layer_last_error(gpu)); break; }
+        res = moe_ep_cuda_forward(host, &(moe_ep_cuda_forward_args){ .tokens = T, .x = x, .y = y[0],
+                                                                       .routing_in = !c->gpu_router,
+                                                                       .topk_idx = c->gpu_router ? NULL : idx,
+                                                                       .topk_weight = c->gpu_router ? NULL : w });
+        if (res != MOE_EP_OK) { rank_fail(env, "host-planned forward: %s", moe_ep_cuda_layer_last_error(host)); break; }
+        CHECK_CUDA(env, cudaStreamSynchronize(env->stream));
+        for (which = 0; which < 2; ++which) CHECK_CUDA(env, cudaMemcpy(yh[which], y[which], n * es, cudaMemcpyDeviceToHost));
+        compare_plans(env, host, gpu, T, idx, w, chunked);
+        from_dtype(yh[1], n, c->bf16, yf);
+        if (cpu_reference(c, T, xf, idx, w, ref, NULL) != MOE_EP_OK) { rank_fail(env, "CPU reference failed"); break; }
+        {
+            double err = rel_error(yf, ref, n);
+            if (!(err <= (c->bf16 ? 1e-2 : 1e-5))) rank_fail(env, "round %d: relative error %.3g against the CPU layer", round, err);
+            else snprintf(env->message, sizeof env->message, "rel.err %.2e%s", err, chunked ? "" : ", bitwise the host plan's");
+        }
+        if (!chunked && memcmp(yh[0], yh[1], n * es) != 0) rank_fail(env, "round %d: the output differs from the host-planned layer's", round);
+    }
+    /* no tokens: nothing to do, y untouched */
+    if (!env->failed && moe_ep_cuda_forward(gpu, &(moe_ep_cuda_forward_args){ .tokens = 0, .routing_in = !c->gpu_router })
+                        != MOE_EP_OK)
+        rank_fail(env, "a forward of 0 tokens failed: %s", moe_ep_cuda_layer_last_error(gpu));
+done:
+    if (host) moe_ep_cuda_layer_destroy(host);
+    if (gpu) moe_ep_cuda_layer_destroy(gpu);
+    for (l = 0; l < 3 * L; ++l) free(store[l]);
+    free(store); free(mine); free(router); free(xh); free(yh[0]); free(yh[1]); free(xf); free(yf); free(ref); free(idx); free(w);
+    cudaFree(x); cudaFree(y[0]); cudaFree(y[1]);
+}
+
+/* >>CUDA graphs: the layer captured once, replayed on fresh tokens (world size 1) */
+/* CHUNKED, the GPU router: a warm-up forward, then one forward captured (global mode: any
+   synchronising call fails the capture), then replays, each with new tokens copied into the
+   captured input, against the same layer's plain forward on them, bitwise; one replay is
+   also checked against the CPU layer. Few tokens over many experts: experts without rows. */
+static void test_graph(rank_env* env) {
+    layer_case* c = (layer_case*)env->shared;
+    int T = c->tokens[0], l, L = 0, round, empty_seen = 0;
+    size_t es = c->bf16 ? 2 : 4, n = (size_t)T * (size_t)c->d, slots = (size_t)T * (size_t)c->k;
+    moe_ep_cuda_layer *layer = NULL, *refused = NULL;
+    moe_ep_cuda_expert_weights* mine = NULL;
+    void **store = NULL, *router = NULL, *xh = NULL, *yg = NULL, *yp = NULL, *x = NULL, *y = NULL, *y2 = NULL;
+    float *xf = NULL, *yf = NULL, *ref = NULL, *w = NULL;
+    int32_t* idx = NULL;
+    uint64_t s = c->seed * 7177;
+    cudaGraph_t graph = NULL;
+    cudaGraphExec_t exec = NULL;
+    enum cudaStreamCaptureStatus status;
+    moe_ep_result res;
+    mine = rank_weights(c, 0, 1, &store, &L);
+    router = to_dtype(c->router, (size_t)c->E * (size_t)c->d, c->bf16);
+    /* CHUNKED without max_tokens, or with an expert callback, is refused at create */
+    res = moe_ep_cuda_layer_create(&(moe_ep_cuda_layer_desc){ .d_model = c->d, .d_ff = c->ff, .num_experts = c->E,
+                                       .top_k = c->k, .transport = &env->transport, .stream = env->stream,
+                                       .expert_gemm = MOE_EP_CUDA_EXPERT_GEMM_CHUNKED, .experts = mine }, &refused);
+    if (res != MOE_EP_ERROR_INVALID_ARGUMENT) rank_fail(env, "CHUNKED without max_tokens: %s", moe_ep_result_string(res));
+    res = moe_ep_cuda_layer_create(&(moe_ep_cuda_layer_desc){ .d_model = c->d, .num_experts = c->E, .top_k = c->k,
+                                       .transport = &env->transport, .stream = env->stream, .max_tokens = T,
+                                       .expert_gemm = MOE_EP_CUDA_EXPERT_GEMM_CHUNKED, .expert_fn = scale_expert }, &refused);
+    if (res != MOE_EP_ERROR_INVALID_ARGUMENT) rank_fail(env, "CHUNKED with expert_fn: %s", moe_ep_result_string(res));
+    if (refused) moe_ep_cuda_layer_destroy(refused);
+    layer = make_layer(env, c, mine, router, MOE_EP_CUDA_PLANNING_DEFAULT, MOE_EP_CUDA_EXPERT_GEMM_CHUNKED);
+    if (!layer) goto done;
+    xf = (float*)malloc(sizeof(float) * (n + 1));
+    yf = (float*)malloc(sizeof(float) * (n + 1));
+    ref = (float*)malloc(sizeof(float) * (n + 1));
+    idx = (int32_t*)malloc(sizeof(int32_t) * (slots + 1));
+    w = (float*)malloc(sizeof(float) * (slots + 1));
+    yg = malloc(n * es + 4);
+    yp = malloc(n * es + 4);
+    CHECK_CUDA(env, cudaMalloc(&x, n * es + 16));
+    CHECK_CUDA(env, cudaMalloc(&y, n * es + 16));
+    CHECK_CUDA(env, cudaMalloc(&y2, n * es + 16));
+    fill(xf, n, 1.0f, c->bf16, &s);
+    xh = to_dtype(xf, n, c->bf16);
+    CHECK_CUDA(env, cudaMemcpy(x, xh, n * es, cudaMemcpyHostToDevice));
+    res = moe_ep_cuda_forward(layer, &(moe_ep_cuda_forward_args){ .tokens = T, .x = x, .y = y2 });   /* warm-up */
+    if (res != MOE_EP_OK) { rank_fail(env, "warm-up forward: %s", moe_ep_cuda_layer_last_error(layer)); goto done; }
+    CHECK_CUDA(env, cudaStreamSynchronize(env->stream));
+    CHECK_CUDA(env, cudaStreamBeginCapture(env->stream, cudaStreamCaptureModeGlobal));
+    res = moe_ep_cuda_forward(layer, &(moe_ep_cuda_forward_args){ .tokens = T, .x = x, .y = y });
+    if (cudaStreamIsCapturing(env->stream, &status) != cudaSuccess || status != cudaStreamCaptureStatusActive)
+        rank_fail(env, "the forward broke the capture (%s)", moe_ep_cuda_layer_last_error(layer));
+    CHECK_CUDA(env, cudaStreamEndCapture(env->stream, &graph));
+    if (res != MOE_EP_OK) { rank_fail(env, "captured forward: %s", moe_ep_cuda_layer_last_error(layer)); goto done; }
+    if (env->failed) goto done;
+    CHECK_CUDA(env, cudaGraphInstantiate(&exec, graph, 0));
+    for (round = 0; round < c->replays && !env->failed; ++round) {
+        size_t used = 0;
+        int e;
+        fill(xf, n, 1.0f, c->bf16, &s);
+        free(xh);
+        xh = to_dtype(xf, n, c->bf16);
+        CHECK_CUDA(env, cudaMemcpy(x, xh, n * es, cudaMemcpyHostToDevice));
+        CHECK_CUDA(env, cudaMemset(y, 0xFF, n * es + 16));
+        CHECK_CUDA(env, cudaMemset(y2, 0xFF, n * es + 16));
+        CHECK_CUDA(env, cudaGraphLaunch(exec, env->stream));
+        CHECK_CUDA(env, cudaStreamSynchronize(env->stream));
+        CHECK_CUDA(env, cudaMemcpy(yg, y, n * es, cudaMemcpyDeviceToHost));
+        /* the plain forward on the same tokens, with the routing brought back */
+        res = moe_ep_cuda_forward(layer, &(moe_ep_cuda_forward_args){ .tokens = T, .x = x, .y = y2, .topk_idx = idx,
+                                                                        .topk_weight = w });
+        if (res != MOE_EP_OK) { rank_fail(env, "plain forward: %s", moe_ep_cuda_layer_last_error(layer)); break; }
+        CHECK_CUDA(env, cudaStreamSynchronize(env->stream));
+        CHECK_CUDA(env, cudaMemcpy(yp, y2, n * es, cudaMemcpyDeviceToHost));
+        if (memcmp(yg, yp, n * es) != 0) rank_fail(env, "replay %d differs from the plain forward", round);
+        for (e = 0; e < c->E; ++e) {
+            size_t i;
+            int hit = 0;
+            for (i = 0; i < slots; ++i) hit |= idx[i] == e;
+            used += (size_t)hit;
+        }
+        empty_seen += used < (size_t)c->E;
+        if (round == 0) {
+            double err;
+            from_dtype(yg, n, c->bf16, yf);
+            if (cpu_reference(c, T, xf, idx, w, ref, NULL) != MOE_EP_OK) { rank_fail(env, "CPU reference failed"); break; }
+            err = rel_error(yf, ref, n);
+            if (!(err <= (c->bf16 ? 1e-2 : 1e-5))) rank_fail(env, "replay: relative error %.3g against the CPU layer", err);
+            else snprintf(env->message, sizeof env->message, "%d replays bitwise the plain forward; rel.err %.2e; "
+                          "chunks of %d rows", c->replays, err, layer->chunk_rows);
+        }
+    }
+    if (!env->failed && !empty_seen && T * c->k < c->E)
+        rank_fail(env, "no replay left an expert without rows (the case must)");
+done:
+    if (exec) cudaGraphExecDestroy(exec);
+    if (graph) cudaGraphDestroy(graph);
+    if (layer) moe_ep_cuda_layer_destroy(layer);
+    for (l = 0; l < 3 * L; ++l) free(store[l]);
+    free(store); free(mine); free(router); free(xh); free(yg); free(yp); free(xf); free(yf); free(ref); free(idx); free(w);
+    cudaFree(x); cudaFree(y); cudaFree(y2);
+}
+
+/* >>the plan kernels for several ranks, emulated on one GPU */
+/* The core's plans of R ranks (pthreads transport, hand-in routing) against the plan
+   kernels run for each of the R ranks on this GPU, the count exchange done by the test
+   between their two halves: every rank's send and receive offsets, local counts and
+   offsets, totals and slot map equal. Uneven placements (E % R != 0, round-robin), capacity
+   drops and several blocks of slots. */
+#define EMU_MAX_RANKS 4
+typedef struct emu_case {
+    int R, E, k, tokens[EMU_MAX_RANKS];
+    float capacity;
+    moe_ep_placement_kind placement;
+    uint64_t seed;
+    /* filled by the core's ranks */
+    int32_t* idx[EMU_MAX_RANKS];
+    float* weight[EMU_MAX_RANKS];
+    moe_ep_plan_info info[EMU_MAX_RANKS];
+    moe_ep_plan* plans[EMU_MAX_RANKS];
+    moe_ep_context* ctx[EMU_MAX_RANKS];
+    int32_t expert_at[2 * 64];
+} emu_case;
+
+static int emu_no_experts(int l, int e, const float* rows, int64_t n, int d, float* out, void* u) {
+    (void)l; (void)e; (void)rows; (void)n; (void)d; (void)out; (void)u;
+    return 1;
+}
+
+static moe_ep_result emu_rank(const moe_ep_transport* t, void* user) {
+    emu_case* c = (emu_case*)user;
+    int r = t->rank, e;
+    moe_ep_result res = moe_ep_create(&(moe_ep_desc){ .d_model = 8, .num_experts = c->E, .top_k = c->k,
+                                                       .capacity_factor = c->capacity,
+                                                       .placement = { .kind = c->placement }, .num_threads = 1,
+                                                       .expert_fn = emu_no_experts, .transport = t }, &c->ctx[r]);
+    if (res == MOE_EP_OK) res = moe_ep_plan_create(c->ctx[r], c->tokens[r], c->idx[r], c->weight[r], &c->plans[r]);
+    if (res != MOE_EP_OK) return res;
+    c->info[r] = moe_ep_plan_query(c->plans[r]);
+    for (e = 0; r == 0 && e < c->E; ++e) {
+        c->expert_at[e] = moe_ep_expert_owner(c->ctx[r], e);
+        c->expert_at[c->E + e] = moe_ep_expert_local_index(c->ctx[r], e);
+    }
+    return MOE_EP_OK;
+}
+
+typedef struct emu_run { rank_fn fn; emu_case* c; } emu_run;
+
+static void test_plan_ranks(rank_env* env) {
+    emu_case* c = ((emu_run*)env->shared)->c;
+    moe_ep_pthreads_world* world = NULL;
+    moe_ep__cuda_k_plan k[EMU_MAX_RANKS];
+    void* block[EMU_MAX_RANKS];
+    int R = c->R, S = 1, r, q, s, e;
+    int64_t* sent = (int64_t*)calloc((size_t)(R * R * c->E + 1), sizeof(int64_t));
+    layer_case routing_case;
+    memset(block, 0, sizeof block);
+    memset(&routing_case, 0, sizeof routing_case);
+    routing_case.E = c->E;
+    routing_case.k = c->k;
+    for (r = 0; r < R; ++r) {
+        c->idx[r] = (int32_t*)malloc(sizeof(int32_t) * (size_t)(c->tokens[r] * c->k + 1));
+        c->weight[r] = (float*)malloc(sizeof(float) * (size_t)(c->tokens[r] * c->k + 1));
+        routing_case.seed = c->seed + (uint64_t)r;
+        make_routing(&routing_case, r, c->tokens[r], c->idx[r], c->weight[r]);
+    }
+    if (moe_ep_pthreads_world_create(&(moe_ep_pthreads_desc){ .world_size = R }, &world) != MOE_EP_OK ||
+        moe_ep_pthreads_run(world, emu_rank, c, NULL) != MOE_EP_OK) {
+        rank_fail(env, "the core's plans of %d ranks failed", R);
+        goto done;
+    }
+    S = c->info[0].segments;
+    for (r = 0; r < R; ++r) {     /* each rank's send half */
+        int64_t slots = (int64_t)c->tokens[r] * c->k, blocks = (slots + MOE_EP__CUDA_PLAN_BLOCK - 1) / MOE_EP__CUDA_PLAN_BLOCK;
+        size_t RS = (size_t)R * (size_t)S, off = 0;
+        char* b;
+        CHECK_CUDA(env, cudaMalloc(&block[r], 1 << 22));
+        b = (char*)block[r];
+        memset(&k[r], 0, sizeof k[r]);
+#define EMU_TAKE(ptr, type, count) do { ptr = (type*)(b + off); off += ((size_t)(count) * sizeof(type) + 255) & ~(size_t)255; } while (0)
+        EMU_TAKE(k[r].topk_idx, const int32_t, slots + 1);
+        EMU_TAKE(k[r].topk_weight, const float, slots + 1);
+        EMU_TAKE(k[r].expert_at, const int32_t, 2 * c->E);
+        EMU_TAKE(k[r].slot_rank, int32_t, slots + 1);
+        EMU_TAKE(k[r].block_counts, int32_t, (blocks + 1) * c->E);
+        EMU_TAKE(k[r].counts, int64_t, c->E);
+        EMU_TAKE(k[r].kept, int64_t, c->E);
+        EMU_TAKE(k[r].seg_send_counts, int64_t, RS);
+        EMU_TAKE(k[r].seg_send_offsets, int64_t, RS);
+        EMU_TAKE(k[r].seg_recv_counts, int64_t, RS);
+        EMU_TAKE(k[r].seg_recv_offsets, int64_t, RS);
+        EMU_TAKE(k[r].local_counts, int64_t, S);
+        EMU_TAKE(k[r].local_offsets, int64_t, S);
+        EMU_TAKE(k[r].totals, int64_t, 4);
+        EMU_TAKE(k[r].slot_map, int32_t, slots + 1);
+        EMU_TAKE(k[r].weight, float, slots + 1);
+#undef EMU_TAKE
+        k[r].slots = slots;
+        k[r].capacity = c->info[r].capacity;
+        k[r].E = c->E;
+        k[r].R = R;
+        k[r].S = S;
+        k[r].rank = r;
+        k[r].local_experts = c->info[r].local_experts;
+        CHECK_CUDA(env, cudaMemcpy((void*)(uintptr_t)k[r].topk_idx, c->idx[r], (size_t)slots * 4 + 4, cudaMemcpyHostToDevice));
+        CHECK_CUDA(env, cudaMemcpy((void*)(uintptr_t)k[r].topk_weight, c->weight[r], (size_t)slots * 4 + 4, cudaMemcpyHostToDevice));
+        CHECK_CUDA(env, cudaMemcpy((void*)(uintptr_t)k[r].expert_at, c->expert_at, sizeof(int32_t) * 2 * (size_t)c->E,
+                                   cudaMemcpyHostToDevice));
+        CHECK_CUDA(env, (cudaError_t)moe_ep__cuda_k_plan_send(&k[r], env->stream));
+        CHECK_CUDA(env, cudaMemcpy(sent + (size_t)r * RS, k[r].seg_send_counts, RS * 8, cudaMemcpyDeviceToHost));
+    }
+    for (r = 0; r < R && !env->failed; ++r) {    /* the count exchange, then the receive half */
+        int64_t* got = (int64_t*)calloc((size_t)(R * S) * 4 + 8, sizeof(int64_t));
+        int64_t *recv_off = got + R * S, *send_off = got + 2 * R * S, *local = got + 3 * R * S, totals[4];
+        int64_t slots = (int64_t)c->tokens[r] * c->k, i;
+        int32_t* map = (int32_t*)malloc(sizeof(int32_t) * (size_t)(slots + 1));
+        const moe_ep_plan_info* in = &c->info[r];
+        for (q = 0; q < R; ++q)
+            for (s = 0; s < S; ++s) got[q * S + s] = sent[(size_t)q * R * S + (size_t)r * S + s];
+        if (memcmp(got, in->seg_recv_counts, sizeof(int64_t) * (size_t)(R * S)) != 0)
+            rank_fail(env, "R=%d rank %d: the counts it receives differ from the core's", R, r);
+        CHECK_CUDA(env, cudaMemcpy(k[r].seg_recv_counts, got, sizeof(int64_t) * (size_t)(R * S), cudaMemcpyHostToDevice));
+        CHECK_CUDA(env, (cudaError_t)moe_ep__cuda_k_plan_receive(&k[r], env->stream));
+        CHECK_CUDA(env, cudaStreamSynchronize(env->stream));
+        CHECK_CUDA(env, cudaMemcpy(recv_off, k[r].seg_recv_offsets, sizeof(int64_t) * (size_t)(R * S), cudaMemcpyDeviceToHost));
+        CHECK_CUDA(env, cudaMemcpy(send_off, k[r].seg_send_offsets, sizeof(int64_t) * (size_t)(R * S), cudaMemcpyDeviceToHost));
+        CHECK_CUDA(env, cudaMemcpy(local, k[r].local_counts, sizeof(int64_t) * (size_t)S, cudaMemcpyDeviceToHost));
+        CHECK_CUDA(env, cudaMemcpy(local + S, k[r].local_offsets, sizeof(int64_t) * (size_t)S, cudaMemcpyDeviceToHost));
+        CHECK_CUDA(env, cudaMemcpy(totals, k[r].totals, sizeof totals, cudaMemcpyDeviceToHost));
+        CHECK_CUDA(env, cudaMemcpy(map, k[r].slot_map, sizeof(int32_t) * (size_t)slots, cudaMemcpyDeviceToHost));
+        if (memcmp(send_off, in->seg_send_offsets, sizeof(int64_t) * (size_t)(R * S)) != 0 ||
+            memcmp(recv_off, in->seg_recv_offsets, sizeof(int64_t) * (size_t)(R * S)) != 0)
+            rank_fail(env, "R=%d rank %d: segment offsets differ from the core's", R, r);
+        if (memcmp(local, in->local_expert_counts, sizeof(int64_t) * (size_t)in->local_experts) != 0 ||
+            memcmp(local + S, in->local_expert_offsets, sizeof(int64_t) * (size_t)in->local_experts) != 0)
+            rank_fail(env, "R=%d rank %d: local expert counts or offsets differ from the core's", R, r);
+        if (totals[0] != in->send_rows || totals[1] != in->recv_rows)
+            rank_fail(env, "R=%d rank %d: %lld send / %lld receive rows, the core %lld / %lld", R, r, (long long)totals[0],
+                      (long long)totals[1], (long long)in->send_rows, (long long)in->recv_rows);
+        for (i = 0; i < slots && !env->failed; ++i) {
+            int64_t row = in->slot_rows[i];
+            int owner = c->expert_at[c->idx[r][i]], l = c->expert_at[c->E + c->idx[r][i]];
+            int64_t want = row < 0 ? -1 : owner != r ? row
+                           : -(row + in->seg_recv_offsets[r * S + l] - in->seg_send_offsets[r * S + l]) - 2;
+            if (map[i] != want) rank_fail(env, "R=%d rank %d slot %lld: slot map %d, the core's plan says %lld", R, r,
+                                          (long long)i, map[i], (long long)want);
+        }
+        free(got);
+        free(map);
+    }
+    if (!env->failed) {
+        int64_t dropped = 0;
+        for (r = 0; r < R; ++r)
+            for (e = 0; e < c->E; ++e) dropped += c->info[r].expert_counts[e] - c->info[r].expert_kept[e];
+        snprintf(env->message, sizeof env->message, "%d segments, %lld assignments dropped", S, (long long)dropped);
+    }
+done:
+    for (r = 0; r < R; ++r) {
+        if (c->plans[r]) moe_ep_plan_destroy(c->plans[r]);
+        if (c->ctx[r]) moe_ep_destroy(c->ctx[r]);
+        c->plans[r] = NULL;
+        c->ctx[r] = NULL;
+        free(c->idx[r]);
+        free(c->weight[r]);
+        cudaFree(block[r]);
+    }
+    if (world) moe_ep_pthreads_world_destroy(world);
+    free(sent);
+}
+
+static void run_world_one_case(world* w, layer_case c, rank_fn fn, const char* what) {
+    char name[200];
+    c.fn = fn;
+    model_make(&c, 1);
+    snprintf(name, sizeof name, "%s %s %s E=%d k=%d d=%d ff=%d T=%d", what, c.name, c.bf16 ? "bf16" : "fp32", c.E, c.k, c.d,
+             c.ff, c.tokens[0]);
+    run_case(w, name, &c);
+    model_free(&c, 1);
+}
+
 /* >>agreement tests */
 typedef struct agree_case {
     rank_fn fn;
@@ -775,6 +1195,57 @@ static void run_world(world* w) {
               .placement = MOE_EP_PLACEMENT_ROUND_ROBIN, .max_tokens = 150, .tokens = { 150, 90, 11, 4 }, .seed = 36 },
         };
         for (i = 0; i < (int)(sizeof cases / sizeof cases[0]); ++i) run_direct_case(w, cases[i]);
+    }
+    if (w->size == 1) {
+        layer_case plans[] = {
+            { .name = "GPU router", .E = 8, .k = 2, .d = 64, .ff = 48, .gpu_router = 1, .max_tokens = 300,
+              .tokens = { 300 }, .seed = 51 },
+            { .name = "hand-in, empty experts, capacity 1.0 (drops)", .bf16 = 1, .E = 16, .k = 4, .d = 64, .ff = 40,
+              .never_chosen = 1, .capacity = 1.0f, .max_tokens = 256, .tokens = { 250 }, .seed = 52 },
+            { .name = "odd shapes, GEMM loop, capacity 1.25, input scaling", .E = 5, .k = 3, .d = 33, .ff = 45,
+              .expert_gemm = MOE_EP_CUDA_EXPERT_GEMM_LOOP, .capacity = 1.25f, .scale_input = 1, .max_tokens = 128,
+              .tokens = { 97 }, .seed = 53 },
+            { .name = "k=E, GPU router", .bf16 = 1, .E = 4, .k = 4, .d = 36, .ff = 20, .gpu_router = 1, .max_tokens = 64,
+              .tokens = { 55 }, .seed = 54 },
+            { .name = "1030 slots (5 blocks), round-robin", .E = 32, .k = 5, .d = 40, .ff = 24, .gpu_router = 1,
+              .placement = MOE_EP_PLACEMENT_ROUND_ROBIN, .max_tokens = 300, .tokens = { 206 }, .seed = 55 },
+            { .name = "CHUNKED, GPU router", .bf16 = 1, .E = 64, .k = 6, .d = 128, .ff = 96, .gpu_router = 1,
+              .expert_gemm = MOE_EP_CUDA_EXPERT_GEMM_CHUNKED, .max_tokens = 600, .tokens = { 512 }, .seed = 56 },
+            { .name = "CHUNKED, hand-in, empty experts, capacity 1.0, input scaling", .E = 12, .k = 3, .d = 48, .ff = 40,
+              .expert_gemm = MOE_EP_CUDA_EXPERT_GEMM_CHUNKED, .never_chosen = 1, .capacity = 1.0f, .scale_input = 1,
+              .max_tokens = 100, .tokens = { 100 }, .seed = 57 },
+            { .name = "CHUNKED, gelu", .E = 6, .k = 2, .d = 40, .ff = 56, .activation = MOE_EP_ACTIVATION_GELU,
+              .gpu_router = 1, .expert_gemm = MOE_EP_CUDA_EXPERT_GEMM_CHUNKED, .max_tokens = 200, .tokens = { 130 },
+              .seed = 58 },
+        };
+        layer_case graphs[] = {
+            { .name = "", .bf16 = 1, .E = 64, .k = 2, .d = 128, .ff = 96, .max_tokens = 64, .tokens = { 24 }, .replays = 4,
+              .seed = 61 },
+            { .name = "", .E = 32, .k = 4, .d = 64, .ff = 80, .max_tokens = 100, .tokens = { 9 }, .replays = 4, .seed = 62 },
+            { .name = "input scaling, capacity 1.0 (drops)", .bf16 = 1, .E = 64, .k = 2, .d = 64, .ff = 48,
+              .scale_input = 1, .capacity = 1.0f, .max_tokens = 200, .tokens = { 30 }, .replays = 3, .seed = 63 },
+            { .name = "chunks of 256 rows", .bf16 = 1, .E = 4, .k = 2, .d = 64, .ff = 64, .max_tokens = 2048,
+              .tokens = { 1500 }, .replays = 2, .seed = 64 },
+        };
+        emu_case emus[] = {
+            { .R = 2, .E = 8, .k = 2, .tokens = { 700, 300 }, .seed = 71 },
+            { .R = 3, .E = 10, .k = 3, .tokens = { 900, 1, 450 }, .capacity = 1.0f, .seed = 72 },
+            { .R = 4, .E = 16, .k = 4, .tokens = { 600, 0, 333, 1200 }, .placement = MOE_EP_PLACEMENT_ROUND_ROBIN,
+              .capacity = 1.25f, .seed = 73 },
+            { .R = 4, .E = 6, .k = 2, .tokens = { 50, 40, 30, 20 }, .seed = 74 },
+        };
+        for (i = 0; i < (int)(sizeof emus / sizeof emus[0]); ++i) {
+            emu_run the_case = { test_plan_ranks, &emus[i] };
+            char name[160];
+            snprintf(name, sizeof name, "plan kernels = the core's plans, %d emulated ranks, E=%d k=%d capacity %.2f%s",
+                     emus[i].R, emus[i].E, emus[i].k, emus[i].capacity,
+                     emus[i].placement == MOE_EP_PLACEMENT_ROUND_ROBIN ? " round-robin" : "");
+            run_case(w, name, &the_case);
+        }
+        for (i = 0; i < (int)(sizeof plans / sizeof plans[0]); ++i)
+            run_world_one_case(w, plans[i], test_gpu_plan, "GPU plan = host plan");
+        for (i = 0; i < (int)(sizeof graphs / sizeof graphs[0]); ++i)
+            run_world_one_case(w, graphs[i], test_graph, "CUDA graph replay = forward");
     }
     {
         agree_case cases[] = { { test_agreement, 0 }, { test_agreement, 1 }, { test_agreement, 2 }, { test_agreement, 3 } };
