@@ -5,7 +5,7 @@
 #   make check-headers | check-core | check-demos | check-bits | check-kernels | check-mpi | check-nccl | check-install
 #   make test-cross  the full suites for aarch64, armhf, riscv64 and s390x under qemu-user (not in test)
 #   make check-asan | check-ubsan | check-tsan | check-fuzz (in check)   make check-mpi-large (not in check)
-#   make demo | layouts-demo | mpi-demo | model-layer  make bench | bench-cpu | bench-mpi | bench-load | bench-faults | bench-nonfinite | bench-bits
+#   make demo | layouts-demo | mpi-demo | model-layer  make bench | bench-cpu | bench-mpi | bench-load | bench-faults | bench-nonfinite | bench-bits | bench-edge
 #   make fuzz (fuzz-api and fuzz-safetensors) | fuzz-api | fuzz-safetensors (libFuzzer, FUZZ_TIME s each)
 #   make test-gpu | seed-gpu | bench-gpu (GPUs)        make install | uninstall PREFIX=... [DESTDIR=...]
 #
@@ -17,7 +17,7 @@
 .PHONY: all test check deps bench-deps clean check-headers check-core check-demos check-bits check-kernels check-mpi \
         check-mpi-headers check-mpi-large check-nccl check-install check-asan check-ubsan check-tsan demo \
         layouts-demo mpi-demo bench bench-cpu bench-mpi bench-faults bench-bits test-cross cross-deps test-gpu seed-gpu \
-        bench-gpu install uninstall check-fuzz fuzz fuzz-safetensors fuzz-api model-layer bench-load bench-nonfinite
+        bench-edge bench-gpu install uninstall check-fuzz fuzz fuzz-safetensors fuzz-api model-layer bench-load bench-nonfinite
 
 ifeq ($(origin CC),default)
 CC = gcc
@@ -215,6 +215,9 @@ check-kernels: $(addprefix $(BUILD)/check_kernels_,$(KERNEL_BUILDS) $(AVX512_BUI
 # clang++ (the file as C++), i686 with SSE2, and aarch64 (NEON) and armhf (software fmaf) cross
 # builds under qemu-user; -ffast-math and i686's x87 must stop at the header's #error, and build and
 # run with MOE_EP_ALLOW_DIFFERENT_BITS. The seed demo's printed fingerprint must be the fingerprint's seed line.
+# The plain -O2 builds choose their kernel at run time (gcc and clang on x86): each path this CPU runs
+# is also forced (fingerprint --kernel), and so is aarch64's portable path beside its NEON one. The
+# fingerprint's layers include bf16, fp16 and int8 weights.
 # tests/bits/check_math.c checks the library's fmaf, exp, log and GELU on the same builds' targets,
 # and nm the implementation's calls into libm (LIBM_INEXACT).
 BITS          = $(BUILD)/bits
@@ -225,6 +228,9 @@ HOST_ARCH    := $(shell uname -m)
 BITS_NATIVE   = gcc_O0 gcc_O2 gcc_native gcc_contract gcc_portable clang_O0 clang_O2 clang_native clang_contract \
                 g++_native clang++_native tcc_O2 $(if $(filter x86_64,$(HOST_ARCH)),gcc_avx2 i686-linux-gnu-gcc_sse2)
 BITS_CROSS    = $(if $(filter x86_64,$(HOST_ARCH)),aarch64 armhf)
+HAVE_AVX2    := $(shell grep -qw avx2 /proc/cpuinfo 2>/dev/null && grep -qw fma /proc/cpuinfo && grep -qw f16c /proc/cpuinfo && echo yes)
+BITS_KERNELS  = portable $(if $(filter x86_64,$(HOST_ARCH)),$(if $(HAVE_AVX2),avx2) $(if $(HAVE_AVX512),avx512))
+BITS_FORCED   = $(foreach b,gcc_O2 clang_O2,$(foreach k,$(BITS_KERNELS),$(b):$(k))) $(if $(BITS_CROSS),aarch64:portable)
 BITS_FLAGS_O0       = $(BITS_C) -O0
 BITS_FLAGS_O2       = $(BITS_C) -O2
 BITS_FLAGS_native   = $(BITS_C) -O3 -march=native $(OPENMP_FLAGS)
@@ -272,6 +278,11 @@ check-bits: $(BITS_NATIVE:%=$(BITS)/fingerprint_%) $(BITS)/check_math_gcc_O2 $(B
 	  printf '%-16s %-24s %s\n' $(b) "$$(sed -n '1s/.*kernel path: //p' $(BITS)/$(b).txt)" "$$(tail -1 $(BITS)/$(b).txt)";)
 	@tail -n +2 $(BITS)/gcc_O2.txt > $(BITS)/reference.txt; $(foreach b,$(BITS_NATIVE) $(BITS_CROSS),\
 	  tail -n +2 $(BITS)/$(b).txt | diff $(BITS)/reference.txt - || { echo "check-bits: $(b) gives other bits than gcc_O2"; exit 1; };)
+	@$(foreach f,$(BITS_FORCED),$(call bits_prog,$(word 1,$(subst :, ,$(f))),fingerprint) --kernel $(word 2,$(subst :, ,$(f))) \
+	  > $(BITS)/forced_$(subst :,_,$(f)).txt || exit 1; printf '%-16s %-24s %s\n' $(f) \
+	  "$$(sed -n '1s/.*kernel path: //p' $(BITS)/forced_$(subst :,_,$(f)).txt)" "$$(tail -1 $(BITS)/forced_$(subst :,_,$(f)).txt)"; \
+	  tail -n +2 $(BITS)/forced_$(subst :,_,$(f)).txt | diff $(BITS)/reference.txt - || \
+	  { echo "check-bits: $(f) (a forced kernel path) gives other bits than gcc_O2"; exit 1; };)
 	@$(foreach b,gcc_O2 gcc_native $(BITS_CROSS),echo "check_math ($(b)):"; \
 	  $(call bits_prog,$(b),check_math) > $(BITS)/math_$(b).txt || { cat $(BITS)/math_$(b).txt; exit 1; }; \
 	  sed 's/^/  /' $(BITS)/math_$(b).txt;)
@@ -505,16 +516,48 @@ bench-cpu: bench-deps
 	$(MAKE) --no-print-directory $(BUILD)/cpu_bench
 	./$(BUILD)/cpu_bench $(BENCH_ARGS)
 
+# >>bench-edge: the default build against -march=native, and the weight formats at the memory limit.
+# The seed demo built as `make demo` builds it (no -march) and with -march=native, run in turn
+# EDGE_ROUNDS times (its 1-rank layer time, median); then bench/edge_bench.c (decode 1, 4, 16 tokens
+# and prefill for fp32, bf16, fp16, int8 against a plain read loop), plain and native builds; then
+# the PyTorch layer in bf16 and fp32 on the prefill (bench/torch_moe_cpu.py, 2 threads, its BLAS the
+# pthreads OpenBLAS, installed when root).
+EDGE        = $(BUILD)/edge
+EDGE_ROUNDS ?= 5
+EDGE_ARGS   ?=
+PYTHON      ?= /usr/bin/python3
+bench-edge:
+	@$(call apt_install,python3-torch libopenblas0-pthread)
+	@mkdir -p $(EDGE)
+	$(CC) $(BUILD_FLAGS) examples/seed_demo.c -o $(EDGE)/seed_demo -pthread -lm
+	$(CC) $(BUILD_FLAGS) -march=native examples/seed_demo.c -o $(EDGE)/seed_demo_native -pthread -lm
+	$(CC) $(BUILD_FLAGS) bench/edge_bench.c -o $(EDGE)/edge_bench -lm
+	$(CC) $(BUILD_FLAGS) -march=native bench/edge_bench.c -o $(EDGE)/edge_bench_native -lm
+	@uptime
+	@for i in $$(seq $(EDGE_ROUNDS)); do for b in seed_demo seed_demo_native; do \
+	  ./$(EDGE)/$$b | awk -v b=$$b '/^1 rank:/ {print b, $$3}'; done; done > $(EDGE)/demo.txt; \
+	  for b in seed_demo seed_demo_native; do awk -v b=$$b '$$1 == b {print $$2}' $(EDGE)/demo.txt | sort -g | \
+	  awk -v b=$$b '{v[NR] = $$1} END {m = NR % 2 ? v[(NR + 1) / 2] : (v[NR / 2] + v[NR / 2 + 1]) / 2; print b, m}'; \
+	  done > $(EDGE)/demo_median.txt; cat $(EDGE)/demo.txt | tr '\n' ' '; echo; \
+	  awk '{t[$$1] = $$2} END {printf "seed demo, 1-rank layer: default build %.3f s, -march=native %.3f s: %.2fx\n", \
+	  t["seed_demo"], t["seed_demo_native"], t["seed_demo_native"] / t["seed_demo"]}' $(EDGE)/demo_median.txt
+	./$(EDGE)/edge_bench $(EDGE_ARGS)
+	./$(EDGE)/edge_bench_native $(EDGE_ARGS)
+	OMP_WAIT_POLICY=PASSIVE $(PYTHON) bench/torch_moe_cpu.py 2 --tokens 1024 --reps 5 --dtype bf16
+	OMP_WAIT_POLICY=PASSIVE $(PYTHON) bench/torch_moe_cpu.py 2 --tokens 1024 --reps 5 --dtype fp32
+	@uptime
+
 # >>bench-bits: what the same-bits arithmetic costs (bench/bits_bench.c, one thread): this header
 # against the one before the portable kernel fused (BITS_BASE), built for x86-64 without FMA
-# instructions, the portable kernel with hardware FMA, the native SIMD path, and armhf (baseline
+# instructions (MOE_EP_NO_SIMD: gcc would otherwise choose a SIMD path at run time), the portable
+# kernel with hardware FMA, the native SIMD path, and armhf (baseline
 # VFPv3: software fmaf; and -mfpu=neon-vfpv4: hardware) under qemu-user. Builds run in turn,
 # BITS_ROUNDS rounds, so each pair is measured side by side.
 BITS_BASE   ?= 566a606
 BITS_ROUNDS ?= 3
 BB           = $(BUILD)/bench_bits
 BB_FLAGS     = -std=c99 -pedantic -Wall -Wextra -O3
-BB_NATIVE    = nofma:-march=x86-64 portable_hw:-march=native@-DMOE_EP_NO_SIMD simd:-march=native
+BB_NATIVE    = nofma:-march=x86-64@-DMOE_EP_NO_SIMD portable_hw:-march=native@-DMOE_EP_NO_SIMD simd:-march=native
 BB_ARM       = armhf: armhf_vfpv4:-mfpu=neon-vfpv4
 $(BB)/before/moe_ep.h:
 	@mkdir -p $(@D) && git show $(BITS_BASE):moe_ep.h > $@

@@ -35,8 +35,8 @@
    MOE_EP_STATIC           (undefined)   make every public function static
    MOE_EP_API              extern        prefix of every public declaration
    MOE_EP_ASSERT(c)        assert(c)     internal invariants only, never user input
-   MOE_EP_NO_SIMD          (undefined)   portable C expert kernel even where the compiler
-                                         targets AVX-512F, AVX2+FMA or AArch64 NEON
+   MOE_EP_NO_SIMD          (undefined)   portable C expert kernel only: no AVX-512, AVX2 or
+                                         NEON path, chosen at run time or by target flags
    MOE_EP_CBLAS            (undefined)   expert products by cblas_sgemm of a CBLAS you link;
                                          results then depend on the BLAS (not bitwise
                                          reproducible across row counts or threads), and
@@ -49,8 +49,13 @@
                                          "moe_ep.h"; default "../moe_ep.h" (see FILES)
    MOE_EP_MAX_THREADS      1024          the largest desc.num_threads accepted (an OpenMP
                                          runtime that cannot start a team exits the process)
-   The built-in kernel's SIMD path follows the compiler's target flags (-march=native,
-   -mavx2 -mfma, ...); every path gives the same bits (SAME BITS EVERYWHERE).
+   KERNEL PATHS: with gcc or clang on x86 the header builds the AVX-512 and AVX2+FMA
+   kernels as functions with __attribute__((target(...))) beside the portable one, and
+   moe_ep_create takes the best the CPU runs (__builtin_cpu_supports), so a plain
+   `cc -O2 -fopenmp` build needs no -march flag. Other compilers and architectures follow
+   the compiler's target flags (AArch64: NEON; x86: -mavx2 -mfma or -march=native). A
+   context's path: moe_ep_query(ctx).kernel; the one a new context gets: moe_ep_kernel_path();
+   desc.kernel asks for one. Every path gives the same bits (SAME BITS EVERYWHERE).
    Compile with -fopenmp (or your compiler's flag) for OpenMP expert compute; without
    it everything runs on the calling thread and the results are bitwise the same.
 
@@ -60,7 +65,8 @@
    every compiler (gcc, clang, tcc, g++ and clang++ as C++; any -O level, with or without
    -ffp-contract=fast), every architecture (x86-64, i686 with SSE2, armhf, aarch64,
    riscv64, s390x), every kernel path (portable, AVX2, AVX-512, NEON), and every world
-   size, transport and thread count. A reference output made on a laptop checks a board
+   size, transport and thread count; so is the output of each weight format (bf16, fp16,
+   int8: every weight widened to fp32 exactly, WEIGHT FORMATS). A reference output made on a laptop checks a board
    in the field: the demos print an output fingerprint to compare by eye. How:
    - every multiply-add the library means is one fused multiply-add (fmaf: one
      instruction where the hardware has FMA, an exact software one elsewhere, as on
@@ -102,12 +108,13 @@
       .experts_count says how .experts is indexed: this rank's expert count (local order)
       or num_experts (by global id; only this rank's entries are read); 0 is num_experts
       on one rank and refused on more.
-      Expert weights are fp32, read at create as they are in memory: separate w1 (gate),
+      Expert weights are read at create as they are in memory: separate w1 (gate),
       w3 (up), w2 (down) in the nn.Linear layout by default; with .weight_layout also
       MOE_EP_WEIGHT_LAYOUT_FUSED_GATE_UP (transformers' experts.gate_up_proj[e]) and
       MOE_EP_WEIGHT_LAYOUT_GPT_OSS (GptOssExperts' gate_up_proj[e], transposed with gate
       and up interleaved, and down_proj[e]) and MOE_EP_WEIGHT_LAYOUT_LLAMA4 (transposed,
-      gate then up); biases b1, b3, b2 are optional. Activations:
+      gate then up); biases b1, b3, b2 are optional. They are fp32, or with .weight_format
+      bf16, fp16 or int8 (WEIGHT FORMATS), handed in fp32 or already stored. Activations:
       SwiGLU (default), GELU, ReLU, and GPT-OSS's clamped SwiGLU (.swiglu_alpha,
       .swiglu_limit). See moe_ep_activation and moe_ep_weight_layout.
       A model family's layer starts from its preset instead:
@@ -134,6 +141,26 @@
    moe_ep_layout_split, give the experts of moe_ep_layout_experts, and create the context
    with .transport = &ep_group (and .tp_transport = &tp_group). See >>layout below.
 
+   WEIGHT FORMATS
+   ==============
+   desc.weight_format: how the built-in FFN holds the routed and shared experts' weights.
+   MOE_EP_WEIGHT_FORMAT_FP32 (default) 4 bytes; BF16 and FP16 2 bytes (to nearest even; fp16
+   needs |w| < 65520); INT8 1 byte plus one fp32 scale per output channel, w = q * scale,
+   q in [-127, 127] (from fp32: scale = max |w| / 127 over the channel's whole row, q rounded
+   half away from zero). Weights come in fp32 (w1, w3, w2: converted once at create) or
+   already in the format (w1_stored, w3_stored, w2_stored, in the same layout; int8 with
+   w1_scale, w3_scale, w2_scale laid out as the biases). Activations and sums stay fp32: the
+   kernel widens each slice of weights to fp32 exactly before the fp32 micro-kernel reads it,
+   and int8's scale multiplies the finished sum once (fused with the bias). A format's
+   output is thus the same bits on every path, build, world size, transport and thread
+   count, and within rounding of a float64 layer over the same quantised weights; against
+   the fp32 layer it differs by the weights' rounding (README: "Weight formats" has the
+   measured figures). moe_ep_weight_bytes(ctx): this rank's weight memory in the format.
+   The GPU layer reads fp32 weights. Errors: MOE_EP_LOG_ITEM_DESC_WEIGHT_FORMAT,
+   _DESC_EXPERT_WEIGHTS_STORED (a tensor given twice, or stored for fp32),
+   _DESC_EXPERT_SCALE (an int8 scale missing, <= 0 or not finite),
+   _DESC_WEIGHT_NOT_CONVERTIBLE (an fp32 weight the format cannot hold).
+
    moe_ep DOES NOT
    ===============
    - initialise MPI, pick GPUs, or create threads other than OpenMP's and the
@@ -149,7 +176,7 @@
    One context per rank. Calls marked "Collective: yes" must be made by every rank
    of the transport, in the same order, with the same collective parameters
    (d_model, d_ff, num_experts, top_k, activation with swiglu_alpha and swiglu_limit,
-   router scoring, renormalisation,
+   weight_format, router scoring, renormalisation,
    capacity factor, placement). moe_ep_create checks that they agree (a fingerprint
    exchange) and fails with MOE_EP_ERROR_RANK_MISMATCH on every rank if they do not.
    A context is used by one thread at a time. Distinct contexts are independent.
@@ -201,7 +228,8 @@
    MEMORY
    ======
    Every host allocation goes through desc.allocator {alloc_fn, free_fn, user_data}
-   (both or neither; default malloc/free). Allocations inside MPI, NCCL or CUDA are
+   (both or neither; default malloc/free). The packed expert weights take
+   moe_ep_weight_bytes(ctx) (the format's size, WEIGHT FORMATS). Allocations inside MPI, NCCL or CUDA are
    not covered. moe_ep_destroy releases everything the context allocated.
 
    WRITING A CUSTOM TRANSPORT
@@ -307,6 +335,36 @@ typedef enum moe_ep_weight_layout {
     MOE_EP_WEIGHT_LAYOUT_FORCE_U32 = 0x7FFFFFFF
 } moe_ep_weight_layout;
 
+/* How the built-in FFN holds the expert (and shared expert) weights. Activations and sums
+   stay fp32: each weight is widened to fp32 exactly as the kernel reads it, so a format's
+   output is the same bits on every path, thread count, world size and transport, and
+   differs from fp32's only by the weights' own rounding (README: "Weight formats"). */
+typedef enum moe_ep_weight_format {
+    MOE_EP_WEIGHT_FORMAT_DEFAULT = 0,  /* fp32 */
+    MOE_EP_WEIGHT_FORMAT_FP32,
+    MOE_EP_WEIGHT_FORMAT_BF16,         /* bfloat16 (uint16_t bits): half the memory */
+    MOE_EP_WEIGHT_FORMAT_FP16,         /* IEEE binary16 (uint16_t bits): half the memory, |w| < 65520 */
+    MOE_EP_WEIGHT_FORMAT_INT8,         /* int8_t, symmetric, one fp32 scale per output channel: w = q * scale
+                                          (q in [-127, 127]); a quarter of the memory */
+    MOE_EP_WEIGHT_FORMAT_COUNT,
+    MOE_EP_WEIGHT_FORMAT_FORCE_U32 = 0x7FFFFFFF
+} moe_ep_weight_format;
+
+/* The CPU expert kernel. DEFAULT takes the best this build has and this CPU runs: with gcc
+   or clang on x86, AVX-512, else AVX2+FMA, else portable, chosen at create whatever the
+   compiler flags; elsewhere what the target flags give (NEON on AArch64). Every path gives
+   the same bits; naming one is for tests and benchmarks. */
+typedef enum moe_ep_kernel {
+    MOE_EP_KERNEL_DEFAULT = 0,
+    MOE_EP_KERNEL_PORTABLE,         /* plain C, everywhere */
+    MOE_EP_KERNEL_AVX2,             /* AVX2 with FMA and F16C */
+    MOE_EP_KERNEL_AVX512,           /* AVX-512F */
+    MOE_EP_KERNEL_NEON,             /* AArch64 */
+    MOE_EP_KERNEL_CBLAS,            /* MOE_EP_CBLAS builds (reported, not chosen) */
+    MOE_EP_KERNEL_COUNT,
+    MOE_EP_KERNEL_FORCE_U32 = 0x7FFFFFFF
+} moe_ep_kernel;
+
 typedef enum moe_ep_scoring {
     MOE_EP_SCORING_DEFAULT = 0,     /* softmax */
     MOE_EP_SCORING_SOFTMAX,         /* softmax over all E logits, then top-k (Mixtral, Qwen2/3-MoE) */
@@ -407,7 +465,12 @@ typedef struct moe_ep_allocator {
     X(DESC_WEIGHT_LAYOUT)          /* weight_layout is not a moe_ep_weight_layout */ \
     X(OUT_OF_STEP)                 /* ranks are in different collectives (kind or sequence number differ) */ \
     X(DESC_EXPERTS_COUNT)          /* experts_count is neither this rank's expert count nor num_experts */ \
-    X(STAGE_FAILED_BEFORE)         /* a dispatch of this plan failed: its combine fails on every rank */
+    X(STAGE_FAILED_BEFORE)         /* a dispatch of this plan failed: its combine fails on every rank */ \
+    X(DESC_WEIGHT_FORMAT)          /* weight_format is not a moe_ep_weight_format, or not one this build runs */ \
+    X(DESC_KERNEL)                 /* kernel is not a moe_ep_kernel, or not one this build and CPU run */ \
+    X(DESC_EXPERT_WEIGHTS_STORED)  /* a tensor given both in fp32 and stored, or stored for the fp32 format */ \
+    X(DESC_EXPERT_SCALE)           /* int8 stored weights: a scale missing, zero, negative or not finite */ \
+    X(DESC_WEIGHT_NOT_CONVERTIBLE) /* an fp32 weight the format cannot hold (fp16 overflow, int8 NaN) */
 
 typedef enum moe_ep_log_item {
 #define MOE_EP__LOG_ITEM_ENUM(name) MOE_EP_LOG_ITEM_##name,
@@ -555,6 +618,18 @@ typedef struct moe_ep_expert_weights {
     const float* b1;
     const float* b3;
     const float* b2;
+    /* Weights already in desc.weight_format (not fp32), each in place of the fp32 tensor
+       of the same name, in the same layout: uint16_t bits for bf16 and fp16, int8_t for
+       int8. Give a tensor once: w1 or w1_stored, and so on. */
+    const void* w1_stored;
+    const void* w3_stored;
+    const void* w2_stored;
+    /* int8 stored weights: the fp32 scale of each output channel (w = q * scale), laid out
+       as the bias of the same tensor (w1_scale as b1, ...); finite and > 0. fp32 weights
+       handed to the int8 format get max |w| / 127 per output channel instead. */
+    const float* w1_scale;
+    const float* w3_scale;
+    const float* w2_scale;
 } moe_ep_expert_weights;
 
 /* Always-on experts that every rank holds and runs on its own tokens, with no traffic:
@@ -587,6 +662,10 @@ typedef struct moe_ep_desc {
     float swiglu_alpha;             /* default 0 = 1.702: clamped SwiGLU's sigmoid scale; > 0 */
     float swiglu_limit;             /* default 0 = 7.0: clamped SwiGLU's clamp; > 0 */
     moe_ep_weight_layout weight_layout;  /* default nn.Linear, separate w1, w3, w2 */
+    moe_ep_weight_format weight_format;  /* default fp32: how the built-in FFN holds the expert and shared
+                                       weights (bf16, fp16, int8 per channel); fp32 tensors are
+                                       converted at create, or hand them in stored (w1_stored, ...) */
+    moe_ep_kernel kernel;           /* default: the best CPU kernel this build and CPU have */
     moe_ep_scoring scoring;         /* default softmax */
     bool normalize_topk;            /* default false: divide the k weights by their sum */
     float routed_scaling_factor;    /* default 0 = 1: the k weights are multiplied by it, after
@@ -837,8 +916,15 @@ MOE_EP_API moe_ep_result moe_ep_expert_ffn(moe_ep_context* ctx, int local_expert
    An unknown family gives a zeroed desc. */
 MOE_EP_API moe_ep_desc moe_ep_family_desc(moe_ep_family family);
 
-/* The expert kernel this build runs: "AVX-512", "AVX2+FMA", "NEON", "portable" or "CBLAS". */
+/* The expert kernel that a context created now with the default desc.kernel runs on this
+   CPU: "AVX-512", "AVX2+FMA", "NEON", "portable" or "CBLAS". A context's own is
+   moe_ep_query(ctx).kernel; moe_ep_kernel_string() names it. */
 MOE_EP_API const char* moe_ep_kernel_path(void);
+MOE_EP_API const char* moe_ep_kernel_string(moe_ep_kernel kernel);
+
+/* Bytes of expert weights this rank holds (routed and shared, in desc.weight_format, with
+   their biases, int8 scales and panel padding). */
+MOE_EP_API int64_t moe_ep_weight_bytes(const moe_ep_context* ctx);
 
 /* The single-rank transport (what transport = NULL uses). */
 MOE_EP_API moe_ep_transport moe_ep_single_rank_transport(void);
@@ -958,12 +1044,18 @@ MOE_EP_API moe_ep_result moe_ep_agree(const moe_ep_transport* transport, const m
    TwoSum gives the sum's error and rounding the double to odd first makes the two
    roundings one (round-to-odd at 53 bits, then to 24). glibc's fmaf does the same, but
    behind a call that also saves and restores the floating-point environment. */
+/* gcc and clang on x86: every kernel path is built and chosen at run time (>>kernel), and
+   fmaf is the FMA instruction where the CPU has one (the same value as the software one). */
+#if !defined(MOE_EP_NO_SIMD) && !defined(MOE_EP_CBLAS) && (defined(__x86_64__) || defined(__i386__)) && \
+    !defined(__TINYC__) && (defined(__clang__) || (defined(__GNUC__) && __GNUC__ >= 5))
+#define MOE_EP__DISPATCH 1
+#endif
 #if defined(FP_FAST_FMAF) || defined(__FP_FAST_FMAF) || defined(__FMA__) || defined(__ARM_FEATURE_FMA) || \
     defined(__aarch64__) || defined(__s390x__) || (defined(__riscv) && defined(__riscv_flen))
 #define MOE_EP__HW_FMA 1
 #define moe_ep__fmaf fmaf
 #else
-MOE_EP_PRIVATE float moe_ep__fmaf(float a, float b, float c) {
+MOE_EP_PRIVATE float moe_ep__fmaf_soft(float a, float b, float c) {
     double p = (double)a * (double)b, s = p + (double)c, bv, err;
     uint64_t u;
     memcpy(&u, &s, sizeof u);
@@ -978,6 +1070,17 @@ MOE_EP_PRIVATE float moe_ep__fmaf(float a, float b, float c) {
     }
     return (float)s;
 }
+#ifdef MOE_EP__DISPATCH
+MOE_EP_PRIVATE __attribute__((target("fma"))) float moe_ep__fmaf_fma(float a, float b, float c) {
+    return __builtin_fmaf(a, b, c);
+}
+/* The CPU model is read once by the compiler's runtime (at startup); this only tests a bit. */
+MOE_EP_PRIVATE float moe_ep__fmaf(float a, float b, float c) {
+    return __builtin_cpu_supports("fma") ? moe_ep__fmaf_fma(a, b, c) : moe_ep__fmaf_soft(a, b, c);
+}
+#else
+#define moe_ep__fmaf moe_ep__fmaf_soft
+#endif
 #endif
 
 /* exp(x) for x clamped to [-87, 88]: 2^n times a degree-6 polynomial in r = x - n ln2
@@ -1105,10 +1208,14 @@ struct moe_ep_context {
     float* router_t;                /* [d_model, E] desc.router_weight transposed, or NULL */
     float* router_bias;             /* [E] copy of desc.router_bias or NULL */
     float* selection_bias;          /* [E] copy of desc.selection_bias or NULL */
-    float** packed_up;              /* [local] w1 (and w3) panels */
-    float** packed_down;            /* [local] w2 panels */
+    const struct moe_ep__path* path;     /* the CPU kernel (>>paths) */
+    void** packed_up;               /* [local] w1 (and w3) panels, in desc.weight_format */
+    void** packed_down;             /* [local] w2 panels */
     const float** bias_up;          /* [local] b1 (and b3) in panel order, inside packed_up; NULL: none */
     const float** bias_down;        /* [local] b2 in panel order, inside packed_down; NULL: none */
+    const float** scale_up;         /* [local] int8: the scales in panel order, inside packed_up; else NULL */
+    const float** scale_down;
+    int64_t weight_bytes;           /* packed_up and packed_down's bytes (moe_ep_weight_bytes) */
     float* hidden;                  /* kernel workspaces (raw allocations, aligned on use) */
     int64_t hidden_capacity;        /* floats */
     float* kernel_scratch;
@@ -1534,6 +1641,27 @@ MOE_EP_API moe_ep_desc moe_ep_family_desc(moe_ep_family family) {
     return d;
 }
 
+/* A weight format's element size and name. */
+MOE_EP_PRIVATE int64_t moe_ep__format_bytes(moe_ep_weight_format f) {
+    return f == MOE_EP_WEIGHT_FORMAT_INT8 ? 1 : f == MOE_EP_WEIGHT_FORMAT_BF16 || f == MOE_EP_WEIGHT_FORMAT_FP16 ? 2 : 4;
+}
+
+MOE_EP_PRIVATE const char* moe_ep__format_name(moe_ep_weight_format f) {
+    switch (f) {
+    case MOE_EP_WEIGHT_FORMAT_BF16: return "bf16";
+    case MOE_EP_WEIGHT_FORMAT_FP16: return "fp16";
+    case MOE_EP_WEIGHT_FORMAT_INT8: return "int8";
+    default: return "fp32";
+    }
+}
+
+/* The CPU kernel paths live with the kernels (>>paths). */
+MOE_EP_PRIVATE const struct moe_ep__path* moe_ep__select_path(moe_ep_kernel kernel, const char** why);
+MOE_EP_PRIVATE const char* moe_ep__kernel_name(moe_ep_kernel kernel);
+#ifndef MOE_EP_CBLAS
+MOE_EP_PRIVATE moe_ep_kernel moe_ep__path_kernel(const struct moe_ep__path* path);
+#endif
+
 /* >>defaults: the one place where zero becomes a value. */
 MOE_EP_PRIVATE moe_ep_desc moe_ep__desc_defaults(const moe_ep_desc* in) {
     moe_ep_desc d = *in;
@@ -1542,6 +1670,7 @@ MOE_EP_PRIVATE moe_ep_desc moe_ep__desc_defaults(const moe_ep_desc* in) {
     d.swiglu_alpha = MOE_EP__DEF(d.swiglu_alpha, 1.702f);
     d.swiglu_limit = MOE_EP__DEF(d.swiglu_limit, 7.0f);
     d.weight_layout = MOE_EP__DEF(d.weight_layout, MOE_EP_WEIGHT_LAYOUT_SEPARATE);
+    d.weight_format = MOE_EP__DEF(d.weight_format, MOE_EP_WEIGHT_FORMAT_FP32);
     d.scoring = MOE_EP__DEF(d.scoring, MOE_EP_SCORING_SOFTMAX);
     d.routed_scaling_factor = MOE_EP__DEF(d.routed_scaling_factor, 1.0f);
     d.num_groups = MOE_EP__DEF(d.num_groups, 1);
@@ -1633,6 +1762,30 @@ MOE_EP_PRIVATE void moe_ep__validate_shared(const moe_ep_desc* d, moe_ep__valida
         }
 }
 
+/* The weight format and the kernel path: known, and runnable by this build and CPU. */
+MOE_EP_PRIVATE void moe_ep__validate_kernel(const moe_ep_desc* d, moe_ep__validator* v) {
+    const char* why = "";
+    moe_ep__check(v, (int)d->weight_format > 0 && d->weight_format < MOE_EP_WEIGHT_FORMAT_COUNT,
+                  MOE_EP_LOG_ITEM_DESC_WEIGHT_FORMAT,
+                  "moe_ep_desc.weight_format (%d) is not a moe_ep_weight_format", (int)d->weight_format);
+#ifdef MOE_EP_CBLAS
+    moe_ep__check(v, d->weight_format == MOE_EP_WEIGHT_FORMAT_FP32 || d->expert_fn,
+                  MOE_EP_LOG_ITEM_DESC_WEIGHT_FORMAT,
+                  "moe_ep_desc.weight_format (%s) must be fp32 in a MOE_EP_CBLAS build (sgemm reads fp32 weights)",
+                  moe_ep__format_name(d->weight_format));
+    moe_ep__check(v, d->kernel == MOE_EP_KERNEL_DEFAULT || d->kernel == MOE_EP_KERNEL_CBLAS,
+                  MOE_EP_LOG_ITEM_DESC_KERNEL,
+                  "moe_ep_desc.kernel (%d) must be DEFAULT or CBLAS in a MOE_EP_CBLAS build", (int)d->kernel);
+    (void)why;
+#else
+    moe_ep__check(v, (int)d->kernel >= 0 && d->kernel < MOE_EP_KERNEL_COUNT, MOE_EP_LOG_ITEM_DESC_KERNEL,
+                  "moe_ep_desc.kernel (%d) is not a moe_ep_kernel", (int)d->kernel);
+    if ((int)d->kernel >= 0 && d->kernel < MOE_EP_KERNEL_COUNT)
+        moe_ep__check(v, moe_ep__select_path(d->kernel, &why) != NULL, MOE_EP_LOG_ITEM_DESC_KERNEL,
+                      "moe_ep_desc.kernel (%s) cannot run here: %s", moe_ep__kernel_name(d->kernel), why);
+#endif
+}
+
 MOE_EP_PRIVATE int moe_ep__validate_desc(const moe_ep_desc* d, const moe_ep_transport* t, moe_ep__validator* v) {
     moe_ep__check(v, d->d_model > 0, MOE_EP_LOG_ITEM_DESC_D_MODEL, "moe_ep_desc.d_model (%d) must be > 0", d->d_model);
     moe_ep__check(v, d->d_ff > 0 || (d->d_ff == 0 && d->expert_fn), MOE_EP_LOG_ITEM_DESC_D_FF,
@@ -1653,6 +1806,7 @@ MOE_EP_PRIVATE int moe_ep__validate_desc(const moe_ep_desc* d, const moe_ep_tran
     moe_ep__check(v, d->weight_layout > 0 && d->weight_layout < MOE_EP_WEIGHT_LAYOUT_COUNT,
                   MOE_EP_LOG_ITEM_DESC_WEIGHT_LAYOUT,
                   "moe_ep_desc.weight_layout (%d) is not a moe_ep_weight_layout", (int)d->weight_layout);
+    moe_ep__validate_kernel(d, v);
     moe_ep__validate_router(d, v);
     moe_ep__validate_shared(d, v);
     moe_ep__check(v, d->capacity_factor >= 0.0f && d->capacity_factor <= 1e6f,
@@ -1720,6 +1874,7 @@ MOE_EP_PRIVATE int64_t moe_ep__fingerprint(const moe_ep_context* ctx) {
     h = moe_ep_hash(h, &d->routed_scaling_factor, sizeof d->routed_scaling_factor);
     h = moe_ep_hash(h, &d->swiglu_alpha, sizeof d->swiglu_alpha);
     h = moe_ep_hash(h, &d->swiglu_limit, sizeof d->swiglu_limit);
+    h = moe_ep_hash(h, &d->weight_format, sizeof d->weight_format);
     if (d->router_bias) h = moe_ep_hash(h, d->router_bias, sizeof(float) * (size_t)d->num_experts);
     if (d->selection_bias) h = moe_ep_hash(h, d->selection_bias, sizeof(float) * (size_t)d->num_experts);
     h = moe_ep_hash(h, ctx->owner_of, sizeof(int) * (size_t)d->num_experts);
@@ -1730,16 +1885,50 @@ MOE_EP_PRIVATE int64_t moe_ep__fingerprint(const moe_ep_context* ctx) {
 /* The expert kernel is the header's last section (>>kernel); the pipeline needs these two,
    and the view of the user's weights it packs from. */
 typedef struct moe_ep__wview {
-    const float* base;              /* element (i, k) at base[i * row_stride + k * k_stride] */
+    const void* base;               /* element (i, k) at index i * row_stride + k * k_stride of base */
+    moe_ep_weight_format format;    /* base's elements: FP32 (the user's floats) or the stored format */
     int64_t row_stride, k_stride;
     const float* bias;              /* bias i at bias[i * bias_stride]; NULL: none */
+    const float* scale;             /* int8 stored: scale i at scale[i * bias_stride]; else NULL */
     int64_t bias_stride;
+    int64_t k_begin, k_full;        /* the view's k = 0 in the user's whole row, and that row's length */
+    const char* name;               /* "w1", "w3", "w2" */
 } moe_ep__wview;
 
-MOE_EP_PRIVATE moe_ep__wview moe_ep__view(const float* base, int64_t row_stride, int64_t k_stride, const float* bias,
-                                          int64_t bias_stride) {
+/* One of an expert's tensors: the user's floats, or the stored elements of `format`. */
+typedef struct moe_ep__wtensor {
+    const void* data;
+    moe_ep_weight_format format;
+    const float* bias;
+    const float* scale;
+    const char* name;
+} moe_ep__wtensor;
+
+MOE_EP_PRIVATE moe_ep__wtensor moe_ep__wtensor_of(const float* fp32, const void* stored, moe_ep_weight_format format,
+                                                const float* bias, const float* scale, const char* name) {
+    moe_ep__wtensor t;
+    t.data = stored ? stored : (const void*)fp32;
+    t.format = stored ? format : MOE_EP_WEIGHT_FORMAT_FP32;
+    t.bias = bias;
+    t.scale = stored ? scale : NULL;
+    t.name = name;
+    return t;
+}
+
+/* The view of tensor t from element `offset` and bias (and scale) `channel` on. */
+MOE_EP_PRIVATE moe_ep__wview moe_ep__view(moe_ep__wtensor t, int64_t offset, int64_t row_stride, int64_t k_stride,
+                                          int64_t channel, int64_t bias_stride, int64_t k_full) {
     moe_ep__wview v;
-    v.base = base; v.row_stride = row_stride; v.k_stride = k_stride; v.bias = bias; v.bias_stride = bias_stride;
+    v.base = t.data ? (const void*)((const unsigned char*)t.data + offset * moe_ep__format_bytes(t.format)) : NULL;
+    v.format = t.format;
+    v.row_stride = row_stride;
+    v.k_stride = k_stride;
+    v.bias = t.bias ? t.bias + channel : NULL;
+    v.scale = t.scale ? t.scale + channel : NULL;
+    v.bias_stride = bias_stride;
+    v.k_begin = 0;
+    v.k_full = k_full;
+    v.name = t.name;
     return v;
 }
 
@@ -1748,7 +1937,7 @@ MOE_EP_PRIVATE bool moe_ep__gated(moe_ep_activation act) {
     return act == MOE_EP_ACTIVATION_SWIGLU || act == MOE_EP_ACTIVATION_SWIGLU_CLAMPED;
 }
 
-MOE_EP_PRIVATE moe_ep_result moe_ep__pack_expert(moe_ep_context* ctx, int l);
+MOE_EP_PRIVATE moe_ep_result moe_ep__pack_expert(moe_ep_context* ctx, int l, moe_ep__validator* v);
 MOE_EP_PRIVATE moe_ep_result moe_ep__ffn(moe_ep_context* ctx, int local_expert, const float* rows, int64_t m,
                                          float* out);
 
@@ -1764,6 +1953,8 @@ MOE_EP_PRIVATE void moe_ep__context_free(moe_ep_context* ctx) {
     moe_ep_free(&a, ctx->packed_down);
     moe_ep_free(&a, (void*)ctx->bias_up);
     moe_ep_free(&a, (void*)ctx->bias_down);
+    moe_ep_free(&a, (void*)ctx->scale_up);
+    moe_ep_free(&a, (void*)ctx->scale_down);
     moe_ep_free(&a, ctx->owner_of);
     moe_ep_free(&a, ctx->local_index_of);
     moe_ep_free(&a, ctx->rank_expert_count);
@@ -1846,16 +2037,20 @@ MOE_EP_PRIVATE moe_ep_result moe_ep__copy_router(moe_ep_context* ctx) {
     return MOE_EP_OK;
 }
 
-MOE_EP_PRIVATE moe_ep_result moe_ep__pack_experts(moe_ep_context* ctx) {
+MOE_EP_PRIVATE moe_ep_result moe_ep__pack_experts(moe_ep_context* ctx, moe_ep__validator* v) {
     const moe_ep_allocator* a = &ctx->desc.allocator;
     moe_ep_result res = MOE_EP_OK;
     int l;
-    ctx->packed_up = (float**)moe_ep__calloc(a, ctx->local_experts, sizeof(float*));
-    ctx->packed_down = (float**)moe_ep__calloc(a, ctx->local_experts, sizeof(float*));
+    ctx->packed_up = (void**)moe_ep__calloc(a, ctx->local_experts, sizeof(void*));
+    ctx->packed_down = (void**)moe_ep__calloc(a, ctx->local_experts, sizeof(void*));
     ctx->bias_up = (const float**)moe_ep__calloc(a, ctx->local_experts, sizeof(float*));
     ctx->bias_down = (const float**)moe_ep__calloc(a, ctx->local_experts, sizeof(float*));
-    if (!ctx->packed_up || !ctx->packed_down || !ctx->bias_up || !ctx->bias_down) return MOE_EP_ERROR_OUT_OF_MEMORY;
-    for (l = 0; l < ctx->local_experts && res == MOE_EP_OK; ++l) res = moe_ep__pack_expert(ctx, l);
+    ctx->scale_up = (const float**)moe_ep__calloc(a, ctx->local_experts, sizeof(float*));
+    ctx->scale_down = (const float**)moe_ep__calloc(a, ctx->local_experts, sizeof(float*));
+    if (!ctx->packed_up || !ctx->packed_down || !ctx->bias_up || !ctx->bias_down || !ctx->scale_up ||
+        !ctx->scale_down)
+        return MOE_EP_ERROR_OUT_OF_MEMORY;
+    for (l = 0; l < ctx->local_experts && res == MOE_EP_OK; ++l) res = moe_ep__pack_expert(ctx, l, v);
     return res;
 }
 
@@ -1878,29 +2073,34 @@ MOE_EP_PRIVATE void moe_ep__expert_views(const moe_ep_context* ctx, int l, moe_e
     const moe_ep_desc* d = &ctx->desc;
     const moe_ep_expert_weights* w = moe_ep__local_weights(ctx, l);
     int64_t D = d->d_model, F = ctx->d_ff_full, f0 = ctx->ff_begin;
-    const float* b2 = ctx->tp_rank == 0 ? w->b2 : NULL;
+    moe_ep_weight_format f = d->weight_format;
+    moe_ep__wtensor w1 = moe_ep__wtensor_of(w->w1, w->w1_stored, f, w->b1, w->w1_scale, "w1");
+    moe_ep__wtensor w3 = moe_ep__wtensor_of(w->w3, w->w3_stored, f, w->b3, w->w3_scale, "w3");
+    moe_ep__wtensor w2 = moe_ep__wtensor_of(w->w2, w->w2_stored, f, ctx->tp_rank == 0 ? w->b2 : NULL, w->w2_scale,
+                                          "w2");
     switch (d->weight_layout) {
     case MOE_EP_WEIGHT_LAYOUT_FUSED_GATE_UP:
-        *gate = moe_ep__view(w->w1 + f0 * D, D, 1, w->b1 ? w->b1 + f0 : NULL, 1);
-        *up = moe_ep__view(w->w1 + (F + f0) * D, D, 1, w->b1 ? w->b1 + F + f0 : NULL, 1);
-        *down = moe_ep__view(w->w2 + f0, F, 1, b2, 1);
+        *gate = moe_ep__view(w1, f0 * D, D, 1, f0, 1, D);
+        *up = moe_ep__view(w1, (F + f0) * D, D, 1, F + f0, 1, D);
+        *down = moe_ep__view(w2, f0, F, 1, 0, 1, F);
         break;
     case MOE_EP_WEIGHT_LAYOUT_GPT_OSS:
-        *gate = moe_ep__view(w->w1 + 2 * f0, 2, 2 * F, w->b1 ? w->b1 + 2 * f0 : NULL, 2);
-        *up = moe_ep__view(w->w1 + 2 * f0 + 1, 2, 2 * F, w->b1 ? w->b1 + 2 * f0 + 1 : NULL, 2);
-        *down = moe_ep__view(w->w2 + f0 * D, 1, D, b2, 1);
+        *gate = moe_ep__view(w1, 2 * f0, 2, 2 * F, 2 * f0, 2, D);
+        *up = moe_ep__view(w1, 2 * f0 + 1, 2, 2 * F, 2 * f0 + 1, 2, D);
+        *down = moe_ep__view(w2, f0 * D, 1, D, 0, 1, F);
         break;
     case MOE_EP_WEIGHT_LAYOUT_LLAMA4:
-        *gate = moe_ep__view(w->w1 + f0, 1, 2 * F, w->b1 ? w->b1 + f0 : NULL, 1);
-        *up = moe_ep__view(w->w1 + F + f0, 1, 2 * F, w->b1 ? w->b1 + F + f0 : NULL, 1);
-        *down = moe_ep__view(w->w2 + f0 * D, 1, D, b2, 1);
+        *gate = moe_ep__view(w1, f0, 1, 2 * F, f0, 1, D);
+        *up = moe_ep__view(w1, F + f0, 1, 2 * F, F + f0, 1, D);
+        *down = moe_ep__view(w2, f0 * D, 1, D, 0, 1, F);
         break;
     default:
-        *gate = moe_ep__view(w->w1 + f0 * D, D, 1, w->b1 ? w->b1 + f0 : NULL, 1);
-        *up = moe_ep__view(w->w3 ? w->w3 + f0 * D : NULL, D, 1, w->b3 ? w->b3 + f0 : NULL, 1);
-        *down = moe_ep__view(w->w2 + f0, F, 1, b2, 1);
+        *gate = moe_ep__view(w1, f0 * D, D, 1, f0, 1, D);
+        *up = moe_ep__view(w3, f0 * D, D, 1, f0, 1, D);
+        *down = moe_ep__view(w2, f0, F, 1, 0, 1, F);
         break;
     }
+    down->k_begin = f0;             /* this TP rank's columns of w2 */
 }
 
 /* >>steps: every collective of the core carries its kind and the context's sequence number,
@@ -1953,6 +2153,7 @@ MOE_EP_PRIVATE moe_ep_result moe_ep__agree(moe_ep_context* ctx, moe_ep_result lo
 MOE_EP_PRIVATE moe_ep_result moe_ep__context_alloc(const moe_ep_desc* d, const moe_ep_transport* t,
                                                    moe_ep_context** out) {
     moe_ep_context* ctx = (moe_ep_context*)moe_ep__calloc(&d->allocator, 1, sizeof *ctx);
+    const char* why;
     if (!ctx) return moe_ep__fail_desc(d, t->rank, MOE_EP_ERROR_OUT_OF_MEMORY, MOE_EP_LOG_ITEM_OUT_OF_MEMORY,
                                        "out of memory for the context");
     ctx->desc = *d;
@@ -1964,6 +2165,13 @@ MOE_EP_PRIVATE moe_ep_result moe_ep__context_alloc(const moe_ep_desc* d, const m
     ctx->world_size = t->world_size;
     ctx->d_ff_full = d->d_ff;
     ctx->tp_size = 1;
+#ifdef MOE_EP_CBLAS
+    ctx->path = moe_ep__select_path(MOE_EP_KERNEL_PORTABLE, &why);     /* the router's */
+    ctx->desc.kernel = MOE_EP_KERNEL_CBLAS;
+#else
+    ctx->path = moe_ep__select_path(d->kernel, &why);                  /* validated: not NULL */
+    ctx->desc.kernel = moe_ep__path_kernel(ctx->path);
+#endif
     if (d->tp_transport) {
         ctx->tp_transport = *d->tp_transport;
         ctx->tp_rank = d->tp_transport->rank;
@@ -2003,6 +2211,10 @@ MOE_EP_PRIVATE moe_ep_result moe_ep__shared_create(moe_ep_context* ctx) {
     sd.swiglu_alpha = d->swiglu_alpha;
     sd.swiglu_limit = d->swiglu_limit;
     sd.weight_layout = MOE_EP_WEIGHT_LAYOUT_SEPARATE;   /* shared experts come as separate tensors */
+    sd.weight_format = d->weight_format;
+#ifndef MOE_EP_CBLAS
+    sd.kernel = d->kernel;
+#endif
     sd.num_threads = moe_ep__default_threads(d->num_threads, &ctx->transport);
     sd.experts = &d->shared.weights;
     sd.allocator = d->allocator;
@@ -2013,9 +2225,57 @@ MOE_EP_PRIVATE moe_ep_result moe_ep__shared_create(moe_ep_context* ctx) {
         if (!ctx->shared_gate) return MOE_EP_ERROR_OUT_OF_MEMORY;
         memcpy(ctx->shared_gate, d->shared.gate, sizeof(float) * (size_t)d->d_model);
     }
-    ctx->desc.shared.weights.w1 = ctx->desc.shared.weights.w3 = ctx->desc.shared.weights.w2 = NULL;
+    memset(&ctx->desc.shared.weights, 0, sizeof ctx->desc.shared.weights);
     ctx->desc.shared.gate = ctx->shared_gate;
     return res;
+}
+
+/* Weights handed in stored: each tensor once, for a format other than fp32, and int8's
+   scales there, finite and > 0 (each one the kernel reads: this rank's TP slice). */
+MOE_EP_PRIVATE void moe_ep__validate_stored(const moe_ep_context* ctx, int l, moe_ep__validator* v) {
+    const moe_ep_desc* d = &ctx->desc;
+    const moe_ep_expert_weights* w = moe_ep__local_weights(ctx, l);
+    const void* stored[3];
+    const float* fp32[3];
+    const float* scales[3];
+    static const char* const names[3] = { "w1", "w3", "w2" };
+    moe_ep__wview views[3];
+    int e = (int)(w - d->experts), t, n[3];
+    int64_t i;
+    stored[0] = w->w1_stored; stored[1] = w->w3_stored; stored[2] = w->w2_stored;
+    fp32[0] = w->w1; fp32[1] = w->w3; fp32[2] = w->w2;
+    scales[0] = w->w1_scale; scales[1] = w->w3_scale; scales[2] = w->w2_scale;
+    for (t = 0; t < 3; ++t) {
+        moe_ep__check(v, !(stored[t] && fp32[t]), MOE_EP_LOG_ITEM_DESC_EXPERT_WEIGHTS_STORED,
+                      "moe_ep_desc.experts[%d]: give %s or %s_stored, not both", e, names[t], names[t]);
+        moe_ep__check(v, !stored[t] || d->weight_format != MOE_EP_WEIGHT_FORMAT_FP32,
+                      MOE_EP_LOG_ITEM_DESC_EXPERT_WEIGHTS_STORED,
+                      "moe_ep_desc.experts[%d].%s_stored needs a weight_format other than fp32 (fp32 goes in %s)",
+                      e, names[t], names[t]);
+        moe_ep__check(v, !scales[t] || (stored[t] && d->weight_format == MOE_EP_WEIGHT_FORMAT_INT8),
+                      MOE_EP_LOG_ITEM_DESC_EXPERT_SCALE,
+                      "moe_ep_desc.experts[%d].%s_scale is read only with %s_stored and the int8 weight_format",
+                      e, names[t], names[t]);
+        moe_ep__check(v, !stored[t] || d->weight_format != MOE_EP_WEIGHT_FORMAT_INT8 || scales[t],
+                      MOE_EP_LOG_ITEM_DESC_EXPERT_SCALE,
+                      "moe_ep_desc.experts[%d].%s_scale must hold the scales of %s_stored (int8: one per output "
+                      "channel)", e, names[t], names[t]);
+    }
+    if (v->failures || d->weight_format != MOE_EP_WEIGHT_FORMAT_INT8) return;
+    moe_ep__expert_views(ctx, l, &views[0], &views[1], &views[2]);
+    n[0] = n[1] = d->d_ff;
+    n[2] = d->d_model;
+    for (t = 0; t < 3; ++t)
+        for (i = 0; views[t].scale && i < n[t]; ++i) {
+            float s = views[t].scale[i * views[t].bias_stride];
+            if (!(s > 0.0f) || !moe_ep__finite(s)) {
+                const float* base = scales[views[t].name[1] == '1' ? 0 : views[t].name[1] == '3' ? 1 : 2];
+                moe_ep__check(v, false, MOE_EP_LOG_ITEM_DESC_EXPERT_SCALE,
+                              "moe_ep_desc.experts[%d].%s_scale[%lld] (%g) must be finite and > 0", e, views[t].name,
+                              (long long)(views[t].scale - base + i * views[t].bias_stride), (double)s);
+                return;
+            }
+        }
 }
 
 /* create, step 3: placement, then this rank's expert weights checked and packed. */
@@ -2043,15 +2303,16 @@ MOE_EP_PRIVATE moe_ep_result moe_ep__context_fill(moe_ep_context* ctx, moe_ep__v
             /* w3 is a tensor of its own only in the separate layout */
             bool needs_w3 = moe_ep__gated(d->activation) && d->weight_layout == MOE_EP_WEIGHT_LAYOUT_SEPARATE;
             const moe_ep_expert_weights* w = moe_ep__local_weights(ctx, l);
-            moe_ep__check(v, w->w1 && w->w2 && (!needs_w3 || w->w3),
+            moe_ep__check(v, (w->w1 || w->w1_stored) && (w->w2 || w->w2_stored) && (!needs_w3 || w->w3 || w->w3_stored),
                           MOE_EP_LOG_ITEM_DESC_EXPERT_WEIGHTS_NULL,
                           "moe_ep_desc.experts[%d]: w1, w2%s must not be NULL%s",
                           (int)(w - d->experts), needs_w3 ? " and w3" : "",
                           d->weight_layout == MOE_EP_WEIGHT_LAYOUT_SEPARATE ? ""
                           : " (w1 holds gate and up in this weight_layout)");
+            if (!v->failures) moe_ep__validate_stored(ctx, l, v);
         }
         if (v->failures) res = MOE_EP_ERROR_INVALID_ARGUMENT;
-        else res = moe_ep__pack_experts(ctx);
+        else res = moe_ep__pack_experts(ctx, v);
     }
     if (res == MOE_EP_OK) res = moe_ep__shared_create(ctx);
     if (res == MOE_EP_ERROR_OUT_OF_MEMORY)
@@ -2073,8 +2334,8 @@ MOE_EP_PRIVATE moe_ep_result moe_ep__create_agree(const moe_ep_desc* d, const mo
     a.status = status;
     a.facts = &fingerprint;
     a.fact_count = 1;
-    a.facts_name = "collective parameters (d_model, d_ff, num_experts, top_k, activation, the router's "
-                   "settings and biases, capacity_factor, placement)";
+    a.facts_name = "collective parameters (d_model, d_ff, num_experts, top_k, activation, weight_format, "
+                   "the router's settings and biases, capacity_factor, placement)";
     a.on_peer_failure = MOE_EP_ERROR_RANK_MISMATCH;
     a.step = (int64_t)MOE_EP__STEP_CREATE << 40;
     a.allocator = d->allocator;
@@ -2231,7 +2492,8 @@ MOE_EP_PRIVATE void moe_ep__group_limit(const moe_ep_desc* d, const float* choic
 /* logits[r][e] = x[r] . W[e] for `rows` tokens (at most MOE_EP__ROUTER_ROWS), from W^T
    (wt [d_model, E]); defined with the kernels (>>router kernel). */
 #define MOE_EP__ROUTER_ROWS 8
-MOE_EP_PRIVATE void moe_ep__router_logits(const float* x, int64_t rows, int D, const float* wt, int E, float* logits);
+MOE_EP_PRIVATE void moe_ep__router_logits(const struct moe_ep__path* path, const float* x, int64_t rows, int D,
+                                          const float* wt, int E, float* logits);
 
 /* stats: also the softmax probabilities and the log-sum-exp (the statistics' inputs), which
    the other scorings do not need otherwise. */
@@ -2346,7 +2608,7 @@ MOE_EP_API moe_ep_result moe_ep_route(moe_ep_context* ctx, const float* x, int64
 #pragma omp parallel for schedule(static) num_threads(threads) if (threads > 1 && tokens > MOE_EP__ROUTER_ROWS)
 #endif
     for (t = 0; t < tokens; t += MOE_EP__ROUTER_ROWS)
-        moe_ep__router_logits(x + t * d->d_model, MOE_EP__MIN(MOE_EP__ROUTER_ROWS, tokens - t), d->d_model,
+        moe_ep__router_logits(ctx->path, x + t * d->d_model, MOE_EP__MIN(MOE_EP__ROUTER_ROWS, tokens - t), d->d_model,
                               ctx->router_t, E, probs + t * E);
 #ifdef _OPENMP
 #pragma omp parallel for schedule(static) num_threads(threads) if (threads > 1 && tokens > 1)
@@ -3332,9 +3594,10 @@ MOE_EP_API moe_ep_result moe_ep_layout_split(const moe_ep_layout_desc* desc, con
 }
 
 /* ======================================================================== */
-/* KERNELS: the expert FFN on the CPU -- packing, the SIMD paths and their blocking.
+/* KERNELS: the expert FFN on the CPU -- paths, weight formats, packing and blocking.
    Last in the file because it is the longest and the least read: the pipeline above
-   reaches it through moe_ep__pack_expert and moe_ep__ffn. */
+   reaches it through moe_ep__select_path, moe_ep__pack_expert, moe_ep__ffn and
+   moe_ep__router_logits. */
 /* >>kernel: packed weights and the deterministic FFN.
 
    Determinism: every output element is one multiply-add chain over k = 0, 1, ..., K-1
@@ -3345,19 +3608,34 @@ MOE_EP_API moe_ep_result moe_ep_layout_split(const moe_ep_layout_desc* desc, con
    each multiply-add (one rounding), and so does the portable path (moe_ep__fma_row): every
    path gives the same bits.
 
-   Path: AVX-512F, else AVX2+FMA, else AArch64 NEON, from the compiler's target macros;
-   MOE_EP_NO_SIMD forces the portable C. MOE_EP_CBLAS sends the three products of an
-   expert to cblas_sgemm instead (the CBLAS moe_ep__ffn below).
+   Paths (moe_ep_kernel): with gcc or clang on x86 every path is compiled -- the SIMD ones
+   as functions with __attribute__((target(...))) -- and moe_ep_create takes the best one
+   the CPU has (__builtin_cpu_supports: AVX-512F, else AVX2 with FMA and F16C, else the
+   portable C), or the one desc.kernel names. Elsewhere the SIMD path follows the compiler's
+   target macros (AVX-512F, AVX2+FMA, AArch64 NEON), beside the portable one.
+   MOE_EP_NO_SIMD leaves only the portable path. SIMD code is only in leaf functions that
+   the path's pointers reach, never in a function with an OpenMP region (an outlined region
+   does not inherit its function's target attribute). MOE_EP_CBLAS sends the three products
+   of an expert to cblas_sgemm instead (the CBLAS moe_ep__ffn below).
+
+   Weight formats: a panel holds the format's elements (fp32, bf16, fp16, int8) in the same
+   order. Before the micro-kernel reads a KC x NR slice of a narrow panel, the path widens it
+   to fp32 in the thread's scratch (bf16, fp16 and int8 values are all floats, so exactly);
+   the chains are then the fp32 kernel's over the widened weights, and the bits of a format
+   are the same on every path. For decode (a block of at most NARROW_ROWS rows) the SIMD paths
+   have kernels that read the stored panel and widen it in registers instead (micro_narrow):
+   the same chains. int8's per-channel scale multiplies the finished chain once, fused with
+   the bias (fmaf(sum, scale, bias), on every path).
 
    Layout: a weight W [n, k] (nn.Linear) is packed as ceil(n / NR) panels, each [k][NR]
    contiguous (columns past n are zero). For the gated activations (SwiGLU, clamped
    SwiGLU) a panel holds NR/2 columns of w1 followed by the same NR/2 columns of w3, so
    one pass over x feeds both and act(x w1 + b1, x w3 + b3) is formed in registers and
-   written once. A weight's biases follow its panels, NR per panel in the panel's column
-   order; the epilogue adds them once to the finished chains, so they change no chain's
-   order. The user's tensors are read through moe_ep__wview (any weight layout, the TP
-   slice). Activations are read as they are (row-major); the hidden rows are padded to
-   whole panels.
+   written once. A weight's biases (and int8 scales) follow its panels, NR per panel in the
+   panel's column order; the epilogue applies them once to the finished chains, so they
+   change no chain's order. The user's tensors are read through moe_ep__wview (any weight
+   layout, the TP slice, fp32 or already in the format). Activations are read as they are
+   (row-major); the hidden rows are padded to whole panels. NR and MR are the path's.
 
    Blocking (per thread, over its share of the column panels): NCP panels x MC rows x
    KC-deep slices; the KC x NR weight slice stays in L1 while MR-row tiles stream past
@@ -3370,28 +3648,34 @@ MOE_EP_API moe_ep_result moe_ep_layout_split(const moe_ep_layout_desc* desc, con
 #pragma GCC diagnostic ignored "-Wuninitialized"
 #pragma GCC diagnostic ignored "-Wmaybe-uninitialized"
 #endif
-#if !defined(MOE_EP_NO_SIMD) && !defined(MOE_EP_CBLAS) && defined(__AVX512F__)
+#ifdef MOE_EP__DISPATCH                     /* every x86 path built; chosen at create */
 #define MOE_EP__AVX512 1
+#define MOE_EP__AVX2 1
+#define MOE_EP__AVX2_F16C 1
+#define MOE_EP__TARGET_AVX512 __attribute__((target("avx512f,avx2,fma,f16c")))
+#define MOE_EP__TARGET_AVX2 __attribute__((target("avx2,fma,f16c")))
 #include <immintrin.h>
-#define MOE_EP__MR 12
-#define MOE_EP__NR 32
+#include <cpuid.h>
+#elif !defined(MOE_EP_NO_SIMD) && !defined(MOE_EP_CBLAS) && defined(__AVX512F__)
+#define MOE_EP__AVX512 1
+#define MOE_EP__TARGET_AVX512
+#include <immintrin.h>
 #elif !defined(MOE_EP_NO_SIMD) && !defined(MOE_EP_CBLAS) && defined(__AVX2__) && defined(__FMA__)
 #define MOE_EP__AVX2 1
+#ifdef __F16C__
+#define MOE_EP__AVX2_F16C 1
+#endif
+#define MOE_EP__TARGET_AVX2
 #include <immintrin.h>
-#define MOE_EP__MR 6
-#define MOE_EP__NR 16
 #elif !defined(MOE_EP_NO_SIMD) && !defined(MOE_EP_CBLAS) && defined(__ARM_NEON) && defined(__aarch64__)
 #define MOE_EP__NEON 1
 #include <arm_neon.h>
-#define MOE_EP__MR 6
-#define MOE_EP__NR 16
-#else
-#define MOE_EP__MR 4
-#define MOE_EP__NR 16
 #endif
-#define MOE_EP__KC 256                      /* K slice: KC x NR floats of weights in L1 */
-#define MOE_EP__MC (16 * MOE_EP__MR)        /* rows per block */
-#define MOE_EP__NCP (128 / MOE_EP__NR)      /* panels per block */
+#define MOE_EP__MR_MAX 12                   /* the largest row tile and panel of any path */
+#define MOE_EP__NR_MAX 32
+#define MOE_EP__PMR 4                       /* the portable path's */
+#define MOE_EP__PNR 16
+#define MOE_EP__KC 256                      /* K slice: KC x NR weights in L1 */
 #define MOE_EP__ALIGN 64
 
 #ifdef MOE_EP_CBLAS
@@ -3405,6 +3689,14 @@ MOE_EP_PRIVATE float* moe_ep__aligned(float* raw) {
     return (float*)(((uintptr_t)raw + (MOE_EP__ALIGN - 1)) & ~(uintptr_t)(MOE_EP__ALIGN - 1));
 }
 
+#ifndef MOE_EP_CBLAS
+MOE_EP_PRIVATE unsigned char* moe_ep__aligned_bytes(void* raw) {
+    return (unsigned char*)(((uintptr_t)raw + (MOE_EP__ALIGN - 1)) & ~(uintptr_t)(MOE_EP__ALIGN - 1));
+}
+
+MOE_EP_PRIVATE int64_t moe_ep__round_up(int64_t n, int64_t to) { return (n + to - 1) / to * to; }
+#endif
+
 MOE_EP_PRIVATE float moe_ep__act(moe_ep_activation act, float a, float b) {
     switch (act) {
     case MOE_EP_ACTIVATION_GELU: return moe_ep__gelu(a);
@@ -3413,7 +3705,6 @@ MOE_EP_PRIVATE float moe_ep__act(moe_ep_activation act, float a, float b) {
     }
 }
 
-#if !defined(MOE_EP__AVX512) && !defined(MOE_EP__AVX2) && !defined(MOE_EP__NEON)
 /* GPT-OSS: (clamp(u, -limit, limit) + 1) * g' * sigmoid(alpha g'), g' = min(g, limit).
    (The SIMD paths have their own, moe_ep__vswiglu_clamped.) */
 MOE_EP_PRIVATE float moe_ep__swiglu_clamped(float g, float u, float alpha, float limit) {
@@ -3421,62 +3712,140 @@ MOE_EP_PRIVATE float moe_ep__swiglu_clamped(float g, float u, float alpha, float
     u = u < -limit ? -limit : u > limit ? limit : u;
     return (u + 1.0f) * (g / (1.0f + moe_ep__expf(-alpha * g)));
 }
+
+/* >>formats: the weight formats' elements, and the exact widening to float. */
+MOE_EP_PRIVATE float moe_ep__bf16_to_float(uint16_t h) {
+    uint32_t u = (uint32_t)h << 16;
+    float f;
+    memcpy(&f, &u, sizeof f);
+    return f;
+}
+
+/* As vcvtph2ps: subnormals exact, a NaN comes out quiet with its payload. */
+MOE_EP_PRIVATE float moe_ep__fp16_to_float(uint16_t h) {
+    uint32_t sign = (uint32_t)(h & 0x8000u) << 16, exp = (h >> 10) & 0x1Fu, man = h & 0x3FFu, u;
+    float f;
+    if (exp == 0x1F) u = sign | 0x7F800000u | (man << 13) | (man ? 0x400000u : 0u);
+    else if (exp != 0) u = sign | ((exp + 112u) << 23) | (man << 13);
+    else {
+        f = (float)man * 5.9604644775390625e-8f;    /* man * 2^-24: exact */
+        return sign ? -f : f;
+    }
+    memcpy(&f, &u, sizeof f);
+    return f;
+}
+
+#ifndef MOE_EP_CBLAS
+/* float -> bf16 and fp16, to nearest even (NaN stays a quiet NaN); *overflow is set when a
+   finite value rounds to infinity. */
+MOE_EP_PRIVATE uint16_t moe_ep__float_to_bf16(float f, bool* overflow) {
+    uint32_t u, r;
+    memcpy(&u, &f, sizeof u);
+    if ((u & 0x7FFFFFFFu) > 0x7F800000u) return (uint16_t)((u >> 16) | 0x40u);
+    r = u + 0x7FFFu + ((u >> 16) & 1u);
+    if ((u & 0x7F800000u) != 0x7F800000u && (r & 0x7F800000u) == 0x7F800000u) *overflow = true;
+    return (uint16_t)(r >> 16);
+}
+
+MOE_EP_PRIVATE uint16_t moe_ep__float_to_fp16(float f, bool* overflow) {
+    uint32_t u, sign, a;
+    memcpy(&u, &f, sizeof u);
+    sign = (u >> 16) & 0x8000u;
+    a = u & 0x7FFFFFFFu;
+    if (a > 0x7F800000u) return (uint16_t)(sign | 0x7E00u | ((a >> 13) & 0x3FFu));
+    if (a == 0x7F800000u) return (uint16_t)(sign | 0x7C00u);
+    if (a >= 0x477FF000u) {         /* 65520 and above round to infinity */
+        *overflow = true;
+        return (uint16_t)(sign | 0x7C00u);
+    }
+    if (a >= 0x38800000u) {         /* a normal half: round at bit 13, rebias the exponent */
+        uint32_t r = a + 0xFFFu + ((a >> 13) & 1u);
+        return (uint16_t)(sign | ((r - 0x38000000u) >> 13));
+    }
+    if (a < 0x33000000u) return (uint16_t)sign;     /* below 2^-25 */
+    {                               /* a subnormal half: units of 2^-24 */
+        uint32_t m = (a & 0x7FFFFFu) | 0x800000u;
+        int shift = 126 - (int)(a >> 23);
+        uint32_t q = m >> shift, rest = m & ((1u << shift) - 1u), half = 1u << (shift - 1);
+        if (rest > half || (rest == half && (q & 1u))) ++q;
+        return (uint16_t)(sign | q);
+    }
+}
+
+/* int8: q = w / scale rounded to nearest (ties away from zero), within [-127, 127]. */
+MOE_EP_PRIVATE int8_t moe_ep__quantize(float w, float scale) {
+    float r = w / scale, a = r < 0.0f ? -r : r;
+    int q;
+    if (a > 127.0f) a = 127.0f;
+    q = (int)a;
+    if (a - (float)q >= 0.5f) ++q;
+    return (int8_t)(r < 0.0f ? -q : q);
+}
 #endif
 
-/* What the micro-kernel does with its finished sums: add the bias (NR floats in panel
-   order; NULL: none), then store them (gated 0), or write SwiGLU (1) or clamped SwiGLU (2)
-   of the panel's two halves. */
+/* n elements of format f at src -> floats at dst (the portable widening, and every path's tail). */
+MOE_EP_PRIVATE void moe_ep__widen_portable(moe_ep_weight_format f, const void* src, int64_t n, float* dst) {
+    int64_t i;
+    if (f == MOE_EP_WEIGHT_FORMAT_BF16) {
+        const uint16_t* s = (const uint16_t*)src;
+        for (i = 0; i < n; ++i) dst[i] = moe_ep__bf16_to_float(s[i]);
+    } else if (f == MOE_EP_WEIGHT_FORMAT_FP16) {
+        const uint16_t* s = (const uint16_t*)src;
+        for (i = 0; i < n; ++i) dst[i] = moe_ep__fp16_to_float(s[i]);
+    } else if (f == MOE_EP_WEIGHT_FORMAT_INT8) {
+        const int8_t* s = (const int8_t*)src;
+        for (i = 0; i < n; ++i) dst[i] = (float)s[i];
+    } else {
+        memcpy(dst, src, sizeof(float) * (size_t)n);
+    }
+}
+
+/* Element (i, kk) of a view as a float (the user's fp32, or a stored element widened). */
+MOE_EP_PRIVATE float moe_ep__wget(const moe_ep__wview* v, int64_t i, int64_t kk) {
+    int64_t at = i * v->row_stride + kk * v->k_stride;
+    switch (v->format) {
+    case MOE_EP_WEIGHT_FORMAT_BF16: return moe_ep__bf16_to_float(((const uint16_t*)v->base)[at]);
+    case MOE_EP_WEIGHT_FORMAT_FP16: return moe_ep__fp16_to_float(((const uint16_t*)v->base)[at]);
+    case MOE_EP_WEIGHT_FORMAT_INT8: return (float)((const int8_t*)v->base)[at];
+    default: return ((const float*)v->base)[at];
+    }
+}
+
+/* What the micro-kernel does with its finished sums: with scale (int8), sum * scale + bias in
+   one fused step (bias 0 without one), else add the bias (NR floats in panel order; NULL:
+   none); then store them (gated 0), or write SwiGLU (1) or clamped SwiGLU (2) of the panel's
+   two halves. */
 typedef struct moe_ep__epilogue {
     const float* bias;
+    const float* scale;
     int gated;
     float alpha, limit;
 } moe_ep__epilogue;
 
-#ifndef MOE_EP_CBLAS
-/* Output columns per panel: gated panels carry a w1 half and a w3 half. */
-MOE_EP_PRIVATE int moe_ep__panel_cols(moe_ep_activation act) {
-    return moe_ep__gated(act) ? MOE_EP__NR / 2 : MOE_EP__NR;
-}
-
-MOE_EP_PRIVATE int64_t moe_ep__panel_count(int n, int cols) { return ((int64_t)n + cols - 1) / cols; }
-
-/* Hidden row stride: d_ff rounded up to whole up-projection panels. */
-MOE_EP_PRIVATE int64_t moe_ep__hidden_stride(const moe_ep_desc* d) {
-    int cols = moe_ep__panel_cols(d->activation);
-    return moe_ep__panel_count(d->d_ff, cols) * cols;
-}
-
-/* W [n, k] -> panels of NR columns; with w3, panels of NR/2 columns of each. Written in
-   order, reading the panel's NR rows of W side by side. With bias (not NULL), the biases
-   of the panels' columns follow in the same order, NR per panel (zero where a view has
-   none). */
-MOE_EP_PRIVATE void moe_ep__pack(const moe_ep__wview* w, const moe_ep__wview* w3, int n, int k, float* panels,
-                                 float* bias) {
-    int cols = w3 ? MOE_EP__NR / 2 : MOE_EP__NR, j, kk;
-    int64_t p, np = moe_ep__panel_count(n, cols);
-    for (p = 0; p < np; ++p) {
-        const float* src[MOE_EP__NR];
-        int64_t step[MOE_EP__NR];
-        float* dst = panels + p * (int64_t)k * MOE_EP__NR;
-        for (j = 0; j < MOE_EP__NR; ++j) {
-            int half = j >= cols;
-            int64_t col = p * cols + (j - half * cols);
-            const moe_ep__wview* v = half ? w3 : w;
-            src[j] = col < n ? v->base + col * v->row_stride : NULL;
-            step[j] = v->k_stride;
-            if (bias) bias[p * MOE_EP__NR + j] = col < n && v->bias ? v->bias[col * v->bias_stride] : 0.0f;
-        }
-        for (kk = 0; kk < k; ++kk, dst += MOE_EP__NR)
-            for (j = 0; j < MOE_EP__NR; ++j) dst[j] = src[j] ? src[j][kk * step[j]] : 0.0f;
-    }
-}
-
 /* The micro-kernel: C[rows][NR] = Cin (or 0) + A[rows][kc] . B[kc][NR], A and B slices
-   of packed tiles ([kc][MR] and [kc][NR]). ep (NULL: store C as it is): the bias is added
-   to the finished sums; a gated epilogue writes act(C[:, :NR/2], C[:, NR/2:]) (NR/2
-   columns) instead of C. */
+   of packed tiles ([kc][MR] and [kc][NR]), rows in [1, MR]. ep (NULL: store C as it is):
+   the epilogue above; a gated epilogue writes NR/2 columns. */
+typedef void (*moe_ep__micro_fn)(int rows, int kc, const float* a, const float* b, const float* cin, int64_t ldc,
+                                 float* cout, int64_t ldo, const moe_ep__epilogue* ep);
 typedef void (*moe_ep__kernel_fn)(int kc, const float* a, const float* b, const float* cin, int64_t ldc,
                                   float* cout, int64_t ldo, const moe_ep__epilogue* ep);
+typedef void (*moe_ep__widen_fn)(moe_ep_weight_format f, const void* src, int64_t n, float* dst);
+/* The router's logits of up to 8 tokens for experts [e, e + strip) (>>router kernel). */
+typedef void (*moe_ep__strip_fn)(const float* x, int64_t rows, int D, const float* wt, int E, int e, float* logits);
+
+typedef struct moe_ep__path moe_ep__path;
+struct moe_ep__path {
+    moe_ep_kernel kernel;
+    int mr, nr;                     /* row tile, panel width */
+    moe_ep__micro_fn micro;
+    moe_ep__widen_fn widen;
+    int strip;                      /* experts per router strip; 0: none */
+    moe_ep__strip_fn router_strip;
+    /* by format: a micro-kernel for rows in [1, MOE_EP__NARROW_ROWS] that reads the stored
+       panel and widens it in registers (decode); NULL: widen each slice first */
+    moe_ep__micro_fn micro_narrow[MOE_EP_WEIGHT_FORMAT_COUNT];
+};
+#define MOE_EP__NARROW_ROWS 4
 
 #define MOE_EP__ROWS1(X) X(0)
 #define MOE_EP__ROWS2(X) MOE_EP__ROWS1(X) X(1)
@@ -3490,9 +3859,145 @@ typedef void (*moe_ep__kernel_fn)(int kc, const float* a, const float* b, const 
 #define MOE_EP__ROWS10(X) MOE_EP__ROWS9(X) X(9)
 #define MOE_EP__ROWS11(X) MOE_EP__ROWS10(X) X(10)
 #define MOE_EP__ROWS12(X) MOE_EP__ROWS11(X) X(11)
+#define MOE_EP__PASTE_(a, b) a##b
+#define MOE_EP__PASTE(a, b) MOE_EP__PASTE_(a, b)
+
+/* One micro-kernel per row count, for the path whose macros are defined (VP: its names'
+   prefix, VT: its target attribute): K_PANEL loads step kk of the weight panel, K_FMA adds
+   it into row r's accumulators, K_SCALE or K_BIAS applies int8's scale and the bias once
+   to the finished sums, K_STORE / K_SWIGLU / K_CLAMPED write the rows out. */
+#define MOE_EP__KERNEL(ROWS, n) MOE_EP__KERNEL_P(ROWS, _kernel##n, MOE_EP__K_PANEL)
+/* PANEL: how step kk of the panel becomes vectors b0, b1 (K_PANEL: floats; the narrow
+   formats' K_PANEL_BF16, _FP16, _INT8 widen the stored elements in registers, exactly). */
+#define MOE_EP__KERNEL_P(ROWS, name, PANEL) \
+    MOE_EP_PRIVATE MOE_EP__VT void MOE_EP__PASTE(MOE_EP__VP, name)(int kc, const float* a, const float* b, \
+        const float* cin, int64_t ldc, float* cout, int64_t ldo, const moe_ep__epilogue* ep) { \
+        int kk; \
+        ROWS(MOE_EP__K_DECL) \
+        if (cin) { ROWS(MOE_EP__K_LOAD) } else { ROWS(MOE_EP__K_ZERO) } \
+        for (kk = 0; kk < kc; ++kk) { \
+            PANEL \
+            ROWS(MOE_EP__K_FMA) \
+        } \
+        if (!ep) { ROWS(MOE_EP__K_STORE) return; } \
+        if (ep->scale) { MOE_EP__K_SCALE_LOAD ROWS(MOE_EP__K_SCALE) } \
+        else if (ep->bias) { MOE_EP__K_BIAS_LOAD ROWS(MOE_EP__K_BIAS) } \
+        if (ep->gated == 1) { ROWS(MOE_EP__K_SWIGLU) } \
+        else if (ep->gated == 2) { MOE_EP__K_CLAMP_SETUP ROWS(MOE_EP__K_CLAMPED) } \
+        else { ROWS(MOE_EP__K_STORE) } \
+    }
+
+/* Decode (one row tile of up to 4 rows): the narrow formats' kernels read the stored panel
+   and widen it in registers, and the path's micro_narrow picks them. */
+#define MOE_EP__NARROW_KERNELS(FMT) \
+    MOE_EP__KERNEL_P(MOE_EP__ROWS1, _##FMT##_1, MOE_EP__K_PANEL_##FMT) \
+    MOE_EP__KERNEL_P(MOE_EP__ROWS2, _##FMT##_2, MOE_EP__K_PANEL_##FMT) \
+    MOE_EP__KERNEL_P(MOE_EP__ROWS3, _##FMT##_3, MOE_EP__K_PANEL_##FMT) \
+    MOE_EP__KERNEL_P(MOE_EP__ROWS4, _##FMT##_4, MOE_EP__K_PANEL_##FMT) \
+    MOE_EP_PRIVATE void MOE_EP__PASTE(MOE_EP__VP, _micro_##FMT)(int rows, int kc, const float* a, const float* b, \
+        const float* cin, int64_t ldc, float* cout, int64_t ldo, const moe_ep__epilogue* ep) { \
+        static const moe_ep__kernel_fn kernels[5] = { NULL, MOE_EP__PASTE(MOE_EP__VP, _##FMT##_1), \
+            MOE_EP__PASTE(MOE_EP__VP, _##FMT##_2), MOE_EP__PASTE(MOE_EP__VP, _##FMT##_3), \
+            MOE_EP__PASTE(MOE_EP__VP, _##FMT##_4) }; \
+        kernels[rows](kc, a, b, cin, ldc, cout, ldo, ep); \
+    }
+/* The router's strip for the path whose macros are defined: the sums of 8 tokens x 2
+   vectors of experts in registers while that strip of W^T streams by. */
+#define MOE_EP__RZERO(r) acc[r][0] = acc[r][1] = MOE_EP__VSET1(0.0f);
+#define MOE_EP__RROW(r) \
+    if (r < rows) { \
+        MOE_EP__V xv = MOE_EP__VSET1(x[(r) * D + i]); \
+        acc[r][0] = MOE_EP__VFMA3(xv, w0, acc[r][0]); \
+        acc[r][1] = MOE_EP__VFMA3(xv, w1, acc[r][1]); \
+    }
+#define MOE_EP__RSAVE(r) \
+    if (r < rows) { \
+        MOE_EP__VSTORE(logits + (r) * E + e, acc[r][0]); \
+        MOE_EP__VSTORE(logits + (r) * E + e + MOE_EP__VW, acc[r][1]); \
+    }
+#define MOE_EP__STRIP \
+    MOE_EP_PRIVATE MOE_EP__VT void MOE_EP__PASTE(MOE_EP__VP, _strip)(const float* x, int64_t rows, int D, \
+        const float* wt, int E, int e, float* logits) { \
+        MOE_EP__V acc[MOE_EP__ROUTER_ROWS][2]; \
+        int64_t i; \
+        MOE_EP__ROWS8(MOE_EP__RZERO) \
+        for (i = 0; i < D; ++i) { \
+            const float* w = wt + i * E + e; \
+            MOE_EP__V w0 = MOE_EP__VLOAD(w), w1 = MOE_EP__VLOAD(w + MOE_EP__VW); \
+            MOE_EP__ROWS8(MOE_EP__RROW) \
+        } \
+        MOE_EP__ROWS8(MOE_EP__RSAVE) \
+    }
 
 #if defined(MOE_EP__AVX512) || defined(MOE_EP__AVX2)
+/* The x86 paths' code, written once over these vector macros and instantiated per path. */
+/* exp(x) for x clamped to [-87, 88] (Cephes expf: 2^n times a degree-6 polynomial), as
+   moe_ep__expf, op for op; silu(g) * u = g / (1 + exp(-g)) * u; clamped SwiGLU as
+   moe_ep__swiglu_clamped, with nalpha = -alpha, nlimit = -limit. */
+#define MOE_EP__X86_MATH \
+    MOE_EP_PRIVATE MOE_EP__VT MOE_EP__V MOE_EP__PASTE(MOE_EP__VP, _vexp)(MOE_EP__V x) { \
+        MOE_EP__V n, r, p; \
+        x = MOE_EP__VMIN(MOE_EP__VMAX(x, MOE_EP__VSET1(-87.0f)), MOE_EP__VSET1(88.0f)); \
+        n = MOE_EP__VSUB(MOE_EP__VFMA(x, MOE_EP__VSET1(1.44269504088896341f), MOE_EP__VSET1(12582912.0f)), \
+                         MOE_EP__VSET1(12582912.0f)); \
+        r = MOE_EP__VFNMA(n, MOE_EP__VSET1(0.693359375f), x); \
+        r = MOE_EP__VFNMA(n, MOE_EP__VSET1(-2.12194440e-4f), r); \
+        p = MOE_EP__VSET1(1.9875691500e-4f); \
+        p = MOE_EP__VFMA(p, r, MOE_EP__VSET1(1.3981999507e-3f)); \
+        p = MOE_EP__VFMA(p, r, MOE_EP__VSET1(8.3334519073e-3f)); \
+        p = MOE_EP__VFMA(p, r, MOE_EP__VSET1(4.1665795894e-2f)); \
+        p = MOE_EP__VFMA(p, r, MOE_EP__VSET1(1.6666665459e-1f)); \
+        p = MOE_EP__VFMA(p, r, MOE_EP__VSET1(5.0000001201e-1f)); \
+        p = MOE_EP__VFMA(p, MOE_EP__VMUL(r, r), MOE_EP__VADD(r, MOE_EP__VSET1(1.0f))); \
+        return MOE_EP__VMUL(p, MOE_EP__VPOW2(n)); \
+    } \
+    MOE_EP_PRIVATE MOE_EP__VT MOE_EP__V MOE_EP__PASTE(MOE_EP__VP, _vswiglu)(MOE_EP__V g, MOE_EP__V u) { \
+        MOE_EP__V e = MOE_EP__PASTE(MOE_EP__VP, _vexp)(MOE_EP__VMUL(g, MOE_EP__VSET1(-1.0f))); \
+        return MOE_EP__VMUL(MOE_EP__VDIV(g, MOE_EP__VADD(MOE_EP__VSET1(1.0f), e)), u); \
+    } \
+    MOE_EP_PRIVATE MOE_EP__VT MOE_EP__V MOE_EP__PASTE(MOE_EP__VP, _vswiglu_clamped)(MOE_EP__V g, MOE_EP__V u, \
+        MOE_EP__V nalpha, MOE_EP__V limit, MOE_EP__V nlimit) { \
+        MOE_EP__V e, one = MOE_EP__VSET1(1.0f); \
+        g = MOE_EP__VMIN(g, limit); \
+        u = MOE_EP__VMAX(MOE_EP__VMIN(u, limit), nlimit); \
+        e = MOE_EP__PASTE(MOE_EP__VP, _vexp)(MOE_EP__VMUL(g, nalpha)); \
+        return MOE_EP__VMUL(MOE_EP__VADD(u, one), MOE_EP__VDIV(g, MOE_EP__VADD(one, e))); \
+    }
+
+/* Two vectors of accumulators per row: the panel is 2 * VW = NR columns wide. */
+#define MOE_EP__K_DECL(r) MOE_EP__V c##r##a, c##r##b;
+#define MOE_EP__K_ZERO(r) c##r##a = MOE_EP__VZERO(); c##r##b = c##r##a;
+#define MOE_EP__K_LOAD(r) c##r##a = MOE_EP__VLOAD(cin + (r) * ldc); c##r##b = MOE_EP__VLOAD(cin + (r) * ldc + MOE_EP__VW);
+#define MOE_EP__K_FMA(r) { MOE_EP__V av = MOE_EP__VBCAST(a + (int64_t)kk * MOE_EP__VMR + (r)); \
+    c##r##a = MOE_EP__VFMA(av, b0, c##r##a); c##r##b = MOE_EP__VFMA(av, b1, c##r##b); }
+#define MOE_EP__K_STORE(r) MOE_EP__VSTORE(cout + (r) * ldo, c##r##a); MOE_EP__VSTORE(cout + (r) * ldo + MOE_EP__VW, c##r##b);
+#define MOE_EP__K_SWIGLU(r) MOE_EP__VSTORE(cout + (r) * ldo, MOE_EP__PASTE(MOE_EP__VP, _vswiglu)(c##r##a, c##r##b));
+#define MOE_EP__K_CLAMPED(r) MOE_EP__VSTORE(cout + (r) * ldo, \
+    MOE_EP__PASTE(MOE_EP__VP, _vswiglu_clamped)(c##r##a, c##r##b, nalpha, limit, nlimit));
+#define MOE_EP__K_BIAS_LOAD MOE_EP__V bias0 = MOE_EP__VLOAD(ep->bias), bias1 = MOE_EP__VLOAD(ep->bias + MOE_EP__VW);
+#define MOE_EP__K_BIAS(r) c##r##a = MOE_EP__VADD(c##r##a, bias0); c##r##b = MOE_EP__VADD(c##r##b, bias1);
+#define MOE_EP__K_SCALE_LOAD MOE_EP__V s0 = MOE_EP__VLOAD(ep->scale), s1 = MOE_EP__VLOAD(ep->scale + MOE_EP__VW), \
+    bias0 = ep->bias ? MOE_EP__VLOAD(ep->bias) : MOE_EP__VZERO(), \
+    bias1 = ep->bias ? MOE_EP__VLOAD(ep->bias + MOE_EP__VW) : MOE_EP__VZERO();
+#define MOE_EP__K_SCALE(r) c##r##a = MOE_EP__VFMA(c##r##a, s0, bias0); c##r##b = MOE_EP__VFMA(c##r##b, s1, bias1);
+#define MOE_EP__K_CLAMP_SETUP MOE_EP__V nalpha = MOE_EP__VSET1(-ep->alpha), limit = MOE_EP__VSET1(ep->limit), \
+    nlimit = MOE_EP__VSET1(-ep->limit);
+#define MOE_EP__K_PANEL MOE_EP__V b0 = MOE_EP__VLOADA(b + (int64_t)kk * MOE_EP__VNR); \
+    MOE_EP__V b1 = MOE_EP__VLOADA(b + (int64_t)kk * MOE_EP__VNR + MOE_EP__VW);
+#define MOE_EP__VFMA3 MOE_EP__VFMA
+#define MOE_EP__K_PANEL_NARROW(T, WIDEN) const T* bk = (const T*)(const void*)b + (int64_t)kk * MOE_EP__VNR; \
+    MOE_EP__V b0 = WIDEN(bk), b1 = WIDEN(bk + MOE_EP__VW);
+#define MOE_EP__K_PANEL_BF16 MOE_EP__K_PANEL_NARROW(uint16_t, MOE_EP__VWIDEN_BF16)
+#define MOE_EP__K_PANEL_FP16 MOE_EP__K_PANEL_NARROW(uint16_t, MOE_EP__VWIDEN_FP16)
+#define MOE_EP__K_PANEL_INT8 MOE_EP__K_PANEL_NARROW(int8_t, MOE_EP__VWIDEN_INT8)
+#endif /* AVX-512 or AVX2 */
+
 #ifdef MOE_EP__AVX512
+/* >>AVX-512: MR 12 rows x NR 32 columns (two zmm per row). */
+#define MOE_EP__VP moe_ep__avx512
+#define MOE_EP__VT MOE_EP__TARGET_AVX512
+#define MOE_EP__VMR 12
+#define MOE_EP__VNR 32
 #define MOE_EP__V __m512
 #define MOE_EP__VW 16
 #define MOE_EP__VSET1 _mm512_set1_ps
@@ -3511,7 +4016,96 @@ typedef void (*moe_ep__kernel_fn)(int kc, const float* a, const float* b, const 
 #define MOE_EP__VPOW2(n) _mm512_castsi512_ps(_mm512_slli_epi32( \
     _mm512_add_epi32(_mm512_cvtps_epi32(n), _mm512_set1_epi32(127)), 23))
 #define MOE_EP__VBCAST(p) _mm512_set1_ps(*(p))
-#else
+#define MOE_EP__VWIDEN_BF16(p) _mm512_castsi512_ps(_mm512_slli_epi32( \
+    _mm512_cvtepu16_epi32(_mm256_loadu_si256((const __m256i*)(const void*)(p))), 16))
+#define MOE_EP__VWIDEN_FP16(p) _mm512_cvtph_ps(_mm256_loadu_si256((const __m256i*)(const void*)(p)))
+#define MOE_EP__VWIDEN_INT8(p) _mm512_cvtepi32_ps(_mm512_cvtepi8_epi32(_mm_loadu_si128((const __m128i*)(const void*)(p))))
+MOE_EP__X86_MATH
+MOE_EP__NARROW_KERNELS(BF16)
+MOE_EP__NARROW_KERNELS(FP16)
+MOE_EP__NARROW_KERNELS(INT8)
+MOE_EP__KERNEL(MOE_EP__ROWS1, 1)
+MOE_EP__KERNEL(MOE_EP__ROWS2, 2)
+MOE_EP__KERNEL(MOE_EP__ROWS3, 3)
+MOE_EP__KERNEL(MOE_EP__ROWS4, 4)
+MOE_EP__KERNEL(MOE_EP__ROWS5, 5)
+MOE_EP__KERNEL(MOE_EP__ROWS6, 6)
+MOE_EP__KERNEL(MOE_EP__ROWS7, 7)
+MOE_EP__KERNEL(MOE_EP__ROWS8, 8)
+MOE_EP__KERNEL(MOE_EP__ROWS9, 9)
+MOE_EP__KERNEL(MOE_EP__ROWS10, 10)
+MOE_EP__KERNEL(MOE_EP__ROWS11, 11)
+MOE_EP__KERNEL(MOE_EP__ROWS12, 12)
+MOE_EP__STRIP
+
+MOE_EP_PRIVATE void moe_ep__avx512_micro(int rows, int kc, const float* a, const float* b, const float* cin,
+                                         int64_t ldc, float* cout, int64_t ldo, const moe_ep__epilogue* ep) {
+    static const moe_ep__kernel_fn kernels[13] = {
+        NULL, moe_ep__avx512_kernel1, moe_ep__avx512_kernel2, moe_ep__avx512_kernel3, moe_ep__avx512_kernel4,
+        moe_ep__avx512_kernel5, moe_ep__avx512_kernel6, moe_ep__avx512_kernel7, moe_ep__avx512_kernel8,
+        moe_ep__avx512_kernel9, moe_ep__avx512_kernel10, moe_ep__avx512_kernel11, moe_ep__avx512_kernel12
+    };
+    kernels[rows](kc, a, b, cin, ldc, cout, ldo, ep);
+}
+
+/* bf16: the bits shifted up; fp16: vcvtph2ps; int8: sign-extended, then converted. */
+MOE_EP_PRIVATE MOE_EP__TARGET_AVX512 void moe_ep__avx512_widen(moe_ep_weight_format f, const void* src, int64_t n,
+                                                               float* dst) {
+    int64_t i = 0;
+    if (f == MOE_EP_WEIGHT_FORMAT_BF16) {
+        const uint16_t* s = (const uint16_t*)src;
+        for (; i + 16 <= n; i += 16)
+            _mm512_storeu_ps(dst + i, _mm512_castsi512_ps(_mm512_slli_epi32(
+                _mm512_cvtepu16_epi32(_mm256_loadu_si256((const __m256i*)(const void*)(s + i))), 16)));
+    } else if (f == MOE_EP_WEIGHT_FORMAT_FP16) {
+        const uint16_t* s = (const uint16_t*)src;
+        for (; i + 16 <= n; i += 16)
+            _mm512_storeu_ps(dst + i, _mm512_cvtph_ps(_mm256_loadu_si256((const __m256i*)(const void*)(s + i))));
+    } else if (f == MOE_EP_WEIGHT_FORMAT_INT8) {
+        const int8_t* s = (const int8_t*)src;
+        for (; i + 16 <= n; i += 16)
+            _mm512_storeu_ps(dst + i, _mm512_cvtepi32_ps(_mm512_cvtepi8_epi32(
+                _mm_loadu_si128((const __m128i*)(const void*)(s + i)))));
+    }
+    if (i < n) moe_ep__widen_portable(f, (const unsigned char*)src + i * moe_ep__format_bytes(f), n - i, dst + i);
+}
+
+static const moe_ep__path moe_ep__path_avx512 = {
+    MOE_EP_KERNEL_AVX512, 12, 32, moe_ep__avx512_micro, moe_ep__avx512_widen, 32, moe_ep__avx512_strip,
+    { NULL, NULL, moe_ep__avx512_micro_BF16, moe_ep__avx512_micro_FP16, moe_ep__avx512_micro_INT8 }
+};
+#undef MOE_EP__VP
+#undef MOE_EP__VT
+#undef MOE_EP__VMR
+#undef MOE_EP__VNR
+#undef MOE_EP__V
+#undef MOE_EP__VW
+#undef MOE_EP__VSET1
+#undef MOE_EP__VZERO
+#undef MOE_EP__VLOAD
+#undef MOE_EP__VLOADA
+#undef MOE_EP__VSTORE
+#undef MOE_EP__VFMA
+#undef MOE_EP__VFNMA
+#undef MOE_EP__VMUL
+#undef MOE_EP__VADD
+#undef MOE_EP__VDIV
+#undef MOE_EP__VMIN
+#undef MOE_EP__VMAX
+#undef MOE_EP__VSUB
+#undef MOE_EP__VPOW2
+#undef MOE_EP__VBCAST
+#undef MOE_EP__VWIDEN_BF16
+#undef MOE_EP__VWIDEN_FP16
+#undef MOE_EP__VWIDEN_INT8
+#endif /* AVX-512 */
+
+#ifdef MOE_EP__AVX2
+/* >>AVX2: MR 6 rows x NR 16 columns (two ymm per row). */
+#define MOE_EP__VP moe_ep__avx2
+#define MOE_EP__VT MOE_EP__TARGET_AVX2
+#define MOE_EP__VMR 6
+#define MOE_EP__VNR 16
 #define MOE_EP__V __m256
 #define MOE_EP__VW 8
 #define MOE_EP__VSET1 _mm256_set1_ps
@@ -3530,63 +4124,97 @@ typedef void (*moe_ep__kernel_fn)(int kc, const float* a, const float* b, const 
 #define MOE_EP__VPOW2(n) _mm256_castsi256_ps(_mm256_slli_epi32( \
     _mm256_add_epi32(_mm256_cvtps_epi32(n), _mm256_set1_epi32(127)), 23))
 #define MOE_EP__VBCAST(p) _mm256_broadcast_ss(p)
+#define MOE_EP__VWIDEN_BF16(p) _mm256_castsi256_ps(_mm256_slli_epi32( \
+    _mm256_cvtepu16_epi32(_mm_loadu_si128((const __m128i*)(const void*)(p))), 16))
+#define MOE_EP__VWIDEN_FP16(p) _mm256_cvtph_ps(_mm_loadu_si128((const __m128i*)(const void*)(p)))
+#define MOE_EP__VWIDEN_INT8(p) _mm256_cvtepi32_ps(_mm256_cvtepi8_epi32(_mm_loadl_epi64((const __m128i*)(const void*)(p))))
+MOE_EP__X86_MATH
+MOE_EP__NARROW_KERNELS(BF16)
+#ifdef MOE_EP__AVX2_F16C
+MOE_EP__NARROW_KERNELS(FP16)
+#define MOE_EP__AVX2_MICRO_FP16 moe_ep__avx2_micro_FP16
+#else
+#define MOE_EP__AVX2_MICRO_FP16 NULL
 #endif
+MOE_EP__NARROW_KERNELS(INT8)
+MOE_EP__KERNEL(MOE_EP__ROWS1, 1)
+MOE_EP__KERNEL(MOE_EP__ROWS2, 2)
+MOE_EP__KERNEL(MOE_EP__ROWS3, 3)
+MOE_EP__KERNEL(MOE_EP__ROWS4, 4)
+MOE_EP__KERNEL(MOE_EP__ROWS5, 5)
+MOE_EP__KERNEL(MOE_EP__ROWS6, 6)
+MOE_EP__STRIP
 
-/* exp(x) for x clamped to [-87, 88] (Cephes expf: 2^n times a degree-6 polynomial). */
-MOE_EP_PRIVATE MOE_EP__V moe_ep__vexp(MOE_EP__V x) {
-    MOE_EP__V n, r, p;
-    x = MOE_EP__VMIN(MOE_EP__VMAX(x, MOE_EP__VSET1(-87.0f)), MOE_EP__VSET1(88.0f));
-    n = MOE_EP__VSUB(MOE_EP__VFMA(x, MOE_EP__VSET1(1.44269504088896341f), MOE_EP__VSET1(12582912.0f)),
-                     MOE_EP__VSET1(12582912.0f));
-    r = MOE_EP__VFNMA(n, MOE_EP__VSET1(0.693359375f), x);
-    r = MOE_EP__VFNMA(n, MOE_EP__VSET1(-2.12194440e-4f), r);
-    p = MOE_EP__VSET1(1.9875691500e-4f);
-    p = MOE_EP__VFMA(p, r, MOE_EP__VSET1(1.3981999507e-3f));
-    p = MOE_EP__VFMA(p, r, MOE_EP__VSET1(8.3334519073e-3f));
-    p = MOE_EP__VFMA(p, r, MOE_EP__VSET1(4.1665795894e-2f));
-    p = MOE_EP__VFMA(p, r, MOE_EP__VSET1(1.6666665459e-1f));
-    p = MOE_EP__VFMA(p, r, MOE_EP__VSET1(5.0000001201e-1f));
-    p = MOE_EP__VFMA(p, MOE_EP__VMUL(r, r), MOE_EP__VADD(r, MOE_EP__VSET1(1.0f)));
-    return MOE_EP__VMUL(p, MOE_EP__VPOW2(n));
+MOE_EP_PRIVATE void moe_ep__avx2_micro(int rows, int kc, const float* a, const float* b, const float* cin,
+                                       int64_t ldc, float* cout, int64_t ldo, const moe_ep__epilogue* ep) {
+    static const moe_ep__kernel_fn kernels[7] = {
+        NULL, moe_ep__avx2_kernel1, moe_ep__avx2_kernel2, moe_ep__avx2_kernel3, moe_ep__avx2_kernel4,
+        moe_ep__avx2_kernel5, moe_ep__avx2_kernel6
+    };
+    kernels[rows](kc, a, b, cin, ldc, cout, ldo, ep);
 }
 
-/* silu(g) * u = g / (1 + exp(-g)) * u */
-MOE_EP_PRIVATE MOE_EP__V moe_ep__vswiglu(MOE_EP__V g, MOE_EP__V u) {
-    MOE_EP__V e = moe_ep__vexp(MOE_EP__VMUL(g, MOE_EP__VSET1(-1.0f)));
-    return MOE_EP__VMUL(MOE_EP__VDIV(g, MOE_EP__VADD(MOE_EP__VSET1(1.0f), e)), u);
+MOE_EP_PRIVATE MOE_EP__TARGET_AVX2 void moe_ep__avx2_widen(moe_ep_weight_format f, const void* src, int64_t n,
+                                                           float* dst) {
+    int64_t i = 0;
+    if (f == MOE_EP_WEIGHT_FORMAT_BF16) {
+        const uint16_t* s = (const uint16_t*)src;
+        for (; i + 8 <= n; i += 8)
+            _mm256_storeu_ps(dst + i, _mm256_castsi256_ps(_mm256_slli_epi32(
+                _mm256_cvtepu16_epi32(_mm_loadu_si128((const __m128i*)(const void*)(s + i))), 16)));
+#ifdef MOE_EP__AVX2_F16C
+    } else if (f == MOE_EP_WEIGHT_FORMAT_FP16) {
+        const uint16_t* s = (const uint16_t*)src;
+        for (; i + 8 <= n; i += 8)
+            _mm256_storeu_ps(dst + i, _mm256_cvtph_ps(_mm_loadu_si128((const __m128i*)(const void*)(s + i))));
+#endif
+    } else if (f == MOE_EP_WEIGHT_FORMAT_INT8) {
+        const int8_t* s = (const int8_t*)src;
+        for (; i + 8 <= n; i += 8)
+            _mm256_storeu_ps(dst + i, _mm256_cvtepi32_ps(_mm256_cvtepi8_epi32(
+                _mm_loadl_epi64((const __m128i*)(const void*)(s + i)))));
+    }
+    if (i < n) moe_ep__widen_portable(f, (const unsigned char*)src + i * moe_ep__format_bytes(f), n - i, dst + i);
 }
 
-/* As moe_ep__swiglu_clamped; nalpha = -alpha, nlimit = -limit. */
-MOE_EP_PRIVATE MOE_EP__V moe_ep__vswiglu_clamped(MOE_EP__V g, MOE_EP__V u, MOE_EP__V nalpha, MOE_EP__V limit,
-                                                 MOE_EP__V nlimit) {
-    MOE_EP__V e, one = MOE_EP__VSET1(1.0f);
-    g = MOE_EP__VMIN(g, limit);
-    u = MOE_EP__VMAX(MOE_EP__VMIN(u, limit), nlimit);
-    e = moe_ep__vexp(MOE_EP__VMUL(g, nalpha));
-    return MOE_EP__VMUL(MOE_EP__VADD(u, one), MOE_EP__VDIV(g, MOE_EP__VADD(one, e)));
-}
-
-/* Two vectors of accumulators per row: the panel is 2 * VW = NR columns wide. */
-#define MOE_EP__K_DECL(r) MOE_EP__V c##r##a, c##r##b; 
-#define MOE_EP__K_ZERO(r) c##r##a = MOE_EP__VZERO(); c##r##b = c##r##a;
-#define MOE_EP__K_LOAD(r) c##r##a = MOE_EP__VLOAD(cin + (r) * ldc); c##r##b = MOE_EP__VLOAD(cin + (r) * ldc + MOE_EP__VW);
-#define MOE_EP__K_FMA(r) { MOE_EP__V av = MOE_EP__VBCAST(a + (int64_t)kk * MOE_EP__MR + (r)); \
-    c##r##a = MOE_EP__VFMA(av, b0, c##r##a); c##r##b = MOE_EP__VFMA(av, b1, c##r##b); }
-#define MOE_EP__K_STORE(r) MOE_EP__VSTORE(cout + (r) * ldo, c##r##a); MOE_EP__VSTORE(cout + (r) * ldo + MOE_EP__VW, c##r##b);
-#define MOE_EP__K_SWIGLU(r) MOE_EP__VSTORE(cout + (r) * ldo, moe_ep__vswiglu(c##r##a, c##r##b));
-#define MOE_EP__K_CLAMPED(r) MOE_EP__VSTORE(cout + (r) * ldo, \
-    moe_ep__vswiglu_clamped(c##r##a, c##r##b, nalpha, limit, nlimit));
-#define MOE_EP__K_BIAS_LOAD MOE_EP__V bias0 = MOE_EP__VLOAD(ep->bias), bias1 = MOE_EP__VLOAD(ep->bias + MOE_EP__VW);
-#define MOE_EP__K_BIAS(r) c##r##a = MOE_EP__VADD(c##r##a, bias0); c##r##b = MOE_EP__VADD(c##r##b, bias1);
-#define MOE_EP__K_CLAMP_SETUP MOE_EP__V nalpha = MOE_EP__VSET1(-ep->alpha), limit = MOE_EP__VSET1(ep->limit), \
-    nlimit = MOE_EP__VSET1(-ep->limit);
-#define MOE_EP__K_PANEL MOE_EP__V b0 = MOE_EP__VLOADA(b + (int64_t)kk * MOE_EP__NR); \
-    MOE_EP__V b1 = MOE_EP__VLOADA(b + (int64_t)kk * MOE_EP__NR + MOE_EP__VW);
-#endif /* AVX-512 or AVX2 */
+static const moe_ep__path moe_ep__path_avx2 = {
+    MOE_EP_KERNEL_AVX2, 6, 16, moe_ep__avx2_micro, moe_ep__avx2_widen, 16, moe_ep__avx2_strip,
+    { NULL, NULL, moe_ep__avx2_micro_BF16, MOE_EP__AVX2_MICRO_FP16, moe_ep__avx2_micro_INT8 }
+};
+#undef MOE_EP__VP
+#undef MOE_EP__VT
+#undef MOE_EP__VMR
+#undef MOE_EP__VNR
+#undef MOE_EP__V
+#undef MOE_EP__VW
+#undef MOE_EP__VSET1
+#undef MOE_EP__VZERO
+#undef MOE_EP__VLOAD
+#undef MOE_EP__VLOADA
+#undef MOE_EP__VSTORE
+#undef MOE_EP__VFMA
+#undef MOE_EP__VFNMA
+#undef MOE_EP__VMUL
+#undef MOE_EP__VADD
+#undef MOE_EP__VDIV
+#undef MOE_EP__VMIN
+#undef MOE_EP__VMAX
+#undef MOE_EP__VSUB
+#undef MOE_EP__VPOW2
+#undef MOE_EP__VBCAST
+#undef MOE_EP__VWIDEN_BF16
+#undef MOE_EP__VWIDEN_FP16
+#undef MOE_EP__VWIDEN_INT8
+#endif /* AVX2 */
 
 #ifdef MOE_EP__NEON
+/* >>NEON: MR 6 rows x NR 16 columns (four q registers per row). */
+#define MOE_EP__VP moe_ep__neon
+#define MOE_EP__VT
+#define MOE_EP__VMR 6
+#define MOE_EP__VNR 16
 /* exp(x) for x clamped to [-87, 88], as above. */
-MOE_EP_PRIVATE float32x4_t moe_ep__vexp(float32x4_t x) {
+MOE_EP_PRIVATE float32x4_t moe_ep__neon_vexp(float32x4_t x) {
     float32x4_t n, r, p;
     x = vminq_f32(vmaxq_f32(x, vdupq_n_f32(-87.0f)), vdupq_n_f32(88.0f));
     n = vsubq_f32(vfmaq_f32(vdupq_n_f32(12582912.0f), x, vdupq_n_f32(1.44269504088896341f)), vdupq_n_f32(12582912.0f));
@@ -3602,199 +4230,397 @@ MOE_EP_PRIVATE float32x4_t moe_ep__vexp(float32x4_t x) {
     return vmulq_f32(p, vreinterpretq_f32_s32(vshlq_n_s32(vaddq_s32(vcvtq_s32_f32(n), vdupq_n_s32(127)), 23)));
 }
 
-MOE_EP_PRIVATE float32x4_t moe_ep__vswiglu(float32x4_t g, float32x4_t u) {
-    float32x4_t e = moe_ep__vexp(vnegq_f32(g));
+MOE_EP_PRIVATE float32x4_t moe_ep__neon_vswiglu(float32x4_t g, float32x4_t u) {
+    float32x4_t e = moe_ep__neon_vexp(vnegq_f32(g));
     return vmulq_f32(vdivq_f32(g, vaddq_f32(vdupq_n_f32(1.0f), e)), u);
 }
 
-MOE_EP_PRIVATE float32x4_t moe_ep__vswiglu_clamped(float32x4_t g, float32x4_t u, float32x4_t nalpha,
-                                                   float32x4_t limit, float32x4_t nlimit) {
+MOE_EP_PRIVATE float32x4_t moe_ep__neon_vswiglu_clamped(float32x4_t g, float32x4_t u, float32x4_t nalpha,
+                                                        float32x4_t limit, float32x4_t nlimit) {
     float32x4_t e, one = vdupq_n_f32(1.0f);
     g = vminq_f32(g, limit);
     u = vmaxq_f32(vminq_f32(u, limit), nlimit);
-    e = moe_ep__vexp(vmulq_f32(g, nalpha));
+    e = moe_ep__neon_vexp(vmulq_f32(g, nalpha));
     return vmulq_f32(vaddq_f32(u, one), vdivq_f32(g, vaddq_f32(one, e)));
 }
 
 /* Four vectors of accumulators per row (NR = 16). */
-#define MOE_EP__K_DECL(r) float32x4_t c##r##0, c##r##1, c##r##2, c##r##3; 
+#define MOE_EP__K_DECL(r) float32x4_t c##r##0, c##r##1, c##r##2, c##r##3;
 #define MOE_EP__K_ZERO(r) c##r##0 = vdupq_n_f32(0.0f); c##r##1 = c##r##0; c##r##2 = c##r##0; c##r##3 = c##r##0;
 #define MOE_EP__K_LOAD(r) c##r##0 = vld1q_f32(cin + (r) * ldc); c##r##1 = vld1q_f32(cin + (r) * ldc + 4); \
     c##r##2 = vld1q_f32(cin + (r) * ldc + 8); c##r##3 = vld1q_f32(cin + (r) * ldc + 12);
-#define MOE_EP__K_FMA(r) { float32x4_t av = vld1q_dup_f32(a + (int64_t)kk * MOE_EP__MR + (r)); \
+#define MOE_EP__K_FMA(r) { float32x4_t av = vld1q_dup_f32(a + (int64_t)kk * MOE_EP__VMR + (r)); \
     c##r##0 = vfmaq_f32(c##r##0, av, b0); c##r##1 = vfmaq_f32(c##r##1, av, b1); \
     c##r##2 = vfmaq_f32(c##r##2, av, b2); c##r##3 = vfmaq_f32(c##r##3, av, b3); }
 #define MOE_EP__K_STORE(r) vst1q_f32(cout + (r) * ldo, c##r##0); vst1q_f32(cout + (r) * ldo + 4, c##r##1); \
     vst1q_f32(cout + (r) * ldo + 8, c##r##2); vst1q_f32(cout + (r) * ldo + 12, c##r##3);
-#define MOE_EP__K_SWIGLU(r) vst1q_f32(cout + (r) * ldo, moe_ep__vswiglu(c##r##0, c##r##2)); \
-    vst1q_f32(cout + (r) * ldo + 4, moe_ep__vswiglu(c##r##1, c##r##3));
-#define MOE_EP__K_CLAMPED(r) vst1q_f32(cout + (r) * ldo, moe_ep__vswiglu_clamped(c##r##0, c##r##2, nalpha, limit, nlimit)); \
-    vst1q_f32(cout + (r) * ldo + 4, moe_ep__vswiglu_clamped(c##r##1, c##r##3, nalpha, limit, nlimit));
+#define MOE_EP__K_SWIGLU(r) vst1q_f32(cout + (r) * ldo, moe_ep__neon_vswiglu(c##r##0, c##r##2)); \
+    vst1q_f32(cout + (r) * ldo + 4, moe_ep__neon_vswiglu(c##r##1, c##r##3));
+#define MOE_EP__K_CLAMPED(r) \
+    vst1q_f32(cout + (r) * ldo, moe_ep__neon_vswiglu_clamped(c##r##0, c##r##2, nalpha, limit, nlimit)); \
+    vst1q_f32(cout + (r) * ldo + 4, moe_ep__neon_vswiglu_clamped(c##r##1, c##r##3, nalpha, limit, nlimit));
 #define MOE_EP__K_BIAS_LOAD float32x4_t bias0 = vld1q_f32(ep->bias), bias1 = vld1q_f32(ep->bias + 4), \
     bias2 = vld1q_f32(ep->bias + 8), bias3 = vld1q_f32(ep->bias + 12);
 #define MOE_EP__K_BIAS(r) c##r##0 = vaddq_f32(c##r##0, bias0); c##r##1 = vaddq_f32(c##r##1, bias1); \
     c##r##2 = vaddq_f32(c##r##2, bias2); c##r##3 = vaddq_f32(c##r##3, bias3);
+#define MOE_EP__K_SCALE_LOAD float32x4_t s0 = vld1q_f32(ep->scale), s1 = vld1q_f32(ep->scale + 4), \
+    s2 = vld1q_f32(ep->scale + 8), s3 = vld1q_f32(ep->scale + 12), \
+    bias0 = ep->bias ? vld1q_f32(ep->bias) : vdupq_n_f32(0.0f), bias1 = ep->bias ? vld1q_f32(ep->bias + 4) : bias0, \
+    bias2 = ep->bias ? vld1q_f32(ep->bias + 8) : bias0, bias3 = ep->bias ? vld1q_f32(ep->bias + 12) : bias0;
+#define MOE_EP__K_SCALE(r) c##r##0 = vfmaq_f32(bias0, c##r##0, s0); c##r##1 = vfmaq_f32(bias1, c##r##1, s1); \
+    c##r##2 = vfmaq_f32(bias2, c##r##2, s2); c##r##3 = vfmaq_f32(bias3, c##r##3, s3);
 #define MOE_EP__K_CLAMP_SETUP float32x4_t nalpha = vdupq_n_f32(-ep->alpha), limit = vdupq_n_f32(ep->limit), \
     nlimit = vdupq_n_f32(-ep->limit);
-#define MOE_EP__K_PANEL const float* bk = b + (int64_t)kk * MOE_EP__NR; \
+#define MOE_EP__K_PANEL const float* bk = b + (int64_t)kk * MOE_EP__VNR; \
     float32x4_t b0 = vld1q_f32(bk), b1 = vld1q_f32(bk + 4), b2 = vld1q_f32(bk + 8), b3 = vld1q_f32(bk + 12);
-#endif /* NEON */
+#define MOE_EP__K_PANEL_BF16 const uint16_t* bk = (const uint16_t*)(const void*)b + (int64_t)kk * MOE_EP__VNR; \
+    float32x4_t b0 = vreinterpretq_f32_u32(vshll_n_u16(vld1_u16(bk), 16)), \
+    b1 = vreinterpretq_f32_u32(vshll_n_u16(vld1_u16(bk + 4), 16)), \
+    b2 = vreinterpretq_f32_u32(vshll_n_u16(vld1_u16(bk + 8), 16)), \
+    b3 = vreinterpretq_f32_u32(vshll_n_u16(vld1_u16(bk + 12), 16));
+#define MOE_EP__K_PANEL_FP16 const uint16_t* bk = (const uint16_t*)(const void*)b + (int64_t)kk * MOE_EP__VNR; \
+    float32x4_t b0 = vcvt_f32_f16(vreinterpret_f16_u16(vld1_u16(bk))), \
+    b1 = vcvt_f32_f16(vreinterpret_f16_u16(vld1_u16(bk + 4))), \
+    b2 = vcvt_f32_f16(vreinterpret_f16_u16(vld1_u16(bk + 8))), \
+    b3 = vcvt_f32_f16(vreinterpret_f16_u16(vld1_u16(bk + 12)));
+#define MOE_EP__K_PANEL_INT8 const int8_t* bk = (const int8_t*)(const void*)b + (int64_t)kk * MOE_EP__VNR; \
+    int8x16_t q = vld1q_s8(bk); \
+    int16x8_t lo = vmovl_s8(vget_low_s8(q)), hi = vmovl_s8(vget_high_s8(q)); \
+    float32x4_t b0 = vcvtq_f32_s32(vmovl_s16(vget_low_s16(lo))), b1 = vcvtq_f32_s32(vmovl_s16(vget_high_s16(lo))), \
+    b2 = vcvtq_f32_s32(vmovl_s16(vget_low_s16(hi))), b3 = vcvtq_f32_s32(vmovl_s16(vget_high_s16(hi)));
+/* the router strip's macros */
+#define MOE_EP__V float32x4_t
+#define MOE_EP__VW 4
+#define MOE_EP__VSET1 vdupq_n_f32
+#define MOE_EP__VLOAD vld1q_f32
+#define MOE_EP__VSTORE vst1q_f32
+#define MOE_EP__VFMA3(a, b, c) vfmaq_f32(c, a, b)
+MOE_EP__KERNEL(MOE_EP__ROWS1, 1)
+MOE_EP__KERNEL(MOE_EP__ROWS2, 2)
+MOE_EP__KERNEL(MOE_EP__ROWS3, 3)
+MOE_EP__KERNEL(MOE_EP__ROWS4, 4)
+MOE_EP__KERNEL(MOE_EP__ROWS5, 5)
+MOE_EP__KERNEL(MOE_EP__ROWS6, 6)
+MOE_EP__NARROW_KERNELS(BF16)
+MOE_EP__NARROW_KERNELS(FP16)
+MOE_EP__NARROW_KERNELS(INT8)
+MOE_EP__STRIP
 
-/* One micro-kernel per row count: K_PANEL loads step kk of the weight panel, K_FMA adds
-   it into row r's accumulators, K_BIAS adds the bias once to the finished sums, K_STORE /
-   K_SWIGLU / K_CLAMPED write the rows out. */
-#ifdef MOE_EP__K_PANEL
-#define MOE_EP__KERNEL(name, ROWS) \
-    MOE_EP_PRIVATE void name(int kc, const float* a, const float* b, const float* cin, int64_t ldc, float* cout, \
-                             int64_t ldo, const moe_ep__epilogue* ep) { \
-        int kk; \
-        ROWS(MOE_EP__K_DECL) \
-        if (cin) { ROWS(MOE_EP__K_LOAD) } else { ROWS(MOE_EP__K_ZERO) } \
-        for (kk = 0; kk < kc; ++kk) { \
-            MOE_EP__K_PANEL \
-            ROWS(MOE_EP__K_FMA) \
-        } \
-        if (!ep) { ROWS(MOE_EP__K_STORE) return; } \
-        if (ep->bias) { MOE_EP__K_BIAS_LOAD ROWS(MOE_EP__K_BIAS) } \
-        if (ep->gated == 1) { ROWS(MOE_EP__K_SWIGLU) } \
-        else if (ep->gated == 2) { MOE_EP__K_CLAMP_SETUP ROWS(MOE_EP__K_CLAMPED) } \
-        else { ROWS(MOE_EP__K_STORE) } \
-    }
-MOE_EP__KERNEL(moe_ep__kernel1, MOE_EP__ROWS1)
-MOE_EP__KERNEL(moe_ep__kernel2, MOE_EP__ROWS2)
-MOE_EP__KERNEL(moe_ep__kernel3, MOE_EP__ROWS3)
-MOE_EP__KERNEL(moe_ep__kernel4, MOE_EP__ROWS4)
-MOE_EP__KERNEL(moe_ep__kernel5, MOE_EP__ROWS5)
-MOE_EP__KERNEL(moe_ep__kernel6, MOE_EP__ROWS6)
-#if MOE_EP__MR > 6
-MOE_EP__KERNEL(moe_ep__kernel7, MOE_EP__ROWS7)
-MOE_EP__KERNEL(moe_ep__kernel8, MOE_EP__ROWS8)
-MOE_EP__KERNEL(moe_ep__kernel9, MOE_EP__ROWS9)
-MOE_EP__KERNEL(moe_ep__kernel10, MOE_EP__ROWS10)
-MOE_EP__KERNEL(moe_ep__kernel11, MOE_EP__ROWS11)
-MOE_EP__KERNEL(moe_ep__kernel12, MOE_EP__ROWS12)
-#endif
-
-/* rows in [1, MR] */
-MOE_EP_PRIVATE void moe_ep__micro(int rows, int kc, const float* a, const float* b, const float* cin, int64_t ldc,
-                                  float* cout, int64_t ldo, const moe_ep__epilogue* ep) {
-    static const moe_ep__kernel_fn kernels[MOE_EP__MR + 1] = {
-        NULL, moe_ep__kernel1, moe_ep__kernel2, moe_ep__kernel3, moe_ep__kernel4, moe_ep__kernel5, moe_ep__kernel6,
-#if MOE_EP__MR > 6
-        moe_ep__kernel7, moe_ep__kernel8, moe_ep__kernel9, moe_ep__kernel10, moe_ep__kernel11, moe_ep__kernel12,
-#endif
+MOE_EP_PRIVATE void moe_ep__neon_micro(int rows, int kc, const float* a, const float* b, const float* cin,
+                                       int64_t ldc, float* cout, int64_t ldo, const moe_ep__epilogue* ep) {
+    static const moe_ep__kernel_fn kernels[7] = {
+        NULL, moe_ep__neon_kernel1, moe_ep__neon_kernel2, moe_ep__neon_kernel3, moe_ep__neon_kernel4,
+        moe_ep__neon_kernel5, moe_ep__neon_kernel6
     };
     kernels[rows](kc, a, b, cin, ldc, cout, ldo, ep);
 }
-#else
-/* acc[j] = fmaf(av, bk[j], acc[j]) for one row of NR. Without hardware FMA the row's double
+
+/* bf16: the bits shifted up; fp16: fcvtl (exact, as vcvtph2ps); int8: widened twice, converted. */
+MOE_EP_PRIVATE void moe_ep__neon_widen(moe_ep_weight_format f, const void* src, int64_t n, float* dst) {
+    int64_t i = 0;
+    if (f == MOE_EP_WEIGHT_FORMAT_BF16) {
+        const uint16_t* s = (const uint16_t*)src;
+        for (; i + 4 <= n; i += 4) vst1q_f32(dst + i, vreinterpretq_f32_u32(vshll_n_u16(vld1_u16(s + i), 16)));
+    } else if (f == MOE_EP_WEIGHT_FORMAT_FP16) {
+        const uint16_t* s = (const uint16_t*)src;
+        for (; i + 4 <= n; i += 4) vst1q_f32(dst + i, vcvt_f32_f16(vreinterpret_f16_u16(vld1_u16(s + i))));
+    } else if (f == MOE_EP_WEIGHT_FORMAT_INT8) {
+        const int8_t* s = (const int8_t*)src;
+        for (; i + 8 <= n; i += 8) {
+            int16x8_t h = vmovl_s8(vld1_s8(s + i));
+            vst1q_f32(dst + i, vcvtq_f32_s32(vmovl_s16(vget_low_s16(h))));
+            vst1q_f32(dst + i + 4, vcvtq_f32_s32(vmovl_s16(vget_high_s16(h))));
+        }
+    }
+    if (i < n) moe_ep__widen_portable(f, (const unsigned char*)src + i * moe_ep__format_bytes(f), n - i, dst + i);
+}
+
+static const moe_ep__path moe_ep__path_neon = {
+    MOE_EP_KERNEL_NEON, 6, 16, moe_ep__neon_micro, moe_ep__neon_widen, 8, moe_ep__neon_strip,
+    { NULL, NULL, moe_ep__neon_micro_BF16, moe_ep__neon_micro_FP16, moe_ep__neon_micro_INT8 }
+};
+#endif /* NEON */
+
+/* >>portable: the same chains in plain C.
+   acc[j] = fmaf(av, bk[j], acc[j]) for one row of NR. Without hardware FMA the row's double
    sums are formed in one loop the compiler can vectorise, and only a row where one of
    them would round twice (moe_ep__fmaf's rare case) is redone element by element. */
 MOE_EP_PRIVATE void moe_ep__fma_row(float* acc, float av, const float* bk) {
     int j;
 #ifdef MOE_EP__HW_FMA
-    for (j = 0; j < MOE_EP__NR; ++j) acc[j] = moe_ep__fmaf(av, bk[j], acc[j]);
+    for (j = 0; j < MOE_EP__PNR; ++j) acc[j] = moe_ep__fmaf(av, bk[j], acc[j]);
 #else
-    double sum[MOE_EP__NR];
+    double sum[MOE_EP__PNR];
     int rare = 0;
-    for (j = 0; j < MOE_EP__NR; ++j) {
+    for (j = 0; j < MOE_EP__PNR; ++j) {
         uint64_t u;
         sum[j] = (double)av * (double)bk[j] + (double)acc[j];
         memcpy(&u, &sum[j], sizeof u);
         rare |= ((uint32_t)u & 0x1FFFFFFFu) == 0x10000000u || !(sum[j] >= FLT_MIN || sum[j] <= -FLT_MIN);
     }
     if (rare)
-        for (j = 0; j < MOE_EP__NR; ++j) acc[j] = moe_ep__fmaf(av, bk[j], acc[j]);
+        for (j = 0; j < MOE_EP__PNR; ++j) acc[j] = moe_ep__fmaf(av, bk[j], acc[j]);
     else
-        for (j = 0; j < MOE_EP__NR; ++j) acc[j] = (float)sum[j];
+        for (j = 0; j < MOE_EP__PNR; ++j) acc[j] = (float)sum[j];
 #endif
 }
-/* Portable: the same chains in plain C. A full tile gets constant loop bounds, so that
-   the compiler can keep its MR x NR sums in registers. */
-#define MOE_EP__MICRO_BODY(ROWS) \
-    float acc[MOE_EP__MR][MOE_EP__NR]; \
-    int r, j, kk; \
-    for (r = 0; r < (ROWS); ++r) \
-        for (j = 0; j < MOE_EP__NR; ++j) acc[r][j] = cin ? cin[r * ldc + j] : 0.0f; \
-    for (kk = 0; kk < kc; ++kk) { \
-        const float* bk = b + (int64_t)kk * MOE_EP__NR; \
-        for (r = 0; r < (ROWS); ++r) { \
-            float av = a[(int64_t)kk * MOE_EP__MR + r]; \
-            moe_ep__fma_row(acc[r], av, bk); \
-        } \
-    } \
-    for (r = 0; r < (ROWS); ++r) moe_ep__finish_row(ep, acc[r], cout + r * ldo);
 
 /* The epilogue of one row of finished (or, without ep, unfinished) sums. */
 MOE_EP_PRIVATE void moe_ep__finish_row(const moe_ep__epilogue* ep, float* acc, float* out) {
     int j;
-    if (ep && ep->bias)
-        for (j = 0; j < MOE_EP__NR; ++j) acc[j] += ep->bias[j];
+    if (ep && ep->scale)
+        for (j = 0; j < MOE_EP__PNR; ++j) acc[j] = moe_ep__fmaf(acc[j], ep->scale[j], ep->bias ? ep->bias[j] : 0.0f);
+    else if (ep && ep->bias)
+        for (j = 0; j < MOE_EP__PNR; ++j) acc[j] += ep->bias[j];
     if (ep && ep->gated == 1)
-        for (j = 0; j < MOE_EP__NR / 2; ++j) out[j] = moe_ep__act(MOE_EP_ACTIVATION_SWIGLU, acc[j], acc[j + MOE_EP__NR / 2]);
+        for (j = 0; j < MOE_EP__PNR / 2; ++j) out[j] = moe_ep__act(MOE_EP_ACTIVATION_SWIGLU, acc[j], acc[j + MOE_EP__PNR / 2]);
     else if (ep && ep->gated == 2)
-        for (j = 0; j < MOE_EP__NR / 2; ++j)
-            out[j] = moe_ep__swiglu_clamped(acc[j], acc[j + MOE_EP__NR / 2], ep->alpha, ep->limit);
+        for (j = 0; j < MOE_EP__PNR / 2; ++j)
+            out[j] = moe_ep__swiglu_clamped(acc[j], acc[j + MOE_EP__PNR / 2], ep->alpha, ep->limit);
     else
-        for (j = 0; j < MOE_EP__NR; ++j) out[j] = acc[j];
+        for (j = 0; j < MOE_EP__PNR; ++j) out[j] = acc[j];
 }
 
-MOE_EP_PRIVATE void moe_ep__micro_full(int kc, const float* a, const float* b, const float* cin, int64_t ldc,
-                                       float* cout, int64_t ldo, const moe_ep__epilogue* ep) {
-    MOE_EP__MICRO_BODY(MOE_EP__MR)
+/* A full tile gets constant loop bounds, so that the compiler can keep its MR x NR sums in
+   registers. */
+MOE_EP_PRIVATE void moe_ep__portable_full(int kc, const float* a, const float* b, const float* cin, int64_t ldc,
+                                          float* cout, int64_t ldo, const moe_ep__epilogue* ep) {
+    float acc[MOE_EP__PMR][MOE_EP__PNR];
+    int r, j, kk;
+    for (r = 0; r < MOE_EP__PMR; ++r)
+        for (j = 0; j < MOE_EP__PNR; ++j) acc[r][j] = cin ? cin[r * ldc + j] : 0.0f;
+    for (kk = 0; kk < kc; ++kk) {
+        const float* bk = b + (int64_t)kk * MOE_EP__PNR;
+        for (r = 0; r < MOE_EP__PMR; ++r) moe_ep__fma_row(acc[r], a[(int64_t)kk * MOE_EP__PMR + r], bk);
+    }
+    for (r = 0; r < MOE_EP__PMR; ++r) moe_ep__finish_row(ep, acc[r], cout + r * ldo);
 }
 
-MOE_EP_PRIVATE void moe_ep__micro(int rows, int kc, const float* a, const float* b, const float* cin, int64_t ldc,
-                                  float* cout, int64_t ldo, const moe_ep__epilogue* ep) {
+MOE_EP_PRIVATE void moe_ep__portable_micro(int rows, int kc, const float* a, const float* b, const float* cin,
+                                           int64_t ldc, float* cout, int64_t ldo, const moe_ep__epilogue* ep) {
     int r;
-    if (rows == MOE_EP__MR) {
-        moe_ep__micro_full(kc, a, b, cin, ldc, cout, ldo, ep);
+    if (rows == MOE_EP__PMR) {
+        moe_ep__portable_full(kc, a, b, cin, ldc, cout, ldo, ep);
         return;
     }
     for (r = 0; r < rows; ++r) {    /* a partial tile, one row at a time */
-        float acc[MOE_EP__NR];
+        float acc[MOE_EP__PNR];
         int j, kk;
-        for (j = 0; j < MOE_EP__NR; ++j) acc[j] = cin ? cin[r * ldc + j] : 0.0f;
-        for (kk = 0; kk < kc; ++kk) {
-            const float* bk = b + (int64_t)kk * MOE_EP__NR;
-            float av = a[(int64_t)kk * MOE_EP__MR + r];
-            moe_ep__fma_row(acc, av, bk);
-        }
+        for (j = 0; j < MOE_EP__PNR; ++j) acc[j] = cin ? cin[r * ldc + j] : 0.0f;
+        for (kk = 0; kk < kc; ++kk)
+            moe_ep__fma_row(acc, a[(int64_t)kk * MOE_EP__PMR + r], b + (int64_t)kk * MOE_EP__PNR);
         moe_ep__finish_row(ep, acc, cout + r * ldo);
     }
 }
-#endif
+
+static const moe_ep__path moe_ep__path_portable = {
+    MOE_EP_KERNEL_PORTABLE, MOE_EP__PMR, MOE_EP__PNR, moe_ep__portable_micro, moe_ep__widen_portable, 0, NULL,
+    { NULL, NULL, NULL, NULL, NULL }
+};
 
 #if defined(__GNUC__) && !defined(__clang__)
 #pragma GCC diagnostic pop
 #endif
 
+/* >>paths: which paths this build has and this CPU runs, best first. */
+MOE_EP_PRIVATE const moe_ep__path* moe_ep__path_of(moe_ep_kernel kernel) {
+    switch (kernel) {
+#ifdef MOE_EP__AVX512
+    case MOE_EP_KERNEL_AVX512: return &moe_ep__path_avx512;
+#endif
+#ifdef MOE_EP__AVX2
+    case MOE_EP_KERNEL_AVX2: return &moe_ep__path_avx2;
+#endif
+#ifdef MOE_EP__NEON
+    case MOE_EP_KERNEL_NEON: return &moe_ep__path_neon;
+#endif
+    case MOE_EP_KERNEL_PORTABLE: return &moe_ep__path_portable;
+    default: return NULL;
+    }
+}
+
+/* Whether this CPU runs a path this build has: checked where the path was chosen at run
+   time (the CPU model is read once by the compiler's runtime, at startup); a path chosen by
+   the compiler's target flags runs wherever the build does. */
+MOE_EP_PRIVATE bool moe_ep__cpu_runs(moe_ep_kernel kernel) {
+#ifdef MOE_EP__DISPATCH
+    unsigned eax = 0, ebx = 0, ecx = 0, edx = 0;
+    __builtin_cpu_init();
+    if (kernel == MOE_EP_KERNEL_AVX512) return __builtin_cpu_supports("avx512f") != 0;
+    if (kernel == MOE_EP_KERNEL_AVX2)   /* F16C: cpuid leaf 1, ecx bit 29 (clang 14 cannot name it) */
+        return __builtin_cpu_supports("avx2") && __builtin_cpu_supports("fma") &&
+               __get_cpuid(1, &eax, &ebx, &ecx, &edx) && (ecx & (1u << 29));
+#endif
+    (void)kernel;
+    return true;
+}
+
+MOE_EP_PRIVATE const char* moe_ep__kernel_name(moe_ep_kernel kernel) {
+    switch (kernel) {
+    case MOE_EP_KERNEL_PORTABLE: return "portable";
+    case MOE_EP_KERNEL_AVX2: return "AVX2+FMA";
+    case MOE_EP_KERNEL_AVX512: return "AVX-512";
+    case MOE_EP_KERNEL_NEON: return "NEON";
+    case MOE_EP_KERNEL_CBLAS: return "CBLAS";
+    default: return "default";
+    }
+}
+
+#ifndef MOE_EP_CBLAS
+MOE_EP_PRIVATE moe_ep_kernel moe_ep__path_kernel(const moe_ep__path* path) { return path->kernel; }
+#endif
+
+/* The path of desc.kernel (DEFAULT: the best this build and CPU have); NULL with *why set
+   when it cannot run here. */
+MOE_EP_PRIVATE const moe_ep__path* moe_ep__select_path(moe_ep_kernel kernel, const char** why) {
+    static const moe_ep_kernel best_first[] = { MOE_EP_KERNEL_AVX512, MOE_EP_KERNEL_AVX2, MOE_EP_KERNEL_NEON,
+                                                MOE_EP_KERNEL_PORTABLE };
+    size_t i;
+    *why = "";
+    if (kernel == MOE_EP_KERNEL_DEFAULT) {
+        for (i = 0; i < sizeof best_first / sizeof best_first[0]; ++i)
+            if (moe_ep__path_of(best_first[i]) && moe_ep__cpu_runs(best_first[i])) return moe_ep__path_of(best_first[i]);
+        return &moe_ep__path_portable;
+    }
+    if (!moe_ep__path_of(kernel)) {
+        *why = "this build has no such kernel (MOE_EP_NO_SIMD, MOE_EP_CBLAS, or another architecture or compiler)";
+        return NULL;
+    }
+    if (!moe_ep__cpu_runs(kernel)) {
+        *why = "this CPU lacks its instructions";
+        return NULL;
+    }
+    return moe_ep__path_of(kernel);
+}
+
+#ifndef MOE_EP_CBLAS
+/* >>packing: the user's tensors (through views) into panels of the path and the format. */
+/* Output columns per panel: gated panels carry a w1 half and a w3 half. */
+MOE_EP_PRIVATE int moe_ep__panel_cols(const moe_ep__path* path, moe_ep_activation act) {
+    return moe_ep__gated(act) ? path->nr / 2 : path->nr;
+}
+
+MOE_EP_PRIVATE int64_t moe_ep__panel_count(int n, int cols) { return ((int64_t)n + cols - 1) / cols; }
+
+/* Hidden row stride: d_ff rounded up to whole up-projection panels. */
+MOE_EP_PRIVATE int64_t moe_ep__hidden_stride(const moe_ep__path* path, const moe_ep_desc* d) {
+    int cols = moe_ep__panel_cols(path, d->activation);
+    return moe_ep__panel_count(d->d_ff, cols) * cols;
+}
+
+/* int8's scale of output channel i: the stored one, or max |w| / 127 over the user's whole
+   row (all of d_ff, not this TP rank's slice, so that every TP split quantises alike); 1
+   for a row of zeros. */
+MOE_EP_PRIVATE float moe_ep__channel_scale(const moe_ep__wview* v, int64_t i) {
+    float amax = 0.0f;
+    int64_t kk;
+    if (v->format == MOE_EP_WEIGHT_FORMAT_INT8) return v->scale[i * v->bias_stride];
+    for (kk = -v->k_begin; kk < v->k_full - v->k_begin; ++kk) {
+        float w = moe_ep__wget(v, i, kk);
+        w = w < 0.0f ? -w : w;
+        amax = w > amax ? w : amax;
+    }
+    return amax > 0.0f ? amax / 127.0f : 1.0f;
+}
+
+/* Where packing found a weight that the format cannot hold. */
+typedef struct moe_ep__pack_fault {
+    const moe_ep__wview* view;
+    int64_t row, col;
+    float value;
+} moe_ep__pack_fault;
+
+/* W [n, k] -> panels of NR columns in format f; with w3, panels of NR/2 columns of each.
+   Written in order, reading the panel's NR rows of W side by side. With bias (not NULL),
+   the biases of the panels' columns follow in the same order, NR per panel (zero where a
+   view has none), and so do int8's scales with scale. Returns false, with *fault, when a
+   value cannot be stored: a finite one that rounds to infinity (bf16, fp16), or a NaN or
+   infinity (int8, whose scale it would spoil). */
+MOE_EP_PRIVATE bool moe_ep__pack(const moe_ep__path* path, moe_ep_weight_format f, const moe_ep__wview* w,
+                                 const moe_ep__wview* w3, int n, int k, void* panels, float* bias, float* scale,
+                                 moe_ep__pack_fault* fault) {
+    const int nr = path->nr, cols = w3 ? nr / 2 : nr;
+    const int64_t np = moe_ep__panel_count(n, cols), esize = moe_ep__format_bytes(f);
+    int j, kk;
+    int64_t p;
+    for (p = 0; p < np; ++p) {
+        const moe_ep__wview* src[MOE_EP__NR_MAX];
+        int64_t row[MOE_EP__NR_MAX];
+        float channel_scale[MOE_EP__NR_MAX];
+        unsigned char* dst = (unsigned char*)panels + p * (int64_t)k * nr * esize;
+        for (j = 0; j < nr; ++j) {
+            int half = j >= cols;
+            const moe_ep__wview* v = half ? w3 : w;
+            row[j] = p * cols + (j - half * cols);
+            src[j] = row[j] < n ? v : NULL;
+            if (bias) bias[p * nr + j] = src[j] && v->bias ? v->bias[row[j] * v->bias_stride] : 0.0f;
+            channel_scale[j] = src[j] && f == MOE_EP_WEIGHT_FORMAT_INT8 ? moe_ep__channel_scale(v, row[j]) : 1.0f;
+            if (scale) scale[p * nr + j] = channel_scale[j];
+        }
+        for (kk = 0; kk < k; ++kk)
+            for (j = 0; j < nr; ++j, dst += esize) {
+                const moe_ep__wview* v = src[j];
+                bool overflow = false;
+                float value;
+                if (!v) continue;   /* calloc'd: zero */
+                if (v->format == f && f != MOE_EP_WEIGHT_FORMAT_FP32) {     /* stored: copied as it is */
+                    memcpy(dst, (const unsigned char*)v->base + (row[j] * v->row_stride + kk * v->k_stride) * esize,
+                           (size_t)esize);
+                    continue;
+                }
+                value = moe_ep__wget(v, row[j], kk);
+                if (f == MOE_EP_WEIGHT_FORMAT_BF16 || f == MOE_EP_WEIGHT_FORMAT_FP16) {
+                    uint16_t h = f == MOE_EP_WEIGHT_FORMAT_BF16 ? moe_ep__float_to_bf16(value, &overflow)
+                                                                : moe_ep__float_to_fp16(value, &overflow);
+                    memcpy(dst, &h, sizeof h);
+                } else if (f == MOE_EP_WEIGHT_FORMAT_INT8) {
+                    overflow = !moe_ep__finite(value);
+                    if (!overflow) *(int8_t*)dst = moe_ep__quantize(value, channel_scale[j]);
+                } else {
+                    memcpy(dst, &value, sizeof value);
+                }
+                if (overflow) {
+                    fault->view = v;
+                    fault->row = row[j];
+                    fault->col = kk;
+                    fault->value = value;
+                    return false;
+                }
+            }
+    }
+    return true;
+}
+
 /* Rows packed for the kernel: tile t holds rows [t*MR, t*MR + MR) as [kext][MR]. */
-MOE_EP_PRIVATE int64_t moe_ep__row_tiles(int64_t m) { return (m + MOE_EP__MR - 1) / MOE_EP__MR; }
+MOE_EP_PRIVATE int64_t moe_ep__row_tiles(const moe_ep__path* path, int64_t m) { return (m + path->mr - 1) / path->mr; }
 
 /* Row tiles [t0, t1) of x [m, k] (row stride ldx); rows past m are left as they are. */
-MOE_EP_PRIVATE void moe_ep__pack_rows(const float* x, int64_t ldx, int64_t m, int k, int64_t t0, int64_t t1,
-                                      float* tiles) {
+MOE_EP_PRIVATE void moe_ep__pack_rows(const moe_ep__path* path, const float* x, int64_t ldx, int64_t m, int k,
+                                      int64_t t0, int64_t t1, float* tiles) {
+    const int mr = path->mr;
     int64_t t;
     int r, kk;
     for (t = t0; t < t1; ++t) {
-        int rows = (int)MOE_EP__MIN((int64_t)MOE_EP__MR, m - t * MOE_EP__MR);
-        float* dst = tiles + t * k * MOE_EP__MR;
+        int rows = (int)MOE_EP__MIN((int64_t)mr, m - t * mr);
+        float* dst = tiles + t * k * mr;
         for (r = 0; r < rows; ++r) {
-            const float* src = x + (t * MOE_EP__MR + r) * ldx;
-            for (kk = 0; kk < k; ++kk) dst[(int64_t)kk * MOE_EP__MR + r] = src[kk];
+            const float* src = x + (t * mr + r) * ldx;
+            for (kk = 0; kk < k; ++kk) dst[(int64_t)kk * mr + r] = src[kk];
         }
     }
 }
 
-/* One product C = act(A . W^T): A in row tiles, W in panels; act COUNT = none. C is
-   row-major (row stride ldc) or, with c_kext > 0, row tiles of extent c_kext. */
+/* One product C = act(A . W^T): A in row tiles, W in panels of the format; act COUNT =
+   none. C is row-major (row stride ldc) or, with c_kext > 0, row tiles of extent c_kext. */
 typedef struct moe_ep__gemm_args {
+    const moe_ep__path* path;
     const float* a;
     int64_t a_kext, m;
     int k, n;                       /* n: output columns */
-    const float* panels;
+    moe_ep_weight_format format;
+    const void* panels;
     const float* bias;              /* NR per panel, in panel order; NULL: none */
+    const float* scale;             /* int8: NR per panel; else NULL */
     moe_ep_activation act;
     float alpha, limit;             /* clamped SwiGLU's */
     float* c;
@@ -3802,36 +4628,40 @@ typedef struct moe_ep__gemm_args {
 } moe_ep__gemm_args;
 
 /* The last K slice of one tile: the finished sums go to C, through the activation. */
-MOE_EP_PRIVATE void moe_ep__tile_out(const moe_ep__gemm_args* g, int rows, int kc, const float* a, const float* b,
-                                     const float* cin, int64_t ldc, int64_t row, int64_t panel) {
-    int cols = moe_ep__panel_cols(g->act), r, j;
+MOE_EP_PRIVATE void moe_ep__tile_out(const moe_ep__gemm_args* g, moe_ep__micro_fn micro, int rows, int kc,
+                                     const float* a, const float* b, const float* cin, int64_t ldc, int64_t row,
+                                     int64_t panel) {
+    const moe_ep__path* path = g->path;
+    const int mr = path->mr, nr = path->nr;
+    int cols = moe_ep__panel_cols(path, g->act), r, j;
     int plain = moe_ep__gated(g->act) || g->act == MOE_EP_ACTIVATION_COUNT;
     int64_t col = panel * cols;
     int ncols = (int)MOE_EP__MIN((int64_t)cols, (int64_t)g->n - col);
-    float tile[MOE_EP__MR * MOE_EP__NR];
+    float tile[MOE_EP__MR_MAX * MOE_EP__NR_MAX];
     moe_ep__epilogue ep;
-    ep.bias = g->bias ? g->bias + panel * MOE_EP__NR : NULL;
+    ep.bias = g->bias ? g->bias + panel * nr : NULL;
+    ep.scale = g->scale ? g->scale + panel * nr : NULL;
     ep.gated = g->act == MOE_EP_ACTIVATION_SWIGLU ? 1 : g->act == MOE_EP_ACTIVATION_SWIGLU_CLAMPED ? 2 : 0;
     ep.alpha = g->alpha;
     ep.limit = g->limit;
     if (ncols == cols && plain && g->c_kext == 0) {
-        moe_ep__micro(rows, kc, a, b, cin, ldc, g->c + row * g->ldc + col, g->ldc, &ep);
+        micro(rows, kc, a, b, cin, ldc, g->c + row * g->ldc + col, g->ldc, &ep);
         return;
     }
-    moe_ep__micro(rows, kc, a, b, cin, ldc, tile, MOE_EP__NR, &ep);
+    micro(rows, kc, a, b, cin, ldc, tile, nr, &ep);
     if (g->c_kext > 0) {            /* row is a multiple of MR here */
-        float* dst = g->c + row * g->c_kext + col * MOE_EP__MR;
+        float* dst = g->c + row * g->c_kext + col * mr;
         for (j = 0; j < ncols; ++j)
             for (r = 0; r < rows; ++r) {
-                float v = tile[r * MOE_EP__NR + j];
-                dst[(int64_t)j * MOE_EP__MR + r] = plain ? v : moe_ep__act(g->act, v, 0.0f);
+                float v = tile[r * nr + j];
+                dst[(int64_t)j * mr + r] = plain ? v : moe_ep__act(g->act, v, 0.0f);
             }
         return;
     }
     for (r = 0; r < rows; ++r) {
         float* dst = g->c + (row + r) * g->ldc + col;
         for (j = 0; j < ncols; ++j) {
-            float v = tile[r * MOE_EP__NR + j];
+            float v = tile[r * nr + j];
             dst[j] = plain ? v : moe_ep__act(g->act, v, 0.0f);
         }
     }
@@ -3839,58 +4669,102 @@ MOE_EP_PRIVATE void moe_ep__tile_out(const moe_ep__gemm_args* g, int rows, int k
 
 /* A product is cut into work items: a block of NCP column panels x a block of MC rows,
    column blocks outermost so that threads taking consecutive items share the weights. */
-MOE_EP_PRIVATE int64_t moe_ep__row_blocks(int64_t m) { return (m + MOE_EP__MC - 1) / MOE_EP__MC; }
-
-MOE_EP_PRIVATE int64_t moe_ep__gemm_items(const moe_ep__gemm_args* g) {
-    int64_t panels = moe_ep__panel_count(g->n, moe_ep__panel_cols(g->act));
-    return (panels + MOE_EP__NCP - 1) / MOE_EP__NCP * moe_ep__row_blocks(g->m);
+MOE_EP_PRIVATE int64_t moe_ep__mc(const moe_ep__path* path) { return 16 * (int64_t)path->mr; }
+MOE_EP_PRIVATE int64_t moe_ep__ncp(const moe_ep__path* path) { return 128 / path->nr; }
+MOE_EP_PRIVATE int64_t moe_ep__row_blocks(const moe_ep__path* path, int64_t m) {
+    return (m + moe_ep__mc(path) - 1) / moe_ep__mc(path);
 }
 
-/* A hint that floats [0, n) from p will be read soon (prefetches never fault). */
-MOE_EP_PRIVATE void moe_ep__prefetch(const float* p, int64_t n) {
+MOE_EP_PRIVATE int64_t moe_ep__gemm_items(const moe_ep__gemm_args* g) {
+    int64_t panels = moe_ep__panel_count(g->n, moe_ep__panel_cols(g->path, g->act)), ncp = moe_ep__ncp(g->path);
+    return (panels + ncp - 1) / ncp * moe_ep__row_blocks(g->path, g->m);
+}
+
+/* A hint that bytes [0, n) from p will be read soon (prefetches never fault). */
+MOE_EP_PRIVATE void moe_ep__prefetch(const unsigned char* p, int64_t n) {
 #if defined(__GNUC__) || defined(__clang__)
     int64_t i;
-    for (i = 0; i < n; i += 64 / (int64_t)sizeof(float)) __builtin_prefetch(p + i, 0, 1);
+    for (i = 0; i < n; i += 64) __builtin_prefetch(p + i, 0, 1);
 #else
     (void)p;
     (void)n;
 #endif
 }
 
-/* One work item, on the calling thread. scratch: MC x NCP*NR floats of its own. While the
-   row tiles of a block run over one weight slice (from L1 after the first), the next slice
-   is fetched, a share per tile, so that memory and arithmetic overlap. */
-MOE_EP_PRIVATE void moe_ep__gemm_item(const moe_ep__gemm_args* g, int64_t item, float* scratch) {
-    const int64_t ld = MOE_EP__NCP * MOE_EP__NR, K = g->k, row_blocks = moe_ep__row_blocks(g->m);
-    const int64_t panels = moe_ep__panel_count(g->n, moe_ep__panel_cols(g->act));
-    const int64_t jc = item / row_blocks * MOE_EP__NCP, ic = item % row_blocks * MOE_EP__MC;
-    const int64_t jn = MOE_EP__MIN((int64_t)MOE_EP__NCP, panels - jc), mn = MOE_EP__MIN((int64_t)MOE_EP__MC, g->m - ic);
-    /* a single row tile keeps its sums in registers over the whole K */
-    const int64_t kc_max = g->m <= MOE_EP__MR ? K : MOE_EP__KC;
-    const int64_t tiles = (mn + MOE_EP__MR - 1) / MOE_EP__MR;
-    int64_t pc, jr, ir;
-    for (pc = 0; pc < K; pc += kc_max) {
-        int kc = (int)MOE_EP__MIN(kc_max, K - pc);
-        int last = pc + kc == K;
-        for (jr = 0; jr < jn; ++jr) {
-            const float* b = g->panels + ((jc + jr) * K + pc) * MOE_EP__NR;
-            const float* next = jr + 1 < jn ? b + K * MOE_EP__NR
-                                : !last ? g->panels + (jc * K + pc + kc) * MOE_EP__NR : NULL;
-            int64_t share = (kc * MOE_EP__NR + tiles - 1) / tiles;
-            for (ir = 0; ir < mn; ir += MOE_EP__MR) {
-                int rows = (int)MOE_EP__MIN((int64_t)MOE_EP__MR, mn - ir);
-                const float* a = g->a + (ic + ir) * g->a_kext + pc * MOE_EP__MR;
-                float* part = scratch + ir * ld + jr * MOE_EP__NR;
-                const float* cin = pc == 0 ? NULL : part;
-                if (next && tiles > 1) moe_ep__prefetch(next + ir / MOE_EP__MR * share, share);
-                if (last) moe_ep__tile_out(g, rows, kc, a, b, cin, ld, ic + ir, jc + jr);
-                else moe_ep__micro(rows, kc, a, b, cin, ld, part, ld, NULL);
-            }
-        }
+/* A thread's scratch: the MC x NCP*NR sums waiting between K slices, then one KC x NR
+   weight slice widened to fp32. */
+MOE_EP_PRIVATE int64_t moe_ep__scratch_floats(const moe_ep__path* path) {
+    return moe_ep__mc(path) * moe_ep__ncp(path) * path->nr + (int64_t)MOE_EP__KC * path->nr;
+}
+
+/* One work item, on the calling thread. While the row tiles of a block run over one weight
+   slice (from L1 after the first), the next slice is fetched, a share per tile, so that
+   memory and arithmetic overlap. A narrow format's slice is widened once into the scratch.
+   A block of one row tile (decode) takes its panels one at a time, each K slice after the
+   other, so the weights stream in memory order; otherwise each K slice meets every panel of
+   the block. Either way every chain runs its K slices in order. */
+typedef struct moe_ep__item {
+    int64_t jc, ic, jn, mn, tiles;
+    moe_ep__micro_fn narrow;        /* the format's in-register kernel for this block, or NULL */
+    float* scratch;                 /* MC x NCP*NR sums, then the widened slice */
+} moe_ep__item;
+
+MOE_EP_PRIVATE void moe_ep__item_slice(const moe_ep__gemm_args* g, const moe_ep__item* it, int64_t pc, int kc,
+                                       int64_t jr) {
+    const moe_ep__path* path = g->path;
+    const int64_t mr = path->mr, nr = path->nr, ld = moe_ep__ncp(path) * nr, K = g->k;
+    const int64_t esize = moe_ep__format_bytes(g->format);
+    const unsigned char* base = (const unsigned char*)g->panels;
+    const unsigned char* src = base + ((it->jc + jr) * K + pc) * nr * esize;
+    const int last = pc + kc == K;
+    const unsigned char* next = jr + 1 < it->jn ? src + K * nr * esize
+                              : !last ? base + (it->jc * K + pc + kc) * nr * esize : NULL;
+    const int64_t share = (kc * nr * esize + it->tiles - 1) / it->tiles;
+    const float* b = (const float*)(const void*)src;
+    moe_ep__micro_fn micro = it->narrow ? it->narrow : path->micro;
+    int64_t ir;
+    if (g->format != MOE_EP_WEIGHT_FORMAT_FP32 && !it->narrow) {
+        float* wide = it->scratch + moe_ep__mc(path) * ld;
+        path->widen(g->format, src, kc * nr, wide);
+        b = wide;
+    }
+    for (ir = 0; ir < it->mn; ir += mr) {
+        int rows = (int)MOE_EP__MIN(mr, it->mn - ir);
+        const float* a = g->a + (it->ic + ir) * g->a_kext + pc * mr;
+        float* part = it->scratch + ir * ld + jr * nr;
+        const float* cin = pc == 0 ? NULL : part;
+        if (next && it->tiles > 1) moe_ep__prefetch(next + ir / mr * share, share);
+        if (last) moe_ep__tile_out(g, micro, rows, kc, a, b, cin, ld, it->ic + ir, it->jc + jr);
+        else micro(rows, kc, a, b, cin, ld, part, ld, NULL);
     }
 }
 
-MOE_EP_PRIVATE int64_t moe_ep__scratch_floats(void) { return (int64_t)MOE_EP__MC * MOE_EP__NCP * MOE_EP__NR; }
+MOE_EP_PRIVATE void moe_ep__gemm_item(const moe_ep__gemm_args* g, int64_t item, float* scratch) {
+    const moe_ep__path* path = g->path;
+    const int64_t mr = path->mr, mc = moe_ep__mc(path), ncp = moe_ep__ncp(path), K = g->k;
+    const int64_t row_blocks = moe_ep__row_blocks(path, g->m);
+    const int64_t panels = moe_ep__panel_count(g->n, moe_ep__panel_cols(path, g->act));
+    /* a narrow format's block of at most NARROW_ROWS rows reads its panels as they are stored */
+    moe_ep__micro_fn narrow = g->m <= MOE_EP__NARROW_ROWS ? path->micro_narrow[g->format] : NULL;
+    /* a single row tile of fp32 (or so read) weights keeps its sums in registers over the whole K */
+    const int64_t kc_max = g->m <= mr && (g->format == MOE_EP_WEIGHT_FORMAT_FP32 || narrow) ? K : MOE_EP__KC;
+    moe_ep__item it;
+    int64_t pc, jr;
+    it.jc = item / row_blocks * ncp;
+    it.ic = item % row_blocks * mc;
+    it.jn = MOE_EP__MIN(ncp, panels - it.jc);
+    it.mn = MOE_EP__MIN(mc, g->m - it.ic);
+    it.tiles = (it.mn + mr - 1) / mr;
+    it.narrow = narrow;
+    it.scratch = scratch;
+    if (it.tiles == 1) {
+        for (jr = 0; jr < it.jn; ++jr)
+            for (pc = 0; pc < K; pc += kc_max) moe_ep__item_slice(g, &it, pc, (int)MOE_EP__MIN(kc_max, K - pc), jr);
+        return;
+    }
+    for (pc = 0; pc < K; pc += kc_max)
+        for (jr = 0; jr < it.jn; ++jr) moe_ep__item_slice(g, &it, pc, (int)MOE_EP__MIN(kc_max, K - pc), jr);
+}
 
 /* Threads for a product of m x k x n: tiny ones are not worth waking a team. */
 MOE_EP_PRIVATE int moe_ep__kernel_threads(const moe_ep_context* ctx, int64_t m, int k, int n) {
@@ -3933,7 +4807,7 @@ MOE_EP_PRIVATE moe_ep_result moe_ep__ffn(moe_ep_context* ctx, int local_expert, 
         float* hidden = pre + (int64_t)mc * ld_pre;
         int r;
         cblas_sgemm(CblasRowMajor, CblasNoTrans, CblasTrans, mc, (int)ld_pre, D, 1.0f, rows + r0 * D, D,
-                    ctx->packed_up[local_expert], D, 0.0f, pre, (int)ld_pre);
+                    (const float*)ctx->packed_up[local_expert], D, 0.0f, pre, (int)ld_pre);
 #ifdef _OPENMP
 #pragma omp parallel for schedule(static) num_threads(ctx->num_threads) if (ctx->num_threads > 1 && mc > 1)
 #endif
@@ -3950,7 +4824,7 @@ MOE_EP_PRIVATE moe_ep_result moe_ep__ffn(moe_ep_context* ctx, int local_expert, 
                 for (j = 0; j < F; ++j) h[j] = moe_ep__act(d->activation, g[j], u[j]);
         }
         cblas_sgemm(CblasRowMajor, CblasNoTrans, CblasTrans, mc, D, F, 1.0f, hidden, F,
-                    ctx->packed_down[local_expert], F, 0.0f, out + r0 * D, D);
+                    (const float*)ctx->packed_down[local_expert], F, 0.0f, out + r0 * D, D);
         if (bias_down)
             for (r = 0; r < mc; ++r) {
                 float* y = out + (r0 + r) * D;
@@ -3976,17 +4850,18 @@ typedef struct moe_ep__ffn_args {
    a busy core does not hold the others up. Which thread computes an element never
    changes its value. Alone (team 0) it runs the same loops on the calling thread. */
 MOE_EP_PRIVATE void moe_ep__ffn_stages(const moe_ep__ffn_args* f, float* scratch, int team) {
-    int64_t i, tiles = moe_ep__row_tiles(f->up.m), up_items = moe_ep__gemm_items(&f->up);
+    const moe_ep__path* path = f->up.path;
+    int64_t i, tiles = moe_ep__row_tiles(path, f->up.m), up_items = moe_ep__gemm_items(&f->up);
     int64_t down_items = moe_ep__gemm_items(&f->down);
     if (!team) {
-        moe_ep__pack_rows(f->x, f->ldx, f->up.m, f->up.k, 0, tiles, f->x_tiles);
+        moe_ep__pack_rows(path, f->x, f->ldx, f->up.m, f->up.k, 0, tiles, f->x_tiles);
         for (i = 0; i < up_items; ++i) moe_ep__gemm_item(&f->up, i, scratch);
         for (i = 0; i < down_items; ++i) moe_ep__gemm_item(&f->down, i, scratch);
         return;
     }
 #ifdef _OPENMP
 #pragma omp for schedule(static)
-    for (i = 0; i < tiles; ++i) moe_ep__pack_rows(f->x, f->ldx, f->up.m, f->up.k, i, i + 1, f->x_tiles);
+    for (i = 0; i < tiles; ++i) moe_ep__pack_rows(path, f->x, f->ldx, f->up.m, f->up.k, i, i + 1, f->x_tiles);
 #pragma omp for schedule(dynamic, 1)
     for (i = 0; i < up_items; ++i) moe_ep__gemm_item(&f->up, i, scratch);
 #pragma omp for schedule(dynamic, 1)
@@ -3997,12 +4872,14 @@ MOE_EP_PRIVATE void moe_ep__ffn_stages(const moe_ep__ffn_args* f, float* scratch
 MOE_EP_PRIVATE moe_ep_result moe_ep__ffn(moe_ep_context* ctx, int local_expert, const float* rows, int64_t m,
                                          float* out) {
     const moe_ep_desc* d = &ctx->desc;
+    const moe_ep__path* path = ctx->path;
     int threads = moe_ep__kernel_threads(ctx, m, d->d_model, d->d_ff);
-    int64_t ldh = moe_ep__hidden_stride(d), tiled = moe_ep__row_tiles(m) * MOE_EP__MR;
+    int64_t ldh = moe_ep__hidden_stride(path, d), tiled = moe_ep__row_tiles(path, m) * path->mr;
+    int64_t scratch_floats = moe_ep__scratch_floats(path);
     moe_ep__ffn_args f;
     f.x_tiles = moe_ep__workspace(ctx, &ctx->kernel_rows, &ctx->kernel_rows_capacity, tiled * d->d_model);
     f.scratch = moe_ep__workspace(ctx, &ctx->kernel_scratch, &ctx->kernel_scratch_capacity,
-                                  ctx->num_threads * moe_ep__scratch_floats());
+                                  ctx->num_threads * scratch_floats);
     f.up.c = moe_ep__workspace(ctx, &ctx->hidden, &ctx->hidden_capacity, tiled * ldh);
     if (!f.x_tiles || !f.scratch || !f.up.c)
         return moe_ep__fail(ctx, MOE_EP_ERROR_OUT_OF_MEMORY, MOE_EP_LOG_ITEM_OUT_OF_MEMORY,
@@ -4010,18 +4887,22 @@ MOE_EP_PRIVATE moe_ep_result moe_ep__ffn(moe_ep_context* ctx, int local_expert, 
                             (long long)m);
     f.x = rows;
     f.ldx = d->d_model;
+    f.up.path = path; f.up.format = d->weight_format;
     f.up.a = f.x_tiles; f.up.a_kext = d->d_model; f.up.m = m; f.up.k = d->d_model; f.up.n = d->d_ff;
-    f.up.panels = moe_ep__aligned(ctx->packed_up[local_expert]); f.up.act = d->activation;
-    f.up.bias = ctx->bias_up[local_expert]; f.up.alpha = d->swiglu_alpha; f.up.limit = d->swiglu_limit;
+    f.up.panels = moe_ep__aligned_bytes(ctx->packed_up[local_expert]); f.up.act = d->activation;
+    f.up.bias = ctx->bias_up[local_expert]; f.up.scale = ctx->scale_up[local_expert];
+    f.up.alpha = d->swiglu_alpha; f.up.limit = d->swiglu_limit;
     f.up.ldc = 0; f.up.c_kext = ldh;
+    f.down.path = path; f.down.format = d->weight_format;
     f.down.a = f.up.c; f.down.a_kext = ldh; f.down.m = m; f.down.k = d->d_ff; f.down.n = d->d_model;
-    f.down.panels = moe_ep__aligned(ctx->packed_down[local_expert]); f.down.act = MOE_EP_ACTIVATION_COUNT;
-    f.down.bias = ctx->bias_down[local_expert]; f.down.alpha = 0.0f; f.down.limit = 0.0f;
+    f.down.panels = moe_ep__aligned_bytes(ctx->packed_down[local_expert]); f.down.act = MOE_EP_ACTIVATION_COUNT;
+    f.down.bias = ctx->bias_down[local_expert]; f.down.scale = ctx->scale_down[local_expert];
+    f.down.alpha = 0.0f; f.down.limit = 0.0f;
     f.down.c = out; f.down.ldc = d->d_model; f.down.c_kext = 0;
 #ifdef _OPENMP
     if (threads > 1) {
 #pragma omp parallel num_threads(threads)
-        moe_ep__ffn_stages(&f, f.scratch + omp_get_thread_num() * moe_ep__scratch_floats(), 1);
+        moe_ep__ffn_stages(&f, f.scratch + omp_get_thread_num() * scratch_floats, 1);
         return MOE_EP_OK;
     }
 #endif
@@ -4034,62 +4915,15 @@ MOE_EP_PRIVATE moe_ep_result moe_ep__ffn(moe_ep_context* ctx, int local_expert, 
 /* >>router kernel: moe_ep__router_logits. Each sum runs i = 0, 1, ..., d_model - 1 from
    zero, one fused multiply-add per step (as every path and target can, SAME BITS
    EVERYWHERE), as one token alone would, so the bits depend on neither the block of
-   tokens nor the path. The vector paths keep the sums of 8
-   tokens x 2 vectors of experts in registers while that strip of W^T streams by; experts
-   past the last whole pair of vectors, and the portable path, run the same sums one expert
-   at a time, their block of sums in L1. */
-#if defined(MOE_EP__AVX512) || defined(MOE_EP__AVX2)
-#define MOE_EP__RV MOE_EP__V
-#define MOE_EP__RW MOE_EP__VW
-#define MOE_EP__RLOAD MOE_EP__VLOAD
-#define MOE_EP__RSTORE MOE_EP__VSTORE
-#define MOE_EP__RFMA(a, b, c) MOE_EP__VFMA(a, b, c)
-#define MOE_EP__RSET1 MOE_EP__VSET1
-#elif defined(MOE_EP__NEON)
-#define MOE_EP__RV float32x4_t
-#define MOE_EP__RW 4
-#define MOE_EP__RLOAD vld1q_f32
-#define MOE_EP__RSTORE vst1q_f32
-#define MOE_EP__RFMA(a, b, c) vfmaq_f32(c, a, b)
-#define MOE_EP__RSET1 vdupq_n_f32
-#endif
-
-#ifdef MOE_EP__RW
-/* experts [e, e + 2 RW) of up to 8 tokens, in registers */
-MOE_EP_PRIVATE void moe_ep__router_strip(const float* x, int64_t rows, int D, const float* wt, int E, int e,
-                                         float* logits) {
-    MOE_EP__RV acc[MOE_EP__ROUTER_ROWS][2];
-    int64_t i;
-#define MOE_EP__RZERO(r) acc[r][0] = acc[r][1] = MOE_EP__RSET1(0.0f);
-#define MOE_EP__RROW(r) \
-    if (r < rows) { \
-        MOE_EP__RV xv = MOE_EP__RSET1(x[(r) * D + i]); \
-        acc[r][0] = MOE_EP__RFMA(xv, w0, acc[r][0]); \
-        acc[r][1] = MOE_EP__RFMA(xv, w1, acc[r][1]); \
-    }
-#define MOE_EP__RSAVE(r) \
-    if (r < rows) { \
-        MOE_EP__RSTORE(logits + (r) * E + e, acc[r][0]); \
-        MOE_EP__RSTORE(logits + (r) * E + e + MOE_EP__RW, acc[r][1]); \
-    }
-    MOE_EP__ROWS8(MOE_EP__RZERO)
-    for (i = 0; i < D; ++i) {
-        const float* w = wt + i * E + e;
-        MOE_EP__RV w0 = MOE_EP__RLOAD(w), w1 = MOE_EP__RLOAD(w + MOE_EP__RW);
-        MOE_EP__ROWS8(MOE_EP__RROW)
-    }
-    MOE_EP__ROWS8(MOE_EP__RSAVE)
-#undef MOE_EP__RZERO
-#undef MOE_EP__RROW
-#undef MOE_EP__RSAVE
-}
-#endif
-
-MOE_EP_PRIVATE void moe_ep__router_logits(const float* x, int64_t rows, int D, const float* wt, int E, float* logits) {
+   tokens nor the path. The vector paths keep the sums of 8 tokens x 2 vectors of experts
+   in registers while that strip of W^T streams by (the path's router_strip); experts past
+   the last whole strip, and the portable path, run the same sums one expert at a time,
+   their block of sums in L1. */
+MOE_EP_PRIVATE void moe_ep__router_logits(const moe_ep__path* path, const float* x, int64_t rows, int D,
+                                          const float* wt, int E, float* logits) {
     int64_t r, i, e = 0;
-#ifdef MOE_EP__RW
-    for (; e + 2 * MOE_EP__RW <= E; e += 2 * MOE_EP__RW) moe_ep__router_strip(x, rows, D, wt, E, (int)e, logits);
-#endif
+    if (path->strip > 0)
+        for (; e + path->strip <= E; e += path->strip) path->router_strip(x, rows, D, wt, E, (int)e, logits);
     if (e == E) return;
     for (r = 0; r < rows; ++r)
         for (i = e; i < E; ++i) logits[r * E + i] = 0.0f;
@@ -4107,15 +4941,17 @@ MOE_EP_PRIVATE void moe_ep__router_logits(const float* x, int64_t rows, int D, c
 MOE_EP_API const char* moe_ep_kernel_path(void) {
 #if defined(MOE_EP_CBLAS)
     return "CBLAS";
-#elif defined(MOE_EP__AVX512)
-    return "AVX-512";
-#elif defined(MOE_EP__AVX2)
-    return "AVX2+FMA";
-#elif defined(MOE_EP__NEON)
-    return "NEON";
 #else
-    return "portable";
+    const char* why;
+    return moe_ep__kernel_name(moe_ep__select_path(MOE_EP_KERNEL_DEFAULT, &why)->kernel);
 #endif
+}
+
+MOE_EP_API const char* moe_ep_kernel_string(moe_ep_kernel kernel) { return moe_ep__kernel_name(kernel); }
+
+MOE_EP_API int64_t moe_ep_weight_bytes(const moe_ep_context* ctx) {
+    if (!ctx) return 0;
+    return ctx->weight_bytes + (ctx->shared ? ctx->shared->weight_bytes : 0);
 }
 
 MOE_EP_API moe_ep_result moe_ep_expert_ffn(moe_ep_context* ctx, int local_expert, const float* rows,
@@ -4139,22 +4975,10 @@ MOE_EP_API moe_ep_result moe_ep_expert_ffn(moe_ep_context* ctx, int local_expert
     return moe_ep__ffn(ctx, local_expert, rows, row_count, out);
 }
 
-#ifdef MOE_EP_CBLAS
-/* The [n, k] weight of a view as an nn.Linear matrix at dst, its biases (zero where the
-   view has none) at bias when that is not NULL. */
-MOE_EP_PRIVATE void moe_ep__unpack(const moe_ep__wview* v, int64_t n, int64_t k, float* dst, float* bias) {
-    int64_t i, kk;
-    for (i = 0; i < n; ++i) {
-        const float* src = v->base + i * v->row_stride;
-        for (kk = 0; kk < k; ++kk) dst[i * k + kk] = src[kk * v->k_stride];
-        if (bias) bias[i] = v->bias ? v->bias[i * v->bias_stride] : 0.0f;
-    }
-}
-#endif
-
 /* Copy (CBLAS: as nn.Linear matrices, gate and up stacked, the biases after them) or
-   pack one expert's weights (the biases after the panels, in panel order). */
-MOE_EP_PRIVATE moe_ep_result moe_ep__pack_expert(moe_ep_context* ctx, int l) {
+   pack one expert's weights (the biases, then int8's scales, after the panels, in panel
+   order). A value the format cannot hold is a named error. */
+MOE_EP_PRIVATE moe_ep_result moe_ep__pack_expert(moe_ep_context* ctx, int l, moe_ep__validator* v) {
     const moe_ep_desc* d = &ctx->desc;
     const moe_ep_allocator* a = &d->allocator;
     moe_ep__wview gate, up, down;
@@ -4165,33 +4989,77 @@ MOE_EP_PRIVATE moe_ep_result moe_ep__pack_expert(moe_ep_context* ctx, int l) {
     up_bias = gate.bias || (gated && up.bias);
     down_bias = down.bias != NULL;
 #ifdef MOE_EP_CBLAS
-    int64_t pairs = gated ? 2 : 1;
-    ctx->packed_up[l] = (float*)moe_ep__calloc(a, pairs * F * D + (up_bias ? pairs * F : 0), sizeof(float));
-    ctx->packed_down[l] = (float*)moe_ep__calloc(a, D * F + (down_bias ? D : 0), sizeof(float));
-    if (!ctx->packed_up[l] || !ctx->packed_down[l]) return MOE_EP_ERROR_OUT_OF_MEMORY;
-    moe_ep__unpack(&gate, F, D, ctx->packed_up[l], up_bias ? ctx->packed_up[l] + pairs * F * D : NULL);
-    if (gated)
-        moe_ep__unpack(&up, F, D, ctx->packed_up[l] + F * D, up_bias ? ctx->packed_up[l] + pairs * F * D + F : NULL);
-    moe_ep__unpack(&down, D, F, ctx->packed_down[l], down_bias ? ctx->packed_down[l] + D * F : NULL);
-    ctx->bias_up[l] = up_bias ? ctx->packed_up[l] + pairs * F * D : NULL;
-    ctx->bias_down[l] = down_bias ? ctx->packed_down[l] + D * F : NULL;
+    {
+        int64_t pairs = gated ? 2 : 1, i, kk;
+        const moe_ep__wview* views[3];
+        float* dst[3];
+        float* bias[3];
+        int64_t n[3], k[3], t;
+        float* up_floats = (float*)moe_ep__calloc(a, pairs * F * D + (up_bias ? pairs * F : 0), sizeof(float));
+        float* down_floats = (float*)moe_ep__calloc(a, D * F + (down_bias ? D : 0), sizeof(float));
+        ctx->packed_up[l] = up_floats;
+        ctx->packed_down[l] = down_floats;
+        if (!up_floats || !down_floats) return MOE_EP_ERROR_OUT_OF_MEMORY;
+        views[0] = &gate; dst[0] = up_floats; bias[0] = up_bias ? up_floats + pairs * F * D : NULL; n[0] = F; k[0] = D;
+        views[1] = gated ? &up : NULL; dst[1] = up_floats + F * D; bias[1] = up_bias ? up_floats + pairs * F * D + F : NULL;
+        n[1] = F; k[1] = D;
+        views[2] = &down; dst[2] = down_floats; bias[2] = down_bias ? down_floats + D * F : NULL; n[2] = D; k[2] = F;
+        for (t = 0; t < 3; ++t)     /* the [n, k] weight as an nn.Linear matrix, its biases (0 where none) */
+            for (i = 0; views[t] && i < n[t]; ++i) {
+                for (kk = 0; kk < k[t]; ++kk) dst[t][i * k[t] + kk] = moe_ep__wget(views[t], i, kk);
+                if (bias[t]) bias[t][i] = views[t]->bias ? views[t]->bias[i * views[t]->bias_stride] : 0.0f;
+            }
+        ctx->bias_up[l] = up_bias ? up_floats + pairs * F * D : NULL;
+        ctx->bias_down[l] = down_bias ? down_floats + D * F : NULL;
+        ctx->weight_bytes += (int64_t)sizeof(float) * (pairs * F * D + (up_bias ? pairs * F : 0) + D * F +
+                                                       (down_bias ? D : 0));
+        (void)v;
+    }
 #else
-    int64_t up_panels = moe_ep__panel_count(d->d_ff, moe_ep__panel_cols(d->activation));
-    int64_t down_panels = moe_ep__panel_count(d->d_model, MOE_EP__NR);
-    int64_t up_floats = up_panels * D * MOE_EP__NR, down_floats = down_panels * F * MOE_EP__NR;
-    int64_t pad = MOE_EP__ALIGN / (int64_t)sizeof(float);
-    float *up_base, *down_base;
-    ctx->packed_up[l] = (float*)moe_ep__calloc(a, up_floats + (up_bias ? up_panels * MOE_EP__NR : 0) + pad,
-                                               sizeof(float));
-    ctx->packed_down[l] = (float*)moe_ep__calloc(a, down_floats + (down_bias ? down_panels * MOE_EP__NR : 0) + pad,
-                                                 sizeof(float));
-    if (!ctx->packed_up[l] || !ctx->packed_down[l]) return MOE_EP_ERROR_OUT_OF_MEMORY;
-    up_base = moe_ep__aligned(ctx->packed_up[l]);
-    down_base = moe_ep__aligned(ctx->packed_down[l]);
-    moe_ep__pack(&gate, gated ? &up : NULL, d->d_ff, d->d_model, up_base, up_bias ? up_base + up_floats : NULL);
-    moe_ep__pack(&down, NULL, d->d_model, d->d_ff, down_base, down_bias ? down_base + down_floats : NULL);
-    ctx->bias_up[l] = up_bias ? up_base + up_floats : NULL;
-    ctx->bias_down[l] = down_bias ? down_base + down_floats : NULL;
+    {
+        const moe_ep__path* path = ctx->path;
+        const moe_ep_weight_format f = d->weight_format;
+        const int64_t nr = path->nr, esize = moe_ep__format_bytes(f);
+        const int64_t up_panels = moe_ep__panel_count(d->d_ff, moe_ep__panel_cols(path, d->activation));
+        const int64_t down_panels = moe_ep__panel_count(d->d_model, (int)nr);
+        const int64_t up_bytes = moe_ep__round_up(up_panels * D * nr * esize, MOE_EP__ALIGN);
+        const int64_t down_bytes = moe_ep__round_up(down_panels * F * nr * esize, MOE_EP__ALIGN);
+        const int64_t up_extra = up_panels * nr * ((up_bias ? 1 : 0) + (f == MOE_EP_WEIGHT_FORMAT_INT8 ? 1 : 0));
+        const int64_t down_extra = down_panels * nr * ((down_bias ? 1 : 0) + (f == MOE_EP_WEIGHT_FORMAT_INT8 ? 1 : 0));
+        moe_ep__pack_fault fault;
+        unsigned char *up_base, *down_base;
+        float *up_tail, *down_tail, *up_scale, *down_scale;
+        bool ok;
+        ctx->packed_up[l] = moe_ep__calloc(a, up_bytes + (int64_t)sizeof(float) * up_extra + MOE_EP__ALIGN, 1);
+        ctx->packed_down[l] = moe_ep__calloc(a, down_bytes + (int64_t)sizeof(float) * down_extra + MOE_EP__ALIGN, 1);
+        if (!ctx->packed_up[l] || !ctx->packed_down[l]) return MOE_EP_ERROR_OUT_OF_MEMORY;
+        ctx->weight_bytes += up_bytes + down_bytes + (int64_t)sizeof(float) * (up_extra + down_extra);
+        up_base = moe_ep__aligned_bytes(ctx->packed_up[l]);
+        down_base = moe_ep__aligned_bytes(ctx->packed_down[l]);
+        up_tail = (float*)(void*)(up_base + up_bytes);
+        down_tail = (float*)(void*)(down_base + down_bytes);
+        ctx->bias_up[l] = up_bias ? up_tail : NULL;
+        ctx->bias_down[l] = down_bias ? down_tail : NULL;
+        up_scale = f == MOE_EP_WEIGHT_FORMAT_INT8 ? up_tail + (up_bias ? up_panels * nr : 0) : NULL;
+        down_scale = f == MOE_EP_WEIGHT_FORMAT_INT8 ? down_tail + (down_bias ? down_panels * nr : 0) : NULL;
+        ctx->scale_up[l] = up_scale;
+        ctx->scale_down[l] = down_scale;
+        ok = moe_ep__pack(path, f, &gate, gated ? &up : NULL, d->d_ff, d->d_model, up_base,
+                          up_bias ? up_tail : NULL, up_scale, &fault) &&
+             moe_ep__pack(path, f, &down, NULL, d->d_model, d->d_ff, down_base, down_bias ? down_tail : NULL,
+                          down_scale, &fault);
+        if (!ok) {
+            moe_ep__check(v, false, MOE_EP_LOG_ITEM_DESC_WEIGHT_NOT_CONVERTIBLE,
+                          "moe_ep_desc.experts[%d].%s: element (%lld, %lld) of the nn.Linear-shaped weight (%g) "
+                          "cannot be stored as %s (%s)", (int)(moe_ep__local_weights(ctx, l) - d->experts),
+                          fault.view->name, (long long)fault.row, (long long)(fault.col + fault.view->k_begin),
+                          (double)fault.value, moe_ep__format_name(f),
+                          f == MOE_EP_WEIGHT_FORMAT_INT8 ? "int8 needs finite weights"
+                          : f == MOE_EP_WEIGHT_FORMAT_FP16 ? "its magnitude rounds above fp16's largest, 65504"
+                          : "its magnitude rounds above bf16's largest");
+            return MOE_EP_ERROR_INVALID_ARGUMENT;
+        }
+    }
 #endif
     return MOE_EP_OK;
 }

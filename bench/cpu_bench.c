@@ -225,6 +225,11 @@ static double memcpy_bandwidth(size_t bytes, int threads, int reps) {
     return (double)bytes / median(ts, reps) * 1e-9;
 }
 
+static const moe_ep__path* default_path(void) {
+    const char* why;
+    return moe_ep__select_path(MOE_EP_KERNEL_DEFAULT, &why);
+}
+
 /* >>gemm: one product of the built-in kernel, packing of the input included. */
 typedef struct ours_gemm {
     moe_ep__gemm_args g;
@@ -233,21 +238,22 @@ typedef struct ours_gemm {
 } ours_gemm;
 
 static void ours_gemm_run(ours_gemm* o, int threads) {
-    int64_t tiles = moe_ep__row_tiles(o->g.m), items = moe_ep__gemm_items(&o->g);
+    const moe_ep__path* path = o->g.path;
+    int64_t tiles = moe_ep__row_tiles(path, o->g.m), items = moe_ep__gemm_items(&o->g);
 #ifdef _OPENMP
 #pragma omp parallel num_threads(threads)
     {
-        float* scratch = o->scratch + omp_get_thread_num() * moe_ep__scratch_floats();
+        float* scratch = o->scratch + omp_get_thread_num() * moe_ep__scratch_floats(path);
         int64_t i;
 #pragma omp for schedule(static)
-        for (i = 0; i < tiles; ++i) moe_ep__pack_rows(o->x, o->g.k, o->g.m, o->g.k, i, i + 1, (float*)o->g.a);
+        for (i = 0; i < tiles; ++i) moe_ep__pack_rows(path, o->x, o->g.k, o->g.m, o->g.k, i, i + 1, (float*)o->g.a);
 #pragma omp for schedule(dynamic, 1)
         for (i = 0; i < items; ++i) moe_ep__gemm_item(&o->g, i, scratch);
     }
 #else
     int64_t i;
     (void)threads;
-    moe_ep__pack_rows(o->x, o->g.k, o->g.m, o->g.k, 0, tiles, (float*)o->g.a);
+    moe_ep__pack_rows(path, o->x, o->g.k, o->g.m, o->g.k, 0, tiles, (float*)o->g.a);
     for (i = 0; i < items; ++i) moe_ep__gemm_item(&o->g, i, o->scratch);
 #endif
 }
@@ -269,16 +275,23 @@ static void section_gemm(const bench_model* model) {
             float* w = test_random_floats((size_t)N * K, 0.03f, 8 + (uint64_t)s);
             float* c1 = zero_floats((size_t)M * N);
             float* c2 = zero_floats((size_t)M * N);
-            size_t panel_floats = (size_t)moe_ep__panel_count(N, MOE_EP__NR) * MOE_EP__NR * K;
-            float* panels_raw = zero_floats(panel_floats + (size_t)moe_ep__panel_count(N, MOE_EP__NR) * MOE_EP__NR + 64);
+            const char* why;
+            const moe_ep__path* path = moe_ep__select_path(MOE_EP_KERNEL_DEFAULT, &why);
+            size_t panel_floats = (size_t)moe_ep__panel_count(N, path->nr) * path->nr * K;
+            float* panels_raw = zero_floats(panel_floats + (size_t)moe_ep__panel_count(N, path->nr) * path->nr + 64);
             float* bias = test_random_floats((size_t)N, 0.1f, 9 + (uint64_t)s);
-            moe_ep__wview view = moe_ep__view(w, K, 1, g_biases ? bias : NULL, 1);
-            float* tiles_raw = zero_floats((size_t)moe_ep__row_tiles(M) * MOE_EP__MR * K + 64);
-            float* scratch_raw = zero_floats((size_t)(threads * moe_ep__scratch_floats() + 64));
+            moe_ep__wview view = moe_ep__view(moe_ep__wtensor_of(w, NULL, MOE_EP_WEIGHT_FORMAT_FP32,
+                                                                g_biases ? bias : NULL, NULL, "w"), 0, K, 1, 0, 1, K);
+            float* tiles_raw = zero_floats((size_t)moe_ep__row_tiles(path, M) * path->mr * K + 64);
+            float* scratch_raw = zero_floats((size_t)(threads * moe_ep__scratch_floats(path) + 64));
+            moe_ep__pack_fault fault;
             double to[MAX_REPS], tb[MAX_REPS], flop = 2.0 * (double)M * K * N, ours, blas;
             ours_gemm o;
             memset(&o, 0, sizeof o);
-            moe_ep__pack(&view, NULL, N, K, moe_ep__aligned(panels_raw), moe_ep__aligned(panels_raw) + panel_floats);
+            moe_ep__pack(path, MOE_EP_WEIGHT_FORMAT_FP32, &view, NULL, N, K, moe_ep__aligned(panels_raw),
+                         moe_ep__aligned(panels_raw) + panel_floats, NULL, &fault);
+            o.g.path = path;
+            o.g.format = MOE_EP_WEIGHT_FORMAT_FP32;
             if (g_biases) o.g.bias = moe_ep__aligned(panels_raw) + panel_floats;
             o.x = x;
             o.scratch = moe_ep__aligned(scratch_raw);
@@ -891,7 +904,7 @@ int main(int argc, char** argv) {
     if (!any) for (i = 0; i < 6; ++i) want[i] = 1;
     openblas_core_fix(argv);
     printf("moe_ep cpu_bench: kernel path %s (MR %d, NR %d), %d OpenMP threads, OpenBLAS %s, core %s (OPENBLAS_CORETYPE "
-           "%s)\n", moe_ep_kernel_path(), MOE_EP__MR, MOE_EP__NR, threads_available(), openblas_get_config(),
+           "%s)\n", moe_ep_kernel_path(), default_path()->mr, default_path()->nr, threads_available(), openblas_get_config(),
            openblas_get_corename(), getenv("OPENBLAS_CORETYPE") ? getenv("OPENBLAS_CORETYPE") : "unset");
     if (want[0] || want[1] || want[2] || want[3] || want[4]) model_init(&model);
     if (want[0]) section_gemm(&model);

@@ -2,7 +2,8 @@
 (loop over experts, index + index_add_), as in the project's anchor script
 anchors/cpu/torch_moe_cpu.py, with the token count and repetitions as arguments.
 
-usage: torch_moe_cpu.py [threads] [--tokens T] [--reps N] [--warmup N]
+usage: torch_moe_cpu.py [threads] [--tokens T] [--reps N] [--warmup N] [--dtype fp32|bf16]
+(--dtype bf16: weights and activations in bfloat16, the bf16 anchor of make bench-edge)
 Prints the anchor's line, then `median_ms=... min_ms=... tokens=T` for bench programs.
 Run it with OMP_WAIT_POLICY=PASSIVE (see bench/RESULTS.md)."""
 import argparse, statistics, time
@@ -15,6 +16,7 @@ ap.add_argument("threads", nargs="?", type=int, default=2)
 ap.add_argument("--tokens", type=int, default=1024)
 ap.add_argument("--reps", type=int, default=10)
 ap.add_argument("--warmup", type=int, default=3)
+ap.add_argument("--dtype", choices=["fp32", "bf16"], default="fp32")
 args = ap.parse_args()
 
 T, D, FF, E, K = args.tokens, 1024, 2816, 8, 2
@@ -50,8 +52,9 @@ class MoE(nn.Module):  # MixtralSparseMoeBlock.forward
             out.index_add_(0, top_x, y.to(x.dtype))
         return out, router_logits
 
-m = MoE().eval()
-x = torch.randn(T, D)
+dtype = torch.bfloat16 if args.dtype == "bf16" else torch.float32
+m = MoE().eval().to(dtype)
+x = torch.randn(T, D).to(dtype)
 with torch.no_grad():
     for _ in range(args.warmup):
         m(x)
@@ -59,6 +62,6 @@ with torch.no_grad():
     for _ in range(args.reps):
         t0 = time.perf_counter(); m(x); ts.append(time.perf_counter() - t0)
 med = statistics.median(ts)
-print(f"torch {torch.__version__} threads={torch.get_num_threads()} tokens={T} d_model={D} d_ff={FF} experts={E} "
+print(f"torch {torch.__version__} {args.dtype} threads={torch.get_num_threads()} tokens={T} d_model={D} d_ff={FF} experts={E} "
       f"top{K}: median {med*1e3:.3f} ms, min {min(ts)*1e3:.3f} ms over {args.reps} (after {args.warmup} warm-up)")
 print(f"median_ms={med*1e3:.6f} min_ms={min(ts)*1e3:.6f} tokens={T}")

@@ -211,8 +211,9 @@ int main(int argc, char** argv) {
     st.x = x; st.y = y; st.router = router; st.experts = experts;
     moe_ep_placement_compute(&(moe_ep_placement){ .kind = o.placement }, o.experts, o.ranks, st.owner);
 
-    printf("moe_ep seed demo: %d experts on %d ranks, top-%d, %d tokens per rank, d_model %d, d_ff %d, capacity %s\n\n",
+    printf("moe_ep seed demo: %d experts on %d ranks, top-%d, %d tokens per rank, d_model %d, d_ff %d, capacity %s\n",
            o.experts, o.ranks, o.top_k, o.tokens_per_rank, o.d_model, o.d_ff, o.capacity > 0 ? "limited" : "dropless");
+    printf("expert kernel: %s (chosen for this CPU)\n\n", moe_ep_kernel_path());
     printf("placement (%s): rank -> experts\n", o.placement == MOE_EP_PLACEMENT_ROUND_ROBIN ? "round-robin" : "contiguous");
     for (r = 0; r < o.ranks; ++r) {
         int n = 0;

@@ -33,6 +33,7 @@ Suite* families_suite(void);
 Suite* faults_suite(void);
 Suite* hostile_suite(void);
 Suite* safetensors_suite(void);
+Suite* formats_suite(void);
 Suite* row_lists_suite(void);
 
 /* >>float64 references */
@@ -62,6 +63,7 @@ typedef struct check_model {
     check_routing routing;          /* zero: softmax top-k */
     moe_ep_shared_desc shared;      /* zero: no shared experts */
     moe_ep_weight_layout weight_layout;  /* how `experts` lie (the references read the separate layout only) */
+    moe_ep_weight_format weight_format;  /* the desc's (check_formats.c) */
     float* router;
     float* weights;
     moe_ep_expert_weights* experts;  /* [num_experts], global ids */
@@ -109,6 +111,7 @@ typedef struct check_layer {
     moe_ep_placement placement;
     float capacity_factor;
     int num_threads;
+    moe_ep_kernel kernel;           /* the desc's; 0: default */
     check_path path;
     moe_ep_expert_fn expert_fn;
     void* expert_user_data[CHECK_MAX_RANKS];

@@ -379,6 +379,8 @@ static moe_ep_result check__layer_rank(const moe_ep_transport* transport, void* 
         desc.scale_expert_input = m->routing.scale_expert_input;
         desc.shared = m->shared;
         desc.weight_layout = m->weight_layout;
+        desc.weight_format = m->weight_format;
+        desc.kernel = L->kernel;
         desc.capacity_factor = L->capacity_factor;
         desc.placement = L->placement;
         desc.num_threads = L->num_threads;

@@ -30,7 +30,11 @@ typedef struct bits_layer {
     bool normalize, biases, router_bias, selection_bias, scale_input, shared_gate;
     int groups, topk_groups;
     float scaling, weight_scale;
+    moe_ep_weight_format format;
 } bits_layer;
+
+/* --kernel NAME: the kernel path every layer runs (default: the one the CPU gets). */
+static moe_ep_kernel bits_kernel = MOE_EP_KERNEL_DEFAULT;
 
 static unsigned long long bits_hash_bytes(unsigned long long hash, uint32_t value) {
     int b;
@@ -104,6 +108,8 @@ static unsigned long long bits_run(const bits_layer* l, unsigned long long seed)
     desc.scale_expert_input = l->scale_input;
     desc.router_weight = router;
     desc.experts = experts;
+    desc.weight_format = l->format;
+    desc.kernel = bits_kernel;
     if (l->router_bias) desc.router_bias = router_bias = bits_floats((size_t)l->experts, 0.05f, &state);
     if (l->selection_bias) desc.selection_bias = selection_bias = bits_floats((size_t)l->experts, 0.05f, &state);
     if (l->shared_d_ff > 0) {
@@ -152,25 +158,47 @@ static unsigned long long bits_run(const bits_layer* l, unsigned long long seed)
     return hash;
 }
 
-int main(void) {
+int main(int argc, char** argv) {
     /* name, E, k, tokens, d_model, d_ff, shared d_ff, activation, scoring, normalize, biases, router
        bias, selection bias, scale input, shared gate, groups, topk groups, scaling, weight scale */
     static const bits_layer layers[] = {
         { "seed", 64, 2, 512, 64, 128, 0, MOE_EP_ACTIVATION_SWIGLU, MOE_EP_SCORING_SOFTMAX, true, false, false,
-          false, false, false, 0, 0, 0.0f, 1.0f },
+          false, false, false, 0, 0, 0.0f, 1.0f, MOE_EP_WEIGHT_FORMAT_DEFAULT },
         { "gelu-sigmoid-groups-shared", 16, 4, 37, 40, 72, 56, MOE_EP_ACTIVATION_GELU, MOE_EP_SCORING_SIGMOID,
-          true, true, false, true, false, true, 4, 2, 2.5f, 8.0f },
+          true, true, false, true, false, true, 4, 2, 2.5f, 8.0f, MOE_EP_WEIGHT_FORMAT_DEFAULT },
         { "clamped-topk-softmax", 12, 3, 29, 36, 44, 0, MOE_EP_ACTIVATION_SWIGLU_CLAMPED,
-          MOE_EP_SCORING_TOPK_SOFTMAX, false, true, true, false, false, false, 0, 0, 0.0f, 40.0f },
+          MOE_EP_SCORING_TOPK_SOFTMAX, false, true, true, false, false, false, 0, 0, 0.0f, 40.0f,
+          MOE_EP_WEIGHT_FORMAT_DEFAULT },
         { "relu-topk-sigmoid-scaled", 8, 1, 31, 24, 52, 24, MOE_EP_ACTIVATION_RELU, MOE_EP_SCORING_TOPK_SIGMOID,
-          false, false, false, false, true, false, 0, 0, 0.0f, 1.0f },
+          false, false, false, false, true, false, 0, 0, 0.0f, 1.0f, MOE_EP_WEIGHT_FORMAT_DEFAULT },
         { "swiglu-biases-softmax", 10, 2, 23, 33, 70, 0, MOE_EP_ACTIVATION_SWIGLU, MOE_EP_SCORING_SOFTMAX,
-          false, true, true, false, false, false, 0, 0, 0.0f, 16.0f },
+          false, true, true, false, false, false, 0, 0, 0.0f, 16.0f, MOE_EP_WEIGHT_FORMAT_DEFAULT },
+        /* the weight formats: each weight widened exactly, so the same bits everywhere too */
+        { "bf16-swiglu-shared", 16, 2, 41, 48, 80, 40, MOE_EP_ACTIVATION_SWIGLU, MOE_EP_SCORING_SOFTMAX, true,
+          false, false, false, false, true, 0, 0, 0.0f, 4.0f, MOE_EP_WEIGHT_FORMAT_BF16 },
+        { "fp16-gelu-biases", 12, 2, 35, 40, 68, 0, MOE_EP_ACTIVATION_GELU, MOE_EP_SCORING_SOFTMAX, false, true,
+          false, false, false, false, 0, 0, 0.0f, 8.0f, MOE_EP_WEIGHT_FORMAT_FP16 },
+        { "int8-clamped-biases-shared", 10, 3, 27, 36, 60, 28, MOE_EP_ACTIVATION_SWIGLU_CLAMPED,
+          MOE_EP_SCORING_TOPK_SOFTMAX, false, true, true, false, false, true, 0, 0, 0.0f, 40.0f,
+          MOE_EP_WEIGHT_FORMAT_INT8 },
     };
+    static const char* const kernel_names[] = { "default", "portable", "avx2", "avx512", "neon" };
     unsigned long long all = 14695981039346656037ull;
     size_t i;
     int failed = 0;
-    printf("moe_ep %s, kernel path: %s\n", MOE_EP_VERSION_STRING, moe_ep_kernel_path());
+    if (argc == 3 && strcmp(argv[1], "--kernel") == 0) {
+        for (i = 0; i < sizeof kernel_names / sizeof kernel_names[0]; ++i)
+            if (strcmp(argv[2], kernel_names[i]) == 0) bits_kernel = (moe_ep_kernel)i;
+        if (strcmp(argv[2], kernel_names[bits_kernel]) != 0) {
+            fprintf(stderr, "fingerprint: --kernel %s: not one of default, portable, avx2, avx512, neon\n", argv[2]);
+            return 2;
+        }
+    } else if (argc != 1) {
+        fprintf(stderr, "usage: %s [--kernel default|portable|avx2|avx512|neon]\n", argv[0]);
+        return 2;
+    }
+    printf("moe_ep %s, kernel path: %s\n", MOE_EP_VERSION_STRING,
+           bits_kernel == MOE_EP_KERNEL_DEFAULT ? moe_ep_kernel_path() : moe_ep_kernel_string(bits_kernel));
     for (i = 0; i < sizeof layers / sizeof layers[0]; ++i) {
         unsigned long long h = bits_run(&layers[i], i == 0 ? 1 : 1000 + i);
         failed |= h == 0;

@@ -341,19 +341,24 @@ START_TEST(kernel_thread_budget) {
 }
 END_TEST
 
-/* >>router: the router's logits on this path equal, bitwise, one token's sums taken alone in
-   order i = 0..D-1 with one fused multiply-add per step (the C library's fmaf), for every
-   block size 1..8 and for E with and without a tail past the vector strips
-   (moe_ep__router_logits). */
+/* >>router: the router's logits on every path this build has and this CPU runs equal,
+   bitwise, one token's sums taken alone in order i = 0..D-1 with one fused multiply-add per
+   step (the C library's fmaf), for every block size 1..8 and for E with and without a tail
+   past the vector strips (moe_ep__router_logits). */
 START_TEST(router_logits_exact) {
     static const int shapes[][2] = { { 1, 1 }, { 5, 7 }, { 64, 32 }, { 129, 33 }, { 64, 256 }, { 96, 300 } };
     int D = shapes[_i][0], E = shapes[_i][1], rows, r, e, i;
     float* x = test_random_floats((size_t)8 * (size_t)D, 1.0f, 900 + (uint64_t)_i);
     float* wt = test_random_floats((size_t)D * (size_t)E, 1.0f, 950 + (uint64_t)_i);
     float* got = (float*)malloc(sizeof(float) * (size_t)(8 * E + 1));
+    int k;
+    for (k = MOE_EP_KERNEL_PORTABLE; k <= MOE_EP_KERNEL_NEON; ++k)
     for (rows = 1; rows <= 8; ++rows) {
+        const char* why;
+        const moe_ep__path* path = moe_ep__select_path((moe_ep_kernel)k, &why);
+        if (!path) break;
         test_poison(got, (size_t)(8 * E + 1));
-        moe_ep__router_logits(x, rows, D, wt, E, got);
+        moe_ep__router_logits(path, x, rows, D, wt, E, got);
         for (r = 0; r < 8; ++r)
             for (e = 0; e < E; ++e) {
                 float acc = 0.0f;     /* fmaf: one rounding per step, as every path */
@@ -364,8 +369,9 @@ START_TEST(router_logits_exact) {
                     continue;
                 }
                 ck_assert_msg(memcmp(&acc, &got[r * E + e], sizeof(float)) == 0,
-                              "D %d E %d rows %d: logit [%d][%d] %.9g, one token alone %.9g", D, E, rows, r, e,
-                              (double)got[r * E + e], (double)acc);
+                              "%s: D %d E %d rows %d: logit [%d][%d] %.9g, one token alone %.9g",
+                              moe_ep_kernel_string((moe_ep_kernel)k), D, E, rows, r, e, (double)got[r * E + e],
+                              (double)acc);
             }
     }
     free(x);
@@ -390,7 +396,9 @@ static Suite* kernels_suite(void) {
 int main(void) {
     SRunner* sr = srunner_create(kernels_suite());
     int failed;
-    printf("kernel path: %s (MR %d, NR %d)\n", moe_ep_kernel_path(), MOE_EP__MR, MOE_EP__NR);
+    const char* why;
+    const moe_ep__path* path = moe_ep__select_path(MOE_EP_KERNEL_DEFAULT, &why);
+    printf("kernel path: %s (MR %d, NR %d)\n", moe_ep_kernel_path(), path->mr, path->nr);
     srunner_run_all(sr, CK_NORMAL);
     failed = srunner_ntests_failed(sr);
     srunner_free(sr);
