@@ -19,16 +19,8 @@
 #include <string.h>
 #include <time.h>
 
-static double bench_now(void) {
-    struct timespec ts;
-    clock_gettime(CLOCK_MONOTONIC, &ts);
-    return (double)ts.tv_sec + 1e-9 * (double)ts.tv_nsec;
-}
+#include "bench_util.h"
 
-static int bench_cmp(const void* a, const void* b) {
-    double x = *(const double*)a, y = *(const double*)b;
-    return x < y ? -1 : x > y;
-}
 
 static float* bench_floats(size_t n, float scale, unsigned long long* state) {
     float* v = (float*)malloc(sizeof(float) * n);
@@ -83,7 +75,7 @@ static double bench_time(int experts, int top_k, int tokens, int d_model, int d_
     }
     moe_ep_destroy(ctx);
     free(x); free(router); free(w); free(y); free(ew);
-    qsort(times, (size_t)reps, sizeof times[0], bench_cmp);
+    qsort(times, (size_t)reps, sizeof times[0], bench_cmp_double);
     return times[reps / 2];
 }
 

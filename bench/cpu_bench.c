@@ -41,6 +41,8 @@
 #include <stdlib.h>
 #include <string.h>
 #include <time.h>
+
+#include "bench_util.h"
 #include <unistd.h>
 #ifdef _OPENMP
 #include <omp.h>
@@ -63,22 +65,6 @@ static const char* g_torch_script = "bench/torch_moe_cpu.py";
 static const char* g_deepseek_script = "bench/torch_deepseek_moe.py";
 
 /* >>util */
-static double now(void) {
-    struct timespec ts;
-    clock_gettime(CLOCK_MONOTONIC, &ts);
-    return (double)ts.tv_sec + 1e-9 * (double)ts.tv_nsec;
-}
-
-static int cmp_double(const void* a, const void* b) {
-    double x = *(const double*)a, y = *(const double*)b;
-    return x < y ? -1 : x > y;
-}
-
-static double median(double* v, int n) {
-    qsort(v, (size_t)n, sizeof *v, cmp_double);
-    return n % 2 ? v[n / 2] : 0.5 * (v[n / 2 - 1] + v[n / 2]);
-}
-
 static float* zero_floats(size_t n) {
     float* v = (float*)calloc(n > 0 ? n : 1, sizeof(float));
     if (!v) { fprintf(stderr, "out of memory\n"); exit(1); }
@@ -159,10 +145,10 @@ static moe_ep_context* model_context(const bench_model* m, const moe_ep_transpor
 static void blas_ffn(const bench_model* m, int e, const float* x, int64_t rows, float* pre, float* hidden, float* out,
                      double* gemm_seconds) {
     int64_t i;
-    double t0 = now(), t1, t2;
+    double t0 = bench_now(), t1, t2;
     cblas_sgemm(CblasRowMajor, CblasNoTrans, CblasTrans, (int)rows, 2 * D_FF, D_MODEL, 1.0f, x, D_MODEL, m->w13[e],
                 D_MODEL, 0.0f, pre, 2 * D_FF);
-    t1 = now();
+    t1 = bench_now();
 #ifdef _OPENMP
 #pragma omp parallel for schedule(static)
 #endif
@@ -171,10 +157,10 @@ static void blas_ffn(const bench_model* m, int e, const float* x, int64_t rows, 
         float g = pre[r * 2 * D_FF + j], u = pre[r * 2 * D_FF + D_FF + j];
         hidden[i] = g / (1.0f + expf(-g)) * u;
     }
-    t2 = now();
+    t2 = bench_now();
     cblas_sgemm(CblasRowMajor, CblasNoTrans, CblasTrans, (int)rows, D_MODEL, D_FF, 1.0f, hidden, D_FF, m->w2[e], D_FF,
                 0.0f, out, D_MODEL);
-    if (gemm_seconds) *gemm_seconds += (t1 - t0) + (now() - t2);
+    if (gemm_seconds) *gemm_seconds += (t1 - t0) + (bench_now() - t2);
 }
 
 /* PyTorch anchor: one run of the script; returns its median in ms, or -1. */
@@ -216,13 +202,13 @@ static double memcpy_bandwidth(size_t bytes, int threads, int reps) {
     memset(dst, 2, bytes);
     copy_parallel(dst, src, bytes, threads);
     for (r = 0; r < reps; ++r) {
-        double t0 = now();
+        double t0 = bench_now();
         copy_parallel(dst, src, bytes, threads);
-        ts[r] = now() - t0;
+        ts[r] = bench_now() - t0;
     }
     free(src);
     free(dst);
-    return (double)bytes / median(ts, reps) * 1e-9;
+    return (double)bytes / bench_median(ts, reps) * 1e-9;
 }
 
 static const moe_ep__path* default_path(void) {
@@ -303,15 +289,15 @@ static void section_gemm(const bench_model* model) {
                 cblas_sgemm(CblasRowMajor, CblasNoTrans, CblasTrans, (int)M, N, K, 1.0f, x, K, w, K, 0.0f, c2, N);
             }
             for (r = 0; r < g_reps; ++r) {
-                double t0 = now();
+                double t0 = bench_now();
                 ours_gemm_run(&o, threads);
-                to[r] = now() - t0;
-                t0 = now();
+                to[r] = bench_now() - t0;
+                t0 = bench_now();
                 cblas_sgemm(CblasRowMajor, CblasNoTrans, CblasTrans, (int)M, N, K, 1.0f, x, K, w, K, 0.0f, c2, N);
-                tb[r] = now() - t0;
+                tb[r] = bench_now() - t0;
             }
-            ours = flop / median(to, g_reps) * 1e-9;
-            blas = flop / median(tb, g_reps) * 1e-9;
+            ours = flop / bench_median(to, g_reps) * 1e-9;
+            blas = flop / bench_median(tb, g_reps) * 1e-9;
             if (ours / blas < min_ratio) min_ratio = ours / blas;
             printf("| %lld | %d | %d | %.1f | %.1f | %.2f | %.1e |\n", (long long)M, K, N, ours, blas, ours / blas,
                    rel_diff(c1, c2, (size_t)M * N));
@@ -340,15 +326,15 @@ static void section_gemm(const bench_model* model) {
                 blas_ffn(model, 0, x, M, pre, hidden, y2, NULL);
             }
             for (r = 0; r < g_reps; ++r) {
-                double t0 = now();
+                double t0 = bench_now();
                 moe_ep_expert_ffn(ctx, 0, x, M, y1);
-                to[r] = now() - t0;
-                t0 = now();
+                to[r] = bench_now() - t0;
+                t0 = bench_now();
                 blas_ffn(model, 0, x, M, pre, hidden, y2, NULL);
-                tb[r] = now() - t0;
+                tb[r] = bench_now() - t0;
             }
-            ours = flop / median(to, g_reps) * 1e-9;
-            blas = flop / median(tb, g_reps) * 1e-9;
+            ours = flop / bench_median(to, g_reps) * 1e-9;
+            blas = flop / bench_median(tb, g_reps) * 1e-9;
             if (ours / blas < min_ratio) min_ratio = ours / blas;
             printf("| %lld | %.1f | %.1f | %.2f | %.1e |\n", (long long)M, ours, blas, ours / blas,
                    rel_diff(y1, y2, (size_t)M * D_MODEL));
@@ -389,15 +375,15 @@ static void section_cblas(const bench_model* model) {
             blas_ffn(model, 0, x, M, pre, hidden, y2, NULL);
         }
         for (r = 0; r < reps; ++r) {
-            double t0 = now();
+            double t0 = bench_now();
             bench_cblas_ffn(h, 0, x, M, y1);
-            to[r] = now() - t0;
-            t0 = now();
+            to[r] = bench_now() - t0;
+            t0 = bench_now();
             blas_ffn(model, 0, x, M, pre, hidden, y2, NULL);
-            tb[r] = now() - t0;
+            tb[r] = bench_now() - t0;
         }
-        ours = flop / median(to, reps) * 1e-9;
-        blas = flop / median(tb, reps) * 1e-9;
+        ours = flop / bench_median(to, reps) * 1e-9;
+        blas = flop / bench_median(tb, reps) * 1e-9;
         if (ours / blas < min_ratio) min_ratio = ours / blas;
         /* The same FFN as the built-in kernel, to rounding? */
         moe_ep_expert_ffn(builtin, 0, x, M, y2);
@@ -467,18 +453,18 @@ static moe_ep_result comm_rank(const moe_ep_transport* transport, void* user_dat
         double t0, t1, t2, t3;
         char err[64];
         transport->barrier(transport->impl, err, sizeof err);
-        t0 = now();
+        t0 = bench_now();
         res = moe_ep_dispatch(ctx, plan, x, recv);
-        t1 = now();
+        t1 = bench_now();
         if (res == MOE_EP_OK) res = moe_ep_combine(ctx, plan, recv, y);
-        t2 = now();
+        t2 = bench_now();
         transport->barrier(transport->impl, err, sizeof err);
-        t3 = now();
+        t3 = bench_now();
         copy_parallel((char*)dst, (const char*)src, (size_t)st->bytes[rank], threads);
         if (r >= 0) {
             st->t_dispatch[rank][r] = t1 - t0;
             st->t_combine[rank][r] = t2 - t1;
-            st->t_copy[rank][r] = now() - t3;
+            st->t_copy[rank][r] = bench_now() - t3;
         }
     }
     moe_ep_plan_destroy(plan);
@@ -523,7 +509,7 @@ static void section_comm(const bench_model* model) {
         }
         bytes = 0.0;
         for (q = 0; q < ranks; ++q) bytes += (double)st.bytes[q];
-        tds = median(td, st.reps); tcs = median(tc, st.reps); tms = median(tm, st.reps);
+        tds = bench_median(td, st.reps); tcs = bench_median(tc, st.reps); tms = bench_median(tm, st.reps);
         d = bytes / tds * 1e-9; c = bytes / tcs * 1e-9; m = bytes / tms * 1e-9;
         printf("| %d%s | %.1f | %.2f | %.2f | %.2f | %.2f | %.2f | %.2f |\n", ranks,
                config == 2 ? ", row lists declined" : "", bytes * 1e-6, d, c, m, d / m, c / m,
@@ -572,17 +558,17 @@ static void section_layer(const bench_model* model) {
     for (round = 0; round < g_rounds; ++round) {
         double m;
         for (r = 0; r < g_reps; ++r) {
-            double t0 = now();
+            double t0 = bench_now();
             ours_layer(ctx, x, T, y);
-            to[no++] = now() - t0;
+            to[no++] = bench_now() - t0;
             tg[ng++] = blas_layer_gemms(model, ctx, x, T);
         }
         m = torch_run(T, 10);
         if (m > 0) tt[nt++] = m * 1e-3;
     }
-    ours = median(to, no) * 1e3;
-    floor_ms = median(tg, ng) * 1e3;
-    torch = nt > 0 ? median(tt, nt) * 1e3 : -1.0;
+    ours = bench_median(to, no) * 1e3;
+    floor_ms = bench_median(tg, ng) * 1e3;
+    torch = nt > 0 ? bench_median(tt, nt) * 1e3 : -1.0;
     printf("\n### Goal 4: the whole layer (T %lld, d_model %d, d_ff %d, E %d, top-%d, fp32, %d threads, one rank; "
            "%.1f GFLOP)\n\n", (long long)T, D_MODEL, D_FF, EXPERTS, TOP_K, threads_available(), flop * 1e-9);
     printf("| moe_ep ms | PyTorch ms | moe_ep / PyTorch (goal <= 0.6) | OpenBLAS GEMM floor ms | moe_ep / floor "
@@ -625,15 +611,15 @@ static void section_decode(const bench_model* model) {
         for (round = 0; round < g_rounds; ++round) {
             double m;
             for (r = 0; r < reps; ++r) {
-                double t0 = now();
+                double t0 = bench_now();
                 ours_layer(ctx, x, T, y);
-                to[no++] = now() - t0;
+                to[no++] = bench_now() - t0;
             }
             m = torch_run(T, reps);
             if (m > 0) tt[nt++] = m * 1e-3;
         }
-        ours = median(to, no);
-        torch = nt > 0 ? median(tt, nt) : -1.0;
+        ours = bench_median(to, no);
+        torch = nt > 0 ? bench_median(tt, nt) : -1.0;
         if (torch > 0)
             printf("| %lld | %d | %.0f | %.0f | %.2f | %.0f | %.2f | %.2f | %.2f |\n", (long long)T, hit, ours * 1e6,
                    torch * 1e6, ours / torch, bytes * 1e-6, bytes / ours * 1e-9, copy_gbs, bytes / ours * 1e-9 / copy_gbs);
@@ -779,25 +765,25 @@ static void section_deepseek(void) {
     for (round = 0; round < g_rounds; ++round) {
         double m, mr = -1.0;
         for (r = 0; r < g_reps; ++r) {      /* route, layer and the logits sgemm alternate */
-            double t0 = now();
+            double t0 = bench_now();
             cblas_sgemm(CblasRowMajor, CblasNoTrans, CblasTrans, (int)T, E, D, 1.0f, x, D, router, D, 0.0f, logits, E);
-            tg[no] = now() - t0;
-            t0 = now();
+            tg[no] = bench_now() - t0;
+            t0 = bench_now();
             res = moe_ep_route(ctx, x, T, idx, weight, NULL);
-            tr[no] = now() - t0;
+            tr[no] = bench_now() - t0;
             if (res != MOE_EP_OK) { fprintf(stderr, "moe_ep_route: %s\n", moe_ep_last_error(ctx)); exit(1); }
-            t0 = now();
+            t0 = bench_now();
             ours_layer(ctx, x, T, y);
-            to[no++] = now() - t0;
+            to[no++] = bench_now() - t0;
         }
         m = fd >= 0 ? torch_deepseek_run(threads, g_reps, out_path, &mr, torch_note, sizeof torch_note) : -1.0;
         if (m > 0) { tt[nt] = m * 1e-3; ttr[nt++] = mr * 1e-3; }
     }
-    ours = median(to, no) * 1e3;
-    route = median(tr, no) * 1e3;
-    logits_gemm = median(tg, no) * 1e3;
-    torch = nt > 0 ? median(tt, nt) * 1e3 : -1.0;
-    torch_route = nt > 0 ? median(ttr, nt) * 1e3 : -1.0;
+    ours = bench_median(to, no) * 1e3;
+    route = bench_median(tr, no) * 1e3;
+    logits_gemm = bench_median(tg, no) * 1e3;
+    torch = nt > 0 ? bench_median(tt, nt) * 1e3 : -1.0;
+    torch_route = nt > 0 ? bench_median(ttr, nt) * 1e3 : -1.0;
 
     /* the same layer? PyTorch's y and chosen experts (sorted per token) against ours */
     if (nt > 0) {

@@ -25,6 +25,8 @@
 #include <stdlib.h>
 #include <string.h>
 #include <time.h>
+
+#include "bench_util.h"
 #ifdef _OPENMP
 #include <omp.h>
 #endif
@@ -35,21 +37,6 @@
 #define TOP_K 2
 #define FLUSH_BYTES ((size_t)1 << 30)
 
-static double now(void) {
-    struct timespec ts;
-    clock_gettime(CLOCK_MONOTONIC, &ts);
-    return (double)ts.tv_sec + 1e-9 * (double)ts.tv_nsec;
-}
-
-static int cmp_double(const void* a, const void* b) {
-    double x = *(const double*)a, y = *(const double*)b;
-    return x < y ? -1 : x > y;
-}
-
-static double median(double* v, int n) {
-    qsort(v, (size_t)n, sizeof *v, cmp_double);
-    return n % 2 ? v[n / 2] : 0.5 * (v[n / 2 - 1] + v[n / 2]);
-}
 
 static void fill(float* v, size_t n, float scale, uint64_t* state) {
     size_t i;
@@ -63,7 +50,7 @@ static volatile uint64_t g_sink;
 
 /* The plain read loop: every 8-byte word of buf summed, the buffer split over the threads. */
 static double read_seconds(const uint64_t* buf, size_t words, int threads) {
-    double t0 = now();
+    double t0 = bench_now();
     uint64_t total = 0;
     long long chunk = (long long)(words / (size_t)threads);
 #ifdef _OPENMP
@@ -88,7 +75,7 @@ static double read_seconds(const uint64_t* buf, size_t words, int threads) {
     }
     g_sink = total;
     (void)threads;
-    return now() - t0;
+    return bench_now() - t0;
 }
 
 int main(int argc, char** argv) {
@@ -151,7 +138,7 @@ int main(int argc, char** argv) {
         experts[i].w2 = experts[i].w3 + per;
     }
     for (r = 0; r < reps; ++r) times[r] = read_seconds(flush, flush_words, threads);
-    read_bw = (double)FLUSH_BYTES / median(times, reps);
+    read_bw = (double)FLUSH_BYTES / bench_median(times, reps);
 
     for (f = 0; f < 4; ++f) {
         moe_ep_context* ctx = NULL;
@@ -179,16 +166,16 @@ int main(int argc, char** argv) {
             for (r = 0; r < reps; ++r) {
                 double t0;
                 if (evict) read_seconds(flush, flush_words, threads);   /* the weights out of every cache */
-                t0 = now();
+                t0 = bench_now();
                 if (moe_ep_forward(ctx, &args) != MOE_EP_OK) {
                     fprintf(stderr, "edge_bench: %s: %s\n", names[f], moe_ep_last_error(ctx));
                     return 1;
                 }
-                times[r] = now() - t0;
+                times[r] = bench_now() - t0;
             }
             for (i = 0; i < T * TOP_K; ++i) chosen[idx[i]] = 1;
             for (i = 0; i < EXPERTS; ++i) distinct += chosen[i];
-            tokens_per_s[f][t] = (double)T / median(times, reps);
+            tokens_per_s[f][t] = (double)T / bench_median(times, reps);
             bytes_per_s[f][t] = (double)weight_bytes[f] / EXPERTS * distinct * tokens_per_s[f][t] / T;
         }
         memset(&args, 0, sizeof args);
@@ -200,11 +187,11 @@ int main(int argc, char** argv) {
             return 1;
         }
         for (r = 0; r < 3; ++r) {
-            double t0 = now();
+            double t0 = bench_now();
             moe_ep_forward(ctx, &args);
-            times[r] = now() - t0;
+            times[r] = bench_now() - t0;
         }
-        prefill_s[f] = median(times, 3);
+        prefill_s[f] = bench_median(times, 3);
         moe_ep_destroy(ctx);
     }
     printf("plain read loop (1 GiB, %d threads): %.2f GB/s\n\n", threads, read_bw * 1e-9);

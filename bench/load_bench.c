@@ -24,6 +24,8 @@
 #include <sys/types.h>
 #include <sys/wait.h>
 #include <time.h>
+
+#include "bench_util.h"
 #include <unistd.h>
 
 typedef struct bench_opt {
@@ -31,21 +33,6 @@ typedef struct bench_opt {
     int experts, d_model, d_ff, ranks, reps;
 } bench_opt;
 
-static double wall(void) {
-    struct timespec ts;
-    clock_gettime(CLOCK_MONOTONIC, &ts);
-    return (double)ts.tv_sec + 1e-9 * (double)ts.tv_nsec;
-}
-
-static int cmp_double(const void* a, const void* b) {
-    double x = *(const double*)a, y = *(const double*)b;
-    return x < y ? -1 : x > y;
-}
-
-static double median(double* v, int n) {
-    qsort(v, (size_t)n, sizeof *v, cmp_double);
-    return v[n / 2];
-}
 
 static unsigned long long rng = 0x9E3779B97F4A7C15ull;
 static uint32_t next32(void) {
@@ -218,15 +205,15 @@ static void bench_dtype(const bench_opt* o, const char* sub, int each) {
     load_once(dir, o->ranks);                         /* warm the cache */
     read_once(dir, o, each, o->ranks, buffer);
     for (i = 0; i < reps; ++i) {
-        t0 = wall(); bytes = load_once(dir, o->ranks); tl[i] = wall() - t0;
-        t0 = wall(); rbytes = read_once(dir, o, each, o->ranks, buffer); tr[i] = wall() - t0;
-        t0 = wall(); read_fresh(dir, o, each, o->ranks, (size_t)fsize); tf[i] = wall() - t0;
-        t0 = wall(); load_once_with(dir, o->ranks, &pool); tp[i] = wall() - t0;
+        t0 = bench_now(); bytes = load_once(dir, o->ranks); tl[i] = bench_now() - t0;
+        t0 = bench_now(); rbytes = read_once(dir, o, each, o->ranks, buffer); tr[i] = bench_now() - t0;
+        t0 = bench_now(); read_fresh(dir, o, each, o->ranks, (size_t)fsize); tf[i] = bench_now() - t0;
+        t0 = bench_now(); load_once_with(dir, o->ranks, &pool); tp[i] = bench_now() - t0;
     }
-    pool_med = median(tp, reps);
-    load_med = median(tl, reps);
-    read_med = median(tr, reps);
-    fresh_med = median(tf, reps);
+    pool_med = bench_median(tp, reps);
+    load_med = bench_median(tl, reps);
+    read_med = bench_median(tr, reps);
+    fresh_med = bench_median(tf, reps);
     printf("%-5s warm  rank 0 of %d, %llu bytes of the file (read() the same %llu):\n", sub, o->ranks, bytes, rbytes);
     printf("      loader %8.2f ms  %6.2f GB/s of file\n", 1e3 * load_med, bytes / load_med / 1e9);
     printf("      read() into a fresh malloc    %8.2f ms  %6.2f GB/s   loader (malloc) / read rate %.2f x\n",
@@ -238,11 +225,11 @@ static void bench_dtype(const bench_opt* o, const char* sub, int each) {
     cold = drop_cache(dir);
     if (cold) {
         for (i = 0; i < reps; ++i) {
-            drop_cache(dir); t0 = wall(); load_once(dir, o->ranks); tl[i] = wall() - t0;
-            drop_cache(dir); t0 = wall(); read_once(dir, o, each, o->ranks, buffer); tr[i] = wall() - t0;
+            drop_cache(dir); t0 = bench_now(); load_once(dir, o->ranks); tl[i] = bench_now() - t0;
+            drop_cache(dir); t0 = bench_now(); read_once(dir, o, each, o->ranks, buffer); tr[i] = bench_now() - t0;
         }
-        load_med = median(tl, reps);
-        read_med = median(tr, reps);
+        load_med = bench_median(tl, reps);
+        read_med = bench_median(tr, reps);
         printf("%-5s cold  rank 0 of %d: loader %8.2f ms (%6.2f GB/s of file)  read() into a resident buffer %8.2f ms "
                "(%6.2f GB/s)  loader/read rate %.2f x  (posix_fadvise DONTNEED before each)\n", sub, o->ranks, 1e3 * load_med,
                bytes / load_med / 1e9, 1e3 * read_med, rbytes / read_med / 1e9, read_med / load_med);

@@ -12,16 +12,8 @@
 #include <string.h>
 #include <time.h>
 
-static double now(void) {
-    struct timespec t;
-    clock_gettime(CLOCK_MONOTONIC, &t);
-    return (double)t.tv_sec + 1e-9 * (double)t.tv_nsec;
-}
+#include "bench_util.h"
 
-static int compare(const void* a, const void* b) {
-    double x = *(const double*)a, y = *(const double*)b;
-    return x < y ? -1 : x > y;
-}
 
 int main(int argc, char** argv) {
     int T = 2048, D = 1024, F = 512, E = 8, K = 2, reps = 20, i, e;
@@ -59,18 +51,18 @@ int main(int argc, char** argv) {
     for (i = -2; i < reps; ++i) {
         double t0, t1, t2;
         int first = i % 2 == 0;     /* which goes first alternates */
-        t0 = now();
+        t0 = bench_now();
         moe_ep_forward(ctx, &(moe_ep_forward_args){ .tokens = T, .x = x, .y = y, .nonfinite_tokens = first ? &bad : NULL });
-        t1 = now();
+        t1 = bench_now();
         moe_ep_forward(ctx, &(moe_ep_forward_args){ .tokens = T, .x = x, .y = y, .nonfinite_tokens = first ? NULL : &bad });
-        t2 = now();
+        t2 = bench_now();
         if (i >= 0) {
             with[i] = first ? t1 - t0 : t2 - t1;
             without[i] = first ? t2 - t1 : t1 - t0;
         }
     }
-    qsort(with, (size_t)reps, sizeof(double), compare);
-    qsort(without, (size_t)reps, sizeof(double), compare);
+    qsort(with, (size_t)reps, sizeof(double), bench_cmp_double);
+    qsort(without, (size_t)reps, sizeof(double), bench_cmp_double);
     printf("forward, %d tokens, d_model %d, d_ff %d, %d experts, top-%d, %d threads, %d rounds: without the count "
            "%.3f ms, with it %.3f ms (median), ratio %.4f; non-finite rows: %lld\n", T, D, F, E, K,
            moe_ep_query(ctx).num_threads, reps, 1e3 * without[reps / 2], 1e3 * with[reps / 2],
