@@ -295,6 +295,15 @@ typedef enum moe_ep_cuda_planning {
     MOE_EP_CUDA_PLANNING_FORCE_U32 = 0x7FFFFFFF
 } moe_ep_cuda_planning;
 
+typedef enum moe_ep_cuda_mode {
+    MOE_EP_CUDA_MODE_DEFAULT = 0,       /* normal */
+    MOE_EP_CUDA_MODE_NORMAL,            /* counts exchanged on the host, buffers of the exact size, any stage call */
+    MOE_EP_CUDA_MODE_LOW_LATENCY,       /* decoding: fixed landing buffers, no count exchange, one kernel each
+                                           way, no host synchronisation; the forward only (LOW-LATENCY DECODE) */
+    MOE_EP_CUDA_MODE_COUNT,
+    MOE_EP_CUDA_MODE_FORCE_U32 = 0x7FFFFFFF
+} moe_ep_cuda_mode;
+
 typedef enum moe_ep_cuda_direct {
     MOE_EP_CUDA_DIRECT_DEFAULT = 0, /* auto: direct when max_tokens > 0 and every rank can map the
                                        memory of every other (one host, peer access or CUDA IPC) */
@@ -375,6 +384,7 @@ typedef struct moe_ep_cuda_layer_desc {
                                        average at most 384 rows, else the loop (cuBLAS's grouped kernels
                                        are slower on larger GEMMs); results agree within rounding */
     moe_ep_cuda_planning planning;  /* default: the forward plans on the GPU when it can (PLANNING ON THE GPU) */
+    moe_ep_cuda_mode mode;          /* default normal; LOW_LATENCY: see LOW-LATENCY DECODE */
     int timeout_ms;                 /* default 0: the layer's own waits (the router's download, the
                                        direct path's device-side waits) have no time limit */
     const void* router_weight;      /* [num_experts, d_model] in dtype, device or host memory (copied);
@@ -411,6 +421,17 @@ MOE_EP_API const char* moe_ep_cuda_layer_last_error(const moe_ep_cuda_layer* lay
 MOE_EP_API cudaStream_t moe_ep_cuda_layer_stream(const moe_ep_cuda_layer* layer);
 /* 1 when the layer moves rows by direct stores into the peers' memory (DIRECT NVLINK PATH). */
 MOE_EP_API int moe_ep_cuda_layer_direct(const moe_ep_cuda_layer* layer);
+/* Ends this rank's device-side waits (the low-latency mode's and the direct path's) now:
+   any thread may call it, also while the layer's own thread waits in a call or the GPU
+   runs a graph. Waiting kernels give up, the low-latency mode tells every peer to give up
+   too, and the layer's next call (or moe_ep_cuda_layer_check) fails with
+   MOE_EP_ERROR_ABORTED on this rank. */
+MOE_EP_API void moe_ep_cuda_layer_abort(moe_ep_cuda_layer* layer);
+/* OK, or the error a device-side wait left (MOE_EP_ERROR_TIMEOUT: a wait here or on a peer ran
+   past timeout_ms; MOE_EP_ERROR_ABORTED: moe_ep_cuda_layer_abort here or on a peer, or a peer
+   that failed its call). Does not wait: synchronise the stream first to learn about the work
+   queued so far (a replayed graph, say). After an error the layer refuses every call. */
+MOE_EP_API moe_ep_result moe_ep_cuda_layer_check(moe_ep_cuda_layer* layer);
 /* The layer's own expert-side buffers, device [rows, d_model] each, rows = max_tokens *
    min(top_k, the most experts a rank holds) * world size: the ones moe_ep_cuda_forward uses. On the
    direct path dispatch lands rows in *recv and combine reads the expert outputs from
@@ -614,6 +635,12 @@ struct moe_ep_cuda_layer {
     int chunk_rows;
     moe_ep__cuda_gpu_plan gp;
     void* blas_workspace;           /* device: cuBLAS's workspace, the layer's own (graph capture allocates nothing) */
+    /* the low-latency mode: the region (and peers, control words) are the direct path's fields */
+    int ll;                         /* desc.mode is LOW_LATENCY */
+    int ll_mapped;                  /* every rank maps every region (agreed at create) */
+    int out_in_region;              /* L->out lies in the region (not freed on its own) */
+    moe_ep__cuda_k_ll ll_args;
+    int64_t* ll_dest;               /* device [max_tokens * top_k]: each slot's owner and landing row */
     void* cache[MOE_EP__CUDA_CACHE];    /* host blocks the core context freed, for its next plan */
     int cached;
     char last_error[MOE_EP__CUDA_ERR];
@@ -1034,13 +1061,141 @@ MOE_EP_PRIVATE moe_ep_result moe_ep__cuda_direct_setup(moe_ep_cuda_layer* L, moe
     return res;
 }
 
-/* A direct wait that ran past the timeout leaves its mark here; the transport is then
-   aborted and the layer refuses further work, as after a host-side timeout. */
+/* >>gpu layer: low-latency mode */
+/* This rank's region (LOW-LATENCY DECODE; moe_ep__cuda_k_ll has its layout), its control
+   words, the slots' landing places, and the expert outputs moved into the region (the
+   owners' rows that the combine reads). Local; before the GPU plan's chunk pointers, which
+   point at L->out. */
+MOE_EP_PRIVATE moe_ep_result moe_ep__cuda_ll_local(moe_ep_cuda_layer* L) {
+    const moe_ep_allocator* a = &L->desc.allocator;
+    int W = L->world_size, S = L->segments, sms = 0;
+    int64_t M = L->desc.max_tokens, rows = M * (L->top_k < S ? L->top_k : S) * W;
+    /* CHUNKED starts each expert on a chunk of up to 256 rows: room for the padding */
+    int64_t out_rows = L->desc.expert_gemm == MOE_EP_CUDA_EXPERT_GEMM_CHUNKED ? rows + 256 * ((int64_t)S + 1) : rows;
+    size_t mib2 = (size_t)2 << 20, flags = moe_ep__cuda_round256((size_t)4 * W * 8);
+    size_t ctl = moe_ep__cuda_round256(sizeof(moe_ep__cuda_k_ll_ctl));
+    size_t counts = moe_ep__cuda_round256((size_t)S * (size_t)W * 8), table = counts;
+    size_t head = (flags + ctl + counts + table + mib2 - 1) & ~(mib2 - 1);
+    size_t land = ((size_t)S * (size_t)W * (size_t)M * L->row_bytes + mib2 - 1) & ~(mib2 - 1);
+    size_t out = ((size_t)out_rows * L->row_bytes + mib2 - 1) & ~(mib2 - 1);
+    moe_ep__cuda_k_ll* g = &L->ll_args;
+    moe_ep_result res;
+    if ((int64_t)S * W * M > 0x7FFFFFFF)
+        return moe_ep__cuda_fail(L, MOE_EP_ERROR_UNSUPPORTED, "moe_ep_cuda_layer_desc.mode LOW_LATENCY: max_tokens (%lld) "
+                                 "x world size (%d) x experts per rank (%d) must be < 2^31", (long long)M, W, S);
+    L->peer_host = (char**)moe_ep_alloc(a, sizeof(char*) * (size_t)W);
+    L->peer_opened = (int*)moe_ep_alloc(a, sizeof(int) * (size_t)W);
+    if (!L->peer_host || !L->peer_opened)
+        return moe_ep__cuda_fail(L, MOE_EP_ERROR_OUT_OF_MEMORY, "moe_ep_cuda_layer_create: out of memory");
+    memset(L->peer_opened, 0, sizeof(int) * (size_t)W);
+    memset(g, 0, sizeof *g);
+    g->rank = L->rank;
+    g->world = W;
+    g->S = S;
+    g->max_tokens = M;
+    g->ctl_off = flags;
+    g->counts_off = flags + ctl;
+    g->table_off = g->counts_off + counts;
+    g->land_off = head;
+    g->out_off = head + land;
+    g->row_bytes = L->row_bytes;
+    g->timeout_ns = L->desc.timeout_ms > 0 ? (uint64_t)L->desc.timeout_ms * 1000000u : 0;
+    if (cudaDeviceGetAttribute(&sms, cudaDevAttrMultiProcessorCount, L->device) != cudaSuccess) {
+        (void)cudaGetLastError();
+        sms = 1;
+    }
+    g->grid = sms > 0 ? sms : 1;
+    L->region_bytes = head + land + out;
+    L->region_rows = out_rows;
+    res = moe_ep__cuda_cuda(L, cudaMalloc((void**)&L->region, L->region_bytes), "low-latency region");
+    if (res == MOE_EP_OK) res = moe_ep__cuda_cuda(L, cudaMemset(L->region, 0, head), "low-latency region");
+    if (res == MOE_EP_OK)
+        res = moe_ep__cuda_cuda(L, cudaMalloc((void**)&L->peer_dev, sizeof(char*) * (size_t)W), "low-latency peers");
+    if (res == MOE_EP_OK)
+        res = moe_ep__cuda_cuda(L, cudaMalloc((void**)&L->ll_dest, sizeof(int64_t) * (size_t)(M * L->top_k)),
+                                "low-latency slots");
+    if (res == MOE_EP_OK)
+        res = moe_ep__cuda_cuda(L, cudaHostAlloc((void**)&L->ctl_host, 2 * sizeof(int), cudaHostAllocMapped),
+                                "low-latency control words");
+    if (res == MOE_EP_OK) {
+        L->ctl_host[0] = L->ctl_host[1] = 0;
+        res = moe_ep__cuda_cuda(L, cudaHostGetDevicePointer((void**)&g->ctl, L->ctl_host, 0), "low-latency control words");
+    }
+    if (res != MOE_EP_OK) return res;
+    if (L->out) cudaFree(L->out);
+    L->out = L->region + g->out_off;
+    L->out_bytes = (size_t)out_rows * L->row_bytes;
+    L->out_in_region = 1;
+    return MOE_EP_OK;
+}
+
+/* Collective over the EP group, on every rank whatever `status` says: every rank maps
+   every other rank's region (as the direct path does), or the layer fails everywhere
+   (MOE_EP_ERROR_UNSUPPORTED: no peer access; there is no transport fallback). */
+MOE_EP_PRIVATE moe_ep_result moe_ep__cuda_ll_setup(moe_ep_cuda_layer* L, moe_ep_result status) {
+    int R = L->world_size, q, verdict, sharing = 0;
+    moe_ep__cuda_card mine;
+    moe_ep__cuda_card* cards = (moe_ep__cuda_card*)moe_ep_alloc(&L->desc.allocator, sizeof *cards * (size_t)R);
+    moe_ep_result res = status;
+    memset(&mine, 0, sizeof mine);
+    if (res == MOE_EP_OK && !cards)
+        res = moe_ep__cuda_fail(L, MOE_EP_ERROR_OUT_OF_MEMORY, "moe_ep_cuda_layer_create: out of memory");
+    if (res == MOE_EP_OK && R > 1)
+        res = moe_ep__cuda_cuda(L, cudaIpcGetMemHandle(&mine.handle, L->region), "cudaIpcGetMemHandle");
+    mine.boot = moe_ep__cuda_boot_id();
+    mine.pid = (int64_t)getpid();
+    mine.device = L->device;
+    mine.out_off = (int64_t)L->ll_args.out_off;
+    mine.address = (uint64_t)(uintptr_t)L->region;
+    if (R > 1) res = moe_ep__cuda_direct_cards(L, res, &mine, cards);
+    else if (cards) cards[0] = mine;
+    for (q = 0; res == MOE_EP_OK && q < R; ++q)
+        if (cards[q].out_off != mine.out_off)
+            res = moe_ep__cuda_fail(L, MOE_EP_ERROR_INTERNAL, "low-latency mode: rank %d lays out its region otherwise", q);
+    for (q = 0; res == MOE_EP_OK && q < R; ++q) {
+        res = moe_ep__cuda_direct_reach(L, q, &cards[q], &mine);
+        sharing += cards[q].boot == mine.boot && cards[q].pid == mine.pid && cards[q].device == mine.device;
+    }
+    if (res == MOE_EP_OK)
+        res = moe_ep__cuda_cuda(L, cudaMemcpy(L->peer_dev, L->peer_host, sizeof(char*) * (size_t)R,
+                                              cudaMemcpyHostToDevice), "low-latency peers");
+    moe_ep_free(&L->desc.allocator, cards);
+    verdict = R > 1 ? moe_ep__cuda_direct_vote(L, res == MOE_EP_OK ? 0 : res == MOE_EP_ERROR_UNSUPPORTED ? 1 : 2, &res)
+                    : res == MOE_EP_OK ? 0 : 2;
+    if (verdict == 0) {
+        /* ranks that share this GPU (threads of one process) share its SMs: every rank's
+           dispatch and combine blocks must be resident together, as their waits spin */
+        L->ll_args.peers = L->peer_dev;
+        L->ll_args.grid = L->ll_args.grid / (sharing > 0 ? sharing : 1);
+        if (L->ll_args.grid < 1) L->ll_args.grid = 1;
+        L->ll_mapped = 1;
+        return MOE_EP_OK;
+    }
+    if (res == MOE_EP_OK)
+        res = moe_ep__cuda_fail(L, verdict == 1 ? MOE_EP_ERROR_UNSUPPORTED : MOE_EP_ERROR_ABORTED, "low-latency mode: %s",
+                                verdict == 1 ? "another rank cannot reach its peers' memory (one host, peer access or "
+                                               "CUDA IPC; there is no transport fallback)" : "another rank failed");
+    else if (res == MOE_EP_ERROR_UNSUPPORTED) {
+        char cause[MOE_EP__CUDA_ERR];
+        snprintf(cause, sizeof cause, "%s", L->last_error);
+        moe_ep__cuda_fail(L, res, "low-latency mode needs every rank to map every other rank's memory (one host, peer "
+                          "access or CUDA IPC; there is no transport fallback): %s", cause);
+    }
+    return res;
+}
+
+/* A device-side wait that gave up (it ran past the timeout, here or on a peer; or an
+   abort) leaves its mark in ctl_host[1]; the transport is then aborted and the layer
+   refuses further work, as after a host-side timeout. */
 MOE_EP_PRIVATE moe_ep_result moe_ep__cuda_direct_check(moe_ep_cuda_layer* L) {
-    if (!L->direct || !((volatile int*)L->ctl_host)[1]) return MOE_EP_OK;
+    int why = L->ctl_host ? ((volatile int*)L->ctl_host)[1] : 0;
+    if (!(L->direct || L->ll_mapped) || !why) return MOE_EP_OK;
     moe_ep__cuda_break(L);
-    return moe_ep__cuda_fail(L, MOE_EP_ERROR_TIMEOUT, "moe_ep_cuda: a direct-path wait for the other ranks ran past "
-                             "%d ms; the transport was aborted", L->desc.timeout_ms);
+    if (why == 2)
+        return moe_ep__cuda_fail(L, MOE_EP_ERROR_ABORTED, "moe_ep_cuda: a device-side wait was aborted "
+                                 "(moe_ep_cuda_layer_abort, or a rank that failed its call); the transport was aborted");
+    return moe_ep__cuda_fail(L, MOE_EP_ERROR_TIMEOUT, "moe_ep_cuda: a device-side wait for the other ranks ran past "
+                             "%d ms (on this rank or another); the transport was aborted", L->desc.timeout_ms);
 }
 
 MOE_EP_PRIVATE moe_ep_result moe_ep__cuda_kernel(moe_ep_cuda_layer* L, int e, const char* what) {
@@ -1053,7 +1208,8 @@ MOE_EP_PRIVATE void moe_ep__cuda_layer_free(moe_ep_cuda_layer* L) {
     moe_ep_allocator a = L->desc.allocator;
     /* on the direct path the forward's rows live in the region (freed with it) */
     void* device[] = { L->ptrs_dev, L->router, L->router_biases, L->w_up, L->w_down, L->logits, L->topk_dev, L->hidden, L->partial,
-                       L->tp_gather, L->direct ? NULL : L->recv, L->direct ? NULL : L->out, L->b_up, L->b_down,
+                       L->tp_gather, L->direct ? NULL : L->recv, L->direct || L->out_in_region ? NULL : L->out,
+                       L->b_up, L->b_down, L->ll_dest,
                        L->sh_up, L->sh_down, L->sh_b_up, L->sh_b_down, L->sh_gate, L->sh_hidden, L->sh_out,
                        L->sh_logit, L->scaled, L->staging };
     void* host[] = { L->group_ints, L->group_scalars, L->group_ops, L->owner_of, L->local_index_of, L->local_ids,
@@ -1067,7 +1223,7 @@ MOE_EP_PRIVATE void moe_ep__cuda_layer_free(moe_ep_cuda_layer* L) {
     cudaFreeHost(L->ptrs_host);
     cudaFreeHost(L->topk_host);
     for (i = 0; i < sizeof device / sizeof device[0]; ++i) cudaFree(device[i]);
-    if (L->direct && !L->broken) {
+    if ((L->direct || (L->ll_mapped && L->world_size > 1)) && !L->broken) {
         /* nobody may still read or write this rank's region */
         char err[MOE_EP__CUDA_ERR] = "";
         if (L->transport.barrier) L->transport.barrier(L->transport.impl, err, sizeof err);
@@ -1383,8 +1539,9 @@ MOE_EP_PRIVATE moe_ep_desc moe_ep__cuda_core_desc(moe_ep_cuda_layer* L, const mo
 
 /* The GPU parameters every rank of the EP group must share. */
 MOE_EP_PRIVATE int64_t moe_ep__cuda_fingerprint(const moe_ep_cuda_layer_desc* d) {
-    int64_t fields[12];
+    int64_t fields[13];
     uint64_t h;
+    fields[12] = d->mode;
     fields[10] = d->planning;
     fields[11] = d->expert_gemm == MOE_EP_CUDA_EXPERT_GEMM_CHUNKED;
     fields[8] = d->shared.d_ff;
@@ -1454,6 +1611,31 @@ MOE_EP_PRIVATE int moe_ep__cuda_gated(moe_ep_activation a) {
     return a == MOE_EP_ACTIVATION_DEFAULT || a == MOE_EP_ACTIVATION_SWIGLU || a == MOE_EP_ACTIVATION_SWIGLU_CLAMPED;
 }
 
+/* The low-latency mode's rules: the forward runs without the host (max_tokens, the plan on
+   the GPU, experts whose shapes are fixed at create), over the peers' memory. */
+MOE_EP_PRIVATE void moe_ep__cuda_validate_ll(const moe_ep_cuda_layer_desc* d, int* f) {
+    int rank = d->transport->rank;
+    moe_ep_cuda_expert_gemm g = d->expert_gemm;
+    moe_ep__cuda_check(d, rank, f, d->max_tokens > 0, "moe_ep_cuda_layer_desc.mode LOW_LATENCY needs max_tokens > 0 "
+                       "(the landing buffers have a fixed size)");
+    moe_ep__cuda_check(d, rank, f, !d->expert_fn, "moe_ep_cuda_layer_desc.mode LOW_LATENCY needs the built-in experts "
+                       "(expert_fn would need the row counts on the host)");
+    moe_ep__cuda_check(d, rank, f, !d->tp_transport || d->tp_transport->world_size <= 1,
+                       "moe_ep_cuda_layer_desc.mode LOW_LATENCY does not support tp_transport");
+    moe_ep__cuda_check(d, rank, f, d->planning != MOE_EP_CUDA_PLANNING_HOST,
+                       "moe_ep_cuda_layer_desc.mode LOW_LATENCY plans on the GPU (planning must not be HOST)");
+    moe_ep__cuda_check(d, rank, f, d->num_experts <= 1024 && d->transport->world_size <= 1024,
+                       "moe_ep_cuda_layer_desc.mode LOW_LATENCY needs num_experts (%d) and the world size (%d) <= 1024",
+                       d->num_experts, d->transport->world_size);
+    moe_ep__cuda_check(d, rank, f, g == MOE_EP_CUDA_EXPERT_GEMM_DEFAULT || g == MOE_EP_CUDA_EXPERT_GEMM_HOPPER ||
+                                   g == MOE_EP_CUDA_EXPERT_GEMM_CHUNKED,
+                       "moe_ep_cuda_layer_desc.mode LOW_LATENCY runs its experts on HOPPER or CHUNKED (expert_gemm "
+                       "is %d; DEFAULT picks HOPPER where it runs, else CHUNKED)", (int)g);
+    moe_ep__cuda_check(d, rank, f, d->direct != MOE_EP_CUDA_DIRECT_OFF || d->transport->world_size == 1,
+                       "moe_ep_cuda_layer_desc.mode LOW_LATENCY moves rows by stores into the peers' memory: direct "
+                       "must not be OFF with several ranks (there is no transport fallback)");
+}
+
 /* The rank-local rules of the GPU fields (the core checks the shared shape). */
 MOE_EP_PRIVATE int moe_ep__cuda_validate(const moe_ep_cuda_layer_desc* d) {
     int f = 0, rank = d->transport->rank;
@@ -1486,7 +1668,10 @@ MOE_EP_PRIVATE int moe_ep__cuda_validate(const moe_ep_cuda_layer_desc* d) {
                        "moe_ep_cuda_layer_desc.allocator: set both alloc_fn and free_fn, or neither");
     moe_ep__cuda_check(d, rank, &f, d->planning >= 0 && d->planning < MOE_EP_CUDA_PLANNING_COUNT,
                        "moe_ep_cuda_layer_desc.planning (%d) is not a moe_ep_cuda_planning", (int)d->planning);
-    if (d->planning == MOE_EP_CUDA_PLANNING_GPU || d->expert_gemm == MOE_EP_CUDA_EXPERT_GEMM_CHUNKED) {
+    moe_ep__cuda_check(d, rank, &f, d->mode >= 0 && d->mode < MOE_EP_CUDA_MODE_COUNT,
+                       "moe_ep_cuda_layer_desc.mode (%d) is not a moe_ep_cuda_mode", (int)d->mode);
+    if (d->mode == MOE_EP_CUDA_MODE_LOW_LATENCY) moe_ep__cuda_validate_ll(d, &f);
+    else if (d->planning == MOE_EP_CUDA_PLANNING_GPU || d->expert_gemm == MOE_EP_CUDA_EXPERT_GEMM_CHUNKED) {
         const char* what = d->planning == MOE_EP_CUDA_PLANNING_GPU ? "planning = GPU" : "expert_gemm = CHUNKED";
         moe_ep__cuda_check(d, rank, &f, d->max_tokens > 0, "moe_ep_cuda_layer_desc.%s needs max_tokens > 0 (the "
                            "plan's buffers have a fixed size)", what);
@@ -1498,7 +1683,7 @@ MOE_EP_PRIVATE int moe_ep__cuda_validate(const moe_ep_cuda_layer_desc* d) {
         moe_ep__cuda_check(d, rank, &f, d->num_experts <= 1024, "moe_ep_cuda_layer_desc.%s needs num_experts (%d) "
                            "<= 1024", what, d->num_experts);
     }
-    moe_ep__cuda_check(d, rank, &f, d->expert_gemm != MOE_EP_CUDA_EXPERT_GEMM_CHUNKED ||
+    moe_ep__cuda_check(d, rank, &f, d->expert_gemm != MOE_EP_CUDA_EXPERT_GEMM_CHUNKED || d->mode == MOE_EP_CUDA_MODE_LOW_LATENCY ||
                                     (d->planning != MOE_EP_CUDA_PLANNING_HOST && !d->expert_fn),
                        "moe_ep_cuda_layer_desc.expert_gemm = CHUNKED needs the plan on the GPU (not planning = HOST) "
                        "and the built-in experts (no expert_fn)");
@@ -1520,7 +1705,7 @@ MOE_EP_PRIVATE moe_ep_result moe_ep__cuda_create_agree(const moe_ep_cuda_layer_d
     a.facts = facts;
     a.fact_count = 1;
     a.facts_name = "GPU parameters (dtype, a2a_layout, direct, max_tokens, expert_fn, router_weight, TP size, "
-                   "shared experts, planning, CHUNKED)";
+                   "shared experts, planning, CHUNKED, mode)";
     a.on_peer_failure = MOE_EP_ERROR_RANK_MISMATCH;
     res = moe_ep_agree(d->transport, &a, err, sizeof err);
     if (d->tp_transport && d->tp_transport->world_size > 1 && d->tp_transport->exchange_counts) {
@@ -1553,7 +1738,8 @@ MOE_EP_PRIVATE moe_ep_result moe_ep__cuda_layer_alloc(const moe_ep_cuda_layer_de
     L->world_size = d->transport->world_size;
     L->dtype = d->dtype;
     L->elem = d->dtype == MOE_EP_CUDA_DTYPE_BF16 ? 2 : 4;
-    L->gpu_plan = moe_ep__cuda_can_plan_on_gpu(d);
+    L->ll = d->mode == MOE_EP_CUDA_MODE_LOW_LATENCY;
+    L->gpu_plan = !L->ll && moe_ep__cuda_can_plan_on_gpu(d);
     L->tp_size = 1;
     if (d->tp_transport && d->tp_transport->world_size > 1) {
         L->tp = *d->tp_transport;
@@ -1880,7 +2066,10 @@ MOE_EP_PRIVATE moe_ep_result moe_ep__cuda_build(moe_ep_cuda_layer* L) {
     if (res == MOE_EP_OK) res = moe_ep__cuda_build_weights(L);
     if (res == MOE_EP_OK) res = moe_ep__cuda_drop_staging(L);
     if (res == MOE_EP_OK) res = moe_ep__cuda_reserve_all(L);
-    if (res == MOE_EP_OK && L->gpu_plan) res = moe_ep__cuda_build_gpu_plan(L);
+    /* the low-latency mode: the Hopper kernel where it runs, else CHUNKED; its region */
+    if (res == MOE_EP_OK && L->ll && !L->hopper) L->desc.expert_gemm = MOE_EP_CUDA_EXPERT_GEMM_CHUNKED;
+    if (res == MOE_EP_OK && L->ll) res = moe_ep__cuda_ll_local(L);
+    if (res == MOE_EP_OK && (L->gpu_plan || L->ll)) res = moe_ep__cuda_build_gpu_plan(L);
     if (res == MOE_EP_OK) res = moe_ep__cuda_cuda(L, cudaStreamSynchronize(L->stream), "copying the weights");
     return res;
 }
@@ -1917,8 +2106,10 @@ MOE_EP_API moe_ep_result moe_ep_cuda_layer_create(const moe_ep_cuda_layer_desc* 
     res = moe_ep_create(&core, &L->core);
     /* 5. device state */
     if (res == MOE_EP_OK) res = moe_ep__cuda_build(L);
-    /* 6. the direct path, collective over the EP group whatever happened above */
-    if (L->world_size > 1 && L->desc.max_tokens > 0 && L->desc.direct != MOE_EP_CUDA_DIRECT_OFF)
+    /* 6. the direct path or the low-latency mode's regions, collective over the EP group
+       whatever happened above */
+    if (L->ll) res = moe_ep__cuda_ll_setup(L, res);
+    else if (L->world_size > 1 && L->desc.max_tokens > 0 && L->desc.direct != MOE_EP_CUDA_DIRECT_OFF)
         res = moe_ep__cuda_direct_setup(L, res);
     /* 7. agree again (any rank can run out of memory), over the EP and the TP group */
     res = moe_ep__cuda_verdict(L, res, "moe_ep_cuda_layer_create");
@@ -1939,7 +2130,14 @@ MOE_EP_API const char* moe_ep_cuda_layer_last_error(const moe_ep_cuda_layer* lay
     return layer ? layer->last_error : "";
 }
 MOE_EP_API cudaStream_t moe_ep_cuda_layer_stream(const moe_ep_cuda_layer* layer) { return layer ? layer->stream : 0; }
-MOE_EP_API int moe_ep_cuda_layer_direct(const moe_ep_cuda_layer* layer) { return layer ? layer->direct : 0; }
+MOE_EP_API int moe_ep_cuda_layer_direct(const moe_ep_cuda_layer* layer) {
+    return layer ? layer->direct || (layer->ll_mapped && layer->world_size > 1) : 0;
+}
+
+MOE_EP_API void moe_ep_cuda_layer_abort(moe_ep_cuda_layer* layer) {
+    volatile int* ctl = layer ? (volatile int*)layer->ctl_host : NULL;
+    if (ctl && !ctl[1]) ctl[1] = 2;    /* read by the waiting kernels through the mapping */
+}
 
 MOE_EP_API void moe_ep_cuda_layer_rows(moe_ep_cuda_layer* layer, void** recv, void** out, int64_t* rows) {
     int full = layer && layer->desc.max_tokens > 0;
@@ -1955,6 +2153,16 @@ MOE_EP_PRIVATE moe_ep_result moe_ep__cuda_enter(moe_ep_cuda_layer* L) {
         return moe_ep__cuda_fail(L, MOE_EP_ERROR_ABORTED,
                                  "moe_ep_cuda: an earlier wait timed out and aborted the transport");
     return moe_ep__cuda_cuda(L, cudaSetDevice(L->device), "cudaSetDevice");
+}
+
+MOE_EP_API moe_ep_result moe_ep_cuda_layer_check(moe_ep_cuda_layer* layer) {
+    moe_ep_result res;
+    if (!layer) return MOE_EP_ERROR_INVALID_ARGUMENT;
+    res = moe_ep__cuda_direct_check(layer);
+    if (res == MOE_EP_OK && layer->broken)
+        res = moe_ep__cuda_fail(layer, MOE_EP_ERROR_ABORTED,
+                                "moe_ep_cuda: an earlier wait timed out or was aborted, and aborted the transport");
+    return res;
 }
 
 /* >>gpu layer: router */
@@ -2196,6 +2404,9 @@ MOE_EP_API moe_ep_result moe_ep_cuda_plan_create(moe_ep_cuda_layer* L, int64_t t
                                                  const float* topk_weight, moe_ep_cuda_plan** out) {
     moe_ep_result status = L ? moe_ep__cuda_enter(L) : MOE_EP_ERROR_INVALID_ARGUMENT;
     if (status != MOE_EP_OK) return status;
+    if (L->ll) return moe_ep__cuda_fail(L, MOE_EP_ERROR_UNSUPPORTED, "moe_ep_cuda_plan_create: the stage calls are "
+                                        "not available in low-latency mode (moe_ep_cuda_layer_desc.mode): use "
+                                        "moe_ep_cuda_forward");
     if (!out) status = moe_ep__cuda_fail(L, MOE_EP_ERROR_INVALID_ARGUMENT,
                                          "moe_ep_cuda_plan_create: out must not be NULL");
     else if (tokens < 0)
@@ -2961,6 +3172,94 @@ MOE_EP_PRIVATE moe_ep_result moe_ep__cuda_forward_gpu(moe_ep_cuda_layer* L, cons
     return res;
 }
 
+/* >>gpu layer: low-latency forward */
+/* The experts over the received rows as the dispatch kernel laid them out: CHUNKED, or the
+   Hopper kernel over the whole buffer (first_row, written by the dispatch, says whose each
+   row is; rows past the last expert's are never computed). */
+MOE_EP_PRIVATE moe_ep_result moe_ep__cuda_ll_experts(moe_ep_cuda_layer* L) {
+    moe_ep_cuda_plan* P = &L->gp.view;
+    moe_ep_result res;
+    if (L->local_experts == 0) return MOE_EP_OK;
+    if (L->chunks > 0) return moe_ep__cuda_chunked_experts(L);
+    P->info.recv_rows = L->region_rows;
+    res = moe_ep__cuda_hopper_experts(L, P, L->recv, L->out);
+    if (res == MOE_EP_ERROR_UNSUPPORTED)
+        return moe_ep__cuda_fail(L, MOE_EP_ERROR_INTERNAL, "low-latency experts: the Hopper kernel refused the buffers");
+    if (res == MOE_EP_OK && L->b_down)
+        res = moe_ep__cuda_kernel(L, moe_ep__cuda_k_add_bias(L->out, L->region_rows, L->d_model, L->b_down, P->first_row,
+                                                             L->local_experts, moe_ep__cuda_kdtype[L->dtype], L->stream),
+                                  "down bias kernel");
+    return res;
+}
+
+/* The forward in low-latency mode: route (or upload the hand-in routing), the plan's send
+   half, dispatch (one kernel), the shared experts, the experts, combine (one kernel), all
+   queued on the stream with no host synchronisation (unless the routing is to be brought
+   back). Every rank must call it, also with 0 tokens: the peers wait for its flags. A call
+   that fails here stops every rank's waits (they end in MOE_EP_ERROR_ABORTED) and the
+   layer refuses further work: after the first kernel the step cannot be taken back. */
+MOE_EP_PRIVATE moe_ep_result moe_ep__cuda_forward_ll(moe_ep_cuda_layer* L, const moe_ep_cuda_forward_args* a,
+                                                     moe_ep_result status) {
+    moe_ep__cuda_gpu_plan* gp = &L->gp;
+    int64_t T = status == MOE_EP_OK ? a->tokens : 0, slots = T * L->top_k, sources = T;
+    size_t idx_bytes = moe_ep__cuda_round16((size_t)slots * sizeof(int32_t));
+    int download = status == MOE_EP_OK && !a->routing_in && a->topk_idx && a->topk_weight && T > 0;
+    int per_row = L->top_k, with_shared = L->sh_ff > 0 && T > 0;
+    const void* x = status == MOE_EP_OK ? a->x : NULL;
+    moe_ep__cuda_k_plan k = gp->k;
+    moe_ep_result res = status, shared = MOE_EP_OK;
+    if (res == MOE_EP_OK && T > L->desc.max_tokens)
+        res = moe_ep__cuda_fail(L, MOE_EP_ERROR_INVALID_ARGUMENT, "tokens (%lld) must be <= max_tokens (%lld)",
+                                (long long)T, (long long)L->desc.max_tokens);
+    /* 1. routing, on the device */
+    if (res == MOE_EP_OK && T > 0) res = moe_ep__cuda_gpu_route(L, a, download);
+    /* 2. each slot's owner and landing row */
+    k.topk_idx = (const int32_t*)L->topk_dev;
+    k.topk_weight = (const float*)((char*)L->topk_dev + idx_bytes);
+    k.slots = slots;
+    k.capacity = -1;
+    if (gp->capacity_factor > 0.0f)
+        k.capacity = (int64_t)ceil((double)gp->capacity_factor * (double)T * L->top_k / (double)L->num_experts);
+    if (res == MOE_EP_OK)
+        res = moe_ep__cuda_kernel(L, moe_ep__cuda_k_ll_plan(&k, L->ll_dest, L->desc.max_tokens, L->stream),
+                                  "low-latency plan kernels");
+    /* 3. dispatch */
+    if (res == MOE_EP_OK && L->desc.scale_expert_input && T > 0) {
+        res = moe_ep__cuda_kernel(L, moe_ep__cuda_k_scale_rows(x, k.topk_weight, T, L->top_k, L->d_model, L->scaled,
+                                                               moe_ep__cuda_kdtype[L->dtype], L->stream),
+                                  "input scaling kernel");
+        x = L->scaled;
+        sources *= L->top_k;
+        per_row = 1;
+    }
+    if (res == MOE_EP_OK)
+        res = moe_ep__cuda_kernel(L, moe_ep__cuda_k_ll_dispatch(L->ll_args, &k, x, L->ll_dest, sources, per_row, L->recv,
+                                                                L->stream), "low-latency dispatch kernel");
+    if (res == MOE_EP_OK && with_shared) shared = moe_ep__cuda_shared_ffn(L, a->x, T, L->sh_out);
+    /* 4. experts */
+    if (res == MOE_EP_OK) res = moe_ep__cuda_ll_experts(L);
+    /* 5. combine */
+    if (res == MOE_EP_OK)
+        res = moe_ep__cuda_kernel(L, moe_ep__cuda_k_ll_combine(L->ll_args, L->ll_dest, k.weight, T > 0 ? a->y : NULL, T,
+                                                               L->top_k, L->d_model, moe_ep__cuda_kdtype[L->dtype],
+                                                               L->stream), "low-latency combine kernel");
+    if (res == MOE_EP_OK && shared == MOE_EP_OK && with_shared) shared = moe_ep__cuda_shared_out(L, L->sh_out, T, a->y, 1);
+    if (res != MOE_EP_OK || shared != MOE_EP_OK) {
+        /* the peers may wait for this rank's flags: release them, and take no further step */
+        moe_ep__cuda_k_ll_stop(L->ll_args, 2, L->stream);
+        moe_ep__cuda_break(L);
+        return res != MOE_EP_OK ? res : shared;
+    }
+    if (download) {
+        res = moe_ep__cuda_cuda(L, cudaEventSynchronize(gp->routing_free), "router download");
+        if (res == MOE_EP_OK) {
+            memcpy(a->topk_idx, L->topk_host, (size_t)slots * sizeof(int32_t));
+            memcpy(a->topk_weight, (char*)L->topk_host + idx_bytes, (size_t)slots * sizeof(float));
+        }
+    }
+    return res;
+}
+
 /* >>gpu layer: forward */
 MOE_EP_API moe_ep_result moe_ep_cuda_forward(moe_ep_cuda_layer* L, const moe_ep_cuda_forward_args* a) {
     moe_ep_result status = MOE_EP_OK, res;
@@ -2985,6 +3284,7 @@ MOE_EP_API moe_ep_result moe_ep_cuda_forward(moe_ep_cuda_layer* L, const moe_ep_
     else if (!a->routing_in && !L->router)
         status = moe_ep__cuda_fail(L, MOE_EP_ERROR_INVALID_ARGUMENT,
                                    "moe_ep_cuda_layer_desc.router_weight is NULL: set it, or hand in routing (routing_in)");
+    if (L->ll) return moe_ep__cuda_forward_ll(L, a, status);
     if (status == MOE_EP_OK && L->gpu_plan) return moe_ep__cuda_forward_gpu(L, a);
     if (status == MOE_EP_OK) {
         tokens = a->tokens;

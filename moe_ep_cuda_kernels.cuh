@@ -185,6 +185,56 @@ int moe_ep__cuda_k_direct_wait(moe_ep__cuda_k_direct g, int phase, uint64_t epoc
 int moe_ep__cuda_k_direct_combine(moe_ep__cuda_k_direct g, const int64_t* dest, const float* weight, void* y,
                                   int64_t tokens, int top_k, int d_model, int dtype, uint64_t epoch, void* stream);
 
+/* The low-latency mode (moe_ep_cuda.h, LOW-LATENCY DECODE). Every rank has one region that
+   its peers map, laid out alike everywhere: uint64 flags [4][world] at its start (as the
+   direct path's: flags[phase * world + source]; DATA and OUT are used), a control block
+   (moe_ep__cuda_k_ll_ctl), the counts [S][world] the sources write (rows source q sent to
+   local expert s), the table [world][S] where the owner publishes the first received row
+   of each (source, local expert), the landing rows [S][world][max_tokens] (source q's i-th
+   row for local expert s is row (s * world + q) * max_tokens + i: a known place, so no
+   counts are exchanged first), and the expert outputs. The epoch of a forward is on the
+   device (ctl.step + 1), so that the replays of a CUDA graph count on by themselves. A
+   wait that gives up (timeout_ns, the host's abort in ctl[1], or a peer's stop word) keeps
+   why in ctl[1] and writes it to every rank's stop word: no rank waits on. */
+typedef struct moe_ep__cuda_k_ll_ctl {
+    uint64_t stop;                  /* why a wait gave up, any rank's: 1 timed out, 2 aborted; 0 none */
+    uint64_t step;                  /* forwards this rank has completed */
+    unsigned counters[2];           /* blocks finished: dispatch, combine */
+} moe_ep__cuda_k_ll_ctl;
+typedef struct moe_ep__cuda_k_ll {
+    char* const* peers;             /* device [world]: each rank's region as this GPU sees it */
+    int rank, world, S, grid;       /* S: a plan's segments (the most experts a rank holds); grid: blocks
+                                       of the dispatch and combine kernels */
+    int64_t max_tokens;
+    size_t ctl_off, counts_off, table_off, land_off, out_off, row_bytes;  /* bytes into a region */
+    int* ctl;                       /* host-mapped [2]; [1]: why this rank's wait gave up (1 timeout,
+                                       2 aborted); the host writes 2 to abort */
+    uint64_t timeout_ns;            /* 0: wait without limit */
+} moe_ep__cuda_k_ll;
+/* The send half of the plan (moe_ep__cuda_k_plan_send's count and sizes kernels: each slot's
+   rank among its expert's slots, kept and the counts per expert), then dest[i] = (owner << 32)
+   | the landing row of slot i in its owner's region (-1: dropped by capacity) and the
+   combine weights p->weight. */
+int moe_ep__cuda_k_ll_plan(const moe_ep__cuda_k_plan* p, int64_t* dest, int64_t max_tokens, void* stream);
+/* One kernel: every row x[t] (per_row slots each, dest as moe_ep__cuda_k_ll_plan made it)
+   stored at its landing row in its owner's region; the last block writes this rank's counts
+   (p->kept) to the owners and signals DATA(epoch) to every rank; then each block waits for
+   DATA(epoch) from every rank and the rows are moved into recv, grouped by local expert,
+   then source, then slot order (each expert from a multiple of p->chunk with chunk > 0), as
+   the plan kernels lay them out; block 0 writes p->local_counts, local_offsets, totals[0]
+   (the rows' end), the chunk table and this rank's table. */
+int moe_ep__cuda_k_ll_dispatch(moe_ep__cuda_k_ll g, const moe_ep__cuda_k_plan* p, const void* x, const int64_t* dest,
+                               int64_t sources, int per_row, void* recv, void* stream);
+/* One kernel: OUT(epoch) to every rank (this rank's expert outputs are done: the stream ran
+   them before), wait for OUT(epoch) from every rank, then y[t] = sum over k-slots, in order,
+   of weight * the expert output of the slot, read from its owner's region (the owner's
+   table says where): the sums of moe_ep__cuda_k_unpermute. The last block ends the step. */
+int moe_ep__cuda_k_ll_combine(moe_ep__cuda_k_ll g, const int64_t* dest, const float* weight, void* y, int64_t tokens,
+                              int top_k, int d_model, int dtype, void* stream);
+/* Stops every rank's waits with `why` (1 timed out, 2 aborted): this rank's ctl[1] and every
+   rank's stop word. For a rank that cannot take part in a forward. */
+int moe_ep__cuda_k_ll_stop(moe_ep__cuda_k_ll g, int why, void* stream);
+
 #ifdef __cplusplus
 }
 #endif
@@ -1323,6 +1373,332 @@ extern "C" int moe_ep__cuda_k_direct_combine(moe_ep__cuda_k_direct g, const int6
     if (d_model % 4 == 0 && wide)
         return (int)launch_unpermute<float, 4>(rows, weight, y, tokens, top_k, d_model, s);
     return (int)launch_unpermute<float, 1>(rows, weight, y, tokens, top_k, d_model, s);
+}
+
+namespace moe_ep_cuda_kernels {
+/* >>low-latency mode */
+__device__ __forceinline__ moe_ep__cuda_k_ll_ctl* ll_ctl(const moe_ep__cuda_k_ll& g, int q) {
+    return (moe_ep__cuda_k_ll_ctl*)(g.peers[q] + g.ctl_off);
+}
+
+__device__ __forceinline__ uint64_t* ll_flag(const moe_ep__cuda_k_ll& g, int q, int phase) {
+    return (uint64_t*)g.peers[q] + (size_t)phase * g.world + g.rank;
+}
+
+/* Counts, tables and rows that other blocks or ranks wrote during this kernel: read past L1. */
+__device__ __forceinline__ int64_t ll_load(const int64_t* p) { return (int64_t)__ldcg((const long long*)p); }
+__device__ __forceinline__ uint4 ll_load(const uint4* p) { return __ldcg(p); }
+__device__ __forceinline__ uint2 ll_load(const uint2* p) { return __ldcg(p); }
+__device__ __forceinline__ uint32_t ll_load(const uint32_t* p) { return __ldcg((const unsigned int*)p); }
+__device__ __forceinline__ uint16_t ll_load(const uint16_t* p) { return __ldcg((const unsigned short*)p); }
+__device__ __forceinline__ float ll_load(const float* p) { return __ldcg(p); }
+__device__ __forceinline__ __nv_bfloat16 ll_load(const __nv_bfloat16* p) {
+    unsigned short bits = __ldcg((const unsigned short*)p);
+    return *(const __nv_bfloat16*)&bits;
+}
+
+__device__ void ll_stop_all(const moe_ep__cuda_k_ll& g, int why) {
+    __threadfence_system();
+    for (int q = 0; q < g.world; ++q) st_release_sys(&ll_ctl(g, q)->stop, (uint64_t)why);
+}
+
+/* One thread: until every rank's flag of `phase` in this rank's region reaches epoch. 0: it
+   did; else why not (1: timed out, 2: aborted by this rank's host or, through its stop word,
+   by a peer), kept in ctl[1] and told to every rank. */
+__device__ int ll_wait(const moe_ep__cuda_k_ll& g, int phase, uint64_t epoch) {
+    const uint64_t* flags = (const uint64_t*)g.peers[g.rank] + (size_t)phase * g.world;
+    const uint64_t* stop = &ll_ctl(g, g.rank)->stop;
+    volatile int* ctl = g.ctl;
+    uint64_t start = global_ns();
+    int why = 0;
+    for (int q = 0; q < g.world && !why; ++q) {
+        unsigned spins = 0;
+        while (ld_acquire_sys(flags + q) < epoch) {
+            if (++spins % 64 != 0) continue;
+            why = ctl[1] ? ctl[1] : (int)ld_acquire_sys(stop);
+            if (!why && g.timeout_ns > 0 && global_ns() - start > g.timeout_ns) why = 1;
+            if (why) break;
+        }
+    }
+    if (why) {
+        if (!ctl[1]) ctl[1] = why;
+        ll_stop_all(g, why);
+    }
+    return why;
+}
+
+/* Block-uniform: the block's writes are done; true in the last block of the grid to get
+   here, which then sees every other block's writes (and resets the counter for the next
+   launch, which the stream orders after this one). */
+__device__ bool ll_last_block(unsigned* counter) {
+    __shared__ bool last;
+    __threadfence_system();
+    __syncthreads();
+    if (threadIdx.x == 0) {
+        last = atomicAdd(counter, 1u) == gridDim.x - 1;
+        if (last) *counter = 0;
+    }
+    __syncthreads();
+    return last;
+}
+
+__global__ void __launch_bounds__(MOE_EP__CUDA_PLAN_BLOCK) ll_map_kernel(moe_ep__cuda_k_plan p, int64_t* dest,
+                                                                         int64_t max_tokens) {
+    int64_t i = (int64_t)blockIdx.x * MOE_EP__CUDA_PLAN_BLOCK + threadIdx.x;
+    if (i >= p.slots) return;
+    int e = p.topk_idx[i], owner = p.expert_at[e], l = p.expert_at[p.E + e];
+    int64_t rank = (int64_t)p.block_counts[(int64_t)blockIdx.x * p.E + e] + p.slot_rank[i];
+    int64_t v = -1;
+    if (p.capacity < 0 || rank < p.capacity) v = ((int64_t)owner << 32) | (((int64_t)l * p.R + p.rank) * max_tokens + rank);
+    dest[i] = v;
+    p.weight[i] = p.scale_input ? 1.0f : p.topk_weight[i];
+}
+
+/* The receive layout from the counts (none after a failed wait), as plan_sizes_kernel's
+   phase 2 makes it: first[s] = local expert s's first row. Block 0 publishes it. */
+__device__ void ll_layout(const moe_ep__cuda_k_ll& g, const moe_ep__cuda_k_plan& p, int64_t* first, int why) {
+    const int64_t* counts = (const int64_t*)(g.peers[g.rank] + g.counts_off);
+    int S = p.S, W = g.world;
+    for (int s = threadIdx.x; s < S; s += blockDim.x) {
+        int64_t n = 0;
+        for (int q = 0; !why && q < W; ++q) n += ll_load(counts + (size_t)s * W + q);
+        if (blockIdx.x == 0) p.local_counts[s] = n;
+        first[s] = p.chunk > 0 ? (n + p.chunk - 1) / p.chunk * p.chunk : n;
+    }
+    __syncthreads();
+    int64_t total = block_exclusive_scan(first, S);
+    if (blockIdx.x != 0) return;
+    int64_t* table = (int64_t*)(g.peers[g.rank] + g.table_off);
+    for (int s = threadIdx.x; s < S; s += blockDim.x) {
+        int64_t row = first[s];
+        p.local_offsets[s] = row;
+        for (int q = 0; q < W; ++q) {
+            table[(size_t)q * S + s] = row;
+            row += why ? 0 : ll_load(counts + (size_t)s * W + q);
+        }
+    }
+    if (threadIdx.x == 0) p.totals[0] = total;  /* local_offsets[S]: the rows' end */
+    if (p.chunk <= 0 || p.local_experts <= 0) return;
+    for (int64_t c = threadIdx.x; c < p.chunks; c += blockDim.x) {     /* the expert whose rows chunk c holds */
+        int64_t row = c * p.chunk;
+        int lo = 0, hi = p.local_experts - 1;
+        while (lo < hi) {
+            int mid = (lo + hi + 1) >> 1;
+            if (first[mid] <= row) lo = mid;
+            else hi = mid - 1;
+        }
+        p.chunk_weights[c] = (void*)(p.w_up + (size_t)lo * p.up_bytes);
+        p.chunk_weights[p.chunks + c] = (void*)(p.w_down + (size_t)lo * p.down_bytes);
+    }
+}
+
+template <typename U>
+__global__ void __launch_bounds__(256) ll_dispatch_kernel(moe_ep__cuda_k_ll g, moe_ep__cuda_k_plan p,
+                                                          const char* __restrict__ x, const int64_t* __restrict__ dest,
+                                                          int64_t sources, int per_row, char* __restrict__ recv) {
+    __shared__ int64_t first[1024];
+    __shared__ int why;
+    moe_ep__cuda_k_ll_ctl* ctl = ll_ctl(g, g.rank);
+    const uint64_t epoch = *(volatile uint64_t*)&ctl->step + 1;
+    const size_t rb = g.row_bytes;
+    const int64_t units = (int64_t)(rb / sizeof(U));
+    const int lane = threadIdx.x & 31, W = g.world;
+    const int64_t warp = global_warp(), warps = warp_count();
+    /* 1. every row to its landing row in its owner's region, four units per lane in flight */
+    for (int64_t t = warp; t < sources; t += warps) {
+        const int64_t* slot = dest + t * per_row;
+        const U* src = (const U*)(x + (size_t)t * rb);
+        for (int64_t i0 = lane; i0 < units; i0 += 32 * 4) {
+            U value[4];
+            for (int u = 0; u < 4; ++u)
+                if (i0 + 32 * u < units) value[u] = src[i0 + 32 * u];
+            for (int j = 0; j < per_row; ++j) {
+                int64_t v = slot[j];
+                if (v < 0) continue;
+                U* to = (U*)(g.peers[v >> 32] + g.land_off + (size_t)(v & 0xFFFFFFFF) * rb);
+                for (int u = 0; u < 4; ++u)
+                    if (i0 + 32 * u < units) to[i0 + 32 * u] = value[u];
+            }
+        }
+    }
+    /* 2. the last block: this rank's count for every (owner, local expert), then DATA(epoch) */
+    if (ll_last_block(&ctl->counters[0])) {
+        for (int e = threadIdx.x; e < p.E; e += blockDim.x) {
+            int owner = p.expert_at[e], l = p.expert_at[p.E + e];
+            ((int64_t*)(g.peers[owner] + g.counts_off))[(size_t)l * W + g.rank] = p.kept[e];
+        }
+        __threadfence_system();
+        __syncthreads();
+        for (int q = threadIdx.x; q < W; q += blockDim.x) st_release_sys(ll_flag(g, q, MOE_EP__CUDA_PHASE_DATA), epoch);
+    }
+    /* 3. every rank's rows and counts are here */
+    if (threadIdx.x == 0) why = ll_wait(g, MOE_EP__CUDA_PHASE_DATA, epoch);
+    __syncthreads();
+    ll_layout(g, p, first, why);
+    if (why) return;
+    /* 4. each (local expert, source) segment from its landing rows to its place */
+    const int64_t* counts = (const int64_t*)(g.peers[g.rank] + g.counts_off);
+    for (int64_t seg = blockIdx.x; seg < (int64_t)p.S * W; seg += gridDim.x) {
+        int s = (int)(seg / W), q = (int)(seg % W);
+        int64_t n = ll_load(counts + seg), base = first[s];
+        for (int q2 = 0; q2 < q; ++q2) base += ll_load(counts + (size_t)s * W + q2);
+        const char* from = g.peers[g.rank] + g.land_off + (size_t)seg * (size_t)g.max_tokens * rb;
+        char* to = recv + (size_t)base * rb;
+        for (int64_t r = threadIdx.x >> 5; r < n; r += blockDim.x >> 5) {
+            const U* a = (const U*)(from + (size_t)r * rb);
+            U* b = (U*)(to + (size_t)r * rb);
+            for (int64_t i = lane; i < units; i += 32) b[i] = ll_load(a + i);
+        }
+    }
+}
+
+/* dest's landing row (s * world + q) * max_tokens + i (q: this rank) -> the owner's
+   received row, from the owner's table. */
+template <typename T>
+struct ll_rows {
+    char* const* peers;
+    const int64_t* dest;
+    size_t table_off, out_off, row_bytes;
+    int64_t max_tokens;
+    int rank, world, S;
+    __device__ const T* operator()(int64_t i) const {
+        int64_t v = dest[i];
+        if (v < 0) return (const T*)0;
+        const char* region = peers[v >> 32];
+        int64_t landing = v & 0xFFFFFFFF, s = landing / ((int64_t)world * max_tokens);
+        int64_t row = ll_load((const int64_t*)(region + table_off) + (size_t)rank * S + s) + landing % max_tokens;
+        return (const T*)(region + out_off + (size_t)row * row_bytes);
+    }
+};
+
+/* unpermute_kernel's sums (the same order and operations: the same bits), after the OUT
+   handshake; one block per token, grid-stride. */
+template <typename T, int V>
+__global__ void ll_combine_kernel(moe_ep__cuda_k_ll g, ll_rows<T> rows, const float* __restrict__ weight,
+                                  T* __restrict__ y, int64_t tokens, int top_k, int d) {
+    extern __shared__ unsigned char smem[];
+    __shared__ int why;
+    const T** src = (const T**)smem;
+    float* w = (float*)(smem + sizeof(T*) * (size_t)top_k);
+    moe_ep__cuda_k_ll_ctl* ctl = ll_ctl(g, g.rank);
+    const uint64_t epoch = *(volatile uint64_t*)&ctl->step + 1;
+    if (blockIdx.x == 0 && !((volatile int*)g.ctl)[1]) {
+        __threadfence_system();
+        for (int q = threadIdx.x; q < g.world; q += blockDim.x) st_release_sys(ll_flag(g, q, MOE_EP__CUDA_PHASE_OUT), epoch);
+    }
+    if (threadIdx.x == 0) why = ll_wait(g, MOE_EP__CUDA_PHASE_OUT, epoch);
+    __syncthreads();
+    for (int64_t t = blockIdx.x; !why && t < tokens; t += gridDim.x) {
+        __syncthreads();
+        for (int j = threadIdx.x; j < top_k; j += blockDim.x) {
+            src[j] = rows(t * top_k + j);
+            w[j] = weight[t * top_k + j];
+        }
+        __syncthreads();
+        T* yt = y + (size_t)t * d;
+        for (int i = threadIdx.x * V; i < d; i += blockDim.x * V) {
+            float acc[V];
+            for (int v = 0; v < V; ++v) acc[v] = 0.0f;
+            for (int j = 0; j < top_k; ++j) {     /* k-slot order */
+                const T* s = src[j];
+                __align__(16) T in[V];
+                if (!s) continue;                 /* dropped: contributes zero */
+                if (V * sizeof(T) == 16) *(uint4*)in = ll_load((const uint4*)(s + i));
+                else for (int v = 0; v < V; ++v) in[v] = ll_load(s + i + v);
+                for (int v = 0; v < V; ++v) acc[v] += w[j] * load_f(&in[v]);
+            }
+            __align__(16) T out[V];
+            for (int v = 0; v < V; ++v) store_f(&out[v], acc[v]);
+            if (V * sizeof(T) == 16) *(uint4*)(yt + i) = *(const uint4*)out;
+            else for (int v = 0; v < V; ++v) yt[i + v] = out[v];
+        }
+    }
+    if (ll_last_block(&ctl->counters[1]) && threadIdx.x == 0) *(volatile uint64_t*)&ctl->step = epoch;
+}
+
+template <typename U>
+static cudaError_t launch_ll_dispatch(const moe_ep__cuda_k_ll& g, const moe_ep__cuda_k_plan& p, const void* x,
+                                      const int64_t* dest, int64_t sources, int per_row, void* recv, cudaStream_t s) {
+    ll_dispatch_kernel<U><<<(unsigned)g.grid, 256, 0, s>>>(g, p, (const char*)x, dest, sources, per_row, (char*)recv);
+    return cudaGetLastError();
+}
+
+template <typename T, int V>
+static cudaError_t launch_ll_combine(const moe_ep__cuda_k_ll& g, ll_rows<T> rows, const float* weight, void* y,
+                                     int64_t tokens, int k, int d, cudaStream_t s) {
+    int threads = d / V >= 256 ? 256 : d / V >= 128 ? 128 : 64;
+    size_t shared = (sizeof(T*) + sizeof(float)) * (size_t)k;
+    if (shared > 48 * 1024) {
+        cudaError_t e = cudaFuncSetAttribute(ll_combine_kernel<T, V>, cudaFuncAttributeMaxDynamicSharedMemorySize,
+                                             (int)shared);
+        if (e != cudaSuccess) return e;
+    }
+    ll_combine_kernel<T, V><<<(unsigned)g.grid, threads, shared, s>>>(g, rows, weight, (T*)y, tokens, k, d);
+    return cudaGetLastError();
+}
+
+__global__ void ll_stop_kernel(moe_ep__cuda_k_ll g, int why) {
+    if (!((volatile int*)g.ctl)[1]) ((volatile int*)g.ctl)[1] = why;
+    ll_stop_all(g, why);
+}
+} /* namespace moe_ep_cuda_kernels */
+
+extern "C" int moe_ep__cuda_k_ll_plan(const moe_ep__cuda_k_plan* p, int64_t* dest, int64_t max_tokens, void* stream) {
+    using namespace moe_ep_cuda_kernels;
+    cudaStream_t s = (cudaStream_t)stream;
+    int64_t blocks = (p->slots + MOE_EP__CUDA_PLAN_BLOCK - 1) / MOE_EP__CUDA_PLAN_BLOCK;
+    size_t shared = sizeof(int32_t) * MOE_EP__CUDA_PLAN_WARPS * (size_t)p->E;
+    if (blocks > 0) {
+        if (shared > 48 * 1024) {
+            cudaError_t e = cudaFuncSetAttribute(plan_count_kernel, cudaFuncAttributeMaxDynamicSharedMemorySize,
+                                                 (int)shared);
+            if (e != cudaSuccess) return (int)e;
+        }
+        plan_count_kernel<<<(unsigned)blocks, MOE_EP__CUDA_PLAN_BLOCK, shared, s>>>(*p);
+    }
+    plan_sizes_kernel<<<1, 1024, 0, s>>>(*p, blocks, 1);
+    if (blocks > 0) ll_map_kernel<<<(unsigned)blocks, MOE_EP__CUDA_PLAN_BLOCK, 0, s>>>(*p, dest, max_tokens);
+    return (int)cudaGetLastError();
+}
+
+extern "C" int moe_ep__cuda_k_ll_dispatch(moe_ep__cuda_k_ll g, const moe_ep__cuda_k_plan* p, const void* x,
+                                          const int64_t* dest, int64_t sources, int per_row, void* recv, void* stream) {
+    using namespace moe_ep_cuda_kernels;
+    cudaStream_t s = (cudaStream_t)stream;
+    if (p->S > 1024 || g.grid < 1) return (int)cudaErrorInvalidValue;
+    if (sources < 0) sources = 0;
+    switch (unit_bytes(g.row_bytes, x, recv, (const void*)(uintptr_t)g.land_off)) {
+    case 16: return (int)launch_ll_dispatch<uint4>(g, *p, x, dest, sources, per_row, recv, s);
+    case 8: return (int)launch_ll_dispatch<uint2>(g, *p, x, dest, sources, per_row, recv, s);
+    case 4: return (int)launch_ll_dispatch<uint32_t>(g, *p, x, dest, sources, per_row, recv, s);
+    default: return (int)launch_ll_dispatch<uint16_t>(g, *p, x, dest, sources, per_row, recv, s);
+    }
+}
+
+extern "C" int moe_ep__cuda_k_ll_combine(moe_ep__cuda_k_ll g, const int64_t* dest, const float* weight, void* y,
+                                         int64_t tokens, int top_k, int d_model, int dtype, void* stream) {
+    using namespace moe_ep_cuda_kernels;
+    cudaStream_t s = (cudaStream_t)stream;
+    /* every region's out_off is 16-aligned, and so is each row when d is a multiple of 8 (bf16) or 4 (fp32) */
+    bool wide = aligned((const void*)(uintptr_t)g.out_off, 16) && aligned(y, 16);
+    if (tokens < 0) tokens = 0;
+    if (dtype == MOE_EP__CUDA_K_BF16) {
+        ll_rows<__nv_bfloat16> rows = { g.peers, dest, g.table_off, g.out_off, g.row_bytes, g.max_tokens, g.rank,
+                                        g.world, g.S };
+        if (d_model % 8 == 0 && wide)
+            return (int)launch_ll_combine<__nv_bfloat16, 8>(g, rows, weight, y, tokens, top_k, d_model, s);
+        return (int)launch_ll_combine<__nv_bfloat16, 1>(g, rows, weight, y, tokens, top_k, d_model, s);
+    }
+    ll_rows<float> rows = { g.peers, dest, g.table_off, g.out_off, g.row_bytes, g.max_tokens, g.rank, g.world, g.S };
+    if (d_model % 4 == 0 && wide)
+        return (int)launch_ll_combine<float, 4>(g, rows, weight, y, tokens, top_k, d_model, s);
+    return (int)launch_ll_combine<float, 1>(g, rows, weight, y, tokens, top_k, d_model, s);
+}
+
+extern "C" int moe_ep__cuda_k_ll_stop(moe_ep__cuda_k_ll g, int why, void* stream) {
+    using namespace moe_ep_cuda_kernels;
+    ll_stop_kernel<<<1, 1, 0, (cudaStream_t)stream>>>(g, why);
+    return (int)cudaGetLastError();
 }
 
 #endif /* MOE_EP_CUDA_KERNELS_IMPL_INCLUDED */
