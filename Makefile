@@ -437,7 +437,7 @@ MPIRUN_NCCL ?= mpirun
 GPU_FLAGS    = $(MOE_EP_CFLAGS) $(OPT) -isystem $(CUDA_HOME)/include $(CFLAGS)
 GPU_LIBS     = -L$(CUDA_HOME)/lib64 -lnccl -lcudart -pthread -lm $(LDFLAGS)
 CUDA_LIBS    = -L$(CUDA_HOME)/lib64 -lnccl -lcublas -lcudart -lstdc++ -pthread -lm $(LDFLAGS)
-GPU_TESTS    = check_nccl check_cuda check_cuda_layout check_cuda_families check_cuda_gemm
+GPU_TESTS    = check_nccl check_cuda check_cuda_layout check_cuda_families check_cuda_gemm check_cuda_lowlat
 HAVE_NVCC   := $(shell command -v $(NVCC) 2>/dev/null)
 HAVE_MPI_NCCL := $(and $(shell command -v $(MPICC_NCCL) 2>/dev/null),$(shell command -v $(MPIRUN_NCCL) 2>/dev/null))
 # ANCHOR_DIR: the anchor scripts bench-gpu runs beside ours (raw NCCL all-to-all, the PyTorch EP layer)
@@ -450,7 +450,8 @@ $(BUILD)/%.o: %.cu $(HEADERS) | $(BUILD)
 	$(NVCC) $(CUDA_ARCH) -O2 -c $< -o $@
 $(GPU_TESTS:%=$(BUILD)/%): $(BUILD)/%: tests/gpu/%.c $(TEST_SUPPORT) $(HEADERS) | $(BUILD)
 	$(CC) $(GPU_FLAGS) $(SOURCES) -o $@ $(CHECK_LIBS) $(GPU_LIBS)
-CUDA_TESTS   = $(BUILD)/check_cuda $(BUILD)/check_cuda_layout $(BUILD)/check_cuda_families $(BUILD)/check_cuda_gemm
+CUDA_TESTS   = $(BUILD)/check_cuda $(BUILD)/check_cuda_layout $(BUILD)/check_cuda_families $(BUILD)/check_cuda_gemm \
+               $(BUILD)/check_cuda_lowlat
 $(CUDA_TESTS): GPU_LIBS = $(CUDA_LIBS)
 $(CUDA_TESTS) $(BUILD)/nccl_mpi_demo: $(BUILD)/cuda_kernels.o
 $(BUILD)/nccl_mpi_demo: examples/nccl_mpi_demo.c $(HEADERS) | $(BUILD)

@@ -1163,10 +1163,11 @@ MOE_EP_PRIVATE moe_ep_result moe_ep__cuda_ll_setup(moe_ep_cuda_layer* L, moe_ep_
     verdict = R > 1 ? moe_ep__cuda_direct_vote(L, res == MOE_EP_OK ? 0 : res == MOE_EP_ERROR_UNSUPPORTED ? 1 : 2, &res)
                     : res == MOE_EP_OK ? 0 : 2;
     if (verdict == 0) {
-        /* ranks that share this GPU (threads of one process) share its SMs: every rank's
-           dispatch and combine blocks must be resident together, as their waits spin */
+        /* ranks that share this GPU (threads of one process, a test setup) share its SMs:
+           their dispatch and combine blocks spin in their waits, so together they keep to
+           a quarter of the SMs and leave the rest to the others' GEMMs */
         L->ll_args.peers = L->peer_dev;
-        L->ll_args.grid = L->ll_args.grid / (sharing > 0 ? sharing : 1);
+        if (sharing > 1) L->ll_args.grid = L->ll_args.grid / (4 * sharing);
         if (L->ll_args.grid < 1) L->ll_args.grid = 1;
         L->ll_mapped = 1;
         return MOE_EP_OK;
@@ -2140,7 +2141,7 @@ MOE_EP_API void moe_ep_cuda_layer_abort(moe_ep_cuda_layer* layer) {
 }
 
 MOE_EP_API void moe_ep_cuda_layer_rows(moe_ep_cuda_layer* layer, void** recv, void** out, int64_t* rows) {
-    int full = layer && layer->desc.max_tokens > 0;
+    int full = layer && layer->desc.max_tokens > 0 && !layer->ll;
     if (recv) *recv = full ? layer->recv : NULL;
     if (out) *out = full ? layer->out : NULL;
     if (rows) *rows = !full ? 0 : layer->direct ? layer->region_rows : (int64_t)(layer->recv_bytes / layer->row_bytes);
