@@ -460,6 +460,8 @@ $(BUILD)/bench_nccl: bench/bench_nccl.c $(BUILD)/bench_fill.o $(HEADERS) | $(BUI
 	$(CC) $(GPU_FLAGS) $(SOURCES) -o $@ $(CUDA_LIBS)
 $(BUILD)/bench_gemm: bench/bench_gemm.c $(BUILD)/bench_fill.o $(HEADERS) | $(BUILD)
 	$(CC) $(GPU_FLAGS) $(SOURCES) -o $@ $(CUDA_LIBS)
+$(BUILD)/bench_lowlat: bench/bench_lowlat.c $(BUILD)/bench_fill.o $(HEADERS) | $(BUILD)
+	$(CC) $(GPU_FLAGS) $(SOURCES) -o $@ $(CUDA_LIBS)
 $(HDR)/gpu_clang_%.o: %.c $(HEADERS) | $(HDR)
 	$(CLANG) $(GPU_FLAGS) -c $< -o $@
 $(HDR)/nccl_%.o: tests/headers/impl_nccl.c $(HEADERS) | $(HDR)
@@ -472,7 +474,8 @@ check-nccl: | $(BUILD)
 	@$(call skip,$@,no nvcc: $(NVCC))
 else
 check-nccl: $(GPU_TESTS:%=$(BUILD)/%) $(GPU_TESTS:%=$(HDR)/gpu_clang_%.o) $(HDR)/gpu_clang_bench_nccl.o $(HDR)/cuda.o \
-            $(CC_LIST:%=$(HDR)/nccl_%.o) $(BUILD)/bench_nccl $(BUILD)/bench_gemm $(if $(HAVE_MPI_NCCL),$(BUILD)/nccl_mpi_demo)
+            $(HDR)/gpu_clang_bench_lowlat.o $(CC_LIST:%=$(HDR)/nccl_%.o) $(BUILD)/bench_nccl $(BUILD)/bench_gemm \
+            $(BUILD)/bench_lowlat $(if $(HAVE_MPI_NCCL),$(BUILD)/nccl_mpi_demo)
 	@$(foreach t,$(GPU_TESTS),$(call run_test,$@,./$(BUILD)/$(t));)
 endif
 
