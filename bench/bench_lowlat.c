@@ -9,13 +9,14 @@
      d_ff; the layer times do);
    - seed: d_model 2048, d_ff 1408, 64 experts, top-2, at 1, 16 and 128 tokens.
    Layers on the same weights: normal (planned on the GPU, the default experts: the Hopper
-   kernel after a download of the row counts), normal CHUNKED (no host synchronisation:
-   capturable), low-latency (the Hopper kernel where it runs), and for seed low-latency
-   CHUNKED. For each: the forward (a call), the forward replayed from a CUDA graph where the
+   kernel after a download of the row counts), normal HOPPER and normal CHUNKED (no host
+   synchronisation: capturable; CHUNKED for seed only), low-latency (the Hopper kernel where it
+   runs), and for seed low-latency CHUNKED. For each: the forward (a call), the forward replayed from a CUDA graph where the
    layer can be captured, and the row movement alone: the normal path's dispatch (its permute
    kernel) and combine (its weighted un-permute kernel) against the low-latency dispatch and
    combine kernels. Medians over --iters events-timed repetitions after warm-up; ratios are
-   low-latency / normal, measured side by side in this run.
+   low-latency / normal, measured side by side in this run (graphs: against the normal
+   layer with the same expert GEMM).
 
    ./bench_lowlat [--iters N] */
 #define _POSIX_C_SOURCE 200809L  /* bench_util.h: clock_gettime */
@@ -40,8 +41,9 @@ static const config g_configs[2] = {
     { "seed-64e-top2", 2048, 1408, 64, 2, 0, { 1, 16, 128 } },
 };
 
-enum { L_NORMAL, L_NORMAL_CHUNKED, L_LL, L_LL_CHUNKED, L_COUNT };
-static const char* g_layer_names[L_COUNT] = { "normal", "normal CHUNKED", "low-latency", "low-latency CHUNKED" };
+enum { L_NORMAL, L_NORMAL_HOPPER, L_NORMAL_CHUNKED, L_LL, L_LL_CHUNKED, L_COUNT };
+static const char* g_layer_names[L_COUNT] = { "normal", "normal HOPPER", "normal CHUNKED", "low-latency",
+                                              "low-latency CHUNKED" };
 
 typedef struct bench {
     cudaStream_t stream;
@@ -152,6 +154,7 @@ static int make_layers(bench* b, const config* c, int with_ll_chunked, void** de
         moe_ep_result res;
         if (l == L_LL_CHUNKED && !with_ll_chunked) continue;
         if (l == L_NORMAL_CHUNKED && c->deepseek) continue;    /* one chunk of 128 rows per expert: 33x the rows */
+        if (l == L_NORMAL_HOPPER && !moe_ep__cuda_k_gemm_ready()) continue;
         res = moe_ep_cuda_layer_create(&(moe_ep_cuda_layer_desc){
             .d_model = c->d, .d_ff = c->ff, .num_experts = c->E, .top_k = c->k, .transport = &b->transport,
             .stream = b->stream, .dtype = MOE_EP_CUDA_DTYPE_BF16, .max_tokens = 128, .timeout_ms = 10000,
@@ -159,7 +162,7 @@ static int make_layers(bench* b, const config* c, int with_ll_chunked, void** de
             .num_groups = c->deepseek ? 8 : 0, .topk_groups = c->deepseek ? 4 : 0,
             .routed_scaling_factor = c->deepseek ? 2.5f : 0.0f, .selection_bias = c->deepseek ? selection_bias : NULL,
             .expert_gemm = l == L_NORMAL_CHUNKED || l == L_LL_CHUNKED ? MOE_EP_CUDA_EXPERT_GEMM_CHUNKED
-                                                                      : MOE_EP_CUDA_EXPERT_GEMM_DEFAULT,
+                           : l == L_NORMAL_HOPPER ? MOE_EP_CUDA_EXPERT_GEMM_HOPPER : MOE_EP_CUDA_EXPERT_GEMM_DEFAULT,
             .mode = l >= L_LL ? MOE_EP_CUDA_MODE_LOW_LATENCY : MOE_EP_CUDA_MODE_DEFAULT,
             .router_weight = router, .experts = experts }, &b->layers[l]);
         if (res != MOE_EP_OK) {
@@ -201,6 +204,7 @@ int main(int argc, char** argv) {
         const config* c = &g_configs[ci];
         void* weights[4] = { NULL, NULL, NULL, NULL };
         double t[L_COUNT][4];
+        memset(t, 0, sizeof t);
         size_t bytes = (size_t)128 * (size_t)c->d * 2;
         int ok = cudaMalloc(&b.x, bytes) == cudaSuccess && cudaMalloc(&b.y, bytes) == cudaSuccess &&
                  bench_fill(b.x, (size_t)128 * (size_t)c->d, 1, 1.0f, 5, b.stream) == 0;
@@ -228,6 +232,8 @@ int main(int argc, char** argv) {
             printf("ratio %s T=%lld: low-latency / normal: forward %.2f, dispatch %.2f, combine %.2f", c->name,
                    (long long)b.tokens, t[L_LL][0] / t[L_NORMAL][0], t[L_LL][2] / t[L_NORMAL][2], t[L_LL][3] / t[L_NORMAL][3]);
             if (t[L_LL][1] > 0.0) printf("; low-latency graph / normal call %.2f", t[L_LL][1] / t[L_NORMAL][0]);
+            if (t[L_LL][1] > 0.0 && t[L_NORMAL_HOPPER][1] > 0.0)
+                printf("; graphs, HOPPER both: %.2f", t[L_LL][1] / t[L_NORMAL_HOPPER][1]);
             if (t[L_NORMAL_CHUNKED][1] > 0.0 && t[L_LL_CHUNKED][1] > 0.0)
                 printf("; graphs, CHUNKED both: %.2f", t[L_LL_CHUNKED][1] / t[L_NORMAL_CHUNKED][1]);
             printf("\n");
