@@ -178,12 +178,61 @@
    - Ordering: per-rank flags in the regions, release stores and acquire loads at system
      scope. A wait that runs past desc.timeout_ms gives MOE_EP_ERROR_TIMEOUT at the next
      call, calls transport.abort (if set) and the layer refuses further work (timeout 0:
-     it waits for ever); transport.abort does not interrupt a kernel that waits.
+     it waits for ever). transport.abort does not reach a kernel that waits;
+     moe_ep_cuda_layer_abort does (this rank's waits end; the peers' time out).
    - The layer has one set of these buffers: a plan dispatched on this path must be
      combined (or destroyed) before the next dispatch. Stage calls with your own
      recv_rows / expert_out work, at the cost of a copy each; pass the layer's
      (moe_ep_cuda_layer_rows) to save it.
    - moe_ep_cuda_layer_destroy is then collective: call it on every rank.
+
+   LOW-LATENCY DECODE
+   ==================
+   desc.mode = MOE_EP_CUDA_MODE_LOW_LATENCY is for decoding, steps of 1 to a few hundred
+   tokens per rank, where the layer's time is latency: as DeepEP's low-latency kernels, it
+   exchanges no counts, sizes nothing on the host and moves rows with one kernel each way,
+   so the whole forward can be captured in a CUDA graph also with several ranks.
+   - Needs max_tokens > 0 (per rank and call), the built-in experts (no expert_fn), no TP
+     group, num_experts <= 1024, planning not HOST, expert_gemm DEFAULT (the Hopper kernel
+     where it runs: bf16 on compute capability 9.0, else CHUNKED), HOPPER or CHUNKED, and
+     with several ranks every rank able to map every other rank's memory, as the direct
+     path maps it (one host; threads of one process may share a GPU). There is no
+     transport fallback yet: where the peers cannot map each other, create fails with
+     MOE_EP_ERROR_UNSUPPORTED on every rank. Only moe_ep_cuda_forward runs (with
+     moe_ep_cuda_route and moe_ep_cuda_shared_experts); moe_ep_cuda_plan_create, and so
+     every stage call, fails with MOE_EP_ERROR_UNSUPPORTED.
+   - Buffers (create, collective): each rank's region holds its landing rows
+     [experts per rank, world * max_tokens, d_model] (source q's i-th row for local expert
+     s at row (s * world + q) * max_tokens + i: a known place, no count needed first), the
+     counts [experts per rank][world] its sources write, arrival flags, a table of where
+     each source's rows start among the received rows, and the expert outputs.
+   - The forward: the router and the plan kernels' send half (each assignment's rank among
+     its expert's, capacity) on the GPU; dispatch, one kernel: every row stored at its
+     landing row in its owner's region, then this rank's counts and its arrival flag to
+     every rank; every block then waits for every rank's flag and moves the landed rows
+     into the received rows grouped by local expert, source rank and token, as the normal
+     path lays them out (CHUNKED: each expert from a multiple of the chunk). The experts
+     (shared experts too) as with the plan on the GPU; combine, one kernel: this rank's
+     "outputs ready" flag to every rank, wait for every rank's, then each token's k slots
+     read from the owners' regions and summed in k-slot order in fp32. So the output is
+     bitwise the normal layer's with the same expert_gemm on the same inputs (asserted at
+     world size 1; with several ranks the normal layer runs other GEMMs: within rounding).
+   - The epoch of a step lives on the device (a counter the combine advances), so replays
+     of a captured forward count on; one forward or replay at a time, on desc.stream. Every
+     rank must call every step, with 0 tokens too: the others wait for its flags.
+   - Errors: a wait that runs past desc.timeout_ms gives up, and tells every rank to give
+     up (a stop word in each region): every rank's next call, or moe_ep_cuda_layer_check
+     after the stream, fails with MOE_EP_ERROR_TIMEOUT, a rank that arrives late included,
+     and the layer refuses further work (timeout 0: no limit). moe_ep_cuda_layer_abort on
+     any rank ends every rank's waits the same way (MOE_EP_ERROR_ABORTED); so does a rank
+     whose call fails before its kernels (bad arguments), which would otherwise leave the
+     others waiting. The output of a step that gave up is undefined.
+   - Costs: the landed rows are copied once more into place (DeepEP's receive side copies
+     too); the landing buffers are sized for the worst case. The dispatch and combine
+     kernels spin in their waits on a grid of one block per SM (a quarter of the SMs,
+     shared out, when ranks share a GPU): do not run the Hopper kernel (HOPPER, or DEFAULT
+     in bf16) with several ranks on one GPU, whose persistent grid needs SMs that the
+     other ranks' waits hold.
 
    moe_ep_cuda DOES NOT
    ====================
@@ -196,7 +245,7 @@
    One layer per rank (per GPU), used by one thread at a time. Calls marked "Collective:
    yes" must be made by every rank of the EP group in the same order, with the same GPU
    parameters (create checks them: dtype, a2a_layout, direct, max_tokens, expert_fn and
-   router_weight set or not, the TP size) and the same shape (the core's fingerprint).
+   router_weight set or not, the TP size, mode) and the same shape (the core's fingerprint).
    Every device operation is queued on desc.stream (0 = the legacy default stream), so it
    is ordered after your earlier work there and before your later work; give the
    transport the same stream. Calls that need numbers on the host wait for them: plan
@@ -226,7 +275,9 @@
    exists, go to the logger only. Validation failures and out-of-memory give the same
    verdict on every rank (through the core's moe_ep_agree, over the EP group and then the
    TP group). A failing expert_fn is agreed before the combine. The transport's own
-   failures (timeouts, aborts) come back as its error.
+   failures (timeouts, aborts) come back as its error. Waits on the device (the direct
+   path's, the low-latency mode's) end at desc.timeout_ms or moe_ep_cuda_layer_abort and
+   show at the next call or in moe_ep_cuda_layer_check.
 
    MEMORY
    ======
@@ -236,7 +287,9 @@
    tokens per rank and a forward allocates nothing (the GPU plan's buffers and cuBLAS's
    32 MiB workspace included; CHUNKED sizes the expert-side rows for its padding);
    otherwise the buffers grow (by half again) when a call needs more, and stay. The direct path adds its region: 2 x
-   max_tokens x min(top_k, most experts per rank) x world x d_model elements.
+   max_tokens x min(top_k, most experts per rank) x world x d_model elements. The
+   low-latency mode's region: max_tokens x world x (most experts per rank + min(top_k,
+   most experts per rank)) x d_model elements (plus CHUNKED's padding).
 
    LICENSE
    =======
