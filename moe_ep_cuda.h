@@ -3259,14 +3259,19 @@ MOE_EP_PRIVATE moe_ep_result moe_ep__cuda_forward_gpu(moe_ep_cuda_layer* L, cons
    row is; rows past the last expert's are never computed). */
 MOE_EP_PRIVATE moe_ep_result moe_ep__cuda_ll_experts(moe_ep_cuda_layer* L) {
     const int64_t* first_row = L->gp.k.local_offsets;
+    int64_t rows = L->region_rows, recv_rows = (int64_t)(L->recv_bytes / L->row_bytes);
+    int64_t hidden_rows = (int64_t)(L->hidden_bytes / ((size_t)L->up_rows * L->elem));
     moe_ep_result res;
     if (L->local_experts == 0) return MOE_EP_OK;
     if (L->chunks > 0) return moe_ep__cuda_chunked_experts(L);
-    res = moe_ep__cuda_hopper_rows(L, L->recv, L->region_rows, first_row, L->out);
+    /* every buffer has room for the rows this rank can receive; the kernel reads no further */
+    if (recv_rows < rows) rows = recv_rows;
+    if (hidden_rows < rows) rows = hidden_rows;
+    res = moe_ep__cuda_hopper_rows(L, L->recv, rows, first_row, L->out);
     if (res == MOE_EP_ERROR_UNSUPPORTED)
         return moe_ep__cuda_fail(L, MOE_EP_ERROR_INTERNAL, "low-latency experts: the Hopper kernel refused the buffers");
     if (res == MOE_EP_OK && L->b_down)
-        res = moe_ep__cuda_kernel(L, moe_ep__cuda_k_add_bias(L->out, L->region_rows, L->d_model, L->b_down, first_row,
+        res = moe_ep__cuda_kernel(L, moe_ep__cuda_k_add_bias(L->out, rows, L->d_model, L->b_down, first_row,
                                                              L->local_experts, moe_ep__cuda_kdtype[L->dtype], L->stream),
                                   "down bias kernel");
     return res;

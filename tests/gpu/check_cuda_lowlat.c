@@ -20,6 +20,7 @@
    - several ranks: each rank's output within tolerance of the CPU layer and of the normal
      layer on the direct path (fp32: CHUNKED against the normal path's cuBLAS GEMMs, other
      kernels, so not bitwise); the same call twice gives the same bits; a rank with 0 tokens;
+     every rank's forward captured in a CUDA graph and replayed: bitwise its plain forward;
    - several ranks: the last rank skips a forward: every other rank's call ends in
      MOE_EP_ERROR_TIMEOUT (not a hang), and so does the late rank's next forward; with no
      timeout, moe_ep_cuda_layer_abort on rank 0 ends every rank's waits instead
@@ -495,10 +496,9 @@ static void test_ranks(rank_env* env) {
         bitwise &= memcmp(yh[0], yh[2], n * es) == 0;
         from_dtype(yh[0], n, c->bf16, yf);
         from_dtype(yh[2], n, c->bf16, yn);
-        if (cpu_reference(c, T, xf, idx, w, ref) != MOE_EP_OK) { rank_fail(env, "CPU reference failed"); break; }
-        err = rel_error(yf, ref, n);
-        err_normal = rel_error(yf, yn, n);
-        if (T == 0) err = err_normal = 0.0;
+        if (T > 0 && cpu_reference(c, T, xf, idx, w, ref) != MOE_EP_OK) { rank_fail(env, "CPU reference failed"); break; }
+        err = T > 0 ? rel_error(yf, ref, n) : 0.0;
+        err_normal = T > 0 ? rel_error(yf, yn, n) : 0.0;
         if (!(err <= (c->bf16 ? 1e-2 : 1e-5)) || !(err_normal <= (c->bf16 ? 1e-2 : 1e-5)))
             rank_fail(env, "round %d: relative error %.3g against the CPU layer, %.3g against the normal layer", round, err,
                       err_normal);
@@ -512,6 +512,79 @@ done:
     free_weights(mine, store, L);
     free(xh); free(yh[0]); free(yh[1]); free(yh[2]); free(xf); free(yf); free(yn); free(ref); free(idx); free(w);
     cudaFree(x); cudaFree(y);
+}
+
+/* Several ranks, each with its forward captured (thread-local capture: the ranks capture at
+   once) and replayed on fresh tokens: every replay bitwise the same rank's plain forward on
+   the same tokens, within tolerance of the CPU layer; the epochs count on across replays and
+   plain calls. */
+static void test_ranks_graph(rank_env* env) {
+    ll_case* c = (ll_case*)env->shared;
+    int me = env->rank, T = c->tokens[me], L = 0, round;
+    size_t es = c->bf16 ? 2 : 4, n = (size_t)T * (size_t)c->d, slots = (size_t)T * (size_t)c->k;
+    moe_ep_cuda_layer* ll = NULL;
+    moe_ep_cuda_expert_weights* mine = NULL;
+    void **store = NULL, *router = NULL, *xh = NULL, *yg = NULL, *yp = NULL, *x = NULL, *y = NULL, *y2 = NULL;
+    float *xf = NULL, *yf = NULL, *ref = NULL, *w = NULL;
+    int32_t* idx = NULL;
+    uint64_t s = c->seed * 4111 + (uint64_t)me;
+    cudaGraph_t graph = NULL;
+    cudaGraphExec_t exec = NULL;
+    double worst = 0.0;
+    moe_ep_result res;
+    mine = rank_weights(c, me, env->world, &store, &L);
+    router = to_dtype(c->router, (size_t)c->E * (size_t)c->d, c->bf16);
+    res = make_layer(env, c, mine, router, MOE_EP_CUDA_MODE_LOW_LATENCY, c->gemm, 60000, &ll);
+    if (res != MOE_EP_OK) { rank_fail(env, "low-latency layer: %s", moe_ep_result_string(res)); goto done; }
+    xf = (float*)malloc(sizeof(float) * (n + 1));
+    yf = (float*)malloc(sizeof(float) * (n + 1));
+    ref = (float*)malloc(sizeof(float) * (n + 1));
+    idx = (int32_t*)malloc(sizeof(int32_t) * (slots + 1));
+    w = (float*)malloc(sizeof(float) * (slots + 1));
+    yg = malloc(n * es + 4);
+    yp = malloc(n * es + 4);
+    CHECK_CUDA(env, cudaMalloc(&x, n * es + 16));
+    CHECK_CUDA(env, cudaMalloc(&y, n * es + 16));
+    CHECK_CUDA(env, cudaMalloc(&y2, n * es + 16));
+    fill(xf, n, 1.0f, c->bf16, &s);
+    xh = to_dtype(xf, n, c->bf16);
+    CHECK_CUDA(env, cudaMemcpy(x, xh, n * es, cudaMemcpyHostToDevice));
+    res = run_forward(env, ll, T, x, y2, n * es, 0, NULL, NULL, yp);    /* warm-up, a step of every rank */
+    if (res != MOE_EP_OK) { rank_fail(env, "warm-up forward: %s", moe_ep_cuda_layer_last_error(ll)); goto done; }
+    CHECK_CUDA(env, cudaStreamBeginCapture(env->stream, cudaStreamCaptureModeThreadLocal));
+    res = moe_ep_cuda_forward(ll, &(moe_ep_cuda_forward_args){ .tokens = T, .x = x, .y = y });
+    CHECK_CUDA(env, cudaStreamEndCapture(env->stream, &graph));
+    if (res != MOE_EP_OK) { rank_fail(env, "captured forward: %s", moe_ep_cuda_layer_last_error(ll)); goto done; }
+    CHECK_CUDA(env, cudaGraphInstantiate(&exec, graph, 0));
+    for (round = 0; round < 3 && !env->failed; ++round) {
+        double err;
+        fill(xf, n, 1.0f, c->bf16, &s);
+        free(xh);
+        xh = to_dtype(xf, n, c->bf16);
+        CHECK_CUDA(env, cudaMemcpy(x, xh, n * es, cudaMemcpyHostToDevice));
+        CHECK_CUDA(env, cudaMemset(y, 0xFF, n * es + 16));
+        CHECK_CUDA(env, cudaGraphLaunch(exec, env->stream));
+        CHECK_CUDA(env, cudaStreamSynchronize(env->stream));
+        CHECK_CUDA(env, cudaMemcpy(yg, y, n * es, cudaMemcpyDeviceToHost));
+        if ((res = moe_ep_cuda_layer_check(ll)) != MOE_EP_OK) { rank_fail(env, "replay %d: %s", round, moe_ep_result_string(res)); break; }
+        res = run_forward(env, ll, T, x, y2, n * es, 0, idx, w, yp);   /* the routing comes back */
+        if (res != MOE_EP_OK) { rank_fail(env, "plain forward: %s", moe_ep_cuda_layer_last_error(ll)); break; }
+        if (memcmp(yg, yp, n * es) != 0) rank_fail(env, "replay %d differs from the plain forward", round);
+        from_dtype(yg, n, c->bf16, yf);
+        if (T > 0 && cpu_reference(c, T, xf, idx, w, ref) != MOE_EP_OK) { rank_fail(env, "CPU reference failed"); break; }
+        err = T > 0 ? rel_error(yf, ref, n) : 0.0;
+        if (!(err <= (c->bf16 ? 1e-2 : 1e-5))) rank_fail(env, "replay %d: relative error %.3g against the CPU layer", round, err);
+        if (err > worst) worst = err;
+    }
+    if (!env->failed && me == 0)
+        snprintf(env->message, sizeof env->message, "3 replays on every rank bitwise the plain forward; rel.err <= %.2e", worst);
+done:
+    if (exec) cudaGraphExecDestroy(exec);
+    if (graph) cudaGraphDestroy(graph);
+    if (ll) moe_ep_cuda_layer_destroy(ll);
+    free_weights(mine, store, L);
+    free(router); free(xh); free(yg); free(yp); free(xf); free(yf); free(ref); free(idx); free(w);
+    cudaFree(x); cudaFree(y); cudaFree(y2);
 }
 
 /* A peer that never arrives (the last rank skips a forward): with a timeout every rank ends
@@ -697,6 +770,7 @@ static void run_world(int world) {
         uneven.tokens[0] = 0;
         uneven.seed = 22;
         run_ll_case(world, uneven, test_ranks, "low-latency ~ normal direct path");
+        run_ll_case(world, ranks, test_ranks_graph, "graphs on every rank");
         ranks.tokens[0] = 4;
         ranks.tokens[1] = 3;
         ranks.tokens[2] = 2;
