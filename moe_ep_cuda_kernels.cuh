@@ -1504,21 +1504,19 @@ __global__ void __launch_bounds__(256) ll_dispatch_kernel(moe_ep__cuda_k_ll g, m
     const int64_t units = (int64_t)(rb / sizeof(U));
     const int lane = threadIdx.x & 31, W = g.world;
     const int64_t warp = global_warp(), warps = warp_count();
-    /* 1. every row to its landing row in its owner's region, four units per lane in flight */
-    for (int64_t t = warp; t < sources; t += warps) {
-        const int64_t* slot = dest + t * per_row;
-        const U* src = (const U*)(x + (size_t)t * rb);
+    /* 1. every (token, slot) row to its landing row in its owner's region: a warp each (a
+       decode step has few tokens and k slots each), four units per lane in flight */
+    for (int64_t item = warp; item < sources * per_row; item += warps) {
+        int64_t v = dest[item];
+        if (v < 0) continue;
+        const U* src = (const U*)(x + (size_t)(item / per_row) * rb);
+        U* to = (U*)(g.peers[v >> 32] + g.land_off + (size_t)(v & 0xFFFFFFFF) * rb);
         for (int64_t i0 = lane; i0 < units; i0 += 32 * 4) {
             U value[4];
             for (int u = 0; u < 4; ++u)
                 if (i0 + 32 * u < units) value[u] = src[i0 + 32 * u];
-            for (int j = 0; j < per_row; ++j) {
-                int64_t v = slot[j];
-                if (v < 0) continue;
-                U* to = (U*)(g.peers[v >> 32] + g.land_off + (size_t)(v & 0xFFFFFFFF) * rb);
-                for (int u = 0; u < 4; ++u)
-                    if (i0 + 32 * u < units) to[i0 + 32 * u] = value[u];
-            }
+            for (int u = 0; u < 4; ++u)
+                if (i0 + 32 * u < units) to[i0 + 32 * u] = value[u];
         }
     }
     /* 2. the last block: this rank's count for every (owner, local expert), then DATA(epoch) */
@@ -1544,10 +1542,14 @@ __global__ void __launch_bounds__(256) ll_dispatch_kernel(moe_ep__cuda_k_ll g, m
         for (int q2 = 0; q2 < q; ++q2) base += ll_load(counts + (size_t)s * W + q2);
         const char* from = g.peers[g.rank] + g.land_off + (size_t)seg * (size_t)g.max_tokens * rb;
         char* to = recv + (size_t)base * rb;
-        for (int64_t r = threadIdx.x >> 5; r < n; r += blockDim.x >> 5) {
+        /* a few rows per segment in decode: the block's warps share each row, a part each */
+        const int parts = (int)(blockDim.x >> 5);
+        for (int64_t item = threadIdx.x >> 5; item < n * parts; item += parts) {
+            int64_t r = item / parts, part = item % parts;
+            int64_t begin = units * part / parts, end = units * (part + 1) / parts;
             const U* a = (const U*)(from + (size_t)r * rb);
             U* b = (U*)(to + (size_t)r * rb);
-            for (int64_t i = lane; i < units; i += 32) b[i] = ll_load(a + i);
+            for (int64_t i = begin + lane; i < end; i += 32) b[i] = ll_load(a + i);
         }
     }
 }
