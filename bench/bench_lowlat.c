@@ -10,15 +10,15 @@
    - seed: d_model 2048, d_ff 1408, 64 experts, top-2, at 1, 16 and 128 tokens.
    Layers on the same weights: normal (planned on the GPU, the default experts: the Hopper
    kernel after a download of the row counts), normal HOPPER and normal CHUNKED (no host
-   synchronisation: capturable; CHUNKED for seed only), low-latency (the Hopper kernel where it
-   runs), and for seed low-latency CHUNKED. For each: the forward (a call), the forward replayed from a CUDA graph where the
+   synchronisation: capturable; CHUNKED with --chunked, for seed only), low-latency (the Hopper
+   kernel where it runs), and with --chunked for seed low-latency CHUNKED. For each: the forward (a call), the forward replayed from a CUDA graph where the
    layer can be captured, and the row movement alone: the normal path's dispatch (its permute
    kernel) and combine (its weighted un-permute kernel) against the low-latency dispatch and
    combine kernels. Medians over --iters events-timed repetitions after warm-up; ratios are
    low-latency / normal, measured side by side in this run (graphs: against the normal
    layer with the same expert GEMM).
 
-   ./bench_lowlat [--iters N] */
+   ./bench_lowlat [--iters N] [--chunked] */
 #define _POSIX_C_SOURCE 200809L  /* bench_util.h: clock_gettime */
 #define MOE_EP_IMPLEMENTATION
 #include "../moe_ep_cuda.h"
@@ -125,7 +125,7 @@ static cudaGraphExec_t capture(bench* b, moe_ep_cuda_layer* L) {
 
 /* One expert's weights, random, shared by every expert (the layers copy them at create);
    the router's rows random, so that the tokens spread over the experts. */
-static int make_layers(bench* b, const config* c, int with_ll_chunked, void** dev_weights) {
+static int make_layers(bench* b, const config* c, int with_chunked, void** dev_weights) {
     size_t dd = (size_t)c->d, ff = (size_t)c->ff;
     moe_ep_cuda_expert_weights* experts = (moe_ep_cuda_expert_weights*)calloc((size_t)c->E, sizeof *experts);
     float selection_bias[256];
@@ -152,8 +152,8 @@ static int make_layers(bench* b, const config* c, int with_ll_chunked, void** de
     }
     for (l = 0; ok && l < L_COUNT; ++l) {
         moe_ep_result res;
-        if (l == L_LL_CHUNKED && !with_ll_chunked) continue;
-        if (l == L_NORMAL_CHUNKED && c->deepseek) continue;    /* one chunk of 128 rows per expert: 33x the rows */
+        /* DeepSeek: one chunk of 128 rows per expert, 33x the rows */
+        if ((l == L_LL_CHUNKED || l == L_NORMAL_CHUNKED) && (!with_chunked || c->deepseek)) continue;
         if (l == L_NORMAL_HOPPER && !moe_ep__cuda_k_gemm_ready()) continue;
         res = moe_ep_cuda_layer_create(&(moe_ep_cuda_layer_desc){
             .d_model = c->d, .d_ff = c->ff, .num_experts = c->E, .top_k = c->k, .transport = &b->transport,
@@ -181,11 +181,12 @@ static int make_layers(bench* b, const config* c, int with_ll_chunked, void** de
 int main(int argc, char** argv) {
     bench b;
     moe_ep_pthreads_world* world = NULL;
-    int gpus = 0, i, ci, ti, l;
+    int gpus = 0, i, ci, ti, l, chunked = 0;
     memset(&b, 0, sizeof b);
     b.iters = 50;
     for (i = 1; i < argc; ++i)
         if (strcmp(argv[i], "--iters") == 0 && i + 1 < argc) b.iters = atoi(argv[++i]);
+        else if (strcmp(argv[i], "--chunked") == 0) chunked = 1;
     if (b.iters < 1 || b.iters > MAX_ITERS) b.iters = 50;
     if (cudaGetDeviceCount(&gpus) != cudaSuccess || gpus == 0) {
         printf("bench_lowlat: no GPU, skipped\n");
@@ -208,7 +209,7 @@ int main(int argc, char** argv) {
         size_t bytes = (size_t)128 * (size_t)c->d * 2;
         int ok = cudaMalloc(&b.x, bytes) == cudaSuccess && cudaMalloc(&b.y, bytes) == cudaSuccess &&
                  bench_fill(b.x, (size_t)128 * (size_t)c->d, 1, 1.0f, 5, b.stream) == 0;
-        ok = ok && make_layers(&b, c, !c->deepseek, weights);
+        ok = ok && make_layers(&b, c, chunked, weights);
         for (ti = 0; ok && ti < 3 && c->tokens[ti] > 0; ++ti) {
             b.tokens = c->tokens[ti];
             for (l = 0; l < L_COUNT; ++l) {
