@@ -11,8 +11,8 @@
    Layers on the same weights: normal (planned on the GPU, the default experts: the Hopper
    kernel after a download of the row counts), normal HOPPER and normal CHUNKED (no host
    synchronisation: capturable; CHUNKED with --chunked, for seed only), low-latency (the Hopper
-   kernel where it runs), and with --chunked for seed low-latency CHUNKED. For each: the forward (a call), the forward replayed from a CUDA graph where the
-   layer can be captured, and the row movement alone: the normal path's dispatch (its permute
+   kernel where it runs), and with --chunked for seed low-latency CHUNKED. For each: the
+   forward (a call), the forward replayed from a CUDA graph where the layer can be captured, and the row movement alone: the normal path's dispatch (its permute
    kernel) and combine (its weighted un-permute kernel) against the low-latency dispatch and
    combine kernels. Medians over --iters events-timed repetitions after warm-up; ratios are
    low-latency / normal, measured side by side in this run (graphs: against the normal
