@@ -90,11 +90,33 @@ static void rank_fail(rank_env* env, const char* fmt, ...) {
 #define CHECK_CUDA(env, call) do { cudaError_t e_ = (call); \
     if (e_ != cudaSuccess) { rank_fail(env, "%s:%d %s: %s", __FILE__, __LINE__, #call, cudaGetErrorString(e_)); goto done; } } while (0)
 
+/* Copies and poison on the rank's own stream, never on the legacy default stream: with ranks
+   sharing a GPU, a legacy-stream call would wait for the other ranks' kernels, which wait in
+   turn for this rank's next step (a deadlock the first run of this test hit). */
+static cudaError_t copy_in(rank_env* env, void* dst, const void* src, size_t bytes) {
+    cudaError_t e = cudaMemcpyAsync(dst, src, bytes, cudaMemcpyHostToDevice, env->stream);
+    return e != cudaSuccess ? e : cudaStreamSynchronize(env->stream);
+}
+
+static cudaError_t copy_out(rank_env* env, void* dst, const void* src, size_t bytes) {
+    cudaError_t e = cudaMemcpyAsync(dst, src, bytes, cudaMemcpyDeviceToHost, env->stream);
+    return e != cudaSuccess ? e : cudaStreamSynchronize(env->stream);
+}
+
+static cudaError_t poison(rank_env* env, void* dst, size_t bytes) {
+    return cudaMemsetAsync(dst, 0xFF, bytes, env->stream);
+}
+
 static void* rank_main(void* arg) {
     rank_env* env = (rank_env*)arg;
     rank_fn fn = *(rank_fn*)env->shared;
     if (cudaSetDevice(env->device) != cudaSuccess) { rank_fail(env, "cudaSetDevice"); return NULL; }
-    if (cudaStreamCreate(&env->stream) != cudaSuccess) { rank_fail(env, "cudaStreamCreate"); return NULL; }
+    /* non-blocking: ranks that share a GPU must not meet on the legacy default stream, which
+       would wait for a peer's kernels that wait for this rank (see the copies below) */
+    if (cudaStreamCreateWithFlags(&env->stream, cudaStreamNonBlocking) != cudaSuccess) {
+        rank_fail(env, "cudaStreamCreateWithFlags");
+        return NULL;
+    }
     fn(env);
     cudaStreamSynchronize(env->stream);
     cudaStreamDestroy(env->stream);
@@ -287,12 +309,12 @@ static moe_ep_result make_layer(rank_env* env, const ll_case* c, const moe_ep_cu
 static moe_ep_result run_forward(rank_env* env, moe_ep_cuda_layer* layer, int T, const void* x, void* y, size_t bytes,
                                  int routing_in, int32_t* idx, float* w, void* yh) {
     moe_ep_result res;
-    if (cudaMemset(y, 0xFF, bytes + 16) != cudaSuccess) return MOE_EP_ERROR_INTERNAL;
+    if (poison(env, y, bytes + 16) != cudaSuccess) return MOE_EP_ERROR_INTERNAL;
     res = moe_ep_cuda_forward(layer, &(moe_ep_cuda_forward_args){ .tokens = T, .x = x, .y = y, .routing_in = routing_in != 0,
                                                                    .topk_idx = idx, .topk_weight = w });
     if (res != MOE_EP_OK) return res;
     if (cudaStreamSynchronize(env->stream) != cudaSuccess) return MOE_EP_ERROR_INTERNAL;
-    if (cudaMemcpy(yh, y, bytes, cudaMemcpyDeviceToHost) != cudaSuccess) return MOE_EP_ERROR_INTERNAL;
+    if (copy_out(env, yh, y, bytes) != cudaSuccess) return MOE_EP_ERROR_INTERNAL;
     return moe_ep_cuda_layer_check(layer);
 }
 
@@ -336,7 +358,7 @@ static void test_bitwise(rank_env* env) {
             fill(xf, n, 1.0f, c->bf16, &s);
             free(xh);
             xh = to_dtype(xf, n, c->bf16);
-            CHECK_CUDA(env, cudaMemcpy(x, xh, n * es, cudaMemcpyHostToDevice));
+            CHECK_CUDA(env, copy_in(env, x, xh, n * es));
             if (!gpu_router) make_routing(c, c->seed + 100 * (uint64_t)ti, T, idx, w);
             res = run_forward(env, ll, T, x, y[1], n * es, !gpu_router, idx, w, yh[1]);
             if (res != MOE_EP_OK) { rank_fail(env, "T=%d low-latency forward: %s", T, moe_ep_cuda_layer_last_error(ll)); break; }
@@ -412,7 +434,7 @@ static void test_graph(rank_env* env) {
     CHECK_CUDA(env, cudaMalloc(&y2, n * es + 16));
     fill(xf, n, 1.0f, c->bf16, &s);
     xh = to_dtype(xf, n, c->bf16);
-    CHECK_CUDA(env, cudaMemcpy(x, xh, n * es, cudaMemcpyHostToDevice));
+    CHECK_CUDA(env, copy_in(env, x, xh, n * es));
     res = moe_ep_cuda_forward(ll, &(moe_ep_cuda_forward_args){ .tokens = T, .x = x, .y = y2 });   /* warm-up */
     if (res != MOE_EP_OK) { rank_fail(env, "warm-up forward: %s", moe_ep_cuda_layer_last_error(ll)); goto done; }
     CHECK_CUDA(env, cudaStreamSynchronize(env->stream));
@@ -428,11 +450,11 @@ static void test_graph(rank_env* env) {
         fill(xf, n, 1.0f, c->bf16, &s);
         free(xh);
         xh = to_dtype(xf, n, c->bf16);
-        CHECK_CUDA(env, cudaMemcpy(x, xh, n * es, cudaMemcpyHostToDevice));
-        CHECK_CUDA(env, cudaMemset(y, 0xFF, n * es + 16));
+        CHECK_CUDA(env, copy_in(env, x, xh, n * es));
+        CHECK_CUDA(env, poison(env, y, n * es + 16));
         CHECK_CUDA(env, cudaGraphLaunch(exec, env->stream));
         CHECK_CUDA(env, cudaStreamSynchronize(env->stream));
-        CHECK_CUDA(env, cudaMemcpy(yg, y, n * es, cudaMemcpyDeviceToHost));
+        CHECK_CUDA(env, copy_out(env, yg, y, n * es));
         if ((res = moe_ep_cuda_layer_check(ll)) != MOE_EP_OK) { rank_fail(env, "replay %d: %s", round, moe_ep_result_string(res)); break; }
         if (run_forward(env, ll, T, x, y2, n * es, 0, NULL, NULL, yp) != MOE_EP_OK) { rank_fail(env, "plain forward failed"); break; }
         if (run_forward(env, normal, T, x, y2, n * es, 0, NULL, NULL, yn) != MOE_EP_OK) { rank_fail(env, "normal forward failed"); break; }
@@ -466,6 +488,10 @@ static void test_ranks(rank_env* env) {
     int bitwise = 1;
     moe_ep_result res;
     mine = rank_weights(c, me, env->world, &store, &L);
+    /* device buffers before the layers: after a collective create no rank allocates while a
+       peer's kernels may already wait for it */
+    CHECK_CUDA(env, cudaMalloc(&x, n * es + 16));
+    CHECK_CUDA(env, cudaMalloc(&y, n * es + 16));
     res = make_layer(env, c, mine, NULL, MOE_EP_CUDA_MODE_DEFAULT, MOE_EP_CUDA_EXPERT_GEMM_DEFAULT, 0, &normal);
     if (res != MOE_EP_OK) { rank_fail(env, "normal layer: %s", moe_ep_result_string(res)); goto done; }
     res = make_layer(env, c, mine, NULL, MOE_EP_CUDA_MODE_LOW_LATENCY, c->gemm, 60000, &ll);
@@ -478,13 +504,11 @@ static void test_ranks(rank_env* env) {
     idx = (int32_t*)malloc(sizeof(int32_t) * (slots + 1));
     w = (float*)malloc(sizeof(float) * (slots + 1));
     for (round = 0; round < 3; ++round) yh[round] = malloc(n * es + 4);
-    CHECK_CUDA(env, cudaMalloc(&x, n * es + 16));
-    CHECK_CUDA(env, cudaMalloc(&y, n * es + 16));
     for (round = 0; round < 3 && !env->failed; ++round) {
         fill(xf, n, 1.0f, c->bf16, &s);
         free(xh);
         xh = to_dtype(xf, n, c->bf16);
-        CHECK_CUDA(env, cudaMemcpy(x, xh, n * es, cudaMemcpyHostToDevice));
+        CHECK_CUDA(env, copy_in(env, x, xh, n * es));
         make_routing(c, c->seed * 977 + 10 * (uint64_t)round + (uint64_t)me, T, idx, w);
         /* the low-latency layer twice, then the normal one, on the same tokens and routing */
         res = run_forward(env, ll, T, x, y, n * es, 1, idx, w, yh[0]);
@@ -534,6 +558,9 @@ static void test_ranks_graph(rank_env* env) {
     moe_ep_result res;
     mine = rank_weights(c, me, env->world, &store, &L);
     router = to_dtype(c->router, (size_t)c->E * (size_t)c->d, c->bf16);
+    CHECK_CUDA(env, cudaMalloc(&x, n * es + 16));     /* before the layer: see test_ranks */
+    CHECK_CUDA(env, cudaMalloc(&y, n * es + 16));
+    CHECK_CUDA(env, cudaMalloc(&y2, n * es + 16));
     res = make_layer(env, c, mine, router, MOE_EP_CUDA_MODE_LOW_LATENCY, c->gemm, 60000, &ll);
     if (res != MOE_EP_OK) { rank_fail(env, "low-latency layer: %s", moe_ep_result_string(res)); goto done; }
     xf = (float*)malloc(sizeof(float) * (n + 1));
@@ -543,12 +570,9 @@ static void test_ranks_graph(rank_env* env) {
     w = (float*)malloc(sizeof(float) * (slots + 1));
     yg = malloc(n * es + 4);
     yp = malloc(n * es + 4);
-    CHECK_CUDA(env, cudaMalloc(&x, n * es + 16));
-    CHECK_CUDA(env, cudaMalloc(&y, n * es + 16));
-    CHECK_CUDA(env, cudaMalloc(&y2, n * es + 16));
     fill(xf, n, 1.0f, c->bf16, &s);
     xh = to_dtype(xf, n, c->bf16);
-    CHECK_CUDA(env, cudaMemcpy(x, xh, n * es, cudaMemcpyHostToDevice));
+    CHECK_CUDA(env, copy_in(env, x, xh, n * es));
     res = run_forward(env, ll, T, x, y2, n * es, 0, NULL, NULL, yp);    /* warm-up, a step of every rank */
     if (res != MOE_EP_OK) { rank_fail(env, "warm-up forward: %s", moe_ep_cuda_layer_last_error(ll)); goto done; }
     CHECK_CUDA(env, cudaStreamBeginCapture(env->stream, cudaStreamCaptureModeThreadLocal));
@@ -561,11 +585,11 @@ static void test_ranks_graph(rank_env* env) {
         fill(xf, n, 1.0f, c->bf16, &s);
         free(xh);
         xh = to_dtype(xf, n, c->bf16);
-        CHECK_CUDA(env, cudaMemcpy(x, xh, n * es, cudaMemcpyHostToDevice));
-        CHECK_CUDA(env, cudaMemset(y, 0xFF, n * es + 16));
+        CHECK_CUDA(env, copy_in(env, x, xh, n * es));
+        CHECK_CUDA(env, poison(env, y, n * es + 16));
         CHECK_CUDA(env, cudaGraphLaunch(exec, env->stream));
         CHECK_CUDA(env, cudaStreamSynchronize(env->stream));
-        CHECK_CUDA(env, cudaMemcpy(yg, y, n * es, cudaMemcpyDeviceToHost));
+        CHECK_CUDA(env, copy_out(env, yg, y, n * es));
         if ((res = moe_ep_cuda_layer_check(ll)) != MOE_EP_OK) { rank_fail(env, "replay %d: %s", round, moe_ep_result_string(res)); break; }
         res = run_forward(env, ll, T, x, y2, n * es, 0, idx, w, yp);   /* the routing comes back */
         if (res != MOE_EP_OK) { rank_fail(env, "plain forward: %s", moe_ep_cuda_layer_last_error(ll)); break; }
@@ -606,6 +630,8 @@ static void test_missing(rank_env* env) {
     double waited;
     moe_ep_result res;
     mine = rank_weights(c, me, env->world, &store, &L);
+    if (cudaMalloc(&x, n * es + 16) != cudaSuccess || cudaMalloc(&y, n * es + 16) != cudaSuccess)
+        rank_fail(env, "device buffers");   /* before the layer: see test_ranks */
     res = make_layer(env, c, mine, NULL, MOE_EP_CUDA_MODE_LOW_LATENCY, c->gemm, aborting ? 0 : 1000, &ll);
     if (res != MOE_EP_OK) { rank_fail(env, "low-latency layer: %s", moe_ep_result_string(res)); test_barrier(env->world); goto done; }
     xf = (float*)malloc(sizeof(float) * (n + 1));
@@ -615,9 +641,7 @@ static void test_missing(rank_env* env) {
     fill(xf, n, 1.0f, c->bf16, &s);
     xh = to_dtype(xf, n, c->bf16);
     make_routing(c, c->seed * 3 + (uint64_t)me, T, idx, w);
-    if (cudaMalloc(&x, n * es + 16) != cudaSuccess || cudaMalloc(&y, n * es + 16) != cudaSuccess ||
-        cudaMemcpy(x, xh, n * es, cudaMemcpyHostToDevice) != cudaSuccess)
-        rank_fail(env, "device buffers");
+    if (!env->failed && copy_in(env, x, xh, n * es) != cudaSuccess) rank_fail(env, "copying the tokens");
     /* one step together */
     res = env->failed ? MOE_EP_ERROR_INTERNAL : run_forward(env, ll, T, x, y, n * es, 1, idx, w, yh);
     if (res != MOE_EP_OK) rank_fail(env, "the step together: %s", moe_ep_cuda_layer_last_error(ll));
