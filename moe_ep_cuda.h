@@ -232,7 +232,11 @@
      kernels spin in their waits on a grid of one block per SM (a quarter of the SMs,
      shared out, when ranks share a GPU): do not run the Hopper kernel (HOPPER, or DEFAULT
      in bf16) with several ranks on one GPU, whose persistent grid needs SMs that the
-     other ranks' waits hold.
+     other ranks' waits hold. Ranks that share a GPU (threads of one process, a test
+     setup) must give the layer non-blocking streams (cudaStreamNonBlocking) and keep
+     device-wide synchronisation (the legacy default stream: cudaMemcpy, cudaMemset;
+     cudaFree) out of their steps: it waits for the other ranks' kernels, which wait for
+     this rank's next step, until the timeout.
 
    moe_ep_cuda DOES NOT
    ====================
