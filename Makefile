@@ -114,8 +114,10 @@ $(HDR)/flat_macro: tests/headers/flat.c $(FLAT) | $(HDR)
 CORE_SRCS = $(sort $(wildcard tests/check_*.c)) tests/moe_ep_impl.c $(TEST_SUPPORT)
 $(BUILD)/check_moe_ep_%: $(CORE_SRCS) $(HEADERS) | $(BUILD)
 	$* $(BUILD_FLAGS) $(SOURCES) -o $@ $(CHECK_LINK)
+HAVE_AVX512_BF16 := $(shell grep -qw avx512_bf16 /proc/cpuinfo 2>/dev/null && echo yes)
 check-core: $(CC_LIST:%=$(BUILD)/check_moe_ep_%)
 	@$(foreach b,$^,$(call run_test,$@,./$(b));)
+	@$(if $(HAVE_AVX512_BF16),,$(call skip,$@/bf16-dot,no AVX512-BF16 on this CPU: the BF16_DOT model not held against vdpbf16ps))
 
 # >>sanitizers: every core suite under clang's AddressSanitizer, UndefinedBehaviorSanitizer and
 # ThreadSanitizer (the pthreads transport's ranks and barriers), about 20 s each. TSan builds without
