@@ -4597,22 +4597,55 @@ MOE_EP_PRIVATE void moe_ep__portable_micro(int rows, int kc, const float* a, con
     }
 }
 
-/* The BF16_DOT arithmetic in plain C: moe_ep__dot_pair per element (an emulation, slow). */
+/* The BF16_DOT arithmetic in plain C: acc[j] + x * w[j] for one row of NR, each as
+   moe_ep__dot_step. Packed activations and weights are never subnormal (packing reads them
+   so) and neither is a sum (it is flushed), so the step is the exact sum rounded once: the
+   product is exact in double, and so is the double sum unless the two are far apart
+   (TwoSum's error then is not zero); rounding it to float is right unless an inexact sum
+   fell on a float tie (moe_ep__fma_row's argument). A row where that happens, or where a
+   sum is below FLT_MIN (to be flushed, or rounded as vdpbf16ps rounds there), is redone
+   element by element. */
+MOE_EP_PRIVATE void moe_ep__dot_row(float* acc, float x, const float* w) {
+    double sum[MOE_EP__PNR];
+    int j, rare = 0;
+    for (j = 0; j < MOE_EP__PNR; ++j) {
+        double p = (double)x * (double)w[j], c = (double)acc[j], s = p + c, bv = s - p;
+        uint64_t u;
+        sum[j] = s;
+        memcpy(&u, &s, sizeof u);
+        rare |= (((uint32_t)u & 0x1FFFFFFFu) == 0x10000000u) & ((p - (s - bv)) + (c - bv) != 0.0);
+        rare |= (s != 0.0) & (s <= FLT_MIN) & (s >= -FLT_MIN);     /* & and |: one vector loop */
+    }
+    if (rare)
+        for (j = 0; j < MOE_EP__PNR; ++j) acc[j] = moe_ep__dot_step(acc[j], x, w[j]);
+    else
+        for (j = 0; j < MOE_EP__PNR; ++j) acc[j] = (float)sum[j];
+}
+
+/* The emulation's micro-kernel: each k pair's weights widened once for the tile's rows, then
+   per row the odd k's step and the even k's (as moe_ep__dot_pair). */
 MOE_EP_PRIVATE void moe_ep__portable_dot_micro(int rows, int kc, const float* a, const float* b, const float* cin,
                                                int64_t ldc, float* cout, int64_t ldo, const moe_ep__epilogue* ep) {
-    int r;
-    for (r = 0; r < rows; ++r) {
-        float acc[MOE_EP__PNR];
-        int j, kk;
-        for (j = 0; j < MOE_EP__PNR; ++j) acc[j] = cin ? cin[r * ldc + j] : 0.0f;
-        for (kk = 0; kk < kc; ++kk) {
-            uint32_t x, w[MOE_EP__PNR];
-            memcpy(&x, a + (int64_t)kk * MOE_EP__PMR + r, sizeof x);
-            memcpy(w, b + (int64_t)kk * MOE_EP__PNR, sizeof w);
-            for (j = 0; j < MOE_EP__PNR; ++j) acc[j] = moe_ep__dot_pair(acc[j], x, w[j]);
+    float acc[MOE_EP__PMR][MOE_EP__PNR];
+    int r, j, kk;
+    for (r = 0; r < rows; ++r)
+        for (j = 0; j < MOE_EP__PNR; ++j) acc[r][j] = cin ? cin[r * ldc + j] : 0.0f;
+    for (kk = 0; kk < kc; ++kk) {
+        uint32_t w[MOE_EP__PNR];
+        float odd[MOE_EP__PNR], even[MOE_EP__PNR];
+        memcpy(w, b + (int64_t)kk * MOE_EP__PNR, sizeof w);
+        for (j = 0; j < MOE_EP__PNR; ++j) {
+            odd[j] = moe_ep__bf16_daz(w[j] >> 16);
+            even[j] = moe_ep__bf16_daz(w[j] & 0xFFFFu);
         }
-        moe_ep__finish_row(ep, acc, cout + r * ldo);
+        for (r = 0; r < rows; ++r) {
+            uint32_t x;
+            memcpy(&x, a + (int64_t)kk * MOE_EP__PMR + r, sizeof x);
+            moe_ep__dot_row(acc[r], moe_ep__bf16_daz(x >> 16), odd);
+            moe_ep__dot_row(acc[r], moe_ep__bf16_daz(x & 0xFFFFu), even);
+        }
     }
+    for (r = 0; r < rows; ++r) moe_ep__finish_row(ep, acc[r], cout + r * ldo);
 }
 
 static const moe_ep__path moe_ep__path_portable = {
