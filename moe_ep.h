@@ -55,7 +55,9 @@
    `cc -O2 -fopenmp` build needs no -march flag. Other compilers and architectures follow
    the compiler's target flags (AArch64: NEON; x86: -mavx2 -mfma or -march=native). A
    context's path: moe_ep_query(ctx).kernel; the one a new context gets: moe_ep_kernel_path();
-   desc.kernel asks for one. Every path gives the same bits (SAME BITS EVERYWHERE).
+   desc.kernel asks for one. Every path gives the same bits (SAME BITS EVERYWHERE). The
+   opt-in BF16_DOT arithmetic has its own kernels: AVX512_BF16 (vdpbf16ps) and a portable
+   emulation with the same bits (BF16 DOT ARITHMETIC).
    Compile with -fopenmp (or your compiler's flag) for OpenMP expert compute; without
    it everything runs on the calling thread and the results are bitwise the same.
 
@@ -66,7 +68,8 @@
    -ffp-contract=fast), every architecture (x86-64, i686 with SSE2, armhf, aarch64,
    riscv64, s390x), every kernel path (portable, AVX2, AVX-512, NEON), and every world
    size, transport and thread count; so is the output of each weight format (bf16, fp16,
-   int8: every weight widened to fp32 exactly, WEIGHT FORMATS). A reference output made on a laptop checks a board
+   int8: every weight widened to fp32 exactly, WEIGHT FORMATS), and so is that of the opt-in
+   BF16_DOT arithmetic (its own bits, BF16 DOT ARITHMETIC). A reference output made on a laptop checks a board
    in the field: the demos print an output fingerprint to compare by eye. How:
    - every multiply-add the library means is one fused multiply-add (fmaf: one
      instruction where the hardware has FMA, an exact software one elsewhere, as on
@@ -160,6 +163,32 @@
    _DESC_EXPERT_WEIGHTS_STORED (a tensor given twice, or stored for fp32),
    _DESC_EXPERT_SCALE (an int8 scale missing, <= 0 or not finite),
    _DESC_WEIGHT_NOT_CONVERTIBLE (an fp32 weight the format cannot hold).
+
+   BF16 DOT ARITHMETIC
+   ===================
+   desc.arithmetic = MOE_EP_ARITHMETIC_BF16_DOT (opt-in, bf16 weights only) multiplies as
+   AVX512-BF16's vdpbf16ps does instead of widening the weights (the default, EXACT):
+   - each activation the FFN multiplies (x, and the hidden rows between the up and down
+     products) is rounded to bf16 to nearest even, a subnormal to a zero of its sign (as
+     vcvtne2ps2bf16); a subnormal bf16 weight is stored as a zero of its sign;
+   - an output's sum runs over k in pairs (2i, 2i + 1), i = 0, 1, ..., from zero: acc +
+     x[2i+1] w[2i+1], then + x[2i] w[2i], each the exact sum rounded once to nearest even,
+     a sum below FLT_MIN once rounded (to 24 bits) flushed to a zero of its sign; an odd K
+     ends with a zero pair;
+   - the biases, the activations, the shared experts' gate, the router and combine are
+     the exact arithmetic's.
+   This is Intel's definition of the instructions; the AVX512_BF16 kernel runs them where
+   the CPU has AVX512-BF16 and its vdpbf16ps gives the emulation's bits on a set of edge
+   cases (checked at create), else the portable kernel emulates them (the same bits, about
+   50-100x slower than the SIMD kernels: a fallback, not a fast path). The output is thus
+   its own bits, the same on both kernels, every world size, transport and thread count;
+   within 2e-3 (measured 1e-7) of a float64 layer over the bf16-rounded activations and
+   weights, and about 2e-3 from the exact arithmetic over the same weights. Speed: where
+   vdpbf16ps runs at half the multiply-adds per second of vfmadd231ps (as on the CPU of
+   bench/RESULTS.md), prefill is slower than EXACT; decode streams the stored pairs without
+   widening them (README: "Weight formats"). Errors: MOE_EP_LOG_ITEM_DESC_ARITHMETIC (not
+   an arithmetic, or BF16_DOT without bf16 weights), _DESC_KERNEL (a kernel that does not
+   run the arithmetic: AVX512_BF16 for EXACT, AVX2/AVX512/NEON for BF16_DOT).
 
    moe_ep DOES NOT
    ===============
