@@ -125,8 +125,9 @@
 
    CUDA GRAPHS
    ===========
-   A layer created with max_tokens > 0, expert_gemm = MOE_EP_CUDA_EXPERT_GEMM_CHUNKED and a
-   router (router_weight), on an EP group of one rank, runs its forward without any host
+   A layer created with max_tokens > 0, expert_gemm = MOE_EP_CUDA_EXPERT_GEMM_CHUNKED (or
+   MOE_EP_CUDA_EXPERT_GEMM_HOPPER: bf16 on compute capability 9.0) and a router
+   (router_weight), on an EP group of one rank, runs its forward without any host
    synchronisation, allocation or read of device data: it can be captured once and
    replayed. CHUNKED lays out each local expert's received rows from a multiple of 128 rows
    (256 where experts average more than 512 rows) and runs one cublasGemmBatchedEx per
@@ -150,11 +151,10 @@
    Shared experts, biases, input scaling and capacity are captured with the rest. The
    layer's buffers are the graph's: replay it on desc.stream (or order it after the layer's
    other work), one replay or forward at a time, and keep the layer alive while the graph
-   exists. Without CHUNKED, or with several ranks, a capture fails (the forward waits for
-   sizes on the host; cudaStreamEndCapture reports the broken capture). The Hopper kernel
-   (moe_ep_cuda_gemm.cuh) makes its tile list on the device from the plan's offsets and
-   could serve a captured forward too; the forward does not yet call it without the
-   downloaded counts.
+   exists. Without CHUNKED or HOPPER, or with several ranks, a capture fails (the forward
+   waits for sizes on the host; cudaStreamEndCapture reports the broken capture). HOPPER
+   needs no chunks: the kernel (moe_ep_cuda_gemm.cuh) makes its tile list on the device from
+   the plan's offsets and runs over the receive buffer as the plan filled it.
 
    DIRECT NVLINK PATH
    ==================
@@ -2470,17 +2470,17 @@ MOE_EP_PRIVATE moe_ep_result moe_ep__cuda_grouped_experts(moe_ep_cuda_layer* L, 
 /* All experts on moe_ep_cuda_gemm.cuh's kernel: gate+up with the bias and the activation into
    hidden [rows, d_ff], then down into out (fp32 partial sums with TP in bf16).
    MOE_EP_ERROR_UNSUPPORTED, nothing queued, when the kernel refuses the buffers. */
-MOE_EP_PRIVATE moe_ep_result moe_ep__cuda_hopper_experts(moe_ep_cuda_layer* L, moe_ep_cuda_plan* P, const void* rows,
-                                                         void* out) {
+MOE_EP_PRIVATE moe_ep_result moe_ep__cuda_hopper_rows(moe_ep_cuda_layer* L, const void* rows, int64_t a_rows,
+                                                      const int64_t* first_row, void* out) {
     moe_ep__cuda_k_gemm_args g;
     int gated = L->up_rows == 2 * L->d_ff, st;
     memset(&g, 0, sizeof g);
     g.a = rows;
-    g.a_rows = P->info.recv_rows;
+    g.a_rows = a_rows;
     g.lda = L->d_model;
     g.w = L->w_up;
     g.w_rows = L->up_rows;
-    g.first_row = P->first_row;
+    g.first_row = first_row;
     g.experts = L->local_experts;
     g.k = L->d_model;
     g.n = L->d_ff;
@@ -2509,6 +2509,11 @@ MOE_EP_PRIVATE moe_ep_result moe_ep__cuda_hopper_experts(moe_ep_cuda_layer* L, m
     g.out_f32 = L->partial_f32;
     if (st == 0) st = moe_ep__cuda_k_gemm(&g, L->stream);
     return moe_ep__cuda_kernel(L, st, "grouped expert GEMM");
+}
+
+MOE_EP_PRIVATE moe_ep_result moe_ep__cuda_hopper_experts(moe_ep_cuda_layer* L, moe_ep_cuda_plan* P, const void* rows,
+                                                         void* out) {
+    return moe_ep__cuda_hopper_rows(L, rows, P->info.recv_rows, P->first_row, out);
 }
 
 /* The built-in experts of this rank (its d_ff slice with TP): the Hopper kernel, grouped
@@ -2866,6 +2871,24 @@ MOE_EP_PRIVATE moe_ep_result moe_ep__cuda_chunked_experts(moe_ep_cuda_layer* L) 
     return res;
 }
 
+/* HOPPER on the GPU plan: the kernel over the whole receive buffer, its tile list from the
+   plan's offsets on the device (the rows past the last expert's are never computed), then
+   the down bias on the same rows. */
+MOE_EP_PRIVATE moe_ep_result moe_ep__cuda_hopper_planned(moe_ep_cuda_layer* L, const moe_ep__cuda_k_plan* k) {
+    int64_t rows = (int64_t)(L->recv_bytes / L->row_bytes), hidden_rows;
+    moe_ep_result res;
+    hidden_rows = (int64_t)(L->hidden_bytes / ((size_t)L->up_rows * L->elem));
+    if (hidden_rows < rows) rows = hidden_rows;
+    res = moe_ep__cuda_hopper_rows(L, L->recv, rows, k->local_offsets, L->out);
+    if (res == MOE_EP_ERROR_UNSUPPORTED)    /* create checked the shapes: the buffers themselves */
+        return moe_ep__cuda_fail(L, MOE_EP_ERROR_INTERNAL, "expert buffers not 16-byte aligned for the Hopper kernel");
+    if (res == MOE_EP_OK && L->b_down)
+        res = moe_ep__cuda_kernel(L, moe_ep__cuda_k_add_bias(L->out, rows, L->d_model, L->b_down, k->local_offsets,
+                                                             L->local_experts, moe_ep__cuda_kdtype[L->dtype], L->stream),
+                                  "down bias kernel");
+    return res;
+}
+
 /* The GPU-planned forward's routing, into the router's buffers: the router's, or the one
    handed in; with `download` also queued back to the pinned mirror for the caller. */
 MOE_EP_PRIVATE moe_ep_result moe_ep__cuda_gpu_route(moe_ep_cuda_layer* L, const moe_ep_cuda_forward_args* a,
@@ -2901,6 +2924,8 @@ MOE_EP_PRIVATE moe_ep_result moe_ep__cuda_forward_gpu(moe_ep_cuda_layer* L, cons
     float* weight_dev = (float*)((char*)L->topk_dev + idx_bytes);
     int download = !a->routing_in && a->topk_idx && a->topk_weight, per_row = L->top_k;
     int with_shared = L->sh_ff > 0;
+    /* HOPPER by name: the kernel takes the plan's offsets from device memory, no sizes on the host */
+    int hopper = L->hopper && L->desc.expert_gemm == MOE_EP_CUDA_EXPERT_GEMM_HOPPER;
     const void* x = a->x;
     moe_ep__cuda_k_plan k = gp->k;
     moe_ep_result res = MOE_EP_OK, shared = MOE_EP_OK;
@@ -2913,10 +2938,10 @@ MOE_EP_PRIVATE moe_ep_result moe_ep__cuda_forward_gpu(moe_ep_cuda_layer* L, cons
     if (res != MOE_EP_OK) return res;
     /* 2. the plan */
     res = moe_ep__cuda_gpu_plan_run(L, T, &k);
-    if (res == MOE_EP_OK && !L->chunks)
+    if (res == MOE_EP_OK && !L->chunks && !hopper)
         res = moe_ep__cuda_cuda(L, cudaMemcpyAsync(gp->sizes_host, k.local_counts, sizeof(int64_t) * (2 * (size_t)L->segments + 4),
                                                    cudaMemcpyDeviceToHost, L->stream), "plan sizes download");
-    if (res == MOE_EP_OK && !L->chunks)
+    if (res == MOE_EP_OK && !L->chunks && !hopper)
         res = moe_ep__cuda_cuda(L, cudaEventRecord(gp->downloaded, L->stream), "plan sizes download");
     /* 3. dispatch: every row stays on this rank */
     if (res == MOE_EP_OK && L->desc.scale_expert_input) {
@@ -2934,6 +2959,8 @@ MOE_EP_PRIVATE moe_ep_result moe_ep__cuda_forward_gpu(moe_ep_cuda_layer* L, cons
     /* 4. experts */
     if (res == MOE_EP_OK && L->chunks) {
         res = moe_ep__cuda_chunked_experts(L);
+    } else if (res == MOE_EP_OK && hopper) {
+        res = moe_ep__cuda_hopper_planned(L, &k);
     } else if (res == MOE_EP_OK) {
         moe_ep_cuda_plan* P = &gp->view;
         res = moe_ep__cuda_cuda(L, cudaEventSynchronize(gp->downloaded), "plan sizes download");

@@ -763,7 +763,8 @@ static void test_graph(rank_env* env) {
                                        .expert_gemm = MOE_EP_CUDA_EXPERT_GEMM_CHUNKED, .expert_fn = scale_expert }, &refused);
     if (res != MOE_EP_ERROR_INVALID_ARGUMENT) rank_fail(env, "CHUNKED with expert_fn: %s", moe_ep_result_string(res));
     if (refused) moe_ep_cuda_layer_destroy(refused);
-    layer = make_layer(env, c, mine, router, MOE_EP_CUDA_PLANNING_DEFAULT, MOE_EP_CUDA_EXPERT_GEMM_CHUNKED);
+    layer = make_layer(env, c, mine, router, MOE_EP_CUDA_PLANNING_DEFAULT,
+                       c->expert_gemm ? c->expert_gemm : MOE_EP_CUDA_EXPERT_GEMM_CHUNKED);
     if (!layer) goto done;
     xf = (float*)malloc(sizeof(float) * (n + 1));
     yf = (float*)malloc(sizeof(float) * (n + 1));
@@ -1226,6 +1227,11 @@ static void run_world(world* w) {
               .scale_input = 1, .capacity = 1.0f, .max_tokens = 200, .tokens = { 30 }, .replays = 3, .seed = 63 },
             { .name = "chunks of 256 rows", .bf16 = 1, .E = 4, .k = 2, .d = 64, .ff = 64, .max_tokens = 2048,
               .tokens = { 1500 }, .replays = 2, .seed = 64 },
+            { .name = "Hopper kernel", .bf16 = 1, .E = 64, .k = 2, .d = 128, .ff = 96, .max_tokens = 64,
+              .expert_gemm = MOE_EP_CUDA_EXPERT_GEMM_HOPPER, .tokens = { 24 }, .replays = 4, .seed = 65 },
+            { .name = "Hopper kernel, input scaling, capacity 1.0 (drops), 1500 tokens", .bf16 = 1, .E = 8, .k = 2,
+              .d = 64, .ff = 72, .scale_input = 1, .capacity = 1.0f, .max_tokens = 2048,
+              .expert_gemm = MOE_EP_CUDA_EXPERT_GEMM_HOPPER, .tokens = { 1500 }, .replays = 3, .seed = 66 },
         };
         emu_case emus[] = {
             { .R = 2, .E = 8, .k = 2, .tokens = { 700, 300 }, .seed = 71 },
@@ -1244,8 +1250,13 @@ static void run_world(world* w) {
         }
         for (i = 0; i < (int)(sizeof plans / sizeof plans[0]); ++i)
             run_world_one_case(w, plans[i], test_gpu_plan, "GPU plan = host plan");
-        for (i = 0; i < (int)(sizeof graphs / sizeof graphs[0]); ++i)
+        for (i = 0; i < (int)(sizeof graphs / sizeof graphs[0]); ++i) {
+            if (graphs[i].expert_gemm == MOE_EP_CUDA_EXPERT_GEMM_HOPPER && !moe_ep__cuda_k_gemm_ready()) {
+                printf("skip  CUDA graph, %s: not a compute capability 9.0 GPU, or no sm_90a code\n", graphs[i].name);
+                continue;
+            }
             run_world_one_case(w, graphs[i], test_graph, "CUDA graph replay = forward");
+        }
     }
     {
         agree_case cases[] = { { test_agreement, 0 }, { test_agreement, 1 }, { test_agreement, 2 }, { test_agreement, 3 } };
