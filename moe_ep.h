@@ -3908,13 +3908,6 @@ MOE_EP_PRIVATE float moe_ep__dot_step(float acc, float a, float b) {
     return sum < FLT_MIN && sum > -FLT_MIN ? moe_ep__signed_zero(sum) : sum;
 }
 
-/* One lane of vdpbf16ps: x and w hold bf16 pairs, the even k in the low half; the odd k's
-   product is added first, then the even k's. */
-MOE_EP_PRIVATE float moe_ep__dot_pair(float acc, uint32_t x, uint32_t w) {
-    acc = moe_ep__dot_step(acc, moe_ep__bf16_daz(x >> 16), moe_ep__bf16_daz(w >> 16));
-    return moe_ep__dot_step(acc, moe_ep__bf16_daz(x & 0xFFFFu), moe_ep__bf16_daz(w & 0xFFFFu));
-}
-
 #ifndef MOE_EP_CBLAS
 /* An activation to bf16: to nearest even; a subnormal becomes a zero of its sign; a NaN quiet. */
 MOE_EP_PRIVATE uint16_t moe_ep__bf16_of_activation(float f) {
@@ -4710,6 +4703,13 @@ MOE_EP_PRIVATE const moe_ep__path* moe_ep__path_of(moe_ep_kernel kernel) {
    time (the CPU model is read once by the compiler's runtime, at startup); a path chosen by
    the compiler's target flags runs wherever the build does. */
 #ifdef MOE_EP__AVX512_BF16
+/* One lane of vdpbf16ps: x and w hold bf16 pairs, the even k in the low half; the odd k's
+   product is added first, then the even k's. */
+MOE_EP_PRIVATE float moe_ep__dot_pair(float acc, uint32_t x, uint32_t w) {
+    acc = moe_ep__dot_step(acc, moe_ep__bf16_daz(x >> 16), moe_ep__bf16_daz(w >> 16));
+    return moe_ep__dot_step(acc, moe_ep__bf16_daz(x & 0xFFFFu), moe_ep__bf16_daz(w & 0xFFFFu));
+}
+
 /* Whether this CPU's vdpbf16ps gives moe_ep__dot_pair's bits on lanes where a reading of the
    definition could go either way: the odd k first, each step rounded (and flushed) on its
    own, subnormal inputs (the accumulator too) as zeros, a result that rounds up to FLT_MIN
