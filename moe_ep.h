@@ -175,12 +175,12 @@
      x[2i+1] w[2i+1], then + x[2i] w[2i], each the exact sum rounded once to nearest even,
      a sum below FLT_MIN once rounded (to 24 bits) flushed to a zero of its sign; an odd K
      ends with a zero pair;
-   - the biases, the activations, the shared experts' gate, the router and combine are
-     the exact arithmetic's.
+   - the biases, the activation functions, the shared experts' gate, the router and
+     combine are the exact arithmetic's.
    This is Intel's definition of the instructions; the AVX512_BF16 kernel runs them where
    the CPU has AVX512-BF16 and its vdpbf16ps gives the emulation's bits on a set of edge
-   cases (checked at create), else the portable kernel emulates them (the same bits, about
-   50-100x slower than the SIMD kernels: a fallback, not a fast path). The output is thus
+   cases (checked at create), else the portable kernel emulates them (the same bits, 20-200x
+   the SIMD kernels' time on the machine of bench/RESULTS.md: a fallback, not a fast path). The output is thus
    its own bits, the same on both kernels, every world size, transport and thread count;
    within 2e-3 (measured 1e-7) of a float64 layer over the bf16-rounded activations and
    weights, and about 2e-3 from the exact arithmetic over the same weights. Speed: where
