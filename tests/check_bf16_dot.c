@@ -17,8 +17,9 @@
      element whose fp32 and float64 values round to neighbouring bf16s moves y by up to a
      bf16 ulp of one term); against the exact arithmetic over the same bf16 weights < 1e-2;
      the figures are printed;
-   - the whole layer (routed and shared experts) bitwise the same for R = 1..5 pthreads
-     ranks, 1..3 threads and both paths;
+   - the whole layer (routed and shared experts) bitwise the same for the built-in single
+     rank and R = 1..5 pthreads ranks (with row lists, and packing the rows), 1..3
+     threads and both paths;
    - bad input: the rule's log item, out untouched, nothing left allocated.
    Run with CK_FORK=no. */
 #include "check_moe_ep.h"
@@ -485,24 +486,30 @@ START_TEST(layer_bitwise) {
     x = test_random_floats((size_t)all * 41, 1.0f, 4100);
     first = (float*)malloc(sizeof(float) * (size_t)all * 41);
     y = (float*)malloc(sizeof(float) * (size_t)all * 41);
+    /* R = 0: the built-in single-rank transport; R = 3 also with the pthreads transport packing
+       the rows (row lists declined) */
     for (p = 0; p < npaths; ++p)
-        for (R = 1; R <= 5; ++R)
+        for (R = 0; R <= 5; ++R)
             for (threads = 1; threads <= 3; ++threads) {
-                check_layer L;
-                check_layer_init(&L, &m, R, tokens[R], x, y);
-                L.num_threads = threads;
-                L.kernel = paths[p];
-                test_poison(y, (size_t)all * 41);
-                ck_assert_msg(check_run_layer(&L) == MOE_EP_OK, "%s R %d: %s", moe_ep_kernel_string(paths[p]), R,
-                              check_layer_errors(&L, errors, sizeof errors));
-                if (p == 0 && R == 1 && threads == 1) {
-                    memcpy(first, y, sizeof(float) * (size_t)all * 41);
-                    continue;
+                int variant, variants = R == 3 && threads == 1 ? 2 : 1;
+                for (variant = 0; variant < variants; ++variant) {
+                    check_layer L;
+                    check_layer_init(&L, &m, R, tokens[R > 0 ? R : 1], x, y);
+                    L.num_threads = threads;
+                    L.kernel = paths[p];
+                    L.decline_row_lists = variant == 1;
+                    test_poison(y, (size_t)all * 41);
+                    ck_assert_msg(check_run_layer(&L) == MOE_EP_OK, "%s R %d: %s", moe_ep_kernel_string(paths[p]), R,
+                                  check_layer_errors(&L, errors, sizeof errors));
+                    if (p == 0 && R == 0 && threads == 1) {
+                        memcpy(first, y, sizeof(float) * (size_t)all * 41);
+                        continue;
+                    }
+                    ck_assert_msg(test_first_difference(first, y, (size_t)all * 41) == (size_t)all * 41,
+                                  "%s, %d ranks, %d threads (variant %d) differs from %s, the built-in rank, 1 thread "
+                                  "at element %zu", moe_ep_kernel_string(paths[p]), R, threads, variant,
+                                  moe_ep_kernel_string(paths[0]), test_first_difference(first, y, (size_t)all * 41));
                 }
-                ck_assert_msg(test_first_difference(first, y, (size_t)all * 41) == (size_t)all * 41,
-                              "%s, %d ranks, %d threads differs from %s, 1 rank, 1 thread at element %zu",
-                              moe_ep_kernel_string(paths[p]), R, threads, moe_ep_kernel_string(paths[0]),
-                              test_first_difference(first, y, (size_t)all * 41));
             }
     check_model_free(&m);
     free(x);
