@@ -3691,7 +3691,9 @@ MOE_EP_API moe_ep_result moe_ep_layout_split(const moe_ep_layout_desc* desc, con
 
    The BF16_DOT arithmetic (opt-in, bf16 weights): the activations (x, and the hidden rows
    between the two products) are rounded to bf16 as they are packed, and tiles and panels
-   hold bf16 pairs (k = 2i, 2i + 1) in 32-bit elements, the even k in the low half: the
+   hold bf16 pairs (k = 2i, 2i + 1) in 32-bit elements, the even k first in memory (the
+   activations' pairs are 32-bit values, the even k in the low half; the same bytes on a
+   little-endian CPU, and the portable kernel reads each as it was written): the
    products above run unchanged over ceil(K / 2) such elements, and the path's micro_dot
    does what one lane of vdpbf16ps does with each (>>bf16 dot). Its chains are fixed as the
    exact arithmetic's are, so its bits are the same on every path and split.
@@ -4653,12 +4655,12 @@ MOE_EP_PRIVATE void moe_ep__portable_dot_micro(int rows, int kc, const float* a,
     for (r = 0; r < rows; ++r)
         for (j = 0; j < MOE_EP__PNR; ++j) acc[r][j] = cin ? cin[r * ldc + j] : 0.0f;
     for (kk = 0; kk < kc; ++kk) {
-        uint32_t w[MOE_EP__PNR];
+        uint16_t w[2 * MOE_EP__PNR];    /* as packed: the even k, then the odd k (any byte order) */
         float odd[MOE_EP__PNR], even[MOE_EP__PNR];
         memcpy(w, b + (int64_t)kk * MOE_EP__PNR, sizeof w);
         for (j = 0; j < MOE_EP__PNR; ++j) {
-            odd[j] = moe_ep__bf16_daz(w[j] >> 16);
-            even[j] = moe_ep__bf16_daz(w[j] & 0xFFFFu);
+            odd[j] = moe_ep__bf16_daz(w[2 * j + 1]);
+            even[j] = moe_ep__bf16_daz(w[2 * j]);
         }
         for (r = 0; r < rows; ++r) {
             uint32_t x;

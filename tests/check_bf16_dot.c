@@ -37,15 +37,13 @@
 #endif
 
 /* >>the CPU */
-static bool dot_cpu_has_bf16(void) {
 #ifdef DOT_X86
+static bool dot_cpu_has_bf16(void) {
     unsigned eax = 0, ebx = 0, ecx = 0, edx = 0;
     __builtin_cpu_init();
     return __builtin_cpu_supports("avx512f") && __get_cpuid_count(7, 1, &eax, &ebx, &ecx, &edx) && (eax & (1u << 5));
-#else
-    return false;
-#endif
 }
+#endif
 
 /* The paths that run the arithmetic here: AVX512_BF16 where the build and CPU have it, portable. */
 static int dot_paths(moe_ep_kernel* out) {
@@ -69,12 +67,6 @@ static int dot_paths(moe_ep_kernel* out) {
 }
 
 /* >>the model, from the SDM */
-static float dot_from_bits(uint32_t u) {
-    float f;
-    memcpy(&f, &u, sizeof f);
-    return f;
-}
-
 static uint32_t dot_bits(float f) {
     uint32_t u;
     memcpy(&u, &f, sizeof u);
@@ -191,6 +183,13 @@ static __attribute__((target("avx512f,avx512bf16"))) void dot_convert(const floa
 }
 #endif
 
+#ifdef DOT_X86
+static float dot_from_bits(uint32_t u) {
+    float f;
+    memcpy(&f, &u, sizeof f);
+    return f;
+}
+
 /* A random bf16: exponents near 1 (mode 0), anywhere finite (1), or tiny, subnormals included (2). */
 static uint16_t dot_random_bf16(uint64_t* state, int mode) {
     uint64_t r = test_rng_next(state);
@@ -203,6 +202,8 @@ static float dot_random_acc(uint64_t* state, int mode) {
     int e = mode == 0 ? 115 + (int)((r >> 1) % 25) : mode == 1 ? (int)((r >> 1) % 255) : (int)((r >> 1) % 4);
     return dot_from_bits((uint32_t)((r & 1u) << 31) | ((uint32_t)e << 23) | (uint32_t)((r >> 9) & 0x7FFFFFu));
 }
+
+#endif
 
 START_TEST(model_is_the_instruction) {
 #ifdef DOT_X86
