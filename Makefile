@@ -492,14 +492,17 @@ endif
 seed-gpu: $(BUILD)/nccl_mpi_demo
 	$(MPIRUN_NCCL) -np $(NGPU) ./$< --seed
 
-# The PyTorch anchors (ANCHOR_DIR) and ours on the same GPUs; the PyTorch layer before and after.
+# The PyTorch anchors (ANCHOR_DIR) and ours on the same GPUs; the PyTorch layer before and after;
+# then one GPU's: transformers' MoE block with grouped_mm experts, and the experts stage alone.
 TORCHRUN = python3 -m torch.distributed.run --nproc_per_node=$(NGPU)
-bench-gpu: $(BUILD)/bench_nccl
+bench-gpu: $(BUILD)/bench_nccl $(BUILD)/bench_gemm
 	@mkdir -p bench/out
 	$(TORCHRUN) $(ANCHOR_DIR)/nccl_a2a.py 2>&1 | tee bench/out/nccl_a2a.log
 	$(TORCHRUN) $(ANCHOR_DIR)/torch_ep_moe.py 2>&1 | tee bench/out/torch_ep_moe.log
 	./$< --gpus $(NGPU) --torch-log bench/out/torch_ep_moe.log | tee bench/out/bench_nccl.log
 	$(TORCHRUN) $(ANCHOR_DIR)/torch_ep_moe.py 2>&1 | tee bench/out/torch_ep_moe_after.log
+	python3 $(ANCHOR_DIR)/hf_grouped_moe.py 2>&1 | tee bench/out/hf_grouped_moe.log
+	./$(BUILD)/bench_gemm | tee bench/out/bench_gemm.log
 
 # >>bench: the CPU kernels against OpenBLAS's OpenMP build (linked into the bench only), memcpy
 # and PyTorch (bench/RESULTS.md). BENCH_ARGS: sections (gemm cblas comm layer decode), --reps N.

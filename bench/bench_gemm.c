@@ -4,8 +4,9 @@
    kernel, one cublasGemmEx per expert for down), on the same random bf16 rows and weights.
 
    Configurations: the GPU-experts issue's three at 4096 tokens (rows per expert = tokens x
-   top-k / experts, balanced), and the seed's rows on a rank of a 4-GPU job (16 experts x
-   512 rows). Each timing is the median of 9 rounds of 10 back-to-back runs between two
+   top-k / experts, balanced; seed and deepseek-lite also with the uneven rows that random
+   routing gives, where most experts end in a part tile), and the seed's rows on a rank of a
+   4-GPU job (16 experts x 512 rows). Each timing is the median of 9 rounds of 10 back-to-back runs between two
    events, after 3 warm-up runs. FLOP counted: 6 x rows x d x ff (gate, up, down).
    Prints a table; exit 77 without a GPU, 0 with the table, 1 on a CUDA error. */
 #include <cublas_v2.h>
@@ -22,6 +23,8 @@ int bench_fill(void* p, size_t n, int bf16, float scale, unsigned long long seed
 typedef struct config {
     const char* name;
     int experts, rows, d, ff;
+    int top_k;      /* > 0: rows per expert as routing gives them (4096 tokens, top_k distinct experts
+                       each, uniformly at random, a fixed seed), rows = their mean; 0: balanced */
 } config;
 
 #define CU(call) do { cudaError_t e_ = (call); if (e_ != cudaSuccess) { \
@@ -33,6 +36,7 @@ typedef struct bufs {
     const config* c;
     void *rows, *w_up, *w_down, *hidden, *out;
     int64_t* first;
+    const int64_t* first_host;
     cublasHandle_t blas;
     cudaStream_t stream;
 } bufs;
@@ -64,8 +68,10 @@ static void run_cublas(const bufs* b) {
     memset(&act, 0, sizeof act);
     act.activation = 1;
     for (l = 0; (g_part & 1) && l < c->experts; ++l) {
-        size_t r0 = (size_t)l * (size_t)c->rows;
-        BL(cublasGemmEx(b->blas, CUBLAS_OP_T, CUBLAS_OP_N, (int)up, c->rows, c->d, &one,
+        size_t r0 = (size_t)b->first_host[l];
+        int n = (int)(b->first_host[l + 1] - b->first_host[l]);
+        if (n == 0) continue;
+        BL(cublasGemmEx(b->blas, CUBLAS_OP_T, CUBLAS_OP_N, (int)up, n, c->d, &one,
                         (char*)b->w_up + (size_t)l * up * (size_t)c->d * 2, CUDA_R_16BF, c->d,
                         (char*)b->rows + r0 * (size_t)c->d * 2, CUDA_R_16BF, c->d, &zero,
                         (char*)b->hidden + r0 * up * 2, CUDA_R_16BF, (int)up, CUBLAS_COMPUTE_32F, CUBLAS_GEMM_DEFAULT));
@@ -73,8 +79,10 @@ static void run_cublas(const bufs* b) {
     if (g_part & 1) CU((cudaError_t)moe_ep__cuda_k_activation(b->hidden, (int64_t)c->experts * c->rows, c->ff, (int64_t)up, &act,
                                               MOE_EP__CUDA_K_BF16, b->stream));
     for (l = 0; (g_part & 2) && l < c->experts; ++l) {
-        size_t r0 = (size_t)l * (size_t)c->rows;
-        BL(cublasGemmEx(b->blas, CUBLAS_OP_T, CUBLAS_OP_N, c->d, c->rows, c->ff, &one,
+        size_t r0 = (size_t)b->first_host[l];
+        int n = (int)(b->first_host[l + 1] - b->first_host[l]);
+        if (n == 0) continue;
+        BL(cublasGemmEx(b->blas, CUBLAS_OP_T, CUBLAS_OP_N, c->d, n, c->ff, &one,
                         (char*)b->w_down + (size_t)l * (size_t)c->d * (size_t)c->ff * 2, CUDA_R_16BF, c->ff,
                         (char*)b->hidden + r0 * up * 2, CUDA_R_16BF, (int)up, &zero,
                         (char*)b->out + r0 * (size_t)c->d * 2, CUDA_R_16BF, c->d, CUBLAS_COMPUTE_32F,
@@ -111,11 +119,13 @@ static float time_it(void (*fn)(const bufs*), const bufs* b) {
 
 int main(void) {
     static const config configs[] = {
-        { "seed 64e top-2 (4096 tokens)", 64, 128, 2048, 1408 },
-        { "deepseek-lite 64e top-6", 64, 384, 2048, 1408 },
-        { "mixtral 8e top-2", 8, 1024, 4096, 14336 },
-        { "seed, a rank of 4: 16e x 512", 16, 512, 2048, 1408 },
-        { "16e x 4096 (large experts)", 16, 4096, 2048, 1408 },
+        { "seed 64e top-2 (4096 tokens)", 64, 128, 2048, 1408, 0 },
+        { "  the same, routed rows", 64, 128, 2048, 1408, 2 },
+        { "deepseek-lite 64e top-6", 64, 384, 2048, 1408, 0 },
+        { "  the same, routed rows", 64, 384, 2048, 1408, 6 },
+        { "mixtral 8e top-2", 8, 1024, 4096, 14336, 0 },
+        { "seed, a rank of 4: 16e x 512", 16, 512, 2048, 1408, 0 },
+        { "16e x 4096 (large experts)", 16, 4096, 2048, 1408, 0 },
     };
     int gpus = 0;
     size_t i;
@@ -147,7 +157,28 @@ int main(void) {
         CU(cudaMalloc(&b.hidden, (size_t)total * 2 * (size_t)c->ff * 2));
         CU(cudaMalloc(&b.out, (size_t)total * (size_t)c->d * 2));
         CU(cudaMalloc((void**)&b.first, ((size_t)c->experts + 1) * 8));
-        for (l = 0; l <= c->experts; ++l) first[l] = l * c->rows;
+        if (c->top_k > 0) {     /* 4096 tokens, each to top_k distinct experts drawn at random */
+            int64_t* count = (int64_t*)calloc((size_t)c->experts, 8);
+            uint64_t s = 0x9E3779B97F4A7C15ull;
+            int t, j, e, taken[64];
+            for (t = 0; t < 4096; ++t) {
+                for (j = 0; j < c->top_k; ++j) {
+                    int dup;
+                    do {
+                        s = s * 6364136223846793005ull + 1442695040888963407ull;
+                        e = (int)((s >> 33) % (uint64_t)c->experts);
+                        for (dup = 0, l = 0; l < j; ++l) dup |= taken[l] == e;
+                    } while (dup);
+                    taken[j] = e;
+                    ++count[e];
+                }
+            }
+            for (first[0] = 0, l = 0; l < c->experts; ++l) first[l + 1] = first[l] + count[l];
+            free(count);
+        } else {
+            for (l = 0; l <= c->experts; ++l) first[l] = l * c->rows;
+        }
+        b.first_host = first;
         CU(cudaMemcpy(b.first, first, ((size_t)c->experts + 1) * 8, cudaMemcpyHostToDevice));
         CU((cudaError_t)bench_fill(b.rows, (size_t)total * (size_t)c->d, 1, 1.0f, 1, b.stream));
         CU((cudaError_t)bench_fill(b.w_up, (size_t)c->experts * 2 * (size_t)c->ff * (size_t)c->d, 1, 0.02f, 2, b.stream));

@@ -62,6 +62,13 @@ static double act_ref(const gemm_case* c, double g, double u) {
     return g / (1.0 + exp(-g)) * u;
 }
 
+/* fp32 to bf16, round to nearest even (finite values) */
+static uint16_t round_bf16(float f) {
+    uint32_t u;
+    memcpy(&u, &f, 4);
+    return (uint16_t)((u + 0x7FFFu + ((u >> 16) & 1u)) >> 16);
+}
+
 #define CK(call) do { cudaError_t e_ = (call); if (e_ != cudaSuccess) { \
     gpu_fact(1, "%s: %s: %s", c->name, #call, cudaGetErrorString(e_)); goto done; } } while (0)
 
@@ -73,10 +80,10 @@ static void run_case(const gemm_case* c, cublasHandle_t blas) {
     uint16_t *a = NULL, *w = NULL, *bias = NULL;
     void *da = NULL, *dw = NULL, *dbias = NULL, *dout = NULL;
     float *dref = NULL, *ref = NULL;
-    unsigned char *out = NULL, *out2 = NULL;
+    unsigned char *out = NULL, *out2 = NULL, *out32 = NULL;
     int64_t* dfirst = NULL;
     double num = 0.0, den = 0.0;
-    int64_t unwritten = 0, overwritten = 0;
+    int64_t unwritten = 0, overwritten = 0, unrounded = 0;
     moe_ep__cuda_k_gemm_args g;
     uint64_t s = g_seed++;
     for (l = 0; l < E; ++l) {
@@ -147,6 +154,30 @@ static void run_case(const gemm_case* c, cublasHandle_t blas) {
         CK(cudaDeviceSynchronize());
         CK(cudaMemcpy(run ? out2 : out, dout, out_bytes, cudaMemcpyDeviceToHost));
     }
+    if (!c->out_f32) {
+        /* bf16 output is the fp32 output rounded: the same sums and epilogue, whichever way the
+           kernel stores them (through shared memory or from registers) */
+        size_t n32 = (size_t)total * (size_t)c->n, i;
+        out32 = (unsigned char*)malloc(n32 * 4 + 4);
+        g.out_f32 = 1;
+        CK(cudaFree(dout));
+        dout = NULL;
+        CK(cudaMalloc(&dout, n32 * 4 + 4));
+        g.out = dout;
+        CK((cudaError_t)moe_ep__cuda_k_gemm(&g, NULL));
+        CK(cudaDeviceSynchronize());
+        CK(cudaMemcpy(out32, dout, n32 * 4, cudaMemcpyDeviceToHost));
+        g.out_f32 = 0;
+        for (i = 0; i < n32; ++i) {
+            float f;
+            uint16_t h;
+            memcpy(&f, out32 + i * 4, 4);
+            memcpy(&h, out + i * 2, 2);
+            unrounded += h != round_bf16(f);
+        }
+        gpu_fact(unrounded != 0, "%s: bf16 output = the fp32 output rounded, bitwise (%lld differ)", c->name,
+                 (long long)unrounded);
+    }
     for (l = 0; l < E; ++l) {
         for (r = first[l]; r < first[l + 1]; ++r) {
             for (col = 0; col < c->n; ++col) {
@@ -201,6 +232,7 @@ done:
     free(ref);
     free(out);
     free(out2);
+    free(out32);
 }
 
 /* Shapes the kernel does not take come back as cudaErrorInvalidValue, nothing queued. */
@@ -236,6 +268,9 @@ done:
 static void run_size(int size) {
     static const gemm_case cases[] = {
         { "plain bf16", 6, { 0, 1, 7, 128, 129, 4096 }, 264, 392, 0, 0, 0, 0, 0, 0 },
+        { "plain bf16, long K (stores from registers)", 3, { 129, 7, 300 }, 4104, 392, 0, 0, 0, 0, 0, 0 },
+        { "plain bf16, part tiles (rows 65 to 127 past a tile start)", 5, { 100, 200, 65, 127, 191 }, 520, 264, 0, 0, 0, 0,
+          0, 0 },
         { "plain fp32 out", 6, { 129, 0, 4096, 7, 1, 128 }, 1416, 2056, 0, 0, 0, 1, 0, 0 },
         { "gated SwiGLU", 6, { 7, 4096, 0, 129, 128, 1 }, 2056, 1416, 1, 1, 0, 0, 0, 0 },
         { "gated clamped SwiGLU + biases", 6, { 1, 129, 128, 0, 7, 4096 }, 520, 136, 1, 4, 1, 0, 1.702f, 7.0f },
