@@ -114,8 +114,10 @@ $(HDR)/flat_macro: tests/headers/flat.c $(FLAT) | $(HDR)
 CORE_SRCS = $(sort $(wildcard tests/check_*.c)) tests/moe_ep_impl.c $(TEST_SUPPORT)
 $(BUILD)/check_moe_ep_%: $(CORE_SRCS) $(HEADERS) | $(BUILD)
 	$* $(BUILD_FLAGS) $(SOURCES) -o $@ $(CHECK_LINK)
+HAVE_AVX512_BF16 := $(shell grep -qw avx512_bf16 /proc/cpuinfo 2>/dev/null && echo yes)
 check-core: $(CC_LIST:%=$(BUILD)/check_moe_ep_%)
 	@$(foreach b,$^,$(call run_test,$@,./$(b));)
+	@$(if $(HAVE_AVX512_BF16),,$(call skip,$@/bf16-dot,no AVX512-BF16 on this CPU: the BF16_DOT model not held against vdpbf16ps))
 
 # >>sanitizers: every core suite under clang's AddressSanitizer, UndefinedBehaviorSanitizer and
 # ThreadSanitizer (the pthreads transport's ranks and barriers), about 20 s each. TSan builds without
@@ -526,9 +528,10 @@ bench-cpu: bench-deps
 # >>bench-edge: the default build against -march=native, and the weight formats at the memory limit.
 # The seed demo built as `make demo` builds it (no -march) and with -march=native, run in turn
 # EDGE_ROUNDS times (its 1-rank layer time, median); then bench/edge_bench.c (decode 1, 4, 16 tokens
-# and prefill for fp32, bf16, fp16, int8 against a plain read loop), plain and native builds; then
-# the PyTorch layer in bf16 and fp32 on the prefill (bench/torch_moe_cpu.py, 2 threads, its BLAS the
-# pthreads OpenBLAS, installed when root).
+# and prefill for fp32, bf16, fp16, int8 and bf16 with the BF16_DOT arithmetic, against a plain read
+# loop), plain and native builds; bench/bf16_peak.c (one core's vfmadd231ps against vdpbf16ps, x86-64
+# with AVX512-BF16); then the PyTorch layer in bf16 and fp32 on the prefill (bench/torch_moe_cpu.py,
+# 2 threads, its BLAS the pthreads OpenBLAS, installed when root).
 EDGE        = $(BUILD)/edge
 EDGE_ROUNDS ?= 5
 EDGE_ARGS   ?=
@@ -540,6 +543,7 @@ bench-edge:
 	$(CC) $(BUILD_FLAGS) -march=native examples/seed_demo.c -o $(EDGE)/seed_demo_native -pthread -lm
 	$(CC) $(BUILD_FLAGS) bench/edge_bench.c -o $(EDGE)/edge_bench -lm
 	$(CC) $(BUILD_FLAGS) -march=native bench/edge_bench.c -o $(EDGE)/edge_bench_native -lm
+	$(CC) $(MOE_EP_CFLAGS) -O2 bench/bf16_peak.c -o $(EDGE)/bf16_peak
 	@uptime
 	@for i in $$(seq $(EDGE_ROUNDS)); do for b in seed_demo seed_demo_native; do \
 	  ./$(EDGE)/$$b | awk -v b=$$b '/^1 rank:/ {print b, $$3}'; done; done > $(EDGE)/demo.txt; \
@@ -550,6 +554,7 @@ bench-edge:
 	  t["seed_demo"], t["seed_demo_native"], t["seed_demo_native"] / t["seed_demo"]}' $(EDGE)/demo_median.txt
 	./$(EDGE)/edge_bench $(EDGE_ARGS)
 	./$(EDGE)/edge_bench_native $(EDGE_ARGS)
+	./$(EDGE)/bf16_peak
 	OMP_WAIT_POLICY=PASSIVE $(PYTHON) bench/torch_moe_cpu.py 2 --tokens 1024 --reps 5 --dtype bf16
 	OMP_WAIT_POLICY=PASSIVE $(PYTHON) bench/torch_moe_cpu.py 2 --tokens 1024 --reps 5 --dtype fp32
 	@uptime

@@ -55,7 +55,9 @@
    `cc -O2 -fopenmp` build needs no -march flag. Other compilers and architectures follow
    the compiler's target flags (AArch64: NEON; x86: -mavx2 -mfma or -march=native). A
    context's path: moe_ep_query(ctx).kernel; the one a new context gets: moe_ep_kernel_path();
-   desc.kernel asks for one. Every path gives the same bits (SAME BITS EVERYWHERE).
+   desc.kernel asks for one. Every path gives the same bits (SAME BITS EVERYWHERE). The
+   opt-in BF16_DOT arithmetic has its own kernels: AVX512_BF16 (vdpbf16ps) and a portable
+   emulation with the same bits (BF16 DOT ARITHMETIC).
    Compile with -fopenmp (or your compiler's flag) for OpenMP expert compute; without
    it everything runs on the calling thread and the results are bitwise the same.
 
@@ -66,7 +68,8 @@
    -ffp-contract=fast), every architecture (x86-64, i686 with SSE2, armhf, aarch64,
    riscv64, s390x), every kernel path (portable, AVX2, AVX-512, NEON), and every world
    size, transport and thread count; so is the output of each weight format (bf16, fp16,
-   int8: every weight widened to fp32 exactly, WEIGHT FORMATS). A reference output made on a laptop checks a board
+   int8: every weight widened to fp32 exactly, WEIGHT FORMATS), and so is that of the opt-in
+   BF16_DOT arithmetic (its own bits, BF16 DOT ARITHMETIC). A reference output made on a laptop checks a board
    in the field: the demos print an output fingerprint to compare by eye. How:
    - every multiply-add the library means is one fused multiply-add (fmaf: one
      instruction where the hardware has FMA, an exact software one elsewhere, as on
@@ -161,6 +164,32 @@
    _DESC_EXPERT_SCALE (an int8 scale missing, <= 0 or not finite),
    _DESC_WEIGHT_NOT_CONVERTIBLE (an fp32 weight the format cannot hold).
 
+   BF16 DOT ARITHMETIC
+   ===================
+   desc.arithmetic = MOE_EP_ARITHMETIC_BF16_DOT (opt-in, bf16 weights only) multiplies as
+   AVX512-BF16's vdpbf16ps does instead of widening the weights (the default, EXACT):
+   - each activation the FFN multiplies (x, and the hidden rows between the up and down
+     products) is rounded to bf16 to nearest even, a subnormal to a zero of its sign (as
+     vcvtne2ps2bf16); a subnormal bf16 weight is stored as a zero of its sign;
+   - an output's sum runs over k in pairs (2i, 2i + 1), i = 0, 1, ..., from zero: acc +
+     x[2i+1] w[2i+1], then + x[2i] w[2i], each the exact sum rounded once to nearest even,
+     a sum below FLT_MIN once rounded (to 24 bits) flushed to a zero of its sign; an odd K
+     ends with a zero pair;
+   - the biases, the activation functions, the shared experts' gate, the router and
+     combine are the exact arithmetic's.
+   This is Intel's definition of the instructions; the AVX512_BF16 kernel runs them where
+   the CPU has AVX512-BF16 and its vdpbf16ps gives the emulation's bits on a set of edge
+   cases (checked at create), else the portable kernel emulates them (the same bits, 20-200x
+   the SIMD kernels' time on the machine of bench/RESULTS.md: a fallback, not a fast path). The output is thus
+   its own bits, the same on both kernels, every world size, transport and thread count;
+   within 2e-3 (measured 1e-7) of a float64 layer over the bf16-rounded activations and
+   weights, and about 2e-3 from the exact arithmetic over the same weights. Speed: where
+   vdpbf16ps runs at half the multiply-adds per second of vfmadd231ps (as on the CPU of
+   bench/RESULTS.md), prefill is slower than EXACT; decode streams the stored pairs without
+   widening them (README: "Weight formats"). Errors: MOE_EP_LOG_ITEM_DESC_ARITHMETIC (not
+   an arithmetic, or BF16_DOT without bf16 weights), _DESC_KERNEL (a kernel that does not
+   run the arithmetic: AVX512_BF16 for EXACT, AVX2/AVX512/NEON for BF16_DOT).
+
    moe_ep DOES NOT
    ===============
    - initialise MPI, pick GPUs, or create threads other than OpenMP's and the
@@ -176,7 +205,7 @@
    One context per rank. Calls marked "Collective: yes" must be made by every rank
    of the transport, in the same order, with the same collective parameters
    (d_model, d_ff, num_experts, top_k, activation with swiglu_alpha and swiglu_limit,
-   weight_format, router scoring, renormalisation,
+   weight_format, arithmetic, router scoring, renormalisation,
    capacity factor, placement). moe_ep_create checks that they agree (a fingerprint
    exchange) and fails with MOE_EP_ERROR_RANK_MISMATCH on every rank if they do not.
    A context is used by one thread at a time. Distinct contexts are independent.
@@ -350,10 +379,23 @@ typedef enum moe_ep_weight_format {
     MOE_EP_WEIGHT_FORMAT_FORCE_U32 = 0x7FFFFFFF
 } moe_ep_weight_format;
 
+/* How the built-in FFN multiplies activations by weights (BF16 DOT ARITHMETIC). */
+typedef enum moe_ep_arithmetic {
+    MOE_EP_ARITHMETIC_DEFAULT = 0,  /* exact */
+    MOE_EP_ARITHMETIC_EXACT,        /* fp32 activations, the weights widened exactly, one fused multiply-add per
+                                       product in k order: the same bits on every path (SAME BITS EVERYWHERE) */
+    MOE_EP_ARITHMETIC_BF16_DOT,     /* opt-in, bf16 weights only: the activations rounded to bf16 and the
+                                       products summed in pairs, as AVX512-BF16's vdpbf16ps does; its own bits,
+                                       the same on every path, world size, transport and thread count */
+    MOE_EP_ARITHMETIC_COUNT,
+    MOE_EP_ARITHMETIC_FORCE_U32 = 0x7FFFFFFF
+} moe_ep_arithmetic;
+
 /* The CPU expert kernel. DEFAULT takes the best this build has and this CPU runs: with gcc
    or clang on x86, AVX-512, else AVX2+FMA, else portable, chosen at create whatever the
    compiler flags; elsewhere what the target flags give (NEON on AArch64). Every path gives
-   the same bits; naming one is for tests and benchmarks. */
+   the same bits; naming one is for tests and benchmarks. The BF16_DOT arithmetic runs on
+   AVX512_BF16 where the CPU has it, else on PORTABLE (an emulation, the same bits, slow). */
 typedef enum moe_ep_kernel {
     MOE_EP_KERNEL_DEFAULT = 0,
     MOE_EP_KERNEL_PORTABLE,         /* plain C, everywhere */
@@ -361,6 +403,7 @@ typedef enum moe_ep_kernel {
     MOE_EP_KERNEL_AVX512,           /* AVX-512F */
     MOE_EP_KERNEL_NEON,             /* AArch64 */
     MOE_EP_KERNEL_CBLAS,            /* MOE_EP_CBLAS builds (reported, not chosen) */
+    MOE_EP_KERNEL_AVX512_BF16,      /* AVX-512 with AVX512-BF16's vdpbf16ps: the BF16_DOT arithmetic only */
     MOE_EP_KERNEL_COUNT,
     MOE_EP_KERNEL_FORCE_U32 = 0x7FFFFFFF
 } moe_ep_kernel;
@@ -470,7 +513,8 @@ typedef struct moe_ep_allocator {
     X(DESC_KERNEL)                 /* kernel is not a moe_ep_kernel, or not one this build and CPU run */ \
     X(DESC_EXPERT_WEIGHTS_STORED)  /* a tensor given both in fp32 and stored, or stored for the fp32 format */ \
     X(DESC_EXPERT_SCALE)           /* int8 stored weights: a scale missing, zero, negative or not finite */ \
-    X(DESC_WEIGHT_NOT_CONVERTIBLE) /* an fp32 weight the format cannot hold (fp16 overflow, int8 NaN) */
+    X(DESC_WEIGHT_NOT_CONVERTIBLE) /* an fp32 weight the format cannot hold (fp16 overflow, int8 NaN) */ \
+    X(DESC_ARITHMETIC)             /* arithmetic is not a moe_ep_arithmetic, or BF16_DOT without bf16 weights */
 
 typedef enum moe_ep_log_item {
 #define MOE_EP__LOG_ITEM_ENUM(name) MOE_EP_LOG_ITEM_##name,
@@ -666,6 +710,8 @@ typedef struct moe_ep_desc {
                                        weights (bf16, fp16, int8 per channel); fp32 tensors are
                                        converted at create, or hand them in stored (w1_stored, ...) */
     moe_ep_kernel kernel;           /* default: the best CPU kernel this build and CPU have */
+    moe_ep_arithmetic arithmetic;   /* default exact; BF16_DOT (bf16 weights): activations rounded to bf16,
+                                       pairs summed as vdpbf16ps does (BF16 DOT ARITHMETIC) */
     moe_ep_scoring scoring;         /* default softmax */
     bool normalize_topk;            /* default false: divide the k weights by their sum */
     float routed_scaling_factor;    /* default 0 = 1: the k weights are multiplied by it, after
@@ -1657,6 +1703,8 @@ MOE_EP_PRIVATE const char* moe_ep__format_name(moe_ep_weight_format f) {
 
 /* The CPU kernel paths live with the kernels (>>paths). */
 MOE_EP_PRIVATE const struct moe_ep__path* moe_ep__select_path(moe_ep_kernel kernel, const char** why);
+MOE_EP_PRIVATE const struct moe_ep__path* moe_ep__select_path_for(moe_ep_kernel kernel, moe_ep_arithmetic arithmetic,
+                                                                  const char** why);
 MOE_EP_PRIVATE const char* moe_ep__kernel_name(moe_ep_kernel kernel);
 #ifndef MOE_EP_CBLAS
 MOE_EP_PRIVATE moe_ep_kernel moe_ep__path_kernel(const struct moe_ep__path* path);
@@ -1671,6 +1719,7 @@ MOE_EP_PRIVATE moe_ep_desc moe_ep__desc_defaults(const moe_ep_desc* in) {
     d.swiglu_limit = MOE_EP__DEF(d.swiglu_limit, 7.0f);
     d.weight_layout = MOE_EP__DEF(d.weight_layout, MOE_EP_WEIGHT_LAYOUT_SEPARATE);
     d.weight_format = MOE_EP__DEF(d.weight_format, MOE_EP_WEIGHT_FORMAT_FP32);
+    d.arithmetic = MOE_EP__DEF(d.arithmetic, MOE_EP_ARITHMETIC_EXACT);
     d.scoring = MOE_EP__DEF(d.scoring, MOE_EP_SCORING_SOFTMAX);
     d.routed_scaling_factor = MOE_EP__DEF(d.routed_scaling_factor, 1.0f);
     d.num_groups = MOE_EP__DEF(d.num_groups, 1);
@@ -1776,13 +1825,24 @@ MOE_EP_PRIVATE void moe_ep__validate_kernel(const moe_ep_desc* d, moe_ep__valida
     moe_ep__check(v, d->kernel == MOE_EP_KERNEL_DEFAULT || d->kernel == MOE_EP_KERNEL_CBLAS,
                   MOE_EP_LOG_ITEM_DESC_KERNEL,
                   "moe_ep_desc.kernel (%d) must be DEFAULT or CBLAS in a MOE_EP_CBLAS build", (int)d->kernel);
+    moe_ep__check(v, d->arithmetic == MOE_EP_ARITHMETIC_EXACT, MOE_EP_LOG_ITEM_DESC_ARITHMETIC,
+                  "moe_ep_desc.arithmetic (%d) must be DEFAULT or EXACT in a MOE_EP_CBLAS build", (int)d->arithmetic);
     (void)why;
 #else
+    bool known = (int)d->arithmetic > 0 && d->arithmetic < MOE_EP_ARITHMETIC_COUNT;
+    moe_ep__check(v, known, MOE_EP_LOG_ITEM_DESC_ARITHMETIC,
+                  "moe_ep_desc.arithmetic (%d) is not a moe_ep_arithmetic", (int)d->arithmetic);
+    moe_ep__check(v, d->arithmetic != MOE_EP_ARITHMETIC_BF16_DOT || d->weight_format == MOE_EP_WEIGHT_FORMAT_BF16,
+                  MOE_EP_LOG_ITEM_DESC_ARITHMETIC,
+                  "moe_ep_desc.arithmetic BF16_DOT needs weight_format bf16 (it is %s)",
+                  moe_ep__format_name(d->weight_format));
     moe_ep__check(v, (int)d->kernel >= 0 && d->kernel < MOE_EP_KERNEL_COUNT, MOE_EP_LOG_ITEM_DESC_KERNEL,
                   "moe_ep_desc.kernel (%d) is not a moe_ep_kernel", (int)d->kernel);
-    if ((int)d->kernel >= 0 && d->kernel < MOE_EP_KERNEL_COUNT)
-        moe_ep__check(v, moe_ep__select_path(d->kernel, &why) != NULL, MOE_EP_LOG_ITEM_DESC_KERNEL,
-                      "moe_ep_desc.kernel (%s) cannot run here: %s", moe_ep__kernel_name(d->kernel), why);
+    if ((int)d->kernel >= 0 && d->kernel < MOE_EP_KERNEL_COUNT && known) {
+        bool runs = moe_ep__select_path_for(d->kernel, d->arithmetic, &why) != NULL;   /* sets why first */
+        moe_ep__check(v, runs, MOE_EP_LOG_ITEM_DESC_KERNEL, "moe_ep_desc.kernel (%s) cannot run here: %s",
+                      moe_ep__kernel_name(d->kernel), why);
+    }
 #endif
 }
 
@@ -1875,6 +1935,7 @@ MOE_EP_PRIVATE int64_t moe_ep__fingerprint(const moe_ep_context* ctx) {
     h = moe_ep_hash(h, &d->swiglu_alpha, sizeof d->swiglu_alpha);
     h = moe_ep_hash(h, &d->swiglu_limit, sizeof d->swiglu_limit);
     h = moe_ep_hash(h, &d->weight_format, sizeof d->weight_format);
+    h = moe_ep_hash(h, &d->arithmetic, sizeof d->arithmetic);
     if (d->router_bias) h = moe_ep_hash(h, d->router_bias, sizeof(float) * (size_t)d->num_experts);
     if (d->selection_bias) h = moe_ep_hash(h, d->selection_bias, sizeof(float) * (size_t)d->num_experts);
     h = moe_ep_hash(h, ctx->owner_of, sizeof(int) * (size_t)d->num_experts);
@@ -2169,7 +2230,7 @@ MOE_EP_PRIVATE moe_ep_result moe_ep__context_alloc(const moe_ep_desc* d, const m
     ctx->path = moe_ep__select_path(MOE_EP_KERNEL_PORTABLE, &why);     /* the router's */
     ctx->desc.kernel = MOE_EP_KERNEL_CBLAS;
 #else
-    ctx->path = moe_ep__select_path(d->kernel, &why);                  /* validated: not NULL */
+    ctx->path = moe_ep__select_path_for(d->kernel, d->arithmetic, &why);   /* validated: not NULL */
     ctx->desc.kernel = moe_ep__path_kernel(ctx->path);
 #endif
     if (d->tp_transport) {
@@ -2212,6 +2273,7 @@ MOE_EP_PRIVATE moe_ep_result moe_ep__shared_create(moe_ep_context* ctx) {
     sd.swiglu_limit = d->swiglu_limit;
     sd.weight_layout = MOE_EP_WEIGHT_LAYOUT_SEPARATE;   /* shared experts come as separate tensors */
     sd.weight_format = d->weight_format;
+    sd.arithmetic = d->arithmetic;
 #ifndef MOE_EP_CBLAS
     sd.kernel = d->kernel;
 #endif
@@ -2335,7 +2397,7 @@ MOE_EP_PRIVATE moe_ep_result moe_ep__create_agree(const moe_ep_desc* d, const mo
     a.facts = &fingerprint;
     a.fact_count = 1;
     a.facts_name = "collective parameters (d_model, d_ff, num_experts, top_k, activation, weight_format, "
-                   "the router's settings and biases, capacity_factor, placement)";
+                   "arithmetic, the router's settings and biases, capacity_factor, placement)";
     a.on_peer_failure = MOE_EP_ERROR_RANK_MISMATCH;
     a.step = (int64_t)MOE_EP__STEP_CREATE << 40;
     a.allocator = d->allocator;
@@ -3627,6 +3689,15 @@ MOE_EP_API moe_ep_result moe_ep_layout_split(const moe_ep_layout_desc* desc, con
    the same chains. int8's per-channel scale multiplies the finished chain once, fused with
    the bias (fmaf(sum, scale, bias), on every path).
 
+   The BF16_DOT arithmetic (opt-in, bf16 weights): the activations (x, and the hidden rows
+   between the two products) are rounded to bf16 as they are packed, and tiles and panels
+   hold bf16 pairs (k = 2i, 2i + 1) in 32-bit elements, the even k first in memory (the
+   activations' pairs are 32-bit values, the even k in the low half; the same bytes on a
+   little-endian CPU, and the portable kernel reads each as it was written): the
+   products above run unchanged over ceil(K / 2) such elements, and the path's micro_dot
+   does what one lane of vdpbf16ps does with each (>>bf16 dot). Its chains are fixed as the
+   exact arithmetic's are, so its bits are the same on every path and split.
+
    Layout: a weight W [n, k] (nn.Linear) is packed as ceil(n / NR) panels, each [k][NR]
    contiguous (columns past n are zero). For the gated activations (SwiGLU, clamped
    SwiGLU) a panel holds NR/2 columns of w1 followed by the same NR/2 columns of w3, so
@@ -3654,11 +3725,17 @@ MOE_EP_API moe_ep_result moe_ep_layout_split(const moe_ep_layout_desc* desc, con
 #define MOE_EP__AVX2_F16C 1
 #define MOE_EP__TARGET_AVX512 __attribute__((target("avx512f,avx2,fma,f16c")))
 #define MOE_EP__TARGET_AVX2 __attribute__((target("avx2,fma,f16c")))
+#define MOE_EP__AVX512_BF16 1
+#define MOE_EP__TARGET_AVX512_BF16 __attribute__((target("avx512f,avx512bf16,avx2,fma,f16c")))
 #include <immintrin.h>
 #include <cpuid.h>
 #elif !defined(MOE_EP_NO_SIMD) && !defined(MOE_EP_CBLAS) && defined(__AVX512F__)
 #define MOE_EP__AVX512 1
 #define MOE_EP__TARGET_AVX512
+#ifdef __AVX512BF16__
+#define MOE_EP__AVX512_BF16 1
+#define MOE_EP__TARGET_AVX512_BF16
+#endif
 #include <immintrin.h>
 #elif !defined(MOE_EP_NO_SIMD) && !defined(MOE_EP_CBLAS) && defined(__AVX2__) && defined(__FMA__)
 #define MOE_EP__AVX2 1
@@ -3783,6 +3860,72 @@ MOE_EP_PRIVATE int8_t moe_ep__quantize(float w, float scale) {
 }
 #endif
 
+/* >>bf16 dot: the BF16_DOT arithmetic, as AVX512-BF16 defines it (Intel SDM: VCVTNE2PS2BF16,
+   VDPBF16PS) and this file's tests check against the instruction, bit for bit. */
+/* A bf16 input of vdpbf16ps: a subnormal reads as a zero of its sign (DAZ). */
+MOE_EP_PRIVATE float moe_ep__bf16_daz(uint32_t h) {
+    return moe_ep__bf16_to_float((uint16_t)((h & 0x7F80u) ? h : h & 0x8000u));
+}
+
+/* A zero with the sign bit of `like` (FTZ and DAZ keep the sign). */
+MOE_EP_PRIVATE float moe_ep__signed_zero(float like) {
+    uint32_t u;
+    memcpy(&u, &like, sizeof u);
+    u &= 0x80000000u;
+    memcpy(&like, &u, sizeof u);
+    return like;
+}
+
+/* acc + a * b with the product a float can hold only in double: its exact sum, rounded to odd
+   (TwoSum's error decides the last bit), then to float, so rounded once; a sum that is below
+   FLT_MIN once rounded to 24 bits (as if the exponent had no floor) is flushed. */
+MOE_EP_PRIVATE float moe_ep__dot_step_wide(float acc, float a, float b) {
+    double p = (double)a * (double)b, s = p + (double)acc, bv = s - p, err = (p - (s - bv)) + ((double)acc - bv);
+    uint64_t u;
+    if (s - s != 0.0) return (float)s;      /* infinite or NaN */
+    memcpy(&u, &s, sizeof u);
+    if (err != 0.0 && !(u & 1u)) {
+        u = (err > 0.0) == (s > 0.0) ? u + 1u : u - 1u;
+        memcpy(&s, &u, sizeof s);
+    }
+    if (s < FLT_MIN && s > -FLT_MIN) {
+        const float min_scaled = (float)(1.0 / 4611686018427387904.0);     /* FLT_MIN * 2^64 = 2^-62 */
+        float scaled = (float)(s * 18446744073709551616.0);                /* s * 2^64, rounded at 24 bits */
+        if (scaled < min_scaled && scaled > -min_scaled) return moe_ep__signed_zero((float)s);
+    }
+    return (float)s;
+}
+
+/* One step of vdpbf16ps: acc + a * b, a and b bf16 values (subnormals read as zeros), the
+   exact sum rounded once to nearest even; a subnormal acc reads as zero and a subnormal
+   result is flushed to a zero of its sign. a * b has at most 16 significant bits, so a float
+   holds it exactly unless it falls below FLT_MIN or overflows; then the wide step. The sum
+   of two such floats below FLT_MIN is exact (a subnormal), so flushing it is the rule. */
+MOE_EP_PRIVATE float moe_ep__dot_step(float acc, float a, float b) {
+    float p = a * b, sum;
+    if (acc < FLT_MIN && acc > -FLT_MIN) acc = moe_ep__signed_zero(acc);
+    if (!(p >= FLT_MIN && p <= FLT_MAX) && !(p <= -FLT_MIN && p >= -FLT_MAX) && a != 0.0f && b != 0.0f)
+        return moe_ep__dot_step_wide(acc, a, b);
+    sum = acc + p;
+    return sum < FLT_MIN && sum > -FLT_MIN ? moe_ep__signed_zero(sum) : sum;
+}
+
+#ifndef MOE_EP_CBLAS
+/* An activation to bf16: to nearest even; a subnormal becomes a zero of its sign; a NaN quiet. */
+MOE_EP_PRIVATE uint16_t moe_ep__bf16_of_activation(float f) {
+    uint32_t u;
+    memcpy(&u, &f, sizeof u);
+    if ((u & 0x7F800000u) == 0) return (uint16_t)((u >> 16) & 0x8000u);
+    if ((u & 0x7FFFFFFFu) > 0x7F800000u) return (uint16_t)((u >> 16) | 0x40u);
+    return (uint16_t)((u + 0x7FFFu + ((u >> 16) & 1u)) >> 16);
+}
+
+/* Two activations as the pair that vdpbf16ps reads: the even k in the low half. */
+MOE_EP_PRIVATE uint32_t moe_ep__bf16_pair(float even, float odd) {
+    return (uint32_t)moe_ep__bf16_of_activation(even) | (uint32_t)moe_ep__bf16_of_activation(odd) << 16;
+}
+#endif
+
 /* n elements of format f at src -> floats at dst (the portable widening, and every path's tail). */
 MOE_EP_PRIVATE void moe_ep__widen_portable(moe_ep_weight_format f, const void* src, int64_t n, float* dst) {
     int64_t i;
@@ -3844,6 +3987,8 @@ struct moe_ep__path {
     /* by format: a micro-kernel for rows in [1, MOE_EP__NARROW_ROWS] that reads the stored
        panel and widens it in registers (decode); NULL: widen each slice first */
     moe_ep__micro_fn micro_narrow[MOE_EP_WEIGHT_FORMAT_COUNT];
+    /* the BF16_DOT arithmetic's micro-kernel (A and B of bf16 pairs, >>bf16 dot); NULL: none */
+    moe_ep__micro_fn micro_dot;
 };
 #define MOE_EP__NARROW_ROWS 4
 
@@ -4070,10 +4215,73 @@ MOE_EP_PRIVATE MOE_EP__TARGET_AVX512 void moe_ep__avx512_widen(moe_ep_weight_for
     if (i < n) moe_ep__widen_portable(f, (const unsigned char*)src + i * moe_ep__format_bytes(f), n - i, dst + i);
 }
 
+#ifdef MOE_EP__AVX512_BF16
+/* >>AVX512-BF16: the BF16_DOT arithmetic, 12 rows x 32 columns, one vdpbf16ps per row and
+   16 columns for each pair of k (the bits of moe_ep__dot_pair, lane by lane). */
+#define MOE_EP__K_DOT(r) { int32_t pair; \
+    memcpy(&pair, a + (int64_t)kk * MOE_EP__VMR + (r), sizeof pair); \
+    { __m512bh av = (__m512bh)_mm512_set1_epi32(pair); \
+      c##r##a = _mm512_dpbf16_ps(c##r##a, b0, av); c##r##b = _mm512_dpbf16_ps(c##r##b, b1, av); } }
+#define MOE_EP__KERNEL_DOT(ROWS, n) \
+    MOE_EP_PRIVATE MOE_EP__TARGET_AVX512_BF16 void moe_ep__avx512_dot##n(int kc, const float* a, const float* b, \
+        const float* cin, int64_t ldc, float* cout, int64_t ldo, const moe_ep__epilogue* ep) { \
+        int kk; \
+        ROWS(MOE_EP__K_DECL) \
+        if (cin) { ROWS(MOE_EP__K_LOAD) } else { ROWS(MOE_EP__K_ZERO) } \
+        for (kk = 0; kk < kc; ++kk) { \
+            __m512bh b0 = (__m512bh)_mm512_load_si512((const void*)(b + (int64_t)kk * MOE_EP__VNR)); \
+            __m512bh b1 = (__m512bh)_mm512_load_si512((const void*)(b + (int64_t)kk * MOE_EP__VNR + MOE_EP__VW)); \
+            ROWS(MOE_EP__K_DOT) \
+        } \
+        if (!ep) { ROWS(MOE_EP__K_STORE) return; } \
+        if (ep->bias) { MOE_EP__K_BIAS_LOAD ROWS(MOE_EP__K_BIAS) } \
+        if (ep->gated == 1) { ROWS(MOE_EP__K_SWIGLU) } \
+        else if (ep->gated == 2) { MOE_EP__K_CLAMP_SETUP ROWS(MOE_EP__K_CLAMPED) } \
+        else { ROWS(MOE_EP__K_STORE) } \
+    }
+MOE_EP__KERNEL_DOT(MOE_EP__ROWS1, 1)
+MOE_EP__KERNEL_DOT(MOE_EP__ROWS2, 2)
+MOE_EP__KERNEL_DOT(MOE_EP__ROWS3, 3)
+MOE_EP__KERNEL_DOT(MOE_EP__ROWS4, 4)
+MOE_EP__KERNEL_DOT(MOE_EP__ROWS5, 5)
+MOE_EP__KERNEL_DOT(MOE_EP__ROWS6, 6)
+MOE_EP__KERNEL_DOT(MOE_EP__ROWS7, 7)
+MOE_EP__KERNEL_DOT(MOE_EP__ROWS8, 8)
+MOE_EP__KERNEL_DOT(MOE_EP__ROWS9, 9)
+MOE_EP__KERNEL_DOT(MOE_EP__ROWS10, 10)
+MOE_EP__KERNEL_DOT(MOE_EP__ROWS11, 11)
+MOE_EP__KERNEL_DOT(MOE_EP__ROWS12, 12)
+#undef MOE_EP__K_DOT
+#undef MOE_EP__KERNEL_DOT
+
+MOE_EP_PRIVATE void moe_ep__avx512_dot_micro(int rows, int kc, const float* a, const float* b, const float* cin,
+                                             int64_t ldc, float* cout, int64_t ldo, const moe_ep__epilogue* ep) {
+    static const moe_ep__kernel_fn kernels[13] = {
+        NULL, moe_ep__avx512_dot1, moe_ep__avx512_dot2, moe_ep__avx512_dot3, moe_ep__avx512_dot4,
+        moe_ep__avx512_dot5, moe_ep__avx512_dot6, moe_ep__avx512_dot7, moe_ep__avx512_dot8,
+        moe_ep__avx512_dot9, moe_ep__avx512_dot10, moe_ep__avx512_dot11, moe_ep__avx512_dot12
+    };
+    kernels[rows](kc, a, b, cin, ldc, cout, ldo, ep);
+}
+
+/* 16 lanes of vdpbf16ps, for the check that this CPU's instruction is the emulation's. */
+MOE_EP_PRIVATE MOE_EP__TARGET_AVX512_BF16 void moe_ep__avx512_dot_lanes(const float* acc, const uint32_t* x,
+                                                                         const uint32_t* w, float* out) {
+    __m512bh xv = (__m512bh)_mm512_loadu_si512((const void*)x), wv = (__m512bh)_mm512_loadu_si512((const void*)w);
+    _mm512_storeu_ps(out, _mm512_dpbf16_ps(_mm512_loadu_ps(acc), wv, xv));
+}
+#endif
+
 static const moe_ep__path moe_ep__path_avx512 = {
     MOE_EP_KERNEL_AVX512, 12, 32, moe_ep__avx512_micro, moe_ep__avx512_widen, 32, moe_ep__avx512_strip,
-    { NULL, NULL, moe_ep__avx512_micro_BF16, moe_ep__avx512_micro_FP16, moe_ep__avx512_micro_INT8 }
+    { NULL, NULL, moe_ep__avx512_micro_BF16, moe_ep__avx512_micro_FP16, moe_ep__avx512_micro_INT8 }, NULL
 };
+#ifdef MOE_EP__AVX512_BF16
+static const moe_ep__path moe_ep__path_avx512_bf16 = {
+    MOE_EP_KERNEL_AVX512_BF16, 12, 32, moe_ep__avx512_micro, moe_ep__avx512_widen, 32, moe_ep__avx512_strip,
+    { NULL, NULL, NULL, NULL, NULL }, moe_ep__avx512_dot_micro
+};
+#endif
 #undef MOE_EP__VP
 #undef MOE_EP__VT
 #undef MOE_EP__VMR
@@ -4179,7 +4387,7 @@ MOE_EP_PRIVATE MOE_EP__TARGET_AVX2 void moe_ep__avx2_widen(moe_ep_weight_format 
 
 static const moe_ep__path moe_ep__path_avx2 = {
     MOE_EP_KERNEL_AVX2, 6, 16, moe_ep__avx2_micro, moe_ep__avx2_widen, 16, moe_ep__avx2_strip,
-    { NULL, NULL, moe_ep__avx2_micro_BF16, MOE_EP__AVX2_MICRO_FP16, moe_ep__avx2_micro_INT8 }
+    { NULL, NULL, moe_ep__avx2_micro_BF16, MOE_EP__AVX2_MICRO_FP16, moe_ep__avx2_micro_INT8 }, NULL
 };
 #undef MOE_EP__VP
 #undef MOE_EP__VT
@@ -4337,7 +4545,7 @@ MOE_EP_PRIVATE void moe_ep__neon_widen(moe_ep_weight_format f, const void* src, 
 
 static const moe_ep__path moe_ep__path_neon = {
     MOE_EP_KERNEL_NEON, 6, 16, moe_ep__neon_micro, moe_ep__neon_widen, 8, moe_ep__neon_strip,
-    { NULL, NULL, moe_ep__neon_micro_BF16, moe_ep__neon_micro_FP16, moe_ep__neon_micro_INT8 }
+    { NULL, NULL, moe_ep__neon_micro_BF16, moe_ep__neon_micro_FP16, moe_ep__neon_micro_INT8 }, NULL
 };
 #endif /* NEON */
 
@@ -4413,9 +4621,60 @@ MOE_EP_PRIVATE void moe_ep__portable_micro(int rows, int kc, const float* a, con
     }
 }
 
+/* The BF16_DOT arithmetic in plain C: acc[j] + x * w[j] for one row of NR, each as
+   moe_ep__dot_step. Packed activations and weights are never subnormal (packing reads them
+   so) and neither is a sum (it is flushed), so the step is the exact sum rounded once: the
+   product is exact in double, and so is the double sum unless the two are far apart
+   (TwoSum's error then is not zero); rounding it to float is right unless an inexact sum
+   fell on a float tie (moe_ep__fma_row's argument). A row where that happens, or where a
+   sum is below FLT_MIN (to be flushed, or rounded as vdpbf16ps rounds there), is redone
+   element by element. */
+MOE_EP_PRIVATE void moe_ep__dot_row(float* acc, float x, const float* w) {
+    double sum[MOE_EP__PNR];
+    int j, rare = 0;
+    for (j = 0; j < MOE_EP__PNR; ++j) {
+        double p = (double)x * (double)w[j], c = (double)acc[j], s = p + c, bv = s - p;
+        uint64_t u;
+        sum[j] = s;
+        memcpy(&u, &s, sizeof u);
+        rare |= (((uint32_t)u & 0x1FFFFFFFu) == 0x10000000u) & ((p - (s - bv)) + (c - bv) != 0.0);
+        rare |= (s != 0.0) & (s <= FLT_MIN) & (s >= -FLT_MIN);     /* & and |: one vector loop */
+    }
+    if (rare)
+        for (j = 0; j < MOE_EP__PNR; ++j) acc[j] = moe_ep__dot_step(acc[j], x, w[j]);
+    else
+        for (j = 0; j < MOE_EP__PNR; ++j) acc[j] = (float)sum[j];
+}
+
+/* The emulation's micro-kernel: each k pair's weights widened once for the tile's rows, then
+   per row the odd k's step and the even k's (as moe_ep__dot_pair). */
+MOE_EP_PRIVATE void moe_ep__portable_dot_micro(int rows, int kc, const float* a, const float* b, const float* cin,
+                                               int64_t ldc, float* cout, int64_t ldo, const moe_ep__epilogue* ep) {
+    float acc[MOE_EP__PMR][MOE_EP__PNR];
+    int r, j, kk;
+    for (r = 0; r < rows; ++r)
+        for (j = 0; j < MOE_EP__PNR; ++j) acc[r][j] = cin ? cin[r * ldc + j] : 0.0f;
+    for (kk = 0; kk < kc; ++kk) {
+        uint16_t w[2 * MOE_EP__PNR];    /* as packed: the even k, then the odd k (any byte order) */
+        float odd[MOE_EP__PNR], even[MOE_EP__PNR];
+        memcpy(w, b + (int64_t)kk * MOE_EP__PNR, sizeof w);
+        for (j = 0; j < MOE_EP__PNR; ++j) {
+            odd[j] = moe_ep__bf16_daz(w[2 * j + 1]);
+            even[j] = moe_ep__bf16_daz(w[2 * j]);
+        }
+        for (r = 0; r < rows; ++r) {
+            uint32_t x;
+            memcpy(&x, a + (int64_t)kk * MOE_EP__PMR + r, sizeof x);
+            moe_ep__dot_row(acc[r], moe_ep__bf16_daz(x >> 16), odd);
+            moe_ep__dot_row(acc[r], moe_ep__bf16_daz(x & 0xFFFFu), even);
+        }
+    }
+    for (r = 0; r < rows; ++r) moe_ep__finish_row(ep, acc[r], cout + r * ldo);
+}
+
 static const moe_ep__path moe_ep__path_portable = {
     MOE_EP_KERNEL_PORTABLE, MOE_EP__PMR, MOE_EP__PNR, moe_ep__portable_micro, moe_ep__widen_portable, 0, NULL,
-    { NULL, NULL, NULL, NULL, NULL }
+    { NULL, NULL, NULL, NULL, NULL }, moe_ep__portable_dot_micro
 };
 
 #if defined(__GNUC__) && !defined(__clang__)
@@ -4434,6 +4693,9 @@ MOE_EP_PRIVATE const moe_ep__path* moe_ep__path_of(moe_ep_kernel kernel) {
 #ifdef MOE_EP__NEON
     case MOE_EP_KERNEL_NEON: return &moe_ep__path_neon;
 #endif
+#ifdef MOE_EP__AVX512_BF16
+    case MOE_EP_KERNEL_AVX512_BF16: return &moe_ep__path_avx512_bf16;
+#endif
     case MOE_EP_KERNEL_PORTABLE: return &moe_ep__path_portable;
     default: return NULL;
     }
@@ -4442,14 +4704,53 @@ MOE_EP_PRIVATE const moe_ep__path* moe_ep__path_of(moe_ep_kernel kernel) {
 /* Whether this CPU runs a path this build has: checked where the path was chosen at run
    time (the CPU model is read once by the compiler's runtime, at startup); a path chosen by
    the compiler's target flags runs wherever the build does. */
+#ifdef MOE_EP__AVX512_BF16
+/* One lane of vdpbf16ps: x and w hold bf16 pairs, the even k in the low half; the odd k's
+   product is added first, then the even k's. */
+MOE_EP_PRIVATE float moe_ep__dot_pair(float acc, uint32_t x, uint32_t w) {
+    acc = moe_ep__dot_step(acc, moe_ep__bf16_daz(x >> 16), moe_ep__bf16_daz(w >> 16));
+    return moe_ep__dot_step(acc, moe_ep__bf16_daz(x & 0xFFFFu), moe_ep__bf16_daz(w & 0xFFFFu));
+}
+
+/* Whether this CPU's vdpbf16ps gives moe_ep__dot_pair's bits on lanes where a reading of the
+   definition could go either way: the odd k first, each step rounded (and flushed) on its
+   own, subnormal inputs (the accumulator too) as zeros, a result that rounds up to FLT_MIN
+   kept. A CPU that rounds otherwise runs the BF16_DOT arithmetic on the portable path. */
+MOE_EP_PRIVATE bool moe_ep__dot_instruction_agrees(void) {
+    static const uint32_t acc_bits[16] = { 0x00800000u, 0x00800000u, 0x3F800000u, 0x3F800000u, 0x00000200u,
+                                           0x00800000u, 0x80000000u, 0x80000000u, 0x3F800000u, 0xC2F60000u,
+                                           0x7F7FFFFFu, 0x00800001u, 0x3EAAAAABu, 0x00000000u, 0x4B800000u, 0xB3800000u };
+    static const uint32_t x[16] = { 0x00009A00u, 0x00009A00u, 0x3380BF80u, 0x00000001u, 0x00002000u,
+                                    0xA0002000u, 0x80008000u, 0x00008000u, 0xBF803380u, 0x3F8042F6u,
+                                    0x00007F00u, 0x00009A00u, 0xBEAB3EABu, 0x00010001u, 0x3F803F80u, 0x33803380u };
+    static const uint32_t w[16] = { 0x00001980u, 0x00001A00u, 0x3F803F80u, 0x00007E80u, 0x00002000u,
+                                    0x1F801F80u, 0x3F803F80u, 0x00003F80u, 0x3F803F80u, 0x3F803F80u,
+                                    0x00007F00u, 0x00001A00u, 0x3F803F80u, 0x7E807E80u, 0xB3803380u, 0x3F803F80u };
+    float acc[16], out[16];
+    int i;
+    memcpy(acc, acc_bits, sizeof acc);
+    moe_ep__avx512_dot_lanes(acc, x, w, out);
+    for (i = 0; i < 16; ++i) {
+        float want = moe_ep__dot_pair(acc[i], x[i], w[i]);
+        if (memcmp(&want, &out[i], sizeof want) != 0) return false;
+    }
+    return true;
+}
+#endif
+
 MOE_EP_PRIVATE bool moe_ep__cpu_runs(moe_ep_kernel kernel) {
 #ifdef MOE_EP__DISPATCH
     unsigned eax = 0, ebx = 0, ecx = 0, edx = 0;
     __builtin_cpu_init();
+    if (kernel == MOE_EP_KERNEL_AVX512_BF16)   /* AVX512-BF16: cpuid leaf 7 subleaf 1, eax bit 5 */
+        return __builtin_cpu_supports("avx512f") && __get_cpuid_count(7, 1, &eax, &ebx, &ecx, &edx) &&
+               (eax & (1u << 5)) && moe_ep__dot_instruction_agrees();
     if (kernel == MOE_EP_KERNEL_AVX512) return __builtin_cpu_supports("avx512f") != 0;
     if (kernel == MOE_EP_KERNEL_AVX2)   /* F16C: cpuid leaf 1, ecx bit 29 (clang 14 cannot name it) */
         return __builtin_cpu_supports("avx2") && __builtin_cpu_supports("fma") &&
                __get_cpuid(1, &eax, &ebx, &ecx, &edx) && (ecx & (1u << 29));
+#elif defined(MOE_EP__AVX512_BF16)
+    if (kernel == MOE_EP_KERNEL_AVX512_BF16) return moe_ep__dot_instruction_agrees();
 #endif
     (void)kernel;
     return true;
@@ -4462,6 +4763,7 @@ MOE_EP_PRIVATE const char* moe_ep__kernel_name(moe_ep_kernel kernel) {
     case MOE_EP_KERNEL_AVX512: return "AVX-512";
     case MOE_EP_KERNEL_NEON: return "NEON";
     case MOE_EP_KERNEL_CBLAS: return "CBLAS";
+    case MOE_EP_KERNEL_AVX512_BF16: return "AVX512-BF16";
     default: return "default";
     }
 }
@@ -4470,27 +4772,47 @@ MOE_EP_PRIVATE const char* moe_ep__kernel_name(moe_ep_kernel kernel) {
 MOE_EP_PRIVATE moe_ep_kernel moe_ep__path_kernel(const moe_ep__path* path) { return path->kernel; }
 #endif
 
-/* The path of desc.kernel (DEFAULT: the best this build and CPU have); NULL with *why set
-   when it cannot run here. */
-MOE_EP_PRIVATE const moe_ep__path* moe_ep__select_path(moe_ep_kernel kernel, const char** why) {
-    static const moe_ep_kernel best_first[] = { MOE_EP_KERNEL_AVX512, MOE_EP_KERNEL_AVX2, MOE_EP_KERNEL_NEON,
-                                                MOE_EP_KERNEL_PORTABLE };
+/* Whether a path runs the exact arithmetic (every path but AVX512_BF16) or BF16_DOT (dot). */
+MOE_EP_PRIVATE bool moe_ep__path_does(const moe_ep__path* path, bool dot) {
+    return dot ? path->micro_dot != NULL : path->kernel != MOE_EP_KERNEL_AVX512_BF16;
+}
+
+/* The path of desc.kernel for an arithmetic (DEFAULT: the best this build and CPU have);
+   NULL with *why set when it cannot run here. The BF16_DOT arithmetic runs on the paths
+   with a micro_dot: AVX512_BF16 and the portable emulation. */
+MOE_EP_PRIVATE const moe_ep__path* moe_ep__select_path_for(moe_ep_kernel kernel, moe_ep_arithmetic arithmetic,
+                                                           const char** why) {
+    static const moe_ep_kernel best_first[] = { MOE_EP_KERNEL_AVX512_BF16, MOE_EP_KERNEL_AVX512, MOE_EP_KERNEL_AVX2,
+                                                MOE_EP_KERNEL_NEON, MOE_EP_KERNEL_PORTABLE };
+    const bool dot = arithmetic == MOE_EP_ARITHMETIC_BF16_DOT;
     size_t i;
     *why = "";
     if (kernel == MOE_EP_KERNEL_DEFAULT) {
-        for (i = 0; i < sizeof best_first / sizeof best_first[0]; ++i)
-            if (moe_ep__path_of(best_first[i]) && moe_ep__cpu_runs(best_first[i])) return moe_ep__path_of(best_first[i]);
+        for (i = 0; i < sizeof best_first / sizeof best_first[0]; ++i) {
+            const moe_ep__path* path = moe_ep__path_of(best_first[i]);
+            if (path && moe_ep__path_does(path, dot) && moe_ep__cpu_runs(best_first[i])) return path;
+        }
         return &moe_ep__path_portable;
+    }
+    if (moe_ep__path_of(kernel) && !moe_ep__path_does(moe_ep__path_of(kernel), dot)) {
+        *why = dot ? "the BF16_DOT arithmetic runs on AVX512_BF16 or PORTABLE (its emulation)"
+                   : "it runs the BF16_DOT arithmetic only";
+        return NULL;
     }
     if (!moe_ep__path_of(kernel)) {
         *why = "this build has no such kernel (MOE_EP_NO_SIMD, MOE_EP_CBLAS, or another architecture or compiler)";
         return NULL;
     }
     if (!moe_ep__cpu_runs(kernel)) {
-        *why = "this CPU lacks its instructions";
+        *why = kernel == MOE_EP_KERNEL_AVX512_BF16 ? "this CPU lacks AVX512-BF16, or its vdpbf16ps rounds otherwise"
+                                                   : "this CPU lacks its instructions";
         return NULL;
     }
     return moe_ep__path_of(kernel);
+}
+
+MOE_EP_PRIVATE const moe_ep__path* moe_ep__select_path(moe_ep_kernel kernel, const char** why) {
+    return moe_ep__select_path_for(kernel, MOE_EP_ARITHMETIC_EXACT, why);
 }
 
 #ifndef MOE_EP_CBLAS
@@ -4535,19 +4857,22 @@ typedef struct moe_ep__pack_fault {
    the biases of the panels' columns follow in the same order, NR per panel (zero where a
    view has none), and so do int8's scales with scale. Returns false, with *fault, when a
    value cannot be stored: a finite one that rounds to infinity (bf16, fp16), or a NaN or
-   infinity (int8, whose scale it would spoil). */
-MOE_EP_PRIVATE bool moe_ep__pack(const moe_ep__path* path, moe_ep_weight_format f, const moe_ep__wview* w,
+   infinity (int8, whose scale it would spoil). With pairs (the BF16_DOT arithmetic, bf16) a
+   panel holds ceil(k / 2) x NR pairs instead, k = 2i in the low half of pair (i, j), and a
+   subnormal weight is stored as a zero of its sign (vdpbf16ps reads it so). */
+MOE_EP_PRIVATE bool moe_ep__pack(const moe_ep__path* path, moe_ep_weight_format f, bool pairs, const moe_ep__wview* w,
                                  const moe_ep__wview* w3, int n, int k, void* panels, float* bias, float* scale,
                                  moe_ep__pack_fault* fault) {
     const int nr = path->nr, cols = w3 ? nr / 2 : nr;
     const int64_t np = moe_ep__panel_count(n, cols), esize = moe_ep__format_bytes(f);
+    const int64_t kext = pairs ? k + (k & 1) : k;
     int j, kk;
     int64_t p;
     for (p = 0; p < np; ++p) {
         const moe_ep__wview* src[MOE_EP__NR_MAX];
         int64_t row[MOE_EP__NR_MAX];
         float channel_scale[MOE_EP__NR_MAX];
-        unsigned char* dst = (unsigned char*)panels + p * (int64_t)k * nr * esize;
+        unsigned char* panel = (unsigned char*)panels + p * kext * nr * esize;
         for (j = 0; j < nr; ++j) {
             int half = j >= cols;
             const moe_ep__wview* v = half ? w3 : w;
@@ -4558,33 +4883,41 @@ MOE_EP_PRIVATE bool moe_ep__pack(const moe_ep__path* path, moe_ep_weight_format 
             if (scale) scale[p * nr + j] = channel_scale[j];
         }
         for (kk = 0; kk < k; ++kk)
-            for (j = 0; j < nr; ++j, dst += esize) {
+            for (j = 0; j < nr; ++j) {
                 const moe_ep__wview* v = src[j];
+                unsigned char* dst = panel + (pairs ? ((int64_t)(kk / 2) * nr + j) * 2 + (kk & 1)
+                                                    : (int64_t)kk * nr + j) * esize;
                 bool overflow = false;
                 float value;
                 if (!v) continue;   /* calloc'd: zero */
                 if (v->format == f && f != MOE_EP_WEIGHT_FORMAT_FP32) {     /* stored: copied as it is */
                     memcpy(dst, (const unsigned char*)v->base + (row[j] * v->row_stride + kk * v->k_stride) * esize,
                            (size_t)esize);
-                    continue;
-                }
-                value = moe_ep__wget(v, row[j], kk);
-                if (f == MOE_EP_WEIGHT_FORMAT_BF16 || f == MOE_EP_WEIGHT_FORMAT_FP16) {
-                    uint16_t h = f == MOE_EP_WEIGHT_FORMAT_BF16 ? moe_ep__float_to_bf16(value, &overflow)
-                                                                : moe_ep__float_to_fp16(value, &overflow);
-                    memcpy(dst, &h, sizeof h);
-                } else if (f == MOE_EP_WEIGHT_FORMAT_INT8) {
-                    overflow = !moe_ep__finite(value);
-                    if (!overflow) *(int8_t*)dst = moe_ep__quantize(value, channel_scale[j]);
                 } else {
-                    memcpy(dst, &value, sizeof value);
+                    value = moe_ep__wget(v, row[j], kk);
+                    if (f == MOE_EP_WEIGHT_FORMAT_BF16 || f == MOE_EP_WEIGHT_FORMAT_FP16) {
+                        uint16_t h = f == MOE_EP_WEIGHT_FORMAT_BF16 ? moe_ep__float_to_bf16(value, &overflow)
+                                                                    : moe_ep__float_to_fp16(value, &overflow);
+                        memcpy(dst, &h, sizeof h);
+                    } else if (f == MOE_EP_WEIGHT_FORMAT_INT8) {
+                        overflow = !moe_ep__finite(value);
+                        if (!overflow) *(int8_t*)dst = moe_ep__quantize(value, channel_scale[j]);
+                    } else {
+                        memcpy(dst, &value, sizeof value);
+                    }
+                    if (overflow) {
+                        fault->view = v;
+                        fault->row = row[j];
+                        fault->col = kk;
+                        fault->value = value;
+                        return false;
+                    }
                 }
-                if (overflow) {
-                    fault->view = v;
-                    fault->row = row[j];
-                    fault->col = kk;
-                    fault->value = value;
-                    return false;
+                if (pairs) {
+                    uint16_t h;
+                    memcpy(&h, dst, sizeof h);
+                    if (!(h & 0x7F80u)) h &= 0x8000u;
+                    memcpy(dst, &h, sizeof h);
                 }
             }
     }
@@ -4610,8 +4943,50 @@ MOE_EP_PRIVATE void moe_ep__pack_rows(const moe_ep__path* path, const float* x, 
     }
 }
 
+/* BF16_DOT: row tiles [t0, t1) of x [m, k] as bf16 pairs, tile t [ceil(k / 2)][MR] (the
+   even k in the low half, a missing odd k zero), rounded as moe_ep__bf16_of_activation. */
+MOE_EP_PRIVATE void moe_ep__pack_row_pairs(const moe_ep__path* path, const float* x, int64_t ldx, int64_t m, int k,
+                                           int64_t t0, int64_t t1, float* tiles) {
+    const int mr = path->mr;
+    const int64_t kp = (k + 1) / 2;
+    int64_t t, i;
+    int r;
+    for (t = t0; t < t1; ++t) {
+        int rows = (int)MOE_EP__MIN((int64_t)mr, m - t * mr);
+        float* dst = tiles + t * kp * mr;
+        for (r = 0; r < rows; ++r) {
+            const float* src = x + (t * mr + r) * ldx;
+            for (i = 0; i < kp; ++i) {
+                uint32_t pair = moe_ep__bf16_pair(src[2 * i], 2 * i + 1 < k ? src[2 * i + 1] : 0.0f);
+                memcpy(dst + i * mr + r, &pair, sizeof pair);
+            }
+        }
+    }
+}
+
+/* BF16_DOT: hidden row tiles [t0, t1) (fp32, [kext][MR], k columns of m rows) as bf16 pairs,
+   tile t [kext / 2][MR]. */
+MOE_EP_PRIVATE void moe_ep__pair_tiles(const moe_ep__path* path, const float* tiles, int64_t kext, int64_t m, int k,
+                                       int64_t t0, int64_t t1, float* pairs) {
+    const int mr = path->mr;
+    int64_t t, i;
+    int r;
+    for (t = t0; t < t1; ++t) {
+        int rows = (int)MOE_EP__MIN((int64_t)mr, m - t * mr);
+        const float* src = tiles + t * kext * mr;
+        float* dst = pairs + t * (kext / 2) * mr;
+        for (i = 0; i < (k + 1) / 2; ++i)
+            for (r = 0; r < rows; ++r) {
+                uint32_t pair = moe_ep__bf16_pair(src[2 * i * mr + r], 2 * i + 1 < k ? src[(2 * i + 1) * mr + r] : 0.0f);
+                memcpy(dst + i * mr + r, &pair, sizeof pair);
+            }
+    }
+}
+
 /* One product C = act(A . W^T): A in row tiles, W in panels of the format; act COUNT =
-   none. C is row-major (row stride ldc) or, with c_kext > 0, row tiles of extent c_kext. */
+   none. C is row-major (row stride ldc) or, with c_kext > 0, row tiles of extent c_kext.
+   pairs (BF16_DOT): A and the panels hold bf16 pairs, k counts them, format is FP32 (their
+   4-byte elements) and the path's micro_dot multiplies. */
 typedef struct moe_ep__gemm_args {
     const moe_ep__path* path;
     const float* a;
@@ -4625,6 +5000,7 @@ typedef struct moe_ep__gemm_args {
     float alpha, limit;             /* clamped SwiGLU's */
     float* c;
     int64_t ldc, c_kext;
+    bool pairs;
 } moe_ep__gemm_args;
 
 /* The last K slice of one tile: the finished sums go to C, through the activation. */
@@ -4721,7 +5097,7 @@ MOE_EP_PRIVATE void moe_ep__item_slice(const moe_ep__gemm_args* g, const moe_ep_
                               : !last ? base + (it->jc * K + pc + kc) * nr * esize : NULL;
     const int64_t share = (kc * nr * esize + it->tiles - 1) / it->tiles;
     const float* b = (const float*)(const void*)src;
-    moe_ep__micro_fn micro = it->narrow ? it->narrow : path->micro;
+    moe_ep__micro_fn micro = it->narrow ? it->narrow : g->pairs ? path->micro_dot : path->micro;
     int64_t ir;
     if (g->format != MOE_EP_WEIGHT_FORMAT_FP32 && !it->narrow) {
         float* wide = it->scratch + moe_ep__mc(path) * ld;
@@ -4839,31 +5215,44 @@ MOE_EP_PRIVATE moe_ep_result moe_ep__ffn(moe_ep_context* ctx, int local_expert, 
 typedef struct moe_ep__ffn_args {
     const float* x;
     int64_t ldx;
-    float* x_tiles;
+    int d_model;
+    float* x_tiles;                 /* x's row tiles; BF16_DOT: then the hidden rows' pairs */
     moe_ep__gemm_args up, down;
     float* scratch;
 } moe_ep__ffn_args;
 
-/* The three stages: pack x, the up product (with the activation), the down product.
-   In a team every thread calls this and `omp for` shares the loops out, its closing
-   barrier ordering the stages; products go by work item to whichever thread is free, so
-   a busy core does not hold the others up. Which thread computes an element never
-   changes its value. Alone (team 0) it runs the same loops on the calling thread. */
+/* Row tiles [t0, t1) of x into the up product's A: floats, or bf16 pairs (BF16_DOT). */
+MOE_EP_PRIVATE void moe_ep__ffn_pack(const moe_ep__ffn_args* f, int64_t t0, int64_t t1) {
+    if (f->up.pairs) moe_ep__pack_row_pairs(f->up.path, f->x, f->ldx, f->up.m, f->d_model, t0, t1, f->x_tiles);
+    else moe_ep__pack_rows(f->up.path, f->x, f->ldx, f->up.m, f->up.k, t0, t1, f->x_tiles);
+}
+
+/* The stages: pack x, the up product (with the activation), (BF16_DOT: the hidden rows as
+   bf16 pairs, over x's tiles), the down product. In a team every thread calls this and
+   `omp for` shares the loops out, its closing barrier ordering the stages; products go by
+   work item to whichever thread is free, so a busy core does not hold the others up. Which
+   thread computes an element never changes its value. Alone (team 0) it runs the same
+   loops on the calling thread. */
 MOE_EP_PRIVATE void moe_ep__ffn_stages(const moe_ep__ffn_args* f, float* scratch, int team) {
     const moe_ep__path* path = f->up.path;
     int64_t i, tiles = moe_ep__row_tiles(path, f->up.m), up_items = moe_ep__gemm_items(&f->up);
     int64_t down_items = moe_ep__gemm_items(&f->down);
     if (!team) {
-        moe_ep__pack_rows(path, f->x, f->ldx, f->up.m, f->up.k, 0, tiles, f->x_tiles);
+        moe_ep__ffn_pack(f, 0, tiles);
         for (i = 0; i < up_items; ++i) moe_ep__gemm_item(&f->up, i, scratch);
+        if (f->down.pairs) moe_ep__pair_tiles(path, f->up.c, f->up.c_kext, f->up.m, f->up.n, 0, tiles, f->x_tiles);
         for (i = 0; i < down_items; ++i) moe_ep__gemm_item(&f->down, i, scratch);
         return;
     }
 #ifdef _OPENMP
 #pragma omp for schedule(static)
-    for (i = 0; i < tiles; ++i) moe_ep__pack_rows(path, f->x, f->ldx, f->up.m, f->up.k, i, i + 1, f->x_tiles);
+    for (i = 0; i < tiles; ++i) moe_ep__ffn_pack(f, i, i + 1);
 #pragma omp for schedule(dynamic, 1)
     for (i = 0; i < up_items; ++i) moe_ep__gemm_item(&f->up, i, scratch);
+    if (f->down.pairs) {
+#pragma omp for schedule(static)
+        for (i = 0; i < tiles; ++i) moe_ep__pair_tiles(path, f->up.c, f->up.c_kext, f->up.m, f->up.n, i, i + 1, f->x_tiles);
+    }
 #pragma omp for schedule(dynamic, 1)
     for (i = 0; i < down_items; ++i) moe_ep__gemm_item(&f->down, i, scratch);
 #endif
@@ -4876,8 +5265,13 @@ MOE_EP_PRIVATE moe_ep_result moe_ep__ffn(moe_ep_context* ctx, int local_expert, 
     int threads = moe_ep__kernel_threads(ctx, m, d->d_model, d->d_ff);
     int64_t ldh = moe_ep__hidden_stride(path, d), tiled = moe_ep__row_tiles(path, m) * path->mr;
     int64_t scratch_floats = moe_ep__scratch_floats(path);
+    const bool pairs = d->arithmetic == MOE_EP_ARITHMETIC_BF16_DOT;
+    /* BF16_DOT counts k in pairs: x's, the hidden rows' (ldh is even) */
+    const int k_up = pairs ? (d->d_model + 1) / 2 : d->d_model, k_down = pairs ? (d->d_ff + 1) / 2 : d->d_ff;
+    const int64_t x_kext = pairs ? MOE_EP__MAX((int64_t)k_up, ldh / 2) : d->d_model;
     moe_ep__ffn_args f;
-    f.x_tiles = moe_ep__workspace(ctx, &ctx->kernel_rows, &ctx->kernel_rows_capacity, tiled * d->d_model);
+    memset(&f, 0, sizeof f);
+    f.x_tiles = moe_ep__workspace(ctx, &ctx->kernel_rows, &ctx->kernel_rows_capacity, tiled * x_kext);
     f.scratch = moe_ep__workspace(ctx, &ctx->kernel_scratch, &ctx->kernel_scratch_capacity,
                                   ctx->num_threads * scratch_floats);
     f.up.c = moe_ep__workspace(ctx, &ctx->hidden, &ctx->hidden_capacity, tiled * ldh);
@@ -4887,14 +5281,16 @@ MOE_EP_PRIVATE moe_ep_result moe_ep__ffn(moe_ep_context* ctx, int local_expert, 
                             (long long)m);
     f.x = rows;
     f.ldx = d->d_model;
-    f.up.path = path; f.up.format = d->weight_format;
-    f.up.a = f.x_tiles; f.up.a_kext = d->d_model; f.up.m = m; f.up.k = d->d_model; f.up.n = d->d_ff;
+    f.d_model = d->d_model;
+    f.up.path = path; f.up.format = pairs ? MOE_EP_WEIGHT_FORMAT_FP32 : d->weight_format; f.up.pairs = pairs;
+    f.up.a = f.x_tiles; f.up.a_kext = k_up; f.up.m = m; f.up.k = k_up; f.up.n = d->d_ff;
     f.up.panels = moe_ep__aligned_bytes(ctx->packed_up[local_expert]); f.up.act = d->activation;
     f.up.bias = ctx->bias_up[local_expert]; f.up.scale = ctx->scale_up[local_expert];
     f.up.alpha = d->swiglu_alpha; f.up.limit = d->swiglu_limit;
     f.up.ldc = 0; f.up.c_kext = ldh;
-    f.down.path = path; f.down.format = d->weight_format;
-    f.down.a = f.up.c; f.down.a_kext = ldh; f.down.m = m; f.down.k = d->d_ff; f.down.n = d->d_model;
+    f.down.path = path; f.down.format = f.up.format; f.down.pairs = pairs;
+    f.down.a = pairs ? f.x_tiles : f.up.c; f.down.a_kext = pairs ? ldh / 2 : ldh; f.down.m = m; f.down.k = k_down;
+    f.down.n = d->d_model;
     f.down.panels = moe_ep__aligned_bytes(ctx->packed_down[local_expert]); f.down.act = MOE_EP_ACTIVATION_COUNT;
     f.down.bias = ctx->bias_down[local_expert]; f.down.scale = ctx->scale_down[local_expert];
     f.down.alpha = 0.0f; f.down.limit = 0.0f;
@@ -5019,11 +5415,12 @@ MOE_EP_PRIVATE moe_ep_result moe_ep__pack_expert(moe_ep_context* ctx, int l, moe
     {
         const moe_ep__path* path = ctx->path;
         const moe_ep_weight_format f = d->weight_format;
+        const bool pairs = d->arithmetic == MOE_EP_ARITHMETIC_BF16_DOT;     /* k rounded up to even */
         const int64_t nr = path->nr, esize = moe_ep__format_bytes(f);
         const int64_t up_panels = moe_ep__panel_count(d->d_ff, moe_ep__panel_cols(path, d->activation));
         const int64_t down_panels = moe_ep__panel_count(d->d_model, (int)nr);
-        const int64_t up_bytes = moe_ep__round_up(up_panels * D * nr * esize, MOE_EP__ALIGN);
-        const int64_t down_bytes = moe_ep__round_up(down_panels * F * nr * esize, MOE_EP__ALIGN);
+        const int64_t up_bytes = moe_ep__round_up(up_panels * (pairs ? D + (D & 1) : D) * nr * esize, MOE_EP__ALIGN);
+        const int64_t down_bytes = moe_ep__round_up(down_panels * (pairs ? F + (F & 1) : F) * nr * esize, MOE_EP__ALIGN);
         const int64_t up_extra = up_panels * nr * ((up_bias ? 1 : 0) + (f == MOE_EP_WEIGHT_FORMAT_INT8 ? 1 : 0));
         const int64_t down_extra = down_panels * nr * ((down_bias ? 1 : 0) + (f == MOE_EP_WEIGHT_FORMAT_INT8 ? 1 : 0));
         moe_ep__pack_fault fault;
@@ -5044,9 +5441,9 @@ MOE_EP_PRIVATE moe_ep_result moe_ep__pack_expert(moe_ep_context* ctx, int l, moe
         down_scale = f == MOE_EP_WEIGHT_FORMAT_INT8 ? down_tail + (down_bias ? down_panels * nr : 0) : NULL;
         ctx->scale_up[l] = up_scale;
         ctx->scale_down[l] = down_scale;
-        ok = moe_ep__pack(path, f, &gate, gated ? &up : NULL, d->d_ff, d->d_model, up_base,
+        ok = moe_ep__pack(path, f, pairs, &gate, gated ? &up : NULL, d->d_ff, d->d_model, up_base,
                           up_bias ? up_tail : NULL, up_scale, &fault) &&
-             moe_ep__pack(path, f, &down, NULL, d->d_model, d->d_ff, down_base, down_bias ? down_tail : NULL,
+             moe_ep__pack(path, f, pairs, &down, NULL, d->d_model, d->d_ff, down_base, down_bias ? down_tail : NULL,
                           down_scale, &fault);
         if (!ok) {
             moe_ep__check(v, false, MOE_EP_LOG_ITEM_DESC_WEIGHT_NOT_CONVERTIBLE,

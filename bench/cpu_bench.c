@@ -274,7 +274,7 @@ static void section_gemm(const bench_model* model) {
             double to[MAX_REPS], tb[MAX_REPS], flop = 2.0 * (double)M * K * N, ours, blas;
             ours_gemm o;
             memset(&o, 0, sizeof o);
-            moe_ep__pack(path, MOE_EP_WEIGHT_FORMAT_FP32, &view, NULL, N, K, moe_ep__aligned(panels_raw),
+            moe_ep__pack(path, MOE_EP_WEIGHT_FORMAT_FP32, false, &view, NULL, N, K, moe_ep__aligned(panels_raw),
                          moe_ep__aligned(panels_raw) + panel_floats, NULL, &fault);
             o.g.path = path;
             o.g.format = MOE_EP_WEIGHT_FORMAT_FP32;

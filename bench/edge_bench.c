@@ -13,6 +13,9 @@
      from there);
    - prefill, --prefill tokens (default 1024): median time over 3 calls;
    - weight memory of the rank (moe_ep_weight_bytes).
+   The last row, "bf16 dot", is bf16 weights with the opt-in BF16_DOT arithmetic (activations
+   rounded to bf16, vdpbf16ps where the CPU has AVX512-BF16); on a CPU without it its portable
+   emulation is far slower and the row is left out unless --kernel portable asks for it.
 
    Prints a Markdown table. The kernel path is the one this build picks (--kernel forces
    one: portable, avx2, avx512, neon). make bench-edge builds it plainly (-O2) and with
@@ -80,11 +83,15 @@ static double read_seconds(const uint64_t* buf, size_t words, int threads) {
 
 int main(int argc, char** argv) {
     static const moe_ep_weight_format formats[] = { MOE_EP_WEIGHT_FORMAT_FP32, MOE_EP_WEIGHT_FORMAT_BF16,
-                                                    MOE_EP_WEIGHT_FORMAT_FP16, MOE_EP_WEIGHT_FORMAT_INT8 };
-    static const char* const names[] = { "fp32", "bf16", "fp16", "int8" };
+                                                    MOE_EP_WEIGHT_FORMAT_FP16, MOE_EP_WEIGHT_FORMAT_INT8,
+                                                    MOE_EP_WEIGHT_FORMAT_BF16 };
+    static const moe_ep_arithmetic arithmetic[] = { MOE_EP_ARITHMETIC_EXACT, MOE_EP_ARITHMETIC_EXACT,
+                                                    MOE_EP_ARITHMETIC_EXACT, MOE_EP_ARITHMETIC_EXACT,
+                                                    MOE_EP_ARITHMETIC_BF16_DOT };
+    static const char* const names[] = { "fp32", "bf16", "fp16", "int8", "bf16 dot" };
     static const char* const kernels[] = { "default", "portable", "avx2", "avx512", "neon" };
     static const int decode_tokens[] = { 1, 4, 16 };
-    int threads = 1, reps = 9, prefill = 1024, f, i, r, kernel = 0, evict = 1;
+    int threads = 1, reps = 9, prefill = 1024, f, i, r, kernel = 0, evict = 1, rows = 5;
     size_t per = (size_t)D_MODEL * D_FF, flush_words = FLUSH_BYTES / 8;
     uint64_t state = 12345;
     float* weights;
@@ -95,8 +102,9 @@ int main(int argc, char** argv) {
     float* topk_weight;
     uint64_t* flush;
     moe_ep_expert_weights experts[EXPERTS];
-    double times[64], read_bw, tokens_per_s[4][3], bytes_per_s[4][3], prefill_s[4];
-    int64_t weight_bytes[4];
+    double times[64], read_bw, tokens_per_s[5][3], bytes_per_s[5][3], prefill_s[5];
+    int64_t weight_bytes[5];
+    const char* dot_kernel = "";
 #ifdef _OPENMP
     threads = omp_get_max_threads();
 #endif
@@ -140,17 +148,28 @@ int main(int argc, char** argv) {
     for (r = 0; r < reps; ++r) times[r] = read_seconds(flush, flush_words, threads);
     read_bw = (double)FLUSH_BYTES / bench_median(times, reps);
 
-    for (f = 0; f < 4; ++f) {
+    for (f = 0; f < 5; ++f) {
         moe_ep_context* ctx = NULL;
         moe_ep_forward_args args;
         char err[512] = "";
         int t;
+        /* the dot arithmetic runs on AVX512_BF16 or the portable emulation: the default, or portable if asked */
+        moe_ep_kernel k = f < 4 || kernel == MOE_EP_KERNEL_PORTABLE ? (moe_ep_kernel)kernel : MOE_EP_KERNEL_DEFAULT;
         if (moe_ep_create(&(moe_ep_desc){ .d_model = D_MODEL, .d_ff = D_FF, .num_experts = EXPERTS, .top_k = TOP_K,
                                           .num_threads = threads, .router_weight = router, .experts = experts,
-                                          .weight_format = formats[f], .kernel = (moe_ep_kernel)kernel,
+                                          .weight_format = formats[f], .arithmetic = arithmetic[f], .kernel = k,
                                           .create_error = err, .create_error_size = sizeof err }, &ctx) != MOE_EP_OK) {
             fprintf(stderr, "edge_bench: %s: %s\n", names[f], err);
             return 1;
+        }
+        if (f == 4) {
+            dot_kernel = moe_ep_kernel_string(moe_ep_query(ctx).kernel);
+            if (moe_ep_query(ctx).kernel == MOE_EP_KERNEL_PORTABLE && kernel != MOE_EP_KERNEL_PORTABLE) {
+                printf("bf16 dot: not run (no AVX512-BF16 here; --kernel portable runs the emulation)\n\n");
+                moe_ep_destroy(ctx);
+                rows = 4;
+                break;
+            }
         }
         if (f == 0) printf("edge_bench: kernel %s, %d threads, d_model %d, d_ff %d, %d experts, top-%d\n\n",
                            moe_ep_kernel_string(moe_ep_query(ctx).kernel), threads, D_MODEL, D_FF, EXPERTS, TOP_K);
@@ -195,17 +214,18 @@ int main(int argc, char** argv) {
         moe_ep_destroy(ctx);
     }
     printf("plain read loop (1 GiB, %d threads): %.2f GB/s\n\n", threads, read_bw * 1e-9);
+    if (rows == 5) printf("bf16 dot: the BF16_DOT arithmetic on the %s kernel\n\n", dot_kernel);
     printf("| format | weights per rank (MiB) | decode tokens | tokens/s | x fp32 | weight GB/s | x read loop |\n"
            "|---|---|---|---|---|---|---|\n");
-    for (f = 0; f < 4; ++f)
+    for (f = 0; f < rows; ++f)
         for (i = 0; i < 3; ++i)
             printf("| %s | %.1f | %d | %.1f | %.2f | %.2f | %.2f |\n", names[f], (double)weight_bytes[f] / 1048576.0,
                    decode_tokens[i], tokens_per_s[f][i], tokens_per_s[f][i] / tokens_per_s[0][i],
                    bytes_per_s[f][i] * 1e-9, bytes_per_s[f][i] / read_bw);
-    printf("\n| format | prefill %d tokens (s) | tokens/s | x fp32 |\n|---|---|---|---|\n", prefill);
-    for (f = 0; f < 4; ++f)
-        printf("| %s | %.3f | %.0f | %.2f |\n", names[f], prefill_s[f], prefill / prefill_s[f],
-               prefill_s[0] / prefill_s[f]);
+    printf("\n| format | prefill %d tokens (s) | tokens/s | x fp32 | x bf16 |\n|---|---|---|---|---|\n", prefill);
+    for (f = 0; f < rows; ++f)
+        printf("| %s | %.3f | %.0f | %.2f | %.2f |\n", names[f], prefill_s[f], prefill / prefill_s[f],
+               prefill_s[0] / prefill_s[f], prefill_s[1] / prefill_s[f]);
     free(weights); free(router); free(x); free(y); free(idx); free(topk_weight); free(flush);
     return 0;
 }

@@ -1,6 +1,7 @@
 /* Layout arithmetic (EP x TP x DP) and layered layers (groups split from a pthreads
    world) against one rank, in fp32, bf16 and int8 (whose per-channel scales come from the
-   whole row, so a TP slice quantises as one rank does). */
+   whole row, so a TP slice quantises as one rank does), and in bf16 with the BF16_DOT
+   arithmetic (under TP each rank pairs its own slice of d_ff, odd slices included). */
 #include "check_moe_ep.h"
 
 #include <math.h>
@@ -126,6 +127,7 @@ typedef struct layered {
     const float *x, *router;
     const moe_ep_expert_weights* experts;
     moe_ep_weight_format format;    /* int8 under TP: each output channel's scale from its whole row */
+    moe_ep_arithmetic arithmetic;   /* BF16_DOT under TP: each rank's pairs from its slice's first row */
     float* y;                       /* [world, tokens, D_MODEL] */
     int group_sizes[128][3];        /* what each rank's split transports report */
 } layered;
@@ -157,7 +159,8 @@ static moe_ep_result layered_rank(const moe_ep_transport* world, void* user_data
     for (i = 0; i < n; ++i) mine[i] = t->experts[experts[i]];
     res = moe_ep_create(&(moe_ep_desc){ .d_model = D_MODEL, .d_ff = D_FF, .num_experts = l->num_experts, .top_k = TOP_K,
                                         .num_threads = 1, .router_weight = t->router, .experts = mine,
-                                        .experts_count = n, .weight_format = t->format, .transport = &ep,
+                                        .experts_count = n, .weight_format = t->format,
+                                        .arithmetic = t->arithmetic, .transport = &ep,
                                         .tp_transport = l->tp_size > 1 ? &tp : NULL }, &ctx);
     if (res == MOE_EP_OK)
         res = moe_ep_forward(ctx, &(moe_ep_forward_args){
@@ -177,11 +180,14 @@ static const shape layer_shapes[] = {
 
 #define LAYER_SHAPES ((int)(sizeof layer_shapes / sizeof layer_shapes[0]))
 static const moe_ep_weight_format layer_formats[] = { MOE_EP_WEIGHT_FORMAT_FP32, MOE_EP_WEIGHT_FORMAT_BF16,
-                                                      MOE_EP_WEIGHT_FORMAT_INT8 };
+                                                      MOE_EP_WEIGHT_FORMAT_INT8, MOE_EP_WEIGHT_FORMAT_BF16 };
+static const moe_ep_arithmetic layer_arithmetic[] = { MOE_EP_ARITHMETIC_EXACT, MOE_EP_ARITHMETIC_EXACT,
+                                                      MOE_EP_ARITHMETIC_EXACT, MOE_EP_ARITHMETIC_BF16_DOT };
 
 START_TEST(test_layered_layer_matches_one_rank) {
     const shape* sh = &layer_shapes[_i % LAYER_SHAPES];
     moe_ep_weight_format format = layer_formats[_i / LAYER_SHAPES];
+    moe_ep_arithmetic arithmetic = layer_arithmetic[_i / LAYER_SHAPES];
     layered t;
     moe_ep_pthreads_world* world;
     moe_ep_context* single;
@@ -212,14 +218,15 @@ START_TEST(test_layered_layer_matches_one_rank) {
     }
     test_poison(t.y, n * (size_t)sh->world);
     test_poison(y_ref, n * (size_t)shards);
-    t.tokens = tokens; t.x = x; t.router = router; t.experts = all; t.format = format;
+    t.tokens = tokens; t.x = x; t.router = router; t.experts = all; t.format = format; t.arithmetic = arithmetic;
     ck_assert_int_eq(moe_ep_pthreads_world_create(&(moe_ep_pthreads_desc){ .world_size = sh->world, .timeout_ms = 30000 },
                                                   &world), MOE_EP_OK);
     ck_assert_int_eq(moe_ep_pthreads_run(world, layered_rank, &t, NULL), MOE_EP_OK);
     moe_ep_pthreads_world_destroy(world);
     ck_assert_int_eq(moe_ep_create(&(moe_ep_desc){ .d_model = D_MODEL, .d_ff = D_FF, .num_experts = sh->experts,
                                                    .top_k = TOP_K, .num_threads = 1, .router_weight = router,
-                                                   .experts = all, .weight_format = format }, &single), MOE_EP_OK);
+                                                   .experts = all, .weight_format = format,
+                                                   .arithmetic = arithmetic }, &single), MOE_EP_OK);
     ck_assert_int_eq(moe_ep_forward(single, &(moe_ep_forward_args){ .tokens = (int64_t)shards * tokens, .x = x,
                                                                      .y = y_ref }), MOE_EP_OK);
     moe_ep_destroy(single);
@@ -342,7 +349,7 @@ Suite* layout_suite(void) {
     tcase_add_loop_test(errors, test_layout_invalid, 0, (int)(sizeof bad_layouts / sizeof bad_layouts[0]));
     tcase_add_test(errors, test_layout_out_of_range);
     tcase_add_test(errors, test_split_keeps_transport_text);
-    tcase_add_loop_test(layer, test_layered_layer_matches_one_rank, 0, LAYER_SHAPES * 3);
+    tcase_add_loop_test(layer, test_layered_layer_matches_one_rank, 0, LAYER_SHAPES * 4);
     tcase_add_test(layer, test_all_reduce_rank_order);
     tcase_add_test(layer, test_groups_independent_exit);
     tcase_set_timeout(layer, 60);

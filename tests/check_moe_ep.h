@@ -35,6 +35,7 @@ Suite* hostile_suite(void);
 Suite* safetensors_suite(void);
 Suite* formats_suite(void);
 Suite* row_lists_suite(void);
+Suite* bf16_dot_suite(void);
 
 /* >>float64 references */
 /* out[rows, d_model] = the expert FFN in double (SwiGLU, exact-erf GELU, ReLU, clamped SwiGLU
@@ -64,6 +65,7 @@ typedef struct check_model {
     moe_ep_shared_desc shared;      /* zero: no shared experts */
     moe_ep_weight_layout weight_layout;  /* how `experts` lie (the references read the separate layout only) */
     moe_ep_weight_format weight_format;  /* the desc's (check_formats.c) */
+    moe_ep_arithmetic arithmetic;   /* the desc's (check_bf16_dot.c) */
     float* router;
     float* weights;
     moe_ep_expert_weights* experts;  /* [num_experts], global ids */

@@ -380,6 +380,7 @@ static moe_ep_result check__layer_rank(const moe_ep_transport* transport, void* 
         desc.shared = m->shared;
         desc.weight_layout = m->weight_layout;
         desc.weight_format = m->weight_format;
+        desc.arithmetic = m->arithmetic;
         desc.kernel = L->kernel;
         desc.capacity_factor = L->capacity_factor;
         desc.placement = L->placement;

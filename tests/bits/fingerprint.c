@@ -31,6 +31,7 @@ typedef struct bits_layer {
     int groups, topk_groups;
     float scaling, weight_scale;
     moe_ep_weight_format format;
+    moe_ep_arithmetic arithmetic;
 } bits_layer;
 
 /* --kernel NAME: the kernel path every layer runs (default: the one the CPU gets). */
@@ -109,7 +110,10 @@ static unsigned long long bits_run(const bits_layer* l, unsigned long long seed)
     desc.router_weight = router;
     desc.experts = experts;
     desc.weight_format = l->format;
-    desc.kernel = bits_kernel;
+    desc.arithmetic = l->arithmetic;
+    /* BF16_DOT runs on its own kernels: --kernel portable is its emulation, the others its default */
+    desc.kernel = l->arithmetic == MOE_EP_ARITHMETIC_BF16_DOT && bits_kernel != MOE_EP_KERNEL_PORTABLE
+                      ? MOE_EP_KERNEL_DEFAULT : bits_kernel;
     if (l->router_bias) desc.router_bias = router_bias = bits_floats((size_t)l->experts, 0.05f, &state);
     if (l->selection_bias) desc.selection_bias = selection_bias = bits_floats((size_t)l->experts, 0.05f, &state);
     if (l->shared_d_ff > 0) {
@@ -160,27 +164,32 @@ static unsigned long long bits_run(const bits_layer* l, unsigned long long seed)
 
 int main(int argc, char** argv) {
     /* name, E, k, tokens, d_model, d_ff, shared d_ff, activation, scoring, normalize, biases, router
-       bias, selection bias, scale input, shared gate, groups, topk groups, scaling, weight scale */
+       bias, selection bias, scale input, shared gate, groups, topk groups, scaling, weight scale,
+       format, arithmetic */
     static const bits_layer layers[] = {
         { "seed", 64, 2, 512, 64, 128, 0, MOE_EP_ACTIVATION_SWIGLU, MOE_EP_SCORING_SOFTMAX, true, false, false,
-          false, false, false, 0, 0, 0.0f, 1.0f, MOE_EP_WEIGHT_FORMAT_DEFAULT },
+          false, false, false, 0, 0, 0.0f, 1.0f, MOE_EP_WEIGHT_FORMAT_DEFAULT, MOE_EP_ARITHMETIC_DEFAULT },
         { "gelu-sigmoid-groups-shared", 16, 4, 37, 40, 72, 56, MOE_EP_ACTIVATION_GELU, MOE_EP_SCORING_SIGMOID,
-          true, true, false, true, false, true, 4, 2, 2.5f, 8.0f, MOE_EP_WEIGHT_FORMAT_DEFAULT },
+          true, true, false, true, false, true, 4, 2, 2.5f, 8.0f, MOE_EP_WEIGHT_FORMAT_DEFAULT, MOE_EP_ARITHMETIC_DEFAULT },
         { "clamped-topk-softmax", 12, 3, 29, 36, 44, 0, MOE_EP_ACTIVATION_SWIGLU_CLAMPED,
           MOE_EP_SCORING_TOPK_SOFTMAX, false, true, true, false, false, false, 0, 0, 0.0f, 40.0f,
-          MOE_EP_WEIGHT_FORMAT_DEFAULT },
+          MOE_EP_WEIGHT_FORMAT_DEFAULT, MOE_EP_ARITHMETIC_DEFAULT },
         { "relu-topk-sigmoid-scaled", 8, 1, 31, 24, 52, 24, MOE_EP_ACTIVATION_RELU, MOE_EP_SCORING_TOPK_SIGMOID,
-          false, false, false, false, true, false, 0, 0, 0.0f, 1.0f, MOE_EP_WEIGHT_FORMAT_DEFAULT },
+          false, false, false, false, true, false, 0, 0, 0.0f, 1.0f, MOE_EP_WEIGHT_FORMAT_DEFAULT, MOE_EP_ARITHMETIC_DEFAULT },
         { "swiglu-biases-softmax", 10, 2, 23, 33, 70, 0, MOE_EP_ACTIVATION_SWIGLU, MOE_EP_SCORING_SOFTMAX,
-          false, true, true, false, false, false, 0, 0, 0.0f, 16.0f, MOE_EP_WEIGHT_FORMAT_DEFAULT },
+          false, true, true, false, false, false, 0, 0, 0.0f, 16.0f, MOE_EP_WEIGHT_FORMAT_DEFAULT, MOE_EP_ARITHMETIC_DEFAULT },
         /* the weight formats: each weight widened exactly, so the same bits everywhere too */
         { "bf16-swiglu-shared", 16, 2, 41, 48, 80, 40, MOE_EP_ACTIVATION_SWIGLU, MOE_EP_SCORING_SOFTMAX, true,
-          false, false, false, false, true, 0, 0, 0.0f, 4.0f, MOE_EP_WEIGHT_FORMAT_BF16 },
+          false, false, false, false, true, 0, 0, 0.0f, 4.0f, MOE_EP_WEIGHT_FORMAT_BF16, MOE_EP_ARITHMETIC_DEFAULT },
         { "fp16-gelu-biases", 12, 2, 35, 40, 68, 0, MOE_EP_ACTIVATION_GELU, MOE_EP_SCORING_SOFTMAX, false, true,
-          false, false, false, false, 0, 0, 0.0f, 8.0f, MOE_EP_WEIGHT_FORMAT_FP16 },
+          false, false, false, false, 0, 0, 0.0f, 8.0f, MOE_EP_WEIGHT_FORMAT_FP16, MOE_EP_ARITHMETIC_DEFAULT },
         { "int8-clamped-biases-shared", 10, 3, 27, 36, 60, 28, MOE_EP_ACTIVATION_SWIGLU_CLAMPED,
           MOE_EP_SCORING_TOPK_SOFTMAX, false, true, true, false, false, true, 0, 0, 0.0f, 40.0f,
-          MOE_EP_WEIGHT_FORMAT_INT8 },
+          MOE_EP_WEIGHT_FORMAT_INT8, MOE_EP_ARITHMETIC_DEFAULT },
+        /* the opt-in BF16_DOT arithmetic: vdpbf16ps where the CPU has AVX512-BF16, its emulation elsewhere */
+        { "bf16dot-swiglu-biases-shared", 12, 2, 33, 41, 75, 30, MOE_EP_ACTIVATION_SWIGLU, MOE_EP_SCORING_SOFTMAX,
+          true, true, false, false, false, true, 0, 0, 0.0f, 4.0f, MOE_EP_WEIGHT_FORMAT_BF16,
+          MOE_EP_ARITHMETIC_BF16_DOT },
     };
     static const char* const kernel_names[] = { "default", "portable", "avx2", "avx512", "neon" };
     unsigned long long all = 14695981039346656037ull;

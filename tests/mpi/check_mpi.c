@@ -80,6 +80,7 @@ typedef struct layer_case {
     int threads;
     int family;                     /* FAMILY_NONE: softmax top-k; else a family's router and shared expert */
     moe_ep_weight_format format;    /* how the experts (routed and shared) hold their weights */
+    moe_ep_arithmetic arithmetic;   /* BF16_DOT: its own bits, those of one rank too */
 } layer_case;
 
 /* The families' routers over MPI: DeepSeek-V3 (sigmoid, selection bias, 4 groups keep 2, x2.5,
@@ -90,28 +91,31 @@ enum { FAMILY_NONE, FAMILY_DEEPSEEK, FAMILY_GPT_OSS, FAMILY_LLAMA4 };
 static const int used_subset[] = { 0, 5, 6, 11 };
 
 static const layer_case layer_cases[] = {
-    { "seed-like",        32, 64, 16, 2, { 37, 29, 41, 13 }, MOE_EP_ACTIVATION_SWIGLU, MOE_EP_PLACEMENT_CONTIGUOUS, true, 0, 0, 1, FAMILY_NONE, MOE_EP_WEIGHT_FORMAT_DEFAULT },
-    { "empty-ranks",      24, 40, 8,  2, { 19, 0, 31, 0 },   MOE_EP_ACTIVATION_SWIGLU, MOE_EP_PLACEMENT_CONTIGUOUS, true, 0, 0, 1, FAMILY_NONE, MOE_EP_WEIGHT_FORMAT_DEFAULT },
-    { "empty-experts",    16, 48, 12, 2, { 17, 9, 1, 26 },   MOE_EP_ACTIVATION_SWIGLU, MOE_EP_PLACEMENT_CONTIGUOUS, false, 0, 4, 1, FAMILY_NONE, MOE_EP_WEIGHT_FORMAT_DEFAULT },
-    { "k-equals-E",       24, 40, 5,  5, { 11, 3, 8, 1 },    MOE_EP_ACTIVATION_SWIGLU, MOE_EP_PLACEMENT_CONTIGUOUS, true, 0, 0, 1, FAMILY_NONE, MOE_EP_WEIGHT_FORMAT_DEFAULT },
-    { "fewer-experts",    20, 36, 3,  2, { 13, 7, 29, 2 },   MOE_EP_ACTIVATION_RELU,   MOE_EP_PLACEMENT_CONTIGUOUS, true, 0, 0, 1, FAMILY_NONE, MOE_EP_WEIGHT_FORMAT_DEFAULT },
-    { "round-robin-gelu", 20, 36, 7,  3, { 10, 21, 5, 17 },  MOE_EP_ACTIVATION_GELU,   MOE_EP_PLACEMENT_ROUND_ROBIN, false, 0, 0, 1, FAMILY_NONE, MOE_EP_WEIGHT_FORMAT_DEFAULT },
-    { "table-relu",       28, 33, 9,  1, { 23, 14, 3, 30 },  MOE_EP_ACTIVATION_RELU,   MOE_EP_PLACEMENT_TABLE, false, 0, 0, 1, FAMILY_NONE, MOE_EP_WEIGHT_FORMAT_DEFAULT },
-    { "capacity",         16, 32, 8,  2, { 40, 12, 27, 9 },  MOE_EP_ACTIVATION_SWIGLU, MOE_EP_PLACEMENT_CONTIGUOUS, true, 1.0f, 0, 1, FAMILY_NONE, MOE_EP_WEIGHT_FORMAT_DEFAULT },
-    { "openmp-threads",   32, 64, 16, 2, { 37, 29, 41, 13 }, MOE_EP_ACTIVATION_SWIGLU, MOE_EP_PLACEMENT_CONTIGUOUS, true, 0, 0, 2, FAMILY_NONE, MOE_EP_WEIGHT_FORMAT_DEFAULT },
+    { "seed-like",        32, 64, 16, 2, { 37, 29, 41, 13 }, MOE_EP_ACTIVATION_SWIGLU, MOE_EP_PLACEMENT_CONTIGUOUS, true, 0, 0, 1, FAMILY_NONE, MOE_EP_WEIGHT_FORMAT_DEFAULT, MOE_EP_ARITHMETIC_DEFAULT },
+    { "empty-ranks",      24, 40, 8,  2, { 19, 0, 31, 0 },   MOE_EP_ACTIVATION_SWIGLU, MOE_EP_PLACEMENT_CONTIGUOUS, true, 0, 0, 1, FAMILY_NONE, MOE_EP_WEIGHT_FORMAT_DEFAULT, MOE_EP_ARITHMETIC_DEFAULT },
+    { "empty-experts",    16, 48, 12, 2, { 17, 9, 1, 26 },   MOE_EP_ACTIVATION_SWIGLU, MOE_EP_PLACEMENT_CONTIGUOUS, false, 0, 4, 1, FAMILY_NONE, MOE_EP_WEIGHT_FORMAT_DEFAULT, MOE_EP_ARITHMETIC_DEFAULT },
+    { "k-equals-E",       24, 40, 5,  5, { 11, 3, 8, 1 },    MOE_EP_ACTIVATION_SWIGLU, MOE_EP_PLACEMENT_CONTIGUOUS, true, 0, 0, 1, FAMILY_NONE, MOE_EP_WEIGHT_FORMAT_DEFAULT, MOE_EP_ARITHMETIC_DEFAULT },
+    { "fewer-experts",    20, 36, 3,  2, { 13, 7, 29, 2 },   MOE_EP_ACTIVATION_RELU,   MOE_EP_PLACEMENT_CONTIGUOUS, true, 0, 0, 1, FAMILY_NONE, MOE_EP_WEIGHT_FORMAT_DEFAULT, MOE_EP_ARITHMETIC_DEFAULT },
+    { "round-robin-gelu", 20, 36, 7,  3, { 10, 21, 5, 17 },  MOE_EP_ACTIVATION_GELU,   MOE_EP_PLACEMENT_ROUND_ROBIN, false, 0, 0, 1, FAMILY_NONE, MOE_EP_WEIGHT_FORMAT_DEFAULT, MOE_EP_ARITHMETIC_DEFAULT },
+    { "table-relu",       28, 33, 9,  1, { 23, 14, 3, 30 },  MOE_EP_ACTIVATION_RELU,   MOE_EP_PLACEMENT_TABLE, false, 0, 0, 1, FAMILY_NONE, MOE_EP_WEIGHT_FORMAT_DEFAULT, MOE_EP_ARITHMETIC_DEFAULT },
+    { "capacity",         16, 32, 8,  2, { 40, 12, 27, 9 },  MOE_EP_ACTIVATION_SWIGLU, MOE_EP_PLACEMENT_CONTIGUOUS, true, 1.0f, 0, 1, FAMILY_NONE, MOE_EP_WEIGHT_FORMAT_DEFAULT, MOE_EP_ARITHMETIC_DEFAULT },
+    { "openmp-threads",   32, 64, 16, 2, { 37, 29, 41, 13 }, MOE_EP_ACTIVATION_SWIGLU, MOE_EP_PLACEMENT_CONTIGUOUS, true, 0, 0, 2, FAMILY_NONE, MOE_EP_WEIGHT_FORMAT_DEFAULT, MOE_EP_ARITHMETIC_DEFAULT },
     { "deepseek-v3",      24, 32, 16, 4, { 21, 13, 30, 7 },  MOE_EP_ACTIVATION_SWIGLU, MOE_EP_PLACEMENT_CONTIGUOUS, true, 0, 0, 1,
-      FAMILY_DEEPSEEK, MOE_EP_WEIGHT_FORMAT_DEFAULT },
+      FAMILY_DEEPSEEK, MOE_EP_WEIGHT_FORMAT_DEFAULT, MOE_EP_ARITHMETIC_DEFAULT },
     { "gpt-oss-router",   20, 28, 8,  2, { 17, 25, 3, 11 },  MOE_EP_ACTIVATION_SWIGLU, MOE_EP_PLACEMENT_ROUND_ROBIN, false, 0, 0, 1,
-      FAMILY_GPT_OSS, MOE_EP_WEIGHT_FORMAT_DEFAULT },
+      FAMILY_GPT_OSS, MOE_EP_WEIGHT_FORMAT_DEFAULT, MOE_EP_ARITHMETIC_DEFAULT },
     { "llama4",           24, 36, 8,  1, { 19, 0, 27, 14 },  MOE_EP_ACTIVATION_SWIGLU, MOE_EP_PLACEMENT_CONTIGUOUS, false, 0, 0, 1,
-      FAMILY_LLAMA4, MOE_EP_WEIGHT_FORMAT_DEFAULT },
+      FAMILY_LLAMA4, MOE_EP_WEIGHT_FORMAT_DEFAULT, MOE_EP_ARITHMETIC_DEFAULT },
     /* the weight formats: every rank widens the same stored weights, so the bits are those of one rank */
     { "bf16-weights",     32, 64, 16, 2, { 37, 29, 41, 13 }, MOE_EP_ACTIVATION_SWIGLU, MOE_EP_PLACEMENT_CONTIGUOUS, true, 0, 0, 2,
-      FAMILY_NONE, MOE_EP_WEIGHT_FORMAT_BF16 },
+      FAMILY_NONE, MOE_EP_WEIGHT_FORMAT_BF16, MOE_EP_ARITHMETIC_DEFAULT },
     { "fp16-deepseek-v3", 24, 32, 16, 4, { 21, 13, 30, 7 },  MOE_EP_ACTIVATION_SWIGLU, MOE_EP_PLACEMENT_CONTIGUOUS, true, 0, 0, 1,
-      FAMILY_DEEPSEEK, MOE_EP_WEIGHT_FORMAT_FP16 },
+      FAMILY_DEEPSEEK, MOE_EP_WEIGHT_FORMAT_FP16, MOE_EP_ARITHMETIC_DEFAULT },
     { "int8-round-robin", 20, 36, 7,  3, { 10, 21, 5, 17 },  MOE_EP_ACTIVATION_GELU,   MOE_EP_PLACEMENT_ROUND_ROBIN, false, 0, 0, 1,
-      FAMILY_NONE, MOE_EP_WEIGHT_FORMAT_INT8 },
+      FAMILY_NONE, MOE_EP_WEIGHT_FORMAT_INT8, MOE_EP_ARITHMETIC_DEFAULT },
+    /* the opt-in BF16_DOT arithmetic: the same chains on every rank and transport */
+    { "bf16-dot-deepseek-v3", 24, 32, 16, 4, { 21, 13, 30, 7 }, MOE_EP_ACTIVATION_SWIGLU, MOE_EP_PLACEMENT_CONTIGUOUS, true, 0, 0, 2,
+      FAMILY_DEEPSEEK, MOE_EP_WEIGHT_FORMAT_BF16, MOE_EP_ARITHMETIC_BF16_DOT },
 };
 #define LAYER_CASES ((int)(sizeof layer_cases / sizeof layer_cases[0]))
 
@@ -196,6 +200,7 @@ static moe_ep_desc layer_desc(const layer_data* L, const moe_ep_expert_weights* 
     d.activation = c->activation; d.normalize_topk = c->normalize; d.capacity_factor = c->capacity;
     d.placement.kind = c->placement; d.placement.table = L->table; d.num_threads = c->threads;
     d.router_weight = L->router; d.experts = mine; d.transport = t; d.weight_format = c->format;
+    d.arithmetic = c->arithmetic;
     if (mine == L->experts) d.experts_count = c->experts;
     else for (e = 0; e < c->experts; ++e) d.experts_count += L->owner[e] == t->rank;
     if (c->family != FAMILY_NONE) {
