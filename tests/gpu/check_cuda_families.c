@@ -57,17 +57,6 @@ static float* bf16_rounded(const float* v, size_t n) {
     return out;
 }
 
-static double rel_error(const float* got, const float* ref, size_t n) {
-    double num = 0.0, den = 0.0;
-    size_t i;
-    for (i = 0; i < n; ++i) {
-        double e = (double)got[i] - (double)ref[i];
-        num += e * e;
-        den += (double)ref[i] * (double)ref[i];
-    }
-    return den > 0.0 ? sqrt(num / den) : sqrt(num);
-}
-
 /* The tensors of one expert: sizes in elements, by the desc's layout (test_families.h
    points w1 at the fused gate/up tensor, w2 at down, b1/b2 at the biases). */
 typedef struct expert_sizes {

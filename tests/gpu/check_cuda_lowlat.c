@@ -232,18 +232,6 @@ static moe_ep_result cpu_reference(const ll_case* c, int T, const float* x, cons
     return res;
 }
 
-static double rel_error(const float* a, const float* ref, size_t n) {
-    double num = 0.0, den = 0.0;
-    size_t i;
-    for (i = 0; i < n; ++i) {
-        double diff = (double)a[i] - (double)ref[i];
-        if (a[i] != a[i]) return INFINITY;  /* NaN: an element was never written */
-        num += diff * diff;
-        den += (double)ref[i] * (double)ref[i];
-    }
-    return den > 0.0 ? sqrt(num / den) : sqrt(num);
-}
-
 /* Hand-in routing: distinct experts per token, from the lower half when never_chosen. */
 static void make_routing(const ll_case* c, uint64_t seed, int T, int32_t* idx, float* w) {
     uint64_t s = seed;

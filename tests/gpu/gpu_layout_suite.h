@@ -31,18 +31,6 @@ static void fill(float* v, size_t n, float scale, int round_bf16, uint64_t seed)
     }
 }
 
-static double rel_error(const float* a, const float* ref, size_t n) {
-    double num = 0.0, den = 0.0;
-    size_t i;
-    for (i = 0; i < n; ++i) {
-        double diff = (double)a[i] - (double)ref[i];
-        if (a[i] != a[i]) return INFINITY;
-        num += diff * diff;
-        den += (double)ref[i] * (double)ref[i];
-    }
-    return den > 0.0 ? sqrt(num / den) : sqrt(num);
-}
-
 /* >>world: one thread per rank, a suite of numbered subtests per layout */
 typedef struct rank_env {
     int rank, world, device;
