@@ -800,6 +800,20 @@ MOE_EP_PRIVATE moe_ep_result moe_ep__cuda_verdict(moe_ep_cuda_layer* L, moe_ep_r
     return status;
 }
 
+/* A create-time upload of `bytes` from host memory `src` (NULL: zeros) to device memory
+   `dst`, on the layer's stream and waited for. Not cudaMemcpy or cudaMemset: those run on
+   the legacy default stream, which a non-blocking desc.stream does not wait for, and
+   cudaMemcpy from pageable memory may return before its copy lands: the layer's first
+   kernels could read what was there before (a multi-rank test on one GPU read peer
+   pointers that way). */
+MOE_EP_PRIVATE moe_ep_result moe_ep__cuda_put(moe_ep_cuda_layer* L, void* dst, const void* src, size_t bytes,
+                                              const char* what) {
+    cudaError_t e = src ? cudaMemcpyAsync(dst, src, bytes, cudaMemcpyHostToDevice, L->stream)
+                        : cudaMemsetAsync(dst, 0, bytes, L->stream);
+    if (e == cudaSuccess) e = cudaStreamSynchronize(L->stream);
+    return moe_ep__cuda_cuda(L, e, what);
+}
+
 /* Grows a device buffer (pinned host memory with `pinned`) by half again; the old
    contents are not kept. */
 MOE_EP_PRIVATE moe_ep_result moe_ep__cuda_grow(moe_ep_cuda_layer* L, void** buffer, size_t* capacity, size_t need,
@@ -959,7 +973,7 @@ MOE_EP_PRIVATE moe_ep_result moe_ep__cuda_direct_local(moe_ep_cuda_layer* L, moe
     L->direct_args.out_off = head + rows_bytes;
     L->direct_args.timeout_ns = L->desc.timeout_ms > 0 ? (uint64_t)L->desc.timeout_ms * 1000000u : 0;
     res = moe_ep__cuda_cuda(L, cudaMalloc((void**)&L->region, L->region_bytes), "direct path: region");
-    if (res == MOE_EP_OK) res = moe_ep__cuda_cuda(L, cudaMemset(L->region, 0, flags), "direct path: region");
+    if (res == MOE_EP_OK) res = moe_ep__cuda_put(L, L->region, NULL, flags, "direct path: region");
     if (res == MOE_EP_OK)
         res = moe_ep__cuda_cuda(L, cudaMalloc((void**)&L->peer_dev, sizeof(char*) * (size_t)L->world_size),
                                 "direct path: peers");
@@ -967,8 +981,7 @@ MOE_EP_PRIVATE moe_ep_result moe_ep__cuda_direct_local(moe_ep_cuda_layer* L, moe
         res = moe_ep__cuda_cuda(L, cudaMalloc((void**)&L->expert_at, sizeof(int32_t) * 2 * (size_t)L->num_experts),
                                 "direct path: owners");
     if (res == MOE_EP_OK)
-        res = moe_ep__cuda_cuda(L, cudaMemcpy(L->expert_at, at, sizeof(int32_t) * 2 * (size_t)L->num_experts,
-                                              cudaMemcpyHostToDevice), "direct path: owners");
+        res = moe_ep__cuda_put(L, L->expert_at, at, sizeof(int32_t) * 2 * (size_t)L->num_experts, "direct path: owners");
     moe_ep_free(a, at);
     if (res == MOE_EP_OK)
         res = moe_ep__cuda_cuda(L, cudaHostAlloc((void**)&L->ctl_host, 2 * sizeof(int), cudaHostAllocMapped),
@@ -1094,8 +1107,7 @@ MOE_EP_PRIVATE moe_ep_result moe_ep__cuda_direct_setup(moe_ep_cuda_layer* L, moe
             res = moe_ep__cuda_fail(L, MOE_EP_ERROR_INTERNAL, "direct path: rank %d lays out its region otherwise", q);
     for (q = 0; res == MOE_EP_OK && q < R; ++q) res = moe_ep__cuda_direct_reach(L, q, &cards[q], &mine);
     if (res == MOE_EP_OK)
-        res = moe_ep__cuda_cuda(L, cudaMemcpy(L->peer_dev, L->peer_host, sizeof(char*) * (size_t)R,
-                                              cudaMemcpyHostToDevice), "direct path: peers");
+        res = moe_ep__cuda_put(L, L->peer_dev, L->peer_host, sizeof(char*) * (size_t)R, "direct path: peers");
     moe_ep_free(&L->desc.allocator, cards);
     verdict = moe_ep__cuda_direct_vote(L, res == MOE_EP_OK ? 0 : res == MOE_EP_ERROR_UNSUPPORTED ? 1 : 2, &res);
     if (verdict == 0) {
@@ -1165,7 +1177,7 @@ MOE_EP_PRIVATE moe_ep_result moe_ep__cuda_ll_local(moe_ep_cuda_layer* L) {
     L->region_bytes = head + land + out;
     L->region_rows = out_rows;
     res = moe_ep__cuda_cuda(L, cudaMalloc((void**)&L->region, L->region_bytes), "low-latency region");
-    if (res == MOE_EP_OK) res = moe_ep__cuda_cuda(L, cudaMemset(L->region, 0, head), "low-latency region");
+    if (res == MOE_EP_OK) res = moe_ep__cuda_put(L, L->region, NULL, head, "low-latency region");
     if (res == MOE_EP_OK)
         res = moe_ep__cuda_cuda(L, cudaMalloc((void**)&L->peer_dev, sizeof(char*) * (size_t)W), "low-latency peers");
     if (res == MOE_EP_OK)
@@ -1214,8 +1226,7 @@ MOE_EP_PRIVATE moe_ep_result moe_ep__cuda_ll_setup(moe_ep_cuda_layer* L, moe_ep_
         sharing += cards[q].boot == mine.boot && cards[q].pid == mine.pid && cards[q].device == mine.device;
     }
     if (res == MOE_EP_OK)
-        res = moe_ep__cuda_cuda(L, cudaMemcpy(L->peer_dev, L->peer_host, sizeof(char*) * (size_t)R,
-                                              cudaMemcpyHostToDevice), "low-latency peers");
+        res = moe_ep__cuda_put(L, L->peer_dev, L->peer_host, sizeof(char*) * (size_t)R, "low-latency peers");
     moe_ep_free(&L->desc.allocator, cards);
     verdict = R > 1 ? moe_ep__cuda_direct_vote(L, res == MOE_EP_OK ? 0 : res == MOE_EP_ERROR_UNSUPPORTED ? 1 : 2, &res)
                     : res == MOE_EP_OK ? 0 : 2;
@@ -1478,8 +1489,8 @@ MOE_EP_PRIVATE moe_ep_result moe_ep__cuda_build_gpu_plan(moe_ep_cuda_layer* L) {
     if (res == MOE_EP_OK) res = moe_ep__cuda_cuda(L, cudaMalloc(&gp->block, total), "GPU plan buffers");
     if (res == MOE_EP_OK) moe_ep__cuda_gpu_plan_layout(L, (char*)gp->block, &total);
     if (res == MOE_EP_OK)
-        res = moe_ep__cuda_cuda(L, cudaMemcpy((void*)(uintptr_t)k->expert_at, at, sizeof(int32_t) * 2 * (size_t)L->num_experts,
-                                              cudaMemcpyHostToDevice), "GPU plan buffers");
+        res = moe_ep__cuda_put(L, (void*)(uintptr_t)k->expert_at, at, sizeof(int32_t) * 2 * (size_t)L->num_experts,
+                               "GPU plan buffers");
     moe_ep_free(&L->desc.allocator, at);
     if (res == MOE_EP_OK)
         res = moe_ep__cuda_cuda(L, cudaMallocHost((void**)&gp->sizes_host, sizeof(int64_t) * (2 * S + 4)),
@@ -1500,8 +1511,7 @@ MOE_EP_PRIVATE moe_ep_result moe_ep__cuda_build_gpu_plan(moe_ep_cuda_layer* L) {
             ptrs[3 * n + c] = (char*)L->out + row * rb;
         }
         if (res == MOE_EP_OK)
-            res = moe_ep__cuda_cuda(L, cudaMemcpy(gp->chunk_ptrs + 2 * n, ptrs, sizeof(void*) * 4 * (size_t)n,
-                                                  cudaMemcpyHostToDevice), "chunked GEMM pointers");
+            res = moe_ep__cuda_put(L, gp->chunk_ptrs + 2 * n, ptrs, sizeof(void*) * 4 * (size_t)n, "chunked GEMM pointers");
         moe_ep_free(&L->desc.allocator, ptrs);
     }
     k->E = L->num_experts;

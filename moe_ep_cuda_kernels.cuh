@@ -1397,9 +1397,22 @@ __device__ __forceinline__ __nv_bfloat16 ll_load(const __nv_bfloat16* p) {
     return *(const __nv_bfloat16*)&bits;
 }
 
+/* Tell every rank to give up, unless this rank's own stop word says one already did: that
+   rank told every rank, and the peers may have destroyed their regions since. */
 __device__ void ll_stop_all(const moe_ep__cuda_k_ll& g, int why) {
+    if (ld_acquire_sys(&ll_ctl(g, g.rank)->stop)) return;
     __threadfence_system();
     for (int q = 0; q < g.world; ++q) st_release_sys(&ll_ctl(g, q)->stop, (uint64_t)why);
+}
+
+/* Why this rank must not start a step: its host's abort or give-up (ctl[1]) or a peer's stop
+   word; 0: it may. A rank that arrives after the others gave up writes nothing into their
+   regions, which they may have freed. A peer's stop word is kept in ctl[1], as a wait keeps it. */
+__device__ int ll_stopped(const moe_ep__cuda_k_ll& g) {
+    volatile int* ctl = g.ctl;
+    int why = ctl[1];
+    if (!why && (why = (int)ld_acquire_sys(&ll_ctl(g, g.rank)->stop)) != 0) ctl[1] = why;
+    return why;
 }
 
 /* One thread: until every rank's flag of `phase` in this rank's region reaches epoch. 0: it
@@ -1504,9 +1517,11 @@ __global__ void __launch_bounds__(256) ll_dispatch_kernel(moe_ep__cuda_k_ll g, m
     const int64_t units = (int64_t)(rb / sizeof(U));
     const int lane = threadIdx.x & 31, W = g.world;
     const int64_t warp = global_warp(), warps = warp_count();
+    if (threadIdx.x == 0) why = ll_stopped(g);
+    __syncthreads();
     /* 1. every (token, slot) row to its landing row in its owner's region: a warp each (a
        decode step has few tokens and k slots each), four units per lane in flight */
-    for (int64_t item = warp; item < sources * per_row; item += warps) {
+    for (int64_t item = warp; !why && item < sources * per_row; item += warps) {
         int64_t v = dest[item];
         if (v < 0) continue;
         const U* src = (const U*)(x + (size_t)(item / per_row) * rb);
@@ -1520,7 +1535,7 @@ __global__ void __launch_bounds__(256) ll_dispatch_kernel(moe_ep__cuda_k_ll g, m
         }
     }
     /* 2. the last block: this rank's count for every (owner, local expert), then DATA(epoch) */
-    if (ll_last_block(&ctl->counters[0])) {
+    if (ll_last_block(&ctl->counters[0]) && !why) {
         for (int e = threadIdx.x; e < p.E; e += blockDim.x) {
             int owner = p.expert_at[e], l = p.expert_at[p.E + e];
             ((int64_t*)(g.peers[owner] + g.counts_off))[(size_t)l * W + g.rank] = p.kept[e];
@@ -1530,7 +1545,7 @@ __global__ void __launch_bounds__(256) ll_dispatch_kernel(moe_ep__cuda_k_ll g, m
         for (int q = threadIdx.x; q < W; q += blockDim.x) st_release_sys(ll_flag(g, q, MOE_EP__CUDA_PHASE_DATA), epoch);
     }
     /* 3. every rank's rows and counts are here */
-    if (threadIdx.x == 0) why = ll_wait(g, MOE_EP__CUDA_PHASE_DATA, epoch);
+    if (threadIdx.x == 0 && !why) why = ll_wait(g, MOE_EP__CUDA_PHASE_DATA, epoch);
     __syncthreads();
     ll_layout(g, p, first, why);
     if (why) return;
@@ -1584,11 +1599,13 @@ __global__ void ll_combine_kernel(moe_ep__cuda_k_ll g, ll_rows<T> rows, const fl
     float* w = (float*)(smem + sizeof(T*) * (size_t)top_k);
     moe_ep__cuda_k_ll_ctl* ctl = ll_ctl(g, g.rank);
     const uint64_t epoch = *(volatile uint64_t*)&ctl->step + 1;
-    if (blockIdx.x == 0 && !((volatile int*)g.ctl)[1]) {
+    if (threadIdx.x == 0) why = ll_stopped(g);
+    __syncthreads();
+    if (blockIdx.x == 0 && !why) {
         __threadfence_system();
         for (int q = threadIdx.x; q < g.world; q += blockDim.x) st_release_sys(ll_flag(g, q, MOE_EP__CUDA_PHASE_OUT), epoch);
     }
-    if (threadIdx.x == 0) why = ll_wait(g, MOE_EP__CUDA_PHASE_OUT, epoch);
+    if (threadIdx.x == 0 && !why) why = ll_wait(g, MOE_EP__CUDA_PHASE_OUT, epoch);
     __syncthreads();
     for (int64_t t = blockIdx.x; !why && t < tokens; t += gridDim.x) {
         __syncthreads();

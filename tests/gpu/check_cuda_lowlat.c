@@ -78,6 +78,13 @@ static void test_barrier(int world) {
     pthread_mutex_unlock(&g_mutex);
 }
 
+/* MOE_EP_TEST_TRACE=1: each rank's steps on stderr (where a multi-rank case hangs) */
+static int g_trace = -1;
+static void trace(const rank_env* env, const char* step, int round) {
+    if (g_trace < 0) g_trace = getenv("MOE_EP_TEST_TRACE") != NULL;
+    if (g_trace) fprintf(stderr, "      [world %d rank %d] %s %d\n", env->world, env->rank, step, round);
+}
+
 static void rank_fail(rank_env* env, const char* fmt, ...) {
     va_list ap;
     if (env->failed) return;    /* keep the first cause */
@@ -113,8 +120,9 @@ static void* rank_main(void* arg) {
     if (cudaSetDevice(env->device) != cudaSuccess) { rank_fail(env, "cudaSetDevice"); return NULL; }
     /* non-blocking: ranks that share a GPU must not meet on the legacy default stream, which
        would wait for a peer's kernels that wait for this rank (see the copies below) */
-    if (cudaStreamCreateWithFlags(&env->stream, cudaStreamNonBlocking) != cudaSuccess) {
-        rank_fail(env, "cudaStreamCreateWithFlags");
+    cudaError_t e = cudaStreamCreateWithFlags(&env->stream, cudaStreamNonBlocking);
+    if (e != cudaSuccess) {
+        rank_fail(env, "cudaStreamCreateWithFlags: %s", cudaGetErrorString(e));
         return NULL;
     }
     fn(env);
@@ -324,7 +332,7 @@ static void test_bitwise(rank_env* env) {
     router = to_dtype(c->router, (size_t)c->E * (size_t)c->d, c->bf16);
     res = make_layer(env, c, mine, router, MOE_EP_CUDA_MODE_DEFAULT, c->gemm, 0, &normal);
     if (res != MOE_EP_OK) { rank_fail(env, "normal layer: %s", moe_ep_result_string(res)); goto done; }
-    res = make_layer(env, c, mine, router, MOE_EP_CUDA_MODE_LOW_LATENCY, c->gemm, 60000, &ll);
+    res = make_layer(env, c, mine, router, MOE_EP_CUDA_MODE_LOW_LATENCY, c->gemm, 20000, &ll);
     if (res != MOE_EP_OK) { rank_fail(env, "low-latency layer: %s", moe_ep_result_string(res)); goto done; }
     xf = (float*)malloc(sizeof(float) * (cap + 1));
     yf = (float*)malloc(sizeof(float) * (cap + 1));
@@ -387,6 +395,7 @@ static void test_bitwise(rank_env* env) {
                                                                 moe_ep_result_string(res));
     }
 done:
+    trace(env, "destroy", 0);
     if (normal) moe_ep_cuda_layer_destroy(normal);
     if (ll) moe_ep_cuda_layer_destroy(ll);
     free_weights(mine, store, L);
@@ -411,7 +420,7 @@ static void test_graph(rank_env* env) {
     mine = rank_weights(c, 0, 1, &store, &L);
     router = to_dtype(c->router, (size_t)c->E * (size_t)c->d, c->bf16);
     res = make_layer(env, c, mine, router, MOE_EP_CUDA_MODE_DEFAULT, c->gemm, 0, &normal);
-    if (res == MOE_EP_OK) res = make_layer(env, c, mine, router, MOE_EP_CUDA_MODE_LOW_LATENCY, c->gemm, 60000, &ll);
+    if (res == MOE_EP_OK) res = make_layer(env, c, mine, router, MOE_EP_CUDA_MODE_LOW_LATENCY, c->gemm, 20000, &ll);
     if (res != MOE_EP_OK) { rank_fail(env, "layer create: %s", moe_ep_result_string(res)); goto done; }
     xf = (float*)malloc(sizeof(float) * (n + 1));
     yg = malloc(n * es + 4);
@@ -480,9 +489,10 @@ static void test_ranks(rank_env* env) {
        peer's kernels may already wait for it */
     CHECK_CUDA(env, cudaMalloc(&x, n * es + 16));
     CHECK_CUDA(env, cudaMalloc(&y, n * es + 16));
-    res = make_layer(env, c, mine, NULL, MOE_EP_CUDA_MODE_DEFAULT, MOE_EP_CUDA_EXPERT_GEMM_DEFAULT, 0, &normal);
+    trace(env, "create", 0);
+    res = make_layer(env, c, mine, NULL, MOE_EP_CUDA_MODE_DEFAULT, MOE_EP_CUDA_EXPERT_GEMM_DEFAULT, 20000, &normal);
     if (res != MOE_EP_OK) { rank_fail(env, "normal layer: %s", moe_ep_result_string(res)); goto done; }
-    res = make_layer(env, c, mine, NULL, MOE_EP_CUDA_MODE_LOW_LATENCY, c->gemm, 60000, &ll);
+    res = make_layer(env, c, mine, NULL, MOE_EP_CUDA_MODE_LOW_LATENCY, c->gemm, 20000, &ll);
     if (res != MOE_EP_OK) { rank_fail(env, "low-latency layer: %s", moe_ep_result_string(res)); goto done; }
     if (!moe_ep_cuda_layer_direct(ll)) rank_fail(env, "moe_ep_cuda_layer_direct is 0 on a low-latency layer of %d ranks", env->world);
     xf = (float*)malloc(sizeof(float) * (n + 1));
@@ -499,9 +509,11 @@ static void test_ranks(rank_env* env) {
         CHECK_CUDA(env, copy_in(env, x, xh, n * es));
         make_routing(c, c->seed * 977 + 10 * (uint64_t)round + (uint64_t)me, T, idx, w);
         /* the low-latency layer twice, then the normal one, on the same tokens and routing */
+        trace(env, "low-latency forwards, round", round);
         res = run_forward(env, ll, T, x, y, n * es, 1, idx, w, yh[0]);
         if (res == MOE_EP_OK) res = run_forward(env, ll, T, x, y, n * es, 1, idx, w, yh[1]);
         if (res != MOE_EP_OK) { rank_fail(env, "round %d low-latency forward: %s", round, moe_ep_cuda_layer_last_error(ll)); break; }
+        trace(env, "normal forward, round", round);
         res = run_forward(env, normal, T, x, y, n * es, 1, idx, w, yh[2]);
         if (res != MOE_EP_OK) { rank_fail(env, "round %d normal forward: %s", round, moe_ep_cuda_layer_last_error(normal)); break; }
         if (memcmp(yh[0], yh[1], n * es) != 0) rank_fail(env, "round %d: the same call twice gave other bits", round);
@@ -549,7 +561,7 @@ static void test_ranks_graph(rank_env* env) {
     CHECK_CUDA(env, cudaMalloc(&x, n * es + 16));     /* before the layer: see test_ranks */
     CHECK_CUDA(env, cudaMalloc(&y, n * es + 16));
     CHECK_CUDA(env, cudaMalloc(&y2, n * es + 16));
-    res = make_layer(env, c, mine, router, MOE_EP_CUDA_MODE_LOW_LATENCY, c->gemm, 60000, &ll);
+    res = make_layer(env, c, mine, router, MOE_EP_CUDA_MODE_LOW_LATENCY, c->gemm, 20000, &ll);
     if (res != MOE_EP_OK) { rank_fail(env, "low-latency layer: %s", moe_ep_result_string(res)); goto done; }
     xf = (float*)malloc(sizeof(float) * (n + 1));
     yf = (float*)malloc(sizeof(float) * (n + 1));
@@ -617,6 +629,7 @@ static void test_missing(rank_env* env) {
     struct timespec start, end, nap = { 0, 200000000L };
     double waited;
     moe_ep_result res;
+    cudaError_t e;
     mine = rank_weights(c, me, env->world, &store, &L);
     if (cudaMalloc(&x, n * es + 16) != cudaSuccess || cudaMalloc(&y, n * es + 16) != cudaSuccess)
         rank_fail(env, "device buffers");   /* before the layer: see test_ranks */
@@ -644,7 +657,7 @@ static void test_missing(rank_env* env) {
             nanosleep(&nap, NULL);      /* the kernels wait by now, with no time limit */
             moe_ep_cuda_layer_abort(ll);
         }
-        if (cudaStreamSynchronize(env->stream) != cudaSuccess) rank_fail(env, "cudaStreamSynchronize");
+        if ((e = cudaStreamSynchronize(env->stream)) != cudaSuccess) rank_fail(env, "cudaStreamSynchronize: %s", cudaGetErrorString(e));
         clock_gettime(CLOCK_MONOTONIC, &end);
         got = moe_ep_cuda_layer_check(ll);
         waited = (double)(end.tv_sec - start.tv_sec) + 1e-9 * (double)(end.tv_nsec - start.tv_nsec);
@@ -662,7 +675,7 @@ static void test_missing(rank_env* env) {
         /* late: its kernels find the peers' stop word and give up too */
         res = moe_ep_cuda_forward(ll, &(moe_ep_cuda_forward_args){ .tokens = T, .x = x, .y = y, .routing_in = true,
                                                                     .topk_idx = idx, .topk_weight = w });
-        if (cudaStreamSynchronize(env->stream) != cudaSuccess) rank_fail(env, "cudaStreamSynchronize");
+        if ((e = cudaStreamSynchronize(env->stream)) != cudaSuccess) rank_fail(env, "cudaStreamSynchronize: %s", cudaGetErrorString(e));
         got = res != MOE_EP_OK ? res : moe_ep_cuda_layer_check(ll);
         if (got != want)
             rank_fail(env, "the late rank: %s (expected %s)", moe_ep_result_string(got), moe_ep_result_string(want));
@@ -809,7 +822,9 @@ int main(int argc, char** argv) {
         return require ? 1 : 77;
     }
     printf("check_cuda_lowlat: %d GPU(s); world sizes 1 to %d, rank r on GPU r %% %d\n", g_gpus, MAX_RANKS, g_gpus);
-    for (i = 0; i < MAX_RANKS; ++i) g_gpu_sizes[g_gpu_size_count++] = i + 1;
+    env = getenv("MOE_EP_TEST_WORLD");     /* one world size only (1 to MAX_RANKS) */
+    for (i = 0; i < MAX_RANKS; ++i)
+        if (!env || atoi(env) == i + 1) g_gpu_sizes[g_gpu_size_count++] = i + 1;
     g_gpu_world = run_world;
     suite = suite_create("check_cuda_lowlat");
     tc = tcase_create("world sizes");
