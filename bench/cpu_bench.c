@@ -31,8 +31,47 @@
    recent Xeons), the program sets OPENBLAS_CORETYPE (SkylakeX, Haswell) and restarts, so that
    the anchors, PyTorch's runs included, use the right kernels; the first line names the core. */
 #define _POSIX_C_SOURCE 200809L   /* clock_gettime, popen */
+#include <pthread.h>
+#include "bench_util.h"
+
+/* The comm section times how long each rank thread sleeps in the pthreads transport's
+   barriers: the transport's condition-variable waits and mutex locks go through these
+   (a thread that has not set g_wait_key is not timed). */
+static pthread_key_t g_wait_key;
+typedef struct bench_wait { double seconds; long sleeps; } bench_wait;
+
+static int bench_cond_wait(pthread_cond_t* cond, pthread_mutex_t* mutex) {
+    bench_wait* w = (bench_wait*)pthread_getspecific(g_wait_key);
+    double t0 = w ? bench_now() : 0.0;
+    int rc = (pthread_cond_wait)(cond, mutex);
+    if (w) { w->seconds += bench_now() - t0; w->sleeps++; }
+    return rc;
+}
+
+static int bench_cond_timedwait(pthread_cond_t* cond, pthread_mutex_t* mutex, const struct timespec* deadline) {
+    bench_wait* w = (bench_wait*)pthread_getspecific(g_wait_key);
+    double t0 = w ? bench_now() : 0.0;
+    int rc = (pthread_cond_timedwait)(cond, mutex, deadline);
+    if (w) { w->seconds += bench_now() - t0; w->sleeps++; }
+    return rc;
+}
+
+static int bench_mutex_lock(pthread_mutex_t* mutex) {
+    bench_wait* w = (bench_wait*)pthread_getspecific(g_wait_key);
+    double t0 = w ? bench_now() : 0.0;
+    int rc = (pthread_mutex_lock)(mutex);
+    if (w) w->seconds += bench_now() - t0;
+    return rc;
+}
+
+#define pthread_cond_wait(cond, mutex) bench_cond_wait(cond, mutex)
+#define pthread_cond_timedwait(cond, mutex, deadline) bench_cond_timedwait(cond, mutex, deadline)
+#define pthread_mutex_lock(mutex) bench_mutex_lock(mutex)
 #define MOE_EP_IMPLEMENTATION
 #include "../transports/moe_ep_pthreads.h"
+#undef pthread_cond_wait
+#undef pthread_cond_timedwait
+#undef pthread_mutex_lock
 #include "../tests/support/test_support.h"
 
 #include <cblas.h>
@@ -42,7 +81,6 @@
 #include <string.h>
 #include <time.h>
 
-#include "bench_util.h"
 #include <unistd.h>
 #ifdef _OPENMP
 #include <omp.h>
@@ -411,6 +449,8 @@ typedef struct comm_state {
     int reps;
     int decline;                    /* the transport's row_lists set to 0: dispatch packs the rows first */
     double t_dispatch[2][MAX_REPS], t_combine[2][MAX_REPS], t_copy[2][MAX_REPS];
+    double wait_dispatch[2][MAX_REPS], wait_combine[2][MAX_REPS];    /* asleep or locking in the barriers */
+    long sleeps[2];                 /* condition-variable waits over the timed repetitions */
     int64_t bytes[2];
 } comm_state;
 
@@ -435,6 +475,7 @@ static moe_ep_result comm_rank(const moe_ep_transport* transport, void* user_dat
     float *recv, *src, *dst;
     moe_ep_transport t = *transport;
     moe_ep_result res;
+    bench_wait wait = { 0.0, 0 };
     if (st->decline) t.row_lists = 0;
     res = moe_ep_create(&(moe_ep_desc){ .d_model = D_MODEL, .num_experts = EXPERTS, .top_k = TOP_K,
                                         .normalize_topk = true, .router_weight = st->model->router,
@@ -449,15 +490,25 @@ static moe_ep_result comm_rank(const moe_ep_transport* transport, void* user_dat
     st->bytes[rank] = info.send_rows * D_MODEL * (int64_t)sizeof(float);
     src = test_random_floats((size_t)info.send_rows * D_MODEL, 1.0f, 51);
     dst = zero_floats((size_t)info.send_rows * D_MODEL);
+    pthread_setspecific(g_wait_key, &wait);
     for (r = -2; r < st->reps && res == MOE_EP_OK; ++r) {
-        double t0, t1, t2, t3;
+        double t0, t1, t2, t3, w0, w1;
+        long sleeps0;
         char err[64];
         transport->barrier(transport->impl, err, sizeof err);
         t0 = bench_now();
+        w0 = wait.seconds;
+        sleeps0 = wait.sleeps;
         res = moe_ep_dispatch(ctx, plan, x, recv);
         t1 = bench_now();
+        w1 = wait.seconds;
         if (res == MOE_EP_OK) res = moe_ep_combine(ctx, plan, recv, y);
         t2 = bench_now();
+        if (r >= 0) {
+            st->wait_dispatch[rank][r] = w1 - w0;
+            st->wait_combine[rank][r] = wait.seconds - w1;
+            st->sleeps[rank] += wait.sleeps - sleeps0;
+        }
         transport->barrier(transport->impl, err, sizeof err);
         t3 = bench_now();
         copy_parallel((char*)dst, (const char*)src, (size_t)st->bytes[rank], threads);
@@ -467,21 +518,44 @@ static moe_ep_result comm_rank(const moe_ep_transport* transport, void* user_dat
             st->t_copy[rank][r] = bench_now() - t3;
         }
     }
+    pthread_setspecific(g_wait_key, NULL);
     moe_ep_plan_destroy(plan);
     moe_ep_destroy(ctx);
     free(x); free(y); free(idx); free(weight); free(recv); free(src); free(dst);
     return res;
 }
 
+/* Per rank: median time of dispatch and of combine, and of the part of it spent asleep (or
+   locking) in the transport's barriers; condition-variable sleeps per repetition. */
+static void comm_waits(const comm_state* st, int ranks, const char* label, char* out, size_t out_size) {
+    size_t used = 0;
+    int q, r;
+    for (q = 0; q < ranks && used < out_size; ++q) {
+        double td[MAX_REPS], wd[MAX_REPS], tc[MAX_REPS], wc[MAX_REPS];
+        for (r = 0; r < st->reps; ++r) {
+            td[r] = st->t_dispatch[q][r]; wd[r] = st->wait_dispatch[q][r];
+            tc[r] = st->t_combine[q][r]; wc[r] = st->wait_combine[q][r];
+        }
+        used += (size_t)snprintf(out + used, out_size - used, "| %s | %d | %.0f | %.0f | %.0f | %.0f | %.1f |\n", label, q,
+                                 1e6 * bench_median(td, st->reps), 1e6 * bench_median(wd, st->reps),
+                                 1e6 * bench_median(tc, st->reps), 1e6 * bench_median(wc, st->reps),
+                                 (double)st->sleeps[q] / st->reps);
+    }
+}
+
 static void section_comm(const bench_model* model) {
     int config;
+    char waits[4][512];
+    static const char* const labels[4] = { "1", "2", "2, barriers sleep at once", "2, row lists declined" };
+    pthread_key_create(&g_wait_key, NULL);
     printf("\n### Goal 3: dispatch + combine (pthreads transport, %d tokens per rank, d_model %d, top-%d) vs memcpy of "
            "the same bytes on the same threads (GB/s, median of %d)\n\n", 1024, D_MODEL, TOP_K, 2 * g_reps);
     printf("| ranks | MB moved | dispatch GB/s | combine GB/s | memcpy GB/s | dispatch / memcpy | combine / memcpy | "
            "(dispatch + combine) / 2 memcpy |\n|---|---|---|---|---|---|---|---|\n");
-    /* 1 rank, 2 ranks (row lists: dispatch and combine in one pass each), and 2 ranks with
-       the row lists declined (packed and copied first, as for MPI and NCCL) */
-    for (config = 0; config < 3; ++config) {
+    /* 1 rank, 2 ranks (row lists: dispatch and combine in one pass each), the same with the
+       transport's barriers sleeping at once (spin_count -1: the barrier before it could spin),
+       and 2 ranks with the row lists declined (packed and copied first, as for MPI and NCCL) */
+    for (config = 0; config < 4; ++config) {
         int ranks = config == 0 ? 1 : 2;
         comm_state st;
         moe_ep_pthreads_world* world = NULL;
@@ -491,14 +565,16 @@ static void section_comm(const bench_model* model) {
         st.model = model;
         st.tokens = 1024;
         st.reps = 2 * g_reps;
-        st.decline = config == 2;
-        moe_ep_pthreads_world_create(&(moe_ep_pthreads_desc){ .world_size = ranks }, &world);
+        st.decline = config == 3;
+        moe_ep_pthreads_world_create(&(moe_ep_pthreads_desc){ .world_size = ranks, .spin_count = config == 2 ? -1 : 0 },
+                                     &world);
         if (moe_ep_pthreads_run(world, comm_rank, &st, NULL) != MOE_EP_OK) {
             fprintf(stderr, "comm run failed\n");
             moe_ep_pthreads_world_destroy(world);
             return;
         }
         moe_ep_pthreads_world_destroy(world);
+        comm_waits(&st, ranks, labels[config], waits[config], sizeof waits[config]);
         for (r = 0; r < st.reps; ++r) {     /* a collective takes as long as its slowest rank */
             td[r] = tc[r] = tm[r] = 0.0;
             for (q = 0; q < ranks; ++q) {
@@ -511,12 +587,15 @@ static void section_comm(const bench_model* model) {
         for (q = 0; q < ranks; ++q) bytes += (double)st.bytes[q];
         tds = bench_median(td, st.reps); tcs = bench_median(tc, st.reps); tms = bench_median(tm, st.reps);
         d = bytes / tds * 1e-9; c = bytes / tcs * 1e-9; m = bytes / tms * 1e-9;
-        printf("| %d%s | %.1f | %.2f | %.2f | %.2f | %.2f | %.2f | %.2f |\n", ranks,
-               config == 2 ? ", row lists declined" : "", bytes * 1e-6, d, c, m, d / m, c / m,
+        printf("| %s | %.1f | %.2f | %.2f | %.2f | %.2f | %.2f | %.2f |\n", labels[config], bytes * 1e-6, d, c, m, d / m, c / m,
                2.0 * tms / (tds + tcs));
         fflush(stdout);
     }
     printf("\ngoal: (dispatch + combine) >= 0.7 x memcpy bandwidth\n");
+    printf("\nWhere the time goes, per rank (us, medians; wait: asleep on the transport's condition variable or "
+           "waiting for its mutex):\n\n| ranks | rank | dispatch | of it waiting | combine | of it waiting | sleeps per "
+           "repetition |\n|---|---|---|---|---|---|---|\n");
+    for (config = 0; config < 4; ++config) printf("%s", waits[config]);
 }
 
 /* >>layer */

@@ -55,6 +55,8 @@ typedef struct moe_ep_pthreads_desc {
     int world_size;                 /* required, > 0 */
     int timeout_ms;                 /* default 0: wait without a time limit */
     moe_ep_allocator allocator;     /* default malloc/free */
+    int spin_count;                 /* default 0: MOE_EP_PTHREADS_SPIN_COUNT polls at most before a
+                                       barrier sleeps; < 0: sleep at once (see SPINNING) */
 } moe_ep_pthreads_desc;
 
 typedef struct moe_ep_pthreads_world moe_ep_pthreads_world;
@@ -97,9 +99,37 @@ MOE_EP_API void moe_ep_pthreads_abort(moe_ep_pthreads_world* world);
 #include <stdio.h>
 #include <stdlib.h>
 #include <string.h>
+#if defined(__unix__) || defined(__unix) || (defined(__APPLE__) && defined(__MACH__))
+#include <unistd.h>         /* sysconf: how many CPUs may run spinning ranks */
+#endif
 
 #ifndef MOE_EP_PRIVATE
 #define MOE_EP_PRIVATE static
+#endif
+
+#ifndef MOE_EP_PTHREADS_SPIN_COUNT
+#define MOE_EP_PTHREADS_SPIN_COUNT 20000
+#endif
+
+/* A barrier may poll its generation with the mutex released, which needs an atomic load
+   and store: the GCC and clang __atomic builtins where the compiler has them (C99 has no
+   atomics). Without them every barrier sleeps at once, as with desc.spin_count < 0. */
+#if defined(__ATOMIC_ACQUIRE) && defined(__ATOMIC_RELEASE) && !defined(MOE_EP_PTHREADS_NO_SPIN)
+#define MOE_EP__PTHREADS_CAN_SPIN 1
+#define MOE_EP__PTHREADS_LOAD(p) __atomic_load_n((p), __ATOMIC_ACQUIRE)
+#define MOE_EP__PTHREADS_STORE(p, v) __atomic_store_n((p), (v), __ATOMIC_RELEASE)
+#else
+#define MOE_EP__PTHREADS_CAN_SPIN 0
+#define MOE_EP__PTHREADS_LOAD(p) (*(p))
+#define MOE_EP__PTHREADS_STORE(p, v) (*(p) = (v))
+#endif
+/* the CPU's spin-wait hint: it frees the core's shared resources for its sibling thread */
+#if MOE_EP__PTHREADS_CAN_SPIN && (defined(__x86_64__) || defined(__i386__))
+#define MOE_EP__PTHREADS_PAUSE() __asm__ __volatile__("pause" ::: "memory")
+#elif MOE_EP__PTHREADS_CAN_SPIN && defined(__aarch64__)
+#define MOE_EP__PTHREADS_PAUSE() __asm__ __volatile__("yield" ::: "memory")
+#else
+#define MOE_EP__PTHREADS_PAUSE() ((void)0)
 #endif
 
 /* A world is either the root (made by moe_ep_pthreads_world_create) or a group split
@@ -120,6 +150,9 @@ typedef struct moe_ep__pthreads_verdict {
 
 struct moe_ep_pthreads_world {
     int world_size, timeout_ms;
+    int spin_count;                 /* resolved: the most polls before sleeping, 0 = none */
+    int spin_limit;                 /* the polls a barrier tries now, adapted (see moe_ep__pthreads_spin) */
+    int cpus;                       /* online CPUs (0: unknown) */
     moe_ep_allocator allocator;
     struct moe_ep_pthreads_world* root;
     pthread_mutex_t mutex;          /* used on the root only */
@@ -177,7 +210,7 @@ MOE_EP_PRIVATE void* moe_ep__pthreads_calloc(const moe_ep_allocator* a, size_t c
 
 /* Allocates a world of `size` ranks (root == NULL makes a root). */
 MOE_EP_PRIVATE moe_ep_pthreads_world* moe_ep__pthreads_world_alloc(const moe_ep_allocator* a, int size, int timeout_ms,
-                                                                   moe_ep_pthreads_world* root) {
+                                                                   int spin_count, moe_ep_pthreads_world* root) {
     size_t R = (size_t)size;
     int r;
     moe_ep_pthreads_world* w = (moe_ep_pthreads_world*)moe_ep_alloc(a, sizeof *w);
@@ -185,6 +218,8 @@ MOE_EP_PRIVATE moe_ep_pthreads_world* moe_ep__pthreads_world_alloc(const moe_ep_
     memset(w, 0, sizeof *w);
     w->world_size = size;
     w->timeout_ms = timeout_ms;
+    w->spin_count = w->spin_limit = spin_count;
+    w->cpus = root ? root->cpus : 0;
     w->allocator = *a;
     w->root = root ? root : w;
     /* zeroed: a slot is only read after its barrier, but never read as garbage either */
@@ -220,8 +255,16 @@ MOE_EP_API moe_ep_result moe_ep_pthreads_world_create(const moe_ep_pthreads_desc
     if (!desc || !out || desc->world_size <= 0 || desc->timeout_ms < 0 ||
         (desc->allocator.alloc_fn == NULL) != (desc->allocator.free_fn == NULL))
         return MOE_EP_ERROR_INVALID_ARGUMENT;
-    w = moe_ep__pthreads_world_alloc(&desc->allocator, desc->world_size, desc->timeout_ms, NULL);
+    w = moe_ep__pthreads_world_alloc(&desc->allocator, desc->world_size, desc->timeout_ms,
+                                     desc->spin_count < 0 || !MOE_EP__PTHREADS_CAN_SPIN ? 0 :
+                                     desc->spin_count > 0 ? desc->spin_count : MOE_EP_PTHREADS_SPIN_COUNT, NULL);
     if (!w) return MOE_EP_ERROR_OUT_OF_MEMORY;
+#ifdef _SC_NPROCESSORS_ONLN
+    {
+        long cpus = sysconf(_SC_NPROCESSORS_ONLN);
+        w->cpus = cpus > 0 && cpus < 1 << 30 ? (int)cpus : 0;
+    }
+#endif
     if (pthread_mutex_init(&w->mutex, NULL) != 0) {
         moe_ep__pthreads_world_free(w);
         return MOE_EP_ERROR_INTERNAL;
@@ -305,6 +348,26 @@ MOE_EP_PRIVATE const char* moe_ep__pthreads_broken(const moe_ep_pthreads_world* 
     return NULL;
 }
 
+/* Polls the generation of the barrier this rank waits in, with the mutex released, at most
+   spin_limit times, or until the barrier completes. Called and returns with
+   the root's mutex held. A world with more rank threads than online CPUs never spins (a
+   spinning rank would hold the CPU that a rank it waits for needs). The limit adapts to
+   what the count of CPUs cannot tell (other processes, OpenMP threads): a spin that ended
+   in time doubles it (up to spin_count), one that did not halves it (down to
+   spin_count / 64). */
+MOE_EP_PRIVATE void moe_ep__pthreads_spin(moe_ep_pthreads_world* w, unsigned long generation) {
+    moe_ep_pthreads_world* root = w->root;
+    int i, limit = w->spin_limit, least = w->spin_count / 64 > 0 ? w->spin_count / 64 : 1;
+    if (w->spin_count <= 0 || (w->cpus > 0 && root->world_size > w->cpus)) return;
+    pthread_mutex_unlock(&root->mutex);
+    for (i = 0; i < limit && MOE_EP__PTHREADS_LOAD(&w->generation) == generation; ++i) MOE_EP__PTHREADS_PAUSE();
+    pthread_mutex_lock(&root->mutex);
+    if (w->generation != generation)
+        w->spin_limit = w->spin_limit <= w->spin_count / 2 ? 2 * w->spin_limit : w->spin_count;
+    else
+        w->spin_limit = w->spin_limit / 2 >= least ? w->spin_limit / 2 : least;
+}
+
 /* The barrier every collective is built from: each rank brings a tag (kind, param, step),
    and every rank leaves with the verdict on all of them. A barrier that some rank can
    never reach (aborted, or a rank of this run already returned) fails instead of waiting. */
@@ -331,12 +394,13 @@ MOE_EP_PRIVATE moe_ep_result moe_ep__pthreads_barrier(moe_ep__pthreads_rank* me,
     if (++w->arrived == w->world_size) {
         moe_ep__pthreads_judge(w, w->tags[generation & 1], &w->verdict[generation & 1]);
         w->arrived = 0;
-        w->generation++;
+        MOE_EP__PTHREADS_STORE(&w->generation, generation + 1);    /* spinners poll it without the mutex */
         pthread_cond_broadcast(&root->cond);
     } else {
         /* whole seconds, rounded up plus one: the timeout is a lower bound, never cut short */
         deadline.tv_sec = time(NULL) + (time_t)((w->timeout_ms + 999) / 1000) + 1;
         deadline.tv_nsec = 0;
+        if (!moe_ep__pthreads_broken(w)) moe_ep__pthreads_spin(w, generation);
         while (generation == w->generation) {
             if ((broken = moe_ep__pthreads_broken(w)) != NULL) {
                 res = MOE_EP_ERROR_ABORTED;
@@ -606,7 +670,7 @@ MOE_EP_PRIVATE moe_ep_result moe_ep__pthreads_split(void* impl, int color, int k
             leader = q;
     }
     if (leader == me->rank) {
-        group = moe_ep__pthreads_world_alloc(&w->allocator, n, w->timeout_ms, w->root);
+        group = moe_ep__pthreads_world_alloc(&w->allocator, n, w->timeout_ms, w->root->spin_count, w->root);
         if (group) {
             int i = 0;
             group->references = n;
