@@ -28,6 +28,7 @@ int main(void) {
     srunner_add_suite(runner, formats_suite());
     srunner_add_suite(runner, row_lists_suite());
     srunner_add_suite(runner, bf16_dot_suite());
+    srunner_add_suite(runner, barriers_suite());
     srunner_run_all(runner, CK_NORMAL);
     failed = srunner_ntests_failed(runner);
     srunner_free(runner);

@@ -36,6 +36,7 @@ Suite* safetensors_suite(void);
 Suite* formats_suite(void);
 Suite* row_lists_suite(void);
 Suite* bf16_dot_suite(void);
+Suite* barriers_suite(void);
 
 /* >>float64 references */
 /* out[rows, d_model] = the expert FFN in double (SwiGLU, exact-erf GELU, ReLU, clamped SwiGLU

@@ -31,7 +31,9 @@
    rank it waits for needs; neither does desc.spin_count < 0, a build with
    MOE_EP_PTHREADS_NO_SPIN, or a compiler without the GCC/clang __atomic builtins (C99 has
    no atomics). Spinning changes no result, timeout, abort or error: after its polls a rank
-   waits exactly as before.
+   waits exactly as before (an abort or a peer's return that comes during the polls is
+   seen when they end; desc.spin_count is at most MOE_EP_PTHREADS_SPIN_MAX, 2^20, else
+   moe_ep_pthreads_world_create returns MOE_EP_ERROR_INVALID_ARGUMENT).
 
    FAILURE
    =======
@@ -66,12 +68,17 @@
 extern "C" {
 #endif
 
+/* The most polls desc.spin_count may ask for (about 16 ms where a poll takes 15 ns), so that an
+   abort or a timeout is noticed in that time at worst. */
+#define MOE_EP_PTHREADS_SPIN_MAX (1 << 20)
+
 typedef struct moe_ep_pthreads_desc {
     int world_size;                 /* required, > 0 */
     int timeout_ms;                 /* default 0: wait without a time limit */
     moe_ep_allocator allocator;     /* default malloc/free */
     int spin_count;                 /* default 0: MOE_EP_PTHREADS_SPIN_COUNT polls at most before a
-                                       barrier sleeps; < 0: sleep at once (see SPINNING) */
+                                       barrier sleeps; < 0: sleep at once; <= MOE_EP_PTHREADS_SPIN_MAX
+                                       (see SPINNING) */
 } moe_ep_pthreads_desc;
 
 typedef struct moe_ep_pthreads_world moe_ep_pthreads_world;
@@ -124,6 +131,9 @@ MOE_EP_API void moe_ep_pthreads_abort(moe_ep_pthreads_world* world);
 
 #ifndef MOE_EP_PTHREADS_SPIN_COUNT
 #define MOE_EP_PTHREADS_SPIN_COUNT 20000
+#endif
+#if MOE_EP_PTHREADS_SPIN_COUNT < 0 || MOE_EP_PTHREADS_SPIN_COUNT > MOE_EP_PTHREADS_SPIN_MAX
+#error "MOE_EP_PTHREADS_SPIN_COUNT must be in [0, MOE_EP_PTHREADS_SPIN_MAX]"
 #endif
 
 /* A barrier may poll its generation with the mutex released, which needs an atomic load
@@ -267,7 +277,7 @@ MOE_EP_PRIVATE moe_ep_pthreads_world* moe_ep__pthreads_world_alloc(const moe_ep_
 
 MOE_EP_API moe_ep_result moe_ep_pthreads_world_create(const moe_ep_pthreads_desc* desc, moe_ep_pthreads_world** out) {
     moe_ep_pthreads_world* w;
-    if (!desc || !out || desc->world_size <= 0 || desc->timeout_ms < 0 ||
+    if (!desc || !out || desc->world_size <= 0 || desc->timeout_ms < 0 || desc->spin_count > MOE_EP_PTHREADS_SPIN_MAX ||
         (desc->allocator.alloc_fn == NULL) != (desc->allocator.free_fn == NULL))
         return MOE_EP_ERROR_INVALID_ARGUMENT;
     w = moe_ep__pthreads_world_alloc(&desc->allocator, desc->world_size, desc->timeout_ms,
