@@ -4,8 +4,15 @@
    =======
        #define MOE_EP_IMPLEMENTATION          (in exactly one file; builds the core too)
        #include "transports/moe_ep_pthreads.h"
-   and link with -pthread. Only mutexes and condition variables are used, so strict
-   -std=c99 needs no feature-test macro.
+   and link with -pthread. Mutexes and condition variables are used (no pthread_barrier_t),
+   and where the compiler has them the GCC/clang __atomic builtins and, on Unix, sysconf;
+   strict -std=c99 needs no feature-test macro.
+
+   CONFIGURATION MACROS
+   ====================
+   MOE_EP_PTHREADS_SPIN_COUNT  20000        the polls a barrier tries before it sleeps when
+                                            desc.spin_count is 0 (0: none), <= 2^20
+   MOE_EP_PTHREADS_NO_SPIN     (undefined)  barriers sleep at once, whatever desc.spin_count
 
    HOW IT WORKS
    ============
