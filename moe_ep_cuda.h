@@ -236,7 +236,10 @@
      setup) must give the layer non-blocking streams (cudaStreamNonBlocking) and keep
      device-wide synchronisation (the legacy default stream: cudaMemcpy, cudaMemset;
      cudaFree) out of their steps: it waits for the other ranks' kernels, which wait for
-     this rank's next step, until the timeout.
+     this rank's next step, until the timeout. For the same reason they need eager module
+     loading (CUDA_MODULE_LOADING=EAGER in the environment before the first CUDA call):
+     with lazy loading, CUDA's default, the first launch of a kernel (the router's, a
+     cuBLAS GEMM's) loads it, and that waits for the kernels running in the context.
 
    moe_ep_cuda DOES NOT
    ====================

@@ -550,15 +550,8 @@ static const dot_bad dot_bad_cases[] = {
 START_TEST(bad_input) {
     const dot_bad* c = &dot_bad_cases[_i];
     check_model m;
-    moe_ep_context* ctx = (moe_ep_context*)(uintptr_t)0x1;   /* must stay untouched */
-    test_log log;
-    test_counter counter;
     moe_ep_desc desc;
-    moe_ep_result res;
-    char err[512] = "";
     check_model_init(&m, 8, 16, 1, 1, MOE_EP_ACTIVATION_SWIGLU, false, 55);
-    test_log_init(&log);
-    test_counter_init(&counter);
     memset(&desc, 0, sizeof desc);
     desc.d_model = 8;
     desc.d_ff = 16;
@@ -567,20 +560,7 @@ START_TEST(bad_input) {
     desc.weight_format = c->format;
     desc.arithmetic = (moe_ep_arithmetic)c->arithmetic;
     desc.kernel = c->kernel;
-    desc.logger = test_log_logger(&log);
-    desc.allocator = test_counter_allocator(&counter);
-    desc.create_error = err;
-    desc.create_error_size = sizeof err;
-    res = moe_ep_create(&desc, &ctx);
-    ck_assert_msg(res == MOE_EP_ERROR_INVALID_ARGUMENT, "%s: %s", c->what, moe_ep_result_string(res));
-    ck_assert_msg(ctx == (moe_ep_context*)(uintptr_t)0x1, "%s: out was written", c->what);
-    ck_assert_msg(test_log_find_item(&log, c->item) >= 0, "%s: expected %s, got: %s", c->what,
-                  moe_ep_log_item_string(c->item), err);
-    ck_assert_msg(strstr(err, "moe_ep_desc") != NULL, "%s: the message names no field: %s", c->what, err);
-    ck_assert_msg(test_counter_outstanding(&counter) == 0, "%s: %ld allocations left", c->what,
-                  test_counter_outstanding(&counter));
-    test_log_destroy(&log);
-    test_counter_destroy(&counter);
+    check_create_refused(&desc, c->item, c->what);
     check_model_free(&m);
 }
 END_TEST

@@ -507,12 +507,7 @@ START_TEST(format_invalid) {
     const fmt_bad* c = &fmt_bad_cases[_i];
     fmt_expert e;
     moe_ep_expert_weights w;
-    moe_ep_context* ctx = (moe_ep_context*)(uintptr_t)0x1;   /* must stay untouched */
-    test_log log;
-    test_counter counter;
     moe_ep_desc desc;
-    moe_ep_result res;
-    char err[512] = "";
     int k;
     fmt_expert_init(&e, c->format == MOE_EP_WEIGHT_FORMAT_INT8 ? MOE_EP_WEIGHT_FORMAT_INT8 : MOE_EP_WEIGHT_FORMAT_BF16,
                     8, 16, false, false, 55);
@@ -532,8 +527,6 @@ START_TEST(format_invalid) {
     case 12: e.w2.fp32[4] = INFINITY; break;
     default: break;
     }
-    test_log_init(&log);
-    test_counter_init(&counter);
     memset(&desc, 0, sizeof desc);
     desc.d_model = 8;
     desc.d_ff = 16;
@@ -548,20 +541,7 @@ START_TEST(format_invalid) {
         for (k = MOE_EP_KERNEL_AVX2; k <= MOE_EP_KERNEL_NEON && has[k]; ++k) {}
         desc.kernel = (moe_ep_kernel)k;
     }
-    desc.logger = test_log_logger(&log);
-    desc.allocator = test_counter_allocator(&counter);
-    desc.create_error = err;
-    desc.create_error_size = sizeof err;
-    res = moe_ep_create(&desc, &ctx);
-    ck_assert_msg(res == MOE_EP_ERROR_INVALID_ARGUMENT, "%s: %s", c->what, moe_ep_result_string(res));
-    ck_assert_msg(ctx == (moe_ep_context*)(uintptr_t)0x1, "%s: out was written", c->what);
-    ck_assert_msg(test_log_find_item(&log, c->item) >= 0, "%s: expected %s, got: %s", c->what,
-                  moe_ep_log_item_string(c->item), err);
-    ck_assert_msg(strstr(err, "moe_ep_desc") != NULL, "%s: the message names no field: %s", c->what, err);
-    ck_assert_msg(test_counter_outstanding(&counter) == 0, "%s: %ld allocations left", c->what,
-                  test_counter_outstanding(&counter));
-    test_log_destroy(&log);
-    test_counter_destroy(&counter);
+    check_create_refused(&desc, c->item, c->what);
     fmt_expert_free(&e);
 }
 END_TEST

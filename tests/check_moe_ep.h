@@ -47,6 +47,11 @@ void check_ref_ffn(moe_ep_activation activation, int d_model, int d_ff, const mo
    +inf if got holds a non-finite value. */
 double check_rel_error(const float* got, const double* ref, size_t n);
 
+/* moe_ep_create(desc) must fail with MOE_EP_ERROR_INVALID_ARGUMENT: the out-param untouched,
+   log item `item` logged, a message that names moe_ep_desc, nothing left allocated. Sets the
+   desc's logger, allocator and create_error; `what` names the case in failures. */
+void check_create_refused(moe_ep_desc* desc, moe_ep_log_item item, const char* what);
+
 /* The router's settings beyond softmax top-k (moe_ep_desc's names; zero means default). */
 typedef struct check_routing {
     moe_ep_scoring scoring;

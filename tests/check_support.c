@@ -7,6 +7,35 @@
 #include <stdlib.h>
 #include <string.h>
 
+/* >>refused creates */
+void check_create_refused(moe_ep_desc* desc, moe_ep_log_item item, const char* what) {
+    moe_ep_context* ctx = (moe_ep_context*)(uintptr_t)0x1;   /* must stay untouched */
+    test_log log;
+    test_counter counter;
+    moe_ep_result res;
+    char err[512] = "";
+    test_log_init(&log);
+    test_counter_init(&counter);
+    desc->logger = test_log_logger(&log);
+    desc->allocator = test_counter_allocator(&counter);
+    desc->create_error = err;
+    desc->create_error_size = sizeof err;
+    res = moe_ep_create(desc, &ctx);
+    ck_assert_msg(res == MOE_EP_ERROR_INVALID_ARGUMENT, "%s: %s", what, moe_ep_result_string(res));
+    ck_assert_msg(ctx == (moe_ep_context*)(uintptr_t)0x1, "%s: out was written", what);
+    ck_assert_msg(test_log_find_item(&log, item) >= 0, "%s: expected %s, got: %s", what,
+                  moe_ep_log_item_string(item), err);
+    ck_assert_msg(strstr(err, "moe_ep_desc") != NULL, "%s: the message names no field: %s", what, err);
+    ck_assert_msg(test_counter_outstanding(&counter) == 0, "%s: %ld allocations left", what,
+                  test_counter_outstanding(&counter));
+    test_log_destroy(&log);
+    test_counter_destroy(&counter);
+    memset(&desc->logger, 0, sizeof desc->logger);     /* nothing left pointing at the dead log */
+    memset(&desc->allocator, 0, sizeof desc->allocator);
+    desc->create_error = NULL;
+    desc->create_error_size = 0;
+}
+
 /* >>references */
 void check_ref_ffn(moe_ep_activation act, int d_model, int d_ff, const moe_ep_expert_weights* w, const float* x,
                    int64_t rows, double* out) {

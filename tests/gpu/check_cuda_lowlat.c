@@ -29,7 +29,7 @@
      planning HOST; the stage calls refuse a low-latency layer.
    The Hopper kernel is used at world size 1 only: several ranks on one GPU would spin in
    their waits on SMs that its persistent grid needs. */
-#define _POSIX_C_SOURCE 200809L  /* clock_gettime, nanosleep */
+#define _POSIX_C_SOURCE 200809L  /* clock_gettime, nanosleep, setenv */
 #define MOE_EP_IMPLEMENTATION
 #include "../../moe_ep_cuda.h"
 #include "../../transports/moe_ep_pthreads.h"
@@ -810,12 +810,18 @@ static void run_world(int world) {
 int main(int argc, char** argv) {
     const char* env = getenv("MOE_EP_REQUIRE_GPU");
     int require = env && strcmp(env, "1") == 0, i, failed;
-    cudaError_t e = cudaGetDeviceCount(&g_gpus);
+    cudaError_t e;
     Suite* suite;
     TCase* tc;
     SRunner* runner;
     for (i = 1; i < argc; ++i)
         if (strcmp(argv[i], "--require-gpu") == 0) require = 1;
+    /* Ranks share a GPU here, and so one CUDA context: a kernel loaded lazily on its first
+       launch waits for the context's running kernels, among them the peers' waits for this
+       rank (the first multi-rank runs timed out so, in the first forward of a layer with
+       the GPU router). Before the first CUDA call; a value the caller set is kept. */
+    setenv("CUDA_MODULE_LOADING", "EAGER", 0);
+    e = cudaGetDeviceCount(&g_gpus);
     if (e != cudaSuccess || g_gpus == 0) {
         printf("check_cuda_lowlat: no GPU, %s (%s)\n", require ? "FAILED (--require-gpu)" : "skipped",
                e != cudaSuccess ? cudaGetErrorString(e) : "0 devices");
