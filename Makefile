@@ -5,7 +5,7 @@
 #   make check-headers | check-core | check-demos | check-bits | check-kernels | check-mpi | check-nccl | check-install
 #   make test-cross  the full suites for aarch64, armhf, riscv64 and s390x under qemu-user (not in test)
 #   make check-asan | check-ubsan | check-tsan | check-fuzz (in check)   make check-mpi-large (not in check)
-#   make demo | layouts-demo | mpi-demo | model-layer  make bench | bench-cpu | bench-mpi | bench-load | bench-faults | bench-nonfinite | bench-bits | bench-edge
+#   make demo | layouts-demo | mpi-demo | model-layer  make bench | bench-cpu | bench-mpi | bench-load | bench-faults | bench-nonfinite | bench-bits | bench-edge | bench-barrier
 #   make fuzz (fuzz-api and fuzz-safetensors) | fuzz-api | fuzz-safetensors (libFuzzer, FUZZ_TIME s each)
 #   make test-gpu | seed-gpu | bench-gpu (GPUs)        make install | uninstall PREFIX=... [DESTDIR=...]
 #
@@ -17,7 +17,7 @@
 .PHONY: all test check deps bench-deps clean check-headers check-core check-demos check-bits check-kernels check-mpi \
         check-mpi-headers check-mpi-large check-nccl check-install check-asan check-ubsan check-tsan demo \
         layouts-demo mpi-demo bench bench-cpu bench-mpi bench-faults bench-bits test-cross cross-deps test-gpu seed-gpu \
-        bench-edge bench-gpu install uninstall check-fuzz fuzz fuzz-safetensors fuzz-api model-layer bench-load bench-nonfinite
+        bench-edge bench-gpu install uninstall check-fuzz fuzz fuzz-safetensors fuzz-api model-layer bench-load bench-nonfinite bench-barrier
 
 ifeq ($(origin CC),default)
 CC = gcc
@@ -524,6 +524,12 @@ bench-load: $(BUILD)/load_bench
 bench-cpu: bench-deps
 	$(MAKE) --no-print-directory $(BUILD)/cpu_bench
 	./$(BUILD)/cpu_bench $(BENCH_ARGS)
+
+# >>bench-barrier: the pthreads transport's barrier polling before it sleeps, against sleeping at once.
+$(BUILD)/barrier_bench: bench/barrier_bench.c $(HEADERS) | $(BUILD)
+	$(CC) $(MOE_EP_CFLAGS) -O2 $< -o $@ -pthread -lm
+bench-barrier: $(BUILD)/barrier_bench
+	./$< $(BENCH_ARGS)
 
 # >>bench-edge: the default build against -march=native, and the weight formats at the memory limit.
 # The seed demo built as `make demo` builds it (no -march) and with -march=native, run in turn
