@@ -14,8 +14,11 @@
    comm    dispatch and combine through the pthreads transport vs memcpy of the same bytes
            on the same number of threads: 1 rank, 2 ranks (row lists: the transport
            gathers the dispatched rows by index, and combine sums the returning rows where
-           they arrived: one pass each), and 2 ranks with the row lists declined (packed
-           and copied first, as for MPI and NCCL).
+           they arrived: one pass each), the same with the transport's barriers sleeping
+           at once (spin_count -1, the barrier as it was before it polled), and 2 ranks
+           with the row lists declined (packed and copied first, as for MPI and NCCL).
+           A second table: per rank, dispatch and combine time and the part of it asleep
+           (or waiting for the mutex) in the transport's barriers.
    layer   moe_ep_forward, T = 1024 tokens, one rank, vs the PyTorch anchor
            (bench/torch_moe_cpu.py, OMP_WAIT_POLICY=PASSIVE) and vs the GEMM floor.
    decode  moe_ep_forward at 1, 4, 16, 64 tokens vs PyTorch; weight bandwidth vs memcpy.
